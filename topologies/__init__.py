@@ -1,0 +1,1 @@
+"""Bundled machine descriptions (YAML), installed as ``zoplan.topologies``."""

@@ -1,0 +1,95 @@
+"""Strict, versioned YAML files: one loader for topologies, plans and profiles.
+
+Every file zoplan reads carries ``version:``; unknown keys fail with the key's path and the file
+name. Only ``yaml.safe_load`` is used: a file is data, never code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from zoplan.errors import ZoplanError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base of every on-disk schema: unknown keys are errors, objects are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    """Parse a YAML mapping, turning every failure into a message that names the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ZoplanError(f"{what} file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ZoplanError(f"cannot read {what} file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ZoplanError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ZoplanError(f"{path}: expected a mapping of keys at the top of the {what} file, "
+                          f"found {type(data).__name__}")
+    return data
+
+
+def check_version(data: dict[str, Any], path: Path | str, what: str, supported: tuple[int, ...]) -> None:
+    version = data.get("version")
+    if version is None:
+        raise ZoplanError(f"{path}: missing 'version' in the {what} file",
+                          fix=f"add 'version: {supported[-1]}' at the top")
+    if isinstance(version, bool) or version not in supported:
+        raise ZoplanError(f"{path}: {what} version {version!r} is not supported "
+                          f"(this zoplan reads {', '.join(map(str, supported))})",
+                          fix="upgrade zoplan or rewrite the file in a supported version")
+
+
+def validate(model: type[M], data: dict[str, Any], path: Path | str, what: str) -> M:
+    """Validate ``data`` against a schema; the first error names its field path."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ZoplanError(f"{path}: invalid {what}: {describe_validation_error(exc)}") from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}' (remove it or check its spelling)")
+        elif err["type"] == "missing":
+            lines.append(f"missing field '{loc}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"field '{loc}': {msg}")
+    more = len(exc.errors()) - len(lines)
+    if more > 0:
+        lines.append(f"and {more} more")
+    return "; ".join(lines)
+
+
+def content_hash(data: Any) -> str:
+    """A short, stable hash of a JSON-able object (key order does not matter)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_yaml(path: Path, data: dict[str, Any], header: str = "") -> None:
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    try:
+        path.write_text(header + text, encoding="utf-8")
+    except OSError as exc:
+        raise ZoplanError(f"cannot write {path}: {exc}") from None

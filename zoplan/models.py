@@ -1,0 +1,435 @@
+"""Model shapes: the architecture numbers the cost model and the simulator need, and nothing else.
+
+The planner never loads weights. It needs, per model, how many bytes one transformer block is
+(what crosses PCIe twice per step), how many bytes stay resident on the GPU (embeddings, final
+norm, LM head), how many FLOPs one block costs per token and how much activation memory running
+one block in inference takes. All of that follows from a handful of numbers in a Hugging Face
+``config.json``, so a shape is built either from a preset (``PRESETS``) or by reading such a file
+with :mod:`json`: no torch, no transformers.
+
+Parameter counts are exact per family (they reproduce the Hugging Face totals to the parameter),
+so block sizes in bytes are exact too.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from zoplan.errors import ZoplanError
+from zoplan.fileio import content_hash
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+FAMILIES = ("opt", "llama", "qwen2")
+
+# config.json model_type -> family. Mistral is LLaMA-shaped (RMSNorm, SwiGLU, GQA, no biases,
+# untied head); its sliding window changes the attention kernel, not the parameter count.
+MODEL_TYPE_FAMILY = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+# OPT's learned positional embedding has two extra rows: Hugging Face offsets positions by 2.
+OPT_POSITION_OFFSET = 2
+
+# The fp32 loss needs the logits in fp32; the model produces them in the compute dtype first.
+LOGITS_LOSS_BYTES = 4
+LOGITS_COPY_BYTES = 2
+
+
+def _dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ZoplanError(f"unknown dtype {dtype!r}",
+                          fix=f"use one of: {', '.join(DTYPE_BYTES)}") from None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture of a decoder-only LLM, as far as memory, transfers and FLOPs go.
+
+    ``embed_dim`` equals ``hidden`` except in OPT-350m, whose token embeddings (and tied head)
+    are ``word_embed_proj_dim`` = 512 wide with ``project_in`` / ``project_out`` matrices to and
+    from the 1024-wide blocks.
+    """
+
+    name: str
+    family: str
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    max_positions: int
+    tied_head: bool
+    embed_dim: int
+
+    def __post_init__(self) -> None:
+        """Reject shapes no real model has, so a typo fails here and not as a wrong plan."""
+        where = f"model shape {self.name!r}"
+        if self.family not in FAMILIES:
+            raise ZoplanError(f"{where}: unknown family {self.family!r}",
+                              fix=f"use one of: {', '.join(FAMILIES)}")
+        for key in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "max_positions",
+                    "embed_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ZoplanError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+        if not isinstance(self.tied_head, bool):
+            raise ZoplanError(f"{where}: 'tied_head' must be true or false, got {self.tied_head!r}")
+        if self.hidden % self.heads:
+            raise ZoplanError(f"{where}: hidden {self.hidden} is not a multiple of heads {self.heads}")
+        if self.heads % self.kv_heads:
+            raise ZoplanError(f"{where}: heads {self.heads} is not a multiple of "
+                              f"kv_heads {self.kv_heads}")
+        if self.family == "opt" and self.kv_heads != self.heads:
+            raise ZoplanError(f"{where}: OPT has no grouped-query attention "
+                              f"(kv_heads {self.kv_heads} != heads {self.heads})")
+        if self.family != "opt" and self.embed_dim != self.hidden:
+            raise ZoplanError(f"{where}: only OPT may have embed_dim != hidden")
+
+    # ----------------------------------------------------------------------------- structure
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key (and of the value) projection: smaller than hidden with GQA."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def has_projected_embeddings(self) -> bool:
+        """OPT-350m style: embeddings narrower than the blocks, with project_in / project_out."""
+        return self.embed_dim != self.hidden
+
+    def _matmul_params_per_block(self) -> int:
+        """Weights of the linear layers of one block: what the 2-FLOPs-per-parameter rule counts."""
+        h, f = self.hidden, self.ffn
+        attention = h * (h + 2 * self.kv_dim + h)  # q, k, v, o
+        mlp = (2 if self.family == "opt" else 3) * h * f  # fc1/fc2, or gate/up/down (SwiGLU)
+        return attention + mlp
+
+    def block_decay_exempt_params(self) -> int:
+        """Biases and norm weights of one block: ZO-SGD applies no weight decay to them."""
+        h, f = self.hidden, self.ffn
+        if self.family == "opt":
+            attention_biases = 4 * h  # q, k, v, out_proj
+            mlp_biases = f + h  # fc1, fc2
+            layer_norms = 2 * 2 * h  # self_attn_layer_norm, final_layer_norm: weight + bias
+            return attention_biases + mlp_biases + layer_norms
+        rms_norms = 2 * h  # input_layernorm, post_attention_layernorm (weight only)
+        if self.family == "qwen2":
+            return rms_norms + h + 2 * self.kv_dim  # q, k, v biases
+        return rms_norms
+
+    def block_params(self) -> int:
+        """Exact parameter count of one transformer block (all blocks of a model are equal)."""
+        return self._matmul_params_per_block() + self.block_decay_exempt_params()
+
+    def embedding_params(self) -> int:
+        """Token embeddings, plus OPT's learned positions and OPT-350m's project_in/out."""
+        params = self.vocab * self.embed_dim
+        if self.family == "opt":
+            params += (self.max_positions + OPT_POSITION_OFFSET) * self.hidden
+            if self.has_projected_embeddings:
+                params += 2 * self.embed_dim * self.hidden  # project_in, project_out (no bias)
+        return params
+
+    def final_norm_params(self) -> int:
+        """The norm after the last block: LayerNorm (weight + bias) in OPT, RMSNorm otherwise.
+
+        OPT-350m is post-LN (``do_layer_norm_before: false``) and has NO final LayerNorm. It is
+        also the only OPT with projected embeddings, so that is how the shape recognises it
+        (a hypothetical post-LN OPT without projections would be over-counted by 2·hidden).
+        """
+        if self.family == "opt":
+            return 0 if self.has_projected_embeddings else 2 * self.hidden
+        return self.hidden
+
+    def head_params(self) -> int:
+        """The LM head's own weights: 0 when it is tied to the token embeddings."""
+        return 0 if self.tied_head else self.vocab * self.embed_dim
+
+    def resident_params(self) -> int:
+        """Everything but the blocks: it stays on the GPU for the whole run (never offloaded)."""
+        return self.embedding_params() + self.final_norm_params() + self.head_params()
+
+    def total_params(self) -> int:
+        return self.layers * self.block_params() + self.resident_params()
+
+    def block_bytes(self, dtype: str) -> int:
+        """Bytes of one block in ``dtype``: the unit every upload and offload moves."""
+        return self.block_params() * _dtype_bytes(dtype)
+
+    def resident_bytes(self, dtype: str) -> int:
+        return self.resident_params() * _dtype_bytes(dtype)
+
+    # ----------------------------------------------------------------------------- compute
+    def block_flops(self, tokens: int, seq_len: int) -> float:
+        """Forward FLOPs of ONE block for ``tokens`` tokens in sequences of ``seq_len``.
+
+        2 FLOPs per linear-layer weight per token, plus 4·seq_len·hidden per token for the
+        attention scores and the weighted sum of values. The causal halving is NOT applied:
+        a conservative figure, and what kernels that do not skip masked tiles really execute.
+        Biases, norms and activations are a few FLOPs per element and are left out.
+        """
+        _check_positive(tokens=tokens, seq_len=seq_len)
+        per_token = 2 * self._matmul_params_per_block() + 4 * seq_len * self.hidden
+        return float(per_token) * tokens
+
+    def head_flops(self, tokens: int) -> float:
+        """Forward FLOPs of the LM head: 2·embed_dim·vocab per token (the final norm is noise)."""
+        _check_positive(tokens=tokens)
+        return 2.0 * self.embed_dim * self.vocab * tokens
+
+    # ----------------------------------------------------------------------------- memory
+    def block_activation_bytes(self, micro_batch: int, seq_len: int, dtype: str,
+                               branches: int) -> int:
+        """Peak activation memory to run one block forward, inference only, per GPU.
+
+        ZO training keeps no activations for a backward pass, so per branch (the "+" and "−"
+        perturbations; 2 when one GPU runs both, 1 under perturbation parallelism) only these
+        live at once, in units of b·s elements of ``dtype``:
+
+        - the persistent hidden state entering the block: ``hidden``;
+        - plus the larger of the two transient phases:
+          * attention: normed input (h) + q (h) + k, v (2·kv_dim) + attention output (h)
+            + o-projection output (h);
+          * MLP: normed input (h) + intermediate(s) (ffn for OPT's fc1, 2·ffn for SwiGLU's
+            gate and up; element-wise activations assumed in place or fused) + down/fc2
+            output (h).
+
+        ASSUMPTION: attention runs in a fused kernel (FlashAttention / PyTorch SDPA memory-
+        efficient path) that never materialises the b·heads·s·s score matrix. An eager
+        attention implementation needs b·heads·s² more elements per branch and can dominate
+        at long sequences; the runtime must select SDPA / flash for this figure to hold.
+        """
+        _check_positive(micro_batch=micro_batch, seq_len=seq_len)
+        if branches not in (1, 2):
+            raise ZoplanError(f"branches must be 1 or 2, got {branches!r}")
+        h = self.hidden
+        attention_phase = h + h + 2 * self.kv_dim + h + h
+        mlp_width = self.ffn if self.family == "opt" else 2 * self.ffn
+        mlp_phase = h + mlp_width + h
+        per_token_elements = h + max(attention_phase, mlp_phase)
+        return branches * micro_batch * seq_len * per_token_elements * _dtype_bytes(dtype)
+
+    def head_activation_bytes(self, micro_batch: int, seq_len: int) -> int:
+        """Logits for the loss of ONE branch: fp32 (b·s·vocab·4) plus the 2-byte copy they are
+        cast from. This is usually the largest single tensor of a ZO step with a big vocabulary.
+        """
+        _check_positive(micro_batch=micro_batch, seq_len=seq_len)
+        return micro_batch * seq_len * self.vocab * (LOGITS_LOSS_BYTES + LOGITS_COPY_BYTES)
+
+    # ----------------------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the fields (what plans embed and hash)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelShape:
+        """Strict inverse of :meth:`to_dict`: unknown or missing keys are errors naming the key."""
+        if not isinstance(d, dict):
+            raise ZoplanError(f"model shape must be a mapping, got {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in names:
+                raise ZoplanError(f"model shape: unknown key '{key}'",
+                                  fix=f"valid keys: {', '.join(names)}")
+        for key in names:
+            if key not in d:
+                raise ZoplanError(f"model shape: missing key '{key}'")
+        for key in ("name", "family"):
+            if not isinstance(d[key], str):
+                raise ZoplanError(f"model shape: '{key}' must be a string, got {d[key]!r}")
+        return cls(**d)
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.to_dict())
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ZoplanError(f"{key} must be a positive integer, got {value!r}")
+
+
+# --------------------------------------------------------------------------------- presets
+def _opt(name: str, layers: int, hidden: int, heads: int, embed_dim: int | None = None) -> ModelShape:
+    return ModelShape(name=name, family="opt", layers=layers, hidden=hidden, ffn=4 * hidden,
+                      heads=heads, kv_heads=heads, vocab=50272, max_positions=2048,
+                      tied_head=True, embed_dim=embed_dim or hidden)
+
+
+def _llama(name: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
+           max_positions: int) -> ModelShape:
+    return ModelShape(name=name, family="llama", layers=layers, hidden=hidden, ffn=ffn,
+                      heads=heads, kv_heads=kv_heads, vocab=vocab, max_positions=max_positions,
+                      tied_head=False, embed_dim=hidden)
+
+
+def _qwen2(name: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
+           tied: bool, max_positions: int) -> ModelShape:
+    return ModelShape(name=name, family="qwen2", layers=layers, hidden=hidden, ffn=ffn,
+                      heads=heads, kv_heads=kv_heads, vocab=vocab, max_positions=max_positions,
+                      tied_head=tied, embed_dim=hidden)
+
+
+# Numbers from each model's Hugging Face config.json (see the reference models.md).
+# max_positions does not change any count except OPT's learned positions.
+PRESETS: dict[str, ModelShape] = {s.name: s for s in (
+    _opt("opt-125m", 12, 768, 12),
+    _opt("opt-350m", 24, 1024, 16, embed_dim=512),
+    _opt("opt-1.3b", 24, 2048, 32),
+    _opt("opt-2.7b", 32, 2560, 32),
+    _opt("opt-6.7b", 32, 4096, 32),
+    _opt("opt-13b", 40, 5120, 40),
+    _opt("opt-30b", 48, 7168, 56),
+    _opt("opt-66b", 64, 9216, 72),
+    _opt("opt-175b", 96, 12288, 96),
+    _llama("llama-2-7b", 32, 4096, 11008, 32, 32, 32000, 4096),
+    _llama("llama-2-13b", 40, 5120, 13824, 40, 40, 32000, 4096),
+    _llama("llama-2-70b", 80, 8192, 28672, 64, 8, 32000, 4096),
+    _llama("llama-3-8b", 32, 4096, 14336, 32, 8, 128256, 8192),
+    _llama("llama-3-70b", 80, 8192, 28672, 64, 8, 128256, 8192),
+    _qwen2("qwen2.5-0.5b", 24, 896, 4864, 14, 2, 151936, True, 32768),
+    _qwen2("qwen2.5-1.5b", 28, 1536, 8960, 12, 2, 151936, True, 131072),
+    _qwen2("qwen2.5-3b", 36, 2048, 11008, 16, 2, 151936, True, 32768),
+    _qwen2("qwen2.5-7b", 28, 3584, 18944, 28, 4, 152064, False, 131072),
+    _qwen2("qwen2.5-14b", 48, 5120, 13824, 40, 8, 152064, False, 131072),
+    _qwen2("qwen2.5-32b", 64, 5120, 27648, 40, 8, 152064, False, 131072),
+    _qwen2("qwen2.5-72b", 80, 8192, 29568, 64, 8, 152064, False, 131072),
+)}
+
+
+# --------------------------------------------------------------------------------- config.json
+def load_model_shape(name_or_path: str | Path) -> ModelShape:
+    """A preset by name, or the shape in a Hugging Face ``config.json`` (file or its directory).
+
+    A user's own checkpoint only needs its config.json: weights are never opened. The shape's
+    name is the preset name, or the name of the directory holding the config.
+    """
+    text = str(name_or_path)
+    if text in PRESETS:
+        return PRESETS[text]
+    path = Path(text).expanduser()
+    if not path.exists():
+        if _looks_like_path(text):
+            raise ZoplanError(f"model config {path} does not exist",
+                              fix="give a Hugging Face config.json, the directory holding one, "
+                                  "or a preset name (zoplan models list)")
+        raise ZoplanError(f"unknown model preset {text!r}",
+                          fix=f"use one of: {', '.join(PRESETS)}; or give the path to a Hugging "
+                              f"Face config.json (or its directory)")
+    if path.is_dir():
+        directory, config_path = path, path / "config.json"
+        if not config_path.is_file():
+            raise ZoplanError(f"model config {config_path} does not exist "
+                              f"(directory {path} has no config.json)",
+                              fix="point at the model's config.json or the directory holding it")
+    else:
+        directory, config_path = path.resolve().parent, path
+    return _shape_from_config(_read_config(config_path), config_path, directory.resolve().name)
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or text.endswith(".json") or text.startswith(".")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ZoplanError(f"model config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ZoplanError(f"cannot read model config {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ZoplanError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
+                          f"{exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ZoplanError(f"{path}: expected a JSON object at the top of the model config, "
+                          f"found {type(data).__name__}")
+    return data
+
+
+def _shape_from_config(config: dict[str, Any], path: Path, name: str) -> ModelShape:
+    model_type = _get(config, path, "model_type", str)
+    family = MODEL_TYPE_FAMILY.get(model_type)
+    if family is None:
+        raise ZoplanError(f"{path}: unsupported model_type {model_type!r}",
+                          fix=f"supported model types: {', '.join(MODEL_TYPE_FAMILY)}")
+    layers = _get(config, path, "num_hidden_layers", int)
+    hidden = _get(config, path, "hidden_size", int)
+    heads = _get(config, path, "num_attention_heads", int)
+    vocab = _get(config, path, "vocab_size", int)
+    max_positions = _get(config, path, "max_position_embeddings", int)
+    if family == "opt":
+        ffn = _get(config, path, "ffn_dim", int)
+        kv_heads = heads
+        embed_dim = _get(config, path, "word_embed_proj_dim", int, default=hidden)
+        tied = _get(config, path, "tie_word_embeddings", bool, default=True)
+        if _get(config, path, "enable_bias", bool, default=True) is False:
+            raise ZoplanError(f"{path}: OPT without biases (enable_bias: false) is not supported")
+    else:
+        ffn = _get(config, path, "intermediate_size", int)
+        kv_heads = _get(config, path, "num_key_value_heads", int, default=heads)
+        embed_dim = hidden
+        tied = _get(config, path, "tie_word_embeddings", bool, default=False)
+        for key in ("attention_bias", "mlp_bias"):
+            if family == "llama" and _get(config, path, key, bool, default=False):
+                raise ZoplanError(f"{path}: {key}: true is not supported for {model_type} "
+                                  f"(the LLaMA family is counted without biases)")
+        head_dim = config.get("head_dim")
+        if head_dim is not None and heads and head_dim * heads != hidden:
+            raise ZoplanError(f"{path}: head_dim {head_dim} × num_attention_heads {heads} != "
+                              f"hidden_size {hidden}: decoupled head_dim is not supported")
+    try:
+        return ModelShape(name=name, family=family, layers=layers, hidden=hidden, ffn=ffn,
+                          heads=heads, kv_heads=kv_heads, vocab=vocab,
+                          max_positions=max_positions, tied_head=tied, embed_dim=embed_dim)
+    except ZoplanError as exc:
+        raise ZoplanError(f"{path}: {exc.message}", fix=exc.fix) from None
+
+
+_MISSING = object()
+
+
+def _get(config: dict[str, Any], path: Path, key: str, kind: type, default: Any = _MISSING) -> Any:
+    """One config value, type-checked; a missing required key names the file and the key."""
+    if key not in config or config[key] is None:
+        if default is _MISSING:
+            raise ZoplanError(f"{path}: missing key '{key}'",
+                              fix="use the model's original config.json from Hugging Face")
+        return default
+    value = config[key]
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ZoplanError(f"{path}: '{key}' must be {'an integer' if kind is int else kind.__name__}"
+                          f", got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------- display
+def format_params(count: int) -> str:
+    """125239296 -> '125.2M', 174.6e9 -> '174.6B'."""
+    if count >= 1_000_000_000:
+        return f"{count / 1e9:.1f}B"
+    return f"{count / 1e6:.1f}M"
+
+
+def format_bytes(count: int) -> str:
+    """Decimal units (1 GB = 1e9 bytes), the same units as the topology's GB/s."""
+    if count >= 1_000_000_000:
+        return f"{count / 1e9:.1f} GB"
+    return f"{count / 1e6:.1f} MB"
+
+
+def preset_table_rows() -> list[tuple[str, ...]]:
+    """Rows for ``zoplan models list``: name, family, layers, hidden, params, fp16 block size."""
+    return [(s.name, s.family, str(s.layers), str(s.hidden), format_params(s.total_params()),
+             format_bytes(s.block_bytes("fp16"))) for s in PRESETS.values()]

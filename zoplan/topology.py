@@ -1,0 +1,292 @@
+"""Machine topology: the versioned YAML format and its networkx graph.
+
+A topology file describes ONE node (sockets with host memory, PCIe switches, GPUs, NVLink /
+NVSwitch and the links between them) and optionally how many identical nodes there are and the
+network between them. Every link is full duplex: ``gbps`` is the bandwidth from ``a`` to ``b``,
+``gbps_back`` from ``b`` to ``a`` (default: the same). Bandwidths are GB/s = 1e9 bytes/s.
+
+The simulator never reads YAML: it asks a :class:`Machine` for paths made of directed links.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import networkx as nx
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from zoplan.errors import ZoplanError
+from zoplan.fileio import Strict, check_version, content_hash, read_yaml, validate
+
+TOPOLOGY_VERSIONS = (1,)
+DTYPES = ("fp32", "tf32", "bf16", "fp16")
+
+
+class GpuModel(Strict):
+    memory_gib: PositiveFloat
+    tflops: dict[Literal["fp32", "tf32", "bf16", "fp16"], PositiveFloat] = Field(
+        description="dense peak TFLOP/s per dtype")
+    hbm_gbps: PositiveFloat
+    matmul_efficiency: float = Field(
+        0.8, gt=0, le=1, description="achieved fraction of peak for large matrix products")
+
+
+class Socket(Strict):
+    id: str
+    memory_gib: PositiveFloat
+    memory_gbps: PositiveFloat = Field(description="host memory bandwidth of this socket")
+
+
+class Switch(Strict):
+    id: str
+    kind: Literal["pcie", "nvswitch"]
+
+
+class Gpu(Strict):
+    id: str
+    model: str
+
+
+class Link(Strict):
+    a: str
+    b: str
+    kind: Literal["pcie", "nvlink", "socket"]
+    gbps: PositiveFloat
+    gbps_back: PositiveFloat | None = None
+    latency_us: float = Field(1.0, ge=0)
+
+
+class Network(Strict):
+    gbps: PositiveFloat
+    latency_us: float = Field(5.0, ge=0)
+
+
+class TopologySpec(Strict):
+    version: int
+    name: str
+    description: str = ""
+    price_per_hour_usd: PositiveFloat | None = Field(None, description="price of all nodes together")
+    nodes: PositiveInt = 1
+    network: Network | None = None
+    gpu_models: dict[str, GpuModel]
+    sockets: list[Socket] = Field(min_length=1)
+    switches: list[Switch] = []
+    gpus: list[Gpu] = []
+    links: list[Link] = []
+
+    @model_validator(mode="after")
+    def _check_references(self) -> TopologySpec:
+        ids = [x.id for x in (*self.sockets, *self.switches, *self.gpus)]
+        seen: set[str] = set()
+        for i in ids:
+            if i in seen:
+                raise ValueError(f"id '{i}' is used twice (sockets, switches and gpus share one namespace)")
+            seen.add(i)
+        for n, gpu in enumerate(self.gpus):
+            if gpu.model not in self.gpu_models:
+                raise ValueError(f"gpus.{n}.model '{gpu.model}' is not in gpu_models "
+                                 f"({', '.join(sorted(self.gpu_models)) or 'none defined'})")
+        role = {s.id: "socket" for s in self.sockets}
+        role.update({w.id: w.kind for w in self.switches})
+        role.update({g.id: "gpu" for g in self.gpus})
+        joined: dict[frozenset[str], int] = {}
+        for n, link in enumerate(self.links):
+            for end in (link.a, link.b):
+                if end not in seen:
+                    raise ValueError(f"links.{n} names '{end}', which is no socket, switch or gpu")
+            if link.a == link.b:
+                raise ValueError(f"links.{n} connects '{link.a}' to itself")
+            # The graph keeps one edge per pair, so a second link between the same two ids would
+            # silently replace the first (and its bandwidth) instead of adding to it.
+            pair = frozenset((link.a, link.b))
+            if pair in joined:
+                raise ValueError(f"links.{n} joins '{link.a}' and '{link.b}', already joined by "
+                                 f"links.{joined[pair]} (one full-duplex link per pair: "
+                                 f"give its two directions as gbps and gbps_back)")
+            joined[pair] = n
+            # Host paths follow 'pcie' and 'socket' links and peer routes prefer 'nvlink': a kind on
+            # the wrong ends would send host traffic through NVLink or between sockets over PCIe.
+            ends = {role[link.a], role[link.b]}
+            if link.kind == "socket" and ends != {"socket"}:
+                raise ValueError(f"links.{n}.kind 'socket' must join two sockets, not "
+                                 f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})")
+            if link.kind == "nvlink" and not ends <= {"gpu", "nvswitch"}:
+                raise ValueError(f"links.{n}.kind 'nvlink' must join gpus or an nvswitch, not "
+                                 f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})")
+            if link.kind == "pcie" and ("nvswitch" in ends or ends == {"socket"}):
+                raise ValueError(f"links.{n}.kind 'pcie' cannot join '{link.a}' ({role[link.a]}) and "
+                                 f"'{link.b}' ({role[link.b]}): use 'nvlink' for an nvswitch, "
+                                 f"'socket' between sockets")
+        if self.nodes > 1 and self.network is None:
+            raise ValueError("nodes > 1 needs a 'network' (gbps, latency_us) between the nodes")
+        return self
+
+
+@dataclass(frozen=True)
+class DirectedLink:
+    """One direction of a full-duplex link: the unit of bandwidth the simulator shares."""
+
+    id: str  # "a->b"
+    kind: str
+    gbps: float
+    latency_s: float
+
+
+class Machine:
+    """A validated topology plus the graph queries the simulator needs."""
+
+    def __init__(self, spec: TopologySpec, source: str) -> None:
+        self.spec = spec
+        self.source = source
+        self.graph = nx.Graph()
+        for s in spec.sockets:
+            self.graph.add_node(s.id, role="socket")
+        for w in spec.switches:
+            self.graph.add_node(w.id, role=w.kind)
+        for g in spec.gpus:
+            self.graph.add_node(g.id, role="gpu")
+        self.directed: dict[str, DirectedLink] = {}
+        for link in spec.links:
+            self.graph.add_edge(link.a, link.b, kind=link.kind, gbps=link.gbps,
+                                gbps_back=link.gbps_back or link.gbps, latency_s=link.latency_us * 1e-6)
+            lat = link.latency_us * 1e-6
+            self.directed[f"{link.a}->{link.b}"] = DirectedLink(f"{link.a}->{link.b}", link.kind, link.gbps, lat)
+            self.directed[f"{link.b}->{link.a}"] = DirectedLink(
+                f"{link.b}->{link.a}", link.kind, link.gbps_back or link.gbps, lat)
+        self._check_host_paths()
+
+    # ----- identity -----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @cached_property
+    def hash(self) -> str:
+        return content_hash(self.spec.model_dump(mode="json"))
+
+    @property
+    def gpus(self) -> list[str]:
+        return [g.id for g in self.spec.gpus]
+
+    def gpu_model(self, gpu: str) -> GpuModel:
+        return self.spec.gpu_models[next(g.model for g in self.spec.gpus if g.id == gpu)]
+
+    def gpu_model_name(self, gpu: str) -> str:
+        return next(g.model for g in self.spec.gpus if g.id == gpu)
+
+    @property
+    def host_memory_bytes(self) -> float:
+        return sum(s.memory_gib for s in self.spec.sockets) * 2**30
+
+    def socket_memory_gbps(self, socket: str) -> float:
+        return next(s.memory_gbps for s in self.spec.sockets if s.id == socket)
+
+    # ----- paths ----------------------------------------------------------------------------
+    def _pcie_graph(self) -> nx.Graph:
+        return self.graph.edge_subgraph(
+            [(u, v) for u, v, k in self.graph.edges(data="kind") if k in ("pcie", "socket")])
+
+    def _check_host_paths(self) -> None:
+        for n, gpu in enumerate(self.gpus):
+            if gpu not in self._host_routes:
+                raise ZoplanError(
+                    f"{self.source}: gpus.{n} ('{gpu}') has no PCIe path to any socket's host memory",
+                    fix=f"add a 'pcie' link from '{gpu}' to a switch or socket")
+
+    @cached_property
+    def _host_routes(self) -> dict[str, list[str]]:
+        """For each GPU, the node path from its nearest socket (fewest hops, then file order)."""
+        pcie = self._pcie_graph()
+        routes: dict[str, list[str]] = {}
+        for gpu in self.gpus:
+            if gpu not in pcie:
+                continue
+            best: list[str] | None = None
+            for socket in (s.id for s in self.spec.sockets):
+                if socket in pcie and nx.has_path(pcie, socket, gpu):
+                    path = nx.shortest_path(pcie, socket, gpu)
+                    if best is None or len(path) < len(best):
+                        best = path
+            if best is not None:
+                routes[gpu] = best
+        return routes
+
+    def host_socket(self, gpu: str) -> str:
+        return self._host_routes[gpu][0]
+
+    def host_path(self, gpu: str, direction: Literal["h2d", "d2h"] = "h2d") -> list[str]:
+        """Directed link ids between the GPU's nearest socket and the GPU."""
+        nodes = self._host_routes[gpu]
+        if direction == "d2h":
+            nodes = nodes[::-1]
+        return [f"{u}->{v}" for u, v in zip(nodes, nodes[1:])]
+
+    def uplink_group(self, gpu: str) -> str:
+        """The first link below the socket on the GPU's host path: GPUs that share it share
+        host bandwidth (two A100s per PCIe switch uplink on a DGX A100)."""
+        return self.host_path(gpu)[0] if len(self._host_routes[gpu]) > 1 else gpu
+
+    def peer_path(self, src: str, dst: str) -> list[str]:
+        """Directed link ids of the fastest route between two GPUs (NVLink when there is one)."""
+        key = (src, dst)
+        if key not in self._peer_cache:
+            def weight(u: str, v: str, d: dict) -> float:
+                return 1.0 / d["gbps"]
+            try:
+                nodes = nx.shortest_path(self.graph, src, dst, weight=weight)
+            except nx.NetworkXNoPath:
+                raise ZoplanError(f"{self.source}: no path between {src} and {dst}") from None
+            self._peer_cache[key] = [f"{u}->{v}" for u, v in zip(nodes, nodes[1:])]
+        return self._peer_cache[key]
+
+    @cached_property
+    def _peer_cache(self) -> dict[tuple[str, str], list[str]]:
+        return {}
+
+    def has_nvlink(self, gpus: list[str] | tuple[str, ...]) -> bool:
+        """True when every pair among ``gpus`` is joined by NVLink-only routes."""
+        nv = self.graph.edge_subgraph(
+            [(u, v) for u, v, k in self.graph.edges(data="kind") if k == "nvlink"])
+        return all(g in nv for g in gpus) and all(
+            nx.has_path(nv, gpus[0], g) for g in gpus[1:])
+
+    def path_latency_s(self, path: list[str]) -> float:
+        return sum(self.directed[l].latency_s for l in path)
+
+    def path_gbps(self, path: list[str]) -> float:
+        return min(self.directed[l].gbps for l in path)
+
+    @staticmethod
+    def shared_links(path_a: list[str], path_b: list[str]) -> list[str]:
+        """Directed links two transfers both cross (they divide those links' bandwidth)."""
+        b = set(path_b)
+        return [l for l in path_a if l in b]
+
+
+def bundled_names() -> list[str]:
+    root = resources.files("zoplan.topologies")
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_topology_path(name_or_path: str | Path) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        return candidate
+    names = bundled_names()
+    if str(name_or_path) not in names:
+        raise ZoplanError(f"unknown topology '{name_or_path}'",
+                          fix=f"use a bundled one ({', '.join(names)}) or a path to a YAML file")
+    return Path(str(resources.files("zoplan.topologies") / f"{name_or_path}.yaml"))
+
+
+def load_topology(name_or_path: str | Path) -> Machine:
+    """Load a bundled topology by name or a topology file by path."""
+    path = resolve_topology_path(name_or_path)
+    data = read_yaml(path, "topology")
+    check_version(data, path, "topology", TOPOLOGY_VERSIONS)
+    spec = validate(TopologySpec, data, path, "topology")
+    shown = str(name_or_path) if not Path(str(name_or_path)).exists() or "/" not in str(name_or_path) else str(path)
+    return Machine(spec, shown)
