@@ -33,8 +33,10 @@ def test_bundled_topology_loads_and_every_gpu_reaches_host_memory(name: str) -> 
         assert path, f"{gpu} has an empty host path"
         assert path[0].split("->")[0] in sockets and path[-1].endswith(f"->{gpu}")
         assert machine.gpu_model(gpu).memory_gib > 0
-        # Every bundled GPU model carries the assumed/measured 0.80 matmul efficiency (hardware.md).
-        assert machine.gpu_model(gpu).matmul_efficiency == pytest.approx(0.80)
+        # Every bundled GPU model carries the assumed/measured 0.80 matmul efficiency (hardware.md);
+        # CPU ranks carry achieved (measured) rates, so their efficiency is 1.
+        expected = 1.0 if machine.gpu_model(gpu).kind == "cpu" else 0.80
+        assert machine.gpu_model(gpu).matmul_efficiency == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -121,10 +123,13 @@ def test_rtx4090_workstation_has_no_switch_and_asymmetric_pcie() -> None:
     assert not machine.has_nvlink(machine.gpus)
 
 
-def test_cpu_local_has_no_gpus() -> None:
+def test_cpu_local_has_cpu_ranks_on_host_memory() -> None:
     machine = load_topology("cpu-local")
-    assert machine.gpus == []
-    assert machine.spec.links == []
+    assert machine.gpus == ["rank0", "rank1"]
+    assert all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus)
+    assert machine.host_path("rank1") == ["cpu0->rank1"]
+    # the two ranks exchange through the socket, not over any GPU link
+    assert machine.peer_path("rank0", "rank1") == ["rank0->cpu0", "cpu0->rank1"]
     assert machine.host_memory_bytes == pytest.approx(23.5 * 2**30)
 
 
@@ -276,7 +281,8 @@ def test_render_dgx_a100_tree_shows_switches_links_and_nvswitch(dgx_a100: Machin
 def test_render_l40s_and_cpu_only() -> None:
     assert "NVLink: none" in _text(render_topology(load_topology("l40s-8x")))
     text = _text(render_topology(load_topology("cpu-local")))
-    assert "cpu0 (socket) · 23.5 GiB host memory · 23 GB/s" in text and "gpu" not in text
+    assert "cpu0 (socket) · 23.5 GiB host memory · 8.8 GB/s" in text
+    assert "rank0 cpu-rank" in text and "CPU rank, copies" in text and "NVLink" not in text
 
 
 def test_render_shows_direction_asymmetry() -> None:
@@ -291,7 +297,7 @@ def test_topology_rows_summarise_each_machine() -> None:
     assert rows["dgx-a100"].host_memory == "2 TiB"
     assert rows["dgx-a100"].price == "$27.45/h"
     assert rows["l40s-8x"].nvlink == "no"
-    assert rows["cpu-local"].gpus == "none (CPU only)"
+    assert rows["cpu-local"].gpus == "none: 2 CPU ranks"
     assert rows["rtx4090-4x"].price == "—"
 
 

@@ -26,6 +26,10 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16")
 
 
 class GpuModel(Strict):
+    """A compute device model. On a CPU-only machine the devices are CPU worker ranks
+    (``kind: cpu``): their memory is a share of host memory, their figures are measured ones."""
+
+    kind: Literal["gpu", "cpu"] = "gpu"
     memory_gib: PositiveFloat
     tflops: dict[Literal["fp32", "tf32", "bf16", "fp16"], PositiveFloat] = Field(
         description="dense peak TFLOP/s per dtype")
@@ -53,7 +57,7 @@ class Gpu(Strict):
 class Link(Strict):
     a: str
     b: str
-    kind: Literal["pcie", "nvlink", "socket"]
+    kind: Literal["pcie", "nvlink", "socket", "memory"]
     gbps: PositiveFloat
     gbps_back: PositiveFloat | None = None
     latency_us: float = Field(1.0, ge=0)
@@ -115,6 +119,9 @@ class TopologySpec(Strict):
                                  f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})")
             if link.kind == "nvlink" and not ends <= {"gpu", "nvswitch"}:
                 raise ValueError(f"links.{n}.kind 'nvlink' must join gpus or an nvswitch, not "
+                                 f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})")
+            if link.kind == "memory" and ends != {"socket", "gpu"}:
+                raise ValueError(f"links.{n}.kind 'memory' joins a socket and a CPU rank, not "
                                  f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})")
             if link.kind == "pcie" and ("nvswitch" in ends or ends == {"socket"}):
                 raise ValueError(f"links.{n}.kind 'pcie' cannot join '{link.a}' ({role[link.a]}) and "
@@ -187,7 +194,7 @@ class Machine:
     # ----- paths ----------------------------------------------------------------------------
     def _pcie_graph(self) -> nx.Graph:
         return self.graph.edge_subgraph(
-            [(u, v) for u, v, k in self.graph.edges(data="kind") if k in ("pcie", "socket")])
+            [(u, v) for u, v, k in self.graph.edges(data="kind") if k in ("pcie", "socket", "memory")])
 
     def _check_host_paths(self) -> None:
         for n, gpu in enumerate(self.gpus):
@@ -288,5 +295,6 @@ def load_topology(name_or_path: str | Path) -> Machine:
     data = read_yaml(path, "topology")
     check_version(data, path, "topology", TOPOLOGY_VERSIONS)
     spec = validate(TopologySpec, data, path, "topology")
-    shown = str(name_or_path) if not Path(str(name_or_path)).exists() or "/" not in str(name_or_path) else str(path)
-    return Machine(spec, shown)
+    # a bundled machine is named by its name (messages and plans stay readable and portable)
+    bundled = path != Path(name_or_path)
+    return Machine(spec, str(name_or_path) if bundled else str(path))

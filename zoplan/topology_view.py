@@ -59,7 +59,7 @@ def _pcie_children(machine: Machine) -> dict[str, list[str]]:
     """PCIe neighbours of every node, in file order, so the tree reads like the YAML."""
     children: dict[str, list[str]] = {}
     for link in machine.spec.links:
-        if link.kind == "pcie":
+        if link.kind in ("pcie", "memory"):
             children.setdefault(link.a, []).append(link.b)
             children.setdefault(link.b, []).append(link.a)
     return children
@@ -73,7 +73,9 @@ def _add_pcie_subtree(node: Tree, machine: Machine, parent: str, children: dict[
             continue
         seen.add(child)
         above = _link_label(machine, parent, child)
-        if roles[child] == "gpu":
+        if roles[child] == "gpu" and machine.gpu_model(child).kind == "cpu":
+            node.add(f"{_gpu_label(machine, child)} · CPU rank, copies {above}")
+        elif roles[child] == "gpu":
             node.add(f"{_gpu_label(machine, child)} · link {above}")
         else:
             sub = node.add(f"[cyan]{escape(child)}[/] (PCIe switch) · uplink {above}")
@@ -129,6 +131,8 @@ def render_topology(machine: Machine) -> Tree:
             if kinds.get(link.a) != "nvswitch" and kinds.get(link.b) != "nvswitch":
                 nv.add(f"{escape(link.a)} ↔ {escape(link.b)} (direct) · "
                        f"{_rate(link.gbps, link.gbps_back or link.gbps)}")
+    elif machine.gpus and all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus):
+        root.add("CPU ranks exchange through host memory (gloo)")
     elif len(machine.gpus) > 1:
         root.add("NVLink: none (GPU-to-GPU traffic crosses PCIe)")
 
@@ -158,6 +162,8 @@ def _gpu_summary(machine: Machine) -> str:
     counts = Counter(machine.gpu_model_name(g) for g in machine.gpus)  # insertion = file order
     if not counts:
         return "none (CPU only)"
+    if all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus):
+        return f"none: {len(machine.gpus)} CPU ranks"
     per_node = ", ".join(f"{n}× {model}" for model, n in counts.items())
     return per_node if machine.spec.nodes == 1 else f"{machine.spec.nodes} nodes × ({per_node})"
 

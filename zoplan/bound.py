@@ -1,0 +1,104 @@
+"""The machine's bound: for every resource, the work it must do per step over its capacity.
+
+No schedule can beat the busiest resource, so ``machine_bound_s`` is a lower bound on the steady
+step time, and ``bound_fraction = bound / simulated`` says how close a schedule comes to it.
+
+The search prunes with a slightly looser figure, ``prune_bound_s``, that is provably below the
+simulated step: the simulator reports one step of a pipelined run, and copy engines may do up
+to ``prefetch + 1`` blocks of a step's transfers inside the step before it (prefetch) or after
+it (offload still draining). Compute cannot: a step's first compute waits for the previous
+step's projected gradient, and the step ends with its last compute.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from zoplan.costs import StepCosts
+from zoplan.sim import _scalar_allreduce_s, link_label
+
+
+@dataclass(frozen=True)
+class Bound:
+    machine_bound_s: float
+    prune_bound_s: float
+    binding: str  # the resource that sets machine_bound_s
+
+
+def machine_bound(costs: StepCosts) -> Bound:
+    machine, L, model = costs.machine, costs.layout, costs.model
+    streamed = model.layers - len(L.resident)
+    shift_blocks = min(L.prefetch + 1, streamed)
+    work: dict[str, float] = defaultdict(float)  # seconds of work per resource per step
+    slack: dict[str, float] = defaultdict(float)  # seconds that may fall outside the step
+
+    def charge(resources: list[str], nbytes_per_block: float) -> None:
+        for r in resources:
+            gbps = (machine.socket_memory_gbps(r[4:]) if r.startswith("mem:")
+                    else machine.directed[r].gbps)
+            per_block = nbytes_per_block / (gbps * 1e9)
+            work[r] += streamed * per_block
+            slack[r] += shift_blocks * per_block
+
+    sliced = L.upload == "sliced"
+    up_bytes = costs.slice_wire_bytes * L.rounds if sliced else costs.block_wire_bytes
+    down_bytes = up_bytes if sliced else costs.block_wire_bytes / len(L.compute_gpus)
+    for g in L.movers:
+        mem = f"mem:{machine.host_socket(g)}"
+        charge(machine.host_path(g, "h2d") + [mem], up_bytes)
+        charge(machine.host_path(g, "d2h") + [mem], down_bytes)
+    n = len(L.movers)
+    if sliced and n > 1:
+        ring_bytes = costs.round_param_bytes * L.rounds * (n - 1) / n
+        for i, g in enumerate(L.movers):
+            path = machine.peer_path(g, L.movers[(i + 1) % n])
+            for r in path:
+                per_block = ring_bytes / (machine.directed[r].gbps * 1e9)
+                work[r] += model.layers * per_block
+    scalar_s = _scalar_allreduce_s(costs)
+    fill_s = 0.0
+    compute: dict[str, float] = {}
+    if sliced:
+        # per round, the exchange stream updates the movers' slices, then all-gathers them
+        ex_round_s = 0.0
+        if n > 1:
+            hops = [machine.peer_path(g, L.movers[(i + 1) % n]) for i, g in enumerate(L.movers)]
+            ex_round_s = (max(costs.round_param_bytes * (n - 1) / n / (machine.path_gbps(p) * 1e9)
+                              for p in hops)
+                          + max(machine.path_latency_s(p) for p in hops) * (n - 1))
+        round_s = max(costs.update_slice_s(g) for g in L.movers) + ex_round_s
+        compute["exchange stream"] = model.layers * L.rounds * round_s
+        first_ready_s = L.rounds * round_s  # the first block is computed after its last round
+    for g in L.compute_gpus:
+        if sliced:
+            fill_s = max(0.0, first_ready_s - costs.embed_s(g))
+        compute[f"compute {g}"] = (costs.embed_s(g) + fill_s + model.layers * costs.compute_block_s(g)
+                                   + costs.head_s(g) + scalar_s)
+        # Block buffers are a resource too: each of the prefetch + 1 buffers holds a block from
+        # the start of its upload to the end of its compute, and those stages run one after the
+        # other for one block, so buffers x step >= sum over blocks of that chain (Little's law).
+        # Only the uploads may fall before the step (prefetch).
+        h2d_round_s = (up_bytes / L.rounds) / (machine.path_gbps(machine.host_path(g, "h2d")) * 1e9)
+        comp_s = costs.compute_block_s(g)
+        if sliced:
+            chain_streamed = max(L.rounds * h2d_round_s + round_s, h2d_round_s + L.rounds * round_s) + comp_s
+            chain_resident = L.rounds * round_s + comp_s
+        else:
+            chain_streamed = L.rounds * h2d_round_s + comp_s
+            chain_resident = 0.0  # whole-block residents need no buffer
+        n_buf = L.prefetch + 1
+        occupancy = streamed * chain_streamed + len(L.resident) * chain_resident
+        compute[f"buffers {g}"] = occupancy / n_buf
+        slack[f"buffers {g}"] = min(n_buf, streamed) * L.rounds * h2d_round_s / n_buf
+
+    best_name, best = "none", 0.0
+    prune = 0.0
+    for r, t in sorted(work.items()):
+        if t > best:
+            best_name, best = link_label(r, machine), t
+        prune = max(prune, t - slack[r])
+    for name, t in sorted(compute.items()):
+        if t > best:
+            best_name, best = name, t
+        prune = max(prune, t - slack.get(name, 0.0))
+    return Bound(machine_bound_s=best, prune_bound_s=prune, binding=best_name)

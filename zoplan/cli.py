@@ -1,0 +1,221 @@
+"""The ``zoplan`` command line: parse, call one library function, render.
+
+Every user error is a ZoplanError: printed as one message (with a fix when there is one) on
+stderr, exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from zoplan.errors import ZoplanError
+
+app = typer.Typer(help="Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+topo_app = typer.Typer(help="Bundled and custom machine topologies.", no_args_is_help=True)
+models_app = typer.Typer(help="Model shape presets.", no_args_is_help=True)
+app.add_typer(topo_app, name="topo")
+app.add_typer(models_app, name="models")
+
+# Tables are wide; when the output is not a terminal (a pipe, a file, CI logs) rich would wrap
+# them at 80 columns, so give them room instead.
+out = Console() if sys.stdout.isatty() else Console(width=160)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
+
+
+class Objective(str, Enum):
+    time = "time"
+    cost = "cost"
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Upload(str, Enum):
+    whole = "whole"
+    sliced = "sliced"
+
+
+class Movers(str, Enum):
+    compute = "compute"
+    all = "all"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+def _gpus(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    return tuple(g.strip() for g in value.split(",") if g.strip()) if value else None
+
+
+@app.command("plan")
+def plan_cmd(
+    model: str = typer.Option("opt-175b", "--model", "-m", help="preset name or path to a Hugging Face config.json"),
+    topology: str = typer.Option("dgx-a100", "--topology", "-t", help="bundled topology name or YAML path"),
+    global_batch: int = typer.Option(16, "--global-batch", "-b", help="sequences per step, all replicas together"),
+    seq_len: int = typer.Option(512, "--seq-len", "-s", help="tokens per sequence"),
+    dtype: Dtype = typer.Option(Dtype.bf16, "--dtype", help="compute dtype of the parameters on the GPU"),
+    objective: Objective = typer.Option(Objective.time, "--objective", help="rank by step time or by $ per token"),
+    top: int = typer.Option(5, "--top", "-k", help="how many layouts to show (best of each parallel shape)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the best plan to this YAML file"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+    pertp: Optional[int] = typer.Option(None, "--pertp", help="pin the perturbation degree (1 or 2)"),
+    ddp: Optional[int] = typer.Option(None, "--ddp", help="pin the data-parallel degree per node"),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="pin the compute GPUs, comma separated, in rank order"),
+    slices: Optional[int] = typer.Option(None, "--slices", help="pin slices per block (sliced uploads)"),
+    wire_dtype: Optional[Dtype] = typer.Option(None, "--wire-dtype", help="pin the host-copy / PCIe dtype"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="pin the micro-batch"),
+    prefetch: Optional[int] = typer.Option(None, "--prefetch", help="pin the blocks buffered ahead"),
+    resident: Optional[int] = typer.Option(None, "--resident", help="pin how many blocks stay on the GPUs"),
+    upload: Optional[Upload] = typer.Option(None, "--upload", help="pin whole-block or sliced uploads"),
+    movers: Optional[Movers] = typer.Option(None, "--movers", help="sliced uploads: compute GPUs only or all GPUs"),
+    eps: float = typer.Option(1e-3, "--eps", help="perturbation scale"),
+    lr: float = typer.Option(1e-6, "--lr", help="learning rate"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: int = typer.Option(1000, "--steps", help="training steps recorded in the plan"),
+    lr_schedule: Schedule = typer.Option(Schedule.constant, "--lr-schedule"),
+) -> None:
+    """Find the fastest (or cheapest) layout of a model on a machine and write it as a plan."""
+    from zoplan.planfile import ZoSettings, write_plan
+    from zoplan.planner import plan
+    from zoplan.search import Pins
+
+    zo = _zo_settings(ZoSettings, eps=eps, lr=lr, weight_decay=weight_decay, seed=seed, steps=steps,
+                      lr_schedule=lr_schedule.value)
+    pins = Pins(perturbation=pertp, data=ddp, gpus=_gpus(gpus), slices=slices,
+                wire_dtype=wire_dtype.value if wire_dtype else None, micro_batch=micro_batch,
+                prefetch=prefetch, resident=resident, upload=upload.value if upload else None,
+                movers=movers.value if movers else None)
+    report = plan(model, topology, global_batch=global_batch, seq_len=seq_len, pins=pins,
+                  objective=objective.value, dtype=dtype.value, top=top, zo=zo)
+    if output is not None:
+        write_plan(report.plan, output)
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    from zoplan.render import plan_footer, plan_table
+
+    out.print(plan_table(report))
+    out.print(plan_footer(report))
+    if output is not None:
+        out.print(f"wrote {output}  (inspect it with: zoplan timeline {output} --show)")
+
+
+def _zo_settings(cls, **values):
+    from zoplan.fileio import describe_validation_error
+    from pydantic import ValidationError
+
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise ZoplanError(f"invalid ZO setting: {describe_validation_error(exc)}") from None
+
+
+@app.command("compare")
+def compare_cmd(
+    model: str = typer.Option("opt-175b", "--model", "-m", help="preset name or path to a config.json"),
+    topology: list[str] = typer.Option(..., "--topology", "-t", help="a machine to compare (repeat)"),
+    global_batch: int = typer.Option(16, "--global-batch", "-b"),
+    seq_len: int = typer.Option(512, "--seq-len", "-s"),
+    dtype: Dtype = typer.Option(Dtype.bf16, "--dtype"),
+    objective: Objective = typer.Option(Objective.time, "--objective"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+) -> None:
+    """Which machine should I rent? The best layout on each machine side by side."""
+    from zoplan.planner import compare
+
+    results = compare(model, topology, global_batch=global_batch, seq_len=seq_len,
+                      objective=objective.value, dtype=dtype.value)
+    if as_json:
+        print(json.dumps({"model": model, "machines": [
+            {"topology": name, "error": res.message} if isinstance(res, ZoplanError)
+            else {"topology": name, "price_per_hour_usd": res.machine.spec.price_per_hour_usd,
+                  "speedup_vs_baseline": res.speedup_vs_baseline, **res.summary(res.search.best)}
+            for name, res in results]}, indent=2))
+        return
+    from zoplan.render import compare_table
+
+    out.print(compare_table(results, model))
+
+
+@app.command("timeline")
+def timeline_cmd(
+    plan_file: Path = typer.Argument(..., help="a plan written by `zoplan plan -o`"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write a Chrome trace (Perfetto, chrome://tracing)"),
+    show: bool = typer.Option(False, "--show", help="draw the step as a Gantt chart in the terminal"),
+    png: Optional[Path] = typer.Option(None, "--png", help="draw the step with matplotlib (plot extra)"),
+    width: int = typer.Option(100, "--width", help="columns of the terminal chart"),
+    topology: Optional[str] = typer.Option(None, "--topology", help="the topology file, if it moved since planning"),
+) -> None:
+    """Simulate a plan's step again and show it: trace file, terminal chart or PNG."""
+    from zoplan import trace
+    from zoplan.planner import timeline
+
+    tl = timeline(plan_file, topology)
+    sim = tl.candidate.sim
+    if output is None and not show and png is None:
+        show = True
+    if output is not None:
+        trace.write_trace(trace.chrome_trace(sim, tl.machine, title="simulated"), output)
+        out.print(f"wrote {output}: open it in https://ui.perfetto.dev or chrome://tracing")
+    if png is not None:
+        trace.plot_png(sim, tl.machine, png)
+        out.print(f"wrote {png}")
+    if show:
+        out.print(trace.gantt(sim, tl.machine, width=width))
+
+
+@topo_app.command("list")
+def topo_list() -> None:
+    """The bundled machine topologies."""
+    from zoplan.topology import bundled_names
+    from zoplan.topology_view import topology_table
+
+    out.print(topology_table(bundled_names()))
+
+
+@topo_app.command("show")
+def topo_show(name: str = typer.Argument(..., help="bundled topology name or YAML path")) -> None:
+    """A machine as a tree: sockets, PCIe switches, GPUs and their bandwidths."""
+    from zoplan.topology import load_topology
+    from zoplan.topology_view import render_topology
+
+    out.print(render_topology(load_topology(name)))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The model presets and their sizes."""
+    from zoplan.render import models_table
+
+    out.print(models_table())
+
+
+def main() -> None:
+    try:
+        app()
+    except ZoplanError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
+        if exc.fix:
+            err.print(f"  fix: {exc.fix}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

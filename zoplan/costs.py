@@ -1,0 +1,192 @@
+"""Cost model: seconds and bytes of each operation of a ZO step, from shapes and hardware figures.
+
+Everything here is a closed form; the simulator (zoplan.sim) decides how the operations overlap
+and share links. Figures come from the topology file (cited there) or a calibration profile.
+
+Modelling choices, each worth knowing when reading a prediction:
+- A forward pass over one block on a micro-batch takes the larger of its matrix FLOPs at the
+  GPU's achieved matmul rate (peak x matmul_efficiency) and the bytes it must stream through
+  HBM (the block's weights once per micro-batch plus its activations): small batches are bound
+  by weight reads, large ones by arithmetic.
+- Elementwise passes (the deferred update, +eps z, -2 eps z, restore) read and write every
+  parameter once per pass at HBM bandwidth; z is generated in registers by a counter-based RNG.
+- The deferred update of step t-1 is applied by the mover to its own slice right after upload,
+  so the updated slice can be offloaded without waiting for the forward pass, and the exchanged
+  block is already up to date. ZO2's schedule (the baseline) applies it inside compute instead.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+from zoplan.layout import WIRE_BYTES, Layout
+from zoplan.models import ModelShape
+from zoplan.topology import GpuModel, Machine
+
+GiB = 2**30
+# Per-GPU memory the planner does not hand to parameters and activations: CUDA context
+# (~0.5 GiB on Hopper), NCCL buffers and caching-allocator slack. An assumption, stated in
+# docs/architecture.md; a calibration profile measures the real figure.
+GPU_RESERVE_BYTES = 2 * GiB
+# Host memory kept free for the OS, the Python processes and the data loader (assumption).
+HOST_RESERVE_BYTES = 16 * GiB
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: ModelShape
+    global_batch: int
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def _rate(gm: GpuModel, dtype: str) -> float:
+    """Achieved matmul FLOP/s for a compute dtype."""
+    peak = gm.tflops.get(dtype) or gm.tflops.get("fp32") or min(gm.tflops.values())
+    return peak * 1e12 * gm.matmul_efficiency
+
+
+def elementwise_s(gm: GpuModel, params: int, dtype: str, passes: int) -> float:
+    """``passes`` read+write sweeps over ``params`` parameters at HBM bandwidth."""
+    return passes * 2 * params * WIRE_BYTES[dtype] / (gm.hbm_gbps * 1e9)
+
+
+def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str) -> float:
+    return max(flops / _rate(gm, dtype), bytes_moved / (gm.hbm_gbps * 1e9))
+
+
+class StepCosts:
+    """Per-operation costs of one layout on one machine for one workload."""
+
+    def __init__(self, machine: Machine, workload: Workload, layout: Layout) -> None:
+        self.machine = machine
+        self.work = workload
+        self.layout = layout
+        self.model = workload.model
+        replicas = layout.data * layout.nodes
+        self.batch_per_replica = workload.global_batch // replicas
+        self.micro_batches = self.batch_per_replica // layout.micro_batch
+
+    # ----- sizes ---------------------------------------------------------------------------
+    @cached_property
+    def block_params(self) -> int:
+        return self.model.block_params()
+
+    @cached_property
+    def slice_params(self) -> int:
+        return math.ceil(self.block_params / self.layout.slices_per_block)
+
+    @property
+    def slice_wire_bytes(self) -> int:
+        return self.slice_params * WIRE_BYTES[self.layout.wire_dtype]
+
+    @property
+    def block_wire_bytes(self) -> int:
+        return self.block_params * WIRE_BYTES[self.layout.wire_dtype]
+
+    @property
+    def block_param_bytes(self) -> int:
+        return self.block_params * WIRE_BYTES[self.layout.param_dtype]
+
+    @property
+    def round_param_bytes(self) -> int:
+        """Bytes one all-gather round assembles on every participant (one slice per mover)."""
+        return self.slice_params * len(self.layout.movers) * WIRE_BYTES[self.layout.param_dtype]
+
+    # ----- compute -------------------------------------------------------------------------
+    def _gm(self, gpu: str) -> GpuModel:
+        return self.machine.gpu_model(gpu)
+
+    def perturb_passes(self) -> int:
+        """+eps z (and -2 eps z with dual forward), plus a restore when the buffer survives the
+        forward (whole-block uploads offload from it; ZO2 restores before offloading)."""
+        passes = 1 if self.layout.perturbation == 2 else 2
+        if self.layout.upload == "whole":
+            passes += 1
+        return passes
+
+    def forward_block_s(self, gpu: str) -> float:
+        """All micro-batches of all branches this GPU runs through one block."""
+        m, L = self.model, self.layout
+        tokens = L.micro_batch * self.work.seq_len
+        act_bytes = 2 * tokens * (m.hidden + m.ffn) * WIRE_BYTES[L.param_dtype]
+        one = forward_s(self._gm(gpu), m.block_flops(tokens, self.work.seq_len),
+                        self.block_param_bytes + act_bytes, L.param_dtype)
+        return one * self.micro_batches * L.branches_per_gpu
+
+    def compute_block_s(self, gpu: str) -> float:
+        passes = self.perturb_passes() + (1 if self.layout.upload == "whole" else 0)
+        return (elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes)
+                + self.forward_block_s(gpu))
+
+    def update_slice_s(self, gpu: str) -> float:
+        """The mover's deferred update of one slice (sliced uploads only)."""
+        return elementwise_s(self._gm(gpu), self.slice_params, self.layout.param_dtype, 1)
+
+    def embed_s(self, gpu: str) -> float:
+        """Start of a step: update and perturb the resident parts (embeddings, final norm,
+        head); the embedding lookup itself is negligible."""
+        passes = 1 + self.perturb_passes()
+        return elementwise_s(self._gm(gpu), self.model.resident_params(), self.layout.param_dtype, passes)
+
+    def head_s(self, gpu: str) -> float:
+        m, L = self.model, self.layout
+        tokens = L.micro_batch * self.work.seq_len
+        head_bytes = m.embed_dim * m.vocab * WIRE_BYTES[L.param_dtype] + tokens * m.vocab * 4
+        one = forward_s(self._gm(gpu), m.head_flops(tokens), head_bytes, L.param_dtype)
+        return one * self.micro_batches * L.branches_per_gpu
+
+    # ----- memory --------------------------------------------------------------------------
+    def gpu_memory_bytes(self, gpu: str) -> int:
+        """Peak memory of one GPU of the layout (compute or relay)."""
+        m, L = self.model, self.layout
+        pbytes = WIRE_BYTES[L.param_dtype]
+        total = GPU_RESERVE_BYTES
+        n_res = len(L.resident)
+        if L.upload == "whole":
+            total += n_res * self.block_param_bytes
+        else:
+            total += n_res * math.ceil(self.block_param_bytes / len(L.movers))
+        buffers = L.prefetch + 1
+        total += buffers * self.block_param_bytes
+        if L.wire_dtype != L.param_dtype:
+            total += buffers * L.rounds * self.slice_wire_bytes
+        if gpu in L.compute_gpus:
+            total += m.resident_params() * pbytes
+            total += m.block_activation_bytes(L.micro_batch, self.work.seq_len, L.param_dtype,
+                                              L.branches_per_gpu)
+            total += m.head_activation_bytes(L.micro_batch, self.work.seq_len)
+        return int(total)
+
+    def host_memory_bytes(self) -> int:
+        """One host copy of every parameter in the wire dtype, per node."""
+        return int(self.model.total_params() * WIRE_BYTES[self.layout.wire_dtype])
+
+    def max_resident_blocks(self) -> int:
+        """How many blocks could stay on the GPUs given everything else this layout needs."""
+        L = self.layout
+        free = min(self.machine.gpu_model(g).memory_gib * GiB - self._without_resident(g)
+                   for g in L.gpus)
+        per_block = (self.block_param_bytes if L.upload == "whole"
+                     else math.ceil(self.block_param_bytes / len(L.movers)))
+        return max(0, min(self.model.layers, int(free // per_block)))
+
+    def _without_resident(self, gpu: str) -> int:
+        n_res = len(self.layout.resident)
+        per_block = (self.block_param_bytes if self.layout.upload == "whole"
+                     else math.ceil(self.block_param_bytes / len(self.layout.movers)))
+        return self.gpu_memory_bytes(gpu) - n_res * per_block
+
+
+def spread_resident(layers: int, count: int) -> tuple[int, ...]:
+    """Resident blocks spread evenly through the model, so the streamed blocks between two
+    resident ones keep the pipeline fed instead of arriving in one long burst."""
+    if count <= 0:
+        return ()
+    if count >= layers:
+        return tuple(range(layers))
+    return tuple(sorted({int((i + 0.5) * layers / count) for i in range(count)}))

@@ -1,0 +1,166 @@
+"""Bandwidth shared fairly between concurrent transfers, inside a simpy simulation.
+
+A simpy ``Resource`` serves one user at a time in FIFO order: right for a CUDA stream, wrong for
+a PCIe uplink that two GPUs copy through at once (each gets half). Here every transfer (a *flow*)
+crosses a set of resources (directed links, a socket's memory bus) and rates are the max-min fair
+allocation (progressive filling), recomputed whenever a flow starts or ends. All changes at one
+instant are folded into one recomputation. Iteration follows insertion order, so a run is
+deterministic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import simpy
+from simpy.core import NORMAL
+
+
+@dataclass(eq=False)
+class Flow:
+    fid: int
+    size: float
+    remaining: float
+    resources: tuple[str, ...]
+    done: simpy.Event
+    rate: float = 0.0
+    latency_s: float = 0.0
+
+
+@dataclass
+class FlowNet:
+    env: simpy.Environment
+    capacity: dict[str, float]  # bytes/s per resource
+    record: bool = False
+    flows: dict[int, Flow] = field(default_factory=dict)
+    moved: dict[str, float] = field(default_factory=dict)  # cumulative bytes per resource
+    samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    _last: float = 0.0
+    _next_id: int = 0
+    _version: int = 0
+    _pending: bool = False
+
+    def __post_init__(self) -> None:
+        self.moved = {r: 0.0 for r in self.capacity}
+        for r, c in self.capacity.items():
+            if c <= 0:
+                raise ValueError(f"resource {r} has no bandwidth")
+
+    def transfer(self, nbytes: float, resources: tuple[str, ...], latency_s: float = 0.0) -> simpy.Event:
+        """Start moving ``nbytes`` across ``resources``; the event fires ``latency_s`` after the
+        last byte has left (the path's latency, paid once per transfer)."""
+        done = self.env.event()
+        if nbytes <= 0 or not resources:
+            self._fire(done, latency_s)
+            return done
+        self._advance()
+        self.flows[self._next_id] = Flow(self._next_id, float(nbytes), float(nbytes), resources, done,
+                                         latency_s=latency_s)
+        self._next_id += 1
+        self._request_recompute()
+        return done
+
+    def snapshot(self) -> dict[str, float]:
+        """Cumulative bytes per resource up to now."""
+        self._advance()
+        return dict(self.moved)
+
+    # ------------------------------------------------------------------------------------
+    def _advance(self) -> None:
+        dt = self.env.now - self._last
+        if dt > 0:
+            moved = self.moved
+            for f in self.flows.values():
+                step = f.rate * dt
+                f.remaining -= step
+                for r in f.resources:
+                    moved[r] += step
+        self._last = self.env.now
+
+    def _fire(self, event: simpy.Event, delay_s: float) -> None:
+        event._ok = True
+        event._value = None
+        self.env.schedule(event, NORMAL, delay_s)
+
+    def _request_recompute(self) -> None:
+        if self._pending:
+            return
+        self._pending = True
+        ev = simpy.Event(self.env)
+        ev.callbacks.append(self._recompute)
+        self._fire(ev, 0.0)
+
+    def _wake(self, version: int):
+        def cb(_: simpy.Event) -> None:
+            if version == self._version:
+                self._recompute(None)
+        return cb
+
+    def _recompute(self, _: simpy.Event | None) -> None:
+        self._pending = False
+        self._advance()
+        finished = [f for f in self.flows.values() if f.remaining <= 1e-9 * f.size + 1e-6]
+        for f in finished:
+            del self.flows[f.fid]
+            for r in f.resources:  # account the rounding crumbs so byte totals stay exact
+                self.moved[r] += f.remaining
+            self._fire(f.done, f.latency_s)
+        self._fill()
+        self._version += 1
+        if self.flows:
+            dt = min(f.remaining / f.rate for f in self.flows.values() if f.rate > 0)
+            self.env.timeout(max(dt, 0.0)).callbacks.append(self._wake(self._version))
+        if self.record:
+            self._sample()
+
+    def _fill(self) -> None:
+        """Max-min fair rates by progressive filling.
+
+        Each round finds the smallest fair share among the resources still in use and freezes
+        every flow crossing a resource at that share (ties together: symmetric layouts, where
+        eight GPUs copy at once, then take one round instead of eight)."""
+        spare: dict[str, float] = {}
+        count: dict[str, int] = {}
+        capacity = self.capacity
+        for f in self.flows.values():
+            for r in f.resources:
+                if r in count:
+                    count[r] += 1
+                else:
+                    spare[r] = capacity[r]
+                    count[r] = 1
+        unfrozen = list(self.flows.values())
+        while unfrozen:
+            best = float("inf")
+            for r, c in count.items():
+                if c:
+                    share = spare[r] / c
+                    if share < best:
+                        best = share
+            limit = best * (1 + 1e-12)
+            tight = {r for r, c in count.items() if c and spare[r] / c <= limit}
+            rate = best if best > 0 else 0.0
+            rest = []
+            for f in unfrozen:
+                if tight.isdisjoint(f.resources):
+                    rest.append(f)
+                    continue
+                f.rate = rate
+                for r in f.resources:
+                    spare[r] -= rate
+                    count[r] -= 1
+            unfrozen = rest
+
+    def _sample(self) -> None:
+        rates: dict[str, float] = {}
+        for f in self.flows.values():
+            for r in f.resources:
+                rates[r] = rates.get(r, 0.0) + f.rate
+        now = self.env.now
+        for r in self.capacity:
+            series = self.samples.setdefault(r, [])
+            value = rates.get(r, 0.0)
+            if not series or series[-1][1] != value:
+                if series and series[-1][0] == now:
+                    series[-1] = (now, value)
+                else:
+                    series.append((now, value))

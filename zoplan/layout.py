@@ -1,0 +1,155 @@
+"""The parallel layout: a validated plain object, the one place that says which rank does what.
+
+Words (docs/architecture.md has the glossary):
+- a *perturbation pair* is two compute ranks that run the +eps and -eps branch of the same step
+  on the same data (perturbation degree 2). With degree 1 one rank runs both ("dual forward").
+- a *replica* is one copy of the computation on its own shard of the global batch; every replica
+  uses the same seed, and only loss scalars cross between replicas.
+- a *mover* pulls slices of each block from host memory over its own PCIe link; movers that do not
+  compute are *relays*: they only pass slices on over NVLink.
+- a *block* is one transformer layer's parameters; a *slice* is 1/slices_per_block of a block.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from zoplan.errors import ZoplanError
+
+Upload = Literal["whole", "sliced"]
+WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One configuration of one node (every node of a multi-node machine runs the same)."""
+
+    perturbation: int
+    data: int  # replicas per node
+    compute_gpus: tuple[str, ...]  # index = replica * perturbation + branch
+    upload: Upload  # "whole": each compute GPU uploads every block itself; "sliced": movers share it
+    movers: tuple[str, ...]  # GPUs that pull slices from host memory ("sliced"); compute_gpus for "whole"
+    slices_per_block: int
+    wire_dtype: str  # dtype of the host copy and of PCIe transfers
+    param_dtype: str  # dtype blocks are computed in on the GPU
+    micro_batch: int
+    prefetch: int  # blocks buffered ahead of the one being computed
+    resident: tuple[int, ...] = ()  # block indices that never cross PCIe
+    nodes: int = 1
+    placement: str = "spread"  # how compute_gpus were chosen (for display)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        if self.perturbation not in (1, 2):
+            raise ZoplanError(f"perturbation degree must be 1 or 2, got {self.perturbation}")
+        if self.data < 1:
+            raise ZoplanError(f"data-parallel degree must be at least 1, got {self.data}")
+        want = self.perturbation * self.data
+        if len(self.compute_gpus) != want:
+            raise ZoplanError(
+                f"perturbation {self.perturbation} x data {self.data} = {want} compute GPUs, "
+                f"but {len(self.compute_gpus)} are given ({', '.join(self.compute_gpus)})")
+        if len(set(self.compute_gpus)) != len(self.compute_gpus):
+            raise ZoplanError(f"a GPU appears twice among the compute GPUs: {', '.join(self.compute_gpus)}")
+        if self.upload == "whole":
+            if tuple(self.movers) != tuple(self.compute_gpus):
+                raise ZoplanError("with whole-block uploads the movers are the compute GPUs")
+            if self.slices_per_block != 1:
+                raise ZoplanError("whole-block uploads use 1 slice per block")
+        else:
+            missing = [g for g in self.compute_gpus if g not in self.movers]
+            if missing:
+                raise ZoplanError(f"sliced uploads need every compute GPU among the movers; "
+                                  f"missing {', '.join(missing)}")
+            if self.slices_per_block % len(self.movers):
+                raise ZoplanError(f"{self.slices_per_block} slices per block do not divide among "
+                                  f"{len(self.movers)} movers", fix="use a multiple of the mover count")
+        if self.micro_batch < 1 or self.prefetch < 1:
+            raise ZoplanError("micro-batch and prefetch depth must be at least 1")
+        if self.wire_dtype not in WIRE_BYTES or self.param_dtype not in WIRE_BYTES:
+            raise ZoplanError(f"dtypes must be one of {', '.join(WIRE_BYTES)}")
+        if WIRE_BYTES[self.wire_dtype] > WIRE_BYTES[self.param_dtype]:
+            raise ZoplanError(f"wire dtype {self.wire_dtype} is wider than the compute dtype "
+                              f"{self.param_dtype}", fix="pick a wire dtype no wider than --dtype")
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def compute_ranks_per_node(self) -> int:
+        return self.perturbation * self.data
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """Every GPU this layout uses on a node: compute GPUs first, then relays."""
+        return tuple(self.compute_gpus) + tuple(g for g in self.movers if g not in self.compute_gpus)
+
+    @property
+    def relays(self) -> tuple[str, ...]:
+        return tuple(g for g in self.movers if g not in self.compute_gpus)
+
+    @property
+    def rounds(self) -> int:
+        """Slices each mover uploads per block; each round is all-gathered on its own."""
+        return self.slices_per_block // len(self.movers) if self.upload == "sliced" else 1
+
+    @property
+    def branches_per_gpu(self) -> int:
+        return 2 // self.perturbation
+
+    def ranks(self) -> list[dict]:
+        """Rank table: global rank, node, GPU, role and groups; one entry per process."""
+        table: list[dict] = []
+        per_node = len(self.gpus)
+        for node in range(self.nodes):
+            for local, gpu in enumerate(self.gpus):
+                entry: dict = {"rank": node * per_node + local, "node": node, "local_rank": local,
+                               "gpu": gpu}
+                if local < self.compute_ranks_per_node:
+                    replica, branch = divmod(local, self.perturbation)
+                    entry["role"] = "compute"
+                    entry["replica"] = node * self.data + replica
+                    entry["branch"] = "+-" if self.perturbation == 1 else "+-"[branch]
+                else:
+                    entry["role"] = "relay"
+                table.append(entry)
+        return table
+
+    def groups(self) -> dict[str, list[list[int]]]:
+        """Process groups by global rank: perturbation pairs, replicas (same branch across
+        replicas), and the per-node block-exchange groups (the movers)."""
+        ranks = self.ranks()
+        compute = [r for r in ranks if r["role"] == "compute"]
+        pairs = [[r["rank"] for r in compute if r["replica"] == rep]
+                 for rep in range(self.data * self.nodes)]
+        branches = sorted({r["branch"] for r in compute})
+        across = [[r["rank"] for r in compute if r["branch"] == b] for b in branches]
+        per_node = len(self.gpus)
+        movers_local = [self.gpus.index(g) for g in self.movers]
+        exchange = [[node * per_node + i for i in movers_local] for node in range(self.nodes)]
+        return {"perturbation_pairs": pairs, "replicas_per_branch": across,
+                "block_exchange": exchange}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("compute_gpus", "movers", "resident"):
+            d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Layout:
+        d = dict(d)
+        for key in ("compute_gpus", "movers", "resident"):
+            d[key] = tuple(d.get(key, ()))
+        return cls(**d)
+
+    def describe(self) -> str:
+        mv = (f"{len(self.movers)} movers" if self.upload == "sliced" else "whole blocks")
+        return f"{self.perturbation}x{self.data}" + (f"x{self.nodes}n" if self.nodes > 1 else "") + f" {mv}"
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+

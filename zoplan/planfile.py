@@ -1,0 +1,202 @@
+"""The plan file: the contract between ``zoplan plan`` and the runtime.
+
+A plan says everything the runtime needs and nothing it must guess: the model (its shape and a
+hash of it), the machine (name, where it was loaded from and a hash of its description), the
+batch shape, the ZO hyper-parameters, the layout with its rank table and process groups, the
+transfer settings, the resident blocks and the prediction. It is versioned and read strictly:
+unknown keys, a rank table that does not follow from the layout, or a hash that does not match
+are errors that name the file and the field.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+
+from zoplan import __version__
+from zoplan.errors import ZoplanError
+from zoplan.fileio import Strict, check_version, read_yaml, validate, write_yaml
+from zoplan.layout import Layout
+from zoplan.models import ModelShape
+from zoplan.topology import Machine
+
+PLAN_VERSIONS = (1,)
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+class ModelRef(Strict):
+    name: str
+    hash: str
+    shape: dict
+
+
+class TopologyRef(Strict):
+    name: str
+    source: str
+    hash: str
+
+
+class BatchSpec(Strict):
+    global_batch: PositiveInt
+    seq_len: PositiveInt
+    micro_batch: PositiveInt
+
+
+class ZoSettings(Strict):
+    """MeZO hyper-parameters (Malladi et al. 2023 use eps 1e-3 and lr 1e-6 to 1e-7 for OPT)."""
+
+    eps: PositiveFloat = 1e-3
+    lr: PositiveFloat = 1e-6
+    weight_decay: NonNegativeFloat = 0.0
+    seed: int = Field(0, ge=0)
+    steps: PositiveInt = 1000
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+
+
+class RankEntry(Strict):
+    rank: int
+    node: int
+    local_rank: int
+    gpu: str
+    role: Literal["compute", "relay"]
+    replica: int | None = None
+    branch: Literal["+", "-", "+-"] | None = None
+
+
+class LayoutSpec(Strict):
+    perturbation: Literal[1, 2]
+    data: PositiveInt
+    nodes: PositiveInt
+    world_size: PositiveInt
+    placement: str
+    compute_gpus: list[str]
+    ranks: list[RankEntry]
+    groups: dict[str, list[list[int]]]
+
+
+class TransferSpec(Strict):
+    upload: Literal["whole", "sliced"]
+    movers: list[str]
+    slices_per_block: PositiveInt
+    wire_dtype: Literal["fp32", "bf16", "fp16"]
+    param_dtype: Literal["fp32", "bf16", "fp16"]
+    prefetch: PositiveInt
+
+
+class Prediction(Strict):
+    step_time_s: float
+    tokens_per_s: float
+    gpu_memory_bytes: int
+    host_memory_bytes: int
+    bottleneck: str
+    bound_s: float
+    bound_fraction: float
+    usd_per_mtok: float | None = None
+    baseline_step_time_s: float | None = None
+    speedup_vs_baseline: float | None = None
+
+
+class Plan(Strict):
+    version: int
+    zoplan: str
+    model: ModelRef
+    topology: TopologyRef
+    batch: BatchSpec
+    zo: ZoSettings
+    layout: LayoutSpec
+    transfer: TransferSpec
+    resident_blocks: list[int]
+    prediction: Prediction
+
+    # ----- conversions ------------------------------------------------------------------------
+    def to_layout(self) -> Layout:
+        return Layout(perturbation=self.layout.perturbation, data=self.layout.data,
+                      compute_gpus=tuple(self.layout.compute_gpus), upload=self.transfer.upload,
+                      movers=tuple(self.transfer.movers), slices_per_block=self.transfer.slices_per_block,
+                      wire_dtype=self.transfer.wire_dtype, param_dtype=self.transfer.param_dtype,
+                      micro_batch=self.batch.micro_batch, prefetch=self.transfer.prefetch,
+                      resident=tuple(self.resident_blocks), nodes=self.layout.nodes,
+                      placement=self.layout.placement)
+
+    def model_shape(self) -> ModelShape:
+        return ModelShape.from_dict(self.model.shape)
+
+
+def build_plan(*, shape: ModelShape, machine: Machine, layout: Layout, global_batch: int, seq_len: int,
+               zo: ZoSettings, prediction: Prediction) -> Plan:
+    ranks = layout.ranks()
+    return Plan(
+        version=PLAN_VERSIONS[-1], zoplan=__version__,
+        model=ModelRef(name=shape.name, hash=shape.hash, shape=shape.to_dict()),
+        topology=TopologyRef(name=machine.name, source=machine.source, hash=machine.hash),
+        batch=BatchSpec(global_batch=global_batch, seq_len=seq_len, micro_batch=layout.micro_batch),
+        zo=zo,
+        layout=LayoutSpec(perturbation=layout.perturbation, data=layout.data, nodes=layout.nodes,
+                          world_size=len(ranks), placement=layout.placement,
+                          compute_gpus=list(layout.compute_gpus),
+                          ranks=[RankEntry(**r) for r in ranks], groups=layout.groups()),
+        transfer=TransferSpec(upload=layout.upload, movers=list(layout.movers),
+                              slices_per_block=layout.slices_per_block, wire_dtype=layout.wire_dtype,
+                              param_dtype=layout.param_dtype, prefetch=layout.prefetch),
+        resident_blocks=list(layout.resident),
+        prediction=prediction,
+    )
+
+
+HEADER = ("# zoplan plan: written by `zoplan plan`, read by `zoplan timeline` and `zoplan run`.\n"
+          "# Edit with care: the rank table and groups must follow from the layout.\n")
+
+
+def write_plan(plan: Plan, path: Path) -> None:
+    write_yaml(path, plan.model_dump(mode="json"), header=HEADER)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan strictly and check that it is consistent with itself."""
+    path = Path(path)
+    data = read_yaml(path, "plan")
+    check_version(data, path, "plan", PLAN_VERSIONS)
+    plan = validate(Plan, data, path, "plan")
+    try:
+        shape = plan.model_shape()
+        layout = plan.to_layout()
+    except ZoplanError as exc:
+        raise ZoplanError(f"{path}: invalid plan: {exc.message}", fix=exc.fix) from None
+    if shape.hash != plan.model.hash:
+        raise ZoplanError(f"{path}: field 'model.hash' ({plan.model.hash}) does not match "
+                          f"'model.shape' ({shape.hash})",
+                          fix="the model shape was edited: write the plan again with `zoplan plan`")
+    if layout.micro_batch and (plan.batch.global_batch % (layout.data * layout.nodes) or
+                               (plan.batch.global_batch // (layout.data * layout.nodes)) % layout.micro_batch):
+        raise ZoplanError(f"{path}: field 'batch': global batch {plan.batch.global_batch} does not "
+                          f"divide into {layout.data * layout.nodes} replicas of micro-batches of "
+                          f"{layout.micro_batch}")
+    bad = [b for b in plan.resident_blocks if not 0 <= b < shape.layers]
+    if bad:
+        raise ZoplanError(f"{path}: field 'resident_blocks': {bad} outside 0..{shape.layers - 1}")
+    expected = [RankEntry(**r) for r in layout.ranks()]
+    if plan.layout.ranks != expected or plan.layout.world_size != len(expected):
+        raise ZoplanError(f"{path}: field 'layout.ranks' does not follow from the layout "
+                          f"(perturbation {layout.perturbation} x data {layout.data} x nodes "
+                          f"{layout.nodes}, movers {', '.join(layout.movers)})",
+                          fix="write the plan again with `zoplan plan` instead of editing ranks")
+    if plan.layout.groups != layout.groups():
+        raise ZoplanError(f"{path}: field 'layout.groups' does not follow from the layout",
+                          fix="write the plan again with `zoplan plan`")
+    return plan
+
+
+def check_plan_matches(plan: Plan, *, machine: Machine | None = None, shape: ModelShape | None = None,
+                       plan_path: str | Path = "plan") -> None:
+    """Refuse a plan made for another machine or model, naming both."""
+    if machine is not None and machine.hash != plan.topology.hash:
+        raise ZoplanError(
+            f"{plan_path} was planned for topology '{plan.topology.name}' ({plan.topology.hash}), "
+            f"but this machine is '{machine.name}' ({machine.hash})",
+            fix="plan again for this machine with `zoplan plan --topology ...`")
+    if shape is not None and shape.hash != plan.model.hash:
+        raise ZoplanError(
+            f"{plan_path} was planned for model '{plan.model.name}' ({plan.model.hash}), "
+            f"but the model given is '{shape.name}' ({shape.hash})",
+            fix="plan again for this model with `zoplan plan --model ...`")

@@ -1,0 +1,153 @@
+"""The commands as typed library functions: ``plan``, ``compare`` and ``timeline``.
+
+The CLI (zoplan.cli) only parses, calls one of these and renders what it gets back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoplan.costs import Workload
+from zoplan.errors import ZoplanError
+from zoplan.models import ModelShape, load_model_shape
+from zoplan.planfile import Plan, Prediction, ZoSettings, build_plan, load_plan
+from zoplan.search import Candidate, Pins, SearchResult, evaluate, search, top_families, usd_per_mtok
+from zoplan.topology import Machine, load_topology
+
+DEFAULT_MODEL = "opt-175b"
+DEFAULT_TOPOLOGY = "dgx-a100"
+DEFAULT_GLOBAL_BATCH = 16
+DEFAULT_SEQ_LEN = 512
+
+
+@dataclass
+class PlanReport:
+    """What ``plan`` found: the search, the shape and machine it ran on, and the best plan."""
+
+    search: SearchResult
+    shape: ModelShape
+    machine: Machine
+    plan: Plan
+    top: int
+
+    @property
+    def shown(self) -> list[Candidate]:
+        return top_families(self.search.ranked, self.top)
+
+    @property
+    def speedup_vs_baseline(self) -> float | None:
+        base = self.search.baseline
+        return base.step_time_s / self.search.best.step_time_s if base else None
+
+    def summary(self, cand: Candidate) -> dict:
+        return candidate_summary(cand, self.machine, self.search.workload)
+
+    def to_json(self) -> dict:
+        s = self.search
+        return {
+            "model": self.shape.name,
+            "topology": self.machine.name,
+            "global_batch": s.workload.global_batch,
+            "seq_len": s.workload.seq_len,
+            "objective": s.objective,
+            "best": self.summary(s.best),
+            "baseline": self.summary(s.baseline) if s.baseline else None,
+            "speedup_vs_baseline": self.speedup_vs_baseline,
+            "candidates": [self.summary(c) for c in self.shown],
+            "search": {"considered": s.considered, "rejected_memory": s.rejected,
+                       "evaluated": s.evaluated, "aborted": s.aborted, "pruned": s.pruned,
+                       "seconds": round(s.seconds, 4)},
+        }
+
+
+def candidate_summary(cand: Candidate, machine: Machine, workload: Workload) -> dict:
+    L = cand.layout
+    step = cand.step_time_s
+    return {
+        "perturbation": L.perturbation,
+        "data": L.data,
+        "nodes": L.nodes,
+        "gpus": list(L.gpus),
+        "compute_gpus": list(L.compute_gpus),
+        "upload": L.upload,
+        "movers": list(L.movers),
+        "slices_per_block": L.slices_per_block,
+        "wire_dtype": L.wire_dtype,
+        "micro_batch": L.micro_batch,
+        "prefetch": L.prefetch,
+        "resident_blocks": len(L.resident),
+        "step_time_s": step,
+        "tokens_per_s": workload.tokens_per_step / step,
+        "gpu_memory_bytes": cand.gpu_memory_bytes,
+        "host_memory_bytes": cand.host_memory_bytes,
+        "bottleneck": cand.sim.bottleneck if cand.sim else None,
+        "bound_s": cand.bound.machine_bound_s,
+        "bound_fraction": cand.bound.machine_bound_s / step,
+        "usd_per_mtok": usd_per_mtok(machine, workload, L, step),
+    }
+
+
+def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
+         global_batch: int = DEFAULT_GLOBAL_BATCH, seq_len: int = DEFAULT_SEQ_LEN,
+         pins: Pins = Pins(), objective: str = "time", dtype: str = "bf16", top: int = 5,
+         zo: ZoSettings = ZoSettings()) -> PlanReport:
+    """Search the layouts of ``model`` on ``topology`` and return the report with the best plan."""
+    shape = load_model_shape(model)
+    machine = load_topology(topology)
+    workload = Workload(shape, global_batch, seq_len)
+    result = search(machine, workload, pins=pins, objective=objective, param_dtype=dtype, top=top)
+    best = result.best
+    base = result.baseline
+    summary = candidate_summary(best, machine, workload)
+    prediction = Prediction(
+        step_time_s=best.step_time_s, tokens_per_s=summary["tokens_per_s"],
+        gpu_memory_bytes=best.gpu_memory_bytes, host_memory_bytes=best.host_memory_bytes,
+        bottleneck=summary["bottleneck"], bound_s=best.bound.machine_bound_s,
+        bound_fraction=summary["bound_fraction"], usd_per_mtok=summary["usd_per_mtok"],
+        baseline_step_time_s=base.step_time_s if base else None,
+        speedup_vs_baseline=base.step_time_s / best.step_time_s if base else None)
+    the_plan = build_plan(shape=shape, machine=machine, layout=best.layout, global_batch=global_batch,
+                          seq_len=seq_len, zo=zo, prediction=prediction)
+    return PlanReport(search=result, shape=shape, machine=machine, plan=the_plan, top=top)
+
+
+def compare(model: str, topologies: list[str], *, global_batch: int = DEFAULT_GLOBAL_BATCH,
+            seq_len: int = DEFAULT_SEQ_LEN, objective: str = "time",
+            dtype: str = "bf16") -> list[tuple[str, PlanReport | ZoplanError]]:
+    """The best layout on each machine, by topology name; a machine the model does not fit on
+    (or that cannot run the batch) gives its error instead, so the others are still compared."""
+    if not topologies:
+        raise ZoplanError("compare needs at least one --topology")
+    load_model_shape(model)  # a bad model name fails once, before any search
+    out: list[tuple[str, PlanReport | ZoplanError]] = []
+    for topo in topologies:
+        machine = load_topology(topo)  # a bad topology file is the user's to fix: fail loudly
+        try:
+            out.append((machine.name, plan(model, topo, global_batch=global_batch, seq_len=seq_len,
+                                           objective=objective, dtype=dtype, top=1)))
+        except ZoplanError as exc:
+            out.append((machine.name, exc))
+    return out
+
+
+@dataclass
+class Timeline:
+    plan: Plan
+    machine: Machine
+    candidate: Candidate
+
+
+def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
+    """Simulate a plan again with every span recorded, on the machine it was planned for."""
+    the_plan = load_plan(plan_path)
+    machine = load_topology(topology or the_plan.topology.source)
+    if machine.hash != the_plan.topology.hash:
+        raise ZoplanError(
+            f"{plan_path} was planned for topology '{the_plan.topology.name}' "
+            f"({the_plan.topology.hash}), but '{topology or the_plan.topology.source}' is now "
+            f"{machine.hash}: the machine description changed since planning",
+            fix="plan again, or pass the original file with --topology")
+    shape = the_plan.model_shape()
+    workload = Workload(shape, the_plan.batch.global_batch, the_plan.batch.seq_len)
+    cand = evaluate(machine, workload, the_plan.to_layout(), record=True)
+    return Timeline(plan=the_plan, machine=machine, candidate=cand)

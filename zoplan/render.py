@@ -1,0 +1,127 @@
+"""Rich renderings of planner results for the terminal (no logic: numbers come from planner)."""
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+
+from zoplan.errors import ZoplanError
+from zoplan.models import preset_table_rows
+from zoplan.planner import PlanReport, candidate_summary
+
+GiB = 2**30
+
+
+def _fmt_time(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.3f} s"
+
+
+def _fmt_rate(tokens_per_s: float) -> str:
+    return f"{tokens_per_s / 1e3:.1f}k" if tokens_per_s >= 1e3 else f"{tokens_per_s:.0f}"
+
+
+def _fmt_gib(nbytes: float) -> str:
+    gib = nbytes / GiB
+    return f"{gib:.1f}" if gib < 100 else f"{gib:.0f}"
+
+
+def _movers(summary: dict) -> str:
+    if summary["upload"] == "whole":
+        return "each its own"
+    relays = len(summary["movers"]) - len(summary["compute_gpus"])
+    return f"{len(summary['movers'])}, sliced" + (f" ({relays} relay)" if relays else "")
+
+
+def _row(summary: dict, label: str, speedup: float | None) -> list[str]:
+    cost = summary["usd_per_mtok"]
+    return [
+        label,
+        f"{summary['perturbation']}×{summary['data']}" + (f"×{summary['nodes']}n" if summary["nodes"] > 1 else ""),
+        _movers(summary),
+        str(summary["slices_per_block"]),
+        summary["wire_dtype"],
+        str(summary["micro_batch"]),
+        str(summary["prefetch"]),
+        str(summary["resident_blocks"]),
+        _fmt_time(summary["step_time_s"]),
+        _fmt_rate(summary["tokens_per_s"]),
+        _fmt_gib(summary["gpu_memory_bytes"]),
+        _fmt_gib(summary["host_memory_bytes"]),
+        summary["bottleneck"] or "",
+        f"{summary['bound_fraction'] * 100:.0f}%",
+        f"{cost:.2f}" if cost is not None else "–",
+        f"{speedup:.2f}×" if speedup else "–",
+    ]
+
+
+def plan_table(report: PlanReport) -> Table:
+    s = report.search
+    w = s.workload
+    title = (f"{report.shape.name} on {report.machine.name}: global batch {w.global_batch} × "
+             f"{w.seq_len} tokens, objective {s.objective}")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col, justify in [("#", "right"), ("p×d", "left"), ("blocks moved by", "left"),
+                         ("slices", "right"), ("wire", "left"), ("µb", "right"), ("pf", "right"),
+                         ("res", "right"), ("step", "right"), ("tok/s", "right"),
+                         ("GPU GiB", "right"), ("host GiB", "right"), ("bottleneck", "left"),
+                         ("bound", "right"), ("$/Mtok", "right"), ("vs ZO2", "right")]:
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    base = s.baseline
+    for i, cand in enumerate(report.shown, 1):
+        speed = base.step_time_s / cand.step_time_s if base else None
+        table.add_row(*_row(report.summary(cand), str(i), speed), style="bold green" if i == 1 else None)
+    if base:
+        table.add_row(*_row(report.summary(base), "ZO2", 1.0), style="dim")
+    return table
+
+
+def plan_footer(report: PlanReport) -> Text:
+    s = report.search
+    text = Text()
+    best = report.summary(s.best)
+    text.append(f"best: {best['perturbation']}×{best['data']} on {','.join(best['compute_gpus'])}", style="bold")
+    relays = [g for g in best["movers"] if g not in best["compute_gpus"]]
+    if best["upload"] == "sliced":
+        text.append(f", blocks sliced over {len(best['movers'])} devices"
+                    + (f" (relays {','.join(relays)})" if relays else ""))
+    text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {best['bottleneck']}\n")
+    if s.baseline:
+        text.append(f"ZO2 baseline (1 GPU, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "
+                    f"bound by {s.baseline.sim.bottleneck}; speedup {report.speedup_vs_baseline:.2f}×\n")
+    else:
+        text.append("ZO2 baseline: does not fit one GPU of this machine\n")
+    text.append("p×d: perturbation × data-parallel degree; µb: micro-batch; pf: blocks prefetched; "
+                "res: blocks resident on the GPUs; bound: machine bound / step time\n", style="dim")
+    text.append(f"search: {s.considered} layouts, {s.rejected} rejected for memory, {s.evaluated} simulated "
+                f"({s.aborted} stopped early), {s.pruned} pruned by the bound, {s.seconds:.2f} s", style="dim")
+    return text
+
+
+def compare_table(results: list, model: str) -> Table:
+    table = Table(title=f"{model}: best layout per machine", title_justify="left", header_style="bold")
+    for col in ["machine", "GPUs", "pert×data", "movers", "step", "tok/s", "GPU GiB", "host GiB",
+                "bottleneck", "$/h", "$/Mtok", "vs ZO2"]:
+        table.add_column(col, no_wrap=col != "bottleneck")
+    for name, res in results:
+        if isinstance(res, ZoplanError):
+            table.add_row(name, "", "", "", "", "", "", "", Text(res.message, style="red"))
+            continue
+        best = res.search.best
+        summ = candidate_summary(best, res.machine, res.search.workload)
+        price = res.machine.spec.price_per_hour_usd
+        table.add_row(res.machine.name, f"{len(best.layout.gpus)}/{len(res.machine.gpus)}",
+                      f"{summ['perturbation']}×{summ['data']}", _movers(summ),
+                      _fmt_time(summ["step_time_s"]), _fmt_rate(summ["tokens_per_s"]),
+                      _fmt_gib(summ["gpu_memory_bytes"]), _fmt_gib(summ["host_memory_bytes"]),
+                      summ["bottleneck"], f"{price:.2f}" if price else "–",
+                      f"{summ['usd_per_mtok']:.2f}" if summ["usd_per_mtok"] is not None else "–",
+                      f"{res.speedup_vs_baseline:.2f}×" if res.speedup_vs_baseline else "–")
+    return table
+
+
+def models_table() -> Table:
+    table = Table(title="model presets (or pass a path to a Hugging Face config.json)", title_justify="left")
+    for col in ("name", "family", "layers", "hidden", "params", "block (fp16)"):
+        table.add_column(col)
+    for row in preset_table_rows():
+        table.add_row(*row)
+    return table

@@ -1,0 +1,372 @@
+"""Configuration search: enumerate layouts, reject what does not fit, prune by the machine's
+bound, simulate the rest, rank by step time or cost.
+
+The user's ZO hyper-parameters never change between candidates, so every candidate trains the
+same model; only time and memory differ. Pruning is exact: candidates are simulated in order of
+their pruning bound, and the search stops once the next bound cannot beat the best simulated
+objective (branch and bound), so the best candidate is never dropped.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from zoplan.bound import Bound, machine_bound
+from zoplan.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
+from zoplan.errors import ZoplanError
+from zoplan.layout import WIRE_BYTES, Layout, divisors
+from zoplan.sim import Exceeded, SimResult, simulate
+from zoplan.topology import Machine
+
+DTYPES = tuple(WIRE_BYTES)
+OBJECTIVES = ("time", "cost")
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Decisions the user fixed on the command line; ``None`` leaves a decision to the search."""
+
+    perturbation: int | None = None
+    data: int | None = None
+    gpus: tuple[str, ...] | None = None  # the compute GPUs, in rank order
+    slices: int | None = None
+    wire_dtype: str | None = None
+    micro_batch: int | None = None
+    prefetch: int | None = None
+    resident: int | None = None  # number of resident blocks
+    upload: str | None = None  # "whole" or "sliced"
+    movers: str | None = None  # "compute" or "all"
+
+
+@dataclass
+class Candidate:
+    layout: Layout
+    bound: Bound
+    gpu_memory_bytes: int
+    host_memory_bytes: int
+    sim: SimResult | None = None
+
+    @property
+    def step_time_s(self) -> float:
+        assert self.sim is not None
+        return self.sim.step_time_s
+
+
+@dataclass
+class SearchResult:
+    machine: Machine
+    workload: Workload
+    objective: str
+    ranked: list[Candidate]  # simulated candidates, best first
+    baseline: Candidate | None
+    evaluated: int  # candidates simulated (to the end or until proven worse)
+    pruned: int  # fitting candidates skipped by the bound
+    aborted: int  # simulations stopped once they could no longer win
+    rejected: int  # candidates that do not fit memory
+    seconds: float
+    considered: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Candidate:
+        return self.ranked[0]
+
+
+def gpus_used(layout: Layout) -> int:
+    return len(layout.gpus) * layout.nodes
+
+
+def usd_per_mtok(machine: Machine, workload: Workload, layout: Layout, step_time_s: float) -> float | None:
+    """$ per million tokens, charging the layout for the GPUs it uses: the node price times the
+    share of the node's GPUs in use, as clouds that rent single GPUs do."""
+    price = machine.spec.price_per_hour_usd
+    if price is None or not machine.gpus:
+        return None
+    share = len(layout.gpus) / len(machine.gpus)
+    return price * share / 3600 * step_time_s / workload.tokens_per_step * 1e6
+
+
+def _objective(machine: Machine, workload: Workload, layout: Layout, step_s: float, objective: str) -> float:
+    if objective == "cost":
+        cost = usd_per_mtok(machine, workload, layout, step_s)
+        if cost is not None:
+            return cost
+    return step_s
+
+
+def _limit_s(machine: Machine, workload: Workload, layout: Layout, limit: float, objective: str) -> float | None:
+    """The step time at which a candidate's objective reaches ``limit`` (None: no limit yet)."""
+    if limit == float("inf"):
+        return None
+    per_second = _objective(machine, workload, layout, 1.0, objective)  # objectives are linear in time
+    return limit / per_second * (1 + 1e-9)
+
+
+def placements(machine: Machine, count: int) -> dict[str, tuple[str, ...]]:
+    """Which GPUs compute. ``spread`` takes one GPU per PCIe uplink before reusing an uplink, so
+    replicas and pair members do not share host bandwidth; ``packed`` fills uplinks in order."""
+    gpus = machine.gpus
+    if count > len(gpus):
+        return {}
+    groups: dict[str, list[str]] = {}
+    for g in gpus:
+        groups.setdefault(machine.uplink_group(g), []).append(g)
+    spread = [g for layer in itertools.zip_longest(*groups.values()) for g in layer if g is not None]
+    options = {"spread": tuple(spread[:count]), "packed": tuple(gpus[:count])}
+    if options["spread"] == options["packed"] or set(options["spread"]) == set(options["packed"]):
+        options.pop("packed")
+    return options
+
+
+def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dtype: str):
+    """Every layout the search considers, before memory checks (generator, deterministic)."""
+    nodes = machine.spec.nodes
+    n_gpus = len(machine.gpus)
+    batch = workload.global_batch
+    for p in ([pins.perturbation] if pins.perturbation else [1, 2]):
+        for d in ([pins.data] if pins.data else range(1, n_gpus // p + 1)):
+            if batch % (d * nodes):
+                continue
+            per_replica = batch // (d * nodes)
+            if pins.gpus:
+                if len(pins.gpus) != p * d:
+                    continue
+                places = {"pinned": tuple(pins.gpus)}
+            else:
+                places = placements(machine, p * d)
+            for place, compute in places.items():
+                mover_sets: list[tuple[str, tuple[str, ...]]] = []
+                if pins.upload in (None, "whole"):
+                    mover_sets.append(("whole", compute))
+                if pins.upload in (None, "sliced"):
+                    rest = tuple(g for g in machine.gpus if g not in compute)
+                    if pins.movers in (None, "compute") and len(compute) > 1:
+                        mover_sets.append(("sliced", compute))
+                    if pins.movers in (None, "all") and rest:
+                        mover_sets.append(("sliced", compute + rest))
+                for upload, movers in mover_sets:
+                    n = len(movers)
+                    if upload == "whole":
+                        slice_opts = [1]
+                    elif pins.slices:
+                        slice_opts = [pins.slices]
+                    else:
+                        slice_opts = [n, 2 * n, 4 * n]
+                    wires = ([pins.wire_dtype] if pins.wire_dtype else
+                             [w for w in DTYPES if WIRE_BYTES[w] <= WIRE_BYTES[param_dtype]
+                              and (w == param_dtype or WIRE_BYTES[w] < WIRE_BYTES[param_dtype])])
+                    mbs = [pins.micro_batch] if pins.micro_batch else sorted(divisors(per_replica), reverse=True)
+                    prefetches = [pins.prefetch] if pins.prefetch else [1, 2]
+                    for s, wire, mb, pf in itertools.product(slice_opts, wires, mbs, prefetches):
+                        if per_replica % mb:
+                            continue
+                        yield Layout(perturbation=p, data=d, compute_gpus=compute, upload=upload,
+                                     movers=movers, slices_per_block=s, wire_dtype=wire,
+                                     param_dtype=param_dtype, micro_batch=mb, prefetch=pf,
+                                     nodes=nodes, placement=place)
+
+
+def _with_resident(layout: Layout, count: int, layers: int) -> Layout:
+    d = layout.to_dict()
+    d["resident"] = list(spread_resident(layers, count))
+    return Layout.from_dict(d)
+
+
+def fit(machine: Machine, workload: Workload, layout: Layout, resident: int | None) -> tuple[list[Layout], float]:
+    """Layouts with the residency options that fit memory, and the worst memory shortfall."""
+    costs = StepCosts(machine, workload, layout)
+    short = 0.0
+    if not layout.gpus:
+        return [], short
+    for g in layout.gpus:
+        cap = machine.gpu_model(g).memory_gib * GiB
+        short = max(short, costs.gpu_memory_bytes(g) - cap)
+    host_cap = machine.host_memory_bytes - HOST_RESERVE_BYTES
+    host_short = costs.host_memory_bytes() - host_cap
+    if short > 0 or host_short > 0:
+        return [], max(short, host_short)
+    most = costs.max_resident_blocks()
+    counts = [resident] if resident is not None else sorted({0, most})
+    out = [layout if c == 0 else _with_resident(layout, c, workload.model.layers) for c in counts if c <= most]
+    if resident is not None and resident > most:
+        return [], (resident - most) * costs.block_param_bytes
+    return out, short
+
+
+def search(machine: Machine, workload: Workload, *, pins: Pins = Pins(), objective: str = "time",
+           param_dtype: str = "bf16", top: int = 10, exhaustive: bool = False) -> SearchResult:
+    """Find the best layouts of ``workload`` on ``machine``.
+
+    ``exhaustive`` simulates every fitting candidate (for tests of the pruning)."""
+    if top < 1:
+        raise ZoplanError(f"--top must be at least 1, got {top}")
+    if objective not in OBJECTIVES:
+        raise ZoplanError(f"unknown objective '{objective}'", fix="use 'time' or 'cost'")
+    if param_dtype not in DTYPES:
+        raise ZoplanError(f"unknown dtype '{param_dtype}'", fix=f"use one of {', '.join(DTYPES)}")
+    _check_pins(machine, workload, pins)
+    t0 = time.perf_counter()
+    fitting: list[tuple[Layout, Bound, StepCosts]] = []
+    considered = rejected = 0
+    worst_gpu_short = worst_host_short = None
+    for base in enumerate_layouts(machine, workload, pins, param_dtype):
+        considered += 1
+        layouts, _ = fit(machine, workload, base, pins.resident)
+        if not layouts:
+            rejected += 1
+            costs = StepCosts(machine, workload, base)
+            gshort = max(costs.gpu_memory_bytes(g) - machine.gpu_model(g).memory_gib * GiB for g in base.gpus)
+            hshort = costs.host_memory_bytes() - (machine.host_memory_bytes - HOST_RESERVE_BYTES)
+            worst_gpu_short = gshort if worst_gpu_short is None else min(worst_gpu_short, gshort)
+            worst_host_short = hshort if worst_host_short is None else min(worst_host_short, hshort)
+            continue
+        for layout in layouts:
+            costs = StepCosts(machine, workload, layout)
+            fitting.append((layout, machine_bound(costs), costs))
+    if not fitting:
+        raise _nothing_fits(machine, workload, considered, worst_gpu_short, worst_host_short)
+
+    def rank(layout: Layout, step_s: float, memory: int) -> tuple:
+        # equal objectives (to rounding) prefer fewer GPUs, then less GPU memory
+        return (round(_objective(machine, workload, layout, step_s, objective), 9),
+                gpus_used(layout), memory, repr(layout))
+
+    fitting.sort(key=lambda item: rank(item[0], item[1].prune_bound_s, _peak_memory(item[2])))
+    # Branch and bound for the best candidate of each of the ``top`` best families (a family is
+    # one parallel shape: perturbation x data and how blocks are moved). A candidate is simulated
+    # only if its bound beats both its family's best and the top-th best family, so every
+    # family shown is exact and the overall best is never pruned.
+    simulated: list[Candidate] = []
+    family_best: dict[tuple, float] = {}
+    pruned = aborted = 0
+    for layout, bound, costs in fitting:
+        lower = _objective(machine, workload, layout, bound.prune_bound_s, objective)
+        fam = family(layout)
+        bests = sorted(family_best.values())
+        threshold = bests[top - 1] if len(bests) >= top else float("inf")
+        limit = min(threshold, family_best.get(fam, float("inf")))
+        # the relative 1e-9 absorbs float rounding between the bound and the simulation
+        if not exhaustive and lower >= limit * (1 - 1e-9):
+            pruned += 1
+            continue
+        try:
+            result = simulate(costs, limit_s=_limit_s(machine, workload, layout, limit, objective)
+                              if not exhaustive else None)
+        except Exceeded:
+            aborted += 1  # proven no better than the limit partway through its simulation
+            continue
+        simulated.append(Candidate(layout, bound, _peak_memory(costs), costs.host_memory_bytes(), result))
+        obj = _objective(machine, workload, layout, result.step_time_s, objective)
+        family_best[fam] = min(obj, family_best.get(fam, float("inf")))
+    simulated.sort(key=lambda c: rank(c.layout, c.step_time_s, c.gpu_memory_bytes))
+    baseline = zo2_baseline(machine, workload, param_dtype)
+    return SearchResult(machine=machine, workload=workload, objective=objective,
+                        ranked=simulated, baseline=baseline, evaluated=len(simulated) + aborted,
+                        pruned=pruned, aborted=aborted,
+                        rejected=rejected, seconds=time.perf_counter() - t0, considered=considered)
+
+
+def family(layout: Layout) -> tuple[int, int, str, int]:
+    """The parallel shape of a layout: what the results table shows one row of."""
+    return (layout.perturbation, layout.data, layout.upload, len(layout.movers))
+
+
+def top_families(ranked: list[Candidate], top: int) -> list[Candidate]:
+    """The best candidate of each of the ``top`` best families, best first."""
+    seen: set[tuple] = set()
+    out: list[Candidate] = []
+    for cand in ranked:
+        fam = family(cand.layout)
+        if fam not in seen:
+            seen.add(fam)
+            out.append(cand)
+        if len(out) == top:
+            break
+    return out
+
+
+def _peak_memory(costs: StepCosts) -> int:
+    return max(costs.gpu_memory_bytes(g) for g in costs.layout.gpus)
+
+
+def zo2_baseline(machine: Machine, workload: Workload, param_dtype: str) -> Candidate | None:
+    """ZO2 on the same machine: one GPU, dual forward, whole-block transfers, no residency, the
+    largest micro-batch that fits."""
+    if not machine.gpus:
+        return None
+    gpu = machine.gpus[0]
+    for mb in sorted(divisors(workload.global_batch), reverse=True):
+        layout = Layout(perturbation=1, data=1, compute_gpus=(gpu,), upload="whole", movers=(gpu,),
+                        slices_per_block=1, wire_dtype=param_dtype, param_dtype=param_dtype,
+                        micro_batch=mb, prefetch=1, nodes=1, placement="zo2")
+        costs = StepCosts(machine, workload, layout)
+        if costs.gpu_memory_bytes(gpu) > machine.gpu_model(gpu).memory_gib * GiB:
+            continue
+        if costs.host_memory_bytes() > machine.host_memory_bytes - HOST_RESERVE_BYTES:
+            return None
+        return Candidate(layout, machine_bound(costs), costs.gpu_memory_bytes(gpu),
+                         costs.host_memory_bytes(), simulate(costs))
+    return None
+
+
+def evaluate(machine: Machine, workload: Workload, layout: Layout, record: bool = False) -> Candidate:
+    """Simulate one given layout (used by ``zoplan timeline``)."""
+    costs = StepCosts(machine, workload, layout)
+    return Candidate(layout, machine_bound(costs), max(costs.gpu_memory_bytes(g) for g in layout.gpus),
+                     costs.host_memory_bytes(), simulate(costs, record=record))
+
+
+def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
+    if not machine.gpus:
+        raise ZoplanError(f"topology '{machine.name}' has no GPUs to plan for")
+    nodes = machine.spec.nodes
+    if workload.global_batch < 1 or workload.seq_len < 1:
+        raise ZoplanError("global batch and sequence length must be at least 1")
+    if pins.gpus:
+        unknown = [g for g in pins.gpus if g not in machine.gpus]
+        if unknown:
+            raise ZoplanError(f"--gpus names {', '.join(unknown)}, not in topology '{machine.name}'",
+                              fix=f"choose among {', '.join(machine.gpus)}")
+    if pins.perturbation is not None and pins.perturbation not in (1, 2):
+        raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
+    if pins.data is not None:
+        if pins.data < 1:
+            raise ZoplanError(f"--ddp must be at least 1, got {pins.data}")
+        replicas = pins.data * nodes
+        if workload.global_batch % replicas:
+            raise ZoplanError(
+                f"global batch {workload.global_batch} does not divide among {replicas} replicas "
+                f"(--ddp {pins.data} x {nodes} node(s))",
+                fix=f"use a global batch that is a multiple of {replicas}")
+        if pins.micro_batch and (workload.global_batch // replicas) % pins.micro_batch:
+            raise ZoplanError(
+                f"micro-batch {pins.micro_batch} does not divide the per-replica batch "
+                f"{workload.global_batch // replicas}")
+        if pins.data * (pins.perturbation or 1) > len(machine.gpus):
+            raise ZoplanError(f"--ddp {pins.data} x --pertp {pins.perturbation or 1} needs more GPUs "
+                              f"than the {len(machine.gpus)} of '{machine.name}'")
+    if pins.wire_dtype is not None and pins.wire_dtype not in DTYPES:
+        raise ZoplanError(f"unknown wire dtype '{pins.wire_dtype}'", fix=f"use one of {', '.join(DTYPES)}")
+    if pins.micro_batch is not None and workload.global_batch % pins.micro_batch:
+        raise ZoplanError(f"micro-batch {pins.micro_batch} does not divide the global batch "
+                          f"{workload.global_batch}")
+
+
+def _nothing_fits(machine: Machine, workload: Workload, considered: int,
+                  gpu_short: float | None, host_short: float | None) -> ZoplanError:
+    if considered == 0:
+        return ZoplanError(f"no layout of '{machine.name}' matches the pinned options",
+                           fix="pin fewer decisions, or check that --gpus has --pertp x --ddp entries")
+    parts = []
+    if gpu_short is not None and gpu_short > 0:
+        parts.append(f"GPU memory is short by {gpu_short / GiB:.1f} GiB per GPU even in the "
+                     f"smallest layout")
+    if host_short is not None and host_short > 0:
+        parts.append(f"host memory is short by {host_short / GiB:.1f} GiB for one copy of the "
+                     f"parameters ({machine.host_memory_bytes / GiB:.0f} GiB installed, "
+                     f"{HOST_RESERVE_BYTES / GiB:.0f} GiB kept for the system)")
+    what = "; ".join(parts) or "no candidate fits memory"
+    return ZoplanError(f"{workload.model.name} does not fit on '{machine.name}': {what}",
+                       fix="use a smaller micro-batch or sequence length, a narrower --dtype, "
+                           "or a machine with more memory")
