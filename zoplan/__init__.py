@@ -5,3 +5,14 @@ The planner (this package) imports no torch: ``zoplan.plan(...)`` works on a lap
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "plan", "compare", "timeline"]
+
+
+def __getattr__(name: str):
+    # ``zoplan.plan(...)`` without paying for the planner's imports on ``import zoplan.errors``
+    if name in ("plan", "compare", "timeline"):
+        from zoplan import planner
+
+        return getattr(planner, name)
+    raise AttributeError(f"module 'zoplan' has no attribute {name!r}")

@@ -1,0 +1,65 @@
+"""Plan files: written, read back strictly, and refused for another model or machine."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zoplan.errors import ZoplanError
+from zoplan.models import load_model_shape
+from zoplan.planfile import ZoSettings, check_plan_matches, load_plan, write_plan
+from zoplan.planner import plan
+from zoplan.topology import load_topology
+
+
+@pytest.fixture(scope="module")
+def report():
+    return plan("opt-1.3b", "dgx-a100", global_batch=8, seq_len=256,
+                zo=ZoSettings(eps=1e-3, lr=2e-7, seed=7, steps=50, lr_schedule="cosine"))
+
+
+def test_plan_round_trips(report, tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    write_plan(report.plan, path)
+    loaded = load_plan(path)
+    assert loaded == report.plan
+    assert loaded.to_layout() == report.search.best.layout
+    assert loaded.zo.seed == 7 and loaded.zo.lr_schedule == "cosine"
+    assert loaded.model_shape() == load_model_shape("opt-1.3b")
+    assert loaded.topology.hash == load_topology("dgx-a100").hash
+    assert loaded.prediction.step_time_s == pytest.approx(report.search.best.step_time_s)
+    assert loaded.layout.world_size == len(loaded.layout.ranks)
+
+
+def _edit(report, tmp_path: Path, change) -> Path:
+    data = report.plan.model_dump(mode="json")
+    change(data)
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(colour="red"), "unknown key 'colour'"),
+    (lambda d: d["transfer"].update(wire="bf16"), "unknown key 'transfer.wire'"),
+    (lambda d: d.update(version=99), "version 99 is not supported"),
+    (lambda d: d["layout"]["ranks"][0].update(gpu="gpu7"), "'layout.ranks' does not follow"),
+    (lambda d: d["model"]["shape"].update(layers=3), "'model.hash'"),
+    (lambda d: d["zo"].update(eps=-1.0), "zo.eps"),
+    (lambda d: d.update(resident_blocks=[999]), "resident_blocks"),
+    (lambda d: d["layout"].pop("perturbation"), "missing field 'layout.perturbation'"),
+])
+def test_edited_plans_are_refused_with_the_field(report, tmp_path: Path, change, message: str) -> None:
+    path = _edit(report, tmp_path, change)
+    with pytest.raises(ZoplanError) as err:
+        load_plan(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_plan_for_another_machine_or_model_is_detected(report) -> None:
+    check_plan_matches(report.plan, machine=load_topology("dgx-a100"), shape=load_model_shape("opt-1.3b"))
+    with pytest.raises(ZoplanError, match="planned for topology 'dgx-a100'"):
+        check_plan_matches(report.plan, machine=load_topology("dgx-h100"))
+    with pytest.raises(ZoplanError, match="planned for model 'opt-1.3b'"):
+        check_plan_matches(report.plan, shape=load_model_shape("opt-2.7b"))

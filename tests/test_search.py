@@ -1,0 +1,125 @@
+"""The search: exact pruning, valid bounds, memory checks, pins, the ZO2 baseline."""
+from __future__ import annotations
+
+import pytest
+
+from zoplan.bound import machine_bound
+from zoplan.costs import GiB, StepCosts, Workload
+from zoplan.errors import ZoplanError
+from zoplan.layout import Layout
+from zoplan.models import ModelShape, load_model_shape
+from zoplan.search import Pins, family, search, top_families
+from zoplan.topology import load_topology
+
+SMALL = ModelShape(name="small", family="opt", layers=6, hidden=1024, ffn=4096, heads=16, kv_heads=16,
+                   vocab=5000, max_positions=2048, tied_head=True, embed_dim=1024)
+
+
+@pytest.mark.parametrize("topology,batch,seq", [("rtx4090-4x", 4, 128), ("dgx-a100", 2, 256),
+                                                ("cpu-local", 2, 64)])
+def test_pruned_search_finds_the_exhaustive_best(topology: str, batch: int, seq: int) -> None:
+    machine = load_topology(topology)
+    work = Workload(SMALL, batch, seq)
+    dtype = "fp32" if topology == "cpu-local" else "bf16"
+    fast = search(machine, work, param_dtype=dtype, top=3)
+    full = search(machine, work, param_dtype=dtype, top=3, exhaustive=True)
+    assert full.pruned == 0 and full.evaluated > fast.evaluated
+    assert fast.best.step_time_s == pytest.approx(full.best.step_time_s, rel=1e-9)
+    # the best of each family shown is exact too
+    for cand in top_families(fast.ranked, 3):
+        exact = min(c.step_time_s for c in full.ranked if family(c.layout) == family(cand.layout))
+        assert cand.step_time_s == pytest.approx(exact, rel=1e-9)
+
+
+@pytest.mark.parametrize("topology", ["rtx4090-4x", "dgx-a100", "l40s-8x"])
+def test_pruning_bound_never_exceeds_the_simulated_step(topology: str) -> None:
+    machine = load_topology(topology)
+    result = search(machine, Workload(SMALL, 4, 128), exhaustive=True)
+    assert result.evaluated > 20
+    for cand in result.ranked:
+        assert cand.bound.prune_bound_s <= cand.step_time_s * (1 + 1e-9), cand.layout
+        assert cand.bound.prune_bound_s <= cand.bound.machine_bound_s + 1e-12
+
+
+def test_machine_bound_names_the_busiest_resource() -> None:
+    machine = load_topology("dgx-a100")
+    layout = Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="whole", movers=("gpu0",),
+                    slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1, prefetch=1)
+    bound = machine_bound(StepCosts(machine, Workload(load_model_shape("opt-66b"), 1, 32), layout))
+    # one sequence of 32 tokens: every block crosses PCIe at 25 GB/s, compute is negligible
+    assert bound.binding.startswith("PCIe")
+    block_bytes = load_model_shape("opt-66b").block_bytes("bf16")
+    assert bound.machine_bound_s == pytest.approx(64 * block_bytes / 25e9, rel=1e-6)
+
+
+def test_every_simulated_candidate_fits_memory() -> None:
+    machine = load_topology("rtx4090-4x")
+    result = search(machine, Workload(load_model_shape("opt-6.7b"), 8, 512), top=4)
+    for cand in result.ranked:
+        assert cand.gpu_memory_bytes <= 24 * GiB
+        assert cand.host_memory_bytes <= machine.host_memory_bytes
+
+
+def test_a_model_that_fits_nowhere_says_which_memory_and_by_how_much() -> None:
+    machine = load_topology("rtx4090-4x")
+    with pytest.raises(ZoplanError) as err:
+        search(machine, Workload(load_model_shape("opt-175b"), 8, 512))
+    assert "host memory is short by" in err.value.message and "GiB" in err.value.message
+
+
+def test_gpu_memory_shortfall_is_reported() -> None:
+    machine = load_topology("rtx4090-4x")
+    # a huge sequence makes the head's logits alone exceed 24 GiB on every layout
+    with pytest.raises(ZoplanError, match="GPU memory is short by"):
+        search(machine, Workload(load_model_shape("llama-3-8b"), 1, 65536))
+
+
+def test_pins_are_honoured() -> None:
+    machine = load_topology("dgx-a100")
+    work = Workload(load_model_shape("opt-13b"), 8, 256)
+    pins = Pins(perturbation=2, data=2, slices=8, micro_batch=2, upload="sliced", movers="all")
+    best = search(machine, work, pins=pins).best.layout
+    assert (best.perturbation, best.data, best.slices_per_block, best.micro_batch) == (2, 2, 8, 2)
+    assert best.upload == "sliced" and len(best.movers) == 8
+    pinned = search(machine, work, pins=Pins(gpus=("gpu3", "gpu5"), perturbation=2, data=1)).best.layout
+    assert pinned.compute_gpus == ("gpu3", "gpu5")
+
+
+@pytest.mark.parametrize("pins,message", [
+    (Pins(data=3), "does not divide among 3 replicas"),
+    (Pins(gpus=("gpu9",)), "gpu9"),
+    (Pins(perturbation=3), "must be 1 or 2"),
+    (Pins(data=8, perturbation=2), "more GPUs"),
+])
+def test_impossible_pins_explain_themselves(pins: Pins, message: str) -> None:
+    with pytest.raises(ZoplanError, match=message):
+        search(load_topology("dgx-a100"), Workload(SMALL, 8, 128), pins=pins)
+
+
+def test_baseline_is_zo2_on_one_gpu_and_the_best_is_no_slower() -> None:
+    result = search(load_topology("dgx-a100"), Workload(load_model_shape("opt-13b"), 8, 256))
+    base = result.baseline
+    assert base is not None
+    assert base.layout.gpus == ("gpu0",) and base.layout.upload == "whole" and base.layout.resident == ()
+    assert base.layout.perturbation == 1 and base.layout.data == 1
+    assert result.best.step_time_s <= base.step_time_s
+
+
+def test_layout_checks_name_the_numbers() -> None:
+    with pytest.raises(ZoplanError, match=r"perturbation 2 x data 2 = 4 compute GPUs, but 3"):
+        Layout(perturbation=2, data=2, compute_gpus=("a", "b", "c"), upload="whole", movers=("a", "b", "c"),
+               slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1, prefetch=1)
+
+
+def test_rank_table_and_groups_follow_the_layout() -> None:
+    layout = Layout(perturbation=2, data=2, compute_gpus=("g0", "g1", "g2", "g3"), upload="sliced",
+                    movers=("g0", "g1", "g2", "g3", "g4"), slices_per_block=5, wire_dtype="bf16",
+                    param_dtype="bf16", micro_batch=1, prefetch=1, nodes=2)
+    ranks = layout.ranks()
+    assert len(ranks) == 10 and [r["rank"] for r in ranks] == list(range(10))
+    assert [r["role"] for r in ranks[:5]] == ["compute"] * 4 + ["relay"]
+    assert [r["branch"] for r in ranks[:4]] == ["+", "-", "+", "-"]
+    groups = layout.groups()
+    assert groups["perturbation_pairs"] == [[0, 1], [2, 3], [5, 6], [7, 8]]
+    assert groups["replicas_per_branch"] == [[0, 2, 5, 7], [1, 3, 6, 8]]
+    assert groups["block_exchange"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]

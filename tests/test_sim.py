@@ -1,0 +1,145 @@
+"""The simulator against closed forms, and its determinism."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import simpy
+import yaml
+
+from zoplan.costs import StepCosts, Workload
+from zoplan.flownet import FlowNet
+from zoplan.layout import Layout
+from zoplan.models import ModelShape
+from zoplan.sim import REPORTED_STEP, STEPS, simulate
+from zoplan.topology import load_topology
+
+
+# ----- shared links --------------------------------------------------------------------------------
+def _run_flows(capacity: dict[str, float], flows: list[tuple[float, tuple[str, ...], float]]) -> list[float]:
+    """Start every flow at t=0; return each one's completion time."""
+    env = simpy.Environment()
+    net = FlowNet(env, capacity)
+    ends: list[float] = [0.0] * len(flows)
+
+    def watch(i: int, nbytes: float, res: tuple[str, ...], latency: float):
+        yield net.transfer(nbytes, res, latency)
+        ends[i] = env.now
+
+    for i, (nbytes, res, latency) in enumerate(flows):
+        env.process(watch(i, nbytes, res, latency))
+    env.run()
+    return ends
+
+
+def test_one_transfer_takes_bytes_over_bandwidth_plus_latency() -> None:
+    [end] = _run_flows({"pcie": 25e9}, [(1e9, ("pcie",), 2e-6)])
+    assert end == pytest.approx(1e9 / 25e9 + 2e-6, rel=1e-12)
+
+
+def test_two_transfers_sharing_a_link_each_take_twice_as_long() -> None:
+    ends = _run_flows({"uplink": 25e9}, [(1e9, ("uplink",), 0.0), (1e9, ("uplink",), 0.0)])
+    assert ends == pytest.approx([2 * 1e9 / 25e9] * 2, rel=1e-12)
+
+
+def test_a_finished_flow_hands_its_bandwidth_to_the_others() -> None:
+    # 1 GB and 3 GB on a 10 GB/s link: both at 5 GB/s until t=0.2 s, then the big one alone.
+    ends = _run_flows({"l": 10e9}, [(1e9, ("l",), 0.0), (3e9, ("l",), 0.0)])
+    assert ends == pytest.approx([0.2, 0.2 + 2e9 / 10e9], rel=1e-12)
+
+
+def test_rates_are_max_min_fair_across_links() -> None:
+    # Classic example: A crosses both links, B only the narrow one, C only the wide one.
+    # narrow (10): A and B get 5 each; wide (30): A is frozen at 5, so C gets the other 25.
+    ends = _run_flows({"narrow": 10e9, "wide": 30e9},
+                      [(5e9, ("narrow", "wide"), 0.0), (5e9, ("narrow",), 0.0), (25e9, ("wide",), 0.0)])
+    assert ends[0] == pytest.approx(1.0) and ends[1] == pytest.approx(1.0) and ends[2] == pytest.approx(1.0)
+
+
+# ----- whole pipelines --------------------------------------------------------------------------
+def _one_gpu_machine(tmp_path: Path, *, pcie_gbps: float, tflops: float, hbm_gbps: float = 1e6) -> Path:
+    spec = {
+        "version": 1, "name": "one-gpu",
+        "gpu_models": {"g": {"memory_gib": 1000, "tflops": {"bf16": tflops, "fp32": tflops},
+                             "hbm_gbps": hbm_gbps, "matmul_efficiency": 1.0}},
+        "sockets": [{"id": "cpu0", "memory_gib": 4096, "memory_gbps": 1e6}],
+        "gpus": [{"id": "gpu0", "model": "g"}],
+        "links": [{"a": "cpu0", "b": "gpu0", "kind": "pcie", "gbps": pcie_gbps, "latency_us": 0}],
+    }
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+SHAPE = ModelShape(name="toy", family="llama", layers=64, hidden=2048, ffn=5504, heads=16, kv_heads=16,
+                   vocab=1000, max_positions=2048, tied_head=False, embed_dim=2048)
+
+
+def _zo2(prefetch: int = 1) -> Layout:
+    return Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="whole", movers=("gpu0",),
+                  slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1,
+                  prefetch=prefetch)
+
+
+def test_transfer_bound_pipeline_takes_blocks_times_transfer_time(tmp_path: Path) -> None:
+    machine = load_topology(_one_gpu_machine(tmp_path, pcie_gbps=10, tflops=1e6))
+    costs = StepCosts(machine, Workload(SHAPE, 1, 16), _zo2())
+    transfer_s = SHAPE.block_bytes("bf16") / 10e9
+    assert costs.compute_block_s("gpu0") < transfer_s / 100  # really transfer bound
+    result = simulate(costs)
+    assert result.step_time_s == pytest.approx(SHAPE.layers * transfer_s, rel=0.01)
+    assert result.bottleneck.startswith("PCIe")
+
+
+def test_compute_bound_pipeline_takes_blocks_times_compute_time(tmp_path: Path) -> None:
+    machine = load_topology(_one_gpu_machine(tmp_path, pcie_gbps=1e4, tflops=1))
+    costs = StepCosts(machine, Workload(SHAPE, 1, 512), _zo2())
+    compute_s = costs.compute_block_s("gpu0")
+    assert SHAPE.block_bytes("bf16") / 1e13 < compute_s / 100  # really compute bound
+    result = simulate(costs)
+    assert result.step_time_s == pytest.approx(SHAPE.layers * compute_s, rel=0.01)
+    assert result.bottleneck == "compute gpu0"
+
+
+def test_simulation_is_deterministic() -> None:
+    machine = load_topology("dgx-a100")
+    layout = Layout(perturbation=2, data=2, compute_gpus=("gpu0", "gpu2", "gpu4", "gpu6"), upload="sliced",
+                    movers=tuple(machine.gpus), slices_per_block=16, wire_dtype="bf16", param_dtype="bf16",
+                    micro_batch=2, prefetch=2)
+    costs = StepCosts(machine, Workload(SHAPE, 8, 256), layout)
+    a, b = simulate(costs, record=True), simulate(costs, record=True)
+    assert a.step_time_s == b.step_time_s
+    assert a.spans == b.spans and a.link_samples == b.link_samples
+    assert len(a.step_ends) == STEPS and a.window == (a.step_ends[REPORTED_STEP - 1], a.step_ends[REPORTED_STEP])
+
+
+def test_shared_uplink_slows_packed_gpus_in_the_simulation() -> None:
+    """Two GPUs behind one DGX A100 switch share its uplink; two on different switches do not."""
+    machine = load_topology("dgx-a100")
+    shape = ModelShape(name="t", family="opt", layers=8, hidden=4096, ffn=16384, heads=32, kv_heads=32,
+                       vocab=1000, max_positions=2048, tied_head=True, embed_dim=4096)
+
+    def step(gpus: tuple[str, str]) -> float:
+        layout = Layout(perturbation=2, data=1, compute_gpus=gpus, upload="whole", movers=gpus,
+                        slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1, prefetch=1)
+        return simulate(StepCosts(machine, Workload(shape, 1, 16), layout)).step_time_s
+
+    assert step(("gpu0", "gpu1")) == pytest.approx(2 * step(("gpu0", "gpu2")), rel=0.05)
+
+
+def test_relays_carry_blocks_so_a_small_batch_uses_every_uplink() -> None:
+    """Global batch 1 keeps only a perturbation pair computing; relays add their PCIe links."""
+    machine = load_topology("dgx-a100")
+    shape = ModelShape(name="t", family="opt", layers=16, hidden=4096, ffn=16384, heads=32, kv_heads=32,
+                       vocab=1000, max_positions=2048, tied_head=True, embed_dim=4096)
+    pair = ("gpu0", "gpu2")
+
+    def step(movers: tuple[str, ...]) -> float:
+        layout = Layout(perturbation=2, data=1, compute_gpus=pair, upload="sliced", movers=movers,
+                        slices_per_block=len(movers), wire_dtype="bf16", param_dtype="bf16",
+                        micro_batch=1, prefetch=2)
+        return simulate(StepCosts(machine, Workload(shape, 1, 64), layout)).step_time_s
+
+    everyone = pair + tuple(g for g in machine.gpus if g not in pair)
+    # 2 uplinks vs 4 uplinks: close to half the time when transfer bound
+    assert step(everyone) < 0.6 * step(pair)
