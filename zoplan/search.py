@@ -292,14 +292,15 @@ def _peak_memory(costs: StepCosts) -> int:
 
 def zo2_baseline(machine: Machine, workload: Workload, param_dtype: str) -> Candidate | None:
     """ZO2 on the same machine: one GPU, dual forward, whole-block transfers, no residency, the
-    largest micro-batch that fits."""
+    largest micro-batch that fits. Prefetch 2 gives ZO2's three-stage pipeline: block i+1
+    uploading, block i computing and block i-1 offloading are on the GPU at once."""
     if not machine.gpus:
         return None
     gpu = machine.gpus[0]
     for mb in sorted(divisors(workload.global_batch), reverse=True):
         layout = Layout(perturbation=1, data=1, compute_gpus=(gpu,), upload="whole", movers=(gpu,),
                         slices_per_block=1, wire_dtype=param_dtype, param_dtype=param_dtype,
-                        micro_batch=mb, prefetch=1, nodes=1, placement="zo2")
+                        micro_batch=mb, prefetch=2, nodes=1, placement="zo2")
         costs = StepCosts(machine, workload, layout)
         if costs.gpu_memory_bytes(gpu) > machine.gpu_model(gpu).memory_gib * GiB:
             continue
