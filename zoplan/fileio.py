@@ -39,6 +39,8 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ZoplanError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        raise ZoplanError(f"{path}: the {what} file is empty")
     if not isinstance(data, dict):
         raise ZoplanError(f"{path}: expected a mapping of keys at the top of the {what} file, "
                           f"found {type(data).__name__}")

@@ -141,7 +141,6 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
 
     update_round_s = max(update_s.values()) if sliced else 0.0
 
-    update_round_s = max(update_s.values()) if sliced else 0.0
 
     def exchange_stream():
         """Sliced uploads, per round: each mover applies the deferred update to its own slice
