@@ -90,6 +90,9 @@ def test_pins_are_honoured() -> None:
     (Pins(gpus=("gpu9",)), "gpu9"),
     (Pins(perturbation=3), "must be 1 or 2"),
     (Pins(data=8, perturbation=2), "more GPUs"),
+    (Pins(gpus=("gpu0", "gpu1"), perturbation=1, data=1), "lists 2 GPUs, but --pertp 1 x --ddp 1 = 1"),
+    (Pins(gpus=()), "names no GPU"),
+    (Pins(resident=-1), "--resident must be at least 0"),
 ])
 def test_impossible_pins_explain_themselves(pins: Pins, message: str) -> None:
     with pytest.raises(ZoplanError, match=message):
@@ -123,3 +126,8 @@ def test_rank_table_and_groups_follow_the_layout() -> None:
     assert groups["perturbation_pairs"] == [[0, 1], [2, 3], [5, 6], [7, 8]]
     assert groups["replicas_per_branch"] == [[0, 2, 5, 7], [1, 3, 6, 8]]
     assert groups["block_exchange"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+def test_opt_sequences_longer_than_its_positions_are_refused() -> None:
+    with pytest.raises(ZoplanError, match="longer than the 2048 positions"):
+        search(load_topology("dgx-a100"), Workload(load_model_shape("opt-1.3b"), 1, 4096))

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from zoplan.errors import ZoplanError
 
@@ -57,7 +58,7 @@ class Schedule(str, Enum):
 
 
 def _gpus(value: Optional[str]) -> Optional[tuple[str, ...]]:
-    return tuple(g.strip() for g in value.split(",") if g.strip()) if value else None
+    return tuple(g.strip() for g in value.split(",") if g.strip()) if value is not None else None
 
 
 @app.command("plan")
@@ -111,7 +112,7 @@ def plan_cmd(
     out.print(plan_table(report))
     out.print(plan_footer(report))
     if output is not None:
-        out.print(f"wrote {output}  (inspect it with: zoplan timeline {output} --show)")
+        out.print(Text(f"wrote {output}  (inspect it with: zoplan timeline {output} --show)"))
 
 
 def _zo_settings(cls, **values):
@@ -170,10 +171,10 @@ def timeline_cmd(
         show = True
     if output is not None:
         trace.write_trace(trace.chrome_trace(sim, tl.machine, title="simulated"), output)
-        out.print(f"wrote {output}: open it in https://ui.perfetto.dev or chrome://tracing")
+        out.print(Text(f"wrote {output}: open it in https://ui.perfetto.dev or chrome://tracing"))
     if png is not None:
         trace.plot_png(sim, tl.machine, png)
-        out.print(f"wrote {png}")
+        out.print(Text(f"wrote {png}"))
     if show:
         out.print(trace.gantt(sim, tl.machine, width=width))
 
@@ -208,9 +209,10 @@ def main() -> None:
     try:
         app()
     except ZoplanError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
+        # messages quote user input (names, paths): print them literally, never as markup
+        err.print(Text.assemble(("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True)
         if exc.fix:
-            err.print(f"  fix: {exc.fix}", highlight=False, soft_wrap=True)
+            err.print(Text(f"  fix: {exc.fix}"), highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

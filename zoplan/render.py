@@ -120,7 +120,7 @@ def compare_table(results: list, model: str) -> Table:
 
 def models_table() -> Table:
     table = Table(title="model presets (or pass a path to a Hugging Face config.json)", title_justify="left")
-    for col in ("name", "family", "layers", "hidden", "params", "block (fp16)"):
+    for col in ("name", "family", "layers", "hidden", "params", "block (16-bit)"):
         table.add_column(col)
     for row in preset_table_rows():
         table.add_row(*row)

@@ -124,8 +124,8 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
     nodes = machine.spec.nodes
     n_gpus = len(machine.gpus)
     batch = workload.global_batch
-    for p in ([pins.perturbation] if pins.perturbation else [1, 2]):
-        for d in ([pins.data] if pins.data else range(1, n_gpus // p + 1)):
+    for p in ([pins.perturbation] if pins.perturbation is not None else [1, 2]):
+        for d in ([pins.data] if pins.data is not None else range(1, n_gpus // p + 1)):
             if batch % (d * nodes):
                 continue
             per_replica = batch // (d * nodes)
@@ -137,7 +137,8 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
                 places = placements(machine, p * d)
             for place, compute in places.items():
                 mover_sets: list[tuple[str, tuple[str, ...]]] = []
-                if pins.upload in (None, "whole"):
+                # a pinned slice count above 1 implies sliced uploads (whole blocks are 1 slice)
+                if pins.upload in (None, "whole") and pins.slices in (None, 1):
                     mover_sets.append(("whole", compute))
                 if pins.upload in (None, "sliced"):
                     rest = tuple(g for g in machine.gpus if g not in compute)
@@ -149,15 +150,18 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
                     n = len(movers)
                     if upload == "whole":
                         slice_opts = [1]
-                    elif pins.slices:
+                    elif pins.slices is not None:
+                        if pins.slices % n:  # this mover count cannot split the pinned slices
+                            continue
                         slice_opts = [pins.slices]
                     else:
                         slice_opts = [n, 2 * n, 4 * n]
-                    wires = ([pins.wire_dtype] if pins.wire_dtype else
+                    wires = ([pins.wire_dtype] if pins.wire_dtype is not None else
                              [w for w in DTYPES if WIRE_BYTES[w] <= WIRE_BYTES[param_dtype]
                               and (w == param_dtype or WIRE_BYTES[w] < WIRE_BYTES[param_dtype])])
-                    mbs = [pins.micro_batch] if pins.micro_batch else sorted(divisors(per_replica), reverse=True)
-                    prefetches = [pins.prefetch] if pins.prefetch else [1, 2]
+                    mbs = ([pins.micro_batch] if pins.micro_batch is not None
+                           else sorted(divisors(per_replica), reverse=True))
+                    prefetches = [pins.prefetch] if pins.prefetch is not None else [1, 2]
                     for s, wire, mb, pf in itertools.product(slice_opts, wires, mbs, prefetches):
                         if per_replica % mb:
                             continue
@@ -324,7 +328,26 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
     nodes = machine.spec.nodes
     if workload.global_batch < 1 or workload.seq_len < 1:
         raise ZoplanError("global batch and sequence length must be at least 1")
-    if pins.gpus:
+    if workload.model.family == "opt" and workload.seq_len > workload.model.max_positions:
+        # OPT learns one embedding per position: longer sequences have no position to look up
+        raise ZoplanError(f"--seq-len {workload.seq_len} is longer than the {workload.model.max_positions} "
+                          f"positions {workload.model.name} was trained with")
+    for flag, value, least in (("--slices", pins.slices, 1), ("--micro-batch", pins.micro_batch, 1),
+                               ("--prefetch", pins.prefetch, 1), ("--resident", pins.resident, 0)):
+        if value is not None and value < least:
+            raise ZoplanError(f"{flag} must be at least {least}, got {value}")
+    if pins.resident is not None and pins.resident > workload.model.layers:
+        raise ZoplanError(f"--resident {pins.resident} is more than the {workload.model.layers} blocks "
+                          f"of {workload.model.name}", fix=f"use at most {workload.model.layers}")
+    if pins.gpus is not None:
+        if not pins.gpus:
+            raise ZoplanError("--gpus names no GPU", fix=f"list compute GPUs, e.g. {','.join(machine.gpus[:2])}")
+        if len(set(pins.gpus)) != len(pins.gpus):
+            raise ZoplanError(f"--gpus names a GPU twice: {','.join(pins.gpus)}")
+        want = (pins.perturbation or 1) * (pins.data or 1)
+        if pins.perturbation is not None and pins.data is not None and len(pins.gpus) != want:
+            raise ZoplanError(f"--gpus lists {len(pins.gpus)} GPUs, but --pertp {pins.perturbation} x "
+                              f"--ddp {pins.data} = {want} compute GPUs")
         unknown = [g for g in pins.gpus if g not in machine.gpus]
         if unknown:
             raise ZoplanError(f"--gpus names {', '.join(unknown)}, not in topology '{machine.name}'",
@@ -340,7 +363,7 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
                 f"global batch {workload.global_batch} does not divide among {replicas} replicas "
                 f"(--ddp {pins.data} x {nodes} node(s))",
                 fix=f"use a global batch that is a multiple of {replicas}")
-        if pins.micro_batch and (workload.global_batch // replicas) % pins.micro_batch:
+        if pins.micro_batch is not None and (workload.global_batch // replicas) % pins.micro_batch:
             raise ZoplanError(
                 f"micro-batch {pins.micro_batch} does not divide the per-replica batch "
                 f"{workload.global_batch // replicas}")

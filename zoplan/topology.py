@@ -295,6 +295,7 @@ def load_topology(name_or_path: str | Path) -> Machine:
     data = read_yaml(path, "topology")
     check_version(data, path, "topology", TOPOLOGY_VERSIONS)
     spec = validate(TopologySpec, data, path, "topology")
-    # a bundled machine is named by its name (messages and plans stay readable and portable)
+    # a bundled machine is named by its name (messages and plans stay readable and portable);
+    # a file by its absolute path, so a plan still finds it from another directory
     bundled = path != Path(name_or_path)
-    return Machine(spec, str(name_or_path) if bundled else str(path))
+    return Machine(spec, str(name_or_path) if bundled else str(path.resolve()))

@@ -1,0 +1,483 @@
+"""The ``zoplan`` command line, run for real: what it prints, the files it writes, the pins it
+honours and the one-line errors it gives for bad input.
+
+Successful commands run in-process through ``typer.testing.CliRunner`` on ``zoplan.cli.app``.
+Bad input goes through ``zoplan.cli.main()`` (the console-script entry point, which turns a
+ZoplanError into "error: ..." on stderr and exit status 2): in-process with ``sys.argv`` set for
+most cases, and as a real ``python -m zoplan.cli`` subprocess for a few, so the path a user
+takes (no traceback, status 2) is covered end to end.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
+
+from zoplan import cli
+from zoplan.planfile import load_plan
+from zoplan.topology import bundled_names, resolve_topology_path
+
+runner = CliRunner()
+
+# A small, fast case (about 0.5 s of search) that still exercises NVSwitch, slicing and residency.
+SMALL = ["--model", "opt-1.3b", "--topology", "dgx-a100", "--global-batch", "8", "--seq-len", "256"]
+GLOBAL_BATCH, SEQ_LEN = 8, 256
+# A tiny case (about 0.15 s) for tests that only need some valid plan or some search.
+TINY = ["--model", "opt-125m", "--topology", "rtx4090-4x", "--global-batch", "4", "--seq-len", "128"]
+
+SUMMARY_KEYS = {"perturbation", "data", "gpus", "slices_per_block", "wire_dtype", "micro_batch",
+                "step_time_s", "tokens_per_s", "gpu_memory_bytes", "host_memory_bytes", "bottleneck",
+                "bound_fraction"}
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+def invoke(*args: str) -> Any:
+    """Run a command in-process; it must succeed."""
+    result = runner.invoke(cli.app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"zoplan {' '.join(args)} raised {result.exception!r}\n{result.output}")
+    assert result.exit_code == 0, f"zoplan {' '.join(args)} exited {result.exit_code}\n{result.output}"
+    return result
+
+
+def plan_json(*args: str) -> dict:
+    result = invoke("plan", "--json", *args)
+    return json.loads(result.stdout)  # the whole stdout is one JSON object
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
+             ) -> tuple[int | str | None, str, str]:
+    """Run ``zoplan.cli.main()`` (the console script) in-process: (exit status, stdout, stderr).
+    Any exception other than SystemExit escapes and fails the test, as a traceback would."""
+    monkeypatch.setattr(sys, "argv", ["zoplan", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+def assert_one_error(code: int | str | None, err: str, *needles: str) -> str:
+    """Exit status 2, exactly one "error:" message on stderr containing every needle, no traceback."""
+    assert code == 2, f"exit status {code!r}, stderr: {err}"
+    assert "Traceback" not in err
+    assert err.startswith("error: "), err
+    assert err.count("error:") == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    # the message itself, optionally followed by one "fix:" line
+    assert len(lines) <= 2 and all(line.startswith("  fix: ") for line in lines[1:]), err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in: {err}"
+    return err
+
+
+def run_subprocess(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def edited_yaml(src: Path, dst: Path, change: Callable[[dict], None]) -> Path:
+    data = yaml.safe_load(src.read_text(encoding="utf-8"))
+    change(data)
+    dst.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return dst
+
+
+def topology_copy(tmp_path: Path, change: Callable[[dict], None] = lambda d: None,
+                  name: str = "topo.yaml", base: str = "rtx4090-4x") -> Path:
+    return edited_yaml(resolve_topology_path(base), tmp_path / name, change)
+
+
+# ----- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def plain_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """zoplan.cli builds its rich consoles at import time, from whether stdout/stderr were a
+    terminal then; under ``pytest -s`` in a terminal they would emit colour codes into the
+    captured text. Plain consoles (still writing to whatever sys.stdout/sys.stderr is) instead."""
+    monkeypatch.setattr(cli, "out", Console(width=160, color_system=None, force_terminal=False))
+    monkeypatch.setattr(cli, "err", Console(stderr=True, width=160, color_system=None, force_terminal=False))
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """``zoplan plan --json -o plan.yaml`` for the small case: its JSON report and the plan file."""
+    path = tmp_path_factory.mktemp("planned") / "plan.yaml"
+    result = invoke("plan", *SMALL, "--json", "-o", str(path))
+    return json.loads(result.stdout), path
+
+
+# ----- 1. plan --json -----------------------------------------------------------------------------
+def test_plan_json_has_the_documented_keys(planned) -> None:
+    report, _ = planned
+    assert {"best", "baseline", "speedup_vs_baseline", "candidates", "search"} <= set(report)
+    assert report["model"] == "opt-1.3b" and report["topology"] == "dgx-a100"
+    assert report["global_batch"] == GLOBAL_BATCH and report["seq_len"] == SEQ_LEN
+    for which in ("best", "baseline"):
+        missing = SUMMARY_KEYS - set(report[which])
+        assert not missing, f"{which} lacks {sorted(missing)}"
+    assert report["candidates"], "no candidates listed"
+    for cand in report["candidates"]:
+        assert SUMMARY_KEYS <= set(cand)
+
+
+def test_plan_json_is_consistent(planned) -> None:
+    report, _ = planned
+    best, base = report["best"], report["baseline"]
+    for summary in (best, base, *report["candidates"]):
+        step = summary["step_time_s"]
+        assert step > 0 and math.isfinite(step)
+        assert summary["tokens_per_s"] == pytest.approx(GLOBAL_BATCH * SEQ_LEN / step, rel=1e-9)
+        assert 0 < summary["bound_fraction"] <= 1 + 1e-9
+        assert summary["gpu_memory_bytes"] > 0 and summary["host_memory_bytes"] > 0
+        assert summary["bottleneck"]
+        assert len(summary["gpus"]) >= summary["perturbation"] * summary["data"]
+    assert report["speedup_vs_baseline"] == pytest.approx(base["step_time_s"] / best["step_time_s"], rel=1e-9)
+    assert all(best["step_time_s"] <= c["step_time_s"] for c in report["candidates"])
+    assert report["candidates"][0] == best  # the best is the first row shown
+    # ZO2 (one GPU, whole blocks) is inside the search space, so the best cannot be slower
+    assert best["step_time_s"] <= base["step_time_s"] * (1 + 1e-9)
+    assert base["perturbation"] == 1 and base["data"] == 1 and len(base["gpus"]) == 1
+    search = report["search"]
+    assert search["evaluated"] >= 1
+    assert search["considered"] >= search["evaluated"]
+
+
+def test_plan_json_stdout_is_only_json() -> None:
+    result = invoke("plan", "--json", *TINY)
+    assert result.stdout.lstrip().startswith("{") and result.stdout.rstrip().endswith("}")
+    json.loads(result.stdout)
+
+
+# ----- 2. plan -o, timeline -----------------------------------------------------------------------
+def test_plan_output_file_reads_back_and_matches_the_report(planned) -> None:
+    report, path = planned
+    assert path.exists()
+    plan = load_plan(path)
+    best = report["best"]
+    assert plan.model.name == "opt-1.3b" and plan.topology.name == "dgx-a100"
+    assert plan.batch.global_batch == GLOBAL_BATCH and plan.batch.seq_len == SEQ_LEN
+    assert plan.layout.perturbation == best["perturbation"] and plan.layout.data == best["data"]
+    assert plan.layout.compute_gpus == best["compute_gpus"]
+    assert plan.transfer.slices_per_block == best["slices_per_block"]
+    assert plan.batch.micro_batch == best["micro_batch"]
+    assert len(plan.resident_blocks) == best["resident_blocks"]
+    assert plan.prediction.step_time_s == pytest.approx(best["step_time_s"], rel=1e-12)
+    assert plan.prediction.speedup_vs_baseline == pytest.approx(report["speedup_vs_baseline"], rel=1e-12)
+    assert plan.layout.world_size == len(plan.layout.ranks) == len(best["gpus"])
+
+
+def test_plan_table_mentions_the_written_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    result = invoke("plan", *TINY, "-o", str(path))
+    assert path.exists() and load_plan(path).model.name == "opt-125m"
+    assert f"wrote {path}" in result.stdout
+
+
+def test_timeline_writes_a_chrome_trace(planned, tmp_path: Path) -> None:
+    pytest.importorskip("zoplan.trace", reason="zoplan/trace.py (timeline views) is not written yet")
+    _, path = planned
+    out = tmp_path / "trace.json"
+    result = invoke("timeline", str(path), "-o", str(out))
+    assert f"wrote {out}" in result.stdout
+    trace = json.loads(out.read_text(encoding="utf-8"))
+    assert isinstance(trace, dict) and isinstance(trace["traceEvents"], list)
+    assert trace["traceEvents"], "the trace has no events"
+    names = json.dumps(trace["traceEvents"])
+    for gpu in load_plan(path).layout.compute_gpus:
+        assert gpu in names
+
+
+def test_timeline_show_draws_every_gpu(planned) -> None:
+    pytest.importorskip("zoplan.trace", reason="zoplan/trace.py (timeline views) is not written yet")
+    _, path = planned
+    result = invoke("timeline", str(path), "--show")
+    plan = load_plan(path)
+    for rank in plan.layout.ranks:
+        assert rank.gpu in result.stdout
+    assert "dgx-a100" in result.stdout
+
+
+def test_timeline_without_options_shows_the_chart(planned) -> None:
+    pytest.importorskip("zoplan.trace", reason="zoplan/trace.py (timeline views) is not written yet")
+    _, path = planned
+    result = invoke("timeline", str(path))
+    assert "gpu0" in result.stdout and "wrote" not in result.stdout
+
+
+# ----- 3. pins ------------------------------------------------------------------------------------
+def test_pin_perturbation_and_data() -> None:
+    best = plan_json(*SMALL, "--pertp", "2", "--ddp", "2")["best"]
+    assert best["perturbation"] == 2 and best["data"] == 2
+    assert len(best["compute_gpus"]) == 4
+
+
+def test_pin_gpus_uses_exactly_those_compute_gpus() -> None:
+    report = plan_json(*SMALL, "--gpus", "gpu0,gpu1", "--pertp", "2", "--ddp", "1")
+    best = report["best"]
+    assert best["compute_gpus"] == ["gpu0", "gpu1"]
+    assert best["perturbation"] == 2 and best["data"] == 1
+    for cand in report["candidates"]:
+        assert cand["compute_gpus"] == ["gpu0", "gpu1"]
+
+
+def test_pin_gpus_in_the_given_rank_order() -> None:
+    best = plan_json(*TINY, "--gpus", "gpu3,gpu1", "--pertp", "1", "--ddp", "2")["best"]
+    assert best["compute_gpus"] == ["gpu3", "gpu1"]
+
+
+def test_pin_slices_with_sliced_uploads() -> None:
+    report = plan_json(*SMALL, "--slices", "16", "--upload", "sliced")
+    for cand in (report["best"], *report["candidates"]):
+        assert cand["upload"] == "sliced" and cand["slices_per_block"] == 16
+
+
+def test_pin_slices_alone_is_honoured() -> None:
+    best = plan_json(*TINY, "--slices", "4")["best"]
+    assert best["slices_per_block"] == 4
+
+
+def test_pin_slices_not_dividing_every_mover_count_still_plans() -> None:
+    result = runner.invoke(cli.app, ["plan", "--json", *SMALL, "--slices", "4"])
+    assert result.exception is None, repr(result.exception)
+    best = json.loads(result.stdout)["best"]
+    assert best["slices_per_block"] == 4 and 4 % len(best["movers"]) == 0
+
+
+def test_pin_micro_batch() -> None:
+    report = plan_json(*SMALL, "--micro-batch", "2")
+    for cand in (report["best"], *report["candidates"]):
+        assert cand["micro_batch"] == 2
+
+
+def test_pin_wire_dtype_narrower_than_compute_dtype(tmp_path: Path) -> None:
+    path = tmp_path / "fp32.yaml"
+    report = plan_json(*SMALL, "--dtype", "fp32", "--wire-dtype", "bf16", "-o", str(path))
+    for cand in (report["best"], *report["candidates"]):
+        assert cand["wire_dtype"] == "bf16"
+    plan = load_plan(path)
+    assert plan.transfer.param_dtype == "fp32" and plan.transfer.wire_dtype == "bf16"
+
+
+def test_pin_upload_prefetch_and_resident() -> None:
+    best = plan_json(*TINY, "--upload", "whole", "--prefetch", "2", "--resident", "3")["best"]
+    assert best["upload"] == "whole" and best["slices_per_block"] == 1
+    assert best["prefetch"] == 2 and best["resident_blocks"] == 3
+    assert best["movers"] == best["compute_gpus"]
+
+
+def test_pin_sliced_over_all_gpus_adds_relays() -> None:
+    best = plan_json(*TINY, "--upload", "sliced", "--movers", "all", "--pertp", "1", "--ddp", "1")["best"]
+    assert best["upload"] == "sliced" and len(best["compute_gpus"]) == 1
+    assert sorted(best["movers"]) == ["gpu0", "gpu1", "gpu2", "gpu3"]
+
+
+# ----- 4. compare, topo, models -------------------------------------------------------------------
+def test_compare_json_lists_both_machines() -> None:
+    result = invoke("compare", "-m", "opt-13b", "-t", "dgx-a100", "-t", "l40s-8x", "--json")
+    report = json.loads(result.stdout)
+    assert report["model"] == "opt-13b"
+    machines = report["machines"]
+    assert [m["topology"] for m in machines] == ["dgx-a100", "l40s-8x"]
+    for m in machines:
+        assert "error" not in m, m
+        assert m["step_time_s"] > 0 and m["speedup_vs_baseline"] >= 1 - 1e-9
+        assert m["price_per_hour_usd"] > 0
+
+
+def test_compare_reports_a_machine_that_does_not_fit_beside_one_that_does() -> None:
+    result = invoke("compare", "-m", "opt-6.7b", "-t", "cpu-local", "-t", "rtx4090-4x", "--json",
+                    "-b", "8")
+    machines = {m["topology"]: m for m in json.loads(result.stdout)["machines"]}
+    assert set(machines) == {"cpu-local", "rtx4090-4x"}
+    assert "short by" in machines["cpu-local"]["error"]
+    assert machines["rtx4090-4x"]["step_time_s"] > 0
+
+
+def test_topo_list_names_every_bundled_machine() -> None:
+    result = invoke("topo", "list")
+    for name in bundled_names():
+        assert name in result.stdout
+
+
+def test_topo_show_draws_the_tree() -> None:
+    result = invoke("topo", "show", "dgx-a100")
+    assert "gpu0" in result.stdout and "gpu7" in result.stdout
+    assert "NVSwitch" in result.stdout
+
+
+def test_models_list() -> None:
+    result = invoke("models", "list")
+    assert "opt-175b" in result.stdout and "llama-2-13b" in result.stdout
+
+
+# ----- 5. defaults --------------------------------------------------------------------------------
+def test_plan_without_arguments_uses_the_defaults() -> None:
+    result = invoke("plan")
+    assert "ZO2" in result.stdout  # the baseline row
+    assert "opt-175b" in result.stdout and "dgx-a100" in result.stdout
+    assert "speedup" in result.stdout
+
+
+# ----- 6. bad input: real subprocesses ------------------------------------------------------------
+def test_subprocess_topology_yaml_syntax_error(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("version: 1\nname: broken\n  gpus: [\n", encoding="utf-8")
+    proc = run_subprocess("plan", "-t", str(bad), "-m", "opt-125m")
+    assert proc.stdout == ""
+    assert_one_error(proc.returncode, proc.stderr, "broken.yaml", "line 3", "invalid YAML")
+
+
+def test_subprocess_unknown_model() -> None:
+    proc = run_subprocess("plan", "-m", "opt-9000b", "-t", "rtx4090-4x")
+    assert_one_error(proc.returncode, proc.stderr, "opt-9000b", "opt-125m")
+
+
+def test_subprocess_batch_not_divisible_by_pinned_ddp() -> None:
+    proc = run_subprocess("plan", "-m", "opt-125m", "-t", "dgx-a100", "--ddp", "3", "--global-batch", "16")
+    err = assert_one_error(proc.returncode, proc.stderr, "16", "3")
+    assert "divide" in err
+
+
+# ----- 6. bad input: in-process through main() ----------------------------------------------------
+@pytest.mark.parametrize("change, needles", [
+    pytest.param(lambda d: d["gpus"][0].update(color="red"), ["gpus.0.color", "unknown key"], id="unknown-key"),
+    pytest.param(lambda d: d.update(vendor="acme"), ["'vendor'", "unknown key"], id="unknown-top-key"),
+    pytest.param(lambda d: d["links"][0].update(gbps=0), ["links.0.gbps", "greater than 0"], id="zero-gbps"),
+    pytest.param(lambda d: d["links"][1].update(gbps_back=-5), ["links.1.gbps_back", "greater than 0"],
+                 id="negative-gbps"),
+    pytest.param(lambda d: d.update(links=[l for l in d["links"] if l["b"] != "gpu2"]),
+                 ["gpu2", "no PCIe path", "host memory"], id="no-host-path"),
+    pytest.param(lambda d: d.update(version=2), ["version 2", "not supported"], id="version"),
+])
+def test_bad_topology_file(tmp_path: Path, monkeypatch, capsys, change, needles) -> None:
+    bad = topology_copy(tmp_path, change, name="bad-topo.yaml")
+    code, out, err = run_main(monkeypatch, capsys, "plan", *TINY[:2], "-t", str(bad))
+    assert_one_error(code, err, "bad-topo.yaml", *needles)
+    assert out == ""
+
+
+def test_bad_topology_also_fails_topo_show(tmp_path: Path, monkeypatch, capsys) -> None:
+    bad = topology_copy(tmp_path, lambda d: d["links"][0].update(gbps=0), name="zero.yaml")
+    code, _, err = run_main(monkeypatch, capsys, "topo", "show", str(bad))
+    assert_one_error(code, err, "zero.yaml", "links.0.gbps")
+
+
+def test_unknown_topology_name(monkeypatch, capsys) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "plan", "-m", "opt-125m", "-t", "dgx-z100")
+    assert_one_error(code, err, "dgx-z100", "dgx-a100")  # names it and lists the real ones
+
+
+def test_missing_topology_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "plan", "-m", "opt-125m", "-t", str(tmp_path / "nope.yaml"))
+    assert_one_error(code, err, "nope.yaml", "does not exist")
+
+
+def test_model_that_fits_nowhere_says_which_memory_is_short(monkeypatch, capsys) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "plan", "--model", "opt-175b", "--topology", "rtx4090-4x")
+    assert_one_error(code, err, "opt-175b", "rtx4090-4x", "host memory", "short by", "GiB")
+
+
+@pytest.mark.parametrize("args, needles", [
+    pytest.param(["--gpus", "gpu9"], ["gpu9", "gpu0"], id="unknown-gpu"),
+    pytest.param(["--pertp", "3"], ["--pertp", "3"], id="pertp"),
+    pytest.param(["--ddp", "0"], ["--ddp", "0"], id="ddp-zero"),
+    pytest.param(["--micro-batch", "3"], ["micro-batch 3", "4"], id="micro-batch"),
+    pytest.param(["--wire-dtype", "fp32"], ["fp32", "bf16"], id="wire-wider"),
+    pytest.param(["--top", "0"], ["--top"], id="top"),
+    pytest.param(["--eps", "-1"], ["eps"], id="eps"),
+    pytest.param(["--ddp", "4", "--pertp", "2"], ["--ddp 4", "--pertp 2", "4"], id="too-many-gpus"),
+])
+def test_bad_pins(monkeypatch, capsys, args, needles) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "plan", *TINY, *args)
+    assert_one_error(code, err, *needles)
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(["--micro-batch", "0"], id="micro-batch-0"),
+    pytest.param(["--slices", "-8"], id="slices-negative"),
+    pytest.param(["--slices", "0"], id="slices-0"),
+    pytest.param(["--prefetch", "0"], id="prefetch-0"),
+])
+def test_non_positive_pins_are_refused(monkeypatch, capsys, args) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "plan", *TINY, *args)
+    assert_one_error(code, err, args[0])
+
+
+def test_resident_pin_beyond_the_layers_is_named(monkeypatch, capsys) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "plan", *TINY, "--resident", "1000")
+    assert_one_error(code, err, "resident")
+
+
+@pytest.mark.parametrize("name", ["my[bold]model", "my[/x]model"])
+def test_error_message_prints_names_literally(monkeypatch, capsys, name) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "plan", "-m", name, "-t", "rtx4090-4x")
+    assert_one_error(code, err, name)
+
+
+# ----- 6. bad plan files --------------------------------------------------------------------------
+def _bad_plan(planned, tmp_path: Path, change: Callable[[dict], None]) -> Path:
+    _, path = planned
+    return edited_yaml(path, tmp_path / "edited-plan.yaml", change)
+
+
+def _swap_rank_gpus(d: dict) -> None:
+    ranks = d["layout"]["ranks"]
+    ranks[0]["gpu"], ranks[1]["gpu"] = ranks[1]["gpu"], ranks[0]["gpu"]
+
+
+@pytest.mark.parametrize("change, needles", [
+    pytest.param(lambda d: d["transfer"].update(turbo=True), ["transfer.turbo", "unknown key"], id="unknown-key"),
+    pytest.param(_swap_rank_gpus, ["layout.ranks", "does not follow"], id="ranks-swapped"),
+    pytest.param(lambda d: d["layout"]["ranks"].pop(), ["layout.ranks"], id="rank-removed"),
+    pytest.param(lambda d: d["model"].update(hash="sha256:0000000000000000"),
+                 ["model.hash", "sha256:0000000000000000"], id="model-hash"),
+    pytest.param(lambda d: d["model"]["shape"].update(layers=12), ["model.hash", "model.shape"],
+                 id="model-shape"),
+    pytest.param(lambda d: d.update(version=7), ["version 7", "not supported"], id="version"),
+])
+def test_bad_plan_file(planned, tmp_path: Path, monkeypatch, capsys, change, needles) -> None:
+    bad = _bad_plan(planned, tmp_path, change)
+    code, out, err = run_main(monkeypatch, capsys, "timeline", str(bad), "-o", str(tmp_path / "t.json"))
+    assert_one_error(code, err, "edited-plan.yaml", *needles)
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_missing_plan_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "timeline", str(tmp_path / "gone.yaml"))
+    assert_one_error(code, err, "gone.yaml", "does not exist")
+
+
+def test_timeline_refuses_a_plan_whose_topology_file_changed(tmp_path: Path, monkeypatch, capsys) -> None:
+    topo = topology_copy(tmp_path, name="my-machine.yaml")
+    plan_path = tmp_path / "plan.yaml"
+    invoke("plan", *TINY[:2], "-b", "4", "-s", "128", "-t", str(topo), "-o", str(plan_path))
+    assert load_plan(plan_path).topology.source == str(topo)
+
+    edited_yaml(topo, topo, lambda d: d["links"][0].update(gbps=12.8))  # edit a bandwidth in place
+    code, _, err = run_main(monkeypatch, capsys, "timeline", str(plan_path), "--show")
+    assert_one_error(code, err, "plan.yaml", "my-machine.yaml", "changed since planning", "--topology")
+
+    # the suggested fix works: the original description (same content as the bundled machine)
+    out = tmp_path / "t.json"
+    invoke("timeline", str(plan_path), "--topology", "rtx4090-4x", "-o", str(out))
+    assert "traceEvents" in json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_timeline_finds_a_relative_topology_from_another_directory(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("zoplan.trace", reason="zoplan/trace.py (timeline views) is not written yet")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    topology_copy(tmp_path / "a", name="topo.yaml")
+    monkeypatch.chdir(tmp_path / "a")
+    invoke("plan", *TINY[:2], "-b", "4", "-s", "128", "-t", "topo.yaml", "-o", str(tmp_path / "plan.yaml"))
+    monkeypatch.chdir(tmp_path / "b")
+    result = runner.invoke(cli.app, ["timeline", str(tmp_path / "plan.yaml"), "-o", "t.json"])
+    assert result.exception is None, repr(result.exception)
+    assert (tmp_path / "b" / "t.json").exists()
