@@ -131,3 +131,22 @@ def test_rank_table_and_groups_follow_the_layout() -> None:
 def test_opt_sequences_longer_than_its_positions_are_refused() -> None:
     with pytest.raises(ZoplanError, match="longer than the 2048 positions"):
         search(load_topology("dgx-a100"), Workload(load_model_shape("opt-1.3b"), 1, 4096))
+
+
+def test_cost_charges_the_share_of_gpus_used_across_nodes(tmp_path) -> None:
+    import yaml
+
+    from zoplan.search import usd_per_mtok
+    from zoplan.topology import resolve_topology_path
+
+    spec = yaml.safe_load(resolve_topology_path("dgx-h100").read_text())
+    spec.update(name="two-nodes", nodes=2, network={"gbps": 50, "latency_us": 5}, price_per_hour_usd=100.0)
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    machine = load_topology(path)
+    work = Workload(SMALL, 16, 128)
+    one = Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="whole", movers=("gpu0",),
+                 slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1, prefetch=1)
+    # one GPU of sixteen for one hour's worth of steps costs 1/16 of the price
+    tokens_per_hour = work.tokens_per_step * 3600
+    assert usd_per_mtok(machine, work, one, 1.0) == pytest.approx(100.0 / 16 / tokens_per_hour * 1e6)

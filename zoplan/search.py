@@ -83,7 +83,7 @@ def usd_per_mtok(machine: Machine, workload: Workload, layout: Layout, step_time
     price = machine.spec.price_per_hour_usd
     if price is None or not machine.gpus:
         return None
-    share = len(layout.gpus) / len(machine.gpus)
+    share = gpus_used(layout) / (len(machine.gpus) * machine.spec.nodes)  # the price is for all nodes
     return price * share / 3600 * step_time_s / workload.tokens_per_step * 1e6
 
 
