@@ -24,14 +24,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def read_yaml(path: Path, what: str) -> dict[str, Any]:
-    """Parse a YAML mapping, turning every failure into a message that names the file."""
+def read_text(path: Path, what: str) -> str:
+    """A user's file as text; a missing or unreadable file is a message naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ZoplanError(f"{what} file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ZoplanError(f"cannot read {what} file {path}: {exc}") from None
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    """Parse a YAML mapping, turning every failure into a message that names the file."""
+    text = read_text(path, what)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

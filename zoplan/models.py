@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import content_hash
+from zoplan.fileio import content_hash, read_text
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -340,12 +340,7 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ZoplanError(f"model config {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ZoplanError(f"cannot read model config {path}: {exc}") from None
+    text = read_text(path, "model config")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
