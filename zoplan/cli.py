@@ -179,6 +179,50 @@ def timeline_cmd(
         out.print(trace.gantt(sim, tl.machine, width=width))
 
 
+@app.command("run")
+def run_cmd(
+    plan_file: Optional[Path] = typer.Argument(None, help="a plan from `zoplan plan -o`; omitted: plan for this machine"),
+    model: str = typer.Option("tiny-opt", "--model", "-m", help="local directory, hub id, or tiny-opt / tiny-llama / tiny-qwen2"),
+    data: str = typer.Option("sentiment", "--data", "-d", help="a .jsonl or .csv file, 'sentiment' (bundled), or a datasets name"),
+    steps: int = typer.Option(100, "--steps", "-n", help="training steps"),
+    output: Path = typer.Option(Path("zoplan-run"), "--output", "-o", help="directory for weights, journal and metrics"),
+    global_batch: int = typer.Option(8, "--global-batch", "-b", help="without a plan: sequences per step"),
+    seq_len: int = typer.Option(64, "--seq-len", "-s", help="without a plan: tokens per sequence"),
+    topology: Optional[str] = typer.Option(None, "--topology", "-t", help="without a plan: the machine (default cpu-local)"),
+    pertp: Optional[int] = typer.Option(None, "--pertp", help="without a plan: pin the perturbation degree"),
+    ddp: Optional[int] = typer.Option(None, "--ddp", help="without a plan: pin the data-parallel degree"),
+    slices: Optional[int] = typer.Option(None, "--slices", help="without a plan: pin slices per block"),
+    wire_dtype: Optional[Dtype] = typer.Option(None, "--wire-dtype", help="without a plan: pin the host-copy dtype"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="without a plan: learning rate"),
+    eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="without a plan: run seed"),
+    eval_every: int = typer.Option(0, "--eval-every", help="evaluate on the held-out split every N steps (and at the end)"),
+    max_nonfinite: int = typer.Option(5, "--max-nonfinite", help="stop after this many non-finite losses in a row"),
+    nnodes: int = typer.Option(1, "--nnodes", help="machines taking part (torchrun rendezvous)"),
+    node_rank: int = typer.Option(0, "--node-rank", help="this machine's index"),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="address of node 0"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="port on node 0 (needed with --nnodes > 1)"),
+) -> None:
+    """Fine-tune with a plan: torchrun starts the plan's ranks (gloo on CPU, NCCL on GPU)."""
+    from zoplan.runtime.launch import RunOptions, run
+    from zoplan.search import Pins
+
+    if nnodes > 1 and master_port is None:
+        raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
+    opts = RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=output,
+                      global_batch=global_batch, seq_len=seq_len, topology=topology,
+                      pins=Pins(perturbation=pertp, data=ddp, slices=slices,
+                                wire_dtype=wire_dtype.value if wire_dtype else None),
+                      eval_every=eval_every, max_nonfinite=max_nonfinite, nnodes=nnodes, node_rank=node_rank,
+                      master_addr=master_addr, master_port=master_port, lr=lr, eps=eps, seed=seed)
+    result = run(opts)
+    if node_rank == 0:
+        out.print(Text(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.last_loss:.4f}"))
+        if result.eval:
+            out.print(Text(f"held-out: loss {result.eval['eval_loss']:.4f}, accuracy {result.eval['eval_accuracy']:.3f}"))
+        out.print(Text(f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml"))
+
+
 @topo_app.command("list")
 def topo_list() -> None:
     """The bundled machine topologies."""

@@ -1,0 +1,102 @@
+"""The one place that touches torch.distributed: process groups built from the plan.
+
+Ranks come from torchrun (RANK, LOCAL_RANK, WORLD_SIZE, GROUP_RANK); their roles come from the
+plan's rank table, which ``zoplan plan`` derived from the layout. Groups:
+- the world, for the loss scalars (every rank needs the projected gradient, relays included);
+- per machine, the movers of that machine, for the block all-gather.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from zoplan.errors import ZoplanError
+from zoplan.planfile import Plan
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world: int
+    node: int
+    local_rank: int
+    device: torch.device
+    role: str  # "compute" or "relay"
+    signs: tuple[int, ...]  # branches this rank computes: (+1, -1), (+1,), (-1,) or ()
+    replica: int | None
+    replicas: int
+    mover_index: int | None  # position among this machine's movers (sliced uploads)
+    movers: int
+    compute_index: int | None  # position among this machine's compute ranks
+    computes: int
+    exchange_group: object | None = field(default=None, repr=False)
+
+    @property
+    def is_loader(self) -> bool:
+        """The rank that fills this machine's host copy."""
+        return self.local_rank == 0
+
+
+def init(plan: Plan, device_kind: str) -> RankContext:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world != plan.layout.world_size:
+        raise ZoplanError(f"the plan needs {plan.layout.world_size} ranks "
+                          f"({plan.layout.perturbation} x {plan.layout.data} x {plan.layout.nodes} node(s) "
+                          f"plus relays), but {world} were started",
+                          fix=f"start {plan.layout.world_size // plan.layout.nodes} processes per node "
+                              f"on {plan.layout.nodes} node(s)")
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+    entry = plan.layout.ranks[rank]
+    if device_kind == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    per_node = plan.layout.world_size // plan.layout.nodes
+    node = rank // per_node
+    node_ranks = [r for r in plan.layout.ranks if r.node == node]
+    movers = plan.transfer.movers
+    compute_local = [r for r in node_ranks if r.role == "compute"]
+    # every rank creates every group, in the same order (torch.distributed requires it)
+    exchange = None
+    for group_ranks in plan.layout.groups["block_exchange"]:
+        group = dist.new_group(group_ranks) if len(group_ranks) > 1 else None
+        if rank in group_ranks:
+            exchange = group
+    branch = entry.branch or ""
+    signs = tuple(s for s, c in ((1, "+"), (-1, "-")) if c in branch)
+    return RankContext(
+        rank=rank, world=world, node=node, local_rank=local_rank, device=device, role=entry.role,
+        signs=signs, replica=entry.replica, replicas=plan.layout.data * plan.layout.nodes,
+        mover_index=movers.index(entry.gpu) if plan.transfer.upload == "sliced" and entry.gpu in movers else None,
+        movers=len(movers),
+        compute_index=next((i for i, r in enumerate(compute_local) if r.rank == rank), None),
+        computes=len(compute_local), exchange_group=exchange)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few float64 scalars over every rank (the only traffic between replicas)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

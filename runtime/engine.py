@@ -1,0 +1,282 @@
+"""The generic executor: one ZO step of any model family, blocks streamed from the host copy.
+
+Per block, on each rank, as the plan says:
+1. upload: a mover copies its slices of the block from the host copy (all of it with whole-block
+   uploads);
+2. deferred update: the previous step's update is applied to those slices;
+3. write-back: the updated slices go back to the host copy (each rank its own share);
+4. exchange: the movers all-gather the updated slices (sliced uploads);
+5. compute: for each branch this rank runs, the block's weights theta + s*eps*z are formed in a
+   work buffer (theta itself is never perturbed, so no rounding drift and no restore) and every
+   micro-batch's hidden state of that branch goes through the block.
+The model's own forward computes embeddings, masks and position encodings: it is run up to the
+first block and the arguments it passes to blocks are captured (adapters.py). On the CPU the same
+schedule runs with plain copies; the loss scalars are all-reduced at the end of the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call
+
+from zoplan.runtime import dist as zdist
+from zoplan.runtime.adapters import Adapter
+from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
+from zoplan.runtime.perturb import normal
+from zoplan.runtime.zo import apply_update, update_range
+
+
+class _StopAtFirstBlock(Exception):
+    pass
+
+
+@dataclass
+class Pending:
+    """The update of a step whose projected gradient is known but not yet applied everywhere."""
+
+    seed: int
+    g: float
+    lr: float
+    wd: float
+
+
+@dataclass
+class StepResult:
+    loss_plus: float
+    loss_minus: float
+    projected_grad: float
+    count: float
+    finite: bool
+
+
+class Engine:
+    def __init__(self, model: nn.Module, adapter: Adapter, host: HostCopy, ctx: zdist.RankContext, *,
+                 upload: str, slices: int, param_dtype: str, resident_blocks: list[int],
+                 eps: float) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.host = host
+        self.ctx = ctx
+        self.upload = upload
+        self.slices = slices
+        self.dtype = DTYPES[param_dtype]
+        self.eps = eps
+        self.blocks = adapter.blocks(model)
+        self.resident_blocks = set(resident_blocks)
+        self.device = ctx.device
+        self.pending: Pending | None = None
+        self.computes = bool(ctx.signs)
+        # resident parts: the master values, and the parameters the model's modules use
+        self.resident_params = {n: p for n, p in model.named_parameters()
+                                if not n.startswith(adapter.blocks_path + ".")}
+        self.resident_master = {n: p.detach().clone() for n, p in self.resident_params.items()} if self.computes else {}
+        self.kept: dict[int, torch.Tensor] = {}  # resident blocks' device buffers
+        for i in self.resident_blocks:
+            self.kept[i] = self._device_copy(i)
+
+    # ----- block movement ------------------------------------------------------------------------
+    def _my_ranges(self, layout: BlockLayout) -> list[tuple[int, int]]:
+        """The flat ranges this rank uploads, updates and writes back."""
+        ctx = self.ctx
+        if self.upload == "sliced":
+            if ctx.mover_index is None:
+                return []
+            return [layout.slice_range(k, self.slices) for k in range(ctx.mover_index, self.slices, ctx.movers)]
+        if ctx.compute_index is None:
+            return []
+        # whole blocks: every compute rank holds the block; each writes back an equal share
+        share = -(-layout.numel // ctx.computes)
+        lo = ctx.compute_index * share
+        return [(lo, min(layout.numel, lo + share))] if lo < layout.numel else []
+
+    def _device_copy(self, i: int) -> torch.Tensor:
+        layout = self.host.layouts[i]
+        buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+        src = self.host.blocks[i]
+        if self.upload == "whole":
+            buf.copy_(src)
+        else:
+            for lo, hi in self._my_ranges(layout):
+                buf[lo:hi].copy_(src[lo:hi])
+        return buf
+
+    def _fetch(self, i: int) -> torch.Tensor | None:
+        """Steps 1-4 for block i: its current weights on this device (None on a rank that
+        neither moves nor computes)."""
+        layout = self.host.layouts[i]
+        kept = i in self.resident_blocks
+        if self.upload == "whole" and not self.computes:
+            return None
+        buf = self.kept[i] if kept else self._device_copy(i)
+        p = self.pending
+        if self.upload == "whole":
+            if p is not None:
+                update_range(buf, layout, 0, layout.numel, p.seed, p.g, p.lr, p.wd)
+            if not kept and p is not None:
+                if self.ctx.computes > 1:
+                    # every rank of this machine reads the whole block before anyone writes its
+                    # share back: a share written early would be read, and updated, twice
+                    dist.barrier(group=self.ctx.exchange_group)
+                for lo, hi in self._my_ranges(layout):
+                    self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
+            return buf
+        for lo, hi in self._my_ranges(layout):
+            if p is not None:
+                update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
+                if not kept:  # only this rank reads these slices back: no one else to wait for
+                    self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
+        if self.ctx.movers > 1:
+            size = layout.padded // self.slices
+            n = self.ctx.movers
+            for r in range(self.slices // n):
+                parts = [buf[(r * n + m) * size:(r * n + m + 1) * size] for m in range(n)]
+                mine = parts[self.ctx.mover_index].clone()
+                dist.all_gather(parts, mine, group=self.ctx.exchange_group)
+        return buf
+
+    # ----- resident parts --------------------------------------------------------------------------
+    def _update_resident(self) -> None:
+        p = self.pending
+        if p is None or not self.computes:
+            return
+        for name, master in self.resident_master.items():
+            z = normal(p.seed, name, 0, master.numel(), device=master.device).view(master.shape)
+            apply_update(master, z, p.g, p.lr, p.wd, decays(name, master))
+
+    def _set_resident(self, seed: int | None, sign: int) -> None:
+        """The model's resident parameters := master (+ sign * eps * z). Relays hold none."""
+        if not self.computes:
+            return
+        with torch.no_grad():
+            for name, param in self.resident_params.items():
+                master = self.resident_master[name]
+                if seed is None:
+                    param.copy_(master)
+                else:
+                    z = normal(seed, name, 0, master.numel(), device=master.device).view(master.shape)
+                    param.copy_(master.float() + (sign * self.eps) * z)
+
+    def _embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Run the model's forward up to its first block; return that block's inputs."""
+        box: dict = {}
+
+        def hook(module, args, kwargs):
+            box["args"], box["kwargs"] = args, dict(kwargs)
+            raise _StopAtFirstBlock
+
+        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.model(**{k: v.to(self.device) for k, v in inputs.items()}, use_cache=False)
+        except _StopAtFirstBlock:
+            pass
+        finally:
+            handle.remove()
+        kwargs = box["kwargs"]
+        hidden = box["args"][0] if box["args"] else kwargs.pop("hidden_states")
+        return hidden, kwargs
+
+    # ----- one step ------------------------------------------------------------------------------
+    def _block_params(self, i: int, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {s.local: flat[s.offset:s.offset + s.numel].view(s.shape) for s in self.host.layouts[i].slots}
+
+    def _perturbed(self, i: int, theta: torch.Tensor, seed: int, signs: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        layout = self.host.layouts[i]
+        z = torch.zeros(layout.padded, dtype=torch.float32, device=self.device)
+        for slot in layout.slots:
+            z[slot.offset:slot.offset + slot.numel] = normal(seed, slot.name, 0, slot.numel, device=self.device)
+        base = theta.float()
+        return {s: (base + (s * self.eps) * z).to(self.dtype) for s in signs}
+
+    @torch.no_grad()
+    def forward_losses(self, micro_batches: list, seed: int | None, metric_fns: list) -> dict[int, list[tuple[float, float]]]:
+        """Per branch sign, per metric: (sum, count) over this rank's micro-batches. ``seed`` None
+        runs the unperturbed model (evaluation, on one rank per replica); the pending update is
+        applied on the way."""
+        signs = self.ctx.signs if seed is not None else ((1,) if 1 in self.ctx.signs else ())
+        self._update_resident()
+        hidden: dict[int, list[torch.Tensor]] = {s: [] for s in signs}
+        kwargs: list[dict] = []
+        for s in signs:
+            self._set_resident(seed, s)
+            for mb in micro_batches:
+                h, kw = self._embed(mb["inputs"])
+                hidden[s].append(h)
+                if len(kwargs) < len(micro_batches):
+                    kwargs.append(kw)
+        for i in range(len(self.blocks)):
+            theta = self._fetch(i)
+            if theta is None or not signs:
+                continue
+            weights = (self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta})
+            block = self.blocks[i]
+            for s in signs:
+                params = self._block_params(i, weights[s])
+                for k in range(len(micro_batches)):
+                    out = functional_call(block, params, (hidden[s][k],), kwargs[k])
+                    hidden[s][k] = out[0] if isinstance(out, tuple) else out
+        results: dict[int, list[tuple[float, float]]] = {}
+        for s in signs:
+            self._set_resident(seed, s)
+            sums = [[0.0, 0.0] for _ in metric_fns]
+            for k, mb in enumerate(micro_batches):
+                logits = self.adapter.logits(self.model, hidden[s][k]).float()
+                for j, fn in enumerate(metric_fns):
+                    value, n = fn(logits, mb)
+                    sums[j][0] += float(value)
+                    sums[j][1] += float(n)
+            results[s] = [(v, n) for v, n in sums]
+        self._set_resident(None, 1)
+        self.pending = None
+        return results
+
+    def step(self, micro_batches: list, seed: int, lr: float, wd: float, loss_fn) -> StepResult:
+        """One ZO step: both branches' losses on the global batch, the projected gradient, and
+        the update deferred into the next step (or ``flush``)."""
+        losses = self.forward_losses(micro_batches, seed, [loss_fn])
+        plus = losses.get(1, [(0.0, 0.0)])[0]
+        minus = losses.get(-1, [(0.0, 0.0)])[0]
+        sp, cp, sm, cm = zdist.all_reduce_sum([plus[0], plus[1], minus[0], minus[1]])
+        loss_plus, loss_minus = sp / max(cp, 1.0), sm / max(cm, 1.0)
+        g = (loss_plus - loss_minus) / (2 * self.eps)
+        finite = all(map(_finite, (loss_plus, loss_minus, g)))
+        self.pending = Pending(seed, g if finite else 0.0, lr, wd) if finite else None
+        return StepResult(loss_plus, loss_minus, g if finite else 0.0, cp, finite)
+
+    def evaluate(self, micro_batches: list, loss_fn, accuracy_fn) -> tuple[float, float]:
+        """Loss and accuracy of the current (flushed) weights on this rank's eval shard, combined
+        over replicas."""
+        stats = self.forward_losses(micro_batches, None, [loss_fn, accuracy_fn]).get(1, [(0.0, 0.0)] * 2)
+        (ls, lc), (as_, ac) = stats
+        ls, lc, as_, ac = zdist.all_reduce_sum([ls, lc, as_, ac])
+        return ls / max(lc, 1.0), as_ / max(ac, 1.0)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the pending update to every block and resident part now (before evaluation or
+        saving): afterwards the host copy holds the trained weights."""
+        if self.pending is None:
+            return
+        self._update_resident()
+        for name, param in self.resident_params.items():
+            if self.computes:
+                param.copy_(self.resident_master[name])
+        for i in range(len(self.blocks)):
+            self._fetch(i)
+        self.pending = None
+        zdist.barrier()  # every share of the host copy is written before anyone reads it again
+
+    def resident_state(self) -> dict[str, torch.Tensor]:
+        return {n: m for n, m in self.resident_master.items()}
+
+    def sync_resident_blocks_to_host(self) -> None:
+        """Resident blocks are never offloaded while training; write them back for saving."""
+        for i, buf in self.kept.items():
+            for lo, hi in self._my_ranges(self.host.layouts[i]):
+                self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))

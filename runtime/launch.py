@@ -1,0 +1,197 @@
+"""``zoplan run``: check everything a user can get wrong, then start torchrun and show progress.
+
+All checks happen here, before any process starts or any file is written: the plan against the
+model and the machine, the data, the batch shape, the output directory. The ranks then train
+(worker.py); this process follows ``metrics.jsonl`` to draw the progress display.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoplan.errors import ZoplanError
+from zoplan.models import load_model_shape
+from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
+from zoplan.search import Pins
+from zoplan.topology import load_topology
+
+DEFAULT_MODEL = "tiny-opt"
+DEFAULT_DATA = "sentiment"
+
+
+@dataclass
+class RunOptions:
+    plan: Path | None = None
+    model: str = DEFAULT_MODEL
+    data: str = DEFAULT_DATA
+    steps: int = 100
+    output: Path = Path("zoplan-run")
+    global_batch: int = 8
+    seq_len: int = 64
+    topology: str | None = None
+    pins: Pins = Pins()
+    eval_every: int = 0
+    max_nonfinite: int = 5
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    lr: float | None = None
+    eps: float | None = None
+    seed: int | None = None
+    quiet: bool = False
+
+
+@dataclass
+class RunResult:
+    output: Path
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    eval: dict | None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _is_cpu_machine(machine) -> bool:
+    return bool(machine.gpus) and all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus)
+
+
+def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
+    """Validate and return (plan, model directory, plan path inside the output)."""
+    from zoplan.planfile import ZoSettings
+    from zoplan.planner import plan as make_plan
+    from zoplan.runtime import data as zdata
+    from zoplan.runtime.tiny import resolve_model
+
+    out = opts.output
+    if out.exists() and any(out.iterdir()):
+        raise ZoplanError(f"output directory {out} is not empty: a previous run's output is not overwritten",
+                          fix="choose a new --output directory or remove the old one")
+    if opts.steps < 1:
+        raise ZoplanError(f"--steps must be at least 1, got {opts.steps}")
+    model_dir = resolve_model(opts.model)
+    config = model_dir / "config.json"
+    shape = load_model_shape(str(config))
+    if opts.plan is not None:
+        plan = load_plan(opts.plan)
+        check_plan_matches(plan, shape=shape, plan_path=opts.plan)
+        machine = load_topology(plan.topology.source)
+        check_plan_matches(plan, machine=machine, plan_path=opts.plan)
+    else:
+        # plan for this machine: the CPU ranks of cpu-local, unless a topology is named
+        topology = opts.topology or "cpu-local"
+        zo = ZoSettings(**{k: v for k, v in (("lr", opts.lr), ("eps", opts.eps), ("seed", opts.seed)) if v is not None},
+                        steps=opts.steps)
+        local = load_topology(topology)
+        # bf16 matrix products are slower than fp32 on CPUs (docs/results/cpu-figures.md)
+        dtype = "fp32" if _is_cpu_machine(local) else "bf16"
+        report = make_plan(str(config), topology, global_batch=opts.global_batch, seq_len=opts.seq_len,
+                           pins=opts.pins, dtype=dtype, top=1, zo=zo)
+        plan = report.plan
+        machine = report.machine
+    if not _is_cpu_machine(machine) and not _cuda_available():
+        raise ZoplanError(f"the plan is for GPUs of '{machine.name}' but this machine has no CUDA device",
+                          fix="plan for this machine (omit the plan, or --topology cpu-local)")
+    if plan.layout.nodes != opts.nnodes:
+        raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {opts.nnodes}")
+    examples, _ = zdata.load_examples(opts.data)
+    if len(examples) < plan.batch.global_batch:
+        raise ZoplanError(f"{opts.data} has {len(examples)} examples, fewer than one global batch "
+                          f"of {plan.batch.global_batch}")
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / "plan.yaml"
+    write_plan(plan, plan_path)
+    return plan, model_dir, plan_path
+
+
+def run(opts: RunOptions) -> RunResult:
+    plan, model_dir, plan_path = prepare(opts)
+    out = opts.output
+    device = "cpu" if _is_cpu_machine(load_topology(plan.topology.source)) else "cuda"
+    per_node = plan.layout.world_size // plan.layout.nodes
+    port = opts.master_port or _free_port()
+    run_id = uuid.uuid4().hex[:12] if opts.nnodes == 1 else f"{port}-{opts.master_addr.replace('.', '_')}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_node),
+           "--nnodes", str(opts.nnodes), "--node-rank", str(opts.node_rank),
+           "--master-addr", opts.master_addr, "--master-port", str(port),
+           "-m", "zoplan.runtime.worker", "--plan", str(plan_path), "--model-dir", str(model_dir),
+           "--data", opts.data, "--steps", str(opts.steps), "--output", str(out), "--run-id", run_id,
+           "--eval-every", str(opts.eval_every), "--max-nonfinite", str(opts.max_nonfinite),
+           "--device", device]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log = open(out / f"worker-node{opts.node_rank}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _follow(proc, out / "metrics.jsonl", opts)
+    finally:
+        log.close()
+    if proc.returncode != 0:
+        error = out / "error.txt"
+        if error.exists():
+            text = error.read_text().strip()
+            message, _, fix = text.partition("\n  fix: ")
+            raise ZoplanError(message, fix=fix or None)
+        raise ZoplanError(f"training stopped with exit status {proc.returncode}",
+                          fix=f"see {out / f'worker-node{opts.node_rank}.log'}")
+    return summarize(out)
+
+
+def summarize(out: Path) -> RunResult:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] \
+        if (out / "metrics.jsonl").exists() else []
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    return RunResult(out, len(train), train[0]["loss"] if train else None, train[-1]["loss"] if train else None,
+                     evals[-1] if evals else None)
+
+
+def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:
+    """Draw step, loss, projected gradient, tokens/s and ETA while the ranks train."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("g {task.fields[g]}"),
+               TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn()]
+    seen = 0
+    with Progress(*columns, disable=opts.quiet or opts.node_rank != 0, transient=False) as progress:
+        task = progress.add_task("train", total=opts.steps, loss="–", g="–", tps="–")
+        while True:
+            done = proc.poll() is not None
+            if metrics.exists():
+                lines = metrics.read_text().splitlines()
+                for line in lines[seen:]:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a line being written: read it next time
+                    seen += 1
+                    if "loss" in row:
+                        progress.update(task, completed=row["step"] + 1, loss=f"{row['loss']:.4f}",
+                                        g=f"{row['projected_grad']:+.3g}", tps=f"{row['tokens_per_s']:.0f}")
+                    elif "eval_loss" in row:
+                        progress.console.print(f"step {row['step'] + 1}: eval loss {row['eval_loss']:.4f}, "
+                                               f"accuracy {row['eval_accuracy']:.3f}")
+            if done:
+                break
+            time.sleep(0.2)

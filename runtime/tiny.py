@@ -1,0 +1,213 @@
+"""Built-in tiny random models, so the runtime can be run and tested offline.
+
+``tiny-opt``, ``tiny-llama`` and ``tiny-qwen2`` are randomly initialised, a few hundred thousand
+parameters each (a forward pass of 4 x 32 tokens takes milliseconds on a CPU), one per model
+family the runtime supports. They are written to disk with ``save_pretrained`` (safetensors) next
+to a tokenizer, and loaded back with ``from_pretrained``: the same path a real checkpoint takes,
+so nothing in the runtime special-cases them.
+
+The tokenizer is a byte-level BPE trained in code on a fixed word list (the bundled sentiment
+data's words, the MeZO prompt and label words, and common English words), so those words are
+single tokens while any other text still encodes losslessly through the 256 byte tokens.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    OPTConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from zoplan.errors import ZoplanError
+from zoplan.runtime.data import vocabulary_words
+
+# Bump when the tokenizer, the configs or the initialisation change: cached builds are keyed by it.
+TINY_VERSION = 1
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+
+# Plain English, enough for readable test sentences and small LM examples.
+COMMON_WORDS = """
+the be to of and a in that have i it for not on with he as you do at this but his by from they
+we say her she or an will my one all would there their what so up out if about who get which go
+me when make can like time no just him know take people into year your good some could them see
+other than then now look only come its over think also back after use two how our work first
+well way even new want because any these give day most us is are was were been has had did said
+made went got very more many much long little old big small high great good bad best better
+worse worst right left same different last next early late young own few each every both such
+why where here there thing things man woman child world life hand part place case week company
+system program question government number night point home water room mother area money story
+fact month lot study book eye job word business issue side kind head house service friend father
+power hour game line end member law car city community name president team minute idea kid body
+information back parent face others level office door health person art war history party result
+change morning reason research girl guy moment air teacher force education food film movie music
+love feel felt seem seemed keep kept let begin began help talk turn start show hear play run move
+live believe hold bring happen write provide sit stand lose pay meet include continue set learn
+lead understand watch follow stop create speak read allow add spend grow open walk win offer
+remember consider appear buy wait serve die send expect build stay fall cut reach kill remain
+yes nice happy sad fun funny boring beautiful terrible wonderful awful fine true real sure
+It The This That A I He She We They You There What When Where Why How
+""".split()
+
+
+def tokenizer_words() -> list[str]:
+    """The words the tiny tokenizers keep whole (sorted: the trained merges depend on order)."""
+    return sorted(set(COMMON_WORDS) | set(vocabulary_words()))
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    """Train the byte-level BPE once per process; callers get fresh copies from its JSON."""
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    # No prefix space, as GPT-2, OPT and Qwen2 tokenize: " word" and a text-initial "word" are
+    # different tokens, so both forms are trained.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    words = tokenizer_words()
+    trainer = trainers.BpeTrainer(
+        vocab_size=100_000,  # more than the words need: training stops when every word is one token
+        min_frequency=0,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(words + [" " + word for word in words], trainer=trainer)
+    # A BOS in front of every sequence, as LLaMA and OPT checkpoints do.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
+    )
+    for index, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == index, "special tokens must take ids 0-3"
+    return tokenizer.to_str()
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny tokenizer, wrapped for transformers (deterministic: same vocabulary every time)."""
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        model_max_length=128,
+    )
+
+
+def _vocab_size() -> int:
+    return Tokenizer.from_str(_tokenizer_json()).get_vocab_size(with_added_tokens=True)
+
+
+_VOCAB = _vocab_size()
+_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+
+# Tiny but structurally faithful: 4 blocks (enough to stream, slice and keep some resident),
+# LLaMA and Qwen2 with grouped-query attention (2 kv heads for 4 query heads) as the real ones.
+# OPT's dropout is off so that a forward pass is deterministic even in train() mode.
+TINY: dict[str, PretrainedConfig] = {
+    "tiny-opt": OPTConfig(
+        vocab_size=_VOCAB, hidden_size=64, num_hidden_layers=4, ffn_dim=128,
+        num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **_IDS,
+    ),
+    "tiny-llama": LlamaConfig(
+        vocab_size=_VOCAB, hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **_IDS,
+    ),
+    "tiny-qwen2": Qwen2Config(
+        vocab_size=_VOCAB, hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **_IDS,
+    ),
+}
+
+_BUILTIN_FIX = "pass a local directory with config.json and *.safetensors, or a built-in: " + ", ".join(TINY)
+
+
+def build_tiny(name: str, directory: Path, seed: int = 0) -> Path:
+    """Write tiny model ``name`` (random weights from ``seed``) and its tokenizer to ``directory``.
+
+    The global torch RNG is left as it was: the seed only decides the initial weights.
+    """
+    if name not in TINY:
+        raise ZoplanError(f"'{name}' is not a built-in tiny model", fix=_BUILTIN_FIX)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(TINY[name]))
+    model.save_pretrained(directory, safe_serialization=True)
+    build_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "zoplan" / "tiny"
+
+
+def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
+    """A directory that ``from_pretrained`` can load for ``name_or_path``.
+
+    - a built-in name: built once under ``cache_dir`` (default ``~/.cache/zoplan/tiny``) as
+      ``<name>-v<TINY_VERSION>`` and reused; the build goes to a temporary directory renamed
+      into place, so a crashed or concurrent build (several ranks) never leaves a half model;
+    - an existing local directory: returned as is (it must hold a config.json);
+    - anything else: a Hugging Face hub id, fetched with ``snapshot_download`` (config, tokenizer
+      and safetensors files only).
+    """
+    if name_or_path in TINY:
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        final = root / f"{name_or_path}-v{TINY_VERSION}"
+        if final.is_dir():
+            return final
+        root.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{name_or_path}-", dir=root))
+        try:
+            build_tiny(name_or_path, temporary)
+            try:
+                os.rename(temporary, final)
+            except OSError:
+                if not final.is_dir():  # not a lost race with another builder: a real failure
+                    raise
+        finally:
+            if temporary.exists():
+                shutil.rmtree(temporary, ignore_errors=True)
+        return final
+
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ZoplanError(f"model directory {local} has no config.json", fix=_BUILTIN_FIX)
+        return local
+
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(
+            snapshot_download(
+                repo_id=name_or_path,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
+            )
+        )
+    except Exception:  # offline, unknown id, invalid id, gated, ...: the same advice for all
+        raise ZoplanError(
+            f"model '{name_or_path}' cannot be found offline or on the hub", fix=_BUILTIN_FIX
+        ) from None
+    if not (snapshot / "config.json").is_file() or not any(snapshot.glob("*.safetensors")):
+        raise ZoplanError(
+            f"model '{name_or_path}' on the hub has no config.json or no *.safetensors weights",
+            fix=_BUILTIN_FIX,
+        )
+    return snapshot

@@ -1,0 +1,241 @@
+"""One rank of a ``zoplan run``: started by torchrun, one process per device.
+
+Loads the model once per machine into the shared host copy, builds the engine from the plan,
+trains, and (rank 0) writes the journal, the metrics and the final weights. A user error becomes
+``error.txt`` in the output directory, which the launcher prints; nothing here prints tracebacks
+for bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zoplan.errors import ZoplanError
+from zoplan.planfile import Plan, load_plan
+from zoplan.runtime import data as zdata
+from zoplan.runtime import dist as zdist
+from zoplan.runtime.adapters import Adapter, adapter_for
+from zoplan.runtime.engine import Engine
+from zoplan.runtime.hostcopy import DTYPES, HostCopy, shm_root
+from zoplan.runtime.perturb import step_seed
+from zoplan.runtime.zo import learning_rate
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict:
+    """transformers renamed torch_dtype to dtype (4.56); accept either version."""
+    from transformers import AutoModelForCausalLM
+
+    params = inspect.signature(AutoModelForCausalLM.from_config).parameters
+    return {"dtype": dtype} if "dtype" in params or _new_transformers() else {"torch_dtype": dtype}
+
+
+def _new_transformers() -> bool:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return (major, minor) >= (4, 56)
+
+
+@contextlib.contextmanager
+def _blocks_detached(model: nn.Module, adapter: Adapter):
+    """Whole-model operations (to(device), to_empty) must not touch the streamed blocks."""
+    parent_path, attr = adapter.blocks_path.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    try:
+        yield blocks
+    finally:
+        setattr(parent, attr, blocks)
+
+
+def load_model(model_dir: Path, plan: Plan, ctx: zdist.RankContext, run_id: str) -> tuple[nn.Module, Adapter, HostCopy]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    adapter = adapter_for(config.model_type)
+    dtype = DTYPES[plan.transfer.param_dtype]
+    root = shm_root(run_id, ctx.node)
+    prefix = adapter.blocks_path + "."
+    host = None
+    if ctx.is_loader:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **_dtype_kwarg(dtype))
+        host = HostCopy.create(root, model, adapter.blocks(model), prefix, plan.transfer.slices_per_block,
+                               plan.transfer.wire_dtype, plan.transfer.param_dtype)
+        adapter.blocks(model).to("meta")  # the host copy holds the blocks now
+        with _blocks_detached(model, adapter):
+            model.to(ctx.device)
+    zdist.barrier()
+    if not ctx.is_loader:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
+        with _blocks_detached(model, adapter) as blocks:
+            model.to_empty(device=ctx.device)
+        model.tie_weights()
+        host = HostCopy.open(root, blocks, prefix)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in host.resident:
+                    param.copy_(host.resident[name])
+        if adapter.buffers_rebuild is not None:
+            adapter.buffers_rebuild(model, ctx.device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, adapter, host
+
+
+def save_weights(model: nn.Module, adapter: Adapter, host: HostCopy, engine: Engine, model_dir: Path,
+                 out: Path, param_dtype: str) -> None:
+    """Hugging Face layout: config, tokenizer files and model.safetensors (loadable with
+    ``from_pretrained``)."""
+    from safetensors.torch import save_file
+
+    dtype = DTYPES[param_dtype]
+    state: dict[str, torch.Tensor] = {}
+    for layout, flat in zip(host.layouts, host.blocks):
+        for slot in layout.slots:
+            state[slot.name] = flat[slot.offset:slot.offset + slot.numel].view(slot.shape).to(dtype).clone()
+    for name, value in engine.resident_state().items():
+        state[name] = value.detach().to("cpu", dtype).clone()
+    tmp = out / "weights.tmp"
+    tmp.mkdir(exist_ok=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for f in model_dir.iterdir():
+        if f.is_file() and (f.suffix in (".json", ".txt", ".model") and f.name != "model.safetensors.index.json"):
+            shutil.copy2(f, tmp / f.name)
+    final = out / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _micro_batches(examples, tokenizer, task, seq_len: int, micro: int) -> list[dict]:
+    out = []
+    for k in range(0, len(examples), micro):
+        batch = zdata.encode(examples[k:k + micro], tokenizer, task, seq_len)
+        out.append({"inputs": batch.model_inputs(), "batch": batch})
+    return out
+
+
+def train(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    plan = load_plan(args.plan)
+    model_dir = Path(args.model_dir)
+    out = Path(args.output)
+    device_kind = args.device
+    if device_kind == "cpu":
+        torch.set_num_threads(1)  # one core per rank: ranks are the parallelism
+    ctx = zdist.init(plan, device_kind)
+    model, adapter, host = load_model(model_dir, plan, ctx, args.run_id)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples, kind = zdata.load_examples(args.data)
+    task = zdata.Task(kind)
+    train_set, eval_set = zdata.split(examples, args.eval_fraction, plan.zo.seed)
+    engine = Engine(model, adapter, host, ctx, upload=plan.transfer.upload,
+                    slices=plan.transfer.slices_per_block, param_dtype=plan.transfer.param_dtype,
+                    resident_blocks=plan.resident_blocks, eps=plan.zo.eps)
+
+    def loss_fn(logits, mb):
+        return zdata.loss_terms(logits, mb["batch"], task)
+
+    steps = args.steps
+    writer = ctx.rank == 0
+    journal = open(out / "journal.jsonl", "a", buffering=1) if writer else None
+    metrics = open(out / "metrics.jsonl", "a", buffering=1) if writer else None
+    nonfinite_in_row = nonfinite_total = 0
+    tokens_per_step = plan.batch.global_batch * plan.batch.seq_len
+    t_start = time.perf_counter()
+    try:
+        for step in range(steps):
+            t0 = time.perf_counter()
+            mine: list = []
+            if ctx.replica is not None:
+                shard = zdata.batches(train_set, plan.batch.global_batch, plan.zo.seed, step, ctx.replica, ctx.replicas)
+                mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch)
+            seed = step_seed(plan.zo.seed, step)
+            lr = learning_rate(plan.zo.lr, plan.zo.lr_schedule, step, steps)
+            result = engine.step(mine, seed, lr, plan.zo.weight_decay, loss_fn)
+            if result.finite:
+                nonfinite_in_row = 0
+            else:
+                nonfinite_in_row += 1
+                nonfinite_total += 1
+            dt = time.perf_counter() - t0
+            if writer:
+                journal.write(json.dumps({"step": step, "seed": seed, "loss_plus": result.loss_plus,
+                                          "loss_minus": result.loss_minus, "projected_grad": result.projected_grad,
+                                          "lr": lr, "eps": plan.zo.eps, "weight_decay": plan.zo.weight_decay,
+                                          "skipped": not result.finite}) + "\n")
+                metrics.write(json.dumps({"step": step, "loss": (result.loss_plus + result.loss_minus) / 2,
+                                          "projected_grad": result.projected_grad, "step_time_s": dt,
+                                          "tokens_per_s": tokens_per_step / dt, "elapsed_s": time.perf_counter() - t_start,
+                                          "nonfinite_total": nonfinite_total}) + "\n")
+            if nonfinite_in_row >= args.max_nonfinite:
+                raise ZoplanError(f"the loss was not finite for {nonfinite_in_row} steps in a row (up to step {step}); "
+                                  f"the updates of those steps were skipped",
+                                  fix="lower --lr or --eps, or check the data")
+            if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == steps:
+                engine.flush()
+                evaluate(engine, eval_set, tokenizer, task, plan, ctx, step, metrics)
+        engine.flush()
+        engine.sync_resident_blocks_to_host()
+        zdist.barrier()
+        if writer:
+            save_weights(model, adapter, host, engine, model_dir, out, plan.transfer.param_dtype)
+        zdist.barrier()
+    finally:
+        if journal:
+            journal.close()
+            metrics.close()
+        if ctx.is_loader:
+            host.remove()
+
+
+def evaluate(engine: Engine, eval_set, tokenizer, task, plan: Plan, ctx, step: int, metrics) -> None:
+    mine: list = []
+    if ctx.replica is not None and eval_set:
+        per = -(-len(eval_set) // ctx.replicas)
+        shard = eval_set[ctx.replica * per:(ctx.replica + 1) * per]
+        mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch) if shard else []
+    stats = engine.evaluate(mine, lambda logits, mb: zdata.loss_terms(logits, mb["batch"], task),
+                            lambda logits, mb: zdata.accuracy(logits, mb["batch"], task))
+    if metrics is not None:
+        metrics.write(json.dumps({"step": step, "eval_loss": stats[0], "eval_accuracy": stats[1]}) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one rank of zoplan run (started by torchrun)")
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--eval-fraction", type=float, default=0.1)
+    parser.add_argument("--max-nonfinite", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    args = parser.parse_args()
+    out = Path(args.output)
+    try:
+        train(args)
+    except ZoplanError as exc:
+        if int(os.environ.get("RANK", "0")) == 0 or not (out / "error.txt").exists():
+            (out / "error.txt").write_text(exc.message + (f"\n  fix: {exc.fix}" if exc.fix else ""))
+        raise SystemExit(2) from None
+    finally:
+        zdist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

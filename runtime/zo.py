@@ -1,0 +1,51 @@
+"""MeZO's arithmetic, shared by the engine and by replay so both round the same way.
+
+    theta <- theta - lr * (g * z + wd * theta)      (wd only on weight matrices)
+
+is applied to any flat range of a parameter: z for that range comes from
+``zoplan.runtime.perturb.normal`` (a pure function of seed, name and element index), so a rank
+can update just its own slice and get the bits the whole tensor would get.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from zoplan.runtime.perturb import normal
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def learning_rate(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """The learning rate of ``step`` (0-based) in a run of ``total_steps``."""
+    if schedule == "constant" or total_steps <= 1:
+        return base_lr
+    frac = min(step / (total_steps - 1), 1.0)
+    if schedule == "linear":
+        return base_lr * (1.0 - frac)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def apply_update(x: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: float, decay: bool) -> None:
+    """In place, in float32 whatever x's dtype: the update is tiny next to the weights."""
+    xf = x.float()
+    step = z * g
+    if decay and wd:
+        step = step + xf * wd
+    x.copy_(xf - step * lr)
+
+
+def update_range(flat: torch.Tensor, layout, start: int, end: int, seed: int, g: float, lr: float,
+                 wd: float) -> None:
+    """Apply one step's update to the flat range [start, end) of a block buffer."""
+    for slot, first, count, pos in layout.segments(start, end):
+        z = normal(seed, slot.name, first, count, device=flat.device)
+        apply_update(flat[start + pos:start + pos + count], z, g, lr, wd, slot.decay)
+
+
+def update_tensor(param: torch.Tensor, name: str, seed: int, g: float, lr: float, wd: float, decay: bool) -> None:
+    z = normal(seed, name, 0, param.numel(), device=param.device).view(param.shape)
+    apply_update(param, z, g, lr, wd, decay)

@@ -1,0 +1,335 @@
+"""Data loading, tokenisation, sharding and the (sum, count) loss the replicas combine."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from zoplan.errors import ZoplanError
+from zoplan.runtime import data
+from zoplan.runtime.data import (
+    IGNORE_INDEX,
+    Example,
+    Task,
+    accuracy,
+    batches,
+    encode,
+    load_examples,
+    loss_terms,
+    make_sentiment,
+    split,
+)
+from zoplan.runtime.tiny import TINY
+
+CLS = Task("classification")
+LM = Task("lm")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dirs: dict[str, Path]):
+    return AutoTokenizer.from_pretrained(tiny_dirs["tiny-llama"])
+
+
+def _examples(n: int, labelled: bool = True) -> list[Example]:
+    return [Example(r["text"], r["label"] if labelled else None) for r in make_sentiment(n, seed=7)]
+
+
+# --- the bundled data ---------------------------------------------------------------------------
+
+
+def test_bundled_file_is_the_generator_output() -> None:
+    expected = data.render_jsonl(make_sentiment(data.SENTIMENT_SIZE, data.SENTIMENT_SEED))
+    assert data.SENTIMENT_FILE.read_text(encoding="utf-8") == expected
+
+
+def test_generator_is_deterministic_balanced_and_seeded() -> None:
+    records = make_sentiment(400, seed=0)
+    assert records == make_sentiment(400, seed=0)
+    assert records != make_sentiment(400, seed=1)
+    assert sum(r["label"] for r in records) == 200
+    for record in records:  # a clear cue: some adjective of the record's own class
+        cue = data.SENTIMENT_POSITIVE if record["label"] else data.SENTIMENT_NEGATIVE
+        other = data.SENTIMENT_NEGATIVE if record["label"] else data.SENTIMENT_POSITIVE
+        words = set(record["text"].rstrip(".").split())
+        assert words & set(cue) and not words & set(other)
+
+
+def test_load_bundled_sentiment() -> None:
+    examples, kind = load_examples("sentiment")
+    assert kind == "classification"
+    assert len(examples) == data.SENTIMENT_SIZE
+    assert examples == [Example(**r) for r in make_sentiment(data.SENTIMENT_SIZE, data.SENTIMENT_SEED)]
+
+
+# --- loading files ------------------------------------------------------------------------------
+
+
+def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
+    lm = tmp_path / "lm.jsonl"
+    lm.write_text('{"text": "hello there"}\n\n{"text": "general kenobi"}\n')
+    assert load_examples(str(lm)) == ([Example("hello there"), Example("general kenobi")], "lm")
+
+    labelled = tmp_path / "cls.csv"
+    labelled.write_text('text,label\n"a dull, boring film",0\nthe movie was wonderful,1\n')
+    assert load_examples(str(labelled)) == (
+        [Example("a dull, boring film", 0), Example("the movie was wonderful", 1)],
+        "classification",
+    )
+    plain = tmp_path / "plain.csv"
+    plain.write_text("text\nsome words\n")
+    assert load_examples(str(plain)) == ([Example("some words")], "lm")
+
+
+@pytest.mark.parametrize(
+    ("lines", "line", "words"),
+    [
+        (['{"text": "ok", "label": 1}', '{"text": "broken", "label": 1'], 2, "invalid JSON"),
+        (['{"text": "ok", "label": 1}', '{"txt": "typo", "label": 0}'], 2, 'no "text"'),
+        (['{"text": "ok", "label": "1"}'], 1, "not an integer"),
+        (['{"text": "ok", "label": 1.5}'], 1, "not an integer"),
+        (['{"text": "ok", "label": true}'], 1, "not an integer"),
+        (['{"text": "ok", "label": 1}', "", '{"text": "no label"}'], 3, "has no label"),
+        (['{"text": "no label"}', '{"text": "ok", "label": 0}'], 2, "has a label"),
+        (['["text", 1]'], 1, "expected a JSON object"),
+    ],
+)
+def test_malformed_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], line: int, words: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ZoplanError) as caught:
+        load_examples(str(path))
+    assert f"{path}:{line}:" in caught.value.message
+    assert words in caught.value.message
+    assert caught.value.fix
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "words"),
+    [
+        ("sentence,label\nhi,1\n", 1, "header must be"),
+        ("text,label\nfine,1\nbad,one\n", 3, "not an integer"),
+        ('text,label\n"spans\ntwo lines",1\nno label,\n', 4, "no label"),
+        ("text,label\nfine,1\ntoo,many,fields\n", 3, "3 fields"),
+        ("text,label\nfine,-1\n", 2, "negative"),
+    ],
+)
+def test_malformed_csv_names_file_and_line(tmp_path: Path, content: str, line: int, words: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(ZoplanError) as caught:
+        load_examples(str(path))
+    assert f"{path}:{line}:" in caught.value.message
+    assert words in caught.value.message
+
+
+def test_missing_file_and_unknown_source(tmp_path: Path) -> None:
+    with pytest.raises(ZoplanError, match="does not exist"):
+        load_examples(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ZoplanError, match="unsupported type"):
+        (tmp_path / "data.txt").write_text("hello\n")
+        load_examples(str(tmp_path / "data.txt"))
+    if importlib.util.find_spec("datasets") is None:
+        with pytest.raises(ZoplanError) as caught:
+            load_examples("some-org/some-dataset")
+        assert "'datasets' package" in caught.value.message
+        assert ".jsonl" in caught.value.fix
+
+
+# --- label words and encoding -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_label_words_are_single_tokens_in_every_tiny_tokenizer(name: str, tiny_dirs: dict[str, Path]) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[name])
+    ids = CLS.label_token_ids(tokenizer)
+    assert len(set(ids)) == 2
+    for word, token in zip(CLS.label_words, ids):
+        assert tokenizer(word, add_special_tokens=False)["input_ids"] == [token]
+        # The same token the word gets after the prompt, i.e. what the model would continue with.
+        prompt = CLS.format("the film was fun.")
+        assert tokenizer(prompt + word, add_special_tokens=False)["input_ids"][-1] == token
+
+
+def test_multi_token_label_word_is_refused(tokenizer) -> None:
+    task = Task("classification", label_words=(" terrible", " magnificently"))
+    with pytest.raises(ZoplanError, match="' magnificently' is [2-9]+ tokens"):
+        task.label_token_ids(tokenizer)
+
+
+def test_encode_pads_left_for_classification(tokenizer) -> None:
+    examples = [Example("the film was fun.", 1), Example("a dull and boring film with bland music.", 0)]
+    batch = encode(examples, tokenizer, CLS, max_len=64)
+    lengths = [len(tokenizer(CLS.format(e.text))["input_ids"]) for e in examples]
+    width = max(lengths)
+    assert batch.input_ids.shape == (2, width)
+    assert batch.attention_mask.sum(dim=1).tolist() == lengths
+    short = width - lengths[0]
+    assert batch.attention_mask[0, :short].sum() == 0 and batch.attention_mask[0, short:].all()
+    assert (batch.input_ids[0, :short] == tokenizer.pad_token_id).all()
+    assert batch.attention_mask[:, -1].all(), "the prediction point is the last column"
+    assert tokenizer.decode(batch.input_ids[0, -2:]) == " It was"
+    assert batch.position_ids[0, short:].tolist() == list(range(lengths[0]))
+    assert batch.label_ids.tolist() == [1, 0]
+    assert batch.label_token_ids.tolist() == CLS.label_token_ids(tokenizer)
+    assert batch.target_count == 2
+    assert encode(examples, tokenizer, CLS, max_len=64, pad_to_max_len=True).input_ids.shape == (2, 64)
+
+
+def test_encode_lm_labels_ignore_padding_and_first_token(tokenizer) -> None:
+    examples = [Example("hi there"), Example("the movie was wonderful and the music was superb.")]
+    batch = encode(examples, tokenizer, LM, max_len=64)
+    assert batch.labels is not None and batch.label_ids is None
+    real = batch.attention_mask.bool()
+    first_real = real & ~torch.nn.functional.pad(real, (1, 0))[:, :-1]
+    assert (batch.labels[~real] == IGNORE_INDEX).all()
+    assert (batch.labels[first_real] == IGNORE_INDEX).all()
+    keep = real & ~first_real
+    assert torch.equal(batch.labels[keep], batch.input_ids[keep])
+    assert batch.target_count == int(keep.sum()) == int(real.sum()) - 2
+
+
+def test_encode_truncation_keeps_prompt_end_or_text_start(tokenizer) -> None:
+    long = Example(" ".join(["the movie was wonderful"] * 20) + ".", 1)
+    cls = encode([long], tokenizer, CLS, max_len=16)
+    assert cls.input_ids.shape == (1, 16)
+    assert cls.input_ids[0, 0] == tokenizer.bos_token_id
+    assert tokenizer.decode(cls.input_ids[0, -2:]) == " It was"
+    lm = encode([Example(long.text)], tokenizer, LM, max_len=16)
+    assert lm.input_ids.shape == (1, 16)
+    assert tokenizer.decode(lm.input_ids[0], skip_special_tokens=True).startswith("the movie was wonderful")
+
+
+def test_label_out_of_range_is_refused(tokenizer) -> None:
+    with pytest.raises(ZoplanError, match="has label 2"):
+        encode([Example("the film was fun.", 2)], tokenizer, CLS, max_len=32)
+
+
+# --- splitting and batching ---------------------------------------------------------------------
+
+
+def test_split_is_deterministic_and_disjoint() -> None:
+    examples = [Example(f"text {i}", i % 2) for i in range(50)]
+    train, held = split(examples, 0.2, seed=3)
+    assert (train, held) == split(examples, 0.2, seed=3)
+    assert held != split(examples, 0.2, seed=4)[1]
+    assert len(held) == 10 and len(train) == 40
+    assert sorted(e.text for e in train + held) == sorted(e.text for e in examples)
+    with pytest.raises(ZoplanError, match="eval fraction"):
+        split(examples, 1.0, seed=3)
+
+
+@pytest.mark.parametrize("step", [0, 1, 5, 12])  # 12 * 8 = 96 straddles the 2nd epoch boundary
+def test_every_data_degree_sees_the_same_global_batch(step: int) -> None:
+    train = [Example(f"text {i}", i % 2) for i in range(45)]
+    whole = batches(train, 8, seed=0, step=step, replica=0, replicas=1)
+    assert len(whole) == 8
+    for replicas in (2, 4, 8):
+        shards = [batches(train, 8, 0, step, replica, replicas) for replica in range(replicas)]
+        assert [len(shard) for shard in shards] == [8 // replicas] * replicas
+        assert [e for shard in shards for e in shard] == whole
+
+
+def test_batches_are_seeded_permutations_per_epoch() -> None:
+    train = [Example(f"text {i}", i % 2) for i in range(40)]
+    epoch = [e for step in range(5) for e in batches(train, 8, 0, step, 0, 1)]
+    assert sorted(e.text for e in epoch) == sorted(e.text for e in train), "an epoch sees each once"
+    assert epoch != train, "shuffled"
+    assert epoch == [e for step in range(5) for e in batches(train, 8, 0, step, 0, 1)]
+    assert epoch != [e for step in range(5) for e in batches(train, 8, 1, step, 0, 1)]
+    next_epoch = [e for step in range(5, 10) for e in batches(train, 8, 0, step, 0, 1)]
+    assert next_epoch != epoch and sorted(map(str, next_epoch)) == sorted(map(str, epoch))
+
+
+def test_indivisible_global_batch_is_refused() -> None:
+    with pytest.raises(ZoplanError) as caught:
+        batches([Example("x", 0)] * 10, 6, seed=0, step=0, replica=0, replicas=4)
+    assert "global batch 6" in caught.value.message and "4 data-parallel replicas" in caught.value.message
+
+
+# --- loss and accuracy --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", [CLS, LM], ids=["classification", "lm"])
+def test_shard_sums_equal_the_whole_batch_mean(task: Task, tokenizer) -> None:
+    """Each replica encodes its own shard (its own padding) and returns (sum, count); summing them
+    gives the mean over the global batch. Left padding right-aligns real tokens, so a shard's
+    logits are the last columns of the whole batch's logits for the same rows."""
+    examples = _examples(8, labelled=task.kind == "classification")
+    examples[3] = Example("a long one: " + examples[3].text * 3, examples[3].label)  # uneven shards
+    whole = encode(examples, tokenizer, task, max_len=96)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(*whole.input_ids.shape, len(tokenizer), generator=generator)
+
+    if task.kind == "classification":
+        scores = logits[:, -1, whole.label_token_ids]
+        reference = F.cross_entropy(scores, whole.label_ids)
+    else:
+        reference = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), whole.labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+    loss, count = loss_terms(logits, whole, task)
+    assert torch.allclose(loss / count, reference, atol=1e-6)
+
+    for replicas in (2, 4):
+        total, total_count = torch.zeros(()), 0
+        shard_size = len(examples) // replicas
+        for replica in range(replicas):
+            rows = slice(replica * shard_size, (replica + 1) * shard_size)
+            shard = encode(examples[rows], tokenizer, task, max_len=96)
+            width = shard.input_ids.shape[1]
+            assert torch.equal(shard.input_ids, whole.input_ids[rows, -width:])
+            shard_loss, shard_count = loss_terms(logits[rows, -width:], shard, task)
+            total, total_count = total + shard_loss, total_count + shard_count
+        assert total_count == count
+        assert torch.allclose(total / total_count, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("task", [CLS, LM], ids=["classification", "lm"])
+def test_real_model_loss_does_not_depend_on_sharding(name: str, task: Task, tiny_dirs: dict[str, Path]) -> None:
+    """With position_ids and left padding a sequence gets the same loss in any shard."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[name])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name]).eval()
+    examples = _examples(4, labelled=task.kind == "classification")
+    examples[0] = Example(examples[0].text + " " + examples[1].text, examples[0].label)
+    with torch.no_grad():
+        whole = encode(examples, tokenizer, task, max_len=64)
+        loss, count = loss_terms(model(**whole.model_inputs()).logits, whole, task)
+        total, total_count = 0.0, 0
+        for replica in range(4):
+            shard = encode(examples[replica:replica + 1], tokenizer, task, max_len=64)
+            shard_loss, shard_count = loss_terms(model(**shard.model_inputs()).logits, shard, task)
+            total, total_count = total + float(shard_loss), total_count + shard_count
+    assert torch.isfinite(loss)
+    assert total_count == count
+    assert abs(total / total_count - float(loss) / count) < 1e-4
+
+
+def test_accuracy_counts_label_word_argmax(tokenizer) -> None:
+    examples = [Example("the film was fun.", 1), Example("a dull film.", 0), Example("so so.", 1)]
+    batch = encode(examples, tokenizer, CLS, max_len=32)
+    logits = torch.zeros(3, len(tokenizer))  # last position only, as with logits_to_keep=1
+    great, terrible = batch.label_token_ids[1], batch.label_token_ids[0]
+    logits[0, great] = 2.0  # right
+    logits[1, terrible] = 2.0  # right
+    logits[2, terrible] = 2.0  # wrong
+    logits[:, 5] = 10.0  # a non-label token scores higher: must not matter
+    assert accuracy(logits, batch, CLS) == (2, 3)
+    loss, count = loss_terms(logits, batch, CLS)
+    expected = 2 * F.cross_entropy(torch.tensor([[0.0, 2.0]]), torch.tensor([1])) + F.cross_entropy(
+        torch.tensor([[2.0, 0.0]]), torch.tensor([1])
+    )
+    assert count == 3 and torch.allclose(loss, expected)
+
+
+def test_lm_accuracy_counts_only_targets(tokenizer) -> None:
+    batch = encode([Example("the movie was great"), Example("hi")], tokenizer, LM, max_len=16)
+    # Logits that predict each next token exactly: every real target is right.
+    logits = torch.full((*batch.input_ids.shape, len(tokenizer)), -5.0)
+    logits[:, :-1].scatter_(2, batch.input_ids[:, 1:, None], 5.0)
+    assert accuracy(logits, batch, LM) == (batch.target_count, batch.target_count)

@@ -1,0 +1,106 @@
+"""The block-streamed executor in one process: it computes the model's own losses at theta +- eps z."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoplan.planner import plan
+from zoplan.runtime import data as zdata
+from zoplan.runtime import dist as zdist
+from zoplan.runtime.engine import Engine
+from zoplan.runtime.perturb import normal
+from zoplan.runtime.worker import load_model
+from zoplan.search import Pins
+
+EPS = 1e-3
+
+
+def _single_rank(model_dir: Path, tmp_path: Path, resident: int = 0):
+    report = plan(str(model_dir / "config.json"), "cpu-local", global_batch=4, seq_len=32, dtype="fp32",
+                  pins=Pins(perturbation=1, data=1, upload="whole", resident=resident))
+    ctx = zdist.RankContext(rank=0, world=1, node=0, local_rank=0, device=torch.device("cpu"), role="compute",
+                            signs=(1, -1), replica=0, replicas=1, mover_index=None, movers=1,
+                            compute_index=0, computes=1)
+    model, adapter, host = load_model(model_dir, report.plan, ctx, f"test-{uuid.uuid4().hex[:8]}")
+    engine = Engine(model, adapter, host, ctx, upload="whole", slices=1, param_dtype="fp32",
+                    resident_blocks=report.plan.resident_blocks, eps=EPS)
+    return engine, host
+
+
+def _batch(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    examples, kind = zdata.load_examples("sentiment")
+    task = zdata.Task(kind)
+    batch = zdata.encode(examples[:4], tok, task, 32)
+    return batch, task
+
+
+def _reference_loss(model_dir: Path, batch, task, seed: int, sign: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            param.add_(normal(seed, name, 0, param.numel()).view(param.shape), alpha=sign * EPS)
+        total, count = zdata.loss_terms(ref(**batch.model_inputs()).logits.float(), batch, task)
+    return float(total) / count
+
+
+@pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama", "tiny-qwen2"])
+def test_streamed_dual_forward_equals_the_models_own_loss(family: str, tiny_dirs, tmp_path: Path) -> None:
+    model_dir = tiny_dirs[family]
+    batch, task = _batch(model_dir)
+    engine, host = _single_rank(model_dir, tmp_path)
+    try:
+        seed = 4321
+        losses = engine.forward_losses([{"inputs": batch.model_inputs(), "batch": batch}], seed,
+                                       [lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task)])
+        for sign in (1, -1):
+            total, count = losses[sign][0]
+            # same modules, same weights: equal up to float summation order (here: exactly)
+            assert total / count == pytest.approx(_reference_loss(model_dir, batch, task, seed, sign), rel=1e-6)
+        assert losses[1][0][0] != losses[-1][0][0]
+    finally:
+        host.remove()
+
+
+def test_host_copy_is_not_perturbed_and_resident_blocks_give_the_same_losses(tiny_dirs, tmp_path: Path) -> None:
+    model_dir = tiny_dirs["tiny-llama"]
+    batch, task = _batch(model_dir)
+    fn = [lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task)]
+    mbs = [{"inputs": batch.model_inputs(), "batch": batch}]
+    streamed, host_a = _single_rank(model_dir, tmp_path)
+    kept, host_b = _single_rank(model_dir, tmp_path, resident=4)
+    try:
+        before = [b.clone() for b in host_a.blocks]
+        a = streamed.forward_losses(mbs, 99, fn)
+        b = kept.forward_losses(mbs, 99, fn)
+        assert a == b
+        assert all(torch.equal(x, y) for x, y in zip(before, host_a.blocks))  # no pending update yet
+        assert len(kept.kept) == 4
+    finally:
+        host_a.remove()
+        host_b.remove()
+
+
+def test_a_step_then_flush_moves_the_weights_along_minus_g_z(tiny_dirs, tmp_path: Path) -> None:
+    model_dir = tiny_dirs["tiny-opt"]
+    batch, task = _batch(model_dir)
+    engine, host = _single_rank(model_dir, tmp_path)
+    try:
+        before = host.blocks[0].clone()
+        result = engine.step([{"inputs": batch.model_inputs(), "batch": batch}], 7, 1e-2, 0.0,
+                             lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task))
+        assert result.finite and result.projected_grad != 0
+        engine.flush()
+        slot = host.layouts[0].slots[0]
+        z = normal(7, slot.name, 0, slot.numel)
+        moved = host.blocks[0][:slot.numel] - before[:slot.numel]
+        assert torch.allclose(moved, -1e-2 * result.projected_grad * z, atol=1e-6)
+    finally:
+        host.remove()

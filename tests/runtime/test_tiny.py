@@ -1,0 +1,112 @@
+"""The built-in tiny models: they load back like real checkpoints, and resolve_model finds models."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from zoplan.errors import ZoplanError
+from zoplan.runtime import tiny
+from zoplan.runtime.data import make_sentiment
+from zoplan.runtime.tiny import TINY, build_tiny, resolve_model
+
+NAMES = sorted(TINY)
+
+
+def test_builtins_cover_three_families_and_are_small() -> None:
+    assert {config.model_type for config in TINY.values()} == {"opt", "llama", "qwen2"}
+    vocab = len(tiny.build_tokenizer())
+    for config in TINY.values():
+        assert config.vocab_size == vocab
+        assert 2 <= config.num_hidden_layers <= 4
+        assert config.hidden_size == 64 and config.num_attention_heads == 4
+        assert config.max_position_embeddings == 128
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_loads_back_and_runs_a_forward(name: str, tiny_dirs: dict[str, Path]) -> None:
+    directory = tiny_dirs[name]
+    assert list(directory.glob("*.safetensors")), "weights must be saved as safetensors"
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert model.config.model_type == TINY[name].model_type
+    assert model.config.vocab_size == len(tokenizer) == TINY[name].vocab_size
+    assert tokenizer.pad_token_id is not None
+
+    input_ids = torch.randint(4, len(tokenizer), (4, 32))
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    elapsed = time.perf_counter() - start
+    assert logits.shape == (4, 32, len(tokenizer))
+    assert torch.isfinite(logits).all()
+    assert elapsed < 1.0  # milliseconds in practice; generous against a loaded CI machine
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loaded_tokenizer_keeps_data_words_whole(name: str, tiny_dirs: dict[str, Path]) -> None:
+    """Through AutoTokenizer (which picks Qwen2Tokenizer for qwen2) every word of the bundled
+    data is one token and no text is lost."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[name])
+    for record in make_sentiment(40, seed=3):
+        text = record["text"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        words = text.rstrip(".").split()
+        assert len(ids) == len(words) + 1, tokenizer.convert_ids_to_tokens(ids)  # + the "."
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == text
+    other = "Zoë paid 42€ — fine?"
+    assert tokenizer.decode(tokenizer(other, add_special_tokens=False)["input_ids"]) == other
+
+
+def test_build_is_deterministic_per_seed(tmp_path: Path) -> None:
+    state = torch.get_rng_state()
+    first = load_file(build_tiny("tiny-llama", tmp_path / "a", seed=1) / "model.safetensors")
+    again = load_file(build_tiny("tiny-llama", tmp_path / "b", seed=1) / "model.safetensors")
+    other = load_file(build_tiny("tiny-llama", tmp_path / "c", seed=2) / "model.safetensors")
+    assert torch.equal(torch.get_rng_state(), state), "building must not disturb the global RNG"
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
+def test_build_unknown_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ZoplanError, match="not a built-in"):
+        build_tiny("tiny-gpt5", tmp_path)
+
+
+def test_resolve_builtin_builds_once_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = resolve_model("tiny-opt", cache_dir=tmp_path)
+    assert path == tmp_path / f"tiny-opt-v{tiny.TINY_VERSION}"
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    assert [entry.name for entry in tmp_path.iterdir()] == [path.name], "no temporary left behind"
+
+    def fail(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("a cached tiny model must not be rebuilt")
+
+    monkeypatch.setattr(tiny, "build_tiny", fail)
+    assert resolve_model("tiny-opt", cache_dir=tmp_path) == path
+
+
+def test_resolve_local_directory_as_is(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    directory = tiny_dirs["tiny-qwen2"]
+    assert resolve_model(str(directory)) == directory
+    with pytest.raises(ZoplanError, match="no config.json"):
+        resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["nobody-here/no-such-model-zoplan", "not a valid id!"])
+def test_resolve_unknown_hub_id_fails_fast(name: str) -> None:
+    start = time.perf_counter()
+    with pytest.raises(ZoplanError) as caught:
+        resolve_model(name)
+    assert time.perf_counter() - start < 5.0
+    assert f"model '{name}' cannot be found offline or on the hub" in caught.value.message
+    assert caught.value.fix == (
+        "pass a local directory with config.json and *.safetensors, or a built-in: "
+        "tiny-opt, tiny-llama, tiny-qwen2"
+    )
