@@ -152,10 +152,14 @@ def vocabulary_words() -> list[str]:
 def load_examples(source: str) -> tuple[list[Example], str]:
     """Load examples and the task kind: ``"classification"`` (every record labelled) or ``"lm"``.
 
-    ``source`` is a local ``.jsonl`` or ``.csv`` file, the word ``sentiment`` (the bundled set),
+    ``source`` is a local ``.jsonl`` or ``.csv`` file, the word ``sentiment`` (the bundled set,
+    classification), ``sentiment-text`` (the same texts without labels, for language modelling),
     or a Hugging Face ``datasets`` name (``name`` or ``name:config``; needs the ``datasets``
     package and the hub). A malformed record raises ZoplanError naming the file and line.
     """
+    if source == "sentiment-text":
+        examples, _ = load_examples("sentiment")
+        return [Example(e.text) for e in examples], "lm"
     if source == "sentiment":
         path = SENTIMENT_FILE
     else:

@@ -156,6 +156,8 @@ def train(args: argparse.Namespace) -> None:
     tokens_per_step = plan.batch.global_batch * plan.batch.seq_len
     t_start = time.perf_counter()
     try:
+        # the held-out loss before any update: the baseline the final evaluation is read against
+        evaluate(engine, eval_set, tokenizer, task, plan, ctx, -1, metrics)
         for step in range(steps):
             t0 = time.perf_counter()
             mine: list = []

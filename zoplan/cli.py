@@ -183,7 +183,8 @@ def timeline_cmd(
 def run_cmd(
     plan_file: Optional[Path] = typer.Argument(None, help="a plan from `zoplan plan -o`; omitted: plan for this machine"),
     model: str = typer.Option("tiny-opt", "--model", "-m", help="local directory, hub id, or tiny-opt / tiny-llama / tiny-qwen2"),
-    data: str = typer.Option("sentiment", "--data", "-d", help="a .jsonl or .csv file, 'sentiment' (bundled), or a datasets name"),
+    data: str = typer.Option("sentiment-text", "--data", "-d",
+                             help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), or a datasets name"),
     steps: int = typer.Option(100, "--steps", "-n", help="training steps"),
     output: Path = typer.Option(Path("zoplan-run"), "--output", "-o", help="directory for weights, journal and metrics"),
     global_batch: int = typer.Option(8, "--global-batch", "-b", help="without a plan: sequences per step"),
@@ -193,7 +194,7 @@ def run_cmd(
     ddp: Optional[int] = typer.Option(None, "--ddp", help="without a plan: pin the data-parallel degree"),
     slices: Optional[int] = typer.Option(None, "--slices", help="without a plan: pin slices per block"),
     wire_dtype: Optional[Dtype] = typer.Option(None, "--wire-dtype", help="without a plan: pin the host-copy dtype"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="without a plan: learning rate"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="without a plan: learning rate (1e-6; 1e-3 for the tiny models)"),
     eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
     seed: Optional[int] = typer.Option(None, "--seed", help="without a plan: run seed"),
     eval_every: int = typer.Option(0, "--eval-every", help="evaluate on the held-out split every N steps (and at the end)"),
@@ -217,9 +218,13 @@ def run_cmd(
                       master_addr=master_addr, master_port=master_port, lr=lr, eps=eps, seed=seed)
     result = run(opts)
     if node_rank == 0:
-        out.print(Text(f"trained {result.steps} steps: loss {result.first_loss:.4f} -> {result.last_loss:.4f}"))
+        out.print(Text(f"trained {result.steps} steps: training loss {result.first_loss:.4f} (first {result.window} "
+                       f"steps) -> {result.last_loss:.4f} (last {result.window})"))
         if result.eval:
-            out.print(Text(f"held-out: loss {result.eval['eval_loss']:.4f}, accuracy {result.eval['eval_accuracy']:.3f}"))
+            before = result.eval_before
+            out.print(Text(f"held-out: loss {before['eval_loss']:.4f} -> {result.eval['eval_loss']:.4f}, accuracy "
+                           f"{before['eval_accuracy']:.3f} -> {result.eval['eval_accuracy']:.3f}" if before else
+                           f"held-out: loss {result.eval['eval_loss']:.4f}, accuracy {result.eval['eval_accuracy']:.3f}"))
         out.print(Text(f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml"))
 
 

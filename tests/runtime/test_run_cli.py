@@ -1,0 +1,99 @@
+"""`zoplan run` as a user runs it: the default run learns; bad input exits 2 with one message."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from zoplan.planfile import load_plan, write_plan
+from zoplan.planner import plan
+
+
+def zoplan(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    proc = zoplan("run", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    out = tmp_path / "zoplan-run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0] - 0.05  # held-out loss before and after
+    train = [r["loss"] for r in rows if "loss" in r]
+    assert len(train) == 100 and sum(train[-10:]) < sum(train[:10])
+    journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    assert [j["step"] for j in journal] == list(range(100))
+    assert set(journal[0]) >= {"step", "seed", "loss_plus", "loss_minus", "projected_grad", "lr", "eps", "weight_decay"}
+    load_plan(out / "plan.yaml")
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert "held-out: loss" in proc.stdout
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path: Path, tiny_dirs) -> None:
+    report = plan(str(tiny_dirs["tiny-llama"] / "config.json"), "cpu-local", global_batch=8, seq_len=32, dtype="fp32")
+    write_plan(report.plan, tmp_path / "plan.yaml")
+    proc = zoplan("run", str(tmp_path / "plan.yaml"), "--model", str(tiny_dirs["tiny-opt"]), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "planned for model" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_gpu_plan_on_this_cpu_machine_is_refused(tmp_path: Path, tiny_dirs) -> None:
+    report = plan(str(tiny_dirs["tiny-opt"] / "config.json"), "dgx-a100", global_batch=8, seq_len=32)
+    write_plan(report.plan, tmp_path / "plan.yaml")
+    proc = zoplan("run", str(tmp_path / "plan.yaml"), "--model", str(tiny_dirs["tiny-opt"]), "-o", str(tmp_path / "o"))
+    if proc.returncode == 0:
+        pytest.skip("this machine has CUDA")
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "nobody/no-such-model"], "cannot be found offline"),
+    (["--global-batch", "7", "--ddp", "2"], "does not divide"),
+    (["--steps", "0"], "--steps must be at least 1"),
+])
+def test_bad_run_arguments_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = zoplan("run", *args, "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_malformed_data_line_is_named(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "fine", "label": 1}\n{"text": oops}\n')
+    proc = zoplan("run", "--data", str(data), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and f"{data}" in proc.stderr and ":2" in proc.stderr
+
+
+def test_a_previous_runs_output_is_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "journal.jsonl").write_text("precious\n")
+    proc = zoplan("run", "-o", str(out))
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert (out / "journal.jsonl").read_text() == "precious\n"
+
+
+def test_non_finite_losses_skip_updates_then_stop_the_run(tmp_path: Path) -> None:
+    proc = zoplan("run", "--lr", "1e30", "--steps", "40", "--max-nonfinite", "3", "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "not finite for 3 steps in a row" in proc.stderr
+    journal = [json.loads(line) for line in (tmp_path / "o" / "journal.jsonl").read_text().splitlines()]
+    skipped = [j for j in journal if j["skipped"]]
+    assert len(skipped) == 3 and all(j["projected_grad"] == 0.0 for j in skipped)
+
+
+def test_a_node_count_that_differs_from_the_plan_is_reported(tmp_path: Path, tiny_dirs) -> None:
+    report = plan(str(tiny_dirs["tiny-opt"] / "config.json"), "cpu-local", global_batch=8, seq_len=32, dtype="fp32")
+    write_plan(report.plan, tmp_path / "plan.yaml")
+    proc = zoplan("run", str(tmp_path / "plan.yaml"), "--model", str(tiny_dirs["tiny-opt"]), "--nnodes", "2",
+                  "--master-port", "29777", "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "spans 1 node(s) but --nnodes is 2" in proc.stderr
