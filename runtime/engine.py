@@ -26,7 +26,7 @@ from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter
 from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
 from zoplan.runtime.perturb import normal
-from zoplan.runtime.zo import apply_update, update_range
+from zoplan.runtime.zo import apply_update, fused_kernels, update_range
 
 
 class _StopAtFirstBlock(Exception):
@@ -73,6 +73,14 @@ class Engine:
         self.resident_params = {n: p for n, p in model.named_parameters()
                                 if not n.startswith(adapter.blocks_path + ".")}
         self.resident_master = {n: p.detach().clone() for n, p in self.resident_params.items()} if self.computes else {}
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            # page-locked host memory: asynchronous copies at full PCIe speed
+            for t in host.blocks:
+                torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+            self.up_stream = torch.cuda.Stream(self.device)
+            self.off_stream = torch.cuda.Stream(self.device)
+        self.written: dict[int, torch.cuda.Event] = {}  # block -> its last write-back (CUDA)
         self.kept: dict[int, torch.Tensor] = {}  # resident blocks' device buffers
         for i in self.resident_blocks:
             self.kept[i] = self._device_copy(i)
@@ -94,23 +102,56 @@ class Engine:
 
     def _device_copy(self, i: int) -> torch.Tensor:
         layout = self.host.layouts[i]
-        buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
         src = self.host.blocks[i]
-        if self.upload == "whole":
-            buf.copy_(src)
-        else:
-            for lo, hi in self._my_ranges(layout):
-                buf[lo:hi].copy_(src[lo:hi])
+        if self.cuda:
+            # on the upload stream, after the previous write-back of this block has landed
+            with torch.cuda.stream(self.up_stream):
+                if i in self.written:
+                    self.up_stream.wait_event(self.written[i])
+                buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+                self._copy_ranges(buf, src, layout)
+                buf.record_stream(torch.cuda.current_stream(self.device))
+            return buf
+        buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+        self._copy_ranges(buf, src, layout)
         return buf
 
-    def _fetch(self, i: int) -> torch.Tensor | None:
+    def _copy_ranges(self, buf: torch.Tensor, src: torch.Tensor, layout: BlockLayout) -> None:
+        ranges = [(0, layout.padded)] if self.upload == "whole" else self._my_ranges(layout)
+        for lo, hi in ranges:
+            buf[lo:hi].copy_(src[lo:hi], non_blocking=self.cuda)
+
+    def _write_back(self, i: int, buf: torch.Tensor, lo: int, hi: int) -> None:
+        dst = self.host.blocks[i][lo:hi]
+        if not self.cuda:
+            dst.copy_(buf[lo:hi])
+            return
+        # on the offload stream, once the update has been computed
+        ready = torch.cuda.current_stream(self.device).record_event()
+        with torch.cuda.stream(self.off_stream):
+            self.off_stream.wait_event(ready)
+            dst.copy_(buf[lo:hi], non_blocking=True)
+            buf.record_stream(self.off_stream)
+            self.written[i] = self.off_stream.record_event()
+
+    def _prefetch(self, i: int) -> torch.Tensor | None:
+        """Start block i's upload (CUDA: asynchronously, overlapping the compute before it)."""
+        if i >= len(self.blocks) or i in self.resident_blocks:
+            return None
+        if self.upload == "whole" and not self.computes:
+            return None
+        return self._device_copy(i)
+
+    def _fetch(self, i: int, uploaded: torch.Tensor | None = None) -> torch.Tensor | None:
         """Steps 1-4 for block i: its current weights on this device (None on a rank that
-        neither moves nor computes)."""
+        neither moves nor computes). ``uploaded``: the buffer ``_prefetch`` started."""
         layout = self.host.layouts[i]
         kept = i in self.resident_blocks
         if self.upload == "whole" and not self.computes:
             return None
-        buf = self.kept[i] if kept else self._device_copy(i)
+        buf = self.kept[i] if kept else (uploaded if uploaded is not None else self._device_copy(i))
+        if self.cuda and not kept:
+            torch.cuda.current_stream(self.device).wait_stream(self.up_stream)
         p = self.pending
         if self.upload == "whole":
             if p is not None:
@@ -119,15 +160,17 @@ class Engine:
                 if self.ctx.computes > 1:
                     # every rank of this machine reads the whole block before anyone writes its
                     # share back: a share written early would be read, and updated, twice
+                    if self.cuda:
+                        self.up_stream.synchronize()
                     dist.barrier(group=self.ctx.exchange_group)
                 for lo, hi in self._my_ranges(layout):
-                    self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
+                    self._write_back(i, buf, lo, hi)
             return buf
         for lo, hi in self._my_ranges(layout):
             if p is not None:
                 update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
                 if not kept:  # only this rank reads these slices back: no one else to wait for
-                    self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
+                    self._write_back(i, buf, lo, hi)
         if self.ctx.movers > 1:
             size = layout.padded // self.slices
             n = self.ctx.movers
@@ -184,6 +227,16 @@ class Engine:
 
     def _perturbed(self, i: int, theta: torch.Tensor, seed: int, signs: tuple[int, ...]) -> dict[int, torch.Tensor]:
         layout = self.host.layouts[i]
+        fused = fused_kernels() if theta.is_cuda else None
+        if fused is not None:
+            out = {}
+            for s in signs:
+                w = torch.empty_like(theta)
+                for slot in layout.slots:
+                    fused.perturbed_into(w[slot.offset:slot.offset + slot.numel],
+                                         theta[slot.offset:slot.offset + slot.numel], seed, slot.name, 0, s * self.eps)
+                out[s] = w
+            return out
         z = torch.zeros(layout.padded, dtype=torch.float32, device=self.device)
         for slot in layout.slots:
             z[slot.offset:slot.offset + slot.numel] = normal(seed, slot.name, 0, slot.numel, device=self.device)
@@ -206,8 +259,10 @@ class Engine:
                 hidden[s].append(h)
                 if len(kwargs) < len(micro_batches):
                     kwargs.append(kw)
+        ahead = self._prefetch(0)
         for i in range(len(self.blocks)):
-            theta = self._fetch(i)
+            uploaded, ahead = ahead, self._prefetch(i + 1)  # block i+1 uploads while i computes
+            theta = self._fetch(i, uploaded)
             if theta is None or not signs:
                 continue
             weights = (self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta})
@@ -266,6 +321,8 @@ class Engine:
         for i in range(len(self.blocks)):
             self._fetch(i)
         self.pending = None
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
         zdist.barrier()  # every share of the host copy is written before anyone reads it again
 
     def resident_state(self) -> dict[str, torch.Tensor]:
@@ -276,6 +333,8 @@ class Engine:
         for i, buf in self.kept.items():
             for lo, hi in self._my_ranges(self.host.layouts[i]):
                 self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
 
 def _finite(x: float) -> bool:

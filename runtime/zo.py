@@ -38,12 +38,26 @@ def apply_update(x: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: floa
     x.copy_(xf - step * lr)
 
 
+def fused_kernels():
+    """The fused Triton kernels for CUDA tensors, or None (CPU, or no triton)."""
+    try:
+        from zoplan.runtime import perturb_triton
+    except ImportError:
+        return None
+    return perturb_triton
+
+
 def update_range(flat: torch.Tensor, layout, start: int, end: int, seed: int, g: float, lr: float,
                  wd: float) -> None:
     """Apply one step's update to the flat range [start, end) of a block buffer."""
+    fused = fused_kernels() if flat.is_cuda else None
     for slot, first, count, pos in layout.segments(start, end):
+        x = flat[start + pos:start + pos + count]
+        if fused is not None:  # the same arithmetic in one kernel, z never materialised
+            fused.update_(x, seed, slot.name, first, g, lr, wd, slot.decay)
+            continue
         z = normal(seed, slot.name, first, count, device=flat.device)
-        apply_update(flat[start + pos:start + pos + count], z, g, lr, wd, slot.decay)
+        apply_update(x, z, g, lr, wd, slot.decay)
 
 
 def update_tensor(param: torch.Tensor, name: str, seed: int, g: float, lr: float, wd: float, decay: bool) -> None:

@@ -194,6 +194,10 @@ def run_cmd(
     ddp: Optional[int] = typer.Option(None, "--ddp", help="without a plan: pin the data-parallel degree"),
     slices: Optional[int] = typer.Option(None, "--slices", help="without a plan: pin slices per block"),
     wire_dtype: Optional[Dtype] = typer.Option(None, "--wire-dtype", help="without a plan: pin the host-copy dtype"),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="without a plan: pin the compute devices (rank0,rank1 on CPU)"),
+    upload: Optional[Upload] = typer.Option(None, "--upload", help="without a plan: whole-block or sliced uploads"),
+    resident: Optional[int] = typer.Option(None, "--resident", help="without a plan: blocks kept on the devices"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="without a plan: pin the micro-batch"),
     lr: Optional[float] = typer.Option(None, "--lr", help="without a plan: learning rate (1e-6; 1e-3 for the tiny models)"),
     eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
     seed: Optional[int] = typer.Option(None, "--seed", help="without a plan: run seed"),
@@ -212,8 +216,10 @@ def run_cmd(
         raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
     opts = RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=output,
                       global_batch=global_batch, seq_len=seq_len, topology=topology,
-                      pins=Pins(perturbation=pertp, data=ddp, slices=slices,
-                                wire_dtype=wire_dtype.value if wire_dtype else None),
+                      pins=Pins(perturbation=pertp, data=ddp, slices=slices, gpus=_gpus(gpus),
+                                wire_dtype=wire_dtype.value if wire_dtype else None,
+                                upload=upload.value if upload else None, resident=resident,
+                                micro_batch=micro_batch),
                       eval_every=eval_every, max_nonfinite=max_nonfinite, nnodes=nnodes, node_rank=node_rank,
                       master_addr=master_addr, master_port=master_port, lr=lr, eps=eps, seed=seed)
     result = run(opts)

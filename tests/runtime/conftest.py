@@ -11,6 +11,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# the runtime needs the `runtime` extra (torch, transformers); the planner's tests run without it
+try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+except ImportError:
+    collect_ignore_glob = ["test_*.py"]
+
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
