@@ -77,7 +77,10 @@ class Engine:
         if self.cuda:
             # page-locked host memory: asynchronous copies at full PCIe speed
             for t in host.blocks:
-                torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+                err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+                if int(err) != 0:  # still correct, only slower (pageable copies)
+                    print(f"warning: could not pin the host copy (cudaHostRegister error {int(err)})", flush=True)
+                    break
             self.up_stream = torch.cuda.Stream(self.device)
             self.off_stream = torch.cuda.Stream(self.device)
         self.written: dict[int, torch.cuda.Event] = {}  # block -> its last write-back (CUDA)

@@ -1,0 +1,154 @@
+"""GPU figures of the runtime (docs/results/runtime-gpu.md): one GPU, OPT-1.3B- and 2.7B-shaped
+models with random weights, bf16, offloaded (every block streamed from host memory) against the
+same model kept in GPU memory (plain MeZO: every block resident), with measured host-to-device
+bandwidth and matmul throughput for the bounds.
+
+Usage (on a GPU machine, zoplan installed with the runtime extra):
+    python bench/runtime_gpu.py --out results-dir [--steps 5] [--models opt-1.3b,opt-2.7b]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHAPES = {"opt-1.3b": (2048, 24, 8192, 32), "opt-2.7b": (2560, 32, 10240, 32)}
+
+
+def log(out: Path, text: str) -> None:
+    print(text, flush=True)
+    with (out / "gpu.txt").open("a") as f:
+        f.write(text + "\n")
+
+
+def copy_gbps(direction: str, nbytes: int = 2**30, reps: int = 5) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    src, dst = (host, dev) if direction == "h2d" else (dev, host)
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    end.record()
+    torch.cuda.synchronize()
+    return nbytes * reps / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def build(directory: Path, name: str) -> tuple[Path, int, int]:
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from zoplan.runtime.tiny import build_tokenizer
+
+    hidden, layers, ffn, heads = SHAPES[name]
+    tok = build_tokenizer()
+    config = OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+                       num_attention_heads=heads, max_position_embeddings=2048, word_embed_proj_dim=hidden,
+                       dropout=0.0, attention_dropout=0.0, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    block = sum(p.numel() for p in model.model.decoder.layers[0].parameters())
+    del model
+    torch.cuda.empty_cache()
+    return directory, layers, block
+
+
+def long_texts(path: Path, count: int = 128) -> Path:
+    from zoplan.runtime.data import load_examples
+
+    examples, _ = load_examples("sentiment-text")
+    with path.open("w") as f:
+        for i in range(count):
+            f.write(json.dumps({"text": ". ".join(examples[(i * 7 + k) % len(examples)].text
+                                                  for k in range(40))}) + "\n")
+    return path
+
+
+def zoplan_run(model: Path, data: Path, out: Path, steps: int, resident: int, batch: int, seq: int) -> list[float]:
+    cmd = [sys.executable, "-m", "zoplan.cli", "run", "--model", str(model), "--data", str(data),
+           "--steps", str(steps), "-o", str(out), "--topology", "dgx-h100", "--gpus", "gpu0", "--pertp", "1",
+           "--ddp", "1", "--upload", "whole", "--resident", str(resident), "--global-batch", str(batch),
+           "--micro-batch", str(batch), "--seq-len", str(seq), "--lr", "1e-6"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (out / "worker-node0.log").read_text()[-3000:] if (out / "worker-node0.log").exists() else ""
+        raise RuntimeError(f"zoplan run failed ({proc.returncode}): {proc.stderr[-2000:]}\n{tail}")
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time_s"] for r in rows if "step_time_s" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--models", default="opt-1.3b,opt-2.7b")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    opts = parser.parse_args()
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    import transformers
+
+    log(out, f"{time.strftime('%Y-%m-%d %H:%M')} {torch.cuda.get_device_name()} torch {torch.__version__} "
+             f"transformers {transformers.__version__}")
+    h2d, d2h, mm = copy_gbps("h2d"), copy_gbps("d2h"), matmul_tflops()
+    log(out, f"pinned copy 1 GiB: H2D {h2d:.1f} GB/s, D2H {d2h:.1f} GB/s; bf16 matmul 8192^3 {mm:.0f} TFLOP/s")
+    work = Path("/tmp/zoplan-gpu-bench")
+    work.mkdir(exist_ok=True)
+    data = long_texts(work / "long.jsonl")
+    # a quick end-to-end run first: a broken GPU path should cost seconds, not the whole budget
+    try:
+        from zoplan.runtime.tiny import resolve_model
+
+        tiny = zoplan_run(resolve_model("tiny-opt"), data, work / "tiny", 3, 0, 4, 64)
+        log(out, f"tiny-opt on the GPU: ok, steps {[round(x, 4) for x in tiny]} s")
+    except Exception:
+        log(out, f"tiny-opt on the GPU: FAILED\n{traceback.format_exc()[-4000:]}")
+        return
+    for name in opts.models.split(","):
+        try:
+            model, layers, block = build(work / name, name)
+            off = zoplan_run(model, data, work / f"{name}-off", opts.steps, 0, opts.batch, opts.seq_len)
+            mem = zoplan_run(model, data, work / f"{name}-mem", opts.steps, layers, opts.batch, opts.seq_len)
+            off_s, mem_s = statistics.median(off[2:]), statistics.median(mem[2:])
+            transfer_s = layers * block * 2 / (h2d * 1e9)
+            bound = max(transfer_s, mem_s)
+            log(out, f"{name}-shaped ({layers} blocks of {block / 1e6:.1f}M params, bf16), batch {opts.batch} x "
+                     f"{opts.seq_len}: offloaded {off_s * 1e3:.1f} ms/step, in GPU memory {mem_s * 1e3:.1f} ms/step, "
+                     f"transfer bound {transfer_s * 1e3:.1f} ms ({layers * block * 2 / 1e9:.2f} GB at {h2d:.1f} GB/s); "
+                     f"offloaded / max(transfer, in-GPU) = {off_s / bound:.2f}; effective H2D "
+                     f"{layers * block * 2 / off_s / 1e9:.1f} GB/s; raw offloaded steps {[round(x, 4) for x in off]}, "
+                     f"in-GPU steps {[round(x, 4) for x in mem]}")
+        except Exception:  # keep measuring the other shape; the error is part of the record
+            log(out, f"{name}: FAILED\n{traceback.format_exc()[-4000:]}")
+
+
+if __name__ == "__main__":
+    main()
