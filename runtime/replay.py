@@ -4,30 +4,50 @@ Every line of ``journal.jsonl`` is one step's (seed, projected gradient, lr, wei
 update it stands for is a pure function of those and the parameter names (zoplan.runtime.zo), so
 applying the lines in order to the base weights reproduces the run. Skipped steps (non-finite
 loss) carry a projected gradient of 0 and change nothing.
+
+A journal line is about 210 bytes (JSON with full-precision floats; 1055 bytes for the 5 steps of
+`zoplan run --steps 5`), so a 20,000-step run's journal is ~4.2 MB, against 2.6 GB for one bf16
+snapshot of a 1.3B-parameter model.
 """
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from zoplan.errors import ZoplanError
-from zoplan.runtime.hostcopy import decays
+from zoplan.runtime.hostcopy import DTYPES, decays
 from zoplan.runtime.zo import update_tensor
+
+FIELDS = ("step", "seed", "projected_grad", "lr", "weight_decay")
 
 
 def read_journal(path: Path) -> list[dict]:
+    """The journal's steps in order. A last line cut short (a power loss mid-write) is dropped
+    with a warning; a bad line anywhere else is an error naming it."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ZoplanError(f"cannot read journal {path}: {exc}") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            rows.append({k: row[k] for k in ("step", "seed", "projected_grad", "lr", "weight_decay")})
+            rows.append({k: row[k] for k in FIELDS})
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            if number == len(lines):
+                print(f"warning: {path}:{number}: dropped a torn last line", file=sys.stderr)
+                break
             raise ZoplanError(f"{path}:{number}: not a journal line ({exc})") from None
+    steps = [r["step"] for r in rows]
+    if steps and steps != list(range(steps[0], steps[0] + len(steps))):
+        raise ZoplanError(f"{path}: steps are not consecutive ({steps[:3]}...)")
     return rows
 
 
@@ -42,3 +62,31 @@ def replay(model: nn.Module, journal: list[dict]) -> nn.Module:
             update_tensor(param, name, row["seed"], row["projected_grad"], row["lr"], row["weight_decay"],
                           decays(name, param))
     return model
+
+
+def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = None, device: str = "cpu") -> int:
+    """``zoplan replay``: base weights + journal -> a Hugging Face directory. The dtype defaults to
+    the run's host-copy dtype (plan.yaml beside the journal), the dtype the updates were rounded
+    to while training; returns the number of steps replayed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.planfile import load_plan
+    from zoplan.runtime.tiny import resolve_model
+
+    if out.exists() and any(out.iterdir()):
+        raise ZoplanError(f"output directory {out} is not empty", fix="choose a new -o directory")
+    journal = read_journal(journal_path)
+    if dtype is None:
+        plan_path = journal_path.parent / "plan.yaml"
+        dtype = load_plan(plan_path).transfer.wire_dtype if plan_path.exists() else "fp32"
+    model_dir = resolve_model(base)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
+    replay(model, journal)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    try:
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    except (OSError, ValueError):
+        for f in model_dir.glob("*token*"):
+            shutil.copy2(f, out / f.name)
+    return len(journal)

@@ -234,6 +234,21 @@ def run_cmd(
         out.print(Text(f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml"))
 
 
+@app.command("replay")
+def replay_cmd(
+    base_model: str = typer.Argument(..., help="the base weights the run started from (directory, hub id or tiny-*)"),
+    journal: Path = typer.Argument(..., help="the run's journal.jsonl"),
+    output: Path = typer.Option(..., "--output", "-o", help="directory for the rebuilt weights"),
+    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="default: the run's host-copy dtype from plan.yaml"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+) -> None:
+    """Rebuild trained weights from the base weights and the journal alone."""
+    from zoplan.runtime.replay import replay_to
+
+    steps = replay_to(base_model, journal, output, dtype=dtype.value if dtype else None, device=device)
+    out.print(Text(f"replayed {steps} steps into {output} (from_pretrained)"))
+
+
 @topo_app.command("list")
 def topo_list() -> None:
     """The bundled machine topologies."""

@@ -37,6 +37,19 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
     assert sum(p.numel() for p in model.parameters()) > 0
     assert "held-out: loss" in proc.stdout
 
+    # the journal alone rebuilds the trained weights from the base model
+    import torch
+    from safetensors.torch import load_file
+
+    rep = zoplan("replay", "tiny-opt", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep"))
+    assert rep.returncode == 0, rep.stderr
+    trained, rebuilt = load_file(str(out / "model" / "model.safetensors")), load_file(str(tmp_path / "rep" / "model.safetensors"))
+    assert all(torch.equal(rebuilt[n], v) for n, v in trained.items())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 0}\n' + (out / "journal.jsonl").read_text())
+    rep = zoplan("replay", "tiny-opt", str(bad), "-o", str(tmp_path / "rep2"))
+    assert rep.returncode == 2 and f"{bad}:1" in rep.stderr and "Traceback" not in rep.stderr
+
 
 def test_a_plan_for_another_model_is_refused(tmp_path: Path, tiny_dirs) -> None:
     report = plan(str(tiny_dirs["tiny-llama"] / "config.json"), "cpu-local", global_batch=8, seq_len=32, dtype="fp32")
