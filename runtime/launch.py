@@ -52,6 +52,11 @@ class RunOptions:
     eps: float | None = None
     seed: int | None = None
     quiet: bool = False
+    resume: bool = False  # continue the run in ``output`` (its plan, model and data)
+    max_restarts: int = 0  # torchrun restarts the ranks after a crash; they resume from the journal
+    snapshot_every: int = 0
+    snapshot_minutes: float = 0.0
+    keep_snapshots: int = 2
 
 
 @dataclass
@@ -92,9 +97,11 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     from zoplan.runtime.tiny import resolve_model
 
     out = opts.output
+    if opts.resume:
+        return _prepare_resume(opts)
     if out.exists() and any(out.iterdir()):
         raise ZoplanError(f"output directory {out} is not empty: a previous run's output is not overwritten",
-                          fix="choose a new --output directory or remove the old one")
+                          fix="choose a new --output directory, remove the old one, or continue it with --resume")
     if opts.steps < 1:
         raise ZoplanError(f"--steps must be at least 1, got {opts.steps}")
     model_dir = resolve_model(opts.model)
@@ -132,7 +139,27 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.yaml"
     write_plan(plan, plan_path)
+    (out / "run.json").write_text(json.dumps({"model": opts.model, "data": opts.data}))
     return plan, model_dir, plan_path
+
+
+def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
+    """Continue the run in ``opts.output`` with the plan, model and data it started with."""
+    from zoplan.runtime.tiny import resolve_model
+
+    out = opts.output
+    plan_path = out / "plan.yaml"
+    if not plan_path.exists() or not (out / "run.json").exists():
+        raise ZoplanError(f"{out} holds no run to resume (no plan.yaml and run.json)",
+                          fix="pass the --output directory of an earlier `zoplan run`")
+    plan = load_plan(plan_path)
+    recorded = json.loads((out / "run.json").read_text())
+    opts.model, opts.data = recorded["model"], recorded["data"]
+    if plan.layout.nodes != opts.nnodes:
+        raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {opts.nnodes}")
+    for stale in ("error.txt",):
+        (out / stale).unlink(missing_ok=True)
+    return plan, resolve_model(opts.model), plan_path
 
 
 def run(opts: RunOptions) -> RunResult:
@@ -144,13 +171,15 @@ def run(opts: RunOptions) -> RunResult:
     run_id = uuid.uuid4().hex[:12] if opts.nnodes == 1 else f"{port}-{opts.master_addr.replace('.', '_')}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_node),
            "--nnodes", str(opts.nnodes), "--node-rank", str(opts.node_rank),
+           "--max-restarts", str(opts.max_restarts),
            "--master-addr", opts.master_addr, "--master-port", str(port),
            "-m", "zoplan.runtime.worker", "--plan", str(plan_path), "--model-dir", str(model_dir),
            "--data", opts.data, "--steps", str(opts.steps), "--output", str(out), "--run-id", run_id,
            "--eval-every", str(opts.eval_every), "--max-nonfinite", str(opts.max_nonfinite),
-           "--device", device]
+           "--device", device, "--snapshot-every", str(opts.snapshot_every),
+           "--snapshot-minutes", str(opts.snapshot_minutes), "--keep-snapshots", str(opts.keep_snapshots)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    log = open(out / f"worker-node{opts.node_rank}.log", "w")
+    log = open(out / f"worker-node{opts.node_rank}.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         _follow(proc, out / "metrics.jsonl", opts)

@@ -27,6 +27,8 @@ from zoplan.runtime.adapters import Adapter, adapter_for
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy, shm_root
 from zoplan.runtime.perturb import step_seed
+from zoplan.runtime.replay import replay
+from zoplan.runtime.snapshots import resume_point, write_snapshot
 from zoplan.runtime.zo import learning_rate
 
 
@@ -58,7 +60,8 @@ def _blocks_detached(model: nn.Module, adapter: Adapter):
         setattr(parent, attr, blocks)
 
 
-def load_model(model_dir: Path, plan: Plan, ctx: zdist.RankContext, run_id: str) -> tuple[nn.Module, Adapter, HostCopy]:
+def load_model(model_dir: Path, plan: Plan, ctx: zdist.RankContext, run_id: str,
+               replay_rows: list[dict] | None = None) -> tuple[nn.Module, Adapter, HostCopy]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -69,6 +72,10 @@ def load_model(model_dir: Path, plan: Plan, ctx: zdist.RankContext, run_id: str)
     host = None
     if ctx.is_loader:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **_dtype_kwarg(dtype))
+        if replay_rows:
+            # journal lines after the snapshot: the steps completed but not in the weights yet
+            # (bit-identical to training when the host copy has the compute dtype, the default)
+            replay(model, replay_rows)
         host = HostCopy.create(root, model, adapter.blocks(model), prefix, plan.transfer.slices_per_block,
                                plan.transfer.wire_dtype, plan.transfer.param_dtype)
         adapter.blocks(model).to("meta")  # the host copy holds the blocks now
@@ -93,10 +100,9 @@ def load_model(model_dir: Path, plan: Plan, ctx: zdist.RankContext, run_id: str)
     return model, adapter, host
 
 
-def save_weights(model: nn.Module, adapter: Adapter, host: HostCopy, engine: Engine, model_dir: Path,
-                 out: Path, param_dtype: str) -> None:
-    """Hugging Face layout: config, tokenizer files and model.safetensors (loadable with
-    ``from_pretrained``)."""
+def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path, param_dtype: str) -> None:
+    """Hugging Face layout in ``target``: config, tokenizer files and model.safetensors (loadable
+    with ``from_pretrained``). Call after ``engine.flush()``."""
     from safetensors.torch import save_file
 
     dtype = DTYPES[param_dtype]
@@ -106,12 +112,19 @@ def save_weights(model: nn.Module, adapter: Adapter, host: HostCopy, engine: Eng
             state[slot.name] = flat[slot.offset:slot.offset + slot.numel].view(slot.shape).to(dtype).clone()
     for name, value in engine.resident_state().items():
         state[name] = value.detach().to("cpu", dtype).clone()
-    tmp = out / "weights.tmp"
-    tmp.mkdir(exist_ok=True)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     for f in model_dir.iterdir():
-        if f.is_file() and (f.suffix in (".json", ".txt", ".model") and f.name != "model.safetensors.index.json"):
-            shutil.copy2(f, tmp / f.name)
+        if f.is_file() and f.suffix in (".json", ".txt", ".model") and f.name not in (
+                "model.safetensors.index.json", "meta.json"):
+            shutil.copy2(f, target / f.name)
+
+
+def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param_dtype: str) -> None:
+    tmp = out / "model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write_weights(host, engine, model_dir, tmp, param_dtype)
     final = out / "model"
     if final.exists():
         shutil.rmtree(final)
@@ -136,7 +149,13 @@ def train(args: argparse.Namespace) -> None:
     if device_kind == "cpu":
         torch.set_num_threads(1)  # one core per rank: ranks are the parallelism
     ctx = zdist.init(plan, device_kind)
-    model, adapter, host = load_model(model_dir, plan, ctx, args.run_id)
+    # where to start: after the last complete journal line, from the newest snapshot before it
+    box = [resume_point(out) if ctx.rank == 0 else None]
+    if torch.distributed.is_initialized() and ctx.world > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    rp = box[0]
+    source = rp.base or model_dir
+    model, adapter, host = load_model(source, plan, ctx, args.run_id, rp.replay)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(args.data)
     task = zdata.Task(kind)
@@ -155,10 +174,12 @@ def train(args: argparse.Namespace) -> None:
     nonfinite_in_row = nonfinite_total = 0
     tokens_per_step = plan.batch.global_batch * plan.batch.seq_len
     t_start = time.perf_counter()
+    last_snapshot = time.monotonic()
     try:
-        # the held-out loss before any update: the baseline the final evaluation is read against
-        evaluate(engine, eval_set, tokenizer, task, plan, ctx, -1, metrics)
-        for step in range(steps):
+        if rp.next_step == 0:
+            # the held-out loss before any update: the baseline the final evaluation is read against
+            evaluate(engine, eval_set, tokenizer, task, plan, ctx, -1, metrics)
+        for step in range(rp.next_step, steps):
             t0 = time.perf_counter()
             mine: list = []
             if ctx.replica is not None:
@@ -178,6 +199,8 @@ def train(args: argparse.Namespace) -> None:
                                           "loss_minus": result.loss_minus, "projected_grad": result.projected_grad,
                                           "lr": lr, "eps": plan.zo.eps, "weight_decay": plan.zo.weight_decay,
                                           "skipped": not result.finite}) + "\n")
+                if args.journal_sync_every and (step + 1) % args.journal_sync_every == 0:
+                    os.fsync(journal.fileno())  # the step survives a power loss
                 metrics.write(json.dumps({"step": step, "loss": (result.loss_plus + result.loss_minus) / 2,
                                           "projected_grad": result.projected_grad, "step_time_s": dt,
                                           "tokens_per_s": tokens_per_step / dt, "elapsed_s": time.perf_counter() - t_start,
@@ -189,11 +212,19 @@ def train(args: argparse.Namespace) -> None:
             if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == steps:
                 engine.flush()
                 evaluate(engine, eval_set, tokenizer, task, plan, ctx, step, metrics)
+            due = bool(args.snapshot_every and (step + 1) % args.snapshot_every == 0)
+            if args.snapshot_minutes:
+                # the clock is rank 0's: every rank must take the same decision
+                late = time.monotonic() - last_snapshot >= args.snapshot_minutes * 60 if ctx.rank == 0 else False
+                due = due or zdist.all_reduce_sum([1.0 if late else 0.0])[0] > 0
+            if due and step + 1 < steps:
+                snapshot(engine, host, source, out, step + 1, plan, ctx, args.keep_snapshots)
+                last_snapshot = time.monotonic()
         engine.flush()
         engine.sync_resident_blocks_to_host()
         zdist.barrier()
         if writer:
-            save_weights(model, adapter, host, engine, model_dir, out, plan.transfer.param_dtype)
+            save_final(host, engine, source, out, plan.transfer.param_dtype)
         zdist.barrier()
     finally:
         if journal:
@@ -201,6 +232,22 @@ def train(args: argparse.Namespace) -> None:
             metrics.close()
         if ctx.is_loader:
             host.remove()
+
+
+def snapshot(engine: Engine, host: HostCopy, source: Path, out: Path, step: int, plan: Plan, ctx, keep: int) -> None:
+    """Every rank flushes; rank 0 writes; a failure stops every rank with rank 0's message."""
+    engine.flush()
+    engine.sync_resident_blocks_to_host()
+    zdist.barrier()
+    error: ZoplanError | None = None
+    if ctx.rank == 0:
+        try:
+            write_snapshot(out, step, lambda d: write_weights(host, engine, source, d, plan.transfer.param_dtype),
+                           keep)
+        except ZoplanError as exc:
+            error = exc
+    if zdist.all_reduce_sum([1.0 if error else 0.0])[0] > 0:
+        raise error or ZoplanError(f"writing the snapshot of step {step} failed on rank 0 (see error.txt)")
 
 
 def evaluate(engine: Engine, eval_set, tokenizer, task, plan: Plan, ctx, step: int, metrics) -> None:
@@ -227,6 +274,10 @@ def main() -> None:
     parser.add_argument("--eval-fraction", type=float, default=0.1)
     parser.add_argument("--max-nonfinite", type=int, default=5)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--snapshot-every", type=int, default=0)
+    parser.add_argument("--snapshot-minutes", type=float, default=0.0)
+    parser.add_argument("--keep-snapshots", type=int, default=2)
+    parser.add_argument("--journal-sync-every", type=int, default=1)
     args = parser.parse_args()
     out = Path(args.output)
     try:

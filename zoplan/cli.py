@@ -207,6 +207,11 @@ def run_cmd(
     node_rank: int = typer.Option(0, "--node-rank", help="this machine's index"),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="address of node 0"),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="port on node 0 (needed with --nnodes > 1)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory up to --steps"),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="restart crashed ranks this many times (they resume)"),
+    snapshot_every: int = typer.Option(0, "--snapshot-every", help="write a snapshot every N steps"),
+    snapshot_minutes: float = typer.Option(0.0, "--snapshot-minutes", help="write a snapshot every M minutes"),
+    keep_snapshots: int = typer.Option(2, "--keep-snapshots", help="snapshots kept"),
 ) -> None:
     """Fine-tune with a plan: torchrun starts the plan's ranks (gloo on CPU, NCCL on GPU)."""
     from zoplan.runtime.launch import RunOptions, run
@@ -221,7 +226,11 @@ def run_cmd(
                                 upload=upload.value if upload else None, resident=resident,
                                 micro_batch=micro_batch),
                       eval_every=eval_every, max_nonfinite=max_nonfinite, nnodes=nnodes, node_rank=node_rank,
-                      master_addr=master_addr, master_port=master_port, lr=lr, eps=eps, seed=seed)
+                      master_addr=master_addr, master_port=master_port, lr=lr, eps=eps, seed=seed,
+                      resume=resume is not None, max_restarts=max_restarts, snapshot_every=snapshot_every,
+                      snapshot_minutes=snapshot_minutes, keep_snapshots=keep_snapshots)
+    if resume is not None:
+        opts.output = resume
     result = run(opts)
     if node_rank == 0:
         out.print(Text(f"trained {result.steps} steps: training loss {result.first_loss:.4f} (first {result.window} "
@@ -265,6 +274,29 @@ def topo_show(name: str = typer.Argument(..., help="bundled topology name or YAM
     from zoplan.topology_view import render_topology
 
     out.print(render_topology(load_topology(name)))
+
+
+@topo_app.command("import")
+def topo_import_cmd(
+    source: Path = typer.Argument(..., help="a file holding the output of `nvidia-smi topo -m`"),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU preset: a100-sxm4-80gb, a100-sxm4-40gb, "
+                                      "h100-sxm5-80gb, h100-pcie-80gb, h200-sxm-141gb, l40s-48gb, rtx4090-24gb"),
+    output: Path = typer.Option(..., "--output", "-o", help="the topology YAML file to write"),
+    name: Optional[str] = typer.Option(None, "--name", help="the machine's name (default: the output file's stem)"),
+    host_memory_gib: Optional[float] = typer.Option(
+        None, "--host-memory-gib", help="REQUIRED: host memory per socket (NUMA node), GiB (`numactl -H`)"),
+    host_gbps: Optional[float] = typer.Option(
+        None, "--host-gbps", help="host memory bandwidth per socket, GB/s (default: 204.8, with a warning)"),
+) -> None:
+    """Write a topology file from the text of `nvidia-smi topo -m` (then: zoplan plan -t FILE)."""
+    from zoplan.topo_import import import_topology_file
+
+    result = import_topology_file(source, gpu=gpu, host_memory_gib=host_memory_gib, host_gbps=host_gbps,
+                                  name=name or output.stem)
+    result.write(output)
+    for warning in result.warnings:
+        err.print(Text(f"warning: {warning}"), highlight=False, soft_wrap=True)
+    out.print(Text(f"wrote {output}: {result.summary()}"), highlight=False, soft_wrap=True)
 
 
 @models_app.command("list")

@@ -1,0 +1,108 @@
+"""Snapshots and resume: no completed step is lost.
+
+The journal is the record: a step counts once its line is written (before its update is applied
+anywhere, since updates are deferred into the next step). Snapshots are only a shortcut: a
+run resumes from the newest complete snapshot and replays the journal lines after it, then
+continues with the same seeds and data order (both pure functions of the step), so the weights
+after step T equal those of an uninterrupted run.
+
+A snapshot is written into ``snapshots/step-NNNNNNNN.tmp`` and renamed when complete (rename is
+atomic), with ``meta.json`` giving the journal position it corresponds to. A directory without
+the final name is ignored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoplan.errors import ZoplanError
+from zoplan.runtime.replay import FIELDS
+
+
+@dataclass
+class ResumePoint:
+    next_step: int  # the first step to run
+    base: Path | None  # snapshot directory to load instead of the base model (None: base model)
+    replay: list[dict]  # journal lines after the snapshot, to apply to it
+
+
+def snapshot_dir(out: Path, step: int) -> Path:
+    return out / "snapshots" / f"step-{step:08d}"
+
+
+def snapshots(out: Path) -> list[tuple[int, Path]]:
+    """Complete snapshots, oldest first."""
+    root = out / "snapshots"
+    found = []
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            if d.name.startswith("step-") and not d.name.endswith(".tmp") and (d / "meta.json").exists():
+                try:
+                    found.append((int(json.loads((d / "meta.json").read_text())["step"]), d))
+                except (ValueError, KeyError, json.JSONDecodeError):
+                    continue
+    return sorted(found)
+
+
+def read_valid_journal(path: Path) -> list[dict]:
+    """The journal's complete lines; a torn last line (a crash or power loss mid-write) is cut
+    off the file so that appending continues cleanly."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    rows, good = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break  # torn: never completed
+        try:
+            row = json.loads(line)
+            rows.append({k: row[k] for k in FIELDS})
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            break
+        good += len(line)
+    if good < len(raw):
+        with path.open("r+b") as f:
+            f.truncate(good)
+    for i, row in enumerate(rows):
+        if row["step"] != i:
+            raise ZoplanError(f"{path}: line {i + 1} is step {row['step']}, expected {i}")
+    return rows
+
+
+def resume_point(out: Path) -> ResumePoint:
+    journal = read_valid_journal(out / "journal.jsonl")
+    done = len(journal)
+    usable = [(s, d) for s, d in snapshots(out) if s <= done]
+    if usable:
+        step, base = usable[-1]
+        return ResumePoint(done, base, journal[step:done])
+    return ResumePoint(done, None, journal)
+
+
+def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
+    """``save(directory)`` writes the weights; the snapshot becomes visible only when complete.
+    Older snapshots beyond ``keep`` are removed afterwards."""
+    final = snapshot_dir(out, step)
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if os.environ.get("ZOPLAN_FAIL_SNAPSHOT") == str(step):  # fault injection for tests
+            raise OSError(28, "No space left on device (injected)")
+        save(tmp)
+        (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        tmp.rename(final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = snapshots(out)
+        kept = f"snapshot {last[-1][1].name}" if last else "no earlier snapshot"
+        raise ZoplanError(f"writing the snapshot of step {step} failed: {exc}; the run stopped, "
+                          f"{kept} and the journal are intact",
+                          fix="free disk space, then continue with `zoplan run --resume`") from None
+    for _, old in snapshots(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
