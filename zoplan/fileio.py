@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,9 +20,10 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class Strict(BaseModel):
-    """Base of every on-disk schema: unknown keys are errors, objects are immutable."""
+    """Base of every on-disk schema: unknown keys are errors, objects are immutable, and numbers
+    are finite (an infinite memory or bandwidth breaks every computation downstream)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def read_text(path: Path, what: str) -> str:
@@ -39,6 +41,10 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
     text = read_text(path, what)
     try:
         data = yaml.safe_load(text)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        # safe_load's constructors raise these for values such as 2001-02-30, '!!int abc' or
+        # thousands of digits; deep nesting exhausts the recursion limit
+        raise ZoplanError(f"{path}: invalid YAML: {short(str(exc) or type(exc).__name__)}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -46,6 +52,13 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
         raise ZoplanError(f"{path}: invalid YAML{where}: {problem}") from None
     if data is None:
         raise ZoplanError(f"{path}: the {what} file is empty")
+    try:  # a YAML escape can produce a lone surrogate: no output stream can print it later
+        json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ZoplanError(f"{path}: the {what} file holds an escape that is not a Unicode character "
+                          f"(a lone surrogate such as \\uD800)") from None
+    except (ValueError, RecursionError):
+        pass  # circular or deep aliases: left to validation, which reports them briefly
     if not isinstance(data, dict):
         raise ZoplanError(f"{path}: expected a mapping of keys at the top of the {what} file, "
                           f"found {type(data).__name__}")
@@ -57,8 +70,8 @@ def check_version(data: dict[str, Any], path: Path | str, what: str, supported: 
     if version is None:
         raise ZoplanError(f"{path}: missing 'version' in the {what} file",
                           fix=f"add 'version: {supported[-1]}' at the top")
-    if isinstance(version, bool) or version not in supported:
-        raise ZoplanError(f"{path}: {what} version {version!r} is not supported "
+    if isinstance(version, bool) or not isinstance(version, int) or version not in supported:
+        raise ZoplanError(f"{path}: {what} version {brief(version)} is not supported "
                           f"(this zoplan reads {', '.join(map(str, supported))})",
                           fix="upgrade zoplan or rewrite the file in a supported version")
 
@@ -68,7 +81,23 @@ def validate(model: type[M], data: dict[str, Any], path: Path | str, what: str) 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ZoplanError(f"{path}: invalid {what}: {describe_validation_error(exc)}") from None
+        raise ZoplanError(f"{path}: invalid {what}: {short(describe_validation_error(exc), 2000)}") from None
+    except (UnicodeError, RecursionError) as exc:  # a message quoting an unencodable value
+        raise ZoplanError(f"{path}: invalid {what}: {type(exc).__name__} in a value") from None
+
+
+def brief(value: Any) -> str:
+    """repr() bounded in depth and length: an aliased YAML tree is never expanded in full."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = 80
+    r.maxlevel, r.maxlist, r.maxdict = 2, 4, 4
+    return r.repr(value)
+
+
+def short(text: str, limit: int = 200) -> str:
+    """User values quoted in messages are cut: a YAML alias tree of a few hundred bytes can expand
+    to millions of items."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 
 def describe_validation_error(exc: ValidationError) -> str:

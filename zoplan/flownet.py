@@ -98,7 +98,11 @@ class FlowNet:
     def _recompute(self, _: simpy.Event | None) -> None:
         self._pending = False
         self._advance()
-        finished = [f for f in self.flows.values() if f.remaining <= 1e-9 * f.size + 1e-6]
+        # a flow is done when its bytes are (to rounding), or when what is left would take less
+        # than the clock can resolve at this time (now + dt == now would never advance)
+        resolution = max(abs(self.env.now) * 1e-13, 1e-15)
+        finished = [f for f in self.flows.values()
+                    if f.remaining <= 1e-9 * f.size + 1e-6 or (f.rate > 0 and f.remaining / f.rate <= resolution)]
         for f in finished:
             del self.flows[f.fid]
             for r in f.resources:  # account the rounding crumbs so byte totals stay exact

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import content_hash, read_text
+from zoplan.fileio import brief, content_hash, read_text
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -67,17 +67,17 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         """Reject shapes no real model has, so a typo fails here and not as a wrong plan."""
-        where = f"model shape {self.name!r}"
+        where = f"model shape {brief(self.name)}"
         if self.family not in FAMILIES:
-            raise ZoplanError(f"{where}: unknown family {self.family!r}",
+            raise ZoplanError(f"{where}: unknown family {brief(self.family)}",
                               fix=f"use one of: {', '.join(FAMILIES)}")
         for key in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "max_positions",
                     "embed_dim"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ZoplanError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+                raise ZoplanError(f"{where}: '{key}' must be a positive integer, got {brief(value)}")
         if not isinstance(self.tied_head, bool):
-            raise ZoplanError(f"{where}: 'tied_head' must be true or false, got {self.tied_head!r}")
+            raise ZoplanError(f"{where}: 'tied_head' must be true or false, got {brief(self.tied_head)}")
         if self.hidden % self.heads:
             raise ZoplanError(f"{where}: hidden {self.hidden} is not a multiple of heads {self.heads}")
         if self.heads % self.kv_heads:
@@ -208,7 +208,7 @@ class ModelShape:
         """
         _check_positive(micro_batch=micro_batch, seq_len=seq_len)
         if branches not in (1, 2):
-            raise ZoplanError(f"branches must be 1 or 2, got {branches!r}")
+            raise ZoplanError(f"branches must be 1 or 2, got {brief(branches)}")
         h = self.hidden
         attention_phase = h + h + 2 * self.kv_dim + h + h
         mlp_width = self.ffn if self.family == "opt" else 2 * self.ffn
@@ -243,7 +243,7 @@ class ModelShape:
                 raise ZoplanError(f"model shape: missing key '{key}'")
         for key in ("name", "family"):
             if not isinstance(d[key], str):
-                raise ZoplanError(f"model shape: '{key}' must be a string, got {d[key]!r}")
+                raise ZoplanError(f"model shape: '{key}' must be a string, got {brief(d[key])}")
         return cls(**d)
 
     @property
@@ -254,7 +254,7 @@ class ModelShape:
 def _check_positive(**values: int) -> None:
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ZoplanError(f"{key} must be a positive integer, got {value!r}")
+            raise ZoplanError(f"{key} must be a positive integer, got {brief(value)}")
 
 
 # --------------------------------------------------------------------------------- presets
@@ -343,7 +343,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     text = read_text(path, "model config")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (RecursionError, ValueError) as exc:
+        if not isinstance(exc, json.JSONDecodeError):  # deep nesting, 4300+ digit numbers
+            raise ZoplanError(f"{path}: invalid JSON: {type(exc).__name__}") from None
         raise ZoplanError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
                           f"{exc.msg}") from None
     if not isinstance(data, dict):
@@ -405,7 +407,7 @@ def _get(config: dict[str, Any], path: Path, key: str, kind: type, default: Any 
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
         raise ZoplanError(f"{path}: '{key}' must be {'an integer' if kind is int else kind.__name__}"
-                          f", got {value!r}")
+                          f", got {brief(value)}")
     return value
 
 

@@ -16,7 +16,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from zoplan import __version__
 from zoplan.errors import ZoplanError
-from zoplan.fileio import Strict, check_version, read_yaml, validate, write_yaml
+from zoplan.fileio import Strict, check_version, read_yaml, short, validate, write_yaml
 from zoplan.layout import Layout
 from zoplan.models import ModelShape
 from zoplan.topology import Machine
@@ -162,7 +162,7 @@ def load_plan(path: str | Path) -> Plan:
         shape = plan.model_shape()
         layout = plan.to_layout()
     except ZoplanError as exc:
-        raise ZoplanError(f"{path}: invalid plan: {exc.message}", fix=exc.fix) from None
+        raise ZoplanError(f"{path}: invalid plan: {short(exc.message, 2000)}", fix=exc.fix) from None
     if shape.hash != plan.model.hash:
         raise ZoplanError(f"{path}: field 'model.hash' ({plan.model.hash}) does not match "
                           f"'model.shape' ({shape.hash})",

@@ -30,7 +30,7 @@ class GpuModel(Strict):
     (``kind: cpu``): their memory is a share of host memory, their figures are measured ones."""
 
     kind: Literal["gpu", "cpu"] = "gpu"
-    memory_gib: PositiveFloat
+    memory_gib: PositiveFloat = Field(le=1e7)  # bounded: GiB * 2**30 must stay a finite float
     tflops: dict[Literal["fp32", "tf32", "bf16", "fp16"], PositiveFloat] = Field(
         description="dense peak TFLOP/s per dtype")
     hbm_gbps: PositiveFloat
@@ -40,7 +40,7 @@ class GpuModel(Strict):
 
 class Socket(Strict):
     id: str
-    memory_gib: PositiveFloat
+    memory_gib: PositiveFloat = Field(le=1e9)
     memory_gbps: PositiveFloat = Field(description="host memory bandwidth of this socket")
 
 
