@@ -74,7 +74,7 @@ N_D_VALID, N_D_MUTATED, N_D_NASTY = 150, 250, 100  # per format
 
 
 def fuzz_settings(n: int) -> settings:
-    return settings(max_examples=n, deadline=None, database=None,
+    return settings(max_examples=n, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.large_base_example])
 
