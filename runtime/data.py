@@ -219,6 +219,8 @@ def _read_jsonl(path: Path) -> list[Example]:
                     f"{path}:{line_no}: invalid JSON ({exc.msg} at column {exc.colno})",
                     fix='write one JSON object per line, e.g. {"text": "the film was fun.", "label": 1}',
                 ) from None
+            except (RecursionError, ValueError) as exc:  # deep nesting, 4300+ digit numbers
+                raise ZoplanError(f"{path}:{line_no}: invalid JSON ({type(exc).__name__})") from None
             if not isinstance(record, dict):
                 raise ZoplanError(
                     f"{path}:{line_no}: expected a JSON object, found {type(record).__name__}",

@@ -30,25 +30,48 @@ def read_journal(path: Path) -> list[dict]:
     """The journal's steps in order. A last line cut short (a power loss mid-write) is dropped
     with a warning; a bad line anywhere else is an error naming it."""
     try:
-        lines = path.read_text().splitlines()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ZoplanError(f"cannot read journal {path}: {exc}") from None
+    lines = raw.splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            rows.append({k: row[k] for k in FIELDS})
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            if number == len(lines):
-                print(f"warning: {path}:{number}: dropped a torn last line", file=sys.stderr)
-                break
-            raise ZoplanError(f"{path}:{number}: not a journal line ({exc})") from None
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                # a write cut short: only the last line, and only without its newline
+                if number == len(lines) and not raw.endswith(b"\n"):
+                    print(f"warning: {path}:{number}: dropped a torn last line", file=sys.stderr)
+                    break
+                raise
+            rows.append(_journal_row(row))
+        except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as exc:
+            reason = str(exc) if isinstance(exc, (KeyError, TypeError)) else type(exc).__name__
+            raise ZoplanError(f"{path}:{number}: not a journal line ({reason[:200]})") from None
     steps = [r["step"] for r in rows]
     if steps and steps != list(range(steps[0], steps[0] + len(steps))):
         raise ZoplanError(f"{path}: steps are not consecutive ({steps[:3]}...)")
     return rows
+
+
+def _journal_row(row: object) -> dict:
+    """The fields replay needs, with their types checked (a journal is user input)."""
+    if not isinstance(row, dict):
+        raise TypeError("not a JSON object")
+    out = {k: row[k] for k in FIELDS}
+    for key in ("step", "seed"):
+        if not isinstance(out[key], int) or isinstance(out[key], bool) or not 0 <= out[key] < 2**63:
+            raise TypeError(f"'{key}' must be an integer in [0, 2**63)")
+    for key in ("projected_grad", "lr", "weight_decay"):
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or value in (float("inf"), float("-inf")):
+            raise TypeError(f"'{key}' must be a finite number")
+        out[key] = float(value)
+    return out
 
 
 @torch.no_grad()
