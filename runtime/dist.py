@@ -41,6 +41,23 @@ class RankContext:
         return self.local_rank == 0
 
 
+TIMEOUT = timedelta(minutes=10)
+
+
+def _attempt_store(world: int):
+    """The agent's store, under a prefix of this restart attempt (None outside torchrun).
+
+    torchrun's agent keeps one store for all attempts of a static rendezvous, so after an elastic
+    restart the new ranks would read the killed ranks' addresses and fail to connect. A prefix per
+    attempt (TORCHELASTIC_RESTART_COUNT is the same on every rank of an attempt) keeps them apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=TIMEOUT)
+    return dist.PrefixStore(f"zoplan/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init(plan: Plan, device_kind: str) -> RankContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -53,7 +70,11 @@ def init(plan: Plan, device_kind: str) -> RankContext:
                               f"on {plan.layout.nodes} node(s)")
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10))
+        store = _attempt_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        else:
+            dist.init_process_group(backend=backend, timeout=TIMEOUT, store=store, rank=rank, world_size=world)
     entry = plan.layout.ranks[rank]
     if device_kind == "cuda":
         device = torch.device("cuda", local_rank)

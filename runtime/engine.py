@@ -26,6 +26,7 @@ from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter
 from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
 from zoplan.runtime.perturb import normal
+from zoplan.runtime.spans import Spans
 from zoplan.runtime.zo import apply_update, fused_kernels, update_range
 
 
@@ -55,8 +56,9 @@ class StepResult:
 class Engine:
     def __init__(self, model: nn.Module, adapter: Adapter, host: HostCopy, ctx: zdist.RankContext, *,
                  upload: str, slices: int, param_dtype: str, resident_blocks: list[int],
-                 eps: float) -> None:
+                 eps: float, spans: Spans | None = None) -> None:
         self.model = model
+        self.spans = spans or Spans(ctx.device, None)
         self.adapter = adapter
         self.host = host
         self.ctx = ctx
@@ -112,11 +114,13 @@ class Engine:
                 if i in self.written:
                     self.up_stream.wait_event(self.written[i])
                 buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-                self._copy_ranges(buf, src, layout)
+                with self.spans.span("upload", "h2d", f"h2d b{i}", i, self.up_stream):
+                    self._copy_ranges(buf, src, layout)
                 buf.record_stream(torch.cuda.current_stream(self.device))
             return buf
         buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-        self._copy_ranges(buf, src, layout)
+        with self.spans.span("upload", "h2d", f"h2d b{i}", i):
+            self._copy_ranges(buf, src, layout)
         return buf
 
     def _copy_ranges(self, buf: torch.Tensor, src: torch.Tensor, layout: BlockLayout) -> None:
@@ -127,13 +131,15 @@ class Engine:
     def _write_back(self, i: int, buf: torch.Tensor, lo: int, hi: int) -> None:
         dst = self.host.blocks[i][lo:hi]
         if not self.cuda:
-            dst.copy_(buf[lo:hi])
+            with self.spans.span("offload", "d2h", f"d2h b{i}", i):
+                dst.copy_(buf[lo:hi])
             return
         # on the offload stream, once the update has been computed
         ready = torch.cuda.current_stream(self.device).record_event()
         with torch.cuda.stream(self.off_stream):
             self.off_stream.wait_event(ready)
-            dst.copy_(buf[lo:hi], non_blocking=True)
+            with self.spans.span("offload", "d2h", f"d2h b{i}", i, self.off_stream):
+                dst.copy_(buf[lo:hi], non_blocking=True)
             buf.record_stream(self.off_stream)
             self.written[i] = self.off_stream.record_event()
 
@@ -158,7 +164,8 @@ class Engine:
         p = self.pending
         if self.upload == "whole":
             if p is not None:
-                update_range(buf, layout, 0, layout.numel, p.seed, p.g, p.lr, p.wd)
+                with self.spans.span("exchange", "update", f"update b{i}", i):
+                    update_range(buf, layout, 0, layout.numel, p.seed, p.g, p.lr, p.wd)
             if not kept and p is not None:
                 if self.ctx.computes > 1:
                     # every rank of this machine reads the whole block before anyone writes its
@@ -171,16 +178,18 @@ class Engine:
             return buf
         for lo, hi in self._my_ranges(layout):
             if p is not None:
-                update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
+                with self.spans.span("exchange", "update", f"update b{i}", i):
+                    update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
                 if not kept:  # only this rank reads these slices back: no one else to wait for
                     self._write_back(i, buf, lo, hi)
         if self.ctx.movers > 1:
             size = layout.padded // self.slices
             n = self.ctx.movers
-            for r in range(self.slices // n):
-                parts = [buf[(r * n + m) * size:(r * n + m + 1) * size] for m in range(n)]
-                mine = parts[self.ctx.mover_index].clone()
-                dist.all_gather(parts, mine, group=self.ctx.exchange_group)
+            with self.spans.span("exchange", "exchange", f"all-gather b{i}", i):
+                for r in range(self.slices // n):
+                    parts = [buf[(r * n + m) * size:(r * n + m + 1) * size] for m in range(n)]
+                    mine = parts[self.ctx.mover_index].clone()
+                    dist.all_gather(parts, mine, group=self.ctx.exchange_group)
         return buf
 
     # ----- resident parts --------------------------------------------------------------------------
@@ -252,51 +261,60 @@ class Engine:
         runs the unperturbed model (evaluation, on one rank per replica); the pending update is
         applied on the way."""
         signs = self.ctx.signs if seed is not None else ((1,) if 1 in self.ctx.signs else ())
-        self._update_resident()
+        spans = self.spans
         hidden: dict[int, list[torch.Tensor]] = {s: [] for s in signs}
         kwargs: list[dict] = []
-        for s in signs:
-            self._set_resident(seed, s)
-            for mb in micro_batches:
-                h, kw = self._embed(mb["inputs"])
-                hidden[s].append(h)
-                if len(kwargs) < len(micro_batches):
-                    kwargs.append(kw)
+        with spans.span("compute", "embed", "embed+perturb", -1):
+            self._update_resident()
+            for s in signs:
+                self._set_resident(seed, s)
+                for mb in micro_batches:
+                    h, kw = self._embed(mb["inputs"])
+                    hidden[s].append(h)
+                    if len(kwargs) < len(micro_batches):
+                        kwargs.append(kw)
         ahead = self._prefetch(0)
         for i in range(len(self.blocks)):
             uploaded, ahead = ahead, self._prefetch(i + 1)  # block i+1 uploads while i computes
             theta = self._fetch(i, uploaded)
             if theta is None or not signs:
                 continue
-            weights = (self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta})
-            block = self.blocks[i]
-            for s in signs:
-                params = self._block_params(i, weights[s])
-                for k in range(len(micro_batches)):
-                    out = functional_call(block, params, (hidden[s][k],), kwargs[k])
-                    hidden[s][k] = out[0] if isinstance(out, tuple) else out
+            with spans.span("compute", "compute", f"block {i}", i):
+                weights = (self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta})
+                block = self.blocks[i]
+                for s in signs:
+                    params = self._block_params(i, weights[s])
+                    for k in range(len(micro_batches)):
+                        out = functional_call(block, params, (hidden[s][k],), kwargs[k])
+                        hidden[s][k] = out[0] if isinstance(out, tuple) else out
         results: dict[int, list[tuple[float, float]]] = {}
-        for s in signs:
-            self._set_resident(seed, s)
-            sums = [[0.0, 0.0] for _ in metric_fns]
-            for k, mb in enumerate(micro_batches):
-                logits = self.adapter.logits(self.model, hidden[s][k]).float()
-                for j, fn in enumerate(metric_fns):
-                    value, n = fn(logits, mb)
-                    sums[j][0] += float(value)
-                    sums[j][1] += float(n)
-            results[s] = [(v, n) for v, n in sums]
-        self._set_resident(None, 1)
+        with spans.span("compute", "head", "head+loss", len(self.blocks)):
+            for s in signs:
+                self._set_resident(seed, s)
+                sums = [[0.0, 0.0] for _ in metric_fns]
+                for k, mb in enumerate(micro_batches):
+                    logits = self.adapter.logits(self.model, hidden[s][k]).float()
+                    for j, fn in enumerate(metric_fns):
+                        value, n = fn(logits, mb)
+                        sums[j][0] += float(value)
+                        sums[j][1] += float(n)
+                results[s] = [(v, n) for v, n in sums]
+            self._set_resident(None, 1)
         self.pending = None
         return results
 
-    def step(self, micro_batches: list, seed: int, lr: float, wd: float, loss_fn) -> StepResult:
+    def step(self, micro_batches: list, seed: int, lr: float, wd: float, loss_fn, step: int | None = None) -> StepResult:
         """One ZO step: both branches' losses on the global batch, the projected gradient, and
-        the update deferred into the next step (or ``flush``)."""
+        the update deferred into the next step (or ``flush``). With ``step``, its stages are
+        recorded as spans."""
+        if step is not None:
+            self.spans.begin(step)
         losses = self.forward_losses(micro_batches, seed, [loss_fn])
         plus = losses.get(1, [(0.0, 0.0)])[0]
         minus = losses.get(-1, [(0.0, 0.0)])[0]
-        sp, cp, sm, cm = zdist.all_reduce_sum([plus[0], plus[1], minus[0], minus[1]])
+        with self.spans.span("compute", "scalar", "loss all-reduce", len(self.blocks) + 1):
+            sp, cp, sm, cm = zdist.all_reduce_sum([plus[0], plus[1], minus[0], minus[1]])
+        self.spans.end()
         loss_plus, loss_minus = sp / max(cp, 1.0), sm / max(cm, 1.0)
         g = (loss_plus - loss_minus) / (2 * self.eps)
         finite = all(map(_finite, (loss_plus, loss_minus, g)))

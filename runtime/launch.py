@@ -6,6 +6,7 @@ model and the machine, the data, the batch shape, the output directory. The rank
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -123,8 +124,11 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
         local = load_topology(topology)
         # bf16 matrix products are slower than fp32 on CPUs (docs/results/cpu-figures.md)
         dtype = "fp32" if _is_cpu_machine(local) else "bf16"
+        # the host copy keeps the compute dtype unless pinned otherwise: resuming and replaying are
+        # then bit-identical, and no update is lost to rounding the master weights
+        pins = opts.pins if opts.pins.wire_dtype else dataclasses.replace(opts.pins, wire_dtype=dtype)
         report = make_plan(str(config), topology, global_batch=opts.global_batch, seq_len=opts.seq_len,
-                           pins=opts.pins, dtype=dtype, top=1, zo=zo)
+                           pins=pins, dtype=dtype, top=1, zo=zo)
         plan = report.plan
         machine = report.machine
     if not _is_cpu_machine(machine) and not _cuda_available():
@@ -191,9 +195,19 @@ def run(opts: RunOptions) -> RunResult:
             text = error.read_text().strip()
             message, _, fix = text.partition("\n  fix: ")
             raise ZoplanError(message, fix=fix or None)
-        raise ZoplanError(f"training stopped with exit status {proc.returncode}",
-                          fix=f"see {out / f'worker-node{opts.node_rank}.log'}")
+        done = _journaled_steps(out / "journal.jsonl")
+        raise ZoplanError(f"training stopped: a rank exited without a message (torchrun exit status "
+                          f"{proc.returncode}; see {out / f'worker-node{opts.node_rank}.log'}); "
+                          f"the journal holds {done} completed step(s), none is lost",
+                          fix=f"continue with `zoplan run --resume {out} --steps {opts.steps}`; "
+                              f"--max-restarts N restarts crashed ranks automatically")
     return summarize(out)
+
+
+def _journaled_steps(journal: Path) -> int:
+    if not journal.exists():
+        return 0
+    return journal.read_bytes().count(b"\n")
 
 
 def summarize(out: Path) -> RunResult:

@@ -72,6 +72,17 @@ def read_valid_journal(path: Path) -> list[dict]:
     return rows
 
 
+def cut_torn_tail(path: Path) -> None:
+    """Drop an unterminated last line (an append cut by a crash) so the next append starts clean."""
+    if not path.exists():
+        return
+    raw = path.read_bytes()
+    keep = raw.rfind(b"\n") + 1
+    if keep < len(raw):
+        with path.open("r+b") as f:
+            f.truncate(keep)
+
+
 def resume_point(out: Path) -> ResumePoint:
     journal = read_valid_journal(out / "journal.jsonl")
     done = len(journal)

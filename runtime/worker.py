@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy, shm_root
 from zoplan.runtime.perturb import step_seed
 from zoplan.runtime.replay import replay
-from zoplan.runtime.snapshots import resume_point, write_snapshot
+from zoplan.runtime.spans import Spans
+from zoplan.runtime.snapshots import cut_torn_tail, resume_point, write_snapshot
 from zoplan.runtime.zo import learning_rate
 
 
@@ -154,21 +156,25 @@ def train(args: argparse.Namespace) -> None:
     if torch.distributed.is_initialized() and ctx.world > 1:
         torch.distributed.broadcast_object_list(box, src=0)
     rp = box[0]
-    source = rp.base or model_dir
-    model, adapter, host = load_model(source, plan, ctx, args.run_id, rp.replay)
+    # weights from the newest snapshot, if any; config and tokenizer files always from the model
+    # directory (older snapshots are pruned while the run goes on)
+    model, adapter, host = load_model(rp.base or model_dir, plan, ctx, args.run_id, rp.replay)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(args.data)
     task = zdata.Task(kind)
     train_set, eval_set = zdata.split(examples, args.eval_fraction, plan.zo.seed)
     engine = Engine(model, adapter, host, ctx, upload=plan.transfer.upload,
                     slices=plan.transfer.slices_per_block, param_dtype=plan.transfer.param_dtype,
-                    resident_blocks=plan.resident_blocks, eps=plan.zo.eps)
+                    resident_blocks=plan.resident_blocks, eps=plan.zo.eps,
+                    spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=args.trace_steps))
 
     def loss_fn(logits, mb):
         return zdata.loss_terms(logits, mb["batch"], task)
 
     steps = args.steps
     writer = ctx.rank == 0
+    if writer:
+        cut_torn_tail(out / "metrics.jsonl")
     journal = open(out / "journal.jsonl", "a", buffering=1) if writer else None
     metrics = open(out / "metrics.jsonl", "a", buffering=1) if writer else None
     nonfinite_in_row = nonfinite_total = 0
@@ -187,7 +193,8 @@ def train(args: argparse.Namespace) -> None:
                 mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch)
             seed = step_seed(plan.zo.seed, step)
             lr = learning_rate(plan.zo.lr, plan.zo.lr_schedule, step, steps)
-            result = engine.step(mine, seed, lr, plan.zo.weight_decay, loss_fn)
+            result = engine.step(mine, seed, lr, plan.zo.weight_decay, loss_fn, step=step)
+            _injected_kill(ctx.rank, step)
             if result.finite:
                 nonfinite_in_row = 0
             else:
@@ -218,15 +225,16 @@ def train(args: argparse.Namespace) -> None:
                 late = time.monotonic() - last_snapshot >= args.snapshot_minutes * 60 if ctx.rank == 0 else False
                 due = due or zdist.all_reduce_sum([1.0 if late else 0.0])[0] > 0
             if due and step + 1 < steps:
-                snapshot(engine, host, source, out, step + 1, plan, ctx, args.keep_snapshots)
+                snapshot(engine, host, model_dir, out, step + 1, plan, ctx, args.keep_snapshots)
                 last_snapshot = time.monotonic()
         engine.flush()
         engine.sync_resident_blocks_to_host()
         zdist.barrier()
         if writer:
-            save_final(host, engine, source, out, plan.transfer.param_dtype)
+            save_final(host, engine, model_dir, out, plan.transfer.param_dtype)
         zdist.barrier()
     finally:
+        engine.spans.close()
         if journal:
             journal.close()
             metrics.close()
@@ -234,7 +242,15 @@ def train(args: argparse.Namespace) -> None:
             host.remove()
 
 
-def snapshot(engine: Engine, host: HostCopy, source: Path, out: Path, step: int, plan: Plan, ctx, keep: int) -> None:
+def _injected_kill(rank: int, step: int) -> None:
+    """Fault injection for tests: ZOPLAN_KILL=RANK:STEP SIGKILLs that rank in the middle of that
+    step (after its forward passes, before the step is journaled), in the first attempt only."""
+    spec = os.environ.get("ZOPLAN_KILL")
+    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and spec == f"{rank}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: int, plan: Plan, ctx, keep: int) -> None:
     """Every rank flushes; rank 0 writes; a failure stops every rank with rank 0's message."""
     engine.flush()
     engine.sync_resident_blocks_to_host()
@@ -242,7 +258,7 @@ def snapshot(engine: Engine, host: HostCopy, source: Path, out: Path, step: int,
     error: ZoplanError | None = None
     if ctx.rank == 0:
         try:
-            write_snapshot(out, step, lambda d: write_weights(host, engine, source, d, plan.transfer.param_dtype),
+            write_snapshot(out, step, lambda d: write_weights(host, engine, model_dir, d, plan.transfer.param_dtype),
                            keep)
         except ZoplanError as exc:
             error = exc
@@ -278,6 +294,7 @@ def main() -> None:
     parser.add_argument("--snapshot-minutes", type=float, default=0.0)
     parser.add_argument("--keep-snapshots", type=int, default=2)
     parser.add_argument("--journal-sync-every", type=int, default=1)
+    parser.add_argument("--trace-steps", type=int, default=8, help="steps whose every span is kept")
     args = parser.parse_args()
     out = Path(args.output)
     try:

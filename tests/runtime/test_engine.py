@@ -20,7 +20,8 @@ EPS = 1e-3
 
 def _single_rank(model_dir: Path, tmp_path: Path, resident: int = 0):
     report = plan(str(model_dir / "config.json"), "cpu-local", global_batch=4, seq_len=32, dtype="fp32",
-                  pins=Pins(perturbation=1, data=1, upload="whole", resident=resident))
+                  pins=Pins(perturbation=1, data=1, upload="whole", resident=resident,
+                            wire_dtype="fp32"))
     ctx = zdist.RankContext(rank=0, world=1, node=0, local_rank=0, device=torch.device("cpu"), role="compute",
                             signs=(1, -1), replica=0, replicas=1, mover_index=None, movers=1,
                             compute_index=0, computes=1)

@@ -68,3 +68,26 @@ def test_a_failed_snapshot_stops_the_run_and_keeps_the_last_good_one(tmp_path: P
     assert [p.name for p in (out / "snapshots").iterdir()] == ["step-00000003"]
     assert len((out / "journal.jsonl").read_text().splitlines()) == 6
     load_file(str(out / "snapshots" / "step-00000003" / "model.safetensors"))  # intact and loadable
+
+
+def test_a_rank_killed_mid_step_is_restarted_and_no_step_is_lost(uninterrupted, tmp_path: Path) -> None:
+    # rank 0 (the journal writer) dies by SIGKILL in step 4, after the snapshot of step 3; the
+    # restarted run loads that snapshot, which the one of step 6 then replaces (--keep-snapshots 1)
+    out = tmp_path / "run"
+    finished(zoplan_run(out, "--steps", str(STEPS), "--max-restarts", "1", "--keep-snapshots", "1",
+                        env={"ZOPLAN_KILL": "0:4"}))
+    assert [p.name for p in (out / "snapshots").iterdir()] == ["step-00000006"]
+    assert "exitcode: -9" in (out / "worker-node0.log").read_text()  # the kill did happen
+    lines = (out / "journal.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == list(range(STEPS))
+    assert same(weights(out), uninterrupted)
+
+
+def test_without_restarts_a_killed_rank_stops_the_run_with_a_resume_hint(uninterrupted, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_KILL": "1:5"}), code=2)
+    done = len((out / "journal.jsonl").read_text().splitlines())
+    assert done in (5, 6)  # step 5 is complete on rank 0 if it journaled before torchrun stopped it
+    assert f"journal holds {done} completed step(s)" in err and "--resume" in err and "Traceback" not in err
+    finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS)))
+    assert same(weights(out), uninterrupted)
