@@ -58,6 +58,7 @@ class RunOptions:
     snapshot_every: int = 0
     snapshot_minutes: float = 0.0
     keep_snapshots: int = 2
+    journal_sync_every: int = 1  # fsync the journal every N steps (1: every step)
 
 
 @dataclass
@@ -181,7 +182,8 @@ def run(opts: RunOptions) -> RunResult:
            "--data", opts.data, "--steps", str(opts.steps), "--output", str(out), "--run-id", run_id,
            "--eval-every", str(opts.eval_every), "--max-nonfinite", str(opts.max_nonfinite),
            "--device", device, "--snapshot-every", str(opts.snapshot_every),
-           "--snapshot-minutes", str(opts.snapshot_minutes), "--keep-snapshots", str(opts.keep_snapshots)]
+           "--snapshot-minutes", str(opts.snapshot_minutes), "--keep-snapshots", str(opts.keep_snapshots),
+           "--journal-sync-every", str(opts.journal_sync_every)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = open(out / f"worker-node{opts.node_rank}.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
