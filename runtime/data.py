@@ -465,6 +465,15 @@ def _leading_specials(ids: list[int], special: set[int]) -> int:
     return count
 
 
+def pretokenize(examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, task: Task,
+                cache: dict[str, list[int]], limit: int = 200_000) -> None:
+    """Fill ``encode``'s cache for up to ``limit`` examples in one batched tokenizer call, before
+    training starts, so that steps only assemble tensors."""
+    texts = [t for t in dict.fromkeys(task.format(e.text) for e in examples[:limit]) if t not in cache]
+    if texts:
+        cache.update(zip(texts, tokenizer(texts, add_special_tokens=True)["input_ids"]))
+
+
 def encode(
     examples: Sequence[Example],
     tokenizer: PreTrainedTokenizerBase,
@@ -472,6 +481,7 @@ def encode(
     max_len: int,
     *,
     pad_to_max_len: bool = False,
+    cache: dict[str, list[int]] | None = None,
 ) -> Batch:
     """Tokenise ``examples`` for ``task`` into a left-padded ``Batch`` of at most ``max_len``.
 
@@ -479,6 +489,8 @@ def encode(
     in pre-training. Too-long inputs are truncated: classification keeps the leading special
     tokens and the *end* (the prompt's "It was" must stay next to the prediction point); lm
     keeps the beginning. ``pad_to_max_len`` pads every batch to ``max_len`` (fixed shapes).
+    ``cache`` (text -> token ids) tokenises each distinct text once over a run: a ZO run visits
+    the same examples again and again, and tokenising sits on every step's critical path.
     """
     if not examples:
         raise ValueError("encode needs at least one example")
@@ -496,7 +508,13 @@ def encode(
                 )
 
     texts = [task.format(example.text) for example in examples]
-    rows: list[list[int]] = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    if cache is None:
+        rows: list[list[int]] = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    else:
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            cache.update(zip(new, tokenizer(new, add_special_tokens=True)["input_ids"]))
+        rows = [cache[t] for t in texts]
     special = set(tokenizer.all_special_ids)
     truncated: list[list[int]] = []
     for ids in rows:

@@ -78,17 +78,18 @@ class Engine:
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             # page-locked host memory: asynchronous copies at full PCIe speed
-            for t in host.blocks:
-                err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-                if int(err) != 0:  # still correct, only slower (pageable copies)
-                    print(f"warning: could not pin the host copy (cudaHostRegister error {int(err)})", flush=True)
-                    break
+            if not host.pin_for_cuda():  # still correct, only slower (pageable copies)
+                print("warning: could not pin the host copy (cudaHostRegister failed)", flush=True)
             self.up_stream = torch.cuda.Stream(self.device)
             self.off_stream = torch.cuda.Stream(self.device)
         self.written: dict[int, torch.cuda.Event] = {}  # block -> its last write-back (CUDA)
+        self.landed: dict[int, torch.cuda.Event] = {}  # block -> its upload has landed (CUDA)
         self.kept: dict[int, torch.Tensor] = {}  # resident blocks' device buffers
         for i in self.resident_blocks:
             self.kept[i] = self._device_copy(i)
+        if self.cuda:  # resident blocks are uploaded once: the first step waits for them here
+            torch.cuda.current_stream(self.device).wait_stream(self.up_stream)
+            self.landed.clear()
 
     # ----- block movement ------------------------------------------------------------------------
     def _my_ranges(self, layout: BlockLayout) -> list[tuple[int, int]]:
@@ -110,13 +111,17 @@ class Engine:
         src = self.host.blocks[i]
         if self.cuda:
             # on the upload stream, after the previous write-back of this block has landed
+            compute = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(self.up_stream):
                 if i in self.written:
                     self.up_stream.wait_event(self.written[i])
                 buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
                 with self.spans.span("upload", "h2d", f"h2d b{i}", i, self.up_stream):
                     self._copy_ranges(buf, src, layout)
-                buf.record_stream(torch.cuda.current_stream(self.device))
+                buf.record_stream(compute)  # the buffer is used (and freed) on the compute stream
+                # compute waits for this block only: the next block's upload, queued behind it
+                # on the same stream, must overlap this block's compute
+                self.landed[i] = self.up_stream.record_event()
             return buf
         buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
         with self.spans.span("upload", "h2d", f"h2d b{i}", i):
@@ -160,7 +165,7 @@ class Engine:
             return None
         buf = self.kept[i] if kept else (uploaded if uploaded is not None else self._device_copy(i))
         if self.cuda and not kept:
-            torch.cuda.current_stream(self.device).wait_stream(self.up_stream)
+            torch.cuda.current_stream(self.device).wait_event(self.landed.pop(i))
         p = self.pending
         if self.upload == "whole":
             if p is not None:
@@ -172,7 +177,8 @@ class Engine:
                     # share back: a share written early would be read, and updated, twice
                     if self.cuda:
                         self.up_stream.synchronize()
-                    dist.barrier(group=self.ctx.exchange_group)
+                    with self.spans.span("exchange", "exchange", f"barrier b{i}", i):
+                        dist.barrier(group=self.ctx.exchange_group)
                 for lo, hi in self._my_ranges(layout):
                     self._write_back(i, buf, lo, hi)
             return buf

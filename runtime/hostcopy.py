@@ -83,6 +83,7 @@ class HostCopy:
         self.wire = DTYPES[wire_dtype]
         self.blocks = [torch.from_file(str(root / f"block{l.index}.bin"), shared=True, size=l.padded,
                                        dtype=self.wire) for l in layouts]
+        self.pinned = False  # page-locked for CUDA (pin_for_cuda): once per process
         self.resident = {}
         for name, (shape, dtype) in resident.items():
             numel = 1
@@ -90,6 +91,18 @@ class HostCopy:
                 numel *= s
             flat = torch.from_file(str(root / f"resident.{name}.bin"), shared=True, size=numel, dtype=DTYPES[dtype])
             self.resident[name] = flat.view(shape)
+
+    def pin_for_cuda(self) -> bool:
+        """Page-lock the block buffers (asynchronous copies at full PCIe speed); False if the
+        driver refused, which leaves copies correct but slower."""
+        if self.pinned:
+            return True
+        cudart = torch.cuda.cudart()
+        for t in self.blocks:
+            if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) != 0:
+                return False
+        self.pinned = True
+        return True
 
     @staticmethod
     def create(root: Path, model: nn.Module, blocks: nn.ModuleList, prefix: str, slices: int,

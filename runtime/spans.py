@@ -8,7 +8,9 @@ simulated ones (``zoplan validate``).
 
 Cost: on the CPU two ``perf_counter`` calls per span. On CUDA a span records two events on the
 stream that does the work (no synchronisation); they are read at the end of the step, after the
-loss all-reduce has synchronised anyway. Cheap enough to stay on: per step, one line of
+loss all-reduce has synchronised anyway. On CUDA the host time of each span is kept too (per
+category, ``host_totals``): when the host issues kernels slower than the GPU runs them, a stage
+lasts as long as its issuing, and the GPU time alone would understate it. Cheap enough to stay on: per step, one line of
 per-category totals is written, and the full list of spans for the first ``keep_steps`` steps.
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Spans:
         self.step: int | None = None
         self._open: list[tuple[str, str, str, int, object, object]] = []
         self._t0: object = None
+        self._host: dict[str, float] = defaultdict(float)
+        self.host_totals: dict[str, float] = {}  # the last step's host seconds per category (CUDA)
         self._wall0 = 0.0
 
     @property
@@ -40,6 +44,7 @@ class Spans:
     def begin(self, step: int) -> None:
         self.step = step
         self._open = []
+        self._host: dict[str, float] = defaultdict(float)
         self._wall0 = time.perf_counter()
         self._t0 = self._stamp(None)
 
@@ -57,9 +62,12 @@ class Spans:
             yield
             return
         start = self._stamp(cuda_stream)
+        host0 = time.perf_counter() if self.cuda else 0.0
         try:
             yield
         finally:
+            if self.cuda:
+                self._host[category] += time.perf_counter() - host0
             self._open.append((stream, category, label, block, start, self._stamp(cuda_stream)))
 
     def _seconds(self, stamp) -> float:
@@ -80,9 +88,12 @@ class Spans:
             totals[category] += t1 - t0
         if self.file is not None:
             row = {"step": self.step, "wall_s": wall, "totals": dict(totals)}
+            if self.cuda:
+                row["host_totals"] = dict(self._host)
             if self.step < self.keep_steps:
                 row["spans"] = [[s, c, label, b, round(t0, 9), round(t1, 9)] for s, c, label, b, t0, t1 in spans]
             self.file.write(json.dumps(row) + "\n")
+        self.host_totals = dict(self._host)
         self.step = None
         self._open = []
         return dict(totals)
