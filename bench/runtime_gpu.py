@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SHAPES = {"opt-1.3b": (2048, 24, 8192, 32), "opt-2.7b": (2560, 32, 10240, 32)}
+SHAPES = {"opt-125m": (768, 12, 3072, 12), "opt-1.3b": (2048, 24, 8192, 32), "opt-2.7b": (2560, 32, 10240, 32)}
 
 
 def log(out: Path, text: str) -> None:
@@ -58,7 +58,8 @@ def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def build(directory: Path, name: str) -> tuple[Path, int, int]:
+def build(directory: Path, name: str, device: str = "cuda") -> tuple[Path, int, int]:
+    """An OPT-shaped model with random weights (bf16) and the tiny tokenizer, saved for from_pretrained."""
     from transformers import AutoModelForCausalLM, OPTConfig
 
     from zoplan.runtime.tiny import build_tokenizer
@@ -70,13 +71,14 @@ def build(directory: Path, name: str) -> tuple[Path, int, int]:
                        dropout=0.0, attention_dropout=0.0, pad_token_id=tok.pad_token_id,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     block = sum(p.numel() for p in model.model.decoder.layers[0].parameters())
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return directory, layers, block
 
 

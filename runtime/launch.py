@@ -248,7 +248,7 @@ def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:
                     if "loss" in row:
                         progress.update(task, completed=row["step"] + 1, loss=f"{row['loss']:.4f}",
                                         g=f"{row['projected_grad']:+.3g}", tps=f"{row['tokens_per_s']:.0f}")
-                    elif "eval_loss" in row:
+                    elif "eval_loss" in row and not opts.quiet:
                         progress.console.print(f"step {row['step'] + 1}: eval loss {row['eval_loss']:.4f}, "
                                                f"accuracy {row['eval_accuracy']:.3f}")
             if done:

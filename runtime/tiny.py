@@ -211,3 +211,11 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
             fix=_BUILTIN_FIX,
         )
     return snapshot
+
+
+def tiny_name(model_name: str) -> str | None:
+    """The built-in model a plan's model name refers to (plans name it ``<name>-v<version>``)."""
+    for name in TINY:
+        if model_name == f"{name}-v{TINY_VERSION}":
+            return name
+    return None

@@ -133,10 +133,13 @@ def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param
     tmp.rename(final)
 
 
+_TOKENS: dict[str, list[int]] = {}  # every text tokenised once per run (zdata.encode's cache)
+
+
 def _micro_batches(examples, tokenizer, task, seq_len: int, micro: int) -> list[dict]:
     out = []
     for k in range(0, len(examples), micro):
-        batch = zdata.encode(examples[k:k + micro], tokenizer, task, seq_len)
+        batch = zdata.encode(examples[k:k + micro], tokenizer, task, seq_len, cache=_TOKENS)
         out.append({"inputs": batch.model_inputs(), "batch": batch})
     return out
 
@@ -163,6 +166,7 @@ def train(args: argparse.Namespace) -> None:
     examples, kind = zdata.load_examples(args.data)
     task = zdata.Task(kind)
     train_set, eval_set = zdata.split(examples, args.eval_fraction, plan.zo.seed)
+    zdata.pretokenize(train_set, tokenizer, task, _TOKENS)
     engine = Engine(model, adapter, host, ctx, upload=plan.transfer.upload,
                     slices=plan.transfer.slices_per_block, param_dtype=plan.transfer.param_dtype,
                     resident_blocks=plan.resident_blocks, eps=plan.zo.eps,

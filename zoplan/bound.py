@@ -48,7 +48,7 @@ def machine_bound(costs: StepCosts) -> Bound:
         charge(machine.host_path(g, "h2d") + [mem], up_bytes)
         charge(machine.host_path(g, "d2h") + [mem], down_bytes)
     n = len(L.movers)
-    if sliced and n > 1:
+    if sliced and n > 1 and costs.allgather_round_s() is None:  # measured: not on the links
         ring_bytes = costs.round_param_bytes * L.rounds * (n - 1) / n
         for i, g in enumerate(L.movers):
             path = machine.peer_path(g, L.movers[(i + 1) % n])
@@ -61,7 +61,9 @@ def machine_bound(costs: StepCosts) -> Bound:
     if sliced:
         # per round, the exchange stream updates the movers' slices, then all-gathers them
         ex_round_s = 0.0
-        if n > 1:
+        if n > 1 and costs.allgather_round_s() is not None:
+            ex_round_s = costs.allgather_round_s()
+        elif n > 1:
             hops = [machine.peer_path(g, L.movers[(i + 1) % n]) for i, g in enumerate(L.movers)]
             ex_round_s = (max(costs.round_param_bytes * (n - 1) / n / (machine.path_gbps(p) * 1e9)
                               for p in hops)
@@ -74,6 +76,10 @@ def machine_bound(costs: StepCosts) -> Bound:
             fill_s = max(0.0, first_ready_s - costs.embed_s(g))
         compute[f"compute {g}"] = (costs.embed_s(g) + fill_s + model.layers * costs.compute_block_s(g)
                                    + costs.head_s(g) + scalar_s)
+        if machine.gpu_model(g).kind == "cpu" and sliced and g in L.movers:
+            # a CPU rank is one thread: its updates and all-gathers do not overlap its compute
+            compute[f"core {g}"] = (compute[f"compute {g}"] - fill_s
+                                    + model.layers * L.rounds * round_s)
         # Block buffers are a resource too: each of the prefetch + 1 buffers holds a block from
         # the start of its upload to the end of its compute, and those stages run one after the
         # other for one block, so buffers x step >= sum over blocks of that chain (Little's law).

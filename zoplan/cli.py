@@ -88,6 +88,7 @@ def plan_cmd(
     seed: int = typer.Option(0, "--seed"),
     steps: int = typer.Option(1000, "--steps", help="training steps recorded in the plan"),
     lr_schedule: Schedule = typer.Option(Schedule.constant, "--lr-schedule"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="plan with the figures `zoplan calibrate` measured"),
 ) -> None:
     """Find the fastest (or cheapest) layout of a model on a machine and write it as a plan."""
     from zoplan.planfile import ZoSettings, write_plan
@@ -101,7 +102,7 @@ def plan_cmd(
                 prefetch=prefetch, resident=resident, upload=upload.value if upload else None,
                 movers=movers.value if movers else None)
     report = plan(model, topology, global_batch=global_batch, seq_len=seq_len, pins=pins,
-                  objective=objective.value, dtype=dtype.value, top=top, zo=zo)
+                  objective=objective.value, dtype=dtype.value, top=top, zo=zo, profile=profile)
     if output is not None:
         write_plan(report.plan, output)
     if as_json:
@@ -212,6 +213,8 @@ def run_cmd(
     snapshot_every: int = typer.Option(0, "--snapshot-every", help="write a snapshot every N steps"),
     snapshot_minutes: float = typer.Option(0.0, "--snapshot-minutes", help="write a snapshot every M minutes"),
     keep_snapshots: int = typer.Option(2, "--keep-snapshots", help="snapshots kept"),
+    journal_sync_every: int = typer.Option(1, "--journal-sync-every", min=1,
+                                           help="fsync the journal every N steps (slow disks)"),
 ) -> None:
     """Fine-tune with a plan: torchrun starts the plan's ranks (gloo on CPU, NCCL on GPU)."""
     from zoplan.runtime.launch import RunOptions, run
@@ -228,7 +231,8 @@ def run_cmd(
                       eval_every=eval_every, max_nonfinite=max_nonfinite, nnodes=nnodes, node_rank=node_rank,
                       master_addr=master_addr, master_port=master_port, lr=lr, eps=eps, seed=seed,
                       resume=resume is not None, max_restarts=max_restarts, snapshot_every=snapshot_every,
-                      snapshot_minutes=snapshot_minutes, keep_snapshots=keep_snapshots)
+                      snapshot_minutes=snapshot_minutes, keep_snapshots=keep_snapshots,
+                      journal_sync_every=journal_sync_every)
     if resume is not None:
         opts.output = resume
     result = run(opts)
@@ -241,6 +245,78 @@ def run_cmd(
                            f"{before['eval_accuracy']:.3f} -> {result.eval['eval_accuracy']:.3f}" if before else
                            f"held-out: loss {result.eval['eval_loss']:.4f}, accuracy {result.eval['eval_accuracy']:.3f}"))
         out.print(Text(f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml"))
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = typer.Option("tiny-opt", "--model", "-m", help="directory, hub id or tiny-* (its shape is timed)"),
+    topology: str = typer.Option("cpu-local", "--topology", "-t", help="this machine's topology (bundled name or YAML)"),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="sequences per micro-batch to time"),
+    seq_len: int = typer.Option(64, "--seq-len", "-s", help="tokens per sequence to time"),
+    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="compute dtype (default fp32 on CPU, bf16 on GPU)"),
+    output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="the profile to write"),
+) -> None:
+    """Measure this machine with the runtime's own code and write a profile for `zoplan plan --profile`."""
+    try:
+        from zoplan.runtime.calibrate import calibrate
+    except ImportError:
+        raise ZoplanError("zoplan calibrate runs the runtime, which needs torch",
+                          fix="pip install 'zoplan[runtime]'") from None
+    prof = calibrate(model, topology, micro_batch=micro_batch, seq_len=seq_len,
+                     dtype=dtype.value if dtype else None, output=output)
+    from zoplan.render import profile_table
+
+    out.print(profile_table(prof))
+    out.print(Text(f"wrote {output}  (use it with: zoplan plan --topology {topology} --profile {output} ...)"))
+
+
+@app.command("validate")
+def validate_cmd(
+    plan_file: Path = typer.Argument(..., metavar="PLAN", help="a plan from `zoplan plan -o`"),
+    steps: int = typer.Option(20, "--steps", "-n", help="training steps to measure (the first is left out)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="the model's directory or hub id (default: the plan's tiny model)"),
+    data: str = typer.Option("sentiment-text", "--data", "-d", help="training data, as for `zoplan run`"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: a new temporary one)"),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="write the simulated and measured steps as one Chrome trace"),
+    skip: int = typer.Option(1, "--skip", help="first steps left out of the measurement (warm-up)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+) -> None:
+    """Run a plan for a few steps and compare its predicted step with the measured one, stage by stage."""
+    import tempfile
+
+    from zoplan import validate as zv
+    from zoplan.planfile import load_plan
+    from zoplan.planner import timeline
+
+    the_plan = load_plan(plan_file)
+    simulated = timeline(plan_file).candidate.sim
+    try:
+        from zoplan.runtime.launch import RunOptions, run
+        from zoplan.runtime.tiny import tiny_name
+    except ImportError:
+        raise ZoplanError("zoplan validate runs the plan, which needs the runtime (torch)",
+                          fix="pip install 'zoplan[runtime]'") from None
+    model = model or tiny_name(the_plan.model.name)
+    if model is None:
+        raise ZoplanError(f"{plan_file} is for model '{the_plan.model.name}': say where its weights are",
+                          fix="pass --model DIRECTORY (or hub id) of that model")
+    if steps <= skip:
+        raise ZoplanError(f"--steps {steps} leaves nothing to measure after --skip {skip}")
+    run_dir = output or Path(tempfile.mkdtemp(prefix="zoplan-validate-"))
+    run(RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json))
+    result = zv.compare(zv.measure(run_dir, the_plan, skip), simulated)
+    if trace is not None:
+        from zoplan.trace import write_trace
+
+        write_trace(zv.combined_trace(result, simulated, timeline(plan_file).machine), trace)
+    if as_json:
+        print(json.dumps(zv.to_json(result, plan_file, run_dir, trace), indent=2))
+        return
+    from zoplan.render import validation_table
+
+    out.print(validation_table(result, plan_file))
+    out.print(Text(f"run output: {run_dir}" + (f"; trace: {trace} (open in ui.perfetto.dev)" if trace else "")))
 
 
 @app.command("replay")
@@ -297,6 +373,26 @@ def topo_import_cmd(
     for warning in result.warnings:
         err.print(Text(f"warning: {warning}"), highlight=False, soft_wrap=True)
     out.print(Text(f"wrote {output}: {result.summary()}"), highlight=False, soft_wrap=True)
+
+
+@topo_app.command("detect")
+def topo_detect_cmd(
+    output: Path = typer.Option(Path("machine.yaml"), "--output", "-o", help="the topology YAML file to write"),
+    name: Optional[str] = typer.Option(None, "--name", help="the machine's name (default: the output file's stem)"),
+    host_gbps: Optional[float] = typer.Option(
+        None, "--host-gbps", help="host memory bandwidth per socket, GB/s (default: an ASSUMED figure, marked in the file)"),
+    ranks: Optional[int] = typer.Option(None, "--ranks", help="CPU-only machines: CPU ranks (default: one per core)"),
+    cpu: bool = typer.Option(False, "--cpu", help="describe the CPU only, even where nvidia-smi is present"),
+) -> None:
+    """Write a topology file for this machine: from nvidia-smi, or CPU ranks without a GPU."""
+    from zoplan.topo_detect import detect
+
+    result = detect(ranks=ranks, host_gbps=host_gbps, name=name or output.stem, cpu_only=cpu)
+    result.write(output)
+    for warning in result.warnings:
+        err.print(Text(f"warning: {warning}"), highlight=False, soft_wrap=True)
+    out.print(Text(f"wrote {output}: {result.summary}  (then: zoplan plan -t {output})"),
+              highlight=False, soft_wrap=True)
 
 
 @models_app.command("list")

@@ -97,6 +97,36 @@ class StepCosts:
         """Bytes one all-gather round assembles on every participant (one slice per mover)."""
         return self.slice_params * len(self.layout.movers) * WIRE_BYTES[self.layout.param_dtype]
 
+    # ----- measured figures (a calibration profile, zoplan.profile) -------------------------
+    @cached_property
+    def profile(self):
+        profiled = getattr(self.machine, "profile", None)
+        return profiled.profile if profiled is not None else None
+
+    @cached_property
+    def _tokens_scale(self) -> float:
+        """Tokens of this layout's micro-batch over those of the calibrated one."""
+        p = self.profile.model
+        return (self.layout.micro_batch * self.work.seq_len) / (p.micro_batch * p.seq_len)
+
+    def _whole_barrier_s(self) -> float:
+        """Whole-block uploads with several compute ranks on a machine: every rank reads the block
+        before anyone writes its share back, a barrier per block (measured: a small collective's
+        latency plus the in-step wait)."""
+        p, L = self.profile, self.layout
+        if p is None or p.allgather is None or L.compute_ranks_per_node < 2 or p.allgather.ranks != L.compute_ranks_per_node:
+            return 0.0
+        return (p.allgather.latency_us + p.allgather.wait_us) * 1e-6
+
+    def allgather_round_s(self) -> float | None:
+        """Measured: one all-gather round of the movers (None: simulate it on the links)."""
+        p = self.profile
+        n = len(self.layout.movers)
+        if p is None or p.allgather is None or p.allgather.ranks != n:
+            return None
+        nbytes = self.round_param_bytes * (n - 1) / n
+        return (p.allgather.latency_us + p.allgather.wait_us) * 1e-6 + nbytes / (p.allgather.gbps * 1e9)
+
     # ----- compute -------------------------------------------------------------------------
     def _gm(self, gpu: str) -> GpuModel:
         return self.machine.gpu_model(gpu)
@@ -119,21 +149,33 @@ class StepCosts:
         return one * self.micro_batches * L.branches_per_gpu
 
     def compute_block_s(self, gpu: str) -> float:
+        if self.profile is not None:
+            t = self.profile.block_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
+            if self.layout.upload == "whole":  # every compute GPU applies the update to the whole block
+                t += self.profile.compute.update_s_per_param * self.block_params
+                t += self._whole_barrier_s()
+            return t
         passes = self.perturb_passes() + (1 if self.layout.upload == "whole" else 0)
         return (elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes)
                 + self.forward_block_s(gpu))
 
     def update_slice_s(self, gpu: str) -> float:
         """The mover's deferred update of one slice (sliced uploads only)."""
+        if self.profile is not None:
+            return self.profile.compute.update_s_per_param * self.slice_params
         return elementwise_s(self._gm(gpu), self.slice_params, self.layout.param_dtype, 1)
 
     def embed_s(self, gpu: str) -> float:
         """Start of a step: update and perturb the resident parts (embeddings, final norm,
         head); the embedding lookup itself is negligible."""
+        if self.profile is not None:
+            return self.profile.embed_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
         passes = 1 + self.perturb_passes()
         return elementwise_s(self._gm(gpu), self.model.resident_params(), self.layout.param_dtype, passes)
 
     def head_s(self, gpu: str) -> float:
+        if self.profile is not None:
+            return self.profile.head_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
         head_bytes = m.embed_dim * m.vocab * WIRE_BYTES[L.param_dtype] + tokens * m.vocab * 4

@@ -37,6 +37,13 @@ class TopologyRef(Strict):
     hash: str
 
 
+class ProfileRef(Strict):
+    """The calibration profile the prediction used (``zoplan plan --profile``)."""
+
+    source: str
+    hash: str
+
+
 class BatchSpec(Strict):
     global_batch: PositiveInt
     seq_len: PositiveInt
@@ -108,6 +115,7 @@ class Plan(Strict):
     transfer: TransferSpec
     resident_blocks: list[int]
     prediction: Prediction
+    profile: ProfileRef | None = None
 
     # ----- conversions ------------------------------------------------------------------------
     def to_layout(self) -> Layout:
@@ -141,6 +149,8 @@ def build_plan(*, shape: ModelShape, machine: Machine, layout: Layout, global_ba
                               param_dtype=layout.param_dtype, prefetch=layout.prefetch),
         resident_blocks=list(layout.resident),
         prediction=prediction,
+        profile=(ProfileRef(source=machine.profile.source, hash=machine.profile.profile.hash)
+                 if machine.profile is not None else None),
     )
 
 

@@ -87,13 +87,25 @@ def candidate_summary(cand: Candidate, machine: Machine, workload: Workload) -> 
     }
 
 
+def with_profile(machine: Machine, profile: str | Path | None, shape: ModelShape) -> Machine:
+    """``machine`` with a calibration profile's measured figures (unchanged without one)."""
+    if profile is None:
+        return machine
+    from zoplan.profile import apply_profile, check_profile, load_profile
+
+    measured = load_profile(profile)
+    check_profile(measured, machine, shape, profile)
+    return apply_profile(machine, measured, Path(profile).resolve())
+
+
 def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
          global_batch: int = DEFAULT_GLOBAL_BATCH, seq_len: int = DEFAULT_SEQ_LEN,
          pins: Pins = Pins(), objective: str = "time", dtype: str = "bf16", top: int = 5,
-         zo: ZoSettings = ZoSettings()) -> PlanReport:
-    """Search the layouts of ``model`` on ``topology`` and return the report with the best plan."""
+         zo: ZoSettings = ZoSettings(), profile: str | Path | None = None) -> PlanReport:
+    """Search the layouts of ``model`` on ``topology`` and return the report with the best plan.
+    With ``profile``, the calibrated figures replace the topology's nominal ones."""
     shape = load_model_shape(model)
-    machine = load_topology(topology)
+    machine = with_profile(load_topology(topology), profile, shape)
     workload = Workload(shape, global_batch, seq_len)
     result = search(machine, workload, pins=pins, objective=objective, param_dtype=dtype, top=top)
     best = result.best
@@ -148,6 +160,12 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
             f"{machine.hash}: the machine description changed since planning",
             fix="plan again, or pass the original file with --topology")
     shape = the_plan.model_shape()
+    if the_plan.profile is not None:
+        machine = with_profile(machine, the_plan.profile.source, shape)
+        if machine.profile.profile.hash != the_plan.profile.hash:
+            raise ZoplanError(f"{plan_path} was planned with the profile {the_plan.profile.source} "
+                              f"({the_plan.profile.hash}), which has changed since",
+                              fix="plan again with `zoplan plan --profile ...`")
     workload = Workload(shape, the_plan.batch.global_batch, the_plan.batch.seq_len)
     cand = evaluate(machine, workload, the_plan.to_layout(), record=True)
     return Timeline(plan=the_plan, machine=machine, candidate=cand)

@@ -125,3 +125,40 @@ def models_table() -> Table:
     for row in preset_table_rows():
         table.add_row(*row)
     return table
+
+
+def validation_table(result, plan_path) -> Table:
+    """``zoplan validate``: predicted against measured, per stage, with the relative error."""
+    from zoplan.validate import STAGE_NAMES
+
+    table = Table(title=f"{plan_path}: predicted vs measured, median of {len(result.measured_steps)} step(s)")
+    for name in ("stage", "predicted", "measured", "error"):
+        table.add_column(name, justify="left" if name == "stage" else "right")
+    for row in result.rows:
+        error = row.error
+        table.add_row(STAGE_NAMES.get(row.stage, row.stage) if row.stage != "step" else "step time",
+                      _fmt_time(row.predicted_s) if row.predicted_s is not None else "–",
+                      _fmt_time(row.measured_s) if row.measured_s is not None else "–",
+                      f"{error:+.1%}" if error is not None else "–",
+                      style="bold" if row.stage == "step" else None)
+    return table
+
+
+def profile_table(profile) -> Table:
+    """``zoplan calibrate``: what was measured, per device and for the model shape."""
+    table = Table(title=f"calibration of {profile.machine.name} for {profile.model.name} "
+                        f"(micro-batch {profile.model.micro_batch} x {profile.model.seq_len} tokens, {profile.model.dtype})")
+    for name in ("figure", "value"):
+        table.add_column(name, justify="left" if name == "figure" else "right")
+    for dev, d in profile.devices.items():
+        table.add_row(f"{dev} host->device / device->host, alone", f"{d.h2d_gbps:.1f} / {d.d2h_gbps:.1f} GB/s")
+        table.add_row(f"{dev} the same, all devices at once", f"{d.h2d_gbps_together:.1f} / {d.d2h_gbps_together:.1f} GB/s")
+    if profile.allgather is not None:
+        g = profile.allgather
+        table.add_row(f"all-gather among {g.ranks}", f"{g.latency_us:.0f} µs + {g.gbps:.2f} GB/s")
+        table.add_row("loss all-reduce", f"{profile.scalar_latency_us:.0f} µs")
+    for key in ("1x1", "2x1", "2x2"):
+        b, m = key.split("x")
+        table.add_row(f"block compute, {b} branch(es), {m} micro-batch(es)", _fmt_time(profile.compute.block_s[key]))
+    table.add_row("deferred update", f"{profile.compute.update_s_per_param * 1e9:.2f} ns/parameter")
+    return table

@@ -105,6 +105,17 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
         path = machine.host_path(g, direction)
         return tuple(path) + (f"mem:{machine.host_socket(g)}",), machine.path_latency_s(path)
 
+    # A CPU rank is one thread (the runtime on CPU copies, updates, all-gathers and computes one
+    # after the other): its four streams share one core.
+    cores = {g: simpy.Resource(env, capacity=1) for g in L.gpus if machine.gpu_model(g).kind == "cpu"}
+
+    def take(gs) -> list[simpy.Request]:
+        return [cores[g].request() for g in sorted(set(gs)) if g in cores]
+
+    def give(reqs: list[simpy.Request]) -> None:
+        for req in reqs:
+            req.resource.release(req)
+
     def release_when(g: str, req: simpy.Request, needs: list[simpy.Event]) -> None:
         simpy.AllOf(env, needs).callbacks.append(lambda _: buffers[g].release(req))
 
@@ -132,14 +143,18 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
                     if b not in resident:
                         if step > 0:  # the host copy must hold the previous step's update
                             yield simpy.AllOf(env, [ev["off", step - 1, b, w, r] for w in writers])
+                        held = take([g])
+                        yield simpy.AllOf(env, held)
                         t0 = env.now
                         yield net.transfer(costs.slice_wire_bytes if sliced else costs.block_wire_bytes,
                                            route, latency)
+                        give(held)
                         spans.append((g, "upload", "h2d", f"h2d b{b}" + (f" r{r}" if rounds > 1 else ""),
                                       step, b, t0, env.now))
                     ev["h2d", step, b, g, r].succeed()
 
     update_round_s = max(update_s.values()) if sliced else 0.0
+    measured_round_s = costs.allgather_round_s() if ring else None
 
 
     def exchange_stream():
@@ -150,11 +165,15 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
                 for r in range(rounds):
                     yield simpy.AllOf(env, [ev["h2d", step, b, g, r] for g in L.movers])
                     yield g_ready(step - 1)
+                    held = take(L.movers)
+                    yield simpy.AllOf(env, held)
                     t0 = env.now
                     yield env.timeout(update_round_s)
                     t1 = env.now
                     ev["up", step, b, r].succeed()
-                    if ring:
+                    if measured_round_s is not None:
+                        yield env.timeout(measured_round_s)
+                    elif ring:
                         nbytes = costs.round_param_bytes * (n_movers - 1) / n_movers
                         # a ring all-gather pays the hop latency once per ring step
                         hops_s = max(lat for _, lat in ring) * (n_movers - 1)
@@ -162,21 +181,28 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
                     for g in L.movers:
                         spans.append((g, "exchange", "update", f"update b{b}", step, b, t0, t1))
                         spans.append((g, "exchange", "exchange", f"all-gather b{b}", step, b, t1, env.now))
+                    give(held)
                     ev["ex", step, b, r].succeed()
 
     def compute_stream(g: str):
         for step in range(STEPS):
             yield g_ready(step - 1)
+            held = take([g])
+            yield simpy.AllOf(env, held)
             t0 = env.now
             yield env.timeout(costs.embed_s(g))
+            give(held)
             spans.append((g, "compute", "embed", "embed+perturb", step, -1, t0, env.now))
             for b in range(model.layers):
                 if sliced:
                     yield ev["ex", step, b, rounds - 1]
                 elif b not in resident:
                     yield ev["h2d", step, b, g, 0]
+                held = take([g])
+                yield simpy.AllOf(env, held)
                 t0 = env.now
                 yield env.timeout(compute_s[g])
+                give(held)
                 spans.append((g, "compute", "compute", f"block {b}", step, b, t0, env.now))
                 ev["comp", step, b, g].succeed()
                 if deadline is not None and step == REPORTED_STEP:
@@ -184,8 +210,11 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
                     rest_s = (model.layers - 1 - b) * compute_s[g] + head_s[g] + scalar_latency
                     if env.now + rest_s >= deadline[0]:
                         raise Exceeded()
+            held = take([g])
+            yield simpy.AllOf(env, held)
             t0 = env.now
             yield env.timeout(head_s[g])
+            give(held)
             spans.append((g, "compute", "head", "head+loss", step, model.layers, t0, env.now))
             ev["head", step, g].succeed()
 
@@ -197,8 +226,11 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
                     continue
                 for r in range(rounds):
                     yield ev["up", step, b, r] if sliced else ev["comp", step, b, g]
+                    held = take([g])
+                    yield simpy.AllOf(env, held)
                     t0 = env.now
                     yield net.transfer(offload_bytes, route, latency)
+                    give(held)
                     spans.append((g, "offload", "d2h", f"d2h b{b}" + (f" r{r}" if rounds > 1 else ""),
                                   step, b, t0, env.now))
                     ev["off", step, b, g, r].succeed()
@@ -266,8 +298,11 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
 
 
 def _scalar_allreduce_s(costs: StepCosts) -> float:
-    """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta)."""
+    """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta), or
+    the calibrated figure."""
     machine, L = costs.machine, costs.layout
+    if costs.profile is not None and len(L.compute_gpus) * L.nodes > 1:
+        return costs.profile.scalar_latency_us * 1e-6
     hops = 2 * math.ceil(math.log2(max(2, L.compute_ranks_per_node))) if L.compute_ranks_per_node > 1 else 0
     hop_s = 0.0
     if len(L.compute_gpus) > 1:

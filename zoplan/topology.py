@@ -148,6 +148,10 @@ class Machine:
     def __init__(self, spec: TopologySpec, source: str) -> None:
         self.spec = spec
         self.source = source
+        # with a calibration profile applied (zoplan.profile.apply_profile): the measured figures
+        # replace nominal ones in ``spec``, ``identity`` keeps the described machine's hash
+        self.profile = None
+        self.identity: str | None = None
         self.graph = nx.Graph()
         for s in spec.sockets:
             self.graph.add_node(s.id, role="socket")
@@ -171,8 +175,12 @@ class Machine:
         return self.spec.name
 
     @cached_property
-    def hash(self) -> str:
+    def spec_hash(self) -> str:
         return content_hash(self.spec.model_dump(mode="json"))
+
+    @property
+    def hash(self) -> str:
+        return self.identity or self.spec_hash
 
     @property
     def gpus(self) -> list[str]:

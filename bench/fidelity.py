@@ -1,0 +1,115 @@
+"""Planner fidelity (docs/results/fidelity.md): calibrate, plan with the profile, run, compare.
+
+For each model: ``zoplan calibrate`` at the benchmark's micro-batch and sequence length, then for
+each layout ``zoplan plan --profile`` with that layout pinned and ``zoplan validate --json``
+(the plan runs for ``--steps`` steps; the first is left out). The data are long texts, so every
+sequence fills ``--seq-len`` tokens as in the calibration.
+
+Usage:
+    CPU: python bench/fidelity.py --out OUT --device cpu --models tiny-opt,opt-125m --layouts 1x1,2x1
+    GPU: python bench/fidelity.py --out OUT --device cuda --topology machine.yaml \\
+             --models opt-1.3b,opt-2.7b --layouts 1x1 --batch 8 --micro-batch 8 --seq-len 256
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runtime_gpu import build, long_texts  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def zoplan(*args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"zoplan {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--topology", default="cpu-local")
+    parser.add_argument("--models", default="tiny-opt,opt-125m")
+    parser.add_argument("--layouts", default="1x1,2x1", help="PertP x DDP, comma separated")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--work", type=Path, default=None, help="models, plans, profiles, traces (default OUT/work)")
+    opts = parser.parse_args()
+    out = opts.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = opts.work or out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    data = long_texts(work / "long.jsonl")
+    dtype = "fp32" if opts.device == "cpu" else "bf16"
+    results = []
+    log = (out / "fidelity.txt").open("a")
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        log.write(text + "\n")
+        log.flush()
+
+    say(f"{time.strftime('%Y-%m-%d %H:%M:%S')} device {opts.device}, topology {opts.topology}, "
+        f"batch {opts.batch} x {opts.seq_len}, micro-batch {opts.micro_batch}, {opts.steps} steps")
+    if opts.device == "cuda":
+        # measured against the topology's nominal figures (the preset the file was built from)
+        from runtime_gpu import copy_gbps, matmul_tflops
+
+        from zoplan.topology import load_topology
+
+        machine = load_topology(opts.topology)
+        g = machine.gpus[0]
+        link = machine.directed[machine.host_path(g, "h2d")[-1]]
+        back = machine.directed[machine.host_path(g, "d2h")[0]]
+        gm = machine.gpu_model(g)
+        say(f"nominal ({machine.gpu_model_name(g)}): H2D {link.gbps} GB/s, D2H {back.gbps} GB/s, bf16 matmul "
+            f"{gm.tflops.get('bf16')} TFLOP/s peak x efficiency {gm.matmul_efficiency}")
+        say(f"measured: pinned 1 GiB H2D {copy_gbps('h2d'):.1f} GB/s, D2H {copy_gbps('d2h'):.1f} GB/s, "
+            f"bf16 matmul 8192^3 {matmul_tflops():.0f} TFLOP/s")
+    for name in opts.models.split(","):
+        if name.startswith("tiny-"):
+            from zoplan.runtime.tiny import resolve_model
+
+            model = resolve_model(name)
+        else:
+            model = work / name
+            if not (model / "config.json").exists():
+                build(model, name, device=opts.device)
+        profile = work / f"{name}-profile.yaml"
+        t0 = time.perf_counter()
+        zoplan("calibrate", "--model", str(model), "--topology", opts.topology, "--micro-batch",
+               str(opts.micro_batch), "--seq-len", str(opts.seq_len), "--dtype", dtype, "-o", str(profile))
+        say(f"{name}: calibrated in {time.perf_counter() - t0:.0f} s -> {profile}")
+        say((profile.read_text()))
+        for layout in opts.layouts.split(","):
+            p, d = layout.split("x")
+            plan = work / f"{name}-{layout}.yaml"
+            zoplan("plan", "--model", str(model / "config.json"), "--topology", opts.topology, "--profile",
+                   str(profile), "--global-batch", str(opts.batch), "--seq-len", str(opts.seq_len), "--dtype", dtype,
+                   "--wire-dtype", dtype, "--pertp", p, "--ddp", d, "--micro-batch", str(opts.micro_batch),
+                   "--resident", "0", "-o", str(plan))
+            report = json.loads(zoplan("validate", str(plan), "--model", str(model), "--data", str(data),
+                                       "--steps", str(opts.steps), "--json", "--trace",
+                                       str(work / f"{name}-{layout}-trace.json")))
+            results.append({"model": name, "layout": layout, **report})
+            say(f"{name} {layout}: " + ", ".join(
+                f"{r['stage']} {r['predicted_s'] * 1e3 if r['predicted_s'] is not None else float('nan'):.2f}/"
+                f"{r['measured_s'] * 1e3 if r['measured_s'] is not None else float('nan'):.2f} ms"
+                f" ({r['error']:+.1%})" if r["error"] is not None else f"{r['stage']} -"
+                for r in report["rows"]))
+    (out / "fidelity.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

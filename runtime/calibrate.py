@@ -1,0 +1,319 @@
+"""``zoplan calibrate``: measure this machine with the runtime's own code paths (torchrun entry).
+
+One process per device (GPU, or CPU rank), as in training. Each rank:
+
+1. builds a one-block model of the given shape (the config with one layer, random weights) and
+   its host copy, exactly as a training run's loader does;
+2. copy rates: the host copy -> device and device -> host copies the engine does, each rank alone
+   (the others wait), then all ranks at once (shared links and memory buses show up);
+3. the block all-gather of the exchange group (all ranks) at two sizes -> latency and bandwidth,
+   and the loss-scalar all-reduce latency;
+4. the engine itself (``Engine.step``) for a few steps on the one-block model, all ranks at once
+   as in training, with 1 and 2 branches and 1 and 2 micro-batches: its spans give the block
+   compute (perturbation + forward), the deferred update, embedding and head times.
+
+Rank 0 writes the figures as JSON to ``--output``; the planner (zoplan/profile.py) turns them into
+a profile file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from zoplan.runtime import dist as zdist
+from zoplan.runtime.engine import Engine
+from zoplan.runtime.hostcopy import DTYPES, HostCopy
+from zoplan.runtime.spans import Spans
+
+REPEAT_S = 0.3  # each copy measurement runs at least this long
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _copy_gbps(dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> float:
+    """Bytes per second of ``dst.copy_(src)`` as the engine issues it (non-blocking on CUDA)."""
+    dst.copy_(src, non_blocking=device.type == "cuda")
+    _sync(device)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        dst.copy_(src, non_blocking=device.type == "cuda")
+        n += 1
+        if n % 4 == 0:
+            _sync(device)
+            if time.perf_counter() - t0 >= REPEAT_S:
+                break
+    return n * src.numel() * src.element_size() / (time.perf_counter() - t0) / 1e9
+
+
+def _timed(fn, device: torch.device, repeat: int) -> float:
+    """Median seconds of ``fn`` (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _one_block_model(model_dir: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoplan.runtime.adapters import adapter_for
+    from zoplan.runtime.worker import _dtype_kwarg
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.num_hidden_layers = 1
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
+    return model, adapter_for(config.model_type), config
+
+
+def _loss(logits: torch.Tensor, mb: dict) -> tuple[torch.Tensor, float]:
+    labels = mb["labels"]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             reduction="sum")
+    return loss, float(labels.numel())
+
+
+def measure(args: argparse.Namespace) -> dict:
+    device_kind = args.device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cpu":
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=zdist.TIMEOUT,
+                                store=zdist._attempt_store(world), rank=rank, world_size=world)
+    dtype = DTYPES[args.dtype]
+    model, adapter, config = _one_block_model(Path(args.model_dir), dtype)
+    blocks = adapter.blocks(model)
+    block_params = sum(p.numel() for p in blocks[0].parameters())
+    root = Path(tempfile.mkdtemp(prefix=f"zoplan-calibrate-{rank}-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    # sliced into one slice per rank: the in-situ all-gather below exchanges them
+    host = HostCopy.create(root, model, blocks, adapter.blocks_path + ".", world, args.dtype, args.dtype)
+    try:
+        figures = _measure_with(args, model, adapter, host, device, rank, world, block_params, config)
+    finally:
+        host.remove()
+    return figures
+
+
+def _phase(args, rank: int, text: str) -> None:
+    """Rank 0 tells the launcher's progress display what is being measured."""
+    if rank == 0 and args.progress:
+        Path(args.progress).write_text(text)
+
+
+def _measure_with(args, model, adapter, host, device, rank, world, block_params, config) -> dict:
+    cuda = device.type == "cuda"
+    _phase(args, rank, "host <-> device copies, each device alone")
+    src = host.blocks[0]
+    if cuda:
+        host.pin_for_cuda()  # as the engine does
+    dst = torch.empty_like(src, device=device)
+    # 2. copies: alone, rank by rank, then all at once
+    alone = {}
+    for r in range(world):
+        zdist.barrier()
+        if r == rank:
+            alone = {"h2d_gbps": _copy_gbps(dst, src, device), "d2h_gbps": _copy_gbps(src, dst, device)}
+    zdist.barrier()
+    _phase(args, rank, "host <-> device copies, all devices at once")
+    together_h2d = _copy_gbps(dst, src, device)
+    zdist.barrier()
+    together_d2h = _copy_gbps(src, dst, device)
+    # 3. collectives among all ranks
+    gather: dict = {}
+    scalar_s = 0.0
+    if world > 1:
+        _phase(args, rank, f"all-gather and all-reduce among {world} ranks")
+        sizes = (256, max(256, int(args.round_elements)))
+        times = {}
+        for n in sizes:
+            mine = torch.ones(n, dtype=DTYPES[args.dtype], device=device)
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            times[n] = _timed(lambda: dist.all_gather(parts, mine), device, 20)
+        (n0, t0), (n1, t1) = sorted(times.items())
+        per_byte = max((t1 - t0) / ((n1 - n0) * mine.element_size() * (world - 1)), 1e-15)
+        gather = {"ranks": world, "latency_us": max(t0, 1e-7) * 1e6, "gbps": 1e-9 / per_byte}
+        scalar_s = _timed(lambda: zdist.all_reduce_sum([0.0, 1.0, 2.0, 3.0]), device, 30)
+    model = model  # the one-block model now runs through the engine
+    adapter.blocks(model).to("meta")
+    from zoplan.runtime.worker import _blocks_detached
+
+    with _blocks_detached(model, adapter):
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    compute = _engine_times(args, model, adapter, host, device, rank, world)
+    if world > 1:
+        # the all-gather and the loss all-reduce inside real steps, where each waits for the
+        # slowest rank's compute before it (jitter a back-to-back loop does not see)
+        insitu = _engine_times(args, model, adapter, host, device, rank, world, exchange=True)["exchange"]
+        gather["in_step_us"] = insitu["exchange"] * 1e6
+        scalar_s = insitu["scalar"]
+    return {"rank": rank, "device": str(device), "alone": alone,
+            "together": {"h2d_gbps": together_h2d, "d2h_gbps": together_d2h},
+            "allgather": gather, "scalar_latency_us": scalar_s * 1e6, "block_params": block_params,
+            "compute": compute}
+
+
+def _engine_times(args, model, adapter, host, device, rank, world, exchange: bool = False) -> dict:
+    """Median span totals of Engine.step on the one-block model, per (branches, micro-batches);
+    with ``exchange``, one setting where all ranks move slices and all-gather them (PertP-like:
+    one branch each)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(rank)
+    out = {}
+    settings = [(1, 2, "exchange")] if exchange else [(b, m, f"{b}x{m}") for b in (1, 2) for m in (1, 2)]
+    for branches, micro, key in settings:
+        _phase(args, rank, f"engine steps: {branches} branch(es), {micro} micro-batch(es)")
+        movers = world if exchange else 1
+        ctx = zdist.RankContext(rank=0, world=1, node=0, local_rank=0, device=device, role="compute",
+                                signs=(1, -1) if branches == 2 else (1,), replica=0, replicas=1,
+                                mover_index=rank if exchange else 0, movers=movers, compute_index=0,
+                                computes=1, exchange_group=dist.group.WORLD if exchange else None)
+        spans = Spans(device, None)
+        engine = Engine(model, adapter, host, ctx, upload="sliced", slices=world, param_dtype=args.dtype,
+                        resident_blocks=[], eps=1e-3, spans=spans)
+        mbs = []
+        for _ in range(micro):
+            ids = torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=gen)
+            mbs.append({"inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                        "labels": ids.to(device)})
+        rows = []
+        for step in range(args.steps):
+            spans.begin(step)
+            engine.forward_losses(mbs, 1000 + step, [_loss])
+            with spans.span("compute", "scalar", "loss all-reduce", 1):
+                zdist.all_reduce_sum([0.0, 0.0, 0.0, 0.0])
+            spans_totals = spans.end()
+            # a stage lasts at least as long as the host takes to issue it (CUDA: kernel launches
+            # and Python; in a long run nothing else hides that time)
+            for cat, host_s in spans.host_totals.items():
+                if cat in ("compute", "embed", "head", "update"):
+                    spans_totals[cat] = max(spans_totals.get(cat, 0.0), host_s)
+            engine.pending = engine.pending or _pending(step)
+            if step >= 1:  # the first step warms up and has no update to apply
+                rows.append(spans_totals)
+        out[key] = {cat: statistics.median(r.get(cat, 0.0) for r in rows)
+                    for cat in ("h2d", "update", "d2h", "embed", "compute", "head", "exchange", "scalar")}
+    return out
+
+
+def _pending(step: int):
+    from zoplan.runtime.engine import Pending
+
+    return Pending(seed=2000 + step, g=0.0, lr=0.0, wd=0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="zoplan calibrate (one rank; started by torchrun)")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--micro-batch", type=int, required=True)
+    parser.add_argument("--seq-len", type=int, required=True)
+    parser.add_argument("--dtype", required=True)
+    parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
+    parser.add_argument("--round-elements", type=float, required=True)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--progress", default=None)
+    args = parser.parse_args()
+    try:
+        figures = measure(args)
+        rows = [None] * int(os.environ.get("WORLD_SIZE", "1"))
+        if dist.is_initialized():
+            dist.all_gather_object(rows, figures)
+        else:
+            rows = [figures]
+        if figures["rank"] == 0:
+            Path(args.output).write_text(json.dumps(rows, indent=1))
+        zdist.barrier()
+    finally:
+        zdist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
+
+
+# ----- the launcher (``zoplan calibrate``) ---------------------------------------------------------
+def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtype: str | None,
+              output: Path, steps: int = 6, quiet: bool = False):
+    """Measure this machine (one process per device of ``topology``) and write a profile."""
+    import subprocess
+    import sys
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from zoplan.errors import ZoplanError
+    from zoplan.models import load_model_shape
+    from zoplan.profile import build_profile, write_profile
+    from zoplan.runtime.launch import _free_port, _is_cpu_machine
+    from zoplan.runtime.tiny import resolve_model
+    from zoplan.topology import load_topology
+
+    machine = load_topology(topology)
+    if machine.spec.nodes > 1:
+        raise ZoplanError(f"'{machine.name}' spans {machine.spec.nodes} nodes: calibrate one node's topology")
+    cpu = _is_cpu_machine(machine)
+    n = len(machine.gpus)
+    if not cpu:
+        if not torch.cuda.is_available():
+            raise ZoplanError(f"calibration cannot reach a GPU: '{machine.name}' describes GPUs, but torch "
+                              f"sees no CUDA device here",
+                              fix="run it on the GPU machine, or calibrate a CPU topology (--topology cpu-local)")
+        if torch.cuda.device_count() < n:
+            raise ZoplanError(f"'{machine.name}' has {n} GPUs but torch sees {torch.cuda.device_count()} here",
+                              fix="calibrate on the machine the topology describes (zoplan topo detect)")
+    dtype = dtype or ("fp32" if cpu else "bf16")
+    model_dir = resolve_model(model)
+    shape = load_model_shape(str(model_dir / "config.json"))
+    if micro_batch < 1 or seq_len < 1:
+        raise ZoplanError("--micro-batch and --seq-len must be at least 1")
+    work = Path(tempfile.mkdtemp(prefix="zoplan-calibrate-"))
+    raw, progress_file, log = work / "figures.json", work / "progress.txt", work / "calibrate.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--nnodes", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "-m", "zoplan.runtime.calibrate", "--model-dir", str(model_dir), "--micro-batch", str(micro_batch),
+           "--seq-len", str(seq_len), "--dtype", dtype, "--device", "cpu" if cpu else "cuda",
+           "--round-elements", str(shape.block_params() / max(n, 1)), "--steps", str(steps),
+           "--output", str(raw), "--progress", str(progress_file)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as f, Progress(SpinnerColumn(), TextColumn("calibrating {task.description}"),
+                                       TimeElapsedColumn(), disable=quiet, transient=True) as bar:
+        task = bar.add_task("(starting ranks)")
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            if progress_file.exists():
+                bar.update(task, description=progress_file.read_text())
+            time.sleep(0.2)
+    if proc.returncode != 0 or not raw.exists():
+        causes = [l.strip() for l in log.read_text(errors="replace").splitlines()
+                  if "Error" in l and "ChildFailedError" not in l and not l.startswith("  File")]
+        raise ZoplanError(f"calibration failed (exit status {proc.returncode})"
+                          + (f": {causes[-1][:500]}" if causes else ""), fix=f"see {log}")
+    rows = json.loads(raw.read_text())
+    profile = build_profile(rows, machine, shape, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype,
+                            device=rows[0]["device"] if cpu else torch.cuda.get_device_name(0))
+    write_profile(profile, output)
+    return profile

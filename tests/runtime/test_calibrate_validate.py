@@ -1,0 +1,116 @@
+"""Calibration and validation on the CPU: `zoplan calibrate` measures the 2 gloo ranks,
+`zoplan plan --profile` plans with the figures, `zoplan validate` runs the plan and compares.
+
+One calibration and one validation run are shared by the checks (each launch costs seconds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zoplan.models import load_model_shape
+from zoplan.planfile import load_plan
+from zoplan.planner import timeline
+from zoplan.profile import load_profile
+
+
+def zoplan(*args: str, code: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    if code == 2:
+        assert "Traceback" not in proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_dirs, tmp_path_factory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("calibrate")
+    profile = work / "profile.yaml"
+    zoplan("calibrate", "--model", str(tiny_dirs["tiny-opt"]), "--micro-batch", "2", "--seq-len", "32",
+           "-o", str(profile))
+    return profile, tiny_dirs["tiny-opt"]
+
+
+@pytest.fixture(scope="module")
+def planned(calibrated, tmp_path_factory) -> Path:
+    profile, model = calibrated
+    plan = tmp_path_factory.mktemp("plan") / "plan.yaml"
+    zoplan("plan", "--model", str(model / "config.json"), "--topology", "cpu-local", "--global-batch", "8",
+           "--seq-len", "32", "--dtype", "fp32", "--pertp", "2", "--ddp", "1", "--upload", "sliced",
+           "--micro-batch", "2", "--wire-dtype", "fp32", "--profile", str(profile), "-o", str(plan))
+    return plan
+
+
+def test_calibration_measures_every_rank_and_the_model_shape(calibrated) -> None:
+    profile = load_profile(calibrated[0])
+    assert sorted(profile.devices) == ["rank0", "rank1"]
+    for d in profile.devices.values():
+        assert d.h2d_gbps > 0.1 and d.d2h_gbps > 0.1 and d.h2d_gbps_together > 0.1
+    assert profile.allgather is not None and profile.allgather.ranks == 2 and profile.allgather.gbps > 0
+    assert profile.model.hash == load_model_shape(str(calibrated[1] / "config.json")).hash
+    assert profile.model.micro_batch == 2 and profile.model.seq_len == 32
+    times = profile.compute
+    # two micro-batches through a block take longer than one; two branches longer than one
+    assert times.block_s["2x2"] > times.block_s["2x1"] > 0 and times.block_s["2x1"] > times.block_s["1x1"] * 0.9
+    assert times.update_s_per_param > 0
+
+
+def test_a_plan_made_with_a_profile_records_it_and_timeline_reproduces_it(calibrated, planned, tmp_path) -> None:
+    plan = load_plan(planned)
+    assert plan.profile is not None and plan.profile.hash == load_profile(calibrated[0]).hash
+    assert timeline(planned).candidate.step_time_s == pytest.approx(plan.prediction.step_time_s, rel=1e-9)
+    nominal = tmp_path / "nominal.yaml"
+    zoplan("plan", "--model", str(calibrated[1] / "config.json"), "--topology", "cpu-local", "--global-batch", "8",
+           "--seq-len", "32", "--dtype", "fp32", "--pertp", "2", "--ddp", "1", "--upload", "sliced",
+           "--micro-batch", "2", "--wire-dtype", "fp32", "-o", str(nominal))
+    assert load_plan(nominal).profile is None
+    assert load_plan(nominal).prediction.step_time_s != plan.prediction.step_time_s
+
+
+def test_a_profile_for_another_machine_or_model_is_refused(calibrated, tmp_path) -> None:
+    profile, model = calibrated
+    other = tmp_path / "other-machine.yaml"
+    data = yaml.safe_load(profile.read_text())
+    data["machine"]["hash"] = "sha256:0000000000000000"
+    other.write_text(yaml.safe_dump(data))
+    err = zoplan("plan", "--model", str(model / "config.json"), "--topology", "cpu-local", "--dtype", "fp32",
+                 "--profile", str(other), code=2).stderr
+    assert "was measured on 'cpu-local'" in err and "zoplan calibrate" in err
+    err = zoplan("plan", "--model", "opt-125m", "--topology", "cpu-local", "--profile", str(profile), code=2).stderr
+    assert "holds compute times for model 'tiny-opt'" in err and "not for 'opt-125m'" in err
+
+
+def test_calibrating_a_gpu_topology_without_a_gpu_says_so() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    err = zoplan("calibrate", "--topology", "h100-pcie-1x", "-o", "/nonexistent/p.yaml", code=2).stderr
+    assert "calibration cannot reach a GPU" in err
+
+
+def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tmp_path) -> None:
+    trace = tmp_path / "trace.json"
+    proc = zoplan("validate", str(planned), "--model", str(calibrated[1]), "--steps", "4", "--json",
+                  "--trace", str(trace), "-o", str(tmp_path / "run"))
+    report = json.loads(proc.stdout)
+    rows = {r["stage"]: r for r in report["rows"]}
+    assert report["measured_steps"] == [1, 2, 3]
+    assert rows["step"]["predicted_s"] == pytest.approx(load_plan(planned).prediction.step_time_s)
+    for stage in ("step", "compute", "embed", "head", "update", "exchange", "scalar"):
+        assert rows[stage]["measured_s"] > 0 and rows[stage]["predicted_s"] > 0, stage
+        assert rows[stage]["error"] == pytest.approx(
+            (rows[stage]["predicted_s"] - rows[stage]["measured_s"]) / rows[stage]["measured_s"])
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["args"]["name"] for e in events if e.get("name") == "process_name"}
+    assert {"rank0 (simulated)", "rank1 (simulated)", "rank0 (measured)", "rank1 (measured)"} <= names
+    measured_pids = {e["pid"] for e in events if e.get("name") == "process_name" and "measured" in e["args"]["name"]}
+    assert any(e.get("ph") == "X" and e["pid"] in measured_pids and e["cat"] == "compute" for e in events)
+    assert (tmp_path / "run" / "spans-rank0.jsonl").exists() and (tmp_path / "run" / "spans-rank1.jsonl").exists()

@@ -1,0 +1,308 @@
+"""``zoplan topo detect``: a topology file for the local machine.
+
+The CPU path runs on this machine for real (/proc/meminfo, /sys, the process's CPU affinity). The
+GPU path is fed the ``nvidia-smi topo -m`` fixtures of tests/fixtures/nvidia-smi/ (described in
+test_topo_import.py) with a fake nvidia-smi: a function in-process, an executable script on PATH
+for the command line. h200-1x.txt is the real `nvidia-smi topo -m` of a one-GPU H200 cloud machine
+(its header underlined with ANSI escapes, as the driver prints it); `nvidia-smi --query-gpu=name,
+memory.total --format=csv,noheader` there printed "NVIDIA H200, 143771 MiB".
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from zoplan import cli, topo_detect
+from zoplan.errors import ZoplanError
+from zoplan.gpu_presets import preset_names
+from zoplan.planner import plan
+from zoplan.topo_detect import (cpu_topology, detect, gpu_preset_for, mem_total_kib, parse_cpulist,
+                                read_numa_nodes, run_nvidia_smi)
+from zoplan.topo_import import import_nvidia_smi
+from zoplan.topology import Machine, load_topology
+
+FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
+DGX = FIXTURES / "dgx-a100-like.txt"
+L40S = FIXTURES / "l40s-8x-like.txt"
+H200 = FIXTURES / "h200-1x.txt"
+A100_QUERY = "NVIDIA A100-SXM4-80GB, 81920 MiB\n" * 8
+MEMINFO = "MemTotal:       2113929216 kB\nMemFree:        2000000000 kB\n"  # 2016 GiB
+MEMINFO_GIB = 2113929216 / 2**20
+TINY = dict(global_batch=4, seq_len=128)
+runner = CliRunner()
+
+
+def local_mem_gib() -> float:
+    return mem_total_kib(Path("/proc/meminfo").read_text()) / 2**20
+
+
+def fake_smi(topo: Path | str, query: str, calls: list[list[str]] | None = None):
+    """A stand-in for run_nvidia_smi answering the two queries detect makes."""
+    def run(args: Sequence[str]) -> str:
+        if calls is not None:
+            calls.append(list(args))
+        if list(args) == ["topo", "-m"]:
+            return Path(topo).read_text(encoding="utf-8")
+        assert args[0].startswith("--query-gpu=name,memory.total"), args
+        return query
+    return run
+
+
+def detect_gpu(tmp_path: Path, topo: Path, query: str, **kw) -> topo_detect.DetectedTopology:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    return detect(run=fake_smi(topo, query), which=lambda _: "/usr/bin/nvidia-smi",
+                  meminfo_path=meminfo, **kw)
+
+
+def comments(text: str) -> str:
+    """The file's comments as one line (they are wrapped at 100 columns)."""
+    return " ".join(line.strip().lstrip("#").strip() for line in text.splitlines()
+                    if line.strip().startswith("#"))
+
+
+def written(tmp_path: Path, result: topo_detect.DetectedTopology, name: str = "machine") -> Machine:
+    path = tmp_path / f"{name}.yaml"
+    result.write(path)
+    return load_topology(path)
+
+
+# ----- the CPU path, on this machine --------------------------------------------------------------
+def test_cpu_path_on_this_machine_loads_and_plans(tmp_path: Path) -> None:
+    machine = written(tmp_path, detect(which=lambda _: None, name="here"))
+    cores = len(os.sched_getaffinity(0))
+    assert machine.name == "here"
+    assert machine.gpus == [f"rank{r}" for r in range(cores)]
+    assert all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus)
+    nodes = max(1, len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))))
+    assert len(machine.spec.sockets) == nodes
+    assert sum(s.memory_gib for s in machine.spec.sockets) == pytest.approx(local_mem_gib(), abs=0.01 * nodes)
+    best = plan("opt-125m", machine.source, **TINY).search.best
+    assert best.step_time_s > 0 and set(best.layout.gpus) <= set(machine.gpus)
+
+
+def test_cpu_ranks_option_and_assumed_figures(tmp_path: Path) -> None:
+    result = detect(which=lambda _: None, ranks=1, host_gbps=12.5)
+    machine = written(tmp_path, result)
+    assert machine.gpus == ["rank0"]
+    assert machine.gpu_model("rank0").memory_gib == pytest.approx(local_mem_gib(), abs=0.01)
+    assert {s.memory_gbps for s in machine.spec.sockets} == {12.5}
+    assert "ASSUMED" in result.text and "zoplan calibrate" in comments(result.text)
+    assert "zoplan calibrate" in result.summary
+
+
+@pytest.mark.parametrize("ranks", [0, len(os.sched_getaffinity(0)) + 1])
+def test_cpu_ranks_out_of_range(ranks: int) -> None:
+    with pytest.raises(ZoplanError, match="--ranks must be between 1 and"):
+        detect(which=lambda _: None, ranks=ranks)
+
+
+def test_cpu_two_numa_nodes_from_sys(tmp_path: Path) -> None:
+    for node, cpus in (("node0", "0-3"), ("node1", "4-7"), ("node2", "")):
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "cpulist").write_text(cpus + "\n")
+    (tmp_path / "possible").write_text("0-2\n")  # not a node directory
+    nodes = read_numa_nodes(tmp_path)
+    assert nodes == {0: frozenset(range(4)), 1: frozenset(range(4, 8)), 2: frozenset()}
+    result = cpu_topology(MEMINFO, nodes, set(range(8)), ranks=4)
+    machine = Machine(result.spec, "test")
+    assert [s.id for s in result.spec.sockets] == ["cpu0", "cpu1", "cpu2"]
+    assert [s.memory_gib for s in result.spec.sockets] == [672, 672, 672]
+    assert [machine.host_socket(f"rank{r}") for r in range(4)] == ["cpu0", "cpu0", "cpu1", "cpu1"]
+    # ASSUMED bus: 4 GB/s per rank on the node; a node without ranks still gets a positive figure
+    assert [s.memory_gbps for s in result.spec.sockets] == [8, 8, 4]
+    assert {(l.a, l.b) for l in result.spec.links if l.kind == "socket"} == {
+        ("cpu0", "cpu1"), ("cpu0", "cpu2"), ("cpu1", "cpu2")}
+
+
+def test_readers() -> None:
+    assert parse_cpulist("0-2,8,10-11\n") == {0, 1, 2, 8, 10, 11}
+    assert parse_cpulist("\n") == frozenset()
+    assert mem_total_kib(MEMINFO) == 2113929216
+    with pytest.raises(ZoplanError, match="MemTotal"):
+        mem_total_kib("MemFree: 12 kB\n")
+
+
+# ----- the GPU path, with a fake nvidia-smi -------------------------------------------------------
+def test_gpu_path_is_the_import_with_memory_from_meminfo(tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    result = detect(run=fake_smi(DGX, A100_QUERY, calls), which=lambda _: "/usr/bin/nvidia-smi",
+                    meminfo_path=meminfo, host_gbps=204.8, name="dgx")
+    assert sorted(calls) == [["--query-gpu=name,memory.total", "--format=csv,noheader"], ["topo", "-m"]]
+    machine = written(tmp_path, result, "dgx")
+    # two NUMA nodes in the matrix: MemTotal divided between them, the total kept
+    assert [s.memory_gib for s in machine.spec.sockets] == [1008, 1008]
+    assert sum(s.memory_gib for s in machine.spec.sockets) == pytest.approx(MEMINFO_GIB, abs=0.02)
+    same = import_nvidia_smi(DGX.read_text(), gpu="a100-sxm4-80gb", host_memory_gib=1008, host_gbps=204.8)
+    assert machine.spec.links == same.spec.links
+    assert machine.spec.gpu_models == same.spec.gpu_models
+    assert machine.spec.sockets == same.spec.sockets
+    said = comments(result.text)
+    assert "MemTotal 2113929216 kB in /proc/meminfo" in said and "8x 'NVIDIA A100-SXM4-80GB'" in said
+    assert result.summary.startswith("8x a100-sxm4-80gb, NVSwitch")
+    assert result.warnings == []
+
+
+def test_gpu_path_l40s_plans(tmp_path: Path) -> None:
+    result = detect_gpu(tmp_path, L40S, "NVIDIA L40S, 46068 MiB\n" * 8)
+    machine = written(tmp_path, result, "l40s")
+    assert len(machine.gpus) == 8 and machine.gpu_model_name("gpu0") == "l40s-48gb"
+    assert any("--host-gbps not given" in w for w in result.warnings)  # the import's warning, kept
+    best = plan("opt-125m", machine.source, **TINY).search.best
+    assert best.step_time_s > 0
+
+
+def test_gpu_path_real_h200_output(tmp_path: Path) -> None:
+    result = detect_gpu(tmp_path, H200, "NVIDIA H200, 143771 MiB\n", host_gbps=100)
+    machine = written(tmp_path, result, "h200")
+    assert machine.gpus == ["gpu0"] and machine.gpu_model_name("gpu0") == "h200-sxm-141gb"
+    assert [(s.id, s.memory_gib, s.memory_gbps) for s in machine.spec.sockets] == [("cpu0", 2016, 100)]
+    assert machine.host_path("gpu0") == ["cpu0->gpu0"] and result.warnings == []
+    assert "all on the one socket below" in comments(result.text)
+
+
+@pytest.mark.parametrize("name, preset", [
+    ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb"), ("NVIDIA A100-SXM4-40GB", "a100-sxm4-40gb"),
+    ("A100-SXM4-40GB", "a100-sxm4-40gb"), ("NVIDIA H100 80GB HBM3", "h100-sxm5-80gb"),
+    ("NVIDIA H100 PCIe", "h100-pcie-80gb"), ("NVIDIA H200", "h200-sxm-141gb"),
+    ("NVIDIA L40S", "l40s-48gb"), ("NVIDIA GeForce RTX 4090", "rtx4090-24gb")])
+def test_product_names_map_to_presets(name: str, preset: str) -> None:
+    assert gpu_preset_for(name).name == preset
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H100 NVL", "NVIDIA A100 80GB PCIe", "Tesla V100-SXM2-32GB",
+                                  "NVIDIA H200 NVL"])
+def test_unknown_gpu_names_the_gpu_and_lists_the_presets(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ZoplanError) as exc:
+        detect_gpu(tmp_path, DGX, f"{name}, 95830 MiB\n" * 8)
+    assert f"'{name}', 95830 MiB" in exc.value.message
+    assert all(p in exc.value.message for p in preset_names())
+    assert "zoplan topo import" in exc.value.fix and "--gpu" in exc.value.fix
+
+
+def test_mixed_models_and_count_mismatch_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(ZoplanError, match="different GPU models"):
+        detect_gpu(tmp_path, DGX, A100_QUERY + "NVIDIA L40S, 46068 MiB\n")
+    with pytest.raises(ZoplanError, match="shows 8 GPUs but .* lists 4"):
+        detect_gpu(tmp_path, DGX, "NVIDIA A100-SXM4-80GB, 81920 MiB\n" * 4)
+    with pytest.raises(ZoplanError, match="lists no GPUs"):
+        detect_gpu(tmp_path, DGX, "\n")
+
+
+def test_memory_unlike_the_preset_warns(tmp_path: Path) -> None:
+    result = detect_gpu(tmp_path, DGX, "NVIDIA A100-SXM4-80GB, 40960 MiB\n" * 8, host_gbps=100)
+    assert result.warnings == ["nvidia-smi reports 40960 MiB per GPU but preset a100-sxm4-80gb has 80 GiB: "
+                               "check the GPU model (MIG or a variant?)"]
+
+
+def test_ranks_with_gpus_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ZoplanError, match="--ranks is for CPU-only machines"):
+        detect_gpu(tmp_path, DGX, A100_QUERY, ranks=2)
+
+
+def test_cpu_flag_ignores_nvidia_smi(tmp_path: Path) -> None:
+    def boom(args: Sequence[str]) -> str:
+        raise AssertionError("nvidia-smi must not run")
+    result = detect(run=boom, which=lambda _: "/usr/bin/nvidia-smi", cpu_only=True)
+    assert all(g.model == "cpu-rank" for g in result.spec.gpus)
+    assert result.summary.startswith("--cpu given:")
+
+
+def test_failing_nvidia_smi_reports_its_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    said = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+
+    def failed(command, **kw):
+        assert kw["timeout"] == topo_detect.NVIDIA_SMI_TIMEOUT_S
+        return subprocess.CompletedProcess(command, 9, stdout="", stderr=said + "\n")
+    monkeypatch.setattr(topo_detect.subprocess, "run", failed)
+    with pytest.raises(ZoplanError) as exc:
+        run_nvidia_smi(["topo", "-m"])
+    assert exc.value.message == f"`nvidia-smi topo -m` failed with exit status 9: {said}"
+    assert "--cpu" in exc.value.fix
+
+
+def test_hanging_nvidia_smi_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    def hangs(command, **kw):
+        raise subprocess.TimeoutExpired(command, kw["timeout"])
+    monkeypatch.setattr(topo_detect.subprocess, "run", hangs)
+    with pytest.raises(ZoplanError, match=r"did not answer within \d+ s"):
+        run_nvidia_smi(["topo", "-m"])
+
+
+# ----- the command line ---------------------------------------------------------------------------
+@pytest.fixture
+def plain_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "out", Console(width=200, color_system=None, force_terminal=False))
+    monkeypatch.setattr(cli, "err", Console(stderr=True, width=200, color_system=None, force_terminal=False))
+
+
+def test_cli_cpu_in_process(tmp_path: Path, plain_consoles) -> None:
+    out = tmp_path / "box.yaml"
+    result = runner.invoke(cli.app, ["topo", "detect", "--cpu", "--ranks", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}: --cpu given: 1 CPU rank" in result.stdout
+    assert "zoplan calibrate" in result.stdout
+    assert load_topology(out).name == "box"
+    plan_run = runner.invoke(cli.app, ["plan", "-t", str(out), "-m", "opt-125m", "-b", "4", "-s", "128"])
+    assert plan_run.exit_code == 0 and "best: 1×1 on rank0" in plan_run.stdout, plan_run.output
+
+
+def fake_bin(tmp_path: Path, script: str) -> dict[str, str]:
+    """An environment whose PATH starts with a directory holding ``script`` as nvidia-smi."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + script)
+    smi.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def detect_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zoplan.cli", "topo", "detect", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_gpu_with_a_fake_nvidia_smi(tmp_path: Path) -> None:
+    query = tmp_path / "query.txt"
+    query.write_text(A100_QUERY)
+    env = fake_bin(tmp_path, f'if [ "$1" = topo ]; then cat "{DGX}"; else cat "{query}"; fi\n')
+    out = tmp_path / "dgx.yaml"
+    proc = detect_cli(env, "-o", str(out), "--host-gbps", "204.8")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}: 8x a100-sxm4-80gb" in proc.stdout and proc.stderr == ""
+    machine = load_topology(out)
+    assert machine.name == "dgx" and len(machine.gpus) == 8
+    assert sum(s.memory_gib for s in machine.spec.sockets) == pytest.approx(local_mem_gib(), abs=0.02)
+
+
+def test_cli_unknown_gpu_exits_2(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, f'if [ "$1" = topo ]; then cat "{DGX}"; '
+                             f'else echo "NVIDIA H100 NVL, 95830 MiB"; fi\n')
+    proc = detect_cli(env, "-o", str(tmp_path / "x.yaml"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: no GPU preset matches 'NVIDIA H100 NVL'")
+    assert "fix: pick the closest preset yourself" in proc.stderr
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_cli_failing_nvidia_smi_exits_2_with_its_stderr(tmp_path: Path) -> None:
+    env = fake_bin(tmp_path, 'echo "No devices were found" >&2; exit 6\n')
+    proc = detect_cli(env, "-o", str(tmp_path / "x.yaml"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "failed with exit status 6: No devices were found" in proc.stderr
+
+
+@pytest.mark.parametrize("cpu_only", [True, False])
+def test_non_positive_host_gbps_is_an_error(tmp_path: Path, cpu_only: bool) -> None:
+    with pytest.raises(ZoplanError) as exc:
+        detect_gpu(tmp_path, DGX, A100_QUERY, host_gbps=0, cpu_only=cpu_only)
+    assert exc.value.message == "--host-gbps must be positive, got 0"

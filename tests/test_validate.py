@@ -1,0 +1,80 @@
+"""zoplan.validate without torch: measured figures read from synthetic span files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zoplan.errors import ZoplanError
+from zoplan.planner import plan
+from zoplan.search import Pins
+from zoplan.sim import SimResult
+from zoplan.validate import compare, measure, predicted_stages
+
+CONFIG = {"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 2, "ffn_dim": 128,
+          "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 128,
+          "word_embed_proj_dim": 64}
+
+
+@pytest.fixture()
+def two_rank_plan(tmp_path: Path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    return plan(str(config), "cpu-local", global_batch=4, seq_len=16, dtype="fp32",
+                pins=Pins(perturbation=2, data=1, upload="sliced")).plan
+
+
+def write_run(out: Path, step_times: list[float], compute: dict[int, list[float]], torn: bool = False) -> None:
+    out.mkdir(exist_ok=True)
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0, "step_time_s": t}) + "\n"
+                                               for s, t in enumerate(step_times)))
+    for rank, values in compute.items():
+        lines = []
+        for s, c in enumerate(values):
+            row = {"step": s, "wall_s": step_times[s], "totals": {"compute": c, "h2d": 0.001}}
+            row["spans"] = [["compute", "compute", "block 0", 0, 0.0, c], ["upload", "h2d", "h2d b0", 0, 0.0, 0.001]]
+            lines.append(json.dumps(row) + "\n")
+        text = "".join(lines) + ('{"step": 9, "wall' if torn else "")
+        (out / f"spans-rank{rank}.jsonl").write_text(text)
+
+
+def test_measure_takes_medians_after_the_warm_up_step(two_rank_plan, tmp_path: Path) -> None:
+    write_run(tmp_path / "run", [5.0, 0.10, 0.30, 0.20], {0: [4.0, 0.02, 0.06, 0.04], 1: [4.0, 0.04, 0.08, 0.06]},
+              torn=True)
+    v = measure(tmp_path / "run", two_rank_plan)
+    assert v.measured_steps == [1, 2, 3]
+    assert v.step.measured_s == pytest.approx(0.20)  # median of 0.10, 0.30, 0.20; step 0 left out
+    rows = {r.stage: r for r in v.rows}
+    assert rows["compute"].measured_s == pytest.approx(0.05)  # per-step rank means 0.03, 0.07, 0.05
+    assert v.trace_step == 3  # the step with the median time
+    gpus = {span[0] for span in v.measured.spans}
+    assert gpus == {r.gpu for r in two_rank_plan.layout.ranks}
+
+
+def test_compare_fills_the_prediction_and_the_signed_error(two_rank_plan, tmp_path: Path) -> None:
+    write_run(tmp_path / "run", [1.0, 0.2, 0.2], {0: [1.0, 0.1, 0.1], 1: [1.0, 0.1, 0.1]})
+    sim = SimResult(step_time_s=0.25, window=(1.0, 1.25), step_ends=[1.0, 1.25], utilization={}, bottleneck="x",
+                    spans=[("rank0", "compute", "compute", "block 0", 1, 0, 1.0, 1.08),
+                           ("rank1", "compute", "compute", "block 0", 1, 0, 1.0, 1.12),
+                           ("rank0", "compute", "compute", "block 1", 0, 1, 0.5, 0.9)])  # outside the window
+    assert predicted_stages(sim) == {"compute": pytest.approx(0.10)}
+    rows = {r.stage: r for r in compare(measure(tmp_path / "run", two_rank_plan), sim).rows}
+    assert rows["step"].error == pytest.approx((0.25 - 0.2) / 0.2)
+    assert rows["compute"].error == pytest.approx(0.0)
+    assert rows["h2d"].predicted_s is None and rows["h2d"].error is None
+
+
+def test_a_directory_without_spans_is_an_error(two_rank_plan, tmp_path: Path) -> None:
+    with pytest.raises(ZoplanError, match="holds no measured steps"):
+        measure(tmp_path, two_rank_plan)
+
+
+def test_whole_block_updates_count_as_compute_like_the_simulator(two_rank_plan, tmp_path: Path) -> None:
+    write_run(tmp_path / "run", [1.0, 0.2], {0: [1.0, 0.1], 1: [1.0, 0.1]})
+    for f in (tmp_path / "run").glob("spans-rank*.jsonl"):
+        f.write_text(f.read_text().replace('"h2d": 0.001}', '"h2d": 0.001, "update": 0.02}'))
+    sim = SimResult(step_time_s=0.2, window=(0.0, 0.2), step_ends=[0.0, 0.2], utilization={}, bottleneck="x",
+                    spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.12)])
+    rows = {r.stage: r for r in compare(measure(tmp_path / "run", two_rank_plan, skip=1), sim).rows}
+    assert "update" not in rows and rows["compute"].measured_s == pytest.approx(0.12)

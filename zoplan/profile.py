@@ -1,0 +1,208 @@
+"""Calibration profiles: measured figures that replace a topology's nominal ones.
+
+``zoplan calibrate`` runs the runtime's own code on this machine (runtime/calibrate.py) and writes
+a profile: copy rates per device, alone and all at once; the exchange group's all-gather latency
+and bandwidth; the loss all-reduce latency; and, for one model shape, micro-batch and sequence
+length, the engine's block compute, deferred update, embedding and head times.
+
+``zoplan plan --profile FILE`` plans with it (:func:`apply_profile`):
+- each device's own host link takes its measured copy rates, and its socket's memory bus the
+  rate all devices reached together (that is where shared links show up);
+- the costs (zoplan.costs) take the measured compute times: with ``b`` branches and ``m``
+  micro-batches on a device, a block costs ``fixed_b + m * per_micro_batch_b``, both solved from
+  the 1- and 2-micro-batch measurements (micro-batches of another size scale by tokens);
+- the all-gather and the loss all-reduce take the measured latency and bandwidth.
+
+A profile belongs to one machine description (its hash) and one model shape: anything else is
+refused with a message, as a plan made for another machine is.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+
+from zoplan.errors import ZoplanError
+from zoplan.fileio import Strict, check_version, content_hash, read_yaml, validate, write_yaml
+from zoplan.models import ModelShape
+from zoplan.topology import Link, Machine, Socket
+
+PROFILE_VERSIONS = (1,)
+
+
+class MachineRef(Strict):
+    name: str
+    hash: str
+
+
+class ShapeRef(Strict):
+    name: str
+    hash: str
+    micro_batch: PositiveInt
+    seq_len: PositiveInt
+    dtype: str
+
+
+class DeviceFigures(Strict):
+    h2d_gbps: PositiveFloat
+    d2h_gbps: PositiveFloat
+    h2d_gbps_together: PositiveFloat
+    d2h_gbps_together: PositiveFloat
+
+
+class Collective(Strict):
+    """All-gather among ``ranks``: ``latency_us + bytes / gbps`` back to back, plus ``wait_us``
+    inside real steps, where each all-gather waits for the slowest rank's work before it."""
+
+    ranks: PositiveInt
+    latency_us: NonNegativeFloat
+    gbps: PositiveFloat
+    wait_us: NonNegativeFloat = 0.0
+
+
+class StageTimes(Strict):
+    """Seconds on one device, keyed "<branches>x<micro-batches>" (1x1, 1x2, 2x1, 2x2)."""
+
+    block_s: dict[str, NonNegativeFloat]
+    embed_s: dict[str, NonNegativeFloat]
+    head_s: dict[str, NonNegativeFloat]
+    update_s_per_param: NonNegativeFloat
+
+
+class Profile(Strict):
+    version: int
+    machine: MachineRef
+    model: ShapeRef
+    measured_on: dict[str, str] = Field(default_factory=dict)
+    devices: dict[str, DeviceFigures]
+    allgather: Collective | None = None
+    scalar_latency_us: NonNegativeFloat = 0.0
+    compute: StageTimes
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.model_dump(mode="json"))
+
+    # ----- the figures the costs need --------------------------------------------------------
+    def _solve(self, table: dict[str, float], branches: int, micro_batches: int, tokens_scale: float) -> float:
+        one, two = table[f"{branches}x1"], table[f"{branches}x2"]
+        per_mb = max(two - one, 0.0) * tokens_scale
+        fixed = max(one - max(two - one, 0.0), 0.0)
+        return fixed + micro_batches * per_mb
+
+    def block_s(self, branches: int, micro_batches: int, tokens_scale: float = 1.0) -> float:
+        return self._solve(self.compute.block_s, branches, micro_batches, tokens_scale)
+
+    def embed_s(self, branches: int, micro_batches: int, tokens_scale: float = 1.0) -> float:
+        return self._solve(self.compute.embed_s, branches, micro_batches, tokens_scale)
+
+    def head_s(self, branches: int, micro_batches: int, tokens_scale: float = 1.0) -> float:
+        return self._solve(self.compute.head_s, branches, micro_batches, tokens_scale)
+
+
+def load_profile(path: str | Path) -> Profile:
+    path = Path(path)
+    data = read_yaml(path, "profile")
+    check_version(data, path, "profile", PROFILE_VERSIONS)
+    profile = validate(Profile, data, path, "profile")
+    missing = [k for k in ("1x1", "1x2", "2x1", "2x2") for t in ("block_s", "embed_s", "head_s")
+               if k not in getattr(profile.compute, t)]
+    if missing:
+        raise ZoplanError(f"{path}: field 'compute' lacks the measurements {sorted(set(missing))}",
+                          fix="calibrate again with `zoplan calibrate`")
+    return profile
+
+
+HEADER = ("# zoplan calibration profile: written by `zoplan calibrate`, read by `zoplan plan --profile`.\n"
+          "# Measured with the runtime's own code on the machine named below; valid for it only.\n")
+
+
+def write_profile(profile: Profile, path: Path) -> None:
+    write_yaml(path, profile.model_dump(mode="json"), header=HEADER)
+
+
+def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micro_batch: int, seq_len: int,
+                  dtype: str, device: str) -> Profile:
+    """A profile from runtime/calibrate.py's per-rank figures (rank r is the machine's r-th device)."""
+    if len(rows) != len(machine.gpus):
+        raise ZoplanError(f"calibration measured {len(rows)} device(s) but '{machine.name}' has "
+                          f"{len(machine.gpus)}")
+    devices = {machine.gpus[r["rank"]]: DeviceFigures(
+        h2d_gbps=r["alone"]["h2d_gbps"], d2h_gbps=r["alone"]["d2h_gbps"],
+        h2d_gbps_together=r["together"]["h2d_gbps"], d2h_gbps_together=r["together"]["d2h_gbps"]) for r in rows}
+    keys = rows[0]["compute"].keys()
+
+    def mean(cat: str) -> dict[str, float]:
+        return {k: sum(r["compute"][k][cat] for r in rows) / len(rows) for k in keys}
+
+    # the update runs on the whole block once per step in the 1-branch, 1-micro-batch setting
+    update = sum(r["compute"]["1x1"]["update"] for r in rows) / len(rows) / rows[0]["block_params"]
+    gather = dict(rows[0]["allgather"])
+    if gather:
+        from zoplan.layout import WIRE_BYTES
+
+        ranks = gather["ranks"]
+        nbytes = rows[0]["block_params"] * WIRE_BYTES[dtype] * (ranks - 1) / ranks
+        in_step = sum(r["allgather"].get("in_step_us", 0.0) for r in rows) / len(rows)
+        gather["wait_us"] = max(0.0, in_step - gather["latency_us"] - nbytes / (gather["gbps"] * 1e3))
+        gather.pop("in_step_us", None)
+    return Profile(
+        version=PROFILE_VERSIONS[-1], machine=MachineRef(name=machine.name, hash=machine.hash),
+        model=ShapeRef(name=shape.name, hash=shape.hash, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype),
+        measured_on={"host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), "device": device, "python": platform.python_version()},
+        devices=devices,
+        allgather=Collective(**gather) if gather else None,
+        scalar_latency_us=sum(r["scalar_latency_us"] for r in rows) / len(rows),
+        compute=StageTimes(block_s=mean("compute"), embed_s=mean("embed"), head_s=mean("head"),
+                           update_s_per_param=update))
+
+
+@dataclass(frozen=True)
+class Profiled:
+    """What a machine carries when planned with a profile (``Machine.profile``)."""
+
+    profile: Profile
+    source: str
+
+
+def check_profile(profile: Profile, machine: Machine, shape: ModelShape | None, path: str | Path) -> None:
+    if profile.machine.hash != machine.hash:
+        raise ZoplanError(f"{path} was measured on '{profile.machine.name}' ({profile.machine.hash}), "
+                          f"not on '{machine.name}' ({machine.hash})",
+                          fix="calibrate this machine with `zoplan calibrate --topology ...`")
+    if shape is not None and profile.model.hash != shape.hash:
+        raise ZoplanError(f"{path} holds compute times for model '{profile.model.name}' ({profile.model.hash}), "
+                          f"not for '{shape.name}' ({shape.hash})",
+                          fix=f"calibrate for this model: zoplan calibrate --model ... -o {path}")
+
+
+def apply_profile(machine: Machine, profile: Profile, source: str | Path) -> Machine:
+    """The machine with its measured copy rates; the costs read the rest from ``.profile``."""
+    spec = machine.spec
+    devices = profile.devices
+    links = []
+    for link in spec.links:
+        if link.b in devices and link.kind in ("pcie", "memory"):
+            d = devices[link.b]
+            link = Link(**{**link.model_dump(), "gbps": d.h2d_gbps, "gbps_back": d.d2h_gbps})
+        elif link.a in devices and link.kind in ("pcie", "memory"):
+            d = devices[link.a]
+            link = Link(**{**link.model_dump(), "gbps": d.d2h_gbps, "gbps_back": d.h2d_gbps})
+        links.append(link)
+    sockets = []
+    for sock in spec.sockets:
+        mine = [g for g in devices if machine.host_socket(g) == sock.id]
+        if mine:
+            # the socket's bus carries both directions at once: each measured with all devices
+            together = (sum(devices[g].h2d_gbps_together for g in mine)
+                        + sum(devices[g].d2h_gbps_together for g in mine))
+            sock = Socket(**{**sock.model_dump(), "memory_gbps": together})
+        sockets.append(sock)
+    measured = Machine(spec.model_copy(update={"links": links, "sockets": sockets}), machine.source)
+    measured.identity = machine.hash  # plans and profiles still name the described machine
+    measured.profile = Profiled(profile, str(source))
+    return measured

@@ -1,0 +1,158 @@
+"""``zoplan validate``: a plan's predicted step against the measured one, stage by stage.
+
+The runtime writes one ``spans-rank<R>.jsonl`` per rank (runtime/spans.py): per step, the busy
+seconds of each stage category and, for the first steps, every span in the simulator's span
+schema. This module reads them without torch and lays them beside the simulation of the same
+plan (``zoplan.planner.timeline``):
+
+- step time: the median over the measured steps of rank 0's wall time per step (what
+  ``metrics.jsonl`` reports, data preparation included) against the simulated steady-state step;
+- each stage: busy seconds per step, averaged over the devices that run that stage, median over
+  steps, against the same figure from the simulated step's spans. Stages overlap (uploads run
+  beside compute on a GPU), so stage times do not add up to the step time.
+
+The first ``skip`` steps are left out: they pay one-time costs (allocator warm-up, lazy
+initialisation, CUDA kernel compilation) that a long run does not.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoplan.errors import ZoplanError
+from zoplan.planfile import Plan
+from zoplan.sim import SimResult, Span
+from zoplan.topology import Machine
+from zoplan.trace import CATEGORIES, chrome_trace, merge_traces
+
+STAGE_NAMES = {"h2d": "upload (h2d)", "update": "update", "exchange": "all-gather", "embed": "embed+perturb",
+               "compute": "block compute", "head": "head+loss", "scalar": "scalar all-reduce",
+               "d2h": "offload (d2h)"}
+
+
+@dataclass
+class Row:
+    stage: str
+    predicted_s: float | None
+    measured_s: float | None
+
+    @property
+    def error(self) -> float | None:
+        """(predicted - measured) / measured: positive when the planner is pessimistic."""
+        if self.predicted_s is None or not self.measured_s:
+            return None
+        return (self.predicted_s - self.measured_s) / self.measured_s
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "predicted_s": self.predicted_s, "measured_s": self.measured_s,
+                "error": self.error}
+
+
+@dataclass
+class Validation:
+    rows: list[Row]
+    measured_steps: list[int]
+    trace_step: int | None
+    measured: SimResult | None  # the traced step, as a one-step result in the simulator's schema
+
+    @property
+    def step(self) -> Row:
+        return self.rows[0]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return rows
+
+
+def predicted_stages(result: SimResult) -> dict[str, float]:
+    """Busy seconds per category in the reported step, averaged over the devices running it."""
+    start, end = result.window
+    busy: dict[tuple[str, str], float] = {}
+    for g, _stream, cat, _label, _step, _block, t0, t1 in result.spans:
+        lo, hi = max(t0, start), min(t1, end)
+        if hi > lo:
+            busy[g, cat] = busy.get((g, cat), 0.0) + hi - lo
+    out: dict[str, float] = {}
+    for cat in CATEGORIES:
+        values = [v for (g, c), v in busy.items() if c == cat]
+        if values:
+            out[cat] = sum(values) / len(values)
+    return out
+
+
+def measure(out: Path, plan: Plan, skip: int = 1) -> Validation:
+    """Read a finished run's metrics and spans (``out`` is its output directory)."""
+    metrics = out / "metrics.jsonl"
+    files = sorted(out.glob("spans-rank*.jsonl"))
+    if not metrics.exists() or not files:
+        raise ZoplanError(f"{out} holds no measured steps (metrics.jsonl and spans-rank*.jsonl)",
+                          fix="run the plan first (zoplan validate runs it for you)")
+    step_time = {r["step"]: r["step_time_s"] for r in _read_jsonl(metrics) if "step_time_s" in r}
+    per_rank = {int(f.stem.removeprefix("spans-rank")): {r["step"]: r for r in _read_jsonl(f)} for f in files}
+    steps = sorted(s for s in step_time if all(s in rows for rows in per_rank.values()))
+    measured = [s for s in steps if s >= skip] or steps
+    if not measured:
+        raise ZoplanError(f"{out}: no step was recorded by every rank")
+    gpu_of = {r.rank: r.gpu for r in plan.layout.ranks}
+    stages: dict[str, float] = {}
+    for cat in CATEGORIES:
+        per_step = []
+        for s in measured:
+            values = [rows[s]["totals"][cat] for rows in per_rank.values() if cat in rows[s]["totals"]]
+            if values:
+                per_step.append(sum(values) / len(values))
+        if per_step:
+            stages[cat] = statistics.median(per_step)
+    rows = [Row("step", None, statistics.median(step_time[s] for s in measured))]
+    rows += [Row(cat, None, stages[cat]) for cat in CATEGORIES if cat in stages]
+    # the trace shows the measured step whose time is the median of those with every span kept
+    traced = [s for s in measured if all("spans" in rows_[s] for rows_ in per_rank.values())]
+    trace_step, result = None, None
+    if traced:
+        trace_step = sorted(traced, key=lambda s: step_time[s])[len(traced) // 2]
+        spans: list[Span] = []
+        for rank, rows_ in sorted(per_rank.items()):
+            for stream, cat, label, block, t0, t1 in rows_[trace_step]["spans"]:
+                spans.append((gpu_of.get(rank, f"rank{rank}"), stream, cat, label, 1, block, t0, t1))
+        wall = max(rows_[trace_step]["wall_s"] for rows_ in per_rank.values())
+        # one step at index 1: the simulator's reported step, so chrome_trace draws it the same way
+        result = SimResult(step_time_s=wall, window=(0.0, wall), step_ends=[0.0, wall], utilization={},
+                           bottleneck="measured", spans=spans)
+    return Validation(rows, measured, trace_step, result)
+
+
+def compare(validation: Validation, simulated: SimResult) -> Validation:
+    """Fill in the predicted column from the plan's simulation."""
+    predicted = predicted_stages(simulated)
+    measured = {r.stage: r.measured_s for r in validation.rows}
+    if "update" in measured and "update" not in predicted and "compute" in measured:
+        # whole-block uploads: the simulator counts the update inside the block's compute span
+        measured["compute"] += measured.pop("update")
+    rows = [Row("step", simulated.step_time_s, validation.step.measured_s)]
+    for cat in CATEGORIES:
+        if cat in measured or cat in predicted:
+            rows.append(Row(cat, predicted.get(cat), measured.get(cat)))
+    return Validation(rows, validation.measured_steps, validation.trace_step, validation.measured)
+
+
+def combined_trace(validation: Validation, simulated: SimResult, machine: Machine) -> dict:
+    """One Chrome trace: the simulated step ("simulated" processes) above the measured one."""
+    traces = [chrome_trace(simulated, machine, title="simulated", window_only=True)]
+    if validation.measured is not None:
+        traces.append(chrome_trace(validation.measured, machine, title="measured", pid_base=1000,
+                                   window_only=True))
+    return merge_traces(*traces)
+
+
+def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | None) -> dict:
+    return {"plan": str(plan_path), "output": str(out), "measured_steps": validation.measured_steps,
+            "trace": str(trace) if trace else None, "trace_step": validation.trace_step,
+            "rows": [r.to_json() for r in validation.rows]}
