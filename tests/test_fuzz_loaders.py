@@ -22,6 +22,8 @@ asserts the totals, so these numbers are real):
 - ``load_plan``: at least 600 files (250 tree-mutated, 250 byte-mutated, 100 nasty documents);
 - ``load_model_shape``: at least 600 config.json files (250 tree-mutated, 250 byte-mutated,
   100 nasty documents);
+- ``load_profile``: at least 390 calibration profiles (150 tree-mutated, 150 byte-mutated, 60 nasty
+  documents, 30 number-mutated; those that load are planned with: about 20 searches);
 - plus 15 ``zoplan`` subprocesses on saved nasty inputs (``topo show``, ``plan -t``, ``timeline``).
 
 Product bugs found are listed in ``KNOWN_BUGS``: the random tests tolerate exactly those
@@ -73,6 +75,7 @@ RAN: set[str] = set()  # fuzz tests that ran (the count check needs all of them)
 N_TOPO_BYTES, N_TOPO_TREE, N_TOPO_NASTY, N_TOPO_PLAN = 300, 250, 150, 80
 N_PLAN_TREE, N_PLAN_BYTES, N_PLAN_NASTY = 250, 250, 100
 N_MODEL_TREE, N_MODEL_BYTES, N_MODEL_NASTY = 250, 250, 100
+N_PROFILE_TREE, N_PROFILE_BYTES, N_PROFILE_NASTY, N_PROFILE_PLAN = 150, 150, 60, 30
 MIN_PLANNED = 35  # of the N_TOPO_PLAN number-mutated machines this many at least load (47, derandomized)
 
 
@@ -566,6 +569,73 @@ def test_plan_nasty_documents(workdir: Path, data: st.DataObject, which: int) ->
     check_plan(write(fresh(workdir, "plan.yaml"), nasty_yaml(data, plan_trees()[which])))
 
 
+# ----- calibration profiles -------------------------------------------------------------------------
+@functools.cache
+def profile_tree() -> dict:
+    """A valid profile of cpu-local for opt-125m, with plausible measured figures."""
+    from zoplan.profile import PROFILE_VERSIONS
+
+    machine = load_topology("cpu-local")
+    shape = load_model_shape("opt-125m")
+    times = {"1x1": 0.17, "1x2": 0.19, "2x1": 0.22, "2x2": 0.25}
+    return {"version": PROFILE_VERSIONS[-1], "machine": {"name": machine.name, "hash": machine.hash},
+            "model": {"name": shape.name, "hash": shape.hash, "micro_batch": 2, "seq_len": 64, "dtype": "fp32"},
+            "measured_on": {"host": "fuzz", "device": "cpu"},
+            "devices": {g: {"h2d_gbps": 27.0, "d2h_gbps": 26.0, "h2d_gbps_together": 14.0,
+                            "d2h_gbps_together": 13.0} for g in machine.gpus},
+            "allgather": {"ranks": 2, "latency_us": 300.0, "gbps": 0.9, "wait_us": 500.0},
+            "scalar_latency_us": 600.0,
+            "compute": {"block_s": times, "embed_s": dict(times), "head_s": dict(times),
+                        "update_s_per_param": 2e-8}}
+
+
+def check_profile_file(path: Path) -> Any:
+    from zoplan.profile import load_profile
+
+    return attempt("load_profile", lambda: load_profile(path), path.stat().st_size)
+
+
+def test_base_profile_loads_and_plans(workdir: Path) -> None:
+    path = write(fresh(workdir, "profile.yaml"), yaml_bytes(profile_tree()))
+    assert check_profile_file(path) is not REFUSED
+    report = plan("opt-125m", "cpu-local", global_batch=4, seq_len=64, dtype="fp32", profile=path)
+    assert report.plan.profile is not None
+
+
+@fuzz_settings(N_PROFILE_TREE)
+@given(data=st.data())
+def test_profile_tree_mutations(workdir: Path, data: st.DataObject) -> None:
+    RAN.add("profile_tree")
+    check_profile_file(write(fresh(workdir, "profile.yaml"), yaml_bytes(mutate_tree(data, profile_tree()))))
+
+
+@fuzz_settings(N_PROFILE_BYTES)
+@given(data=st.data())
+def test_profile_byte_mutations(workdir: Path, data: st.DataObject) -> None:
+    RAN.add("profile_bytes")
+    check_profile_file(write(fresh(workdir, "profile.yaml"), mutate_bytes(data, yaml_bytes(profile_tree()))))
+
+
+@fuzz_settings(N_PROFILE_NASTY)
+@given(data=st.data())
+def test_profile_nasty_documents(workdir: Path, data: st.DataObject) -> None:
+    RAN.add("profile_nasty")
+    check_profile_file(write(fresh(workdir, "profile.yaml"), nasty_yaml(data, profile_tree())))
+
+
+@fuzz_settings(N_PROFILE_PLAN)
+@given(data=st.data(), global_batch=st.sampled_from([2, 4, 8]))
+def test_planning_with_mutated_profile_numbers(workdir: Path, data: st.DataObject, global_batch: int) -> None:
+    """Profiles with odd but finite figures that load must plan, or refuse with a message."""
+    RAN.add("profile_plan")
+    path = write(fresh(workdir, "profile.yaml"), yaml_bytes(mutate_tree(data, profile_tree(), NUMBER_OPS, most=2)))
+    if check_profile_file(path) is REFUSED:
+        return
+    attempt("plan with a profile", lambda: plan("opt-125m", "cpu-local", global_batch=global_batch, seq_len=64,
+                                                 dtype="fp32", top=2, profile=path), path.stat().st_size,
+            seconds=10)
+
+
 # ----- model configs ------------------------------------------------------------------------------
 @functools.cache
 def config_trees() -> dict[str, dict]:
@@ -902,7 +972,8 @@ def test_cli_nasty_input(cli_runs: dict[str, subprocess.Popen], case: str) -> No
 
 # ----- the count is real --------------------------------------------------------------------------
 FUZZ_TESTS = {"topology_bytes", "topology_tree", "topology_nasty", "topology_plan", "plan_tree",
-              "plan_bytes", "plan_nasty", "config_tree", "config_bytes", "config_nasty"}
+              "plan_bytes", "plan_nasty", "config_tree", "config_bytes", "config_nasty", "profile_tree",
+              "profile_bytes", "profile_nasty", "profile_plan"}
 
 
 def test_zz_every_input_counted() -> None:
@@ -914,6 +985,7 @@ def test_zz_every_input_counted() -> None:
         "plan": MIN_PLANNED,
         "load_plan": N_PLAN_TREE + N_PLAN_BYTES + N_PLAN_NASTY,
         "load_model_shape": N_MODEL_TREE + N_MODEL_BYTES + N_MODEL_NASTY,
+        "load_profile": N_PROFILE_TREE + N_PROFILE_BYTES + N_PROFILE_NASTY + N_PROFILE_PLAN,
     }
     short = {k: (COUNTS[k], v) for k, v in expected.items() if COUNTS[k] < v}
     print(f"\ninputs tried: {dict(COUNTS)}; known-bug hits: {dict(KNOWN_HITS)}")

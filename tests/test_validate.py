@@ -78,3 +78,10 @@ def test_whole_block_updates_count_as_compute_like_the_simulator(two_rank_plan, 
                     spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.12)])
     rows = {r.stage: r for r in compare(measure(tmp_path / "run", two_rank_plan, skip=1), sim).rows}
     assert "update" not in rows and rows["compute"].measured_s == pytest.approx(0.12)
+
+
+def test_a_malformed_spans_line_is_a_message(two_rank_plan, tmp_path: Path) -> None:
+    write_run(tmp_path / "run", [1.0, 0.2], {0: [1.0, 0.1], 1: [1.0, 0.1]})
+    (tmp_path / "run" / "spans-rank1.jsonl").write_text('{"step": 0, "totals": [1, 2]}\n{"step": 1}\n')
+    with pytest.raises(ZoplanError, match="spans-rank"):
+        measure(tmp_path / "run", two_rank_plan)

@@ -90,6 +90,15 @@ def predicted_stages(result: SimResult) -> dict[str, float]:
 
 def measure(out: Path, plan: Plan, skip: int = 1) -> Validation:
     """Read a finished run's metrics and spans (``out`` is its output directory)."""
+    try:
+        return _measure(out, plan, skip)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise ZoplanError(f"{out}: a line of metrics.jsonl or spans-rank*.jsonl is malformed "
+                          f"({type(exc).__name__}: {str(exc)[:200]})",
+                          fix="validate a run written by this version of zoplan") from None
+
+
+def _measure(out: Path, plan: Plan, skip: int) -> Validation:
     metrics = out / "metrics.jsonl"
     files = sorted(out.glob("spans-rank*.jsonl"))
     if not metrics.exists() or not files:
