@@ -2,15 +2,18 @@
 
 One process per device (GPU, or CPU rank), as in training. Each rank:
 
-1. builds a one-block model of the given shape (the config with one layer, random weights) and
-   its host copy, exactly as a training run's loader does;
+1. builds a model of the given shape with a few blocks (``--layers``, default 4: the config with
+   fewer layers, random weights) and its host copy, exactly as a training run's loader does;
+   several blocks, because a block's time in a long run includes what one block alone hides (on
+   CUDA, uploads overlap compute and the host's kernel issue can become the limit);
 2. copy rates: the host copy -> device and device -> host copies the engine does, each rank alone
    (the others wait), then all ranks at once (shared links and memory buses show up);
 3. the block all-gather of the exchange group (all ranks) at two sizes -> latency and bandwidth,
    and the loss-scalar all-reduce latency;
-4. the engine itself (``Engine.step``) for a few steps on the one-block model, all ranks at once
-   as in training, with 1 and 2 branches and 1 and 2 micro-batches: its spans give the block
-   compute (perturbation + forward), the deferred update, embedding and head times.
+4. the engine itself (``Engine.step``) for a few steps on that model, all ranks at once as in
+   training, with 1 and 2 branches and 1 and 2 micro-batches: its spans give the block compute
+   (perturbation + forward), the deferred update, embedding and head times (per block: the
+   step's total over the blocks); and the perturbation alone (theta + eps z of one block).
 
 Rank 0 writes the figures as JSON to ``--output``; the planner (zoplan/profile.py) turns them into
 a profile file.
@@ -69,14 +72,14 @@ def _timed(fn, device: torch.device, repeat: int) -> float:
     return statistics.median(times)
 
 
-def _one_block_model(model_dir: Path, dtype: torch.dtype):
+def _calibration_model(model_dir: Path, dtype: torch.dtype, layers: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from zoplan.runtime.adapters import adapter_for
     from zoplan.runtime.worker import _dtype_kwarg
 
     config = AutoConfig.from_pretrained(model_dir)
-    config.num_hidden_layers = 1
+    config.num_hidden_layers = max(1, min(layers, config.num_hidden_layers))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
     return model, adapter_for(config.model_type), config
@@ -104,7 +107,7 @@ def measure(args: argparse.Namespace) -> dict:
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=zdist.TIMEOUT,
                                 store=zdist._attempt_store(world), rank=rank, world_size=world)
     dtype = DTYPES[args.dtype]
-    model, adapter, config = _one_block_model(Path(args.model_dir), dtype)
+    model, adapter, config = _calibration_model(Path(args.model_dir), dtype, args.layers)
     blocks = adapter.blocks(model)
     block_params = sum(p.numel() for p in blocks[0].parameters())
     root = Path(tempfile.mkdtemp(prefix=f"zoplan-calibrate-{rank}-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
@@ -156,8 +159,7 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
         per_byte = max((t1 - t0) / ((n1 - n0) * mine.element_size() * (world - 1)), 1e-15)
         gather = {"ranks": world, "latency_us": max(t0, 1e-7) * 1e6, "gbps": 1e-9 / per_byte}
         scalar_s = _timed(lambda: zdist.all_reduce_sum([0.0, 1.0, 2.0, 3.0]), device, 30)
-    model = model  # the one-block model now runs through the engine
-    adapter.blocks(model).to("meta")
+    adapter.blocks(model).to("meta")  # the host copy holds the blocks now
     from zoplan.runtime.worker import _blocks_detached
 
     with _blocks_detached(model, adapter):
@@ -178,7 +180,7 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
 
 
 def _engine_times(args, model, adapter, host, device, rank, world, exchange: bool = False) -> dict:
-    """Median span totals of Engine.step on the one-block model, per (branches, micro-batches);
+    """Median span totals of Engine.step, per block, per (branches, micro-batches);
     with ``exchange``, one setting where all ranks move slices and all-gather them (PertP-like:
     one branch each)."""
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -201,7 +203,9 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
             mbs.append({"inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                         "labels": ids.to(device)})
         rows = []
-        for step in range(args.steps):
+        # waiting for the slowest rank is skewed (rare long waits): more steps, and the mean, which
+        # is what a step's sum of waits adds up to
+        for step in range(args.steps * 2 if exchange else args.steps):
             spans.begin(step)
             engine.forward_losses(mbs, 1000 + step, [_loss])
             with spans.span("compute", "scalar", "loss all-reduce", 1):
@@ -215,9 +219,20 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
             engine.pending = engine.pending or _pending(step)
             if step >= 1:  # the first step warms up and has no update to apply
                 rows.append(spans_totals)
-        out[key] = {cat: statistics.median(r.get(cat, 0.0) for r in rows)
+        blocks = len(host.layouts)
+        average = statistics.mean if exchange else statistics.median
+        out[key] = {cat: average(r.get(cat, 0.0) for r in rows) / (blocks if cat in PER_BLOCK else 1)
                     for cat in ("h2d", "update", "d2h", "embed", "compute", "head", "exchange", "scalar")}
+        if key == "1x1":
+            theta = engine._device_copy(0)
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).wait_event(engine.landed.pop(0))
+            params = host.layouts[0].numel
+            out[key]["perturb_s_per_param"] = _timed(lambda: engine._perturbed(0, theta, 7, (1,)), device, 5) / params
     return out
+
+
+PER_BLOCK = ("h2d", "update", "d2h", "compute", "exchange")  # once per block; the rest once per step
 
 
 def _pending(step: int):
@@ -235,6 +250,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--round-elements", type=float, required=True)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--output", required=True)
     parser.add_argument("--progress", default=None)
     args = parser.parse_args()

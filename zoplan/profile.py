@@ -70,6 +70,7 @@ class StageTimes(Strict):
     embed_s: dict[str, NonNegativeFloat]
     head_s: dict[str, NonNegativeFloat]
     update_s_per_param: NonNegativeFloat
+    perturb_s_per_param: NonNegativeFloat = 0.0  # theta + eps z of one block, for the record
 
 
 class Profile(Strict):
@@ -158,7 +159,9 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
         allgather=Collective(**gather) if gather else None,
         scalar_latency_us=sum(r["scalar_latency_us"] for r in rows) / len(rows),
         compute=StageTimes(block_s=mean("compute"), embed_s=mean("embed"), head_s=mean("head"),
-                           update_s_per_param=update))
+                           update_s_per_param=update,
+                           perturb_s_per_param=sum(r["compute"]["1x1"].get("perturb_s_per_param", 0.0)
+                                                   for r in rows) / len(rows)))
 
 
 @dataclass(frozen=True)
