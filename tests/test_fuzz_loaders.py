@@ -35,37 +35,33 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
-import itertools
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import traceback
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, Phase, example, given, settings
+import fuzzkit
+from fuzzkit import (EXPLICIT_ONLY, REFUSED, REPO, fresh, fuzz_settings, max_message_chars, product_frame,
+                     time_limit, write)
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-import zoplan
 from zoplan.errors import ZoplanError
 from zoplan.models import load_model_shape
 from zoplan.planfile import load_plan, write_plan
 from zoplan.planner import plan
 from zoplan.topology import load_topology
 
-REPO = Path(__file__).resolve().parents[1]
 TOPOLOGY_FILES = sorted((REPO / "topologies").glob("*.yaml"))
 SMALL_TOPOLOGIES = [p for p in TOPOLOGY_FILES if p.stem in ("cpu-local", "h100-pcie-1x", "rtx4090-4x")]
 CONFIG_FILES = sorted((REPO / "tests" / "fixtures" / "configs").glob("*/config.json"))
-PRODUCT_DIRS = (Path(zoplan.__file__).resolve().parent, (REPO / "runtime").resolve())
 
 # ----- counting -----------------------------------------------------------------------------------
 COUNTS: Counter[str] = Counter()  # inputs tried, per loader
@@ -79,13 +75,6 @@ N_PROFILE_TREE, N_PROFILE_BYTES, N_PROFILE_NASTY, N_PROFILE_PLAN = 150, 150, 60,
 MIN_PLANNED = 35  # of the N_TOPO_PLAN number-mutated machines this many at least load (47, derandomized)
 
 
-def fuzz_settings(n: int) -> settings:
-    return settings(max_examples=n, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.large_base_example])
-
-
-EXPLICIT_ONLY = settings(phases=[Phase.explicit], deadline=None, database=None)
 
 
 # ----- known product bugs -------------------------------------------------------------------------
@@ -145,16 +134,6 @@ def _open_bugs() -> None:
         KNOWN_BUGS.pop(key, None)
 
 
-def product_frame(exc: BaseException) -> str:
-    """The innermost frame in zoplan's own code that the exception passed through."""
-    where = "?"
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        path = Path(frame.f_code.co_filename).resolve()
-        if any(path.is_relative_to(d) for d in PRODUCT_DIRS):
-            where = f"{path.name}:{frame.f_code.co_name}"
-    return where
-
-
 def known_bug(exc: BaseException) -> KnownBug | None:
     where = product_frame(exc)
     for bug in KNOWN_BUGS.values():
@@ -164,33 +143,6 @@ def known_bug(exc: BaseException) -> KnownBug | None:
 
 
 # ----- the contract -------------------------------------------------------------------------------
-class Hang(Exception):
-    """A loader that did not answer within its time limit."""
-
-
-@contextmanager
-def time_limit(seconds: float):
-    def on_alarm(signum, frame):
-        raise Hang(f"no answer within {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def max_message_chars(input_size: int) -> int:
-    """Messages quote user input (names, keys, up to five field errors), so they may grow with the
-    input, but only linearly: anything longer was amplified (expanded YAML aliases)."""
-    return 8 * input_size + 4096
-
-
-REFUSED = object()
-
-
 def attempt(loader: str, call: Callable[[], Any], input_size: int, *, seconds: float = 20.0,
             tolerate_known: bool = True) -> Any:
     """Run one loader call: its result, or REFUSED for a ZoplanError (or a known bug's failure).
@@ -220,24 +172,9 @@ def attempt(loader: str, call: Callable[[], Any], input_size: int, *, seconds: f
 
 
 # ----- files --------------------------------------------------------------------------------------
-_serial = itertools.count()
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz-loaders")
-
-
-def fresh(root: Path, name: str) -> Path:
-    """A new empty directory for one example (hypothesis reuses module fixtures)."""
-    d = root / f"x{next(_serial)}"
-    d.mkdir()
-    return d / name
-
-
-def write(path: Path, content: bytes | str) -> Path:
-    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    return path
 
 
 # ----- value and tree mutations -------------------------------------------------------------------
@@ -355,37 +292,7 @@ BYTE_OPS = ("truncate", "truncate", "insert", "overwrite", "delete_span", "dup_l
 
 
 def mutate_bytes(data: st.DataObject, raw: bytes) -> bytes:
-    """Apply 1..3 random byte-level edits (cuts at any offset, even inside a UTF-8 sequence)."""
-    for op in data.draw(st.lists(st.sampled_from(BYTE_OPS), min_size=1, max_size=3), label="byte ops"):
-        pos = data.draw(st.integers(0, len(raw)), label="offset")
-        lines = raw.split(b"\n")
-        line = data.draw(st.integers(0, max(len(lines) - 1, 0)), label="line")
-        if op == "truncate":
-            raw = raw[:pos]
-        elif op == "insert":
-            raw = raw[:pos] + data.draw(st.sampled_from(INSERTS) | st.binary(min_size=1, max_size=6)) + raw[pos:]
-        elif op == "overwrite":
-            raw = raw[:pos] + data.draw(st.binary(min_size=1, max_size=4)) + raw[pos + 1:]
-        elif op == "delete_span":
-            raw = raw[:pos] + raw[pos + data.draw(st.integers(1, 40)):]
-        elif op == "dup_line":
-            raw = b"\n".join(lines[:line + 1] + lines[line:])
-        elif op == "drop_line":
-            raw = b"\n".join(lines[:line] + lines[line + 1:])
-        elif op == "swap_lines":
-            other = data.draw(st.integers(0, max(len(lines) - 1, 0)))
-            lines[line], lines[other] = lines[other], lines[line]
-            raw = b"\n".join(lines)
-        elif op == "bom":
-            raw = b"\xef\xbb\xbf" + raw
-        elif op == "crlf":
-            raw = raw.replace(b"\n", b"\r\n")
-        elif op == "latin1":
-            raw = raw.decode("utf-8", "replace").encode("latin-1", "replace") + b"\xe9"
-        elif op == "indent":
-            lines[line] = b"\t" + lines[line]
-            raw = b"\n".join(lines)
-    return raw
+    return fuzzkit.mutate_bytes(data, raw, INSERTS, BYTE_OPS)
 
 
 # ----- nasty documents ----------------------------------------------------------------------------

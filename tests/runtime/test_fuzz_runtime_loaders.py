@@ -36,33 +36,28 @@ import copy
 import csv
 import fnmatch
 import io
-import itertools
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import traceback
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, example, given, settings
+import fuzzkit
+from fuzzkit import EXPLICIT_ONLY, REFUSED, fresh, fuzz_settings, max_message_chars, product_frame, time_limit, write
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 
-import zoplan
 from zoplan.errors import ZoplanError
 from zoplan.runtime.data import Example, load_examples
 from zoplan.runtime.replay import FIELDS, read_journal, replay
 
-REPO = Path(__file__).resolve().parents[2]
-PRODUCT_DIRS = (Path(zoplan.__file__).resolve().parent, (REPO / "runtime").resolve())
 
 COUNTS: Counter[str] = Counter()
 KNOWN_HITS: Counter[str] = Counter()
@@ -73,13 +68,6 @@ MIN_REPLAYED = 450
 N_D_VALID, N_D_MUTATED, N_D_NASTY = 150, 250, 100  # per format
 
 
-def fuzz_settings(n: int) -> settings:
-    return settings(max_examples=n, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.large_base_example])
-
-
-EXPLICIT_ONLY = settings(phases=[Phase.explicit], deadline=None, database=None)
 
 
 # ----- known product bugs -------------------------------------------------------------------------
@@ -117,15 +105,6 @@ KNOWN_BUGS = {bug.key: bug for bug in (
 )}
 
 
-def product_frame(exc: BaseException) -> str:
-    where = "?"
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        path = Path(frame.f_code.co_filename).resolve()
-        if any(path.is_relative_to(d) for d in PRODUCT_DIRS):
-            where = f"{path.name}:{frame.f_code.co_name}"
-    return where
-
-
 def known_bug(exc: BaseException, stage: str) -> KnownBug | None:
     where = product_frame(exc)
     for bug in KNOWN_BUGS.values():
@@ -147,27 +126,6 @@ def xfail_bug(key: str) -> pytest.MarkDecorator:
 
 
 # ----- the contract -------------------------------------------------------------------------------
-class Hang(Exception):
-    """A loader that did not answer within its time limit."""
-
-
-@contextmanager
-def time_limit(seconds: float):
-    def on_alarm(signum, frame):
-        raise Hang(f"no answer within {seconds:g} s")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-REFUSED = object()
-
-
 def attempt(loader: str, call: Callable[[], Any], input_size: int, *, stage: str = "load",
             seconds: float = 20.0, tolerate_known: bool = True) -> Any:
     """The call's result, or REFUSED for a ZoplanError (or a known bug's failure)."""
@@ -177,7 +135,7 @@ def attempt(loader: str, call: Callable[[], Any], input_size: int, *, stage: str
             return call()
     except ZoplanError as exc:
         assert isinstance(exc.message, str) and exc.message.strip(), f"{loader}: empty message"
-        assert len(str(exc)) <= 8 * input_size + 4096, f"{loader}: message amplified: {str(exc)[:200]}"
+        assert len(str(exc)) <= max_message_chars(input_size), f"{loader}: message amplified: {str(exc)[:200]}"
         return REFUSED
     except Exception as exc:  # noqa: BLE001 - the point: nothing but ZoplanError may escape
         bug = known_bug(exc, stage) if tolerate_known else None
@@ -188,23 +146,9 @@ def attempt(loader: str, call: Callable[[], Any], input_size: int, *, stage: str
                              f"ZoplanError: {str(exc)[:300]}") from exc
 
 
-_serial = itertools.count()
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz-runtime-loaders")
-
-
-def fresh(root: Path, name: str) -> Path:
-    d = root / f"x{next(_serial)}"
-    d.mkdir()
-    return d / name
-
-
-def write(path: Path, content: bytes | str) -> Path:
-    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    return path
 
 
 # ----- mutations ----------------------------------------------------------------------------------
@@ -254,35 +198,7 @@ BYTE_OPS = ("truncate", "insert", "overwrite", "delete_span", "dup_line", "drop_
 
 
 def mutate_bytes(data: st.DataObject, raw: bytes) -> bytes:
-    for op in data.draw(st.lists(st.sampled_from(BYTE_OPS), min_size=1, max_size=3), label="byte ops"):
-        pos = data.draw(st.integers(0, len(raw)), label="offset")
-        lines = raw.split(b"\n")
-        line = data.draw(st.integers(0, max(len(lines) - 1, 0)), label="line")
-        if op == "truncate":
-            raw = raw[:pos]
-        elif op == "insert":
-            raw = raw[:pos] + data.draw(st.sampled_from(INSERTS) | st.binary(min_size=1, max_size=6)) + raw[pos:]
-        elif op == "overwrite":
-            raw = raw[:pos] + data.draw(st.binary(min_size=1, max_size=4)) + raw[pos + 1:]
-        elif op == "delete_span":
-            raw = raw[:pos] + raw[pos + data.draw(st.integers(1, 40)):]
-        elif op == "dup_line":
-            raw = b"\n".join(lines[:line + 1] + lines[line:])
-        elif op == "drop_line":
-            raw = b"\n".join(lines[:line] + lines[line + 1:])
-        elif op == "swap_lines":
-            other = data.draw(st.integers(0, max(len(lines) - 1, 0)))
-            lines[line], lines[other] = lines[other], lines[line]
-            raw = b"\n".join(lines)
-        elif op == "blank_line":
-            raw = b"\n".join(lines[:line] + [data.draw(st.sampled_from([b"", b" ", b"\t", b"\r"]))] + lines[line:])
-        elif op == "bom":
-            raw = b"\xef\xbb\xbf" + raw
-        elif op == "crlf":
-            raw = raw.replace(b"\n", b"\r\n")
-        elif op == "latin1":
-            raw = raw.decode("utf-8", "replace").encode("latin-1", "replace") + b"\xe9"
-    return raw
+    return fuzzkit.mutate_bytes(data, raw, INSERTS, BYTE_OPS)
 
 
 def deep(depth: int) -> str:
