@@ -34,6 +34,9 @@ class _StopAtFirstBlock(Exception):
     pass
 
 
+_STALE = object()  # resident parameters that no longer equal anything _set_resident would write
+
+
 @dataclass
 class Pending:
     """The update of a step whose projected gradient is known but not yet applied everywhere."""
@@ -75,6 +78,7 @@ class Engine:
         self.resident_params = {n: p for n, p in model.named_parameters()
                                 if not n.startswith(adapter.blocks_path + ".")}
         self.resident_master = {n: p.detach().clone() for n, p in self.resident_params.items()} if self.computes else {}
+        self._resident_state: object = None  # what the parameters hold: None (the master) or (seed, sign)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             # page-locked host memory: asynchronous copies at full PCIe speed
@@ -206,11 +210,18 @@ class Engine:
         for name, master in self.resident_master.items():
             z = normal(p.seed, name, 0, master.numel(), device=master.device).view(master.shape)
             apply_update(master, z, p.g, p.lr, p.wd, decays(name, master))
+        self._resident_state = _STALE  # the parameters no longer follow from the master
 
     def _set_resident(self, seed: int | None, sign: int) -> None:
-        """The model's resident parameters := master (+ sign * eps * z). Relays hold none."""
+        """The model's resident parameters := master (+ sign * eps * z). Relays hold none.
+        Nothing is recomputed when they already hold that (a branch's head follows its embedding
+        with the same values: z of a 100M-parameter embedding is not free)."""
         if not self.computes:
             return
+        state = (seed, sign) if seed is not None else None
+        if state == self._resident_state:
+            return
+        self._resident_state = state
         with torch.no_grad():
             for name, param in self.resident_params.items():
                 master = self.resident_master[name]
@@ -295,7 +306,7 @@ class Engine:
                         hidden[s][k] = out[0] if isinstance(out, tuple) else out
         results: dict[int, list[tuple[float, float]]] = {}
         with spans.span("compute", "head", "head+loss", len(self.blocks)):
-            for s in signs:
+            for s in reversed(signs):  # the last branch embedded first: its parameters are in place
                 self._set_resident(seed, s)
                 sums = [[0.0, 0.0] for _ in metric_fns]
                 for k, mb in enumerate(micro_batches):
@@ -342,9 +353,7 @@ class Engine:
         if self.pending is None:
             return
         self._update_resident()
-        for name, param in self.resident_params.items():
-            if self.computes:
-                param.copy_(self.resident_master[name])
+        self._set_resident(None, 1)
         for i in range(len(self.blocks)):
             self._fetch(i)
         self.pending = None
