@@ -59,6 +59,7 @@ class RunOptions:
     snapshot_minutes: float = 0.0
     keep_snapshots: int = 2
     journal_sync_every: int = 1  # fsync the journal every N steps (1: every step)
+    pad_to_seq_len: bool = False  # batches of the planned shape, however short the data (validate)
 
 
 @dataclass
@@ -183,7 +184,7 @@ def run(opts: RunOptions) -> RunResult:
            "--eval-every", str(opts.eval_every), "--max-nonfinite", str(opts.max_nonfinite),
            "--device", device, "--snapshot-every", str(opts.snapshot_every),
            "--snapshot-minutes", str(opts.snapshot_minutes), "--keep-snapshots", str(opts.keep_snapshots),
-           "--journal-sync-every", str(opts.journal_sync_every)]
+           "--journal-sync-every", str(opts.journal_sync_every)] + (["--pad-to-seq-len"] if opts.pad_to_seq_len else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     log = open(out / f"worker-node{opts.node_rank}.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

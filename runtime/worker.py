@@ -136,10 +136,14 @@ def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param
 _TOKENS: dict[str, list[int]] = {}  # every text tokenised once per run (zdata.encode's cache)
 
 
+_PAD_TO_SEQ_LEN = [False]  # --pad-to-seq-len: every micro-batch has the plan's shape
+
+
 def _micro_batches(examples, tokenizer, task, seq_len: int, micro: int) -> list[dict]:
     out = []
     for k in range(0, len(examples), micro):
-        batch = zdata.encode(examples[k:k + micro], tokenizer, task, seq_len, cache=_TOKENS)
+        batch = zdata.encode(examples[k:k + micro], tokenizer, task, seq_len, cache=_TOKENS,
+                             pad_to_max_len=_PAD_TO_SEQ_LEN[0])
         out.append({"inputs": batch.model_inputs(), "batch": batch})
     return out
 
@@ -299,7 +303,10 @@ def main() -> None:
     parser.add_argument("--keep-snapshots", type=int, default=2)
     parser.add_argument("--journal-sync-every", type=int, default=1)
     parser.add_argument("--trace-steps", type=int, default=8, help="steps whose every span is kept")
+    parser.add_argument("--pad-to-seq-len", action="store_true",
+                        help="pad every batch to the plan's sequence length (the shape it was planned for)")
     args = parser.parse_args()
+    _PAD_TO_SEQ_LEN[0] = args.pad_to_seq_len
     out = Path(args.output)
     try:
         train(args)

@@ -280,6 +280,8 @@ def validate_cmd(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: a new temporary one)"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="write the simulated and measured steps as one Chrome trace"),
     skip: int = typer.Option(1, "--skip", help="first steps left out of the measurement (warm-up)"),
+    pad: bool = typer.Option(True, "--pad/--no-pad",
+                             help="pad every batch to the plan's sequence length, as planned (--no-pad: as zoplan run)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
     """Run a plan for a few steps and compare its predicted step with the measured one, stage by stage."""
@@ -304,7 +306,8 @@ def validate_cmd(
     if steps <= skip:
         raise ZoplanError(f"--steps {steps} leaves nothing to measure after --skip {skip}")
     run_dir = output or Path(tempfile.mkdtemp(prefix="zoplan-validate-"))
-    run(RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json))
+    run(RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json,
+                   pad_to_seq_len=pad))
     result = zv.compare(zv.measure(run_dir, the_plan, skip), simulated)
     if trace is not None:
         from zoplan.trace import write_trace

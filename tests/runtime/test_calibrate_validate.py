@@ -114,3 +114,18 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
     measured_pids = {e["pid"] for e in events if e.get("name") == "process_name" and "measured" in e["args"]["name"]}
     assert any(e.get("ph") == "X" and e["pid"] in measured_pids and e["cat"] == "compute" for e in events)
     assert (tmp_path / "run" / "spans-rank0.jsonl").exists() and (tmp_path / "run" / "spans-rank1.jsonl").exists()
+
+
+def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs, monkeypatch) -> None:
+    from transformers import AutoTokenizer
+
+    from zoplan.runtime import data as zdata
+    from zoplan.runtime import worker
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    examples, kind = zdata.load_examples("sentiment-text")
+    task = zdata.Task(kind)
+    short = worker._micro_batches(examples[:4], tok, task, 64, 2)[0]["inputs"]["input_ids"]
+    monkeypatch.setattr(worker, "_PAD_TO_SEQ_LEN", [True])  # what `zoplan validate` (--pad) asks for
+    padded = worker._micro_batches(examples[:4], tok, task, 64, 2)[0]["inputs"]["input_ids"]
+    assert short.shape[1] < 64 and tuple(padded.shape) == (2, 64)
