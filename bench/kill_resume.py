@@ -82,17 +82,25 @@ def main() -> None:
                                if "step_time_s" in l)
     print(f"uninterrupted run: {args.steps} steps, median step {step_s * 1e3:.1f} ms")
     rows = []
-    for trial in range(args.kills):
+    trial = -1
+    while len(rows) < args.kills:
+        trial += 1
         run = work / f"trial-{trial:02d}"
-        target, rank, extra = rng.randrange(0, args.steps - 1), rng.randrange(2), rng.uniform(0, step_s)
+        # a kill after the last steps could miss the ranks (they exit after the final save)
+        target, rank, extra = rng.randrange(0, args.steps - 2), rng.randrange(2), rng.uniform(0, step_s)
         proc = start(run, args.steps, "--max-restarts", "1")
         while len(journal_lines(run)) < target and proc.poll() is None:
             time.sleep(0.005)
         time.sleep(extra)
         pid = rank_pid(run, rank)
+        while pid is None and proc.poll() is None and not journal_lines(run):
+            time.sleep(0.02)  # torchrun has not started the ranks yet: kill one while it loads
+            pid = rank_pid(run, rank)
         before = journal_lines(run)
         if pid is None or proc.poll() is not None:
-            print(f"trial {trial}: the run ended before the kill; not counted")
+            proc.communicate()
+            print(f"trial {trial}: rank {rank} had already exited ({len(before)} steps journaled); "
+                  f"not counted", flush=True)
             continue
         os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate()
