@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.func import functional_call
 
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter
 from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
-from zoplan.runtime.perturb import normal
+from zoplan.runtime.perturb import fused_backend, normal
 from zoplan.runtime.spans import Spans
-from zoplan.runtime.zo import apply_update, fused_kernels, update_range
+from zoplan.runtime.zo import apply_update, fused_kernels, layout_table, update_range
 
 
 class _StopAtFirstBlock(Exception):
@@ -79,7 +78,16 @@ class Engine:
                                 if not n.startswith(adapter.blocks_path + ".")}
         self.resident_master = {n: p.detach().clone() for n, p in self.resident_params.items()} if self.computes else {}
         self._resident_state: object = None  # what the parameters hold: None (the master) or (seed, sign)
+        # streamed blocks: where each parameter lives in its module, and the per-branch buffers
+        self._places: dict[int, list[tuple[dict, str]]] = {}
+        self._views: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._originals: dict[int, list] = {}
+        self._weights: dict[int, torch.Tensor] = {}
         self.cuda = self.device.type == "cuda"
+        fused = fused_backend(self.device)
+        interpreted = fused is not None and getattr(fused, "_INTERPRET", False)
+        self.kernels = ("torch" if fused is None else
+                        "triton interpreter, one launch per block" if interpreted else "triton, one launch per block")
         if self.cuda:
             # page-locked host memory: asynchronous copies at full PCIe speed
             if not host.pin_for_cuda():  # still correct, only slower (pageable copies)
@@ -251,20 +259,52 @@ class Engine:
         return hidden, kwargs
 
     # ----- one step ------------------------------------------------------------------------------
-    def _block_params(self, i: int, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {s.local: flat[s.offset:s.offset + s.numel].view(s.shape) for s in self.host.layouts[i].slots}
+    def _bind(self, i: int, flat: torch.Tensor, sign: int | None = None) -> None:
+        """Point block i's parameters at their ranges of ``flat``. Cheaper than functional_call's
+        swap and restore, which the host would pay per block and branch; the streamed blocks'
+        own parameters are empty (meta) and nothing else reads them. With ``sign``, ``flat`` is
+        that branch's persistent buffer and the views are built once."""
+        places = self._places.get(i)
+        if places is None:
+            block = self.blocks[i]
+            places = []
+            for slot in self.host.layouts[i].slots:
+                owner, _, attr = slot.local.rpartition(".")
+                places.append((block.get_submodule(owner)._parameters if owner else block._parameters, attr))
+            self._places[i] = places
+            self._originals[i] = [params[attr] for params, attr in places]
+        views = self._views.get((i, sign)) if sign is not None else None
+        if views is None:
+            base = flat.storage_offset()
+            views = [torch.as_strided(flat, slot.shape, _row_major(slot.shape), base + slot.offset)
+                     for slot in self.host.layouts[i].slots]
+            if sign is not None:
+                self._views[(i, sign)] = views
+        for (params, attr), view in zip(places, views):
+            params[attr] = view
+
+    def _unbind(self, i: int) -> None:
+        """Block i's own (empty, meta) parameters back in place, so the module is as loaded and no
+        device buffer stays referenced by it (an uploaded block is freed once computed)."""
+        for (params, attr), original in zip(self._places[i], self._originals[i]):
+            params[attr] = original
+
+    def _branch_buffer(self, sign: int) -> torch.Tensor:
+        """The buffer that holds theta + sign * eps * z of the block being computed: one per
+        branch, as large as the largest block, reused by every block (one compute stream)."""
+        buf = self._weights.get(sign)
+        if buf is None:
+            size = max(layout.padded for layout in self.host.layouts)
+            buf = self._weights[sign] = torch.empty(size, dtype=self.dtype, device=self.device)
+        return buf
 
     def _perturbed(self, i: int, theta: torch.Tensor, seed: int, signs: tuple[int, ...]) -> dict[int, torch.Tensor]:
         layout = self.host.layouts[i]
-        fused = fused_kernels() if theta.is_cuda else None
-        if fused is not None:
-            out = {}
-            for s in signs:
-                w = torch.empty_like(theta)
-                for slot in layout.slots:
-                    fused.perturbed_into(w[slot.offset:slot.offset + slot.numel],
-                                         theta[slot.offset:slot.offset + slot.numel], seed, slot.name, 0, s * self.eps)
-                out[s] = w
+        fused = fused_kernels(theta)
+        if fused is not None:  # one launch for the block's parameters and both signs, z drawn once
+            out = {s: self._branch_buffer(s) for s in signs}
+            table = layout_table(fused, layout, 0, layout.numel, theta.device)
+            fused.perturbed_block_into([out[s] for s in signs], theta, table, seed, [s * self.eps for s in signs])
             return out
         z = torch.zeros(layout.padded, dtype=torch.float32, device=self.device)
         for slot in layout.slots:
@@ -300,10 +340,12 @@ class Engine:
                 weights = (self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta})
                 block = self.blocks[i]
                 for s in signs:
-                    params = self._block_params(i, weights[s])
+                    persistent = weights[s] is self._weights.get(s)
+                    self._bind(i, weights[s], s if persistent else None)
                     for k in range(len(micro_batches)):
-                        out = functional_call(block, params, (hidden[s][k],), kwargs[k])
+                        out = block(hidden[s][k], **kwargs[k])
                         hidden[s][k] = out[0] if isinstance(out, tuple) else out
+                self._unbind(i)
         results: dict[int, list[tuple[float, float]]] = {}
         with spans.span("compute", "head", "head+loss", len(self.blocks)):
             for s in reversed(signs):  # the last branch embedded first: its parameters are in place
@@ -371,6 +413,14 @@ class Engine:
                 self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+
+def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def _finite(x: float) -> bool:

@@ -304,24 +304,42 @@ def normal(
 _TRITON: object = None  # None: not tried yet; False: unavailable; else the perturb_triton module
 
 
-def _triton_backend():
-    """``zoplan.runtime.perturb_triton`` when it can be used (triton importable, not disabled by
-    ``ZOPLAN_PERTURB_TRITON=0``, not under ``TRITON_INTERPRET``), else None. On CUDA, ``normal``
-    then computes z with one fused kernel; the torch code above stays the reference and fallback."""
+def _load_triton():
     global _TRITON
     if _TRITON is None:
-        import os
-
         _TRITON = False
-        enabled = os.environ.get("ZOPLAN_PERTURB_TRITON", "1") != "0"
-        if enabled and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            try:
-                from zoplan.runtime import perturb_triton
+        try:
+            from zoplan.runtime import perturb_triton
 
-                _TRITON = perturb_triton
-            except Exception:  # triton missing or broken: the torch path gives the same z, slower
-                _TRITON = False
+            _TRITON = perturb_triton
+        except Exception:  # triton missing or broken: the torch path gives the same z, slower
+            _TRITON = False
     return _TRITON or None
+
+
+def fused_backend(device: torch.device | str):
+    """``zoplan.runtime.perturb_triton`` when its fused kernels serve tensors on ``device``, else
+    None (then the torch code of this module, the reference, is used):
+
+    - CUDA: when triton is importable, unless ``ZOPLAN_PERTURB_TRITON=0``;
+    - CPU: only with ``ZOPLAN_PERTURB_TRITON=cpu`` and ``TRITON_INTERPRET=1`` (set before the
+      process starts), which runs the GPU kernels through Triton's interpreter: slow, but it
+      checks their logic, and the engine's use of them, on a machine without a GPU."""
+    import os
+
+    kind = torch.device(device).type
+    mode = os.environ.get("ZOPLAN_PERTURB_TRITON", "1")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if kind == "cuda" and mode != "0" and not interpret:
+        return _load_triton()
+    if kind == "cpu" and mode == "cpu" and interpret:
+        return _load_triton()
+    return None
+
+
+def _triton_backend():
+    """The fused kernels for CUDA tensors (see :func:`fused_backend`), or None."""
+    return fused_backend("cuda")
 
 
 def normal_like(

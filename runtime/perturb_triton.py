@@ -14,6 +14,20 @@ runtime needs fused in, so z is never written to memory:
 All take ``(seed, name, start)``: ``start`` is the flattened index of the tensor's first element
 (row-major order), exactly like ``perturb.normal``'s ``start`` and ``perturb_``'s ``offset``.
 
+The engine keeps a transformer block as one flat buffer holding a dozen or more parameters. One
+launch per parameter costs more host time than the GPU spends on a small block, so the block
+kernels cover every parameter range of a buffer in **one launch**:
+
+- :func:`block_table`          the ranges' geometry, on the device, built once per buffer layout
+- :func:`perturbed_block_into` ``outs[k] = base + alphas[k] * z`` for one or two alphas, z drawn once
+- :func:`update_block_`        ``update_`` over every range, each with its own weight-decay flag
+- :func:`block_words`          the words (a, b) of every range (a check of the key derivation)
+
+They give exactly the bits of the per-parameter kernels: the same element code runs, and the
+stream and round keys (steps 2-3 of ``perturb``'s algorithm) are derived inside the kernel, in
+uint64 arithmetic, from the step seed and a per-name constant ``splitmix64(crc32(name))`` stored
+in the table. So nothing seed-dependent crosses PCIe and the table is built once per layout.
+
 Exactness
 ---------
 - The integer stream is computed in ``uint32`` (Triton's ``uint32`` multiply wraps mod 2**32,
@@ -49,6 +63,7 @@ used instead, so only the integer words are exact in that mode.
 from __future__ import annotations
 
 import os
+import zlib
 
 import torch
 import triton
@@ -57,11 +72,16 @@ import triton.language as tl
 from zoplan.runtime import perturb as _ref
 
 __all__ = [
+    "BlockTable",
     "axpy_normal_",
+    "block_table",
+    "block_words",
     "normal_into",
+    "perturbed_block_into",
     "perturbed_into",
     "stream_words",
     "update_",
+    "update_block_",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -153,6 +173,36 @@ def _box_muller(a, b, PRECISE: tl.constexpr):
     return _mul(r, c, PRECISE)
 
 
+@triton.jit
+def _words(lo, k0, k1, k2):
+    """Step 4 of the algorithm: the words (a, b) of the elements whose low index words are lo."""
+    a = _h32(_h32(lo ^ k0) ^ k1)
+    b = _h32(a ^ k2)
+    return a, b
+
+
+@triton.jit
+def _store_words(a_ptrs, b_ptrs, a, b, mask):
+    """MODE_WORDS: the words, as int32 bit patterns."""
+    tl.store(a_ptrs, a.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(b_ptrs, b.to(tl.int32, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _perturbed_value(base, z, alpha, PRECISE: tl.constexpr):
+    """base + alpha * z, each operation rounded to float32 (no FMA)."""
+    return _add(base, _mul(z, alpha, PRECISE), PRECISE)
+
+
+@triton.jit
+def _updated_value(xf, z, g, lr, wd, decay, DECAY: tl.constexpr, PRECISE: tl.constexpr):
+    """zo.apply_update's rounding: step = z * g; [step = step + xf * wd where decay]; xf - step * lr."""
+    step = _mul(z, g, PRECISE)
+    if DECAY:
+        step = tl.where(decay, _add(step, _mul(xf, wd, PRECISE), PRECISE), step)
+    return _sub(xf, _mul(step, lr, PRECISE), PRECISE)
+
+
 @triton.jit(do_not_specialize=["n", "lo_start", "k0", "k1", "k2", "alpha", "lr", "wd"])
 def _zo_kernel(
     x_ptr,  # out / in-place tensor (MODE_WORDS: a as int32)
@@ -174,32 +224,128 @@ def _zo_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     lo = lo_start.to(tl.uint32) + offs.to(tl.uint32)
-    a = _h32(_h32(lo ^ k0.to(tl.uint32)) ^ k1.to(tl.uint32))
-    b = _h32(a ^ k2.to(tl.uint32))
+    a, b = _words(lo, k0.to(tl.uint32), k1.to(tl.uint32), k2.to(tl.uint32))
     if MODE == 4:
-        tl.store(x_ptr + offs, a.to(tl.int32, bitcast=True), mask=mask)
-        tl.store(y_ptr + offs, b.to(tl.int32, bitcast=True), mask=mask)
+        _store_words(x_ptr + offs, y_ptr + offs, a, b, mask)
     else:
         z = _box_muller(a, b, PRECISE)
         if MODE == 0:
             tl.store(x_ptr + offs, z.to(x_ptr.dtype.element_ty), mask=mask)
         elif MODE == 1:
             x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-            res = _add(x, _mul(z, alpha, PRECISE), PRECISE)
+            res = _perturbed_value(x, z, alpha, PRECISE)
             tl.store(x_ptr + offs, res.to(x_ptr.dtype.element_ty), mask=mask)
         elif MODE == 2:
             base = tl.load(y_ptr + offs, mask=mask).to(tl.float32)
-            res = _add(base, _mul(z, alpha, PRECISE), PRECISE)
+            res = _perturbed_value(base, z, alpha, PRECISE)
             tl.store(x_ptr + offs, res.to(x_ptr.dtype.element_ty), mask=mask)
         else:
             # zo.apply_update: xf = x.float(); step = z * g; [step = step + xf * wd];
             # x = xf - step * lr
             xf = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-            step = _mul(z, alpha, PRECISE)
-            if DECAY:
-                step = _add(step, _mul(xf, wd, PRECISE), PRECISE)
-            res = _sub(xf, _mul(step, lr, PRECISE), PRECISE)
+            res = _updated_value(xf, z, alpha, lr, wd, True, DECAY, PRECISE)
             tl.store(x_ptr + offs, res.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# ----- one launch per flat buffer ------------------------------------------------------------------
+# A table row (int64 fields) describes one range of one parameter inside a flat buffer:
+_ROW = 8
+_T_TILE0 = 0  # first program (tile of _BLOCK elements) of the range, counted over the whole table
+_T_POS = 1  # position of the range's first element in the buffer
+_T_COUNT = 2  # elements (at most _MAX_LAUNCH)
+_T_LO = 3  # low word of the first element's index in its parameter
+_T_HI = 4  # high word of that index (constant over the range)
+_T_MIX = 5  # splitmix64(crc32(name)), as a signed int64
+_T_DECAY = 6  # 1 if weight decay applies to the parameter
+# Rows per launch: each program finds its row by comparing its id with every row's first tile.
+_MAX_ROWS = 1024
+
+
+def _signed64(x: int) -> int:
+    x &= _ref._M64
+    return x - 2**64 if x >= 2**63 else x
+
+
+_GOLDEN_S: tl.constexpr = tl.constexpr(_signed64(_ref._GOLDEN))
+_HI_MUL_S: tl.constexpr = tl.constexpr(_signed64(_ref._HI_MUL))
+_SM1_S: tl.constexpr = tl.constexpr(_signed64(0xBF58476D1CE4E5B9))
+_SM2_S: tl.constexpr = tl.constexpr(_signed64(0x94D049BB133111EB))
+
+
+@triton.jit
+def _c64(c: tl.constexpr):
+    """The uint64 constant whose two's complement int64 value is ``c``."""
+    return tl.full([], c, tl.int64).to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def _splitmix64(x):
+    """``perturb._splitmix64`` on uint64: multiplies and adds wrap mod 2**64, shifts are logical."""
+    z = x + _c64(_GOLDEN_S)
+    z = (z ^ (z >> 30)) * _c64(_SM1_S)
+    z = (z ^ (z >> 27)) * _c64(_SM2_S)
+    return z ^ (z >> 31)
+
+
+@triton.jit(do_not_specialize=["nrows", "seed_lo", "seed_hi", "alpha", "alpha2", "lr", "wd"])
+def _zo_block_kernel(
+    x_ptr,  # out (PERTURBED), in-place buffer (UPDATE), a as int32 (WORDS)
+    y_ptr,  # base (PERTURBED) / b as int32 (WORDS); unused otherwise
+    w_ptr,  # second out (PERTURBED with TWO)
+    table_ptr,
+    nrows,
+    seed_lo,  # low and high 32-bit words of seed mod 2**64, each biased by 2**32
+    seed_hi,
+    alpha,  # alpha (PERTURBED) or g (UPDATE), float32
+    alpha2,  # the second output's alpha (PERTURBED with TWO)
+    lr,
+    wd,
+    MODE: tl.constexpr,
+    TWO: tl.constexpr,
+    DECAY: tl.constexpr,
+    PRECISE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    first_tiles = tl.load(table_ptr + rows * 8, mask=rows < nrows, other=2**62)
+    row = table_ptr + (tl.sum((first_tiles <= pid).to(tl.int32), axis=0) - 1).to(tl.int64) * 8
+    tile0 = tl.load(row + 0)
+    pos = tl.load(row + 1)
+    count = tl.load(row + 2)
+    lo_start = tl.load(row + 3)
+    hi = tl.load(row + 4)
+    mix = tl.load(row + 5)
+    # Steps 2-3 of the algorithm, per range: the stream key, then the round keys of its high word.
+    seed = (seed_hi.to(tl.uint32).to(tl.uint64) << 32) | seed_lo.to(tl.uint32).to(tl.uint64)
+    key = _splitmix64(seed ^ mix.to(tl.uint64, bitcast=True))
+    base_key = key ^ (hi.to(tl.uint64, bitcast=True) * _c64(_HI_MUL_S))
+    w1 = _splitmix64(base_key)
+    w2 = _splitmix64(base_key + _c64(_GOLDEN_S))
+    k0 = w1.to(tl.uint32)
+    k1 = (w1 >> 32).to(tl.uint32)
+    k2 = w2.to(tl.uint32)
+    offs = (pid - tile0).to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < count
+    a, b = _words(lo_start.to(tl.uint32) + offs.to(tl.uint32), k0, k1, k2)
+    at = pos + offs.to(tl.int64)
+    if MODE == 4:
+        _store_words(x_ptr + at, y_ptr + at, a, b, mask)
+    else:
+        z = _box_muller(a, b, PRECISE)
+        if MODE == 2:
+            base = tl.load(y_ptr + at, mask=mask).to(tl.float32)
+            if TWO:
+                res2 = _perturbed_value(base, z, alpha2, PRECISE)
+                tl.store(w_ptr + at, res2.to(w_ptr.dtype.element_ty), mask=mask)
+            res = _perturbed_value(base, z, alpha, PRECISE)
+            tl.store(x_ptr + at, res.to(x_ptr.dtype.element_ty), mask=mask)
+        else:
+            # as _zo_kernel's MODE_UPDATE, with the decay flag of the range's parameter
+            xf = tl.load(x_ptr + at, mask=mask).to(tl.float32)
+            res = _updated_value(xf, z, alpha, lr, wd, tl.load(row + 6) != 0, DECAY, PRECISE)
+            tl.store(x_ptr + at, res.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 # ----- host side ------------------------------------------------------------------------------------
@@ -357,6 +503,146 @@ def stream_words(
     _run(MODE_WORDS, a, b, seed, name, start)
     return a.to(torch.int64) & _ref._M32, b.to(torch.int64) & _ref._M32
 
+
+# ----- one launch per flat buffer: host side ----------------------------------------------------------
+class BlockTable:
+    """The geometry of the parameter ranges held by one flat buffer, on one device.
+
+    It depends on the layout only (never on the step seed), so it is built once and reused by
+    every launch over buffers of that layout. ``end`` is the smallest buffer length it fits."""
+
+    __slots__ = ("device", "end", "launches", "numel")
+
+    def __init__(self, device: torch.device, end: int, numel: int,
+                 launches: list[tuple[torch.Tensor, int, int]]) -> None:
+        self.device = device
+        self.end = end  # max position + 1 over the ranges
+        self.numel = numel  # elements covered
+        self.launches = launches  # (rows on the device, row count, programs) per launch
+
+
+def _name_mix(name: str) -> int:
+    return _ref._splitmix64(zlib.crc32(name.encode("utf-8")))
+
+
+def block_table(parts, device: torch.device | str) -> BlockTable:
+    """The table for ``parts``: (name, first, count, pos, decay) tuples, each saying that elements
+    first .. first + count - 1 (row-major) of parameter ``name`` sit at buffer[pos : pos + count]
+    and whether weight decay applies to it. Ranges must not overlap in the buffer."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    rows: list[list[int]] = []
+    end = numel = 0
+    for name, first, count, pos, decay in parts:
+        _ref._check_range(first, count)
+        if pos < 0:
+            raise ValueError(f"position of {name!r} must be non-negative, got {pos}")
+        if count == 0:
+            continue
+        mix = _signed64(_name_mix(name))
+        for i, n in _ref._segments(first, count, _MAX_LAUNCH):
+            rows.append([0, pos + (i - first), n, i & _ref._M32, i >> 32, mix, int(bool(decay)), 0])
+        end = max(end, pos + count)
+        numel += count
+    launches = []
+    for g in range(0, len(rows), _MAX_ROWS):
+        group, tiles = rows[g:g + _MAX_ROWS], 0
+        for r in group:
+            r[_T_TILE0] = tiles
+            tiles += triton.cdiv(r[_T_COUNT], _BLOCK)
+        t = torch.tensor(group, dtype=torch.int64).view(-1)
+        launches.append((t.to(device), len(group), tiles))
+    return BlockTable(device, end, numel, launches)
+
+
+def _rows_pow2(n: int) -> int:
+    """Rows loaded by every program: a power of two >= n (at least 16, so few variants compile)."""
+    r = 16
+    while r < n:
+        r *= 2
+    return r
+
+
+def _check_buffer(t: torch.Tensor, table: BlockTable, what: str) -> None:
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{what} must be a 1-D contiguous buffer")
+    if t.device != table.device:
+        raise ValueError(f"{what} is on {t.device} but the table is on {table.device}")
+    if t.numel() < table.end:
+        raise ValueError(f"{what} has {t.numel()} elements but the table reaches {table.end}")
+
+
+def _run_block(mode: int, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None,
+               table: BlockTable, seed: int, *, alpha: float = 0.0, alpha2: float = 0.0,
+               lr: float = 0.0, wd: float = 0.0, decay: bool = False) -> None:
+    s = seed & _ref._M64
+    dev_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx()
+    with dev_ctx:
+        for rows, nrows, tiles in table.launches:
+            _zo_block_kernel[(tiles,)](
+                x,
+                y if y is not None else x,
+                w if w is not None else x,
+                rows,
+                nrows,
+                (s & _ref._M32) + _BIAS,
+                (s >> 32) + _BIAS,
+                float(alpha),
+                float(alpha2),
+                float(lr),
+                float(wd),
+                MODE=mode,
+                TWO=w is not None,
+                DECAY=bool(decay),
+                PRECISE=_PRECISE,
+                BLOCK=_BLOCK,
+                ROWS=_rows_pow2(nrows),
+                num_warps=_NUM_WARPS,
+                **_OPTIONS,
+            )
+
+
+def perturbed_block_into(outs, base: torch.Tensor, table: BlockTable, seed: int, alphas) -> list[torch.Tensor]:
+    """For each range of ``table``: ``outs[k][range] := (base.float() + alphas[k] * z).to(dtype)``
+    with one or two outputs in one launch, z drawn once. Bit-equal to ``perturbed_into`` per
+    parameter. Elements of the buffers outside the table's ranges are not touched. ``outs[0]``
+    may be ``base`` itself. Returns ``outs``."""
+    outs, alphas = list(outs), [float(a) for a in alphas]
+    if len(outs) not in (1, 2) or len(alphas) != len(outs):
+        raise ValueError(f"one or two outputs with one alpha each, got {len(outs)} and {len(alphas)}")
+    _check_float(base, "base")
+    _check_buffer(base, table, "base")
+    for k, out in enumerate(outs):
+        _check_float(out, f"outs[{k}]")
+        _check_buffer(out, table, f"outs[{k}]")
+    if len(outs) == 2 and outs[1].data_ptr() == base.data_ptr():
+        raise ValueError("only outs[0] may alias base")
+    if table.numel:
+        _run_block(MODE_PERTURBED, outs[0], base, outs[1] if len(outs) == 2 else None, table, seed,
+                   alpha=alphas[0], alpha2=alphas[-1])
+    return outs
+
+
+def update_block_(x: torch.Tensor, table: BlockTable, seed: int, g: float, lr: float, wd: float) -> torch.Tensor:
+    """In place, ``update_`` over every range of ``table`` in one launch, each range with its own
+    parameter's decay flag (``decay and wd``, as ``update_``). Returns ``x``."""
+    _check_float(x, "x")
+    _check_buffer(x, table, "x")
+    if table.numel:
+        _run_block(MODE_UPDATE, x, None, None, table, seed, alpha=g, lr=lr, wd=wd, decay=bool(wd))
+    return x
+
+
+def block_words(table: BlockTable, seed: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Debug/check kernel: buffers of ``size`` elements holding, over each range of ``table``, the
+    words (a, b) as int64 in [0, 2**32) (zero elsewhere): a check of the in-kernel key derivation."""
+    a = torch.zeros(size, dtype=torch.int32, device=table.device)
+    b = torch.zeros(size, dtype=torch.int32, device=table.device)
+    _check_buffer(a, table, "the words buffer")
+    if table.numel:
+        _run_block(MODE_WORDS, a, b, None, table, seed)
+    return a.to(torch.int64) & _ref._M32, b.to(torch.int64) & _ref._M32
 
 # ----- self-check and benchmark: python -m zoplan.runtime.perturb_triton [log2(count)] ------------
 def _bench(log2n: int = 26) -> None:  # pragma: no cover - needs a GPU

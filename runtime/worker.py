@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -175,6 +176,9 @@ def train(args: argparse.Namespace) -> None:
                     slices=plan.transfer.slices_per_block, param_dtype=plan.transfer.param_dtype,
                     resident_blocks=plan.resident_blocks, eps=plan.zo.eps,
                     spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=args.trace_steps))
+    # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels
+    print(f"rank {ctx.rank}: {ctx.role} on {ctx.device}, signs {ctx.signs}, perturbation kernels: "
+          f"{engine.kernels}", file=sys.stderr, flush=True)
 
     def loss_fn(logits, mb):
         return zdata.loss_terms(logits, mb["batch"], task)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from zoplan.runtime.perturb import normal
+from zoplan.runtime.perturb import fused_backend, normal
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -38,24 +38,37 @@ def apply_update(x: torch.Tensor, z: torch.Tensor, g: float, lr: float, wd: floa
     x.copy_(xf - step * lr)
 
 
-def fused_kernels():
-    """The fused Triton kernels for CUDA tensors, or None (CPU, or no triton)."""
-    try:
-        from zoplan.runtime import perturb_triton
-    except ImportError:
-        return None
-    return perturb_triton
+def fused_kernels(t: torch.Tensor):
+    """The fused Triton kernels for tensors like ``t``, or None: see ``perturb.fused_backend``."""
+    return fused_backend(t.device)
+
+
+_TABLES: dict = {}  # (id(layout), start, end, device) -> (layout, BlockTable)
+
+
+def layout_table(fused, layout, start: int, end: int, device: torch.device):
+    """The fused kernels' table of the parameters in the flat range [start, end) of a block
+    buffer with ``layout`` (positions are buffer positions), built once per range and device."""
+    key = (id(layout), start, end, device)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is layout:
+        return hit[1]
+    parts = [(slot.name, first, count, start + pos, slot.decay)
+             for slot, first, count, pos in layout.segments(start, end)]
+    table = fused.block_table(parts, device)
+    _TABLES[key] = (layout, table)  # the layout is kept alive, so its id is never reused
+    return table
 
 
 def update_range(flat: torch.Tensor, layout, start: int, end: int, seed: int, g: float, lr: float,
                  wd: float) -> None:
     """Apply one step's update to the flat range [start, end) of a block buffer."""
-    fused = fused_kernels() if flat.is_cuda else None
+    fused = fused_kernels(flat)
+    if fused is not None:  # the same arithmetic, every parameter in one kernel, z never materialised
+        fused.update_block_(flat, layout_table(fused, layout, start, end, flat.device), seed, g, lr, wd)
+        return
     for slot, first, count, pos in layout.segments(start, end):
         x = flat[start + pos:start + pos + count]
-        if fused is not None:  # the same arithmetic in one kernel, z never materialised
-            fused.update_(x, seed, slot.name, first, g, lr, wd, slot.decay)
-            continue
         z = normal(seed, slot.name, first, count, device=flat.device)
         apply_update(x, z, g, lr, wd, slot.decay)
 

@@ -84,6 +84,11 @@ def test_host_copy_is_not_perturbed_and_resident_blocks_give_the_same_losses(tin
         assert a == b
         assert all(torch.equal(x, y) for x, y in zip(before, host_a.blocks))  # no pending update yet
         assert len(kept.kept) == 4
+        # between uses, a streamed block holds its own empty parameters again, not a device buffer
+        for engine in (streamed, kept):
+            for block in engine.blocks:
+                params = list(block.parameters())
+                assert params and all(isinstance(p, torch.nn.Parameter) and p.is_meta for p in params)
     finally:
         host_a.remove()
         host_b.remove()
