@@ -12,7 +12,7 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -2
 export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 zoplan topo detect -o "$OUT/machine.yaml" 2>&1 | tail -5
-timeout 420 python3 bench/fidelity.py --out "$OUT" --work /tmp/zoplan-fidelity --device cuda \
+timeout ${FIDELITY_TIMEOUT:-420} python3 bench/fidelity.py --out "$OUT" --work /tmp/zoplan-fidelity --device cuda \
   --topology "$OUT/machine.yaml" --models opt-1.3b,opt-2.7b --layouts 1x1 \
   --batch 8 --micro-batch 8 --seq-len 256 --steps 6 2>&1 | tail -40
 cp /tmp/zoplan-fidelity/*.yaml /tmp/zoplan-fidelity/*trace.json "$OUT"/ 2>/dev/null
