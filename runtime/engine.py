@@ -216,6 +216,10 @@ class Engine:
         if p is None or not self.computes:
             return
         for name, master in self.resident_master.items():
+            fused = fused_kernels(master)
+            if fused is not None:  # the same arithmetic in one kernel, z never materialised
+                fused.update_(master, p.seed, name, 0, p.g, p.lr, p.wd, decays(name, master))
+                continue
             z = normal(p.seed, name, 0, master.numel(), device=master.device).view(master.shape)
             apply_update(master, z, p.g, p.lr, p.wd, decays(name, master))
         self._resident_state = _STALE  # the parameters no longer follow from the master
@@ -233,8 +237,11 @@ class Engine:
         with torch.no_grad():
             for name, param in self.resident_params.items():
                 master = self.resident_master[name]
+                fused = fused_kernels(master)
                 if seed is None:
                     param.copy_(master)
+                elif fused is not None:  # (master.float() + sign * eps * z).to(dtype) in one kernel
+                    fused.perturbed_into(param, master, seed, name, 0, sign * self.eps)
                 else:
                     z = normal(seed, name, 0, master.numel(), device=master.device).view(master.shape)
                     param.copy_(master.float() + (sign * self.eps) * z)
