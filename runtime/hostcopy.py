@@ -107,7 +107,9 @@ class HostCopy:
     @staticmethod
     def create(root: Path, model: nn.Module, blocks: nn.ModuleList, prefix: str, slices: int,
                wire_dtype: str, param_dtype: str) -> HostCopy:
-        """Write a loaded model's parameters into shared memory (the loader rank of a machine)."""
+        """Write a loaded model's parameters into shared memory (the loader rank of a machine).
+        Each block is released (moved to meta) as soon as it is copied, so the loader holds the
+        weights about once, plus one block, instead of the model and its host copy side by side."""
         root.mkdir(parents=True, exist_ok=True)
         layouts = block_layouts(blocks, prefix, slices)
         block_names = {s.name for l in layouts for s in l.slots}
@@ -120,6 +122,8 @@ class HostCopy:
             for slot in layout.slots:
                 flat[slot.offset:slot.offset + slot.numel].copy_(params[slot.local].detach().reshape(-1))
             flat[layout.numel:].zero_()
+            del params
+            blocks[layout.index].to("meta")
         for name, param in model.named_parameters():
             if name in copy.resident:
                 copy.resident[name].copy_(param.detach())

@@ -110,3 +110,44 @@ def test_a_step_then_flush_moves_the_weights_along_minus_g_z(tiny_dirs, tmp_path
         assert torch.allclose(moved, -1e-2 * result.projected_grad * z, atol=1e-6)
     finally:
         host.remove()
+
+
+def test_the_host_copy_holds_the_weights_and_the_loader_releases_each_block(tiny_dirs, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from zoplan.runtime.adapters import adapter_for
+    from zoplan.runtime.hostcopy import HostCopy
+
+    model_dir = tiny_dirs["tiny-qwen2"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapter = adapter_for(model.config.model_type)
+    blocks = list(adapter.blocks(model))
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    released = []  # (block index, which blocks' parameters were already meta at that moment)
+    original_to = torch.nn.Module.to
+
+    def spy(module, *args, **kwargs):
+        if any(module is b for b in blocks):
+            index = next(i for i, b in enumerate(blocks) if b is module)
+            released.append((index, [all(p.is_meta for p in b.parameters()) for b in blocks]))
+        return original_to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    host = HostCopy.create(tmp_path / "host", model, adapter.blocks(model), adapter.blocks_path + ".", 2,
+                           "fp32", "fp32")
+    monkeypatch.undo()
+    try:
+        # block i is released right after its copy: the blocks before it are gone, the later ones loaded
+        assert [i for i, _ in released] == list(range(len(blocks)))
+        for i, gone in released:
+            assert gone == [k < i for k in range(len(blocks))], i
+        assert all(p.is_meta for b in blocks for p in b.parameters())
+        for layout, flat in zip(host.layouts, host.blocks):
+            for slot in layout.slots:
+                assert torch.equal(flat[slot.offset:slot.offset + slot.numel].view(slot.shape), expected[slot.name])
+            assert not flat[layout.numel:].any()
+        for name, value in host.resident.items():
+            assert torch.equal(value, expected[name])
+    finally:
+        host.remove()
