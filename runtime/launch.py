@@ -192,7 +192,10 @@ def run(opts: RunOptions) -> RunResult:
         _follow(proc, out / "metrics.jsonl", opts)
     finally:
         log.close()
-    if proc.returncode != 0:
+    if proc.returncode != 0 and _finished(out, opts.node_rank, per_node, opts.steps):
+        print(f"warning: a rank exited with status {proc.returncode} while shutting down, after the run "
+              f"had finished on every rank (see {out / f'worker-node{opts.node_rank}.log'})", file=sys.stderr)
+    elif proc.returncode != 0:
         error = out / "error.txt"
         if error.exists():
             text = error.read_text().strip()
@@ -205,6 +208,17 @@ def run(opts: RunOptions) -> RunResult:
                           fix=f"continue with `zoplan run --resume {out} --steps {opts.steps}`; "
                               f"--max-restarts N restarts crashed ranks automatically")
     return summarize(out)
+
+
+def _finished(out: Path, node: int, per_node: int, steps: int) -> bool:
+    """Every rank of this node wrote its marker for a run of ``steps`` steps."""
+    from zoplan.runtime.worker import finished_marker
+
+    for local in range(per_node):
+        marker = out / finished_marker(node, local)
+        if not marker.exists() or marker.read_text().strip() != str(steps):
+            return False
+    return True
 
 
 def _journaled_steps(journal: Path) -> int:

@@ -245,6 +245,11 @@ def train(args: argparse.Namespace) -> None:
         if writer:
             save_final(host, engine, model_dir, out, plan.transfer.param_dtype)
         zdist.barrier()
+        # the run is complete on every rank: a rank that dies while shutting down (a rare gloo
+        # teardown abort) no longer turns a finished run into a failed one (launch.py reads these)
+        (out / finished_marker(ctx.node, ctx.local_rank)).write_text(str(steps))
+        if os.environ.get("ZOPLAN_ABORT_AT_EXIT") == str(ctx.rank):  # fault injection (tests)
+            os.abort()
     finally:
         engine.spans.close()
         if journal:
@@ -252,6 +257,11 @@ def train(args: argparse.Namespace) -> None:
             metrics.close()
         if ctx.is_loader:
             host.remove()
+
+
+def finished_marker(node: int, local_rank: int) -> str:
+    """The file a rank writes in the output directory once the run is complete on every rank."""
+    return f".finished-node{node}-rank{local_rank}"
 
 
 def _injected_kill(rank: int, step: int) -> None:
