@@ -259,6 +259,11 @@ def train(args: argparse.Namespace) -> None:
             host.remove()
 
 
+def write_error(out: Path, exc: ZoplanError) -> None:
+    """error.txt: the message the launcher shows when the ranks stop."""
+    (out / "error.txt").write_text(exc.message + (f"\n  fix: {exc.fix}" if exc.fix else ""))
+
+
 def finished_marker(node: int, local_rank: int) -> str:
     """The file a rank writes in the output directory once the run is complete on every rank."""
     return f".finished-node{node}-rank{local_rank}"
@@ -284,6 +289,9 @@ def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: i
                            keep)
         except ZoplanError as exc:
             error = exc
+            # on disk before any rank learns of it: the first rank to exit makes torchrun stop
+            # the others, possibly before this one reaches its own error handler
+            write_error(out, exc)
     if zdist.all_reduce_sum([1.0 if error else 0.0])[0] > 0:
         raise error or ZoplanError(f"writing the snapshot of step {step} failed on rank 0 (see error.txt)")
 
@@ -326,7 +334,7 @@ def main() -> None:
         train(args)
     except ZoplanError as exc:
         if int(os.environ.get("RANK", "0")) == 0 or not (out / "error.txt").exists():
-            (out / "error.txt").write_text(exc.message + (f"\n  fix: {exc.fix}" if exc.fix else ""))
+            write_error(out, exc)
         raise SystemExit(2) from None
     finally:
         zdist.shutdown()
