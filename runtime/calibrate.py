@@ -173,7 +173,10 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
         insitu = _engine_times(args, model, adapter, host, device, rank, world, exchange=True)["exchange"]
         gather["in_step_us"] = insitu["exchange"] * 1e6
         scalar_s = insitu["scalar"]
-    return {"rank": rank, "device": str(device), "alone": alone,
+    from zoplan.runtime.perturb import fused_backend
+
+    kernels = "torch" if fused_backend(device) is None else "triton, one launch per block"
+    return {"rank": rank, "device": str(device), "torch": torch.__version__, "kernels": kernels, "alone": alone,
             "together": {"h2d_gbps": together_h2d, "d2h_gbps": together_d2h},
             "allgather": gather, "scalar_latency_us": scalar_s * 1e6, "block_params": block_params,
             "compute": compute}

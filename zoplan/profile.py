@@ -154,7 +154,9 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
         version=PROFILE_VERSIONS[-1], machine=MachineRef(name=machine.name, hash=machine.hash),
         model=ShapeRef(name=shape.name, hash=shape.hash, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype),
         measured_on={"host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"), "device": device, "python": platform.python_version()},
+            timespec="seconds"), "device": device, "python": platform.python_version(),
+            # what the figures depend on besides the hardware: re-calibrate when these change
+            **{k: str(rows[0][k]) for k in ("torch", "kernels") if k in rows[0]}},
         devices=devices,
         allgather=Collective(**gather) if gather else None,
         scalar_latency_us=sum(r["scalar_latency_us"] for r in rows) / len(rows),

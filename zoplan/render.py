@@ -162,4 +162,7 @@ def profile_table(profile) -> Table:
         table.add_row(f"block compute, {b} branch(es), {m} micro-batch(es)", _fmt_time(profile.compute.block_s[key]))
     table.add_row("deferred update", f"{profile.compute.update_s_per_param * 1e9:.2f} ns/parameter")
     table.add_row("perturbation (theta + eps z)", f"{profile.compute.perturb_s_per_param * 1e9:.2f} ns/parameter")
+    on = profile.measured_on
+    if on.get("kernels") or on.get("torch"):
+        table.add_row("measured with", f"torch {on.get('torch', '?')}, perturbation kernels: {on.get('kernels', '?')}")
     return table

@@ -56,6 +56,10 @@ def test_calibration_measures_every_rank_and_the_model_shape(calibrated) -> None
     assert profile.allgather is not None and profile.allgather.ranks == 2 and profile.allgather.gbps > 0
     assert profile.model.hash == load_model_shape(str(calibrated[1] / "config.json")).hash
     assert profile.model.micro_batch == 2 and profile.model.seq_len == 32
+    import torch
+
+    # what the figures depend on besides the machine: the torch build and the perturbation kernels
+    assert profile.measured_on["torch"] == torch.__version__ and profile.measured_on["kernels"] == "torch"
     times = profile.compute
     # two micro-batches through a block take longer than one; two branches longer than one
     assert times.block_s["2x2"] > times.block_s["2x1"] > 0 and times.block_s["2x1"] > times.block_s["1x1"] * 0.9
@@ -97,6 +101,7 @@ def test_a_rank_dying_after_the_measurements_still_gives_the_profile(tiny_dirs, 
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "after every rank had finished measuring" in proc.stderr
+    assert "perturbation kernels: torch" in proc.stdout  # the table's "measured with" row
     assert sorted(load_profile(profile).devices) == ["rank0", "rank1"]
 
 
