@@ -71,6 +71,12 @@ def _journal_row(row: object) -> dict:
                 or value in (float("inf"), float("-inf")):
             raise TypeError(f"'{key}' must be a finite number")
         out[key] = float(value)
+    # A skipped step (non-finite losses) changed nothing. A finite step whose gradient is exactly
+    # 0 still applied its weight decay, so it is replayed. Journals without the field: g == 0.
+    skipped = row.get("skipped", out["projected_grad"] == 0.0)
+    if not isinstance(skipped, bool):
+        raise TypeError("'skipped' must be true or false")
+    out["skipped"] = skipped
     return out
 
 
@@ -79,7 +85,7 @@ def replay(model: nn.Module, journal: list[dict]) -> nn.Module:
     """Apply every journal line's update to ``model`` in place, in step order."""
     params = dict(model.named_parameters())
     for row in journal:
-        if row["projected_grad"] == 0.0:
+        if row.get("skipped", row["projected_grad"] == 0.0):
             continue
         for name, param in params.items():
             update_tensor(param, name, row["seed"], row["projected_grad"], row["lr"], row["weight_decay"],

@@ -74,5 +74,11 @@ def update_range(flat: torch.Tensor, layout, start: int, end: int, seed: int, g:
 
 
 def update_tensor(param: torch.Tensor, name: str, seed: int, g: float, lr: float, wd: float, decay: bool) -> None:
+    """One step's update of a whole parameter (replay): on a GPU the fused kernel, the same
+    arithmetic as the training engine's, without a z buffer."""
+    fused = fused_kernels(param)
+    if fused is not None:
+        fused.update_(param, seed, name, 0, g, lr, wd, decay)
+        return
     z = normal(seed, name, 0, param.numel(), device=param.device).view(param.shape)
     apply_update(param, z, g, lr, wd, decay)

@@ -111,6 +111,30 @@ def test_replaying_the_journal_gives_the_trained_weights(tiny_dirs, tmp_path: Pa
     assert [r["step"] for r in read_journal(torn)] == list(range(STEPS - 1))
 
 
+def test_replay_applies_a_zero_gradient_steps_weight_decay_but_not_a_skipped_step() -> None:
+    """The engine applies a finite step whose projected gradient is exactly 0 (its weight decay
+    still moves the weight matrices); a skipped step (non-finite losses) changes nothing."""
+    from zoplan.runtime.hostcopy import decays
+    from zoplan.runtime.replay import _journal_row, replay
+    from zoplan.runtime.zo import update_tensor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    row = {"step": 0, "seed": 5, "projected_grad": 0.0, "lr": 0.1, "weight_decay": 0.5}
+    replay(model, [_journal_row({**row, "skipped": True})])
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+    replay(model, [_journal_row({**row, "skipped": False})])
+    for name, param in model.named_parameters():
+        expected = base[name].clone()
+        update_tensor(expected, name, 5, 0.0, 0.1, 0.5, decays(name, expected))
+        assert torch.equal(param.detach(), expected), name
+    assert not torch.equal(model[0].weight, base["0.weight"])  # the decay moved the matrix
+    assert torch.equal(model[0].bias, base["0.bias"])  # biases do not decay
+    # a journal without the field (older runs): a zero gradient counts as skipped
+    assert _journal_row(row)["skipped"] is True and _journal_row({**row, "projected_grad": 1.0})["skipped"] is False
+
+
 def test_two_machines_match_one(tiny_dirs, tmp_path: Path) -> None:
     """Two torchrun 'machines' on 127.0.0.1, each with its own host copy, one replica each."""
     model_dir = tiny_dirs["tiny-opt"]
