@@ -5,7 +5,7 @@
 #   replay    replay across devices (bench/gpu_replay.py, docs/results/reliability.md)   ~1 min
 #   fidelity  the fidelity run (bench/gpu_fidelity.sh, docs/results/fidelity.md)         ~4-5 min
 # Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: all three,
-# worst case 9 min under the timeouts below). A machine without simpy, pydantic or pytest and
+# worst case 9.5 min under the timeouts below). A machine without simpy, pydantic or pytest and
 # without network access takes wheels from .whl/ and .whl/pytest/ (pip download them elsewhere
 # for its Python version; see gpu_fidelity.sh).
 set -x
@@ -24,13 +24,13 @@ export HF_HUB_OFFLINE=1
 for part in $PARTS; do
   case $part in
     kernels)
-      timeout 100 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_perturb_triton.py \
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_perturb_triton.py \
         tests/runtime/test_block_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel-tests.txt"
       timeout 40 python3 bench/block_kernels.py --out "$OUT" 2>&1 | tail -8 | tee "$OUT/block-kernels.txt" ;;
     replay)
       timeout 70 python3 bench/gpu_replay.py --out "$OUT/replay" 2>&1 | tail -20 | tee "$OUT/replay.txt" ;;
     fidelity)
-      FIDELITY_TIMEOUT=330 OUT="$OUT/fidelity" bash bench/gpu_fidelity.sh ;;
+      FIDELITY_TIMEOUT=300 OUT="$OUT/fidelity" bash bench/gpu_fidelity.sh ;;
     *) echo "unknown part: $part (kernels, replay, fidelity)"; exit 2 ;;
   esac
 done
