@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--calibrate-steps", type=int, default=20, help="zoplan calibrate --steps")
     parser.add_argument("--work", type=Path, default=None, help="models, plans, profiles, traces (default OUT/work)")
     opts = parser.parse_args()
     out = opts.out
@@ -89,7 +90,8 @@ def main() -> None:
         profile = work / f"{name}-profile.yaml"
         t0 = time.perf_counter()
         zoplan("calibrate", "--model", str(model), "--topology", opts.topology, "--micro-batch",
-               str(opts.micro_batch), "--seq-len", str(opts.seq_len), "--dtype", dtype, "-o", str(profile))
+               str(opts.micro_batch), "--seq-len", str(opts.seq_len), "--dtype", dtype, "-o", str(profile),
+               "--steps", str(opts.calibrate_steps))
         say(f"{name}: calibrated in {time.perf_counter() - t0:.0f} s -> {profile}")
         say((profile.read_text()))
         for layout in opts.layouts.split(","):

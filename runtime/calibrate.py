@@ -252,7 +252,7 @@ def main() -> None:
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--round-elements", type=float, required=True)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--output", required=True)
     parser.add_argument("--progress", default=None)
@@ -282,7 +282,7 @@ if __name__ == "__main__":
 
 # ----- the launcher (``zoplan calibrate``) ---------------------------------------------------------
 def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtype: str | None,
-              output: Path, steps: int = 6, quiet: bool = False):
+              output: Path, steps: int = 20, quiet: bool = False):
     """Measure this machine (one process per device of ``topology``) and write a profile."""
     import subprocess
     import sys

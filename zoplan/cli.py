@@ -255,6 +255,8 @@ def calibrate_cmd(
     seq_len: int = typer.Option(64, "--seq-len", "-s", help="tokens per sequence to time"),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="compute dtype (default fp32 on CPU, bf16 on GPU)"),
     output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="the profile to write"),
+    steps: int = typer.Option(20, "--steps", "-n", min=2,
+                              help="engine steps timed per setting (more: steadier figures on a noisy machine)"),
 ) -> None:
     """Measure this machine with the runtime's own code and write a profile for `zoplan plan --profile`."""
     try:
@@ -263,7 +265,7 @@ def calibrate_cmd(
         raise ZoplanError("zoplan calibrate runs the runtime, which needs torch",
                           fix="pip install 'zoplan[runtime]'") from None
     prof = calibrate(model, topology, micro_batch=micro_batch, seq_len=seq_len,
-                     dtype=dtype.value if dtype else None, output=output)
+                     dtype=dtype.value if dtype else None, output=output, steps=steps)
     from zoplan.render import profile_table
 
     out.print(profile_table(prof))
