@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -101,14 +102,18 @@ def main() -> None:
                    str(profile), "--global-batch", str(opts.batch), "--seq-len", str(opts.seq_len), "--dtype", dtype,
                    "--wire-dtype", dtype, "--pertp", p, "--ddp", d, "--micro-batch", str(opts.micro_batch),
                    "--resident", "0", "-o", str(plan))
+            # the run directory keeps the spans files (per step: wall time, GPU and host time per stage)
+            run_dir = work / f"{name}-{layout}-run"
+            shutil.rmtree(run_dir, ignore_errors=True)
             report = json.loads(zoplan("validate", str(plan), "--model", str(model), "--data", str(data),
-                                       "--steps", str(opts.steps), "--json", "--trace",
+                                       "--steps", str(opts.steps), "--json", "--output", str(run_dir), "--trace",
                                        str(work / f"{name}-{layout}-trace.json")))
             results.append({"model": name, "layout": layout, **report})
             say(f"{name} {layout}: " + ", ".join(
                 f"{r['stage']} {r['predicted_s'] * 1e3 if r['predicted_s'] is not None else float('nan'):.2f}/"
                 f"{r['measured_s'] * 1e3 if r['measured_s'] is not None else float('nan'):.2f} ms"
-                f" ({r['error']:+.1%})" if r["error"] is not None else f"{r['stage']} -"
+                f" ({r['error']:+.1%})" + (f" [host {r['measured_host_s'] * 1e3:.2f}]" if r.get("measured_host_s") else "")
+                if r["error"] is not None else f"{r['stage']} -"
                 for r in report["rows"]))
     (out / "fidelity.json").write_text(json.dumps(results, indent=1))
 

@@ -16,4 +16,7 @@ timeout ${FIDELITY_TIMEOUT:-420} python3 bench/fidelity.py --out "$OUT" --work /
   --topology "$OUT/machine.yaml" --models opt-1.3b,opt-2.7b --layouts 1x1 \
   --batch 8 --micro-batch 8 --seq-len 256 --steps 6 2>&1 | tail -40
 cp /tmp/zoplan-fidelity/*.yaml /tmp/zoplan-fidelity/*trace.json "$OUT"/ 2>/dev/null
+for run in /tmp/zoplan-fidelity/*-run; do  # spans (GPU and host time per stage) and the worker log
+  mkdir -p "$OUT/$(basename "$run")" && cp "$run"/spans-rank*.jsonl "$run"/worker-node*.log "$OUT/$(basename "$run")"/
+done
 ls -la "$OUT"

@@ -85,3 +85,63 @@ def test_a_malformed_spans_line_is_a_message(two_rank_plan, tmp_path: Path) -> N
     (tmp_path / "run" / "spans-rank1.jsonl").write_text('{"step": 0, "totals": [1, 2]}\n{"step": 1}\n')
     with pytest.raises(ZoplanError, match="spans-rank"):
         measure(tmp_path / "run", two_rank_plan)
+
+
+def add_host_totals(out: Path, host: dict[int, list[dict[str, float]]]) -> None:
+    """What a CUDA run adds to each spans line: the host's seconds per category."""
+    for rank, per_step in host.items():
+        f = out / f"spans-rank{rank}.jsonl"
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        for row, totals in zip(rows, per_step):
+            row["host_totals"] = totals
+        f.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_cuda_host_times_are_read_beside_the_gpu_times(two_rank_plan, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_run(run, [1.0, 0.2, 0.2, 0.2], {0: [1.0, 0.1, 0.1, 0.1], 1: [1.0, 0.1, 0.1, 0.1]})
+    add_host_totals(run, {0: [{"compute": 9.0}, {"compute": 0.10}, {"compute": 0.30}, {"compute": 0.20}],
+                          1: [{"compute": 9.0}, {"compute": 0.30}, {"compute": 0.50}, {"compute": 0.40}]})
+    rows = {r.stage: r for r in measure(run, two_rank_plan).rows}
+    # per-step rank means 0.2, 0.4, 0.3 after the warm-up step: median 0.3
+    assert rows["compute"].measured_host_s == pytest.approx(0.3)
+    assert rows["compute"].measured_s == pytest.approx(0.1)
+    assert rows["h2d"].measured_host_s is None  # no host time recorded for it
+    assert rows["step"].measured_host_s is None
+
+
+def test_cpu_runs_have_no_host_column(two_rank_plan, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from zoplan.render import validation_table
+
+    write_run(tmp_path / "cpu", [1.0, 0.2], {0: [1.0, 0.1], 1: [1.0, 0.1]})
+    sim = SimResult(step_time_s=0.2, window=(0.0, 0.2), step_ends=[0.0, 0.2], utilization={}, bottleneck="x",
+                    spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.12)])
+    cpu = compare(measure(tmp_path / "cpu", two_rank_plan), sim)
+    assert all(r.measured_host_s is None for r in cpu.rows)
+    assert all(r.to_json()["measured_host_s"] is None for r in cpu.rows)
+
+    def text(result) -> str:
+        console = Console(width=200, record=True)
+        console.print(validation_table(result, "plan.yaml"))
+        return console.export_text()
+
+    assert "host issue" not in text(cpu)
+    write_run(tmp_path / "gpu", [1.0, 0.2], {0: [1.0, 0.1], 1: [1.0, 0.1]})
+    add_host_totals(tmp_path / "gpu", {0: [{"compute": 1.0}, {"compute": 0.25}], 1: [{"compute": 1.0}, {"compute": 0.25}]})
+    gpu = compare(measure(tmp_path / "gpu", two_rank_plan), sim)
+    assert {r.stage: r.measured_host_s for r in gpu.rows}["compute"] == pytest.approx(0.25)
+    assert "host issue" in text(gpu) and "250.0 ms" in text(gpu)
+
+
+def test_whole_block_update_host_time_counts_as_compute(two_rank_plan, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_run(run, [1.0, 0.2], {0: [1.0, 0.1], 1: [1.0, 0.1]})
+    for f in run.glob("spans-rank*.jsonl"):
+        f.write_text(f.read_text().replace('"h2d": 0.001}', '"h2d": 0.001, "update": 0.02}'))
+    add_host_totals(run, {r: [{"compute": 1.0}, {"compute": 0.15, "update": 0.05}] for r in (0, 1)})
+    sim = SimResult(step_time_s=0.2, window=(0.0, 0.2), step_ends=[0.0, 0.2], utilization={}, bottleneck="x",
+                    spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.12)])
+    rows = {r.stage: r for r in compare(measure(run, two_rank_plan), sim).rows}
+    assert "update" not in rows and rows["compute"].measured_host_s == pytest.approx(0.20)

@@ -132,15 +132,22 @@ def validation_table(result, plan_path) -> Table:
     from zoplan.validate import STAGE_NAMES
 
     table = Table(title=f"{plan_path}: predicted vs measured, median of {len(result.measured_steps)} step(s)")
-    for name in ("stage", "predicted", "measured", "error"):
+    host = any(row.measured_host_s is not None for row in result.rows)  # CUDA runs only
+    names = ("stage", "predicted", "measured", "error") + (("host issue",) if host else ())
+    for name in names:
         table.add_column(name, justify="left" if name == "stage" else "right")
     for row in result.rows:
         error = row.error
-        table.add_row(STAGE_NAMES.get(row.stage, row.stage) if row.stage != "step" else "step time",
-                      _fmt_time(row.predicted_s) if row.predicted_s is not None else "–",
-                      _fmt_time(row.measured_s) if row.measured_s is not None else "–",
-                      f"{error:+.1%}" if error is not None else "–",
-                      style="bold" if row.stage == "step" else None)
+        cells = [STAGE_NAMES.get(row.stage, row.stage) if row.stage != "step" else "step time",
+                 _fmt_time(row.predicted_s) if row.predicted_s is not None else "–",
+                 _fmt_time(row.measured_s) if row.measured_s is not None else "–",
+                 f"{error:+.1%}" if error is not None else "–"]
+        if host:
+            cells.append(_fmt_time(row.measured_host_s) if row.measured_host_s is not None else "–")
+        table.add_row(*cells, style="bold" if row.stage == "step" else None)
+    if host:
+        table.caption = ("host issue: the host's time issuing each stage (Python, kernel launches); "
+                         "where it reaches the measured GPU time, the GPU waits for the host")
     return table
 
 

@@ -9,7 +9,10 @@ plan (``zoplan.planner.timeline``):
   ``metrics.jsonl`` reports, data preparation included) against the simulated steady-state step;
 - each stage: busy seconds per step, averaged over the devices that run that stage, median over
   steps, against the same figure from the simulated step's spans. Stages overlap (uploads run
-  beside compute on a GPU), so stage times do not add up to the step time.
+  beside compute on a GPU), so stage times do not add up to the step time;
+- on CUDA, also each stage's host time (the Python and kernel launches that issue it, measured the
+  same way): a stage whose host time reaches its GPU time is issue-bound, and the GPU waits for the
+  host; the planner's calibration takes the longer of the two (runtime/calibrate.py).
 
 The first ``skip`` steps are left out: they pay one-time costs (allocator warm-up, lazy
 initialisation, CUDA kernel compilation) that a long run does not.
@@ -37,6 +40,7 @@ class Row:
     stage: str
     predicted_s: float | None
     measured_s: float | None
+    measured_host_s: float | None = None  # CUDA: the host's time issuing the stage
 
     @property
     def error(self) -> float | None:
@@ -47,7 +51,7 @@ class Row:
 
     def to_json(self) -> dict:
         return {"stage": self.stage, "predicted_s": self.predicted_s, "measured_s": self.measured_s,
-                "error": self.error}
+                "measured_host_s": self.measured_host_s, "error": self.error}
 
 
 @dataclass
@@ -111,17 +115,10 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
     if not measured:
         raise ZoplanError(f"{out}: no step was recorded by every rank")
     gpu_of = {r.rank: r.gpu for r in plan.layout.ranks}
-    stages: dict[str, float] = {}
-    for cat in CATEGORIES:
-        per_step = []
-        for s in measured:
-            values = [rows[s]["totals"][cat] for rows in per_rank.values() if cat in rows[s]["totals"]]
-            if values:
-                per_step.append(sum(values) / len(values))
-        if per_step:
-            stages[cat] = statistics.median(per_step)
+    stages = _stage_medians(per_rank, measured, "totals")
+    host = _stage_medians(per_rank, measured, "host_totals", optional=True)  # written on CUDA only
     rows = [Row("step", None, statistics.median(step_time[s] for s in measured))]
-    rows += [Row(cat, None, stages[cat]) for cat in CATEGORIES if cat in stages]
+    rows += [Row(cat, None, stages[cat], host.get(cat)) for cat in CATEGORIES if cat in stages]
     # the trace shows the measured step whose time is the median of those with every span kept
     traced = [s for s in measured if all("spans" in rows_[s] for rows_ in per_rank.values())]
     trace_step, result = None, None
@@ -138,17 +135,37 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
     return Validation(rows, measured, trace_step, result)
 
 
+def _stage_medians(per_rank: dict[int, dict[int, dict]], steps: list[int], key: str,
+                   optional: bool = False) -> dict[str, float]:
+    """Per category: the median over ``steps`` of the mean over the ranks that ran it (every line
+    must hold ``key`` unless ``optional``)."""
+    out: dict[str, float] = {}
+    for cat in CATEGORIES:
+        per_step = []
+        for s in steps:
+            totals = [rows[s].get(key, {}) if optional else rows[s][key] for rows in per_rank.values()]
+            values = [t[cat] for t in totals if cat in t]
+            if values:
+                per_step.append(sum(values) / len(values))
+        if per_step:
+            out[cat] = statistics.median(per_step)
+    return out
+
+
 def compare(validation: Validation, simulated: SimResult) -> Validation:
     """Fill in the predicted column from the plan's simulation."""
     predicted = predicted_stages(simulated)
     measured = {r.stage: r.measured_s for r in validation.rows}
+    host = {r.stage: r.measured_host_s for r in validation.rows if r.measured_host_s is not None}
     if "update" in measured and "update" not in predicted and "compute" in measured:
         # whole-block uploads: the simulator counts the update inside the block's compute span
         measured["compute"] += measured.pop("update")
+        if "update" in host:
+            host["compute"] = host.get("compute", 0.0) + host.pop("update")
     rows = [Row("step", simulated.step_time_s, validation.step.measured_s)]
     for cat in CATEGORIES:
         if cat in measured or cat in predicted:
-            rows.append(Row(cat, predicted.get(cat), measured.get(cat)))
+            rows.append(Row(cat, predicted.get(cat), measured.get(cat), host.get(cat)))
     return Validation(rows, validation.measured_steps, validation.trace_step, validation.measured)
 
 
