@@ -181,7 +181,6 @@ def test_plan_table_mentions_the_written_file(tmp_path: Path) -> None:
 
 
 def test_timeline_writes_a_chrome_trace(planned, tmp_path: Path) -> None:
-    pytest.importorskip("zoplan.trace", reason="zoplan/trace.py (timeline views) is not written yet")
     _, path = planned
     out = tmp_path / "trace.json"
     result = invoke("timeline", str(path), "-o", str(out))
@@ -195,7 +194,6 @@ def test_timeline_writes_a_chrome_trace(planned, tmp_path: Path) -> None:
 
 
 def test_timeline_show_draws_every_gpu(planned) -> None:
-    pytest.importorskip("zoplan.trace", reason="zoplan/trace.py (timeline views) is not written yet")
     _, path = planned
     result = invoke("timeline", str(path), "--show")
     plan = load_plan(path)
@@ -205,7 +203,6 @@ def test_timeline_show_draws_every_gpu(planned) -> None:
 
 
 def test_timeline_without_options_shows_the_chart(planned) -> None:
-    pytest.importorskip("zoplan.trace", reason="zoplan/trace.py (timeline views) is not written yet")
     _, path = planned
     result = invoke("timeline", str(path))
     assert "gpu0" in result.stdout and "wrote" not in result.stdout
@@ -471,7 +468,6 @@ def test_timeline_refuses_a_plan_whose_topology_file_changed(tmp_path: Path, mon
 
 
 def test_timeline_finds_a_relative_topology_from_another_directory(tmp_path: Path, monkeypatch) -> None:
-    pytest.importorskip("zoplan.trace", reason="zoplan/trace.py (timeline views) is not written yet")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     topology_copy(tmp_path / "a", name="topo.yaml")

@@ -1,6 +1,7 @@
 """Shared fixtures for the runtime tests: offline hub, one tiny model directory per family."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 # Before anything imports huggingface_hub (it reads this once, at import): an unknown hub id must
@@ -11,12 +12,21 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-# the runtime needs the `runtime` extra (torch, transformers); the planner's tests run without it
-try:
+# The runtime needs the `runtime` extra (torch, transformers); the planner's tests run without it.
+# Only a missing package leaves these tests out (and says so in the header): an installed one that
+# fails to import is an error, not a silently shorter suite.
+MISSING = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+if MISSING:
+    collect_ignore_glob = ["test_*.py"]
+else:
     import torch  # noqa: F401
     import transformers  # noqa: F401
-except ImportError:
-    collect_ignore_glob = ["test_*.py"]
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if MISSING:
+        return f"tests/runtime: not collected ({' and '.join(MISSING)} not installed: pip install -e '.[runtime]')"
+    return None
 
 
 @pytest.fixture(scope="session")

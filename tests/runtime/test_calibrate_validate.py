@@ -6,6 +6,7 @@ One calibration and one validation run are shared by the checks (each launch cos
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,8 +62,10 @@ def test_calibration_measures_every_rank_and_the_model_shape(calibrated) -> None
     # what the figures depend on besides the machine: the torch build and the perturbation kernels
     assert profile.measured_on["torch"] == torch.__version__ and profile.measured_on["kernels"] == "torch"
     times = profile.compute
-    # two micro-batches through a block take longer than one; two branches longer than one
-    assert times.block_s["2x2"] > times.block_s["2x1"] > 0 and times.block_s["2x1"] > times.block_s["1x1"] * 0.9
+    assert sorted(times.block_s) == ["1x1", "1x2", "2x1", "2x2"]
+    assert all(math.isfinite(t) and t > 0 for t in times.block_s.values())
+    # twice the work (two micro-batches through both branches): a margin no noise closes
+    assert times.block_s["2x2"] > times.block_s["2x1"]
     assert times.update_s_per_param > 0
 
 

@@ -126,16 +126,21 @@ def xfail_bug(key: str) -> pytest.MarkDecorator:
 
 
 # ----- the contract -------------------------------------------------------------------------------
+LAST_REFUSAL = [""]  # the message of the last ZoplanError that attempt() returned REFUSED for
+
+
 def attempt(loader: str, call: Callable[[], Any], input_size: int, *, stage: str = "load",
             seconds: float = 20.0, tolerate_known: bool = True) -> Any:
     """The call's result, or REFUSED for a ZoplanError (or a known bug's failure)."""
     COUNTS[loader] += 1
+    LAST_REFUSAL[0] = ""
     try:
         with time_limit(seconds):
             return call()
     except ZoplanError as exc:
         assert isinstance(exc.message, str) and exc.message.strip(), f"{loader}: empty message"
         assert len(str(exc)) <= max_message_chars(input_size), f"{loader}: message amplified: {str(exc)[:200]}"
+        LAST_REFUSAL[0] = str(exc)
         return REFUSED
     except Exception as exc:  # noqa: BLE001 - the point: nothing but ZoplanError may escape
         bug = known_bug(exc, stage) if tolerate_known else None
@@ -358,7 +363,9 @@ GOOD_NEXT = '{"step": 1, "seed": 2, "projected_grad": 0.5, "lr": 0.001, "weight_
 @example(raw=b"\xff" + GOOD_LINE.encode() + b"\n")
 @given(raw=st.binary())
 def test_bug_journal_not_utf8(workdir: Path, raw: bytes) -> None:
-    check_journal(write(fresh(workdir, "journal.jsonl"), raw), tolerate_known=False)
+    path = write(fresh(workdir, "journal.jsonl"), raw)
+    assert check_journal(path, tolerate_known=False) is REFUSED
+    assert f"{path}:1: not a journal line (UnicodeDecodeError" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_journal-step-types")
@@ -367,7 +374,9 @@ def test_bug_journal_not_utf8(workdir: Path, raw: bytes) -> None:
 @given(text=st.text())
 def test_bug_journal_step_a_string(workdir: Path, text: str) -> None:
     """TypeError 'can only concatenate str (not "int") to str' in read_journal."""
-    check_journal(write(fresh(workdir, "journal.jsonl"), text), tolerate_known=False)
+    path = write(fresh(workdir, "journal.jsonl"), text)
+    assert check_journal(path, tolerate_known=False) is REFUSED
+    assert f"{path}:1: not a journal line ('step' must be an integer" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_journal-step-types")
@@ -376,7 +385,9 @@ def test_bug_journal_step_a_string(workdir: Path, text: str) -> None:
 @given(text=st.text())
 def test_bug_journal_step_a_float(workdir: Path, text: str) -> None:
     """TypeError "'float' object cannot be interpreted as an integer" in read_journal."""
-    check_journal(write(fresh(workdir, "journal.jsonl"), text), tolerate_known=False)
+    path = write(fresh(workdir, "journal.jsonl"), text)
+    assert check_journal(path, tolerate_known=False) is REFUSED
+    assert f"{path}:1: not a journal line ('step' must be an integer" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_journal-json-escapes")
@@ -384,7 +395,9 @@ def test_bug_journal_step_a_float(workdir: Path, text: str) -> None:
 @example(text=deep(100_000) + "\n" + GOOD_LINE + "\n")
 @given(text=st.text())
 def test_bug_journal_deep_nesting(workdir: Path, text: str) -> None:
-    check_journal(write(fresh(workdir, "journal.jsonl"), text), tolerate_known=False)
+    path = write(fresh(workdir, "journal.jsonl"), text)
+    assert check_journal(path, tolerate_known=False) is REFUSED
+    assert f"{path}:1: not a journal line (RecursionError" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_journal-json-escapes")
@@ -392,7 +405,9 @@ def test_bug_journal_deep_nesting(workdir: Path, text: str) -> None:
 @example(text=GOOD_LINE.replace('"seed": 1', '"seed": ' + "1" * 4301) + "\n" + GOOD_NEXT + "\n")
 @given(text=st.text())
 def test_bug_journal_huge_integer(workdir: Path, text: str) -> None:
-    check_journal(write(fresh(workdir, "journal.jsonl"), text), tolerate_known=False)
+    path = write(fresh(workdir, "journal.jsonl"), text)
+    assert check_journal(path, tolerate_known=False) is REFUSED
+    assert f"{path}:1: not a journal line (ValueError" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_journal-field-types")
@@ -401,7 +416,9 @@ def test_bug_journal_huge_integer(workdir: Path, text: str) -> None:
 @given(text=st.text())
 def test_bug_journal_seed_a_string(workdir: Path, text: str) -> None:
     """read_journal loads it; replay then raises TypeError in runtime/perturb.py name_key."""
-    check_journal(write(fresh(workdir, "journal.jsonl"), text), tolerate_known=False)
+    path = write(fresh(workdir, "journal.jsonl"), text)
+    assert check_journal(path, tolerate_known=False) is REFUSED
+    assert f"{path}:1: not a journal line ('seed' must be an integer" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_journal-field-types")
@@ -410,7 +427,9 @@ def test_bug_journal_seed_a_string(workdir: Path, text: str) -> None:
 @given(text=st.text())
 def test_bug_journal_lr_a_string(workdir: Path, text: str) -> None:
     """read_journal loads it; replay then raises TypeError in runtime/zo.py apply_update."""
-    check_journal(write(fresh(workdir, "journal.jsonl"), text), tolerate_known=False)
+    path = write(fresh(workdir, "journal.jsonl"), text)
+    assert check_journal(path, tolerate_known=False) is REFUSED
+    assert f"{path}:1: not a journal line ('lr' must be a finite number" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 # ----- data files ---------------------------------------------------------------------------------
@@ -561,7 +580,9 @@ def test_csv_nasty(workdir: Path, dataset: tuple, data: st.DataObject) -> None:
 @example(text=deep(100_000) + "\n")
 @given(text=st.text())
 def test_bug_jsonl_deep_nesting(workdir: Path, text: str) -> None:
-    check_data(write(fresh(workdir, "data.jsonl"), text), tolerate_known=False)
+    path = write(fresh(workdir, "data.jsonl"), text)
+    assert check_data(path, tolerate_known=False) is REFUSED
+    assert f"{path}:1: invalid JSON (RecursionError)" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_jsonl-json-escapes")
@@ -569,7 +590,9 @@ def test_bug_jsonl_deep_nesting(workdir: Path, text: str) -> None:
 @example(text='{"text": "a", "label": ' + "1" * 4301 + "}\n")
 @given(text=st.text())
 def test_bug_jsonl_huge_label(workdir: Path, text: str) -> None:
-    check_data(write(fresh(workdir, "data.jsonl"), text), tolerate_known=False)
+    path = write(fresh(workdir, "data.jsonl"), text)
+    assert check_data(path, tolerate_known=False) is REFUSED
+    assert f"{path}:1: invalid JSON (ValueError)" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 # ----- zoplan replay on saved nasty journals ------------------------------------------------------

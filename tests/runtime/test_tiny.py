@@ -1,7 +1,6 @@
 """The built-in tiny models: they load back like real checkpoints, and resolve_model finds models."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -38,13 +37,10 @@ def test_tiny_loads_back_and_runs_a_forward(name: str, tiny_dirs: dict[str, Path
     assert tokenizer.pad_token_id is not None
 
     input_ids = torch.randint(4, len(tokenizer), (4, 32))
-    start = time.perf_counter()
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
-    elapsed = time.perf_counter() - start
     assert logits.shape == (4, 32, len(tokenizer))
     assert torch.isfinite(logits).all()
-    assert elapsed < 1.0  # milliseconds in practice; generous against a loaded CI machine
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -100,11 +96,20 @@ def test_resolve_local_directory_as_is(tiny_dirs: dict[str, Path], tmp_path: Pat
 
 
 @pytest.mark.parametrize("name", ["nobody-here/no-such-model-zoplan", "not a valid id!"])
-def test_resolve_unknown_hub_id_fails_fast(name: str) -> None:
-    start = time.perf_counter()
+def test_resolve_unknown_hub_id_fails_without_the_network(name: str, monkeypatch) -> None:
+    import socket
+
+    dialled = []
+
+    def no_network(self, address, *args, **kwargs):
+        dialled.append(address)
+        raise OSError("the network is not for this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_network)
     with pytest.raises(ZoplanError) as caught:
         resolve_model(name)
-    assert time.perf_counter() - start < 5.0
+    assert dialled == []  # offline mode refuses without even trying (HF_HUB_OFFLINE, conftest.py)
     assert f"model '{name}' cannot be found offline or on the hub" in caught.value.message
     assert caught.value.fix == (
         "pass a local directory with config.json and *.safetensors, or a built-in: "
