@@ -292,7 +292,7 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
     from zoplan.errors import ZoplanError
     from zoplan.models import load_model_shape
     from zoplan.profile import build_profile, write_profile
-    from zoplan.runtime.launch import _free_port, _is_cpu_machine
+    from zoplan.runtime.launch import _free_port, _is_cpu_machine, cuda_env
     from zoplan.runtime.tiny import resolve_model
     from zoplan.topology import load_topology
 
@@ -323,6 +323,8 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
            "--round-elements", str(shape.block_params() / max(n, 1)), "--steps", str(steps),
            "--output", str(raw), "--progress", str(progress_file)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if not cpu:  # rank k measures the topology's GPU k
+        env.update(cuda_env(machine.gpus, machine.gpus, os.environ))
     with open(log, "w") as f, Progress(SpinnerColumn(), TextColumn("calibrating {task.description}"),
                                        TimeElapsedColumn(), disable=quiet, transient=True) as bar:
         task = bar.add_task("(starting ranks)")

@@ -2,7 +2,9 @@
 
 Per block, on each rank, as the plan says:
 1. upload: a mover copies its slices of the block from the host copy (all of it with whole-block
-   uploads);
+   uploads), ``prefetch`` blocks ahead of the block being computed; a resident block comes from
+   the device instead: with sliced uploads each mover keeps only its own slices of it (a shard),
+   with whole-block uploads each compute rank keeps all of it;
 2. deferred update: the previous step's update is applied to those slices;
 3. write-back: the updated slices go back to the host copy (each rank its own share);
 4. exchange: the movers all-gather the updated slices (sliced uploads);
@@ -58,7 +60,7 @@ class StepResult:
 class Engine:
     def __init__(self, model: nn.Module, adapter: Adapter, host: HostCopy, ctx: zdist.RankContext, *,
                  upload: str, slices: int, param_dtype: str, resident_blocks: list[int],
-                 eps: float, spans: Spans | None = None) -> None:
+                 eps: float, spans: Spans | None = None, prefetch: int = 1) -> None:
         self.model = model
         self.spans = spans or Spans(ctx.device, None)
         self.adapter = adapter
@@ -70,6 +72,9 @@ class Engine:
         self.eps = eps
         self.blocks = adapter.blocks(model)
         self.resident_blocks = set(resident_blocks)
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        self.prefetch = prefetch  # blocks uploading while one computes (device buffers: prefetch + 1)
         self.device = ctx.device
         self.pending: Pending | None = None
         self.computes = bool(ctx.signs)
@@ -96,10 +101,17 @@ class Engine:
             self.off_stream = torch.cuda.Stream(self.device)
         self.written: dict[int, torch.cuda.Event] = {}  # block -> its last write-back (CUDA)
         self.landed: dict[int, torch.cuda.Event] = {}  # block -> its upload has landed (CUDA)
-        self.kept: dict[int, torch.Tensor] = {}  # resident blocks' device buffers
-        for i in self.resident_blocks:
-            self.kept[i] = self._device_copy(i)
-        if self.cuda:  # resident blocks are uploaded once: the first step waits for them here
+        # resident blocks, uploaded once: with sliced uploads this rank's slices only, packed (the
+        # planner counts 1/movers of a block per GPU); with whole-block uploads the whole block
+        self.kept: dict[int, torch.Tensor] = {}
+        for i in sorted(self.resident_blocks):
+            layout, src = self.host.layouts[i], self.host.blocks[i]
+            if self.upload == "sliced":
+                self.kept[i] = torch.cat([src[lo:hi] for lo, hi in self._my_ranges(layout)]
+                                         or [src[:0]]).to(self.device, self.dtype)
+            else:
+                self.kept[i] = self._device_copy(i)
+        if self.cuda:  # the first step waits for them here
             torch.cuda.current_stream(self.device).wait_stream(self.up_stream)
             self.landed.clear()
 
@@ -145,6 +157,19 @@ class Engine:
         for lo, hi in ranges:
             buf[lo:hi].copy_(src[lo:hi], non_blocking=self.cuda)
 
+    def _unpack_shard(self, i: int, buf: torch.Tensor) -> None:
+        """Resident block i, sliced: this rank's slices from its shard into the work buffer."""
+        at, shard = 0, self.kept[i]
+        for lo, hi in self._my_ranges(self.host.layouts[i]):
+            buf[lo:hi].copy_(shard[at:at + hi - lo])
+            at += hi - lo
+
+    def _pack_shard(self, i: int, buf: torch.Tensor) -> None:
+        at, shard = 0, self.kept[i]
+        for lo, hi in self._my_ranges(self.host.layouts[i]):
+            shard[at:at + hi - lo].copy_(buf[lo:hi])
+            at += hi - lo
+
     def _write_back(self, i: int, buf: torch.Tensor, lo: int, hi: int) -> None:
         dst = self.host.blocks[i][lo:hi]
         if not self.cuda:
@@ -175,7 +200,11 @@ class Engine:
         kept = i in self.resident_blocks
         if self.upload == "whole" and not self.computes:
             return None
-        buf = self.kept[i] if kept else (uploaded if uploaded is not None else self._device_copy(i))
+        if kept and self.upload == "sliced":  # a work buffer, its own slices from the shard
+            buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+            self._unpack_shard(i, buf)
+        else:
+            buf = self.kept[i] if kept else (uploaded if uploaded is not None else self._device_copy(i))
         if self.cuda and not kept:
             torch.cuda.current_stream(self.device).wait_event(self.landed.pop(i))
         p = self.pending
@@ -200,6 +229,8 @@ class Engine:
                     update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
                 if not kept:  # only this rank reads these slices back: no one else to wait for
                     self._write_back(i, buf, lo, hi)
+        if kept and p is not None:  # the shard keeps the updated slices
+            self._pack_shard(i, buf)
         if self.ctx.movers > 1:
             size = layout.padded // self.slices
             n = self.ctx.movers
@@ -337,10 +368,11 @@ class Engine:
                     hidden[s].append(h)
                     if len(kwargs) < len(micro_batches):
                         kwargs.append(kw)
-        ahead = self._prefetch(0)
+        # blocks i+1 .. i+prefetch upload while block i computes
+        ahead = {j: self._prefetch(j) for j in range(self.prefetch)}
         for i in range(len(self.blocks)):
-            uploaded, ahead = ahead, self._prefetch(i + 1)  # block i+1 uploads while i computes
-            theta = self._fetch(i, uploaded)
+            ahead[i + self.prefetch] = self._prefetch(i + self.prefetch)
+            theta = self._fetch(i, ahead.pop(i))
             if theta is None or not signs:
                 continue
             with spans.span("compute", "compute", f"block {i}", i):
@@ -416,8 +448,13 @@ class Engine:
     def sync_resident_blocks_to_host(self) -> None:
         """Resident blocks are never offloaded while training; write them back for saving."""
         for i, buf in self.kept.items():
+            at = 0
             for lo, hi in self._my_ranges(self.host.layouts[i]):
-                self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
+                if self.upload == "sliced":  # the shard holds this rank's slices, packed
+                    self.host.blocks[i][lo:hi].copy_(buf[at:at + hi - lo])
+                    at += hi - lo
+                else:
+                    self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
         if self.cuda:
             torch.cuda.synchronize(self.device)
 

@@ -16,6 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from zoplan.errors import ZoplanError
 from zoplan.models import load_model_shape
@@ -92,6 +93,73 @@ def _is_cpu_machine(machine) -> bool:
     return bool(machine.gpus) and all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus)
 
 
+def cuda_env(machine_gpus: Sequence[str], local_gpus: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment that puts local rank k on ``local_gpus[k]``, a GPU of the topology.
+
+    A topology lists a machine's GPUs in nvidia-smi's order (``zoplan topo import`` and ``detect``
+    keep its GPU<N> numbering), so its i-th GPU is CUDA device i once ``CUDA_DEVICE_ORDER`` is
+    ``PCI_BUS_ID``: CUDA's default order (fastest first) can differ from nvidia-smi's. A
+    ``CUDA_VISIBLE_DEVICES`` set by the user is taken as the machine the topology describes: its
+    i-th entry is the topology's i-th GPU. Each rank then uses ``cuda:<local rank>``, which is the
+    GPU the plan placed it on (a plan that spreads its ranks over PCIe switches runs spread)."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible is not None else None
+    chosen = []
+    for gpu in local_gpus:
+        i = list(machine_gpus).index(gpu)
+        if devices is None:
+            chosen.append(str(i))
+        elif i < len(devices):
+            chosen.append(devices[i])
+        else:
+            raise ZoplanError(f"the plan places a rank on {gpu}, the topology's GPU number {i}, but "
+                              f"CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)} device(s)",
+                              fix="unset CUDA_VISIBLE_DEVICES, or list every GPU the topology describes")
+    return {"CUDA_DEVICE_ORDER": environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+            "CUDA_VISIBLE_DEVICES": ",".join(chosen)}
+
+
+def check_gpus_here(machine, gpus: Sequence[str], device_names: Sequence[str]) -> list[str]:
+    """Refuse a GPU plan this machine cannot run (fewer CUDA devices than the plan's GPUs need);
+    return a warning for each device of another model than the topology's preset says: the plan
+    runs, but its prediction is for other GPUs. ``device_names``: torch's names of this machine's
+    devices, in the topology's order."""
+    from zoplan.gpu_presets import PRESETS
+    from zoplan.topo_detect import gpu_preset_for
+
+    fix = "plan for this machine: zoplan topo detect -o machine.yaml; zoplan plan -t machine.yaml ..."
+    need = max(list(machine.gpus).index(g) for g in gpus) + 1
+    if len(device_names) < need:
+        raise ZoplanError(f"the plan runs on {', '.join(gpus)} of '{machine.name}', which needs {need} CUDA "
+                          f"device(s), but torch sees {len(device_names)} here", fix=fix)
+    warnings = []
+    for g in gpus:
+        planned = machine.gpu_model_name(g)
+        name = device_names[list(machine.gpus).index(g)]
+        if planned not in PRESETS:
+            continue  # a GPU model the topology defines itself: nothing to compare with
+        try:
+            here = gpu_preset_for(name).name
+        except ZoplanError:
+            here = None  # a GPU no preset describes (a variant): certainly not the planned one
+        if here != planned:
+            warnings.append(f"the plan puts a rank on {g} ({planned} in '{machine.name}'), but that device "
+                            f"here is {name}: the run is not the one predicted ({fix})")
+    return warnings
+
+
+def _device_names() -> list[str]:
+    import torch
+
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def plan_gpus(plan: Plan) -> list[str]:
+    """The GPU of each local rank, in local-rank order (every node has the same ranks)."""
+    ranks = sorted((r for r in plan.layout.ranks if r.node == 0), key=lambda r: r.local_rank)
+    return [r.gpu for r in ranks]
+
+
 def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     """Validate and return (plan, model directory, plan path inside the output)."""
     from zoplan.planfile import ZoSettings
@@ -100,6 +168,8 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     from zoplan.runtime.tiny import resolve_model
 
     out = opts.output
+    # topologies number GPUs as nvidia-smi does; CUDA's own default order may differ (cuda_env)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if opts.resume:
         return _prepare_resume(opts)
     if out.exists() and any(out.iterdir()):
@@ -136,6 +206,9 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     if not _is_cpu_machine(machine) and not _cuda_available():
         raise ZoplanError(f"the plan is for GPUs of '{machine.name}' but this machine has no CUDA device",
                           fix="plan for this machine (omit the plan, or --topology cpu-local)")
+    if not _is_cpu_machine(machine):
+        for warning in check_gpus_here(machine, plan_gpus(plan), _device_names()):
+            print(f"warning: {warning}", file=sys.stderr)
     if plan.layout.nodes != opts.nnodes:
         raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {opts.nnodes}")
     examples, _ = zdata.load_examples(opts.data)
@@ -163,6 +236,10 @@ def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
     opts.model, opts.data = recorded["model"], recorded["data"]
     if plan.layout.nodes != opts.nnodes:
         raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {opts.nnodes}")
+    machine = load_topology(plan.topology.source)
+    if not _is_cpu_machine(machine) and _cuda_available():
+        for warning in check_gpus_here(machine, plan_gpus(plan), _device_names()):
+            print(f"warning: {warning}", file=sys.stderr)
     for stale in ("error.txt",):
         (out / stale).unlink(missing_ok=True)
     return plan, resolve_model(opts.model), plan_path
@@ -186,6 +263,8 @@ def run(opts: RunOptions) -> RunResult:
            "--snapshot-minutes", str(opts.snapshot_minutes), "--keep-snapshots", str(opts.keep_snapshots),
            "--journal-sync-every", str(opts.journal_sync_every)] + (["--pad-to-seq-len"] if opts.pad_to_seq_len else [])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if device == "cuda":
+        env.update(cuda_env(load_topology(plan.topology.source).gpus, plan_gpus(plan), os.environ))
     log = open(out / f"worker-node{opts.node_rank}.log", "a")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:

@@ -174,11 +174,12 @@ def train(args: argparse.Namespace) -> None:
     zdata.pretokenize(train_set, tokenizer, task, _TOKENS)
     engine = Engine(model, adapter, host, ctx, upload=plan.transfer.upload,
                     slices=plan.transfer.slices_per_block, param_dtype=plan.transfer.param_dtype,
-                    resident_blocks=plan.resident_blocks, eps=plan.zo.eps,
+                    resident_blocks=plan.resident_blocks, eps=plan.zo.eps, prefetch=plan.transfer.prefetch,
                     spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=args.trace_steps))
     # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels
     print(f"rank {ctx.rank}: {ctx.role} on {ctx.device}, signs {ctx.signs}, perturbation kernels: "
-          f"{engine.kernels}", file=sys.stderr, flush=True)
+          f"{engine.kernels}, prefetch {engine.prefetch}, resident blocks {sorted(engine.kept)} holding "
+          f"{sum(t.numel() for t in engine.kept.values())} elements here", file=sys.stderr, flush=True)
 
     def loss_fn(logits, mb):
         return zdata.loss_terms(logits, mb["batch"], task)

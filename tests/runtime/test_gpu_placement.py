@@ -1,0 +1,72 @@
+"""Ranks run on the GPUs the plan placed them on (runtime/launch.py cuda_env), checked without a GPU:
+the environment torchrun's ranks get, for plans of the bundled multi-GPU machines."""
+from __future__ import annotations
+
+import pytest
+
+from zoplan.errors import ZoplanError
+from zoplan.planner import plan
+from zoplan.runtime.launch import cuda_env, plan_gpus
+from zoplan.search import Pins
+from zoplan.topology import load_topology
+
+
+def test_a_spread_plan_runs_on_the_gpus_it_names() -> None:
+    machine = load_topology("dgx-a100")
+    report = plan("opt-13b", "dgx-a100", global_batch=8, seq_len=256,
+                  pins=Pins(perturbation=2, data=2, gpus=("gpu0", "gpu2", "gpu4", "gpu6")))
+    gpus = plan_gpus(report.plan)
+    assert gpus[:4] == ["gpu0", "gpu2", "gpu4", "gpu6"]  # local ranks 0-3 compute, relays after
+    env = cuda_env(machine.gpus, gpus, {})
+    # the topology's i-th GPU is CUDA device i in nvidia-smi's (PCI bus) order
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["CUDA_VISIBLE_DEVICES"].split(",") == [str(machine.gpus.index(g)) for g in gpus]
+    assert env["CUDA_VISIBLE_DEVICES"].startswith("0,2,4,6")
+
+
+def test_the_users_visible_devices_are_the_machine() -> None:
+    machine_gpus = ["gpu0", "gpu1", "gpu2", "gpu3"]
+    env = cuda_env(machine_gpus, ["gpu3", "gpu1"], {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"})
+    assert env == {"CUDA_VISIBLE_DEVICES": "7,5", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
+    with pytest.raises(ZoplanError, match="GPU number 3.*lists 2 device"):
+        cuda_env(machine_gpus, ["gpu3"], {"CUDA_VISIBLE_DEVICES": "0,1"})
+
+
+def test_every_local_rank_gets_a_distinct_gpu_on_every_bundled_gpu_machine() -> None:
+    for name, model in (("dgx-h100", "opt-13b"), ("l40s-8x", "opt-6.7b"), ("rtx4090-4x", "opt-1.3b")):
+        machine = load_topology(name)
+        p = plan(model, name, global_batch=8, seq_len=256, top=1).plan
+        gpus = plan_gpus(p)
+        assert len(gpus) == p.layout.world_size // p.layout.nodes == len(set(gpus)), name
+        devices = cuda_env(machine.gpus, gpus, {})["CUDA_VISIBLE_DEVICES"].split(",")
+        assert sorted(int(d) for d in devices) == sorted(machine.gpus.index(g) for g in gpus), name
+
+
+def test_a_plan_for_more_gpus_is_refused_and_other_models_are_named() -> None:
+    from zoplan.runtime.launch import check_gpus_here
+
+    machine = load_topology("dgx-a100")
+    # this machine: the 8 A100s the topology describes (torch's names for them)
+    eight = ["NVIDIA A100-SXM4-80GB"] * 8
+    assert check_gpus_here(machine, ["gpu0", "gpu2", "gpu4", "gpu6"], eight) == []
+    with pytest.raises(ZoplanError, match="needs 7 CUDA device.*sees 4"):
+        check_gpus_here(machine, ["gpu0", "gpu6"], eight[:4])
+    other = check_gpus_here(machine, ["gpu0", "gpu2"], ["NVIDIA A100-SXM4-80GB", "x", "NVIDIA H200"] + eight[3:])
+    assert len(other) == 1 and "gpu2 (a100-sxm4-80gb in 'dgx-a100')" in other[0] and "NVIDIA H200" in other[0]
+    variant = check_gpus_here(machine, ["gpu0"], ["NVIDIA H100 NVL"] + eight[1:])  # a variant no preset names
+    assert len(variant) == 1 and "NVIDIA H100 NVL" in variant[0]
+
+
+def test_a_gpu_model_the_topology_defines_itself_is_not_compared(tmp_path) -> None:
+    import yaml
+
+    from zoplan.runtime.launch import check_gpus_here
+    from zoplan.topology import resolve_topology_path
+
+    spec = yaml.safe_load(resolve_topology_path("h100-pcie-1x").read_text())
+    spec["gpu_models"] = {"my-card": spec["gpu_models"]["h100-pcie-80gb"]}
+    spec["gpus"] = [{**g, "model": "my-card"} for g in spec["gpus"]]
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    machine = load_topology(str(path))
+    assert check_gpus_here(machine, machine.gpus, ["Some Future GPU"] * len(machine.gpus)) == []
