@@ -1,7 +1,7 @@
 """``zoplan topo import``: topology files built from the text of ``nvidia-smi topo -m``.
 
 The fixtures in tests/fixtures/nvidia-smi/ were written for these tests from the format described
-in /work/shared/reference/hardware.md ("Topology formats to read") and the shape of real outputs:
+in docs/hardware-sources.md ("Reading nvidia-smi topo -m") and the shape of real outputs:
 
 - dgx-a100-like.txt: 8 GPUs, every pair NV12 (NVSwitch), NICs NIC0..NIC9 with a NIC Legend, the
   newer layout (GPU NUMA ID column, whose cell follows an empty one). GPU pairs 0-1, 2-3, 4-5, 6-7

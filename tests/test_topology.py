@@ -33,8 +33,9 @@ def test_bundled_topology_loads_and_every_gpu_reaches_host_memory(name: str) -> 
         assert path, f"{gpu} has an empty host path"
         assert path[0].split("->")[0] in sockets and path[-1].endswith(f"->{gpu}")
         assert machine.gpu_model(gpu).memory_gib > 0
-        # Every bundled GPU model carries the assumed/measured 0.80 matmul efficiency (hardware.md);
-        # CPU ranks carry achieved (measured) rates, so their efficiency is 1.
+        # Every bundled GPU model carries the assumed/measured 0.80 matmul efficiency
+        # (docs/hardware-sources.md); CPU ranks carry achieved (measured) rates, so their
+        # efficiency is 1.
         expected = 1.0 if machine.gpu_model(gpu).kind == "cpu" else 0.80
         assert machine.gpu_model(gpu).matmul_efficiency == pytest.approx(expected)
 
@@ -316,3 +317,12 @@ def test_topology_table_has_a_row_per_name() -> None:
     assert table.row_count == len(BUNDLED)
     assert [c.header for c in table.columns] == ["Name", "GPUs", "NVLink", "Host memory", "Price"]
     assert "8× h100-sxm5-80gb" in _text(table)
+
+
+def test_the_format_example_in_the_docs_loads(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "topologies.md").read_text(encoding="utf-8")
+    example = text.split("## Format (version 1)")[1].split("```yaml")[1].split("```")[0]
+    path = tmp_path / "example.yaml"
+    path.write_text(example)
+    machine = load_topology(str(path))
+    assert machine.gpus == ["gpu0"] and machine.host_path("gpu0", "h2d")

@@ -27,7 +27,7 @@ from zoplan.topology import GpuModel, Machine
 GiB = 2**30
 # Per-GPU memory the planner does not hand to parameters and activations: CUDA context
 # (~0.5 GiB on Hopper), NCCL buffers and caching-allocator slack. An assumption, stated in
-# docs/architecture.md; a calibration profile measures the real figure.
+# docs/architecture.md; calibration measures times, not memory.
 GPU_RESERVE_BYTES = 2 * GiB
 # Host memory kept free for the OS, the Python processes and the data loader (assumption).
 HOST_RESERVE_BYTES = 16 * GiB

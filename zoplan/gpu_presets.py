@@ -3,7 +3,7 @@
 ``nvidia-smi topo -m`` says how the GPUs are connected but not what they are or how fast their
 links run: ``zoplan topo import --gpu NAME`` takes those figures from here. Every figure has its
 source in a comment beside it; they are the same numbers (and sources) as the bundled topologies
-in ``topologies/*.yaml`` and ``/work/shared/reference/hardware.md``, so an imported DGX A100 gets
+in ``topologies/*.yaml`` and ``docs/hardware-sources.md``, so an imported DGX A100 gets
 exactly the figures of the bundled ``dgx-a100``. Each source also travels into the generated YAML
 as a comment, so an imported file stays as traceable as a bundled one.
 
@@ -17,16 +17,19 @@ from zoplan.errors import ZoplanError
 
 # NVLink line rate per link and direction: 25 GB/s for NVLink3 (A100: 12 links = 300 GB/s per
 # direction, "600 GB/s" bidirectional) and NVLink4 (H100: 18 links = 450 GB/s per direction,
-# "900 GB/s" bidirectional). NVIDIA A100 / H100 datasheets; hardware.md "GPU to GPU".
+# "900 GB/s" bidirectional). NVIDIA A100 / H100 datasheets; docs/hardware-sources.md
+# "GPU-to-GPU links".
 NVLINK_LINE_GBPS_PER_LINK = 25.0
 
 # The simulator times collectives from a link's figure, so (docs/topologies.md) an NVLink link
 # carries the bandwidth collectives REACH, not the line rate. Per link, that is the measured
 # nccl-tests bus bandwidth divided by the links it ran over:
 #  - NVLink3, 8x A100 NVSwitch: all-gather busbw ~200 GB/s over 12 links (nccl-tests issue 149;
-#    hardware.md) -> 200/12 = 16.67 GB/s per link (the bundled dgx-a100 uses 200 for NV12).
+#    docs/hardware-sources.md) -> 200/12 = 16.67 GB/s per link (the bundled dgx-a100 uses 200
+#    for NV12).
 #  - NVLink4, 8x H100 NVSwitch: ring all-gather busbw ~370 GB/s over 18 links (nccl-tests issue
-#    212, maintainer; hardware.md) -> 370/18 = 20.56 GB/s per link (the bundled dgx-h100: 370).
+#    212, maintainer; docs/hardware-sources.md) -> 370/18 = 20.56 GB/s per link (the bundled
+#    dgx-h100: 370).
 NVLINK3_BUSBW_PER_LINK = 200.0 / 12
 NVLINK4_BUSBW_PER_LINK = 370.0 / 18
 
@@ -64,18 +67,19 @@ class GpuPreset:
         return round(links * self.nvlink_gbps_per_link, 2)
 
 
-_EFF_SRC = ("790/989 = 0.80 was measured for an 8192^3 bf16 matmul on H100/H200 (hardware.md)")
+_EFF_SRC = ("790/989 = 0.80 was measured for an 8192^3 bf16 matmul on H100/H200 "
+            "(docs/hardware-sources.md)")
 _GEN4_SRC = ("PCIe Gen4 x16, pinned memory: ~25 GB/s H2D measured on an A100-SXM4 (nvbandwidth "
              "host_to_device_memcpy_sm 25.13 GB/s, NVIDIA/nvbandwidth issue 42), ~25 GB/s D2H on an "
              "8xA100-SXM4-80GB box (NVIDIA/nvbandwidth issue 53)")
 _GEN5_SRC = ("PCIe Gen5 x16, pinned memory: ~55 GB/s H2D, ~47 GB/s D2H (nvbandwidth on an H800 box; "
-             "aigatech vpbenchmarking; hardware.md)")
+             "aigatech vpbenchmarking; docs/hardware-sources.md)")
 _NVLINK3_SRC = ("NVLink3, 12 links per GPU at 25 GB/s per direction (A100 spec); per link the measured "
                 "8xA100 all-gather busbw ~200 GB/s / 12 = 16.67 GB/s (NVIDIA/nccl-tests issue 149; "
-                "hardware.md)")
+                "docs/hardware-sources.md)")
 _NVLINK4_SRC = ("NVLink4, 18 links per GPU at 25 GB/s per direction (H100 spec); per link the measured "
                 "8xH100 ring all-gather busbw ~370 GB/s / 18 = 20.56 GB/s (NVIDIA/nccl-tests issue "
-                "212, maintainer; hardware.md)")
+                "212, maintainer; docs/hardware-sources.md)")
 
 _A100_TFLOPS = {"fp32": 19.5, "tf32": 156, "bf16": 312, "fp16": 312}
 _A100_TFLOPS_SRC = ("NVIDIA A100 datasheet, dense (without sparsity): FP32 19.5, TF32 156, BF16 312, "
@@ -90,7 +94,7 @@ PRESETS: dict[str, GpuPreset] = {p.name: p for p in (
         memory_gib=80,  # nvidia-smi reports 81920 MiB (SkyPilot Lambda catalog, gpu_8x_a100_80gb_sxm4)
         tflops=_A100_TFLOPS,
         hbm_gbps=2039,  # NVIDIA A100 datasheet: A100 80GB SXM HBM2e 2,039 GB/s
-        matmul_efficiency=0.80,  # ASSUMED from H100/H200 (hardware.md) until a calibration profile
+        matmul_efficiency=0.80,  # ASSUMED from H100/H200 until calibrated (docs/hardware-sources.md)
         pcie_gen=4, h2d_gbps=25, d2h_gbps=25,  # _GEN4_SRC
         nvlink_gen=3, nvlink_links=12, nvlink_gbps_per_link=NVLINK3_BUSBW_PER_LINK,
         sources={
@@ -121,7 +125,7 @@ PRESETS: dict[str, GpuPreset] = {p.name: p for p in (
         memory_gib=80,  # H100 datasheet: 80 GB HBM3
         tflops=_H100_TFLOPS,
         hbm_gbps=3350,  # NVIDIA H100 datasheet: H100 SXM HBM3 3.35 TB/s
-        matmul_efficiency=0.80,  # measured on H100/H200 (hardware.md)
+        matmul_efficiency=0.80,  # measured on H100/H200 (docs/hardware-sources.md)
         pcie_gen=5, h2d_gbps=55, d2h_gbps=47,  # _GEN5_SRC
         nvlink_gen=4, nvlink_links=18, nvlink_gbps_per_link=NVLINK4_BUSBW_PER_LINK,
         sources={
@@ -130,14 +134,14 @@ PRESETS: dict[str, GpuPreset] = {p.name: p for p in (
             "tflops": _H100_TFLOPS_SRC,
             "hbm_gbps": "NVIDIA H100 datasheet: H100 SXM HBM3 3.35 TB/s",
             "matmul_efficiency": "790/989 = 0.80: measured for an 8192^3 bf16 matmul on H100/H200 "
-                                 "(hardware.md)",
+                                 "(docs/hardware-sources.md)",
             "pcie": _GEN5_SRC, "nvlink": _NVLINK4_SRC}),
     GpuPreset(
         name="h100-pcie-80gb", title="NVIDIA H100 PCIe 80GB",
         memory_gib=80,  # H100 PCIe product brief PB-11133-001: 80 GB HBM2e
         tflops={"fp32": 51, "tf32": 378, "bf16": 756, "fp16": 756},
         hbm_gbps=2000,  # H100 datasheet, PCIe column: 2,000 GB/s
-        matmul_efficiency=0.80,  # ASSUMED from H100 SXM/H200 (hardware.md)
+        matmul_efficiency=0.80,  # ASSUMED from H100 SXM/H200 (docs/hardware-sources.md)
         pcie_gen=5, h2d_gbps=55, d2h_gbps=47,  # _GEN5_SRC
         # NVLink bridges: up to 600 GB/s bidirectional = 12 NVLink4 links (H100 datasheet,
         # PCIe column); one bridge = 4 links (nvidia-smi NV4), three = 12 (NV12)
@@ -155,19 +159,20 @@ PRESETS: dict[str, GpuPreset] = {p.name: p for p in (
                       "measured busbw 370/18 = 20.56 GB/s (NVIDIA/nccl-tests issue 212)"}),
     GpuPreset(
         name="h200-sxm-141gb", title="NVIDIA H200 SXM 141GB",
-        memory_gib=141,  # 141 GB HBM3e (hardware.md)
-        tflops=_H100_TFLOPS,  # same compute as H100 (hardware.md)
-        hbm_gbps=4800,  # 4.8 TB/s (hardware.md)
-        matmul_efficiency=0.80,  # measured on H100/H200 (hardware.md)
+        memory_gib=141,  # 141 GB HBM3e (NVIDIA H200 datasheet; docs/hardware-sources.md)
+        tflops=_H100_TFLOPS,  # same compute as H100 (NVIDIA H200 datasheet)
+        hbm_gbps=4800,  # 4.8 TB/s (NVIDIA H200 datasheet)
+        matmul_efficiency=0.80,  # measured on H100/H200 (docs/hardware-sources.md)
         pcie_gen=5, h2d_gbps=55, d2h_gbps=47,  # _GEN5_SRC, ASSUMED: same Gen5 x16 host interface as H100
         nvlink_gen=4, nvlink_links=18, nvlink_gbps_per_link=NVLINK4_BUSBW_PER_LINK,
         sources={
-            "memory_gib": "141 GB HBM3e (hardware.md: 'H200: same compute as H100, 141 GB at "
-                          "4.8 TB/s'); nominal, usable memory is slightly lower",
-            "tflops": "same compute as H100 (hardware.md): " + _H100_TFLOPS_SRC,
-            "hbm_gbps": "4.8 TB/s HBM3e (hardware.md)",
+            "memory_gib": "141 GB HBM3e (NVIDIA H200 datasheet; docs/hardware-sources.md); "
+                          "nominal, usable memory is slightly lower",
+            "tflops": "same compute as H100 (NVIDIA H200 datasheet; docs/hardware-sources.md): "
+                      + _H100_TFLOPS_SRC,
+            "hbm_gbps": "4.8 TB/s HBM3e (NVIDIA H200 datasheet; docs/hardware-sources.md)",
             "matmul_efficiency": "790/989 = 0.80: measured for an 8192^3 bf16 matmul on H100/H200 "
-                                 "(hardware.md)",
+                                 "(docs/hardware-sources.md)",
             "pcie": _GEN5_SRC + "; ASSUMED for H200, the same Gen5 x16 host interface",
             "nvlink": _NVLINK4_SRC + "; ASSUMED the same on H200 (same NVLink4)"}),
     GpuPreset(
@@ -175,7 +180,7 @@ PRESETS: dict[str, GpuPreset] = {p.name: p for p in (
         memory_gib=48,  # NVIDIA L40S datasheet: 48 GB GDDR6 with ECC
         tflops={"fp32": 91.6, "tf32": 183, "bf16": 362.05, "fp16": 362.05},
         hbm_gbps=864,  # NVIDIA L40S datasheet: 864 GB/s
-        matmul_efficiency=0.80,  # ASSUMED from H100/H200 (hardware.md)
+        matmul_efficiency=0.80,  # ASSUMED from H100/H200 (docs/hardware-sources.md)
         pcie_gen=4, h2d_gbps=25, d2h_gbps=25,  # _GEN4_SRC; L40S datasheet: PCIe Gen4 x16
         sources={
             "memory_gib": "NVIDIA L40S datasheet: 48 GB GDDR6 with ECC",
@@ -190,7 +195,7 @@ PRESETS: dict[str, GpuPreset] = {p.name: p for p in (
         memory_gib=24,  # Ada whitepaper, Appendix A: 24 GB GDDR6X
         tflops={"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp16": 165.2},
         hbm_gbps=1008,  # Ada whitepaper, Appendix A: 1008 GB/s
-        matmul_efficiency=0.80,  # ASSUMED from H100/H200 (hardware.md)
+        matmul_efficiency=0.80,  # ASSUMED from H100/H200 (docs/hardware-sources.md)
         pcie_gen=4, h2d_gbps=25.6, d2h_gbps=26.8,  # nvbandwidth issue 15 (8x RTX 4090 box)
         sources={
             "memory_gib": "NVIDIA Ada GPU architecture whitepaper, Appendix A (reproduced on "

@@ -278,7 +278,7 @@ def _qwen2(name: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: 
                       tied_head=tied, embed_dim=hidden)
 
 
-# Numbers from each model's Hugging Face config.json (see the reference models.md).
+# Numbers from each model's Hugging Face config.json (docs/hardware-sources.md, "Model shapes").
 # max_positions does not change any count except OPT's learned positions.
 PRESETS: dict[str, ModelShape] = {s.name: s for s in (
     _opt("opt-125m", 12, 768, 12),

@@ -3,8 +3,9 @@ bound, simulate the rest, rank by step time or cost.
 
 The user's ZO hyper-parameters never change between candidates, so every candidate trains the
 same model; only time and memory differ. Pruning is exact: candidates are simulated in order of
-their pruning bound, and the search stops once the next bound cannot beat the best simulated
-objective (branch and bound), so the best candidate is never dropped.
+their pruning bound, and a candidate whose bound cannot beat both its family's best and the
+top-th best family's simulated objective is skipped (branch and bound), so the best candidate is
+never dropped.
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ from zoplan.topology import Machine, TopologySpec
 # ----- figures that are not in the matrix -----------------------------------------------------------
 DEFAULT_HOST_GBPS = 204.8
 DEFAULT_HOST_GBPS_SOURCE = ("8 channels DDR4-3200 = 204.8 GB/s peak per socket (EPYC 7742, AMD spec; "
-                            "hardware.md), the figure of the bundled dgx-a100")
+                            "docs/hardware-sources.md), the figure of the bundled dgx-a100")
 SOCKET_LINK_GBPS = 64.0
 SOCKET_LINK_LATENCY_US = 0.05
 SOCKET_LINK_SOURCE = ("inter-socket link (UPI / xGMI): 64 GB/s, two x16 links' worth at 32 GB/s per "
@@ -588,7 +588,7 @@ def build_topology(matrix: TopoMatrix, preset: GpuPreset, *, host_memory_gib: fl
     out += _comment("- no price (price_per_hour_usd): add one to rank by $ per token.")
     out += _comment("Units: GB/s = 1e9 bytes/s per direction. PCIe links are written host side first, "
                     "so gbps = host-to-device and gbps_back = device-to-host. A calibration profile "
-                    "measured on the machine will replace these nominal figures (zoplan calibrate, planned).")
+                    "measured on the machine will replace these nominal figures (zoplan calibrate).")
     out.append(yaml.safe_dump({"version": 1, "name": name, "description": description},
                               sort_keys=False, width=10**6, allow_unicode=True).rstrip())
     out.append("gpu_models:")
