@@ -61,5 +61,24 @@ def test_plan_for_another_machine_or_model_is_detected(report) -> None:
     check_plan_matches(report.plan, machine=load_topology("dgx-a100"), shape=load_model_shape("opt-1.3b"))
     with pytest.raises(ZoplanError, match="planned for topology 'dgx-a100'"):
         check_plan_matches(report.plan, machine=load_topology("dgx-h100"))
-    with pytest.raises(ZoplanError, match="planned for model 'opt-1.3b'"):
+    with pytest.raises(ZoplanError, match="planned for model 'opt-1.3b'.*layers 24 vs 32, hidden 2048 vs 2560"):
         check_plan_matches(report.plan, shape=load_model_shape("opt-2.7b"))
+
+
+def test_a_plan_runs_a_checkpoint_of_the_same_shape_under_another_name(tmp_path: Path) -> None:
+    """Plan with a preset, run the user's checkpoint directory: only the shape must agree."""
+    import json
+
+    fixture = Path(__file__).parent / "fixtures" / "configs" / "opt-125m" / "config.json"
+    mine = tmp_path / "my-finetune-base"
+    mine.mkdir()
+    (mine / "config.json").write_text(fixture.read_text())
+    planned = plan("opt-125m", "cpu-local", global_batch=4, seq_len=64, dtype="fp32").plan
+    shape = load_model_shape(str(mine))
+    assert shape.name == "my-finetune-base" and shape.hash != planned.model.hash
+    check_plan_matches(planned, shape=shape)
+    config = json.loads(fixture.read_text())
+    config["num_hidden_layers"] += 1
+    (mine / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ZoplanError, match="layers 12 vs 13"):
+        check_plan_matches(planned, shape=load_model_shape(str(mine)))

@@ -250,6 +250,11 @@ class ModelShape:
     def hash(self) -> str:
         return content_hash(self.to_dict())
 
+    def differences(self, other: ModelShape) -> list[str]:
+        """The fields other than the name where ``other`` differs: 'layers 24 vs 32', ..."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k} {mine[k]} vs {theirs[k]}" for k in mine if k != "name" and mine[k] != theirs[k]]
+
 
 def _check_positive(**values: int) -> None:
     for key, value in values.items():

@@ -205,8 +205,11 @@ def check_plan_matches(plan: Plan, *, machine: Machine | None = None, shape: Mod
             f"{plan_path} was planned for topology '{plan.topology.name}' ({plan.topology.hash}), "
             f"but this machine is '{machine.name}' ({machine.hash})",
             fix="plan again for this machine with `zoplan plan --topology ...`")
-    if shape is not None and shape.hash != plan.model.hash:
+    # the shape decides everything a plan says, not the name: a plan made with the preset
+    # 'llama-2-70b' runs a checkpoint directory of that shape, whatever the directory is called
+    differences = plan.model_shape().differences(shape) if shape is not None else []
+    if differences:
         raise ZoplanError(
             f"{plan_path} was planned for model '{plan.model.name}' ({plan.model.hash}), "
-            f"but the model given is '{shape.name}' ({shape.hash})",
+            f"but the model given is '{shape.name}' ({shape.hash}): {', '.join(differences)}",
             fix="plan again for this model with `zoplan plan --model ...`")
