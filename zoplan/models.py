@@ -250,6 +250,11 @@ class ModelShape:
     def hash(self) -> str:
         return content_hash(self.to_dict())
 
+    @property
+    def shape_hash(self) -> str:
+        """The hash of everything but the name: what plans and profiles depend on."""
+        return content_hash({k: v for k, v in self.to_dict().items() if k != "name"})
+
     def differences(self, other: ModelShape) -> list[str]:
         """The fields other than the name where ``other`` differs: 'layers 24 vs 32', ..."""
         mine, theirs = self.to_dict(), other.to_dict()

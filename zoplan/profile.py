@@ -41,6 +41,7 @@ class MachineRef(Strict):
 class ShapeRef(Strict):
     name: str
     hash: str
+    shape_hash: str | None = None  # without the name (ModelShape.shape_hash); older profiles lack it
     micro_batch: PositiveInt
     seq_len: PositiveInt
     dtype: str
@@ -152,7 +153,8 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
         gather.pop("in_step_us", None)
     return Profile(
         version=PROFILE_VERSIONS[-1], machine=MachineRef(name=machine.name, hash=machine.hash),
-        model=ShapeRef(name=shape.name, hash=shape.hash, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype),
+        model=ShapeRef(name=shape.name, hash=shape.hash, shape_hash=shape.shape_hash, micro_batch=micro_batch,
+                       seq_len=seq_len, dtype=dtype),
         measured_on={"host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), "device": device, "python": platform.python_version(),
             # what the figures depend on besides the hardware: re-calibrate when these change
@@ -179,7 +181,11 @@ def check_profile(profile: Profile, machine: Machine, shape: ModelShape | None, 
         raise ZoplanError(f"{path} was measured on '{profile.machine.name}' ({profile.machine.hash}), "
                           f"not on '{machine.name}' ({machine.hash})",
                           fix="calibrate this machine with `zoplan calibrate --topology ...`")
-    if shape is not None and profile.model.hash != shape.hash:
+    # by shape when the profile records it: a checkpoint directory and the preset of its shape
+    # share their figures, whatever their names
+    same = (profile.model.shape_hash == shape.shape_hash if profile.model.shape_hash is not None
+            else profile.model.hash == shape.hash) if shape is not None else True
+    if not same:
         raise ZoplanError(f"{path} holds compute times for model '{profile.model.name}' ({profile.model.hash}), "
                           f"not for '{shape.name}' ({shape.hash})",
                           fix=f"calibrate for this model: zoplan calibrate --model ... -o {path}")
