@@ -107,7 +107,9 @@ def test_a_step_then_flush_moves_the_weights_along_minus_g_z(tiny_dirs, tmp_path
         slot = host.layouts[0].slots[0]
         z = normal(7, slot.name, 0, slot.numel)
         moved = host.blocks[0][:slot.numel] - before[:slot.numel]
-        assert torch.allclose(moved, -1e-2 * result.projected_grad * z, atol=1e-6)
+        expected = -1e-2 * result.projected_grad * z
+        assert expected.abs().max() > 1e-4  # a step large enough for the comparison to mean something
+        torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-6)
     finally:
         host.remove()
 
