@@ -143,3 +143,17 @@ def test_relays_carry_blocks_so_a_small_batch_uses_every_uplink() -> None:
     everyone = pair + tuple(g for g in machine.gpus if g not in pair)
     # 2 uplinks vs 4 uplinks: close to half the time when transfer bound
     assert step(everyone) < 0.6 * step(pair)
+
+
+def test_gpu_memory_counts_what_the_runtime_allocates(tmp_path: Path) -> None:
+    """One compute GPU, dual forward, whole-block uploads, prefetch 2, no resident block: the
+    reserve, prefetch + 1 uploaded blocks, one work buffer per branch (theta + s*eps*z), the
+    resident parts twice (parameters and their master copy) and one block's activations."""
+    from zoplan.costs import GPU_RESERVE_BYTES
+
+    machine = load_topology(_one_gpu_machine(tmp_path, pcie_gbps=10, tflops=1e6))
+    costs = StepCosts(machine, Workload(SHAPE, 1, 16), _zo2(prefetch=2))
+    block = SHAPE.block_params() * 2  # bf16
+    parts = SHAPE.resident_params() * 2
+    activations = (SHAPE.block_activation_bytes(1, 16, "bf16", 2) + SHAPE.head_activation_bytes(1, 16))
+    assert costs.gpu_memory_bytes("gpu0") == GPU_RESERVE_BYTES + 3 * block + 2 * block + 2 * parts + activations

@@ -198,7 +198,12 @@ class StepCosts:
         if L.wire_dtype != L.param_dtype:
             total += buffers * L.rounds * self.slice_wire_bytes
         if gpu in L.compute_gpus:
-            total += m.resident_params() * pbytes
+            # the model's resident parameters and their unperturbed master copy: a branch perturbs
+            # the parameters in place and the master brings them back (runtime/engine.py)
+            total += 2 * m.resident_params() * pbytes
+            # one work buffer per branch this GPU runs, holding theta + s*eps*z of the block being
+            # computed: theta itself is never perturbed (runtime/engine.py _branch_buffer)
+            total += L.branches_per_gpu * self.block_param_bytes
             total += m.block_activation_bytes(L.micro_batch, self.work.seq_len, L.param_dtype,
                                               L.branches_per_gpu)
             total += m.head_activation_bytes(L.micro_batch, self.work.seq_len)
