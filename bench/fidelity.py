@@ -109,6 +109,10 @@ def main() -> None:
                                        "--steps", str(opts.steps), "--json", "--output", str(run_dir), "--trace",
                                        str(work / f"{name}-{layout}-trace.json")))
             results.append({"model": name, "layout": layout, **report})
+            memory = report.get("gpu_memory") or {}
+            if memory.get("measured_peak_bytes"):
+                say(f"{name} {layout}: GPU memory predicted {memory['predicted_bytes'] / 2**30:.2f} GiB (with the "
+                    f"2 GiB reserve), peak allocated {memory['measured_peak_bytes'] / 2**30:.2f} GiB")
             say(f"{name} {layout}: " + ", ".join(
                 f"{r['stage']} {r['predicted_s'] * 1e3 if r['predicted_s'] is not None else float('nan'):.2f}/"
                 f"{r['measured_s'] * 1e3 if r['measured_s'] is not None else float('nan'):.2f} ms"

@@ -90,6 +90,7 @@ class Spans:
             row = {"step": self.step, "wall_s": wall, "totals": dict(totals)}
             if self.cuda:
                 row["host_totals"] = dict(self._host)
+                row["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)  # since the run began
             if self.step < self.keep_steps:
                 row["spans"] = [[s, c, label, b, round(t0, 9), round(t1, 9)] for s, c, label, b, t0, t1 in spans]
             self.file.write(json.dumps(row) + "\n")

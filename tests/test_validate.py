@@ -10,7 +10,7 @@ from zoplan.errors import ZoplanError
 from zoplan.planner import plan
 from zoplan.search import Pins
 from zoplan.sim import SimResult
-from zoplan.validate import compare, measure, predicted_stages
+from zoplan.validate import compare, measure, predicted_stages, to_json
 
 CONFIG = {"model_type": "opt", "hidden_size": 64, "num_hidden_layers": 2, "ffn_dim": 128,
           "num_attention_heads": 4, "vocab_size": 1000, "max_position_embeddings": 128,
@@ -113,7 +113,7 @@ def test_cuda_host_times_are_read_beside_the_gpu_times(two_rank_plan, tmp_path: 
 def test_cpu_runs_have_no_host_column(two_rank_plan, tmp_path: Path) -> None:
     from rich.console import Console
 
-    from zoplan.render import validation_table
+    from zoplan.render import validation_notes, validation_table
 
     write_run(tmp_path / "cpu", [1.0, 0.2], {0: [1.0, 0.1], 1: [1.0, 0.1]})
     sim = SimResult(step_time_s=0.2, window=(0.0, 0.2), step_ends=[0.0, 0.2], utilization={}, bottleneck="x",
@@ -127,12 +127,13 @@ def test_cpu_runs_have_no_host_column(two_rank_plan, tmp_path: Path) -> None:
         console.print(validation_table(result, "plan.yaml"))
         return console.export_text()
 
-    assert "host issue" not in text(cpu)
+    assert "host issue" not in text(cpu) and validation_notes(cpu) == []
     write_run(tmp_path / "gpu", [1.0, 0.2], {0: [1.0, 0.1], 1: [1.0, 0.1]})
     add_host_totals(tmp_path / "gpu", {0: [{"compute": 1.0}, {"compute": 0.25}], 1: [{"compute": 1.0}, {"compute": 0.25}]})
     gpu = compare(measure(tmp_path / "gpu", two_rank_plan), sim)
     assert {r.stage: r.measured_host_s for r in gpu.rows}["compute"] == pytest.approx(0.25)
     assert "host issue" in text(gpu) and "250.0 ms" in text(gpu)
+    assert any(note.startswith("host issue:") for note in validation_notes(gpu))
 
 
 def test_whole_block_update_host_time_counts_as_compute(two_rank_plan, tmp_path: Path) -> None:
@@ -145,3 +146,24 @@ def test_whole_block_update_host_time_counts_as_compute(two_rank_plan, tmp_path:
                     spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.12)])
     rows = {r.stage: r for r in compare(measure(run, two_rank_plan), sim).rows}
     assert "update" not in rows and rows["compute"].measured_host_s == pytest.approx(0.20)
+
+
+def test_cuda_peak_memory_is_reported_beside_the_prediction(two_rank_plan, tmp_path: Path) -> None:
+    from zoplan.render import validation_notes
+
+    run = tmp_path / "run"
+    write_run(run, [1.0, 0.2, 0.2], {0: [1.0, 0.1, 0.1], 1: [1.0, 0.1, 0.1]})
+    for rank, peaks in ((0, [3 * 2**30, 5 * 2**30, 4 * 2**30]), (1, [2**30, 2**30, 6 * 2**30])):
+        f = run / f"spans-rank{rank}.jsonl"
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        f.write_text("".join(json.dumps({**row, "peak_bytes": p}) + "\n" for row, p in zip(rows, peaks)))
+    sim = SimResult(step_time_s=0.2, window=(0.0, 0.2), step_ends=[0.0, 0.2], utilization={}, bottleneck="x",
+                    spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.1)])
+    result = compare(measure(run, two_rank_plan), sim, predicted_gpu_bytes=7 * 2**30)
+    assert result.peak_gpu_bytes == 6 * 2**30  # the most on any rank, warm-up step included
+    assert to_json(result, Path("p.yaml"), run, None)["gpu_memory"] == {"predicted_bytes": 7 * 2**30,
+                                                                       "measured_peak_bytes": 6 * 2**30}
+    notes = validation_notes(result)
+    assert len(notes) == 1 and "predicted 7.0 GiB" in notes[0] and "peak allocated by torch 6.0 GiB" in notes[0]
+    cpu = compare(measure(tmp_path / "run", two_rank_plan), sim)
+    assert cpu.predicted_gpu_bytes is None

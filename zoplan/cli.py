@@ -310,7 +310,7 @@ def validate_cmd(
     run_dir = output or Path(tempfile.mkdtemp(prefix="zoplan-validate-"))
     run(RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json,
                    pad_to_seq_len=pad))
-    result = zv.compare(zv.measure(run_dir, the_plan, skip), simulated)
+    result = zv.compare(zv.measure(run_dir, the_plan, skip), simulated, the_plan.prediction.gpu_memory_bytes)
     if trace is not None:
         from zoplan.trace import write_trace
 
@@ -318,9 +318,11 @@ def validate_cmd(
     if as_json:
         print(json.dumps(zv.to_json(result, plan_file, run_dir, trace), indent=2))
         return
-    from zoplan.render import validation_table
+    from zoplan.render import validation_notes, validation_table
 
     out.print(validation_table(result, plan_file))
+    for note in validation_notes(result):
+        out.print(Text(note))
     out.print(Text(f"run output: {run_dir}" + (f"; trace: {trace} (open in ui.perfetto.dev)" if trace else "")))
 
 

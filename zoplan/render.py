@@ -145,10 +145,23 @@ def validation_table(result, plan_path) -> Table:
         if host:
             cells.append(_fmt_time(row.measured_host_s) if row.measured_host_s is not None else "–")
         table.add_row(*cells, style="bold" if row.stage == "step" else None)
-    if host:
-        table.caption = ("host issue: the host's time issuing each stage (Python, kernel launches); "
-                         "where it reaches the measured GPU time, the GPU waits for the host")
     return table
+
+
+def validation_notes(result) -> list[str]:
+    """``zoplan validate``: what the table's extra figures mean (CUDA runs)."""
+    notes = []
+    if any(row.measured_host_s is not None for row in result.rows):
+        notes.append("host issue: the host's time issuing each stage (Python, kernel launches); "
+                     "where it reaches the measured GPU time, the GPU waits for the host")
+    if result.peak_gpu_bytes is not None:
+        from zoplan.costs import GPU_RESERVE_BYTES
+
+        predicted = (f"predicted {_fmt_gib(result.predicted_gpu_bytes)} GiB (with a {_fmt_gib(GPU_RESERVE_BYTES)} "
+                     f"GiB reserve for the "
+                     f"CUDA context, NCCL and allocator slack), " if result.predicted_gpu_bytes else "")
+        notes.append(f"GPU memory: {predicted}measured peak allocated by torch {_fmt_gib(result.peak_gpu_bytes)} GiB")
+    return notes
 
 
 def profile_table(profile) -> Table:

@@ -10,6 +10,7 @@ plan (``zoplan.planner.timeline``):
 - each stage: busy seconds per step, averaged over the devices that run that stage, median over
   steps, against the same figure from the simulated step's spans. Stages overlap (uploads run
   beside compute on a GPU), so stage times do not add up to the step time;
+- on CUDA, the peak of GPU memory torch allocated on any rank against the plan's prediction;
 - on CUDA, also each stage's host time (the Python and kernel launches that issue it, measured the
   same way): a stage whose host time reaches its GPU time is issue-bound, and the GPU waits for the
   host; the planner's calibration takes the longer of the two (runtime/calibrate.py).
@@ -60,6 +61,8 @@ class Validation:
     measured_steps: list[int]
     trace_step: int | None
     measured: SimResult | None  # the traced step, as a one-step result in the simulator's schema
+    peak_gpu_bytes: int | None = None  # CUDA: the most memory torch allocated on any rank
+    predicted_gpu_bytes: int | None = None  # the plan's prediction for its busiest GPU
 
     @property
     def step(self) -> Row:
@@ -132,7 +135,8 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
         # one step at index 1: the simulator's reported step, so chrome_trace draws it the same way
         result = SimResult(step_time_s=wall, window=(0.0, wall), step_ends=[0.0, wall], utilization={},
                            bottleneck="measured", spans=spans)
-    return Validation(rows, measured, trace_step, result)
+    peaks = [r["peak_bytes"] for rows_ in per_rank.values() for r in rows_.values() if "peak_bytes" in r]
+    return Validation(rows, measured, trace_step, result, peak_gpu_bytes=max(peaks) if peaks else None)
 
 
 def _stage_medians(per_rank: dict[int, dict[int, dict]], steps: list[int], key: str,
@@ -152,8 +156,8 @@ def _stage_medians(per_rank: dict[int, dict[int, dict]], steps: list[int], key: 
     return out
 
 
-def compare(validation: Validation, simulated: SimResult) -> Validation:
-    """Fill in the predicted column from the plan's simulation."""
+def compare(validation: Validation, simulated: SimResult, predicted_gpu_bytes: int | None = None) -> Validation:
+    """Fill in the predicted column from the plan's simulation (and the plan's GPU memory)."""
     predicted = predicted_stages(simulated)
     measured = {r.stage: r.measured_s for r in validation.rows}
     host = {r.stage: r.measured_host_s for r in validation.rows if r.measured_host_s is not None}
@@ -166,7 +170,8 @@ def compare(validation: Validation, simulated: SimResult) -> Validation:
     for cat in CATEGORIES:
         if cat in measured or cat in predicted:
             rows.append(Row(cat, predicted.get(cat), measured.get(cat), host.get(cat)))
-    return Validation(rows, validation.measured_steps, validation.trace_step, validation.measured)
+    return Validation(rows, validation.measured_steps, validation.trace_step, validation.measured,
+                      peak_gpu_bytes=validation.peak_gpu_bytes, predicted_gpu_bytes=predicted_gpu_bytes)
 
 
 def combined_trace(validation: Validation, simulated: SimResult, machine: Machine) -> dict:
@@ -181,4 +186,6 @@ def combined_trace(validation: Validation, simulated: SimResult, machine: Machin
 def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | None) -> dict:
     return {"plan": str(plan_path), "output": str(out), "measured_steps": validation.measured_steps,
             "trace": str(trace) if trace else None, "trace_step": validation.trace_step,
-            "rows": [r.to_json() for r in validation.rows]}
+            "rows": [r.to_json() for r in validation.rows],
+            "gpu_memory": {"predicted_bytes": validation.predicted_gpu_bytes,
+                           "measured_peak_bytes": validation.peak_gpu_bytes}}
