@@ -104,9 +104,12 @@ class Engine:
         # resident blocks, uploaded once: with sliced uploads this rank's slices only, packed (the
         # planner counts 1/movers of a block per GPU); with whole-block uploads the whole block
         self.kept: dict[int, torch.Tensor] = {}
+        # a single mover's slices are the whole block: it keeps the block itself and updates it
+        # in place, with no work buffer to fill
+        self.sharded = upload == "sliced" and ctx.movers > 1
         for i in sorted(self.resident_blocks):
             layout, src = self.host.layouts[i], self.host.blocks[i]
-            if self.upload == "sliced":
+            if self.sharded:
                 self.kept[i] = torch.cat([src[lo:hi] for lo, hi in self._my_ranges(layout)]
                                          or [src[:0]]).to(self.device, self.dtype)
             else:
@@ -200,7 +203,7 @@ class Engine:
         kept = i in self.resident_blocks
         if self.upload == "whole" and not self.computes:
             return None
-        if kept and self.upload == "sliced":  # a work buffer, its own slices from the shard
+        if kept and self.sharded:  # a work buffer, its own slices from the shard
             buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
             self._unpack_shard(i, buf)
         else:
@@ -229,7 +232,7 @@ class Engine:
                     update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
                 if not kept:  # only this rank reads these slices back: no one else to wait for
                     self._write_back(i, buf, lo, hi)
-        if kept and p is not None:  # the shard keeps the updated slices
+        if kept and self.sharded and p is not None:  # the shard keeps the updated slices
             self._pack_shard(i, buf)
         if self.ctx.movers > 1:
             size = layout.padded // self.slices
@@ -450,7 +453,7 @@ class Engine:
         for i, buf in self.kept.items():
             at = 0
             for lo, hi in self._my_ranges(self.host.layouts[i]):
-                if self.upload == "sliced":  # the shard holds this rank's slices, packed
+                if self.sharded:  # the shard holds this rank's slices, packed
                     self.host.blocks[i][lo:hi].copy_(buf[at:at + hi - lo])
                     at += hi - lo
                 else:

@@ -77,7 +77,8 @@ def test_every_layout_trains_the_same_weights(family: str, tiny_dirs, tmp_path: 
         "1x2-whole-resident": dict(perturbation=1, data=2, upload="whole", resident=2, prefetch=2),
         "2x2-sliced4-resident": dict(perturbation=2, data=2, upload="sliced", movers="compute", slices=4, resident=2,
                                      prefetch=1),
-        "1x1-relay": dict(perturbation=1, data=1, gpus=("rank0",), upload="sliced", movers="all", slices=4, resident=0),
+        # the relay keeps a shard of the resident block too, and all-gathers it with the compute rank
+        "1x1-relay": dict(perturbation=1, data=1, gpus=("rank0",), upload="sliced", movers="all", slices=4, resident=1),
     }
     for name, pins in layouts.items():
         topo = cpu_topology(tmp_path, 2) if name == "1x1-relay" else four
@@ -87,9 +88,10 @@ def test_every_layout_trains_the_same_weights(family: str, tiny_dirs, tmp_path: 
     block = sum(t.numel() for n, t in initial.items() if ".layers.0." in n)
     kept = {name: [int(x) for x in re.findall(r"resident blocks \[[\d, ]*\] holding (\d+) elements",
                                                 (tmp_path / name / "worker-node0.log").read_text())]
-            for name in ("1x2-whole-resident", "2x2-sliced4-resident")}
+            for name in ("1x2-whole-resident", "2x2-sliced4-resident", "1x1-relay")}
     assert kept["1x2-whole-resident"] == [2 * block] * 2
     assert kept["2x2-sliced4-resident"] == [2 * -(-block // 4)] * 4
+    assert kept["1x1-relay"] == [2 * -(-block // 4)] * 2  # 4 slices, 2 each
     log = (tmp_path / "2x1-sliced4-prefetch2" / "worker-node0.log").read_text()
     assert log.count("prefetch 2,") == 2
 
