@@ -7,7 +7,9 @@ Per block, on each rank, as the plan says:
    with whole-block uploads each compute rank keeps all of it;
 2. deferred update: the previous step's update is applied to those slices;
 3. write-back: the updated slices go back to the host copy (each rank its own share);
-4. exchange: the movers all-gather the updated slices (sliced uploads);
+4. exchange: the movers all-gather the updated slices (sliced uploads), round by round: a round
+   (one slice from every mover) is updated and all-gathered as soon as it has landed, while the
+   block's later rounds still upload;
 5. compute: for each branch this rank runs, the block's weights theta + s*eps*z are formed in a
    work buffer (theta itself is never perturbed, so no rounding drift and no restore) and every
    micro-batch's hidden state of that branch goes through the block.
@@ -101,6 +103,7 @@ class Engine:
             self.off_stream = torch.cuda.Stream(self.device)
         self.written: dict[int, torch.cuda.Event] = {}  # block -> its last write-back (CUDA)
         self.landed: dict[int, torch.cuda.Event] = {}  # block -> its upload has landed (CUDA)
+        self.rounds_landed: dict[int, list] = {}  # block -> each round's slice has landed (CUDA, sliced)
         # resident blocks, uploaded once: with sliced uploads this rank's slices only, packed (the
         # planner counts 1/movers of a block per GPU); with whole-block uploads the whole block
         self.kept: dict[int, torch.Tensor] = {}
@@ -117,6 +120,7 @@ class Engine:
         if self.cuda:  # the first step waits for them here
             torch.cuda.current_stream(self.device).wait_stream(self.up_stream)
             self.landed.clear()
+            self.rounds_landed.clear()
 
     # ----- block movement ------------------------------------------------------------------------
     def _my_ranges(self, layout: BlockLayout) -> list[tuple[int, int]]:
@@ -144,7 +148,7 @@ class Engine:
                     self.up_stream.wait_event(self.written[i])
                 buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
                 with self.spans.span("upload", "h2d", f"h2d b{i}", i, self.up_stream):
-                    self._copy_ranges(buf, src, layout)
+                    self.rounds_landed[i] = self._copy_ranges(buf, src, layout)
                 buf.record_stream(compute)  # the buffer is used (and freed) on the compute stream
                 # compute waits for this block only: the next block's upload, queued behind it
                 # on the same stream, must overlap this block's compute
@@ -155,10 +159,16 @@ class Engine:
             self._copy_ranges(buf, src, layout)
         return buf
 
-    def _copy_ranges(self, buf: torch.Tensor, src: torch.Tensor, layout: BlockLayout) -> None:
+    def _copy_ranges(self, buf: torch.Tensor, src: torch.Tensor, layout: BlockLayout) -> list:
+        """Copy this rank's ranges of a block; on CUDA with sliced uploads, an event per range
+        (per round) recorded on the upload stream, so each round can be used as soon as it lands."""
         ranges = [(0, layout.padded)] if self.upload == "whole" else self._my_ranges(layout)
+        events = []
         for lo, hi in ranges:
             buf[lo:hi].copy_(src[lo:hi], non_blocking=self.cuda)
+            if self.cuda and self.upload == "sliced":
+                events.append(self.up_stream.record_event())
+        return events
 
     def _unpack_shard(self, i: int, buf: torch.Tensor) -> None:
         """Resident block i, sliced: this rank's slices from its shard into the work buffer."""
@@ -208,8 +218,11 @@ class Engine:
             self._unpack_shard(i, buf)
         else:
             buf = self.kept[i] if kept else (uploaded if uploaded is not None else self._device_copy(i))
+        rounds = None  # sliced on CUDA: wait for each round's slice, not for the whole block
         if self.cuda and not kept:
-            torch.cuda.current_stream(self.device).wait_event(self.landed.pop(i))
+            landed, rounds = self.landed.pop(i), self.rounds_landed.pop(i, None)
+            if self.upload == "whole" or not rounds:
+                torch.cuda.current_stream(self.device).wait_event(landed)
         p = self.pending
         if self.upload == "whole":
             if p is not None:
@@ -226,22 +239,24 @@ class Engine:
                 for lo, hi in self._my_ranges(layout):
                     self._write_back(i, buf, lo, hi)
             return buf
-        for lo, hi in self._my_ranges(layout):
+        # round by round, as the simulator schedules it: round r (one slice from every mover) is
+        # updated, written back and all-gathered while the later rounds are still uploading
+        n, size = self.ctx.movers, layout.padded // self.slices
+        for r, (lo, hi) in enumerate(self._my_ranges(layout)):
+            if rounds:
+                torch.cuda.current_stream(self.device).wait_event(rounds[r])
             if p is not None:
                 with self.spans.span("exchange", "update", f"update b{i}", i):
                     update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
                 if not kept:  # only this rank reads these slices back: no one else to wait for
                     self._write_back(i, buf, lo, hi)
-        if kept and self.sharded and p is not None:  # the shard keeps the updated slices
-            self._pack_shard(i, buf)
-        if self.ctx.movers > 1:
-            size = layout.padded // self.slices
-            n = self.ctx.movers
-            with self.spans.span("exchange", "exchange", f"all-gather b{i}", i):
-                for r in range(self.slices // n):
+            if n > 1:
+                with self.spans.span("exchange", "exchange", f"all-gather b{i} round {r}", i):
                     parts = [buf[(r * n + m) * size:(r * n + m + 1) * size] for m in range(n)]
                     mine = parts[self.ctx.mover_index].clone()
                     dist.all_gather(parts, mine, group=self.ctx.exchange_group)
+        if kept and self.sharded and p is not None:  # the shard keeps the updated slices
+            self._pack_shard(i, buf)
         return buf
 
     # ----- resident parts --------------------------------------------------------------------------
