@@ -3,14 +3,17 @@
 #             test_block_kernels.py), then per-parameter against per-block launches
 #             (bench/block_kernels.py)                                          ~2 min
 #   replay    replay across devices (bench/gpu_replay.py, docs/results/reliability.md)   ~1 min
+#   layouts   single-GPU schedules train bit-identical weights: whole blocks, 4 rounds, resident
+#             blocks with prefetch 2; peak GPU memory against the plan (bench/gpu_layouts.py) ~1 min
 #   fidelity  the fidelity run (bench/gpu_fidelity.sh, docs/results/fidelity.md)         ~4-5 min
-# Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: all three,
-# worst case 9.5 min under the timeouts below). A machine without simpy, pydantic or pytest and
+# Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: all four,
+# worst case 11.5 min under the timeouts below: more than one device call allows, so run
+# `kernels replay layouts` and `fidelity` as two calls). A machine without simpy, pydantic or pytest and
 # without network access takes wheels from .whl/ and .whl/pytest/ (pip download them elsewhere
 # for its Python version; see gpu_fidelity.sh).
 set -x
 OUT=${OUT:-gpu-checks}
-PARTS=${*:-kernels replay fidelity}
+PARTS=${*:-kernels replay layouts fidelity}
 mkdir -p "$OUT"
 if ! python3 -c "import simpy, pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -29,8 +32,10 @@ for part in $PARTS; do
       timeout 40 python3 bench/block_kernels.py --out "$OUT" 2>&1 | tail -8 | tee "$OUT/block-kernels.txt" ;;
     replay)
       timeout 70 python3 bench/gpu_replay.py --out "$OUT/replay" 2>&1 | tail -20 | tee "$OUT/replay.txt" ;;
+    layouts)
+      timeout 120 python3 bench/gpu_layouts.py --out "$OUT/layouts" 2>&1 | tail -12 | tee "$OUT/layouts.txt" ;;
     fidelity)
       FIDELITY_TIMEOUT=300 OUT="$OUT/fidelity" bash bench/gpu_fidelity.sh ;;
-    *) echo "unknown part: $part (kernels, replay, fidelity)"; exit 2 ;;
+    *) echo "unknown part: $part (kernels, replay, layouts, fidelity)"; exit 2 ;;
   esac
 done
