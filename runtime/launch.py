@@ -149,9 +149,15 @@ def check_gpus_here(machine, gpus: Sequence[str], device_names: Sequence[str]) -
 
 
 def _device_names() -> list[str]:
-    import torch
-
-    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    """torch's names of this machine's CUDA devices, asked in a child process: querying them here
+    would keep a CUDA context (hundreds of MiB of GPU memory) in this process for the whole run."""
+    code = ("import json, torch; print(json.dumps([torch.cuda.get_device_name(i) "
+            "for i in range(torch.cuda.device_count())]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode != 0:
+        raise ZoplanError(f"could not list the CUDA devices: {proc.stderr.strip()[-300:]}",
+                          fix="check the driver with nvidia-smi")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def plan_gpus(plan: Plan) -> list[str]:
