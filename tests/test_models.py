@@ -86,7 +86,8 @@ def test_opt_350m_projected_embeddings_and_no_final_norm() -> None:
 
 def test_llama_2_7b_breakdown() -> None:
     s = PRESETS["llama-2-7b"]
-    assert s.block_params() == 202_383_360
+    # attention q, k, v, o (4 x 4096^2), MLP gate, up, down (3 x 4096 x 11008), two RMSNorm weights
+    assert s.block_params() == 4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096 == 202_383_360
     assert s.block_decay_exempt_params() == 2 * 4096
     assert s.head_params() == 32000 * 4096
     assert s.final_norm_params() == 4096
@@ -175,7 +176,13 @@ def test_preset_table_rows() -> None:
     rows = preset_table_rows()
     assert len(rows) == len(PRESETS)
     by_name = {row[0]: row for row in rows}
-    assert by_name["opt-175b"] == ("opt-175b", "opt", "96", "12288", "174.6B", "3.6 GB")
+    opt = PRESETS["opt-175b"]
+    # the table prints the preset's own figures: 96 layers of hidden 12288, all parameters in
+    # billions, one block in bf16 in GB (12 h^2 matrix weights + 13 h biases and norms per block)
+    assert opt.block_params() == 12 * 12288**2 + 13 * 12288
+    assert by_name["opt-175b"] == ("opt-175b", "opt", "96", "12288", f"{opt.total_params() / 1e9:.1f}B",
+                                   f"{opt.block_params() * 2 / 1e9:.1f} GB")
+    assert by_name["opt-175b"][4] == "174.6B" and by_name["opt-175b"][5] == "3.6 GB"  # the OPT paper's "175B"
     assert by_name["opt-125m"][4] == "125.2M"
     assert all(len(row) == 6 and all(isinstance(c, str) for c in row) for row in rows)
 

@@ -49,8 +49,21 @@ def test_bundled_topology_is_documented_with_comments(name: str) -> None:
 
 
 def test_hash_is_stable_and_follows_content(tmp_path: Path) -> None:
-    assert load_topology("dgx-a100").hash == load_topology("dgx-a100").hash
+    import os
+    import subprocess
+    import sys
+
+    original = load_topology("dgx-a100").hash
     data = yaml.safe_load(resolve_topology_path("dgx-a100").read_text(encoding="utf-8"))
+    # the same content without its comments and with the keys in another order: the same machine
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump(dict(reversed(list(data.items()))), sort_keys=False), encoding="utf-8")
+    assert load_topology(same).hash == original
+    # another process with another string-hash seed computes it the same
+    code = "from zoplan.topology import load_topology; print(load_topology('dgx-a100').hash)"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"})
+    assert other.stdout.strip() == original
     data["links"][0]["gbps"] = 24
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(data), encoding="utf-8")
