@@ -31,10 +31,8 @@ from transformers import (
 )
 
 from zoplan.errors import ZoplanError
+from zoplan.models import TINY_VERSION, tiny_cache_dir, tiny_model_dir
 from zoplan.runtime.data import vocabulary_words
-
-# Bump when the tokenizer, the configs or the initialisation change: cached builds are keyed by it.
-TINY_VERSION = 1
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
@@ -154,7 +152,7 @@ def build_tiny(name: str, directory: Path, seed: int = 0) -> Path:
 
 
 def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "zoplan" / "tiny"
+    return tiny_cache_dir()
 
 
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
@@ -168,8 +166,8 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
       and safetensors files only).
     """
     if name_or_path in TINY:
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        final = root / f"{name_or_path}-v{TINY_VERSION}"
+        final = tiny_model_dir(name_or_path, cache_dir)
+        root = final.parent
         if final.is_dir():
             return final
         root.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ def _gpus(value: Optional[str]) -> Optional[tuple[str, ...]]:
 
 @app.command("plan")
 def plan_cmd(
-    model: str = typer.Option("opt-175b", "--model", "-m", help="preset name or path to a Hugging Face config.json"),
+    model: str = typer.Option("opt-175b", "--model", "-m", help="preset name, path to a Hugging Face config.json (or its directory), or tiny-opt / tiny-llama / tiny-qwen2"),
     topology: str = typer.Option("dgx-a100", "--topology", "-t", help="bundled topology name or YAML path"),
     global_batch: int = typer.Option(16, "--global-batch", "-b", help="sequences per step, all replicas together"),
     seq_len: int = typer.Option(512, "--seq-len", "-s", help="tokens per sequence"),

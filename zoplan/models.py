@@ -35,6 +35,20 @@ OPT_POSITION_OFFSET = 2
 LOGITS_LOSS_BYTES = 4
 LOGITS_COPY_BYTES = 2
 
+# The runtime's built-in tiny models (runtime/tiny.py builds them, with torch, the first time a
+# command names one). The planner reads a built one's config.json like any checkpoint's.
+TINY_MODELS = ("tiny-opt", "tiny-llama", "tiny-qwen2")
+TINY_VERSION = 1  # bump when the tokenizer, the configs or the initialisation change
+
+
+def tiny_cache_dir() -> Path:
+    return Path.home() / ".cache" / "zoplan" / "tiny"
+
+
+def tiny_model_dir(name: str, cache_dir: Path | None = None) -> Path:
+    """Where the built-in model ``name`` is built: ``<cache>/<name>-v<TINY_VERSION>``."""
+    return (Path(cache_dir) if cache_dir is not None else tiny_cache_dir()) / f"{name}-v{TINY_VERSION}"
+
 
 def _dtype_bytes(dtype: str) -> int:
     try:
@@ -325,6 +339,8 @@ def load_model_shape(name_or_path: str | Path) -> ModelShape:
     text = str(name_or_path)
     if text in PRESETS:
         return PRESETS[text]
+    if text in TINY_MODELS:
+        return load_model_shape(_built_tiny(text))
     path = Path(text).expanduser()
     if not path.exists():
         if _looks_like_path(text):
@@ -343,6 +359,22 @@ def load_model_shape(name_or_path: str | Path) -> ModelShape:
     else:
         directory, config_path = path.resolve().parent, path
     return _shape_from_config(_read_config(config_path), config_path, directory.resolve().name)
+
+
+def _built_tiny(name: str) -> Path:
+    """The directory of the built-in tiny model ``name``, built now if it is not yet (that needs
+    the runtime: torch and transformers)."""
+    directory = tiny_model_dir(name)
+    if (directory / "config.json").is_file():
+        return directory
+    try:
+        from zoplan.runtime.tiny import resolve_model
+    except ImportError as exc:
+        raise ZoplanError(f"the built-in model {name!r} is not built yet, and building it needs the runtime "
+                          f"({exc.name or exc} cannot be imported)",
+                          fix=f"pip install -e '.[runtime]' (it is then built under {tiny_cache_dir()}), "
+                              f"or give a Hugging Face config.json") from None
+    return resolve_model(name)
 
 
 def _looks_like_path(text: str) -> bool:

@@ -115,3 +115,28 @@ def test_resolve_unknown_hub_id_fails_without_the_network(name: str, monkeypatch
         "pass a local directory with config.json and *.safetensors, or a built-in: "
         "tiny-opt, tiny-llama, tiny-qwen2"
     )
+
+
+def test_the_planner_knows_the_builtins_and_plans_them_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`zoplan plan --model tiny-opt` builds the model once and plans the shape the runtime runs."""
+    import os
+    import subprocess
+    import sys
+
+    from zoplan.models import TINY_MODELS, load_model_shape
+
+    assert sorted(TINY_MODELS) == NAMES
+    home = tmp_path / "home"
+    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "plan", "--model", "tiny-opt", "--topology", "cpu-local",
+                           "--global-batch", "4", "--seq-len", "32", "-o", str(tmp_path / "plan.yaml")],
+                          capture_output=True, text=True, env={**os.environ, "HOME": str(home)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    built = home / ".cache" / "zoplan" / "tiny" / f"tiny-opt-v{tiny.TINY_VERSION}"
+    assert (built / "model.safetensors").is_file()
+    monkeypatch.setenv("HOME", str(home))
+    shape = load_model_shape("tiny-opt")
+    model = AutoModelForCausalLM.from_pretrained(built)
+    assert shape.total_params() == sum(p.numel() for p in model.parameters())
+    assert f"name: {built.name}" in (tmp_path / "plan.yaml").read_text()
+    # validate and run find the model from the plan's model name
+    assert tiny.tiny_name(shape.name) == "tiny-opt"
