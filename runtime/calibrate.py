@@ -8,7 +8,8 @@ One process per device (GPU, or CPU rank), as in training. Each rank:
    CUDA, uploads overlap compute and the host's kernel issue can become the limit);
 2. copy rates: the host copy -> device and device -> host copies the engine does, each rank alone
    (the others wait), then all ranks at once (shared links and memory buses show up);
-3. the block all-gather of the exchange group (all ranks) at two sizes -> latency and bandwidth,
+3. the block all-gather among all ranks at two sizes -> latency and bandwidth, the same among
+   the first k ranks for k = 2 .. all but one (the smaller groups a plan's movers can form),
    and the loss-scalar all-reduce latency;
 4. the engine itself (``Engine.step``) for a few steps on that model, all ranks at once as in
    training, with 1 and 2 branches and 1 and 2 micro-batches: its spans give the block compute
@@ -146,19 +147,19 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
     together_d2h = _copy_gbps(src, dst, device)
     # 3. collectives among all ranks
     gather: dict = {}
+    groups: list[dict] = []
     scalar_s = 0.0
     if world > 1:
         _phase(args, rank, f"all-gather and all-reduce among {world} ranks")
-        sizes = (256, max(256, int(args.round_elements)))
-        times = {}
-        for n in sizes:
-            mine = torch.ones(n, dtype=DTYPES[args.dtype], device=device)
-            parts = [torch.empty_like(mine) for _ in range(world)]
-            times[n] = _timed(lambda: dist.all_gather(parts, mine), device, 20)
-        (n0, t0), (n1, t1) = sorted(times.items())
-        per_byte = max((t1 - t0) / ((n1 - n0) * mine.element_size() * (world - 1)), 1e-15)
-        gather = {"ranks": world, "latency_us": max(t0, 1e-7) * 1e6, "gbps": 1e-9 / per_byte}
+        gather = _gather_figures(args, device, world, dist.group.WORLD, world)
         scalar_s = _timed(lambda: zdist.all_reduce_sum([0.0, 1.0, 2.0, 3.0]), device, 30)
+        # the smaller groups a plan's movers can form: the first k ranks, while the others wait
+        for k in range(2, world):
+            _phase(args, rank, f"all-gather among {k} of {world} ranks")
+            group = dist.new_group(ranks=list(range(k)))  # every rank takes part in creating it
+            if rank < k:
+                groups.append(_gather_figures(args, device, k, group, k))
+            zdist.barrier()
     adapter.blocks(model).to("meta")  # the host copy holds the blocks now
     from zoplan.runtime.worker import _blocks_detached
 
@@ -178,8 +179,23 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
     kernels = "torch" if fused_backend(device) is None else "triton, one launch per block"
     return {"rank": rank, "device": str(device), "torch": torch.__version__, "kernels": kernels, "alone": alone,
             "together": {"h2d_gbps": together_h2d, "d2h_gbps": together_d2h},
-            "allgather": gather, "scalar_latency_us": scalar_s * 1e6, "block_params": block_params,
+            "allgather": gather, "allgather_groups": groups, "scalar_latency_us": scalar_s * 1e6,
+            "block_params": block_params,
             "compute": compute}
+
+
+def _gather_figures(args, device: torch.device, ranks: int, group, slices: int) -> dict:
+    """Latency and bandwidth of the all-gather among ``ranks`` (this rank one of them), each
+    contributing one slice of a block cut in ``slices``: timed back to back at 256 elements and
+    at that slice."""
+    times = {}
+    for n in (256, max(257, int(args.block_params / slices))):
+        mine = torch.ones(n, dtype=DTYPES[args.dtype], device=device)
+        parts = [torch.empty_like(mine) for _ in range(ranks)]
+        times[n] = _timed(lambda: dist.all_gather(parts, mine, group=group), device, 20)
+    (n0, t0), (n1, t1) = sorted(times.items())
+    per_byte = max((t1 - t0) / ((n1 - n0) * mine.element_size() * (ranks - 1)), 1e-15)
+    return {"ranks": ranks, "latency_us": max(t0, 1e-7) * 1e6, "gbps": 1e-9 / per_byte}
 
 
 def _engine_times(args, model, adapter, host, device, rank, world, exchange: bool = False) -> dict:
@@ -251,7 +267,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--dtype", required=True)
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
-    parser.add_argument("--round-elements", type=float, required=True)
+    parser.add_argument("--block-params", type=int, required=True)  # of the model: a block's slices are its parts
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--output", required=True)
@@ -320,7 +336,7 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "zoplan.runtime.calibrate", "--model-dir", str(model_dir), "--micro-batch", str(micro_batch),
            "--seq-len", str(seq_len), "--dtype", dtype, "--device", "cpu" if cpu else "cuda",
-           "--round-elements", str(shape.block_params() / max(n, 1)), "--steps", str(steps),
+           "--block-params", str(shape.block_params()), "--steps", str(steps),
            "--output", str(raw), "--progress", str(progress_file)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if not cpu:  # rank k measures the topology's GPU k

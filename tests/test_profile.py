@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,47 @@ def test_a_profile_without_a_shape_hash_matches_by_name_and_shape(tmp_path: Path
     plan(str(tmp_path / "my-base"), "cpu-local", global_batch=4, seq_len=64, dtype="fp32", profile=profile)
     with pytest.raises(ZoplanError, match="holds compute times for model 'my-base'"):
         plan("opt-125m", "cpu-local", global_batch=4, seq_len=64, dtype="fp32", profile=profile)
+
+
+def test_the_movers_all_gather_takes_the_figure_measured_for_their_group_size(tmp_path: Path) -> None:
+    """A 4-GPU machine calibrated among 4 ranks and among the first 2 and 3: 2 movers take the
+    2-rank figure; without it they fall back to the simulated links."""
+    from zoplan.costs import StepCosts, Workload
+    from zoplan.layout import Layout
+    from zoplan.profile import apply_profile, load_profile
+
+    def validate_profile_dict(data: dict):
+        path = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return load_profile(path)
+
+    machine = load_topology("rtx4090-4x")
+    shape = load_model_shape("opt-125m")
+    times = {"1x1": 0.017, "1x2": 0.019, "2x1": 0.022, "2x2": 0.025}
+    tree = {"version": PROFILE_VERSIONS[-1], "machine": {"name": machine.name, "hash": machine.hash},
+            "model": {"name": shape.name, "hash": shape.hash, "shape_hash": shape.shape_hash, "micro_batch": 1,
+                      "seq_len": 64, "dtype": "bf16"},
+            "devices": {g: {"h2d_gbps": 20.0, "d2h_gbps": 20.0, "h2d_gbps_together": 10.0,
+                            "d2h_gbps_together": 10.0} for g in machine.gpus},
+            "allgather": {"ranks": 4, "latency_us": 90.0, "gbps": 5.0, "wait_us": 40.0},
+            "allgather_groups": [{"ranks": 2, "latency_us": 30.0, "gbps": 11.0, "wait_us": 40.0},
+                                 {"ranks": 3, "latency_us": 60.0, "gbps": 7.0, "wait_us": 40.0}],
+            "scalar_latency_us": 50.0,
+            "compute": {"block_s": times, "embed_s": dict(times), "head_s": dict(times), "update_s_per_param": 1e-11}}
+    profile = validate_profile_dict(tree)
+    measured = apply_profile(machine, profile, tmp_path / "p.yaml")
+    work = Workload(shape, 4, 64)
+
+    def round_s(movers: int, on=measured) -> float | None:
+        layout = Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="sliced",
+                        movers=tuple(machine.gpus[:movers]), slices_per_block=movers, wire_dtype="bf16",
+                        param_dtype="bf16", micro_batch=1, prefetch=1)
+        return StepCosts(on, work, layout).allgather_round_s()
+
+    for movers, (lat, bw) in {2: (30.0, 11.0), 3: (60.0, 7.0), 4: (90.0, 5.0)}.items():
+        nbytes = math.ceil(shape.block_params() / movers) * 2 * movers * (movers - 1) / movers
+        assert round_s(movers) == pytest.approx((lat + 40.0) * 1e-6 + nbytes / (bw * 1e9))
+    without = validate_profile_dict({**tree, "allgather_groups": []})
+    assert round_s(2, apply_profile(machine, without, tmp_path / "q.yaml")) is None
+    # a profile written before the groups were measured still loads
+    assert validate_profile_dict({k: v for k, v in tree.items() if k != "allgather_groups"}).allgather_groups == []

@@ -114,18 +114,20 @@ class StepCosts:
         before anyone writes its share back, a barrier per block (measured: a small collective's
         latency plus the in-step wait)."""
         p, L = self.profile, self.layout
-        if p is None or p.allgather is None or L.compute_ranks_per_node < 2 or p.allgather.ranks != L.compute_ranks_per_node:
+        c = p.collective(L.compute_ranks_per_node) if p is not None and L.compute_ranks_per_node > 1 else None
+        if c is None:
             return 0.0
-        return (p.allgather.latency_us + p.allgather.wait_us) * 1e-6
+        return (c.latency_us + c.wait_us) * 1e-6
 
     def allgather_round_s(self) -> float | None:
         """Measured: one all-gather round of the movers (None: simulate it on the links)."""
         p = self.profile
         n = len(self.layout.movers)
-        if p is None or p.allgather is None or p.allgather.ranks != n:
+        c = p.collective(n) if p is not None else None
+        if c is None:
             return None
         nbytes = self.round_param_bytes * (n - 1) / n
-        return (p.allgather.latency_us + p.allgather.wait_us) * 1e-6 + nbytes / (p.allgather.gbps * 1e9)
+        return (c.latency_us + c.wait_us) * 1e-6 + nbytes / (c.gbps * 1e9)
 
     # ----- compute -------------------------------------------------------------------------
     def _gm(self, gpu: str) -> GpuModel:

@@ -80,7 +80,10 @@ class Profile(Strict):
     model: ShapeRef
     measured_on: dict[str, str] = Field(default_factory=dict)
     devices: dict[str, DeviceFigures]
-    allgather: Collective | None = None
+    allgather: Collective | None = None  # among all ranks
+    # among the first k ranks, for each k from 2 to all but one (the groups a plan's movers can
+    # form); their wait_us is the one measured among all ranks
+    allgather_groups: list[Collective] = Field(default_factory=list)
     scalar_latency_us: NonNegativeFloat = 0.0
     compute: StageTimes
 
@@ -89,6 +92,13 @@ class Profile(Strict):
         return content_hash(self.model_dump(mode="json"))
 
     # ----- the figures the costs need --------------------------------------------------------
+    def collective(self, ranks: int) -> Collective | None:
+        """The all-gather measured among ``ranks`` ranks, if it was."""
+        for c in ([self.allgather] if self.allgather is not None else []) + self.allgather_groups:
+            if c.ranks == ranks:
+                return c
+        return None
+
     def _solve(self, table: dict[str, float], branches: int, micro_batches: int, tokens_scale: float) -> float:
         one, two = table[f"{branches}x1"], table[f"{branches}x2"]
         per_mb = max(two - one, 0.0) * tokens_scale
@@ -151,6 +161,7 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
         in_step = sum(r["allgather"].get("in_step_us", 0.0) for r in rows) / len(rows)
         gather["wait_us"] = max(0.0, in_step - gather["latency_us"] - nbytes / (gather["gbps"] * 1e3))
         gather.pop("in_step_us", None)
+    groups = [Collective(**g, wait_us=gather["wait_us"]) for g in rows[0].get("allgather_groups", [])]
     return Profile(
         version=PROFILE_VERSIONS[-1], machine=MachineRef(name=machine.name, hash=machine.hash),
         model=ShapeRef(name=shape.name, hash=shape.hash, shape_hash=shape.shape_hash, micro_batch=micro_batch,
@@ -161,6 +172,7 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
             **{k: str(rows[0][k]) for k in ("torch", "kernels") if k in rows[0]}},
         devices=devices,
         allgather=Collective(**gather) if gather else None,
+        allgather_groups=groups,
         scalar_latency_us=sum(r["scalar_latency_us"] for r in rows) / len(rows),
         compute=StageTimes(block_s=mean("compute"), embed_s=mean("embed"), head_s=mean("head"),
                            update_s_per_param=update,

@@ -174,8 +174,9 @@ def profile_table(profile) -> Table:
         table.add_row(f"{dev} host->device / device->host, alone", f"{d.h2d_gbps:.1f} / {d.d2h_gbps:.1f} GB/s")
         table.add_row(f"{dev} the same, all devices at once", f"{d.h2d_gbps_together:.1f} / {d.d2h_gbps_together:.1f} GB/s")
     if profile.allgather is not None:
-        g = profile.allgather
-        table.add_row(f"all-gather among {g.ranks}", f"{g.latency_us:.0f} µs + {g.gbps:.2f} GB/s")
+        for g in sorted(profile.allgather_groups + [profile.allgather], key=lambda c: c.ranks):
+            table.add_row(f"all-gather among {g.ranks}", f"{g.latency_us:.0f} µs + {g.gbps:.2f} GB/s")
+        table.add_row("in-step wait per all-gather", f"{profile.allgather.wait_us:.0f} µs")
         table.add_row("loss all-reduce", f"{profile.scalar_latency_us:.0f} µs")
     for key in ("1x1", "2x1", "2x2"):
         b, m = key.split("x")

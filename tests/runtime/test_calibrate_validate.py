@@ -94,18 +94,33 @@ def test_a_profile_for_another_machine_or_model_is_refused(calibrated, tmp_path)
     assert "holds compute times for model 'tiny-opt'" in err and "not for 'opt-125m'" in err
 
 
-def test_a_rank_dying_after_the_measurements_still_gives_the_profile(tiny_dirs, tmp_path: Path) -> None:
-    """A rank that aborts while shutting down, once every rank has measured (a rare gloo teardown
-    abort seen in CI), spoils nothing: the figures file is complete by then."""
+def test_four_ranks_measure_every_group_size_and_a_rank_dying_at_exit_spoils_nothing(tiny_dirs, tmp_path: Path) -> None:
+    """One launch, two checks. 4 CPU ranks: the all-gather is measured among all 4 and among the
+    first 2 and 3 (the groups a plan's movers can form). And a rank that aborts while shutting
+    down, once every rank has measured (a rare gloo teardown abort seen in CI), spoils nothing:
+    the figures file is complete by then."""
+    machine = yaml.safe_load((Path(__file__).parents[2] / "topologies" / "cpu-local.yaml").read_text())
+    machine["name"] = "cpu-four"
+    machine["gpus"] = [{"id": f"rank{i}", "model": "cpu-rank"} for i in range(4)]
+    machine["links"] = [{"a": "cpu0", "b": f"rank{i}", "kind": "memory", "gbps": 8.3, "latency_us": 5} for i in range(4)]
+    topology = tmp_path / "four.yaml"
+    topology.write_text(yaml.safe_dump(machine))
     profile = tmp_path / "profile.yaml"
     env = dict(os.environ, HF_HUB_OFFLINE="1", ZOPLAN_ABORT_AT_EXIT="1")
     proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "calibrate", "--model", str(tiny_dirs["tiny-opt"]),
-                           "--micro-batch", "1", "--seq-len", "16", "-o", str(profile)],
-                          capture_output=True, text=True, timeout=600, env=env)
+                           "-t", str(topology), "--micro-batch", "1", "--seq-len", "16", "--steps", "3",
+                           "-o", str(profile)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "after every rank had finished measuring" in proc.stderr
     assert "perturbation kernels: torch" in proc.stdout  # the table's "measured with" row
-    assert sorted(load_profile(profile).devices) == ["rank0", "rank1"]
+    measured = load_profile(profile)
+    assert sorted(measured.devices) == [f"rank{i}" for i in range(4)]
+    assert measured.allgather is not None and measured.allgather.ranks == 4
+    assert [g.ranks for g in measured.allgather_groups] == [2, 3]
+    for k in (2, 3, 4):
+        c = measured.collective(k)
+        assert c is not None and c.latency_us > 0 and c.gbps > 0 and c.wait_us == measured.allgather.wait_us
+    assert "all-gather among 3" in proc.stdout
 
 
 def test_calibrating_a_gpu_topology_without_a_gpu_says_so() -> None:
