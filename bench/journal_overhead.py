@@ -18,16 +18,16 @@ from pathlib import Path
 
 
 def main() -> None:
+    from zoplan.runtime.worker import write_journal_line  # the worker's own code
+
     work = Path(tempfile.mkdtemp(prefix="zoplan-journal-"))
-    line = json.dumps({"step": 12345, "seed": 4611686018427387903, "loss_plus": 7.123456789012345,
-                       "loss_minus": 7.123401234567891, "projected_grad": -0.027772222222,
-                       "lr": 0.001, "eps": 0.001, "weight_decay": 0.0, "skipped": False}) + "\n"
+    record = {"step": 12345, "seed": 4611686018427387903, "loss_plus": 7.123456789012345,
+              "loss_minus": 7.123401234567891, "projected_grad": -0.027772222222, "lr": 0.001, "eps": 0.001, "weight_decay": 0.0, "skipped": False}
     times = []
     with open(work / "journal.jsonl", "a", buffering=1) as f:
         for _ in range(200):
             t0 = time.perf_counter()
-            f.write(line)
-            os.fsync(f.fileno())
+            write_journal_line(f, record, sync=True)
             times.append(time.perf_counter() - t0)
     journal_s = statistics.median(times)
     run = work / "run"

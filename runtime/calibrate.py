@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -205,6 +206,7 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(rank)
     out = {}
+    loop = _TrainingLoop(args, rank)
     settings = [(1, 2, "exchange")] if exchange else [(b, m, f"{b}x{m}") for b in (1, 2) for m in (1, 2)]
     for branches, micro, key in settings:
         _phase(args, rank, f"engine steps: {branches} branch(es), {micro} micro-batch(es)")
@@ -214,6 +216,7 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
                                 mover_index=rank if exchange else 0, movers=movers, compute_index=0,
                                 computes=1, exchange_group=dist.group.WORLD if exchange else None)
         spans = Spans(device, None)
+        blocks_n = len(host.layouts)
         engine = Engine(model, adapter, host, ctx, upload="sliced", slices=world, param_dtype=args.dtype,
                         resident_blocks=[], eps=1e-3, spans=spans)
         mbs = []
@@ -226,9 +229,13 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
         # is what a step's sum of waits adds up to
         for step in range(args.steps * 2 if exchange else args.steps):
             spans.begin(step)
+            with spans.span("compute", "loop", "batch", -1):
+                loop.batch(step, micro)  # timed only: the steps run on the random tokens above
             engine.forward_losses(mbs, 1000 + step, [_loss])
             with spans.span("compute", "scalar", "loss all-reduce", 1):
                 zdist.all_reduce_sum([0.0, 0.0, 0.0, 0.0])
+            with spans.span("compute", "loop", "journal", blocks_n + 2):
+                loop.journal(step)
             spans_totals = spans.end()
             # a stage lasts at least as long as the host takes to issue it (CUDA: kernel launches
             # and Python; in a long run nothing else hides that time)
@@ -241,7 +248,7 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
         blocks = len(host.layouts)
         average = statistics.mean if exchange else statistics.median
         out[key] = {cat: average(r.get(cat, 0.0) for r in rows) / (blocks if cat in PER_BLOCK else 1)
-                    for cat in ("h2d", "update", "d2h", "embed", "compute", "head", "exchange", "scalar")}
+                    for cat in ("h2d", "update", "d2h", "embed", "compute", "head", "exchange", "scalar", "loop")}
         if key == "1x1":
             theta = engine._device_copy(0)
             if device.type == "cuda":
@@ -252,6 +259,56 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
 
 
 PER_BLOCK = ("h2d", "update", "d2h", "compute", "exchange")  # once per block; the rest once per step
+
+
+class _TrainingLoop:
+    """The training loop's own host work between two steps, as runtime/worker.py does it: the
+    micro-batches of a step assembled from pre-tokenised texts with the model's tokenizer (random
+    words, long enough to fill the sequence), and rank 0's journal line, written and synced (in
+    a temporary directory: the run's output directory is not known yet)."""
+
+    def __init__(self, args, rank: int) -> None:
+        from transformers import AutoTokenizer
+
+        from zoplan.runtime import data as zdata
+        from zoplan.runtime.worker import _TOKENS
+
+        self.args, self.rank = args, rank
+        self.tokenizer = None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        except Exception:  # a checkpoint without a tokenizer: its runs cannot start anyway
+            print("calibrate: the model directory has no tokenizer; batch assembly is not timed", flush=True)
+        self.task = zdata.Task("lm")
+        words = "the model reads a long text one block after another and the loss falls".split()
+        rng = random.Random(rank)
+        self.examples = [zdata.Example(" ".join(rng.choice(words) for _ in range(args.seq_len)))
+                         for _ in range(64 * args.micro_batch)]
+        if self.tokenizer is not None:
+            zdata.pretokenize(self.examples, self.tokenizer, self.task, _TOKENS)
+        self.journal_file = None
+        if rank == 0:
+            self.journal_file = tempfile.NamedTemporaryFile("a", suffix=".jsonl", prefix="zoplan-calibrate-journal-",
+                                                       buffering=1)
+
+    def batch(self, step: int, micro_batches: int) -> None:
+        if self.tokenizer is None:
+            return
+        from zoplan.runtime import data as zdata
+        from zoplan.runtime.worker import _micro_batches
+
+        n = micro_batches * self.args.micro_batch
+        shard = zdata.batches(self.examples, n, 0, step, 0, 1)
+        _micro_batches(shard, self.tokenizer, self.task, self.args.seq_len, self.args.micro_batch)
+
+    def journal(self, step: int) -> None:
+        if self.journal_file is None:
+            return
+        from zoplan.runtime.worker import write_journal_line
+
+        write_journal_line(self.journal_file, {"step": step, "seed": 1234567890 + step, "loss_plus": 2.0, "loss_minus": 2.0,
+                                          "projected_grad": 0.0, "lr": 1e-6, "eps": 1e-3, "weight_decay": 0.0,
+                                          "skipped": False}, sync=True)
 
 
 def _pending(step: int):

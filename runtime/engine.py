@@ -422,7 +422,7 @@ class Engine:
     def step(self, micro_batches: list, seed: int, lr: float, wd: float, loss_fn, step: int | None = None) -> StepResult:
         """One ZO step: both branches' losses on the global batch, the projected gradient, and
         the update deferred into the next step (or ``flush``). With ``step``, its stages are
-        recorded as spans."""
+        recorded as spans (without, they go to a step the caller has begun, if any)."""
         if step is not None:
             self.spans.begin(step)
         losses = self.forward_losses(micro_batches, seed, [loss_fn])
@@ -430,7 +430,8 @@ class Engine:
         minus = losses.get(-1, [(0.0, 0.0)])[0]
         with self.spans.span("compute", "scalar", "loss all-reduce", len(self.blocks) + 1):
             sp, cp, sm, cm = zdist.all_reduce_sum([plus[0], plus[1], minus[0], minus[1]])
-        self.spans.end()
+        if step is not None:
+            self.spans.end()
         loss_plus, loss_minus = sp / max(cp, 1.0), sm / max(cm, 1.0)
         g = (loss_plus - loss_minus) / (2 * self.eps)
         finite = all(map(_finite, (loss_plus, loss_minus, g)))

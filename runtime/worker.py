@@ -140,6 +140,14 @@ _TOKENS: dict[str, list[int]] = {}  # every text tokenised once per run (zdata.e
 _PAD_TO_SEQ_LEN = [False]  # --pad-to-seq-len: every micro-batch has the plan's shape
 
 
+def write_journal_line(journal, record: dict, sync: bool) -> None:
+    """Append one step's journal line; with ``sync``, flushed to the disk (the step survives a
+    power loss). The journal file is line-buffered."""
+    journal.write(json.dumps(record) + "\n")
+    if sync:
+        os.fsync(journal.fileno())
+
+
 def _micro_batches(examples, tokenizer, task, seq_len: int, micro: int) -> list[dict]:
     out = []
     for k in range(0, len(examples), micro):
@@ -199,28 +207,37 @@ def train(args: argparse.Namespace) -> None:
             # the held-out loss before any update: the baseline the final evaluation is read against
             evaluate(engine, eval_set, tokenizer, task, plan, ctx, -1, metrics)
         for step in range(rp.next_step, steps):
+            # a step's time and spans run from its batch to its journal line: the training loop's
+            # own host work ("loop") is part of every step, as the planner counts it
             t0 = time.perf_counter()
+            engine.spans.begin(step)
             mine: list = []
-            if ctx.replica is not None:
-                shard = zdata.batches(train_set, plan.batch.global_batch, plan.zo.seed, step, ctx.replica, ctx.replicas)
-                mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch)
+            with engine.spans.span("compute", "loop", "batch", -1):
+                if ctx.replica is not None:
+                    shard = zdata.batches(train_set, plan.batch.global_batch, plan.zo.seed, step, ctx.replica,
+                                          ctx.replicas)
+                    mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch)
             seed = step_seed(plan.zo.seed, step)
             lr = learning_rate(plan.zo.lr, plan.zo.lr_schedule, step, steps)
-            result = engine.step(mine, seed, lr, plan.zo.weight_decay, loss_fn, step=step)
+            result = engine.step(mine, seed, lr, plan.zo.weight_decay, loss_fn)
             _injected_kill(ctx.rank, step)
             if result.finite:
                 nonfinite_in_row = 0
             else:
                 nonfinite_in_row += 1
                 nonfinite_total += 1
+            if writer:
+                with engine.spans.span("compute", "loop", "journal", len(engine.blocks) + 2):
+                    write_journal_line(journal, {"step": step, "seed": seed, "loss_plus": result.loss_plus,
+                                                 "loss_minus": result.loss_minus,
+                                                 "projected_grad": result.projected_grad, "lr": lr,
+                                                 "eps": plan.zo.eps, "weight_decay": plan.zo.weight_decay,
+                                                 "skipped": not result.finite},
+                                       sync=bool(args.journal_sync_every
+                                                 and (step + 1) % args.journal_sync_every == 0))
+            engine.spans.end()
             dt = time.perf_counter() - t0
             if writer:
-                journal.write(json.dumps({"step": step, "seed": seed, "loss_plus": result.loss_plus,
-                                          "loss_minus": result.loss_minus, "projected_grad": result.projected_grad,
-                                          "lr": lr, "eps": plan.zo.eps, "weight_decay": plan.zo.weight_decay,
-                                          "skipped": not result.finite}) + "\n")
-                if args.journal_sync_every and (step + 1) % args.journal_sync_every == 0:
-                    os.fsync(journal.fileno())  # the step survives a power loss
                 metrics.write(json.dumps({"step": step, "loss": (result.loss_plus + result.loss_minus) / 2,
                                           "projected_grad": result.projected_grad, "step_time_s": dt,
                                           "tokens_per_s": tokens_per_step / dt, "elapsed_s": time.perf_counter() - t_start,

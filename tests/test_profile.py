@@ -102,3 +102,30 @@ def test_the_movers_all_gather_takes_the_figure_measured_for_their_group_size(tm
     assert round_s(2, apply_profile(machine, without, tmp_path / "q.yaml")) is None
     # a profile written before the groups were measured still loads
     assert validate_profile_dict({k: v for k, v in tree.items() if k != "allgather_groups"}).allgather_groups == []
+
+
+def test_the_training_loop_between_steps_lengthens_the_step_by_its_measured_time(tmp_path: Path) -> None:
+    """A profile's loop_s (next batch, journal line) follows the loss all-reduce on every compute
+    rank: on one-thread CPU ranks the step grows by exactly that time. Without it: no loop span."""
+    from zoplan.planfile import write_plan
+    from zoplan.planner import timeline
+    from zoplan.search import Pins
+
+    base = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    with_loop = tmp_path / "loop.yaml"
+    loop = {"1x1": 0.004, "1x2": 0.005, "2x1": 0.004, "2x2": 0.005}
+    with_loop.write_text(yaml.safe_dump({**base, "compute": {**base["compute"], "loop_s": loop}}))
+    steps, spans = {}, {}
+    for name, profile in (("base", tmp_path / "base.yaml"), ("loop", with_loop)):
+        report = plan(str(tmp_path / "my-base"), "cpu-local", global_batch=4, seq_len=64, dtype="fp32",
+                      profile=profile, pins=Pins(perturbation=2, data=1, micro_batch=2, resident=0, wire_dtype="fp32",
+                                                 upload="sliced", slices=2, prefetch=1))
+        write_plan(report.plan, tmp_path / f"{name}-plan.yaml")
+        result = timeline(tmp_path / f"{name}-plan.yaml").candidate.sim
+        steps[name] = report.plan.prediction.step_time_s
+        spans[name] = [s for s in result.spans if s[2] == "loop" and s[4] == 1]
+    # 2 micro-batches of the calibrated size, 1 branch per rank: 1x1 + (1x2 - 1x1) = 5 ms
+    assert steps["loop"] - steps["base"] == pytest.approx(0.005, rel=1e-6)
+    assert spans["base"] == []
+    assert sorted(s[0] for s in spans["loop"]) == ["rank0", "rank1"]
+    assert all(s[7] - s[6] == pytest.approx(0.005) for s in spans["loop"])

@@ -184,6 +184,13 @@ class StepCosts:
         one = forward_s(self._gm(gpu), m.head_flops(tokens), head_bytes, L.param_dtype)
         return one * self.micro_batches * L.branches_per_gpu
 
+    def loop_s(self) -> float:
+        """The training loop's host work between two steps (next batch, journal line): measured
+        only (0 without a profile)."""
+        if self.profile is None:
+            return 0.0
+        return self.profile.loop_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
+
     # ----- memory --------------------------------------------------------------------------
     def gpu_memory_bytes(self, gpu: str) -> int:
         """Peak memory of one GPU of the layout (compute or relay)."""

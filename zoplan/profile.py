@@ -72,6 +72,9 @@ class StageTimes(Strict):
     head_s: dict[str, NonNegativeFloat]
     update_s_per_param: NonNegativeFloat
     perturb_s_per_param: NonNegativeFloat = 0.0  # theta + eps z of one block, for the record
+    # the training loop's host work between two steps: assembling the next batch, writing and
+    # syncing the journal line (empty in profiles written before it was measured: none)
+    loop_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
 
 
 class Profile(Strict):
@@ -113,6 +116,12 @@ class Profile(Strict):
 
     def head_s(self, branches: int, micro_batches: int, tokens_scale: float = 1.0) -> float:
         return self._solve(self.compute.head_s, branches, micro_batches, tokens_scale)
+
+    def loop_s(self, branches: int, micro_batches: int, tokens_scale: float = 1.0) -> float:
+        table = self.compute.loop_s
+        if f"{branches}x1" not in table or f"{branches}x2" not in table:
+            return 0.0
+        return self._solve(table, branches, micro_batches, tokens_scale)
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -174,7 +183,9 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
         allgather=Collective(**gather) if gather else None,
         allgather_groups=groups,
         scalar_latency_us=sum(r["scalar_latency_us"] for r in rows) / len(rows),
+        # the loop: the slowest rank's (rank 0 also writes the journal; the others wait for it)
         compute=StageTimes(block_s=mean("compute"), embed_s=mean("embed"), head_s=mean("head"),
+                           loop_s={k: max(r["compute"][k].get("loop", 0.0) for r in rows) for k in keys},
                            update_s_per_param=update,
                            perturb_s_per_param=sum(r["compute"]["1x1"].get("perturb_s_per_param", 0.0)
                                                    for r in rows) / len(rows)))

@@ -182,6 +182,9 @@ def profile_table(profile) -> Table:
         b, m = key.split("x")
         table.add_row(f"block compute, {b} branch(es), {m} micro-batch(es)", _fmt_time(profile.compute.block_s[key]))
     table.add_row("deferred update", f"{profile.compute.update_s_per_param * 1e9:.2f} ns/parameter")
+    if profile.compute.loop_s:
+        table.add_row("training loop between steps (batch + journal), 1 micro-batch",
+                      _fmt_time(profile.compute.loop_s.get("1x1", 0.0)))
     table.add_row("perturbation (theta + eps z)", f"{profile.compute.perturb_s_per_param * 1e9:.2f} ns/parameter")
     on = profile.measured_on
     if on.get("kernels") or on.get("torch"):

@@ -11,7 +11,9 @@ Each GPU has four in-order streams, like CUDA streams ordered by events:
 A GPU holds ``prefetch + 1`` block buffers: an upload waits for a free one. Links and each
 socket's memory bus are shared max-min fairly between the transfers crossing them (flownet).
 At the end of a step the compute ranks all-reduce their loss scalars (alpha-beta: only
-latency matters for a few bytes) and the projected gradient is known.
+latency matters for a few bytes) and the projected gradient is known. With a calibration
+profile, the training loop's host work (the journal line, the next batch) follows before the
+next step's work is issued.
 
 Three steps are simulated and the middle one is reported: it both receives the prefetch of its
 first blocks from the step before and pays for the prefetch of the step after, like every step
@@ -238,6 +240,7 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
     step_ends: list[float] = []
     snapshots: list[dict[str, float]] = []
     scalar_latency = _scalar_allreduce_s(costs)
+    loop_s = costs.loop_s()
 
     def scalar_stream():
         for step in range(STEPS):
@@ -246,6 +249,16 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
             yield env.timeout(scalar_latency)
             for g in L.compute_gpus:
                 spans.append((g, "compute", "scalar", "loss all-reduce", step, model.layers + 1, t0, env.now))
+            if loop_s > 0:
+                # the training loop's host work before the next step can be issued: this step's
+                # journal line, the next batch (on a GPU the host issues nothing meanwhile)
+                held = take(L.compute_gpus)
+                yield simpy.AllOf(env, held)
+                t0 = env.now
+                yield env.timeout(loop_s)
+                give(held)
+                for g in L.compute_gpus:
+                    spans.append((g, "compute", "loop", "journal+next batch", step, model.layers + 2, t0, env.now))
             step_ends.append(env.now)
             snapshots.append(net.snapshot())
             ev["g", step].succeed()

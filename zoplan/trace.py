@@ -32,7 +32,8 @@ from zoplan.topology import Machine
 # Streams in pipeline order: a block goes up, is exchanged, computed, and its update goes down.
 STREAMS = ("upload", "exchange", "compute", "offload")
 # Categories in the order a step meets them (legend order).
-CATEGORIES = ("h2d", "update", "exchange", "embed", "compute", "head", "scalar", "d2h")
+# "loop": the training loop's own host work between two steps (the next batch, the journal line).
+CATEGORIES = ("h2d", "update", "exchange", "embed", "compute", "head", "scalar", "loop", "d2h")
 # Terminal colours: one family per stream (upload blue, exchange magenta, compute green,
 # offload yellow) so a row reads at a glance, with shades for the short phases around it.
 CATEGORY_STYLE = {
@@ -43,6 +44,7 @@ CATEGORY_STYLE = {
     "compute": "green",
     "head": "bright_green",
     "scalar": "red",
+    "loop": "bright_black",
     "d2h": "yellow",
 }
 # The same families for matplotlib (tab10-like, readable on white).
@@ -54,6 +56,7 @@ CATEGORY_COLOR = {
     "compute": "#2ca02c",
     "head": "#98df8a",
     "scalar": "#d62728",
+    "loop": "#7f7f7f",
     "d2h": "#ff7f0e",
 }
 IDLE = "·"

@@ -33,7 +33,7 @@ from zoplan.trace import CATEGORIES, chrome_trace, merge_traces
 
 STAGE_NAMES = {"h2d": "upload (h2d)", "update": "update", "exchange": "all-gather", "embed": "embed+perturb",
                "compute": "block compute", "head": "head+loss", "scalar": "scalar all-reduce",
-               "d2h": "offload (d2h)"}
+               "loop": "batch+journal", "d2h": "offload (d2h)"}
 
 
 @dataclass

@@ -67,6 +67,8 @@ def test_calibration_measures_every_rank_and_the_model_shape(calibrated) -> None
     # twice the work (two micro-batches through both branches): a margin no noise closes
     assert times.block_s["2x2"] > times.block_s["2x1"]
     assert times.update_s_per_param > 0
+    # the training loop between steps (batch, journal line) was timed in every setting
+    assert sorted(times.loop_s) == ["1x1", "1x2", "2x1", "2x2"] and all(t > 0 for t in times.loop_s.values())
 
 
 def test_a_plan_made_with_a_profile_records_it_and_timeline_reproduces_it(calibrated, planned, tmp_path) -> None:
@@ -140,7 +142,7 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
     rows = {r["stage"]: r for r in report["rows"]}
     assert report["measured_steps"] == [1, 2, 3]
     assert rows["step"]["predicted_s"] == pytest.approx(load_plan(planned).prediction.step_time_s)
-    for stage in ("step", "compute", "embed", "head", "update", "exchange", "scalar"):
+    for stage in ("step", "compute", "embed", "head", "update", "exchange", "scalar", "loop"):
         assert rows[stage]["measured_s"] > 0 and rows[stage]["predicted_s"] > 0, stage
         assert rows[stage]["error"] == pytest.approx(
             (rows[stage]["predicted_s"] - rows[stage]["measured_s"]) / rows[stage]["measured_s"])
@@ -149,7 +151,15 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
     assert {"rank0 (simulated)", "rank1 (simulated)", "rank0 (measured)", "rank1 (measured)"} <= names
     measured_pids = {e["pid"] for e in events if e.get("name") == "process_name" and "measured" in e["args"]["name"]}
     assert any(e.get("ph") == "X" and e["pid"] in measured_pids and e["cat"] == "compute" for e in events)
-    assert (tmp_path / "run" / "spans-rank0.jsonl").exists() and (tmp_path / "run" / "spans-rank1.jsonl").exists()
+    # the training loop's host work is inside every step: the batch on each rank, the journal
+    # line on rank 0 (the writer) only
+    for rank in (0, 1):
+        lines = [json.loads(line) for line in (tmp_path / "run" / f"spans-rank{rank}.jsonl").read_text().splitlines()]
+        assert all(line["totals"]["loop"] > 0 for line in lines)
+        labels = {s[2] for s in lines[0]["spans"] if s[1] == "loop"}
+        assert labels == ({"batch", "journal"} if rank == 0 else {"batch"}), (rank, labels)
+        # one thread on the CPU: the spans, loop included, follow one another within the step
+        assert all(sum(line["totals"].values()) <= line["wall_s"] + 1e-6 for line in lines)
 
 
 def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs, monkeypatch) -> None:
