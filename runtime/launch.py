@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from zoplan.errors import ZoplanError
-from zoplan.models import load_model_shape
+from zoplan.models import TINY_LR, load_model_shape
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.search import Pins
 from zoplan.topology import load_topology
@@ -29,8 +29,6 @@ DEFAULT_MODEL = "tiny-opt"
 # learns next-token statistics of the bundled texts quickly under ZO, but not the sentiment
 # labels (232k parameters: no visible change in 300 steps; docs/results/runtime-cpu.md).
 DEFAULT_DATA = "sentiment-text"
-# MeZO's 1e-6 suits pretrained LLMs; a random tiny model needs a far larger step.
-TINY_LR = 1e-3
 
 
 @dataclass

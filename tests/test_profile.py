@@ -129,3 +129,20 @@ def test_the_training_loop_between_steps_lengthens_the_step_by_its_measured_time
     assert spans["base"] == []
     assert sorted(s[0] for s in spans["loop"]) == ["rank0", "rank1"]
     assert all(s[7] - s[6] == pytest.approx(0.005) for s in spans["loop"])
+
+
+def test_the_compute_dtype_defaults_to_the_profiles_and_another_is_refused(tmp_path: Path) -> None:
+    from zoplan.planner import compute_dtype
+
+    tree = yaml.safe_load(write_profile(tmp_path / "fp32.yaml").read_text())
+    tree["model"]["dtype"] = "bf16"
+    (tmp_path / "bf16.yaml").write_text(yaml.safe_dump(tree))
+    model = str(tmp_path / "my-base")
+    # CPU ranks plan fp32 by default, but a profile measured in bf16 decides
+    assert compute_dtype(load_topology("cpu-local"), None) == "fp32"
+    assert compute_dtype(load_topology("h100-pcie-1x"), None) == "bf16"
+    report = plan(model, "cpu-local", global_batch=4, seq_len=64, profile=tmp_path / "bf16.yaml")
+    assert report.plan.transfer.param_dtype == "bf16"
+    with pytest.raises(ZoplanError, match="compute times measured in bf16, not fp32") as info:
+        plan(model, "cpu-local", global_batch=4, seq_len=64, dtype="fp32", profile=tmp_path / "bf16.yaml")
+    assert "--dtype bf16" in info.value.fix

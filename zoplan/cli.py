@@ -67,7 +67,7 @@ def plan_cmd(
     topology: str = typer.Option("dgx-a100", "--topology", "-t", help="bundled topology name or YAML path"),
     global_batch: int = typer.Option(16, "--global-batch", "-b", help="sequences per step, all replicas together"),
     seq_len: int = typer.Option(512, "--seq-len", "-s", help="tokens per sequence"),
-    dtype: Dtype = typer.Option(Dtype.bf16, "--dtype", help="compute dtype of the parameters on the GPU"),
+    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="compute dtype of the parameters (default: the profile's; else bf16 on GPUs, fp32 on CPU ranks)"),
     objective: Objective = typer.Option(Objective.time, "--objective", help="rank by step time or by $ per token"),
     top: int = typer.Option(5, "--top", "-k", help="how many layouts to show (best of each parallel shape)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the best plan to this YAML file"),
@@ -83,7 +83,7 @@ def plan_cmd(
     upload: Optional[Upload] = typer.Option(None, "--upload", help="pin whole-block or sliced uploads"),
     movers: Optional[Movers] = typer.Option(None, "--movers", help="sliced uploads: compute GPUs only or all GPUs"),
     eps: float = typer.Option(1e-3, "--eps", help="perturbation scale"),
-    lr: float = typer.Option(1e-6, "--lr", help="learning rate"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 1e-6; 1e-3 for the tiny models)"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     seed: int = typer.Option(0, "--seed"),
     steps: int = typer.Option(1000, "--steps", help="training steps recorded in the plan"),
@@ -95,6 +95,10 @@ def plan_cmd(
     from zoplan.planner import plan
     from zoplan.search import Pins
 
+    from zoplan.models import TINY_LR, TINY_MODELS
+
+    if lr is None:
+        lr = TINY_LR if model in TINY_MODELS else ZoSettings.model_fields["lr"].default
     zo = _zo_settings(ZoSettings, eps=eps, lr=lr, weight_decay=weight_decay, seed=seed, steps=steps,
                       lr_schedule=lr_schedule.value)
     pins = Pins(perturbation=pertp, data=ddp, gpus=_gpus(gpus), slices=slices,
@@ -102,7 +106,7 @@ def plan_cmd(
                 prefetch=prefetch, resident=resident, upload=upload.value if upload else None,
                 movers=movers.value if movers else None)
     report = plan(model, topology, global_batch=global_batch, seq_len=seq_len, pins=pins,
-                  objective=objective.value, dtype=dtype.value, top=top, zo=zo, profile=profile)
+                  objective=objective.value, dtype=dtype.value if dtype else None, top=top, zo=zo, profile=profile)
     if output is not None:
         write_plan(report.plan, output)
     if as_json:
@@ -132,7 +136,7 @@ def compare_cmd(
     topology: list[str] = typer.Option(..., "--topology", "-t", help="a machine to compare (repeat)"),
     global_batch: int = typer.Option(16, "--global-batch", "-b"),
     seq_len: int = typer.Option(512, "--seq-len", "-s"),
-    dtype: Dtype = typer.Option(Dtype.bf16, "--dtype"),
+    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="default: bf16 on GPUs, fp32 on CPU ranks"),
     objective: Objective = typer.Option(Objective.time, "--objective"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
@@ -140,7 +144,7 @@ def compare_cmd(
     from zoplan.planner import compare
 
     results = compare(model, topology, global_batch=global_batch, seq_len=seq_len,
-                      objective=objective.value, dtype=dtype.value)
+                      objective=objective.value, dtype=dtype.value if dtype else None)
     if as_json:
         print(json.dumps({"model": model, "machines": [
             {"topology": name, "error": res.message} if isinstance(res, ZoplanError)

@@ -39,6 +39,8 @@ LOGITS_COPY_BYTES = 2
 # command names one). The planner reads a built one's config.json like any checkpoint's.
 TINY_MODELS = ("tiny-opt", "tiny-llama", "tiny-qwen2")
 TINY_VERSION = 1  # bump when the tokenizer, the configs or the initialisation change
+# MeZO's 1e-6 suits pretrained LLMs; a randomly initialised tiny model needs a far larger step.
+TINY_LR = 1e-3
 
 
 def tiny_cache_dir() -> Path:

@@ -98,14 +98,30 @@ def with_profile(machine: Machine, profile: str | Path | None, shape: ModelShape
     return apply_profile(machine, measured, Path(profile).resolve())
 
 
+def compute_dtype(machine: Machine, dtype: str | None, profile: str | Path | None = None) -> str:
+    """The compute dtype to plan with: the one asked for, which must be the one a profile's
+    compute times were measured with; by default the profile's, else bf16 on GPUs and fp32 on
+    CPU ranks (whose bf16 matrix products are slower: docs/results/cpu-figures.md)."""
+    measured = machine.profile.profile.model.dtype if machine.profile is not None else None
+    if dtype is None:
+        cpu = bool(machine.gpus) and all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus)
+        return measured or ("fp32" if cpu else "bf16")
+    if measured is not None and measured != dtype:
+        raise ZoplanError(f"{profile} holds compute times measured in {measured}, not {dtype}",
+                          fix=f"plan with --dtype {measured}, or calibrate again with --dtype {dtype}")
+    return dtype
+
+
 def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
          global_batch: int = DEFAULT_GLOBAL_BATCH, seq_len: int = DEFAULT_SEQ_LEN,
-         pins: Pins = Pins(), objective: str = "time", dtype: str = "bf16", top: int = 5,
+         pins: Pins = Pins(), objective: str = "time", dtype: str | None = None, top: int = 5,
          zo: ZoSettings = ZoSettings(), profile: str | Path | None = None) -> PlanReport:
     """Search the layouts of ``model`` on ``topology`` and return the report with the best plan.
-    With ``profile``, the calibrated figures replace the topology's nominal ones."""
+    With ``profile``, the calibrated figures replace the topology's nominal ones. ``dtype`` (the
+    compute dtype) defaults to the profile's, else bf16 on GPUs and fp32 on CPU ranks."""
     shape = load_model_shape(model)
     machine = with_profile(load_topology(topology), profile, shape)
+    dtype = compute_dtype(machine, dtype, profile)
     workload = Workload(shape, global_batch, seq_len)
     result = search(machine, workload, pins=pins, objective=objective, param_dtype=dtype, top=top)
     best = result.best
@@ -125,7 +141,7 @@ def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
 
 def compare(model: str, topologies: list[str], *, global_batch: int = DEFAULT_GLOBAL_BATCH,
             seq_len: int = DEFAULT_SEQ_LEN, objective: str = "time",
-            dtype: str = "bf16") -> list[tuple[str, PlanReport | ZoplanError]]:
+            dtype: str | None = None) -> list[tuple[str, PlanReport | ZoplanError]]:
     """The best layout on each machine, by topology name; a machine the model does not fit on
     (or that cannot run the batch) gives its error instead, so the others are still compared."""
     if not topologies:

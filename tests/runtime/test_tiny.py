@@ -124,6 +124,7 @@ def test_the_planner_knows_the_builtins_and_plans_them_by_name(tmp_path: Path, m
     import sys
 
     from zoplan.models import TINY_MODELS, load_model_shape
+    from zoplan.planfile import load_plan
 
     assert sorted(TINY_MODELS) == NAMES
     home = tmp_path / "home"
@@ -137,6 +138,10 @@ def test_the_planner_knows_the_builtins_and_plans_them_by_name(tmp_path: Path, m
     shape = load_model_shape("tiny-opt")
     model = AutoModelForCausalLM.from_pretrained(built)
     assert shape.total_params() == sum(p.numel() for p in model.parameters())
-    assert f"name: {built.name}" in (tmp_path / "plan.yaml").read_text()
+    written = load_plan(tmp_path / "plan.yaml")
+    assert written.model.name == built.name
+    # the defaults of `zoplan run` for a tiny model on CPU ranks: a step a random model learns
+    # from, and fp32 compute
+    assert written.zo.lr == 1e-3 and written.transfer.param_dtype == "fp32"
     # validate and run find the model from the plan's model name
     assert tiny.tiny_name(shape.name) == "tiny-opt"
