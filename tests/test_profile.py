@@ -11,6 +11,7 @@ import yaml
 from zoplan.errors import ZoplanError
 from zoplan.models import load_model_shape
 from zoplan.planner import plan
+from zoplan.search import Pins
 from zoplan.profile import PROFILE_VERSIONS
 from zoplan.topology import load_topology
 
@@ -109,7 +110,6 @@ def test_the_training_loop_between_steps_lengthens_the_step_by_its_measured_time
     rank: on one-thread CPU ranks the step grows by exactly that time. Without it: no loop span."""
     from zoplan.planfile import write_plan
     from zoplan.planner import timeline
-    from zoplan.search import Pins
 
     base = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
     with_loop = tmp_path / "loop.yaml"
@@ -146,3 +146,16 @@ def test_the_compute_dtype_defaults_to_the_profiles_and_another_is_refused(tmp_p
     with pytest.raises(ZoplanError, match="compute times measured in bf16, not fp32") as info:
         plan(model, "cpu-local", global_batch=4, seq_len=64, dtype="fp32", profile=tmp_path / "bf16.yaml")
     assert "--dtype bf16" in info.value.fix
+
+
+def test_the_plan_says_when_it_scales_the_profiles_compute_times_to_another_micro_batch(tmp_path: Path) -> None:
+    from zoplan.render import plan_footer
+
+    profile = write_profile(tmp_path / "profile.yaml")  # timed 2 x 64 tokens
+    model = str(tmp_path / "my-base")
+    same = plan(model, "cpu-local", global_batch=4, seq_len=64, profile=profile, pins=Pins(micro_batch=2))
+    other = plan(model, "cpu-local", global_batch=4, seq_len=32, profile=profile, pins=Pins(micro_batch=1))
+    assert "note:" not in plan_footer(same).plain
+    note = plan_footer(other).plain
+    assert "timed micro-batches of 2 × 64 tokens; this plan's are 1 × 32" in note
+    assert "--micro-batch 1 --seq-len 32" in note

@@ -89,6 +89,15 @@ def plan_footer(report: PlanReport) -> Text:
                     f"bound by {s.baseline.sim.bottleneck}; speedup {report.speedup_vs_baseline:.2f}×\n")
     else:
         text.append("ZO2 baseline: does not fit one GPU of this machine\n")
+    profiled = report.machine.profile
+    if profiled is not None:
+        measured = profiled.profile.model
+        mb, seq = report.plan.batch.micro_batch, report.plan.batch.seq_len
+        if (mb, seq) != (measured.micro_batch, measured.seq_len):
+            text.append(f"note: the profile timed micro-batches of {measured.micro_batch} × {measured.seq_len} tokens; "
+                        f"this plan's are {mb} × {seq}, so its compute times are scaled by the token count "
+                        f"(attention grows faster than that): calibrate with --micro-batch {mb} --seq-len {seq} "
+                        f"for the closest prediction\n", style="yellow")
     text.append("p×d: perturbation × data-parallel degree; µb: micro-batch; pf: blocks prefetched; "
                 "res: blocks resident on the GPUs; bound: machine bound / step time\n", style="dim")
     text.append(f"search: {s.considered} layouts, {s.rejected} rejected for memory, {s.evaluated} simulated "
