@@ -167,3 +167,18 @@ def test_cuda_peak_memory_is_reported_beside_the_prediction(two_rank_plan, tmp_p
     assert len(notes) == 1 and "predicted 7.0 GiB" in notes[0] and "peak allocated by torch 6.0 GiB" in notes[0]
     cpu = compare(measure(tmp_path / "run", two_rank_plan), sim)
     assert cpu.predicted_gpu_bytes is None
+
+
+def test_the_training_loop_is_the_slowest_ranks_as_the_planner_counts_it(two_rank_plan, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_run(run, [5.0, 0.10, 0.30, 0.20], {0: [4.0, 0.02, 0.06, 0.04], 1: [4.0, 0.04, 0.08, 0.06]})
+    loop = {0: [0.5, 0.003, 0.004, 0.005], 1: [0.5, 0.001, 0.001, 0.001]}  # rank 0 also writes the journal
+    for rank in (0, 1):
+        f = run / f"spans-rank{rank}.jsonl"
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        for row in rows:
+            row["totals"]["loop"] = loop[rank][row["step"]]
+        f.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    rows = {r.stage: r for r in measure(run, two_rank_plan).rows}
+    assert rows["loop"].measured_s == pytest.approx(0.004)  # rank 0's: 3, 4, 5 ms
+    assert rows["compute"].measured_s == pytest.approx(0.05)  # the other stages still average
