@@ -159,3 +159,21 @@ def test_the_plan_says_when_it_scales_the_profiles_compute_times_to_another_micr
     note = plan_footer(other).plain
     assert "timed micro-batches of 2 × 64 tokens; this plan's are 1 × 32" in note
     assert "--micro-batch 1 --seq-len 32" in note
+
+
+def test_the_calibration_table_shows_every_group_and_an_unresolved_rate_in_words(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from zoplan.profile import load_profile
+    from zoplan.render import profile_table
+
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    tree["allgather"] = {"ranks": 3, "latency_us": 280.0, "gbps": 1e6, "wait_us": 500.0}
+    tree["allgather_groups"] = [{"ranks": 2, "latency_us": 250.0, "gbps": 1.5, "wait_us": 500.0}]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(tree))
+    console = Console(width=200, record=True)
+    console.print(profile_table(load_profile(tmp_path / "p.yaml")))
+    text = console.export_text()
+    assert "all-gather among 2" in text and "250 µs + 1.50 GB/s" in text
+    assert "all-gather among 3" in text and "280 µs + bytes too cheap to time" in text
+    assert "1000000" not in text
