@@ -115,7 +115,7 @@ def test_the_training_loop_between_steps_lengthens_the_step_by_its_measured_time
     with_loop = tmp_path / "loop.yaml"
     loop = {"1x1": 0.004, "1x2": 0.005, "2x1": 0.004, "2x2": 0.005}
     with_loop.write_text(yaml.safe_dump({**base, "compute": {**base["compute"], "loop_s": loop}}))
-    steps, spans = {}, {}
+    steps, spans, bounds = {}, {}, {}
     for name, profile in (("base", tmp_path / "base.yaml"), ("loop", with_loop)):
         report = plan(str(tmp_path / "my-base"), "cpu-local", global_batch=4, seq_len=64, dtype="fp32",
                       profile=profile, pins=Pins(perturbation=2, data=1, micro_batch=2, resident=0, wire_dtype="fp32",
@@ -124,11 +124,16 @@ def test_the_training_loop_between_steps_lengthens_the_step_by_its_measured_time
         result = timeline(tmp_path / f"{name}-plan.yaml").candidate.sim
         steps[name] = report.plan.prediction.step_time_s
         spans[name] = [s for s in result.spans if s[2] == "loop" and s[4] == 1]
+        bounds[name] = report.search.ranked[0].bound
+        # the bound that prunes the search stays below every simulated step
+        assert all(c.bound.prune_bound_s <= c.step_time_s * (1 + 1e-9) for c in report.search.ranked)
     # 2 micro-batches of the calibrated size, 1 branch per rank: 1x1 + (1x2 - 1x1) = 5 ms
     assert steps["loop"] - steps["base"] == pytest.approx(0.005, rel=1e-6)
     assert spans["base"] == []
     assert sorted(s[0] for s in spans["loop"]) == ["rank0", "rank1"]
     assert all(s[7] - s[6] == pytest.approx(0.005) for s in spans["loop"])
+    # the loop is serial on every compute rank: the machine bound counts it too
+    assert bounds["loop"].machine_bound_s - bounds["base"].machine_bound_s == pytest.approx(0.005, rel=1e-6)
 
 
 def test_the_compute_dtype_defaults_to_the_profiles_and_another_is_refused(tmp_path: Path) -> None:

@@ -55,7 +55,8 @@ def machine_bound(costs: StepCosts) -> Bound:
             for r in path:
                 per_block = ring_bytes / (machine.directed[r].gbps * 1e9)
                 work[r] += model.layers * per_block
-    scalar_s = _scalar_allreduce_s(costs)
+    # the loss all-reduce and then the training loop's host work end every step on every compute rank
+    scalar_s = _scalar_allreduce_s(costs) + costs.loop_s()
     fill_s = 0.0
     compute: dict[str, float] = {}
     if sliced:
