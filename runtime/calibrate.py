@@ -207,7 +207,8 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
     gen = torch.Generator().manual_seed(rank)
     out = {}
     loop = _TrainingLoop(args, rank)
-    settings = [(1, 2, "exchange")] if exchange else [(b, m, f"{b}x{m}") for b in (1, 2) for m in (1, 2)]
+    settings = ([(1, 2, "exchange")] if exchange
+                else [(b, m, f"{b}x{m}") for b in (1, 2) for m in _counts(args.micro_batches)])
     for branches, micro, key in settings:
         _phase(args, rank, f"engine steps: {branches} branch(es), {micro} micro-batch(es)")
         movers = world if exchange else 1
@@ -259,6 +260,10 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
 
 
 PER_BLOCK = ("h2d", "update", "d2h", "compute", "exchange")  # once per block; the rest once per step
+
+
+def _counts(text: str) -> list[int]:
+    return sorted({int(m) for m in text.split(",")})
 
 
 class _TrainingLoop:
@@ -326,6 +331,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--block-params", type=int, required=True)  # of the model: a block's slices are its parts
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--micro-batches", default="1,2")  # the counts timed per branch count
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--output", required=True)
     parser.add_argument("--progress", default=None)
@@ -355,8 +361,10 @@ if __name__ == "__main__":
 
 # ----- the launcher (``zoplan calibrate``) ---------------------------------------------------------
 def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtype: str | None,
-              output: Path, steps: int = 20, quiet: bool = False):
-    """Measure this machine (one process per device of ``topology``) and write a profile."""
+              output: Path, steps: int = 20, quiet: bool = False, micro_batches: tuple[int, ...] = (1, 2)):
+    """Measure this machine (one process per device of ``topology``) and write a profile;
+    ``micro_batches``: the micro-batch counts timed (1 and 2 at least; more counts let a plan
+    with many micro-batches interpolate instead of extrapolating)."""
     import subprocess
     import sys
 
@@ -387,6 +395,10 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
     shape = load_model_shape(str(model_dir / "config.json"))
     if micro_batch < 1 or seq_len < 1:
         raise ZoplanError("--micro-batch and --seq-len must be at least 1")
+    counts = sorted(set(micro_batches))
+    if not {1, 2} <= set(counts) or counts[-1] > 999:
+        raise ZoplanError(f"--micro-batches {','.join(map(str, micro_batches))}: the counts timed must include 1 and 2 "
+                          f"(and stay below 1000)", fix="e.g. --micro-batches 1,2,4")
     work = Path(tempfile.mkdtemp(prefix="zoplan-calibrate-"))
     raw, progress_file, log = work / "figures.json", work / "progress.txt", work / "calibrate.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--nnodes", "1",
@@ -394,6 +406,7 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
            "-m", "zoplan.runtime.calibrate", "--model-dir", str(model_dir), "--micro-batch", str(micro_batch),
            "--seq-len", str(seq_len), "--dtype", dtype, "--device", "cpu" if cpu else "cuda",
            "--block-params", str(shape.block_params()), "--steps", str(steps),
+           "--micro-batches", ",".join(map(str, counts)),
            "--output", str(raw), "--progress", str(progress_file)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if not cpu:  # rank k measures the topology's GPU k

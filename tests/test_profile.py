@@ -182,3 +182,47 @@ def test_the_calibration_table_shows_every_group_and_an_unresolved_rate_in_words
     assert "all-gather among 2" in text and "250 µs + 1.50 GB/s" in text
     assert "all-gather among 3" in text and "280 µs + bytes too cheap to time" in text
     assert "1000000" not in text
+
+
+def _profile_with(tmp_path: Path, name: str, **block_s: float):
+    from zoplan.profile import load_profile
+
+    tree = yaml.safe_load(write_profile(tmp_path / f"{name}-base.yaml").read_text())
+    tree["compute"]["block_s"] = {k.replace("_", "x").lstrip("b"): v for k, v in block_s.items()}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(tree))
+    return load_profile(tmp_path / f"{name}.yaml")
+
+
+def test_block_times_are_piecewise_linear_through_every_timed_micro_batch_count(tmp_path: Path) -> None:
+    p = _profile_with(tmp_path, "three", b1_1=1.0, b1_2=1.5, b1_4=2.0, b2_1=2.0, b2_2=3.0)
+    assert [p.block_s(1, m) for m in (1, 2, 3, 4)] == pytest.approx([1.0, 1.5, 1.75, 2.0])
+    assert p.block_s(1, 8) == pytest.approx(3.0)  # past the last count: the last piece's slope
+    assert p.block_s(2, 5) == pytest.approx(1.0 + 5 * 1.0)  # two counts: fixed 1.0 + m x 1.0 per micro-batch
+    # the part above the fixed 0.5 s (1x1 less one micro-batch's worth) scales with the tokens
+    assert p.block_s(1, 3, tokens_scale=2.0) == pytest.approx(0.5 + 1.25 * 2.0)
+    # a noisy count that took less than the one before does not make more micro-batches faster
+    noisy = _profile_with(tmp_path, "noisy", b1_1=1.0, b1_2=1.5, b1_4=1.2, b2_1=2.0, b2_2=3.0)
+    assert [noisy.block_s(1, m) for m in (2, 4, 8)] == pytest.approx([1.5, 1.5, 1.5])
+
+
+def test_a_setting_key_that_is_not_branches_x_micro_batches_is_refused(tmp_path: Path) -> None:
+    from zoplan.profile import load_profile
+
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    tree["compute"]["head_s"]["1xfour"] = 0.3
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(ZoplanError, match="compute.head_s has the key '1xfour'"):
+        load_profile(tmp_path / "bad.yaml")
+
+
+def test_the_plan_says_when_it_extrapolates_past_the_timed_micro_batch_counts(tmp_path: Path) -> None:
+    from zoplan.render import plan_footer
+
+    model = str(tmp_path / "my-base")
+    pins = Pins(perturbation=2, data=1, micro_batch=2)
+    two = plan(model, "cpu-local", global_batch=8, seq_len=64, profile=write_profile(tmp_path / "p.yaml"), pins=pins)
+    assert "each rank runs 4 micro-batches a step, more than the profile timed (1, 2)" in plan_footer(two).plain
+    assert "--micro-batches 1,2,4" in plan_footer(two).plain
+    _profile_with(tmp_path, "four", b1_1=0.17, b1_2=0.19, b1_4=0.23, b2_1=0.22, b2_2=0.25, b2_4=0.31)
+    four = plan(model, "cpu-local", global_batch=8, seq_len=64, profile=tmp_path / "four.yaml", pins=pins)
+    assert "micro-batches a step" not in plan_footer(four).plain

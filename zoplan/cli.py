@@ -120,6 +120,17 @@ def plan_cmd(
         out.print(Text(f"wrote {output}  (inspect it with: zoplan timeline {output} --show)"))
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ZoplanError(f"{option} {text!r} is not a comma-separated list of whole numbers",
+                          fix=f"e.g. {option} 1,2,4") from None
+    if any(v < 1 for v in values):
+        raise ZoplanError(f"{option} {text!r}: every count must be at least 1", fix=f"e.g. {option} 1,2,4")
+    return values
+
+
 def _zo_settings(cls, **values):
     from zoplan.fileio import describe_validation_error
     from pydantic import ValidationError
@@ -261,6 +272,8 @@ def calibrate_cmd(
     output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="the profile to write"),
     steps: int = typer.Option(20, "--steps", "-n", min=2,
                               help="engine steps timed per setting (more: steadier figures on a noisy machine)"),
+    micro_batches: str = typer.Option("1,2", "--micro-batches",
+                                      help="micro-batch counts to time, with 1 and 2 (e.g. 1,2,4,8 for plans with many)"),
 ) -> None:
     """Measure this machine with the runtime's own code and write a profile for `zoplan plan --profile`."""
     try:
@@ -269,7 +282,8 @@ def calibrate_cmd(
         raise ZoplanError("zoplan calibrate runs the runtime, which needs torch",
                           fix="pip install 'zoplan[runtime]'") from None
     prof = calibrate(model, topology, micro_batch=micro_batch, seq_len=seq_len,
-                     dtype=dtype.value if dtype else None, output=output, steps=steps)
+                     dtype=dtype.value if dtype else None, output=output, steps=steps,
+                     micro_batches=_int_list(micro_batches, "--micro-batches"))
     from zoplan.render import profile_table
 
     out.print(profile_table(prof))

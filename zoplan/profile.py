@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +104,23 @@ class Profile(Strict):
         return None
 
     def _solve(self, table: dict[str, float], branches: int, micro_batches: int, tokens_scale: float) -> float:
-        one, two = table[f"{branches}x1"], table[f"{branches}x2"]
-        per_mb = max(two - one, 0.0) * tokens_scale
-        fixed = max(one - max(two - one, 0.0), 0.0)
-        return fixed + micro_batches * per_mb
+        """Seconds for ``micro_batches`` micro-batches: piecewise linear through the measured
+        counts (never falling), extended past the largest with the last piece's slope. The part
+        below one micro-batch's worth is fixed (perturbation); the rest scales with the tokens
+        of a micro-batch against the calibrated one."""
+        points = timed_counts(table, branches)
+        m_prev, v_prev = points[0]
+        slope = 0.0
+        value = v_prev
+        for m, t in points[1:]:
+            slope = max((t - v_prev) / (m - m_prev), 0.0)
+            if micro_batches <= m:
+                break
+            m_prev, v_prev = m, v_prev + slope * (m - m_prev)
+        value = v_prev + slope * (micro_batches - m_prev)
+        first_slope = max((points[1][1] - points[0][1]) / (points[1][0] - points[0][0]), 0.0)
+        fixed = max(points[0][1] - first_slope * points[0][0], 0.0)
+        return fixed + (value - fixed) * tokens_scale
 
     def block_s(self, branches: int, micro_batches: int, tokens_scale: float = 1.0) -> float:
         return self._solve(self.compute.block_s, branches, micro_batches, tokens_scale)
@@ -124,6 +138,14 @@ class Profile(Strict):
         return self._solve(table, branches, micro_batches, tokens_scale)
 
 
+def timed_counts(table: dict[str, float], branches: int) -> list[tuple[int, float]]:
+    """The (micro-batch count, seconds) pairs a table measured for ``branches`` branches."""
+    return sorted((int(key.split("x")[1]), t) for key, t in table.items() if key.split("x")[0] == str(branches))
+
+
+SETTING = re.compile(r"[12]x[1-9][0-9]{0,2}")
+
+
 def load_profile(path: str | Path) -> Profile:
     path = Path(path)
     data = read_yaml(path, "profile")
@@ -134,6 +156,11 @@ def load_profile(path: str | Path) -> Profile:
     if missing:
         raise ZoplanError(f"{path}: field 'compute' lacks the measurements {sorted(set(missing))}",
                           fix="calibrate again with `zoplan calibrate`")
+    for table in ("block_s", "embed_s", "head_s", "loop_s"):
+        bad = [k for k in getattr(profile.compute, table) if not SETTING.fullmatch(k)]
+        if bad:
+            raise ZoplanError(f"{path}: compute.{table} has the key {bad[0]!r}, not <branches>x<micro-batches> "
+                              f"(1x1, 2x4, ...)", fix="calibrate again with `zoplan calibrate`")
     return profile
 
 

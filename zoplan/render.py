@@ -98,6 +98,16 @@ def plan_footer(report: PlanReport) -> Text:
                         f"this plan's are {mb} × {seq}, so its compute times are scaled by the token count "
                         f"(attention grows faster than that): calibrate with --micro-batch {mb} --seq-len {seq} "
                         f"for the closest prediction\n", style="yellow")
+        from zoplan.profile import timed_counts
+
+        spec = report.plan.layout
+        count = report.plan.batch.global_batch // (spec.data * spec.nodes) // mb
+        branches = 2 if spec.perturbation == 1 else 1
+        timed = [m for m, _ in timed_counts(profiled.profile.compute.block_s, branches)]
+        if count > timed[-1]:
+            text.append(f"note: each rank runs {count} micro-batches a step, more than the profile timed "
+                        f"({', '.join(map(str, timed))}): its compute times are extrapolated; calibrate with "
+                        f"--micro-batches {','.join(map(str, timed))},{count} to time it\n", style="yellow")
     text.append("p×d: perturbation × data-parallel degree; µb: micro-batch; pf: blocks prefetched; "
                 "res: blocks resident on the GPUs; bound: machine bound / step time\n", style="dim")
     text.append(f"search: {s.considered} layouts, {s.rejected} rejected for memory, {s.evaluated} simulated "

@@ -97,8 +97,9 @@ def test_a_profile_for_another_machine_or_model_is_refused(calibrated, tmp_path)
 
 
 def test_four_ranks_measure_every_group_size_and_a_rank_dying_at_exit_spoils_nothing(tiny_dirs, tmp_path: Path) -> None:
-    """One launch, two checks. 4 CPU ranks: the all-gather is measured among all 4 and among the
-    first 2 and 3 (the groups a plan's movers can form). And a rank that aborts while shutting
+    """One launch, three checks. 4 CPU ranks: the all-gather is measured among all 4 and among the
+    first 2 and 3 (the groups a plan's movers can form). Every micro-batch count asked for is
+    timed. And a rank that aborts while shutting
     down, once every rank has measured (a rare gloo teardown abort seen in CI), spoils nothing:
     the figures file is complete by then."""
     machine = yaml.safe_load((Path(__file__).parents[2] / "topologies" / "cpu-local.yaml").read_text())
@@ -111,7 +112,8 @@ def test_four_ranks_measure_every_group_size_and_a_rank_dying_at_exit_spoils_not
     env = dict(os.environ, HF_HUB_OFFLINE="1", ZOPLAN_ABORT_AT_EXIT="1")
     proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "calibrate", "--model", str(tiny_dirs["tiny-opt"]),
                            "-t", str(topology), "--micro-batch", "1", "--seq-len", "16", "--steps", "3",
-                           "-o", str(profile)], capture_output=True, text=True, timeout=600, env=env)
+                           "--micro-batches", "1,2,3", "-o", str(profile)],
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "after every rank had finished measuring" in proc.stderr
     assert "perturbation kernels: torch" in proc.stdout  # the table's "measured with" row
@@ -123,6 +125,9 @@ def test_four_ranks_measure_every_group_size_and_a_rank_dying_at_exit_spoils_not
         c = measured.collective(k)
         assert c is not None and c.latency_us > 0 and c.gbps > 0 and c.wait_us == measured.allgather.wait_us
     assert "all-gather among 3" in proc.stdout
+    # --micro-batches: every count timed for both branch counts
+    assert sorted(measured.compute.block_s) == ["1x1", "1x2", "1x3", "2x1", "2x2", "2x3"]
+    assert sorted(measured.compute.loop_s) == sorted(measured.compute.block_s)
 
 
 def test_calibrating_a_gpu_topology_without_a_gpu_says_so() -> None:
