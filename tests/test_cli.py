@@ -320,6 +320,13 @@ def test_plan_without_arguments_uses_the_defaults() -> None:
     assert "ZO2" in result.stdout  # the baseline row
     assert "opt-175b" in result.stdout and "dgx-a100" in result.stdout
     assert "speedup" in result.stdout
+    assert "ZO2 baseline (1 GPU, dual forward" in result.stdout
+
+
+def test_the_baseline_of_a_cpu_machine_is_named_for_its_ranks() -> None:
+    result = invoke("plan", "--model", "opt-125m", "-t", "cpu-local", "-b", "4", "-s", "64")
+    assert "ZO2 baseline (1 CPU rank, dual forward" in result.stdout
+    assert "GPU, dual" not in result.stdout
 
 
 # ----- 6. bad input: real subprocesses ------------------------------------------------------------

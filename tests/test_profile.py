@@ -175,6 +175,7 @@ def test_the_calibration_table_shows_every_group_and_an_unresolved_rate_in_words
     tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
     tree["allgather"] = {"ranks": 3, "latency_us": 280.0, "gbps": 1e6, "wait_us": 500.0}
     tree["allgather_groups"] = [{"ranks": 2, "latency_us": 250.0, "gbps": 1.5, "wait_us": 500.0}]
+    tree["compute"]["block_s"]["1x8"] = 0.61
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(tree))
     console = Console(width=200, record=True)
     console.print(profile_table(load_profile(tmp_path / "p.yaml")))
@@ -182,6 +183,11 @@ def test_the_calibration_table_shows_every_group_and_an_unresolved_rate_in_words
     assert "all-gather among 2" in text and "250 µs + 1.50 GB/s" in text
     assert "all-gather among 3" in text and "280 µs + bytes too cheap to time" in text
     assert "1000000" not in text
+    blocks = [line for line in text.splitlines() if "block compute" in line]
+    assert [line.split("block compute, ")[1].split(" │")[0].strip() for line in blocks] == [  # every timed setting, in order
+        "1 branch(es), 1 micro-batch(es)", "1 branch(es), 2 micro-batch(es)",
+        "1 branch(es), 8 micro-batch(es)", "2 branch(es), 1 micro-batch(es)", "2 branch(es), 2 micro-batch(es)"]
+    assert "610.0 ms" in blocks[2]
 
 
 def _profile_with(tmp_path: Path, name: str, **block_s: float):
@@ -226,3 +232,19 @@ def test_the_plan_says_when_it_extrapolates_past_the_timed_micro_batch_counts(tm
     _profile_with(tmp_path, "four", b1_1=0.17, b1_2=0.19, b1_4=0.23, b2_1=0.22, b2_2=0.25, b2_4=0.31)
     four = plan(model, "cpu-local", global_batch=8, seq_len=64, profile=tmp_path / "four.yaml", pins=pins)
     assert "micro-batches a step" not in plan_footer(four).plain
+
+
+def test_the_sequence_length_defaults_to_the_profiles_else_512_within_the_models_positions(tmp_path: Path) -> None:
+    profile = write_profile(tmp_path / "profile.yaml")  # timed 2 x 64 tokens
+    model = str(tmp_path / "my-base")
+    assert plan(model, "cpu-local", global_batch=4, profile=profile).plan.batch.seq_len == 64
+    assert plan(model, "cpu-local", global_batch=4).plan.batch.seq_len == 512
+    short = tmp_path / "short"
+    short.mkdir()
+    config = json.loads(FIXTURE.read_text())
+    config["max_position_embeddings"] = 128
+    (short / "config.json").write_text(json.dumps(config))
+    assert plan(str(short), "cpu-local", global_batch=4).plan.batch.seq_len == 128
+    with pytest.raises(ZoplanError, match="--seq-len 200 is longer than the 128 positions") as info:
+        plan(str(short), "cpu-local", global_batch=4, seq_len=200)
+    assert info.value.fix == "use --seq-len 128 or less"

@@ -112,8 +112,16 @@ def compute_dtype(machine: Machine, dtype: str | None, profile: str | Path | Non
     return dtype
 
 
+def default_seq_len(shape: ModelShape, machine: Machine) -> int:
+    """Tokens per sequence when none is asked for: the profile's (its compute times were measured
+    at that length), else 512, or fewer when the model has fewer positions."""
+    if machine.profile is not None:
+        return machine.profile.profile.model.seq_len
+    return min(DEFAULT_SEQ_LEN, shape.max_positions)
+
+
 def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
-         global_batch: int = DEFAULT_GLOBAL_BATCH, seq_len: int = DEFAULT_SEQ_LEN,
+         global_batch: int = DEFAULT_GLOBAL_BATCH, seq_len: int | None = None,
          pins: Pins = Pins(), objective: str = "time", dtype: str | None = None, top: int = 5,
          zo: ZoSettings = ZoSettings(), profile: str | Path | None = None) -> PlanReport:
     """Search the layouts of ``model`` on ``topology`` and return the report with the best plan.
@@ -122,6 +130,7 @@ def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
     shape = load_model_shape(model)
     machine = with_profile(load_topology(topology), profile, shape)
     dtype = compute_dtype(machine, dtype, profile)
+    seq_len = default_seq_len(shape, machine) if seq_len is None else seq_len
     workload = Workload(shape, global_batch, seq_len)
     result = search(machine, workload, pins=pins, objective=objective, param_dtype=dtype, top=top)
     best = result.best
@@ -140,7 +149,7 @@ def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
 
 
 def compare(model: str, topologies: list[str], *, global_batch: int = DEFAULT_GLOBAL_BATCH,
-            seq_len: int = DEFAULT_SEQ_LEN, objective: str = "time",
+            seq_len: int | None = None, objective: str = "time",
             dtype: str | None = None) -> list[tuple[str, PlanReport | ZoplanError]]:
     """The best layout on each machine, by topology name; a machine the model does not fit on
     (or that cannot run the batch) gives its error instead, so the others are still compared."""

@@ -84,11 +84,13 @@ def plan_footer(report: PlanReport) -> Text:
         text.append(f", blocks sliced over {len(best['movers'])} devices"
                     + (f" (relays {','.join(relays)})" if relays else ""))
     text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {best['bottleneck']}\n")
+    cpu = all(report.machine.gpu_model(g).kind == "cpu" for g in report.machine.gpus)
+    device = "CPU rank" if cpu else "GPU"
     if s.baseline:
-        text.append(f"ZO2 baseline (1 GPU, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "
+        text.append(f"ZO2 baseline (1 {device}, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "
                     f"bound by {s.baseline.sim.bottleneck}; speedup {report.speedup_vs_baseline:.2f}×\n")
     else:
-        text.append("ZO2 baseline: does not fit one GPU of this machine\n")
+        text.append(f"ZO2 baseline: does not fit one {device} of this machine\n")
     profiled = report.machine.profile
     if profiled is not None:
         measured = profiled.profile.model
@@ -185,6 +187,8 @@ def validation_notes(result) -> list[str]:
 
 def profile_table(profile) -> Table:
     """``zoplan calibrate``: what was measured, per device and for the model shape."""
+    from zoplan.profile import timed_counts
+
     table = Table(title=f"calibration of {profile.machine.name} for {profile.model.name} "
                         f"(micro-batch {profile.model.micro_batch} x {profile.model.seq_len} tokens, {profile.model.dtype})")
     for name in ("figure", "value"):
@@ -200,9 +204,9 @@ def profile_table(profile) -> Table:
             table.add_row(f"all-gather among {g.ranks}", f"{g.latency_us:.0f} µs + {rate}")
         table.add_row("in-step wait per all-gather", f"{profile.allgather.wait_us:.0f} µs")
         table.add_row("loss all-reduce", f"{profile.scalar_latency_us:.0f} µs")
-    for key in ("1x1", "2x1", "2x2"):
-        b, m = key.split("x")
-        table.add_row(f"block compute, {b} branch(es), {m} micro-batch(es)", _fmt_time(profile.compute.block_s[key]))
+    for branches in (1, 2):
+        for m, t in timed_counts(profile.compute.block_s, branches):
+            table.add_row(f"block compute, {branches} branch(es), {m} micro-batch(es)", _fmt_time(t))
     table.add_row("deferred update", f"{profile.compute.update_s_per_param * 1e9:.2f} ns/parameter")
     if profile.compute.loop_s:
         table.add_row("training loop between steps (batch + journal), 1 micro-batch",

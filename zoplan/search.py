@@ -332,7 +332,8 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
     if workload.model.family == "opt" and workload.seq_len > workload.model.max_positions:
         # OPT learns one embedding per position: longer sequences have no position to look up
         raise ZoplanError(f"--seq-len {workload.seq_len} is longer than the {workload.model.max_positions} "
-                          f"positions {workload.model.name} was trained with")
+                          f"positions {workload.model.name} was trained with",
+                          fix=f"use --seq-len {workload.model.max_positions} or less")
     for flag, value, least in (("--slices", pins.slices, 1), ("--micro-batch", pins.micro_batch, 1),
                                ("--prefetch", pins.prefetch, 1), ("--resident", pins.resident, 0)):
         if value is not None and value < least:
