@@ -36,6 +36,7 @@ if UPDATE and os.environ.get("CI"):  # a leftover variable must not turn the com
 CASES: dict[str, tuple[str, int, int, str]] = {
     "dgx-a100": ("opt-66b", 16, 512, "bf16"),
     "dgx-h100": ("opt-66b", 16, 512, "bf16"),
+    "hgx-h200": ("opt-175b", 16, 512, "bf16"),
     "l40s-8x": ("llama-2-13b", 16, 512, "bf16"),
     "rtx4090-4x": ("opt-6.7b", 8, 512, "bf16"),
     "h100-pcie-1x": ("opt-13b", 8, 512, "bf16"),

@@ -224,7 +224,7 @@ def test_generated_file_carries_sources_and_round_trips(tmp_path: Path) -> None:
 
 # ----- GPU presets --------------------------------------------------------------------------------
 @pytest.mark.parametrize("topology, model", [("dgx-a100", "a100-sxm4-80gb"), ("dgx-h100", "h100-sxm5-80gb"),
-                                             ("h100-pcie-1x", "h100-pcie-80gb"), ("l40s-8x", "l40s-48gb"),
+                                             ("hgx-h200", "h200-sxm-141gb"), ("h100-pcie-1x", "h100-pcie-80gb"), ("l40s-8x", "l40s-48gb"),
                                              ("rtx4090-4x", "rtx4090-24gb")])
 def test_presets_match_the_bundled_topologies(topology: str, model: str) -> None:
     bundled = load_topology(topology)

@@ -15,7 +15,7 @@ from zoplan.errors import ZoplanError
 from zoplan.topology import Machine, bundled_names, load_topology, resolve_topology_path
 from zoplan.topology_view import render_topology, topology_rows, topology_table
 
-BUNDLED = ["cpu-local", "dgx-a100", "dgx-h100", "h100-pcie-1x", "l40s-8x", "rtx4090-4x"]
+BUNDLED = ["cpu-local", "dgx-a100", "dgx-h100", "h100-pcie-1x", "hgx-h200", "l40s-8x", "rtx4090-4x"]
 
 
 # ----- bundled topologies -------------------------------------------------------------------------
