@@ -28,7 +28,7 @@ from torch import nn
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter
 from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
-from zoplan.runtime.perturb import fused_backend, normal
+from zoplan.runtime.perturb import fused_backend, normal, normal_parts_
 from zoplan.runtime.spans import Spans
 from zoplan.runtime.zo import apply_update, fused_kernels, layout_table, update_range
 
@@ -363,8 +363,7 @@ class Engine:
             fused.perturbed_block_into([out[s] for s in signs], theta, table, seed, [s * self.eps for s in signs])
             return out
         z = torch.zeros(layout.padded, dtype=torch.float32, device=self.device)
-        for slot in layout.slots:
-            z[slot.offset:slot.offset + slot.numel] = normal(seed, slot.name, 0, slot.numel, device=self.device)
+        normal_parts_(z, seed, [(slot.name, 0, slot.numel, slot.offset) for slot in layout.slots])
         base = theta.float()
         return {s: (base + (s * self.eps) * z).to(self.dtype) for s in signs}
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from zoplan.runtime.perturb import fused_backend, normal
+from zoplan.runtime.perturb import fused_backend, normal, normal_parts_
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -67,10 +67,22 @@ def update_range(flat: torch.Tensor, layout, start: int, end: int, seed: int, g:
     if fused is not None:  # the same arithmetic, every parameter in one kernel, z never materialised
         fused.update_block_(flat, layout_table(fused, layout, start, end, flat.device), seed, g, lr, wd)
         return
-    for slot, first, count, pos in layout.segments(start, end):
-        x = flat[start + pos:start + pos + count]
-        z = normal(seed, slot.name, first, count, device=flat.device)
-        apply_update(x, z, g, lr, wd, slot.decay)
+    segments = list(layout.segments(start, end))
+    if not segments:
+        return
+    # z of every parameter in the range in one draw (normal_parts_: the same bits as one
+    # ``normal`` per parameter, without its fixed cost per call)
+    first_pos = segments[0][3]
+    last_pos = segments[-1][3] + segments[-1][2]
+    z = torch.empty(last_pos - first_pos, dtype=torch.float32, device=flat.device)
+    normal_parts_(z, seed, [(slot.name, first, count, pos - first_pos) for slot, first, count, pos in segments])
+    back_to_back = all(b[3] == a[3] + a[2] for a, b in zip(segments, segments[1:]))
+    if back_to_back and (not wd or len({slot.decay for slot, _, _, _ in segments}) == 1):  # one update
+        apply_update(flat[start + first_pos:start + last_pos], z, g, lr, wd, segments[0][0].decay)
+        return
+    for slot, first, count, pos in segments:
+        apply_update(flat[start + pos:start + pos + count], z[pos - first_pos:pos - first_pos + count], g, lr, wd,
+                     slot.decay)
 
 
 def update_tensor(param: torch.Tensor, name: str, seed: int, g: float, lr: float, wd: float, decay: bool) -> None:

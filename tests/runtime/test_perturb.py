@@ -17,6 +17,7 @@ from zoplan.runtime.perturb import (  # noqa: E402  (torch must be importable fi
     name_key,
     normal,
     normal_like,
+    normal_parts_,
     perturb_,
     step_seed,
     stream_words,
@@ -123,6 +124,31 @@ def test_slice_independence_bit_exact() -> None:
         assert torch.equal(normal(7, NAME, a, b - a), full[a:b]), (a, b)
     # The docstring example.
     assert torch.equal(normal(7, NAME, 0, 10)[3:7], normal(7, NAME, 3, 4))
+
+
+def test_many_parameters_drawn_at_once_equal_one_draw_each() -> None:
+    # a block's small parameters packed into shared chunks, a large one cut across chunks, a
+    # slice that starts mid-parameter, one across the 2**32 boundary, and gaps in the output
+    sizes = [4096, 64, 1, 7, 3 * 2**17 + 5, 130, 2**17]
+    rng = random.Random(3)
+    parts, pos = [], 0
+    for j, count in enumerate(sizes):
+        first = rng.choice([0, 0, 11])
+        parts.append((f"model.layers.{j}.w", first, count, pos))
+        pos += count + rng.choice([0, 0, 3])
+    parts.append(("model.layers.9.w", 2**32 - 4, 9, pos))
+    pos += 9
+    out = torch.full((pos + 2,), float("nan"))
+    normal_parts_(out, 99, parts)
+    expected = torch.full((pos + 2,), float("nan"))
+    for name, first, count, at in parts:
+        expected[at:at + count] = normal(99, name, first, count)
+    assert torch.equal(out.isnan(), expected.isnan())  # the gaps are left alone
+    assert torch.equal(out.nan_to_num(0.0), expected.nan_to_num(0.0))
+    with pytest.raises(ValueError, match="outside the output"):
+        normal_parts_(torch.empty(4), 1, [("w", 0, 5, 0)])
+    with pytest.raises(TypeError, match="float32"):
+        normal_parts_(torch.empty(4, dtype=torch.float64), 1, [("w", 0, 4, 0)])
 
 
 def test_slices_across_the_2_32_boundary() -> None:
