@@ -333,6 +333,18 @@ def test_gantt_busy_percent_matches_the_simulated_utilisation(whole, machine) ->
     assert "exchange" not in "\n".join(line for line in text.splitlines() if line.rstrip().endswith("%"))
 
 
+def test_gantt_names_the_rows_by_gpu_or_by_cpu_rank(sliced, machine) -> None:
+    from zoplan.planner import plan
+
+    header = _render(gantt(sliced[1], machine, width=40)).splitlines()[2]  # under the axis labels
+    assert header.split()[:2] == ["GPU", "stream"]
+    report = plan("opt-125m", "cpu-local", global_batch=4, seq_len=64)
+    cpu = load_topology("cpu-local")
+    result = evaluate(cpu, Workload(report.shape, 4, 64), report.plan.to_layout(), record=True).sim
+    header = _render(gantt(result, cpu, width=40)).splitlines()[2]
+    assert header.split()[:2] == ["rank", "stream"]
+
+
 def test_gantt_rejects_a_useless_width(sliced, machine) -> None:
     with pytest.raises(ZoplanError, match="width"):
         gantt(sliced[1], machine, width=3)

@@ -104,8 +104,7 @@ def compute_dtype(machine: Machine, dtype: str | None, profile: str | Path | Non
     CPU ranks (whose bf16 matrix products are slower: docs/results/cpu-figures.md)."""
     measured = machine.profile.profile.model.dtype if machine.profile is not None else None
     if dtype is None:
-        cpu = bool(machine.gpus) and all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus)
-        return measured or ("fp32" if cpu else "bf16")
+        return measured or ("fp32" if machine.cpu_ranks_only else "bf16")
     if measured is not None and measured != dtype:
         raise ZoplanError(f"{profile} holds compute times measured in {measured}, not {dtype}",
                           fix=f"plan with --dtype {measured}, or calibrate again with --dtype {dtype}")

@@ -84,8 +84,7 @@ def plan_footer(report: PlanReport) -> Text:
         text.append(f", blocks sliced over {len(best['movers'])} devices"
                     + (f" (relays {','.join(relays)})" if relays else ""))
     text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {best['bottleneck']}\n")
-    cpu = all(report.machine.gpu_model(g).kind == "cpu" for g in report.machine.gpus)
-    device = "CPU rank" if cpu else "GPU"
+    device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"
     if s.baseline:
         text.append(f"ZO2 baseline (1 {device}, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "
                     f"bound by {s.baseline.sim.bottleneck}; speedup {report.speedup_vs_baseline:.2f}×\n")

@@ -193,6 +193,11 @@ class Machine:
         return next(g.model for g in self.spec.gpus if g.id == gpu)
 
     @property
+    def cpu_ranks_only(self) -> bool:
+        """True when every device is a CPU rank (cpu-local, `zoplan topo detect` without a GPU)."""
+        return bool(self.spec.gpus) and all(self.gpu_model(g).kind == "cpu" for g in self.gpus)
+
+    @property
     def host_memory_bytes(self) -> float:
         return sum(s.memory_gib for s in self.spec.sockets) * 2**30
 

@@ -131,7 +131,7 @@ def render_topology(machine: Machine) -> Tree:
             if kinds.get(link.a) != "nvswitch" and kinds.get(link.b) != "nvswitch":
                 nv.add(f"{escape(link.a)} ↔ {escape(link.b)} (direct) · "
                        f"{_rate(link.gbps, link.gbps_back or link.gbps)}")
-    elif machine.gpus and all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus):
+    elif machine.cpu_ranks_only:
         root.add("CPU ranks exchange through host memory (gloo)")
     elif len(machine.gpus) > 1:
         root.add("NVLink: none (GPU-to-GPU traffic crosses PCIe)")
@@ -162,7 +162,7 @@ def _gpu_summary(machine: Machine) -> str:
     counts = Counter(machine.gpu_model_name(g) for g in machine.gpus)  # insertion = file order
     if not counts:
         return "none (CPU only)"
-    if all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus):
+    if machine.cpu_ranks_only:
         return f"none: {len(machine.gpus)} CPU ranks"
     per_node = ", ".join(f"{n}× {model}" for model, n in counts.items())
     return per_node if machine.spec.nodes == 1 else f"{machine.spec.nodes} nodes × ({per_node})"

@@ -376,7 +376,7 @@ def gantt(result: SimResult, machine: Machine, width: int = 100) -> RenderableTy
 
     table = Table(box=None, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), show_header=True,
                   header_style="bold")
-    table.add_column("GPU", no_wrap=True)
+    table.add_column("rank" if machine.cpu_ranks_only else "GPU", no_wrap=True)
     table.add_column("stream", no_wrap=True)
     table.add_column(_axis(span_s, width), no_wrap=True, min_width=width, max_width=width,
                      overflow="crop")
