@@ -171,9 +171,14 @@ def _words_(
 ) -> None:
     """Fill a, b (int64, length n) with the words of elements lo_start .. lo_start + n - 1;
     t is int64 scratch of the same length."""
-    k0, k1, k2 = keys
     n = a.numel()
     torch.arange(lo_start, lo_start + n, dtype=torch.int64, device=a.device, out=a)
+    _rounds_(a, b, t, *keys)
+
+
+def _rounds_(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, k0, k1, k2) -> None:
+    """Step 4 on the element indices in a: a, b = the two words. The round keys are ints, or
+    int64 tensors of a's length holding each element's own keys (the same integers either way)."""
     a.bitwise_xor_(k0)
     _h32_(a, t)
     a.bitwise_xor_(k1)
@@ -210,12 +215,36 @@ class _Workspace:
         self.b = torch.empty(chunk, dtype=torch.int64, device=device)
         self.t = torch.empty(chunk, dtype=torch.int64, device=device)
         self.f = torch.empty(chunk, dtype=torch.float32, device=device)
+        self.keys: torch.Tensor | None = None  # per-element round keys, for fill_pieces
 
     def fill(self, out: torch.Tensor, lo_start: int, keys: tuple[int, int, int]) -> None:
         """Write z for elements lo_start .. into the contiguous float32 vector ``out``."""
         n = out.numel()
-        a, b, t, f = self.a[:n], self.b[:n], self.t[:n], self.f[:n]
-        _words_(lo_start, keys, a, b, t)
+        a, b = self.a[:n], self.b[:n]
+        _words_(lo_start, keys, a, b, self.t[:n])
+        self._normal(out, a, b)
+
+    def fill_pieces(self, out: torch.Tensor, pieces: list[tuple[int, int, tuple[int, int, int]]]) -> None:
+        """Write z of several pieces ``(lo_start, count, round keys)``, back to back, into ``out``:
+        the words of ``_words_`` with the keys and indices as per-element tensors."""
+        n = out.numel()
+        if self.keys is None:
+            self.keys = torch.empty((3, self.a.numel()), dtype=torch.int64, device=self.a.device)
+        a, b, t = self.a[:n], self.b[:n], self.t[:n]
+        k0, k1, k2 = self.keys[0, :n], self.keys[1, :n], self.keys[2, :n]
+        s = 0
+        for lo, count, (r0, r1, r2) in pieces:
+            torch.arange(lo, lo + count, dtype=torch.int64, device=a.device, out=a[s:s + count])
+            k0[s:s + count].fill_(r0)
+            k1[s:s + count].fill_(r1)
+            k2[s:s + count].fill_(r2)
+            s += count
+        _rounds_(a, b, t, k0, k1, k2)
+        self._normal(out, a, b)
+
+    def _normal(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Box-Muller from the words (a and b are consumed)."""
+        f = self.f[:out.numel()]
         # Radius from a: u1 = ((a >> 8) + 1) * 2**-24 in (0, 1]. Both steps are exact in float32
         # (values <= 2**24 and a power-of-two scale), so only log and sqrt round.
         a.bitwise_right_shift_(8).add_(1)
@@ -278,6 +307,10 @@ def normal_parts_(out: torch.Tensor, seed: int, parts: Sequence[tuple[str, int, 
         key = name_key(seed, name)
         for i, n in _segments(first, count, chunk):
             pieces.append((pos + i - first, i & _M32, n, _round_keys(key, i >> 32)))
+    total = sum(p[2] for p in pieces)
+    if total == 0:
+        return
+    ws = _Workspace(min(chunk, total), device)
     batch: list[tuple[int, int, int, tuple[int, int, int]]] = []
     size = 0
     for piece in pieces + [None]:  # None flushes the last batch
@@ -286,51 +319,27 @@ def normal_parts_(out: torch.Tensor, seed: int, parts: Sequence[tuple[str, int, 
             size += piece[2]
             continue
         if batch:
-            _fill_batch(out, batch, size, device)
+            _fill_batch(out, batch, size, ws)
         batch, size = ([piece], piece[2]) if piece is not None else ([], 0)
 
 
-def _fill_batch(out: torch.Tensor, batch: list, n: int, device: torch.device) -> None:
-    """One chunk of :func:`normal_parts_`: the words of every piece with per-element keys."""
+def _fill_batch(out: torch.Tensor, batch: list, n: int, ws: _Workspace) -> None:
+    """One chunk of :func:`normal_parts_`: one piece as ``normal`` draws it, several with
+    per-element keys, written in place when they lie back to back in ``out``."""
     if len(batch) == 1:
         pos, lo, count, keys = batch[0]
-        _Workspace(count, device).fill(out[pos:pos + count], lo, keys)
+        ws.fill(out[pos:pos + count], lo, keys)
         return
-    a = torch.empty(n, dtype=torch.int64, device=device)
-    k0, k1, k2 = (torch.empty(n, dtype=torch.int64, device=device) for _ in range(3))
-    starts = []
+    pieces = [(lo, count, keys) for _, lo, count, keys in batch]
+    if all(nxt[0] == cur[0] + cur[2] for cur, nxt in zip(batch, batch[1:])):  # a block's parameters
+        ws.fill_pieces(out[batch[0][0]:batch[0][0] + n], pieces)
+        return
+    z = torch.empty(n, dtype=torch.float32, device=out.device)
+    ws.fill_pieces(z, pieces)
     s = 0
-    for _, lo, count, (r0, r1, r2) in batch:  # a piece's own keys and element indices
-        starts.append(s)
-        torch.arange(lo, lo + count, dtype=torch.int64, device=device, out=a[s:s + count])
-        k0[s:s + count].fill_(r0)
-        k1[s:s + count].fill_(r1)
-        k2[s:s + count].fill_(r2)
-        s += count
-    # _words_ with tensor keys
-    t = torch.empty_like(a)
-    a.bitwise_xor_(k0)
-    _h32_(a, t)
-    a.bitwise_xor_(k1)
-    _h32_(a, t)
-    b = k2.bitwise_xor_(a)
-    _h32_(b, t)
-    # the float32 steps of _Workspace.fill, in the same order
-    z = torch.empty(n, dtype=torch.float32, device=device)
-    a.bitwise_right_shift_(8).add_(1)
-    z.copy_(a)
-    z.mul_(_TWO_POW_M24).log_().mul_(-2.0).sqrt_()
-    b.bitwise_right_shift_(8)
-    f = torch.empty(n, dtype=torch.float32, device=device)
-    f.copy_(b)
-    f.mul_(_ANGLE_SCALE).cos_()
-    z.mul_(f)
-    contiguous = all(batch[j + 1][0] == batch[j][0] + batch[j][2] for j in range(len(batch) - 1))
-    if contiguous:  # a block's parameters lie back to back: one copy
-        out[batch[0][0]:batch[0][0] + n].copy_(z)
-        return
-    for (pos, _, count, _), s in zip(batch, starts):
+    for pos, _, count, _ in batch:
         out[pos:pos + count].copy_(z[s:s + count])
+        s += count
 
 
 def stream_words(
