@@ -182,3 +182,25 @@ def test_the_training_loop_is_the_slowest_ranks_as_the_planner_counts_it(two_ran
     rows = {r.stage: r for r in measure(run, two_rank_plan).rows}
     assert rows["loop"].measured_s == pytest.approx(0.004)  # rank 0's: 3, 4, 5 ms
     assert rows["compute"].measured_s == pytest.approx(0.05)  # the other stages still average
+
+
+def test_the_spread_of_the_measured_steps_is_reported_beside_the_error(two_rank_plan, tmp_path: Path) -> None:
+    from zoplan.render import validation_notes
+
+    times = [9.0] + [0.20 + 0.01 * k for k in range(11)]  # steps 1-11: 0.20 .. 0.30 s
+    write_run(tmp_path / "run", times, {0: [0.1] * 12, 1: [0.1] * 12})
+
+    def validated(predicted_s: float):
+        sim = SimResult(step_time_s=predicted_s, window=(0.0, predicted_s), step_ends=[0.0, predicted_s],
+                        utilization={}, bottleneck="x", spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.1)])
+        return compare(measure(tmp_path / "run", two_rank_plan), sim)
+
+    inside = validated(0.23)
+    assert inside.step_spread_s == pytest.approx((0.21, 0.29))  # deciles of 0.20 .. 0.30, step 0 left out
+    assert to_json(inside, Path("p.yaml"), tmp_path, None)["step_spread"] == {"p10_s": pytest.approx(0.21),
+                                                                              "p90_s": pytest.approx(0.29)}
+    note = validation_notes(inside)[0]
+    assert "under 210.0 ms" in note and "over 290.0 ms" in note and "within that spread" in note
+    assert "within that spread" not in validation_notes(validated(0.18))[0]
+    write_run(tmp_path / "short", [1.0, 0.2, 0.2], {0: [0.1] * 3, 1: [0.1] * 3})
+    assert measure(tmp_path / "short", two_rank_plan).step_spread_s is None  # too few steps to say

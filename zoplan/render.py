@@ -169,8 +169,15 @@ def validation_table(result, plan_path) -> Table:
 
 
 def validation_notes(result) -> list[str]:
-    """``zoplan validate``: what the table's extra figures mean (CUDA runs)."""
+    """``zoplan validate``: the spread of the measured steps, and what the table's extra figures
+    mean (CUDA runs)."""
     notes = []
+    if result.step_spread_s is not None:
+        lo, hi = result.step_spread_s
+        predicted = result.step.predicted_s
+        inside = predicted is not None and lo <= predicted <= hi
+        notes.append(f"measured step times: 10% of the steps took under {_fmt_time(lo)}, 10% over {_fmt_time(hi)}"
+                     + ("; the prediction lies within that spread" if inside else ""))
     if any(row.measured_host_s is not None for row in result.rows):
         notes.append("host issue: the host's time issuing each stage (Python, kernel launches); "
                      "where it reaches the measured GPU time, the GPU waits for the host")

@@ -10,6 +10,8 @@ plan (``zoplan.planner.timeline``):
 - each stage: busy seconds per step, averaged over the devices that run that stage, median over
   steps, against the same figure from the simulated step's spans. Stages overlap (uploads run
   beside compute on a GPU), so stage times do not add up to the step time;
+- the spread of the measured step times (10th and 90th percentile), so that an error can be read
+  against the machine's own step-to-step variation;
 - on CUDA, the peak of GPU memory torch allocated on any rank against the plan's prediction;
 - on CUDA, also each stage's host time (the Python and kernel launches that issue it, measured the
   same way): a stage whose host time reaches its GPU time is issue-bound, and the GPU waits for the
@@ -63,6 +65,7 @@ class Validation:
     measured: SimResult | None  # the traced step, as a one-step result in the simulator's schema
     peak_gpu_bytes: int | None = None  # CUDA: the most memory torch allocated on any rank
     predicted_gpu_bytes: int | None = None  # the plan's prediction for its busiest GPU
+    step_spread_s: tuple[float, float] | None = None  # 10th and 90th percentile of the step times
 
     @property
     def step(self) -> Row:
@@ -136,7 +139,16 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
         result = SimResult(step_time_s=wall, window=(0.0, wall), step_ends=[0.0, wall], utilization={},
                            bottleneck="measured", spans=spans)
     peaks = [r["peak_bytes"] for rows_ in per_rank.values() for r in rows_.values() if "peak_bytes" in r]
-    return Validation(rows, measured, trace_step, result, peak_gpu_bytes=max(peaks) if peaks else None)
+    return Validation(rows, measured, trace_step, result, peak_gpu_bytes=max(peaks) if peaks else None,
+                      step_spread_s=_spread([step_time[s] for s in measured]))
+
+
+def _spread(times: list[float]) -> tuple[float, float] | None:
+    """The 10th and 90th percentiles (inclusive method: within the data) of at least 5 times."""
+    if len(times) < 5:
+        return None
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return deciles[0], deciles[-1]
 
 
 def _stage_medians(per_rank: dict[int, dict[int, dict]], steps: list[int], key: str,
@@ -172,7 +184,8 @@ def compare(validation: Validation, simulated: SimResult, predicted_gpu_bytes: i
         if cat in measured or cat in predicted:
             rows.append(Row(cat, predicted.get(cat), measured.get(cat), host.get(cat)))
     return Validation(rows, validation.measured_steps, validation.trace_step, validation.measured,
-                      peak_gpu_bytes=validation.peak_gpu_bytes, predicted_gpu_bytes=predicted_gpu_bytes)
+                      peak_gpu_bytes=validation.peak_gpu_bytes, predicted_gpu_bytes=predicted_gpu_bytes,
+                      step_spread_s=validation.step_spread_s)
 
 
 def combined_trace(validation: Validation, simulated: SimResult, machine: Machine) -> dict:
@@ -188,5 +201,7 @@ def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | No
     return {"plan": str(plan_path), "output": str(out), "measured_steps": validation.measured_steps,
             "trace": str(trace) if trace else None, "trace_step": validation.trace_step,
             "rows": [r.to_json() for r in validation.rows],
+            "step_spread": ({"p10_s": validation.step_spread_s[0], "p90_s": validation.step_spread_s[1]}
+                            if validation.step_spread_s else None),
             "gpu_memory": {"predicted_bytes": validation.predicted_gpu_bytes,
                            "measured_peak_bytes": validation.peak_gpu_bytes}}
