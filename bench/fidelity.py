@@ -119,6 +119,10 @@ def main() -> None:
                 f" ({r['error']:+.1%})" + (f" [host {r['measured_host_s'] * 1e3:.2f}]" if r.get("measured_host_s") else "")
                 if r["error"] is not None else f"{r['stage']} -"
                 for r in report["rows"]))
+            spread = report.get("step_spread")
+            if spread:
+                say(f"{name} {layout}: measured step times, 10th-90th percentile: {spread['p10_s'] * 1e3:.2f}-"
+                    f"{spread['p90_s'] * 1e3:.2f} ms")
     (out / "fidelity.json").write_text(json.dumps(results, indent=1))
 
 
