@@ -61,6 +61,32 @@ def _copy_gbps(dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> fl
     return n * src.numel() * src.element_size() / (time.perf_counter() - t0) / 1e9
 
 
+def _duplex_gbps(dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> float | None:
+    """Bytes per second, both directions summed, of a block uploaded (``src`` to ``dst``) and one
+    written back at once, on two CUDA streams as the engine's upload and offload streams overlap
+    them. None on the CPU, where a rank's copies run one after the other. The write-back source is
+    a device copy of ``dst``, which holds ``src``'s values: it rewrites ``src`` with its own bytes."""
+    if device.type != "cuda":
+        return None
+    back = dst.clone()
+    up, down = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    torch.cuda.synchronize(device)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        with torch.cuda.stream(up):
+            dst.copy_(src, non_blocking=True)
+        with torch.cuda.stream(down):
+            src.copy_(back, non_blocking=True)
+        n += 1
+        if n % 4 == 0:
+            torch.cuda.synchronize(device)
+            if time.perf_counter() - t0 >= REPEAT_S:
+                break
+    elapsed = time.perf_counter() - t0
+    del back
+    return 2 * n * src.numel() * src.element_size() / elapsed / 1e9
+
+
 def _timed(fn, device: torch.device, repeat: int) -> float:
     """Median seconds of ``fn`` (after one warm-up call)."""
     fn()
@@ -146,6 +172,10 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
     together_h2d = _copy_gbps(dst, src, device)
     zdist.barrier()
     together_d2h = _copy_gbps(src, dst, device)
+    zdist.barrier()
+    if cuda:
+        _phase(args, rank, "host <-> device copies, both directions at once")
+    duplex = _duplex_gbps(dst, src, device)
     # 3. collectives among all ranks
     gather: dict = {}
     groups: list[dict] = []
@@ -179,7 +209,7 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
 
     kernels = "torch" if fused_backend(device) is None else "triton, one launch per block"
     return {"rank": rank, "device": str(device), "torch": torch.__version__, "kernels": kernels, "alone": alone,
-            "together": {"h2d_gbps": together_h2d, "d2h_gbps": together_d2h},
+            "together": {"h2d_gbps": together_h2d, "d2h_gbps": together_d2h, "duplex_gbps": duplex},
             "allgather": gather, "allgather_groups": groups, "scalar_latency_us": scalar_s * 1e6,
             "block_params": block_params,
             "compute": compute}

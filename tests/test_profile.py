@@ -18,9 +18,9 @@ from zoplan.topology import load_topology
 FIXTURE = Path(__file__).parent / "fixtures" / "configs" / "opt-125m" / "config.json"
 
 
-def write_profile(path: Path, *, legacy: bool = False) -> Path:
-    """A profile of cpu-local measured on a checkpoint directory named 'my-base' of opt-125m's shape."""
-    machine = load_topology("cpu-local")
+def write_profile(path: Path, *, legacy: bool = False, topology: str = "cpu-local") -> Path:
+    """A profile of ``topology`` measured on a checkpoint directory named 'my-base' of opt-125m's shape."""
+    machine = load_topology(topology)
     base = path.parent / "my-base"
     base.mkdir(exist_ok=True)
     (base / "config.json").write_text(FIXTURE.read_text())
@@ -248,3 +248,46 @@ def test_the_sequence_length_defaults_to_the_profiles_else_512_within_the_models
     with pytest.raises(ZoplanError, match="--seq-len 200 is longer than the 128 positions") as info:
         plan(str(short), "cpu-local", global_batch=4, seq_len=200)
     assert info.value.fix == "use --seq-len 128 or less"
+
+
+def test_a_measured_duplex_rate_caps_the_sockets_bus_and_shows_in_the_table(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from zoplan.profile import apply_profile, load_profile
+    from zoplan.render import profile_table
+
+    machine = load_topology("cpu-local")
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(tree))
+    for figures in tree["devices"].values():
+        figures["duplex_gbps"] = 20.0  # both directions at once reach less than 14 + 13 each
+    (tmp_path / "duplex.yaml").write_text(yaml.safe_dump(tree))
+
+    def bus(name: str) -> float:
+        measured = apply_profile(machine, load_profile(tmp_path / name), tmp_path / name)
+        return sum(s.memory_gbps for s in measured.spec.sockets)
+
+    assert bus("plain.yaml") == pytest.approx(len(machine.gpus) * (14.0 + 13.0))
+    assert bus("duplex.yaml") == pytest.approx(len(machine.gpus) * 20.0)
+    console = Console(width=200, record=True)
+    console.print(profile_table(load_profile(tmp_path / "duplex.yaml")))
+    text = console.export_text()
+    assert "both directions at once, all devices" in text and "20.0 GB/s in all" in text
+
+
+def test_a_duplex_cap_lengthens_a_step_whose_uploads_and_write_backs_overlap(tmp_path: Path) -> None:
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml", topology="h100-pcie-1x").read_text())
+    tree["model"]["dtype"] = "bf16"
+    for table in ("block_s", "embed_s", "head_s"):  # fast compute: the copies bound the step
+        tree["compute"][table] = {k: 1e-4 for k in tree["compute"][table]}
+    tree["compute"]["update_s_per_param"] = 1e-12
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(tree))
+    tree["devices"]["gpu0"]["duplex_gbps"] = 20.0  # against 27 + 26 one way at a time
+    (tmp_path / "duplex.yaml").write_text(yaml.safe_dump(tree))
+    model = str(tmp_path / "my-base")
+    pins = Pins(perturbation=1, data=1, micro_batch=2, resident=0, prefetch=1)
+
+    def step(name: str) -> float:
+        return plan(model, "h100-pcie-1x", global_batch=2, seq_len=64, pins=pins, profile=tmp_path / name).plan.prediction.step_time_s
+
+    assert step("duplex.yaml") > 1.2 * step("plain.yaml")

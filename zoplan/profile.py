@@ -53,6 +53,11 @@ class DeviceFigures(Strict):
     d2h_gbps: PositiveFloat
     h2d_gbps_together: PositiveFloat
     d2h_gbps_together: PositiveFloat
+    # GPUs: a block uploaded and one written back at once (two streams), all devices together,
+    # both directions' bytes per second summed; a PCIe link may not carry both directions at
+    # full rate together. None on CPU ranks (a rank's copies run one after the other) and in
+    # profiles written before it was measured.
+    duplex_gbps: PositiveFloat | None = None
 
 
 class Collective(Strict):
@@ -180,7 +185,8 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
                           f"{len(machine.gpus)}")
     devices = {machine.gpus[r["rank"]]: DeviceFigures(
         h2d_gbps=r["alone"]["h2d_gbps"], d2h_gbps=r["alone"]["d2h_gbps"],
-        h2d_gbps_together=r["together"]["h2d_gbps"], d2h_gbps_together=r["together"]["d2h_gbps"]) for r in rows}
+        h2d_gbps_together=r["together"]["h2d_gbps"], d2h_gbps_together=r["together"]["d2h_gbps"],
+        duplex_gbps=r["together"].get("duplex_gbps")) for r in rows}
     keys = rows[0]["compute"].keys()
 
     def mean(cat: str) -> dict[str, float]:
@@ -258,9 +264,13 @@ def apply_profile(machine: Machine, profile: Profile, source: str | Path) -> Mac
     for sock in spec.sockets:
         mine = [g for g in devices if machine.host_socket(g) == sock.id]
         if mine:
-            # the socket's bus carries both directions at once: each measured with all devices
+            # the socket's bus carries both directions at once: each measured with all devices,
+            # and, where measured, no more than both directions reached together (max-min sharing
+            # then splits that total between an upload and a write-back that overlap)
             together = (sum(devices[g].h2d_gbps_together for g in mine)
                         + sum(devices[g].d2h_gbps_together for g in mine))
+            if all(devices[g].duplex_gbps is not None for g in mine):
+                together = min(together, sum(devices[g].duplex_gbps for g in mine))
             sock = Socket(**{**sock.model_dump(), "memory_gbps": together})
         sockets.append(sock)
     measured = Machine(spec.model_copy(update={"links": links, "sockets": sockets}), machine.source)

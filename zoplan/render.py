@@ -202,6 +202,8 @@ def profile_table(profile) -> Table:
     for dev, d in profile.devices.items():
         table.add_row(f"{dev} host->device / device->host, alone", f"{d.h2d_gbps:.1f} / {d.d2h_gbps:.1f} GB/s")
         table.add_row(f"{dev} the same, all devices at once", f"{d.h2d_gbps_together:.1f} / {d.d2h_gbps_together:.1f} GB/s")
+        if d.duplex_gbps is not None:
+            table.add_row(f"{dev} both directions at once, all devices", f"{d.duplex_gbps:.1f} GB/s in all")
     if profile.allgather is not None:
         for g in sorted(profile.allgather_groups + [profile.allgather], key=lambda c: c.ranks):
             # a one-slice all-gather no slower than a 256-element one: the rate is beyond what
