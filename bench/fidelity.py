@@ -66,7 +66,7 @@ def main() -> None:
         f"batch {opts.batch} x {opts.seq_len}, micro-batch {opts.micro_batch}, {opts.steps} steps")
     if opts.device == "cuda":
         # measured against the topology's nominal figures (the preset the file was built from)
-        from runtime_gpu import copy_gbps, matmul_tflops
+        from runtime_gpu import copy_gbps, duplex_gbps, matmul_tflops
 
         from zoplan.topology import load_topology
 
@@ -79,6 +79,8 @@ def main() -> None:
             f"{gm.tflops.get('bf16')} TFLOP/s peak x efficiency {gm.matmul_efficiency}")
         say(f"measured: pinned 1 GiB H2D {copy_gbps('h2d'):.1f} GB/s, D2H {copy_gbps('d2h'):.1f} GB/s, "
             f"bf16 matmul 8192^3 {matmul_tflops():.0f} TFLOP/s")
+        up, down = duplex_gbps()
+        say(f"measured: pinned 1 GiB both directions at once: H2D {up:.1f} GB/s, D2H {down:.1f} GB/s")
     for name in opts.models.split(","):
         if name.startswith("tiny-"):
             from zoplan.runtime.tiny import resolve_model

@@ -45,6 +45,33 @@ def copy_gbps(direction: str, nbytes: int = 2**30, reps: int = 5) -> float:
     return nbytes * reps / (start.elapsed_time(end) / 1e3) / 1e9
 
 
+def duplex_gbps(nbytes: int = 2**30, reps: int = 5) -> tuple[float, float]:
+    """H2D and D2H rates (GB/s) while both run at once, on two streams, pinned buffers: each
+    direction timed by events on its own stream."""
+    host_in, host_out = (torch.empty(nbytes, dtype=torch.uint8).pin_memory() for _ in range(2))
+    dev_in, dev_out = (torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(2))
+    up, down = torch.cuda.Stream(), torch.cuda.Stream()
+    dev_in.copy_(host_in, non_blocking=True)
+    host_out.copy_(dev_out, non_blocking=True)
+    torch.cuda.synchronize()
+    events = {name: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for name in ("h2d", "d2h")}
+    for name, stream in (("h2d", up), ("d2h", down)):
+        with torch.cuda.stream(stream):
+            events[name][0].record()
+    for _ in range(reps):  # interleaved, so both directions stay busy together
+        with torch.cuda.stream(up):
+            dev_in.copy_(host_in, non_blocking=True)
+        with torch.cuda.stream(down):
+            host_out.copy_(dev_out, non_blocking=True)
+    for name, stream in (("h2d", up), ("d2h", down)):
+        with torch.cuda.stream(stream):
+            events[name][1].record()
+    torch.cuda.synchronize()
+    h2d, d2h = (nbytes * reps / (events[n][0].elapsed_time(events[n][1]) / 1e3) / 1e9 for n in ("h2d", "d2h"))
+    return h2d, d2h
+
+
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
