@@ -180,3 +180,23 @@ def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs, monkeyp
     monkeypatch.setattr(worker, "_PAD_TO_SEQ_LEN", [True])  # what `zoplan validate` (--pad) asks for
     padded = worker._micro_batches(examples[:4], tok, task, 64, 2)[0]["inputs"]["input_ids"]
     assert short.shape[1] < 64 and tuple(padded.shape) == (2, 64)
+
+
+def test_the_duplex_copy_measurement_runs_its_stream_logic_and_leaves_the_host_copy_intact(monkeypatch) -> None:
+    # its CUDA calls replaced by no-ops, so the loop, the byte count and the write-back source run
+    # on the CPU; on a real CPU rank it measures nothing (a rank's copies run one after the other)
+    import contextlib
+
+    import torch
+
+    from zoplan.runtime.calibrate import _duplex_gbps
+
+    src = torch.arange(1 << 16, dtype=torch.float32)
+    dst = src.clone()  # as the one-way measurements leave it: the host copy's values
+    assert _duplex_gbps(dst, src, torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    rate = _duplex_gbps(dst, src, torch.device("cuda"))
+    assert rate is not None and rate > 0
+    assert torch.equal(src, torch.arange(1 << 16, dtype=torch.float32)) and torch.equal(dst, src)
