@@ -12,9 +12,11 @@ python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -2
 export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 zoplan topo detect -o "$OUT/machine.yaml" 2>&1 | tail -5
+# 20 steps (FIDELITY_STEPS): on the H200 VM the 2.7B shape's uploads ran 9-27% slower in steps 1-3
+# than from step 4 on (docs/results/fidelity.md); a median over 5 steps is mostly those
 timeout ${FIDELITY_TIMEOUT:-420} python3 bench/fidelity.py --out "$OUT" --work /tmp/zoplan-fidelity --device cuda \
   --topology "$OUT/machine.yaml" --models opt-1.3b,opt-2.7b --layouts 1x1 \
-  --batch 8 --micro-batch 8 --seq-len 256 --steps 6 2>&1 | tail -40
+  --batch 8 --micro-batch 8 --seq-len 256 --steps ${FIDELITY_STEPS:-20} 2>&1 | tail -40
 cp /tmp/zoplan-fidelity/*.yaml /tmp/zoplan-fidelity/*trace.json "$OUT"/ 2>/dev/null
 for run in /tmp/zoplan-fidelity/*-run; do  # spans (GPU and host time per stage) and the worker log
   mkdir -p "$OUT/$(basename "$run")" && cp "$run"/spans-rank*.jsonl "$run"/worker-node*.log "$OUT/$(basename "$run")"/

@@ -5,6 +5,8 @@ rounding: the CPU computes z's log/cos with another math library).
 Usage (on a GPU machine, zoplan installed with the runtime extra):
     python bench/gpu_replay.py --out OUT [--steps 20]
 The same check on a CPU: python bench/gpu_replay.py --out OUT --topology cpu-local --devices cpu
+The other device's half of a run trained elsewhere (its directory copied here, journal and model):
+    python bench/gpu_replay.py --out OUT --run RUN_DIR --trained-on 'NVIDIA H200' --devices cpu
 """
 from __future__ import annotations
 
@@ -33,12 +35,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--topology", default="h100-pcie-1x", help="the machine trained on (cpu-local: a CPU check)")
     parser.add_argument("--devices", default="cuda,cpu", help="devices to replay on")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="replay this finished tiny-opt run (journal.jsonl, model/) instead of training one")
+    parser.add_argument("--trained-on", default="another machine", help="with --run: where it trained, for the report")
     opts = parser.parse_args()
-    run = opts.out / "run"
-    zoplan("run", "--model", "tiny-opt", "--topology", opts.topology, "--steps", str(opts.steps), "-o", str(run))
+    if opts.run is None:
+        run = opts.out / "run"
+        zoplan("run", "--model", "tiny-opt", "--topology", opts.topology, "--steps", str(opts.steps), "-o", str(run))
+        trained_on = torch.cuda.get_device_name() if opts.topology != "cpu-local" else "cpu"
+    else:
+        run, trained_on = opts.run, opts.trained_on
     trained = load_file(str(run / "model" / "model.safetensors"))
-    report = {"trained_on": torch.cuda.get_device_name() if opts.topology != "cpu-local" else "cpu",
-              "steps": opts.steps}
+    steps = sum(1 for line in (run / "journal.jsonl").read_text().splitlines() if line.strip())
+    report = {"trained_on": trained_on, "steps": steps}
     for device in opts.devices.split(","):
         target = opts.out / f"replayed-{device}"
         zoplan("replay", "tiny-opt", str(run / "journal.jsonl"), "-o", str(target), "--device", device)
@@ -48,9 +57,28 @@ def main() -> None:
             raise SystemExit(f"the replayed weights hold other tensors: {sorted(set(rebuilt) - set(trained))}")
         same = all(torch.equal(trained[k], rebuilt[k]) for k in keys)
         diff = max(float((trained[k].float() - rebuilt[k].float()).abs().max()) for k in keys)
-        report[device] = {"bit_identical": same, "max_abs_diff": diff}
-        print(f"replay on {device}: bit-identical {same}, max |diff| {diff:.3g}", flush=True)
+        differ = sum(int((trained[k] != rebuilt[k]).sum()) for k in keys)
+        # how far apart, in units in the last place of the trained value (1: adjacent numbers)
+        ulps = max((_ulps(trained[k], rebuilt[k]) for k in keys), default=0)
+        report[device] = {"bit_identical": same, "max_abs_diff": diff, "elements_differing": differ,
+                          "elements": sum(trained[k].numel() for k in keys), "max_ulps": ulps}
+        print(f"replay on {device} of {steps} steps trained on {trained_on}: bit-identical {same}, max |diff| "
+              f"{diff:.3g}, {differ} of {report[device]['elements']} elements differ, by at most {ulps} ulp",
+              flush=True)
     (opts.out / "gpu_replay.json").write_text(json.dumps(report, indent=1))
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance between a and b in representable numbers of their dtype (same sign:
+    the difference of the bit patterns read as integers)."""
+    if torch.equal(a, b):
+        return 0
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    ia, ib = a.contiguous().view(ints).long(), b.contiguous().view(ints).long()
+    same_sign = (a >= 0) == (b >= 0)
+    if not bool(same_sign.all()):
+        return -1  # a sign flip: not a rounding difference
+    return int((ia - ib).abs().max())
 
 
 if __name__ == "__main__":
