@@ -268,6 +268,9 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
             with spans.span("compute", "loop", "journal", blocks_n + 2):
                 loop.journal(step)
             spans_totals = spans.end()
+            # for the record: the block compute's GPU and host seconds before they are combined
+            split = {"compute_gpu": spans_totals.get("compute", 0.0),
+                     "compute_host": spans.host_totals.get("compute", 0.0)}
             # a stage lasts at least as long as the host takes to issue it (CUDA: kernel launches
             # and Python; in a long run nothing else hides that time)
             for cat, host_s in spans.host_totals.items():
@@ -275,11 +278,12 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
                     spans_totals[cat] = max(spans_totals.get(cat, 0.0), host_s)
             engine.pending = engine.pending or _pending(step)
             if step >= 1:  # the first step warms up and has no update to apply
-                rows.append(spans_totals)
+                rows.append({**spans_totals, **split})
         blocks = len(host.layouts)
         average = statistics.mean if exchange else statistics.median
         out[key] = {cat: average(r.get(cat, 0.0) for r in rows) / (blocks if cat in PER_BLOCK else 1)
-                    for cat in ("h2d", "update", "d2h", "embed", "compute", "head", "exchange", "scalar", "loop")}
+                    for cat in ("h2d", "update", "d2h", "embed", "compute", "head", "exchange", "scalar", "loop",
+                                "compute_gpu", "compute_host")}
         if key == "1x1":
             theta = engine._device_copy(0)
             if device.type == "cuda":
@@ -289,7 +293,7 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
     return out
 
 
-PER_BLOCK = ("h2d", "update", "d2h", "compute", "exchange")  # once per block; the rest once per step
+PER_BLOCK = ("h2d", "update", "d2h", "compute", "exchange", "compute_gpu", "compute_host")  # once per block; the rest once per step
 
 
 def _counts(text: str) -> list[int]:

@@ -291,3 +291,45 @@ def test_a_duplex_cap_lengthens_a_step_whose_uploads_and_write_backs_overlap(tmp
         return plan(model, "h100-pcie-1x", global_batch=2, seq_len=64, pins=pins, profile=tmp_path / name).plan.prediction.step_time_s
 
     assert step("duplex.yaml") > 1.2 * step("plain.yaml")
+
+
+def _calibration_rows(device: str, machine) -> list[dict]:
+    """runtime/calibrate.py's per-rank figures, as build_profile receives them."""
+    keys = ("1x1", "1x2", "2x1", "2x2")
+    rows = []
+    for rank in range(len(machine.gpus)):
+        compute = {k: {"h2d": 1e-3, "update": 2e-4, "d2h": 1e-3, "embed": 1e-3, "compute": 3e-3 + i * 1e-3,
+                       "head": 2e-3, "exchange": 0.0, "scalar": 0.0, "loop": 1e-3,
+                       "compute_gpu": 2e-3 + i * 1e-3, "compute_host": 3e-3 + i * 1e-3}
+                   for i, k in enumerate(keys)}
+        compute["1x1"]["perturb_s_per_param"] = 1e-11
+        rows.append({"rank": rank, "device": device, "alone": {"h2d_gbps": 50.0, "d2h_gbps": 50.0},
+                     "together": {"h2d_gbps": 50.0, "d2h_gbps": 50.0, "duplex_gbps": None},
+                     "allgather": {}, "allgather_groups": [], "scalar_latency_us": 0.0,
+                     "block_params": 1000, "compute": compute})
+    return rows
+
+
+def test_a_gpu_calibration_keeps_block_computes_gpu_and_host_time_and_the_table_shows_both() -> None:
+    """block_s is the longer of the two; the profile keeps both for the record on CUDA (where
+    the host's issue time is measured apart), and nothing of the kind on the CPU."""
+    from rich.console import Console
+
+    from zoplan.profile import build_profile
+    from zoplan.render import profile_table
+
+    machine = load_topology("h100-pcie-1x")
+    shape = load_model_shape("tiny-opt")
+    gpu = build_profile(_calibration_rows("cuda:0", machine), machine, shape, micro_batch=2, seq_len=64,
+                        dtype="bf16", device="NVIDIA H100")
+    assert gpu.compute.block_gpu_s["2x1"] == pytest.approx(4e-3)
+    assert gpu.compute.block_host_s["2x1"] == pytest.approx(5e-3)
+    assert gpu.compute.block_s["2x1"] == pytest.approx(5e-3)
+    console = Console(width=200, record=True)
+    console.print(profile_table(gpu))
+    text = console.export_text()
+    assert "block compute, 2 branch(es), 1 micro-batch(es)" in text
+    assert "5.0 ms (GPU 4.0 ms, host 5.0 ms)" in text, text
+    cpu = build_profile(_calibration_rows("cpu", machine), machine, shape, micro_batch=2, seq_len=64,
+                        dtype="bf16", device="cpu")
+    assert cpu.compute.block_gpu_s == {} and cpu.compute.block_host_s == {}

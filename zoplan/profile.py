@@ -81,6 +81,10 @@ class StageTimes(Strict):
     # the training loop's host work between two steps: assembling the next batch, writing and
     # syncing the journal line (empty in profiles written before it was measured: none)
     loop_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    # for the record (CUDA): block_s is the longer of the two per setting; where the host's is,
+    # the block is issue-bound in calibration (empty on the CPU and in older profiles)
+    block_gpu_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    block_host_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
 
 
 class Profile(Strict):
@@ -188,6 +192,9 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
         h2d_gbps_together=r["together"]["h2d_gbps"], d2h_gbps_together=r["together"]["d2h_gbps"],
         duplex_gbps=r["together"].get("duplex_gbps")) for r in rows}
     keys = rows[0]["compute"].keys()
+    # GPU and host seconds of block compute apart: measured on CUDA only (the CPU has no host split)
+    device_is_cuda = all(str(r.get("device", "")).startswith("cuda")
+                         and all("compute_gpu" in r["compute"][k] for k in keys) for r in rows)
 
     def mean(cat: str) -> dict[str, float]:
         return {k: sum(r["compute"][k][cat] for r in rows) / len(rows) for k in keys}
@@ -221,7 +228,9 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
                            loop_s={k: max(r["compute"][k].get("loop", 0.0) for r in rows) for k in keys},
                            update_s_per_param=update,
                            perturb_s_per_param=sum(r["compute"]["1x1"].get("perturb_s_per_param", 0.0)
-                                                   for r in rows) / len(rows)))
+                                                   for r in rows) / len(rows),
+                           **({"block_gpu_s": mean("compute_gpu"), "block_host_s": mean("compute_host")}
+                              if device_is_cuda else {})))
 
 
 @dataclass(frozen=True)

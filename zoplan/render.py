@@ -214,7 +214,11 @@ def profile_table(profile) -> Table:
         table.add_row("loss all-reduce", f"{profile.scalar_latency_us:.0f} µs")
     for branches in (1, 2):
         for m, t in timed_counts(profile.compute.block_s, branches):
-            table.add_row(f"block compute, {branches} branch(es), {m} micro-batch(es)", _fmt_time(t))
+            key, c = f"{branches}x{m}", profile.compute
+            # the longer of the GPU's time and the host's issue time (CUDA), both shown
+            split = (f" (GPU {_fmt_time(c.block_gpu_s[key])}, host {_fmt_time(c.block_host_s[key])})"
+                     if key in c.block_gpu_s and key in c.block_host_s else "")
+            table.add_row(f"block compute, {branches} branch(es), {m} micro-batch(es)", _fmt_time(t) + split)
     table.add_row("deferred update", f"{profile.compute.update_s_per_param * 1e9:.2f} ns/parameter")
     if profile.compute.loop_s:
         table.add_row("training loop between steps (batch + journal), 1 micro-batch",
