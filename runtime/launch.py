@@ -323,6 +323,17 @@ def summarize(out: Path) -> RunResult:
                      evals[0] if len(evals) > 1 else None, k)
 
 
+def _resumed_line(row: dict, max_restarts: int) -> str:
+    """What a start that continues a run says: why it started again, and where it picked up."""
+    n, snap, k = row["resumed_at"], row.get("snapshot"), row.get("replayed", 0)
+    source = f"snapshot {snap}" if snap else "the base weights"
+    where = f"{n} step(s) done: {source} + {k} journal step(s) replayed"
+    if row.get("restart", 0) > 0:
+        return (f"a rank failed; torchrun restarted the ranks (restart {row['restart']} of {max_restarts}), "
+                f"resuming with {where}, no completed step lost")
+    return f"resuming with {where}"
+
+
 def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:
     """Draw step, loss, projected gradient, tokens/s and ETA while the ranks train."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -346,6 +357,9 @@ def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:
                     if "loss" in row:
                         progress.update(task, completed=row["step"] + 1, loss=f"{row['loss']:.4f}",
                                         g=f"{row['projected_grad']:+.3g}", tps=f"{row['tokens_per_s']:.0f}")
+                    elif "resumed_at" in row and not opts.quiet:
+                        progress.update(task, completed=row["resumed_at"])
+                        progress.console.print(_resumed_line(row, opts.max_restarts), soft_wrap=True)
                     elif "eval_loss" in row and not opts.quiet:
                         progress.console.print(f"step {row['step'] + 1}: eval loss {row['eval_loss']:.4f}, "
                                                f"accuracy {row['eval_accuracy']:.3f}")

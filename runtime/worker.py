@@ -198,6 +198,15 @@ def train(args: argparse.Namespace) -> None:
         cut_torn_tail(out / "metrics.jsonl")
     journal = open(out / "journal.jsonl", "a", buffering=1) if writer else None
     metrics = open(out / "metrics.jsonl", "a", buffering=1) if writer else None
+    if writer and rp.next_step > 0:
+        # where this start picks up (after --resume, or after torchrun restarted crashed ranks):
+        # the progress display says so, and metrics.jsonl keeps it
+        row = {"resumed_at": rp.next_step, "snapshot": rp.base.name if rp.base is not None else None,
+               "replayed": len(rp.replay), "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+        metrics.write(json.dumps(row) + "\n")
+        print(f"rank 0: resuming after step {rp.next_step}: "
+              f"{'snapshot ' + row['snapshot'] if row['snapshot'] else 'the base model'} + {row['replayed']} "
+              f"journal step(s) replayed (restart {row['restart']})", file=sys.stderr, flush=True)
     nonfinite_in_row = nonfinite_total = 0
     tokens_per_step = plan.batch.global_batch * plan.batch.seq_len
     t_start = time.perf_counter()

@@ -29,9 +29,10 @@ def zoplan_run(out: Path, *extra: str, env: dict | None = None) -> subprocess.Po
 
 
 def finished(proc: subprocess.Popen, code: int = 0) -> str:
+    """The run's output, stdout (progress, summary) then stderr (errors)."""
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == code, out + err
-    return err
+    return out + err
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -74,10 +75,15 @@ def test_a_rank_killed_mid_step_is_restarted_and_no_step_is_lost(uninterrupted, 
     # rank 0 (the journal writer) dies by SIGKILL in step 4, after the snapshot of step 3; the
     # restarted run loads that snapshot, which the one of step 6 then replaces (--keep-snapshots 1)
     out = tmp_path / "run"
-    finished(zoplan_run(out, "--steps", str(STEPS), "--max-restarts", "1", "--keep-snapshots", "1",
-                        env={"ZOPLAN_KILL": "0:4"}))
+    said = finished(zoplan_run(out, "--steps", str(STEPS), "--max-restarts", "1", "--keep-snapshots", "1",
+                               env={"ZOPLAN_KILL": "0:4"}))
     assert [p.name for p in (out / "snapshots").iterdir()] == ["step-00000006"]
     assert "exitcode: -9" in (out / "worker-node0.log").read_text()  # the kill did happen
+    # the user is told: steps 0-3 were journaled; the snapshot of step 3 plus step 3's line
+    assert ("torchrun restarted the ranks (restart 1 of 1), resuming with 4 step(s) done: snapshot "
+            "step-00000003 + 1 journal step(s) replayed, no completed step lost") in said, said
+    resumed = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "resumed_at" in l]
+    assert resumed == [{"resumed_at": 4, "snapshot": "step-00000003", "replayed": 1, "restart": 1}]
     lines = (out / "journal.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == list(range(STEPS))
     assert same(weights(out), uninterrupted)
@@ -89,7 +95,9 @@ def test_without_restarts_a_killed_rank_stops_the_run_with_a_resume_hint(uninter
     done = len((out / "journal.jsonl").read_text().splitlines())
     assert done in (5, 6)  # step 5 is complete on rank 0 if it journaled before torchrun stopped it
     assert f"journal holds {done} completed step(s)" in err and "--resume" in err and "Traceback" not in err
-    finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS)))
+    said = finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS)))
+    assert f"resuming with {done} step(s) done: snapshot step-00000003 + {done - 3} journal step(s) replayed" in said
+    assert "restarted" not in said
     assert same(weights(out), uninterrupted)
 
 
