@@ -128,6 +128,10 @@ def main() -> None:
             if spread:
                 say(f"{name} {layout}: measured step times, 10th-90th percentile: {spread['p10_s'] * 1e3:.2f}-"
                     f"{spread['p90_s'] * 1e3:.2f} ms")
+            # each step's wall time and uploads, in order: warm-up and drift show here, not in a median
+            rows = [json.loads(line) for line in (run_dir / "spans-rank0.jsonl").read_text().splitlines() if line.strip()]
+            say(f"{name} {layout}: per step, wall / h2d ms: " + " ".join(
+                f"{r['wall_s'] * 1e3:.1f}/{r['totals'].get('h2d', 0.0) * 1e3:.1f}" for r in rows))
     (out / "fidelity.json").write_text(json.dumps(results, indent=1))
 
 
