@@ -204,3 +204,30 @@ def test_the_spread_of_the_measured_steps_is_reported_beside_the_error(two_rank_
     assert "within that spread" not in validation_notes(validated(0.18))[0]
     write_run(tmp_path / "short", [1.0, 0.2, 0.2], {0: [0.1] * 3, 1: [0.1] * 3})
     assert measure(tmp_path / "short", two_rank_plan).step_spread_s is None  # too few steps to say
+
+
+def test_steps_that_speed_up_or_slow_down_during_the_run_are_pointed_out(two_rank_plan, tmp_path: Path) -> None:
+    """The medians of the first and second half of the measured steps; a note when they are more
+    than 10% of the median apart, saying which way (warm-up past --skip, or a machine slowing)."""
+    from zoplan.render import validation_notes
+
+    sim = SimResult(step_time_s=0.1, window=(0.0, 0.1), step_ends=[0.0, 0.1], utilization={}, bottleneck="x",
+                    spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.1)])
+
+    def notes_for(name: str, times: list[float]):
+        write_run(tmp_path / name, times, {0: [0.05] * len(times), 1: [0.05] * len(times)})
+        result = compare(measure(tmp_path / name, two_rank_plan), sim)
+        return result, [n for n in validation_notes(result) if "during the run" in n]
+
+    # step 0 is skipped; steps 1-3 slow (warm-up), 4-7 steady: halves 1-3 and 5-7 (step 4 in neither)
+    warm, notes = notes_for("warm", [9.0, 0.13, 0.14, 0.13, 0.10, 0.10, 0.10, 0.10])
+    assert warm.step_halves_s == pytest.approx((0.13, 0.10))
+    assert to_json(warm, Path("p.yaml"), tmp_path, None)["step_halves"] == {"first_s": pytest.approx(0.13),
+                                                                            "last_s": pytest.approx(0.10)}
+    assert len(notes) == 1 and "sped up" in notes[0] and "130.0 ms" in notes[0] and "--skip" in notes[0]
+    slower, notes = notes_for("slower", [9.0, 0.10, 0.10, 0.10, 0.12, 0.12, 0.12, 0.12])
+    assert len(notes) == 1 and "slowed down" in notes[0]
+    steady, notes = notes_for("steady", [9.0, 0.10, 0.105, 0.10, 0.10, 0.104, 0.10, 0.10])
+    assert steady.step_halves_s is not None and notes == []
+    few, notes = notes_for("few", [9.0, 0.2, 0.1, 0.1, 0.1, 0.1])  # 5 measured steps: too few to halve
+    assert few.step_halves_s is None and notes == []

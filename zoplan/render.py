@@ -168,6 +168,9 @@ def validation_table(result, plan_path) -> Table:
     return table
 
 
+DRIFT = 0.10  # halves of a validation's steps further apart than this (of the median): say so
+
+
 def validation_notes(result) -> list[str]:
     """``zoplan validate``: the spread of the measured steps, and what the table's extra figures
     mean (CUDA runs)."""
@@ -178,6 +181,16 @@ def validation_notes(result) -> list[str]:
         inside = predicted is not None and lo <= predicted <= hi
         notes.append(f"measured step times: 10% of the steps took under {_fmt_time(lo)}, 10% over {_fmt_time(hi)}"
                      + ("; the prediction lies within that spread" if inside else ""))
+    if result.step_halves_s is not None and result.step.measured_s:
+        first, last = result.step_halves_s
+        if abs(first - last) > DRIFT * result.step.measured_s:
+            halves = (f"the first half of the measured steps took a median {_fmt_time(first)}, "
+                      f"the second half {_fmt_time(last)}")
+            notes.append(f"the steps sped up during the run: {halves}; warm-up lasted past the skipped "
+                         f"step(s), so more steps (--steps) or a larger --skip measure the steady state"
+                         if last < first else
+                         f"the steps slowed down during the run: {halves}; something slowed the machine "
+                         f"(other load, throttling), and the error depends on when it was measured")
     if any(row.measured_host_s is not None for row in result.rows):
         notes.append("host issue: the host's time issuing each stage (Python, kernel launches); "
                      "where it reaches the measured GPU time, the GPU waits for the host")

@@ -11,7 +11,9 @@ plan (``zoplan.planner.timeline``):
   steps, against the same figure from the simulated step's spans. Stages overlap (uploads run
   beside compute on a GPU), so stage times do not add up to the step time;
 - the spread of the measured step times (10th and 90th percentile), so that an error can be read
-  against the machine's own step-to-step variation;
+  against the machine's own step-to-step variation; and the medians of the first and the second
+  half of the measured steps, so that a warm-up that outlasted ``skip``, or a machine that slowed
+  down during the run, shows as such;
 - on CUDA, the peak of GPU memory torch allocated on any rank against the plan's prediction;
 - on CUDA, also each stage's host time (the Python and kernel launches that issue it, measured the
   same way): a stage whose host time reaches its GPU time is issue-bound, and the GPU waits for the
@@ -66,6 +68,7 @@ class Validation:
     peak_gpu_bytes: int | None = None  # CUDA: the most memory torch allocated on any rank
     predicted_gpu_bytes: int | None = None  # the plan's prediction for its busiest GPU
     step_spread_s: tuple[float, float] | None = None  # 10th and 90th percentile of the step times
+    step_halves_s: tuple[float, float] | None = None  # median of the first and of the second half
 
     @property
     def step(self) -> Row:
@@ -140,7 +143,8 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
                            bottleneck="measured", spans=spans)
     peaks = [r["peak_bytes"] for rows_ in per_rank.values() for r in rows_.values() if "peak_bytes" in r]
     return Validation(rows, measured, trace_step, result, peak_gpu_bytes=max(peaks) if peaks else None,
-                      step_spread_s=_spread([step_time[s] for s in measured]))
+                      step_spread_s=_spread([step_time[s] for s in measured]),
+                      step_halves_s=_halves([step_time[s] for s in measured]))
 
 
 def _spread(times: list[float]) -> tuple[float, float] | None:
@@ -149,6 +153,15 @@ def _spread(times: list[float]) -> tuple[float, float] | None:
         return None
     deciles = statistics.quantiles(times, n=10, method="inclusive")
     return deciles[0], deciles[-1]
+
+
+def _halves(times: list[float]) -> tuple[float, float] | None:
+    """The medians of the first and of the last half of at least 6 step times, in step order (the
+    middle one of an odd count in neither half)."""
+    if len(times) < 6:
+        return None
+    half = len(times) // 2
+    return statistics.median(times[:half]), statistics.median(times[-half:])
 
 
 def _stage_medians(per_rank: dict[int, dict[int, dict]], steps: list[int], key: str,
@@ -185,7 +198,7 @@ def compare(validation: Validation, simulated: SimResult, predicted_gpu_bytes: i
             rows.append(Row(cat, predicted.get(cat), measured.get(cat), host.get(cat)))
     return Validation(rows, validation.measured_steps, validation.trace_step, validation.measured,
                       peak_gpu_bytes=validation.peak_gpu_bytes, predicted_gpu_bytes=predicted_gpu_bytes,
-                      step_spread_s=validation.step_spread_s)
+                      step_spread_s=validation.step_spread_s, step_halves_s=validation.step_halves_s)
 
 
 def combined_trace(validation: Validation, simulated: SimResult, machine: Machine) -> dict:
@@ -203,5 +216,7 @@ def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | No
             "rows": [r.to_json() for r in validation.rows],
             "step_spread": ({"p10_s": validation.step_spread_s[0], "p90_s": validation.step_spread_s[1]}
                             if validation.step_spread_s else None),
+            "step_halves": ({"first_s": validation.step_halves_s[0], "last_s": validation.step_halves_s[1]}
+                            if validation.step_halves_s else None),
             "gpu_memory": {"predicted_bytes": validation.predicted_gpu_bytes,
                            "measured_peak_bytes": validation.peak_gpu_bytes}}
