@@ -9,7 +9,7 @@
 #   fidelity  the fidelity run (bench/gpu_fidelity.sh, docs/results/fidelity.md)         ~4.5 min
 # Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: all four,
 # more than one device call allows under the timeouts below, so run `replay fidelity` and
-# `kernels layouts` as two calls; FIDELITY_TIMEOUT (s, default 300) bounds the fidelity run). A
+# `kernels layouts` as two calls; FIDELITY_TIMEOUT (s, default 360) bounds the fidelity run). A
 # machine without simpy, pydantic or pytest and without network access takes wheels from .whl/ and
 # .whl/pytest/ (pip download them elsewhere for its Python version; see gpu_fidelity.sh).
 set -x
@@ -36,7 +36,7 @@ for part in $PARTS; do
     layouts)
       timeout 240 python3 bench/gpu_layouts.py --out "$OUT/layouts" 2>&1 | tail -12 | tee "$OUT/layouts.txt" ;;
     fidelity)
-      FIDELITY_TIMEOUT=${FIDELITY_TIMEOUT:-300} OUT="$OUT/fidelity" bash bench/gpu_fidelity.sh ;;
+      FIDELITY_TIMEOUT=${FIDELITY_TIMEOUT:-360} OUT="$OUT/fidelity" bash bench/gpu_fidelity.sh ;;
     *) echo "unknown part: $part (kernels, replay, layouts, fidelity)"; exit 2 ;;
   esac
 done
