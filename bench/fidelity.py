@@ -97,7 +97,7 @@ def main() -> None:
         t0 = time.perf_counter()
         zoplan("calibrate", "--model", str(model), "--topology", opts.topology, "--micro-batch",
                str(opts.micro_batch), "--seq-len", str(opts.seq_len), "--dtype", dtype, "-o", str(profile),
-               "--steps", str(opts.calibrate_steps))
+               "--steps", str(opts.calibrate_steps), "--spans", str(work / f"{name}-calibration-spans"))
         say(f"{name}: calibrated in {time.perf_counter() - t0:.0f} s -> {profile}")
         say((profile.read_text()))
         for layout in opts.layouts.split(","):

@@ -21,4 +21,10 @@ cp /tmp/zoplan-fidelity/*.yaml /tmp/zoplan-fidelity/*trace.json "$OUT"/ 2>/dev/n
 for run in /tmp/zoplan-fidelity/*-run; do  # spans (GPU and host time per stage) and the worker log
   mkdir -p "$OUT/$(basename "$run")" && cp "$run"/spans-rank*.jsonl "$run"/worker-node*.log "$OUT/$(basename "$run")"/
 done
+# the calibration's own timed steps (zoplan calibrate --spans), and their per-block compute: where
+# a calibrated block time above the run's comes from
+cp -r /tmp/zoplan-fidelity/*-calibration-spans "$OUT"/ 2>/dev/null
+for kept in "$OUT"/*-calibration-spans/2x1/spans-rank0.jsonl; do
+  [ -f "$kept" ] && echo "== $kept" && python3 bench/step_table.py "$kept" --blocks | tail -30
+done
 ls -la "$OUT"

@@ -246,7 +246,12 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
                                 signs=(1, -1) if branches == 2 else (1,), replica=0, replicas=1,
                                 mover_index=rank if exchange else 0, movers=movers, compute_index=0,
                                 computes=1, exchange_group=dist.group.WORLD if exchange else None)
-        spans = Spans(device, None)
+        # --spans: every timed step kept, in the runtime's spans-rank<R>.jsonl schema
+        kept = Path(args.spans) / key / f"spans-rank{rank}.jsonl" if args.spans else None
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.unlink(missing_ok=True)
+        spans = Spans(device, kept, keep_steps=args.steps * 2)
         blocks_n = len(host.layouts)
         engine = Engine(model, adapter, host, ctx, upload="sliced", slices=world, param_dtype=args.dtype,
                         resident_blocks=[], eps=1e-3, spans=spans)
@@ -279,6 +284,7 @@ def _engine_times(args, model, adapter, host, device, rank, world, exchange: boo
             engine.pending = engine.pending or _pending(step)
             if step >= 1:  # the first step warms up and has no update to apply
                 rows.append({**spans_totals, **split})
+        spans.close()
         blocks = len(host.layouts)
         average = statistics.mean if exchange else statistics.median
         out[key] = {cat: average(r.get(cat, 0.0) for r in rows) / (blocks if cat in PER_BLOCK else 1)
@@ -369,6 +375,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--output", required=True)
     parser.add_argument("--progress", default=None)
+    parser.add_argument("--spans", default=None)  # a directory: keep the timed steps' spans
     args = parser.parse_args()
     try:
         figures = measure(args)
@@ -395,10 +402,12 @@ if __name__ == "__main__":
 
 # ----- the launcher (``zoplan calibrate``) ---------------------------------------------------------
 def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtype: str | None,
-              output: Path, steps: int = 20, quiet: bool = False, micro_batches: tuple[int, ...] = (1, 2)):
+              output: Path, steps: int = 20, quiet: bool = False, micro_batches: tuple[int, ...] = (1, 2),
+              spans: Path | None = None):
     """Measure this machine (one process per device of ``topology``) and write a profile;
     ``micro_batches``: the micro-batch counts timed (1 and 2 at least; more counts let a plan
-    with many micro-batches interpolate instead of extrapolating)."""
+    with many micro-batches interpolate instead of extrapolating); ``spans``: a directory that
+    keeps every timed engine step, ``<setting>/spans-rank<R>.jsonl``."""
     import subprocess
     import sys
 
@@ -442,6 +451,8 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
            "--block-params", str(shape.block_params()), "--steps", str(steps),
            "--micro-batches", ",".join(map(str, counts)),
            "--output", str(raw), "--progress", str(progress_file)]
+    if spans is not None:
+        cmd += ["--spans", str(Path(spans).resolve())]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if not cpu:  # rank k measures the topology's GPU k
         env.update(cuda_env(machine.gpus, machine.gpus, os.environ))

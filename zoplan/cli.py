@@ -274,6 +274,9 @@ def calibrate_cmd(
                               help="engine steps timed per setting (more: steadier figures on a noisy machine)"),
     micro_batches: str = typer.Option("1,2", "--micro-batches",
                                       help="micro-batch counts to time, with 1 and 2 (e.g. 1,2,4,8 for plans with many)"),
+    spans: Optional[Path] = typer.Option(None, "--spans", metavar="DIR",
+                                         help="keep every timed engine step: DIR/<setting>/spans-rank<R>.jsonl, "
+                                              "the schema of a run's spans files"),
 ) -> None:
     """Measure this machine with the runtime's own code and write a profile for `zoplan plan --profile`."""
     try:
@@ -283,7 +286,7 @@ def calibrate_cmd(
                           fix="pip install 'zoplan[runtime]'") from None
     prof = calibrate(model, topology, micro_batch=micro_batch, seq_len=seq_len,
                      dtype=dtype.value if dtype else None, output=output, steps=steps,
-                     micro_batches=_int_list(micro_batches, "--micro-batches"))
+                     micro_batches=_int_list(micro_batches, "--micro-batches"), spans=spans)
     from zoplan.render import profile_table
 
     out.print(profile_table(prof))
