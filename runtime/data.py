@@ -20,7 +20,7 @@ import csv
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -54,6 +54,7 @@ class Example:
 
     text: str
     label: int | None = None
+    line: int | None = field(default=None, compare=False)  # where a local file holds it (messages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +184,19 @@ def load_examples(source: str) -> tuple[list[Example], str]:
     return examples, kind
 
 
+def check_labels(examples: list[Example], task: Task, source: str) -> None:
+    """Every label indexes one of the task's label words (before any rank starts: a bad label
+    found while training would stop the run after its output directory was written)."""
+    if task.kind != "classification":
+        return
+    for example in examples:
+        if example.label is not None and example.label >= len(task.label_words):
+            where = f"{source}:{example.line}" if example.line is not None else f"{source}, example {example.text[:40]!r}"
+            raise ZoplanError(f"{where}: label {example.label}, but the task has {len(task.label_words)} label "
+                              f"words {list(task.label_words)}",
+                              fix=f"labels are indices into the label words: 0..{len(task.label_words) - 1}")
+
+
 def _check_consistent(
     path: Path, line: int, labelled: bool, first: tuple[int, bool] | None
 ) -> tuple[int, bool]:
@@ -238,7 +252,7 @@ def _read_jsonl(path: Path) -> list[Example]:
             if label is not None:
                 label = _check_label(path, line_no, label)
             first = _check_consistent(path, line_no, label is not None, first)
-            examples.append(Example(text, label))
+            examples.append(Example(text, label, line_no))
     return examples
 
 
@@ -301,7 +315,7 @@ def _read_csv(path: Path) -> list[Example]:
                             fix="labels are integer indices into the label words: 0, 1, ...",
                         ) from None
                     label = _check_label(path, start, value)
-                examples.append(Example(text, label))
+                examples.append(Example(text, label, start))
     except UnicodeDecodeError as exc:
         raise ZoplanError(f"{path}: not valid UTF-8 ({exc.reason})",
                           fix="save the file as UTF-8") from None

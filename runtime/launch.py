@@ -166,7 +166,7 @@ def plan_gpus(plan: Plan) -> list[str]:
 
 def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     """Validate and return (plan, model directory, plan path inside the output)."""
-    from zoplan.planfile import ZoSettings
+    from zoplan.planfile import zo_settings
     from zoplan.planner import plan as make_plan
     from zoplan.runtime import data as zdata
     from zoplan.runtime.tiny import resolve_model
@@ -195,7 +195,7 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
         from zoplan.runtime.tiny import TINY
 
         lr = opts.lr if opts.lr is not None else (TINY_LR if opts.model in TINY else None)
-        zo = ZoSettings(**{k: v for k, v in (("lr", lr), ("eps", opts.eps), ("seed", opts.seed)) if v is not None},
+        zo = zo_settings(**{k: v for k, v in (("lr", lr), ("eps", opts.eps), ("seed", opts.seed)) if v is not None},
                         steps=opts.steps)
         local = load_topology(topology)
         # bf16 matrix products are slower than fp32 on CPUs (docs/results/cpu-figures.md)
@@ -215,7 +215,8 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
             print(f"warning: {warning}", file=sys.stderr)
     if plan.layout.nodes != opts.nnodes:
         raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {opts.nnodes}")
-    examples, _ = zdata.load_examples(opts.data)
+    examples, kind = zdata.load_examples(opts.data)
+    zdata.check_labels(examples, zdata.Task(kind), opts.data)  # the task the worker builds
     if len(examples) < plan.batch.global_batch:
         raise ZoplanError(f"{opts.data} has {len(examples)} examples, fewer than one global batch "
                           f"of {plan.batch.global_batch}")

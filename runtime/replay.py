@@ -99,16 +99,32 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
     to while training; returns the number of steps replayed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from zoplan.models import load_model_shape
     from zoplan.planfile import load_plan
     from zoplan.runtime.tiny import resolve_model
 
+    if device not in ("cpu", "cuda"):
+        raise ZoplanError(f"--device {device!r} is not cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ZoplanError("replay cannot reach a GPU: torch sees no CUDA device here",
+                          fix="replay on the CPU (--device cpu): the same updates, in the same dtype")
     if out.exists() and any(out.iterdir()):
         raise ZoplanError(f"output directory {out} is not empty", fix="choose a new -o directory")
     journal = read_journal(journal_path)
-    if dtype is None:
-        plan_path = journal_path.parent / "plan.yaml"
-        dtype = load_plan(plan_path).transfer.wire_dtype if plan_path.exists() else "fp32"
     model_dir = resolve_model(base)
+    plan_path = journal_path.parent / "plan.yaml"
+    plan = load_plan(plan_path) if plan_path.exists() else None
+    if plan is not None:
+        # the journal's updates are per parameter name and size: on another model they would
+        # change a different set of weights without a word
+        shape = load_model_shape(str(model_dir / "config.json"))
+        differences = plan.model_shape().differences(shape)
+        if differences:
+            raise ZoplanError(f"{journal_path} was written by a run of model '{plan.model.name}' ({plan_path}), "
+                              f"but the base model given is '{shape.name}': {', '.join(differences)}",
+                              fix="replay onto the base weights that run started from")
+    if dtype is None:
+        dtype = plan.transfer.wire_dtype if plan is not None else "fp32"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
     replay(model, journal)
     out.mkdir(parents=True, exist_ok=True)

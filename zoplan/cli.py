@@ -91,7 +91,7 @@ def plan_cmd(
     profile: Optional[Path] = typer.Option(None, "--profile", help="plan with the figures `zoplan calibrate` measured"),
 ) -> None:
     """Find the fastest (or cheapest) layout of a model on a machine and write it as a plan."""
-    from zoplan.planfile import ZoSettings, write_plan
+    from zoplan.planfile import ZoSettings, write_plan, zo_settings
     from zoplan.planner import plan
     from zoplan.search import Pins
 
@@ -99,8 +99,8 @@ def plan_cmd(
 
     if lr is None:
         lr = TINY_LR if model in TINY_MODELS else ZoSettings.model_fields["lr"].default
-    zo = _zo_settings(ZoSettings, eps=eps, lr=lr, weight_decay=weight_decay, seed=seed, steps=steps,
-                      lr_schedule=lr_schedule.value)
+    zo = zo_settings(eps=eps, lr=lr, weight_decay=weight_decay, seed=seed, steps=steps,
+                     lr_schedule=lr_schedule.value)
     pins = Pins(perturbation=pertp, data=ddp, gpus=_gpus(gpus), slices=slices,
                 wire_dtype=wire_dtype.value if wire_dtype else None, micro_batch=micro_batch,
                 prefetch=prefetch, resident=resident, upload=upload.value if upload else None,
@@ -131,14 +131,6 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
-def _zo_settings(cls, **values):
-    from zoplan.fileio import describe_validation_error
-    from pydantic import ValidationError
-
-    try:
-        return cls(**values)
-    except ValidationError as exc:
-        raise ZoplanError(f"invalid ZO setting: {describe_validation_error(exc)}") from None
 
 
 @app.command("compare")
@@ -203,8 +195,9 @@ def run_cmd(
                              help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), or a datasets name"),
     steps: int = typer.Option(100, "--steps", "-n", help="training steps"),
     output: Path = typer.Option(Path("zoplan-run"), "--output", "-o", help="directory for weights, journal and metrics"),
-    global_batch: int = typer.Option(8, "--global-batch", "-b", help="without a plan: sequences per step"),
-    seq_len: int = typer.Option(64, "--seq-len", "-s", help="without a plan: tokens per sequence"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b",
+                                               help="without a plan: sequences per step (default 8)"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", help="without a plan: tokens per sequence (default 64)"),
     topology: Optional[str] = typer.Option(None, "--topology", "-t", help="without a plan: the machine (default cpu-local)"),
     pertp: Optional[int] = typer.Option(None, "--pertp", help="without a plan: pin the perturbation degree"),
     ddp: Optional[int] = typer.Option(None, "--ddp", help="without a plan: pin the data-parallel degree"),
@@ -217,17 +210,19 @@ def run_cmd(
     lr: Optional[float] = typer.Option(None, "--lr", help="without a plan: learning rate (1e-6; 1e-3 for the tiny models)"),
     eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
     seed: Optional[int] = typer.Option(None, "--seed", help="without a plan: run seed"),
-    eval_every: int = typer.Option(0, "--eval-every", help="evaluate on the held-out split every N steps (and at the end)"),
-    max_nonfinite: int = typer.Option(5, "--max-nonfinite", help="stop after this many non-finite losses in a row"),
-    nnodes: int = typer.Option(1, "--nnodes", help="machines taking part (torchrun rendezvous)"),
-    node_rank: int = typer.Option(0, "--node-rank", help="this machine's index"),
+    eval_every: int = typer.Option(0, "--eval-every", min=0,
+                                   help="evaluate on the held-out split every N steps (and at the end); 0: never"),
+    max_nonfinite: int = typer.Option(5, "--max-nonfinite", min=1, help="stop after this many non-finite losses in a row"),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="machines taking part (torchrun rendezvous)"),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="this machine's index (0 .. --nnodes - 1)"),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="address of node 0"),
     master_port: Optional[int] = typer.Option(None, "--master-port", help="port on node 0 (needed with --nnodes > 1)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory up to --steps"),
-    max_restarts: int = typer.Option(0, "--max-restarts", help="restart crashed ranks this many times (they resume)"),
-    snapshot_every: int = typer.Option(0, "--snapshot-every", help="write a snapshot every N steps"),
-    snapshot_minutes: float = typer.Option(0.0, "--snapshot-minutes", help="write a snapshot every M minutes"),
-    keep_snapshots: int = typer.Option(2, "--keep-snapshots", help="snapshots kept"),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="restart crashed ranks this many times (they resume)"),
+    snapshot_every: int = typer.Option(0, "--snapshot-every", min=0, help="write a snapshot every N steps (0: never)"),
+    snapshot_minutes: float = typer.Option(0.0, "--snapshot-minutes", min=0.0,
+                                           help="write a snapshot every M minutes (0: never)"),
+    keep_snapshots: int = typer.Option(2, "--keep-snapshots", min=0, help="snapshots kept (0: all of them)"),
     journal_sync_every: int = typer.Option(1, "--journal-sync-every", min=1,
                                            help="fsync the journal every N steps (slow disks)"),
 ) -> None:
@@ -237,8 +232,22 @@ def run_cmd(
 
     if nnodes > 1 and master_port is None:
         raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
+    if node_rank >= nnodes:
+        raise ZoplanError(f"--node-rank {node_rank} is not one of the {nnodes} node(s): 0 .. {nnodes - 1}")
+    if plan_file is not None or resume is not None:
+        # the plan fixes these: taking them silently would run something else than asked
+        planned = [flag for flag, value in (
+            ("--global-batch", global_batch), ("--seq-len", seq_len), ("--topology", topology), ("--pertp", pertp),
+            ("--ddp", ddp), ("--slices", slices), ("--wire-dtype", wire_dtype), ("--gpus", gpus), ("--upload", upload),
+            ("--resident", resident), ("--micro-batch", micro_batch), ("--lr", lr), ("--eps", eps), ("--seed", seed))
+            if value is not None]
+        if planned:
+            source = f"the plan {plan_file}" if resume is None else f"the plan of the run in {resume}"
+            raise ZoplanError(f"{', '.join(planned)} set what {source} already fixes",
+                              fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml")
     opts = RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=output,
-                      global_batch=global_batch, seq_len=seq_len, topology=topology,
+                      global_batch=8 if global_batch is None else global_batch,
+                      seq_len=64 if seq_len is None else seq_len, topology=topology,
                       pins=Pins(perturbation=pertp, data=ddp, slices=slices, gpus=_gpus(gpus),
                                 wire_dtype=wire_dtype.value if wire_dtype else None,
                                 upload=upload.value if upload else None, resident=resident,
@@ -302,7 +311,7 @@ def validate_cmd(
     data: str = typer.Option("sentiment-text", "--data", "-d", help="training data, as for `zoplan run`"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: a new temporary one)"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="write the simulated and measured steps as one Chrome trace"),
-    skip: int = typer.Option(1, "--skip", help="first steps left out of the measurement (warm-up)"),
+    skip: int = typer.Option(1, "--skip", min=0, help="first steps left out of the measurement (warm-up)"),
     pad: bool = typer.Option(True, "--pad/--no-pad",
                              help="pad every batch to the plan's sequence length, as planned (--no-pad: as zoplan run)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
@@ -329,8 +338,13 @@ def validate_cmd(
     if steps <= skip:
         raise ZoplanError(f"--steps {steps} leaves nothing to measure after --skip {skip}")
     run_dir = output or Path(tempfile.mkdtemp(prefix="zoplan-validate-"))
-    run(RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json,
-                   pad_to_seq_len=pad))
+    try:
+        run(RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json,
+                       pad_to_seq_len=pad))
+    except ZoplanError:
+        if output is None and not any(run_dir.iterdir()):  # refused before it started: leave nothing
+            run_dir.rmdir()
+        raise
     result = zv.compare(zv.measure(run_dir, the_plan, skip), simulated, the_plan.prediction.gpu_memory_bytes)
     if trace is not None:
         from zoplan.trace import write_trace
@@ -353,7 +367,7 @@ def replay_cmd(
     journal: Path = typer.Argument(..., help="the run's journal.jsonl"),
     output: Path = typer.Option(..., "--output", "-o", help="directory for the rebuilt weights"),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="default: the run's host-copy dtype from plan.yaml"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (the device type that trained: bit-identical)"),
 ) -> None:
     """Rebuild trained weights from the base weights and the journal alone."""
     from zoplan.runtime.replay import replay_to

@@ -61,6 +61,18 @@ class ZoSettings(Strict):
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
 
 
+def zo_settings(**values) -> ZoSettings:
+    """ZoSettings from command-line values: a bad one is a ZoplanError naming the field."""
+    from pydantic import ValidationError
+
+    from zoplan.fileio import describe_validation_error
+
+    try:
+        return ZoSettings(**values)
+    except ValidationError as exc:
+        raise ZoplanError(f"invalid ZO setting: {describe_validation_error(exc)}") from None
+
+
 class RankEntry(Strict):
     rank: int
     node: int

@@ -190,6 +190,16 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
         assert all(sum(line["totals"].values()) <= line["wall_s"] + 1e-6 for line in lines)
 
 
+def test_a_validation_refused_before_it_starts_leaves_no_run_directory(calibrated, planned, tmp_path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "validate", str(planned), "--model", str(calibrated[1]),
+                           "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(tmp)))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp.iterdir()) == []  # no empty zoplan-validate-* directory
+
+
 def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs, monkeypatch) -> None:
     from transformers import AutoTokenizer
 

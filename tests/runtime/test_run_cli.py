@@ -58,6 +58,13 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
     bad.write_text('{"step": 0}\n' + (out / "journal.jsonl").read_text())
     rep = zoplan("replay", "tiny-opt", str(bad), "-o", str(tmp_path / "rep2"))
     assert rep.returncode == 2 and f"{bad}:1" in rep.stderr and "Traceback" not in rep.stderr
+    # onto another model the journal would change other weights: plan.yaml beside it says which
+    rep = zoplan("replay", "tiny-llama", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep3"))
+    assert rep.returncode == 2 and "the base model given is" in rep.stderr and "Traceback" not in rep.stderr
+    assert not (tmp_path / "rep3").exists()
+    if not torch.cuda.is_available():
+        rep = zoplan("replay", "tiny-opt", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep4"), "--device", "cuda")
+        assert rep.returncode == 2 and "cannot reach a GPU" in rep.stderr and "Traceback" not in rep.stderr
 
 
 def test_a_plan_for_another_model_is_refused(tmp_path: Path, tiny_dirs) -> None:
@@ -80,6 +87,10 @@ def test_a_gpu_plan_on_this_cpu_machine_is_refused(tmp_path: Path, tiny_dirs) ->
     (["--model", "nobody/no-such-model"], "cannot be found offline"),
     (["--global-batch", "7", "--ddp", "2"], "does not divide"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--lr", "-1"], "invalid ZO setting: field 'lr'"),
+    (["--node-rank", "3"], "--node-rank 3 is not one of the 1 node(s)"),
+    (["--max-restarts", "-1"], "--max-restarts"),
+    (["--max-nonfinite", "0"], "--max-nonfinite"),
 ])
 def test_bad_run_arguments_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     proc = zoplan("run", *args, "-o", str(tmp_path / "o"))
@@ -93,6 +104,20 @@ def test_a_malformed_data_line_is_named(tmp_path: Path) -> None:
     data.write_text('{"text": "fine", "label": 1}\n{"text": oops}\n')
     proc = zoplan("run", "--data", str(data), "-o", str(tmp_path / "o"))
     assert proc.returncode == 2 and f"{data}:2: invalid JSON" in proc.stderr
+    # a label with no label word: named before anything is written (the ranks would find it later)
+    data.write_text('{"text": "fine", "label": 1}\n{"text": "odd", "label": 7}\n' * 8)
+    proc = zoplan("run", "--data", str(data), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and f"{data}:2: label 7, but the task has 2 label words" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_options_the_plan_fixes_are_refused_with_a_plan(tmp_path: Path, tiny_dirs) -> None:
+    report = plan(str(tiny_dirs["tiny-opt"] / "config.json"), "cpu-local", global_batch=8, seq_len=32, dtype="fp32")
+    write_plan(report.plan, tmp_path / "plan.yaml")
+    proc = zoplan("run", str(tmp_path / "plan.yaml"), "--model", str(tiny_dirs["tiny-opt"]), "--lr", "0.5",
+                  "--ddp", "2", "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "--ddp, --lr set what the plan" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_previous_runs_output_is_not_overwritten(tmp_path: Path) -> None:
