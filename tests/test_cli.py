@@ -386,6 +386,19 @@ def test_missing_topology_file(tmp_path: Path, monkeypatch, capsys) -> None:
 def test_model_that_fits_nowhere_says_which_memory_is_short(monkeypatch, capsys) -> None:
     code, _, err = run_main(monkeypatch, capsys, "plan", "--model", "opt-175b", "--topology", "rtx4090-4x")
     assert_one_error(code, err, "opt-175b", "rtx4090-4x", "host memory", "short by", "GiB")
+    # the host holds the parameters once: a smaller batch cannot help, a bigger machine can
+    assert "more host memory" in err and "micro-batch" not in err
+    code, _, err = run_main(monkeypatch, capsys, "plan", "--model", "opt-66b", "--topology", "rtx4090-4x",
+                            "--dtype", "fp32", "--wire-dtype", "fp32")
+    assert_one_error(code, err, "host memory", "--wire-dtype bf16 or fp16, not fp32")
+
+
+def test_a_tiny_model_on_a_large_machine_shows_its_step_in_microseconds(monkeypatch, capsys) -> None:
+    code, out, _ = run_main(monkeypatch, capsys, "plan", "--model", "tiny-opt", "--topology", "dgx-a100")
+    assert code == 0 and " µs" in out and " 0.0 ms" not in out
+    assert "M │" in out  # millions of tokens per second, not thousands of thousands
+    row = next(line for line in out.splitlines() if line.startswith("│   1 "))
+    assert " 0.00 │" not in row and "<0.01" in row  # a fraction of a cent per million tokens is not free
 
 
 @pytest.mark.parametrize("args, needles", [

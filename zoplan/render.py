@@ -12,11 +12,21 @@ GiB = 2**30
 
 
 def _fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:  # a tiny model on a large machine: 0.0 ms would say nothing
+        return f"{seconds * 1e6:.1f} µs"
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.3f} s"
 
 
 def _fmt_rate(tokens_per_s: float) -> str:
+    if tokens_per_s >= 1e6:
+        return f"{tokens_per_s / 1e6:.1f}M"
     return f"{tokens_per_s / 1e3:.1f}k" if tokens_per_s >= 1e3 else f"{tokens_per_s:.0f}"
+
+
+def _fmt_usd(usd: float | None) -> str:
+    if usd is None:
+        return "–"
+    return f"{usd:.2f}" if usd >= 0.005 else "<0.01"  # not 0.00: it is not free
 
 
 def _fmt_gib(nbytes: float) -> str:
@@ -48,7 +58,7 @@ def _row(summary: dict, label: str, speedup: float | None) -> list[str]:
         _fmt_gib(summary["host_memory_bytes"]),
         summary["bottleneck"] or "",
         f"{summary['bound_fraction'] * 100:.0f}%",
-        f"{cost:.2f}" if cost is not None else "–",
+        _fmt_usd(cost),
         f"{speedup:.2f}×" if speedup else "–",
     ]
 
@@ -133,7 +143,7 @@ def compare_table(results: list, model: str) -> Table:
                       _fmt_time(summ["step_time_s"]), _fmt_rate(summ["tokens_per_s"]),
                       _fmt_gib(summ["gpu_memory_bytes"]), _fmt_gib(summ["host_memory_bytes"]),
                       summ["bottleneck"], f"{price:.2f}" if price else "–",
-                      f"{summ['usd_per_mtok']:.2f}" if summ["usd_per_mtok"] is not None else "–",
+                      _fmt_usd(summ["usd_per_mtok"]),
                       f"{res.speedup_vs_baseline:.2f}×" if res.speedup_vs_baseline else "–")
     return table
 

@@ -230,7 +230,7 @@ def search(machine: Machine, workload: Workload, *, pins: Pins = Pins(), objecti
             costs = StepCosts(machine, workload, layout)
             fitting.append((layout, machine_bound(costs), costs))
     if not fitting:
-        raise _nothing_fits(machine, workload, considered, worst_gpu_short, worst_host_short)
+        raise _nothing_fits(machine, workload, considered, worst_gpu_short, worst_host_short, pins)
 
     def rank(layout: Layout, step_s: float, memory: int) -> tuple:
         # equal objectives (to rounding) prefer fewer GPUs, then less GPU memory
@@ -380,7 +380,7 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
 
 
 def _nothing_fits(machine: Machine, workload: Workload, considered: int,
-                  gpu_short: float | None, host_short: float | None) -> ZoplanError:
+                  gpu_short: float | None, host_short: float | None, pins: Pins | None = None) -> ZoplanError:
     if considered == 0:
         return ZoplanError(f"no layout of '{machine.name}' matches the pinned options",
                            fix="pin fewer decisions, or check that --gpus has --pertp x --ddp entries")
@@ -393,6 +393,13 @@ def _nothing_fits(machine: Machine, workload: Workload, considered: int,
                      f"parameters ({machine.host_memory_bytes / GiB:.0f} GiB installed, "
                      f"{HOST_RESERVE_BYTES / GiB:.0f} GiB kept for the system)")
     what = "; ".join(parts) or "no candidate fits memory"
-    return ZoplanError(f"{workload.model.name} does not fit on '{machine.name}': {what}",
-                       fix="use a smaller micro-batch or sequence length, a narrower --dtype, "
-                           "or a machine with more memory")
+    gpu_is_short = gpu_short is not None and gpu_short > 0
+    if host_short is not None and host_short > 0 and not gpu_is_short:
+        # the host holds the parameters once, whatever the batch: the batch cannot help, and the
+        # search already tried the narrowest host-copy dtype it was allowed
+        fix = "a machine with more host memory (zoplan compare --model ... -t ... -t ...)"
+        if pins is not None and pins.wire_dtype is not None and WIRE_BYTES[pins.wire_dtype] > min(WIRE_BYTES.values()):
+            fix = f"a 2-byte host copy (--wire-dtype bf16 or fp16, not {pins.wire_dtype}), or " + fix
+    else:
+        fix = "use a smaller micro-batch or sequence length, a narrower --dtype, or a machine with more memory"
+    return ZoplanError(f"{workload.model.name} does not fit on '{machine.name}': {what}", fix=fix)
