@@ -111,9 +111,9 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
     if out.exists() and any(out.iterdir()):
         raise ZoplanError(f"output directory {out} is not empty", fix="choose a new -o directory")
     journal = read_journal(journal_path)
-    model_dir = resolve_model(base)
     plan_path = journal_path.parent / "plan.yaml"
-    plan = load_plan(plan_path) if plan_path.exists() else None
+    plan = load_plan(plan_path) if plan_path.exists() else None  # before the model: it may need building
+    model_dir = resolve_model(base)
     if plan is not None:
         # the journal's updates are per parameter name and size: on another model they would
         # change a different set of weights without a word

@@ -235,16 +235,18 @@ def run_cmd(
     if node_rank >= nnodes:
         raise ZoplanError(f"--node-rank {node_rank} is not one of the {nnodes} node(s): 0 .. {nnodes - 1}")
     if plan_file is not None or resume is not None:
-        # the plan fixes these: taking them silently would run something else than asked
+        # the plan fixes these: taking them silently would run something else than asked (with
+        # --resume, the same command line again is the natural way to continue: a warning)
         planned = [flag for flag, value in (
             ("--global-batch", global_batch), ("--seq-len", seq_len), ("--topology", topology), ("--pertp", pertp),
             ("--ddp", ddp), ("--slices", slices), ("--wire-dtype", wire_dtype), ("--gpus", gpus), ("--upload", upload),
             ("--resident", resident), ("--micro-batch", micro_batch), ("--lr", lr), ("--eps", eps), ("--seed", seed))
             if value is not None]
-        if planned:
-            source = f"the plan {plan_file}" if resume is None else f"the plan of the run in {resume}"
-            raise ZoplanError(f"{', '.join(planned)} set what {source} already fixes",
+        if planned and resume is None:
+            raise ZoplanError(f"{', '.join(planned)} set what the plan {plan_file} already fixes",
                               fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml")
+        if planned:
+            err.print(Text(f"warning: {', '.join(planned)} ignored: the run in {resume} continues with its own plan"))
     opts = RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=output,
                       global_batch=8 if global_batch is None else global_batch,
                       seq_len=64 if seq_len is None else seq_len, topology=topology,
