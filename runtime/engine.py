@@ -103,6 +103,9 @@ class Engine:
             self.off_stream = torch.cuda.Stream(self.device)
         self.written: dict[int, torch.cuda.Event] = {}  # block -> its last write-back (CUDA)
         self.landed: dict[int, torch.cuda.Event] = {}  # block -> its upload has landed (CUDA)
+        # the next step's first uploads, started as a training step's last block computes: they
+        # overlap its head, loss and loop (as the simulator's steps do), not the next step's start
+        self.carried: dict[int, torch.Tensor | None] = {}
         self.rounds_landed: dict[int, list] = {}  # block -> each round's slice has landed (CUDA, sliced)
         # resident blocks, uploaded once: with sliced uploads this rank's slices only, packed (the
         # planner counts 1/movers of a block per GPU); with whole-block uploads the whole block
@@ -231,9 +234,12 @@ class Engine:
             if not kept and p is not None:
                 if self.ctx.computes > 1:
                     # every rank of this machine reads the whole block before anyone writes its
-                    # share back: a share written early would be read, and updated, twice
+                    # share back: a share written early would be read, and updated, twice. And
+                    # every share written back before (earlier blocks, the step before) has
+                    # landed in the host copy: another rank's later read of it must see it
                     if self.cuda:
                         self.up_stream.synchronize()
+                        self.off_stream.synchronize()
                     with self.spans.span("exchange", "exchange", f"barrier b{i}", i):
                         dist.barrier(group=self.ctx.exchange_group)
                 for lo, hi in self._my_ranges(layout):
@@ -386,10 +392,23 @@ class Engine:
                     if len(kwargs) < len(micro_batches):
                         kwargs.append(kw)
         # blocks i+1 .. i+prefetch upload while block i computes
-        ahead = {j: self._prefetch(j) for j in range(self.prefetch)}
-        for i in range(len(self.blocks)):
-            ahead[i + self.prefetch] = self._prefetch(i + self.prefetch)
+        ahead = self.carried or {j: self._prefetch(j) for j in range(self.prefetch)}
+        self.carried = {}
+        n, p = len(self.blocks), self.prefetch
+        # a training step starts the next step's first uploads where the stream of blocks would
+        # reach them: block j of the next step is "block n + j" of this one. Not with whole blocks
+        # shared by several compute ranks: there a rank reads a block only once every rank has
+        # reached it (the barrier in _fetch), which a read carried into the step before would skip
+        carry = seed is not None and (self.upload == "sliced" or self.ctx.computes <= 1)
+        for i in range(n):
+            if i + p < n:
+                ahead[i + p] = self._prefetch(i + p)
             theta = self._fetch(i, ahead.pop(i))
+            j = i - max(0, n - p)
+            if carry and 0 <= j < min(p, n):
+                # after _fetch(j) (j <= i): the host copy holds this step's write-back of block j
+                # (CPU), or the upload waits for it on its stream (CUDA)
+                self.carried[j] = self._prefetch(j)
             if theta is None or not signs:
                 continue
             with spans.span("compute", "compute", f"block {i}", i):
@@ -453,8 +472,9 @@ class Engine:
             return
         self._update_resident()
         self._set_resident(None, 1)
+        carried, self.carried = self.carried, {}
         for i in range(len(self.blocks)):
-            self._fetch(i)
+            self._fetch(i, carried.get(i))  # an upload carried from the last step is this one
         self.pending = None
         if self.cuda:
             torch.cuda.synchronize(self.device)

@@ -18,7 +18,7 @@ from zoplan.search import Pins
 EPS = 1e-3
 
 
-def _single_rank(model_dir: Path, tmp_path: Path, resident: int = 0):
+def _single_rank(model_dir: Path, tmp_path: Path, resident: int = 0, **engine_kwargs):
     report = plan(str(model_dir / "config.json"), "cpu-local", global_batch=4, seq_len=32, dtype="fp32",
                   pins=Pins(perturbation=1, data=1, upload="whole", resident=resident,
                             wire_dtype="fp32"))
@@ -27,7 +27,7 @@ def _single_rank(model_dir: Path, tmp_path: Path, resident: int = 0):
                             compute_index=0, computes=1)
     model, adapter, host = load_model(model_dir, report.plan, ctx, f"test-{uuid.uuid4().hex[:8]}")
     engine = Engine(model, adapter, host, ctx, upload="whole", slices=1, param_dtype="fp32",
-                    resident_blocks=report.plan.resident_blocks, eps=EPS)
+                    resident_blocks=report.plan.resident_blocks, eps=EPS, **engine_kwargs)
     return engine, host
 
 
@@ -111,6 +111,52 @@ def test_a_step_then_flush_moves_the_weights_along_minus_g_z(tiny_dirs, tmp_path
         assert expected.abs().max() > 1e-4  # a step large enough for the comparison to mean something
         torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-6)
     finally:
+        host.remove()
+
+
+@pytest.mark.parametrize("prefetch", [2, 4])  # 4: the whole model ahead, each block carried after its own write-back
+def test_the_next_steps_first_uploads_start_before_the_head_and_carry_every_update(prefetch: int, tiny_dirs,
+                                                                                   tmp_path: Path) -> None:
+    """A training step uploads the next step's first `prefetch` blocks as its last blocks compute
+    (the simulator's steps do the same); those uploads must hold the update this step wrote back."""
+    import json
+
+    from zoplan.runtime.spans import Spans
+
+    model_dir = tiny_dirs["tiny-opt"]
+    batch, task = _batch(model_dir)
+    spans = Spans(torch.device("cpu"), tmp_path / "spans.jsonl")
+    engine, host = _single_rank(model_dir, tmp_path, prefetch=prefetch, spans=spans)
+    fn = lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task)  # noqa: E731
+    mbs = [{"inputs": batch.model_inputs(), "batch": batch}]
+    try:
+        n = len(host.blocks)
+        assert n == 4
+        before = [b.clone() for b in host.blocks]
+        results = [engine.step(mbs, seed, 1e-2, 0.0, fn, step=k) for k, seed in enumerate((7, 8, 9))]
+        assert sorted(engine.carried) == list(range(prefetch))
+        rows = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
+        labels = [[s[2] for s in row["spans"]] for row in rows]
+        if prefetch == 2:
+            # step 0 uploads blocks 0-3, then the next step's 0 and 1 before its head; the later
+            # steps start with those and upload only blocks 2 and 3 themselves
+            assert [x for x in labels[0] if x.startswith("h2d")] == ["h2d b0", "h2d b1", "h2d b2", "h2d b3",
+                                                                     "h2d b0", "h2d b1"]
+            assert [x for x in labels[1] if x.startswith("h2d")] == ["h2d b2", "h2d b3", "h2d b0", "h2d b1"]
+        assert labels[1].index("h2d b1") < labels[1].index("head+loss")
+        engine.flush()
+        assert engine.carried == {}
+        # every block moved by the three updates: a carried upload that missed the write-back of
+        # the step before would lose one of them on blocks 0 and 1
+        for i in (0, 1, 3):
+            slot = host.layouts[i].slots[0]
+            expected = sum(-1e-2 * r.projected_grad * normal(seed, slot.name, 0, slot.numel)
+                           for r, seed in zip(results, (7, 8, 9)))
+            moved = host.blocks[i][:slot.numel] - before[i][:slot.numel]
+            assert expected.abs().max() > 1e-4
+            torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-6)
+    finally:
+        spans.close()
         host.remove()
 
 
