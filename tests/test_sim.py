@@ -145,6 +145,31 @@ def test_relays_carry_blocks_so_a_small_batch_uses_every_uplink() -> None:
     assert step(everyone) < 0.6 * step(pair)
 
 
+def test_a_steps_first_uploads_start_in_the_step_before_unless_several_ranks_share_whole_blocks() -> None:
+    """As the runtime does: one compute rank (or sliced uploads) carries the next step's first
+    uploads into the step before; whole blocks read by several compute ranks of a machine wait
+    for their own step, whose ranks all read a block before any writes its share back."""
+    machine = load_topology("dgx-a100")
+    shape = ModelShape(name="t", family="opt", layers=8, hidden=4096, ffn=16384, heads=32, kv_heads=32,
+                       vocab=1000, max_positions=2048, tied_head=True, embed_dim=4096)
+
+    def first_upload_start(gpus: tuple[str, ...], upload: str) -> tuple[float, float]:
+        layout = Layout(perturbation=1, data=len(gpus), compute_gpus=gpus, upload=upload, movers=gpus,
+                        slices_per_block=len(gpus) if upload == "sliced" else 1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1,
+                        prefetch=2)
+        result = simulate(StepCosts(machine, Workload(shape, 2 * len(gpus), 64), layout), record=True)
+        starts = [t0 for g, _, cat, label, step, _, t0, _ in result.spans
+                  if g == gpus[0] and cat == "h2d" and label.startswith("h2d b0") and step == REPORTED_STEP]
+        return min(starts), result.window[0]
+
+    start, step_start = first_upload_start(("gpu0",), "whole")
+    assert start < step_start
+    start, step_start = first_upload_start(("gpu0", "gpu2"), "sliced")
+    assert start < step_start
+    start, step_start = first_upload_start(("gpu0", "gpu2"), "whole")
+    assert start >= step_start
+
+
 def test_gpu_memory_counts_what_the_runtime_allocates(tmp_path: Path) -> None:
     """One compute GPU, dual forward, whole-block uploads, prefetch 2, no resident block: the
     reserve, prefetch + 1 uploaded blocks, one work buffer per branch (theta + s*eps*z), the

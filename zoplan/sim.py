@@ -127,10 +127,15 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
         # whole-block uploads: every compute GPU writes back part of the block, so the next
         # upload of it waits for all of them; sliced: a mover re-reads only its own slices
         writers = L.movers if not sliced else (g,)
+        # the runtime uploads a step's first blocks during the step before (docs/runtime.md),
+        # except whole blocks shared by several compute ranks of a machine: those wait for it
+        carried = sliced or L.compute_ranks_per_node <= 1
         for step in range(STEPS):
             for b in range(model.layers):
                 if b in resident and not sliced:
                     continue
+                if not carried and step > 0 and b < L.prefetch:
+                    yield g_ready(step - 1)
                 req = buffers[g].request()
                 yield req
                 needs = []
