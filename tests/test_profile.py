@@ -310,7 +310,7 @@ def _calibration_rows(device: str, machine) -> list[dict]:
     return rows
 
 
-def test_a_gpu_calibration_keeps_block_computes_gpu_and_host_time_and_the_table_shows_both() -> None:
+def test_a_gpu_calibration_keeps_block_computes_gpu_and_host_time_and_the_table_shows_both(tmp_path: Path) -> None:
     """block_s is the longer of the two; the profile keeps both for the record on CUDA (where
     the host's issue time is measured apart), and nothing of the kind on the CPU."""
     from rich.console import Console
@@ -333,3 +333,11 @@ def test_a_gpu_calibration_keeps_block_computes_gpu_and_host_time_and_the_table_
     cpu = build_profile(_calibration_rows("cpu", machine), machine, shape, micro_batch=2, seq_len=64,
                         dtype="bf16", device="cpu")
     assert cpu.compute.block_gpu_s == {} and cpu.compute.block_host_s == {}
+    # written out, a CPU profile carries no empty GPU/host tables; a CUDA one keeps them
+    from zoplan.profile import load_profile, write_profile as save
+
+    for prof, name in ((cpu, "cpu.yaml"), (gpu, "gpu.yaml")):
+        save(prof, tmp_path / name)
+    assert "block_gpu_s" not in (tmp_path / "cpu.yaml").read_text()
+    assert load_profile(tmp_path / "cpu.yaml").compute.block_gpu_s == {}
+    assert load_profile(tmp_path / "gpu.yaml").compute.block_host_s["2x1"] == pytest.approx(5e-3)

@@ -178,7 +178,11 @@ HEADER = ("# zoplan calibration profile: written by `zoplan calibrate`, read by 
 
 
 def write_profile(profile: Profile, path: Path) -> None:
-    write_yaml(path, profile.model_dump(mode="json"), header=HEADER)
+    data = profile.model_dump(mode="json")
+    for key in ("block_gpu_s", "block_host_s"):  # measured on CUDA only: no empty tables elsewhere
+        if not data["compute"].get(key):
+            data["compute"].pop(key, None)
+    write_yaml(path, data, header=HEADER)
 
 
 def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micro_batch: int, seq_len: int,
