@@ -64,8 +64,6 @@ def test_calibration_measures_every_rank_and_the_model_shape(calibrated) -> None
     times = profile.compute
     assert sorted(times.block_s) == ["1x1", "1x2", "2x1", "2x2"]
     assert all(math.isfinite(t) and t > 0 for t in times.block_s.values())
-    # twice the work (two micro-batches through both branches): a margin no noise closes
-    assert times.block_s["2x2"] > times.block_s["2x1"]
     assert times.update_s_per_param > 0
     # the training loop between steps (batch, journal line) was timed in every setting
     assert sorted(times.loop_s) == ["1x1", "1x2", "2x1", "2x2"] and all(t > 0 for t in times.loop_s.values())
@@ -77,19 +75,22 @@ def test_calibration_keeps_the_steps_it_timed_and_the_profile_follows_from_them(
     profile = load_profile(calibrated[0])
     kept = calibrated[0].parent / "spans"
     assert sorted(p.name for p in kept.iterdir()) == ["1x1", "1x2", "2x1", "2x2", "exchange"]
-    per_rank = []
-    for rank in (0, 1):
-        rows = [json.loads(line) for line in (kept / "1x1" / f"spans-rank{rank}.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == list(range(8))  # --steps 8, the warm-up step included
-        blocks = {s[3] for s in rows[0]["spans"] if s[1] == "compute"}
-        assert blocks == set(range(len(blocks))) and len(blocks) >= 2
-        # every timed step keeps its spans, and they add up to the step's totals
-        for r in rows:
-            assert math.isclose(sum(s[5] - s[4] for s in r["spans"] if s[1] == "compute"), r["totals"]["compute"],
-                                rel_tol=1e-6)
-        per_rank.append(statistics.median(r["totals"]["compute"] for r in rows[1:]) / len(blocks))
-    # the profile's block time is the ranks' mean of the median step after the warm-up, per block
-    assert math.isclose(profile.compute.block_s["1x1"], sum(per_rank) / 2, rel_tol=1e-6)
+    # each setting's entry follows from that setting's steps (not from another's: the settings'
+    # timings differ), so a mislabelled setting fails here; which one is slower is for benchmarks
+    for setting in ("1x1", "1x2", "2x1", "2x2"):
+        per_rank = []
+        for rank in (0, 1):
+            rows = [json.loads(line) for line in (kept / setting / f"spans-rank{rank}.jsonl").read_text().splitlines()]
+            assert [r["step"] for r in rows] == list(range(8))  # --steps 8, the warm-up step included
+            blocks = {s[3] for s in rows[0]["spans"] if s[1] == "compute"}
+            assert blocks == set(range(len(blocks))) and len(blocks) >= 2
+            # every timed step keeps its spans, and they add up to the step's totals
+            for r in rows:
+                assert math.isclose(sum(s[5] - s[4] for s in r["spans"] if s[1] == "compute"),
+                                    r["totals"]["compute"], rel_tol=1e-6)
+            per_rank.append(statistics.median(r["totals"]["compute"] for r in rows[1:]) / len(blocks))
+        # the profile's block time is the ranks' mean of the median step after the warm-up, per block
+        assert math.isclose(profile.compute.block_s[setting], sum(per_rank) / 2, rel_tol=1e-6), setting
     exchange = [json.loads(line) for line in (kept / "exchange" / "spans-rank0.jsonl").read_text().splitlines()]
     assert len(exchange) == 16 and any(s[1] == "exchange" for s in exchange[3]["spans"])  # twice the steps
 
