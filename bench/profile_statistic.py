@@ -45,6 +45,28 @@ def figures(kept: Path, average) -> dict[str, dict[str, float]]:
     return out
 
 
+def replan(work: Path, model: str, layout: str, profile: Path, out: Path) -> float:
+    """The step time `zoplan plan` predicts for the run's pinned layout with another profile."""
+    plan = yaml.safe_load((work / f"{model}-{layout}.yaml").read_text())
+    p, d = layout.split("x")
+    batch, transfer = plan["batch"], plan["transfer"]
+    # as bench/fidelity.py names the model: a built-in tiny one, or the checkpoint it built in WORK
+    model_arg = model if model.startswith("tiny-") else str(work / model / "config.json")
+    subprocess.run(["zoplan", "plan", "--model", model_arg,
+                    "--topology", plan["topology"]["source"], "--profile", str(profile),
+                    "--global-batch", str(batch["global_batch"]), "--seq-len", str(batch["seq_len"]),
+                    "--micro-batch", str(batch["micro_batch"]), "--dtype", transfer["param_dtype"],
+                    "--wire-dtype", transfer["wire_dtype"], "--pertp", p, "--ddp", d, "--resident", "0",
+                    "-o", str(out)], check=True, capture_output=True)
+    return yaml.safe_load(out.read_text())["prediction"]["step_time_s"]
+
+
+def measured_steps(work: Path, model: str, layout: str) -> list[float]:
+    """The run's step times after the first (as `zoplan validate` takes them)."""
+    return [r["step_time_s"] for r in _rows(work / f"{model}-{layout}-run" / "metrics.jsonl")
+            if "step_time_s" in r and r["step"] >= 1]
+
+
 def main() -> None:
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
@@ -73,23 +95,10 @@ def main() -> None:
               f", run {layout} {step_compute(sorted((work / f'{model}-{layout}-run').glob('spans-rank*.jsonl'))) * 1e3:.2f} ms"
               for layout in layouts if layout.endswith("x1") and layout != "1x1"))
     for layout in layouts:
-        plan_path = work / f"{model}-{layout}.yaml"
-        plan = yaml.safe_load(plan_path.read_text())
-        p, d = layout.split("x")
-        replanned = work / f"{model}-{layout}-mean.yaml"
-        batch, transfer = plan["batch"], plan["transfer"]
-        # as bench/fidelity.py names the model: a built-in tiny one, or the checkpoint it built in WORK
-        model_arg = model if model.startswith("tiny-") else str(work / model / "config.json")
-        subprocess.run(["zoplan", "plan", "--model", model_arg,
-                        "--topology", plan["topology"]["source"], "--profile", str(mean_profile),
-                        "--global-batch", str(batch["global_batch"]), "--seq-len", str(batch["seq_len"]),
-                        "--micro-batch", str(batch["micro_batch"]), "--dtype", transfer["param_dtype"],
-                        "--wire-dtype", transfer["wire_dtype"], "--pertp", p, "--ddp", d, "--resident", "0",
-                        "-o", str(replanned)], check=True, capture_output=True)
+        plan = yaml.safe_load((work / f"{model}-{layout}.yaml").read_text())
         by_median = plan["prediction"]["step_time_s"]
-        by_mean = yaml.safe_load(replanned.read_text())["prediction"]["step_time_s"]
-        steps = [r["step_time_s"] for r in _rows(work / f"{model}-{layout}-run" / "metrics.jsonl")
-                 if "step_time_s" in r and r["step"] >= 1]
+        by_mean = replan(work, model, layout, mean_profile, work / f"{model}-{layout}-mean.yaml")
+        steps = measured_steps(work, model, layout)
         m_median, m_mean = statistics.median(steps), statistics.mean(steps)
         spans0 = _rows(work / f"{model}-{layout}-run" / "spans-rank0.jsonl")[1:]
         cats = sorted({c for r in spans0 for c in r["totals"]})

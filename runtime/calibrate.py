@@ -15,6 +15,11 @@ One process per device (GPU, or CPU rank), as in training. Each rank:
    training, with 1 and 2 branches and 1 and 2 micro-batches: its spans give the block compute
    (perturbation + forward), the deferred update, embedding and head times (per block: the
    step's total over the blocks); and the perturbation alone (theta + eps z of one block).
+   Each rank times these settings on its own blocks, the ranks meeting once a step;
+5. with several ranks, the same engine steps (one branch, two micro-batches) with every rank
+   moving slices and all-gathering them before each block, as PertP and data-parallel layouts
+   run: the all-gather's in-step wait and the loss all-reduce, and the block compute, embedding
+   and head in that lockstep (CPU ranks share cores, and compute slower so).
 
 Rank 0 writes the figures as JSON to ``--output``; the planner (zoplan/profile.py) turns them into
 a profile file.
@@ -39,6 +44,7 @@ from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.spans import Spans
 
 REPEAT_S = 0.3  # each copy measurement runs at least this long
+ROUNDS = 4  # the engine settings take turns this many times (_engine_times)
 
 
 def _sync(device: torch.device) -> None:
@@ -180,6 +186,7 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
     gather: dict = {}
     groups: list[dict] = []
     scalar_s = 0.0
+    lockstep: dict = {}
     if world > 1:
         _phase(args, rank, f"all-gather and all-reduce among {world} ranks")
         gather = _gather_figures(args, device, world, dist.group.WORLD, world)
@@ -202,9 +209,11 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
     if world > 1:
         # the all-gather and the loss all-reduce inside real steps, where each waits for the
         # slowest rank's compute before it (jitter a back-to-back loop does not see)
-        insitu = _engine_times(args, model, adapter, host, device, rank, world, exchange=True)["exchange"]
+        insitu = compute.pop("exchange")
         gather["in_step_us"] = insitu["exchange"] * 1e6
         scalar_s = insitu["scalar"]
+        # the same steps' compute, as a layout whose compute ranks all-gather each block runs it
+        lockstep = insitu["lockstep"]
     from zoplan.runtime.perturb import fused_backend
 
     kernels = "torch" if fused_backend(device) is None else "triton, one launch per block"
@@ -212,7 +221,7 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
             "together": {"h2d_gbps": together_h2d, "d2h_gbps": together_d2h, "duplex_gbps": duplex},
             "allgather": gather, "allgather_groups": groups, "scalar_latency_us": scalar_s * 1e6,
             "block_params": block_params,
-            "compute": compute}
+            "compute": compute, "lockstep": lockstep}
 
 
 def _gather_figures(args, device: torch.device, ranks: int, group, slices: int) -> dict:
@@ -229,73 +238,108 @@ def _gather_figures(args, device: torch.device, ranks: int, group, slices: int) 
     return {"ranks": ranks, "latency_us": max(t0, 1e-7) * 1e6, "gbps": 1e-9 / per_byte}
 
 
-def _engine_times(args, model, adapter, host, device, rank, world, exchange: bool = False) -> dict:
-    """Median span totals of Engine.step, per block, per (branches, micro-batches);
-    with ``exchange``, one setting where all ranks move slices and all-gather them (PertP-like:
-    one branch each)."""
+def _engine_times(args, model, adapter, host, device, rank, world) -> dict:
+    """Span totals of Engine.step per (branches, micro-batches), per block (medians); with
+    several ranks also the ``exchange`` setting, where all ranks move slices and all-gather them
+    (PertP-like: one branch each).
+
+    The settings take turns in ``ROUNDS`` rounds, each a fresh engine that warms up for one
+    untimed step and is then timed for its share of the steps: a slow stretch of the machine
+    (a shared or virtual one's) then falls on every setting alike instead of on one."""
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(rank)
-    out = {}
     loop = _TrainingLoop(args, rank)
-    settings = ([(1, 2, "exchange")] if exchange
-                else [(b, m, f"{b}x{m}") for b in (1, 2) for m in _counts(args.micro_batches)])
+    settings = [(b, m, f"{b}x{m}") for b in (1, 2) for m in _counts(args.micro_batches)]
+    if world > 1:
+        settings.append((1, 2, "exchange"))
+    blocks_n = len(host.layouts)
+    state = {}
     for branches, micro, key in settings:
-        _phase(args, rank, f"engine steps: {branches} branch(es), {micro} micro-batch(es)")
-        movers = world if exchange else 1
-        ctx = zdist.RankContext(rank=0, world=1, node=0, local_rank=0, device=device, role="compute",
-                                signs=(1, -1) if branches == 2 else (1,), replica=0, replicas=1,
-                                mover_index=rank if exchange else 0, movers=movers, compute_index=0,
-                                computes=1, exchange_group=dist.group.WORLD if exchange else None)
-        # --spans: every timed step kept, in the runtime's spans-rank<R>.jsonl schema
+        # waiting for the slowest rank is skewed (rare long waits): more steps for the exchange,
+        # and the mean, which is what a step's sum of waits adds up to
+        steps = args.steps * 2 if key == "exchange" else args.steps
+        # --spans: every timed step kept (and the first warm-up), in the runtime's
+        # spans-rank<R>.jsonl schema
         kept = Path(args.spans) / key / f"spans-rank{rank}.jsonl" if args.spans else None
         if kept is not None:
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.unlink(missing_ok=True)
-        spans = Spans(device, kept, keep_steps=args.steps * 2)
-        blocks_n = len(host.layouts)
-        engine = Engine(model, adapter, host, ctx, upload="sliced", slices=world, param_dtype=args.dtype,
-                        resident_blocks=[], eps=1e-3, spans=spans)
         mbs = []
         for _ in range(micro):
             ids = torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=gen)
             mbs.append({"inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                         "labels": ids.to(device)})
-        rows = []
-        # waiting for the slowest rank is skewed (rare long waits): more steps, and the mean, which
-        # is what a step's sum of waits adds up to
-        for step in range(args.steps * 2 if exchange else args.steps):
-            spans.begin(step)
-            with spans.span("compute", "loop", "batch", -1):
-                loop.batch(step, micro)  # timed only: the steps run on the random tokens above
-            engine.forward_losses(mbs, 1000 + step, [_loss])
-            with spans.span("compute", "scalar", "loss all-reduce", 1):
-                zdist.all_reduce_sum([0.0, 0.0, 0.0, 0.0])
-            with spans.span("compute", "loop", "journal", blocks_n + 2):
-                loop.journal(step)
-            spans_totals = spans.end()
-            # for the record: the block compute's GPU and host seconds before they are combined
-            split = {"compute_gpu": spans_totals.get("compute", 0.0),
-                     "compute_host": spans.host_totals.get("compute", 0.0)}
-            # a stage lasts at least as long as the host takes to issue it (CUDA: kernel launches
-            # and Python; in a long run nothing else hides that time)
-            for cat, host_s in spans.host_totals.items():
-                if cat in ("compute", "embed", "head", "update"):
-                    spans_totals[cat] = max(spans_totals.get(cat, 0.0), host_s)
-            engine.pending = engine.pending or _pending(step)
-            if step >= 1:  # the first step warms up and has no update to apply
-                rows.append({**spans_totals, **split})
-        spans.close()
-        blocks = len(host.layouts)
-        average = statistics.mean if exchange else statistics.median
-        out[key] = {cat: average(r.get(cat, 0.0) for r in rows) / (blocks if cat in PER_BLOCK else 1)
+        shares = [steps // ROUNDS + (r < steps % ROUNDS) for r in range(ROUNDS)]
+        state[key] = {"spans": Spans(device, kept, keep_steps=steps + 1), "mbs": mbs, "rows": [], "step": 0,
+                      "shares": shares, "last": max(r for r in range(ROUNDS) if shares[r])}
+    engine = None
+    for round_ in range(ROUNDS):
+        for branches, micro, key in settings:
+            st = state[key]
+            if not st["shares"][round_]:
+                continue
+            _phase(args, rank, f"engine steps: {branches} branch(es), {micro} micro-batch(es)"
+                               + (", all ranks all-gathering" if key == "exchange" else "")
+                               + f" (round {round_ + 1} of {ROUNDS})")
+            exchange = key == "exchange"
+            ctx = zdist.RankContext(rank=0, world=1, node=0, local_rank=0, device=device, role="compute",
+                                    signs=(1, -1) if branches == 2 else (1,), replica=0, replicas=1,
+                                    mover_index=rank if exchange else 0, movers=world if exchange else 1,
+                                    compute_index=0, computes=1,
+                                    exchange_group=dist.group.WORLD if exchange else None)
+            engine = None  # the previous engine's buffers go before this one's come
+            spans = st["spans"]
+            engine = Engine(model, adapter, host, ctx, upload="sliced", slices=world, param_dtype=args.dtype,
+                            resident_blocks=[], eps=1e-3, spans=spans)
+            # the first round's warm-up step is kept with the timed ones, the later ones are not timed
+            for i in range(st["shares"][round_] + 1):
+                step = st["step"]
+                timed = i > 0 or round_ == 0
+                if timed:
+                    spans.begin(step)
+                    st["step"] += 1
+                with spans.span("compute", "loop", "batch", -1):
+                    loop.batch(step, micro)  # timed only: the steps run on the random tokens above
+                engine.forward_losses(st["mbs"], 1000 + step, [_loss])
+                with spans.span("compute", "scalar", "loss all-reduce", 1):
+                    zdist.all_reduce_sum([0.0, 0.0, 0.0, 0.0])
+                with spans.span("compute", "loop", "journal", blocks_n + 2):
+                    loop.journal(step)
+                engine.pending = engine.pending or _pending(step)
+                if not timed:
+                    continue
+                spans_totals = spans.end()
+                # for the record: the block compute's GPU and host seconds before they are combined
+                split = {"compute_gpu": spans_totals.get("compute", 0.0),
+                         "compute_host": spans.host_totals.get("compute", 0.0)}
+                # a stage lasts at least as long as the host takes to issue it (CUDA: kernel
+                # launches and Python; in a long run nothing else hides that time)
+                for cat, host_s in spans.host_totals.items():
+                    if cat in ("compute", "embed", "head", "update"):
+                        spans_totals[cat] = max(spans_totals.get(cat, 0.0), host_s)
+                if i >= 1:  # an engine's first step warms up and has no update to apply
+                    st["rows"].append({**spans_totals, **split})
+            if key == "1x1" and round_ == st["last"]:
+                theta = engine._device_copy(0)
+                if device.type == "cuda":
+                    torch.cuda.current_stream(device).wait_event(engine.landed.pop(0))
+                params = host.layouts[0].numel
+                st["perturb_s_per_param"] = _timed(lambda: engine._perturbed(0, theta, 7, (1,)), device, 5) / params
+    engine = None
+    out = {}
+    for _, _, key in settings:
+        st = state[key]
+        st["spans"].close()
+        rows = st["rows"]
+        average = statistics.mean if key == "exchange" else statistics.median
+        out[key] = {cat: average(r.get(cat, 0.0) for r in rows) / (blocks_n if cat in PER_BLOCK else 1)
                     for cat in ("h2d", "update", "d2h", "embed", "compute", "head", "exchange", "scalar", "loop",
                                 "compute_gpu", "compute_host")}
-        if key == "1x1":
-            theta = engine._device_copy(0)
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).wait_event(engine.landed.pop(0))
-            params = host.layouts[0].numel
-            out[key]["perturb_s_per_param"] = _timed(lambda: engine._perturbed(0, theta, 7, (1,)), device, 5) / params
+        if key == "exchange":  # the compute of these steps, as the independent settings take it (medians)
+            out[key]["lockstep"] = {cat: statistics.median(r.get(cat, 0.0) for r in rows)
+                                    / (blocks_n if cat in PER_BLOCK else 1) for cat in ("compute", "embed", "head")}
+        if "perturb_s_per_param" in st:
+            out[key]["perturb_s_per_param"] = st["perturb_s_per_param"]
     return out
 
 

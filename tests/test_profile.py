@@ -341,3 +341,78 @@ def test_a_gpu_calibration_keeps_block_computes_gpu_and_host_time_and_the_table_
     assert "block_gpu_s" not in (tmp_path / "cpu.yaml").read_text()
     assert load_profile(tmp_path / "cpu.yaml").compute.block_gpu_s == {}
     assert load_profile(tmp_path / "gpu.yaml").compute.block_host_s["2x1"] == pytest.approx(5e-3)
+
+
+def test_cpu_compute_ranks_that_meet_every_block_compute_at_the_calibrated_lockstep_rate(tmp_path: Path) -> None:
+    """CPU ranks share cores: with several compute ranks (PertP, data-parallel) the block compute,
+    embedding and head take the ratio measured with every rank all-gathering each block against
+    each rank alone (1 branch, 2 micro-batches). One compute rank with a relay, or GPUs, keep the
+    independent figures; a profile without the lockstep figures plans as before."""
+    from zoplan.costs import StepCosts, Workload
+    from zoplan.layout import Layout
+    from zoplan.profile import apply_profile, load_profile
+
+    def layout(perturbation: int, gpus: tuple[str, ...]) -> Layout:
+        return Layout(perturbation=perturbation, data=1, compute_gpus=gpus[:perturbation], upload="sliced",
+                      movers=gpus, slices_per_block=2, wire_dtype="fp32", param_dtype="fp32", micro_batch=2,
+                      prefetch=1)
+
+    costs = {}
+    for topology in ("cpu-local", "rtx4090-4x"):
+        base = yaml.safe_load(write_profile(tmp_path / f"{topology}.yaml", topology=topology).read_text())
+        locked = {**base, "compute": {**base["compute"], "lockstep_s": {"block": 0.19 * 1.25, "embed": 0.19 * 1.1,
+                                                                        "head": 0.19 * 0.9}}}
+        (tmp_path / f"{topology}-locked.yaml").write_text(yaml.safe_dump(locked))
+        machine = load_topology(topology)
+        gpus = tuple(machine.gpus[:2])
+        work = Workload(load_model_shape("opt-125m"), 4, 64)
+        for name in ("", "-locked"):
+            profile = load_profile(tmp_path / f"{topology}{name}.yaml")
+            on = apply_profile(machine, profile, tmp_path / "p.yaml")
+            for p in (1, 2):
+                c = StepCosts(on, work, layout(p, gpus))
+                costs[topology, name, p] = (c.compute_block_s(gpus[0]), c.embed_s(gpus[0]), c.head_s(gpus[0]))
+    ratios = [a / b for a, b in zip(costs["cpu-local", "-locked", 2], costs["cpu-local", "", 2])]
+    assert ratios == pytest.approx([1.25, 1.1, 0.9])
+    assert costs["cpu-local", "-locked", 1] == costs["cpu-local", "", 1]  # one compute rank and a relay
+    assert costs["rtx4090-4x", "-locked", 2] == costs["rtx4090-4x", "", 2]  # GPUs: each its own device
+    # the planner's 2x1 step on the CPU grows with it
+    model = str(tmp_path / "my-base")
+    pins = Pins(perturbation=2, data=1, micro_batch=2, resident=0, wire_dtype="fp32", upload="sliced", slices=2,
+                prefetch=1)
+    step = {name: plan(model, "cpu-local", global_batch=4, seq_len=64, dtype="fp32", pins=pins,
+                       profile=tmp_path / f"cpu-local{name}.yaml").plan.prediction.step_time_s for name in ("", "-locked")}
+    assert step["-locked"] > step[""] * 1.1
+
+
+def test_a_calibration_with_several_ranks_keeps_the_lockstep_compute_and_older_profiles_their_hash(
+        tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from zoplan.fileio import content_hash
+    from zoplan.profile import build_profile, load_profile, write_profile as save
+    from zoplan.render import profile_table
+
+    machine = load_topology("cpu-local")
+    shape = load_model_shape("tiny-opt")
+    rows = _calibration_rows("cpu", machine)
+    for r, rank in zip(rows, (0.0, 2e-3)):
+        r["lockstep"] = {"compute": 5e-3 + rank, "embed": 1.5e-3, "head": 2.5e-3}
+    locked = build_profile(rows, machine, shape, micro_batch=2, seq_len=64, dtype="fp32", device="cpu")
+    assert locked.compute.lockstep_s == pytest.approx({"block": 6e-3, "embed": 1.5e-3, "head": 2.5e-3})
+    assert locked.lockstep_factor("block") == pytest.approx(6e-3 / 4e-3)  # the ranks' 1x2 block: 4 ms
+    assert locked.lockstep_factor("embed") == pytest.approx(1.5)
+    console = Console(width=200, record=True)
+    console.print(profile_table(locked))
+    assert "all ranks all-gathering each block" in console.export_text()
+    save(locked, tmp_path / "locked.yaml")
+    assert load_profile(tmp_path / "locked.yaml").compute.lockstep_s["block"] == pytest.approx(6e-3)
+    # one rank (or a profile written before it was measured): no table, factor 1, the old hash
+    plain = build_profile(_calibration_rows("cpu", load_topology("h100-pcie-1x")), load_topology("h100-pcie-1x"),
+                          shape, micro_batch=2, seq_len=64, dtype="fp32", device="cpu")
+    assert plain.compute.lockstep_s == {} and plain.lockstep_factor("block") == 1.0
+    save(plain, tmp_path / "plain.yaml")
+    assert "lockstep_s" not in (tmp_path / "plain.yaml").read_text()
+    dumped = plain.model_dump(mode="json")
+    del dumped["compute"]["lockstep_s"]
+    assert plain.hash == content_hash(dumped) != locked.hash

@@ -109,6 +109,15 @@ class StepCosts:
         p = self.profile.model
         return (self.layout.micro_batch * self.work.seq_len) / (p.micro_batch * p.seq_len)
 
+    def _lockstep(self, gpu: str, stage: str) -> float:
+        """CPU ranks share the machine's cores: where several compute ranks of a node meet before
+        every block (an all-gather of slices, or the whole-block barrier), each computes slower
+        than alone by the ratio the calibration measured in that lockstep. GPUs compute on their
+        own devices: 1."""
+        if self._gm(gpu).kind != "cpu" or self.layout.compute_ranks_per_node < 2:
+            return 1.0
+        return self.profile.lockstep_factor(stage)
+
     def _whole_barrier_s(self) -> float:
         """Whole-block uploads with several compute ranks on a machine: every rank reads the block
         before anyone writes its share back, a barrier per block (measured: a small collective's
@@ -152,7 +161,8 @@ class StepCosts:
 
     def compute_block_s(self, gpu: str) -> float:
         if self.profile is not None:
-            t = self.profile.block_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
+            t = (self.profile.block_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
+                 * self._lockstep(gpu, "block"))
             if self.layout.upload == "whole":  # every compute GPU applies the update to the whole block
                 t += self.profile.compute.update_s_per_param * self.block_params
                 t += self._whole_barrier_s()
@@ -171,13 +181,15 @@ class StepCosts:
         """Start of a step: update and perturb the resident parts (embeddings, final norm,
         head); the embedding lookup itself is negligible."""
         if self.profile is not None:
-            return self.profile.embed_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
+            return (self.profile.embed_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
+                    * self._lockstep(gpu, "embed"))
         passes = 1 + self.perturb_passes()
         return elementwise_s(self._gm(gpu), self.model.resident_params(), self.layout.param_dtype, passes)
 
     def head_s(self, gpu: str) -> float:
         if self.profile is not None:
-            return self.profile.head_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
+            return (self.profile.head_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
+                    * self._lockstep(gpu, "head"))
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
         head_bytes = m.embed_dim * m.vocab * WIRE_BYTES[L.param_dtype] + tokens * m.vocab * 4

@@ -22,6 +22,7 @@ import datetime
 import platform
 import re
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -85,6 +86,12 @@ class StageTimes(Strict):
     # the block is issue-bound in calibration (empty on the CPU and in older profiles)
     block_gpu_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
     block_host_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    # the 1-branch, 2-micro-batch setting again, with every rank moving slices and all-gathering
+    # them before each block as PertP and data-parallel layouts do: "block", "embed" and "head"
+    # seconds (several ranks only; empty in older profiles). CPU ranks share cores and compute
+    # slower in that lockstep than each on its own; the costs scale a CPU layout with several
+    # compute ranks by the ratio to 1x2 (Profile.lockstep_factor)
+    lockstep_s: dict[Literal["block", "embed", "head"], NonNegativeFloat] = Field(default_factory=dict)
 
 
 class Profile(Strict):
@@ -102,7 +109,10 @@ class Profile(Strict):
 
     @property
     def hash(self) -> str:
-        return content_hash(self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        if not data["compute"]["lockstep_s"]:  # profiles written before it was measured keep their hash
+            del data["compute"]["lockstep_s"]
+        return content_hash(data)
 
     # ----- the figures the costs need --------------------------------------------------------
     def collective(self, ranks: int) -> Collective | None:
@@ -139,6 +149,15 @@ class Profile(Strict):
 
     def head_s(self, branches: int, micro_batches: int, tokens_scale: float = 1.0) -> float:
         return self._solve(self.compute.head_s, branches, micro_batches, tokens_scale)
+
+    def lockstep_factor(self, stage: Literal["block", "embed", "head"]) -> float:
+        """A stage's time with every rank all-gathering each block over its time with each rank
+        on its own (both one branch, two micro-batches); 1 where not measured."""
+        table = {"block": self.compute.block_s, "embed": self.compute.embed_s, "head": self.compute.head_s}[stage]
+        locked, alone = self.compute.lockstep_s.get(stage), table.get("1x2")
+        if not locked or not alone:
+            return 1.0
+        return locked / alone
 
     def loop_s(self, branches: int, micro_batches: int, tokens_scale: float = 1.0) -> float:
         table = self.compute.loop_s
@@ -179,7 +198,9 @@ HEADER = ("# zoplan calibration profile: written by `zoplan calibrate`, read by 
 
 def write_profile(profile: Profile, path: Path) -> None:
     data = profile.model_dump(mode="json")
-    for key in ("block_gpu_s", "block_host_s"):  # measured on CUDA only: no empty tables elsewhere
+    # block_gpu_s/block_host_s are measured on CUDA only, lockstep_s with several ranks only: no
+    # empty tables elsewhere
+    for key in ("block_gpu_s", "block_host_s", "lockstep_s"):
         if not data["compute"].get(key):
             data["compute"].pop(key, None)
     write_yaml(path, data, header=HEADER)
@@ -215,6 +236,9 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
         gather["wait_us"] = max(0.0, in_step - gather["latency_us"] - nbytes / (gather["gbps"] * 1e3))
         gather.pop("in_step_us", None)
     groups = [Collective(**g, wait_us=gather["wait_us"]) for g in rows[0].get("allgather_groups", [])]
+    lockstep = ({"block": sum(r["lockstep"]["compute"] for r in rows) / len(rows),
+                 **{cat: sum(r["lockstep"][cat] for r in rows) / len(rows) for cat in ("embed", "head")}}
+                if all(r.get("lockstep") for r in rows) else {})
     return Profile(
         version=PROFILE_VERSIONS[-1], machine=MachineRef(name=machine.name, hash=machine.hash),
         model=ShapeRef(name=shape.name, hash=shape.hash, shape_hash=shape.shape_hash, micro_batch=micro_batch,
@@ -233,6 +257,7 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
                            update_s_per_param=update,
                            perturb_s_per_param=sum(r["compute"]["1x1"].get("perturb_s_per_param", 0.0)
                                                    for r in rows) / len(rows),
+                           lockstep_s=lockstep,
                            **({"block_gpu_s": mean("compute_gpu"), "block_host_s": mean("compute_host")}
                               if device_is_cuda else {})))
 

@@ -242,6 +242,11 @@ def profile_table(profile) -> Table:
             split = (f" (GPU {_fmt_time(c.block_gpu_s[key])}, host {_fmt_time(c.block_host_s[key])})"
                      if key in c.block_gpu_s and key in c.block_host_s else "")
             table.add_row(f"block compute, {branches} branch(es), {m} micro-batch(es)", _fmt_time(t) + split)
+    if "block" in profile.compute.lockstep_s:
+        # CPU plans with several compute ranks scale compute by this (zoplan.costs)
+        table.add_row("block compute, 1 branch, 2 micro-batches, all ranks all-gathering each block",
+                      f"{_fmt_time(profile.compute.lockstep_s['block'])} "
+                      f"(x{profile.lockstep_factor('block'):.2f})")
     table.add_row("deferred update", f"{profile.compute.update_s_per_param * 1e9:.2f} ns/parameter")
     if profile.compute.loop_s:
         table.add_row("training loop between steps (batch + journal), 1 micro-batch",

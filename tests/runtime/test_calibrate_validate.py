@@ -81,7 +81,8 @@ def test_calibration_keeps_the_steps_it_timed_and_the_profile_follows_from_them(
         per_rank = []
         for rank in (0, 1):
             rows = [json.loads(line) for line in (kept / setting / f"spans-rank{rank}.jsonl").read_text().splitlines()]
-            assert [r["step"] for r in rows] == list(range(8))  # --steps 8, the warm-up step included
+            # --steps 8 timed, in rounds of fresh engines; only the first engine's warm-up is kept
+            assert [r["step"] for r in rows] == list(range(9))
             blocks = {s[3] for s in rows[0]["spans"] if s[1] == "compute"}
             assert blocks == set(range(len(blocks))) and len(blocks) >= 2
             # every timed step keeps its spans, and they add up to the step's totals
@@ -92,7 +93,14 @@ def test_calibration_keeps_the_steps_it_timed_and_the_profile_follows_from_them(
         # the profile's block time is the ranks' mean of the median step after the warm-up, per block
         assert math.isclose(profile.compute.block_s[setting], sum(per_rank) / 2, rel_tol=1e-6), setting
     exchange = [json.loads(line) for line in (kept / "exchange" / "spans-rank0.jsonl").read_text().splitlines()]
-    assert len(exchange) == 16 and any(s[1] == "exchange" for s in exchange[3]["spans"])  # twice the steps
+    assert len(exchange) == 17 and any(s[1] == "exchange" for s in exchange[3]["spans"])  # twice the steps
+    # the lockstep compute: the exchange steps' block compute, as the independent settings take theirs
+    locked = []
+    for rank in (0, 1):
+        rows = [json.loads(line) for line in (kept / "exchange" / f"spans-rank{rank}.jsonl").read_text().splitlines()]
+        blocks = len({s[3] for s in rows[0]["spans"] if s[1] == "compute"})
+        locked.append(statistics.median(r["totals"]["compute"] for r in rows[1:]) / blocks)
+    assert math.isclose(profile.compute.lockstep_s["block"], sum(locked) / 2, rel_tol=1e-6)
 
 
 def test_a_plan_made_with_a_profile_records_it_and_timeline_reproduces_it(calibrated, planned, tmp_path) -> None:
