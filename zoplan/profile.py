@@ -11,7 +11,10 @@ length, the engine's block compute, deferred update, embedding and head times.
 - the costs (zoplan.costs) take the measured compute times: with ``b`` branches and ``m``
   micro-batches on a device, a block costs ``fixed_b + m * per_micro_batch_b``, both solved from
   the 1- and 2-micro-batch measurements (micro-batches of another size scale by tokens);
-- the all-gather and the loss all-reduce take the measured latency and bandwidth.
+- the all-gather and the loss all-reduce take the measured latency and bandwidth;
+- on CPU machines, layouts with several compute ranks (which meet before every block) scale their
+  block compute, embedding and head by the lockstep figures' ratio to the independent ones
+  (:meth:`Profile.lockstep_factor`): CPU ranks share cores.
 
 A profile belongs to one machine description (its hash) and one model shape: anything else is
 refused with a message, as a plan made for another machine is.
