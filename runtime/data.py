@@ -150,12 +150,34 @@ def vocabulary_words() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+LONG_TEXT = "long-text"
+
+
+def write_long_text(path: Path, seq_len: int, records: int) -> Path:
+    """``long-text``: the bundled texts joined into ``records`` records of more words than
+    ``seq_len`` (a word is at least one token), so that every sequence fills the sequence length
+    and no batch needs padding, as in the batches ``zoplan calibrate`` times (language
+    modelling). Padded batches run another path: the model builds an attention mask per
+    micro-batch, which the calibration does not time."""
+    examples, _ = load_examples("sentiment")
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(records):
+            words: list[str] = []
+            k = 0
+            while len(words) < seq_len + 8:
+                words += examples[(i * 7 + k) % len(examples)].text.split()
+                k += 1
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return path
+
+
 def load_examples(source: str) -> tuple[list[Example], str]:
     """Load examples and the task kind: ``"classification"`` (every record labelled) or ``"lm"``.
 
     ``source`` is a local ``.jsonl`` or ``.csv`` file, the word ``sentiment`` (the bundled set,
     classification), ``sentiment-text`` (the same texts without labels, for language modelling),
-    or a Hugging Face ``datasets`` name (``name`` or ``name:config``; needs the ``datasets``
+    a ``long-text`` file written by :func:`write_long_text` (the launcher writes it into the run's
+    output for the plan's sequence length), or a Hugging Face ``datasets`` name (``name`` or ``name:config``; needs the ``datasets``
     package and the hub). A malformed record raises ZoplanError naming the file and line.
     """
     if source == "sentiment-text":

@@ -215,6 +215,10 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
             print(f"warning: {warning}", file=sys.stderr)
     if plan.layout.nodes != opts.nnodes:
         raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {opts.nnodes}")
+    if opts.data == zdata.LONG_TEXT:  # written for this plan's sequence length, kept with the run
+        out.mkdir(parents=True, exist_ok=True)
+        opts.data = str(zdata.write_long_text(out / f"{zdata.LONG_TEXT}.jsonl", plan.batch.seq_len,
+                                              records=max(64, 2 * plan.batch.global_batch)))
     examples, kind = zdata.load_examples(opts.data)
     zdata.check_labels(examples, zdata.Task(kind), opts.data)  # the task the worker builds
     if len(examples) < plan.batch.global_batch:

@@ -192,7 +192,8 @@ def run_cmd(
     plan_file: Optional[Path] = typer.Argument(None, help="a plan from `zoplan plan -o`; omitted: plan for this machine"),
     model: str = typer.Option("tiny-opt", "--model", "-m", help="local directory, hub id, or tiny-opt / tiny-llama / tiny-qwen2"),
     data: str = typer.Option("sentiment-text", "--data", "-d",
-                             help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), or a datasets name"),
+                             help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), 'long-text' (bundled "
+                                  "texts filling the sequence length), or a datasets name"),
     steps: int = typer.Option(100, "--steps", "-n", help="training steps"),
     output: Path = typer.Option(Path("zoplan-run"), "--output", "-o", help="directory for weights, journal and metrics"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b",
@@ -310,7 +311,9 @@ def validate_cmd(
     steps: int = typer.Option(20, "--steps", "-n", help="training steps to measure (the first is left out)"),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="the model's directory or hub id (default: the plan's tiny model)"),
-    data: str = typer.Option("sentiment-text", "--data", "-d", help="training data, as for `zoplan run`"),
+    data: str = typer.Option("long-text", "--data", "-d",
+                             help="training data, as for `zoplan run`; the default fills every sequence, as the "
+                                  "calibration's batches do (padded data also builds an attention mask per micro-batch)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: a new temporary one)"),
     trace: Optional[Path] = typer.Option(None, "--trace", help="write the simulated and measured steps as one Chrome trace"),
     skip: int = typer.Option(1, "--skip", min=0, help="first steps left out of the measurement (warm-up)"),

@@ -188,6 +188,8 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
     assert {"rank0 (simulated)", "rank1 (simulated)", "rank0 (measured)", "rank1 (measured)"} <= names
     measured_pids = {e["pid"] for e in events if e.get("name") == "process_name" and "measured" in e["args"]["name"]}
     assert any(e.get("ph") == "X" and e["pid"] in measured_pids and e["cat"] == "compute" for e in events)
+    # the default data: long texts written for the plan's sequence length, kept with the run
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == str(tmp_path / "run" / "long-text.jsonl")
     # the training loop's host work is inside every step: the batch on each rank, the journal
     # line on rank 0 (the writer) only
     for rank in (0, 1):
@@ -222,6 +224,26 @@ def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs, monkeyp
     monkeypatch.setattr(worker, "_PAD_TO_SEQ_LEN", [True])  # what `zoplan validate` (--pad) asks for
     padded = worker._micro_batches(examples[:4], tok, task, 64, 2)[0]["inputs"]["input_ids"]
     assert short.shape[1] < 64 and tuple(padded.shape) == (2, 64)
+
+
+def test_long_text_fills_every_sequence_so_no_batch_is_padded(tiny_dirs, tmp_path) -> None:
+    """`zoplan validate`'s default data: as the calibration's batches, no padding (whose per
+    micro-batch attention mask the calibration does not time), for any sequence length."""
+    from transformers import AutoTokenizer
+
+    from zoplan.runtime import data as zdata
+    from zoplan.runtime import worker
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    for seq_len in (16, 64, 700):
+        path = zdata.write_long_text(tmp_path / f"long-{seq_len}.jsonl", seq_len, records=20)
+        examples, kind = zdata.load_examples(str(path))
+        assert kind == "lm" and len(examples) == 20 and len({e.text for e in examples}) == 20
+        assert all(len(tok(e.text)["input_ids"]) >= seq_len for e in examples)
+        batch = worker._micro_batches(examples[:4], tok, zdata.Task(kind), seq_len, 2)[0]["inputs"]
+        assert tuple(batch["input_ids"].shape) == (2, seq_len) and bool(batch["attention_mask"].all())
+    short = worker._micro_batches(zdata.load_examples("sentiment-text")[0][:4], tok, zdata.Task("lm"), 64, 2)
+    assert not bool(short[0]["inputs"]["attention_mask"].all())  # the bundled short texts are padded
 
 
 def test_the_duplex_copy_measurement_runs_its_stream_logic_and_leaves_the_host_copy_intact(monkeypatch) -> None:
