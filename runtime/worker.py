@@ -157,6 +157,13 @@ def _micro_batches(examples, tokenizer, task, seq_len: int, micro: int) -> list[
     return out
 
 
+def padding_share(micro_batches: list[dict]) -> float:
+    """The share of the micro-batches' positions that hold padding (``metrics.jsonl``'s
+    ``padding``: zoplan validate says when batches were padded, a path the calibration does not time)."""
+    positions = sum(mb["inputs"]["input_ids"].numel() for mb in micro_batches)
+    return 1.0 - sum(mb["batch"].token_count for mb in micro_batches) / positions
+
+
 def train(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
@@ -247,10 +254,13 @@ def train(args: argparse.Namespace) -> None:
             engine.spans.end()
             dt = time.perf_counter() - t0
             if writer:
-                metrics.write(json.dumps({"step": step, "loss": (result.loss_plus + result.loss_minus) / 2,
-                                          "projected_grad": result.projected_grad, "step_time_s": dt,
-                                          "tokens_per_s": tokens_per_step / dt, "elapsed_s": time.perf_counter() - t_start,
-                                          "nonfinite_total": nonfinite_total}) + "\n")
+                row = {"step": step, "loss": (result.loss_plus + result.loss_minus) / 2,
+                       "projected_grad": result.projected_grad, "step_time_s": dt,
+                       "tokens_per_s": tokens_per_step / dt, "elapsed_s": time.perf_counter() - t_start,
+                       "nonfinite_total": nonfinite_total}
+                if mine:
+                    row["padding"] = padding_share(mine)
+                metrics.write(json.dumps(row) + "\n")
             if nonfinite_in_row >= args.max_nonfinite:
                 raise ZoplanError(f"the loss was not finite for {nonfinite_in_row} steps in a row (up to step {step}); "
                                   f"the updates of those steps were skipped",

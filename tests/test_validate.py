@@ -231,3 +231,26 @@ def test_steps_that_speed_up_or_slow_down_during_the_run_are_pointed_out(two_ran
     assert steady.step_halves_s is not None and notes == []
     few, notes = notes_for("few", [9.0, 0.2, 0.1, 0.1, 0.1, 0.1])  # 5 measured steps: too few to halve
     assert few.step_halves_s is None and notes == []
+
+
+def test_padded_batches_are_reported_as_the_share_of_positions_that_held_padding(two_rank_plan, tmp_path: Path) -> None:
+    from zoplan.render import validation_notes
+
+    run = tmp_path / "run"
+    write_run(run, [1.0, 0.2, 0.2, 0.2], {0: [1.0, 0.1, 0.1, 0.1], 1: [1.0, 0.1, 0.1, 0.1]})
+    sim = SimResult(step_time_s=0.2, window=(0.0, 0.2), step_ends=[0.0, 0.2], utilization={}, bottleneck="x",
+                    spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.1)])
+    # runs written before the share was recorded: nothing to say
+    assert compare(measure(run, two_rank_plan), sim).padding_fraction is None
+
+    def with_padding(shares: list[float]):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        (run / "metrics.jsonl").write_text("".join(json.dumps({**r, "padding": p}) + "\n" for r, p in zip(rows, shares)))
+        return compare(measure(run, two_rank_plan), sim)
+
+    padded = with_padding([0.9, 0.5, 0.4, 0.3])
+    assert padded.padding_fraction == pytest.approx(0.4)  # the measured steps' mean, step 0 left out
+    assert to_json(padded, Path("p.yaml"), run, None)["padding_fraction"] == pytest.approx(0.4)
+    assert any(n.startswith("40% of the batch positions were padding") for n in validation_notes(padded))
+    full = with_padding([0.9, 0.0, 0.0, 0.0])
+    assert full.padding_fraction == 0.0 and not any("padding" in n for n in validation_notes(full))

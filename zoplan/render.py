@@ -179,6 +179,7 @@ def validation_table(result, plan_path) -> Table:
 
 
 DRIFT = 0.10  # halves of a validation's steps further apart than this (of the median): say so
+PADDING_NOTE = 0.01  # a validation whose batches held more padding than this (of the positions): say so
 
 
 def validation_notes(result) -> list[str]:
@@ -201,6 +202,10 @@ def validation_notes(result) -> list[str]:
                          if last < first else
                          f"the steps slowed down during the run: {halves}; something slowed the machine "
                          f"(other load, throttling), and the error depends on when it was measured")
+    if result.padding_fraction is not None and result.padding_fraction > PADDING_NOTE:
+        notes.append(f"{result.padding_fraction:.0%} of the batch positions were padding: a padded micro-batch "
+                     f"also builds an attention mask, which the calibration's full sequences do not time "
+                     f"(the default data, long-text, fill every sequence; docs/calibration.md)")
     if any(row.measured_host_s is not None for row in result.rows):
         notes.append("host issue: the host's time issuing each stage (Python, kernel launches); "
                      "where it reaches the measured GPU time, the GPU waits for the host")

@@ -69,6 +69,8 @@ class Validation:
     predicted_gpu_bytes: int | None = None  # the plan's prediction for its busiest GPU
     step_spread_s: tuple[float, float] | None = None  # 10th and 90th percentile of the step times
     step_halves_s: tuple[float, float] | None = None  # median of the first and of the second half
+    # the mean share of rank 0's batch positions that held padding (None: not recorded)
+    padding_fraction: float | None = None
 
     @property
     def step(self) -> Row:
@@ -117,7 +119,9 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
     if not metrics.exists() or not files:
         raise ZoplanError(f"{out} holds no measured steps (metrics.jsonl and spans-rank*.jsonl)",
                           fix="run the plan first (zoplan validate runs it for you)")
-    step_time = {r["step"]: r["step_time_s"] for r in _read_jsonl(metrics) if "step_time_s" in r}
+    lines = _read_jsonl(metrics)
+    step_time = {r["step"]: r["step_time_s"] for r in lines if "step_time_s" in r}
+    padding = {r["step"]: float(r["padding"]) for r in lines if "padding" in r}
     per_rank = {int(f.stem.removeprefix("spans-rank")): {r["step"]: r for r in _read_jsonl(f)} for f in files}
     steps = sorted(s for s in step_time if all(s in rows for rows in per_rank.values()))
     measured = [s for s in steps if s >= skip] or steps
@@ -144,7 +148,9 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
     peaks = [r["peak_bytes"] for rows_ in per_rank.values() for r in rows_.values() if "peak_bytes" in r]
     return Validation(rows, measured, trace_step, result, peak_gpu_bytes=max(peaks) if peaks else None,
                       step_spread_s=_spread([step_time[s] for s in measured]),
-                      step_halves_s=_halves([step_time[s] for s in measured]))
+                      step_halves_s=_halves([step_time[s] for s in measured]),
+                      padding_fraction=(statistics.mean(padding[s] for s in measured)
+                                        if all(s in padding for s in measured) else None))
 
 
 def _spread(times: list[float]) -> tuple[float, float] | None:
@@ -198,7 +204,8 @@ def compare(validation: Validation, simulated: SimResult, predicted_gpu_bytes: i
             rows.append(Row(cat, predicted.get(cat), measured.get(cat), host.get(cat)))
     return Validation(rows, validation.measured_steps, validation.trace_step, validation.measured,
                       peak_gpu_bytes=validation.peak_gpu_bytes, predicted_gpu_bytes=predicted_gpu_bytes,
-                      step_spread_s=validation.step_spread_s, step_halves_s=validation.step_halves_s)
+                      step_spread_s=validation.step_spread_s, step_halves_s=validation.step_halves_s,
+                      padding_fraction=validation.padding_fraction)
 
 
 def combined_trace(validation: Validation, simulated: SimResult, machine: Machine) -> dict:
@@ -218,5 +225,6 @@ def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | No
                             if validation.step_spread_s else None),
             "step_halves": ({"first_s": validation.step_halves_s[0], "last_s": validation.step_halves_s[1]}
                             if validation.step_halves_s else None),
+            "padding_fraction": validation.padding_fraction,
             "gpu_memory": {"predicted_bytes": validation.predicted_gpu_bytes,
                            "measured_peak_bytes": validation.peak_gpu_bytes}}

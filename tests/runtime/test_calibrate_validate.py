@@ -190,6 +190,7 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
     assert any(e.get("ph") == "X" and e["pid"] in measured_pids and e["cat"] == "compute" for e in events)
     # the default data: long texts written for the plan's sequence length, kept with the run
     assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == str(tmp_path / "run" / "long-text.jsonl")
+    assert report["padding_fraction"] == 0.0  # they fill every sequence
     # the training loop's host work is inside every step: the batch on each rank, the journal
     # line on rank 0 (the writer) only
     for rank in (0, 1):
@@ -229,6 +230,7 @@ def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs, monkeyp
 def test_long_text_fills_every_sequence_so_no_batch_is_padded(tiny_dirs, tmp_path) -> None:
     """`zoplan validate`'s default data: as the calibration's batches, no padding (whose per
     micro-batch attention mask the calibration does not time), for any sequence length."""
+    import torch
     from transformers import AutoTokenizer
 
     from zoplan.runtime import data as zdata
@@ -242,8 +244,11 @@ def test_long_text_fills_every_sequence_so_no_batch_is_padded(tiny_dirs, tmp_pat
         assert all(len(tok(e.text)["input_ids"]) >= seq_len for e in examples)
         batch = worker._micro_batches(examples[:4], tok, zdata.Task(kind), seq_len, 2)[0]["inputs"]
         assert tuple(batch["input_ids"].shape) == (2, seq_len) and bool(batch["attention_mask"].all())
-    short = worker._micro_batches(zdata.load_examples("sentiment-text")[0][:4], tok, zdata.Task("lm"), 64, 2)
-    assert not bool(short[0]["inputs"]["attention_mask"].all())  # the bundled short texts are padded
+        assert worker.padding_share(worker._micro_batches(examples[:4], tok, zdata.Task(kind), seq_len, 2)) == 0.0
+    # the bundled short texts are padded; the share is the mask's zeros over all positions
+    short = worker._micro_batches(zdata.load_examples("sentiment-text")[0][:6], tok, zdata.Task("lm"), 64, 2)
+    masks = torch.cat([mb["inputs"]["attention_mask"].flatten() for mb in short])
+    assert 0.0 < worker.padding_share(short) == pytest.approx(float((masks == 0).sum()) / masks.numel())
 
 
 def test_the_duplex_copy_measurement_runs_its_stream_logic_and_leaves_the_host_copy_intact(monkeypatch) -> None:

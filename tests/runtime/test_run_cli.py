@@ -31,6 +31,8 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
     assert len(evals) == 2 and evals[1] < evals[0] - 0.05  # held-out loss before and after
     train = [r["loss"] for r in rows if "loss" in r]
     assert len(train) == 100 and sum(train[-10:]) < sum(train[:10])
+    # the share of padding is recorded per step (none here: one sequence per micro-batch)
+    assert [r["padding"] for r in rows if "loss" in r] == [0.0] * 100
     journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
     assert [j["step"] for j in journal] == list(range(100))
     assert set(journal[0]) >= {"step", "seed", "loss_plus", "loss_minus", "projected_grad", "lr", "eps", "weight_decay"}
