@@ -7,7 +7,9 @@ One process per device (GPU, or CPU rank), as in training. Each rank:
    several blocks, because a block's time in a long run includes what one block alone hides (on
    CUDA, uploads overlap compute and the host's kernel issue can become the limit);
 2. copy rates: the host copy -> device and device -> host copies the engine does, each rank alone
-   (the others wait), then all ranks at once (shared links and memory buses show up);
+   (the others wait), then all ranks at once (shared links and memory buses show up); on CUDA
+   also both directions at once, sampled now and again after each round of step 4 (the median:
+   a host link's rate dips for a second now and then, and one sample can fall in a dip);
 3. the block all-gather among all ranks at two sizes -> latency and bandwidth, the same among
    the first k ranks for k = 2 .. all but one (the smaller groups a plan's movers can form),
    and the loss-scalar all-reduce latency;
@@ -91,6 +93,31 @@ def _duplex_gbps(dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> 
     elapsed = time.perf_counter() - t0
     del back
     return 2 * n * src.numel() * src.element_size() / elapsed / 1e9
+
+
+class _DuplexSamples:
+    """``_duplex_gbps`` taken at several moments of a calibration (all ranks at once, as a step's
+    copies run), reported as the median of the samples: on the H200 machine of
+    docs/results/fidelity.md, six one-window samples ranged 87-98 GB/s where the runs' own
+    uploads and write-backs moved at a steady ~97. Between samples the engine's updates rewrite
+    the host copy, so each sample first brings the device copy up to date (the write-back
+    rewrites the host copy with its own bytes, not with older ones)."""
+
+    def __init__(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> None:
+        self.dst, self.src, self.device = dst, src, device
+        self.rates: list[float] = []
+
+    def sample(self) -> None:
+        zdist.barrier()
+        self.dst.copy_(self.src)
+        _sync(self.device)
+        rate = _duplex_gbps(self.dst, self.src, self.device)
+        if rate is not None:
+            self.rates.append(rate)
+
+    @property
+    def gbps(self) -> float | None:
+        return statistics.median(self.rates) if self.rates else None
 
 
 def _timed(fn, device: torch.device, repeat: int) -> float:
@@ -179,9 +206,10 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
     zdist.barrier()
     together_d2h = _copy_gbps(src, dst, device)
     zdist.barrier()
-    if cuda:
+    duplex = _DuplexSamples(dst, src, device) if cuda else None
+    if duplex is not None:
         _phase(args, rank, "host <-> device copies, both directions at once")
-    duplex = _duplex_gbps(dst, src, device)
+        duplex.sample()  # again after each round of engine steps
     # 3. collectives among all ranks
     gather: dict = {}
     groups: list[dict] = []
@@ -205,7 +233,8 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    compute = _engine_times(args, model, adapter, host, device, rank, world)
+    compute = _engine_times(args, model, adapter, host, device, rank, world,
+                            between_rounds=duplex.sample if duplex is not None else None)
     if world > 1:
         # the all-gather and the loss all-reduce inside real steps, where each waits for the
         # slowest rank's compute before it (jitter a back-to-back loop does not see)
@@ -218,7 +247,9 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
 
     kernels = "torch" if fused_backend(device) is None else "triton, one launch per block"
     return {"rank": rank, "device": str(device), "torch": torch.__version__, "kernels": kernels, "alone": alone,
-            "together": {"h2d_gbps": together_h2d, "d2h_gbps": together_d2h, "duplex_gbps": duplex},
+            "together": {"h2d_gbps": together_h2d, "d2h_gbps": together_d2h,
+                         "duplex_gbps": duplex.gbps if duplex is not None else None,
+                         "duplex_samples_gbps": duplex.rates if duplex is not None else []},
             "allgather": gather, "allgather_groups": groups, "scalar_latency_us": scalar_s * 1e6,
             "block_params": block_params,
             "compute": compute, "lockstep": lockstep}
@@ -238,14 +269,15 @@ def _gather_figures(args, device: torch.device, ranks: int, group, slices: int) 
     return {"ranks": ranks, "latency_us": max(t0, 1e-7) * 1e6, "gbps": 1e-9 / per_byte}
 
 
-def _engine_times(args, model, adapter, host, device, rank, world) -> dict:
+def _engine_times(args, model, adapter, host, device, rank, world, between_rounds=None) -> dict:
     """Span totals of Engine.step per (branches, micro-batches), per block (medians); with
     several ranks also the ``exchange`` setting, where all ranks move slices and all-gather them
     (PertP-like: one branch each).
 
     The settings take turns in ``ROUNDS`` rounds, each a fresh engine that warms up for one
     untimed step and is then timed for its share of the steps: a slow stretch of the machine
-    (a shared or virtual one's) then falls on every setting alike instead of on one."""
+    (a shared or virtual one's) then falls on every setting alike instead of on one.
+    ``between_rounds``, if given, is called after each round (with no engine step in flight)."""
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(rank)
     loop = _TrainingLoop(args, rank)
@@ -325,6 +357,9 @@ def _engine_times(args, model, adapter, host, device, rank, world) -> dict:
                     torch.cuda.current_stream(device).wait_event(engine.landed.pop(0))
                 params = host.layouts[0].numel
                 st["perturb_s_per_param"] = _timed(lambda: engine._perturbed(0, theta, 7, (1,)), device, 5) / params
+        if between_rounds is not None:
+            _sync(device)
+            between_rounds()
     engine = None
     out = {}
     for _, _, key in settings:

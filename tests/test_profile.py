@@ -343,6 +343,41 @@ def test_a_gpu_calibration_keeps_block_computes_gpu_and_host_time_and_the_table_
     assert load_profile(tmp_path / "gpu.yaml").compute.block_host_s["2x1"] == pytest.approx(5e-3)
 
 
+def test_a_sampled_duplex_rate_keeps_its_range_and_an_unsampled_profile_keeps_its_hash(tmp_path: Path) -> None:
+    """The calibration samples both directions at once several times and reports the median;
+    the profile keeps the lowest and highest sample, the table shows them, and a profile without
+    samples (CPU ranks, older profiles) writes and hashes as before."""
+    from rich.console import Console
+
+    from zoplan.profile import build_profile, load_profile, write_profile as save
+    from zoplan.render import profile_table
+
+    machine = load_topology("h100-pcie-1x")
+    shape = load_model_shape("tiny-opt")
+    rows = _calibration_rows("cuda:0", machine)
+    plain = build_profile(rows, machine, shape, micro_batch=2, seq_len=64, dtype="bf16", device="NVIDIA H100")
+    samples = [97.8, 87.2, 96.5, 97.1, 98.0]
+    rows[0]["together"].update(duplex_gbps=97.1, duplex_samples_gbps=samples)
+    sampled = build_profile(rows, machine, shape, micro_batch=2, seq_len=64, dtype="bf16", device="NVIDIA H100")
+    assert sampled.devices["gpu0"].duplex_range_gbps == (87.2, 98.0)
+    assert plain.devices["gpu0"].duplex_range_gbps is None
+    save(plain, tmp_path / "plain.yaml")
+    save(sampled, tmp_path / "sampled.yaml")
+    assert "duplex_range_gbps" not in (tmp_path / "plain.yaml").read_text()
+    assert load_profile(tmp_path / "sampled.yaml").devices["gpu0"].duplex_range_gbps == (87.2, 98.0)
+    # the hash of a profile without samples is the one it had before the field existed
+    from zoplan.fileio import content_hash
+
+    data = plain.model_dump(mode="json")
+    data["compute"].pop("lockstep_s")
+    for figures in data["devices"].values():
+        del figures["duplex_range_gbps"]
+    assert plain.hash == content_hash(data) != sampled.hash
+    console = Console(width=200, record=True)
+    console.print(profile_table(sampled))
+    assert "97.1 GB/s in all (median; samples 87.2-98.0)" in console.export_text()
+
+
 def test_cpu_compute_ranks_that_meet_every_block_compute_at_the_calibrated_lockstep_rate(tmp_path: Path) -> None:
     """CPU ranks share cores: with several compute ranks (PertP, data-parallel) the block compute,
     embedding and head take the ratio measured with every rank all-gathering each block against
@@ -415,4 +450,6 @@ def test_a_calibration_with_several_ranks_keeps_the_lockstep_compute_and_older_p
     assert "lockstep_s" not in (tmp_path / "plain.yaml").read_text()
     dumped = plain.model_dump(mode="json")
     del dumped["compute"]["lockstep_s"]
+    for figures in dumped["devices"].values():  # nor the duplex samples' range (CUDA only)
+        del figures["duplex_range_gbps"]
     assert plain.hash == content_hash(dumped) != locked.hash

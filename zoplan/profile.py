@@ -62,6 +62,9 @@ class DeviceFigures(Strict):
     # full rate together. None on CPU ranks (a rank's copies run one after the other) and in
     # profiles written before it was measured.
     duplex_gbps: PositiveFloat | None = None
+    # the lowest and highest of the samples whose median duplex_gbps is (one before the engine
+    # steps, one after each of their rounds): how steady the link was. None where not sampled.
+    duplex_range_gbps: tuple[PositiveFloat, PositiveFloat] | None = None
 
 
 class Collective(Strict):
@@ -115,6 +118,7 @@ class Profile(Strict):
         data = self.model_dump(mode="json")
         if not data["compute"]["lockstep_s"]:  # profiles written before it was measured keep their hash
             del data["compute"]["lockstep_s"]
+        _drop_unsampled(data)
         return content_hash(data)
 
     # ----- the figures the costs need --------------------------------------------------------
@@ -206,7 +210,19 @@ def write_profile(profile: Profile, path: Path) -> None:
     for key in ("block_gpu_s", "block_host_s", "lockstep_s"):
         if not data["compute"].get(key):
             data["compute"].pop(key, None)
+    _drop_unsampled(data)
     write_yaml(path, data, header=HEADER)
+
+
+def _drop_unsampled(data: dict) -> None:
+    """Leave out the duplex range where it was not sampled (CPU ranks, older profiles)."""
+    for figures in data["devices"].values():
+        if figures.get("duplex_range_gbps") is None:
+            figures.pop("duplex_range_gbps", None)
+
+
+def _range(samples: list[float] | None) -> tuple[float, float] | None:
+    return (min(samples), max(samples)) if samples else None
 
 
 def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micro_batch: int, seq_len: int,
@@ -218,7 +234,8 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
     devices = {machine.gpus[r["rank"]]: DeviceFigures(
         h2d_gbps=r["alone"]["h2d_gbps"], d2h_gbps=r["alone"]["d2h_gbps"],
         h2d_gbps_together=r["together"]["h2d_gbps"], d2h_gbps_together=r["together"]["d2h_gbps"],
-        duplex_gbps=r["together"].get("duplex_gbps")) for r in rows}
+        duplex_gbps=r["together"].get("duplex_gbps"),
+        duplex_range_gbps=_range(r["together"].get("duplex_samples_gbps"))) for r in rows}
     keys = rows[0]["compute"].keys()
     # GPU and host seconds of block compute apart: measured on CUDA only (the CPU has no host split)
     device_is_cuda = all(str(r.get("device", "")).startswith("cuda")

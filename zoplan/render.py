@@ -198,7 +198,9 @@ def validation_notes(result) -> list[str]:
             halves = (f"the first half of the measured steps took a median {_fmt_time(first)}, "
                       f"the second half {_fmt_time(last)}")
             notes.append(f"the steps sped up during the run: {halves}; warm-up lasted past the skipped "
-                         f"step(s), so more steps (--steps) or a larger --skip measure the steady state"
+                         f"step(s), or something slowed the machine early in the run (other load, a host "
+                         f"issuing kernels slower); more steps (--steps) or a larger --skip measure the "
+                         f"steady state"
                          if last < first else
                          f"the steps slowed down during the run: {halves}; something slowed the machine "
                          f"(other load, throttling), and the error depends on when it was measured")
@@ -231,7 +233,9 @@ def profile_table(profile) -> Table:
         table.add_row(f"{dev} host->device / device->host, alone", f"{d.h2d_gbps:.1f} / {d.d2h_gbps:.1f} GB/s")
         table.add_row(f"{dev} the same, all devices at once", f"{d.h2d_gbps_together:.1f} / {d.d2h_gbps_together:.1f} GB/s")
         if d.duplex_gbps is not None:
-            table.add_row(f"{dev} both directions at once, all devices", f"{d.duplex_gbps:.1f} GB/s in all")
+            spread = (f" (median; samples {d.duplex_range_gbps[0]:.1f}-{d.duplex_range_gbps[1]:.1f})"
+                      if d.duplex_range_gbps is not None else "")
+            table.add_row(f"{dev} both directions at once, all devices", f"{d.duplex_gbps:.1f} GB/s in all{spread}")
     if profile.allgather is not None:
         for g in sorted(profile.allgather_groups + [profile.allgather], key=lambda c: c.ranks):
             # a one-slice all-gather no slower than a 256-element one: the rate is beyond what

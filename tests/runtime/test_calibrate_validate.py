@@ -269,3 +269,29 @@ def test_the_duplex_copy_measurement_runs_its_stream_logic_and_leaves_the_host_c
     rate = _duplex_gbps(dst, src, torch.device("cuda"))
     assert rate is not None and rate > 0
     assert torch.equal(src, torch.arange(1 << 16, dtype=torch.float32)) and torch.equal(dst, src)
+
+
+def test_duplex_samples_refresh_the_device_copy_and_report_their_median(monkeypatch) -> None:
+    # between samples the engine's updates rewrite the host copy: a sample must not write the
+    # older device copy back over it; the figure is the median of the samples
+    import contextlib
+
+    import torch
+
+    from zoplan.runtime import calibrate
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(calibrate.zdist, "barrier", lambda: None)
+    src = torch.arange(1 << 12, dtype=torch.float32)
+    dst = src.clone()
+    samples = calibrate._DuplexSamples(dst, src, torch.device("cuda"))
+    assert samples.gbps is None
+    samples.sample()
+    src.add_(1.0)  # an update written back to the host copy
+    samples.sample()
+    assert torch.equal(src, torch.arange(1 << 12, dtype=torch.float32) + 1.0)
+    assert len(samples.rates) == 2 and all(r > 0 for r in samples.rates)
+    samples.rates[:] = [97.8, 87.2, 96.5, 97.1, 98.0]
+    assert samples.gbps == 97.1
