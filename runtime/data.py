@@ -25,13 +25,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-import torch.nn.functional as F
-
 from zoplan.errors import ZoplanError
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
+
+# torch is imported by the functions that make or read tensors: `zoplan run` reads and checks the
+# data in the launching process, which needs none
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SENTIMENT_FILE = ASSETS / "sentiment.jsonl"
@@ -562,6 +563,8 @@ def encode(
                 ids = ids[:max_len]
         truncated.append(ids)
 
+    import torch
+
     width = max_len if pad_to_max_len else max(len(ids) for ids in truncated)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:  # LLaMA-style tokenizers have none; masked anyway, any id will do
@@ -708,6 +711,8 @@ def loss_terms(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[torch.Te
     whatever the number of replicas and however the real tokens fall among them. Computed in
     float32 whatever the model dtype (the ZO difference L+ - L- is small; keep its precision).
     """
+    import torch.nn.functional as F
+
     _check_kind(batch, task)
     if task.kind == "classification":
         assert batch.label_ids is not None
@@ -722,11 +727,11 @@ def loss_terms(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[torch.Te
     return loss, batch.target_count
 
 
-@torch.no_grad()
 def accuracy(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[int, int]:
     """(correct, count): argmax over the label words (classification) or top-1 next token (lm).
 
-    A pair, like ``loss_terms``, so replicas can sum both before dividing.
+    A pair, like ``loss_terms``, so replicas can sum both before dividing. Integer results of
+    argmax and comparisons: no autograd graph is recorded.
     """
     _check_kind(batch, task)
     if task.kind == "classification":

@@ -97,8 +97,6 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
     """``zoplan replay``: base weights + journal -> a Hugging Face directory. The dtype defaults to
     the run's host-copy dtype (plan.yaml beside the journal), the dtype the updates were rounded
     to while training; returns the number of steps replayed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from zoplan.models import load_model_shape
     from zoplan.planfile import load_plan
     from zoplan.runtime.tiny import resolve_model
@@ -125,6 +123,8 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
                               fix="replay onto the base weights that run started from")
     if dtype is None:
         dtype = plan.transfer.wire_dtype if plan is not None else "fp32"
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # after the checks: its import takes seconds
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
     replay(model, journal)
     out.mkdir(parents=True, exist_ok=True)

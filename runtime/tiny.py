@@ -12,27 +12,26 @@ single tokens while any other text still encodes losslessly through the 256 byte
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    OPTConfig,
-    PretrainedConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
 
 from zoplan.errors import ZoplanError
-from zoplan.models import TINY_VERSION, tiny_cache_dir, tiny_model_dir
+from zoplan.models import TINY_MODELS, TINY_VERSION, tiny_cache_dir, tiny_model_dir
 from zoplan.runtime.data import vocabulary_words
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
+
+# transformers is imported where a model or tokenizer is built, not here: `zoplan run` checks its
+# arguments and resolves an already-built model in the launching process, which then starts in
+# about half the time (transformers' own import takes ~2 s of CPU)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
@@ -95,6 +94,8 @@ def _tokenizer_json() -> str:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny tokenizer, wrapped for transformers (deterministic: same vocabulary every time)."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
         bos_token=BOS,
@@ -109,27 +110,44 @@ def _vocab_size() -> int:
     return Tokenizer.from_str(_tokenizer_json()).get_vocab_size(with_added_tokens=True)
 
 
-_VOCAB = _vocab_size()
-_IDS = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+def _config(name: str) -> PretrainedConfig:
+    """Tiny but structurally faithful: 4 blocks (enough to stream, slice and keep some resident),
+    LLaMA and Qwen2 with grouped-query attention (2 kv heads for 4 query heads) as the real ones.
+    OPT's dropout is off so that a forward pass is deterministic even in train() mode. A fresh
+    config each call."""
+    from transformers import LlamaConfig, OPTConfig, Qwen2Config
 
-# Tiny but structurally faithful: 4 blocks (enough to stream, slice and keep some resident),
-# LLaMA and Qwen2 with grouped-query attention (2 kv heads for 4 query heads) as the real ones.
-# OPT's dropout is off so that a forward pass is deterministic even in train() mode.
-TINY: dict[str, PretrainedConfig] = {
-    "tiny-opt": OPTConfig(
-        vocab_size=_VOCAB, hidden_size=64, num_hidden_layers=4, ffn_dim=128,
-        num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
-        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **_IDS,
-    ),
-    "tiny-llama": LlamaConfig(
-        vocab_size=_VOCAB, hidden_size=64, num_hidden_layers=4, intermediate_size=128,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **_IDS,
-    ),
-    "tiny-qwen2": Qwen2Config(
-        vocab_size=_VOCAB, hidden_size=64, num_hidden_layers=4, intermediate_size=128,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **_IDS,
-    ),
-}
+    ids = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+    vocab = _vocab_size()
+    if name == "tiny-opt":
+        return OPTConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, ffn_dim=128,
+                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **ids)
+    family = {"tiny-llama": LlamaConfig, "tiny-qwen2": Qwen2Config}[name]
+    return family(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **ids)
+
+
+class _TinyConfigs(Mapping):
+    """The built-in models' configs by name (zoplan.models.TINY_MODELS), each built when first
+    asked for, so that naming or testing for a built-in needs no transformers."""
+
+    def __getitem__(self, name: str) -> PretrainedConfig:
+        if name not in TINY_MODELS:
+            raise KeyError(name)
+        return _config(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(TINY_MODELS)
+
+    def __len__(self) -> int:
+        return len(TINY_MODELS)
+
+    def __contains__(self, name: object) -> bool:
+        return name in TINY_MODELS
+
+
+TINY: Mapping[str, PretrainedConfig] = _TinyConfigs()
 
 _BUILTIN_FIX = "pass a local directory with config.json and *.safetensors, or a built-in: " + ", ".join(TINY)
 
@@ -143,9 +161,12 @@ def build_tiny(name: str, directory: Path, seed: int = 0) -> Path:
         raise ZoplanError(f"'{name}' is not a built-in tiny model", fix=_BUILTIN_FIX)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(TINY[name]))
+        model = AutoModelForCausalLM.from_config(TINY[name])
     model.save_pretrained(directory, safe_serialization=True)
     build_tokenizer().save_pretrained(directory)
     return directory
