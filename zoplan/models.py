@@ -370,6 +370,9 @@ def _built_tiny(name: str) -> Path:
     if (directory / "config.json").is_file():
         return directory
     try:
+        import torch  # noqa: F401  (the build imports them: find out here, with a message)
+        import transformers  # noqa: F401
+
         from zoplan.runtime.tiny import resolve_model
     except ImportError as exc:
         raise ZoplanError(f"the built-in model {name!r} is not built yet, and building it needs the runtime "
