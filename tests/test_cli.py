@@ -125,6 +125,12 @@ def test_plan_json_has_the_documented_keys(planned) -> None:
     assert report["candidates"], "no candidates listed"
     for cand in report["candidates"]:
         assert SUMMARY_KEYS <= set(cand)
+    # the best layout's step with compute, then transfers, a quarter slower: never shorter, and
+    # at most a quarter longer
+    what_if = report["sensitivity"]
+    assert what_if["factor"] == 1.25
+    for key in ("compute_step_time_s", "transfers_step_time_s"):
+        assert report["best"]["step_time_s"] <= what_if[key] <= 1.25 * report["best"]["step_time_s"] * 1.001
 
 
 def test_plan_json_is_consistent(planned) -> None:
@@ -321,6 +327,10 @@ def test_plan_without_arguments_uses_the_defaults() -> None:
     assert "opt-175b" in result.stdout and "dgx-a100" in result.stdout
     assert "speedup" in result.stdout
     assert "ZO2 baseline (1 GPU, dual forward" in result.stdout
+    # the default best is compute-bound: a quarter more compute is a quarter more step, faster
+    # transfers would not help
+    assert "sensitivity: compute 25% slower (host work included) → step +25%; transfers 25% slower → step +0%" \
+        in result.stdout
 
 
 def test_the_baseline_of_a_cpu_machine_is_named_for_its_ranks() -> None:

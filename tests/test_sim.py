@@ -101,6 +101,22 @@ def test_compute_bound_pipeline_takes_blocks_times_compute_time(tmp_path: Path) 
     assert result.bottleneck == "compute gpu0"
 
 
+def test_the_what_if_factors_stretch_only_the_stage_that_bounds_the_step(tmp_path: Path) -> None:
+    """zoplan plan's sensitivity: compute 25% slower lengthens a compute-bound step by 25% and a
+    transfer-bound one by nothing; transfers 25% slower the other way round."""
+    from zoplan.planner import sensitivity
+
+    for pcie, tflops, bound in ((10, 1e6, "transfers"), (1e4, 1, "compute")):
+        machine = load_topology(_one_gpu_machine(tmp_path, pcie_gbps=pcie, tflops=tflops))
+        work = Workload(SHAPE, 1, 16 if bound == "transfers" else 512)
+        step = simulate(StepCosts(machine, work, _zo2())).step_time_s
+        slower = sensitivity(machine, work, _zo2(), 1.25)
+        other = "compute" if bound == "transfers" else "transfers"
+        assert slower[bound] == pytest.approx(1.25 * step, rel=0.01), bound
+        assert slower[other] == pytest.approx(step, rel=0.01), bound
+        assert StepCosts.compute_scale == StepCosts.transfer_scale == 1.0  # a plan's own costs
+
+
 def test_simulation_is_deterministic() -> None:
     machine = load_topology("dgx-a100")
     layout = Layout(perturbation=2, data=2, compute_gpus=("gpu0", "gpu2", "gpu4", "gpu6"), upload="sliced",

@@ -62,6 +62,11 @@ def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str) -> flo
 class StepCosts:
     """Per-operation costs of one layout on one machine for one workload."""
 
+    # the simulator stretches every compute stage (host work included) and every transfer by
+    # these: 1 for a plan, more for the planner's what-if (zoplan.planner.sensitivity)
+    compute_scale = 1.0
+    transfer_scale = 1.0
+
     def __init__(self, machine: Machine, workload: Workload, layout: Layout) -> None:
         self.machine = machine
         self.work = workload

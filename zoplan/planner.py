@@ -4,13 +4,15 @@ The CLI (zoplan.cli) only parses, calls one of these and renders what it gets ba
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from zoplan.costs import Workload
+from zoplan.costs import StepCosts, Workload
 from zoplan.errors import ZoplanError
 from zoplan.models import ModelShape, load_model_shape
 from zoplan.planfile import Plan, Prediction, ZoSettings, build_plan, load_plan
+from zoplan.layout import Layout
+from zoplan.sim import simulate
 from zoplan.search import Candidate, Pins, SearchResult, evaluate, search, top_families, usd_per_mtok
 from zoplan.topology import Machine, load_topology
 
@@ -29,6 +31,8 @@ class PlanReport:
     machine: Machine
     plan: Plan
     top: int
+    # the best layout's step with compute, or transfers, SLOWER times as long (sensitivity())
+    sensitivity: dict[str, float] = field(default_factory=dict)
 
     @property
     def shown(self) -> list[Candidate]:
@@ -53,11 +57,30 @@ class PlanReport:
             "best": self.summary(s.best),
             "baseline": self.summary(s.baseline) if s.baseline else None,
             "speedup_vs_baseline": self.speedup_vs_baseline,
+            "sensitivity": {"factor": SLOWER, **{f"{k}_step_time_s": v for k, v in self.sensitivity.items()}},
             "candidates": [self.summary(c) for c in self.shown],
             "search": {"considered": s.considered, "rejected_memory": s.rejected,
                        "evaluated": s.evaluated, "aborted": s.aborted, "pruned": s.pruned,
                        "seconds": round(s.seconds, 4)},
         }
+
+
+SLOWER = 1.25  # the what-if of sensitivity(): a quarter slower
+
+
+def sensitivity(machine: Machine, workload: Workload, layout: Layout, factor: float = SLOWER) -> dict[str, float]:
+    """The simulated step of ``layout`` with every compute stage (host work included), then every
+    transfer (host links, memory bus, peer links, all-gathers), ``factor`` times as long. A
+    prediction is only as good as the figures behind it: a step that barely moves when one of
+    them is off is robust to it, one that moves by nearly ``factor`` is bound by it. Calibrated
+    figures move too: on the H200 of docs/results/fidelity.md a host issued kernels 1.8x slower
+    for most of a run than during its calibration a minute before."""
+    out = {}
+    for what in ("compute", "transfers"):
+        costs = StepCosts(machine, workload, layout)
+        setattr(costs, "compute_scale" if what == "compute" else "transfer_scale", factor)
+        out[what] = simulate(costs).step_time_s
+    return out
 
 
 def candidate_summary(cand: Candidate, machine: Machine, workload: Workload) -> dict:
@@ -144,7 +167,8 @@ def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
         speedup_vs_baseline=base.step_time_s / best.step_time_s if base else None)
     the_plan = build_plan(shape=shape, machine=machine, layout=best.layout, global_batch=global_batch,
                           seq_len=seq_len, zo=zo, prediction=prediction)
-    return PlanReport(search=result, shape=shape, machine=machine, plan=the_plan, top=top)
+    return PlanReport(search=result, shape=shape, machine=machine, plan=the_plan, top=top,
+                      sensitivity=sensitivity(machine, workload, best.layout))
 
 
 def compare(model: str, topologies: list[str], *, global_batch: int = DEFAULT_GLOBAL_BATCH,

@@ -94,6 +94,13 @@ def plan_footer(report: PlanReport) -> Text:
         text.append(f", blocks sliced over {len(best['movers'])} devices"
                     + (f" (relays {','.join(relays)})" if relays else ""))
     text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {best['bottleneck']}\n")
+    if report.sensitivity:
+        from zoplan.planner import SLOWER
+
+        step = best["step_time_s"]
+        moved = {k: v / step - 1 for k, v in report.sensitivity.items()}
+        text.append(f"sensitivity: compute {SLOWER - 1:.0%} slower (host work included) → step "
+                    f"{moved['compute']:+.0%}; transfers {SLOWER - 1:.0%} slower → step {moved['transfers']:+.0%}\n")
     device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"
     if s.baseline:
         text.append(f"ZO2 baseline (1 {device}, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "

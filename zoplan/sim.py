@@ -67,27 +67,29 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
     certain to take at least that long: the search does not need the exact time of a
     candidate that cannot win."""
     machine, L, model = costs.machine, costs.layout, costs.model
+    # what-if factors (zoplan.planner.sensitivity): every compute stage, every byte moved
+    slower_compute, slower_transfers = costs.compute_scale, costs.transfer_scale
     env = simpy.Environment()
     capacity: dict[str, float] = {}
     for g in L.movers:
         for lid in machine.host_path(g, "h2d") + machine.host_path(g, "d2h"):
-            capacity[lid] = machine.directed[lid].gbps * 1e9
+            capacity[lid] = machine.directed[lid].gbps * 1e9 / slower_transfers
         sock = machine.host_socket(g)
-        capacity[f"mem:{sock}"] = machine.socket_memory_gbps(sock) * 1e9
+        capacity[f"mem:{sock}"] = machine.socket_memory_gbps(sock) * 1e9 / slower_transfers
     n_movers = len(L.movers)
     ring: list[tuple[list[str], float]] = []
     if L.upload == "sliced" and n_movers > 1:
         for i, g in enumerate(L.movers):
             path = machine.peer_path(g, L.movers[(i + 1) % n_movers])
             for lid in path:
-                capacity[lid] = machine.directed[lid].gbps * 1e9
+                capacity[lid] = machine.directed[lid].gbps * 1e9 / slower_transfers
             ring.append((path, machine.path_latency_s(path)))
     net = FlowNet(env, capacity, record=record)
 
     # per-GPU operation times, computed once (the streams ask for them thousands of times)
-    compute_s = {g: costs.compute_block_s(g) for g in L.compute_gpus}
-    update_s = {g: costs.update_slice_s(g) for g in L.movers}
-    head_s = {g: costs.head_s(g) for g in L.compute_gpus}
+    compute_s = {g: costs.compute_block_s(g) * slower_compute for g in L.compute_gpus}
+    update_s = {g: costs.update_slice_s(g) * slower_compute for g in L.movers}
+    head_s = {g: costs.head_s(g) * slower_compute for g in L.compute_gpus}
     deadline: list[float] | None = [float("inf")] if limit_s is not None else None
     spans: list[Span] = []
     ev: dict[tuple, simpy.Event] = defaultdict(env.event)
@@ -162,6 +164,8 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
 
     update_round_s = max(update_s.values()) if sliced else 0.0
     measured_round_s = costs.allgather_round_s() if ring else None
+    if measured_round_s is not None:
+        measured_round_s *= slower_transfers
 
 
     def exchange_stream():
@@ -197,7 +201,7 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
             held = take([g])
             yield simpy.AllOf(env, held)
             t0 = env.now
-            yield env.timeout(costs.embed_s(g))
+            yield env.timeout(costs.embed_s(g) * slower_compute)
             give(held)
             spans.append((g, "compute", "embed", "embed+perturb", step, -1, t0, env.now))
             for b in range(model.layers):
@@ -245,7 +249,7 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
     step_ends: list[float] = []
     snapshots: list[dict[str, float]] = []
     scalar_latency = _scalar_allreduce_s(costs)
-    loop_s = costs.loop_s()
+    loop_s = costs.loop_s() * slower_compute
 
     def scalar_stream():
         for step in range(STEPS):
