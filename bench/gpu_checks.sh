@@ -13,7 +13,7 @@
 # machine without simpy, pydantic or pytest and without network access takes wheels from .whl/ and
 # .whl/pytest/ (pip download them elsewhere for its Python version; see gpu_fidelity.sh).
 set -x
-OUT=${OUT:-gpu-checks}
+OUT=${OUT:-gpu-checks}  # a fresh folder per call: a second call on a warm machine needs another
 PARTS=${*:-kernels replay layouts fidelity}
 mkdir -p "$OUT"
 if ! python3 -c "import simpy, pydantic" 2>/dev/null; then

@@ -4,6 +4,13 @@
 # them elsewhere for its Python version).
 set -x
 OUT=${OUT:-gpu-fidelity}
+# a second pass on the same machine must not mix with the first: bench/fidelity.py appends to
+# fidelity.txt, and the copies below merge into existing folders
+if [ -e "$OUT/fidelity.txt" ]; then
+  echo "$OUT holds an earlier fidelity run: give another OUT" >&2
+  exit 2
+fi
+rm -rf /tmp/zoplan-fidelity  # this script's scratch (--work below)
 mkdir -p "$OUT"
 if ! python3 -c "import simpy, pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
