@@ -206,6 +206,12 @@ def test_timeline_show_draws_every_gpu(planned) -> None:
     for rank in plan.layout.ranks:
         assert rank.gpu in result.stdout
     assert "dgx-a100" in result.stdout
+    # the same what-if as the plan's report, from the plan file alone
+    report, _ = planned
+    step, what_if = report["best"]["step_time_s"], report["sensitivity"]
+    moved = [f"{what_if[k] / step - 1:+.0%}" for k in ("compute_step_time_s", "transfers_step_time_s")]
+    assert (f"sensitivity: compute 25% slower (host work included) → step {moved[0]}; "
+            f"transfers 25% slower → step {moved[1]}") in result.stdout
 
 
 def test_timeline_without_options_shows_the_chart(planned) -> None:

@@ -184,7 +184,10 @@ def timeline_cmd(
         trace.plot_png(sim, tl.machine, png)
         out.print(Text(f"wrote {png}"))
     if show:
+        from zoplan.render import sensitivity_line
+
         out.print(trace.gantt(sim, tl.machine, width=width))
+        out.print(Text(sensitivity_line(sim.step_time_s, tl.sensitivity)), highlight=False, soft_wrap=True)
 
 
 @app.command("run")

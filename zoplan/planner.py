@@ -195,6 +195,7 @@ class Timeline:
     plan: Plan
     machine: Machine
     candidate: Candidate
+    sensitivity: dict[str, float] = field(default_factory=dict)
 
 
 def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
@@ -216,4 +217,5 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
                               fix="plan again with `zoplan plan --profile ...`")
     workload = Workload(shape, the_plan.batch.global_batch, the_plan.batch.seq_len)
     cand = evaluate(machine, workload, the_plan.to_layout(), record=True)
-    return Timeline(plan=the_plan, machine=machine, candidate=cand)
+    return Timeline(plan=the_plan, machine=machine, candidate=cand,
+                    sensitivity=sensitivity(machine, workload, cand.layout))

@@ -84,6 +84,15 @@ def plan_table(report: PlanReport) -> Table:
     return table
 
 
+def sensitivity_line(step_s: float, slower: dict[str, float]) -> str:
+    """zoplan.planner.sensitivity's step times, as the step's change."""
+    from zoplan.planner import SLOWER
+
+    moved = {k: v / step_s - 1 for k, v in slower.items()}
+    return (f"sensitivity: compute {SLOWER - 1:.0%} slower (host work included) → step {moved['compute']:+.0%}; "
+            f"transfers {SLOWER - 1:.0%} slower → step {moved['transfers']:+.0%}")
+
+
 def plan_footer(report: PlanReport) -> Text:
     s = report.search
     text = Text()
@@ -95,12 +104,7 @@ def plan_footer(report: PlanReport) -> Text:
                     + (f" (relays {','.join(relays)})" if relays else ""))
     text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {best['bottleneck']}\n")
     if report.sensitivity:
-        from zoplan.planner import SLOWER
-
-        step = best["step_time_s"]
-        moved = {k: v / step - 1 for k, v in report.sensitivity.items()}
-        text.append(f"sensitivity: compute {SLOWER - 1:.0%} slower (host work included) → step "
-                    f"{moved['compute']:+.0%}; transfers {SLOWER - 1:.0%} slower → step {moved['transfers']:+.0%}\n")
+        text.append(sensitivity_line(best["step_time_s"], report.sensitivity) + "\n")
     device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"
     if s.baseline:
         text.append(f"ZO2 baseline (1 {device}, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "
