@@ -168,14 +168,18 @@ def timeline_cmd(
     png: Optional[Path] = typer.Option(None, "--png", help="draw the step with matplotlib (plot extra)"),
     width: int = typer.Option(100, "--width", help="columns of the terminal chart"),
     topology: Optional[str] = typer.Option(None, "--topology", help="the topology file, if it moved since planning"),
+    ops: bool = typer.Option(False, "--ops", help="list the step program: what each rank issues in a step, in order"),
+    rank: Optional[list[str]] = typer.Option(None, "--rank", help="with --ops: only this rank (GPU id; repeatable)"),
 ) -> None:
-    """Simulate a plan's step again and show it: trace file, terminal chart or PNG."""
+    """Simulate a plan's step again and show it: trace file, terminal chart, PNG or its program."""
     from zoplan import trace
     from zoplan.planner import timeline
 
     tl = timeline(plan_file, topology)
     sim = tl.candidate.sim
-    if output is None and not show and png is None:
+    if ops:
+        out.print(Text(tl.program.describe(rank or None)), highlight=False, soft_wrap=True)
+    if output is None and not show and png is None and not ops:
         show = True
     if output is not None:
         trace.write_trace(trace.chrome_trace(sim, tl.machine, title="simulated"), output)

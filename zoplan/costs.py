@@ -22,6 +22,7 @@ from functools import cached_property
 
 from zoplan.layout import WIRE_BYTES, Layout
 from zoplan.models import ModelShape
+from zoplan.program import Program, build
 from zoplan.topology import GpuModel, Machine
 
 GiB = 2**30
@@ -75,6 +76,14 @@ class StepCosts:
         replicas = layout.data * layout.nodes
         self.batch_per_replica = workload.global_batch // replicas
         self.micro_batches = self.batch_per_replica // layout.micro_batch
+
+    @cached_property
+    def program(self) -> Program:
+        """The step program of this layout and workload (zoplan.program)."""
+        m, L = self.model, self.layout
+        tokens = L.micro_batch * self.work.seq_len
+        return build(L, layers=m.layers, block_params=self.block_params, micro_batches=self.micro_batches,
+                     block_flops=m.block_flops(tokens, self.work.seq_len), head_flops=m.head_flops(tokens))
 
     # ----- sizes ---------------------------------------------------------------------------
     @cached_property
@@ -164,17 +173,33 @@ class StepCosts:
                         self.block_param_bytes + act_bytes, L.param_dtype)
         return one * self.micro_batches * L.branches_per_gpu
 
-    def compute_block_s(self, gpu: str) -> float:
+    def block_forward_s(self, gpu: str) -> float:
+        """A block's perturbation and forward pass (every branch and micro-batch of this GPU):
+        the step program's block op."""
         if self.profile is not None:
-            t = (self.profile.block_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
-                 * self._lockstep(gpu, "block"))
-            if self.layout.upload == "whole":  # every compute GPU applies the update to the whole block
-                t += self.profile.compute.update_s_per_param * self.block_params
-                t += self._whole_barrier_s()
-            return t
-        passes = self.perturb_passes() + (1 if self.layout.upload == "whole" else 0)
-        return (elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes)
+            return (self.profile.block_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
+                    * self._lockstep(gpu, "block"))
+        return (elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, self.perturb_passes())
                 + self.forward_block_s(gpu))
+
+    def whole_update_s(self, gpu: str) -> float:
+        """Whole-block uploads: a compute GPU applies the deferred update to the whole block."""
+        if self.profile is not None:
+            return self.profile.compute.update_s_per_param * self.block_params
+        return elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, 1)
+
+    def whole_barrier_s(self) -> float:
+        """Whole-block uploads, several compute GPUs: the barrier before the write-back (measured
+        only)."""
+        return self._whole_barrier_s() if self.profile is not None else 0.0
+
+    def compute_block_s(self, gpu: str) -> float:
+        """Everything a compute GPU does per block: with whole-block uploads, the update and the
+        barrier before the perturbation and forward pass."""
+        t = self.block_forward_s(gpu)
+        if self.layout.upload == "whole":
+            t += self.whole_update_s(gpu) + self.whole_barrier_s()
+        return t
 
     def update_slice_s(self, gpu: str) -> float:
         """The mover's deferred update of one slice (sliced uploads only)."""

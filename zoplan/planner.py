@@ -10,6 +10,7 @@ from pathlib import Path
 from zoplan.costs import StepCosts, Workload
 from zoplan.errors import ZoplanError
 from zoplan.models import ModelShape, load_model_shape
+from zoplan.program import Program
 from zoplan.planfile import Plan, Prediction, ZoSettings, build_plan, load_plan
 from zoplan.layout import Layout
 from zoplan.sim import simulate
@@ -196,6 +197,7 @@ class Timeline:
     machine: Machine
     candidate: Candidate
     sensitivity: dict[str, float] = field(default_factory=dict)
+    program: Program | None = None  # the step program the simulation timed
 
 
 def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
@@ -218,4 +220,5 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
     workload = Workload(shape, the_plan.batch.global_batch, the_plan.batch.seq_len)
     cand = evaluate(machine, workload, the_plan.to_layout(), record=True)
     return Timeline(plan=the_plan, machine=machine, candidate=cand,
-                    sensitivity=sensitivity(machine, workload, cand.layout))
+                    sensitivity=sensitivity(machine, workload, cand.layout),
+                    program=StepCosts(machine, workload, cand.layout).program)

@@ -1,19 +1,17 @@
-"""Discrete-event simulation of ZO steps on one node (simpy).
+"""Discrete-event simulation of ZO steps on one node (simpy): the step program, timed.
 
-Each GPU has four in-order streams, like CUDA streams ordered by events:
-- ``upload``: host-to-device copy of this GPU's slices of each block;
-- ``exchange`` (sliced uploads): per round of slices, the deferred update of this GPU's own slice
-  (it needs the previous step's projected gradient), then the all-gather of the movers' updated
-  slices over NVLink (a ring collective);
-- ``compute``: the resident parts at the start of a step, then per block the perturbation and
-  the forward pass of one or two branches over all micro-batches, then the LM head and loss;
-- ``offload``: device-to-host copy of this GPU's updated slices.
-A GPU holds ``prefetch + 1`` block buffers: an upload waits for a free one. Links and each
-socket's memory bus are shared max-min fairly between the transfers crossing them (flownet).
-At the end of a step the compute ranks all-reduce their loss scalars (alpha-beta: only
-latency matters for a few bytes) and the projected gradient is known. With a calibration
-profile, the training loop's host work (the journal line, the next batch) follows before the
-next step's work is issued.
+The order of a step is not written here: zoplan.program builds it, as per-rank lists of
+operations, each on one of the rank's four in-order streams (``upload``, ``exchange``,
+``compute``, ``offload``, like CUDA streams ordered by events) with the ops it waits for. This
+module walks those lists, one simpy process per stream of each rank, and times each op:
+- transfers (uploads, write-backs, all-gather rounds) cross the machine's links and each
+  socket's memory bus, shared max-min fairly between the transfers crossing them (flownet), or
+  take the calibrated all-gather time;
+- compute ops take the cost model's time (zoplan.costs): measured with a profile, from FLOPs and
+  HBM bandwidth without;
+- an op that takes a device buffer waits for one of the rank's ``prefetch + 1`` to be free;
+- a collective starts once every member's stream has reached it;
+- a CPU rank is one thread: its streams take turns on one core.
 
 Three steps are simulated and the middle one is reported: it both receives the prefetch of its
 first blocks from the step before and pays for the prefetch of the step after, like every step
@@ -24,17 +22,31 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import simpy
 
 from zoplan.costs import StepCosts
 from zoplan.flownet import FlowNet
+from zoplan.program import CATEGORY, END, Kind, Op, Ref, Stream, span_block
 from zoplan.topology import Machine
 
 STEPS = 3
 REPORTED_STEP = 1
 
-Span = tuple[str, str, str, str, int, int, float, float]  # gpu, stream, category, label, step, block, start, end
+
+
+class Span(NamedTuple):
+    """One op's time on one rank; ``label`` is the op's id in the step program."""
+
+    gpu: str
+    stream: str
+    category: str
+    label: str
+    step: int
+    block: int
+    start: float
+    end: float
 
 
 @dataclass
@@ -61,12 +73,12 @@ class Exceeded(Exception):
 
 
 def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = None) -> SimResult:
-    """Simulate ``STEPS`` steps of ``costs.layout`` and report the steady-state step.
+    """Simulate ``STEPS`` steps of ``costs.program`` and report the steady-state step.
 
     With ``limit_s``, stop early and raise :class:`Exceeded` as soon as the reported step is
     certain to take at least that long: the search does not need the exact time of a
     candidate that cannot win."""
-    machine, L, model = costs.machine, costs.layout, costs.model
+    machine, L, model, program = costs.machine, costs.layout, costs.model, costs.program
     # what-if factors (zoplan.planner.sensitivity): every compute stage, every byte moved
     slower_compute, slower_transfers = costs.compute_scale, costs.transfer_scale
     env = simpy.Environment()
@@ -86,191 +98,138 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
             ring.append((path, machine.path_latency_s(path)))
     net = FlowNet(env, capacity, record=record)
 
-    # per-GPU operation times, computed once (the streams ask for them thousands of times)
-    compute_s = {g: costs.compute_block_s(g) * slower_compute for g in L.compute_gpus}
-    update_s = {g: costs.update_slice_s(g) * slower_compute for g in L.movers}
+    # ----- what each op costs (computed once: the lanes ask thousands of times) ----------------
+    whole = L.upload == "whole"
+    update_s = {g: (costs.whole_update_s(g) if whole else costs.update_slice_s(g)) * slower_compute
+                for g in L.gpus}
+    block_s = {g: costs.block_forward_s(g) * slower_compute for g in L.compute_gpus}
     head_s = {g: costs.head_s(g) * slower_compute for g in L.compute_gpus}
+    embed_s = {g: costs.embed_s(g) * slower_compute for g in L.compute_gpus}
+    barrier_s = costs.whole_barrier_s() * slower_compute
+    # everything a compute GPU does per block (the early stop's bound on the rest of a step)
+    per_block_s = {g: costs.compute_block_s(g) * slower_compute for g in L.compute_gpus}
+    scalar_latency = _scalar_allreduce_s(costs)
+    loop_s = costs.loop_s() * slower_compute
+    measured_round_s = costs.allgather_round_s() if ring else None
+    if measured_round_s is not None:
+        measured_round_s *= slower_transfers
+    routes = {(g, d): (tuple(machine.host_path(g, d)) + (f"mem:{machine.host_socket(g)}",),
+                       machine.path_latency_s(machine.host_path(g, d)))
+              for g in L.movers for d in ("h2d", "d2h")}
+
     deadline: list[float] | None = [float("inf")] if limit_s is not None else None
     spans: list[Span] = []
-    ev: dict[tuple, simpy.Event] = defaultdict(env.event)
-    resident = set(L.resident)
-    rounds = L.rounds
-    sliced = L.upload == "sliced"
-    # whole-block uploads: every compute GPU holds the full updated block; each writes back 1/k
-    offload_bytes = (costs.slice_wire_bytes if sliced
-                     else math.ceil(costs.block_wire_bytes / len(L.compute_gpus)))
     buffers = {g: simpy.Resource(env, capacity=L.prefetch + 1) for g in L.gpus}
-    done_g = env.event().succeed()  # g of the step before the first: nothing to apply
-
-    def g_ready(step: int) -> simpy.Event:
-        return done_g if step < 0 else ev["g", step]
-
-    def host_route(g: str, direction: str) -> tuple[tuple[str, ...], float]:
-        path = machine.host_path(g, direction)
-        return tuple(path) + (f"mem:{machine.host_socket(g)}",), machine.path_latency_s(path)
-
     # A CPU rank is one thread (the runtime on CPU copies, updates, all-gathers and computes one
     # after the other): its four streams share one core.
     cores = {g: simpy.Resource(env, capacity=1) for g in L.gpus if machine.gpu_model(g).kind == "cpu"}
 
-    def take(gs) -> list[simpy.Request]:
-        return [cores[g].request() for g in sorted(set(gs)) if g in cores]
+    # ----- the program, compiled: each op's events by index, its cost as an action ---------------
+    index: dict[tuple[str, tuple[str, ...]], int] = {}
+    for op in program.ops:
+        index.setdefault((op.id, op.ranks), len(index))
+    index[END, ()] = len(index)
+    events = [[env.event() for _ in range(STEPS)] for _ in index]
+    done = env.event().succeed()  # anything of a step before the first: nothing to wait for
 
-    def give(reqs: list[simpy.Request]) -> None:
-        for req in reqs:
-            req.resource.release(req)
+    def refs(rs: tuple[Ref, ...]) -> tuple[tuple[int, int], ...]:
+        for r in rs:
+            if (r.op, r.ranks) not in index:  # a bug in zoplan.program: it cannot finish
+                raise RuntimeError(f"the step program waits for '{r.op}' on {r.ranks or 'every rank'}, "
+                                   f"which it does not run ({L})")
+        return tuple((index[r.op, r.ranks], r.step) for r in rs)
 
-    def release_when(g: str, req: simpy.Request, needs: list[simpy.Event]) -> None:
-        simpy.AllOf(env, needs).callbacks.append(lambda _: buffers[g].release(req))
+    TRANSFER, TIMEOUT, RING, NOTHING = range(4)
+    ring_s = max((lat for _, lat in ring), default=0.0) * (n_movers - 1)  # the hop latency per ring step
 
-    # ----- streams ---------------------------------------------------------------------------
-    def upload_stream(g: str):
-        route, latency = host_route(g, "h2d")
-        # whole-block uploads: every compute GPU writes back part of the block, so the next
-        # upload of it waits for all of them; sliced: a mover re-reads only its own slices
-        writers = L.movers if not sliced else (g,)
-        # the runtime uploads a step's first blocks during the step before (docs/runtime.md),
-        # except whole blocks shared by several compute ranks of a machine: those wait for it
-        carried = sliced or L.compute_ranks_per_node <= 1
-        for step in range(STEPS):
-            for b in range(model.layers):
-                if b in resident and not sliced:
-                    continue
-                if not carried and step > 0 and b < L.prefetch:
-                    yield g_ready(step - 1)
-                req = buffers[g].request()
+    def action(op: Op) -> tuple:
+        g = op.ranks[0]
+        kind = op.kind
+        if kind is Kind.H2D or kind is Kind.D2H:
+            route, latency = routes[g, kind.value]
+            return TRANSFER, (op.nbytes, route, latency)
+        if kind is Kind.ALLGATHER:
+            if measured_round_s is not None:
+                return TIMEOUT, measured_round_s
+            return RING, op.nbytes * (n_movers - 1) / n_movers
+        seconds = {Kind.BLOCK: block_s.get(g), Kind.UPDATE: update_s.get(g), Kind.EMBED: embed_s.get(g),
+                   Kind.HEAD: head_s.get(g), Kind.ALLREDUCE: scalar_latency, Kind.HOST: loop_s,
+                   Kind.BARRIER: barrier_s}.get(kind)
+        if seconds is None or (kind is Kind.HOST and seconds <= 0):
+            return NOTHING, None  # UNPACK: a copy on the device, free next to the transfers
+        return TIMEOUT, seconds
+
+    compiled: dict[int, tuple] = {}
+    for op in program.ops:
+        # the cores a CPU rank's op holds (an all-reduce of a few bytes is latency: none)
+        held = () if op.kind in (Kind.ALLREDUCE, Kind.UNPACK) else tuple(g for g in sorted(op.ranks) if g in cores)
+        # a compute rank's own compute-stream work (its utilization); the all-reduce is a wait
+        busy = op.stream is Stream.COMPUTE and op.kind is not Kind.ALLREDUCE and not op.collective
+        compiled[id(op)] = (index[op.id, op.ranks], refs(op.deps), refs(op.frees), action(op), held,
+                            CATEGORY[op.kind], span_block(op.kind, op.block, model.layers), busy)
+    arrived: dict[tuple[int, int], int] = defaultdict(int)
+
+    busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
+
+    def lane(rank: str, stream: Stream):
+        ops = [op for op in program.ops if rank in op.ranks and op.stream is stream]
+        sequence = [(op, 0) for op in ops if op.step == 1]  # the prologue: a run's first uploads
+        sequence += [(op, s + op.step) for s in range(STEPS) for op in ops if s + op.step < STEPS]
+        for op, step in sequence:
+            kb, deps, frees, (act, arg), held, category, block, busy = compiled[id(op)]
+            waits = [e for e in (events[i][step + d] for i, d in deps if step + d >= 0)
+                     if e.callbacks is not None]  # not yet processed
+            if waits:
+                yield waits[0] if len(waits) == 1 else simpy.AllOf(env, waits)
+            if op.slot:
+                req = buffers[rank].request()
                 yield req
-                needs = []
-                if g in L.compute_gpus:
-                    needs.append(ev["comp", step, b, g])
-                if sliced:
-                    needs.append(ev["ex", step, b, rounds - 1])
-                if b not in resident:
-                    needs += [ev["off", step, b, g, r] for r in range(rounds)]
-                release_when(g, req, needs)
-                for r in range(rounds):
-                    if b not in resident:
-                        if step > 0:  # the host copy must hold the previous step's update
-                            yield simpy.AllOf(env, [ev["off", step - 1, b, w, r] for w in writers])
-                        held = take([g])
-                        yield simpy.AllOf(env, held)
-                        t0 = env.now
-                        yield net.transfer(costs.slice_wire_bytes if sliced else costs.block_wire_bytes,
-                                           route, latency)
-                        give(held)
-                        spans.append((g, "upload", "h2d", f"h2d b{b}" + (f" r{r}" if rounds > 1 else ""),
-                                      step, b, t0, env.now))
-                    ev["h2d", step, b, g, r].succeed()
-
-    update_round_s = max(update_s.values()) if sliced else 0.0
-    measured_round_s = costs.allgather_round_s() if ring else None
-    if measured_round_s is not None:
-        measured_round_s *= slower_transfers
-
-
-    def exchange_stream():
-        """Sliced uploads, per round: each mover applies the deferred update to its own slice
-        (in parallel), then the movers all-gather the updated slices (one ring collective)."""
-        for step in range(STEPS):
-            for b in range(model.layers):
-                for r in range(rounds):
-                    yield simpy.AllOf(env, [ev["h2d", step, b, g, r] for g in L.movers])
-                    yield g_ready(step - 1)
-                    held = take(L.movers)
-                    yield simpy.AllOf(env, held)
-                    t0 = env.now
-                    yield env.timeout(update_round_s)
-                    t1 = env.now
-                    ev["up", step, b, r].succeed()
-                    if measured_round_s is not None:
-                        yield env.timeout(measured_round_s)
-                    elif ring:
-                        nbytes = costs.round_param_bytes * (n_movers - 1) / n_movers
-                        # a ring all-gather pays the hop latency once per ring step
-                        hops_s = max(lat for _, lat in ring) * (n_movers - 1)
-                        yield simpy.AllOf(env, [net.transfer(nbytes, tuple(p), hops_s) for p, _ in ring])
-                    for g in L.movers:
-                        spans.append((g, "exchange", "update", f"update b{b}", step, b, t0, t1))
-                        spans.append((g, "exchange", "exchange", f"all-gather b{b}", step, b, t1, env.now))
-                    give(held)
-                    ev["ex", step, b, r].succeed()
-
-    def compute_stream(g: str):
-        for step in range(STEPS):
-            yield g_ready(step - 1)
-            held = take([g])
-            yield simpy.AllOf(env, held)
-            t0 = env.now
-            yield env.timeout(costs.embed_s(g) * slower_compute)
-            give(held)
-            spans.append((g, "compute", "embed", "embed+perturb", step, -1, t0, env.now))
-            for b in range(model.layers):
-                if sliced:
-                    yield ev["ex", step, b, rounds - 1]
-                elif b not in resident:
-                    yield ev["h2d", step, b, g, 0]
-                held = take([g])
-                yield simpy.AllOf(env, held)
-                t0 = env.now
-                yield env.timeout(compute_s[g])
-                give(held)
-                spans.append((g, "compute", "compute", f"block {b}", step, b, t0, env.now))
-                ev["comp", step, b, g].succeed()
-                if deadline is not None and step == REPORTED_STEP:
-                    # the rest of this step's compute alone must still fit before the deadline
-                    rest_s = (model.layers - 1 - b) * compute_s[g] + head_s[g] + scalar_latency
-                    if env.now + rest_s >= deadline[0]:
-                        raise Exceeded()
-            held = take([g])
-            yield simpy.AllOf(env, held)
-            t0 = env.now
-            yield env.timeout(head_s[g])
-            give(held)
-            spans.append((g, "compute", "head", "head+loss", step, model.layers, t0, env.now))
-            ev["head", step, g].succeed()
-
-    def offload_stream(g: str):
-        route, latency = host_route(g, "d2h")
-        for step in range(STEPS):
-            for b in range(model.layers):
-                if b in resident:
+                simpy.AllOf(env, [events[i][step + d] if step + d >= 0 else done for i, d in frees]).callbacks.append(
+                    lambda _, req=req, g=rank: buffers[g].release(req))
+            mine = events[kb][step]
+            if len(op.ranks) > 1:
+                # every member's stream has reached it: the last to arrive runs it for all
+                arrived[kb, step] += 1
+                if arrived[kb, step] < len(op.ranks):
+                    yield mine
                     continue
-                for r in range(rounds):
-                    yield ev["up", step, b, r] if sliced else ev["comp", step, b, g]
-                    held = take([g])
-                    yield simpy.AllOf(env, held)
-                    t0 = env.now
-                    yield net.transfer(offload_bytes, route, latency)
-                    give(held)
-                    spans.append((g, "offload", "d2h", f"d2h b{b}" + (f" r{r}" if rounds > 1 else ""),
-                                  step, b, t0, env.now))
-                    ev["off", step, b, g, r].succeed()
+            if act == NOTHING:  # nothing to time (and no span: nothing is modelled there)
+                mine.succeed()
+                continue
+            reqs = [cores[g].request() for g in held]
+            if reqs:
+                yield simpy.AllOf(env, reqs)
+            t0 = env.now
+            if act == TIMEOUT:
+                yield env.timeout(arg)
+            elif act == TRANSFER:
+                yield net.transfer(*arg)
+            elif act == RING and ring:
+                yield simpy.AllOf(env, [net.transfer(arg, tuple(p), ring_s) for p, _ in ring])
+            for req in reqs:
+                req.resource.release(req)
+            if busy:
+                busy_spans.append((rank, t0, env.now))
+            if record:
+                for g in op.ranks:
+                    spans.append(Span(g, stream.value, category, op.id, step, block, t0, env.now))
+            mine.succeed()
+            if op.kind is Kind.BLOCK and deadline is not None and step == REPORTED_STEP:
+                # the rest of this step's compute alone must still fit before the deadline
+                rest_s = (model.layers - 1 - op.block) * per_block_s[rank] + head_s[rank] + scalar_latency
+                if env.now + rest_s >= deadline[0]:
+                    raise Exceeded()
 
     step_ends: list[float] = []
     snapshots: list[dict[str, float]] = []
-    scalar_latency = _scalar_allreduce_s(costs)
-    loop_s = costs.loop_s() * slower_compute
+    last = [index[op.id, op.ranks] for op in program.ops if op.kind is Kind.HOST]
 
-    def scalar_stream():
+    def step_end():
         for step in range(STEPS):
-            yield simpy.AllOf(env, [ev["head", step, g] for g in L.compute_gpus])
-            t0 = env.now
-            yield env.timeout(scalar_latency)
-            for g in L.compute_gpus:
-                spans.append((g, "compute", "scalar", "loss all-reduce", step, model.layers + 1, t0, env.now))
-            if loop_s > 0:
-                # the training loop's host work before the next step can be issued: this step's
-                # journal line, the next batch (on a GPU the host issues nothing meanwhile)
-                held = take(L.compute_gpus)
-                yield simpy.AllOf(env, held)
-                t0 = env.now
-                yield env.timeout(loop_s)
-                give(held)
-                for g in L.compute_gpus:
-                    spans.append((g, "compute", "loop", "journal+next batch", step, model.layers + 2, t0, env.now))
+            yield simpy.AllOf(env, [events[i][step] for i in last])
             step_ends.append(env.now)
             snapshots.append(net.snapshot())
-            ev["g", step].succeed()
+            events[index[END, ()]][step].succeed()
             if deadline is not None and step == REPORTED_STEP - 1:
                 deadline[0] = env.now + limit_s
                 env.process(watchdog(deadline[0]))
@@ -281,19 +240,19 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
             raise Exceeded()
 
     for g in L.movers:
-        env.process(upload_stream(g))
-        env.process(offload_stream(g))
-    if sliced:
-        env.process(exchange_stream())
-    for g in L.compute_gpus:
-        env.process(compute_stream(g))
-    env.process(scalar_stream())
+        env.process(lane(g, Stream.UPLOAD))
+        env.process(lane(g, Stream.OFFLOAD))
+    for g in L.movers:
+        env.process(lane(g, Stream.EXCHANGE))
+    for g in L.gpus:
+        env.process(lane(g, Stream.COMPUTE))
+    env.process(step_end())
     try:
         env.run()
     except Exceeded:
         raise Exceeded(f"step longer than {limit_s} s") from None
 
-    if len(step_ends) != STEPS:  # a schedule that cannot finish is a bug in this module
+    if len(step_ends) != STEPS:  # a schedule that cannot finish is a bug in zoplan.program
         raise RuntimeError(f"simulation deadlocked after {len(step_ends)} of {STEPS} steps ({L})")
     start = step_ends[REPORTED_STEP - 1]
     end = step_ends[REPORTED_STEP]
@@ -303,19 +262,17 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
         moved = snapshots[REPORTED_STEP][r] - snapshots[REPORTED_STEP - 1][r]
         util[link_label(r, machine)] = moved / (cap * window)
     busy: dict[str, float] = defaultdict(float)
-    for g, stream, _cat, _label, _s, _b, t0, t1 in spans:
+    for g, t0, t1 in busy_spans:  # copy streams wait on their links, which are reported instead
         lo, hi = max(t0, start), min(t1, end)
         if hi > lo:
-            busy[f"{stream} {g}"] += hi - lo
+            busy[f"compute {g}"] += hi - lo
     for key, t in sorted(busy.items()):
-        # copy streams wait on their links, which are reported instead
-        if key.startswith("compute"):
-            util[key] = t / window
+        util[key] = t / window
     # the busiest resource; among equals (symmetric layouts) the first by name
     bottleneck = max(sorted(util.items()), key=lambda kv: round(kv[1], 6))[0] if util else "none"
     return SimResult(step_time_s=window, window=(start, end), step_ends=step_ends,
                      utilization=util, bottleneck=bottleneck,
-                     spans=spans if record else [], link_samples=net.samples if record else {},
+                     spans=spans, link_samples=net.samples if record else {},
                      capacity=capacity)
 
 

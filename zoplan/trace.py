@@ -185,9 +185,10 @@ def chrome_trace(result: SimResult, machine: Machine, *, title: str = "simulated
                 continue
         spans.append((gpu_pid[g], stream_tid[stream], t0, span))
     spans.sort(key=lambda x: (x[0], x[1], x[2]))  # stable: equal keys keep simulation order
-    for pid, tid, t0, (g, _stream, cat, label, step, block, s0, s1) in spans:
+    for pid, tid, t0, (g, stream, cat, label, step, block, s0, s1) in spans:
         t1 = min(s1, end) if window_only else s1
-        args: dict[str, Any] = {"step": step, "block": block}
+        # the op's id in the step program (zoplan.program), and where it ran
+        args: dict[str, Any] = {"op": label, "rank": g, "stream": stream, "step": step, "block": block}
         if window_only and (s0 < start or s1 > end):
             args["clipped"] = True  # the span crosses the step boundary (prefetch of the next step)
         events.append({"name": label, "cat": cat, "ph": "X", "ts": ts(t0), "dur": _us(t1 - t0),
