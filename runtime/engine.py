@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from zoplan.program import CATEGORY, Kind, Program, op_id, span_block, stream_of
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter
 from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
@@ -62,7 +64,8 @@ class StepResult:
 class Engine:
     def __init__(self, model: nn.Module, adapter: Adapter, host: HostCopy, ctx: zdist.RankContext, *,
                  upload: str, slices: int, param_dtype: str, resident_blocks: list[int],
-                 eps: float, spans: Spans | None = None, prefetch: int = 1) -> None:
+                 eps: float, spans: Spans | None = None, prefetch: int = 1,
+                 program: Program | None = None, rank: str | None = None) -> None:
         self.model = model
         self.spans = spans or Spans(ctx.device, None)
         self.adapter = adapter
@@ -80,6 +83,10 @@ class Engine:
         self.device = ctx.device
         self.pending: Pending | None = None
         self.computes = bool(ctx.signs)
+        # the ops this rank's step program holds (zoplan.program): every op the engine runs is
+        # one of them, and its span carries the op's id, stream and category
+        self.rounds = slices // ctx.movers if upload == "sliced" else 1
+        self.program_ops: set[str] | None = None  # set below, after the resident blocks' first upload
         # resident parts: the master values, and the parameters the model's modules use
         self.resident_params = {n: p for n, p in model.named_parameters()
                                 if not n.startswith(adapter.blocks_path + ".")}
@@ -107,6 +114,7 @@ class Engine:
         # overlap its head, loss and loop (as the simulator's steps do), not the next step's start
         self.carried: dict[int, torch.Tensor | None] = {}
         self.rounds_landed: dict[int, list] = {}  # block -> each round's slice has landed (CUDA, sliced)
+        self.packed: dict[int, torch.cuda.Event] = {}  # resident block -> its shard was last packed (CUDA)
         # resident blocks, uploaded once: with sliced uploads this rank's slices only, packed (the
         # planner counts 1/movers of a block per GPU); with whole-block uploads the whole block
         self.kept: dict[int, torch.Tensor] = {}
@@ -124,6 +132,17 @@ class Engine:
             torch.cuda.current_stream(self.device).wait_stream(self.up_stream)
             self.landed.clear()
             self.rounds_landed.clear()
+        if program is not None:
+            self.program_ops = {op.id for op in program.rank_ops(rank)}
+
+    def op_span(self, kind: Kind, block: int | None = None, r: int = 0, cuda_stream=None):
+        """Time one op of the step program (a span labelled with its id, stream and category)."""
+        oid = op_id(kind, block, r, self.rounds)
+        if self.program_ops is not None and oid not in self.program_ops:
+            raise RuntimeError(f"the engine ran '{oid}', which is not in this rank's step program "
+                               "(zoplan.program and the engine disagree)")
+        return self.spans.span(stream_of(kind, self.upload).value, CATEGORY[kind], oid,
+                               span_block(kind, block, len(self.blocks)), cuda_stream)
 
     # ----- block movement ------------------------------------------------------------------------
     def _my_ranges(self, layout: BlockLayout) -> list[tuple[int, int]]:
@@ -150,28 +169,47 @@ class Engine:
                 if i in self.written:
                     self.up_stream.wait_event(self.written[i])
                 buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-                with self.spans.span("upload", "h2d", f"h2d b{i}", i, self.up_stream):
-                    self.rounds_landed[i] = self._copy_ranges(buf, src, layout)
+                self.rounds_landed[i] = self._copy_ranges(i, buf, src, layout)
                 buf.record_stream(compute)  # the buffer is used (and freed) on the compute stream
                 # compute waits for this block only: the next block's upload, queued behind it
                 # on the same stream, must overlap this block's compute
                 self.landed[i] = self.up_stream.record_event()
             return buf
         buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-        with self.spans.span("upload", "h2d", f"h2d b{i}", i):
-            self._copy_ranges(buf, src, layout)
+        self._copy_ranges(i, buf, src, layout)
         return buf
 
-    def _copy_ranges(self, buf: torch.Tensor, src: torch.Tensor, layout: BlockLayout) -> list:
-        """Copy this rank's ranges of a block; on CUDA with sliced uploads, an event per range
-        (per round) recorded on the upload stream, so each round can be used as soon as it lands."""
+    def _copy_ranges(self, i: int, buf: torch.Tensor, src: torch.Tensor, layout: BlockLayout) -> list:
+        """Copy this rank's ranges of block i (one upload op each); on CUDA with sliced uploads, an
+        event per range (per round) recorded on the upload stream, so each round can be used as
+        soon as it lands."""
         ranges = [(0, layout.padded)] if self.upload == "whole" else self._my_ranges(layout)
         events = []
-        for lo, hi in ranges:
-            buf[lo:hi].copy_(src[lo:hi], non_blocking=self.cuda)
+        for r, (lo, hi) in enumerate(ranges):
+            with self.op_span(Kind.H2D, i, r, self.up_stream if self.cuda else None):
+                buf[lo:hi].copy_(src[lo:hi], non_blocking=self.cuda)
             if self.cuda and self.upload == "sliced":
                 events.append(self.up_stream.record_event())
         return events
+
+    def _unpacked(self, i: int) -> torch.Tensor:
+        """Resident block i, sliced over several movers: a work buffer holding this rank's slices
+        from its shard (on CUDA on the upload stream, after the shard's last packing)."""
+        layout = self.host.layouts[i]
+        if not self.cuda:
+            buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+            with self.op_span(Kind.UNPACK, i):
+                self._unpack_shard(i, buf)
+            return buf
+        with torch.cuda.stream(self.up_stream):
+            if i in self.packed:
+                self.up_stream.wait_event(self.packed[i])
+            buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+            with self.op_span(Kind.UNPACK, i, cuda_stream=self.up_stream):
+                self._unpack_shard(i, buf)
+            buf.record_stream(torch.cuda.current_stream(self.device))
+            self.landed[i] = self.up_stream.record_event()
+        return buf
 
     def _unpack_shard(self, i: int, buf: torch.Tensor) -> None:
         """Resident block i, sliced: this rank's slices from its shard into the work buffer."""
@@ -186,25 +224,28 @@ class Engine:
             shard[at:at + hi - lo].copy_(buf[lo:hi])
             at += hi - lo
 
-    def _write_back(self, i: int, buf: torch.Tensor, lo: int, hi: int) -> None:
+    def _write_back(self, i: int, buf: torch.Tensor, lo: int, hi: int, r: int = 0) -> None:
         dst = self.host.blocks[i][lo:hi]
         if not self.cuda:
-            with self.spans.span("offload", "d2h", f"d2h b{i}", i):
+            with self.op_span(Kind.D2H, i, r):
                 dst.copy_(buf[lo:hi])
             return
         # on the offload stream, once the update has been computed
         ready = torch.cuda.current_stream(self.device).record_event()
         with torch.cuda.stream(self.off_stream):
             self.off_stream.wait_event(ready)
-            with self.spans.span("offload", "d2h", f"d2h b{i}", i, self.off_stream):
+            with self.op_span(Kind.D2H, i, r, self.off_stream):
                 dst.copy_(buf[lo:hi], non_blocking=True)
             buf.record_stream(self.off_stream)
             self.written[i] = self.off_stream.record_event()
 
     def _prefetch(self, i: int) -> torch.Tensor | None:
-        """Start block i's upload (CUDA: asynchronously, overlapping the compute before it)."""
-        if i >= len(self.blocks) or i in self.resident_blocks:
+        """Start block i's upload (CUDA: asynchronously, overlapping the compute before it); a
+        resident block sliced over several movers is unpacked from this rank's shard instead."""
+        if i >= len(self.blocks):
             return None
+        if i in self.resident_blocks:
+            return self._unpacked(i) if self.sharded else None
         if self.upload == "whole" and not self.computes:
             return None
         return self._device_copy(i)
@@ -217,19 +258,18 @@ class Engine:
         if self.upload == "whole" and not self.computes:
             return None
         if kept and self.sharded:  # a work buffer, its own slices from the shard
-            buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-            self._unpack_shard(i, buf)
+            buf = uploaded if uploaded is not None else self._unpacked(i)
         else:
             buf = self.kept[i] if kept else (uploaded if uploaded is not None else self._device_copy(i))
         rounds = None  # sliced on CUDA: wait for each round's slice, not for the whole block
-        if self.cuda and not kept:
+        if self.cuda and (not kept or self.sharded):
             landed, rounds = self.landed.pop(i), self.rounds_landed.pop(i, None)
             if self.upload == "whole" or not rounds:
                 torch.cuda.current_stream(self.device).wait_event(landed)
         p = self.pending
         if self.upload == "whole":
             if p is not None:
-                with self.spans.span("exchange", "update", f"update b{i}", i):
+                with self.op_span(Kind.UPDATE, i):
                     update_range(buf, layout, 0, layout.numel, p.seed, p.g, p.lr, p.wd)
             if not kept and p is not None:
                 if self.ctx.computes > 1:
@@ -240,8 +280,8 @@ class Engine:
                     if self.cuda:
                         self.up_stream.synchronize()
                         self.off_stream.synchronize()
-                    with self.spans.span("exchange", "exchange", f"barrier b{i}", i):
-                        dist.barrier(group=self.ctx.exchange_group)
+                    with self.op_span(Kind.BARRIER, i):
+                        zdist.barrier(group=self.ctx.exchange_group)
                 for lo, hi in self._my_ranges(layout):
                     self._write_back(i, buf, lo, hi)
             return buf
@@ -252,17 +292,19 @@ class Engine:
             if rounds:
                 torch.cuda.current_stream(self.device).wait_event(rounds[r])
             if p is not None:
-                with self.spans.span("exchange", "update", f"update b{i}", i):
+                with self.op_span(Kind.UPDATE, i, r):
                     update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
                 if not kept:  # only this rank reads these slices back: no one else to wait for
-                    self._write_back(i, buf, lo, hi)
+                    self._write_back(i, buf, lo, hi, r)
             if n > 1:
-                with self.spans.span("exchange", "exchange", f"all-gather b{i} round {r}", i):
+                with self.op_span(Kind.ALLGATHER, i, r):
                     parts = [buf[(r * n + m) * size:(r * n + m + 1) * size] for m in range(n)]
                     mine = parts[self.ctx.mover_index].clone()
-                    dist.all_gather(parts, mine, group=self.ctx.exchange_group)
+                    zdist.all_gather_into(parts, mine, group=self.ctx.exchange_group)
         if kept and self.sharded and p is not None:  # the shard keeps the updated slices
             self._pack_shard(i, buf)
+            if self.cuda:  # its next unpacking, on the upload stream, reads it after this
+                self.packed[i] = torch.cuda.current_stream(self.device).record_event()
         return buf
 
     # ----- resident parts --------------------------------------------------------------------------
@@ -379,10 +421,9 @@ class Engine:
         runs the unperturbed model (evaluation, on one rank per replica); the pending update is
         applied on the way."""
         signs = self.ctx.signs if seed is not None else ((1,) if 1 in self.ctx.signs else ())
-        spans = self.spans
         hidden: dict[int, list[torch.Tensor]] = {s: [] for s in signs}
         kwargs: list[dict] = []
-        with spans.span("compute", "embed", "embed+perturb", -1):
+        with self.op_span(Kind.EMBED) if self.computes else contextlib.nullcontext():
             self._update_resident()
             for s in signs:
                 self._set_resident(seed, s)
@@ -411,7 +452,7 @@ class Engine:
                 self.carried[j] = self._prefetch(j)
             if theta is None or not signs:
                 continue
-            with spans.span("compute", "compute", f"block {i}", i):
+            with self.op_span(Kind.BLOCK, i):
                 weights = (self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta})
                 block = self.blocks[i]
                 for s in signs:
@@ -422,7 +463,7 @@ class Engine:
                         hidden[s][k] = out[0] if isinstance(out, tuple) else out
                 self._unbind(i)
         results: dict[int, list[tuple[float, float]]] = {}
-        with spans.span("compute", "head", "head+loss", len(self.blocks)):
+        with self.op_span(Kind.HEAD) if self.computes else contextlib.nullcontext():
             for s in reversed(signs):  # the last branch embedded first: its parameters are in place
                 self._set_resident(seed, s)
                 sums = [[0.0, 0.0] for _ in metric_fns]
@@ -446,7 +487,7 @@ class Engine:
         losses = self.forward_losses(micro_batches, seed, [loss_fn])
         plus = losses.get(1, [(0.0, 0.0)])[0]
         minus = losses.get(-1, [(0.0, 0.0)])[0]
-        with self.spans.span("compute", "scalar", "loss all-reduce", len(self.blocks) + 1):
+        with self.op_span(Kind.ALLREDUCE):
             sp, cp, sm, cm = zdist.all_reduce_sum([plus[0], plus[1], minus[0], minus[1]])
         if step is not None:
             self.spans.end()

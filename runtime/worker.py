@@ -23,6 +23,8 @@ from torch import nn
 
 from zoplan.errors import ZoplanError
 from zoplan.planfile import Plan, load_plan
+from zoplan.program import Kind
+from zoplan.program import build as build_program
 from zoplan.runtime import data as zdata
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter, adapter_for
@@ -176,8 +178,7 @@ def train(args: argparse.Namespace) -> None:
     ctx = zdist.init(plan, device_kind)
     # where to start: after the last complete journal line, from the newest snapshot before it
     box = [resume_point(out) if ctx.rank == 0 else None]
-    if torch.distributed.is_initialized() and ctx.world > 1:
-        torch.distributed.broadcast_object_list(box, src=0)
+    zdist.broadcast_object(box, src=0)
     rp = box[0]
     # weights from the newest snapshot, if any; config and tokenizer files always from the model
     # directory (older snapshots are pruned while the run goes on)
@@ -187,10 +188,15 @@ def train(args: argparse.Namespace) -> None:
     task = zdata.Task(kind)
     train_set, eval_set = zdata.split(examples, args.eval_fraction, plan.zo.seed)
     zdata.pretokenize(train_set, tokenizer, task, _TOKENS)
+    layout = plan.to_layout()
     engine = Engine(model, adapter, host, ctx, upload=plan.transfer.upload,
                     slices=plan.transfer.slices_per_block, param_dtype=plan.transfer.param_dtype,
                     resident_blocks=plan.resident_blocks, eps=plan.zo.eps, prefetch=plan.transfer.prefetch,
-                    spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=args.trace_steps))
+                    spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=args.trace_steps),
+                    program=build_program(layout, layers=len(host.layouts), block_params=host.layouts[0].numel),
+                    rank=layout.gpus[ctx.local_rank])
+    # the training loop's own host work (next batch, journal line): the program's host op
+    host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
     # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels
     print(f"rank {ctx.rank}: {ctx.role} on {ctx.device}, signs {ctx.signs}, perturbation kernels: "
           f"{engine.kernels}, prefetch {engine.prefetch}, resident blocks {sorted(engine.kept)} holding "
@@ -228,7 +234,7 @@ def train(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             engine.spans.begin(step)
             mine: list = []
-            with engine.spans.span("compute", "loop", "batch", -1):
+            with host_op(Kind.HOST):
                 if ctx.replica is not None:
                     shard = zdata.batches(train_set, plan.batch.global_batch, plan.zo.seed, step, ctx.replica,
                                           ctx.replicas)
@@ -243,7 +249,7 @@ def train(args: argparse.Namespace) -> None:
                 nonfinite_in_row += 1
                 nonfinite_total += 1
             if writer:
-                with engine.spans.span("compute", "loop", "journal", len(engine.blocks) + 2):
+                with host_op(Kind.HOST):
                     write_journal_line(journal, {"step": step, "seed": seed, "loss_plus": result.loss_plus,
                                                  "loss_minus": result.loss_minus,
                                                  "projected_grad": result.projected_grad, "lr": lr,

@@ -8,6 +8,7 @@ weights of order 0.02-1 (a real layout bug moves them by far more: an update is 
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -18,8 +19,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from zoplan.planfile import write_plan
+from zoplan.planfile import load_plan, write_plan
 from zoplan.planner import plan
+from zoplan.program import Stream, build
 from zoplan.runtime.launch import RunOptions, run
 from zoplan.search import Pins
 from zoplan.topology import resolve_topology_path
@@ -56,6 +58,30 @@ def train(plan_path: Path, model_dir: Path, out: Path, **extra) -> dict[str, tor
     return load_file(str(out / "model" / "model.safetensors"))
 
 
+def assert_ran_its_program(plan_path: Path, out: Path) -> None:
+    """Every rank ran, on each stream, the ops of its step program in the program's order: the
+    measured spans of every step after the first (which has no update to apply yet) carry the same
+    op ids, in the same order, as ``zoplan.program`` lists them. The host work (the next batch at
+    the start of a step, the journal line at its end) is the program's one host op."""
+    the_plan = load_plan(plan_path)
+    layout = the_plan.to_layout()
+    program = build(layout, layers=the_plan.model_shape().layers, block_params=1)
+    files = sorted(out.glob("spans-rank*.jsonl"))
+    assert len(files) == len(layout.gpus) * layout.nodes
+    for f in files:
+        gpu = layout.gpus[int(f.stem.removeprefix("spans-rank")) % len(layout.gpus)]
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        steady = [r for r in rows if r["step"] >= 1 and "spans" in r]
+        assert len(steady) == STEPS - 1, f.name
+        for row in steady:
+            for stream in Stream:
+                measured = [label for s, _cat, label, *_ in row["spans"] if s == stream.value and label != "host"]
+                want = [i for i in program.stream_ids(gpu, stream) if i != "host"]
+                assert measured == want, (f.name, row["step"], stream.value)
+            host = [label for s, _cat, label, *_ in row["spans"] if label == "host"]
+            assert bool(host) == (gpu in layout.compute_gpus), (f.name, host)
+
+
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -66,8 +92,10 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_every_layout_trains_the_same_weights(family: str, tiny_dirs, tmp_path: Path) -> None:
     model_dir = tiny_dirs[family]
     four = cpu_topology(tmp_path, 4)
-    base = train(planned(tmp_path, model_dir, four, "1x1", perturbation=1, data=1, gpus=("rank0",),
-                         upload="whole", resident=0), model_dir, tmp_path / "1x1")
+    base_plan = planned(tmp_path, model_dir, four, "1x1", perturbation=1, data=1, gpus=("rank0",),
+                        upload="whole", resident=0)
+    base = train(base_plan, model_dir, tmp_path / "1x1")
+    assert_ran_its_program(base_plan, tmp_path / "1x1")
     initial = load_file(str(model_dir / "model.safetensors"))
     moved = [n for n in base if n in initial and not torch.equal(base[n], initial[n])]
     assert moved, "training changed no weight"
@@ -82,7 +110,10 @@ def test_every_layout_trains_the_same_weights(family: str, tiny_dirs, tmp_path: 
     }
     for name, pins in layouts.items():
         topo = cpu_topology(tmp_path, 2) if name == "1x1-relay" else four
-        assert_same_weights(base, train(planned(tmp_path, model_dir, topo, name, **pins), model_dir, tmp_path / name))
+        plan_path = planned(tmp_path, model_dir, topo, name, **pins)
+        assert_same_weights(base, train(plan_path, model_dir, tmp_path / name))
+        # the runtime ran the step program the simulator times, op by op
+        assert_ran_its_program(plan_path, tmp_path / name)
     # what each rank keeps on its device: with sliced uploads a shard (1/4 of each resident block
     # among 4 movers), with whole-block uploads whole blocks; and the plan's prefetch depth
     block = sum(t.numel() for n, t in initial.items() if ".layers.0." in n)
@@ -103,8 +134,10 @@ def test_replaying_the_journal_gives_the_trained_weights(tiny_dirs, tmp_path: Pa
 
     model_dir = tiny_dirs["tiny-opt"]
     two = cpu_topology(tmp_path, 2)
-    trained = train(planned(tmp_path, model_dir, two, "2x1", perturbation=2, data=1, upload="sliced",
-                            movers="compute", slices=2), model_dir, tmp_path / "run")
+    plan_path = planned(tmp_path, model_dir, two, "2x1", perturbation=2, data=1, upload="sliced",
+                        movers="compute", slices=2, micro_batch=8)  # one micro-batch per rank
+    trained = train(plan_path, model_dir, tmp_path / "run")
+    assert_ran_its_program(plan_path, tmp_path / "run")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     replay(model, read_journal(tmp_path / "run" / "journal.jsonl"))
     replayed = {n: p.detach() for n, p in model.named_parameters()}
