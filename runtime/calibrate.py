@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.engine import Engine
@@ -164,9 +163,7 @@ def measure(args: argparse.Namespace) -> dict:
     else:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=zdist.TIMEOUT,
-                                store=zdist._attempt_store(world), rank=rank, world_size=world)
+    zdist.init_calibration(world, rank, device_kind)
     dtype = DTYPES[args.dtype]
     model, adapter, config = _calibration_model(Path(args.model_dir), dtype, args.layers)
     blocks = adapter.blocks(model)
@@ -217,12 +214,12 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
     lockstep: dict = {}
     if world > 1:
         _phase(args, rank, f"all-gather and all-reduce among {world} ranks")
-        gather = _gather_figures(args, device, world, dist.group.WORLD, world)
+        gather = _gather_figures(args, device, world, zdist.world_group(), world)
         scalar_s = _timed(lambda: zdist.all_reduce_sum([0.0, 1.0, 2.0, 3.0]), device, 30)
         # the smaller groups a plan's movers can form: the first k ranks, while the others wait
         for k in range(2, world):
             _phase(args, rank, f"all-gather among {k} of {world} ranks")
-            group = dist.new_group(ranks=list(range(k)))  # every rank takes part in creating it
+            group = zdist.new_group(list(range(k)))  # every rank takes part in creating it
             if rank < k:
                 groups.append(_gather_figures(args, device, k, group, k))
             zdist.barrier()
@@ -263,7 +260,7 @@ def _gather_figures(args, device: torch.device, ranks: int, group, slices: int) 
     for n in (256, max(257, int(args.block_params / slices))):
         mine = torch.ones(n, dtype=DTYPES[args.dtype], device=device)
         parts = [torch.empty_like(mine) for _ in range(ranks)]
-        times[n] = _timed(lambda: dist.all_gather(parts, mine, group=group), device, 20)
+        times[n] = _timed(lambda: zdist.all_gather_into(parts, mine, group), device, 20)
     (n0, t0), (n1, t1) = sorted(times.items())
     per_byte = max((t1 - t0) / ((n1 - n0) * mine.element_size() * (ranks - 1)), 1e-15)
     return {"ranks": ranks, "latency_us": max(t0, 1e-7) * 1e6, "gbps": 1e-9 / per_byte}
@@ -318,7 +315,7 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
                                     signs=(1, -1) if branches == 2 else (1,), replica=0, replicas=1,
                                     mover_index=rank if exchange else 0, movers=world if exchange else 1,
                                     compute_index=0, computes=1,
-                                    exchange_group=dist.group.WORLD if exchange else None)
+                                    exchange_group=zdist.world_group() if exchange else None)
             engine = None  # the previous engine's buffers go before this one's come
             spans = st["spans"]
             engine = Engine(model, adapter, host, ctx, upload="sliced", slices=world, param_dtype=args.dtype,
@@ -458,11 +455,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         figures = measure(args)
-        rows = [None] * int(os.environ.get("WORLD_SIZE", "1"))
-        if dist.is_initialized():
-            dist.all_gather_object(rows, figures)
-        else:
-            rows = [figures]
+        rows = zdist.gather_objects(figures)
         if figures["rank"] == 0:
             Path(args.output).write_text(json.dumps(rows, indent=1))
         zdist.barrier()

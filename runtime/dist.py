@@ -113,9 +113,48 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+def barrier(group=None) -> None:
+    """Wait for every rank (of ``group``: a group of this module's making)."""
+    if group is not None:
+        dist.barrier(group=group)
+    elif dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_gather_into(parts: list[torch.Tensor], mine: torch.Tensor, group) -> None:
+    """``parts[k]`` := rank k's ``mine``, for every rank k of ``group``."""
+    dist.all_gather(parts, mine, group=group)
+
+
+def broadcast_object(box: list, src: int = 0) -> None:
+    """``box`` := rank ``src``'s ``box`` (a list of picklable objects), on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=src)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, by rank, on every rank ([obj] outside a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, obj)
+    return rows
+
+
+def init_calibration(world: int, rank: int, device_kind: str) -> None:
+    """The calibration's process group: every rank, no plan (it measures the machine)."""
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=TIMEOUT,
+                                store=_attempt_store(world), rank=rank, world_size=world)
+
+
+def world_group():
+    return dist.group.WORLD
+
+
+def new_group(ranks: list[int]):
+    """A group of ``ranks`` (every rank must take part in creating it, in the same order)."""
+    return dist.new_group(ranks=ranks)
 
 
 def shutdown() -> None:

@@ -331,6 +331,18 @@ PRESETS: dict[str, ModelShape] = {s.name: s for s in (
 )}
 
 
+# The built-in tiny models' shapes, as the runtime builds them (runtime/tiny.py; named after the
+# directory they are built in, as any checkpoint's shape is): the planner plans them without
+# building them, and a runtime test checks that a built one reads back as exactly this shape.
+# The vocabulary is the tiny tokenizer's (256 bytes, 4 special tokens, the trained words).
+TINY_VOCAB = 1405
+TINY_SHAPES: dict[str, ModelShape] = {name: ModelShape(
+    name=f"{name}-v{TINY_VERSION}", family=family, layers=4, hidden=64, ffn=128, heads=4, kv_heads=kv,
+    vocab=TINY_VOCAB, max_positions=128, tied_head=tied, embed_dim=64)
+    for name, family, kv, tied in (("tiny-opt", "opt", 4, True), ("tiny-llama", "llama", 2, False),
+                                   ("tiny-qwen2", "qwen2", 2, False))}
+
+
 # --------------------------------------------------------------------------------- config.json
 def load_model_shape(name_or_path: str | Path) -> ModelShape:
     """A preset by name, or the shape in a Hugging Face ``config.json`` (file or its directory).
@@ -342,7 +354,7 @@ def load_model_shape(name_or_path: str | Path) -> ModelShape:
     if text in PRESETS:
         return PRESETS[text]
     if text in TINY_MODELS:
-        return load_model_shape(_built_tiny(text))
+        return TINY_SHAPES[text]
     path = Path(text).expanduser()
     if not path.exists():
         if _looks_like_path(text):
@@ -361,25 +373,6 @@ def load_model_shape(name_or_path: str | Path) -> ModelShape:
     else:
         directory, config_path = path.resolve().parent, path
     return _shape_from_config(_read_config(config_path), config_path, directory.resolve().name)
-
-
-def _built_tiny(name: str) -> Path:
-    """The directory of the built-in tiny model ``name``, built now if it is not yet (that needs
-    the runtime: torch and transformers)."""
-    directory = tiny_model_dir(name)
-    if (directory / "config.json").is_file():
-        return directory
-    try:
-        import torch  # noqa: F401  (the build imports them: find out here, with a message)
-        import transformers  # noqa: F401
-
-        from zoplan.runtime.tiny import resolve_model
-    except ImportError as exc:
-        raise ZoplanError(f"the built-in model {name!r} is not built yet, and building it needs the runtime "
-                          f"({exc.name or exc} cannot be imported)",
-                          fix=f"pip install -e '.[runtime]' (it is then built under {tiny_cache_dir()}), "
-                              f"or give a Hugging Face config.json") from None
-    return resolve_model(name)
 
 
 def _looks_like_path(text: str) -> bool:

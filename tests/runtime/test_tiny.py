@@ -1,6 +1,7 @@
 """The built-in tiny models: they load back like real checkpoints, and resolve_model finds models."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -117,8 +118,8 @@ def test_resolve_unknown_hub_id_fails_without_the_network(name: str, monkeypatch
     )
 
 
-def test_the_planner_knows_the_builtins_and_plans_them_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`zoplan plan --model tiny-opt` builds the model once and plans the shape the runtime runs."""
+def test_the_planner_knows_the_builtins_and_plans_them_by_name(tmp_path: Path, tiny_dirs: dict[str, Path]) -> None:
+    """`zoplan plan --model tiny-opt` plans the shape the runtime builds, without building it."""
     import os
     import subprocess
     import sys
@@ -127,19 +128,20 @@ def test_the_planner_knows_the_builtins_and_plans_them_by_name(tmp_path: Path, m
     from zoplan.planfile import load_plan
 
     assert sorted(TINY_MODELS) == NAMES
+    for name in NAMES:  # the planner's shape of each is exactly the one a built model reads back as
+        built = load_model_shape(tiny_dirs[name])
+        assert load_model_shape(name) == dataclasses.replace(built, name=f"{name}-v{tiny.TINY_VERSION}")
+        model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name])
+        assert load_model_shape(name).total_params() == sum(p.numel() for p in model.parameters())
     home = tmp_path / "home"
     proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "plan", "--model", "tiny-opt", "--topology", "cpu-local",
                            "--global-batch", "4", "--seq-len", "32", "-o", str(tmp_path / "plan.yaml")],
                           capture_output=True, text=True, env={**os.environ, "HOME": str(home)}, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    built = home / ".cache" / "zoplan" / "tiny" / f"tiny-opt-v{tiny.TINY_VERSION}"
-    assert (built / "model.safetensors").is_file()
-    monkeypatch.setenv("HOME", str(home))
+    assert not (home / ".cache" / "zoplan" / "tiny").exists()  # planning built nothing
     shape = load_model_shape("tiny-opt")
-    model = AutoModelForCausalLM.from_pretrained(built)
-    assert shape.total_params() == sum(p.numel() for p in model.parameters())
     written = load_plan(tmp_path / "plan.yaml")
-    assert written.model.name == built.name
+    assert written.model.name == f"tiny-opt-v{tiny.TINY_VERSION}"
     # the defaults of `zoplan run` for a tiny model on CPU ranks: a step a random model learns
     # from, and fp32 compute
     assert written.zo.lr == 1e-3 and written.transfer.param_dtype == "fp32"
