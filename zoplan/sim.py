@@ -129,8 +129,25 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
     for op in program.ops:
         index.setdefault((op.id, op.ranks), len(index))
     index[END, ()] = len(index)
-    events = [[env.event() for _ in range(STEPS)] for _ in index]
-    done = env.event().succeed()  # anything of a step before the first: nothing to wait for
+    # an op's event is made when something first waits for it; an op that ends before anyone
+    # waits leaves ``done`` (most ops: a simulation makes half as many events)
+    done = env.event().succeed()  # also anything of a step before the first: nothing to wait for
+    events: list[list[simpy.Event | None]] = [[None] * STEPS for _ in index]
+
+    def awaited(i: int, step: int) -> simpy.Event:
+        if step < 0:
+            return done
+        e = events[i][step]
+        if e is None:
+            e = events[i][step] = env.event()
+        return e
+
+    def finish(i: int, step: int) -> None:
+        e = events[i][step]
+        if e is None:
+            events[i][step] = done
+        else:
+            e.succeed()
 
     def refs(rs: tuple[Ref, ...]) -> tuple[tuple[int, int], ...]:
         for r in rs:
@@ -177,24 +194,23 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
         sequence += [(op, s + op.step) for s in range(STEPS) for op in ops if s + op.step < STEPS]
         for op, step in sequence:
             kb, deps, frees, (act, arg), held, category, block, busy = compiled[id(op)]
-            waits = [e for e in (events[i][step + d] for i, d in deps if step + d >= 0)
+            waits = [e for e in (awaited(i, step + d) for i, d in deps)
                      if e.callbacks is not None]  # not yet processed
             if waits:
                 yield waits[0] if len(waits) == 1 else simpy.AllOf(env, waits)
             if op.slot:
                 req = buffers[rank].request()
                 yield req
-                simpy.AllOf(env, [events[i][step + d] if step + d >= 0 else done for i, d in frees]).callbacks.append(
+                simpy.AllOf(env, [awaited(i, step + d) for i, d in frees]).callbacks.append(
                     lambda _, req=req, g=rank: buffers[g].release(req))
-            mine = events[kb][step]
             if len(op.ranks) > 1:
                 # every member's stream has reached it: the last to arrive runs it for all
                 arrived[kb, step] += 1
                 if arrived[kb, step] < len(op.ranks):
-                    yield mine
+                    yield awaited(kb, step)
                     continue
             if act == NOTHING:  # nothing to time (and no span: nothing is modelled there)
-                mine.succeed()
+                finish(kb, step)
                 continue
             reqs = [cores[g].request() for g in held]
             if reqs:
@@ -213,7 +229,7 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
             if record:
                 for g in op.ranks:
                     spans.append(Span(g, stream.value, category, op.id, step, block, t0, env.now))
-            mine.succeed()
+            finish(kb, step)
             if op.kind is Kind.BLOCK and deadline is not None and step == REPORTED_STEP:
                 # the rest of this step's compute alone must still fit before the deadline
                 rest_s = (model.layers - 1 - op.block) * per_block_s[rank] + head_s[rank] + scalar_latency
@@ -226,10 +242,10 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
 
     def step_end():
         for step in range(STEPS):
-            yield simpy.AllOf(env, [events[i][step] for i in last])
+            yield simpy.AllOf(env, [awaited(i, step) for i in last])
             step_ends.append(env.now)
             snapshots.append(net.snapshot())
-            events[index[END, ()]][step].succeed()
+            finish(index[END, ()], step)
             if deadline is not None and step == REPORTED_STEP - 1:
                 deadline[0] = env.now + limit_s
                 env.process(watchdog(deadline[0]))
