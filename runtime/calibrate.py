@@ -39,6 +39,9 @@ from pathlib import Path
 
 import torch
 
+from zoplan.layout import Layout
+from zoplan.program import Program
+from zoplan.program import build as build_program
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
@@ -252,6 +255,17 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
             "compute": compute, "lockstep": lockstep}
 
 
+def _program(rank: int, world: int, exchange: bool, dtype: str, layers: int) -> Program:
+    """The step program a calibration engine runs: this rank computes, its block sliced in one
+    slice per rank; in the exchange setting every rank moves and all-gathers them (the others
+    stand in the program as the movers they are), else this rank moves them all alone."""
+    me = f"rank{rank}"
+    movers = tuple(f"rank{k}" for k in range(world)) if exchange else (me,)
+    layout = Layout(perturbation=1, data=1, compute_gpus=(me,), upload="sliced", movers=movers,
+                    slices_per_block=world, wire_dtype=dtype, param_dtype=dtype, micro_batch=1, prefetch=1)
+    return build_program(layout, layers=layers, block_params=1)
+
+
 def _gather_figures(args, device: torch.device, ranks: int, group, slices: int) -> dict:
     """Latency and bandwidth of the all-gather among ``ranks`` (this rank one of them), each
     contributing one slice of a block cut in ``slices``: timed back to back at 256 elements and
@@ -318,8 +332,8 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
                                     exchange_group=zdist.world_group() if exchange else None)
             engine = None  # the previous engine's buffers go before this one's come
             spans = st["spans"]
-            engine = Engine(model, adapter, host, ctx, upload="sliced", slices=world, param_dtype=args.dtype,
-                            resident_blocks=[], eps=1e-3, spans=spans)
+            engine = Engine(model, adapter, host, ctx, program=_program(rank, world, exchange, args.dtype, blocks_n),
+                            rank=f"rank{rank}", eps=1e-3, spans=spans)
             # the first round's warm-up step is kept with the timed ones, the later ones are not timed
             for i in range(st["shares"][round_] + 1):
                 step = st["step"]
@@ -349,9 +363,8 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
                 if i >= 1:  # an engine's first step warms up and has no update to apply
                     st["rows"].append({**spans_totals, **split})
             if key == "1x1" and round_ == st["last"]:
-                theta = engine._device_copy(0)
-                if device.type == "cuda":
-                    torch.cuda.current_stream(device).wait_event(engine.landed.pop(0))
+                theta = torch.empty(host.layouts[0].padded, dtype=engine.dtype, device=device)
+                theta.copy_(host.blocks[0])  # block 0's weights on the device, as an upload leaves them
                 params = host.layouts[0].numel
                 st["perturb_s_per_param"] = _timed(lambda: engine._perturbed(0, theta, 7, (1,)), device, 5) / params
         if between_rounds is not None:

@@ -1,32 +1,33 @@
-"""The generic executor: one ZO step of any model family, blocks streamed from the host copy.
+"""The generic executor: runs a rank's step program (zoplan.program) on any model family.
 
-Per block, on each rank, as the plan says:
-1. upload: a mover copies its slices of the block from the host copy (all of it with whole-block
-   uploads), ``prefetch`` blocks ahead of the block being computed; a resident block comes from
-   the device instead: with sliced uploads each mover keeps only its own slices of it (a shard),
-   with whole-block uploads each compute rank keeps all of it;
-2. deferred update: the previous step's update is applied to those slices;
-3. write-back: the updated slices go back to the host copy (each rank its own share);
-4. exchange: the movers all-gather the updated slices (sliced uploads), round by round: a round
-   (one slice from every mover) is updated and all-gathered as soon as it has landed, while the
-   block's later rounds still upload;
-5. compute: for each branch this rank runs, the block's weights theta + s*eps*z are formed in a
-   work buffer (theta itself is never perturbed, so no rounding drift and no restore) and every
-   micro-batch's hidden state of that branch goes through the block.
+The program says what this rank does in a step, in order: upload slice k of block i (or a
+resident block's shard) into a device buffer, apply the deferred update to a range of it, write
+that range back to the host copy, all-gather a round of slices, wait at a barrier, compute a block
+for every branch and micro-batch, embed, head, all-reduce. The engine holds one small handler per
+kind of op and runs the ops in the program's order; which op comes when, on which stream and after
+what, is written in zoplan.program only (and the simulator times the same ops). The handlers:
+- upload: a mover copies its ranges of the block from the host copy (CUDA: on the upload stream,
+  after the block's last write-back, an event per round so a round is used as soon as it lands);
+- update: theta of this rank's range of the block := the pending update applied to it (none in a
+  run's first step, which has no update yet);
+- write-back: the updated range back to the host copy (CUDA: on the offload stream);
+- all-gather: one round of slices, one from every mover, through zoplan.runtime.dist;
+- block: for each branch this rank runs, the block's weights theta + s*eps*z are formed in a work
+  buffer (theta itself is never perturbed, so no rounding drift and no restore) and every
+  micro-batch's hidden state of that branch goes through the block.
 The model's own forward computes embeddings, masks and position encodings: it is run up to the
-first block and the arguments it passes to blocks are captured (adapters.py). On the CPU the same
-schedule runs with plain copies; the loss scalars are all-reduced at the end of the step.
+first block and the arguments it passes to blocks are captured (adapters.py). On the CPU every op
+runs in program order on one thread; on CUDA the update, all-gather and block ops are issued on
+the compute stream.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import contextlib
-
 import torch
 from torch import nn
 
-from zoplan.program import CATEGORY, Kind, Program, op_id, span_block, stream_of
+from zoplan.program import CATEGORY, Kind, Op, Program, op_id, span_block, stream_of
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter
 from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
@@ -63,30 +64,35 @@ class StepResult:
 
 class Engine:
     def __init__(self, model: nn.Module, adapter: Adapter, host: HostCopy, ctx: zdist.RankContext, *,
-                 upload: str, slices: int, param_dtype: str, resident_blocks: list[int],
-                 eps: float, spans: Spans | None = None, prefetch: int = 1,
-                 program: Program | None = None, rank: str | None = None) -> None:
+                 program: Program, rank: str, eps: float, spans: Spans | None = None) -> None:
+        """``program``: the plan's step program; ``rank``: this rank's GPU in it."""
+        layout = program.layout
+        if program.layers != len(host.layouts):
+            raise ValueError(f"the step program has {program.layers} blocks, the model {len(host.layouts)}")
         self.model = model
         self.spans = spans or Spans(ctx.device, None)
         self.adapter = adapter
         self.host = host
         self.ctx = ctx
-        self.upload = upload
-        self.slices = slices
-        self.dtype = DTYPES[param_dtype]
+        self.upload = layout.upload
+        self.slices = layout.slices_per_block
+        self.dtype = DTYPES[layout.param_dtype]
         self.eps = eps
         self.blocks = adapter.blocks(model)
-        self.resident_blocks = set(resident_blocks)
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
-        self.prefetch = prefetch  # blocks uploading while one computes (device buffers: prefetch + 1)
+        self.resident_blocks = set(layout.resident)
+        self.prefetch = layout.prefetch  # blocks uploading while one computes
         self.device = ctx.device
         self.pending: Pending | None = None
         self.computes = bool(ctx.signs)
-        # the ops this rank's step program holds (zoplan.program): every op the engine runs is
-        # one of them, and its span carries the op's id, stream and category
-        self.rounds = slices // ctx.movers if upload == "sliced" else 1
-        self.program_ops: set[str] | None = None  # set below, after the resident blocks' first upload
+        self.rounds = layout.rounds
+        # this rank's ops in issue order, and after which of them each block's buffer is done with
+        self.ops = program.rank_ops(rank)
+        self.op_ids = {op.id for op in self.ops}
+        self.prologue = [op for op in self.ops if op.step == 1]
+        self.last_use: dict[int, int] = {}
+        for k, op in enumerate(self.ops):
+            if op.block is not None and op.step == 0:
+                self.last_use[op.block] = k
         # resident parts: the master values, and the parameters the model's modules use
         self.resident_params = {n: p for n, p in model.named_parameters()
                                 if not n.startswith(adapter.blocks_path + ".")}
@@ -109,36 +115,32 @@ class Engine:
             self.up_stream = torch.cuda.Stream(self.device)
             self.off_stream = torch.cuda.Stream(self.device)
         self.written: dict[int, torch.cuda.Event] = {}  # block -> its last write-back (CUDA)
-        self.landed: dict[int, torch.cuda.Event] = {}  # block -> its upload has landed (CUDA)
         # the next step's first uploads, started as a training step's last block computes: they
         # overlap its head, loss and loop (as the simulator's steps do), not the next step's start
-        self.carried: dict[int, torch.Tensor | None] = {}
-        self.rounds_landed: dict[int, list] = {}  # block -> each round's slice has landed (CUDA, sliced)
+        self.carried: dict[int, torch.Tensor] = {}
+        self.bufs: dict[int, torch.Tensor] = {}  # block -> its buffer in this step
         self.packed: dict[int, torch.cuda.Event] = {}  # resident block -> its shard was last packed (CUDA)
         # resident blocks, uploaded once: with sliced uploads this rank's slices only, packed (the
         # planner counts 1/movers of a block per GPU); with whole-block uploads the whole block
         self.kept: dict[int, torch.Tensor] = {}
         # a single mover's slices are the whole block: it keeps the block itself and updates it
         # in place, with no work buffer to fill
-        self.sharded = upload == "sliced" and ctx.movers > 1
+        self.sharded = self.upload == "sliced" and ctx.movers > 1
         for i in sorted(self.resident_blocks):
             layout, src = self.host.layouts[i], self.host.blocks[i]
             if self.sharded:
                 self.kept[i] = torch.cat([src[lo:hi] for lo, hi in self._my_ranges(layout)]
                                          or [src[:0]]).to(self.device, self.dtype)
-            else:
-                self.kept[i] = self._device_copy(i)
+            else:  # the whole block (a single mover's slices are all of it)
+                self.kept[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+                self.kept[i].copy_(src, non_blocking=self.cuda)
         if self.cuda:  # the first step waits for them here
             torch.cuda.current_stream(self.device).wait_stream(self.up_stream)
-            self.landed.clear()
-            self.rounds_landed.clear()
-        if program is not None:
-            self.program_ops = {op.id for op in program.rank_ops(rank)}
 
     def op_span(self, kind: Kind, block: int | None = None, r: int = 0, cuda_stream=None):
         """Time one op of the step program (a span labelled with its id, stream and category)."""
         oid = op_id(kind, block, r, self.rounds)
-        if self.program_ops is not None and oid not in self.program_ops:
+        if oid not in self.op_ids:
             raise RuntimeError(f"the engine ran '{oid}', which is not in this rank's step program "
                                "(zoplan.program and the engine disagree)")
         return self.spans.span(stream_of(kind, self.upload).value, CATEGORY[kind], oid,
@@ -159,58 +161,6 @@ class Engine:
         lo = ctx.compute_index * share
         return [(lo, min(layout.numel, lo + share))] if lo < layout.numel else []
 
-    def _device_copy(self, i: int) -> torch.Tensor:
-        layout = self.host.layouts[i]
-        src = self.host.blocks[i]
-        if self.cuda:
-            # on the upload stream, after the previous write-back of this block has landed
-            compute = torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(self.up_stream):
-                if i in self.written:
-                    self.up_stream.wait_event(self.written[i])
-                buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-                self.rounds_landed[i] = self._copy_ranges(i, buf, src, layout)
-                buf.record_stream(compute)  # the buffer is used (and freed) on the compute stream
-                # compute waits for this block only: the next block's upload, queued behind it
-                # on the same stream, must overlap this block's compute
-                self.landed[i] = self.up_stream.record_event()
-            return buf
-        buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-        self._copy_ranges(i, buf, src, layout)
-        return buf
-
-    def _copy_ranges(self, i: int, buf: torch.Tensor, src: torch.Tensor, layout: BlockLayout) -> list:
-        """Copy this rank's ranges of block i (one upload op each); on CUDA with sliced uploads, an
-        event per range (per round) recorded on the upload stream, so each round can be used as
-        soon as it lands."""
-        ranges = [(0, layout.padded)] if self.upload == "whole" else self._my_ranges(layout)
-        events = []
-        for r, (lo, hi) in enumerate(ranges):
-            with self.op_span(Kind.H2D, i, r, self.up_stream if self.cuda else None):
-                buf[lo:hi].copy_(src[lo:hi], non_blocking=self.cuda)
-            if self.cuda and self.upload == "sliced":
-                events.append(self.up_stream.record_event())
-        return events
-
-    def _unpacked(self, i: int) -> torch.Tensor:
-        """Resident block i, sliced over several movers: a work buffer holding this rank's slices
-        from its shard (on CUDA on the upload stream, after the shard's last packing)."""
-        layout = self.host.layouts[i]
-        if not self.cuda:
-            buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-            with self.op_span(Kind.UNPACK, i):
-                self._unpack_shard(i, buf)
-            return buf
-        with torch.cuda.stream(self.up_stream):
-            if i in self.packed:
-                self.up_stream.wait_event(self.packed[i])
-            buf = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-            with self.op_span(Kind.UNPACK, i, cuda_stream=self.up_stream):
-                self._unpack_shard(i, buf)
-            buf.record_stream(torch.cuda.current_stream(self.device))
-            self.landed[i] = self.up_stream.record_event()
-        return buf
-
     def _unpack_shard(self, i: int, buf: torch.Tensor) -> None:
         """Resident block i, sliced: this rank's slices from its shard into the work buffer."""
         at, shard = 0, self.kept[i]
@@ -224,7 +174,112 @@ class Engine:
             shard[at:at + hi - lo].copy_(buf[lo:hi])
             at += hi - lo
 
-    def _write_back(self, i: int, buf: torch.Tensor, lo: int, hi: int, r: int = 0) -> None:
+    # ----- the ops' handlers ------------------------------------------------------------------------
+    def _ranges(self, i: int) -> list[tuple[int, int]]:
+        """The ranges of block i one upload op each copies: the whole buffer with whole-block
+        uploads, else this rank's slices (one per round)."""
+        layout = self.host.layouts[i]
+        return [(0, layout.padded)] if self.upload == "whole" else self._my_ranges(layout)
+
+    def _h2d(self, op: Op) -> None:
+        """Round r of block i from the host copy into its buffer (a new one at round 0)."""
+        i, r = op.block, op.round or 0
+        target = self.carried if op.step == 1 else self.bufs
+        layout, src = self.host.layouts[i], self.host.blocks[i]
+        lo, hi = self._ranges(i)[r]
+        if not self.cuda:
+            if r == 0:
+                target[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+            with self.op_span(Kind.H2D, i, r):
+                target[i][lo:hi].copy_(src[lo:hi])
+            return
+        # on the upload stream, after the previous write-back of this block has landed; compute
+        # waits for this block (or round) only: the next upload, queued behind it on the same
+        # stream, must overlap this block's compute
+        with torch.cuda.stream(self.up_stream):
+            if r == 0:
+                if i in self.written:
+                    self.up_stream.wait_event(self.written[i])
+                target[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+                target[i].zoplan_landed = []  # an event per round, on the buffer itself
+            buf = target[i]
+            with self.op_span(Kind.H2D, i, r, self.up_stream):
+                buf[lo:hi].copy_(src[lo:hi], non_blocking=True)
+            buf.zoplan_landed.append(self.up_stream.record_event())
+            if r == len(self._ranges(i)) - 1:
+                buf.record_stream(torch.cuda.current_stream(self.device))  # used and freed there
+
+    def _unpack(self, op: Op) -> None:
+        """Resident block i, sliced over several movers: a work buffer holding this rank's slices
+        from its shard (on CUDA on the upload stream, after the shard's last packing)."""
+        i = op.block
+        target = self.carried if op.step == 1 else self.bufs
+        layout = self.host.layouts[i]
+        if not self.cuda:
+            target[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+            with self.op_span(Kind.UNPACK, i):
+                self._unpack_shard(i, target[i])
+            return
+        with torch.cuda.stream(self.up_stream):
+            if i in self.packed:
+                self.up_stream.wait_event(self.packed[i])
+            buf = target[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
+            with self.op_span(Kind.UNPACK, i, cuda_stream=self.up_stream):
+                self._unpack_shard(i, buf)
+            buf.record_stream(torch.cuda.current_stream(self.device))
+            buf.zoplan_landed = [self.up_stream.record_event()]
+
+    def _buffer(self, i: int, r: int = 0) -> torch.Tensor:
+        """Block i's weights in this step, for use on the compute stream: on CUDA it first waits
+        for the upload of round r (sliced) or of the whole block."""
+        buf = self.bufs.get(i)
+        if buf is None:  # kept whole on the device: updated in place
+            return self.kept[i]
+        if self.cuda:
+            landed = buf.zoplan_landed  # one event per round (sliced), or one for the block
+            if landed[min(r, len(landed) - 1)] is not None:
+                torch.cuda.current_stream(self.device).wait_event(landed[min(r, len(landed) - 1)])
+                for k in range(min(r, len(landed) - 1) + 1):  # the rounds before have landed too
+                    landed[k] = None
+        return buf
+
+    def _update(self, op: Op) -> None:
+        """The pending update on this rank's range of block i (round r): all of it with whole
+        blocks. A step with no update pending (a run's first) only makes the block ready."""
+        i, r = op.block, op.round or 0
+        buf = self._buffer(i, r)
+        p = self.pending
+        if p is None:
+            return
+        layout = self.host.layouts[i]
+        lo, hi = (0, layout.numel) if self.upload == "whole" else self._my_ranges(layout)[r]
+        with self.op_span(Kind.UPDATE, i, r):
+            update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
+
+    def _barrier(self, op: Op) -> None:
+        """Whole blocks shared by several compute ranks: every rank of this machine reads the block
+        before anyone writes its share back (a share written early would be read, and updated,
+        twice), and every share written back before (earlier blocks, the step before) has landed
+        in the host copy (another rank's later read of it must see it)."""
+        if self.pending is None:
+            return
+        if self.cuda:
+            self.up_stream.synchronize()
+            self.off_stream.synchronize()
+        with self.op_span(Kind.BARRIER, op.block):
+            zdist.barrier(group=self.ctx.exchange_group)
+
+    def _d2h(self, op: Op) -> None:
+        """This rank's updated range (round r) of block i back to the host copy (only this rank
+        reads it back: no one else to wait for)."""
+        if self.pending is None:
+            return
+        i, r = op.block, op.round or 0
+        ranges = self._my_ranges(self.host.layouts[i])
+        if r >= len(ranges):  # a block too small to give this rank a share
+            return
+        lo, hi = ranges[r]
+        buf = self._buffer(i, r)
         dst = self.host.blocks[i][lo:hi]
         if not self.cuda:
             with self.op_span(Kind.D2H, i, r):
@@ -239,73 +294,21 @@ class Engine:
             buf.record_stream(self.off_stream)
             self.written[i] = self.off_stream.record_event()
 
-    def _prefetch(self, i: int) -> torch.Tensor | None:
-        """Start block i's upload (CUDA: asynchronously, overlapping the compute before it); a
-        resident block sliced over several movers is unpacked from this rank's shard instead."""
-        if i >= len(self.blocks):
-            return None
-        if i in self.resident_blocks:
-            return self._unpacked(i) if self.sharded else None
-        if self.upload == "whole" and not self.computes:
-            return None
-        return self._device_copy(i)
-
-    def _fetch(self, i: int, uploaded: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Steps 1-4 for block i: its current weights on this device (None on a rank that
-        neither moves nor computes). ``uploaded``: the buffer ``_prefetch`` started."""
+    def _all_gather(self, op: Op) -> None:
+        """Round r of block i: one slice from every mover, assembled on each; after the last
+        round a resident block's shard keeps this rank's updated slices."""
+        i, r = op.block, op.round or 0
+        buf = self._buffer(i, r)
         layout = self.host.layouts[i]
-        kept = i in self.resident_blocks
-        if self.upload == "whole" and not self.computes:
-            return None
-        if kept and self.sharded:  # a work buffer, its own slices from the shard
-            buf = uploaded if uploaded is not None else self._unpacked(i)
-        else:
-            buf = self.kept[i] if kept else (uploaded if uploaded is not None else self._device_copy(i))
-        rounds = None  # sliced on CUDA: wait for each round's slice, not for the whole block
-        if self.cuda and (not kept or self.sharded):
-            landed, rounds = self.landed.pop(i), self.rounds_landed.pop(i, None)
-            if self.upload == "whole" or not rounds:
-                torch.cuda.current_stream(self.device).wait_event(landed)
-        p = self.pending
-        if self.upload == "whole":
-            if p is not None:
-                with self.op_span(Kind.UPDATE, i):
-                    update_range(buf, layout, 0, layout.numel, p.seed, p.g, p.lr, p.wd)
-            if not kept and p is not None:
-                if self.ctx.computes > 1:
-                    # every rank of this machine reads the whole block before anyone writes its
-                    # share back: a share written early would be read, and updated, twice. And
-                    # every share written back before (earlier blocks, the step before) has
-                    # landed in the host copy: another rank's later read of it must see it
-                    if self.cuda:
-                        self.up_stream.synchronize()
-                        self.off_stream.synchronize()
-                    with self.op_span(Kind.BARRIER, i):
-                        zdist.barrier(group=self.ctx.exchange_group)
-                for lo, hi in self._my_ranges(layout):
-                    self._write_back(i, buf, lo, hi)
-            return buf
-        # round by round, as the simulator schedules it: round r (one slice from every mover) is
-        # updated, written back and all-gathered while the later rounds are still uploading
         n, size = self.ctx.movers, layout.padded // self.slices
-        for r, (lo, hi) in enumerate(self._my_ranges(layout)):
-            if rounds:
-                torch.cuda.current_stream(self.device).wait_event(rounds[r])
-            if p is not None:
-                with self.op_span(Kind.UPDATE, i, r):
-                    update_range(buf, layout, lo, min(hi, layout.numel), p.seed, p.g, p.lr, p.wd)
-                if not kept:  # only this rank reads these slices back: no one else to wait for
-                    self._write_back(i, buf, lo, hi, r)
-            if n > 1:
-                with self.op_span(Kind.ALLGATHER, i, r):
-                    parts = [buf[(r * n + m) * size:(r * n + m + 1) * size] for m in range(n)]
-                    mine = parts[self.ctx.mover_index].clone()
-                    zdist.all_gather_into(parts, mine, group=self.ctx.exchange_group)
-        if kept and self.sharded and p is not None:  # the shard keeps the updated slices
+        with self.op_span(Kind.ALLGATHER, i, r):
+            parts = [buf[(r * n + m) * size:(r * n + m + 1) * size] for m in range(n)]
+            mine = parts[self.ctx.mover_index].clone()
+            zdist.all_gather_into(parts, mine, group=self.ctx.exchange_group)
+        if i in self.kept and r == self.rounds - 1 and self.pending is not None:
             self._pack_shard(i, buf)
             if self.cuda:  # its next unpacking, on the upload stream, reads it after this
                 self.packed[i] = torch.cuda.current_stream(self.device).record_event()
-        return buf
 
     # ----- resident parts --------------------------------------------------------------------------
     def _update_resident(self) -> None:
@@ -416,67 +419,81 @@ class Engine:
         return {s: (base + (s * self.eps) * z).to(self.dtype) for s in signs}
 
     @torch.no_grad()
+    def _run(self, micro_batches: list, seed: int | None, signs: tuple[int, ...], metric_fns: list, *,
+             carry: bool, move_only: bool = False) -> dict[int, list[tuple[float, float]]]:
+        """Run this rank's step program up to its loss scalars (the all-reduce is the caller's).
+        ``carry``: also issue the next step's first uploads (a training step); ``move_only``:
+        only move and update the blocks (a flush)."""
+        results: dict[int, list[tuple[float, float]]] = {}
+        hidden: dict[int, list[torch.Tensor]] = {s: [] for s in signs}
+        kwargs: list[dict] = []
+        if not self.carried:  # a run's first step, or the first after an evaluation or a flush
+            for op in self.prologue:
+                self._move(op._replace(step=0))
+        self.bufs, self.carried = self.carried or self.bufs, {}
+        for k, op in enumerate(self.ops):
+            kind = op.kind
+            if op.step == 1:
+                if carry:
+                    self._move(op)
+            elif kind in _MOVES:
+                self._move(op)
+            elif move_only or kind in (Kind.ALLREDUCE, Kind.HOST):
+                pass
+            elif kind is Kind.EMBED:
+                with self.op_span(Kind.EMBED):
+                    self._update_resident()
+                    for s in signs:
+                        self._set_resident(seed, s)
+                        for mb in micro_batches:
+                            h, kw = self._embed(mb["inputs"])
+                            hidden[s].append(h)
+                            if len(kwargs) < len(micro_batches):
+                                kwargs.append(kw)
+            elif kind is Kind.BLOCK:
+                if signs:
+                    self._block(op.block, seed, signs, hidden, kwargs)
+            elif kind is Kind.HEAD:
+                with self.op_span(Kind.HEAD):
+                    for s in reversed(signs):  # the last branch embedded first: its parameters are in place
+                        self._set_resident(seed, s)
+                        sums = [[0.0, 0.0] for _ in metric_fns]
+                        for m, mb in enumerate(micro_batches):
+                            logits = self.adapter.logits(self.model, hidden[s][m]).float()
+                            for j, fn in enumerate(metric_fns):
+                                value, n = fn(logits, mb)
+                                sums[j][0] += float(value)
+                                sums[j][1] += float(n)
+                        results[s] = [(v, n) for v, n in sums]
+                    self._set_resident(None, 1)
+            if op.step == 0 and op.block is not None and self.last_use.get(op.block) == k:
+                self.bufs.pop(op.block, None)  # done with in this step: freed (CUDA: once its streams are)
+        self.bufs = {}
+        self.pending = None
+        return results
+
+    def _move(self, op: Op) -> None:
+        _MOVES[op.kind](self, op)
+
+    def _block(self, i: int, seed: int | None, signs: tuple[int, ...], hidden: dict, kwargs: list) -> None:
+        theta = self._buffer(i, self.rounds - 1)
+        with self.op_span(Kind.BLOCK, i):
+            weights = (self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta})
+            block = self.blocks[i]
+            for s in signs:
+                persistent = weights[s] is self._weights.get(s)
+                self._bind(i, weights[s], s if persistent else None)
+                for k in range(len(hidden[s])):
+                    out = block(hidden[s][k], **kwargs[k])
+                    hidden[s][k] = out[0] if isinstance(out, tuple) else out
+            self._unbind(i)
+
     def forward_losses(self, micro_batches: list, seed: int | None, metric_fns: list) -> dict[int, list[tuple[float, float]]]:
         """Per branch sign, per metric: (sum, count) over this rank's micro-batches. ``seed`` None
         runs the unperturbed model (evaluation, on one rank per replica); the pending update is
         applied on the way."""
         signs = self.ctx.signs if seed is not None else ((1,) if 1 in self.ctx.signs else ())
-        hidden: dict[int, list[torch.Tensor]] = {s: [] for s in signs}
-        kwargs: list[dict] = []
-        with self.op_span(Kind.EMBED) if self.computes else contextlib.nullcontext():
-            self._update_resident()
-            for s in signs:
-                self._set_resident(seed, s)
-                for mb in micro_batches:
-                    h, kw = self._embed(mb["inputs"])
-                    hidden[s].append(h)
-                    if len(kwargs) < len(micro_batches):
-                        kwargs.append(kw)
-        # blocks i+1 .. i+prefetch upload while block i computes
-        ahead = self.carried or {j: self._prefetch(j) for j in range(self.prefetch)}
-        self.carried = {}
-        n, p = len(self.blocks), self.prefetch
-        # a training step starts the next step's first uploads where the stream of blocks would
-        # reach them: block j of the next step is "block n + j" of this one. Not with whole blocks
-        # shared by several compute ranks: there a rank reads a block only once every rank has
-        # reached it (the barrier in _fetch), which a read carried into the step before would skip
-        carry = seed is not None and (self.upload == "sliced" or self.ctx.computes <= 1)
-        for i in range(n):
-            if i + p < n:
-                ahead[i + p] = self._prefetch(i + p)
-            theta = self._fetch(i, ahead.pop(i))
-            j = i - max(0, n - p)
-            if carry and 0 <= j < min(p, n):
-                # after _fetch(j) (j <= i): the host copy holds this step's write-back of block j
-                # (CPU), or the upload waits for it on its stream (CUDA)
-                self.carried[j] = self._prefetch(j)
-            if theta is None or not signs:
-                continue
-            with self.op_span(Kind.BLOCK, i):
-                weights = (self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta})
-                block = self.blocks[i]
-                for s in signs:
-                    persistent = weights[s] is self._weights.get(s)
-                    self._bind(i, weights[s], s if persistent else None)
-                    for k in range(len(micro_batches)):
-                        out = block(hidden[s][k], **kwargs[k])
-                        hidden[s][k] = out[0] if isinstance(out, tuple) else out
-                self._unbind(i)
-        results: dict[int, list[tuple[float, float]]] = {}
-        with self.op_span(Kind.HEAD) if self.computes else contextlib.nullcontext():
-            for s in reversed(signs):  # the last branch embedded first: its parameters are in place
-                self._set_resident(seed, s)
-                sums = [[0.0, 0.0] for _ in metric_fns]
-                for k, mb in enumerate(micro_batches):
-                    logits = self.adapter.logits(self.model, hidden[s][k]).float()
-                    for j, fn in enumerate(metric_fns):
-                        value, n = fn(logits, mb)
-                        sums[j][0] += float(value)
-                        sums[j][1] += float(n)
-                results[s] = [(v, n) for v, n in sums]
-            self._set_resident(None, 1)
-        self.pending = None
-        return results
+        return self._run(micro_batches, seed, signs, metric_fns, carry=seed is not None)
 
     def step(self, micro_batches: list, seed: int, lr: float, wd: float, loss_fn, step: int | None = None) -> StepResult:
         """One ZO step: both branches' losses on the global batch, the projected gradient, and
@@ -513,10 +530,7 @@ class Engine:
             return
         self._update_resident()
         self._set_resident(None, 1)
-        carried, self.carried = self.carried, {}
-        for i in range(len(self.blocks)):
-            self._fetch(i, carried.get(i))  # an upload carried from the last step is this one
-        self.pending = None
+        self._run([], None, (), [], carry=False, move_only=True)  # an upload carried from the last step is used
         if self.cuda:
             torch.cuda.synchronize(self.device)
         zdist.barrier()  # every share of the host copy is written before anyone reads it again
@@ -548,3 +562,8 @@ def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _finite(x: float) -> bool:
     return x == x and x not in (float("inf"), float("-inf"))
+
+
+# the handlers of the ops that move and update blocks
+_MOVES = {Kind.H2D: Engine._h2d, Kind.UNPACK: Engine._unpack, Kind.UPDATE: Engine._update,
+          Kind.BARRIER: Engine._barrier, Kind.D2H: Engine._d2h, Kind.ALLGATHER: Engine._all_gather}

@@ -189,12 +189,10 @@ def train(args: argparse.Namespace) -> None:
     train_set, eval_set = zdata.split(examples, args.eval_fraction, plan.zo.seed)
     zdata.pretokenize(train_set, tokenizer, task, _TOKENS)
     layout = plan.to_layout()
-    engine = Engine(model, adapter, host, ctx, upload=plan.transfer.upload,
-                    slices=plan.transfer.slices_per_block, param_dtype=plan.transfer.param_dtype,
-                    resident_blocks=plan.resident_blocks, eps=plan.zo.eps, prefetch=plan.transfer.prefetch,
-                    spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=args.trace_steps),
+    engine = Engine(model, adapter, host, ctx, eps=plan.zo.eps,
                     program=build_program(layout, layers=len(host.layouts), block_params=host.layouts[0].numel),
-                    rank=layout.gpus[ctx.local_rank])
+                    rank=layout.gpus[ctx.local_rank],
+                    spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=args.trace_steps))
     # the training loop's own host work (next batch, journal line): the program's host op
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
     # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels

@@ -1,6 +1,8 @@
 """The block-streamed executor in one process: it computes the model's own losses at theta +- eps z."""
 from __future__ import annotations
 
+import dataclasses
+
 import uuid
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from zoplan.planner import plan
+from zoplan.program import build
 from zoplan.runtime import data as zdata
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.engine import Engine
@@ -26,8 +29,11 @@ def _single_rank(model_dir: Path, tmp_path: Path, resident: int = 0, **engine_kw
                             signs=(1, -1), replica=0, replicas=1, mover_index=None, movers=1,
                             compute_index=0, computes=1)
     model, adapter, host = load_model(model_dir, report.plan, ctx, f"test-{uuid.uuid4().hex[:8]}")
-    engine = Engine(model, adapter, host, ctx, upload="whole", slices=1, param_dtype="fp32",
-                    resident_blocks=report.plan.resident_blocks, eps=EPS, **engine_kwargs)
+    layout = report.plan.to_layout()
+    if "prefetch" in engine_kwargs:
+        layout = dataclasses.replace(layout, prefetch=engine_kwargs.pop("prefetch"))
+    program = build(layout, layers=len(host.layouts), block_params=host.layouts[0].numel)
+    engine = Engine(model, adapter, host, ctx, program=program, rank=layout.gpus[0], eps=EPS, **engine_kwargs)
     return engine, host
 
 
