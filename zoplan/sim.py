@@ -19,6 +19,7 @@ of a long run. The last step would pay for no successor and look a little faster
 """
 from __future__ import annotations
 
+import gc
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -78,6 +79,19 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
     With ``limit_s``, stop early and raise :class:`Exceeded` as soon as the reported step is
     certain to take at least that long: the search does not need the exact time of a
     candidate that cannot win."""
+    # A simulation allocates some 10^5 short-lived objects (ops, events, processes) and frees
+    # them all at its end: Python's cycle collector would walk them over and over meanwhile (a
+    # third of a search's time) to find nothing to free. It runs once the simulation is done.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _simulate(costs, record, limit_s)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResult:
     machine, L, model, program = costs.machine, costs.layout, costs.model, costs.program
     # what-if factors (zoplan.planner.sensitivity): every compute stage, every byte moved
     slower_compute, slower_transfers = costs.compute_scale, costs.transfer_scale
@@ -188,19 +202,28 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
 
+    lanes: dict[tuple[str, Stream], list[Op]] = defaultdict(list)
+    for op in program.ops:
+        for g in op.ranks:
+            lanes[g, op.stream].append(op)
+
     def lane(rank: str, stream: Stream):
-        ops = [op for op in program.ops if rank in op.ranks and op.stream is stream]
+        ops = lanes[rank, stream]
         sequence = [(op, 0) for op in ops if op.step == 1]  # the prologue: a run's first uploads
         sequence += [(op, s + op.step) for s in range(STEPS) for op in ops if s + op.step < STEPS]
         for op, step in sequence:
             kb, deps, frees, (act, arg), held, category, block, busy = compiled[id(op)]
-            waits = [e for e in (awaited(i, step + d) for i, d in deps)
-                     if e.callbacks is not None]  # not yet processed
+            waits = []
+            for i, d in deps:
+                e = awaited(i, step + d)
+                if e.callbacks is not None:  # not yet processed
+                    waits.append(e)
             if waits:
                 yield waits[0] if len(waits) == 1 else simpy.AllOf(env, waits)
             if op.slot:
                 req = buffers[rank].request()
-                yield req
+                if not req.triggered:  # a buffer is free: taken at once
+                    yield req
                 simpy.AllOf(env, [awaited(i, step + d) for i, d in frees]).callbacks.append(
                     lambda _, req=req, g=rank: buffers[g].release(req))
             if len(op.ranks) > 1:

@@ -188,6 +188,14 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
     assert {"rank0 (simulated)", "rank1 (simulated)", "rank0 (measured)", "rank1 (measured)"} <= names
     measured_pids = {e["pid"] for e in events if e.get("name") == "process_name" and "measured" in e["args"]["name"]}
     assert any(e.get("ph") == "X" and e["pid"] in measured_pids and e["cat"] == "compute" for e in events)
+    # both timelines label each span with its op in the step program, the rank and the stream
+    spans = [e for e in events if e.get("ph") == "X" and e["cat"] != "step"]
+    assert all({"op", "rank", "stream"} <= set(e["args"]) for e in spans)
+    measured_ops = {(e["args"]["rank"], e["args"]["stream"], e["args"]["op"]) for e in spans if e["pid"] in measured_pids}
+    simulated_ops = {(e["args"]["rank"], e["args"]["stream"], e["args"]["op"]) for e in spans
+                     if e["pid"] not in measured_pids}
+    assert ("rank0", "compute", "block 0") in measured_ops and measured_ops <= simulated_ops | {
+        (r, "compute", "host") for r in ("rank0", "rank1")}  # host work: a profile's, simulated here too
     # the default data: long texts written for the plan's sequence length, kept with the run
     assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == str(tmp_path / "run" / "long-text.jsonl")
     assert report["padding_fraction"] == 0.0  # they fill every sequence
