@@ -232,7 +232,9 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 if arrived[kb, step] < len(op.ranks):
                     yield awaited(kb, step)
                     continue
-            if act == NOTHING:  # nothing to time (and no span: nothing is modelled there)
+            if act == NOTHING:  # nothing to time: an unpacking (a copy on the device), or no host work
+                if record and op.kind is Kind.UNPACK:
+                    spans.append(Span(rank, stream.value, category, op.id, step, block, env.now, env.now))
                 finish(kb, step)
                 continue
             reqs = [cores[g].request() for g in held]
