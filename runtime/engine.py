@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -112,8 +114,9 @@ class Engine:
             # page-locked host memory: asynchronous copies at full PCIe speed
             if not host.pin_for_cuda():  # still correct, only slower (pageable copies)
                 print("warning: could not pin the host copy (cudaHostRegister failed)", flush=True)
-            self.up_stream = torch.cuda.Stream(self.device)
-            self.off_stream = torch.cuda.Stream(self.device)
+        # the upload and offload streams (CUDA); on the CPU one thread runs every op in order
+        self.up_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.off_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.written: dict[int, torch.cuda.Event] = {}  # block -> its last write-back (CUDA)
         # the next step's first uploads, started as a training step's last block computes: they
         # overlap its head, loss and loop (as the simulator's steps do), not the next step's start
@@ -187,27 +190,22 @@ class Engine:
         target = self.carried if op.step == 1 else self.bufs
         layout, src = self.host.layouts[i], self.host.blocks[i]
         lo, hi = self._ranges(i)[r]
-        if not self.cuda:
-            if r == 0:
-                target[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-            with self.op_span(Kind.H2D, i, r):
-                target[i][lo:hi].copy_(src[lo:hi])
-            return
         # on the upload stream, after the previous write-back of this block has landed; compute
         # waits for this block (or round) only: the next upload, queued behind it on the same
         # stream, must overlap this block's compute
-        with torch.cuda.stream(self.up_stream):
+        with self._on(self.up_stream):
             if r == 0:
                 if i in self.written:
                     self.up_stream.wait_event(self.written[i])
                 target[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-                target[i].zoplan_landed = []  # an event per round, on the buffer itself
+                target[i].zoplan_landed = []  # CUDA: an event per round, on the buffer itself
             buf = target[i]
             with self.op_span(Kind.H2D, i, r, self.up_stream):
-                buf[lo:hi].copy_(src[lo:hi], non_blocking=True)
-            buf.zoplan_landed.append(self.up_stream.record_event())
-            if r == len(self._ranges(i)) - 1:
-                buf.record_stream(torch.cuda.current_stream(self.device))  # used and freed there
+                buf[lo:hi].copy_(src[lo:hi], non_blocking=self.cuda)
+            if self.cuda:
+                buf.zoplan_landed.append(self.up_stream.record_event())
+                if r == len(self._ranges(i)) - 1:
+                    buf.record_stream(torch.cuda.current_stream(self.device))  # used and freed there
 
     def _unpack(self, op: Op) -> None:
         """Resident block i, sliced over several movers: a work buffer holding this rank's slices
@@ -215,19 +213,19 @@ class Engine:
         i = op.block
         target = self.carried if op.step == 1 else self.bufs
         layout = self.host.layouts[i]
-        if not self.cuda:
-            target[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
-            with self.op_span(Kind.UNPACK, i):
-                self._unpack_shard(i, target[i])
-            return
-        with torch.cuda.stream(self.up_stream):
+        with self._on(self.up_stream):
             if i in self.packed:
                 self.up_stream.wait_event(self.packed[i])
             buf = target[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
             with self.op_span(Kind.UNPACK, i, cuda_stream=self.up_stream):
                 self._unpack_shard(i, buf)
-            buf.record_stream(torch.cuda.current_stream(self.device))
-            buf.zoplan_landed = [self.up_stream.record_event()]
+            if self.cuda:
+                buf.record_stream(torch.cuda.current_stream(self.device))
+                buf.zoplan_landed = [self.up_stream.record_event()]
+
+    def _on(self, stream):
+        """Work queued on ``stream`` (CUDA); on the CPU it runs here and now."""
+        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
 
     def _buffer(self, i: int, r: int = 0) -> torch.Tensor:
         """Block i's weights in this step, for use on the compute stream: on CUDA it first waits
@@ -280,19 +278,16 @@ class Engine:
             return
         lo, hi = ranges[r]
         buf = self._buffer(i, r)
-        dst = self.host.blocks[i][lo:hi]
-        if not self.cuda:
-            with self.op_span(Kind.D2H, i, r):
-                dst.copy_(buf[lo:hi])
-            return
         # on the offload stream, once the update has been computed
-        ready = torch.cuda.current_stream(self.device).record_event()
-        with torch.cuda.stream(self.off_stream):
-            self.off_stream.wait_event(ready)
+        ready = torch.cuda.current_stream(self.device).record_event() if self.cuda else None
+        with self._on(self.off_stream):
+            if self.cuda:
+                self.off_stream.wait_event(ready)
             with self.op_span(Kind.D2H, i, r, self.off_stream):
-                dst.copy_(buf[lo:hi], non_blocking=True)
-            buf.record_stream(self.off_stream)
-            self.written[i] = self.off_stream.record_event()
+                self.host.blocks[i][lo:hi].copy_(buf[lo:hi], non_blocking=self.cuda)
+            if self.cuda:
+                buf.record_stream(self.off_stream)
+                self.written[i] = self.off_stream.record_event()
 
     def _all_gather(self, op: Op) -> None:
         """Round r of block i: one slice from every mover, assembled on each; after the last
