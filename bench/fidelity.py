@@ -2,7 +2,9 @@
 
 For each model: ``zoplan calibrate`` at the benchmark's micro-batch and sequence length, then for
 each layout ``zoplan plan --profile`` with that layout pinned and ``zoplan validate --json``
-(the plan runs for ``--steps`` steps; the first is left out). The data are long texts, so every
+(the plan runs for ``--steps`` steps; the first is left out). The same layout planned without the
+profile (the topology and presets alone: what a buyer sees) is compared with the same measured
+steps. The data are long texts, so every
 sequence fills ``--seq-len`` tokens as in the calibration.
 
 Usage:
@@ -23,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime_gpu import build, long_texts  # noqa: E402
+
+from zoplan.planfile import load_plan  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -113,7 +117,18 @@ def main() -> None:
             report = json.loads(zoplan("validate", str(plan), "--model", str(model), "--data", str(data),
                                        "--steps", str(opts.steps), "--json", "--output", str(run_dir), "--trace",
                                        str(work / f"{name}-{layout}-trace.json")))
-            results.append({"model": name, "layout": layout, **report})
+            # the buyer's prediction: the same plan from the topology and presets alone (no profile),
+            # against the same measured steps
+            bare = work / f"{name}-{layout}-uncalibrated.yaml"
+            zoplan("plan", "--model", str(model / "config.json"), "--topology", opts.topology,
+                   "--global-batch", str(opts.batch), "--seq-len", str(opts.seq_len), "--dtype", dtype,
+                   "--wire-dtype", dtype, "--pertp", p, "--ddp", d, "--micro-batch", str(opts.micro_batch),
+                   "--resident", "0", "-o", str(bare))
+            uncalibrated_s = load_plan(bare).prediction.step_time_s
+            measured_s = next(r["measured_s"] for r in report["rows"] if r["stage"] == "step")
+            results.append({"model": name, "layout": layout, "uncalibrated_step_s": uncalibrated_s, **report})
+            say(f"{name} {layout}: uncalibrated (topology and presets only): step {uncalibrated_s * 1e3:.2f}/"
+                f"{measured_s * 1e3:.2f} ms ({(uncalibrated_s - measured_s) / measured_s:+.1%})")
             memory = report.get("gpu_memory") or {}
             if memory.get("measured_peak_bytes"):
                 say(f"{name} {layout}: GPU memory predicted {memory['predicted_bytes'] / 2**30:.2f} GiB (with the "
