@@ -114,9 +114,12 @@ class Engine:
             # page-locked host memory: asynchronous copies at full PCIe speed
             if not host.pin_for_cuda():  # still correct, only slower (pageable copies)
                 print("warning: could not pin the host copy (cudaHostRegister failed)", flush=True)
-        # the upload and offload streams (CUDA); on the CPU one thread runs every op in order
+        # the upload and offload streams (CUDA), and the compute stream: the one current when the
+        # engine is made, on which updates, all-gathers and blocks are issued. On the CPU one
+        # thread runs every op in order
         self.up_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.off_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.compute_stream = torch.cuda.current_stream(self.device) if self.cuda else None
         self.written: dict[int, torch.cuda.Event] = {}  # block -> its last write-back (CUDA)
         # the next step's first uploads, started as a training step's last block computes: they
         # overlap its head, loss and loop (as the simulator's steps do), not the next step's start
@@ -205,7 +208,7 @@ class Engine:
             if self.cuda:
                 buf.zoplan_landed.append(self.up_stream.record_event())
                 if r == len(self._ranges(i)) - 1:
-                    buf.record_stream(torch.cuda.current_stream(self.device))  # used and freed there
+                    buf.record_stream(self.compute_stream)  # used and freed there
 
     def _unpack(self, op: Op) -> None:
         """Resident block i, sliced over several movers: a work buffer holding this rank's slices
@@ -220,7 +223,7 @@ class Engine:
             with self.op_span(Kind.UNPACK, i, cuda_stream=self.up_stream):
                 self._unpack_shard(i, buf)
             if self.cuda:
-                buf.record_stream(torch.cuda.current_stream(self.device))
+                buf.record_stream(self.compute_stream)
                 buf.zoplan_landed = [self.up_stream.record_event()]
 
     def _on(self, stream):
@@ -236,7 +239,7 @@ class Engine:
         if self.cuda:
             landed = buf.zoplan_landed  # one event per round (sliced), or one for the block
             if landed[min(r, len(landed) - 1)] is not None:
-                torch.cuda.current_stream(self.device).wait_event(landed[min(r, len(landed) - 1)])
+                self.compute_stream.wait_event(landed[min(r, len(landed) - 1)])
                 for k in range(min(r, len(landed) - 1) + 1):  # the rounds before have landed too
                     landed[k] = None
         return buf
@@ -279,7 +282,7 @@ class Engine:
         lo, hi = ranges[r]
         buf = self._buffer(i, r)
         # on the offload stream, once the update has been computed
-        ready = torch.cuda.current_stream(self.device).record_event() if self.cuda else None
+        ready = self.compute_stream.record_event() if self.cuda else None
         with self._on(self.off_stream):
             if self.cuda:
                 self.off_stream.wait_event(ready)
@@ -303,7 +306,7 @@ class Engine:
         if i in self.kept and r == self.rounds - 1 and self.pending is not None:
             self._pack_shard(i, buf)
             if self.cuda:  # its next unpacking, on the upload stream, reads it after this
-                self.packed[i] = torch.cuda.current_stream(self.device).record_event()
+                self.packed[i] = self.compute_stream.record_event()
 
     # ----- resident parts --------------------------------------------------------------------------
     def _update_resident(self) -> None:
