@@ -90,7 +90,7 @@ class Engine:
         # this rank's ops in issue order, and after which of them each block's buffer is done with
         self.ops = program.rank_ops(rank)
         self.op_ids = {op.id for op in self.ops}
-        self.prologue = [op for op in self.ops if op.step == 1]
+        self.prologue = program.prologue(rank)
         self.last_use: dict[int, int] = {}
         for k, op in enumerate(self.ops):
             if op.block is not None and op.step == 0:
@@ -427,7 +427,7 @@ class Engine:
         kwargs: list[dict] = []
         if not self.carried:  # a run's first step, or the first after an evaluation or a flush
             for op in self.prologue:
-                self._move(op._replace(step=0))
+                self._move(op)
         self.bufs, self.carried = self.carried or self.bufs, {}
         for k, op in enumerate(self.ops):
             kind = op.kind

@@ -142,6 +142,9 @@ def test_the_program_costs_what_its_ops_move() -> None:
     assert {op.flops for op in program.ops if op.kind is Kind.BLOCK} == {2e9 * 3}  # one branch per rank
     # the next step's first prefetch-deep uploads are issued while this step's last blocks compute
     assert sorted({op.block for op in h2d if op.step == 1}) == [0, 1]
+    # ... and before a run's first step
+    first = program.prologue("gpu0")
+    assert [(op.id, op.step) for op in first] == [(op.id, 0) for op in h2d if op.step == 1 and op.ranks == ("gpu0",)]
 
 
 def test_timeline_ops_lists_each_ranks_program(tmp_path, monkeypatch, capsys) -> None:

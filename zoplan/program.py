@@ -5,7 +5,7 @@ which rank uploads which slice of which block into a device buffer, when the def
 the write-back and each all-gather round happen, when each block is computed, where the loss
 scalars are reduced. The simulator (zoplan.sim) times these operations; the runtime
 (zoplan.runtime.engine) executes them; both label what they record with the operation's id, so a
-test compares the two op by op (tests/runtime/test_program_runtime.py).
+test compares the two op by op (tests/runtime/test_layouts.py, tests/test_program.py).
 
 The words:
 - an :class:`Op` runs on one rank, or on every member of a collective (``ranks``), on one of the
@@ -139,10 +139,10 @@ class Program:
         """The ids of the ops ``rank`` runs on ``stream`` in one steady-state step, in order."""
         return [op.id for op in self.rank_ops(rank) if op.stream.value == Stream(stream).value]
 
-    def prologue(self) -> list[Op]:
-        """Issued before a run's first step: the uploads a steady-state step carries from the
-        step before (as ops of step 0)."""
-        return [op._replace(step=0) for op in self.ops if op.step == 1]
+    def prologue(self, rank: str) -> list[Op]:
+        """What ``rank`` issues before a run's first step (or the first after a pass that carried
+        nothing): the uploads a steady-state step carries from the step before, as ops of step 0."""
+        return [op._replace(step=0) for op in self.rank_ops(rank) if op.step == 1]
 
     def describe(self, ranks: list[str] | None = None) -> str:
         """One section per rank: what it issues in a steady-state step, in order."""
