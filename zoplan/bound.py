@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from zoplan.costs import StepCosts
-from zoplan.sim import _scalar_allreduce_s, link_label
+from zoplan.sim import link_label
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def machine_bound(costs: StepCosts) -> Bound:
                 per_block = ring_bytes / (machine.directed[r].gbps * 1e9)
                 work[r] += model.layers * per_block
     # the loss all-reduce and then the training loop's host work end every step on every compute rank
-    scalar_s = _scalar_allreduce_s(costs) + costs.loop_s()
+    scalar_s = costs.scalar_allreduce_s() + costs.loop_s()
     fill_s = 0.0
     compute: dict[str, float] = {}
     if sliced:

@@ -226,6 +226,21 @@ class StepCosts:
         one = forward_s(self._gm(gpu), m.head_flops(tokens), head_bytes, L.param_dtype)
         return one * self.micro_batches * L.branches_per_gpu
 
+    def scalar_allreduce_s(self) -> float:
+        """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta), or
+        the calibrated figure."""
+        machine, L = self.machine, self.layout
+        if self.profile is not None and len(L.compute_gpus) * L.nodes > 1:
+            return self.profile.scalar_latency_us * 1e-6
+        hops = 2 * math.ceil(math.log2(max(2, L.compute_ranks_per_node))) if L.compute_ranks_per_node > 1 else 0
+        hop_s = 0.0
+        if len(L.compute_gpus) > 1:
+            hop_s = max(machine.path_latency_s(machine.peer_path(L.compute_gpus[0], g)) for g in L.compute_gpus[1:])
+        total = hops * hop_s
+        if L.nodes > 1 and machine.spec.network is not None:
+            total += 2 * math.ceil(math.log2(L.nodes)) * machine.spec.network.latency_us * 1e-6
+        return total
+
     def loop_s(self) -> float:
         """The training loop's host work between two steps (next batch, journal line): measured
         only (0 without a profile)."""

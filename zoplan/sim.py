@@ -20,7 +20,6 @@ of a long run. The last step would pay for no successor and look a little faster
 from __future__ import annotations
 
 import gc
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -122,7 +121,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     barrier_s = costs.whole_barrier_s() * slower_compute
     # everything a compute GPU does per block (the early stop's bound on the rest of a step)
     per_block_s = {g: costs.compute_block_s(g) * slower_compute for g in L.compute_gpus}
-    scalar_latency = _scalar_allreduce_s(costs)
+    scalar_latency = costs.scalar_allreduce_s()
     loop_s = costs.loop_s() * slower_compute
     measured_round_s = costs.allgather_round_s() if ring else None
     if measured_round_s is not None:
@@ -315,19 +314,3 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                      utilization=util, bottleneck=bottleneck,
                      spans=spans, link_samples=net.samples if record else {},
                      capacity=capacity)
-
-
-def _scalar_allreduce_s(costs: StepCosts) -> float:
-    """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta), or
-    the calibrated figure."""
-    machine, L = costs.machine, costs.layout
-    if costs.profile is not None and len(L.compute_gpus) * L.nodes > 1:
-        return costs.profile.scalar_latency_us * 1e-6
-    hops = 2 * math.ceil(math.log2(max(2, L.compute_ranks_per_node))) if L.compute_ranks_per_node > 1 else 0
-    hop_s = 0.0
-    if len(L.compute_gpus) > 1:
-        hop_s = max(machine.path_latency_s(machine.peer_path(L.compute_gpus[0], g)) for g in L.compute_gpus[1:])
-    total = hops * hop_s
-    if L.nodes > 1 and machine.spec.network is not None:
-        total += 2 * math.ceil(math.log2(L.nodes)) * machine.spec.network.latency_us * 1e-6
-    return total
