@@ -10,7 +10,6 @@ loader never materialise the model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +139,3 @@ class HostCopy:
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
-
-def shm_root(run_id: str, node: int) -> Path:
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path("/tmp")
-    return base / f"zoplan-{run_id}-node{node}"

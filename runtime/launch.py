@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -261,12 +262,13 @@ def run(opts: RunOptions) -> RunResult:
     per_node = plan.layout.world_size // plan.layout.nodes
     port = opts.master_port or _free_port()
     run_id = uuid.uuid4().hex[:12] if opts.nnodes == 1 else f"{port}-{opts.master_addr.replace('.', '_')}"
+    host_dir = host_copy_dir(run_id, opts.node_rank)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_node),
            "--nnodes", str(opts.nnodes), "--node-rank", str(opts.node_rank),
            "--max-restarts", str(opts.max_restarts),
            "--master-addr", opts.master_addr, "--master-port", str(port),
            "-m", "zoplan.runtime.worker", "--plan", str(plan_path), "--model-dir", str(model_dir),
-           "--data", opts.data, "--steps", str(opts.steps), "--output", str(out), "--run-id", run_id,
+           "--data", opts.data, "--steps", str(opts.steps), "--output", str(out), "--host-dir", str(host_dir),
            "--eval-every", str(opts.eval_every), "--max-nonfinite", str(opts.max_nonfinite),
            "--device", device, "--snapshot-every", str(opts.snapshot_every),
            "--snapshot-minutes", str(opts.snapshot_minutes), "--keep-snapshots", str(opts.keep_snapshots),
@@ -280,6 +282,12 @@ def run(opts: RunOptions) -> RunResult:
         _follow(proc, out / "metrics.jsonl", opts)
     finally:
         log.close()
+        if proc.poll() is None:  # interrupted: the ranks stop with the launcher
+            proc.terminate()
+            proc.wait()
+        # this machine's host copy goes with the run however the ranks ended: a loader that was
+        # killed, or that failed before its own cleanup, cannot remove it
+        shutil.rmtree(host_dir, ignore_errors=True)
     if proc.returncode != 0 and _finished(out, opts.node_rank, per_node, opts.steps):
         print(f"warning: a rank exited with status {proc.returncode} while shutting down, after the run "
               f"had finished on every rank (see {out / f'worker-node{opts.node_rank}.log'})", file=sys.stderr)
@@ -337,6 +345,13 @@ def _resumed_line(row: dict, max_restarts: int) -> str:
         return (f"a rank failed; torchrun restarted the ranks (restart {row['restart']} of {max_restarts}), "
                 f"resuming with {where}, no completed step lost")
     return f"resuming with {where}"
+
+
+def host_copy_dir(run_id: str, node: int) -> Path:
+    """Where a machine's host copy of the weights lives during a run: shared memory when the
+    machine has it writable, else /tmp."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path("/tmp")
+    return base / f"zoplan-{run_id}-node{node}"
 
 
 def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:

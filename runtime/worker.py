@@ -29,7 +29,7 @@ from zoplan.runtime import data as zdata
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter, adapter_for
 from zoplan.runtime.engine import Engine
-from zoplan.runtime.hostcopy import DTYPES, HostCopy, shm_root
+from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.perturb import step_seed
 from zoplan.runtime.replay import replay
 from zoplan.runtime.spans import Spans
@@ -65,14 +65,13 @@ def _blocks_detached(model: nn.Module, adapter: Adapter):
         setattr(parent, attr, blocks)
 
 
-def load_model(model_dir: Path, plan: Plan, ctx: zdist.RankContext, run_id: str,
+def load_model(model_dir: Path, plan: Plan, ctx: zdist.RankContext, root: Path,
                replay_rows: list[dict] | None = None) -> tuple[nn.Module, Adapter, HostCopy]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     adapter = adapter_for(config.model_type)
     dtype = DTYPES[plan.transfer.param_dtype]
-    root = shm_root(run_id, ctx.node)
     prefix = adapter.blocks_path + "."
     host = None
     if ctx.is_loader:
@@ -182,7 +181,7 @@ def train(args: argparse.Namespace) -> None:
     rp = box[0]
     # weights from the newest snapshot, if any; config and tokenizer files always from the model
     # directory (older snapshots are pruned while the run goes on)
-    model, adapter, host = load_model(rp.base or model_dir, plan, ctx, args.run_id, rp.replay)
+    model, adapter, host = load_model(rp.base or model_dir, plan, ctx, Path(args.host_dir), rp.replay)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(args.data)
     task = zdata.Task(kind)
@@ -356,7 +355,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--host-dir", required=True)  # this machine's host copy (zoplan run removes it)
     parser.add_argument("--eval-every", type=int, default=0)
     parser.add_argument("--eval-fraction", type=float, default=0.1)
     parser.add_argument("--max-nonfinite", type=int, default=5)

@@ -28,7 +28,7 @@ def _single_rank(model_dir: Path, tmp_path: Path, resident: int = 0, **engine_kw
     ctx = zdist.RankContext(rank=0, world=1, node=0, local_rank=0, device=torch.device("cpu"), role="compute",
                             signs=(1, -1), replica=0, replicas=1, mover_index=None, movers=1,
                             compute_index=0, computes=1)
-    model, adapter, host = load_model(model_dir, report.plan, ctx, f"test-{uuid.uuid4().hex[:8]}")
+    model, adapter, host = load_model(model_dir, report.plan, ctx, tmp_path / f"host-{uuid.uuid4().hex[:8]}")
     layout = report.plan.to_layout()
     if "prefetch" in engine_kwargs:
         layout = dataclasses.replace(layout, prefetch=engine_kwargs.pop("prefetch"))

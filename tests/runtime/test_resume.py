@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from zoplan.runtime.launch import host_copy_dir
+
 STEPS = 8
 
 
@@ -113,3 +115,13 @@ def test_a_rank_aborting_after_the_run_finished_is_not_a_failure(uninterrupted, 
     err = finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS + 1),
                               env={"ZOPLAN_KILL": "1:8"}), code=2)
     assert "journal holds" in err and "--resume" in err
+
+
+def test_a_killed_loader_leaves_no_host_copy_behind(tmp_path: Path) -> None:
+    """The rank that made the machine's host copy dies by SIGKILL (its own cleanup never runs):
+    zoplan run still removes the copy from shared memory."""
+    base = host_copy_dir("any", 0).parent
+    before = {p.name for p in base.glob("zoplan-*")}
+    err = finished(zoplan_run(tmp_path / "run", "--steps", "3", env={"ZOPLAN_KILL": "0:1"}), code=2)
+    assert "journal holds 1 completed step(s)" in err
+    assert {p.name for p in base.glob("zoplan-*")} == before
