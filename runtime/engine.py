@@ -22,9 +22,8 @@ the compute stream.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn

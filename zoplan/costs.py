@@ -132,10 +132,10 @@ class StepCosts:
             return 1.0
         return self.profile.lockstep_factor(stage)
 
-    def _whole_barrier_s(self) -> float:
+    def whole_barrier_s(self) -> float:
         """Whole-block uploads with several compute ranks on a machine: every rank reads the block
         before anyone writes its share back, a barrier per block (measured: a small collective's
-        latency plus the in-step wait)."""
+        latency plus the in-step wait; 0 without a profile)."""
         p, L = self.profile, self.layout
         c = p.collective(L.compute_ranks_per_node) if p is not None and L.compute_ranks_per_node > 1 else None
         if c is None:
@@ -187,11 +187,6 @@ class StepCosts:
         if self.profile is not None:
             return self.profile.compute.update_s_per_param * self.block_params
         return elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, 1)
-
-    def whole_barrier_s(self) -> float:
-        """Whole-block uploads, several compute GPUs: the barrier before the write-back (measured
-        only)."""
-        return self._whole_barrier_s() if self.profile is not None else 0.0
 
     def compute_block_s(self, gpu: str) -> float:
         """Everything a compute GPU does per block: with whole-block uploads, the update and the

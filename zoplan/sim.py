@@ -35,7 +35,6 @@ STEPS = 3
 REPORTED_STEP = 1
 
 
-
 class Span(NamedTuple):
     """One op's time on one rank; ``label`` is the op's id in the step program."""
 
@@ -189,29 +188,31 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             return NOTHING, None  # UNPACK: a copy on the device, free next to the transfers
         return TIMEOUT, seconds
 
-    compiled: dict[int, tuple] = {}
+    compiled: dict[int, tuple] = {}  # by the op's index
     for op in program.ops:
         # the cores a CPU rank's op holds (an all-reduce of a few bytes is latency: none)
         held = () if op.kind in (Kind.ALLREDUCE, Kind.UNPACK) else tuple(g for g in sorted(op.ranks) if g in cores)
         # a compute rank's own compute-stream work (its utilization); the all-reduce is a wait
         busy = op.stream is Stream.COMPUTE and op.kind is not Kind.ALLREDUCE and not op.collective
-        compiled[id(op)] = (index[op.id, op.ranks], refs(op.deps), refs(op.frees), action(op), held,
-                            CATEGORY[op.kind], span_block(op.kind, op.block, model.layers), busy)
+        compiled[index[op.id, op.ranks]] = (refs(op.deps), refs(op.frees), action(op), held,
+                                            CATEGORY[op.kind], span_block(op.kind, op.block, model.layers), busy)
     arrived: dict[tuple[int, int], int] = defaultdict(int)
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
 
-    lanes: dict[tuple[str, Stream], list[Op]] = defaultdict(list)
+    lanes: dict[tuple[str, Stream], list[tuple[Op, int]]] = defaultdict(list)  # (op, its index)
     for op in program.ops:
         for g in op.ranks:
-            lanes[g, op.stream].append(op)
+            lanes[g, op.stream].append((op, index[op.id, op.ranks]))
 
     def lane(rank: str, stream: Stream):
-        ops = lanes[rank, stream]
-        sequence = [(op, 0) for op in ops if op.step == 1]  # the prologue: a run's first uploads
-        sequence += [(op, s + op.step) for s in range(STEPS) for op in ops if s + op.step < STEPS]
-        for op, step in sequence:
-            kb, deps, frees, (act, arg), held, category, block, busy = compiled[id(op)]
+        # a run's first uploads (the program's prologue), then the steps, each op in the step it
+        # is for (a carried upload of step s + 1 is issued during step s)
+        sequence = [(op, index[op.id, op.ranks], 0) for op in program.prologue(rank) if op.stream is stream]
+        sequence += [(op, kb, s + op.step) for s in range(STEPS) for op, kb in lanes[rank, stream]
+                     if s + op.step < STEPS]
+        for op, kb, step in sequence:
+            deps, frees, (act, arg), held, category, block, busy = compiled[kb]
             waits = []
             for i, d in deps:
                 e = awaited(i, step + d)

@@ -180,11 +180,13 @@ def chrome_trace(result: SimResult, machine: Machine, *, title: str = "simulated
     for span in result.spans:
         g, stream, _cat, _label, _step, _block, t0, t1 = span
         if window_only:
-            instant = t1 == t0  # an op that takes no time (an unpacking): kept if in the step
-            inside = start <= t0 < end if instant else True
-            t0, t1 = max(t0, start), min(t1, end)
-            if t1 < t0 or (t1 == t0 and (not instant or not inside)):
-                continue
+            if t1 == t0:  # an op that takes no time (an unpacking): drawn if it is in the step
+                if not start <= t0 < end:
+                    continue
+            else:
+                t0, t1 = max(t0, start), min(t1, end)
+                if t1 <= t0:
+                    continue
         spans.append((gpu_pid[g], stream_tid[stream], t0, span))
     spans.sort(key=lambda x: (x[0], x[1], x[2]))  # stable: equal keys keep simulation order
     for pid, tid, t0, (g, stream, cat, label, step, block, s0, s1) in spans:
