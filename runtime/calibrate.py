@@ -501,7 +501,7 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
     from zoplan.errors import ZoplanError
     from zoplan.models import load_model_shape
     from zoplan.profile import build_profile, write_profile
-    from zoplan.runtime.launch import _free_port, _is_cpu_machine, cuda_env
+    from zoplan.runtime.launch import _free_port, _is_cpu_machine, cuda_env, rank_env
     from zoplan.runtime.tiny import resolve_model
     from zoplan.topology import load_topology
 
@@ -538,7 +538,7 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
            "--output", str(raw), "--progress", str(progress_file)]
     if spans is not None:
         cmd += ["--spans", str(Path(spans).resolve())]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = rank_env(os.environ)
     if not cpu:  # rank k measures the topology's GPU k
         env.update(cuda_env(machine.gpus, machine.gpus, os.environ))
     with open(log, "w") as f, Progress(SpinnerColumn(), TextColumn("calibrating {task.description}"),

@@ -92,6 +92,20 @@ def _is_cpu_machine(machine) -> bool:
     return bool(machine.gpus) and all(machine.gpu_model(g).kind == "cpu" for g in machine.gpus)
 
 
+# glibc's allocator returns a freed block of 128 KiB or more to the kernel at once, and the next
+# allocation of that size takes fresh pages, zeroed by the kernel on first touch. A ZO step
+# allocates and frees such temporaries all the time (z chunks, perturbed weights, logits): a CPU
+# rank spent up to half its time in the kernel. Larger thresholds keep freed memory for reuse
+# (measured: docs/results/runtime-cpu.md). Other C libraries ignore these variables.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+
+
+def rank_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the rank processes (a user's own setting of a variable is kept): one
+    thread each (the ranks are the parallelism), unbuffered output, the allocator settings."""
+    return {**MALLOC_ENV, **environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def cuda_env(machine_gpus: Sequence[str], local_gpus: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
     """The environment that puts local rank k on ``local_gpus[k]``, a GPU of the topology.
 
@@ -273,7 +287,7 @@ def run(opts: RunOptions) -> RunResult:
            "--device", device, "--snapshot-every", str(opts.snapshot_every),
            "--snapshot-minutes", str(opts.snapshot_minutes), "--keep-snapshots", str(opts.keep_snapshots),
            "--journal-sync-every", str(opts.journal_sync_every)] + (["--pad-to-seq-len"] if opts.pad_to_seq_len else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = rank_env(os.environ)
     if device == "cuda":
         env.update(cuda_env(load_topology(plan.topology.source).gpus, plan_gpus(plan), os.environ))
     log = open(out / f"worker-node{opts.node_rank}.log", "a")

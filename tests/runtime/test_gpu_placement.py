@@ -70,3 +70,13 @@ def test_a_gpu_model_the_topology_defines_itself_is_not_compared(tmp_path) -> No
     path.write_text(yaml.safe_dump(spec))
     machine = load_topology(str(path))
     assert check_gpus_here(machine, machine.gpus, ["Some Future GPU"] * len(machine.gpus)) == []
+
+
+def test_ranks_get_one_thread_and_the_allocator_settings_unless_the_user_set_them() -> None:
+    from zoplan.runtime.launch import MALLOC_ENV, rank_env
+
+    env = rank_env({"PATH": "/bin", "OMP_NUM_THREADS": "8"})
+    assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONUNBUFFERED"] == "1" and env["PATH"] == "/bin"
+    assert {k: env[k] for k in MALLOC_ENV} == MALLOC_ENV and int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) > 2**17
+    mine = rank_env({"MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert mine["MALLOC_MMAP_THRESHOLD_"] == "65536"  # a user's own tuning wins
