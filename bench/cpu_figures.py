@@ -1,23 +1,54 @@
-"""Measure the figures that topologies/cpu-local.yaml cites: one-thread matmul rate per dtype and
-tensor copy bandwidth, alone and with one copy per core at once.
+"""Measure the figures that topologies/cpu-local.yaml cites, on the machine this runs on.
 
-Usage: python bench/cpu_figures.py   (needs torch; prints one line per figure)
+One thread per process, as a CPU rank runs:
+- matmul rate per dtype: ``F.linear`` at the shapes of a small model's block (tokens 128 and 512;
+  768 -> 3072, 3072 -> 768, 768 -> 768), the median; and 2048^3 for reference;
+- copy bandwidth, one process alone and one per core at once (the memory bus);
+- the runtime's own overheads: host time per tensor op of a block's forward (a tiny OPT block:
+  its time over its aten op count), the z generator's fixed cost per call and cost per element
+  (zoplan.runtime.perturb), one collective call between two gloo ranks, and the training loop's
+  host work per step (tokenizing a batch of 4 texts, writing a journal line).
+
+Usage: python bench/cpu_figures.py [--quick] [--write FILE]   (needs torch and transformers;
+prints one line per figure and the gpu_models entry of a CPU topology; ``--write`` also writes
+topologies/cpu-local.yaml with these figures to FILE, a topology of this machine as measured now)
 """
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing as mp
+import os
+import socket
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import yaml
+import torch.nn.functional as F
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+def timed(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
     t0 = time.perf_counter()
     for _ in range(reps):
-        a @ b
-    return 2 * n**3 / ((time.perf_counter() - t0) / reps) / 1e9
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def linear_gflops(dtype: torch.dtype, tokens: int, k: int, n: int, reps: int = 5) -> float:
+    a, w = torch.randn(tokens, k).to(dtype), torch.randn(n, k).to(dtype)
+    return 2 * tokens * k * n / timed(lambda: F.linear(a, w), reps) / 1e9
+
+
+def model_shape_gflops(dtype: torch.dtype, quick: bool) -> float:
+    shapes = [(t, k, n) for t in (128, 512) for k, n in ((768, 3072), (3072, 768), (768, 768))]
+    if dtype != torch.float32:  # a CPU without bf16/fp16 instructions runs these far slower: fewer
+        shapes = shapes[:2]
+    return statistics.median(linear_gflops(dtype, *s, reps=2 if quick else 5) for s in shapes)
 
 
 def copy_gbps(barrier=None, results=None, index: int = 0, nbytes: int = 2**30, reps: int = 10) -> float:
@@ -37,11 +68,125 @@ def copy_gbps(barrier=None, results=None, index: int = 0, nbytes: int = 2**30, r
     return rate
 
 
-def main() -> None:
+class _Count(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def forward_op_us(reps: int) -> tuple[float, int]:
+    """Host time per aten op of a tiny OPT block's forward (micro-batch 2 x 64 tokens, width 64):
+    its arithmetic is negligible, so the time is dispatch and the modules' Python."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=1, vocab_size=1405,
+                       word_embed_proj_dim=64)
+    model = OPTForCausalLM(config).eval()
+    block = model.model.decoder.layers[0]
+    box: dict = {}
+
+    def hook(module, args, kwargs):
+        box["args"], box["kwargs"] = args, dict(kwargs)
+
+    block.register_forward_pre_hook(hook, with_kwargs=True)
+    ids = torch.randint(0, 1000, (2, 64))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        kwargs = box["kwargs"]
+        hidden = box["args"][0] if box["args"] else kwargs.pop("hidden_states")
+        count = _Count()
+        with count:
+            block(hidden, **kwargs)
+        seconds = statistics.median(timed(lambda: block(hidden, **kwargs), reps) for _ in range(5))
+    return seconds / count.n * 1e6, count.n
+
+
+def z_figures(quick: bool) -> tuple[float, float, float]:
+    """The z generator (pure torch), as zoplan.costs.z_draw_s models a call of n elements:
+    fixed microseconds per call, nanoseconds per element, and extra nanoseconds per element of the
+    first chunk (the call's scratch memory is new, so its pages are touched for the first time)."""
+    from zoplan.runtime.perturb import CHUNK_CPU, normal
+
+    def seconds(n: int, reps: int) -> float:
+        return statistics.median(timed(lambda: normal(1, "w", 0, n), reps) for _ in range(3))
+
+    fixed = seconds(64, 20)
+    one = seconds(CHUNK_CPU, 5 if quick else 20)
+    eight = seconds(8 * CHUNK_CPU, 2 if quick else 5)
+    per_element = max(eight - one, 0.0) / (7 * CHUNK_CPU)
+    first = max(one - fixed - CHUNK_CPU * per_element, 0.0) / CHUNK_CPU
+    return fixed * 1e6, per_element * 1e9, first * 1e9
+
+
+def _gloo_rank(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
     torch.set_num_threads(1)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        print(f"matmul 2048^3 {str(dtype):15s} {matmul_gflops(dtype):8.1f} GFLOP/s (1 thread)")
-    print(f"copy 1 GiB, one process      {copy_gbps():8.2f} GB/s copied")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    x = torch.ones(16)
+    out = [torch.empty(16) for _ in range(2)]
+    for _ in range(20):
+        dist.all_gather(out, x)
+    dist.barrier()
+    t0 = time.perf_counter()
+    reps = 300
+    for _ in range(reps):
+        dist.all_gather(out, x)
+    results[rank] = (time.perf_counter() - t0) / reps * 1e6
+    dist.destroy_process_group()
+
+
+def collective_us() -> float:
+    """One small all-gather between two gloo ranks on this machine (both idle otherwise)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Array("d", 2)
+    procs = [ctx.Process(target=_gloo_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return max(results)
+
+
+def loop_us() -> float:
+    """A training step's host work: tokenize 4 texts to 64 tokens, write and flush a journal line."""
+    from zoplan.runtime.tiny import resolve_model
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny-opt"))
+    texts = [("a plain sentence about a film that was long and slow " * 4) + str(i) for i in range(4)]
+    with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, "journal.jsonl"), "a") as journal:
+        def step() -> None:
+            tokenizer(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+            journal.write(json.dumps({"step": 1, "seed": 2**62, "loss_plus": 1.0, "loss_minus": 1.0,
+                                      "projected_grad": 0.1, "lr": 1e-6}) + "\n")
+            journal.flush()
+        return statistics.median(timed(step, 50) for _ in range(5)) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (a rough figure in ~30 s)")
+    parser.add_argument("--write", type=Path, default=None, help="write cpu-local with these figures here")
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        rates[name] = model_shape_gflops(dtype, opts.quick)
+        print(f"matmul {name}, a small model's block shapes (median): {rates[name]:8.1f} GFLOP/s (1 thread)",
+              flush=True)
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    print(f"matmul fp32 2048^3 (reference):            {2 * n**3 / timed(lambda: a @ b, 3) / 1e9:8.1f} GFLOP/s")
+    alone = copy_gbps(reps=3 if opts.quick else 10)
+    print(f"copy 1 GiB, one process:                   {alone:8.2f} GB/s copied", flush=True)
     cores = mp.cpu_count()
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(cores), ctx.Array("d", cores)
@@ -50,10 +195,34 @@ def main() -> None:
         p.start()
     for p in procs:
         p.join()
-    rates = list(results)
-    print(f"copy 1 GiB, {cores} processes at once {sum(rates):8.2f} GB/s copied in total "
-          f"({', '.join(f'{r:.2f}' for r in rates)})")
-
+    together = list(results)
+    print(f"copy 1 GiB, {cores} processes at once:        {sum(together):8.2f} GB/s in total "
+          f"({', '.join(f'{r:.2f}' for r in together)})", flush=True)
+    op_us, ops = forward_op_us(20 if opts.quick else 100)
+    print(f"forward: host time per tensor op:          {op_us:8.1f} us (tiny OPT block, {ops} aten ops)", flush=True)
+    call_us, z_ns, first_ns = z_figures(opts.quick)
+    print(f"z generator: per call, per element:        {call_us:8.1f} us, {z_ns:.1f} ns "
+          f"(+{first_ns:.1f} ns in a call's first chunk)", flush=True)
+    coll = collective_us()
+    print(f"gloo all-gather of 16 floats, 2 ranks:     {coll:8.1f} us", flush=True)
+    loop = loop_us()
+    print(f"loop host work per step:                   {loop:8.1f} us", flush=True)
+    tflops = {k: round(v / 1e3, 4) for k, v in rates.items()}
+    figures = {"tflops": tflops, "hbm_gbps": round(2 * alone, 2), "matmul_efficiency": 1.0,
+               "op_us": round(op_us, 1), "z_call_us": round(call_us), "z_ns": round(z_ns, 1),
+               "z_first_ns": round(first_ns, 1), "collective_us": round(coll), "loop_us": round(loop)}
+    print("\ngpu_models entry (a CPU rank):")
+    for key, value in figures.items():
+        print(f"    {key}: {value}")
+    if opts.write is not None:
+        spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "topologies" / "cpu-local.yaml").read_text())
+        spec["gpu_models"]["cpu-rank"].update(figures)
+        spec["sockets"][0]["memory_gbps"] = round(sum(together), 2)
+        for link in spec["links"]:
+            link["gbps"] = round(alone, 2)
+        spec["description"] += f" (figures measured {time.strftime('%Y-%m-%d %H:%M')}, bench/cpu_figures.py)"
+        opts.write.write_text(yaml.safe_dump(spec, sort_keys=False))
+        print(f"wrote {opts.write}")
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,12 @@ Modelling choices, each worth knowing when reading a prediction:
   by weight reads, large ones by arithmetic.
 - Elementwise passes (the deferred update, +eps z, -2 eps z, restore) read and write every
   parameter once per pass at HBM bandwidth; z is generated in registers by a counter-based RNG.
+- The runtime's own work: a device's ``op_us`` per tensor op of a forward pass (on a CPU rank it
+  adds to the arithmetic, on a GPU the launches overlap it: the longer of the two), and where z is
+  materialised (a CPU rank's pure-torch generator, ``z_ns`` > 0) its draws (a fixed cost per call,
+  a cost per element, more for a call's first chunk), with the separate elementwise passes around
+  them. Without these
+  figures (the GPU presets) the passes are fused and z is free next to memory traffic.
 - The deferred update of step t-1 is applied by the mover to its own slice right after upload,
   so the updated slice can be offloaded without waiting for the forward pass, and the exchanged
   block is already up to date. ZO2's schedule (the baseline) applies it inside compute instead.
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from zoplan.layout import WIRE_BYTES, Layout
-from zoplan.models import ModelShape
+from zoplan.models import RUNTIME_OPS, ModelShape
 from zoplan.program import Program, build
 from zoplan.topology import GpuModel, Machine
 
@@ -32,6 +38,13 @@ GiB = 2**30
 GPU_RESERVE_BYTES = 2 * GiB
 # Host memory kept free for the OS, the Python processes and the data loader (assumption).
 HOST_RESERVE_BYTES = 16 * GiB
+# Elements per chunk of z the CPU runtime draws at once (zoplan.runtime.perturb.CHUNK_CPU)
+Z_CHUNK_CPU = 2**17
+# Elementwise passes of the pure-torch path (runtime/zo.py, runtime/engine.py), where z is
+# materialised: the update (z*g, step*lr, x - that, the copy back), a resident parameter's
+# perturbation (eps*z, master + that, the copy into the parameter)
+UPDATE_PASSES = 4
+SET_RESIDENT_PASSES = 3
 
 
 @dataclass(frozen=True)
@@ -56,8 +69,21 @@ def elementwise_s(gm: GpuModel, params: int, dtype: str, passes: int) -> float:
     return passes * 2 * params * WIRE_BYTES[dtype] / (gm.hbm_gbps * 1e9)
 
 
-def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str) -> float:
-    return max(flops / _rate(gm, dtype), bytes_moved / (gm.hbm_gbps * 1e9))
+def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str, ops: int = 0) -> float:
+    """A forward pass of ``ops`` tensor ops: the longer of its arithmetic and its memory traffic,
+    plus (CPU: one thread does both) or overlapped with (GPU) the host's issue of its ops."""
+    device = max(flops / _rate(gm, dtype), bytes_moved / (gm.hbm_gbps * 1e9))
+    issue = ops * gm.op_us * 1e-6
+    return device + issue if gm.kind == "cpu" else max(device, issue)
+
+
+def z_draw_s(gm: GpuModel, sizes) -> float:
+    """Drawing z into memory, one generator call per entry of ``sizes`` (elements): 0 where a fused
+    kernel draws it in registers (``z_ns`` 0)."""
+    if not gm.z_ns:
+        return 0.0
+    return sum(gm.z_call_us * 1e-6 + min(n, Z_CHUNK_CPU) * gm.z_first_ns * 1e-9 + n * gm.z_ns * 1e-9
+               for n in sizes if n)
 
 
 class StepCosts:
@@ -135,12 +161,19 @@ class StepCosts:
     def whole_barrier_s(self) -> float:
         """Whole-block uploads with several compute ranks on a machine: every rank reads the block
         before anyone writes its share back, a barrier per block (measured: a small collective's
-        latency plus the in-step wait; 0 without a profile)."""
+        latency plus the in-step wait; without a profile, the device's collective call)."""
         p, L = self.profile, self.layout
-        c = p.collective(L.compute_ranks_per_node) if p is not None and L.compute_ranks_per_node > 1 else None
-        if c is None:
+        if L.compute_ranks_per_node < 2:
             return 0.0
-        return (c.latency_us + c.wait_us) * 1e-6
+        if p is None:
+            return self.collective_call_s(L.compute_gpus)
+        c = p.collective(L.compute_ranks_per_node)
+        return (c.latency_us + c.wait_us) * 1e-6 if c is not None else 0.0
+
+    def collective_call_s(self, gpus) -> float:
+        """One collective call's own cost among ``gpus`` (the topology's collective_us), beside
+        the link latencies and bytes the simulator times."""
+        return max((self._gm(g).collective_us for g in gpus), default=0.0) * 1e-6
 
     def allgather_round_s(self) -> float | None:
         """Measured: one all-gather round of the movers (None: simulate it on the links)."""
@@ -170,8 +203,12 @@ class StepCosts:
         tokens = L.micro_batch * self.work.seq_len
         act_bytes = 2 * tokens * (m.hidden + m.ffn) * WIRE_BYTES[L.param_dtype]
         one = forward_s(self._gm(gpu), m.block_flops(tokens, self.work.seq_len),
-                        self.block_param_bytes + act_bytes, L.param_dtype)
+                        self.block_param_bytes + act_bytes, L.param_dtype, RUNTIME_OPS[m.family]["block"])
         return one * self.micro_batches * L.branches_per_gpu
+
+    def _materialised(self, gpu: str) -> bool:
+        """Whether this device's runtime draws z into memory (pure torch) instead of fusing it."""
+        return bool(self._gm(gpu).z_ns)
 
     def block_forward_s(self, gpu: str) -> float:
         """A block's perturbation and forward pass (every branch and micro-batch of this GPU):
@@ -179,14 +216,26 @@ class StepCosts:
         if self.profile is not None:
             return (self.profile.block_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
                     * self._lockstep(gpu, "block"))
-        return (elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, self.perturb_passes())
+        passes = self.perturb_passes()
+        z = 0.0
+        if self._materialised(gpu):  # z drawn once; then a zeroed buffer and two passes per branch
+            passes = 1 + 2 * self.layout.branches_per_gpu
+            z = z_draw_s(self._gm(gpu), (self.block_params,))
+        return (elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes) + z
                 + self.forward_block_s(gpu))
+
+    def _update_s(self, gpu: str, params: int) -> float:
+        """The deferred update of ``params`` parameters of a block on this device."""
+        if not self._materialised(gpu):
+            return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, 1)
+        return (elementwise_s(self._gm(gpu), params, self.layout.param_dtype, UPDATE_PASSES)
+                + z_draw_s(self._gm(gpu), (params,)))
 
     def whole_update_s(self, gpu: str) -> float:
         """Whole-block uploads: a compute GPU applies the deferred update to the whole block."""
         if self.profile is not None:
             return self.profile.compute.update_s_per_param * self.block_params
-        return elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, 1)
+        return self._update_s(gpu, self.block_params)
 
     def compute_block_s(self, gpu: str) -> float:
         """Everything a compute GPU does per block: with whole-block uploads, the update and the
@@ -200,7 +249,7 @@ class StepCosts:
         """The mover's deferred update of one slice (sliced uploads only)."""
         if self.profile is not None:
             return self.profile.compute.update_s_per_param * self.slice_params
-        return elementwise_s(self._gm(gpu), self.slice_params, self.layout.param_dtype, 1)
+        return self._update_s(gpu, self.slice_params)
 
     def embed_s(self, gpu: str) -> float:
         """Start of a step: update and perturb the resident parts (embeddings, final norm,
@@ -208,8 +257,18 @@ class StepCosts:
         if self.profile is not None:
             return (self.profile.embed_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
                     * self._lockstep(gpu, "embed"))
-        passes = 1 + self.perturb_passes()
-        return elementwise_s(self._gm(gpu), self.model.resident_params(), self.layout.param_dtype, passes)
+        m, L = self.model, self.layout
+        ops = RUNTIME_OPS[m.family]["embed"] * self.micro_batches * L.branches_per_gpu
+        lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops)
+        if not self._materialised(gpu):
+            passes = 1 + self.perturb_passes()
+            return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes) + lookup
+        # the update, then the parameters set to each branch's perturbation, tensor by tensor
+        sets = L.branches_per_gpu
+        z = z_draw_s(self._gm(gpu), m.resident_tensors())
+        return (elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype,
+                              UPDATE_PASSES + sets * SET_RESIDENT_PASSES)
+                + (1 + sets) * z + lookup)
 
     def head_s(self, gpu: str) -> float:
         if self.profile is not None:
@@ -218,8 +277,15 @@ class StepCosts:
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
         head_bytes = m.embed_dim * m.vocab * WIRE_BYTES[L.param_dtype] + tokens * m.vocab * 4
-        one = forward_s(self._gm(gpu), m.head_flops(tokens), head_bytes, L.param_dtype)
-        return one * self.micro_batches * L.branches_per_gpu
+        one = forward_s(self._gm(gpu), m.head_flops(tokens), head_bytes, L.param_dtype, RUNTIME_OPS[m.family]["head"])
+        t = one * self.micro_batches * L.branches_per_gpu
+        if self._materialised(gpu):
+            # the branches' heads run in reverse: all but the first set their perturbation again,
+            # then every resident parameter gets its master back (a copy)
+            resets = L.branches_per_gpu - 1
+            t += (elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, resets * SET_RESIDENT_PASSES + 1)
+                  + resets * z_draw_s(self._gm(gpu), m.resident_tensors()))
+        return t
 
     def scalar_allreduce_s(self) -> float:
         """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta), or
@@ -231,16 +297,16 @@ class StepCosts:
         hop_s = 0.0
         if len(L.compute_gpus) > 1:
             hop_s = max(machine.path_latency_s(machine.peer_path(L.compute_gpus[0], g)) for g in L.compute_gpus[1:])
-        total = hops * hop_s
+        total = hops * hop_s + (self.collective_call_s(L.compute_gpus) if len(L.compute_gpus) > 1 else 0.0)
         if L.nodes > 1 and machine.spec.network is not None:
             total += 2 * math.ceil(math.log2(L.nodes)) * machine.spec.network.latency_us * 1e-6
         return total
 
     def loop_s(self) -> float:
-        """The training loop's host work between two steps (next batch, journal line): measured
-        only (0 without a profile)."""
+        """The training loop's host work between two steps (next batch, journal line): measured,
+        or the device's loop_us."""
         if self.profile is None:
-            return 0.0
+            return max(self._gm(g).loop_us for g in self.layout.compute_gpus) * 1e-6
         return self.profile.loop_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
 
     # ----- memory --------------------------------------------------------------------------

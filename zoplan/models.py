@@ -31,6 +31,16 @@ MODEL_TYPE_FAMILY = {"opt": "opt", "llama": "llama", "mistral": "llama", "qwen2"
 # OPT's learned positional embedding has two extra rows: Hugging Face offsets positions by 2.
 OPT_POSITION_OFFSET = 2
 
+# Tensor ops (aten calls) the runtime issues per micro-batch and branch, per family: the model's
+# forward up to its first block ("embed"), one block's forward, and the head with the fp32
+# next-token loss. Counted on the tiny models with the transformers the tests run
+# (tests/runtime/test_costs_runtime.py checks them); the cost model charges a device's op_us each.
+RUNTIME_OPS: dict[str, dict[str, int]] = {
+    "opt": {"embed": 14, "block": 38, "head": 14},
+    "llama": {"embed": 17, "block": 70, "head": 19},
+    "qwen2": {"embed": 17, "block": 70, "head": 19},
+}
+
 # The fp32 loss needs the logits in fp32; the model produces them in the compute dtype first.
 LOGITS_LOSS_BYTES = 4
 LOGITS_COPY_BYTES = 2
@@ -167,6 +177,19 @@ class ModelShape:
     def head_params(self) -> int:
         """The LM head's own weights: 0 when it is tied to the token embeddings."""
         return 0 if self.tied_head else self.vocab * self.embed_dim
+
+    def resident_tensors(self) -> tuple[int, ...]:
+        """Sizes of the resident parameters, one per tensor (the runtime draws z per tensor)."""
+        if self.family == "opt":
+            sizes = [self.vocab * self.embed_dim, (self.max_positions + OPT_POSITION_OFFSET) * self.hidden]
+            if self.has_projected_embeddings:
+                sizes += [self.embed_dim * self.hidden] * 2
+            sizes += [self.hidden] * (self.final_norm_params() // self.hidden)
+        else:
+            sizes = [self.vocab * self.embed_dim, self.hidden]
+        if not self.tied_head:
+            sizes.append(self.vocab * self.embed_dim)
+        return tuple(sizes)
 
     def resident_params(self) -> int:
         """Everything but the blocks: it stays on the GPU for the whole run (never offloaded)."""

@@ -169,7 +169,8 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         return tuple((index[r.op, r.ranks], r.step) for r in rs)
 
     TRANSFER, TIMEOUT, RING, NOTHING = range(4)
-    ring_s = max((lat for _, lat in ring), default=0.0) * (n_movers - 1)  # the hop latency per ring step
+    # the hop latency per ring step, and the collective call's own cost
+    ring_s = max((lat for _, lat in ring), default=0.0) * (n_movers - 1) + costs.collective_call_s(L.movers)
 
     def action(op: Op) -> tuple:
         g = op.ranks[0]

@@ -61,6 +61,9 @@ CPU_TFLOPS = {"fp32": 0.05, "bf16": 0.025, "fp16": 0.025}
 CPU_COPY_GBPS = 4.0  # one core's copy out of the shared host copy of the weights
 CPU_MEMORY_BUS_GBPS = 40.0  # a socket's cap: two channels of DDR4-2666 (42.7 GB/s peak)
 CPU_LINK_LATENCY_US = 5.0  # per copy call: Python and dispatcher overhead, as in cpu-local
+# The runtime's own work on a CPU rank (zoplan.costs): ASSUMED as measured for cpu-local's machine
+# (bench/cpu_figures.py), rounded up
+CPU_RUNTIME = {"op_us": 20, "z_call_us": 400, "z_ns": 30, "z_first_ns": 30, "collective_us": 1000, "loop_us": 1000}
 CPU_FIGURES_SOURCE = (
     "ASSUMED, not measured: conservative defaults, about a third of one core of the development "
     "machine measured by bench/cpu_figures.py (topologies/cpu-local.yaml: fp32 0.155, bf16 0.083, "
@@ -279,6 +282,10 @@ def cpu_topology(meminfo: str, nodes: dict[int, frozenset[int]], cores: set[int]
                     f"rate).", indent=4)
     out.append(f"    hbm_gbps: {_fmt(2 * CPU_COPY_GBPS)}")
     out.append("    matmul_efficiency: 1.0")
+    out += _comment("ASSUMED, as measured for cpu-local's machine and rounded up: the runtime's own work "
+                    "on a rank's one thread (tensor ops, z drawn into memory, collective calls, the "
+                    "loop's host work per step); `python bench/cpu_figures.py` measures them here.", indent=4)
+    out += [f"    {key}: {value}" for key, value in CPU_RUNTIME.items()]
     out.append("sockets:")
     out += _comment(
         f"One per NUMA node ({'/sys/devices/system/node' if nodes else 'none listed, so one'}). "

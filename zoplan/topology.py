@@ -36,6 +36,21 @@ class GpuModel(Strict):
     hbm_gbps: PositiveFloat
     matmul_efficiency: float = Field(
         0.8, gt=0, le=1, description="achieved fraction of peak for large matrix products")
+    # The runtime's own work, beyond arithmetic and memory traffic (zoplan.costs). 0 where it is
+    # negligible or hidden: a GPU's kernel launches overlap its execution, and its fused kernels
+    # draw z in registers. A CPU rank pays each of these on its one thread (bench/cpu_figures.py).
+    op_us: float = Field(0.0, ge=0, le=1e6, description="host time per tensor op of a forward pass "
+                         "(dispatch, the modules' Python, a kernel launch)")
+    z_ns: float = Field(0.0, ge=0, le=1e6, description="nanoseconds per element to draw z where the "
+                        "runtime materialises it (the pure-torch generator); 0: drawn in registers")
+    z_call_us: float = Field(0.0, ge=0, le=1e6, description="fixed cost of one call of the z "
+                             "generator (its tensor ops)")
+    z_first_ns: float = Field(0.0, ge=0, le=1e6, description="nanoseconds per element of a call's "
+                              "first chunk, on top of z_ns (its scratch memory is new each call)")
+    collective_us: float = Field(0.0, ge=0, le=1e6, description="one collective call among this "
+                                 "machine's ranks (an all-gather round, a barrier, the loss all-reduce)")
+    loop_us: float = Field(0.0, ge=0, le=1e7, description="the training loop's host work per step "
+                           "(next batch, journal line)")
 
 
 class Socket(Strict):

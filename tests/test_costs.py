@@ -1,0 +1,137 @@
+"""The cost model's charge for the runtime's own work (zoplan.costs): tensor ops, z drawn into
+memory, collective calls and the loop's host work, from a device's figures in the topology."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zoplan.costs import SET_RESIDENT_PASSES, UPDATE_PASSES, Z_CHUNK_CPU, StepCosts, Workload, elementwise_s
+from zoplan.layout import Layout
+from zoplan.models import RUNTIME_OPS, TINY_SHAPES, load_model_shape
+from zoplan.sim import simulate
+from zoplan.topology import load_topology
+
+CPU_LOCAL = Path(__file__).resolve().parents[1] / "topologies" / "cpu-local.yaml"
+RUNTIME_KEYS = ("op_us", "z_ns", "z_call_us", "z_first_ns", "collective_us", "loop_us")
+
+
+def cpu_machine(tmp_path: Path, **figures: float):
+    """cpu-local with its rank's runtime figures replaced (the others omitted: 0)."""
+    spec = yaml.safe_load(CPU_LOCAL.read_text())
+    rank = spec["gpu_models"]["cpu-rank"]
+    for key in RUNTIME_KEYS:
+        rank.pop(key, None)
+    rank.update(figures)
+    path = tmp_path / f"cpu-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_topology(path)
+
+
+def layout(pertp: int = 1, data: int = 1, micro_batch: int = 2) -> Layout:
+    gpus = ("rank0", "rank1")[:pertp * data]
+    return Layout(perturbation=pertp, data=data, compute_gpus=gpus, upload="sliced", movers=("rank0", "rank1"),
+                  slices_per_block=2, wire_dtype="fp32", param_dtype="fp32", micro_batch=micro_batch, prefetch=1)
+
+
+OPT = load_model_shape("opt-125m")
+WORK = Workload(OPT, 4, 64)
+
+
+def test_every_bundled_gpu_leaves_the_runtime_figures_at_zero() -> None:
+    """The GPU presets fuse z into their kernels and overlap launches: their plans do not change."""
+    from zoplan.topology import bundled_names
+
+    for name in bundled_names():
+        machine = load_topology(name)
+        for g in machine.gpus:
+            gm = machine.gpu_model(g)
+            if gm.kind == "gpu":
+                assert all(getattr(gm, key) == 0 for key in RUNTIME_KEYS), (name, g)
+
+
+def test_the_bundled_cpu_machine_has_every_runtime_figure() -> None:
+    gm = load_topology("cpu-local").gpu_model("rank0")
+    assert all(getattr(gm, key) > 0 for key in RUNTIME_KEYS)
+
+
+def test_a_z_drawn_in_memory_costs_its_calls_and_elements(tmp_path: Path) -> None:
+    """A block's perturbation draws z of the whole block in one call; per element z_ns, plus
+    z_first_ns over the call's first chunk; the pure-torch passes around it replace the fused one."""
+    base = StepCosts(cpu_machine(tmp_path), WORK, layout())
+    drawn = StepCosts(cpu_machine(tmp_path, z_ns=20.0, z_call_us=300.0, z_first_ns=5.0), WORK, layout())
+    n = OPT.block_params()
+    z = 300e-6 + min(n, Z_CHUNK_CPU) * 5e-9 + n * 20e-9
+    gm = base._gm("rank0")
+    passes = (1 + 2 * 2) - base.perturb_passes()  # a zeroed buffer, two passes per branch
+    assert drawn.block_forward_s("rank0") - base.block_forward_s("rank0") == pytest.approx(
+        z + elementwise_s(gm, n, "fp32", passes), rel=1e-9)
+    # the mover's update of its slice: one call over the slice, four passes instead of one
+    s = base.slice_params
+    assert drawn.update_slice_s("rank0") - base.update_slice_s("rank0") == pytest.approx(
+        300e-6 + min(s, Z_CHUNK_CPU) * 5e-9 + s * 20e-9 + elementwise_s(gm, s, "fp32", UPDATE_PASSES - 1), rel=1e-9)
+
+
+def test_resident_parameters_draw_z_tensor_by_tensor(tmp_path: Path) -> None:
+    """The embedding stage updates the resident parameters and sets each branch's perturbation:
+    one z call per tensor each time, so its fixed cost counts once per resident tensor."""
+    lay = layout()
+    one = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=100.0), WORK, lay)
+    two = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=200.0), WORK, lay)
+    tensors = len(OPT.resident_tensors())
+    draws = 1 + lay.branches_per_gpu  # the update, then one per branch
+    assert two.embed_s("rank0") - one.embed_s("rank0") == pytest.approx(draws * tensors * 100e-6, rel=1e-6)
+    # the head: every branch but the first sets its perturbation again
+    assert two.head_s("rank0") - one.head_s("rank0") == pytest.approx(
+        (lay.branches_per_gpu - 1) * tensors * 100e-6, rel=1e-6)
+    assert sum(OPT.resident_tensors()) == OPT.resident_params()
+    assert SET_RESIDENT_PASSES > 0
+
+
+def test_a_cpu_rank_adds_its_op_issue_to_the_arithmetic_a_gpu_overlaps_it(tmp_path: Path) -> None:
+    lay = layout()
+    base = StepCosts(cpu_machine(tmp_path), WORK, lay)
+    slow = StepCosts(cpu_machine(tmp_path, op_us=10.0), WORK, lay)
+    calls = base.micro_batches * lay.branches_per_gpu
+    assert slow.forward_block_s("rank0") - base.forward_block_s("rank0") == pytest.approx(
+        calls * RUNTIME_OPS["opt"]["block"] * 10e-6, rel=1e-9)
+    assert slow.head_s("rank0") - base.head_s("rank0") == pytest.approx(
+        calls * RUNTIME_OPS["opt"]["head"] * 10e-6, rel=1e-9)
+
+    def gpu_machine(op_us: float):
+        spec = {"version": 1, "name": "g", "gpu_models": {"g": {
+            "memory_gib": 80, "tflops": {"fp32": 1.0}, "hbm_gbps": 1000, "op_us": op_us}},
+            "sockets": [{"id": "cpu0", "memory_gib": 512, "memory_gbps": 100}],
+            "gpus": [{"id": "gpu0", "model": "g"}],
+            "links": [{"a": "cpu0", "b": "gpu0", "kind": "pcie", "gbps": 25}]}
+        path = tmp_path / f"gpu-{op_us}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return load_topology(path)
+
+    gpu_layout = Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="whole", movers=("gpu0",),
+                        slices_per_block=1, wire_dtype="fp32", param_dtype="fp32", micro_batch=2, prefetch=1)
+    quiet = StepCosts(gpu_machine(0.0), WORK, gpu_layout).forward_block_s("gpu0")
+    hidden = StepCosts(gpu_machine(1e-3), WORK, gpu_layout).forward_block_s("gpu0")
+    bound = StepCosts(gpu_machine(1e5), WORK, gpu_layout).forward_block_s("gpu0")
+    assert hidden == quiet  # launches hidden behind the kernels
+    assert bound == pytest.approx(calls * RUNTIME_OPS["opt"]["block"] * 0.1, rel=1e-9)  # issue-bound
+
+
+def test_collective_calls_and_the_loop_lengthen_a_simulated_step(tmp_path: Path) -> None:
+    """Two movers all-gather each block's slices: every round pays the collective call; two
+    compute ranks pay it again for the loss all-reduce; every step pays the loop's host work."""
+    tiny = Workload(TINY_SHAPES["tiny-opt"], 4, 64)
+    lay = layout(pertp=2)
+    base = StepCosts(cpu_machine(tmp_path), tiny, lay)
+    called = StepCosts(cpu_machine(tmp_path, collective_us=500.0), tiny, lay)
+    assert called.scalar_allreduce_s() - base.scalar_allreduce_s() == pytest.approx(500e-6)
+    looped = StepCosts(cpu_machine(tmp_path, loop_us=700.0), tiny, lay)
+    assert looped.loop_s() == pytest.approx(700e-6) and base.loop_s() == 0.0
+    step = simulate(base).step_time_s
+    rounds = tiny.model.layers * lay.rounds
+    # each block's all-gather sits on the critical path of a compute rank that does nothing else
+    assert simulate(called).step_time_s - step == pytest.approx((rounds + 1) * 500e-6, rel=0.05)
+    assert simulate(looped).step_time_s - step == pytest.approx(700e-6, rel=0.05)
+    assert math.isclose(StepCosts(cpu_machine(tmp_path), tiny, layout()).scalar_allreduce_s(), 0.0)
