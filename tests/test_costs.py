@@ -54,7 +54,8 @@ def test_every_bundled_gpu_leaves_the_runtime_figures_at_zero() -> None:
 
 def test_the_bundled_cpu_machine_has_every_runtime_figure() -> None:
     gm = load_topology("cpu-local").gpu_model("rank0")
-    assert all(getattr(gm, key) > 0 for key in RUNTIME_KEYS)
+    # a call's first chunk may cost no more than the others (z_first_ns 0): measured
+    assert all(getattr(gm, key) > 0 for key in RUNTIME_KEYS if key != "z_first_ns")
 
 
 def test_a_z_drawn_in_memory_costs_its_calls_and_elements(tmp_path: Path) -> None:

@@ -47,7 +47,9 @@ def cpu_topology(tmp: Path, ranks: int, nodes: int = 1) -> Path:
 
 def planned(tmp: Path, model_dir: Path, topology: Path, name: str, **pins) -> Path:
     report = plan(str(model_dir / "config.json"), str(topology), global_batch=BATCH, seq_len=32, dtype="fp32",
-                  pins=Pins(**{"wire_dtype": "fp32", **pins}))  # exact master weights in every layout
+                  # exact master weights in every layout; the same micro-batches (the sums of the
+                  # losses in the same order, so the same projected gradient to the bit)
+                  pins=Pins(**{"wire_dtype": "fp32", "micro_batch": 2, **pins}))
     path = tmp / f"{name}.yaml"
     write_plan(report.plan.model_copy(update={"zo": report.plan.zo.model_copy(update={"lr": LR, "seed": 3})}), path)
     return path
