@@ -493,7 +493,6 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
     ``micro_batches``: the micro-batch counts timed (1 and 2 at least; more counts let a plan
     with many micro-batches interpolate instead of extrapolating); ``spans``: a directory that
     keeps every timed engine step, ``<setting>/spans-rank<R>.jsonl``."""
-    import subprocess
     import sys
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -501,7 +500,7 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
     from zoplan.errors import ZoplanError
     from zoplan.models import load_model_shape
     from zoplan.profile import build_profile, write_profile
-    from zoplan.runtime.launch import _free_port, _is_cpu_machine, cuda_env, rank_env
+    from zoplan.runtime.launch import _free_port, _is_cpu_machine, cuda_env, rank_env, start_ranks, stop_signals
     from zoplan.runtime.tiny import resolve_model
     from zoplan.topology import load_topology
 
@@ -544,11 +543,18 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
     with open(log, "w") as f, Progress(SpinnerColumn(), TextColumn("calibrating {task.description}"),
                                        TimeElapsedColumn(), disable=quiet, transient=True) as bar:
         task = bar.add_task("(starting ranks)")
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        while proc.poll() is None:
-            if progress_file.exists():
-                bar.update(task, description=progress_file.read_text())
-            time.sleep(0.2)
+        stopped: list[int] = []
+        with stop_signals(stopped):  # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
+            proc = start_ranks(cmd, f, env)
+            try:
+                while proc.poll() is None:
+                    if progress_file.exists():
+                        bar.update(task, description=progress_file.read_text())
+                    time.sleep(0.2)
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait()
     done = all(Path(f"{raw}.done-rank{r}").exists() for r in range(n))
     if proc.returncode != 0 and done and raw.exists():
         print(f"warning: a calibration rank exited with status {proc.returncode} after every rank had "

@@ -6,13 +6,16 @@ model and the machine, the data, the batch shape, the output directory. The rank
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -291,14 +294,25 @@ def run(opts: RunOptions) -> RunResult:
     if device == "cuda":
         env.update(cuda_env(load_topology(plan.topology.source).gpus, plan_gpus(plan), os.environ))
     log = open(out / f"worker-node{opts.node_rank}.log", "a")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    stopped: list[int] = []
     try:
-        _follow(proc, out / "metrics.jsonl", opts)
+        with stop_signals(stopped):
+            proc = start_ranks(cmd, log, env)
+            try:
+                _follow(proc, out / "metrics.jsonl", opts)
+            finally:
+                if proc.poll() is None:  # interrupted: the ranks stop with the launcher
+                    proc.terminate()
+                    proc.wait()
+    except KeyboardInterrupt:
+        signum = stopped[0] if stopped else signal.SIGINT
+        done = _journaled_steps(out / "journal.jsonl")
+        raise ZoplanError(f"stopped by {signal.Signals(signum).name} after {done} completed step(s) of "
+                          f"{opts.steps}; the ranks have stopped and the journal holds every completed step",
+                          fix=f"continue with `zoplan run --resume {out} --steps {opts.steps}`",
+                          status=128 + signum) from None
     finally:
         log.close()
-        if proc.poll() is None:  # interrupted: the ranks stop with the launcher
-            proc.terminate()
-            proc.wait()
         # this machine's host copy goes with the run however the ranks ended: a loader that was
         # killed, or that failed before its own cleanup, cannot remove it
         shutil.rmtree(host_dir, ignore_errors=True)
@@ -318,6 +332,44 @@ def run(opts: RunOptions) -> RunResult:
                           fix=f"continue with `zoplan run --resume {out} --steps {opts.steps}`; "
                               f"--max-restarts N restarts crashed ranks automatically")
     return summarize(out)
+
+
+@contextlib.contextmanager
+def stop_signals(stopped: list[int]):
+    """SIGTERM and SIGHUP (a job scheduler, a closed terminal, ``kill PID``) stop a run as Ctrl-C
+    does: the ranks are stopped and the user told how to resume, instead of the launcher vanishing
+    and leaving torchrun and the ranks training. The signal's number is appended to ``stopped``."""
+    def handler(signum, frame):
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Have the kernel send this process ``signum`` when its parent dies, however it dies (SIGKILL
+    included): torchrun then stops its ranks, and a rank whose torchrun is gone stops, rather than
+    training on, orphaned. Linux only (elsewhere nothing happens)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.Popen:
+    """torchrun (and through it the ranks), tied to this process's life."""
+    return subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=dict(env),
+                            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
 
 
 def _finished(out: Path, node: int, per_node: int, steps: int) -> bool:

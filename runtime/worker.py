@@ -368,6 +368,11 @@ def main() -> None:
     parser.add_argument("--pad-to-seq-len", action="store_true",
                         help="pad every batch to the plan's sequence length (the shape it was planned for)")
     args = parser.parse_args()
+    # a rank whose torchrun is gone (killed) stops at once instead of training on, orphaned: the
+    # journal holds every completed step
+    from zoplan.runtime.launch import die_with_parent
+
+    die_with_parent(signal.SIGKILL)
     _PAD_TO_SEQ_LEN[0] = args.pad_to_seq_len
     out = Path(args.output)
     try:

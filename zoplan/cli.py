@@ -465,7 +465,7 @@ def main() -> None:
         err.print(Text.assemble(("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True)
         if exc.fix:
             err.print(Text(f"  fix: {exc.fix}"), highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(exc.status)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

@@ -125,3 +125,89 @@ def test_a_killed_loader_leaves_no_host_copy_behind(tmp_path: Path) -> None:
     err = finished(zoplan_run(tmp_path / "run", "--steps", "3", env={"ZOPLAN_KILL": "0:1"}), code=2)
     assert "journal holds 1 completed step(s)" in err
     assert {p.name for p in base.glob("zoplan-*")} == before
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes whose command line mentions ``text`` (the run's own directory)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().split(") ", 1)[1][0]
+            except OSError:
+                continue
+            if text in cmdline and state != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+def wait_for_a_step(out: Path, proc: subprocess.Popen) -> None:
+    import time
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "journal.jsonl").exists() and (out / "journal.jsonl").read_text().count("\n") >= 1:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the run did not complete a step")
+
+
+def gone(text: str, seconds: float = 30) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while processes_naming(text):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_the_ranks_and_says_how_to_resume(tmp_path: Path) -> None:
+    """`kill PID` of zoplan run (what a job scheduler sends): torchrun and the ranks stop with it, the
+    host copy leaves shared memory, and the message names the step and the resume command."""
+    import signal
+
+    out = tmp_path / "run"
+    base = host_copy_dir("any", 0).parent
+    before = {p.name for p in base.glob("zoplan-*")}
+    proc = zoplan_run(out, "--steps", "500")
+    wait_for_a_step(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    err = finished(proc, code=128 + signal.SIGTERM)
+    assert "stopped by SIGTERM after" in err and f"zoplan run --resume {out} --steps 500" in err
+    assert gone(str(out)), processes_naming(str(out))
+    assert {p.name for p in base.glob("zoplan-*")} == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_ranks_die_with_a_killed_launcher(tmp_path: Path) -> None:
+    """SIGKILL of zoplan run (no handler runs): the kernel stops torchrun, which stops the ranks."""
+    import signal
+
+    out = tmp_path / "run"
+    proc = zoplan_run(out, "--steps", "500")
+    wait_for_a_step(out, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert gone(str(out)), processes_naming(str(out))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_ranks_die_with_a_killed_torchrun(tmp_path: Path) -> None:
+    """SIGKILL of torchrun itself: its ranks stop too, and zoplan run reports the stop."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = zoplan_run(out, "--steps", "500")
+    wait_for_a_step(out, proc)
+    [torchrun] = [pid for pid in processes_naming(str(out))
+                  if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(torchrun, signal.SIGKILL)
+    err = finished(proc, code=2)
+    assert "--resume" in err
+    time.sleep(0.1)
+    assert gone(str(out)), processes_naming(str(out))
