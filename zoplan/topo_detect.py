@@ -54,8 +54,8 @@ _PREFIXES = re.compile(r"^(NVIDIA\s+)?(TESLA\s+)?(GEFORCE\s+)?")
 MEMORY_TOLERANCE = 0.10  # reported vs preset GPU memory beyond which the preset is doubted
 
 # ----- CPU figures: ASSUMED, conservative, until `zoplan calibrate` measures the machine -----------
-# About a third of what bench/cpu_figures.py measured for one core of this project's development
-# machine (topologies/cpu-local.yaml: fp32 0.155, bf16 0.083, fp16 0.158 TFLOP/s, copies 8.3 GB/s),
+# About a third of what bench/cpu_figures.py measured for one core of an earlier development
+# machine (2026-11-26, an Intel Xeon: fp32 0.155, bf16 0.083, fp16 0.158 TFLOP/s, copies 8.3 GB/s),
 # so that a plan for an unmeasured CPU errs towards slow rather than fast.
 CPU_TFLOPS = {"fp32": 0.05, "bf16": 0.025, "fp16": 0.025}
 CPU_COPY_GBPS = 4.0  # one core's copy out of the shared host copy of the weights
@@ -65,8 +65,8 @@ CPU_LINK_LATENCY_US = 5.0  # per copy call: Python and dispatcher overhead, as i
 # (bench/cpu_figures.py), rounded up
 CPU_RUNTIME = {"op_us": 20, "z_call_us": 400, "z_ns": 30, "z_first_ns": 30, "collective_us": 1000, "loop_us": 1000}
 CPU_FIGURES_SOURCE = (
-    "ASSUMED, not measured: conservative defaults, about a third of one core of the development "
-    "machine measured by bench/cpu_figures.py (topologies/cpu-local.yaml: fp32 0.155, bf16 0.083, "
+    "ASSUMED, not measured: conservative defaults, about a third of one core of an earlier "
+    "development machine measured by bench/cpu_figures.py (an Intel Xeon: fp32 0.155, bf16 0.083, "
     "fp16 0.158 TFLOP/s achieved with 1 thread, copies 8.3 GB/s). `zoplan calibrate` measures "
     "this machine's figures.")
 
