@@ -187,12 +187,22 @@ def test_the_ranks_die_with_a_killed_launcher(tmp_path: Path) -> None:
     """SIGKILL of zoplan run (no handler runs): the kernel stops torchrun, which stops the ranks."""
     import signal
 
+    import shutil
+
     out = tmp_path / "run"
+    base = host_copy_dir("any", 0).parent
+    before = {p.name for p in base.glob("zoplan-*")}
     proc = zoplan_run(out, "--steps", "500")
     wait_for_a_step(out, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    assert gone(str(out)), processes_naming(str(out))
+    try:
+        assert gone(str(out)), processes_naming(str(out))
+    finally:
+        # the killed launcher could not remove its host copy (a known gap: nothing cleans a stale
+        # one yet); the test does, so it leaves nothing in shared memory
+        for leftover in {p.name for p in base.glob("zoplan-*")} - before:
+            shutil.rmtree(base / leftover, ignore_errors=True)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
