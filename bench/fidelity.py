@@ -9,6 +9,7 @@ sequence fills ``--seq-len`` tokens as in the calibration.
 
 Usage:
     CPU: python bench/fidelity.py --out OUT --device cpu --models tiny-opt,opt-125m --layouts 1x1,2x1
+         python bench/fidelity.py --out OUT --device cpu --uncalibrated-only   (the buyer's prediction only)
     GPU: python bench/fidelity.py --out OUT --device cuda --topology machine.yaml \\
              --models opt-1.3b,opt-2.7b --layouts 1x1 --batch 8 --micro-batch 8 --seq-len 256
 """
@@ -51,6 +52,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--calibrate-steps", type=int, default=20, help="zoplan calibrate --steps")
     parser.add_argument("--work", type=Path, default=None, help="models, plans, profiles, traces (default OUT/work)")
+    parser.add_argument("--uncalibrated-only", action="store_true",
+                        help="no calibration: run the plan made from the topology and presets alone (minutes, "
+                             "not the quarter hour an OPT-125m-shaped calibration takes on a 2-core CPU)")
     opts = parser.parse_args()
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +92,28 @@ def main() -> None:
             say(f"measured: pinned 1 GiB both directions at once: H2D {up:.1f} GB/s, D2H {down:.1f} GB/s")
         except RuntimeError as exc:
             say(f"measured: both directions at once failed: {exc}")
+    def uncalibrated(name: str, model: Path, layout: str) -> dict:
+        """The buyer's prediction run on its own: the plan from the topology and presets alone, validated."""
+        p, d = layout.split("x")
+        bare = work / f"{name}-{layout}-uncalibrated.yaml"
+        zoplan("plan", "--model", str(model / "config.json"), "--topology", opts.topology,
+               "--global-batch", str(opts.batch), "--seq-len", str(opts.seq_len), "--dtype", dtype,
+               "--wire-dtype", dtype, "--pertp", p, "--ddp", d, "--micro-batch", str(opts.micro_batch),
+               "--resident", "0", "-o", str(bare))
+        run_dir = work / f"{name}-{layout}-uncalibrated-run"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        report = json.loads(zoplan("validate", str(bare), "--model", str(model), "--data", str(data),
+                                   "--steps", str(opts.steps), "--json", "--output", str(run_dir)))
+        step = next(r for r in report["rows"] if r["stage"] == "step")
+        spread = report.get("step_spread") or {}
+        say(f"{name} {layout}: uncalibrated (topology and presets only): step {step['predicted_s'] * 1e3:.2f}/"
+            f"{step['measured_s'] * 1e3:.2f} ms ({step['error']:+.1%}); measured 10th-90th percentile "
+            f"{spread.get('p10_s', float('nan')) * 1e3:.2f}-{spread.get('p90_s', float('nan')) * 1e3:.2f} ms")
+        say(f"{name} {layout}: " + ", ".join(
+            f"{r['stage']} {r['predicted_s'] * 1e3:.2f}/{r['measured_s'] * 1e3:.2f} ms ({r['error']:+.1%})"
+            if r["error"] is not None else f"{r['stage']} -" for r in report["rows"]))
+        return {"model": name, "layout": layout, "uncalibrated_step_s": step["predicted_s"], **report}
+
     for name in opts.models.split(","):
         if name.startswith("tiny-"):
             from zoplan.runtime.tiny import resolve_model
@@ -97,6 +123,10 @@ def main() -> None:
             model = work / name
             if not (model / "config.json").exists():
                 build(model, name, device=opts.device)
+        if opts.uncalibrated_only:
+            for layout in opts.layouts.split(","):
+                results.append(uncalibrated(name, model, layout))
+            continue
         profile = work / f"{name}-profile.yaml"
         t0 = time.perf_counter()
         zoplan("calibrate", "--model", str(model), "--topology", opts.topology, "--micro-batch",
