@@ -192,13 +192,14 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     out = opts.output
     # topologies number GPUs as nvidia-smi does; CUDA's own default order may differ (cuda_env)
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if opts.steps < 1:
+        raise ZoplanError(f"--steps must be at least 1, got {opts.steps}",
+                          fix="--steps is the run's total number of steps" + (", resumed or not" if opts.resume else ""))
     if opts.resume:
         return _prepare_resume(opts)
     if out.exists() and any(out.iterdir()):
         raise ZoplanError(f"output directory {out} is not empty: a previous run's output is not overwritten",
                           fix="choose a new --output directory, remove the old one, or continue it with --resume")
-    if opts.steps < 1:
-        raise ZoplanError(f"--steps must be at least 1, got {opts.steps}")
     model_dir = resolve_model(opts.model)
     config = model_dir / "config.json"
     shape = load_model_shape(str(config))
@@ -259,8 +260,26 @@ def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
         raise ZoplanError(f"{out} holds no run to resume (no plan.yaml and run.json)",
                           fix="pass the --output directory of an earlier `zoplan run`")
     plan = load_plan(plan_path)
-    recorded = json.loads((out / "run.json").read_text())
-    opts.model, opts.data = recorded["model"], recorded["data"]
+    from zoplan.runtime.replay import parse_journal
+
+    # the journal is what the ranks will trust: checked here, before any rank starts (consecutive
+    # steps from 0, finite numbers; only a torn last line may be left out)
+    journal = out / "journal.jsonl"
+    done = len(parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0]) \
+        if journal.exists() else 0
+    if opts.steps < done:
+        raise ZoplanError(f"--steps {opts.steps} is fewer than the {done} step(s) {out} has done already",
+                          fix=f"--steps is the run's total: give {done} or more (the model of step {done} "
+                              f"is {out / 'model'} when the run finished)")
+    try:
+        recorded = json.loads((out / "run.json").read_bytes()[:1 << 20])
+        opts.model, opts.data = recorded["model"], recorded["data"]
+        if not isinstance(opts.model, str) or not isinstance(opts.data, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+        raise ZoplanError(f"{out / 'run.json'} is damaged: it must name the run's model and data as "
+                          '{"model": "...", "data": "..."}',
+                          fix="write it again with the --model and --data the run started with") from None
     if plan.layout.nodes != opts.nnodes:
         raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {opts.nnodes}")
     machine = load_topology(plan.topology.source)

@@ -26,35 +26,75 @@ from zoplan.runtime.zo import update_tensor
 FIELDS = ("step", "seed", "projected_grad", "lr", "weight_decay")
 
 
-def read_journal(path: Path) -> list[dict]:
-    """The journal's steps in order. A last line cut short (a power loss mid-write) is dropped
-    with a warning; a bad line anywhere else is an error naming it."""
+def read_journal(path: Path, *, first: int | None = None) -> list[dict]:
+    """The journal's steps in order (from step ``first`` when given: 0 for a journal that starts
+    from the base weights). A last line cut short (a power loss mid-write) is dropped with a
+    warning; a bad line anywhere else is an error naming it."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ZoplanError(f"cannot read journal {path}: {exc}") from None
-    lines = raw.splitlines()
-    rows = []
+    return parse_journal(raw, path, first=first)[0]
+
+
+def parse_journal(raw: bytes, path: Path, *, first: int | None = None,
+                  keep_unterminated: bool = True) -> tuple[list[dict], int]:
+    """(the journal's rows, the length in bytes of the part they come from). Every line is checked
+    for what it means (types, finite numbers, step numbers consecutive from ``first``); only the
+    last line may be cut short, and only when the file does not end with a newline: it is left
+    out (with ``keep_unterminated`` False, also when it parses: an append cut just before its
+    newline). Anything else is a refusal naming the file and line, never a silent cut."""
+    lines = raw.splitlines(keepends=True)
+    rows: list[dict] = []
+    good = 0
     for number, line in enumerate(lines, 1):
+        unterminated = number == len(lines) and not line.endswith((b"\n", b"\r"))
         if not line.strip():
+            good += len(line)
             continue
         try:
             try:
                 row = json.loads(line.decode("utf-8"))
             except (ValueError, UnicodeDecodeError):
-                # a write cut short: only the last line, and only without its newline
-                if number == len(lines) and not raw.endswith(b"\n"):
+                if unterminated:  # a write cut short: only the last line, and only without its newline
                     print(f"warning: {path}:{number}: dropped a torn last line", file=sys.stderr)
                     break
                 raise
-            rows.append(_journal_row(row))
+            row = _journal_row(row)
         except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as exc:
             reason = str(exc) if isinstance(exc, (KeyError, TypeError)) else type(exc).__name__
-            raise ZoplanError(f"{path}:{number}: not a journal line ({reason[:200]})") from None
-    steps = [r["step"] for r in rows]
-    if steps and steps != list(range(steps[0], steps[0] + len(steps))):
-        raise ZoplanError(f"{path}: steps are not consecutive ({steps[:3]}...)")
-    return rows
+            raise ZoplanError(f"{path}:{number}: not a journal line ({reason[:200]})", fix=_cut_fix(path, number)) \
+                from None
+        if unterminated and not keep_unterminated:
+            break
+        expected = rows[-1]["step"] + 1 if rows else first
+        if expected is not None and row["step"] != expected:
+            what = "the first line" if not rows else f"line {number}"
+            raise ZoplanError(f"{path}:{number}: {what} is step {row['step']}, expected step {expected} "
+                              "(the steps of a journal are consecutive"
+                              + (f", from {first})" if first is not None else ")"),
+                              fix=_cut_fix(path, number) if rows else
+                              "give the whole journal: its first line is the run's first step")
+        rows.append(row)
+        good += len(line)
+    return rows, good
+
+
+def require_finite(tensors, what: str, fix: str) -> None:
+    """Weights that are not finite are never written under a name a user would load."""
+    for name, value in tensors:
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ZoplanError(f"{what}: '{name}' holds values that are not finite (NaN or inf); nothing was written",
+                              fix=fix)
+
+
+def _cut_fix(path: Path, number: int) -> str:
+    """What to do about a damaged line: the lines before it are intact."""
+    if number <= 1:
+        return f"{path} is damaged from its first line: restore it from a copy, or start a new run"
+    return (f"restore {path} from a copy; or keep its first {number - 1} line(s), the steps before the "
+            f"damage (`head -n {number - 1} {path} > journal.kept && mv journal.kept {path}`): "
+            "a resumed run then trains the later steps again")
 
 
 def _journal_row(row: object) -> dict:
@@ -108,7 +148,7 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
                           fix="replay on the CPU (--device cpu): the same updates, in the same dtype")
     if out.exists() and any(out.iterdir()):
         raise ZoplanError(f"output directory {out} is not empty", fix="choose a new -o directory")
-    journal = read_journal(journal_path)
+    journal = read_journal(journal_path, first=0)
     plan_path = journal_path.parent / "plan.yaml"
     plan = load_plan(plan_path) if plan_path.exists() else None  # before the model: it may need building
     model_dir = resolve_model(base)
@@ -127,6 +167,9 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
     replay(model, journal)
+    require_finite(model.named_parameters(), f"the weights replayed from {journal_path}",
+                   "replay in the dtype the run trained in (--dtype, default the run's own); a journal "
+                   "whose updates overflow in it cannot give a usable model")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     try:

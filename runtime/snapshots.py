@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoplan.errors import ZoplanError
-from zoplan.runtime.replay import FIELDS
+from zoplan.runtime.replay import parse_journal
 
 
 @dataclass
@@ -48,27 +48,16 @@ def snapshots(out: Path) -> list[tuple[int, Path]]:
 
 
 def read_valid_journal(path: Path) -> list[dict]:
-    """The journal's complete lines; a torn last line (a crash or power loss mid-write) is cut
-    off the file so that appending continues cleanly."""
+    """The journal's complete lines, checked as replay checks them (zoplan.runtime.replay); a torn
+    last line (a crash or power loss mid-write) is cut off the file so that appending continues
+    cleanly. A damaged line elsewhere is a refusal: the run must not retrain from there silently."""
     if not path.exists():
         return []
     raw = path.read_bytes()
-    rows, good = [], 0
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break  # torn: never completed
-        try:
-            row = json.loads(line)
-            rows.append({k: row[k] for k in FIELDS})
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            break
-        good += len(line)
+    rows, good = parse_journal(raw, path, first=0, keep_unterminated=False)
     if good < len(raw):
         with path.open("r+b") as f:
             f.truncate(good)
-    for i, row in enumerate(rows):
-        if row["step"] != i:
-            raise ZoplanError(f"{path}: line {i + 1} is step {row['step']}, expected {i}")
     return rows
 
 
@@ -107,6 +96,9 @@ def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
         save(tmp)
         (tmp / "meta.json").write_text(json.dumps({"step": step}))
         tmp.rename(final)
+    except ZoplanError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         last = snapshots(out)

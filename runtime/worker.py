@@ -31,7 +31,7 @@ from zoplan.runtime.adapters import Adapter, adapter_for
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.perturb import step_seed
-from zoplan.runtime.replay import replay
+from zoplan.runtime.replay import replay, require_finite
 from zoplan.runtime.spans import Spans
 from zoplan.runtime.snapshots import cut_torn_tail, resume_point, write_snapshot
 from zoplan.runtime.zo import learning_rate
@@ -116,6 +116,9 @@ def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path,
             state[slot.name] = flat[slot.offset:slot.offset + slot.numel].view(slot.shape).to(dtype).clone()
     for name, value in engine.resident_state().items():
         state[name] = value.detach().to("cpu", dtype).clone()
+    require_finite(state.items(), "the trained weights",
+                   "lower --lr (an update overflowed the weights); the journal and the snapshots written "
+                   "before are intact")
     target.mkdir(parents=True, exist_ok=True)
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     for f in model_dir.iterdir():

@@ -1,0 +1,145 @@
+"""Integrity before trust: a record read back is checked for what it means before any rank starts,
+and weights that are not finite are never written.
+
+A resume of a damaged run directory is refused by the launcher (status 2, the file and line, a
+fix), never cut silently, retrained or turned into NaN weights with exit 0.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoplan.errors import ZoplanError
+from zoplan.planfile import write_plan
+from zoplan.planner import plan as make_plan
+from zoplan.runtime.launch import RunOptions, prepare
+from zoplan.runtime.replay import read_journal, replay_to, require_finite
+from zoplan.runtime.snapshots import read_valid_journal
+
+
+def line(step: int, **fields) -> str:
+    row = {"step": step, "seed": 1000 + step, "loss_plus": 7.0, "loss_minus": 7.1, "projected_grad": 0.25,
+           "lr": 1e-3, "eps": 1e-3, "weight_decay": 0.0, "skipped": False}
+    row.update(fields)
+    return json.dumps(row) + "\n"
+
+
+def journal(steps: int = 6) -> str:
+    return "".join(line(s) for s in range(steps))
+
+
+@pytest.fixture
+def run_dir(tiny_dirs, tmp_path: Path) -> Path:
+    """A finished 6-step run's directory, as far as resuming reads it: plan, run.json, journal."""
+    out = tmp_path / "run"
+    out.mkdir()
+    report = make_plan(str(tiny_dirs["tiny-opt"] / "config.json"), "cpu-local", global_batch=4, seq_len=32,
+                       dtype="fp32")
+    write_plan(report.plan, out / "plan.yaml")
+    (out / "run.json").write_text(json.dumps({"model": str(tiny_dirs["tiny-opt"]), "data": "sentiment"}))
+    (out / "journal.jsonl").write_text(journal())
+    return out
+
+
+def resume(out: Path, steps: int) -> None:
+    prepare(RunOptions(output=out, steps=steps, resume=True))
+
+
+def test_an_intact_journal_resumes_and_a_torn_last_line_is_cut(run_dir: Path) -> None:
+    resume(run_dir, 6)  # nothing to train, but nothing wrong either
+    resume(run_dir, 9)
+    path = run_dir / "journal.jsonl"
+    path.write_text(journal() + line(6)[:25])  # a power loss while writing step 6
+    resume(run_dir, 9)
+    assert [r["step"] for r in read_valid_journal(path)] == list(range(6))
+    assert path.read_text() == journal()  # cut, so that the next append starts a clean line
+
+
+DAMAGE = {
+    # name: (journal text, the refusal's words)
+    "non-finite gradient": (journal(5) + line(5).replace("0.25", "NaN"), "journal.jsonl:6: not a journal line "
+                            "('projected_grad' must be a finite number)"),
+    "infinite lr": (journal(3) + line(3, lr=float("inf")) + line(4), "journal.jsonl:4: not a journal line ('lr'"),
+    "a string gradient": (journal(5) + line(5, projected_grad="abc"), "journal.jsonl:6: not a journal line"),
+    "a torn line in the middle": (journal(2) + line(2)[:20] + "\n" + "".join(line(s) for s in range(3, 6)),
+                                  "journal.jsonl:3: not a journal line"),
+    "a missing line": (journal(4) + line(5), "journal.jsonl:5: line 5 is step 5, expected step 4"),
+    "a missing first line": ("".join(line(s) for s in range(1, 6)),
+                             "journal.jsonl:1: the first line is step 1, expected step 0"),
+    "a repeated line": (journal(4) + line(3) + line(4), "journal.jsonl:5: line 5 is step 3, expected step 4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DAMAGE))
+def test_a_damaged_journal_is_refused_before_any_rank_starts(run_dir: Path, name: str) -> None:
+    text, words = DAMAGE[name]
+    path = run_dir / "journal.jsonl"
+    path.write_text(text)
+    with pytest.raises(ZoplanError) as caught:
+        resume(run_dir, 9)
+    assert words in str(caught.value)
+    assert caught.value.status == 2 and caught.value.fix
+    assert path.read_text() == text  # refused, not cut
+    with pytest.raises(ZoplanError):  # and the ranks' own reader agrees
+        read_valid_journal(path)
+
+
+def test_a_damaged_lines_fix_keeps_the_steps_before_it(run_dir: Path) -> None:
+    path = run_dir / "journal.jsonl"
+    path.write_text(journal(3) + "garbage\n" + line(4))
+    with pytest.raises(ZoplanError) as caught:
+        resume(run_dir, 9)
+    assert f"head -n 3 {path}" in caught.value.fix
+
+
+@pytest.mark.parametrize("steps", [-5, 0, 4])
+def test_resume_steps_must_be_the_total_and_at_least_what_is_done(run_dir: Path, steps: int) -> None:
+    with pytest.raises(ZoplanError) as caught:
+        resume(run_dir, steps)
+    message = str(caught.value)
+    assert ("fewer than the 6 step(s)" in message) if steps > 0 else ("at least 1" in message)
+
+
+def test_a_damaged_run_record_is_refused(run_dir: Path) -> None:
+    (run_dir / "run.json").write_text('{"model": 3')
+    with pytest.raises(ZoplanError, match="run.json is damaged"):
+        resume(run_dir, 9)
+
+
+def test_replay_refuses_a_journal_without_its_first_steps(tiny_dirs, tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    path.write_text("".join(line(s) for s in range(2, 5)))
+    assert [r["step"] for r in read_journal(path)] == [2, 3, 4]  # a consecutive excerpt reads
+    with pytest.raises(ZoplanError, match="the first line is step 2, expected step 0"):
+        replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_replay_writes_no_weights_that_are_not_finite(tiny_dirs, tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    path.write_text(line(0, projected_grad=1e300, lr=1e300))  # finite numbers whose update overflows
+    with pytest.raises(ZoplanError, match="not finite"):
+        replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_require_finite_names_the_first_bad_tensor() -> None:
+    good, bad = torch.ones(3), torch.tensor([1.0, float("nan")])
+    require_finite([("a", good), ("ids", torch.arange(3))], "w", "fix")
+    with pytest.raises(ZoplanError, match="'b' holds values that are not finite"):
+        require_finite([("a", good), ("b", bad), ("c", bad)], "w", "fix")
+
+
+def test_a_run_whose_weights_overflow_writes_no_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "run", "--steps", "2", "--lr", "1e38", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "not finite" in proc.stderr and "nothing was written" in proc.stderr
+    assert not (out / "model").exists() and not (out / "model.tmp").exists()
