@@ -32,9 +32,11 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -45,6 +47,7 @@ from zoplan.program import build as build_program
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
+from zoplan.runtime.scratch import owned, shared_memory
 from zoplan.runtime.spans import Spans
 
 REPEAT_S = 0.3  # each copy measurement runs at least this long
@@ -171,7 +174,7 @@ def measure(args: argparse.Namespace) -> dict:
     model, adapter, config = _calibration_model(Path(args.model_dir), dtype, args.layers)
     blocks = adapter.blocks(model)
     block_params = sum(p.numel() for p in blocks[0].parameters())
-    root = Path(tempfile.mkdtemp(prefix=f"zoplan-calibrate-{rank}-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    root = Path(args.host_root) / f"rank{rank}"  # in the launch's own folder (runtime/scratch.py)
     # sliced into one slice per rank: the in-situ all-gather below exchanges them
     host = HostCopy.create(root, model, blocks, adapter.blocks_path + ".", world, args.dtype, args.dtype)
     try:
@@ -465,6 +468,7 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--progress", default=None)
     parser.add_argument("--spans", default=None)  # a directory: keep the timed steps' spans
+    parser.add_argument("--host-root", required=True)  # the launch's shared-memory folder
     args = parser.parse_args()
     try:
         figures = measure(args)
@@ -526,46 +530,53 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
     if not {1, 2} <= set(counts) or counts[-1] > 999:
         raise ZoplanError(f"--micro-batches {','.join(map(str, micro_batches))}: the counts timed must include 1 and 2 "
                           f"(and stay below 1000)", fix="e.g. --micro-batches 1,2,4")
-    work = Path(tempfile.mkdtemp(prefix="zoplan-calibrate-"))
-    raw, progress_file, log = work / "figures.json", work / "progress.txt", work / "calibrate.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "zoplan.runtime.calibrate", "--model-dir", str(model_dir), "--micro-batch", str(micro_batch),
-           "--seq-len", str(seq_len), "--dtype", dtype, "--device", "cpu" if cpu else "cuda",
-           "--block-params", str(shape.block_params()), "--steps", str(steps),
-           "--micro-batches", ",".join(map(str, counts)),
-           "--output", str(raw), "--progress", str(progress_file)]
-    if spans is not None:
-        cmd += ["--spans", str(Path(spans).resolve())]
-    env = rank_env(os.environ)
-    if not cpu:  # rank k measures the topology's GPU k
-        env.update(cuda_env(machine.gpus, machine.gpus, os.environ))
-    with open(log, "w") as f, Progress(SpinnerColumn(), TextColumn("calibrating {task.description}"),
-                                       TimeElapsedColumn(), disable=quiet, transient=True) as bar:
-        task = bar.add_task("(starting ranks)")
-        stopped: list[int] = []
-        with stop_signals(stopped):  # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
-            proc = start_ranks(cmd, f, env)
-            try:
-                while proc.poll() is None:
-                    if progress_file.exists():
-                        bar.update(task, description=progress_file.read_text())
-                    time.sleep(0.2)
-            finally:
-                if proc.poll() is None:
-                    proc.terminate()
-                    proc.wait()
-    done = all(Path(f"{raw}.done-rank{r}").exists() for r in range(n))
-    if proc.returncode != 0 and done and raw.exists():
-        print(f"warning: a calibration rank exited with status {proc.returncode} after every rank had "
-              f"finished measuring; the figures are complete (log: {log})", file=sys.stderr)
-    elif proc.returncode != 0 or not raw.exists():
-        causes = [l.strip() for l in log.read_text(errors="replace").splitlines()
-                  if "Error" in l and "ChildFailedError" not in l and not l.startswith("  File")]
-        raise ZoplanError(f"calibration failed (exit status {proc.returncode})"
-                          + (f": {causes[-1][:500]}" if causes else ""), fix=f"see {log}")
-    rows = json.loads(raw.read_text())
-    profile = build_profile(rows, machine, shape, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype,
-                            device=rows[0]["device"] if cpu else torch.cuda.get_device_name(0))
-    write_profile(profile, output)
-    return profile
+    # the ranks' host copies (shared memory) and every temporary file of torchrun and the ranks:
+    # removed when calibrate ends; a killed calibrate's are swept by the next launch
+    tag = uuid.uuid4().hex[:12]
+    with owned(shared_memory(), f"calibrate-{tag}") as shm, owned(Path(tempfile.gettempdir()),
+                                                                  f"calibrate-tmp-{tag}") as work:
+        raw, progress_file, log = work / "figures.json", work / "progress.txt", work / "calibrate.log"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--nnodes", "1",
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               "-m", "zoplan.runtime.calibrate", "--model-dir", str(model_dir), "--micro-batch", str(micro_batch),
+               "--seq-len", str(seq_len), "--dtype", dtype, "--device", "cpu" if cpu else "cuda",
+               "--block-params", str(shape.block_params()), "--steps", str(steps),
+               "--micro-batches", ",".join(map(str, counts)),
+               "--output", str(raw), "--progress", str(progress_file), "--host-root", str(shm)]
+        if spans is not None:
+            cmd += ["--spans", str(Path(spans).resolve())]
+        env = rank_env(os.environ)
+        env["TMPDIR"] = str(work)
+        if not cpu:  # rank k measures the topology's GPU k
+            env.update(cuda_env(machine.gpus, machine.gpus, os.environ))
+        with open(log, "w") as f, Progress(SpinnerColumn(), TextColumn("calibrating {task.description}"),
+                                           TimeElapsedColumn(), disable=quiet, transient=True) as bar:
+            task = bar.add_task("(starting ranks)")
+            stopped: list[int] = []
+            with stop_signals(stopped):  # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
+                proc = start_ranks(cmd, f, env)
+                try:
+                    while proc.poll() is None:
+                        if progress_file.exists():
+                            bar.update(task, description=progress_file.read_text())
+                        time.sleep(0.2)
+                finally:
+                    if proc.poll() is None:
+                        proc.terminate()
+                        proc.wait()
+        done = all(Path(f"{raw}.done-rank{r}").exists() for r in range(n))
+        if proc.returncode != 0 and done and raw.exists():
+            print(f"warning: a calibration rank exited with status {proc.returncode} after every rank had "
+                  "finished measuring; the figures are complete", file=sys.stderr)
+        elif proc.returncode != 0 or not raw.exists():
+            causes = [l.strip() for l in log.read_text(errors="replace").splitlines()
+                      if "Error" in l and "ChildFailedError" not in l and not l.startswith("  File")]
+            kept = Path(f"{output}.log")  # the scratch folder goes: the log is kept beside the profile's path
+            shutil.copyfile(log, kept)
+            raise ZoplanError(f"calibration failed (exit status {proc.returncode})"
+                              + (f": {causes[-1][:500]}" if causes else ""), fix=f"see {kept}")
+        rows = json.loads(raw.read_text())
+        profile = build_profile(rows, machine, shape, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype,
+                                device=rows[0]["device"] if cpu else torch.cuda.get_device_name(0))
+        write_profile(profile, output)
+        return profile

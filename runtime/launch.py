@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Mapping, Sequence
 from zoplan.errors import ZoplanError
 from zoplan.models import TINY_LR, load_model_shape
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
+from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
 from zoplan.search import Pins
 from zoplan.topology import load_topology
 
@@ -197,7 +199,7 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
                           fix="--steps is the run's total number of steps" + (", resumed or not" if opts.resume else ""))
     if opts.resume:
         return _prepare_resume(opts)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(not p.name.startswith(".lock-node") for p in out.iterdir()):
         raise ZoplanError(f"output directory {out} is not empty: a previous run's output is not overwritten",
                           fix="choose a new --output directory, remove the old one, or continue it with --resume")
     model_dir = resolve_model(opts.model)
@@ -292,13 +294,39 @@ def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
 
 
 def run(opts: RunOptions) -> RunResult:
-    plan, model_dir, plan_path = prepare(opts)
+    """Run a plan: the output directory is locked while the run uses it; a directory this call
+    made is removed again when the run is refused before anything is written into it."""
     out = opts.output
+    made = not out.exists()
+    for base in (shared_memory(), Path(tempfile.gettempdir())):
+        sweep(base)  # what launches killed earlier left behind (runtime/scratch.py)
+    try:
+        with run_lock(out, opts.node_rank):
+            return _run(opts)
+    except BaseException:
+        if made and out.is_dir() and all(p.name.startswith(".lock-node") for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(opts: RunOptions) -> RunResult:
+    plan, model_dir, plan_path = prepare(opts)
     device = "cpu" if _is_cpu_machine(load_topology(plan.topology.source)) else "cuda"
     per_node = plan.layout.world_size // plan.layout.nodes
     port = opts.master_port or _free_port()
     run_id = uuid.uuid4().hex[:12] if opts.nnodes == 1 else f"{port}-{opts.master_addr.replace('.', '_')}"
-    host_dir = host_copy_dir(run_id, opts.node_rank)
+    with contextlib.ExitStack() as owned_here:
+        # this launch's host copy (shared memory) and torchrun's and the ranks' temporary files:
+        # removed when the launch ends; a killed launch's are swept by the next (runtime/scratch.py)
+        host_dir = owned_here.enter_context(owned(shared_memory(), f"{run_id}-node{opts.node_rank}")) / "host"
+        private_tmp = owned_here.enter_context(owned(Path(tempfile.gettempdir()),
+                                                     f"tmp-{run_id}-node{opts.node_rank}"))
+        return _launch(opts, plan, model_dir, plan_path, device, per_node, port, host_dir, private_tmp)
+
+
+def _launch(opts: RunOptions, plan: Plan, model_dir: Path, plan_path: Path, device: str, per_node: int,
+            port: int, host_dir: Path, private_tmp: Path) -> RunResult:
+    out = opts.output
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_node),
            "--nnodes", str(opts.nnodes), "--node-rank", str(opts.node_rank),
            "--max-restarts", str(opts.max_restarts),
@@ -310,6 +338,7 @@ def run(opts: RunOptions) -> RunResult:
            "--snapshot-minutes", str(opts.snapshot_minutes), "--keep-snapshots", str(opts.keep_snapshots),
            "--journal-sync-every", str(opts.journal_sync_every)] + (["--pad-to-seq-len"] if opts.pad_to_seq_len else [])
     env = rank_env(os.environ)
+    env["TMPDIR"] = str(private_tmp)
     if device == "cuda":
         env.update(cuda_env(load_topology(plan.topology.source).gpus, plan_gpus(plan), os.environ))
     log = open(out / f"worker-node{opts.node_rank}.log", "a")
@@ -332,9 +361,6 @@ def run(opts: RunOptions) -> RunResult:
                           status=128 + signum) from None
     finally:
         log.close()
-        # this machine's host copy goes with the run however the ranks ended: a loader that was
-        # killed, or that failed before its own cleanup, cannot remove it
-        shutil.rmtree(host_dir, ignore_errors=True)
     if proc.returncode != 0 and _finished(out, opts.node_rank, per_node, opts.steps):
         print(f"warning: a rank exited with status {proc.returncode} while shutting down, after the run "
               f"had finished on every rank (see {out / f'worker-node{opts.node_rank}.log'})", file=sys.stderr)
@@ -430,13 +456,6 @@ def _resumed_line(row: dict, max_restarts: int) -> str:
         return (f"a rank failed; torchrun restarted the ranks (restart {row['restart']} of {max_restarts}), "
                 f"resuming with {where}, no completed step lost")
     return f"resuming with {where}"
-
-
-def host_copy_dir(run_id: str, node: int) -> Path:
-    """Where a machine's host copy of the weights lives during a run: shared memory when the
-    machine has it writable, else /tmp."""
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else Path("/tmp")
-    return base / f"zoplan-{run_id}-node{node}"
 
 
 def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:

@@ -329,16 +329,15 @@ def validate_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
     """Run a plan for a few steps and compare its predicted step with the measured one, stage by stage."""
+    import shutil
     import tempfile
 
-    from zoplan import validate as zv
     from zoplan.planfile import load_plan
     from zoplan.planner import timeline
 
     the_plan = load_plan(plan_file)
     simulated = timeline(plan_file).candidate.sim
     try:
-        from zoplan.runtime.launch import RunOptions, run
         from zoplan.runtime.tiny import tiny_name
     except ImportError:
         raise ZoplanError("zoplan validate runs the plan, which needs the runtime (torch)",
@@ -349,14 +348,28 @@ def validate_cmd(
                           fix="pass --model DIRECTORY (or hub id) of that model")
     if steps <= skip:
         raise ZoplanError(f"--steps {steps} leaves nothing to measure after --skip {skip}")
-    run_dir = output or Path(tempfile.mkdtemp(prefix="zoplan-validate-"))
+    if output is not None:
+        _validate(output, the_plan, plan_file, simulated, model, data, steps, trace, skip, pad, as_json)
+        return
+    # a temporary run directory goes when validate ends, however it ends (--output keeps one)
+    scratch = Path(tempfile.mkdtemp(prefix="zoplan-validate-"))
     try:
-        run(RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json,
-                       pad_to_seq_len=pad))
-    except ZoplanError:
-        if output is None and not any(run_dir.iterdir()):  # refused before it started: leave nothing
-            run_dir.rmdir()
-        raise
+        _validate(scratch / "run", the_plan, plan_file, simulated, model, data, steps, trace, skip, pad, as_json)
+    except ZoplanError as exc:
+        raise ZoplanError(str(exc), fix=(exc.fix + "; " if exc.fix else "")
+                          + "pass --output DIR to keep the run's logs", status=exc.status) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _validate(run_dir: Path, the_plan, plan_file: Path, simulated, model: str, data: str, steps: int,
+              trace: Optional[Path], skip: int, pad: bool, as_json: bool) -> None:
+    from zoplan import validate as zv
+    from zoplan.planner import timeline
+    from zoplan.runtime.launch import RunOptions, run
+
+    run(RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json,
+                   pad_to_seq_len=pad))
     result = zv.compare(zv.measure(run_dir, the_plan, skip), simulated, the_plan.prediction.gpu_memory_bytes)
     if trace is not None:
         from zoplan.trace import write_trace
@@ -370,7 +383,10 @@ def validate_cmd(
     out.print(validation_table(result, plan_file))
     for note in validation_notes(result):
         out.print(Text(note))
-    out.print(Text(f"run output: {run_dir}" + (f"; trace: {trace} (open in ui.perfetto.dev)" if trace else "")))
+    kept = "" if run_dir.parent.name.startswith("zoplan-validate-") else f"run output: {run_dir}"
+    shown = "; ".join(x for x in (kept, f"trace: {trace} (open in ui.perfetto.dev)" if trace else "") if x)
+    if shown:
+        out.print(Text(shown))
 
 
 @app.command("replay")

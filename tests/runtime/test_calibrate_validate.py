@@ -21,9 +21,11 @@ from zoplan.planner import timeline
 from zoplan.profile import load_profile
 
 
-def zoplan(*args: str, code: int = 0) -> subprocess.CompletedProcess:
+def zoplan(*args: str, code: int = 0, tmp: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI; with ``tmp``, that is its temporary directory (torchrun's and the ranks' too)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **({"TMPDIR": str(tmp)} if tmp else {}))
     proc = subprocess.run([sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                          timeout=600, env=env)
     assert proc.returncode == code, proc.stdout + proc.stderr
     if code == 2:
         assert "Traceback" not in proc.stderr
@@ -34,9 +36,20 @@ def zoplan(*args: str, code: int = 0) -> subprocess.CompletedProcess:
 def calibrated(tiny_dirs, tmp_path_factory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("calibrate")
     profile = work / "profile.yaml"
+    tmp = work / "tmp"
+    tmp.mkdir()
+    shm = shared_memory_folders()
     zoplan("calibrate", "--model", str(tiny_dirs["tiny-opt"]), "--micro-batch", "2", "--seq-len", "32",
-           "-o", str(profile), "--steps", "8", "--spans", str(work / "spans"))
+           "-o", str(profile), "--steps", "8", "--spans", str(work / "spans"), tmp=tmp)
+    # calibrate leaves nothing behind: no temporary folder (its own, torchrun's), no host copy
+    assert list(tmp.iterdir()) == [] and shared_memory_folders() <= shm
     return profile, tiny_dirs["tiny-opt"]
+
+
+def shared_memory_folders() -> set[Path]:
+    from zoplan.runtime.scratch import shared_memory
+
+    return set(shared_memory().glob("zoplan-*"))
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +222,15 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
         assert labels == (["host", "host"] if rank == 0 else ["host"]), (rank, labels)
         # one thread on the CPU: the spans, loop included, follow one another within the step
         assert all(sum(line["totals"].values()) <= line["wall_s"] + 1e-6 for line in lines)
+
+
+def test_a_validation_without_an_output_leaves_nothing_behind(calibrated, planned, tmp_path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    shm = shared_memory_folders()
+    proc = zoplan("validate", str(planned), "--model", str(calibrated[1]), "--steps", "2", tmp=tmp)
+    assert "step" in proc.stdout and "run output" not in proc.stdout  # nothing kept to point at
+    assert list(tmp.iterdir()) == [] and shared_memory_folders() <= shm
 
 
 def test_a_validation_refused_before_it_starts_leaves_no_run_directory(calibrated, planned, tmp_path) -> None:

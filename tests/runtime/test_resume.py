@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zoplan.runtime.launch import host_copy_dir
+from zoplan.runtime.scratch import OWNER, shared_memory
 
 STEPS = 8
 
@@ -35,6 +35,15 @@ def finished(proc: subprocess.Popen, code: int = 0) -> str:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == code, out + err
     return out + err
+
+
+def scratch_folders() -> set[Path]:
+    """Every launch's folders outside its output: host copies in shared memory, private temporary
+    directories (torchrun's log folders included) in the temporary directory."""
+    import tempfile
+
+    return {p for base in (shared_memory(), Path(tempfile.gettempdir()))
+            for pattern in ("zoplan-*", "torchelastic_*") for p in base.glob(pattern)}
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -120,11 +129,10 @@ def test_a_rank_aborting_after_the_run_finished_is_not_a_failure(uninterrupted, 
 def test_a_killed_loader_leaves_no_host_copy_behind(tmp_path: Path) -> None:
     """The rank that made the machine's host copy dies by SIGKILL (its own cleanup never runs):
     zoplan run still removes the copy from shared memory."""
-    base = host_copy_dir("any", 0).parent
-    before = {p.name for p in base.glob("zoplan-*")}
+    before = scratch_folders()
     err = finished(zoplan_run(tmp_path / "run", "--steps", "3", env={"ZOPLAN_KILL": "0:1"}), code=2)
     assert "journal holds 1 completed step(s)" in err
-    assert {p.name for p in base.glob("zoplan-*")} == before
+    assert scratch_folders() == before
 
 
 def processes_naming(text: str) -> list[int]:
@@ -171,38 +179,42 @@ def test_sigterm_stops_the_ranks_and_says_how_to_resume(tmp_path: Path) -> None:
     import signal
 
     out = tmp_path / "run"
-    base = host_copy_dir("any", 0).parent
-    before = {p.name for p in base.glob("zoplan-*")}
+    before = scratch_folders()
     proc = zoplan_run(out, "--steps", "500")
     wait_for_a_step(out, proc)
+    # while it trains, the run directory is its own: a second start on it is refused
+    err = finished(zoplan_run(out, "--resume", str(out), "--steps", "500"), code=2)
+    assert f"{out} is in use by another zoplan run (pid {proc.pid})" in err
     proc.send_signal(signal.SIGTERM)
     err = finished(proc, code=128 + signal.SIGTERM)
     assert "stopped by SIGTERM after" in err and f"zoplan run --resume {out} --steps 500" in err
     assert gone(str(out)), processes_naming(str(out))
-    assert {p.name for p in base.glob("zoplan-*")} == before
+    assert scratch_folders() == before
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_ranks_die_with_a_killed_launcher(tmp_path: Path) -> None:
-    """SIGKILL of zoplan run (no handler runs): the kernel stops torchrun, which stops the ranks."""
+    """SIGKILL of zoplan run (no handler runs): the kernel stops torchrun, which stops the ranks; the
+    run directory is free again, and the next launch removes the folders the killed one left."""
+    import os
     import signal
-
-    import shutil
+    import time
 
     out = tmp_path / "run"
-    base = host_copy_dir("any", 0).parent
-    before = {p.name for p in base.glob("zoplan-*")}
+    before = scratch_folders()
     proc = zoplan_run(out, "--steps", "500")
     wait_for_a_step(out, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    try:
-        assert gone(str(out)), processes_naming(str(out))
-    finally:
-        # the killed launcher could not remove its host copy (a known gap: nothing cleans a stale
-        # one yet); the test does, so it leaves nothing in shared memory
-        for leftover in {p.name for p in base.glob("zoplan-*")} - before:
-            shutil.rmtree(base / leftover, ignore_errors=True)
+    assert gone(str(out)), processes_naming(str(out))
+    left = scratch_folders() - before
+    assert {p.name.split("-")[1] == "tmp" for p in left} == {True, False}, left  # host copy and temp folder
+    then = time.time() - 60  # old enough for a sweep to judge (runtime/scratch.py MIN_AGE_S)
+    for folder in left:
+        os.utime(folder / OWNER, (then, then))
+    done = (out / "journal.jsonl").read_bytes().count(b"\n")
+    finished(zoplan_run(out, "--resume", str(out), "--steps", str(done + 1)))
+    assert not scratch_folders() - before  # the killed launch's removed, none new left
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

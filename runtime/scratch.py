@@ -1,0 +1,121 @@
+"""What a launch owns outside its output directory goes with it, however it ends.
+
+A launch (``zoplan run``, ``zoplan calibrate``) keeps its host copy of the weights in shared memory
+and gives torchrun and the ranks a private temporary directory (torchrun's own log folders land
+there). Each is a folder named ``zoplan-*`` holding an ``.owner`` file that the launch keeps locked
+(flock) for its lifetime, and removes when it ends. A launch killed with SIGKILL cannot remove
+anything; the kernel drops its lock, so the next launch finds the folder unlocked and removes it.
+A folder whose lock is held belongs to a live launch and is left alone.
+
+The output directory of a run is locked the same way while a run uses it (``run_lock``): a
+second ``zoplan run --resume`` of the same directory is refused instead of training beside it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from zoplan.errors import ZoplanError
+
+try:
+    import fcntl
+except ImportError:  # not on Linux or macOS: folders are still removed at the end, not swept
+    fcntl = None  # type: ignore[assignment]
+
+PREFIX = "zoplan-"
+OWNER = ".owner"
+# a folder this young may be between its creation and its owner's lock: never swept
+MIN_AGE_S = 10.0
+
+
+def shared_memory() -> Path:
+    """Where host copies live: /dev/shm when it is writable, else the temporary directory."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _try_lock(fd: int) -> bool:
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def sweep(base: Path) -> list[Path]:
+    """Remove this user's ``zoplan-*`` folders in ``base`` whose owner is gone; return them."""
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
+    try:
+        entries = list(base.glob(PREFIX + "*"))
+    except OSError:
+        return removed
+    for folder in entries:
+        try:
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            lock = folder / OWNER
+            if time.time() - lock.stat().st_mtime < MIN_AGE_S:
+                continue
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue  # no owner file (not ours to judge) or gone meanwhile
+        try:
+            if _try_lock(fd):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def owned(base: Path, name: str) -> Iterator[Path]:
+    """A new folder ``base/zoplan-<name>``, locked by this process while the block runs and removed
+    after it. Stale folders of dead launches in ``base`` are swept first."""
+    sweep(base)
+    folder = base / f"{PREFIX}{name}"
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        raise ZoplanError(f"{folder} exists: another zoplan launch is using it",
+                          fix=f"wait for that launch to end; one that was killed leaves it for at most "
+                              f"{MIN_AGE_S:.0f} s, then the next launch removes it") from None
+    fd = os.open(folder / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        _try_lock(fd)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+
+
+def lock_name(node: int) -> str:
+    return f".lock-node{node}"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, node: int) -> Iterator[None]:
+    """Hold ``out`` for this run (per node: several machines may share one output directory)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / lock_name(node)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        if not _try_lock(fd):
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ZoplanError(f"{out} is in use by another zoplan run (pid {owner})",
+                              fix="wait for that run to end (or stop it), or choose another --output")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,76 @@
+"""A launch's folders outside its output go with it; a dead launch's are swept; a run directory is
+locked while a run uses it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from zoplan.errors import ZoplanError
+from zoplan.runtime.scratch import MIN_AGE_S, OWNER, owned, run_lock, sweep
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and /proc: Linux")
+
+
+def age(folder: Path, seconds: float = MIN_AGE_S + 5) -> None:
+    """As if the folder had been made ``seconds`` ago."""
+    then = time.time() - seconds
+    os.utime(folder / OWNER, (then, then))
+
+
+def test_an_owned_folder_is_removed_when_its_block_ends_however_it_ends(tmp_path: Path) -> None:
+    with owned(tmp_path, "a") as folder:
+        (folder / "data.bin").write_bytes(b"x" * 100)
+        assert folder.name == "zoplan-a" and folder.is_dir()
+    assert not folder.exists()
+    with pytest.raises(RuntimeError), owned(tmp_path, "b") as folder:
+        raise RuntimeError("a failure inside")
+    assert not folder.exists()
+
+
+def test_a_live_owners_folder_is_kept_and_a_dead_owners_swept(tmp_path: Path) -> None:
+    with owned(tmp_path, "live") as live:
+        age(live)
+        assert sweep(tmp_path) == [] and live.exists()  # locked: in use
+    # a launch killed with SIGKILL: its folder stays, its lock goes with the process
+    code = ("import os, sys, time; from pathlib import Path; from zoplan.runtime.scratch import owned\n"
+            "with owned(Path(sys.argv[1]), 'dead') as f:\n"
+            "    print(f, flush=True); os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9
+    dead = Path(proc.stdout.strip())
+    assert dead.is_dir()
+    assert sweep(tmp_path) == []  # too young to judge: its owner may not hold the lock yet
+    age(dead)
+    assert sweep(tmp_path) == [dead] and not dead.exists()
+
+
+def test_folders_that_are_not_a_launchs_are_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "zoplan-without-owner").mkdir()  # no lock file: not ours to judge
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / OWNER).write_text("1")
+    age(tmp_path / "other")
+    assert sweep(tmp_path) == []
+    assert (tmp_path / "zoplan-without-owner").is_dir() and (tmp_path / "other").is_dir()
+
+
+def test_a_name_in_use_is_refused_with_a_message(tmp_path: Path) -> None:
+    with owned(tmp_path, "same"):
+        with pytest.raises(ZoplanError, match="another zoplan launch is using it"), owned(tmp_path, "same"):
+            pass
+
+
+def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with run_lock(out, 0):
+        with pytest.raises(ZoplanError) as caught, run_lock(out, 0):
+            pass
+        assert f"in use by another zoplan run (pid {os.getpid()})" in str(caught.value)
+        with run_lock(out, 1):  # another machine's launcher of the same run
+            pass
+    with run_lock(out, 0):  # released
+        pass
