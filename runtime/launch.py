@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 from zoplan.errors import ZoplanError
 from zoplan.models import TINY_LR, load_model_shape
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
+from zoplan.runtime.checkpoint import check_model_dir
 from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
 from zoplan.search import Pins
 from zoplan.topology import load_topology
@@ -205,6 +206,7 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     model_dir = resolve_model(opts.model)
     config = model_dir / "config.json"
     shape = load_model_shape(str(config))
+    check_model_dir(model_dir)  # weights present, whole, of the config's shape; a tokenizer
     if opts.plan is not None:
         plan = load_plan(opts.plan)
         check_plan_matches(plan, shape=shape, plan_path=opts.plan)
@@ -263,6 +265,7 @@ def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
                           fix="pass the --output directory of an earlier `zoplan run`")
     plan = load_plan(plan_path)
     from zoplan.runtime.replay import parse_journal
+    from zoplan.runtime.snapshots import snapshots
 
     # the journal is what the ranks will trust: checked here, before any rank starts (consecutive
     # steps from 0, finite numbers; only a torn last line may be left out)
@@ -290,7 +293,10 @@ def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
             print(f"warning: {warning}", file=sys.stderr)
     for stale in ("error.txt",):
         (out / stale).unlink(missing_ok=True)
-    return plan, resolve_model(opts.model), plan_path
+    model_dir = resolve_model(opts.model)
+    check_model_dir(model_dir)
+    snapshots(out, check=True)  # a damaged one is named here, where the user reads (the ranks skip it too)
+    return plan, model_dir, plan_path
 
 
 def run(opts: RunOptions) -> RunResult:
@@ -371,11 +377,19 @@ def _launch(opts: RunOptions, plan: Plan, model_dir: Path, plan_path: Path, devi
             message, _, fix = text.partition("\n  fix: ")
             raise ZoplanError(message, fix=fix or None)
         done = _journaled_steps(out / "journal.jsonl")
+        log_path = out / f"worker-node{opts.node_rank}.log"
+        resume = f"continue with `zoplan run --resume {out} --steps {opts.steps}`"
+        if _killed(log_path):
+            raise ZoplanError(f"training stopped: a rank was killed (SIGKILL), most often by the kernel's "
+                              f"out-of-memory killer when the machine runs out of host memory (see {log_path}; "
+                              f"`dmesg | grep -i oom` shows it); the journal holds {done} completed step(s), "
+                              "none is lost",
+                              fix=f"free host memory (fewer ranks per machine, a smaller micro-batch, other "
+                                  f"jobs stopped), then {resume}")
         raise ZoplanError(f"training stopped: a rank exited without a message (torchrun exit status "
-                          f"{proc.returncode}; see {out / f'worker-node{opts.node_rank}.log'}); "
+                          f"{proc.returncode}; see {log_path}); "
                           f"the journal holds {done} completed step(s), none is lost",
-                          fix=f"continue with `zoplan run --resume {out} --steps {opts.steps}`; "
-                              f"--max-restarts N restarts crashed ranks automatically")
+                          fix=f"{resume}; --max-restarts N restarts crashed ranks automatically")
     return summarize(out)
 
 
@@ -426,6 +440,17 @@ def _finished(out: Path, node: int, per_node: int, steps: int) -> bool:
         if not marker.exists() or marker.read_text().strip() != str(steps):
             return False
     return True
+
+
+def _killed(log: Path) -> bool:
+    """torchrun reported a rank ended by SIGKILL (its failure summary, at the end of the log)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail
 
 
 def _journaled_steps(journal: Path) -> int:

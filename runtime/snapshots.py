@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,17 +34,27 @@ def snapshot_dir(out: Path, step: int) -> Path:
     return out / "snapshots" / f"step-{step:08d}"
 
 
-def snapshots(out: Path) -> list[tuple[int, Path]]:
-    """Complete snapshots, oldest first."""
+def snapshots(out: Path, *, check: bool = False) -> list[tuple[int, Path]]:
+    """Complete snapshots, oldest first. With ``check``, one whose weights are damaged (a truncated
+    file, say) is left out with a warning: the run resumes from an earlier one and replays more
+    of the journal, with the same result."""
+    from zoplan.runtime.checkpoint import weight_shapes
+
     root = out / "snapshots"
     found = []
     if root.is_dir():
         for d in sorted(root.iterdir()):
             if d.name.startswith("step-") and not d.name.endswith(".tmp") and (d / "meta.json").exists():
                 try:
-                    found.append((int(json.loads((d / "meta.json").read_text())["step"]), d))
-                except (ValueError, KeyError, json.JSONDecodeError):
+                    step = int(json.loads((d / "meta.json").read_text())["step"])
+                    if check:
+                        weight_shapes([d / "model.safetensors"])
+                except (ValueError, KeyError, TypeError, json.JSONDecodeError):
                     continue
+                except ZoplanError as exc:
+                    print(f"warning: snapshot {d.name} left out: {exc}", file=sys.stderr, flush=True)
+                    continue
+                found.append((step, d))
     return sorted(found)
 
 
@@ -75,7 +86,7 @@ def cut_torn_tail(path: Path) -> None:
 def resume_point(out: Path) -> ResumePoint:
     journal = read_valid_journal(out / "journal.jsonl")
     done = len(journal)
-    usable = [(s, d) for s, d in snapshots(out) if s <= done]
+    usable = [(s, d) for s, d in snapshots(out, check=True) if s <= done]
     if usable:
         step, base = usable[-1]
         return ResumePoint(done, base, journal[step:done])

@@ -143,3 +143,60 @@ def test_a_run_whose_weights_overflow_writes_no_model(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "not finite" in proc.stderr and "nothing was written" in proc.stderr
     assert not (out / "model").exists() and not (out / "model.tmp").exists()
+
+
+def test_a_damaged_snapshot_is_left_out_and_named(run_dir: Path, capsys) -> None:
+    from zoplan.runtime.snapshots import resume_point, snapshot_dir
+
+    for step, cut in ((3, False), (5, True)):
+        folder = snapshot_dir(run_dir, step)
+        folder.mkdir(parents=True)
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.ones(64)}, str(folder / "model.safetensors"))
+        if cut:  # a disk that filled up while it was copied elsewhere, say
+            data = (folder / "model.safetensors").read_bytes()
+            (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+        (folder / "meta.json").write_text(json.dumps({"step": step}))
+    point = resume_point(run_dir)
+    assert point.base == snapshot_dir(run_dir, 3) and [r["step"] for r in point.replay] == [3, 4, 5]
+    assert "snapshot step-00000005 left out" in capsys.readouterr().err
+    resume(run_dir, 9)  # the launcher names it too, and goes on
+    assert "step-00000005 left out" in capsys.readouterr().err
+
+
+CHECKPOINT_DAMAGE = {
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), "holds no weights"),
+    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:5000]), "model.safetensors is truncated or damaged"),
+    "no tokenizer": (lambda d: [p.unlink() for p in d.glob("tokenizer*")], "has no tokenizer"),
+    "fewer layers in the config": (lambda d: _edit_config(d, num_hidden_layers=1),
+                                   "config.json says 1 layer(s), the weights hold 4"),
+    "a wider config": (lambda d: _edit_config(d, hidden_size=128, word_embed_proj_dim=128),
+                       "tensor shape(s) differ (model.decoder.embed_tokens.weight is [1405, 64] in the weights"),
+}
+
+
+def _edit_config(model_dir: Path, **fields) -> None:
+    path = model_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_DAMAGE))
+def test_a_damaged_model_directory_is_refused_before_any_rank_starts(tiny_dirs, tmp_path: Path, name: str) -> None:
+    import shutil
+
+    from zoplan.runtime.checkpoint import check_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["tiny-opt"], model)
+    check_model_dir(model)  # whole, it passes
+    damage, words = CHECKPOINT_DAMAGE[name]
+    damage(model)
+    with pytest.raises(ZoplanError) as caught:
+        check_model_dir(model)
+    assert words in str(caught.value) and caught.value.fix
+    out = tmp_path / "run"
+    with pytest.raises(ZoplanError, match=words.split(" (")[0].replace("(", r"\(").replace(")", r"\)")):
+        prepare(RunOptions(model=str(model), output=out, steps=2))
+    assert not out.exists()

@@ -106,6 +106,7 @@ def test_without_restarts_a_killed_rank_stops_the_run_with_a_resume_hint(uninter
     done = len((out / "journal.jsonl").read_text().splitlines())
     assert done in (5, 6)  # step 5 is complete on rank 0 if it journaled before torchrun stopped it
     assert f"journal holds {done} completed step(s)" in err and "--resume" in err and "Traceback" not in err
+    assert "a rank was killed (SIGKILL), most often by the kernel's out-of-memory killer" in err  # named
     said = finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS)))
     assert f"resuming with {done} step(s) done: snapshot step-00000003 + {done - 3} journal step(s) replayed" in said
     assert "restarted" not in said

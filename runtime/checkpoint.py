@@ -1,0 +1,112 @@
+"""What a model directory must hold, checked before any rank starts.
+
+``zoplan run`` would otherwise learn of a missing, truncated or mismatched checkpoint from a rank's
+traceback (or not at all: Hugging Face initialises missing weights at random and ignores extra
+ones, so a config with fewer layers than the weights trains a truncated model). The checks read
+only the safetensors headers and build the model on the meta device: seconds, whatever its size.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from zoplan.errors import ZoplanError
+
+# a block's index in a parameter name (model.layers.3.mlp..., model.decoder.layers.3..., h.3...)
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+_SHOWN = 3
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files (one, or the shards its index names); [] when it has
+    only other formats (their tensors are not read here)."""
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_bytes()[:64 << 20])["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not all(isinstance(n, str) and "/" not in n and n.endswith(".safetensors") for n in names):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise ZoplanError(f"{index} is damaged: it must map tensor names to shard files",
+                              fix="copy the checkpoint again") from None
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise ZoplanError(f"{model_dir} lacks {len(missing)} weight shard(s) its index names (first: {missing[0]})",
+                              fix="copy the whole checkpoint (every model-*.safetensors file)")
+        return [model_dir / n for n in names]
+    if any(model_dir.glob("pytorch_model*.bin")):
+        return []
+    raise ZoplanError(f"{model_dir} holds no weights (no model.safetensors, no shard index, no pytorch_model.bin)",
+                      fix="point --model at a checkpoint directory with its weights, or save them there "
+                          "(model.save_pretrained(DIR))")
+
+
+def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the headers alone; a truncated or damaged file is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ZoplanError(f"{path} is truncated or damaged ({str(exc).splitlines()[0][:200]})",
+                              fix="copy the checkpoint again: its size must match the original") from None
+    return shapes
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse, with the file and a fix, a directory whose weights are missing or damaged, disagree
+    with its config.json, or that has no tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    files = weight_files(model_dir)
+    shapes = weight_shapes(files)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ZoplanError(f"{model_dir / 'config.json'} does not describe a model transformers can build "
+                          f"({str(exc).splitlines()[0][:200]})", fix="use the config.json saved with the weights") from None
+    if files:
+        _compare(model_dir, config, model, shapes)
+    fix = "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) saved with the model into the directory"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ZoplanError(f"{model_dir} has no tokenizer transformers can load ({str(exc).splitlines()[0][:200]})",
+                          fix=fix) from None
+    # without its files transformers may still build an empty tokenizer, which encodes nothing
+    if len(tokenizer) == 0 or not tokenizer("It was great")["input_ids"]:
+        raise ZoplanError(f"{model_dir} has no tokenizer: the one transformers builds from it is empty", fix=fix)
+
+
+def _compare(model_dir: Path, config, model, shapes: dict[str, tuple[int, ...]]) -> None:
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if not set(expected) & set(shapes):
+        return  # another naming scheme (one transformers converts while loading): not judged here
+    where = f"{model_dir}: the weights and config.json disagree"
+    fix = "use the config.json saved with these weights"
+    layers = getattr(config, "num_hidden_layers", None)
+    found = {int(m.group(1)) for name in shapes for m in [_LAYER.search(name)] if m}
+    if layers is not None and found and max(found) + 1 != layers:
+        raise ZoplanError(f"{where}: config.json says {layers} layer(s), the weights hold {max(found) + 1}", fix=fix)
+    wrong = [f"{n} is {list(shapes[n])} in the weights, {list(s)} by the config"
+             for n, s in expected.items() if n in shapes and shapes[n] != s]
+    if wrong:
+        raise ZoplanError(f"{where}: {len(wrong)} tensor shape(s) differ ({'; '.join(wrong[:_SHOWN])})", fix=fix)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(expected) - set(shapes) - tied)
+    if missing:
+        raise ZoplanError(f"{model_dir}: the weights lack {len(missing)} tensor(s) the model needs "
+                          f"(first: {', '.join(missing[:_SHOWN])}); they would start from random values",
+                          fix="copy the whole checkpoint, or use the config.json saved with these weights")
