@@ -1,7 +1,10 @@
 """Strict, versioned YAML files: one loader for topologies, plans and profiles.
 
 Every file zoplan reads carries ``version:``; unknown keys fail with the key's path and the file
-name. Only ``yaml.safe_load`` is used: a file is data, never code.
+name. Only YAML's safe constructors are used: a file is data, never code. Work on a hostile file
+is bounded before anything is built from it: a file larger than ``MAX_FILE_BYTES`` is not read,
+and a YAML document nested deeper than ``MAX_YAML_DEPTH`` or holding more than ``MAX_YAML_NODES``
+values once its aliases are expanded (a "billion laughs" of a few hundred bytes) is refused.
 """
 from __future__ import annotations
 
@@ -26,30 +29,121 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def read_text(path: Path, what: str) -> str:
-    """A user's file as text; a missing or unreadable file is a message naming it."""
+# Every file zoplan reads is a few kilobytes, a few hundred values, six levels deep (a topology,
+# a plan, a calibration profile, a model's config.json): these limits are far above any of them
+MAX_FILE_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
+
+
+def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
+    """A user's file as text; a missing, unreadable or oversized file is a message naming it.
+    At most ``limit`` + 1 bytes are read, whatever the file (/dev/zero, a FIFO, a huge log)."""
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
     except FileNotFoundError:
         raise ZoplanError(f"{what} file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ZoplanError(f"cannot read {what} file {path}: {exc}") from None
+    if len(raw) > limit:
+        raise ZoplanError(f"{path}: the {what} file is larger than {limit // 1024} KiB, far more than "
+                          f"any {what} file holds", fix=f"check that {path} is the {what} file meant")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ZoplanError(f"cannot read {what} file {path}: {exc}") from None
+
+
+class _Refused(Exception):
+    """A YAML document beyond the bounds: raised while composing, before anything is built."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses to compose a node nested deeper than ``MAX_YAML_DEPTH``."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _Refused(f"at line {mark.line + 1}, column {mark.column + 1}: nested deeper "
+                               f"than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded(node: yaml.Node) -> int:
+    """How many values ``node`` holds once every alias is expanded, computed on the composed graph
+    (each distinct node once), refusing beyond ``MAX_YAML_NODES`` values, ``MAX_YAML_DEPTH``
+    levels or a node that contains itself."""
+    memo: dict[int, tuple[int, int]] = {}
+    active: set[int] = set()
+
+    def measure(n: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(n)
+        if key in memo:
+            size, height = memo[key]
+        else:
+            if key in active:
+                raise _Refused("an alias refers to a value that contains it (a recursive alias)")
+            active.add(key)
+            size, height = 1, 0
+            children = ([c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode)
+                        else n.value if isinstance(n, yaml.SequenceNode) else [])
+            for child in children:
+                s, h = measure(child, depth + 1)
+                size, height = size + s, max(height, h + 1)
+                if size > MAX_YAML_NODES:
+                    raise _Refused(f"more than {MAX_YAML_NODES} values once its aliases are expanded")
+            active.discard(key)
+            memo[key] = size, height
+        if depth + height > MAX_YAML_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_YAML_DEPTH} levels once its aliases are expanded")
+        return size, height
+
+    return measure(node, 0)[0]
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document, built with the safe constructors only once it is known to be bounded.
+    Raises what yaml.safe_load raises, or ``_Refused``."""
+    loader = BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def load_yaml_text(text: str, where: Path | str) -> Any:
+    """Parse YAML text, turning every failure into a message that names ``where``."""
+    try:
+        return parse_yaml(text)
+    except _Refused as exc:
+        raise ZoplanError(f"{where}: refused YAML: {exc}",
+                          fix="write the values out plainly (zoplan's files need no deep nesting "
+                              "and no alias trees)") from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        # safe_load's constructors raise these for values such as 2001-02-30, '!!int abc' or
+        # thousands of digits; deep nesting exhausts the recursion limit
+        raise ZoplanError(f"{where}: invalid YAML: {short(str(exc) or type(exc).__name__)}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ZoplanError(f"{where}: invalid YAML{at}: {problem}") from None
 
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
     """Parse a YAML mapping, turning every failure into a message that names the file."""
-    text = read_text(path, what)
-    try:
-        data = yaml.safe_load(text)
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
-        # safe_load's constructors raise these for values such as 2001-02-30, '!!int abc' or
-        # thousands of digits; deep nesting exhausts the recursion limit
-        raise ZoplanError(f"{path}: invalid YAML: {short(str(exc) or type(exc).__name__)}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ZoplanError(f"{path}: invalid YAML{where}: {problem}") from None
+    data = load_yaml_text(read_text(path, what), path)
     if data is None:
         raise ZoplanError(f"{path}: the {what} file is empty")
     try:  # a YAML escape can produce a lone surrogate: no output stream can print it later

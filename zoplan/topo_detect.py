@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import yaml
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import validate
+from zoplan.fileio import load_yaml_text, validate
 from zoplan.gpu_presets import PRESETS, GpuPreset, preset_names
 from zoplan.topo_import import (SOCKET_LINK_GBPS, SOCKET_LINK_LATENCY_US, SOCKET_LINK_SOURCE,
                                 _comment, _flow, _fmt, build_topology, parse_topo_matrix)
@@ -308,7 +308,7 @@ def cpu_topology(meminfo: str, nodes: dict[int, frozenset[int]], cores: set[int]
         out += [f"  - {_flow(link)}" for link in socket_links]
     text = "\n".join(out) + "\n"
 
-    spec = validate(TopologySpec, yaml.safe_load(text), f"zoplan topo detect ({host})", "detected topology")
+    spec = validate(TopologySpec, load_yaml_text(text, f"zoplan topo detect ({host})"), f"zoplan topo detect ({host})", "detected topology")
     Machine(spec, name)  # every rank reaches a socket
     summary = (f"{why}: {n_ranks} CPU rank{'s' if n_ranks != 1 else ''} on {len(usable)} cores, {len(node_ids)} "
                f"socket{plural} ({_fmt(total_gib)} GiB host memory in all); compute and copy figures are "

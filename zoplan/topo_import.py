@@ -42,7 +42,7 @@ from pathlib import Path
 import yaml
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import read_text, validate
+from zoplan.fileio import load_yaml_text, read_text, validate
 from zoplan.gpu_presets import GpuPreset, get_preset
 from zoplan.topology import Machine, TopologySpec
 
@@ -628,7 +628,7 @@ def build_topology(matrix: TopoMatrix, preset: GpuPreset, *, host_memory_gib: fl
         out += [f"  - {_flow(link)}" for link in links[n_pcie + n_nvlink:]]
     text = "\n".join(out) + "\n"
 
-    data = yaml.safe_load(text)
+    data = load_yaml_text(text, source)
     spec = validate(TopologySpec, data, source, "imported topology")
     Machine(spec, source)  # every GPU reaches a socket
     return ImportedTopology(spec=spec, text=text, matrix=m, preset=preset, warnings=warnings,
