@@ -235,11 +235,12 @@ def run_cmd(
                                            help="fsync the journal every N steps (slow disks)"),
 ) -> None:
     """Fine-tune with a plan: torchrun starts the plan's ranks (gloo on CPU, NCCL on GPU)."""
-    from zoplan.runtime.launch import RunOptions, run
-    from zoplan.search import Pins
+    from zoplan.search import Pins, check_pins_range, check_workload
 
     if nnodes > 1 and master_port is None:
         raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
+    if master_port is not None and not 1 <= master_port <= 65535:
+        raise ZoplanError(f"--master-port {master_port} is not a TCP port", fix="use a port from 1 to 65535, e.g. 29500")
     if node_rank >= nnodes:
         raise ZoplanError(f"--node-rank {node_rank} is not one of the {nnodes} node(s): 0 .. {nnodes - 1}")
     if plan_file is not None or resume is not None:
@@ -255,13 +256,18 @@ def run_cmd(
                               fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml")
         if planned:
             err.print(Text(f"warning: {', '.join(planned)} ignored: the run in {resume} continues with its own plan"))
+    pins = Pins(perturbation=pertp, data=ddp, slices=slices, gpus=_gpus(gpus),
+                wire_dtype=wire_dtype.value if wire_dtype else None,
+                upload=upload.value if upload else None, resident=resident, micro_batch=micro_batch)
+    if plan_file is None and resume is None:  # before the runtime (torch) is even imported
+        check_workload(None, 8 if global_batch is None else global_batch, 64 if seq_len is None else seq_len)
+        check_pins_range(pins, 8 if global_batch is None else global_batch)
+    from zoplan.runtime.launch import RunOptions, run
+
     opts = RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=output,
                       global_batch=8 if global_batch is None else global_batch,
                       seq_len=64 if seq_len is None else seq_len, topology=topology,
-                      pins=Pins(perturbation=pertp, data=ddp, slices=slices, gpus=_gpus(gpus),
-                                wire_dtype=wire_dtype.value if wire_dtype else None,
-                                upload=upload.value if upload else None, resident=resident,
-                                micro_batch=micro_batch),
+                      pins=pins,
                       eval_every=eval_every, max_nonfinite=max_nonfinite, nnodes=nnodes, node_rank=node_rank,
                       master_addr=master_addr, master_port=master_port, lr=lr, eps=eps, seed=seed,
                       resume=resume is not None, max_restarts=max_restarts, snapshot_every=snapshot_every,

@@ -11,6 +11,7 @@ Words (docs/architecture.md has the glossary):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -150,6 +151,8 @@ class Layout:
 
 
 def divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
+    """The divisors of ``n`` in ascending order, by trial division up to its square root."""
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0] if n >= 1 else []
+    return small + [n // k for k in reversed(small) if k * k != n]
 
 

@@ -16,7 +16,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from zoplan import __version__
 from zoplan.errors import ZoplanError
-from zoplan.fileio import Strict, check_version, read_yaml, short, validate, write_yaml
+from zoplan.fileio import Strict, brief, check_version, read_yaml, short, validate, write_yaml
 from zoplan.layout import Layout
 from zoplan.models import ModelShape
 from zoplan.topology import Machine
@@ -182,21 +182,22 @@ def load_plan(path: str | Path) -> Plan:
     plan = validate(Plan, data, path, "plan")
     try:
         shape = plan.model_shape()
-        layout = plan.to_layout()
     except ZoplanError as exc:
         raise ZoplanError(f"{path}: invalid plan: {short(exc.message, 2000)}", fix=exc.fix) from None
     if shape.hash != plan.model.hash:
         raise ZoplanError(f"{path}: field 'model.hash' ({plan.model.hash}) does not match "
                           f"'model.shape' ({shape.hash})",
                           fix="the model shape was edited: write the plan again with `zoplan plan`")
+    check_ranges(plan, shape, path)
+    try:
+        layout = plan.to_layout()
+    except ZoplanError as exc:
+        raise ZoplanError(f"{path}: invalid plan: {short(exc.message, 2000)}", fix=exc.fix) from None
     if layout.micro_batch and (plan.batch.global_batch % (layout.data * layout.nodes) or
                                (plan.batch.global_batch // (layout.data * layout.nodes)) % layout.micro_batch):
         raise ZoplanError(f"{path}: field 'batch': global batch {plan.batch.global_batch} does not "
                           f"divide into {layout.data * layout.nodes} replicas of micro-batches of "
                           f"{layout.micro_batch}")
-    bad = [b for b in plan.resident_blocks if not 0 <= b < shape.layers]
-    if bad:
-        raise ZoplanError(f"{path}: field 'resident_blocks': {bad} outside 0..{shape.layers - 1}")
     expected = [RankEntry(**r) for r in layout.ranks()]
     if plan.layout.ranks != expected or plan.layout.world_size != len(expected):
         raise ZoplanError(f"{path}: field 'layout.ranks' does not follow from the layout "
@@ -209,6 +210,53 @@ def load_plan(path: str | Path) -> Plan:
     return plan
 
 
+def check_ranges(plan: Plan, shape: ModelShape, path: Path | str) -> None:
+    """Every number of a plan within what it means, before anything is sized by it: the runtime
+    allocates by these fields, and the simulator issues one upload per slice."""
+    from zoplan.search import MAX_SLICES_PER_BLOCK, workload_problems
+
+    again = "write the plan again with `zoplan plan ... -o` instead of editing it"
+
+    def refuse(field: str, value, problem: str, fix: str = again) -> None:
+        raise ZoplanError(f"{path}: field '{field}' ({brief(value)}) {problem}", fix=fix)
+
+    b = plan.batch
+    for name, problem, fix in workload_problems(shape, b.global_batch, b.seq_len):
+        refuse(f"batch.{name}", getattr(b, name), problem, f"{again} ({fix})")
+    if b.micro_batch > b.global_batch:
+        refuse("batch.micro_batch", b.micro_batch, f"is more than the global batch ({b.global_batch})")
+    most = min(MAX_SLICES_PER_BLOCK, shape.block_params())
+    if plan.transfer.slices_per_block > most:
+        refuse("transfer.slices_per_block", plan.transfer.slices_per_block,
+               f"is more than the slices a block can be cut into ({most})")
+    if plan.transfer.prefetch > shape.layers:
+        refuse("transfer.prefetch", plan.transfer.prefetch, f"is more than the {shape.layers} blocks of {shape.name}")
+    if len(plan.resident_blocks) > shape.layers:
+        refuse("resident_blocks", plan.resident_blocks, f"lists more than the {shape.layers} blocks of {shape.name}")
+    bad = [x for x in plan.resident_blocks if not 0 <= x < shape.layers]
+    if bad:
+        refuse("resident_blocks", bad, f"outside 0..{shape.layers - 1}, the blocks of {shape.name}")
+    if len(set(plan.resident_blocks)) != len(plan.resident_blocks):
+        refuse("resident_blocks", plan.resident_blocks, "names a block twice")
+    lay = plan.layout
+    gpus = set(lay.compute_gpus) | set(plan.transfer.movers)
+    if lay.nodes * len(gpus) != len(lay.ranks):
+        # the rank table is rebuilt from the layout below: never build one of another size
+        if lay.nodes > len(lay.ranks):
+            refuse("layout.nodes", lay.nodes, f"is more than the {len(lay.ranks)} entries of 'layout.ranks'")
+        refuse("layout.ranks", f"{len(lay.ranks)} entries", f"is not one per GPU ({len(gpus)}) per node "
+               f"({lay.nodes}) of the layout's compute GPUs and movers")
+
+def check_plan_gpus(plan: Plan, machine: Machine, plan_path: str | Path = "plan") -> None:
+    """Refuse a plan naming a GPU the machine does not have."""
+    for field, names in (("layout.compute_gpus", plan.layout.compute_gpus), ("transfer.movers", plan.transfer.movers)):
+        unknown = [g for g in names if g not in machine.gpus]
+        if unknown:
+            raise ZoplanError(f"{plan_path}: field '{field}' names {', '.join(map(brief, unknown))}, not a GPU "
+                              f"of topology '{machine.name}' ({', '.join(machine.gpus)})",
+                              fix="write the plan again with `zoplan plan --gpus ...` instead of editing it")
+
+
 def check_plan_matches(plan: Plan, *, machine: Machine | None = None, shape: ModelShape | None = None,
                        plan_path: str | Path = "plan") -> None:
     """Refuse a plan made for another machine or model, naming both."""
@@ -217,6 +265,8 @@ def check_plan_matches(plan: Plan, *, machine: Machine | None = None, shape: Mod
             f"{plan_path} was planned for topology '{plan.topology.name}' ({plan.topology.hash}), "
             f"but this machine is '{machine.name}' ({machine.hash})",
             fix="plan again for this machine with `zoplan plan --topology ...`")
+    if machine is not None:
+        check_plan_gpus(plan, machine, plan_path)
     # the shape decides everything a plan says, not the name: a plan made with the preset
     # 'llama-2-70b' runs a checkpoint directory of that shape, whatever the directory is called
     differences = plan.model_shape().differences(shape) if shape is not None else []

@@ -11,10 +11,11 @@ from zoplan.costs import StepCosts, Workload
 from zoplan.errors import ZoplanError
 from zoplan.models import ModelShape, load_model_shape
 from zoplan.program import Program
-from zoplan.planfile import Plan, Prediction, ZoSettings, build_plan, load_plan
+from zoplan.planfile import Plan, Prediction, ZoSettings, build_plan, check_plan_gpus, load_plan
 from zoplan.layout import Layout
 from zoplan.sim import simulate
-from zoplan.search import Candidate, Pins, SearchResult, evaluate, search, top_families, usd_per_mtok
+from zoplan.search import (Candidate, Pins, SearchResult, check_workload, evaluate, search, top_families,
+                           usd_per_mtok)
 from zoplan.topology import Machine, load_topology
 
 DEFAULT_MODEL = "opt-175b"
@@ -151,6 +152,7 @@ def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
     With ``profile``, the calibrated figures replace the topology's nominal ones. ``dtype`` (the
     compute dtype) defaults to the profile's, else bf16 on GPUs and fp32 on CPU ranks."""
     shape = load_model_shape(model)
+    check_workload(shape, global_batch, seq_len)  # before any work that grows with them
     machine = with_profile(load_topology(topology), profile, shape)
     dtype = compute_dtype(machine, dtype, profile)
     seq_len = default_seq_len(shape, machine) if seq_len is None else seq_len
@@ -179,7 +181,8 @@ def compare(model: str, topologies: list[str], *, global_batch: int = DEFAULT_GL
     (or that cannot run the batch) gives its error instead, so the others are still compared."""
     if not topologies:
         raise ZoplanError("compare needs at least one --topology")
-    load_model_shape(model)  # a bad model name fails once, before any search
+    # a bad model name or batch shape fails once, before any search
+    check_workload(load_model_shape(model), global_batch, seq_len)
     out: list[tuple[str, PlanReport | ZoplanError]] = []
     for topo in topologies:
         machine = load_topology(topo)  # a bad topology file is the user's to fix: fail loudly
@@ -210,6 +213,7 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
             f"({the_plan.topology.hash}), but '{topology or the_plan.topology.source}' is now "
             f"{machine.hash}: the machine description changed since planning",
             fix="plan again, or pass the original file with --topology")
+    check_plan_gpus(the_plan, machine, plan_path)
     shape = the_plan.model_shape()
     if the_plan.profile is not None:
         machine = with_profile(machine, the_plan.profile.source, shape)

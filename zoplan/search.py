@@ -16,12 +16,67 @@ from dataclasses import dataclass, field
 from zoplan.bound import Bound, machine_bound
 from zoplan.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
 from zoplan.errors import ZoplanError
+from zoplan.fileio import brief
 from zoplan.layout import WIRE_BYTES, Layout, divisors
 from zoplan.sim import Exceeded, SimResult, simulate
 from zoplan.topology import Machine
 
 DTYPES = tuple(WIRE_BYTES)
 OBJECTIVES = ("time", "cost")
+
+# Range limits, checked before any search: the search tries every divisor of a replica's batch as
+# a micro-batch, and the step program has one upload per slice, so both bound the work. Far above
+# any ZO fine-tuning (MeZO: 16 to 64 sequences of at most 2048 tokens; the search itself tries at
+# most 4 slices per mover); a 55440-sequence batch (120 divisors) still searches in about 80 s on
+# a 2-core machine (docs/results/reliability.md).
+MAX_GLOBAL_BATCH = 65536
+MAX_SEQ_LEN = 1 << 20
+MAX_SLICES_PER_BLOCK = 128
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def workload_problems(shape, global_batch, seq_len) -> list[tuple[str, str, str]]:
+    """What is wrong with a batch shape, as (field, what is wrong with its value, fix); empty when
+    it can be planned. ``seq_len`` None is left to its default; ``shape`` None: the model is not
+    known yet (its positions are checked later)."""
+    out = []
+    if not _whole(global_batch) or not 1 <= global_batch <= MAX_GLOBAL_BATCH:
+        out.append(("global_batch", f"is not a whole number of sequences from 1 to {MAX_GLOBAL_BATCH}",
+                    "ZO fine-tuning takes 16 to 64 sequences per step"))
+    if seq_len is not None:
+        if not _whole(seq_len) or not 1 <= seq_len <= MAX_SEQ_LEN:
+            out.append(("seq_len", f"is not a whole number of tokens from 1 to {MAX_SEQ_LEN}",
+                        f"use --seq-len 1 to {min(MAX_SEQ_LEN, shape.max_positions) if shape else MAX_SEQ_LEN}"))
+        elif shape is not None and shape.family == "opt" and seq_len > shape.max_positions:
+            # OPT learns one embedding per position: longer sequences have no position to look up
+            out.append(("seq_len", f"is longer than the {shape.max_positions} positions {shape.name} "
+                        f"was trained with", f"use --seq-len {shape.max_positions} or less"))
+    return out
+
+
+def check_pins_range(pins: Pins, global_batch: int) -> None:
+    """The checks of pinned numbers that need neither model nor machine (``zoplan run`` makes them
+    before it loads the runtime; the search checks every pin again, against both)."""
+    for flag, value, least, most in (("--slices", pins.slices, 1, MAX_SLICES_PER_BLOCK),
+                                     ("--micro-batch", pins.micro_batch, 1, global_batch),
+                                     ("--resident", pins.resident, 0, None), ("--ddp", pins.data, 1, None)):
+        if value is not None and (not _whole(value) or value < least):
+            raise ZoplanError(f"{flag} must be at least {least}, got {brief(value)}")
+        if value is not None and most is not None and value > most:
+            raise ZoplanError(f"{flag} {value} is more than {most}", fix=f"use {flag} {most} or less")
+    if pins.perturbation is not None and pins.perturbation not in (1, 2):
+        raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
+
+
+def check_workload(shape, global_batch, seq_len) -> None:
+    """Refuse a batch shape out of range, in the command line's words (--global-batch, --seq-len)."""
+    values = {"global_batch": global_batch, "seq_len": seq_len}
+    for name, problem, fix in workload_problems(shape, global_batch, seq_len):
+        flag = "--" + name.replace("_", "-")
+        raise ZoplanError(f"{flag} {brief(values[name])} {problem}", fix=fix)
 
 
 @dataclass(frozen=True)
@@ -327,20 +382,21 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
     if not machine.gpus:
         raise ZoplanError(f"topology '{machine.name}' has no GPUs to plan for")
     nodes = machine.spec.nodes
-    if workload.global_batch < 1 or workload.seq_len < 1:
-        raise ZoplanError("global batch and sequence length must be at least 1")
-    if workload.model.family == "opt" and workload.seq_len > workload.model.max_positions:
-        # OPT learns one embedding per position: longer sequences have no position to look up
-        raise ZoplanError(f"--seq-len {workload.seq_len} is longer than the {workload.model.max_positions} "
-                          f"positions {workload.model.name} was trained with",
-                          fix=f"use --seq-len {workload.model.max_positions} or less")
-    for flag, value, least in (("--slices", pins.slices, 1), ("--micro-batch", pins.micro_batch, 1),
-                               ("--prefetch", pins.prefetch, 1), ("--resident", pins.resident, 0)):
-        if value is not None and value < least:
-            raise ZoplanError(f"{flag} must be at least {least}, got {value}")
-    if pins.resident is not None and pins.resident > workload.model.layers:
-        raise ZoplanError(f"--resident {pins.resident} is more than the {workload.model.layers} blocks "
-                          f"of {workload.model.name}", fix=f"use at most {workload.model.layers}")
+    check_workload(workload.model, workload.global_batch, workload.seq_len)
+    layers, gpus = workload.model.layers, len(machine.gpus)
+    for flag, value, least, most, why in (
+            ("--slices", pins.slices, 1, min(MAX_SLICES_PER_BLOCK, workload.model.block_params()),
+             "the slices a block can be cut into"),
+            ("--micro-batch", pins.micro_batch, 1, workload.global_batch, "the global batch"),
+            ("--prefetch", pins.prefetch, 1, layers, f"the blocks of {workload.model.name}"),
+            ("--resident", pins.resident, 0, layers, f"the blocks of {workload.model.name}"),
+            ("--ddp", pins.data, 1, gpus, f"the GPUs per node of '{machine.name}'")):
+        if value is None:
+            continue
+        if not _whole(value) or value < least:
+            raise ZoplanError(f"{flag} must be at least {least}, got {brief(value)}")
+        if value > most:
+            raise ZoplanError(f"{flag} {value} is more than {why} ({most})", fix=f"use {flag} {most} or less")
     if pins.gpus is not None:
         if not pins.gpus:
             raise ZoplanError("--gpus names no GPU", fix=f"list compute GPUs, e.g. {','.join(machine.gpus[:2])}")

@@ -368,13 +368,17 @@ def _axis(span_s: float, width: int) -> Text:
     return Text("".join(labels) + "\n" + "".join(marks), style="dim")
 
 
+MAX_GANTT_WIDTH = 1000
+
+
 def gantt(result: SimResult, machine: Machine, width: int = 100) -> RenderableType:
     """Terminal Gantt chart of the reported step: one row per (GPU, stream) busy in it, time in
     ``width`` columns, each cell coloured by the category that fills most of it ('█' busy at
     least half the cell, '▄' less, '·' idle), with a time axis, a legend and busy % per row."""
     _require_spans(result)
-    if width < 10:
-        raise ZoplanError(f"gantt width must be at least 10 columns, got {width}")
+    if not 10 <= width <= MAX_GANTT_WIDTH:  # each row is a string of ``width`` cells
+        raise ZoplanError(f"gantt width must be from 10 to {MAX_GANTT_WIDTH} columns, got {width}",
+                          fix="--width 100 fits most terminals")
     start, end = result.window
     span_s = end - start
     rows = _rows(result, machine)
