@@ -161,12 +161,31 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
             raise ZoplanError(f"{journal_path} was written by a run of model '{plan.model.name}' ({plan_path}), "
                               f"but the base model given is '{shape.name}': {', '.join(differences)}",
                               fix="replay onto the base weights that run started from")
-    if dtype is None:
-        dtype = plan.transfer.wire_dtype if plan is not None else "fp32"
+    # as the run kept them: the parameters outside the blocks (embeddings, final norm, head) and the
+    # blocks kept on the devices (resident) in the compute dtype; a streamed block, updated in the
+    # compute dtype and stored in the host copy's (wire) dtype after every step, in the narrower of
+    # the two. The blocks are written from the host copy (resident ones rounded into it at the end),
+    # everything in the compute dtype, as the run writes them. --dtype replays and writes
+    # everything in that one dtype instead.
+    wire = dtype or (plan.transfer.wire_dtype if plan is not None else "fp32")
+    param = dtype or (plan.transfer.param_dtype if plan is not None else "fp32")
+    stored = param if wire == "fp32" else wire
+    resident = set(plan.resident_blocks) if plan is not None else set()
     from transformers import AutoModelForCausalLM, AutoTokenizer  # after the checks: its import takes seconds
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
-    replay(model, journal)
+    from zoplan.runtime.adapters import adapter_for
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[param]).to(device)
+    blocks = adapter_for(model.config.model_type).blocks(model)
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            block.to(DTYPES[wire])  # the host copy made from the base weights
+            block.to(DTYPES[param if i in resident else stored])
+        replay(model, journal)
+        for i, block in enumerate(blocks):
+            if i in resident:
+                block.to(DTYPES[wire])  # into the host copy at the end of the run
+            block.to(DTYPES[param])
     require_finite(model.named_parameters(), f"the weights replayed from {journal_path}",
                    "replay in the dtype the run trained in (--dtype, default the run's own); a journal "
                    "whose updates overflow in it cannot give a usable model")

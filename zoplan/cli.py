@@ -400,7 +400,7 @@ def replay_cmd(
     base_model: str = typer.Argument(..., help="the base weights the run started from (directory, hub id or tiny-*)"),
     journal: Path = typer.Argument(..., help="the run's journal.jsonl"),
     output: Path = typer.Option(..., "--output", "-o", help="directory for the rebuilt weights"),
-    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="default: the run's host-copy dtype from plan.yaml"),
+    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="replay and write everything in this dtype (default: each part as the run kept it, from plan.yaml)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (the device type that trained: bit-identical)"),
 ) -> None:
     """Rebuild trained weights from the base weights and the journal alone."""

@@ -200,3 +200,26 @@ def test_two_machines_match_one(tiny_dirs, tmp_path: Path) -> None:
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert_same_weights(one, load_file(str(outs[0] / "model" / "model.safetensors")))
+
+
+def test_replay_is_bit_identical_when_the_host_copy_is_narrower_than_the_compute_dtype(tiny_dirs, tmp_path: Path) -> None:
+    """bf16 blocks in the host copy, fp32 compute: the blocks' updates are rounded to bf16 when they
+    are written back, the embeddings and final norm stay fp32 on the devices, and the model is
+    written in fp32. `zoplan replay` keeps each where the run kept it and gives the same bits."""
+    from zoplan.runtime.replay import replay_to
+
+    model_dir = tiny_dirs["tiny-llama"]
+    two = cpu_topology(tmp_path, 2)
+    for resident in (0, 2):  # streamed blocks (rounded every step), and two kept on the devices (at the end)
+        name = f"bf16-wire-resident{resident}"
+        plan_path = planned(tmp_path, model_dir, two, name, perturbation=2, data=1, upload="sliced",
+                            movers="compute", slices=2, wire_dtype="bf16", resident=resident)
+        assert len(load_plan(plan_path).resident_blocks) == resident
+        trained = train(plan_path, model_dir, tmp_path / name)
+        assert replay_to(str(model_dir), tmp_path / name / "journal.jsonl", tmp_path / f"{name}-replayed") == STEPS
+        rebuilt = load_file(str(tmp_path / f"{name}-replayed" / "model.safetensors"))
+        assert {v.dtype for v in trained.values()} == {torch.float32}
+        for key, value in trained.items():
+            assert rebuilt[key].dtype == torch.float32, key
+            assert torch.equal(rebuilt[key], value), (resident, key)
+        assert any("layers" not in key for key in trained)  # the parameters outside the blocks too
