@@ -56,7 +56,7 @@ class ZoSettings(Strict):
     eps: PositiveFloat = 1e-3
     lr: PositiveFloat = 1e-6
     weight_decay: NonNegativeFloat = 0.0
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**63)
     steps: PositiveInt = 1000
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
 

@@ -91,7 +91,10 @@ def test_a_gpu_plan_on_this_cpu_machine_is_refused(tmp_path: Path, tiny_dirs) ->
 @pytest.mark.parametrize("args,message", [
     (["--model", "nobody/no-such-model"], "cannot be found offline"),
     (["--global-batch", "7", "--ddp", "2"], "does not divide"),
-    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "0"], "Invalid value for '--steps'"),
+    (["--steps", "1000000000000"], "Invalid value for '--steps'"),
+    (["--seed", "-1"], "Invalid value for '--seed'"),
+    (["--nnodes", "100000", "--master-port", "29500"], "Invalid value for '--nnodes'"),
     (["--lr", "-1"], "invalid ZO setting: field 'lr'"),
     (["--node-rank", "3"], "--node-rank 3 is not one of the 1 node(s)"),
     (["--max-restarts", "-1"], "--max-restarts"),
