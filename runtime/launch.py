@@ -203,12 +203,12 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     if out.exists() and any(not p.name.startswith(".lock-node") for p in out.iterdir()):
         raise ZoplanError(f"output directory {out} is not empty: a previous run's output is not overwritten",
                           fix="choose a new --output directory, remove the old one, or continue it with --resume")
+    plan = load_plan(opts.plan) if opts.plan is not None else None  # first: it needs no model
     model_dir = resolve_model(opts.model)
     config = model_dir / "config.json"
     shape = load_model_shape(str(config))
     check_model_dir(model_dir)  # weights present, whole, of the config's shape; a tokenizer
-    if opts.plan is not None:
-        plan = load_plan(opts.plan)
+    if plan is not None:
         check_plan_matches(plan, shape=shape, plan_path=opts.plan)
         machine = load_topology(plan.topology.source)
         check_plan_matches(plan, machine=machine, plan_path=opts.plan)
@@ -379,13 +379,16 @@ def _launch(opts: RunOptions, plan: Plan, model_dir: Path, plan_path: Path, devi
         done = _journaled_steps(out / "journal.jsonl")
         log_path = out / f"worker-node{opts.node_rank}.log"
         resume = f"continue with `zoplan run --resume {out} --steps {opts.steps}`"
-        if _killed(log_path):
-            raise ZoplanError(f"training stopped: a rank was killed (SIGKILL), most often by the kernel's "
-                              f"out-of-memory killer when the machine runs out of host memory (see {log_path}; "
-                              f"`dmesg | grep -i oom` shows it); the journal holds {done} completed step(s), "
-                              "none is lost",
-                              fix=f"free host memory (fewer ranks per machine, a smaller micro-batch, other "
-                                  f"jobs stopped), then {resume}")
+        who = "torchrun (which stopped the ranks)" if proc.returncode < 0 else "a rank" if _killed(log_path) else None
+        if who is not None:
+            signum = -proc.returncode if proc.returncode < 0 else signal.SIGKILL
+            name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
+            oom = (", most often by the kernel's out-of-memory killer when the machine runs out of host memory "
+                   "(`dmesg | grep -i oom` shows it)" if signum == signal.SIGKILL else "")
+            raise ZoplanError(f"training stopped: {who} was killed by {name}{oom} (see {log_path}); the journal "
+                              f"holds {done} completed step(s), none is lost",
+                              fix=(f"free host memory (fewer ranks per machine, a smaller micro-batch, other jobs "
+                                   f"stopped), then {resume}") if oom else resume)
         raise ZoplanError(f"training stopped: a rank exited without a message (torchrun exit status "
                           f"{proc.returncode}; see {log_path}); "
                           f"the journal holds {done} completed step(s), none is lost",

@@ -262,6 +262,10 @@ def run_cmd(
     if plan_file is None and resume is None:  # before the runtime (torch) is even imported
         check_workload(None, 8 if global_batch is None else global_batch, 64 if seq_len is None else seq_len)
         check_pins_range(pins, 8 if global_batch is None else global_batch)
+    elif plan_file is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
+        from zoplan.planfile import load_plan
+
+        load_plan(plan_file)
     from zoplan.runtime.launch import RunOptions, run
 
     opts = RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=output,

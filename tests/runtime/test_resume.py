@@ -106,7 +106,7 @@ def test_without_restarts_a_killed_rank_stops_the_run_with_a_resume_hint(uninter
     done = len((out / "journal.jsonl").read_text().splitlines())
     assert done in (5, 6)  # step 5 is complete on rank 0 if it journaled before torchrun stopped it
     assert f"journal holds {done} completed step(s)" in err and "--resume" in err and "Traceback" not in err
-    assert "a rank was killed (SIGKILL), most often by the kernel's out-of-memory killer" in err  # named
+    assert "a rank was killed by SIGKILL, most often by the kernel's out-of-memory killer" in err  # named
     said = finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS)))
     assert f"resuming with {done} step(s) done: snapshot step-00000003 + {done - 3} journal step(s) replayed" in said
     assert "restarted" not in said
@@ -231,6 +231,6 @@ def test_the_ranks_die_with_a_killed_torchrun(tmp_path: Path) -> None:
                   if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     os.kill(torchrun, signal.SIGKILL)
     err = finished(proc, code=2)
-    assert "--resume" in err
+    assert "--resume" in err and "torchrun (which stopped the ranks) was killed by SIGKILL" in err
     time.sleep(0.1)
     assert gone(str(out)), processes_naming(str(out))

@@ -1,0 +1,323 @@
+"""Hostile and clumsy use, by kind: what each bad input or fault gives (docs/results/reliability.md).
+
+Every case runs the real command (``python -m zoplan.cli ...``) on a small run (tiny-opt, the
+default plan: 2 CPU ranks) and is judged on what a user would see:
+- status: the exit status; a case that must be refused and exits 0 is an "exit-0-wrong" result;
+  a case that must finish (a damaged snapshot, a resume after a kill) must also give the weights
+  of an uninterrupted run, bit for bit, or it is one too;
+- a traceback in the output, a hang (the case's limit, 120 s, reached), the generic "a rank exited
+  without a message" where the cause is known;
+- leaks: folders named zoplan-* or torchelastic_* left in shared memory or the temporary
+  directory, and processes still naming the case's directory, once the case is over.
+
+Usage: python bench/hostile.py [--work DIR] [--only SUBSTRING]   (about 5 minutes on 2 cores)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+
+LIMIT_S = 120
+ENV = dict(os.environ, HF_HUB_OFFLINE="1")
+
+
+def zoplan_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "zoplan.cli", *args]
+
+
+def scratch() -> set[Path]:
+    from zoplan.runtime.scratch import shared_memory
+
+    return {p for base in (shared_memory(), Path(tempfile.gettempdir()))
+            for pattern in ("zoplan-*", "torchelastic_*") for p in base.glob(pattern)}
+
+
+def processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().split(") ", 1)[1][0]
+            except OSError:
+                continue
+            if text in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@dataclass
+class Case:
+    kind: str
+    name: str
+    run: Callable[[Path], tuple[int, str]]  # the case's directory -> (exit status, output)
+    refused: bool = True  # must end with status 2 (or 128 + a signal) and a message
+    check: Callable[[Path], bool] | None = None  # for a case that must finish: its result is right
+
+
+def call(*args: str, cwd: Path, env: dict | None = None) -> tuple[int, str]:
+    try:
+        proc = subprocess.run(zoplan_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=LIMIT_S,
+                              env=env or ENV)
+        return proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        return -1, f"HANG after {LIMIT_S} s\n{exc.stdout or ''}{exc.stderr or ''}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--only", default="")
+    opts = parser.parse_args()
+    work = opts.work or Path(tempfile.mkdtemp(prefix="hostile-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # the runs every case starts from: 6 steps with snapshots, and an uninterrupted 8-step run
+    for name, steps in (("base", "6"), ("reference", "8")):
+        if not (work / name / "model").exists():
+            code, out = call("run", "--steps", steps, "--snapshot-every", "2", "-o", name, cwd=work)
+            assert code == 0, out
+    print(f"base runs ready in {time.perf_counter() - t0:.0f} s ({work})", flush=True)
+
+    def copy(d: Path) -> Path:
+        shutil.copytree(work / "base", d / "run")
+        return d / "run"
+
+    def edit_journal(fn) -> Callable[[Path], tuple[int, str]]:
+        def go(d: Path) -> tuple[int, str]:
+            run = copy(d)
+            lines = (run / "journal.jsonl").read_text().splitlines()
+            (run / "journal.jsonl").write_text("".join(line + "\n" for line in fn(lines)))
+            return call("run", "--resume", str(run), "--steps", "8", cwd=d)
+        return go
+
+    def set_field(lines, index, **fields):
+        row = json.loads(lines[index])
+        row.update(fields)
+        return lines[:index] + [json.dumps(row)] + lines[index + 1:]
+
+    def resume_with(*args: str) -> Callable[[Path], tuple[int, str]]:
+        return lambda d: call("run", "--resume", str(copy(d)), *args, cwd=d)
+
+    def replay_with(fn) -> Callable[[Path], tuple[int, str]]:
+        def go(d: Path) -> tuple[int, str]:
+            run = copy(d)
+            lines = (run / "journal.jsonl").read_text().splitlines()
+            (run / "journal.jsonl").write_text("".join(line + "\n" for line in fn(lines)))
+            return call("replay", "tiny-opt", str(run / "journal.jsonl"), "-o", str(d / "replayed"), cwd=d)
+        return go
+
+    def damaged_model(fn) -> Callable[[Path], tuple[int, str]]:
+        def go(d: Path) -> tuple[int, str]:
+            from zoplan.runtime.tiny import resolve_model
+
+            model = d / "model"
+            shutil.copytree(resolve_model("tiny-opt"), model)
+            fn(model)
+            return call("run", "--model", str(model), "--steps", "2", "-o", str(d / "out"), cwd=d)
+        return go
+
+    def edit_config(model: Path, **fields) -> None:
+        path = model / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+    def bomb(d: Path) -> tuple[int, str]:
+        text = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+            f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}" if i > 1 else "*a"] * 9) + "]\n" for i in range(1, 12))
+        (d / "bomb.yaml").write_text(text)
+        return call("plan", "-t", str(d / "bomb.yaml"), cwd=d)
+
+    def plan_edit(field: str, value) -> Callable[[Path], tuple[int, str]]:
+        """The base run's plan with one field (a dotted path) set to ``value``."""
+        def go(d: Path) -> tuple[int, str]:
+            import yaml
+
+            spec = yaml.safe_load((work / "base" / "plan.yaml").read_text())
+            *parents, key = field.split(".")
+            node = spec
+            for name in parents:
+                node = node[name]
+            assert key in node, field
+            node[key] = value
+            (d / "plan.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+            return call("run", str(d / "plan.yaml"), "-o", str(d / "out"), "--steps", "1", cwd=d)
+        return go
+
+    def start(d: Path, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(zoplan_cmd("run", *args), cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=ENV)
+
+    def wait_steps(run: Path, n: int, proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + LIMIT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            journal = run / "journal.jsonl"
+            if journal.exists() and journal.read_bytes().count(b"\n") >= n:
+                return
+            time.sleep(0.1)
+
+    def kill_then_resume(target: str) -> Callable[[Path], tuple[int, str]]:
+        """SIGKILL one process of a run in its third step, then --resume to 8 steps."""
+        def go(d: Path) -> tuple[int, str]:
+            run = d / "run"
+            proc = start(d, "--steps", "8", "--snapshot-every", "2", "-o", str(run))
+            wait_steps(run, 2, proc)
+            if target == "launcher":
+                pid = proc.pid
+            else:
+                def is_target(p: int) -> bool:
+                    cmdline = (Path("/proc") / str(p) / "cmdline").read_bytes().decode(errors="replace")
+                    torchrun = "torch.distributed.run" in cmdline  # it names the worker module too
+                    return torchrun if target == "torchrun" else "zoplan.runtime.worker" in cmdline and not torchrun
+                pid = next(p for p in processes_naming(str(run)) if is_target(p))
+            os.kill(pid, signal.SIGKILL)
+            first = proc.communicate(timeout=LIMIT_S)[0]
+            deadline = time.monotonic() + 30
+            while processes_naming(str(run)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            then = time.time() - 60  # a killed launcher's folders, old enough to be judged stale
+            for folder in scratch():
+                if (folder / ".owner").exists():
+                    os.utime(folder / ".owner", (then, then))
+            code, out = call("run", "--resume", str(run), "--steps", "8", cwd=d)
+            return code, f"{first}\n--- resume ---\n{out}"
+        return go
+
+    def second_resume(d: Path) -> tuple[int, str]:
+        run = d / "run"
+        proc = start(d, "--steps", "400", "-o", str(run))
+        wait_steps(run, 1, proc)
+        code, out = call("run", "--resume", str(run), "--steps", "400", cwd=d)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=LIMIT_S)
+        return code, out
+
+    def sigterm(d: Path) -> tuple[int, str]:
+        run = d / "run"
+        proc = start(d, "--steps", "400", "-o", str(run))
+        wait_steps(run, 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        return proc.returncode if proc.wait(timeout=LIMIT_S) is not None else -1, proc.communicate()[0]
+
+    def damaged_snapshot(d: Path) -> tuple[int, str]:
+        run = copy(d)
+        newest = sorted((run / "snapshots").iterdir())[-1] / "model.safetensors"
+        newest.write_bytes(newest.read_bytes()[:1000])
+        return call("run", "--resume", str(run), "--steps", "8", cwd=d)
+
+    def read_only_output(d: Path) -> tuple[int, str]:
+        """An output directory the run cannot write into (immutable: also for root, who ignores modes)."""
+        (d / "ro").mkdir()
+        os.chmod(d / "ro", 0o500)
+        immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(d / "ro")]).returncode == 0
+        try:
+            return call("run", "--steps", "2", "-o", str(d / "ro" / "out"), cwd=d)
+        finally:
+            if immutable:
+                subprocess.run(["chattr", "-i", str(d / "ro")])
+            os.chmod(d / "ro", 0o700)
+
+    matches_reference = (lambda d: same_weights(d / "run", work / "reference"))
+    cases = [
+        Case("journal", "non-finite projected gradient", edit_journal(lambda L: set_field(L, 5, projected_grad=float("nan")))),
+        Case("journal", "a string as gradient", edit_journal(lambda L: set_field(L, 5, projected_grad="abc"))),
+        Case("journal", "a torn line in the middle", edit_journal(lambda L: L[:2] + [L[2][:20]] + L[3:])),
+        Case("journal", "a missing line", edit_journal(lambda L: L[:3] + L[4:])),
+        Case("journal", "a missing first line", edit_journal(lambda L: L[1:])),
+        Case("journal", "a repeated line", edit_journal(lambda L: L[:4] + [L[3]] + L[4:])),
+        Case("resume", "--steps -5", resume_with("--steps", "-5")),
+        Case("resume", "--steps 4 after 6 steps", resume_with("--steps", "4")),
+        Case("resume", "a damaged run.json", lambda d: (copy(d) / "run.json").write_text("{") and
+             call("run", "--resume", str(d / "run"), "--steps", "8", cwd=d)),
+        Case("resume", "the newest snapshot truncated (must finish, bit-identical)", damaged_snapshot, refused=False,
+             check=matches_reference),
+        Case("replay", "a journal without its first line", replay_with(lambda L: L[1:])),
+        Case("replay", "updates that overflow the weights", replay_with(lambda L: set_field(L, 0, projected_grad=1e300, lr=1e300))),
+        Case("model", "no weights", damaged_model(lambda m: (m / "model.safetensors").unlink())),
+        Case("model", "truncated weights", damaged_model(lambda m: (m / "model.safetensors").write_bytes(
+            (m / "model.safetensors").read_bytes()[:5000]))),
+        Case("model", "no tokenizer", damaged_model(lambda m: [p.unlink() for p in m.glob("tokenizer*")])),
+        Case("model", "a config with fewer layers than the weights", damaged_model(lambda m: edit_config(m, num_hidden_layers=1))),
+        Case("model", "a config of another width", damaged_model(lambda m: edit_config(m, hidden_size=128, word_embed_proj_dim=128))),
+        Case("input", "a YAML alias bomb as topology", bomb),
+        Case("input", "zoplan plan --global-batch 10^12", lambda d: call("plan", "--global-batch", "1000000000000", cwd=d)),
+        Case("input", "zoplan run --global-batch 10^12", lambda d: call("run", "--global-batch", "1000000000000",
+                                                                     "-o", str(d / "out"), cwd=d)),
+        Case("input", "zoplan run --steps 10^12", lambda d: call("run", "--steps", "1000000000000", "-o", str(d / "out"), cwd=d)),
+        Case("input", "a plan edited to 10^8 slices per block", plan_edit("transfer.slices_per_block", 10**8)),
+        Case("input", "a plan edited to micro-batch 0", plan_edit("batch.micro_batch", 0)),
+        Case("input", "a plan edited to prefetch 10^6", plan_edit("transfer.prefetch", 10**6)),
+        Case("input", "a plan edited to lr NaN", plan_edit("zo.lr", float("nan"))),
+        Case("input", "--seq-len 100000 on a 128-position model", lambda d: call("run", "--seq-len", "100000",
+                                                                              "-o", str(d / "out"), cwd=d)),
+        Case("output", "a read-only output directory", read_only_output),
+        Case("fault", "a second --resume while the run trains", second_resume),
+        Case("fault", "SIGTERM of zoplan run", sigterm),
+        Case("fault", "a weight update that overflows (--lr 1e38)", lambda d: call("run", "--steps", "2", "--lr", "1e38",
+                                                                                  "-o", str(d / "run"), cwd=d)),
+        Case("fault", "a snapshot write failing (disk full)", lambda d: call(
+            "run", "--steps", "6", "--snapshot-every", "2", "-o", str(d / "run"), cwd=d,
+            env=dict(ENV, ZOPLAN_FAIL_SNAPSHOT="4"))),
+        Case("kill", "SIGKILL of zoplan run, then --resume (must finish, bit-identical)", kill_then_resume("launcher"),
+             refused=False, check=matches_reference),
+        Case("kill", "SIGKILL of torchrun, then --resume (must finish, bit-identical)", kill_then_resume("torchrun"),
+             refused=False, check=matches_reference),
+        Case("kill", "SIGKILL of a rank, then --resume (must finish, bit-identical)", kill_then_resume("rank"),
+             refused=False, check=matches_reference),
+    ]
+    rows = []
+    before = scratch()
+    for number, case in enumerate(c for c in cases if opts.only in c.name or opts.only == c.kind):
+        d = work / f"case{number:02d}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        t = time.perf_counter()
+        code, out = case.run(d)
+        seconds = time.perf_counter() - t
+        time.sleep(0.5)
+        leaks = sorted(p.name for p in scratch() - before)
+        procs = processes_naming(str(d))
+        for p in procs:
+            os.kill(p, signal.SIGKILL)
+        for p in scratch() - before:
+            shutil.rmtree(p, ignore_errors=True)
+        traceback = "Traceback" in out
+        generic = "exited without a message" in out
+        hang = code == -1
+        if case.refused:
+            wrong = code == 0
+        else:
+            wrong = code == 0 and case.check is not None and not case.check(d)
+        message = next((line.strip() for line in reversed(out.splitlines()) if line.strip().startswith("error:")), "")
+        ok = not (traceback or generic or hang or wrong or leaks or procs) and (code != 0 if case.refused else code == 0)
+        rows.append({"kind": case.kind, "case": case.name, "status": code, "seconds": round(seconds, 1),
+                     "traceback": traceback, "hang": hang, "generic": generic, "exit0_wrong": wrong,
+                     "leaked": leaks + [f"pid {p}" for p in procs], "ok": ok, "message": message[:160]})
+        print(f"{'ok ' if ok else 'BAD'} [{case.kind}] {case.name}: status {code}, {seconds:.1f} s"
+              + (f" | {message[:140]}" if message else "") + ("" if ok else f" | {rows[-1]}"), flush=True)
+    totals = {key: sum(bool(r[key]) for r in rows) for key in ("traceback", "hang", "generic", "exit0_wrong", "leaked")}
+    print(f"\n{len(rows)} cases, {sum(r['ok'] for r in rows)} as they must be; tracebacks {totals['traceback']}, "
+          f"hangs {totals['hang']}, generic messages {totals['generic']}, exit-0-wrong results "
+          f"{totals['exit0_wrong']}, cases leaking {totals['leaked']}; {time.perf_counter() - t0:.0f} s in all")
+    (work / "hostile.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
