@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
+from zoplan.runtime.scratch import processes_naming, shared_memory
+
 LIMIT_S = 120
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
@@ -39,24 +41,8 @@ def zoplan_cmd(*args: str) -> list[str]:
 
 
 def scratch() -> set[Path]:
-    from zoplan.runtime.scratch import shared_memory
-
     return {p for base in (shared_memory(), Path(tempfile.gettempdir()))
             for pattern in ("zoplan-*", "torchelastic_*") for p in base.glob(pattern)}
-
-
-def processes_naming(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (entry / "stat").read_text().split(") ", 1)[1][0]
-            except OSError:
-                continue
-            if text in cmdline and state != "Z":
-                found.append(int(entry.name))
-    return found
 
 
 def same_weights(a: Path, b: Path) -> bool:

@@ -119,3 +119,20 @@ def run_lock(out: Path, node: int) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def processes_naming(text: str) -> list[int]:
+    """Live processes (other than this one) whose command line mentions ``text``, say a run's
+    directory: what a run left running. Linux (/proc); elsewhere none are found."""
+    found = []
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().split(") ", 1)[1][0]
+            except (OSError, IndexError):
+                continue
+            if text in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found

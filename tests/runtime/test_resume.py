@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zoplan.runtime.scratch import OWNER, shared_memory
+from zoplan.runtime.scratch import OWNER, processes_naming, shared_memory
 
 STEPS = 8
 
@@ -134,21 +134,6 @@ def test_a_killed_loader_leaves_no_host_copy_behind(tmp_path: Path) -> None:
     err = finished(zoplan_run(tmp_path / "run", "--steps", "3", env={"ZOPLAN_KILL": "0:1"}), code=2)
     assert "journal holds 1 completed step(s)" in err
     assert scratch_folders() == before
-
-
-def processes_naming(text: str) -> list[int]:
-    """Live processes whose command line mentions ``text`` (the run's own directory)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (entry / "stat").read_text().split(") ", 1)[1][0]
-            except OSError:
-                continue
-            if text in cmdline and state != "Z":
-                pids.append(int(entry.name))
-    return pids
 
 
 def wait_for_a_step(out: Path, proc: subprocess.Popen) -> None:

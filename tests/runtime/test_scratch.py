@@ -74,3 +74,19 @@ def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path: Path) -> None:
             pass
     with run_lock(out, 0):  # released
         pass
+
+
+def test_processes_naming_finds_a_live_process_by_its_command_line(tmp_path: Path) -> None:
+    from zoplan.runtime.scratch import processes_naming
+
+    marker = str(tmp_path / "marker")
+    proc = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(60)", marker])
+    try:
+        deadline = time.monotonic() + 30
+        while proc.pid not in processes_naming(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_naming(marker) == [proc.pid]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert processes_naming(marker) == []  # reaped: gone
