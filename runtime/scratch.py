@@ -106,9 +106,13 @@ def lock_name(node: int) -> str:
 @contextlib.contextmanager
 def run_lock(out: Path, node: int) -> Iterator[None]:
     """Hold ``out`` for this run (per node: several machines may share one output directory)."""
-    out.mkdir(parents=True, exist_ok=True)
     path = out / lock_name(node)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise ZoplanError(f"cannot write into the output directory {out}: {exc.strerror or exc}",
+                          fix="choose an --output directory this user can write to (and a disk with room)") from None
     try:
         if not _try_lock(fd):
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"

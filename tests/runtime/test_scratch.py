@@ -90,3 +90,10 @@ def test_processes_naming_finds_a_live_process_by_its_command_line(tmp_path: Pat
         proc.kill()
         proc.wait()
     assert processes_naming(marker) == []  # reaped: gone
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ZoplanError, match="cannot write into the output directory"), run_lock(blocker / "run", 0):
+        pass
