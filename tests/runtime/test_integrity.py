@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from fuzzkit import fuzz_settings, mutate_bytes
 from zoplan.errors import ZoplanError
 from zoplan.planfile import write_plan
 from zoplan.planner import plan as make_plan
@@ -34,17 +37,19 @@ def journal(steps: int = 6) -> str:
     return "".join(line(s) for s in range(steps))
 
 
-@pytest.fixture
-def run_dir(tiny_dirs, tmp_path: Path) -> Path:
+def finished_run(out: Path, model_dir: Path) -> Path:
     """A finished 6-step run's directory, as far as resuming reads it: plan, run.json, journal."""
-    out = tmp_path / "run"
     out.mkdir()
-    report = make_plan(str(tiny_dirs["tiny-opt"] / "config.json"), "cpu-local", global_batch=4, seq_len=32,
-                       dtype="fp32")
+    report = make_plan(str(model_dir / "config.json"), "cpu-local", global_batch=4, seq_len=32, dtype="fp32")
     write_plan(report.plan, out / "plan.yaml")
-    (out / "run.json").write_text(json.dumps({"model": str(tiny_dirs["tiny-opt"]), "data": "sentiment"}))
+    (out / "run.json").write_text(json.dumps({"model": str(model_dir), "data": "sentiment"}))
     (out / "journal.jsonl").write_text(journal())
     return out
+
+
+@pytest.fixture
+def run_dir(tiny_dirs, tmp_path: Path) -> Path:
+    return finished_run(tmp_path / "run", tiny_dirs["tiny-opt"])
 
 
 def resume(out: Path, steps: int) -> None:
@@ -200,3 +205,43 @@ def test_a_damaged_model_directory_is_refused_before_any_rank_starts(tiny_dirs, 
     with pytest.raises(ZoplanError, match=words.split(" (")[0].replace("(", r"\(").replace(")", r"\)")):
         prepare(RunOptions(model=str(model), output=out, steps=2))
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def resumable(tiny_dirs, tmp_path_factory) -> Path:
+    """One run directory (plan, run.json, journal) the fuzz examples copy and mutate."""
+    return finished_run(tmp_path_factory.mktemp("resumable") / "run", tiny_dirs["tiny-opt"])
+
+
+RESUMES: dict[str, int] = {}
+
+
+@fuzz_settings(50)
+@given(data=st.data())
+def test_resume_of_a_mutated_run_directory_is_refused_with_a_message_or_checked(resumable: Path, tmp_path_factory,
+                                                                                data) -> None:
+    """--resume with the journal, run.json or plan.yaml mutated byte by byte: the launcher either
+    refuses with one message (before any rank starts) or accepts a journal that reads whole."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("mutated") / "run"
+    shutil.copytree(resumable, out)
+    name = data.draw(st.sampled_from(["journal.jsonl", "journal.jsonl", "run.json", "plan.yaml"]), label="file")
+    raw = (out / name).read_bytes()
+    (out / name).write_bytes(mutate_bytes(data, raw, [b"NaN", b"Infinity", b"1e999", b'"x"', b"-1", b"\n", b"{", b"}"],
+                                          ("truncate", "insert", "overwrite", "delete_span", "dup_line", "drop_line",
+                                           "swap_lines", "blank_line", "crlf", "latin1")))
+    try:
+        prepare(RunOptions(output=out, steps=9, resume=True))
+        rows = read_valid_journal(out / "journal.jsonl")  # accepted: what the ranks will read is whole
+        assert [r["step"] for r in rows] == list(range(len(rows)))
+        RESUMES["accepted"] = RESUMES.get("accepted", 0) + 1
+    except ZoplanError as exc:
+        assert exc.status == 2 and str(exc) and len(str(exc)) < 4096
+        RESUMES["refused"] = RESUMES.get("refused", 0) + 1
+
+
+def test_the_resume_fuzz_saw_both_outcomes() -> None:
+    if not RESUMES:
+        pytest.skip("run with the fuzz test above")
+    assert RESUMES.get("accepted", 0) >= 3 and RESUMES.get("refused", 0) >= 10, RESUMES
