@@ -85,6 +85,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(port: int) -> None:
+    """Node 0's torchrun listens on ``port``: one in use would end the run with a rank's traceback."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server does: a closed run's TIME_WAIT is no use
+        try:
+            s.bind(("", port))
+        except OSError as exc:
+            raise ZoplanError(f"--master-port {port} is in use on this machine ({exc.strerror or exc})",
+                              fix="choose another port (the same on every machine), or leave it out on a "
+                                  "single machine: a free one is picked") from None
+
+
 def _cuda_available() -> bool:
     try:
         import torch
@@ -306,6 +318,8 @@ def run(opts: RunOptions) -> RunResult:
     made = not out.exists()
     for base in (shared_memory(), Path(tempfile.gettempdir())):
         sweep(base)  # what launches killed earlier left behind (runtime/scratch.py)
+    if opts.master_port is not None and opts.node_rank == 0:
+        check_port_free(opts.master_port)
     try:
         with run_lock(out, opts.node_rank):
             return _run(opts)

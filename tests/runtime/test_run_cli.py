@@ -151,3 +151,15 @@ def test_a_node_count_that_differs_from_the_plan_is_reported(tmp_path: Path, tin
     proc = zoplan("run", str(tmp_path / "plan.yaml"), "--model", str(tiny_dirs["tiny-opt"]), "--nnodes", "2",
                   "--master-port", "29777", "-o", str(tmp_path / "o"))
     assert proc.returncode == 2 and "spans 1 node(s) but --nnodes is 2" in proc.stderr
+
+
+def test_a_master_port_in_use_is_named_before_anything_is_written(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = zoplan("run", "--master-port", str(port), "--steps", "1", "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and f"--master-port {port} is in use on this machine" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
