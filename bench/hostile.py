@@ -220,6 +220,17 @@ def main() -> None:
                 subprocess.run(["chattr", "-i", str(d / "ro")])
             os.chmod(d / "ro", 0o700)
 
+    def full_disk(d: Path) -> tuple[int, str]:
+        """The output on a 300 KiB tmpfs: the final weights do not fit (root only: it mounts one)."""
+        (d / "small").mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(d / "small")],
+                          capture_output=True).returncode != 0:
+            return 2, "error: skipped: cannot mount a tmpfs here"
+        try:
+            return call("run", "--steps", "20", "-o", str(d / "small" / "run"), cwd=d)
+        finally:
+            subprocess.run(["umount", str(d / "small")], capture_output=True)
+
     matches_reference = (lambda d: same_weights(d / "run", work / "reference"))
     cases = [
         Case("journal", "non-finite projected gradient", edit_journal(lambda L: set_field(L, 5, projected_grad=float("nan")))),
@@ -261,6 +272,7 @@ def main() -> None:
         Case("fault", "a snapshot write failing (disk full)", lambda d: call(
             "run", "--steps", "6", "--snapshot-every", "2", "-o", str(d / "run"), cwd=d,
             env=dict(ENV, ZOPLAN_FAIL_SNAPSHOT="4"))),
+        Case("output", "a disk that fills up at the final write", full_disk),
         Case("kill", "SIGKILL of zoplan run, then --resume (must finish, bit-identical)", kill_then_resume("launcher"),
              refused=False, check=matches_reference),
         Case("kill", "SIGKILL of torchrun, then --resume (must finish, bit-identical)", kill_then_resume("torchrun"),

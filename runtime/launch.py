@@ -393,6 +393,10 @@ def _launch(opts: RunOptions, plan: Plan, model_dir: Path, plan_path: Path, devi
         done = _journaled_steps(out / "journal.jsonl")
         log_path = out / f"worker-node{opts.node_rank}.log"
         resume = f"continue with `zoplan run --resume {out} --steps {opts.steps}`"
+        if "No space left on device" in _log_tail(log_path):
+            raise ZoplanError(f"training stopped: the disk holding {out} is full (see {log_path}); the journal "
+                              f"holds {done} completed step(s), none is lost",
+                              fix=f"free disk space, then {resume}")
         who = "torchrun (which stopped the ranks)" if proc.returncode < 0 else "a rank" if _killed(log_path) else None
         if who is not None:
             signum = -proc.returncode if proc.returncode < 0 else signal.SIGKILL
@@ -459,14 +463,18 @@ def _finished(out: Path, node: int, per_node: int, steps: int) -> bool:
     return True
 
 
-def _killed(log: Path) -> bool:
-    """torchrun reported a rank ended by SIGKILL (its failure summary, at the end of the log)."""
+def _log_tail(log: Path, size: int = 64 * 1024) -> str:
     try:
         with log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))
-            tail = f.read().decode(errors="replace")
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
     except OSError:
-        return False
+        return ""
+
+
+def _killed(log: Path) -> bool:
+    """torchrun reported a rank ended by SIGKILL (its failure summary, at the end of the log)."""
+    tail = _log_tail(log)
     return "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import inspect
 import json
 import os
@@ -127,11 +128,21 @@ def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path,
             shutil.copy2(f, target / f.name)
 
 
-def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param_dtype: str) -> None:
+def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param_dtype: str, steps: int) -> None:
     tmp = out / "model.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    write_weights(host, engine, model_dir, tmp, param_dtype)
+    from safetensors import SafetensorError
+
+    try:
+        write_weights(host, engine, model_dir, tmp, param_dtype)
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        shutil.rmtree(tmp, ignore_errors=True)  # room for error.txt; nothing half-written left
+        reason = getattr(exc, "strerror", None) or str(exc).rsplit(": ", 1)[-1]
+        raise ZoplanError(f"writing the final weights into {out / 'model'} failed: {reason}; the "
+                          f"journal holds all {steps} step(s)",
+                          fix=f"free disk space, then `zoplan run --resume {out} --steps {steps}` writes them "
+                              "(no step is trained again)") from None
     final = out / "model"
     if final.exists():
         shutil.rmtree(final)
@@ -286,7 +297,7 @@ def train(args: argparse.Namespace) -> None:
         engine.sync_resident_blocks_to_host()
         zdist.barrier()
         if writer:
-            save_final(host, engine, model_dir, out, plan.transfer.param_dtype)
+            save_final(host, engine, model_dir, out, plan.transfer.param_dtype, steps)
         zdist.barrier()
         # the run is complete on every rank: a rank that dies while shutting down (a rare gloo
         # teardown abort) no longer turns a finished run into a failed one (launch.py reads these)
@@ -303,8 +314,12 @@ def train(args: argparse.Namespace) -> None:
 
 
 def write_error(out: Path, exc: ZoplanError) -> None:
-    """error.txt: the message the launcher shows when the ranks stop."""
-    (out / "error.txt").write_text(exc.message + (f"\n  fix: {exc.fix}" if exc.fix else ""))
+    """error.txt: the message the launcher shows when the ranks stop (a full disk may refuse it too:
+    the launcher then names the disk from the log)."""
+    try:
+        (out / "error.txt").write_text(exc.message + (f"\n  fix: {exc.fix}" if exc.fix else ""))
+    except OSError:
+        print(f"error: {exc.message}", file=sys.stderr, flush=True)
 
 
 def finished_marker(node: int, local_rank: int) -> str:
@@ -380,7 +395,12 @@ def main() -> None:
     out = Path(args.output)
     try:
         train(args)
-    except ZoplanError as exc:
+    except (ZoplanError, OSError) as exc:
+        if isinstance(exc, OSError):
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            exc = ZoplanError(f"the disk holding {out} is full or read-only ({exc.strerror}); the journal holds "
+                              "every completed step", fix=f"free disk space, then `zoplan run --resume {out}`")
         if int(os.environ.get("RANK", "0")) == 0 or not (out / "error.txt").exists():
             write_error(out, exc)
         raise SystemExit(2) from None

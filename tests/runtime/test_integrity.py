@@ -245,3 +245,22 @@ def test_the_resume_fuzz_saw_both_outcomes() -> None:
     if not RESUMES:
         pytest.skip("run with the fuzz test above")
     assert RESUMES.get("accepted", 0) >= 3 and RESUMES.get("refused", 0) >= 10, RESUMES
+
+
+def test_a_full_disk_at_the_final_write_leaves_no_half_model_and_says_how_to_finish(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    import errno
+
+    from zoplan.runtime import worker
+
+    def full(host, engine, model_dir, target, dtype):
+        target.mkdir(parents=True)
+        (target / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(worker, "write_weights", full)
+    with pytest.raises(ZoplanError) as caught:
+        worker.save_final(None, None, tmp_path, tmp_path, "fp32", 12)
+    assert "No space left on device; the journal holds all 12 step(s)" in str(caught.value)
+    assert f"zoplan run --resume {tmp_path} --steps 12" in caught.value.fix
+    assert not (tmp_path / "model.tmp").exists() and not (tmp_path / "model").exists()
