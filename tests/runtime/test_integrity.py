@@ -245,6 +245,7 @@ def test_the_resume_fuzz_saw_both_outcomes() -> None:
     if not RESUMES:
         pytest.skip("run with the fuzz test above")
     assert RESUMES.get("accepted", 0) >= 3 and RESUMES.get("refused", 0) >= 10, RESUMES
+    print(f"mutated run directories resumed: {RESUMES}")
 
 
 def test_a_full_disk_at_the_final_write_leaves_no_half_model_and_says_how_to_finish(tmp_path: Path,
