@@ -17,8 +17,10 @@ asserts the totals, so these numbers are real):
 
 - ``load_topology``: at least 780 files (300 byte-mutated, 250 tree-mutated, 150 nasty documents,
   80 number-mutated small machines);
-- ``plan`` on topologies that loaded: at least 35 searches (about 50 of the 80 number-mutated
-  machines load; each plan found is also written and read back with ``load_plan``);
+- ``plan`` on every number-mutated topology that loaded: at least 30 searches (about 50 of the
+  80 machines load; how many depends on which project modules were imported before, since
+  hypothesis mixes literals from the code under test into what it draws; each plan found is also
+  written and read back with ``load_plan``);
 - ``load_plan``: at least 600 files (250 tree-mutated, 250 byte-mutated, 100 nasty documents);
 - ``load_model_shape``: at least 600 config.json files (250 tree-mutated, 250 byte-mutated,
   100 nasty documents);
@@ -73,7 +75,8 @@ N_TOPO_BYTES, N_TOPO_TREE, N_TOPO_NASTY, N_TOPO_PLAN = 300, 250, 150, 80
 N_PLAN_TREE, N_PLAN_BYTES, N_PLAN_NASTY = 250, 250, 100
 N_MODEL_TREE, N_MODEL_BYTES, N_MODEL_NASTY = 250, 250, 100
 N_PROFILE_TREE, N_PROFILE_BYTES, N_PROFILE_NASTY, N_PROFILE_PLAN = 150, 150, 60, 30
-MIN_PLANNED = 35  # of the N_TOPO_PLAN number-mutated machines this many at least load (47, derandomized)
+MIN_PLANNED = 30  # of the N_TOPO_PLAN number-mutated machines this many at least load (47 seen)
+MACHINES_LOADED = [0]  # number-mutated machines that loaded: each must have been planned
 
 
 
@@ -424,6 +427,7 @@ def test_planning_on_mutated_numbers(workdir: Path, data: st.DataObject, source:
     path = write(fresh(workdir, "machine.yaml"), yaml_bytes(tree))
     if check_topology(path) is REFUSED:
         return
+    MACHINES_LOADED[0] += 1
     report = attempt("plan", lambda: plan("opt-125m", str(path), global_batch=global_batch, seq_len=64,
                                           dtype=dtype, top=2), path.stat().st_size, seconds=10)
     if report is REFUSED:
@@ -950,6 +954,7 @@ def test_zz_every_input_counted() -> None:
     short = {k: (COUNTS[k], v) for k, v in expected.items() if COUNTS[k] < v}
     print(f"\ninputs tried: {dict(COUNTS)}; known-bug hits: {dict(KNOWN_HITS)}")
     assert not short, f"fewer inputs than promised (tried, promised): {short}"
+    assert COUNTS["plan"] >= MACHINES_LOADED[0], f"{MACHINES_LOADED[0]} machines loaded, {COUNTS['plan']} planned"
 
 
 _open_bugs()

@@ -21,7 +21,9 @@ Inputs tried by one full run (each call is counted in ``COUNTS``; ``test_zz_ever
 asserts the totals, so these numbers are real):
 
 - ``read_journal``: at least 880 files (150 valid, 150 cut at a random offset, 130 with a bad
-  non-last line, 300 mutated, 150 nasty), and ``replay`` on at least 450 of those that loaded;
+  non-last line, 300 mutated, 150 nasty), and ``replay`` on every one of those that loaded (at
+  least 400: how many mutated journals still load depends on which project modules were imported
+  before, since hypothesis mixes literals from the code under test into what it draws);
 - ``load_examples``: at least 1000 files (.jsonl: 150 valid, 250 mutated, 100 nasty; .csv: 150
   valid, 250 mutated, 100 nasty);
 - plus 5 ``zoplan replay tiny-opt BADJOURNAL -o X`` subprocesses (HF_HUB_OFFLINE=1).
@@ -62,9 +64,10 @@ from zoplan.runtime.replay import FIELDS, read_journal, replay
 COUNTS: Counter[str] = Counter()
 KNOWN_HITS: Counter[str] = Counter()
 RAN: set[str] = set()
+LOADED = [0]  # journals read_journal returned: each must have been replayed
 
 N_J_VALID, N_J_CUT, N_J_BADLINE, N_J_MUTATED, N_J_NASTY = 150, 150, 130, 300, 150
-MIN_REPLAYED = 450
+MIN_REPLAYED = 400  # 444 to 491 seen, depending on what ran before (see the docstring)
 N_D_VALID, N_D_MUTATED, N_D_NASTY = 150, 250, 100  # per format
 
 
@@ -249,6 +252,7 @@ def check_journal(path: Path, *, tolerate_known: bool = True, replay_too: bool =
     size = path.stat().st_size
     rows = attempt("read_journal", lambda: read_journal(path), size, tolerate_known=tolerate_known)
     if rows is not REFUSED and replay_too:
+        LOADED[0] += 1
         attempt("replay", lambda: replay(tiny_module(), rows), size, stage="replay",
                 tolerate_known=tolerate_known)
     return rows
@@ -670,6 +674,7 @@ def test_zz_every_input_counted() -> None:
     short = {k: (COUNTS[k], v) for k, v in expected.items() if COUNTS[k] < v}
     print(f"\ninputs tried: {dict(COUNTS)}; known-bug hits: {dict(KNOWN_HITS)}")
     assert not short, f"fewer inputs than promised (tried, promised): {short}"
+    assert COUNTS["replay"] == LOADED[0], f"{LOADED[0]} journals loaded, {COUNTS['replay']} replayed"
 
 
 for _key in FIXED:
