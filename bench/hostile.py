@@ -264,6 +264,12 @@ def main() -> None:
         Case("input", "a plan edited to lr NaN", plan_edit("zo.lr", float("nan"))),
         Case("input", "--seq-len 100000 on a 128-position model", lambda d: call("run", "--seq-len", "100000",
                                                                               "-o", str(d / "out"), cwd=d)),
+        Case("input", "zoplan validate --steps 1 --skip 5", lambda d: call(
+            "validate", str(work / "base" / "plan.yaml"), "--steps", "1", "--skip", "5", cwd=d)),
+        Case("input", "zoplan validate of a plan for another model", lambda d: call(
+            "validate", str(work / "base" / "plan.yaml"), "--model", "tiny-llama", "--steps", "2", cwd=d)),
+        Case("input", "zoplan validate of a plan edited to micro-batch 10^9", lambda d: (
+            plan_edit("batch.micro_batch", 10**9)(d), call("validate", str(d / "plan.yaml"), "--steps", "2", cwd=d))[1]),
         Case("output", "a read-only output directory", read_only_output),
         Case("fault", "a second --resume while the run trains", second_resume),
         Case("fault", "SIGTERM of zoplan run", sigterm),

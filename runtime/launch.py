@@ -224,6 +224,10 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
         check_plan_matches(plan, shape=shape, plan_path=opts.plan)
         machine = load_topology(plan.topology.source)
         check_plan_matches(plan, machine=machine, plan_path=opts.plan)
+        from zoplan.costs import Workload
+        from zoplan.planner import check_fits
+
+        check_fits(machine, Workload(shape, plan.batch.global_batch, plan.batch.seq_len), plan.to_layout(), opts.plan)
     else:
         # plan for this machine: the CPU ranks of cpu-local, unless a topology is named
         topology = opts.topology or "cpu-local"

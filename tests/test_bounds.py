@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import MAX_FILE_BYTES, MAX_YAML_DEPTH, load_yaml_text, parse_yaml, read_yaml

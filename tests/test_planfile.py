@@ -82,3 +82,20 @@ def test_a_plan_runs_a_checkpoint_of_the_same_shape_under_another_name(tmp_path:
     (mine / "config.json").write_text(json.dumps(config))
     with pytest.raises(ZoplanError, match="layers 12 vs 13"):
         check_plan_matches(planned, shape=load_model_shape(str(mine)))
+
+
+def test_a_plan_edited_beyond_the_machines_memory_is_refused(tmp_path: Path) -> None:
+    """Every block made resident by hand: OPT-66B's 64 blocks need 133 GiB on an 80 GiB H100. The
+    file passes its own checks (each block exists once); simulating it (timeline, validate) and
+    running it are refused, as the planner would never have made it."""
+    from zoplan.planner import timeline
+
+    path = tmp_path / "plan.yaml"
+    write_plan(plan("opt-66b", "h100-pcie-1x", global_batch=8, seq_len=512).plan, path)
+    timeline(path)  # as planned, it fits
+    spec = yaml.safe_load(path.read_text())
+    spec["resident_blocks"] = list(range(64))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert len(load_plan(path).resident_blocks) == 64
+    with pytest.raises(ZoplanError, match=r"needs 133\.\d GiB on gpu0, which has 80\.0 GiB"):
+        timeline(path)

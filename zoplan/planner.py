@@ -203,6 +203,25 @@ class Timeline:
     program: Program | None = None  # the step program the simulation timed
 
 
+def check_fits(machine: Machine, workload: Workload, layout: Layout, plan_path: str | Path) -> None:
+    """A plan file edited by hand (a larger micro-batch, more resident blocks, deeper prefetch) may
+    no longer fit the machine's memory: refused here, as the planner would not have made it."""
+    from zoplan.costs import GiB, HOST_RESERVE_BYTES
+
+    costs = StepCosts(machine, workload, layout)
+    for g in layout.gpus:
+        need, has = costs.gpu_memory_bytes(g), machine.gpu_model(g).memory_gib * GiB
+        if need > has:
+            raise ZoplanError(f"{plan_path}: the plan needs {need / GiB:.1f} GiB on {g}, which has {has / GiB:.1f} GiB "
+                              "(the micro-batch, the resident blocks and the prefetch depth set it)",
+                              fix="plan again (zoplan plan ... -o plan.yaml) instead of editing those fields")
+    need, has = costs.host_memory_bytes(), machine.host_memory_bytes - HOST_RESERVE_BYTES
+    if need > has:
+        raise ZoplanError(f"{plan_path}: the plan needs {need / GiB:.1f} GiB of host memory, the machine has "
+                          f"{has / GiB:.1f} GiB to give ({HOST_RESERVE_BYTES / GiB:.0f} GiB kept for the system)",
+                          fix="plan again (zoplan plan ... -o plan.yaml) instead of editing the plan")
+
+
 def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
     """Simulate a plan again with every span recorded, on the machine it was planned for."""
     the_plan = load_plan(plan_path)
@@ -222,6 +241,7 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
                               f"({the_plan.profile.hash}), which has changed since",
                               fix="plan again with `zoplan plan --profile ...`")
     workload = Workload(shape, the_plan.batch.global_batch, the_plan.batch.seq_len)
+    check_fits(machine, workload, the_plan.to_layout(), plan_path)
     cand = evaluate(machine, workload, the_plan.to_layout(), record=True)
     return Timeline(plan=the_plan, machine=machine, candidate=cand,
                     sensitivity=sensitivity(machine, workload, cand.layout),
