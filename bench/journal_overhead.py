@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def main() -> None:
-    from zoplan.runtime.worker import write_journal_line  # the worker's own code
+    from zoplan.runtime.journal import write_line  # the worker's own code
 
     work = Path(tempfile.mkdtemp(prefix="zoplan-journal-"))
     record = {"step": 12345, "seed": 4611686018427387903, "loss_plus": 7.123456789012345,
@@ -27,7 +27,7 @@ def main() -> None:
     with open(work / "journal.jsonl", "a", buffering=1) as f:
         for _ in range(200):
             t0 = time.perf_counter()
-            write_journal_line(f, record, sync=True)
+            write_line(f, record, sync=True)
             times.append(time.perf_counter() - t0)
     journal_s = statistics.median(times)
     run = work / "run"

@@ -441,9 +441,9 @@ class _TrainingLoop:
     def journal(self, step: int) -> None:
         if self.journal_file is None:
             return
-        from zoplan.runtime.worker import write_journal_line
+        from zoplan.runtime.journal import write_line
 
-        write_journal_line(self.journal_file, {"step": step, "seed": 1234567890 + step, "loss_plus": 2.0, "loss_minus": 2.0,
+        write_line(self.journal_file, {"step": step, "seed": 1234567890 + step, "loss_plus": 2.0, "loss_minus": 2.0,
                                           "projected_grad": 0.0, "lr": 1e-6, "eps": 1e-3, "weight_decay": 0.0,
                                           "skipped": False}, sync=True)
 

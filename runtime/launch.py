@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from zoplan.errors import ZoplanError
+from zoplan.fileio import read_jsonl, read_text
 from zoplan.models import TINY_LR, load_model_shape
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runtime.checkpoint import check_model_dir
@@ -280,7 +281,7 @@ def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
         raise ZoplanError(f"{out} holds no run to resume (no plan.yaml and run.json)",
                           fix="pass the --output directory of an earlier `zoplan run`")
     plan = load_plan(plan_path)
-    from zoplan.runtime.replay import parse_journal
+    from zoplan.runtime.journal import parse_journal
     from zoplan.runtime.snapshots import snapshots
 
     # the journal is what the ranks will trust: checked here, before any rank starts (consecutive
@@ -293,7 +294,7 @@ def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
                           fix=f"--steps is the run's total: give {done} or more (the model of step {done} "
                               f"is {out / 'model'} when the run finished)")
     try:
-        recorded = json.loads((out / "run.json").read_bytes()[:1 << 20])
+        recorded = json.loads(read_text(out / "run.json", "run.json"))
         opts.model, opts.data = recorded["model"], recorded["data"]
         if not isinstance(opts.model, str) or not isinstance(opts.data, str):
             raise TypeError
@@ -391,7 +392,8 @@ def _launch(opts: RunOptions, plan: Plan, model_dir: Path, plan_path: Path, devi
     elif proc.returncode != 0:
         error = out / "error.txt"
         if error.exists():
-            text = error.read_text().strip()
+            with error.open("rb") as f:  # a rank's message: a few lines (bounded, whatever the file holds)
+                text = f.read(64 * 1024).decode(errors="replace").strip()
             message, _, fix = text.partition("\n  fix: ")
             raise ZoplanError(message, fix=fix or None)
         done = _journaled_steps(out / "journal.jsonl")
@@ -489,10 +491,12 @@ def _journaled_steps(journal: Path) -> int:
 
 
 def summarize(out: Path) -> RunResult:
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] \
-        if (out / "metrics.jsonl").exists() else []
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_loss" in r]
+    rows = read_jsonl(out / "metrics.jsonl")[0] if (out / "metrics.jsonl").exists() else []
+    def numbers(row: dict, *keys: str) -> bool:  # a row as the worker writes it (a damaged one is left out)
+        return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for k in keys)
+
+    train = [r for r in rows if numbers(r, "step", "loss")]
+    evals = [r for r in rows if numbers(r, "step", "eval_loss", "eval_accuracy")]
     # single steps are noisy (a few sequences each): compare the means of the first and last tenth
     k = max(1, len(train) // 10)
     first = sum(r["loss"] for r in train[:k]) / k if train else None
@@ -519,19 +523,16 @@ def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:
     columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("g {task.fields[g]}"),
                TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn()]
-    seen = 0
+    offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run's earlier lines are not news
     with Progress(*columns, disable=opts.quiet or opts.node_rank != 0, transient=False) as progress:
         task = progress.add_task("train", total=opts.steps, loss="–", g="–", tps="–")
         while True:
             done = proc.poll() is not None
-            if metrics.exists():
-                lines = metrics.read_text().splitlines()
-                for line in lines[seen:]:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        break  # a line being written: read it next time
-                    seen += 1
+            rows: list[dict] = []
+            if metrics.exists():  # the complete lines written since the last look
+                rows, offset = read_jsonl(metrics, start=offset)
+            for row in rows:
+                with contextlib.suppress(KeyError, TypeError, ValueError):  # a row not as written: not shown
                     if "loss" in row:
                         progress.update(task, completed=row["step"] + 1, loss=f"{row['loss']:.4f}",
                                         g=f"{row['projected_grad']:+.3g}", tps=f"{row['tokens_per_s']:.0f}")

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoplan.errors import ZoplanError
-from zoplan.runtime.replay import parse_journal
+from zoplan.fileio import read_text
+from zoplan.runtime.journal import parse_journal
 
 
 @dataclass
@@ -46,13 +47,16 @@ def snapshots(out: Path, *, check: bool = False) -> list[tuple[int, Path]]:
         for d in sorted(root.iterdir()):
             if d.name.startswith("step-") and not d.name.endswith(".tmp") and (d / "meta.json").exists():
                 try:
-                    step = int(json.loads((d / "meta.json").read_text())["step"])
+                    meta = json.loads(read_text(d / "meta.json", "snapshot meta", 1 << 16))
+                    step = meta.get("step") if isinstance(meta, dict) else None
+                    if type(step) is not int or d.name != f"step-{step:08d}":
+                        raise ZoplanError(f"its meta.json does not name step {d.name[5:]}")
                     if check:
                         weight_shapes([d / "model.safetensors"])
-                except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-                    continue
-                except ZoplanError as exc:
-                    print(f"warning: snapshot {d.name} left out: {exc}", file=sys.stderr, flush=True)
+                except (ValueError, RecursionError, ZoplanError) as exc:
+                    if check:
+                        reason = str(exc) if isinstance(exc, ZoplanError) else "its meta.json is damaged"
+                        print(f"warning: snapshot {d.name} left out: {reason}", file=sys.stderr, flush=True)
                     continue
                 found.append((step, d))
     return sorted(found)

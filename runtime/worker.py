@@ -31,6 +31,7 @@ from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter, adapter_for
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
+from zoplan.runtime.journal import write_line
 from zoplan.runtime.perturb import step_seed
 from zoplan.runtime.replay import replay, require_finite
 from zoplan.runtime.spans import Spans
@@ -155,14 +156,6 @@ _TOKENS: dict[str, list[int]] = {}  # every text tokenised once per run (zdata.e
 _PAD_TO_SEQ_LEN = [False]  # --pad-to-seq-len: every micro-batch has the plan's shape
 
 
-def write_journal_line(journal, record: dict, sync: bool) -> None:
-    """Append one step's journal line; with ``sync``, flushed to the disk (the step survives a
-    power loss). The journal file is line-buffered."""
-    journal.write(json.dumps(record) + "\n")
-    if sync:
-        os.fsync(journal.fileno())
-
-
 def _micro_batches(examples, tokenizer, task, seq_len: int, micro: int) -> list[dict]:
     out = []
     for k in range(0, len(examples), micro):
@@ -261,13 +254,13 @@ def train(args: argparse.Namespace) -> None:
                 nonfinite_total += 1
             if writer:
                 with host_op(Kind.HOST):
-                    write_journal_line(journal, {"step": step, "seed": seed, "loss_plus": result.loss_plus,
-                                                 "loss_minus": result.loss_minus,
-                                                 "projected_grad": result.projected_grad, "lr": lr,
-                                                 "eps": plan.zo.eps, "weight_decay": plan.zo.weight_decay,
-                                                 "skipped": not result.finite},
-                                       sync=bool(args.journal_sync_every
-                                                 and (step + 1) % args.journal_sync_every == 0))
+                    write_line(journal, {"step": step, "seed": seed, "loss_plus": result.loss_plus,
+                                         "loss_minus": result.loss_minus,
+                                         "projected_grad": result.projected_grad, "lr": lr,
+                                         "eps": plan.zo.eps, "weight_decay": plan.zo.weight_decay,
+                                         "skipped": not result.finite},
+                               sync=bool(args.journal_sync_every
+                                         and (step + 1) % args.journal_sync_every == 0))
             engine.spans.end()
             dt = time.perf_counter() - t0
             if writer:

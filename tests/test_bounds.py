@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import MAX_FILE_BYTES, MAX_YAML_DEPTH, load_yaml_text, parse_yaml, read_yaml
+from zoplan.fileio import (MAX_FILE_BYTES, MAX_RECORD_LINE_BYTES, MAX_YAML_DEPTH, load_yaml_text, parse_yaml,
+                           read_jsonl, read_yaml)
 from zoplan.layout import divisors
 from zoplan.models import load_model_shape
 from zoplan.planfile import ZoSettings, load_plan, write_plan
@@ -68,6 +69,26 @@ def test_file_size_is_capped_before_reading(tmp_path: Path) -> None:
     if Path("/dev/zero").exists():  # endless: only limit + 1 bytes are read
         with pytest.raises(ZoplanError, match="larger than 1024 KiB"):
             load_topology("/dev/zero")
+
+
+def test_records_read_back_are_bounded_and_skip_what_is_not_a_record(tmp_path: Path) -> None:
+    """metrics and spans files (zoplan's own, but in a directory anyone can edit): a damaged line
+    is left out, an overlong one is skipped without being held whole, a line still being written
+    is left for the next read, and reading can resume from the offset returned."""
+    path = tmp_path / "metrics.jsonl"
+    good = [{"step": 0, "loss": 1.5}, {"step": 1, "loss": 1.25}]
+    lines = [b'{"step": 0, "loss": 1.5}', b"not json", b"[1, 2]", b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000,
+             b'{"pad": "' + b"x" * (MAX_RECORD_LINE_BYTES + 10) + b'"}', b'{"step": 1, "loss": 1.25}']
+    path.write_bytes(b"\n".join(lines) + b"\n" + b'{"step": 2, "lo')
+    rows, end = read_jsonl(path)
+    assert rows == good
+    assert end == path.stat().st_size - len(b'{"step": 2, "lo')  # the unterminated line: not yet
+    with path.open("ab") as f:
+        f.write(b'ss": 1.0}\n')
+    assert read_jsonl(path, start=end) == ([{"step": 2, "loss": 1.0}], path.stat().st_size)
+    assert read_jsonl(path, max_bytes=30)[0] == good[:1]  # nothing read past the bound but the line it is in
+    if Path("/dev/zero").exists():  # one endless line: skipped piece by piece, up to the bound
+        assert read_jsonl(Path("/dev/zero"), max_bytes=4 * MAX_RECORD_LINE_BYTES)[0] == []
 
 
 def _write(path: Path, text: str) -> Path:

@@ -55,6 +55,41 @@ def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
         raise ZoplanError(f"cannot read {what} file {path}: {exc}") from None
 
 
+MAX_RECORD_LINE_BYTES = 1 << 20  # one line of a record zoplan writes (metrics, spans) is a few KiB
+
+
+def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple[list[dict], int]:
+    """(the JSON objects of a file of lines that zoplan itself writes: metrics, spans; the offset
+    after the last complete line). Work is bounded whatever the file holds: a line longer than
+    ``MAX_RECORD_LINE_BYTES``, one that is not a JSON object or not UTF-8 (a crash cut it, someone
+    edited it) is skipped, nothing past ``max_bytes`` is read, and an unterminated last line is left
+    for a later read from the returned offset (a writer may be adding it)."""
+    rows: list[dict] = []
+    end = start
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            while end - start < max_bytes:
+                line = f.readline(MAX_RECORD_LINE_BYTES + 1)
+                if not line or (not line.endswith(b"\n") and len(line) <= MAX_RECORD_LINE_BYTES):
+                    break  # the end, or a line still being written
+                end += len(line)
+                if len(line) > MAX_RECORD_LINE_BYTES:  # skip the rest of an overlong line
+                    while line and not line.endswith(b"\n") and end - start < max_bytes:
+                        line = f.readline(MAX_RECORD_LINE_BYTES)
+                        end += len(line)
+                    continue
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except OSError as exc:
+        raise ZoplanError(f"cannot read {path}: {exc}") from None
+    return rows, end
+
+
 class _Refused(Exception):
     """A YAML document beyond the bounds: raised while composing, before anything is built."""
 

@@ -24,12 +24,12 @@ initialisation, CUDA kernel compilation) that a long run does not.
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from zoplan.errors import ZoplanError
+from zoplan.fileio import read_jsonl
 from zoplan.planfile import Plan
 from zoplan.sim import SimResult, Span
 from zoplan.topology import Machine
@@ -78,13 +78,7 @@ class Validation:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    return rows
+    return read_jsonl(path)[0]  # a line cut by a crash, or damaged, is left out
 
 
 def predicted_stages(result: SimResult) -> dict[str, float]:

@@ -50,7 +50,8 @@ def test_a_run_with_the_fused_kernels_follows_the_torch_path(tiny_dirs, tmp_path
     from transformers import AutoModelForCausalLM
 
     from .test_layouts import LR, cpu_topology, planned, train
-    from zoplan.runtime.replay import read_journal, replay
+    from zoplan.runtime.journal import read_journal
+    from zoplan.runtime.replay import replay
 
     model_dir = tiny_dirs["tiny-opt"]
     two = cpu_topology(tmp_path, 2)

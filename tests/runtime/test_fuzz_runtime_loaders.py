@@ -58,7 +58,8 @@ from torch import nn
 
 from zoplan.errors import ZoplanError
 from zoplan.runtime.data import Example, load_examples
-from zoplan.runtime.replay import FIELDS, read_journal, replay
+from zoplan.runtime.journal import FIELDS, read_journal
+from zoplan.runtime.replay import replay
 
 
 COUNTS: Counter[str] = Counter()

@@ -22,7 +22,8 @@ from zoplan.errors import ZoplanError
 from zoplan.planfile import write_plan
 from zoplan.planner import plan as make_plan
 from zoplan.runtime.launch import RunOptions, prepare
-from zoplan.runtime.replay import read_journal, replay_to, require_finite
+from zoplan.runtime.journal import read_journal
+from zoplan.runtime.replay import replay_to, require_finite
 from zoplan.runtime.snapshots import read_valid_journal
 
 
@@ -93,6 +94,18 @@ def test_a_damaged_journal_is_refused_before_any_rank_starts(run_dir: Path, name
     assert path.read_text() == text  # refused, not cut
     with pytest.raises(ZoplanError):  # and the ranks' own reader agrees
         read_valid_journal(path)
+
+
+def test_a_damaged_journal_is_refused_without_loading_torch(run_dir: Path) -> None:
+    """The refusal comes from the launcher's own reading (journal, plan, run record), before torch is
+    imported: a user with a damaged run directory hears about it at once, not after seconds."""
+    (run_dir / "journal.jsonl").write_text(DAMAGE["a missing line"][0])
+    probe = ("import sys\nfrom zoplan.cli import main\nsys.argv = ['zoplan', 'run', '--resume', sys.argv[1], "
+             "'--steps', '9']\ntry:\n    main()\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "line 5 is step 5, expected step 4" in done.stderr
+    assert "torch loaded: False" in done.stdout
 
 
 def test_a_damaged_lines_fix_keeps_the_steps_before_it(run_dir: Path) -> None:
@@ -168,6 +181,48 @@ def test_a_damaged_snapshot_is_left_out_and_named(run_dir: Path, capsys) -> None
     assert "snapshot step-00000005 left out" in capsys.readouterr().err
     resume(run_dir, 9)  # the launcher names it too, and goes on
     assert "step-00000005 left out" in capsys.readouterr().err
+
+
+META_DAMAGE = {
+    "too large": '{"step": 5, "pad": "' + "x" * (1 << 17) + '"}',
+    "nested past recursion": "[" * 100_000 + "]" * 100_000,
+    "not an object": "[5]",
+    "another step": '{"step": 4}',
+    "a fractional step": '{"step": 5.5}',
+    "a boolean step": '{"step": true}',
+    "not json": '{"step": 5',
+}
+
+
+@pytest.mark.parametrize("name", sorted(META_DAMAGE))
+def test_a_snapshot_whose_record_is_damaged_is_left_out_and_named(run_dir: Path, capsys, name: str) -> None:
+    from safetensors.torch import save_file
+
+    from zoplan.runtime.snapshots import resume_point, snapshot_dir
+
+    for step in (3, 5):
+        folder = snapshot_dir(run_dir, step)
+        folder.mkdir(parents=True)
+        save_file({"w": torch.ones(64)}, str(folder / "model.safetensors"))
+        (folder / "meta.json").write_text(META_DAMAGE[name] if step == 5 else json.dumps({"step": step}))
+    point = resume_point(run_dir)
+    assert point.base == snapshot_dir(run_dir, 3) and [r["step"] for r in point.replay] == [3, 4, 5]
+    assert "snapshot step-00000005 left out" in capsys.readouterr().err
+
+
+def test_the_run_summary_leaves_out_metrics_rows_that_are_not_as_written(tmp_path: Path) -> None:
+    from zoplan.runtime.launch import summarize
+
+    rows = [{"step": 0, "eval_loss": 0.9, "eval_accuracy": 0.5}, {"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.0},
+            {"step": 1, "eval_loss": 0.7, "eval_accuracy": 0.75}]
+    damaged = ['{"step": 2, "loss": "low"}', '{"step": 3, "loss": true}', '{"step": 4}', "[1]", '{"step": 5, "lo',
+               '{"step": 6, "eval_loss": null, "eval_accuracy": 1}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join([json.dumps(rows[0]), damaged[0], json.dumps(rows[1]),
+                                                       *damaged[1:4], json.dumps(rows[2]), damaged[5],
+                                                       json.dumps(rows[3]), damaged[4]]))
+    result = summarize(tmp_path)
+    assert (result.steps, result.first_loss, result.last_loss) == (2, 2.0, 1.0)
+    assert (result.eval_before, result.eval) == (rows[0], rows[3])
 
 
 CHECKPOINT_DAMAGE = {

@@ -132,7 +132,8 @@ def test_every_layout_trains_the_same_weights(family: str, tiny_dirs, tmp_path: 
 def test_replaying_the_journal_gives_the_trained_weights(tiny_dirs, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from zoplan.runtime.replay import read_journal, replay
+    from zoplan.runtime.journal import read_journal
+    from zoplan.runtime.replay import replay
 
     model_dir = tiny_dirs["tiny-opt"]
     two = cpu_topology(tmp_path, 2)
@@ -164,15 +165,16 @@ def test_replaying_the_journal_gives_the_trained_weights(tiny_dirs, tmp_path: Pa
 def test_replay_applies_a_zero_gradient_steps_weight_decay_but_not_a_skipped_step() -> None:
     """The engine applies a finite step whose projected gradient is exactly 0 (its weight decay
     still moves the weight matrices); a skipped step (non-finite losses) changes nothing."""
-    from zoplan.runtime.replay import _journal_row, replay
+    from zoplan.runtime.journal import journal_row
+    from zoplan.runtime.replay import replay
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     row = {"step": 0, "seed": 5, "projected_grad": 0.0, "lr": 0.1, "weight_decay": 0.5}
-    replay(model, [_journal_row({**row, "skipped": True})])
+    replay(model, [journal_row({**row, "skipped": True})])
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
-    replay(model, [_journal_row({**row, "skipped": False})])
+    replay(model, [journal_row({**row, "skipped": False})])
     # with g = 0 the update is w - lr * (0 * z + wd * w), in float32: only the weight matrix decays;
     # the bias and the LayerNorm's weight and bias stay as they were
     after = {n: p.detach() for n, p in model.named_parameters()}
@@ -181,7 +183,7 @@ def test_replay_applies_a_zero_gradient_steps_weight_decay_but_not_a_skipped_ste
     for name in ("0.bias", "1.weight", "1.bias"):
         assert torch.equal(after[name], base[name]), name
     # a journal without the field (older runs): a zero gradient counts as skipped
-    assert _journal_row(row)["skipped"] is True and _journal_row({**row, "projected_grad": 1.0})["skipped"] is False
+    assert journal_row(row)["skipped"] is True and journal_row({**row, "projected_grad": 1.0})["skipped"] is False
 
 
 def test_two_machines_match_one(tiny_dirs, tmp_path: Path) -> None:

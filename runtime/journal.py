@@ -1,0 +1,114 @@
+"""The journal: one line per completed step, the record replay and --resume trust.
+
+A line is one JSON object written by the rank that writes (``write_line``) before the step's update
+is applied anywhere: step, seed, the two losses, the projected gradient, lr, eps, weight decay and
+whether the step was skipped (non-finite losses). Readers (``read_journal``, ``parse_journal``:
+``zoplan replay``, ``zoplan run --resume``, the snapshots' resume point) check every line for what
+it means. This module imports no torch, so a damaged journal is refused in well under a second.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO
+
+from zoplan.errors import ZoplanError
+
+FIELDS = ("step", "seed", "projected_grad", "lr", "weight_decay")
+
+
+def read_journal(path: Path, *, first: int | None = None) -> list[dict]:
+    """The journal's steps in order (from step ``first`` when given: 0 for a journal that starts
+    from the base weights). A last line cut short (a power loss mid-write) is dropped with a
+    warning; a bad line anywhere else is an error naming it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ZoplanError(f"cannot read journal {path}: {exc}") from None
+    return parse_journal(raw, path, first=first)[0]
+
+
+def parse_journal(raw: bytes, path: Path, *, first: int | None = None,
+                  keep_unterminated: bool = True) -> tuple[list[dict], int]:
+    """(the journal's rows, the length in bytes of the part they come from). Every line is checked
+    for what it means (types, finite numbers, step numbers consecutive from ``first``); only the
+    last line may be cut short, and only when the file does not end with a newline: it is left
+    out (with ``keep_unterminated`` False, also when it parses: an append cut just before its
+    newline). Anything else is a refusal naming the file and line, never a silent cut."""
+    lines = raw.splitlines(keepends=True)
+    rows: list[dict] = []
+    good = 0
+    for number, line in enumerate(lines, 1):
+        unterminated = number == len(lines) and not line.endswith((b"\n", b"\r"))
+        if not line.strip():
+            good += len(line)
+            continue
+        try:
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                if unterminated:  # a write cut short: only the last line, and only without its newline
+                    print(f"warning: {path}:{number}: dropped a torn last line", file=sys.stderr)
+                    break
+                raise
+            row = journal_row(row)
+        except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as exc:
+            reason = str(exc) if isinstance(exc, (KeyError, TypeError)) else type(exc).__name__
+            raise ZoplanError(f"{path}:{number}: not a journal line ({reason[:200]})", fix=cut_fix(path, number)) \
+                from None
+        if unterminated and not keep_unterminated:
+            break
+        expected = rows[-1]["step"] + 1 if rows else first
+        if expected is not None and row["step"] != expected:
+            what = "the first line" if not rows else f"line {number}"
+            raise ZoplanError(f"{path}:{number}: {what} is step {row['step']}, expected step {expected} "
+                              "(the steps of a journal are consecutive"
+                              + (f", from {first})" if first is not None else ")"),
+                              fix=cut_fix(path, number) if rows else
+                              "give the whole journal: its first line is the run's first step")
+        rows.append(row)
+        good += len(line)
+    return rows, good
+
+
+def cut_fix(path: Path, number: int) -> str:
+    """What to do about a damaged line: the lines before it are intact."""
+    if number <= 1:
+        return f"{path} is damaged from its first line: restore it from a copy, or start a new run"
+    return (f"restore {path} from a copy; or keep its first {number - 1} line(s), the steps before the "
+            f"damage (`head -n {number - 1} {path} > journal.kept && mv journal.kept {path}`): "
+            "a resumed run then trains the later steps again")
+
+
+def journal_row(row: object) -> dict:
+    """The fields replay needs, with their types checked (a journal is user input)."""
+    if not isinstance(row, dict):
+        raise TypeError("not a JSON object")
+    out = {k: row[k] for k in FIELDS}
+    for key in ("step", "seed"):
+        if not isinstance(out[key], int) or isinstance(out[key], bool) or not 0 <= out[key] < 2**63:
+            raise TypeError(f"'{key}' must be an integer in [0, 2**63)")
+    for key in ("projected_grad", "lr", "weight_decay"):
+        value = out[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or value in (float("inf"), float("-inf")):
+            raise TypeError(f"'{key}' must be a finite number")
+        out[key] = float(value)
+    # A skipped step (non-finite losses) changed nothing. A finite step whose gradient is exactly
+    # 0 still applied its weight decay, so it is replayed. Journals without the field: g == 0.
+    skipped = row.get("skipped", out["projected_grad"] == 0.0)
+    if not isinstance(skipped, bool):
+        raise TypeError("'skipped' must be true or false")
+    out["skipped"] = skipped
+    return out
+
+
+
+def write_line(journal: IO[str], record: dict, sync: bool) -> None:
+    """Append one step's line; with ``sync``, flushed to the disk (the step survives a power
+    loss). The journal file is line-buffered."""
+    journal.write(json.dumps(record) + "\n")
+    if sync:
+        os.fsync(journal.fileno())
