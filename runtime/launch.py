@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -211,6 +212,12 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     if opts.steps < 1:
         raise ZoplanError(f"--steps must be at least 1, got {opts.steps}",
                           fix="--steps is the run's total number of steps" + (", resumed or not" if opts.resume else ""))
+    if not math.isfinite(opts.snapshot_minutes) or opts.snapshot_minutes < 0:
+        raise ZoplanError(f"--snapshot-minutes must be a finite number of minutes, got {opts.snapshot_minutes}",
+                          fix="give the minutes between snapshots, or 0 for none by time")
+    if opts.topology is not None and not opts.topology.strip():
+        raise ZoplanError("--topology is empty", fix="name a bundled topology (zoplan topo list) or a topology "
+                                                    "file, or leave --topology out to plan for this machine")
     if opts.resume:
         return _prepare_resume(opts)
     if out.exists() and any(not p.name.startswith(".lock-node") for p in out.iterdir()):

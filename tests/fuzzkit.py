@@ -1,11 +1,15 @@
-"""What the two loader-fuzzing suites share (tests/test_fuzz_loaders.py for the planner's loaders,
-tests/runtime/test_fuzz_runtime_loaders.py for the runtime's): hypothesis settings, the time limit
-that turns a hang into a failure, the frame a failure came from, and per-example files.
+"""What the fuzzing suites share (tests/test_fuzz_loaders.py and tests/test_fuzz_cli.py for the
+planner, tests/runtime/test_fuzz_runtime_loaders.py and test_fuzz_commands.py for the runtime):
+hypothesis settings, the time limit that turns a hang into a failure, the frame a failure came
+from, per-example files, and a command run as the console script runs it.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import signal
+import sys
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +23,12 @@ PRODUCT_DIRS = (Path(zoplan.__file__).resolve().parent, (REPO / "runtime").resol
 REFUSED = object()  # what a fuzz call returns when the loader refused its input with a message
 
 
-def fuzz_settings(n: int) -> settings:
-    """``n`` examples, derandomized: every run tries the same inputs, so counts can be asserted."""
-    return settings(max_examples=n, deadline=None, database=None, derandomize=True,
+def fuzz_settings(n: int, *, shrink: bool = True) -> settings:
+    """``n`` examples, derandomized: every run tries the same inputs, so counts can be asserted.
+    Without ``shrink`` a failing example is reported as found (whole commands: each try of a
+    shrink may cost the command's time limit, and their inputs are a few options anyway)."""
+    phases = list(Phase) if shrink else [p for p in Phase if p is not Phase.shrink]
+    return settings(max_examples=n, deadline=None, database=None, derandomize=True, phases=phases,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.large_base_example])
 
@@ -117,3 +124,20 @@ def mutate_bytes(data, raw: bytes, inserts: list[bytes], ops: tuple[str, ...]) -
         else:
             raise ValueError(f"unknown byte op {op!r}")
     return raw
+
+
+def console(args: list[str], limit: float = 60) -> tuple[int, str]:
+    """``zoplan ARGS`` as the console script runs it (``zoplan.cli.main``, in this process):
+    (exit status, stdout + stderr). No answer within ``limit`` seconds raises Hang."""
+    from zoplan import cli
+
+    code, text, argv = 0, io.StringIO(), sys.argv
+    sys.argv = ["zoplan", *args]
+    try:
+        with time_limit(limit), contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = argv
+    return code, text.getvalue()

@@ -18,7 +18,8 @@ from zoplan.layout import divisors
 from zoplan.models import load_model_shape
 from zoplan.planfile import ZoSettings, load_plan, write_plan
 from zoplan.planner import compare, plan, timeline
-from zoplan.search import MAX_GLOBAL_BATCH, MAX_SLICES_PER_BLOCK, Pins
+from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SLICES_PER_BLOCK
+from zoplan.search import Pins
 from zoplan.topology import load_topology
 
 

@@ -4,12 +4,11 @@ The contract: ``zoplan plan`` and ``zoplan timeline`` with any mix of bad, extre
 arguments, or with a plan file whose fields were changed to anything, end with status 0 (it was
 valid) or 2 (usage error or one "error:" message), never a traceback, and answer within a time
 limit (a hang fails). The runtime's commands get the same treatment in
-tests/runtime/test_fuzz_runtime_loaders.py (--resume and replay on mutated run directories)
-and bench/hostile.py (bad inputs and faults through the real `zoplan run`).
+tests/runtime/test_fuzz_runtime_loaders.py (--resume and replay on mutated run directories),
+tests/runtime/test_fuzz_commands.py (`run` and `validate` with bad arguments) and bench/hostile.py (bad inputs and faults through the real `zoplan run`).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fuzzkit import fuzz_settings, time_limit
+from fuzzkit import console, fuzz_settings
 from zoplan import cli
 
 INTS = ["-1", "0", "1", "2", "3", "8", "64", "65537", "1000000000000", str(2**63), "nan", "abc", "1e3", ""]
@@ -46,23 +45,6 @@ OPTIONS = {
 VALUES = st.one_of(st.sampled_from([0, -1, 1, 2, 3, 10**12, 2**63, float("nan"), float("inf"), 1e-300, "", "x",
                                     None, True, [], {}, [0, 0], "fp8", "gpu9"]),
                    st.integers(-3, 300))
-
-
-def console(args: list[str]) -> tuple[int, str]:
-    """``zoplan ARGS`` as the console script runs it: (exit status, stdout + stderr)."""
-    import contextlib
-    import io
-
-    code, text, argv = 0, io.StringIO(), sys.argv
-    sys.argv = ["zoplan", *args]
-    try:
-        with time_limit(60), contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-            cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        sys.argv = argv
-    return code, text.getvalue()
 
 
 SEEN: dict[tuple[str, int], int] = {}  # (command, exit status) -> examples

@@ -821,7 +821,8 @@ def test_bug_timeline_livelock(workdir: Path, global_batch: int) -> None:
     from zoplan.planner import timeline
 
     from zoplan.costs import Workload
-    from zoplan.search import MAX_GLOBAL_BATCH, evaluate
+    from zoplan.limits import MAX_GLOBAL_BATCH
+    from zoplan.search import evaluate
 
     path = write(fresh(workdir, "plan.yaml"), plan_with(lambda t: t["batch"].__setitem__("global_batch", global_batch)))
     if global_batch > MAX_GLOBAL_BATCH:  # the plan loader now refuses such a batch (tests/test_bounds.py) ...

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from zoplan.errors import ZoplanError
+from zoplan.limits import MAX_MEASURED_STEPS, MAX_STEPS
 
 app = typer.Typer(help="Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -86,7 +87,7 @@ def plan_cmd(
     lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 1e-6; 1e-3 for the tiny models)"),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     seed: int = typer.Option(0, "--seed"),
-    steps: int = typer.Option(1000, "--steps", help="training steps recorded in the plan"),
+    steps: int = typer.Option(1000, "--steps", min=1, max=MAX_STEPS, help="training steps recorded in the plan"),
     lr_schedule: Schedule = typer.Option(Schedule.constant, "--lr-schedule"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="plan with the figures `zoplan calibrate` measured"),
 ) -> None:
@@ -201,7 +202,7 @@ def run_cmd(
     data: str = typer.Option("sentiment-text", "--data", "-d",
                              help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), 'long-text' (bundled "
                                   "texts filling the sequence length), or a datasets name"),
-    steps: int = typer.Option(100, "--steps", "-n", min=1, max=10**9, help="training steps (the run's total)"),
+    steps: int = typer.Option(100, "--steps", "-n", min=1, max=MAX_STEPS, help="training steps (the run's total)"),
     output: Path = typer.Option(Path("zoplan-run"), "--output", "-o", help="directory for weights, journal and metrics"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b",
                                                help="without a plan: sequences per step (default 8)"),
@@ -299,7 +300,7 @@ def calibrate_cmd(
     seq_len: int = typer.Option(64, "--seq-len", "-s", help="tokens per sequence to time"),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="compute dtype (default fp32 on CPU, bf16 on GPU)"),
     output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="the profile to write"),
-    steps: int = typer.Option(20, "--steps", "-n", min=2,
+    steps: int = typer.Option(20, "--steps", "-n", min=2, max=MAX_MEASURED_STEPS,
                               help="engine steps timed per setting (more: steadier figures on a noisy machine)"),
     micro_batches: str = typer.Option("1,2", "--micro-batches",
                                       help="micro-batch counts to time, with 1 and 2 (e.g. 1,2,4,8 for plans with many)"),
@@ -325,7 +326,8 @@ def calibrate_cmd(
 @app.command("validate")
 def validate_cmd(
     plan_file: Path = typer.Argument(..., metavar="PLAN", help="a plan from `zoplan plan -o`"),
-    steps: int = typer.Option(20, "--steps", "-n", help="training steps to measure (the first is left out)"),
+    steps: int = typer.Option(20, "--steps", "-n", min=2, max=MAX_MEASURED_STEPS,
+                               help="training steps to measure (the first is left out)"),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="the model's directory or hub id (default: the plan's tiny model)"),
     data: str = typer.Option("long-text", "--data", "-d",
@@ -358,6 +360,10 @@ def validate_cmd(
                           fix="pass --model DIRECTORY (or hub id) of that model")
     if steps <= skip:
         raise ZoplanError(f"--steps {steps} leaves nothing to measure after --skip {skip}")
+    if trace is not None:  # refused now, not after the run it would describe
+        from zoplan.fileio import check_writable
+
+        check_writable(trace, "trace file")
     if output is not None:
         _validate(output, the_plan, plan_file, simulated, model, data, steps, trace, skip, pad, as_json)
         return

@@ -90,6 +90,24 @@ def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple
     return rows, end
 
 
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse a file that cannot be written before the work whose result it is (a validation run,
+    say): its folder must exist and take the file. Probed by opening it for appending, so an
+    existing file is untouched and a new one is removed again."""
+    path = Path(path)
+    if path.is_dir():
+        raise ZoplanError(f"{what} {path} is a directory", fix="give a file's path")
+    existed = path.exists()
+    try:
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        raise ZoplanError(f"cannot write {what} {path}: {exc.strerror or exc}",
+                          fix="choose a writable path (the folder must exist)") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
 class _Refused(Exception):
     """A YAML document beyond the bounds: raised while composing, before anything is built."""
 

@@ -18,6 +18,7 @@ from zoplan import __version__
 from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, brief, check_version, read_yaml, short, validate, write_yaml
 from zoplan.layout import Layout
+from zoplan.limits import MAX_SLICES_PER_BLOCK, MAX_STEPS
 from zoplan.models import ModelShape
 from zoplan.topology import Machine
 
@@ -57,7 +58,7 @@ class ZoSettings(Strict):
     lr: PositiveFloat = 1e-6
     weight_decay: NonNegativeFloat = 0.0
     seed: int = Field(0, ge=0, lt=2**63)
-    steps: PositiveInt = 1000
+    steps: int = Field(1000, ge=1, le=MAX_STEPS)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
 
 
@@ -213,7 +214,7 @@ def load_plan(path: str | Path) -> Plan:
 def check_ranges(plan: Plan, shape: ModelShape, path: Path | str) -> None:
     """Every number of a plan within what it means, before anything is sized by it: the runtime
     allocates by these fields, and the simulator issues one upload per slice."""
-    from zoplan.search import MAX_SLICES_PER_BLOCK, workload_problems
+    from zoplan.search import workload_problems
 
     again = "write the plan again with `zoplan plan ... -o` instead of editing it"
 

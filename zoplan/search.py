@@ -18,20 +18,18 @@ from zoplan.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_re
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
 from zoplan.layout import WIRE_BYTES, Layout, divisors
+from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK
 from zoplan.sim import Exceeded, SimResult, simulate
 from zoplan.topology import Machine
 
 DTYPES = tuple(WIRE_BYTES)
 OBJECTIVES = ("time", "cost")
 
-# Range limits, checked before any search: the search tries every divisor of a replica's batch as
-# a micro-batch, and the step program has one upload per slice, so both bound the work. Far above
-# any ZO fine-tuning (MeZO: 16 to 64 sequences of at most 2048 tokens; the search itself tries at
-# most 4 slices per mover); a 55440-sequence batch (120 divisors) still searches in about 80 s on
-# a 2-core machine (docs/results/reliability.md).
-MAX_GLOBAL_BATCH = 65536
-MAX_SEQ_LEN = 1 << 20
-MAX_SLICES_PER_BLOCK = 128
+# Range limits (zoplan.limits), checked before any search: the search tries every divisor of a
+# replica's batch as a micro-batch, and the step program has one upload per slice, so both bound
+# the work. Far above any ZO fine-tuning (MeZO: 16 to 64 sequences of at most 2048 tokens; the
+# search itself tries at most 4 slices per mover); a 55440-sequence batch (120 divisors) still
+# searches in about 80 s on a 2-core machine (docs/results/reliability.md).
 
 
 def _whole(value) -> bool:

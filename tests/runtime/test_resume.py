@@ -133,7 +133,7 @@ def test_a_killed_loader_leaves_no_host_copy_behind(tmp_path: Path) -> None:
     before = scratch_folders()
     err = finished(zoplan_run(tmp_path / "run", "--steps", "3", env={"ZOPLAN_KILL": "0:1"}), code=2)
     assert "journal holds 1 completed step(s)" in err
-    assert scratch_folders() == before
+    assert scratch_folders() <= before  # (other jobs on the machine may end meanwhile)
 
 
 def wait_for_a_step(out: Path, proc: subprocess.Popen) -> None:
@@ -175,7 +175,7 @@ def test_sigterm_stops_the_ranks_and_says_how_to_resume(tmp_path: Path) -> None:
     err = finished(proc, code=128 + signal.SIGTERM)
     assert "stopped by SIGTERM after" in err and f"zoplan run --resume {out} --steps 500" in err
     assert gone(str(out)), processes_naming(str(out))
-    assert scratch_folders() == before
+    assert scratch_folders() <= before  # (other jobs on the machine may end meanwhile)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -1,0 +1,11 @@
+"""What a user may ask for: the bounds every entry (options, plan files, the API) checks before
+any work. A value past one is a typo or a hostile input, refused with a message in well under a
+second; each bound is far above any real use (and documented where the value is asked for).
+
+No imports: the command line reads these before it loads anything else.
+"""
+MAX_GLOBAL_BATCH = 65536  # sequences per step
+MAX_SEQ_LEN = 1 << 20  # tokens per sequence (a model's own positions bound it further)
+MAX_SLICES_PER_BLOCK = 128  # one upload op per slice
+MAX_STEPS = 10**9  # a run's steps: a billion tiny steps take years
+MAX_MEASURED_STEPS = 10_000  # steps timed by calibrate and validate: their figures settle within dozens
