@@ -47,18 +47,46 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
     """``zoplan replay``: base weights + journal -> a Hugging Face directory. The dtype defaults to
     the run's host-copy dtype (plan.yaml beside the journal), the dtype the updates were rounded
     to while training; returns the number of steps replayed."""
-    from zoplan.models import load_model_shape
-    from zoplan.planfile import load_plan
-    from zoplan.runtime.tiny import resolve_model
-
     if device not in ("cpu", "cuda"):
         raise ZoplanError(f"--device {device!r} is not cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ZoplanError("replay cannot reach a GPU: torch sees no CUDA device here",
                           fix="replay on the CPU (--device cpu): the same updates, in the same dtype")
-    if out.exists() and any(out.iterdir()):
-        raise ZoplanError(f"output directory {out} is not empty", fix="choose a new -o directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ZoplanError(f"output {out} is not an empty directory", fix="choose a new -o directory")
     journal = read_journal(journal_path, first=0)
+    made = not out.exists()
+    try:  # before hours of replay: a directory that cannot be made is refused now
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ZoplanError(f"cannot create the output directory {out}: {exc.strerror or exc}",
+                          fix="choose a writable -o directory") from None
+    try:
+        return _replay_into(base, journal_path, journal, out, dtype, device)
+    except BaseException:
+        _clear(out, made)
+        raise
+
+
+def _clear(out: Path, made: bool) -> None:
+    """Nothing half-written is left under a name a user would load: a directory replay made goes,
+    one given empty is emptied again."""
+    if made:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, dtype: str | None,
+                 device: str) -> int:
+    from zoplan.models import load_model_shape
+    from zoplan.planfile import load_plan
+    from zoplan.runtime.tiny import resolve_model
+
     plan_path = journal_path.parent / "plan.yaml"
     plan = load_plan(plan_path) if plan_path.exists() else None  # before the model: it may need building
     model_dir = resolve_model(base)
@@ -99,11 +127,16 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
     require_finite(model.named_parameters(), f"the weights replayed from {journal_path}",
                    "replay in the dtype the run trained in (--dtype, default the run's own); a journal "
                    "whose updates overflow in it cannot give a usable model")
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    from safetensors import SafetensorError
+
     try:
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    except (OSError, ValueError):
-        for f in model_dir.glob("*token*"):
-            shutil.copy2(f, out / f.name)
+        model.save_pretrained(out)
+        try:
+            AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+        except (OSError, ValueError):
+            for f in model_dir.glob("*token*"):
+                shutil.copy2(f, out / f.name)
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        raise ZoplanError(f"writing the replayed weights into {out} failed: {getattr(exc, 'strerror', None) or exc}",
+                          fix="free disk space or choose another -o directory, and replay again") from None
     return len(journal)

@@ -1,4 +1,4 @@
-"""`zoplan run` and `zoplan validate` as whole commands, with at least one bad argument each.
+"""`zoplan run`, `validate` and `replay` as whole commands, with at least one bad argument each.
 
 The contract: any mix of options in which at least one value is wrong (out of range, not a
 number, a path that does not exist or is not what it should be, a choice that is not offered)
@@ -12,11 +12,13 @@ options with good ones (derandomized: the same commands on every run).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from fuzzkit import console, fresh, fuzz_settings
 from hypothesis import given
 from hypothesis import strategies as st
@@ -184,3 +186,75 @@ def test_validate_refuses_any_mix_with_a_bad_argument_before_it_runs(tmp_path_fa
     values = validate_bad(root, tiny_plan)
     chosen = {flag: data.draw(st.sampled_from(values[flag]), label=flag) for flag in bad}
     assert_refused(validate_args(root, tiny_plan, chosen, good), root, None)
+
+
+def replay_bad(root: Path) -> dict[str, list[str]]:
+    """argument -> values `zoplan replay` must refuse (files made per example)."""
+    full = root / "full"
+    full.mkdir(exist_ok=True)
+    (full / "x").write_text("kept")
+    torn = root / "torn.jsonl"
+    torn.write_text(JOURNAL.splitlines(keepends=True)[0][:30] + "\n" + JOURNAL.splitlines(keepends=True)[1])
+    late = root / "late.jsonl"
+    late.write_text(JOURNAL.splitlines(keepends=True)[1])
+    return {
+        "BASE": ["nobody/nothing-here", "/nonexistent-model", "/dev/null", ""],
+        "JOURNAL": ["/nonexistent.jsonl", str(root), str(torn), str(late)],
+        "-o": [str(full), "/proc/zoplan-replay", ""],
+        "--dtype": ["fp8", "", "FP32x"],
+        "--device": ["tpu", ""] + ([] if torch.cuda.is_available() else ["cuda"]),
+    }
+
+
+JOURNAL = "".join(json.dumps({"step": s, "seed": 1000 + s, "loss_plus": 0.7, "loss_minus": 0.71,
+                              "projected_grad": 0.25, "lr": 1e-3, "eps": 1e-3, "weight_decay": 0.0,
+                              "skipped": False}) + "\n" for s in range(2))
+REPLAY_ARGS = ["BASE", "JOURNAL", "-o", "--dtype", "--device"]
+
+
+def replay_args(root: Path, bad: dict[str, str]) -> tuple[list[str], Path]:
+    good = root / "journal.jsonl"
+    good.write_text(JOURNAL)
+    out = fresh(root, "out")
+    values = {"BASE": "tiny-opt", "JOURNAL": str(good), "-o": str(out), **bad}
+    args = ["replay", values.pop("BASE"), values.pop("JOURNAL")]
+    for flag, value in values.items():
+        args += [flag, value]
+    return args, out
+
+
+@pytest.mark.parametrize("arg", REPLAY_ARGS)
+def test_replay_refuses_each_bad_argument_and_writes_nothing(tmp_path: Path, arg: str) -> None:
+    for value in replay_bad(tmp_path)[arg]:
+        root = fresh(tmp_path, "case").parent
+        args, out = replay_args(root, {arg: value})
+        assert_refused(args, root, out)
+        assert (tmp_path / "full").is_dir() and [p.name for p in (tmp_path / "full").iterdir()] == ["x"]
+
+
+@fuzz_settings(30, shrink=False)
+@given(bad=st.lists(st.sampled_from(REPLAY_ARGS), min_size=1, max_size=3, unique=True), data=st.data())
+def test_replay_refuses_any_mix_with_a_bad_argument(tmp_path_factory, bad: list[str], data) -> None:
+    root = tmp_path_factory.mktemp("replay-fuzz")
+    values = replay_bad(root)
+    args, out = replay_args(root, {arg: data.draw(st.sampled_from(values[arg]), label=arg) for arg in bad})
+    assert_refused(args, root, out)
+
+
+def test_the_good_arguments_above_do_replay(tmp_path: Path) -> None:
+    """The good values mixed into the refusals are good: alone, they replay."""
+    args, out = replay_args(tmp_path, {})
+    code, output = console(args, limit=120)
+    assert code == 0 and "replayed 2 steps" in output, output
+    assert (out / "config.json").exists()
+
+
+def test_the_good_run_and_validate_arguments_above_do_run(tmp_path: Path, tiny_plan: Path) -> None:
+    """The good values mixed into the refusals are good: alone, `zoplan run` trains its step and
+    `zoplan validate` measures (so a refusal above came from the bad value)."""
+    args, out = run_args(tmp_path, {}, sorted(RUN_GOOD))
+    code, output = console(args, limit=300)
+    assert code == 0 and "trained 1 steps" in output, output
+    assert (out / "model" / "config.json").exists()
+    code, output = console(validate_args(tmp_path, tiny_plan, {}, VALIDATE_GOOD), limit=300)
+    assert code == 0 and '"measured_steps"' in output, output

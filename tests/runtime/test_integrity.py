@@ -320,3 +320,25 @@ def test_a_full_disk_at_the_final_write_leaves_no_half_model_and_says_how_to_fin
     assert "No space left on device; the journal holds all 12 step(s)" in str(caught.value)
     assert f"zoplan run --resume {tmp_path} --steps 12" in caught.value.fix
     assert not (tmp_path / "model.tmp").exists() and not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("given_empty", [False, True])
+def test_a_full_disk_while_replay_writes_leaves_nothing_half_written(tiny_dirs, tmp_path: Path, monkeypatch,
+                                                                      given_empty: bool) -> None:
+    import errno
+
+    from transformers import PreTrainedModel
+
+    def full(self, target, **kwargs):
+        (Path(target) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    path = tmp_path / "journal.jsonl"
+    path.write_text(journal(2))
+    out = tmp_path / "out"
+    if given_empty:
+        out.mkdir()
+    with pytest.raises(ZoplanError, match="writing the replayed weights into .* failed: No space left on device"):
+        replay_to(str(tiny_dirs["tiny-opt"]), path, out)
+    assert (out.is_dir() and not any(out.iterdir())) if given_empty else not out.exists()
