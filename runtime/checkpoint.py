@@ -3,10 +3,14 @@
 ``zoplan run`` would otherwise learn of a missing, truncated or mismatched checkpoint from a rank's
 traceback (or not at all: Hugging Face initialises missing weights at random and ignores extra
 ones, so a config with fewer layers than the weights trains a truncated model). The checks read
-only the safetensors headers and build the model on the meta device: seconds, whatever its size.
+only the safetensors headers and build the model on the meta device: seconds, whatever its size,
+and once per unchanged directory (a directory that passed is remembered by its files' sizes and
+modification times, under ~/.cache/zoplan/checked).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -62,9 +66,51 @@ def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+CHECKED_KEPT = 256  # remembered directories (a few bytes each); the oldest are forgotten first
+
+
+def checked_cache_dir() -> Path:
+    return Path.home() / ".cache" / "zoplan" / "checked"
+
+
+def _stamp(model_dir: Path) -> str:
+    """What the check depends on: every file of the directory (name, size, modification time to the
+    nanosecond, inode) and the versions that read them. A file written, replaced, truncated, added
+    or removed changes it."""
+    from importlib.metadata import version
+
+    from zoplan import __version__
+
+    entries = []
+    for path in sorted(model_dir.resolve().iterdir()):
+        st = path.stat()
+        entries.append(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}")
+    text = "\n".join([str(model_dir.resolve()), __version__, version("transformers"), *entries])
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def check_model_dir(model_dir: Path) -> None:
     """Refuse, with the file and a fix, a directory whose weights are missing or damaged, disagree
-    with its config.json, or that has no tokenizer."""
+    with its config.json, or that has no tokenizer. A directory that passed and has not changed
+    since (``_stamp``) is not checked again: the check imports transformers' model code and builds
+    the model on the meta device, seconds of every `zoplan run`'s start."""
+    try:
+        marker = checked_cache_dir() / _stamp(model_dir)
+    except OSError:
+        marker = None  # unreadable: the full check says what is wrong
+    if marker is not None and marker.exists():
+        return
+    _check_model_dir(model_dir)
+    if marker is not None:
+        with contextlib.suppress(OSError):  # only a cache: a read-only home checks every time
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            kept = sorted(marker.parent.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+            for old in kept[:-CHECKED_KEPT]:
+                old.unlink(missing_ok=True)
+
+
+def _check_model_dir(model_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -342,3 +342,31 @@ def test_a_full_disk_while_replay_writes_leaves_nothing_half_written(tiny_dirs, 
     with pytest.raises(ZoplanError, match="writing the replayed weights into .* failed: No space left on device"):
         replay_to(str(tiny_dirs["tiny-opt"]), path, out)
     assert (out.is_dir() and not any(out.iterdir())) if given_empty else not out.exists()
+
+
+def test_a_model_directory_that_passed_is_not_checked_again_until_a_file_changes(tiny_dirs, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    import shutil
+
+    from zoplan.runtime import checkpoint
+
+    monkeypatch.setattr(checkpoint, "checked_cache_dir", lambda: tmp_path / "checked")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["tiny-opt"], model)
+    calls = []
+    real = checkpoint._check_model_dir
+    monkeypatch.setattr(checkpoint, "_check_model_dir", lambda d: (calls.append(d), real(d)))
+    checkpoint.check_model_dir(model)
+    checkpoint.check_model_dir(model)
+    assert len(calls) == 1 and len(list((tmp_path / "checked").iterdir())) == 1
+    # any change to a file (here: the same bytes written again, so only the time moves) checks again
+    (model / "config.json").write_bytes((model / "config.json").read_bytes())
+    checkpoint.check_model_dir(model)
+    assert len(calls) == 2
+    # and a damage found then is refused, however often the directory passed before
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:5000])
+    with pytest.raises(ZoplanError, match="truncated or damaged"):
+        checkpoint.check_model_dir(model)
+    with pytest.raises(ZoplanError, match="truncated or damaged"):
+        checkpoint.check_model_dir(model)
+    assert len(calls) == 4
