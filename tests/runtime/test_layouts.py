@@ -55,8 +55,8 @@ def planned(tmp: Path, model_dir: Path, topology: Path, name: str, **pins) -> Pa
     return path
 
 
-def train(plan_path: Path, model_dir: Path, out: Path, **extra) -> dict[str, torch.Tensor]:
-    run(RunOptions(plan=plan_path, model=str(model_dir), steps=STEPS, output=out, quiet=True, **extra))
+def train(plan_path: Path, model_dir: Path, out: Path, steps: int = STEPS, **extra) -> dict[str, torch.Tensor]:
+    run(RunOptions(plan=plan_path, model=str(model_dir), steps=steps, output=out, quiet=True, **extra))
     return load_file(str(out / "model" / "model.safetensors"))
 
 
