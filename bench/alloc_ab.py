@@ -5,7 +5,7 @@ the ranks' glibc thresholds (on: zoplan's settings; off: none, glibc's own dynam
 before they were set) round after round, so both see the same machine load. Prints each round's
 measured median step and the medians over rounds.
 
-Usage: python bench/alloc_ab.py [--models tiny-opt,opt-125m] [--layouts 1x1,2x1] [--rounds 3] [--steps 12]
+Usage: python -m bench.alloc_ab [--models tiny-opt,opt-125m] [--layouts 1x1,2x1] [--rounds 3] [--steps 12]
 """
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_gpu import build, long_texts  # noqa: E402
+from bench.runtime_gpu import build, long_texts
 
 # the CLI with the launcher's allocator settings removed
 OFF = "import sys; import zoplan.runtime.launch as launch; launch.MALLOC_ENV.clear(); from zoplan.cli import main; main()"

@@ -4,7 +4,7 @@
 Both ways must give the same bits; the script checks that, then reports the median time per
 block over ``--reps`` draws, on one thread as a rank runs.
 
-Usage: python bench/block_z_cpu.py [--reps 50]
+Usage: python -m bench.block_z_cpu [--reps 50]
 """
 from __future__ import annotations
 

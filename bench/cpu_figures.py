@@ -9,7 +9,7 @@ One thread per process, as a CPU rank runs:
   (zoplan.runtime.perturb), one collective call between two gloo ranks, and the training loop's
   host work per step (tokenizing a batch of 4 texts, writing a journal line).
 
-Usage: python bench/cpu_figures.py [--quick] [--write FILE]   (needs torch and transformers;
+Usage: python -m bench.cpu_figures [--quick] [--write FILE]   (needs torch and transformers;
 prints one line per figure and the gpu_models entry of a CPU topology; ``--write`` also writes
 topologies/cpu-local.yaml with these figures to FILE, a topology of this machine as measured now)
 """

@@ -8,9 +8,9 @@ steps. The data are long texts, so every
 sequence fills ``--seq-len`` tokens as in the calibration.
 
 Usage:
-    CPU: python bench/fidelity.py --out OUT --device cpu --models tiny-opt,opt-125m --layouts 1x1,2x1
-         python bench/fidelity.py --out OUT --device cpu --uncalibrated-only   (the buyer's prediction only)
-    GPU: python bench/fidelity.py --out OUT --device cuda --topology machine.yaml \\
+    CPU: python -m bench.fidelity --out OUT --device cpu --models tiny-opt,opt-125m --layouts 1x1,2x1
+         python -m bench.fidelity --out OUT --device cpu --uncalibrated-only   (the buyer's prediction only)
+    GPU: python -m bench.fidelity --out OUT --device cuda --topology machine.yaml \\
              --models opt-1.3b,opt-2.7b --layouts 1x1 --batch 8 --micro-batch 8 --seq-len 256
 """
 from __future__ import annotations
@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_gpu import build, long_texts  # noqa: E402
+from bench.runtime_gpu import build, long_texts
 
 from zoplan.planfile import load_plan  # noqa: E402
 

@@ -30,11 +30,11 @@ for part in $PARTS; do
     kernels)
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_perturb_triton.py \
         tests/runtime/test_block_kernels.py 2>&1 | tail -15 | tee "$OUT/kernel-tests.txt"
-      timeout 40 python3 bench/block_kernels.py --out "$OUT" 2>&1 | tail -8 | tee "$OUT/block-kernels.txt" ;;
+      timeout 40 python3 -m bench.block_kernels --out "$OUT" 2>&1 | tail -8 | tee "$OUT/block-kernels.txt" ;;
     replay)
-      timeout 150 python3 bench/gpu_replay.py --out "$OUT/replay" 2>&1 | tail -20 | tee "$OUT/replay.txt"; cp "$OUT/replay/gpu_replay.json" "$OUT/" 2>/dev/null ;;
+      timeout 150 python3 -m bench.gpu_replay --out "$OUT/replay" 2>&1 | tail -20 | tee "$OUT/replay.txt"; cp "$OUT/replay/gpu_replay.json" "$OUT/" 2>/dev/null ;;
     layouts)
-      timeout 240 python3 bench/gpu_layouts.py --out "$OUT/layouts" 2>&1 | tail -12 | tee "$OUT/layouts.txt" ;;
+      timeout 240 python3 -m bench.gpu_layouts --out "$OUT/layouts" 2>&1 | tail -12 | tee "$OUT/layouts.txt" ;;
     fidelity)
       FIDELITY_TIMEOUT=${FIDELITY_TIMEOUT:-360} OUT="$OUT/fidelity" bash bench/gpu_fidelity.sh ;;
     *) echo "unknown part: $part (kernels, replay, layouts, fidelity)"; exit 2 ;;

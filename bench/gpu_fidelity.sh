@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 zoplan topo detect -o "$OUT/machine.yaml" 2>&1 | tail -5
 # 20 steps (FIDELITY_STEPS): on the H200 VM the 2.7B shape's uploads ran 9-27% slower in steps 1-3
 # than from step 4 on (docs/results/fidelity.md); a median over 5 steps is mostly those
-timeout ${FIDELITY_TIMEOUT:-420} python3 bench/fidelity.py --out "$OUT" --work /tmp/zoplan-fidelity --device cuda \
+timeout ${FIDELITY_TIMEOUT:-420} python3 -m bench.fidelity --out "$OUT" --work /tmp/zoplan-fidelity --device cuda \
   --topology "$OUT/machine.yaml" --models opt-1.3b,opt-2.7b --layouts 1x1 \
   --batch 8 --micro-batch 8 --seq-len 256 --steps ${FIDELITY_STEPS:-20} 2>&1 | tail -40
 cp /tmp/zoplan-fidelity/*.yaml /tmp/zoplan-fidelity/*trace.json "$OUT"/ 2>/dev/null
@@ -32,6 +32,6 @@ done
 # a calibrated block time above the run's comes from
 cp -r /tmp/zoplan-fidelity/*-calibration-spans "$OUT"/ 2>/dev/null
 for kept in "$OUT"/*-calibration-spans/2x1/spans-rank0.jsonl; do
-  [ -f "$kept" ] && echo "== $kept" && python3 bench/step_table.py "$kept" --blocks | tail -30
+  [ -f "$kept" ] && echo "== $kept" && python3 -m bench.step_table "$kept" --blocks | tail -30
 done
 ls -la "$OUT"

@@ -8,8 +8,8 @@ round, buffers in flight, resident blocks) that the CPU tests (tests/runtime/tes
 without streams. Each run's peak GPU memory is printed beside the plan's prediction.
 
 Usage (on a GPU machine, zoplan installed with the runtime extra):
-    python bench/gpu_layouts.py --out OUT [--topology machine.yaml] [--steps 4]
-The same check on a CPU: python bench/gpu_layouts.py --out OUT --topology cpu-local
+    python -m bench.gpu_layouts --out OUT [--topology machine.yaml] [--steps 4]
+The same check on a CPU: python -m bench.gpu_layouts --out OUT --topology cpu-local
 """
 from __future__ import annotations
 

@@ -3,10 +3,10 @@ base model and the journal alone on the GPU (must be bit-identical) and on the C
 rounding: the CPU computes z's log/cos with another math library).
 
 Usage (on a GPU machine, zoplan installed with the runtime extra):
-    python bench/gpu_replay.py --out OUT [--steps 20]
-The same check on a CPU: python bench/gpu_replay.py --out OUT --topology cpu-local --devices cpu
+    python -m bench.gpu_replay --out OUT [--steps 20]
+The same check on a CPU: python -m bench.gpu_replay --out OUT --topology cpu-local --devices cpu
 The other device's half of a run trained elsewhere (its directory copied here, journal and model):
-    python bench/gpu_replay.py --out OUT --run RUN_DIR --trained-on 'NVIDIA H200' --devices cpu
+    python -m bench.gpu_replay --out OUT --run RUN_DIR --trained-on 'NVIDIA H200' --devices cpu
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ default plan: 2 CPU ranks) and is judged on what a user would see:
 - leaks: folders named zoplan-* or torchelastic_* left in shared memory or the temporary
   directory, and processes still naming the case's directory, once the case is over.
 
-Usage: python bench/hostile.py [--work DIR] [--only SUBSTRING]   (about 5 minutes on 2 cores)
+Usage: python -m bench.hostile [--work DIR] [--only SUBSTRING]   (about 5 minutes on 2 cores)
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Appends 200 journal lines of the runtime's format with an fsync after each (the default
 --journal-sync-every 1), and runs the default tiny model for 30 steps to get its step time.
 
-Usage: python bench/journal_overhead.py
+Usage: python -m bench.journal_overhead
 """
 from __future__ import annotations
 

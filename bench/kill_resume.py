@@ -12,7 +12,7 @@ missing (or different) afterwards; the final weights must equal the uninterrupte
 bit. At the end, what killed launchers left outside their output is counted (the next launch
 removes it: runtime/scratch.py) and the work folder is removed.
 
-Usage: python bench/kill_resume.py [--kills 20] [--steps 24] [--seed 0] [--targets rank,torchrun,launcher]
+Usage: python -m bench.kill_resume [--kills 20] [--steps 24] [--seed 0] [--targets rank,torchrun,launcher]
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the shared host copy. This measures its peak resident set (VmHWM: private memory
 host copy's pages it wrote) against the size of the weights, for an OPT-shaped model with random
 weights saved in bf16 (``--saved fp32``: in the compute dtype) and trained in fp32.
 
-Usage: python bench/loader_memory.py [--hidden 1024 --layers 24]
+Usage: python -m bench.loader_memory [--hidden 1024 --layers 24]
 """
 from __future__ import annotations
 

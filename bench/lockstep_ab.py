@@ -6,7 +6,7 @@ With several compute ranks on a CPU machine, the planner scales block compute, e
 by what the calibration measured with every rank all-gathering each block (compute.lockstep_s);
 without that table it takes the independent settings as they are.
 
-Usage: python bench/lockstep_ab.py OUT/work MODEL [LAYOUT ...]   (e.g. /tmp/f/work tiny-opt 2x1)
+Usage: python -m bench.lockstep_ab OUT/work MODEL [LAYOUT ...]   (e.g. /tmp/f/work tiny-opt 2x1)
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Wall time of whole `zoplan plan` commands (interpreter start included) and the predicted
 speedups over ZO2 that docs/results/planner.md reports.
 
-Usage: python bench/plan_speed.py [--runs 5]
+Usage: python -m bench.plan_speed [--runs 5]
 Prints, per case: wall-clock min / median / max over the runs, then the best layout, its
 bottleneck, the ZO2 baseline and the speedup, from the command's own --json output.
 """

@@ -10,7 +10,7 @@ It also prints the block compute per step of the calibration's `exchange` settin
 micro-batches, every rank moving slices and all-gathering them: the steps of a PertP 2x1 plan)
 beside the independent one-branch setting the profile takes it from, and the run's.
 
-Usage: python bench/profile_statistic.py OUT/work MODEL [LAYOUT ...]   (e.g. /tmp/f/work tiny-opt 1x1 2x1)
+Usage: python -m bench.profile_statistic OUT/work MODEL [LAYOUT ...]   (e.g. /tmp/f/work tiny-opt 1x1 2x1)
 """
 from __future__ import annotations
 

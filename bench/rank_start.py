@@ -7,7 +7,7 @@ small matrix product (so a forked child shows it can still compute: a parent tha
 torch's thread pool before forking may leave it unusable in the child; this parent never
 computes). The two ways alternate, ROUNDS times; wall times until every rank has exited.
 
-Usage: python bench/rank_start.py [--ranks 2] [--rounds 3]
+Usage: python -m bench.rank_start [--ranks 2] [--rounds 3]
 """
 from __future__ import annotations
 

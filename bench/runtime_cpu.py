@@ -7,7 +7,7 @@
    on a compute-bound configuration (long sequences, small blocks).
 3. Host memory with 4 local ranks: proportional set size of the shared host copy across ranks.
 
-Usage: python bench/runtime_cpu.py [--steps 8] [--only offload,pertp,memory]
+Usage: python -m bench.runtime_cpu [--steps 8] [--only offload,pertp,memory]
 """
 from __future__ import annotations
 

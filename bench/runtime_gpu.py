@@ -4,7 +4,7 @@ same model kept in GPU memory (plain MeZO: every block resident), with measured 
 bandwidth and matmul throughput for the bounds.
 
 Usage (on a GPU machine, zoplan installed with the runtime extra):
-    python bench/runtime_gpu.py --out results-dir [--steps 5] [--models opt-1.3b,opt-2.7b]
+    python -m bench.runtime_gpu --out results-dir [--steps 5] [--models opt-1.3b,opt-2.7b]
 """
 from __future__ import annotations
 

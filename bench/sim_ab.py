@@ -4,7 +4,7 @@ A change to the simulator, the cost model or the step program shows here as the 
 step time moved, by how much, grouped by upload mode, mover count, residency and compute ranks:
 
     git worktree add /tmp/zoplan-before <commit>
-    python bench/sim_ab.py --other /tmp/zoplan-before [--cases dgx-a100,cpu-local]
+    python -m bench.sim_ab --other /tmp/zoplan-before [--cases dgx-a100,cpu-local]
 
 Each side runs in its own process (PYTHONPATH=<checkout>) and simulates every layout the search
 enumerates and fits (the exhaustive search), so the two see the same candidates. Results:

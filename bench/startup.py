@@ -6,7 +6,7 @@ Each command runs REPEAT times in a row; the median wall time is reported. It me
 zoplan installed in this Python (`python -m zoplan.cli`), so two versions compare by installing
 each in turn (pip install -e CHECKOUT --no-deps) and running this script after each.
 
-Usage: python bench/startup.py [--repeat 5] [--out DIR]
+Usage: python -m bench.startup [--repeat 5] [--out DIR]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the GPU (and, on CUDA, host) seconds of each stage category per step. Shows what changed between
 steps where `zoplan validate` reports only medians and the spread.
 
-Usage: python bench/step_table.py RUN_DIR/spans-rank0.jsonl [--blocks]
+Usage: python -m bench.step_table RUN_DIR/spans-rank0.jsonl [--blocks]
 
 --blocks adds, per step that kept its spans, each block's compute time (ms), to see whether a
 stage's total is spread evenly or sits in one block (the first, say). It reads `zoplan calibrate

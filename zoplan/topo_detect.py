@@ -284,7 +284,7 @@ def cpu_topology(meminfo: str, nodes: dict[int, frozenset[int]], cores: set[int]
     out.append("    matmul_efficiency: 1.0")
     out += _comment("ASSUMED, as measured for cpu-local's machine and rounded up: the runtime's own work "
                     "on a rank's one thread (tensor ops, z drawn into memory, collective calls, the "
-                    "loop's host work per step); `python bench/cpu_figures.py` measures them here.", indent=4)
+                    "loop's host work per step); `python -m bench.cpu_figures` measures them here.", indent=4)
     out += [f"    {key}: {value}" for key, value in CPU_RUNTIME.items()]
     out.append("sockets:")
     out += _comment(
