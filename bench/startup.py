@@ -1,5 +1,5 @@
 """How long `zoplan run` takes to refuse a bad argument and to finish a short tiny run
-(docs/results/startup.md): the launching process's imports, torchrun and the ranks' start-up
+(docs/results/runtime-cpu.md): the launching process's imports, torchrun and the ranks' start-up
 dominate both at this size.
 
 Each command runs REPEAT times in a row; the median wall time is reported. It measures the
