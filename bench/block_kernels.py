@@ -101,7 +101,7 @@ def main() -> None:
         print(f"{name}: {layout.numel / 1e6:.1f}M parameters in {len(layout.slots)} tensors; bit-equal {equal}; "
               f"per parameter: host {hp * 1e3:.3f} ms, GPU {gp * 1e3:.3f} ms; "
               f"per block: host {hb * 1e3:.3f} ms, GPU {gb * 1e3:.3f} ms", flush=True)
-        del theta, plus, minus, work
+        theta = plus = minus = work = None  # this shape's buffers go before the next one's
     if opts.out:
         opts.out.mkdir(parents=True, exist_ok=True)
         (opts.out / "block_kernels.json").write_text(json.dumps(rows, indent=1))

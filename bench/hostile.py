@@ -231,7 +231,9 @@ def main() -> None:
         finally:
             subprocess.run(["umount", str(d / "small")], capture_output=True)
 
-    matches_reference = (lambda d: same_weights(d / "run", work / "reference"))
+    def matches_reference(d: Path) -> bool:
+        return same_weights(d / "run", work / "reference")
+
     cases = [
         Case("journal", "non-finite projected gradient", edit_journal(lambda L: set_field(L, 5, projected_grad=float("nan")))),
         Case("journal", "a string as gradient", edit_journal(lambda L: set_field(L, 5, projected_grad="abc"))),

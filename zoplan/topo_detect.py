@@ -216,8 +216,8 @@ def gpu_topology(topo_text: str, query_text: str, meminfo: str, *, host_gbps: fl
         + f", which is the preset {preset.name}. Host memory: MemTotal {kib} kB in /proc/meminfo = "
         f"{_fmt(total_gib)} GiB, " + (f"divided evenly among the {sockets} sockets" if sockets > 1 else
                                       "all on the one socket") + " below."
-        f" Everything else was read from `nvidia-smi topo -m` as `zoplan topo import` reads it "
-        f"(the comments below are its own; --gpu and --host-memory-gib were filled in as said here).")
+        " Everything else was read from `nvidia-smi topo -m` as `zoplan topo import` reads it "
+        "(the comments below are its own; --gpu and --host-memory-gib were filled in as said here).")
     return DetectedTopology(spec=imported.spec, text="\n".join(header) + "\n#\n" + imported.text,
                             summary=imported.summary(), warnings=warnings)
 
