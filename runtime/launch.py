@@ -274,8 +274,15 @@ def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.yaml"
     write_plan(plan, plan_path)
-    (out / "run.json").write_text(json.dumps({"model": opts.model, "data": opts.data}))
+    # local paths absolute: `--resume` may be run from any directory
+    (out / "run.json").write_text(json.dumps({"model": _recorded(opts.model), "data": _recorded(opts.data)}))
     return plan, model_dir, plan_path
+
+
+def _recorded(value: str) -> str:
+    """A local file or directory as its absolute path; a name (hub id, built-in model or data) as given."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if value and path.exists() else value
 
 
 def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:

@@ -198,10 +198,12 @@ def timeline_cmd(
 @app.command("run")
 def run_cmd(
     plan_file: Optional[Path] = typer.Argument(None, help="a plan from `zoplan plan -o`; omitted: plan for this machine"),
-    model: str = typer.Option("tiny-opt", "--model", "-m", help="local directory, hub id, or tiny-opt / tiny-llama / tiny-qwen2"),
-    data: str = typer.Option("sentiment-text", "--data", "-d",
-                             help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), 'long-text' (bundled "
-                                  "texts filling the sequence length), or a datasets name"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="local directory, hub id, or tiny-opt / tiny-llama / "
+                                        "tiny-qwen2 (default tiny-opt)"),
+    data: Optional[str] = typer.Option(None, "--data", "-d",
+                                       help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), 'long-text' "
+                                            "(bundled texts filling the sequence length), or a datasets name "
+                                            "(default sentiment-text)"),
     steps: int = typer.Option(100, "--steps", "-n", min=1, max=MAX_STEPS, help="training steps (the run's total)"),
     output: Path = typer.Option(Path("zoplan-run"), "--output", "-o", help="directory for weights, journal and metrics"),
     global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b",
@@ -257,6 +259,10 @@ def run_cmd(
                               fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml")
         if planned:
             err.print(Text(f"warning: {', '.join(planned)} ignored: the run in {resume} continues with its own plan"))
+    given = [flag for flag, value in (("--model", model), ("--data", data)) if value is not None]
+    if resume is not None and given:
+        err.print(Text(f"warning: {', '.join(given)} ignored: the run in {resume} continues with the model and data "
+                       f"it started with ({resume / 'run.json'})"))
     pins = Pins(perturbation=pertp, data=ddp, slices=slices, gpus=_gpus(gpus),
                 wire_dtype=wire_dtype.value if wire_dtype else None,
                 upload=upload.value if upload else None, resident=resident, micro_batch=micro_batch)
@@ -269,7 +275,8 @@ def run_cmd(
         load_plan(plan_file)
     from zoplan.runtime.launch import RunOptions, run
 
-    opts = RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=output,
+    named = {k: v for k, v in (("model", model), ("data", data)) if v is not None}  # else RunOptions' defaults
+    opts = RunOptions(plan=plan_file, **named, steps=steps, output=output,
                       global_batch=8 if global_batch is None else global_batch,
                       seq_len=64 if seq_len is None else seq_len, topology=topology,
                       pins=pins,

@@ -370,3 +370,33 @@ def test_a_model_directory_that_passed_is_not_checked_again_until_a_file_changes
     with pytest.raises(ZoplanError, match="truncated or damaged"):
         checkpoint.check_model_dir(model)
     assert len(calls) == 4
+
+
+def test_the_run_record_holds_absolute_paths_so_resume_works_from_anywhere(tiny_dirs, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    import shutil
+
+    shutil.copytree(tiny_dirs["tiny-opt"], tmp_path / "models" / "mine")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"text {i}", "label": i % 2}) + "\n"
+                                                  for i in range(16)))
+    monkeypatch.chdir(tmp_path)
+    prepare(RunOptions(model="models/mine", data="train.jsonl", output=Path("run"), steps=2, global_batch=4))
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert recorded == {"model": str(tmp_path / "models" / "mine"), "data": str(tmp_path / "train.jsonl")}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    opts = RunOptions(output=tmp_path / "run", steps=4, resume=True)
+    prepare(opts)  # from another directory the recorded model and data are found
+    assert (opts.model, opts.data) == (recorded["model"], recorded["data"])
+    # names are kept as names (a built-in model, bundled data)
+    monkeypatch.chdir(tmp_path)
+    prepare(RunOptions(model="tiny-opt", data="sentiment", output=Path("run2"), steps=2))
+    assert json.loads((tmp_path / "run2" / "run.json").read_text()) == {"model": "tiny-opt", "data": "sentiment"}
+
+
+def test_a_model_or_data_given_with_resume_is_named_as_ignored(run_dir: Path) -> None:
+    from fuzzkit import console
+
+    code, output = console(["run", "--resume", str(run_dir), "--model", "/elsewhere/model", "--steps", "4"])
+    assert code == 2 and "fewer than the 6 step(s)" in output  # (refused: no rank starts in this test)
+    assert "warning: --model ignored: the run in" in output and "run.json" in output
