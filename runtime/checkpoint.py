@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -156,3 +157,25 @@ def _compare(model_dir: Path, config, model, shapes: dict[str, tuple[int, ...]])
         raise ZoplanError(f"{model_dir}: the weights lack {len(missing)} tensor(s) the model needs "
                           f"(first: {', '.join(missing[:_SHOWN])}); they would start from random values",
                           fix="copy the whole checkpoint, or use the config.json saved with these weights")
+
+
+# what a model directory holds beside its weights, copied with trained weights: config,
+# generation config, tokenizer files, the chat template
+_COMPANION_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+_NOT_COMPANIONS = ("model.safetensors.index.json", "meta.json")
+
+
+def companion_files(model_dir: Path) -> list[Path]:
+    """The files a directory of trained weights takes from the base model's directory."""
+    return sorted(f for f in model_dir.iterdir()
+                  if f.is_file() and f.suffix in _COMPANION_SUFFIXES and f.name not in _NOT_COMPANIONS)
+
+
+def readable_as_umask(directory: Path) -> None:
+    """safetensors writes its files mode 0600 whatever the umask: give the weights the mode any
+    other file written here gets, so a model directory is as shareable as the user's files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in directory.iterdir():
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~mask)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from zoplan.errors import ZoplanError
+from zoplan.runtime.checkpoint import readable_as_umask
 from zoplan.runtime.hostcopy import DTYPES, decays
 from zoplan.runtime.journal import read_journal
 from zoplan.runtime.zo import update_tensor
@@ -136,6 +137,7 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
         except (OSError, ValueError):
             for f in model_dir.glob("*token*"):
                 shutil.copy2(f, out / f.name)
+        readable_as_umask(out)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         raise ZoplanError(f"writing the replayed weights into {out} failed: {getattr(exc, 'strerror', None) or exc}",
                           fix="free disk space or choose another -o directory, and replay again") from None

@@ -29,6 +29,7 @@ from zoplan.program import build as build_program
 from zoplan.runtime import data as zdata
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter, adapter_for
+from zoplan.runtime.checkpoint import companion_files, readable_as_umask
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.journal import write_line
@@ -123,10 +124,9 @@ def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path,
                    "before are intact")
     target.mkdir(parents=True, exist_ok=True)
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
-    for f in model_dir.iterdir():
-        if f.is_file() and f.suffix in (".json", ".txt", ".model") and f.name not in (
-                "model.safetensors.index.json", "meta.json"):
-            shutil.copy2(f, target / f.name)
+    for f in companion_files(model_dir):
+        shutil.copy2(f, target / f.name)
+    readable_as_umask(target)
 
 
 def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param_dtype: str, steps: int) -> None:

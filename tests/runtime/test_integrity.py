@@ -400,3 +400,25 @@ def test_a_model_or_data_given_with_resume_is_named_as_ignored(run_dir: Path) ->
     code, output = console(["run", "--resume", str(run_dir), "--model", "/elsewhere/model", "--steps", "4"])
     assert code == 2 and "fewer than the 6 step(s)" in output  # (refused: no rank starts in this test)
     assert "warning: --model ignored: the run in" in output and "run.json" in output
+
+
+def test_written_weights_take_the_umask_and_the_chat_template_travels(tiny_dirs, tmp_path: Path) -> None:
+    """safetensors writes 0600 whatever the umask; zoplan's model directories are as readable as
+    any file the user writes. The files copied beside trained weights include the chat template."""
+    from zoplan.runtime.checkpoint import companion_files
+
+    path = tmp_path / "journal.jsonl"
+    path.write_text(journal(2))
+    before = os.umask(0o022)
+    try:
+        replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out")
+    finally:
+        os.umask(before)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors",
+                 "model.safetensors.index.json", "notes.md"):
+        (base / name).write_text("{}")
+    assert [f.name for f in companion_files(base)] == ["chat_template.jinja", "config.json", "tokenizer.json"]

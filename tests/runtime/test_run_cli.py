@@ -48,6 +48,9 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
     from zoplan.runtime.tiny import resolve_model
 
     saved = load_file(str(out / "model" / "model.safetensors"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not safetensors' 0600
     loaded = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-opt")).state_dict()
     assert saved and all(torch.equal(loaded[n], v) for n, v in saved.items())
