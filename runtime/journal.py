@@ -105,7 +105,6 @@ def journal_row(row: object) -> dict:
     return out
 
 
-
 def write_line(journal: IO[str], record: dict, sync: bool) -> None:
     """Append one step's line; with ``sync``, flushed to the disk (the step survives a power
     loss). The journal file is line-buffered."""

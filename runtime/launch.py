@@ -504,13 +504,15 @@ def _journaled_steps(journal: Path) -> int:
     return journal.read_bytes().count(b"\n")
 
 
+def _numbers(row: dict, *keys: str) -> bool:
+    """A metrics row as the worker writes it: these fields are numbers (a damaged row is left out)."""
+    return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for k in keys)
+
+
 def summarize(out: Path) -> RunResult:
     rows = read_jsonl(out / "metrics.jsonl")[0] if (out / "metrics.jsonl").exists() else []
-    def numbers(row: dict, *keys: str) -> bool:  # a row as the worker writes it (a damaged one is left out)
-        return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for k in keys)
-
-    train = [r for r in rows if numbers(r, "step", "loss")]
-    evals = [r for r in rows if numbers(r, "step", "eval_loss", "eval_accuracy")]
+    train = [r for r in rows if _numbers(r, "step", "loss")]
+    evals = [r for r in rows if _numbers(r, "step", "eval_loss", "eval_accuracy")]
     # single steps are noisy (a few sequences each): compare the means of the first and last tenth
     k = max(1, len(train) // 10)
     first = sum(r["loss"] for r in train[:k]) / k if train else None

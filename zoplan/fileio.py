@@ -90,7 +90,6 @@ def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple
     return rows, end
 
 
-
 def check_writable(path: Path, what: str) -> None:
     """Refuse a file that cannot be written before the work whose result it is (a validation run,
     say): its folder must exist and take the file. Probed by opening it for appending, so an
@@ -107,6 +106,7 @@ def check_writable(path: Path, what: str) -> None:
                           fix="choose a writable path (the folder must exist)") from None
     if not existed:
         path.unlink(missing_ok=True)
+
 
 class _Refused(Exception):
     """A YAML document beyond the bounds: raised while composing, before anything is built."""

@@ -163,26 +163,6 @@ def test_a_run_whose_weights_overflow_writes_no_model(tmp_path: Path) -> None:
     assert not (out / "model").exists() and not (out / "model.tmp").exists()
 
 
-def test_a_damaged_snapshot_is_left_out_and_named(run_dir: Path, capsys) -> None:
-    from zoplan.runtime.snapshots import resume_point, snapshot_dir
-
-    for step, cut in ((3, False), (5, True)):
-        folder = snapshot_dir(run_dir, step)
-        folder.mkdir(parents=True)
-        from safetensors.torch import save_file
-
-        save_file({"w": torch.ones(64)}, str(folder / "model.safetensors"))
-        if cut:  # a disk that filled up while it was copied elsewhere, say
-            data = (folder / "model.safetensors").read_bytes()
-            (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-        (folder / "meta.json").write_text(json.dumps({"step": step}))
-    point = resume_point(run_dir)
-    assert point.base == snapshot_dir(run_dir, 3) and [r["step"] for r in point.replay] == [3, 4, 5]
-    assert "snapshot step-00000005 left out" in capsys.readouterr().err
-    resume(run_dir, 9)  # the launcher names it too, and goes on
-    assert "step-00000005 left out" in capsys.readouterr().err
-
-
 META_DAMAGE = {
     "too large": '{"step": 5, "pad": "' + "x" * (1 << 17) + '"}',
     "nested past recursion": "[" * 100_000 + "]" * 100_000,
@@ -194,8 +174,18 @@ META_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(META_DAMAGE))
-def test_a_snapshot_whose_record_is_damaged_is_left_out_and_named(run_dir: Path, capsys, name: str) -> None:
+def _cut_weights(folder: Path) -> None:  # a disk that filled up while it was copied elsewhere, say
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+# how the newest snapshot is damaged: its weights cut short, or its meta.json (META_DAMAGE)
+SNAPSHOT_DAMAGE = {"truncated weights": _cut_weights,
+                   **{f"meta.json {k}": (lambda f, t=t: (f / "meta.json").write_text(t)) for k, t in META_DAMAGE.items()}}
+
+
+@pytest.mark.parametrize("name", sorted(SNAPSHOT_DAMAGE))
+def test_a_damaged_snapshot_is_left_out_and_named(run_dir: Path, capsys, name: str) -> None:
     from safetensors.torch import save_file
 
     from zoplan.runtime.snapshots import resume_point, snapshot_dir
@@ -204,10 +194,13 @@ def test_a_snapshot_whose_record_is_damaged_is_left_out_and_named(run_dir: Path,
         folder = snapshot_dir(run_dir, step)
         folder.mkdir(parents=True)
         save_file({"w": torch.ones(64)}, str(folder / "model.safetensors"))
-        (folder / "meta.json").write_text(META_DAMAGE[name] if step == 5 else json.dumps({"step": step}))
+        (folder / "meta.json").write_text(json.dumps({"step": step}))
+    SNAPSHOT_DAMAGE[name](snapshot_dir(run_dir, 5))
     point = resume_point(run_dir)
     assert point.base == snapshot_dir(run_dir, 3) and [r["step"] for r in point.replay] == [3, 4, 5]
     assert "snapshot step-00000005 left out" in capsys.readouterr().err
+    resume(run_dir, 9)  # the launcher names it too, and goes on
+    assert "step-00000005 left out" in capsys.readouterr().err
 
 
 def test_the_run_summary_leaves_out_metrics_rows_that_are_not_as_written(tmp_path: Path) -> None:
