@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -24,51 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from zoplan import runconfig
 from zoplan.errors import ZoplanError
-from zoplan.fileio import read_jsonl, read_text
+from zoplan.fileio import read_jsonl
 from zoplan.models import TINY_LR, load_model_shape
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
+from zoplan.runconfig import RunConfig
 from zoplan.runtime.checkpoint import check_model_dir
 from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
-from zoplan.search import Pins
-from zoplan.topology import load_topology
-
-DEFAULT_MODEL = "tiny-opt"
-# The default run must show learning within a minute on a CPU. A randomly initialised tiny model
-# learns next-token statistics of the bundled texts quickly under ZO, but not the sentiment
-# labels (232k parameters: no visible change in 300 steps; docs/results/runtime-cpu.md).
-DEFAULT_DATA = "sentiment-text"
-
-
-@dataclass
-class RunOptions:
-    plan: Path | None = None
-    model: str = DEFAULT_MODEL
-    data: str = DEFAULT_DATA
-    steps: int = 100
-    output: Path = Path("zoplan-run")
-    global_batch: int = 8
-    seq_len: int = 64
-    topology: str | None = None
-    pins: Pins = Pins()
-    eval_every: int = 0
-    max_nonfinite: int = 5
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None
-    lr: float | None = None
-    eps: float | None = None
-    seed: int | None = None
-    quiet: bool = False
-    resume: bool = False  # continue the run in ``output`` (its plan, model and data)
-    max_restarts: int = 0  # torchrun restarts the ranks after a crash; they resume from the journal
-    snapshot_every: int = 0
-    snapshot_minutes: float = 0.0
-    keep_snapshots: int = 2
-    journal_sync_every: int = 1  # fsync the journal every N steps (1: every step)
-    pad_to_seq_len: bool = False  # batches of the planned shape, however short the data (validate)
-
+from zoplan.topology import Machine, load_topology
 
 @dataclass
 class RunResult:
@@ -199,84 +162,85 @@ def plan_gpus(plan: Plan) -> list[str]:
     return [r.gpu for r in ranks]
 
 
-def prepare(opts: RunOptions) -> tuple[Plan, Path, Path]:
-    """Validate and return (plan, model directory, plan path inside the output)."""
+def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Machine]:
+    """Check everything, then write ``plan.yaml`` and ``run.json`` into the output directory;
+    return the configuration the ranks read (completed: the model's directory, the device kind),
+    the plan and its machine (read once)."""
     from zoplan.planfile import zo_settings
     from zoplan.planner import plan as make_plan
     from zoplan.runtime import data as zdata
     from zoplan.runtime.tiny import resolve_model
 
-    out = opts.output
+    out = cfg.output
     # topologies number GPUs as nvidia-smi does; CUDA's own default order may differ (cuda_env)
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    if opts.steps < 1:
-        raise ZoplanError(f"--steps must be at least 1, got {opts.steps}",
-                          fix="--steps is the run's total number of steps" + (", resumed or not" if opts.resume else ""))
-    if not math.isfinite(opts.snapshot_minutes) or opts.snapshot_minutes < 0:
-        raise ZoplanError(f"--snapshot-minutes must be a finite number of minutes, got {opts.snapshot_minutes}",
-                          fix="give the minutes between snapshots, or 0 for none by time")
-    if opts.topology is not None and not opts.topology.strip():
+    if cfg.topology is not None and not cfg.topology.strip():
         raise ZoplanError("--topology is empty", fix="name a bundled topology (zoplan topo list) or a topology "
                                                     "file, or leave --topology out to plan for this machine")
-    if opts.resume:
-        return _prepare_resume(opts)
+    if resume:
+        return _prepare_resume(cfg)
     if out.exists() and any(not p.name.startswith(".lock-node") for p in out.iterdir()):
         raise ZoplanError(f"output directory {out} is not empty: a previous run's output is not overwritten",
                           fix="choose a new --output directory, remove the old one, or continue it with --resume")
-    plan = load_plan(opts.plan) if opts.plan is not None else None  # first: it needs no model
-    model_dir = resolve_model(opts.model)
+    plan = load_plan(cfg.plan) if cfg.plan is not None else None  # first: it needs no model
+    model_dir = resolve_model(cfg.model)
     config = model_dir / "config.json"
     shape = load_model_shape(str(config))
     check_model_dir(model_dir)  # weights present, whole, of the config's shape; a tokenizer
     if plan is not None:
-        check_plan_matches(plan, shape=shape, plan_path=opts.plan)
+        check_plan_matches(plan, shape=shape, plan_path=cfg.plan)
         machine = load_topology(plan.topology.source)
-        check_plan_matches(plan, machine=machine, plan_path=opts.plan)
+        check_plan_matches(plan, machine=machine, plan_path=cfg.plan)
         from zoplan.costs import Workload
         from zoplan.planner import check_fits
 
-        check_fits(machine, Workload(shape, plan.batch.global_batch, plan.batch.seq_len), plan.to_layout(), opts.plan)
+        check_fits(machine, Workload(shape, plan.batch.global_batch, plan.batch.seq_len), plan.to_layout(), cfg.plan)
     else:
         # plan for this machine: the CPU ranks of cpu-local, unless a topology is named
-        topology = opts.topology or "cpu-local"
         from zoplan.runtime.tiny import TINY
 
-        lr = opts.lr if opts.lr is not None else (TINY_LR if opts.model in TINY else None)
-        zo = zo_settings(**{k: v for k, v in (("lr", lr), ("eps", opts.eps), ("seed", opts.seed)) if v is not None},
-                        steps=opts.steps)
-        local = load_topology(topology)
+        lr = cfg.lr if cfg.lr is not None else (TINY_LR if cfg.model in TINY else None)
+        zo = zo_settings(**{k: v for k, v in (("lr", lr), ("eps", cfg.eps), ("seed", cfg.seed)) if v is not None},
+                        steps=cfg.steps)
+        machine = load_topology(cfg.topology or "cpu-local")
         # bf16 matrix products are slower than fp32 on CPUs (docs/results/cpu-figures.md)
-        dtype = "fp32" if _is_cpu_machine(local) else "bf16"
+        dtype = "fp32" if _is_cpu_machine(machine) else "bf16"
         # the host copy keeps the compute dtype unless pinned otherwise: resuming and replaying are
         # then bit-identical, and no update is lost to rounding the master weights
-        pins = opts.pins if opts.pins.wire_dtype else dataclasses.replace(opts.pins, wire_dtype=dtype)
-        report = make_plan(str(config), topology, global_batch=opts.global_batch, seq_len=opts.seq_len,
-                           pins=pins, dtype=dtype, top=1, zo=zo)
-        plan = report.plan
-        machine = report.machine
-    if not _is_cpu_machine(machine) and not _cuda_available():
-        raise ZoplanError(f"the plan is for GPUs of '{machine.name}' but this machine has no CUDA device",
-                          fix="plan for this machine (omit the plan, or --topology cpu-local)")
-    if not _is_cpu_machine(machine):
-        for warning in check_gpus_here(machine, plan_gpus(plan), _device_names()):
-            print(f"warning: {warning}", file=sys.stderr)
-    if plan.layout.nodes != opts.nnodes:
-        raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {opts.nnodes}")
-    if opts.data == zdata.LONG_TEXT:  # written for this plan's sequence length, kept with the run
+        pins = cfg.pins if cfg.pins.wire_dtype else dataclasses.replace(cfg.pins, wire_dtype=dtype)
+        plan = make_plan(str(config), machine, global_batch=cfg.global_batch, seq_len=cfg.seq_len,
+                         pins=pins, dtype=dtype, top=1, zo=zo).plan
+    device = _device_for(machine, plan)
+    if plan.layout.nodes != cfg.nnodes:
+        raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}")
+    data = cfg.data
+    if data == zdata.LONG_TEXT:  # written for this plan's sequence length, kept with the run
         out.mkdir(parents=True, exist_ok=True)
-        opts.data = str(zdata.write_long_text(out / f"{zdata.LONG_TEXT}.jsonl", plan.batch.seq_len,
-                                              records=max(64, 2 * plan.batch.global_batch)))
-    examples, kind = zdata.load_examples(opts.data)
-    zdata.check_labels(examples, zdata.Task(kind), opts.data)  # the task the worker builds
+        data = str(zdata.write_long_text(out / f"{zdata.LONG_TEXT}.jsonl", plan.batch.seq_len,
+                                         records=max(64, 2 * plan.batch.global_batch)))
+    examples, kind = zdata.load_examples(data)
+    zdata.check_labels(examples, zdata.Task(kind), data)  # the task the worker builds
     if len(examples) < plan.batch.global_batch:
-        raise ZoplanError(f"{opts.data} has {len(examples)} examples, fewer than one global batch "
+        raise ZoplanError(f"{data} has {len(examples)} examples, fewer than one global batch "
                           f"of {plan.batch.global_batch}")
     out.mkdir(parents=True, exist_ok=True)
-    plan_path = out / "plan.yaml"
-    write_plan(plan, plan_path)
+    write_plan(plan, out / "plan.yaml")
     # local paths absolute: `--resume` may be run from any directory
-    (out / "run.json").write_text(json.dumps({"model": _recorded(opts.model), "data": _recorded(opts.data)}))
-    return plan, model_dir, plan_path
+    cfg = cfg.given(model=_recorded(cfg.model), data=_recorded(data), model_dir=model_dir.resolve(), device=device)
+    runconfig.write(cfg, out)
+    return cfg, plan, machine
+
+
+def _device_for(machine: Machine, plan: Plan) -> str:
+    """The ranks' device kind; a GPU plan is checked against the CUDA devices of this machine."""
+    if _is_cpu_machine(machine):
+        return "cpu"
+    if not _cuda_available():
+        raise ZoplanError(f"the plan is for GPUs of '{machine.name}' but this machine has no CUDA device",
+                          fix="plan for this machine (omit the plan, or --topology cpu-local)")
+    for warning in check_gpus_here(machine, plan_gpus(plan), _device_names()):
+        print(f"warning: {warning}", file=sys.stderr)
+    return "cuda"
 
 
 def _recorded(value: str) -> str:
@@ -285,16 +249,21 @@ def _recorded(value: str) -> str:
     return str(path.resolve()) if value and path.exists() else value
 
 
-def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
-    """Continue the run in ``opts.output`` with the plan, model and data it started with."""
+def resume_config(out: Path, given: dict) -> tuple[RunConfig, list[str]]:
+    """The configuration ``zoplan run --resume OUT`` runs: the recorded one with the options given
+    again (``runconfig.resumed``); also the flags given that a resumed run ignores."""
+    if not (out / "plan.yaml").exists() or not (out / runconfig.CONFIG_FILE).exists():
+        raise ZoplanError(f"{out} holds no run to resume (no plan.yaml and {runconfig.CONFIG_FILE})",
+                          fix="pass the --output directory of an earlier `zoplan run`")
+    return runconfig.resumed(runconfig.read(out / runconfig.CONFIG_FILE), {**given, "output": out})
+
+
+def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
+    """Continue the run in ``cfg.output`` with the plan, model and data it started with."""
     from zoplan.runtime.tiny import resolve_model
 
-    out = opts.output
-    plan_path = out / "plan.yaml"
-    if not plan_path.exists() or not (out / "run.json").exists():
-        raise ZoplanError(f"{out} holds no run to resume (no plan.yaml and run.json)",
-                          fix="pass the --output directory of an earlier `zoplan run`")
-    plan = load_plan(plan_path)
+    out = cfg.output
+    plan = load_plan(out / "plan.yaml")
     from zoplan.runtime.journal import parse_journal
     from zoplan.runtime.snapshots import snapshots
 
@@ -303,90 +272,77 @@ def _prepare_resume(opts: RunOptions) -> tuple[Plan, Path, Path]:
     journal = out / "journal.jsonl"
     done = len(parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0]) \
         if journal.exists() else 0
-    if opts.steps < done:
-        raise ZoplanError(f"--steps {opts.steps} is fewer than the {done} step(s) {out} has done already",
+    if cfg.steps < done:
+        raise ZoplanError(f"--steps {cfg.steps} is fewer than the {done} step(s) {out} has done already",
                           fix=f"--steps is the run's total: give {done} or more (the model of step {done} "
                               f"is {out / 'model'} when the run finished)")
-    try:
-        recorded = json.loads(read_text(out / "run.json", "run.json"))
-        opts.model, opts.data = recorded["model"], recorded["data"]
-        if not isinstance(opts.model, str) or not isinstance(opts.data, str):
-            raise TypeError
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
-        raise ZoplanError(f"{out / 'run.json'} is damaged: it must name the run's model and data as "
-                          '{"model": "...", "data": "..."}',
-                          fix="write it again with the --model and --data the run started with") from None
-    if plan.layout.nodes != opts.nnodes:
-        raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {opts.nnodes}")
+    if plan.layout.nodes != cfg.nnodes:
+        raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}")
     machine = load_topology(plan.topology.source)
-    if not _is_cpu_machine(machine) and _cuda_available():
-        for warning in check_gpus_here(machine, plan_gpus(plan), _device_names()):
-            print(f"warning: {warning}", file=sys.stderr)
+    device = _device_for(machine, plan)
     for stale in ("error.txt",):
         (out / stale).unlink(missing_ok=True)
-    model_dir = resolve_model(opts.model)
+    model_dir = resolve_model(cfg.model)
     check_model_dir(model_dir)
     snapshots(out, check=True)  # a damaged one is named here, where the user reads (the ranks skip it too)
-    return plan, model_dir, plan_path
+    cfg = cfg.given(model_dir=model_dir.resolve(), device=device)
+    runconfig.write(cfg, out)
+    return cfg, plan, machine
 
 
-def run(opts: RunOptions) -> RunResult:
-    """Run a plan: the output directory is locked while the run uses it; a directory this call
-    made is removed again when the run is refused before anything is written into it."""
-    out = opts.output
+def run(cfg: RunConfig, resume: bool = False) -> RunResult:
+    """Run a plan (``resume``: continue the run in ``cfg.output``; see ``resume_config``): the
+    output directory is locked while the run uses it; a directory this call made is removed again
+    when the run is refused before anything is written into it."""
+    out = cfg.output
     made = not out.exists()
     for base in (shared_memory(), Path(tempfile.gettempdir())):
         sweep(base)  # what launches killed earlier left behind (runtime/scratch.py)
-    if opts.master_port is not None and opts.node_rank == 0:
-        check_port_free(opts.master_port)
+    if cfg.master_port is not None and cfg.node_rank == 0:
+        check_port_free(cfg.master_port)
     try:
-        with run_lock(out, opts.node_rank):
-            return _run(opts)
+        with run_lock(out, cfg.node_rank):
+            return _run(cfg, resume)
     except BaseException:
         if made and out.is_dir() and all(p.name.startswith(".lock-node") for p in out.iterdir()):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _run(opts: RunOptions) -> RunResult:
-    plan, model_dir, plan_path = prepare(opts)
-    device = "cpu" if _is_cpu_machine(load_topology(plan.topology.source)) else "cuda"
-    per_node = plan.layout.world_size // plan.layout.nodes
-    port = opts.master_port or _free_port()
-    run_id = uuid.uuid4().hex[:12] if opts.nnodes == 1 else f"{port}-{opts.master_addr.replace('.', '_')}"
+def _run(cfg: RunConfig, resume: bool) -> RunResult:
+    cfg, plan, machine = prepare(cfg, resume)
+    port = cfg.master_port or _free_port()
+    run_id = uuid.uuid4().hex[:12] if cfg.nnodes == 1 else f"{port}-{cfg.master_addr.replace('.', '_')}"
     with contextlib.ExitStack() as owned_here:
         # this launch's host copy (shared memory) and torchrun's and the ranks' temporary files:
         # removed when the launch ends; a killed launch's are swept by the next (runtime/scratch.py)
-        host_dir = owned_here.enter_context(owned(shared_memory(), f"{run_id}-node{opts.node_rank}")) / "host"
+        host_dir = owned_here.enter_context(owned(shared_memory(), f"{run_id}-node{cfg.node_rank}")) / "host"
         private_tmp = owned_here.enter_context(owned(Path(tempfile.gettempdir()),
-                                                     f"tmp-{run_id}-node{opts.node_rank}"))
-        return _launch(opts, plan, model_dir, plan_path, device, per_node, port, host_dir, private_tmp)
+                                                     f"tmp-{run_id}-node{cfg.node_rank}"))
+        return _launch(cfg, plan, machine, port, host_dir, private_tmp)
 
 
-def _launch(opts: RunOptions, plan: Plan, model_dir: Path, plan_path: Path, device: str, per_node: int,
-            port: int, host_dir: Path, private_tmp: Path) -> RunResult:
-    out = opts.output
+def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: Path, private_tmp: Path) -> RunResult:
+    out = cfg.output
+    per_node = plan.layout.world_size // plan.layout.nodes
+    # the ranks read the run's configuration (run.json) and nothing else; the host copy's folder
+    # is this launch's, not a setting of the run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_node),
-           "--nnodes", str(opts.nnodes), "--node-rank", str(opts.node_rank),
-           "--max-restarts", str(opts.max_restarts),
-           "--master-addr", opts.master_addr, "--master-port", str(port),
-           "-m", "zoplan.runtime.worker", "--plan", str(plan_path), "--model-dir", str(model_dir),
-           "--data", opts.data, "--steps", str(opts.steps), "--output", str(out), "--host-dir", str(host_dir),
-           "--eval-every", str(opts.eval_every), "--max-nonfinite", str(opts.max_nonfinite),
-           "--device", device, "--snapshot-every", str(opts.snapshot_every),
-           "--snapshot-minutes", str(opts.snapshot_minutes), "--keep-snapshots", str(opts.keep_snapshots),
-           "--journal-sync-every", str(opts.journal_sync_every)] + (["--pad-to-seq-len"] if opts.pad_to_seq_len else [])
+           "--nnodes", str(cfg.nnodes), "--node-rank", str(cfg.node_rank),
+           "--max-restarts", str(cfg.max_restarts),
+           "--master-addr", cfg.master_addr, "--master-port", str(port),
+           "-m", "zoplan.runtime.worker", str(out / runconfig.CONFIG_FILE), "--host-dir", str(host_dir)]
     env = rank_env(os.environ)
     env["TMPDIR"] = str(private_tmp)
-    if device == "cuda":
-        env.update(cuda_env(load_topology(plan.topology.source).gpus, plan_gpus(plan), os.environ))
-    log = open(out / f"worker-node{opts.node_rank}.log", "a")
+    if cfg.device == "cuda":
+        env.update(cuda_env(machine.gpus, plan_gpus(plan), os.environ))
+    log = open(out / f"worker-node{cfg.node_rank}.log", "a")
     stopped: list[int] = []
     try:
         with stop_signals(stopped):
             proc = start_ranks(cmd, log, env)
             try:
-                _follow(proc, out / "metrics.jsonl", opts)
+                _follow(proc, out / "metrics.jsonl", cfg)
             finally:
                 if proc.poll() is None:  # interrupted: the ranks stop with the launcher
                     proc.terminate()
@@ -395,14 +351,14 @@ def _launch(opts: RunOptions, plan: Plan, model_dir: Path, plan_path: Path, devi
         signum = stopped[0] if stopped else signal.SIGINT
         done = _journaled_steps(out / "journal.jsonl")
         raise ZoplanError(f"stopped by {signal.Signals(signum).name} after {done} completed step(s) of "
-                          f"{opts.steps}; the ranks have stopped and the journal holds every completed step",
-                          fix=f"continue with `zoplan run --resume {out} --steps {opts.steps}`",
+                          f"{cfg.steps}; the ranks have stopped and the journal holds every completed step",
+                          fix=f"continue with `zoplan run --resume {out} --steps {cfg.steps}`",
                           status=128 + signum) from None
     finally:
         log.close()
-    if proc.returncode != 0 and _finished(out, opts.node_rank, per_node, opts.steps):
+    if proc.returncode != 0 and _finished(out, cfg.node_rank, per_node, cfg.steps):
         print(f"warning: a rank exited with status {proc.returncode} while shutting down, after the run "
-              f"had finished on every rank (see {out / f'worker-node{opts.node_rank}.log'})", file=sys.stderr)
+              f"had finished on every rank (see {out / f'worker-node{cfg.node_rank}.log'})", file=sys.stderr)
     elif proc.returncode != 0:
         error = out / "error.txt"
         if error.exists():
@@ -411,8 +367,8 @@ def _launch(opts: RunOptions, plan: Plan, model_dir: Path, plan_path: Path, devi
             message, _, fix = text.partition("\n  fix: ")
             raise ZoplanError(message, fix=fix or None)
         done = _journaled_steps(out / "journal.jsonl")
-        log_path = out / f"worker-node{opts.node_rank}.log"
-        resume = f"continue with `zoplan run --resume {out} --steps {opts.steps}`"
+        log_path = out / f"worker-node{cfg.node_rank}.log"
+        resume = f"continue with `zoplan run --resume {out} --steps {cfg.steps}`"
         if "No space left on device" in _log_tail(log_path):
             raise ZoplanError(f"training stopped: the disk holding {out} is full (see {log_path}); the journal "
                               f"holds {done} completed step(s), none is lost",
@@ -532,7 +488,7 @@ def _resumed_line(row: dict, max_restarts: int) -> str:
     return f"resuming with {where}"
 
 
-def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:
+def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
     """Draw step, loss, projected gradient, tokens/s and ETA while the ranks train."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -540,8 +496,8 @@ def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:
                TextColumn("loss {task.fields[loss]}"), TextColumn("g {task.fields[g]}"),
                TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn()]
     offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run's earlier lines are not news
-    with Progress(*columns, disable=opts.quiet or opts.node_rank != 0, transient=False) as progress:
-        task = progress.add_task("train", total=opts.steps, loss="–", g="–", tps="–")
+    with Progress(*columns, disable=cfg.quiet or cfg.node_rank != 0, transient=False) as progress:
+        task = progress.add_task("train", total=cfg.steps, loss="–", g="–", tps="–")
         while True:
             done = proc.poll() is not None
             rows: list[dict] = []
@@ -552,10 +508,10 @@ def _follow(proc: subprocess.Popen, metrics: Path, opts: RunOptions) -> None:
                     if "loss" in row:
                         progress.update(task, completed=row["step"] + 1, loss=f"{row['loss']:.4f}",
                                         g=f"{row['projected_grad']:+.3g}", tps=f"{row['tokens_per_s']:.0f}")
-                    elif "resumed_at" in row and not opts.quiet:
+                    elif "resumed_at" in row and not cfg.quiet:
                         progress.update(task, completed=row["resumed_at"])
-                        progress.console.print(_resumed_line(row, opts.max_restarts), soft_wrap=True)
-                    elif "eval_loss" in row and not opts.quiet:
+                        progress.console.print(_resumed_line(row, cfg.max_restarts), soft_wrap=True)
+                    elif "eval_loss" in row and not cfg.quiet:
                         progress.console.print(f"step {row['step'] + 1}: eval loss {row['eval_loss']:.4f}, "
                                                f"accuracy {row['eval_accuracy']:.3f}")
             if done:

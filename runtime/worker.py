@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoplan import runconfig
 from zoplan.errors import ZoplanError
 from zoplan.planfile import Plan, load_plan
+from zoplan.runconfig import RunConfig
 from zoplan.program import Kind
 from zoplan.program import build as build_program
 from zoplan.runtime import data as zdata
@@ -153,14 +155,12 @@ def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param
 _TOKENS: dict[str, list[int]] = {}  # every text tokenised once per run (zdata.encode's cache)
 
 
-_PAD_TO_SEQ_LEN = [False]  # --pad-to-seq-len: every micro-batch has the plan's shape
-
-
-def _micro_batches(examples, tokenizer, task, seq_len: int, micro: int) -> list[dict]:
+def _micro_batches(examples, tokenizer, task, seq_len: int, micro: int, pad: bool = False) -> list[dict]:
+    """``pad``: every micro-batch of the plan's shape (``pad_to_seq_len``), however short the texts."""
     out = []
     for k in range(0, len(examples), micro):
         batch = zdata.encode(examples[k:k + micro], tokenizer, task, seq_len, cache=_TOKENS,
-                             pad_to_max_len=_PAD_TO_SEQ_LEN[0])
+                             pad_to_max_len=pad)
         out.append({"inputs": batch.model_inputs(), "batch": batch})
     return out
 
@@ -172,33 +172,33 @@ def padding_share(micro_batches: list[dict]) -> float:
     return 1.0 - sum(mb["batch"].token_count for mb in micro_batches) / positions
 
 
-def train(args: argparse.Namespace) -> None:
+def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
+    """Train the run whose configuration is ``out/run.json`` (the launcher completed it)."""
     from transformers import AutoTokenizer
 
-    plan = load_plan(args.plan)
-    model_dir = Path(args.model_dir)
-    out = Path(args.output)
-    device_kind = args.device
-    if device_kind == "cpu":
+    plan = load_plan(out / "plan.yaml")
+    model_dir = cfg.model_dir
+    assert model_dir is not None and cfg.device is not None, "the launcher completes the configuration"
+    if cfg.device == "cpu":
         torch.set_num_threads(1)  # one core per rank: ranks are the parallelism
-    ctx = zdist.init(plan, device_kind)
+    ctx = zdist.init(plan, cfg.device)
     # where to start: after the last complete journal line, from the newest snapshot before it
     box = [resume_point(out) if ctx.rank == 0 else None]
     zdist.broadcast_object(box, src=0)
     rp = box[0]
     # weights from the newest snapshot, if any; config and tokenizer files always from the model
     # directory (older snapshots are pruned while the run goes on)
-    model, adapter, host = load_model(rp.base or model_dir, plan, ctx, Path(args.host_dir), rp.replay)
+    model, adapter, host = load_model(rp.base or model_dir, plan, ctx, host_dir, rp.replay)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples, kind = zdata.load_examples(args.data)
+    examples, kind = zdata.load_examples(cfg.data)
     task = zdata.Task(kind)
-    train_set, eval_set = zdata.split(examples, args.eval_fraction, plan.zo.seed)
+    train_set, eval_set = zdata.split(examples, cfg.eval_fraction, plan.zo.seed)
     zdata.pretokenize(train_set, tokenizer, task, _TOKENS)
     layout = plan.to_layout()
     engine = Engine(model, adapter, host, ctx, eps=plan.zo.eps,
                     program=build_program(layout, layers=len(host.layouts), block_params=host.layouts[0].numel),
                     rank=layout.gpus[ctx.local_rank],
-                    spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=args.trace_steps))
+                    spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=cfg.trace_steps))
     # the training loop's own host work (next batch, journal line): the program's host op
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
     # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels
@@ -209,7 +209,7 @@ def train(args: argparse.Namespace) -> None:
     def loss_fn(logits, mb):
         return zdata.loss_terms(logits, mb["batch"], task)
 
-    steps = args.steps
+    steps = cfg.steps
     writer = ctx.rank == 0
     if writer:
         cut_torn_tail(out / "metrics.jsonl")
@@ -231,7 +231,7 @@ def train(args: argparse.Namespace) -> None:
     try:
         if rp.next_step == 0:
             # the held-out loss before any update: the baseline the final evaluation is read against
-            evaluate(engine, eval_set, tokenizer, task, plan, ctx, -1, metrics)
+            evaluate(engine, eval_set, tokenizer, task, plan, ctx, -1, metrics, cfg.pad_to_seq_len)
         for step in range(rp.next_step, steps):
             # a step's time and spans run from its batch to its journal line: the training loop's
             # own host work ("loop") is part of every step, as the planner counts it
@@ -242,7 +242,8 @@ def train(args: argparse.Namespace) -> None:
                 if ctx.replica is not None:
                     shard = zdata.batches(train_set, plan.batch.global_batch, plan.zo.seed, step, ctx.replica,
                                           ctx.replicas)
-                    mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch)
+                    mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch,
+                                          cfg.pad_to_seq_len)
             seed = step_seed(plan.zo.seed, step)
             lr = learning_rate(plan.zo.lr, plan.zo.lr_schedule, step, steps)
             result = engine.step(mine, seed, lr, plan.zo.weight_decay, loss_fn)
@@ -259,8 +260,7 @@ def train(args: argparse.Namespace) -> None:
                                          "projected_grad": result.projected_grad, "lr": lr,
                                          "eps": plan.zo.eps, "weight_decay": plan.zo.weight_decay,
                                          "skipped": not result.finite},
-                               sync=bool(args.journal_sync_every
-                                         and (step + 1) % args.journal_sync_every == 0))
+                               sync=(step + 1) % cfg.journal_sync_every == 0)
             engine.spans.end()
             dt = time.perf_counter() - t0
             if writer:
@@ -271,20 +271,20 @@ def train(args: argparse.Namespace) -> None:
                 if mine:
                     row["padding"] = padding_share(mine)
                 metrics.write(json.dumps(row) + "\n")
-            if nonfinite_in_row >= args.max_nonfinite:
+            if nonfinite_in_row >= cfg.max_nonfinite:
                 raise ZoplanError(f"the loss was not finite for {nonfinite_in_row} steps in a row (up to step {step}); "
                                   f"the updates of those steps were skipped",
                                   fix="lower --lr or --eps, or check the data")
-            if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == steps:
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
                 engine.flush()
-                evaluate(engine, eval_set, tokenizer, task, plan, ctx, step, metrics)
-            due = bool(args.snapshot_every and (step + 1) % args.snapshot_every == 0)
-            if args.snapshot_minutes:
+                evaluate(engine, eval_set, tokenizer, task, plan, ctx, step, metrics, cfg.pad_to_seq_len)
+            due = bool(cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0)
+            if cfg.snapshot_minutes:
                 # the clock is rank 0's: every rank must take the same decision
-                late = time.monotonic() - last_snapshot >= args.snapshot_minutes * 60 if ctx.rank == 0 else False
+                late = time.monotonic() - last_snapshot >= cfg.snapshot_minutes * 60 if ctx.rank == 0 else False
                 due = due or zdist.all_reduce_sum([1.0 if late else 0.0])[0] > 0
             if due and step + 1 < steps:
-                snapshot(engine, host, model_dir, out, step + 1, plan, ctx, args.keep_snapshots)
+                snapshot(engine, host, model_dir, out, step + 1, plan, ctx, cfg.keep_snapshots)
                 last_snapshot = time.monotonic()
         engine.flush()
         engine.sync_resident_blocks_to_host()
@@ -347,12 +347,12 @@ def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: i
         raise error or ZoplanError(f"writing the snapshot of step {step} failed on rank 0 (see error.txt)")
 
 
-def evaluate(engine: Engine, eval_set, tokenizer, task, plan: Plan, ctx, step: int, metrics) -> None:
+def evaluate(engine: Engine, eval_set, tokenizer, task, plan: Plan, ctx, step: int, metrics, pad: bool = False) -> None:
     mine: list = []
     if ctx.replica is not None and eval_set:
         per = -(-len(eval_set) // ctx.replicas)
         shard = eval_set[ctx.replica * per:(ctx.replica + 1) * per]
-        mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch) if shard else []
+        mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch, pad) if shard else []
     stats = engine.evaluate(mine, lambda logits, mb: zdata.loss_terms(logits, mb["batch"], task),
                             lambda logits, mb: zdata.accuracy(logits, mb["batch"], task))
     if metrics is not None:
@@ -361,33 +361,18 @@ def evaluate(engine: Engine, eval_set, tokenizer, task, plan: Plan, ctx, step: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="one rank of zoplan run (started by torchrun)")
-    parser.add_argument("--plan", required=True)
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--host-dir", required=True)  # this machine's host copy (zoplan run removes it)
-    parser.add_argument("--eval-every", type=int, default=0)
-    parser.add_argument("--eval-fraction", type=float, default=0.1)
-    parser.add_argument("--max-nonfinite", type=int, default=5)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--snapshot-every", type=int, default=0)
-    parser.add_argument("--snapshot-minutes", type=float, default=0.0)
-    parser.add_argument("--keep-snapshots", type=int, default=2)
-    parser.add_argument("--journal-sync-every", type=int, default=1)
-    parser.add_argument("--trace-steps", type=int, default=8, help="steps whose every span is kept")
-    parser.add_argument("--pad-to-seq-len", action="store_true",
-                        help="pad every batch to the plan's sequence length (the shape it was planned for)")
+    parser.add_argument("config", type=Path, help="the run's configuration, OUTPUT/run.json (zoplan.runconfig)")
+    parser.add_argument("--host-dir", type=Path, required=True,
+                        help="this launch's host copy on this machine (zoplan run removes it)")
     args = parser.parse_args()
     # a rank whose torchrun is gone (killed) stops at once instead of training on, orphaned: the
     # journal holds every completed step
     from zoplan.runtime.launch import die_with_parent
 
     die_with_parent(signal.SIGKILL)
-    _PAD_TO_SEQ_LEN[0] = args.pad_to_seq_len
-    out = Path(args.output)
+    out = args.config.parent
     try:
-        train(args)
+        train(runconfig.read(args.config), out, args.host_dir)
     except (ZoplanError, OSError) as exc:
         if isinstance(exc, OSError):
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

@@ -179,7 +179,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (("plan", "--global-batch", "1000000000000"), "error: --global-batch 1000000000000 is not a whole number"),
     (("timeline", "PLAN", "--width", "1000000000000"), "error: gantt width must be from 10 to 1000 columns"),
     (("plan", "-t", "BOMB"), "refused YAML: more than 100000 values once its aliases are expanded"),
-    (("run", "--master-port", "99999999", "--steps", "1", "-o", "OUT"), "error: --master-port 99999999 is not a TCP port"),
 ])
 def test_cli_refuses_with_one_message(tmp_path: Path, sliced_plan: str, args: tuple, message: str) -> None:
     files = {"PLAN": _write(tmp_path / "plan.yaml", sliced_plan), "BOMB": _write(tmp_path / "bomb.yaml", bomb()),

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from zoplan.errors import ZoplanError
 from zoplan.limits import MAX_MEASURED_STEPS, MAX_STEPS
+from zoplan.runconfig import RunConfig, option
 
 app = typer.Typer(help="Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -197,18 +198,19 @@ def timeline_cmd(
 
 @app.command("run")
 def run_cmd(
-    plan_file: Optional[Path] = typer.Argument(None, help="a plan from `zoplan plan -o`; omitted: plan for this machine"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="local directory, hub id, or tiny-opt / tiny-llama / "
-                                        "tiny-qwen2 (default tiny-opt)"),
-    data: Optional[str] = typer.Option(None, "--data", "-d",
+    plan: Optional[Path] = typer.Argument(None, help="a plan from `zoplan plan -o`; omitted: plan for this machine"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", **option("model"),
+                                        help="local directory, hub id, or tiny-opt / tiny-llama / tiny-qwen2"),
+    data: Optional[str] = typer.Option(None, "--data", "-d", **option("data"),
                                        help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), 'long-text' "
-                                            "(bundled texts filling the sequence length), or a datasets name "
-                                            "(default sentiment-text)"),
-    steps: int = typer.Option(100, "--steps", "-n", min=1, max=MAX_STEPS, help="training steps (the run's total)"),
-    output: Path = typer.Option(Path("zoplan-run"), "--output", "-o", help="directory for weights, journal and metrics"),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b",
-                                               help="without a plan: sequences per step (default 8)"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", help="without a plan: tokens per sequence (default 64)"),
+                                            "(bundled texts filling the sequence length), or a datasets name"),
+    steps: Optional[int] = typer.Option(None, "--steps", "-n", **option("steps"), help="training steps (the run's total)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", **option("output"),
+                                          help="directory for weights, journal and metrics"),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b", **option("global_batch"),
+                                               help="without a plan: sequences per step"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", **option("seq_len"),
+                                          help="without a plan: tokens per sequence"),
     topology: Optional[str] = typer.Option(None, "--topology", "-t", help="without a plan: the machine (default cpu-local)"),
     pertp: Optional[int] = typer.Option(None, "--pertp", help="without a plan: pin the perturbation degree"),
     ddp: Optional[int] = typer.Option(None, "--ddp", help="without a plan: pin the data-parallel degree"),
@@ -220,75 +222,80 @@ def run_cmd(
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="without a plan: pin the micro-batch"),
     lr: Optional[float] = typer.Option(None, "--lr", help="without a plan: learning rate (1e-6; 1e-3 for the tiny models)"),
     eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**63 - 1, help="without a plan: run seed"),
-    eval_every: int = typer.Option(0, "--eval-every", min=0,
-                                   help="evaluate on the held-out split every N steps (and at the end); 0: never"),
-    max_nonfinite: int = typer.Option(5, "--max-nonfinite", min=1, help="stop after this many non-finite losses in a row"),
-    nnodes: int = typer.Option(1, "--nnodes", min=1, max=4096, help="machines taking part (torchrun rendezvous)"),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help="this machine's index (0 .. --nnodes - 1)"),
-    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="address of node 0"),
-    master_port: Optional[int] = typer.Option(None, "--master-port", help="port on node 0 (needed with --nnodes > 1)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory up to --steps"),
-    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="restart crashed ranks this many times (they resume)"),
-    snapshot_every: int = typer.Option(0, "--snapshot-every", min=0, help="write a snapshot every N steps (0: never)"),
-    snapshot_minutes: float = typer.Option(0.0, "--snapshot-minutes", min=0.0,
-                                           help="write a snapshot every M minutes (0: never)"),
-    keep_snapshots: int = typer.Option(2, "--keep-snapshots", min=0, help="snapshots kept (0: all of them)"),
-    journal_sync_every: int = typer.Option(1, "--journal-sync-every", min=1,
-                                           help="fsync the journal every N steps (slow disks)"),
+    seed: Optional[int] = typer.Option(None, "--seed", **option("seed"), help="without a plan: run seed"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", **option("eval_every"),
+                                             help="evaluate on the held-out split every N steps (and at the end); 0: never"),
+    max_nonfinite: Optional[int] = typer.Option(None, "--max-nonfinite", **option("max_nonfinite"),
+                                                help="stop after this many non-finite losses in a row"),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", **option("nnodes"), help="machines taking part (torchrun rendezvous)"),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", **option("node_rank"),
+                                            help="this machine's index (0 .. --nnodes - 1)"),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", **option("master_addr"), help="address of node 0"),
+    master_port: Optional[int] = typer.Option(None, "--master-port", **option("master_port"), help="port on node 0 (needed with --nnodes > 1)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory up to --steps (the "
+                                          "options not given again keep the run's own, from its run.json)"),
+    max_restarts: Optional[int] = typer.Option(None, "--max-restarts", **option("max_restarts"),
+                                               help="restart crashed ranks this many times (they resume)"),
+    snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every", **option("snapshot_every"),
+                                                 help="write a snapshot every N steps (0: never)"),
+    snapshot_minutes: Optional[float] = typer.Option(None, "--snapshot-minutes", **option("snapshot_minutes"),
+                                                     help="write a snapshot every M minutes (0: never)"),
+    keep_snapshots: Optional[int] = typer.Option(None, "--keep-snapshots", **option("keep_snapshots"),
+                                                 help="snapshots kept (0: all of them)"),
+    journal_sync_every: Optional[int] = typer.Option(None, "--journal-sync-every", **option("journal_sync_every"),
+                                                     help="fsync the journal every N steps (slow disks)"),
 ) -> None:
-    """Fine-tune with a plan: torchrun starts the plan's ranks (gloo on CPU, NCCL on GPU)."""
+    """Fine-tune with a plan: torchrun starts the plan's ranks (gloo on CPU, NCCL on GPU).
+
+    The run's settings are written to OUTPUT/run.json before any rank starts (zoplan.runconfig)."""
+    # the options given on the command line, by setting (None: not given; the configuration has
+    # the defaults); first, while the parameters are all there is
+    given = {k: v for k, v in locals().items() if k in RunConfig.model_fields and v is not None}
+    from zoplan import runconfig
     from zoplan.search import Pins, check_pins_range, check_workload
 
-    if nnodes > 1 and master_port is None:
-        raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
-    if master_port is not None and not 1 <= master_port <= 65535:
-        raise ZoplanError(f"--master-port {master_port} is not a TCP port", fix="use a port from 1 to 65535, e.g. 29500")
-    if node_rank >= nnodes:
-        raise ZoplanError(f"--node-rank {node_rank} is not one of the {nnodes} node(s): 0 .. {nnodes - 1}")
-    if plan_file is not None or resume is not None:
-        # the plan fixes these: taking them silently would run something else than asked (with
-        # --resume, the same command line again is the natural way to continue: a warning)
-        planned = [flag for flag, value in (
-            ("--global-batch", global_batch), ("--seq-len", seq_len), ("--topology", topology), ("--pertp", pertp),
-            ("--ddp", ddp), ("--slices", slices), ("--wire-dtype", wire_dtype), ("--gpus", gpus), ("--upload", upload),
-            ("--resident", resident), ("--micro-batch", micro_batch), ("--lr", lr), ("--eps", eps), ("--seed", seed))
-            if value is not None]
-        if planned and resume is None:
-            raise ZoplanError(f"{', '.join(planned)} set what the plan {plan_file} already fixes",
-                              fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml")
-        if planned:
-            err.print(Text(f"warning: {', '.join(planned)} ignored: the run in {resume} continues with its own plan"))
-    given = [flag for flag, value in (("--model", model), ("--data", data)) if value is not None]
-    if resume is not None and given:
-        err.print(Text(f"warning: {', '.join(given)} ignored: the run in {resume} continues with the model and data "
-                       f"it started with ({resume / 'run.json'})"))
     pins = Pins(perturbation=pertp, data=ddp, slices=slices, gpus=_gpus(gpus),
                 wire_dtype=wire_dtype.value if wire_dtype else None,
                 upload=upload.value if upload else None, resident=resident, micro_batch=micro_batch)
-    if plan_file is None and resume is None:  # before the runtime (torch) is even imported
-        check_workload(None, 8 if global_batch is None else global_batch, 64 if seq_len is None else seq_len)
-        check_pins_range(pins, 8 if global_batch is None else global_batch)
-    elif plan_file is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
+    pin_flags = [flag for flag, value in (("--pertp", pertp), ("--ddp", ddp), ("--slices", slices),
+                                          ("--wire-dtype", wire_dtype), ("--gpus", gpus), ("--upload", upload),
+                                          ("--resident", resident), ("--micro-batch", micro_batch)) if value is not None]
+    if pin_flags:
+        given["pins"] = pins
+    planned = [f for k in runconfig.PLANNED for f in (pin_flags if k == "pins" else [runconfig.flag(k)] if k in given else [])]
+    if plan is not None and resume is None and planned:
+        # the plan fixes these: taking them silently would run something else than asked
+        raise ZoplanError(f"{', '.join(planned)} set what the plan {plan} already fixes",
+                          fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml")
+    if resume is not None:
+        if output is not None and output != resume:
+            raise ZoplanError(f"--output {output} and --resume {resume} name two runs",
+                              fix="--resume DIR continues the run in DIR: leave --output out")
+        from zoplan.runtime.launch import resume_config
+
+        cfg, ignored = resume_config(resume, {k: v for k, v in given.items() if k != "output"})
+        ignored = [f for name in ignored for f in (pin_flags if name == "--pins" else [name])]
+        if ignored:
+            # the same command line again is the natural way to continue: a warning, not an error
+            err.print(Text(f"warning: {', '.join(ignored)} ignored: the run in {resume} continues with the plan, "
+                           f"model and data it started with ({resume / runconfig.CONFIG_FILE})"))
+    else:
+        cfg = runconfig.make(**given)
+    if cfg.nnodes > 1 and cfg.master_port is None:
+        raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
+    if cfg.node_rank >= cfg.nnodes:
+        raise ZoplanError(f"--node-rank {cfg.node_rank} is not one of the {cfg.nnodes} node(s): 0 .. {cfg.nnodes - 1}")
+    if cfg.plan is None and resume is None:  # before the runtime (torch) is even imported
+        check_workload(None, cfg.global_batch, cfg.seq_len)
+        check_pins_range(cfg.pins, cfg.global_batch)
+    elif cfg.plan is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
         from zoplan.planfile import load_plan
 
-        load_plan(plan_file)
-    from zoplan.runtime.launch import RunOptions, run
+        load_plan(cfg.plan)
+    from zoplan.runtime.launch import run
 
-    named = {k: v for k, v in (("model", model), ("data", data)) if v is not None}  # else RunOptions' defaults
-    opts = RunOptions(plan=plan_file, **named, steps=steps, output=output,
-                      global_batch=8 if global_batch is None else global_batch,
-                      seq_len=64 if seq_len is None else seq_len, topology=topology,
-                      pins=pins,
-                      eval_every=eval_every, max_nonfinite=max_nonfinite, nnodes=nnodes, node_rank=node_rank,
-                      master_addr=master_addr, master_port=master_port, lr=lr, eps=eps, seed=seed,
-                      resume=resume is not None, max_restarts=max_restarts, snapshot_every=snapshot_every,
-                      snapshot_minutes=snapshot_minutes, keep_snapshots=keep_snapshots,
-                      journal_sync_every=journal_sync_every)
-    if resume is not None:
-        opts.output = resume
-    result = run(opts)
-    if node_rank == 0:
+    result = run(cfg, resume=resume is not None)
+    if cfg.node_rank == 0:
         out.print(Text(f"trained {result.steps} steps: training loss {result.first_loss:.4f} (first {result.window} "
                        f"steps) -> {result.last_loss:.4f} (last {result.window})"))
         if result.eval:
@@ -296,7 +303,8 @@ def run_cmd(
             out.print(Text(f"held-out: loss {before['eval_loss']:.4f} -> {result.eval['eval_loss']:.4f}, accuracy "
                            f"{before['eval_accuracy']:.3f} -> {result.eval['eval_accuracy']:.3f}" if before else
                            f"held-out: loss {result.eval['eval_loss']:.4f}, accuracy {result.eval['eval_accuracy']:.3f}"))
-        out.print(Text(f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml"))
+        out.print(Text(f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml, "
+                       f"{runconfig.CONFIG_FILE}"))
 
 
 @app.command("calibrate")
@@ -389,10 +397,10 @@ def _validate(run_dir: Path, the_plan, plan_file: Path, simulated, model: str, d
               trace: Optional[Path], skip: int, pad: bool, as_json: bool) -> None:
     from zoplan import validate as zv
     from zoplan.planner import timeline
-    from zoplan.runtime.launch import RunOptions, run
+    from zoplan.runconfig import make
+    from zoplan.runtime.launch import run
 
-    run(RunOptions(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json,
-                   pad_to_seq_len=pad))
+    run(make(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json, pad_to_seq_len=pad))
     result = zv.compare(zv.measure(run_dir, the_plan, skip), simulated, the_plan.prediction.gpu_memory_bytes)
     if trace is not None:
         from zoplan.trace import write_trace

@@ -156,3 +156,17 @@ def divisors(n: int) -> list[int]:
     return small + [n // k for k in reversed(small) if k * k != n]
 
 
+@dataclass(frozen=True)
+class Pins:
+    """Decisions the user fixed on the command line; ``None`` leaves a decision to the search."""
+
+    perturbation: int | None = None
+    data: int | None = None
+    gpus: tuple[str, ...] | None = None  # the compute GPUs, in rank order
+    slices: int | None = None
+    wire_dtype: str | None = None
+    micro_batch: int | None = None
+    prefetch: int | None = None
+    resident: int | None = None  # number of resident blocks
+    upload: str | None = None  # "whole" or "sliced"
+    movers: str | None = None  # "compute" or "all"

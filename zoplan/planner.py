@@ -144,16 +144,18 @@ def default_seq_len(shape: ModelShape, machine: Machine) -> int:
     return min(DEFAULT_SEQ_LEN, shape.max_positions)
 
 
-def plan(model: str = DEFAULT_MODEL, topology: str = DEFAULT_TOPOLOGY, *,
+def plan(model: str = DEFAULT_MODEL, topology: str | Machine = DEFAULT_TOPOLOGY, *,
          global_batch: int = DEFAULT_GLOBAL_BATCH, seq_len: int | None = None,
          pins: Pins = Pins(), objective: str = "time", dtype: str | None = None, top: int = 5,
          zo: ZoSettings = ZoSettings(), profile: str | Path | None = None) -> PlanReport:
     """Search the layouts of ``model`` on ``topology`` and return the report with the best plan.
     With ``profile``, the calibrated figures replace the topology's nominal ones. ``dtype`` (the
-    compute dtype) defaults to the profile's, else bf16 on GPUs and fp32 on CPU ranks."""
+    compute dtype) defaults to the profile's, else bf16 on GPUs and fp32 on CPU ranks. ``topology``:
+    a bundled name, a file, or a machine already loaded from one."""
     shape = load_model_shape(model)
     check_workload(shape, global_batch, seq_len)  # before any work that grows with them
-    machine = with_profile(load_topology(topology), profile, shape)
+    loaded = topology if isinstance(topology, Machine) else load_topology(topology)
+    machine = with_profile(loaded, profile, shape)
     dtype = compute_dtype(machine, dtype, profile)
     seq_len = default_seq_len(shape, machine) if seq_len is None else seq_len
     workload = Workload(shape, global_batch, seq_len)
@@ -187,7 +189,7 @@ def compare(model: str, topologies: list[str], *, global_batch: int = DEFAULT_GL
     for topo in topologies:
         machine = load_topology(topo)  # a bad topology file is the user's to fix: fail loudly
         try:
-            out.append((machine.name, plan(model, topo, global_batch=global_batch, seq_len=seq_len,
+            out.append((machine.name, plan(model, machine, global_batch=global_batch, seq_len=seq_len,
                                            objective=objective, dtype=dtype, top=1)))
         except ZoplanError as exc:
             out.append((machine.name, exc))

@@ -17,7 +17,7 @@ from zoplan.bound import Bound, machine_bound
 from zoplan.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
-from zoplan.layout import WIRE_BYTES, Layout, divisors
+from zoplan.layout import WIRE_BYTES, Layout, Pins, divisors
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK
 from zoplan.sim import Exceeded, SimResult, simulate
 from zoplan.topology import Machine
@@ -75,22 +75,6 @@ def check_workload(shape, global_batch, seq_len) -> None:
     for name, problem, fix in workload_problems(shape, global_batch, seq_len):
         flag = "--" + name.replace("_", "-")
         raise ZoplanError(f"{flag} {brief(values[name])} {problem}", fix=fix)
-
-
-@dataclass(frozen=True)
-class Pins:
-    """Decisions the user fixed on the command line; ``None`` leaves a decision to the search."""
-
-    perturbation: int | None = None
-    data: int | None = None
-    gpus: tuple[str, ...] | None = None  # the compute GPUs, in rank order
-    slices: int | None = None
-    wire_dtype: str | None = None
-    micro_batch: int | None = None
-    prefetch: int | None = None
-    resident: int | None = None  # number of resident blocks
-    upload: str | None = None  # "whole" or "sliced"
-    movers: str | None = None  # "compute" or "all"
 
 
 @dataclass

@@ -253,8 +253,7 @@ def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs, monkeyp
     examples, kind = zdata.load_examples("sentiment-text")
     task = zdata.Task(kind)
     short = worker._micro_batches(examples[:4], tok, task, 64, 2)[0]["inputs"]["input_ids"]
-    monkeypatch.setattr(worker, "_PAD_TO_SEQ_LEN", [True])  # what `zoplan validate` (--pad) asks for
-    padded = worker._micro_batches(examples[:4], tok, task, 64, 2)[0]["inputs"]["input_ids"]
+    padded = worker._micro_batches(examples[:4], tok, task, 64, 2, pad=True)[0]["inputs"]["input_ids"]  # validate --pad
     assert short.shape[1] < 64 and tuple(padded.shape) == (2, 64)
 
 

@@ -21,7 +21,8 @@ from fuzzkit import fuzz_settings, mutate_bytes
 from zoplan.errors import ZoplanError
 from zoplan.planfile import write_plan
 from zoplan.planner import plan as make_plan
-from zoplan.runtime.launch import RunOptions, prepare
+from zoplan.runconfig import make
+from zoplan.runtime.launch import prepare, resume_config
 from zoplan.runtime.journal import read_journal
 from zoplan.runtime.replay import replay_to, require_finite
 from zoplan.runtime.snapshots import read_valid_journal
@@ -54,7 +55,7 @@ def run_dir(tiny_dirs, tmp_path: Path) -> Path:
 
 
 def resume(out: Path, steps: int) -> None:
-    prepare(RunOptions(output=out, steps=steps, resume=True))
+    prepare(resume_config(out, {"steps": steps})[0], resume=True)
 
 
 def test_an_intact_journal_resumes_and_a_torn_last_line_is_cut(run_dir: Path) -> None:
@@ -251,7 +252,7 @@ def test_a_damaged_model_directory_is_refused_before_any_rank_starts(tiny_dirs, 
     assert words in str(caught.value) and caught.value.fix
     out = tmp_path / "run"
     with pytest.raises(ZoplanError, match=words.split(" (")[0].replace("(", r"\(").replace(")", r"\)")):
-        prepare(RunOptions(model=str(model), output=out, steps=2))
+        prepare(make(model=str(model), output=out, steps=2))
     assert not out.exists()
 
 
@@ -280,7 +281,7 @@ def test_resume_of_a_mutated_run_directory_is_refused_with_a_message_or_checked(
                                           ("truncate", "insert", "overwrite", "delete_span", "dup_line", "drop_line",
                                            "swap_lines", "blank_line", "crlf", "latin1")))
     try:
-        prepare(RunOptions(output=out, steps=9, resume=True))
+        resume(out, 9)
         rows = read_valid_journal(out / "journal.jsonl")  # accepted: what the ranks will read is whole
         assert [r["step"] for r in rows] == list(range(len(rows)))
         RESUMES["accepted"] = RESUMES.get("accepted", 0) + 1
@@ -373,18 +374,19 @@ def test_the_run_record_holds_absolute_paths_so_resume_works_from_anywhere(tiny_
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"text {i}", "label": i % 2}) + "\n"
                                                   for i in range(16)))
     monkeypatch.chdir(tmp_path)
-    prepare(RunOptions(model="models/mine", data="train.jsonl", output=Path("run"), steps=2, global_batch=4))
+    prepare(make(model="models/mine", data="train.jsonl", output=Path("run"), steps=2, global_batch=4))
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert recorded == {"model": str(tmp_path / "models" / "mine"), "data": str(tmp_path / "train.jsonl")}
+    assert (recorded["model"], recorded["data"]) == (str(tmp_path / "models" / "mine"), str(tmp_path / "train.jsonl"))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    opts = RunOptions(output=tmp_path / "run", steps=4, resume=True)
-    prepare(opts)  # from another directory the recorded model and data are found
-    assert (opts.model, opts.data) == (recorded["model"], recorded["data"])
+    cfg = prepare(resume_config(tmp_path / "run", {"steps": 4})[0], resume=True)[0]
+    # from another directory the recorded model and data are found
+    assert (cfg.model, cfg.data, cfg.steps) == (recorded["model"], recorded["data"], 4)
     # names are kept as names (a built-in model, bundled data)
     monkeypatch.chdir(tmp_path)
-    prepare(RunOptions(model="tiny-opt", data="sentiment", output=Path("run2"), steps=2))
-    assert json.loads((tmp_path / "run2" / "run.json").read_text()) == {"model": "tiny-opt", "data": "sentiment"}
+    prepare(make(model="tiny-opt", data="sentiment", output=Path("run2"), steps=2))
+    recorded = json.loads((tmp_path / "run2" / "run.json").read_text())
+    assert (recorded["model"], recorded["data"]) == ("tiny-opt", "sentiment")
 
 
 def test_a_model_or_data_given_with_resume_is_named_as_ignored(run_dir: Path) -> None:

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from zoplan.planfile import load_plan, write_plan
 from zoplan.planner import plan
 from zoplan.program import Stream, build
-from zoplan.runtime.launch import RunOptions, run
+from zoplan.runconfig import make
+from zoplan.runtime.launch import run
 from zoplan.search import Pins
 from zoplan.topology import resolve_topology_path
 
@@ -56,7 +57,7 @@ def planned(tmp: Path, model_dir: Path, topology: Path, name: str, **pins) -> Pa
 
 
 def train(plan_path: Path, model_dir: Path, out: Path, steps: int = STEPS, **extra) -> dict[str, torch.Tensor]:
-    run(RunOptions(plan=plan_path, model=str(model_dir), steps=steps, output=out, quiet=True, **extra))
+    run(make(plan=plan_path, model=str(model_dir), steps=steps, output=out, quiet=True, **extra))
     return load_file(str(out / "model" / "model.safetensors"))
 
 

@@ -67,9 +67,15 @@ def test_resume_after_a_torn_journal_line_is_bit_identical(uninterrupted, tmp_pa
     finished(zoplan_run(out, "--steps", "5"))
     with (out / "journal.jsonl").open("a") as f:
         f.write('{"step": 5, "seed": 12')  # power loss mid-write
-    finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS)))
+    # resumed with nothing but the run's total: the run's own settings (run.json) carry on, so
+    # the snapshot of step 6 is written as --snapshot-every 3 asked when the run started
+    bare = [sys.executable, "-m", "zoplan.cli", "run", "--resume", str(out), "--steps", str(STEPS)]
+    finished(subprocess.Popen(bare, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1")))
     lines = (out / "journal.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == list(range(STEPS))
+    assert [p.name for p in sorted((out / "snapshots").iterdir())] == ["step-00000003", "step-00000006"]
+    assert json.loads((out / "run.json").read_text())["steps"] == STEPS
     assert same(weights(out), uninterrupted)
 
 

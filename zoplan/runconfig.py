@@ -1,0 +1,176 @@
+"""The one configuration of a ``zoplan run``: every option, its type, bound and default, here only.
+
+``zoplan run`` (and ``zoplan validate``, which runs a plan) builds a :class:`RunConfig` from what
+the user gave, the launcher completes it (the model's directory, the device kind) and writes it
+to ``OUTPUT/run.json`` before any rank starts; each rank reads that file and nothing else (apart
+from ``--host-dir``, this launch's shared-memory folder, which is not a setting of the run).
+``--resume`` reads it back: the settings that decide what is trained stay as recorded, the ones
+that decide how the run goes on (its total steps, evaluation, snapshots, restarts, the nodes) take
+the values given again, the rest keep the recorded ones.
+
+The file is versioned: the ``{"model": ..., "data": ...}`` of zoplan 0.x (no version) is migrated
+when read; a newer version is refused with a message.
+
+No torch here: the command line checks a configuration before it loads the runtime.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import annotated_types
+from pydantic import Field, ValidationError
+
+from zoplan.errors import ZoplanError
+from zoplan.fileio import Strict, brief, describe_validation_error, read_text
+from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_STEPS
+from zoplan.layout import Pins
+
+RUN_CONFIG_VERSION = 1
+CONFIG_FILE = "run.json"  # in the run's output directory
+
+# The settings that decide what is trained: a resumed run keeps them as recorded (given again,
+# they are named as ignored). A plan file fixes the planning ones (PLANNED).
+PLANNED = ("topology", "global_batch", "seq_len", "pins", "lr", "eps", "seed")
+FIXED_ON_RESUME = ("plan", "model", "data", *PLANNED, "eval_fraction", "pad_to_seq_len")
+
+
+class RunConfig(Strict):
+    """A ``zoplan run``, as written to ``OUTPUT/run.json``."""
+
+    version: Literal[1] = RUN_CONFIG_VERSION
+    # --- what is trained
+    plan: Path | None = None  # the user's plan file; None: planned for this machine
+    model: str = "tiny-opt"  # a local directory (recorded absolute), a hub id or a tiny-* model
+    # Bundled texts: a randomly initialised tiny model learns their next-token statistics under ZO
+    # within a minute on a CPU, but not the sentiment labels (docs/results/runtime-cpu.md).
+    data: str = "sentiment-text"
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # of the data, held out for evaluation
+    pad_to_seq_len: bool = False  # every batch of the planned shape, however short the data (validate)
+    # --- planning, when no plan file is given
+    topology: str | None = None  # None: cpu-local
+    global_batch: int = Field(8, ge=1, le=MAX_GLOBAL_BATCH)
+    seq_len: int = Field(64, ge=1, le=MAX_SEQ_LEN)
+    pins: Pins = Pins()
+    lr: float | None = Field(None, gt=0)  # None: the planner's (1e-6; 1e-3 for the tiny models)
+    eps: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    # --- how the run goes
+    steps: int = Field(100, ge=1, le=MAX_STEPS)  # the run's total, resumed or not
+    output: Path = Path("zoplan-run")
+    eval_every: int = Field(0, ge=0)  # 0: never
+    max_nonfinite: int = Field(5, ge=1)
+    snapshot_every: int = Field(0, ge=0)  # 0: never
+    snapshot_minutes: float = Field(0.0, ge=0.0)  # 0: never
+    keep_snapshots: int = Field(2, ge=0)  # 0: all of them
+    journal_sync_every: int = Field(1, ge=1)  # fsync the journal every N steps
+    trace_steps: int = Field(8, ge=0)  # steps whose every span is kept
+    quiet: bool = False
+    # --- the machines
+    nnodes: int = Field(1, ge=1, le=4096)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = Field(None, ge=1, le=65535)  # None: a free one (one machine)
+    max_restarts: int = Field(0, ge=0)  # torchrun restarts crashed ranks; they resume from the journal
+    # --- completed by the launcher before any rank starts
+    model_dir: Path | None = None  # where the model's files are
+    device: Literal["cpu", "cuda"] | None = None
+
+    def given(self, **changes: Any) -> RunConfig:
+        """This configuration with ``changes``, checked as a new one is."""
+        return make(**{**self.model_dump(exclude={"version"}), **changes})
+
+
+def default(name: str) -> Any:
+    """The default of a setting (for messages and help texts)."""
+    return RunConfig.model_fields[name].default
+
+
+def option(name: str) -> dict[str, Any]:
+    """``typer.Option`` keywords for a setting: its bounds and default shown, as declared here.
+    The command line's options default to None (not given): a resumed run tells the ones given
+    from the recorded ones."""
+    field = RunConfig.model_fields[name]
+    keywords: dict[str, Any] = {}
+    for bound in field.metadata:
+        if isinstance(bound, annotated_types.Ge):
+            keywords["min"] = bound.ge
+        elif isinstance(bound, annotated_types.Le):
+            keywords["max"] = bound.le
+    if field.default is not None and not isinstance(field.default, Pins):
+        keywords["show_default"] = str(field.default)
+    return keywords
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def make(**values: Any) -> RunConfig:
+    """A configuration from a user's values: a bad one is a ZoplanError naming the option."""
+    try:
+        return RunConfig(**values)
+    except ValidationError as exc:
+        raise ZoplanError(_named(exc)) from None
+
+
+_BOUNDS = {"greater_than_equal": "at least {ge}", "less_than_equal": "at most {le}",
+           "greater_than": "more than {gt}", "less_than": "less than {lt}", "finite_number": "a finite number"}
+
+
+def _named(exc: ValidationError) -> str:
+    """The validation error with options spelled as the command line does (--eval-every)."""
+    parts = []
+    for err in exc.errors()[:3]:
+        name = flag(str(err["loc"][0])) if err["loc"] else "(top level)"
+        bound = _BOUNDS.get(err["type"])
+        said = f" must be {bound.format(**err.get('ctx', {}))}" if bound else ": " + err["msg"].removeprefix("Value error, ")
+        parts.append(f"{name}{said}, got {brief(err.get('input'))}")
+    return "; ".join(parts)
+
+
+def write(config: RunConfig, out: Path) -> Path:
+    """``OUTPUT/run.json``, written whole or not at all (a crash leaves the previous one)."""
+    path = out / CONFIG_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read(path: Path) -> RunConfig:
+    """A run's configuration, migrated from an earlier version; a damaged one is a message."""
+    fix = "write it again with the --model and --data the run started with: " \
+          '{"model": "...", "data": "..."} is enough (the other settings take their defaults)'
+    try:
+        data = json.loads(read_text(path, CONFIG_FILE, limit=64 * 1024))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ZoplanError(f"{path} is damaged: it is not a JSON object", fix=fix) from None
+    if not isinstance(data, dict):
+        raise ZoplanError(f"{path} is damaged: it is not a JSON object", fix=fix)
+    version = data.get("version", 0)
+    if version == 0:  # zoplan 0.x: the model and data only
+        if set(data) != {"model", "data"}:
+            raise ZoplanError(f"{path} is damaged: it has no version and does not name just the run's model "
+                              "and data", fix=fix)
+        data = {"version": RUN_CONFIG_VERSION, "model": data["model"], "data": data["data"],
+                "output": str(path.parent)}
+    elif isinstance(version, bool) or not isinstance(version, int) or version > RUN_CONFIG_VERSION:
+        raise ZoplanError(f"{path}: run configuration version {brief(version)} is not one this zoplan reads "
+                          f"(1 and earlier)", fix="continue the run with the zoplan version that started it")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ZoplanError(f"{path} is damaged: {describe_validation_error(exc)}", fix=fix) from None
+    except RecursionError:
+        raise ZoplanError(f"{path} is damaged: nested too deeply", fix=fix) from None
+
+
+def resumed(recorded: RunConfig, given: dict[str, Any]) -> tuple[RunConfig, list[str]]:
+    """The configuration a ``--resume`` runs: ``given`` (the options on its command line) over the
+    recorded one, except the settings that decide what is trained; returns it and the flags that
+    were given but ignored for that reason."""
+    ignored = [name for name in given if name in FIXED_ON_RESUME and given[name] != getattr(recorded, name)]
+    kept = {"quiet": False, **{k: v for k, v in given.items() if k not in FIXED_ON_RESUME}}  # quiet: this display's
+    return recorded.given(**kept), [flag(name) for name in ignored]
