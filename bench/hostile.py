@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from zoplan.runtime.scratch import processes_naming, shared_memory
+from zoplan.runtime.scratch import processes_naming, rank_processes, shared_memory, supervisor_process
 
 LIMIT_S = 120
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -167,12 +167,10 @@ def main() -> None:
             wait_steps(run, 2, proc)
             if target == "launcher":
                 pid = proc.pid
+            elif target == "supervisor":  # the process that forked the ranks (runtime/ranks.py)
+                pid = supervisor_process(str(run))
             else:
-                def is_target(p: int) -> bool:
-                    cmdline = (Path("/proc") / str(p) / "cmdline").read_bytes().decode(errors="replace")
-                    torchrun = "torch.distributed.run" in cmdline  # it names the worker module too
-                    return torchrun if target == "torchrun" else "zoplan.runtime.worker" in cmdline and not torchrun
-                pid = next(p for p in processes_naming(str(run)) if is_target(p))
+                pid = next(iter(rank_processes(str(run)).values()))
             os.kill(pid, signal.SIGKILL)
             first = proc.communicate(timeout=LIMIT_S)[0]
             deadline = time.monotonic() + 30
@@ -283,7 +281,7 @@ def main() -> None:
         Case("output", "a disk that fills up at the final write", full_disk),
         Case("kill", "SIGKILL of zoplan run, then --resume (must finish, bit-identical)", kill_then_resume("launcher"),
              refused=False, check=matches_reference),
-        Case("kill", "SIGKILL of torchrun, then --resume (must finish, bit-identical)", kill_then_resume("torchrun"),
+        Case("kill", "SIGKILL of the rank supervisor, then --resume (must finish, bit-identical)", kill_then_resume("supervisor"),
              refused=False, check=matches_reference),
         Case("kill", "SIGKILL of a rank, then --resume (must finish, bit-identical)", kill_then_resume("rank"),
              refused=False, check=matches_reference),

@@ -3,16 +3,16 @@ compare the final weights with an uninterrupted run (docs/results/reliability.md
 
 Each trial starts the same 2-rank run (PertP 2x1, sliced uploads, snapshots every 5 steps) with
 ``--max-restarts 1``, waits until the journal holds a random number of steps, waits a random
-fraction of a step more, and SIGKILLs one rank chosen at random (found by its RANK in
-/proc/PID/environ). torchrun stops the other rank and restarts both; they resume from the newest
-snapshot and the journal. With ``--targets`` the process killed is drawn from the kinds given:
-a rank (as above), torchrun, or the launcher (``zoplan run`` itself); after those the run is
+fraction of a step more, and SIGKILLs one rank chosen at random (found by its process name,
+zoplan-rank<N>). The rank supervisor stops the other rank and restarts both; they resume from
+the newest snapshot and the journal. With ``--targets`` the process killed is drawn from the kinds
+given: a rank (as above), the rank supervisor, or the launcher (``zoplan run`` itself); after those the run is
 continued with ``zoplan run --resume``. A step is lost when a journal line present at the kill is
 missing (or different) afterwards; the final weights must equal the uninterrupted run's bit for
 bit. At the end, what killed launchers left outside their output is counted (the next launch
 removes it: runtime/scratch.py) and the work folder is removed.
 
-Usage: python -m bench.kill_resume [--kills 20] [--steps 24] [--seed 0] [--targets rank,torchrun,launcher]
+Usage: python -m bench.kill_resume [--kills 20] [--steps 24] [--seed 0] [--targets rank,supervisor,launcher]
 """
 from __future__ import annotations
 
@@ -47,32 +47,16 @@ def journal_lines(out: Path) -> list[bytes]:
 
 
 def rank_pid(out: Path, rank: int) -> int | None:
-    """The worker process of ``rank`` in the run writing to ``out``."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"zoplan.runtime.worker" not in cmdline or str(out).encode() not in cmdline:
-                continue
-            env = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
-        except OSError:
-            continue
-        if env.get(b"RANK") == str(rank).encode():
-            return int(pid)
-    return None
+    """The process of ``rank`` in the run writing to ``out`` (named zoplan-rank<N>)."""
+    from zoplan.runtime.scratch import rank_processes
+
+    return rank_processes(str(out)).get(rank)
 
 
-def torchrun_pid(out: Path) -> int | None:
-    from zoplan.runtime.scratch import processes_naming
+def supervisor_pid(out: Path) -> int | None:
+    from zoplan.runtime.scratch import supervisor_process
 
-    for pid in processes_naming(str(out)):
-        try:
-            if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        except OSError:
-            continue
-    return None
+    return supervisor_process(str(out))
 
 
 def weights_equal(a: Path, b: Path) -> bool:
@@ -87,11 +71,11 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--targets", default="rank", help="the kinds of process killed: rank, torchrun, launcher")
+    parser.add_argument("--targets", default="rank", help="the kinds of process killed: rank, supervisor, launcher")
     args = parser.parse_args()
     kinds = args.targets.split(",")
-    if not set(kinds) <= {"rank", "torchrun", "launcher"}:
-        sys.exit(f"--targets {args.targets}: the kinds are rank, torchrun and launcher")
+    if not set(kinds) <= {"rank", "supervisor", "launcher"}:
+        sys.exit(f"--targets {args.targets}: the kinds are rank, supervisor and launcher")
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="kill-resume-"))
     ref = work / "uninterrupted"
@@ -116,10 +100,10 @@ def main() -> None:
         time.sleep(extra)
 
         def find() -> int | None:
-            return rank_pid(run, rank) if kind == "rank" else torchrun_pid(run) if kind == "torchrun" else proc.pid
+            return rank_pid(run, rank) if kind == "rank" else supervisor_pid(run) if kind == "supervisor" else proc.pid
         pid = find()
         while pid is None and proc.poll() is None and not journal_lines(run):
-            time.sleep(0.02)  # torchrun has not started the ranks yet: kill one while it loads
+            time.sleep(0.02)  # the ranks have not started yet: kill one while it loads
             pid = find()
         before = journal_lines(run)
         if pid is None or proc.poll() is not None:

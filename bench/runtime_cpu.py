@@ -119,9 +119,8 @@ def pss_of_ranks(parent_pid: int) -> dict[int, dict[str, int]]:
         if not pid.isdigit():
             continue
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            if "zoplan.runtime.worker" not in cmd or "torch.distributed.run" in cmd:
-                continue  # ranks only, not their torchrun parent
+            if not Path(f"/proc/{pid}/comm").read_text().startswith("zoplan-rank"):
+                continue  # ranks only (named zoplan-rank<N>), not the process that started them
             fields = {}
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
                 key, value = line.split(":", 1)

@@ -454,8 +454,8 @@ def _pending(step: int):
     return Pending(seed=2000 + step, g=0.0, lr=0.0, wd=0.0)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="zoplan calibrate (one rank; started by torchrun)")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="zoplan calibrate (one rank; started by runtime/ranks.py)")
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--micro-batch", type=int, required=True)
     parser.add_argument("--seq-len", type=int, required=True)
@@ -469,7 +469,7 @@ def main() -> None:
     parser.add_argument("--progress", default=None)
     parser.add_argument("--spans", default=None)  # a directory: keep the timed steps' spans
     parser.add_argument("--host-root", required=True)  # the launch's shared-memory folder
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         figures = measure(args)
         rows = zdist.gather_objects(figures)
@@ -536,9 +536,10 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
     with owned(shared_memory(), f"calibrate-{tag}") as shm, owned(Path(tempfile.gettempdir()),
                                                                   f"calibrate-tmp-{tag}") as work:
         raw, progress_file, log = work / "figures.json", work / "progress.txt", work / "calibrate.log"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--nnodes", "1",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-               "-m", "zoplan.runtime.calibrate", "--model-dir", str(model_dir), "--micro-batch", str(micro_batch),
+        # forked from one process that has imported what a rank needs (runtime/ranks.py)
+        cmd = [sys.executable, "-m", "zoplan.runtime.ranks", "--module", "zoplan.runtime.calibrate",
+               "--model-dir", str(model_dir), "--nproc", str(n), "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "--", "--model-dir", str(model_dir), "--micro-batch", str(micro_batch),
                "--seq-len", str(seq_len), "--dtype", dtype, "--device", "cpu" if cpu else "cuda",
                "--block-params", str(shape.block_params()), "--steps", str(steps),
                "--micro-batches", ",".join(map(str, counts)),

@@ -327,11 +327,18 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
     per_node = plan.layout.world_size // plan.layout.nodes
     # the ranks read the run's configuration (run.json) and nothing else; the host copy's folder
     # is this launch's, not a setting of the run
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_node),
-           "--nnodes", str(cfg.nnodes), "--node-rank", str(cfg.node_rank),
-           "--max-restarts", str(cfg.max_restarts),
-           "--master-addr", cfg.master_addr, "--master-port", str(port),
-           "-m", "zoplan.runtime.worker", str(out / runconfig.CONFIG_FILE), "--host-dir", str(host_dir)]
+    worker_args = [str(out / runconfig.CONFIG_FILE), "--host-dir", str(host_dir)]
+    status = private_tmp / "ranks.json"  # each rank's exit (runtime/ranks.py), read on failure
+    if cfg.nnodes == 1:  # forked from one process that has imported what a rank needs (runtime/ranks.py)
+        cmd = [sys.executable, "-m", "zoplan.runtime.ranks", "--nproc", str(per_node),
+               "--master-addr", cfg.master_addr, "--master-port", str(port), "--max-restarts", str(cfg.max_restarts),
+               "--status", str(status), "--", *worker_args]
+    else:  # torchrun's rendezvous spans the machines
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_node),
+               "--nnodes", str(cfg.nnodes), "--node-rank", str(cfg.node_rank),
+               "--max-restarts", str(cfg.max_restarts),
+               "--master-addr", cfg.master_addr, "--master-port", str(port),
+               "-m", "zoplan.runtime.worker", *worker_args]
     env = rank_env(os.environ)
     env["TMPDIR"] = str(private_tmp)
     if cfg.device == "cuda":
@@ -373,7 +380,9 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
             raise ZoplanError(f"training stopped: the disk holding {out} is full (see {log_path}); the journal "
                               f"holds {done} completed step(s), none is lost",
                               fix=f"free disk space, then {resume}")
-        who = "torchrun (which stopped the ranks)" if proc.returncode < 0 else "a rank" if _killed(log_path) else None
+        starter = "torchrun" if cfg.nnodes > 1 else "the rank supervisor (zoplan.runtime.ranks)"
+        who = (f"{starter} (which stopped the ranks)" if proc.returncode < 0
+               else "a rank" if _killed(log_path, status) else None)
         if who is not None:
             signum = -proc.returncode if proc.returncode < 0 else signal.SIGKILL
             name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
@@ -448,8 +457,14 @@ def _log_tail(log: Path, size: int = 64 * 1024) -> str:
         return ""
 
 
-def _killed(log: Path) -> bool:
-    """torchrun reported a rank ended by SIGKILL (its failure summary, at the end of the log)."""
+def _killed(log: Path, status: Path) -> bool:
+    """A rank ended by SIGKILL: in the rank supervisor's record of the last attempt (one machine),
+    or in torchrun's failure summary at the end of the log (several)."""
+    from zoplan.runtime.ranks import read_status
+
+    attempts = read_status(status)
+    if attempts:
+        return -signal.SIGKILL in attempts[-1].get("exits", {}).values()
     tail = _log_tail(log)
     return "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail
 
@@ -483,7 +498,7 @@ def _resumed_line(row: dict, max_restarts: int) -> str:
     source = f"snapshot {snap}" if snap else "the base weights"
     where = f"{n} step(s) done: {source} + {k} journal step(s) replayed"
     if row.get("restart", 0) > 0:
-        return (f"a rank failed; torchrun restarted the ranks (restart {row['restart']} of {max_restarts}), "
+        return (f"a rank failed; every rank was restarted (restart {row['restart']} of {max_restarts}), "
                 f"resuming with {where}, no completed step lost")
     return f"resuming with {where}"
 

@@ -140,3 +140,44 @@ def processes_naming(text: str) -> list[int]:
             if text in cmdline and state != "Z":
                 found.append(int(entry.name))
     return found
+
+
+RANK_NAME = "zoplan-rank"  # a rank's process name (``ps``, ``top``): zoplan-rank0, zoplan-rank1, ...
+SUPERVISOR_NAME = "zoplan-ranks"  # the process that forked one machine's ranks (runtime/ranks.py)
+
+
+def name_process(name: str) -> None:
+    """This process's name as ``ps`` and ``top`` show it (15 characters at most). Linux only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def rank_processes(text: str) -> dict[int, int]:
+    """The live ranks (rank -> pid) of the run whose command lines mention ``text`` (its directory)."""
+    return {int(name[len(RANK_NAME):]): pid for pid in processes_naming(text)
+            if (name := process_name(pid)).startswith(RANK_NAME) and name[len(RANK_NAME):].isdigit()}
+
+
+def supervisor_process(text: str) -> int | None:
+    """The process that started the ranks of the run whose command lines mention ``text``: the
+    rank supervisor on one machine, torchrun on several."""
+    for pid in processes_naming(text):
+        if process_name(pid) == SUPERVISOR_NAME:
+            return pid
+        try:
+            if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None

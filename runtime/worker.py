@@ -359,17 +359,23 @@ def evaluate(engine: Engine, eval_set, tokenizer, task, plan: Plan, ctx, step: i
         metrics.write(json.dumps({"step": step, "eval_loss": stats[0], "eval_accuracy": stats[1]}) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="one rank of zoplan run (started by torchrun)")
+def main(argv: list[str] | None = None) -> None:
+    """One rank: ``argv`` as on the command line (the rank supervisor, runtime/ranks.py, passes it
+    to a forked child; torchrun starts ``python -m zoplan.runtime.worker``)."""
+    parser = argparse.ArgumentParser(description="one rank of zoplan run (started by torchrun or runtime/ranks.py)")
     parser.add_argument("config", type=Path, help="the run's configuration, OUTPUT/run.json (zoplan.runconfig)")
     parser.add_argument("--host-dir", type=Path, required=True,
                         help="this launch's host copy on this machine (zoplan run removes it)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     # a rank whose torchrun is gone (killed) stops at once instead of training on, orphaned: the
     # journal holds every completed step
     from zoplan.runtime.launch import die_with_parent
 
     die_with_parent(signal.SIGKILL)
+    if "RANK" in os.environ:  # zoplan-rank<N> in ps and top (the rank supervisor names its ranks itself)
+        from zoplan.runtime.scratch import RANK_NAME, name_process
+
+        name_process(f"{RANK_NAME}{os.environ['RANK']}")
     out = args.config.parent
     try:
         train(runconfig.read(args.config), out, args.host_dir)

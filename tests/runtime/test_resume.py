@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zoplan.runtime.scratch import OWNER, processes_naming, shared_memory
+from zoplan.runtime.scratch import OWNER, processes_naming, rank_processes, shared_memory, supervisor_process
 
 STEPS = 8
 
@@ -97,7 +97,7 @@ def test_a_rank_killed_mid_step_is_restarted_and_no_step_is_lost(uninterrupted, 
     assert [p.name for p in (out / "snapshots").iterdir()] == ["step-00000006"]
     assert "exitcode: -9" in (out / "worker-node0.log").read_text()  # the kill did happen
     # the user is told: steps 0-3 were journaled; the snapshot of step 3 plus step 3's line
-    assert ("torchrun restarted the ranks (restart 1 of 1), resuming with 4 step(s) done: snapshot "
+    assert ("every rank was restarted (restart 1 of 1), resuming with 4 step(s) done: snapshot "
             "step-00000003 + 1 journal step(s) replayed, no completed step lost") in said, said
     resumed = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "resumed_at" in l]
     assert resumed == [{"resumed_at": 4, "snapshot": "step-00000003", "replayed": 1, "restart": 1}]
@@ -110,7 +110,7 @@ def test_without_restarts_a_killed_rank_stops_the_run_with_a_resume_hint(uninter
     out = tmp_path / "run"
     err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_KILL": "1:5"}), code=2)
     done = len((out / "journal.jsonl").read_text().splitlines())
-    assert done in (5, 6)  # step 5 is complete on rank 0 if it journaled before torchrun stopped it
+    assert done in (5, 6)  # step 5 is complete on rank 0 if it journaled before it was stopped
     assert f"journal holds {done} completed step(s)" in err and "--resume" in err and "Traceback" not in err
     assert "a rank was killed by SIGKILL, most often by the kernel's out-of-memory killer" in err  # named
     said = finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS)))
@@ -166,7 +166,7 @@ def gone(text: str, seconds: float = 30) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_stops_the_ranks_and_says_how_to_resume(tmp_path: Path) -> None:
-    """`kill PID` of zoplan run (what a job scheduler sends): torchrun and the ranks stop with it, the
+    """`kill PID` of zoplan run (what a job scheduler sends): the ranks stop with it, the
     host copy leaves shared memory, and the message names the step and the resume command."""
     import signal
 
@@ -186,7 +186,7 @@ def test_sigterm_stops_the_ranks_and_says_how_to_resume(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_ranks_die_with_a_killed_launcher(tmp_path: Path) -> None:
-    """SIGKILL of zoplan run (no handler runs): the kernel stops torchrun, which stops the ranks; the
+    """SIGKILL of zoplan run (no handler runs): the kernel stops the rank supervisor, which stops the ranks; the
     run directory is free again, and the next launch removes the folders the killed one left."""
     import os
     import signal
@@ -210,18 +210,23 @@ def test_the_ranks_die_with_a_killed_launcher(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_ranks_die_with_a_killed_torchrun(tmp_path: Path) -> None:
-    """SIGKILL of torchrun itself: its ranks stop too, and zoplan run reports the stop."""
+def test_the_ranks_die_with_a_killed_rank_supervisor(tmp_path: Path) -> None:
+    """SIGKILL of the process that started the ranks (runtime/ranks.py): its ranks stop too, and
+    zoplan run reports the stop."""
     import signal
     import time
 
     out = tmp_path / "run"
     proc = zoplan_run(out, "--steps", "500")
     wait_for_a_step(out, proc)
-    [torchrun] = [pid for pid in processes_naming(str(out))
-                  if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    os.kill(torchrun, signal.SIGKILL)
+    supervisor = supervisor_process(str(out))
+    ranks = rank_processes(str(out))  # named zoplan-rank<N>, children of the supervisor
+    assert supervisor is not None and sorted(ranks) == [0, 1]
+    assert {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in ranks.values()} \
+        == {supervisor}
+    os.kill(supervisor, signal.SIGKILL)
     err = finished(proc, code=2)
-    assert "--resume" in err and "torchrun (which stopped the ranks) was killed by SIGKILL" in err
+    assert "--resume" in err and "the rank supervisor (zoplan.runtime.ranks) (which stopped the ranks) was killed by " \
+                                 "SIGKILL" in err
     time.sleep(0.1)
     assert gone(str(out)), processes_naming(str(out))
