@@ -277,7 +277,7 @@ def main() -> None:
                                                                                   "-o", str(d / "run"), cwd=d)),
         Case("fault", "a snapshot write failing (disk full)", lambda d: call(
             "run", "--steps", "6", "--snapshot-every", "2", "-o", str(d / "run"), cwd=d,
-            env=dict(ENV, ZOPLAN_FAIL_SNAPSHOT="4"))),
+            env=dict(ENV, ZOPLAN_FAULTS="fail-snapshot:0:4"))),
         Case("output", "a disk that fills up at the final write", full_disk),
         Case("kill", "SIGKILL of zoplan run, then --resume (must finish, bit-identical)", kill_then_resume("launcher"),
              refused=False, check=matches_reference),

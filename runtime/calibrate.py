@@ -408,7 +408,7 @@ class _TrainingLoop:
         from transformers import AutoTokenizer
 
         from zoplan.runtime import data as zdata
-        from zoplan.runtime.worker import _TOKENS
+        from zoplan.runtime.worker import Batcher
 
         self.args, self.rank = args, rank
         self.tokenizer = None
@@ -421,8 +421,9 @@ class _TrainingLoop:
         rng = random.Random(rank)
         self.examples = [zdata.Example(" ".join(rng.choice(words) for _ in range(args.seq_len)))
                          for _ in range(64 * args.micro_batch)]
+        self.batcher = Batcher(self.tokenizer, self.task, args.seq_len, args.micro_batch)
         if self.tokenizer is not None:
-            zdata.pretokenize(self.examples, self.tokenizer, self.task, _TOKENS)
+            self.batcher.pretokenize(self.examples)
         self.journal_file = None
         if rank == 0:
             self.journal_file = tempfile.NamedTemporaryFile("a", suffix=".jsonl", prefix="zoplan-calibrate-journal-",
@@ -432,11 +433,9 @@ class _TrainingLoop:
         if self.tokenizer is None:
             return
         from zoplan.runtime import data as zdata
-        from zoplan.runtime.worker import _micro_batches
 
         n = micro_batches * self.args.micro_batch
-        shard = zdata.batches(self.examples, n, 0, step, 0, 1)
-        _micro_batches(shard, self.tokenizer, self.task, self.args.seq_len, self.args.micro_batch)
+        self.batcher(zdata.batches(self.examples, n, 0, step, 0, 1))
 
     def journal(self, step: int) -> None:
         if self.journal_file is None:
@@ -479,8 +478,9 @@ def main(argv: list[str] | None = None) -> None:
         # every rank is past the barrier, so the figures file is complete: a rank that then dies
         # while shutting down (a rare gloo teardown abort) no longer spoils the calibration
         Path(f"{args.output}.done-rank{figures['rank']}").write_text("ok")
-        if os.environ.get("ZOPLAN_ABORT_AT_EXIT") == str(figures["rank"]):  # fault injection (tests)
-            os.abort()
+        from zoplan.runtime import faults
+
+        faults.hit("abort-at-exit", figures["rank"])
     finally:
         zdist.shutdown()
 

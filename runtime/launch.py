@@ -19,30 +19,18 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from zoplan import runconfig
 from zoplan.errors import ZoplanError
-from zoplan.fileio import read_jsonl
 from zoplan.models import TINY_LR, load_model_shape
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
+from zoplan.records import ERROR_FILE, ResumedRow, RunSummary, TrainRow, EvalRow, read_error, read_metrics, summarize
 from zoplan.runtime.checkpoint import check_model_dir
 from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
 from zoplan.topology import Machine, load_topology
-
-@dataclass
-class RunResult:
-    output: Path
-    steps: int
-    first_loss: float | None  # mean over the first ``window`` steps
-    last_loss: float | None  # mean over the last ``window`` steps
-    eval: dict | None  # the last evaluation
-    eval_before: dict | None = None  # the evaluation before the first step
-    window: int = 1
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -280,7 +268,7 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
         raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}")
     machine = load_topology(plan.topology.source)
     device = _device_for(machine, plan)
-    for stale in ("error.txt",):
+    for stale in (ERROR_FILE,):
         (out / stale).unlink(missing_ok=True)
     model_dir = resolve_model(cfg.model)
     check_model_dir(model_dir)
@@ -290,7 +278,7 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     return cfg, plan, machine
 
 
-def run(cfg: RunConfig, resume: bool = False) -> RunResult:
+def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
     """Run a plan (``resume``: continue the run in ``cfg.output``; see ``resume_config``): the
     output directory is locked while the run uses it; a directory this call made is removed again
     when the run is refused before anything is written into it."""
@@ -309,7 +297,7 @@ def run(cfg: RunConfig, resume: bool = False) -> RunResult:
         raise
 
 
-def _run(cfg: RunConfig, resume: bool) -> RunResult:
+def _run(cfg: RunConfig, resume: bool) -> RunSummary:
     cfg, plan, machine = prepare(cfg, resume)
     port = cfg.master_port or _free_port()
     run_id = uuid.uuid4().hex[:12] if cfg.nnodes == 1 else f"{port}-{cfg.master_addr.replace('.', '_')}"
@@ -322,7 +310,7 @@ def _run(cfg: RunConfig, resume: bool) -> RunResult:
         return _launch(cfg, plan, machine, port, host_dir, private_tmp)
 
 
-def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: Path, private_tmp: Path) -> RunResult:
+def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: Path, private_tmp: Path) -> RunSummary:
     out = cfg.output
     per_node = plan.layout.world_size // plan.layout.nodes
     # the ranks read the run's configuration (run.json) and nothing else; the host copy's folder
@@ -367,12 +355,9 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
         print(f"warning: a rank exited with status {proc.returncode} while shutting down, after the run "
               f"had finished on every rank (see {out / f'worker-node{cfg.node_rank}.log'})", file=sys.stderr)
     elif proc.returncode != 0:
-        error = out / "error.txt"
-        if error.exists():
-            with error.open("rb") as f:  # a rank's message: a few lines (bounded, whatever the file holds)
-                text = f.read(64 * 1024).decode(errors="replace").strip()
-            message, _, fix = text.partition("\n  fix: ")
-            raise ZoplanError(message, fix=fix or None)
+        error = read_error(out)  # a rank's own account (records.RankError), as it wrote it
+        if error is not None:
+            raise ZoplanError(error.message, fix=error.fix)
         done = _journaled_steps(out / "journal.jsonl")
         log_path = out / f"worker-node{cfg.node_rank}.log"
         resume = f"continue with `zoplan run --resume {out} --steps {cfg.steps}`"
@@ -475,30 +460,12 @@ def _journaled_steps(journal: Path) -> int:
     return journal.read_bytes().count(b"\n")
 
 
-def _numbers(row: dict, *keys: str) -> bool:
-    """A metrics row as the worker writes it: these fields are numbers (a damaged row is left out)."""
-    return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for k in keys)
-
-
-def summarize(out: Path) -> RunResult:
-    rows = read_jsonl(out / "metrics.jsonl")[0] if (out / "metrics.jsonl").exists() else []
-    train = [r for r in rows if _numbers(r, "step", "loss")]
-    evals = [r for r in rows if _numbers(r, "step", "eval_loss", "eval_accuracy")]
-    # single steps are noisy (a few sequences each): compare the means of the first and last tenth
-    k = max(1, len(train) // 10)
-    first = sum(r["loss"] for r in train[:k]) / k if train else None
-    last = sum(r["loss"] for r in train[-k:]) / k if train else None
-    return RunResult(out, len(train), first, last, evals[-1] if evals else None,
-                     evals[0] if len(evals) > 1 else None, k)
-
-
-def _resumed_line(row: dict, max_restarts: int) -> str:
+def _resumed_line(row: ResumedRow, max_restarts: int) -> str:
     """What a start that continues a run says: why it started again, and where it picked up."""
-    n, snap, k = row["resumed_at"], row.get("snapshot"), row.get("replayed", 0)
-    source = f"snapshot {snap}" if snap else "the base weights"
-    where = f"{n} step(s) done: {source} + {k} journal step(s) replayed"
-    if row.get("restart", 0) > 0:
-        return (f"a rank failed; every rank was restarted (restart {row['restart']} of {max_restarts}), "
+    source = f"snapshot {row.snapshot}" if row.snapshot else "the base weights"
+    where = f"{row.resumed_at} step(s) done: {source} + {row.replayed} journal step(s) replayed"
+    if row.restart > 0:
+        return (f"a rank failed; every rank was restarted (restart {row.restart} of {max_restarts}), "
                 f"resuming with {where}, no completed step lost")
     return f"resuming with {where}"
 
@@ -515,20 +482,17 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
         task = progress.add_task("train", total=cfg.steps, loss="–", g="–", tps="–")
         while True:
             done = proc.poll() is not None
-            rows: list[dict] = []
-            if metrics.exists():  # the complete lines written since the last look
-                rows, offset = read_jsonl(metrics, start=offset)
+            rows, offset = read_metrics(metrics, start=offset)  # the complete rows written since the last look
             for row in rows:
-                with contextlib.suppress(KeyError, TypeError, ValueError):  # a row not as written: not shown
-                    if "loss" in row:
-                        progress.update(task, completed=row["step"] + 1, loss=f"{row['loss']:.4f}",
-                                        g=f"{row['projected_grad']:+.3g}", tps=f"{row['tokens_per_s']:.0f}")
-                    elif "resumed_at" in row and not cfg.quiet:
-                        progress.update(task, completed=row["resumed_at"])
-                        progress.console.print(_resumed_line(row, cfg.max_restarts), soft_wrap=True)
-                    elif "eval_loss" in row and not cfg.quiet:
-                        progress.console.print(f"step {row['step'] + 1}: eval loss {row['eval_loss']:.4f}, "
-                                               f"accuracy {row['eval_accuracy']:.3f}")
+                if isinstance(row, TrainRow):
+                    progress.update(task, completed=row.step + 1, loss=f"{row.loss:.4f}",
+                                    g=f"{row.projected_grad:+.3g}", tps=f"{row.tokens_per_s:.0f}")
+                elif isinstance(row, ResumedRow) and not cfg.quiet:
+                    progress.update(task, completed=row.resumed_at)
+                    progress.console.print(_resumed_line(row, cfg.max_restarts), soft_wrap=True)
+                elif isinstance(row, EvalRow) and not cfg.quiet:
+                    progress.console.print(f"step {row.step + 1}: eval loss {row.eval_loss:.4f}, "
+                                           f"accuracy {row.eval_accuracy:.3f}")
             if done:
                 break
             time.sleep(0.2)

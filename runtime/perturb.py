@@ -82,6 +82,7 @@ the torch path, which stays the reference.
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -389,20 +390,16 @@ def normal(
     return out
 
 
-_TRITON: object = None  # None: not tried yet; False: unavailable; else the perturb_triton module
-
-
+@functools.cache
 def _load_triton():
-    global _TRITON
-    if _TRITON is None:
-        _TRITON = False
-        try:
-            from zoplan.runtime import perturb_triton
+    """The perturb_triton module, imported once; None when triton is missing or broken (the torch
+    path gives the same z, slower)."""
+    try:
+        from zoplan.runtime import perturb_triton
 
-            _TRITON = perturb_triton
-        except Exception:  # triton missing or broken: the torch path gives the same z, slower
-            _TRITON = False
-    return _TRITON or None
+        return perturb_triton
+    except Exception:
+        return None
 
 
 def fused_backend(device: torch.device | str):

@@ -16,12 +16,13 @@ per-category totals is written, and the full list of spans for the first ``keep_
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from zoplan.records import SpanLine
 
 
 class Spans:
@@ -86,14 +87,13 @@ class Spans:
         totals: dict[str, float] = defaultdict(float)
         for _, category, _, _, t0, t1 in spans:
             totals[category] += t1 - t0
-        if self.file is not None:
-            row = {"step": self.step, "wall_s": wall, "totals": dict(totals)}
-            if self.cuda:
-                row["host_totals"] = dict(self._host)
-                row["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)  # since the run began
-            if self.step < self.keep_steps:
-                row["spans"] = [[s, c, label, b, round(t0, 9), round(t1, 9)] for s, c, label, b, t0, t1 in spans]
-            self.file.write(json.dumps(row) + "\n")
+        if self.file is not None:  # a line of zoplan.records.SpanLine (built unchecked: a step's own figures)
+            self.file.write(SpanLine.model_construct(
+                step=self.step, wall_s=wall, totals=dict(totals),
+                host_totals=dict(self._host) if self.cuda else None,
+                peak_bytes=torch.cuda.max_memory_allocated(self.device) if self.cuda else None,  # since the run began
+                spans=[(s, c, label, b, round(t0, 9), round(t1, 9)) for s, c, label, b, t0, t1 in spans]
+                if self.step < self.keep_steps else None).line())
         self.host_totals = dict(self._host)
         self.step = None
         self._open = []

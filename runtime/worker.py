@@ -2,7 +2,7 @@
 
 Loads the model once per machine into the shared host copy, builds the engine from the plan,
 trains, and (rank 0) writes the journal, the metrics and the final weights. A user error becomes
-``error.txt`` in the output directory, which the launcher prints; nothing here prints tracebacks
+``error.json`` in the output directory (zoplan.records.RankError), which the launcher prints; nothing here prints tracebacks
 for bad input.
 """
 from __future__ import annotations
@@ -11,25 +11,28 @@ import argparse
 import contextlib
 import errno
 import inspect
-import json
 import os
 import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from zoplan import runconfig
+from zoplan import records, runconfig
 from zoplan.errors import ZoplanError
 from zoplan.planfile import Plan, load_plan
+from zoplan.records import EvalRow, RankError, ResumedRow, TrainRow
 from zoplan.runconfig import RunConfig
 from zoplan.program import Kind
 from zoplan.program import build as build_program
 from zoplan.runtime import data as zdata
 from zoplan.runtime import dist as zdist
+from zoplan.runtime import faults
 from zoplan.runtime.adapters import Adapter, adapter_for
 from zoplan.runtime.checkpoint import companion_files, readable_as_umask
 from zoplan.runtime.engine import Engine
@@ -140,7 +143,7 @@ def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param
     try:
         write_weights(host, engine, model_dir, tmp, param_dtype)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-        shutil.rmtree(tmp, ignore_errors=True)  # room for error.txt; nothing half-written left
+        shutil.rmtree(tmp, ignore_errors=True)  # room for error.json; nothing half-written left
         reason = getattr(exc, "strerror", None) or str(exc).rsplit(": ", 1)[-1]
         raise ZoplanError(f"writing the final weights into {out / 'model'} failed: {reason}; the "
                           f"journal holds all {steps} step(s)",
@@ -152,17 +155,27 @@ def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param
     tmp.rename(final)
 
 
-_TOKENS: dict[str, list[int]] = {}  # every text tokenised once per run (zdata.encode's cache)
+@dataclass
+class Batcher:
+    """Micro-batches of examples as the plan shapes them, every text tokenised once per run."""
 
+    tokenizer: Any
+    task: zdata.Task
+    seq_len: int
+    micro: int  # sequences per micro-batch
+    pad: bool = False  # every micro-batch of the plan's shape (``pad_to_seq_len``), however short the texts
+    tokens: dict[str, list[int]] = field(default_factory=dict)  # zdata.encode's cache
 
-def _micro_batches(examples, tokenizer, task, seq_len: int, micro: int, pad: bool = False) -> list[dict]:
-    """``pad``: every micro-batch of the plan's shape (``pad_to_seq_len``), however short the texts."""
-    out = []
-    for k in range(0, len(examples), micro):
-        batch = zdata.encode(examples[k:k + micro], tokenizer, task, seq_len, cache=_TOKENS,
-                             pad_to_max_len=pad)
-        out.append({"inputs": batch.model_inputs(), "batch": batch})
-    return out
+    def pretokenize(self, examples) -> None:
+        zdata.pretokenize(examples, self.tokenizer, self.task, self.tokens)
+
+    def __call__(self, examples) -> list[dict]:
+        out = []
+        for k in range(0, len(examples), self.micro):
+            batch = zdata.encode(examples[k:k + self.micro], self.tokenizer, self.task, self.seq_len,
+                                 cache=self.tokens, pad_to_max_len=self.pad)
+            out.append({"inputs": batch.model_inputs(), "batch": batch})
+        return out
 
 
 def padding_share(micro_batches: list[dict]) -> float:
@@ -193,7 +206,8 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     examples, kind = zdata.load_examples(cfg.data)
     task = zdata.Task(kind)
     train_set, eval_set = zdata.split(examples, cfg.eval_fraction, plan.zo.seed)
-    zdata.pretokenize(train_set, tokenizer, task, _TOKENS)
+    batcher = Batcher(tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch, cfg.pad_to_seq_len)
+    batcher.pretokenize(train_set)
     layout = plan.to_layout()
     engine = Engine(model, adapter, host, ctx, eps=plan.zo.eps,
                     program=build_program(layout, layers=len(host.layouts), block_params=host.layouts[0].numel),
@@ -218,12 +232,12 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     if writer and rp.next_step > 0:
         # where this start picks up (after --resume, or after torchrun restarted crashed ranks):
         # the progress display says so, and metrics.jsonl keeps it
-        row = {"resumed_at": rp.next_step, "snapshot": rp.base.name if rp.base is not None else None,
-               "replayed": len(rp.replay), "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
-        metrics.write(json.dumps(row) + "\n")
+        resumed = ResumedRow(resumed_at=rp.next_step, snapshot=rp.base.name if rp.base is not None else None,
+                             replayed=len(rp.replay), restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+        metrics.write(resumed.line())
         print(f"rank 0: resuming after step {rp.next_step}: "
-              f"{'snapshot ' + row['snapshot'] if row['snapshot'] else 'the base model'} + {row['replayed']} "
-              f"journal step(s) replayed (restart {row['restart']})", file=sys.stderr, flush=True)
+              f"{'snapshot ' + resumed.snapshot if resumed.snapshot else 'the base model'} + {resumed.replayed} "
+              f"journal step(s) replayed (restart {resumed.restart})", file=sys.stderr, flush=True)
     nonfinite_in_row = nonfinite_total = 0
     tokens_per_step = plan.batch.global_batch * plan.batch.seq_len
     t_start = time.perf_counter()
@@ -231,7 +245,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     try:
         if rp.next_step == 0:
             # the held-out loss before any update: the baseline the final evaluation is read against
-            evaluate(engine, eval_set, tokenizer, task, plan, ctx, -1, metrics, cfg.pad_to_seq_len)
+            evaluate(engine, eval_set, batcher, ctx, -1, metrics)
         for step in range(rp.next_step, steps):
             # a step's time and spans run from its batch to its journal line: the training loop's
             # own host work ("loop") is part of every step, as the planner counts it
@@ -242,12 +256,11 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
                 if ctx.replica is not None:
                     shard = zdata.batches(train_set, plan.batch.global_batch, plan.zo.seed, step, ctx.replica,
                                           ctx.replicas)
-                    mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch,
-                                          cfg.pad_to_seq_len)
+                    mine = batcher(shard)
             seed = step_seed(plan.zo.seed, step)
             lr = learning_rate(plan.zo.lr, plan.zo.lr_schedule, step, steps)
             result = engine.step(mine, seed, lr, plan.zo.weight_decay, loss_fn)
-            _injected_kill(ctx.rank, step)
+            faults.hit("kill", ctx.rank, step)
             if result.finite:
                 nonfinite_in_row = 0
             else:
@@ -264,20 +277,18 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             engine.spans.end()
             dt = time.perf_counter() - t0
             if writer:
-                row = {"step": step, "loss": (result.loss_plus + result.loss_minus) / 2,
-                       "projected_grad": result.projected_grad, "step_time_s": dt,
-                       "tokens_per_s": tokens_per_step / dt, "elapsed_s": time.perf_counter() - t_start,
-                       "nonfinite_total": nonfinite_total}
-                if mine:
-                    row["padding"] = padding_share(mine)
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(TrainRow(step=step, loss=(result.loss_plus + result.loss_minus) / 2,
+                                       projected_grad=result.projected_grad, step_time_s=dt,
+                                       tokens_per_s=tokens_per_step / dt, elapsed_s=time.perf_counter() - t_start,
+                                       nonfinite_total=nonfinite_total,
+                                       padding=padding_share(mine) if mine else None).line())
             if nonfinite_in_row >= cfg.max_nonfinite:
                 raise ZoplanError(f"the loss was not finite for {nonfinite_in_row} steps in a row (up to step {step}); "
                                   f"the updates of those steps were skipped",
                                   fix="lower --lr or --eps, or check the data")
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
                 engine.flush()
-                evaluate(engine, eval_set, tokenizer, task, plan, ctx, step, metrics, cfg.pad_to_seq_len)
+                evaluate(engine, eval_set, batcher, ctx, step, metrics)
             due = bool(cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0)
             if cfg.snapshot_minutes:
                 # the clock is rank 0's: every rank must take the same decision
@@ -295,8 +306,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         # the run is complete on every rank: a rank that dies while shutting down (a rare gloo
         # teardown abort) no longer turns a finished run into a failed one (launch.py reads these)
         (out / finished_marker(ctx.node, ctx.local_rank)).write_text(str(steps))
-        if os.environ.get("ZOPLAN_ABORT_AT_EXIT") == str(ctx.rank):  # fault injection (tests)
-            os.abort()
+        faults.hit("abort-at-exit", ctx.rank)
     finally:
         engine.spans.close()
         if journal:
@@ -306,26 +316,16 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             host.remove()
 
 
-def write_error(out: Path, exc: ZoplanError) -> None:
-    """error.txt: the message the launcher shows when the ranks stop (a full disk may refuse it too:
-    the launcher then names the disk from the log)."""
-    try:
-        (out / "error.txt").write_text(exc.message + (f"\n  fix: {exc.fix}" if exc.fix else ""))
-    except OSError:
+def write_error(out: Path, exc: ZoplanError, rank: int, kind: str = "error") -> None:
+    """error.json: the message the launcher shows when the ranks stop (a full disk may refuse it
+    too: the launcher then names the disk from the log)."""
+    if not records.write_error(out, RankError(rank=rank, kind=kind, message=exc.message, fix=exc.fix)):
         print(f"error: {exc.message}", file=sys.stderr, flush=True)
 
 
 def finished_marker(node: int, local_rank: int) -> str:
     """The file a rank writes in the output directory once the run is complete on every rank."""
     return f".finished-node{node}-rank{local_rank}"
-
-
-def _injected_kill(rank: int, step: int) -> None:
-    """Fault injection for tests: ZOPLAN_KILL=RANK:STEP SIGKILLs that rank in the middle of that
-    step (after its forward passes, before the step is journaled), in the first attempt only."""
-    spec = os.environ.get("ZOPLAN_KILL")
-    if spec and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and spec == f"{rank}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: int, plan: Plan, ctx, keep: int) -> None:
@@ -342,21 +342,22 @@ def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: i
             error = exc
             # on disk before any rank learns of it: the first rank to exit makes torchrun stop
             # the others, possibly before this one reaches its own error handler
-            write_error(out, exc)
+            write_error(out, exc, ctx.rank)
     if zdist.all_reduce_sum([1.0 if error else 0.0])[0] > 0:
-        raise error or ZoplanError(f"writing the snapshot of step {step} failed on rank 0 (see error.txt)")
+        raise error or ZoplanError(f"writing the snapshot of step {step} failed on rank 0 (see error.json)")
 
 
-def evaluate(engine: Engine, eval_set, tokenizer, task, plan: Plan, ctx, step: int, metrics, pad: bool = False) -> None:
+def evaluate(engine: Engine, eval_set, batcher: Batcher, ctx, step: int, metrics) -> None:
     mine: list = []
     if ctx.replica is not None and eval_set:
         per = -(-len(eval_set) // ctx.replicas)
         shard = eval_set[ctx.replica * per:(ctx.replica + 1) * per]
-        mine = _micro_batches(shard, tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch, pad) if shard else []
+        mine = batcher(shard) if shard else []
+    task = batcher.task
     stats = engine.evaluate(mine, lambda logits, mb: zdata.loss_terms(logits, mb["batch"], task),
                             lambda logits, mb: zdata.accuracy(logits, mb["batch"], task))
     if metrics is not None:
-        metrics.write(json.dumps({"step": step, "eval_loss": stats[0], "eval_accuracy": stats[1]}) + "\n")
+        metrics.write(EvalRow(step=step, eval_loss=stats[0], eval_accuracy=stats[1]).line())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -380,13 +381,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(runconfig.read(args.config), out, args.host_dir)
     except (ZoplanError, OSError) as exc:
+        kind = "error"
         if isinstance(exc, OSError):
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
+            kind = "disk"
             exc = ZoplanError(f"the disk holding {out} is full or read-only ({exc.strerror}); the journal holds "
                               "every completed step", fix=f"free disk space, then `zoplan run --resume {out}`")
-        if int(os.environ.get("RANK", "0")) == 0 or not (out / "error.txt").exists():
-            write_error(out, exc)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0 or records.read_error(out) is None:  # rank 0's account first, else the first one's
+            write_error(out, exc, rank, kind)
         raise SystemExit(2) from None
     finally:
         zdist.shutdown()

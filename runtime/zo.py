@@ -13,18 +13,16 @@ import math
 import torch
 
 from zoplan.runtime.perturb import fused_backend, normal, normal_parts_
-
-SCHEDULES = ("constant", "linear", "cosine")
-
+from zoplan.vocab import Schedule
 
 def learning_rate(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
     """The learning rate of ``step`` (0-based) in a run of ``total_steps``."""
-    if schedule == "constant" or total_steps <= 1:
+    if schedule == Schedule.CONSTANT or total_steps <= 1:
         return base_lr
     frac = min(step / (total_steps - 1), 1.0)
-    if schedule == "linear":
+    if schedule == Schedule.LINEAR:
         return base_lr * (1.0 - frac)
-    if schedule == "cosine":
+    if schedule == Schedule.COSINE:
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * frac))
     raise ValueError(f"unknown schedule {schedule!r}")
 

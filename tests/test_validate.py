@@ -8,6 +8,7 @@ import pytest
 
 from zoplan.errors import ZoplanError
 from zoplan.planner import plan
+from zoplan.records import TrainRow
 from zoplan.search import Pins
 from zoplan.sim import SimResult
 from zoplan.validate import compare, measure, predicted_stages, to_json
@@ -27,8 +28,9 @@ def two_rank_plan(tmp_path: Path):
 
 def write_run(out: Path, step_times: list[float], compute: dict[int, list[float]], torn: bool = False) -> None:
     out.mkdir(exist_ok=True)
-    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0, "step_time_s": t}) + "\n"
-                                               for s, t in enumerate(step_times)))
+    (out / "metrics.jsonl").write_text("".join(
+        TrainRow(step=s, loss=1.0, projected_grad=0.5, step_time_s=t, tokens_per_s=64 / t, elapsed_s=sum(step_times[:s + 1]),
+                 nonfinite_total=0).line() for s, t in enumerate(step_times)))
     for rank, values in compute.items():
         lines = []
         for s, c in enumerate(values):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +17,7 @@ from rich.text import Text
 from zoplan.errors import ZoplanError
 from zoplan.limits import MAX_MEASURED_STEPS, MAX_STEPS
 from zoplan.runconfig import RunConfig, option
+from zoplan.vocab import Dtype, Movers, Objective, Schedule, Upload
 
 app = typer.Typer(help="Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -32,33 +32,6 @@ out = Console() if sys.stdout.isatty() else Console(width=160)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 
 
-class Objective(str, Enum):
-    time = "time"
-    cost = "cost"
-
-
-class Dtype(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Upload(str, Enum):
-    whole = "whole"
-    sliced = "sliced"
-
-
-class Movers(str, Enum):
-    compute = "compute"
-    all = "all"
-
-
-class Schedule(str, Enum):
-    constant = "constant"
-    linear = "linear"
-    cosine = "cosine"
-
-
 def _gpus(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(g.strip() for g in value.split(",") if g.strip()) if value is not None else None
 
@@ -70,7 +43,7 @@ def plan_cmd(
     global_batch: int = typer.Option(16, "--global-batch", "-b", help="sequences per step, all replicas together"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", help="tokens per sequence (default: the profile's; else 512, or the model's positions if fewer)"),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="compute dtype of the parameters (default: the profile's; else bf16 on GPUs, fp32 on CPU ranks)"),
-    objective: Objective = typer.Option(Objective.time, "--objective", help="rank by step time or by $ per token"),
+    objective: Objective = typer.Option(Objective.TIME, "--objective", help="rank by step time or by $ per token"),
     top: int = typer.Option(5, "--top", "-k", help="how many layouts to show (best of each parallel shape)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the best plan to this YAML file"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
@@ -89,7 +62,7 @@ def plan_cmd(
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     seed: int = typer.Option(0, "--seed"),
     steps: int = typer.Option(1000, "--steps", min=1, max=MAX_STEPS, help="training steps recorded in the plan"),
-    lr_schedule: Schedule = typer.Option(Schedule.constant, "--lr-schedule"),
+    lr_schedule: Schedule = typer.Option(Schedule.CONSTANT, "--lr-schedule"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="plan with the figures `zoplan calibrate` measured"),
 ) -> None:
     """Find the fastest (or cheapest) layout of a model on a machine and write it as a plan."""
@@ -142,7 +115,7 @@ def compare_cmd(
     global_batch: int = typer.Option(16, "--global-batch", "-b"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", help="tokens per sequence (default 512, or the model's positions if fewer)"),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="default: bf16 on GPUs, fp32 on CPU ranks"),
-    objective: Objective = typer.Option(Objective.time, "--objective"),
+    objective: Objective = typer.Option(Objective.TIME, "--objective"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
     """Which machine should I rent? The best layout on each machine side by side."""
@@ -300,9 +273,9 @@ def run_cmd(
                        f"steps) -> {result.last_loss:.4f} (last {result.window})"))
         if result.eval:
             before = result.eval_before
-            out.print(Text(f"held-out: loss {before['eval_loss']:.4f} -> {result.eval['eval_loss']:.4f}, accuracy "
-                           f"{before['eval_accuracy']:.3f} -> {result.eval['eval_accuracy']:.3f}" if before else
-                           f"held-out: loss {result.eval['eval_loss']:.4f}, accuracy {result.eval['eval_accuracy']:.3f}"))
+            out.print(Text(f"held-out: loss {before.eval_loss:.4f} -> {result.eval.eval_loss:.4f}, accuracy "
+                           f"{before.eval_accuracy:.3f} -> {result.eval.eval_accuracy:.3f}" if before else
+                           f"held-out: loss {result.eval.eval_loss:.4f}, accuracy {result.eval.eval_accuracy:.3f}"))
         out.print(Text(f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml, "
                        f"{runconfig.CONFIG_FILE}"))
 

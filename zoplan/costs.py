@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-from zoplan.layout import WIRE_BYTES, Layout
+from zoplan.layout import Layout
+from zoplan.vocab import DTYPE_BYTES
 from zoplan.models import RUNTIME_OPS, ModelShape
 from zoplan.program import Program, build
 from zoplan.topology import GpuModel, Machine
@@ -66,7 +67,7 @@ def _rate(gm: GpuModel, dtype: str) -> float:
 
 def elementwise_s(gm: GpuModel, params: int, dtype: str, passes: int) -> float:
     """``passes`` read+write sweeps over ``params`` parameters at HBM bandwidth."""
-    return passes * 2 * params * WIRE_BYTES[dtype] / (gm.hbm_gbps * 1e9)
+    return passes * 2 * params * DTYPE_BYTES[dtype] / (gm.hbm_gbps * 1e9)
 
 
 def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str, ops: int = 0) -> float:
@@ -122,20 +123,20 @@ class StepCosts:
 
     @property
     def slice_wire_bytes(self) -> int:
-        return self.slice_params * WIRE_BYTES[self.layout.wire_dtype]
+        return self.slice_params * DTYPE_BYTES[self.layout.wire_dtype]
 
     @property
     def block_wire_bytes(self) -> int:
-        return self.block_params * WIRE_BYTES[self.layout.wire_dtype]
+        return self.block_params * DTYPE_BYTES[self.layout.wire_dtype]
 
     @property
     def block_param_bytes(self) -> int:
-        return self.block_params * WIRE_BYTES[self.layout.param_dtype]
+        return self.block_params * DTYPE_BYTES[self.layout.param_dtype]
 
     @property
     def round_param_bytes(self) -> int:
         """Bytes one all-gather round assembles on every participant (one slice per mover)."""
-        return self.slice_params * len(self.layout.movers) * WIRE_BYTES[self.layout.param_dtype]
+        return self.slice_params * len(self.layout.movers) * DTYPE_BYTES[self.layout.param_dtype]
 
     # ----- measured figures (a calibration profile, zoplan.profile) -------------------------
     @cached_property
@@ -201,7 +202,7 @@ class StepCosts:
         """All micro-batches of all branches this GPU runs through one block."""
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
-        act_bytes = 2 * tokens * (m.hidden + m.ffn) * WIRE_BYTES[L.param_dtype]
+        act_bytes = 2 * tokens * (m.hidden + m.ffn) * DTYPE_BYTES[L.param_dtype]
         one = forward_s(self._gm(gpu), m.block_flops(tokens, self.work.seq_len),
                         self.block_param_bytes + act_bytes, L.param_dtype, RUNTIME_OPS[m.family]["block"])
         return one * self.micro_batches * L.branches_per_gpu
@@ -276,7 +277,7 @@ class StepCosts:
                     * self._lockstep(gpu, "head"))
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
-        head_bytes = m.embed_dim * m.vocab * WIRE_BYTES[L.param_dtype] + tokens * m.vocab * 4
+        head_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype] + tokens * m.vocab * 4
         one = forward_s(self._gm(gpu), m.head_flops(tokens), head_bytes, L.param_dtype, RUNTIME_OPS[m.family]["head"])
         t = one * self.micro_batches * L.branches_per_gpu
         if self._materialised(gpu):
@@ -313,7 +314,7 @@ class StepCosts:
     def gpu_memory_bytes(self, gpu: str) -> int:
         """Peak memory of one GPU of the layout (compute or relay)."""
         m, L = self.model, self.layout
-        pbytes = WIRE_BYTES[L.param_dtype]
+        pbytes = DTYPE_BYTES[L.param_dtype]
         total = GPU_RESERVE_BYTES
         n_res = len(L.resident)
         if L.upload == "whole":
@@ -338,7 +339,7 @@ class StepCosts:
 
     def host_memory_bytes(self) -> int:
         """One host copy of every parameter in the wire dtype, per node."""
-        return int(self.model.total_params() * WIRE_BYTES[self.layout.wire_dtype])
+        return int(self.model.total_params() * DTYPE_BYTES[self.layout.wire_dtype])
 
     def max_resident_blocks(self) -> int:
         """How many blocks could stay on the GPUs given everything else this layout needs."""

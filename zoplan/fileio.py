@@ -24,9 +24,10 @@ M = TypeVar("M", bound=BaseModel)
 
 class Strict(BaseModel):
     """Base of every on-disk schema: unknown keys are errors, objects are immutable, and numbers
-    are finite (an infinite memory or bandwidth breaks every computation downstream)."""
+    are finite (an infinite memory or bandwidth breaks every computation downstream). A field of
+    one of zoplan.vocab's kinds holds its plain string (a default must be one too)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_enum_values=True)
 
 
 # Every file zoplan reads is a few kilobytes, a few hundred values, six levels deep (a topology,

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 from zoplan.errors import ZoplanError
+from zoplan.vocab import DTYPE_BYTES, Upload
 
-Upload = Literal["whole", "sliced"]
-WIRE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -70,9 +68,9 @@ class Layout:
                                   f"{len(self.movers)} movers", fix="use a multiple of the mover count")
         if self.micro_batch < 1 or self.prefetch < 1:
             raise ZoplanError("micro-batch and prefetch depth must be at least 1")
-        if self.wire_dtype not in WIRE_BYTES or self.param_dtype not in WIRE_BYTES:
-            raise ZoplanError(f"dtypes must be one of {', '.join(WIRE_BYTES)}")
-        if WIRE_BYTES[self.wire_dtype] > WIRE_BYTES[self.param_dtype]:
+        if self.wire_dtype not in DTYPE_BYTES or self.param_dtype not in DTYPE_BYTES:
+            raise ZoplanError(f"dtypes must be one of {', '.join(DTYPE_BYTES)}")
+        if DTYPE_BYTES[self.wire_dtype] > DTYPE_BYTES[self.param_dtype]:
             raise ZoplanError(f"wire dtype {self.wire_dtype} is wider than the compute dtype "
                               f"{self.param_dtype}", fix="pick a wire dtype no wider than --dtype")
 

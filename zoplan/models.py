@@ -19,8 +19,8 @@ from typing import Any
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief, content_hash, read_text
+from zoplan.vocab import DTYPE_BYTES
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 FAMILIES = ("opt", "llama", "qwen2")
 

@@ -21,9 +21,9 @@ from zoplan.layout import Layout
 from zoplan.limits import MAX_SLICES_PER_BLOCK, MAX_STEPS
 from zoplan.models import ModelShape
 from zoplan.topology import Machine
+from zoplan.vocab import Dtype, Schedule, Upload
 
 PLAN_VERSIONS = (1,)
-LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class ModelRef(Strict):
@@ -59,7 +59,7 @@ class ZoSettings(Strict):
     weight_decay: NonNegativeFloat = 0.0
     seed: int = Field(0, ge=0, lt=2**63)
     steps: int = Field(1000, ge=1, le=MAX_STEPS)
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule: Schedule = Schedule.CONSTANT.value
 
 
 def zo_settings(**values) -> ZoSettings:
@@ -96,11 +96,11 @@ class LayoutSpec(Strict):
 
 
 class TransferSpec(Strict):
-    upload: Literal["whole", "sliced"]
+    upload: Upload
     movers: list[str]
     slices_per_block: PositiveInt
-    wire_dtype: Literal["fp32", "bf16", "fp16"]
-    param_dtype: Literal["fp32", "bf16", "fp16"]
+    wire_dtype: Dtype
+    param_dtype: Dtype
     prefetch: PositiveInt
 
 

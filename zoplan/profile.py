@@ -248,10 +248,10 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
     update = sum(r["compute"]["1x1"]["update"] for r in rows) / len(rows) / rows[0]["block_params"]
     gather = dict(rows[0]["allgather"])
     if gather:
-        from zoplan.layout import WIRE_BYTES
+        from zoplan.vocab import DTYPE_BYTES
 
         ranks = gather["ranks"]
-        nbytes = rows[0]["block_params"] * WIRE_BYTES[dtype] * (ranks - 1) / ranks
+        nbytes = rows[0]["block_params"] * DTYPE_BYTES[dtype] * (ranks - 1) / ranks
         in_step = sum(r["allgather"].get("in_step_us", 0.0) for r in rows) / len(rows)
         gather["wait_us"] = max(0.0, in_step - gather["latency_us"] - nbytes / (gather["gbps"] * 1e3))
         gather.pop("in_step_us", None)

@@ -31,7 +31,8 @@ from enum import Enum
 from typing import NamedTuple
 
 from zoplan.errors import ZoplanError
-from zoplan.layout import WIRE_BYTES, Layout
+from zoplan.layout import Layout
+from zoplan.vocab import DTYPE_BYTES, Stream
 
 
 class Kind(str, Enum):
@@ -46,13 +47,6 @@ class Kind(str, Enum):
     HEAD = "head"  # LM head and loss of every branch and micro-batch
     ALLREDUCE = "all-reduce"  # the loss scalars, over every rank of the run
     HOST = "host"  # the training loop's host work: the journal line, the next batch
-
-
-class Stream(str, Enum):
-    UPLOAD = "upload"
-    EXCHANGE = "exchange"
-    COMPUTE = "compute"
-    OFFLOAD = "offload"
 
 
 # the span category each kind is recorded under (the stages `zoplan validate` compares)
@@ -204,12 +198,12 @@ def build(layout: Layout, *, layers: int, block_params: int, micro_batches: int 
     resident = set(L.resident)
     computes, movers = tuple(L.compute_gpus), tuple(L.movers)
     sharded = sliced and len(movers) > 1
-    wire = WIRE_BYTES[L.wire_dtype]
+    wire = DTYPE_BYTES[L.wire_dtype]
     slice_params = math.ceil(block_params / L.slices_per_block)
     # whole blocks: every compute rank holds the block, each writes back an equal share
     h2d_bytes = slice_params * wire if sliced else block_params * wire
     d2h_bytes = slice_params * wire if sliced else math.ceil(block_params * wire / len(computes))
-    gather_bytes = slice_params * len(movers) * WIRE_BYTES[L.param_dtype]
+    gather_bytes = slice_params * len(movers) * DTYPE_BYTES[L.param_dtype]
     work = micro_batches * L.branches_per_gpu
     # a step carries the next step's first uploads into its last blocks' compute (docs/runtime.md),
     # except whole blocks shared by several compute ranks: a rank reads such a block only once every

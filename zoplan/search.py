@@ -17,12 +17,13 @@ from zoplan.bound import Bound, machine_bound
 from zoplan.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
-from zoplan.layout import WIRE_BYTES, Layout, Pins, divisors
+from zoplan.layout import Layout, Pins, divisors
+from zoplan.vocab import DTYPE_BYTES
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK
 from zoplan.sim import Exceeded, SimResult, simulate
 from zoplan.topology import Machine
 
-DTYPES = tuple(WIRE_BYTES)
+DTYPES = tuple(DTYPE_BYTES)
 OBJECTIVES = ("time", "cost")
 
 # Range limits (zoplan.limits), checked before any search: the search tries every divisor of a
@@ -195,8 +196,8 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
                     else:
                         slice_opts = [n, 2 * n, 4 * n]
                     wires = ([pins.wire_dtype] if pins.wire_dtype is not None else
-                             [w for w in DTYPES if WIRE_BYTES[w] <= WIRE_BYTES[param_dtype]
-                              and (w == param_dtype or WIRE_BYTES[w] < WIRE_BYTES[param_dtype])])
+                             [w for w in DTYPES if DTYPE_BYTES[w] <= DTYPE_BYTES[param_dtype]
+                              and (w == param_dtype or DTYPE_BYTES[w] < DTYPE_BYTES[param_dtype])])
                     mbs = ([pins.micro_batch] if pins.micro_batch is not None
                            else sorted(divisors(per_replica), reverse=True))
                     prefetches = [pins.prefetch] if pins.prefetch is not None else [1, 2]
@@ -436,7 +437,7 @@ def _nothing_fits(machine: Machine, workload: Workload, considered: int,
         # the host holds the parameters once, whatever the batch: the batch cannot help, and the
         # search already tried the narrowest host-copy dtype it was allowed
         fix = "a machine with more host memory (zoplan compare --model ... -t ... -t ...)"
-        if pins is not None and pins.wire_dtype is not None and WIRE_BYTES[pins.wire_dtype] > min(WIRE_BYTES.values()):
+        if pins is not None and pins.wire_dtype is not None and DTYPE_BYTES[pins.wire_dtype] > min(DTYPE_BYTES.values()):
             fix = f"a 2-byte host copy (--wire-dtype bf16 or fp16, not {pins.wire_dtype}), or " + fix
     else:
         fix = "use a smaller micro-batch or sequence length, a narrower --dtype, or a machine with more memory"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import read_jsonl
+from zoplan.records import SpanLine, TrainRow, read_metrics, read_spans
 from zoplan.planfile import Plan
 from zoplan.sim import SimResult, Span
 from zoplan.topology import Machine
@@ -77,10 +77,6 @@ class Validation:
         return self.rows[0]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return read_jsonl(path)[0]  # a line cut by a crash, or damaged, is left out
-
-
 def predicted_stages(result: SimResult) -> dict[str, float]:
     """Busy seconds per category in the reported step, averaged over the devices running it."""
     start, end = result.window
@@ -113,33 +109,38 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
     if not metrics.exists() or not files:
         raise ZoplanError(f"{out} holds no measured steps (metrics.jsonl and spans-rank*.jsonl)",
                           fix="run the plan first (zoplan validate runs it for you)")
-    lines = _read_jsonl(metrics)
-    step_time = {r["step"]: r["step_time_s"] for r in lines if "step_time_s" in r}
-    padding = {r["step"]: float(r["padding"]) for r in lines if "padding" in r}
-    per_rank = {int(f.stem.removeprefix("spans-rank")): {r["step"]: r for r in _read_jsonl(f)} for f in files}
+    # rows of another shape (a line cut by a crash, or damaged) are left out (zoplan.records)
+    train = [r for r in read_metrics(metrics)[0] if isinstance(r, TrainRow)]
+    step_time = {r.step: r.step_time_s for r in train}
+    padding = {r.step: r.padding for r in train if r.padding is not None}
+    per_rank = {int(f.stem.removeprefix("spans-rank")): {r.step: r for r in read_spans(f)} for f in files}
+    for f in files:
+        if not per_rank[int(f.stem.removeprefix("spans-rank"))]:
+            raise ZoplanError(f"{f}: no line reads as a measured step (lines of another shape are left out)",
+                              fix="validate a run written by this version of zoplan")
     steps = sorted(s for s in step_time if all(s in rows for rows in per_rank.values()))
     measured = [s for s in steps if s >= skip] or steps
     if not measured:
         raise ZoplanError(f"{out}: no step was recorded by every rank")
     gpu_of = {r.rank: r.gpu for r in plan.layout.ranks}
     stages = _stage_medians(per_rank, measured, "totals")
-    host = _stage_medians(per_rank, measured, "host_totals", optional=True)  # written on CUDA only
+    host = _stage_medians(per_rank, measured, "host_totals")  # written on CUDA only
     rows = [Row("step", None, statistics.median(step_time[s] for s in measured))]
     rows += [Row(cat, None, stages[cat], host.get(cat)) for cat in CATEGORIES if cat in stages]
     # the trace shows the measured step whose time is the median of those with every span kept
-    traced = [s for s in measured if all("spans" in rows_[s] for rows_ in per_rank.values())]
+    traced = [s for s in measured if all(rows_[s].spans is not None for rows_ in per_rank.values())]
     trace_step, result = None, None
     if traced:
         trace_step = sorted(traced, key=lambda s: step_time[s])[len(traced) // 2]
         spans: list[Span] = []
         for rank, rows_ in sorted(per_rank.items()):
-            for stream, cat, label, block, t0, t1 in rows_[trace_step]["spans"]:
+            for stream, cat, label, block, t0, t1 in rows_[trace_step].spans:
                 spans.append((gpu_of.get(rank, f"rank{rank}"), stream, cat, label, 1, block, t0, t1))
-        wall = max(rows_[trace_step]["wall_s"] for rows_ in per_rank.values())
+        wall = max(rows_[trace_step].wall_s for rows_ in per_rank.values())
         # one step at index 1: the simulator's reported step, so chrome_trace draws it the same way
         result = SimResult(step_time_s=wall, window=(0.0, wall), step_ends=[0.0, wall], utilization={},
                            bottleneck="measured", spans=spans)
-    peaks = [r["peak_bytes"] for rows_ in per_rank.values() for r in rows_.values() if "peak_bytes" in r]
+    peaks = [r.peak_bytes for rows_ in per_rank.values() for r in rows_.values() if r.peak_bytes is not None]
     return Validation(rows, measured, trace_step, result, peak_gpu_bytes=max(peaks) if peaks else None,
                       step_spread_s=_spread([step_time[s] for s in measured]),
                       step_halves_s=_halves([step_time[s] for s in measured]),
@@ -164,16 +165,15 @@ def _halves(times: list[float]) -> tuple[float, float] | None:
     return statistics.median(times[:half]), statistics.median(times[-half:])
 
 
-def _stage_medians(per_rank: dict[int, dict[int, dict]], steps: list[int], key: str,
-                   optional: bool = False) -> dict[str, float]:
+def _stage_medians(per_rank: dict[int, dict[int, SpanLine]], steps: list[int], key: str) -> dict[str, float]:
     """Per category: the median over ``steps`` of the mean over the ranks that ran it (every line
-    must hold ``key`` unless ``optional``); for the training loop the slowest rank's, as the
+    may lack ``key``: host_totals are written on CUDA only); for the training loop the slowest rank's, as the
     planner counts it (rank 0 also writes the journal line, and the others wait for it)."""
     out: dict[str, float] = {}
     for cat in CATEGORIES:
         per_step = []
         for s in steps:
-            totals = [rows[s].get(key, {}) if optional else rows[s][key] for rows in per_rank.values()]
+            totals = [getattr(rows[s], key) or {} for rows in per_rank.values()]
             values = [t[cat] for t in totals if cat in t]
             if values:
                 per_step.append(max(values) if cat == "loop" else sum(values) / len(values))

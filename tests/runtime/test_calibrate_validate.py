@@ -154,7 +154,7 @@ def test_four_ranks_measure_every_group_size_and_a_rank_dying_at_exit_spoils_not
     topology = tmp_path / "four.yaml"
     topology.write_text(yaml.safe_dump(machine))
     profile = tmp_path / "profile.yaml"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", ZOPLAN_ABORT_AT_EXIT="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ZOPLAN_FAULTS="abort-at-exit:1")
     proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "calibrate", "--model", str(tiny_dirs["tiny-opt"]),
                            "-t", str(topology), "--micro-batch", "1", "--seq-len", "16", "--steps", "3",
                            "--micro-batches", "1,2,3", "-o", str(profile)],
@@ -243,7 +243,7 @@ def test_a_validation_refused_before_it_starts_leaves_no_run_directory(calibrate
     assert list(tmp.iterdir()) == []  # no empty zoplan-validate-* directory
 
 
-def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs, monkeypatch) -> None:
+def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs) -> None:
     from transformers import AutoTokenizer
 
     from zoplan.runtime import data as zdata
@@ -252,8 +252,8 @@ def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs, monkeyp
     tok = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
     examples, kind = zdata.load_examples("sentiment-text")
     task = zdata.Task(kind)
-    short = worker._micro_batches(examples[:4], tok, task, 64, 2)[0]["inputs"]["input_ids"]
-    padded = worker._micro_batches(examples[:4], tok, task, 64, 2, pad=True)[0]["inputs"]["input_ids"]  # validate --pad
+    short = worker.Batcher(tok, task, 64, 2)(examples[:4])[0]["inputs"]["input_ids"]
+    padded = worker.Batcher(tok, task, 64, 2, pad=True)(examples[:4])[0]["inputs"]["input_ids"]  # validate --pad
     assert short.shape[1] < 64 and tuple(padded.shape) == (2, 64)
 
 
@@ -272,11 +272,11 @@ def test_long_text_fills_every_sequence_so_no_batch_is_padded(tiny_dirs, tmp_pat
         examples, kind = zdata.load_examples(str(path))
         assert kind == "lm" and len(examples) == 20 and len({e.text for e in examples}) == 20
         assert all(len(tok(e.text)["input_ids"]) >= seq_len for e in examples)
-        batch = worker._micro_batches(examples[:4], tok, zdata.Task(kind), seq_len, 2)[0]["inputs"]
+        batch = worker.Batcher(tok, zdata.Task(kind), seq_len, 2)(examples[:4])[0]["inputs"]
         assert tuple(batch["input_ids"].shape) == (2, seq_len) and bool(batch["attention_mask"].all())
-        assert worker.padding_share(worker._micro_batches(examples[:4], tok, zdata.Task(kind), seq_len, 2)) == 0.0
+        assert worker.padding_share(worker.Batcher(tok, zdata.Task(kind), seq_len, 2)(examples[:4])) == 0.0
     # the bundled short texts are padded; the share is the mask's zeros over all positions
-    short = worker._micro_batches(zdata.load_examples("sentiment-text")[0][:6], tok, zdata.Task("lm"), 64, 2)
+    short = worker.Batcher(tok, zdata.Task("lm"), 64, 2)(zdata.load_examples("sentiment-text")[0][:6])
     masks = torch.cat([mb["inputs"]["attention_mask"].flatten() for mb in short])
     assert 0.0 < worker.padding_share(short) == pytest.approx(float((masks == 0).sum()) / masks.numel())
 

@@ -204,21 +204,6 @@ def test_a_damaged_snapshot_is_left_out_and_named(run_dir: Path, capsys, name: s
     assert "step-00000005 left out" in capsys.readouterr().err
 
 
-def test_the_run_summary_leaves_out_metrics_rows_that_are_not_as_written(tmp_path: Path) -> None:
-    from zoplan.runtime.launch import summarize
-
-    rows = [{"step": 0, "eval_loss": 0.9, "eval_accuracy": 0.5}, {"step": 0, "loss": 2.0}, {"step": 1, "loss": 1.0},
-            {"step": 1, "eval_loss": 0.7, "eval_accuracy": 0.75}]
-    damaged = ['{"step": 2, "loss": "low"}', '{"step": 3, "loss": true}', '{"step": 4}', "[1]", '{"step": 5, "lo',
-               '{"step": 6, "eval_loss": null, "eval_accuracy": 1}']
-    (tmp_path / "metrics.jsonl").write_text("\n".join([json.dumps(rows[0]), damaged[0], json.dumps(rows[1]),
-                                                       *damaged[1:4], json.dumps(rows[2]), damaged[5],
-                                                       json.dumps(rows[3]), damaged[4]]))
-    result = summarize(tmp_path)
-    assert (result.steps, result.first_loss, result.last_loss) == (2, 2.0, 1.0)
-    assert (result.eval_before, result.eval) == (rows[0], rows[3])
-
-
 CHECKPOINT_DAMAGE = {
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "holds no weights"),
     "truncated weights": (lambda d: (d / "model.safetensors").write_bytes(

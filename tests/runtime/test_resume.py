@@ -81,7 +81,7 @@ def test_resume_after_a_torn_journal_line_is_bit_identical(uninterrupted, tmp_pa
 
 def test_a_failed_snapshot_stops_the_run_and_keeps_the_last_good_one(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_FAIL_SNAPSHOT": "6"}), code=2)
+    err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_FAULTS": "fail-snapshot:0:6"}), code=2)
     assert "writing the snapshot of step 6 failed" in err and "step-00000003" in err and "Traceback" not in err
     assert [p.name for p in (out / "snapshots").iterdir()] == ["step-00000003"]
     assert len((out / "journal.jsonl").read_text().splitlines()) == 6
@@ -93,7 +93,7 @@ def test_a_rank_killed_mid_step_is_restarted_and_no_step_is_lost(uninterrupted, 
     # restarted run loads that snapshot, which the one of step 6 then replaces (--keep-snapshots 1)
     out = tmp_path / "run"
     said = finished(zoplan_run(out, "--steps", str(STEPS), "--max-restarts", "1", "--keep-snapshots", "1",
-                               env={"ZOPLAN_KILL": "0:4"}))
+                               env={"ZOPLAN_FAULTS": "kill:0:4"}))
     assert [p.name for p in (out / "snapshots").iterdir()] == ["step-00000006"]
     assert "exitcode: -9" in (out / "worker-node0.log").read_text()  # the kill did happen
     # the user is told: steps 0-3 were journaled; the snapshot of step 3 plus step 3's line
@@ -108,7 +108,7 @@ def test_a_rank_killed_mid_step_is_restarted_and_no_step_is_lost(uninterrupted, 
 
 def test_without_restarts_a_killed_rank_stops_the_run_with_a_resume_hint(uninterrupted, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_KILL": "1:5"}), code=2)
+    err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_FAULTS": "kill:1:5"}), code=2)
     done = len((out / "journal.jsonl").read_text().splitlines())
     assert done in (5, 6)  # step 5 is complete on rank 0 if it journaled before it was stopped
     assert f"journal holds {done} completed step(s)" in err and "--resume" in err and "Traceback" not in err
@@ -123,13 +123,13 @@ def test_a_rank_aborting_after_the_run_finished_is_not_a_failure(uninterrupted, 
     # rank 1 aborts (SIGABRT) after the final barrier, like a rare gloo teardown abort: the run is
     # complete on every rank, so zoplan run succeeds with a warning
     out = tmp_path / "run"
-    err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_ABORT_AT_EXIT": "1"}))
+    err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_FAULTS": "abort-at-exit:1"}))
     assert "while shutting down, after the run had finished on every rank" in err
     assert "exitcode: -6" in (out / "worker-node0.log").read_text()  # the abort did happen
     assert same(weights(out), uninterrupted)
     # a resume asking for more steps does not count the earlier run's markers as its own
     err = finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS + 1),
-                              env={"ZOPLAN_KILL": "1:8"}), code=2)
+                              env={"ZOPLAN_FAULTS": "kill:1:8"}), code=2)
     assert "journal holds" in err and "--resume" in err
 
 
@@ -137,7 +137,7 @@ def test_a_killed_loader_leaves_no_host_copy_behind(tmp_path: Path) -> None:
     """The rank that made the machine's host copy dies by SIGKILL (its own cleanup never runs):
     zoplan run still removes the copy from shared memory."""
     before = scratch_folders()
-    err = finished(zoplan_run(tmp_path / "run", "--steps", "3", env={"ZOPLAN_KILL": "0:1"}), code=2)
+    err = finished(zoplan_run(tmp_path / "run", "--steps", "3", env={"ZOPLAN_FAULTS": "kill:0:1"}), code=2)
     assert "journal holds 1 completed step(s)" in err
     assert scratch_folders() <= before  # (other jobs on the machine may end meanwhile)
 

@@ -1,0 +1,54 @@
+"""Fault injection, for tests and benchmarks: the one hook through which a run fails on purpose.
+
+The training loop, the snapshot writer and the calibration call :func:`hit` at named points; it
+does nothing unless the environment variable ``ZOPLAN_FAULTS`` names a fault for that point,
+this rank and this step. A fault is ``POINT:RANK[:STEP]``, several separated by commas:
+
+- ``kill:R:S``: rank R SIGKILLs itself in step S, after its forward passes and before the step is
+  journaled; in the first attempt only (a restarted run then goes on);
+- ``abort-at-exit:R``: rank R aborts (SIGABRT) after the run is complete on every rank, as a
+  rare teardown abort of a collective library does;
+- ``fail-snapshot:0:S``: writing the snapshot of step S fails as a full disk does (rank 0
+  writes snapshots).
+
+For example ``ZOPLAN_FAULTS=kill:0:4`` (tests/runtime/test_resume.py). The variable is read once
+per process.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import signal
+
+POINTS = ("kill", "abort-at-exit", "fail-snapshot")
+
+
+@functools.lru_cache(maxsize=1)
+def _faults(spec: str) -> frozenset[tuple[str, int, int | None]]:
+    faults = set()
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        point, _, rest = item.partition(":")
+        rank, _, step = rest.partition(":")
+        if point not in POINTS or not rank.isdigit() or (step and not step.isdigit()):
+            raise ValueError(f"ZOPLAN_FAULTS: {item!r} is not POINT:RANK[:STEP] with POINT one of {', '.join(POINTS)}")
+        faults.add((point, int(rank), int(step) if step else None))
+    return frozenset(faults)
+
+
+def planned(point: str, rank: int, step: int | None = None) -> bool:
+    """Whether ``ZOPLAN_FAULTS`` names this fault (always False without it)."""
+    spec = os.environ.get("ZOPLAN_FAULTS")
+    return bool(spec) and (point, rank, step) in _faults(spec)
+
+
+def hit(point: str, rank: int, step: int | None = None) -> None:
+    """Fail here if a test asked for it (see the module's description)."""
+    if not planned(point, rank, step):
+        return
+    if point == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif point == "abort-at-exit":
+        os.abort()
+    elif point == "fail-snapshot":
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")

@@ -1,0 +1,72 @@
+"""The records a run writes (zoplan.records): one schema each, strict rows, bounded reads."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from zoplan import records
+from zoplan.records import EvalRow, RankError, ResumedRow, SpanLine, TrainRow, read_metrics, summarize
+
+
+def train(step: int, loss: float) -> TrainRow:
+    return TrainRow(step=step, loss=loss, projected_grad=0.1, step_time_s=0.5, tokens_per_s=1000.0,
+                    elapsed_s=0.5 * (step + 1), nonfinite_total=0)
+
+
+def test_the_run_summary_leaves_out_metrics_rows_that_are_not_as_written(tmp_path: Path) -> None:
+    rows = [EvalRow(step=-1, eval_loss=0.9, eval_accuracy=0.5), train(0, 2.0), train(1, 1.0),
+            EvalRow(step=1, eval_loss=0.7, eval_accuracy=0.75)]
+    good = [json.loads(r.line()) for r in rows]
+    damaged = [{**good[1], "loss": "low"}, {**good[1], "step": True}, {"step": 4}, [1], {**good[1], "extra": 1},
+               {**good[0], "eval_loss": None}]
+    lines = [rows[0].line(), json.dumps(damaged[0]) + "\n", rows[1].line(),
+             *(json.dumps(d) + "\n" for d in damaged[1:5]), rows[2].line(), json.dumps(damaged[5]) + "\n",
+             rows[3].line(), '{"step": 5, "lo']
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    result = summarize(tmp_path)
+    assert (result.steps, result.first_loss, result.last_loss) == (2, 2.0, 1.0)
+    assert (result.eval_before, result.eval) == (rows[0], rows[3])
+
+
+def test_metrics_are_read_incrementally_and_a_torn_line_waits(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(path) == ([], 0)
+    path.write_text(train(0, 3.0).line() + ResumedRow(resumed_at=1, snapshot=None, replayed=1, restart=0).line())
+    rows, offset = read_metrics(path)
+    assert [type(r) for r in rows] == [TrainRow, ResumedRow] and offset == path.stat().st_size
+    torn = train(1, 2.0).line()
+    with path.open("a") as f:
+        f.write(torn[:10])
+    assert read_metrics(path, offset) == ([], offset)  # half a line: not yet
+    with path.open("a") as f:
+        f.write(torn[10:])
+    rows, end = read_metrics(path, offset)
+    assert rows == [train(1, 2.0)] and end == path.stat().st_size
+
+
+def test_rows_are_strict_but_keep_what_the_run_saw() -> None:
+    assert math.isnan(TrainRow.model_validate_json(train(0, float("nan")).line()).loss)  # a non-finite loss
+    for bad in ({"step": True}, {"step": 1.0}, {"loss": "1"}, {"spare": 0}):
+        with pytest.raises(ValueError):
+            TrainRow.model_validate({**json.loads(train(0, 1.0).line()), **bad})
+    assert "padding" not in train(0, 1.0).line()  # a field left unset is not written
+
+
+def test_span_lines_read_back_and_damaged_ones_are_left_out(tmp_path: Path) -> None:
+    line = SpanLine(step=2, wall_s=0.3, totals={"compute": 0.2}, spans=[("compute", "compute", "block 0", 0, 0.0, 0.2)])
+    (tmp_path / "spans-rank0.jsonl").write_text(line.line() + '{"step": 3, "totals": [1, 2]}\n' + line.line())
+    assert records.read_spans(tmp_path / "spans-rank0.jsonl") == [line, line]
+
+
+def test_a_rank_error_is_a_record_written_whole(tmp_path: Path) -> None:
+    assert records.read_error(tmp_path) is None
+    error = RankError(rank=1, kind="disk", message="the disk is full", fix="free some space")
+    assert records.write_error(tmp_path, error)
+    assert records.read_error(tmp_path) == error and [p.name for p in tmp_path.iterdir()] == ["error.json"]
+    for damaged in ('{"rank": 1', '{"version": 1, "rank": 1, "kind": "other", "message": "m"}', "x" * 100_000):
+        (tmp_path / "error.json").write_text(damaged)
+        assert records.read_error(tmp_path) is None
+    assert not records.write_error(tmp_path / "missing", error)  # (the launcher then reads the log)

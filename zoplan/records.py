@@ -1,0 +1,163 @@
+"""What a run writes beside its weights, one schema each, and the one way to write and read it.
+
+- ``metrics.jsonl`` (rank 0): a :class:`TrainRow` per step, an :class:`EvalRow` per evaluation,
+  a :class:`ResumedRow` where a start picked up a run;
+- ``spans-rank<R>.jsonl`` (every rank): a :class:`SpanLine` per step (runtime/spans.py);
+- ``error.json``: a rank's failure, :class:`RankError` (kind, message, fix), which ``zoplan run``
+  shows as it is: never a text scraped from a log;
+- the run summary that ``zoplan run`` prints and returns, :class:`RunSummary`, read from the
+  metrics.
+
+The journal has its own module (zoplan.runtime.journal: every line is checked before a resume
+trusts it) and so has the run's configuration (zoplan.runconfig, ``run.json``, whose version
+names this module's: ``RECORDS_VERSION``). Rows are strict: a row of the wrong shape (a crash
+cut it, someone edited the file) is left out by the readers, never half-read. Numbers may be NaN
+or infinite (a non-finite loss is what the run saw). No torch here: validate and the launcher
+read these without it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Strict, ValidationError
+
+from zoplan.fileio import read_jsonl
+
+RECORDS_VERSION = 1
+METRICS_FILE = "metrics.jsonl"
+ERROR_FILE = "error.json"
+
+
+class Row(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    def line(self) -> str:
+        """The row as one line of its file (fields left unset are not written)."""
+        return json.dumps(self.model_dump(exclude_none=True)) + "\n"
+
+
+class TrainRow(Row):
+    step: int
+    loss: float  # the mean of the two branches' losses
+    projected_grad: float
+    step_time_s: float
+    tokens_per_s: float
+    elapsed_s: float
+    nonfinite_total: int
+    padding: float | None = None  # share of the step's positions that hold padding (zoplan validate)
+
+
+class EvalRow(Row):
+    step: int  # -1: before the first step
+    eval_loss: float
+    eval_accuracy: float
+
+
+class ResumedRow(Row):
+    resumed_at: int  # steps done when this start picked up
+    snapshot: str | None = None  # None: the base weights
+    replayed: int  # journal steps replayed onto the snapshot (or the base weights)
+    restart: int  # 0: a --resume; N: the N-th automatic restart after a crashed rank
+
+
+MetricsRow = Union[TrainRow, EvalRow, ResumedRow]
+
+
+def _metrics_row(data: dict) -> MetricsRow | None:
+    kind = ResumedRow if "resumed_at" in data else EvalRow if "eval_loss" in data else TrainRow
+    try:
+        return kind.model_validate(data)
+    except ValidationError:
+        return None
+
+
+def read_metrics(path: Path, start: int = 0) -> tuple[list[MetricsRow], int]:
+    """The rows of a metrics file from byte ``start`` (rows of another shape left out) and the
+    offset after the last complete line: called again with it, only the new rows come back."""
+    if not path.exists():
+        return [], start
+    dicts, offset = read_jsonl(path, start=start)
+    return [row for d in dicts if (row := _metrics_row(d)) is not None], offset
+
+
+class SpanLine(Row):
+    """One step of one rank: busy seconds per category, and every span for the first steps
+    (``[stream, category, label, block, start_s, end_s]``, from the step's start)."""
+
+    step: int
+    wall_s: float
+    totals: dict[str, float]
+    host_totals: dict[str, float] | None = None  # CUDA: seconds the host spent issuing each category
+    peak_bytes: int | None = None  # CUDA: the device's peak allocation since the run began
+    # (a JSON array reads as the tuple: the one field not held to strict types)
+    spans: list[Annotated[tuple[str, str, str, int, float, float], Strict(False)]] | None = None
+
+
+def read_spans(path: Path) -> list[SpanLine]:
+    out = []
+    for data in read_jsonl(path)[0]:
+        try:
+            out.append(SpanLine.model_validate(data))
+        except ValidationError:
+            continue
+    return out
+
+
+class RankError(Row):
+    """Why a rank stopped, for the user: what ``zoplan run`` prints (a ZoplanError's fields)."""
+
+    version: Literal[1] = RECORDS_VERSION
+    rank: int
+    kind: Literal["error", "disk"]  # disk: the disk holding the output is full or read-only
+    message: str
+    fix: str | None = None
+
+
+def write_error(out: Path, error: RankError) -> bool:
+    """``error.json`` in the output directory, whole or not at all; False when it could not be
+    written (a full disk: the launcher then names the disk from the log)."""
+    tmp = out / (ERROR_FILE + f".tmp-{error.rank}")
+    try:
+        tmp.write_text(error.line())
+        tmp.replace(out / ERROR_FILE)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+
+
+def read_error(out: Path) -> RankError | None:
+    """The rank's error record, if one was written and reads whole (at most 64 KiB are read)."""
+    try:
+        with (out / ERROR_FILE).open("rb") as f:
+            return RankError.model_validate_json(f.read(64 * 1024))
+    except (OSError, ValidationError, ValueError):
+        return None
+
+
+@dataclass
+class RunSummary:
+    """What a finished run did, from its metrics: ``zoplan run``'s closing lines."""
+
+    output: Path
+    steps: int
+    first_loss: float | None  # mean over the first ``window`` steps
+    last_loss: float | None  # mean over the last ``window`` steps
+    eval: EvalRow | None  # the last evaluation
+    eval_before: EvalRow | None = None  # the evaluation before the first step
+    window: int = 1
+
+
+def summarize(out: Path) -> RunSummary:
+    rows = read_metrics(out / METRICS_FILE)[0]
+    train = [r for r in rows if isinstance(r, TrainRow)]
+    evals = [r for r in rows if isinstance(r, EvalRow)]
+    # single steps are noisy (a few sequences each): compare the means of the first and last tenth
+    k = max(1, len(train) // 10)
+    first = sum(r.loss for r in train[:k]) / k if train else None
+    last = sum(r.loss for r in train[-k:]) / k if train else None
+    return RunSummary(out, len(train), first, last, evals[-1] if evals else None,
+                      evals[0] if len(evals) > 1 else None, k)

@@ -1,0 +1,60 @@
+"""zoplan's words for the choices a plan makes, each spelled once.
+
+Every value is a ``StrEnum``: a member equals, hashes and prints as its string, so plan files,
+command lines and tables read plain strings ("bf16", "sliced"), and code that compares with a
+string keeps working. The on-disk schemas (zoplan.fileio.Strict) store the plain value.
+No imports beyond the standard library: everything may use this module.
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Dtype(StrEnum):
+    """How parameters are stored: in the host copy, on the wire (PCIe), on the device."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+# bytes per parameter, by the dtype's plain name
+DTYPE_BYTES: dict[str, int] = {Dtype.FP32.value: 4, Dtype.BF16.value: 2, Dtype.FP16.value: 2}
+
+
+class Upload(StrEnum):
+    """whole: each compute GPU uploads every block itself; sliced: the movers share each block."""
+
+    WHOLE = "whole"
+    SLICED = "sliced"
+
+
+class Movers(StrEnum):
+    """Who uploads slices: the compute GPUs only, or every GPU (the others relay)."""
+
+    COMPUTE = "compute"
+    ALL = "all"
+
+
+class Schedule(StrEnum):
+    """The learning rate over the run."""
+
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+class Objective(StrEnum):
+    """What the search ranks plans by: step time, or dollars per million tokens."""
+
+    TIME = "time"
+    COST = "cost"
+
+
+class Stream(StrEnum):
+    """A device's in-order streams in the step program (zoplan.program)."""
+
+    UPLOAD = "upload"
+    EXCHANGE = "exchange"
+    COMPUTE = "compute"
+    OFFLOAD = "offload"
