@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,10 @@ from zoplan.errors import ZoplanError
 from zoplan.limits import MAX_MEASURED_STEPS, MAX_STEPS
 from zoplan.runconfig import RunConfig, option
 from zoplan.vocab import Dtype, Movers, Objective, Schedule, Upload
+
+if TYPE_CHECKING:
+    from zoplan.planfile import Plan
+    from zoplan.sim import SimResult
 
 app = typer.Typer(help="Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -68,7 +72,7 @@ def plan_cmd(
     """Find the fastest (or cheapest) layout of a model on a machine and write it as a plan."""
     from zoplan.planfile import ZoSettings, write_plan, zo_settings
     from zoplan.planner import plan
-    from zoplan.search import Pins
+    from zoplan.layout import Pins
 
     from zoplan.models import TINY_LR, TINY_MODELS
 
@@ -152,6 +156,7 @@ def timeline_cmd(
 
     tl = timeline(plan_file, topology)
     sim = tl.candidate.sim
+    assert sim is not None and tl.program is not None  # timeline() simulates the plan's program
     if ops:
         out.print(Text(tl.program.describe(rank or None)), highlight=False, soft_wrap=True)
     if output is None and not show and png is None and not ops:
@@ -225,7 +230,8 @@ def run_cmd(
     # the defaults); first, while the parameters are all there is
     given = {k: v for k, v in locals().items() if k in RunConfig.model_fields and v is not None}
     from zoplan import runconfig
-    from zoplan.search import Pins, check_pins_range, check_workload
+    from zoplan.layout import Pins
+    from zoplan.search import check_pins_range, check_workload
 
     pins = Pins(perturbation=pertp, data=ddp, slices=slices, gpus=_gpus(gpus),
                 wire_dtype=wire_dtype.value if wire_dtype else None,
@@ -337,6 +343,7 @@ def validate_cmd(
 
     the_plan = load_plan(plan_file)
     simulated = timeline(plan_file).candidate.sim
+    assert simulated is not None  # timeline() simulates the plan
     try:
         from zoplan.runtime.tiny import tiny_name
     except ImportError:
@@ -366,8 +373,8 @@ def validate_cmd(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _validate(run_dir: Path, the_plan, plan_file: Path, simulated, model: str, data: str, steps: int,
-              trace: Optional[Path], skip: int, pad: bool, as_json: bool) -> None:
+def _validate(run_dir: Path, the_plan: Plan, plan_file: Path, simulated: SimResult, model: str, data: str,
+              steps: int, trace: Optional[Path], skip: int, pad: bool, as_json: bool) -> None:
     from zoplan import validate as zv
     from zoplan.planner import timeline
     from zoplan.runconfig import make

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Final, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Strict, ValidationError
 
 from zoplan.fileio import read_jsonl
 
-RECORDS_VERSION = 1
+RECORDS_VERSION: Final = 1
 METRICS_FILE = "metrics.jsonl"
 ERROR_FILE = "error.json"
 
@@ -66,7 +66,7 @@ class ResumedRow(Row):
 MetricsRow = Union[TrainRow, EvalRow, ResumedRow]
 
 
-def _metrics_row(data: dict) -> MetricsRow | None:
+def _metrics_row(data: dict[str, Any]) -> MetricsRow | None:
     kind = ResumedRow if "resumed_at" in data else EvalRow if "eval_loss" in data else TrainRow
     try:
         return kind.model_validate(data)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import annotated_types
 from pydantic import Field, ValidationError
@@ -27,7 +27,7 @@ from zoplan.fileio import Strict, brief, describe_validation_error, read_text
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_STEPS
 from zoplan.layout import Pins
 
-RUN_CONFIG_VERSION = 1
+RUN_CONFIG_VERSION: Final = 1
 CONFIG_FILE = "run.json"  # in the run's output directory
 
 # The settings that decide what is trained: a resumed run keeps them as recorded (given again,
