@@ -4,8 +4,9 @@
 #             test_block_kernels.py), then per-parameter against per-block launches
 #             (bench/block_kernels.py)                                          ~1 min
 #   replay    replay across devices (bench/gpu_replay.py, docs/results/reliability.md)   ~1.5 min
-#   layouts   single-GPU schedules train bit-identical weights: whole blocks, 4 rounds, resident
-#             blocks with prefetch 2; peak GPU memory against the plan (bench/gpu_layouts.py) ~2.5 min
+#   layouts   the GPU checks of the test suite (tests/runtime/test_gpu.py): single-GPU schedules
+#             train bit-identical weights (whole blocks, 4 rounds, resident blocks with prefetch 2;
+#             peak GPU memory within the plan's), replay on the GPU is bit-identical     ~2.5 min
 #   fidelity  the fidelity run (bench/gpu_fidelity.sh, docs/results/fidelity.md)         ~4.5 min
 # Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: all four,
 # more than one device call allows under the timeouts below, so run `replay fidelity` and
@@ -34,7 +35,7 @@ for part in $PARTS; do
     replay)
       timeout 150 python3 -m bench.gpu_replay --out "$OUT/replay" 2>&1 | tail -20 | tee "$OUT/replay.txt"; cp "$OUT/replay/gpu_replay.json" "$OUT/" 2>/dev/null ;;
     layouts)
-      timeout 240 python3 -m bench.gpu_layouts --out "$OUT/layouts" 2>&1 | tail -12 | tee "$OUT/layouts.txt" ;;
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py 2>&1 | tail -12 | tee "$OUT/layouts.txt" ;;
     fidelity)
       FIDELITY_TIMEOUT=${FIDELITY_TIMEOUT:-360} OUT="$OUT/fidelity" bash bench/gpu_fidelity.sh ;;
     *) echo "unknown part: $part (kernels, replay, layouts, fidelity)"; exit 2 ;;

@@ -243,7 +243,8 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     t_start = time.perf_counter()
     last_snapshot = time.monotonic()
     try:
-        if rp.next_step == 0:
+        evaluating = cfg.eval_every != 0  # 0: never (None: before and after; N: every N steps too)
+        if rp.next_step == 0 and evaluating:
             # the held-out loss before any update: the baseline the final evaluation is read against
             evaluate(engine, eval_set, batcher, ctx, -1, metrics)
         for step in range(rp.next_step, steps):
@@ -286,7 +287,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
                 raise ZoplanError(f"the loss was not finite for {nonfinite_in_row} steps in a row (up to step {step}); "
                                   f"the updates of those steps were skipped",
                                   fix="lower --lr or --eps, or check the data")
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            if evaluating and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == steps):
                 engine.flush()
                 evaluate(engine, eval_set, batcher, ctx, step, metrics)
             due = bool(cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0)

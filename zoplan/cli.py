@@ -202,7 +202,8 @@ def run_cmd(
     eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
     seed: Optional[int] = typer.Option(None, "--seed", **option("seed"), help="without a plan: run seed"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", **option("eval_every"),
-                                             help="evaluate on the held-out split every N steps (and at the end); 0: never"),
+                                             help="evaluate on the held-out split every N steps too (it is evaluated "
+                                                  "before the first step and after the last unless 0: never)"),
     max_nonfinite: Optional[int] = typer.Option(None, "--max-nonfinite", **option("max_nonfinite"),
                                                 help="stop after this many non-finite losses in a row"),
     nnodes: Optional[int] = typer.Option(None, "--nnodes", **option("nnodes"), help="machines taking part (torchrun rendezvous)"),

@@ -59,7 +59,8 @@ class RunConfig(Strict):
     # --- how the run goes
     steps: int = Field(100, ge=1, le=MAX_STEPS)  # the run's total, resumed or not
     output: Path = Path("zoplan-run")
-    eval_every: int = Field(0, ge=0)  # 0: never
+    # held-out evaluation: None, before the first step and after the last; N, every N steps too; 0: never
+    eval_every: int | None = Field(None, ge=0)
     max_nonfinite: int = Field(5, ge=1)
     snapshot_every: int = Field(0, ge=0)  # 0: never
     snapshot_minutes: float = Field(0.0, ge=0.0)  # 0: never

@@ -143,8 +143,11 @@ def test_a_previous_runs_output_is_not_overwritten(tmp_path: Path) -> None:
 
 
 def test_non_finite_losses_skip_updates_then_stop_the_run(tmp_path: Path) -> None:
-    proc = zoplan("run", "--lr", "1e30", "--steps", "40", "--max-nonfinite", "3", "-o", str(tmp_path / "o"))
+    proc = zoplan("run", "--lr", "1e30", "--steps", "40", "--max-nonfinite", "3", "--eval-every", "0",
+                  "-o", str(tmp_path / "o"))
     assert proc.returncode == 2 and "not finite for 3 steps in a row" in proc.stderr
+    # --eval-every 0: nothing is evaluated, not even before the first step
+    assert "eval_loss" not in (tmp_path / "o" / "metrics.jsonl").read_text()
     journal = [json.loads(line) for line in (tmp_path / "o" / "journal.jsonl").read_text().splitlines()]
     skipped = [j for j in journal if j["skipped"]]
     assert len(skipped) == 3 and all(j["projected_grad"] == 0.0 for j in skipped)
