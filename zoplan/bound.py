@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import cast
 
 from zoplan.costs import StepCosts
 from zoplan.sim import link_label
@@ -63,7 +64,7 @@ def machine_bound(costs: StepCosts) -> Bound:
         # per round, the exchange stream updates the movers' slices, then all-gathers them
         ex_round_s = 0.0
         if n > 1 and costs.allgather_round_s() is not None:
-            ex_round_s = costs.allgather_round_s()
+            ex_round_s = cast(float, costs.allgather_round_s())  # not None: the same figure, just checked
         elif n > 1:
             hops = [machine.peer_path(g, L.movers[(i + 1) % n]) for i, g in enumerate(L.movers)]
             ex_round_s = (max(costs.round_param_bytes * (n - 1) / n / (machine.path_gbps(p) * 1e9)

@@ -23,14 +23,19 @@ Modelling choices, each worth knowing when reading a prediction:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING, cast
 
 from zoplan.layout import Layout
 from zoplan.vocab import DTYPE_BYTES
 from zoplan.models import RUNTIME_OPS, ModelShape
 from zoplan.program import Program, build
 from zoplan.topology import GpuModel, Machine
+
+if TYPE_CHECKING:
+    from zoplan.profile import Profile, Profiled, Stage
 
 GiB = 2**30
 # Per-GPU memory the planner does not hand to parameters and activations: CUDA context
@@ -61,7 +66,8 @@ class Workload:
 
 def _rate(gm: GpuModel, dtype: str) -> float:
     """Achieved matmul FLOP/s for a compute dtype."""
-    peak = gm.tflops.get(dtype) or gm.tflops.get("fp32") or min(gm.tflops.values())
+    # a read-only view keyed by any name: a dtype the GPU has no figure for reads as None
+    peak = cast("dict[str, float]", gm.tflops).get(dtype) or gm.tflops.get("fp32") or min(gm.tflops.values())
     return peak * 1e12 * gm.matmul_efficiency
 
 
@@ -78,7 +84,7 @@ def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str, ops: i
     return device + issue if gm.kind == "cpu" else max(device, issue)
 
 
-def z_draw_s(gm: GpuModel, sizes) -> float:
+def z_draw_s(gm: GpuModel, sizes: Iterable[int]) -> float:
     """Drawing z into memory, one generator call per entry of ``sizes`` (elements): 0 where a fused
     kernel draws it in registers (``z_ns`` 0)."""
     if not gm.z_ns:
@@ -140,23 +146,25 @@ class StepCosts:
 
     # ----- measured figures (a calibration profile, zoplan.profile) -------------------------
     @cached_property
-    def profile(self):
-        profiled = getattr(self.machine, "profile", None)
+    def profile(self) -> Profile | None:
+        profiled: Profiled | None = getattr(self.machine, "profile", None)
         return profiled.profile if profiled is not None else None
 
     @cached_property
     def _tokens_scale(self) -> float:
         """Tokens of this layout's micro-batch over those of the calibrated one."""
+        assert self.profile is not None  # asked only where a profile's times are used
         p = self.profile.model
         return (self.layout.micro_batch * self.work.seq_len) / (p.micro_batch * p.seq_len)
 
-    def _lockstep(self, gpu: str, stage: str) -> float:
+    def _lockstep(self, gpu: str, stage: Stage) -> float:
         """CPU ranks share the machine's cores: where several compute ranks of a node meet before
         every block (an all-gather of slices, or the whole-block barrier), each computes slower
         than alone by the ratio the calibration measured in that lockstep. GPUs compute on their
         own devices: 1."""
         if self._gm(gpu).kind != "cpu" or self.layout.compute_ranks_per_node < 2:
             return 1.0
+        assert self.profile is not None  # asked only where a profile's times are used
         return self.profile.lockstep_factor(stage)
 
     def whole_barrier_s(self) -> float:
@@ -171,7 +179,7 @@ class StepCosts:
         c = p.collective(L.compute_ranks_per_node)
         return (c.latency_us + c.wait_us) * 1e-6 if c is not None else 0.0
 
-    def collective_call_s(self, gpus) -> float:
+    def collective_call_s(self, gpus: Iterable[str]) -> float:
         """One collective call's own cost among ``gpus`` (the topology's collective_us), beside
         the link latencies and bytes the simulator times."""
         return max((self._gm(g).collective_us for g in gpus), default=0.0) * 1e-6

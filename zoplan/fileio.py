@@ -59,13 +59,13 @@ def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
 MAX_RECORD_LINE_BYTES = 1 << 20  # one line of a record zoplan writes (metrics, spans) is a few KiB
 
 
-def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple[list[dict], int]:
+def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple[list[dict[str, Any]], int]:
     """(the JSON objects of a file of lines that zoplan itself writes: metrics, spans; the offset
     after the last complete line). Work is bounded whatever the file holds: a line longer than
     ``MAX_RECORD_LINE_BYTES``, one that is not a JSON object or not UTF-8 (a crash cut it, someone
     edited it) is skipped, nothing past ``max_bytes`` is read, and an unterminated last line is left
     for a later read from the returned offset (a writer may be adding it)."""
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     end = start
     try:
         with open(path, "rb") as f:
@@ -113,12 +113,12 @@ class _Refused(Exception):
     """A YAML document beyond the bounds: raised while composing, before anything is built."""
 
 
-class BoundedLoader(yaml.SafeLoader):
+class BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no type stubs here: its classes are Any
     """yaml.SafeLoader that refuses to compose a node nested deeper than ``MAX_YAML_DEPTH``."""
 
     _depth = 0
 
-    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:  # PyYAML's signature
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:

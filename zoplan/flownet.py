@@ -9,10 +9,11 @@ deterministic.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import simpy
-from simpy.core import NORMAL
+from simpy.events import NORMAL
 
 
 @dataclass(eq=False)
@@ -89,7 +90,7 @@ class FlowNet:
         ev.callbacks.append(self._recompute)
         self._fire(ev, 0.0)
 
-    def _wake(self, version: int):
+    def _wake(self, version: int) -> Callable[[simpy.Event], None]:
         def cb(_: simpy.Event) -> None:
             if version == self._version:
                 self._recompute(None)

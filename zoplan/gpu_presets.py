@@ -12,6 +12,7 @@ Units: GB/s = 1e9 bytes/s per direction; TFLOP/s dense (without sparsity).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from zoplan.errors import ZoplanError
 
@@ -57,7 +58,7 @@ class GpuPreset:
     def has_nvlink(self) -> bool:
         return self.nvlink_gen is not None
 
-    def gpu_model(self) -> dict:
+    def gpu_model(self) -> dict[str, Any]:
         """The ``gpu_models`` entry of a topology file (TopologySpec's GpuModel fields)."""
         return {"memory_gib": self.memory_gib, "tflops": dict(self.tflops),
                 "hbm_gbps": self.hbm_gbps, "matmul_efficiency": self.matmul_efficiency}

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from zoplan.errors import ZoplanError
-from zoplan.vocab import DTYPE_BYTES, Upload
+from zoplan.vocab import DTYPE_BYTES
 
 
 
@@ -26,7 +27,7 @@ class Layout:
     perturbation: int
     data: int  # replicas per node
     compute_gpus: tuple[str, ...]  # index = replica * perturbation + branch
-    upload: Upload  # "whole": each compute GPU uploads every block itself; "sliced": movers share it
+    upload: str  # "whole": each compute GPU uploads every block itself; "sliced": movers share it
     movers: tuple[str, ...]  # GPUs that pull slices from host memory ("sliced"); compute_gpus for "whole"
     slices_per_block: int
     wire_dtype: str  # dtype of the host copy and of PCIe transfers
@@ -97,13 +98,13 @@ class Layout:
     def branches_per_gpu(self) -> int:
         return 2 // self.perturbation
 
-    def ranks(self) -> list[dict]:
+    def ranks(self) -> list[dict[str, Any]]:
         """Rank table: global rank, node, GPU, role and groups; one entry per process."""
-        table: list[dict] = []
+        table: list[dict[str, Any]] = []
         per_node = len(self.gpus)
         for node in range(self.nodes):
             for local, gpu in enumerate(self.gpus):
-                entry: dict = {"rank": node * per_node + local, "node": node, "local_rank": local,
+                entry: dict[str, Any] = {"rank": node * per_node + local, "node": node, "local_rank": local,
                                "gpu": gpu}
                 if local < self.compute_ranks_per_node:
                     replica, branch = divmod(local, self.perturbation)
@@ -130,14 +131,14 @@ class Layout:
         return {"perturbation_pairs": pairs, "replicas_per_branch": across,
                 "block_exchange": exchange}
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("compute_gpus", "movers", "resident"):
             d[key] = list(d[key])
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> Layout:
+    def from_dict(cls, d: dict[str, Any]) -> Layout:
         d = dict(d)
         for key in ("compute_gpus", "movers", "resident"):
             d[key] = tuple(d.get(key, ()))

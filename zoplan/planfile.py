@@ -10,7 +10,7 @@ are errors that name the file and the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
@@ -29,7 +29,7 @@ PLAN_VERSIONS = (1,)
 class ModelRef(Strict):
     name: str
     hash: str
-    shape: dict
+    shape: dict[Any, Any]
 
 
 class TopologyRef(Strict):
@@ -57,12 +57,13 @@ class ZoSettings(Strict):
     eps: PositiveFloat = 1e-3
     lr: PositiveFloat = 1e-6
     weight_decay: NonNegativeFloat = 0.0
-    seed: int = Field(0, ge=0, lt=2**63)
-    steps: int = Field(1000, ge=1, le=MAX_STEPS)
-    lr_schedule: Schedule = Schedule.CONSTANT.value
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    steps: int = Field(default=1000, ge=1, le=MAX_STEPS)
+    # the plain value, as Strict keeps it (use_enum_values): it equals Schedule.CONSTANT
+    lr_schedule: Schedule = cast(Schedule, Schedule.CONSTANT.value)
 
 
-def zo_settings(**values) -> ZoSettings:
+def zo_settings(**values: Any) -> ZoSettings:
     """ZoSettings from command-line values: a bad one is a ZoplanError naming the field."""
     from pydantic import ValidationError
 
@@ -147,19 +148,22 @@ class Plan(Strict):
 def build_plan(*, shape: ModelShape, machine: Machine, layout: Layout, global_batch: int, seq_len: int,
                zo: ZoSettings, prediction: Prediction) -> Plan:
     ranks = layout.ranks()
+    # the casts: a layout holds plain values, checked by Layout.validate (perturbation 1 or 2, dtypes
+    # of DTYPE_BYTES) or made by the search ("whole", "sliced"); the schema validates them again and
+    # keeps a Dtype's or an Upload's plain value (Strict: use_enum_values)
     return Plan(
         version=PLAN_VERSIONS[-1], zoplan=__version__,
         model=ModelRef(name=shape.name, hash=shape.hash, shape=shape.to_dict()),
         topology=TopologyRef(name=machine.name, source=machine.source, hash=machine.hash),
         batch=BatchSpec(global_batch=global_batch, seq_len=seq_len, micro_batch=layout.micro_batch),
         zo=zo,
-        layout=LayoutSpec(perturbation=layout.perturbation, data=layout.data, nodes=layout.nodes,
+        layout=LayoutSpec(perturbation=cast(Literal[1, 2], layout.perturbation), data=layout.data, nodes=layout.nodes,
                           world_size=len(ranks), placement=layout.placement,
                           compute_gpus=list(layout.compute_gpus),
                           ranks=[RankEntry(**r) for r in ranks], groups=layout.groups()),
-        transfer=TransferSpec(upload=layout.upload, movers=list(layout.movers),
-                              slices_per_block=layout.slices_per_block, wire_dtype=layout.wire_dtype,
-                              param_dtype=layout.param_dtype, prefetch=layout.prefetch),
+        transfer=TransferSpec(upload=cast(Upload, layout.upload), movers=list(layout.movers),
+                              slices_per_block=layout.slices_per_block, wire_dtype=cast(Dtype, layout.wire_dtype),
+                              param_dtype=cast(Dtype, layout.param_dtype), prefetch=layout.prefetch),
         resident_blocks=list(layout.resident),
         prediction=prediction,
         profile=(ProfileRef(source=machine.profile.source, hash=machine.profile.profile.hash)
@@ -218,7 +222,7 @@ def check_ranges(plan: Plan, shape: ModelShape, path: Path | str) -> None:
 
     again = "write the plan again with `zoplan plan ... -o` instead of editing it"
 
-    def refuse(field: str, value, problem: str, fix: str = again) -> None:
+    def refuse(field: str, value: object, problem: str, fix: str = again) -> None:
         raise ZoplanError(f"{path}: field '{field}' ({brief(value)}) {problem}", fix=fix)
 
     b = plan.batch
@@ -272,6 +276,7 @@ def check_plan_matches(plan: Plan, *, machine: Machine | None = None, shape: Mod
     # 'llama-2-70b' runs a checkpoint directory of that shape, whatever the directory is called
     differences = plan.model_shape().differences(shape) if shape is not None else []
     if differences:
+        assert shape is not None  # only a shape given differs
         raise ZoplanError(
             f"{plan_path} was planned for model '{plan.model.name}' ({plan.model.hash}), "
             f"but the model given is '{shape.name}' ({shape.hash}): {', '.join(differences)}",

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 from zoplan.costs import StepCosts, Workload
 from zoplan.errors import ZoplanError
 from zoplan.models import ModelShape, load_model_shape
 from zoplan.program import Program
 from zoplan.planfile import Plan, Prediction, ZoSettings, build_plan, check_plan_gpus, load_plan
-from zoplan.layout import Layout
+from zoplan.layout import Layout, Pins
 from zoplan.sim import simulate
-from zoplan.search import (Candidate, Pins, SearchResult, check_workload, evaluate, search, top_families,
+from zoplan.search import (Candidate, SearchResult, check_workload, evaluate, search, top_families,
                            usd_per_mtok)
 from zoplan.topology import Machine, load_topology
 
@@ -22,6 +23,31 @@ DEFAULT_MODEL = "opt-175b"
 DEFAULT_TOPOLOGY = "dgx-a100"
 DEFAULT_GLOBAL_BATCH = 16
 DEFAULT_SEQ_LEN = 512
+
+
+class CandidateSummary(TypedDict):
+    """One candidate as the tables and ``zoplan plan --json`` show it (:func:`candidate_summary`)."""
+
+    perturbation: int
+    data: int
+    nodes: int
+    gpus: list[str]
+    compute_gpus: list[str]
+    upload: str
+    movers: list[str]
+    slices_per_block: int
+    wire_dtype: str
+    micro_batch: int
+    prefetch: int
+    resident_blocks: int
+    step_time_s: float
+    tokens_per_s: float
+    gpu_memory_bytes: int
+    host_memory_bytes: int
+    bottleneck: str | None  # None: not simulated
+    bound_s: float
+    bound_fraction: float
+    usd_per_mtok: float | None
 
 
 @dataclass
@@ -45,10 +71,10 @@ class PlanReport:
         base = self.search.baseline
         return base.step_time_s / self.search.best.step_time_s if base else None
 
-    def summary(self, cand: Candidate) -> dict:
+    def summary(self, cand: Candidate) -> CandidateSummary:
         return candidate_summary(cand, self.machine, self.search.workload)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         s = self.search
         return {
             "model": self.shape.name,
@@ -85,7 +111,7 @@ def sensitivity(machine: Machine, workload: Workload, layout: Layout, factor: fl
     return out
 
 
-def candidate_summary(cand: Candidate, machine: Machine, workload: Workload) -> dict:
+def candidate_summary(cand: Candidate, machine: Machine, workload: Workload) -> CandidateSummary:
     L = cand.layout
     step = cand.step_time_s
     return {
@@ -163,6 +189,7 @@ def plan(model: str = DEFAULT_MODEL, topology: str | Machine = DEFAULT_TOPOLOGY,
     best = result.best
     base = result.baseline
     summary = candidate_summary(best, machine, workload)
+    assert summary["bottleneck"] is not None  # the search simulated every candidate it ranks
     prediction = Prediction(
         step_time_s=best.step_time_s, tokens_per_s=summary["tokens_per_s"],
         gpu_memory_bytes=best.gpu_memory_bytes, host_memory_bytes=best.host_memory_bytes,
@@ -238,6 +265,7 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
     shape = the_plan.model_shape()
     if the_plan.profile is not None:
         machine = with_profile(machine, the_plan.profile.source, shape)
+        assert machine.profile is not None  # with_profile applied the plan's profile
         if machine.profile.profile.hash != the_plan.profile.hash:
             raise ZoplanError(f"{plan_path} was planned with the profile {the_plan.profile.source} "
                               f"({the_plan.profile.hash}), which has changed since",

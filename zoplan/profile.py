@@ -25,7 +25,7 @@ import datetime
 import platform
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 from pathlib import Path
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -36,6 +36,8 @@ from zoplan.models import ModelShape
 from zoplan.topology import Link, Machine, Socket
 
 PROFILE_VERSIONS = (1,)
+# a compute stage with a lockstep figure (StageTimes.lockstep_s, Profile.lockstep_factor)
+Stage = Literal["block", "embed", "head"]
 
 
 class MachineRef(Strict):
@@ -214,7 +216,7 @@ def write_profile(profile: Profile, path: Path) -> None:
     write_yaml(path, data, header=HEADER)
 
 
-def _drop_unsampled(data: dict) -> None:
+def _drop_unsampled(data: dict[str, Any]) -> None:
     """Leave out the duplex range where it was not sampled (CPU ranks, older profiles)."""
     for figures in data["devices"].values():
         if figures.get("duplex_range_gbps") is None:
@@ -225,8 +227,8 @@ def _range(samples: list[float] | None) -> tuple[float, float] | None:
     return (min(samples), max(samples)) if samples else None
 
 
-def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micro_batch: int, seq_len: int,
-                  dtype: str, device: str) -> Profile:
+def build_profile(rows: list[dict[str, Any]], machine: Machine, shape: ModelShape, *, micro_batch: int,
+                  seq_len: int, dtype: str, device: str) -> Profile:
     """A profile from runtime/calibrate.py's per-rank figures (rank r is the machine's r-th device)."""
     if len(rows) != len(machine.gpus):
         raise ZoplanError(f"calibration measured {len(rows)} device(s) but '{machine.name}' has "
@@ -256,6 +258,7 @@ def build_profile(rows: list[dict], machine: Machine, shape: ModelShape, *, micr
         gather["wait_us"] = max(0.0, in_step - gather["latency_us"] - nbytes / (gather["gbps"] * 1e3))
         gather.pop("in_step_us", None)
     groups = [Collective(**g, wait_us=gather["wait_us"]) for g in rows[0].get("allgather_groups", [])]
+    lockstep: dict[Stage, float]
     lockstep = ({"block": sum(r["lockstep"]["compute"] for r in rows) / len(rows),
                  **{cat: sum(r["lockstep"][cat] for r in rows) / len(rows) for cat in ("embed", "head")}}
                 if all(r.get("lockstep") for r in rows) else {})
@@ -300,6 +303,7 @@ def check_profile(profile: Profile, machine: Machine, shape: ModelShape | None, 
     same = (profile.model.shape_hash == shape.shape_hash if profile.model.shape_hash is not None
             else profile.model.hash == shape.hash) if shape is not None else True
     if not same:
+        assert shape is not None  # without a shape, any profile's model is the same
         raise ZoplanError(f"{path} holds compute times for model '{profile.model.name}' ({profile.model.hash}), "
                           f"not for '{shape.name}' ({shape.hash})",
                           fix=f"calibrate for this model: zoplan calibrate --model ... -o {path}")
@@ -328,7 +332,8 @@ def apply_profile(machine: Machine, profile: Profile, source: str | Path) -> Mac
             together = (sum(devices[g].h2d_gbps_together for g in mine)
                         + sum(devices[g].d2h_gbps_together for g in mine))
             if all(devices[g].duplex_gbps is not None for g in mine):
-                together = min(together, sum(devices[g].duplex_gbps for g in mine))
+                # not None: every one was just checked
+                together = min(together, sum(cast(float, devices[g].duplex_gbps) for g in mine))
             sock = Socket(**{**sock.model_dump(), "memory_gbps": together})
         sockets.append(sock)
     measured = Machine(spec.model_copy(update={"links": links, "sockets": sockets}), machine.source)

@@ -171,7 +171,7 @@ def _ref(r: Ref) -> str:
     return r.op + where + (" (step before)" if r.step == -1 else "")
 
 
-def _suffix(block: int, r: int, rounds: int) -> str:
+def _suffix(block: int | None, r: int, rounds: int) -> str:
     return f"b{block}" + (f" r{r}" if rounds > 1 else "")
 
 
@@ -184,7 +184,8 @@ def op_id(kind: Kind, block: int | None = None, r: int = 0, rounds: int = 1) -> 
         return f"{kind.value} b{block}"
     if kind is Kind.BLOCK:
         return f"block {block}"
-    return kind.value
+    value: str = kind.value  # mypy reads the value of a narrowed enum as Any
+    return value
 
 
 def build(layout: Layout, *, layers: int, block_params: int, micro_batches: int = 1,
@@ -246,10 +247,11 @@ def build(layout: Layout, *, layers: int, block_params: int, micro_batches: int 
     def fetch(b: int) -> None:
         """Block b's deferred update, write-back and exchange, on the ranks that hold it."""
         kept = b in resident
+        # what an update waits for: a whole block's, its upload (as deps); a slice's, one op or none
         if not sliced:
             for g in computes:
-                landed = () if kept else (Ref(ids(Kind.H2D, b), (g,)),)
-                ops.append(Op(ids(Kind.UPDATE, b), Kind.UPDATE, stream_of(Kind.UPDATE, L.upload), (g,), b, deps=landed))
+                upload = () if kept else (Ref(ids(Kind.H2D, b), (g,)),)
+                ops.append(Op(ids(Kind.UPDATE, b), Kind.UPDATE, stream_of(Kind.UPDATE, L.upload), (g,), b, deps=upload))
             if not kept and len(computes) > 1:
                 ops.append(Op(op_id(Kind.BARRIER, b), Kind.BARRIER, stream_of(Kind.BARRIER, L.upload), computes, b))
             if not kept:

@@ -1,12 +1,19 @@
 """Rich renderings of planner results for the terminal (no logic: numbers come from planner)."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from rich.table import Table
 from rich.text import Text
 
 from zoplan.errors import ZoplanError
 from zoplan.models import preset_table_rows
-from zoplan.planner import PlanReport, candidate_summary
+from zoplan.planner import CandidateSummary, PlanReport, candidate_summary
+
+if TYPE_CHECKING:
+    from zoplan.profile import Profile
+    from zoplan.validate import Validation
 
 GiB = 2**30
 
@@ -34,14 +41,14 @@ def _fmt_gib(nbytes: float) -> str:
     return f"{gib:.1f}" if gib < 100 else f"{gib:.0f}"
 
 
-def _movers(summary: dict) -> str:
+def _movers(summary: CandidateSummary) -> str:
     if summary["upload"] == "whole":
         return "each its own"
     relays = len(summary["movers"]) - len(summary["compute_gpus"])
     return f"{len(summary['movers'])}, sliced" + (f" ({relays} relay)" if relays else "")
 
 
-def _row(summary: dict, label: str, speedup: float | None) -> list[str]:
+def _row(summary: CandidateSummary, label: str, speedup: float | None) -> list[str]:
     cost = summary["usd_per_mtok"]
     return [
         label,
@@ -107,6 +114,7 @@ def plan_footer(report: PlanReport) -> Text:
         text.append(sensitivity_line(best["step_time_s"], report.sensitivity) + "\n")
     device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"
     if s.baseline:
+        assert s.baseline.sim is not None  # zo2_baseline simulates the baseline it returns
         text.append(f"ZO2 baseline (1 {device}, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "
                     f"bound by {s.baseline.sim.bottleneck}; speedup {report.speedup_vs_baseline:.2f}×\n")
     else:
@@ -137,7 +145,7 @@ def plan_footer(report: PlanReport) -> Text:
     return text
 
 
-def compare_table(results: list, model: str) -> Table:
+def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: str) -> Table:
     table = Table(title=f"{model}: best layout per machine", title_justify="left", header_style="bold")
     for col in ["machine", "GPUs", "pert×data", "movers", "step", "tok/s", "GPU GiB", "host GiB",
                 "bottleneck", "$/h", "$/Mtok", "vs ZO2"]:
@@ -168,7 +176,7 @@ def models_table() -> Table:
     return table
 
 
-def validation_table(result, plan_path) -> Table:
+def validation_table(result: Validation, plan_path: str | Path) -> Table:
     """``zoplan validate``: predicted against measured, per stage, with the relative error."""
     from zoplan.validate import STAGE_NAMES
 
@@ -193,14 +201,14 @@ DRIFT = 0.10  # halves of a validation's steps further apart than this (of the m
 PADDING_NOTE = 0.01  # a validation whose batches held more padding than this (of the positions): say so
 
 
-def validation_notes(result) -> list[str]:
+def validation_notes(result: Validation) -> list[str]:
     """``zoplan validate``: the spread of the measured steps, and what the table's extra figures
     mean (CUDA runs)."""
     notes = []
     if result.step_spread_s is not None:
         lo, hi = result.step_spread_s
-        predicted = result.step.predicted_s
-        inside = predicted is not None and lo <= predicted <= hi
+        step_s = result.step.predicted_s
+        inside = step_s is not None and lo <= step_s <= hi
         notes.append(f"measured step times: 10% of the steps took under {_fmt_time(lo)}, 10% over {_fmt_time(hi)}"
                      + ("; the prediction lies within that spread" if inside else ""))
     if result.step_halves_s is not None and result.step.measured_s:
@@ -225,14 +233,14 @@ def validation_notes(result) -> list[str]:
     if result.peak_gpu_bytes is not None:
         from zoplan.costs import GPU_RESERVE_BYTES
 
-        predicted = (f"predicted {_fmt_gib(result.predicted_gpu_bytes)} GiB (with a {_fmt_gib(GPU_RESERVE_BYTES)} "
+        predicted_gpu = (f"predicted {_fmt_gib(result.predicted_gpu_bytes)} GiB (with a {_fmt_gib(GPU_RESERVE_BYTES)} "
                      f"GiB reserve for the "
                      f"CUDA context, NCCL and allocator slack), " if result.predicted_gpu_bytes else "")
-        notes.append(f"GPU memory: {predicted}measured peak allocated by torch {_fmt_gib(result.peak_gpu_bytes)} GiB")
+        notes.append(f"GPU memory: {predicted_gpu}measured peak allocated by torch {_fmt_gib(result.peak_gpu_bytes)} GiB")
     return notes
 
 
-def profile_table(profile) -> Table:
+def profile_table(profile: Profile) -> Table:
     """``zoplan calibrate``: what was measured, per device and for the model shape."""
     from zoplan.profile import timed_counts
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from zoplan.bound import Bound, machine_bound
 from zoplan.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
@@ -20,6 +22,7 @@ from zoplan.fileio import brief
 from zoplan.layout import Layout, Pins, divisors
 from zoplan.vocab import DTYPE_BYTES
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK
+from zoplan.models import ModelShape
 from zoplan.sim import Exceeded, SimResult, simulate
 from zoplan.topology import Machine
 
@@ -33,11 +36,11 @@ OBJECTIVES = ("time", "cost")
 # searches in about 80 s on a 2-core machine (docs/results/reliability.md).
 
 
-def _whole(value) -> bool:
+def _whole(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def workload_problems(shape, global_batch, seq_len) -> list[tuple[str, str, str]]:
+def workload_problems(shape: ModelShape | None, global_batch: object, seq_len: object) -> list[tuple[str, str, str]]:
     """What is wrong with a batch shape, as (field, what is wrong with its value, fix); empty when
     it can be planned. ``seq_len`` None is left to its default; ``shape`` None: the model is not
     known yet (its positions are checked later)."""
@@ -70,7 +73,7 @@ def check_pins_range(pins: Pins, global_batch: int) -> None:
         raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
 
 
-def check_workload(shape, global_batch, seq_len) -> None:
+def check_workload(shape: ModelShape | None, global_batch: object, seq_len: object) -> None:
     """Refuse a batch shape out of range, in the command line's words (--global-batch, --seq-len)."""
     values = {"global_batch": global_batch, "seq_len": seq_len}
     for name, problem, fix in workload_problems(shape, global_batch, seq_len):
@@ -158,7 +161,7 @@ def placements(machine: Machine, count: int) -> dict[str, tuple[str, ...]]:
     return options
 
 
-def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dtype: str):
+def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dtype: str) -> Iterator[Layout]:
     """Every layout the search considers, before memory checks (generator, deterministic)."""
     nodes = machine.spec.nodes
     n_gpus = len(machine.gpus)
@@ -270,7 +273,7 @@ def search(machine: Machine, workload: Workload, *, pins: Pins = Pins(), objecti
     if not fitting:
         raise _nothing_fits(machine, workload, considered, worst_gpu_short, worst_host_short, pins)
 
-    def rank(layout: Layout, step_s: float, memory: int) -> tuple:
+    def rank(layout: Layout, step_s: float, memory: int) -> tuple[float, int, int, str]:
         # equal objectives (to rounding) prefer fewer GPUs, then less GPU memory
         return (round(_objective(machine, workload, layout, step_s, objective), 9),
                 gpus_used(layout), memory, repr(layout))
@@ -281,7 +284,7 @@ def search(machine: Machine, workload: Workload, *, pins: Pins = Pins(), objecti
     # only if its bound beats both its family's best and the top-th best family, so every
     # family shown is exact and the overall best is never pruned.
     simulated: list[Candidate] = []
-    family_best: dict[tuple, float] = {}
+    family_best: dict[tuple[int, int, str, int], float] = {}
     pruned = aborted = 0
     for layout, bound, costs in fitting:
         lower = _objective(machine, workload, layout, bound.prune_bound_s, objective)
@@ -317,7 +320,7 @@ def family(layout: Layout) -> tuple[int, int, str, int]:
 
 def top_families(ranked: list[Candidate], top: int) -> list[Candidate]:
     """The best candidate of each of the ``top`` best families, best first."""
-    seen: set[tuple] = set()
+    seen: set[tuple[int, int, str, int]] = set()
     out: list[Candidate] = []
     for cand in ranked:
         fam = family(cand.layout)

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import gc
 from collections import defaultdict
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import simpy
 
 from zoplan.costs import StepCosts
 from zoplan.flownet import FlowNet
-from zoplan.program import CATEGORY, END, Kind, Op, Ref, Stream, span_block
+from zoplan.program import CATEGORY, END, Kind, Op, Ref, span_block
 from zoplan.topology import Machine
+from zoplan.vocab import Stream
 
 STEPS = 3
 REPORTED_STEP = 1
@@ -87,6 +89,16 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
     finally:
         if collecting:
             gc.enable()
+
+
+# what an op costs, as a lane acts on it: (TRANSFER, (bytes, route, latency)), (TIMEOUT, seconds),
+# (RING, bytes each ring step moves) or (NOTHING, None)
+_Action = tuple[int, Any]
+# an op compiled for the lanes: its deps and frees (by op index and relative step), its action, the
+# cores it holds, its span category and block, whether it is compute-stream work
+_Compiled = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], _Action, tuple[str, ...], str, int, bool]
+# a simpy process: it yields the events it waits for
+_Process = Generator[simpy.Event, Any, None]
 
 
 def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResult:
@@ -172,7 +184,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     # the hop latency per ring step, and the collective call's own cost
     ring_s = max((lat for _, lat in ring), default=0.0) * (n_movers - 1) + costs.collective_call_s(L.movers)
 
-    def action(op: Op) -> tuple:
+    def action(op: Op) -> _Action:
         g = op.ranks[0]
         kind = op.kind
         if kind is Kind.H2D or kind is Kind.D2H:
@@ -189,14 +201,14 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             return NOTHING, None  # UNPACK: a copy on the device, free next to the transfers
         return TIMEOUT, seconds
 
-    compiled: dict[int, tuple] = {}  # by the op's index
+    compiled: dict[int, _Compiled] = {}  # by the op's index
     for op in program.ops:
         # the cores a CPU rank's op holds (an all-reduce of a few bytes is latency: none)
         held = () if op.kind in (Kind.ALLREDUCE, Kind.UNPACK) else tuple(g for g in sorted(op.ranks) if g in cores)
         # a compute rank's own compute-stream work (its utilization); the all-reduce is a wait
-        busy = op.stream is Stream.COMPUTE and op.kind is not Kind.ALLREDUCE and not op.collective
+        on_compute = op.stream is Stream.COMPUTE and op.kind is not Kind.ALLREDUCE and not op.collective
         compiled[index[op.id, op.ranks]] = (refs(op.deps), refs(op.frees), action(op), held,
-                                            CATEGORY[op.kind], span_block(op.kind, op.block, model.layers), busy)
+                                            CATEGORY[op.kind], span_block(op.kind, op.block, model.layers), on_compute)
     arrived: dict[tuple[int, int], int] = defaultdict(int)
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
@@ -206,14 +218,14 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         for g in op.ranks:
             lanes[g, op.stream].append((op, index[op.id, op.ranks]))
 
-    def lane(rank: str, stream: Stream):
+    def lane(rank: str, stream: Stream) -> _Process:
         # a run's first uploads (the program's prologue), then the steps, each op in the step it
         # is for (a carried upload of step s + 1 is issued during step s)
         sequence = [(op, index[op.id, op.ranks], 0) for op in program.prologue(rank) if op.stream is stream]
         sequence += [(op, kb, s + op.step) for s in range(STEPS) for op, kb in lanes[rank, stream]
                      if s + op.step < STEPS]
         for op, kb, step in sequence:
-            deps, frees, (act, arg), held, category, block, busy = compiled[kb]
+            deps, frees, (act, arg), held, category, block, on_compute = compiled[kb]
             waits = []
             for i, d in deps:
                 e = awaited(i, step + d)
@@ -225,8 +237,9 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 req = buffers[rank].request()
                 if not req.triggered:  # a buffer is free: taken at once
                     yield req
+                # simpy calls a callback with the event and ignores what it returns
                 simpy.AllOf(env, [awaited(i, step + d) for i, d in frees]).callbacks.append(
-                    lambda _, req=req, g=rank: buffers[g].release(req))
+                    cast("Callable[[simpy.Event], None]", lambda _, req=req, g=rank: buffers[g].release(req)))
             if len(op.ranks) > 1:
                 # every member's stream has reached it: the last to arrive runs it for all
                 arrived[kb, step] += 1
@@ -250,7 +263,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 yield simpy.AllOf(env, [net.transfer(arg, tuple(p), ring_s) for p, _ in ring])
             for req in reqs:
                 req.resource.release(req)
-            if busy:
+            if on_compute:
                 busy_spans.append((rank, t0, env.now))
             if record:
                 for g in op.ranks:
@@ -258,6 +271,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             finish(kb, step)
             if op.kind is Kind.BLOCK and deadline is not None and step == REPORTED_STEP:
                 # the rest of this step's compute alone must still fit before the deadline
+                assert op.block is not None  # zoplan.program gives every block op its block
                 rest_s = (model.layers - 1 - op.block) * per_block_s[rank] + head_s[rank] + scalar_latency
                 if env.now + rest_s >= deadline[0]:
                     raise Exceeded()
@@ -266,17 +280,18 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     snapshots: list[dict[str, float]] = []
     last = [index[op.id, op.ranks] for op in program.ops if op.kind is Kind.HOST]
 
-    def step_end():
+    def step_end() -> _Process:
         for step in range(STEPS):
             yield simpy.AllOf(env, [awaited(i, step) for i in last])
             step_ends.append(env.now)
             snapshots.append(net.snapshot())
             finish(index[END, ()], step)
             if deadline is not None and step == REPORTED_STEP - 1:
+                assert limit_s is not None  # a deadline is kept only with a limit
                 deadline[0] = env.now + limit_s
                 env.process(watchdog(deadline[0]))
 
-    def watchdog(deadline: float):
+    def watchdog(deadline: float) -> _Process:
         yield env.timeout(deadline - env.now)
         if len(step_ends) <= REPORTED_STEP:
             raise Exceeded()

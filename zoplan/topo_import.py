@@ -38,6 +38,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import yaml
 
@@ -209,13 +210,13 @@ def parse_topo_matrix(text: str) -> TopoMatrix:
                 raise ZoplanError(f"line {no}: expected one entry per {what} ({width}), found {found}")
             raise ZoplanError(f"line {no}: expected one entry per {what} ({width}), found {found}"
                               + (f" (then '{rest[found]}')" if found < len(rest) else ""))
-        entries = [_check_entry(tok, no, devices[k]) for k, tok in enumerate(rest[:width])]
+        row_entries = [_check_entry(tok, no, devices[k]) for k, tok in enumerate(rest[:width])]
         values = rest[width:]
         if len(values) > len(columns):
             raise ZoplanError(f"line {no}: expected at most {len(columns)} values after the link "
                               f"entries ({', '.join(columns) or 'no affinity columns in the header'}), "
                               f"found {len(values)}: {' '.join(values)}")
-        rows[name] = (no, entries, values)
+        rows[name] = (no, row_entries, values)
 
     missing = [g for g in gpu_cols if g not in rows]
     if missing:
@@ -258,18 +259,21 @@ def parse_topo_matrix(text: str) -> TopoMatrix:
 
 
 # ----- building the topology -----------------------------------------------------------------------
+_Node = tuple[str, int | str]  # ("g", GPU index) or ("n", NIC column)
+
+
 class _Union:
     def __init__(self) -> None:
-        self.parent: dict = {}
+        self.parent: dict[_Node, _Node] = {}
 
-    def find(self, x):
+    def find(self, x: _Node) -> _Node:
         self.parent.setdefault(x, x)
         while self.parent[x] != x:
             self.parent[x] = self.parent[self.parent[x]]
             x = self.parent[x]
         return x
 
-    def union(self, a, b) -> None:
+    def union(self, a: _Node, b: _Node) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[max(ra, rb, key=str)] = min(ra, rb, key=str)
@@ -287,7 +291,7 @@ def _gpu_groups(m: TopoMatrix, kinds: frozenset[str]) -> tuple[list[list[int]], 
         for nic in m.nics:
             if m.nic_entries[(i, nic)] in kinds:
                 u.union(("g", i), ("n", nic))
-    groups: dict = {}
+    groups: dict[_Node, list[int]] = {}
     for i in range(m.gpus):
         groups.setdefault(u.find(("g", i)), []).append(i)
     ordered = sorted(groups.values(), key=lambda g: g[0])
@@ -358,9 +362,9 @@ def _fmt(x: float) -> float | int:
     return int(x) if x == int(x) else x
 
 
-def _flow(value) -> str:
+def _flow(value: object) -> str:
     """One value as inline YAML: ``{a: cpu0, b: gpu0, ...}`` for a mapping, ``80`` for a number."""
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+    text: str = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
     return text.removesuffix("\n...\n").strip()
 
 
@@ -438,9 +442,9 @@ def build_topology(matrix: TopoMatrix, preset: GpuPreset, *, host_memory_gib: fl
     # ----- sockets
     numa_known = all(x is not None for x in m.numa_affinity)
     if numa_known:
-        nodes = sorted(set(m.numa_affinity))  # type: ignore[arg-type]
+        nodes = sorted(set(cast("tuple[int, ...]", m.numa_affinity)))  # numa_known: no entry is None
         socket_ids = [f"cpu{x}" for x in nodes]
-        socket_of = [nodes.index(x) for x in m.numa_affinity]  # type: ignore[arg-type]
+        socket_of = [nodes.index(x) for x in cast("tuple[int, ...]", m.numa_affinity)]  # the same
         socket_note = ("one socket per NUMA node of the 'NUMA Affinity' column (id cpu<node>)")
     else:
         socket_of, more = _infer_sockets(m)
@@ -518,7 +522,7 @@ def build_topology(matrix: TopoMatrix, preset: GpuPreset, *, host_memory_gib: fl
 
     # ----- the spec as data
     gpu_ids = [f"gpu{i}" for i in range(n)]
-    links: list[dict] = []
+    links: list[dict[str, Any]] = []
     pcie = {"kind": "pcie", "gbps": _fmt(preset.h2d_gbps), "gbps_back": _fmt(preset.d2h_gbps),
             "latency_us": PCIE_LATENCY_US}
     for sid, g, home in switches:
@@ -567,7 +571,8 @@ def build_topology(matrix: TopoMatrix, preset: GpuPreset, *, host_memory_gib: fl
     per_socket = []
     for k, sid in enumerate(socket_ids):
         members = [i for i in range(n) if socket_of[i] == k]
-        aff = sorted({m.cpu_affinity[i] for i in members if m.cpu_affinity[i]})
+        # the affinities given: a None is left out
+        aff = sorted(cast("set[str]", {m.cpu_affinity[i] for i in members if m.cpu_affinity[i]}))
         per_socket.append(f"{sid}: {_gpu_list(members)}" + (f" (CPU affinity {', '.join(aff)})" if aff else ""))
     out += _comment(f"- sockets: {socket_note}. " + "; ".join(per_socket) + ".")
     sw_text = "; ".join(f"{sid} = {_gpu_list(g)} ({', '.join(reason[tuple(g)][:4])})"

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import networkx as nx
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, check_version, content_hash, read_yaml, validate
+
+if TYPE_CHECKING:
+    from zoplan.profile import Profiled
 
 TOPOLOGY_VERSIONS = (1,)
 DTYPES = ("fp32", "tf32", "bf16", "fp16")
@@ -98,7 +101,8 @@ class TopologySpec(Strict):
 
     @model_validator(mode="after")
     def _check_references(self) -> TopologySpec:
-        ids = [x.id for x in (*self.sockets, *self.switches, *self.gpus)]
+        parts: tuple[Socket | Switch | Gpu, ...] = (*self.sockets, *self.switches, *self.gpus)
+        ids = [x.id for x in parts]
         seen: set[str] = set()
         for i in ids:
             if i in seen:
@@ -147,6 +151,15 @@ class TopologySpec(Strict):
         return self
 
 
+class _EdgeData(TypedDict):
+    """The attributes of an edge of ``Machine.graph`` (one full-duplex link)."""
+
+    kind: str
+    gbps: float
+    gbps_back: float
+    latency_s: float
+
+
 @dataclass(frozen=True)
 class DirectedLink:
     """One direction of a full-duplex link: the unit of bandwidth the simulator shares."""
@@ -165,7 +178,7 @@ class Machine:
         self.source = source
         # with a calibration profile applied (zoplan.profile.apply_profile): the measured figures
         # replace nominal ones in ``spec``, ``identity`` keeps the described machine's hash
-        self.profile = None
+        self.profile: Profiled | None = None
         self.identity: str | None = None
         self.graph = nx.Graph()
         for s in spec.sockets:
@@ -268,7 +281,7 @@ class Machine:
         """Directed link ids of the fastest route between two GPUs (NVLink when there is one)."""
         key = (src, dst)
         if key not in self._peer_cache:
-            def weight(u: str, v: str, d: dict) -> float:
+            def weight(u: str, v: str, d: _EdgeData) -> float:
                 return 1.0 / d["gbps"]
             try:
                 nodes = nx.shortest_path(self.graph, src, dst, weight=weight)

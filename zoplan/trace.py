@@ -105,7 +105,7 @@ def _fmt_duration(seconds: float) -> str:
 
 # ----- Chrome trace ----------------------------------------------------------------------------
 def chrome_trace(result: SimResult, machine: Machine, *, title: str = "simulated", pid_base: int = 0,
-                 window_only: bool = False) -> dict:
+                 window_only: bool = False) -> dict[str, Any]:
     """The simulated steps as a Chrome trace event object (ts/dur in microseconds).
 
     Processes: ``pid_base + 1 + i`` is the i-th GPU (topology order) named "gpuN (title)", with
@@ -234,7 +234,7 @@ def chrome_trace(result: SimResult, machine: Machine, *, title: str = "simulated
     }
 
 
-def _pids(trace: dict) -> list[int]:
+def _pids(trace: dict[str, Any]) -> list[int]:
     seen: dict[int, None] = {}
     for event in trace.get("traceEvents", []):
         if "pid" in event:
@@ -242,7 +242,7 @@ def _pids(trace: dict) -> list[int]:
     return list(seen)
 
 
-def merge_traces(*traces: dict) -> dict:
+def merge_traces(*traces: dict[str, Any]) -> dict[str, Any]:
     """One trace holding several (e.g. "simulated" and "measured" process groups).
 
     Pids stay distinct: a trace whose pids collide with an earlier one's is shifted past them
@@ -276,7 +276,7 @@ def merge_traces(*traces: dict) -> dict:
             "otherData": other}
 
 
-def write_trace(trace: dict, path: Path) -> None:
+def write_trace(trace: dict[str, Any], path: Path) -> None:
     """Write compact JSON (traces of big models hold many thousand events)."""
     try:
         text = json.dumps(trace, separators=(",", ":"), allow_nan=False)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from zoplan.errors import ZoplanError
 from zoplan.records import SpanLine, TrainRow, read_metrics, read_spans
@@ -54,7 +55,7 @@ class Row:
             return None
         return (self.predicted_s - self.measured_s) / self.measured_s
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "predicted_s": self.predicted_s, "measured_s": self.measured_s,
                 "measured_host_s": self.measured_host_s, "error": self.error}
 
@@ -134,8 +135,10 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
         trace_step = sorted(traced, key=lambda s: step_time[s])[len(traced) // 2]
         spans: list[Span] = []
         for rank, rows_ in sorted(per_rank.items()):
-            for stream, cat, label, block, t0, t1 in rows_[trace_step].spans:
-                spans.append((gpu_of.get(rank, f"rank{rank}"), stream, cat, label, 1, block, t0, t1))
+            kept = rows_[trace_step].spans
+            assert kept is not None  # trace_step is one of traced: every rank kept its spans
+            for stream, cat, label, block, t0, t1 in kept:
+                spans.append(Span(gpu_of.get(rank, f"rank{rank}"), stream, cat, label, 1, block, t0, t1))
         wall = max(rows_[trace_step].wall_s for rows_ in per_rank.values())
         # one step at index 1: the simulator's reported step, so chrome_trace draws it the same way
         result = SimResult(step_time_s=wall, window=(0.0, wall), step_ends=[0.0, wall], utilization={},
@@ -185,7 +188,8 @@ def _stage_medians(per_rank: dict[int, dict[int, SpanLine]], steps: list[int], k
 def compare(validation: Validation, simulated: SimResult, predicted_gpu_bytes: int | None = None) -> Validation:
     """Fill in the predicted column from the plan's simulation (and the plan's GPU memory)."""
     predicted = predicted_stages(simulated)
-    measured = {r.stage: r.measured_s for r in validation.rows}
+    # a validation of measure() holds a measurement in every row (compare fills in the predictions)
+    measured = cast("dict[str, float]", {r.stage: r.measured_s for r in validation.rows})
     host = {r.stage: r.measured_host_s for r in validation.rows if r.measured_host_s is not None}
     if "update" in measured and "update" not in predicted and "compute" in measured:
         # whole-block uploads: the simulator counts the update inside the block's compute span
@@ -202,7 +206,7 @@ def compare(validation: Validation, simulated: SimResult, predicted_gpu_bytes: i
                       padding_fraction=validation.padding_fraction)
 
 
-def combined_trace(validation: Validation, simulated: SimResult, machine: Machine) -> dict:
+def combined_trace(validation: Validation, simulated: SimResult, machine: Machine) -> dict[str, Any]:
     """One Chrome trace: the simulated step ("simulated" processes) above the measured one."""
     traces = [chrome_trace(simulated, machine, title="simulated", window_only=True)]
     if validation.measured is not None:
@@ -211,7 +215,7 @@ def combined_trace(validation: Validation, simulated: SimResult, machine: Machin
     return merge_traces(*traces)
 
 
-def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | None) -> dict:
+def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | None) -> dict[str, Any]:
     return {"plan": str(plan_path), "output": str(out), "measured_steps": validation.measured_steps,
             "trace": str(trace) if trace else None, "trace_step": validation.trace_step,
             "rows": [r.to_json() for r in validation.rows],
