@@ -106,7 +106,7 @@ def forward_op_us(reps: int) -> tuple[float, int]:
 
 
 def z_figures(quick: bool) -> tuple[float, float, float]:
-    """The z generator (pure torch), as zoplan.costs.z_draw_s models a call of n elements:
+    """The z generator (pure torch), as zoplan.sim.costs.z_draw_s models a call of n elements:
     fixed microseconds per call, nanoseconds per element, and extra nanoseconds per element of the
     first chunk (the call's scratch memory is new, so its pages are touched for the first time)."""
     from zoplan.runtime.perturb import CHUNK_CPU, normal

@@ -34,7 +34,7 @@ CASES = {
 
 SIDE = """
 import json, sys
-from zoplan.costs import Workload
+from zoplan.sim.costs import Workload
 from zoplan.models import load_model_shape
 from zoplan.search import search
 from zoplan.topology import load_topology

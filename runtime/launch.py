@@ -108,8 +108,8 @@ def check_gpus_here(machine, gpus: Sequence[str], device_names: Sequence[str]) -
     return a warning for each device of another model than the topology's preset says: the plan
     runs, but its prediction is for other GPUs. ``device_names``: torch's names of this machine's
     devices, in the topology's order."""
-    from zoplan.gpu_presets import PRESETS
-    from zoplan.topo_detect import gpu_preset_for
+    from zoplan.topology.presets import PRESETS
+    from zoplan.topology.detect import gpu_preset_for
 
     fix = "plan for this machine: zoplan topo detect -o machine.yaml; zoplan plan -t machine.yaml ..."
     need = max(list(machine.gpus).index(g) for g in gpus) + 1
@@ -179,7 +179,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         check_plan_matches(plan, shape=shape, plan_path=cfg.plan)
         machine = load_topology(plan.topology.source)
         check_plan_matches(plan, machine=machine, plan_path=cfg.plan)
-        from zoplan.costs import Workload
+        from zoplan.sim.costs import Workload
         from zoplan.planner import check_fits
 
         check_fits(machine, Workload(shape, plan.batch.global_batch, plan.batch.seq_len), plan.to_layout(), cfg.plan)

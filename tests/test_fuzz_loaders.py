@@ -98,7 +98,7 @@ KNOWN_BUGS = {bug.key: bug for bug in (
              "'!!int abc', '!!float abc'), KeyError ('!!bool abc'), AttributeError ('!!timestamp "
              "abc'), IndexError (\"!!float ''\") and RecursionError (~1000 nested '['): a traceback"),
     KnownBug("validate-surrogates", "fileio.py:validate", (UnicodeEncodeError,),
-             "zoplan/topology.py TopologySpec._check_references (line 94 and the other raises) "
+             "zoplan/topology/__init__.py TopologySpec._check_references (line 94 and the other raises) "
              "quotes ids in its ValueError; when an id holds a lone surrogate (the YAML escape "
              "\"\\uD800\"), pydantic-core cannot encode the message and raises UnicodeEncodeError, "
              "which zoplan/fileio.py validate (lines 69-70, catching only ValidationError) lets escape. "
@@ -117,12 +117,12 @@ KNOWN_BUGS = {bug.key: bug for bug in (
              "json.loads raises RecursionError on deep nesting ('[' * 100000) and ValueError on an "
              "integer of more than 4300 digits: a traceback"),
     KnownBug("planner-infinite-memory", "costs.py:max_resident_blocks", (ValueError,),
-             "zoplan/costs.py max_resident_blocks (line 176): int(free // per_block) with free = "
+             "zoplan/sim/costs.py max_resident_blocks (line 176): int(free // per_block) with free = "
              "inf (memory_gib: .inf, or memory_gib >= ~1.7e299 so that memory_gib * 2**30 "
              "overflows; pydantic PositiveFloat accepts inf) raises 'cannot convert float NaN to "
              "integer': a traceback from zoplan plan"),
     KnownBug("simulator-livelock", "flownet.py:*", (Exception,),
-             "zoplan/flownet.py _recompute (lines 110-111) / _advance (line 69): once env.now is "
+             "zoplan/sim/flownet.py _recompute (lines 110-111) / _advance (line 69): once env.now is "
              "~1e7 times a flow's duration, the next wake-up dt = remaining / rate is below the "
              "float spacing of env.now, so now + dt == now, _advance moves nothing and the same "
              "event is scheduled forever (seen: remaining 0.035 B at 8.1e9 B/s, now 65605.8 s). A "
@@ -820,7 +820,7 @@ def test_bug_timeline_livelock(workdir: Path, global_batch: int) -> None:
     it), then zoplan.planner.timeline never returned (4096 or 65536: 0.01 s)."""
     from zoplan.planner import timeline
 
-    from zoplan.costs import Workload
+    from zoplan.sim.costs import Workload
     from zoplan.limits import MAX_GLOBAL_BATCH
     from zoplan.search import evaluate
 

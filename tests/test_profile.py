@@ -64,7 +64,7 @@ def test_a_profile_without_a_shape_hash_matches_by_name_and_shape(tmp_path: Path
 def test_the_movers_all_gather_takes_the_figure_measured_for_their_group_size(tmp_path: Path) -> None:
     """A 4-GPU machine calibrated among 4 ranks and among the first 2 and 3: 2 movers take the
     2-rank figure; without it they fall back to the simulated links."""
-    from zoplan.costs import StepCosts, Workload
+    from zoplan.sim.costs import StepCosts, Workload
     from zoplan.layout import Layout
     from zoplan.profile import apply_profile, load_profile
 
@@ -154,7 +154,7 @@ def test_the_compute_dtype_defaults_to_the_profiles_and_another_is_refused(tmp_p
 
 
 def test_the_plan_says_when_it_scales_the_profiles_compute_times_to_another_micro_batch(tmp_path: Path) -> None:
-    from zoplan.render import plan_footer
+    from zoplan.cli.render import plan_footer
 
     profile = write_profile(tmp_path / "profile.yaml")  # timed 2 x 64 tokens
     model = str(tmp_path / "my-base")
@@ -170,7 +170,7 @@ def test_the_calibration_table_shows_every_group_and_an_unresolved_rate_in_words
     from rich.console import Console
 
     from zoplan.profile import load_profile
-    from zoplan.render import profile_table
+    from zoplan.cli.render import profile_table
 
     tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
     tree["allgather"] = {"ranks": 3, "latency_us": 280.0, "gbps": 1e6, "wait_us": 500.0}
@@ -222,7 +222,7 @@ def test_a_setting_key_that_is_not_branches_x_micro_batches_is_refused(tmp_path:
 
 
 def test_the_plan_says_when_it_extrapolates_past_the_timed_micro_batch_counts(tmp_path: Path) -> None:
-    from zoplan.render import plan_footer
+    from zoplan.cli.render import plan_footer
 
     model = str(tmp_path / "my-base")
     pins = Pins(perturbation=2, data=1, micro_batch=2)
@@ -254,7 +254,7 @@ def test_a_measured_duplex_rate_caps_the_sockets_bus_and_shows_in_the_table(tmp_
     from rich.console import Console
 
     from zoplan.profile import apply_profile, load_profile
-    from zoplan.render import profile_table
+    from zoplan.cli.render import profile_table
 
     machine = load_topology("cpu-local")
     tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
@@ -316,7 +316,7 @@ def test_a_gpu_calibration_keeps_block_computes_gpu_and_host_time_and_the_table_
     from rich.console import Console
 
     from zoplan.profile import build_profile
-    from zoplan.render import profile_table
+    from zoplan.cli.render import profile_table
 
     machine = load_topology("h100-pcie-1x")
     shape = load_model_shape("tiny-opt")
@@ -350,7 +350,7 @@ def test_a_sampled_duplex_rate_keeps_its_range_and_an_unsampled_profile_keeps_it
     from rich.console import Console
 
     from zoplan.profile import build_profile, load_profile, write_profile as save
-    from zoplan.render import profile_table
+    from zoplan.cli.render import profile_table
 
     machine = load_topology("h100-pcie-1x")
     shape = load_model_shape("tiny-opt")
@@ -383,7 +383,7 @@ def test_cpu_compute_ranks_that_meet_every_block_compute_at_the_calibrated_locks
     embedding and head take the ratio measured with every rank all-gathering each block against
     each rank alone (1 branch, 2 micro-batches). One compute rank with a relay, or GPUs, keep the
     independent figures; a profile without the lockstep figures plans as before."""
-    from zoplan.costs import StepCosts, Workload
+    from zoplan.sim.costs import StepCosts, Workload
     from zoplan.layout import Layout
     from zoplan.profile import apply_profile, load_profile
 
@@ -426,7 +426,7 @@ def test_a_calibration_with_several_ranks_keeps_the_lockstep_compute_and_older_p
 
     from zoplan.fileio import content_hash
     from zoplan.profile import build_profile, load_profile, write_profile as save
-    from zoplan.render import profile_table
+    from zoplan.cli.render import profile_table
 
     machine = load_topology("cpu-local")
     shape = load_model_shape("tiny-opt")

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from zoplan.cli import app, main
-from zoplan.costs import StepCosts, Workload
+from zoplan.sim.costs import StepCosts, Workload
 from zoplan.layout import Layout
 from zoplan.models import load_model_shape
 from zoplan.program import END, Kind, Stream, build

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from zoplan.bound import machine_bound
-from zoplan.costs import GiB, StepCosts, Workload
+from zoplan.sim.bound import machine_bound
+from zoplan.sim.costs import GiB, StepCosts, Workload
 from zoplan.errors import ZoplanError
 from zoplan.layout import Layout
 from zoplan.models import ModelShape, load_model_shape

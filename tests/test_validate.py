@@ -115,7 +115,7 @@ def test_cuda_host_times_are_read_beside_the_gpu_times(two_rank_plan, tmp_path: 
 def test_cpu_runs_have_no_host_column(two_rank_plan, tmp_path: Path) -> None:
     from rich.console import Console
 
-    from zoplan.render import validation_notes, validation_table
+    from zoplan.cli.render import validation_notes, validation_table
 
     write_run(tmp_path / "cpu", [1.0, 0.2], {0: [1.0, 0.1], 1: [1.0, 0.1]})
     sim = SimResult(step_time_s=0.2, window=(0.0, 0.2), step_ends=[0.0, 0.2], utilization={}, bottleneck="x",
@@ -151,7 +151,7 @@ def test_whole_block_update_host_time_counts_as_compute(two_rank_plan, tmp_path:
 
 
 def test_cuda_peak_memory_is_reported_beside_the_prediction(two_rank_plan, tmp_path: Path) -> None:
-    from zoplan.render import validation_notes
+    from zoplan.cli.render import validation_notes
 
     run = tmp_path / "run"
     write_run(run, [1.0, 0.2, 0.2], {0: [1.0, 0.1, 0.1], 1: [1.0, 0.1, 0.1]})
@@ -187,7 +187,7 @@ def test_the_training_loop_is_the_slowest_ranks_as_the_planner_counts_it(two_ran
 
 
 def test_the_spread_of_the_measured_steps_is_reported_beside_the_error(two_rank_plan, tmp_path: Path) -> None:
-    from zoplan.render import validation_notes
+    from zoplan.cli.render import validation_notes
 
     times = [9.0] + [0.20 + 0.01 * k for k in range(11)]  # steps 1-11: 0.20 .. 0.30 s
     write_run(tmp_path / "run", times, {0: [0.1] * 12, 1: [0.1] * 12})
@@ -211,7 +211,7 @@ def test_the_spread_of_the_measured_steps_is_reported_beside_the_error(two_rank_
 def test_steps_that_speed_up_or_slow_down_during_the_run_are_pointed_out(two_rank_plan, tmp_path: Path) -> None:
     """The medians of the first and second half of the measured steps; a note when they are more
     than 10% of the median apart, saying which way (warm-up past --skip, or a machine slowing)."""
-    from zoplan.render import validation_notes
+    from zoplan.cli.render import validation_notes
 
     sim = SimResult(step_time_s=0.1, window=(0.0, 0.1), step_ends=[0.0, 0.1], utilization={}, bottleneck="x",
                     spans=[("rank0", "compute", "compute", "block 0", 1, 0, 0.0, 0.1)])
@@ -236,7 +236,7 @@ def test_steps_that_speed_up_or_slow_down_during_the_run_are_pointed_out(two_ran
 
 
 def test_padded_batches_are_reported_as_the_share_of_positions_that_held_padding(two_rank_plan, tmp_path: Path) -> None:
-    from zoplan.render import validation_notes
+    from zoplan.cli.render import validation_notes
 
     run = tmp_path / "run"
     write_run(run, [1.0, 0.2, 0.2, 0.2], {0: [1.0, 0.1, 0.1, 0.1], 1: [1.0, 0.1, 0.1, 0.1]})

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from zoplan.costs import StepCosts, Workload
+from zoplan.sim.costs import StepCosts, Workload
 from zoplan.errors import ZoplanError
 from zoplan.models import ModelShape, load_model_shape
 from zoplan.program import Program
@@ -235,7 +235,7 @@ class Timeline:
 def check_fits(machine: Machine, workload: Workload, layout: Layout, plan_path: str | Path) -> None:
     """A plan file edited by hand (a larger micro-batch, more resident blocks, deeper prefetch) may
     no longer fit the machine's memory: refused here, as the planner would not have made it."""
-    from zoplan.costs import GiB, HOST_RESERVE_BYTES
+    from zoplan.sim.costs import GiB, HOST_RESERVE_BYTES
 
     costs = StepCosts(machine, workload, layout)
     for g in layout.gpus:

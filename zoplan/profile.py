@@ -8,7 +8,7 @@ length, the engine's block compute, deferred update, embedding and head times.
 ``zoplan plan --profile FILE`` plans with it (:func:`apply_profile`):
 - each device's own host link takes its measured copy rates, and its socket's memory bus the
   rate all devices reached together (that is where shared links show up);
-- the costs (zoplan.costs) take the measured compute times: with ``b`` branches and ``m``
+- the costs (zoplan.sim.costs) take the measured compute times: with ``b`` branches and ``m``
   micro-batches on a device, a block costs ``fixed_b + m * per_micro_batch_b``, both solved from
   the 1- and 2-micro-batch measurements (micro-batches of another size scale by tokens);
 - the all-gather and the loss all-reduce take the measured latency and bandwidth;

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
-from zoplan.bound import Bound, machine_bound
-from zoplan.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
+from zoplan.sim.bound import Bound, machine_bound
+from zoplan.sim.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
 from zoplan.layout import Layout, Pins, divisors

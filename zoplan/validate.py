@@ -34,7 +34,7 @@ from zoplan.records import SpanLine, TrainRow, read_metrics, read_spans
 from zoplan.planfile import Plan
 from zoplan.sim import SimResult, Span
 from zoplan.topology import Machine
-from zoplan.trace import CATEGORIES, chrome_trace, merge_traces
+from zoplan.sim.trace import CATEGORIES, chrome_trace, merge_traces
 
 STAGE_NAMES = {"h2d": "upload (h2d)", "update": "update", "exchange": "all-gather", "embed": "embed+perturb",
                "compute": "block compute", "head": "head+loss", "scalar": "scalar all-reduce",

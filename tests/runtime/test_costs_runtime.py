@@ -1,4 +1,4 @@
-"""The cost model's counts of the runtime's work (zoplan.costs, zoplan.models.RUNTIME_OPS) against
+"""The cost model's counts of the runtime's work (zoplan.sim.costs, zoplan.models.RUNTIME_OPS) against
 what the runtime really issues: tensor ops per stage, resident tensors, the z generator's chunk."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from zoplan.costs import Z_CHUNK_CPU
+from zoplan.sim.costs import Z_CHUNK_CPU
 from zoplan.models import RUNTIME_OPS, load_model_shape
 from zoplan.runtime.adapters import adapter_for
 from zoplan.runtime.perturb import CHUNK_CPU

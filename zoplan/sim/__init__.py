@@ -7,7 +7,7 @@ module walks those lists, one simpy process per stream of each rank, and times e
 - transfers (uploads, write-backs, all-gather rounds) cross the machine's links and each
   socket's memory bus, shared max-min fairly between the transfers crossing them (flownet), or
   take the calibrated all-gather time;
-- compute ops take the cost model's time (zoplan.costs): measured with a profile, from FLOPs and
+- compute ops take the cost model's time (zoplan.sim.costs): measured with a profile, from FLOPs and
   HBM bandwidth without;
 - an op that takes a device buffer waits for one of the rank's ``prefetch + 1`` to be free;
 - a collective starts once every member's stream has reached it;
@@ -27,8 +27,8 @@ from typing import Any, NamedTuple, cast
 
 import simpy
 
-from zoplan.costs import StepCosts
-from zoplan.flownet import FlowNet
+from zoplan.sim.costs import StepCosts
+from zoplan.sim.flownet import FlowNet
 from zoplan.program import CATEGORY, END, Kind, Op, Ref, span_block
 from zoplan.topology import Machine
 from zoplan.vocab import Stream

@@ -14,7 +14,7 @@ in newer drivers, ``GPU NUMA ID``; a Legend (and a "NIC Legend") follows. Entrie
 
 How a topology is built from it (docs/topologies.md, "Importing a real machine"):
 
-- GPUs ``gpu0..gpuN-1``, all of the ``--gpu`` preset (zoplan.gpu_presets).
+- GPUs ``gpu0..gpuN-1``, all of the ``--gpu`` preset (zoplan.topology.presets).
 - Sockets: one per NUMA node of the ``NUMA Affinity`` column (id ``cpu<node>``). When the column
   is missing or says N/A, sockets are inferred: devices joined by PIX/PXB/PHB/NODE are on one
   socket, and groups are kept apart only when a SYS entry separates them (``cpu0, cpu1, ...``).
@@ -44,7 +44,7 @@ import yaml
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import load_yaml_text, read_text, validate
-from zoplan.gpu_presets import GpuPreset, get_preset
+from zoplan.topology.presets import GpuPreset, get_preset
 from zoplan.topology import Machine, TopologySpec
 
 # ----- figures that are not in the matrix -----------------------------------------------------------
@@ -565,7 +565,7 @@ def build_topology(matrix: TopoMatrix, preset: GpuPreset, *, host_memory_gib: fl
     out += _comment(
         f"Imported by `zoplan topo import` from {source} (`nvidia-smi topo -m`, the {m.layout} layout, "
         f"{n} GPUs{', NICs ' + ', '.join(m.nics) if m.nics else ''}), GPU model {preset.title} "
-        f"(--gpu {preset.name}; figures from zoplan/gpu_presets.py).")
+        f"(--gpu {preset.name}; figures from zoplan/topology/presets.py).")
     out.append("#")
     out += _comment("How the matrix was read:")
     per_socket = []

@@ -28,8 +28,8 @@ import yaml
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import load_yaml_text, validate
-from zoplan.gpu_presets import PRESETS, GpuPreset, preset_names
-from zoplan.topo_import import (SOCKET_LINK_GBPS, SOCKET_LINK_LATENCY_US, SOCKET_LINK_SOURCE,
+from zoplan.topology.presets import PRESETS, GpuPreset, preset_names
+from zoplan.topology.importer import (SOCKET_LINK_GBPS, SOCKET_LINK_LATENCY_US, SOCKET_LINK_SOURCE,
                                 _comment, _flow, _fmt, build_topology, parse_topo_matrix)
 from zoplan.topology import Machine, TopologySpec
 
@@ -61,7 +61,7 @@ CPU_TFLOPS = {"fp32": 0.05, "bf16": 0.025, "fp16": 0.025}
 CPU_COPY_GBPS = 4.0  # one core's copy out of the shared host copy of the weights
 CPU_MEMORY_BUS_GBPS = 40.0  # a socket's cap: two channels of DDR4-2666 (42.7 GB/s peak)
 CPU_LINK_LATENCY_US = 5.0  # per copy call: Python and dispatcher overhead, as in cpu-local
-# The runtime's own work on a CPU rank (zoplan.costs): ASSUMED as measured for cpu-local's machine
+# The runtime's own work on a CPU rank (zoplan.sim.costs): ASSUMED as measured for cpu-local's machine
 # (bench/cpu_figures.py), rounded up
 CPU_RUNTIME = {"op_us": 20, "z_call_us": 400, "z_ns": 30, "z_first_ns": 30, "collective_us": 1000, "loop_us": 1000}
 CPU_FIGURES_SOURCE = (

@@ -19,16 +19,17 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from zoplan import cli, topo_detect
+from zoplan import cli
+from zoplan.topology import detect as topo_detect
 from zoplan.errors import ZoplanError
-from zoplan.gpu_presets import preset_names
+from zoplan.topology.presets import preset_names
 from zoplan.planner import plan
-from zoplan.topo_detect import (cpu_topology, detect, gpu_preset_for, mem_total_kib, parse_cpulist,
+from zoplan.topology.detect import (cpu_topology, detect, gpu_preset_for, mem_total_kib, parse_cpulist,
                                 read_numa_nodes, run_nvidia_smi)
-from zoplan.topo_import import import_nvidia_smi
+from zoplan.topology.importer import import_nvidia_smi
 from zoplan.topology import Machine, load_topology
 
-FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "nvidia-smi"
 DGX = FIXTURES / "dgx-a100-like.txt"
 L40S = FIXTURES / "l40s-8x-like.txt"
 H200 = FIXTURES / "h200-1x.txt"

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from zoplan.errors import ZoplanError
 from zoplan.topology import Machine, bundled_names, load_topology, resolve_topology_path
-from zoplan.topology_view import render_topology, topology_rows, topology_table
+from zoplan.topology.view import render_topology, topology_rows, topology_table
 
 BUNDLED = ["cpu-local", "dgx-a100", "dgx-h100", "h100-pcie-1x", "hgx-h200", "l40s-8x", "rtx4090-4x"]
 
@@ -334,7 +334,7 @@ def test_topology_table_has_a_row_per_name() -> None:
 
 
 def test_the_format_example_in_the_docs_loads(tmp_path: Path) -> None:
-    text = (Path(__file__).parent.parent / "docs" / "topologies.md").read_text(encoding="utf-8")
+    text = (Path(__file__).parents[2] / "docs" / "topologies.md").read_text(encoding="utf-8")
     example = text.split("## Format (version 1)")[1].split("```yaml")[1].split("```")[0]
     path = tmp_path / "example.yaml"
     path.write_text(example)

@@ -39,7 +39,7 @@ class GpuModel(Strict):
     hbm_gbps: PositiveFloat
     matmul_efficiency: float = Field(
         0.8, gt=0, le=1, description="achieved fraction of peak for large matrix products")
-    # The runtime's own work, beyond arithmetic and memory traffic (zoplan.costs). 0 where it is
+    # The runtime's own work, beyond arithmetic and memory traffic (zoplan.sim.costs). 0 where it is
     # negligible or hidden: a GPU's kernel launches overlap its execution, and its fused kernels
     # draw z in registers. A CPU rank pays each of these on its one thread (bench/cpu_figures.py).
     op_us: float = Field(0.0, ge=0, le=1e6, description="host time per tensor op of a forward pass "

@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import cast
 
-from zoplan.costs import StepCosts
+from zoplan.sim.costs import StepCosts
 from zoplan.sim import link_label
 
 

@@ -91,7 +91,7 @@ def plan_cmd(
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
         return
-    from zoplan.render import plan_footer, plan_table
+    from zoplan.cli.render import plan_footer, plan_table
 
     out.print(plan_table(report))
     out.print(plan_footer(report))
@@ -134,7 +134,7 @@ def compare_cmd(
                   "speedup_vs_baseline": res.speedup_vs_baseline, **res.summary(res.search.best)}
             for name, res in results]}, indent=2))
         return
-    from zoplan.render import compare_table
+    from zoplan.cli.render import compare_table
 
     out.print(compare_table(results, model))
 
@@ -151,7 +151,7 @@ def timeline_cmd(
     rank: Optional[list[str]] = typer.Option(None, "--rank", help="with --ops: only this rank (GPU id; repeatable)"),
 ) -> None:
     """Simulate a plan's step again and show it: trace file, terminal chart, PNG or its program."""
-    from zoplan import trace
+    from zoplan.sim import trace
     from zoplan.planner import timeline
 
     tl = timeline(plan_file, topology)
@@ -168,7 +168,7 @@ def timeline_cmd(
         trace.plot_png(sim, tl.machine, png)
         out.print(Text(f"wrote {png}"))
     if show:
-        from zoplan.render import sensitivity_line
+        from zoplan.cli.render import sensitivity_line
 
         out.print(trace.gantt(sim, tl.machine, width=width))
         out.print(Text(sensitivity_line(sim.step_time_s, tl.sensitivity)), highlight=False, soft_wrap=True)
@@ -312,7 +312,7 @@ def calibrate_cmd(
     prof = calibrate(model, topology, micro_batch=micro_batch, seq_len=seq_len,
                      dtype=dtype.value if dtype else None, output=output, steps=steps,
                      micro_batches=_int_list(micro_batches, "--micro-batches"), spans=spans)
-    from zoplan.render import profile_table
+    from zoplan.cli.render import profile_table
 
     out.print(profile_table(prof))
     out.print(Text(f"wrote {output}  (use it with: zoplan plan --topology {topology} --profile {output} ...)"))
@@ -384,13 +384,13 @@ def _validate(run_dir: Path, the_plan: Plan, plan_file: Path, simulated: SimResu
     run(make(plan=plan_file, model=model, data=data, steps=steps, output=run_dir, quiet=as_json, pad_to_seq_len=pad))
     result = zv.compare(zv.measure(run_dir, the_plan, skip), simulated, the_plan.prediction.gpu_memory_bytes)
     if trace is not None:
-        from zoplan.trace import write_trace
+        from zoplan.sim.trace import write_trace
 
         write_trace(zv.combined_trace(result, simulated, timeline(plan_file).machine), trace)
     if as_json:
         print(json.dumps(zv.to_json(result, plan_file, run_dir, trace), indent=2))
         return
-    from zoplan.render import validation_notes, validation_table
+    from zoplan.cli.render import validation_notes, validation_table
 
     out.print(validation_table(result, plan_file))
     for note in validation_notes(result):
@@ -420,7 +420,7 @@ def replay_cmd(
 def topo_list() -> None:
     """The bundled machine topologies."""
     from zoplan.topology import bundled_names
-    from zoplan.topology_view import topology_table
+    from zoplan.topology.view import topology_table
 
     out.print(topology_table(bundled_names()))
 
@@ -429,7 +429,7 @@ def topo_list() -> None:
 def topo_show(name: str = typer.Argument(..., help="bundled topology name or YAML path")) -> None:
     """A machine as a tree: sockets, PCIe switches, GPUs and their bandwidths."""
     from zoplan.topology import load_topology
-    from zoplan.topology_view import render_topology
+    from zoplan.topology.view import render_topology
 
     out.print(render_topology(load_topology(name)))
 
@@ -447,7 +447,7 @@ def topo_import_cmd(
         None, "--host-gbps", help="host memory bandwidth per socket, GB/s (default: 204.8, with a warning)"),
 ) -> None:
     """Write a topology file from the text of `nvidia-smi topo -m` (then: zoplan plan -t FILE)."""
-    from zoplan.topo_import import import_topology_file
+    from zoplan.topology.importer import import_topology_file
 
     result = import_topology_file(source, gpu=gpu, host_memory_gib=host_memory_gib, host_gbps=host_gbps,
                                   name=name or output.stem)
@@ -467,7 +467,7 @@ def topo_detect_cmd(
     cpu: bool = typer.Option(False, "--cpu", help="describe the CPU only, even where nvidia-smi is present"),
 ) -> None:
     """Write a topology file for this machine: from nvidia-smi, or CPU ranks without a GPU."""
-    from zoplan.topo_detect import detect
+    from zoplan.topology.detect import detect
 
     result = detect(ranks=ranks, host_gbps=host_gbps, name=name or output.stem, cpu_only=cpu)
     result.write(output)
@@ -480,7 +480,7 @@ def topo_detect_cmd(
 @models_app.command("list")
 def models_list() -> None:
     """The model presets and their sizes."""
-    from zoplan.render import models_table
+    from zoplan.cli.render import models_table
 
     out.print(models_table())
 
@@ -497,7 +497,3 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

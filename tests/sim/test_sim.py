@@ -7,8 +7,8 @@ import pytest
 import simpy
 import yaml
 
-from zoplan.costs import StepCosts, Workload
-from zoplan.flownet import FlowNet
+from zoplan.sim.costs import StepCosts, Workload
+from zoplan.sim.flownet import FlowNet
 from zoplan.layout import Layout
 from zoplan.models import ModelShape
 from zoplan.sim import REPORTED_STEP, STEPS, simulate
@@ -190,7 +190,7 @@ def test_gpu_memory_counts_what_the_runtime_allocates(tmp_path: Path) -> None:
     """One compute GPU, dual forward, whole-block uploads, prefetch 2, no resident block: the
     reserve, prefetch + 1 uploaded blocks, one work buffer per branch (theta + s*eps*z), the
     resident parts twice (parameters and their master copy) and one block's activations."""
-    from zoplan.costs import GPU_RESERVE_BYTES
+    from zoplan.sim.costs import GPU_RESERVE_BYTES
 
     machine = load_topology(_one_gpu_machine(tmp_path, pcie_gbps=10, tflops=1e6))
     costs = StepCosts(machine, Workload(SHAPE, 1, 16), _zo2(prefetch=2))

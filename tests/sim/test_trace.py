@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from zoplan.costs import Workload
+from zoplan.sim.costs import Workload
 from zoplan.errors import ZoplanError
 from zoplan.layout import Layout
 from zoplan.models import load_model_shape
 from zoplan.search import evaluate
 from zoplan.sim import REPORTED_STEP, SimResult, link_label
 from zoplan.topology import Machine, load_topology
-from zoplan.trace import STREAMS, chrome_trace, gantt, merge_traces, plot_png, write_trace
+from zoplan.sim.trace import STREAMS, chrome_trace, gantt, merge_traces, plot_png, write_trace
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 GPUS = ("gpu0", "gpu2", "gpu4", "gpu6", "gpu1", "gpu3", "gpu5", "gpu7")
@@ -378,7 +378,7 @@ def test_png_without_matplotlib_names_the_extra(sliced, machine, tmp_path, monke
 
 
 def test_importing_trace_pulls_in_neither_matplotlib_nor_torch() -> None:
-    code = ("import sys, zoplan.trace; "
+    code = ("import sys, zoplan.sim.trace; "
             "bad = [m for m in ('matplotlib', 'torch') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

@@ -231,7 +231,7 @@ def validation_notes(result: Validation) -> list[str]:
         notes.append("host issue: the host's time issuing each stage (Python, kernel launches); "
                      "where it reaches the measured GPU time, the GPU waits for the host")
     if result.peak_gpu_bytes is not None:
-        from zoplan.costs import GPU_RESERVE_BYTES
+        from zoplan.sim.costs import GPU_RESERVE_BYTES
 
         predicted_gpu = (f"predicted {_fmt_gib(result.predicted_gpu_bytes)} GiB (with a {_fmt_gib(GPU_RESERVE_BYTES)} "
                      f"GiB reserve for the "
@@ -271,7 +271,7 @@ def profile_table(profile: Profile) -> Table:
                      if key in c.block_gpu_s and key in c.block_host_s else "")
             table.add_row(f"block compute, {branches} branch(es), {m} micro-batch(es)", _fmt_time(t) + split)
     if "block" in profile.compute.lockstep_s:
-        # CPU plans with several compute ranks scale compute by this (zoplan.costs)
+        # CPU plans with several compute ranks scale compute by this (zoplan.sim.costs)
         table.add_row("block compute, 1 branch, 2 micro-batches, all ranks all-gathering each block",
                       f"{_fmt_time(profile.compute.lockstep_s['block'])} "
                       f"(x{profile.lockstep_factor('block'):.2f})")

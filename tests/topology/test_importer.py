@@ -26,14 +26,14 @@ from typer.testing import CliRunner
 
 from zoplan import cli
 from zoplan.errors import ZoplanError
-from zoplan.gpu_presets import NVLINK4_BUSBW_PER_LINK, PRESETS, get_preset, preset_names
+from zoplan.topology.presets import NVLINK4_BUSBW_PER_LINK, PRESETS, get_preset, preset_names
 from zoplan.planner import plan
 from zoplan.search import family
-from zoplan.topo_import import (DEFAULT_HOST_GBPS, ImportedTopology, import_nvidia_smi,
+from zoplan.topology.importer import (DEFAULT_HOST_GBPS, ImportedTopology, import_nvidia_smi,
                                 import_topology_file, parse_topo_matrix)
 from zoplan.topology import Machine, load_topology
 
-FIXTURES = Path(__file__).parent / "fixtures" / "nvidia-smi"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "nvidia-smi"
 DGX = FIXTURES / "dgx-a100-like.txt"
 L40S = FIXTURES / "l40s-8x-like.txt"
 WORKSTATION = FIXTURES / "workstation-4x.txt"
@@ -230,7 +230,7 @@ def test_presets_match_the_bundled_topologies(topology: str, model: str) -> None
     bundled = load_topology(topology)
     preset = get_preset(model)
     figures = bundled.spec.gpu_models[model].model_dump()
-    # the runtime's own work: none charged on GPUs (zoplan.costs; tests/test_costs.py)
+    # the runtime's own work: none charged on GPUs (zoplan.sim.costs; tests/sim/test_costs.py)
     runtime = {k: figures.pop(k) for k in ("op_us", "z_ns", "z_call_us", "z_first_ns", "collective_us", "loop_us")}
     assert set(runtime.values()) == {0.0}
     assert figures == {"kind": "gpu", **preset.gpu_model()}
@@ -371,6 +371,6 @@ def test_cli_import_bad_input_exits_2_with_the_line(tmp_path: Path, monkeypatch,
 
 
 def test_importing_does_not_import_torch() -> None:
-    code = ("import sys, zoplan.topo_import, zoplan.gpu_presets, zoplan.cli; "
+    code = ("import sys, zoplan.topology.importer, zoplan.topology.presets, zoplan.cli; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

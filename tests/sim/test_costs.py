@@ -1,4 +1,4 @@
-"""The cost model's charge for the runtime's own work (zoplan.costs): tensor ops, z drawn into
+"""The cost model's charge for the runtime's own work (zoplan.sim.costs): tensor ops, z drawn into
 memory, collective calls and the loop's host work, from a device's figures in the topology."""
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zoplan.costs import SET_RESIDENT_PASSES, UPDATE_PASSES, Z_CHUNK_CPU, StepCosts, Workload, elementwise_s
+from zoplan.sim.costs import SET_RESIDENT_PASSES, UPDATE_PASSES, Z_CHUNK_CPU, StepCosts, Workload, elementwise_s
 from zoplan.layout import Layout
 from zoplan.models import RUNTIME_OPS, TINY_SHAPES, load_model_shape
 from zoplan.sim import simulate
 from zoplan.topology import load_topology
 
-CPU_LOCAL = Path(__file__).resolve().parents[1] / "topologies" / "cpu-local.yaml"
+CPU_LOCAL = Path(__file__).resolve().parents[2] / "topologies" / "cpu-local.yaml"
 RUNTIME_KEYS = ("op_us", "z_ns", "z_call_us", "z_first_ns", "collective_us", "loop_us")
 
 

@@ -1,0 +1,4 @@
+"""``python -m zoplan.cli``: the ``zoplan`` command."""
+from zoplan.cli import main
+
+main()
