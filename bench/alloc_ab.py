@@ -7,6 +7,7 @@ measured median step and the medians over rounds.
 
 Usage: python -m bench.alloc_ab [--models tiny-opt,opt-125m] [--layouts 1x1,2x1] [--rounds 3] [--steps 12]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ from pathlib import Path
 from bench.runtime_gpu import build, long_texts
 
 # the CLI with the launcher's allocator settings removed
-OFF = "import sys; import zoplan.runtime.launch as launch; launch.MALLOC_ENV.clear(); from zoplan.cli import main; main()"
+OFF = (
+    "import sys; import zoplan.runtime.launch as launch; launch.MALLOC_ENV.clear(); from zoplan.cli import main; main()"
+)
 
 
 def zoplan(*args: str, env=None, off: bool = False) -> str:
@@ -47,6 +50,7 @@ def main() -> None:
         for name in opts.models.split(","):
             if name.startswith("tiny-"):
                 from zoplan.runtime.tiny import resolve_model
+
                 model = resolve_model(name)
             else:
                 model = work / name
@@ -54,23 +58,59 @@ def main() -> None:
             for layout in opts.layouts.split(","):
                 p, d = layout.split("x")
                 plan = work / f"{name}-{layout}.yaml"
-                zoplan("plan", "--model", str(model / "config.json"), "--topology", "cpu-local", "--global-batch", "4",
-                       "--seq-len", "64", "--dtype", "fp32", "--pertp", p, "--ddp", d, "--micro-batch", "2",
-                       "--resident", "0", "-o", str(plan))
+                zoplan(
+                    "plan",
+                    "--model",
+                    str(model / "config.json"),
+                    "--topology",
+                    "cpu-local",
+                    "--global-batch",
+                    "4",
+                    "--seq-len",
+                    "64",
+                    "--dtype",
+                    "fp32",
+                    "--pertp",
+                    p,
+                    "--ddp",
+                    d,
+                    "--micro-batch",
+                    "2",
+                    "--resident",
+                    "0",
+                    "-o",
+                    str(plan),
+                )
                 steps: dict[str, list[float]] = {"on": [], "off": []}
                 for r in range(opts.rounds):
-                    for setting in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                    for setting in ("on", "off") if r % 2 == 0 else ("off", "on"):
                         env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-                        report = json.loads(zoplan("validate", str(plan), "--model", str(model), "--data", str(data),
-                                                   "--steps", str(opts.steps), "--json", "--output",
-                                                   str(work / f"run-{name}-{layout}-{r}-{setting}"), env=env,
-                                                   off=setting == "off"))
+                        report = json.loads(
+                            zoplan(
+                                "validate",
+                                str(plan),
+                                "--model",
+                                str(model),
+                                "--data",
+                                str(data),
+                                "--steps",
+                                str(opts.steps),
+                                "--json",
+                                "--output",
+                                str(work / f"run-{name}-{layout}-{r}-{setting}"),
+                                env=env,
+                                off=setting == "off",
+                            )
+                        )
                         step = next(row["measured_s"] for row in report["rows"] if row["stage"] == "step")
                         steps[setting].append(step)
                         print(f"{name} {layout} round {r} {setting}: {step * 1e3:.1f} ms", flush=True)
                 on, off = statistics.median(steps["on"]), statistics.median(steps["off"])
-                print(f"{name} {layout}: median step, allocator settings on {on * 1e3:.1f} ms, off {off * 1e3:.1f} ms "
-                      f"(on/off {on / off:.2f})", flush=True)
+                print(
+                    f"{name} {layout}: median step, allocator settings on {on * 1e3:.1f} ms, off {off * 1e3:.1f} ms "
+                    f"(on/off {on / off:.2f})",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

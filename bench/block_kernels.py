@@ -10,6 +10,7 @@ the same bits.
 Usage (on a GPU machine with triton, zoplan installed with the runtime extra):
     python -m bench.block_kernels [--out DIR] [--reps 50]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,9 @@ def main() -> None:
                     r = slice(slot.offset, slot.offset + slot.numel)
                     T.perturbed_into(out[r], theta[r], SEED, slot.name, 0, s * EPS)
             for slot in layout.slots:
-                T.update_(work[slot.offset:slot.offset + slot.numel], SEED + 1, slot.name, 0, 0.5, 1e-7, 0.0,
-                          slot.decay)
+                T.update_(
+                    work[slot.offset : slot.offset + slot.numel], SEED + 1, slot.name, 0, 0.5, 1e-7, 0.0, slot.decay
+                )
 
         def per_block() -> None:
             T.perturbed_block_into([plus, minus], theta, table, SEED, [EPS, -EPS])
@@ -92,15 +94,25 @@ def main() -> None:
         ref = (plus.clone(), minus.clone(), work.clone())
         work.copy_(theta)
         per_block()
-        equal = all(torch.equal(a[:layout.numel], b[:layout.numel]) for a, b in zip(ref, (plus, minus, work)))
+        equal = all(torch.equal(a[: layout.numel], b[: layout.numel]) for a, b in zip(ref, (plus, minus, work)))
         (hp, gp), (hb, gb) = timed(per_param, opts.reps), timed(per_block, opts.reps)
-        row = {"shape": name, "params": layout.numel, "tensors": len(layout.slots), "bit_equal": equal,
-               "per_param_host_ms": hp * 1e3, "per_param_gpu_ms": gp * 1e3,
-               "per_block_host_ms": hb * 1e3, "per_block_gpu_ms": gb * 1e3}
+        row = {
+            "shape": name,
+            "params": layout.numel,
+            "tensors": len(layout.slots),
+            "bit_equal": equal,
+            "per_param_host_ms": hp * 1e3,
+            "per_param_gpu_ms": gp * 1e3,
+            "per_block_host_ms": hb * 1e3,
+            "per_block_gpu_ms": gb * 1e3,
+        }
         rows.append(row)
-        print(f"{name}: {layout.numel / 1e6:.1f}M parameters in {len(layout.slots)} tensors; bit-equal {equal}; "
-              f"per parameter: host {hp * 1e3:.3f} ms, GPU {gp * 1e3:.3f} ms; "
-              f"per block: host {hb * 1e3:.3f} ms, GPU {gb * 1e3:.3f} ms", flush=True)
+        print(
+            f"{name}: {layout.numel / 1e6:.1f}M parameters in {len(layout.slots)} tensors; bit-equal {equal}; "
+            f"per parameter: host {hp * 1e3:.3f} ms, GPU {gp * 1e3:.3f} ms; "
+            f"per block: host {hb * 1e3:.3f} ms, GPU {gb * 1e3:.3f} ms",
+            flush=True,
+        )
         theta = plus = minus = work = None  # this shape's buffers go before the next one's
     if opts.out:
         opts.out.mkdir(parents=True, exist_ok=True)

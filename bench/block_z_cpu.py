@@ -6,6 +6,7 @@ block over ``--reps`` draws, on one thread as a rank runs.
 
 Usage: python -m bench.block_z_cpu [--reps 50]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ def main() -> None:
 
         def each() -> None:
             for pname, first, count, pos in parts:
-                one_by_one[pos:pos + count] = normal(7, pname, first, count)
+                one_by_one[pos : pos + count] = normal(7, pname, first, count)
 
         def parts_() -> None:
             normal_parts_(together, 7, parts)
@@ -61,9 +62,11 @@ def main() -> None:
         reps = opts.reps if numel < 10**6 else max(3, opts.reps // 10)
         t_each, t_parts = timed(each, reps), timed(parts_, reps)
         same = torch.equal(one_by_one, together)
-        print(f"{name}: block of {numel} elements in {len(parts)} parameters: one normal per parameter "
-              f"{t_each * 1e3:.2f} ms, normal_parts_ {t_parts * 1e3:.2f} ms ({t_each / t_parts:.2f}x), "
-              f"same bits: {same}")
+        print(
+            f"{name}: block of {numel} elements in {len(parts)} parameters: one normal per parameter "
+            f"{t_each * 1e3:.2f} ms, normal_parts_ {t_parts * 1e3:.2f} ms ({t_each / t_parts:.2f}x), "
+            f"same bits: {same}"
+        )
         if not same:
             raise SystemExit("normal_parts_ differs from normal")
 

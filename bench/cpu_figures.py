@@ -13,6 +13,7 @@ Usage: python -m bench.cpu_figures [--quick] [--write FILE]   (needs torch and t
 prints one line per figure and the gpu_models entry of a CPU topology; ``--write`` also writes
 topologies/cpu-local.yaml with these figures to FILE, a topology of this machine as measured now)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,9 @@ def forward_op_us(reps: int) -> tuple[float, int]:
     its arithmetic is negligible, so the time is dispatch and the modules' Python."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    config = OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=1, vocab_size=1405,
-                       word_embed_proj_dim=64)
+    config = OPTConfig(
+        hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=1, vocab_size=1405, word_embed_proj_dim=64
+    )
     model = OPTForCausalLM(config).eval()
     block = model.model.decoder.layers[0]
     box: dict = {}
@@ -163,11 +165,17 @@ def loop_us() -> float:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny-opt"))
     texts = [("a plain sentence about a film that was long and slow " * 4) + str(i) for i in range(4)]
     with tempfile.TemporaryDirectory() as tmp, open(os.path.join(tmp, "journal.jsonl"), "a") as journal:
+
         def step() -> None:
             tokenizer(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
-            journal.write(json.dumps({"step": 1, "seed": 2**62, "loss_plus": 1.0, "loss_minus": 1.0,
-                                      "projected_grad": 0.1, "lr": 1e-6}) + "\n")
+            journal.write(
+                json.dumps(
+                    {"step": 1, "seed": 2**62, "loss_plus": 1.0, "loss_minus": 1.0, "projected_grad": 0.1, "lr": 1e-6}
+                )
+                + "\n"
+            )
             journal.flush()
+
         return statistics.median(timed(step, 50) for _ in range(5)) * 1e6
 
 
@@ -180,8 +188,9 @@ def main() -> None:
     rates = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         rates[name] = model_shape_gflops(dtype, opts.quick)
-        print(f"matmul {name}, a small model's block shapes (median): {rates[name]:8.1f} GFLOP/s (1 thread)",
-              flush=True)
+        print(
+            f"matmul {name}, a small model's block shapes (median): {rates[name]:8.1f} GFLOP/s (1 thread)", flush=True
+        )
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     print(f"matmul fp32 2048^3 (reference):            {2 * n**3 / timed(lambda: a @ b, 3) / 1e9:8.1f} GFLOP/s")
@@ -196,21 +205,35 @@ def main() -> None:
     for p in procs:
         p.join()
     together = list(results)
-    print(f"copy 1 GiB, {cores} processes at once:        {sum(together):8.2f} GB/s in total "
-          f"({', '.join(f'{r:.2f}' for r in together)})", flush=True)
+    print(
+        f"copy 1 GiB, {cores} processes at once:        {sum(together):8.2f} GB/s in total "
+        f"({', '.join(f'{r:.2f}' for r in together)})",
+        flush=True,
+    )
     op_us, ops = forward_op_us(20 if opts.quick else 100)
     print(f"forward: host time per tensor op:          {op_us:8.1f} us (tiny OPT block, {ops} aten ops)", flush=True)
     call_us, z_ns, first_ns = z_figures(opts.quick)
-    print(f"z generator: per call, per element:        {call_us:8.1f} us, {z_ns:.1f} ns "
-          f"(+{first_ns:.1f} ns in a call's first chunk)", flush=True)
+    print(
+        f"z generator: per call, per element:        {call_us:8.1f} us, {z_ns:.1f} ns "
+        f"(+{first_ns:.1f} ns in a call's first chunk)",
+        flush=True,
+    )
     coll = collective_us()
     print(f"gloo all-gather of 16 floats, 2 ranks:     {coll:8.1f} us", flush=True)
     loop = loop_us()
     print(f"loop host work per step:                   {loop:8.1f} us", flush=True)
     tflops = {k: round(v / 1e3, 4) for k, v in rates.items()}
-    figures = {"tflops": tflops, "hbm_gbps": round(2 * alone, 2), "matmul_efficiency": 1.0,
-               "op_us": round(op_us, 1), "z_call_us": round(call_us), "z_ns": round(z_ns, 1),
-               "z_first_ns": round(first_ns, 1), "collective_us": round(coll), "loop_us": round(loop)}
+    figures = {
+        "tflops": tflops,
+        "hbm_gbps": round(2 * alone, 2),
+        "matmul_efficiency": 1.0,
+        "op_us": round(op_us, 1),
+        "z_call_us": round(call_us),
+        "z_ns": round(z_ns, 1),
+        "z_first_ns": round(first_ns, 1),
+        "collective_us": round(coll),
+        "loop_us": round(loop),
+    }
     print("\ngpu_models entry (a CPU rank):")
     for key, value in figures.items():
         print(f"    {key}: {value}")
@@ -223,6 +246,7 @@ def main() -> None:
         spec["description"] += f" (figures measured {time.strftime('%Y-%m-%d %H:%M')}, bench/cpu_figures.py)"
         opts.write.write_text(yaml.safe_dump(spec, sort_keys=False))
         print(f"wrote {opts.write}")
+
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ The same check on a CPU: python -m bench.gpu_replay --out OUT --topology cpu-loc
 The other device's half of a run trained elsewhere (its directory copied here, journal and model):
     python -m bench.gpu_replay --out OUT --run RUN_DIR --trained-on 'NVIDIA H200' --devices cpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--topology", default="h100-pcie-1x", help="the machine trained on (cpu-local: a CPU check)")
     parser.add_argument("--devices", default="cuda,cpu", help="devices to replay on")
-    parser.add_argument("--run", type=Path, default=None,
-                        help="replay this finished tiny-opt run (journal.jsonl, model/) instead of training one")
+    parser.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="replay this finished tiny-opt run (journal.jsonl, model/) instead of training one",
+    )
     parser.add_argument("--trained-on", default="another machine", help="with --run: where it trained, for the report")
     opts = parser.parse_args()
     if opts.run is None:
@@ -60,11 +65,18 @@ def main() -> None:
         differ = sum(int((trained[k] != rebuilt[k]).sum()) for k in keys)
         # how far apart, in units in the last place of the trained value (1: adjacent numbers)
         ulps = max((_ulps(trained[k], rebuilt[k]) for k in keys), default=0)
-        report[device] = {"bit_identical": same, "max_abs_diff": diff, "elements_differing": differ,
-                          "elements": sum(trained[k].numel() for k in keys), "max_ulps": ulps}
-        print(f"replay on {device} of {steps} steps trained on {trained_on}: bit-identical {same}, max |diff| "
-              f"{diff:.3g}, {differ} of {report[device]['elements']} elements differ, by at most {ulps} ulp",
-              flush=True)
+        report[device] = {
+            "bit_identical": same,
+            "max_abs_diff": diff,
+            "elements_differing": differ,
+            "elements": sum(trained[k].numel() for k in keys),
+            "max_ulps": ulps,
+        }
+        print(
+            f"replay on {device} of {steps} steps trained on {trained_on}: bit-identical {same}, max |diff| "
+            f"{diff:.3g}, {differ} of {report[device]['elements']} elements differ, by at most {ulps} ulp",
+            flush=True,
+        )
     (opts.out / "gpu_replay.json").write_text(json.dumps(report, indent=1))
 
 

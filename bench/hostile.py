@@ -12,6 +12,7 @@ default plan: 2 CPU ranks) and is judged on what a user would see:
 
 Usage: python -m bench.hostile [--work DIR] [--only SUBSTRING]   (about 5 minutes on 2 cores)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def zoplan_cmd(*args: str) -> list[str]:
 
 
 def scratch() -> set[Path]:
-    return {p for base in (shared_memory(), Path(tempfile.gettempdir()))
-            for pattern in ("zoplan-*", "torchelastic_*") for p in base.glob(pattern)}
+    return {
+        p
+        for base in (shared_memory(), Path(tempfile.gettempdir()))
+        for pattern in ("zoplan-*", "torchelastic_*")
+        for p in base.glob(pattern)
+    }
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -61,8 +66,9 @@ class Case:
 
 def call(*args: str, cwd: Path, env: dict | None = None) -> tuple[int, str]:
     try:
-        proc = subprocess.run(zoplan_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=LIMIT_S,
-                              env=env or ENV)
+        proc = subprocess.run(
+            zoplan_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=LIMIT_S, env=env or ENV
+        )
         return proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         return -1, f"HANG after {LIMIT_S} s\n{exc.stdout or ''}{exc.stderr or ''}"
@@ -93,12 +99,13 @@ def main() -> None:
             lines = (run / "journal.jsonl").read_text().splitlines()
             (run / "journal.jsonl").write_text("".join(line + "\n" for line in fn(lines)))
             return call("run", "--resume", str(run), "--steps", "8", cwd=d)
+
         return go
 
     def set_field(lines, index, **fields):
         row = json.loads(lines[index])
         row.update(fields)
-        return lines[:index] + [json.dumps(row)] + lines[index + 1:]
+        return lines[:index] + [json.dumps(row)] + lines[index + 1 :]
 
     def resume_with(*args: str) -> Callable[[Path], tuple[int, str]]:
         return lambda d: call("run", "--resume", str(copy(d)), *args, cwd=d)
@@ -109,6 +116,7 @@ def main() -> None:
             lines = (run / "journal.jsonl").read_text().splitlines()
             (run / "journal.jsonl").write_text("".join(line + "\n" for line in fn(lines)))
             return call("replay", "tiny-opt", str(run / "journal.jsonl"), "-o", str(d / "replayed"), cwd=d)
+
         return go
 
     def damaged_model(fn) -> Callable[[Path], tuple[int, str]]:
@@ -119,6 +127,7 @@ def main() -> None:
             shutil.copytree(resolve_model("tiny-opt"), model)
             fn(model)
             return call("run", "--model", str(model), "--steps", "2", "-o", str(d / "out"), cwd=d)
+
         return go
 
     def edit_config(model: Path, **fields) -> None:
@@ -127,12 +136,14 @@ def main() -> None:
 
     def bomb(d: Path) -> tuple[int, str]:
         text = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
-            f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}" if i > 1 else "*a"] * 9) + "]\n" for i in range(1, 12))
+            f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}" if i > 1 else "*a"] * 9) + "]\n" for i in range(1, 12)
+        )
         (d / "bomb.yaml").write_text(text)
         return call("plan", "-t", str(d / "bomb.yaml"), cwd=d)
 
     def plan_edit(field: str, value) -> Callable[[Path], tuple[int, str]]:
         """The base run's plan with one field (a dotted path) set to ``value``."""
+
         def go(d: Path) -> tuple[int, str]:
             import yaml
 
@@ -145,11 +156,13 @@ def main() -> None:
             node[key] = value
             (d / "plan.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
             return call("run", str(d / "plan.yaml"), "-o", str(d / "out"), "--steps", "1", cwd=d)
+
         return go
 
     def start(d: Path, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(zoplan_cmd("run", *args), cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=ENV)
+        return subprocess.Popen(
+            zoplan_cmd("run", *args), cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+        )
 
     def wait_steps(run: Path, n: int, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + LIMIT_S
@@ -161,6 +174,7 @@ def main() -> None:
 
     def kill_then_resume(target: str) -> Callable[[Path], tuple[int, str]]:
         """SIGKILL one process of a run in its third step, then --resume to 8 steps."""
+
         def go(d: Path) -> tuple[int, str]:
             run = d / "run"
             proc = start(d, "--steps", "8", "--snapshot-every", "2", "-o", str(run))
@@ -182,6 +196,7 @@ def main() -> None:
                     os.utime(folder / ".owner", (then, then))
             code, out = call("run", "--resume", str(run), "--steps", "8", cwd=d)
             return code, f"{first}\n--- resume ---\n{out}"
+
         return go
 
     def second_resume(d: Path) -> tuple[int, str]:
@@ -221,8 +236,12 @@ def main() -> None:
     def full_disk(d: Path) -> tuple[int, str]:
         """The output on a 300 KiB tmpfs: the final weights do not fit (root only: it mounts one)."""
         (d / "small").mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(d / "small")],
-                          capture_output=True).returncode != 0:
+        if (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(d / "small")], capture_output=True
+            ).returncode
+            != 0
+        ):
             return 2, "error: skipped: cannot mount a tmpfs here"
         try:
             return call("run", "--steps", "20", "-o", str(d / "small" / "run"), cwd=d)
@@ -233,7 +252,11 @@ def main() -> None:
         return same_weights(d / "run", work / "reference")
 
     cases = [
-        Case("journal", "non-finite projected gradient", edit_journal(lambda L: set_field(L, 5, projected_grad=float("nan")))),
+        Case(
+            "journal",
+            "non-finite projected gradient",
+            edit_journal(lambda L: set_field(L, 5, projected_grad=float("nan"))),
+        ),
         Case("journal", "a string as gradient", edit_journal(lambda L: set_field(L, 5, projected_grad="abc"))),
         Case("journal", "a torn line in the middle", edit_journal(lambda L: L[:2] + [L[2][:20]] + L[3:])),
         Case("journal", "a missing line", edit_journal(lambda L: L[:3] + L[4:])),
@@ -241,50 +264,136 @@ def main() -> None:
         Case("journal", "a repeated line", edit_journal(lambda L: L[:4] + [L[3]] + L[4:])),
         Case("resume", "--steps -5", resume_with("--steps", "-5")),
         Case("resume", "--steps 4 after 6 steps", resume_with("--steps", "4")),
-        Case("resume", "a damaged run.json", lambda d: (copy(d) / "run.json").write_text("{") and
-             call("run", "--resume", str(d / "run"), "--steps", "8", cwd=d)),
-        Case("resume", "the newest snapshot truncated (must finish, bit-identical)", damaged_snapshot, refused=False,
-             check=matches_reference),
+        Case(
+            "resume",
+            "a damaged run.json",
+            lambda d: (
+                (copy(d) / "run.json").write_text("{")
+                and call("run", "--resume", str(d / "run"), "--steps", "8", cwd=d)
+            ),
+        ),
+        Case(
+            "resume",
+            "the newest snapshot truncated (must finish, bit-identical)",
+            damaged_snapshot,
+            refused=False,
+            check=matches_reference,
+        ),
         Case("replay", "a journal without its first line", replay_with(lambda L: L[1:])),
-        Case("replay", "updates that overflow the weights", replay_with(lambda L: set_field(L, 0, projected_grad=1e300, lr=1e300))),
+        Case(
+            "replay",
+            "updates that overflow the weights",
+            replay_with(lambda L: set_field(L, 0, projected_grad=1e300, lr=1e300)),
+        ),
         Case("model", "no weights", damaged_model(lambda m: (m / "model.safetensors").unlink())),
-        Case("model", "truncated weights", damaged_model(lambda m: (m / "model.safetensors").write_bytes(
-            (m / "model.safetensors").read_bytes()[:5000]))),
+        Case(
+            "model",
+            "truncated weights",
+            damaged_model(
+                lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:5000])
+            ),
+        ),
         Case("model", "no tokenizer", damaged_model(lambda m: [p.unlink() for p in m.glob("tokenizer*")])),
-        Case("model", "a config with fewer layers than the weights", damaged_model(lambda m: edit_config(m, num_hidden_layers=1))),
-        Case("model", "a config of another width", damaged_model(lambda m: edit_config(m, hidden_size=128, word_embed_proj_dim=128))),
+        Case(
+            "model",
+            "a config with fewer layers than the weights",
+            damaged_model(lambda m: edit_config(m, num_hidden_layers=1)),
+        ),
+        Case(
+            "model",
+            "a config of another width",
+            damaged_model(lambda m: edit_config(m, hidden_size=128, word_embed_proj_dim=128)),
+        ),
         Case("input", "a YAML alias bomb as topology", bomb),
-        Case("input", "zoplan plan --global-batch 10^12", lambda d: call("plan", "--global-batch", "1000000000000", cwd=d)),
-        Case("input", "zoplan run --global-batch 10^12", lambda d: call("run", "--global-batch", "1000000000000",
-                                                                     "-o", str(d / "out"), cwd=d)),
-        Case("input", "zoplan run --steps 10^12", lambda d: call("run", "--steps", "1000000000000", "-o", str(d / "out"), cwd=d)),
+        Case(
+            "input",
+            "zoplan plan --global-batch 10^12",
+            lambda d: call("plan", "--global-batch", "1000000000000", cwd=d),
+        ),
+        Case(
+            "input",
+            "zoplan run --global-batch 10^12",
+            lambda d: call("run", "--global-batch", "1000000000000", "-o", str(d / "out"), cwd=d),
+        ),
+        Case(
+            "input",
+            "zoplan run --steps 10^12",
+            lambda d: call("run", "--steps", "1000000000000", "-o", str(d / "out"), cwd=d),
+        ),
         Case("input", "a plan edited to 10^8 slices per block", plan_edit("transfer.slices_per_block", 10**8)),
         Case("input", "a plan edited to micro-batch 0", plan_edit("batch.micro_batch", 0)),
         Case("input", "a plan edited to prefetch 10^6", plan_edit("transfer.prefetch", 10**6)),
         Case("input", "a plan edited to lr NaN", plan_edit("zo.lr", float("nan"))),
-        Case("input", "--seq-len 100000 on a 128-position model", lambda d: call("run", "--seq-len", "100000",
-                                                                              "-o", str(d / "out"), cwd=d)),
-        Case("input", "zoplan validate --steps 1 --skip 5", lambda d: call(
-            "validate", str(work / "base" / "plan.yaml"), "--steps", "1", "--skip", "5", cwd=d)),
-        Case("input", "zoplan validate of a plan for another model", lambda d: call(
-            "validate", str(work / "base" / "plan.yaml"), "--model", "tiny-llama", "--steps", "2", cwd=d)),
-        Case("input", "zoplan validate of a plan edited to micro-batch 10^9", lambda d: (
-            plan_edit("batch.micro_batch", 10**9)(d), call("validate", str(d / "plan.yaml"), "--steps", "2", cwd=d))[1]),
+        Case(
+            "input",
+            "--seq-len 100000 on a 128-position model",
+            lambda d: call("run", "--seq-len", "100000", "-o", str(d / "out"), cwd=d),
+        ),
+        Case(
+            "input",
+            "zoplan validate --steps 1 --skip 5",
+            lambda d: call("validate", str(work / "base" / "plan.yaml"), "--steps", "1", "--skip", "5", cwd=d),
+        ),
+        Case(
+            "input",
+            "zoplan validate of a plan for another model",
+            lambda d: call(
+                "validate", str(work / "base" / "plan.yaml"), "--model", "tiny-llama", "--steps", "2", cwd=d
+            ),
+        ),
+        Case(
+            "input",
+            "zoplan validate of a plan edited to micro-batch 10^9",
+            lambda d: (
+                plan_edit("batch.micro_batch", 10**9)(d),
+                call("validate", str(d / "plan.yaml"), "--steps", "2", cwd=d),
+            )[1],
+        ),
         Case("output", "a read-only output directory", read_only_output),
         Case("fault", "a second --resume while the run trains", second_resume),
         Case("fault", "SIGTERM of zoplan run", sigterm),
-        Case("fault", "a weight update that overflows (--lr 1e38)", lambda d: call("run", "--steps", "2", "--lr", "1e38",
-                                                                                  "-o", str(d / "run"), cwd=d)),
-        Case("fault", "a snapshot write failing (disk full)", lambda d: call(
-            "run", "--steps", "6", "--snapshot-every", "2", "-o", str(d / "run"), cwd=d,
-            env=dict(ENV, ZOPLAN_FAULTS="fail-snapshot:0:4"))),
+        Case(
+            "fault",
+            "a weight update that overflows (--lr 1e38)",
+            lambda d: call("run", "--steps", "2", "--lr", "1e38", "-o", str(d / "run"), cwd=d),
+        ),
+        Case(
+            "fault",
+            "a snapshot write failing (disk full)",
+            lambda d: call(
+                "run",
+                "--steps",
+                "6",
+                "--snapshot-every",
+                "2",
+                "-o",
+                str(d / "run"),
+                cwd=d,
+                env=dict(ENV, ZOPLAN_FAULTS="fail-snapshot:0:4"),
+            ),
+        ),
         Case("output", "a disk that fills up at the final write", full_disk),
-        Case("kill", "SIGKILL of zoplan run, then --resume (must finish, bit-identical)", kill_then_resume("launcher"),
-             refused=False, check=matches_reference),
-        Case("kill", "SIGKILL of the rank supervisor, then --resume (must finish, bit-identical)", kill_then_resume("supervisor"),
-             refused=False, check=matches_reference),
-        Case("kill", "SIGKILL of a rank, then --resume (must finish, bit-identical)", kill_then_resume("rank"),
-             refused=False, check=matches_reference),
+        Case(
+            "kill",
+            "SIGKILL of zoplan run, then --resume (must finish, bit-identical)",
+            kill_then_resume("launcher"),
+            refused=False,
+            check=matches_reference,
+        ),
+        Case(
+            "kill",
+            "SIGKILL of the rank supervisor, then --resume (must finish, bit-identical)",
+            kill_then_resume("supervisor"),
+            refused=False,
+            check=matches_reference,
+        ),
+        Case(
+            "kill",
+            "SIGKILL of a rank, then --resume (must finish, bit-identical)",
+            kill_then_resume("rank"),
+            refused=False,
+            check=matches_reference,
+        ),
     ]
     rows = []
     before = scratch()
@@ -310,16 +419,36 @@ def main() -> None:
         else:
             wrong = code == 0 and case.check is not None and not case.check(d)
         message = next((line.strip() for line in reversed(out.splitlines()) if line.strip().startswith("error:")), "")
-        ok = not (traceback or generic or hang or wrong or leaks or procs) and (code != 0 if case.refused else code == 0)
-        rows.append({"kind": case.kind, "case": case.name, "status": code, "seconds": round(seconds, 1),
-                     "traceback": traceback, "hang": hang, "generic": generic, "exit0_wrong": wrong,
-                     "leaked": leaks + [f"pid {p}" for p in procs], "ok": ok, "message": message[:160]})
-        print(f"{'ok ' if ok else 'BAD'} [{case.kind}] {case.name}: status {code}, {seconds:.1f} s"
-              + (f" | {message[:140]}" if message else "") + ("" if ok else f" | {rows[-1]}"), flush=True)
+        ok = not (traceback or generic or hang or wrong or leaks or procs) and (
+            code != 0 if case.refused else code == 0
+        )
+        rows.append(
+            {
+                "kind": case.kind,
+                "case": case.name,
+                "status": code,
+                "seconds": round(seconds, 1),
+                "traceback": traceback,
+                "hang": hang,
+                "generic": generic,
+                "exit0_wrong": wrong,
+                "leaked": leaks + [f"pid {p}" for p in procs],
+                "ok": ok,
+                "message": message[:160],
+            }
+        )
+        print(
+            f"{'ok ' if ok else 'BAD'} [{case.kind}] {case.name}: status {code}, {seconds:.1f} s"
+            + (f" | {message[:140]}" if message else "")
+            + ("" if ok else f" | {rows[-1]}"),
+            flush=True,
+        )
     totals = {key: sum(bool(r[key]) for r in rows) for key in ("traceback", "hang", "generic", "exit0_wrong", "leaked")}
-    print(f"\n{len(rows)} cases, {sum(r['ok'] for r in rows)} as they must be; tracebacks {totals['traceback']}, "
-          f"hangs {totals['hang']}, generic messages {totals['generic']}, exit-0-wrong results "
-          f"{totals['exit0_wrong']}, cases leaking {totals['leaked']}; {time.perf_counter() - t0:.0f} s in all")
+    print(
+        f"\n{len(rows)} cases, {sum(r['ok'] for r in rows)} as they must be; tracebacks {totals['traceback']}, "
+        f"hangs {totals['hang']}, generic messages {totals['generic']}, exit-0-wrong results "
+        f"{totals['exit0_wrong']}, cases leaking {totals['leaked']}; {time.perf_counter() - t0:.0f} s in all"
+    )
     (work / "hostile.json").write_text(json.dumps(rows, indent=1))
 
 

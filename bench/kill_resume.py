@@ -14,6 +14,7 @@ removes it: runtime/scratch.py) and the work folder is removed.
 
 Usage: python -m bench.kill_resume [--kills 20] [--steps 24] [--seed 0] [--targets rank,supervisor,launcher]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,29 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-RUN = ["--model", "tiny-opt", "--pertp", "2", "--ddp", "1", "--upload", "sliced", "--slices", "2",
-       "--lr", "1e-3", "--snapshot-every", "5"]
+RUN = [
+    "--model",
+    "tiny-opt",
+    "--pertp",
+    "2",
+    "--ddp",
+    "1",
+    "--upload",
+    "sliced",
+    "--slices",
+    "2",
+    "--lr",
+    "1e-3",
+    "--snapshot-every",
+    "5",
+]
 
 
 def start(out: Path, steps: int, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "zoplan.cli", "run", *RUN, "--steps", str(steps), "-o", str(out), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
 
 
 def journal_lines(out: Path) -> list[bytes]:
@@ -83,8 +99,9 @@ def main() -> None:
     out, err = proc.communicate()
     if proc.returncode != 0:
         sys.exit(f"the uninterrupted run failed:\n{err}")
-    step_s = statistics.median(json.loads(l)["step_time_s"] for l in (ref / "metrics.jsonl").read_text().splitlines()
-                               if "step_time_s" in l)
+    step_s = statistics.median(
+        json.loads(l)["step_time_s"] for l in (ref / "metrics.jsonl").read_text().splitlines() if "step_time_s" in l
+    )
     print(f"uninterrupted run: {args.steps} steps, median step {step_s * 1e3:.1f} ms")
     rows = []
     trial = -1
@@ -101,6 +118,7 @@ def main() -> None:
 
         def find() -> int | None:
             return rank_pid(run, rank) if kind == "rank" else supervisor_pid(run) if kind == "supervisor" else proc.pid
+
         pid = find()
         while pid is None and proc.poll() is None and not journal_lines(run):
             time.sleep(0.02)  # the ranks have not started yet: kill one while it loads
@@ -108,8 +126,9 @@ def main() -> None:
         before = journal_lines(run)
         if pid is None or proc.poll() is not None:
             proc.communicate()
-            print(f"trial {trial}: the {kind} had already exited ({len(before)} steps journaled); "
-                  f"not counted", flush=True)
+            print(
+                f"trial {trial}: the {kind} had already exited ({len(before)} steps journaled); not counted", flush=True
+            )
             continue
         os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate()
@@ -119,9 +138,12 @@ def main() -> None:
             deadline = time.monotonic() + 60
             while processes_naming(str(run)) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            resumed = subprocess.run([sys.executable, "-m", "zoplan.cli", "run", "--resume", str(run), "--steps",
-                                      str(args.steps)], capture_output=True, text=True,
-                                     env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            resumed = subprocess.run(
+                [sys.executable, "-m", "zoplan.cli", "run", "--resume", str(run), "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, HF_HUB_OFFLINE="1"),
+            )
             proc, err = resumed, resumed.stderr
         after = journal_lines(run)
         complete = [l for l in before if l.endswith(b"\n")]
@@ -129,25 +151,44 @@ def main() -> None:
         steps_after = [json.loads(l)["step"] for l in after]
         identical = proc.returncode == 0 and weights_equal(run, ref)
         restarted = "exitcode: -9" in (run / "worker-node0.log").read_text()
-        rows.append({"trial": trial, "kind": kind, "rank": rank, "killed_after_steps": len(complete), "lost": lost,
-                     "journal_complete": steps_after == list(range(args.steps)), "bit_identical": identical,
-                     "restarted": restarted, "exit": proc.returncode})
+        rows.append(
+            {
+                "trial": trial,
+                "kind": kind,
+                "rank": rank,
+                "killed_after_steps": len(complete),
+                "lost": lost,
+                "journal_complete": steps_after == list(range(args.steps)),
+                "bit_identical": identical,
+                "restarted": restarted,
+                "exit": proc.returncode,
+            }
+        )
         victim = f"rank {rank}" if kind == "rank" else kind
-        print(f"trial {trial:2d}: killed {victim} with {len(complete):2d} step(s) journaled: lost {lost}, "
-              f"journal 0..{args.steps - 1} {'complete' if rows[-1]['journal_complete'] else 'INCOMPLETE'}, "
-              f"weights {'bit-identical' if identical else 'DIFFERENT'}"
-              + ("" if proc.returncode == 0 else f", exit {proc.returncode}: {err.strip()[-300:]}"))
+        print(
+            f"trial {trial:2d}: killed {victim} with {len(complete):2d} step(s) journaled: lost {lost}, "
+            f"journal 0..{args.steps - 1} {'complete' if rows[-1]['journal_complete'] else 'INCOMPLETE'}, "
+            f"weights {'bit-identical' if identical else 'DIFFERENT'}"
+            + ("" if proc.returncode == 0 else f", exit {proc.returncode}: {err.strip()[-300:]}")
+        )
     from zoplan.runtime.scratch import MIN_AGE_S, shared_memory, sweep
 
     time.sleep(MIN_AGE_S + 1)  # what killed launchers left, as the next launch finds it
     left = [p for base in (shared_memory(), Path(tempfile.gettempdir())) for p in sweep(base)]
     shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"kills": len(rows), "by_kind": {k: sum(r["kind"] == k for r in rows) for k in kinds},
-                      "steps_lost": sum(r["lost"] for r in rows),
-                      "bit_identical": sum(r["bit_identical"] for r in rows),
-                      "journal_complete": sum(r["journal_complete"] for r in rows),
-                      "restarted": sum(r["restarted"] for r in rows),
-                      "left_by_killed_launchers_then_swept": len(left)}))
+    print(
+        json.dumps(
+            {
+                "kills": len(rows),
+                "by_kind": {k: sum(r["kind"] == k for r in rows) for k in kinds},
+                "steps_lost": sum(r["lost"] for r in rows),
+                "bit_identical": sum(r["bit_identical"] for r in rows),
+                "journal_complete": sum(r["journal_complete"] for r in rows),
+                "restarted": sum(r["restarted"] for r in rows),
+                "left_by_killed_launchers_then_swept": len(left),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ weights saved in bf16 (``--saved fp32``: in the compute dtype) and trained in fp
 
 Usage: python -m bench.loader_memory [--hidden 1024 --layers 24]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--saved", choices=["fp32", "bf16"], default="bf16",
-                        help="checkpoint dtype (loaded as fp32: bf16 makes from_pretrained convert every tensor)")
+    parser.add_argument(
+        "--saved",
+        choices=["fp32", "bf16"],
+        default="bf16",
+        help="checkpoint dtype (loaded as fp32: bf16 makes from_pretrained convert every tensor)",
+    )
     opts = parser.parse_args()
     import torch
     from transformers import AutoModelForCausalLM, OPTConfig
@@ -82,11 +87,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "model"
         tok = build_tokenizer()
-        config = OPTConfig(vocab_size=len(tok), hidden_size=opts.hidden, num_hidden_layers=opts.layers,
-                           ffn_dim=4 * opts.hidden, num_attention_heads=opts.hidden // 64,
-                           max_position_embeddings=512, word_embed_proj_dim=opts.hidden,
-                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                           eos_token_id=tok.eos_token_id)
+        config = OPTConfig(
+            vocab_size=len(tok),
+            hidden_size=opts.hidden,
+            num_hidden_layers=opts.layers,
+            ffn_dim=4 * opts.hidden,
+            num_attention_heads=opts.hidden // 64,
+            max_position_embeddings=512,
+            word_embed_proj_dim=opts.hidden,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -100,12 +112,15 @@ def main() -> None:
         got = json.loads(proc.stdout.strip().splitlines()[-1])
     mib = 2**20
     base, peak = got["before_kib"] * 1024, got["peak_kib"] * 1024
-    print(f"weights {weights / mib:.0f} MiB (fp32, {opts.layers} blocks of {block / mib:.1f} MiB), checkpoint "
-          f"{opts.saved}; loader anonymous + shared memory: {base / mib:.0f} MiB before loading, peak "
-          f"{peak / mib:.0f} MiB, after {got['after_kib'] * 1024 / mib:.0f} MiB; file-backed peak "
-          f"{got['peak_file_kib'] * 1024 / mib:.0f} MiB (checkpoint pages, evictable); VmHWM "
-          f"{got['vm_hwm_kib'] * 1024 / mib:.0f} MiB")
+    print(
+        f"weights {weights / mib:.0f} MiB (fp32, {opts.layers} blocks of {block / mib:.1f} MiB), checkpoint "
+        f"{opts.saved}; loader anonymous + shared memory: {base / mib:.0f} MiB before loading, peak "
+        f"{peak / mib:.0f} MiB, after {got['after_kib'] * 1024 / mib:.0f} MiB; file-backed peak "
+        f"{got['peak_file_kib'] * 1024 / mib:.0f} MiB (checkpoint pages, evictable); VmHWM "
+        f"{got['vm_hwm_kib'] * 1024 / mib:.0f} MiB"
+    )
     print(f"peak above the start: {(peak - base) / mib:.0f} MiB = {(peak - base) / weights:.2f} x the weights")
+
 
 if __name__ == "__main__":
     main()

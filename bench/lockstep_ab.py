@@ -8,6 +8,7 @@ without that table it takes the independent settings as they are.
 
 Usage: python -m bench.lockstep_ab OUT/work MODEL [LAYOUT ...]   (e.g. /tmp/f/work tiny-opt 2x1)
 """
+
 from __future__ import annotations
 
 import statistics
@@ -31,16 +32,20 @@ def main() -> None:
     independent = work / f"{model}-profile-independent.yaml"
     independent.write_text(yaml.safe_dump(profile))
     alone = profile["compute"]
-    print(f"{model}: lockstep / independent (1 branch, 2 micro-batches): block "
-          f"{locked['block'] / alone['block_s']['1x2']:.2f}, embed {locked['embed'] / alone['embed_s']['1x2']:.2f}, "
-          f"head {locked['head'] / alone['head_s']['1x2']:.2f}")
+    print(
+        f"{model}: lockstep / independent (1 branch, 2 micro-batches): block "
+        f"{locked['block'] / alone['block_s']['1x2']:.2f}, embed {locked['embed'] / alone['embed_s']['1x2']:.2f}, "
+        f"head {locked['head'] / alone['head_s']['1x2']:.2f}"
+    )
     for layout in layouts:
         with_lockstep = yaml.safe_load((work / f"{model}-{layout}.yaml").read_text())["prediction"]["step_time_s"]
         without = replan(work, model, layout, independent, work / f"{model}-{layout}-independent.yaml")
         measured = statistics.median(measured_steps(work, model, layout))
-        print(f"{model} {layout}: measured {measured * 1e3:.2f} ms; predicted {with_lockstep * 1e3:.2f} ms with the "
-              f"lockstep figures ({with_lockstep / measured - 1:+.1%}), {without * 1e3:.2f} ms without "
-              f"({without / measured - 1:+.1%})")
+        print(
+            f"{model} {layout}: measured {measured * 1e3:.2f} ms; predicted {with_lockstep * 1e3:.2f} ms with the "
+            f"lockstep figures ({with_lockstep / measured - 1:+.1%}), {without * 1e3:.2f} ms without "
+            f"({without / measured - 1:+.1%})"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ computes). The two ways alternate, ROUNDS times; wall times until every rank has
 
 Usage: python -m bench.rank_start [--ranks 2] [--rounds 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,10 @@ import subprocess
 import sys
 import time
 
-RANK = ("import torch\nfrom transformers.models.opt import modeling_opt\nimport zoplan.runtime.worker\n"
-        "a = torch.ones(256, 256)\nassert float((a @ a)[0, 0]) == 256.0\n")
+RANK = (
+    "import torch\nfrom transformers.models.opt import modeling_opt\nimport zoplan.runtime.worker\n"
+    "a = torch.ones(256, 256)\nassert float((a @ a)[0, 0]) == 256.0\n"
+)
 
 
 def fresh(ranks: int) -> float:
@@ -61,8 +64,10 @@ def main() -> None:
     for _ in range(args.rounds):
         rows["fresh"].append(fresh(args.ranks))
         rows["forked"].append(forked(args.ranks))
-    print(f"{platform.node()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"{args.ranks} ranks, {args.rounds} rounds")
+    print(
+        f"{platform.node()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{args.ranks} ranks, {args.rounds} rounds"
+    )
     print(f"imports once in the parent: {prepare:.2f} s")
     for name, times in rows.items():
         print(f"{name:7s} median {statistics.median(times):.2f} s  ({', '.join(f'{t:.2f}' for t in times)})")

@@ -9,6 +9,7 @@
 
 Usage: python -m bench.runtime_cpu [--steps 8] [--only offload,pertp,memory]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,20 @@ def build_model(directory: Path, hidden: int, layers: int, ffn: int, heads: int)
     from zoplan.runtime.tiny import build_tokenizer
 
     tok = build_tokenizer()
-    config = OPTConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
-                       num_attention_heads=heads, max_position_embeddings=512, word_embed_proj_dim=hidden,
-                       dropout=0.0, attention_dropout=0.0, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = OPTConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=ffn,
+        num_attention_heads=heads,
+        max_position_embeddings=512,
+        word_embed_proj_dim=hidden,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tok.save_pretrained(directory)
@@ -55,11 +66,31 @@ def long_texts(path: Path, sentences_per_text: int = 30, count: int = 256) -> Pa
     return path
 
 
-def zoplan_run(model_dir: Path, data: Path, out: Path, steps: int, topology: str, seq_len: int, batch: int,
-               **pins) -> subprocess.Popen:
-    args = [sys.executable, "-m", "zoplan.cli", "run", "--model", str(model_dir), "--data", str(data),
-            "--steps", str(steps), "-o", str(out), "--topology", topology, "--seq-len", str(seq_len),
-            "--global-batch", str(batch), "--lr", "1e-4"]
+def zoplan_run(
+    model_dir: Path, data: Path, out: Path, steps: int, topology: str, seq_len: int, batch: int, **pins
+) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "zoplan.cli",
+        "run",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--steps",
+        str(steps),
+        "-o",
+        str(out),
+        "--topology",
+        topology,
+        "--seq-len",
+        str(seq_len),
+        "--global-batch",
+        str(batch),
+        "--lr",
+        "1e-4",
+    ]
     for flag, value in pins.items():
         args += [f"--{flag}", str(value)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -143,23 +174,41 @@ def main() -> None:
 
     if "offload" in which:
         model = build_model(work / "opt-mid", hidden=512, layers=8, ffn=2048, heads=8)
-        proc = zoplan_run(model, data, work / "off", opts.steps, "cpu-local", 256, 8, pertp=1, ddp=1, upload="whole",
-                          gpus="rank0", resident=0)
+        proc = zoplan_run(
+            model,
+            data,
+            work / "off",
+            opts.steps,
+            "cpu-local",
+            256,
+            8,
+            pertp=1,
+            ddp=1,
+            upload="whole",
+            gpus="rank0",
+            resident=0,
+        )
         finish(proc)
         off = statistics.median(step_times(work / "off"))
         mem = statistics.median(mezo_in_memory(model, data, opts.steps, 256, 8))
-        print(f"[offload] OPT-shaped 8x512 (ffn 2048), batch 8 x 256 tokens, fp32, 1 thread: "
-              f"offloaded 1x1 {off:.3f} s/step, in-memory MeZO {mem:.3f} s/step, ratio {off / mem:.2f}")
+        print(
+            f"[offload] OPT-shaped 8x512 (ffn 2048), batch 8 x 256 tokens, fp32, 1 thread: "
+            f"offloaded 1x1 {off:.3f} s/step, in-memory MeZO {mem:.3f} s/step, ratio {off / mem:.2f}"
+        )
 
     if "pertp" in which:
         model = build_model(work / "opt-small", hidden=256, layers=4, ffn=1024, heads=4)
         runs = {}
-        for name, pins in {"1x1": dict(pertp=1, ddp=1, upload="whole", gpus="rank0", resident=0),
-                           "2x1": dict(pertp=2, ddp=1, upload="sliced", slices=2, resident=0)}.items():
+        for name, pins in {
+            "1x1": dict(pertp=1, ddp=1, upload="whole", gpus="rank0", resident=0),
+            "2x1": dict(pertp=2, ddp=1, upload="sliced", slices=2, resident=0),
+        }.items():
             finish(zoplan_run(model, data, work / name, opts.steps, "cpu-local", 256, 32, **pins))
             runs[name] = statistics.median(step_times(work / name))
-        print(f"[pertp] OPT-shaped 4x256 (ffn 1024), batch 32 x 256 tokens, fp32, 1 thread per rank: "
-              f"1x1 {runs['1x1']:.3f} s/step, 2x1 {runs['2x1']:.3f} s/step, ratio {runs['2x1'] / runs['1x1']:.2f}")
+        print(
+            f"[pertp] OPT-shaped 4x256 (ffn 1024), batch 32 x 256 tokens, fp32, 1 thread per rank: "
+            f"1x1 {runs['1x1']:.3f} s/step, 2x1 {runs['2x1']:.3f} s/step, ratio {runs['2x1'] / runs['1x1']:.2f}"
+        )
 
     if "memory" in which:
         model = build_model(work / "opt-mem", hidden=768, layers=12, ffn=3072, heads=12)
@@ -170,8 +219,11 @@ def main() -> None:
         from zoplan.topology import resolve_topology_path
 
         spec = yaml.safe_load(resolve_topology_path("cpu-local").read_text())
-        spec.update(name="cpu-4", gpus=[{"id": f"rank{i}", "model": "cpu-rank"} for i in range(4)],
-                    links=[{"a": "cpu0", "b": f"rank{i}", "kind": "memory", "gbps": 8.3} for i in range(4)])
+        spec.update(
+            name="cpu-4",
+            gpus=[{"id": f"rank{i}", "model": "cpu-rank"} for i in range(4)],
+            links=[{"a": "cpu0", "b": f"rank{i}", "kind": "memory", "gbps": 8.3} for i in range(4)],
+        )
         topo.write_text(yaml.safe_dump(spec))
         proc = zoplan_run(model, data, work / "mem", 6, str(topo), 64, 8, pertp=1, ddp=4, upload="whole", resident=0)
         samples: list[dict[int, dict[str, int]]] = []
@@ -194,10 +246,12 @@ def main() -> None:
         pss = sum(r["Pss"] for r in last.values()) * 1024
         pss_shmem = sum(r.get("Pss_Shmem", 0) for r in last.values()) * 1024
         per_rank = [r.get("Pss_Shmem", 0) * 1024 for r in last.values()]
-        print(f"[memory] OPT-125m-shaped (12x768), checkpoint {param_bytes / 1e6:.0f} MB (fp32), {len(last)} ranks "
-              f"(1x4): shared memory per rank (Pss_Shmem) {', '.join(f'{x / 1e6:.0f}' for x in per_rank)} MB, "
-              f"together {pss_shmem / 1e6:.0f} MB = {pss_shmem / param_bytes:.2f} x the checkpoint; all memory of "
-              f"the ranks: PSS {pss / 1e6:.0f} MB, RSS {rss / 1e6:.0f} MB ({len(samples)} samples, the middle one)")
+        print(
+            f"[memory] OPT-125m-shaped (12x768), checkpoint {param_bytes / 1e6:.0f} MB (fp32), {len(last)} ranks "
+            f"(1x4): shared memory per rank (Pss_Shmem) {', '.join(f'{x / 1e6:.0f}' for x in per_rank)} MB, "
+            f"together {pss_shmem / 1e6:.0f} MB = {pss_shmem / param_bytes:.2f} x the checkpoint; all memory of "
+            f"the ranks: PSS {pss / 1e6:.0f} MB, RSS {rss / 1e6:.0f} MB ({len(samples)} samples, the middle one)"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ bandwidth and matmul throughput for the bounds.
 Usage (on a GPU machine, zoplan installed with the runtime extra):
     python -m bench.runtime_gpu --out results-dir [--steps 5] [--models opt-1.3b,opt-2.7b]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ def duplex_gbps(nbytes: int = 2**30, reps: int = 5) -> tuple[float, float]:
     dev_in.copy_(host_in, non_blocking=True)
     host_out.copy_(dev_out, non_blocking=True)
     torch.cuda.synchronize()
-    events = {name: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for name in ("h2d", "d2h")}
+    events = {
+        name: (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for name in ("h2d", "d2h")
+    }
     for name, stream in (("h2d", up), ("d2h", down)):
         with torch.cuda.stream(stream):
             events[name][0].record()
@@ -93,10 +95,20 @@ def build(directory: Path, name: str, device: str = "cuda") -> tuple[Path, int, 
 
     hidden, layers, ffn, heads = SHAPES[name]
     tok = build_tokenizer()
-    config = OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
-                       num_attention_heads=heads, max_position_embeddings=2048, word_embed_proj_dim=hidden,
-                       dropout=0.0, attention_dropout=0.0, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = OPTConfig(
+        vocab_size=50272,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=ffn,
+        num_attention_heads=heads,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=hidden,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -115,16 +127,47 @@ def long_texts(path: Path, count: int = 128) -> Path:
     examples, _ = load_examples("sentiment-text")
     with path.open("w") as f:
         for i in range(count):
-            f.write(json.dumps({"text": ". ".join(examples[(i * 7 + k) % len(examples)].text
-                                                  for k in range(40))}) + "\n")
+            f.write(
+                json.dumps({"text": ". ".join(examples[(i * 7 + k) % len(examples)].text for k in range(40))}) + "\n"
+            )
     return path
 
 
 def zoplan_run(model: Path, data: Path, out: Path, steps: int, resident: int, batch: int, seq: int) -> list[float]:
-    cmd = [sys.executable, "-m", "zoplan.cli", "run", "--model", str(model), "--data", str(data),
-           "--steps", str(steps), "-o", str(out), "--topology", "dgx-h100", "--gpus", "gpu0", "--pertp", "1",
-           "--ddp", "1", "--upload", "whole", "--resident", str(resident), "--global-batch", str(batch),
-           "--micro-batch", str(batch), "--seq-len", str(seq), "--lr", "1e-6"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zoplan.cli",
+        "run",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--steps",
+        str(steps),
+        "-o",
+        str(out),
+        "--topology",
+        "dgx-h100",
+        "--gpus",
+        "gpu0",
+        "--pertp",
+        "1",
+        "--ddp",
+        "1",
+        "--upload",
+        "whole",
+        "--resident",
+        str(resident),
+        "--global-batch",
+        str(batch),
+        "--micro-batch",
+        str(batch),
+        "--seq-len",
+        str(seq),
+        "--lr",
+        "1e-6",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (out / "worker-node0.log").read_text()[-3000:] if (out / "worker-node0.log").exists() else ""
@@ -145,8 +188,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     import transformers
 
-    log(out, f"{time.strftime('%Y-%m-%d %H:%M')} {torch.cuda.get_device_name()} torch {torch.__version__} "
-             f"transformers {transformers.__version__}")
+    log(
+        out,
+        f"{time.strftime('%Y-%m-%d %H:%M')} {torch.cuda.get_device_name()} torch {torch.__version__} "
+        f"transformers {transformers.__version__}",
+    )
     h2d, d2h, mm = copy_gbps("h2d"), copy_gbps("d2h"), matmul_tflops()
     log(out, f"pinned copy 1 GiB: H2D {h2d:.1f} GB/s, D2H {d2h:.1f} GB/s; bf16 matmul 8192^3 {mm:.0f} TFLOP/s")
     work = Path("/tmp/zoplan-gpu-bench")
@@ -169,12 +215,15 @@ def main() -> None:
             off_s, mem_s = statistics.median(off[2:]), statistics.median(mem[2:])
             transfer_s = layers * block * 2 / (h2d * 1e9)
             bound = max(transfer_s, mem_s)
-            log(out, f"{name}-shaped ({layers} blocks of {block / 1e6:.1f}M params, bf16), batch {opts.batch} x "
-                     f"{opts.seq_len}: offloaded {off_s * 1e3:.1f} ms/step, in GPU memory {mem_s * 1e3:.1f} ms/step, "
-                     f"transfer bound {transfer_s * 1e3:.1f} ms ({layers * block * 2 / 1e9:.2f} GB at {h2d:.1f} GB/s); "
-                     f"offloaded / max(transfer, in-GPU) = {off_s / bound:.2f}; effective H2D "
-                     f"{layers * block * 2 / off_s / 1e9:.1f} GB/s; raw offloaded steps {[round(x, 4) for x in off]}, "
-                     f"in-GPU steps {[round(x, 4) for x in mem]}")
+            log(
+                out,
+                f"{name}-shaped ({layers} blocks of {block / 1e6:.1f}M params, bf16), batch {opts.batch} x "
+                f"{opts.seq_len}: offloaded {off_s * 1e3:.1f} ms/step, in GPU memory {mem_s * 1e3:.1f} ms/step, "
+                f"transfer bound {transfer_s * 1e3:.1f} ms ({layers * block * 2 / 1e9:.2f} GB at {h2d:.1f} GB/s); "
+                f"offloaded / max(transfer, in-GPU) = {off_s / bound:.2f}; effective H2D "
+                f"{layers * block * 2 / off_s / 1e9:.1f} GB/s; raw offloaded steps {[round(x, 4) for x in off]}, "
+                f"in-GPU steps {[round(x, 4) for x in mem]}",
+            )
         except Exception:  # keep measuring the other shape; the error is part of the record
             log(out, f"{name}: FAILED\n{traceback.format_exc()[-4000:]}")
 

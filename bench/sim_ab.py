@@ -10,6 +10,7 @@ Each side runs in its own process (PYTHONPATH=<checkout>) and simulates every la
 enumerates and fits (the exhaustive search), so the two see the same candidates. Results:
 docs/results/program.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,14 @@ print(json.dumps({"where": zoplan.__file__, "rows": rows}))
 
 def side(checkout: Path, case: tuple) -> tuple[dict[str, float], float]:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", SIDE, json.dumps(case)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(checkout)}, cwd=checkout, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", SIDE, json.dumps(case)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(checkout)},
+        cwd=checkout,
+        check=True,
+    ).stdout
     got = json.loads(out)
     if not got["where"].startswith(str(checkout.resolve())):  # an installed zoplan came first
         raise SystemExit(f"{checkout}: imported zoplan from {got['where']} instead")
@@ -75,14 +82,25 @@ def main() -> None:
                 continue
             layout = json.loads(key)
             rel = (this[key] - before) / before
-            shape = (f"{layout['upload']}, {len(layout['movers'])} mover(s), "
-                     f"{'resident' if layout['resident'] else 'streamed'}, "
-                     f"{layout['perturbation'] * layout['data']} compute")
+            shape = (
+                f"{layout['upload']}, {len(layout['movers'])} mover(s), "
+                f"{'resident' if layout['resident'] else 'streamed'}, "
+                f"{layout['perturbation'] * layout['data']} compute"
+            )
             same = abs(rel) < 1e-9
             groups[("same " if same else "moved ") + shape] += 1
             if not same:
-                moved.append((rel, layout["perturbation"], layout["data"], layout["upload"], layout["prefetch"],
-                              layout["micro_batch"], len(layout["resident"])))
+                moved.append(
+                    (
+                        rel,
+                        layout["perturbation"],
+                        layout["data"],
+                        layout["upload"],
+                        layout["prefetch"],
+                        layout["micro_batch"],
+                        len(layout["resident"]),
+                    )
+                )
         print(f"{name} ({case[0]}): {len(other)} layouts; search {t_other:.1f} s (other) / {t_this:.1f} s (this)")
         for group, count in sorted(groups.items()):
             print(f"  {count:5d}  {group}")

@@ -8,6 +8,7 @@ each in turn (pip install -e CHECKOUT --no-deps) and running this script after e
 
 Usage: python -m bench.startup [--repeat 5] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,7 @@ from pathlib import Path
 def timed(args: list[str], cwd: Path) -> tuple[float, int]:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
     return time.perf_counter() - t0, proc.returncode
 
 
@@ -53,10 +53,18 @@ def main() -> None:
                 raise SystemExit(f"{name}: exit status {code}, expected {expected}")
             walls.append(wall)
         rows[name] = {"median_s": statistics.median(walls), "walls_s": walls}
-        print(f"{name}: median {statistics.median(walls):.2f} s over {args.repeat} "
-              f"({', '.join(f'{w:.2f}' for w in walls)})", flush=True)
-    report = {"zoplan": str(Path(zoplan.__file__).resolve().parent.parent), "python": platform.python_version(),
-              "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cases": rows}
+        print(
+            f"{name}: median {statistics.median(walls):.2f} s over {args.repeat} "
+            f"({', '.join(f'{w:.2f}' for w in walls)})",
+            flush=True,
+        )
+    report = {
+        "zoplan": str(Path(zoplan.__file__).resolve().parent.parent),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "cases": rows,
+    }
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "startup.json").write_text(json.dumps(report, indent=1))

@@ -8,6 +8,7 @@ Usage: python -m bench.step_table RUN_DIR/spans-rank0.jsonl [--blocks]
 stage's total is spread evenly or sits in one block (the first, say). It reads `zoplan calibrate
 --spans` files the same way.
 """
+
 from __future__ import annotations
 
 import json

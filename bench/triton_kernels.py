@@ -4,6 +4,7 @@ option, the fused update and perturbation), then their speed against torch's.
 
 Usage (needs a GPU): python -m bench.triton_kernels [log2(count), default 26]
 """
+
 from __future__ import annotations
 
 import sys
@@ -82,8 +83,10 @@ def run(log2n: int = 26) -> None:
 
     t_torch = timed(lambda: perturb._fill_normal(ref, seed, name, 0), reps=5)
     t_tri = timed(lambda: T.normal_into(out, seed, name, 0))
-    print(f"z 2**{log2n}: torch {t_torch * 1e3:.2f} ms ({n / t_torch / 1e9:.2f} Gvals/s), triton "
-          f"{t_tri * 1e3:.3f} ms ({n / t_tri / 1e9:.1f} Gvals/s), x{t_torch / t_tri:.0f}")
+    print(
+        f"z 2**{log2n}: torch {t_torch * 1e3:.2f} ms ({n / t_torch / 1e9:.2f} Gvals/s), triton "
+        f"{t_tri * 1e3:.3f} ms ({n / t_tri / 1e9:.1f} Gvals/s), x{t_torch / t_tri:.0f}"
+    )
 
     for dt in (torch.float32, torch.bfloat16):
         x = (torch.randn(n, device=dev) * 0.05).to(dt)

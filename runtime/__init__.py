@@ -3,6 +3,7 @@
 This is the only part of zoplan that imports torch. It is installed with the ``runtime``
 extra (``pip install 'zoplan[runtime]'``).
 """
+
 from __future__ import annotations
 
 __all__: list[str] = []

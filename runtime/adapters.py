@@ -6,6 +6,7 @@ logits. Everything else (attention masks, position ids, rotary embeddings) comes
 model's own forward: the executor runs it up to the first block and captures the arguments the
 model passes to its blocks, so the schedule works across transformers versions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,5 +67,7 @@ def adapter_for(model_type: str) -> Adapter:
     try:
         return ADAPTERS[model_type]
     except KeyError:
-        raise ZoplanError(f"model type '{model_type}' is not supported by the runtime",
-                          fix=f"use one of {', '.join(sorted(ADAPTERS))}") from None
+        raise ZoplanError(
+            f"model type '{model_type}' is not supported by the runtime",
+            fix=f"use one of {', '.join(sorted(ADAPTERS))}",
+        ) from None

@@ -26,6 +26,7 @@ One process per device (GPU, or CPU rank), as in training. Each rank:
 Rank 0 writes the figures as JSON to ``--output``; the planner (zoplan/profile.py) turns them into
 a profile file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -153,8 +154,7 @@ def _calibration_model(model_dir: Path, dtype: torch.dtype, layers: int):
 
 def _loss(logits: torch.Tensor, mb: dict) -> tuple[torch.Tensor, float]:
     labels = mb["labels"]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             reduction="sum")
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
     return loss, float(labels.numel())
 
 
@@ -236,8 +236,9 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    compute = _engine_times(args, model, adapter, host, device, rank, world,
-                            between_rounds=duplex.sample if duplex is not None else None)
+    compute = _engine_times(
+        args, model, adapter, host, device, rank, world, between_rounds=duplex.sample if duplex is not None else None
+    )
     if world > 1:
         # the all-gather and the loss all-reduce inside real steps, where each waits for the
         # slowest rank's compute before it (jitter a back-to-back loop does not see)
@@ -249,13 +250,25 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
     from zoplan.runtime.perturb import fused_backend
 
     kernels = "torch" if fused_backend(device) is None else "triton, one launch per block"
-    return {"rank": rank, "device": str(device), "torch": torch.__version__, "kernels": kernels, "alone": alone,
-            "together": {"h2d_gbps": together_h2d, "d2h_gbps": together_d2h,
-                         "duplex_gbps": duplex.gbps if duplex is not None else None,
-                         "duplex_samples_gbps": duplex.rates if duplex is not None else []},
-            "allgather": gather, "allgather_groups": groups, "scalar_latency_us": scalar_s * 1e6,
-            "block_params": block_params,
-            "compute": compute, "lockstep": lockstep}
+    return {
+        "rank": rank,
+        "device": str(device),
+        "torch": torch.__version__,
+        "kernels": kernels,
+        "alone": alone,
+        "together": {
+            "h2d_gbps": together_h2d,
+            "d2h_gbps": together_d2h,
+            "duplex_gbps": duplex.gbps if duplex is not None else None,
+            "duplex_samples_gbps": duplex.rates if duplex is not None else [],
+        },
+        "allgather": gather,
+        "allgather_groups": groups,
+        "scalar_latency_us": scalar_s * 1e6,
+        "block_params": block_params,
+        "compute": compute,
+        "lockstep": lockstep,
+    }
 
 
 def _program(rank: int, world: int, exchange: bool, dtype: str, layers: int) -> Program:
@@ -264,8 +277,18 @@ def _program(rank: int, world: int, exchange: bool, dtype: str, layers: int) -> 
     stand in the program as the movers they are), else this rank moves them all alone."""
     me = f"rank{rank}"
     movers = tuple(f"rank{k}" for k in range(world)) if exchange else (me,)
-    layout = Layout(perturbation=1, data=1, compute_gpus=(me,), upload="sliced", movers=movers,
-                    slices_per_block=world, wire_dtype=dtype, param_dtype=dtype, micro_batch=1, prefetch=1)
+    layout = Layout(
+        perturbation=1,
+        data=1,
+        compute_gpus=(me,),
+        upload="sliced",
+        movers=movers,
+        slices_per_block=world,
+        wire_dtype=dtype,
+        param_dtype=dtype,
+        micro_batch=1,
+        prefetch=1,
+    )
     return build_program(layout, layers=layers, block_params=1)
 
 
@@ -313,30 +336,58 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
         mbs = []
         for _ in range(micro):
             ids = torch.randint(0, vocab, (args.micro_batch, args.seq_len), generator=gen)
-            mbs.append({"inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                        "labels": ids.to(device)})
+            mbs.append({"inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, "labels": ids.to(device)})
         shares = [steps // ROUNDS + (r < steps % ROUNDS) for r in range(ROUNDS)]
-        state[key] = {"spans": Spans(device, kept, keep_steps=steps + 1), "mbs": mbs, "rows": [], "step": 0,
-                      "shares": shares, "last": max(r for r in range(ROUNDS) if shares[r])}
+        state[key] = {
+            "spans": Spans(device, kept, keep_steps=steps + 1),
+            "mbs": mbs,
+            "rows": [],
+            "step": 0,
+            "shares": shares,
+            "last": max(r for r in range(ROUNDS) if shares[r]),
+        }
     engine = None
     for round_ in range(ROUNDS):
         for branches, micro, key in settings:
             st = state[key]
             if not st["shares"][round_]:
                 continue
-            _phase(args, rank, f"engine steps: {branches} branch(es), {micro} micro-batch(es)"
-                               + (", all ranks all-gathering" if key == "exchange" else "")
-                               + f" (round {round_ + 1} of {ROUNDS})")
+            _phase(
+                args,
+                rank,
+                f"engine steps: {branches} branch(es), {micro} micro-batch(es)"
+                + (", all ranks all-gathering" if key == "exchange" else "")
+                + f" (round {round_ + 1} of {ROUNDS})",
+            )
             exchange = key == "exchange"
-            ctx = zdist.RankContext(rank=0, world=1, node=0, local_rank=0, device=device, role="compute",
-                                    signs=(1, -1) if branches == 2 else (1,), replica=0, replicas=1,
-                                    mover_index=rank if exchange else 0, movers=world if exchange else 1,
-                                    compute_index=0, computes=1,
-                                    exchange_group=zdist.world_group() if exchange else None)
+            ctx = zdist.RankContext(
+                rank=0,
+                world=1,
+                node=0,
+                local_rank=0,
+                device=device,
+                role="compute",
+                signs=(1, -1) if branches == 2 else (1,),
+                replica=0,
+                replicas=1,
+                mover_index=rank if exchange else 0,
+                movers=world if exchange else 1,
+                compute_index=0,
+                computes=1,
+                exchange_group=zdist.world_group() if exchange else None,
+            )
             engine = None  # the previous engine's buffers go before this one's come
             spans = st["spans"]
-            engine = Engine(model, adapter, host, ctx, program=_program(rank, world, exchange, args.dtype, blocks_n),
-                            rank=f"rank{rank}", eps=1e-3, spans=spans)
+            engine = Engine(
+                model,
+                adapter,
+                host,
+                ctx,
+                program=_program(rank, world, exchange, args.dtype, blocks_n),
+                rank=f"rank{rank}",
+                eps=1e-3,
+                spans=spans,
+            )
             # the first round's warm-up step is kept with the timed ones, the later ones are not timed
             for i in range(st["shares"][round_] + 1):
                 step = st["step"]
@@ -356,8 +407,10 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
                     continue
                 spans_totals = spans.end()
                 # for the record: the block compute's GPU and host seconds before they are combined
-                split = {"compute_gpu": spans_totals.get("compute", 0.0),
-                         "compute_host": spans.host_totals.get("compute", 0.0)}
+                split = {
+                    "compute_gpu": spans_totals.get("compute", 0.0),
+                    "compute_host": spans.host_totals.get("compute", 0.0),
+                }
                 # a stage lasts at least as long as the host takes to issue it (CUDA: kernel
                 # launches and Python; in a long run nothing else hides that time)
                 for cat, host_s in spans.host_totals.items():
@@ -380,18 +433,41 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
         st["spans"].close()
         rows = st["rows"]
         average = statistics.mean if key == "exchange" else statistics.median
-        out[key] = {cat: average(r.get(cat, 0.0) for r in rows) / (blocks_n if cat in PER_BLOCK else 1)
-                    for cat in ("h2d", "update", "d2h", "embed", "compute", "head", "exchange", "scalar", "loop",
-                                "compute_gpu", "compute_host")}
+        out[key] = {
+            cat: average(r.get(cat, 0.0) for r in rows) / (blocks_n if cat in PER_BLOCK else 1)
+            for cat in (
+                "h2d",
+                "update",
+                "d2h",
+                "embed",
+                "compute",
+                "head",
+                "exchange",
+                "scalar",
+                "loop",
+                "compute_gpu",
+                "compute_host",
+            )
+        }
         if key == "exchange":  # the compute of these steps, as the independent settings take it (medians)
-            out[key]["lockstep"] = {cat: statistics.median(r.get(cat, 0.0) for r in rows)
-                                    / (blocks_n if cat in PER_BLOCK else 1) for cat in ("compute", "embed", "head")}
+            out[key]["lockstep"] = {
+                cat: statistics.median(r.get(cat, 0.0) for r in rows) / (blocks_n if cat in PER_BLOCK else 1)
+                for cat in ("compute", "embed", "head")
+            }
         if "perturb_s_per_param" in st:
             out[key]["perturb_s_per_param"] = st["perturb_s_per_param"]
     return out
 
 
-PER_BLOCK = ("h2d", "update", "d2h", "compute", "exchange", "compute_gpu", "compute_host")  # once per block; the rest once per step
+PER_BLOCK = (
+    "h2d",
+    "update",
+    "d2h",
+    "compute",
+    "exchange",
+    "compute_gpu",
+    "compute_host",
+)  # once per block; the rest once per step
 
 
 def _counts(text: str) -> list[int]:
@@ -419,15 +495,18 @@ class _TrainingLoop:
         self.task = zdata.Task("lm")
         words = "the model reads a long text one block after another and the loss falls".split()
         rng = random.Random(rank)
-        self.examples = [zdata.Example(" ".join(rng.choice(words) for _ in range(args.seq_len)))
-                         for _ in range(64 * args.micro_batch)]
+        self.examples = [
+            zdata.Example(" ".join(rng.choice(words) for _ in range(args.seq_len)))
+            for _ in range(64 * args.micro_batch)
+        ]
         self.batcher = Batcher(self.tokenizer, self.task, args.seq_len, args.micro_batch)
         if self.tokenizer is not None:
             self.batcher.pretokenize(self.examples)
         self.journal_file = None
         if rank == 0:
-            self.journal_file = tempfile.NamedTemporaryFile("a", suffix=".jsonl", prefix="zoplan-calibrate-journal-",
-                                                       buffering=1)
+            self.journal_file = tempfile.NamedTemporaryFile(
+                "a", suffix=".jsonl", prefix="zoplan-calibrate-journal-", buffering=1
+            )
 
     def batch(self, step: int, micro_batches: int) -> None:
         if self.tokenizer is None:
@@ -442,9 +521,21 @@ class _TrainingLoop:
             return
         from zoplan.runtime.journal import write_line
 
-        write_line(self.journal_file, {"step": step, "seed": 1234567890 + step, "loss_plus": 2.0, "loss_minus": 2.0,
-                                          "projected_grad": 0.0, "lr": 1e-6, "eps": 1e-3, "weight_decay": 0.0,
-                                          "skipped": False}, sync=True)
+        write_line(
+            self.journal_file,
+            {
+                "step": step,
+                "seed": 1234567890 + step,
+                "loss_plus": 2.0,
+                "loss_minus": 2.0,
+                "projected_grad": 0.0,
+                "lr": 1e-6,
+                "eps": 1e-3,
+                "weight_decay": 0.0,
+                "skipped": False,
+            },
+            sync=True,
+        )
 
 
 def _pending(step: int):
@@ -490,9 +581,19 @@ if __name__ == "__main__":
 
 
 # ----- the launcher (``zoplan calibrate``) ---------------------------------------------------------
-def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtype: str | None,
-              output: Path, steps: int = 20, quiet: bool = False, micro_batches: tuple[int, ...] = (1, 2),
-              spans: Path | None = None):
+def calibrate(
+    model: str,
+    topology: str,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    dtype: str | None,
+    output: Path,
+    steps: int = 20,
+    quiet: bool = False,
+    micro_batches: tuple[int, ...] = (1, 2),
+    spans: Path | None = None,
+):
     """Measure this machine (one process per device of ``topology``) and write a profile;
     ``micro_batches``: the micro-batch counts timed (1 and 2 at least; more counts let a plan
     with many micro-batches interpolate instead of extrapolating); ``spans``: a directory that
@@ -515,12 +616,15 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
     n = len(machine.gpus)
     if not cpu:
         if not torch.cuda.is_available():
-            raise ZoplanError(f"calibration cannot reach a GPU: '{machine.name}' describes GPUs, but torch "
-                              f"sees no CUDA device here",
-                              fix="run it on the GPU machine, or calibrate a CPU topology (--topology cpu-local)")
+            raise ZoplanError(
+                f"calibration cannot reach a GPU: '{machine.name}' describes GPUs, but torch sees no CUDA device here",
+                fix="run it on the GPU machine, or calibrate a CPU topology (--topology cpu-local)",
+            )
         if torch.cuda.device_count() < n:
-            raise ZoplanError(f"'{machine.name}' has {n} GPUs but torch sees {torch.cuda.device_count()} here",
-                              fix="calibrate on the machine the topology describes (zoplan topo detect)")
+            raise ZoplanError(
+                f"'{machine.name}' has {n} GPUs but torch sees {torch.cuda.device_count()} here",
+                fix="calibrate on the machine the topology describes (zoplan topo detect)",
+            )
     dtype = dtype or ("fp32" if cpu else "bf16")
     model_dir = resolve_model(model)
     shape = load_model_shape(str(model_dir / "config.json"))
@@ -528,30 +632,74 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
         raise ZoplanError("--micro-batch and --seq-len must be at least 1")
     counts = sorted(set(micro_batches))
     if not {1, 2} <= set(counts) or counts[-1] > 999:
-        raise ZoplanError(f"--micro-batches {','.join(map(str, micro_batches))}: the counts timed must include 1 and 2 "
-                          f"(and stay below 1000)", fix="e.g. --micro-batches 1,2,4")
+        raise ZoplanError(
+            f"--micro-batches {','.join(map(str, micro_batches))}: the counts timed must include 1 and 2 "
+            f"(and stay below 1000)",
+            fix="e.g. --micro-batches 1,2,4",
+        )
     # the ranks' host copies (shared memory) and every temporary file of torchrun and the ranks:
     # removed when calibrate ends; a killed calibrate's are swept by the next launch
     tag = uuid.uuid4().hex[:12]
-    with owned(shared_memory(), f"calibrate-{tag}") as shm, owned(Path(tempfile.gettempdir()),
-                                                                  f"calibrate-tmp-{tag}") as work:
+    with (
+        owned(shared_memory(), f"calibrate-{tag}") as shm,
+        owned(Path(tempfile.gettempdir()), f"calibrate-tmp-{tag}") as work,
+    ):
         raw, progress_file, log = work / "figures.json", work / "progress.txt", work / "calibrate.log"
         # forked from one process that has imported what a rank needs (runtime/ranks.py)
-        cmd = [sys.executable, "-m", "zoplan.runtime.ranks", "--module", "zoplan.runtime.calibrate",
-               "--model-dir", str(model_dir), "--nproc", str(n), "--master-addr", "127.0.0.1",
-               "--master-port", str(_free_port()), "--", "--model-dir", str(model_dir), "--micro-batch", str(micro_batch),
-               "--seq-len", str(seq_len), "--dtype", dtype, "--device", "cpu" if cpu else "cuda",
-               "--block-params", str(shape.block_params()), "--steps", str(steps),
-               "--micro-batches", ",".join(map(str, counts)),
-               "--output", str(raw), "--progress", str(progress_file), "--host-root", str(shm)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "zoplan.runtime.ranks",
+            "--module",
+            "zoplan.runtime.calibrate",
+            "--model-dir",
+            str(model_dir),
+            "--nproc",
+            str(n),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "--",
+            "--model-dir",
+            str(model_dir),
+            "--micro-batch",
+            str(micro_batch),
+            "--seq-len",
+            str(seq_len),
+            "--dtype",
+            dtype,
+            "--device",
+            "cpu" if cpu else "cuda",
+            "--block-params",
+            str(shape.block_params()),
+            "--steps",
+            str(steps),
+            "--micro-batches",
+            ",".join(map(str, counts)),
+            "--output",
+            str(raw),
+            "--progress",
+            str(progress_file),
+            "--host-root",
+            str(shm),
+        ]
         if spans is not None:
             cmd += ["--spans", str(Path(spans).resolve())]
         env = rank_env(os.environ)
         env["TMPDIR"] = str(work)
         if not cpu:  # rank k measures the topology's GPU k
             env.update(cuda_env(machine.gpus, machine.gpus, os.environ))
-        with open(log, "w") as f, Progress(SpinnerColumn(), TextColumn("calibrating {task.description}"),
-                                           TimeElapsedColumn(), disable=quiet, transient=True) as bar:
+        with (
+            open(log, "w") as f,
+            Progress(
+                SpinnerColumn(),
+                TextColumn("calibrating {task.description}"),
+                TimeElapsedColumn(),
+                disable=quiet,
+                transient=True,
+            ) as bar,
+        ):
             task = bar.add_task("(starting ranks)")
             stopped: list[int] = []
             with stop_signals(stopped):  # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
@@ -567,17 +715,32 @@ def calibrate(model: str, topology: str, *, micro_batch: int, seq_len: int, dtyp
                         proc.wait()
         done = all(Path(f"{raw}.done-rank{r}").exists() for r in range(n))
         if proc.returncode != 0 and done and raw.exists():
-            print(f"warning: a calibration rank exited with status {proc.returncode} after every rank had "
-                  "finished measuring; the figures are complete", file=sys.stderr)
+            print(
+                f"warning: a calibration rank exited with status {proc.returncode} after every rank had "
+                "finished measuring; the figures are complete",
+                file=sys.stderr,
+            )
         elif proc.returncode != 0 or not raw.exists():
-            causes = [l.strip() for l in log.read_text(errors="replace").splitlines()
-                      if "Error" in l and "ChildFailedError" not in l and not l.startswith("  File")]
+            causes = [
+                l.strip()
+                for l in log.read_text(errors="replace").splitlines()
+                if "Error" in l and "ChildFailedError" not in l and not l.startswith("  File")
+            ]
             kept = Path(f"{output}.log")  # the scratch folder goes: the log is kept beside the profile's path
             shutil.copyfile(log, kept)
-            raise ZoplanError(f"calibration failed (exit status {proc.returncode})"
-                              + (f": {causes[-1][:500]}" if causes else ""), fix=f"see {kept}")
+            raise ZoplanError(
+                f"calibration failed (exit status {proc.returncode})" + (f": {causes[-1][:500]}" if causes else ""),
+                fix=f"see {kept}",
+            )
         rows = json.loads(raw.read_text())
-        profile = build_profile(rows, machine, shape, micro_batch=micro_batch, seq_len=seq_len, dtype=dtype,
-                                device=rows[0]["device"] if cpu else torch.cuda.get_device_name(0))
+        profile = build_profile(
+            rows,
+            machine,
+            shape,
+            micro_batch=micro_batch,
+            seq_len=seq_len,
+            dtype=dtype,
+            device=rows[0]["device"] if cpu else torch.cuda.get_device_name(0),
+        )
         write_profile(profile, output)
         return profile

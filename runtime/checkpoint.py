@@ -7,6 +7,7 @@ only the safetensors headers and build the model on the meta device: seconds, wh
 and once per unchanged directory (a directory that passed is remembered by its files' sizes and
 modification times, under ~/.cache/zoplan/checked).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,23 +33,27 @@ def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_bytes()[:64 << 20])["weight_map"]
+            weight_map = json.loads(index.read_bytes()[: 64 << 20])["weight_map"]
             names = sorted(set(weight_map.values()))
             if not all(isinstance(n, str) and "/" not in n and n.endswith(".safetensors") for n in names):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            raise ZoplanError(f"{index} is damaged: it must map tensor names to shard files",
-                              fix="copy the checkpoint again") from None
+            raise ZoplanError(
+                f"{index} is damaged: it must map tensor names to shard files", fix="copy the checkpoint again"
+            ) from None
         missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
-            raise ZoplanError(f"{model_dir} lacks {len(missing)} weight shard(s) its index names (first: {missing[0]})",
-                              fix="copy the whole checkpoint (every model-*.safetensors file)")
+            raise ZoplanError(
+                f"{model_dir} lacks {len(missing)} weight shard(s) its index names (first: {missing[0]})",
+                fix="copy the whole checkpoint (every model-*.safetensors file)",
+            )
         return [model_dir / n for n in names]
     if any(model_dir.glob("pytorch_model*.bin")):
         return []
-    raise ZoplanError(f"{model_dir} holds no weights (no model.safetensors, no shard index, no pytorch_model.bin)",
-                      fix="point --model at a checkpoint directory with its weights, or save them there "
-                          "(model.save_pretrained(DIR))")
+    raise ZoplanError(
+        f"{model_dir} holds no weights (no model.safetensors, no shard index, no pytorch_model.bin)",
+        fix="point --model at a checkpoint directory with its weights, or save them there (model.save_pretrained(DIR))",
+    )
 
 
 def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
@@ -62,8 +67,10 @@ def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
                 for name in f.keys():
                     shapes[name] = tuple(f.get_slice(name).get_shape())
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ZoplanError(f"{path} is truncated or damaged ({str(exc).splitlines()[0][:200]})",
-                              fix="copy the checkpoint again: its size must match the original") from None
+            raise ZoplanError(
+                f"{path} is truncated or damaged ({str(exc).splitlines()[0][:200]})",
+                fix="copy the checkpoint again: its size must match the original",
+            ) from None
     return shapes
 
 
@@ -122,16 +129,22 @@ def _check_model_dir(model_dir: Path) -> None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ZoplanError(f"{model_dir / 'config.json'} does not describe a model transformers can build "
-                          f"({str(exc).splitlines()[0][:200]})", fix="use the config.json saved with the weights") from None
+        raise ZoplanError(
+            f"{model_dir / 'config.json'} does not describe a model transformers can build "
+            f"({str(exc).splitlines()[0][:200]})",
+            fix="use the config.json saved with the weights",
+        ) from None
     if files:
         _compare(model_dir, config, model, shapes)
-    fix = "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) saved with the model into the directory"
+    fix = (
+        "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) saved with the model into the directory"
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ZoplanError(f"{model_dir} has no tokenizer transformers can load ({str(exc).splitlines()[0][:200]})",
-                          fix=fix) from None
+        raise ZoplanError(
+            f"{model_dir} has no tokenizer transformers can load ({str(exc).splitlines()[0][:200]})", fix=fix
+        ) from None
     # without its files transformers may still build an empty tokenizer, which encodes nothing
     if len(tokenizer) == 0 or not tokenizer("It was great")["input_ids"]:
         raise ZoplanError(f"{model_dir} has no tokenizer: the one transformers builds from it is empty", fix=fix)
@@ -147,16 +160,21 @@ def _compare(model_dir: Path, config, model, shapes: dict[str, tuple[int, ...]])
     found = {int(m.group(1)) for name in shapes for m in [_LAYER.search(name)] if m}
     if layers is not None and found and max(found) + 1 != layers:
         raise ZoplanError(f"{where}: config.json says {layers} layer(s), the weights hold {max(found) + 1}", fix=fix)
-    wrong = [f"{n} is {list(shapes[n])} in the weights, {list(s)} by the config"
-             for n, s in expected.items() if n in shapes and shapes[n] != s]
+    wrong = [
+        f"{n} is {list(shapes[n])} in the weights, {list(s)} by the config"
+        for n, s in expected.items()
+        if n in shapes and shapes[n] != s
+    ]
     if wrong:
         raise ZoplanError(f"{where}: {len(wrong)} tensor shape(s) differ ({'; '.join(wrong[:_SHOWN])})", fix=fix)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = sorted(set(expected) - set(shapes) - tied)
     if missing:
-        raise ZoplanError(f"{model_dir}: the weights lack {len(missing)} tensor(s) the model needs "
-                          f"(first: {', '.join(missing[:_SHOWN])}); they would start from random values",
-                          fix="copy the whole checkpoint, or use the config.json saved with these weights")
+        raise ZoplanError(
+            f"{model_dir}: the weights lack {len(missing)} tensor(s) the model needs "
+            f"(first: {', '.join(missing[:_SHOWN])}); they would start from random values",
+            fix="copy the whole checkpoint, or use the config.json saved with these weights",
+        )
 
 
 # what a model directory holds beside its weights, copied with trained weights: config,
@@ -167,8 +185,11 @@ _NOT_COMPANIONS = ("model.safetensors.index.json", "meta.json")
 
 def companion_files(model_dir: Path) -> list[Path]:
     """The files a directory of trained weights takes from the base model's directory."""
-    return sorted(f for f in model_dir.iterdir()
-                  if f.is_file() and f.suffix in _COMPANION_SUFFIXES and f.name not in _NOT_COMPANIONS)
+    return sorted(
+        f
+        for f in model_dir.iterdir()
+        if f.is_file() and f.suffix in _COMPANION_SUFFIXES and f.name not in _NOT_COMPANIONS
+    )
 
 
 def readable_as_umask(directory: Path) -> None:

@@ -5,6 +5,7 @@ plan's rank table, which ``zoplan plan`` derived from the layout. Groups:
 - the world, for the loss scalars (every rank needs the projected gradient, relays included);
 - per machine, the movers of that machine, for the block all-gather.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,9 @@ def _attempt_store(world: int):
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=False, timeout=TIMEOUT)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=TIMEOUT
+    )
     return dist.PrefixStore(f"zoplan/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
@@ -63,11 +65,13 @@ def init(plan: Plan, device_kind: str) -> RankContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world != plan.layout.world_size:
-        raise ZoplanError(f"the plan needs {plan.layout.world_size} ranks "
-                          f"({plan.layout.perturbation} x {plan.layout.data} x {plan.layout.nodes} node(s) "
-                          f"plus relays), but {world} were started",
-                          fix=f"start {plan.layout.world_size // plan.layout.nodes} processes per node "
-                              f"on {plan.layout.nodes} node(s)")
+        raise ZoplanError(
+            f"the plan needs {plan.layout.world_size} ranks "
+            f"({plan.layout.perturbation} x {plan.layout.data} x {plan.layout.nodes} node(s) "
+            f"plus relays), but {world} were started",
+            fix=f"start {plan.layout.world_size // plan.layout.nodes} processes per node "
+            f"on {plan.layout.nodes} node(s)",
+        )
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if not dist.is_initialized():
         store = _attempt_store(world)
@@ -95,12 +99,21 @@ def init(plan: Plan, device_kind: str) -> RankContext:
     branch = entry.branch or ""
     signs = tuple(s for s, c in ((1, "+"), (-1, "-")) if c in branch)
     return RankContext(
-        rank=rank, world=world, node=node, local_rank=local_rank, device=device, role=entry.role,
-        signs=signs, replica=entry.replica, replicas=plan.layout.data * plan.layout.nodes,
+        rank=rank,
+        world=world,
+        node=node,
+        local_rank=local_rank,
+        device=device,
+        role=entry.role,
+        signs=signs,
+        replica=entry.replica,
+        replicas=plan.layout.data * plan.layout.nodes,
         mover_index=movers.index(entry.gpu) if plan.transfer.upload == "sliced" and entry.gpu in movers else None,
         movers=len(movers),
         compute_index=next((i for i, r in enumerate(compute_local) if r.rank == rank), None),
-        computes=len(compute_local), exchange_group=exchange)
+        computes=len(compute_local),
+        exchange_group=exchange,
+    )
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -144,8 +157,13 @@ def gather_objects(obj) -> list:
 def init_calibration(world: int, rank: int, device_kind: str) -> None:
     """The calibration's process group: every rank, no plan (it measures the machine)."""
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=TIMEOUT,
-                                store=_attempt_store(world), rank=rank, world_size=world)
+        dist.init_process_group(
+            "nccl" if device_kind == "cuda" else "gloo",
+            timeout=TIMEOUT,
+            store=_attempt_store(world),
+            rank=rank,
+            world_size=world,
+        )
 
 
 def world_group():

@@ -20,6 +20,7 @@ first block and the arguments it passes to blocks are captured (adapters.py). On
 runs in program order on one thread; on CUDA the update, all-gather and block ops are issued on
 the compute stream.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -64,8 +65,18 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, adapter: Adapter, host: HostCopy, ctx: zdist.RankContext, *,
-                 program: Program, rank: str, eps: float, spans: Spans | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        host: HostCopy,
+        ctx: zdist.RankContext,
+        *,
+        program: Program,
+        rank: str,
+        eps: float,
+        spans: Spans | None = None,
+    ) -> None:
         """``program``: the plan's step program; ``rank``: this rank's GPU in it."""
         layout = program.layout
         if program.layers != len(host.layouts):
@@ -95,8 +106,9 @@ class Engine:
             if op.block is not None and op.step == 0:
                 self.last_use[op.block] = k
         # resident parts: the master values, and the parameters the model's modules use
-        self.resident_params = {n: p for n, p in model.named_parameters()
-                                if not n.startswith(adapter.blocks_path + ".")}
+        self.resident_params = {
+            n: p for n, p in model.named_parameters() if not n.startswith(adapter.blocks_path + ".")
+        }
         self.resident_master = {n: p.detach().clone() for n, p in self.resident_params.items()} if self.computes else {}
         self._resident_state: object = None  # what the parameters hold: None (the master) or (seed, sign)
         # streamed blocks: where each parameter lives in its module, and the per-branch buffers
@@ -107,8 +119,13 @@ class Engine:
         self.cuda = self.device.type == "cuda"
         fused = fused_backend(self.device)
         interpreted = fused is not None and getattr(fused, "_INTERPRET", False)
-        self.kernels = ("torch" if fused is None else
-                        "triton interpreter, one launch per block" if interpreted else "triton, one launch per block")
+        self.kernels = (
+            "torch"
+            if fused is None
+            else "triton interpreter, one launch per block"
+            if interpreted
+            else "triton, one launch per block"
+        )
         if self.cuda:
             # page-locked host memory: asynchronous copies at full PCIe speed
             if not host.pin_for_cuda():  # still correct, only slower (pageable copies)
@@ -134,8 +151,9 @@ class Engine:
         for i in sorted(self.resident_blocks):
             layout, src = self.host.layouts[i], self.host.blocks[i]
             if self.sharded:
-                self.kept[i] = torch.cat([src[lo:hi] for lo, hi in self._my_ranges(layout)]
-                                         or [src[:0]]).to(self.device, self.dtype)
+                self.kept[i] = torch.cat([src[lo:hi] for lo, hi in self._my_ranges(layout)] or [src[:0]]).to(
+                    self.device, self.dtype
+                )
             else:  # the whole block (a single mover's slices are all of it)
                 self.kept[i] = torch.empty(layout.padded, dtype=self.dtype, device=self.device)
                 self.kept[i].copy_(src, non_blocking=self.cuda)
@@ -146,10 +164,17 @@ class Engine:
         """Time one op of the step program (a span labelled with its id, stream and category)."""
         oid = op_id(kind, block, r, self.rounds)
         if oid not in self.op_ids:
-            raise RuntimeError(f"the engine ran '{oid}', which is not in this rank's step program "
-                               "(zoplan.program and the engine disagree)")
-        return self.spans.span(stream_of(kind, self.upload).value, CATEGORY[kind], oid,
-                               span_block(kind, block, len(self.blocks)), cuda_stream)
+            raise RuntimeError(
+                f"the engine ran '{oid}', which is not in this rank's step program "
+                "(zoplan.program and the engine disagree)"
+            )
+        return self.spans.span(
+            stream_of(kind, self.upload).value,
+            CATEGORY[kind],
+            oid,
+            span_block(kind, block, len(self.blocks)),
+            cuda_stream,
+        )
 
     # ----- block movement ------------------------------------------------------------------------
     def _my_ranges(self, layout: BlockLayout) -> list[tuple[int, int]]:
@@ -170,13 +195,13 @@ class Engine:
         """Resident block i, sliced: this rank's slices from its shard into the work buffer."""
         at, shard = 0, self.kept[i]
         for lo, hi in self._my_ranges(self.host.layouts[i]):
-            buf[lo:hi].copy_(shard[at:at + hi - lo])
+            buf[lo:hi].copy_(shard[at : at + hi - lo])
             at += hi - lo
 
     def _pack_shard(self, i: int, buf: torch.Tensor) -> None:
         at, shard = 0, self.kept[i]
         for lo, hi in self._my_ranges(self.host.layouts[i]):
-            shard[at:at + hi - lo].copy_(buf[lo:hi])
+            shard[at : at + hi - lo].copy_(buf[lo:hi])
             at += hi - lo
 
     # ----- the ops' handlers ------------------------------------------------------------------------
@@ -299,7 +324,7 @@ class Engine:
         layout = self.host.layouts[i]
         n, size = self.ctx.movers, layout.padded // self.slices
         with self.op_span(Kind.ALLGATHER, i, r):
-            parts = [buf[(r * n + m) * size:(r * n + m + 1) * size] for m in range(n)]
+            parts = [buf[(r * n + m) * size : (r * n + m + 1) * size] for m in range(n)]
             mine = parts[self.ctx.mover_index].clone()
             zdist.all_gather_into(parts, mine, group=self.ctx.exchange_group)
         if i in self.kept and r == self.rounds - 1 and self.pending is not None:
@@ -380,8 +405,10 @@ class Engine:
         views = self._views.get((i, sign)) if sign is not None else None
         if views is None:
             base = flat.storage_offset()
-            views = [torch.as_strided(flat, slot.shape, _row_major(slot.shape), base + slot.offset)
-                     for slot in self.host.layouts[i].slots]
+            views = [
+                torch.as_strided(flat, slot.shape, _row_major(slot.shape), base + slot.offset)
+                for slot in self.host.layouts[i].slots
+            ]
             if sign is not None:
                 self._views[(i, sign)] = views
         for (params, attr), view in zip(places, views):
@@ -416,8 +443,16 @@ class Engine:
         return {s: (base + (s * self.eps) * z).to(self.dtype) for s in signs}
 
     @torch.no_grad()
-    def _run(self, micro_batches: list, seed: int | None, signs: tuple[int, ...], metric_fns: list, *,
-             carry: bool, move_only: bool = False) -> dict[int, list[tuple[float, float]]]:
+    def _run(
+        self,
+        micro_batches: list,
+        seed: int | None,
+        signs: tuple[int, ...],
+        metric_fns: list,
+        *,
+        carry: bool,
+        move_only: bool = False,
+    ) -> dict[int, list[tuple[float, float]]]:
         """Run this rank's step program up to its loss scalars (the all-reduce is the caller's).
         ``carry``: also issue the next step's first uploads (a training step); ``move_only``:
         only move and update the blocks (a flush)."""
@@ -475,7 +510,7 @@ class Engine:
     def _block(self, i: int, seed: int | None, signs: tuple[int, ...], hidden: dict, kwargs: list) -> None:
         theta = self._buffer(i, self.rounds - 1)
         with self.op_span(Kind.BLOCK, i):
-            weights = (self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta})
+            weights = self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta}
             block = self.blocks[i]
             for s in signs:
                 persistent = weights[s] is self._weights.get(s)
@@ -485,14 +520,18 @@ class Engine:
                     hidden[s][k] = out[0] if isinstance(out, tuple) else out
             self._unbind(i)
 
-    def forward_losses(self, micro_batches: list, seed: int | None, metric_fns: list) -> dict[int, list[tuple[float, float]]]:
+    def forward_losses(
+        self, micro_batches: list, seed: int | None, metric_fns: list
+    ) -> dict[int, list[tuple[float, float]]]:
         """Per branch sign, per metric: (sum, count) over this rank's micro-batches. ``seed`` None
         runs the unperturbed model (evaluation, on one rank per replica); the pending update is
         applied on the way."""
         signs = self.ctx.signs if seed is not None else ((1,) if 1 in self.ctx.signs else ())
         return self._run(micro_batches, seed, signs, metric_fns, carry=seed is not None)
 
-    def step(self, micro_batches: list, seed: int, lr: float, wd: float, loss_fn, step: int | None = None) -> StepResult:
+    def step(
+        self, micro_batches: list, seed: int, lr: float, wd: float, loss_fn, step: int | None = None
+    ) -> StepResult:
         """One ZO step: both branches' losses on the global batch, the projected gradient, and
         the update deferred into the next step (or ``flush``). With ``step``, its stages are
         recorded as spans (without, they go to a step the caller has begun, if any)."""
@@ -541,7 +580,7 @@ class Engine:
             at = 0
             for lo, hi in self._my_ranges(self.host.layouts[i]):
                 if self.sharded:  # the shard holds this rank's slices, packed
-                    self.host.blocks[i][lo:hi].copy_(buf[at:at + hi - lo])
+                    self.host.blocks[i][lo:hi].copy_(buf[at : at + hi - lo])
                     at += hi - lo
                 else:
                     self.host.blocks[i][lo:hi].copy_(buf[lo:hi])
@@ -562,5 +601,11 @@ def _finite(x: float) -> bool:
 
 
 # the handlers of the ops that move and update blocks
-_MOVES = {Kind.H2D: Engine._h2d, Kind.UNPACK: Engine._unpack, Kind.UPDATE: Engine._update,
-          Kind.BARRIER: Engine._barrier, Kind.D2H: Engine._d2h, Kind.ALLGATHER: Engine._all_gather}
+_MOVES = {
+    Kind.H2D: Engine._h2d,
+    Kind.UNPACK: Engine._unpack,
+    Kind.UPDATE: Engine._update,
+    Kind.BARRIER: Engine._barrier,
+    Kind.D2H: Engine._d2h,
+    Kind.ALLGATHER: Engine._all_gather,
+}

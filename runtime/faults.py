@@ -14,6 +14,7 @@ this rank and this step. A fault is ``POINT:RANK[:STEP]``, several separated by 
 For example ``ZOPLAN_FAULTS=kill:0:4`` (tests/runtime/test_resume.py). The variable is read once
 per process.
 """
+
 from __future__ import annotations
 
 import errno

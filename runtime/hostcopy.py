@@ -7,6 +7,7 @@ exactly its own ranges. Buffers live in files under /dev/shm mapped by every loc
 The resident parts (embeddings, final norm, head) are stored there too, so ranks other than the
 loader never materialise the model.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,13 +76,16 @@ def block_layouts(blocks: nn.ModuleList, prefix: str, slices: int) -> list[Block
 class HostCopy:
     """Flat block buffers and resident tensors in shared memory, opened by name."""
 
-    def __init__(self, root: Path, layouts: list[BlockLayout], wire_dtype: str,
-                 resident: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    def __init__(
+        self, root: Path, layouts: list[BlockLayout], wire_dtype: str, resident: dict[str, tuple[tuple[int, ...], str]]
+    ) -> None:
         self.root = root
         self.layouts = layouts
         self.wire = DTYPES[wire_dtype]
-        self.blocks = [torch.from_file(str(root / f"block{l.index}.bin"), shared=True, size=l.padded,
-                                       dtype=self.wire) for l in layouts]
+        self.blocks = [
+            torch.from_file(str(root / f"block{l.index}.bin"), shared=True, size=l.padded, dtype=self.wire)
+            for l in layouts
+        ]
         self.pinned = False  # page-locked for CUDA (pin_for_cuda): once per process
         self.resident = {}
         for name, (shape, dtype) in resident.items():
@@ -104,8 +108,9 @@ class HostCopy:
         return True
 
     @staticmethod
-    def create(root: Path, model: nn.Module, blocks: nn.ModuleList, prefix: str, slices: int,
-               wire_dtype: str, param_dtype: str) -> HostCopy:
+    def create(
+        root: Path, model: nn.Module, blocks: nn.ModuleList, prefix: str, slices: int, wire_dtype: str, param_dtype: str
+    ) -> HostCopy:
         """Write a loaded model's parameters into shared memory (the loader rank of a machine).
         Each block is released (moved to meta) as soon as it is copied, so the loader holds the
         weights about once, plus one block, instead of the model and its host copy side by side."""
@@ -113,14 +118,13 @@ class HostCopy:
         layouts = block_layouts(blocks, prefix, slices)
         block_names = {s.name for l in layouts for s in l.slots}
         resident = {n: (tuple(p.shape), param_dtype) for n, p in model.named_parameters() if n not in block_names}
-        (root / "layout.json").write_text(json.dumps({"wire": wire_dtype, "resident": resident,
-                                                      "slices": slices}))
+        (root / "layout.json").write_text(json.dumps({"wire": wire_dtype, "resident": resident, "slices": slices}))
         copy = HostCopy(root, layouts, wire_dtype, resident)
         for layout, flat in zip(layouts, copy.blocks):
             params = dict(blocks[layout.index].named_parameters())
             for slot in layout.slots:
-                flat[slot.offset:slot.offset + slot.numel].copy_(params[slot.local].detach().reshape(-1))
-            flat[layout.numel:].zero_()
+                flat[slot.offset : slot.offset + slot.numel].copy_(params[slot.local].detach().reshape(-1))
+            flat[layout.numel :].zero_()
             del params
             blocks[layout.index].to("meta")
         for name, param in model.named_parameters():
@@ -138,4 +142,3 @@ class HostCopy:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-

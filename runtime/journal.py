@@ -6,6 +6,7 @@ whether the step was skipped (non-finite losses). Readers (``read_journal``, ``p
 ``zoplan replay``, ``zoplan run --resume``, the snapshots' resume point) check every line for what
 it means. This module imports no torch, so a damaged journal is refused in well under a second.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def read_journal(path: Path, *, first: int | None = None) -> list[dict]:
     return parse_journal(raw, path, first=first)[0]
 
 
-def parse_journal(raw: bytes, path: Path, *, first: int | None = None,
-                  keep_unterminated: bool = True) -> tuple[list[dict], int]:
+def parse_journal(
+    raw: bytes, path: Path, *, first: int | None = None, keep_unterminated: bool = True
+) -> tuple[list[dict], int]:
     """(the journal's rows, the length in bytes of the part they come from). Every line is checked
     for what it means (types, finite numbers, step numbers consecutive from ``first``); only the
     last line may be cut short, and only when the file does not end with a newline: it is left
@@ -56,18 +58,19 @@ def parse_journal(raw: bytes, path: Path, *, first: int | None = None,
             row = journal_row(row)
         except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as exc:
             reason = str(exc) if isinstance(exc, (KeyError, TypeError)) else type(exc).__name__
-            raise ZoplanError(f"{path}:{number}: not a journal line ({reason[:200]})", fix=cut_fix(path, number)) \
-                from None
+            raise ZoplanError(
+                f"{path}:{number}: not a journal line ({reason[:200]})", fix=cut_fix(path, number)
+            ) from None
         if unterminated and not keep_unterminated:
             break
         expected = rows[-1]["step"] + 1 if rows else first
         if expected is not None and row["step"] != expected:
             what = "the first line" if not rows else f"line {number}"
-            raise ZoplanError(f"{path}:{number}: {what} is step {row['step']}, expected step {expected} "
-                              "(the steps of a journal are consecutive"
-                              + (f", from {first})" if first is not None else ")"),
-                              fix=cut_fix(path, number) if rows else
-                              "give the whole journal: its first line is the run's first step")
+            raise ZoplanError(
+                f"{path}:{number}: {what} is step {row['step']}, expected step {expected} "
+                "(the steps of a journal are consecutive" + (f", from {first})" if first is not None else ")"),
+                fix=cut_fix(path, number) if rows else "give the whole journal: its first line is the run's first step",
+            )
         rows.append(row)
         good += len(line)
     return rows, good
@@ -77,9 +80,11 @@ def cut_fix(path: Path, number: int) -> str:
     """What to do about a damaged line: the lines before it are intact."""
     if number <= 1:
         return f"{path} is damaged from its first line: restore it from a copy, or start a new run"
-    return (f"restore {path} from a copy; or keep its first {number - 1} line(s), the steps before the "
-            f"damage (`head -n {number - 1} {path} > journal.kept && mv journal.kept {path}`): "
-            "a resumed run then trains the later steps again")
+    return (
+        f"restore {path} from a copy; or keep its first {number - 1} line(s), the steps before the "
+        f"damage (`head -n {number - 1} {path} > journal.kept && mv journal.kept {path}`): "
+        "a resumed run then trains the later steps again"
+    )
 
 
 def journal_row(row: object) -> dict:
@@ -92,8 +97,12 @@ def journal_row(row: object) -> dict:
             raise TypeError(f"'{key}' must be an integer in [0, 2**63)")
     for key in ("projected_grad", "lr", "weight_decay"):
         value = out[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
-                or value in (float("inf"), float("-inf")):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value != value
+            or value in (float("inf"), float("-inf"))
+        ):
             raise TypeError(f"'{key}' must be a finite number")
         out[key] = float(value)
     # A skipped step (non-finite losses) changed nothing. A finite step whose gradient is exactly

@@ -4,6 +4,7 @@ All checks happen here, before any process starts or any file is written: the pl
 model and the machine, the data, the batch shape, the output directory. The ranks then train
 (worker.py); this process follows ``metrics.jsonl`` to draw the progress display.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +33,7 @@ from zoplan.runtime.checkpoint import check_model_dir
 from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
 from zoplan.topology import Machine, load_topology
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,9 +47,11 @@ def check_port_free(port: int) -> None:
         try:
             s.bind(("", port))
         except OSError as exc:
-            raise ZoplanError(f"--master-port {port} is in use on this machine ({exc.strerror or exc})",
-                              fix="choose another port (the same on every machine), or leave it out on a "
-                                  "single machine: a free one is picked") from None
+            raise ZoplanError(
+                f"--master-port {port} is in use on this machine ({exc.strerror or exc})",
+                fix="choose another port (the same on every machine), or leave it out on a "
+                "single machine: a free one is picked",
+            ) from None
 
 
 def _cuda_available() -> bool:
@@ -96,11 +100,15 @@ def cuda_env(machine_gpus: Sequence[str], local_gpus: Sequence[str], environ: Ma
         elif i < len(devices):
             chosen.append(devices[i])
         else:
-            raise ZoplanError(f"the plan places a rank on {gpu}, the topology's GPU number {i}, but "
-                              f"CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)} device(s)",
-                              fix="unset CUDA_VISIBLE_DEVICES, or list every GPU the topology describes")
-    return {"CUDA_DEVICE_ORDER": environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
-            "CUDA_VISIBLE_DEVICES": ",".join(chosen)}
+            raise ZoplanError(
+                f"the plan places a rank on {gpu}, the topology's GPU number {i}, but "
+                f"CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)} device(s)",
+                fix="unset CUDA_VISIBLE_DEVICES, or list every GPU the topology describes",
+            )
+    return {
+        "CUDA_DEVICE_ORDER": environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"),
+        "CUDA_VISIBLE_DEVICES": ",".join(chosen),
+    }
 
 
 def check_gpus_here(machine, gpus: Sequence[str], device_names: Sequence[str]) -> list[str]:
@@ -114,8 +122,11 @@ def check_gpus_here(machine, gpus: Sequence[str], device_names: Sequence[str]) -
     fix = "plan for this machine: zoplan topo detect -o machine.yaml; zoplan plan -t machine.yaml ..."
     need = max(list(machine.gpus).index(g) for g in gpus) + 1
     if len(device_names) < need:
-        raise ZoplanError(f"the plan runs on {', '.join(gpus)} of '{machine.name}', which needs {need} CUDA "
-                          f"device(s), but torch sees {len(device_names)} here", fix=fix)
+        raise ZoplanError(
+            f"the plan runs on {', '.join(gpus)} of '{machine.name}', which needs {need} CUDA "
+            f"device(s), but torch sees {len(device_names)} here",
+            fix=fix,
+        )
     warnings = []
     for g in gpus:
         planned = machine.gpu_model_name(g)
@@ -127,20 +138,25 @@ def check_gpus_here(machine, gpus: Sequence[str], device_names: Sequence[str]) -
         except ZoplanError:
             here = None  # a GPU no preset describes (a variant): certainly not the planned one
         if here != planned:
-            warnings.append(f"the plan puts a rank on {g} ({planned} in '{machine.name}'), but that device "
-                            f"here is {name}: the run is not the one predicted ({fix})")
+            warnings.append(
+                f"the plan puts a rank on {g} ({planned} in '{machine.name}'), but that device "
+                f"here is {name}: the run is not the one predicted ({fix})"
+            )
     return warnings
 
 
 def _device_names() -> list[str]:
     """torch's names of this machine's CUDA devices, asked in a child process: querying them here
     would keep a CUDA context (hundreds of MiB of GPU memory) in this process for the whole run."""
-    code = ("import json, torch; print(json.dumps([torch.cuda.get_device_name(i) "
-            "for i in range(torch.cuda.device_count())]))")
+    code = (
+        "import json, torch; print(json.dumps([torch.cuda.get_device_name(i) "
+        "for i in range(torch.cuda.device_count())]))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     if proc.returncode != 0:
-        raise ZoplanError(f"could not list the CUDA devices: {proc.stderr.strip()[-300:]}",
-                          fix="check the driver with nvidia-smi")
+        raise ZoplanError(
+            f"could not list the CUDA devices: {proc.stderr.strip()[-300:]}", fix="check the driver with nvidia-smi"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -163,13 +179,18 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     # topologies number GPUs as nvidia-smi does; CUDA's own default order may differ (cuda_env)
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if cfg.topology is not None and not cfg.topology.strip():
-        raise ZoplanError("--topology is empty", fix="name a bundled topology (zoplan topo list) or a topology "
-                                                    "file, or leave --topology out to plan for this machine")
+        raise ZoplanError(
+            "--topology is empty",
+            fix="name a bundled topology (zoplan topo list) or a topology "
+            "file, or leave --topology out to plan for this machine",
+        )
     if resume:
         return _prepare_resume(cfg)
     if out.exists() and any(not p.name.startswith(".lock-node") for p in out.iterdir()):
-        raise ZoplanError(f"output directory {out} is not empty: a previous run's output is not overwritten",
-                          fix="choose a new --output directory, remove the old one, or continue it with --resume")
+        raise ZoplanError(
+            f"output directory {out} is not empty: a previous run's output is not overwritten",
+            fix="choose a new --output directory, remove the old one, or continue it with --resume",
+        )
     plan = load_plan(cfg.plan) if cfg.plan is not None else None  # first: it needs no model
     model_dir = resolve_model(cfg.model)
     config = model_dir / "config.json"
@@ -188,29 +209,42 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         from zoplan.runtime.tiny import TINY
 
         lr = cfg.lr if cfg.lr is not None else (TINY_LR if cfg.model in TINY else None)
-        zo = zo_settings(**{k: v for k, v in (("lr", lr), ("eps", cfg.eps), ("seed", cfg.seed)) if v is not None},
-                        steps=cfg.steps)
+        zo = zo_settings(
+            **{k: v for k, v in (("lr", lr), ("eps", cfg.eps), ("seed", cfg.seed)) if v is not None}, steps=cfg.steps
+        )
         machine = load_topology(cfg.topology or "cpu-local")
         # bf16 matrix products are slower than fp32 on CPUs (docs/results/cpu-figures.md)
         dtype = "fp32" if _is_cpu_machine(machine) else "bf16"
         # the host copy keeps the compute dtype unless pinned otherwise: resuming and replaying are
         # then bit-identical, and no update is lost to rounding the master weights
         pins = cfg.pins if cfg.pins.wire_dtype else dataclasses.replace(cfg.pins, wire_dtype=dtype)
-        plan = make_plan(str(config), machine, global_batch=cfg.global_batch, seq_len=cfg.seq_len,
-                         pins=pins, dtype=dtype, top=1, zo=zo).plan
+        plan = make_plan(
+            str(config),
+            machine,
+            global_batch=cfg.global_batch,
+            seq_len=cfg.seq_len,
+            pins=pins,
+            dtype=dtype,
+            top=1,
+            zo=zo,
+        ).plan
     device = _device_for(machine, plan)
     if plan.layout.nodes != cfg.nnodes:
         raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}")
     data = cfg.data
     if data == zdata.LONG_TEXT:  # written for this plan's sequence length, kept with the run
         out.mkdir(parents=True, exist_ok=True)
-        data = str(zdata.write_long_text(out / f"{zdata.LONG_TEXT}.jsonl", plan.batch.seq_len,
-                                         records=max(64, 2 * plan.batch.global_batch)))
+        data = str(
+            zdata.write_long_text(
+                out / f"{zdata.LONG_TEXT}.jsonl", plan.batch.seq_len, records=max(64, 2 * plan.batch.global_batch)
+            )
+        )
     examples, kind = zdata.load_examples(data)
     zdata.check_labels(examples, zdata.Task(kind), data)  # the task the worker builds
     if len(examples) < plan.batch.global_batch:
-        raise ZoplanError(f"{data} has {len(examples)} examples, fewer than one global batch "
-                          f"of {plan.batch.global_batch}")
+        raise ZoplanError(
+            f"{data} has {len(examples)} examples, fewer than one global batch of {plan.batch.global_batch}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_plan(plan, out / "plan.yaml")
     # local paths absolute: `--resume` may be run from any directory
@@ -224,8 +258,10 @@ def _device_for(machine: Machine, plan: Plan) -> str:
     if _is_cpu_machine(machine):
         return "cpu"
     if not _cuda_available():
-        raise ZoplanError(f"the plan is for GPUs of '{machine.name}' but this machine has no CUDA device",
-                          fix="plan for this machine (omit the plan, or --topology cpu-local)")
+        raise ZoplanError(
+            f"the plan is for GPUs of '{machine.name}' but this machine has no CUDA device",
+            fix="plan for this machine (omit the plan, or --topology cpu-local)",
+        )
     for warning in check_gpus_here(machine, plan_gpus(plan), _device_names()):
         print(f"warning: {warning}", file=sys.stderr)
     return "cuda"
@@ -241,8 +277,10 @@ def resume_config(out: Path, given: dict) -> tuple[RunConfig, list[str]]:
     """The configuration ``zoplan run --resume OUT`` runs: the recorded one with the options given
     again (``runconfig.resumed``); also the flags given that a resumed run ignores."""
     if not (out / "plan.yaml").exists() or not (out / runconfig.CONFIG_FILE).exists():
-        raise ZoplanError(f"{out} holds no run to resume (no plan.yaml and {runconfig.CONFIG_FILE})",
-                          fix="pass the --output directory of an earlier `zoplan run`")
+        raise ZoplanError(
+            f"{out} holds no run to resume (no plan.yaml and {runconfig.CONFIG_FILE})",
+            fix="pass the --output directory of an earlier `zoplan run`",
+        )
     return runconfig.resumed(runconfig.read(out / runconfig.CONFIG_FILE), {**given, "output": out})
 
 
@@ -258,12 +296,17 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # the journal is what the ranks will trust: checked here, before any rank starts (consecutive
     # steps from 0, finite numbers; only a torn last line may be left out)
     journal = out / "journal.jsonl"
-    done = len(parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0]) \
-        if journal.exists() else 0
+    done = (
+        len(parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0])
+        if journal.exists()
+        else 0
+    )
     if cfg.steps < done:
-        raise ZoplanError(f"--steps {cfg.steps} is fewer than the {done} step(s) {out} has done already",
-                          fix=f"--steps is the run's total: give {done} or more (the model of step {done} "
-                              f"is {out / 'model'} when the run finished)")
+        raise ZoplanError(
+            f"--steps {cfg.steps} is fewer than the {done} step(s) {out} has done already",
+            fix=f"--steps is the run's total: give {done} or more (the model of step {done} "
+            f"is {out / 'model'} when the run finished)",
+        )
     if plan.layout.nodes != cfg.nnodes:
         raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}")
     machine = load_topology(plan.topology.source)
@@ -305,8 +348,7 @@ def _run(cfg: RunConfig, resume: bool) -> RunSummary:
         # this launch's host copy (shared memory) and torchrun's and the ranks' temporary files:
         # removed when the launch ends; a killed launch's are swept by the next (runtime/scratch.py)
         host_dir = owned_here.enter_context(owned(shared_memory(), f"{run_id}-node{cfg.node_rank}")) / "host"
-        private_tmp = owned_here.enter_context(owned(Path(tempfile.gettempdir()),
-                                                     f"tmp-{run_id}-node{cfg.node_rank}"))
+        private_tmp = owned_here.enter_context(owned(Path(tempfile.gettempdir()), f"tmp-{run_id}-node{cfg.node_rank}"))
         return _launch(cfg, plan, machine, port, host_dir, private_tmp)
 
 
@@ -318,15 +360,44 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
     worker_args = [str(out / runconfig.CONFIG_FILE), "--host-dir", str(host_dir)]
     status = private_tmp / "ranks.json"  # each rank's exit (runtime/ranks.py), read on failure
     if cfg.nnodes == 1:  # forked from one process that has imported what a rank needs (runtime/ranks.py)
-        cmd = [sys.executable, "-m", "zoplan.runtime.ranks", "--nproc", str(per_node),
-               "--master-addr", cfg.master_addr, "--master-port", str(port), "--max-restarts", str(cfg.max_restarts),
-               "--status", str(status), "--", *worker_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "zoplan.runtime.ranks",
+            "--nproc",
+            str(per_node),
+            "--master-addr",
+            cfg.master_addr,
+            "--master-port",
+            str(port),
+            "--max-restarts",
+            str(cfg.max_restarts),
+            "--status",
+            str(status),
+            "--",
+            *worker_args,
+        ]
     else:  # torchrun's rendezvous spans the machines
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(per_node),
-               "--nnodes", str(cfg.nnodes), "--node-rank", str(cfg.node_rank),
-               "--max-restarts", str(cfg.max_restarts),
-               "--master-addr", cfg.master_addr, "--master-port", str(port),
-               "-m", "zoplan.runtime.worker", *worker_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(per_node),
+            "--nnodes",
+            str(cfg.nnodes),
+            "--node-rank",
+            str(cfg.node_rank),
+            "--max-restarts",
+            str(cfg.max_restarts),
+            "--master-addr",
+            cfg.master_addr,
+            "--master-port",
+            str(port),
+            "-m",
+            "zoplan.runtime.worker",
+            *worker_args,
+        ]
     env = rank_env(os.environ)
     env["TMPDIR"] = str(private_tmp)
     if cfg.device == "cuda":
@@ -345,15 +416,20 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
     except KeyboardInterrupt:
         signum = stopped[0] if stopped else signal.SIGINT
         done = _journaled_steps(out / "journal.jsonl")
-        raise ZoplanError(f"stopped by {signal.Signals(signum).name} after {done} completed step(s) of "
-                          f"{cfg.steps}; the ranks have stopped and the journal holds every completed step",
-                          fix=f"continue with `zoplan run --resume {out} --steps {cfg.steps}`",
-                          status=128 + signum) from None
+        raise ZoplanError(
+            f"stopped by {signal.Signals(signum).name} after {done} completed step(s) of "
+            f"{cfg.steps}; the ranks have stopped and the journal holds every completed step",
+            fix=f"continue with `zoplan run --resume {out} --steps {cfg.steps}`",
+            status=128 + signum,
+        ) from None
     finally:
         log.close()
     if proc.returncode != 0 and _finished(out, cfg.node_rank, per_node, cfg.steps):
-        print(f"warning: a rank exited with status {proc.returncode} while shutting down, after the run "
-              f"had finished on every rank (see {out / f'worker-node{cfg.node_rank}.log'})", file=sys.stderr)
+        print(
+            f"warning: a rank exited with status {proc.returncode} while shutting down, after the run "
+            f"had finished on every rank (see {out / f'worker-node{cfg.node_rank}.log'})",
+            file=sys.stderr,
+        )
     elif proc.returncode != 0:
         error = read_error(out)  # a rank's own account (records.RankError), as it wrote it
         if error is not None:
@@ -362,25 +438,44 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
         log_path = out / f"worker-node{cfg.node_rank}.log"
         resume = f"continue with `zoplan run --resume {out} --steps {cfg.steps}`"
         if "No space left on device" in _log_tail(log_path):
-            raise ZoplanError(f"training stopped: the disk holding {out} is full (see {log_path}); the journal "
-                              f"holds {done} completed step(s), none is lost",
-                              fix=f"free disk space, then {resume}")
+            raise ZoplanError(
+                f"training stopped: the disk holding {out} is full (see {log_path}); the journal "
+                f"holds {done} completed step(s), none is lost",
+                fix=f"free disk space, then {resume}",
+            )
         starter = "torchrun" if cfg.nnodes > 1 else "the rank supervisor (zoplan.runtime.ranks)"
-        who = (f"{starter} (which stopped the ranks)" if proc.returncode < 0
-               else "a rank" if _killed(log_path, status) else None)
+        who = (
+            f"{starter} (which stopped the ranks)"
+            if proc.returncode < 0
+            else "a rank"
+            if _killed(log_path, status)
+            else None
+        )
         if who is not None:
             signum = -proc.returncode if proc.returncode < 0 else signal.SIGKILL
             name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
-            oom = (", most often by the kernel's out-of-memory killer when the machine runs out of host memory "
-                   "(`dmesg | grep -i oom` shows it)" if signum == signal.SIGKILL else "")
-            raise ZoplanError(f"training stopped: {who} was killed by {name}{oom} (see {log_path}); the journal "
-                              f"holds {done} completed step(s), none is lost",
-                              fix=(f"free host memory (fewer ranks per machine, a smaller micro-batch, other jobs "
-                                   f"stopped), then {resume}") if oom else resume)
-        raise ZoplanError(f"training stopped: a rank exited without a message (torchrun exit status "
-                          f"{proc.returncode}; see {log_path}); "
-                          f"the journal holds {done} completed step(s), none is lost",
-                          fix=f"{resume}; --max-restarts N restarts crashed ranks automatically")
+            oom = (
+                ", most often by the kernel's out-of-memory killer when the machine runs out of host memory "
+                "(`dmesg | grep -i oom` shows it)"
+                if signum == signal.SIGKILL
+                else ""
+            )
+            raise ZoplanError(
+                f"training stopped: {who} was killed by {name}{oom} (see {log_path}); the journal "
+                f"holds {done} completed step(s), none is lost",
+                fix=(
+                    f"free host memory (fewer ranks per machine, a smaller micro-batch, other jobs "
+                    f"stopped), then {resume}"
+                )
+                if oom
+                else resume,
+            )
+        raise ZoplanError(
+            f"training stopped: a rank exited without a message (torchrun exit status "
+            f"{proc.returncode}; see {log_path}); "
+            f"the journal holds {done} completed step(s), none is lost",
+            fix=f"{resume}; --max-restarts N restarts crashed ranks automatically",
+        )
     return summarize(out)
 
 
@@ -389,6 +484,7 @@ def stop_signals(stopped: list[int]):
     """SIGTERM and SIGHUP (a job scheduler, a closed terminal, ``kill PID``) stop a run as Ctrl-C
     does: the ranks are stopped and the user told how to resume, instead of the launcher vanishing
     and leaving torchrun and the ranks training. The signal's number is appended to ``stopped``."""
+
     def handler(signum, frame):
         stopped.append(signum)
         raise KeyboardInterrupt
@@ -418,8 +514,13 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
 
 def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.Popen:
     """torchrun (and through it the ranks), tied to this process's life."""
-    return subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=dict(env),
-                            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
+    return subprocess.Popen(
+        list(cmd),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(env),
+        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+    )
 
 
 def _finished(out: Path, node: int, per_node: int, steps: int) -> bool:
@@ -465,8 +566,10 @@ def _resumed_line(row: ResumedRow, max_restarts: int) -> str:
     source = f"snapshot {row.snapshot}" if row.snapshot else "the base weights"
     where = f"{row.resumed_at} step(s) done: {source} + {row.replayed} journal step(s) replayed"
     if row.restart > 0:
-        return (f"a rank failed; every rank was restarted (restart {row.restart} of {max_restarts}), "
-                f"resuming with {where}, no completed step lost")
+        return (
+            f"a rank failed; every rank was restarted (restart {row.restart} of {max_restarts}), "
+            f"resuming with {where}, no completed step lost"
+        )
     return f"resuming with {where}"
 
 
@@ -474,9 +577,14 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
     """Draw step, loss, projected gradient, tokens/s and ETA while the ranks train."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("g {task.fields[g]}"),
-               TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("g {task.fields[g]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeRemainingColumn(),
+    ]
     offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run's earlier lines are not news
     with Progress(*columns, disable=cfg.quiet or cfg.node_rank != 0, transient=False) as progress:
         task = progress.add_task("train", total=cfg.steps, loss="–", g="–", tps="–")
@@ -485,14 +593,20 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
             rows, offset = read_metrics(metrics, start=offset)  # the complete rows written since the last look
             for row in rows:
                 if isinstance(row, TrainRow):
-                    progress.update(task, completed=row.step + 1, loss=f"{row.loss:.4f}",
-                                    g=f"{row.projected_grad:+.3g}", tps=f"{row.tokens_per_s:.0f}")
+                    progress.update(
+                        task,
+                        completed=row.step + 1,
+                        loss=f"{row.loss:.4f}",
+                        g=f"{row.projected_grad:+.3g}",
+                        tps=f"{row.tokens_per_s:.0f}",
+                    )
                 elif isinstance(row, ResumedRow) and not cfg.quiet:
                     progress.update(task, completed=row.resumed_at)
                     progress.console.print(_resumed_line(row, cfg.max_restarts), soft_wrap=True)
                 elif isinstance(row, EvalRow) and not cfg.quiet:
-                    progress.console.print(f"step {row.step + 1}: eval loss {row.eval_loss:.4f}, "
-                                           f"accuracy {row.eval_accuracy:.3f}")
+                    progress.console.print(
+                        f"step {row.step + 1}: eval loss {row.eval_loss:.4f}, accuracy {row.eval_accuracy:.3f}"
+                    )
             if done:
                 break
             time.sleep(0.2)

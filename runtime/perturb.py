@@ -80,6 +80,7 @@ the fused Triton kernel of ``zoplan.runtime.perturb_triton`` when triton is impo
 integers, same float32 operations; ~2e11 values/s on an H200); ``ZOPLAN_PERTURB_TRITON=0`` forces
 the torch path, which stays the reference.
 """
+
 from __future__ import annotations
 
 import functools
@@ -167,9 +168,7 @@ def _h32_(x: torch.Tensor, tmp: torch.Tensor) -> None:
     x.bitwise_xor_(tmp)
 
 
-def _words_(
-    lo_start: int, keys: tuple[int, int, int], a: torch.Tensor, b: torch.Tensor, t: torch.Tensor
-) -> None:
+def _words_(lo_start: int, keys: tuple[int, int, int], a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> None:
     """Fill a, b (int64, length n) with the words of elements lo_start .. lo_start + n - 1;
     t is int64 scratch of the same length."""
     n = a.numel()
@@ -235,17 +234,17 @@ class _Workspace:
         k0, k1, k2 = self.keys[0, :n], self.keys[1, :n], self.keys[2, :n]
         s = 0
         for lo, count, (r0, r1, r2) in pieces:
-            torch.arange(lo, lo + count, dtype=torch.int64, device=a.device, out=a[s:s + count])
-            k0[s:s + count].fill_(r0)
-            k1[s:s + count].fill_(r1)
-            k2[s:s + count].fill_(r2)
+            torch.arange(lo, lo + count, dtype=torch.int64, device=a.device, out=a[s : s + count])
+            k0[s : s + count].fill_(r0)
+            k1[s : s + count].fill_(r1)
+            k2[s : s + count].fill_(r2)
             s += count
         _rounds_(a, b, t, k0, k1, k2)
         self._normal(out, a, b)
 
     def _normal(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """Box-Muller from the words (a and b are consumed)."""
-        f = self.f[:out.numel()]
+        f = self.f[: out.numel()]
         # Radius from a: u1 = ((a >> 8) + 1) * 2**-24 in (0, 1]. Both steps are exact in float32
         # (values <= 2**24 and a power-of-two scale), so only log and sqrt round.
         a.bitwise_right_shift_(8).add_(1)
@@ -329,17 +328,17 @@ def _fill_batch(out: torch.Tensor, batch: list, n: int, ws: _Workspace) -> None:
     per-element keys, written in place when they lie back to back in ``out``."""
     if len(batch) == 1:
         pos, lo, count, keys = batch[0]
-        ws.fill(out[pos:pos + count], lo, keys)
+        ws.fill(out[pos : pos + count], lo, keys)
         return
     pieces = [(lo, count, keys) for _, lo, count, keys in batch]
     if all(nxt[0] == cur[0] + cur[2] for cur, nxt in zip(batch, batch[1:])):  # a block's parameters
-        ws.fill_pieces(out[batch[0][0]:batch[0][0] + n], pieces)
+        ws.fill_pieces(out[batch[0][0] : batch[0][0] + n], pieces)
         return
     z = torch.empty(n, dtype=torch.float32, device=out.device)
     ws.fill_pieces(z, pieces)
     s = 0
     for pos, _, count, _ in batch:
-        out[pos:pos + count].copy_(z[s:s + count])
+        out[pos : pos + count].copy_(z[s : s + count])
         s += count
 
 

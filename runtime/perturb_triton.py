@@ -60,6 +60,7 @@ overflow; larger tensors are processed in several launches on sub-views.
 check the integer logic without a GPU); there libdevice is unavailable and numpy's log/cos are
 used instead, so only the integer words are exact in that mode.
 """
+
 from __future__ import annotations
 
 import os
@@ -513,8 +514,9 @@ class BlockTable:
 
     __slots__ = ("device", "end", "launches", "numel")
 
-    def __init__(self, device: torch.device, end: int, numel: int,
-                 launches: list[tuple[torch.Tensor, int, int]]) -> None:
+    def __init__(
+        self, device: torch.device, end: int, numel: int, launches: list[tuple[torch.Tensor, int, int]]
+    ) -> None:
         self.device = device
         self.end = end  # max position + 1 over the ranges
         self.numel = numel  # elements covered
@@ -547,7 +549,7 @@ def block_table(parts, device: torch.device | str) -> BlockTable:
         numel += count
     launches = []
     for g in range(0, len(rows), _MAX_ROWS):
-        group, tiles = rows[g:g + _MAX_ROWS], 0
+        group, tiles = rows[g : g + _MAX_ROWS], 0
         for r in group:
             r[_T_TILE0] = tiles
             tiles += triton.cdiv(r[_T_COUNT], _BLOCK)
@@ -573,9 +575,20 @@ def _check_buffer(t: torch.Tensor, table: BlockTable, what: str) -> None:
         raise ValueError(f"{what} has {t.numel()} elements but the table reaches {table.end}")
 
 
-def _run_block(mode: int, x: torch.Tensor, y: torch.Tensor | None, w: torch.Tensor | None,
-               table: BlockTable, seed: int, *, alpha: float = 0.0, alpha2: float = 0.0,
-               lr: float = 0.0, wd: float = 0.0, decay: bool = False) -> None:
+def _run_block(
+    mode: int,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    w: torch.Tensor | None,
+    table: BlockTable,
+    seed: int,
+    *,
+    alpha: float = 0.0,
+    alpha2: float = 0.0,
+    lr: float = 0.0,
+    wd: float = 0.0,
+    decay: bool = False,
+) -> None:
     s = seed & _ref._M64
     dev_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else _nullctx()
     with dev_ctx:
@@ -619,8 +632,16 @@ def perturbed_block_into(outs, base: torch.Tensor, table: BlockTable, seed: int,
     if len(outs) == 2 and outs[1].data_ptr() == base.data_ptr():
         raise ValueError("only outs[0] may alias base")
     if table.numel:
-        _run_block(MODE_PERTURBED, outs[0], base, outs[1] if len(outs) == 2 else None, table, seed,
-                   alpha=alphas[0], alpha2=alphas[-1])
+        _run_block(
+            MODE_PERTURBED,
+            outs[0],
+            base,
+            outs[1] if len(outs) == 2 else None,
+            table,
+            seed,
+            alpha=alphas[0],
+            alpha2=alphas[-1],
+        )
     return outs
 
 

@@ -20,6 +20,7 @@ over several machines use torchrun (its rendezvous spans machines).
 Usage (the launchers build it): python -m zoplan.runtime.ranks --nproc N --master-port P
     [--module M] [--model-dir DIR] [--master-addr A] [--max-restarts R] [--status FILE] -- RANK-ARGUMENTS
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,10 +78,20 @@ def _start(module: str, rank: int, nproc: int, addr: str, port: int, attempt: in
 
         die_with_parent(signal.SIGKILL)  # a rank whose supervisor is gone stops at once
         name_process(f"{RANK_NAME}{rank}")
-        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                           "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
-                           "ROLE_WORLD_SIZE": str(nproc), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
-                           "TORCHELASTIC_RESTART_COUNT": str(attempt)})
+        os.environ.update(
+            {
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(nproc),
+                "LOCAL_WORLD_SIZE": str(nproc),
+                "GROUP_RANK": "0",
+                "ROLE_RANK": str(rank),
+                "ROLE_WORLD_SIZE": str(nproc),
+                "MASTER_ADDR": addr,
+                "MASTER_PORT": str(port),
+                "TORCHELASTIC_RESTART_COUNT": str(attempt),
+            }
+        )
         import importlib
 
         importlib.import_module(module).main(worker_args)
@@ -146,8 +157,9 @@ class Ranks:
             self.reap(exits)
 
 
-def run(module: str, nproc: int, addr: str, port: int, max_restarts: int, worker_args: list[str],
-        status: Path | None) -> int:
+def run(
+    module: str, nproc: int, addr: str, port: int, max_restarts: int, worker_args: list[str], status: Path | None
+) -> int:
     record: list[dict] = []
     ranks = Ranks()
 
@@ -160,8 +172,11 @@ def run(module: str, nproc: int, addr: str, port: int, max_restarts: int, worker
     for attempt in range(max_restarts + 1):
         if attempt:
             port = _free_port(addr)  # the killed attempt's store may still hold its port
-            print(f"[zoplan ranks] restarting every rank (restart {attempt} of {max_restarts})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[zoplan ranks] restarting every rank (restart {attempt} of {max_restarts})",
+                file=sys.stderr,
+                flush=True,
+            )
         for rank in range(nproc):
             ranks.pids[_start(module, rank, nproc, addr, port, attempt, worker_args)] = rank
         exits: dict[int, int] = {}
@@ -169,8 +184,11 @@ def run(module: str, nproc: int, addr: str, port: int, max_restarts: int, worker
             ranks.reap(exits)
             bad = [r for r, code in exits.items() if code != 0]
             if bad and ranks.pids:  # the first failure stops the others (they would wait for it forever)
-                print(f"[zoplan ranks] rank {bad[0]} failed ({_describe(exits[bad[0]])}): stopping the other "
-                      f"ranks", file=sys.stderr, flush=True)
+                print(
+                    f"[zoplan ranks] rank {bad[0]} failed ({_describe(exits[bad[0]])}): stopping the other ranks",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 ranks.stop_all(exits)
         record.append({"attempt": attempt, "exits": {str(r): exits.get(r) for r in range(nproc)}})
         if status is not None:
@@ -180,8 +198,11 @@ def run(module: str, nproc: int, addr: str, port: int, max_restarts: int, worker
         bad = {r: code for r, code in exits.items() if code != 0}
         if not bad:
             return 0
-        print("[zoplan ranks] " + "; ".join(f"rank {r} {_describe(c)}" for r, c in sorted(bad.items())),
-              file=sys.stderr, flush=True)
+        print(
+            "[zoplan ranks] " + "; ".join(f"rank {r} {_describe(c)}" for r, c in sorted(bad.items())),
+            file=sys.stderr,
+            flush=True,
+        )
     return 1
 
 
@@ -214,8 +235,7 @@ def main() -> None:
 
     name_process(SUPERVISOR_NAME)
     _preload(args.module, worker_args, args.model_dir)
-    code = run(args.module, args.nproc, args.master_addr, args.master_port, args.max_restarts, worker_args,
-               args.status)
+    code = run(args.module, args.nproc, args.master_addr, args.master_port, args.max_restarts, worker_args, args.status)
     sys.stdout.flush()
     sys.stderr.flush()
     # nothing of this process needs tearing down (the status is written, the ranks are reaped):

@@ -9,6 +9,7 @@ A journal line is about 210 bytes (JSON with full-precision floats; 1055 bytes f
 `zoplan run --steps 5`), so a 20,000-step run's journal is ~4.2 MB, against 2.6 GB for one bf16
 snapshot of a 1.3B-parameter model.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,12 +24,14 @@ from zoplan.runtime.hostcopy import DTYPES, decays
 from zoplan.runtime.journal import read_journal
 from zoplan.runtime.zo import update_tensor
 
+
 def require_finite(tensors, what: str, fix: str) -> None:
     """Weights that are not finite are never written under a name a user would load."""
     for name, value in tensors:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ZoplanError(f"{what}: '{name}' holds values that are not finite (NaN or inf); nothing was written",
-                              fix=fix)
+            raise ZoplanError(
+                f"{what}: '{name}' holds values that are not finite (NaN or inf); nothing was written", fix=fix
+            )
 
 
 @torch.no_grad()
@@ -39,8 +42,9 @@ def replay(model: nn.Module, journal: list[dict]) -> nn.Module:
         if row.get("skipped", row["projected_grad"] == 0.0):
             continue
         for name, param in params.items():
-            update_tensor(param, name, row["seed"], row["projected_grad"], row["lr"], row["weight_decay"],
-                          decays(name, param))
+            update_tensor(
+                param, name, row["seed"], row["projected_grad"], row["lr"], row["weight_decay"], decays(name, param)
+            )
     return model
 
 
@@ -51,8 +55,10 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
     if device not in ("cpu", "cuda"):
         raise ZoplanError(f"--device {device!r} is not cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ZoplanError("replay cannot reach a GPU: torch sees no CUDA device here",
-                          fix="replay on the CPU (--device cpu): the same updates, in the same dtype")
+        raise ZoplanError(
+            "replay cannot reach a GPU: torch sees no CUDA device here",
+            fix="replay on the CPU (--device cpu): the same updates, in the same dtype",
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ZoplanError(f"output {out} is not an empty directory", fix="choose a new -o directory")
     journal = read_journal(journal_path, first=0)
@@ -60,8 +66,9 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
     try:  # before hours of replay: a directory that cannot be made is refused now
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ZoplanError(f"cannot create the output directory {out}: {exc.strerror or exc}",
-                          fix="choose a writable -o directory") from None
+        raise ZoplanError(
+            f"cannot create the output directory {out}: {exc.strerror or exc}", fix="choose a writable -o directory"
+        ) from None
     try:
         return _replay_into(base, journal_path, journal, out, dtype, device)
     except BaseException:
@@ -82,8 +89,7 @@ def _clear(out: Path, made: bool) -> None:
             entry.unlink(missing_ok=True)
 
 
-def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, dtype: str | None,
-                 device: str) -> int:
+def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, dtype: str | None, device: str) -> int:
     from zoplan.models import load_model_shape
     from zoplan.planfile import load_plan
     from zoplan.runtime.tiny import resolve_model
@@ -97,9 +103,11 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
         shape = load_model_shape(str(model_dir / "config.json"))
         differences = plan.model_shape().differences(shape)
         if differences:
-            raise ZoplanError(f"{journal_path} was written by a run of model '{plan.model.name}' ({plan_path}), "
-                              f"but the base model given is '{shape.name}': {', '.join(differences)}",
-                              fix="replay onto the base weights that run started from")
+            raise ZoplanError(
+                f"{journal_path} was written by a run of model '{plan.model.name}' ({plan_path}), "
+                f"but the base model given is '{shape.name}': {', '.join(differences)}",
+                fix="replay onto the base weights that run started from",
+            )
     # as the run kept them: the parameters outside the blocks (embeddings, final norm, head) and the
     # blocks kept on the devices (resident) in the compute dtype; a streamed block, updated in the
     # compute dtype and stored in the host copy's (wire) dtype after every step, in the narrower of
@@ -125,9 +133,12 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
             if i in resident:
                 block.to(DTYPES[wire])  # into the host copy at the end of the run
             block.to(DTYPES[param])
-    require_finite(model.named_parameters(), f"the weights replayed from {journal_path}",
-                   "replay in the dtype the run trained in (--dtype, default the run's own); a journal "
-                   "whose updates overflow in it cannot give a usable model")
+    require_finite(
+        model.named_parameters(),
+        f"the weights replayed from {journal_path}",
+        "replay in the dtype the run trained in (--dtype, default the run's own); a journal "
+        "whose updates overflow in it cannot give a usable model",
+    )
     from safetensors import SafetensorError
 
     try:
@@ -139,6 +150,8 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
                 shutil.copy2(f, out / f.name)
         readable_as_umask(out)
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-        raise ZoplanError(f"writing the replayed weights into {out} failed: {getattr(exc, 'strerror', None) or exc}",
-                          fix="free disk space or choose another -o directory, and replay again") from None
+        raise ZoplanError(
+            f"writing the replayed weights into {out} failed: {getattr(exc, 'strerror', None) or exc}",
+            fix="free disk space or choose another -o directory, and replay again",
+        ) from None
     return len(journal)

@@ -10,6 +10,7 @@ A folder whose lock is held belongs to a live launch and is left alone.
 The output directory of a run is locked the same way while a run uses it (``run_lock``): a
 second ``zoplan run --resume`` of the same directory is refused instead of training beside it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,9 +87,11 @@ def owned(base: Path, name: str) -> Iterator[Path]:
     try:
         folder.mkdir(mode=0o700)
     except FileExistsError:
-        raise ZoplanError(f"{folder} exists: another zoplan launch is using it",
-                          fix=f"wait for that launch to end; one that was killed leaves it for at most "
-                              f"{MIN_AGE_S:.0f} s, then the next launch removes it") from None
+        raise ZoplanError(
+            f"{folder} exists: another zoplan launch is using it",
+            fix=f"wait for that launch to end; one that was killed leaves it for at most "
+            f"{MIN_AGE_S:.0f} s, then the next launch removes it",
+        ) from None
     fd = os.open(folder / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         _try_lock(fd)
@@ -111,13 +114,17 @@ def run_lock(out: Path, node: int) -> Iterator[None]:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as exc:
-        raise ZoplanError(f"cannot write into the output directory {out}: {exc.strerror or exc}",
-                          fix="choose an --output directory this user can write to (and a disk with room)") from None
+        raise ZoplanError(
+            f"cannot write into the output directory {out}: {exc.strerror or exc}",
+            fix="choose an --output directory this user can write to (and a disk with room)",
+        ) from None
     try:
         if not _try_lock(fd):
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ZoplanError(f"{out} is in use by another zoplan run (pid {owner})",
-                              fix="wait for that run to end (or stop it), or choose another --output")
+            raise ZoplanError(
+                f"{out} is in use by another zoplan run (pid {owner})",
+                fix="wait for that run to end (or stop it), or choose another --output",
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -165,8 +172,11 @@ def process_name(pid: int) -> str:
 
 def rank_processes(text: str) -> dict[int, int]:
     """The live ranks (rank -> pid) of the run whose command lines mention ``text`` (its directory)."""
-    return {int(name[len(RANK_NAME):]): pid for pid in processes_naming(text)
-            if (name := process_name(pid)).startswith(RANK_NAME) and name[len(RANK_NAME):].isdigit()}
+    return {
+        int(name[len(RANK_NAME) :]): pid
+        for pid in processes_naming(text)
+        if (name := process_name(pid)).startswith(RANK_NAME) and name[len(RANK_NAME) :].isdigit()
+    }
 
 
 def supervisor_process(text: str) -> int | None:

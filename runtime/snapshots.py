@@ -10,6 +10,7 @@ A snapshot is written into ``snapshots/step-NNNNNNNN.tmp`` and renamed when comp
 atomic), with ``meta.json`` giving the journal position it corresponds to. A directory without
 the final name is ignored.
 """
+
 from __future__ import annotations
 
 import json
@@ -117,9 +118,10 @@ def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         last = snapshots(out)
         kept = f"snapshot {last[-1][1].name}" if last else "no earlier snapshot"
-        raise ZoplanError(f"writing the snapshot of step {step} failed: {exc}; the run stopped, "
-                          f"{kept} and the journal are intact",
-                          fix="free disk space, then continue with `zoplan run --resume`") from None
+        raise ZoplanError(
+            f"writing the snapshot of step {step} failed: {exc}; the run stopped, {kept} and the journal are intact",
+            fix="free disk space, then continue with `zoplan run --resume`",
+        ) from None
     for _, old in snapshots(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -13,6 +13,7 @@ category, ``host_totals``): when the host issues kernels slower than the GPU run
 lasts as long as its issuing, and the GPU time alone would understate it. Cheap enough to stay on: per step, one line of
 per-category totals is written, and the full list of spans for the first ``keep_steps`` steps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,12 +89,20 @@ class Spans:
         for _, category, _, _, t0, t1 in spans:
             totals[category] += t1 - t0
         if self.file is not None:  # a line of zoplan.records.SpanLine (built unchecked: a step's own figures)
-            self.file.write(SpanLine.model_construct(
-                step=self.step, wall_s=wall, totals=dict(totals),
-                host_totals=dict(self._host) if self.cuda else None,
-                peak_bytes=torch.cuda.max_memory_allocated(self.device) if self.cuda else None,  # since the run began
-                spans=[(s, c, label, b, round(t0, 9), round(t1, 9)) for s, c, label, b, t0, t1 in spans]
-                if self.step < self.keep_steps else None).line())
+            self.file.write(
+                SpanLine.model_construct(
+                    step=self.step,
+                    wall_s=wall,
+                    totals=dict(totals),
+                    host_totals=dict(self._host) if self.cuda else None,
+                    peak_bytes=torch.cuda.max_memory_allocated(self.device)
+                    if self.cuda
+                    else None,  # since the run began
+                    spans=[(s, c, label, b, round(t0, 9), round(t1, 9)) for s, c, label, b, t0, t1 in spans]
+                    if self.step < self.keep_steps
+                    else None,
+                ).line()
+            )
         self.host_totals = dict(self._host)
         self.step = None
         self._open = []
@@ -103,4 +112,3 @@ class Spans:
         if self.file is not None:
             self.file.close()
             self.file = None
-

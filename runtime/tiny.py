@@ -10,6 +10,7 @@ The tokenizer is a byte-level BPE trained in code on a fixed word list (the bund
 data's words, the MeZO prompt and label words, and common English words), so those words are
 single tokens while any other text still encodes losslessly through the 256 byte tokens.
 """
+
 from __future__ import annotations
 
 import os
@@ -120,12 +121,30 @@ def _config(name: str) -> PretrainedConfig:
     ids = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
     vocab = _vocab_size()
     if name == "tiny-opt":
-        return OPTConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, ffn_dim=128,
-                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
-                         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, **ids)
+        return OPTConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=4,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            **ids,
+        )
     family = {"tiny-llama": LlamaConfig, "tiny-qwen2": Qwen2Config}[name]
-    return family(vocab_size=vocab, hidden_size=64, num_hidden_layers=4, intermediate_size=128,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **ids)
+    return family(
+        vocab_size=vocab,
+        hidden_size=64,
+        num_hidden_layers=4,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **ids,
+    )
 
 
 class _TinyConfigs(Mapping):
@@ -221,9 +240,7 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
             )
         )
     except Exception:  # offline, unknown id, invalid id, gated, ...: the same advice for all
-        raise ZoplanError(
-            f"model '{name_or_path}' cannot be found offline or on the hub", fix=_BUILTIN_FIX
-        ) from None
+        raise ZoplanError(f"model '{name_or_path}' cannot be found offline or on the hub", fix=_BUILTIN_FIX) from None
     if not (snapshot / "config.json").is_file() or not any(snapshot.glob("*.safetensors")):
         raise ZoplanError(
             f"model '{name_or_path}' on the hub has no config.json or no *.safetensors weights",

@@ -5,6 +5,7 @@ trains, and (rank 0) writes the journal, the metrics and the final weights. A us
 ``error.json`` in the output directory (zoplan.records.RankError), which the launcher prints; nothing here prints tracebacks
 for bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,8 +74,9 @@ def _blocks_detached(model: nn.Module, adapter: Adapter):
         setattr(parent, attr, blocks)
 
 
-def load_model(model_dir: Path, plan: Plan, ctx: zdist.RankContext, root: Path,
-               replay_rows: list[dict] | None = None) -> tuple[nn.Module, Adapter, HostCopy]:
+def load_model(
+    model_dir: Path, plan: Plan, ctx: zdist.RankContext, root: Path, replay_rows: list[dict] | None = None
+) -> tuple[nn.Module, Adapter, HostCopy]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -88,8 +90,15 @@ def load_model(model_dir: Path, plan: Plan, ctx: zdist.RankContext, root: Path,
             # journal lines after the snapshot: the steps completed but not in the weights yet
             # (bit-identical to training when the host copy has the compute dtype, the default)
             replay(model, replay_rows)
-        host = HostCopy.create(root, model, adapter.blocks(model), prefix, plan.transfer.slices_per_block,
-                               plan.transfer.wire_dtype, plan.transfer.param_dtype)
+        host = HostCopy.create(
+            root,
+            model,
+            adapter.blocks(model),
+            prefix,
+            plan.transfer.slices_per_block,
+            plan.transfer.wire_dtype,
+            plan.transfer.param_dtype,
+        )
         adapter.blocks(model).to("meta")  # the host copy holds the blocks now
         with _blocks_detached(model, adapter):
             model.to(ctx.device)
@@ -121,12 +130,14 @@ def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path,
     state: dict[str, torch.Tensor] = {}
     for layout, flat in zip(host.layouts, host.blocks):
         for slot in layout.slots:
-            state[slot.name] = flat[slot.offset:slot.offset + slot.numel].view(slot.shape).to(dtype).clone()
+            state[slot.name] = flat[slot.offset : slot.offset + slot.numel].view(slot.shape).to(dtype).clone()
     for name, value in engine.resident_state().items():
         state[name] = value.detach().to("cpu", dtype).clone()
-    require_finite(state.items(), "the trained weights",
-                   "lower --lr (an update overflowed the weights); the journal and the snapshots written "
-                   "before are intact")
+    require_finite(
+        state.items(),
+        "the trained weights",
+        "lower --lr (an update overflowed the weights); the journal and the snapshots written before are intact",
+    )
     target.mkdir(parents=True, exist_ok=True)
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     for f in companion_files(model_dir):
@@ -145,10 +156,11 @@ def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param
     except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)  # room for error.json; nothing half-written left
         reason = getattr(exc, "strerror", None) or str(exc).rsplit(": ", 1)[-1]
-        raise ZoplanError(f"writing the final weights into {out / 'model'} failed: {reason}; the "
-                          f"journal holds all {steps} step(s)",
-                          fix=f"free disk space, then `zoplan run --resume {out} --steps {steps}` writes them "
-                              "(no step is trained again)") from None
+        raise ZoplanError(
+            f"writing the final weights into {out / 'model'} failed: {reason}; the journal holds all {steps} step(s)",
+            fix=f"free disk space, then `zoplan run --resume {out} --steps {steps}` writes them "
+            "(no step is trained again)",
+        ) from None
     final = out / "model"
     if final.exists():
         shutil.rmtree(final)
@@ -172,8 +184,14 @@ class Batcher:
     def __call__(self, examples) -> list[dict]:
         out = []
         for k in range(0, len(examples), self.micro):
-            batch = zdata.encode(examples[k:k + self.micro], self.tokenizer, self.task, self.seq_len,
-                                 cache=self.tokens, pad_to_max_len=self.pad)
+            batch = zdata.encode(
+                examples[k : k + self.micro],
+                self.tokenizer,
+                self.task,
+                self.seq_len,
+                cache=self.tokens,
+                pad_to_max_len=self.pad,
+            )
             out.append({"inputs": batch.model_inputs(), "batch": batch})
         return out
 
@@ -209,16 +227,26 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     batcher = Batcher(tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch, cfg.pad_to_seq_len)
     batcher.pretokenize(train_set)
     layout = plan.to_layout()
-    engine = Engine(model, adapter, host, ctx, eps=plan.zo.eps,
-                    program=build_program(layout, layers=len(host.layouts), block_params=host.layouts[0].numel),
-                    rank=layout.gpus[ctx.local_rank],
-                    spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=cfg.trace_steps))
+    engine = Engine(
+        model,
+        adapter,
+        host,
+        ctx,
+        eps=plan.zo.eps,
+        program=build_program(layout, layers=len(host.layouts), block_params=host.layouts[0].numel),
+        rank=layout.gpus[ctx.local_rank],
+        spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=cfg.trace_steps),
+    )
     # the training loop's own host work (next batch, journal line): the program's host op
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
     # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels
-    print(f"rank {ctx.rank}: {ctx.role} on {ctx.device}, signs {ctx.signs}, perturbation kernels: "
-          f"{engine.kernels}, prefetch {engine.prefetch}, resident blocks {sorted(engine.kept)} holding "
-          f"{sum(t.numel() for t in engine.kept.values())} elements here", file=sys.stderr, flush=True)
+    print(
+        f"rank {ctx.rank}: {ctx.role} on {ctx.device}, signs {ctx.signs}, perturbation kernels: "
+        f"{engine.kernels}, prefetch {engine.prefetch}, resident blocks {sorted(engine.kept)} holding "
+        f"{sum(t.numel() for t in engine.kept.values())} elements here",
+        file=sys.stderr,
+        flush=True,
+    )
 
     def loss_fn(logits, mb):
         return zdata.loss_terms(logits, mb["batch"], task)
@@ -232,12 +260,20 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     if writer and rp.next_step > 0:
         # where this start picks up (after --resume, or after torchrun restarted crashed ranks):
         # the progress display says so, and metrics.jsonl keeps it
-        resumed = ResumedRow(resumed_at=rp.next_step, snapshot=rp.base.name if rp.base is not None else None,
-                             replayed=len(rp.replay), restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+        resumed = ResumedRow(
+            resumed_at=rp.next_step,
+            snapshot=rp.base.name if rp.base is not None else None,
+            replayed=len(rp.replay),
+            restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        )
         metrics.write(resumed.line())
-        print(f"rank 0: resuming after step {rp.next_step}: "
-              f"{'snapshot ' + resumed.snapshot if resumed.snapshot else 'the base model'} + {resumed.replayed} "
-              f"journal step(s) replayed (restart {resumed.restart})", file=sys.stderr, flush=True)
+        print(
+            f"rank 0: resuming after step {rp.next_step}: "
+            f"{'snapshot ' + resumed.snapshot if resumed.snapshot else 'the base model'} + {resumed.replayed} "
+            f"journal step(s) replayed (restart {resumed.restart})",
+            file=sys.stderr,
+            flush=True,
+        )
     nonfinite_in_row = nonfinite_total = 0
     tokens_per_step = plan.batch.global_batch * plan.batch.seq_len
     t_start = time.perf_counter()
@@ -255,8 +291,9 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             mine: list = []
             with host_op(Kind.HOST):
                 if ctx.replica is not None:
-                    shard = zdata.batches(train_set, plan.batch.global_batch, plan.zo.seed, step, ctx.replica,
-                                          ctx.replicas)
+                    shard = zdata.batches(
+                        train_set, plan.batch.global_batch, plan.zo.seed, step, ctx.replica, ctx.replicas
+                    )
                     mine = batcher(shard)
             seed = step_seed(plan.zo.seed, step)
             lr = learning_rate(plan.zo.lr, plan.zo.lr_schedule, step, steps)
@@ -269,24 +306,42 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
                 nonfinite_total += 1
             if writer:
                 with host_op(Kind.HOST):
-                    write_line(journal, {"step": step, "seed": seed, "loss_plus": result.loss_plus,
-                                         "loss_minus": result.loss_minus,
-                                         "projected_grad": result.projected_grad, "lr": lr,
-                                         "eps": plan.zo.eps, "weight_decay": plan.zo.weight_decay,
-                                         "skipped": not result.finite},
-                               sync=(step + 1) % cfg.journal_sync_every == 0)
+                    write_line(
+                        journal,
+                        {
+                            "step": step,
+                            "seed": seed,
+                            "loss_plus": result.loss_plus,
+                            "loss_minus": result.loss_minus,
+                            "projected_grad": result.projected_grad,
+                            "lr": lr,
+                            "eps": plan.zo.eps,
+                            "weight_decay": plan.zo.weight_decay,
+                            "skipped": not result.finite,
+                        },
+                        sync=(step + 1) % cfg.journal_sync_every == 0,
+                    )
             engine.spans.end()
             dt = time.perf_counter() - t0
             if writer:
-                metrics.write(TrainRow(step=step, loss=(result.loss_plus + result.loss_minus) / 2,
-                                       projected_grad=result.projected_grad, step_time_s=dt,
-                                       tokens_per_s=tokens_per_step / dt, elapsed_s=time.perf_counter() - t_start,
-                                       nonfinite_total=nonfinite_total,
-                                       padding=padding_share(mine) if mine else None).line())
+                metrics.write(
+                    TrainRow(
+                        step=step,
+                        loss=(result.loss_plus + result.loss_minus) / 2,
+                        projected_grad=result.projected_grad,
+                        step_time_s=dt,
+                        tokens_per_s=tokens_per_step / dt,
+                        elapsed_s=time.perf_counter() - t_start,
+                        nonfinite_total=nonfinite_total,
+                        padding=padding_share(mine) if mine else None,
+                    ).line()
+                )
             if nonfinite_in_row >= cfg.max_nonfinite:
-                raise ZoplanError(f"the loss was not finite for {nonfinite_in_row} steps in a row (up to step {step}); "
-                                  f"the updates of those steps were skipped",
-                                  fix="lower --lr or --eps, or check the data")
+                raise ZoplanError(
+                    f"the loss was not finite for {nonfinite_in_row} steps in a row (up to step {step}); "
+                    f"the updates of those steps were skipped",
+                    fix="lower --lr or --eps, or check the data",
+                )
             if evaluating and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == steps):
                 engine.flush()
                 evaluate(engine, eval_set, batcher, ctx, step, metrics)
@@ -337,8 +392,9 @@ def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: i
     error: ZoplanError | None = None
     if ctx.rank == 0:
         try:
-            write_snapshot(out, step, lambda d: write_weights(host, engine, model_dir, d, plan.transfer.param_dtype),
-                           keep)
+            write_snapshot(
+                out, step, lambda d: write_weights(host, engine, model_dir, d, plan.transfer.param_dtype), keep
+            )
         except ZoplanError as exc:
             error = exc
             # on disk before any rank learns of it: the first rank to exit makes torchrun stop
@@ -352,11 +408,14 @@ def evaluate(engine: Engine, eval_set, batcher: Batcher, ctx, step: int, metrics
     mine: list = []
     if ctx.replica is not None and eval_set:
         per = -(-len(eval_set) // ctx.replicas)
-        shard = eval_set[ctx.replica * per:(ctx.replica + 1) * per]
+        shard = eval_set[ctx.replica * per : (ctx.replica + 1) * per]
         mine = batcher(shard) if shard else []
     task = batcher.task
-    stats = engine.evaluate(mine, lambda logits, mb: zdata.loss_terms(logits, mb["batch"], task),
-                            lambda logits, mb: zdata.accuracy(logits, mb["batch"], task))
+    stats = engine.evaluate(
+        mine,
+        lambda logits, mb: zdata.loss_terms(logits, mb["batch"], task),
+        lambda logits, mb: zdata.accuracy(logits, mb["batch"], task),
+    )
     if metrics is not None:
         metrics.write(EvalRow(step=step, eval_loss=stats[0], eval_accuracy=stats[1]).line())
 
@@ -366,8 +425,9 @@ def main(argv: list[str] | None = None) -> None:
     to a forked child; torchrun starts ``python -m zoplan.runtime.worker``)."""
     parser = argparse.ArgumentParser(description="one rank of zoplan run (started by torchrun or runtime/ranks.py)")
     parser.add_argument("config", type=Path, help="the run's configuration, OUTPUT/run.json (zoplan.runconfig)")
-    parser.add_argument("--host-dir", type=Path, required=True,
-                        help="this launch's host copy on this machine (zoplan run removes it)")
+    parser.add_argument(
+        "--host-dir", type=Path, required=True, help="this launch's host copy on this machine (zoplan run removes it)"
+    )
     args = parser.parse_args(argv)
     # a rank whose torchrun is gone (killed) stops at once instead of training on, orphaned: the
     # journal holds every completed step
@@ -387,8 +447,10 @@ def main(argv: list[str] | None = None) -> None:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
             kind = "disk"
-            exc = ZoplanError(f"the disk holding {out} is full or read-only ({exc.strerror}); the journal holds "
-                              "every completed step", fix=f"free disk space, then `zoplan run --resume {out}`")
+            exc = ZoplanError(
+                f"the disk holding {out} is full or read-only ({exc.strerror}); the journal holds every completed step",
+                fix=f"free disk space, then `zoplan run --resume {out}`",
+            )
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0 or records.read_error(out) is None:  # rank 0's account first, else the first one's
             write_error(out, exc, rank, kind)

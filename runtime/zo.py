@@ -6,6 +6,7 @@ is applied to any flat range of a parameter: z for that range comes from
 ``zoplan.runtime.perturb.normal`` (a pure function of seed, name and element index), so a rank
 can update just its own slice and get the bits the whole tensor would get.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ import torch
 
 from zoplan.runtime.perturb import fused_backend, normal, normal_parts_
 from zoplan.vocab import Schedule
+
 
 def learning_rate(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
     """The learning rate of ``step`` (0-based) in a run of ``total_steps``."""
@@ -51,15 +53,15 @@ def layout_table(fused, layout, start: int, end: int, device: torch.device):
     hit = _TABLES.get(key)
     if hit is not None and hit[0] is layout:
         return hit[1]
-    parts = [(slot.name, first, count, start + pos, slot.decay)
-             for slot, first, count, pos in layout.segments(start, end)]
+    parts = [
+        (slot.name, first, count, start + pos, slot.decay) for slot, first, count, pos in layout.segments(start, end)
+    ]
     table = fused.block_table(parts, device)
     _TABLES[key] = (layout, table)  # the layout is kept alive, so its id is never reused
     return table
 
 
-def update_range(flat: torch.Tensor, layout, start: int, end: int, seed: int, g: float, lr: float,
-                 wd: float) -> None:
+def update_range(flat: torch.Tensor, layout, start: int, end: int, seed: int, g: float, lr: float, wd: float) -> None:
     """Apply one step's update to the flat range [start, end) of a block buffer."""
     fused = fused_kernels(flat)
     if fused is not None:  # the same arithmetic, every parameter in one kernel, z never materialised
@@ -76,11 +78,12 @@ def update_range(flat: torch.Tensor, layout, start: int, end: int, seed: int, g:
     normal_parts_(z, seed, [(slot.name, first, count, pos - first_pos) for slot, first, count, pos in segments])
     back_to_back = all(b[3] == a[3] + a[2] for a, b in zip(segments, segments[1:]))
     if back_to_back and (not wd or len({slot.decay for slot, _, _, _ in segments}) == 1):  # one update
-        apply_update(flat[start + first_pos:start + last_pos], z, g, lr, wd, segments[0][0].decay)
+        apply_update(flat[start + first_pos : start + last_pos], z, g, lr, wd, segments[0][0].decay)
         return
     for slot, first, count, pos in segments:
-        apply_update(flat[start + pos:start + pos + count], z[pos - first_pos:pos - first_pos + count], g, lr, wd,
-                     slot.decay)
+        apply_update(
+            flat[start + pos : start + pos + count], z[pos - first_pos : pos - first_pos + count], g, lr, wd, slot.decay
+        )
 
 
 def update_tensor(param: torch.Tensor, name: str, seed: int, g: float, lr: float, wd: float, decay: bool) -> None:

@@ -3,6 +3,7 @@ planner, tests/runtime/test_fuzz_runtime_loaders.py and test_fuzz_commands.py fo
 hypothesis settings, the time limit that turns a hang into a failure, the frame a failure came
 from, per-example files, and a command run as the console script runs it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,14 @@ def fuzz_settings(n: int, *, shrink: bool = True) -> settings:
     Without ``shrink`` a failing example is reported as found (whole commands: each try of a
     shrink may cost the command's time limit, and their inputs are a few options anyway)."""
     phases = list(Phase) if shrink else [p for p in Phase if p is not Phase.shrink]
-    return settings(max_examples=n, deadline=None, database=None, derandomize=True, phases=phases,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.large_base_example])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=phases,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    )
 
 
 EXPLICIT_ONLY = settings(phases=[Phase.explicit], deadline=None, database=None)
@@ -99,13 +105,13 @@ def mutate_bytes(data, raw: bytes, inserts: list[bytes], ops: tuple[str, ...]) -
         elif op == "insert":
             raw = raw[:pos] + data.draw(st.sampled_from(inserts) | st.binary(min_size=1, max_size=6)) + raw[pos:]
         elif op == "overwrite":
-            raw = raw[:pos] + data.draw(st.binary(min_size=1, max_size=4)) + raw[pos + 1:]
+            raw = raw[:pos] + data.draw(st.binary(min_size=1, max_size=4)) + raw[pos + 1 :]
         elif op == "delete_span":
-            raw = raw[:pos] + raw[pos + data.draw(st.integers(1, 40)):]
+            raw = raw[:pos] + raw[pos + data.draw(st.integers(1, 40)) :]
         elif op == "dup_line":
-            raw = b"\n".join(lines[:line + 1] + lines[line:])
+            raw = b"\n".join(lines[: line + 1] + lines[line:])
         elif op == "drop_line":
-            raw = b"\n".join(lines[:line] + lines[line + 1:])
+            raw = b"\n".join(lines[:line] + lines[line + 1 :])
         elif op == "swap_lines":
             other = data.draw(st.integers(0, max(len(lines) - 1, 0)))
             lines[line], lines[other] = lines[other], lines[line]

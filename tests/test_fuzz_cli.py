@@ -7,6 +7,7 @@ limit (a hang fails). The runtime's commands get the same treatment in
 tests/runtime/test_fuzz_runtime_loaders.py (--resume and replay on mutated run directories),
 tests/runtime/test_fuzz_commands.py (`run` and `validate` with bad arguments) and bench/hostile.py (bad inputs and faults through the real `zoplan run`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,10 +23,10 @@ from zoplan import cli
 INTS = ["-1", "0", "1", "2", "3", "8", "64", "65537", "1000000000000", str(2**63), "nan", "abc", "1e3", ""]
 FLOATS = ["1e-6", "0", "-1", "nan", "inf", "-inf", "1e308", "abc", "1e-320"]
 OPTIONS = {
-    "--model": st.sampled_from(["opt-125m", "opt-1.3b", "opt-66B", "nobody", "", "../../../etc/passwd",
-                                "/dev/null"]),
-    "--topology": st.sampled_from(["cpu-local", "h100-pcie-1x", "rtx4090-4x", "dgx_a100", "", "/dev/null",
-                                   "/nonexistent.yaml"]),
+    "--model": st.sampled_from(["opt-125m", "opt-1.3b", "opt-66B", "nobody", "", "../../../etc/passwd", "/dev/null"]),
+    "--topology": st.sampled_from(
+        ["cpu-local", "h100-pcie-1x", "rtx4090-4x", "dgx_a100", "", "/dev/null", "/nonexistent.yaml"]
+    ),
     "--global-batch": st.sampled_from(INTS),
     "--seq-len": st.sampled_from(INTS + [str(2**20 + 1)]),
     "--micro-batch": st.sampled_from(INTS),
@@ -42,9 +43,32 @@ OPTIONS = {
     "--top": st.sampled_from(INTS),
 }
 # a plan's fields and what each may be set to: the types it expects, the wrong ones, the extremes
-VALUES = st.one_of(st.sampled_from([0, -1, 1, 2, 3, 10**12, 2**63, float("nan"), float("inf"), 1e-300, "", "x",
-                                    None, True, [], {}, [0, 0], "fp8", "gpu9"]),
-                   st.integers(-3, 300))
+VALUES = st.one_of(
+    st.sampled_from(
+        [
+            0,
+            -1,
+            1,
+            2,
+            3,
+            10**12,
+            2**63,
+            float("nan"),
+            float("inf"),
+            1e-300,
+            "",
+            "x",
+            None,
+            True,
+            [],
+            {},
+            [0, 0],
+            "fp8",
+            "gpu9",
+        ]
+    ),
+    st.integers(-3, 300),
+)
 
 
 SEEN: dict[tuple[str, int], int] = {}  # (command, exit status) -> examples
@@ -77,8 +101,26 @@ def a_plan(tmp_path_factory) -> dict:
     result = cli.app  # the command, in-process, as the console script would run it
     from typer.testing import CliRunner
 
-    out = CliRunner().invoke(result, ["plan", "--model", "opt-125m", "--topology", "rtx4090-4x", "--global-batch", "8",
-                                      "--seq-len", "128", "--resident", "0", "--upload", "sliced", "-o", str(path)])
+    out = CliRunner().invoke(
+        result,
+        [
+            "plan",
+            "--model",
+            "opt-125m",
+            "--topology",
+            "rtx4090-4x",
+            "--global-batch",
+            "8",
+            "--seq-len",
+            "128",
+            "--resident",
+            "0",
+            "--upload",
+            "sliced",
+            "-o",
+            str(path),
+        ],
+    )
     assert out.exit_code == 0, out.output
     return yaml.safe_load(path.read_text())
 

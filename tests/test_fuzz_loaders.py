@@ -32,6 +32,7 @@ Product bugs found are listed in ``KNOWN_BUGS``: the random tests tolerate exact
 signatures (counted in ``KNOWN_HITS``) and each has a strict-xfail test with a minimal explicit
 ``@example`` below, so fixing a bug turns its xfail into a failure that asks to drop the marker.
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,8 +52,17 @@ from typing import Any, Callable
 import pytest
 import yaml
 import fuzzkit
-from fuzzkit import (EXPLICIT_ONLY, REFUSED, REPO, fresh, fuzz_settings, max_message_chars, product_frame,
-                     time_limit, write)
+from fuzzkit import (
+    EXPLICIT_ONLY,
+    REFUSED,
+    REPO,
+    fresh,
+    fuzz_settings,
+    max_message_chars,
+    product_frame,
+    time_limit,
+    write,
+)
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -79,8 +89,6 @@ MIN_PLANNED = 30  # of the N_TOPO_PLAN number-mutated machines this many at leas
 MACHINES_LOADED = [0]  # number-mutated machines that loaded: each must have been planned
 
 
-
-
 # ----- known product bugs -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KnownBug:
@@ -90,47 +98,77 @@ class KnownBug:
     report: str
 
 
-KNOWN_BUGS = {bug.key: bug for bug in (
-    KnownBug("read_yaml-escapes", "fileio.py:read_yaml",
-             (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError),
-             "zoplan/fileio.py read_yaml (lines 41-42) catches only yaml.YAMLError, but yaml.safe_load "
-             "raises plain ValueError (an int of more than 4300 digits, dates such as 2001-02-30, "
-             "'!!int abc', '!!float abc'), KeyError ('!!bool abc'), AttributeError ('!!timestamp "
-             "abc'), IndexError (\"!!float ''\") and RecursionError (~1000 nested '['): a traceback"),
-    KnownBug("validate-surrogates", "fileio.py:validate", (UnicodeEncodeError,),
-             "zoplan/topology/__init__.py TopologySpec._check_references (line 94 and the other raises) "
-             "quotes ids in its ValueError; when an id holds a lone surrogate (the YAML escape "
-             "\"\\uD800\"), pydantic-core cannot encode the message and raises UnicodeEncodeError, "
-             "which zoplan/fileio.py validate (lines 69-70, catching only ValidationError) lets escape. "
-             "A surrogate where no message quotes it (name: \"\\uD800\") loads, and then "
-             "`zoplan topo show` dies printing it (UnicodeEncodeError on stdout)"),
-    KnownBug("check_version-amplifies", "fileio.py:check_version", (ZoplanError,),
-             "zoplan/fileio.py check_version (line 61) formats a bad version with {version!r}: a "
-             "YAML alias tree ('billion laughs') of a few hundred bytes expands into a message of "
-             "width**levels items (9 levels of 9: 387 million items, a hang and out of memory)"),
-    KnownBug("model-shape-amplifies", "planfile.py:load_plan", (ZoplanError,),
-             "zoplan/models.py ModelShape.from_dict (line 246) and __post_init__ (line 78) format a "
-             "bad value with {!r}, and load_plan (zoplan/planfile.py line 165) repeats that message: "
-             "an alias tree as a plan's model.shape.name / family / layers expands into the message"),
-    KnownBug("read_config-escapes", "models.py:_read_config", (RecursionError, ValueError),
-             "zoplan/models.py _read_config (lines 345-346) catches only json.JSONDecodeError, but "
-             "json.loads raises RecursionError on deep nesting ('[' * 100000) and ValueError on an "
-             "integer of more than 4300 digits: a traceback"),
-    KnownBug("planner-infinite-memory", "costs.py:max_resident_blocks", (ValueError,),
-             "zoplan/sim/costs.py max_resident_blocks (line 176): int(free // per_block) with free = "
-             "inf (memory_gib: .inf, or memory_gib >= ~1.7e299 so that memory_gib * 2**30 "
-             "overflows; pydantic PositiveFloat accepts inf) raises 'cannot convert float NaN to "
-             "integer': a traceback from zoplan plan"),
-    KnownBug("simulator-livelock", "flownet.py:*", (Exception,),
-             "zoplan/sim/flownet.py _recompute (lines 110-111) / _advance (line 69): once env.now is "
-             "~1e7 times a flow's duration, the next wake-up dt = remaining / rate is below the "
-             "float spacing of env.now, so now + dt == now, _advance moves nothing and the same "
-             "event is scheduled forever (seen: remaining 0.035 B at 8.1e9 B/s, now 65605.8 s). A "
-             "loadable topology with hbm_gbps: 1.0e-4, tflops 1e-6, matmul_efficiency 1e-5 or "
-             "latency_us: 1e9 makes zoplan plan hang; so does a plain `zoplan plan -m opt-125m -t "
-             "cpu-local -b 65536 -s 64` (-b 32768: 0.09 s), and `zoplan timeline` of a valid plan "
-             "edited to batch.global_batch: 1048576 or batch.seq_len: 1000000000"),
-)}
+KNOWN_BUGS = {
+    bug.key: bug
+    for bug in (
+        KnownBug(
+            "read_yaml-escapes",
+            "fileio.py:read_yaml",
+            (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError),
+            "zoplan/fileio.py read_yaml (lines 41-42) catches only yaml.YAMLError, but yaml.safe_load "
+            "raises plain ValueError (an int of more than 4300 digits, dates such as 2001-02-30, "
+            "'!!int abc', '!!float abc'), KeyError ('!!bool abc'), AttributeError ('!!timestamp "
+            "abc'), IndexError (\"!!float ''\") and RecursionError (~1000 nested '['): a traceback",
+        ),
+        KnownBug(
+            "validate-surrogates",
+            "fileio.py:validate",
+            (UnicodeEncodeError,),
+            "zoplan/topology/__init__.py TopologySpec._check_references (line 94 and the other raises) "
+            "quotes ids in its ValueError; when an id holds a lone surrogate (the YAML escape "
+            '"\\uD800"), pydantic-core cannot encode the message and raises UnicodeEncodeError, '
+            "which zoplan/fileio.py validate (lines 69-70, catching only ValidationError) lets escape. "
+            'A surrogate where no message quotes it (name: "\\uD800") loads, and then '
+            "`zoplan topo show` dies printing it (UnicodeEncodeError on stdout)",
+        ),
+        KnownBug(
+            "check_version-amplifies",
+            "fileio.py:check_version",
+            (ZoplanError,),
+            "zoplan/fileio.py check_version (line 61) formats a bad version with {version!r}: a "
+            "YAML alias tree ('billion laughs') of a few hundred bytes expands into a message of "
+            "width**levels items (9 levels of 9: 387 million items, a hang and out of memory)",
+        ),
+        KnownBug(
+            "model-shape-amplifies",
+            "planfile.py:load_plan",
+            (ZoplanError,),
+            "zoplan/models.py ModelShape.from_dict (line 246) and __post_init__ (line 78) format a "
+            "bad value with {!r}, and load_plan (zoplan/planfile.py line 165) repeats that message: "
+            "an alias tree as a plan's model.shape.name / family / layers expands into the message",
+        ),
+        KnownBug(
+            "read_config-escapes",
+            "models.py:_read_config",
+            (RecursionError, ValueError),
+            "zoplan/models.py _read_config (lines 345-346) catches only json.JSONDecodeError, but "
+            "json.loads raises RecursionError on deep nesting ('[' * 100000) and ValueError on an "
+            "integer of more than 4300 digits: a traceback",
+        ),
+        KnownBug(
+            "planner-infinite-memory",
+            "costs.py:max_resident_blocks",
+            (ValueError,),
+            "zoplan/sim/costs.py max_resident_blocks (line 176): int(free // per_block) with free = "
+            "inf (memory_gib: .inf, or memory_gib >= ~1.7e299 so that memory_gib * 2**30 "
+            "overflows; pydantic PositiveFloat accepts inf) raises 'cannot convert float NaN to "
+            "integer': a traceback from zoplan plan",
+        ),
+        KnownBug(
+            "simulator-livelock",
+            "flownet.py:*",
+            (Exception,),
+            "zoplan/sim/flownet.py _recompute (lines 110-111) / _advance (line 69): once env.now is "
+            "~1e7 times a flow's duration, the next wake-up dt = remaining / rate is below the "
+            "float spacing of env.now, so now + dt == now, _advance moves nothing and the same "
+            "event is scheduled forever (seen: remaining 0.035 B at 8.1e9 B/s, now 65605.8 s). A "
+            "loadable topology with hbm_gbps: 1.0e-4, tflops 1e-6, matmul_efficiency 1e-5 or "
+            "latency_us: 1e9 makes zoplan plan hang; so does a plain `zoplan plan -m opt-125m -t "
+            "cpu-local -b 65536 -s 64` (-b 32768: 0.09 s), and `zoplan timeline` of a valid plan "
+            "edited to batch.global_batch: 1048576 or batch.seq_len: 1000000000",
+        ),
+    )
+}
 
 
 def _open_bugs() -> None:
@@ -150,8 +188,9 @@ def known_bug(exc: BaseException) -> KnownBug | None:
 LAST_REFUSAL = [""]  # the message of the last ZoplanError that attempt() returned REFUSED for
 
 
-def attempt(loader: str, call: Callable[[], Any], input_size: int, *, seconds: float = 20.0,
-            tolerate_known: bool = True) -> Any:
+def attempt(
+    loader: str, call: Callable[[], Any], input_size: int, *, seconds: float = 20.0, tolerate_known: bool = True
+) -> Any:
     """Run one loader call: its result, or REFUSED for a ZoplanError (or a known bug's failure).
     Anything else fails the test with the exception type and the product frame it came from."""
     COUNTS[loader] += 1
@@ -164,15 +203,16 @@ def attempt(loader: str, call: Callable[[], Any], input_size: int, *, seconds: f
         assert isinstance(exc.message, str) and exc.message.strip(), f"{loader}: empty message"
         if len(text) > max_message_chars(input_size):
             failure: BaseException = exc
-            problem = (f"{loader}: a {len(text)}-character message for {input_size} bytes of input "
-                       f"(amplified at {product_frame(exc)}): {text[:200]}...")
+            problem = (
+                f"{loader}: a {len(text)}-character message for {input_size} bytes of input "
+                f"(amplified at {product_frame(exc)}): {text[:200]}..."
+            )
         else:
             LAST_REFUSAL[0] = text
             return REFUSED
     except Exception as exc:  # noqa: BLE001 - the point: nothing but ZoplanError may escape
         failure = exc
-        problem = (f"{loader} raised {type(exc).__name__} at {product_frame(exc)}, not ZoplanError: "
-                   f"{str(exc)[:300]}")
+        problem = f"{loader} raised {type(exc).__name__} at {product_frame(exc)}, not ZoplanError: {str(exc)[:300]}"
     bug = known_bug(failure) if tolerate_known else None
     if bug is not None:
         KNOWN_HITS[bug.key] += 1
@@ -187,24 +227,117 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ----- value and tree mutations -------------------------------------------------------------------
-SPECIAL_NUMBERS = [0, -1, 1, 2, 3, 7, 2**31, 2**53 + 1, 2**63, 10**30, -(10**30), 0.0, -0.0, 1e-300,
-                   5e-324, 1e-9, 0.5, -0.5, 1e300, 1.7976931348623157e308, math.inf, -math.inf, math.nan]
-SPECIAL_STRINGS = ["", " ", "x", "1", "1.0", "yes", "no", "null", "~", "nan", ".inf", "-1", "0x10",
-                   "fp32", "tf32", "bf16", "fp16", "gpu", "cpu", "pcie", "nvlink", "nvswitch", "memory",
-                   "socket", "compute", "relay", "whole", "sliced", "spread", "packed", "+", "-", "+-",
-                   "constant", "cosine", "opt", "llama", "qwen2", "mistral", "gpt2", "é", "\u2028",
-                   "日本", "\x00", "a" * 300, "{x}", "[x]", "%s", "../../etc/passwd", "cpu-local",
-                   "rank0", "gpu0", "cpu0", "sw0", "version", "sha256:0000000000000000"]
-SCALARS = st.one_of(st.none(), st.booleans(), st.sampled_from(SPECIAL_NUMBERS),
-                    st.integers(-10**6, 10**6), st.floats(), st.sampled_from(SPECIAL_STRINGS),
-                    st.text(max_size=10))
+SPECIAL_NUMBERS = [
+    0,
+    -1,
+    1,
+    2,
+    3,
+    7,
+    2**31,
+    2**53 + 1,
+    2**63,
+    10**30,
+    -(10**30),
+    0.0,
+    -0.0,
+    1e-300,
+    5e-324,
+    1e-9,
+    0.5,
+    -0.5,
+    1e300,
+    1.7976931348623157e308,
+    math.inf,
+    -math.inf,
+    math.nan,
+]
+SPECIAL_STRINGS = [
+    "",
+    " ",
+    "x",
+    "1",
+    "1.0",
+    "yes",
+    "no",
+    "null",
+    "~",
+    "nan",
+    ".inf",
+    "-1",
+    "0x10",
+    "fp32",
+    "tf32",
+    "bf16",
+    "fp16",
+    "gpu",
+    "cpu",
+    "pcie",
+    "nvlink",
+    "nvswitch",
+    "memory",
+    "socket",
+    "compute",
+    "relay",
+    "whole",
+    "sliced",
+    "spread",
+    "packed",
+    "+",
+    "-",
+    "+-",
+    "constant",
+    "cosine",
+    "opt",
+    "llama",
+    "qwen2",
+    "mistral",
+    "gpt2",
+    "é",
+    "\u2028",
+    "日本",
+    "\x00",
+    "a" * 300,
+    "{x}",
+    "[x]",
+    "%s",
+    "../../etc/passwd",
+    "cpu-local",
+    "rank0",
+    "gpu0",
+    "cpu0",
+    "sw0",
+    "version",
+    "sha256:0000000000000000",
+]
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from(SPECIAL_NUMBERS),
+    st.integers(-(10**6), 10**6),
+    st.floats(),
+    st.sampled_from(SPECIAL_STRINGS),
+    st.text(max_size=10),
+)
 KEYS = st.sampled_from(SPECIAL_STRINGS) | st.text(max_size=8)
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(KEYS, inner, max_size=3), max_leaves=8)
+VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3), max_leaves=8
+)
 BAD_VERSIONS = [0, 2, -1, "1", 1.0, 1.5, True, None, 10**20, [1], {"v": 1}, math.nan, "v1"]
 
-TREE_OPS = ("delete", "replace", "number", "number", "unknown_key", "rename", "duplicate", "wrap",
-            "swap", "empty", "version")
+TREE_OPS = (
+    "delete",
+    "replace",
+    "number",
+    "number",
+    "unknown_key",
+    "rename",
+    "duplicate",
+    "wrap",
+    "swap",
+    "empty",
+    "version",
+)
 NUMBER_OPS = ("moderate",) * 10 + ("rename", "duplicate", "swap")
 # Scale factors and values the planner is fuzzed with: odd but not extreme, because extreme figures
 # (tflops 1e-6, hbm_gbps 1e-4, latency_us 1e9, memory_gib 2e299) hit two known bugs, each pinned
@@ -262,9 +395,10 @@ def mutate_tree(data: st.DataObject, tree: Any, ops: tuple[str, ...] = TREE_OPS,
             if numbers:
                 c, k = numbers[data.draw(st.integers(0, len(numbers) - 1))]
                 old = c[k]
-                c[k] = data.draw(st.sampled_from(SPECIAL_NUMBERS + [old * 1e30, old / 1e30, -old,
-                                                                    old + 0.5, old * 1000, old - 1]),
-                                 label="number")
+                c[k] = data.draw(
+                    st.sampled_from(SPECIAL_NUMBERS + [old * 1e30, old / 1e30, -old, old + 0.5, old * 1000, old - 1]),
+                    label="number",
+                )
             continue
         if not everything:
             continue
@@ -292,12 +426,61 @@ def mutate_tree(data: st.DataObject, tree: Any, ops: tuple[str, ...] = TREE_OPS,
 
 
 # ----- byte mutations -----------------------------------------------------------------------------
-INSERTS = [b":", b": ", b"- ", b"{", b"}", b"[", b"]", b",", b"&a ", b"*a", b"*nope", b"!!", b"!!int ",
-           b"\t", b"\n", b"'", b'"', b"#", b"---\n", b"...\n", b"\xff", b"\xc3", b"\xe2\x80\xa8", b"\x00",
-           b"%YAML 1.1\n", b"? ", b"|", b">", b"&x [*x]", b"<<: ", b"\xef\xbb\xbf", b"\\", b"\r", b"1e999",
-           b"-1", b"NaN", b"null", b"true", b"9" * 40]
-BYTE_OPS = ("truncate", "truncate", "insert", "overwrite", "delete_span", "dup_line", "drop_line",
-            "swap_lines", "bom", "crlf", "latin1", "indent")
+INSERTS = [
+    b":",
+    b": ",
+    b"- ",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b"&a ",
+    b"*a",
+    b"*nope",
+    b"!!",
+    b"!!int ",
+    b"\t",
+    b"\n",
+    b"'",
+    b'"',
+    b"#",
+    b"---\n",
+    b"...\n",
+    b"\xff",
+    b"\xc3",
+    b"\xe2\x80\xa8",
+    b"\x00",
+    b"%YAML 1.1\n",
+    b"? ",
+    b"|",
+    b">",
+    b"&x [*x]",
+    b"<<: ",
+    b"\xef\xbb\xbf",
+    b"\\",
+    b"\r",
+    b"1e999",
+    b"-1",
+    b"NaN",
+    b"null",
+    b"true",
+    b"9" * 40,
+]
+BYTE_OPS = (
+    "truncate",
+    "truncate",
+    "insert",
+    "overwrite",
+    "delete_span",
+    "dup_line",
+    "drop_line",
+    "swap_lines",
+    "bom",
+    "crlf",
+    "latin1",
+    "indent",
+)
 
 
 def mutate_bytes(data: st.DataObject, raw: bytes) -> bytes:
@@ -320,9 +503,23 @@ def deep(depth: int, opener: str = "[") -> str:
     return opener * depth + closer * depth
 
 
-TAGS = ["!!int", "!!float", "!!bool", "!!timestamp", "!!binary", "!!set", "!!omap", "!!pairs", "!!str",
-        "!!null", "!!map", "!!seq", "!custom", "!!python/object/apply:os.system",
-        "!!python/name:os.system"]
+TAGS = [
+    "!!int",
+    "!!float",
+    "!!bool",
+    "!!timestamp",
+    "!!binary",
+    "!!set",
+    "!!omap",
+    "!!pairs",
+    "!!str",
+    "!!null",
+    "!!map",
+    "!!seq",
+    "!custom",
+    "!!python/object/apply:os.system",
+    "!!python/name:os.system",
+]
 TAG_VALUES = ["abc", "0b", ".", "[1]", "{a: 1}", "2001-02-30", "''", "1", "x:y", "190:xx"]
 DATES = ["2001-02-30", "2001-13-01", "2001-01-01 25:00:00", "2001-01-01", "2001-12-14t21:59:43.10-05:00"]
 
@@ -334,20 +531,49 @@ def placeholder_yaml(data: st.DataObject, tree: dict, payload: str) -> str:
     c, k = everything[data.draw(st.integers(0, len(everything) - 1), label="payload slot")]
     c[k] = "ZOPLANFUZZPAYLOAD"
     return yaml.safe_dump(tree, sort_keys=False, default_flow_style=None, width=100).replace(
-        "ZOPLANFUZZPAYLOAD", payload, 1)
+        "ZOPLANFUZZPAYLOAD", payload, 1
+    )
 
 
 def nasty_yaml(data: st.DataObject, tree: dict) -> bytes:
     """Hand-made hostile documents, bounded in size (aliases expand to at most 8**5 items)."""
-    kind = data.draw(st.sampled_from(["fixed", "deep", "laughs", "bigint", "tag", "date", "recursive",
-                                      "merge", "payload", "encoding"]), label="nasty kind")
+    kind = data.draw(
+        st.sampled_from(
+            ["fixed", "deep", "laughs", "bigint", "tag", "date", "recursive", "merge", "payload", "encoding"]
+        ),
+        label="nasty kind",
+    )
     if kind == "fixed":
-        return data.draw(st.sampled_from([
-            b"", b"   \n\n", b"# only a comment\n", b"~\n", b"42\n", b"- 1\n- 2\n", b"just text\n",
-            b"version: 1\n", b"version: 1\n---\nversion: 1\n", b"---\n...\n", b"{}", b"[]", b"\x00",
-            b"\xef\xbb\xbfversion: 1\n", b"version: 1\nversion: 2\n", b"version:\n  - 1\n", b"*a\n",
-            b"&a\n", b"? [1, 2]\n: x\n", b"version: 1\n? {a: 1}\n: x\n", b"\t\tversion: 1\n",
-            "version: 1\nname: \u2028\n".encode(), "\ufeff\ufeff".encode()]), label="fixed")
+        return data.draw(
+            st.sampled_from(
+                [
+                    b"",
+                    b"   \n\n",
+                    b"# only a comment\n",
+                    b"~\n",
+                    b"42\n",
+                    b"- 1\n- 2\n",
+                    b"just text\n",
+                    b"version: 1\n",
+                    b"version: 1\n---\nversion: 1\n",
+                    b"---\n...\n",
+                    b"{}",
+                    b"[]",
+                    b"\x00",
+                    b"\xef\xbb\xbfversion: 1\n",
+                    b"version: 1\nversion: 2\n",
+                    b"version:\n  - 1\n",
+                    b"*a\n",
+                    b"&a\n",
+                    b"? [1, 2]\n: x\n",
+                    b"version: 1\n? {a: 1}\n: x\n",
+                    b"\t\tversion: 1\n",
+                    "version: 1\nname: \u2028\n".encode(),
+                    "\ufeff\ufeff".encode(),
+                ]
+            ),
+            label="fixed",
+        )
     if kind == "deep":
         depth = data.draw(st.integers(1, 1500), label="depth")
         return placeholder_yaml(data, tree, deep(depth, data.draw(st.sampled_from("[{")))).encode()
@@ -362,17 +588,25 @@ def nasty_yaml(data: st.DataObject, tree: dict) -> bytes:
     if kind == "date":
         return placeholder_yaml(data, tree, data.draw(st.sampled_from(DATES))).encode()
     if kind == "recursive":
-        return placeholder_yaml(data, tree, data.draw(st.sampled_from(
-            ["&r [*r]", "&r {a: *r}", "&r [1, [2, *r]]", "*undefined"]))).encode()
+        return placeholder_yaml(
+            data, tree, data.draw(st.sampled_from(["&r [*r]", "&r {a: *r}", "&r [1, [2, *r]]", "*undefined"]))
+        ).encode()
     if kind == "merge":
-        return placeholder_yaml(data, tree, data.draw(st.sampled_from(
-            ["{<<: 3}", "{<<: [1]}", "{<<: {a: 1}, a: 2}", "&m {a: 1}"]))).encode()
+        return placeholder_yaml(
+            data, tree, data.draw(st.sampled_from(["{<<: 3}", "{<<: [1]}", "{<<: {a: 1}, a: 2}", "&m {a: 1}"]))
+        ).encode()
     if kind == "payload":
-        return placeholder_yaml(data, tree, data.draw(st.sampled_from(
-            ["|\n  block", "'unterminated", '"\\xZZ"', '"\\uD800"', "!", "&", "%", "@", "`"]))).encode()
+        return placeholder_yaml(
+            data,
+            tree,
+            data.draw(
+                st.sampled_from(["|\n  block", "'unterminated", '"\\xZZ"', '"\\uD800"', "!", "&", "%", "@", "`"])
+            ),
+        ).encode()
     text = yaml.safe_dump(tree, sort_keys=False, allow_unicode=True) + "description: é日本\n"
-    return text.encode(data.draw(st.sampled_from(["utf-16", "latin-1", "utf-32", "cp1252"]), label="codec"),
-                       errors="replace")
+    return text.encode(
+        data.draw(st.sampled_from(["utf-16", "latin-1", "utf-32", "cp1252"]), label="codec"), errors="replace"
+    )
 
 
 # ----- topologies ---------------------------------------------------------------------------------
@@ -414,10 +648,15 @@ def test_topology_nasty_documents(workdir: Path, data: st.DataObject, name: str)
 
 
 @fuzz_settings(N_TOPO_PLAN)
-@given(data=st.data(), source=st.sampled_from(SMALL_TOPOLOGIES),
-       global_batch=st.sampled_from([1, 2, 4, 8]), dtype=st.sampled_from(["fp32", "bf16", "fp16"]))
-def test_planning_on_mutated_numbers(workdir: Path, data: st.DataObject, source: Path,
-                                     global_batch: int, dtype: str) -> None:
+@given(
+    data=st.data(),
+    source=st.sampled_from(SMALL_TOPOLOGIES),
+    global_batch=st.sampled_from([1, 2, 4, 8]),
+    dtype=st.sampled_from(["fp32", "bf16", "fp16"]),
+)
+def test_planning_on_mutated_numbers(
+    workdir: Path, data: st.DataObject, source: Path, global_batch: int, dtype: str
+) -> None:
     """Machines with odd but finite numbers (bandwidths, memories, latencies scaled by 1e-3..1e6,
     renamed, swapped or duplicated devices) that still load must plan, or refuse with a
     ZoplanError; the plan the search returns must write and load back. (Extreme figures are the
@@ -428,14 +667,17 @@ def test_planning_on_mutated_numbers(workdir: Path, data: st.DataObject, source:
     if check_topology(path) is REFUSED:
         return
     MACHINES_LOADED[0] += 1
-    report = attempt("plan", lambda: plan("opt-125m", str(path), global_batch=global_batch, seq_len=64,
-                                          dtype=dtype, top=2), path.stat().st_size, seconds=10)
+    report = attempt(
+        "plan",
+        lambda: plan("opt-125m", str(path), global_batch=global_batch, seq_len=64, dtype=dtype, top=2),
+        path.stat().st_size,
+        seconds=10,
+    )
     if report is REFUSED:
         return
     out = path.with_name("plan.yaml")
     write_plan(report.plan, out)
-    reread = attempt("load_plan of a planned machine", lambda: load_plan(out), out.stat().st_size,
-                     tolerate_known=False)
+    reread = attempt("load_plan of a planned machine", lambda: load_plan(out), out.stat().st_size, tolerate_known=False)
     assert reread is not REFUSED and reread == report.plan, "a plan zoplan wrote does not read back"
 
 
@@ -495,15 +737,19 @@ def profile_tree() -> dict:
     machine = load_topology("cpu-local")
     shape = load_model_shape("opt-125m")
     times = {"1x1": 0.17, "1x2": 0.19, "2x1": 0.22, "2x2": 0.25}
-    return {"version": PROFILE_VERSIONS[-1], "machine": {"name": machine.name, "hash": machine.hash},
-            "model": {"name": shape.name, "hash": shape.hash, "micro_batch": 2, "seq_len": 64, "dtype": "fp32"},
-            "measured_on": {"host": "fuzz", "device": "cpu"},
-            "devices": {g: {"h2d_gbps": 27.0, "d2h_gbps": 26.0, "h2d_gbps_together": 14.0,
-                            "d2h_gbps_together": 13.0} for g in machine.gpus},
-            "allgather": {"ranks": 2, "latency_us": 300.0, "gbps": 0.9, "wait_us": 500.0},
-            "scalar_latency_us": 600.0,
-            "compute": {"block_s": times, "embed_s": dict(times), "head_s": dict(times),
-                        "update_s_per_param": 2e-8}}
+    return {
+        "version": PROFILE_VERSIONS[-1],
+        "machine": {"name": machine.name, "hash": machine.hash},
+        "model": {"name": shape.name, "hash": shape.hash, "micro_batch": 2, "seq_len": 64, "dtype": "fp32"},
+        "measured_on": {"host": "fuzz", "device": "cpu"},
+        "devices": {
+            g: {"h2d_gbps": 27.0, "d2h_gbps": 26.0, "h2d_gbps_together": 14.0, "d2h_gbps_together": 13.0}
+            for g in machine.gpus
+        },
+        "allgather": {"ranks": 2, "latency_us": 300.0, "gbps": 0.9, "wait_us": 500.0},
+        "scalar_latency_us": 600.0,
+        "compute": {"block_s": times, "embed_s": dict(times), "head_s": dict(times), "update_s_per_param": 2e-8},
+    }
 
 
 def check_profile_file(path: Path) -> Any:
@@ -551,9 +797,12 @@ def test_planning_with_mutated_profile_numbers(workdir: Path, data: st.DataObjec
     path = write(fresh(workdir, "profile.yaml"), yaml_bytes(mutate_tree(data, profile_tree(), NUMBER_OPS, most=2)))
     if check_profile_file(path) is REFUSED:
         return
-    attempt("plan with a profile", lambda: plan("opt-125m", "cpu-local", global_batch=global_batch, seq_len=64,
-                                                 dtype="fp32", top=2, profile=path), path.stat().st_size,
-            seconds=10)
+    attempt(
+        "plan with a profile",
+        lambda: plan("opt-125m", "cpu-local", global_batch=global_batch, seq_len=64, dtype="fp32", top=2, profile=path),
+        path.stat().st_size,
+        seconds=10,
+    )
 
 
 # ----- model configs ------------------------------------------------------------------------------
@@ -564,13 +813,13 @@ def config_trees() -> dict[str, dict]:
 
 def check_config(path: Path, *, as_directory: bool = False, tolerate_known: bool = True) -> Any:
     target = path.parent if as_directory else path
-    return attempt("load_model_shape", lambda: load_model_shape(target), path.stat().st_size,
-                   tolerate_known=tolerate_known)
+    return attempt(
+        "load_model_shape", lambda: load_model_shape(target), path.stat().st_size, tolerate_known=tolerate_known
+    )
 
 
 @fuzz_settings(N_MODEL_TREE)
-@given(data=st.data(), name=st.sampled_from(sorted(p.parent.name for p in CONFIG_FILES)),
-       as_directory=st.booleans())
+@given(data=st.data(), name=st.sampled_from(sorted(p.parent.name for p in CONFIG_FILES)), as_directory=st.booleans())
 def test_config_tree_mutations(workdir: Path, data: st.DataObject, name: str, as_directory: bool) -> None:
     RAN.add("config_tree")
     tree = mutate_tree(data, config_trees()[name])
@@ -588,10 +837,30 @@ def test_config_byte_mutations(workdir: Path, data: st.DataObject, source: Path,
 def nasty_json(data: st.DataObject, tree: dict) -> bytes:
     kind = data.draw(st.sampled_from(["fixed", "deep", "bigint", "payload", "encoding"]), label="nasty kind")
     if kind == "fixed":
-        return data.draw(st.sampled_from([
-            b"", b" ", b"null", b"[]", b"{}", b"42", b'"x"', b"NaN", b"[1, 2", b"{\"a\": }", b"\x00",
-            b"\xef\xbb\xbf{}", b'{"model_type": "opt"}', b'{"model_type": null}', b"{} {}",
-            b'{"model_type": "opt", "model_type": "llama"}', b"\xff\xfe{\x00}\x00"]), label="fixed")
+        return data.draw(
+            st.sampled_from(
+                [
+                    b"",
+                    b" ",
+                    b"null",
+                    b"[]",
+                    b"{}",
+                    b"42",
+                    b'"x"',
+                    b"NaN",
+                    b"[1, 2",
+                    b'{"a": }',
+                    b"\x00",
+                    b"\xef\xbb\xbf{}",
+                    b'{"model_type": "opt"}',
+                    b'{"model_type": null}',
+                    b"{} {}",
+                    b'{"model_type": "opt", "model_type": "llama"}',
+                    b"\xff\xfe{\x00}\x00",
+                ]
+            ),
+            label="fixed",
+        )
     text = json.dumps(tree)
     key = data.draw(st.sampled_from(sorted(tree)), label="key")
     if kind == "deep":
@@ -600,12 +869,31 @@ def nasty_json(data: st.DataObject, tree: dict) -> bytes:
     elif kind == "bigint":
         payload = "9" * data.draw(st.integers(1, 6000), label="digits")
     elif kind == "payload":
-        payload = data.draw(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-0", "1E400",
-                                             '"\\ud800"', '"\\u0000"', "true", "[[]]", '{"": {}}',
-                                             "0.0000000000000000000001", "1.0", "4.0e0", '"12"']))
+        payload = data.draw(
+            st.sampled_from(
+                [
+                    "NaN",
+                    "Infinity",
+                    "-Infinity",
+                    "1e999",
+                    "-0",
+                    "1E400",
+                    '"\\ud800"',
+                    '"\\u0000"',
+                    "true",
+                    "[[]]",
+                    '{"": {}}',
+                    "0.0000000000000000000001",
+                    "1.0",
+                    "4.0e0",
+                    '"12"',
+                ]
+            )
+        )
     else:
         return json.dumps(tree, ensure_ascii=False).encode(
-            data.draw(st.sampled_from(["utf-16", "utf-32", "latin-1"]), label="codec"))
+            data.draw(st.sampled_from(["utf-16", "utf-32", "latin-1"]), label="codec")
+        )
     return text.replace(f'"{key}": {json.dumps(tree[key])}', f'"{key}": {payload}', 1).encode()
 
 
@@ -619,7 +907,15 @@ def test_config_nasty_documents(workdir: Path, data: st.DataObject, name: str) -
 # ----- the product bugs found, one strict xfail each ----------------------------------------------
 # Bugs found by this suite and fixed since: their examples stay as regression tests, and the random
 # tests no longer tolerate their signatures.
-FIXED = {'read_yaml-escapes', 'validate-surrogates', 'check_version-amplifies', 'model-shape-amplifies', 'read_config-escapes', 'planner-infinite-memory', 'simulator-livelock'}
+FIXED = {
+    "read_yaml-escapes",
+    "validate-surrogates",
+    "check_version-amplifies",
+    "model-shape-amplifies",
+    "read_config-escapes",
+    "planner-infinite-memory",
+    "simulator-livelock",
+}
 
 
 def xfail_bug(key: str) -> pytest.MarkDecorator:
@@ -657,7 +953,7 @@ def yaml_topology(body: str) -> str:
 def test_bug_yaml_deep_nesting_escapes(workdir: Path, text: str) -> None:
     """RecursionError from yaml.safe_load in zoplan/fileio.py read_yaml."""
     assert check_topology(write(fresh(workdir, "deep.yaml"), text), tolerate_known=False) is REFUSED
-    assert 'refused YAML: at line 3, column 45: nested deeper than 32 levels' in LAST_REFUSAL[0], LAST_REFUSAL[0]
+    assert "refused YAML: at line 3, column 45: nested deeper than 32 levels" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_yaml-escapes")
@@ -667,7 +963,7 @@ def test_bug_yaml_deep_nesting_escapes(workdir: Path, text: str) -> None:
 def test_bug_yaml_huge_integer_escapes(workdir: Path, text: str) -> None:
     """ValueError 'Exceeds the limit (4300 digits) for integer string conversion' from read_yaml."""
     assert check_topology(write(fresh(workdir, "bigint.yaml"), text), tolerate_known=False) is REFUSED
-    assert 'invalid YAML: Exceeds the limit (4300 digits)' in LAST_REFUSAL[0], LAST_REFUSAL[0]
+    assert "invalid YAML: Exceeds the limit (4300 digits)" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_yaml-escapes")
@@ -677,7 +973,7 @@ def test_bug_yaml_huge_integer_escapes(workdir: Path, text: str) -> None:
 def test_bug_yaml_invalid_date_escapes(workdir: Path, text: str) -> None:
     """ValueError 'day is out of range for month' from read_yaml (an implicit YAML timestamp)."""
     assert check_topology(write(fresh(workdir, "date.yaml"), text), tolerate_known=False) is REFUSED
-    assert 'invalid YAML: day is out of range' in LAST_REFUSAL[0], LAST_REFUSAL[0]
+    assert "invalid YAML: day is out of range" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_yaml-escapes")
@@ -688,7 +984,7 @@ def test_bug_yaml_bad_explicit_tag_escapes(workdir: Path, text: str) -> None:
     """ValueError from read_yaml for '!!int abc' (also '!!float abc'; KeyError for '!!bool abc',
     AttributeError for '!!timestamp abc', IndexError for "!!float ''")."""
     assert check_topology(write(fresh(workdir, "tag.yaml"), text), tolerate_known=False) is REFUSED
-    assert 'invalid YAML' in LAST_REFUSAL[0], LAST_REFUSAL[0]
+    assert "invalid YAML" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("read_yaml-escapes")
@@ -698,7 +994,7 @@ def test_bug_yaml_bad_explicit_tag_escapes(workdir: Path, text: str) -> None:
 def test_bug_plan_yaml_tag_escapes(workdir: Path, text: str) -> None:
     """The same read_yaml gap through load_plan: KeyError for '!!bool abc'."""
     assert check_plan(write(fresh(workdir, "plan.yaml"), text), tolerate_known=False) is REFUSED
-    assert 'invalid YAML' in LAST_REFUSAL[0], LAST_REFUSAL[0]
+    assert "invalid YAML" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("validate-surrogates")
@@ -708,7 +1004,7 @@ def test_bug_plan_yaml_tag_escapes(workdir: Path, text: str) -> None:
 def test_bug_topology_lone_surrogate_escapes(workdir: Path, content: bytes) -> None:
     """UnicodeEncodeError 'surrogates not allowed' out of zoplan/fileio.py validate."""
     assert check_topology(write(fresh(workdir, "surrogate.yaml"), content), tolerate_known=False) is REFUSED
-    assert 'not a Unicode character' in LAST_REFUSAL[0], LAST_REFUSAL[0]
+    assert "not a Unicode character" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 @xfail_bug("check_version-amplifies")
@@ -719,7 +1015,7 @@ def test_bug_topology_version_billion_laughs(workdir: Path, text: str) -> None:
     """A 259-byte file gives a 1.9-million-character message (8**6 items); 9 levels of 9 hang."""
     assert check_topology(write(fresh(workdir, "laughs.yaml"), text), tolerate_known=False) is REFUSED
     # the loader refuses the alias tree (8**6 values) before anything quotes it
-    assert 'refused YAML: more than 100000 values once its aliases are expanded' in LAST_REFUSAL[0], LAST_REFUSAL[0]
+    assert "refused YAML: more than 100000 values once its aliases are expanded" in LAST_REFUSAL[0], LAST_REFUSAL[0]
 
 
 def check_plan_shape_payload(workdir: Path, field: str, payload: str) -> None:
@@ -728,8 +1024,9 @@ def check_plan_shape_payload(workdir: Path, field: str, payload: str) -> None:
     text = plan_bytes(tree).decode().replace("ZOPLANFUZZPAYLOAD", payload)
     assert check_plan(write(fresh(workdir, "plan.yaml"), text), tolerate_known=False) is REFUSED
     # an alias tree of more values than a plan holds is refused by the loader; a smaller one by the field
-    assert (f"'{field}' must be" in LAST_REFUSAL[0] or
-            "refused YAML: more than 100000 values" in LAST_REFUSAL[0]), LAST_REFUSAL[0]
+    assert f"'{field}' must be" in LAST_REFUSAL[0] or "refused YAML: more than 100000 values" in LAST_REFUSAL[0], (
+        LAST_REFUSAL[0]
+    )
 
 
 @xfail_bug("model-shape-amplifies")
@@ -780,9 +1077,13 @@ def check_planning(workdir: Path, content: bytes) -> float:
     """The machine loads and a plan on it returns: its step time."""
     path = write(fresh(workdir, "machine.yaml"), content)
     assert check_topology(path, tolerate_known=False) is not REFUSED, LAST_REFUSAL[0]
-    report = attempt("plan (bug example)", lambda: plan("opt-125m", str(path), global_batch=4, seq_len=64,
-                                                        dtype="fp32", top=2),
-                     len(content), seconds=LIVELOCK_S, tolerate_known=False)
+    report = attempt(
+        "plan (bug example)",
+        lambda: plan("opt-125m", str(path), global_batch=4, seq_len=64, dtype="fp32", top=2),
+        len(content),
+        seconds=LIVELOCK_S,
+        tolerate_known=False,
+    )
     assert report is not REFUSED, LAST_REFUSAL[0]
     return report.search.best.step_time_s
 
@@ -805,8 +1106,13 @@ def test_bug_planner_infinite_memory(workdir: Path, content: bytes) -> None:
 def test_bug_planner_livelock_on_a_bundled_machine(global_batch: int) -> None:
     """Not a loader input, found on the way: the search on the bundled cpu-local machine never
     returned for a global batch of 65536 (32768: 0.09 s)."""
-    report = attempt("plan (bug example)", lambda: plan("opt-125m", "cpu-local", global_batch=global_batch,
-                                                        seq_len=64), 0, seconds=LIVELOCK_S, tolerate_known=False)
+    report = attempt(
+        "plan (bug example)",
+        lambda: plan("opt-125m", "cpu-local", global_batch=global_batch, seq_len=64),
+        0,
+        seconds=LIVELOCK_S,
+        tolerate_known=False,
+    )
     assert report is not REFUSED and math.isfinite(report.search.best.step_time_s)
     assert report.search.best.step_time_s > 0
 
@@ -831,14 +1137,19 @@ def test_bug_timeline_livelock(workdir: Path, global_batch: int) -> None:
         # ... so the simulator is given the edited batch directly, as timeline() gave it
         loaded = timeline(write(fresh(workdir, "plan.yaml"), plan_with(lambda t: None)))
         work = Workload(loaded.plan.model_shape(), global_batch, loaded.plan.batch.seq_len)
-        result = attempt("simulate (bug example)", lambda: evaluate(loaded.machine, work, loaded.plan.to_layout(),
-                                                                    record=True), 0, seconds=LIVELOCK_S,
-                         tolerate_known=False)
+        result = attempt(
+            "simulate (bug example)",
+            lambda: evaluate(loaded.machine, work, loaded.plan.to_layout(), record=True),
+            0,
+            seconds=LIVELOCK_S,
+            tolerate_known=False,
+        )
         assert math.isfinite(result.step_time_s) and result.step_time_s > 0
         return
     assert check_plan(path, tolerate_known=False) is not REFUSED, "the example must load"
-    result = attempt("timeline (bug example)", lambda: timeline(path), path.stat().st_size, seconds=LIVELOCK_S,
-                     tolerate_known=False)
+    result = attempt(
+        "timeline (bug example)", lambda: timeline(path), path.stat().st_size, seconds=LIVELOCK_S, tolerate_known=False
+    )
     assert result is not REFUSED and math.isfinite(result.candidate.step_time_s) and result.candidate.step_time_s > 0
 
 
@@ -863,23 +1174,50 @@ PLAN_ARGS = ("-m", "opt-125m", "-b", "4", "-s", "64")
 CLI_CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[], bytes], str | None]] = {
     "topo-show-truncated": (("topo", "show"), (), truncated_dgx, None),
     "topo-show-not-utf8": (("topo", "show"), (), lambda: b"\xff\xfeversion: 1\n", None),
-    "topo-show-negative-unknown-key": (("topo", "show"), (), lambda: cpu_local_with(
-        CPU_HBM_LINE, "hbm_gbps: -16.6\n    warp_drive: 1"), None),
-    "topo-show-duplicate-id": (("topo", "show"), (), lambda: cpu_local_with(
-        "- {id: rank1, model: cpu-rank}", "- {id: rank0, model: cpu-rank}"), None),
-    "topo-show-deep": (("topo", "show"), (), lambda: yaml_topology(
-        "description: " + deep(5000) + "\n").encode(), "read_yaml-escapes"),
-    "topo-show-surrogate-id": (("topo", "show"), (), lambda: cpu_local_with(
-        "{id: rank0, model: cpu-rank}", '{id: rank0, model: "\\uD800"}'), "validate-surrogates"),
-    "topo-show-surrogate-name": (("topo", "show"), (), lambda: cpu_local_with(
-        "name: cpu-local", 'name: "\\uD800"'), "validate-surrogates"),
+    "topo-show-negative-unknown-key": (
+        ("topo", "show"),
+        (),
+        lambda: cpu_local_with(CPU_HBM_LINE, "hbm_gbps: -16.6\n    warp_drive: 1"),
+        None,
+    ),
+    "topo-show-duplicate-id": (
+        ("topo", "show"),
+        (),
+        lambda: cpu_local_with("- {id: rank1, model: cpu-rank}", "- {id: rank0, model: cpu-rank}"),
+        None,
+    ),
+    "topo-show-deep": (
+        ("topo", "show"),
+        (),
+        lambda: yaml_topology("description: " + deep(5000) + "\n").encode(),
+        "read_yaml-escapes",
+    ),
+    "topo-show-surrogate-id": (
+        ("topo", "show"),
+        (),
+        lambda: cpu_local_with("{id: rank0, model: cpu-rank}", '{id: rank0, model: "\\uD800"}'),
+        "validate-surrogates",
+    ),
+    "topo-show-surrogate-name": (
+        ("topo", "show"),
+        (),
+        lambda: cpu_local_with("name: cpu-local", 'name: "\\uD800"'),
+        "validate-surrogates",
+    ),
     "plan-truncated": (("plan", *PLAN_ARGS, "-t"), (), truncated_dgx, None),
-    "plan-zero-memory": (("plan", *PLAN_ARGS, "-t"), (), lambda: cpu_local_with(
-        "memory_gib: 23.5", "memory_gib: 0"), None),
-    "plan-bigint": (("plan", *PLAN_ARGS, "-t"), (), lambda: b"version: " + b"1" * 4400 + b"\n",
-                    "read_yaml-escapes"),
-    "plan-infinite-memory": (("plan", *PLAN_ARGS, "--dtype", "fp32", "-t"), (), lambda: cpu_local_with(
-        "memory_gib: 11.75", "memory_gib: .inf"), "planner-infinite-memory"),
+    "plan-zero-memory": (
+        ("plan", *PLAN_ARGS, "-t"),
+        (),
+        lambda: cpu_local_with("memory_gib: 23.5", "memory_gib: 0"),
+        None,
+    ),
+    "plan-bigint": (("plan", *PLAN_ARGS, "-t"), (), lambda: b"version: " + b"1" * 4400 + b"\n", "read_yaml-escapes"),
+    "plan-infinite-memory": (
+        ("plan", *PLAN_ARGS, "--dtype", "fp32", "-t"),
+        (),
+        lambda: cpu_local_with("memory_gib: 11.75", "memory_gib: .inf"),
+        "planner-infinite-memory",
+    ),
     "timeline-truncated": (("timeline",), (), lambda: plan_bytes(plan_trees()[0])[:700], None),
     "timeline-ranks-edited": (("timeline",), (), lambda: plan_with(lambda t: t["layout"]["ranks"].pop()), None),
     "timeline-version-2": (("timeline",), (), lambda: plan_with(lambda t: t.__setitem__("version", 2)), None),
@@ -892,17 +1230,21 @@ def cli_runs(request: pytest.FixtureRequest, workdir: Path) -> dict[str, subproc
     """Every CLI case started in the background when this module's first test starts (each is a
     fresh interpreter with ~0.5 s of imports): they run beside the fuzz tests, which use one core.
     Nothing is started when no CLI test was selected."""
-    if not any(item.module is request.module and item.name.startswith("test_cli_")
-               for item in request.session.items):
+    if not any(item.module is request.module and item.name.startswith("test_cli_") for item in request.session.items):
         yield {}
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "160"}
     runs = {}
     for case, (before, after, content, _) in CLI_CASES.items():
         path = write(fresh(workdir, "bad.yaml"), content())
-        runs[case] = subprocess.Popen([sys.executable, "-m", "zoplan.cli", *before, str(path), *after],
-                                      cwd=path.parent, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        runs[case] = subprocess.Popen(
+            [sys.executable, "-m", "zoplan.cli", *before, str(path), *after],
+            cwd=path.parent,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
     yield runs
     for proc in runs.values():
         if proc.poll() is None:
@@ -917,8 +1259,7 @@ MAY_SUCCEED = {"topo-show-surrogate-name"}
 
 def assert_one_message(proc: subprocess.Popen, command: str, may_succeed: bool = False) -> None:
     stdout, stderr = proc.communicate(timeout=120)
-    problem = (f"zoplan {command}: exit {proc.returncode}\nstdout: {stdout[-2000:]}\n"
-               f"stderr: {stderr[-2000:]}")
+    problem = f"zoplan {command}: exit {proc.returncode}\nstdout: {stdout[-2000:]}\nstderr: {stderr[-2000:]}"
     assert "Traceback" not in stderr + stdout, problem
     if may_succeed and proc.returncode == 0:
         return
@@ -926,9 +1267,10 @@ def assert_one_message(proc: subprocess.Popen, command: str, may_succeed: bool =
     assert stderr.startswith("error: "), problem
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(case, id=case, marks=[xfail_bug(bug)] if bug else [])
-    for case, (_, _, _, bug) in CLI_CASES.items()])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(case, id=case, marks=[xfail_bug(bug)] if bug else []) for case, (_, _, _, bug) in CLI_CASES.items()],
+)
 def test_cli_nasty_input(cli_runs: dict[str, subprocess.Popen], case: str) -> None:
     """``zoplan topo show BAD``, ``zoplan plan -t BAD``, ``zoplan timeline BADPLAN``: exit status 2,
     one message on stderr, no traceback."""
@@ -936,9 +1278,22 @@ def test_cli_nasty_input(cli_runs: dict[str, subprocess.Popen], case: str) -> No
 
 
 # ----- the count is real --------------------------------------------------------------------------
-FUZZ_TESTS = {"topology_bytes", "topology_tree", "topology_nasty", "topology_plan", "plan_tree",
-              "plan_bytes", "plan_nasty", "config_tree", "config_bytes", "config_nasty", "profile_tree",
-              "profile_bytes", "profile_nasty", "profile_plan"}
+FUZZ_TESTS = {
+    "topology_bytes",
+    "topology_tree",
+    "topology_nasty",
+    "topology_plan",
+    "plan_tree",
+    "plan_bytes",
+    "plan_nasty",
+    "config_tree",
+    "config_bytes",
+    "config_nasty",
+    "profile_tree",
+    "profile_bytes",
+    "profile_nasty",
+    "profile_plan",
+}
 
 
 def test_zz_every_input_counted() -> None:

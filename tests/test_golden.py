@@ -14,6 +14,7 @@ When such a change is intended, regenerate the files and review the diff:
 With ``ZOPLAN_UPDATE_GOLDEN=1`` the test rewrites each file instead of comparing (and still checks
 that what it wrote reads back). A bundled topology without a case below fails the test: add one.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,7 +94,7 @@ def differences(got: Any, want: Any, where: str = "") -> list[str]:
             else:
                 out.extend(differences(got[key], want[key], path))
         return out
-    if (isinstance(got, float) and isinstance(want, (int, float)) and not isinstance(want, bool)):
+    if isinstance(got, float) and isinstance(want, (int, float)) and not isinstance(want, bool):
         return [] if math.isclose(got, want, rel_tol=FLOAT_REL) else [f"{where}: got {got!r}, golden {want!r}"]
     return [] if got == want and type(got) is type(want) else [f"{where}: got {got!r}, golden {want!r}"]
 
@@ -113,9 +114,11 @@ def test_golden_summary(topology: str) -> None:
         pytest.fail(f"{path} is missing: run `ZOPLAN_UPDATE_GOLDEN=1 python -m pytest {__file__}`")
     want = json.loads(path.read_text(encoding="utf-8"))
     diff = differences(got, want)
-    assert not diff, (f"{topology}: the plan summary changed ({len(diff)} differences):\n  "
-                      + "\n  ".join(diff)
-                      + "\nIf intended: ZOPLAN_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py")
+    assert not diff, (
+        f"{topology}: the plan summary changed ({len(diff)} differences):\n  "
+        + "\n  ".join(diff)
+        + "\nIf intended: ZOPLAN_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py"
+    )
     # sanity of the summary itself (not a golden value): the best beats or equals ZO2
     if got["baseline_step_time_s"] is not None:
         assert got["best"]["step_time_s"] <= got["baseline_step_time_s"] * (1 + FLOAT_REL)

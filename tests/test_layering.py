@@ -11,6 +11,7 @@
 Each rule walks every import of every module (at any depth), so a lazy import inside a function
 counts like one at the top.
 """
+
 from __future__ import annotations
 
 import ast
@@ -59,20 +60,30 @@ def test_the_runtime_reads_files_of_the_plan_only_through_the_planners_file_modu
 
 @pytest.mark.parametrize("path", [p for p in RUNTIME if p.name != "dist.py"], ids=lambda p: p.name)
 def test_only_the_dist_module_calls_torch_distributed(path: Path) -> None:
-    bad = [f"{path.name}:{line} imports {m}" for line, m in imports(path)
-           if _under(m, "torch.distributed") or m == "torch.distributed"]
+    bad = [
+        f"{path.name}:{line} imports {m}"
+        for line, m in imports(path)
+        if _under(m, "torch.distributed") or m == "torch.distributed"
+    ]
     tree = ast.parse(path.read_text())
     # torch.distributed.<anything> used through a plain `import torch`
-    bad += [f"{path.name}:{node.lineno} uses torch.distributed" for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and node.attr == "distributed"
-            and isinstance(node.value, ast.Name) and node.value.id == "torch"]
+    bad += [
+        f"{path.name}:{node.lineno} uses torch.distributed"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr == "distributed"
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "torch"
+    ]
     assert not bad, bad
 
 
 def test_the_rules_catch_a_lazy_import(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
-    sample.write_text("def f():\n    import torch.distributed as d\n    from zoplan.runtime.tiny import x\n"
-                      "    import torch\n    return torch.distributed.barrier\n")
+    sample.write_text(
+        "def f():\n    import torch.distributed as d\n    from zoplan.runtime.tiny import x\n"
+        "    import torch\n    return torch.distributed.barrier\n"
+    )
     found = [m for _, m in imports(sample)]
     assert "torch.distributed" in found and "zoplan.runtime.tiny" in found
     assert any(_under(m, "zoplan.runtime") for m in found)

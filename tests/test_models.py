@@ -1,4 +1,5 @@
 """Model shapes: exact parameter counts against Hugging Face totals, cost scaling, config loading."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,16 +35,43 @@ EXACT_TOTAL_PARAMS = {
 
 # Published sizes (in the names); rounding of the marketing figure allows a few percent.
 APPROX_TOTAL_PARAMS = {
-    "opt-2.7b": 2.7e9, "opt-6.7b": 6.7e9, "opt-13b": 13e9, "opt-30b": 30e9, "opt-66b": 66e9,
-    "opt-175b": 175e9, "llama-2-13b": 13e9, "llama-2-70b": 69e9, "llama-3-70b": 70.6e9,
-    "qwen2.5-1.5b": 1.54e9, "qwen2.5-3b": 3.09e9, "qwen2.5-14b": 14.7e9, "qwen2.5-32b": 32.5e9,
+    "opt-2.7b": 2.7e9,
+    "opt-6.7b": 6.7e9,
+    "opt-13b": 13e9,
+    "opt-30b": 30e9,
+    "opt-66b": 66e9,
+    "opt-175b": 175e9,
+    "llama-2-13b": 13e9,
+    "llama-2-70b": 69e9,
+    "llama-3-70b": 70.6e9,
+    "qwen2.5-1.5b": 1.54e9,
+    "qwen2.5-3b": 3.09e9,
+    "qwen2.5-14b": 14.7e9,
+    "qwen2.5-32b": 32.5e9,
     "qwen2.5-72b": 72.7e9,
 }
 
 PRESET_NAMES_IN_REFERENCE = [
-    "opt-125m", "opt-350m", "opt-1.3b", "opt-2.7b", "opt-6.7b", "opt-13b", "opt-30b", "opt-66b",
-    "opt-175b", "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b",
-    "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b",
+    "opt-125m",
+    "opt-350m",
+    "opt-1.3b",
+    "opt-2.7b",
+    "opt-6.7b",
+    "opt-13b",
+    "opt-30b",
+    "opt-66b",
+    "opt-175b",
+    "llama-2-7b",
+    "llama-2-13b",
+    "llama-2-70b",
+    "llama-3-8b",
+    "llama-3-70b",
+    "qwen2.5-0.5b",
+    "qwen2.5-1.5b",
+    "qwen2.5-3b",
+    "qwen2.5-7b",
+    "qwen2.5-14b",
+    "qwen2.5-32b",
     "qwen2.5-72b",
 ]
 
@@ -180,8 +208,14 @@ def test_preset_table_rows() -> None:
     # the table prints the preset's own figures: 96 layers of hidden 12288, all parameters in
     # billions, one block in bf16 in GB (12 h^2 matrix weights + 13 h biases and norms per block)
     assert opt.block_params() == 12 * 12288**2 + 13 * 12288
-    assert by_name["opt-175b"] == ("opt-175b", "opt", "96", "12288", f"{opt.total_params() / 1e9:.1f}B",
-                                   f"{opt.block_params() * 2 / 1e9:.1f} GB")
+    assert by_name["opt-175b"] == (
+        "opt-175b",
+        "opt",
+        "96",
+        "12288",
+        f"{opt.total_params() / 1e9:.1f}B",
+        f"{opt.block_params() * 2 / 1e9:.1f} GB",
+    )
     assert by_name["opt-175b"][4] == "174.6B" and by_name["opt-175b"][5] == "3.6 GB"  # the OPT paper's "175B"
     assert by_name["opt-125m"][4] == "125.2M"
     assert all(len(row) == 6 and all(isinstance(c, str) for c in row) for row in rows)
@@ -226,15 +260,22 @@ def test_invalid_shape_is_rejected() -> None:
 # ---------------------------------------------------------------------------- config.json
 def hf_config(shape: ModelShape) -> dict[str, Any]:
     """A minimal Hugging Face config.json for a shape, as its family writes it."""
-    common = {"num_hidden_layers": shape.layers, "hidden_size": shape.hidden,
-              "num_attention_heads": shape.heads, "vocab_size": shape.vocab,
-              "max_position_embeddings": shape.max_positions, "torch_dtype": "float16"}
+    common = {
+        "num_hidden_layers": shape.layers,
+        "hidden_size": shape.hidden,
+        "num_attention_heads": shape.heads,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": shape.max_positions,
+        "torch_dtype": "float16",
+    }
     if shape.family == "opt":
         # OPT configs rely on the tie default (True) and usually state word_embed_proj_dim.
-        return common | {"model_type": "opt", "ffn_dim": shape.ffn,
-                         "word_embed_proj_dim": shape.embed_dim}
-    config = common | {"model_type": shape.family, "intermediate_size": shape.ffn,
-                       "num_key_value_heads": shape.kv_heads}
+        return common | {"model_type": "opt", "ffn_dim": shape.ffn, "word_embed_proj_dim": shape.embed_dim}
+    config = common | {
+        "model_type": shape.family,
+        "intermediate_size": shape.ffn,
+        "num_key_value_heads": shape.kv_heads,
+    }
     if shape.family == "qwen2":
         config["tie_word_embeddings"] = shape.tied_head
     return config
@@ -247,8 +288,7 @@ def write_config(directory: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["opt-125m", "opt-350m", "llama-2-7b", "llama-3-8b",
-                                  "qwen2.5-0.5b", "qwen2.5-7b"])
+@pytest.mark.parametrize("name", ["opt-125m", "opt-350m", "llama-2-7b", "llama-3-8b", "qwen2.5-0.5b", "qwen2.5-7b"])
 def test_config_json_matches_preset(tmp_path: Path, name: str) -> None:
     preset = PRESETS[name]
     path = write_config(tmp_path / name, hf_config(preset))
@@ -278,10 +318,18 @@ def test_config_name_is_directory_name(tmp_path: Path) -> None:
 
 
 def test_mistral_is_llama_shaped(tmp_path: Path) -> None:
-    config = {"model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096,
-              "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-              "vocab_size": 32000, "max_position_embeddings": 32768, "sliding_window": 4096,
-              "tie_word_embeddings": False}
+    config = {
+        "model_type": "mistral",
+        "num_hidden_layers": 32,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+    }
     shape = load_model_shape(str(write_config(tmp_path / "mistral-7b", config)))
     assert shape.family == "llama"
     assert shape.total_params() == 7_241_732_096  # Mistral-7B-v0.1 as Hugging Face counts it
@@ -339,8 +387,7 @@ def test_top_level_not_object(tmp_path: Path) -> None:
     assert "config.json" in str(info.value)
 
 
-@pytest.mark.parametrize("key", ["num_hidden_layers", "hidden_size", "ffn_dim", "vocab_size",
-                                 "model_type"])
+@pytest.mark.parametrize("key", ["num_hidden_layers", "hidden_size", "ffn_dim", "vocab_size", "model_type"])
 def test_missing_key_names_file_and_key(tmp_path: Path, key: str) -> None:
     config = hf_config(PRESETS["opt-125m"])
     del config[key]
@@ -389,20 +436,29 @@ def test_error_carries_fix_hint() -> None:
 
 
 def test_no_torch_or_transformers_imported() -> None:
-    code = ("import sys, zoplan.models; "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "print(','.join(bad)); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, zoplan.models; "
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "print(','.join(bad)); sys.exit(1 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_tiny_model_is_planned_without_the_runtime_and_without_building_it(tmp_path: Path) -> None:
     # a fresh HOME (nothing built) and a torch that cannot be imported: the planner alone
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from zoplan.cli import main\n"
-            "sys.argv = ['zoplan', 'plan', '--model', 'tiny-llama', '--topology', 'cpu-local']; main()\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=120)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from zoplan.cli import main\n"
+        "sys.argv = ['zoplan', 'plan', '--model', 'tiny-llama', '--topology', 'cpu-local']; main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "tiny-llama-v1" in proc.stdout and "Traceback" not in proc.stderr
     assert not (tmp_path / ".cache" / "zoplan" / "tiny").exists()

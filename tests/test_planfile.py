@@ -1,4 +1,5 @@
 """Plan files: written, read back strictly, and refused for another model or machine."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,13 @@ from zoplan.topology import load_topology
 
 @pytest.fixture(scope="module")
 def report():
-    return plan("opt-1.3b", "dgx-a100", global_batch=8, seq_len=256,
-                zo=ZoSettings(eps=1e-3, lr=2e-7, seed=7, steps=50, lr_schedule="cosine"))
+    return plan(
+        "opt-1.3b",
+        "dgx-a100",
+        global_batch=8,
+        seq_len=256,
+        zo=ZoSettings(eps=1e-3, lr=2e-7, seed=7, steps=50, lr_schedule="cosine"),
+    )
 
 
 def test_plan_round_trips(report, tmp_path: Path) -> None:
@@ -40,16 +46,19 @@ def _edit(report, tmp_path: Path, change) -> Path:
     return path
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda d: d.update(colour="red"), "unknown key 'colour'"),
-    (lambda d: d["transfer"].update(wire="bf16"), "unknown key 'transfer.wire'"),
-    (lambda d: d.update(version=99), "version 99 is not supported"),
-    (lambda d: d["layout"]["ranks"][0].update(gpu="gpu7"), "'layout.ranks' does not follow"),
-    (lambda d: d["model"]["shape"].update(layers=3), "'model.hash'"),
-    (lambda d: d["zo"].update(eps=-1.0), "zo.eps"),
-    (lambda d: d.update(resident_blocks=[999]), "resident_blocks"),
-    (lambda d: d["layout"].pop("perturbation"), "missing field 'layout.perturbation'"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda d: d.update(colour="red"), "unknown key 'colour'"),
+        (lambda d: d["transfer"].update(wire="bf16"), "unknown key 'transfer.wire'"),
+        (lambda d: d.update(version=99), "version 99 is not supported"),
+        (lambda d: d["layout"]["ranks"][0].update(gpu="gpu7"), "'layout.ranks' does not follow"),
+        (lambda d: d["model"]["shape"].update(layers=3), "'model.hash'"),
+        (lambda d: d["zo"].update(eps=-1.0), "zo.eps"),
+        (lambda d: d.update(resident_blocks=[999]), "resident_blocks"),
+        (lambda d: d["layout"].pop("perturbation"), "missing field 'layout.perturbation'"),
+    ],
+)
 def test_edited_plans_are_refused_with_the_field(report, tmp_path: Path, change, message: str) -> None:
     path = _edit(report, tmp_path, change)
     with pytest.raises(ZoplanError) as err:

@@ -1,4 +1,5 @@
 """Which model a calibration profile serves: the shape, not the name (zoplan/profile.py check_profile)."""
+
 from __future__ import annotations
 
 import json
@@ -29,13 +30,19 @@ def write_profile(path: Path, *, legacy: bool = False, topology: str = "cpu-loca
     if not legacy:
         model["shape_hash"] = shape.shape_hash
     times = {"1x1": 0.17, "1x2": 0.19, "2x1": 0.22, "2x2": 0.25}
-    tree = {"version": PROFILE_VERSIONS[-1], "machine": {"name": machine.name, "hash": machine.hash},
-            "model": model, "measured_on": {"host": "test", "device": "cpu"},
-            "devices": {g: {"h2d_gbps": 27.0, "d2h_gbps": 26.0, "h2d_gbps_together": 14.0,
-                            "d2h_gbps_together": 13.0} for g in machine.gpus},
-            "allgather": {"ranks": 2, "latency_us": 300.0, "gbps": 0.9, "wait_us": 500.0},
-            "scalar_latency_us": 600.0,
-            "compute": {"block_s": times, "embed_s": dict(times), "head_s": dict(times), "update_s_per_param": 2e-8}}
+    tree = {
+        "version": PROFILE_VERSIONS[-1],
+        "machine": {"name": machine.name, "hash": machine.hash},
+        "model": model,
+        "measured_on": {"host": "test", "device": "cpu"},
+        "devices": {
+            g: {"h2d_gbps": 27.0, "d2h_gbps": 26.0, "h2d_gbps_together": 14.0, "d2h_gbps_together": 13.0}
+            for g in machine.gpus
+        },
+        "allgather": {"ranks": 2, "latency_us": 300.0, "gbps": 0.9, "wait_us": 500.0},
+        "scalar_latency_us": 600.0,
+        "compute": {"block_s": times, "embed_s": dict(times), "head_s": dict(times), "update_s_per_param": 2e-8},
+    }
     path.write_text(yaml.safe_dump(tree))
     return path
 
@@ -76,24 +83,46 @@ def test_the_movers_all_gather_takes_the_figure_measured_for_their_group_size(tm
     machine = load_topology("rtx4090-4x")
     shape = load_model_shape("opt-125m")
     times = {"1x1": 0.017, "1x2": 0.019, "2x1": 0.022, "2x2": 0.025}
-    tree = {"version": PROFILE_VERSIONS[-1], "machine": {"name": machine.name, "hash": machine.hash},
-            "model": {"name": shape.name, "hash": shape.hash, "shape_hash": shape.shape_hash, "micro_batch": 1,
-                      "seq_len": 64, "dtype": "bf16"},
-            "devices": {g: {"h2d_gbps": 20.0, "d2h_gbps": 20.0, "h2d_gbps_together": 10.0,
-                            "d2h_gbps_together": 10.0} for g in machine.gpus},
-            "allgather": {"ranks": 4, "latency_us": 90.0, "gbps": 5.0, "wait_us": 40.0},
-            "allgather_groups": [{"ranks": 2, "latency_us": 30.0, "gbps": 11.0, "wait_us": 40.0},
-                                 {"ranks": 3, "latency_us": 60.0, "gbps": 7.0, "wait_us": 40.0}],
-            "scalar_latency_us": 50.0,
-            "compute": {"block_s": times, "embed_s": dict(times), "head_s": dict(times), "update_s_per_param": 1e-11}}
+    tree = {
+        "version": PROFILE_VERSIONS[-1],
+        "machine": {"name": machine.name, "hash": machine.hash},
+        "model": {
+            "name": shape.name,
+            "hash": shape.hash,
+            "shape_hash": shape.shape_hash,
+            "micro_batch": 1,
+            "seq_len": 64,
+            "dtype": "bf16",
+        },
+        "devices": {
+            g: {"h2d_gbps": 20.0, "d2h_gbps": 20.0, "h2d_gbps_together": 10.0, "d2h_gbps_together": 10.0}
+            for g in machine.gpus
+        },
+        "allgather": {"ranks": 4, "latency_us": 90.0, "gbps": 5.0, "wait_us": 40.0},
+        "allgather_groups": [
+            {"ranks": 2, "latency_us": 30.0, "gbps": 11.0, "wait_us": 40.0},
+            {"ranks": 3, "latency_us": 60.0, "gbps": 7.0, "wait_us": 40.0},
+        ],
+        "scalar_latency_us": 50.0,
+        "compute": {"block_s": times, "embed_s": dict(times), "head_s": dict(times), "update_s_per_param": 1e-11},
+    }
     profile = validate_profile_dict(tree)
     measured = apply_profile(machine, profile, tmp_path / "p.yaml")
     work = Workload(shape, 4, 64)
 
     def round_s(movers: int, on=measured) -> float | None:
-        layout = Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="sliced",
-                        movers=tuple(machine.gpus[:movers]), slices_per_block=movers, wire_dtype="bf16",
-                        param_dtype="bf16", micro_batch=1, prefetch=1)
+        layout = Layout(
+            perturbation=1,
+            data=1,
+            compute_gpus=("gpu0",),
+            upload="sliced",
+            movers=tuple(machine.gpus[:movers]),
+            slices_per_block=movers,
+            wire_dtype="bf16",
+            param_dtype="bf16",
+            micro_batch=1,
+            prefetch=1,
+        )
         return StepCosts(on, work, layout).allgather_round_s()
 
     for movers, (lat, bw) in {2: (30.0, 11.0), 3: (60.0, 7.0), 4: (90.0, 5.0)}.items():
@@ -117,9 +146,24 @@ def test_the_training_loop_between_steps_lengthens_the_step_by_its_measured_time
     with_loop.write_text(yaml.safe_dump({**base, "compute": {**base["compute"], "loop_s": loop}}))
     steps, spans, bounds = {}, {}, {}
     for name, profile in (("base", tmp_path / "base.yaml"), ("loop", with_loop)):
-        report = plan(str(tmp_path / "my-base"), "cpu-local", global_batch=4, seq_len=64, dtype="fp32",
-                      profile=profile, pins=Pins(perturbation=2, data=1, micro_batch=2, resident=0, wire_dtype="fp32",
-                                                 upload="sliced", slices=2, prefetch=1))
+        report = plan(
+            str(tmp_path / "my-base"),
+            "cpu-local",
+            global_batch=4,
+            seq_len=64,
+            dtype="fp32",
+            profile=profile,
+            pins=Pins(
+                perturbation=2,
+                data=1,
+                micro_batch=2,
+                resident=0,
+                wire_dtype="fp32",
+                upload="sliced",
+                slices=2,
+                prefetch=1,
+            ),
+        )
         write_plan(report.plan, tmp_path / f"{name}-plan.yaml")
         result = timeline(tmp_path / f"{name}-plan.yaml").candidate.sim
         steps[name] = report.plan.prediction.step_time_s
@@ -184,9 +228,15 @@ def test_the_calibration_table_shows_every_group_and_an_unresolved_rate_in_words
     assert "all-gather among 3" in text and "280 µs + bytes too cheap to time" in text
     assert "1000000" not in text
     blocks = [line for line in text.splitlines() if "block compute" in line]
-    assert [line.split("block compute, ")[1].split(" │")[0].strip() for line in blocks] == [  # every timed setting, in order
-        "1 branch(es), 1 micro-batch(es)", "1 branch(es), 2 micro-batch(es)",
-        "1 branch(es), 8 micro-batch(es)", "2 branch(es), 1 micro-batch(es)", "2 branch(es), 2 micro-batch(es)"]
+    assert [
+        line.split("block compute, ")[1].split(" │")[0].strip() for line in blocks
+    ] == [  # every timed setting, in order
+        "1 branch(es), 1 micro-batch(es)",
+        "1 branch(es), 2 micro-batch(es)",
+        "1 branch(es), 8 micro-batch(es)",
+        "2 branch(es), 1 micro-batch(es)",
+        "2 branch(es), 2 micro-batch(es)",
+    ]
     assert "610.0 ms" in blocks[2]
 
 
@@ -288,7 +338,9 @@ def test_a_duplex_cap_lengthens_a_step_whose_uploads_and_write_backs_overlap(tmp
     pins = Pins(perturbation=1, data=1, micro_batch=2, resident=0, prefetch=1)
 
     def step(name: str) -> float:
-        return plan(model, "h100-pcie-1x", global_batch=2, seq_len=64, pins=pins, profile=tmp_path / name).plan.prediction.step_time_s
+        return plan(
+            model, "h100-pcie-1x", global_batch=2, seq_len=64, pins=pins, profile=tmp_path / name
+        ).plan.prediction.step_time_s
 
     assert step("duplex.yaml") > 1.2 * step("plain.yaml")
 
@@ -298,15 +350,36 @@ def _calibration_rows(device: str, machine) -> list[dict]:
     keys = ("1x1", "1x2", "2x1", "2x2")
     rows = []
     for rank in range(len(machine.gpus)):
-        compute = {k: {"h2d": 1e-3, "update": 2e-4, "d2h": 1e-3, "embed": 1e-3, "compute": 3e-3 + i * 1e-3,
-                       "head": 2e-3, "exchange": 0.0, "scalar": 0.0, "loop": 1e-3,
-                       "compute_gpu": 2e-3 + i * 1e-3, "compute_host": 3e-3 + i * 1e-3}
-                   for i, k in enumerate(keys)}
+        compute = {
+            k: {
+                "h2d": 1e-3,
+                "update": 2e-4,
+                "d2h": 1e-3,
+                "embed": 1e-3,
+                "compute": 3e-3 + i * 1e-3,
+                "head": 2e-3,
+                "exchange": 0.0,
+                "scalar": 0.0,
+                "loop": 1e-3,
+                "compute_gpu": 2e-3 + i * 1e-3,
+                "compute_host": 3e-3 + i * 1e-3,
+            }
+            for i, k in enumerate(keys)
+        }
         compute["1x1"]["perturb_s_per_param"] = 1e-11
-        rows.append({"rank": rank, "device": device, "alone": {"h2d_gbps": 50.0, "d2h_gbps": 50.0},
-                     "together": {"h2d_gbps": 50.0, "d2h_gbps": 50.0, "duplex_gbps": None},
-                     "allgather": {}, "allgather_groups": [], "scalar_latency_us": 0.0,
-                     "block_params": 1000, "compute": compute})
+        rows.append(
+            {
+                "rank": rank,
+                "device": device,
+                "alone": {"h2d_gbps": 50.0, "d2h_gbps": 50.0},
+                "together": {"h2d_gbps": 50.0, "d2h_gbps": 50.0, "duplex_gbps": None},
+                "allgather": {},
+                "allgather_groups": [],
+                "scalar_latency_us": 0.0,
+                "block_params": 1000,
+                "compute": compute,
+            }
+        )
     return rows
 
 
@@ -320,8 +393,15 @@ def test_a_gpu_calibration_keeps_block_computes_gpu_and_host_time_and_the_table_
 
     machine = load_topology("h100-pcie-1x")
     shape = load_model_shape("tiny-opt")
-    gpu = build_profile(_calibration_rows("cuda:0", machine), machine, shape, micro_batch=2, seq_len=64,
-                        dtype="bf16", device="NVIDIA H100")
+    gpu = build_profile(
+        _calibration_rows("cuda:0", machine),
+        machine,
+        shape,
+        micro_batch=2,
+        seq_len=64,
+        dtype="bf16",
+        device="NVIDIA H100",
+    )
     assert gpu.compute.block_gpu_s["2x1"] == pytest.approx(4e-3)
     assert gpu.compute.block_host_s["2x1"] == pytest.approx(5e-3)
     assert gpu.compute.block_s["2x1"] == pytest.approx(5e-3)
@@ -330,8 +410,9 @@ def test_a_gpu_calibration_keeps_block_computes_gpu_and_host_time_and_the_table_
     text = console.export_text()
     assert "block compute, 2 branch(es), 1 micro-batch(es)" in text
     assert "5.0 ms (GPU 4.0 ms, host 5.0 ms)" in text, text
-    cpu = build_profile(_calibration_rows("cpu", machine), machine, shape, micro_batch=2, seq_len=64,
-                        dtype="bf16", device="cpu")
+    cpu = build_profile(
+        _calibration_rows("cpu", machine), machine, shape, micro_batch=2, seq_len=64, dtype="bf16", device="cpu"
+    )
     assert cpu.compute.block_gpu_s == {} and cpu.compute.block_host_s == {}
     # written out, a CPU profile carries no empty GPU/host tables; a CUDA one keeps them
     from zoplan.profile import load_profile, write_profile as save
@@ -388,15 +469,29 @@ def test_cpu_compute_ranks_that_meet_every_block_compute_at_the_calibrated_locks
     from zoplan.profile import apply_profile, load_profile
 
     def layout(perturbation: int, gpus: tuple[str, ...]) -> Layout:
-        return Layout(perturbation=perturbation, data=1, compute_gpus=gpus[:perturbation], upload="sliced",
-                      movers=gpus, slices_per_block=2, wire_dtype="fp32", param_dtype="fp32", micro_batch=2,
-                      prefetch=1)
+        return Layout(
+            perturbation=perturbation,
+            data=1,
+            compute_gpus=gpus[:perturbation],
+            upload="sliced",
+            movers=gpus,
+            slices_per_block=2,
+            wire_dtype="fp32",
+            param_dtype="fp32",
+            micro_batch=2,
+            prefetch=1,
+        )
 
     costs = {}
     for topology in ("cpu-local", "rtx4090-4x"):
         base = yaml.safe_load(write_profile(tmp_path / f"{topology}.yaml", topology=topology).read_text())
-        locked = {**base, "compute": {**base["compute"], "lockstep_s": {"block": 0.19 * 1.25, "embed": 0.19 * 1.1,
-                                                                        "head": 0.19 * 0.9}}}
+        locked = {
+            **base,
+            "compute": {
+                **base["compute"],
+                "lockstep_s": {"block": 0.19 * 1.25, "embed": 0.19 * 1.1, "head": 0.19 * 0.9},
+            },
+        }
         (tmp_path / f"{topology}-locked.yaml").write_text(yaml.safe_dump(locked))
         machine = load_topology(topology)
         gpus = tuple(machine.gpus[:2])
@@ -413,15 +508,27 @@ def test_cpu_compute_ranks_that_meet_every_block_compute_at_the_calibrated_locks
     assert costs["rtx4090-4x", "-locked", 2] == costs["rtx4090-4x", "", 2]  # GPUs: each its own device
     # the planner's 2x1 step on the CPU grows with it
     model = str(tmp_path / "my-base")
-    pins = Pins(perturbation=2, data=1, micro_batch=2, resident=0, wire_dtype="fp32", upload="sliced", slices=2,
-                prefetch=1)
-    step = {name: plan(model, "cpu-local", global_batch=4, seq_len=64, dtype="fp32", pins=pins,
-                       profile=tmp_path / f"cpu-local{name}.yaml").plan.prediction.step_time_s for name in ("", "-locked")}
+    pins = Pins(
+        perturbation=2, data=1, micro_batch=2, resident=0, wire_dtype="fp32", upload="sliced", slices=2, prefetch=1
+    )
+    step = {
+        name: plan(
+            model,
+            "cpu-local",
+            global_batch=4,
+            seq_len=64,
+            dtype="fp32",
+            pins=pins,
+            profile=tmp_path / f"cpu-local{name}.yaml",
+        ).plan.prediction.step_time_s
+        for name in ("", "-locked")
+    }
     assert step["-locked"] > step[""] * 1.1
 
 
 def test_a_calibration_with_several_ranks_keeps_the_lockstep_compute_and_older_profiles_their_hash(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     from rich.console import Console
 
     from zoplan.fileio import content_hash
@@ -443,8 +550,15 @@ def test_a_calibration_with_several_ranks_keeps_the_lockstep_compute_and_older_p
     save(locked, tmp_path / "locked.yaml")
     assert load_profile(tmp_path / "locked.yaml").compute.lockstep_s["block"] == pytest.approx(6e-3)
     # one rank (or a profile written before it was measured): no table, factor 1, the old hash
-    plain = build_profile(_calibration_rows("cpu", load_topology("h100-pcie-1x")), load_topology("h100-pcie-1x"),
-                          shape, micro_batch=2, seq_len=64, dtype="fp32", device="cpu")
+    plain = build_profile(
+        _calibration_rows("cpu", load_topology("h100-pcie-1x")),
+        load_topology("h100-pcie-1x"),
+        shape,
+        micro_batch=2,
+        seq_len=64,
+        dtype="fp32",
+        device="cpu",
+    )
     assert plain.compute.lockstep_s == {} and plain.lockstep_factor("block") == 1.0
     save(plain, tmp_path / "plain.yaml")
     assert "lockstep_s" not in (tmp_path / "plain.yaml").read_text()

@@ -6,6 +6,7 @@ moved, updated, written back and computed once per step, on the right ranks), ru
 thread per rank in its issue order, free of references to ops it does not have, and what the
 simulator times, op by op.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,13 +28,31 @@ from zoplan.topology import load_topology
 LAYERS = 6
 
 
-def layout(p: int, d: int, upload: str, *, relays: int = 0, slices: int | None = None, prefetch: int = 1,
-           resident: tuple[int, ...] = ()) -> Layout:
+def layout(
+    p: int,
+    d: int,
+    upload: str,
+    *,
+    relays: int = 0,
+    slices: int | None = None,
+    prefetch: int = 1,
+    resident: tuple[int, ...] = (),
+) -> Layout:
     compute = tuple(f"gpu{i}" for i in range(p * d))
     movers = compute if upload == "whole" else compute + tuple(f"gpu{p * d + i}" for i in range(relays))
-    return Layout(perturbation=p, data=d, compute_gpus=compute, upload=upload, movers=movers,
-                  slices_per_block=1 if upload == "whole" else (slices or len(movers)), wire_dtype="bf16",
-                  param_dtype="bf16", micro_batch=1, prefetch=prefetch, resident=resident)
+    return Layout(
+        perturbation=p,
+        data=d,
+        compute_gpus=compute,
+        upload=upload,
+        movers=movers,
+        slices_per_block=1 if upload == "whole" else (slices or len(movers)),
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=1,
+        prefetch=prefetch,
+        resident=resident,
+    )
 
 
 MATRIX = {
@@ -105,8 +124,9 @@ def test_one_thread_per_rank_can_run_its_ops_in_issue_order(case) -> None:
     order = {g: [op.id for op in program.rank_ops(g) if op.collective] for g in L.gpus}
     for op in program.ops:
         if op.collective:
-            positions = {tuple(x for x in order[g] if x in {o.id for o in program.ops if o.ranks == op.ranks})
-                         for g in op.ranks}
+            positions = {
+                tuple(x for x in order[g] if x in {o.id for o in program.ops if o.ranks == op.ranks}) for g in op.ranks
+            }
             assert len(positions) == 1, op.id
 
 
@@ -117,8 +137,9 @@ def test_the_simulator_times_the_programs_ops_in_the_programs_order(case) -> Non
     costs = StepCosts(machine, Workload(shape, 8, 128), L)
     result = simulate(costs, record=True)
     timed = costs.program  # the same layout, with the model's real sizes
-    assert [(op.id, op.kind, op.stream, op.ranks) for op in timed.ops[:5]] == \
-        [(op.id, op.kind, op.stream, op.ranks) for op in build(L, layers=shape.layers, block_params=1).ops[:5]]
+    assert [(op.id, op.kind, op.stream, op.ranks) for op in timed.ops[:5]] == [
+        (op.id, op.kind, op.stream, op.ranks) for op in build(L, layers=shape.layers, block_params=1).ops[:5]
+    ]
     lanes = collections.defaultdict(list)
     for span in result.spans:
         lanes[span.gpu, span.stream].append((span.label, span.step))
@@ -150,8 +171,26 @@ def test_the_program_costs_what_its_ops_move() -> None:
 def test_timeline_ops_lists_each_ranks_program(tmp_path, monkeypatch, capsys) -> None:
     runner = CliRunner()
     plan = tmp_path / "plan.yaml"
-    result = runner.invoke(app, ["plan", "--model", "opt-1.3b", "-t", "dgx-a100", "--pertp", "1", "--ddp", "2",
-                                 "--upload", "whole", "--resident", "0", "-o", str(plan)])
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            "--model",
+            "opt-1.3b",
+            "-t",
+            "dgx-a100",
+            "--pertp",
+            "1",
+            "--ddp",
+            "2",
+            "--upload",
+            "whole",
+            "--resident",
+            "0",
+            "-o",
+            str(plan),
+        ],
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["timeline", str(plan), "--ops", "--rank", "gpu0"])
     assert result.exit_code == 0, result.output

@@ -1,4 +1,5 @@
 """The README's two commands are the ones users and CI run."""
+
 from __future__ import annotations
 
 import re
@@ -17,8 +18,11 @@ def _block_after(heading: str) -> list[str]:
 
 def test_ci_runs_the_readme_test_command() -> None:
     readme = _block_after("Run the tests")
-    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
-          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    ci = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "set ", "cd "))
+    ]
     assert ci == readme
 
 

@@ -1,4 +1,5 @@
 """The records a run writes (zoplan.records): one schema each, strict rows, bounded reads."""
+
 from __future__ import annotations
 
 import json
@@ -12,19 +13,43 @@ from zoplan.records import EvalRow, RankError, ResumedRow, SpanLine, TrainRow, r
 
 
 def train(step: int, loss: float) -> TrainRow:
-    return TrainRow(step=step, loss=loss, projected_grad=0.1, step_time_s=0.5, tokens_per_s=1000.0,
-                    elapsed_s=0.5 * (step + 1), nonfinite_total=0)
+    return TrainRow(
+        step=step,
+        loss=loss,
+        projected_grad=0.1,
+        step_time_s=0.5,
+        tokens_per_s=1000.0,
+        elapsed_s=0.5 * (step + 1),
+        nonfinite_total=0,
+    )
 
 
 def test_the_run_summary_leaves_out_metrics_rows_that_are_not_as_written(tmp_path: Path) -> None:
-    rows = [EvalRow(step=-1, eval_loss=0.9, eval_accuracy=0.5), train(0, 2.0), train(1, 1.0),
-            EvalRow(step=1, eval_loss=0.7, eval_accuracy=0.75)]
+    rows = [
+        EvalRow(step=-1, eval_loss=0.9, eval_accuracy=0.5),
+        train(0, 2.0),
+        train(1, 1.0),
+        EvalRow(step=1, eval_loss=0.7, eval_accuracy=0.75),
+    ]
     good = [json.loads(r.line()) for r in rows]
-    damaged = [{**good[1], "loss": "low"}, {**good[1], "step": True}, {"step": 4}, [1], {**good[1], "extra": 1},
-               {**good[0], "eval_loss": None}]
-    lines = [rows[0].line(), json.dumps(damaged[0]) + "\n", rows[1].line(),
-             *(json.dumps(d) + "\n" for d in damaged[1:5]), rows[2].line(), json.dumps(damaged[5]) + "\n",
-             rows[3].line(), '{"step": 5, "lo']
+    damaged = [
+        {**good[1], "loss": "low"},
+        {**good[1], "step": True},
+        {"step": 4},
+        [1],
+        {**good[1], "extra": 1},
+        {**good[0], "eval_loss": None},
+    ]
+    lines = [
+        rows[0].line(),
+        json.dumps(damaged[0]) + "\n",
+        rows[1].line(),
+        *(json.dumps(d) + "\n" for d in damaged[1:5]),
+        rows[2].line(),
+        json.dumps(damaged[5]) + "\n",
+        rows[3].line(),
+        '{"step": 5, "lo',
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(lines))
     result = summarize(tmp_path)
     assert (result.steps, result.first_loss, result.last_loss) == (2, 2.0, 1.0)

@@ -1,5 +1,6 @@
 """The one run configuration (zoplan.runconfig): declared once, written whole, read strictly,
 migrated from the unversioned record, and merged with a resume's command line."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,16 @@ def test_every_run_option_is_defaulted_in_the_configuration_only() -> None:
 
 
 def test_the_configuration_round_trips_through_its_file(tmp_path: Path) -> None:
-    cfg = make(model="tiny-llama", steps=7, output=tmp_path, pins=Pins(gpus=("rank0", "rank1"), slices=2),
-               snapshot_minutes=1.5, lr=1e-4, device="cpu", model_dir=tmp_path / "m")
+    cfg = make(
+        model="tiny-llama",
+        steps=7,
+        output=tmp_path,
+        pins=Pins(gpus=("rank0", "rank1"), slices=2),
+        snapshot_minutes=1.5,
+        lr=1e-4,
+        device="cpu",
+        model_dir=tmp_path / "m",
+    )
     path = runconfig.write(cfg, tmp_path)
     assert path == tmp_path / "run.json" and json.loads(path.read_text())["version"] == runconfig.RUN_CONFIG_VERSION
     assert runconfig.read(path) == cfg
@@ -51,24 +60,31 @@ def test_the_configuration_round_trips_through_its_file(tmp_path: Path) -> None:
 def test_the_unversioned_record_of_earlier_runs_is_migrated(tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text(json.dumps({"model": "/models/mine", "data": "train.jsonl"}))
     cfg = runconfig.read(tmp_path / "run.json")
-    assert (cfg.model, cfg.data, cfg.output, cfg.steps) == ("/models/mine", "train.jsonl", tmp_path,
-                                                             runconfig.default("steps"))
+    assert (cfg.model, cfg.data, cfg.output, cfg.steps) == (
+        "/models/mine",
+        "train.jsonl",
+        tmp_path,
+        runconfig.default("steps"),
+    )
 
 
-@pytest.mark.parametrize("text, words", [
-    ('{"model": 3', "not a JSON object"),
-    ("[1, 2]", "not a JSON object"),
-    ('{"model": "m"}', "does not name just the run's model and data"),
-    ('{"model": "m", "data": "d", "extra": 1}', "does not name just"),
-    ('{"version": 2, "model": "m"}', "version 2 is not one this zoplan reads"),
-    ('{"version": true}', "version True"),
-    ('{"version": 1, "steps": 0}', "steps"),
-    ('{"version": 1, "bogus": 0}', "unknown key 'bogus'"),
-    ('{"version": 1, "device": "tpu"}', "device"),
-    ('{"version": 1, "snapshot_minutes": Infinity}', "snapshot_minutes"),
-    ('{"version": 1, "pins": {"nope": 1}}', "pins"),
-    pytest.param("[" * 50000, "not a JSON object", id="nested"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('{"model": 3', "not a JSON object"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"model": "m"}', "does not name just the run's model and data"),
+        ('{"model": "m", "data": "d", "extra": 1}', "does not name just"),
+        ('{"version": 2, "model": "m"}', "version 2 is not one this zoplan reads"),
+        ('{"version": true}', "version True"),
+        ('{"version": 1, "steps": 0}', "steps"),
+        ('{"version": 1, "bogus": 0}', "unknown key 'bogus'"),
+        ('{"version": 1, "device": "tpu"}', "device"),
+        ('{"version": 1, "snapshot_minutes": Infinity}', "snapshot_minutes"),
+        ('{"version": 1, "pins": {"nope": 1}}', "pins"),
+        pytest.param("[" * 50000, "not a JSON object", id="nested"),
+    ],
+)
 def test_a_damaged_or_newer_configuration_is_refused_with_its_path(tmp_path: Path, text: str, words: str) -> None:
     (tmp_path / "run.json").write_text(text)
     with pytest.raises(ZoplanError) as caught:
@@ -76,24 +92,38 @@ def test_a_damaged_or_newer_configuration_is_refused_with_its_path(tmp_path: Pat
     assert str(tmp_path / "run.json") in str(caught.value) and words in str(caught.value)
 
 
-@pytest.mark.parametrize("values, words", [
-    ({"steps": 0}, "--steps must be at least 1, got 0"),
-    ({"steps": 10**10}, "--steps must be at most 1000000000"),
-    ({"snapshot_minutes": float("inf")}, "--snapshot-minutes must be a finite number"),
-    ({"eval_every": -1}, "--eval-every must be at least 0"),
-    ({"lr": 0.0}, "--lr must be more than 0"),
-    ({"master_port": 70000}, "--master-port must be at most 65535"),
-])
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"steps": 0}, "--steps must be at least 1, got 0"),
+        ({"steps": 10**10}, "--steps must be at most 1000000000"),
+        ({"snapshot_minutes": float("inf")}, "--snapshot-minutes must be a finite number"),
+        ({"eval_every": -1}, "--eval-every must be at least 0"),
+        ({"lr": 0.0}, "--lr must be more than 0"),
+        ({"master_port": 70000}, "--master-port must be at most 65535"),
+    ],
+)
 def test_a_bad_value_is_named_by_its_option(values: dict, words: str) -> None:
     with pytest.raises(ZoplanError, match=words):
         make(**values)
 
 
 def test_a_resume_keeps_what_is_trained_and_takes_how_it_goes_on(tmp_path: Path) -> None:
-    recorded = make(model="/m", data="/d.jsonl", lr=1e-4, seq_len=32, snapshot_every=3, eval_every=2,
-                    steps=10, output=tmp_path, quiet=True)
-    cfg, ignored = runconfig.resumed(recorded, {"steps": 20, "model": "/other", "lr": 1e-4, "seq_len": 64,
-                                                "keep_snapshots": 5, "output": tmp_path / "moved"})
+    recorded = make(
+        model="/m",
+        data="/d.jsonl",
+        lr=1e-4,
+        seq_len=32,
+        snapshot_every=3,
+        eval_every=2,
+        steps=10,
+        output=tmp_path,
+        quiet=True,
+    )
+    cfg, ignored = runconfig.resumed(
+        recorded,
+        {"steps": 20, "model": "/other", "lr": 1e-4, "seq_len": 64, "keep_snapshots": 5, "output": tmp_path / "moved"},
+    )
     # what is trained stays; naming it again with the same value is not worth a warning
     assert (cfg.model, cfg.data, cfg.lr, cfg.seq_len) == ("/m", "/d.jsonl", 1e-4, 32)
     assert ignored == ["--model", "--seq-len"]

@@ -1,4 +1,5 @@
 """The search: exact pruning, valid bounds, memory checks, pins, the ZO2 baseline."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,12 +12,22 @@ from zoplan.models import ModelShape, load_model_shape
 from zoplan.search import Pins, family, search, top_families
 from zoplan.topology import load_topology
 
-SMALL = ModelShape(name="small", family="opt", layers=6, hidden=1024, ffn=4096, heads=16, kv_heads=16,
-                   vocab=5000, max_positions=2048, tied_head=True, embed_dim=1024)
+SMALL = ModelShape(
+    name="small",
+    family="opt",
+    layers=6,
+    hidden=1024,
+    ffn=4096,
+    heads=16,
+    kv_heads=16,
+    vocab=5000,
+    max_positions=2048,
+    tied_head=True,
+    embed_dim=1024,
+)
 
 
-@pytest.mark.parametrize("topology,batch,seq", [("rtx4090-4x", 4, 128), ("dgx-a100", 2, 256),
-                                                ("cpu-local", 2, 64)])
+@pytest.mark.parametrize("topology,batch,seq", [("rtx4090-4x", 4, 128), ("dgx-a100", 2, 256), ("cpu-local", 2, 64)])
 def test_pruned_search_finds_the_exhaustive_best(topology: str, batch: int, seq: int) -> None:
     machine = load_topology(topology)
     work = Workload(SMALL, batch, seq)
@@ -43,8 +54,18 @@ def test_pruning_bound_never_exceeds_the_simulated_step(topology: str) -> None:
 
 def test_machine_bound_names_the_busiest_resource() -> None:
     machine = load_topology("dgx-a100")
-    layout = Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="whole", movers=("gpu0",),
-                    slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1, prefetch=1)
+    layout = Layout(
+        perturbation=1,
+        data=1,
+        compute_gpus=("gpu0",),
+        upload="whole",
+        movers=("gpu0",),
+        slices_per_block=1,
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=1,
+        prefetch=1,
+    )
     bound = machine_bound(StepCosts(machine, Workload(load_model_shape("opt-66b"), 1, 32), layout))
     # one sequence of 32 tokens: every block crosses PCIe at 25 GB/s, compute is negligible
     assert bound.binding.startswith("PCIe")
@@ -85,15 +106,18 @@ def test_pins_are_honoured() -> None:
     assert pinned.compute_gpus == ("gpu3", "gpu5")
 
 
-@pytest.mark.parametrize("pins,message", [
-    (Pins(data=3), "does not divide among 3 replicas"),
-    (Pins(gpus=("gpu9",)), "gpu9"),
-    (Pins(perturbation=3), "must be 1 or 2"),
-    (Pins(data=8, perturbation=2), "more GPUs"),
-    (Pins(gpus=("gpu0", "gpu1"), perturbation=1, data=1), "lists 2 GPUs, but --pertp 1 x --ddp 1 = 1"),
-    (Pins(gpus=()), "names no GPU"),
-    (Pins(resident=-1), "--resident must be at least 0"),
-])
+@pytest.mark.parametrize(
+    "pins,message",
+    [
+        (Pins(data=3), "does not divide among 3 replicas"),
+        (Pins(gpus=("gpu9",)), "gpu9"),
+        (Pins(perturbation=3), "must be 1 or 2"),
+        (Pins(data=8, perturbation=2), "more GPUs"),
+        (Pins(gpus=("gpu0", "gpu1"), perturbation=1, data=1), "lists 2 GPUs, but --pertp 1 x --ddp 1 = 1"),
+        (Pins(gpus=()), "names no GPU"),
+        (Pins(resident=-1), "--resident must be at least 0"),
+    ],
+)
 def test_impossible_pins_explain_themselves(pins: Pins, message: str) -> None:
     with pytest.raises(ZoplanError, match=message):
         search(load_topology("dgx-a100"), Workload(SMALL, 8, 128), pins=pins)
@@ -110,14 +134,34 @@ def test_baseline_is_zo2_on_one_gpu_and_the_best_is_no_slower() -> None:
 
 def test_layout_checks_name_the_numbers() -> None:
     with pytest.raises(ZoplanError, match=r"perturbation 2 x data 2 = 4 compute GPUs, but 3"):
-        Layout(perturbation=2, data=2, compute_gpus=("a", "b", "c"), upload="whole", movers=("a", "b", "c"),
-               slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1, prefetch=1)
+        Layout(
+            perturbation=2,
+            data=2,
+            compute_gpus=("a", "b", "c"),
+            upload="whole",
+            movers=("a", "b", "c"),
+            slices_per_block=1,
+            wire_dtype="bf16",
+            param_dtype="bf16",
+            micro_batch=1,
+            prefetch=1,
+        )
 
 
 def test_rank_table_and_groups_follow_the_layout() -> None:
-    layout = Layout(perturbation=2, data=2, compute_gpus=("g0", "g1", "g2", "g3"), upload="sliced",
-                    movers=("g0", "g1", "g2", "g3", "g4"), slices_per_block=5, wire_dtype="bf16",
-                    param_dtype="bf16", micro_batch=1, prefetch=1, nodes=2)
+    layout = Layout(
+        perturbation=2,
+        data=2,
+        compute_gpus=("g0", "g1", "g2", "g3"),
+        upload="sliced",
+        movers=("g0", "g1", "g2", "g3", "g4"),
+        slices_per_block=5,
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=1,
+        prefetch=1,
+        nodes=2,
+    )
     ranks = layout.ranks()
     assert len(ranks) == 10 and [r["rank"] for r in ranks] == list(range(10))
     assert [r["role"] for r in ranks[:5]] == ["compute"] * 4 + ["relay"]
@@ -145,8 +189,18 @@ def test_cost_charges_the_share_of_gpus_used_across_nodes(tmp_path) -> None:
     path.write_text(yaml.safe_dump(spec))
     machine = load_topology(path)
     work = Workload(SMALL, 16, 128)
-    one = Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="whole", movers=("gpu0",),
-                 slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1, prefetch=1)
+    one = Layout(
+        perturbation=1,
+        data=1,
+        compute_gpus=("gpu0",),
+        upload="whole",
+        movers=("gpu0",),
+        slices_per_block=1,
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=1,
+        prefetch=1,
+    )
     # one GPU of sixteen for one hour's worth of steps costs 1/16 of the price
     tokens_per_hour = work.tokens_per_step * 3600
     assert usd_per_mtok(machine, work, one, 1.0) == pytest.approx(100.0 / 16 / tokens_per_hour * 1e6)

@@ -2,6 +2,7 @@
 
 The planner (this package) imports no torch: ``zoplan.plan(...)`` works on a laptop.
 """
+
 from __future__ import annotations
 
 from typing import Any

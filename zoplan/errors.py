@@ -1,4 +1,5 @@
 """The one exception type a user can cause, and how it is worded."""
+
 from __future__ import annotations
 
 

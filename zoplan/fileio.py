@@ -6,6 +6,7 @@ is bounded before anything is built from it: a file larger than ``MAX_FILE_BYTES
 and a YAML document nested deeper than ``MAX_YAML_DEPTH`` or holding more than ``MAX_YAML_NODES``
 values once its aliases are expanded (a "billion laughs" of a few hundred bytes) is refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,10 @@ def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
     except OSError as exc:
         raise ZoplanError(f"cannot read {what} file {path}: {exc}") from None
     if len(raw) > limit:
-        raise ZoplanError(f"{path}: the {what} file is larger than {limit // 1024} KiB, far more than "
-                          f"any {what} file holds", fix=f"check that {path} is the {what} file meant")
+        raise ZoplanError(
+            f"{path}: the {what} file is larger than {limit // 1024} KiB, far more than any {what} file holds",
+            fix=f"check that {path} is the {what} file meant",
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -103,8 +106,9 @@ def check_writable(path: Path, what: str) -> None:
         with path.open("ab"):
             pass
     except OSError as exc:
-        raise ZoplanError(f"cannot write {what} {path}: {exc.strerror or exc}",
-                          fix="choose a writable path (the folder must exist)") from None
+        raise ZoplanError(
+            f"cannot write {what} {path}: {exc.strerror or exc}", fix="choose a writable path (the folder must exist)"
+        ) from None
     if not existed:
         path.unlink(missing_ok=True)
 
@@ -123,8 +127,9 @@ class BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no typ
         try:
             if self._depth > MAX_YAML_DEPTH:
                 mark = self.peek_event().start_mark
-                raise _Refused(f"at line {mark.line + 1}, column {mark.column + 1}: nested deeper "
-                               f"than {MAX_YAML_DEPTH} levels")
+                raise _Refused(
+                    f"at line {mark.line + 1}, column {mark.column + 1}: nested deeper than {MAX_YAML_DEPTH} levels"
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -146,8 +151,13 @@ def _expanded(node: yaml.Node) -> int:
                 raise _Refused("an alias refers to a value that contains it (a recursive alias)")
             active.add(key)
             size, height = 1, 0
-            children = ([c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode)
-                        else n.value if isinstance(n, yaml.SequenceNode) else [])
+            children = (
+                [c for kv in n.value for c in kv]
+                if isinstance(n, yaml.MappingNode)
+                else n.value
+                if isinstance(n, yaml.SequenceNode)
+                else []
+            )
             for child in children:
                 s, h = measure(child, depth + 1)
                 size, height = size + s, max(height, h + 1)
@@ -181,9 +191,10 @@ def load_yaml_text(text: str, where: Path | str) -> Any:
     try:
         return parse_yaml(text)
     except _Refused as exc:
-        raise ZoplanError(f"{where}: refused YAML: {exc}",
-                          fix="write the values out plainly (zoplan's files need no deep nesting "
-                              "and no alias trees)") from None
+        raise ZoplanError(
+            f"{where}: refused YAML: {exc}",
+            fix="write the values out plainly (zoplan's files need no deep nesting and no alias trees)",
+        ) from None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
         # safe_load's constructors raise these for values such as 2001-02-30, '!!int abc' or
         # thousands of digits; deep nesting exhausts the recursion limit
@@ -203,25 +214,31 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:  # a YAML escape can produce a lone surrogate: no output stream can print it later
         json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
     except UnicodeEncodeError:
-        raise ZoplanError(f"{path}: the {what} file holds an escape that is not a Unicode character "
-                          f"(a lone surrogate such as \\uD800)") from None
+        raise ZoplanError(
+            f"{path}: the {what} file holds an escape that is not a Unicode character "
+            f"(a lone surrogate such as \\uD800)"
+        ) from None
     except (ValueError, RecursionError):
         pass  # circular or deep aliases: left to validation, which reports them briefly
     if not isinstance(data, dict):
-        raise ZoplanError(f"{path}: expected a mapping of keys at the top of the {what} file, "
-                          f"found {type(data).__name__}")
+        raise ZoplanError(
+            f"{path}: expected a mapping of keys at the top of the {what} file, found {type(data).__name__}"
+        )
     return data
 
 
 def check_version(data: dict[str, Any], path: Path | str, what: str, supported: tuple[int, ...]) -> None:
     version = data.get("version")
     if version is None:
-        raise ZoplanError(f"{path}: missing 'version' in the {what} file",
-                          fix=f"add 'version: {supported[-1]}' at the top")
+        raise ZoplanError(
+            f"{path}: missing 'version' in the {what} file", fix=f"add 'version: {supported[-1]}' at the top"
+        )
     if isinstance(version, bool) or not isinstance(version, int) or version not in supported:
-        raise ZoplanError(f"{path}: {what} version {brief(version)} is not supported "
-                          f"(this zoplan reads {', '.join(map(str, supported))})",
-                          fix="upgrade zoplan or rewrite the file in a supported version")
+        raise ZoplanError(
+            f"{path}: {what} version {brief(version)} is not supported "
+            f"(this zoplan reads {', '.join(map(str, supported))})",
+            fix="upgrade zoplan or rewrite the file in a supported version",
+        )
 
 
 def validate(model: type[M], data: dict[str, Any], path: Path | str, what: str) -> M:

@@ -9,6 +9,7 @@ Words (docs/architecture.md has the glossary):
   compute are *relays*: they only pass slices on over NVLink.
 - a *block* is one transformer layer's parameters; a *slice* is 1/slices_per_block of a block.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,6 @@ from typing import Any
 
 from zoplan.errors import ZoplanError
 from zoplan.vocab import DTYPE_BYTES
-
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class Layout:
         if len(self.compute_gpus) != want:
             raise ZoplanError(
                 f"perturbation {self.perturbation} x data {self.data} = {want} compute GPUs, "
-                f"but {len(self.compute_gpus)} are given ({', '.join(self.compute_gpus)})")
+                f"but {len(self.compute_gpus)} are given ({', '.join(self.compute_gpus)})"
+            )
         if len(set(self.compute_gpus)) != len(self.compute_gpus):
             raise ZoplanError(f"a GPU appears twice among the compute GPUs: {', '.join(self.compute_gpus)}")
         if self.upload == "whole":
@@ -62,18 +63,23 @@ class Layout:
         else:
             missing = [g for g in self.compute_gpus if g not in self.movers]
             if missing:
-                raise ZoplanError(f"sliced uploads need every compute GPU among the movers; "
-                                  f"missing {', '.join(missing)}")
+                raise ZoplanError(
+                    f"sliced uploads need every compute GPU among the movers; missing {', '.join(missing)}"
+                )
             if self.slices_per_block % len(self.movers):
-                raise ZoplanError(f"{self.slices_per_block} slices per block do not divide among "
-                                  f"{len(self.movers)} movers", fix="use a multiple of the mover count")
+                raise ZoplanError(
+                    f"{self.slices_per_block} slices per block do not divide among {len(self.movers)} movers",
+                    fix="use a multiple of the mover count",
+                )
         if self.micro_batch < 1 or self.prefetch < 1:
             raise ZoplanError("micro-batch and prefetch depth must be at least 1")
         if self.wire_dtype not in DTYPE_BYTES or self.param_dtype not in DTYPE_BYTES:
             raise ZoplanError(f"dtypes must be one of {', '.join(DTYPE_BYTES)}")
         if DTYPE_BYTES[self.wire_dtype] > DTYPE_BYTES[self.param_dtype]:
-            raise ZoplanError(f"wire dtype {self.wire_dtype} is wider than the compute dtype "
-                              f"{self.param_dtype}", fix="pick a wire dtype no wider than --dtype")
+            raise ZoplanError(
+                f"wire dtype {self.wire_dtype} is wider than the compute dtype {self.param_dtype}",
+                fix="pick a wire dtype no wider than --dtype",
+            )
 
     # ------------------------------------------------------------------------------------
     @property
@@ -104,8 +110,7 @@ class Layout:
         per_node = len(self.gpus)
         for node in range(self.nodes):
             for local, gpu in enumerate(self.gpus):
-                entry: dict[str, Any] = {"rank": node * per_node + local, "node": node, "local_rank": local,
-                               "gpu": gpu}
+                entry: dict[str, Any] = {"rank": node * per_node + local, "node": node, "local_rank": local, "gpu": gpu}
                 if local < self.compute_ranks_per_node:
                     replica, branch = divmod(local, self.perturbation)
                     entry["role"] = "compute"
@@ -121,15 +126,13 @@ class Layout:
         replicas), and the per-node block-exchange groups (the movers)."""
         ranks = self.ranks()
         compute = [r for r in ranks if r["role"] == "compute"]
-        pairs = [[r["rank"] for r in compute if r["replica"] == rep]
-                 for rep in range(self.data * self.nodes)]
+        pairs = [[r["rank"] for r in compute if r["replica"] == rep] for rep in range(self.data * self.nodes)]
         branches = sorted({r["branch"] for r in compute})
         across = [[r["rank"] for r in compute if r["branch"] == b] for b in branches]
         per_node = len(self.gpus)
         movers_local = [self.gpus.index(g) for g in self.movers]
         exchange = [[node * per_node + i for i in movers_local] for node in range(self.nodes)]
-        return {"perturbation_pairs": pairs, "replicas_per_branch": across,
-                "block_exchange": exchange}
+        return {"perturbation_pairs": pairs, "replicas_per_branch": across, "block_exchange": exchange}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -145,7 +148,7 @@ class Layout:
         return cls(**d)
 
     def describe(self) -> str:
-        mv = (f"{len(self.movers)} movers" if self.upload == "sliced" else "whole blocks")
+        mv = f"{len(self.movers)} movers" if self.upload == "sliced" else "whole blocks"
         return f"{self.perturbation}x{self.data}" + (f"x{self.nodes}n" if self.nodes > 1 else "") + f" {mv}"
 
 

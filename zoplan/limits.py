@@ -4,6 +4,7 @@ second; each bound is far above any real use (and documented where the value is 
 
 No imports: the command line reads these before it loads anything else.
 """
+
 MAX_GLOBAL_BATCH = 65536  # sequences per step
 MAX_SEQ_LEN = 1 << 20  # tokens per sequence (a model's own positions bound it further)
 MAX_SLICES_PER_BLOCK = 128  # one upload op per slice

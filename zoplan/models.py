@@ -10,6 +10,7 @@ with :mod:`json`: no torch, no transformers.
 Parameter counts are exact per family (they reproduce the Hugging Face totals to the parameter),
 so block sizes in bytes are exact too.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,7 @@ def _dtype_bytes(dtype: str) -> int:
     try:
         return DTYPE_BYTES[dtype]
     except KeyError:
-        raise ZoplanError(f"unknown dtype {dtype!r}",
-                          fix=f"use one of: {', '.join(DTYPE_BYTES)}") from None
+        raise ZoplanError(f"unknown dtype {dtype!r}", fix=f"use one of: {', '.join(DTYPE_BYTES)}") from None
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,8 @@ class ModelShape:
         """Reject shapes no real model has, so a typo fails here and not as a wrong plan."""
         where = f"model shape {brief(self.name)}"
         if self.family not in FAMILIES:
-            raise ZoplanError(f"{where}: unknown family {brief(self.family)}",
-                              fix=f"use one of: {', '.join(FAMILIES)}")
-        for key in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "max_positions",
-                    "embed_dim"):
+            raise ZoplanError(f"{where}: unknown family {brief(self.family)}", fix=f"use one of: {', '.join(FAMILIES)}")
+        for key in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab", "max_positions", "embed_dim"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ZoplanError(f"{where}: '{key}' must be a positive integer, got {brief(value)}")
@@ -107,11 +105,11 @@ class ModelShape:
         if self.hidden % self.heads:
             raise ZoplanError(f"{where}: hidden {self.hidden} is not a multiple of heads {self.heads}")
         if self.heads % self.kv_heads:
-            raise ZoplanError(f"{where}: heads {self.heads} is not a multiple of "
-                              f"kv_heads {self.kv_heads}")
+            raise ZoplanError(f"{where}: heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
         if self.family == "opt" and self.kv_heads != self.heads:
-            raise ZoplanError(f"{where}: OPT has no grouped-query attention "
-                              f"(kv_heads {self.kv_heads} != heads {self.heads})")
+            raise ZoplanError(
+                f"{where}: OPT has no grouped-query attention (kv_heads {self.kv_heads} != heads {self.heads})"
+            )
         if self.family != "opt" and self.embed_dim != self.hidden:
             raise ZoplanError(f"{where}: only OPT may have embed_dim != hidden")
 
@@ -224,8 +222,7 @@ class ModelShape:
         return 2.0 * self.embed_dim * self.vocab * tokens
 
     # ----------------------------------------------------------------------------- memory
-    def block_activation_bytes(self, micro_batch: int, seq_len: int, dtype: str,
-                               branches: int) -> int:
+    def block_activation_bytes(self, micro_batch: int, seq_len: int, dtype: str, branches: int) -> int:
         """Peak activation memory to run one block forward, inference only, per GPU.
 
         ZO training keeps no activations for a backward pass, so per branch (the "+" and "−"
@@ -275,8 +272,7 @@ class ModelShape:
         names = [f.name for f in fields(cls)]
         for key in d:
             if key not in names:
-                raise ZoplanError(f"model shape: unknown key '{key}'",
-                                  fix=f"valid keys: {', '.join(names)}")
+                raise ZoplanError(f"model shape: unknown key '{key}'", fix=f"valid keys: {', '.join(names)}")
         for key in names:
             if key not in d:
                 raise ZoplanError(f"model shape: missing key '{key}'")
@@ -308,50 +304,85 @@ def _check_positive(**values: int) -> None:
 
 # --------------------------------------------------------------------------------- presets
 def _opt(name: str, layers: int, hidden: int, heads: int, embed_dim: int | None = None) -> ModelShape:
-    return ModelShape(name=name, family="opt", layers=layers, hidden=hidden, ffn=4 * hidden,
-                      heads=heads, kv_heads=heads, vocab=50272, max_positions=2048,
-                      tied_head=True, embed_dim=embed_dim or hidden)
+    return ModelShape(
+        name=name,
+        family="opt",
+        layers=layers,
+        hidden=hidden,
+        ffn=4 * hidden,
+        heads=heads,
+        kv_heads=heads,
+        vocab=50272,
+        max_positions=2048,
+        tied_head=True,
+        embed_dim=embed_dim or hidden,
+    )
 
 
-def _llama(name: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
-           max_positions: int) -> ModelShape:
-    return ModelShape(name=name, family="llama", layers=layers, hidden=hidden, ffn=ffn,
-                      heads=heads, kv_heads=kv_heads, vocab=vocab, max_positions=max_positions,
-                      tied_head=False, embed_dim=hidden)
+def _llama(
+    name: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int, max_positions: int
+) -> ModelShape:
+    return ModelShape(
+        name=name,
+        family="llama",
+        layers=layers,
+        hidden=hidden,
+        ffn=ffn,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        max_positions=max_positions,
+        tied_head=False,
+        embed_dim=hidden,
+    )
 
 
-def _qwen2(name: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
-           tied: bool, max_positions: int) -> ModelShape:
-    return ModelShape(name=name, family="qwen2", layers=layers, hidden=hidden, ffn=ffn,
-                      heads=heads, kv_heads=kv_heads, vocab=vocab, max_positions=max_positions,
-                      tied_head=tied, embed_dim=hidden)
+def _qwen2(
+    name: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int, tied: bool, max_positions: int
+) -> ModelShape:
+    return ModelShape(
+        name=name,
+        family="qwen2",
+        layers=layers,
+        hidden=hidden,
+        ffn=ffn,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        max_positions=max_positions,
+        tied_head=tied,
+        embed_dim=hidden,
+    )
 
 
 # Numbers from each model's Hugging Face config.json (docs/hardware-sources.md, "Model shapes").
 # max_positions does not change any count except OPT's learned positions.
-PRESETS: dict[str, ModelShape] = {s.name: s for s in (
-    _opt("opt-125m", 12, 768, 12),
-    _opt("opt-350m", 24, 1024, 16, embed_dim=512),
-    _opt("opt-1.3b", 24, 2048, 32),
-    _opt("opt-2.7b", 32, 2560, 32),
-    _opt("opt-6.7b", 32, 4096, 32),
-    _opt("opt-13b", 40, 5120, 40),
-    _opt("opt-30b", 48, 7168, 56),
-    _opt("opt-66b", 64, 9216, 72),
-    _opt("opt-175b", 96, 12288, 96),
-    _llama("llama-2-7b", 32, 4096, 11008, 32, 32, 32000, 4096),
-    _llama("llama-2-13b", 40, 5120, 13824, 40, 40, 32000, 4096),
-    _llama("llama-2-70b", 80, 8192, 28672, 64, 8, 32000, 4096),
-    _llama("llama-3-8b", 32, 4096, 14336, 32, 8, 128256, 8192),
-    _llama("llama-3-70b", 80, 8192, 28672, 64, 8, 128256, 8192),
-    _qwen2("qwen2.5-0.5b", 24, 896, 4864, 14, 2, 151936, True, 32768),
-    _qwen2("qwen2.5-1.5b", 28, 1536, 8960, 12, 2, 151936, True, 131072),
-    _qwen2("qwen2.5-3b", 36, 2048, 11008, 16, 2, 151936, True, 32768),
-    _qwen2("qwen2.5-7b", 28, 3584, 18944, 28, 4, 152064, False, 131072),
-    _qwen2("qwen2.5-14b", 48, 5120, 13824, 40, 8, 152064, False, 131072),
-    _qwen2("qwen2.5-32b", 64, 5120, 27648, 40, 8, 152064, False, 131072),
-    _qwen2("qwen2.5-72b", 80, 8192, 29568, 64, 8, 152064, False, 131072),
-)}
+PRESETS: dict[str, ModelShape] = {
+    s.name: s
+    for s in (
+        _opt("opt-125m", 12, 768, 12),
+        _opt("opt-350m", 24, 1024, 16, embed_dim=512),
+        _opt("opt-1.3b", 24, 2048, 32),
+        _opt("opt-2.7b", 32, 2560, 32),
+        _opt("opt-6.7b", 32, 4096, 32),
+        _opt("opt-13b", 40, 5120, 40),
+        _opt("opt-30b", 48, 7168, 56),
+        _opt("opt-66b", 64, 9216, 72),
+        _opt("opt-175b", 96, 12288, 96),
+        _llama("llama-2-7b", 32, 4096, 11008, 32, 32, 32000, 4096),
+        _llama("llama-2-13b", 40, 5120, 13824, 40, 40, 32000, 4096),
+        _llama("llama-2-70b", 80, 8192, 28672, 64, 8, 32000, 4096),
+        _llama("llama-3-8b", 32, 4096, 14336, 32, 8, 128256, 8192),
+        _llama("llama-3-70b", 80, 8192, 28672, 64, 8, 128256, 8192),
+        _qwen2("qwen2.5-0.5b", 24, 896, 4864, 14, 2, 151936, True, 32768),
+        _qwen2("qwen2.5-1.5b", 28, 1536, 8960, 12, 2, 151936, True, 131072),
+        _qwen2("qwen2.5-3b", 36, 2048, 11008, 16, 2, 151936, True, 32768),
+        _qwen2("qwen2.5-7b", 28, 3584, 18944, 28, 4, 152064, False, 131072),
+        _qwen2("qwen2.5-14b", 48, 5120, 13824, 40, 8, 152064, False, 131072),
+        _qwen2("qwen2.5-32b", 64, 5120, 27648, 40, 8, 152064, False, 131072),
+        _qwen2("qwen2.5-72b", 80, 8192, 29568, 64, 8, 152064, False, 131072),
+    )
+}
 
 
 # The built-in tiny models' shapes, as the runtime builds them (runtime/tiny.py; named after the
@@ -359,11 +390,26 @@ PRESETS: dict[str, ModelShape] = {s.name: s for s in (
 # building them, and a runtime test checks that a built one reads back as exactly this shape.
 # The vocabulary is the tiny tokenizer's (256 bytes, 4 special tokens, the trained words).
 TINY_VOCAB = 1405
-TINY_SHAPES: dict[str, ModelShape] = {name: ModelShape(
-    name=f"{name}-v{TINY_VERSION}", family=family, layers=4, hidden=64, ffn=128, heads=4, kv_heads=kv,
-    vocab=TINY_VOCAB, max_positions=128, tied_head=tied, embed_dim=64)
-    for name, family, kv, tied in (("tiny-opt", "opt", 4, True), ("tiny-llama", "llama", 2, False),
-                                   ("tiny-qwen2", "qwen2", 2, False))}
+TINY_SHAPES: dict[str, ModelShape] = {
+    name: ModelShape(
+        name=f"{name}-v{TINY_VERSION}",
+        family=family,
+        layers=4,
+        hidden=64,
+        ffn=128,
+        heads=4,
+        kv_heads=kv,
+        vocab=TINY_VOCAB,
+        max_positions=128,
+        tied_head=tied,
+        embed_dim=64,
+    )
+    for name, family, kv, tied in (
+        ("tiny-opt", "opt", 4, True),
+        ("tiny-llama", "llama", 2, False),
+        ("tiny-qwen2", "qwen2", 2, False),
+    )
+}
 
 
 # --------------------------------------------------------------------------------- config.json
@@ -381,18 +427,21 @@ def load_model_shape(name_or_path: str | Path) -> ModelShape:
     path = Path(text).expanduser()
     if not path.exists():
         if _looks_like_path(text):
-            raise ZoplanError(f"model config {path} does not exist",
-                              fix="give a Hugging Face config.json, the directory holding one, "
-                                  "or a preset name (zoplan models list)")
-        raise ZoplanError(f"unknown model preset {text!r}",
-                          fix=f"use one of: {', '.join(PRESETS)}; or give the path to a Hugging "
-                              f"Face config.json (or its directory)")
+            raise ZoplanError(
+                f"model config {path} does not exist",
+                fix="give a Hugging Face config.json, the directory holding one, or a preset name (zoplan models list)",
+            )
+        raise ZoplanError(
+            f"unknown model preset {text!r}",
+            fix=f"use one of: {', '.join(PRESETS)}; or give the path to a Hugging Face config.json (or its directory)",
+        )
     if path.is_dir():
         directory, config_path = path, path / "config.json"
         if not config_path.is_file():
-            raise ZoplanError(f"model config {config_path} does not exist "
-                              f"(directory {path} has no config.json)",
-                              fix="point at the model's config.json or the directory holding it")
+            raise ZoplanError(
+                f"model config {config_path} does not exist (directory {path} has no config.json)",
+                fix="point at the model's config.json or the directory holding it",
+            )
     else:
         directory, config_path = path.resolve().parent, path
     return _shape_from_config(_read_config(config_path), config_path, directory.resolve().name)
@@ -409,11 +458,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (RecursionError, ValueError) as exc:
         if not isinstance(exc, json.JSONDecodeError):  # deep nesting, 4300+ digit numbers
             raise ZoplanError(f"{path}: invalid JSON: {type(exc).__name__}") from None
-        raise ZoplanError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
-                          f"{exc.msg}") from None
+        raise ZoplanError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if not isinstance(data, dict):
-        raise ZoplanError(f"{path}: expected a JSON object at the top of the model config, "
-                          f"found {type(data).__name__}")
+        raise ZoplanError(f"{path}: expected a JSON object at the top of the model config, found {type(data).__name__}")
     return data
 
 
@@ -421,8 +468,10 @@ def _shape_from_config(config: dict[str, Any], path: Path, name: str) -> ModelSh
     model_type = _get(config, path, "model_type", str)
     family = MODEL_TYPE_FAMILY.get(model_type)
     if family is None:
-        raise ZoplanError(f"{path}: unsupported model_type {model_type!r}",
-                          fix=f"supported model types: {', '.join(MODEL_TYPE_FAMILY)}")
+        raise ZoplanError(
+            f"{path}: unsupported model_type {model_type!r}",
+            fix=f"supported model types: {', '.join(MODEL_TYPE_FAMILY)}",
+        )
     layers = _get(config, path, "num_hidden_layers", int)
     hidden = _get(config, path, "hidden_size", int)
     heads = _get(config, path, "num_attention_heads", int)
@@ -442,16 +491,30 @@ def _shape_from_config(config: dict[str, Any], path: Path, name: str) -> ModelSh
         tied = _get(config, path, "tie_word_embeddings", bool, default=False)
         for key in ("attention_bias", "mlp_bias"):
             if family == "llama" and _get(config, path, key, bool, default=False):
-                raise ZoplanError(f"{path}: {key}: true is not supported for {model_type} "
-                                  f"(the LLaMA family is counted without biases)")
+                raise ZoplanError(
+                    f"{path}: {key}: true is not supported for {model_type} "
+                    f"(the LLaMA family is counted without biases)"
+                )
         head_dim = config.get("head_dim")
         if head_dim is not None and heads and head_dim * heads != hidden:
-            raise ZoplanError(f"{path}: head_dim {head_dim} × num_attention_heads {heads} != "
-                              f"hidden_size {hidden}: decoupled head_dim is not supported")
+            raise ZoplanError(
+                f"{path}: head_dim {head_dim} × num_attention_heads {heads} != "
+                f"hidden_size {hidden}: decoupled head_dim is not supported"
+            )
     try:
-        return ModelShape(name=name, family=family, layers=layers, hidden=hidden, ffn=ffn,
-                          heads=heads, kv_heads=kv_heads, vocab=vocab,
-                          max_positions=max_positions, tied_head=tied, embed_dim=embed_dim)
+        return ModelShape(
+            name=name,
+            family=family,
+            layers=layers,
+            hidden=hidden,
+            ffn=ffn,
+            heads=heads,
+            kv_heads=kv_heads,
+            vocab=vocab,
+            max_positions=max_positions,
+            tied_head=tied,
+            embed_dim=embed_dim,
+        )
     except ZoplanError as exc:
         raise ZoplanError(f"{path}: {exc.message}", fix=exc.fix) from None
 
@@ -463,14 +526,16 @@ def _get(config: dict[str, Any], path: Path, key: str, kind: type, default: Any 
     """One config value, type-checked; a missing required key names the file and the key."""
     if key not in config or config[key] is None:
         if default is _MISSING:
-            raise ZoplanError(f"{path}: missing key '{key}'",
-                              fix="use the model's original config.json from Hugging Face")
+            raise ZoplanError(
+                f"{path}: missing key '{key}'", fix="use the model's original config.json from Hugging Face"
+            )
         return default
     value = config[key]
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
-        raise ZoplanError(f"{path}: '{key}' must be {'an integer' if kind is int else kind.__name__}"
-                          f", got {brief(value)}")
+        raise ZoplanError(
+            f"{path}: '{key}' must be {'an integer' if kind is int else kind.__name__}, got {brief(value)}"
+        )
     return value
 
 
@@ -491,5 +556,14 @@ def format_bytes(count: int) -> str:
 
 def preset_table_rows() -> list[tuple[str, ...]]:
     """Rows for ``zoplan models list``: name, family, layers, hidden, params, fp16 block size."""
-    return [(s.name, s.family, str(s.layers), str(s.hidden), format_params(s.total_params()),
-             format_bytes(s.block_bytes("fp16"))) for s in PRESETS.values()]
+    return [
+        (
+            s.name,
+            s.family,
+            str(s.layers),
+            str(s.hidden),
+            format_params(s.total_params()),
+            format_bytes(s.block_bytes("fp16")),
+        )
+        for s in PRESETS.values()
+    ]

@@ -7,6 +7,7 @@ transfer settings, the resident blocks and the prediction. It is versioned and r
 unknown keys, a rank table that does not follow from the layout, or a hash that does not match
 are errors that name the file and the field.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -133,46 +134,79 @@ class Plan(Strict):
 
     # ----- conversions ------------------------------------------------------------------------
     def to_layout(self) -> Layout:
-        return Layout(perturbation=self.layout.perturbation, data=self.layout.data,
-                      compute_gpus=tuple(self.layout.compute_gpus), upload=self.transfer.upload,
-                      movers=tuple(self.transfer.movers), slices_per_block=self.transfer.slices_per_block,
-                      wire_dtype=self.transfer.wire_dtype, param_dtype=self.transfer.param_dtype,
-                      micro_batch=self.batch.micro_batch, prefetch=self.transfer.prefetch,
-                      resident=tuple(self.resident_blocks), nodes=self.layout.nodes,
-                      placement=self.layout.placement)
+        return Layout(
+            perturbation=self.layout.perturbation,
+            data=self.layout.data,
+            compute_gpus=tuple(self.layout.compute_gpus),
+            upload=self.transfer.upload,
+            movers=tuple(self.transfer.movers),
+            slices_per_block=self.transfer.slices_per_block,
+            wire_dtype=self.transfer.wire_dtype,
+            param_dtype=self.transfer.param_dtype,
+            micro_batch=self.batch.micro_batch,
+            prefetch=self.transfer.prefetch,
+            resident=tuple(self.resident_blocks),
+            nodes=self.layout.nodes,
+            placement=self.layout.placement,
+        )
 
     def model_shape(self) -> ModelShape:
         return ModelShape.from_dict(self.model.shape)
 
 
-def build_plan(*, shape: ModelShape, machine: Machine, layout: Layout, global_batch: int, seq_len: int,
-               zo: ZoSettings, prediction: Prediction) -> Plan:
+def build_plan(
+    *,
+    shape: ModelShape,
+    machine: Machine,
+    layout: Layout,
+    global_batch: int,
+    seq_len: int,
+    zo: ZoSettings,
+    prediction: Prediction,
+) -> Plan:
     ranks = layout.ranks()
     # the casts: a layout holds plain values, checked by Layout.validate (perturbation 1 or 2, dtypes
     # of DTYPE_BYTES) or made by the search ("whole", "sliced"); the schema validates them again and
     # keeps a Dtype's or an Upload's plain value (Strict: use_enum_values)
     return Plan(
-        version=PLAN_VERSIONS[-1], zoplan=__version__,
+        version=PLAN_VERSIONS[-1],
+        zoplan=__version__,
         model=ModelRef(name=shape.name, hash=shape.hash, shape=shape.to_dict()),
         topology=TopologyRef(name=machine.name, source=machine.source, hash=machine.hash),
         batch=BatchSpec(global_batch=global_batch, seq_len=seq_len, micro_batch=layout.micro_batch),
         zo=zo,
-        layout=LayoutSpec(perturbation=cast(Literal[1, 2], layout.perturbation), data=layout.data, nodes=layout.nodes,
-                          world_size=len(ranks), placement=layout.placement,
-                          compute_gpus=list(layout.compute_gpus),
-                          ranks=[RankEntry(**r) for r in ranks], groups=layout.groups()),
-        transfer=TransferSpec(upload=cast(Upload, layout.upload), movers=list(layout.movers),
-                              slices_per_block=layout.slices_per_block, wire_dtype=cast(Dtype, layout.wire_dtype),
-                              param_dtype=cast(Dtype, layout.param_dtype), prefetch=layout.prefetch),
+        layout=LayoutSpec(
+            perturbation=cast(Literal[1, 2], layout.perturbation),
+            data=layout.data,
+            nodes=layout.nodes,
+            world_size=len(ranks),
+            placement=layout.placement,
+            compute_gpus=list(layout.compute_gpus),
+            ranks=[RankEntry(**r) for r in ranks],
+            groups=layout.groups(),
+        ),
+        transfer=TransferSpec(
+            upload=cast(Upload, layout.upload),
+            movers=list(layout.movers),
+            slices_per_block=layout.slices_per_block,
+            wire_dtype=cast(Dtype, layout.wire_dtype),
+            param_dtype=cast(Dtype, layout.param_dtype),
+            prefetch=layout.prefetch,
+        ),
         resident_blocks=list(layout.resident),
         prediction=prediction,
-        profile=(ProfileRef(source=machine.profile.source, hash=machine.profile.profile.hash)
-                 if machine.profile is not None else None),
+        profile=(
+            ProfileRef(source=machine.profile.source, hash=machine.profile.profile.hash)
+            if machine.profile is not None
+            else None
+        ),
     )
 
 
-HEADER = ("# zoplan plan: written by `zoplan plan`, read by `zoplan timeline` and `zoplan run`.\n"
-          "# Edit with care: the rank table and groups must follow from the layout.\n")
+HEADER = (
+    "# zoplan plan: written by `zoplan plan`, read by `zoplan timeline` and `zoplan run`.\n"
+    "# Edit with care: the rank table and groups must follow from the layout.\n"
+)
 
 
 def write_plan(plan: Plan, path: Path) -> None:
@@ -190,28 +224,37 @@ def load_plan(path: str | Path) -> Plan:
     except ZoplanError as exc:
         raise ZoplanError(f"{path}: invalid plan: {short(exc.message, 2000)}", fix=exc.fix) from None
     if shape.hash != plan.model.hash:
-        raise ZoplanError(f"{path}: field 'model.hash' ({plan.model.hash}) does not match "
-                          f"'model.shape' ({shape.hash})",
-                          fix="the model shape was edited: write the plan again with `zoplan plan`")
+        raise ZoplanError(
+            f"{path}: field 'model.hash' ({plan.model.hash}) does not match 'model.shape' ({shape.hash})",
+            fix="the model shape was edited: write the plan again with `zoplan plan`",
+        )
     check_ranges(plan, shape, path)
     try:
         layout = plan.to_layout()
     except ZoplanError as exc:
         raise ZoplanError(f"{path}: invalid plan: {short(exc.message, 2000)}", fix=exc.fix) from None
-    if layout.micro_batch and (plan.batch.global_batch % (layout.data * layout.nodes) or
-                               (plan.batch.global_batch // (layout.data * layout.nodes)) % layout.micro_batch):
-        raise ZoplanError(f"{path}: field 'batch': global batch {plan.batch.global_batch} does not "
-                          f"divide into {layout.data * layout.nodes} replicas of micro-batches of "
-                          f"{layout.micro_batch}")
+    if layout.micro_batch and (
+        plan.batch.global_batch % (layout.data * layout.nodes)
+        or (plan.batch.global_batch // (layout.data * layout.nodes)) % layout.micro_batch
+    ):
+        raise ZoplanError(
+            f"{path}: field 'batch': global batch {plan.batch.global_batch} does not "
+            f"divide into {layout.data * layout.nodes} replicas of micro-batches of "
+            f"{layout.micro_batch}"
+        )
     expected = [RankEntry(**r) for r in layout.ranks()]
     if plan.layout.ranks != expected or plan.layout.world_size != len(expected):
-        raise ZoplanError(f"{path}: field 'layout.ranks' does not follow from the layout "
-                          f"(perturbation {layout.perturbation} x data {layout.data} x nodes "
-                          f"{layout.nodes}, movers {', '.join(layout.movers)})",
-                          fix="write the plan again with `zoplan plan` instead of editing ranks")
+        raise ZoplanError(
+            f"{path}: field 'layout.ranks' does not follow from the layout "
+            f"(perturbation {layout.perturbation} x data {layout.data} x nodes "
+            f"{layout.nodes}, movers {', '.join(layout.movers)})",
+            fix="write the plan again with `zoplan plan` instead of editing ranks",
+        )
     if plan.layout.groups != layout.groups():
-        raise ZoplanError(f"{path}: field 'layout.groups' does not follow from the layout",
-                          fix="write the plan again with `zoplan plan`")
+        raise ZoplanError(
+            f"{path}: field 'layout.groups' does not follow from the layout",
+            fix="write the plan again with `zoplan plan`",
+        )
     return plan
 
 
@@ -232,8 +275,11 @@ def check_ranges(plan: Plan, shape: ModelShape, path: Path | str) -> None:
         refuse("batch.micro_batch", b.micro_batch, f"is more than the global batch ({b.global_batch})")
     most = min(MAX_SLICES_PER_BLOCK, shape.block_params())
     if plan.transfer.slices_per_block > most:
-        refuse("transfer.slices_per_block", plan.transfer.slices_per_block,
-               f"is more than the slices a block can be cut into ({most})")
+        refuse(
+            "transfer.slices_per_block",
+            plan.transfer.slices_per_block,
+            f"is more than the slices a block can be cut into ({most})",
+        )
     if plan.transfer.prefetch > shape.layers:
         refuse("transfer.prefetch", plan.transfer.prefetch, f"is more than the {shape.layers} blocks of {shape.name}")
     if len(plan.resident_blocks) > shape.layers:
@@ -249,27 +295,35 @@ def check_ranges(plan: Plan, shape: ModelShape, path: Path | str) -> None:
         # the rank table is rebuilt from the layout below: never build one of another size
         if lay.nodes > len(lay.ranks):
             refuse("layout.nodes", lay.nodes, f"is more than the {len(lay.ranks)} entries of 'layout.ranks'")
-        refuse("layout.ranks", f"{len(lay.ranks)} entries", f"is not one per GPU ({len(gpus)}) per node "
-               f"({lay.nodes}) of the layout's compute GPUs and movers")
+        refuse(
+            "layout.ranks",
+            f"{len(lay.ranks)} entries",
+            f"is not one per GPU ({len(gpus)}) per node ({lay.nodes}) of the layout's compute GPUs and movers",
+        )
+
 
 def check_plan_gpus(plan: Plan, machine: Machine, plan_path: str | Path = "plan") -> None:
     """Refuse a plan naming a GPU the machine does not have."""
     for field, names in (("layout.compute_gpus", plan.layout.compute_gpus), ("transfer.movers", plan.transfer.movers)):
         unknown = [g for g in names if g not in machine.gpus]
         if unknown:
-            raise ZoplanError(f"{plan_path}: field '{field}' names {', '.join(map(brief, unknown))}, not a GPU "
-                              f"of topology '{machine.name}' ({', '.join(machine.gpus)})",
-                              fix="write the plan again with `zoplan plan --gpus ...` instead of editing it")
+            raise ZoplanError(
+                f"{plan_path}: field '{field}' names {', '.join(map(brief, unknown))}, not a GPU "
+                f"of topology '{machine.name}' ({', '.join(machine.gpus)})",
+                fix="write the plan again with `zoplan plan --gpus ...` instead of editing it",
+            )
 
 
-def check_plan_matches(plan: Plan, *, machine: Machine | None = None, shape: ModelShape | None = None,
-                       plan_path: str | Path = "plan") -> None:
+def check_plan_matches(
+    plan: Plan, *, machine: Machine | None = None, shape: ModelShape | None = None, plan_path: str | Path = "plan"
+) -> None:
     """Refuse a plan made for another machine or model, naming both."""
     if machine is not None and machine.hash != plan.topology.hash:
         raise ZoplanError(
             f"{plan_path} was planned for topology '{plan.topology.name}' ({plan.topology.hash}), "
             f"but this machine is '{machine.name}' ({machine.hash})",
-            fix="plan again for this machine with `zoplan plan --topology ...`")
+            fix="plan again for this machine with `zoplan plan --topology ...`",
+        )
     if machine is not None:
         check_plan_gpus(plan, machine, plan_path)
     # the shape decides everything a plan says, not the name: a plan made with the preset
@@ -280,4 +334,5 @@ def check_plan_matches(plan: Plan, *, machine: Machine | None = None, shape: Mod
         raise ZoplanError(
             f"{plan_path} was planned for model '{plan.model.name}' ({plan.model.hash}), "
             f"but the model given is '{shape.name}' ({shape.hash}): {', '.join(differences)}",
-            fix="plan again for this model with `zoplan plan --model ...`")
+            fix="plan again for this model with `zoplan plan --model ...`",
+        )

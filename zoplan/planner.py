@@ -2,6 +2,7 @@
 
 The CLI (zoplan.cli) only parses, calls one of these and renders what it gets back.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,8 +16,7 @@ from zoplan.program import Program
 from zoplan.planfile import Plan, Prediction, ZoSettings, build_plan, check_plan_gpus, load_plan
 from zoplan.layout import Layout, Pins
 from zoplan.sim import simulate
-from zoplan.search import (Candidate, SearchResult, check_workload, evaluate, search, top_families,
-                           usd_per_mtok)
+from zoplan.search import Candidate, SearchResult, check_workload, evaluate, search, top_families, usd_per_mtok
 from zoplan.topology import Machine, load_topology
 
 DEFAULT_MODEL = "opt-175b"
@@ -87,9 +87,14 @@ class PlanReport:
             "speedup_vs_baseline": self.speedup_vs_baseline,
             "sensitivity": {"factor": SLOWER, **{f"{k}_step_time_s": v for k, v in self.sensitivity.items()}},
             "candidates": [self.summary(c) for c in self.shown],
-            "search": {"considered": s.considered, "rejected_memory": s.rejected,
-                       "evaluated": s.evaluated, "aborted": s.aborted, "pruned": s.pruned,
-                       "seconds": round(s.seconds, 4)},
+            "search": {
+                "considered": s.considered,
+                "rejected_memory": s.rejected,
+                "evaluated": s.evaluated,
+                "aborted": s.aborted,
+                "pruned": s.pruned,
+                "seconds": round(s.seconds, 4),
+            },
         }
 
 
@@ -157,8 +162,10 @@ def compute_dtype(machine: Machine, dtype: str | None, profile: str | Path | Non
     if dtype is None:
         return measured or ("fp32" if machine.cpu_ranks_only else "bf16")
     if measured is not None and measured != dtype:
-        raise ZoplanError(f"{profile} holds compute times measured in {measured}, not {dtype}",
-                          fix=f"plan with --dtype {measured}, or calibrate again with --dtype {dtype}")
+        raise ZoplanError(
+            f"{profile} holds compute times measured in {measured}, not {dtype}",
+            fix=f"plan with --dtype {measured}, or calibrate again with --dtype {dtype}",
+        )
     return dtype
 
 
@@ -170,10 +177,19 @@ def default_seq_len(shape: ModelShape, machine: Machine) -> int:
     return min(DEFAULT_SEQ_LEN, shape.max_positions)
 
 
-def plan(model: str = DEFAULT_MODEL, topology: str | Machine = DEFAULT_TOPOLOGY, *,
-         global_batch: int = DEFAULT_GLOBAL_BATCH, seq_len: int | None = None,
-         pins: Pins = Pins(), objective: str = "time", dtype: str | None = None, top: int = 5,
-         zo: ZoSettings = ZoSettings(), profile: str | Path | None = None) -> PlanReport:
+def plan(
+    model: str = DEFAULT_MODEL,
+    topology: str | Machine = DEFAULT_TOPOLOGY,
+    *,
+    global_batch: int = DEFAULT_GLOBAL_BATCH,
+    seq_len: int | None = None,
+    pins: Pins = Pins(),
+    objective: str = "time",
+    dtype: str | None = None,
+    top: int = 5,
+    zo: ZoSettings = ZoSettings(),
+    profile: str | Path | None = None,
+) -> PlanReport:
     """Search the layouts of ``model`` on ``topology`` and return the report with the best plan.
     With ``profile``, the calibrated figures replace the topology's nominal ones. ``dtype`` (the
     compute dtype) defaults to the profile's, else bf16 on GPUs and fp32 on CPU ranks. ``topology``:
@@ -191,21 +207,45 @@ def plan(model: str = DEFAULT_MODEL, topology: str | Machine = DEFAULT_TOPOLOGY,
     summary = candidate_summary(best, machine, workload)
     assert summary["bottleneck"] is not None  # the search simulated every candidate it ranks
     prediction = Prediction(
-        step_time_s=best.step_time_s, tokens_per_s=summary["tokens_per_s"],
-        gpu_memory_bytes=best.gpu_memory_bytes, host_memory_bytes=best.host_memory_bytes,
-        bottleneck=summary["bottleneck"], bound_s=best.bound.machine_bound_s,
-        bound_fraction=summary["bound_fraction"], usd_per_mtok=summary["usd_per_mtok"],
+        step_time_s=best.step_time_s,
+        tokens_per_s=summary["tokens_per_s"],
+        gpu_memory_bytes=best.gpu_memory_bytes,
+        host_memory_bytes=best.host_memory_bytes,
+        bottleneck=summary["bottleneck"],
+        bound_s=best.bound.machine_bound_s,
+        bound_fraction=summary["bound_fraction"],
+        usd_per_mtok=summary["usd_per_mtok"],
         baseline_step_time_s=base.step_time_s if base else None,
-        speedup_vs_baseline=base.step_time_s / best.step_time_s if base else None)
-    the_plan = build_plan(shape=shape, machine=machine, layout=best.layout, global_batch=global_batch,
-                          seq_len=seq_len, zo=zo, prediction=prediction)
-    return PlanReport(search=result, shape=shape, machine=machine, plan=the_plan, top=top,
-                      sensitivity=sensitivity(machine, workload, best.layout))
+        speedup_vs_baseline=base.step_time_s / best.step_time_s if base else None,
+    )
+    the_plan = build_plan(
+        shape=shape,
+        machine=machine,
+        layout=best.layout,
+        global_batch=global_batch,
+        seq_len=seq_len,
+        zo=zo,
+        prediction=prediction,
+    )
+    return PlanReport(
+        search=result,
+        shape=shape,
+        machine=machine,
+        plan=the_plan,
+        top=top,
+        sensitivity=sensitivity(machine, workload, best.layout),
+    )
 
 
-def compare(model: str, topologies: list[str], *, global_batch: int = DEFAULT_GLOBAL_BATCH,
-            seq_len: int | None = None, objective: str = "time",
-            dtype: str | None = None) -> list[tuple[str, PlanReport | ZoplanError]]:
+def compare(
+    model: str,
+    topologies: list[str],
+    *,
+    global_batch: int = DEFAULT_GLOBAL_BATCH,
+    seq_len: int | None = None,
+    objective: str = "time",
+    dtype: str | None = None,
+) -> list[tuple[str, PlanReport | ZoplanError]]:
     """The best layout on each machine, by topology name; a machine the model does not fit on
     (or that cannot run the batch) gives its error instead, so the others are still compared."""
     if not topologies:
@@ -216,8 +256,20 @@ def compare(model: str, topologies: list[str], *, global_batch: int = DEFAULT_GL
     for topo in topologies:
         machine = load_topology(topo)  # a bad topology file is the user's to fix: fail loudly
         try:
-            out.append((machine.name, plan(model, machine, global_batch=global_batch, seq_len=seq_len,
-                                           objective=objective, dtype=dtype, top=1)))
+            out.append(
+                (
+                    machine.name,
+                    plan(
+                        model,
+                        machine,
+                        global_batch=global_batch,
+                        seq_len=seq_len,
+                        objective=objective,
+                        dtype=dtype,
+                        top=1,
+                    ),
+                )
+            )
         except ZoplanError as exc:
             out.append((machine.name, exc))
     return out
@@ -241,14 +293,18 @@ def check_fits(machine: Machine, workload: Workload, layout: Layout, plan_path: 
     for g in layout.gpus:
         need, has = costs.gpu_memory_bytes(g), machine.gpu_model(g).memory_gib * GiB
         if need > has:
-            raise ZoplanError(f"{plan_path}: the plan needs {need / GiB:.1f} GiB on {g}, which has {has / GiB:.1f} GiB "
-                              "(the micro-batch, the resident blocks and the prefetch depth set it)",
-                              fix="plan again (zoplan plan ... -o plan.yaml) instead of editing those fields")
+            raise ZoplanError(
+                f"{plan_path}: the plan needs {need / GiB:.1f} GiB on {g}, which has {has / GiB:.1f} GiB "
+                "(the micro-batch, the resident blocks and the prefetch depth set it)",
+                fix="plan again (zoplan plan ... -o plan.yaml) instead of editing those fields",
+            )
     need, has = costs.host_memory_bytes(), machine.host_memory_bytes - HOST_RESERVE_BYTES
     if need > has:
-        raise ZoplanError(f"{plan_path}: the plan needs {need / GiB:.1f} GiB of host memory, the machine has "
-                          f"{has / GiB:.1f} GiB to give ({HOST_RESERVE_BYTES / GiB:.0f} GiB kept for the system)",
-                          fix="plan again (zoplan plan ... -o plan.yaml) instead of editing the plan")
+        raise ZoplanError(
+            f"{plan_path}: the plan needs {need / GiB:.1f} GiB of host memory, the machine has "
+            f"{has / GiB:.1f} GiB to give ({HOST_RESERVE_BYTES / GiB:.0f} GiB kept for the system)",
+            fix="plan again (zoplan plan ... -o plan.yaml) instead of editing the plan",
+        )
 
 
 def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
@@ -260,19 +316,26 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
             f"{plan_path} was planned for topology '{the_plan.topology.name}' "
             f"({the_plan.topology.hash}), but '{topology or the_plan.topology.source}' is now "
             f"{machine.hash}: the machine description changed since planning",
-            fix="plan again, or pass the original file with --topology")
+            fix="plan again, or pass the original file with --topology",
+        )
     check_plan_gpus(the_plan, machine, plan_path)
     shape = the_plan.model_shape()
     if the_plan.profile is not None:
         machine = with_profile(machine, the_plan.profile.source, shape)
         assert machine.profile is not None  # with_profile applied the plan's profile
         if machine.profile.profile.hash != the_plan.profile.hash:
-            raise ZoplanError(f"{plan_path} was planned with the profile {the_plan.profile.source} "
-                              f"({the_plan.profile.hash}), which has changed since",
-                              fix="plan again with `zoplan plan --profile ...`")
+            raise ZoplanError(
+                f"{plan_path} was planned with the profile {the_plan.profile.source} "
+                f"({the_plan.profile.hash}), which has changed since",
+                fix="plan again with `zoplan plan --profile ...`",
+            )
     workload = Workload(shape, the_plan.batch.global_batch, the_plan.batch.seq_len)
     check_fits(machine, workload, the_plan.to_layout(), plan_path)
     cand = evaluate(machine, workload, the_plan.to_layout(), record=True)
-    return Timeline(plan=the_plan, machine=machine, candidate=cand,
-                    sensitivity=sensitivity(machine, workload, cand.layout),
-                    program=StepCosts(machine, workload, cand.layout).program)
+    return Timeline(
+        plan=the_plan,
+        machine=machine,
+        candidate=cand,
+        sensitivity=sensitivity(machine, workload, cand.layout),
+        program=StepCosts(machine, workload, cand.layout).program,
+    )

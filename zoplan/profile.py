@@ -19,6 +19,7 @@ length, the engine's block compute, deferred update, embedding and head times.
 A profile belongs to one machine description (its hash) and one model shape: anything else is
 refused with a message, as a plan made for another machine is.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -188,21 +189,31 @@ def load_profile(path: str | Path) -> Profile:
     data = read_yaml(path, "profile")
     check_version(data, path, "profile", PROFILE_VERSIONS)
     profile = validate(Profile, data, path, "profile")
-    missing = [k for k in ("1x1", "1x2", "2x1", "2x2") for t in ("block_s", "embed_s", "head_s")
-               if k not in getattr(profile.compute, t)]
+    missing = [
+        k
+        for k in ("1x1", "1x2", "2x1", "2x2")
+        for t in ("block_s", "embed_s", "head_s")
+        if k not in getattr(profile.compute, t)
+    ]
     if missing:
-        raise ZoplanError(f"{path}: field 'compute' lacks the measurements {sorted(set(missing))}",
-                          fix="calibrate again with `zoplan calibrate`")
+        raise ZoplanError(
+            f"{path}: field 'compute' lacks the measurements {sorted(set(missing))}",
+            fix="calibrate again with `zoplan calibrate`",
+        )
     for table in ("block_s", "embed_s", "head_s", "loop_s"):
         bad = [k for k in getattr(profile.compute, table) if not SETTING.fullmatch(k)]
         if bad:
-            raise ZoplanError(f"{path}: compute.{table} has the key {bad[0]!r}, not <branches>x<micro-batches> "
-                              f"(1x1, 2x4, ...)", fix="calibrate again with `zoplan calibrate`")
+            raise ZoplanError(
+                f"{path}: compute.{table} has the key {bad[0]!r}, not <branches>x<micro-batches> (1x1, 2x4, ...)",
+                fix="calibrate again with `zoplan calibrate`",
+            )
     return profile
 
 
-HEADER = ("# zoplan calibration profile: written by `zoplan calibrate`, read by `zoplan plan --profile`.\n"
-          "# Measured with the runtime's own code on the machine named below; valid for it only.\n")
+HEADER = (
+    "# zoplan calibration profile: written by `zoplan calibrate`, read by `zoplan plan --profile`.\n"
+    "# Measured with the runtime's own code on the machine named below; valid for it only.\n"
+)
 
 
 def write_profile(profile: Profile, path: Path) -> None:
@@ -227,21 +238,36 @@ def _range(samples: list[float] | None) -> tuple[float, float] | None:
     return (min(samples), max(samples)) if samples else None
 
 
-def build_profile(rows: list[dict[str, Any]], machine: Machine, shape: ModelShape, *, micro_batch: int,
-                  seq_len: int, dtype: str, device: str) -> Profile:
+def build_profile(
+    rows: list[dict[str, Any]],
+    machine: Machine,
+    shape: ModelShape,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    dtype: str,
+    device: str,
+) -> Profile:
     """A profile from runtime/calibrate.py's per-rank figures (rank r is the machine's r-th device)."""
     if len(rows) != len(machine.gpus):
-        raise ZoplanError(f"calibration measured {len(rows)} device(s) but '{machine.name}' has "
-                          f"{len(machine.gpus)}")
-    devices = {machine.gpus[r["rank"]]: DeviceFigures(
-        h2d_gbps=r["alone"]["h2d_gbps"], d2h_gbps=r["alone"]["d2h_gbps"],
-        h2d_gbps_together=r["together"]["h2d_gbps"], d2h_gbps_together=r["together"]["d2h_gbps"],
-        duplex_gbps=r["together"].get("duplex_gbps"),
-        duplex_range_gbps=_range(r["together"].get("duplex_samples_gbps"))) for r in rows}
+        raise ZoplanError(f"calibration measured {len(rows)} device(s) but '{machine.name}' has {len(machine.gpus)}")
+    devices = {
+        machine.gpus[r["rank"]]: DeviceFigures(
+            h2d_gbps=r["alone"]["h2d_gbps"],
+            d2h_gbps=r["alone"]["d2h_gbps"],
+            h2d_gbps_together=r["together"]["h2d_gbps"],
+            d2h_gbps_together=r["together"]["d2h_gbps"],
+            duplex_gbps=r["together"].get("duplex_gbps"),
+            duplex_range_gbps=_range(r["together"].get("duplex_samples_gbps")),
+        )
+        for r in rows
+    }
     keys = rows[0]["compute"].keys()
     # GPU and host seconds of block compute apart: measured on CUDA only (the CPU has no host split)
-    device_is_cuda = all(str(r.get("device", "")).startswith("cuda")
-                         and all("compute_gpu" in r["compute"][k] for k in keys) for r in rows)
+    device_is_cuda = all(
+        str(r.get("device", "")).startswith("cuda") and all("compute_gpu" in r["compute"][k] for k in keys)
+        for r in rows
+    )
 
     def mean(cat: str) -> dict[str, float]:
         return {k: sum(r["compute"][k][cat] for r in rows) / len(rows) for k in keys}
@@ -259,30 +285,49 @@ def build_profile(rows: list[dict[str, Any]], machine: Machine, shape: ModelShap
         gather.pop("in_step_us", None)
     groups = [Collective(**g, wait_us=gather["wait_us"]) for g in rows[0].get("allgather_groups", [])]
     lockstep: dict[Stage, float]
-    lockstep = ({"block": sum(r["lockstep"]["compute"] for r in rows) / len(rows),
-                 **{cat: sum(r["lockstep"][cat] for r in rows) / len(rows) for cat in ("embed", "head")}}
-                if all(r.get("lockstep") for r in rows) else {})
+    lockstep = (
+        {
+            "block": sum(r["lockstep"]["compute"] for r in rows) / len(rows),
+            **{cat: sum(r["lockstep"][cat] for r in rows) / len(rows) for cat in ("embed", "head")},
+        }
+        if all(r.get("lockstep") for r in rows)
+        else {}
+    )
     return Profile(
-        version=PROFILE_VERSIONS[-1], machine=MachineRef(name=machine.name, hash=machine.hash),
-        model=ShapeRef(name=shape.name, hash=shape.hash, shape_hash=shape.shape_hash, micro_batch=micro_batch,
-                       seq_len=seq_len, dtype=dtype),
-        measured_on={"host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"), "device": device, "python": platform.python_version(),
+        version=PROFILE_VERSIONS[-1],
+        machine=MachineRef(name=machine.name, hash=machine.hash),
+        model=ShapeRef(
+            name=shape.name,
+            hash=shape.hash,
+            shape_hash=shape.shape_hash,
+            micro_batch=micro_batch,
+            seq_len=seq_len,
+            dtype=dtype,
+        ),
+        measured_on={
+            "host": platform.node(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device,
+            "python": platform.python_version(),
             # what the figures depend on besides the hardware: re-calibrate when these change
-            **{k: str(rows[0][k]) for k in ("torch", "kernels") if k in rows[0]}},
+            **{k: str(rows[0][k]) for k in ("torch", "kernels") if k in rows[0]},
+        },
         devices=devices,
         allgather=Collective(**gather) if gather else None,
         allgather_groups=groups,
         scalar_latency_us=sum(r["scalar_latency_us"] for r in rows) / len(rows),
         # the loop: the slowest rank's (rank 0 also writes the journal; the others wait for it)
-        compute=StageTimes(block_s=mean("compute"), embed_s=mean("embed"), head_s=mean("head"),
-                           loop_s={k: max(r["compute"][k].get("loop", 0.0) for r in rows) for k in keys},
-                           update_s_per_param=update,
-                           perturb_s_per_param=sum(r["compute"]["1x1"].get("perturb_s_per_param", 0.0)
-                                                   for r in rows) / len(rows),
-                           lockstep_s=lockstep,
-                           **({"block_gpu_s": mean("compute_gpu"), "block_host_s": mean("compute_host")}
-                              if device_is_cuda else {})))
+        compute=StageTimes(
+            block_s=mean("compute"),
+            embed_s=mean("embed"),
+            head_s=mean("head"),
+            loop_s={k: max(r["compute"][k].get("loop", 0.0) for r in rows) for k in keys},
+            update_s_per_param=update,
+            perturb_s_per_param=sum(r["compute"]["1x1"].get("perturb_s_per_param", 0.0) for r in rows) / len(rows),
+            lockstep_s=lockstep,
+            **({"block_gpu_s": mean("compute_gpu"), "block_host_s": mean("compute_host")} if device_is_cuda else {}),
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -295,18 +340,29 @@ class Profiled:
 
 def check_profile(profile: Profile, machine: Machine, shape: ModelShape | None, path: str | Path) -> None:
     if profile.machine.hash != machine.hash:
-        raise ZoplanError(f"{path} was measured on '{profile.machine.name}' ({profile.machine.hash}), "
-                          f"not on '{machine.name}' ({machine.hash})",
-                          fix="calibrate this machine with `zoplan calibrate --topology ...`")
+        raise ZoplanError(
+            f"{path} was measured on '{profile.machine.name}' ({profile.machine.hash}), "
+            f"not on '{machine.name}' ({machine.hash})",
+            fix="calibrate this machine with `zoplan calibrate --topology ...`",
+        )
     # by shape when the profile records it: a checkpoint directory and the preset of its shape
     # share their figures, whatever their names
-    same = (profile.model.shape_hash == shape.shape_hash if profile.model.shape_hash is not None
-            else profile.model.hash == shape.hash) if shape is not None else True
+    same = (
+        (
+            profile.model.shape_hash == shape.shape_hash
+            if profile.model.shape_hash is not None
+            else profile.model.hash == shape.hash
+        )
+        if shape is not None
+        else True
+    )
     if not same:
         assert shape is not None  # without a shape, any profile's model is the same
-        raise ZoplanError(f"{path} holds compute times for model '{profile.model.name}' ({profile.model.hash}), "
-                          f"not for '{shape.name}' ({shape.hash})",
-                          fix=f"calibrate for this model: zoplan calibrate --model ... -o {path}")
+        raise ZoplanError(
+            f"{path} holds compute times for model '{profile.model.name}' ({profile.model.hash}), "
+            f"not for '{shape.name}' ({shape.hash})",
+            fix=f"calibrate for this model: zoplan calibrate --model ... -o {path}",
+        )
 
 
 def apply_profile(machine: Machine, profile: Profile, source: str | Path) -> Machine:
@@ -329,8 +385,7 @@ def apply_profile(machine: Machine, profile: Profile, source: str | Path) -> Mac
             # the socket's bus carries both directions at once: each measured with all devices,
             # and, where measured, no more than both directions reached together (max-min sharing
             # then splits that total between an upload and a write-back that overlap)
-            together = (sum(devices[g].h2d_gbps_together for g in mine)
-                        + sum(devices[g].d2h_gbps_together for g in mine))
+            together = sum(devices[g].h2d_gbps_together for g in mine) + sum(devices[g].d2h_gbps_together for g in mine)
             if all(devices[g].duplex_gbps is not None for g in mine):
                 # not None: every one was just checked
                 together = min(together, sum(cast(float, devices[g].duplex_gbps) for g in mine))

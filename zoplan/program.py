@@ -22,6 +22,7 @@ The words:
 
 Torch-free, like the rest of the planner.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,12 +51,26 @@ class Kind(str, Enum):
 
 
 # the span category each kind is recorded under (the stages `zoplan validate` compares)
-CATEGORY = {Kind.H2D: "h2d", Kind.UNPACK: "unpack", Kind.UPDATE: "update", Kind.BARRIER: "exchange",
-            Kind.D2H: "d2h", Kind.ALLGATHER: "exchange", Kind.EMBED: "embed", Kind.BLOCK: "compute",
-            Kind.HEAD: "head", Kind.ALLREDUCE: "scalar", Kind.HOST: "loop"}
+CATEGORY = {
+    Kind.H2D: "h2d",
+    Kind.UNPACK: "unpack",
+    Kind.UPDATE: "update",
+    Kind.BARRIER: "exchange",
+    Kind.D2H: "d2h",
+    Kind.ALLGATHER: "exchange",
+    Kind.EMBED: "embed",
+    Kind.BLOCK: "compute",
+    Kind.HEAD: "head",
+    Kind.ALLREDUCE: "scalar",
+    Kind.HOST: "loop",
+}
 
-_STREAM = {Kind.H2D: Stream.UPLOAD, Kind.UNPACK: Stream.UPLOAD, Kind.D2H: Stream.OFFLOAD,
-           Kind.ALLGATHER: Stream.EXCHANGE}
+_STREAM = {
+    Kind.H2D: Stream.UPLOAD,
+    Kind.UNPACK: Stream.UPLOAD,
+    Kind.D2H: Stream.OFFLOAD,
+    Kind.ALLGATHER: Stream.EXCHANGE,
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,13 +157,15 @@ class Program:
         """One section per rank: what it issues in a steady-state step, in order."""
         unknown = [r for r in ranks or () if r not in self.layout.gpus]
         if unknown:
-            raise ZoplanError(f"the plan has no rank {', '.join(unknown)}",
-                              fix=f"name one of {', '.join(self.layout.gpus)}")
+            raise ZoplanError(
+                f"the plan has no rank {', '.join(unknown)}", fix=f"name one of {', '.join(self.layout.gpus)}"
+            )
         L = self.layout
-        lines = [f"step program of {L.describe()}: {self.layers} blocks, prefetch {L.prefetch}, "
-                 f"{L.rounds} round(s) per block, {len(L.resident)} resident",
-                 "columns: stream, op id, then its size and what it waits for besides the op before it "
-                 "on its stream"]
+        lines = [
+            f"step program of {L.describe()}: {self.layers} blocks, prefetch {L.prefetch}, "
+            f"{L.rounds} round(s) per block, {len(L.resident)} resident",
+            "columns: stream, op id, then its size and what it waits for besides the op before it on its stream",
+        ]
         for rank in ranks or self.layout.gpus:
             ops = self.rank_ops(rank)
             role = "compute" if rank in self.layout.compute_gpus else "relay"
@@ -188,8 +205,15 @@ def op_id(kind: Kind, block: int | None = None, r: int = 0, rounds: int = 1) -> 
     return value
 
 
-def build(layout: Layout, *, layers: int, block_params: int, micro_batches: int = 1,
-          block_flops: float = 0.0, head_flops: float = 0.0) -> Program:
+def build(
+    layout: Layout,
+    *,
+    layers: int,
+    block_params: int,
+    micro_batches: int = 1,
+    block_flops: float = 0.0,
+    head_flops: float = 0.0,
+) -> Program:
     """The step program of ``layout`` for a model of ``layers`` blocks of ``block_params``
     parameters, each rank running ``micro_batches`` micro-batches per branch (FLOPs: one
     micro-batch of one branch)."""
@@ -228,21 +252,44 @@ def build(layout: Layout, *, layers: int, block_params: int, micro_batches: int 
                 frees.append(Ref(op_id(Kind.BLOCK, b), (g,)))
             if sliced:
                 last = rounds - 1
-                frees.append(Ref(ids(Kind.ALLGATHER, b, last), movers) if sharded
-                             else Ref(ids(Kind.UPDATE, b, last), (g,)))
+                frees.append(
+                    Ref(ids(Kind.ALLGATHER, b, last), movers) if sharded else Ref(ids(Kind.UPDATE, b, last), (g,))
+                )
             if b in resident:  # the shard holds the slices this step's update packed
-                ops.append(Op(op_id(Kind.UNPACK, b), Kind.UNPACK, stream_of(Kind.UNPACK, L.upload), (g,), b, step=step,
-                              slot=True, frees=tuple(frees),
-                              deps=(Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers, -1),)))
+                ops.append(
+                    Op(
+                        op_id(Kind.UNPACK, b),
+                        Kind.UNPACK,
+                        stream_of(Kind.UNPACK, L.upload),
+                        (g,),
+                        b,
+                        step=step,
+                        slot=True,
+                        frees=tuple(frees),
+                        deps=(Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers, -1),),
+                    )
+                )
                 continue
             frees += [Ref(ids(Kind.D2H, b, r), (g,)) for r in range(rounds)]
             for r in range(rounds):
                 deps = [Ref(ids(Kind.D2H, b, r), (w,), -1) for w in writers[g]]
                 if not carry and b < p:
                     deps.insert(0, end_before)
-                ops.append(Op(ids(Kind.H2D, b, r), Kind.H2D, stream_of(Kind.H2D, L.upload), (g,), b, r, step=step,
-                              slot=r == 0, frees=tuple(frees) if r == 0 else (), nbytes=h2d_bytes,
-                              deps=tuple(deps)))
+                ops.append(
+                    Op(
+                        ids(Kind.H2D, b, r),
+                        Kind.H2D,
+                        stream_of(Kind.H2D, L.upload),
+                        (g,),
+                        b,
+                        r,
+                        step=step,
+                        slot=r == 0,
+                        frees=tuple(frees) if r == 0 else (),
+                        nbytes=h2d_bytes,
+                        deps=tuple(deps),
+                    )
+                )
 
     def fetch(b: int) -> None:
         """Block b's deferred update, write-back and exchange, on the ranks that hold it."""
@@ -256,32 +303,90 @@ def build(layout: Layout, *, layers: int, block_params: int, micro_batches: int 
                 ops.append(Op(op_id(Kind.BARRIER, b), Kind.BARRIER, stream_of(Kind.BARRIER, L.upload), computes, b))
             if not kept:
                 for g in computes:
-                    ops.append(Op(ids(Kind.D2H, b), Kind.D2H, stream_of(Kind.D2H, L.upload), (g,), b, 0, nbytes=d2h_bytes,
-                                  deps=(Ref(op_id(Kind.BARRIER, b), computes) if len(computes) > 1
-                                        else Ref(ids(Kind.UPDATE, b), (g,)),)))
+                    ops.append(
+                        Op(
+                            ids(Kind.D2H, b),
+                            Kind.D2H,
+                            stream_of(Kind.D2H, L.upload),
+                            (g,),
+                            b,
+                            0,
+                            nbytes=d2h_bytes,
+                            deps=(
+                                Ref(op_id(Kind.BARRIER, b), computes)
+                                if len(computes) > 1
+                                else Ref(ids(Kind.UPDATE, b), (g,)),
+                            ),
+                        )
+                    )
             return
         for r in range(rounds):
             for g in movers:
-                landed = (Ref(op_id(Kind.UNPACK, b), (g,)) if kept and sharded
-                          else None if kept else Ref(ids(Kind.H2D, b, r), (g,)))
-                ops.append(Op(ids(Kind.UPDATE, b, r), Kind.UPDATE, stream_of(Kind.UPDATE, L.upload), (g,), b, r,
-                              deps=(end_before,) + ((landed,) if landed else ())))
+                landed = (
+                    Ref(op_id(Kind.UNPACK, b), (g,))
+                    if kept and sharded
+                    else None
+                    if kept
+                    else Ref(ids(Kind.H2D, b, r), (g,))
+                )
+                ops.append(
+                    Op(
+                        ids(Kind.UPDATE, b, r),
+                        Kind.UPDATE,
+                        stream_of(Kind.UPDATE, L.upload),
+                        (g,),
+                        b,
+                        r,
+                        deps=(end_before,) + ((landed,) if landed else ()),
+                    )
+                )
                 if not kept:
-                    ops.append(Op(ids(Kind.D2H, b, r), Kind.D2H, stream_of(Kind.D2H, L.upload), (g,), b, r, nbytes=d2h_bytes,
-                                  deps=(Ref(ids(Kind.UPDATE, b, r), (g,)),)))
+                    ops.append(
+                        Op(
+                            ids(Kind.D2H, b, r),
+                            Kind.D2H,
+                            stream_of(Kind.D2H, L.upload),
+                            (g,),
+                            b,
+                            r,
+                            nbytes=d2h_bytes,
+                            deps=(Ref(ids(Kind.UPDATE, b, r), (g,)),),
+                        )
+                    )
             if sharded:
-                ops.append(Op(ids(Kind.ALLGATHER, b, r), Kind.ALLGATHER, stream_of(Kind.ALLGATHER, L.upload), movers, b, r,
-                              nbytes=gather_bytes))
+                ops.append(
+                    Op(
+                        ids(Kind.ALLGATHER, b, r),
+                        Kind.ALLGATHER,
+                        stream_of(Kind.ALLGATHER, L.upload),
+                        movers,
+                        b,
+                        r,
+                        nbytes=gather_bytes,
+                    )
+                )
 
     def compute(b: int) -> None:
         if sliced:
-            ready = (Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers) if sharded
-                     else Ref(ids(Kind.UPDATE, b, rounds - 1), movers))
+            ready = (
+                Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers)
+                if sharded
+                else Ref(ids(Kind.UPDATE, b, rounds - 1), movers)
+            )
         else:
             ready = None  # the update (and barrier) before it on the compute stream
         for g in computes:
-            ops.append(Op(op_id(Kind.BLOCK, b), Kind.BLOCK, stream_of(Kind.BLOCK, L.upload), (g,), b,
-                          flops=block_flops * work, deps=(ready,) if ready else ()))
+            ops.append(
+                Op(
+                    op_id(Kind.BLOCK, b),
+                    Kind.BLOCK,
+                    stream_of(Kind.BLOCK, L.upload),
+                    (g,),
+                    b,
+                    flops=block_flops * work,
+                    deps=(ready,) if ready else (),
+                )
+            )
 
     for g in computes:
         ops.append(Op(op_id(Kind.EMBED), Kind.EMBED, stream_of(Kind.EMBED, L.upload), (g,), deps=(end_before,)))

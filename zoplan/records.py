@@ -15,6 +15,7 @@ cut it, someone edited the file) is left out by the readers, never half-read. Nu
 or infinite (a non-finite loss is what the run saw). No torch here: validate and the launcher
 read these without it.
 """
+
 from __future__ import annotations
 
 import json
@@ -159,5 +160,6 @@ def summarize(out: Path) -> RunSummary:
     k = max(1, len(train) // 10)
     first = sum(r.loss for r in train[:k]) / k if train else None
     last = sum(r.loss for r in train[-k:]) / k if train else None
-    return RunSummary(out, len(train), first, last, evals[-1] if evals else None,
-                      evals[0] if len(evals) > 1 else None, k)
+    return RunSummary(
+        out, len(train), first, last, evals[-1] if evals else None, evals[0] if len(evals) > 1 else None, k
+    )

@@ -13,6 +13,7 @@ when read; a newer version is refused with a message.
 
 No torch here: the command line checks a configuration before it loads the runtime.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,8 +117,13 @@ def make(**values: Any) -> RunConfig:
         raise ZoplanError(_named(exc)) from None
 
 
-_BOUNDS = {"greater_than_equal": "at least {ge}", "less_than_equal": "at most {le}",
-           "greater_than": "more than {gt}", "less_than": "less than {lt}", "finite_number": "a finite number"}
+_BOUNDS = {
+    "greater_than_equal": "at least {ge}",
+    "less_than_equal": "at most {le}",
+    "greater_than": "more than {gt}",
+    "less_than": "less than {lt}",
+    "finite_number": "a finite number",
+}
 
 
 def _named(exc: ValidationError) -> str:
@@ -126,7 +132,11 @@ def _named(exc: ValidationError) -> str:
     for err in exc.errors()[:3]:
         name = flag(str(err["loc"][0])) if err["loc"] else "(top level)"
         bound = _BOUNDS.get(err["type"])
-        said = f" must be {bound.format(**err.get('ctx', {}))}" if bound else ": " + err["msg"].removeprefix("Value error, ")
+        said = (
+            f" must be {bound.format(**err.get('ctx', {}))}"
+            if bound
+            else ": " + err["msg"].removeprefix("Value error, ")
+        )
         parts.append(f"{name}{said}, got {brief(err.get('input'))}")
     return "; ".join(parts)
 
@@ -142,8 +152,10 @@ def write(config: RunConfig, out: Path) -> Path:
 
 def read(path: Path) -> RunConfig:
     """A run's configuration, migrated from an earlier version; a damaged one is a message."""
-    fix = "write it again with the --model and --data the run started with: " \
-          '{"model": "...", "data": "..."} is enough (the other settings take their defaults)'
+    fix = (
+        "write it again with the --model and --data the run started with: "
+        '{"model": "...", "data": "..."} is enough (the other settings take their defaults)'
+    )
     try:
         data = json.loads(read_text(path, CONFIG_FILE, limit=64 * 1024))
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -153,13 +165,15 @@ def read(path: Path) -> RunConfig:
     version = data.get("version", 0)
     if version == 0:  # zoplan 0.x: the model and data only
         if set(data) != {"model", "data"}:
-            raise ZoplanError(f"{path} is damaged: it has no version and does not name just the run's model "
-                              "and data", fix=fix)
-        data = {"version": RUN_CONFIG_VERSION, "model": data["model"], "data": data["data"],
-                "output": str(path.parent)}
+            raise ZoplanError(
+                f"{path} is damaged: it has no version and does not name just the run's model and data", fix=fix
+            )
+        data = {"version": RUN_CONFIG_VERSION, "model": data["model"], "data": data["data"], "output": str(path.parent)}
     elif isinstance(version, bool) or not isinstance(version, int) or version > RUN_CONFIG_VERSION:
-        raise ZoplanError(f"{path}: run configuration version {brief(version)} is not one this zoplan reads "
-                          f"(1 and earlier)", fix="continue the run with the zoplan version that started it")
+        raise ZoplanError(
+            f"{path}: run configuration version {brief(version)} is not one this zoplan reads (1 and earlier)",
+            fix="continue the run with the zoplan version that started it",
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

@@ -7,6 +7,7 @@ their pruning bound, and a candidate whose bound cannot beat both its family's b
 top-th best family's simulated objective is skipped (branch and bound), so the best candidate is
 never dropped.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -46,25 +47,43 @@ def workload_problems(shape: ModelShape | None, global_batch: object, seq_len: o
     known yet (its positions are checked later)."""
     out = []
     if not _whole(global_batch) or not 1 <= global_batch <= MAX_GLOBAL_BATCH:
-        out.append(("global_batch", f"is not a whole number of sequences from 1 to {MAX_GLOBAL_BATCH}",
-                    "ZO fine-tuning takes 16 to 64 sequences per step"))
+        out.append(
+            (
+                "global_batch",
+                f"is not a whole number of sequences from 1 to {MAX_GLOBAL_BATCH}",
+                "ZO fine-tuning takes 16 to 64 sequences per step",
+            )
+        )
     if seq_len is not None:
         if not _whole(seq_len) or not 1 <= seq_len <= MAX_SEQ_LEN:
-            out.append(("seq_len", f"is not a whole number of tokens from 1 to {MAX_SEQ_LEN}",
-                        f"use --seq-len 1 to {min(MAX_SEQ_LEN, shape.max_positions) if shape else MAX_SEQ_LEN}"))
+            out.append(
+                (
+                    "seq_len",
+                    f"is not a whole number of tokens from 1 to {MAX_SEQ_LEN}",
+                    f"use --seq-len 1 to {min(MAX_SEQ_LEN, shape.max_positions) if shape else MAX_SEQ_LEN}",
+                )
+            )
         elif shape is not None and shape.family == "opt" and seq_len > shape.max_positions:
             # OPT learns one embedding per position: longer sequences have no position to look up
-            out.append(("seq_len", f"is longer than the {shape.max_positions} positions {shape.name} "
-                        f"was trained with", f"use --seq-len {shape.max_positions} or less"))
+            out.append(
+                (
+                    "seq_len",
+                    f"is longer than the {shape.max_positions} positions {shape.name} was trained with",
+                    f"use --seq-len {shape.max_positions} or less",
+                )
+            )
     return out
 
 
 def check_pins_range(pins: Pins, global_batch: int) -> None:
     """The checks of pinned numbers that need neither model nor machine (``zoplan run`` makes them
     before it loads the runtime; the search checks every pin again, against both)."""
-    for flag, value, least, most in (("--slices", pins.slices, 1, MAX_SLICES_PER_BLOCK),
-                                     ("--micro-batch", pins.micro_batch, 1, global_batch),
-                                     ("--resident", pins.resident, 0, None), ("--ddp", pins.data, 1, None)):
+    for flag, value, least, most in (
+        ("--slices", pins.slices, 1, MAX_SLICES_PER_BLOCK),
+        ("--micro-batch", pins.micro_batch, 1, global_batch),
+        ("--resident", pins.resident, 0, None),
+        ("--ddp", pins.data, 1, None),
+    ):
         if value is not None and (not _whole(value) or value < least):
             raise ZoplanError(f"{flag} must be at least {least}, got {brief(value)}")
         if value is not None and most is not None and value > most:
@@ -166,8 +185,8 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
     nodes = machine.spec.nodes
     n_gpus = len(machine.gpus)
     batch = workload.global_batch
-    for p in ([pins.perturbation] if pins.perturbation is not None else [1, 2]):
-        for d in ([pins.data] if pins.data is not None else range(1, n_gpus // p + 1)):
+    for p in [pins.perturbation] if pins.perturbation is not None else [1, 2]:
+        for d in [pins.data] if pins.data is not None else range(1, n_gpus // p + 1):
             if batch % (d * nodes):
                 continue
             per_replica = batch // (d * nodes)
@@ -198,19 +217,39 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
                         slice_opts = [pins.slices]
                     else:
                         slice_opts = [n, 2 * n, 4 * n]
-                    wires = ([pins.wire_dtype] if pins.wire_dtype is not None else
-                             [w for w in DTYPES if DTYPE_BYTES[w] <= DTYPE_BYTES[param_dtype]
-                              and (w == param_dtype or DTYPE_BYTES[w] < DTYPE_BYTES[param_dtype])])
-                    mbs = ([pins.micro_batch] if pins.micro_batch is not None
-                           else sorted(divisors(per_replica), reverse=True))
+                    wires = (
+                        [pins.wire_dtype]
+                        if pins.wire_dtype is not None
+                        else [
+                            w
+                            for w in DTYPES
+                            if DTYPE_BYTES[w] <= DTYPE_BYTES[param_dtype]
+                            and (w == param_dtype or DTYPE_BYTES[w] < DTYPE_BYTES[param_dtype])
+                        ]
+                    )
+                    mbs = (
+                        [pins.micro_batch]
+                        if pins.micro_batch is not None
+                        else sorted(divisors(per_replica), reverse=True)
+                    )
                     prefetches = [pins.prefetch] if pins.prefetch is not None else [1, 2]
                     for s, wire, mb, pf in itertools.product(slice_opts, wires, mbs, prefetches):
                         if per_replica % mb:
                             continue
-                        yield Layout(perturbation=p, data=d, compute_gpus=compute, upload=upload,
-                                     movers=movers, slices_per_block=s, wire_dtype=wire,
-                                     param_dtype=param_dtype, micro_batch=mb, prefetch=pf,
-                                     nodes=nodes, placement=place)
+                        yield Layout(
+                            perturbation=p,
+                            data=d,
+                            compute_gpus=compute,
+                            upload=upload,
+                            movers=movers,
+                            slices_per_block=s,
+                            wire_dtype=wire,
+                            param_dtype=param_dtype,
+                            micro_batch=mb,
+                            prefetch=pf,
+                            nodes=nodes,
+                            placement=place,
+                        )
 
 
 def _with_resident(layout: Layout, count: int, layers: int) -> Layout:
@@ -240,8 +279,16 @@ def fit(machine: Machine, workload: Workload, layout: Layout, resident: int | No
     return out, short
 
 
-def search(machine: Machine, workload: Workload, *, pins: Pins = Pins(), objective: str = "time",
-           param_dtype: str = "bf16", top: int = 10, exhaustive: bool = False) -> SearchResult:
+def search(
+    machine: Machine,
+    workload: Workload,
+    *,
+    pins: Pins = Pins(),
+    objective: str = "time",
+    param_dtype: str = "bf16",
+    top: int = 10,
+    exhaustive: bool = False,
+) -> SearchResult:
     """Find the best layouts of ``workload`` on ``machine``.
 
     ``exhaustive`` simulates every fitting candidate (for tests of the pruning)."""
@@ -275,8 +322,12 @@ def search(machine: Machine, workload: Workload, *, pins: Pins = Pins(), objecti
 
     def rank(layout: Layout, step_s: float, memory: int) -> tuple[float, int, int, str]:
         # equal objectives (to rounding) prefer fewer GPUs, then less GPU memory
-        return (round(_objective(machine, workload, layout, step_s, objective), 9),
-                gpus_used(layout), memory, repr(layout))
+        return (
+            round(_objective(machine, workload, layout, step_s, objective), 9),
+            gpus_used(layout),
+            memory,
+            repr(layout),
+        )
 
     fitting.sort(key=lambda item: rank(item[0], item[1].prune_bound_s, _peak_memory(item[2])))
     # Branch and bound for the best candidate of each of the ``top`` best families (a family is
@@ -297,8 +348,9 @@ def search(machine: Machine, workload: Workload, *, pins: Pins = Pins(), objecti
             pruned += 1
             continue
         try:
-            result = simulate(costs, limit_s=_limit_s(machine, workload, layout, limit, objective)
-                              if not exhaustive else None)
+            result = simulate(
+                costs, limit_s=_limit_s(machine, workload, layout, limit, objective) if not exhaustive else None
+            )
         except Exceeded:
             aborted += 1  # proven no better than the limit partway through its simulation
             continue
@@ -307,10 +359,19 @@ def search(machine: Machine, workload: Workload, *, pins: Pins = Pins(), objecti
         family_best[fam] = min(obj, family_best.get(fam, float("inf")))
     simulated.sort(key=lambda c: rank(c.layout, c.step_time_s, c.gpu_memory_bytes))
     baseline = zo2_baseline(machine, workload, param_dtype)
-    return SearchResult(machine=machine, workload=workload, objective=objective,
-                        ranked=simulated, baseline=baseline, evaluated=len(simulated) + aborted,
-                        pruned=pruned, aborted=aborted,
-                        rejected=rejected, seconds=time.perf_counter() - t0, considered=considered)
+    return SearchResult(
+        machine=machine,
+        workload=workload,
+        objective=objective,
+        ranked=simulated,
+        baseline=baseline,
+        evaluated=len(simulated) + aborted,
+        pruned=pruned,
+        aborted=aborted,
+        rejected=rejected,
+        seconds=time.perf_counter() - t0,
+        considered=considered,
+    )
 
 
 def family(layout: Layout) -> tuple[int, int, str, int]:
@@ -344,24 +405,41 @@ def zo2_baseline(machine: Machine, workload: Workload, param_dtype: str) -> Cand
         return None
     gpu = machine.gpus[0]
     for mb in sorted(divisors(workload.global_batch), reverse=True):
-        layout = Layout(perturbation=1, data=1, compute_gpus=(gpu,), upload="whole", movers=(gpu,),
-                        slices_per_block=1, wire_dtype=param_dtype, param_dtype=param_dtype,
-                        micro_batch=mb, prefetch=2, nodes=1, placement="zo2")
+        layout = Layout(
+            perturbation=1,
+            data=1,
+            compute_gpus=(gpu,),
+            upload="whole",
+            movers=(gpu,),
+            slices_per_block=1,
+            wire_dtype=param_dtype,
+            param_dtype=param_dtype,
+            micro_batch=mb,
+            prefetch=2,
+            nodes=1,
+            placement="zo2",
+        )
         costs = StepCosts(machine, workload, layout)
         if costs.gpu_memory_bytes(gpu) > machine.gpu_model(gpu).memory_gib * GiB:
             continue
         if costs.host_memory_bytes() > machine.host_memory_bytes - HOST_RESERVE_BYTES:
             return None
-        return Candidate(layout, machine_bound(costs), costs.gpu_memory_bytes(gpu),
-                         costs.host_memory_bytes(), simulate(costs))
+        return Candidate(
+            layout, machine_bound(costs), costs.gpu_memory_bytes(gpu), costs.host_memory_bytes(), simulate(costs)
+        )
     return None
 
 
 def evaluate(machine: Machine, workload: Workload, layout: Layout, record: bool = False) -> Candidate:
     """Simulate one given layout (used by ``zoplan timeline``)."""
     costs = StepCosts(machine, workload, layout)
-    return Candidate(layout, machine_bound(costs), max(costs.gpu_memory_bytes(g) for g in layout.gpus),
-                     costs.host_memory_bytes(), simulate(costs, record=record))
+    return Candidate(
+        layout,
+        machine_bound(costs),
+        max(costs.gpu_memory_bytes(g) for g in layout.gpus),
+        costs.host_memory_bytes(),
+        simulate(costs, record=record),
+    )
 
 
 def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
@@ -371,12 +449,18 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
     check_workload(workload.model, workload.global_batch, workload.seq_len)
     layers, gpus = workload.model.layers, len(machine.gpus)
     for flag, value, least, most, why in (
-            ("--slices", pins.slices, 1, min(MAX_SLICES_PER_BLOCK, workload.model.block_params()),
-             "the slices a block can be cut into"),
-            ("--micro-batch", pins.micro_batch, 1, workload.global_batch, "the global batch"),
-            ("--prefetch", pins.prefetch, 1, layers, f"the blocks of {workload.model.name}"),
-            ("--resident", pins.resident, 0, layers, f"the blocks of {workload.model.name}"),
-            ("--ddp", pins.data, 1, gpus, f"the GPUs per node of '{machine.name}'")):
+        (
+            "--slices",
+            pins.slices,
+            1,
+            min(MAX_SLICES_PER_BLOCK, workload.model.block_params()),
+            "the slices a block can be cut into",
+        ),
+        ("--micro-batch", pins.micro_batch, 1, workload.global_batch, "the global batch"),
+        ("--prefetch", pins.prefetch, 1, layers, f"the blocks of {workload.model.name}"),
+        ("--resident", pins.resident, 0, layers, f"the blocks of {workload.model.name}"),
+        ("--ddp", pins.data, 1, gpus, f"the GPUs per node of '{machine.name}'"),
+    ):
         if value is None:
             continue
         if not _whole(value) or value < least:
@@ -390,12 +474,16 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
             raise ZoplanError(f"--gpus names a GPU twice: {','.join(pins.gpus)}")
         want = (pins.perturbation or 1) * (pins.data or 1)
         if pins.perturbation is not None and pins.data is not None and len(pins.gpus) != want:
-            raise ZoplanError(f"--gpus lists {len(pins.gpus)} GPUs, but --pertp {pins.perturbation} x "
-                              f"--ddp {pins.data} = {want} compute GPUs")
+            raise ZoplanError(
+                f"--gpus lists {len(pins.gpus)} GPUs, but --pertp {pins.perturbation} x "
+                f"--ddp {pins.data} = {want} compute GPUs"
+            )
         unknown = [g for g in pins.gpus if g not in machine.gpus]
         if unknown:
-            raise ZoplanError(f"--gpus names {', '.join(unknown)}, not in topology '{machine.name}'",
-                              fix=f"choose among {', '.join(machine.gpus)}")
+            raise ZoplanError(
+                f"--gpus names {', '.join(unknown)}, not in topology '{machine.name}'",
+                fix=f"choose among {', '.join(machine.gpus)}",
+            )
     if pins.perturbation is not None and pins.perturbation not in (1, 2):
         raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
     if pins.data is not None:
@@ -406,41 +494,57 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
             raise ZoplanError(
                 f"global batch {workload.global_batch} does not divide among {replicas} replicas "
                 f"(--ddp {pins.data} x {nodes} node(s))",
-                fix=f"use a global batch that is a multiple of {replicas}")
+                fix=f"use a global batch that is a multiple of {replicas}",
+            )
         if pins.micro_batch is not None and (workload.global_batch // replicas) % pins.micro_batch:
             raise ZoplanError(
                 f"micro-batch {pins.micro_batch} does not divide the per-replica batch "
-                f"{workload.global_batch // replicas}")
+                f"{workload.global_batch // replicas}"
+            )
         if pins.data * (pins.perturbation or 1) > len(machine.gpus):
-            raise ZoplanError(f"--ddp {pins.data} x --pertp {pins.perturbation or 1} needs more GPUs "
-                              f"than the {len(machine.gpus)} of '{machine.name}'")
+            raise ZoplanError(
+                f"--ddp {pins.data} x --pertp {pins.perturbation or 1} needs more GPUs "
+                f"than the {len(machine.gpus)} of '{machine.name}'"
+            )
     if pins.wire_dtype is not None and pins.wire_dtype not in DTYPES:
         raise ZoplanError(f"unknown wire dtype '{pins.wire_dtype}'", fix=f"use one of {', '.join(DTYPES)}")
     if pins.micro_batch is not None and workload.global_batch % pins.micro_batch:
-        raise ZoplanError(f"micro-batch {pins.micro_batch} does not divide the global batch "
-                          f"{workload.global_batch}")
+        raise ZoplanError(f"micro-batch {pins.micro_batch} does not divide the global batch {workload.global_batch}")
 
 
-def _nothing_fits(machine: Machine, workload: Workload, considered: int,
-                  gpu_short: float | None, host_short: float | None, pins: Pins | None = None) -> ZoplanError:
+def _nothing_fits(
+    machine: Machine,
+    workload: Workload,
+    considered: int,
+    gpu_short: float | None,
+    host_short: float | None,
+    pins: Pins | None = None,
+) -> ZoplanError:
     if considered == 0:
-        return ZoplanError(f"no layout of '{machine.name}' matches the pinned options",
-                           fix="pin fewer decisions, or check that --gpus has --pertp x --ddp entries")
+        return ZoplanError(
+            f"no layout of '{machine.name}' matches the pinned options",
+            fix="pin fewer decisions, or check that --gpus has --pertp x --ddp entries",
+        )
     parts = []
     if gpu_short is not None and gpu_short > 0:
-        parts.append(f"GPU memory is short by {gpu_short / GiB:.1f} GiB per GPU even in the "
-                     f"smallest layout")
+        parts.append(f"GPU memory is short by {gpu_short / GiB:.1f} GiB per GPU even in the smallest layout")
     if host_short is not None and host_short > 0:
-        parts.append(f"host memory is short by {host_short / GiB:.1f} GiB for one copy of the "
-                     f"parameters ({machine.host_memory_bytes / GiB:.0f} GiB installed, "
-                     f"{HOST_RESERVE_BYTES / GiB:.0f} GiB kept for the system)")
+        parts.append(
+            f"host memory is short by {host_short / GiB:.1f} GiB for one copy of the "
+            f"parameters ({machine.host_memory_bytes / GiB:.0f} GiB installed, "
+            f"{HOST_RESERVE_BYTES / GiB:.0f} GiB kept for the system)"
+        )
     what = "; ".join(parts) or "no candidate fits memory"
     gpu_is_short = gpu_short is not None and gpu_short > 0
     if host_short is not None and host_short > 0 and not gpu_is_short:
         # the host holds the parameters once, whatever the batch: the batch cannot help, and the
         # search already tried the narrowest host-copy dtype it was allowed
         fix = "a machine with more host memory (zoplan compare --model ... -t ... -t ...)"
-        if pins is not None and pins.wire_dtype is not None and DTYPE_BYTES[pins.wire_dtype] > min(DTYPE_BYTES.values()):
+        if (
+            pins is not None
+            and pins.wire_dtype is not None
+            and DTYPE_BYTES[pins.wire_dtype] > min(DTYPE_BYTES.values())
+        ):
             fix = f"a 2-byte host copy (--wire-dtype bf16 or fp16, not {pins.wire_dtype}), or " + fix
     else:
         fix = "use a smaller micro-batch or sequence length, a narrower --dtype, or a machine with more memory"

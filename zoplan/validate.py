@@ -22,6 +22,7 @@ plan (``zoplan.planner.timeline``):
 The first ``skip`` steps are left out: they pay one-time costs (allocator warm-up, lazy
 initialisation, CUDA kernel compilation) that a long run does not.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -36,9 +37,17 @@ from zoplan.sim import SimResult, Span
 from zoplan.topology import Machine
 from zoplan.sim.trace import CATEGORIES, chrome_trace, merge_traces
 
-STAGE_NAMES = {"h2d": "upload (h2d)", "update": "update", "exchange": "all-gather", "embed": "embed+perturb",
-               "compute": "block compute", "head": "head+loss", "scalar": "scalar all-reduce",
-               "loop": "batch+journal", "d2h": "offload (d2h)"}
+STAGE_NAMES = {
+    "h2d": "upload (h2d)",
+    "update": "update",
+    "exchange": "all-gather",
+    "embed": "embed+perturb",
+    "compute": "block compute",
+    "head": "head+loss",
+    "scalar": "scalar all-reduce",
+    "loop": "batch+journal",
+    "d2h": "offload (d2h)",
+}
 
 
 @dataclass
@@ -56,8 +65,13 @@ class Row:
         return (self.predicted_s - self.measured_s) / self.measured_s
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage, "predicted_s": self.predicted_s, "measured_s": self.measured_s,
-                "measured_host_s": self.measured_host_s, "error": self.error}
+        return {
+            "stage": self.stage,
+            "predicted_s": self.predicted_s,
+            "measured_s": self.measured_s,
+            "measured_host_s": self.measured_host_s,
+            "error": self.error,
+        }
 
 
 @dataclass
@@ -99,17 +113,21 @@ def measure(out: Path, plan: Plan, skip: int = 1) -> Validation:
     try:
         return _measure(out, plan, skip)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-        raise ZoplanError(f"{out}: a line of metrics.jsonl or spans-rank*.jsonl is malformed "
-                          f"({type(exc).__name__}: {str(exc)[:200]})",
-                          fix="validate a run written by this version of zoplan") from None
+        raise ZoplanError(
+            f"{out}: a line of metrics.jsonl or spans-rank*.jsonl is malformed "
+            f"({type(exc).__name__}: {str(exc)[:200]})",
+            fix="validate a run written by this version of zoplan",
+        ) from None
 
 
 def _measure(out: Path, plan: Plan, skip: int) -> Validation:
     metrics = out / "metrics.jsonl"
     files = sorted(out.glob("spans-rank*.jsonl"))
     if not metrics.exists() or not files:
-        raise ZoplanError(f"{out} holds no measured steps (metrics.jsonl and spans-rank*.jsonl)",
-                          fix="run the plan first (zoplan validate runs it for you)")
+        raise ZoplanError(
+            f"{out} holds no measured steps (metrics.jsonl and spans-rank*.jsonl)",
+            fix="run the plan first (zoplan validate runs it for you)",
+        )
     # rows of another shape (a line cut by a crash, or damaged) are left out (zoplan.records)
     train = [r for r in read_metrics(metrics)[0] if isinstance(r, TrainRow)]
     step_time = {r.step: r.step_time_s for r in train}
@@ -117,8 +135,10 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
     per_rank = {int(f.stem.removeprefix("spans-rank")): {r.step: r for r in read_spans(f)} for f in files}
     for f in files:
         if not per_rank[int(f.stem.removeprefix("spans-rank"))]:
-            raise ZoplanError(f"{f}: no line reads as a measured step (lines of another shape are left out)",
-                              fix="validate a run written by this version of zoplan")
+            raise ZoplanError(
+                f"{f}: no line reads as a measured step (lines of another shape are left out)",
+                fix="validate a run written by this version of zoplan",
+            )
     steps = sorted(s for s in step_time if all(s in rows for rows in per_rank.values()))
     measured = [s for s in steps if s >= skip] or steps
     if not measured:
@@ -141,14 +161,27 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
                 spans.append(Span(gpu_of.get(rank, f"rank{rank}"), stream, cat, label, 1, block, t0, t1))
         wall = max(rows_[trace_step].wall_s for rows_ in per_rank.values())
         # one step at index 1: the simulator's reported step, so chrome_trace draws it the same way
-        result = SimResult(step_time_s=wall, window=(0.0, wall), step_ends=[0.0, wall], utilization={},
-                           bottleneck="measured", spans=spans)
+        result = SimResult(
+            step_time_s=wall,
+            window=(0.0, wall),
+            step_ends=[0.0, wall],
+            utilization={},
+            bottleneck="measured",
+            spans=spans,
+        )
     peaks = [r.peak_bytes for rows_ in per_rank.values() for r in rows_.values() if r.peak_bytes is not None]
-    return Validation(rows, measured, trace_step, result, peak_gpu_bytes=max(peaks) if peaks else None,
-                      step_spread_s=_spread([step_time[s] for s in measured]),
-                      step_halves_s=_halves([step_time[s] for s in measured]),
-                      padding_fraction=(statistics.mean(padding[s] for s in measured)
-                                        if all(s in padding for s in measured) else None))
+    return Validation(
+        rows,
+        measured,
+        trace_step,
+        result,
+        peak_gpu_bytes=max(peaks) if peaks else None,
+        step_spread_s=_spread([step_time[s] for s in measured]),
+        step_halves_s=_halves([step_time[s] for s in measured]),
+        padding_fraction=(
+            statistics.mean(padding[s] for s in measured) if all(s in padding for s in measured) else None
+        ),
+    )
 
 
 def _spread(times: list[float]) -> tuple[float, float] | None:
@@ -200,29 +233,48 @@ def compare(validation: Validation, simulated: SimResult, predicted_gpu_bytes: i
     for cat in CATEGORIES:
         if cat in measured or cat in predicted:
             rows.append(Row(cat, predicted.get(cat), measured.get(cat), host.get(cat)))
-    return Validation(rows, validation.measured_steps, validation.trace_step, validation.measured,
-                      peak_gpu_bytes=validation.peak_gpu_bytes, predicted_gpu_bytes=predicted_gpu_bytes,
-                      step_spread_s=validation.step_spread_s, step_halves_s=validation.step_halves_s,
-                      padding_fraction=validation.padding_fraction)
+    return Validation(
+        rows,
+        validation.measured_steps,
+        validation.trace_step,
+        validation.measured,
+        peak_gpu_bytes=validation.peak_gpu_bytes,
+        predicted_gpu_bytes=predicted_gpu_bytes,
+        step_spread_s=validation.step_spread_s,
+        step_halves_s=validation.step_halves_s,
+        padding_fraction=validation.padding_fraction,
+    )
 
 
 def combined_trace(validation: Validation, simulated: SimResult, machine: Machine) -> dict[str, Any]:
     """One Chrome trace: the simulated step ("simulated" processes) above the measured one."""
     traces = [chrome_trace(simulated, machine, title="simulated", window_only=True)]
     if validation.measured is not None:
-        traces.append(chrome_trace(validation.measured, machine, title="measured", pid_base=1000,
-                                   window_only=True))
+        traces.append(chrome_trace(validation.measured, machine, title="measured", pid_base=1000, window_only=True))
     return merge_traces(*traces)
 
 
 def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | None) -> dict[str, Any]:
-    return {"plan": str(plan_path), "output": str(out), "measured_steps": validation.measured_steps,
-            "trace": str(trace) if trace else None, "trace_step": validation.trace_step,
-            "rows": [r.to_json() for r in validation.rows],
-            "step_spread": ({"p10_s": validation.step_spread_s[0], "p90_s": validation.step_spread_s[1]}
-                            if validation.step_spread_s else None),
-            "step_halves": ({"first_s": validation.step_halves_s[0], "last_s": validation.step_halves_s[1]}
-                            if validation.step_halves_s else None),
-            "padding_fraction": validation.padding_fraction,
-            "gpu_memory": {"predicted_bytes": validation.predicted_gpu_bytes,
-                           "measured_peak_bytes": validation.peak_gpu_bytes}}
+    return {
+        "plan": str(plan_path),
+        "output": str(out),
+        "measured_steps": validation.measured_steps,
+        "trace": str(trace) if trace else None,
+        "trace_step": validation.trace_step,
+        "rows": [r.to_json() for r in validation.rows],
+        "step_spread": (
+            {"p10_s": validation.step_spread_s[0], "p90_s": validation.step_spread_s[1]}
+            if validation.step_spread_s
+            else None
+        ),
+        "step_halves": (
+            {"first_s": validation.step_halves_s[0], "last_s": validation.step_halves_s[1]}
+            if validation.step_halves_s
+            else None
+        ),
+        "padding_fraction": validation.padding_fraction,
+        "gpu_memory": {
+            "predicted_bytes": validation.predicted_gpu_bytes,
+            "measured_peak_bytes": validation.peak_gpu_bytes,
+        },
+    }

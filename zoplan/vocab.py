@@ -5,6 +5,7 @@ command lines and tables read plain strings ("bf16", "sliced"), and code that co
 string keeps working. The on-disk schemas (zoplan.fileio.Strict) store the plain value.
 No imports beyond the standard library: everything may use this module.
 """
+
 from __future__ import annotations
 
 import sys

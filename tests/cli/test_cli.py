@@ -7,6 +7,7 @@ ZoplanError into "error: ..." on stderr and exit status 2): in-process with ``sy
 most cases, and as a real ``python -m zoplan.cli`` subprocess for a few, so the path a user
 takes (no traceback, status 2) is covered end to end.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,20 @@ GLOBAL_BATCH, SEQ_LEN = 8, 256
 # A tiny case (about 0.15 s) for tests that only need some valid plan or some search.
 TINY = ["--model", "opt-125m", "--topology", "rtx4090-4x", "--global-batch", "4", "--seq-len", "128"]
 
-SUMMARY_KEYS = {"perturbation", "data", "gpus", "slices_per_block", "wire_dtype", "micro_batch",
-                "step_time_s", "tokens_per_s", "gpu_memory_bytes", "host_memory_bytes", "bottleneck",
-                "bound_fraction"}
+SUMMARY_KEYS = {
+    "perturbation",
+    "data",
+    "gpus",
+    "slices_per_block",
+    "wire_dtype",
+    "micro_batch",
+    "step_time_s",
+    "tokens_per_s",
+    "gpu_memory_bytes",
+    "host_memory_bytes",
+    "bottleneck",
+    "bound_fraction",
+}
 
 
 # ----- helpers ------------------------------------------------------------------------------------
@@ -43,7 +55,8 @@ def invoke(*args: str) -> Any:
     """Run a command in-process; it must succeed."""
     result = runner.invoke(cli.app, list(args))
     assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"zoplan {' '.join(args)} raised {result.exception!r}\n{result.output}")
+        f"zoplan {' '.join(args)} raised {result.exception!r}\n{result.output}"
+    )
     assert result.exit_code == 0, f"zoplan {' '.join(args)} exited {result.exit_code}\n{result.output}"
     return result
 
@@ -53,8 +66,9 @@ def plan_json(*args: str) -> dict:
     return json.loads(result.stdout)  # the whole stdout is one JSON object
 
 
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
-             ) -> tuple[int | str | None, str, str]:
+def run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
+) -> tuple[int | str | None, str, str]:
     """Run ``zoplan.cli.main()`` (the console script) in-process: (exit status, stdout, stderr).
     Any exception other than SystemExit escapes and fails the test, as a traceback would."""
     monkeypatch.setattr(sys, "argv", ["zoplan", *args])
@@ -79,8 +93,9 @@ def assert_one_error(code: int | str | None, err: str, *needles: str) -> str:
 
 
 def run_subprocess(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def edited_yaml(src: Path, dst: Path, change: Callable[[dict], None]) -> Path:
@@ -90,8 +105,9 @@ def edited_yaml(src: Path, dst: Path, change: Callable[[dict], None]) -> Path:
     return dst
 
 
-def topology_copy(tmp_path: Path, change: Callable[[dict], None] = lambda d: None,
-                  name: str = "topo.yaml", base: str = "rtx4090-4x") -> Path:
+def topology_copy(
+    tmp_path: Path, change: Callable[[dict], None] = lambda d: None, name: str = "topo.yaml", base: str = "rtx4090-4x"
+) -> Path:
     return edited_yaml(resolve_topology_path(base), tmp_path / name, change)
 
 
@@ -210,8 +226,10 @@ def test_timeline_show_draws_every_gpu(planned) -> None:
     report, _ = planned
     step, what_if = report["best"]["step_time_s"], report["sensitivity"]
     moved = [f"{what_if[k] / step - 1:+.0%}" for k in ("compute_step_time_s", "transfers_step_time_s")]
-    assert (f"sensitivity: compute 25% slower (host work included) → step {moved[0]}; "
-            f"transfers 25% slower → step {moved[1]}") in result.stdout
+    assert (
+        f"sensitivity: compute 25% slower (host work included) → step {moved[0]}; "
+        f"transfers 25% slower → step {moved[1]}"
+    ) in result.stdout
 
 
 def test_timeline_without_options_shows_the_chart(planned) -> None:
@@ -301,8 +319,7 @@ def test_compare_json_lists_both_machines() -> None:
 
 
 def test_compare_reports_a_machine_that_does_not_fit_beside_one_that_does() -> None:
-    result = invoke("compare", "-m", "opt-6.7b", "-t", "cpu-local", "-t", "rtx4090-4x", "--json",
-                    "-b", "8")
+    result = invoke("compare", "-m", "opt-6.7b", "-t", "cpu-local", "-t", "rtx4090-4x", "--json", "-b", "8")
     machines = {m["topology"]: m for m in json.loads(result.stdout)["machines"]}
     assert set(machines) == {"cpu-local", "rtx4090-4x"}
     assert "short by" in machines["cpu-local"]["error"]
@@ -335,8 +352,10 @@ def test_plan_without_arguments_uses_the_defaults() -> None:
     assert "ZO2 baseline (1 GPU, dual forward" in result.stdout
     # the default best is compute-bound: a quarter more compute is a quarter more step, faster
     # transfers would not help
-    assert "sensitivity: compute 25% slower (host work included) → step +25%; transfers 25% slower → step +0%" \
+    assert (
+        "sensitivity: compute 25% slower (host work included) → step +25%; transfers 25% slower → step +0%"
         in result.stdout
+    )
 
 
 def test_the_baseline_of_a_cpu_machine_is_named_for_its_ranks() -> None:
@@ -366,16 +385,23 @@ def test_subprocess_batch_not_divisible_by_pinned_ddp() -> None:
 
 
 # ----- 6. bad input: in-process through main() ----------------------------------------------------
-@pytest.mark.parametrize("change, needles", [
-    pytest.param(lambda d: d["gpus"][0].update(color="red"), ["gpus.0.color", "unknown key"], id="unknown-key"),
-    pytest.param(lambda d: d.update(vendor="acme"), ["'vendor'", "unknown key"], id="unknown-top-key"),
-    pytest.param(lambda d: d["links"][0].update(gbps=0), ["links.0.gbps", "greater than 0"], id="zero-gbps"),
-    pytest.param(lambda d: d["links"][1].update(gbps_back=-5), ["links.1.gbps_back", "greater than 0"],
-                 id="negative-gbps"),
-    pytest.param(lambda d: d.update(links=[l for l in d["links"] if l["b"] != "gpu2"]),
-                 ["gpu2", "no PCIe path", "host memory"], id="no-host-path"),
-    pytest.param(lambda d: d.update(version=2), ["version 2", "not supported"], id="version"),
-])
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        pytest.param(lambda d: d["gpus"][0].update(color="red"), ["gpus.0.color", "unknown key"], id="unknown-key"),
+        pytest.param(lambda d: d.update(vendor="acme"), ["'vendor'", "unknown key"], id="unknown-top-key"),
+        pytest.param(lambda d: d["links"][0].update(gbps=0), ["links.0.gbps", "greater than 0"], id="zero-gbps"),
+        pytest.param(
+            lambda d: d["links"][1].update(gbps_back=-5), ["links.1.gbps_back", "greater than 0"], id="negative-gbps"
+        ),
+        pytest.param(
+            lambda d: d.update(links=[l for l in d["links"] if l["b"] != "gpu2"]),
+            ["gpu2", "no PCIe path", "host memory"],
+            id="no-host-path",
+        ),
+        pytest.param(lambda d: d.update(version=2), ["version 2", "not supported"], id="version"),
+    ],
+)
 def test_bad_topology_file(tmp_path: Path, monkeypatch, capsys, change, needles) -> None:
     bad = topology_copy(tmp_path, change, name="bad-topo.yaml")
     code, out, err = run_main(monkeypatch, capsys, "plan", *TINY[:2], "-t", str(bad))
@@ -404,8 +430,19 @@ def test_model_that_fits_nowhere_says_which_memory_is_short(monkeypatch, capsys)
     assert_one_error(code, err, "opt-175b", "rtx4090-4x", "host memory", "short by", "GiB")
     # the host holds the parameters once: a smaller batch cannot help, a bigger machine can
     assert "more host memory" in err and "micro-batch" not in err
-    code, _, err = run_main(monkeypatch, capsys, "plan", "--model", "opt-66b", "--topology", "rtx4090-4x",
-                            "--dtype", "fp32", "--wire-dtype", "fp32")
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "plan",
+        "--model",
+        "opt-66b",
+        "--topology",
+        "rtx4090-4x",
+        "--dtype",
+        "fp32",
+        "--wire-dtype",
+        "fp32",
+    )
     assert_one_error(code, err, "host memory", "--wire-dtype bf16 or fp16, not fp32")
 
 
@@ -417,27 +454,33 @@ def test_a_tiny_model_on_a_large_machine_shows_its_step_in_microseconds(monkeypa
     assert " 0.00 │" not in row and "<0.01" in row  # a fraction of a cent per million tokens is not free
 
 
-@pytest.mark.parametrize("args, needles", [
-    pytest.param(["--gpus", "gpu9"], ["gpu9", "gpu0"], id="unknown-gpu"),
-    pytest.param(["--pertp", "3"], ["--pertp", "3"], id="pertp"),
-    pytest.param(["--ddp", "0"], ["--ddp", "0"], id="ddp-zero"),
-    pytest.param(["--micro-batch", "3"], ["micro-batch 3", "4"], id="micro-batch"),
-    pytest.param(["--wire-dtype", "fp32"], ["fp32", "bf16"], id="wire-wider"),
-    pytest.param(["--top", "0"], ["--top"], id="top"),
-    pytest.param(["--eps", "-1"], ["eps"], id="eps"),
-    pytest.param(["--ddp", "4", "--pertp", "2"], ["--ddp 4", "--pertp 2", "4"], id="too-many-gpus"),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        pytest.param(["--gpus", "gpu9"], ["gpu9", "gpu0"], id="unknown-gpu"),
+        pytest.param(["--pertp", "3"], ["--pertp", "3"], id="pertp"),
+        pytest.param(["--ddp", "0"], ["--ddp", "0"], id="ddp-zero"),
+        pytest.param(["--micro-batch", "3"], ["micro-batch 3", "4"], id="micro-batch"),
+        pytest.param(["--wire-dtype", "fp32"], ["fp32", "bf16"], id="wire-wider"),
+        pytest.param(["--top", "0"], ["--top"], id="top"),
+        pytest.param(["--eps", "-1"], ["eps"], id="eps"),
+        pytest.param(["--ddp", "4", "--pertp", "2"], ["--ddp 4", "--pertp 2", "4"], id="too-many-gpus"),
+    ],
+)
 def test_bad_pins(monkeypatch, capsys, args, needles) -> None:
     code, _, err = run_main(monkeypatch, capsys, "plan", *TINY, *args)
     assert_one_error(code, err, *needles)
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param(["--micro-batch", "0"], id="micro-batch-0"),
-    pytest.param(["--slices", "-8"], id="slices-negative"),
-    pytest.param(["--slices", "0"], id="slices-0"),
-    pytest.param(["--prefetch", "0"], id="prefetch-0"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--micro-batch", "0"], id="micro-batch-0"),
+        pytest.param(["--slices", "-8"], id="slices-negative"),
+        pytest.param(["--slices", "0"], id="slices-0"),
+        pytest.param(["--prefetch", "0"], id="prefetch-0"),
+    ],
+)
 def test_non_positive_pins_are_refused(monkeypatch, capsys, args) -> None:
     code, _, err = run_main(monkeypatch, capsys, "plan", *TINY, *args)
     assert_one_error(code, err, args[0])
@@ -465,16 +508,21 @@ def _swap_rank_gpus(d: dict) -> None:
     ranks[0]["gpu"], ranks[1]["gpu"] = ranks[1]["gpu"], ranks[0]["gpu"]
 
 
-@pytest.mark.parametrize("change, needles", [
-    pytest.param(lambda d: d["transfer"].update(turbo=True), ["transfer.turbo", "unknown key"], id="unknown-key"),
-    pytest.param(_swap_rank_gpus, ["layout.ranks", "does not follow"], id="ranks-swapped"),
-    pytest.param(lambda d: d["layout"]["ranks"].pop(), ["layout.ranks"], id="rank-removed"),
-    pytest.param(lambda d: d["model"].update(hash="sha256:0000000000000000"),
-                 ["model.hash", "sha256:0000000000000000"], id="model-hash"),
-    pytest.param(lambda d: d["model"]["shape"].update(layers=12), ["model.hash", "model.shape"],
-                 id="model-shape"),
-    pytest.param(lambda d: d.update(version=7), ["version 7", "not supported"], id="version"),
-])
+@pytest.mark.parametrize(
+    "change, needles",
+    [
+        pytest.param(lambda d: d["transfer"].update(turbo=True), ["transfer.turbo", "unknown key"], id="unknown-key"),
+        pytest.param(_swap_rank_gpus, ["layout.ranks", "does not follow"], id="ranks-swapped"),
+        pytest.param(lambda d: d["layout"]["ranks"].pop(), ["layout.ranks"], id="rank-removed"),
+        pytest.param(
+            lambda d: d["model"].update(hash="sha256:0000000000000000"),
+            ["model.hash", "sha256:0000000000000000"],
+            id="model-hash",
+        ),
+        pytest.param(lambda d: d["model"]["shape"].update(layers=12), ["model.hash", "model.shape"], id="model-shape"),
+        pytest.param(lambda d: d.update(version=7), ["version 7", "not supported"], id="version"),
+    ],
+)
 def test_bad_plan_file(planned, tmp_path: Path, monkeypatch, capsys, change, needles) -> None:
     bad = _bad_plan(planned, tmp_path, change)
     code, out, err = run_main(monkeypatch, capsys, "timeline", str(bad), "-o", str(tmp_path / "t.json"))

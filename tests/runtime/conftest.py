@@ -1,4 +1,5 @@
 """Shared fixtures for the runtime tests: offline hub, one tiny model directory per family."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,8 +28,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
     """Said at the end of every run, -q included: a suite without its runtime half must not look
     like a complete green run."""
     if MISSING:
-        terminalreporter.write_line(f"tests/runtime: not collected ({' and '.join(MISSING)} not installed: "
-                                    "pip install -e '.[runtime]')", yellow=True)
+        terminalreporter.write_line(
+            f"tests/runtime: not collected ({' and '.join(MISSING)} not installed: pip install -e '.[runtime]')",
+            yellow=True,
+        )
 
 
 @pytest.fixture(scope="session")

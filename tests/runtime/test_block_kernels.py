@@ -6,6 +6,7 @@ are defined), which runs them on CPU tensors; otherwise the file is skipped. Und
 the kernels use numpy's log/cos, so z matches the torch path only to float32 rounding; the integer
 words, and the block kernels against the per-parameter kernels, must match bit for bit everywhere.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,6 +28,7 @@ from zoplan.runtime import perturb as P  # noqa: E402
 from zoplan.runtime import perturb_triton as T  # noqa: E402
 from zoplan.runtime.hostcopy import BlockLayout, Slot  # noqa: E402
 from zoplan.runtime.zo import apply_update, fused_kernels, layout_table, update_range  # noqa: E402
+
 
 def _z(seed: int, name: str, first: int, count: int) -> torch.Tensor:
     """z from the torch reference path on DEV (bypassing normal()'s dispatch to the kernels)."""
@@ -62,8 +64,8 @@ def test_block_words_equal_the_reference_stream() -> None:
             a, b = T.block_words(table, seed, size)
             for name, first, count, pos, _ in parts:
                 ra, rb = P.stream_words(seed, name, first, count, device=DEV)
-                assert torch.equal(a[pos:pos + count], ra), (n, seed, name, first)
-                assert torch.equal(b[pos:pos + count], rb), (n, seed, name, first)
+                assert torch.equal(a[pos : pos + count], ra), (n, seed, name, first)
+                assert torch.equal(b[pos : pos + count], rb), (n, seed, name, first)
 
 
 def test_more_rows_than_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,7 +75,7 @@ def test_more_rows_than_one_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(table.launches) == 3
     a, _ = T.block_words(table, 9, table.end)
     for name, first, count, pos, _ in parts:
-        assert torch.equal(a[pos:pos + count], P.stream_words(9, name, first, count, device=DEV)[0]), name
+        assert torch.equal(a[pos : pos + count], P.stream_words(9, name, first, count, device=DEV)[0]), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -104,7 +106,9 @@ def test_block_kernels_equal_the_per_parameter_kernels(dtype: torch.dtype) -> No
     # no weight decay at wd = 0 even where the flag is set
     y = T.update_block_(x0.clone(), table, 5, 3.7, 1e-2, 0.0)
     name, first, count, pos, _ = parts[0]
-    assert torch.equal(y[pos:pos + count], T.update_(x0[pos:pos + count].clone(), 5, name, first, 3.7, 1e-2, 0.0, False))
+    assert torch.equal(
+        y[pos : pos + count], T.update_(x0[pos : pos + count].clone(), 5, name, first, 3.7, 1e-2, 0.0, False)
+    )
 
 
 def test_layout_table_follows_the_engine_ranges() -> None:
@@ -127,13 +131,14 @@ def test_layout_table_follows_the_engine_ranges() -> None:
         T.update_block_(got, table, 11, 2.0, 1e-3, 0.1)
         want = flat0.clone()
         for slot, first, count, pos in layout.segments(start, end):
-            x = want[start + pos:start + pos + count]
+            x = want[start + pos : start + pos + count]
             x.copy_(T.update_(x.clone(), 11, slot.name, first, 2.0, 1e-3, 0.1, slot.decay))
         assert torch.equal(got, want), (start, end)
         ref = flat0.clone()
         for slot, first, count, pos in layout.segments(start, end):
-            apply_update(ref[start + pos:start + pos + count], _z(11, slot.name, first, count),
-                         2.0, 1e-3, 0.1, slot.decay)
+            apply_update(
+                ref[start + pos : start + pos + count], _z(11, slot.name, first, count), 2.0, 1e-3, 0.1, slot.decay
+            )
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-9)
     # where the runtime uses the kernels (CUDA; the CPU with ZOPLAN_PERTURB_TRITON=cpu), update_range does
     setting = os.environ.get("ZOPLAN_PERTURB_TRITON", "")
@@ -142,8 +147,7 @@ def test_layout_table_follows_the_engine_ranges() -> None:
     if uses:
         got = flat0.clone()
         update_range(got, layout, 0, layout.numel, 11, 2.0, 1e-3, 0.1)
-        want = T.update_block_(flat0.clone(), layout_table(T, layout, 0, layout.numel, DEV),
-                               11, 2.0, 1e-3, 0.1)
+        want = T.update_block_(flat0.clone(), layout_table(T, layout, 0, layout.numel, DEV), 11, 2.0, 1e-3, 0.1)
         assert torch.equal(got, want)
 
 

@@ -3,6 +3,7 @@
 
 One calibration and one validation run are shared by the checks (each launch costs seconds).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ from zoplan.profile import load_profile
 def zoplan(*args: str, code: int = 0, tmp: Path | None = None) -> subprocess.CompletedProcess:
     """The CLI; with ``tmp``, that is its temporary directory (torchrun's and the ranks' too)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", **({"TMPDIR": str(tmp)} if tmp else {}))
-    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True, timeout=600, env=env
+    )
     assert proc.returncode == code, proc.stdout + proc.stderr
     if code == 2:
         assert "Traceback" not in proc.stderr
@@ -39,8 +41,22 @@ def calibrated(tiny_dirs, tmp_path_factory) -> tuple[Path, Path]:
     tmp = work / "tmp"
     tmp.mkdir()
     shm = shared_memory_folders()
-    zoplan("calibrate", "--model", str(tiny_dirs["tiny-opt"]), "--micro-batch", "2", "--seq-len", "32",
-           "-o", str(profile), "--steps", "8", "--spans", str(work / "spans"), tmp=tmp)
+    zoplan(
+        "calibrate",
+        "--model",
+        str(tiny_dirs["tiny-opt"]),
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "32",
+        "-o",
+        str(profile),
+        "--steps",
+        "8",
+        "--spans",
+        str(work / "spans"),
+        tmp=tmp,
+    )
     # calibrate leaves nothing behind: no temporary folder (its own, torchrun's), no host copy
     assert list(tmp.iterdir()) == [] and shared_memory_folders() <= shm
     return profile, tiny_dirs["tiny-opt"]
@@ -56,9 +72,33 @@ def shared_memory_folders() -> set[Path]:
 def planned(calibrated, tmp_path_factory) -> Path:
     profile, model = calibrated
     plan = tmp_path_factory.mktemp("plan") / "plan.yaml"
-    zoplan("plan", "--model", str(model / "config.json"), "--topology", "cpu-local", "--global-batch", "8",
-           "--seq-len", "32", "--dtype", "fp32", "--pertp", "2", "--ddp", "1", "--upload", "sliced",
-           "--micro-batch", "2", "--wire-dtype", "fp32", "--profile", str(profile), "-o", str(plan))
+    zoplan(
+        "plan",
+        "--model",
+        str(model / "config.json"),
+        "--topology",
+        "cpu-local",
+        "--global-batch",
+        "8",
+        "--seq-len",
+        "32",
+        "--dtype",
+        "fp32",
+        "--pertp",
+        "2",
+        "--ddp",
+        "1",
+        "--upload",
+        "sliced",
+        "--micro-batch",
+        "2",
+        "--wire-dtype",
+        "fp32",
+        "--profile",
+        str(profile),
+        "-o",
+        str(plan),
+    )
     return plan
 
 
@@ -100,8 +140,9 @@ def test_calibration_keeps_the_steps_it_timed_and_the_profile_follows_from_them(
             assert blocks == set(range(len(blocks))) and len(blocks) >= 2
             # every timed step keeps its spans, and they add up to the step's totals
             for r in rows:
-                assert math.isclose(sum(s[5] - s[4] for s in r["spans"] if s[1] == "compute"),
-                                    r["totals"]["compute"], rel_tol=1e-6)
+                assert math.isclose(
+                    sum(s[5] - s[4] for s in r["spans"] if s[1] == "compute"), r["totals"]["compute"], rel_tol=1e-6
+                )
             per_rank.append(statistics.median(r["totals"]["compute"] for r in rows[1:]) / len(blocks))
         # the profile's block time is the ranks' mean of the median step after the warm-up, per block
         assert math.isclose(profile.compute.block_s[setting], sum(per_rank) / 2, rel_tol=1e-6), setting
@@ -121,9 +162,31 @@ def test_a_plan_made_with_a_profile_records_it_and_timeline_reproduces_it(calibr
     assert plan.profile is not None and plan.profile.hash == load_profile(calibrated[0]).hash
     assert timeline(planned).candidate.step_time_s == pytest.approx(plan.prediction.step_time_s, rel=1e-9)
     nominal = tmp_path / "nominal.yaml"
-    zoplan("plan", "--model", str(calibrated[1] / "config.json"), "--topology", "cpu-local", "--global-batch", "8",
-           "--seq-len", "32", "--dtype", "fp32", "--pertp", "2", "--ddp", "1", "--upload", "sliced",
-           "--micro-batch", "2", "--wire-dtype", "fp32", "-o", str(nominal))
+    zoplan(
+        "plan",
+        "--model",
+        str(calibrated[1] / "config.json"),
+        "--topology",
+        "cpu-local",
+        "--global-batch",
+        "8",
+        "--seq-len",
+        "32",
+        "--dtype",
+        "fp32",
+        "--pertp",
+        "2",
+        "--ddp",
+        "1",
+        "--upload",
+        "sliced",
+        "--micro-batch",
+        "2",
+        "--wire-dtype",
+        "fp32",
+        "-o",
+        str(nominal),
+    )
     assert load_plan(nominal).profile is None
     assert load_plan(nominal).prediction.step_time_s != plan.prediction.step_time_s
 
@@ -134,8 +197,18 @@ def test_a_profile_for_another_machine_or_model_is_refused(calibrated, tmp_path)
     data = yaml.safe_load(profile.read_text())
     data["machine"]["hash"] = "sha256:0000000000000000"
     other.write_text(yaml.safe_dump(data))
-    err = zoplan("plan", "--model", str(model / "config.json"), "--topology", "cpu-local", "--dtype", "fp32",
-                 "--profile", str(other), code=2).stderr
+    err = zoplan(
+        "plan",
+        "--model",
+        str(model / "config.json"),
+        "--topology",
+        "cpu-local",
+        "--dtype",
+        "fp32",
+        "--profile",
+        str(other),
+        code=2,
+    ).stderr
     assert "was measured on 'cpu-local'" in err and "zoplan calibrate" in err
     err = zoplan("plan", "--model", "opt-125m", "--topology", "cpu-local", "--profile", str(profile), code=2).stderr
     assert "holds compute times for model 'tiny-opt'" in err and "not for 'opt-125m'" in err
@@ -150,15 +223,39 @@ def test_four_ranks_measure_every_group_size_and_a_rank_dying_at_exit_spoils_not
     machine = yaml.safe_load((Path(__file__).parents[2] / "topologies" / "cpu-local.yaml").read_text())
     machine["name"] = "cpu-four"
     machine["gpus"] = [{"id": f"rank{i}", "model": "cpu-rank"} for i in range(4)]
-    machine["links"] = [{"a": "cpu0", "b": f"rank{i}", "kind": "memory", "gbps": 8.3, "latency_us": 5} for i in range(4)]
+    machine["links"] = [
+        {"a": "cpu0", "b": f"rank{i}", "kind": "memory", "gbps": 8.3, "latency_us": 5} for i in range(4)
+    ]
     topology = tmp_path / "four.yaml"
     topology.write_text(yaml.safe_dump(machine))
     profile = tmp_path / "profile.yaml"
     env = dict(os.environ, HF_HUB_OFFLINE="1", ZOPLAN_FAULTS="abort-at-exit:1")
-    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "calibrate", "--model", str(tiny_dirs["tiny-opt"]),
-                           "-t", str(topology), "--micro-batch", "1", "--seq-len", "16", "--steps", "3",
-                           "--micro-batches", "1,2,3", "-o", str(profile)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zoplan.cli",
+            "calibrate",
+            "--model",
+            str(tiny_dirs["tiny-opt"]),
+            "-t",
+            str(topology),
+            "--micro-batch",
+            "1",
+            "--seq-len",
+            "16",
+            "--steps",
+            "3",
+            "--micro-batches",
+            "1,2,3",
+            "-o",
+            str(profile),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "after every rank had finished measuring" in proc.stderr
     assert "perturbation kernels: torch" in proc.stdout  # the table's "measured with" row
@@ -186,8 +283,19 @@ def test_calibrating_a_gpu_topology_without_a_gpu_says_so() -> None:
 
 def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tmp_path) -> None:
     trace = tmp_path / "trace.json"
-    proc = zoplan("validate", str(planned), "--model", str(calibrated[1]), "--steps", "4", "--json",
-                  "--trace", str(trace), "-o", str(tmp_path / "run"))
+    proc = zoplan(
+        "validate",
+        str(planned),
+        "--model",
+        str(calibrated[1]),
+        "--steps",
+        "4",
+        "--json",
+        "--trace",
+        str(trace),
+        "-o",
+        str(tmp_path / "run"),
+    )
     report = json.loads(proc.stdout)
     rows = {r["stage"]: r for r in report["rows"]}
     assert report["measured_steps"] == [1, 2, 3]
@@ -195,7 +303,8 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
     for stage in ("step", "compute", "embed", "head", "update", "exchange", "scalar", "loop"):
         assert rows[stage]["measured_s"] > 0 and rows[stage]["predicted_s"] > 0, stage
         assert rows[stage]["error"] == pytest.approx(
-            (rows[stage]["predicted_s"] - rows[stage]["measured_s"]) / rows[stage]["measured_s"])
+            (rows[stage]["predicted_s"] - rows[stage]["measured_s"]) / rows[stage]["measured_s"]
+        )
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e["args"]["name"] for e in events if e.get("name") == "process_name"}
     assert {"rank0 (simulated)", "rank1 (simulated)", "rank0 (measured)", "rank1 (measured)"} <= names
@@ -204,11 +313,15 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
     # both timelines label each span with its op in the step program, the rank and the stream
     spans = [e for e in events if e.get("ph") == "X" and e["cat"] != "step"]
     assert all({"op", "rank", "stream"} <= set(e["args"]) for e in spans)
-    measured_ops = {(e["args"]["rank"], e["args"]["stream"], e["args"]["op"]) for e in spans if e["pid"] in measured_pids}
-    simulated_ops = {(e["args"]["rank"], e["args"]["stream"], e["args"]["op"]) for e in spans
-                     if e["pid"] not in measured_pids}
+    measured_ops = {
+        (e["args"]["rank"], e["args"]["stream"], e["args"]["op"]) for e in spans if e["pid"] in measured_pids
+    }
+    simulated_ops = {
+        (e["args"]["rank"], e["args"]["stream"], e["args"]["op"]) for e in spans if e["pid"] not in measured_pids
+    }
     assert ("rank0", "compute", "block 0") in measured_ops and measured_ops <= simulated_ops | {
-        (r, "compute", "host") for r in ("rank0", "rank1")}  # host work: a profile's, simulated here too
+        (r, "compute", "host") for r in ("rank0", "rank1")
+    }  # host work: a profile's, simulated here too
     # the default data: long texts written for the plan's sequence length, kept with the run
     assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == str(tmp_path / "run" / "long-text.jsonl")
     assert report["padding_fraction"] == 0.0  # they fill every sequence
@@ -236,9 +349,23 @@ def test_a_validation_without_an_output_leaves_nothing_behind(calibrated, planne
 def test_a_validation_refused_before_it_starts_leaves_no_run_directory(calibrated, planned, tmp_path) -> None:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "validate", str(planned), "--model", str(calibrated[1]),
-                           "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(tmp)))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zoplan.cli",
+            "validate",
+            str(planned),
+            "--model",
+            str(calibrated[1]),
+            "--data",
+            str(tmp_path / "missing.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(tmp)),
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp.iterdir()) == []  # no empty zoplan-validate-* directory
 

@@ -1,5 +1,6 @@
 """The cost model's counts of the runtime's work (zoplan.sim.costs, zoplan.models.RUNTIME_OPS) against
 what the runtime really issues: tensor ops per stage, resident tensors, the z generator's chunk."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -68,8 +69,9 @@ def test_runtime_op_counts_are_what_a_micro_batch_issues(name: str, tiny_dirs: d
         hidden = out[0] if isinstance(out, tuple) else out
         with _Count() as c:
             logits = adapter.logits(model, hidden).float()
-            loss = F.cross_entropy(logits[:, :-1, :].float().reshape(-1, logits.shape[-1]),
-                                   ids[:, 1:].reshape(-1), reduction="sum")
+            loss = F.cross_entropy(
+                logits[:, :-1, :].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
             float(loss)
         counted["head"] = c.n
     family = load_model_shape(tiny_dirs[name]).family

@@ -1,4 +1,5 @@
 """Data loading, tokenisation, sharding and the (sum, count) loss the replicas combine."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -269,7 +270,8 @@ def test_shard_sums_equal_the_whole_batch_mean(task: Task, tokenizer) -> None:
         reference = F.cross_entropy(scores, whole.label_ids)
     else:
         reference = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), whole.labels[:, 1:].reshape(-1),
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            whole.labels[:, 1:].reshape(-1),
             ignore_index=IGNORE_INDEX,
         )
     loss, count = loss_terms(logits, whole, task)
@@ -302,7 +304,7 @@ def test_real_model_loss_does_not_depend_on_sharding(name: str, task: Task, tiny
         loss, count = loss_terms(model(**whole.model_inputs()).logits, whole, task)
         total, total_count = 0.0, 0
         for replica in range(4):
-            shard = encode(examples[replica:replica + 1], tokenizer, task, max_len=64)
+            shard = encode(examples[replica : replica + 1], tokenizer, task, max_len=64)
             shard_loss, shard_count = loss_terms(model(**shard.model_inputs()).logits, shard, task)
             total, total_count = total + float(shard_loss), total_count + shard_count
     assert torch.isfinite(loss)

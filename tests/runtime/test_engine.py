@@ -1,4 +1,5 @@
 """The block-streamed executor in one process: it computes the model's own losses at theta +- eps z."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,12 +23,29 @@ EPS = 1e-3
 
 
 def _single_rank(model_dir: Path, tmp_path: Path, resident: int = 0, **engine_kwargs):
-    report = plan(str(model_dir / "config.json"), "cpu-local", global_batch=4, seq_len=32, dtype="fp32",
-                  pins=Pins(perturbation=1, data=1, upload="whole", resident=resident,
-                            wire_dtype="fp32"))
-    ctx = zdist.RankContext(rank=0, world=1, node=0, local_rank=0, device=torch.device("cpu"), role="compute",
-                            signs=(1, -1), replica=0, replicas=1, mover_index=None, movers=1,
-                            compute_index=0, computes=1)
+    report = plan(
+        str(model_dir / "config.json"),
+        "cpu-local",
+        global_batch=4,
+        seq_len=32,
+        dtype="fp32",
+        pins=Pins(perturbation=1, data=1, upload="whole", resident=resident, wire_dtype="fp32"),
+    )
+    ctx = zdist.RankContext(
+        rank=0,
+        world=1,
+        node=0,
+        local_rank=0,
+        device=torch.device("cpu"),
+        role="compute",
+        signs=(1, -1),
+        replica=0,
+        replicas=1,
+        mover_index=None,
+        movers=1,
+        compute_index=0,
+        computes=1,
+    )
     model, adapter, host = load_model(model_dir, report.plan, ctx, tmp_path / f"host-{uuid.uuid4().hex[:8]}")
     layout = report.plan.to_layout()
     if "prefetch" in engine_kwargs:
@@ -65,8 +83,11 @@ def test_streamed_dual_forward_equals_the_models_own_loss(family: str, tiny_dirs
     engine, host = _single_rank(model_dir, tmp_path)
     try:
         seed = 4321
-        losses = engine.forward_losses([{"inputs": batch.model_inputs(), "batch": batch}], seed,
-                                       [lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task)])
+        losses = engine.forward_losses(
+            [{"inputs": batch.model_inputs(), "batch": batch}],
+            seed,
+            [lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task)],
+        )
         for sign in (1, -1):
             total, count = losses[sign][0]
             # same modules, same weights: equal up to float summation order (here: exactly)
@@ -106,13 +127,18 @@ def test_a_step_then_flush_moves_the_weights_along_minus_g_z(tiny_dirs, tmp_path
     engine, host = _single_rank(model_dir, tmp_path)
     try:
         before = host.blocks[0].clone()
-        result = engine.step([{"inputs": batch.model_inputs(), "batch": batch}], 7, 1e-2, 0.0,
-                             lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task))
+        result = engine.step(
+            [{"inputs": batch.model_inputs(), "batch": batch}],
+            7,
+            1e-2,
+            0.0,
+            lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task),
+        )
         assert result.finite and result.projected_grad != 0
         engine.flush()
         slot = host.layouts[0].slots[0]
         z = normal(7, slot.name, 0, slot.numel)
-        moved = host.blocks[0][:slot.numel] - before[:slot.numel]
+        moved = host.blocks[0][: slot.numel] - before[: slot.numel]
         expected = -1e-2 * result.projected_grad * z
         assert expected.abs().max() > 1e-4  # a step large enough for the comparison to mean something
         torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-6)
@@ -121,8 +147,9 @@ def test_a_step_then_flush_moves_the_weights_along_minus_g_z(tiny_dirs, tmp_path
 
 
 @pytest.mark.parametrize("prefetch", [2, 4])  # 4: the whole model ahead, each block carried after its own write-back
-def test_the_next_steps_first_uploads_start_before_the_head_and_carry_every_update(prefetch: int, tiny_dirs,
-                                                                                   tmp_path: Path) -> None:
+def test_the_next_steps_first_uploads_start_before_the_head_and_carry_every_update(
+    prefetch: int, tiny_dirs, tmp_path: Path
+) -> None:
     """A training step uploads the next step's first `prefetch` blocks as its last blocks compute
     (the simulator's steps do the same); those uploads must hold the update this step wrote back."""
     import json
@@ -146,8 +173,14 @@ def test_the_next_steps_first_uploads_start_before_the_head_and_carry_every_upda
         if prefetch == 2:
             # step 0 uploads blocks 0-3, then the next step's 0 and 1 before its head; the later
             # steps start with those and upload only blocks 2 and 3 themselves
-            assert [x for x in labels[0] if x.startswith("h2d")] == ["h2d b0", "h2d b1", "h2d b2", "h2d b3",
-                                                                     "h2d b0", "h2d b1"]
+            assert [x for x in labels[0] if x.startswith("h2d")] == [
+                "h2d b0",
+                "h2d b1",
+                "h2d b2",
+                "h2d b3",
+                "h2d b0",
+                "h2d b1",
+            ]
             assert [x for x in labels[1] if x.startswith("h2d")] == ["h2d b2", "h2d b3", "h2d b0", "h2d b1"]
         assert labels[1].index("h2d b1") < labels[1].index("head")
         engine.flush()
@@ -156,9 +189,10 @@ def test_the_next_steps_first_uploads_start_before_the_head_and_carry_every_upda
         # the step before would lose one of them on blocks 0 and 1
         for i in (0, 1, 3):
             slot = host.layouts[i].slots[0]
-            expected = sum(-1e-2 * r.projected_grad * normal(seed, slot.name, 0, slot.numel)
-                           for r, seed in zip(results, (7, 8, 9)))
-            moved = host.blocks[i][:slot.numel] - before[i][:slot.numel]
+            expected = sum(
+                -1e-2 * r.projected_grad * normal(seed, slot.name, 0, slot.numel) for r, seed in zip(results, (7, 8, 9))
+            )
+            moved = host.blocks[i][: slot.numel] - before[i][: slot.numel]
             assert expected.abs().max() > 1e-4
             torch.testing.assert_close(moved, expected, rtol=1e-3, atol=1e-6)
     finally:
@@ -166,8 +200,9 @@ def test_the_next_steps_first_uploads_start_before_the_head_and_carry_every_upda
         host.remove()
 
 
-def test_the_host_copy_holds_the_weights_and_the_loader_releases_each_block(tiny_dirs, tmp_path: Path,
-                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_host_copy_holds_the_weights_and_the_loader_releases_each_block(
+    tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import AutoModelForCausalLM
 
     from zoplan.runtime.adapters import adapter_for
@@ -188,8 +223,9 @@ def test_the_host_copy_holds_the_weights_and_the_loader_releases_each_block(tiny
         return original_to(module, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "to", spy)
-    host = HostCopy.create(tmp_path / "host", model, adapter.blocks(model), adapter.blocks_path + ".", 2,
-                           "fp32", "fp32")
+    host = HostCopy.create(
+        tmp_path / "host", model, adapter.blocks(model), adapter.blocks_path + ".", 2, "fp32", "fp32"
+    )
     monkeypatch.undo()
     try:
         # block i is released right after its copy: the blocks before it are gone, the later ones loaded
@@ -199,8 +235,8 @@ def test_the_host_copy_holds_the_weights_and_the_loader_releases_each_block(tiny
         assert all(p.is_meta for b in blocks for p in b.parameters())
         for layout, flat in zip(host.layouts, host.blocks):
             for slot in layout.slots:
-                assert torch.equal(flat[slot.offset:slot.offset + slot.numel].view(slot.shape), expected[slot.name])
-            assert not flat[layout.numel:].any()
+                assert torch.equal(flat[slot.offset : slot.offset + slot.numel].view(slot.shape), expected[slot.name])
+            assert not flat[layout.numel :].any()
         for name, value in host.resident.items():
             assert torch.equal(value, expected[name])
     finally:

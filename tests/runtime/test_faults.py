@@ -1,4 +1,5 @@
 """The fault-injection hook (zoplan.runtime.faults): silent unless asked, exact when asked."""
+
 from __future__ import annotations
 
 import errno
@@ -41,6 +42,11 @@ def test_a_malformed_fault_is_refused(monkeypatch, spec: str) -> None:
 def test_kill_is_a_sigkill_of_the_rank_itself() -> None:
     code = "from zoplan.runtime import faults; faults.hit('kill', 2, 7); print('alive')"
     env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RESTART_COUNT"}
-    proc = subprocess.run([sys.executable, "-c", code], env={**env, "ZOPLAN_FAULTS": "kill:2:7"},
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "ZOPLAN_FAULTS": "kill:2:7"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL and "alive" not in proc.stdout

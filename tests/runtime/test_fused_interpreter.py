@@ -8,6 +8,7 @@ reference stream (bit for bit), the one-launch-per-block kernels against the per
 (equal to the torch path up to float32 rounding: the interpreter's log/cos are numpy's).
 Skipped where triton is not installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,15 +35,22 @@ def _lines(path: Path) -> list[dict]:
 def test_kernels_under_the_interpreter() -> None:
     here = Path(__file__).parent
     env = {**os.environ, **INTERP_ENV}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "test_block_kernels.py")],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=here)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here / "test_block_kernels.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=here,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     # every test of the file runs under the interpreter: none may skip
     assert re.search(r"\b\d+ passed\b", proc.stdout) and "skipped" not in proc.stdout and "failed" not in proc.stdout
 
 
-def test_a_run_with_the_fused_kernels_follows_the_torch_path(tiny_dirs, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_with_the_fused_kernels_follows_the_torch_path(
+    tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The losses at theta +- eps z and the projected gradients agree with the torch path's run;
     the weights agree with a replay of the run's own journal on the torch path. (Comparing the
     two runs' weights directly would be loose: the loss difference is an fp32 difference of two
@@ -57,8 +65,10 @@ def test_a_run_with_the_fused_kernels_follows_the_torch_path(tiny_dirs, tmp_path
     two = cpu_topology(tmp_path, 2)
     # sliced: each rank updates its own slices of a block (update_range over sub-ranges), then
     # both signs are perturbed from the gathered block; whole: one rank, both signs in one launch
-    layouts = {"2x1-sliced": dict(perturbation=2, data=1, upload="sliced", movers="compute", slices=2),
-               "1x1-whole": dict(perturbation=1, data=1, gpus=("rank0",), upload="whole")}
+    layouts = {
+        "2x1-sliced": dict(perturbation=2, data=1, upload="sliced", movers="compute", slices=2),
+        "1x1-whole": dict(perturbation=1, data=1, gpus=("rank0",), upload="whole"),
+    }
     steps = 2  # the second applies the first one's deferred update: every kernel runs (interpreted: slow)
     for name, pins in layouts.items():
         plan_path = planned(tmp_path, model_dir, two, name, **pins)
@@ -82,7 +92,9 @@ def test_a_run_with_the_fused_kernels_follows_the_torch_path(tiny_dirs, tmp_path
             assert r["lr"] == LR
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        replay(model, read_journal(tmp_path / f"{name}-fused" / "journal.jsonl"))  # the torch path, with the fused run's own projected gradients
+        replay(
+            model, read_journal(tmp_path / f"{name}-fused" / "journal.jsonl")
+        )  # the torch path, with the fused run's own projected gradients
         replayed = {n: p.detach() for n, p in model.named_parameters()}
         initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
         for pname, value in fused.items():
@@ -116,29 +128,70 @@ def test_kernels_compile_for_the_gpu_with_the_per_parameter_kernels_arithmetic(m
     def ops(fn, signature: dict, constexprs: dict) -> dict[str, int]:
         sig = {**signature, **{k: "constexpr" for k in constexprs}}
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": T._NUM_WARPS, **T._OPTIONS}).asm["ptx"]
-        return {op: len(re.findall(rf"\b{re.escape(op)}\.f32\b", ptx)) for op in ("mul.rn", "add.rn", "sub.rn", "fma.rn")}
+        ptx = triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": T._NUM_WARPS, **T._OPTIONS}
+        ).asm["ptx"]
+        return {
+            op: len(re.findall(rf"\b{re.escape(op)}\.f32\b", ptx)) for op in ("mul.rn", "add.rn", "sub.rn", "fma.rn")
+        }
 
     scalars = {"alpha": "fp32", "lr": "fp32", "wd": "fp32"}
     for out, base in (("*bf16", "*fp32"), ("*fp32", "*fp32"), ("*bf16", "*bf16")):
         for mode, decay in ((T.MODE_PERTURBED, False), (T.MODE_UPDATE, True), (T.MODE_UPDATE, False)):
             y = base if mode == T.MODE_PERTURBED else out
-            per_param = ops(T._zo_kernel, {"x_ptr": out, "y_ptr": y, "n": "i64", "lo_start": "i64", "k0": "i64",
-                                           "k1": "i64", "k2": "i64", **scalars},
-                            {"MODE": mode, "DECAY": decay, "PRECISE": True, "BLOCK": T._BLOCK})
-            block_sig = {"x_ptr": out, "y_ptr": y, "w_ptr": out, "table_ptr": "*i64", "nrows": "i32", "seed_lo": "i64",
-                         "seed_hi": "i64", "alpha2": "fp32", **scalars}
-            block = ops(T._zo_block_kernel, block_sig, {"MODE": mode, "TWO": False, "DECAY": decay, "PRECISE": True,
-                                                        "BLOCK": T._BLOCK, "ROWS": 16})
+            per_param = ops(
+                T._zo_kernel,
+                {
+                    "x_ptr": out,
+                    "y_ptr": y,
+                    "n": "i64",
+                    "lo_start": "i64",
+                    "k0": "i64",
+                    "k1": "i64",
+                    "k2": "i64",
+                    **scalars,
+                },
+                {"MODE": mode, "DECAY": decay, "PRECISE": True, "BLOCK": T._BLOCK},
+            )
+            block_sig = {
+                "x_ptr": out,
+                "y_ptr": y,
+                "w_ptr": out,
+                "table_ptr": "*i64",
+                "nrows": "i32",
+                "seed_lo": "i64",
+                "seed_hi": "i64",
+                "alpha2": "fp32",
+                **scalars,
+            }
+            block = ops(
+                T._zo_block_kernel,
+                block_sig,
+                {"MODE": mode, "TWO": False, "DECAY": decay, "PRECISE": True, "BLOCK": T._BLOCK, "ROWS": 16},
+            )
             assert per_param["mul.rn"] > 0 and per_param["fma.rn"] > 0, per_param  # the pattern matches
             assert block == per_param, (out, base, mode, decay)
             if mode == T.MODE_PERTURBED:  # the second output: one more rounded multiply and add per element
-                two = ops(T._zo_block_kernel, block_sig, {"MODE": mode, "TWO": True, "DECAY": False, "PRECISE": True,
-                                                          "BLOCK": T._BLOCK, "ROWS": 16})
+                two = ops(
+                    T._zo_block_kernel,
+                    block_sig,
+                    {"MODE": mode, "TWO": True, "DECAY": False, "PRECISE": True, "BLOCK": T._BLOCK, "ROWS": 16},
+                )
                 assert two["fma.rn"] == per_param["fma.rn"] and two["sub.rn"] == per_param["sub.rn"]
                 assert two["mul.rn"] > per_param["mul.rn"] and two["add.rn"] > per_param["add.rn"]
-    words = ops(T._zo_block_kernel, {"x_ptr": "*i32", "y_ptr": "*i32", "w_ptr": "*i32", "table_ptr": "*i64",
-                                     "nrows": "i32", "seed_lo": "i64", "seed_hi": "i64", "alpha2": "fp32", **scalars},
-                {"MODE": T.MODE_WORDS, "TWO": False, "DECAY": False, "PRECISE": True, "BLOCK": T._BLOCK, "ROWS": 64})
+    words = ops(
+        T._zo_block_kernel,
+        {
+            "x_ptr": "*i32",
+            "y_ptr": "*i32",
+            "w_ptr": "*i32",
+            "table_ptr": "*i64",
+            "nrows": "i32",
+            "seed_lo": "i64",
+            "seed_hi": "i64",
+            "alpha2": "fp32",
+            **scalars,
+        },
+        {"MODE": T.MODE_WORDS, "TWO": False, "DECAY": False, "PRECISE": True, "BLOCK": T._BLOCK, "ROWS": 64},
+    )
     assert words == {"mul.rn": 0, "add.rn": 0, "sub.rn": 0, "fma.rn": 0}

@@ -9,6 +9,7 @@ train one step of the tiny model), so a bad value must be refused also next to g
 Every bad value is tried alone next to every good option, then hypothesis mixes up to three bad
 options with good ones (derandomized: the same commands on every run).
 """
+
 from __future__ import annotations
 
 import glob
@@ -57,11 +58,27 @@ RUN_BAD = {
     "--journal-sync-every": ["0", "-1"],
 }
 # cheap values a real run accepts (one step of the tiny model, if all else were good)
-RUN_GOOD = {"--steps": "1", "--global-batch": "4", "--seq-len": "16", "--lr": "1e-3", "--eps": "1e-3",
-            "--seed": "3", "--eval-every": "0", "--wire-dtype": "fp32", "--upload": "whole",
-            "--snapshot-every": "0", "--keep-snapshots": "2", "--journal-sync-every": "1", "--max-restarts": "0",
-            "--nnodes": "1", "--node-rank": "0", "--topology": "cpu-local", "--model": "tiny-opt",
-            "--data": "sentiment"}
+RUN_GOOD = {
+    "--steps": "1",
+    "--global-batch": "4",
+    "--seq-len": "16",
+    "--lr": "1e-3",
+    "--eps": "1e-3",
+    "--seed": "3",
+    "--eval-every": "0",
+    "--wire-dtype": "fp32",
+    "--upload": "whole",
+    "--snapshot-every": "0",
+    "--keep-snapshots": "2",
+    "--journal-sync-every": "1",
+    "--max-restarts": "0",
+    "--nnodes": "1",
+    "--node-rank": "0",
+    "--topology": "cpu-local",
+    "--model": "tiny-opt",
+    "--data": "sentiment",
+}
+
 
 def leftovers(private_tmp: Path) -> set[str]:
     """What this process's launches hold outside an output directory: host-copy folders in /dev/shm
@@ -118,10 +135,14 @@ def test_run_refuses_each_bad_value_next_to_good_ones(tmp_path: Path, flag: str)
 
 
 @fuzz_settings(60, shrink=False)
-@given(bad=st.lists(st.sampled_from(sorted(RUN_BAD)), min_size=1, max_size=3, unique=True),
-       good=st.lists(st.sampled_from(sorted(RUN_GOOD)), max_size=5, unique=True), data=st.data())
-def test_run_refuses_any_mix_with_a_bad_argument_before_a_rank_starts(tmp_path_factory, bad: list[str],
-                                                                      good: list[str], data) -> None:
+@given(
+    bad=st.lists(st.sampled_from(sorted(RUN_BAD)), min_size=1, max_size=3, unique=True),
+    good=st.lists(st.sampled_from(sorted(RUN_GOOD)), max_size=5, unique=True),
+    data=st.data(),
+)
+def test_run_refuses_any_mix_with_a_bad_argument_before_a_rank_starts(
+    tmp_path_factory, bad: list[str], good: list[str], data
+) -> None:
     root = tmp_path_factory.mktemp("run-fuzz")
     args, out = run_args(root, {flag: data.draw(st.sampled_from(RUN_BAD[flag]), label=flag) for flag in bad}, good)
     assert_refused(args, root, out)
@@ -130,8 +151,21 @@ def test_run_refuses_any_mix_with_a_bad_argument_before_a_rank_starts(tmp_path_f
 @pytest.fixture(scope="module")
 def tiny_plan(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("plan") / "plan.yaml"
-    code, output = console(["plan", "--model", "tiny-opt", "--topology", "cpu-local", "--global-batch", "4",
-                            "--seq-len", "16", "-o", str(path)])
+    code, output = console(
+        [
+            "plan",
+            "--model",
+            "tiny-opt",
+            "--topology",
+            "cpu-local",
+            "--global-batch",
+            "4",
+            "--seq-len",
+            "16",
+            "-o",
+            str(path),
+        ]
+    )
     assert code == 0, output
     return path
 
@@ -178,10 +212,14 @@ def test_validate_refuses_each_bad_value_before_it_runs(tmp_path: Path, tiny_pla
 
 
 @fuzz_settings(40, shrink=False)
-@given(bad=st.lists(st.sampled_from(VALIDATE_OPTIONS), min_size=1, max_size=3, unique=True),
-       good=st.lists(st.sampled_from(VALIDATE_GOOD), max_size=3, unique=True), data=st.data())
-def test_validate_refuses_any_mix_with_a_bad_argument_before_it_runs(tmp_path_factory, tiny_plan: Path,
-                                                                     bad: list[str], good: list[str], data) -> None:
+@given(
+    bad=st.lists(st.sampled_from(VALIDATE_OPTIONS), min_size=1, max_size=3, unique=True),
+    good=st.lists(st.sampled_from(VALIDATE_GOOD), max_size=3, unique=True),
+    data=st.data(),
+)
+def test_validate_refuses_any_mix_with_a_bad_argument_before_it_runs(
+    tmp_path_factory, tiny_plan: Path, bad: list[str], good: list[str], data
+) -> None:
     root = tmp_path_factory.mktemp("validate-fuzz")
     values = validate_bad(root, tiny_plan)
     chosen = {flag: data.draw(st.sampled_from(values[flag]), label=flag) for flag in bad}
@@ -206,9 +244,23 @@ def replay_bad(root: Path) -> dict[str, list[str]]:
     }
 
 
-JOURNAL = "".join(json.dumps({"step": s, "seed": 1000 + s, "loss_plus": 0.7, "loss_minus": 0.71,
-                              "projected_grad": 0.25, "lr": 1e-3, "eps": 1e-3, "weight_decay": 0.0,
-                              "skipped": False}) + "\n" for s in range(2))
+JOURNAL = "".join(
+    json.dumps(
+        {
+            "step": s,
+            "seed": 1000 + s,
+            "loss_plus": 0.7,
+            "loss_minus": 0.71,
+            "projected_grad": 0.25,
+            "lr": 1e-3,
+            "eps": 1e-3,
+            "weight_decay": 0.0,
+            "skipped": False,
+        }
+    )
+    + "\n"
+    for s in range(2)
+)
 REPLAY_ARGS = ["BASE", "JOURNAL", "-o", "--dtype", "--device"]
 
 

@@ -32,6 +32,7 @@ Product bugs found are listed in ``KNOWN_BUGS``: the random tests tolerate exact
 signatures (counted in ``KNOWN_HITS``) and each has a strict-xfail test with a minimal explicit
 ``@example``, so fixing a bug turns its xfail into a failure that asks to drop the marker.
 """
+
 from __future__ import annotations
 
 import copy
@@ -72,8 +73,6 @@ MIN_REPLAYED = 400  # 444 to 491 seen, depending on what ran before (see the doc
 N_D_VALID, N_D_MUTATED, N_D_NASTY = 150, 250, 100  # per format
 
 
-
-
 # ----- known product bugs -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class KnownBug:
@@ -84,29 +83,52 @@ class KnownBug:
     stage: str = "load"  # "load": the loader itself; "replay": applying what it loaded
 
 
-KNOWN_BUGS = {bug.key: bug for bug in (
-    KnownBug("read_journal-not-utf8", "replay.py:read_journal", (UnicodeDecodeError,),
-             "runtime/replay.py read_journal (line 33) reads with path.read_text() and catches only "
-             "OSError: a journal with a byte that is not UTF-8 (b'\\xff') raises UnicodeDecodeError"),
-    KnownBug("read_journal-step-types", "replay.py:read_journal", (TypeError,),
-             "runtime/replay.py read_journal (lines 48-49) checks that steps are consecutive with "
-             "range(steps[0], steps[0] + len(steps)) without checking their type: a \"step\" that is "
-             "a string, a float, null, a list... raises TypeError"),
-    KnownBug("read_journal-json-escapes", "replay.py:read_journal", (RecursionError, ValueError),
-             "runtime/replay.py read_journal (line 43) catches JSONDecodeError, KeyError and "
-             "TypeError, but json.loads raises RecursionError on deep nesting ('[' * 100000) and "
-             "ValueError on an integer of more than 4300 digits: on any line, the last included"),
-    KnownBug("read_journal-field-types", "*", (TypeError, ValueError, OverflowError, RuntimeError),
-             "runtime/replay.py read_journal returns rows without checking the types of seed, "
-             "projected_grad, lr and weight_decay: {\"seed\": \"x\"} (or a float seed, a string "
-             "lr...) loads, then replay raises TypeError in runtime/perturb.py name_key (line 141) "
-             "('unsupported operand type(s) for &: str and int'): a traceback from zoplan replay",
-             stage="replay"),
-    KnownBug("read_jsonl-json-escapes", "data.py:_read_jsonl", (RecursionError, ValueError),
-             "runtime/data.py _read_jsonl (lines 216-217) catches only json.JSONDecodeError, but "
-             "json.loads raises RecursionError on deep nesting ('[' * 100000) and ValueError on an "
-             "integer of more than 4300 digits (a label of 5000 digits)"),
-)}
+KNOWN_BUGS = {
+    bug.key: bug
+    for bug in (
+        KnownBug(
+            "read_journal-not-utf8",
+            "replay.py:read_journal",
+            (UnicodeDecodeError,),
+            "runtime/replay.py read_journal (line 33) reads with path.read_text() and catches only "
+            "OSError: a journal with a byte that is not UTF-8 (b'\\xff') raises UnicodeDecodeError",
+        ),
+        KnownBug(
+            "read_journal-step-types",
+            "replay.py:read_journal",
+            (TypeError,),
+            "runtime/replay.py read_journal (lines 48-49) checks that steps are consecutive with "
+            'range(steps[0], steps[0] + len(steps)) without checking their type: a "step" that is '
+            "a string, a float, null, a list... raises TypeError",
+        ),
+        KnownBug(
+            "read_journal-json-escapes",
+            "replay.py:read_journal",
+            (RecursionError, ValueError),
+            "runtime/replay.py read_journal (line 43) catches JSONDecodeError, KeyError and "
+            "TypeError, but json.loads raises RecursionError on deep nesting ('[' * 100000) and "
+            "ValueError on an integer of more than 4300 digits: on any line, the last included",
+        ),
+        KnownBug(
+            "read_journal-field-types",
+            "*",
+            (TypeError, ValueError, OverflowError, RuntimeError),
+            "runtime/replay.py read_journal returns rows without checking the types of seed, "
+            'projected_grad, lr and weight_decay: {"seed": "x"} (or a float seed, a string '
+            "lr...) loads, then replay raises TypeError in runtime/perturb.py name_key (line 141) "
+            "('unsupported operand type(s) for &: str and int'): a traceback from zoplan replay",
+            stage="replay",
+        ),
+        KnownBug(
+            "read_jsonl-json-escapes",
+            "data.py:_read_jsonl",
+            (RecursionError, ValueError),
+            "runtime/data.py _read_jsonl (lines 216-217) catches only json.JSONDecodeError, but "
+            "json.loads raises RecursionError on deep nesting ('[' * 100000) and ValueError on an "
+            "integer of more than 4300 digits (a label of 5000 digits)",
+        ),
+    )
+}
 
 
 def known_bug(exc: BaseException, stage: str) -> KnownBug | None:
@@ -119,8 +141,13 @@ def known_bug(exc: BaseException, stage: str) -> KnownBug | None:
 
 # Bugs found by this suite and fixed since: their examples stay as regression tests, and the random
 # tests no longer tolerate their signatures.
-FIXED = {"read_journal-not-utf8", "read_journal-step-types", "read_journal-json-escapes",
-         "read_journal-field-types", "read_jsonl-json-escapes"}
+FIXED = {
+    "read_journal-not-utf8",
+    "read_journal-step-types",
+    "read_journal-json-escapes",
+    "read_journal-field-types",
+    "read_jsonl-json-escapes",
+}
 
 
 def xfail_bug(key: str) -> pytest.MarkDecorator:
@@ -133,8 +160,15 @@ def xfail_bug(key: str) -> pytest.MarkDecorator:
 LAST_REFUSAL = [""]  # the message of the last ZoplanError that attempt() returned REFUSED for
 
 
-def attempt(loader: str, call: Callable[[], Any], input_size: int, *, stage: str = "load",
-            seconds: float = 20.0, tolerate_known: bool = True) -> Any:
+def attempt(
+    loader: str,
+    call: Callable[[], Any],
+    input_size: int,
+    *,
+    stage: str = "load",
+    seconds: float = 20.0,
+    tolerate_known: bool = True,
+) -> Any:
     """The call's result, or REFUSED for a ZoplanError (or a known bug's failure)."""
     COUNTS[loader] += 1
     LAST_REFUSAL[0] = ""
@@ -151,8 +185,9 @@ def attempt(loader: str, call: Callable[[], Any], input_size: int, *, stage: str
         if bug is not None:
             KNOWN_HITS[bug.key] += 1
             return REFUSED
-        raise AssertionError(f"{loader} raised {type(exc).__name__} at {product_frame(exc)}, not "
-                             f"ZoplanError: {str(exc)[:300]}") from exc
+        raise AssertionError(
+            f"{loader} raised {type(exc).__name__} at {product_frame(exc)}, not ZoplanError: {str(exc)[:300]}"
+        ) from exc
 
 
 @pytest.fixture(scope="module")
@@ -161,15 +196,63 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ----- mutations ----------------------------------------------------------------------------------
-SPECIAL_NUMBERS = [0, -1, 1, 2, 2**31, 2**63, 2**64 + 1, 10**30, -(10**30), 0.0, -0.0, 1e-300, 5e-324,
-                   0.5, 1e300, 1.7976931348623157e308, math.inf, -math.inf, math.nan]
-SPECIAL_STRINGS = ["", " ", "x", "1", "0", "1.0", "null", "nan", "NaN", "true", "é", "日本", "\u2028",
-                   "\x00", "\x1c", "\ud800", "a" * 300, "step", "seed", "text", "label"]
-SCALARS = st.one_of(st.none(), st.booleans(), st.sampled_from(SPECIAL_NUMBERS), st.integers(-10**6, 10**6),
-                    st.floats(), st.sampled_from(SPECIAL_STRINGS), st.text(max_size=10))
+SPECIAL_NUMBERS = [
+    0,
+    -1,
+    1,
+    2,
+    2**31,
+    2**63,
+    2**64 + 1,
+    10**30,
+    -(10**30),
+    0.0,
+    -0.0,
+    1e-300,
+    5e-324,
+    0.5,
+    1e300,
+    1.7976931348623157e308,
+    math.inf,
+    -math.inf,
+    math.nan,
+]
+SPECIAL_STRINGS = [
+    "",
+    " ",
+    "x",
+    "1",
+    "0",
+    "1.0",
+    "null",
+    "nan",
+    "NaN",
+    "true",
+    "é",
+    "日本",
+    "\u2028",
+    "\x00",
+    "\x1c",
+    "\ud800",
+    "a" * 300,
+    "step",
+    "seed",
+    "text",
+    "label",
+]
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from(SPECIAL_NUMBERS),
+    st.integers(-(10**6), 10**6),
+    st.floats(),
+    st.sampled_from(SPECIAL_STRINGS),
+    st.text(max_size=10),
+)
 KEYS = st.sampled_from(SPECIAL_STRINGS) | st.text(max_size=8)
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(KEYS, inner, max_size=3), max_leaves=6)
+VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3), max_leaves=6
+)
 
 
 def mutate_record(data: st.DataObject, record: dict) -> Any:
@@ -199,11 +282,48 @@ def dumps(value: Any, ensure_ascii: bool = True) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii)
 
 
-INSERTS = [b"{", b"}", b"[", b"]", b",", b":", b'"', b"\\", b"\n", b"\r", b"\r\n", b"\x00", b"\xff", b"\xc3",
-           b"\xef\xbb\xbf", b"\xe2\x80\xa8", b"\x1c", b"\x85", b"NaN", b"-Infinity", b"1e999", b"null",
-           b"9" * 40, b" ", b"\t", b'","', b"\x0b"]
-BYTE_OPS = ("truncate", "insert", "overwrite", "delete_span", "dup_line", "drop_line", "swap_lines",
-            "blank_line", "bom", "crlf", "latin1")
+INSERTS = [
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b'"',
+    b"\\",
+    b"\n",
+    b"\r",
+    b"\r\n",
+    b"\x00",
+    b"\xff",
+    b"\xc3",
+    b"\xef\xbb\xbf",
+    b"\xe2\x80\xa8",
+    b"\x1c",
+    b"\x85",
+    b"NaN",
+    b"-Infinity",
+    b"1e999",
+    b"null",
+    b"9" * 40,
+    b" ",
+    b"\t",
+    b'","',
+    b"\x0b",
+]
+BYTE_OPS = (
+    "truncate",
+    "insert",
+    "overwrite",
+    "delete_span",
+    "dup_line",
+    "drop_line",
+    "swap_lines",
+    "blank_line",
+    "bom",
+    "crlf",
+    "latin1",
+)
 
 
 def mutate_bytes(data: st.DataObject, raw: bytes) -> bytes:
@@ -228,10 +348,19 @@ def journals(draw: Callable, min_lines: int = 1) -> list[dict]:
     rows = []
     for step in range(first, first + n):
         skipped = draw(st.booleans())
-        rows.append({"step": step, "seed": draw(st.integers(0, 2**63 - 1)),
-                     "loss_plus": draw(LOSS), "loss_minus": draw(LOSS),
-                     "projected_grad": 0.0 if skipped else draw(FINITE.filter(lambda x: abs(x) < 1e6)),
-                     "lr": lr, "eps": eps, "weight_decay": wd, "skipped": skipped})
+        rows.append(
+            {
+                "step": step,
+                "seed": draw(st.integers(0, 2**63 - 1)),
+                "loss_plus": draw(LOSS),
+                "loss_minus": draw(LOSS),
+                "projected_grad": 0.0 if skipped else draw(FINITE.filter(lambda x: abs(x) < 1e6)),
+                "lr": lr,
+                "eps": eps,
+                "weight_decay": wd,
+                "skipped": skipped,
+            }
+        )
     return rows
 
 
@@ -254,8 +383,7 @@ def check_journal(path: Path, *, tolerate_known: bool = True, replay_too: bool =
     rows = attempt("read_journal", lambda: read_journal(path), size, tolerate_known=tolerate_known)
     if rows is not REFUSED and replay_too:
         LOADED[0] += 1
-        attempt("replay", lambda: replay(tiny_module(), rows), size, stage="replay",
-                tolerate_known=tolerate_known)
+        attempt("replay", lambda: replay(tiny_module(), rows), size, stage="replay", tolerate_known=tolerate_known)
     return rows
 
 
@@ -271,8 +399,9 @@ def test_journal_valid_roundtrip(workdir: Path, rows: list[dict], crlf: bool, tr
 
 @fuzz_settings(N_J_CUT)
 @given(rows=journals(), data=st.data())
-def test_journal_cut_anywhere_drops_only_the_torn_last_line(workdir: Path, rows: list[dict],
-                                                            data: st.DataObject) -> None:
+def test_journal_cut_anywhere_drops_only_the_torn_last_line(
+    workdir: Path, rows: list[dict], data: st.DataObject
+) -> None:
     """A power loss mid-write: the file is any prefix of a good journal."""
     RAN.add("journal_cut")
     raw = journal_text(rows).encode()
@@ -290,19 +419,43 @@ def test_journal_cut_anywhere_drops_only_the_torn_last_line(workdir: Path, rows:
 
 
 BAD_LINES = st.one_of(
-    st.sampled_from(['{"step": 1', "not json", "[]", "1", '"x"', "null", "{}", '{"step": 0}', "}", "{",
-                     '{"step": 0, "seed": 1, "projected_grad": 0.5, "lr": 0.1}']),
-    st.text(alphabet=st.characters(blacklist_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029",
-                                   blacklist_categories=("Cs",)), min_size=1, max_size=30)
-    .filter(lambda s: s.strip() and not s.strip().startswith(("{", "[", '"', "-", "0", "1", "2", "3", "4",
-                                                               "5", "6", "7", "8", "9", "N", "I", "t", "f", "n"))),
+    st.sampled_from(
+        [
+            '{"step": 1',
+            "not json",
+            "[]",
+            "1",
+            '"x"',
+            "null",
+            "{}",
+            '{"step": 0}',
+            "}",
+            "{",
+            '{"step": 0, "seed": 1, "projected_grad": 0.5, "lr": 0.1}',
+        ]
+    ),
+    st.text(
+        alphabet=st.characters(
+            blacklist_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029", blacklist_categories=("Cs",)
+        ),
+        min_size=1,
+        max_size=30,
+    ).filter(
+        lambda s: (
+            s.strip()
+            and not s.strip().startswith(
+                ("{", "[", '"', "-", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "N", "I", "t", "f", "n")
+            )
+        )
+    ),
 )
 
 
 @fuzz_settings(N_J_BADLINE)
 @given(rows=journals(min_lines=2), data=st.data(), bad=BAD_LINES)
-def test_journal_bad_line_before_the_last_is_an_error(workdir: Path, rows: list[dict], data: st.DataObject,
-                                                      bad: str) -> None:
+def test_journal_bad_line_before_the_last_is_an_error(
+    workdir: Path, rows: list[dict], data: st.DataObject, bad: str
+) -> None:
     RAN.add("journal_badline")
     lines = [dumps(r) for r in rows]
     index = data.draw(st.integers(0, len(lines) - 2), label="bad line")
@@ -331,9 +484,22 @@ def nasty_journal(data: st.DataObject, rows: list[dict]) -> bytes:
     text = journal_text(rows)
     kind = data.draw(st.sampled_from(["fixed", "deep", "bigint", "field", "huge_line", "nul"]), label="kind")
     if kind == "fixed":
-        return data.draw(st.sampled_from([b"", b"\n\n\n", b"\xef\xbb\xbf" + text.encode(), b"\xff\n" + text.encode(),
-                                          text.encode("utf-16"), b"\x00" * 10, b"{}\n" * 3, b"[]",
-                                          ("\u2028" + text).encode()]), label="fixed")
+        return data.draw(
+            st.sampled_from(
+                [
+                    b"",
+                    b"\n\n\n",
+                    b"\xef\xbb\xbf" + text.encode(),
+                    b"\xff\n" + text.encode(),
+                    text.encode("utf-16"),
+                    b"\x00" * 10,
+                    b"{}\n" * 3,
+                    b"[]",
+                    ("\u2028" + text).encode(),
+                ]
+            ),
+            label="fixed",
+        )
     line = data.draw(st.integers(0, len(rows)), label="at line")
     lines = text.splitlines()
     if kind == "deep":
@@ -342,8 +508,9 @@ def nasty_journal(data: st.DataObject, rows: list[dict]) -> bytes:
         payload = '{"step": ' + "9" * data.draw(st.integers(1, 6000), label="digits") + "}"
     elif kind == "field":
         row = dict(rows[min(line, len(rows) - 1)])
-        row[data.draw(st.sampled_from(FIELDS))] = data.draw(st.sampled_from(
-            ["x", None, 1.5, [1], {"a": 1}, True, -1, 2**64, 10**100, "NaN"]))
+        row[data.draw(st.sampled_from(FIELDS))] = data.draw(
+            st.sampled_from(["x", None, 1.5, [1], {"a": 1}, True, -1, 2**64, 10**100, "NaN"])
+        )
         payload = dumps(row)
     elif kind == "huge_line":
         payload = dumps({**rows[0], "pad": "x" * data.draw(st.integers(1, 2_000_000), label="pad")})
@@ -445,14 +612,18 @@ LABELS = st.one_of(st.integers(0, 9), st.integers(0, 10**30))
 @st.composite
 def datasets(draw: Callable) -> tuple[list[str], list[int] | None]:
     texts = draw(st.lists(TEXTS, min_size=1, max_size=6), label="texts")
-    labels = draw(st.lists(LABELS, min_size=len(texts), max_size=len(texts)), label="labels") \
-        if draw(st.booleans(), label="labelled") else None
+    labels = (
+        draw(st.lists(LABELS, min_size=len(texts), max_size=len(texts)), label="labels")
+        if draw(st.booleans(), label="labelled")
+        else None
+    )
     return texts, labels
 
 
 def jsonl_text(texts: list[str], labels: list[int] | None, ensure_ascii: bool = True) -> str:
-    records = [{"text": t} if labels is None else {"text": t, "label": l} for t, l in
-               zip(texts, labels or [None] * len(texts))]
+    records = [
+        {"text": t} if labels is None else {"text": t, "label": l} for t, l in zip(texts, labels or [None] * len(texts))
+    ]
     return "".join(dumps(r, ensure_ascii) + "\n" for r in records)
 
 
@@ -466,13 +637,16 @@ def csv_text(texts: list[str], labels: list[int] | None) -> str:
 
 
 def check_data(path: Path, *, tolerate_known: bool = True) -> Any:
-    return attempt("load_examples", lambda: load_examples(str(path)), path.stat().st_size,
-                   tolerate_known=tolerate_known)
+    return attempt(
+        "load_examples", lambda: load_examples(str(path)), path.stat().st_size, tolerate_known=tolerate_known
+    )
 
 
 def expected_examples(texts: list[str], labels: list[int] | None) -> tuple[list[Example], str]:
-    return ([Example(t, None if labels is None else labels[i]) for i, t in enumerate(texts)],
-            "lm" if labels is None else "classification")
+    return (
+        [Example(t, None if labels is None else labels[i]) for i, t in enumerate(texts)],
+        "lm" if labels is None else "classification",
+    )
 
 
 @fuzz_settings(N_D_VALID)
@@ -520,8 +694,30 @@ def test_csv_mutations(workdir: Path, dataset: tuple, data: st.DataObject, how: 
         op = data.draw(st.sampled_from(["set", "drop", "add", "empty_row"]), label="op")
         if op == "set" and rows[r]:
             rows[r][data.draw(st.integers(0, len(rows[r]) - 1))] = data.draw(
-                st.sampled_from(["", " ", "-1", "1.5", "1e3", "0x1", "+1", "1_0", "٣", "nan", "9" * 5000,
-                                 "label", "text", "\x00", "a,b", '"', "\r\n"]) | st.text(max_size=8), label="cell")
+                st.sampled_from(
+                    [
+                        "",
+                        " ",
+                        "-1",
+                        "1.5",
+                        "1e3",
+                        "0x1",
+                        "+1",
+                        "1_0",
+                        "٣",
+                        "nan",
+                        "9" * 5000,
+                        "label",
+                        "text",
+                        "\x00",
+                        "a,b",
+                        '"',
+                        "\r\n",
+                    ]
+                )
+                | st.text(max_size=8),
+                label="cell",
+            )
         elif op == "drop" and rows[r]:
             rows[r].pop()
         elif op == "add":
@@ -541,12 +737,28 @@ def nasty_data(data: st.DataObject, suffix: str, dataset: tuple) -> bytes:
     text = jsonl_text(texts, labels) if suffix == ".jsonl" else csv_text(texts, labels)
     kind = data.draw(st.sampled_from(["fixed", "deep", "bigint", "huge_field", "nul", "encoding"]), label="kind")
     if kind == "fixed":
-        return data.draw(st.sampled_from([b"", b"\n", b"\xef\xbb\xbf", b"text\n", b"text,label\n", b"label,text\n",
-                                          b"text,label\n,\n", b'text\n"unterminated\n', b"text\n\x00\n",
-                                          b'{"text": "a"}\n{"label": 1}\n',
-                                          b'{"text": "a", "label": 1}\n{"text": "b"}\n',
-                                          b'{"text": "a", "label": -1}\n', b'{"text": "a", "label": true}\n',
-                                          b'{"text": "\\ud800"}\n', b'{"text": " "}\n']), label="fixed")
+        return data.draw(
+            st.sampled_from(
+                [
+                    b"",
+                    b"\n",
+                    b"\xef\xbb\xbf",
+                    b"text\n",
+                    b"text,label\n",
+                    b"label,text\n",
+                    b"text,label\n,\n",
+                    b'text\n"unterminated\n',
+                    b"text\n\x00\n",
+                    b'{"text": "a"}\n{"label": 1}\n',
+                    b'{"text": "a", "label": 1}\n{"text": "b"}\n',
+                    b'{"text": "a", "label": -1}\n',
+                    b'{"text": "a", "label": true}\n',
+                    b'{"text": "\\ud800"}\n',
+                    b'{"text": " "}\n',
+                ]
+            ),
+            label="fixed",
+        )
     lines = text.splitlines()
     at = data.draw(st.integers(1 if suffix == ".csv" else 0, len(lines)), label="at")
     if kind == "deep":
@@ -561,8 +773,9 @@ def nasty_data(data: st.DataObject, suffix: str, dataset: tuple) -> bytes:
     elif kind == "nul":
         payload = lines[-1].replace("a", "a\x00", 1) + "\x00"
     else:
-        return text.encode(data.draw(st.sampled_from(["utf-16", "utf-32", "latin-1"]), label="codec"),
-                           errors="replace") + "é".encode("latin-1")
+        return text.encode(
+            data.draw(st.sampled_from(["utf-16", "utf-32", "latin-1"]), label="codec"), errors="replace"
+        ) + "é".encode("latin-1")
     return "\n".join(lines[:at] + [payload] + lines[at:]).encode("utf-8", "surrogatepass") + b"\n"
 
 
@@ -607,10 +820,12 @@ REPLAY_CASES: dict[str, tuple[bytes, str | None, str | None]] = {
     "bad-middle-line": (f"{GOOD_LINE}\nnot json\n{GOOD_NEXT}\n".encode(), None, None),
     "bad-plan-beside": (f"{GOOD_LINE}\n{GOOD_NEXT}\n".encode(), PLAN_BESIDE, None),
     "not-utf8": (b"\xff" + GOOD_LINE.encode() + b"\n", None, "read_journal-not-utf8"),
-    "step-string": ((GOOD_LINE.replace('"step": 0', '"step": "a"') + "\n" + GOOD_NEXT + "\n").encode(),
-                    None, "read_journal-step-types"),
-    "seed-string": ((GOOD_LINE.replace('"seed": 1', '"seed": "x"') + "\n").encode(), None,
-                    "read_journal-field-types"),
+    "step-string": (
+        (GOOD_LINE.replace('"step": 0', '"step": "a"') + "\n" + GOOD_NEXT + "\n").encode(),
+        None,
+        "read_journal-step-types",
+    ),
+    "seed-string": ((GOOD_LINE.replace('"seed": 1', '"seed": "x"') + "\n").encode(), None, "read_journal-field-types"),
 }
 
 
@@ -620,8 +835,7 @@ def replay_runs(request: pytest.FixtureRequest, workdir: Path) -> dict[str, tupl
     torch and transformers: ~5 s), beside the fuzz tests, which use one core. HOME is a temporary
     directory, so a tiny-opt that a case gets far enough to need is built there, not in the user's
     cache. Nothing is started when no CLI test was selected."""
-    if not any(item.module is request.module and item.name.startswith("test_cli_")
-               for item in request.session.items):
+    if not any(item.module is request.module and item.name.startswith("test_cli_") for item in request.session.items):
         yield {}
         return
     home = workdir / "home"
@@ -633,9 +847,17 @@ def replay_runs(request: pytest.FixtureRequest, workdir: Path) -> dict[str, tupl
         if plan_yaml is not None:
             write(path.with_name("plan.yaml"), plan_yaml)
         out = path.with_name("rebuilt")
-        runs[case] = (subprocess.Popen([sys.executable, "-m", "zoplan.cli", "replay", "tiny-opt", str(path),
-                                        "-o", str(out)], cwd=path.parent, env=env, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE), out)
+        runs[case] = (
+            subprocess.Popen(
+                [sys.executable, "-m", "zoplan.cli", "replay", "tiny-opt", str(path), "-o", str(out)],
+                cwd=path.parent,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            ),
+            out,
+        )
     yield runs
     for proc, _ in runs.values():
         if proc.poll() is None:
@@ -643,9 +865,10 @@ def replay_runs(request: pytest.FixtureRequest, workdir: Path) -> dict[str, tupl
             proc.wait()
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(case, id=case, marks=[xfail_bug(bug)] if bug else [])
-    for case, (_, _, bug) in REPLAY_CASES.items()])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(case, id=case, marks=[xfail_bug(bug)] if bug else []) for case, (_, _, bug) in REPLAY_CASES.items()],
+)
 def test_cli_replay_nasty_journal(replay_runs: dict, case: str) -> None:
     """``zoplan replay tiny-opt BADJOURNAL -o X``: exit status 2, one message, no traceback, and
     nothing written to X."""
@@ -659,8 +882,19 @@ def test_cli_replay_nasty_journal(replay_runs: dict, case: str) -> None:
 
 
 # ----- the count is real --------------------------------------------------------------------------
-FUZZ_TESTS = {"journal_valid", "journal_cut", "journal_badline", "journal_mutated", "journal_nasty",
-              "jsonl_valid", "csv_valid", "jsonl_mutated", "csv_mutated", "jsonl_nasty", "csv_nasty"}
+FUZZ_TESTS = {
+    "journal_valid",
+    "journal_cut",
+    "journal_badline",
+    "journal_mutated",
+    "journal_nasty",
+    "jsonl_valid",
+    "csv_valid",
+    "jsonl_mutated",
+    "csv_mutated",
+    "jsonl_nasty",
+    "csv_nasty",
+}
 
 
 def test_zz_every_input_counted() -> None:

@@ -10,6 +10,7 @@
 bench/gpu_checks.sh runs this file on a lent GPU (`layouts`); bench/gpu_replay.py measures how far
 a replay on another kind of device lands (a measurement, not a check).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -46,12 +47,28 @@ def test_single_gpu_layouts_train_the_same_weights(tiny_dirs, tmp_path: Path) ->
     machine = load_topology(TOPOLOGY)
     weights = {}
     for name, (slices, resident, prefetch) in LAYOUTS.items():
-        planned = plan(str(model / "config.json"), machine, global_batch=8, seq_len=64, dtype="bf16",
-                       pins=Pins(perturbation=1, data=1, gpus=(machine.gpus[0],), wire_dtype="bf16", upload="whole",
-                                 resident=resident, prefetch=prefetch)).plan
+        planned = plan(
+            str(model / "config.json"),
+            machine,
+            global_batch=8,
+            seq_len=64,
+            dtype="bf16",
+            pins=Pins(
+                perturbation=1,
+                data=1,
+                gpus=(machine.gpus[0],),
+                wire_dtype="bf16",
+                upload="whole",
+                resident=resident,
+                prefetch=prefetch,
+            ),
+        ).plan
         if slices > 1:
-            planned = planned.model_copy(update={"transfer": planned.transfer.model_copy(
-                update={"upload": "sliced", "slices_per_block": slices})})
+            planned = planned.model_copy(
+                update={
+                    "transfer": planned.transfer.model_copy(update={"upload": "sliced", "slices_per_block": slices})
+                }
+            )
         write_plan(planned, tmp_path / f"{name}.yaml")
         out = tmp_path / name
         zoplan("run", str(tmp_path / f"{name}.yaml"), "--model", str(model), "--steps", str(STEPS), "-o", str(out))
@@ -66,8 +83,15 @@ def test_single_gpu_layouts_train_the_same_weights(tiny_dirs, tmp_path: Path) ->
 def test_replay_on_the_gpu_is_bit_identical(tiny_dirs, tmp_path: Path) -> None:
     run = tmp_path / "run"
     zoplan("run", "--model", str(tiny_dirs["tiny-opt"]), "--topology", TOPOLOGY, "--steps", "6", "-o", str(run))
-    zoplan("replay", str(tiny_dirs["tiny-opt"]), str(run / "journal.jsonl"), "-o", str(tmp_path / "replayed"),
-           "--device", "cuda")
+    zoplan(
+        "replay",
+        str(tiny_dirs["tiny-opt"]),
+        str(run / "journal.jsonl"),
+        "-o",
+        str(tmp_path / "replayed"),
+        "--device",
+        "cuda",
+    )
     trained = load_file(str(run / "model" / "model.safetensors"))
     rebuilt = load_file(str(tmp_path / "replayed" / "model.safetensors"))
     keys = sorted(set(trained) & set(rebuilt))  # a tied head may be left out of one of them

@@ -1,5 +1,6 @@
 """Ranks run on the GPUs the plan placed them on (runtime/launch.py cuda_env), checked without a GPU:
 the environment torchrun's ranks get, for plans of the bundled multi-GPU machines."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,13 @@ from zoplan.topology import load_topology
 
 def test_a_spread_plan_runs_on_the_gpus_it_names() -> None:
     machine = load_topology("dgx-a100")
-    report = plan("opt-13b", "dgx-a100", global_batch=8, seq_len=256,
-                  pins=Pins(perturbation=2, data=2, gpus=("gpu0", "gpu2", "gpu4", "gpu6")))
+    report = plan(
+        "opt-13b",
+        "dgx-a100",
+        global_batch=8,
+        seq_len=256,
+        pins=Pins(perturbation=2, data=2, gpus=("gpu0", "gpu2", "gpu4", "gpu6")),
+    )
     gpus = plan_gpus(report.plan)
     assert gpus[:4] == ["gpu0", "gpu2", "gpu4", "gpu6"]  # local ranks 0-3 compute, relays after
     env = cuda_env(machine.gpus, gpus, {})
@@ -26,7 +32,9 @@ def test_a_spread_plan_runs_on_the_gpus_it_names() -> None:
 
 def test_the_users_visible_devices_are_the_machine() -> None:
     machine_gpus = ["gpu0", "gpu1", "gpu2", "gpu3"]
-    env = cuda_env(machine_gpus, ["gpu3", "gpu1"], {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"})
+    env = cuda_env(
+        machine_gpus, ["gpu3", "gpu1"], {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
+    )
     assert env == {"CUDA_VISIBLE_DEVICES": "7,5", "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}
     with pytest.raises(ZoplanError, match="GPU number 3.*lists 2 device"):
         cuda_env(machine_gpus, ["gpu3"], {"CUDA_VISIBLE_DEVICES": "0,1"})

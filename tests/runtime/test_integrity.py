@@ -4,6 +4,7 @@ and weights that are not finite are never written.
 A resume of a damaged run directory is refused by the launcher (status 2, the file and line, a
 fix), never cut silently, retrained or turned into NaN weights with exit 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,17 @@ from zoplan.runtime.snapshots import read_valid_journal
 
 
 def line(step: int, **fields) -> str:
-    row = {"step": step, "seed": 1000 + step, "loss_plus": 7.0, "loss_minus": 7.1, "projected_grad": 0.25,
-           "lr": 1e-3, "eps": 1e-3, "weight_decay": 0.0, "skipped": False}
+    row = {
+        "step": step,
+        "seed": 1000 + step,
+        "loss_plus": 7.0,
+        "loss_minus": 7.1,
+        "projected_grad": 0.25,
+        "lr": 1e-3,
+        "eps": 1e-3,
+        "weight_decay": 0.0,
+        "skipped": False,
+    }
     row.update(fields)
     return json.dumps(row) + "\n"
 
@@ -70,15 +80,21 @@ def test_an_intact_journal_resumes_and_a_torn_last_line_is_cut(run_dir: Path) ->
 
 DAMAGE = {
     # name: (journal text, the refusal's words)
-    "non-finite gradient": (journal(5) + line(5).replace("0.25", "NaN"), "journal.jsonl:6: not a journal line "
-                            "('projected_grad' must be a finite number)"),
+    "non-finite gradient": (
+        journal(5) + line(5).replace("0.25", "NaN"),
+        "journal.jsonl:6: not a journal line ('projected_grad' must be a finite number)",
+    ),
     "infinite lr": (journal(3) + line(3, lr=float("inf")) + line(4), "journal.jsonl:4: not a journal line ('lr'"),
     "a string gradient": (journal(5) + line(5, projected_grad="abc"), "journal.jsonl:6: not a journal line"),
-    "a torn line in the middle": (journal(2) + line(2)[:20] + "\n" + "".join(line(s) for s in range(3, 6)),
-                                  "journal.jsonl:3: not a journal line"),
+    "a torn line in the middle": (
+        journal(2) + line(2)[:20] + "\n" + "".join(line(s) for s in range(3, 6)),
+        "journal.jsonl:3: not a journal line",
+    ),
     "a missing line": (journal(4) + line(5), "journal.jsonl:5: line 5 is step 5, expected step 4"),
-    "a missing first line": ("".join(line(s) for s in range(1, 6)),
-                             "journal.jsonl:1: the first line is step 1, expected step 0"),
+    "a missing first line": (
+        "".join(line(s) for s in range(1, 6)),
+        "journal.jsonl:1: the first line is step 1, expected step 0",
+    ),
     "a repeated line": (journal(4) + line(3) + line(4), "journal.jsonl:5: line 5 is step 3, expected step 4"),
 }
 
@@ -101,8 +117,10 @@ def test_a_damaged_journal_is_refused_without_loading_torch(run_dir: Path) -> No
     """The refusal comes from the launcher's own reading (journal, plan, run record), before torch is
     imported: a user with a damaged run directory hears about it at once, not after seconds."""
     (run_dir / "journal.jsonl").write_text(DAMAGE["a missing line"][0])
-    probe = ("import sys\nfrom zoplan.cli import main\nsys.argv = ['zoplan', 'run', '--resume', sys.argv[1], "
-             "'--steps', '9']\ntry:\n    main()\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)")
+    probe = (
+        "import sys\nfrom zoplan.cli import main\nsys.argv = ['zoplan', 'run', '--resume', sys.argv[1], "
+        "'--steps', '9']\ntry:\n    main()\nfinally:\n    print('torch loaded:', 'torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", probe, str(run_dir)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "line 5 is step 5, expected step 4" in done.stderr
@@ -157,8 +175,13 @@ def test_require_finite_names_the_first_bad_tensor() -> None:
 
 def test_a_run_whose_weights_overflow_writes_no_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "run", "--steps", "2", "--lr", "1e38", "-o", str(out)],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "zoplan.cli", "run", "--steps", "2", "--lr", "1e38", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "not finite" in proc.stderr and "nothing was written" in proc.stderr
     assert not (out / "model").exists() and not (out / "model.tmp").exists()
@@ -181,8 +204,10 @@ def _cut_weights(folder: Path) -> None:  # a disk that filled up while it was co
 
 
 # how the newest snapshot is damaged: its weights cut short, or its meta.json (META_DAMAGE)
-SNAPSHOT_DAMAGE = {"truncated weights": _cut_weights,
-                   **{f"meta.json {k}": (lambda f, t=t: (f / "meta.json").write_text(t)) for k, t in META_DAMAGE.items()}}
+SNAPSHOT_DAMAGE = {
+    "truncated weights": _cut_weights,
+    **{f"meta.json {k}": (lambda f, t=t: (f / "meta.json").write_text(t)) for k, t in META_DAMAGE.items()},
+}
 
 
 @pytest.mark.parametrize("name", sorted(SNAPSHOT_DAMAGE))
@@ -206,13 +231,19 @@ def test_a_damaged_snapshot_is_left_out_and_named(run_dir: Path, capsys, name: s
 
 CHECKPOINT_DAMAGE = {
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "holds no weights"),
-    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes(
-        (d / "model.safetensors").read_bytes()[:5000]), "model.safetensors is truncated or damaged"),
+    "truncated weights": (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+        "model.safetensors is truncated or damaged",
+    ),
     "no tokenizer": (lambda d: [p.unlink() for p in d.glob("tokenizer*")], "has no tokenizer"),
-    "fewer layers in the config": (lambda d: _edit_config(d, num_hidden_layers=1),
-                                   "config.json says 1 layer(s), the weights hold 4"),
-    "a wider config": (lambda d: _edit_config(d, hidden_size=128, word_embed_proj_dim=128),
-                       "tensor shape(s) differ (model.decoder.embed_tokens.weight is [1405, 64] in the weights"),
+    "fewer layers in the config": (
+        lambda d: _edit_config(d, num_hidden_layers=1),
+        "config.json says 1 layer(s), the weights hold 4",
+    ),
+    "a wider config": (
+        lambda d: _edit_config(d, hidden_size=128, word_embed_proj_dim=128),
+        "tensor shape(s) differ (model.decoder.embed_tokens.weight is [1405, 64] in the weights",
+    ),
 }
 
 
@@ -252,8 +283,9 @@ RESUMES: dict[str, int] = {}
 
 @fuzz_settings(50)
 @given(data=st.data())
-def test_resume_of_a_mutated_run_directory_is_refused_with_a_message_or_checked(resumable: Path, tmp_path_factory,
-                                                                                data) -> None:
+def test_resume_of_a_mutated_run_directory_is_refused_with_a_message_or_checked(
+    resumable: Path, tmp_path_factory, data
+) -> None:
     """--resume with the journal, run.json or plan.yaml mutated byte by byte: the launcher either
     refuses with one message (before any rank starts) or accepts a journal that reads whole."""
     import shutil
@@ -262,9 +294,25 @@ def test_resume_of_a_mutated_run_directory_is_refused_with_a_message_or_checked(
     shutil.copytree(resumable, out)
     name = data.draw(st.sampled_from(["journal.jsonl", "journal.jsonl", "run.json", "plan.yaml"]), label="file")
     raw = (out / name).read_bytes()
-    (out / name).write_bytes(mutate_bytes(data, raw, [b"NaN", b"Infinity", b"1e999", b'"x"', b"-1", b"\n", b"{", b"}"],
-                                          ("truncate", "insert", "overwrite", "delete_span", "dup_line", "drop_line",
-                                           "swap_lines", "blank_line", "crlf", "latin1")))
+    (out / name).write_bytes(
+        mutate_bytes(
+            data,
+            raw,
+            [b"NaN", b"Infinity", b"1e999", b'"x"', b"-1", b"\n", b"{", b"}"],
+            (
+                "truncate",
+                "insert",
+                "overwrite",
+                "delete_span",
+                "dup_line",
+                "drop_line",
+                "swap_lines",
+                "blank_line",
+                "crlf",
+                "latin1",
+            ),
+        )
+    )
     try:
         resume(out, 9)
         rows = read_valid_journal(out / "journal.jsonl")  # accepted: what the ranks will read is whole
@@ -282,8 +330,9 @@ def test_the_resume_fuzz_saw_both_outcomes() -> None:
     print(f"mutated run directories resumed: {RESUMES}")
 
 
-def test_a_full_disk_at_the_final_write_leaves_no_half_model_and_says_how_to_finish(tmp_path: Path,
-                                                                                   monkeypatch) -> None:
+def test_a_full_disk_at_the_final_write_leaves_no_half_model_and_says_how_to_finish(
+    tmp_path: Path, monkeypatch
+) -> None:
     import errno
 
     from zoplan.runtime import worker
@@ -302,8 +351,9 @@ def test_a_full_disk_at_the_final_write_leaves_no_half_model_and_says_how_to_fin
 
 
 @pytest.mark.parametrize("given_empty", [False, True])
-def test_a_full_disk_while_replay_writes_leaves_nothing_half_written(tiny_dirs, tmp_path: Path, monkeypatch,
-                                                                      given_empty: bool) -> None:
+def test_a_full_disk_while_replay_writes_leaves_nothing_half_written(
+    tiny_dirs, tmp_path: Path, monkeypatch, given_empty: bool
+) -> None:
     import errno
 
     from transformers import PreTrainedModel
@@ -323,8 +373,9 @@ def test_a_full_disk_while_replay_writes_leaves_nothing_half_written(tiny_dirs, 
     assert (out.is_dir() and not any(out.iterdir())) if given_empty else not out.exists()
 
 
-def test_a_model_directory_that_passed_is_not_checked_again_until_a_file_changes(tiny_dirs, tmp_path: Path,
-                                                                                  monkeypatch) -> None:
+def test_a_model_directory_that_passed_is_not_checked_again_until_a_file_changes(
+    tiny_dirs, tmp_path: Path, monkeypatch
+) -> None:
     import shutil
 
     from zoplan.runtime import checkpoint
@@ -351,13 +402,15 @@ def test_a_model_directory_that_passed_is_not_checked_again_until_a_file_changes
     assert len(calls) == 4
 
 
-def test_the_run_record_holds_absolute_paths_so_resume_works_from_anywhere(tiny_dirs, tmp_path: Path,
-                                                                          monkeypatch) -> None:
+def test_the_run_record_holds_absolute_paths_so_resume_works_from_anywhere(
+    tiny_dirs, tmp_path: Path, monkeypatch
+) -> None:
     import shutil
 
     shutil.copytree(tiny_dirs["tiny-opt"], tmp_path / "models" / "mine")
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"text {i}", "label": i % 2}) + "\n"
-                                                  for i in range(16)))
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"text {i}", "label": i % 2}) + "\n" for i in range(16))
+    )
     monkeypatch.chdir(tmp_path)
     prepare(make(model="models/mine", data="train.jsonl", output=Path("run"), steps=2, global_batch=4))
     recorded = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -398,7 +451,13 @@ def test_written_weights_take_the_umask_and_the_chat_template_travels(tiny_dirs,
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
     base = tmp_path / "base"
     base.mkdir()
-    for name in ("config.json", "tokenizer.json", "chat_template.jinja", "model.safetensors",
-                 "model.safetensors.index.json", "notes.md"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "notes.md",
+    ):
         (base / name).write_text("{}")
     assert [f.name for f in companion_files(base)] == ["chat_template.jinja", "config.json", "tokenizer.json"]

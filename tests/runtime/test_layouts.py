@@ -6,6 +6,7 @@ loss sums in a different order than one process does, and examples padded in sha
 different lengths go through matrix products of different shapes. Hence rtol 1e-5, atol 1e-6 on
 weights of order 0.02-1 (a real layout bug moves them by far more: an update is ~lr*g ~ 1e-4).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def cpu_topology(tmp: Path, ranks: int, nodes: int = 1) -> Path:
     spec = yaml.safe_load(resolve_topology_path("cpu-local").read_text())
     spec["name"] = f"cpu-{ranks}x{nodes}"
     spec["gpus"] = [{"id": f"rank{i}", "model": "cpu-rank"} for i in range(ranks)]
-    spec["links"] = [{"a": "cpu0", "b": f"rank{i}", "kind": "memory", "gbps": 8.3, "latency_us": 5}
-                     for i in range(ranks)]
+    spec["links"] = [
+        {"a": "cpu0", "b": f"rank{i}", "kind": "memory", "gbps": 8.3, "latency_us": 5} for i in range(ranks)
+    ]
     if nodes > 1:
         spec.update(nodes=nodes, network={"gbps": 1, "latency_us": 50})
     path = tmp / f"{spec['name']}.yaml"
@@ -47,10 +49,16 @@ def cpu_topology(tmp: Path, ranks: int, nodes: int = 1) -> Path:
 
 
 def planned(tmp: Path, model_dir: Path, topology: Path, name: str, **pins) -> Path:
-    report = plan(str(model_dir / "config.json"), str(topology), global_batch=BATCH, seq_len=32, dtype="fp32",
-                  # exact master weights in every layout; the same micro-batches (the sums of the
-                  # losses in the same order, so the same projected gradient to the bit)
-                  pins=Pins(**{"wire_dtype": "fp32", "micro_batch": 2, **pins}))
+    report = plan(
+        str(model_dir / "config.json"),
+        str(topology),
+        global_batch=BATCH,
+        seq_len=32,
+        dtype="fp32",
+        # exact master weights in every layout; the same micro-batches (the sums of the
+        # losses in the same order, so the same projected gradient to the bit)
+        pins=Pins(**{"wire_dtype": "fp32", "micro_batch": 2, **pins}),
+    )
     path = tmp / f"{name}.yaml"
     write_plan(report.plan.model_copy(update={"zo": report.plan.zo.model_copy(update={"lr": LR, "seed": 3})}), path)
     return path
@@ -95,19 +103,22 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_every_layout_trains_the_same_weights(family: str, tiny_dirs, tmp_path: Path) -> None:
     model_dir = tiny_dirs[family]
     four = cpu_topology(tmp_path, 4)
-    base_plan = planned(tmp_path, model_dir, four, "1x1", perturbation=1, data=1, gpus=("rank0",),
-                        upload="whole", resident=0)
+    base_plan = planned(
+        tmp_path, model_dir, four, "1x1", perturbation=1, data=1, gpus=("rank0",), upload="whole", resident=0
+    )
     base = train(base_plan, model_dir, tmp_path / "1x1")
     assert_ran_its_program(base_plan, tmp_path / "1x1")
     initial = load_file(str(model_dir / "model.safetensors"))
     moved = [n for n in base if n in initial and not torch.equal(base[n], initial[n])]
     assert moved, "training changed no weight"
     layouts = {
-        "2x1-sliced4-prefetch2": dict(perturbation=2, data=1, upload="sliced", movers="compute", slices=4, resident=0,
-                                      prefetch=2),
+        "2x1-sliced4-prefetch2": dict(
+            perturbation=2, data=1, upload="sliced", movers="compute", slices=4, resident=0, prefetch=2
+        ),
         "1x2-whole-resident": dict(perturbation=1, data=2, upload="whole", resident=2, prefetch=2),
-        "2x2-sliced4-resident": dict(perturbation=2, data=2, upload="sliced", movers="compute", slices=4, resident=2,
-                                     prefetch=1),
+        "2x2-sliced4-resident": dict(
+            perturbation=2, data=2, upload="sliced", movers="compute", slices=4, resident=2, prefetch=1
+        ),
         # the relay keeps a shard of the resident block too, and all-gathers it with the compute rank
         "1x1-relay": dict(perturbation=1, data=1, gpus=("rank0",), upload="sliced", movers="all", slices=4, resident=1),
     }
@@ -120,9 +131,16 @@ def test_every_layout_trains_the_same_weights(family: str, tiny_dirs, tmp_path: 
     # what each rank keeps on its device: with sliced uploads a shard (1/4 of each resident block
     # among 4 movers), with whole-block uploads whole blocks; and the plan's prefetch depth
     block = sum(t.numel() for n, t in initial.items() if ".layers.0." in n)
-    kept = {name: [int(x) for x in re.findall(r"resident blocks \[[\d, ]*\] holding (\d+) elements",
-                                                (tmp_path / name / "worker-node0.log").read_text())]
-            for name in ("1x2-whole-resident", "2x2-sliced4-resident", "1x1-relay")}
+    kept = {
+        name: [
+            int(x)
+            for x in re.findall(
+                r"resident blocks \[[\d, ]*\] holding (\d+) elements",
+                (tmp_path / name / "worker-node0.log").read_text(),
+            )
+        ]
+        for name in ("1x2-whole-resident", "2x2-sliced4-resident", "1x1-relay")
+    }
     assert kept["1x2-whole-resident"] == [2 * block] * 2
     assert kept["2x2-sliced4-resident"] == [2 * -(-block // 4)] * 4
     assert kept["1x1-relay"] == [2 * -(-block // 4)] * 2  # 4 slices, 2 each
@@ -138,8 +156,18 @@ def test_replaying_the_journal_gives_the_trained_weights(tiny_dirs, tmp_path: Pa
 
     model_dir = tiny_dirs["tiny-opt"]
     two = cpu_topology(tmp_path, 2)
-    plan_path = planned(tmp_path, model_dir, two, "2x1", perturbation=2, data=1, upload="sliced",
-                        movers="compute", slices=2, micro_batch=8)  # one micro-batch per rank
+    plan_path = planned(
+        tmp_path,
+        model_dir,
+        two,
+        "2x1",
+        perturbation=2,
+        data=1,
+        upload="sliced",
+        movers="compute",
+        slices=2,
+        micro_batch=8,
+    )  # one micro-batch per rank
     trained = train(plan_path, model_dir, tmp_path / "run")
     assert_ran_its_program(plan_path, tmp_path / "run")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -190,22 +218,51 @@ def test_replay_applies_a_zero_gradient_steps_weight_decay_but_not_a_skipped_ste
 def test_two_machines_match_one(tiny_dirs, tmp_path: Path) -> None:
     """Two torchrun 'machines' on 127.0.0.1, each with its own host copy, one replica each."""
     model_dir = tiny_dirs["tiny-opt"]
-    one = train(planned(tmp_path, model_dir, cpu_topology(tmp_path, 2), "1x2", perturbation=1, data=2,
-                        upload="whole"), model_dir, tmp_path / "one")
-    two_nodes = planned(tmp_path, model_dir, cpu_topology(tmp_path, 1, nodes=2), "1x1x2", perturbation=1,
-                        data=1, upload="whole")
+    one = train(
+        planned(tmp_path, model_dir, cpu_topology(tmp_path, 2), "1x2", perturbation=1, data=2, upload="whole"),
+        model_dir,
+        tmp_path / "one",
+    )
+    two_nodes = planned(
+        tmp_path, model_dir, cpu_topology(tmp_path, 1, nodes=2), "1x1x2", perturbation=1, data=1, upload="whole"
+    )
     port = 29731
     outs = [tmp_path / "node0", tmp_path / "node1"]
-    procs = [subprocess.Popen([sys.executable, "-m", "zoplan.cli", "run", str(two_nodes), "--model", str(model_dir),
-                               "--steps", str(STEPS), "--output", str(outs[k]), "--nnodes", "2",
-                               "--node-rank", str(k), "--master-port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "zoplan.cli",
+                "run",
+                str(two_nodes),
+                "--model",
+                str(model_dir),
+                "--steps",
+                str(STEPS),
+                "--output",
+                str(outs[k]),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(k),
+                "--master-port",
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k in (0, 1)
+    ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert_same_weights(one, load_file(str(outs[0] / "model" / "model.safetensors")))
 
 
-def test_replay_is_bit_identical_when_the_host_copy_is_narrower_than_the_compute_dtype(tiny_dirs, tmp_path: Path) -> None:
+def test_replay_is_bit_identical_when_the_host_copy_is_narrower_than_the_compute_dtype(
+    tiny_dirs, tmp_path: Path
+) -> None:
     """bf16 blocks in the host copy, fp32 compute: the blocks' updates are rounded to bf16 when they
     are written back, the embeddings and final norm stay fp32 on the devices, and the model is
     written in fp32. `zoplan replay` keeps each where the run kept it and gives the same bits."""
@@ -215,8 +272,19 @@ def test_replay_is_bit_identical_when_the_host_copy_is_narrower_than_the_compute
     two = cpu_topology(tmp_path, 2)
     for resident in (0, 2):  # streamed blocks (rounded every step), and two kept on the devices (at the end)
         name = f"bf16-wire-resident{resident}"
-        plan_path = planned(tmp_path, model_dir, two, name, perturbation=2, data=1, upload="sliced",
-                            movers="compute", slices=2, wire_dtype="bf16", resident=resident)
+        plan_path = planned(
+            tmp_path,
+            model_dir,
+            two,
+            name,
+            perturbation=2,
+            data=1,
+            upload="sliced",
+            movers="compute",
+            slices=2,
+            wire_dtype="bf16",
+            resident=resident,
+        )
         assert len(load_plan(plan_path).resident_blocks) == resident
         trained = train(plan_path, model_dir, tmp_path / name)
         assert replay_to(str(model_dir), tmp_path / name / "journal.jsonl", tmp_path / f"{name}-replayed") == STEPS

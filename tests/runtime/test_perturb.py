@@ -1,4 +1,5 @@
 """The MeZO perturbation z: purity, slice independence, statistics, devices and golden values."""
+
 from __future__ import annotations
 
 import ast
@@ -142,7 +143,7 @@ def test_many_parameters_drawn_at_once_equal_one_draw_each() -> None:
     normal_parts_(out, 99, parts)
     expected = torch.full((pos + 2,), float("nan"))
     for name, first, count, at in parts:
-        expected[at:at + count] = normal(99, name, first, count)
+        expected[at : at + count] = normal(99, name, first, count)
     assert torch.equal(out.isnan(), expected.isnan())  # the gaps are left alone
     assert torch.equal(out.nan_to_num(0.0), expected.nan_to_num(0.0))
     with pytest.raises(ValueError, match="outside the output"):

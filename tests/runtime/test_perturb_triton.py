@@ -4,6 +4,7 @@ The integer words (a, b) must be bit-identical to ``perturb.stream_words``; z ma
 torch path's float32 Box–Muller only through log/cos (|diff| <= 1e-6); the fused epilogues must
 round exactly like the torch expressions they replace, given the same z.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -83,8 +84,16 @@ def test_words_bit_identical(T, seed: int) -> None:
 # The pinned public values of tests/runtime/test_perturb.py.
 GOLDEN_A = [0x3C28289B, 0x86A97656, 0xFEF7619E, 0x39C189CB, 0x3A25741C, 0x1C87B16C, 0x4E0E9532, 0x63F05990]
 GOLDEN_B = [0x0021404F, 0x37F9D7BF, 0x4E6A55A3, 0xC0A90F27, 0x9F938D61, 0x201F69E5, 0xF12C2D17, 0xDC19777A]
-GOLDEN_Z = [1.701885461807251, 0.22179119288921356, -0.031166624277830124, 0.027968576177954674,
-            -1.2300546169281006, 1.4768221378326416, 1.440319299697876, 0.8727084398269653]
+GOLDEN_Z = [
+    1.701885461807251,
+    0.22179119288921356,
+    -0.031166624277830124,
+    0.027968576177954674,
+    -1.2300546169281006,
+    1.4768221378326416,
+    1.440319299697876,
+    0.8727084398269653,
+]
 
 
 def test_words_golden(T) -> None:

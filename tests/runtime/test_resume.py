@@ -4,6 +4,7 @@ Runs use 2 gloo ranks (a 2x1 plan with sliced uploads) and compare final weights
 with an uninterrupted run of the same plan: the journal and the snapshots carry everything a
 step depends on (seeds and data order are functions of the step).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,36 @@ STEPS = 8
 
 
 def zoplan_run(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "zoplan.cli", "run", "--model", "tiny-opt", "--pertp", "2", "--ddp", "1",
-           "--upload", "sliced", "--slices", "2", "--lr", "1e-3", "--snapshot-every", "3", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zoplan.cli",
+        "run",
+        "--model",
+        "tiny-opt",
+        "--pertp",
+        "2",
+        "--ddp",
+        "1",
+        "--upload",
+        "sliced",
+        "--slices",
+        "2",
+        "--lr",
+        "1e-3",
+        "--snapshot-every",
+        "3",
+        *extra,
+    ]
     if "--resume" not in extra:
         cmd += ["-o", str(out)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
+    )
 
 
 def finished(proc: subprocess.Popen, code: int = 0) -> str:
@@ -42,8 +67,12 @@ def scratch_folders() -> set[Path]:
     directories (torchrun's log folders included) in the temporary directory."""
     import tempfile
 
-    return {p for base in (shared_memory(), Path(tempfile.gettempdir()))
-            for pattern in ("zoplan-*", "torchelastic_*") for p in base.glob(pattern)}
+    return {
+        p
+        for base in (shared_memory(), Path(tempfile.gettempdir()))
+        for pattern in ("zoplan-*", "torchelastic_*")
+        for p in base.glob(pattern)
+    }
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -70,8 +99,11 @@ def test_resume_after_a_torn_journal_line_is_bit_identical(uninterrupted, tmp_pa
     # resumed with nothing but the run's total: the run's own settings (run.json) carry on, so
     # the snapshot of step 6 is written as --snapshot-every 3 asked when the run started
     bare = [sys.executable, "-m", "zoplan.cli", "run", "--resume", str(out), "--steps", str(STEPS)]
-    finished(subprocess.Popen(bare, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, HF_HUB_OFFLINE="1")))
+    finished(
+        subprocess.Popen(
+            bare, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        )
+    )
     lines = (out / "journal.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == list(range(STEPS))
     assert [p.name for p in sorted((out / "snapshots").iterdir())] == ["step-00000003", "step-00000006"]
@@ -92,13 +124,25 @@ def test_a_rank_killed_mid_step_is_restarted_and_no_step_is_lost(uninterrupted, 
     # rank 0 (the journal writer) dies by SIGKILL in step 4, after the snapshot of step 3; the
     # restarted run loads that snapshot, which the one of step 6 then replaces (--keep-snapshots 1)
     out = tmp_path / "run"
-    said = finished(zoplan_run(out, "--steps", str(STEPS), "--max-restarts", "1", "--keep-snapshots", "1",
-                               env={"ZOPLAN_FAULTS": "kill:0:4"}))
+    said = finished(
+        zoplan_run(
+            out,
+            "--steps",
+            str(STEPS),
+            "--max-restarts",
+            "1",
+            "--keep-snapshots",
+            "1",
+            env={"ZOPLAN_FAULTS": "kill:0:4"},
+        )
+    )
     assert [p.name for p in (out / "snapshots").iterdir()] == ["step-00000006"]
     assert "exitcode: -9" in (out / "worker-node0.log").read_text()  # the kill did happen
     # the user is told: steps 0-3 were journaled; the snapshot of step 3 plus step 3's line
-    assert ("every rank was restarted (restart 1 of 1), resuming with 4 step(s) done: snapshot "
-            "step-00000003 + 1 journal step(s) replayed, no completed step lost") in said, said
+    assert (
+        "every rank was restarted (restart 1 of 1), resuming with 4 step(s) done: snapshot "
+        "step-00000003 + 1 journal step(s) replayed, no completed step lost"
+    ) in said, said
     resumed = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "resumed_at" in l]
     assert resumed == [{"resumed_at": 4, "snapshot": "step-00000003", "replayed": 1, "restart": 1}]
     lines = (out / "journal.jsonl").read_text().splitlines()
@@ -128,8 +172,9 @@ def test_a_rank_aborting_after_the_run_finished_is_not_a_failure(uninterrupted, 
     assert "exitcode: -6" in (out / "worker-node0.log").read_text()  # the abort did happen
     assert same(weights(out), uninterrupted)
     # a resume asking for more steps does not count the earlier run's markers as its own
-    err = finished(zoplan_run(out, "--resume", str(out), "--steps", str(STEPS + 1),
-                              env={"ZOPLAN_FAULTS": "kill:1:8"}), code=2)
+    err = finished(
+        zoplan_run(out, "--resume", str(out), "--steps", str(STEPS + 1), env={"ZOPLAN_FAULTS": "kill:1:8"}), code=2
+    )
     assert "journal holds" in err and "--resume" in err
 
 
@@ -222,11 +267,14 @@ def test_the_ranks_die_with_a_killed_rank_supervisor(tmp_path: Path) -> None:
     supervisor = supervisor_process(str(out))
     ranks = rank_processes(str(out))  # named zoplan-rank<N>, children of the supervisor
     assert supervisor is not None and sorted(ranks) == [0, 1]
-    assert {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in ranks.values()} \
-        == {supervisor}
+    assert {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in ranks.values()} == {
+        supervisor
+    }
     os.kill(supervisor, signal.SIGKILL)
     err = finished(proc, code=2)
-    assert "--resume" in err and "the rank supervisor (zoplan.runtime.ranks) (which stopped the ranks) was killed by " \
-                                 "SIGKILL" in err
+    assert (
+        "--resume" in err
+        and "the rank supervisor (zoplan.runtime.ranks) (which stopped the ranks) was killed by SIGKILL" in err
+    )
     time.sleep(0.1)
     assert gone(str(out)), processes_naming(str(out))

@@ -1,4 +1,5 @@
 """`zoplan run` as a user runs it: the default run learns; bad input exits 2 with one message."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ from zoplan.planner import plan
 
 def zoplan(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: Path) -> None:
@@ -60,7 +62,10 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
 
     rep = zoplan("replay", "tiny-opt", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep"))
     assert rep.returncode == 0, rep.stderr
-    trained, rebuilt = load_file(str(out / "model" / "model.safetensors")), load_file(str(tmp_path / "rep" / "model.safetensors"))
+    trained, rebuilt = (
+        load_file(str(out / "model" / "model.safetensors")),
+        load_file(str(tmp_path / "rep" / "model.safetensors")),
+    )
     assert all(torch.equal(rebuilt[n], v) for n, v in trained.items())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 0}\n' + (out / "journal.jsonl").read_text())
@@ -91,20 +96,23 @@ def test_a_gpu_plan_on_this_cpu_machine_is_refused(tmp_path: Path, tiny_dirs) ->
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--model", "nobody/no-such-model"], "cannot be found offline"),
-    (["--global-batch", "7", "--ddp", "2"], "does not divide"),
-    (["--steps", "0"], "Invalid value for '--steps'"),
-    (["--steps", "1000000000000"], "Invalid value for '--steps'"),
-    (["--seed", "-1"], "Invalid value for '--seed'"),
-    (["--nnodes", "100000", "--master-port", "29500"], "Invalid value for '--nnodes'"),
-    (["--lr", "-1"], "--lr must be more than 0"),
-    (["--eps", "1e400"], "--eps must be a finite number"),
-    (["--master-port", "99999999"], "Invalid value for '--master-port'"),
-    (["--node-rank", "3"], "--node-rank 3 is not one of the 1 node(s)"),
-    (["--max-restarts", "-1"], "--max-restarts"),
-    (["--max-nonfinite", "0"], "--max-nonfinite"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "nobody/no-such-model"], "cannot be found offline"),
+        (["--global-batch", "7", "--ddp", "2"], "does not divide"),
+        (["--steps", "0"], "Invalid value for '--steps'"),
+        (["--steps", "1000000000000"], "Invalid value for '--steps'"),
+        (["--seed", "-1"], "Invalid value for '--seed'"),
+        (["--nnodes", "100000", "--master-port", "29500"], "Invalid value for '--nnodes'"),
+        (["--lr", "-1"], "--lr must be more than 0"),
+        (["--eps", "1e400"], "--eps must be a finite number"),
+        (["--master-port", "99999999"], "Invalid value for '--master-port'"),
+        (["--node-rank", "3"], "--node-rank 3 is not one of the 1 node(s)"),
+        (["--max-restarts", "-1"], "--max-restarts"),
+        (["--max-nonfinite", "0"], "--max-nonfinite"),
+    ],
+)
 def test_bad_run_arguments_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
     proc = zoplan("run", *args, "-o", str(tmp_path / "o"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -127,8 +135,18 @@ def test_a_malformed_data_line_is_named(tmp_path: Path) -> None:
 def test_options_the_plan_fixes_are_refused_with_a_plan(tmp_path: Path, tiny_dirs) -> None:
     report = plan(str(tiny_dirs["tiny-opt"] / "config.json"), "cpu-local", global_batch=8, seq_len=32, dtype="fp32")
     write_plan(report.plan, tmp_path / "plan.yaml")
-    proc = zoplan("run", str(tmp_path / "plan.yaml"), "--model", str(tiny_dirs["tiny-opt"]), "--lr", "0.5",
-                  "--ddp", "2", "-o", str(tmp_path / "o"))
+    proc = zoplan(
+        "run",
+        str(tmp_path / "plan.yaml"),
+        "--model",
+        str(tiny_dirs["tiny-opt"]),
+        "--lr",
+        "0.5",
+        "--ddp",
+        "2",
+        "-o",
+        str(tmp_path / "o"),
+    )
     assert proc.returncode == 2 and "--ddp, --lr set what the plan" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
 
@@ -143,8 +161,9 @@ def test_a_previous_runs_output_is_not_overwritten(tmp_path: Path) -> None:
 
 
 def test_non_finite_losses_skip_updates_then_stop_the_run(tmp_path: Path) -> None:
-    proc = zoplan("run", "--lr", "1e30", "--steps", "40", "--max-nonfinite", "3", "--eval-every", "0",
-                  "-o", str(tmp_path / "o"))
+    proc = zoplan(
+        "run", "--lr", "1e30", "--steps", "40", "--max-nonfinite", "3", "--eval-every", "0", "-o", str(tmp_path / "o")
+    )
     assert proc.returncode == 2 and "not finite for 3 steps in a row" in proc.stderr
     # --eval-every 0: nothing is evaluated, not even before the first step
     assert "eval_loss" not in (tmp_path / "o" / "metrics.jsonl").read_text()
@@ -156,8 +175,18 @@ def test_non_finite_losses_skip_updates_then_stop_the_run(tmp_path: Path) -> Non
 def test_a_node_count_that_differs_from_the_plan_is_reported(tmp_path: Path, tiny_dirs) -> None:
     report = plan(str(tiny_dirs["tiny-opt"] / "config.json"), "cpu-local", global_batch=8, seq_len=32, dtype="fp32")
     write_plan(report.plan, tmp_path / "plan.yaml")
-    proc = zoplan("run", str(tmp_path / "plan.yaml"), "--model", str(tiny_dirs["tiny-opt"]), "--nnodes", "2",
-                  "--master-port", "29777", "-o", str(tmp_path / "o"))
+    proc = zoplan(
+        "run",
+        str(tmp_path / "plan.yaml"),
+        "--model",
+        str(tiny_dirs["tiny-opt"]),
+        "--nnodes",
+        "2",
+        "--master-port",
+        "29777",
+        "-o",
+        str(tmp_path / "o"),
+    )
     assert proc.returncode == 2 and "spans 1 node(s) but --nnodes is 2" in proc.stderr
 
 

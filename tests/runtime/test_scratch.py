@@ -1,5 +1,6 @@
 """A launch's folders outside its output go with it; a dead launch's are swept; a run directory is
 locked while a run uses it."""
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,11 @@ def test_a_live_owners_folder_is_kept_and_a_dead_owners_swept(tmp_path: Path) ->
         age(live)
         assert sweep(tmp_path) == [] and live.exists()  # locked: in use
     # a launch killed with SIGKILL: its folder stays, its lock goes with the process
-    code = ("import os, sys, time; from pathlib import Path; from zoplan.runtime.scratch import owned\n"
-            "with owned(Path(sys.argv[1]), 'dead') as f:\n"
-            "    print(f, flush=True); os.kill(os.getpid(), 9)\n")
+    code = (
+        "import os, sys, time; from pathlib import Path; from zoplan.runtime.scratch import owned\n"
+        "with owned(Path(sys.argv[1]), 'dead') as f:\n"
+        "    print(f, flush=True); os.kill(os.getpid(), 9)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -9
     dead = Path(proc.stdout.strip())

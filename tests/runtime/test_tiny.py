@@ -1,4 +1,5 @@
 """The built-in tiny models: they load back like real checkpoints, and resolve_model finds models."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -113,8 +114,7 @@ def test_resolve_unknown_hub_id_fails_without_the_network(name: str, monkeypatch
     assert dialled == []  # offline mode refuses without even trying (HF_HUB_OFFLINE, conftest.py)
     assert f"model '{name}' cannot be found offline or on the hub" in caught.value.message
     assert caught.value.fix == (
-        "pass a local directory with config.json and *.safetensors, or a built-in: "
-        "tiny-opt, tiny-llama, tiny-qwen2"
+        "pass a local directory with config.json and *.safetensors, or a built-in: tiny-opt, tiny-llama, tiny-qwen2"
     )
 
 
@@ -134,9 +134,28 @@ def test_the_planner_knows_the_builtins_and_plans_them_by_name(tmp_path: Path, t
         model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name])
         assert load_model_shape(name).total_params() == sum(p.numel() for p in model.parameters())
     home = tmp_path / "home"
-    proc = subprocess.run([sys.executable, "-m", "zoplan.cli", "plan", "--model", "tiny-opt", "--topology", "cpu-local",
-                           "--global-batch", "4", "--seq-len", "32", "-o", str(tmp_path / "plan.yaml")],
-                          capture_output=True, text=True, env={**os.environ, "HOME": str(home)}, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zoplan.cli",
+            "plan",
+            "--model",
+            "tiny-opt",
+            "--topology",
+            "cpu-local",
+            "--global-batch",
+            "4",
+            "--seq-len",
+            "32",
+            "-o",
+            str(tmp_path / "plan.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(home)},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert not (home / ".cache" / "zoplan" / "tiny").exists()  # planning built nothing
     shape = load_model_shape("tiny-opt")

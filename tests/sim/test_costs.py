@@ -1,5 +1,6 @@
 """The cost model's charge for the runtime's own work (zoplan.sim.costs): tensor ops, z drawn into
 memory, collective calls and the loop's host work, from a device's figures in the topology."""
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,19 @@ def cpu_machine(tmp_path: Path, **figures: float):
 
 
 def layout(pertp: int = 1, data: int = 1, micro_batch: int = 2) -> Layout:
-    gpus = ("rank0", "rank1")[:pertp * data]
-    return Layout(perturbation=pertp, data=data, compute_gpus=gpus, upload="sliced", movers=("rank0", "rank1"),
-                  slices_per_block=2, wire_dtype="fp32", param_dtype="fp32", micro_batch=micro_batch, prefetch=1)
+    gpus = ("rank0", "rank1")[: pertp * data]
+    return Layout(
+        perturbation=pertp,
+        data=data,
+        compute_gpus=gpus,
+        upload="sliced",
+        movers=("rank0", "rank1"),
+        slices_per_block=2,
+        wire_dtype="fp32",
+        param_dtype="fp32",
+        micro_batch=micro_batch,
+        prefetch=1,
+    )
 
 
 OPT = load_model_shape("opt-125m")
@@ -68,11 +79,13 @@ def test_a_z_drawn_in_memory_costs_its_calls_and_elements(tmp_path: Path) -> Non
     gm = base._gm("rank0")
     passes = (1 + 2 * 2) - base.perturb_passes()  # a zeroed buffer, two passes per branch
     assert drawn.block_forward_s("rank0") - base.block_forward_s("rank0") == pytest.approx(
-        z + elementwise_s(gm, n, "fp32", passes), rel=1e-9)
+        z + elementwise_s(gm, n, "fp32", passes), rel=1e-9
+    )
     # the mover's update of its slice: one call over the slice, four passes instead of one
     s = base.slice_params
     assert drawn.update_slice_s("rank0") - base.update_slice_s("rank0") == pytest.approx(
-        300e-6 + min(s, Z_CHUNK_CPU) * 5e-9 + s * 20e-9 + elementwise_s(gm, s, "fp32", UPDATE_PASSES - 1), rel=1e-9)
+        300e-6 + min(s, Z_CHUNK_CPU) * 5e-9 + s * 20e-9 + elementwise_s(gm, s, "fp32", UPDATE_PASSES - 1), rel=1e-9
+    )
 
 
 def test_resident_parameters_draw_z_tensor_by_tensor(tmp_path: Path) -> None:
@@ -86,7 +99,8 @@ def test_resident_parameters_draw_z_tensor_by_tensor(tmp_path: Path) -> None:
     assert two.embed_s("rank0") - one.embed_s("rank0") == pytest.approx(draws * tensors * 100e-6, rel=1e-6)
     # the head: every branch but the first sets its perturbation again
     assert two.head_s("rank0") - one.head_s("rank0") == pytest.approx(
-        (lay.branches_per_gpu - 1) * tensors * 100e-6, rel=1e-6)
+        (lay.branches_per_gpu - 1) * tensors * 100e-6, rel=1e-6
+    )
     assert sum(OPT.resident_tensors()) == OPT.resident_params()
     assert SET_RESIDENT_PASSES > 0
 
@@ -97,22 +111,37 @@ def test_a_cpu_rank_adds_its_op_issue_to_the_arithmetic_a_gpu_overlaps_it(tmp_pa
     slow = StepCosts(cpu_machine(tmp_path, op_us=10.0), WORK, lay)
     calls = base.micro_batches * lay.branches_per_gpu
     assert slow.forward_block_s("rank0") - base.forward_block_s("rank0") == pytest.approx(
-        calls * RUNTIME_OPS["opt"]["block"] * 10e-6, rel=1e-9)
+        calls * RUNTIME_OPS["opt"]["block"] * 10e-6, rel=1e-9
+    )
     assert slow.head_s("rank0") - base.head_s("rank0") == pytest.approx(
-        calls * RUNTIME_OPS["opt"]["head"] * 10e-6, rel=1e-9)
+        calls * RUNTIME_OPS["opt"]["head"] * 10e-6, rel=1e-9
+    )
 
     def gpu_machine(op_us: float):
-        spec = {"version": 1, "name": "g", "gpu_models": {"g": {
-            "memory_gib": 80, "tflops": {"fp32": 1.0}, "hbm_gbps": 1000, "op_us": op_us}},
+        spec = {
+            "version": 1,
+            "name": "g",
+            "gpu_models": {"g": {"memory_gib": 80, "tflops": {"fp32": 1.0}, "hbm_gbps": 1000, "op_us": op_us}},
             "sockets": [{"id": "cpu0", "memory_gib": 512, "memory_gbps": 100}],
             "gpus": [{"id": "gpu0", "model": "g"}],
-            "links": [{"a": "cpu0", "b": "gpu0", "kind": "pcie", "gbps": 25}]}
+            "links": [{"a": "cpu0", "b": "gpu0", "kind": "pcie", "gbps": 25}],
+        }
         path = tmp_path / f"gpu-{op_us}.yaml"
         path.write_text(yaml.safe_dump(spec))
         return load_topology(path)
 
-    gpu_layout = Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="whole", movers=("gpu0",),
-                        slices_per_block=1, wire_dtype="fp32", param_dtype="fp32", micro_batch=2, prefetch=1)
+    gpu_layout = Layout(
+        perturbation=1,
+        data=1,
+        compute_gpus=("gpu0",),
+        upload="whole",
+        movers=("gpu0",),
+        slices_per_block=1,
+        wire_dtype="fp32",
+        param_dtype="fp32",
+        micro_batch=2,
+        prefetch=1,
+    )
     quiet = StepCosts(gpu_machine(0.0), WORK, gpu_layout).forward_block_s("gpu0")
     hidden = StepCosts(gpu_machine(1e-3), WORK, gpu_layout).forward_block_s("gpu0")
     bound = StepCosts(gpu_machine(1e5), WORK, gpu_layout).forward_block_s("gpu0")

@@ -1,4 +1,5 @@
 """The simulator against closed forms, and its determinism."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,17 +52,26 @@ def test_a_finished_flow_hands_its_bandwidth_to_the_others() -> None:
 def test_rates_are_max_min_fair_across_links() -> None:
     # Classic example: A crosses both links, B only the narrow one, C only the wide one.
     # narrow (10): A and B get 5 each; wide (30): A is frozen at 5, so C gets the other 25.
-    ends = _run_flows({"narrow": 10e9, "wide": 30e9},
-                      [(5e9, ("narrow", "wide"), 0.0), (5e9, ("narrow",), 0.0), (25e9, ("wide",), 0.0)])
+    ends = _run_flows(
+        {"narrow": 10e9, "wide": 30e9},
+        [(5e9, ("narrow", "wide"), 0.0), (5e9, ("narrow",), 0.0), (25e9, ("wide",), 0.0)],
+    )
     assert ends[0] == pytest.approx(1.0) and ends[1] == pytest.approx(1.0) and ends[2] == pytest.approx(1.0)
 
 
 # ----- whole pipelines --------------------------------------------------------------------------
 def _one_gpu_machine(tmp_path: Path, *, pcie_gbps: float, tflops: float, hbm_gbps: float = 1e6) -> Path:
     spec = {
-        "version": 1, "name": "one-gpu",
-        "gpu_models": {"g": {"memory_gib": 1000, "tflops": {"bf16": tflops, "fp32": tflops},
-                             "hbm_gbps": hbm_gbps, "matmul_efficiency": 1.0}},
+        "version": 1,
+        "name": "one-gpu",
+        "gpu_models": {
+            "g": {
+                "memory_gib": 1000,
+                "tflops": {"bf16": tflops, "fp32": tflops},
+                "hbm_gbps": hbm_gbps,
+                "matmul_efficiency": 1.0,
+            }
+        },
         "sockets": [{"id": "cpu0", "memory_gib": 4096, "memory_gbps": 1e6}],
         "gpus": [{"id": "gpu0", "model": "g"}],
         "links": [{"a": "cpu0", "b": "gpu0", "kind": "pcie", "gbps": pcie_gbps, "latency_us": 0}],
@@ -71,14 +81,34 @@ def _one_gpu_machine(tmp_path: Path, *, pcie_gbps: float, tflops: float, hbm_gbp
     return path
 
 
-SHAPE = ModelShape(name="toy", family="llama", layers=64, hidden=2048, ffn=5504, heads=16, kv_heads=16,
-                   vocab=1000, max_positions=2048, tied_head=False, embed_dim=2048)
+SHAPE = ModelShape(
+    name="toy",
+    family="llama",
+    layers=64,
+    hidden=2048,
+    ffn=5504,
+    heads=16,
+    kv_heads=16,
+    vocab=1000,
+    max_positions=2048,
+    tied_head=False,
+    embed_dim=2048,
+)
 
 
 def _zo2(prefetch: int = 1) -> Layout:
-    return Layout(perturbation=1, data=1, compute_gpus=("gpu0",), upload="whole", movers=("gpu0",),
-                  slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1,
-                  prefetch=prefetch)
+    return Layout(
+        perturbation=1,
+        data=1,
+        compute_gpus=("gpu0",),
+        upload="whole",
+        movers=("gpu0",),
+        slices_per_block=1,
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=1,
+        prefetch=prefetch,
+    )
 
 
 def test_transfer_bound_pipeline_takes_blocks_times_transfer_time(tmp_path: Path) -> None:
@@ -119,9 +149,18 @@ def test_the_what_if_factors_stretch_only_the_stage_that_bounds_the_step(tmp_pat
 
 def test_simulation_is_deterministic() -> None:
     machine = load_topology("dgx-a100")
-    layout = Layout(perturbation=2, data=2, compute_gpus=("gpu0", "gpu2", "gpu4", "gpu6"), upload="sliced",
-                    movers=tuple(machine.gpus), slices_per_block=16, wire_dtype="bf16", param_dtype="bf16",
-                    micro_batch=2, prefetch=2)
+    layout = Layout(
+        perturbation=2,
+        data=2,
+        compute_gpus=("gpu0", "gpu2", "gpu4", "gpu6"),
+        upload="sliced",
+        movers=tuple(machine.gpus),
+        slices_per_block=16,
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=2,
+        prefetch=2,
+    )
     costs = StepCosts(machine, Workload(SHAPE, 8, 256), layout)
     a, b = simulate(costs, record=True), simulate(costs, record=True)
     assert a.step_time_s == b.step_time_s
@@ -132,12 +171,33 @@ def test_simulation_is_deterministic() -> None:
 def test_shared_uplink_slows_packed_gpus_in_the_simulation() -> None:
     """Two GPUs behind one DGX A100 switch share its uplink; two on different switches do not."""
     machine = load_topology("dgx-a100")
-    shape = ModelShape(name="t", family="opt", layers=8, hidden=4096, ffn=16384, heads=32, kv_heads=32,
-                       vocab=1000, max_positions=2048, tied_head=True, embed_dim=4096)
+    shape = ModelShape(
+        name="t",
+        family="opt",
+        layers=8,
+        hidden=4096,
+        ffn=16384,
+        heads=32,
+        kv_heads=32,
+        vocab=1000,
+        max_positions=2048,
+        tied_head=True,
+        embed_dim=4096,
+    )
 
     def step(gpus: tuple[str, str]) -> float:
-        layout = Layout(perturbation=2, data=1, compute_gpus=gpus, upload="whole", movers=gpus,
-                        slices_per_block=1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1, prefetch=1)
+        layout = Layout(
+            perturbation=2,
+            data=1,
+            compute_gpus=gpus,
+            upload="whole",
+            movers=gpus,
+            slices_per_block=1,
+            wire_dtype="bf16",
+            param_dtype="bf16",
+            micro_batch=1,
+            prefetch=1,
+        )
         return simulate(StepCosts(machine, Workload(shape, 1, 16), layout)).step_time_s
 
     assert step(("gpu0", "gpu1")) == pytest.approx(2 * step(("gpu0", "gpu2")), rel=0.05)
@@ -146,14 +206,34 @@ def test_shared_uplink_slows_packed_gpus_in_the_simulation() -> None:
 def test_relays_carry_blocks_so_a_small_batch_uses_every_uplink() -> None:
     """Global batch 1 keeps only a perturbation pair computing; relays add their PCIe links."""
     machine = load_topology("dgx-a100")
-    shape = ModelShape(name="t", family="opt", layers=16, hidden=4096, ffn=16384, heads=32, kv_heads=32,
-                       vocab=1000, max_positions=2048, tied_head=True, embed_dim=4096)
+    shape = ModelShape(
+        name="t",
+        family="opt",
+        layers=16,
+        hidden=4096,
+        ffn=16384,
+        heads=32,
+        kv_heads=32,
+        vocab=1000,
+        max_positions=2048,
+        tied_head=True,
+        embed_dim=4096,
+    )
     pair = ("gpu0", "gpu2")
 
     def step(movers: tuple[str, ...]) -> float:
-        layout = Layout(perturbation=2, data=1, compute_gpus=pair, upload="sliced", movers=movers,
-                        slices_per_block=len(movers), wire_dtype="bf16", param_dtype="bf16",
-                        micro_batch=1, prefetch=2)
+        layout = Layout(
+            perturbation=2,
+            data=1,
+            compute_gpus=pair,
+            upload="sliced",
+            movers=movers,
+            slices_per_block=len(movers),
+            wire_dtype="bf16",
+            param_dtype="bf16",
+            micro_batch=1,
+            prefetch=2,
+        )
         return simulate(StepCosts(machine, Workload(shape, 1, 64), layout)).step_time_s
 
     everyone = pair + tuple(g for g in machine.gpus if g not in pair)
@@ -166,16 +246,39 @@ def test_a_steps_first_uploads_start_in_the_step_before_unless_several_ranks_sha
     uploads into the step before; whole blocks read by several compute ranks of a machine wait
     for their own step, whose ranks all read a block before any writes its share back."""
     machine = load_topology("dgx-a100")
-    shape = ModelShape(name="t", family="opt", layers=8, hidden=4096, ffn=16384, heads=32, kv_heads=32,
-                       vocab=1000, max_positions=2048, tied_head=True, embed_dim=4096)
+    shape = ModelShape(
+        name="t",
+        family="opt",
+        layers=8,
+        hidden=4096,
+        ffn=16384,
+        heads=32,
+        kv_heads=32,
+        vocab=1000,
+        max_positions=2048,
+        tied_head=True,
+        embed_dim=4096,
+    )
 
     def first_upload_start(gpus: tuple[str, ...], upload: str) -> tuple[float, float]:
-        layout = Layout(perturbation=1, data=len(gpus), compute_gpus=gpus, upload=upload, movers=gpus,
-                        slices_per_block=len(gpus) if upload == "sliced" else 1, wire_dtype="bf16", param_dtype="bf16", micro_batch=1,
-                        prefetch=2)
+        layout = Layout(
+            perturbation=1,
+            data=len(gpus),
+            compute_gpus=gpus,
+            upload=upload,
+            movers=gpus,
+            slices_per_block=len(gpus) if upload == "sliced" else 1,
+            wire_dtype="bf16",
+            param_dtype="bf16",
+            micro_batch=1,
+            prefetch=2,
+        )
         result = simulate(StepCosts(machine, Workload(shape, 2 * len(gpus), 64), layout), record=True)
-        starts = [t0 for g, _, cat, label, step, _, t0, _ in result.spans
-                  if g == gpus[0] and cat == "h2d" and label.startswith("h2d b0") and step == REPORTED_STEP]
+        starts = [
+            t0
+            for g, _, cat, label, step, _, t0, _ in result.spans
+            if g == gpus[0] and cat == "h2d" and label.startswith("h2d b0") and step == REPORTED_STEP
+        ]
         return min(starts), result.window[0]
 
     start, step_start = first_upload_start(("gpu0",), "whole")
@@ -196,5 +299,5 @@ def test_gpu_memory_counts_what_the_runtime_allocates(tmp_path: Path) -> None:
     costs = StepCosts(machine, Workload(SHAPE, 1, 16), _zo2(prefetch=2))
     block = SHAPE.block_params() * 2  # bf16
     parts = SHAPE.resident_params() * 2
-    activations = (SHAPE.block_activation_bytes(1, 16, "bf16", 2) + SHAPE.head_activation_bytes(1, 16))
+    activations = SHAPE.block_activation_bytes(1, 16, "bf16", 2) + SHAPE.head_activation_bytes(1, 16)
     assert costs.gpu_memory_bytes("gpu0") == GPU_RESERVE_BYTES + 3 * block + 2 * block + 2 * parts + activations

@@ -1,6 +1,7 @@
 """Views of a simulated step: the Chrome trace must load in Perfetto / chrome://tracing (every
 event on a declared track, times in microseconds, byte-identical across runs), the terminal
 Gantt chart must show the reported step, and the PNG path must work or fail with a clear fix."""
+
 from __future__ import annotations
 
 import copy
@@ -41,16 +42,35 @@ def workload() -> Workload:
 
 def _sliced(resident: tuple[int, ...] = ()) -> Layout:
     """Eight sliced movers with nothing resident: every stream and link carries traffic."""
-    return Layout(perturbation=2, data=4, compute_gpus=GPUS, upload="sliced", movers=GPUS,
-                  slices_per_block=16, wire_dtype="bf16", param_dtype="bf16", micro_batch=1,
-                  prefetch=1, resident=resident)
+    return Layout(
+        perturbation=2,
+        data=4,
+        compute_gpus=GPUS,
+        upload="sliced",
+        movers=GPUS,
+        slices_per_block=16,
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=1,
+        prefetch=1,
+        resident=resident,
+    )
 
 
 def _whole() -> Layout:
     """Two GPUs uploading whole blocks over one shared PCIe switch: no exchange stream."""
-    return Layout(perturbation=2, data=1, compute_gpus=("gpu0", "gpu1"), upload="whole",
-                  movers=("gpu0", "gpu1"), slices_per_block=1, wire_dtype="bf16", param_dtype="bf16",
-                  micro_batch=1, prefetch=1)
+    return Layout(
+        perturbation=2,
+        data=1,
+        compute_gpus=("gpu0", "gpu1"),
+        upload="whole",
+        movers=("gpu0", "gpu1"),
+        slices_per_block=1,
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=1,
+        prefetch=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +94,7 @@ def _process_names(trace: dict) -> dict[int, str]:
 
 
 def _thread_names(trace: dict) -> dict[tuple[int, int], str]:
-    return {(e["pid"], e["tid"]): e["args"]["name"]
-            for e in _events(trace, "M") if e["name"] == "thread_name"}
+    return {(e["pid"], e["tid"]): e["args"]["name"] for e in _events(trace, "M") if e["name"] == "thread_name"}
 
 
 # ----- Chrome trace -----------------------------------------------------------------------------
@@ -118,25 +137,25 @@ def test_each_gpu_of_the_layout_gets_a_process_and_streams_in_pipeline_order(sli
     layout, result = sliced
     trace = chrome_trace(result, machine)
     names = _process_names(trace)
-    assert sorted(names.values()) == sorted([f"{g} (simulated)" for g in layout.gpus]
-                                            + ["host links (simulated)"])
+    assert sorted(names.values()) == sorted([f"{g} (simulated)" for g in layout.gpus] + ["host links (simulated)"])
     assert len(set(names)) == len(names)
     # processes sort in topology order (gpu0, gpu1, ..., not the layout's rank order)
-    sort_index = {e["pid"]: e["args"]["sort_index"] for e in _events(trace, "M")
-                  if e["name"] == "process_sort_index"}
+    sort_index = {e["pid"]: e["args"]["sort_index"] for e in _events(trace, "M") if e["name"] == "process_sort_index"}
     by_sort = [names[p] for p in sorted(sort_index, key=sort_index.__getitem__)]
     assert by_sort == [f"{g} (simulated)" for g in machine.gpus] + ["host links (simulated)"]
     gpu0 = next(p for p, n in names.items() if n == "gpu0 (simulated)")
-    thread_sort = {e["args"]["sort_index"]: _thread_names(trace)[gpu0, e["tid"]]
-                   for e in _events(trace, "M") if e["name"] == "thread_sort_index" and e["pid"] == gpu0}
+    thread_sort = {
+        e["args"]["sort_index"]: _thread_names(trace)[gpu0, e["tid"]]
+        for e in _events(trace, "M")
+        if e["name"] == "thread_sort_index" and e["pid"] == gpu0
+    }
     assert [thread_sort[k] for k in sorted(thread_sort)] == list(STREAMS)
 
 
 def test_whole_uploads_declare_no_exchange_thread(whole, machine) -> None:
     layout, result = whole
     trace = chrome_trace(result, machine)
-    assert sorted(_process_names(trace).values()) == ["gpu0 (simulated)", "gpu1 (simulated)",
-                                                      "host links (simulated)"]
+    assert sorted(_process_names(trace).values()) == ["gpu0 (simulated)", "gpu1 (simulated)", "host links (simulated)"]
     gpu_threads = {n for (pid, _tid), n in _thread_names(trace).items() if n != "steps"}
     assert gpu_threads == {"upload", "compute", "offload"}
 
@@ -153,8 +172,7 @@ def test_link_counters_stay_within_capacity_one_track_per_resource(sliced, machi
         cap_gbps = result.capacity[label_to_resource[event["name"]]] / 1e9
         assert 0 <= event["args"]["GB/s"] <= cap_gbps + 1e-6, event
         assert 0 <= event["args"]["% of capacity"] <= 100 + 1e-6, event
-        assert event["args"]["% of capacity"] == pytest.approx(100 * event["args"]["GB/s"] / cap_gbps,
-                                                               abs=1e-3)
+        assert event["args"]["% of capacity"] == pytest.approx(100 * event["args"]["GB/s"] / cap_gbps, abs=1e-3)
         busy += event["args"]["GB/s"] > 0
     assert busy > 0  # nothing is resident: the PCIe links must show traffic
 
@@ -163,8 +181,7 @@ def test_counters_follow_the_recorded_samples(sliced, machine) -> None:
     _, result = sliced
     trace = chrome_trace(result, machine)
     resource = "cpu0->pcie0"
-    series = [(e["ts"], e["args"]["GB/s"]) for e in _events(trace, "C")
-              if e["name"] == link_label(resource, machine)]
+    series = [(e["ts"], e["args"]["GB/s"]) for e in _events(trace, "C") if e["name"] == link_label(resource, machine)]
     expected = result.link_samples[resource]
     assert len(series) == len(expected)
     for (ts, gbps), (t, rate) in zip(series, expected):
@@ -190,10 +207,14 @@ def test_compute_span_times_are_the_simulated_ones_in_microseconds(sliced, machi
     trace = chrome_trace(result, machine)
     pid_of = {n.split(" ")[0]: p for p, n in _process_names(trace).items()}
     for gpu in ("gpu0", "gpu7"):
-        sim = sorted((t0, t1, label) for g, _s, cat, label, _st, _b, t0, t1 in result.spans
-                     if g == gpu and cat == "compute")
-        got = sorted((e["ts"], e["dur"], e["name"]) for e in _events(trace, "X")
-                     if e["pid"] == pid_of[gpu] and e["cat"] == "compute")
+        sim = sorted(
+            (t0, t1, label) for g, _s, cat, label, _st, _b, t0, t1 in result.spans if g == gpu and cat == "compute"
+        )
+        got = sorted(
+            (e["ts"], e["dur"], e["name"])
+            for e in _events(trace, "X")
+            if e["pid"] == pid_of[gpu] and e["cat"] == "compute"
+        )
         assert len(got) == len(sim) > 0
         for (ts, dur, name), (t0, t1, label) in zip(got, sim):
             assert name == label
@@ -207,8 +228,7 @@ def test_span_args_carry_step_and_block(sliced, machine) -> None:
     spans = [e for e in _events(trace, "X") if e["cat"] != "step"]
     assert {e["args"]["step"] for e in spans} == set(range(len(result.step_ends)))
     assert all(isinstance(e["args"]["block"], int) for e in spans)
-    assert {e["cat"] for e in spans} == {"h2d", "update", "exchange", "embed", "compute", "head",
-                                         "scalar", "d2h"}
+    assert {e["cat"] for e in spans} == {"h2d", "update", "exchange", "embed", "compute", "head", "scalar", "d2h"}
 
 
 def test_reported_step_is_marked_on_the_steps_thread(sliced, machine) -> None:
@@ -218,7 +238,8 @@ def test_reported_step_is_marked_on_the_steps_thread(sliced, machine) -> None:
     assert len(steps_tracks) == 1
     steps = [e for e in _events(trace, "X") if (e["pid"], e["tid"]) == steps_tracks[0]]
     assert [e["name"] for e in steps] == [
-        f"step {i}" + (" (reported)" if i == REPORTED_STEP else "") for i in range(len(result.step_ends))]
+        f"step {i}" + (" (reported)" if i == REPORTED_STEP else "") for i in range(len(result.step_ends))
+    ]
     reported = [e for e in steps if e["args"]["reported"]]
     assert len(reported) == 1
     assert reported[0]["ts"] == pytest.approx(result.window[0] * 1e6, abs=1e-3)
@@ -274,11 +295,10 @@ def test_merge_keeps_pids_distinct_and_groups_named(sliced, whole, machine) -> N
     meas_pids = {p for p, n in names.items() if n.endswith("(measured)")}
     assert sim_pids and meas_pids and not sim_pids & meas_pids
     # every event still points at its own group's process
-    for event in merged["traceEvents"][len(simulated["traceEvents"]):]:
+    for event in merged["traceEvents"][len(simulated["traceEvents"]) :]:
         assert event["pid"] in meas_pids
     # the measured group sorts after the simulated one
-    sort_index = {e["pid"]: e["args"]["sort_index"] for e in _events(merged, "M")
-                  if e["name"] == "process_sort_index"}
+    sort_index = {e["pid"]: e["args"]["sort_index"] for e in _events(merged, "M") if e["name"] == "process_sort_index"}
     assert max(sort_index[p] for p in sim_pids) < min(sort_index[p] for p in meas_pids)
     assert merged["otherData"]["simulated.title"] == "simulated"
     assert merged["otherData"]["measured.title"] == "measured"
@@ -378,7 +398,9 @@ def test_png_without_matplotlib_names_the_extra(sliced, machine, tmp_path, monke
 
 
 def test_importing_trace_pulls_in_neither_matplotlib_nor_torch() -> None:
-    code = ("import sys, zoplan.sim.trace; "
-            "bad = [m for m in ('matplotlib', 'torch') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, zoplan.sim.trace; "
+        "bad = [m for m in ('matplotlib', 'torch') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent)

@@ -7,6 +7,7 @@ for the command line. h200-1x.txt is the real `nvidia-smi topo -m` of a one-GPU 
 (its header underlined with ANSI escapes, as the driver prints it); `nvidia-smi --query-gpu=name,
 memory.total --format=csv,noheader` there printed "NVIDIA H200, 143771 MiB".
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,15 @@ from zoplan.topology import detect as topo_detect
 from zoplan.errors import ZoplanError
 from zoplan.topology.presets import preset_names
 from zoplan.planner import plan
-from zoplan.topology.detect import (cpu_topology, detect, gpu_preset_for, mem_total_kib, parse_cpulist,
-                                read_numa_nodes, run_nvidia_smi)
+from zoplan.topology.detect import (
+    cpu_topology,
+    detect,
+    gpu_preset_for,
+    mem_total_kib,
+    parse_cpulist,
+    read_numa_nodes,
+    run_nvidia_smi,
+)
 from zoplan.topology.importer import import_nvidia_smi
 from zoplan.topology import Machine, load_topology
 
@@ -46,6 +54,7 @@ def local_mem_gib() -> float:
 
 def fake_smi(topo: Path | str, query: str, calls: list[list[str]] | None = None):
     """A stand-in for run_nvidia_smi answering the two queries detect makes."""
+
     def run(args: Sequence[str]) -> str:
         if calls is not None:
             calls.append(list(args))
@@ -53,20 +62,19 @@ def fake_smi(topo: Path | str, query: str, calls: list[list[str]] | None = None)
             return Path(topo).read_text(encoding="utf-8")
         assert args[0].startswith("--query-gpu=name,memory.total"), args
         return query
+
     return run
 
 
 def detect_gpu(tmp_path: Path, topo: Path, query: str, **kw) -> topo_detect.DetectedTopology:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(MEMINFO)
-    return detect(run=fake_smi(topo, query), which=lambda _: "/usr/bin/nvidia-smi",
-                  meminfo_path=meminfo, **kw)
+    return detect(run=fake_smi(topo, query), which=lambda _: "/usr/bin/nvidia-smi", meminfo_path=meminfo, **kw)
 
 
 def comments(text: str) -> str:
     """The file's comments as one line (they are wrapped at 100 columns)."""
-    return " ".join(line.strip().lstrip("#").strip() for line in text.splitlines()
-                    if line.strip().startswith("#"))
+    return " ".join(line.strip().lstrip("#").strip() for line in text.splitlines() if line.strip().startswith("#"))
 
 
 def written(tmp_path: Path, result: topo_detect.DetectedTopology, name: str = "machine") -> Machine:
@@ -120,7 +128,10 @@ def test_cpu_two_numa_nodes_from_sys(tmp_path: Path) -> None:
     # ASSUMED bus: 4 GB/s per rank on the node; a node without ranks still gets a positive figure
     assert [s.memory_gbps for s in result.spec.sockets] == [8, 8, 4]
     assert {(l.a, l.b) for l in result.spec.links if l.kind == "socket"} == {
-        ("cpu0", "cpu1"), ("cpu0", "cpu2"), ("cpu1", "cpu2")}
+        ("cpu0", "cpu1"),
+        ("cpu0", "cpu2"),
+        ("cpu1", "cpu2"),
+    }
 
 
 def test_readers() -> None:
@@ -136,8 +147,13 @@ def test_gpu_path_is_the_import_with_memory_from_meminfo(tmp_path: Path) -> None
     calls: list[list[str]] = []
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(MEMINFO)
-    result = detect(run=fake_smi(DGX, A100_QUERY, calls), which=lambda _: "/usr/bin/nvidia-smi",
-                    meminfo_path=meminfo, host_gbps=204.8, name="dgx")
+    result = detect(
+        run=fake_smi(DGX, A100_QUERY, calls),
+        which=lambda _: "/usr/bin/nvidia-smi",
+        meminfo_path=meminfo,
+        host_gbps=204.8,
+        name="dgx",
+    )
     assert sorted(calls) == [["--query-gpu=name,memory.total", "--format=csv,noheader"], ["topo", "-m"]]
     machine = written(tmp_path, result, "dgx")
     # two NUMA nodes in the matrix: MemTotal divided between them, the total kept
@@ -171,17 +187,26 @@ def test_gpu_path_real_h200_output(tmp_path: Path) -> None:
     assert "all on the one socket below" in comments(result.text)
 
 
-@pytest.mark.parametrize("name, preset", [
-    ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb"), ("NVIDIA A100-SXM4-40GB", "a100-sxm4-40gb"),
-    ("A100-SXM4-40GB", "a100-sxm4-40gb"), ("NVIDIA H100 80GB HBM3", "h100-sxm5-80gb"),
-    ("NVIDIA H100 PCIe", "h100-pcie-80gb"), ("NVIDIA H200", "h200-sxm-141gb"),
-    ("NVIDIA L40S", "l40s-48gb"), ("NVIDIA GeForce RTX 4090", "rtx4090-24gb")])
+@pytest.mark.parametrize(
+    "name, preset",
+    [
+        ("NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb"),
+        ("NVIDIA A100-SXM4-40GB", "a100-sxm4-40gb"),
+        ("A100-SXM4-40GB", "a100-sxm4-40gb"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm5-80gb"),
+        ("NVIDIA H100 PCIe", "h100-pcie-80gb"),
+        ("NVIDIA H200", "h200-sxm-141gb"),
+        ("NVIDIA L40S", "l40s-48gb"),
+        ("NVIDIA GeForce RTX 4090", "rtx4090-24gb"),
+    ],
+)
 def test_product_names_map_to_presets(name: str, preset: str) -> None:
     assert gpu_preset_for(name).name == preset
 
 
-@pytest.mark.parametrize("name", ["NVIDIA H100 NVL", "NVIDIA A100 80GB PCIe", "Tesla V100-SXM2-32GB",
-                                  "NVIDIA H200 NVL"])
+@pytest.mark.parametrize(
+    "name", ["NVIDIA H100 NVL", "NVIDIA A100 80GB PCIe", "Tesla V100-SXM2-32GB", "NVIDIA H200 NVL"]
+)
 def test_unknown_gpu_names_the_gpu_and_lists_the_presets(tmp_path: Path, name: str) -> None:
     with pytest.raises(ZoplanError) as exc:
         detect_gpu(tmp_path, DGX, f"{name}, 95830 MiB\n" * 8)
@@ -201,8 +226,10 @@ def test_mixed_models_and_count_mismatch_are_errors(tmp_path: Path) -> None:
 
 def test_memory_unlike_the_preset_warns(tmp_path: Path) -> None:
     result = detect_gpu(tmp_path, DGX, "NVIDIA A100-SXM4-80GB, 40960 MiB\n" * 8, host_gbps=100)
-    assert result.warnings == ["nvidia-smi reports 40960 MiB per GPU but preset a100-sxm4-80gb has 80 GiB: "
-                               "check the GPU model (MIG or a variant?)"]
+    assert result.warnings == [
+        "nvidia-smi reports 40960 MiB per GPU but preset a100-sxm4-80gb has 80 GiB: "
+        "check the GPU model (MIG or a variant?)"
+    ]
 
 
 def test_ranks_with_gpus_is_an_error(tmp_path: Path) -> None:
@@ -213,6 +240,7 @@ def test_ranks_with_gpus_is_an_error(tmp_path: Path) -> None:
 def test_cpu_flag_ignores_nvidia_smi(tmp_path: Path) -> None:
     def boom(args: Sequence[str]) -> str:
         raise AssertionError("nvidia-smi must not run")
+
     result = detect(run=boom, which=lambda _: "/usr/bin/nvidia-smi", cpu_only=True)
     assert all(g.model == "cpu-rank" for g in result.spec.gpus)
     assert result.summary.startswith("--cpu given:")
@@ -224,6 +252,7 @@ def test_failing_nvidia_smi_reports_its_stderr(monkeypatch: pytest.MonkeyPatch) 
     def failed(command, **kw):
         assert kw["timeout"] == topo_detect.NVIDIA_SMI_TIMEOUT_S
         return subprocess.CompletedProcess(command, 9, stdout="", stderr=said + "\n")
+
     monkeypatch.setattr(topo_detect.subprocess, "run", failed)
     with pytest.raises(ZoplanError) as exc:
         run_nvidia_smi(["topo", "-m"])
@@ -234,6 +263,7 @@ def test_failing_nvidia_smi_reports_its_stderr(monkeypatch: pytest.MonkeyPatch) 
 def test_hanging_nvidia_smi_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     def hangs(command, **kw):
         raise subprocess.TimeoutExpired(command, kw["timeout"])
+
     monkeypatch.setattr(topo_detect.subprocess, "run", hangs)
     with pytest.raises(ZoplanError, match=r"did not answer within \d+ s"):
         run_nvidia_smi(["topo", "-m"])
@@ -268,8 +298,13 @@ def fake_bin(tmp_path: Path, script: str) -> dict[str, str]:
 
 
 def detect_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zoplan.cli", "topo", "detect", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "zoplan.cli", "topo", "detect", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_gpu_with_a_fake_nvidia_smi(tmp_path: Path) -> None:
@@ -286,8 +321,7 @@ def test_cli_gpu_with_a_fake_nvidia_smi(tmp_path: Path) -> None:
 
 
 def test_cli_unknown_gpu_exits_2(tmp_path: Path) -> None:
-    env = fake_bin(tmp_path, f'if [ "$1" = topo ]; then cat "{DGX}"; '
-                             f'else echo "NVIDIA H100 NVL, 95830 MiB"; fi\n')
+    env = fake_bin(tmp_path, f'if [ "$1" = topo ]; then cat "{DGX}"; else echo "NVIDIA H100 NVL, 95830 MiB"; fi\n')
     proc = detect_cli(env, "-o", str(tmp_path / "x.yaml"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: no GPU preset matches 'NVIDIA H100 NVL'")

@@ -13,6 +13,7 @@ in docs/hardware-sources.md ("Reading nvidia-smi topo -m") and the shape of real
   (as copied from a terminal).
 - nv4-bridge-2x.txt: 2 GPUs joined by one NVLink bridge (NV4), the older layout.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -29,8 +30,13 @@ from zoplan.errors import ZoplanError
 from zoplan.topology.presets import NVLINK4_BUSBW_PER_LINK, PRESETS, get_preset, preset_names
 from zoplan.planner import plan
 from zoplan.search import family
-from zoplan.topology.importer import (DEFAULT_HOST_GBPS, ImportedTopology, import_nvidia_smi,
-                                import_topology_file, parse_topo_matrix)
+from zoplan.topology.importer import (
+    DEFAULT_HOST_GBPS,
+    ImportedTopology,
+    import_nvidia_smi,
+    import_topology_file,
+    parse_topo_matrix,
+)
 from zoplan.topology import Machine, load_topology
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "nvidia-smi"
@@ -46,8 +52,9 @@ def text_of(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def imported(tmp_path: Path, source: Path, gpu: str, memory: float = 1024, gbps: float | None = 204.8,
-             name: str = "imported") -> tuple[ImportedTopology, Machine]:
+def imported(
+    tmp_path: Path, source: Path, gpu: str, memory: float = 1024, gbps: float | None = 204.8, name: str = "imported"
+) -> tuple[ImportedTopology, Machine]:
     """Import ``source``, write the YAML, and load it back the way `zoplan plan -t` does."""
     result = import_topology_file(source, gpu=gpu, host_memory_gib=memory, host_gbps=gbps, name=name)
     out = tmp_path / f"{name}.yaml"
@@ -69,8 +76,7 @@ def uplink_sets(machine: Machine) -> set[frozenset[str]]:
 def small_matrix(n: int, entry: str = "SYS", numa: str = "0") -> str:
     """An n-GPU matrix in the older layout, every off-diagonal entry ``entry``."""
     head = "\t" + "\t".join(f"GPU{i}" for i in range(n)) + "\tCPU Affinity\tNUMA Affinity"
-    rows = [f"GPU{i}\t" + "\t".join(" X " if i == j else entry for j in range(n)) + f"\t0-31\t{numa}"
-            for i in range(n)]
+    rows = [f"GPU{i}\t" + "\t".join(" X " if i == j else entry for j in range(n)) + f"\t0-31\t{numa}" for i in range(n)]
     return "\n".join([head, *rows]) + "\n\nLegend:\n\n  X    = Self\n"
 
 
@@ -170,8 +176,7 @@ def test_tabs_spaces_and_colour_codes_parse_the_same() -> None:
 
 def test_soc_is_an_old_name_for_sys() -> None:
     sys_spec = import_nvidia_smi(text_of(L40S), gpu="l40s-48gb", host_memory_gib=768).spec
-    soc_spec = import_nvidia_smi(text_of(L40S).replace("SYS", "SOC"), gpu="l40s-48gb",
-                                 host_memory_gib=768).spec
+    soc_spec = import_nvidia_smi(text_of(L40S).replace("SYS", "SOC"), gpu="l40s-48gb", host_memory_gib=768).spec
     assert soc_spec == sys_spec
 
 
@@ -212,8 +217,15 @@ def test_generated_file_carries_sources_and_round_trips(tmp_path: Path) -> None:
     assert machine.spec == result.spec
     comments = [line for line in result.text.splitlines() if line.lstrip().startswith("#")]
     assert len(comments) >= 20
-    for needle in ("nvbandwidth issue 42", "nccl-tests issue 149", "A100 datasheet", "hwLat",
-                   "--host-memory-gib", "ASSUMED", "dgx-a100-like.txt"):
+    for needle in (
+        "nvbandwidth issue 42",
+        "nccl-tests issue 149",
+        "A100 datasheet",
+        "hwLat",
+        "--host-memory-gib",
+        "ASSUMED",
+        "dgx-a100-like.txt",
+    ):
         assert needle in result.text, needle
     # no --host-gbps: the documented default, a warning, and the figure marked ASSUMED in the file
     assert {s.memory_gbps for s in result.spec.sockets} == {DEFAULT_HOST_GBPS}
@@ -223,9 +235,17 @@ def test_generated_file_carries_sources_and_round_trips(tmp_path: Path) -> None:
 
 
 # ----- GPU presets --------------------------------------------------------------------------------
-@pytest.mark.parametrize("topology, model", [("dgx-a100", "a100-sxm4-80gb"), ("dgx-h100", "h100-sxm5-80gb"),
-                                             ("hgx-h200", "h200-sxm-141gb"), ("h100-pcie-1x", "h100-pcie-80gb"), ("l40s-8x", "l40s-48gb"),
-                                             ("rtx4090-4x", "rtx4090-24gb")])
+@pytest.mark.parametrize(
+    "topology, model",
+    [
+        ("dgx-a100", "a100-sxm4-80gb"),
+        ("dgx-h100", "h100-sxm5-80gb"),
+        ("hgx-h200", "h200-sxm-141gb"),
+        ("h100-pcie-1x", "h100-pcie-80gb"),
+        ("l40s-8x", "l40s-48gb"),
+        ("rtx4090-4x", "rtx4090-24gb"),
+    ],
+)
 def test_presets_match_the_bundled_topologies(topology: str, model: str) -> None:
     bundled = load_topology(topology)
     preset = get_preset(model)
@@ -242,8 +262,17 @@ def test_presets_match_the_bundled_topologies(topology: str, model: str) -> None
 
 
 def test_every_preset_has_a_source_for_every_figure() -> None:
-    assert preset_names() == sorted(["a100-sxm4-80gb", "a100-sxm4-40gb", "h100-sxm5-80gb", "h100-pcie-80gb",
-                                     "h200-sxm-141gb", "l40s-48gb", "rtx4090-24gb"])
+    assert preset_names() == sorted(
+        [
+            "a100-sxm4-80gb",
+            "a100-sxm4-40gb",
+            "h100-sxm5-80gb",
+            "h100-pcie-80gb",
+            "h200-sxm-141gb",
+            "l40s-48gb",
+            "rtx4090-24gb",
+        ]
+    )
     for preset in PRESETS.values():
         assert {"memory_gib", "tflops", "hbm_gbps", "matmul_efficiency", "pcie", "nvlink"} <= set(preset.sources)
         assert set(preset.tflops) == {"fp32", "tf32", "bf16", "fp16"}
@@ -269,13 +298,18 @@ def test_unknown_entry_names_the_line_and_the_token() -> None:
     assert error_of(text).startswith("line 2: unknown link entry 'NV99X' in column GPU2")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("", "line 1: the text is empty"),
-    ("\n\nNo devices were found\n", "line 3: no GPU columns"),
-    ("\tNIC0\tNIC1\tCPU Affinity\tNUMA Affinity\nNIC0\t X \tPIX\t\t\nNIC1\tPIX\t X \t\t\n",
-     "line 1: no GPU columns in the header"),
-    ("GPU0\t X \tNV4\t0-31\t0\nGPU1\tNV4\t X \t0-31\t0\n", "line 1: expected the header line"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("", "line 1: the text is empty"),
+        ("\n\nNo devices were found\n", "line 3: no GPU columns"),
+        (
+            "\tNIC0\tNIC1\tCPU Affinity\tNUMA Affinity\nNIC0\t X \tPIX\t\t\nNIC1\tPIX\t X \t\t\n",
+            "line 1: no GPU columns in the header",
+        ),
+        ("GPU0\t X \tNV4\t0-31\t0\nGPU1\tNV4\t X \t0-31\t0\n", "line 1: expected the header line"),
+    ],
+)
 def test_no_gpu_columns_names_the_line(text: str, needle: str) -> None:
     assert error_of(text).startswith(needle)
 
@@ -327,8 +361,22 @@ def plain_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cli_import_writes_a_file_that_plans(tmp_path: Path, plain_consoles) -> None:
     out = tmp_path / "machine.yaml"
-    result = runner.invoke(cli.app, ["topo", "import", str(DGX), "--gpu", "a100-sxm4-80gb", "-o", str(out),
-                                     "--host-memory-gib", "1024", "--host-gbps", "204.8"])
+    result = runner.invoke(
+        cli.app,
+        [
+            "topo",
+            "import",
+            str(DGX),
+            "--gpu",
+            "a100-sxm4-80gb",
+            "-o",
+            str(out),
+            "--host-memory-gib",
+            "1024",
+            "--host-gbps",
+            "204.8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"wrote {out}: 8x a100-sxm4-80gb, NVSwitch")
     assert len(result.stdout.strip().splitlines()) == 1
@@ -341,8 +389,22 @@ def test_cli_import_writes_a_file_that_plans(tmp_path: Path, plain_consoles) -> 
 
 def test_cli_import_name_option_and_host_gbps_warning(tmp_path: Path, plain_consoles) -> None:
     out = tmp_path / "box.yaml"
-    result = runner.invoke(cli.app, ["topo", "import", str(WORKSTATION), "--gpu", "rtx4090-24gb", "-o", str(out),
-                                     "--host-memory-gib", "256", "--name", "my-box"])
+    result = runner.invoke(
+        cli.app,
+        [
+            "topo",
+            "import",
+            str(WORKSTATION),
+            "--gpu",
+            "rtx4090-24gb",
+            "-o",
+            str(out),
+            "--host-memory-gib",
+            "256",
+            "--name",
+            "my-box",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "warning: --host-gbps not given" in result.stderr
     assert load_topology(out).name == "my-box"
@@ -355,8 +417,10 @@ def test_cli_import_bad_input_exits_2_with_the_line(tmp_path: Path, monkeypatch,
     bad.write_text("\n".join(lines), encoding="utf-8")
     out = tmp_path / "never.yaml"
     for args, needle in [
-        ([str(bad), "--gpu", "l40s-48gb", "-o", str(out), "--host-memory-gib", "64"],
-         "line 5: expected one entry per GPU column (8), found 6"),
+        (
+            [str(bad), "--gpu", "l40s-48gb", "-o", str(out), "--host-memory-gib", "64"],
+            "line 5: expected one entry per GPU column (8), found 6",
+        ),
         ([str(NV4), "--gpu", "v100", "-o", str(out), "--host-memory-gib", "64"], "unknown GPU model 'v100'"),
         ([str(NV4), "--gpu", "h100-pcie-80gb", "-o", str(out)], "--host-memory-gib"),
         ([str(NV4), "-o", str(out), "--host-memory-gib", "64"], "pass --gpu"),
@@ -371,6 +435,5 @@ def test_cli_import_bad_input_exits_2_with_the_line(tmp_path: Path, monkeypatch,
 
 
 def test_importing_does_not_import_torch() -> None:
-    code = ("import sys, zoplan.topology.importer, zoplan.topology.presets, zoplan.cli; "
-            "sys.exit('torch' in sys.modules)")
+    code = "import sys, zoplan.topology.importer, zoplan.topology.presets, zoplan.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -1,5 +1,6 @@
 """Topology files: the bundled machines, the graph queries the simulator relies on, and the
 messages a user gets for a broken file (each must name the file and the field path)."""
+
 from __future__ import annotations
 
 import copy
@@ -61,8 +62,13 @@ def test_hash_is_stable_and_follows_content(tmp_path: Path) -> None:
     assert load_topology(same).hash == original
     # another process with another string-hash seed computes it the same
     code = "from zoplan.topology import load_topology; print(load_topology('dgx-a100').hash)"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": "12345"})
+    other = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
     assert other.stdout.strip() == original
     data["links"][0]["gbps"] = 24
     changed = tmp_path / "changed.yaml"

@@ -3,6 +3,7 @@
 Every user error is a ZoplanError: printed as one message (with a fix when there is one) on
 stderr, exit status 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,12 @@ if TYPE_CHECKING:
     from zoplan.planfile import Plan
     from zoplan.sim import SimResult
 
-app = typer.Typer(help="Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 topo_app = typer.Typer(help="Bundled and custom machine topologies.", no_args_is_help=True)
 models_app = typer.Typer(help="Model shape presets.", no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
@@ -42,11 +47,25 @@ def _gpus(value: Optional[str]) -> Optional[tuple[str, ...]]:
 
 @app.command("plan")
 def plan_cmd(
-    model: str = typer.Option("opt-175b", "--model", "-m", help="preset name, path to a Hugging Face config.json (or its directory), or tiny-opt / tiny-llama / tiny-qwen2"),
+    model: str = typer.Option(
+        "opt-175b",
+        "--model",
+        "-m",
+        help="preset name, path to a Hugging Face config.json (or its directory), or tiny-opt / tiny-llama / tiny-qwen2",
+    ),
     topology: str = typer.Option("dgx-a100", "--topology", "-t", help="bundled topology name or YAML path"),
     global_batch: int = typer.Option(16, "--global-batch", "-b", help="sequences per step, all replicas together"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", help="tokens per sequence (default: the profile's; else 512, or the model's positions if fewer)"),
-    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="compute dtype of the parameters (default: the profile's; else bf16 on GPUs, fp32 on CPU ranks)"),
+    seq_len: Optional[int] = typer.Option(
+        None,
+        "--seq-len",
+        "-s",
+        help="tokens per sequence (default: the profile's; else 512, or the model's positions if fewer)",
+    ),
+    dtype: Optional[Dtype] = typer.Option(
+        None,
+        "--dtype",
+        help="compute dtype of the parameters (default: the profile's; else bf16 on GPUs, fp32 on CPU ranks)",
+    ),
     objective: Objective = typer.Option(Objective.TIME, "--objective", help="rank by step time or by $ per token"),
     top: int = typer.Option(5, "--top", "-k", help="how many layouts to show (best of each parallel shape)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="write the best plan to this YAML file"),
@@ -78,14 +97,31 @@ def plan_cmd(
 
     if lr is None:
         lr = TINY_LR if model in TINY_MODELS else ZoSettings.model_fields["lr"].default
-    zo = zo_settings(eps=eps, lr=lr, weight_decay=weight_decay, seed=seed, steps=steps,
-                     lr_schedule=lr_schedule.value)
-    pins = Pins(perturbation=pertp, data=ddp, gpus=_gpus(gpus), slices=slices,
-                wire_dtype=wire_dtype.value if wire_dtype else None, micro_batch=micro_batch,
-                prefetch=prefetch, resident=resident, upload=upload.value if upload else None,
-                movers=movers.value if movers else None)
-    report = plan(model, topology, global_batch=global_batch, seq_len=seq_len, pins=pins,
-                  objective=objective.value, dtype=dtype.value if dtype else None, top=top, zo=zo, profile=profile)
+    zo = zo_settings(eps=eps, lr=lr, weight_decay=weight_decay, seed=seed, steps=steps, lr_schedule=lr_schedule.value)
+    pins = Pins(
+        perturbation=pertp,
+        data=ddp,
+        gpus=_gpus(gpus),
+        slices=slices,
+        wire_dtype=wire_dtype.value if wire_dtype else None,
+        micro_batch=micro_batch,
+        prefetch=prefetch,
+        resident=resident,
+        upload=upload.value if upload else None,
+        movers=movers.value if movers else None,
+    )
+    report = plan(
+        model,
+        topology,
+        global_batch=global_batch,
+        seq_len=seq_len,
+        pins=pins,
+        objective=objective.value,
+        dtype=dtype.value if dtype else None,
+        top=top,
+        zo=zo,
+        profile=profile,
+    )
     if output is not None:
         write_plan(report.plan, output)
     if as_json:
@@ -103,13 +139,12 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise ZoplanError(f"{option} {text!r} is not a comma-separated list of whole numbers",
-                          fix=f"e.g. {option} 1,2,4") from None
+        raise ZoplanError(
+            f"{option} {text!r} is not a comma-separated list of whole numbers", fix=f"e.g. {option} 1,2,4"
+        ) from None
     if any(v < 1 for v in values):
         raise ZoplanError(f"{option} {text!r}: every count must be at least 1", fix=f"e.g. {option} 1,2,4")
     return values
-
-
 
 
 @app.command("compare")
@@ -117,7 +152,9 @@ def compare_cmd(
     model: str = typer.Option("opt-175b", "--model", "-m", help="preset name or path to a config.json"),
     topology: list[str] = typer.Option(..., "--topology", "-t", help="a machine to compare (repeat)"),
     global_batch: int = typer.Option(16, "--global-batch", "-b"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", help="tokens per sequence (default 512, or the model's positions if fewer)"),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", "-s", help="tokens per sequence (default 512, or the model's positions if fewer)"
+    ),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="default: bf16 on GPUs, fp32 on CPU ranks"),
     objective: Objective = typer.Option(Objective.TIME, "--objective"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
@@ -125,14 +162,34 @@ def compare_cmd(
     """Which machine should I rent? The best layout on each machine side by side."""
     from zoplan.planner import compare
 
-    results = compare(model, topology, global_batch=global_batch, seq_len=seq_len,
-                      objective=objective.value, dtype=dtype.value if dtype else None)
+    results = compare(
+        model,
+        topology,
+        global_batch=global_batch,
+        seq_len=seq_len,
+        objective=objective.value,
+        dtype=dtype.value if dtype else None,
+    )
     if as_json:
-        print(json.dumps({"model": model, "machines": [
-            {"topology": name, "error": res.message} if isinstance(res, ZoplanError)
-            else {"topology": name, "price_per_hour_usd": res.machine.spec.price_per_hour_usd,
-                  "speedup_vs_baseline": res.speedup_vs_baseline, **res.summary(res.search.best)}
-            for name, res in results]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model": model,
+                    "machines": [
+                        {"topology": name, "error": res.message}
+                        if isinstance(res, ZoplanError)
+                        else {
+                            "topology": name,
+                            "price_per_hour_usd": res.machine.spec.price_per_hour_usd,
+                            "speedup_vs_baseline": res.speedup_vs_baseline,
+                            **res.summary(res.search.best),
+                        }
+                        for name, res in results
+                    ],
+                },
+                indent=2,
+            )
+        )
         return
     from zoplan.cli.render import compare_table
 
@@ -142,7 +199,9 @@ def compare_cmd(
 @app.command("timeline")
 def timeline_cmd(
     plan_file: Path = typer.Argument(..., help="a plan written by `zoplan plan -o`"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write a Chrome trace (Perfetto, chrome://tracing)"),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="write a Chrome trace (Perfetto, chrome://tracing)"
+    ),
     show: bool = typer.Option(False, "--show", help="draw the step as a Gantt chart in the terminal"),
     png: Optional[Path] = typer.Option(None, "--png", help="draw the step with matplotlib (plot extra)"),
     width: int = typer.Option(100, "--width", help="columns of the terminal chart"),
@@ -177,52 +236,91 @@ def timeline_cmd(
 @app.command("run")
 def run_cmd(
     plan: Optional[Path] = typer.Argument(None, help="a plan from `zoplan plan -o`; omitted: plan for this machine"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", **option("model"),
-                                        help="local directory, hub id, or tiny-opt / tiny-llama / tiny-qwen2"),
-    data: Optional[str] = typer.Option(None, "--data", "-d", **option("data"),
-                                       help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), 'long-text' "
-                                            "(bundled texts filling the sequence length), or a datasets name"),
-    steps: Optional[int] = typer.Option(None, "--steps", "-n", **option("steps"), help="training steps (the run's total)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", **option("output"),
-                                          help="directory for weights, journal and metrics"),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch", "-b", **option("global_batch"),
-                                               help="without a plan: sequences per step"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", "-s", **option("seq_len"),
-                                          help="without a plan: tokens per sequence"),
-    topology: Optional[str] = typer.Option(None, "--topology", "-t", help="without a plan: the machine (default cpu-local)"),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", **option("model"), help="local directory, hub id, or tiny-opt / tiny-llama / tiny-qwen2"
+    ),
+    data: Optional[str] = typer.Option(
+        None,
+        "--data",
+        "-d",
+        **option("data"),
+        help="a .jsonl or .csv file, 'sentiment' / 'sentiment-text' (bundled), 'long-text' "
+        "(bundled texts filling the sequence length), or a datasets name",
+    ),
+    steps: Optional[int] = typer.Option(
+        None, "--steps", "-n", **option("steps"), help="training steps (the run's total)"
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", **option("output"), help="directory for weights, journal and metrics"
+    ),
+    global_batch: Optional[int] = typer.Option(
+        None, "--global-batch", "-b", **option("global_batch"), help="without a plan: sequences per step"
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", "-s", **option("seq_len"), help="without a plan: tokens per sequence"
+    ),
+    topology: Optional[str] = typer.Option(
+        None, "--topology", "-t", help="without a plan: the machine (default cpu-local)"
+    ),
     pertp: Optional[int] = typer.Option(None, "--pertp", help="without a plan: pin the perturbation degree"),
     ddp: Optional[int] = typer.Option(None, "--ddp", help="without a plan: pin the data-parallel degree"),
     slices: Optional[int] = typer.Option(None, "--slices", help="without a plan: pin slices per block"),
     wire_dtype: Optional[Dtype] = typer.Option(None, "--wire-dtype", help="without a plan: pin the host-copy dtype"),
-    gpus: Optional[str] = typer.Option(None, "--gpus", help="without a plan: pin the compute devices (rank0,rank1 on CPU)"),
+    gpus: Optional[str] = typer.Option(
+        None, "--gpus", help="without a plan: pin the compute devices (rank0,rank1 on CPU)"
+    ),
     upload: Optional[Upload] = typer.Option(None, "--upload", help="without a plan: whole-block or sliced uploads"),
     resident: Optional[int] = typer.Option(None, "--resident", help="without a plan: blocks kept on the devices"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="without a plan: pin the micro-batch"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="without a plan: learning rate (1e-6; 1e-3 for the tiny models)"),
+    lr: Optional[float] = typer.Option(
+        None, "--lr", help="without a plan: learning rate (1e-6; 1e-3 for the tiny models)"
+    ),
     eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
     seed: Optional[int] = typer.Option(None, "--seed", **option("seed"), help="without a plan: run seed"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", **option("eval_every"),
-                                             help="evaluate on the held-out split every N steps too (it is evaluated "
-                                                  "before the first step and after the last unless 0: never)"),
-    max_nonfinite: Optional[int] = typer.Option(None, "--max-nonfinite", **option("max_nonfinite"),
-                                                help="stop after this many non-finite losses in a row"),
-    nnodes: Optional[int] = typer.Option(None, "--nnodes", **option("nnodes"), help="machines taking part (torchrun rendezvous)"),
-    node_rank: Optional[int] = typer.Option(None, "--node-rank", **option("node_rank"),
-                                            help="this machine's index (0 .. --nnodes - 1)"),
+    eval_every: Optional[int] = typer.Option(
+        None,
+        "--eval-every",
+        **option("eval_every"),
+        help="evaluate on the held-out split every N steps too (it is evaluated "
+        "before the first step and after the last unless 0: never)",
+    ),
+    max_nonfinite: Optional[int] = typer.Option(
+        None, "--max-nonfinite", **option("max_nonfinite"), help="stop after this many non-finite losses in a row"
+    ),
+    nnodes: Optional[int] = typer.Option(
+        None, "--nnodes", **option("nnodes"), help="machines taking part (torchrun rendezvous)"
+    ),
+    node_rank: Optional[int] = typer.Option(
+        None, "--node-rank", **option("node_rank"), help="this machine's index (0 .. --nnodes - 1)"
+    ),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", **option("master_addr"), help="address of node 0"),
-    master_port: Optional[int] = typer.Option(None, "--master-port", **option("master_port"), help="port on node 0 (needed with --nnodes > 1)"),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory up to --steps (the "
-                                          "options not given again keep the run's own, from its run.json)"),
-    max_restarts: Optional[int] = typer.Option(None, "--max-restarts", **option("max_restarts"),
-                                               help="restart crashed ranks this many times (they resume)"),
-    snapshot_every: Optional[int] = typer.Option(None, "--snapshot-every", **option("snapshot_every"),
-                                                 help="write a snapshot every N steps (0: never)"),
-    snapshot_minutes: Optional[float] = typer.Option(None, "--snapshot-minutes", **option("snapshot_minutes"),
-                                                     help="write a snapshot every M minutes (0: never)"),
-    keep_snapshots: Optional[int] = typer.Option(None, "--keep-snapshots", **option("keep_snapshots"),
-                                                 help="snapshots kept (0: all of them)"),
-    journal_sync_every: Optional[int] = typer.Option(None, "--journal-sync-every", **option("journal_sync_every"),
-                                                     help="fsync the journal every N steps (slow disks)"),
+    master_port: Optional[int] = typer.Option(
+        None, "--master-port", **option("master_port"), help="port on node 0 (needed with --nnodes > 1)"
+    ),
+    resume: Optional[Path] = typer.Option(
+        None,
+        "--resume",
+        help="continue the run in this directory up to --steps (the "
+        "options not given again keep the run's own, from its run.json)",
+    ),
+    max_restarts: Optional[int] = typer.Option(
+        None, "--max-restarts", **option("max_restarts"), help="restart crashed ranks this many times (they resume)"
+    ),
+    snapshot_every: Optional[int] = typer.Option(
+        None, "--snapshot-every", **option("snapshot_every"), help="write a snapshot every N steps (0: never)"
+    ),
+    snapshot_minutes: Optional[float] = typer.Option(
+        None, "--snapshot-minutes", **option("snapshot_minutes"), help="write a snapshot every M minutes (0: never)"
+    ),
+    keep_snapshots: Optional[int] = typer.Option(
+        None, "--keep-snapshots", **option("keep_snapshots"), help="snapshots kept (0: all of them)"
+    ),
+    journal_sync_every: Optional[int] = typer.Option(
+        None,
+        "--journal-sync-every",
+        **option("journal_sync_every"),
+        help="fsync the journal every N steps (slow disks)",
+    ),
 ) -> None:
     """Fine-tune with a plan: torchrun starts the plan's ranks (gloo on CPU, NCCL on GPU).
 
@@ -234,31 +332,59 @@ def run_cmd(
     from zoplan.layout import Pins
     from zoplan.search import check_pins_range, check_workload
 
-    pins = Pins(perturbation=pertp, data=ddp, slices=slices, gpus=_gpus(gpus),
-                wire_dtype=wire_dtype.value if wire_dtype else None,
-                upload=upload.value if upload else None, resident=resident, micro_batch=micro_batch)
-    pin_flags = [flag for flag, value in (("--pertp", pertp), ("--ddp", ddp), ("--slices", slices),
-                                          ("--wire-dtype", wire_dtype), ("--gpus", gpus), ("--upload", upload),
-                                          ("--resident", resident), ("--micro-batch", micro_batch)) if value is not None]
+    pins = Pins(
+        perturbation=pertp,
+        data=ddp,
+        slices=slices,
+        gpus=_gpus(gpus),
+        wire_dtype=wire_dtype.value if wire_dtype else None,
+        upload=upload.value if upload else None,
+        resident=resident,
+        micro_batch=micro_batch,
+    )
+    pin_flags = [
+        flag
+        for flag, value in (
+            ("--pertp", pertp),
+            ("--ddp", ddp),
+            ("--slices", slices),
+            ("--wire-dtype", wire_dtype),
+            ("--gpus", gpus),
+            ("--upload", upload),
+            ("--resident", resident),
+            ("--micro-batch", micro_batch),
+        )
+        if value is not None
+    ]
     if pin_flags:
         given["pins"] = pins
-    planned = [f for k in runconfig.PLANNED for f in (pin_flags if k == "pins" else [runconfig.flag(k)] if k in given else [])]
+    planned = [
+        f for k in runconfig.PLANNED for f in (pin_flags if k == "pins" else [runconfig.flag(k)] if k in given else [])
+    ]
     if plan is not None and resume is None and planned:
         # the plan fixes these: taking them silently would run something else than asked
-        raise ZoplanError(f"{', '.join(planned)} set what the plan {plan} already fixes",
-                          fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml")
+        raise ZoplanError(
+            f"{', '.join(planned)} set what the plan {plan} already fixes",
+            fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml",
+        )
     if resume is not None:
         if output is not None and output != resume:
-            raise ZoplanError(f"--output {output} and --resume {resume} name two runs",
-                              fix="--resume DIR continues the run in DIR: leave --output out")
+            raise ZoplanError(
+                f"--output {output} and --resume {resume} name two runs",
+                fix="--resume DIR continues the run in DIR: leave --output out",
+            )
         from zoplan.runtime.launch import resume_config
 
         cfg, ignored = resume_config(resume, {k: v for k, v in given.items() if k != "output"})
         ignored = [f for name in ignored for f in (pin_flags if name == "--pins" else [name])]
         if ignored:
             # the same command line again is the natural way to continue: a warning, not an error
-            err.print(Text(f"warning: {', '.join(ignored)} ignored: the run in {resume} continues with the plan, "
-                           f"model and data it started with ({resume / runconfig.CONFIG_FILE})"))
+            err.print(
+                Text(
+                    f"warning: {', '.join(ignored)} ignored: the run in {resume} continues with the plan, "
+                    f"model and data it started with ({resume / runconfig.CONFIG_FILE})"
+                )
+            )
     else:
         cfg = runconfig.make(**given)
     if cfg.nnodes > 1 and cfg.master_port is None:
@@ -276,42 +402,76 @@ def run_cmd(
 
     result = run(cfg, resume=resume is not None)
     if cfg.node_rank == 0:
-        out.print(Text(f"trained {result.steps} steps: training loss {result.first_loss:.4f} (first {result.window} "
-                       f"steps) -> {result.last_loss:.4f} (last {result.window})"))
+        out.print(
+            Text(
+                f"trained {result.steps} steps: training loss {result.first_loss:.4f} (first {result.window} "
+                f"steps) -> {result.last_loss:.4f} (last {result.window})"
+            )
+        )
         if result.eval:
             before = result.eval_before
-            out.print(Text(f"held-out: loss {before.eval_loss:.4f} -> {result.eval.eval_loss:.4f}, accuracy "
-                           f"{before.eval_accuracy:.3f} -> {result.eval.eval_accuracy:.3f}" if before else
-                           f"held-out: loss {result.eval.eval_loss:.4f}, accuracy {result.eval.eval_accuracy:.3f}"))
-        out.print(Text(f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml, "
-                       f"{runconfig.CONFIG_FILE}"))
+            out.print(
+                Text(
+                    f"held-out: loss {before.eval_loss:.4f} -> {result.eval.eval_loss:.4f}, accuracy "
+                    f"{before.eval_accuracy:.3f} -> {result.eval.eval_accuracy:.3f}"
+                    if before
+                    else f"held-out: loss {result.eval.eval_loss:.4f}, accuracy {result.eval.eval_accuracy:.3f}"
+                )
+            )
+        out.print(
+            Text(
+                f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml, "
+                f"{runconfig.CONFIG_FILE}"
+            )
+        )
 
 
 @app.command("calibrate")
 def calibrate_cmd(
     model: str = typer.Option("tiny-opt", "--model", "-m", help="directory, hub id or tiny-* (its shape is timed)"),
-    topology: str = typer.Option("cpu-local", "--topology", "-t", help="this machine's topology (bundled name or YAML)"),
+    topology: str = typer.Option(
+        "cpu-local", "--topology", "-t", help="this machine's topology (bundled name or YAML)"
+    ),
     micro_batch: int = typer.Option(1, "--micro-batch", help="sequences per micro-batch to time"),
     seq_len: int = typer.Option(64, "--seq-len", "-s", help="tokens per sequence to time"),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="compute dtype (default fp32 on CPU, bf16 on GPU)"),
     output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="the profile to write"),
-    steps: int = typer.Option(20, "--steps", "-n", min=2, max=MAX_MEASURED_STEPS,
-                              help="engine steps timed per setting (more: steadier figures on a noisy machine)"),
-    micro_batches: str = typer.Option("1,2", "--micro-batches",
-                                      help="micro-batch counts to time, with 1 and 2 (e.g. 1,2,4,8 for plans with many)"),
-    spans: Optional[Path] = typer.Option(None, "--spans", metavar="DIR",
-                                         help="keep every timed engine step: DIR/<setting>/spans-rank<R>.jsonl, "
-                                              "the schema of a run's spans files"),
+    steps: int = typer.Option(
+        20,
+        "--steps",
+        "-n",
+        min=2,
+        max=MAX_MEASURED_STEPS,
+        help="engine steps timed per setting (more: steadier figures on a noisy machine)",
+    ),
+    micro_batches: str = typer.Option(
+        "1,2", "--micro-batches", help="micro-batch counts to time, with 1 and 2 (e.g. 1,2,4,8 for plans with many)"
+    ),
+    spans: Optional[Path] = typer.Option(
+        None,
+        "--spans",
+        metavar="DIR",
+        help="keep every timed engine step: DIR/<setting>/spans-rank<R>.jsonl, the schema of a run's spans files",
+    ),
 ) -> None:
     """Measure this machine with the runtime's own code and write a profile for `zoplan plan --profile`."""
     try:
         from zoplan.runtime.calibrate import calibrate
     except ImportError:
-        raise ZoplanError("zoplan calibrate runs the runtime, which needs torch",
-                          fix="pip install 'zoplan[runtime]'") from None
-    prof = calibrate(model, topology, micro_batch=micro_batch, seq_len=seq_len,
-                     dtype=dtype.value if dtype else None, output=output, steps=steps,
-                     micro_batches=_int_list(micro_batches, "--micro-batches"), spans=spans)
+        raise ZoplanError(
+            "zoplan calibrate runs the runtime, which needs torch", fix="pip install 'zoplan[runtime]'"
+        ) from None
+    prof = calibrate(
+        model,
+        topology,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        dtype=dtype.value if dtype else None,
+        output=output,
+        steps=steps,
+        micro_batches=_int_list(micro_batches, "--micro-batches"),
+        spans=spans,
+    )
     from zoplan.cli.render import profile_table
 
     out.print(profile_table(prof))
@@ -321,18 +481,29 @@ def calibrate_cmd(
 @app.command("validate")
 def validate_cmd(
     plan_file: Path = typer.Argument(..., metavar="PLAN", help="a plan from `zoplan plan -o`"),
-    steps: int = typer.Option(20, "--steps", "-n", min=2, max=MAX_MEASURED_STEPS,
-                               help="training steps to measure (the first is left out)"),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="the model's directory or hub id (default: the plan's tiny model)"),
-    data: str = typer.Option("long-text", "--data", "-d",
-                             help="training data, as for `zoplan run`; the default fills every sequence, as the "
-                                  "calibration's batches do (padded data also builds an attention mask per micro-batch)"),
+    steps: int = typer.Option(
+        20, "--steps", "-n", min=2, max=MAX_MEASURED_STEPS, help="training steps to measure (the first is left out)"
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="the model's directory or hub id (default: the plan's tiny model)"
+    ),
+    data: str = typer.Option(
+        "long-text",
+        "--data",
+        "-d",
+        help="training data, as for `zoplan run`; the default fills every sequence, as the "
+        "calibration's batches do (padded data also builds an attention mask per micro-batch)",
+    ),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run directory (default: a new temporary one)"),
-    trace: Optional[Path] = typer.Option(None, "--trace", help="write the simulated and measured steps as one Chrome trace"),
+    trace: Optional[Path] = typer.Option(
+        None, "--trace", help="write the simulated and measured steps as one Chrome trace"
+    ),
     skip: int = typer.Option(1, "--skip", min=0, help="first steps left out of the measurement (warm-up)"),
-    pad: bool = typer.Option(True, "--pad/--no-pad",
-                             help="pad every batch to the plan's sequence length, as planned (--no-pad: as zoplan run)"),
+    pad: bool = typer.Option(
+        True,
+        "--pad/--no-pad",
+        help="pad every batch to the plan's sequence length, as planned (--no-pad: as zoplan run)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
 ) -> None:
     """Run a plan for a few steps and compare its predicted step with the measured one, stage by stage."""
@@ -348,12 +519,15 @@ def validate_cmd(
     try:
         from zoplan.runtime.tiny import tiny_name
     except ImportError:
-        raise ZoplanError("zoplan validate runs the plan, which needs the runtime (torch)",
-                          fix="pip install 'zoplan[runtime]'") from None
+        raise ZoplanError(
+            "zoplan validate runs the plan, which needs the runtime (torch)", fix="pip install 'zoplan[runtime]'"
+        ) from None
     model = model or tiny_name(the_plan.model.name)
     if model is None:
-        raise ZoplanError(f"{plan_file} is for model '{the_plan.model.name}': say where its weights are",
-                          fix="pass --model DIRECTORY (or hub id) of that model")
+        raise ZoplanError(
+            f"{plan_file} is for model '{the_plan.model.name}': say where its weights are",
+            fix="pass --model DIRECTORY (or hub id) of that model",
+        )
     if steps <= skip:
         raise ZoplanError(f"--steps {steps} leaves nothing to measure after --skip {skip}")
     if trace is not None:  # refused now, not after the run it would describe
@@ -368,14 +542,28 @@ def validate_cmd(
     try:
         _validate(scratch / "run", the_plan, plan_file, simulated, model, data, steps, trace, skip, pad, as_json)
     except ZoplanError as exc:
-        raise ZoplanError(str(exc), fix=(exc.fix + "; " if exc.fix else "")
-                          + "pass --output DIR to keep the run's logs", status=exc.status) from None
+        raise ZoplanError(
+            str(exc),
+            fix=(exc.fix + "; " if exc.fix else "") + "pass --output DIR to keep the run's logs",
+            status=exc.status,
+        ) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _validate(run_dir: Path, the_plan: Plan, plan_file: Path, simulated: SimResult, model: str, data: str,
-              steps: int, trace: Optional[Path], skip: int, pad: bool, as_json: bool) -> None:
+def _validate(
+    run_dir: Path,
+    the_plan: Plan,
+    plan_file: Path,
+    simulated: SimResult,
+    model: str,
+    data: str,
+    steps: int,
+    trace: Optional[Path],
+    skip: int,
+    pad: bool,
+    as_json: bool,
+) -> None:
     from zoplan import validate as zv
     from zoplan.planner import timeline
     from zoplan.runconfig import make
@@ -406,7 +594,11 @@ def replay_cmd(
     base_model: str = typer.Argument(..., help="the base weights the run started from (directory, hub id or tiny-*)"),
     journal: Path = typer.Argument(..., help="the run's journal.jsonl"),
     output: Path = typer.Option(..., "--output", "-o", help="directory for the rebuilt weights"),
-    dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="replay and write everything in this dtype (default: each part as the run kept it, from plan.yaml)"),
+    dtype: Optional[Dtype] = typer.Option(
+        None,
+        "--dtype",
+        help="replay and write everything in this dtype (default: each part as the run kept it, from plan.yaml)",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (the device type that trained: bit-identical)"),
 ) -> None:
     """Rebuild trained weights from the base weights and the journal alone."""
@@ -437,20 +629,27 @@ def topo_show(name: str = typer.Argument(..., help="bundled topology name or YAM
 @topo_app.command("import")
 def topo_import_cmd(
     source: Path = typer.Argument(..., help="a file holding the output of `nvidia-smi topo -m`"),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="GPU preset: a100-sxm4-80gb, a100-sxm4-40gb, "
-                                      "h100-sxm5-80gb, h100-pcie-80gb, h200-sxm-141gb, l40s-48gb, rtx4090-24gb"),
+    gpu: Optional[str] = typer.Option(
+        None,
+        "--gpu",
+        help="GPU preset: a100-sxm4-80gb, a100-sxm4-40gb, "
+        "h100-sxm5-80gb, h100-pcie-80gb, h200-sxm-141gb, l40s-48gb, rtx4090-24gb",
+    ),
     output: Path = typer.Option(..., "--output", "-o", help="the topology YAML file to write"),
     name: Optional[str] = typer.Option(None, "--name", help="the machine's name (default: the output file's stem)"),
     host_memory_gib: Optional[float] = typer.Option(
-        None, "--host-memory-gib", help="REQUIRED: host memory per socket (NUMA node), GiB (`numactl -H`)"),
+        None, "--host-memory-gib", help="REQUIRED: host memory per socket (NUMA node), GiB (`numactl -H`)"
+    ),
     host_gbps: Optional[float] = typer.Option(
-        None, "--host-gbps", help="host memory bandwidth per socket, GB/s (default: 204.8, with a warning)"),
+        None, "--host-gbps", help="host memory bandwidth per socket, GB/s (default: 204.8, with a warning)"
+    ),
 ) -> None:
     """Write a topology file from the text of `nvidia-smi topo -m` (then: zoplan plan -t FILE)."""
     from zoplan.topology.importer import import_topology_file
 
-    result = import_topology_file(source, gpu=gpu, host_memory_gib=host_memory_gib, host_gbps=host_gbps,
-                                  name=name or output.stem)
+    result = import_topology_file(
+        source, gpu=gpu, host_memory_gib=host_memory_gib, host_gbps=host_gbps, name=name or output.stem
+    )
     result.write(output)
     for warning in result.warnings:
         err.print(Text(f"warning: {warning}"), highlight=False, soft_wrap=True)
@@ -462,7 +661,10 @@ def topo_detect_cmd(
     output: Path = typer.Option(Path("machine.yaml"), "--output", "-o", help="the topology YAML file to write"),
     name: Optional[str] = typer.Option(None, "--name", help="the machine's name (default: the output file's stem)"),
     host_gbps: Optional[float] = typer.Option(
-        None, "--host-gbps", help="host memory bandwidth per socket, GB/s (default: an ASSUMED figure, marked in the file)"),
+        None,
+        "--host-gbps",
+        help="host memory bandwidth per socket, GB/s (default: an ASSUMED figure, marked in the file)",
+    ),
     ranks: Optional[int] = typer.Option(None, "--ranks", help="CPU-only machines: CPU ranks (default: one per core)"),
     cpu: bool = typer.Option(False, "--cpu", help="describe the CPU only, even where nvidia-smi is present"),
 ) -> None:
@@ -473,8 +675,9 @@ def topo_detect_cmd(
     result.write(output)
     for warning in result.warnings:
         err.print(Text(f"warning: {warning}"), highlight=False, soft_wrap=True)
-    out.print(Text(f"wrote {output}: {result.summary}  (then: zoplan plan -t {output})"),
-              highlight=False, soft_wrap=True)
+    out.print(
+        Text(f"wrote {output}: {result.summary}  (then: zoplan plan -t {output})"), highlight=False, soft_wrap=True
+    )
 
 
 @models_app.command("list")

@@ -1,4 +1,5 @@
 """``python -m zoplan.cli``: the ``zoplan`` command."""
+
 from zoplan.cli import main
 
 main()

@@ -1,4 +1,5 @@
 """Rich renderings of planner results for the terminal (no logic: numbers come from planner)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,14 +74,29 @@ def _row(summary: CandidateSummary, label: str, speedup: float | None) -> list[s
 def plan_table(report: PlanReport) -> Table:
     s = report.search
     w = s.workload
-    title = (f"{report.shape.name} on {report.machine.name}: global batch {w.global_batch} × "
-             f"{w.seq_len} tokens, objective {s.objective}")
+    title = (
+        f"{report.shape.name} on {report.machine.name}: global batch {w.global_batch} × "
+        f"{w.seq_len} tokens, objective {s.objective}"
+    )
     table = Table(title=title, title_justify="left", header_style="bold")
-    for col, justify in [("#", "right"), ("p×d", "left"), ("blocks moved by", "left"),
-                         ("slices", "right"), ("wire", "left"), ("µb", "right"), ("pf", "right"),
-                         ("res", "right"), ("step", "right"), ("tok/s", "right"),
-                         ("GPU GiB", "right"), ("host GiB", "right"), ("bottleneck", "left"),
-                         ("bound", "right"), ("$/Mtok", "right"), ("vs ZO2", "right")]:
+    for col, justify in [
+        ("#", "right"),
+        ("p×d", "left"),
+        ("blocks moved by", "left"),
+        ("slices", "right"),
+        ("wire", "left"),
+        ("µb", "right"),
+        ("pf", "right"),
+        ("res", "right"),
+        ("step", "right"),
+        ("tok/s", "right"),
+        ("GPU GiB", "right"),
+        ("host GiB", "right"),
+        ("bottleneck", "left"),
+        ("bound", "right"),
+        ("$/Mtok", "right"),
+        ("vs ZO2", "right"),
+    ]:
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     base = s.baseline
     for i, cand in enumerate(report.shown, 1):
@@ -96,8 +112,10 @@ def sensitivity_line(step_s: float, slower: dict[str, float]) -> str:
     from zoplan.planner import SLOWER
 
     moved = {k: v / step_s - 1 for k, v in slower.items()}
-    return (f"sensitivity: compute {SLOWER - 1:.0%} slower (host work included) → step {moved['compute']:+.0%}; "
-            f"transfers {SLOWER - 1:.0%} slower → step {moved['transfers']:+.0%}")
+    return (
+        f"sensitivity: compute {SLOWER - 1:.0%} slower (host work included) → step {moved['compute']:+.0%}; "
+        f"transfers {SLOWER - 1:.0%} slower → step {moved['transfers']:+.0%}"
+    )
 
 
 def plan_footer(report: PlanReport) -> Text:
@@ -107,16 +125,19 @@ def plan_footer(report: PlanReport) -> Text:
     text.append(f"best: {best['perturbation']}×{best['data']} on {','.join(best['compute_gpus'])}", style="bold")
     relays = [g for g in best["movers"] if g not in best["compute_gpus"]]
     if best["upload"] == "sliced":
-        text.append(f", blocks sliced over {len(best['movers'])} devices"
-                    + (f" (relays {','.join(relays)})" if relays else ""))
+        text.append(
+            f", blocks sliced over {len(best['movers'])} devices" + (f" (relays {','.join(relays)})" if relays else "")
+        )
     text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {best['bottleneck']}\n")
     if report.sensitivity:
         text.append(sensitivity_line(best["step_time_s"], report.sensitivity) + "\n")
     device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"
     if s.baseline:
         assert s.baseline.sim is not None  # zo2_baseline simulates the baseline it returns
-        text.append(f"ZO2 baseline (1 {device}, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "
-                    f"bound by {s.baseline.sim.bottleneck}; speedup {report.speedup_vs_baseline:.2f}×\n")
+        text.append(
+            f"ZO2 baseline (1 {device}, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "
+            f"bound by {s.baseline.sim.bottleneck}; speedup {report.speedup_vs_baseline:.2f}×\n"
+        )
     else:
         text.append(f"ZO2 baseline: does not fit one {device} of this machine\n")
     profiled = report.machine.profile
@@ -124,10 +145,13 @@ def plan_footer(report: PlanReport) -> Text:
         measured = profiled.profile.model
         mb, seq = report.plan.batch.micro_batch, report.plan.batch.seq_len
         if (mb, seq) != (measured.micro_batch, measured.seq_len):
-            text.append(f"note: the profile timed micro-batches of {measured.micro_batch} × {measured.seq_len} tokens; "
-                        f"this plan's are {mb} × {seq}, so its compute times are scaled by the token count "
-                        f"(attention grows faster than that): calibrate with --micro-batch {mb} --seq-len {seq} "
-                        f"for the closest prediction\n", style="yellow")
+            text.append(
+                f"note: the profile timed micro-batches of {measured.micro_batch} × {measured.seq_len} tokens; "
+                f"this plan's are {mb} × {seq}, so its compute times are scaled by the token count "
+                f"(attention grows faster than that): calibrate with --micro-batch {mb} --seq-len {seq} "
+                f"for the closest prediction\n",
+                style="yellow",
+            )
         from zoplan.profile import timed_counts
 
         spec = report.plan.layout
@@ -135,20 +159,41 @@ def plan_footer(report: PlanReport) -> Text:
         branches = 2 if spec.perturbation == 1 else 1
         timed = [m for m, _ in timed_counts(profiled.profile.compute.block_s, branches)]
         if count > timed[-1]:
-            text.append(f"note: each rank runs {count} micro-batches a step, more than the profile timed "
-                        f"({', '.join(map(str, timed))}): its compute times are extrapolated; calibrate with "
-                        f"--micro-batches {','.join(map(str, timed))},{count} to time it\n", style="yellow")
-    text.append("p×d: perturbation × data-parallel degree; µb: micro-batch; pf: blocks prefetched; "
-                "res: blocks resident on the GPUs; bound: machine bound / step time\n", style="dim")
-    text.append(f"search: {s.considered} layouts, {s.rejected} rejected for memory, {s.evaluated} simulated "
-                f"({s.aborted} stopped early), {s.pruned} pruned by the bound, {s.seconds:.2f} s", style="dim")
+            text.append(
+                f"note: each rank runs {count} micro-batches a step, more than the profile timed "
+                f"({', '.join(map(str, timed))}): its compute times are extrapolated; calibrate with "
+                f"--micro-batches {','.join(map(str, timed))},{count} to time it\n",
+                style="yellow",
+            )
+    text.append(
+        "p×d: perturbation × data-parallel degree; µb: micro-batch; pf: blocks prefetched; "
+        "res: blocks resident on the GPUs; bound: machine bound / step time\n",
+        style="dim",
+    )
+    text.append(
+        f"search: {s.considered} layouts, {s.rejected} rejected for memory, {s.evaluated} simulated "
+        f"({s.aborted} stopped early), {s.pruned} pruned by the bound, {s.seconds:.2f} s",
+        style="dim",
+    )
     return text
 
 
 def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: str) -> Table:
     table = Table(title=f"{model}: best layout per machine", title_justify="left", header_style="bold")
-    for col in ["machine", "GPUs", "pert×data", "movers", "step", "tok/s", "GPU GiB", "host GiB",
-                "bottleneck", "$/h", "$/Mtok", "vs ZO2"]:
+    for col in [
+        "machine",
+        "GPUs",
+        "pert×data",
+        "movers",
+        "step",
+        "tok/s",
+        "GPU GiB",
+        "host GiB",
+        "bottleneck",
+        "$/h",
+        "$/Mtok",
+        "vs ZO2",
+    ]:
         table.add_column(col, no_wrap=col != "bottleneck")
     for name, res in results:
         if isinstance(res, ZoplanError):
@@ -157,13 +202,20 @@ def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: st
         best = res.search.best
         summ = candidate_summary(best, res.machine, res.search.workload)
         price = res.machine.spec.price_per_hour_usd
-        table.add_row(res.machine.name, f"{len(best.layout.gpus)}/{len(res.machine.gpus)}",
-                      f"{summ['perturbation']}×{summ['data']}", _movers(summ),
-                      _fmt_time(summ["step_time_s"]), _fmt_rate(summ["tokens_per_s"]),
-                      _fmt_gib(summ["gpu_memory_bytes"]), _fmt_gib(summ["host_memory_bytes"]),
-                      summ["bottleneck"], f"{price:.2f}" if price else "–",
-                      _fmt_usd(summ["usd_per_mtok"]),
-                      f"{res.speedup_vs_baseline:.2f}×" if res.speedup_vs_baseline else "–")
+        table.add_row(
+            res.machine.name,
+            f"{len(best.layout.gpus)}/{len(res.machine.gpus)}",
+            f"{summ['perturbation']}×{summ['data']}",
+            _movers(summ),
+            _fmt_time(summ["step_time_s"]),
+            _fmt_rate(summ["tokens_per_s"]),
+            _fmt_gib(summ["gpu_memory_bytes"]),
+            _fmt_gib(summ["host_memory_bytes"]),
+            summ["bottleneck"],
+            f"{price:.2f}" if price else "–",
+            _fmt_usd(summ["usd_per_mtok"]),
+            f"{res.speedup_vs_baseline:.2f}×" if res.speedup_vs_baseline else "–",
+        )
     return table
 
 
@@ -187,10 +239,12 @@ def validation_table(result: Validation, plan_path: str | Path) -> Table:
         table.add_column(name, justify="left" if name == "stage" else "right")
     for row in result.rows:
         error = row.error
-        cells = [STAGE_NAMES.get(row.stage, row.stage) if row.stage != "step" else "step time",
-                 _fmt_time(row.predicted_s) if row.predicted_s is not None else "–",
-                 _fmt_time(row.measured_s) if row.measured_s is not None else "–",
-                 f"{error:+.1%}" if error is not None else "–"]
+        cells = [
+            STAGE_NAMES.get(row.stage, row.stage) if row.stage != "step" else "step time",
+            _fmt_time(row.predicted_s) if row.predicted_s is not None else "–",
+            _fmt_time(row.measured_s) if row.measured_s is not None else "–",
+            f"{error:+.1%}" if error is not None else "–",
+        ]
         if host:
             cells.append(_fmt_time(row.measured_host_s) if row.measured_host_s is not None else "–")
         table.add_row(*cells, style="bold" if row.stage == "step" else None)
@@ -209,34 +263,50 @@ def validation_notes(result: Validation) -> list[str]:
         lo, hi = result.step_spread_s
         step_s = result.step.predicted_s
         inside = step_s is not None and lo <= step_s <= hi
-        notes.append(f"measured step times: 10% of the steps took under {_fmt_time(lo)}, 10% over {_fmt_time(hi)}"
-                     + ("; the prediction lies within that spread" if inside else ""))
+        notes.append(
+            f"measured step times: 10% of the steps took under {_fmt_time(lo)}, 10% over {_fmt_time(hi)}"
+            + ("; the prediction lies within that spread" if inside else "")
+        )
     if result.step_halves_s is not None and result.step.measured_s:
         first, last = result.step_halves_s
         if abs(first - last) > DRIFT * result.step.measured_s:
-            halves = (f"the first half of the measured steps took a median {_fmt_time(first)}, "
-                      f"the second half {_fmt_time(last)}")
-            notes.append(f"the steps sped up during the run: {halves}; warm-up lasted past the skipped "
-                         f"step(s), or something slowed the machine early in the run (other load, a host "
-                         f"issuing kernels slower); more steps (--steps) or a larger --skip measure the "
-                         f"steady state"
-                         if last < first else
-                         f"the steps slowed down during the run: {halves}; something slowed the machine "
-                         f"(other load, throttling), and the error depends on when it was measured")
+            halves = (
+                f"the first half of the measured steps took a median {_fmt_time(first)}, "
+                f"the second half {_fmt_time(last)}"
+            )
+            notes.append(
+                f"the steps sped up during the run: {halves}; warm-up lasted past the skipped "
+                f"step(s), or something slowed the machine early in the run (other load, a host "
+                f"issuing kernels slower); more steps (--steps) or a larger --skip measure the "
+                f"steady state"
+                if last < first
+                else f"the steps slowed down during the run: {halves}; something slowed the machine "
+                f"(other load, throttling), and the error depends on when it was measured"
+            )
     if result.padding_fraction is not None and result.padding_fraction > PADDING_NOTE:
-        notes.append(f"{result.padding_fraction:.0%} of the batch positions were padding: a padded micro-batch "
-                     f"also builds an attention mask, which the calibration's full sequences do not time "
-                     f"(the default data, long-text, fill every sequence; docs/calibration.md)")
+        notes.append(
+            f"{result.padding_fraction:.0%} of the batch positions were padding: a padded micro-batch "
+            f"also builds an attention mask, which the calibration's full sequences do not time "
+            f"(the default data, long-text, fill every sequence; docs/calibration.md)"
+        )
     if any(row.measured_host_s is not None for row in result.rows):
-        notes.append("host issue: the host's time issuing each stage (Python, kernel launches); "
-                     "where it reaches the measured GPU time, the GPU waits for the host")
+        notes.append(
+            "host issue: the host's time issuing each stage (Python, kernel launches); "
+            "where it reaches the measured GPU time, the GPU waits for the host"
+        )
     if result.peak_gpu_bytes is not None:
         from zoplan.sim.costs import GPU_RESERVE_BYTES
 
-        predicted_gpu = (f"predicted {_fmt_gib(result.predicted_gpu_bytes)} GiB (with a {_fmt_gib(GPU_RESERVE_BYTES)} "
-                     f"GiB reserve for the "
-                     f"CUDA context, NCCL and allocator slack), " if result.predicted_gpu_bytes else "")
-        notes.append(f"GPU memory: {predicted_gpu}measured peak allocated by torch {_fmt_gib(result.peak_gpu_bytes)} GiB")
+        predicted_gpu = (
+            f"predicted {_fmt_gib(result.predicted_gpu_bytes)} GiB (with a {_fmt_gib(GPU_RESERVE_BYTES)} "
+            f"GiB reserve for the "
+            f"CUDA context, NCCL and allocator slack), "
+            if result.predicted_gpu_bytes
+            else ""
+        )
+        notes.append(
+            f"GPU memory: {predicted_gpu}measured peak allocated by torch {_fmt_gib(result.peak_gpu_bytes)} GiB"
+        )
     return notes
 
 
@@ -244,16 +314,23 @@ def profile_table(profile: Profile) -> Table:
     """``zoplan calibrate``: what was measured, per device and for the model shape."""
     from zoplan.profile import timed_counts
 
-    table = Table(title=f"calibration of {profile.machine.name} for {profile.model.name} "
-                        f"(micro-batch {profile.model.micro_batch} x {profile.model.seq_len} tokens, {profile.model.dtype})")
+    table = Table(
+        title=f"calibration of {profile.machine.name} for {profile.model.name} "
+        f"(micro-batch {profile.model.micro_batch} x {profile.model.seq_len} tokens, {profile.model.dtype})"
+    )
     for name in ("figure", "value"):
         table.add_column(name, justify="left" if name == "figure" else "right")
     for dev, d in profile.devices.items():
         table.add_row(f"{dev} host->device / device->host, alone", f"{d.h2d_gbps:.1f} / {d.d2h_gbps:.1f} GB/s")
-        table.add_row(f"{dev} the same, all devices at once", f"{d.h2d_gbps_together:.1f} / {d.d2h_gbps_together:.1f} GB/s")
+        table.add_row(
+            f"{dev} the same, all devices at once", f"{d.h2d_gbps_together:.1f} / {d.d2h_gbps_together:.1f} GB/s"
+        )
         if d.duplex_gbps is not None:
-            spread = (f" (median; samples {d.duplex_range_gbps[0]:.1f}-{d.duplex_range_gbps[1]:.1f})"
-                      if d.duplex_range_gbps is not None else "")
+            spread = (
+                f" (median; samples {d.duplex_range_gbps[0]:.1f}-{d.duplex_range_gbps[1]:.1f})"
+                if d.duplex_range_gbps is not None
+                else ""
+            )
             table.add_row(f"{dev} both directions at once, all devices", f"{d.duplex_gbps:.1f} GB/s in all{spread}")
     if profile.allgather is not None:
         for g in sorted(profile.allgather_groups + [profile.allgather], key=lambda c: c.ranks):
@@ -267,18 +344,24 @@ def profile_table(profile: Profile) -> Table:
         for m, t in timed_counts(profile.compute.block_s, branches):
             key, c = f"{branches}x{m}", profile.compute
             # the longer of the GPU's time and the host's issue time (CUDA), both shown
-            split = (f" (GPU {_fmt_time(c.block_gpu_s[key])}, host {_fmt_time(c.block_host_s[key])})"
-                     if key in c.block_gpu_s and key in c.block_host_s else "")
+            split = (
+                f" (GPU {_fmt_time(c.block_gpu_s[key])}, host {_fmt_time(c.block_host_s[key])})"
+                if key in c.block_gpu_s and key in c.block_host_s
+                else ""
+            )
             table.add_row(f"block compute, {branches} branch(es), {m} micro-batch(es)", _fmt_time(t) + split)
     if "block" in profile.compute.lockstep_s:
         # CPU plans with several compute ranks scale compute by this (zoplan.sim.costs)
-        table.add_row("block compute, 1 branch, 2 micro-batches, all ranks all-gathering each block",
-                      f"{_fmt_time(profile.compute.lockstep_s['block'])} "
-                      f"(x{profile.lockstep_factor('block'):.2f})")
+        table.add_row(
+            "block compute, 1 branch, 2 micro-batches, all ranks all-gathering each block",
+            f"{_fmt_time(profile.compute.lockstep_s['block'])} (x{profile.lockstep_factor('block'):.2f})",
+        )
     table.add_row("deferred update", f"{profile.compute.update_s_per_param * 1e9:.2f} ns/parameter")
     if profile.compute.loop_s:
-        table.add_row("training loop between steps (batch + journal), 1 micro-batch",
-                      _fmt_time(profile.compute.loop_s.get("1x1", 0.0)))
+        table.add_row(
+            "training loop between steps (batch + journal), 1 micro-batch",
+            _fmt_time(profile.compute.loop_s.get("1x1", 0.0)),
+        )
     table.add_row("perturbation (theta + eps z)", f"{profile.compute.perturb_s_per_param * 1e9:.2f} ns/parameter")
     on = profile.measured_on
     if on.get("kernels") or on.get("torch"):

@@ -17,6 +17,7 @@ Three steps are simulated and the middle one is reported: it both receives the p
 first blocks from the step before and pays for the prefetch of the step after, like every step
 of a long run. The last step would pay for no successor and look a little faster than reality.
 """
+
 from __future__ import annotations
 
 import gc
@@ -124,8 +125,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
 
     # ----- what each op costs (computed once: the lanes ask thousands of times) ----------------
     whole = L.upload == "whole"
-    update_s = {g: (costs.whole_update_s(g) if whole else costs.update_slice_s(g)) * slower_compute
-                for g in L.gpus}
+    update_s = {g: (costs.whole_update_s(g) if whole else costs.update_slice_s(g)) * slower_compute for g in L.gpus}
     block_s = {g: costs.block_forward_s(g) * slower_compute for g in L.compute_gpus}
     head_s = {g: costs.head_s(g) * slower_compute for g in L.compute_gpus}
     embed_s = {g: costs.embed_s(g) * slower_compute for g in L.compute_gpus}
@@ -137,9 +137,14 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     measured_round_s = costs.allgather_round_s() if ring else None
     if measured_round_s is not None:
         measured_round_s *= slower_transfers
-    routes = {(g, d): (tuple(machine.host_path(g, d)) + (f"mem:{machine.host_socket(g)}",),
-                       machine.path_latency_s(machine.host_path(g, d)))
-              for g in L.movers for d in ("h2d", "d2h")}
+    routes = {
+        (g, d): (
+            tuple(machine.host_path(g, d)) + (f"mem:{machine.host_socket(g)}",),
+            machine.path_latency_s(machine.host_path(g, d)),
+        )
+        for g in L.movers
+        for d in ("h2d", "d2h")
+    }
 
     deadline: list[float] | None = [float("inf")] if limit_s is not None else None
     spans: list[Span] = []
@@ -176,8 +181,9 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     def refs(rs: tuple[Ref, ...]) -> tuple[tuple[int, int], ...]:
         for r in rs:
             if (r.op, r.ranks) not in index:  # a bug in zoplan.program: it cannot finish
-                raise RuntimeError(f"the step program waits for '{r.op}' on {r.ranks or 'every rank'}, "
-                                   f"which it does not run ({L})")
+                raise RuntimeError(
+                    f"the step program waits for '{r.op}' on {r.ranks or 'every rank'}, which it does not run ({L})"
+                )
         return tuple((index[r.op, r.ranks], r.step) for r in rs)
 
     TRANSFER, TIMEOUT, RING, NOTHING = range(4)
@@ -194,9 +200,15 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             if measured_round_s is not None:
                 return TIMEOUT, measured_round_s
             return RING, op.nbytes * (n_movers - 1) / n_movers
-        seconds = {Kind.BLOCK: block_s.get(g), Kind.UPDATE: update_s.get(g), Kind.EMBED: embed_s.get(g),
-                   Kind.HEAD: head_s.get(g), Kind.ALLREDUCE: scalar_latency, Kind.HOST: loop_s,
-                   Kind.BARRIER: barrier_s}.get(kind)
+        seconds = {
+            Kind.BLOCK: block_s.get(g),
+            Kind.UPDATE: update_s.get(g),
+            Kind.EMBED: embed_s.get(g),
+            Kind.HEAD: head_s.get(g),
+            Kind.ALLREDUCE: scalar_latency,
+            Kind.HOST: loop_s,
+            Kind.BARRIER: barrier_s,
+        }.get(kind)
         if seconds is None or (kind is Kind.HOST and seconds <= 0):
             return NOTHING, None  # UNPACK: a copy on the device, free next to the transfers
         return TIMEOUT, seconds
@@ -207,8 +219,15 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         held = () if op.kind in (Kind.ALLREDUCE, Kind.UNPACK) else tuple(g for g in sorted(op.ranks) if g in cores)
         # a compute rank's own compute-stream work (its utilization); the all-reduce is a wait
         on_compute = op.stream is Stream.COMPUTE and op.kind is not Kind.ALLREDUCE and not op.collective
-        compiled[index[op.id, op.ranks]] = (refs(op.deps), refs(op.frees), action(op), held,
-                                            CATEGORY[op.kind], span_block(op.kind, op.block, model.layers), on_compute)
+        compiled[index[op.id, op.ranks]] = (
+            refs(op.deps),
+            refs(op.frees),
+            action(op),
+            held,
+            CATEGORY[op.kind],
+            span_block(op.kind, op.block, model.layers),
+            on_compute,
+        )
     arrived: dict[tuple[int, int], int] = defaultdict(int)
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
@@ -222,8 +241,9 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         # a run's first uploads (the program's prologue), then the steps, each op in the step it
         # is for (a carried upload of step s + 1 is issued during step s)
         sequence = [(op, index[op.id, op.ranks], 0) for op in program.prologue(rank) if op.stream is stream]
-        sequence += [(op, kb, s + op.step) for s in range(STEPS) for op, kb in lanes[rank, stream]
-                     if s + op.step < STEPS]
+        sequence += [
+            (op, kb, s + op.step) for s in range(STEPS) for op, kb in lanes[rank, stream] if s + op.step < STEPS
+        ]
         for op, kb, step in sequence:
             deps, frees, (act, arg), held, category, block, on_compute = compiled[kb]
             waits = []
@@ -239,7 +259,8 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                     yield req
                 # simpy calls a callback with the event and ignores what it returns
                 simpy.AllOf(env, [awaited(i, step + d) for i, d in frees]).callbacks.append(
-                    cast("Callable[[simpy.Event], None]", lambda _, req=req, g=rank: buffers[g].release(req)))
+                    cast("Callable[[simpy.Event], None]", lambda _, req=req, g=rank: buffers[g].release(req))
+                )
             if len(op.ranks) > 1:
                 # every member's stream has reached it: the last to arrive runs it for all
                 arrived[kb, step] += 1
@@ -327,7 +348,13 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         util[key] = t / window
     # the busiest resource; among equals (symmetric layouts) the first by name
     bottleneck = max(sorted(util.items()), key=lambda kv: round(kv[1], 6))[0] if util else "none"
-    return SimResult(step_time_s=window, window=(start, end), step_ends=step_ends,
-                     utilization=util, bottleneck=bottleneck,
-                     spans=spans, link_samples=net.samples if record else {},
-                     capacity=capacity)
+    return SimResult(
+        step_time_s=window,
+        window=(start, end),
+        step_ends=step_ends,
+        utilization=util,
+        bottleneck=bottleneck,
+        spans=spans,
+        link_samples=net.samples if record else {},
+        capacity=capacity,
+    )

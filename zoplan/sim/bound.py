@@ -9,6 +9,7 @@ to ``prefetch + 1`` blocks of a step's transfers inside the step before it (pref
 it (offload still draining). Compute cannot: a step's first compute waits for the previous
 step's projected gradient, and the step ends with its last compute.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -35,8 +36,7 @@ def machine_bound(costs: StepCosts) -> Bound:
 
     def charge(resources: list[str], nbytes_per_block: float) -> None:
         for r in resources:
-            gbps = (machine.socket_memory_gbps(r[4:]) if r.startswith("mem:")
-                    else machine.directed[r].gbps)
+            gbps = machine.socket_memory_gbps(r[4:]) if r.startswith("mem:") else machine.directed[r].gbps
             per_block = nbytes_per_block / (gbps * 1e9)
             work[r] += streamed * per_block
             slack[r] += shift_blocks * per_block
@@ -67,21 +67,21 @@ def machine_bound(costs: StepCosts) -> Bound:
             ex_round_s = cast(float, costs.allgather_round_s())  # not None: the same figure, just checked
         elif n > 1:
             hops = [machine.peer_path(g, L.movers[(i + 1) % n]) for i, g in enumerate(L.movers)]
-            ex_round_s = (max(costs.round_param_bytes * (n - 1) / n / (machine.path_gbps(p) * 1e9)
-                              for p in hops)
-                          + max(machine.path_latency_s(p) for p in hops) * (n - 1))
+            ex_round_s = max(costs.round_param_bytes * (n - 1) / n / (machine.path_gbps(p) * 1e9) for p in hops) + max(
+                machine.path_latency_s(p) for p in hops
+            ) * (n - 1)
         round_s = max(costs.update_slice_s(g) for g in L.movers) + ex_round_s
         compute["exchange stream"] = model.layers * L.rounds * round_s
         first_ready_s = L.rounds * round_s  # the first block is computed after its last round
     for g in L.compute_gpus:
         if sliced:
             fill_s = max(0.0, first_ready_s - costs.embed_s(g))
-        compute[f"compute {g}"] = (costs.embed_s(g) + fill_s + model.layers * costs.compute_block_s(g)
-                                   + costs.head_s(g) + scalar_s)
+        compute[f"compute {g}"] = (
+            costs.embed_s(g) + fill_s + model.layers * costs.compute_block_s(g) + costs.head_s(g) + scalar_s
+        )
         if machine.gpu_model(g).kind == "cpu" and sliced and g in L.movers:
             # a CPU rank is one thread: its updates and all-gathers do not overlap its compute
-            compute[f"core {g}"] = (compute[f"compute {g}"] - fill_s
-                                    + model.layers * L.rounds * round_s)
+            compute[f"core {g}"] = compute[f"compute {g}"] - fill_s + model.layers * L.rounds * round_s
         # Block buffers are a resource too: each of the prefetch + 1 buffers holds a block from
         # the start of its upload to the end of its compute, and those stages run one after the
         # other for one block, so buffers x step >= sum over blocks of that chain (Little's law).

@@ -20,6 +20,7 @@ Modelling choices, each worth knowing when reading a prediction:
   so the updated slice can be offloaded without waiting for the forward pass, and the exchanged
   block is already up to date. ZO2's schedule (the baseline) applies it inside compute instead.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,8 +90,9 @@ def z_draw_s(gm: GpuModel, sizes: Iterable[int]) -> float:
     kernel draws it in registers (``z_ns`` 0)."""
     if not gm.z_ns:
         return 0.0
-    return sum(gm.z_call_us * 1e-6 + min(n, Z_CHUNK_CPU) * gm.z_first_ns * 1e-9 + n * gm.z_ns * 1e-9
-               for n in sizes if n)
+    return sum(
+        gm.z_call_us * 1e-6 + min(n, Z_CHUNK_CPU) * gm.z_first_ns * 1e-9 + n * gm.z_ns * 1e-9 for n in sizes if n
+    )
 
 
 class StepCosts:
@@ -115,8 +117,14 @@ class StepCosts:
         """The step program of this layout and workload (zoplan.program)."""
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
-        return build(L, layers=m.layers, block_params=self.block_params, micro_batches=self.micro_batches,
-                     block_flops=m.block_flops(tokens, self.work.seq_len), head_flops=m.head_flops(tokens))
+        return build(
+            L,
+            layers=m.layers,
+            block_params=self.block_params,
+            micro_batches=self.micro_batches,
+            block_flops=m.block_flops(tokens, self.work.seq_len),
+            head_flops=m.head_flops(tokens),
+        )
 
     # ----- sizes ---------------------------------------------------------------------------
     @cached_property
@@ -211,8 +219,13 @@ class StepCosts:
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
         act_bytes = 2 * tokens * (m.hidden + m.ffn) * DTYPE_BYTES[L.param_dtype]
-        one = forward_s(self._gm(gpu), m.block_flops(tokens, self.work.seq_len),
-                        self.block_param_bytes + act_bytes, L.param_dtype, RUNTIME_OPS[m.family]["block"])
+        one = forward_s(
+            self._gm(gpu),
+            m.block_flops(tokens, self.work.seq_len),
+            self.block_param_bytes + act_bytes,
+            L.param_dtype,
+            RUNTIME_OPS[m.family]["block"],
+        )
         return one * self.micro_batches * L.branches_per_gpu
 
     def _materialised(self, gpu: str) -> bool:
@@ -223,22 +236,27 @@ class StepCosts:
         """A block's perturbation and forward pass (every branch and micro-batch of this GPU):
         the step program's block op."""
         if self.profile is not None:
-            return (self.profile.block_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
-                    * self._lockstep(gpu, "block"))
+            return self.profile.block_s(
+                self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale
+            ) * self._lockstep(gpu, "block")
         passes = self.perturb_passes()
         z = 0.0
         if self._materialised(gpu):  # z drawn once; then a zeroed buffer and two passes per branch
             passes = 1 + 2 * self.layout.branches_per_gpu
             z = z_draw_s(self._gm(gpu), (self.block_params,))
-        return (elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes) + z
-                + self.forward_block_s(gpu))
+        return (
+            elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes)
+            + z
+            + self.forward_block_s(gpu)
+        )
 
     def _update_s(self, gpu: str, params: int) -> float:
         """The deferred update of ``params`` parameters of a block on this device."""
         if not self._materialised(gpu):
             return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, 1)
-        return (elementwise_s(self._gm(gpu), params, self.layout.param_dtype, UPDATE_PASSES)
-                + z_draw_s(self._gm(gpu), (params,)))
+        return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, UPDATE_PASSES) + z_draw_s(
+            self._gm(gpu), (params,)
+        )
 
     def whole_update_s(self, gpu: str) -> float:
         """Whole-block uploads: a compute GPU applies the deferred update to the whole block."""
@@ -264,8 +282,9 @@ class StepCosts:
         """Start of a step: update and perturb the resident parts (embeddings, final norm,
         head); the embedding lookup itself is negligible."""
         if self.profile is not None:
-            return (self.profile.embed_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
-                    * self._lockstep(gpu, "embed"))
+            return self.profile.embed_s(
+                self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale
+            ) * self._lockstep(gpu, "embed")
         m, L = self.model, self.layout
         ops = RUNTIME_OPS[m.family]["embed"] * self.micro_batches * L.branches_per_gpu
         lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops)
@@ -275,14 +294,17 @@ class StepCosts:
         # the update, then the parameters set to each branch's perturbation, tensor by tensor
         sets = L.branches_per_gpu
         z = z_draw_s(self._gm(gpu), m.resident_tensors())
-        return (elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype,
-                              UPDATE_PASSES + sets * SET_RESIDENT_PASSES)
-                + (1 + sets) * z + lookup)
+        return (
+            elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, UPDATE_PASSES + sets * SET_RESIDENT_PASSES)
+            + (1 + sets) * z
+            + lookup
+        )
 
     def head_s(self, gpu: str) -> float:
         if self.profile is not None:
-            return (self.profile.head_s(self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale)
-                    * self._lockstep(gpu, "head"))
+            return self.profile.head_s(
+                self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale
+            ) * self._lockstep(gpu, "head")
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
         head_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype] + tokens * m.vocab * 4
@@ -292,8 +314,9 @@ class StepCosts:
             # the branches' heads run in reverse: all but the first set their perturbation again,
             # then every resident parameter gets its master back (a copy)
             resets = L.branches_per_gpu - 1
-            t += (elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, resets * SET_RESIDENT_PASSES + 1)
-                  + resets * z_draw_s(self._gm(gpu), m.resident_tensors()))
+            t += elementwise_s(
+                self._gm(gpu), m.resident_params(), L.param_dtype, resets * SET_RESIDENT_PASSES + 1
+            ) + resets * z_draw_s(self._gm(gpu), m.resident_tensors())
         return t
 
     def scalar_allreduce_s(self) -> float:
@@ -340,8 +363,7 @@ class StepCosts:
             # one work buffer per branch this GPU runs, holding theta + s*eps*z of the block being
             # computed: theta itself is never perturbed (runtime/engine.py _branch_buffer)
             total += L.branches_per_gpu * self.block_param_bytes
-            total += m.block_activation_bytes(L.micro_batch, self.work.seq_len, L.param_dtype,
-                                              L.branches_per_gpu)
+            total += m.block_activation_bytes(L.micro_batch, self.work.seq_len, L.param_dtype, L.branches_per_gpu)
             total += m.head_activation_bytes(L.micro_batch, self.work.seq_len)
         return int(total)
 
@@ -352,16 +374,17 @@ class StepCosts:
     def max_resident_blocks(self) -> int:
         """How many blocks could stay on the GPUs given everything else this layout needs."""
         L = self.layout
-        free = min(self.machine.gpu_model(g).memory_gib * GiB - self._without_resident(g)
-                   for g in L.gpus)
-        per_block = (self.block_param_bytes if L.upload == "whole"
-                     else math.ceil(self.block_param_bytes / len(L.movers)))
+        free = min(self.machine.gpu_model(g).memory_gib * GiB - self._without_resident(g) for g in L.gpus)
+        per_block = self.block_param_bytes if L.upload == "whole" else math.ceil(self.block_param_bytes / len(L.movers))
         return max(0, min(self.model.layers, int(free // per_block)))
 
     def _without_resident(self, gpu: str) -> int:
         n_res = len(self.layout.resident)
-        per_block = (self.block_param_bytes if self.layout.upload == "whole"
-                     else math.ceil(self.block_param_bytes / len(self.layout.movers)))
+        per_block = (
+            self.block_param_bytes
+            if self.layout.upload == "whole"
+            else math.ceil(self.block_param_bytes / len(self.layout.movers))
+        )
         return self.gpu_memory_bytes(gpu) - n_res * per_block
 
 

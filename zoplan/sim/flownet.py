@@ -7,6 +7,7 @@ allocation (progressive filling), recomputed whenever a flow starts or ends. All
 instant are folded into one recomputation. Iteration follows insertion order, so a run is
 deterministic.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -54,8 +55,9 @@ class FlowNet:
             self._fire(done, latency_s)
             return done
         self._advance()
-        self.flows[self._next_id] = Flow(self._next_id, float(nbytes), float(nbytes), resources, done,
-                                         latency_s=latency_s)
+        self.flows[self._next_id] = Flow(
+            self._next_id, float(nbytes), float(nbytes), resources, done, latency_s=latency_s
+        )
         self._next_id += 1
         self._request_recompute()
         return done
@@ -94,6 +96,7 @@ class FlowNet:
         def cb(_: simpy.Event) -> None:
             if version == self._version:
                 self._recompute(None)
+
         return cb
 
     def _recompute(self, _: simpy.Event | None) -> None:
@@ -102,8 +105,11 @@ class FlowNet:
         # a flow is done when its bytes are (to rounding), or when what is left would take less
         # than the clock can resolve at this time (now + dt == now would never advance)
         resolution = max(abs(self.env.now) * 1e-13, 1e-15)
-        finished = [f for f in self.flows.values()
-                    if f.remaining <= 1e-9 * f.size + 1e-6 or (f.rate > 0 and f.remaining / f.rate <= resolution)]
+        finished = [
+            f
+            for f in self.flows.values()
+            if f.remaining <= 1e-9 * f.size + 1e-6 or (f.rate > 0 and f.remaining / f.rate <= resolution)
+        ]
         for f in finished:
             del self.flows[f.fid]
             for r in f.resources:  # account the rounding crumbs so byte totals stay exact

@@ -13,6 +13,7 @@ link samples); no number is recomputed here, so what a user sees is what the sea
 Output is deterministic: events are emitted in simulation / topology order and times are
 rounded to the nanosecond, so the same result gives byte-identical JSON (diffable, cacheable).
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,10 @@ _US = 1e6
 # ----- helpers ---------------------------------------------------------------------------------
 def _require_spans(result: SimResult) -> None:
     if not result.spans:
-        raise ZoplanError("this simulation result has no recorded spans to draw",
-                          fix="simulate with record=True (zoplan.search.evaluate(..., record=True))")
+        raise ZoplanError(
+            "this simulation result has no recorded spans to draw",
+            fix="simulate with record=True (zoplan.search.evaluate(..., record=True))",
+        )
 
 
 def _us(seconds: float) -> float:
@@ -104,8 +107,9 @@ def _fmt_duration(seconds: float) -> str:
 
 
 # ----- Chrome trace ----------------------------------------------------------------------------
-def chrome_trace(result: SimResult, machine: Machine, *, title: str = "simulated", pid_base: int = 0,
-                 window_only: bool = False) -> dict[str, Any]:
+def chrome_trace(
+    result: SimResult, machine: Machine, *, title: str = "simulated", pid_base: int = 0, window_only: bool = False
+) -> dict[str, Any]:
     """The simulated steps as a Chrome trace event object (ts/dur in microseconds).
 
     Processes: ``pid_base + 1 + i`` is the i-th GPU (topology order) named "gpuN (title)", with
@@ -145,8 +149,11 @@ def chrome_trace(result: SimResult, machine: Machine, *, title: str = "simulated
         pid = gpu_pid[g]
         meta("process_name", pid, {"name": f"{g} ({title})"})
         meta("process_sort_index", pid, {"sort_index": pid})
-        meta("process_labels", pid, {"labels": f"{machine.gpu_model_name(g)}, {machine.name}"
-                                     if g in machine.gpus else machine.name})
+        meta(
+            "process_labels",
+            pid,
+            {"labels": f"{machine.gpu_model_name(g)}, {machine.name}" if g in machine.gpus else machine.name},
+        )
         for stream in sorted(streams_of[g], key=lambda s: stream_tid[s]):
             meta("thread_name", pid, {"name": stream}, tid=stream_tid[stream])
             meta("thread_sort_index", pid, {"sort_index": stream_tid[stream]}, tid=stream_tid[stream])
@@ -166,14 +173,32 @@ def chrome_trace(result: SimResult, machine: Machine, *, title: str = "simulated
             if not reported:
                 continue
             lo, hi = start, end
-        events.append({"name": f"step {step}" + (" (reported)" if reported else ""), "cat": "step",
-                       "ph": "X", "ts": ts(lo), "dur": _us(hi - lo), "pid": links_pid,
-                       "tid": _STEPS_TID, "args": {"step": step, "reported": reported,
-                                                   "step_time_ms": round((hi - lo) * 1e3, 6)}})
+        events.append(
+            {
+                "name": f"step {step}" + (" (reported)" if reported else ""),
+                "cat": "step",
+                "ph": "X",
+                "ts": ts(lo),
+                "dur": _us(hi - lo),
+                "pid": links_pid,
+                "tid": _STEPS_TID,
+                "args": {"step": step, "reported": reported, "step_time_ms": round((hi - lo) * 1e3, 6)},
+            }
+        )
     # global instants draw a line across every track at the edges of the reported step
     for name, t in (("reported step start", start), ("reported step end", end)):
-        events.append({"name": name, "cat": "step", "ph": "i", "s": "g", "ts": ts(t),
-                       "pid": links_pid, "tid": _STEPS_TID, "args": {"step": REPORTED_STEP}})
+        events.append(
+            {
+                "name": name,
+                "cat": "step",
+                "ph": "i",
+                "s": "g",
+                "ts": ts(t),
+                "pid": links_pid,
+                "tid": _STEPS_TID,
+                "args": {"step": REPORTED_STEP},
+            }
+        )
 
     # spans, per thread in time order (the sim appends them as they end, interleaving GPUs)
     spans: list[tuple[int, int, float, Span]] = []
@@ -195,8 +220,18 @@ def chrome_trace(result: SimResult, machine: Machine, *, title: str = "simulated
         args: dict[str, Any] = {"op": label, "rank": g, "stream": stream, "step": step, "block": block}
         if window_only and (s0 < start or s1 > end):
             args["clipped"] = True  # the span crosses the step boundary (prefetch of the next step)
-        events.append({"name": label, "cat": cat, "ph": "X", "ts": ts(t0), "dur": _us(t1 - t0),
-                       "pid": pid, "tid": tid, "args": args})
+        events.append(
+            {
+                "name": label,
+                "cat": cat,
+                "ph": "X",
+                "ts": ts(t0),
+                "dur": _us(t1 - t0),
+                "pid": pid,
+                "tid": tid,
+                "args": args,
+            }
+        )
 
     # link rates: piecewise constant, so one counter event per change is exact
     for resource, capacity in result.capacity.items():
@@ -214,9 +249,16 @@ def chrome_trace(result: SimResult, machine: Machine, *, title: str = "simulated
         else:
             points = list(samples)
         for t, rate in points:
-            events.append({"name": name, "cat": "link", "ph": "C", "ts": ts(t), "pid": links_pid,
-                           "args": {"GB/s": round(rate / 1e9, 6),
-                                    "% of capacity": round(100.0 * rate / capacity, 4)}})
+            events.append(
+                {
+                    "name": name,
+                    "cat": "link",
+                    "ph": "C",
+                    "ts": ts(t),
+                    "pid": links_pid,
+                    "args": {"GB/s": round(rate / 1e9, 6), "% of capacity": round(100.0 * rate / capacity, 4)},
+                }
+            )
 
     return {
         "traceEvents": events,
@@ -272,8 +314,7 @@ def merge_traces(*traces: dict[str, Any]) -> dict[str, Any]:
         prefix = str(data.get("title", f"trace{i + 1}"))
         for key, value in data.items():
             other[f"{prefix}.{key}"] = value
-    return {"traceEvents": events, "displayTimeUnit": traces[0].get("displayTimeUnit", "ms"),
-            "otherData": other}
+    return {"traceEvents": events, "displayTimeUnit": traces[0].get("displayTimeUnit", "ms"), "otherData": other}
 
 
 def write_trace(trace: dict[str, Any], path: Path) -> None:
@@ -285,8 +326,9 @@ def write_trace(trace: dict[str, Any], path: Path) -> None:
     try:
         Path(path).write_text(text + "\n", encoding="utf-8")
     except OSError as e:
-        raise ZoplanError(f"cannot write trace file {path}: {e.strerror or e}",
-                          fix="choose a writable path (the folder must exist)") from None
+        raise ZoplanError(
+            f"cannot write trace file {path}: {e.strerror or e}", fix="choose a writable path (the folder must exist)"
+        ) from None
 
 
 # ----- terminal Gantt ---------------------------------------------------------------------------
@@ -362,7 +404,7 @@ def _axis(span_s: float, width: int) -> Text:
         label = f"{value:.6g}" + (f" {unit}" if k == 0 else "")
         pos = col if col + len(label) <= width else width - len(label)
         if pos >= free_from and pos >= 0:
-            labels[pos:pos + len(label)] = list(label)
+            labels[pos : pos + len(label)] = list(label)
             free_from = pos + len(label) + 1
         k += 1
     return Text("".join(labels) + "\n" + "".join(marks), style="dim")
@@ -377,25 +419,31 @@ def gantt(result: SimResult, machine: Machine, width: int = 100) -> RenderableTy
     least half the cell, '▄' less, '·' idle), with a time axis, a legend and busy % per row."""
     _require_spans(result)
     if not 10 <= width <= MAX_GANTT_WIDTH:  # each row is a string of ``width`` cells
-        raise ZoplanError(f"gantt width must be from 10 to {MAX_GANTT_WIDTH} columns, got {width}",
-                          fix="--width 100 fits most terminals")
+        raise ZoplanError(
+            f"gantt width must be from 10 to {MAX_GANTT_WIDTH} columns, got {width}",
+            fix="--width 100 fits most terminals",
+        )
     start, end = result.window
     span_s = end - start
     rows = _rows(result, machine)
 
-    table = Table(box=None, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), show_header=True,
-                  header_style="bold")
+    table = Table(
+        box=None, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), show_header=True, header_style="bold"
+    )
     table.add_column("rank" if machine.cpu_ranks_only else "GPU", no_wrap=True)
     table.add_column("stream", no_wrap=True)
-    table.add_column(_axis(span_s, width), no_wrap=True, min_width=width, max_width=width,
-                     overflow="crop")
+    table.add_column(_axis(span_s, width), no_wrap=True, min_width=width, max_width=width, overflow="crop")
     table.add_column("busy", justify="right", no_wrap=True, min_width=4)  # "100%" never truncated
     previous = None
     for g, stream, intervals in rows:
         busy = _busy_s(intervals) / span_s if span_s > 0 else 0.0
         # the GPU is named on its first row only: 32 rows read as 8 groups without rules between
-        table.add_row(Text(g, style="bold") if g != previous else Text(""), stream,
-                      _bin_row(intervals, start, span_s, width), f"{100 * busy:.0f}%")
+        table.add_row(
+            Text(g, style="bold") if g != previous else Text(""),
+            stream,
+            _bin_row(intervals, start, span_s, width),
+            f"{100 * busy:.0f}%",
+        )
         previous = g
 
     used = {cat for _g, _s, intervals in rows for cat, _lo, _hi in intervals}
@@ -428,8 +476,10 @@ def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
         from matplotlib.figure import Figure
         from matplotlib.patches import Patch
     except ImportError:
-        raise ZoplanError("drawing a PNG needs matplotlib, which is not installed",
-                          fix="install the plot extra: pip install 'zoplan[plot]'") from None
+        raise ZoplanError(
+            "drawing a PNG needs matplotlib, which is not installed",
+            fix="install the plot extra: pip install 'zoplan[plot]'",
+        ) from None
 
     start, end = result.window
     rows = _rows(result, machine)
@@ -442,8 +492,7 @@ def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
         for cat, lo, hi in intervals:
             by_cat.setdefault(cat, []).append(((lo - start) * 1e3, (hi - lo) * 1e3))
         for cat, xranges in by_cat.items():
-            ax.broken_barh(xranges, (y - 0.4, 0.8), facecolors=CATEGORY_COLOR.get(cat, "#7f7f7f"),
-                           linewidth=0)
+            ax.broken_barh(xranges, (y - 0.4, 0.8), facecolors=CATEGORY_COLOR.get(cat, "#7f7f7f"), linewidth=0)
             if cat not in present:
                 present.append(cat)
     ax.set_yticks(range(len(rows)))
@@ -454,12 +503,18 @@ def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
     ax.set_axisbelow(True)  # grid lines behind the bars, not striping them
     ax.grid(axis="x", alpha=0.3)
     order = [c for c in CATEGORIES if c in present] + [c for c in present if c not in CATEGORIES]
-    ax.legend(handles=[Patch(color=CATEGORY_COLOR.get(c, "#7f7f7f"), label=c) for c in order],
-              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.legend(
+        handles=[Patch(color=CATEGORY_COLOR.get(c, "#7f7f7f"), label=c) for c in order],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=8,
+        frameon=False,
+    )
     ax.set_title(f"{machine.name}: step {_fmt_duration(end - start)}, bottleneck {result.bottleneck}")
     fig.tight_layout()
     try:
         fig.savefig(Path(path), format="png")
     except OSError as e:
-        raise ZoplanError(f"cannot write PNG {path}: {e.strerror or e}",
-                          fix="choose a writable path (the folder must exist)") from None
+        raise ZoplanError(
+            f"cannot write PNG {path}: {e.strerror or e}", fix="choose a writable path (the folder must exist)"
+        ) from None

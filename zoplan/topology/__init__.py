@@ -7,6 +7,7 @@ network between them. Every link is full duplex: ``gbps`` is the bandwidth from 
 
 The simulator never reads YAML: it asks a :class:`Machine` for paths made of directed links.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,25 +36,46 @@ class GpuModel(Strict):
     kind: Literal["gpu", "cpu"] = "gpu"
     memory_gib: PositiveFloat = Field(le=1e7)  # bounded: GiB * 2**30 must stay a finite float
     tflops: dict[Literal["fp32", "tf32", "bf16", "fp16"], PositiveFloat] = Field(
-        description="dense peak TFLOP/s per dtype")
+        description="dense peak TFLOP/s per dtype"
+    )
     hbm_gbps: PositiveFloat
-    matmul_efficiency: float = Field(
-        0.8, gt=0, le=1, description="achieved fraction of peak for large matrix products")
+    matmul_efficiency: float = Field(0.8, gt=0, le=1, description="achieved fraction of peak for large matrix products")
     # The runtime's own work, beyond arithmetic and memory traffic (zoplan.sim.costs). 0 where it is
     # negligible or hidden: a GPU's kernel launches overlap its execution, and its fused kernels
     # draw z in registers. A CPU rank pays each of these on its one thread (bench/cpu_figures.py).
-    op_us: float = Field(0.0, ge=0, le=1e6, description="host time per tensor op of a forward pass "
-                         "(dispatch, the modules' Python, a kernel launch)")
-    z_ns: float = Field(0.0, ge=0, le=1e6, description="nanoseconds per element to draw z where the "
-                        "runtime materialises it (the pure-torch generator); 0: drawn in registers")
-    z_call_us: float = Field(0.0, ge=0, le=1e6, description="fixed cost of one call of the z "
-                             "generator (its tensor ops)")
-    z_first_ns: float = Field(0.0, ge=0, le=1e6, description="nanoseconds per element of a call's "
-                              "first chunk, on top of z_ns (its scratch memory is new each call)")
-    collective_us: float = Field(0.0, ge=0, le=1e6, description="one collective call among this "
-                                 "machine's ranks (an all-gather round, a barrier, the loss all-reduce)")
-    loop_us: float = Field(0.0, ge=0, le=1e7, description="the training loop's host work per step "
-                           "(next batch, journal line)")
+    op_us: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="host time per tensor op of a forward pass (dispatch, the modules' Python, a kernel launch)",
+    )
+    z_ns: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="nanoseconds per element to draw z where the "
+        "runtime materialises it (the pure-torch generator); 0: drawn in registers",
+    )
+    z_call_us: float = Field(
+        0.0, ge=0, le=1e6, description="fixed cost of one call of the z generator (its tensor ops)"
+    )
+    z_first_ns: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="nanoseconds per element of a call's "
+        "first chunk, on top of z_ns (its scratch memory is new each call)",
+    )
+    collective_us: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="one collective call among this "
+        "machine's ranks (an all-gather round, a barrier, the loss all-reduce)",
+    )
+    loop_us: float = Field(
+        0.0, ge=0, le=1e7, description="the training loop's host work per step (next batch, journal line)"
+    )
 
 
 class Socket(Strict):
@@ -110,8 +132,10 @@ class TopologySpec(Strict):
             seen.add(i)
         for n, gpu in enumerate(self.gpus):
             if gpu.model not in self.gpu_models:
-                raise ValueError(f"gpus.{n}.model '{gpu.model}' is not in gpu_models "
-                                 f"({', '.join(sorted(self.gpu_models)) or 'none defined'})")
+                raise ValueError(
+                    f"gpus.{n}.model '{gpu.model}' is not in gpu_models "
+                    f"({', '.join(sorted(self.gpu_models)) or 'none defined'})"
+                )
         role = {s.id: "socket" for s in self.sockets}
         role.update({w.id: w.kind for w in self.switches})
         role.update({g.id: "gpu" for g in self.gpus})
@@ -126,26 +150,36 @@ class TopologySpec(Strict):
             # silently replace the first (and its bandwidth) instead of adding to it.
             pair = frozenset((link.a, link.b))
             if pair in joined:
-                raise ValueError(f"links.{n} joins '{link.a}' and '{link.b}', already joined by "
-                                 f"links.{joined[pair]} (one full-duplex link per pair: "
-                                 f"give its two directions as gbps and gbps_back)")
+                raise ValueError(
+                    f"links.{n} joins '{link.a}' and '{link.b}', already joined by "
+                    f"links.{joined[pair]} (one full-duplex link per pair: "
+                    f"give its two directions as gbps and gbps_back)"
+                )
             joined[pair] = n
             # Host paths follow 'pcie' and 'socket' links and peer routes prefer 'nvlink': a kind on
             # the wrong ends would send host traffic through NVLink or between sockets over PCIe.
             ends = {role[link.a], role[link.b]}
             if link.kind == "socket" and ends != {"socket"}:
-                raise ValueError(f"links.{n}.kind 'socket' must join two sockets, not "
-                                 f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})")
+                raise ValueError(
+                    f"links.{n}.kind 'socket' must join two sockets, not "
+                    f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})"
+                )
             if link.kind == "nvlink" and not ends <= {"gpu", "nvswitch"}:
-                raise ValueError(f"links.{n}.kind 'nvlink' must join gpus or an nvswitch, not "
-                                 f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})")
+                raise ValueError(
+                    f"links.{n}.kind 'nvlink' must join gpus or an nvswitch, not "
+                    f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})"
+                )
             if link.kind == "memory" and ends != {"socket", "gpu"}:
-                raise ValueError(f"links.{n}.kind 'memory' joins a socket and a CPU rank, not "
-                                 f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})")
+                raise ValueError(
+                    f"links.{n}.kind 'memory' joins a socket and a CPU rank, not "
+                    f"'{link.a}' ({role[link.a]}) and '{link.b}' ({role[link.b]})"
+                )
             if link.kind == "pcie" and ("nvswitch" in ends or ends == {"socket"}):
-                raise ValueError(f"links.{n}.kind 'pcie' cannot join '{link.a}' ({role[link.a]}) and "
-                                 f"'{link.b}' ({role[link.b]}): use 'nvlink' for an nvswitch, "
-                                 f"'socket' between sockets")
+                raise ValueError(
+                    f"links.{n}.kind 'pcie' cannot join '{link.a}' ({role[link.a]}) and "
+                    f"'{link.b}' ({role[link.b]}): use 'nvlink' for an nvswitch, "
+                    f"'socket' between sockets"
+                )
         if self.nodes > 1 and self.network is None:
             raise ValueError("nodes > 1 needs a 'network' (gbps, latency_us) between the nodes")
         return self
@@ -189,12 +223,19 @@ class Machine:
             self.graph.add_node(g.id, role="gpu")
         self.directed: dict[str, DirectedLink] = {}
         for link in spec.links:
-            self.graph.add_edge(link.a, link.b, kind=link.kind, gbps=link.gbps,
-                                gbps_back=link.gbps_back or link.gbps, latency_s=link.latency_us * 1e-6)
+            self.graph.add_edge(
+                link.a,
+                link.b,
+                kind=link.kind,
+                gbps=link.gbps,
+                gbps_back=link.gbps_back or link.gbps,
+                latency_s=link.latency_us * 1e-6,
+            )
             lat = link.latency_us * 1e-6
             self.directed[f"{link.a}->{link.b}"] = DirectedLink(f"{link.a}->{link.b}", link.kind, link.gbps, lat)
             self.directed[f"{link.b}->{link.a}"] = DirectedLink(
-                f"{link.b}->{link.a}", link.kind, link.gbps_back or link.gbps, lat)
+                f"{link.b}->{link.a}", link.kind, link.gbps_back or link.gbps, lat
+            )
         self._check_host_paths()
 
     # ----- identity -----------------------------------------------------------------------
@@ -235,14 +276,16 @@ class Machine:
     # ----- paths ----------------------------------------------------------------------------
     def _pcie_graph(self) -> nx.Graph:
         return self.graph.edge_subgraph(
-            [(u, v) for u, v, k in self.graph.edges(data="kind") if k in ("pcie", "socket", "memory")])
+            [(u, v) for u, v, k in self.graph.edges(data="kind") if k in ("pcie", "socket", "memory")]
+        )
 
     def _check_host_paths(self) -> None:
         for n, gpu in enumerate(self.gpus):
             if gpu not in self._host_routes:
                 raise ZoplanError(
                     f"{self.source}: gpus.{n} ('{gpu}') has no PCIe path to any socket's host memory",
-                    fix=f"add a 'pcie' link from '{gpu}' to a switch or socket")
+                    fix=f"add a 'pcie' link from '{gpu}' to a switch or socket",
+                )
 
     @cached_property
     def _host_routes(self) -> dict[str, list[str]]:
@@ -281,8 +324,10 @@ class Machine:
         """Directed link ids of the fastest route between two GPUs (NVLink when there is one)."""
         key = (src, dst)
         if key not in self._peer_cache:
+
             def weight(u: str, v: str, d: _EdgeData) -> float:
                 return 1.0 / d["gbps"]
+
             try:
                 nodes = nx.shortest_path(self.graph, src, dst, weight=weight)
             except nx.NetworkXNoPath:
@@ -296,10 +341,8 @@ class Machine:
 
     def has_nvlink(self, gpus: list[str] | tuple[str, ...]) -> bool:
         """True when every pair among ``gpus`` is joined by NVLink-only routes."""
-        nv = self.graph.edge_subgraph(
-            [(u, v) for u, v, k in self.graph.edges(data="kind") if k == "nvlink"])
-        return all(g in nv for g in gpus) and all(
-            nx.has_path(nv, gpus[0], g) for g in gpus[1:])
+        nv = self.graph.edge_subgraph([(u, v) for u, v, k in self.graph.edges(data="kind") if k == "nvlink"])
+        return all(g in nv for g in gpus) and all(nx.has_path(nv, gpus[0], g) for g in gpus[1:])
 
     def path_latency_s(self, path: list[str]) -> float:
         return sum(self.directed[l].latency_s for l in path)
@@ -325,8 +368,9 @@ def resolve_topology_path(name_or_path: str | Path) -> Path:
         return candidate
     names = bundled_names()
     if str(name_or_path) not in names:
-        raise ZoplanError(f"unknown topology '{name_or_path}'",
-                          fix=f"use a bundled one ({', '.join(names)}) or a path to a YAML file")
+        raise ZoplanError(
+            f"unknown topology '{name_or_path}'", fix=f"use a bundled one ({', '.join(names)}) or a path to a YAML file"
+        )
     return Path(str(resources.files("zoplan.topologies") / f"{name_or_path}.yaml"))
 
 

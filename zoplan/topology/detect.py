@@ -13,6 +13,7 @@ marked ASSUMED in the file, until ``zoplan calibrate`` measures them.
 Every reader takes the text of a command or file as an argument, so the logic runs on fixtures
 without a GPU; :func:`detect` gathers the real inputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,16 @@ import yaml
 from zoplan.errors import ZoplanError
 from zoplan.fileio import load_yaml_text, validate
 from zoplan.topology.presets import PRESETS, GpuPreset, preset_names
-from zoplan.topology.importer import (SOCKET_LINK_GBPS, SOCKET_LINK_LATENCY_US, SOCKET_LINK_SOURCE,
-                                _comment, _flow, _fmt, build_topology, parse_topo_matrix)
+from zoplan.topology.importer import (
+    SOCKET_LINK_GBPS,
+    SOCKET_LINK_LATENCY_US,
+    SOCKET_LINK_SOURCE,
+    _comment,
+    _flow,
+    _fmt,
+    build_topology,
+    parse_topo_matrix,
+)
 from zoplan.topology import Machine, TopologySpec
 
 NVIDIA_SMI_TIMEOUT_S = 60  # the first call on a machine without persistence mode can take seconds
@@ -41,15 +50,18 @@ KIB_PER_GIB = 2**20
 # nvidia-smi product names (after dropping the NVIDIA / Tesla / GeForce prefixes, upper case) that
 # are the GPU of a preset. Names of other variants (A100 PCIe, H100 NVL, H200 NVL) deliberately
 # match nothing: their memory, clocks or links differ from every preset.
-PRESET_NAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), name) for p, name in (
-    (r"A100-SXM4?-80GB", "a100-sxm4-80gb"),  # "NVIDIA A100-SXM4-80GB"
-    (r"A100-SXM4?-40GB", "a100-sxm4-40gb"),
-    (r"H100 80GB HBM3|H100[ -]SXM5?[ -]80GB", "h100-sxm5-80gb"),  # "NVIDIA H100 80GB HBM3"
-    (r"H100 PCIE", "h100-pcie-80gb"),  # "NVIDIA H100 PCIe"
-    (r"H200", "h200-sxm-141gb"),  # "NVIDIA H200" (the NVL card says "H200 NVL")
-    (r"L40S", "l40s-48gb"),
-    (r"RTX 4090", "rtx4090-24gb"),  # "NVIDIA GeForce RTX 4090"
-))
+PRESET_NAMES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(p), name)
+    for p, name in (
+        (r"A100-SXM4?-80GB", "a100-sxm4-80gb"),  # "NVIDIA A100-SXM4-80GB"
+        (r"A100-SXM4?-40GB", "a100-sxm4-40gb"),
+        (r"H100 80GB HBM3|H100[ -]SXM5?[ -]80GB", "h100-sxm5-80gb"),  # "NVIDIA H100 80GB HBM3"
+        (r"H100 PCIE", "h100-pcie-80gb"),  # "NVIDIA H100 PCIe"
+        (r"H200", "h200-sxm-141gb"),  # "NVIDIA H200" (the NVL card says "H200 NVL")
+        (r"L40S", "l40s-48gb"),
+        (r"RTX 4090", "rtx4090-24gb"),  # "NVIDIA GeForce RTX 4090"
+    )
+)
 _PREFIXES = re.compile(r"^(NVIDIA\s+)?(TESLA\s+)?(GEFORCE\s+)?")
 MEMORY_TOLERANCE = 0.10  # reported vs preset GPU memory beyond which the preset is doubted
 
@@ -68,7 +80,8 @@ CPU_FIGURES_SOURCE = (
     "ASSUMED, not measured: conservative defaults, about a third of one core of an earlier "
     "development machine measured by bench/cpu_figures.py (an Intel Xeon: fp32 0.155, bf16 0.083, "
     "fp16 0.158 TFLOP/s achieved with 1 thread, copies 8.3 GB/s). `zoplan calibrate` measures "
-    "this machine's figures.")
+    "this machine's figures."
+)
 
 Runner = Callable[[Sequence[str]], str]
 
@@ -95,8 +108,10 @@ def mem_total_kib(meminfo: str) -> int:
     """``MemTotal`` of /proc/meminfo, in KiB (the file says kB but counts 1024 bytes)."""
     m = re.search(r"^MemTotal:\s*(\d+)\s*kB", meminfo, re.M)
     if m is None or int(m.group(1)) <= 0:
-        raise ZoplanError("no 'MemTotal: N kB' line in /proc/meminfo: cannot tell the host memory",
-                          fix="write the file by hand or with `zoplan topo import --host-memory-gib`")
+        raise ZoplanError(
+            "no 'MemTotal: N kB' line in /proc/meminfo: cannot tell the host memory",
+            fix="write the file by hand or with `zoplan topo import --host-memory-gib`",
+        )
     return int(m.group(1))
 
 
@@ -129,9 +144,10 @@ def parse_gpu_query(text: str) -> list[tuple[str, float | None]]:
         m = re.match(r"\s*([\d.]+)\s*MiB", memory)
         gpus.append(((name or memory).strip(), float(m.group(1)) if m else None))
     if not gpus:
-        raise ZoplanError("nvidia-smi lists no GPUs (`nvidia-smi --query-gpu=name` printed nothing)",
-                          fix="check the driver with `nvidia-smi`, or describe the CPU only: "
-                              "zoplan topo detect --cpu")
+        raise ZoplanError(
+            "nvidia-smi lists no GPUs (`nvidia-smi --query-gpu=name` printed nothing)",
+            fix="check the driver with `nvidia-smi`, or describe the CPU only: zoplan topo detect --cpu",
+        )
     return gpus
 
 
@@ -142,10 +158,11 @@ def gpu_preset_for(name: str, memory_mib: float | None = None) -> GpuPreset:
         if pattern.fullmatch(key):
             return PRESETS[preset]
     memory = f", {memory_mib:.0f} MiB" if memory_mib is not None else ""
-    raise ZoplanError(f"no GPU preset matches '{name}'{memory} (reported by nvidia-smi); the presets "
-                      f"are {', '.join(preset_names())}",
-                      fix="pick the closest preset yourself: nvidia-smi topo -m > topo.txt; zoplan topo "
-                          "import topo.txt --gpu PRESET --host-memory-gib G -o machine.yaml")
+    raise ZoplanError(
+        f"no GPU preset matches '{name}'{memory} (reported by nvidia-smi); the presets are {', '.join(preset_names())}",
+        fix="pick the closest preset yourself: nvidia-smi topo -m > topo.txt; zoplan topo "
+        "import topo.txt --gpu PRESET --host-memory-gib G -o machine.yaml",
+    )
 
 
 def _check_host_gbps(host_gbps: float | None) -> None:
@@ -163,30 +180,41 @@ def run_nvidia_smi(args: Sequence[str]) -> str:
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise ZoplanError(f"`{shown}` did not answer within {NVIDIA_SMI_TIMEOUT_S} s",
-                          fix="check the driver, or describe the CPU only: zoplan topo detect --cpu") from None
+        raise ZoplanError(
+            f"`{shown}` did not answer within {NVIDIA_SMI_TIMEOUT_S} s",
+            fix="check the driver, or describe the CPU only: zoplan topo detect --cpu",
+        ) from None
     except OSError as exc:
         raise ZoplanError(f"cannot run `{shown}`: {exc}") from None
     if proc.returncode != 0:
         said = (proc.stderr.strip() or proc.stdout.strip() or "no output")[:500]
-        raise ZoplanError(f"`{shown}` failed with exit status {proc.returncode}: {said}",
-                          fix="check the driver (`nvidia-smi` must work), or describe the CPU only: "
-                              "zoplan topo detect --cpu")
+        raise ZoplanError(
+            f"`{shown}` failed with exit status {proc.returncode}: {said}",
+            fix="check the driver (`nvidia-smi` must work), or describe the CPU only: zoplan topo detect --cpu",
+        )
     return proc.stdout
 
 
-def gpu_topology(topo_text: str, query_text: str, meminfo: str, *, host_gbps: float | None = None,
-                 name: str = "machine", host: str = "this machine") -> DetectedTopology:
+def gpu_topology(
+    topo_text: str,
+    query_text: str,
+    meminfo: str,
+    *,
+    host_gbps: float | None = None,
+    name: str = "machine",
+    host: str = "this machine",
+) -> DetectedTopology:
     """The topology ``zoplan topo import`` builds from ``topo_text`` (``nvidia-smi topo -m``), with
     the preset picked from ``query_text`` and the host memory from ``meminfo``."""
     _check_host_gbps(host_gbps)
     gpus = parse_gpu_query(query_text)
     models = sorted({g for g, _ in gpus})
     if len(models) > 1:
-        raise ZoplanError(f"nvidia-smi reports different GPU models ({', '.join(models)}); a topology "
-                          f"has one model for all GPUs",
-                          fix="import with the preset of the GPUs you will use: nvidia-smi topo -m > "
-                              "topo.txt; zoplan topo import topo.txt --gpu PRESET ...")
+        raise ZoplanError(
+            f"nvidia-smi reports different GPU models ({', '.join(models)}); a topology has one model for all GPUs",
+            fix="import with the preset of the GPUs you will use: nvidia-smi topo -m > "
+            "topo.txt; zoplan topo import topo.txt --gpu PRESET ...",
+        )
     gpu_name, gpu_mib = gpus[0]
     preset = gpu_preset_for(gpu_name, gpu_mib)
     kib = mem_total_kib(meminfo)
@@ -196,36 +224,58 @@ def gpu_topology(topo_text: str, query_text: str, meminfo: str, *, host_gbps: fl
         matrix = parse_topo_matrix(topo_text)
         if matrix.gpus != len(gpus):
             raise ZoplanError(f"it shows {matrix.gpus} GPUs but `nvidia-smi --query-gpu` lists {len(gpus)}")
-        imported = build_topology(matrix, preset, host_memory_gib=total_gib, host_gbps=host_gbps,
-                                  name=name, source=source)
+        imported = build_topology(
+            matrix, preset, host_memory_gib=total_gib, host_gbps=host_gbps, name=name, source=source
+        )
         sockets = len(imported.spec.sockets)
         if sockets > 1:  # build_topology takes memory per socket; the matrix decides how many sockets
-            imported = build_topology(matrix, preset, host_memory_gib=total_gib / sockets,
-                                      host_gbps=host_gbps, name=name, source=source)
+            imported = build_topology(
+                matrix, preset, host_memory_gib=total_gib / sockets, host_gbps=host_gbps, name=name, source=source
+            )
     except ZoplanError as exc:
-        raise ZoplanError(f"`nvidia-smi topo -m` on {host}: {exc.message}", fix=exc.fix or
-                          "save its output (nvidia-smi topo -m > topo.txt) and try `zoplan topo import "
-                          "topo.txt`, or describe the CPU only: zoplan topo detect --cpu") from None
+        raise ZoplanError(
+            f"`nvidia-smi topo -m` on {host}: {exc.message}",
+            fix=exc.fix
+            or "save its output (nvidia-smi topo -m > topo.txt) and try `zoplan topo import "
+            "topo.txt`, or describe the CPU only: zoplan topo detect --cpu",
+        ) from None
     warnings = list(imported.warnings)
     if gpu_mib is not None and abs(gpu_mib / 1024 - preset.memory_gib) > MEMORY_TOLERANCE * preset.memory_gib:
-        warnings.append(f"nvidia-smi reports {gpu_mib:.0f} MiB per GPU but preset {preset.name} has "
-                        f"{_fmt(preset.memory_gib)} GiB: check the GPU model (MIG or a variant?)")
+        warnings.append(
+            f"nvidia-smi reports {gpu_mib:.0f} MiB per GPU but preset {preset.name} has "
+            f"{_fmt(preset.memory_gib)} GiB: check the GPU model (MIG or a variant?)"
+        )
     header = _comment(
         f"Written by `zoplan topo detect` on {host}. GPU model: nvidia-smi --query-gpu reports "
-        f"{len(gpus)}x '{gpu_name}'" + (f" ({gpu_mib:.0f} MiB)" if gpu_mib is not None else "")
+        f"{len(gpus)}x '{gpu_name}'"
+        + (f" ({gpu_mib:.0f} MiB)" if gpu_mib is not None else "")
         + f", which is the preset {preset.name}. Host memory: MemTotal {kib} kB in /proc/meminfo = "
-        f"{_fmt(total_gib)} GiB, " + (f"divided evenly among the {sockets} sockets" if sockets > 1 else
-                                      "all on the one socket") + " below."
+        f"{_fmt(total_gib)} GiB, "
+        + (f"divided evenly among the {sockets} sockets" if sockets > 1 else "all on the one socket")
+        + " below."
         " Everything else was read from `nvidia-smi topo -m` as `zoplan topo import` reads it "
-        "(the comments below are its own; --gpu and --host-memory-gib were filled in as said here).")
-    return DetectedTopology(spec=imported.spec, text="\n".join(header) + "\n#\n" + imported.text,
-                            summary=imported.summary(), warnings=warnings)
+        "(the comments below are its own; --gpu and --host-memory-gib were filled in as said here)."
+    )
+    return DetectedTopology(
+        spec=imported.spec,
+        text="\n".join(header) + "\n#\n" + imported.text,
+        summary=imported.summary(),
+        warnings=warnings,
+    )
 
 
 # ----- CPU only --------------------------------------------------------------------------------------
-def cpu_topology(meminfo: str, nodes: dict[int, frozenset[int]], cores: set[int] | frozenset[int], *,
-                 ranks: int | None = None, host_gbps: float | None = None, name: str = "machine",
-                 host: str = "this machine", why: str = "no nvidia-smi on PATH") -> DetectedTopology:
+def cpu_topology(
+    meminfo: str,
+    nodes: dict[int, frozenset[int]],
+    cores: set[int] | frozenset[int],
+    *,
+    ranks: int | None = None,
+    host_gbps: float | None = None,
+    name: str = "machine",
+    host: str = "this machine",
+    why: str = "no nvidia-smi on PATH",
+) -> DetectedTopology:
     """A CPU-only topology like ``cpu-local``: a socket per NUMA node of ``nodes`` (one if empty),
     ``ranks`` CPU ranks (default one per core of ``cores``, the process's CPU affinity) spread
     over the cores in order, each copying from the host memory of its core's node."""
@@ -234,8 +284,10 @@ def cpu_topology(meminfo: str, nodes: dict[int, frozenset[int]], cores: set[int]
         raise ZoplanError("this process may run on no CPU core (os.sched_getaffinity is empty)")
     n_ranks = len(usable) if ranks is None else ranks
     if not 1 <= n_ranks <= len(usable):
-        raise ZoplanError(f"--ranks must be between 1 and the {len(usable)} cores this process may use, "
-                          f"got {n_ranks}", fix="one rank per core at most: each rank is one process")
+        raise ZoplanError(
+            f"--ranks must be between 1 and the {len(usable)} cores this process may use, got {n_ranks}",
+            fix="one rank per core at most: each rank is one process",
+        )
     _check_host_gbps(host_gbps)
     node_ids = list(nodes) or [0]
     node_of = {cpu: node for node, cpus in nodes.items() for cpu in cpus}
@@ -246,96 +298,163 @@ def cpu_topology(meminfo: str, nodes: dict[int, frozenset[int]], cores: set[int]
     per_rank = total_gib / n_ranks
 
     def bus(node: int) -> float:
-        return host_gbps if host_gbps is not None else min(
-            max(1, rank_node.count(node)) * CPU_COPY_GBPS, CPU_MEMORY_BUS_GBPS)
+        return (
+            host_gbps
+            if host_gbps is not None
+            else min(max(1, rank_node.count(node)) * CPU_COPY_GBPS, CPU_MEMORY_BUS_GBPS)
+        )
 
     sockets = [{"id": f"cpu{n}", "memory_gib": _fmt(per_node), "memory_gbps": _fmt(bus(n))} for n in node_ids]
-    links = [{"a": f"cpu{rank_node[r]}", "b": f"rank{r}", "kind": "memory", "gbps": _fmt(CPU_COPY_GBPS),
-              "latency_us": _fmt(CPU_LINK_LATENCY_US)} for r in range(n_ranks)]
-    socket_links = [{"a": f"cpu{a}", "b": f"cpu{b}", "kind": "socket", "gbps": _fmt(SOCKET_LINK_GBPS),
-                     "latency_us": SOCKET_LINK_LATENCY_US}
-                    for i, a in enumerate(node_ids) for b in node_ids[i + 1:]]
+    links = [
+        {
+            "a": f"cpu{rank_node[r]}",
+            "b": f"rank{r}",
+            "kind": "memory",
+            "gbps": _fmt(CPU_COPY_GBPS),
+            "latency_us": _fmt(CPU_LINK_LATENCY_US),
+        }
+        for r in range(n_ranks)
+    ]
+    socket_links = [
+        {
+            "a": f"cpu{a}",
+            "b": f"cpu{b}",
+            "kind": "socket",
+            "gbps": _fmt(SOCKET_LINK_GBPS),
+            "latency_us": SOCKET_LINK_LATENCY_US,
+        }
+        for i, a in enumerate(node_ids)
+        for b in node_ids[i + 1 :]
+    ]
     plural = "s" if len(node_ids) != 1 else ""
-    description = (f"CPU-only machine {host}: {len(usable)} cores, {len(node_ids)} NUMA node{plural}, "
-                   f"{_fmt(total_gib)} GiB memory, no GPU; {n_ranks} CPU rank{'s' if n_ranks != 1 else ''}")
+    description = (
+        f"CPU-only machine {host}: {len(usable)} cores, {len(node_ids)} NUMA node{plural}, "
+        f"{_fmt(total_gib)} GiB memory, no GPU; {n_ranks} CPU rank{'s' if n_ranks != 1 else ''}"
+    )
 
     out = _comment(
         f"Written by `zoplan topo detect` on {host}: {why}, so a CPU-only machine. The runtime "
-        f"runs one gloo worker process (\"CPU rank\") per rank; the planner treats each rank as a compute "
-        f"device whose \"upload\" is a copy out of the shared host copy of the weights (as the bundled "
-        f"cpu-local). Ranks: {n_ranks} (" + ("--ranks" if ranks is not None else "one per core")
-        + f") over the {len(usable)} cores os.sched_getaffinity allows this process.")
+        f'runs one gloo worker process ("CPU rank") per rank; the planner treats each rank as a compute '
+        f'device whose "upload" is a copy out of the shared host copy of the weights (as the bundled '
+        f"cpu-local). Ranks: {n_ranks} ("
+        + ("--ranks" if ranks is not None else "one per core")
+        + f") over the {len(usable)} cores os.sched_getaffinity allows this process."
+    )
     out.append("#")
-    out += _comment("ASSUMED: the compute and copy figures are conservative defaults, not measurements "
-                    "of this machine; run `zoplan calibrate` to measure them.")
-    out.append(yaml.safe_dump({"version": 1, "name": name, "description": description},
-                              sort_keys=False, width=10**6, allow_unicode=True).rstrip())
+    out += _comment(
+        "ASSUMED: the compute and copy figures are conservative defaults, not measurements "
+        "of this machine; run `zoplan calibrate` to measure them."
+    )
+    out.append(
+        yaml.safe_dump(
+            {"version": 1, "name": name, "description": description}, sort_keys=False, width=10**6, allow_unicode=True
+        ).rstrip()
+    )
     out += ["gpu_models:", "  cpu-rank:", "    kind: cpu"]
-    out += _comment(f"A rank's working set lives in host memory: {_fmt(total_gib)} GiB / {n_ranks} "
-                    f"rank{'s' if n_ranks != 1 else ''}. The host copy of the weights is counted "
-                    f"separately, so planning is conservative about memory.", indent=4)
+    out += _comment(
+        f"A rank's working set lives in host memory: {_fmt(total_gib)} GiB / {n_ranks} "
+        f"rank{'s' if n_ranks != 1 else ''}. The host copy of the weights is counted "
+        f"separately, so planning is conservative about memory.",
+        indent=4,
+    )
     out.append(f"    memory_gib: {_fmt(per_rank)}")
-    out += _comment(f"{CPU_FIGURES_SOURCE} Achieved rates, hence matmul_efficiency 1.0; CPUs have no "
-                    f"tf32.", indent=4)
+    out += _comment(f"{CPU_FIGURES_SOURCE} Achieved rates, hence matmul_efficiency 1.0; CPUs have no tf32.", indent=4)
     out.append(f"    tflops: {_flow(CPU_TFLOPS)}")
-    out += _comment(f"Elementwise passes read and write: 2 x {_fmt(CPU_COPY_GBPS)} GB/s (ASSUMED copy "
-                    f"rate).", indent=4)
+    out += _comment(f"Elementwise passes read and write: 2 x {_fmt(CPU_COPY_GBPS)} GB/s (ASSUMED copy rate).", indent=4)
     out.append(f"    hbm_gbps: {_fmt(2 * CPU_COPY_GBPS)}")
     out.append("    matmul_efficiency: 1.0")
-    out += _comment("ASSUMED, as measured for cpu-local's machine and rounded up: the runtime's own work "
-                    "on a rank's one thread (tensor ops, z drawn into memory, collective calls, the "
-                    "loop's host work per step); `python -m bench.cpu_figures` measures them here.", indent=4)
+    out += _comment(
+        "ASSUMED, as measured for cpu-local's machine and rounded up: the runtime's own work "
+        "on a rank's one thread (tensor ops, z drawn into memory, collective calls, the "
+        "loop's host work per step); `python -m bench.cpu_figures` measures them here.",
+        indent=4,
+    )
     out += [f"    {key}: {value}" for key, value in CPU_RUNTIME.items()]
     out.append("sockets:")
     out += _comment(
         f"One per NUMA node ({'/sys/devices/system/node' if nodes else 'none listed, so one'}). "
         f"memory_gib: MemTotal {kib} kB in /proc/meminfo = {_fmt(total_gib)} GiB"
-        + (f", divided evenly among {len(node_ids)} nodes" if len(node_ids) > 1 else "") + ". memory_gbps: "
-        + ("--host-gbps." if host_gbps is not None else
-           f"ASSUMED: {_fmt(CPU_COPY_GBPS)} GB/s per rank on the node (each core, not the memory bus, "
-           f"limits a copy, as measured for cpu-local), at most {_fmt(CPU_MEMORY_BUS_GBPS)} GB/s (two "
-           f"channels of DDR4-2666); give --host-gbps or run `zoplan calibrate`."), indent=2)
+        + (f", divided evenly among {len(node_ids)} nodes" if len(node_ids) > 1 else "")
+        + ". memory_gbps: "
+        + (
+            "--host-gbps."
+            if host_gbps is not None
+            else f"ASSUMED: {_fmt(CPU_COPY_GBPS)} GB/s per rank on the node (each core, not the memory bus, "
+            f"limits a copy, as measured for cpu-local), at most {_fmt(CPU_MEMORY_BUS_GBPS)} GB/s (two "
+            f"channels of DDR4-2666); give --host-gbps or run `zoplan calibrate`."
+        ),
+        indent=2,
+    )
     out += [f"  - {_flow(s)}" for s in sockets]
     out.append("gpus:")
     out += [f"  - {_flow({'id': f'rank{r}', 'model': 'cpu-rank'})}" for r in range(n_ranks)]
     out.append("links:")
-    out += _comment(f"A rank's copy from (and back to) the host copy: ASSUMED {_fmt(CPU_COPY_GBPS)} GB/s, "
-                    f"one core's copy rate; latency {_fmt(CPU_LINK_LATENCY_US)} us per copy call (Python "
-                    f"and dispatcher overhead, as in cpu-local).", indent=2)
+    out += _comment(
+        f"A rank's copy from (and back to) the host copy: ASSUMED {_fmt(CPU_COPY_GBPS)} GB/s, "
+        f"one core's copy rate; latency {_fmt(CPU_LINK_LATENCY_US)} us per copy call (Python "
+        f"and dispatcher overhead, as in cpu-local).",
+        indent=2,
+    )
     out += [f"  - {_flow(link)}" for link in links]
     if socket_links:
         out += _comment(SOCKET_LINK_SOURCE + ".", indent=2)
         out += [f"  - {_flow(link)}" for link in socket_links]
     text = "\n".join(out) + "\n"
 
-    spec = validate(TopologySpec, load_yaml_text(text, f"zoplan topo detect ({host})"), f"zoplan topo detect ({host})", "detected topology")
+    spec = validate(
+        TopologySpec,
+        load_yaml_text(text, f"zoplan topo detect ({host})"),
+        f"zoplan topo detect ({host})",
+        "detected topology",
+    )
     Machine(spec, name)  # every rank reaches a socket
-    summary = (f"{why}: {n_ranks} CPU rank{'s' if n_ranks != 1 else ''} on {len(usable)} cores, {len(node_ids)} "
-               f"socket{plural} ({_fmt(total_gib)} GiB host memory in all); compute and copy figures are "
-               f"ASSUMED conservative defaults: `zoplan calibrate` measures them")
+    summary = (
+        f"{why}: {n_ranks} CPU rank{'s' if n_ranks != 1 else ''} on {len(usable)} cores, {len(node_ids)} "
+        f"socket{plural} ({_fmt(total_gib)} GiB host memory in all); compute and copy figures are "
+        f"ASSUMED conservative defaults: `zoplan calibrate` measures them"
+    )
     return DetectedTopology(spec=spec, text=text, summary=summary)
 
 
 # ----- the local machine -----------------------------------------------------------------------------
-def detect(*, ranks: int | None = None, host_gbps: float | None = None, name: str = "machine",
-           cpu_only: bool = False, run: Runner | None = None, which: Callable[[str], str | None] | None = None,
-           meminfo_path: Path = MEMINFO, node_root: Path = NODE_ROOT) -> DetectedTopology:
+def detect(
+    *,
+    ranks: int | None = None,
+    host_gbps: float | None = None,
+    name: str = "machine",
+    cpu_only: bool = False,
+    run: Runner | None = None,
+    which: Callable[[str], str | None] | None = None,
+    meminfo_path: Path = MEMINFO,
+    node_root: Path = NODE_ROOT,
+) -> DetectedTopology:
     """The topology of this machine: from nvidia-smi when it is on PATH (and not ``cpu_only``),
     CPU ranks otherwise. ``run`` and ``which`` default to the real nvidia-smi and PATH lookup."""
     host = platform.node() or "this machine"
     try:
         meminfo = meminfo_path.read_text()
     except OSError as exc:
-        raise ZoplanError(f"cannot read {meminfo_path}: {exc}: cannot tell the host memory",
-                          fix="on a machine without /proc, use `zoplan topo import --host-memory-gib`") from None
+        raise ZoplanError(
+            f"cannot read {meminfo_path}: {exc}: cannot tell the host memory",
+            fix="on a machine without /proc, use `zoplan topo import --host-memory-gib`",
+        ) from None
     has_smi = not cpu_only and (which or shutil.which)("nvidia-smi") is not None
     if not has_smi:
-        return cpu_topology(meminfo, read_numa_nodes(node_root), os.sched_getaffinity(0), ranks=ranks,
-                            host_gbps=host_gbps, name=name, host=host,
-                            why="--cpu given" if cpu_only else "no nvidia-smi on PATH")
+        return cpu_topology(
+            meminfo,
+            read_numa_nodes(node_root),
+            os.sched_getaffinity(0),
+            ranks=ranks,
+            host_gbps=host_gbps,
+            name=name,
+            host=host,
+            why="--cpu given" if cpu_only else "no nvidia-smi on PATH",
+        )
     if ranks is not None:
-        raise ZoplanError("--ranks is for CPU-only machines: with GPUs, the GPUs are the ranks",
-                          fix="drop --ranks, or add --cpu to describe the CPU only")
+        raise ZoplanError(
+            "--ranks is for CPU-only machines: with GPUs, the GPUs are the ranks",
+            fix="drop --ranks, or add --cpu to describe the CPU only",
+        )
     run = run or run_nvidia_smi
     query = run(["--query-gpu=name,memory.total", "--format=csv,noheader"])
     return gpu_topology(run(["topo", "-m"]), query, meminfo, host_gbps=host_gbps, name=name, host=host)

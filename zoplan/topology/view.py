@@ -4,6 +4,7 @@ Only presentation lives here; every number comes from :class:`~zoplan.topology.M
 the user reads is exactly what the simulator uses (including the per-direction PCIe figures and the
 NVLink bus bandwidth that stands in for the line rate).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -51,8 +52,10 @@ def _gpu_label(machine: Machine, gpu: str) -> str:
     bf16 = model.tflops.get("bf16")
     compute = f"{_num(bf16)} TFLOP/s bf16" if bf16 is not None else "no bf16 figure"
     # "memory" rather than "HBM": L40S and RTX 4090 carry GDDR, the field is the same.
-    return (f"[bold green]{escape(gpu)}[/] {escape(machine.gpu_model_name(gpu))} · "
-            f"{_gib(model.memory_gib)} at {_num(model.hbm_gbps)} GB/s · {compute}")
+    return (
+        f"[bold green]{escape(gpu)}[/] {escape(machine.gpu_model_name(gpu))} · "
+        f"{_gib(model.memory_gib)} at {_num(model.hbm_gbps)} GB/s · {compute}"
+    )
 
 
 def _pcie_children(machine: Machine) -> dict[str, list[str]]:
@@ -65,8 +68,9 @@ def _pcie_children(machine: Machine) -> dict[str, list[str]]:
     return children
 
 
-def _add_pcie_subtree(node: Tree, machine: Machine, parent: str, children: dict[str, list[str]],
-                      seen: set[str]) -> None:
+def _add_pcie_subtree(
+    node: Tree, machine: Machine, parent: str, children: dict[str, list[str]], seen: set[str]
+) -> None:
     roles = dict(machine.graph.nodes(data="role"))
     for child in children.get(parent, []):
         if child in seen or roles[child] == "socket":
@@ -92,14 +96,18 @@ def render_topology(machine: Machine) -> Tree:
     nodes = f"{spec.nodes} node" + ("s" if spec.nodes > 1 else "")
     if spec.nodes > 1 and spec.network is not None:
         nodes += f" · network {_num(spec.network.gbps)} GB/s, {_num(spec.network.latency_us)} µs"
-    root.add(f"{nodes} · price {_price(spec.price_per_hour_usd)} · "
-             f"host memory {_gib(sum(s.memory_gib for s in spec.sockets))} per node")
+    root.add(
+        f"{nodes} · price {_price(spec.price_per_hour_usd)} · "
+        f"host memory {_gib(sum(s.memory_gib for s in spec.sockets))} per node"
+    )
 
     children = _pcie_children(machine)
     seen: set[str] = set()
     for socket in spec.sockets:
-        sub = root.add(f"[bold magenta]{escape(socket.id)}[/] (socket) · "
-                       f"{_gib(socket.memory_gib)} host memory · {_num(socket.memory_gbps)} GB/s")
+        sub = root.add(
+            f"[bold magenta]{escape(socket.id)}[/] (socket) · "
+            f"{_gib(socket.memory_gib)} host memory · {_num(socket.memory_gbps)} GB/s"
+        )
         _add_pcie_subtree(sub, machine, socket.id, children, seen)
     # Validation guarantees every GPU a PCIe path to a socket; this only catches a future change.
     orphans = [g for g in machine.gpus if g not in seen]
@@ -117,8 +125,9 @@ def render_topology(machine: Machine) -> Tree:
             for link in nvlinks:
                 if switch in (link.a, link.b):
                     gpu = link.b if link.a == switch else link.a
-                    rates[gpu] = _rate(machine.directed[f"{gpu}->{switch}"].gbps,
-                                       machine.directed[f"{switch}->{gpu}"].gbps)
+                    rates[gpu] = _rate(
+                        machine.directed[f"{gpu}->{switch}"].gbps, machine.directed[f"{switch}->{gpu}"].gbps
+                    )
             label = f"[cyan]{escape(switch)}[/] (NVSwitch)"
             if len(set(rates.values())) == 1:
                 # The usual case (every GPU on the crossbar at the same rate): one line, not eight.
@@ -129,8 +138,9 @@ def render_topology(machine: Machine) -> Tree:
                     sw.add(f"{escape(gpu)} ↔ {escape(switch)} · {rate}")
         for link in nvlinks:
             if kinds.get(link.a) != "nvswitch" and kinds.get(link.b) != "nvswitch":
-                nv.add(f"{escape(link.a)} ↔ {escape(link.b)} (direct) · "
-                       f"{_rate(link.gbps, link.gbps_back or link.gbps)}")
+                nv.add(
+                    f"{escape(link.a)} ↔ {escape(link.b)} (direct) · {_rate(link.gbps, link.gbps_back or link.gbps)}"
+                )
     elif machine.cpu_ranks_only:
         root.add("CPU ranks exchange through host memory (gloo)")
     elif len(machine.gpus) > 1:
@@ -141,8 +151,10 @@ def render_topology(machine: Machine) -> Tree:
         inter = root.add("[bold]Inter-socket links[/]")
         for link in socket_links:
             back = link.gbps_back or link.gbps
-            inter.add(f"{escape(link.a)} ↔ {escape(link.b)} · {_num(link.gbps)} / {_num(back)} GB/s · "
-                      f"{_num(link.latency_us)} µs")
+            inter.add(
+                f"{escape(link.a)} ↔ {escape(link.b)} · {_num(link.gbps)} / {_num(back)} GB/s · "
+                f"{_num(link.latency_us)} µs"
+            )
     return root
 
 
