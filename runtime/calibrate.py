@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from zoplan.runconfig import CalibrateConfig
+
 from zoplan.layout import Layout
 from zoplan.program import Program
 from zoplan.program import build as build_program
@@ -158,7 +160,7 @@ def _loss(logits: torch.Tensor, mb: dict) -> tuple[torch.Tensor, float]:
     return loss, float(labels.numel())
 
 
-def measure(args: argparse.Namespace) -> dict:
+def measure(args: CalibrateConfig) -> dict:
     device_kind = args.device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -318,7 +320,7 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(rank)
     loop = _TrainingLoop(args, rank)
-    settings = [(b, m, f"{b}x{m}") for b in (1, 2) for m in _counts(args.micro_batches)]
+    settings = [(b, m, f"{b}x{m}") for b in (1, 2) for m in args.micro_batches]
     if world > 1:
         settings.append((1, 2, "exchange"))
     blocks_n = len(host.layouts)
@@ -470,10 +472,6 @@ PER_BLOCK = (
 )  # once per block; the rest once per step
 
 
-def _counts(text: str) -> list[int]:
-    return sorted({int(m) for m in text.split(",")})
-
-
 class _TrainingLoop:
     """The training loop's own host work between two steps, as runtime/worker.py does it: the
     micro-batches of a step assembled from pre-tokenised texts with the model's tokenizer (random
@@ -546,29 +544,21 @@ def _pending(step: int):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="zoplan calibrate (one rank; started by runtime/ranks.py)")
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--micro-batch", type=int, required=True)
-    parser.add_argument("--seq-len", type=int, required=True)
-    parser.add_argument("--dtype", required=True)
-    parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
-    parser.add_argument("--block-params", type=int, required=True)  # of the model: a block's slices are its parts
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--micro-batches", default="1,2")  # the counts timed per branch count
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--progress", default=None)
-    parser.add_argument("--spans", default=None)  # a directory: keep the timed steps' spans
-    parser.add_argument("--host-root", required=True)  # the launch's shared-memory folder
+    parser.add_argument("config", type=Path, help="the calibration's configuration (zoplan.runconfig.CalibrateConfig)")
     args = parser.parse_args(argv)
+    from zoplan.runconfig import read_calibration
+
+    cfg = read_calibration(args.config)
+    assert cfg.figures is not None, "the launcher completes the configuration"
     try:
-        figures = measure(args)
+        figures = measure(cfg)
         rows = zdist.gather_objects(figures)
         if figures["rank"] == 0:
-            Path(args.output).write_text(json.dumps(rows, indent=1))
+            cfg.figures.write_text(json.dumps(rows, indent=1))
         zdist.barrier()
         # every rank is past the barrier, so the figures file is complete: a rank that then dies
         # while shutting down (a rare gloo teardown abort) no longer spoils the calibration
-        Path(f"{args.output}.done-rank{figures['rank']}").write_text("ok")
+        Path(f"{cfg.figures}.done-rank{figures['rank']}").write_text("ok")
         from zoplan.runtime import faults
 
         faults.hit("abort-at-exit", figures["rank"])
@@ -581,23 +571,11 @@ if __name__ == "__main__":
 
 
 # ----- the launcher (``zoplan calibrate``) ---------------------------------------------------------
-def calibrate(
-    model: str,
-    topology: str,
-    *,
-    micro_batch: int,
-    seq_len: int,
-    dtype: str | None,
-    output: Path,
-    steps: int = 20,
-    quiet: bool = False,
-    micro_batches: tuple[int, ...] = (1, 2),
-    spans: Path | None = None,
-):
-    """Measure this machine (one process per device of ``topology``) and write a profile;
-    ``micro_batches``: the micro-batch counts timed (1 and 2 at least; more counts let a plan
-    with many micro-batches interpolate instead of extrapolating); ``spans``: a directory that
-    keeps every timed engine step, ``<setting>/spans-rank<R>.jsonl``."""
+def calibrate(cfg: CalibrateConfig, quiet: bool = False):
+    """Measure this machine (one process per device of ``cfg.topology``) and write a profile to
+    ``cfg.output``: the micro-batch counts ``cfg.micro_batches`` timed (1 and 2 at least; more
+    let a plan with many micro-batches interpolate instead of extrapolating); ``cfg.spans``: a
+    directory that keeps every timed engine step, ``<setting>/spans-rank<R>.jsonl``."""
     import sys
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -605,11 +583,12 @@ def calibrate(
     from zoplan.errors import ZoplanError
     from zoplan.models import load_model_shape
     from zoplan.profile import build_profile, write_profile
+    from zoplan.runconfig import write_calibration
     from zoplan.runtime.launch import _free_port, _is_cpu_machine, cuda_env, rank_env, start_ranks, stop_signals
     from zoplan.runtime.tiny import resolve_model
     from zoplan.topology import load_topology
 
-    machine = load_topology(topology)
+    machine = load_topology(cfg.topology)
     if machine.spec.nodes > 1:
         raise ZoplanError(f"'{machine.name}' spans {machine.spec.nodes} nodes: calibrate one node's topology")
     cpu = _is_cpu_machine(machine)
@@ -625,18 +604,9 @@ def calibrate(
                 f"'{machine.name}' has {n} GPUs but torch sees {torch.cuda.device_count()} here",
                 fix="calibrate on the machine the topology describes (zoplan topo detect)",
             )
-    dtype = dtype or ("fp32" if cpu else "bf16")
-    model_dir = resolve_model(model)
+    dtype = cfg.dtype or ("fp32" if cpu else "bf16")
+    model_dir = resolve_model(cfg.model)
     shape = load_model_shape(str(model_dir / "config.json"))
-    if micro_batch < 1 or seq_len < 1:
-        raise ZoplanError("--micro-batch and --seq-len must be at least 1")
-    counts = sorted(set(micro_batches))
-    if not {1, 2} <= set(counts) or counts[-1] > 999:
-        raise ZoplanError(
-            f"--micro-batches {','.join(map(str, micro_batches))}: the counts timed must include 1 and 2 "
-            f"(and stay below 1000)",
-            fix="e.g. --micro-batches 1,2,4",
-        )
     # the ranks' host copies (shared memory) and every temporary file of torchrun and the ranks:
     # removed when calibrate ends; a killed calibrate's are swept by the next launch
     tag = uuid.uuid4().hex[:12]
@@ -645,7 +615,20 @@ def calibrate(
         owned(Path(tempfile.gettempdir()), f"calibrate-tmp-{tag}") as work,
     ):
         raw, progress_file, log = work / "figures.json", work / "progress.txt", work / "calibrate.log"
-        # forked from one process that has imported what a rank needs (runtime/ranks.py)
+        ranks_cfg = cfg.model_copy(
+            update=dict(
+                dtype=dtype,
+                model_dir=model_dir,
+                device="cpu" if cpu else "cuda",
+                block_params=shape.block_params(),
+                figures=raw,
+                progress=progress_file,
+                host_root=shm,
+                spans=Path(cfg.spans).resolve() if cfg.spans is not None else None,
+            )
+        )
+        # forked from one process that has imported what a rank needs (runtime/ranks.py); each
+        # reads the configuration, nothing else
         cmd = [
             sys.executable,
             "-m",
@@ -661,31 +644,8 @@ def calibrate(
             "--master-port",
             str(_free_port()),
             "--",
-            "--model-dir",
-            str(model_dir),
-            "--micro-batch",
-            str(micro_batch),
-            "--seq-len",
-            str(seq_len),
-            "--dtype",
-            dtype,
-            "--device",
-            "cpu" if cpu else "cuda",
-            "--block-params",
-            str(shape.block_params()),
-            "--steps",
-            str(steps),
-            "--micro-batches",
-            ",".join(map(str, counts)),
-            "--output",
-            str(raw),
-            "--progress",
-            str(progress_file),
-            "--host-root",
-            str(shm),
+            str(write_calibration(ranks_cfg, work)),
         ]
-        if spans is not None:
-            cmd += ["--spans", str(Path(spans).resolve())]
         env = rank_env(os.environ)
         env["TMPDIR"] = str(work)
         if not cpu:  # rank k measures the topology's GPU k
@@ -726,7 +686,7 @@ def calibrate(
                 for l in log.read_text(errors="replace").splitlines()
                 if "Error" in l and "ChildFailedError" not in l and not l.startswith("  File")
             ]
-            kept = Path(f"{output}.log")  # the scratch folder goes: the log is kept beside the profile's path
+            kept = Path(f"{cfg.output}.log")  # the scratch folder goes: the log is kept beside the profile's path
             shutil.copyfile(log, kept)
             raise ZoplanError(
                 f"calibration failed (exit status {proc.returncode})" + (f": {causes[-1][:500]}" if causes else ""),
@@ -737,10 +697,10 @@ def calibrate(
             rows,
             machine,
             shape,
-            micro_batch=micro_batch,
-            seq_len=seq_len,
+            micro_batch=cfg.micro_batch,
+            seq_len=cfg.seq_len,
             dtype=dtype,
             device=rows[0]["device"] if cpu else torch.cuda.get_device_name(0),
         )
-        write_profile(profile, output)
+        write_profile(profile, cfg.output)
         return profile

@@ -132,3 +132,37 @@ def test_a_resume_keeps_what_is_trained_and_takes_how_it_goes_on(tmp_path: Path)
     assert cfg.output == tmp_path / "moved" and cfg.quiet is False
     with pytest.raises(ZoplanError, match="--steps must be at least 1"):
         runconfig.resumed(recorded, {"steps": 0})
+
+
+def test_calibrate_options_are_defaulted_in_its_configuration_only() -> None:
+    import typer
+
+    from zoplan.cli import app
+    from zoplan.runconfig import CalibrateConfig
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["calibrate"].params}
+    settings = [name for name in params if name in CalibrateConfig.model_fields]
+    assert len(settings) == 9
+    for name in settings:
+        assert params[name].default is None, name
+    assert params["steps"].min == 2 and params["steps"].show_default == "20"
+
+
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"micro_batches": (1, 4)}, "--micro-batches: the counts timed must include 1 and 2"),
+        ({"micro_batches": (1, 2, 1000)}, "each from 1 to 999"),
+        ({"steps": 1}, "--steps must be at least 2"),
+        ({"seq_len": 0}, "--seq-len must be at least 1"),
+    ],
+)
+def test_a_bad_calibration_setting_is_named_by_its_option(values: dict, words: str) -> None:
+    with pytest.raises(ZoplanError, match=words):
+        runconfig.make_calibration(**values)
+
+
+def test_a_calibration_configuration_reads_back_as_the_ranks_see_it(tmp_path: Path) -> None:
+    cfg = runconfig.make_calibration(micro_batches=(4, 1, 2), dtype="bf16", model_dir=tmp_path, figures=tmp_path / "f")
+    assert cfg.micro_batches == (1, 2, 4) and cfg.dtype == "bf16"
+    assert runconfig.read_calibration(runconfig.write_calibration(cfg, tmp_path)) == cfg

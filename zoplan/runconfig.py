@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import annotated_types
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, brief, describe_validation_error, read_text
-from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_STEPS
+from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_SEQ_LEN, MAX_STEPS
 from zoplan.layout import Pins
+from zoplan.vocab import Dtype
 
 RUN_CONFIG_VERSION: Final = 1
 CONFIG_FILE = "run.json"  # in the run's output directory
@@ -84,16 +85,69 @@ class RunConfig(Strict):
         return make(**{**self.model_dump(exclude={"version"}), **changes})
 
 
-def default(name: str) -> Any:
+class CalibrateConfig(Strict):
+    """A ``zoplan calibrate``: what to time and where the profile goes; the launcher completes it
+    and writes it into its scratch folder, where each rank reads it (as a run's ranks read
+    ``run.json``)."""
+
+    version: Literal[1] = RUN_CONFIG_VERSION
+    model: str = "tiny-opt"  # its shape is timed (random weights)
+    topology: str = "cpu-local"  # this machine
+    micro_batch: int = Field(1, ge=1, le=MAX_GLOBAL_BATCH)  # sequences per micro-batch
+    seq_len: int = Field(64, ge=1, le=MAX_SEQ_LEN)
+    dtype: Dtype | None = None  # None: fp32 on CPU ranks, bf16 on GPUs
+    output: Path = Path("profile.yaml")
+    steps: int = Field(20, ge=2, le=MAX_MEASURED_STEPS)  # engine steps timed per setting
+    micro_batches: tuple[int, ...] = (1, 2)  # the counts timed: 1 and 2, more let a plan interpolate
+    spans: Path | None = None  # keep every timed step: DIR/<setting>/spans-rank<R>.jsonl
+    # --- completed by the launcher before any rank starts
+    model_dir: Path | None = None
+    device: Literal["cpu", "cuda"] | None = None
+    block_params: int | None = None  # of the model: a block's slices are its parts
+    layers: int = Field(4, ge=1)  # blocks of the timed model (the model's own shape, fewer layers)
+    figures: Path | None = None  # the ranks' raw figures (JSON), which the launcher builds the profile from
+    progress: Path | None = None  # what rank 0 is measuring, for the launcher's display
+    host_root: Path | None = None  # the launch's shared-memory folder
+
+    @field_validator("micro_batches")
+    @classmethod
+    def _counts(cls, counts: tuple[int, ...]) -> tuple[int, ...]:
+        if not {1, 2} <= set(counts) or min(counts) < 1 or max(counts) > 999:
+            raise ValueError("the counts timed must include 1 and 2, each from 1 to 999 (e.g. 1,2,4)")
+        return tuple(sorted(set(counts)))
+
+
+CALIBRATE_FILE = "calibrate.json"  # in calibrate's scratch folder
+
+
+def make_calibration(**values: Any) -> CalibrateConfig:
+    """A calibration's configuration from a user's values: a bad one is a ZoplanError naming the option."""
+    try:
+        return CalibrateConfig(**values)
+    except ValidationError as exc:
+        raise ZoplanError(_named(exc)) from None
+
+
+def write_calibration(config: CalibrateConfig, folder: Path) -> Path:
+    path = folder / CALIBRATE_FILE
+    path.write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
+    return path
+
+
+def read_calibration(path: Path) -> CalibrateConfig:
+    return CalibrateConfig.model_validate_json(read_text(path, CALIBRATE_FILE, limit=64 * 1024))
+
+
+def default(name: str, config: type[Strict] = RunConfig) -> Any:
     """The default of a setting (for messages and help texts)."""
-    return RunConfig.model_fields[name].default
+    return config.model_fields[name].default
 
 
-def option(name: str) -> dict[str, Any]:
+def option(name: str, config: type[Strict] = RunConfig) -> dict[str, Any]:
     """``typer.Option`` keywords for a setting: its bounds and default shown, as declared here.
     The command line's options default to None (not given): a resumed run tells the ones given
     from the recorded ones."""
-    field = RunConfig.model_fields[name]
+    field = config.model_fields[name]
     keywords: dict[str, Any] = {}
     for bound in field.metadata:
         if isinstance(bound, annotated_types.Ge):

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from zoplan.errors import ZoplanError
 from zoplan.limits import MAX_MEASURED_STEPS, MAX_STEPS
-from zoplan.runconfig import RunConfig, option
+from zoplan.runconfig import CalibrateConfig, RunConfig, default, option
 from zoplan.vocab import Dtype, Movers, Objective, Schedule, Upload
 
 if TYPE_CHECKING:
@@ -428,24 +428,42 @@ def run_cmd(
 
 @app.command("calibrate")
 def calibrate_cmd(
-    model: str = typer.Option("tiny-opt", "--model", "-m", help="directory, hub id or tiny-* (its shape is timed)"),
-    topology: str = typer.Option(
-        "cpu-local", "--topology", "-t", help="this machine's topology (bundled name or YAML)"
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        **option("model", CalibrateConfig),
+        help="directory, hub id or tiny-* (its shape is timed)",
     ),
-    micro_batch: int = typer.Option(1, "--micro-batch", help="sequences per micro-batch to time"),
-    seq_len: int = typer.Option(64, "--seq-len", "-s", help="tokens per sequence to time"),
+    topology: Optional[str] = typer.Option(
+        None,
+        "--topology",
+        "-t",
+        **option("topology", CalibrateConfig),
+        help="this machine's topology (bundled name or YAML)",
+    ),
+    micro_batch: Optional[int] = typer.Option(
+        None, "--micro-batch", **option("micro_batch", CalibrateConfig), help="sequences per micro-batch to time"
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, "--seq-len", "-s", **option("seq_len", CalibrateConfig), help="tokens per sequence to time"
+    ),
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="compute dtype (default fp32 on CPU, bf16 on GPU)"),
-    output: Path = typer.Option(Path("profile.yaml"), "--output", "-o", help="the profile to write"),
-    steps: int = typer.Option(
-        20,
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", **option("output", CalibrateConfig), help="the profile to write"
+    ),
+    steps: Optional[int] = typer.Option(
+        None,
         "--steps",
         "-n",
-        min=2,
-        max=MAX_MEASURED_STEPS,
+        **option("steps", CalibrateConfig),
         help="engine steps timed per setting (more: steadier figures on a noisy machine)",
     ),
-    micro_batches: str = typer.Option(
-        "1,2", "--micro-batches", help="micro-batch counts to time, with 1 and 2 (e.g. 1,2,4,8 for plans with many)"
+    micro_batches: Optional[str] = typer.Option(
+        None,
+        "--micro-batches",
+        show_default=",".join(map(str, default("micro_batches", CalibrateConfig))),
+        help="micro-batch counts to time, with 1 and 2 (e.g. 1,2,4,8 for plans with many)",
     ),
     spans: Optional[Path] = typer.Option(
         None,
@@ -454,28 +472,32 @@ def calibrate_cmd(
         help="keep every timed engine step: DIR/<setting>/spans-rank<R>.jsonl, the schema of a run's spans files",
     ),
 ) -> None:
-    """Measure this machine with the runtime's own code and write a profile for `zoplan plan --profile`."""
+    """Measure this machine with the runtime's own code and write a profile for `zoplan plan --profile`.
+
+    The settings are one configuration (zoplan.runconfig.CalibrateConfig), which the ranks read."""
+    # the options given (None: not given; the configuration has the defaults); first, while the
+    # parameters are all there is
+    given = {k: v for k, v in locals().items() if k in CalibrateConfig.model_fields and v is not None}
+    from zoplan.runconfig import make_calibration
+
+    if micro_batches is not None:
+        given["micro_batches"] = _int_list(micro_batches, "--micro-batches")
+    if dtype is not None:
+        given["dtype"] = dtype.value
+    cfg = make_calibration(**given)
     try:
         from zoplan.runtime.calibrate import calibrate
     except ImportError:
         raise ZoplanError(
             "zoplan calibrate runs the runtime, which needs torch", fix="pip install 'zoplan[runtime]'"
         ) from None
-    prof = calibrate(
-        model,
-        topology,
-        micro_batch=micro_batch,
-        seq_len=seq_len,
-        dtype=dtype.value if dtype else None,
-        output=output,
-        steps=steps,
-        micro_batches=_int_list(micro_batches, "--micro-batches"),
-        spans=spans,
-    )
+    prof = calibrate(cfg)
     from zoplan.cli.render import profile_table
 
     out.print(profile_table(prof))
-    out.print(Text(f"wrote {output}  (use it with: zoplan plan --topology {topology} --profile {output} ...)"))
+    out.print(
+        Text(f"wrote {cfg.output}  (use it with: zoplan plan --topology {cfg.topology} --profile {cfg.output} ...)")
+    )
 
 
 @app.command("validate")
