@@ -28,9 +28,6 @@ class Adapter:
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks_path)
 
-    def block_prefix(self, index: int) -> str:
-        return f"{self.blocks_path}.{index}."
-
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         for path in self.final_paths:
             module = _optional(model, path)

@@ -350,12 +350,6 @@ def _zo_block_kernel(
 
 
 # ----- host side ------------------------------------------------------------------------------------
-def _flat(t: torch.Tensor, what: str) -> torch.Tensor:
-    if not t.is_contiguous():
-        raise ValueError(f"{what} must be contiguous")
-    return t.view(-1)
-
-
 def _run(
     mode: int,
     x: torch.Tensor,

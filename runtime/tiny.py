@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from zoplan.errors import ZoplanError
-from zoplan.models import TINY_MODELS, TINY_VERSION, tiny_cache_dir, tiny_model_dir
+from zoplan.models import TINY_MODELS, TINY_VERSION, tiny_model_dir
 from zoplan.runtime.data import vocabulary_words
 
 if TYPE_CHECKING:
@@ -189,10 +189,6 @@ def build_tiny(name: str, directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     build_tokenizer().save_pretrained(directory)
     return directory
-
-
-def default_cache_dir() -> Path:
-    return tiny_cache_dir()
 
 
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
