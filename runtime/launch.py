@@ -245,10 +245,28 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         raise ZoplanError(
             f"{data} has {len(examples)} examples, fewer than one global batch of {plan.batch.global_batch}"
         )
+    if cfg.eval_data is not None:  # held out in a set of its own: it must be of the task trained
+        held, held_kind = zdata.load_examples(cfg.eval_data)
+        if held_kind != kind:
+            what = {"lm": "text-only (language-model)", "classification": "labelled (classification)"}
+            raise ZoplanError(
+                f"--eval-data {cfg.eval_data} is a {what[held_kind]} set, but --data {data} is a {what[kind]} set: "
+                "the evaluation measures the task that is trained",
+                fix="give held-out examples of the same kind (labelled for classification, text for a language model)",
+            )
+        if not held:
+            raise ZoplanError(f"--eval-data {cfg.eval_data} holds no examples")
+        zdata.check_labels(held, zdata.Task(kind), cfg.eval_data)
     out.mkdir(parents=True, exist_ok=True)
     write_plan(plan, out / "plan.yaml")
     # local paths absolute: `--resume` may be run from any directory
-    cfg = cfg.given(model=_recorded(cfg.model), data=_recorded(data), model_dir=model_dir.resolve(), device=device)
+    cfg = cfg.given(
+        model=_recorded(cfg.model),
+        data=_recorded(data),
+        eval_data=_recorded(cfg.eval_data) if cfg.eval_data is not None else None,
+        model_dir=model_dir.resolve(),
+        device=device,
+    )
     runconfig.write(cfg, out)
     return cfg, plan, machine
 

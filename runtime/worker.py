@@ -223,7 +223,18 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(cfg.data)
     task = zdata.Task(kind)
-    train_set, eval_set = zdata.split(examples, cfg.eval_fraction, plan.zo.seed)
+    if cfg.eval_data is not None:  # every example of --data trains; the held-out set is its own
+        train_set, eval_set = examples, zdata.load_examples(cfg.eval_data)[0]
+        held_out = f"from {cfg.eval_data}"
+    else:
+        train_set, eval_set = zdata.split(examples, cfg.eval_fraction, plan.zo.seed)
+        held_out = f"{cfg.eval_fraction:g} of the data"
+    if ctx.rank == 0:
+        print(
+            f"rank 0: {len(train_set)} training examples, {len(eval_set)} held out ({held_out})",
+            file=sys.stderr,
+            flush=True,
+        )
     batcher = Batcher(tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch, cfg.pad_to_seq_len)
     batcher.pretokenize(train_set)
     layout = plan.to_layout()

@@ -35,7 +35,7 @@ CONFIG_FILE = "run.json"  # in the run's output directory
 # The settings that decide what is trained: a resumed run keeps them as recorded (given again,
 # they are named as ignored). A plan file fixes the planning ones (PLANNED).
 PLANNED = ("topology", "global_batch", "seq_len", "pins", "lr", "eps", "seed")
-FIXED_ON_RESUME = ("plan", "model", "data", *PLANNED, "eval_fraction", "pad_to_seq_len")
+FIXED_ON_RESUME = ("plan", "model", "data", *PLANNED, "eval_fraction", "eval_data", "pad_to_seq_len")
 
 
 class RunConfig(Strict):
@@ -49,6 +49,7 @@ class RunConfig(Strict):
     # within a minute on a CPU, but not the sentiment labels (docs/results/runtime-cpu.md).
     data: str = "sentiment-text"
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # of the data, held out for evaluation
+    eval_data: str | None = None  # held-out examples of their own: all of --data trains (eval_fraction unused)
     pad_to_seq_len: bool = False  # every batch of the planned shape, however short the data (validate)
     # --- planning, when no plan file is given
     topology: str | None = None  # None: cpu-local

@@ -46,6 +46,8 @@ RUN_BAD = {
     "--eps": FLOATS + ["0"],
     "--seed": ["-1", str(2**63), "abc"],
     "--eval-every": ["-1", "abc"],
+    "--eval-data": ["/nonexistent.jsonl", "/dev/null", "no-such-dataset", ""],
+    "--eval-fraction": ["-0.1", "1", "1.5", "nan", "inf", "abc"],
     "--max-nonfinite": ["0", "-1"],
     "--nnodes": ["0", "4097", "-1"],
     "--node-rank": ["-1", "1", "4096"],

@@ -200,3 +200,34 @@ def test_a_master_port_in_use_is_named_before_anything_is_written(tmp_path: Path
         proc = zoplan("run", "--master-port", str(port), "--steps", "1", "-o", str(tmp_path / "o"))
     assert proc.returncode == 2 and f"--master-port {port} is in use on this machine" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_held_out_examples_of_their_own(tmp_path: Path) -> None:
+    """--eval-data: all of --data trains and the evaluation reads the file given, which must be of
+    the same task; --eval-fraction says how much of --data is held out instead, not both."""
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(json.dumps({"text": f"review number {i}", "label": i % 2}) + "\n" for i in range(16)))
+    held.write_text("".join(json.dumps({"text": f"another review {i}", "label": i % 2}) + "\n" for i in range(7)))
+    out = tmp_path / "o"
+    proc = zoplan("run", "--data", str(train), "--eval-data", str(held), "--steps", "2", "-b", "4", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0: 16 training examples, 7 held out (from " in (out / "worker-node0.log").read_text()
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert len(evals) == 2  # before the first step and after the last
+    assert json.loads((out / "run.json").read_text())["eval_data"] == str(held)
+    # refused before anything is written: another task, no examples, a bad label, both options
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "plain text"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "odd", "label": 5}) + "\n")
+    for extra, words in (
+        (["--eval-data", str(text)], "is a text-only (language-model) set, but --data"),
+        (["--eval-data", str(empty)], "holds no examples"),
+        (["--eval-data", str(bad)], "label 5, but the task has 2 label words"),
+        (["--eval-data", str(held), "--eval-fraction", "0.2"], "both say what is held out"),
+    ):
+        proc = zoplan("run", "--data", str(train), *extra, "-b", "4", "-o", str(tmp_path / "refused"))
+        assert proc.returncode == 2 and words in proc.stderr, (extra, proc.stderr)
+        assert not (tmp_path / "refused").exists()

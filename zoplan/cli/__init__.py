@@ -277,6 +277,14 @@ def run_cmd(
     ),
     eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
     seed: Optional[int] = typer.Option(None, "--seed", **option("seed"), help="without a plan: run seed"),
+    eval_data: Optional[str] = typer.Option(
+        None,
+        "--eval-data",
+        help="held-out examples of their own (a file or name, as --data, of the same task): all of --data trains",
+    ),
+    eval_fraction: Optional[float] = typer.Option(
+        None, "--eval-fraction", **option("eval_fraction"), help="the share of --data held out for evaluation"
+    ),
     eval_every: Optional[int] = typer.Option(
         None,
         "--eval-every",
@@ -387,6 +395,11 @@ def run_cmd(
             )
     else:
         cfg = runconfig.make(**given)
+    if eval_data is not None and eval_fraction is not None:
+        raise ZoplanError(
+            "--eval-data and --eval-fraction both say what is held out",
+            fix="--eval-data FILE evaluates on FILE (all of --data trains); --eval-fraction F holds out F of --data",
+        )
     if cfg.nnodes > 1 and cfg.master_port is None:
         raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
     if cfg.node_rank >= cfg.nnodes:
