@@ -28,7 +28,17 @@ from zoplan.errors import ZoplanError
 from zoplan.models import TINY_LR, load_model_shape
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
-from zoplan.records import ERROR_FILE, ResumedRow, RunSummary, TrainRow, EvalRow, read_error, read_metrics, summarize
+from zoplan.records import (
+    ERROR_FILE,
+    EvalRow,
+    ResumedRow,
+    RunSummary,
+    StallCheck,
+    TrainRow,
+    read_error,
+    read_metrics,
+    summarize,
+)
 from zoplan.runtime.checkpoint import check_model_dir
 from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
 from zoplan.topology import Machine, load_topology
@@ -604,6 +614,7 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
         TimeRemainingColumn(),
     ]
     offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run's earlier lines are not news
+    stall = StallCheck()  # a learning rate too small for the model, said early
     with Progress(*columns, disable=cfg.quiet or cfg.node_rank != 0, transient=False) as progress:
         task = progress.add_task("train", total=cfg.steps, loss="–", g="–", tps="–")
         while True:
@@ -618,6 +629,9 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
                         g=f"{row.projected_grad:+.3g}",
                         tps=f"{row.tokens_per_s:.0f}",
                     )
+                    warning = stall.add(row)
+                    if warning is not None and cfg.node_rank == 0:
+                        progress.console.print(warning, soft_wrap=True, style="yellow")
                 elif isinstance(row, ResumedRow) and not cfg.quiet:
                     progress.update(task, completed=row.resumed_at)
                     progress.console.print(_resumed_line(row, cfg.max_restarts), soft_wrap=True)

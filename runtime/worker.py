@@ -345,6 +345,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
                         elapsed_s=time.perf_counter() - t_start,
                         nonfinite_total=nonfinite_total,
                         padding=padding_share(mine) if mine else None,
+                        lr=lr,
                     ).line()
                 )
             if nonfinite_in_row >= cfg.max_nonfinite:

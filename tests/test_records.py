@@ -95,3 +95,21 @@ def test_a_rank_error_is_a_record_written_whole(tmp_path: Path) -> None:
         (tmp_path / "error.json").write_text(damaged)
         assert records.read_error(tmp_path) is None
     assert not records.write_error(tmp_path / "missing", error)  # (the launcher then reads the log)
+
+
+def test_a_learning_rate_too_small_for_the_model_is_said_once_after_20_steps() -> None:
+    """-lr * g**2 per step, to first order: 20 steps of lr 1e-6 and g 30 add up to 0.018, 1.8% of
+    a loss of 1.0 (warned); lr 1e-5 adds up to 18% (quiet). A row without lr (an older run) counts
+    for nothing."""
+    from zoplan.records import StallCheck
+
+    def rows(lr: float) -> list[TrainRow]:
+        return [train(s, 1.0).model_copy(update={"lr": lr, "projected_grad": 30.0 * (-1) ** s}) for s in range(30)]
+
+    check = StallCheck()
+    said = [w for r in rows(1e-6) if (w := check.add(r))]
+    assert len(said) == 1 and "0.018" in said[0] and "1.8% of the loss" in said[0] and "--lr 1e-05" in said[0]
+    check = StallCheck()
+    assert not [w for r in rows(1e-5) if check.add(r)]
+    check = StallCheck()
+    assert not [w for r in [train(s, 1.0) for s in range(30)] if check.add(r)]

@@ -33,6 +33,7 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
     assert len(evals) == 2 and evals[1] < evals[0] - 0.05  # held-out loss before and after
     train = [r["loss"] for r in rows if "loss" in r]
     assert len(train) == 100 and sum(train[-10:]) < sum(train[:10])
+    assert "likely too small" not in proc.stdout + proc.stderr  # its learning rate is not, and it learns
     # the share of padding is recorded per step: none with one sequence per micro-batch, some with
     # several (the bundled sentences differ in length)
     padding = [r["padding"] for r in rows if "loss" in r]
