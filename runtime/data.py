@@ -251,6 +251,12 @@ def load_examples(source: str) -> tuple[list[Example], str]:
     return examples, kind
 
 
+def task_of(kind: str, prompt: str, label_words: Sequence[str]) -> Task:
+    """The task a run trains: the kind its data has, and for classification the prompt and the
+    label words (each read after a space, as it follows the prompt)."""
+    return Task(kind, prompt, tuple(" " + w for w in label_words))
+
+
 def check_labels(examples: list[Example], task: Task, source: str) -> None:
     """Every label indexes one of the task's label words (before any rank starts: a bad label
     found while training would stop the run after its output directory was written)."""

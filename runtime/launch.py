@@ -250,7 +250,8 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             )
         )
     examples, kind = zdata.load_examples(data)
-    zdata.check_labels(examples, zdata.Task(kind), data)  # the task the worker builds
+    task = zdata.task_of(kind, cfg.prompt, cfg.label_words)  # the task the worker builds
+    zdata.check_labels(examples, task, data)
     if len(examples) < plan.batch.global_batch:
         raise ZoplanError(
             f"{data} has {len(examples)} examples, fewer than one global batch of {plan.batch.global_batch}"
@@ -266,7 +267,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             )
         if not held:
             raise ZoplanError(f"--eval-data {cfg.eval_data} holds no examples")
-        zdata.check_labels(held, zdata.Task(kind), cfg.eval_data)
+        zdata.check_labels(held, task, cfg.eval_data)
     out.mkdir(parents=True, exist_ok=True)
     write_plan(plan, out / "plan.yaml")
     # local paths absolute: `--resume` may be run from any directory

@@ -222,7 +222,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     model, adapter, host = load_model(rp.base or model_dir, plan, ctx, host_dir, rp.replay)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(cfg.data)
-    task = zdata.Task(kind)
+    task = zdata.task_of(kind, cfg.prompt, cfg.label_words)
     if cfg.eval_data is not None:  # every example of --data trains; the held-out set is its own
         train_set, eval_set = examples, zdata.load_examples(cfg.eval_data)[0]
         held_out = f"from {cfg.eval_data}"

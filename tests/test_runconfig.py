@@ -33,7 +33,9 @@ def test_every_run_option_is_defaulted_in_the_configuration_only() -> None:
     for name in settings:
         option, field = options[name], RunConfig.model_fields[name]
         assert option.default is None, name
-        if field.default is not None:
+        if isinstance(field.default, tuple):  # typed comma-separated
+            assert option.show_default == ",".join(map(str, field.default)), name
+        elif field.default is not None:
             assert option.show_default == str(field.default), name
         low = next((m.ge for m in field.metadata if hasattr(m, "ge")), None)
         if low is not None:

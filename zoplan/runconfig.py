@@ -35,7 +35,17 @@ CONFIG_FILE = "run.json"  # in the run's output directory
 # The settings that decide what is trained: a resumed run keeps them as recorded (given again,
 # they are named as ignored). A plan file fixes the planning ones (PLANNED).
 PLANNED = ("topology", "global_batch", "seq_len", "pins", "lr", "eps", "seed")
-FIXED_ON_RESUME = ("plan", "model", "data", *PLANNED, "eval_fraction", "eval_data", "pad_to_seq_len")
+FIXED_ON_RESUME = (
+    "plan",
+    "model",
+    "data",
+    *PLANNED,
+    "eval_fraction",
+    "eval_data",
+    "prompt",
+    "label_words",
+    "pad_to_seq_len",
+)
 
 
 class RunConfig(Strict):
@@ -50,6 +60,11 @@ class RunConfig(Strict):
     data: str = "sentiment-text"
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # of the data, held out for evaluation
     eval_data: str | None = None  # held-out examples of their own: all of --data trains (eval_fraction unused)
+    # classification (labelled data): the model reads the prompt with {text} filled in, and the loss
+    # is the cross-entropy over the label words' logits at the next position (MeZO's SST-2 recipe by
+    # default); label i is the i-th word, each read after a space
+    prompt: str = "{text} It was"
+    label_words: tuple[str, ...] = ("terrible", "great")
     pad_to_seq_len: bool = False  # every batch of the planned shape, however short the data (validate)
     # --- planning, when no plan file is given
     topology: str | None = None  # None: cpu-local
@@ -80,6 +95,23 @@ class RunConfig(Strict):
     # --- completed by the launcher before any rank starts
     model_dir: Path | None = None  # where the model's files are
     device: Literal["cpu", "cuda"] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt: str) -> str:
+        if "{text}" not in prompt:
+            raise ValueError(
+                "the prompt needs a {text} placeholder, where each example's text goes (e.g. '{text} It was')"
+            )
+        return prompt
+
+    @field_validator("label_words")
+    @classmethod
+    def _words(cls, words: tuple[str, ...]) -> tuple[str, ...]:
+        words = tuple(w.strip() for w in words)
+        if len(words) < 2 or not all(words) or len(set(words)) != len(words):
+            raise ValueError("give two or more different label words, one per class (label 0 is the first)")
+        return words
 
     def given(self, **changes: Any) -> RunConfig:
         """This configuration with ``changes``, checked as a new one is."""
@@ -155,7 +187,9 @@ def option(name: str, config: type[Strict] = RunConfig) -> dict[str, Any]:
             keywords["min"] = bound.ge
         elif isinstance(bound, annotated_types.Le):
             keywords["max"] = bound.le
-    if field.default is not None and not isinstance(field.default, Pins):
+    if isinstance(field.default, tuple):  # given on the command line comma-separated
+        keywords["show_default"] = ",".join(map(str, field.default))
+    elif field.default is not None and not isinstance(field.default, Pins):
         keywords["show_default"] = str(field.default)
     return keywords
 

@@ -232,3 +232,29 @@ def test_held_out_examples_of_their_own(tmp_path: Path) -> None:
         proc = zoplan("run", "--data", str(train), *extra, "-b", "4", "-o", str(tmp_path / "refused"))
         assert proc.returncode == 2 and words in proc.stderr, (extra, proc.stderr)
         assert not (tmp_path / "refused").exists()
+
+
+def test_classification_with_three_classes_a_prompt_and_label_words(tmp_path: Path) -> None:
+    """Any number of classes: label i is the i-th label word, read after the prompt; the run
+    records both, and a word the tokenizer splits, or a prompt without {text}, is named."""
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the story {i}", "label": i % 3}) + "\n" for i in range(24)))
+    out = tmp_path / "o"
+    args = ("--data", str(data), "--prompt", "{text} It felt", "--label-words", "dull,movie,wonderful", "-b", "4")
+    proc = zoplan("run", *args, "--steps", "2", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    recorded = json.loads((out / "run.json").read_text())
+    assert (recorded["prompt"], recorded["label_words"]) == ("{text} It felt", ["dull", "movie", "wonderful"])
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert len(evals) == 2 and all(0.0 <= e["eval_accuracy"] <= 1.0 for e in evals)
+    # a label past the words is refused before anything is written; so is a prompt without {text}
+    proc = zoplan("run", *args[:4], "--label-words", "dull,movie", "-b", "4", "-o", str(tmp_path / "r1"))
+    assert proc.returncode == 2 and "label 2, but the task has 2 label words" in proc.stderr
+    proc = zoplan("run", *args[:2], "--prompt", "It felt", "-o", str(tmp_path / "r2"))
+    assert proc.returncode == 2 and "--prompt: " in proc.stderr and "{text} placeholder" in proc.stderr
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+    # a word the tokenizer splits into pieces: the ranks say which
+    proc = zoplan(
+        "run", *args[:4], "--label-words", "dull,movie,okay", "-b", "4", "--steps", "1", "-o", str(tmp_path / "r3")
+    )
+    assert proc.returncode == 2 and "label word ' okay' is 3 tokens" in proc.stderr, proc.stderr

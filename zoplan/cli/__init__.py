@@ -17,7 +17,7 @@ from rich.text import Text
 
 from zoplan.errors import ZoplanError
 from zoplan.limits import MAX_MEASURED_STEPS, MAX_STEPS
-from zoplan.runconfig import CalibrateConfig, RunConfig, default, option
+from zoplan.runconfig import CalibrateConfig, RunConfig, option
 from zoplan.vocab import Dtype, Movers, Objective, Schedule, Upload
 
 if TYPE_CHECKING:
@@ -277,6 +277,18 @@ def run_cmd(
     ),
     eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
     seed: Optional[int] = typer.Option(None, "--seed", **option("seed"), help="without a plan: run seed"),
+    prompt: Optional[str] = typer.Option(
+        None,
+        "--prompt",
+        **option("prompt"),
+        help="labelled data: what the model reads, {text} filled in; a label word follows",
+    ),
+    label_words: Optional[str] = typer.Option(
+        None,
+        "--label-words",
+        **option("label_words"),
+        help="labelled data: one word per class, comma-separated (label 0 is the first)",
+    ),
     eval_data: Optional[str] = typer.Option(
         None,
         "--eval-data",
@@ -366,6 +378,8 @@ def run_cmd(
     ]
     if pin_flags:
         given["pins"] = pins
+    if label_words is not None:
+        given["label_words"] = tuple(label_words.split(","))
     planned = [
         f for k in runconfig.PLANNED for f in (pin_flags if k == "pins" else [runconfig.flag(k)] if k in given else [])
     ]
@@ -475,7 +489,7 @@ def calibrate_cmd(
     micro_batches: Optional[str] = typer.Option(
         None,
         "--micro-batches",
-        show_default=",".join(map(str, default("micro_batches", CalibrateConfig))),
+        **option("micro_batches", CalibrateConfig),
         help="micro-batch counts to time, with 1 and 2 (e.g. 1,2,4,8 for plans with many)",
     ),
     spans: Optional[Path] = typer.Option(
