@@ -34,6 +34,8 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
     train = [r["loss"] for r in rows if "loss" in r]
     assert len(train) == 100 and sum(train[-10:]) < sum(train[:10])
     assert "likely too small" not in proc.stdout + proc.stderr  # its learning rate is not, and it learns
+    # the closing lines say what ran: the hyper-parameters and the batch (from the plan)
+    assert "with lr 0.001 (constant), eps 0.001, 8 sequences x 64 tokens a step, layout " in proc.stdout
     # the share of padding is recorded per step: none with one sequence per micro-batch, some with
     # several (the bundled sentences differ in length)
     padding = [r["padding"] for r in rows if "loss" in r]

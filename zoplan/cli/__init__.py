@@ -445,6 +445,16 @@ def run_cmd(
                     else f"held-out: loss {result.eval.eval_loss:.4f}, accuracy {result.eval.eval_accuracy:.3f}"
                 )
             )
+        from zoplan.planfile import load_plan
+
+        ran = load_plan(result.output / "plan.yaml")
+        out.print(
+            Text(
+                f"with lr {ran.zo.lr:g} ({ran.zo.lr_schedule}), eps {ran.zo.eps:g}, {ran.batch.global_batch} "
+                f"sequences x {ran.batch.seq_len} tokens a step, layout {ran.layout.perturbation}x{ran.layout.data} "
+                f"(perturbation x data) on {ran.topology.name}"
+            )
+        )
         out.print(
             Text(
                 f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml, "
