@@ -188,7 +188,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     out = cfg.output
     # topologies number GPUs as nvidia-smi does; CUDA's own default order may differ (cuda_env)
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    if cfg.topology is not None and not cfg.topology.strip():
+    if not cfg.topology.strip():
         raise ZoplanError(
             "--topology is empty",
             fix="name a bundled topology (zoplan topo list) or a topology "
@@ -222,7 +222,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         zo = zo_settings(
             **{k: v for k, v in (("lr", lr), ("eps", cfg.eps), ("seed", cfg.seed)) if v is not None}, steps=cfg.steps
         )
-        machine = load_topology(cfg.topology or "cpu-local")
+        machine = load_topology(cfg.topology)
         # bf16 matrix products are slower than fp32 on CPUs (docs/results/cpu-figures.md)
         dtype = "fp32" if _is_cpu_machine(machine) else "bf16"
         # the host copy keeps the compute dtype unless pinned otherwise: resuming and replaying are

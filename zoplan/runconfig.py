@@ -67,7 +67,7 @@ class RunConfig(Strict):
     label_words: tuple[str, ...] = ("terrible", "great")
     pad_to_seq_len: bool = False  # every batch of the planned shape, however short the data (validate)
     # --- planning, when no plan file is given
-    topology: str | None = None  # None: cpu-local
+    topology: str = "cpu-local"  # the bundled CPU ranks of this machine
     global_batch: int = Field(8, ge=1, le=MAX_GLOBAL_BATCH)
     seq_len: int = Field(64, ge=1, le=MAX_SEQ_LEN)
     pins: Pins = Pins()

@@ -260,7 +260,7 @@ def run_cmd(
         None, "--seq-len", "-s", **option("seq_len"), help="without a plan: tokens per sequence"
     ),
     topology: Optional[str] = typer.Option(
-        None, "--topology", "-t", help="without a plan: the machine (default cpu-local)"
+        None, "--topology", "-t", **option("topology"), help="without a plan: the machine"
     ),
     pertp: Optional[int] = typer.Option(None, "--pertp", help="without a plan: pin the perturbation degree"),
     ddp: Optional[int] = typer.Option(None, "--ddp", help="without a plan: pin the data-parallel degree"),
