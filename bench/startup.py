@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,9 +36,25 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="also write startup.json here")
     args = parser.parse_args()
-    import zoplan
-
     work = Path(tempfile.mkdtemp(prefix="zoplan-startup-"))
+    try:
+        report = measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "startup.json").write_text(json.dumps(report, indent=1))
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict:
+    # the zoplan the commands run: the one installed in this Python, as seen from the work folder
+    where = subprocess.run(
+        [sys.executable, "-c", "import zoplan, pathlib; print(pathlib.Path(zoplan.__file__).parent.parent)"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     timed(["run", "--steps", "1", "-o", str(work / "warm")], work)  # builds the tiny model once
     cases = {
         "bad argument (run --steps 0)": lambda i: ["run", "--steps", "0", "-o", str(work / f"bad{i}")],
@@ -58,16 +75,13 @@ def main() -> None:
             f"({', '.join(f'{w:.2f}' for w in walls)})",
             flush=True,
         )
-    report = {
-        "zoplan": str(Path(zoplan.__file__).resolve().parent.parent),
+    return {
+        "zoplan": where,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "cases": rows,
     }
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "startup.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
