@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 import annotated_types
 from pydantic import Field, ValidationError, field_validator
@@ -31,6 +31,7 @@ from zoplan.vocab import Dtype
 
 RUN_CONFIG_VERSION: Final = 1
 CONFIG_FILE = "run.json"  # in the run's output directory
+C = TypeVar("C", bound=Strict)
 
 # The settings that decide what is trained: a resumed run keeps them as recorded (given again,
 # they are named as ignored). A plan file fixes the planning ones (PLANNED).
@@ -155,16 +156,11 @@ CALIBRATE_FILE = "calibrate.json"  # in calibrate's scratch folder
 
 def make_calibration(**values: Any) -> CalibrateConfig:
     """A calibration's configuration from a user's values: a bad one is a ZoplanError naming the option."""
-    try:
-        return CalibrateConfig(**values)
-    except ValidationError as exc:
-        raise ZoplanError(_named(exc)) from None
+    return _checked(CalibrateConfig, values)
 
 
 def write_calibration(config: CalibrateConfig, folder: Path) -> Path:
-    path = folder / CALIBRATE_FILE
-    path.write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
-    return path
+    return _write(config, folder / CALIBRATE_FILE)
 
 
 def read_calibration(path: Path) -> CalibrateConfig:
@@ -200,8 +196,12 @@ def flag(name: str) -> str:
 
 def make(**values: Any) -> RunConfig:
     """A configuration from a user's values: a bad one is a ZoplanError naming the option."""
+    return _checked(RunConfig, values)
+
+
+def _checked(config: type[C], values: dict[str, Any]) -> C:
     try:
-        return RunConfig(**values)
+        return config(**values)
     except ValidationError as exc:
         raise ZoplanError(_named(exc)) from None
 
@@ -231,8 +231,12 @@ def _named(exc: ValidationError) -> str:
 
 
 def write(config: RunConfig, out: Path) -> Path:
-    """``OUTPUT/run.json``, written whole or not at all (a crash leaves the previous one)."""
-    path = out / CONFIG_FILE
+    """``OUTPUT/run.json``."""
+    return _write(config, out / CONFIG_FILE)
+
+
+def _write(config: Strict, path: Path) -> Path:
+    """A configuration as JSON, written whole or not at all (a crash leaves the previous one)."""
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
     tmp.replace(path)
