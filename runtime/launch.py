@@ -41,6 +41,7 @@ from zoplan.records import (
 )
 from zoplan.runtime.checkpoint import check_model_dir
 from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
+from zoplan.runtime.rankserver import SERVER_ENV, ServedProcess, request
 from zoplan.topology import Machine, load_topology
 
 
@@ -541,8 +542,15 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
         pass
 
 
-def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.Popen:
-    """torchrun (and through it the ranks), tied to this process's life."""
+def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.Popen | ServedProcess:
+    """The rank supervisor or torchrun (and through it the ranks), tied to this process's life.
+    Where ``env`` names a rank server (runtime/rankserver.py), the server forks the supervisor."""
+    server = env.get(SERVER_ENV)
+    if server and list(cmd[1:3]) == ["-m", "zoplan.runtime.ranks"]:
+        try:
+            return request(server, cmd[3:], log.fileno(), env)
+        except OSError as exc:
+            print(f"warning: {SERVER_ENV}={server}: {exc}; starting the ranks without it", file=sys.stderr)
     return subprocess.Popen(
         list(cmd),
         stdout=log,

@@ -19,6 +19,11 @@ over several machines use torchrun (its rendezvous spans machines).
 
 Usage (the launchers build it): python -m zoplan.runtime.ranks --nproc N --master-port P
     [--module M] [--model-dir DIR] [--master-addr A] [--max-restarts R] [--status FILE] -- RANK-ARGUMENTS
+
+Where many short runs follow each other (a test suite, a sweep, a notebook), the supervisor's own
+start (its imports: seconds) can be paid once: ``python -m zoplan.runtime.ranks --serve SOCKET``
+starts a rank server (runtime/rankserver.py), and a launcher whose environment names it in
+``ZOPLAN_RANK_SERVER`` has the server fork the supervisor instead of starting a new interpreter.
 """
 
 from __future__ import annotations
@@ -216,7 +221,7 @@ def read_status(path: Path) -> list[dict]:
         return []
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", default=WORKER, help="the rank's module; its main(argv) is called")
     parser.add_argument("--model-dir", type=Path, default=None, help="the model whose modelling code to import")
@@ -226,7 +231,7 @@ def main() -> None:
     parser.add_argument("--max-restarts", type=int, default=0)
     parser.add_argument("--status", type=Path, default=None)
     parser.add_argument("worker_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     worker_args = args.worker_args[1:] if args.worker_args[:1] == ["--"] else args.worker_args
     from zoplan.runtime.launch import die_with_parent
 
@@ -244,4 +249,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--serve"]:
+        from zoplan.runtime.rankserver import serve_main
+
+        serve_main(sys.argv[2:])
+    else:
+        main()

@@ -133,8 +133,10 @@ def run_lock(out: Path, node: int) -> Iterator[None]:
 
 
 def processes_naming(text: str) -> list[int]:
-    """Live processes (other than this one) whose command line mentions ``text``, say a run's
-    directory: what a run left running. Linux (/proc); elsewhere none are found."""
+    """Live processes (other than this one) whose command line, or standard output or error,
+    mentions ``text``, say a run's directory: what a run left running (a supervisor forked by a
+    rank server, and its ranks, carry the server's command line but write to the run's log).
+    Linux (/proc); elsewhere none are found."""
     found = []
     proc = Path("/proc")
     for entry in proc.iterdir() if proc.is_dir() else []:
@@ -144,9 +146,16 @@ def processes_naming(text: str) -> list[int]:
                 state = (entry / "stat").read_text().split(") ", 1)[1][0]
             except (OSError, IndexError):
                 continue
-            if text in cmdline and state != "Z":
+            if state != "Z" and (text in cmdline or any(text in _fd_target(entry, fd) for fd in (1, 2))):
                 found.append(int(entry.name))
     return found
+
+
+def _fd_target(proc_entry: Path, fd: int) -> str:
+    try:
+        return os.readlink(proc_entry / "fd" / str(fd))
+    except OSError:
+        return ""
 
 
 RANK_NAME = "zoplan-rank"  # a rank's process name (``ps``, ``top``): zoplan-rank0, zoplan-rank1, ...

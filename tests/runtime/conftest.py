@@ -24,9 +24,14 @@ else:
     import transformers  # noqa: F401
 
 
+SERVED: list[str] = []  # the session's rank server's last line: how many runs it started
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """Said at the end of every run, -q included: a suite without its runtime half must not look
-    like a complete green run."""
+    like a complete green run; and how many runs the session's rank server started."""
+    for line in SERVED:
+        terminalreporter.write_line(f"tests/runtime: {line}")
     if MISSING:
         terminalreporter.write_line(
             f"tests/runtime: not collected ({' and '.join(MISSING)} not installed: pip install -e '.[runtime]')",
@@ -41,3 +46,47 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {name: build_tiny(name, root / name) for name in TINY}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rank_server(tmp_path_factory: pytest.TempPathFactory):
+    """One rank server for the session (runtime/rankserver.py): each run's supervisor is forked
+    from it instead of a new interpreter importing torch and transformers, seconds a run. The
+    tests that need a run to start its own supervisor remove ZOPLAN_RANK_SERVER from their
+    environment (``no_rank_server``)."""
+    import subprocess
+    import sys
+    import time
+
+    from zoplan.runtime.launch import rank_env
+    from zoplan.runtime.rankserver import SERVER_ENV
+
+    root = tmp_path_factory.mktemp("rankserver")
+    sock = root / "s.sock"
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "zoplan.runtime.ranks", "--serve", str(sock), "--preload", "opt,llama,qwen2"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=rank_env(os.environ),
+    )
+    deadline = time.monotonic() + 120
+    while not sock.exists():
+        assert server.poll() is None, (root / "server.log").read_text()
+        assert time.monotonic() < deadline, "the rank server did not start in 120 s"
+        time.sleep(0.05)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(SERVER_ENV, str(sock))
+        yield sock
+    server.terminate()
+    server.wait(timeout=60)
+    log.close()
+    SERVED.extend((root / "server.log").read_text().splitlines()[-1:])
+
+
+@pytest.fixture
+def no_rank_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test's runs start their own rank supervisor, as a user's do by default."""
+    from zoplan.runtime.rankserver import SERVER_ENV
+
+    monkeypatch.delenv(SERVER_ENV, raising=False)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from zoplan.runtime.rankserver import SERVER_ENV
 from zoplan.runtime.scratch import OWNER, processes_naming, rank_processes, shared_memory, supervisor_process
 
 STEPS = 8
@@ -187,6 +188,14 @@ def test_a_killed_loader_leaves_no_host_copy_behind(tmp_path: Path) -> None:
     assert scratch_folders() <= before  # (other jobs on the machine may end meanwhile)
 
 
+def started_by(served: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's supervisor is forked by the session's rank server (tests/runtime/conftest.py),
+    or started by the launcher itself, as a user's run does by default."""
+    assert (SERVER_ENV in os.environ) is True  # the session's server
+    if not served:
+        monkeypatch.delenv(SERVER_ENV)
+
+
 def wait_for_a_step(out: Path, proc: subprocess.Popen) -> None:
     import time
 
@@ -210,9 +219,13 @@ def gone(text: str, seconds: float = 30) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_sigterm_stops_the_ranks_and_says_how_to_resume(tmp_path: Path) -> None:
+@pytest.mark.parametrize("served", [True, False], ids=["rank-server", "own-supervisor"])
+def test_sigterm_stops_the_ranks_and_says_how_to_resume(
+    tmp_path: Path, served: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`kill PID` of zoplan run (what a job scheduler sends): the ranks stop with it, the
     host copy leaves shared memory, and the message names the step and the resume command."""
+    started_by(served, monkeypatch)
     import signal
 
     out = tmp_path / "run"
@@ -230,9 +243,11 @@ def test_sigterm_stops_the_ranks_and_says_how_to_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_ranks_die_with_a_killed_launcher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("served", [True, False], ids=["rank-server", "own-supervisor"])
+def test_the_ranks_die_with_a_killed_launcher(tmp_path: Path, served: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL of zoplan run (no handler runs): the kernel stops the rank supervisor, which stops the ranks; the
     run directory is free again, and the next launch removes the folders the killed one left."""
+    started_by(served, monkeypatch)
     import os
     import signal
     import time
@@ -255,9 +270,13 @@ def test_the_ranks_die_with_a_killed_launcher(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_ranks_die_with_a_killed_rank_supervisor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("served", [True, False], ids=["rank-server", "own-supervisor"])
+def test_the_ranks_die_with_a_killed_rank_supervisor(
+    tmp_path: Path, served: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGKILL of the process that started the ranks (runtime/ranks.py): its ranks stop too, and
     zoplan run reports the stop."""
+    started_by(served, monkeypatch)
     import signal
     import time
 

@@ -1,0 +1,96 @@
+"""The rank server (runtime/rankserver.py): runs whose supervisor it forks behave as runs that
+start their own, and neither a server nor a launcher that goes away leaves a process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from zoplan.runtime.launch import rank_env
+from zoplan.runtime.rankserver import SERVER_ENV
+from zoplan.runtime.scratch import processes_naming
+
+from .test_resume import gone
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Unix sockets, /proc")
+
+
+def start_server(sock: Path) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "zoplan.runtime.ranks", "--serve", str(sock)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=rank_env(os.environ),
+    )
+    deadline = time.monotonic() + 120
+    while not sock.exists():
+        assert server.poll() is None and time.monotonic() < deadline, "the rank server did not start"
+        time.sleep(0.05)
+    return server
+
+
+def zoplan_run(out: Path, server: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zoplan.cli", "run", "--model", "tiny-opt", "-o", str(out), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **{SERVER_ENV: str(server)}),
+    )
+
+
+def test_a_server_that_goes_away_stops_its_runs_and_a_later_run_starts_its_own(tmp_path: Path) -> None:
+    sock = tmp_path / "s.sock"
+    server = start_server(sock)
+    # a request that is not one (no file descriptor) is answered, and the server keeps serving
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(str(sock))
+        probe.sendall(b'{"argv": []}\n')
+        assert b"error" in probe.recv(4096)
+    out = tmp_path / "run"
+    run = zoplan_run(out, sock, "--steps", "500")
+    deadline = time.monotonic() + 120
+    while not (out / "journal.jsonl").exists() or not (out / "journal.jsonl").read_text():
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.1)
+    supervisor = [pid for pid in processes_naming(str(out)) if pid != run.pid]
+    assert supervisor, "the run's supervisor and ranks write to its log"
+    server.kill()  # SIGKILL: no handler of the server's runs; its supervisors are told by the kernel
+    server.communicate()
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 2 and "--resume" in err, err
+    assert gone(str(out)), processes_naming(str(out))
+    # the socket is left (a SIGKILLed server cannot remove it): a run is warned and starts its own supervisor
+    again = zoplan_run(tmp_path / "again", sock, "--steps", "1")
+    said, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert f"warning: {SERVER_ENV}={sock}" in err and "starting the ranks without it" in err
+    assert "trained 1 steps" in said
+
+
+def test_a_run_in_another_import_time_environment_starts_its_own_and_a_stopped_server_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = tmp_path / "s.sock"
+    server = start_server(sock)
+    run = zoplan_run(tmp_path / "run", sock, "--steps", "1")
+    said, err = run.communicate(timeout=300)
+    assert run.returncode == 0 and "warning" not in err, err
+    # a variable torch reads when imported: the server's reading would not be this run's
+    monkeypatch.setenv("TORCH_SHOW_CPP_STACKTRACES", "1")
+    run = zoplan_run(tmp_path / "other", sock, "--steps", "1")
+    said, err = run.communicate(timeout=300)
+    assert run.returncode == 0 and "trained 1 steps" in said, err
+    assert "differs from the server's in TORCH_SHOW_CPP_STACKTRACES" in err and "starting the ranks without it" in err
+    server.send_signal(signal.SIGTERM)
+    log, _ = server.communicate(timeout=60)
+    assert server.returncode == 0 and not sock.exists()
+    assert "stopped after starting 1 run(s)" in log, log
