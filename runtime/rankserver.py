@@ -61,13 +61,15 @@ IMPORT_TIME_PREFIXES = (
     "LD_",
     "ZOPLAN_",
 )
-PER_RUN = {SERVER_ENV, "ZOPLAN_FAULTS"}  # read by the ranks while they run
+# not compared: read by the ranks while they run, or written by torch itself as it runs (its
+# compile cache's folder, once a launcher's own torch has looked it up)
+NOT_COMPARED = {SERVER_ENV, "ZOPLAN_FAULTS", "TORCHINDUCTOR_CACHE_DIR", "TORCH_WARM_POOL", "KMP_DUPLICATE_LIB_OK"}
 
 
 def import_time_differences(server: Mapping[str, str], run: Mapping[str, str]) -> list[str]:
     """The variables read at import whose values differ between the server's and a run's
     environment (set in one, unset in the other included)."""
-    names = {n for n in (*server, *run) if n.startswith(IMPORT_TIME_PREFIXES) and n not in PER_RUN}
+    names = {n for n in (*server, *run) if n.startswith(IMPORT_TIME_PREFIXES) and n not in NOT_COMPARED}
     return sorted(n for n in names if server.get(n) != run.get(n))
 
 
@@ -230,7 +232,7 @@ def serve(path: Path, model_types: Sequence[str] = ()) -> int:
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     served: dict[socket.socket, int] = {}  # connection -> its supervisor's pid
-    started = 0
+    started = refused = 0
     print(f"[zoplan server] serving on {path} (pid {os.getpid()})", file=sys.stderr, flush=True)
     try:
         while not stopping:
@@ -255,6 +257,8 @@ def serve(path: Path, model_types: Sequence[str] = ()) -> int:
                     except (OSError, ValueError, TypeError, KeyError) as exc:
                         for fd in fds:
                             os.close(fd)
+                        refused += 1
+                        print(f"[zoplan server] refused a run: {exc}", file=sys.stderr, flush=True)
                         try:
                             _send_line(conn, {"error": str(exc)})
                         except OSError:
@@ -299,7 +303,11 @@ def serve(path: Path, model_types: Sequence[str] = ()) -> int:
                 pass
         listener.close()
         path.unlink(missing_ok=True)
-        print(f"[zoplan server] stopped after starting {started} run(s)", file=sys.stderr, flush=True)
+        print(
+            f"[zoplan server] stopped after starting {started} run(s) and refusing {refused}",
+            file=sys.stderr,
+            flush=True,
+        )
     return 0
 
 

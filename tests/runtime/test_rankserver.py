@@ -93,4 +93,4 @@ def test_a_run_in_another_import_time_environment_starts_its_own_and_a_stopped_s
     server.send_signal(signal.SIGTERM)
     log, _ = server.communicate(timeout=60)
     assert server.returncode == 0 and not sock.exists()
-    assert "stopped after starting 1 run(s)" in log, log
+    assert "stopped after starting 1 run(s) and refusing 1" in log, log
