@@ -41,22 +41,30 @@ SENTIMENT_FILE = ASSETS / "sentiment.jsonl"
 SENTIMENT_SIZE = 400
 SENTIMENT_SEED = 0
 
-KINDS = ("classification", "lm")
+KINDS = ("classification", "lm", "completion")
 IGNORE_INDEX = -100  # the label value torch's cross_entropy skips
 
 _LOCAL_FIX = (
-    'pass a local .jsonl file ({"text": ..., "label": 0}) or a .csv file with header '
-    "'text,label' or 'text', or the built-in 'sentiment'"
+    'pass a local .jsonl file ({"text": ..., "label": 0}, {"text": ...} or {"prompt": ..., '
+    "\"completion\": ...}) or a .csv file with header 'text,label', 'text' or 'prompt,completion', "
+    "or the built-in 'sentiment'"
 )
 
 
 @dataclass(frozen=True)
 class Example:
-    """One record: its text and, for classification, the index of its label word."""
+    """One record: its text and, for classification, the index of its label word; for a
+    completion, ``prompt`` is what the model reads and ``text`` what it learns to continue with."""
 
     text: str
     label: int | None = None
     line: int | None = field(default=None, compare=False)  # where a local file holds it (messages)
+    prompt: str | None = None  # completion records only
+
+    @property
+    def shape(self) -> str:
+        """The task kind a record of this shape trains."""
+        return "completion" if self.prompt is not None else "classification" if self.label is not None else "lm"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +227,8 @@ def write_long_text(path: Path, seq_len: int, records: int) -> Path:
 
 
 def load_examples(source: str) -> tuple[list[Example], str]:
-    """Load examples and the task kind: ``"classification"`` (every record labelled) or ``"lm"``.
+    """Load examples and the task kind: ``"classification"`` (every record labelled), ``"lm"``
+    (text only) or ``"completion"`` (every record a prompt and its completion).
 
     ``source`` is a local ``.jsonl`` or ``.csv`` file, the word ``sentiment`` (the bundled set,
     classification), ``sentiment-text`` (the same texts without labels, for language modelling),
@@ -247,8 +256,7 @@ def load_examples(source: str) -> tuple[list[Example], str]:
         where = f"dataset '{source}'"
     if not examples:
         raise ZoplanError(f"{where} holds no examples", fix=_LOCAL_FIX)
-    kind = "classification" if examples[0].label is not None else "lm"
-    return examples, kind
+    return examples, examples[0].shape
 
 
 def task_of(kind: str, prompt: str, label_words: Sequence[str]) -> Task:
@@ -274,23 +282,31 @@ def check_labels(examples: list[Example], task: Task, source: str) -> None:
             )
 
 
-def _check_consistent(path: Path, line: int, labelled: bool, first: tuple[int, bool] | None) -> tuple[int, bool]:
-    """Refuse a file mixing labelled and unlabelled records: the task kind would be ambiguous."""
+SHAPES = {
+    "classification": "a text and a label",
+    "lm": "a text and no label",
+    "completion": "a prompt and a completion",
+}
+
+
+def _check_consistent(path: Path, line: int, shape: str, first: tuple[int, str] | None) -> tuple[int, str]:
+    """Refuse a file mixing records of different shapes: the task kind would be ambiguous."""
     if first is None:
-        return (line, labelled)
-    first_line, first_labelled = first
-    if labelled != first_labelled:
-        this, that = ("has a", "has none") if labelled else ("has no", "has one")
+        return (line, shape)
+    first_line, first_shape = first
+    if shape != first_shape:
         raise ZoplanError(
-            f"{path}:{line}: this record {this} label but the record on line {first_line} {that}",
-            fix="give every record a label (classification) or none (language modelling)",
+            f"{path}:{line}: this record has {SHAPES[shape]} but the record on line {first_line} has "
+            f"{SHAPES[first_shape]}",
+            fix="give every record a label (classification), none (language modelling), or make every "
+            "record a prompt and a completion",
         )
     return first
 
 
 def _read_jsonl(path: Path) -> list[Example]:
     examples: list[Example] = []
-    first: tuple[int, bool] | None = None
+    first: tuple[int, str] | None = None
     # Read bytes and decode line by line so an encoding error can name its line too.
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
@@ -316,6 +332,11 @@ def _read_jsonl(path: Path) -> list[Example]:
                     f"{path}:{line_no}: expected a JSON object, found {type(record).__name__}",
                     fix='write one JSON object per line, e.g. {"text": "the film was fun.", "label": 1}',
                 )
+            if "prompt" in record or "completion" in record:
+                example = _completion_record(path, line_no, record)
+                first = _check_consistent(path, line_no, example.shape, first)
+                examples.append(example)
+                continue
             text = record.get("text")
             if not isinstance(text, str):
                 problem = 'has no "text"' if "text" not in record else '"text" is not a string'
@@ -325,9 +346,29 @@ def _read_jsonl(path: Path) -> list[Example]:
             label = record.get("label")
             if label is not None:
                 label = _check_label(path, line_no, label)
-            first = _check_consistent(path, line_no, label is not None, first)
-            examples.append(Example(text, label, line_no))
+            example = Example(text, label, line_no)
+            first = _check_consistent(path, line_no, example.shape, first)
+            examples.append(example)
     return examples
+
+
+def _completion_record(path: Path, line_no: int, record: dict[str, Any]) -> Example:
+    """A {"prompt": ..., "completion": ...} record (the prompt-completion format of TRL's SFT)."""
+    fix = 'write {"prompt": "Q: the capital of France? A:", "completion": " Paris"}'
+    for key in ("prompt", "completion"):
+        value = record.get(key)
+        if not isinstance(value, str):
+            problem = f'has no "{key}"' if key not in record else f'"{key}" is not a string'
+            raise ZoplanError(f"{path}:{line_no}: record {problem}", fix=fix)
+        if not value.strip():
+            raise ZoplanError(f'{path}:{line_no}: "{key}" is empty', fix=fix)
+    extra = sorted({"text", "label"} & record.keys())
+    if extra:
+        raise ZoplanError(
+            f'{path}:{line_no}: a prompt-completion record has "{extra[0]}" too',
+            fix="give one shape per record: " + fix,
+        )
+    return Example(record["completion"], None, line_no, prompt=record["prompt"])
 
 
 def _check_label(path: Path, line_no: int, label: Any) -> int:
@@ -353,12 +394,14 @@ def _read_csv(path: Path) -> list[Example]:
             reader = csv.reader(handle)
             header = next(reader, None)
             columns = [name.strip() for name in header] if header is not None else []
-            if columns not in (["text", "label"], ["text"]):
+            if columns not in (["text", "label"], ["text"], ["prompt", "completion"]):
                 raise ZoplanError(
-                    f"{path}:1: header must be 'text,label' or 'text', found {','.join(columns)!r}",
-                    fix="make the first line of the file 'text,label' (classification) or 'text'",
+                    f"{path}:1: header must be 'text,label', 'text' or 'prompt,completion', found {','.join(columns)!r}",
+                    fix="make the first line of the file 'text,label' (classification), 'text' (language "
+                    "modelling) or 'prompt,completion'",
                 )
-            labelled = len(columns) == 2  # the header decides the kind for every row
+            # the header decides the kind for every row
+            labelled, completion = columns == ["text", "label"], columns == ["prompt", "completion"]
             line_no = reader.line_num + 1
             for row in reader:
                 # A quoted field may span lines: a record starts after the previous one ended.
@@ -370,6 +413,12 @@ def _read_csv(path: Path) -> list[Example]:
                         f"{path}:{start}: {len(row)} fields, the header has {len(columns)}",
                         fix='quote text that contains commas: "like, this",1',
                     )
+                if completion:
+                    for name, cell in zip(columns, row):
+                        if not cell.strip():
+                            raise ZoplanError(f"{path}:{start}: {name} is empty", fix="remove the row or fill it")
+                    examples.append(Example(row[1], None, start, prompt=row[0]))
+                    continue
                 text = row[0]
                 if not text.strip():
                     raise ZoplanError(f"{path}:{start}: text is empty", fix="remove the row or give it text")
@@ -449,7 +498,9 @@ class Task:
     ``classification`` follows MeZO's SST-2 prompt: the model reads ``prompt`` with the text filled
     in and the loss is the cross-entropy over the *label words'* logits at the last position
     (MeZO's label-word loss); accuracy is the argmax over the label words. ``lm`` is plain
-    next-token loss over the text (prompt and label words unused).
+    next-token loss over the text; ``completion`` the next-token loss over each record's
+    completion only, read after its prompt (supervised fine-tuning's loss); accuracy is then the
+    share of those tokens predicted first (prompt and label words unused).
     """
 
     kind: str
@@ -460,7 +511,7 @@ class Task:
         if self.kind not in KINDS:
             raise ZoplanError(
                 f"task kind '{self.kind}' is not one of {', '.join(KINDS)}",
-                fix="use 'classification' (labelled data) or 'lm' (text only)",
+                fix="use 'classification' (labelled data), 'lm' (text only) or 'completion' (prompt and completion)",
             )
         if self.kind == "classification":
             if "{text}" not in self.prompt:
@@ -560,18 +611,61 @@ def _leading_specials(ids: list[int], special: set[int]) -> int:
     return count
 
 
+Tokens = dict[tuple[str, bool], list[int]]  # (text, with the tokenizer's special tokens) -> ids
+
+
+def _token_rows(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, specials: bool, cache: Tokens | None):
+    """Token ids of each text, each distinct text tokenised once (``cache``: over a whole run)."""
+    if cache is None:
+        return tokenizer(list(texts), add_special_tokens=specials)["input_ids"]
+    new = [t for t in dict.fromkeys(texts) if (t, specials) not in cache]
+    if new:
+        cache.update(zip(((t, specials) for t in new), tokenizer(new, add_special_tokens=specials)["input_ids"]))
+    return [cache[(t, specials)] for t in texts]
+
+
 def pretokenize(
     examples: Sequence[Example],
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
-    cache: dict[str, list[int]],
+    cache: Tokens,
     limit: int = 200_000,
 ) -> None:
     """Fill ``encode``'s cache for up to ``limit`` examples in one batched tokenizer call, before
     training starts, so that steps only assemble tensors."""
-    texts = [t for t in dict.fromkeys(task.format(e.text) for e in examples[:limit]) if t not in cache]
-    if texts:
-        cache.update(zip(texts, tokenizer(texts, add_special_tokens=True)["input_ids"]))
+    head = examples[:limit]
+    if task.kind == "completion":
+        _token_rows([e.prompt or "" for e in head], tokenizer, True, cache)
+        _token_rows([e.text for e in head], tokenizer, False, cache)
+    else:
+        _token_rows([task.format(e.text) for e in head], tokenizer, True, cache)
+
+
+def _completion_rows(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_len: int, cache: Tokens | None
+) -> tuple[list[list[int]], list[int]]:
+    """Each example's prompt ids (the tokenizer's special tokens included) followed by its
+    completion's ids and the end-of-sequence token (the model learns where an answer stops), and
+    how many of the last ids are the completion's: the targets.
+
+    Too long a pair loses the prompt's beginning (after its leading special tokens: what is next
+    to the completion stays), then, when the completion alone does not fit, the completion's end."""
+    prompts = _token_rows([e.prompt or "" for e in examples], tokenizer, True, cache)
+    completions = _token_rows([e.text for e in examples], tokenizer, False, cache)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    special = set(tokenizer.all_special_ids)
+    rows, targets = [], []
+    for prompt, completion in zip(prompts, completions):
+        completion = completion + eos
+        if len(prompt) + len(completion) > max_len:
+            keep = min(_leading_specials(prompt, special), max_len - 2)
+            body = prompt[keep:]
+            completion = completion[: max_len - keep - min(1, len(body))]  # one prompt token stays
+            room = max_len - keep - len(completion)
+            prompt = prompt[:keep] + (body[len(body) - room :] if room > 0 else [])
+        rows.append(prompt + completion)
+        targets.append(len(completion))
+    return rows, targets
 
 
 def encode(
@@ -581,16 +675,17 @@ def encode(
     max_len: int,
     *,
     pad_to_max_len: bool = False,
-    cache: dict[str, list[int]] | None = None,
+    cache: Tokens | None = None,
 ) -> Batch:
     """Tokenise ``examples`` for ``task`` into a left-padded ``Batch`` of at most ``max_len``.
 
     The tokenizer's own special tokens are added (BOS where the model uses one), as the model saw
     in pre-training. Too-long inputs are truncated: classification keeps the leading special
     tokens and the *end* (the prompt's "It was" must stay next to the prediction point); lm
-    keeps the beginning. ``pad_to_max_len`` pads every batch to ``max_len`` (fixed shapes).
-    ``cache`` (text -> token ids) tokenises each distinct text once over a run: a ZO run visits
-    the same examples again and again, and tokenising sits on every step's critical path.
+    keeps the beginning; a completion keeps itself and the end of its prompt. ``pad_to_max_len``
+    pads every batch to ``max_len`` (fixed shapes). ``cache`` tokenises each distinct text once
+    over a run: a ZO run visits the same examples again and again, and tokenising sits on every
+    step's critical path.
     """
     if not examples:
         raise ValueError("encode needs at least one example")
@@ -606,25 +701,24 @@ def encode(
                     f"{len(label_token_ids)} label words {list(task.label_words)}",
                     fix="use labels 0..n-1 for n label words, or set the task's label words",
                 )
+    if (task.kind == "completion") != all(e.prompt is not None for e in examples):
+        raise ZoplanError(f"a {task.kind} task needs records of its shape, not {examples[0].shape} records")
 
-    texts = [task.format(example.text) for example in examples]
-    if cache is None:
-        rows: list[list[int]] = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    completion_targets: list[int] = []
+    if task.kind == "completion":
+        truncated, completion_targets = _completion_rows(examples, tokenizer, max_len, cache)
     else:
-        new = [t for t in dict.fromkeys(texts) if t not in cache]
-        if new:
-            cache.update(zip(new, tokenizer(new, add_special_tokens=True)["input_ids"]))
-        rows = [cache[t] for t in texts]
-    special = set(tokenizer.all_special_ids)
-    truncated: list[list[int]] = []
-    for ids in rows:
-        if len(ids) > max_len:
-            if task.kind == "classification":
-                keep = min(_leading_specials(ids, special), max_len - 1)
-                ids = ids[:keep] + ids[len(ids) - (max_len - keep) :]
-            else:
-                ids = ids[:max_len]
-        truncated.append(ids)
+        rows = _token_rows([task.format(example.text) for example in examples], tokenizer, True, cache)
+        special = set(tokenizer.all_special_ids)
+        truncated = []
+        for ids in rows:
+            if len(ids) > max_len:
+                if task.kind == "classification":
+                    keep = min(_leading_specials(ids, special), max_len - 1)
+                    ids = ids[:keep] + ids[len(ids) - (max_len - keep) :]
+                else:
+                    ids = ids[:max_len]
+            truncated.append(ids)
 
     import torch
 
@@ -654,10 +748,13 @@ def encode(
     labels[attention_mask == 0] = IGNORE_INDEX
     # A row's first real token has no real predecessor: with padding its "prediction" would come
     # from a pad position, without padding the shift drops it. Ignore it always, so the loss of a
-    # sequence does not depend on how much padding its shard needs.
+    # sequence does not depend on how much padding its shard needs. A completion's prompt is
+    # read, not learnt: only the completion's tokens are targets.
     for row, ids in enumerate(truncated):
         if ids:
             labels[row, width - len(ids)] = IGNORE_INDEX
+        if completion_targets:
+            labels[row, : width - completion_targets[row]] = IGNORE_INDEX
     target_count = int((labels[:, 1:] != IGNORE_INDEX).sum())
     return Batch(
         input_ids=input_ids,

@@ -251,6 +251,14 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             )
         )
     examples, kind = zdata.load_examples(data)
+    fields = RunConfig.model_fields
+    for name in ("prompt", "label_words"):  # a classification's: refused rather than ignored elsewhere
+        if kind != "classification" and getattr(cfg, name) != fields[name].default:
+            raise ZoplanError(
+                f"--{name.replace('_', '-')} applies to classification (labelled) data, but {data} is a {kind} set "
+                f"(records of {zdata.SHAPES[kind]})",
+                fix=f"leave out --{name.replace('_', '-')}, or give labelled data",
+            )
     task = zdata.task_of(kind, cfg.prompt, cfg.label_words)  # the task the worker builds
     zdata.check_labels(examples, task, data)
     if len(examples) < plan.batch.global_batch:
@@ -260,11 +268,11 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     if cfg.eval_data is not None:  # held out in a set of its own: it must be of the task trained
         held, held_kind = zdata.load_examples(cfg.eval_data)
         if held_kind != kind:
-            what = {"lm": "text-only (language-model)", "classification": "labelled (classification)"}
             raise ZoplanError(
-                f"--eval-data {cfg.eval_data} is a {what[held_kind]} set, but --data {data} is a {what[kind]} set: "
-                "the evaluation measures the task that is trained",
-                fix="give held-out examples of the same kind (labelled for classification, text for a language model)",
+                f"--eval-data {cfg.eval_data} is a {held_kind} set (records of {zdata.SHAPES[held_kind]}), but "
+                f"--data {data} is a {kind} set (records of {zdata.SHAPES[kind]}): the evaluation measures the "
+                "task that is trained",
+                fix="give held-out examples of the same shape as the training data",
             )
         if not held:
             raise ZoplanError(f"--eval-data {cfg.eval_data} holds no examples")

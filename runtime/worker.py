@@ -176,7 +176,7 @@ class Batcher:
     seq_len: int
     micro: int  # sequences per micro-batch
     pad: bool = False  # every micro-batch of the plan's shape (``pad_to_seq_len``), however short the texts
-    tokens: dict[str, list[int]] = field(default_factory=dict)  # zdata.encode's cache
+    tokens: zdata.Tokens = field(default_factory=dict)  # zdata.encode's cache
 
     def pretokenize(self, examples) -> None:
         zdata.pretokenize(examples, self.tokenizer, self.task, self.tokens)

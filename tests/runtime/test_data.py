@@ -28,6 +28,8 @@ from zoplan.runtime.tiny import TINY
 
 CLS = Task("classification")
 LM = Task("lm")
+COMP = Task("completion")
+TASKS = pytest.mark.parametrize("task", [CLS, LM, COMP], ids=["classification", "lm", "completion"])
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,23 @@ def tokenizer(tiny_dirs: dict[str, Path]):
 
 def _examples(n: int, labelled: bool = True) -> list[Example]:
     return [Example(r["text"], r["label"] if labelled else None) for r in make_sentiment(n, seed=7)]
+
+
+def _task_examples(n: int, task: Task) -> list[Example]:
+    """Records of the task's shape: a completion is the label word after MeZO's prompt."""
+    if task.kind == "completion":
+        return [
+            Example((" terrible", " great")[r["label"]], prompt=r["text"] + " It was")
+            for r in make_sentiment(n, seed=7)
+        ]
+    return _examples(n, labelled=task.kind == "classification")
+
+
+def _longer(example: Example, extra: str) -> Example:
+    """The same record with a longer input (its text, or its prompt for a completion)."""
+    if example.prompt is not None:
+        return Example(example.text, prompt=extra + " " + example.prompt)
+    return Example(example.text + " " + extra, example.label)
 
 
 # --- the bundled data ---------------------------------------------------------------------------
@@ -84,6 +103,16 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
     plain.write_text("text\nsome words\n")
     assert load_examples(str(plain)) == ([Example("some words")], "lm")
 
+    pairs = [Example(" Paris", prompt="The capital of France is"), Example(" 4", prompt="2 + 2 =")]
+    completion = tmp_path / "sft.jsonl"
+    completion.write_text(
+        '{"prompt": "The capital of France is", "completion": " Paris"}\n{"prompt": "2 + 2 =", "completion": " 4"}\n'
+    )
+    assert load_examples(str(completion)) == (pairs, "completion")
+    as_csv = tmp_path / "sft.csv"
+    as_csv.write_text("prompt,completion\nThe capital of France is, Paris\n2 + 2 =, 4\n")
+    assert load_examples(str(as_csv)) == (pairs, "completion")
+
 
 @pytest.mark.parametrize(
     ("lines", "line", "words"),
@@ -93,9 +122,15 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
         (['{"text": "ok", "label": "1"}'], 1, "not an integer"),
         (['{"text": "ok", "label": 1.5}'], 1, "not an integer"),
         (['{"text": "ok", "label": true}'], 1, "not an integer"),
-        (['{"text": "ok", "label": 1}', "", '{"text": "no label"}'], 3, "has no label"),
-        (['{"text": "no label"}', '{"text": "ok", "label": 0}'], 2, "has a label"),
+        (['{"text": "ok", "label": 1}', "", '{"text": "no label"}'], 3, "has a text and no label but"),
+        (['{"text": "no label"}', '{"text": "ok", "label": 0}'], 2, "has a text and a label but"),
         (['["text", 1]'], 1, "expected a JSON object"),
+        (['{"prompt": "2 + 2 =", "completion": " 4"}', '{"prompt": "3 + 3 ="}'], 2, 'no "completion"'),
+        (['{"prompt": "2 + 2 =", "completion": 4}'], 1, '"completion" is not a string'),
+        (['{"prompt": " ", "completion": " 4"}'], 1, '"prompt" is empty'),
+        (['{"prompt": "2 + 2 =", "completion": " 4", "label": 1}'], 1, 'has "label" too'),
+        (['{"prompt": "2 + 2 =", "completion": " 4"}', '{"text": "ok"}'], 2, "has a prompt and a completion"),
+        (['{"text": "ok", "label": 0}', '{"prompt": "2 + 2 =", "completion": " 4"}'], 2, "a text and a label"),
     ],
 )
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], line: int, words: str) -> None:
@@ -116,6 +151,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], l
         ('text,label\n"spans\ntwo lines",1\nno label,\n', 4, "no label"),
         ("text,label\nfine,1\ntoo,many,fields\n", 3, "3 fields"),
         ("text,label\nfine,-1\n", 2, "negative"),
+        ("prompt,completion\n2 + 2 =, 4\n3 + 3 =,\n", 3, "completion is empty"),
     ],
 )
 def test_malformed_csv_names_file_and_line(tmp_path: Path, content: str, line: int, words: str) -> None:
@@ -204,6 +240,32 @@ def test_encode_truncation_keeps_prompt_end_or_text_start(tokenizer) -> None:
     assert tokenizer.decode(lm.input_ids[0], skip_special_tokens=True).startswith("the movie was wonderful")
 
 
+def test_encode_completion_learns_only_the_completion_and_its_end(tokenizer) -> None:
+    examples = [Example(" great", prompt="the film was fun. It was"), Example(" wonderful music", prompt="hi")]
+    batch = encode(examples, tokenizer, COMP, max_len=64)
+    assert batch.labels is not None and batch.label_ids is None
+    for row, example in enumerate(examples):
+        targets = batch.labels[row][batch.labels[row] != IGNORE_INDEX].tolist()
+        completion = tokenizer(example.text, add_special_tokens=False)["input_ids"]
+        assert targets == completion + [tokenizer.eos_token_id]
+        assert batch.input_ids[row, -len(targets) :].tolist() == targets  # the prompt comes before them
+        prompt = tokenizer(example.prompt)["input_ids"]
+        assert batch.input_ids[row, -len(targets) - len(prompt) : -len(targets)].tolist() == prompt
+    assert batch.target_count == int((batch.labels != IGNORE_INDEX).sum())
+    # too long: the prompt's beginning goes first (its special tokens stay), then the completion's end
+    long = Example(" great", prompt=" ".join(["the movie was wonderful"] * 20) + ". It was")
+    cut = encode([long], tokenizer, COMP, max_len=12)
+    assert cut.input_ids.shape == (1, 12) and cut.input_ids[0, 0] == tokenizer.bos_token_id
+    assert tokenizer.decode(cut.input_ids[0, -4:-2]) == " It was" and cut.target_count == 2
+    huge = Example(" ".join(["great"] * 30), prompt="It was")
+    cut = encode([huge], tokenizer, COMP, max_len=12)
+    bos_and_was = [tokenizer.bos_token_id, tokenizer("It was", add_special_tokens=False)["input_ids"][-1]]
+    assert cut.input_ids[0, :2].tolist() == bos_and_was  # the completion keeps 10 of its 31 tokens
+    assert cut.target_count == 10
+    with pytest.raises(ZoplanError, match="needs records of its shape"):
+        encode([Example("the film was fun.")], tokenizer, COMP, max_len=32)
+
+
 def test_label_out_of_range_is_refused(tokenizer) -> None:
     with pytest.raises(ZoplanError, match="has label 2"):
         encode([Example("the film was fun.", 2)], tokenizer, CLS, max_len=32)
@@ -254,13 +316,13 @@ def test_indivisible_global_batch_is_refused() -> None:
 # --- loss and accuracy --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", [CLS, LM], ids=["classification", "lm"])
+@TASKS
 def test_shard_sums_equal_the_whole_batch_mean(task: Task, tokenizer) -> None:
     """Each replica encodes its own shard (its own padding) and returns (sum, count); summing them
     gives the mean over the global batch. Left padding right-aligns real tokens, so a shard's
     logits are the last columns of the whole batch's logits for the same rows."""
-    examples = _examples(8, labelled=task.kind == "classification")
-    examples[3] = Example("a long one: " + examples[3].text * 3, examples[3].label)  # uneven shards
+    examples = _task_examples(8, task)
+    examples[3] = _longer(examples[3], "a long one: " + examples[4].text * 3)  # uneven shards
     whole = encode(examples, tokenizer, task, max_len=96)
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(*whole.input_ids.shape, len(tokenizer), generator=generator)
@@ -292,13 +354,13 @@ def test_shard_sums_equal_the_whole_batch_mean(task: Task, tokenizer) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
-@pytest.mark.parametrize("task", [CLS, LM], ids=["classification", "lm"])
+@TASKS
 def test_real_model_loss_does_not_depend_on_sharding(name: str, task: Task, tiny_dirs: dict[str, Path]) -> None:
     """With position_ids and left padding a sequence gets the same loss in any shard."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[name])
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name]).eval()
-    examples = _examples(4, labelled=task.kind == "classification")
-    examples[0] = Example(examples[0].text + " " + examples[1].text, examples[0].label)
+    examples = _task_examples(4, task)
+    examples[0] = _longer(examples[0], examples[1].text)
     with torch.no_grad():
         whole = encode(examples, tokenizer, task, max_len=64)
         loss, count = loss_terms(model(**whole.model_inputs()).logits, whole, task)

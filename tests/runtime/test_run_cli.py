@@ -226,7 +226,7 @@ def test_held_out_examples_of_their_own(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "odd", "label": 5}) + "\n")
     for extra, words in (
-        (["--eval-data", str(text)], "is a text-only (language-model) set, but --data"),
+        (["--eval-data", str(text)], "is a lm set (records of a text and no label), but --data"),
         (["--eval-data", str(empty)], "holds no examples"),
         (["--eval-data", str(bad)], "label 5, but the task has 2 label words"),
         (["--eval-data", str(held), "--eval-fraction", "0.2"], "both say what is held out"),
@@ -260,3 +260,26 @@ def test_classification_with_three_classes_a_prompt_and_label_words(tmp_path: Pa
         "run", *args[:4], "--label-words", "dull,movie,okay", "-b", "4", "--steps", "1", "-o", str(tmp_path / "r3")
     )
     assert proc.returncode == 2 and "label word ' okay' is 3 tokens" in proc.stderr, proc.stderr
+
+
+def test_a_completion_only_run_learns_its_completions(tmp_path: Path) -> None:
+    """{prompt, completion} records: the loss is the completion's (and its end's) only; the
+    held-out loss falls; options of a classification are refused for such data."""
+    from zoplan.runtime.data import make_sentiment
+
+    data = tmp_path / "sft.jsonl"
+    records = [
+        {"prompt": r["text"] + " It was", "completion": (" terrible", " great")[r["label"]]}
+        for r in make_sentiment(200, seed=3)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "o"
+    proc = zoplan("run", "--data", str(data), "--steps", "20", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"] - 0.3, evals
+    for option, value in (("--prompt", "{text} So"), ("--label-words", "bad,good")):
+        proc = zoplan("run", "--data", str(data), option, value, "-o", str(tmp_path / "refused"))
+        assert proc.returncode == 2 and f"{option} applies to classification (labelled) data" in proc.stderr
+        assert "is a completion set (records of a prompt and a completion)" in proc.stderr
+    assert not (tmp_path / "refused").exists()
