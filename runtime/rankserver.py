@@ -159,6 +159,34 @@ def request(path: str, argv: Sequence[str], log_fd: int, env: Mapping[str, str])
         raise OSError(str(exc)) from exc
 
 
+def start(
+    path: Path, preload: Sequence[str] = (), env: Mapping[str, str] | None = None, log=None, timeout: float = 120.0
+) -> subprocess.Popen:
+    """Start a rank server on ``path`` (in ``env``, default this process's) and wait until it
+    serves. Its output goes to ``log`` (a file, or ``subprocess.PIPE``: text), else is discarded. The caller stops it
+    (``terminate()``); it also stops when the caller's process ends."""
+    import time
+
+    cmd = [sys.executable, "-m", "zoplan.runtime.ranks", "--serve", str(path)]
+    if preload:
+        cmd += ["--preload", ",".join(preload)]
+    server = subprocess.Popen(
+        cmd,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        text=log == subprocess.PIPE,
+        env=dict(os.environ if env is None else env),
+    )
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            server.wait()
+            raise OSError(f"the rank server on {path} did not start (exit status {server.returncode})")
+        time.sleep(0.05)
+    return server
+
+
 # ---------------------------------------------------------------- the server's side
 
 

@@ -53,40 +53,17 @@ def rank_server(tmp_path_factory: pytest.TempPathFactory):
     """One rank server for the session (runtime/rankserver.py): each run's supervisor is forked
     from it instead of a new interpreter importing torch and transformers, seconds a run. The
     tests that need a run to start its own supervisor remove ZOPLAN_RANK_SERVER from their
-    environment (``no_rank_server``)."""
-    import subprocess
-    import sys
-    import time
-
-    from zoplan.runtime.launch import rank_env
-    from zoplan.runtime.rankserver import SERVER_ENV
+    environment (test_resume.py's ``started_by``)."""
+    from zoplan.runtime import rankserver
 
     root = tmp_path_factory.mktemp("rankserver")
     sock = root / "s.sock"
     log = open(root / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-u", "-m", "zoplan.runtime.ranks", "--serve", str(sock), "--preload", "opt,llama,qwen2"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=rank_env(os.environ),
-    )
-    deadline = time.monotonic() + 120
-    while not sock.exists():
-        assert server.poll() is None, (root / "server.log").read_text()
-        assert time.monotonic() < deadline, "the rank server did not start in 120 s"
-        time.sleep(0.05)
+    server = rankserver.start(sock, ("opt", "llama", "qwen2"), log=log)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(SERVER_ENV, str(sock))
+        mp.setenv(rankserver.SERVER_ENV, str(sock))
         yield sock
     server.terminate()
     server.wait(timeout=60)
     log.close()
     SERVED.extend((root / "server.log").read_text().splitlines()[-1:])
-
-
-@pytest.fixture
-def no_rank_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This test's runs start their own rank supervisor, as a user's do by default."""
-    from zoplan.runtime.rankserver import SERVER_ENV
-
-    monkeypatch.delenv(SERVER_ENV, raising=False)

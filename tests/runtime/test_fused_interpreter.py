@@ -57,6 +57,9 @@ def test_a_run_with_the_fused_kernels_follows_the_torch_path(
     losses near 7, divided by 2 eps, so last-bit changes of z move g by ~1e-4.)"""
     from transformers import AutoModelForCausalLM
 
+    from zoplan.runtime import rankserver
+    from zoplan.runtime.launch import rank_env
+
     from .test_layouts import LR, cpu_topology, planned, train
     from zoplan.runtime.journal import read_journal
     from zoplan.runtime.replay import replay
@@ -70,13 +73,23 @@ def test_a_run_with_the_fused_kernels_follows_the_torch_path(
         "1x1-whole": dict(perturbation=1, data=1, gpus=("rank0",), upload="whole"),
     }
     steps = 2  # the second applies the first one's deferred update: every kernel runs (interpreted: slow)
-    for name, pins in layouts.items():
-        plan_path = planned(tmp_path, model_dir, two, name, **pins)
-        train(plan_path, model_dir, tmp_path / f"{name}-torch", steps=steps)
-        with monkeypatch.context() as m:
-            for key, value in INTERP_ENV.items():
-                m.setenv(key, value)
-            fused = train(plan_path, model_dir, tmp_path / f"{name}-fused", steps=steps)
+    with monkeypatch.context() as m:  # the fused runs' supervisors: forked from a server that imported triton so
+        for key, value in INTERP_ENV.items():
+            m.setenv(key, value)
+        server = rankserver.start(tmp_path / "interpreted.sock", ("opt",), env=rank_env(os.environ))
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        for name, pins in layouts.items():
+            plan_path = planned(tmp_path, model_dir, two, name, **pins)
+            train(plan_path, model_dir, tmp_path / f"{name}-torch", steps=steps)
+            with monkeypatch.context() as m:
+                for key, value in {**INTERP_ENV, rankserver.SERVER_ENV: str(tmp_path / "interpreted.sock")}.items():
+                    m.setenv(key, value)
+                fused[name] = train(plan_path, model_dir, tmp_path / f"{name}-fused", steps=steps)
+    finally:
+        server.terminate()
+        server.wait()
+    for name in layouts:
         log = (tmp_path / f"{name}-fused" / "worker-node0.log").read_text()
         assert "perturbation kernels: triton interpreter, one launch per block" in log, log[-2000:]
         assert "perturbation kernels: torch" in (tmp_path / f"{name}-torch" / "worker-node0.log").read_text()
@@ -97,7 +110,7 @@ def test_a_run_with_the_fused_kernels_follows_the_torch_path(
         )  # the torch path, with the fused run's own projected gradients
         replayed = {n: p.detach() for n, p in model.named_parameters()}
         initial = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
-        for pname, value in fused.items():
+        for pname, value in fused[name].items():
             if pname not in replayed:
                 continue
             assert not torch.equal(value, initial[pname]), (name, pname)  # every parameter was trained

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from zoplan.runtime import rankserver
 from zoplan.runtime.launch import rank_env
 from zoplan.runtime.rankserver import SERVER_ENV
 from zoplan.runtime.scratch import processes_naming
@@ -23,18 +24,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Un
 
 
 def start_server(sock: Path) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-u", "-m", "zoplan.runtime.ranks", "--serve", str(sock)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=rank_env(os.environ),
-    )
-    deadline = time.monotonic() + 120
-    while not sock.exists():
-        assert server.poll() is None and time.monotonic() < deadline, "the rank server did not start"
-        time.sleep(0.05)
-    return server
+    return rankserver.start(sock, env=rank_env(os.environ), log=subprocess.PIPE)
 
 
 def zoplan_run(out: Path, server: Path, *extra: str) -> subprocess.Popen:
@@ -76,20 +66,22 @@ def test_a_server_that_goes_away_stops_its_runs_and_a_later_run_starts_its_own(t
     assert "trained 1 steps" in said
 
 
-def test_a_run_in_another_import_time_environment_starts_its_own_and_a_stopped_server_cleans_up(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_run_in_another_import_time_environment_is_refused_and_a_stopped_server_cleans_up(
+    tmp_path: Path,
 ) -> None:
     sock = tmp_path / "s.sock"
     server = start_server(sock)
     run = zoplan_run(tmp_path / "run", sock, "--steps", "1")
     said, err = run.communicate(timeout=300)
-    assert run.returncode == 0 and "warning" not in err, err
-    # a variable torch reads when imported: the server's reading would not be this run's
-    monkeypatch.setenv("TORCH_SHOW_CPP_STACKTRACES", "1")
-    run = zoplan_run(tmp_path / "other", sock, "--steps", "1")
-    said, err = run.communicate(timeout=300)
-    assert run.returncode == 0 and "trained 1 steps" in said, err
-    assert "differs from the server's in TORCH_SHOW_CPP_STACKTRACES" in err and "starting the ranks without it" in err
+    assert run.returncode == 0 and "trained 1 steps" in said and "warning" not in err, err
+    # a variable torch reads when imported: the server's reading would not be this run's (its
+    # launcher then starts its own supervisor: test_a_server_that_goes_away_... runs one)
+    env = dict(rank_env(os.environ), TORCH_SHOW_CPP_STACKTRACES="1")
+    with (
+        open(os.devnull, "w") as log,
+        pytest.raises(OSError, match="differs from the server's in TORCH_SHOW_CPP_STACKTRACES"),
+    ):
+        rankserver.request(str(sock), ["--nproc", "1"], log.fileno(), env)
     server.send_signal(signal.SIGTERM)
     log, _ = server.communicate(timeout=60)
     assert server.returncode == 0 and not sock.exists()

@@ -219,13 +219,9 @@ def gone(text: str, seconds: float = 30) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("served", [True, False], ids=["rank-server", "own-supervisor"])
-def test_sigterm_stops_the_ranks_and_says_how_to_resume(
-    tmp_path: Path, served: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sigterm_stops_the_ranks_and_says_how_to_resume(tmp_path: Path) -> None:
     """`kill PID` of zoplan run (what a job scheduler sends): the ranks stop with it, the
     host copy leaves shared memory, and the message names the step and the resume command."""
-    started_by(served, monkeypatch)
     import signal
 
     out = tmp_path / "run"
