@@ -41,29 +41,34 @@ SENTIMENT_FILE = ASSETS / "sentiment.jsonl"
 SENTIMENT_SIZE = 400
 SENTIMENT_SEED = 0
 
-KINDS = ("classification", "lm", "completion")
+KINDS = ("classification", "lm", "completion", "choice")
 IGNORE_INDEX = -100  # the label value torch's cross_entropy skips
 
 _LOCAL_FIX = (
-    'pass a local .jsonl file ({"text": ..., "label": 0}, {"text": ...} or {"prompt": ..., '
-    "\"completion\": ...}) or a .csv file with header 'text,label', 'text' or 'prompt,completion', "
-    "or the built-in 'sentiment'"
+    'pass a local .jsonl file ({"text": ..., "label": 0}, {"text": ...}, {"prompt": ..., '
+    '"completion": ...} or {"prompt": ..., "choices": [...], "label": 0}) or a .csv file with header '
+    "'text,label', 'text' or 'prompt,completion', or the built-in 'sentiment'"
 )
 
 
 @dataclass(frozen=True)
 class Example:
     """One record: its text and, for classification, the index of its label word; for a
-    completion, ``prompt`` is what the model reads and ``text`` what it learns to continue with."""
+    completion, ``prompt`` is what the model reads and ``text`` what it learns to continue with;
+    for a multiple choice, ``prompt``, the candidate continuations ``choices`` and the index of the
+    right one in ``label`` (``text`` is the right one)."""
 
     text: str
     label: int | None = None
     line: int | None = field(default=None, compare=False)  # where a local file holds it (messages)
-    prompt: str | None = None  # completion records only
+    prompt: str | None = None  # completion and multiple-choice records only
+    choices: tuple[str, ...] | None = None  # multiple-choice records only
 
     @property
     def shape(self) -> str:
         """The task kind a record of this shape trains."""
+        if self.choices is not None:
+            return "choice"
         return "completion" if self.prompt is not None else "classification" if self.label is not None else "lm"
 
 
@@ -228,7 +233,8 @@ def write_long_text(path: Path, seq_len: int, records: int) -> Path:
 
 def load_examples(source: str) -> tuple[list[Example], str]:
     """Load examples and the task kind: ``"classification"`` (every record labelled), ``"lm"``
-    (text only) or ``"completion"`` (every record a prompt and its completion).
+    (text only), ``"completion"`` (every record a prompt and its completion) or ``"choice"``
+    (every record a prompt, candidate continuations and the index of the right one).
 
     ``source`` is a local ``.jsonl`` or ``.csv`` file, the word ``sentiment`` (the bundled set,
     classification), ``sentiment-text`` (the same texts without labels, for language modelling),
@@ -286,6 +292,7 @@ SHAPES = {
     "classification": "a text and a label",
     "lm": "a text and no label",
     "completion": "a prompt and a completion",
+    "choice": "a prompt, choices and a label",
 }
 
 
@@ -332,6 +339,11 @@ def _read_jsonl(path: Path) -> list[Example]:
                     f"{path}:{line_no}: expected a JSON object, found {type(record).__name__}",
                     fix='write one JSON object per line, e.g. {"text": "the film was fun.", "label": 1}',
                 )
+            if "choices" in record:
+                example = _choice_record(path, line_no, record)
+                first = _check_consistent(path, line_no, example.shape, first)
+                examples.append(example)
+                continue
             if "prompt" in record or "completion" in record:
                 example = _completion_record(path, line_no, record)
                 first = _check_consistent(path, line_no, example.shape, first)
@@ -369,6 +381,36 @@ def _completion_record(path: Path, line_no: int, record: dict[str, Any]) -> Exam
             fix="give one shape per record: " + fix,
         )
     return Example(record["completion"], None, line_no, prompt=record["prompt"])
+
+
+def _choice_record(path: Path, line_no: int, record: dict[str, Any]) -> Example:
+    """A {"prompt": ..., "choices": [...], "label": k} record: multiple choice (COPA-like)."""
+    fix = (
+        'write {"prompt": "The man broke his toe because", "choices": [" he dropped a hammer", " he ran"], "label": 0}'
+    )
+    prompt, choices = record.get("prompt"), record.get("choices")
+    if not isinstance(prompt, str) or not prompt.strip():
+        problem = 'has no "prompt"' if "prompt" not in record else '"prompt" is not a non-empty string'
+        raise ZoplanError(f"{path}:{line_no}: a multiple-choice record {problem}", fix=fix)
+    if (
+        not isinstance(choices, list)
+        or len(choices) < 2
+        or not all(isinstance(c, str) and c.strip() for c in choices)
+        or len(set(choices)) != len(choices)
+    ):
+        raise ZoplanError(f'{path}:{line_no}: "choices" must be two or more different non-empty strings', fix=fix)
+    if "label" not in record:
+        raise ZoplanError(f'{path}:{line_no}: a multiple-choice record has no "label" (the right choice)', fix=fix)
+    label = _check_label(path, line_no, record["label"])
+    if label >= len(choices):
+        raise ZoplanError(
+            f"{path}:{line_no}: label {label}, but the record has {len(choices)} choices",
+            fix=f"labels index the choices: 0..{len(choices) - 1}",
+        )
+    extra = sorted({"text", "completion"} & record.keys())
+    if extra:
+        raise ZoplanError(f'{path}:{line_no}: a multiple-choice record has "{extra[0]}" too', fix=fix)
+    return Example(choices[label], label, line_no, prompt=prompt, choices=tuple(choices))
 
 
 def _check_label(path: Path, line_no: int, label: Any) -> int:
@@ -500,7 +542,10 @@ class Task:
     (MeZO's label-word loss); accuracy is the argmax over the label words. ``lm`` is plain
     next-token loss over the text; ``completion`` the next-token loss over each record's
     completion only, read after its prompt (supervised fine-tuning's loss); accuracy is then the
-    share of those tokens predicted first (prompt and label words unused).
+    share of those tokens predicted first (prompt and label words unused). ``choice`` trains as a
+    completion by its right choice (MeZO's multiple choice: teacher forcing on the right
+    candidate) and is evaluated by scoring every choice after the prompt: the mean
+    log-probability of its tokens, the highest one the answer.
     """
 
     kind: str
@@ -571,6 +616,9 @@ class Batch:
     label_ids: torch.Tensor | None  # classification: [B], index into the label words
     label_token_ids: torch.Tensor | None  # classification: [n_labels], vocabulary ids
     target_count: int  # real targets: label tokens predicted (lm) or examples (classification)
+    # multiple choice: the example (within the batch) and rightness of each row's candidate
+    choice_example: torch.Tensor | None = None  # [B] int64
+    choice_right: torch.Tensor | None = None  # [B] bool
 
     @property
     def size(self) -> int:
@@ -601,6 +649,8 @@ class Batch:
             label_ids=move(self.label_ids),
             label_token_ids=move(self.label_token_ids),
             target_count=self.target_count,
+            choice_example=move(self.choice_example),
+            choice_right=move(self.choice_right),
         )
 
 
@@ -634,25 +684,25 @@ def pretokenize(
     """Fill ``encode``'s cache for up to ``limit`` examples in one batched tokenizer call, before
     training starts, so that steps only assemble tensors."""
     head = examples[:limit]
-    if task.kind == "completion":
+    if task.kind in ("completion", "choice"):
         _token_rows([e.prompt or "" for e in head], tokenizer, True, cache)
-        _token_rows([e.text for e in head], tokenizer, False, cache)
+        _token_rows([c for e in head for c in (e.choices or (e.text,))], tokenizer, False, cache)
     else:
         _token_rows([task.format(e.text) for e in head], tokenizer, True, cache)
 
 
 def _completion_rows(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_len: int, cache: Tokens | None
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, max_len: int, cache: Tokens | None, end: bool
 ) -> tuple[list[list[int]], list[int]]:
     """Each example's prompt ids (the tokenizer's special tokens included) followed by its
-    completion's ids and the end-of-sequence token (the model learns where an answer stops), and
-    how many of the last ids are the completion's: the targets.
+    completion's ids and, with ``end``, the end-of-sequence token (the model learns where an answer
+    stops), and how many of the last ids are the completion's: the targets.
 
     Too long a pair loses the prompt's beginning (after its leading special tokens: what is next
     to the completion stays), then, when the completion alone does not fit, the completion's end."""
     prompts = _token_rows([e.prompt or "" for e in examples], tokenizer, True, cache)
     completions = _token_rows([e.text for e in examples], tokenizer, False, cache)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if end and tokenizer.eos_token_id is not None else []
     special = set(tokenizer.all_special_ids)
     rows, targets = [], []
     for prompt, completion in zip(prompts, completions):
@@ -676,6 +726,7 @@ def encode(
     *,
     pad_to_max_len: bool = False,
     cache: Tokens | None = None,
+    every_choice: bool = False,
 ) -> Batch:
     """Tokenise ``examples`` for ``task`` into a left-padded ``Batch`` of at most ``max_len``.
 
@@ -685,7 +736,8 @@ def encode(
     keeps the beginning; a completion keeps itself and the end of its prompt. ``pad_to_max_len``
     pads every batch to ``max_len`` (fixed shapes). ``cache`` tokenises each distinct text once
     over a run: a ZO run visits the same examples again and again, and tokenising sits on every
-    step's critical path.
+    step's critical path. A multiple choice is one row per example, its right choice after its
+    prompt (training), or with ``every_choice`` one row per choice (evaluation: each is scored).
     """
     if not examples:
         raise ValueError("encode needs at least one example")
@@ -701,12 +753,19 @@ def encode(
                     f"{len(label_token_ids)} label words {list(task.label_words)}",
                     fix="use labels 0..n-1 for n label words, or set the task's label words",
                 )
-    if (task.kind == "completion") != all(e.prompt is not None for e in examples):
+    if any(e.shape != task.kind for e in examples) and task.kind in ("completion", "choice"):
         raise ZoplanError(f"a {task.kind} task needs records of its shape, not {examples[0].shape} records")
 
     completion_targets: list[int] = []
+    rows_of: list[tuple[int, int]] = []  # multiple choice: (example, choice) of each row
     if task.kind == "completion":
-        truncated, completion_targets = _completion_rows(examples, tokenizer, max_len, cache)
+        truncated, completion_targets = _completion_rows(examples, tokenizer, max_len, cache, end=True)
+    elif task.kind == "choice":
+        for i, e in enumerate(examples):
+            assert e.choices is not None and e.label is not None
+            rows_of += [(i, k) for k in (range(len(e.choices)) if every_choice else (e.label,))]
+        candidates = [Example(examples[i].choices[k], prompt=examples[i].prompt) for i, k in rows_of]  # type: ignore[index]
+        truncated, completion_targets = _completion_rows(candidates, tokenizer, max_len, cache, end=False)
     else:
         rows = _token_rows([task.format(example.text) for example in examples], tokenizer, True, cache)
         special = set(tokenizer.all_special_ids)
@@ -755,7 +814,10 @@ def encode(
             labels[row, width - len(ids)] = IGNORE_INDEX
         if completion_targets:
             labels[row, : width - completion_targets[row]] = IGNORE_INDEX
-    target_count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    right = None
+    if rows_of:  # the loss is the right choice's: the other rows are scored, not learnt
+        right = torch.tensor([k == examples[i].label for i, k in rows_of], dtype=torch.bool)
+    counted = labels[:, 1:] if right is None else labels[right, 1:]
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -763,7 +825,9 @@ def encode(
         labels=labels,
         label_ids=None,
         label_token_ids=None,
-        target_count=target_count,
+        target_count=int((counted != IGNORE_INDEX).sum()),
+        choice_example=torch.tensor([i for i, _ in rows_of], dtype=torch.long) if rows_of else None,
+        choice_right=right,
     )
 
 
@@ -887,13 +951,18 @@ def loss_terms(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[torch.Te
     assert batch.labels is not None
     vocab = logits.shape[-1]
     predicted = logits[:, :-1, :].float().reshape(-1, vocab)
-    targets = batch.labels[:, 1:].to(logits.device).reshape(-1)
+    labels = batch.labels
+    if batch.choice_right is not None:  # the right choice's tokens only
+        labels = labels.masked_fill(~batch.choice_right.to(labels.device)[:, None], IGNORE_INDEX)
+    targets = labels[:, 1:].to(logits.device).reshape(-1)
     loss = F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, batch.target_count
 
 
 def accuracy(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[int, int]:
-    """(correct, count): argmax over the label words (classification) or top-1 next token (lm).
+    """(correct, count): argmax over the label words (classification), top-1 next token (lm,
+    completion), or the best-scored choice of each example (multiple choice: a batch encoded with
+    ``every_choice``).
 
     A pair, like ``loss_terms``, so replicas can sum both before dividing. Integer results of
     argmax and comparisons: no autograd graph is recorded.
@@ -905,10 +974,32 @@ def accuracy(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[int, int]:
         correct = int((predicted == batch.label_ids.to(predicted.device)).sum())
         return correct, batch.target_count
     assert batch.labels is not None
+    if batch.choice_example is not None:
+        return _choice_accuracy(logits, batch)
     predicted = logits[:, :-1, :].argmax(dim=-1)
     targets = batch.labels[:, 1:].to(predicted.device)
     mask = targets != IGNORE_INDEX
     return int(((predicted == targets) & mask).sum()), batch.target_count
+
+
+def _choice_accuracy(logits: torch.Tensor, batch: Batch) -> tuple[int, int]:
+    """(right answers, examples): each example's answer is its choice of the highest mean
+    log-probability per token (a long choice is not penalised for its length)."""
+    import torch
+
+    assert batch.labels is not None and batch.choice_example is not None and batch.choice_right is not None
+    targets = batch.labels[:, 1:].to(logits.device)
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    score = picked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    example, right = batch.choice_example.to(score.device), batch.choice_right.to(score.device)
+    count = int(right.sum())
+    correct = 0
+    for i in range(int(example.max()) + 1):
+        rows = (example == i).nonzero().squeeze(1)
+        correct += int(right[rows[score[rows].argmax()]])
+    return correct, count
 
 
 if __name__ == "__main__":

@@ -181,7 +181,9 @@ class Batcher:
     def pretokenize(self, examples) -> None:
         zdata.pretokenize(examples, self.tokenizer, self.task, self.tokens)
 
-    def __call__(self, examples) -> list[dict]:
+    def __call__(self, examples, every_choice: bool = False) -> list[dict]:
+        """``every_choice``: a multiple choice's rows are all its choices (an evaluation scores
+        them), else its right one (training)."""
         out = []
         for k in range(0, len(examples), self.micro):
             batch = zdata.encode(
@@ -191,6 +193,7 @@ class Batcher:
                 self.seq_len,
                 cache=self.tokens,
                 pad_to_max_len=self.pad,
+                every_choice=every_choice,
             )
             out.append({"inputs": batch.model_inputs(), "batch": batch})
         return out
@@ -421,7 +424,7 @@ def evaluate(engine: Engine, eval_set, batcher: Batcher, ctx, step: int, metrics
     if ctx.replica is not None and eval_set:
         per = -(-len(eval_set) // ctx.replicas)
         shard = eval_set[ctx.replica * per : (ctx.replica + 1) * per]
-        mine = batcher(shard) if shard else []
+        mine = batcher(shard, every_choice=True) if shard else []
     task = batcher.task
     stats = engine.evaluate(
         mine,

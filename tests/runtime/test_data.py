@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ from zoplan.runtime.tiny import TINY
 CLS = Task("classification")
 LM = Task("lm")
 COMP = Task("completion")
-TASKS = pytest.mark.parametrize("task", [CLS, LM, COMP], ids=["classification", "lm", "completion"])
+CHOICE = Task("choice")
+TASKS = pytest.mark.parametrize("task", [CLS, LM, COMP, CHOICE], ids=["classification", "lm", "completion", "choice"])
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +50,19 @@ def _task_examples(n: int, task: Task) -> list[Example]:
             Example((" terrible", " great")[r["label"]], prompt=r["text"] + " It was")
             for r in make_sentiment(n, seed=7)
         ]
+    if task.kind == "choice":
+        words = (" terrible", " great", " fine and long enough")
+        return [
+            Example(words[r["label"]], r["label"], prompt=r["text"] + " It was", choices=words)
+            for r in make_sentiment(n, seed=7)
+        ]
     return _examples(n, labelled=task.kind == "classification")
 
 
 def _longer(example: Example, extra: str) -> Example:
     """The same record with a longer input (its text, or its prompt for a completion)."""
     if example.prompt is not None:
-        return Example(example.text, prompt=extra + " " + example.prompt)
+        return Example(example.text, example.label, prompt=extra + " " + example.prompt, choices=example.choices)
     return Example(example.text + " " + extra, example.label)
 
 
@@ -113,6 +121,11 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
     as_csv.write_text("prompt,completion\nThe capital of France is, Paris\n2 + 2 =, 4\n")
     assert load_examples(str(as_csv)) == (pairs, "completion")
 
+    choice = tmp_path / "copa.jsonl"
+    choice.write_text('{"prompt": "It rained, so", "choices": [" we stayed in", " we swam"], "label": 0}\n')
+    picked = Example(" we stayed in", 0, prompt="It rained, so", choices=(" we stayed in", " we swam"))
+    assert load_examples(str(choice)) == ([picked], "choice")
+
 
 @pytest.mark.parametrize(
     ("lines", "line", "words"),
@@ -131,6 +144,13 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
         (['{"prompt": "2 + 2 =", "completion": " 4", "label": 1}'], 1, 'has "label" too'),
         (['{"prompt": "2 + 2 =", "completion": " 4"}', '{"text": "ok"}'], 2, "has a prompt and a completion"),
         (['{"text": "ok", "label": 0}', '{"prompt": "2 + 2 =", "completion": " 4"}'], 2, "a text and a label"),
+        (['{"prompt": "So", "choices": [" a", " b"], "label": 2}'], 1, "label 2, but the record has 2 choices"),
+        (['{"prompt": "So", "choices": [" a"], "label": 0}'], 1, "two or more different non-empty strings"),
+        (['{"prompt": "So", "choices": [" a", " a"], "label": 0}'], 1, "two or more different non-empty strings"),
+        (['{"prompt": "So", "choices": [" a", 3], "label": 0}'], 1, "two or more different non-empty strings"),
+        (['{"prompt": "So", "choices": [" a", " b"]}'], 1, 'has no "label"'),
+        (['{"choices": [" a", " b"], "label": 0}'], 1, 'has no "prompt"'),
+        (['{"prompt": "So", "choices": [" a", " b"], "label": 0, "text": "x"}'], 1, 'has "text" too'),
     ],
 )
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], line: int, words: str) -> None:
@@ -264,6 +284,42 @@ def test_encode_completion_learns_only_the_completion_and_its_end(tokenizer) -> 
     assert cut.target_count == 10
     with pytest.raises(ZoplanError, match="needs records of its shape"):
         encode([Example("the film was fun.")], tokenizer, COMP, max_len=32)
+
+
+def test_a_multiple_choice_trains_on_its_right_choice_and_is_scored_on_all(tokenizer) -> None:
+    """Training rows: each example's right choice after its prompt (the loss is its tokens').
+    Evaluation rows: every choice; the answer is the choice of the highest mean log-probability."""
+    words = (" terrible", " great", " fine and long enough")
+    examples = [
+        Example(words[1], 1, prompt="the film was fun. It was", choices=words),
+        Example(words[0], 0, prompt="a dull plot. It was", choices=words[:2]),
+    ]
+    train = encode(examples, tokenizer, CHOICE, max_len=64)
+    assert train.input_ids.shape[0] == 2 and bool(train.choice_right.all())
+    for row, example in enumerate(examples):
+        right = tokenizer(example.text, add_special_tokens=False)["input_ids"]
+        assert train.labels[row][train.labels[row] != IGNORE_INDEX].tolist() == right  # no end token
+    scored = encode(examples, tokenizer, CHOICE, max_len=64, every_choice=True)
+    assert scored.choice_example.tolist() == [0, 0, 0, 1, 1]
+    assert scored.choice_right.tolist() == [False, True, False, True, False]
+    assert scored.target_count == train.target_count  # the loss counts the right choices' tokens
+    vocab = len(tokenizer)
+    logits = torch.zeros(*scored.input_ids.shape, vocab)
+    loss, count = loss_terms(logits, scored, CHOICE)
+    assert count == train.target_count and torch.allclose(loss / count, torch.tensor(math.log(vocab)))
+
+    def favouring(choice_rows: dict[int, float]) -> torch.Tensor:
+        """Logits under which row r's choice tokens get log-probability boost ``choice_rows[r]``."""
+        out = torch.zeros(*scored.input_ids.shape, vocab)
+        for row, boost in choice_rows.items():
+            targets = scored.labels[row, 1:]
+            for position in (targets != IGNORE_INDEX).nonzero().squeeze(1).tolist():
+                out[row, position, targets[position]] = boost
+        return out
+
+    assert accuracy(favouring({1: 5.0, 3: 5.0}), scored, CHOICE) == (2, 2)
+    assert accuracy(favouring({0: 5.0, 3: 5.0}), scored, CHOICE) == (1, 2)
+    assert accuracy(favouring({2: 5.0, 4: 5.0}), scored, CHOICE) == (0, 2)  # the long choice is not penalised
 
 
 def test_label_out_of_range_is_refused(tokenizer) -> None:

@@ -283,3 +283,26 @@ def test_a_completion_only_run_learns_its_completions(tmp_path: Path) -> None:
         assert proc.returncode == 2 and f"{option} applies to classification (labelled) data" in proc.stderr
         assert "is a completion set (records of a prompt and a completion)" in proc.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_multiple_choice_run_trains_on_the_right_choices_and_scores_all(tmp_path: Path) -> None:
+    """{prompt, choices, label} records: trained as completions by the right choice, evaluated by
+    scoring every choice (accuracy: examples answered right); a --eval-data set of another shape
+    is refused."""
+    from zoplan.runtime.data import make_sentiment
+
+    data = tmp_path / "choice.jsonl"
+    choices = [" terrible", " great", " fine"]
+    records = [
+        {"prompt": r["text"] + " It was", "choices": choices, "label": r["label"]} for r in make_sentiment(200, seed=3)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "o"
+    proc = zoplan("run", "--data", str(data), "--steps", "20", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"] - 0.3, evals
+    held = round(200 * 0.1)
+    assert all(e["eval_accuracy"] * held == pytest.approx(round(e["eval_accuracy"] * held)) for e in evals)  # examples
+    proc = zoplan("run", "--data", str(data), "--eval-data", "sentiment", "-o", str(tmp_path / "refused"))
+    assert proc.returncode == 2 and "is a classification set (records of a text and a label), but --data" in proc.stderr
