@@ -262,22 +262,31 @@ def test_classification_with_three_classes_a_prompt_and_label_words(tmp_path: Pa
     assert proc.returncode == 2 and "label word ' okay' is 3 tokens" in proc.stderr, proc.stderr
 
 
-def test_a_completion_only_run_learns_its_completions(tmp_path: Path) -> None:
-    """{prompt, completion} records: the loss is the completion's (and its end's) only; the
-    held-out loss falls; options of a classification are refused for such data."""
+def sentiment_records(shape) -> list[dict]:
+    """200 bundled sentiment examples, each made into a record by ``shape(text, label)``."""
     from zoplan.runtime.data import make_sentiment
 
-    data = tmp_path / "sft.jsonl"
-    records = [
-        {"prompt": r["text"] + " It was", "completion": (" terrible", " great")[r["label"]]}
-        for r in make_sentiment(200, seed=3)
-    ]
+    return [shape(r["text"] + " It was", r["label"]) for r in make_sentiment(200, seed=3)]
+
+
+def trained_20_steps(tmp_path: Path, records: list[dict]) -> tuple[Path, list[dict]]:
+    """A 20-step run on ``records`` whose held-out loss falls; its data file and evaluations."""
+    data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "o"
     proc = zoplan("run", "--data", str(data), "--steps", "20", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"] - 0.3, evals
+    return data, evals
+
+
+def test_a_completion_only_run_learns_its_completions(tmp_path: Path) -> None:
+    """{prompt, completion} records: the loss is the completion's (and its end's) only; the
+    held-out loss falls; options of a classification are refused for such data."""
+    data, _ = trained_20_steps(
+        tmp_path, sentiment_records(lambda text, label: {"prompt": text, "completion": (" terrible", " great")[label]})
+    )
     for option, value in (("--prompt", "{text} So"), ("--label-words", "bad,good")):
         proc = zoplan("run", "--data", str(data), option, value, "-o", str(tmp_path / "refused"))
         assert proc.returncode == 2 and f"{option} applies to classification (labelled) data" in proc.stderr
@@ -289,19 +298,10 @@ def test_a_multiple_choice_run_trains_on_the_right_choices_and_scores_all(tmp_pa
     """{prompt, choices, label} records: trained as completions by the right choice, evaluated by
     scoring every choice (accuracy: examples answered right); a --eval-data set of another shape
     is refused."""
-    from zoplan.runtime.data import make_sentiment
-
-    data = tmp_path / "choice.jsonl"
     choices = [" terrible", " great", " fine"]
-    records = [
-        {"prompt": r["text"] + " It was", "choices": choices, "label": r["label"]} for r in make_sentiment(200, seed=3)
-    ]
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = tmp_path / "o"
-    proc = zoplan("run", "--data", str(data), "--steps", "20", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
-    assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"] - 0.3, evals
+    data, evals = trained_20_steps(
+        tmp_path, sentiment_records(lambda text, label: {"prompt": text, "choices": choices, "label": label})
+    )
     held = round(200 * 0.1)
     assert all(e["eval_accuracy"] * held == pytest.approx(round(e["eval_accuracy"] * held)) for e in evals)  # examples
     proc = zoplan("run", "--data", str(data), "--eval-data", "sentiment", "-o", str(tmp_path / "refused"))
