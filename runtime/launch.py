@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from zoplan import runconfig
 from zoplan.errors import ZoplanError
@@ -357,6 +357,50 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     cfg = cfg.given(model_dir=model_dir.resolve(), device=device)
     runconfig.write(cfg, out)
     return cfg, plan, machine
+
+
+def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunConfig, list[str]]:
+    """A run's configuration from the options a user gave (RunConfig's names; the pins as a
+    ``layout.Pins``), checked as far as it can be before anything starts, and the command-line
+    flags among them that ``resume`` (the run to continue) ignores. ``zoplan run`` and
+    ``zoplan.runtime.fine_tune`` both start here."""
+    planned = runconfig.planned_flags(given)
+    if given.get("plan") is not None and resume is None and planned:
+        # the plan fixes these: taking them silently would run something else than asked
+        raise ZoplanError(
+            f"{', '.join(planned)} set what the plan {given['plan']} already fixes",
+            fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml",
+        )
+    ignored: list[str] = []
+    if resume is not None:
+        output = given.get("output")
+        if output is not None and Path(output) != Path(resume):
+            raise ZoplanError(
+                f"--output {output} and --resume {resume} name two runs",
+                fix="--resume DIR continues the run in DIR: leave --output out",
+            )
+        cfg, ignored = resume_config(Path(resume), {k: v for k, v in given.items() if k != "output"})
+        pin_flags = [f for pin, f in runconfig.PIN_FLAGS.items() if "pins" in given and getattr(given["pins"], pin)]
+        ignored = [f for name in ignored for f in (pin_flags if name == "--pins" else [name])]
+    else:
+        cfg = runconfig.make(**given)
+    if given.get("eval_data") is not None and given.get("eval_fraction") is not None:
+        raise ZoplanError(
+            "--eval-data and --eval-fraction both say what is held out",
+            fix="--eval-data FILE evaluates on FILE (all of --data trains); --eval-fraction F holds out F of --data",
+        )
+    if cfg.nnodes > 1 and cfg.master_port is None:
+        raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
+    if cfg.node_rank >= cfg.nnodes:
+        raise ZoplanError(f"--node-rank {cfg.node_rank} is not one of the {cfg.nnodes} node(s): 0 .. {cfg.nnodes - 1}")
+    if cfg.plan is None and resume is None:  # before the runtime (torch) is even imported
+        from zoplan.search import check_pins_range, check_workload
+
+        check_workload(None, cfg.global_batch, cfg.seq_len)
+        check_pins_range(cfg.pins, cfg.global_batch)
+    elif cfg.plan is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
+        load_plan(cfg.plan)
+    return cfg, ignored
 
 
 def run(cfg: RunConfig, resume: bool = False) -> RunSummary:

@@ -191,6 +191,43 @@ class RunSummary:
     eval_before: EvalRow | None = None  # the evaluation before the first step
     window: int = 1
 
+    @property
+    def model(self) -> Path:
+        """The trained model's directory: ``AutoModelForCausalLM.from_pretrained(summary.model)``."""
+        return self.output / "model"
+
+    def lines(self) -> list[str]:
+        """What the run did, as ``zoplan run`` closes: the losses, the held-out figures, what ran
+        (from the run's plan.yaml) and what was written."""
+        from zoplan.planfile import load_plan
+        from zoplan.runconfig import CONFIG_FILE
+
+        said = [
+            f"trained {self.steps} steps: training loss {self.first_loss:.4f} (first {self.window} steps) -> "
+            f"{self.last_loss:.4f} (last {self.window})"
+        ]
+        if self.eval:
+            before = self.eval_before
+            said.append(
+                f"held-out: loss {before.eval_loss:.4f} -> {self.eval.eval_loss:.4f}, accuracy "
+                f"{before.eval_accuracy:.3f} -> {self.eval.eval_accuracy:.3f}"
+                if before
+                else f"held-out: loss {self.eval.eval_loss:.4f}, accuracy {self.eval.eval_accuracy:.3f}"
+            )
+        ran = load_plan(self.output / "plan.yaml")
+        said.append(
+            f"with lr {ran.zo.lr:g} ({ran.zo.lr_schedule}), eps {ran.zo.eps:g}, {ran.batch.global_batch} "
+            f"sequences x {ran.batch.seq_len} tokens a step, layout {ran.layout.perturbation}x{ran.layout.data} "
+            f"(perturbation x data) on {ran.topology.name}"
+        )
+        said.append(
+            f"wrote {self.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml, {CONFIG_FILE}"
+        )
+        return said
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
 
 def summarize(out: Path) -> RunSummary:
     rows = read_metrics(out / METRICS_FILE)[0]

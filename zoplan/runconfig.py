@@ -194,6 +194,30 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# each pin of ``zoplan run``'s plan (layout.Pins field) and its command-line flag
+PIN_FLAGS = {
+    "perturbation": "--pertp",
+    "data": "--ddp",
+    "slices": "--slices",
+    "wire_dtype": "--wire-dtype",
+    "gpus": "--gpus",
+    "upload": "--upload",
+    "resident": "--resident",
+    "micro_batch": "--micro-batch",
+}
+
+
+def planned_flags(given: dict[str, Any]) -> list[str]:
+    """The flags among ``given`` (RunConfig names; pins as a layout.Pins) that a plan file fixes."""
+    flags = []
+    for name in PLANNED:
+        if name == "pins" and "pins" in given:
+            flags += [f for pin, f in PIN_FLAGS.items() if getattr(given["pins"], pin) is not None]
+        elif name in given:
+            flags.append(flag(name))
+    return flags
+
+
 def make(**values: Any) -> RunConfig:
     """A configuration from a user's values: a bad one is a ZoplanError naming the option."""
     return _checked(RunConfig, values)

@@ -350,7 +350,6 @@ def run_cmd(
     given = {k: v for k, v in locals().items() if k in RunConfig.model_fields and v is not None}
     from zoplan import runconfig
     from zoplan.layout import Pins
-    from zoplan.search import check_pins_range, check_workload
 
     pins = Pins(
         perturbation=pertp,
@@ -362,105 +361,25 @@ def run_cmd(
         resident=resident,
         micro_batch=micro_batch,
     )
-    pin_flags = [
-        flag
-        for flag, value in (
-            ("--pertp", pertp),
-            ("--ddp", ddp),
-            ("--slices", slices),
-            ("--wire-dtype", wire_dtype),
-            ("--gpus", gpus),
-            ("--upload", upload),
-            ("--resident", resident),
-            ("--micro-batch", micro_batch),
-        )
-        if value is not None
-    ]
-    if pin_flags:
+    if any(getattr(pins, name) is not None for name in runconfig.PIN_FLAGS):
         given["pins"] = pins
     if label_words is not None:
         given["label_words"] = tuple(label_words.split(","))
-    planned = [
-        f for k in runconfig.PLANNED for f in (pin_flags if k == "pins" else [runconfig.flag(k)] if k in given else [])
-    ]
-    if plan is not None and resume is None and planned:
-        # the plan fixes these: taking them silently would run something else than asked
-        raise ZoplanError(
-            f"{', '.join(planned)} set what the plan {plan} already fixes",
-            fix="leave them out, or make a new plan with them: zoplan plan ... -o plan.yaml",
-        )
-    if resume is not None:
-        if output is not None and output != resume:
-            raise ZoplanError(
-                f"--output {output} and --resume {resume} name two runs",
-                fix="--resume DIR continues the run in DIR: leave --output out",
+    from zoplan.runtime.launch import configure, run
+
+    cfg, ignored = configure(given, resume)
+    if ignored and resume is not None:
+        # the same command line again is the natural way to continue: a warning, not an error
+        err.print(
+            Text(
+                f"warning: {', '.join(ignored)} ignored: the run in {resume} continues with the plan, "
+                f"model and data it started with ({resume / runconfig.CONFIG_FILE})"
             )
-        from zoplan.runtime.launch import resume_config
-
-        cfg, ignored = resume_config(resume, {k: v for k, v in given.items() if k != "output"})
-        ignored = [f for name in ignored for f in (pin_flags if name == "--pins" else [name])]
-        if ignored:
-            # the same command line again is the natural way to continue: a warning, not an error
-            err.print(
-                Text(
-                    f"warning: {', '.join(ignored)} ignored: the run in {resume} continues with the plan, "
-                    f"model and data it started with ({resume / runconfig.CONFIG_FILE})"
-                )
-            )
-    else:
-        cfg = runconfig.make(**given)
-    if eval_data is not None and eval_fraction is not None:
-        raise ZoplanError(
-            "--eval-data and --eval-fraction both say what is held out",
-            fix="--eval-data FILE evaluates on FILE (all of --data trains); --eval-fraction F holds out F of --data",
         )
-    if cfg.nnodes > 1 and cfg.master_port is None:
-        raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
-    if cfg.node_rank >= cfg.nnodes:
-        raise ZoplanError(f"--node-rank {cfg.node_rank} is not one of the {cfg.nnodes} node(s): 0 .. {cfg.nnodes - 1}")
-    if cfg.plan is None and resume is None:  # before the runtime (torch) is even imported
-        check_workload(None, cfg.global_batch, cfg.seq_len)
-        check_pins_range(cfg.pins, cfg.global_batch)
-    elif cfg.plan is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
-        from zoplan.planfile import load_plan
-
-        load_plan(cfg.plan)
-    from zoplan.runtime.launch import run
-
     result = run(cfg, resume=resume is not None)
     if cfg.node_rank == 0:
-        out.print(
-            Text(
-                f"trained {result.steps} steps: training loss {result.first_loss:.4f} (first {result.window} "
-                f"steps) -> {result.last_loss:.4f} (last {result.window})"
-            )
-        )
-        if result.eval:
-            before = result.eval_before
-            out.print(
-                Text(
-                    f"held-out: loss {before.eval_loss:.4f} -> {result.eval.eval_loss:.4f}, accuracy "
-                    f"{before.eval_accuracy:.3f} -> {result.eval.eval_accuracy:.3f}"
-                    if before
-                    else f"held-out: loss {result.eval.eval_loss:.4f}, accuracy {result.eval.eval_accuracy:.3f}"
-                )
-            )
-        from zoplan.planfile import load_plan
-
-        ran = load_plan(result.output / "plan.yaml")
-        out.print(
-            Text(
-                f"with lr {ran.zo.lr:g} ({ran.zo.lr_schedule}), eps {ran.zo.eps:g}, {ran.batch.global_batch} "
-                f"sequences x {ran.batch.seq_len} tokens a step, layout {ran.layout.perturbation}x{ran.layout.data} "
-                f"(perturbation x data) on {ran.topology.name}"
-            )
-        )
-        out.print(
-            Text(
-                f"wrote {result.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml, "
-                f"{runconfig.CONFIG_FILE}"
-            )
-        )
+        for line in result.lines():
+            out.print(Text(line))
 
 
 @app.command("calibrate")
