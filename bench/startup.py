@@ -1,8 +1,10 @@
-"""How long `zoplan run` takes to refuse a bad argument and to finish a short tiny run
-(docs/results/runtime-cpu.md): the launching process's imports, torchrun and the ranks' start-up
-dominate both at this size.
+"""How long `zoplan run` takes to refuse a bad argument and to finish a short tiny run, with its
+own rank supervisor and with one forked by a rank server (docs/results/runtime-cpu.md,
+docs/results/suite.md): the launching process's imports and the ranks' start-up dominate at this
+size.
 
-Each command runs REPEAT times in a row; the median wall time is reported. It measures the
+The commands run in REPEAT interleaved rounds (each case once a round); the median wall time is
+reported. It measures the
 zoplan installed in this Python (`python -m zoplan.cli`), so two versions compare by installing
 each in turn (pip install -e CHECKOUT --no-deps) and running this script after each.
 
@@ -24,8 +26,8 @@ import time
 from pathlib import Path
 
 
-def timed(args: list[str], cwd: Path) -> tuple[float, int]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+def timed(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[float, int]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **(extra_env or {}))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "zoplan.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
     return time.perf_counter() - t0, proc.returncode
@@ -56,25 +58,38 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         check=True,
     ).stdout.strip()
     timed(["run", "--steps", "1", "-o", str(work / "warm")], work)  # builds the tiny model once
+    from zoplan.runtime import rankserver
+    from zoplan.runtime.launch import rank_env
+
+    sock = work / "server.sock"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop(rankserver.SERVER_ENV, None)
+    server = rankserver.start(sock, ("opt",), env=rank_env(env))
+    served = {rankserver.SERVER_ENV: str(sock)}
     cases = {
-        "bad argument (run --steps 0)": lambda i: ["run", "--steps", "0", "-o", str(work / f"bad{i}")],
-        "tiny run, 3 steps, 2 CPU ranks": lambda i: ["run", "--steps", "3", "-o", str(work / f"run{i}")],
+        "bad argument (run --steps 0)": (lambda i: ["run", "--steps", "0", "-o", str(work / f"bad{i}")], None, 2),
+        "tiny run, 3 steps, 2 CPU ranks": (lambda i: ["run", "--steps", "3", "-o", str(work / f"run{i}")], None, 0),
+        "the same, its supervisor forked by a rank server": (
+            lambda i: ["run", "--steps", "3", "-o", str(work / f"served{i}")],
+            served,
+            0,
+        ),
     }
-    rows = {}
-    for name, make in cases.items():
-        walls = []
+    walls: dict[str, list[float]] = {name: [] for name in cases}
+    try:
         for i in range(args.repeat):
-            wall, code = timed(make(i), work)
-            expected = 2 if "bad" in name else 0
-            if code != expected:
-                raise SystemExit(f"{name}: exit status {code}, expected {expected}")
-            walls.append(wall)
-        rows[name] = {"median_s": statistics.median(walls), "walls_s": walls}
-        print(
-            f"{name}: median {statistics.median(walls):.2f} s over {args.repeat} "
-            f"({', '.join(f'{w:.2f}' for w in walls)})",
-            flush=True,
-        )
+            for name, (make, extra, expected) in cases.items():
+                wall, code = timed(make(i), work, extra)
+                if code != expected:
+                    raise SystemExit(f"{name}: exit status {code}, expected {expected}")
+                walls[name].append(wall)
+    finally:
+        server.terminate()
+        server.wait()
+    rows = {}
+    for name, w in walls.items():
+        rows[name] = {"median_s": statistics.median(w), "walls_s": w}
+        print(f"{name}: median {statistics.median(w):.2f} s over {args.repeat} ({', '.join(f'{x:.2f}' for x in w)})")
     return {
         "zoplan": where,
         "python": platform.python_version(),

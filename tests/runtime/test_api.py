@@ -19,6 +19,11 @@ from zoplan.runtime import fine_tune
 README = Path(__file__).parents[2] / "README.md"
 
 
+def python_blocks() -> list[str]:
+    """The README's Python examples, in order."""
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
 def weights(out: Path) -> dict:
     return load_file(str(out / "model" / "model.safetensors"))
 
@@ -67,9 +72,7 @@ def test_fine_tune_refuses_what_zoplan_run_refuses(tmp_path: Path) -> None:
 
 def test_the_readme_python_example_runs(tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """README's Python block, with this test's tiny model, bundled data and 2 steps."""
-    block = re.search(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert block is not None
-    code = block.group(1)
+    code = python_blocks()[0]
     assert len(code.strip().splitlines()) <= 10  # the issue's promise: under 10 lines
     code = (
         code.replace('"path/to/hf-model"', repr(str(tiny_dirs["tiny-opt"])))
