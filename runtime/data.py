@@ -42,6 +42,14 @@ SENTIMENT_SIZE = 400
 SENTIMENT_SEED = 0
 
 KINDS = ("classification", "lm", "completion", "choice")
+PLACEHOLDER = re.compile(r"\{(\w+)\}")  # a classification prompt's {field}
+
+
+def placeholders(prompt: str) -> list[str]:
+    """The record fields a prompt names, in order of first use."""
+    return list(dict.fromkeys(PLACEHOLDER.findall(prompt)))
+
+
 IGNORE_INDEX = -100  # the label value torch's cross_entropy skips
 
 _LOCAL_FIX = (
@@ -63,6 +71,8 @@ class Example:
     line: int | None = field(default=None, compare=False)  # where a local file holds it (messages)
     prompt: str | None = None  # completion and multiple-choice records only
     choices: tuple[str, ...] | None = None  # multiple-choice records only
+    # a labelled record's other string fields (name, value), for a prompt that names them
+    fields: tuple[tuple[str, str], ...] = ()
 
     @property
     def shape(self) -> str:
@@ -272,10 +282,21 @@ def task_of(kind: str, prompt: str, label_words: Sequence[str]) -> Task:
 
 
 def check_labels(examples: list[Example], task: Task, source: str) -> None:
-    """Every label indexes one of the task's label words (before any rank starts: a bad label
-    found while training would stop the run after its output directory was written)."""
+    """Every label indexes one of the task's label words, and every record has each field the
+    prompt names (before any rank starts: a bad record found while training would stop the run
+    after its output directory was written)."""
     if task.kind != "classification":
         return
+    names = placeholders(task.prompt)
+    for example in examples:
+        have = {"text"} if example.text else set()
+        missing = [n for n in names if n not in have and n not in dict(example.fields)]
+        if missing:
+            where = f"{source}:{example.line}" if example.line is not None else f"{source}, a record"
+            raise ZoplanError(
+                f"{where}: the prompt {task.prompt!r} names {{{missing[0]}}}, which this record does not have",
+                fix=f'give every record a "{missing[0]}" string, or a prompt with the fields the records have',
+            )
     for example in examples:
         if example.label is not None and example.label >= len(task.label_words):
             where = (
@@ -349,16 +370,24 @@ def _read_jsonl(path: Path) -> list[Example]:
                 first = _check_consistent(path, line_no, example.shape, first)
                 examples.append(example)
                 continue
-            text = record.get("text")
-            if not isinstance(text, str):
-                problem = 'has no "text"' if "text" not in record else '"text" is not a string'
-                raise ZoplanError(f"{path}:{line_no}: record {problem}", fix='give every record a "text" string')
-            if not text.strip():
-                raise ZoplanError(f'{path}:{line_no}: "text" is empty', fix="remove the record or give it text")
             label = record.get("label")
+            fields = tuple(
+                sorted((k, v) for k, v in record.items() if k not in ("text", "label") and isinstance(v, str))
+            )
+            text = record.get("text")
+            if label is not None and text is None and fields:
+                text = ""  # a record of named fields (premise, hypothesis, ...), for a prompt that names them
+            elif not isinstance(text, str):
+                problem = 'has no "text"' if "text" not in record else '"text" is not a string'
+                raise ZoplanError(
+                    f"{path}:{line_no}: record {problem}",
+                    fix='give every record a "text" string (labelled records: or the fields the prompt names)',
+                )
+            elif not text.strip():
+                raise ZoplanError(f'{path}:{line_no}: "text" is empty', fix="remove the record or give it text")
             if label is not None:
                 label = _check_label(path, line_no, label)
-            example = Example(text, label, line_no)
+            example = Example(text, label, line_no, fields=fields if label is not None else ())
             first = _check_consistent(path, line_no, example.shape, first)
             examples.append(example)
     return examples
@@ -559,9 +588,10 @@ class Task:
                 fix="use 'classification' (labelled data), 'lm' (text only) or 'completion' (prompt and completion)",
             )
         if self.kind == "classification":
-            if "{text}" not in self.prompt:
+            if not placeholders(self.prompt):
                 raise ZoplanError(
-                    f"prompt {self.prompt!r} has no {{text}} placeholder", fix="write the prompt like '{text} It was'"
+                    f"prompt {self.prompt!r} has no placeholder such as {{text}}",
+                    fix="write the prompt like '{text} It was', or name the records' fields: '{premise} ... {hypothesis}'",
                 )
             if len(self.label_words) < 2:
                 raise ZoplanError(
@@ -570,8 +600,16 @@ class Task:
                 )
 
     def format(self, text: str) -> str:
-        """The model input for one example."""
-        return self.prompt.replace("{text}", text) if self.kind == "classification" else text
+        """The model input for a text."""
+        return self.render(Example(text))
+
+    def render(self, example: Example) -> str:
+        """The model input for one example: for a classification, the prompt with each
+        ``{field}`` replaced by the record's (``{text}`` by its text)."""
+        if self.kind != "classification":
+            return example.text
+        values = {"text": example.text, **dict(example.fields)}
+        return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.prompt)
 
     def label_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """The vocabulary id of each label word; each must be exactly one token, all different.
@@ -688,7 +726,7 @@ def pretokenize(
         _token_rows([e.prompt or "" for e in head], tokenizer, True, cache)
         _token_rows([c for e in head for c in (e.choices or (e.text,))], tokenizer, False, cache)
     else:
-        _token_rows([task.format(e.text) for e in head], tokenizer, True, cache)
+        _token_rows([task.render(e) for e in head], tokenizer, True, cache)
 
 
 def _completion_rows(
@@ -767,7 +805,7 @@ def encode(
         candidates = [Example(examples[i].choices[k], prompt=examples[i].prompt) for i, k in rows_of]  # type: ignore[index]
         truncated, completion_targets = _completion_rows(candidates, tokenizer, max_len, cache, end=False)
     else:
-        rows = _token_rows([task.format(example.text) for example in examples], tokenizer, True, cache)
+        rows = _token_rows([task.render(example) for example in examples], tokenizer, True, cache)
         special = set(tokenizer.all_special_ids)
         truncated = []
         for ids in rows:

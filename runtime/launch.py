@@ -28,6 +28,7 @@ from zoplan.errors import ZoplanError
 from zoplan.models import TINY_LR, load_model_shape
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
+from zoplan.recipes import recipe, with_recipe
 from zoplan.records import (
     ERROR_FILE,
     EvalRow,
@@ -251,6 +252,13 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             )
         )
     examples, kind = zdata.load_examples(data)
+    if cfg.recipe is not None and recipe(cfg.recipe).kind != kind:
+        expected = recipe(cfg.recipe)
+        raise ZoplanError(
+            f"recipe {cfg.recipe} reads {expected.kind} records {expected.records}, but {data} is a {kind} set "
+            f"(records of {zdata.SHAPES[kind]})",
+            fix="give data of the recipe's shape (docs/runtime.md), or leave --recipe out",
+        )
     fields = RunConfig.model_fields
     for name in ("prompt", "label_words"):  # a classification's: refused rather than ignored elsewhere
         if kind != "classification" and getattr(cfg, name) != fields[name].default:
@@ -364,6 +372,8 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
     ``layout.Pins``), checked as far as it can be before anything starts, and the command-line
     flags among them that ``resume`` (the run to continue) ignores. ``zoplan run`` and
     ``zoplan.runtime.fine_tune`` both start here."""
+    if resume is None:  # a recipe's prompt, label words and hyper-parameters, where not given
+        given = with_recipe(given)
     planned = runconfig.planned_flags(given)
     if given.get("plan") is not None and resume is None and planned:
         # the plan fixes these: taking them silently would run something else than asked

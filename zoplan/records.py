@@ -215,10 +215,16 @@ class RunSummary:
                 else f"held-out: loss {self.eval.eval_loss:.4f}, accuracy {self.eval.eval_accuracy:.3f}"
             )
         ran = load_plan(self.output / "plan.yaml")
+        try:
+            from zoplan.runconfig import read
+
+            name = read(self.output / CONFIG_FILE).recipe
+        except Exception:  # noqa: BLE001  (the summary says what it can)
+            name = None
         said.append(
             f"with lr {ran.zo.lr:g} ({ran.zo.lr_schedule}), eps {ran.zo.eps:g}, {ran.batch.global_batch} "
             f"sequences x {ran.batch.seq_len} tokens a step, layout {ran.layout.perturbation}x{ran.layout.data} "
-            f"(perturbation x data) on {ran.topology.name}"
+            f"(perturbation x data) on {ran.topology.name}" + (f", MeZO's {name} recipe" if name else "")
         )
         said.append(
             f"wrote {self.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml, {CONFIG_FILE}"

@@ -16,6 +16,8 @@ No torch here: the command line checks a configuration before it loads the runti
 
 from __future__ import annotations
 
+import re
+
 import json
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -45,6 +47,7 @@ FIXED_ON_RESUME = (
     "eval_data",
     "prompt",
     "label_words",
+    "recipe",
     "pad_to_seq_len",
 )
 
@@ -66,6 +69,9 @@ class RunConfig(Strict):
     # default); label i is the i-th word, each read after a space
     prompt: str = "{text} It was"
     label_words: tuple[str, ...] = ("terrible", "great")
+    # one of MeZO's tasks (zoplan.recipes): its prompt, label words and hyper-parameters, where
+    # not given; recorded so that a resumed run keeps it
+    recipe: str | None = None
     pad_to_seq_len: bool = False  # every batch of the planned shape, however short the data (validate)
     # --- planning, when no plan file is given
     topology: str = "cpu-local"  # the bundled CPU ranks of this machine
@@ -100,11 +106,27 @@ class RunConfig(Strict):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, prompt: str) -> str:
-        if "{text}" not in prompt:
+        if not re.search(r"\{\w+\}", prompt):
             raise ValueError(
-                "the prompt needs a {text} placeholder, where each example's text goes (e.g. '{text} It was')"
+                "the prompt needs a {text} placeholder, where each example's text goes (e.g. '{text} It was'), "
+                "or the record fields it reads ('{premise} ... {hypothesis}')"
             )
         return prompt
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, name: str | None) -> str | None:
+        from zoplan.recipes import RECIPES
+
+        if name is not None and name not in RECIPES:
+            import difflib
+
+            close = difflib.get_close_matches(name.lower(), RECIPES, n=1)
+            raise ValueError(
+                f"no recipe {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "") + f"; the recipes are "
+                f"{', '.join(RECIPES)}"
+            )
+        return name
 
     @field_validator("label_words")
     @classmethod

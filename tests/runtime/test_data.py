@@ -131,7 +131,7 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
     ("lines", "line", "words"),
     [
         (['{"text": "ok", "label": 1}', '{"text": "broken", "label": 1'], 2, "invalid JSON"),
-        (['{"text": "ok", "label": 1}', '{"txt": "typo", "label": 0}'], 2, 'no "text"'),
+        (['{"text": "ok"}', '{"txt": "typo"}'], 2, 'no "text"'),  # labelled: test_a_prompt_reads_the_fields_it_names
         (['{"text": "ok", "label": "1"}'], 1, "not an integer"),
         (['{"text": "ok", "label": 1.5}'], 1, "not an integer"),
         (['{"text": "ok", "label": true}'], 1, "not an integer"),
@@ -320,6 +320,33 @@ def test_a_multiple_choice_trains_on_its_right_choice_and_is_scored_on_all(token
     assert accuracy(favouring({1: 5.0, 3: 5.0}), scored, CHOICE) == (2, 2)
     assert accuracy(favouring({0: 5.0, 3: 5.0}), scored, CHOICE) == (1, 2)
     assert accuracy(favouring({2: 5.0, 4: 5.0}), scored, CHOICE) == (0, 2)  # the long choice is not penalised
+
+
+def test_a_prompt_reads_the_fields_it_names(tmp_path: Path) -> None:
+    """Labelled records of named fields (RTE's premise and hypothesis): the prompt names them; a
+    record without one is named before any rank starts."""
+    from zoplan.runtime.data import check_labels
+
+    path = tmp_path / "rte.jsonl"
+    path.write_text(
+        '{"premise": "It rained.", "hypothesis": "The road is wet.", "label": 0, "idx": 7}\n'
+        '{"premise": "It was dry.", "label": 1}\n'
+    )
+    examples, kind = load_examples(str(path))
+    assert kind == "classification" and examples[0].fields == (
+        ("hypothesis", "The road is wet."),
+        ("premise", "It rained."),
+    )
+    task = Task(
+        "classification", prompt='{premise}\nDoes this mean that "{hypothesis}" is true?', label_words=(" Yes", " No")
+    )
+    assert task.render(examples[0]) == 'It rained.\nDoes this mean that "The road is wet." is true?'
+    with pytest.raises(
+        ZoplanError, match=r"rte.jsonl:2: the prompt .* names \{hypothesis\}, which this record does not have"
+    ):
+        check_labels(examples, task, str(path))
+    with pytest.raises(ZoplanError, match="no placeholder"):
+        Task("classification", prompt="It was")
 
 
 def test_label_out_of_range_is_refused(tokenizer) -> None:

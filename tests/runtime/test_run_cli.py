@@ -306,3 +306,27 @@ def test_a_multiple_choice_run_trains_on_the_right_choices_and_scores_all(tmp_pa
     assert all(e["eval_accuracy"] * held == pytest.approx(round(e["eval_accuracy"] * held)) for e in evals)  # examples
     proc = zoplan("run", "--data", str(data), "--eval-data", "sentiment", "-o", str(tmp_path / "refused"))
     assert proc.returncode == 2 and "is a classification set (records of a text and a label), but --data" in proc.stderr
+
+
+def test_a_recipe_gives_its_prompt_words_and_hyper_parameters_unless_given(tmp_path: Path) -> None:
+    """--recipe sst2 reads {"sentence", "label"} records with MeZO's prompt, label words, lr, eps
+    and batch; an option given wins; a recipe for other records, or an unknown one, is refused."""
+    records = sentiment_records(lambda text, label: {"sentence": text.removesuffix(" It was"), "label": label})
+    data = tmp_path / "sst2.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "o"
+    proc = zoplan("run", "--data", str(data), "--recipe", "sst2", "--steps", "2", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    recorded = json.loads((out / "run.json").read_text())
+    assert recorded["recipe"] == "sst2" and recorded["prompt"] == "{sentence} It was"
+    assert recorded["label_words"] == ["terrible", "great"]
+    assert "with lr 1e-06 (constant), eps 0.001, 16 sequences x 64 tokens a step" in proc.stdout
+    assert "MeZO's sst2 recipe" in proc.stdout
+    proc = zoplan(
+        "run", "--data", str(data), "--recipe", "sst2", "--lr", "1e-3", "--steps", "1", "-o", str(tmp_path / "o2")
+    )
+    assert proc.returncode == 0 and "with lr 0.001 (constant), eps 0.001, 16 sequences" in proc.stdout, proc.stderr
+    for recipe, words in (("copa", "recipe copa reads choice records"), ("sst3", "did you mean 'sst2'")):
+        proc = zoplan("run", "--data", str(data), "--recipe", recipe, "-o", str(tmp_path / "refused"))
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "refused").exists()

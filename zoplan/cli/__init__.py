@@ -283,6 +283,12 @@ def run_cmd(
         **option("prompt"),
         help="labelled data: what the model reads, {text} filled in; a label word follows",
     ),
+    recipe: Optional[str] = typer.Option(
+        None,
+        "--recipe",
+        help="one of MeZO's tasks (sst2, rte, cb, copa, squad): its prompt, label words, lr, eps and batch "
+        "where not given",
+    ),
     label_words: Optional[str] = typer.Option(
         None,
         "--label-words",
