@@ -188,11 +188,14 @@ def test_a_killed_loader_leaves_no_host_copy_behind(tmp_path: Path) -> None:
     assert scratch_folders() <= before  # (other jobs on the machine may end meanwhile)
 
 
-def started_by(served: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def started_by(served: bool, monkeypatch: pytest.MonkeyPatch, unreachable: Path | None = None) -> None:
     """The run's supervisor is forked by the session's rank server (tests/runtime/conftest.py),
-    or started by the launcher itself, as a user's run does by default."""
+    or started by the launcher itself, as a user's run does by default; with ``unreachable``,
+    because the rank server its environment names is not there (it warns and goes on)."""
     assert (SERVER_ENV in os.environ) is True  # the session's server
-    if not served:
+    if not served and unreachable is not None:
+        monkeypatch.setenv(SERVER_ENV, str(unreachable))
+    elif not served:
         monkeypatch.delenv(SERVER_ENV)
 
 
@@ -273,7 +276,7 @@ def test_the_ranks_die_with_a_killed_rank_supervisor(
 ) -> None:
     """SIGKILL of the process that started the ranks (runtime/ranks.py): its ranks stop too, and
     zoplan run reports the stop."""
-    started_by(served, monkeypatch)
+    started_by(served, monkeypatch, unreachable=tmp_path / "gone.sock")
     import signal
     import time
 
@@ -288,6 +291,8 @@ def test_the_ranks_die_with_a_killed_rank_supervisor(
     }
     os.kill(supervisor, signal.SIGKILL)
     err = finished(proc, code=2)
+    if not served:  # the launcher said why it started the supervisor itself
+        assert f"warning: {SERVER_ENV}={tmp_path / 'gone.sock'}" in err and "starting the ranks without it" in err
     assert (
         "--resume" in err
         and "the rank supervisor (zoplan.runtime.ranks) (which stopped the ranks) was killed by SIGKILL" in err
