@@ -116,3 +116,33 @@ def test_the_readme_trainer_example_runs(tiny_dirs, tmp_path: Path, monkeypatch:
     code = code.replace("max_steps=1000", "max_steps=2, use_cpu=True, report_to=[]").replace("1e-6", "1e-3")
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["trainer"].state.global_step == 2 and not torch.equal(model.lm_head.weight, before)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_zo_lora_and_prefix_train_only_the_adapter_and_load_with_peft(tiny_dirs, tmp_path: Path, adapter: str) -> None:
+    """MeZO's parameter-efficient variants through PEFT: only the adapter's parameters are
+    perturbed and updated (the base weights stay bit for bit), and the result loads with
+    ``PeftModel.from_pretrained``."""
+    from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    config = (
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        if adapter == "lora"
+        else PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")
+    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"]), config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # MeZO's settings for each (docs/runtime.md): LoRA lr 5e-5 eps 1e-2, prefix lr 1e-3 eps 1e-1
+    lr, eps = (5e-5, 1e-2) if adapter == "lora" else (1e-3, 1e-1)
+    trainer = trainer_for(model, tokenizer, tmp_path, learning_rate=lr, max_steps=3, zo_eps=eps)
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable and 0 < len(trainable) < len(before)  # the adapter, all of it, only it
+    trainer.save_model(str(tmp_path / "adapter"))
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"]), tmp_path / "adapter")
+    mine, loaded = model.state_dict(), again.state_dict()
+    assert mine.keys() == loaded.keys() and all(torch.equal(mine[k], loaded[k]) for k in mine)
