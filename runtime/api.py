@@ -16,12 +16,11 @@ machine: no torchrun, no shell). A problem is raised as ``ZoplanError`` (its ``m
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from pathlib import Path
 from typing import Any
 
-from zoplan.errors import ZoplanError
+from zoplan.errors import ZoplanError, did_you_mean
 from zoplan.layout import Pins
 from zoplan.records import RunSummary
 from zoplan.runconfig import CONFIG_FILE, RunConfig
@@ -56,9 +55,8 @@ def fine_tune(
     allowed = set(RunConfig.model_fields) - _NOT_OPTIONS
     for name in options:
         if name not in allowed:
-            close = difflib.get_close_matches(name, sorted(allowed), n=1)
             raise ZoplanError(
-                f"fine_tune() has no option {name!r}" + (f": did you mean {close[0]!r}?" if close else ""),
+                f"fine_tune() has no option {name!r}" + did_you_mean(name, sorted(allowed)),
                 fix=f"the options are zoplan run's, by their configuration names: {', '.join(sorted(allowed))}",
             )
     given = {

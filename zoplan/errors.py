@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class ZoplanError(Exception):
     """Bad input or an impossible request.
@@ -15,3 +18,18 @@ class ZoplanError(Exception):
         self.fix = fix
         self.status = status  # the CLI's exit status (2; a run stopped by a signal: 128 + its number)
         super().__init__(message if fix is None else f"{message}\n  fix: {fix}")
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """``": did you mean 'opt-66b'?"`` for the choice closest to a mistyped ``name`` (case, ``_``
+    for ``-`` and small typos forgiven), else ``""``: appended to an "unknown ..." message."""
+    options = list(choices)
+
+    def norm(text: str) -> str:
+        return text.lower().replace("_", "-").replace(" ", "-")
+
+    by_norm = {norm(c): c for c in options}
+    if norm(name) in by_norm:
+        return f": did you mean {by_norm[norm(name)]!r}?"
+    close = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.6)
+    return f": did you mean {by_norm[close[0]]!r}?" if close else ""

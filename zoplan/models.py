@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from zoplan.errors import ZoplanError
+from zoplan.errors import ZoplanError, did_you_mean
 from zoplan.fileio import brief, content_hash, read_text
 from zoplan.vocab import DTYPE_BYTES
 
@@ -432,7 +432,7 @@ def load_model_shape(name_or_path: str | Path) -> ModelShape:
                 fix="give a Hugging Face config.json, the directory holding one, or a preset name (zoplan models list)",
             )
         raise ZoplanError(
-            f"unknown model preset {text!r}",
+            f"unknown model preset {text!r}" + did_you_mean(text, [*PRESETS, *TINY_MODELS]),
             fix=f"use one of: {', '.join(PRESETS)}; or give the path to a Hugging Face config.json (or its directory)",
         )
     if path.is_dir():

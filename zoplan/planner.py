@@ -5,6 +5,8 @@ The CLI (zoplan.cli) only parses, calls one of these and renders what it gets ba
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -237,6 +239,16 @@ def plan(
     )
 
 
+def all_machines(topologies: list[str]) -> list[str]:
+    """The machines named, with "all" (or none named) standing for every bundled GPU machine (not
+    cpu-local: this computer's CPU ranks)."""
+    from zoplan.topology import bundled_names
+
+    gpus = [name for name in bundled_names() if name != "cpu-local"]
+    named = [name for topo in (topologies or ["all"]) for name in (gpus if topo == "all" else [topo])]
+    return list(dict.fromkeys(named))
+
+
 def compare(
     model: str,
     topologies: list[str],
@@ -245,15 +257,18 @@ def compare(
     seq_len: int | None = None,
     objective: str = "time",
     dtype: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[tuple[str, PlanReport | ZoplanError]]:
-    """The best layout on each machine, by topology name; a machine the model does not fit on
-    (or that cannot run the batch) gives its error instead, so the others are still compared."""
-    if not topologies:
-        raise ZoplanError("compare needs at least one --topology")
+    """The best layout on each machine, by topology name ("all": every bundled GPU machine); a
+    machine the model does not fit on (or that cannot run the batch) gives its error instead, so
+    the others are still compared. ``progress(name, i, n)`` is told before machine i of n."""
+    topologies = all_machines(topologies)
     # a bad model name or batch shape fails once, before any search
     check_workload(load_model_shape(model), global_batch, seq_len)
     out: list[tuple[str, PlanReport | ZoplanError]] = []
-    for topo in topologies:
+    for i, topo in enumerate(topologies):
+        if progress is not None:
+            progress(topo, i, len(topologies))
         machine = load_topology(topo)  # a bad topology file is the user's to fix: fail loudly
         try:
             out.append(

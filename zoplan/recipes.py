@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from zoplan.errors import ZoplanError
+from zoplan.errors import ZoplanError, did_you_mean
 
 MEZO_LR = 1e-6
 MEZO_EPS = 1e-3
@@ -76,11 +76,8 @@ def recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name.lower(), RECIPES, n=1)
         raise ZoplanError(
-            f"no recipe {name!r}" + (f": did you mean {close[0]!r}?" if close else ""),
+            f"no recipe {name!r}" + did_you_mean(name, RECIPES),
             fix=f"the recipes are {', '.join(RECIPES)} (docs/runtime.md)",
         ) from None
 

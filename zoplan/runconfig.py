@@ -119,13 +119,9 @@ class RunConfig(Strict):
         from zoplan.recipes import RECIPES
 
         if name is not None and name not in RECIPES:
-            import difflib
+            from zoplan.errors import did_you_mean
 
-            close = difflib.get_close_matches(name.lower(), RECIPES, n=1)
-            raise ValueError(
-                f"no recipe {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "") + f"; the recipes are "
-                f"{', '.join(RECIPES)}"
-            )
+            raise ValueError(f"no recipe {name!r}{did_you_mean(name, RECIPES)} The recipes: {', '.join(RECIPES)}")
         return name
 
     @field_validator("label_words")

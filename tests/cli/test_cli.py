@@ -326,6 +326,34 @@ def test_compare_reports_a_machine_that_does_not_fit_beside_one_that_does() -> N
     assert machines["rtx4090-4x"]["step_time_s"] > 0
 
 
+def test_compare_all_plans_every_bundled_gpu_machine_and_gives_a_verdict() -> None:
+    """`-t all`, or no -t at all: every bundled GPU machine (not cpu-local), once each, then a
+    verdict line naming the fastest and the cheapest per token."""
+    gpu_machines = [name for name in bundled_names() if name != "cpu-local"]
+    workload = ("-m", "opt-1.3b", "-b", "4", "-s", "256")
+    cases = {
+        ("-t", "all"): gpu_machines,
+        (): gpu_machines,
+        ("-t", "l40s-8x", "-t", "all"): ["l40s-8x", *(m for m in gpu_machines if m != "l40s-8x")],
+    }
+    for args, expected in cases.items():
+        machines = json.loads(invoke("compare", *workload, "--json", *args).stdout)["machines"]
+        assert [m["topology"] for m in machines] == expected, args
+    fastest = min(machines, key=lambda m: m["step_time_s"])["topology"]
+    cheapest = min((m for m in machines if m["usd_per_mtok"] is not None), key=lambda m: m["usd_per_mtok"])
+    table = invoke("compare", *workload).stdout
+    assert f"verdict: fastest {fastest} (" in table and f"cheapest per token {cheapest['topology']} (" in table
+
+
+@pytest.mark.parametrize(
+    ("option", "typed", "meant"),
+    [("-m", "opt-66B", "opt-66b"), ("-m", "llama2-70b", "llama-2-70b"), ("-t", "dgx_a100", "dgx-a100")],
+)
+def test_a_mistyped_name_is_answered_with_the_one_meant(monkeypatch, capsys, option, typed, meant) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "plan", option, typed)
+    assert_one_error(code, err, f"did you mean '{meant}'?")
+
+
 def test_topo_list_names_every_bundled_machine() -> None:
     result = invoke("topo", "list")
     for name in bundled_names():

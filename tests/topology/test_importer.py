@@ -359,6 +359,36 @@ def plain_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "err", Console(stderr=True, width=160, color_system=None, force_terminal=False))
 
 
+@pytest.mark.parametrize(
+    ("matrix", "printed", "preset"),
+    [
+        (DGX, "NVIDIA A100-SXM4-80GB", "a100-sxm4-80gb"),
+        (L40S, "L40S", "l40s-48gb"),
+        (WORKSTATION, "NVIDIA GeForce RTX 4090", "rtx4090-24gb"),
+    ],
+)
+def test_import_takes_the_gpu_name_nvidia_smi_prints(
+    tmp_path: Path, plain_consoles, matrix: Path, printed: str, preset: str
+) -> None:
+    out = tmp_path / "machine.yaml"
+    args = [
+        "topo",
+        "import",
+        str(matrix),
+        "--gpu",
+        printed,
+        "-o",
+        str(out),
+        "--host-memory-gib",
+        "1024",
+        "--host-gbps",
+        "204.8",
+    ]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert {g["model"] for g in yaml.safe_load(out.read_text())["gpus"]} == {preset}
+
+
 def test_cli_import_writes_a_file_that_plans(tmp_path: Path, plain_consoles) -> None:
     out = tmp_path / "machine.yaml"
     result = runner.invoke(
@@ -422,6 +452,11 @@ def test_cli_import_bad_input_exits_2_with_the_line(tmp_path: Path, monkeypatch,
             "line 5: expected one entry per GPU column (8), found 6",
         ),
         ([str(NV4), "--gpu", "v100", "-o", str(out), "--host-memory-gib", "64"], "unknown GPU model 'v100'"),
+        ([str(NV4), "--gpu", "l40s-48GB ", "-o", str(out)], "--host-memory-gib"),  # case and spaces forgiven
+        (
+            [str(NV4), "--gpu", "a100-sxm4-80", "-o", str(out), "--host-memory-gib", "64"],
+            "did you mean 'a100-sxm4-80gb'",
+        ),
         ([str(NV4), "--gpu", "h100-pcie-80gb", "-o", str(out)], "--host-memory-gib"),
         ([str(NV4), "-o", str(out), "--host-memory-gib", "64"], "pass --gpu"),
     ]:

@@ -150,7 +150,9 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 @app.command("compare")
 def compare_cmd(
     model: str = typer.Option("opt-175b", "--model", "-m", help="preset name or path to a config.json"),
-    topology: list[str] = typer.Option(..., "--topology", "-t", help="a machine to compare (repeat)"),
+    topology: Optional[list[str]] = typer.Option(
+        None, "--topology", "-t", help="a machine to compare (repeat; 'all' or none: every bundled GPU machine)"
+    ),
     global_batch: int = typer.Option(16, "--global-batch", "-b"),
     seq_len: Optional[int] = typer.Option(
         None, "--seq-len", "-s", help="tokens per sequence (default 512, or the model's positions if fewer)"
@@ -162,14 +164,20 @@ def compare_cmd(
     """Which machine should I rent? The best layout on each machine side by side."""
     from zoplan.planner import compare
 
-    results = compare(
-        model,
-        topology,
-        global_batch=global_batch,
-        seq_len=seq_len,
-        objective=objective.value,
-        dtype=dtype.value if dtype else None,
-    )
+    with err.status("planning", spinner="dots") as status:  # machines plan one after another: seconds
+
+        def planning(name: str, i: int, n: int) -> None:
+            status.update(f"planning {model} on {name} ({i + 1} of {n})")
+
+        results = compare(
+            model,
+            topology or [],
+            global_batch=global_batch,
+            seq_len=seq_len,
+            objective=objective.value,
+            dtype=dtype.value if dtype else None,
+            progress=planning,
+        )
     if as_json:
         print(
             json.dumps(
@@ -191,9 +199,10 @@ def compare_cmd(
             )
         )
         return
-    from zoplan.cli.render import compare_table
+    from zoplan.cli.render import compare_table, compare_verdict
 
     out.print(compare_table(results, model))
+    out.print(Text(compare_verdict(results)))
 
 
 @app.command("timeline")

@@ -178,6 +178,26 @@ def plan_footer(report: PlanReport) -> Text:
     return text
 
 
+def compare_verdict(results: list[tuple[str, PlanReport | ZoplanError]]) -> str:
+    """One line under the comparison: the fastest machine, and the cheapest per token where the
+    machines have prices (each machine's best layout)."""
+    fits = [(name, res) for name, res in results if not isinstance(res, ZoplanError)]
+    if not fits:
+        return "verdict: the model fits none of these machines"
+    fastest_name, fastest = min(fits, key=lambda nr: nr[1].search.best.step_time_s)
+    said = f"verdict: fastest {fastest_name} ({_fmt_time(fastest.search.best.step_time_s)} a step)"
+    priced = []
+    for name, res in fits:
+        cost = candidate_summary(res.search.best, res.machine, res.search.workload)["usd_per_mtok"]
+        if cost is not None:
+            priced.append((cost, name))
+    if priced:
+        cost, name = min(priced)
+        said += f"; cheapest per token {name} ({_fmt_usd(cost)} $/Mtok)"
+    left = len(results) - len(fits)
+    return said + (f"; {left} machine(s) cannot run it" if left else "")
+
+
 def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: str) -> Table:
     table = Table(title=f"{model}: best layout per machine", title_justify="left", header_style="bold")
     for col in [

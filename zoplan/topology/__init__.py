@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 import networkx as nx
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from zoplan.errors import ZoplanError
+from zoplan.errors import ZoplanError, did_you_mean
 from zoplan.fileio import Strict, check_version, content_hash, read_yaml, validate
 
 if TYPE_CHECKING:
@@ -369,7 +369,8 @@ def resolve_topology_path(name_or_path: str | Path) -> Path:
     names = bundled_names()
     if str(name_or_path) not in names:
         raise ZoplanError(
-            f"unknown topology '{name_or_path}'", fix=f"use a bundled one ({', '.join(names)}) or a path to a YAML file"
+            f"unknown topology '{name_or_path}'" + did_you_mean(str(name_or_path), names),
+            fix=f"use a bundled one ({', '.join(names)}) or a path to a YAML file",
         )
     return Path(str(resources.files("zoplan.topologies") / f"{name_or_path}.yaml"))
 

@@ -151,12 +151,17 @@ def parse_gpu_query(text: str) -> list[tuple[str, float | None]]:
     return gpus
 
 
+def preset_matching(product: str) -> str | None:
+    """The name of the preset whose GPU nvidia-smi calls ``product`` ("NVIDIA A100-SXM4-80GB"), if any."""
+    key = " ".join(_PREFIXES.sub("", " ".join(product.upper().split())).split())
+    return next((preset for pattern, preset in PRESET_NAMES if pattern.fullmatch(key)), None)
+
+
 def gpu_preset_for(name: str, memory_mib: float | None = None) -> GpuPreset:
     """The preset of the GPU nvidia-smi calls ``name``; a ZoplanError naming it otherwise."""
-    key = " ".join(_PREFIXES.sub("", " ".join(name.upper().split())).split())
-    for pattern, preset in PRESET_NAMES:
-        if pattern.fullmatch(key):
-            return PRESETS[preset]
+    matched = preset_matching(name)
+    if matched is not None:
+        return PRESETS[matched]
     memory = f", {memory_mib:.0f} MiB" if memory_mib is not None else ""
     raise ZoplanError(
         f"no GPU preset matches '{name}'{memory} (reported by nvidia-smi); the presets are {', '.join(preset_names())}",

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from zoplan.errors import ZoplanError
+from zoplan.errors import ZoplanError, did_you_mean
 
 # NVLink line rate per link and direction: 25 GB/s for NVLink3 (A100: 12 links = 300 GB/s per
 # direction, "600 GB/s" bidirectional) and NVLink4 (H100: 18 links = 450 GB/s per direction,
@@ -286,6 +286,14 @@ def get_preset(name: str | None) -> GpuPreset:
             fix=f"one of: {', '.join(preset_names())}",
         )
     preset = PRESETS.get(name.strip().lower())
-    if preset is None:
-        raise ZoplanError(f"unknown GPU model '{name}'", fix=f"pass --gpu with one of: {', '.join(preset_names())}")
+    if preset is None:  # the product name nvidia-smi prints ("NVIDIA A100-SXM4-80GB", "L40S") names one too
+        from zoplan.topology.detect import preset_matching
+
+        matched = preset_matching(name)
+        if matched is not None:
+            return PRESETS[matched]
+        raise ZoplanError(
+            f"unknown GPU model '{name}'" + did_you_mean(name, preset_names()),
+            fix=f"pass --gpu with one of: {', '.join(preset_names())}, or the name nvidia-smi prints for one of them",
+        )
     return preset
