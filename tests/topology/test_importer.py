@@ -359,6 +359,12 @@ def plain_consoles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli, "err", Console(stderr=True, width=160, color_system=None, force_terminal=False))
 
 
+def import_command(matrix: Path, gpu: str, out: Path):
+    """``zoplan topo import MATRIX --gpu GPU`` with the host figures given."""
+    args = ["topo", "import", str(matrix), "--gpu", gpu, "-o", str(out), "--host-memory-gib", "1024"]
+    return runner.invoke(cli.app, [*args, "--host-gbps", "204.8"])
+
+
 @pytest.mark.parametrize(
     ("matrix", "printed", "preset"),
     [
@@ -371,42 +377,14 @@ def test_import_takes_the_gpu_name_nvidia_smi_prints(
     tmp_path: Path, plain_consoles, matrix: Path, printed: str, preset: str
 ) -> None:
     out = tmp_path / "machine.yaml"
-    args = [
-        "topo",
-        "import",
-        str(matrix),
-        "--gpu",
-        printed,
-        "-o",
-        str(out),
-        "--host-memory-gib",
-        "1024",
-        "--host-gbps",
-        "204.8",
-    ]
-    result = runner.invoke(cli.app, args)
+    result = import_command(matrix, printed, out)
     assert result.exit_code == 0, result.output
     assert {g["model"] for g in yaml.safe_load(out.read_text())["gpus"]} == {preset}
 
 
 def test_cli_import_writes_a_file_that_plans(tmp_path: Path, plain_consoles) -> None:
     out = tmp_path / "machine.yaml"
-    result = runner.invoke(
-        cli.app,
-        [
-            "topo",
-            "import",
-            str(DGX),
-            "--gpu",
-            "a100-sxm4-80gb",
-            "-o",
-            str(out),
-            "--host-memory-gib",
-            "1024",
-            "--host-gbps",
-            "204.8",
-        ],
-    )
+    result = import_command(DGX, "a100-sxm4-80gb", out)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"wrote {out}: 8x a100-sxm4-80gb, NVSwitch")
     assert len(result.stdout.strip().splitlines()) == 1
