@@ -63,8 +63,10 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
 
     # the journal alone rebuilds the trained weights from the base model
 
-    rep = zoplan("replay", "tiny-opt", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep"))
-    assert rep.returncode == 0, rep.stderr
+    from fuzzkit import console  # the console script's main, in this process: no interpreter start
+
+    code, said = console(["replay", "tiny-opt", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep")])
+    assert code == 0, said
     trained, rebuilt = (
         load_file(str(out / "model" / "model.safetensors")),
         load_file(str(tmp_path / "rep" / "model.safetensors")),
@@ -72,15 +74,17 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
     assert all(torch.equal(rebuilt[n], v) for n, v in trained.items())
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 0}\n' + (out / "journal.jsonl").read_text())
-    rep = zoplan("replay", "tiny-opt", str(bad), "-o", str(tmp_path / "rep2"))
-    assert rep.returncode == 2 and f"{bad}:1" in rep.stderr and "Traceback" not in rep.stderr
+    code, said = console(["replay", "tiny-opt", str(bad), "-o", str(tmp_path / "rep2")])
+    assert code == 2 and f"{bad}:1" in said and "Traceback" not in said
     # onto another model the journal would change other weights: plan.yaml beside it says which
-    rep = zoplan("replay", "tiny-llama", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep3"))
-    assert rep.returncode == 2 and "the base model given is" in rep.stderr and "Traceback" not in rep.stderr
+    code, said = console(["replay", "tiny-llama", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep3")])
+    assert code == 2 and "the base model given is" in said and "Traceback" not in said
     assert not (tmp_path / "rep3").exists()
     if not torch.cuda.is_available():
-        rep = zoplan("replay", "tiny-opt", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep4"), "--device", "cuda")
-        assert rep.returncode == 2 and "cannot reach a GPU" in rep.stderr and "Traceback" not in rep.stderr
+        code, said = console(
+            ["replay", "tiny-opt", str(out / "journal.jsonl"), "-o", str(tmp_path / "rep4"), "--device", "cuda"]
+        )
+        assert code == 2 and "cannot reach a GPU" in said and "Traceback" not in said
 
 
 def test_a_plan_for_another_model_is_refused(tmp_path: Path, tiny_dirs) -> None:
