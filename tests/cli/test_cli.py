@@ -345,6 +345,25 @@ def test_compare_all_plans_every_bundled_gpu_machine_and_gives_a_verdict() -> No
     assert f"verdict: fastest {fastest} (" in table and f"cheapest per token {cheapest['topology']} (" in table
 
 
+def test_the_verdict_gives_the_time_and_price_of_the_tokens_asked_for() -> None:
+    workload = ("-m", "opt-1.3b", "-b", "4", "-s", "256", "-t", "dgx-a100", "-t", "l40s-8x")
+    machines = {m["topology"]: m for m in json.loads(invoke("compare", *workload, "--json").stdout)["machines"]}
+    verdict = invoke("compare", *workload, "--tokens", "1e9").stdout.strip().splitlines()[-1]
+    fastest = min(machines.values(), key=lambda m: m["step_time_s"])
+    hours = 1e9 / fastest["tokens_per_s"] / 3600
+    price = fastest["usd_per_mtok"] * 1e3
+    assert verdict.startswith(f"verdict: fastest {fastest['topology']} (")
+    assert f"1e+09 tokens in {hours:,.1f} h, ${price:,.0f})" in verdict, verdict
+
+
+def test_version_is_the_package_version() -> None:
+    import re
+
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    version = re.search(r'^version = "([^"]+)"', pyproject, re.M)
+    assert version is not None and invoke("--version").stdout.strip() == f"zoplan {version.group(1)}"
+
+
 @pytest.mark.parametrize(
     ("option", "typed", "meant"),
     [("-m", "opt-66B", "opt-66b"), ("-m", "llama2-70b", "llama-2-70b"), ("-t", "dgx_a100", "dgx-a100")],

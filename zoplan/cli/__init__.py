@@ -35,6 +35,24 @@ models_app = typer.Typer(help="Model shape presets.", no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
 app.add_typer(models_app, name="models")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from zoplan import __version__
+
+        print(f"zoplan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print zoplan's version and exit"
+    ),
+) -> None:
+    """Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs."""
+
+
 # Tables are wide; when the output is not a terminal (a pipe, a file, CI logs) rich would wrap
 # them at 80 columns, so give them room instead.
 out = Console() if sys.stdout.isatty() else Console(width=160)
@@ -160,6 +178,9 @@ def compare_cmd(
     dtype: Optional[Dtype] = typer.Option(None, "--dtype", help="default: bf16 on GPUs, fp32 on CPU ranks"),
     objective: Objective = typer.Option(Objective.TIME, "--objective"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
+    tokens: Optional[float] = typer.Option(
+        None, "--tokens", min=1, help="the verdict also gives the time and price of this many tokens (e.g. 1e9)"
+    ),
 ) -> None:
     """Which machine should I rent? The best layout on each machine side by side."""
     from zoplan.planner import compare
@@ -202,7 +223,7 @@ def compare_cmd(
     from zoplan.cli.render import compare_table, compare_verdict
 
     out.print(compare_table(results, model))
-    out.print(Text(compare_verdict(results)))
+    out.print(Text(compare_verdict(results, tokens)))
 
 
 @app.command("timeline")

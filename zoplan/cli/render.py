@@ -178,22 +178,27 @@ def plan_footer(report: PlanReport) -> Text:
     return text
 
 
-def compare_verdict(results: list[tuple[str, PlanReport | ZoplanError]]) -> str:
+def compare_verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens: float | None = None) -> str:
     """One line under the comparison: the fastest machine, and the cheapest per token where the
-    machines have prices (each machine's best layout)."""
+    machines have prices (each machine's best layout); with ``tokens``, what that many tokens
+    take on each: hours, and dollars."""
     fits = [(name, res) for name, res in results if not isinstance(res, ZoplanError)]
     if not fits:
         return "verdict: the model fits none of these machines"
-    fastest_name, fastest = min(fits, key=lambda nr: nr[1].search.best.step_time_s)
-    said = f"verdict: fastest {fastest_name} ({_fmt_time(fastest.search.best.step_time_s)} a step)"
-    priced = []
-    for name, res in fits:
-        cost = candidate_summary(res.search.best, res.machine, res.search.workload)["usd_per_mtok"]
-        if cost is not None:
-            priced.append((cost, name))
+    summaries = {name: candidate_summary(res.search.best, res.machine, res.search.workload) for name, res in fits}
+
+    def cost_of(name: str) -> str:
+        hours = tokens / summaries[name]["tokens_per_s"] / 3600 if tokens else 0.0
+        usd = summaries[name]["usd_per_mtok"]
+        price = f", ${usd * tokens / 1e6:,.0f}" if usd is not None and tokens else ""
+        return f"; {tokens:.3g} tokens in {hours:,.1f} h{price}" if tokens else ""
+
+    fastest = min(summaries, key=lambda name: summaries[name]["step_time_s"])
+    said = f"verdict: fastest {fastest} ({_fmt_time(summaries[fastest]['step_time_s'])} a step{cost_of(fastest)})"
+    priced = [(s["usd_per_mtok"], name) for name, s in summaries.items() if s["usd_per_mtok"] is not None]
     if priced:
-        cost, name = min(priced)
-        said += f"; cheapest per token {name} ({_fmt_usd(cost)} $/Mtok)"
+        usd, cheapest = min(priced)
+        said += f"; cheapest per token {cheapest} ({_fmt_usd(usd)} $/Mtok{cost_of(cheapest)})"
     left = len(results) - len(fits)
     return said + (f"; {left} machine(s) cannot run it" if left else "")
 
