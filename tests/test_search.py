@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from zoplan.sim.bound import machine_bound
@@ -177,7 +179,7 @@ def test_opt_sequences_longer_than_its_positions_are_refused() -> None:
         search(load_topology("dgx-a100"), Workload(load_model_shape("opt-1.3b"), 1, 4096))
 
 
-def test_cost_charges_the_share_of_gpus_used_across_nodes(tmp_path) -> None:
+def test_cost_charges_the_whole_nodes_the_layout_runs_on(tmp_path) -> None:
     import yaml
 
     from zoplan.search import usd_per_mtok
@@ -201,6 +203,9 @@ def test_cost_charges_the_share_of_gpus_used_across_nodes(tmp_path) -> None:
         micro_batch=1,
         prefetch=1,
     )
-    # one GPU of sixteen for one hour's worth of steps costs 1/16 of the price
+    # one GPU on one of two nodes, for one hour's worth of steps: the whole node, half the price
+    # (its other seven GPUs are rented all the same); the same layout on both nodes: all of it
     tokens_per_hour = work.tokens_per_step * 3600
-    assert usd_per_mtok(machine, work, one, 1.0) == pytest.approx(100.0 / 16 / tokens_per_hour * 1e6)
+    assert usd_per_mtok(machine, work, one, 1.0) == pytest.approx(100.0 / 2 / tokens_per_hour * 1e6)
+    both = dataclasses.replace(one, nodes=2)
+    assert usd_per_mtok(machine, work, both, 1.0) == pytest.approx(100.0 / tokens_per_hour * 1e6)

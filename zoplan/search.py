@@ -139,12 +139,13 @@ def gpus_used(layout: Layout) -> int:
 
 
 def usd_per_mtok(machine: Machine, workload: Workload, layout: Layout, step_time_s: float) -> float | None:
-    """$ per million tokens, charging the layout for the GPUs it uses: the node price times the
-    share of the node's GPUs in use, as clouds that rent single GPUs do."""
+    """$ per million tokens, charging the whole machines rented for the step: the price of the
+    nodes the layout runs on, every GPU of them, whether the layout uses it or not (a GPU left
+    idle is paid for all the same)."""
     price = machine.spec.price_per_hour_usd
     if price is None or not machine.gpus:
         return None
-    share = gpus_used(layout) / (len(machine.gpus) * machine.spec.nodes)  # the price is for all nodes
+    share = layout.nodes / machine.spec.nodes  # the price is for all nodes
     return price * share / 3600 * step_time_s / workload.tokens_per_step * 1e6
 
 
