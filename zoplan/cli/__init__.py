@@ -105,6 +105,7 @@ def plan_cmd(
     steps: int = typer.Option(1000, "--steps", min=1, max=MAX_STEPS, help="training steps recorded in the plan"),
     lr_schedule: Schedule = typer.Option(Schedule.CONSTANT, "--lr-schedule"),
     profile: Optional[Path] = typer.Option(None, "--profile", help="plan with the figures `zoplan calibrate` measured"),
+    wide: bool = typer.Option(False, "--wide", help="every column of the table (the default ones fit 80 columns)"),
 ) -> None:
     """Find the fastest (or cheapest) layout of a model on a machine and write it as a plan."""
     from zoplan.planfile import ZoSettings, write_plan, zo_settings
@@ -147,8 +148,8 @@ def plan_cmd(
         return
     from zoplan.cli.render import plan_footer, plan_table
 
-    out.print(plan_table(report))
-    out.print(plan_footer(report))
+    out.print(plan_table(report, wide))
+    out.print(plan_footer(report, wide))
     if output is not None:
         out.print(Text(f"wrote {output}  (inspect it with: zoplan timeline {output} --show)"))
 
@@ -181,6 +182,7 @@ def compare_cmd(
     tokens: Optional[float] = typer.Option(
         None, "--tokens", min=1, help="the verdict also gives the time and price of this many tokens (e.g. 1e9)"
     ),
+    wide: bool = typer.Option(False, "--wide", help="every column of the table (the default ones fit 80 columns)"),
 ) -> None:
     """Which machine should I rent? The best layout on each machine side by side."""
     from zoplan.planner import compare
@@ -222,7 +224,7 @@ def compare_cmd(
         return
     from zoplan.cli.render import compare_table, compare_verdict
 
-    out.print(compare_table(results, model))
+    out.print(compare_table(results, model, wide))
     out.print(Text(compare_verdict(results, tokens)))
 
 

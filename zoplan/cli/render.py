@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -49,6 +50,28 @@ def _movers(summary: CandidateSummary) -> str:
     return f"{len(summary['movers'])}, sliced" + (f" ({relays} relay)" if relays else "")
 
 
+# The plan table's columns: (header, justify, shown by default). The default ones fit an
+# 80-column terminal; --wide shows every one.
+PLAN_COLUMNS: list[tuple[str, str, bool]] = [
+    ("#", "right", True),
+    ("p×d", "left", True),
+    ("moved by", "left", True),
+    ("slices", "right", False),
+    ("wire", "left", False),
+    ("µb", "right", False),
+    ("pf", "right", False),
+    ("res", "right", False),
+    ("step", "right", True),
+    ("tok/s", "right", True),
+    ("GPU GiB", "right", False),
+    ("host GiB", "right", False),
+    ("bottleneck", "left", True),
+    ("bound", "right", False),
+    ("$/Mtok", "right", True),
+    ("vs ZO2", "right", True),
+]
+
+
 def _row(summary: CandidateSummary, label: str, speedup: float | None) -> list[str]:
     cost = summary["usd_per_mtok"]
     return [
@@ -71,39 +94,37 @@ def _row(summary: CandidateSummary, label: str, speedup: float | None) -> list[s
     ]
 
 
-def plan_table(report: PlanReport) -> Table:
+def plan_table(report: PlanReport, wide: bool = False) -> Table:
+    """The best layouts and the ZO2 baseline; the columns that fit 80 columns, or with ``wide``
+    every one (slices, wire dtype, micro-batch, prefetch, resident blocks, memory, bound)."""
     s = report.search
     w = s.workload
     title = (
         f"{report.shape.name} on {report.machine.name}: global batch {w.global_batch} × "
         f"{w.seq_len} tokens, objective {s.objective}"
     )
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for col, justify in [
-        ("#", "right"),
-        ("p×d", "left"),
-        ("blocks moved by", "left"),
-        ("slices", "right"),
-        ("wire", "left"),
-        ("µb", "right"),
-        ("pf", "right"),
-        ("res", "right"),
-        ("step", "right"),
-        ("tok/s", "right"),
-        ("GPU GiB", "right"),
-        ("host GiB", "right"),
-        ("bottleneck", "left"),
-        ("bound", "right"),
-        ("$/Mtok", "right"),
-        ("vs ZO2", "right"),
-    ]:
-        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    shown = [i for i, (_, _, default) in enumerate(PLAN_COLUMNS) if wide or default]
+    table = Table(
+        title=title,
+        title_justify="left",
+        header_style="bold",
+        box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD,
+        pad_edge=wide,
+        collapse_padding=not wide,
+    )
+    for i in shown:
+        col, justify, _ = PLAN_COLUMNS[i]
+        # a long resource name folds onto a second line rather than losing its end
+        bottleneck = col == "bottleneck"
+        table.add_column(col, justify=justify, no_wrap=not bottleneck, overflow="fold" if bottleneck else "ellipsis")  # type: ignore[arg-type]
     base = s.baseline
-    for i, cand in enumerate(report.shown, 1):
+    for n, cand in enumerate(report.shown, 1):
         speed = base.step_time_s / cand.step_time_s if base else None
-        table.add_row(*_row(report.summary(cand), str(i), speed), style="bold green" if i == 1 else None)
+        row = _row(report.summary(cand), str(n), speed)
+        table.add_row(*(row[i] for i in shown), style="bold green" if n == 1 else None)
     if base:
-        table.add_row(*_row(report.summary(base), "ZO2", 1.0), style="dim")
+        row = _row(report.summary(base), "ZO2", 1.0)
+        table.add_row(*(row[i] for i in shown), style="dim")
     return table
 
 
@@ -118,7 +139,7 @@ def sensitivity_line(step_s: float, slower: dict[str, float]) -> str:
     )
 
 
-def plan_footer(report: PlanReport) -> Text:
+def plan_footer(report: PlanReport, wide: bool = False) -> Text:
     s = report.search
     text = Text()
     best = report.summary(s.best)
@@ -167,7 +188,10 @@ def plan_footer(report: PlanReport) -> Text:
             )
     text.append(
         "p×d: perturbation × data-parallel degree; µb: micro-batch; pf: blocks prefetched; "
-        "res: blocks resident on the GPUs; bound: machine bound / step time\n",
+        "res: blocks resident on the GPUs; bound: machine bound / step time\n"
+        if wide
+        else "p×d: perturbation × data-parallel degree; --wide: slices, wire dtype, micro-batch, prefetch, "
+        "resident blocks, memory, bound\n",
         style="dim",
     )
     text.append(
@@ -203,31 +227,44 @@ def compare_verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens:
     return said + (f"; {left} machine(s) cannot run it" if left else "")
 
 
-def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: str) -> Table:
-    table = Table(title=f"{model}: best layout per machine", title_justify="left", header_style="bold")
-    for col in [
-        "machine",
-        "GPUs",
-        "pert×data",
-        "movers",
-        "step",
-        "tok/s",
-        "GPU GiB",
-        "host GiB",
-        "bottleneck",
-        "$/h",
-        "$/Mtok",
-        "vs ZO2",
-    ]:
-        table.add_column(col, no_wrap=col != "bottleneck")
+# (header, shown by default): the default ones fit an 80-column terminal; --wide shows every one
+COMPARE_COLUMNS: list[tuple[str, bool]] = [
+    ("machine", True),
+    ("GPUs", True),
+    ("pert×data", False),
+    ("movers", False),
+    ("step", True),
+    ("tok/s", True),
+    ("GPU GiB", False),
+    ("host GiB", False),
+    ("bottleneck", False),
+    ("$/h", True),
+    ("$/Mtok", True),
+    ("vs ZO2", True),
+]
+
+
+def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: str, wide: bool = False) -> Table:
+    shown = [i for i, (_, default) in enumerate(COMPARE_COLUMNS) if wide or default]
+    table = Table(
+        title=f"{model}: best layout per machine",
+        title_justify="left",
+        header_style="bold",
+        box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD,
+        pad_edge=wide,
+        collapse_padding=not wide,
+    )
+    for i in shown:
+        col = COMPARE_COLUMNS[i][0]
+        table.add_column(col, no_wrap=col != "bottleneck", overflow="fold" if col == "bottleneck" else "ellipsis")
     for name, res in results:
-        if isinstance(res, ZoplanError):
-            table.add_row(name, "", "", "", "", "", "", "", Text(res.message, style="red"))
+        if isinstance(res, ZoplanError):  # the reason, in the columns after the name
+            table.add_row(name, Text(res.message, style="red"), *([""] * (len(shown) - 2)))
             continue
         best = res.search.best
         summ = candidate_summary(best, res.machine, res.search.workload)
         price = res.machine.spec.price_per_hour_usd
-        table.add_row(
+        row = [
             res.machine.name,
             f"{len(best.layout.gpus)}/{len(res.machine.gpus)}",
             f"{summ['perturbation']}×{summ['data']}",
@@ -240,7 +277,8 @@ def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: st
             f"{price:.2f}" if price else "–",
             _fmt_usd(summ["usd_per_mtok"]),
             f"{res.speedup_vs_baseline:.2f}×" if res.speedup_vs_baseline else "–",
-        )
+        ]
+        table.add_row(*(row[i] for i in shown))
     return table
 
 
