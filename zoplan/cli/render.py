@@ -72,6 +72,23 @@ PLAN_COLUMNS: list[tuple[str, str, bool]] = [
 ]
 
 
+def _table(title: str, columns: list[tuple[str, str]], wide: bool) -> Table:
+    """A table of (header, justify) columns: framed with --wide, else without column rules, to fit
+    80 columns. A long bottleneck name folds onto a second line rather than losing its end."""
+    table = Table(
+        title=title,
+        title_justify="left",
+        header_style="bold",
+        box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD,
+        pad_edge=wide,
+        collapse_padding=not wide,
+    )
+    for col, justify in columns:
+        bottleneck = col == "bottleneck"
+        table.add_column(col, justify=justify, no_wrap=not bottleneck, overflow="fold" if bottleneck else "ellipsis")  # type: ignore[arg-type]
+    return table
+
+
 def _row(summary: CandidateSummary, label: str, speedup: float | None) -> list[str]:
     cost = summary["usd_per_mtok"]
     return [
@@ -104,19 +121,7 @@ def plan_table(report: PlanReport, wide: bool = False) -> Table:
         f"{w.seq_len} tokens, objective {s.objective}"
     )
     shown = [i for i, (_, _, default) in enumerate(PLAN_COLUMNS) if wide or default]
-    table = Table(
-        title=title,
-        title_justify="left",
-        header_style="bold",
-        box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD,
-        pad_edge=wide,
-        collapse_padding=not wide,
-    )
-    for i in shown:
-        col, justify, _ = PLAN_COLUMNS[i]
-        # a long resource name folds onto a second line rather than losing its end
-        bottleneck = col == "bottleneck"
-        table.add_column(col, justify=justify, no_wrap=not bottleneck, overflow="fold" if bottleneck else "ellipsis")  # type: ignore[arg-type]
+    table = _table(title, [PLAN_COLUMNS[i][:2] for i in shown], wide)
     base = s.baseline
     for n, cand in enumerate(report.shown, 1):
         speed = base.step_time_s / cand.step_time_s if base else None
@@ -246,17 +251,7 @@ COMPARE_COLUMNS: list[tuple[str, bool]] = [
 
 def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: str, wide: bool = False) -> Table:
     shown = [i for i, (_, default) in enumerate(COMPARE_COLUMNS) if wide or default]
-    table = Table(
-        title=f"{model}: best layout per machine",
-        title_justify="left",
-        header_style="bold",
-        box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD,
-        pad_edge=wide,
-        collapse_padding=not wide,
-    )
-    for i in shown:
-        col = COMPARE_COLUMNS[i][0]
-        table.add_column(col, no_wrap=col != "bottleneck", overflow="fold" if col == "bottleneck" else "ellipsis")
+    table = _table(f"{model}: best layout per machine", [(COMPARE_COLUMNS[i][0], "left") for i in shown], wide)
     for name, res in results:
         if isinstance(res, ZoplanError):  # the reason, in the columns after the name
             table.add_row(name, Text(res.message, style="red"), *([""] * (len(shown) - 2)))
