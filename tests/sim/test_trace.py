@@ -365,6 +365,19 @@ def test_gantt_names_the_rows_by_gpu_or_by_cpu_rank(sliced, machine) -> None:
     assert header.split()[:2] == ["rank", "stream"]
 
 
+@pytest.mark.parametrize("columns", [60, 80, 132])
+def test_gantt_fits_the_terminal_with_its_labels(sliced, machine, columns: int) -> None:
+    """No --width: as many time columns as leave every row's GPU, stream and busy % whole."""
+    layout, result = sliced
+    text = _render(gantt(result, machine, width=None, fit=columns), width=columns)
+    rows = [line for line in text.splitlines() if line.rstrip().endswith("%")]
+    assert len(rows) == len(layout.gpus) * len(STREAMS)
+    assert all(len(line.rstrip()) <= columns for line in text.splitlines() if "█" in line or "·" in line)
+    assert {line.split()[0] for line in rows if line[0] != " "} == set(layout.gpus)  # each GPU named
+    streams = [line.split()[1] if line[0] != " " else line.split()[0] for line in rows]
+    assert all(stream in STREAMS for stream in streams), streams  # each row's stream, whole
+
+
 def test_gantt_rejects_a_useless_width(sliced, machine) -> None:
     with pytest.raises(ZoplanError, match="width"):
         gantt(sliced[1], machine, width=3)

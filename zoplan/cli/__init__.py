@@ -236,7 +236,9 @@ def timeline_cmd(
     ),
     show: bool = typer.Option(False, "--show", help="draw the step as a Gantt chart in the terminal"),
     png: Optional[Path] = typer.Option(None, "--png", help="draw the step with matplotlib (plot extra)"),
-    width: int = typer.Option(100, "--width", help="columns of the terminal chart"),
+    width: Optional[int] = typer.Option(
+        None, "--width", help="time columns of the terminal chart (default: as many as the terminal has room for)"
+    ),
     topology: Optional[str] = typer.Option(None, "--topology", help="the topology file, if it moved since planning"),
     ops: bool = typer.Option(False, "--ops", help="list the step program: what each rank issues in a step, in order"),
     rank: Optional[list[str]] = typer.Option(None, "--rank", help="with --ops: only this rank (GPU id; repeatable)"),
@@ -261,7 +263,7 @@ def timeline_cmd(
     if show:
         from zoplan.cli.render import sensitivity_line
 
-        out.print(trace.gantt(sim, tl.machine, width=width))
+        out.print(trace.gantt(sim, tl.machine, width=width, fit=out.width if sys.stdout.isatty() else 120))
         out.print(Text(sensitivity_line(sim.step_time_s, tl.sensitivity)), highlight=False, soft_wrap=True)
 
 

@@ -413,11 +413,16 @@ def _axis(span_s: float, width: int) -> Text:
 MAX_GANTT_WIDTH = 1000
 
 
-def gantt(result: SimResult, machine: Machine, width: int = 100) -> RenderableType:
+def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int = 100) -> RenderableType:
     """Terminal Gantt chart of the reported step: one row per (GPU, stream) busy in it, time in
     ``width`` columns, each cell coloured by the category that fills most of it ('█' busy at
-    least half the cell, '▄' less, '·' idle), with a time axis, a legend and busy % per row."""
+    least half the cell, '▄' less, '·' idle), with a time axis, a legend and busy % per row.
+    ``width`` None: as many time columns as leave the labels and busy % whole in ``fit``
+    columns (a terminal's width)."""
     _require_spans(result)
+    if width is None:  # GPU and stream names, the busy column, a space after each column
+        labels = max((len(g) for g in machine.gpus), default=4) + 1 + len("exchange") + 1 + 1 + len("100%")
+        width = max(10, min(MAX_GANTT_WIDTH, fit - labels))
     if not 10 <= width <= MAX_GANTT_WIDTH:  # each row is a string of ``width`` cells
         raise ZoplanError(
             f"gantt width must be from 10 to {MAX_GANTT_WIDTH} columns, got {width}",
