@@ -301,3 +301,16 @@ def test_gpu_memory_counts_what_the_runtime_allocates(tmp_path: Path) -> None:
     parts = SHAPE.resident_params() * 2
     activations = SHAPE.block_activation_bytes(1, 16, "bf16", 2) + SHAPE.head_activation_bytes(1, 16)
     assert costs.gpu_memory_bytes("gpu0") == GPU_RESERVE_BYTES + 3 * block + 2 * block + 2 * parts + activations
+
+
+def test_the_bound_names_a_close_runner_up_of_another_kind() -> None:
+    """One bottleneck story: the busiest resource, and the busiest of another kind when it is
+    nearly as busy (the step leans on both: the sensitivity line shows both moving it)."""
+    from zoplan.sim import SimResult
+
+    util = {"compute gpu0": 0.99, "compute gpu1": 0.99, "PCIe cpu0->gpu0": 0.94, "NVLink gpu0->gpu1": 0.5}
+    result = SimResult(step_time_s=1.0, window=(0.0, 1.0), step_ends=[], utilization=util, bottleneck="compute gpu0")
+    assert result.runner_up() == "PCIe cpu0->gpu0"  # not compute gpu1: the same kind says nothing new
+    assert result.bound_story() == "compute gpu0 (99% busy), then PCIe cpu0->gpu0 (94%)"
+    util["PCIe cpu0->gpu0"] = 0.6
+    assert result.runner_up() is None and result.bound_story() == "compute gpu0 (99% busy)"

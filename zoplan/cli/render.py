@@ -154,7 +154,8 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
         text.append(
             f", blocks sliced over {len(best['movers'])} devices" + (f" (relays {','.join(relays)})" if relays else "")
         )
-    text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {best['bottleneck']}\n")
+    bound = s.best.sim.bound_story() if s.best.sim is not None else best["bottleneck"]
+    text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {bound}\n")
     if report.sensitivity:
         text.append(sensitivity_line(best["step_time_s"], report.sensitivity) + "\n")
     device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"
@@ -162,7 +163,7 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
         assert s.baseline.sim is not None  # zo2_baseline simulates the baseline it returns
         text.append(
             f"ZO2 baseline (1 {device}, dual forward, whole blocks): {_fmt_time(s.baseline.step_time_s)}, "
-            f"bound by {s.baseline.sim.bottleneck}; speedup {report.speedup_vs_baseline:.2f}×\n"
+            f"bound by {s.baseline.sim.bound_story()}; speedup {report.speedup_vs_baseline:.2f}×\n"
         )
     else:
         text.append(f"ZO2 baseline: does not fit one {device} of this machine\n")

@@ -62,6 +62,23 @@ class SimResult:
     link_samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     capacity: dict[str, float] = field(default_factory=dict)
 
+    def runner_up(self, within: float = 0.9) -> str | None:
+        """The busiest resource of another kind than the bottleneck (PCIe when it is compute, and
+        so on) when it is busy at least ``within`` of the bottleneck's share of the step: the
+        step then leans on both, and making either faster alone gains less than it seems."""
+        top = self.utilization.get(self.bottleneck, 0.0)
+        kind = self.bottleneck.split(" ")[0]
+        others = sorted(((u, name) for name, u in self.utilization.items() if name.split(" ")[0] != kind), reverse=True)
+        return others[0][1] if others and top > 0 and others[0][0] >= within * top else None
+
+    def bound_story(self) -> str:
+        """``compute gpu0 (99% busy)``, and the runner-up when there is one: what the step is bound by."""
+        said = f"{self.bottleneck} ({self.utilization.get(self.bottleneck, 0.0):.0%} busy)"
+        second = self.runner_up()
+        if second is not None:
+            said += f", then {second} ({self.utilization[second]:.0%})"
+        return said
+
 
 def link_label(resource: str, machine: Machine) -> str:
     if resource.startswith("mem:"):

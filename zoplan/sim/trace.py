@@ -463,8 +463,8 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
     legend.append(" busy < half the cell")
     heading = Text.assemble(
         (f"{machine.name}", "bold"),
-        f": reported step {REPORTED_STEP}, {_fmt_duration(span_s)}, bottleneck ",
-        (result.bottleneck, "bold red"),
+        f": reported step {REPORTED_STEP}, {_fmt_duration(span_s)}, bound by ",
+        (result.bound_story(), "bold red"),
         f" · one column = {_fmt_duration(span_s / width)}",
     )
     return Group(heading, table, legend)
