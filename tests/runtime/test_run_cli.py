@@ -334,3 +334,19 @@ def test_a_recipe_gives_its_prompt_words_and_hyper_parameters_unless_given(tmp_p
         proc = zoplan("run", "--data", str(data), "--recipe", recipe, "-o", str(tmp_path / "refused"))
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_damaged_journal_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
+    """`zoplan replay` of a journal it cannot trust answers at once: torch's import (seconds) comes
+    after the check."""
+    bad = tmp_path / "journal.jsonl"
+    bad.write_text('{"step": 0}\n')
+    code = (
+        "import sys\nfrom zoplan import cli\nsys.argv = ['zoplan', 'replay', 'tiny-opt', sys.argv[1], '-o', sys.argv[2]]\n"
+        "try:\n    cli.main()\nexcept SystemExit as exc:\n    print('exit', exc.code, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(bad), str(tmp_path / "out")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.strip() == "exit 2 False", proc.stdout + proc.stderr
+    assert f"{bad}:1" in proc.stderr and not (tmp_path / "out").exists()

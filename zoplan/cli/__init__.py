@@ -620,6 +620,9 @@ def replay_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (the device type that trained: bit-identical)"),
 ) -> None:
     """Rebuild trained weights from the base weights and the journal alone."""
+    from zoplan.runtime.journal import read_journal
+
+    read_journal(journal, first=0)  # a damaged journal is refused before torch is imported (seconds)
     from zoplan.runtime.replay import replay_to
 
     steps = replay_to(base_model, journal, output, dtype=dtype.value if dtype else None, device=device)
