@@ -390,8 +390,8 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
                 fix="--resume DIR continues the run in DIR: leave --output out",
             )
         cfg, ignored = resume_config(Path(resume), {k: v for k, v in given.items() if k != "output"})
-        pin_flags = [f for pin, f in runconfig.PIN_FLAGS.items() if "pins" in given and getattr(given["pins"], pin)]
-        ignored = [f for name in ignored for f in (pin_flags if name == "--pins" else [name])]
+        pinned = runconfig.pin_flags(given.get("pins"))
+        ignored = [f for name in ignored for f in (pinned if name == "--pins" else [name])]
     else:
         cfg = runconfig.make(**given)
     if given.get("eval_data") is not None and given.get("eval_fraction") is not None:

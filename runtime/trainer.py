@@ -23,6 +23,7 @@ them); ``zoplan run`` (or ``fine_tune``) is the one that offloads and spreads a 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -92,7 +93,7 @@ class ZOTrainer(Trainer):
         loss_minus = float(self.compute_loss(model, inputs))
         shift(eps)
         g = (loss_plus - loss_minus) / (2 * eps)
-        if not (torch.isfinite(torch.tensor(loss_plus)) and torch.isfinite(torch.tensor(loss_minus))):
+        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
             g = 0.0  # a non-finite loss changes nothing (zoplan run skips such a step too)
         lr, wd = self._zo_lr(), float(self.args.weight_decay)
         self.zo_steps.append(

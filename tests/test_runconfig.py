@@ -168,3 +168,13 @@ def test_a_calibration_configuration_reads_back_as_the_ranks_see_it(tmp_path: Pa
     cfg = runconfig.make_calibration(micro_batches=(4, 1, 2), dtype="bf16", model_dir=tmp_path, figures=tmp_path / "f")
     assert cfg.micro_batches == (1, 2, 4) and cfg.dtype == "bf16"
     assert runconfig.read_calibration(runconfig.write_calibration(cfg, tmp_path)) == cfg
+
+
+def test_a_pin_of_zero_is_a_pin() -> None:
+    """`--resident 0` is given as much as `--resident 2`: a plan file refuses it, a resume names it."""
+    from zoplan.layout import Pins
+    from zoplan.runconfig import pin_flags, planned_flags
+
+    assert pin_flags(Pins(resident=0, perturbation=2)) == ["--pertp", "--resident"]
+    assert pin_flags(None) == [] and pin_flags(Pins()) == []
+    assert planned_flags({"pins": Pins(resident=0), "lr": 1e-3}) == ["--resident", "--lr"]

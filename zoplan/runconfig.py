@@ -116,12 +116,14 @@ class RunConfig(Strict):
     @field_validator("recipe")
     @classmethod
     def _recipe(cls, name: str | None) -> str | None:
-        from zoplan.recipes import RECIPES
+        from zoplan.errors import ZoplanError
+        from zoplan.recipes import recipe
 
-        if name is not None and name not in RECIPES:
-            from zoplan.errors import did_you_mean
-
-            raise ValueError(f"no recipe {name!r}{did_you_mean(name, RECIPES)} The recipes: {', '.join(RECIPES)}")
+        if name is not None:
+            try:
+                recipe(name)
+            except ZoplanError as exc:
+                raise ValueError(f"{exc.message}; {exc.fix}") from None
         return name
 
     @field_validator("label_words")
@@ -225,12 +227,17 @@ PIN_FLAGS = {
 }
 
 
+def pin_flags(pins: Pins | None) -> list[str]:
+    """The command-line flags of the pins set in ``pins``."""
+    return [f for pin, f in PIN_FLAGS.items() if pins is not None and getattr(pins, pin) is not None]
+
+
 def planned_flags(given: dict[str, Any]) -> list[str]:
     """The flags among ``given`` (RunConfig names; pins as a layout.Pins) that a plan file fixes."""
     flags = []
     for name in PLANNED:
-        if name == "pins" and "pins" in given:
-            flags += [f for pin, f in PIN_FLAGS.items() if getattr(given["pins"], pin) is not None]
+        if name == "pins":
+            flags += pin_flags(given.get("pins"))
         elif name in given:
             flags.append(flag(name))
     return flags

@@ -401,7 +401,7 @@ def run_cmd(
         resident=resident,
         micro_batch=micro_batch,
     )
-    if any(getattr(pins, name) is not None for name in runconfig.PIN_FLAGS):
+    if runconfig.pin_flags(pins):
         given["pins"] = pins
     if label_words is not None:
         given["label_words"] = tuple(label_words.split(","))
