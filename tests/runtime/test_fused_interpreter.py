@@ -66,11 +66,12 @@ def test_a_run_with_the_fused_kernels_follows_the_torch_path(
 
     model_dir = tiny_dirs["tiny-opt"]
     two = cpu_topology(tmp_path, 2)
-    # sliced: each rank updates its own slices of a block (update_range over sub-ranges), then
-    # both signs are perturbed from the gathered block; whole: one rank, both signs in one launch
+    # one compute rank and one relay, sliced: each rank updates its own slices of a block
+    # (update_range over sub-ranges), then the compute rank perturbs the gathered block to both
+    # signs in one launch (the single-sign and whole-block kernels are checked bit for bit
+    # against the per-parameter ones by test_block_kernels.py, above)
     layouts = {
-        "2x1-sliced": dict(perturbation=2, data=1, upload="sliced", movers="compute", slices=2),
-        "1x1-whole": dict(perturbation=1, data=1, gpus=("rank0",), upload="whole"),
+        "1x1-relay-sliced": dict(perturbation=1, data=1, gpus=("rank0",), upload="sliced", movers="all", slices=2)
     }
     steps = 2  # the second applies the first one's deferred update: every kernel runs (interpreted: slow)
     with monkeypatch.context() as m:  # the fused runs' supervisors: forked from a server that imported triton so
