@@ -44,6 +44,36 @@ def test_pruned_search_finds_the_exhaustive_best(topology: str, batch: int, seq:
         assert cand.step_time_s == pytest.approx(exact, rel=1e-9)
 
 
+def test_layouts_that_simulate_alike_are_simulated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layouts that differ only in what the simulation does not read (without a profile, most
+    often the micro-batch) share one simulation; each keeps the result its own would give."""
+    from zoplan import search as search_module
+    from zoplan.sim import simulate
+
+    calls: list[Layout] = []
+
+    def counting(costs: StepCosts, **kwargs):
+        calls.append(costs.layout)
+        return simulate(costs, **kwargs)
+
+    monkeypatch.setattr(search_module, "simulate", counting)
+    machine = load_topology("rtx4090-4x")
+    work = Workload(load_model_shape("opt-1.3b"), 8, 256)
+    result = search(machine, work, exhaustive=True)
+    assert len(calls) < len(result.ranked) / 2  # the shared ones were not simulated again
+    assert {c.layout.micro_batch for c in result.ranked} == {1, 2, 4, 8}
+    for cand in result.ranked[::5]:
+        own = simulate(StepCosts(machine, work, cand.layout))
+        assert own.step_time_s == cand.step_time_s and own.utilization == cand.sim.utilization, cand.layout
+
+
+def test_the_search_says_how_far_it_has_got() -> None:
+    seen: list[tuple[int, int]] = []
+    result = search(load_topology("rtx4090-4x"), Workload(SMALL, 4, 128), progress=lambda i, n: seen.append((i, n)))
+    total = result.evaluated + result.pruned
+    assert seen == [(i, total) for i in range(total)]
+
+
 @pytest.mark.parametrize("topology", ["rtx4090-4x", "dgx-a100", "l40s-8x"])
 def test_pruning_bound_never_exceeds_the_simulated_step(topology: str) -> None:
     machine = load_topology(topology)

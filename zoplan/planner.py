@@ -191,11 +191,13 @@ def plan(
     top: int = 5,
     zo: ZoSettings = ZoSettings(),
     profile: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PlanReport:
     """Search the layouts of ``model`` on ``topology`` and return the report with the best plan.
     With ``profile``, the calibrated figures replace the topology's nominal ones. ``dtype`` (the
     compute dtype) defaults to the profile's, else bf16 on GPUs and fp32 on CPU ranks. ``topology``:
-    a bundled name, a file, or a machine already loaded from one."""
+    a bundled name, a file, or a machine already loaded from one. ``progress`` is called with the
+    layouts weighed so far and the layouts that fit, as the search goes."""
     shape = load_model_shape(model)
     check_workload(shape, global_batch, seq_len)  # before any work that grows with them
     loaded = topology if isinstance(topology, Machine) else load_topology(topology)
@@ -203,7 +205,7 @@ def plan(
     dtype = compute_dtype(machine, dtype, profile)
     seq_len = default_seq_len(shape, machine) if seq_len is None else seq_len
     workload = Workload(shape, global_batch, seq_len)
-    result = search(machine, workload, pins=pins, objective=objective, param_dtype=dtype, top=top)
+    result = search(machine, workload, pins=pins, objective=objective, param_dtype=dtype, top=top, progress=progress)
     best = result.best
     base = result.baseline
     summary = candidate_summary(best, machine, workload)

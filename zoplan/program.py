@@ -142,7 +142,15 @@ class Program:
 
     def rank_ops(self, rank: str) -> list[Op]:
         """The ops ``rank`` issues in one steady-state step, in order."""
-        return [op for op in self.ops if rank in op.ranks]
+        return list(self._by_rank.get(rank, ()))
+
+    @functools.cached_property
+    def _by_rank(self) -> dict[str, tuple[Op, ...]]:
+        out: dict[str, list[Op]] = {}
+        for op in self.ops:
+            for rank in op.ranks:
+                out.setdefault(rank, []).append(op)
+        return {rank: tuple(ops) for rank, ops in out.items()}
 
     def stream_ids(self, rank: str, stream: Stream | str) -> list[str]:
         """The ids of the ops ``rank`` runs on ``stream`` in one steady-state step, in order."""

@@ -5,14 +5,15 @@ The user's ZO hyper-parameters never change between candidates, so every candida
 same model; only time and memory differ. Pruning is exact: candidates are simulated in order of
 their pruning bound, and a candidate whose bound cannot beat both its family's best and the
 top-th best family's simulated objective is skipped (branch and bound), so the best candidate is
-never dropped.
+never dropped. Candidates the simulator cannot tell apart (equal ``zoplan.sim.inputs_key``) are
+simulated once.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
@@ -24,7 +25,7 @@ from zoplan.layout import Layout, Pins, divisors
 from zoplan.vocab import DTYPE_BYTES
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK
 from zoplan.models import ModelShape
-from zoplan.sim import Exceeded, SimResult, simulate
+from zoplan.sim import Exceeded, SimResult, inputs_key, simulate
 from zoplan.topology import Machine
 
 DTYPES = tuple(DTYPE_BYTES)
@@ -289,10 +290,12 @@ def search(
     param_dtype: str = "bf16",
     top: int = 10,
     exhaustive: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SearchResult:
     """Find the best layouts of ``workload`` on ``machine``.
 
-    ``exhaustive`` simulates every fitting candidate (for tests of the pruning)."""
+    ``exhaustive`` simulates every fitting candidate (for tests of the pruning). ``progress`` is
+    called with the candidates weighed so far (simulated or pruned) and the candidates that fit."""
     if top < 1:
         raise ZoplanError(f"--top must be at least 1, got {top}")
     if objective not in OBJECTIVES:
@@ -338,7 +341,13 @@ def search(
     simulated: list[Candidate] = []
     family_best: dict[tuple[int, int, str, int], float] = {}
     pruned = aborted = 0
-    for layout, bound, costs in fitting:
+    # what each simulation found, by what it read (zoplan.sim.inputs_key): its result, or the
+    # step time it was proven to reach before it stopped. Layouts that differ only in what the
+    # simulation does not read (most often the micro-batch) are simulated once.
+    known: dict[tuple[object, ...], SimResult | float] = {}
+    for weighed, (layout, bound, costs) in enumerate(fitting):
+        if progress is not None:
+            progress(weighed, len(fitting))
         lower = _objective(machine, workload, layout, bound.prune_bound_s, objective)
         fam = family(layout)
         bests = sorted(family_best.values())
@@ -348,13 +357,28 @@ def search(
         if not exhaustive and lower >= limit * (1 - 1e-9):
             pruned += 1
             continue
-        try:
-            result = simulate(
-                costs, limit_s=_limit_s(machine, workload, layout, limit, objective) if not exhaustive else None
-            )
-        except Exceeded:
-            aborted += 1  # proven no better than the limit partway through its simulation
+        limit_s = _limit_s(machine, workload, layout, limit, objective) if not exhaustive else None
+        key = inputs_key(costs)
+        seen = known.get(key)
+        if isinstance(seen, SimResult) and (limit_s is None or seen.step_time_s < limit_s):
+            result = seen
+        elif (
+            seen is not None
+            and limit_s is not None
+            and limit_s <= (seen if isinstance(seen, float) else seen.step_time_s)
+        ):
+            aborted += 1  # a twin was proven no better than this limit
             continue
+        else:
+            try:
+                result = known[key] = simulate(costs, limit_s=limit_s)
+            except Exceeded:
+                assert limit_s is not None  # only a limited simulation stops early
+                known[key] = limit_s
+                aborted += 1  # proven no better than the limit partway through its simulation
+                continue
+            finally:
+                costs.release_program()
         simulated.append(Candidate(layout, bound, _peak_memory(costs), costs.host_memory_bytes(), result))
         obj = _objective(machine, workload, layout, result.step_time_s, objective)
         family_best[fam] = min(obj, family_best.get(fam, float("inf")))

@@ -168,6 +168,83 @@ def test_simulation_is_deterministic() -> None:
     assert len(a.step_ends) == STEPS and a.window == (a.step_ends[REPORTED_STEP - 1], a.step_ends[REPORTED_STEP])
 
 
+@pytest.mark.parametrize(
+    "topology,upload,movers,prefetch",
+    [
+        ("dgx-a100", "sliced", 8, 2),
+        ("dgx-a100", "whole", 4, 1),
+        ("l40s-8x", "sliced", 2, 1),
+        ("cpu-local", "sliced", 2, 1),  # CPU ranks: the streams of one rank take turns on its core
+        ("cpu-local", "whole", 1, 2),
+    ],
+)
+def test_a_simulation_that_stops_at_the_reported_step_reports_what_a_full_one_does(
+    topology: str, upload: str, movers: int, prefetch: int
+) -> None:
+    """Unless a trace is recorded, the simulation stops when the reported step ends: its window,
+    step time, utilization and bottleneck are those of the full three-step run, to the bit."""
+    machine = load_topology(topology)
+    gpus = tuple(machine.gpus)
+    compute = gpus[:2] if upload == "sliced" and movers >= 2 else gpus[:movers]
+    layout = Layout(
+        perturbation=len(compute) if len(compute) <= 2 else 2,
+        data=1 if len(compute) <= 2 else len(compute) // 2,
+        compute_gpus=compute,
+        upload=upload,
+        movers=compute + tuple(g for g in gpus if g not in compute)[: movers - len(compute)],
+        slices_per_block=movers if upload == "sliced" else 1,
+        wire_dtype="fp32" if topology == "cpu-local" else "bf16",
+        param_dtype="fp32" if topology == "cpu-local" else "bf16",
+        micro_batch=2,
+        prefetch=prefetch,
+        resident=(1, 4),
+    )
+    costs = StepCosts(machine, Workload(SHAPE, 4, 128), layout)
+    full, stopped = simulate(costs, record=True), simulate(costs)
+    assert len(full.step_ends) == STEPS and len(stopped.step_ends) == REPORTED_STEP + 1
+    assert stopped.window == full.window and stopped.step_time_s == full.step_time_s
+    assert stopped.utilization == full.utilization and stopped.bottleneck == full.bottleneck
+    assert stopped.step_ends == full.step_ends[: REPORTED_STEP + 1]
+
+
+def test_a_simulation_leaves_nothing_for_the_cycle_collector() -> None:
+    """What a simulation builds (events, processes, the compiled program) refer to one another;
+    left as is, each simulation of a search leaves tens of thousands of objects that only Python's
+    cycle collector frees, and it walks them for a third of a search's time. A simulation that
+    ends, and one stopped early by its limit, must leave at most about a thousand."""
+    import gc
+
+    from zoplan.sim import Exceeded
+
+    machine = load_topology("l40s-8x")
+    layout = Layout(
+        perturbation=2,
+        data=1,
+        compute_gpus=("gpu0", "gpu2"),
+        upload="sliced",
+        movers=("gpu0", "gpu2"),
+        slices_per_block=4,
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=2,
+        prefetch=1,
+    )
+    costs = StepCosts(machine, Workload(SHAPE, 4, 128), layout)
+    result = simulate(costs)
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        simulate(costs)
+        assert gc.collect() < 1500
+        with pytest.raises(Exceeded):
+            simulate(costs, limit_s=result.step_time_s * 0.5)
+        assert gc.collect() < 1500
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def test_shared_uplink_slows_packed_gpus_in_the_simulation() -> None:
     """Two GPUs behind one DGX A100 switch share its uplink; two on different switches do not."""
     machine = load_topology("dgx-a100")

@@ -129,18 +129,25 @@ def plan_cmd(
         upload=upload.value if upload else None,
         movers=movers.value if movers else None,
     )
-    report = plan(
-        model,
-        topology,
-        global_batch=global_batch,
-        seq_len=seq_len,
-        pins=pins,
-        objective=objective.value,
-        dtype=dtype.value if dtype else None,
-        top=top,
-        zo=zo,
-        profile=profile,
-    )
+    # large models on PCIe machines weigh hundreds of layouts: seconds (on a terminal only)
+    with err.status(Text(f"planning {model} on {topology}"), spinner="dots") as status:
+
+        def weighing(done: int, total: int) -> None:  # Text: names print literally, never as markup
+            status.update(Text(f"planning {model} on {topology}: {done} of {total} layouts weighed"))
+
+        report = plan(
+            model,
+            topology,
+            global_batch=global_batch,
+            seq_len=seq_len,
+            pins=pins,
+            objective=objective.value,
+            dtype=dtype.value if dtype else None,
+            top=top,
+            zo=zo,
+            profile=profile,
+            progress=weighing,
+        )
     if output is not None:
         write_plan(report.plan, output)
     if as_json:
@@ -190,7 +197,7 @@ def compare_cmd(
     with err.status("planning", spinner="dots") as status:  # machines plan one after another: seconds
 
         def planning(name: str, i: int, n: int) -> None:
-            status.update(f"planning {model} on {name} ({i + 1} of {n})")
+            status.update(Text(f"planning {model} on {name} ({i + 1} of {n})"))
 
         results = compare(
             model,

@@ -16,6 +16,8 @@ module walks those lists, one simpy process per stream of each rank, and times e
 Three steps are simulated and the middle one is reported: it both receives the prefetch of its
 first blocks from the step before and pays for the prefetch of the step after, like every step
 of a long run. The last step would pay for no successor and look a little faster than reality.
+Nothing after the middle step's end can change it, so unless a trace is recorded (``zoplan
+timeline`` shows all three) the simulation stops there.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class Exceeded(Exception):
     """The reported step is already longer than the caller's limit (see ``simulate``)."""
 
 
+class _Reported(Exception):
+    """The reported step has ended: the rest of the simulation is only for a recorded trace."""
+
+
 def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = None) -> SimResult:
     """Simulate ``STEPS`` steps of ``costs.program`` and report the steady-state step.
 
@@ -104,9 +110,66 @@ def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = Non
     gc.disable()
     try:
         return _simulate(costs, record, limit_s)
+    except Exceeded:
+        # raised again from here, without the traceback into the simulation's frames: those
+        # frames and the traceback refer to one another, which only the cycle collector frees
+        pass
     finally:
         if collecting:
             gc.enable()
+    raise Exceeded(f"step longer than {limit_s} s")
+
+
+class _Timing(NamedTuple):
+    """Every figure of a simulation besides the machine, the model and the layout's shape: what
+    each op takes (the what-if factors applied) and each link carries."""
+
+    update_s: tuple[tuple[str, float], ...]  # per rank: a whole block's or one slice's update
+    block_s: tuple[tuple[str, float], ...]  # per compute rank
+    head_s: tuple[tuple[str, float], ...]
+    embed_s: tuple[tuple[str, float], ...]
+    per_block_s: tuple[tuple[str, float], ...]  # all a compute rank does per block (the early stop)
+    barrier_s: float
+    scalar_latency: float
+    loop_s: float
+    measured_round_s: float | None
+    collective_call_s: float
+    transfer_scale: float
+
+
+def _timing(costs: StepCosts) -> _Timing:
+    L = costs.layout
+    slower_compute, slower_transfers = costs.compute_scale, costs.transfer_scale
+    whole = L.upload == "whole"
+    measured_round_s = costs.allgather_round_s() if L.upload == "sliced" and len(L.movers) > 1 else None
+    return _Timing(
+        update_s=tuple(
+            (g, (costs.whole_update_s(g) if whole else costs.update_slice_s(g)) * slower_compute) for g in L.gpus
+        ),
+        block_s=tuple((g, costs.block_forward_s(g) * slower_compute) for g in L.compute_gpus),
+        head_s=tuple((g, costs.head_s(g) * slower_compute) for g in L.compute_gpus),
+        embed_s=tuple((g, costs.embed_s(g) * slower_compute) for g in L.compute_gpus),
+        per_block_s=tuple((g, costs.compute_block_s(g) * slower_compute) for g in L.compute_gpus),
+        barrier_s=costs.whole_barrier_s() * slower_compute,
+        scalar_latency=costs.scalar_allreduce_s(),
+        loop_s=costs.loop_s() * slower_compute,
+        measured_round_s=None if measured_round_s is None else measured_round_s * slower_transfers,
+        collective_call_s=costs.collective_call_s(L.movers),
+        transfer_scale=slower_transfers,
+    )
+
+
+def inputs_key(costs: StepCosts) -> tuple[object, ...]:
+    """Everything a simulation of ``costs`` reads but the machine and the workload, as one
+    hashable value: on one machine and workload, two layouts with equal keys simulate to the same
+    result (the search simulates such a pair once). The micro-batch and the placement's name are
+    left out: the step program depends on the micro-batch only through its FLOPs, which the
+    durations hold (two micro-batches that cost the same per block, as they do without a
+    calibrated profile, simulate alike)."""
+    shape = costs.layout.to_dict()
+    for name in ("micro_batch", "placement"):
+        shape.pop(name, None)
+    return (repr(sorted(shape.items())), _timing(costs))
 
 
 # what an op costs, as a lane acts on it: (TRANSFER, (bytes, route, latency)), (TIMEOUT, seconds),
@@ -121,8 +184,9 @@ _Process = Generator[simpy.Event, Any, None]
 
 def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResult:
     machine, L, model, program = costs.machine, costs.layout, costs.model, costs.program
-    # what-if factors (zoplan.planner.sensitivity): every compute stage, every byte moved
-    slower_compute, slower_transfers = costs.compute_scale, costs.transfer_scale
+    # what-if factors (zoplan.planner.sensitivity): every byte moved (the durations hold the rest)
+    timing = _timing(costs)
+    slower_transfers = timing.transfer_scale
     env = simpy.Environment()
     capacity: dict[str, float] = {}
     for g in L.movers:
@@ -141,19 +205,12 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     net = FlowNet(env, capacity, record=record)
 
     # ----- what each op costs (computed once: the lanes ask thousands of times) ----------------
-    whole = L.upload == "whole"
-    update_s = {g: (costs.whole_update_s(g) if whole else costs.update_slice_s(g)) * slower_compute for g in L.gpus}
-    block_s = {g: costs.block_forward_s(g) * slower_compute for g in L.compute_gpus}
-    head_s = {g: costs.head_s(g) * slower_compute for g in L.compute_gpus}
-    embed_s = {g: costs.embed_s(g) * slower_compute for g in L.compute_gpus}
-    barrier_s = costs.whole_barrier_s() * slower_compute
+    update_s, block_s = dict(timing.update_s), dict(timing.block_s)
+    head_s, embed_s = dict(timing.head_s), dict(timing.embed_s)
+    barrier_s, scalar_latency, loop_s = timing.barrier_s, timing.scalar_latency, timing.loop_s
     # everything a compute GPU does per block (the early stop's bound on the rest of a step)
-    per_block_s = {g: costs.compute_block_s(g) * slower_compute for g in L.compute_gpus}
-    scalar_latency = costs.scalar_allreduce_s()
-    loop_s = costs.loop_s() * slower_compute
-    measured_round_s = costs.allgather_round_s() if ring else None
-    if measured_round_s is not None:
-        measured_round_s *= slower_transfers
+    per_block_s = dict(timing.per_block_s)
+    measured_round_s = timing.measured_round_s
     routes = {
         (g, d): (
             tuple(machine.host_path(g, d)) + (f"mem:{machine.host_socket(g)}",),
@@ -205,7 +262,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
 
     TRANSFER, TIMEOUT, RING, NOTHING = range(4)
     # the hop latency per ring step, and the collective call's own cost
-    ring_s = max((lat for _, lat in ring), default=0.0) * (n_movers - 1) + costs.collective_call_s(L.movers)
+    ring_s = max((lat for _, lat in ring), default=0.0) * (n_movers - 1) + timing.collective_call_s
 
     def action(op: Op) -> _Action:
         g = op.ranks[0]
@@ -254,14 +311,42 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         for g in op.ranks:
             lanes[g, op.stream].append((op, index[op.id, op.ranks]))
 
-    def lane(rank: str, stream: Stream) -> _Process:
+    def sequence(rank: str, stream: Stream) -> list[tuple[Op, int, int]]:
         # a run's first uploads (the program's prologue), then the steps, each op in the step it
         # is for (a carried upload of step s + 1 is issued during step s)
-        sequence = [(op, index[op.id, op.ranks], 0) for op in program.prologue(rank) if op.stream is stream]
-        sequence += [
-            (op, kb, s + op.step) for s in range(STEPS) for op, kb in lanes[rank, stream] if s + op.step < STEPS
-        ]
-        for op, kb, step in sequence:
+        out = [(op, index[op.id, op.ranks], 0) for op in program.prologue(rank) if op.stream is stream]
+        out += [(op, kb, s + op.step) for s in range(STEPS) for op, kb in lanes[rank, stream] if s + op.step < STEPS]
+        return out
+
+    sequences = {key: sequence(*key) for key in lanes}
+    # The bytes each link and memory bus must carry before the reported step can end: the
+    # uploads and all-gathers of that step and every one before it, and the write-backs of the
+    # step before (an upload waits for its block's write-back of the step before). The early stop
+    # bounds the reported step's end by what is left of them (what a link has moved in all
+    # counts as done: the bound stays below the truth).
+    must: dict[str, float] = defaultdict(float)
+    for (rank, _), ops_ in sequences.items():
+        for op, _, step in ops_:
+            if (op.kind is Kind.H2D and step <= REPORTED_STEP) or (op.kind is Kind.D2H and step < REPORTED_STEP):
+                nbytes, route, _ = compiled[index[op.id, op.ranks]][2][1]
+                for r in route:
+                    must[r] += nbytes
+            elif op.kind is Kind.ALLGATHER and step <= REPORTED_STEP and rank == op.ranks[0]:
+                act, arg = compiled[index[op.id, op.ranks]][2]
+                if act == RING:
+                    for path, _ in ring:
+                        for r in path:
+                            must[r] += arg
+
+    def hopeless() -> bool:
+        """The reported step cannot end before the deadline: some link has more left to carry
+        before then than it can carry by then."""
+        assert deadline is not None
+        now, moved = env.now, net.moved_now()
+        return any(now + (total - moved[r]) / capacity[r] >= deadline[0] for r, total in must.items())
+
+    def lane(rank: str, stream: Stream) -> _Process:
+        for op, kb, step in sequences.get((rank, stream), ()):
             deps, frees, (act, arg), held, category, block, on_compute = compiled[kb]
             waits = []
             for i, d in deps:
@@ -311,7 +396,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 # the rest of this step's compute alone must still fit before the deadline
                 assert op.block is not None  # zoplan.program gives every block op its block
                 rest_s = (model.layers - 1 - op.block) * per_block_s[rank] + head_s[rank] + scalar_latency
-                if env.now + rest_s >= deadline[0]:
+                if env.now + rest_s >= deadline[0] or hopeless():
                     raise Exceeded()
 
     step_ends: list[float] = []
@@ -324,9 +409,16 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             step_ends.append(env.now)
             snapshots.append(net.snapshot())
             finish(index[END, ()], step)
+            if step == REPORTED_STEP and not record:
+                # Nothing after this instant can change what is reported (the window, the links'
+                # bytes at its ends, the compute spans inside it: every compute stream is idle,
+                # waiting for the next step): only a recorded trace shows the step after.
+                raise _Reported()
             if deadline is not None and step == REPORTED_STEP - 1:
                 assert limit_s is not None  # a deadline is kept only with a limit
                 deadline[0] = env.now + limit_s
+                if hopeless():
+                    raise Exceeded()
                 env.process(watchdog(deadline[0]))
 
     def watchdog(deadline: float) -> _Process:
@@ -334,21 +426,29 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         if len(step_ends) <= REPORTED_STEP:
             raise Exceeded()
 
-    for g in L.movers:
-        env.process(lane(g, Stream.UPLOAD))
-        env.process(lane(g, Stream.OFFLOAD))
-    for g in L.movers:
-        env.process(lane(g, Stream.EXCHANGE))
-    for g in L.gpus:
-        env.process(lane(g, Stream.COMPUTE))
-    env.process(step_end())
+    processes = [lane(g, stream) for g in L.movers for stream in (Stream.UPLOAD, Stream.OFFLOAD)]
+    processes += [lane(g, Stream.EXCHANGE) for g in L.movers] + [lane(g, Stream.COMPUTE) for g in L.gpus]
+    processes.append(step_end())
+    for process in processes:
+        env.process(process)
     try:
         env.run()
-    except Exceeded:
-        raise Exceeded(f"step longer than {limit_s} s") from None
+    except _Reported:
+        pass
+    finally:
+        # The events, the processes waiting on them and the environment's queue refer to one
+        # another: what the simulation built would be freed only by the cycle collector, which
+        # then walks it all (a third of a search's time). Emptying the containers the cycles run
+        # through frees nearly all of it at once.
+        env._queue.clear()
+        for process in processes:  # a simulation stopped early leaves them waiting
+            process.close()
+        for container in (events, compiled, sequences, lanes, index, arrived, buffers, cores, net.flows):
+            container.clear()
 
-    if len(step_ends) != STEPS:  # a schedule that cannot finish is a bug in zoplan.program
-        raise RuntimeError(f"simulation deadlocked after {len(step_ends)} of {STEPS} steps ({L})")
+    expected = STEPS if record else REPORTED_STEP + 1
+    if len(step_ends) != expected:  # a schedule that cannot finish is a bug in zoplan.program
+        raise RuntimeError(f"simulation deadlocked after {len(step_ends)} of {expected} steps ({L})")
     start = step_ends[REPORTED_STEP - 1]
     end = step_ends[REPORTED_STEP]
     window = end - start
@@ -361,6 +461,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         lo, hi = max(t0, start), min(t1, end)
         if hi > lo:
             busy[f"compute {g}"] += hi - lo
+    busy_spans.clear()  # (see the run's end)
     for key, t in sorted(busy.items()):
         util[key] = t / window
     # the busiest resource; among equals (symmetric layouts) the first by name

@@ -126,6 +126,11 @@ class StepCosts:
             head_flops=m.head_flops(tokens),
         )
 
+    def release_program(self) -> None:
+        """Forget the step program (thousands of ops; built again if asked for): the search keeps
+        every candidate's costs, but needs a program only while it simulates it."""
+        self.__dict__.pop("program", None)
+
     # ----- sizes ---------------------------------------------------------------------------
     @cached_property
     def block_params(self) -> int:

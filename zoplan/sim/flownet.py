@@ -67,6 +67,18 @@ class FlowNet:
         self._advance()
         return dict(self.moved)
 
+    def moved_now(self) -> dict[str, float]:
+        """Cumulative bytes per resource up to now, leaving the flows as they are (``snapshot``
+        advances them, which splits their arithmetic differently: a simulation that only looks
+        must give the same bits as one that does not)."""
+        dt = self.env.now - self._last
+        moved = dict(self.moved)
+        if dt > 0:
+            for f in self.flows.values():
+                for r in f.resources:
+                    moved[r] += f.rate * dt
+        return moved
+
     # ------------------------------------------------------------------------------------
     def _advance(self) -> None:
         dt = self.env.now - self._last
