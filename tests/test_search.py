@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 
 from zoplan.sim.bound import machine_bound
 from zoplan.sim.costs import GiB, StepCosts, Workload
 from zoplan.errors import ZoplanError
 from zoplan.layout import Layout
 from zoplan.models import ModelShape, load_model_shape
-from zoplan.search import Pins, family, search, top_families
-from zoplan.topology import load_topology
+from zoplan.search import Pins, evaluate, family, search, top_families
+from zoplan.planner import PlanReport, plan
+from zoplan.topology import Machine, TopologySpec, load_topology, resolve_topology_path
 
 SMALL = ModelShape(
     name="small",
@@ -239,3 +246,74 @@ def test_cost_charges_the_whole_nodes_the_layout_runs_on(tmp_path) -> None:
     assert usd_per_mtok(machine, work, one, 1.0) == pytest.approx(100.0 / 2 / tokens_per_hour * 1e6)
     both = dataclasses.replace(one, nodes=2)
     assert usd_per_mtok(machine, work, both, 1.0) == pytest.approx(100.0 / tokens_per_hour * 1e6)
+
+
+# ----- placement by capacity ----------------------------------------------------------------------
+FIXTURES = Path(__file__).parent / "fixtures" / "topologies"
+
+
+def _reordered(path: Path, order: list[int]) -> Machine:
+    data = yaml.safe_load(path.read_text())
+    data["gpus"] = [data["gpus"][i] for i in order]
+    data["links"] = list(reversed(data["links"]))
+    return Machine(TopologySpec.model_validate(data), str(path))
+
+
+def test_a_slow_gpu_listed_first_is_not_chosen_for_its_place_in_the_file() -> None:
+    """gpu0 sits behind a PCIe x4 link: the best plan and the ZO2 baseline leave it out, and
+    equal what pinning the fast GPUs gives."""
+    path = FIXTURES / "rtx4090-one-slow-first.yaml"
+    report = plan("llama-2-13b", str(path), global_batch=2)
+    best, base = report.search.best, report.search.baseline
+    assert base is not None and base.layout.compute_gpus != ("gpu0",)
+    assert "gpu0" not in best.layout.gpus
+    pinned = plan(
+        "llama-2-13b",
+        str(path),
+        global_batch=2,
+        pins=Pins(gpus=("gpu1", "gpu2"), perturbation=best.layout.perturbation, data=best.layout.data),
+    )
+    assert best.step_time_s == pytest.approx(pinned.search.best.step_time_s, rel=1e-9)
+    # where the uploads matter, ZO2 on gpu0 (its blocks crossing the x4 link) is slower
+    big = plan("opt-13b", str(path), global_batch=16)
+    zo2 = big.search.baseline
+    assert zo2 is not None and zo2.layout.compute_gpus != ("gpu0",)
+    on_gpu0 = dataclasses.replace(zo2.layout, compute_gpus=("gpu0",), movers=("gpu0",))
+    assert zo2.step_time_s < evaluate(big.machine, big.search.workload, on_gpu0).step_time_s * 0.95
+
+
+def test_a_machine_that_mixes_gpu_models_computes_on_the_faster_ones() -> None:
+    """Two H100s on PCIe Gen5 listed after four L40S on Gen4: the H100s compute, and the ZO2
+    baseline runs on one of them."""
+    report = plan("opt-13b", str(FIXTURES / "mixed-h100-l40s.yaml"), global_batch=16)
+    best, base = report.search.best, report.search.baseline
+    assert set(best.layout.compute_gpus) == {"gpu4", "gpu5"}
+    assert base is not None and base.layout.compute_gpus in (("gpu4",), ("gpu5",))
+
+
+@pytest.mark.parametrize(
+    "path,model,batch",
+    [
+        (FIXTURES / "rtx4090-one-slow-first.yaml", "llama-2-13b", 2),
+        (FIXTURES / "mixed-h100-l40s.yaml", "llama-2-13b", 2),
+        (resolve_topology_path("dgx-a100"), "llama-2-7b", 4),
+    ],
+    ids=["one-slow", "mixed", "dgx-a100"],
+)
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_reordering_the_gpus_of_a_topology_file_never_changes_the_best_step(
+    path: Path, model: str, batch: int, data: st.DataObject
+) -> None:
+    count = len(yaml.safe_load(path.read_text())["gpus"])
+    order = data.draw(st.permutations(range(count)))
+    first = _reference_plan(path, model, batch)
+    again = plan(model, _reordered(path, order), global_batch=batch)
+    assert again.search.best.step_time_s == pytest.approx(first.search.best.step_time_s, rel=1e-9), order
+    assert again.search.baseline is not None and first.search.baseline is not None
+    assert again.search.baseline.step_time_s == pytest.approx(first.search.baseline.step_time_s, rel=1e-9), order
+
+
+@functools.cache
+def _reference_plan(path: Path, model: str, batch: int) -> PlanReport:
+    return plan(model, str(path), global_batch=batch)

@@ -166,19 +166,49 @@ def _limit_s(machine: Machine, workload: Workload, layout: Layout, limit: float,
     return limit / per_second * (1 + 1e-9)
 
 
-def placements(machine: Machine, count: int) -> dict[str, tuple[str, ...]]:
-    """Which GPUs compute. ``spread`` takes one GPU per PCIe uplink before reusing an uplink, so
-    replicas and pair members do not share host bandwidth; ``packed`` fills uplinks in order."""
-    gpus = machine.gpus
-    if count > len(gpus):
+def _host_gbps(machine: Machine, gpu: str) -> float:
+    """What a GPU's host path carries, the slower direction."""
+    return min(machine.path_gbps(machine.host_path(gpu, d)) for d in ("h2d", "d2h"))
+
+
+def capacity_order(machine: Machine, dtype: str, *, compute_first: bool = False) -> list[str]:
+    """The machine's GPUs, the most capable first: by the bandwidth of their host path (the slower
+    direction), then their compute at ``dtype``, then their memory (``compute_first``: compute,
+    then bandwidth). Equals keep the topology file's order, so a uniform machine keeps it."""
+
+    def key(item: tuple[int, str]) -> tuple[float, ...]:
+        i, g = item
+        host = _host_gbps(machine, g)
+        model = machine.gpu_model(g)
+        flops = next((v for k, v in model.tflops.items() if k == dtype), max(model.tflops.values()))
+        first, second = (flops, host) if compute_first else (host, flops)
+        return (-first, -second, -model.memory_gib, i)
+
+    return [g for _, g in sorted(enumerate(machine.gpus), key=key)]
+
+
+def placements(machine: Machine, count: int, dtype: str = "bf16") -> dict[str, tuple[str, ...]]:
+    """Which GPUs compute, chosen by what each can carry and compute, never by where it sits in
+    the topology file. ``spread`` takes one GPU per PCIe uplink before reusing an uplink, so
+    replicas and pair members do not share host bandwidth; ``packed`` fills the best uplinks
+    first; ``compute`` (on machines that mix GPU models) takes the fastest compute first. Each
+    takes the most capable GPUs of an uplink first (``capacity_order``)."""
+    if count > len(machine.gpus):
         return {}
-    groups: dict[str, list[str]] = {}
-    for g in gpus:
-        groups.setdefault(machine.uplink_group(g), []).append(g)
-    spread = [g for layer in itertools.zip_longest(*groups.values()) for g in layer if g is not None]
-    options = {"spread": tuple(spread[:count]), "packed": tuple(gpus[:count])}
-    if options["spread"] == options["packed"] or set(options["spread"]) == set(options["packed"]):
-        options.pop("packed")
+    options: dict[str, tuple[str, ...]] = {}
+    for name, order in (
+        ("spread", capacity_order(machine, dtype)),
+        ("compute", capacity_order(machine, dtype, compute_first=True)),
+    ):
+        groups: dict[str, list[str]] = {}  # by uplink, the uplink of the most capable GPU first
+        for g in order:
+            groups.setdefault(machine.uplink_group(g), []).append(g)
+        spread = [g for layer in itertools.zip_longest(*groups.values()) for g in layer if g is not None]
+        packed = [g for members in groups.values() for g in members]
+        for option, gpus in ((name, spread), ("packed", packed)):
+            chosen = tuple(gpus[:count])
+            if option not in options and all(set(chosen) != set(seen) for seen in options.values()):
+                options[option] = chosen
     return options
 
 
@@ -197,18 +227,24 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
                     continue
                 places = {"pinned": tuple(pins.gpus)}
             else:
-                places = placements(machine, p * d)
+                places = placements(machine, p * d, param_dtype)
             for place, compute in places.items():
                 mover_sets: list[tuple[str, tuple[str, ...]]] = []
                 # a pinned slice count above 1 implies sliced uploads (whole blocks are 1 slice)
                 if pins.upload in (None, "whole") and pins.slices in (None, 1):
                     mover_sets.append(("whole", compute))
                 if pins.upload in (None, "sliced"):
-                    rest = tuple(g for g in machine.gpus if g not in compute)
+                    rest = tuple(g for g in capacity_order(machine, param_dtype) if g not in compute)
                     if pins.movers in (None, "compute") and len(compute) > 1:
                         mover_sets.append(("sliced", compute))
                     if pins.movers in (None, "all") and rest:
                         mover_sets.append(("sliced", compute + rest))
+                        # and without the relays whose host path is slower than every compute
+                        # GPU's (on an uneven machine, an even share through one slows them all)
+                        slowest = min(_host_gbps(machine, g) for g in compute)
+                        fast = tuple(g for g in rest if _host_gbps(machine, g) >= slowest)
+                        if pins.movers is None and fast and len(fast) < len(rest):
+                            mover_sets.append(("sliced", compute + fast))
                 for upload, movers in mover_sets:
                     n = len(movers)
                     if upload == "whole":
@@ -423,12 +459,31 @@ def _peak_memory(costs: StepCosts) -> int:
 
 
 def zo2_baseline(machine: Machine, workload: Workload, param_dtype: str) -> Candidate | None:
-    """ZO2 on the same machine: one GPU, dual forward, whole-block transfers, no residency, the
-    largest micro-batch that fits. Prefetch 2 gives ZO2's three-stage pipeline: block i+1
-    uploading, block i computing and block i-1 offloading are on the GPU at once."""
-    if not machine.gpus:
-        return None
-    gpu = machine.gpus[0]
+    """ZO2 on the same machine, on its best single GPU: dual forward, whole-block transfers, no
+    residency, the largest micro-batch that fits. Prefetch 2 gives ZO2's three-stage pipeline:
+    block i+1 uploading, block i computing and block i-1 offloading are on the GPU at once. Each
+    kind of GPU the machine has (its model and its host path) is tried; the fastest is the
+    baseline (equals: the most capable, ``capacity_order``)."""
+    best: Candidate | None = None
+    tried: set[tuple[object, ...]] = set()
+    for gpu in capacity_order(machine, param_dtype):
+        paths = [machine.host_path(gpu, d) for d in ("h2d", "d2h")]
+        kind = (
+            machine.gpu_model_name(gpu),
+            tuple(tuple(machine.directed[lid].gbps for lid in path) for path in paths),
+            tuple(machine.path_latency_s(path) for path in paths),
+            machine.socket_memory_gbps(machine.host_socket(gpu)),
+        )
+        if kind in tried:
+            continue
+        tried.add(kind)
+        cand = _zo2_on(machine, workload, param_dtype, gpu)
+        if cand is not None and (best is None or cand.step_time_s < best.step_time_s):
+            best = cand
+    return best
+
+
+def _zo2_on(machine: Machine, workload: Workload, param_dtype: str, gpu: str) -> Candidate | None:
     for mb in sorted(divisors(workload.global_batch), reverse=True):
         layout = Layout(
             perturbation=1,
