@@ -317,3 +317,59 @@ def test_reordering_the_gpus_of_a_topology_file_never_changes_the_best_step(
 @functools.cache
 def _reference_plan(path: Path, model: str, batch: int) -> PlanReport:
     return plan(model, str(path), global_batch=batch)
+
+
+# ----- clusters -----------------------------------------------------------------------------------
+def _cluster(tmp_path: Path, base: str, nodes: int, step_cv: float, gpus: int | None = None) -> Path:
+    """``base`` repeated over ``nodes`` nodes (the first ``gpus`` of its GPUs each), on a 25 GB/s,
+    5 µs network, each node's step varying by ``step_cv``."""
+    data = yaml.safe_load(resolve_topology_path(base).read_text())
+    if gpus is not None:
+        kept = {g["id"] for g in data["gpus"][:gpus]}
+        data["gpus"] = data["gpus"][:gpus]
+        data["links"] = [
+            link for link in data["links"] if not (link["a"].startswith("gpu") or link["b"].startswith("gpu"))
+        ] + [link for link in data["links"] if {link["a"], link["b"]} & kept]
+    data.update(nodes=nodes, network={"gbps": 25, "latency_us": 5, "step_cv": step_cv}, name=f"{base}-{nodes}n")
+    path = tmp_path / f"{base}-{nodes}x{gpus or 'all'}-{step_cv}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_step_over_several_nodes_waits_for_the_slowest(tmp_path: Path) -> None:
+    """Nodes whose steps vary by step_cv: the expected slowest of N, the same layout as identical
+    nodes, and the plan's footer says what the wait costs."""
+    from zoplan.cli.render import plan_footer
+    from zoplan.sim.costs import expected_max_normal
+
+    same = plan("opt-13b", str(_cluster(tmp_path, "l40s-8x", 4, 0.0)), global_batch=64)
+    varied = plan("opt-13b", str(_cluster(tmp_path, "l40s-8x", 4, 0.02)), global_batch=64)
+    assert varied.search.best.layout == same.search.best.layout and same.search.best.layout.nodes == 4
+    assert same.search.best.sim is not None and varied.search.best.sim is not None
+    assert same.search.best.sim.straggler_s == 0
+    assert varied.search.best.step_time_s == pytest.approx(
+        same.search.best.step_time_s * (1 + 0.02 * expected_max_normal(4)), rel=1e-12
+    )
+    assert "waiting for the slowest node adds" in plan_footer(varied).plain
+    assert "nodes taken as identical" in plan_footer(same).plain
+
+
+def test_the_pruned_search_is_exact_on_several_varying_nodes(tmp_path: Path) -> None:
+    machine = load_topology(_cluster(tmp_path, "rtx4090-4x", 2, 0.05))
+    work = Workload(SMALL, 8, 128)
+    fast = search(machine, work, top=3)
+    full = search(machine, work, top=3, exhaustive=True)
+    assert fast.best.step_time_s == pytest.approx(full.best.step_time_s, rel=1e-9)
+    assert fast.best.sim is not None and fast.best.sim.straggler_s > 0
+
+
+def test_compare_answers_one_eight_gpu_node_or_four_two_gpu_nodes(tmp_path: Path) -> None:
+    from zoplan.planner import compare
+
+    four = _cluster(tmp_path, "l40s-8x", 4, 0.02, gpus=2)
+    results = dict(compare("opt-13b", ["l40s-8x", str(four)], global_batch=64))
+    one, many = results["l40s-8x"], results["l40s-8x-4n"]
+    assert not isinstance(one, ZoplanError) and not isinstance(many, ZoplanError)
+    assert len(one.search.best.layout.gpus) * one.search.best.layout.nodes <= 8
+    assert many.search.best.layout.nodes == 4 and len(many.machine.gpus) == 2
+    assert one.search.best.step_time_s != many.search.best.step_time_s

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import json
 from pathlib import Path
 
@@ -279,8 +281,16 @@ def test_the_spread_of_the_measured_steps_is_reported_beside_the_error(two_rank_
     note = validation_notes(inside)[0]
     assert "under 210.0 ms" in note and "over 290.0 ms" in note and "within that spread" in note
     assert "within that spread" not in validation_notes(validated(0.18))[0]
+    # how much they vary, the figure a topology of several such nodes gives as network.step_cv
+    steps = times[1:]
+    cv = statistics.stdev(steps) / statistics.mean(steps)
+    assert inside.step_cv == pytest.approx(cv) and to_json(inside, Path("p.yaml"), tmp_path, None)["step_cv"] == (
+        pytest.approx(cv)
+    )
+    assert any(f"network.step_cv: {cv:.3f}" in n for n in validation_notes(inside))
     write_run(tmp_path / "short", [1.0, 0.2, 0.2], {0: [0.1] * 3, 1: [0.1] * 3})
-    assert measure(tmp_path / "short", two_rank_plan).step_spread_s is None  # too few steps to say
+    short = measure(tmp_path / "short", two_rank_plan)
+    assert short.step_spread_s is None and short.step_cv is None  # too few steps to say
 
 
 def test_steps_that_speed_up_or_slow_down_during_the_run_are_pointed_out(two_rank_plan, tmp_path: Path) -> None:

@@ -84,6 +84,8 @@ class Validation:
     predicted_gpu_bytes: int | None = None  # the plan's prediction for its busiest GPU
     step_spread_s: tuple[float, float] | None = None  # 10th and 90th percentile of the step times
     step_halves_s: tuple[float, float] | None = None  # median of the first and of the second half
+    # standard deviation / mean of the step times: a topology's network.step_cv for several such nodes
+    step_cv: float | None = None
     # the mean share of rank 0's batch positions that held padding (None: not recorded)
     padding_fraction: float | None = None
 
@@ -178,10 +180,18 @@ def _measure(out: Path, plan: Plan, skip: int) -> Validation:
         peak_gpu_bytes=max(peaks) if peaks else None,
         step_spread_s=_spread([step_time[s] for s in measured]),
         step_halves_s=_halves([step_time[s] for s in measured]),
+        step_cv=_cv([step_time[s] for s in measured]),
         padding_fraction=(
             statistics.mean(padding[s] for s in measured) if all(s in padding for s in measured) else None
         ),
     )
+
+
+def _cv(times: list[float]) -> float | None:
+    """Standard deviation over mean of at least 5 step times."""
+    if len(times) < 5 or statistics.mean(times) <= 0:
+        return None
+    return statistics.stdev(times) / statistics.mean(times)
 
 
 def _spread(times: list[float]) -> tuple[float, float] | None:
@@ -242,6 +252,7 @@ def compare(validation: Validation, simulated: SimResult, predicted_gpu_bytes: i
         predicted_gpu_bytes=predicted_gpu_bytes,
         step_spread_s=validation.step_spread_s,
         step_halves_s=validation.step_halves_s,
+        step_cv=validation.step_cv,
         padding_fraction=validation.padding_fraction,
     )
 
@@ -272,6 +283,7 @@ def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | No
             if validation.step_halves_s
             else None
         ),
+        "step_cv": validation.step_cv,
         "padding_fraction": validation.padding_fraction,
         "gpu_memory": {
             "predicted_bytes": validation.predicted_gpu_bytes,

@@ -165,3 +165,18 @@ def test_collective_calls_and_the_loop_lengthen_a_simulated_step(tmp_path: Path)
     assert simulate(called).step_time_s - step == pytest.approx((rounds + 1) * 500e-6, rel=0.05)
     assert simulate(looped).step_time_s - step == pytest.approx(700e-6, rel=0.05)
     assert math.isclose(StepCosts(cpu_machine(tmp_path), tiny, layout()).scalar_allreduce_s(), 0.0)
+
+
+def test_the_expected_slowest_of_n_varying_steps() -> None:
+    """E[max of n standard normals]: exact for 2 and 3 (1/sqrt(pi), 3/(2 sqrt(pi))), tabulated
+    for 4 and 5 (1.0294, 1.1630)."""
+    import math
+
+    from zoplan.sim.costs import expected_max_normal
+
+    assert expected_max_normal(1) == 0
+    assert expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-9)
+    assert expected_max_normal(3) == pytest.approx(1.5 / math.sqrt(math.pi), rel=1e-9)
+    assert expected_max_normal(4) == pytest.approx(1.029375, abs=1e-6)
+    assert expected_max_normal(5) == pytest.approx(1.162964, abs=1e-6)
+    assert expected_max_normal(64) > expected_max_normal(16) > expected_max_normal(5)

@@ -158,6 +158,19 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
     text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {bound}\n")
     if report.sensitivity:
         text.append(sensitivity_line(best["step_time_s"], report.sensitivity) + "\n")
+    network, nodes = report.machine.spec.network, s.best.layout.nodes
+    if nodes > 1 and network is not None and s.best.sim is not None:
+        wait = s.best.sim.straggler_s
+        text.append(
+            f"{nodes} nodes: only the loss scalars cross the network ({network.latency_us:g} µs a hop); "
+            + (
+                f"waiting for the slowest node adds {_fmt_time(wait)} (+{wait / (best['step_time_s'] - wait):.1%}, "
+                f"each node's step varying by {network.step_cv:.1%})\n"
+                if wait > 0
+                else "nodes taken as identical: set network.step_cv to how much a node's step varies "
+                "(zoplan validate measures it) to add the wait for the slowest\n"
+            )
+        )
     device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"
     if s.baseline:
         assert s.baseline.sim is not None  # zo2_baseline simulates the baseline it returns
@@ -262,7 +275,8 @@ def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: st
         price = res.machine.spec.price_per_hour_usd
         row = [
             res.machine.name,
-            f"{len(best.layout.gpus)}/{len(res.machine.gpus)}",
+            # on several nodes, every node's GPUs: what is rented
+            f"{len(best.layout.gpus) * best.layout.nodes}/{len(res.machine.gpus) * res.machine.spec.nodes}",
             f"{summ['perturbation']}×{summ['data']}",
             _movers(summ),
             _fmt_time(summ["step_time_s"]),
@@ -325,6 +339,11 @@ def validation_notes(result: Validation) -> list[str]:
         notes.append(
             f"measured step times: 10% of the steps took under {_fmt_time(lo)}, 10% over {_fmt_time(hi)}"
             + ("; the prediction lies within that spread" if inside else "")
+        )
+    if result.step_cv is not None:
+        notes.append(
+            f"the step times vary by {result.step_cv:.1%} (standard deviation / mean): give a topology of "
+            f"several such nodes network.step_cv: {result.step_cv:.3f}, and its plans add the wait for the slowest"
         )
     if result.step_halves_s is not None and result.step.measured_s:
         first, last = result.step_halves_s

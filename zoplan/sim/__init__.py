@@ -55,7 +55,7 @@ class Span(NamedTuple):
 
 @dataclass
 class SimResult:
-    step_time_s: float
+    step_time_s: float  # the window, and on several nodes the wait for the slowest (straggler_s)
     window: tuple[float, float]
     step_ends: list[float]
     utilization: dict[str, float]  # busy fraction of each resource / stream in the reported step
@@ -63,6 +63,7 @@ class SimResult:
     spans: list[Span] = field(default_factory=list)
     link_samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     capacity: dict[str, float] = field(default_factory=dict)
+    straggler_s: float = 0.0  # nodes > 1: the expected wait for the slowest node (StepCosts.straggler_s)
 
     def runner_up(self, within: float = 0.9) -> str | None:
         """The busiest resource of another kind than the bottleneck (PCIe when it is compute, and
@@ -416,7 +417,8 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 raise _Reported()
             if deadline is not None and step == REPORTED_STEP - 1:
                 assert limit_s is not None  # a deadline is kept only with a limit
-                deadline[0] = env.now + limit_s
+                # the limit is on the step, which the wait for the slowest node stretches
+                deadline[0] = env.now + limit_s / (1 + costs.straggler_s(1.0))
                 if hopeless():
                     raise Exceeded()
                 env.process(watchdog(deadline[0]))
@@ -467,7 +469,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     # the busiest resource; among equals (symmetric layouts) the first by name
     bottleneck = max(sorted(util.items()), key=lambda kv: round(kv[1], 6))[0] if util else "none"
     return SimResult(
-        step_time_s=window,
+        step_time_s=window + costs.straggler_s(window),
         window=(start, end),
         step_ends=step_ends,
         utilization=util,
@@ -475,4 +477,5 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         spans=spans,
         link_samples=net.samples if record else {},
         capacity=capacity,
+        straggler_s=costs.straggler_s(window),
     )

@@ -23,7 +23,9 @@ Modelling choices, each worth knowing when reading a prediction:
 
 from __future__ import annotations
 
+import functools
 import math
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -339,6 +341,16 @@ class StepCosts:
             total += 2 * math.ceil(math.log2(L.nodes)) * machine.spec.network.latency_us * 1e-6
         return total
 
+    def straggler_s(self, node_step_s: float) -> float:
+        """How much longer a step is than one node's, waiting for the slowest of the nodes: each
+        node's step varies independently around ``node_step_s`` with the network's ``step_cv``, so
+        the step lasts the expected maximum of ``nodes`` of them (0 on one node, or with no
+        variation). Replicas inside a node are simulated together, exactly."""
+        network = self.machine.spec.network
+        if self.layout.nodes < 2 or network is None or network.step_cv == 0:
+            return 0.0
+        return node_step_s * network.step_cv * expected_max_normal(self.layout.nodes)
+
     def loop_s(self) -> float:
         """The training loop's host work between two steps (next batch, journal line): measured,
         or the device's loop_us."""
@@ -401,3 +413,20 @@ def spread_resident(layers: int, count: int) -> tuple[int, ...]:
     if count >= layers:
         return tuple(range(layers))
     return tuple(sorted({int((i + 0.5) * layers / count) for i in range(count)}))
+
+
+@functools.lru_cache(maxsize=None)
+def expected_max_normal(n: int) -> float:
+    """E[max of n independent standard normal variables] (0 for one; 1/sqrt(pi) for two), by
+    Simpson's rule over the density of the maximum, n phi(x) Phi(x)^(n-1), on [-12, 12]."""
+    if n < 2:
+        return 0.0
+    unit = statistics.NormalDist()
+    steps, lo, hi = 4800, -12.0, 12.0
+    h = (hi - lo) / steps
+    total = 0.0
+    for i in range(steps + 1):
+        x = lo + i * h
+        weight = 1 if i in (0, steps) else 4 if i % 2 else 2
+        total += weight * x * n * unit.pdf(x) * unit.cdf(x) ** (n - 1)
+    return total * h / 3

@@ -106,6 +106,13 @@ class Link(Strict):
 class Network(Strict):
     gbps: PositiveFloat
     latency_us: float = Field(5.0, ge=0)
+    step_cv: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="how much one node's step time varies from step to step (standard deviation / mean); "
+        "the step waits for the slowest node. `zoplan validate` measures it on one node",
+    )
 
 
 class TopologySpec(Strict):
