@@ -25,18 +25,25 @@ else:
 
 
 SERVED: list[str] = []  # the session's rank server's last line: how many runs it started
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    """With pytest-xdist (`-n 2 --dist loadgroup`, the README's command) every runtime test runs
+    on one worker, one after another as without it, while the planner's tests run on the other:
+    the runtime's checks that a run leaves nothing in shared memory or the temporary directory
+    see only their own runs."""
+    for item in items:
+        if HERE in item.path.resolve().parents:
+            item.add_marker(pytest.mark.xdist_group("runtime"))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Said at the end of every run, -q included: a suite without its runtime half must not look
-    like a complete green run; and how many runs the session's rank server started."""
+    """How many runs the session's rank server started (in one process; a pytest-xdist worker
+    hands it to tests/conftest.py, which also says when this half was not collected)."""
     for line in SERVED:
         terminalreporter.write_line(f"tests/runtime: {line}")
-    if MISSING:
-        terminalreporter.write_line(
-            f"tests/runtime: not collected ({' and '.join(MISSING)} not installed: pip install -e '.[runtime]')",
-            yellow=True,
-        )
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +56,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def rank_server(tmp_path_factory: pytest.TempPathFactory):
+def rank_server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config):
     """One rank server for the session (runtime/rankserver.py): each run's supervisor is forked
     from it instead of a new interpreter importing torch and transformers, seconds a run. The
     tests that need a run to start its own supervisor remove ZOPLAN_RANK_SERVER from their
@@ -70,3 +77,5 @@ def rank_server(tmp_path_factory: pytest.TempPathFactory):
     server.wait(timeout=60)
     log.close()
     SERVED.extend((root / "server.log").read_text().splitlines()[-1:])
+    if hasattr(pytestconfig, "workeroutput"):  # a pytest-xdist worker: the controller prints it
+        pytestconfig.workeroutput["served"] = list(SERVED)

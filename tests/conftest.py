@@ -1,0 +1,30 @@
+"""Session-wide hooks, loaded by pytest's main process (with pytest-xdist too, where the
+runtime's own conftest lives only in its worker): what the summary says about tests/runtime."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+# the runtime's tests need the `runtime` extra (tests/runtime/conftest.py leaves them out without it)
+MISSING = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+FROM_WORKERS: list[str] = []  # pytest-xdist: the runtime worker's rank-server line
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    FROM_WORKERS.extend(getattr(node, "workeroutput", {}).get("served", []))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Said at the end of every run, -q included: a suite without its runtime half must not look
+    like a complete green run; and (with workers) how many runs the rank server started, which
+    tests/runtime/conftest.py says itself in one process."""
+    for line in FROM_WORKERS:
+        terminalreporter.write_line(f"tests/runtime: {line}")
+    if MISSING:
+        terminalreporter.write_line(
+            f"tests/runtime: not collected ({' and '.join(MISSING)} not installed: pip install -e '.[runtime]')",
+            yellow=True,
+        )
