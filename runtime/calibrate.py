@@ -643,6 +643,8 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
             "127.0.0.1",
             "--master-port",
             str(_free_port()),
+            "--max-restarts",
+            "0",  # a calibration measures; a rank that fails spoils its figures
             "--",
             str(write_calibration(ranks_cfg, work)),
         ]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from zoplan.errors import ZoplanError
+from zoplan.runconfig import default as run_default
 
 if TYPE_CHECKING:
     import torch
@@ -578,8 +579,9 @@ class Task:
     """
 
     kind: str
-    prompt: str = "{text} It was"
-    label_words: tuple[str, ...] = (" terrible", " great")
+    # zoplan run's defaults (zoplan.runconfig), each label word read after a space (``task_of``)
+    prompt: str = run_default("prompt")
+    label_words: tuple[str, ...] = tuple(" " + w for w in run_default("label_words"))
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
