@@ -254,16 +254,23 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             e.succeed()
 
     def refs(rs: tuple[Ref, ...]) -> tuple[tuple[int, int], ...]:
+        out = []
         for r in rs:
-            if (r.op, r.ranks) not in index:  # a bug in zoplan.program: it cannot finish
+            i = index.get((r.op, r.ranks))
+            if i is None:  # a bug in zoplan.program: it cannot finish
                 raise RuntimeError(
                     f"the step program waits for '{r.op}' on {r.ranks or 'every rank'}, which it does not run ({L})"
                 )
-        return tuple((index[r.op, r.ranks], r.step) for r in rs)
+            out.append((i, r.step))
+        return tuple(out)
 
     TRANSFER, TIMEOUT, RING, NOTHING = range(4)
     # the hop latency per ring step, and the collective call's own cost
     ring_s = max((lat for _, lat in ring), default=0.0) * (n_movers - 1) + timing.collective_call_s
+
+    # what a compute op takes: by its rank, or the same on every rank
+    per_rank_s = {Kind.BLOCK: block_s, Kind.UPDATE: update_s, Kind.EMBED: embed_s, Kind.HEAD: head_s}
+    constant_s = {Kind.ALLREDUCE: scalar_latency, Kind.HOST: loop_s, Kind.BARRIER: barrier_s}
 
     def action(op: Op) -> _Action:
         g = op.ranks[0]
@@ -275,15 +282,8 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             if measured_round_s is not None:
                 return TIMEOUT, measured_round_s
             return RING, op.nbytes * (n_movers - 1) / n_movers
-        seconds = {
-            Kind.BLOCK: block_s.get(g),
-            Kind.UPDATE: update_s.get(g),
-            Kind.EMBED: embed_s.get(g),
-            Kind.HEAD: head_s.get(g),
-            Kind.ALLREDUCE: scalar_latency,
-            Kind.HOST: loop_s,
-            Kind.BARRIER: barrier_s,
-        }.get(kind)
+        per_rank = per_rank_s.get(kind)
+        seconds = per_rank.get(g) if per_rank is not None else constant_s.get(kind)
         if seconds is None or (kind is Kind.HOST and seconds <= 0):
             return NOTHING, None  # UNPACK: a copy on the device, free next to the transfers
         return TIMEOUT, seconds
@@ -291,7 +291,11 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     compiled: dict[int, _Compiled] = {}  # by the op's index
     for op in program.ops:
         # the cores a CPU rank's op holds (an all-reduce of a few bytes is latency: none)
-        held = () if op.kind in (Kind.ALLREDUCE, Kind.UNPACK) else tuple(g for g in sorted(op.ranks) if g in cores)
+        held = (
+            ()
+            if not cores or op.kind in (Kind.ALLREDUCE, Kind.UNPACK)
+            else tuple(g for g in sorted(op.ranks) if g in cores)
+        )
         # a compute rank's own compute-stream work (its utilization); the all-reduce is a wait
         on_compute = op.stream is Stream.COMPUTE and op.kind is not Kind.ALLREDUCE and not op.collective
         compiled[index[op.id, op.ranks]] = (
