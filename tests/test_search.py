@@ -355,12 +355,17 @@ def test_a_step_over_several_nodes_waits_for_the_slowest(tmp_path: Path) -> None
 
 
 def test_the_pruned_search_is_exact_on_several_varying_nodes(tmp_path: Path) -> None:
+    """The bounds stretch with the wait for the slowest node, so they prune as on identical nodes."""
     machine = load_topology(_cluster(tmp_path, "rtx4090-4x", 2, 0.05))
     work = Workload(SMALL, 8, 128)
     fast = search(machine, work, top=3)
     full = search(machine, work, top=3, exhaustive=True)
     assert fast.best.step_time_s == pytest.approx(full.best.step_time_s, rel=1e-9)
     assert fast.best.sim is not None and fast.best.sim.straggler_s > 0
+    for cand in full.ranked:
+        assert cand.bound.prune_bound_s <= cand.step_time_s * (1 + 1e-9), cand.layout
+    same = search(load_topology(_cluster(tmp_path, "rtx4090-4x", 2, 0.0)), work, top=3)
+    assert fast.evaluated == same.evaluated and fast.pruned == same.pruned
 
 
 def test_compare_answers_one_eight_gpu_node_or_four_two_gpu_nodes(tmp_path: Path) -> None:

@@ -109,4 +109,7 @@ def machine_bound(costs: StepCosts) -> Bound:
         if t > best:
             best_name, best = name, t
         prune = max(prune, t - slack.get(name, 0.0))
-    return Bound(machine_bound_s=best, prune_bound_s=prune, binding=best_name)
+    # on several nodes whose steps vary, the step waits for the slowest: every node's step is
+    # stretched alike (StepCosts.straggler_s), so are its bounds (1.0 on one node: exact)
+    stretch = 1 + costs.straggler_s(1.0)
+    return Bound(machine_bound_s=best * stretch, prune_bound_s=prune * stretch, binding=best_name)
