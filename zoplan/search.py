@@ -214,6 +214,7 @@ def placements(machine: Machine, count: int, dtype: str = "bf16") -> dict[str, t
 
 def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dtype: str) -> Iterator[Layout]:
     """Every layout the search considers, before memory checks (generator, deterministic)."""
+    ordered = capacity_order(machine, param_dtype)  # relays: the most capable first
     nodes = machine.spec.nodes
     n_gpus = len(machine.gpus)
     batch = workload.global_batch
@@ -234,7 +235,7 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
                 if pins.upload in (None, "whole") and pins.slices in (None, 1):
                     mover_sets.append(("whole", compute))
                 if pins.upload in (None, "sliced"):
-                    rest = tuple(g for g in capacity_order(machine, param_dtype) if g not in compute)
+                    rest = tuple(g for g in ordered if g not in compute)
                     if pins.movers in (None, "compute") and len(compute) > 1:
                         mover_sets.append(("sliced", compute))
                     if pins.movers in (None, "all") and rest:
@@ -396,15 +397,12 @@ def search(
         limit_s = _limit_s(machine, workload, layout, limit, objective) if not exhaustive else None
         key = inputs_key(costs)
         seen = known.get(key)
-        if isinstance(seen, SimResult) and (limit_s is None or seen.step_time_s < limit_s):
-            result = seen
-        elif (
-            seen is not None
-            and limit_s is not None
-            and limit_s <= (seen if isinstance(seen, float) else seen.step_time_s)
-        ):
+        reached = seen.step_time_s if isinstance(seen, SimResult) else seen  # by a twin (None: none yet)
+        if limit_s is not None and reached is not None and reached >= limit_s:
             aborted += 1  # a twin was proven no better than this limit
             continue
+        if isinstance(seen, SimResult):
+            result = seen
         else:
             try:
                 result = known[key] = simulate(costs, limit_s=limit_s)

@@ -472,8 +472,9 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         util[key] = t / window
     # the busiest resource; among equals (symmetric layouts) the first by name
     bottleneck = max(sorted(util.items()), key=lambda kv: round(kv[1], 6))[0] if util else "none"
+    wait = costs.straggler_s(window)  # several nodes: for the slowest
     return SimResult(
-        step_time_s=window + costs.straggler_s(window),
+        step_time_s=window + wait,
         window=(start, end),
         step_ends=step_ends,
         utilization=util,
@@ -481,5 +482,5 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         spans=spans,
         link_samples=net.samples if record else {},
         capacity=capacity,
-        straggler_s=costs.straggler_s(window),
+        straggler_s=wait,
     )
