@@ -674,6 +674,7 @@ def _resumed_line(row: ResumedRow, max_restarts: int) -> str:
 
 def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
     """Draw step, loss, projected gradient, tokens/s and ETA while the ranks train."""
+    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = [
@@ -686,6 +687,7 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
     ]
     offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run's earlier lines are not news
     stall = StallCheck()  # a learning rate too small for the model, said early
+    warnings = Console(stderr=True)
     with Progress(*columns, disable=cfg.quiet or cfg.node_rank != 0, transient=False) as progress:
         task = progress.add_task("train", total=cfg.steps, loss="–", g="–", tps="–")
         while True:
@@ -701,8 +703,8 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
                         tps=f"{row.tokens_per_s:.0f}",
                     )
                     warning = stall.add(row)
-                    if warning is not None and cfg.node_rank == 0:
-                        progress.console.print(warning, soft_wrap=True, style="yellow")
+                    if warning is not None and cfg.node_rank == 0:  # stderr: stdout may be --json
+                        warnings.print(warning, soft_wrap=True, style="yellow")
                 elif isinstance(row, ResumedRow) and not cfg.quiet:
                     progress.update(task, completed=row.resumed_at)
                     progress.console.print(_resumed_line(row, cfg.max_restarts), soft_wrap=True)

@@ -346,6 +346,14 @@ def test_a_validation_without_an_output_leaves_nothing_behind(calibrated, planne
     assert list(tmp.iterdir()) == [] and shared_memory_folders() <= shm
 
 
+def test_a_warning_during_validation_goes_to_stderr_so_the_json_report_stays_parseable(calibrated, planned) -> None:
+    # 21 steps at the plan's learning rate (1e-6) move the tiny model's loss by nothing: the run
+    # warns after 20 steps, and the warning must not land in the report on stdout
+    proc = zoplan("validate", str(planned), "--model", str(calibrated[1]), "--steps", "21", "--json")
+    assert json.loads(proc.stdout)["measured_steps"] == list(range(1, 21))
+    assert "likely too small" in proc.stderr and "likely too small" not in proc.stdout
+
+
 def test_a_validation_refused_before_it_starts_leaves_no_run_directory(calibrated, planned, tmp_path) -> None:
     tmp = tmp_path / "tmp"
     tmp.mkdir()
