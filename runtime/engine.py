@@ -35,6 +35,7 @@ from zoplan.runtime.adapters import Adapter
 from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
 from zoplan.runtime.perturb import fused_backend, normal, normal_parts_
 from zoplan.runtime.spans import Spans
+from zoplan.runtime.tuning import Tuned
 from zoplan.runtime.zo import apply_update, fused_kernels, layout_table, update_range
 
 
@@ -76,12 +77,17 @@ class Engine:
         rank: str,
         eps: float,
         spans: Spans | None = None,
+        tuned: Tuned | None = None,
     ) -> None:
-        """``program``: the plan's step program; ``rank``: this rank's GPU in it."""
+        """``program``: the plan's step program; ``rank``: this rank's GPU in it; ``tuned``: the
+        adapter trained on read-only blocks (zoplan.runtime.tuning), with a frozen program."""
         layout = program.layout
         if program.layers != len(host.layouts):
             raise ValueError(f"the step program has {program.layers} blocks, the model {len(host.layouts)}")
+        if program.frozen != (tuned is not None):
+            raise ValueError("read-only blocks go with an adapter to train, and an adapter with read-only blocks")
         self.model = model
+        self.tuned = tuned
         self.spans = spans or Spans(ctx.device, None)
         self.adapter = adapter
         self.host = host
@@ -109,7 +115,9 @@ class Engine:
         self.resident_params = {
             n: p for n, p in model.named_parameters() if not n.startswith(adapter.blocks_path + ".")
         }
-        self.resident_master = {n: p.detach().clone() for n, p in self.resident_params.items()} if self.computes else {}
+        # (an adapter is trained: they are only read, as loaded)
+        trains_all = self.computes and tuned is None
+        self.resident_master = {n: p.detach().clone() for n, p in self.resident_params.items()} if trains_all else {}
         self._resident_state: object = None  # what the parameters hold: None (the master) or (seed, sign)
         # streamed blocks: where each parameter lives in its module, and the per-branch buffers
         self._places: dict[int, list[tuple[dict, str]]] = {}
@@ -337,6 +345,10 @@ class Engine:
         p = self.pending
         if p is None or not self.computes:
             return
+        if self.tuned is not None:  # the adapter is what is trained
+            self.tuned.update(p.seed, p.g, p.lr, p.wd)
+            self.pending = None  # applied: not again (an evaluation's pass, a flush)
+            return
         for name, master in self.resident_master.items():
             fused = fused_kernels(master)
             if fused is not None:  # the same arithmetic in one kernel, z never materialised
@@ -349,8 +361,9 @@ class Engine:
     def _set_resident(self, seed: int | None, sign: int) -> None:
         """The model's resident parameters := master (+ sign * eps * z). Relays hold none.
         Nothing is recomputed when they already hold that (a branch's head follows its embedding
-        with the same values: z of a 100M-parameter embedding is not free)."""
-        if not self.computes:
+        with the same values: z of a 100M-parameter embedding is not free). With an adapter they
+        stay as loaded."""
+        if not self.computes or self.tuned is not None:
             return
         state = (seed, sign) if seed is not None else None
         if state == self._resident_state:
@@ -475,6 +488,8 @@ class Engine:
             elif kind is Kind.EMBED:
                 with self.op_span(Kind.EMBED):
                     self._update_resident()
+                    if self.tuned is not None and seed is not None:
+                        self.tuned.perturb(seed, self.eps)
                     for s in signs:
                         self._set_resident(seed, s)
                         for mb in micro_batches:
@@ -489,6 +504,8 @@ class Engine:
                 with self.op_span(Kind.HEAD):
                     for s in reversed(signs):  # the last branch embedded first: its parameters are in place
                         self._set_resident(seed, s)
+                        if self.tuned is not None:
+                            self.tuned.select(s if seed is not None else None)
                         sums = [[0.0, 0.0] for _ in metric_fns]
                         for m, mb in enumerate(micro_batches):
                             logits = self.adapter.logits(self.model, hidden[s][m]).float()
@@ -510,9 +527,14 @@ class Engine:
     def _block(self, i: int, seed: int | None, signs: tuple[int, ...], hidden: dict, kwargs: list) -> None:
         theta = self._buffer(i, self.rounds - 1)
         with self.op_span(Kind.BLOCK, i):
-            weights = self._perturbed(i, theta, seed, signs) if seed is not None else {signs[0]: theta}
+            if seed is None or self.tuned is not None:  # unperturbed, or read-only (the adapter is)
+                weights = {s: theta for s in signs}
+            else:
+                weights = self._perturbed(i, theta, seed, signs)
             block = self.blocks[i]
             for s in signs:
+                if self.tuned is not None:
+                    self.tuned.select(s if seed is not None else None)
                 persistent = weights[s] is self._weights.get(s)
                 self._bind(i, weights[s], s if persistent else None)
                 for k in range(len(hidden[s])):
@@ -565,6 +587,8 @@ class Engine:
         if self.pending is None:
             return
         self._update_resident()
+        if self.tuned is not None:  # the blocks are as loaded: nothing to move
+            return
         self._set_resident(None, 1)
         self._run([], None, (), [], carry=False, move_only=True)  # an upload carried from the last step is used
         if self.cuda:
@@ -576,6 +600,8 @@ class Engine:
 
     def sync_resident_blocks_to_host(self) -> None:
         """Resident blocks are never offloaded while training; write them back for saving."""
+        if self.tuned is not None:  # read-only: the host copy holds them as they are
+            return
         for i, buf in self.kept.items():
             at = 0
             for lo, hi in self._my_ranges(self.host.layouts[i]):

@@ -29,6 +29,8 @@ from zoplan.models import TINY_LR, load_model_shape
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
 from zoplan.recipes import recipe, with_recipe
+from zoplan.tuning import default_eps, default_lr
+from zoplan.vocab import Method
 from zoplan.records import (
     ERROR_FILE,
     EvalRow,
@@ -215,14 +217,17 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         from zoplan.sim.costs import Workload
         from zoplan.planner import check_fits
 
-        check_fits(machine, Workload(shape, plan.batch.global_batch, plan.batch.seq_len), plan.to_layout(), cfg.plan)
+        workload = Workload(shape, plan.batch.global_batch, plan.batch.seq_len, plan.tuning.to_tuning())
+        check_fits(machine, workload, plan.to_layout(), cfg.plan)
     else:
         # plan for this machine: the CPU ranks of cpu-local, unless a topology is named
         from zoplan.runtime.tiny import TINY
 
-        lr = cfg.lr if cfg.lr is not None else (TINY_LR if cfg.model in TINY else None)
+        tuning = cfg.to_tuning()
+        lr = cfg.lr if cfg.lr is not None else (TINY_LR if cfg.model in TINY else default_lr(tuning))
+        eps = cfg.eps if cfg.eps is not None else default_eps(tuning)
         zo = zo_settings(
-            **{k: v for k, v in (("lr", lr), ("eps", cfg.eps), ("seed", cfg.seed)) if v is not None}, steps=cfg.steps
+            **{k: v for k, v in (("lr", lr), ("eps", eps), ("seed", cfg.seed)) if v is not None}, steps=cfg.steps
         )
         machine = load_topology(cfg.topology)
         # bf16 matrix products are slower than fp32 on CPUs (docs/results/cpu-figures.md)
@@ -239,6 +244,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             dtype=dtype,
             top=1,
             zo=zo,
+            tuning=tuning,
         ).plan
     device = _device_for(machine, plan)
     if plan.layout.nodes != cfg.nnodes:
@@ -408,9 +414,20 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
 
         check_workload(None, cfg.global_batch, cfg.seq_len)
         check_pins_range(cfg.pins, cfg.global_batch)
+        check_runnable(cfg.tuning)
     elif cfg.plan is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
-        load_plan(cfg.plan)
+        check_runnable(load_plan(cfg.plan).tuning.method)
     return cfg, ignored
+
+
+def check_runnable(method: str) -> None:
+    """The runtime trains every weight or LoRA; a prefix is planned (zoplan.tuning) but not run."""
+    if method == Method.PREFIX:
+        raise ZoplanError(
+            "zoplan run trains every weight (--tuning full) or LoRA (--tuning lora); prefix tuning can be "
+            "planned (zoplan plan --tuning prefix) but not run yet",
+            fix="use --tuning lora, or plan again without --tuning prefix",
+        )
 
 
 def run(cfg: RunConfig, resume: bool = False) -> RunSummary:

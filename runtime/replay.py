@@ -108,6 +108,8 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
                 f"but the base model given is '{shape.name}': {', '.join(differences)}",
                 fix="replay onto the base weights that run started from",
             )
+    if plan is not None and plan.tuning.to_tuning().frozen_base:  # the journal's updates are the adapter's
+        return _replay_adapter(plan, model_dir, journal, out, device)
     # as the run kept them: the parameters outside the blocks (embeddings, final norm, head) and the
     # blocks kept on the devices (resident) in the compute dtype; a streamed block, updated in the
     # compute dtype and stored in the host copy's (wire) dtype after every step, in the narrower of
@@ -154,4 +156,29 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
             f"writing the replayed weights into {out} failed: {getattr(exc, 'strerror', None) or exc}",
             fix="free disk space or choose another -o directory, and replay again",
         ) from None
+    return len(journal)
+
+
+def _replay_adapter(plan, model_dir: Path, journal: list[dict], out: Path, device: str) -> int:
+    """An adapter run (zoplan.runtime.tuning): its initial adapter (a function of the run's seed)
+    with the journal's updates, written as the run writes it; the base weights are not read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoplan.runtime.adapters import adapter_for
+    from zoplan.runtime.tuning import build
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):  # the modules' shapes only
+        model = AutoModelForCausalLM.from_config(config)
+    tuned = build(
+        model, adapter_for(config.model_type), plan.tuning.to_tuning(), plan.zo.seed, torch.device(device), ()
+    )
+    assert tuned is not None  # an adapter plan builds an adapter
+    tuned.replay(journal)
+    require_finite(
+        tuned.tensors().items(),
+        "the adapter replayed from the journal",
+        "a journal whose updates overflow the adapter cannot give a usable one",
+    )
+    tuned.save(out, model_dir)
     return len(journal)

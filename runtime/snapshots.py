@@ -41,6 +41,7 @@ def snapshots(out: Path, *, check: bool = False) -> list[tuple[int, Path]]:
     file, say) is left out with a warning: the run resumes from an earlier one and replays more
     of the journal, with the same result."""
     from zoplan.runtime.checkpoint import weight_shapes
+    from zoplan.runtime.tuning import ADAPTER_WEIGHTS
 
     root = out / "snapshots"
     found = []
@@ -52,8 +53,9 @@ def snapshots(out: Path, *, check: bool = False) -> list[tuple[int, Path]]:
                     step = meta.get("step") if isinstance(meta, dict) else None
                     if type(step) is not int or d.name != f"step-{step:08d}":
                         raise ZoplanError(f"its meta.json does not name step {d.name[5:]}")
-                    if check:
-                        weight_shapes([d / "model.safetensors"])
+                    if check:  # the model's weights, or an adapter's (zoplan.runtime.tuning)
+                        full = d / "model.safetensors"
+                        weight_shapes([full if full.exists() else d / ADAPTER_WEIGHTS])
                 except (ValueError, RecursionError, ZoplanError) as exc:
                     if check:
                         reason = str(exc) if isinstance(exc, ZoplanError) else "its meta.json is damaged"

@@ -34,6 +34,7 @@ from zoplan.program import build as build_program
 from zoplan.runtime import data as zdata
 from zoplan.runtime import dist as zdist
 from zoplan.runtime import faults
+from zoplan.runtime import tuning as ztuning
 from zoplan.runtime.adapters import Adapter, adapter_for
 from zoplan.runtime.checkpoint import companion_files, readable_as_umask
 from zoplan.runtime.engine import Engine
@@ -123,8 +124,18 @@ def load_model(
 
 def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path, param_dtype: str) -> None:
     """Hugging Face layout in ``target``: config, tokenizer files and model.safetensors (loadable
-    with ``from_pretrained``). Call after ``engine.flush()``."""
+    with ``from_pretrained``); an adapter run's adapter in PEFT's layout with the tokenizer files
+    (zoplan.runtime.tuning). Call after ``engine.flush()``."""
     from safetensors.torch import save_file
+
+    if engine.tuned is not None:
+        require_finite(
+            engine.tuned.tensors().items(),
+            "the trained adapter",
+            "lower --lr (an update overflowed the adapter); the journal and the snapshots written before are intact",
+        )
+        engine.tuned.save(target, model_dir)
+        return
 
     dtype = DTYPES[param_dtype]
     state: dict[str, torch.Tensor] = {}
@@ -222,7 +233,16 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     rp = box[0]
     # weights from the newest snapshot, if any; config and tokenizer files always from the model
     # directory (older snapshots are pruned while the run goes on)
-    model, adapter, host = load_model(rp.base or model_dir, plan, ctx, host_dir, rp.replay)
+    tuning = plan.tuning.to_tuning()
+    if tuning.frozen_base:  # the base as it is; a snapshot holds the adapter, the journal its updates
+        model, adapter, host = load_model(model_dir, plan, ctx, host_dir)
+    else:
+        model, adapter, host = load_model(rp.base or model_dir, plan, ctx, host_dir, rp.replay)
+    tuned = ztuning.build(model, adapter, tuning, plan.zo.seed, ctx.device, ctx.signs)
+    if tuned is not None:
+        if rp.base is not None:
+            tuned.load(rp.base)
+        tuned.replay(rp.replay)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(cfg.data)
     task = zdata.task_of(kind, cfg.prompt, cfg.label_words)
@@ -247,9 +267,12 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         host,
         ctx,
         eps=plan.zo.eps,
-        program=build_program(layout, layers=len(host.layouts), block_params=host.layouts[0].numel),
+        program=build_program(
+            layout, layers=len(host.layouts), block_params=host.layouts[0].numel, frozen=tuning.frozen_base
+        ),
         rank=layout.gpus[ctx.local_rank],
         spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=cfg.trace_steps),
+        tuned=tuned,
     )
     # the training loop's own host work (next batch, journal line): the program's host op
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())

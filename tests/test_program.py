@@ -24,6 +24,9 @@ from zoplan.models import load_model_shape
 from zoplan.program import END, Kind, Stream, build
 from zoplan.sim import STEPS, simulate
 from zoplan.topology import load_topology
+from zoplan.tuning import FULL, Tuning
+
+LORA = Tuning("lora")
 
 LAYERS = 6
 
@@ -68,10 +71,15 @@ MATRIX = {
 }
 
 
-@pytest.fixture(params=sorted(MATRIX), scope="module")
+@pytest.fixture(params=[(name, frozen) for name in sorted(MATRIX) for frozen in (False, True)], scope="module")
 def case(request):
-    L = MATRIX[request.param]
-    return L, build(L, layers=LAYERS, block_params=1000, micro_batches=2, block_flops=1e9, head_flops=1e8)
+    """A layout of the matrix and its program: full-parameter, or frozen (an adapter trained on
+    read-only blocks: zoplan.tuning)."""
+    name, frozen = request.param
+    L = MATRIX[name]
+    return L, build(
+        L, layers=LAYERS, block_params=1000, micro_batches=2, block_flops=1e9, head_flops=1e8, frozen=frozen
+    )
 
 
 def test_every_reference_names_an_op_of_the_program(case) -> None:
@@ -85,6 +93,7 @@ def test_every_reference_names_an_op_of_the_program(case) -> None:
 
 def test_every_block_is_moved_updated_written_back_and_computed_once_a_step(case) -> None:
     L, program = case
+    trains = not program.frozen  # read-only blocks: moved and computed, never updated or written back
     count = collections.Counter((op.kind, op.block, op.round, r) for op in program.ops for r in op.ranks)
     streamed = [b for b in range(LAYERS) if b not in L.resident]
     for b in range(LAYERS):
@@ -93,17 +102,23 @@ def test_every_block_is_moved_updated_written_back_and_computed_once_a_step(case
         for g in L.movers:
             for r in range(L.rounds):
                 if L.upload == "sliced":
-                    assert count[Kind.UPDATE, b, r, g] == 1
+                    assert count[Kind.UPDATE, b, r, g] == trains
                 if b in streamed:
                     assert count[Kind.H2D, b, r, g] == 1  # this step's or, carried, the next one's
-                    assert count[Kind.D2H, b, r, g] == 1
+                    assert count[Kind.D2H, b, r, g] == trains
                 else:
                     assert count[Kind.H2D, b, r, g] == 0 and count[Kind.D2H, b, r, g] == 0
             if L.upload == "sliced" and len(L.movers) > 1:
                 assert count[Kind.UNPACK, b, None, g] == (b in L.resident)
                 assert [count[Kind.ALLGATHER, b, r, g] for r in range(L.rounds)] == [1] * L.rounds
         if L.upload == "whole":
-            assert [count[Kind.UPDATE, b, None, g] for g in L.compute_gpus] == [1] * len(L.compute_gpus)
+            assert [count[Kind.UPDATE, b, None, g] for g in L.compute_gpus] == [trains] * len(L.compute_gpus)
+    if not trains:
+        assert not [op for op in program.ops if op.kind in (Kind.UPDATE, Kind.D2H, Kind.BARRIER)]
+        # a block is computed only once it has landed on its rank (or been gathered there)
+        for op in program.ops:
+            if op.kind is Kind.BLOCK and op.block in streamed:
+                assert op.deps and op.deps[0].op.startswith(("h2d", "all-gather")), op
     # one all-reduce over every rank, relays included
     assert [op.ranks for op in program.ops if op.kind is Kind.ALLREDUCE] == [L.gpus]
 
@@ -134,11 +149,13 @@ def test_the_simulator_times_the_programs_ops_in_the_programs_order(case) -> Non
     L, program = case
     machine = load_topology("dgx-a100")
     shape = load_model_shape("opt-1.3b")
-    costs = StepCosts(machine, Workload(shape, 8, 128), L)
+    costs = StepCosts(machine, Workload(shape, 8, 128, LORA if program.frozen else FULL), L)
     result = simulate(costs, record=True)
     timed = costs.program  # the same layout, with the model's real sizes
+    assert timed.frozen == program.frozen
     assert [(op.id, op.kind, op.stream, op.ranks) for op in timed.ops[:5]] == [
-        (op.id, op.kind, op.stream, op.ranks) for op in build(L, layers=shape.layers, block_params=1).ops[:5]
+        (op.id, op.kind, op.stream, op.ranks)
+        for op in build(L, layers=shape.layers, block_params=1, frozen=program.frozen).ops[:5]
     ]
     lanes = collections.defaultdict(list)
     for span in result.spans:

@@ -22,7 +22,8 @@ from zoplan.layout import Layout
 from zoplan.limits import MAX_SLICES_PER_BLOCK, MAX_STEPS
 from zoplan.models import ModelShape
 from zoplan.topology import Machine
-from zoplan.vocab import Dtype, Schedule, Upload
+from zoplan.tuning import FULL, Tuning
+from zoplan.vocab import Dtype, Method, Schedule, Upload
 
 PLAN_VERSIONS = (1,)
 
@@ -119,6 +120,28 @@ class Prediction(Strict):
     speedup_vs_baseline: float | None = None
 
 
+class TuningSpec(Strict):
+    """What is trained (zoplan.tuning): ``full`` (every weight), ``lora`` or ``prefix`` (an
+    adapter on read-only blocks)."""
+
+    method: Method = FULL.method
+    lora_rank: PositiveInt = FULL.lora_rank
+    lora_alpha: PositiveFloat = FULL.lora_alpha
+    prefix_tokens: PositiveInt = FULL.prefix_tokens
+
+    @classmethod
+    def of(cls, tuning: Tuning) -> TuningSpec:
+        return cls(
+            method=tuning.method,
+            lora_rank=tuning.lora_rank,
+            lora_alpha=tuning.lora_alpha,
+            prefix_tokens=tuning.prefix_tokens,
+        )
+
+    def to_tuning(self) -> Tuning:
+        return Tuning(self.method, self.lora_rank, self.lora_alpha, self.prefix_tokens)
+
+
 class Plan(Strict):
     version: int
     zoplan: str
@@ -131,6 +154,7 @@ class Plan(Strict):
     resident_blocks: list[int]
     prediction: Prediction
     profile: ProfileRef | None = None
+    tuning: TuningSpec = TuningSpec()  # full-parameter unless an adapter is trained
 
     # ----- conversions ------------------------------------------------------------------------
     def to_layout(self) -> Layout:
@@ -163,6 +187,7 @@ def build_plan(
     seq_len: int,
     zo: ZoSettings,
     prediction: Prediction,
+    tuning: Tuning = FULL,
 ) -> Plan:
     ranks = layout.ranks()
     # the casts: a layout holds plain values, checked by Layout.validate (perturbation 1 or 2, dtypes
@@ -195,6 +220,7 @@ def build_plan(
         ),
         resident_blocks=list(layout.resident),
         prediction=prediction,
+        tuning=TuningSpec.of(tuning),
         profile=(
             ProfileRef(source=machine.profile.source, hash=machine.profile.profile.hash)
             if machine.profile is not None
@@ -210,7 +236,10 @@ HEADER = (
 
 
 def write_plan(plan: Plan, path: Path) -> None:
-    write_yaml(path, plan.model_dump(mode="json"), header=HEADER)
+    data = plan.model_dump(mode="json")
+    if plan.tuning == TuningSpec():  # full-parameter: the plan reads as it always has
+        data.pop("tuning")
+    write_yaml(path, data, header=HEADER)
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -20,6 +20,7 @@ from zoplan.layout import Layout, Pins
 from zoplan.sim import simulate
 from zoplan.search import Candidate, SearchResult, check_workload, evaluate, search, top_families, usd_per_mtok
 from zoplan.topology import Machine, load_topology
+from zoplan.tuning import FULL, Tuning
 
 DEFAULT_MODEL = "opt-175b"
 DEFAULT_TOPOLOGY = "dgx-a100"
@@ -84,6 +85,7 @@ class PlanReport:
             "global_batch": s.workload.global_batch,
             "seq_len": s.workload.seq_len,
             "objective": s.objective,
+            "tuning": s.workload.tuning.method.value,
             "best": self.summary(s.best),
             "baseline": self.summary(s.baseline) if s.baseline else None,
             "speedup_vs_baseline": self.speedup_vs_baseline,
@@ -192,19 +194,21 @@ def plan(
     zo: ZoSettings = ZoSettings(),
     profile: str | Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    tuning: Tuning = FULL,
 ) -> PlanReport:
     """Search the layouts of ``model`` on ``topology`` and return the report with the best plan.
     With ``profile``, the calibrated figures replace the topology's nominal ones. ``dtype`` (the
     compute dtype) defaults to the profile's, else bf16 on GPUs and fp32 on CPU ranks. ``topology``:
     a bundled name, a file, or a machine already loaded from one. ``progress`` is called with the
-    layouts weighed so far and the layouts that fit, as the search goes."""
+    layouts weighed so far and the layouts that fit, as the search goes. ``tuning``: what is
+    trained (zoplan.tuning): an adapter leaves the blocks read-only."""
     shape = load_model_shape(model)
     check_workload(shape, global_batch, seq_len)  # before any work that grows with them
     loaded = topology if isinstance(topology, Machine) else load_topology(topology)
     machine = with_profile(loaded, profile, shape)
     dtype = compute_dtype(machine, dtype, profile)
     seq_len = default_seq_len(shape, machine) if seq_len is None else seq_len
-    workload = Workload(shape, global_batch, seq_len)
+    workload = Workload(shape, global_batch, seq_len, tuning)
     result = search(machine, workload, pins=pins, objective=objective, param_dtype=dtype, top=top, progress=progress)
     best = result.best
     base = result.baseline
@@ -230,6 +234,7 @@ def plan(
         seq_len=seq_len,
         zo=zo,
         prediction=prediction,
+        tuning=tuning,
     )
     return PlanReport(
         search=result,
@@ -346,7 +351,7 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
                 f"({the_plan.profile.hash}), which has changed since",
                 fix="plan again with `zoplan plan --profile ...`",
             )
-    workload = Workload(shape, the_plan.batch.global_batch, the_plan.batch.seq_len)
+    workload = Workload(shape, the_plan.batch.global_batch, the_plan.batch.seq_len, the_plan.tuning.to_tuning())
     check_fits(machine, workload, the_plan.to_layout(), plan_path)
     cand = evaluate(machine, workload, the_plan.to_layout(), record=True)
     return Timeline(

@@ -139,6 +139,7 @@ class Program:
     layout: Layout
     layers: int
     ops: tuple[Op, ...]  # issue order
+    frozen: bool = False  # the blocks are only read: no update, barrier or write-back
 
     def rank_ops(self, rank: str) -> list[Op]:
         """The ops ``rank`` issues in one steady-state step, in order."""
@@ -171,7 +172,8 @@ class Program:
         L = self.layout
         lines = [
             f"step program of {L.describe()}: {self.layers} blocks, prefetch {L.prefetch}, "
-            f"{L.rounds} round(s) per block, {len(L.resident)} resident",
+            f"{L.rounds} round(s) per block, {len(L.resident)} resident"
+            + (", blocks read-only" if self.frozen else ""),
             "columns: stream, op id, then its size and what it waits for besides the op before it on its stream",
         ]
         for rank in ranks or self.layout.gpus:
@@ -221,10 +223,12 @@ def build(
     micro_batches: int = 1,
     block_flops: float = 0.0,
     head_flops: float = 0.0,
+    frozen: bool = False,
 ) -> Program:
     """The step program of ``layout`` for a model of ``layers`` blocks of ``block_params``
     parameters, each rank running ``micro_batches`` micro-batches per branch (FLOPs: one
-    micro-batch of one branch)."""
+    micro-batch of one branch). ``frozen``: the blocks are only read (an adapter is trained,
+    zoplan.tuning): no update, barrier or write-back, and a block is computed once it has landed."""
     L, n, p = layout, layers, layout.prefetch
     sliced = L.upload == "sliced"
     rounds = L.rounds
@@ -241,9 +245,9 @@ def build(
     # a step carries the next step's first uploads into its last blocks' compute (docs/runtime.md),
     # except whole blocks shared by several compute ranks: a rank reads such a block only once every
     # rank has reached it (the barrier), which a read carried into the step before would skip
-    carry = sliced or len(computes) <= 1
+    carry = sliced or len(computes) <= 1 or frozen
     # the host copy must hold the previous step's write-back of a block before it is uploaded again
-    writers = {g: (g,) if sliced else computes for g in movers}
+    writers = {g: () if frozen else (g,) if sliced else computes for g in movers}
     ops: list[Op] = []
     end_before = Ref(END, (), -1)
 
@@ -258,11 +262,10 @@ def build(
             frees: list[Ref] = []
             if g in computes:
                 frees.append(Ref(op_id(Kind.BLOCK, b), (g,)))
-            if sliced:
-                last = rounds - 1
-                frees.append(
-                    Ref(ids(Kind.ALLGATHER, b, last), movers) if sharded else Ref(ids(Kind.UPDATE, b, last), (g,))
-                )
+            if sharded:
+                frees.append(Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers))
+            elif sliced and not frozen:
+                frees.append(Ref(ids(Kind.UPDATE, b, rounds - 1), (g,)))
             if b in resident:  # the shard holds the slices this step's update packed
                 ops.append(
                     Op(
@@ -274,11 +277,13 @@ def build(
                         step=step,
                         slot=True,
                         frees=tuple(frees),
-                        deps=(Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers, -1),),
+                        # the shard holds what the last step's update packed (frozen: never changes)
+                        deps=() if frozen else (Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers, -1),),
                     )
                 )
                 continue
-            frees += [Ref(ids(Kind.D2H, b, r), (g,)) for r in range(rounds)]
+            if not frozen:
+                frees += [Ref(ids(Kind.D2H, b, r), (g,)) for r in range(rounds)]
             for r in range(rounds):
                 deps = [Ref(ids(Kind.D2H, b, r), (w,), -1) for w in writers[g]]
                 if not carry and b < p:
@@ -299,9 +304,19 @@ def build(
                     )
                 )
 
+    def gather(b: int, r: int, deps: tuple[Ref, ...] = ()) -> None:
+        """Round r of block b assembled on every mover (after the op before it on the exchange
+        stream, and ``deps``)."""
+        op = Op(ids(Kind.ALLGATHER, b, r), Kind.ALLGATHER, stream_of(Kind.ALLGATHER, L.upload), movers, b, r)
+        ops.append(op._replace(nbytes=gather_bytes, deps=deps))
+
     def fetch(b: int) -> None:
         """Block b's deferred update, write-back and exchange, on the ranks that hold it."""
         kept = b in resident
+        if frozen:  # only the exchange of the slices, once they have landed
+            for r in range(rounds if sharded else 0):
+                gather(b, r, tuple(Ref(op_id(Kind.UNPACK, b) if kept else ids(Kind.H2D, b, r), (g,)) for g in movers))
+            return
         # what an update waits for: a whole block's, its upload (as deps); a slice's, one op or none
         if not sliced:
             for g in computes:
@@ -362,20 +377,17 @@ def build(
                         )
                     )
             if sharded:
-                ops.append(
-                    Op(
-                        ids(Kind.ALLGATHER, b, r),
-                        Kind.ALLGATHER,
-                        stream_of(Kind.ALLGATHER, L.upload),
-                        movers,
-                        b,
-                        r,
-                        nbytes=gather_bytes,
-                    )
-                )
+                gather(b, r)
 
     def compute(b: int) -> None:
-        if sliced:
+        landed: Ref | None = None  # frozen: the block's last round on this rank, if uploaded
+        if frozen:  # once the block has landed (resident and not sharded: always there)
+            if sharded:
+                ready: Ref | None = Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers)
+            else:
+                ready = None
+                landed = None if b in resident else Ref(ids(Kind.H2D, b, rounds - 1), ())
+        elif sliced:
             ready = (
                 Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers)
                 if sharded
@@ -392,7 +404,7 @@ def build(
                     (g,),
                     b,
                     flops=block_flops * work,
-                    deps=(ready,) if ready else (),
+                    deps=(ready,) if ready else (landed._replace(ranks=(g,)),) if landed else (),
                 )
             )
 
@@ -414,4 +426,4 @@ def build(
     ops.append(Op(op_id(Kind.ALLREDUCE), Kind.ALLREDUCE, stream_of(Kind.ALLREDUCE, L.upload), tuple(L.gpus)))
     for g in computes:
         ops.append(Op(op_id(Kind.HOST), Kind.HOST, stream_of(Kind.HOST, L.upload), (g,)))
-    return Program(layout=L, layers=n, ops=tuple(ops))
+    return Program(layout=L, layers=n, ops=tuple(ops), frozen=frozen)

@@ -4,7 +4,8 @@ runs (princeton-nlp/MeZO, large_models/: templates.py, the README's commands), b
 ``zoplan run --recipe rte`` (``fine_tune(recipe="rte")``) reads each record's fields into the
 recipe's prompt and scores its label words; an option given as well wins over the recipe's. The
 hyper-parameters are those of MeZO's full-parameter runs: lr 1e-6 (the upper end of its grid; its
-OPT-13B README uses 1e-7), eps 1e-3, 16 sequences a step. Small models often want more (SmolLM2-135M
+OPT-13B README uses 1e-7), eps 1e-3, 16 sequences a step; with ``--tuning lora`` or ``prefix``,
+MeZO's rates for that adapter (zoplan.tuning). Small models often want more (SmolLM2-135M
 learned a sentiment task at lr 1e-5): ``zoplan run`` says when the loss does not move.
 
 Labels are SuperGLUE's (and GLUE's for SST-2) as integers: label i is the i-th word.
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from zoplan.errors import ZoplanError, did_you_mean
+from zoplan.tuning import ADAPTER_EPS, ADAPTER_LR
+from zoplan.vocab import Method
 
 MEZO_LR = 1e-6
 MEZO_EPS = 1e-3
@@ -95,6 +98,8 @@ def with_recipe(given: dict[str, Any]) -> dict[str, Any]:
         defaults["prompt"] = r.prompt
     if r.label_words is not None:
         defaults["label_words"] = r.label_words
-    if given.get("plan") is None:
-        defaults.update(lr=r.lr, eps=r.eps, global_batch=r.global_batch)
+    if given.get("plan") is None:  # an adapter's rates are MeZO's for that adapter (zoplan.tuning)
+        method = given.get("tuning", Method.FULL)
+        lr, eps = (r.lr, r.eps) if method == Method.FULL else (ADAPTER_LR[method], ADAPTER_EPS[method])
+        defaults.update(lr=lr, eps=eps, global_batch=r.global_batch)
     return {**defaults, **given}

@@ -215,6 +215,7 @@ class RunSummary:
                 else f"held-out: loss {self.eval.eval_loss:.4f}, accuracy {self.eval.eval_accuracy:.3f}"
             )
         ran = load_plan(self.output / "plan.yaml")
+        tuning = ran.tuning.to_tuning()
         try:
             from zoplan.runconfig import read
 
@@ -224,11 +225,12 @@ class RunSummary:
         said.append(
             f"with lr {ran.zo.lr:g} ({ran.zo.lr_schedule}), eps {ran.zo.eps:g}, {ran.batch.global_batch} "
             f"sequences x {ran.batch.seq_len} tokens a step, layout {ran.layout.perturbation}x{ran.layout.data} "
-            f"(perturbation x data) on {ran.topology.name}" + (f", MeZO's {name} recipe" if name else "")
+            f"(perturbation x data) on {ran.topology.name}"
+            + (f", MeZO's {name} recipe" if name else "")
+            + (f", {tuning.describe()} on read-only blocks" if tuning.frozen_base else "")
         )
-        said.append(
-            f"wrote {self.output}/model (from_pretrained), journal.jsonl, metrics.jsonl, plan.yaml, {CONFIG_FILE}"
-        )
+        loads = "PeftModel.from_pretrained: an adapter" if tuning.frozen_base else "from_pretrained"
+        said.append(f"wrote {self.output}/model ({loads}), journal.jsonl, metrics.jsonl, plan.yaml, {CONFIG_FILE}")
         return said
 
     def __str__(self) -> str:

@@ -29,7 +29,8 @@ from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, brief, describe_validation_error, read_text
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_SEQ_LEN, MAX_STEPS
 from zoplan.layout import Pins
-from zoplan.vocab import Dtype
+from zoplan.tuning import FULL, Tuning
+from zoplan.vocab import Dtype, Method
 
 RUN_CONFIG_VERSION: Final = 1
 CONFIG_FILE = "run.json"  # in the run's output directory
@@ -37,7 +38,19 @@ C = TypeVar("C", bound=Strict)
 
 # The settings that decide what is trained: a resumed run keeps them as recorded (given again,
 # they are named as ignored). A plan file fixes the planning ones (PLANNED).
-PLANNED = ("topology", "global_batch", "seq_len", "pins", "lr", "eps", "seed")
+PLANNED = (
+    "topology",
+    "global_batch",
+    "seq_len",
+    "pins",
+    "lr",
+    "eps",
+    "seed",
+    "tuning",
+    "lora_rank",
+    "lora_alpha",
+    "prefix_tokens",
+)
 FIXED_ON_RESUME = (
     "plan",
     "model",
@@ -78,8 +91,15 @@ class RunConfig(Strict):
     global_batch: int = Field(8, ge=1, le=MAX_GLOBAL_BATCH)
     seq_len: int = Field(64, ge=1, le=MAX_SEQ_LEN)
     pins: Pins = Pins()
-    lr: float | None = Field(None, gt=0)  # None: the planner's (1e-6; 1e-3 for the tiny models)
-    eps: float | None = Field(None, gt=0)
+    lr: float | None = Field(
+        None, gt=0
+    )  # None: the planner's (1e-6; 1e-3 for the tiny models), or MeZO's for an adapter
+    eps: float | None = Field(None, gt=0)  # None: 1e-3, or MeZO's for an adapter (zoplan.tuning)
+    # what is trained (zoplan.tuning): every weight, or LoRA / a prefix on read-only blocks
+    tuning: Method = Method.FULL
+    lora_rank: int = Field(FULL.lora_rank, ge=1, le=4096)
+    lora_alpha: float = Field(FULL.lora_alpha, gt=0)
+    prefix_tokens: int = Field(FULL.prefix_tokens, ge=1, le=1024)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     # --- how the run goes
     steps: int = Field(100, ge=1, le=MAX_STEPS)  # the run's total, resumed or not
@@ -133,6 +153,10 @@ class RunConfig(Strict):
         if len(words) < 2 or not all(words) or len(set(words)) != len(words):
             raise ValueError("give two or more different label words, one per class (label 0 is the first)")
         return words
+
+    def to_tuning(self) -> Tuning:
+        """What this run trains, as the planner counts it (zoplan.tuning)."""
+        return Tuning(self.tuning, self.lora_rank, self.lora_alpha, self.prefix_tokens)
 
     def given(self, **changes: Any) -> RunConfig:
         """This configuration with ``changes``, checked as a new one is."""

@@ -54,6 +54,14 @@ class Schedule(StrEnum):
     COSINE = "cosine"
 
 
+class Method(StrEnum):
+    """What a run trains (zoplan.tuning): every weight, or an adapter on read-only blocks."""
+
+    FULL = "full"
+    LORA = "lora"
+    PREFIX = "prefix"
+
+
 class Objective(StrEnum):
     """What the search ranks plans by: step time, or dollars per million tokens."""
 

@@ -58,6 +58,10 @@ RUN_BAD = {
     "--snapshot-minutes": ["-1", "nan", "inf", "abc"],
     "--keep-snapshots": ["-1", "abc"],
     "--journal-sync-every": ["0", "-1"],
+    "--tuning": ["lorra", "LoRA ", "", "prefix"],  # (a prefix is planned, not run: refused too)
+    "--lora-rank": ["0", "-1", "4097", "abc"],
+    "--lora-alpha": ["0", "-1", "nan", "abc"],
+    "--prefix-tokens": ["0", "-1", "abc"],
 }
 # cheap values a real run accepts (one step of the tiny model, if all else were good)
 RUN_GOOD = {
@@ -79,6 +83,9 @@ RUN_GOOD = {
     "--topology": "cpu-local",
     "--model": "tiny-opt",
     "--data": "sentiment",
+    "--tuning": "lora",
+    "--lora-rank": "4",
+    "--lora-alpha": "8",
 }
 
 
@@ -309,6 +316,6 @@ def test_the_good_run_and_validate_arguments_above_do_run(tmp_path: Path, tiny_p
     args, out = run_args(tmp_path, {}, sorted(RUN_GOOD))
     code, output = console(args, limit=300)
     assert code == 0 and "trained 1 steps" in output, output
-    assert (out / "model" / "config.json").exists()
+    assert (out / "model" / "adapter_config.json").exists()  # (--tuning lora: the adapter)
     code, output = console(validate_args(tmp_path, tiny_plan, {}, VALIDATE_GOOD), limit=300)
     assert code == 0 and '"measured_steps"' in output, output

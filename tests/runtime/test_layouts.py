@@ -27,6 +27,7 @@ from zoplan.runconfig import make
 from zoplan.runtime.launch import run
 from zoplan.search import Pins
 from zoplan.topology import resolve_topology_path
+from zoplan.tuning import FULL, Tuning
 
 STEPS = 3
 LR = 1e-3
@@ -48,7 +49,7 @@ def cpu_topology(tmp: Path, ranks: int, nodes: int = 1) -> Path:
     return path
 
 
-def planned(tmp: Path, model_dir: Path, topology: Path, name: str, **pins) -> Path:
+def planned(tmp: Path, model_dir: Path, topology: Path, name: str, tuning: Tuning = FULL, **pins) -> Path:
     report = plan(
         str(model_dir / "config.json"),
         str(topology),
@@ -58,6 +59,7 @@ def planned(tmp: Path, model_dir: Path, topology: Path, name: str, **pins) -> Pa
         # exact master weights in every layout; the same micro-batches (the sums of the
         # losses in the same order, so the same projected gradient to the bit)
         pins=Pins(**{"wire_dtype": "fp32", "micro_batch": 2, **pins}),
+        tuning=tuning,
     )
     path = tmp / f"{name}.yaml"
     write_plan(report.plan.model_copy(update={"zo": report.plan.zo.model_copy(update={"lr": LR, "seed": 3})}), path)
@@ -76,7 +78,9 @@ def assert_ran_its_program(plan_path: Path, out: Path) -> None:
     the start of a step, the journal line at its end) is the program's one host op."""
     the_plan = load_plan(plan_path)
     layout = the_plan.to_layout()
-    program = build(layout, layers=the_plan.model_shape().layers, block_params=1)
+    program = build(
+        layout, layers=the_plan.model_shape().layers, block_params=1, frozen=the_plan.tuning.to_tuning().frozen_base
+    )
     files = sorted(out.glob("spans-rank*.jsonl"))
     assert len(files) == len(layout.gpus) * layout.nodes
     for f in files:

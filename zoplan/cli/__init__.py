@@ -18,7 +18,7 @@ from rich.text import Text
 from zoplan.errors import ZoplanError
 from zoplan.limits import MAX_MEASURED_STEPS, MAX_STEPS
 from zoplan.runconfig import CalibrateConfig, RunConfig, option
-from zoplan.vocab import Dtype, Movers, Objective, Schedule, Upload
+from zoplan.vocab import Dtype, Method, Movers, Objective, Schedule, Upload
 
 if TYPE_CHECKING:
     from zoplan.planfile import Plan
@@ -63,6 +63,24 @@ def _gpus(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(g.strip() for g in value.split(",") if g.strip()) if value is not None else None
 
 
+# what a run trains (zoplan.tuning): the same options for `zoplan plan` and `zoplan run`
+TUNING_OPTIONS = {
+    "tuning": typer.Option(
+        None,
+        "--tuning",
+        **option("tuning"),
+        help="what is trained: every weight, or LoRA or a prefix on read-only blocks (zoplan run: without a plan)",
+    ),
+    "lora_rank": typer.Option(None, "--lora-rank", **option("lora_rank"), help="--tuning lora: the rank"),
+    "lora_alpha": typer.Option(
+        None, "--lora-alpha", **option("lora_alpha"), help="--tuning lora: the scale alpha (/ rank)"
+    ),
+    "prefix_tokens": typer.Option(
+        None, "--prefix-tokens", **option("prefix_tokens"), help="--tuning prefix: trained tokens per block"
+    ),
+}
+
+
 @app.command("plan")
 def plan_cmd(
     model: str = typer.Option(
@@ -98,8 +116,18 @@ def plan_cmd(
     resident: Optional[int] = typer.Option(None, "--resident", help="pin how many blocks stay on the GPUs"),
     upload: Optional[Upload] = typer.Option(None, "--upload", help="pin whole-block or sliced uploads"),
     movers: Optional[Movers] = typer.Option(None, "--movers", help="sliced uploads: compute GPUs only or all GPUs"),
-    eps: float = typer.Option(1e-3, "--eps", help="perturbation scale"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 1e-6; 1e-3 for the tiny models)"),
+    eps: Optional[float] = typer.Option(
+        None, "--eps", help="perturbation scale (default 1e-3; MeZO's 1e-2 for LoRA, 1e-1 for a prefix)"
+    ),
+    lr: Optional[float] = typer.Option(
+        None,
+        "--lr",
+        help="learning rate (default 1e-6; MeZO's 5e-5 for LoRA, 1e-3 for a prefix; 1e-3 for the tiny models)",
+    ),
+    tuning: Optional[Method] = TUNING_OPTIONS["tuning"],
+    lora_rank: Optional[int] = TUNING_OPTIONS["lora_rank"],
+    lora_alpha: Optional[float] = TUNING_OPTIONS["lora_alpha"],
+    prefix_tokens: Optional[int] = TUNING_OPTIONS["prefix_tokens"],
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     seed: int = typer.Option(0, "--seed"),
     steps: int = typer.Option(1000, "--steps", min=1, max=MAX_STEPS, help="training steps recorded in the plan"),
@@ -108,14 +136,21 @@ def plan_cmd(
     wide: bool = typer.Option(False, "--wide", help="every column of the table (the default ones fit 80 columns)"),
 ) -> None:
     """Find the fastest (or cheapest) layout of a model on a machine and write it as a plan."""
-    from zoplan.planfile import ZoSettings, write_plan, zo_settings
+    from zoplan.planfile import write_plan, zo_settings
     from zoplan.planner import plan
     from zoplan.layout import Pins
 
     from zoplan.models import TINY_LR, TINY_MODELS
 
+    from zoplan.tuning import default_eps, default_lr
+
+    from zoplan.runconfig import make
+
+    given = {"tuning": tuning, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "prefix_tokens": prefix_tokens}
+    trained = make(**{k: v for k, v in given.items() if v is not None}).to_tuning()
     if lr is None:
-        lr = TINY_LR if model in TINY_MODELS else ZoSettings.model_fields["lr"].default
+        lr = TINY_LR if model in TINY_MODELS else default_lr(trained)
+    eps = default_eps(trained) if eps is None else eps
     zo = zo_settings(eps=eps, lr=lr, weight_decay=weight_decay, seed=seed, steps=steps, lr_schedule=lr_schedule.value)
     pins = Pins(
         perturbation=pertp,
@@ -147,6 +182,7 @@ def plan_cmd(
             zo=zo,
             profile=profile,
             progress=weighing,
+            tuning=trained,
         )
     if output is not None:
         write_plan(report.plan, output)
@@ -314,9 +350,17 @@ def run_cmd(
     resident: Optional[int] = typer.Option(None, "--resident", help="without a plan: blocks kept on the devices"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="without a plan: pin the micro-batch"),
     lr: Optional[float] = typer.Option(
-        None, "--lr", help="without a plan: learning rate (1e-6; 1e-3 for the tiny models)"
+        None,
+        "--lr",
+        help="without a plan: learning rate (1e-6; MeZO's 5e-5 for LoRA, 1e-3 for a prefix; 1e-3 for the tiny models)",
     ),
-    eps: Optional[float] = typer.Option(None, "--eps", help="without a plan: perturbation scale"),
+    eps: Optional[float] = typer.Option(
+        None, "--eps", help="without a plan: perturbation scale (1e-3; MeZO's 1e-2 for LoRA, 1e-1 for a prefix)"
+    ),
+    tuning: Optional[Method] = TUNING_OPTIONS["tuning"],
+    lora_rank: Optional[int] = TUNING_OPTIONS["lora_rank"],
+    lora_alpha: Optional[float] = TUNING_OPTIONS["lora_alpha"],
+    prefix_tokens: Optional[int] = TUNING_OPTIONS["prefix_tokens"],
     seed: Optional[int] = typer.Option(None, "--seed", **option("seed"), help="without a plan: run seed"),
     prompt: Optional[str] = typer.Option(
         None,

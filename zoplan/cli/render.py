@@ -119,6 +119,7 @@ def plan_table(report: PlanReport, wide: bool = False) -> Table:
     title = (
         f"{report.shape.name} on {report.machine.name}: global batch {w.global_batch} × "
         f"{w.seq_len} tokens, objective {s.objective}"
+        + ("" if not w.tuning.frozen_base else f", {w.tuning.describe()} on read-only blocks")
     )
     shown = [i for i, (_, _, default) in enumerate(PLAN_COLUMNS) if wide or default]
     table = _table(title, [PLAN_COLUMNS[i][:2] for i in shown], wide)

@@ -47,7 +47,8 @@ def machine_bound(costs: StepCosts) -> Bound:
     for g in L.movers:
         mem = f"mem:{machine.host_socket(g)}"
         charge(machine.host_path(g, "h2d") + [mem], up_bytes)
-        charge(machine.host_path(g, "d2h") + [mem], down_bytes)
+        if not costs.frozen:  # read-only blocks are not written back
+            charge(machine.host_path(g, "d2h") + [mem], down_bytes)
     n = len(L.movers)
     if sliced and n > 1 and costs.allgather_round_s() is None:  # measured: not on the links
         ring_bytes = costs.round_param_bytes * L.rounds * (n - 1) / n

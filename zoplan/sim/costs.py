@@ -36,6 +36,7 @@ from zoplan.vocab import DTYPE_BYTES
 from zoplan.models import RUNTIME_OPS, ModelShape
 from zoplan.program import Program, build
 from zoplan.topology import GpuModel, Machine
+from zoplan.tuning import FULL, Tuning
 
 if TYPE_CHECKING:
     from zoplan.profile import Profile, Profiled, Stage
@@ -54,6 +55,9 @@ Z_CHUNK_CPU = 2**17
 # perturbation (eps*z, master + that, the copy into the parameter)
 UPDATE_PASSES = 4
 SET_RESIDENT_PASSES = 3
+# Tensor ops an adapter adds to a block's forward per micro-batch: LoRA's two products, its scale
+# and the add, on each of two projections; a prefix's key and value concatenations and the mask's
+ADAPTER_OPS = {"full": 0, "lora": 8, "prefix": 4}
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class Workload:
     model: ModelShape
     global_batch: int
     seq_len: int
+    tuning: Tuning = FULL  # what is trained: every weight, or an adapter on read-only blocks
 
     @property
     def tokens_per_step(self) -> int:
@@ -124,9 +129,15 @@ class StepCosts:
             layers=m.layers,
             block_params=self.block_params,
             micro_batches=self.micro_batches,
-            block_flops=m.block_flops(tokens, self.work.seq_len),
+            block_flops=m.block_flops(tokens, self.work.seq_len) + self.work.tuning.block_flops(m, tokens),
             head_flops=m.head_flops(tokens),
+            frozen=self.frozen,
         )
+
+    @property
+    def frozen(self) -> bool:
+        """An adapter is trained: the blocks are only read (zoplan.tuning)."""
+        return self.work.tuning.frozen_base
 
     def release_program(self) -> None:
         """Forget the step program (thousands of ops; built again if asked for): the search keeps
@@ -187,7 +198,7 @@ class StepCosts:
         before anyone writes its share back, a barrier per block (measured: a small collective's
         latency plus the in-step wait; without a profile, the device's collective call)."""
         p, L = self.profile, self.layout
-        if L.compute_ranks_per_node < 2:
+        if L.compute_ranks_per_node < 2 or self.frozen:
             return 0.0
         if p is None:
             return self.collective_call_s(L.compute_gpus)
@@ -215,7 +226,10 @@ class StepCosts:
 
     def perturb_passes(self) -> int:
         """+eps z (and -2 eps z with dual forward), plus a restore when the buffer survives the
-        forward (whole-block uploads offload from it; ZO2 restores before offloading)."""
+        forward (whole-block uploads offload from it; ZO2 restores before offloading). None
+        when the blocks are only read (an adapter is perturbed instead)."""
+        if self.frozen:
+            return 0
         passes = 1 if self.layout.perturbation == 2 else 2
         if self.layout.upload == "whole":
             passes += 1
@@ -231,7 +245,7 @@ class StepCosts:
             m.block_flops(tokens, self.work.seq_len),
             self.block_param_bytes + act_bytes,
             L.param_dtype,
-            RUNTIME_OPS[m.family]["block"],
+            RUNTIME_OPS[m.family]["block"] + ADAPTER_OPS[self.work.tuning.method],
         )
         return one * self.micro_batches * L.branches_per_gpu
 
@@ -248,6 +262,8 @@ class StepCosts:
             ) * self._lockstep(gpu, "block")
         passes = self.perturb_passes()
         z = 0.0
+        if self.frozen:  # the block as uploaded: the adapter was perturbed at the step's start
+            return self.forward_block_s(gpu)
         if self._materialised(gpu):  # z drawn once; then a zeroed buffer and two passes per branch
             passes = 1 + 2 * self.layout.branches_per_gpu
             z = z_draw_s(self._gm(gpu), (self.block_params,))
@@ -259,6 +275,8 @@ class StepCosts:
 
     def _update_s(self, gpu: str, params: int) -> float:
         """The deferred update of ``params`` parameters of a block on this device."""
+        if self.frozen:
+            return 0.0
         if not self._materialised(gpu):
             return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, 1)
         return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, UPDATE_PASSES) + z_draw_s(
@@ -295,6 +313,8 @@ class StepCosts:
         m, L = self.model, self.layout
         ops = RUNTIME_OPS[m.family]["embed"] * self.micro_batches * L.branches_per_gpu
         lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops)
+        if self.frozen:  # the adapter (fp32) updated, then one copy of it per branch perturbed
+            return lookup + self.adapter_s(gpu)
         if not self._materialised(gpu):
             passes = 1 + self.perturb_passes()
             return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes) + lookup
@@ -317,7 +337,7 @@ class StepCosts:
         head_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype] + tokens * m.vocab * 4
         one = forward_s(self._gm(gpu), m.head_flops(tokens), head_bytes, L.param_dtype, RUNTIME_OPS[m.family]["head"])
         t = one * self.micro_batches * L.branches_per_gpu
-        if self._materialised(gpu):
+        if self._materialised(gpu) and not self.frozen:
             # the branches' heads run in reverse: all but the first set their perturbation again,
             # then every resident parameter gets its master back (a copy)
             resets = L.branches_per_gpu - 1
@@ -325,6 +345,17 @@ class StepCosts:
                 self._gm(gpu), m.resident_params(), L.param_dtype, resets * SET_RESIDENT_PASSES + 1
             ) + resets * z_draw_s(self._gm(gpu), m.resident_tensors())
         return t
+
+    def adapter_s(self, gpu: str) -> float:
+        """A step's work on the adapter, every rank its whole copy: the update, and the branches'
+        copies master + s*eps*z from one draw of z (zoplan.runtime.tuning)."""
+        m, L, gm = self.model, self.layout, self._gm(gpu)
+        params = self.work.tuning.params(m)
+        sets = L.branches_per_gpu
+        if not self._materialised(gpu):
+            return elementwise_s(gm, params, "fp32", 1 + sets)
+        tensors = [self.work.tuning.block_params(m)] * m.layers  # one draw per block's adapter
+        return elementwise_s(gm, params, "fp32", UPDATE_PASSES + sets * SET_RESIDENT_PASSES) + 2 * z_draw_s(gm, tensors)
 
     def scalar_allreduce_s(self) -> float:
         """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta), or
@@ -373,13 +404,19 @@ class StepCosts:
         total += buffers * self.block_param_bytes
         if L.wire_dtype != L.param_dtype:
             total += buffers * L.rounds * self.slice_wire_bytes
-        if gpu in L.compute_gpus:
+        if gpu in L.compute_gpus and self.frozen:
+            # the resident parameters as loaded, and the adapter: its master and one perturbed
+            # copy per branch, in fp32 (runtime/tuning.py)
+            total += m.resident_params() * pbytes
+            total += (1 + L.branches_per_gpu) * self.work.tuning.params(m) * DTYPE_BYTES["fp32"]
+        elif gpu in L.compute_gpus:
             # the model's resident parameters and their unperturbed master copy: a branch perturbs
             # the parameters in place and the master brings them back (runtime/engine.py)
             total += 2 * m.resident_params() * pbytes
             # one work buffer per branch this GPU runs, holding theta + s*eps*z of the block being
             # computed: theta itself is never perturbed (runtime/engine.py _branch_buffer)
             total += L.branches_per_gpu * self.block_param_bytes
+        if gpu in L.compute_gpus:
             total += m.block_activation_bytes(L.micro_batch, self.work.seq_len, L.param_dtype, L.branches_per_gpu)
             total += m.head_activation_bytes(L.micro_batch, self.work.seq_len)
         return int(total)
