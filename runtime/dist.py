@@ -135,8 +135,17 @@ def barrier(group=None) -> None:
 
 
 def all_gather_into(parts: list[torch.Tensor], mine: torch.Tensor, group) -> None:
-    """``parts[k]`` := rank k's ``mine``, for every rank k of ``group``."""
-    dist.all_gather(parts, mine, group=group)
+    """``parts[k]`` := rank k's ``mine``, for every rank k of ``group``. Parts of different sizes
+    (uneven shares of a block) are broadcast one by one from their owners (an empty one is
+    skipped: every rank knows the sizes)."""
+    if len({p.numel() for p in parts}) == 1:
+        dist.all_gather(parts, mine, group=group)
+        return
+    me = dist.get_rank(group)
+    parts[me].copy_(mine)
+    for k, part in enumerate(parts):
+        if part.numel():
+            dist.broadcast(part, src=dist.get_global_rank(group, k), group=group)
 
 
 def broadcast_object(box: list, src: int = 0) -> None:

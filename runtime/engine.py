@@ -92,6 +92,7 @@ class Engine:
         self.adapter = adapter
         self.host = host
         self.ctx = ctx
+        self.layout = layout
         self.upload = layout.upload
         self.slices = layout.slices_per_block
         self.dtype = DTYPES[layout.param_dtype]
@@ -191,7 +192,10 @@ class Engine:
         if self.upload == "sliced":
             if ctx.mover_index is None:
                 return []
-            return [layout.slice_range(k, self.slices) for k in range(ctx.mover_index, self.slices, ctx.movers)]
+            # its part of every round: a slice, or its share of the round (zoplan.layout.Layout.parts)
+            size = layout.padded // self.rounds
+            lo, hi = self.layout.parts(size)[ctx.mover_index]
+            return [(r * size + lo, r * size + hi) for r in range(self.rounds)]
         if ctx.compute_index is None:
             return []
         # whole blocks: every compute rank holds the block; each writes back an equal share
@@ -330,9 +334,9 @@ class Engine:
         i, r = op.block, op.round or 0
         buf = self._buffer(i, r)
         layout = self.host.layouts[i]
-        n, size = self.ctx.movers, layout.padded // self.slices
+        size = layout.padded // self.rounds
         with self.op_span(Kind.ALLGATHER, i, r):
-            parts = [buf[(r * n + m) * size : (r * n + m + 1) * size] for m in range(n)]
+            parts = [buf[r * size + lo : r * size + hi] for lo, hi in self.layout.parts(size)]
             mine = parts[self.ctx.mover_index].clone()
             zdist.all_gather_into(parts, mine, group=self.ctx.exchange_group)
         if i in self.kept and r == self.rounds - 1 and self.pending is not None:

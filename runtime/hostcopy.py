@@ -55,10 +55,6 @@ class BlockLayout:
             if lo < hi:
                 yield slot, lo - slot.offset, hi - lo, lo - start
 
-    def slice_range(self, k: int, slices: int) -> tuple[int, int]:
-        size = self.padded // slices
-        return k * size, (k + 1) * size
-
 
 def block_layouts(blocks: nn.ModuleList, prefix: str, slices: int) -> list[BlockLayout]:
     layouts = []

@@ -291,6 +291,28 @@ def test_a_machine_that_mixes_gpu_models_computes_on_the_faster_ones() -> None:
     assert base is not None and base.layout.compute_gpus in (("gpu4",), ("gpu5",))
 
 
+def test_a_mover_behind_a_slower_link_carries_a_smaller_share_of_every_block() -> None:
+    """dgx-h100 with gpu0's link at x4: with all eight GPUs computing (every one a mover), equal
+    shares let gpu0's link pace every upload; shares in proportion to the links do not. The
+    search finds them, and the bound stays below the simulated step."""
+    path = FIXTURES / "dgx-h100-one-slow-link.yaml"
+    report = plan("opt-66b", str(path), global_batch=8, seq_len=256, pins=Pins(perturbation=2, data=4, resident=0))
+    best = report.search.best
+    weights = dict(zip(best.layout.movers, best.layout.shares))
+    assert weights["gpu0"] == 1 and {w for g, w in weights.items() if g != "gpu0"} == {4}
+    even = evaluate(report.machine, report.search.workload, dataclasses.replace(best.layout, shares=()))
+    assert best.step_time_s < 0.5 * even.step_time_s
+    assert best.bound.prune_bound_s <= best.step_time_s
+    # on the healthy machine the same layout gets no shares, and the slow one comes within 15% of it
+    healthy = plan("opt-66b", "dgx-h100", global_batch=8, seq_len=256, pins=Pins(perturbation=2, data=4, resident=0))
+    assert healthy.search.best.layout.shares == ()
+    assert best.step_time_s < 1.15 * healthy.search.best.step_time_s
+    with pytest.raises(ZoplanError, match="one weight per mover"):
+        dataclasses.replace(best.layout, shares=(1, 2))
+    with pytest.raises(ZoplanError, match="sliced uploads"):
+        dataclasses.replace(report.search.baseline.layout, shares=(1,))
+
+
 @pytest.mark.parametrize(
     "path,model,batch",
     [

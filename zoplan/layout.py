@@ -12,6 +12,7 @@ Words (docs/architecture.md has the glossary):
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,6 +38,9 @@ class Layout:
     resident: tuple[int, ...] = ()  # block indices that never cross PCIe
     nodes: int = 1
     placement: str = "spread"  # how compute_gpus were chosen (for display)
+    # sliced uploads: each mover's share of every round, in proportion to these weights (one per
+    # mover; empty: equal shares). A mover behind a slower host link carries less of each block.
+    shares: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -71,6 +75,13 @@ class Layout:
                     f"{self.slices_per_block} slices per block do not divide among {len(self.movers)} movers",
                     fix="use a multiple of the mover count",
                 )
+        if self.shares:
+            if self.upload != "sliced" or len(self.shares) != len(self.movers):
+                raise ZoplanError(
+                    f"shares {list(self.shares)} need sliced uploads and one weight per mover ({len(self.movers)})"
+                )
+            if any(type(w) is not int or w < 1 for w in self.shares):
+                raise ZoplanError(f"shares must be positive whole numbers, got {list(self.shares)}")
         if self.micro_batch < 1 or self.prefetch < 1:
             raise ZoplanError("micro-batch and prefetch depth must be at least 1")
         if self.wire_dtype not in DTYPE_BYTES or self.param_dtype not in DTYPE_BYTES:
@@ -99,6 +110,19 @@ class Layout:
     def rounds(self) -> int:
         """Slices each mover uploads per block; each round is all-gathered on its own."""
         return self.slices_per_block // len(self.movers) if self.upload == "sliced" else 1
+
+    def parts(self, round_params: int) -> list[tuple[int, int]]:
+        """Each mover's [lo, hi) within one round of ``round_params`` parameters, in mover order:
+        equal with no shares (``round_params`` is a multiple of the mover count), else in
+        proportion to the shares (boundaries rounded down)."""
+        return split(round_params, self.shares or (1,) * len(self.movers))
+
+    def part_of(self, gpu: str, round_params: int) -> int:
+        """Parameters ``gpu`` uploads of each round (0 for a GPU that is not a mover)."""
+        if gpu not in self.movers:
+            return 0
+        lo, hi = self.parts(round_params)[self.movers.index(gpu)]
+        return hi - lo
 
     @property
     def branches_per_gpu(self) -> int:
@@ -136,20 +160,38 @@ class Layout:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("compute_gpus", "movers", "resident"):
+        for key in ("compute_gpus", "movers", "resident", "shares"):
             d[key] = list(d[key])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Layout:
         d = dict(d)
-        for key in ("compute_gpus", "movers", "resident"):
+        for key in ("compute_gpus", "movers", "resident", "shares"):
             d[key] = tuple(d.get(key, ()))
         return cls(**d)
 
     def describe(self) -> str:
         mv = f"{len(self.movers)} movers" if self.upload == "sliced" else "whole blocks"
+        if self.shares:
+            mv += " sharing " + ":".join(map(str, self.shares))
         return f"{self.perturbation}x{self.data}" + (f"x{self.nodes}n" if self.nodes > 1 else "") + f" {mv}"
+
+
+def split(total: int, weights: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of ``total`` items in proportion to ``weights``, in order, covering it."""
+    whole = sum(weights)
+    bounds = [total * sum(weights[:k]) // whole for k in range(len(weights) + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def capacity_shares(gbps: list[float]) -> tuple[int, ...]:
+    """Whole-number weights in proportion to each mover's host bandwidth (to a tenth of the
+    slowest), reduced by their common divisor: (6.4, 25.6, 25.6) -> (1, 4, 4)."""
+    slowest = min(gbps)
+    weights = [max(1, round(10 * g / slowest)) for g in gbps]
+    common = functools.reduce(math.gcd, weights)
+    return tuple(w // common for w in weights)
 
 
 def divisors(n: int) -> list[int]:

@@ -105,6 +105,8 @@ class TransferSpec(Strict):
     wire_dtype: Dtype
     param_dtype: Dtype
     prefetch: PositiveInt
+    # each mover's share of every round, as weights (sliced uploads; absent: equal shares)
+    shares: list[PositiveInt] | None = None
 
 
 class Prediction(Strict):
@@ -172,6 +174,7 @@ class Plan(Strict):
             resident=tuple(self.resident_blocks),
             nodes=self.layout.nodes,
             placement=self.layout.placement,
+            shares=tuple(self.transfer.shares or ()),
         )
 
     def model_shape(self) -> ModelShape:
@@ -217,6 +220,7 @@ def build_plan(
             wire_dtype=cast(Dtype, layout.wire_dtype),
             param_dtype=cast(Dtype, layout.param_dtype),
             prefetch=layout.prefetch,
+            shares=list(layout.shares) or None,
         ),
         resident_blocks=list(layout.resident),
         prediction=prediction,
@@ -239,6 +243,8 @@ def write_plan(plan: Plan, path: Path) -> None:
     data = plan.model_dump(mode="json")
     if plan.tuning == TuningSpec():  # full-parameter: the plan reads as it always has
         data.pop("tuning")
+    if plan.transfer.shares is None:  # equal shares: likewise
+        data["transfer"].pop("shares")
     write_yaml(path, data, header=HEADER)
 
 

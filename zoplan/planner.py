@@ -38,6 +38,7 @@ class CandidateSummary(TypedDict):
     compute_gpus: list[str]
     upload: str
     movers: list[str]
+    shares: list[int]  # each mover's part of a round, as weights (empty: equal)
     slices_per_block: int
     wire_dtype: str
     micro_batch: int
@@ -131,6 +132,7 @@ def candidate_summary(cand: Candidate, machine: Machine, workload: Workload) -> 
         "compute_gpus": list(L.compute_gpus),
         "upload": L.upload,
         "movers": list(L.movers),
+        "shares": list(L.shares),
         "slices_per_block": L.slices_per_block,
         "wire_dtype": L.wire_dtype,
         "micro_batch": L.micro_batch,

@@ -238,8 +238,10 @@ def build(
     wire = DTYPE_BYTES[L.wire_dtype]
     slice_params = math.ceil(block_params / L.slices_per_block)
     # whole blocks: every compute rank holds the block, each writes back an equal share
-    h2d_bytes = slice_params * wire if sliced else block_params * wire
-    d2h_bytes = slice_params * wire if sliced else math.ceil(block_params * wire / len(computes))
+    # sliced: each mover's part of every round (equal, or in proportion to the layout's shares)
+    part = {g: L.part_of(g, slice_params * len(movers)) * wire for g in movers} if sliced else {}
+    h2d_bytes = part if sliced else dict.fromkeys(movers, block_params * wire)
+    d2h_bytes = part if sliced else dict.fromkeys(movers, math.ceil(block_params * wire / len(computes)))
     gather_bytes = slice_params * len(movers) * DTYPE_BYTES[L.param_dtype]
     work = micro_batches * L.branches_per_gpu
     # a step carries the next step's first uploads into its last blocks' compute (docs/runtime.md),
@@ -299,7 +301,7 @@ def build(
                         step=step,
                         slot=r == 0,
                         frees=tuple(frees) if r == 0 else (),
-                        nbytes=h2d_bytes,
+                        nbytes=h2d_bytes[g],
                         deps=tuple(deps),
                     )
                 )
@@ -334,7 +336,7 @@ def build(
                             (g,),
                             b,
                             0,
-                            nbytes=d2h_bytes,
+                            nbytes=d2h_bytes[g],
                             deps=(
                                 Ref(op_id(Kind.BARRIER, b), computes)
                                 if len(computes) > 1
@@ -372,7 +374,7 @@ def build(
                             (g,),
                             b,
                             r,
-                            nbytes=d2h_bytes,
+                            nbytes=d2h_bytes[g],
                             deps=(Ref(ids(Kind.UPDATE, b, r), (g,)),),
                         )
                     )

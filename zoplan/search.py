@@ -21,7 +21,7 @@ from zoplan.sim.bound import Bound, machine_bound
 from zoplan.sim.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
-from zoplan.layout import Layout, Pins, divisors
+from zoplan.layout import Layout, Pins, capacity_shares, divisors
 from zoplan.vocab import DTYPE_BYTES
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK
 from zoplan.models import ModelShape
@@ -272,7 +272,13 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
                         else sorted(divisors(per_replica), reverse=True)
                     )
                     prefetches = [pins.prefetch] if pins.prefetch is not None else [1, 2]
-                    for s, wire, mb, pf in itertools.product(slice_opts, wires, mbs, prefetches):
+                    # movers whose host paths differ also carry parts in proportion to them
+                    share_opts: list[tuple[int, ...]] = [()]
+                    if upload == "sliced":
+                        weights = capacity_shares([_host_gbps(machine, g) for g in movers])
+                        if len(set(weights)) > 1:
+                            share_opts.append(weights)
+                    for s, wire, mb, pf, shares in itertools.product(slice_opts, wires, mbs, prefetches, share_opts):
                         if per_replica % mb:
                             continue
                         yield Layout(
@@ -288,6 +294,7 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
                             prefetch=pf,
                             nodes=nodes,
                             placement=place,
+                            shares=shares,
                         )
 
 

@@ -298,3 +298,34 @@ def test_replay_is_bit_identical_when_the_host_copy_is_narrower_than_the_compute
             assert rebuilt[key].dtype == torch.float32, key
             assert torch.equal(rebuilt[key], value), (resident, key)
         assert any("layers" not in key for key in trained)  # the parameters outside the blocks too
+
+
+def test_uneven_shares_move_each_movers_part_and_train_the_same_weights(tiny_dirs, tmp_path: Path) -> None:
+    """Each mover uploads (and keeps of a resident block) its share of every round; the block it
+    assembles, hence the weights, are bit for bit those of the even split."""
+    model_dir = tiny_dirs["tiny-opt"]
+    two = cpu_topology(tmp_path, 2)
+    pins = dict(perturbation=1, data=1, gpus=("rank0",), upload="sliced", movers="all", slices=4, resident=1)
+    even = planned(tmp_path, model_dir, two, "even", **pins)
+    base = train(even, model_dir, tmp_path / "even")
+    the_plan = load_plan(even)
+    uneven = tmp_path / "uneven.yaml"
+    write_plan(
+        the_plan.model_copy(update={"transfer": the_plan.transfer.model_copy(update={"shares": [3, 1]})}), uneven
+    )
+    assert load_plan(uneven).to_layout().shares == (3, 1)
+    trained = train(uneven, model_dir, tmp_path / "uneven")
+    assert trained.keys() == base.keys() and all(torch.equal(trained[n], base[n]) for n in base)
+    assert_ran_its_program(uneven, tmp_path / "uneven")
+    # the resident block's shard on each rank: 3/4 and 1/4 of each of its 2 rounds
+    initial = load_file(str(model_dir / "model.safetensors"))
+    block = sum(t.numel() for n, t in initial.items() if ".layers.0." in n)
+    rounds, size = 2, -(-block // 4) * 2  # padded to 4 slices, 2 rounds of 2 slices
+    held = [
+        int(x)
+        for x in re.findall(
+            r"resident blocks \[[\d, ]*\] holding (\d+) elements",
+            (tmp_path / "uneven" / "worker-node0.log").read_text(),
+        )
+    ]
+    assert sorted(held) == sorted([rounds * (size * 3 // 4), rounds * (size - size * 3 // 4)])

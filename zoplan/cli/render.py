@@ -47,7 +47,8 @@ def _movers(summary: CandidateSummary) -> str:
     if summary["upload"] == "whole":
         return "each its own"
     relays = len(summary["movers"]) - len(summary["compute_gpus"])
-    return f"{len(summary['movers'])}, sliced" + (f" ({relays} relay)" if relays else "")
+    how = "uneven" if summary["shares"] else "sliced"  # (uneven shares: the footer gives them)
+    return f"{len(summary['movers'])}, {how}" + (f" ({relays} relay)" if relays else "")
 
 
 # The plan table's columns: (header, justify, shown by default). The default ones fit an
@@ -153,7 +154,9 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
     relays = [g for g in best["movers"] if g not in best["compute_gpus"]]
     if best["upload"] == "sliced":
         text.append(
-            f", blocks sliced over {len(best['movers'])} devices" + (f" (relays {','.join(relays)})" if relays else "")
+            f", blocks sliced over {len(best['movers'])} devices"
+            + (f" (relays {','.join(relays)})" if relays else "")
+            + (f", each carrying {':'.join(map(str, best['shares']))} of a block" if best["shares"] else "")
         )
     bound = s.best.sim.bound_story() if s.best.sim is not None else best["bottleneck"]
     text.append(f"; step {_fmt_time(best['step_time_s'])}, bound by {bound}\n")

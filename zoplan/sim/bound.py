@@ -18,6 +18,7 @@ from typing import cast
 
 from zoplan.sim.costs import StepCosts
 from zoplan.sim import link_label
+from zoplan.vocab import DTYPE_BYTES
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,14 @@ def machine_bound(costs: StepCosts) -> Bound:
             slack[r] += shift_blocks * per_block
 
     sliced = L.upload == "sliced"
-    up_bytes = costs.slice_wire_bytes * L.rounds if sliced else costs.block_wire_bytes
-    down_bytes = up_bytes if sliced else costs.block_wire_bytes / len(L.compute_gpus)
+    wire = DTYPE_BYTES[L.wire_dtype]
+    # what each mover uploads (and writes back) of a block: its part of every round, or all of it
+    up_bytes = {g: costs.part_params(g) * wire * L.rounds if sliced else costs.block_wire_bytes for g in L.movers}
     for g in L.movers:
         mem = f"mem:{machine.host_socket(g)}"
-        charge(machine.host_path(g, "h2d") + [mem], up_bytes)
+        charge(machine.host_path(g, "h2d") + [mem], up_bytes[g])
         if not costs.frozen:  # read-only blocks are not written back
-            charge(machine.host_path(g, "d2h") + [mem], down_bytes)
+            charge(machine.host_path(g, "d2h") + [mem], up_bytes[g] if sliced else up_bytes[g] / len(L.compute_gpus))
     n = len(L.movers)
     if sliced and n > 1 and costs.allgather_round_s() is None:  # measured: not on the links
         ring_bytes = costs.round_param_bytes * L.rounds * (n - 1) / n
@@ -87,7 +89,7 @@ def machine_bound(costs: StepCosts) -> Bound:
         # the start of its upload to the end of its compute, and those stages run one after the
         # other for one block, so buffers x step >= sum over blocks of that chain (Little's law).
         # Only the uploads may fall before the step (prefetch).
-        h2d_round_s = (up_bytes / L.rounds) / (machine.path_gbps(machine.host_path(g, "h2d")) * 1e9)
+        h2d_round_s = (up_bytes.get(g, 0.0) / L.rounds) / (machine.path_gbps(machine.host_path(g, "h2d")) * 1e9)
         comp_s = costs.compute_block_s(g)
         if sliced:
             chain_streamed = max(L.rounds * h2d_round_s + round_s, h2d_round_s + L.rounds * round_s) + comp_s

@@ -157,6 +157,11 @@ class StepCosts:
     def slice_wire_bytes(self) -> int:
         return self.slice_params * DTYPE_BYTES[self.layout.wire_dtype]
 
+    def part_params(self, gpu: str) -> int:
+        """Parameters of each round that ``gpu`` uploads, updates and writes back (sliced uploads:
+        a slice, or its share of the round; 0 for a GPU that moves nothing)."""
+        return self.layout.part_of(gpu, self.slice_params * len(self.layout.movers))
+
     @property
     def block_wire_bytes(self) -> int:
         return self.block_params * DTYPE_BYTES[self.layout.wire_dtype]
@@ -300,8 +305,8 @@ class StepCosts:
     def update_slice_s(self, gpu: str) -> float:
         """The mover's deferred update of one slice (sliced uploads only)."""
         if self.profile is not None:
-            return self.profile.compute.update_s_per_param * self.slice_params
-        return self._update_s(gpu, self.slice_params)
+            return self.profile.compute.update_s_per_param * self.part_params(gpu)
+        return self._update_s(gpu, self.part_params(gpu))
 
     def embed_s(self, gpu: str) -> float:
         """Start of a step: update and perturb the resident parts (embeddings, final norm,
@@ -403,7 +408,7 @@ class StepCosts:
         buffers = L.prefetch + 1
         total += buffers * self.block_param_bytes
         if L.wire_dtype != L.param_dtype:
-            total += buffers * L.rounds * self.slice_wire_bytes
+            total += buffers * L.rounds * max(self.part_params(g) for g in L.movers) * DTYPE_BYTES[L.wire_dtype]
         if gpu in L.compute_gpus and self.frozen:
             # the resident parameters as loaded, and the adapter: its master and one perturbed
             # copy per branch, in fp32 (runtime/tuning.py)
