@@ -207,6 +207,78 @@ def _check_range(start: int, count: int) -> None:
         raise ValueError(f"element indices must stay below 2**63, got end={start + count}")
 
 
+# ----- what the fused backends (perturb_triton, perturb_cpu) share ----------------------------------
+# The interface of a backend that fused_backend returns (the runtime and the tests use these names)
+_FUSED_INTERFACE = (
+    "BlockTable",
+    "axpy_normal_",
+    "block_table",
+    "block_words",
+    "normal_into",
+    "perturbed_block_into",
+    "perturbed_into",
+    "stream_words",
+    "update_",
+    "update_block_",
+)
+
+
+@functools.lru_cache(maxsize=8192)
+def _name_mix(name: str) -> int:
+    """``splitmix64(crc32(name))`` (step 2 before the seed enters) as a signed int64."""
+    mix = _splitmix64(zlib.crc32(name.encode("utf-8")))
+    return mix - 2**64 if mix >= 2**63 else mix
+
+
+def _block_rows(parts, piece: int) -> tuple[list[list[int]], int]:
+    """The rows of a fused backend's block table for ``parts``, (name, first, count, pos, decay)
+    tuples: one row ``[0, pos, count, lo, hi, mix, decay, 0]`` per piece of at most ``piece``
+    elements of a range that does not cross a multiple of 2**32 (field 0 is the backend's to
+    fill), and the smallest buffer length they fit. Empty ranges give no row."""
+    rows: list[list[int]] = []
+    end = 0
+    for name, first, count, pos, decay in parts:
+        _check_range(first, count)
+        if pos < 0:
+            raise ValueError(f"position of {name!r} must be non-negative, got {pos}")
+        if count == 0:
+            continue
+        mix = _name_mix(name)
+        for i, n in _segments(first, count, piece):
+            rows.append([0, pos + (i - first), n, i & _M32, i >> 32, mix, int(bool(decay)), 0])
+        end = max(end, pos + count)
+    return rows, end
+
+
+def _check_float(t: torch.Tensor, what: str) -> None:
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{what} must be a floating point tensor, got {t.dtype}")
+
+
+def _check_buffer(t: torch.Tensor, table, what: str) -> None:
+    """``t`` can hold the ranges of a backend's block ``table`` (its ``device`` and ``end``)."""
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{what} must be a 1-D contiguous buffer")
+    if t.device != table.device:
+        raise ValueError(f"{what} is on {t.device} but the table is on {table.device}")
+    if t.numel() < table.end:
+        raise ValueError(f"{what} has {t.numel()} elements but the table reaches {table.end}")
+
+
+def _check_block_outputs(outs, base: torch.Tensor, table, alphas) -> tuple[list[torch.Tensor], list[float]]:
+    """The outputs and alphas of a backend's ``perturbed_block_into``, checked: one or two
+    floating point buffers, each with its alpha, of which only the first may be ``base``."""
+    outs, alphas = list(outs), [float(a) for a in alphas]
+    if len(outs) not in (1, 2) or len(alphas) != len(outs):
+        raise ValueError(f"one or two outputs with one alpha each, got {len(outs)} and {len(alphas)}")
+    for t, what in ((base, "base"), *((out, f"outs[{k}]") for k, out in enumerate(outs))):
+        _check_float(t, what)
+        _check_buffer(t, table, what)
+    if len(outs) == 2 and outs[1].data_ptr() == base.data_ptr():
+        raise ValueError("only outs[0] may alias base")
+    return outs, alphas
+
+
 class _Workspace:
     """Scratch buffers for one draw, allocated once and reused by every chunk."""
 
