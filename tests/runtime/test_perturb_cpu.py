@@ -309,3 +309,33 @@ def test_two_processes_building_the_kernel_at_once(tmp_path: Path, torch_path) -
         assert "zoplan:" not in err
     built = sorted(p.name for p in (tmp_path / "zoplan" / "kernels").iterdir())
     assert len(built) == 1 and built[0].endswith(".so"), built  # one whole library, no temporary left
+
+
+def test_a_run_with_the_cpu_kernel_is_the_torch_paths_run_bit_for_bit(
+    tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`zoplan run` on the CPU, the compiled kernel against the torch path: the same journal (losses
+    at θ ± εz, projected gradients) and the same trained weights, to the bit. Two ranks, blocks
+    sliced between them: each updates its slices (update_range over sub-ranges), the compute rank
+    perturbs whole blocks to both signs and the resident parts tensor by tensor."""
+    from zoplan.planfile import load_plan, write_plan
+
+    from .test_layouts import cpu_topology, planned, train
+
+    pins = dict(perturbation=1, data=1, gpus=("rank0",), upload="sliced", movers="all", slices=2)
+    plan_path = planned(tmp_path, tiny_dirs["tiny-opt"], cpu_topology(tmp_path, 2), "sliced", **pins)
+    the_plan = load_plan(plan_path)  # weight decay on: the update's two forms both run
+    write_plan(the_plan.model_copy(update={"zo": the_plan.zo.model_copy(update={"weight_decay": 0.1})}), plan_path)
+    fused = train(plan_path, tiny_dirs["tiny-opt"], tmp_path / "fused", steps=3)
+    with monkeypatch.context() as m:
+        m.setenv("ZOPLAN_Z_KERNEL", "torch")
+        reference = train(plan_path, tiny_dirs["tiny-opt"], tmp_path / "torch", steps=3)
+    journals = [(tmp_path / run / "journal.jsonl").read_text().splitlines() for run in ("fused", "torch")]
+    lines = [[{k: v for k, v in json.loads(line).items() if "time" not in k} for line in j] for j in journals]
+    assert len(lines[0]) == 3 and lines[0] == lines[1]
+    assert lines[0][-1]["weight_decay"] == 0.1 and lines[0][-1]["projected_grad"] != 0.0
+    logs = [(tmp_path / run / "worker-node0.log").read_text() for run in ("fused", "torch")]
+    assert "perturbation kernels: torch" not in logs[0] and "perturbation kernels: torch" in logs[1]
+    assert fused.keys() == reference.keys()
+    for name in fused:
+        assert _same(fused[name], reference[name]), name
