@@ -74,7 +74,7 @@ Guarantees
 
 Cost: the torch code of this module, the reference, spends about 45 elementwise tensor ops per
 element, in chunks so temporary memory stays bounded for parameters of any size (CHUNK_CUDA
-elements need ~150 MB of scratch): ~14.5 ns an element on one CPU thread, 5.4e9 values/s on an
+elements need ~150 MB of scratch): ~15 ns an element on one CPU thread, 5.4e9 values/s on an
 H200 (memory-bound: each op is its own kernel). Fused kernels compute the same z where they can
 (:func:`fused_backend`; ``normal`` uses them on CUDA and on the CPU, ``normal_parts_`` and
 ``perturb_`` on the CPU):
@@ -83,8 +83,8 @@ H200 (memory-bound: each op is its own kernel). Fused kernels compute the same z
   integers, same float32 operations; ~2e11 values/s on an H200). ``ZOPLAN_PERTURB_TRITON=0``
   forces the torch path.
 - CPU: ``zoplan.runtime.perturb_cpu``: the integer part compiled from C at first use, torch's own
-  log, sqrt and cos on cache-sized chunks, so the torch path's bits exactly; ~2.2 ns an element on
-  one thread (torch.randn: ~4.3 ns on the same machine, docs/results/runtime-cpu.md).
+  log, sqrt and cos on cache-sized chunks, so the torch path's bits exactly; ~2.1 ns an element on
+  one thread (torch.randn: ~4.4 ns on the same machine, docs/results/runtime-cpu.md).
   ``ZOPLAN_Z_KERNEL=torch`` forces the torch path, which a machine without a C compiler uses.
 """
 
