@@ -96,51 +96,49 @@ def _cache_dir() -> Path:
 
 
 def _notice(message: str) -> None:
+    message = " | ".join(line.strip() for line in message.splitlines() if line.strip())  # one line
     print(f"zoplan: {message}; z is drawn by the torch path (same values, slower)", file=sys.stderr, flush=True)
 
 
-def _compiler_target(cc: list[str]) -> tuple[list[str], str]:
-    """The target flags the compiler accepts (``-march=native`` where it can) and what they mean:
-    its predefined macros (version, instruction sets), which name the binary it would build."""
-    for target in _TARGETS:
-        try:
-            proc = subprocess.run(
-                [*cc, *target, "-E", "-dM", "-x", "c", os.devnull], capture_output=True, text=True, timeout=60
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise RuntimeError(f"cannot run the C compiler {shlex.join(cc)!r} ({exc})") from None
-        if proc.returncode == 0:
-            return target, proc.stdout
-    raise RuntimeError(f"the C compiler {shlex.join(cc)!r} does not work: {proc.stderr.strip()[-200:]}")
+def _run_cc(cc: list[str], args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([*cc, *args], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"cannot run the C compiler {shlex.join(cc)!r} ({exc})") from None
 
 
 def _build() -> Path:
-    """The compiled kernel for this machine: from the cache, else compiled now and cached."""
+    """The compiled kernel for this machine: from the cache, else compiled now and cached. Each of
+    ``_TARGETS`` in turn, until the compiler accepts it and builds the file; a target's binary is
+    named by a hash of the source, the flags and what they mean to this compiler here (its
+    predefined macros: version, instruction sets)."""
     cc = shlex.split(os.environ.get("ZOPLAN_CC") or os.environ.get("CC") or "cc")
-    target, meaning = _compiler_target(cc)
-    flags = [*_FLAGS, *target, *_defines()]
     source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(
-        b"\0".join([source, " ".join(flags).encode(), meaning.encode(), platform.machine().encode()])
-    )
     cache = _cache_dir()
-    lib = cache / f"perturb_cpu-{digest.hexdigest()[:24]}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, prefix=lib.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        proc = subprocess.run(
-            [*cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], capture_output=True, text=True, timeout=300
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} failed: {proc.stderr.strip()[-300:]}")
-        os.replace(tmp, lib)  # atomic: a rank starting now sees no file or a whole one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    error = "no target"
+    for target in _TARGETS:
+        probe = _run_cc(cc, [*target, "-E", "-dM", "-x", "c", os.devnull], 60)
+        if probe.returncode != 0:
+            error = f"the C compiler {shlex.join(cc)!r} does not work: {probe.stderr.strip()[-200:]}"
+            continue
+        flags = [*_FLAGS, *target, *_defines()]
+        key = b"\0".join([source, " ".join(flags).encode(), probe.stdout.encode(), platform.machine().encode()])
+        lib = cache / f"perturb_cpu-{hashlib.sha256(key).hexdigest()[:24]}.so"
+        if lib.exists():
+            return lib
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=lib.name + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            proc = _run_cc(cc, [*flags, "-o", tmp, str(_SOURCE), "-lm"], 300)
+            if proc.returncode == 0:
+                os.replace(tmp, lib)  # atomic: a rank starting now sees no file or a whole one
+                return lib
+            error = f"compiling {_SOURCE.name} failed: {proc.stderr.strip()[-300:]}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(error)
 
 
 def _bind(path: Path) -> ctypes.CDLL:

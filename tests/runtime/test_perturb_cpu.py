@@ -298,6 +298,24 @@ def test_without_a_compiler_the_torch_path_gives_the_same_values(tmp_path: Path,
     assert not (tmp_path / "zoplan" / "kernels").exists()
 
 
+def test_a_compiler_that_fails_is_said_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A compiler that runs but cannot build the file (every target tried): no library is left in
+    the cache, and the reason, compiler messages of several lines included, is one line."""
+    cc = tmp_path / "bad-cc"
+    cc.write_text(
+        '#!/bin/sh\ncase "$*" in *-dM*) exit 0;; esac\necho "error: one" >&2\necho "error: two" >&2\nexit 1\n'
+    )
+    cc.chmod(0o755)
+    monkeypatch.setenv("ZOPLAN_CC", str(cc))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(RuntimeError, match="compiling perturb_cpu.c failed") as failed:
+        C._build()
+    assert list((tmp_path / "cache" / "zoplan" / "kernels").iterdir()) == []  # no temporary file left
+    C._notice(str(failed.value))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: one | error: two" in err and err.startswith("zoplan: ")
+
+
 def test_two_processes_building_the_kernel_at_once(tmp_path: Path, torch_path) -> None:
     procs = [_child(tmp_path) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
