@@ -1,5 +1,6 @@
-"""Choosing the tool for a fused CPU z (issue 23): torch.compile's CPU code for z against the
-documented generator (runtime/perturb.py) and torch.randn, one thread.
+"""torch.compile's CPU code for z against the documented generator (runtime/perturb.py) and
+torch.randn, one thread: why the CPU's fused z (runtime/perturb_cpu.py) keeps torch's eager log,
+sqrt and cos.
 
 It compiles z's own integer hashes and float32 Box-Muller (the same operations, in the same order,
 as ``zoplan.runtime.perturb.normal``), checks whether the compiled values are the documented ones
@@ -69,7 +70,7 @@ def main() -> None:
     out = torch.empty(n)
     for label, fn in (
         ("torch.randn", lambda: torch.randn(n, out=out)),
-        ("perturb.normal (documented z, today)", lambda: P.normal(seed, name, 0, n)),
+        ("perturb.normal (documented z, perturb_cpu where it builds)", lambda: P.normal(seed, name, 0, n)),
         ("torch.compile of z", lambda: compiled(idx, *keys)),
     ):
         print(f"{label}: {best_of(args.repeat, fn) / n * 1e9:.2f} ns an element (best of {args.repeat})")

@@ -249,9 +249,9 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
         scalar_s = insitu["scalar"]
         # the same steps' compute, as a layout whose compute ranks all-gather each block runs it
         lockstep = insitu["lockstep"]
-    from zoplan.runtime.perturb import fused_backend
+    from zoplan.runtime.perturb import kernels_label
 
-    kernels = "torch" if fused_backend(device) is None else "triton, one launch per block"
+    kernels = kernels_label(device)
     return {
         "rank": rank,
         "device": str(device),

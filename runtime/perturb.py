@@ -72,19 +72,27 @@ Guarantees
 - The requested dtype is produced by casting the float32 result (so float64 output carries
   float32 precision; bf16 output is rounded once).
 
-Cost: about 45 elementwise tensor ops per element, all on the compute device; the work is done in
-chunks so temporary memory stays bounded for parameters of any size (CHUNK_CUDA elements need
-~150 MB of scratch). Measured: 2**24 values in 0.15 s on 2 CPU threads (0.13 s on 16), and
-5.4e9 values/s on an H200 (memory-bound: each op is its own kernel). On CUDA, ``normal`` uses
-the fused Triton kernel of ``zoplan.runtime.perturb_triton`` when triton is importable (same
-integers, same float32 operations; ~2e11 values/s on an H200); ``ZOPLAN_PERTURB_TRITON=0`` forces
-the torch path, which stays the reference.
+Cost: the torch code of this module, the reference, spends about 45 elementwise tensor ops per
+element, in chunks so temporary memory stays bounded for parameters of any size (CHUNK_CUDA
+elements need ~150 MB of scratch): ~15 ns an element on one CPU thread, 5.4e9 values/s on an
+H200 (memory-bound: each op is its own kernel). Fused kernels compute the same z where they can
+(:func:`fused_backend`; ``normal`` uses them on CUDA and on the CPU, ``normal_parts_`` and
+``perturb_`` on the CPU):
+
+- CUDA: the Triton kernels of ``zoplan.runtime.perturb_triton`` when triton is importable (same
+  integers, same float32 operations; ~2e11 values/s on an H200). ``ZOPLAN_PERTURB_TRITON=0``
+  forces the torch path.
+- CPU: ``zoplan.runtime.perturb_cpu``: the integer part compiled from C at first use, torch's own
+  log, sqrt and cos on cache-sized chunks, so the torch path's bits exactly; ~2.1 ns an element on
+  one thread (torch.randn: ~4.4 ns on the same machine, docs/results/runtime-cpu.md).
+  ``ZOPLAN_Z_KERNEL=torch`` forces the torch path, which a machine without a C compiler uses.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import zlib
 from collections.abc import Sequence
 
@@ -93,6 +101,7 @@ import torch
 __all__ = [
     "CHUNK_CPU",
     "CHUNK_CUDA",
+    "kernels_label",
     "name_key",
     "normal",
     "normal_like",
@@ -207,6 +216,78 @@ def _check_range(start: int, count: int) -> None:
         raise ValueError(f"element indices must stay below 2**63, got end={start + count}")
 
 
+# ----- what the fused backends (perturb_triton, perturb_cpu) share ----------------------------------
+# The interface of a backend that fused_backend returns (the runtime and the tests use these names)
+_FUSED_INTERFACE = (
+    "BlockTable",
+    "axpy_normal_",
+    "block_table",
+    "block_words",
+    "normal_into",
+    "perturbed_block_into",
+    "perturbed_into",
+    "stream_words",
+    "update_",
+    "update_block_",
+)
+
+
+@functools.lru_cache(maxsize=8192)
+def _name_mix(name: str) -> int:
+    """``splitmix64(crc32(name))`` (step 2 before the seed enters) as a signed int64."""
+    mix = _splitmix64(zlib.crc32(name.encode("utf-8")))
+    return mix - 2**64 if mix >= 2**63 else mix
+
+
+def _block_rows(parts, piece: int) -> tuple[list[list[int]], int]:
+    """The rows of a fused backend's block table for ``parts``, (name, first, count, pos, decay)
+    tuples: one row ``[0, pos, count, lo, hi, mix, decay, 0]`` per piece of at most ``piece``
+    elements of a range that does not cross a multiple of 2**32 (field 0 is the backend's to
+    fill), and the smallest buffer length they fit. Empty ranges give no row."""
+    rows: list[list[int]] = []
+    end = 0
+    for name, first, count, pos, decay in parts:
+        _check_range(first, count)
+        if pos < 0:
+            raise ValueError(f"position of {name!r} must be non-negative, got {pos}")
+        if count == 0:
+            continue
+        mix = _name_mix(name)
+        for i, n in _segments(first, count, piece):
+            rows.append([0, pos + (i - first), n, i & _M32, i >> 32, mix, int(bool(decay)), 0])
+        end = max(end, pos + count)
+    return rows, end
+
+
+def _check_float(t: torch.Tensor, what: str) -> None:
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{what} must be a floating point tensor, got {t.dtype}")
+
+
+def _check_buffer(t: torch.Tensor, table, what: str) -> None:
+    """``t`` can hold the ranges of a backend's block ``table`` (its ``device`` and ``end``)."""
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{what} must be a 1-D contiguous buffer")
+    if t.device != table.device:
+        raise ValueError(f"{what} is on {t.device} but the table is on {table.device}")
+    if t.numel() < table.end:
+        raise ValueError(f"{what} has {t.numel()} elements but the table reaches {table.end}")
+
+
+def _check_block_outputs(outs, base: torch.Tensor, table, alphas) -> tuple[list[torch.Tensor], list[float]]:
+    """The outputs and alphas of a backend's ``perturbed_block_into``, checked: one or two
+    floating point buffers, each with its alpha, of which only the first may be ``base``."""
+    outs, alphas = list(outs), [float(a) for a in alphas]
+    if len(outs) not in (1, 2) or len(alphas) != len(outs):
+        raise ValueError(f"one or two outputs with one alpha each, got {len(outs)} and {len(alphas)}")
+    for t, what in ((base, "base"), *((out, f"outs[{k}]") for k, out in enumerate(outs))):
+        _check_float(t, what)
+        _check_buffer(t, table, what)
+    if len(outs) == 2 and outs[1].data_ptr() == base.data_ptr():
+        raise ValueError("only outs[0] may alias base")
+    return outs, alphas
+
+
 class _Workspace:
     """Scratch buffers for one draw, allocated once and reused by every chunk."""
 
@@ -297,13 +378,18 @@ def normal_parts_(out: torch.Tensor, seed: int, parts: Sequence[tuple[str, int, 
     differs from ``normal`` (the same ops on the same values), so the result is the same."""
     if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
         raise TypeError("normal_parts_ fills a contiguous 1-D float32 tensor")
-    device = out.device
-    chunk = _default_chunk(device)
-    pieces: list[tuple[int, int, int, tuple[int, int, int]]] = []  # (pos, lo, n, round keys)
     for name, first, count, pos in parts:
         _check_range(first, count)
         if pos < 0 or pos + count > out.numel():
             raise ValueError(f"part {name!r} at {pos}..{pos + count} is outside the output ({out.numel()})")
+    device = out.device
+    fast = _cpu_kernels() if device.type == "cpu" else None
+    if fast is not None:  # one pass over all the parts
+        fast.normal_block_into(out, fast.block_table([(*part, False) for part in parts]), seed)
+        return
+    chunk = _default_chunk(device)
+    pieces: list[tuple[int, int, int, tuple[int, int, int]]] = []  # (pos, lo, n, round keys)
+    for name, first, count, pos in parts:
         key = name_key(seed, name)
         for i, n in _segments(first, count, chunk):
             pieces.append((pos + i - first, i & _M32, n, _round_keys(key, i >> 32)))
@@ -381,7 +467,8 @@ def normal(
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating point type, got {dtype}")
     out = torch.empty(count, dtype=dtype, device=torch.device(device))
-    fused = _triton_backend() if out.device.type == "cuda" else None
+    kind = out.device.type
+    fused = _triton_backend() if kind == "cuda" else _cpu_kernels() if kind == "cpu" else None
     if fused is not None:
         fused.normal_into(out, seed, name, start)
     else:
@@ -401,24 +488,62 @@ def _load_triton():
         return None
 
 
+@functools.cache
+def _load_cpu():
+    """The perturb_cpu module once its compiled kernel is built, loaded and checked; None when it
+    cannot be (no C compiler: it has said why on stderr; the torch path gives the same z, slower)."""
+    try:
+        from zoplan.runtime import perturb_cpu
+    except Exception:
+        return None
+    return perturb_cpu if perturb_cpu.available() else None
+
+
+def _cpu_kernels():
+    """The fused kernels of ``zoplan.runtime.perturb_cpu`` for CPU tensors, or None: when the
+    compiled kernel is unavailable, or ``ZOPLAN_Z_KERNEL=torch`` forces this module's torch code."""
+    if os.environ.get("ZOPLAN_Z_KERNEL", "") == "torch":
+        return None
+    return _load_cpu()
+
+
 def fused_backend(device: torch.device | str):
-    """``zoplan.runtime.perturb_triton`` when its fused kernels serve tensors on ``device``, else
-    None (then the torch code of this module, the reference, is used):
+    """The module of fused kernels that serves tensors on ``device`` (the interface of
+    ``zoplan.runtime.perturb_triton``), else None (then the torch code of this module, the
+    reference, is used). Every backend gives the torch code's values (on CUDA up to log/cos of
+    the two code generators, on the CPU bit for bit):
 
-    - CUDA: when triton is importable, unless ``ZOPLAN_PERTURB_TRITON=0``;
-    - CPU: only with ``ZOPLAN_PERTURB_TRITON=cpu`` and ``TRITON_INTERPRET=1`` (set before the
-      process starts), which runs the GPU kernels through Triton's interpreter: slow, but it
-      checks their logic, and the engine's use of them, on a machine without a GPU."""
-    import os
-
+    - CUDA: ``zoplan.runtime.perturb_triton`` when triton is importable, unless
+      ``ZOPLAN_PERTURB_TRITON=0``;
+    - CPU: ``zoplan.runtime.perturb_cpu`` (z's integer part compiled from C at first use, torch's
+      log, sqrt and cos) unless no C compiler works here or ``ZOPLAN_Z_KERNEL=torch``; but with
+      ``ZOPLAN_PERTURB_TRITON=cpu`` and ``TRITON_INTERPRET=1`` (set before the process starts)
+      ``perturb_triton`` through Triton's interpreter: slow, but it checks the GPU kernels' logic,
+      and the engine's use of them, on a machine without a GPU."""
     kind = torch.device(device).type
     mode = os.environ.get("ZOPLAN_PERTURB_TRITON", "1")
     interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if kind == "cuda" and mode != "0" and not interpret:
         return _load_triton()
-    if kind == "cpu" and mode == "cpu" and interpret:
-        return _load_triton()
+    if kind == "cpu":
+        return _load_triton() if mode == "cpu" and interpret else _cpu_kernels()
     return None
+
+
+def kernels_label(device: torch.device | str) -> str:
+    """The kernels :func:`fused_backend` gives ``device``, in words (a rank's log line, the
+    "measured with" row of a calibration): ``torch``, ``C, one pass per block`` (``perturb_cpu``),
+    ``triton, one launch per block`` or ``triton interpreter, one launch per block``."""
+    fused = fused_backend(device)
+    if fused is None:
+        return "torch"
+    if hasattr(fused, "LABEL"):
+        return fused.LABEL
+    return (
+        "triton interpreter, one launch per block"
+        if getattr(fused, "_INTERPRET", False)
+        else "triton, one launch per block"
+    )
 
 
 def _triton_backend():
@@ -493,13 +618,17 @@ def perturb_(param: torch.Tensor, seed: int, name: str, scale: float, *, offset:
     device = param.device
     key = name_key(seed, name)
     chunk = min(_default_chunk(device), count)
-    ws = _Workspace(chunk, device)
+    fast = _cpu_kernels() if device.type == "cpu" else None
+    ws = _Workspace(chunk, device) if fast is None else None
     z = torch.empty(chunk, dtype=torch.float32, device=device)
     upcast = param.dtype in (torch.bfloat16, torch.float16)
     for i, n in _segments(offset, count, chunk):
         j = i - offset
         zc = z[:n]
-        ws.fill(zc, i & _M32, _round_keys(key, i >> 32))
+        if ws is None:
+            fast.normal_into(zc, seed, name, i)
+        else:
+            ws.fill(zc, i & _M32, _round_keys(key, i >> 32))
         part = flat[j : j + n]
         if upcast:
             acc = part.float()

@@ -64,7 +64,6 @@ used instead, so only the integer words are exact in that mode.
 from __future__ import annotations
 
 import os
-import zlib
 
 import torch
 import triton
@@ -72,18 +71,7 @@ import triton.language as tl
 
 from zoplan.runtime import perturb as _ref
 
-__all__ = [
-    "BlockTable",
-    "axpy_normal_",
-    "block_table",
-    "block_words",
-    "normal_into",
-    "perturbed_block_into",
-    "perturbed_into",
-    "stream_words",
-    "update_",
-    "update_block_",
-]
+__all__ = [*_ref._FUSED_INTERFACE]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if not _INTERPRET:
@@ -409,9 +397,7 @@ class _nullctx:
         return None
 
 
-def _check_float(t: torch.Tensor, what: str) -> None:
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{what} must be a floating point tensor, got {t.dtype}")
+_check_float = _ref._check_float
 
 
 def normal_into(out: torch.Tensor, seed: int, name: str, start: int = 0) -> torch.Tensor:
@@ -517,10 +503,6 @@ class BlockTable:
         self.launches = launches  # (rows on the device, row count, programs) per launch
 
 
-def _name_mix(name: str) -> int:
-    return _ref._splitmix64(zlib.crc32(name.encode("utf-8")))
-
-
 def block_table(parts, device: torch.device | str) -> BlockTable:
     """The table for ``parts``: (name, first, count, pos, decay) tuples, each saying that elements
     first .. first + count - 1 (row-major) of parameter ``name`` sit at buffer[pos : pos + count]
@@ -528,19 +510,8 @@ def block_table(parts, device: torch.device | str) -> BlockTable:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    rows: list[list[int]] = []
-    end = numel = 0
-    for name, first, count, pos, decay in parts:
-        _ref._check_range(first, count)
-        if pos < 0:
-            raise ValueError(f"position of {name!r} must be non-negative, got {pos}")
-        if count == 0:
-            continue
-        mix = _signed64(_name_mix(name))
-        for i, n in _ref._segments(first, count, _MAX_LAUNCH):
-            rows.append([0, pos + (i - first), n, i & _ref._M32, i >> 32, mix, int(bool(decay)), 0])
-        end = max(end, pos + count)
-        numel += count
+    rows, end = _ref._block_rows(parts, _MAX_LAUNCH)
+    numel = sum(r[_T_COUNT] for r in rows)
     launches = []
     for g in range(0, len(rows), _MAX_ROWS):
         group, tiles = rows[g : g + _MAX_ROWS], 0
@@ -560,13 +531,7 @@ def _rows_pow2(n: int) -> int:
     return r
 
 
-def _check_buffer(t: torch.Tensor, table: BlockTable, what: str) -> None:
-    if t.dim() != 1 or not t.is_contiguous():
-        raise ValueError(f"{what} must be a 1-D contiguous buffer")
-    if t.device != table.device:
-        raise ValueError(f"{what} is on {t.device} but the table is on {table.device}")
-    if t.numel() < table.end:
-        raise ValueError(f"{what} has {t.numel()} elements but the table reaches {table.end}")
+_check_buffer = _ref._check_buffer
 
 
 def _run_block(
@@ -615,16 +580,7 @@ def perturbed_block_into(outs, base: torch.Tensor, table: BlockTable, seed: int,
     with one or two outputs in one launch, z drawn once. Bit-equal to ``perturbed_into`` per
     parameter. Elements of the buffers outside the table's ranges are not touched. ``outs[0]``
     may be ``base`` itself. Returns ``outs``."""
-    outs, alphas = list(outs), [float(a) for a in alphas]
-    if len(outs) not in (1, 2) or len(alphas) != len(outs):
-        raise ValueError(f"one or two outputs with one alpha each, got {len(outs)} and {len(alphas)}")
-    _check_float(base, "base")
-    _check_buffer(base, table, "base")
-    for k, out in enumerate(outs):
-        _check_float(out, f"outs[{k}]")
-        _check_buffer(out, table, f"outs[{k}]")
-    if len(outs) == 2 and outs[1].data_ptr() == base.data_ptr():
-        raise ValueError("only outs[0] may alias base")
+    outs, alphas = _ref._check_block_outputs(outs, base, table, alphas)
     if table.numel:
         _run_block(
             MODE_PERTURBED,

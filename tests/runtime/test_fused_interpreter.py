@@ -82,7 +82,9 @@ def test_a_run_with_the_fused_kernels_follows_the_torch_path(
     try:
         for name, pins in layouts.items():
             plan_path = planned(tmp_path, model_dir, two, name, **pins)
-            train(plan_path, model_dir, tmp_path / f"{name}-torch", steps=steps)
+            with monkeypatch.context() as m:  # the reference: the torch path, not the CPU's compiled kernel
+                m.setenv("ZOPLAN_Z_KERNEL", "torch")
+                train(plan_path, model_dir, tmp_path / f"{name}-torch", steps=steps)
             with monkeypatch.context() as m:
                 for key, value in {**INTERP_ENV, rankserver.SERVER_ENV: str(tmp_path / "interpreted.sock")}.items():
                     m.setenv(key, value)
