@@ -107,21 +107,20 @@ def forward_op_us(reps: int) -> tuple[float, int]:
     return seconds / count.n * 1e6, count.n
 
 
-def z_figures(quick: bool) -> tuple[float, float, float]:
-    """The z generator (pure torch), as zoplan.sim.costs.z_draw_s models a call of n elements:
-    fixed microseconds per call, nanoseconds per element, and extra nanoseconds per element of the
-    first chunk (the call's scratch memory is new, so its pages are touched for the first time)."""
-    from zoplan.runtime.perturb import CHUNK_CPU, normal
+def z_figures(quick: bool) -> tuple[float, float, str]:
+    """z as the runtime draws it on this CPU (the fused C kernel, or the torch path where none
+    builds), as zoplan.sim.costs.z_draw_s models a call of n elements: fixed microseconds per
+    call and nanoseconds per element; and which kernel that was."""
+    from zoplan.runtime.perturb import kernels_label, normal
 
     def seconds(n: int, reps: int) -> float:
         return statistics.median(timed(lambda: normal(1, "w", 0, n), reps) for _ in range(3))
 
     fixed = seconds(64, 20)
-    one = seconds(CHUNK_CPU, 5 if quick else 20)
-    eight = seconds(8 * CHUNK_CPU, 2 if quick else 5)
-    per_element = max(eight - one, 0.0) / (7 * CHUNK_CPU)
-    first = max(one - fixed - CHUNK_CPU * per_element, 0.0) / CHUNK_CPU
-    return fixed * 1e6, per_element * 1e9, first * 1e9
+    small = seconds(2**17, 5 if quick else 20)
+    large = seconds(2**20, 2 if quick else 5)
+    per_element = max(large - small, 0.0) / (2**20 - 2**17)
+    return fixed * 1e6, per_element * 1e9, kernels_label("cpu")
 
 
 def _gloo_rank(rank: int, port: int, results) -> None:
@@ -212,12 +211,8 @@ def main() -> None:
     )
     op_us, ops = forward_op_us(20 if opts.quick else 100)
     print(f"forward: host time per tensor op:          {op_us:8.1f} us (tiny OPT block, {ops} aten ops)", flush=True)
-    call_us, z_ns, first_ns = z_figures(opts.quick)
-    print(
-        f"z generator: per call, per element:        {call_us:8.1f} us, {z_ns:.1f} ns "
-        f"(+{first_ns:.1f} ns in a call's first chunk)",
-        flush=True,
-    )
+    call_us, z_ns, kernel = z_figures(opts.quick)
+    print(f"z ({kernel}): per call, per element:  {call_us:8.1f} us, {z_ns:.2f} ns", flush=True)
     coll = collective_us()
     print(f"gloo all-gather of 16 floats, 2 ranks:     {coll:8.1f} us", flush=True)
     loop = loop_us()
@@ -229,8 +224,7 @@ def main() -> None:
         "matmul_efficiency": 1.0,
         "op_us": round(op_us, 1),
         "z_call_us": round(call_us),
-        "z_ns": round(z_ns, 1),
-        "z_first_ns": round(first_ns, 1),
+        "z_ns": round(z_ns, 2),
         "collective_us": round(coll),
         "loop_us": round(loop),
     }

@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from zoplan.sim.costs import Z_CHUNK_CPU
 from zoplan.models import RUNTIME_OPS, load_model_shape
 from zoplan.runtime.adapters import adapter_for
-from zoplan.runtime.perturb import CHUNK_CPU
 
 
 class _Count(TorchDispatchMode):
@@ -28,10 +26,6 @@ class _Count(TorchDispatchMode):
 
 class _Stop(Exception):
     pass
-
-
-def test_the_planner_draws_z_in_the_runtimes_chunks() -> None:
-    assert Z_CHUNK_CPU == CHUNK_CPU
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama", "tiny-qwen2"])

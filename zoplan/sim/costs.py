@@ -11,11 +11,10 @@ Modelling choices, each worth knowing when reading a prediction:
 - Elementwise passes (the deferred update, +eps z, -2 eps z, restore) read and write every
   parameter once per pass at HBM bandwidth; z is generated in registers by a counter-based RNG.
 - The runtime's own work: a device's ``op_us`` per tensor op of a forward pass (on a CPU rank it
-  adds to the arithmetic, on a GPU the launches overlap it: the longer of the two), and where z is
-  materialised (a CPU rank's pure-torch generator, ``z_ns`` > 0) its draws (a fixed cost per call,
-  a cost per element, more for a call's first chunk), with the separate elementwise passes around
-  them. Without these
-  figures (the GPU presets) the passes are fused and z is free next to memory traffic.
+  adds to the arithmetic, on a GPU the launches overlap it: the longer of the two), and where
+  drawing z costs time of its own (a CPU rank: ``z_ns`` > 0, its fused C kernel) a fixed cost per
+  call and a cost per element on top of each fused pass's memory traffic. Without these figures
+  (the GPU presets) z is free next to memory traffic.
 - The deferred update of step t-1 is applied by the mover to its own slice right after upload,
   so the updated slice can be offloaded without waiting for the forward pass, and the exchanged
   block is already up to date. ZO2's schedule (the baseline) applies it inside compute instead.
@@ -48,13 +47,9 @@ GiB = 2**30
 GPU_RESERVE_BYTES = 2 * GiB
 # Host memory kept free for the OS, the Python processes and the data loader (assumption).
 HOST_RESERVE_BYTES = 16 * GiB
-# Elements per chunk of z the CPU runtime draws at once (zoplan.runtime.perturb.CHUNK_CPU)
-Z_CHUNK_CPU = 2**17
-# Elementwise passes of the pure-torch path (runtime/zo.py, runtime/engine.py), where z is
-# materialised: the update (z*g, step*lr, x - that, the copy back), a resident parameter's
-# perturbation (eps*z, master + that, the copy into the parameter)
+# Elementwise passes of an update in torch ops (runtime/zo.py apply_update: z*g, step*lr, x - that,
+# the copy back), as an adapter's is applied
 UPDATE_PASSES = 4
-SET_RESIDENT_PASSES = 3
 # Tensor ops an adapter adds to a block's forward per micro-batch: LoRA's two products, its scale
 # and the add, on each of two projections; a prefix's key and value concatenations and the mask's
 ADAPTER_OPS = {"full": 0, "lora": 8, "prefix": 4}
@@ -93,13 +88,12 @@ def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str, ops: i
 
 
 def z_draw_s(gm: GpuModel, sizes: Iterable[int]) -> float:
-    """Drawing z into memory, one generator call per entry of ``sizes`` (elements): 0 where a fused
-    kernel draws it in registers (``z_ns`` 0)."""
+    """Drawing z, one kernel call per entry of ``sizes`` (elements): 0 where the device draws it
+    for free next to its memory traffic (``z_ns`` 0, a GPU); on a CPU rank the fused kernel's time
+    per element and per call (zoplan.runtime.perturb_cpu), on top of the pass's memory traffic."""
     if not gm.z_ns:
         return 0.0
-    return sum(
-        gm.z_call_us * 1e-6 + min(n, Z_CHUNK_CPU) * gm.z_first_ns * 1e-9 + n * gm.z_ns * 1e-9 for n in sizes if n
-    )
+    return sum(gm.z_call_us * 1e-6 + n * gm.z_ns * 1e-9 for n in sizes if n)
 
 
 class StepCosts:
@@ -254,8 +248,9 @@ class StepCosts:
         )
         return one * self.micro_batches * L.branches_per_gpu
 
-    def _materialised(self, gpu: str) -> bool:
-        """Whether this device's runtime draws z into memory (pure torch) instead of fusing it."""
+    def _z_costs(self, gpu: str) -> bool:
+        """Whether drawing z costs this device time of its own (a CPU rank's one thread draws it
+        in the fused pass; a GPU hides it behind the pass's memory traffic)."""
         return bool(self._gm(gpu).z_ns)
 
     def block_forward_s(self, gpu: str) -> float:
@@ -269,8 +264,8 @@ class StepCosts:
         z = 0.0
         if self.frozen:  # the block as uploaded: the adapter was perturbed at the step's start
             return self.forward_block_s(gpu)
-        if self._materialised(gpu):  # z drawn once; then a zeroed buffer and two passes per branch
-            passes = 1 + 2 * self.layout.branches_per_gpu
+        if self._z_costs(gpu):  # one fused pass: z drawn once, theta read, each branch's buffer written
+            passes = self.layout.branches_per_gpu
             z = z_draw_s(self._gm(gpu), (self.block_params,))
         return (
             elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes)
@@ -282,11 +277,8 @@ class StepCosts:
         """The deferred update of ``params`` parameters of a block on this device."""
         if self.frozen:
             return 0.0
-        if not self._materialised(gpu):
-            return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, 1)
-        return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, UPDATE_PASSES) + z_draw_s(
-            self._gm(gpu), (params,)
-        )
+        # one fused pass over the range (on a CPU rank, z drawn in it)
+        return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, 1) + z_draw_s(self._gm(gpu), (params,))
 
     def whole_update_s(self, gpu: str) -> float:
         """Whole-block uploads: a compute GPU applies the deferred update to the whole block."""
@@ -320,17 +312,14 @@ class StepCosts:
         lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops)
         if self.frozen:  # the adapter (fp32) updated, then one copy of it per branch perturbed
             return lookup + self.adapter_s(gpu)
-        if not self._materialised(gpu):
+        if not self._z_costs(gpu):
             passes = 1 + self.perturb_passes()
             return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes) + lookup
-        # the update, then the parameters set to each branch's perturbation, tensor by tensor
+        # the update, then the parameters set to each branch's perturbation: a fused pass per
+        # tensor each (runtime/engine.py _update_resident, _set_resident)
         sets = L.branches_per_gpu
         z = z_draw_s(self._gm(gpu), m.resident_tensors())
-        return (
-            elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, UPDATE_PASSES + sets * SET_RESIDENT_PASSES)
-            + (1 + sets) * z
-            + lookup
-        )
+        return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, 1 + sets) + (1 + sets) * z + lookup
 
     def head_s(self, gpu: str) -> float:
         if self.profile is not None:
@@ -342,13 +331,13 @@ class StepCosts:
         head_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype] + tokens * m.vocab * 4
         one = forward_s(self._gm(gpu), m.head_flops(tokens), head_bytes, L.param_dtype, RUNTIME_OPS[m.family]["head"])
         t = one * self.micro_batches * L.branches_per_gpu
-        if self._materialised(gpu) and not self.frozen:
-            # the branches' heads run in reverse: all but the first set their perturbation again,
-            # then every resident parameter gets its master back (a copy)
+        if self._z_costs(gpu) and not self.frozen:
+            # the branches' heads run in reverse: all but the first set their perturbation again
+            # (a fused pass per tensor), then every resident parameter gets its master back (a copy)
             resets = L.branches_per_gpu - 1
-            t += elementwise_s(
-                self._gm(gpu), m.resident_params(), L.param_dtype, resets * SET_RESIDENT_PASSES + 1
-            ) + resets * z_draw_s(self._gm(gpu), m.resident_tensors())
+            t += elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, resets + 1) + resets * z_draw_s(
+                self._gm(gpu), m.resident_tensors()
+            )
         return t
 
     def adapter_s(self, gpu: str) -> float:
@@ -357,10 +346,11 @@ class StepCosts:
         m, L, gm = self.model, self.layout, self._gm(gpu)
         params = self.work.tuning.params(m)
         sets = L.branches_per_gpu
-        if not self._materialised(gpu):
+        if not self._z_costs(gpu):
             return elementwise_s(gm, params, "fp32", 1 + sets)
-        tensors = [self.work.tuning.block_params(m)] * m.layers  # one draw per block's adapter
-        return elementwise_s(gm, params, "fp32", UPDATE_PASSES + sets * SET_RESIDENT_PASSES) + 2 * z_draw_s(gm, tensors)
+        # z of the whole adapter in one call, twice (the update's, the branches'); the update's
+        # arithmetic and each branch's add are torch passes
+        return elementwise_s(gm, params, "fp32", UPDATE_PASSES + sets) + 2 * z_draw_s(gm, (params,))
 
     def scalar_allreduce_s(self) -> float:
         """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta), or

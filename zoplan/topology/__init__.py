@@ -53,18 +53,16 @@ class GpuModel(Strict):
         0.0,
         ge=0,
         le=1e6,
-        description="nanoseconds per element to draw z where the "
-        "runtime materialises it (the pure-torch generator); 0: drawn in registers",
+        description="nanoseconds per element that drawing z adds to a fused pass (a CPU rank's C "
+        "kernel, zoplan.runtime.perturb_cpu); 0: free next to the pass's memory traffic (a GPU)",
     )
-    z_call_us: float = Field(
-        0.0, ge=0, le=1e6, description="fixed cost of one call of the z generator (its tensor ops)"
-    )
+    z_call_us: float = Field(0.0, ge=0, le=1e6, description="fixed cost of one call of the z kernel")
     z_first_ns: float = Field(
         0.0,
         ge=0,
         le=1e6,
-        description="nanoseconds per element of a call's "
-        "first chunk, on top of z_ns (its scratch memory is new each call)",
+        description="accepted and ignored: a figure of the pure-torch z that files written before "
+        "the fused CPU kernel carry",
     )
     collective_us: float = Field(
         0.0,

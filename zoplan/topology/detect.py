@@ -75,7 +75,7 @@ CPU_MEMORY_BUS_GBPS = 40.0  # a socket's cap: two channels of DDR4-2666 (42.7 GB
 CPU_LINK_LATENCY_US = 5.0  # per copy call: Python and dispatcher overhead, as in cpu-local
 # The runtime's own work on a CPU rank (zoplan.sim.costs): ASSUMED as measured for cpu-local's machine
 # (bench/cpu_figures.py), rounded up
-CPU_RUNTIME = {"op_us": 20, "z_call_us": 400, "z_ns": 30, "z_first_ns": 30, "collective_us": 1000, "loop_us": 1000}
+CPU_RUNTIME = {"op_us": 20, "z_call_us": 100, "z_ns": 6, "collective_us": 1000, "loop_us": 1000}
 CPU_FIGURES_SOURCE = (
     "ASSUMED, not measured: conservative defaults, about a third of one core of an earlier "
     "development machine measured by bench/cpu_figures.py (an Intel Xeon: fp32 0.155, bf16 0.083, "
