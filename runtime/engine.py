@@ -33,7 +33,7 @@ from zoplan.program import CATEGORY, Kind, Op, Program, op_id, span_block, strea
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter
 from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
-from zoplan.runtime.perturb import fused_backend, normal, normal_parts_
+from zoplan.runtime.perturb import kernels_label, normal, normal_parts_
 from zoplan.runtime.spans import Spans
 from zoplan.runtime.tuning import Tuned
 from zoplan.runtime.zo import apply_update, fused_kernels, layout_table, update_range
@@ -126,15 +126,7 @@ class Engine:
         self._originals: dict[int, list] = {}
         self._weights: dict[int, torch.Tensor] = {}
         self.cuda = self.device.type == "cuda"
-        fused = fused_backend(self.device)
-        interpreted = fused is not None and getattr(fused, "_INTERPRET", False)
-        self.kernels = (
-            "torch"
-            if fused is None
-            else "triton interpreter, one launch per block"
-            if interpreted
-            else "triton, one launch per block"
-        )
+        self.kernels = kernels_label(self.device)  # perturb.fused_backend's kernels, in words
         if self.cuda:
             # page-locked host memory: asynchronous copies at full PCIe speed
             if not host.pin_for_cuda():  # still correct, only slower (pageable copies)
