@@ -190,12 +190,21 @@ def main() -> None:
         print(
             f"matmul {name}, a small model's block shapes (median): {rates[name]:8.1f} GFLOP/s (1 thread)", flush=True
         )
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)  # one rank alone on the machine runs a thread per core
+    together = model_shape_gflops(torch.float32, opts.quick)
+    torch.set_num_threads(1)
+    efficiency = min(1.0, max(0.0, (together / rates["fp32"] - 1) / (cores - 1))) if cores > 1 else 1.0
+    print(
+        f"matmul fp32 at the same shapes, {cores} threads:   {together:8.1f} GFLOP/s "
+        f"(each extra thread adds {efficiency:.2f} of one)",
+        flush=True,
+    )
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     print(f"matmul fp32 2048^3 (reference):            {2 * n**3 / timed(lambda: a @ b, 3) / 1e9:8.1f} GFLOP/s")
     alone = copy_gbps(reps=3 if opts.quick else 10)
     print(f"copy 1 GiB, one process:                   {alone:8.2f} GB/s copied", flush=True)
-    cores = mp.cpu_count()
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(cores), ctx.Array("d", cores)
     procs = [ctx.Process(target=copy_gbps, args=(barrier, results, i)) for i in range(cores)]
@@ -203,10 +212,10 @@ def main() -> None:
         p.start()
     for p in procs:
         p.join()
-    together = list(results)
+    copies = list(results)
     print(
-        f"copy 1 GiB, {cores} processes at once:        {sum(together):8.2f} GB/s in total "
-        f"({', '.join(f'{r:.2f}' for r in together)})",
+        f"copy 1 GiB, {cores} processes at once:        {sum(copies):8.2f} GB/s in total "
+        f"({', '.join(f'{r:.2f}' for r in copies)})",
         flush=True,
     )
     op_us, ops = forward_op_us(20 if opts.quick else 100)
@@ -222,6 +231,7 @@ def main() -> None:
         "tflops": tflops,
         "hbm_gbps": round(2 * alone, 2),
         "matmul_efficiency": 1.0,
+        "threads_efficiency": round(efficiency, 2),
         "op_us": round(op_us, 1),
         "z_call_us": round(call_us),
         "z_ns": round(z_ns, 2),
@@ -234,7 +244,8 @@ def main() -> None:
     if opts.write is not None:
         spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "topologies" / "cpu-local.yaml").read_text())
         spec["gpu_models"]["cpu-rank"].update(figures)
-        spec["sockets"][0]["memory_gbps"] = round(sum(together), 2)
+        spec["sockets"][0]["memory_gbps"] = round(sum(copies), 2)
+        spec["sockets"][0]["cores"] = cores
         for link in spec["links"]:
             link["gbps"] = round(alone, 2)
         spec["description"] += f" (figures measured {time.strftime('%Y-%m-%d %H:%M')}, bench/cpu_figures.py)"

@@ -91,7 +91,8 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": st
 
 def rank_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment of the rank processes (a user's own setting of a variable is kept): one
-    thread each (the ranks are the parallelism), unbuffered output, the allocator settings."""
+    thread each to start with (a CPU rank then takes its share of the cores:
+    zoplan.runtime.worker.threads_per_rank), unbuffered output, the allocator settings."""
     return {**MALLOC_ENV, **environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

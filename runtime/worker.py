@@ -122,6 +122,12 @@ def load_model(
     return model, adapter, host
 
 
+def threads_per_rank(local_ranks: int) -> int:
+    """CPU threads for each of ``local_ranks`` ranks on this machine: the cores this process may run
+    on, shared evenly (zoplan.sim.costs.cpu_threads counts the same from the topology)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
+
+
 def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path, param_dtype: str) -> None:
     """Hugging Face layout in ``target``: config, tokenizer files and model.safetensors (loadable
     with ``from_pretrained``); an adapter run's adapter in PEFT's layout with the tokenizer files
@@ -224,8 +230,8 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     plan = load_plan(out / "plan.yaml")
     model_dir = cfg.model_dir
     assert model_dir is not None and cfg.device is not None, "the launcher completes the configuration"
-    if cfg.device == "cpu":
-        torch.set_num_threads(1)  # one core per rank: ranks are the parallelism
+    if cfg.device == "cpu":  # the cores this machine's ranks share: a rank alone takes them all
+        torch.set_num_threads(threads_per_rank(len(plan.to_layout().gpus)))
     ctx = zdist.init(plan, cfg.device)
     # where to start: after the last complete journal line, from the newest snapshot before it
     box = [resume_point(out) if ctx.rank == 0 else None]
@@ -278,7 +284,8 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
     # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels
     print(
-        f"rank {ctx.rank}: {ctx.role} on {ctx.device}, signs {ctx.signs}, perturbation kernels: "
+        f"rank {ctx.rank}: {ctx.role} on {ctx.device} ({torch.get_num_threads()} threads), signs {ctx.signs}, "
+        "perturbation kernels: "
         f"{engine.kernels}, prefetch {engine.prefetch}, resident blocks {sorted(engine.kept)} holding "
         f"{sum(t.numel() for t in engine.kept.values())} elements here",
         file=sys.stderr,

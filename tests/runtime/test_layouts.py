@@ -10,6 +10,7 @@ weights of order 0.02-1 (a real layout bug moves them by far more: an update is 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -112,6 +113,9 @@ def test_every_layout_trains_the_same_weights(family: str, tiny_dirs, tmp_path: 
     )
     base = train(base_plan, model_dir, tmp_path / "1x1")
     assert_ran_its_program(base_plan, tmp_path / "1x1")
+    # a rank alone on the machine computes on every core it may use; 4 ranks on it share them
+    cores = len(os.sched_getaffinity(0))
+    assert f"on cpu ({cores} threads)" in (tmp_path / "1x1" / "worker-node0.log").read_text()
     initial = load_file(str(model_dir / "model.safetensors"))
     moved = [n for n in base if n in initial and not torch.equal(base[n], initial[n])]
     assert moved, "training changed no weight"

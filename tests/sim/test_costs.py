@@ -3,13 +3,14 @@ memory, collective calls and the loop's host work, from a device's figures in th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import pytest
 import yaml
 
-from zoplan.sim.costs import StepCosts, Workload, elementwise_s
+from zoplan.sim.costs import StepCosts, Workload, elementwise_s, forward_s
 from zoplan.layout import Layout
 from zoplan.models import RUNTIME_OPS, TINY_SHAPES, load_model_shape
 from zoplan.sim import simulate
@@ -177,3 +178,23 @@ def test_the_expected_slowest_of_n_varying_steps() -> None:
     assert expected_max_normal(4) == pytest.approx(1.029375, abs=1e-6)
     assert expected_max_normal(5) == pytest.approx(1.162964, abs=1e-6)
     assert expected_max_normal(64) > expected_max_normal(16) > expected_max_normal(5)
+
+
+def test_a_cpu_rank_alone_computes_on_every_core_of_its_socket(tmp_path: Path) -> None:
+    """cpu-local's socket has 2 cores: one rank gets 2 threads, two ranks one each; the forward's
+    arithmetic and memory traffic (not its op issue) run faster by threads_efficiency per extra
+    thread; without a core count a rank has one thread."""
+    machine = load_topology("cpu-local")
+    alone = dataclasses.replace(layout(), upload="whole", movers=("rank0",), slices_per_block=1)
+    two = layout(pertp=2)
+    assert StepCosts(machine, WORK, alone).threads("rank0") == 2
+    assert [StepCosts(machine, WORK, two).threads(g) for g in ("rank0", "rank1")] == [1, 1]
+    gm = machine.gpu_model("rank0")
+    assert forward_s(gm, 1e12, 0.0, "fp32", ops=10, threads=2) == pytest.approx(
+        1e12 / (gm.tflops["fp32"] * 1e12) / (1 + gm.threads_efficiency) + 10 * gm.op_us * 1e-6, rel=1e-9
+    )
+    spec = yaml.safe_load(CPU_LOCAL.read_text())
+    del spec["sockets"][0]["cores"]
+    path = tmp_path / "no-cores.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert StepCosts(load_topology(path), WORK, alone).threads("rank0") == 1

@@ -79,12 +79,20 @@ def elementwise_s(gm: GpuModel, params: int, dtype: str, passes: int) -> float:
     return passes * 2 * params * DTYPE_BYTES[dtype] / (gm.hbm_gbps * 1e9)
 
 
-def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str, ops: int = 0) -> float:
+def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str, ops: int = 0, threads: int = 1) -> float:
     """A forward pass of ``ops`` tensor ops: the longer of its arithmetic and its memory traffic,
-    plus (CPU: one thread does both) or overlapped with (GPU) the host's issue of its ops."""
-    device = max(flops / _rate(gm, dtype), bytes_moved / (gm.hbm_gbps * 1e9))
+    plus (CPU: one thread issues them) or overlapped with (GPU) the host's issue of its ops. A CPU
+    rank with ``threads`` threads computes and streams memory faster by ``thread_speedup``."""
+    speed = thread_speedup(gm, threads)
+    device = max(flops / _rate(gm, dtype), bytes_moved / (gm.hbm_gbps * 1e9)) / speed
     issue = ops * gm.op_us * 1e-6
     return device + issue if gm.kind == "cpu" else max(device, issue)
+
+
+def thread_speedup(gm: GpuModel, threads: int) -> float:
+    """How much faster a CPU rank's matrix products and memory passes run on ``threads`` threads
+    than on one: each extra thread adds ``threads_efficiency`` of one."""
+    return 1.0 + (max(1, threads) - 1) * gm.threads_efficiency
 
 
 def z_draw_s(gm: GpuModel, sizes: Iterable[int]) -> float:
@@ -223,6 +231,17 @@ class StepCosts:
     def _gm(self, gpu: str) -> GpuModel:
         return self.machine.gpu_model(gpu)
 
+    def threads(self, gpu: str) -> int:
+        """Threads of a CPU rank: its socket's cores shared by the layout's ranks on that socket
+        (zoplan.runtime.worker.threads_per_rank does the same with the cores it finds); 1 for a
+        GPU, or where the topology gives no core count."""
+        if self._gm(gpu).kind != "cpu":
+            return 1
+        socket = self.machine.host_socket(gpu)
+        cores = self.machine.socket_cores(socket)
+        sharing = sum(1 for g in self.layout.gpus if self.machine.host_socket(g) == socket)
+        return max(1, cores // sharing) if cores else 1
+
     def perturb_passes(self) -> int:
         """+eps z (and -2 eps z with dual forward), plus a restore when the buffer survives the
         forward (whole-block uploads offload from it; ZO2 restores before offloading). None
@@ -245,6 +264,7 @@ class StepCosts:
             self.block_param_bytes + act_bytes,
             L.param_dtype,
             RUNTIME_OPS[m.family]["block"] + ADAPTER_OPS[self.work.tuning.method],
+            self.threads(gpu),
         )
         return one * self.micro_batches * L.branches_per_gpu
 
@@ -329,7 +349,14 @@ class StepCosts:
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
         head_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype] + tokens * m.vocab * 4
-        one = forward_s(self._gm(gpu), m.head_flops(tokens), head_bytes, L.param_dtype, RUNTIME_OPS[m.family]["head"])
+        one = forward_s(
+            self._gm(gpu),
+            m.head_flops(tokens),
+            head_bytes,
+            L.param_dtype,
+            RUNTIME_OPS[m.family]["head"],
+            self.threads(gpu),
+        )
         t = one * self.micro_batches * L.branches_per_gpu
         if self._z_costs(gpu) and not self.frozen:
             # the branches' heads run in reverse: all but the first set their perturbation again

@@ -43,6 +43,13 @@ class GpuModel(Strict):
     # The runtime's own work, beyond arithmetic and memory traffic (zoplan.sim.costs). 0 where it is
     # negligible or hidden: a GPU's kernel launches overlap its execution, and its fused kernels
     # draw z in registers. A CPU rank pays each of these on its one thread (bench/cpu_figures.py).
+    threads_efficiency: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="a CPU rank running several threads (its socket's cores shared among fewer ranks): "
+        "the share of one thread's matmul and memory rate each extra thread adds",
+    )
     op_us: float = Field(
         0.0,
         ge=0,
@@ -80,6 +87,11 @@ class Socket(Strict):
     id: str
     memory_gib: PositiveFloat = Field(le=1e9)
     memory_gbps: PositiveFloat = Field(description="host memory bandwidth of this socket")
+    cores: PositiveInt | None = Field(
+        None,
+        le=100_000,
+        description="cores the CPU ranks on this socket share (a rank runs cores / ranks threads); absent: one each",
+    )
 
 
 class Switch(Strict):
@@ -277,6 +289,9 @@ class Machine:
 
     def socket_memory_gbps(self, socket: str) -> float:
         return next(s.memory_gbps for s in self.spec.sockets if s.id == socket)
+
+    def socket_cores(self, socket: str) -> int | None:
+        return next(s.cores for s in self.spec.sockets if s.id == socket)
 
     # ----- paths ----------------------------------------------------------------------------
     def _pcie_graph(self) -> nx.Graph:

@@ -75,6 +75,7 @@ CPU_MEMORY_BUS_GBPS = 40.0  # a socket's cap: two channels of DDR4-2666 (42.7 GB
 CPU_LINK_LATENCY_US = 5.0  # per copy call: Python and dispatcher overhead, as in cpu-local
 # The runtime's own work on a CPU rank (zoplan.sim.costs): ASSUMED as measured for cpu-local's machine
 # (bench/cpu_figures.py), rounded up
+CPU_THREADS_EFFICIENCY = 0.8
 CPU_RUNTIME = {"op_us": 20, "z_call_us": 100, "z_ns": 6, "collective_us": 1000, "loop_us": 1000}
 CPU_FIGURES_SOURCE = (
     "ASSUMED, not measured: conservative defaults, about a third of one core of an earlier "
@@ -309,7 +310,15 @@ def cpu_topology(
             else min(max(1, rank_node.count(node)) * CPU_COPY_GBPS, CPU_MEMORY_BUS_GBPS)
         )
 
-    sockets = [{"id": f"cpu{n}", "memory_gib": _fmt(per_node), "memory_gbps": _fmt(bus(n))} for n in node_ids]
+    sockets = [
+        {
+            "id": f"cpu{n}",
+            "memory_gib": _fmt(per_node),
+            "memory_gbps": _fmt(bus(n)),
+            "cores": max(1, sum(1 for c in usable if node_of.get(c, node_ids[0]) == n)),
+        }
+        for n in node_ids
+    ]
     links = [
         {
             "a": f"cpu{rank_node[r]}",
@@ -369,6 +378,12 @@ def cpu_topology(
     out.append(f"    hbm_gbps: {_fmt(2 * CPU_COPY_GBPS)}")
     out.append("    matmul_efficiency: 1.0")
     out += _comment(
+        "ASSUMED: a rank that has several cores (fewer ranks than cores) gains this share of one "
+        "thread's rate per extra thread (0.92 measured for cpu-local's machine, rounded down).",
+        indent=4,
+    )
+    out.append(f"    threads_efficiency: {CPU_THREADS_EFFICIENCY}")
+    out += _comment(
         "ASSUMED, as measured for cpu-local's machine and rounded up: the runtime's own work "
         "on a rank's one thread (tensor ops, z drawn into memory, collective calls, the "
         "loop's host work per step); `python -m bench.cpu_figures` measures them here.",
@@ -380,7 +395,7 @@ def cpu_topology(
         f"One per NUMA node ({'/sys/devices/system/node' if nodes else 'none listed, so one'}). "
         f"memory_gib: MemTotal {kib} kB in /proc/meminfo = {_fmt(total_gib)} GiB"
         + (f", divided evenly among {len(node_ids)} nodes" if len(node_ids) > 1 else "")
-        + ". memory_gbps: "
+        + ". cores: those of os.sched_getaffinity on the node. memory_gbps: "
         + (
             "--host-gbps."
             if host_gbps is not None

@@ -1,0 +1,191 @@
+"""A zoplan step against plain MeZO and ZO2 on the CPU, side by side (docs/results/runtime-cpu.md).
+
+Model: the OPT-125m shape (12 blocks of 768, ffn 3072, vocab 50272, tied embeddings), random
+weights, fp32; batch 4 x 128 tokens of the bundled texts (language-modelling loss); lr 1e-6,
+eps 1e-3, no weight decay. Rounds are interleaved (this machine is noisy); each figure is the
+median step time of the steps after the first ``--skip`` of a run, then the median over rounds.
+
+- ``mezo``: plain in-memory MeZO in this process, the 30 lines of the paper's algorithm: per step,
+  z drawn per parameter with a seeded ``torch.randn``, θ += εz, loss, θ −= 2εz, loss, θ += εz,
+  θ −= lr·g·z (z drawn again from the same seed each time).
+- ``zo2``: ZO2's ``zo`` mode (its MeZO-SGD on the CPU), in its own environment: ``--zo2 PATH``
+  (a checkout of github.com/liangyuwang/zo2) and ``--zo2-python`` (a Python with torch and
+  transformers 4.51.3, which ZO2 patches); see ../shared/peers/README.md. A step is one
+  ``model(input_ids, labels)`` call after ``zo_train()``.
+- ``zoplan``: ``zoplan run`` with a 1x1 plan on cpu-local, every block streamed (``--resident 0``,
+  whole-block uploads, one rank).
+With ``--threads 2``: every one on 2 threads, and zoplan's default plan for this machine (its
+2 CPU ranks) instead of the 1x1 one.
+
+    python -m bench.speed_cpu --zo2 ../shared/peers/zo2 --zo2-python /tmp/venv-zo2/bin/python [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SEQ, BATCH, LR, EPS = 128, 4, 1e-6, 1e-3
+
+# Run in ZO2's environment (no zoplan there): argv = zo2 path, model dir, ids file, steps, threads
+ZO2_STEP = r"""
+import json, sys, time
+import torch
+sys.path.insert(0, sys.argv[1])
+from zo2 import ZOConfig
+from zo2.model.huggingface.opt.mezo_sgd import zo
+torch.set_num_threads(int(sys.argv[5]))
+model = zo.OPTForCausalLM.from_pretrained(sys.argv[2], torch_dtype=torch.float32)
+model.zo_init(ZOConfig(method="mezo-sgd", zo2=False, working_device="cpu", offloading_device="cpu",
+                       lr=float(sys.argv[6]), eps=float(sys.argv[7]), weight_decay=0.0))
+model.zo_train()
+batches = json.load(open(sys.argv[3]))
+times = []
+for step in range(int(sys.argv[4])):
+    ids = torch.tensor(batches[step % len(batches)])
+    t = time.perf_counter()
+    model(input_ids=ids, labels=ids)
+    times.append(time.perf_counter() - t)
+print(json.dumps(times))
+"""
+
+
+def build(work: Path) -> tuple[Path, Path, Path]:
+    """The model directory (the tiny models' tokenizer, OPT-125m's shape), long texts, and the
+    token ids of the batches zoplan reads from them (for the two in-memory loops)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from zoplan.runtime import data as zdata
+    from zoplan.runtime.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    config = OPTConfig(
+        vocab_size=50272,
+        hidden_size=768,
+        num_hidden_layers=12,
+        ffn_dim=3072,
+        num_attention_heads=12,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=768,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model_dir = work / "opt-125m-shape"
+    OPTForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = zdata.write_long_text(work / "long.jsonl", SEQ, records=64)
+    examples, kind = zdata.load_examples(str(data))
+    task = zdata.task_of(kind, "{text}", ("a", "b"))
+    ids = [
+        zdata.encode(zdata.batches(examples, BATCH, 0, step, 0, 1), tok, task, SEQ).input_ids.tolist()
+        for step in range(16)
+    ]
+    batches = work / "batches.json"
+    batches.write_text(json.dumps(ids))
+    return model_dir, data, batches
+
+
+def mezo(model_dir: Path, batches: Path, steps: int, threads: int) -> list[float]:
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    params = list(model.parameters())
+    ids_list = json.loads(batches.read_text())
+
+    def perturb(seed: int, scale: float) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen), alpha=scale)
+
+    times = []
+    with torch.no_grad():
+        for step in range(steps):
+            ids = torch.tensor(ids_list[step % len(ids_list)])
+            t = time.perf_counter()
+            perturb(step, EPS)
+            plus = float(model(input_ids=ids, labels=ids).loss)
+            perturb(step, -2 * EPS)
+            minus = float(model(input_ids=ids, labels=ids).loss)
+            perturb(step, EPS)
+            perturb(step, -LR * (plus - minus) / (2 * EPS))
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def zo2(python: str, path: Path, model_dir: Path, batches: Path, steps: int, threads: int) -> list[float]:
+    proc = subprocess.run(
+        [python, "-c", ZO2_STEP, str(path), str(model_dir), str(batches), str(steps), str(threads), str(LR), str(EPS)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"ZO2 failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def zoplan(model_dir: Path, data: Path, out: Path, steps: int, threads: int) -> list[float]:
+    args = [sys.executable, "-m", "zoplan.cli", "run", "--model", str(model_dir), "--data", str(data)]
+    args += ["--steps", str(steps), "-o", str(out), "--seq-len", str(SEQ), "--global-batch", str(BATCH)]
+    args += ["--lr", str(LR), "--eps", str(EPS), "--eval-every", "0"]
+    if threads == 1:  # one rank computing, every block streamed
+        args += ["--pertp", "1", "--ddp", "1", "--gpus", "rank0", "--upload", "whole", "--resident", "0"]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"zoplan run failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time_s"] for r in rows if "step_time_s" in r]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--zo2", type=Path, required=True, help="a checkout of ZO2")
+    parser.add_argument("--zo2-python", required=True, help="a Python with ZO2's torch and transformers 4.51.3")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--skip", type=int, default=1, help="steps left out at the start of each run")
+    parser.add_argument("--threads", type=int, default=1)
+    opts = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="zoplan-speed-"))
+    model_dir, data, batches = build(work)
+    print(f"{time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__}, {opts.threads} thread(s), {work}", flush=True)
+    results: dict[str, list[float]] = {"mezo": [], "zo2": [], "zoplan": []}
+    for r in range(opts.rounds):
+        for name in results:
+            if name == "mezo":
+                times = mezo(model_dir, batches, opts.steps, opts.threads)
+            elif name == "zo2":
+                times = zo2(opts.zo2_python, opts.zo2, model_dir, batches, opts.steps, opts.threads)
+            else:
+                times = zoplan(model_dir, data, work / f"run{r}", opts.steps, opts.threads)
+            median = statistics.median(times[opts.skip :])
+            results[name].append(median)
+            print(f"round {r + 1} {name}: {median:.3f} s/step ({', '.join(f'{t:.2f}' for t in times)})", flush=True)
+    final = {k: statistics.median(v) for k, v in results.items()}
+    print(
+        f"medians: plain MeZO {final['mezo']:.3f}, ZO2 {final['zo2']:.3f}, zoplan {final['zoplan']:.3f} s/step; "
+        f"zoplan / MeZO {final['zoplan'] / final['mezo']:.2f}, zoplan / ZO2 {final['zoplan'] / final['zo2']:.2f}"
+    )
+    print(json.dumps({"rounds": results, "medians": final}))
+    shutil.rmtree(work)  # the model, the runs: nothing left behind
+
+
+if __name__ == "__main__":
+    main()
