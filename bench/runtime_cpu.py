@@ -28,19 +28,23 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def build_model(directory: Path, hidden: int, layers: int, ffn: int, heads: int) -> Path:
+def build_model(
+    directory: Path, hidden: int, layers: int, ffn: int, heads: int, vocab: int | None = None, positions: int = 512
+) -> Path:
+    """An OPT-shaped model with random weights (seed 0) and the tiny models' tokenizer; ``vocab``
+    defaults to the tokenizer's size (a larger one gives a real model's embedding size)."""
     from transformers import AutoModelForCausalLM, OPTConfig
 
     from zoplan.runtime.tiny import build_tokenizer
 
     tok = build_tokenizer()
     config = OPTConfig(
-        vocab_size=len(tok),
+        vocab_size=vocab or len(tok),
         hidden_size=hidden,
         num_hidden_layers=layers,
         ffn_dim=ffn,
         num_attention_heads=heads,
-        max_position_embeddings=512,
+        max_position_embeddings=positions,
         word_embed_proj_dim=hidden,
         dropout=0.0,
         attention_dropout=0.0,

@@ -65,30 +65,15 @@ print(json.dumps(times))
 def build(work: Path) -> tuple[Path, Path, Path]:
     """The model directory (the tiny models' tokenizer, OPT-125m's shape), long texts, and the
     token ids of the batches zoplan reads from them (for the two in-memory loops)."""
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import AutoTokenizer
 
+    from bench.runtime_cpu import build_model
     from zoplan.runtime import data as zdata
-    from zoplan.runtime.tiny import build_tokenizer
 
-    tok = build_tokenizer()
-    config = OPTConfig(
-        vocab_size=50272,
-        hidden_size=768,
-        num_hidden_layers=12,
-        ffn_dim=3072,
-        num_attention_heads=12,
-        max_position_embeddings=2048,
-        word_embed_proj_dim=768,
-        dropout=0.0,
-        attention_dropout=0.0,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+    model_dir = build_model(
+        work / "opt-125m-shape", hidden=768, layers=12, ffn=3072, heads=12, vocab=50272, positions=2048
     )
-    torch.manual_seed(0)
-    model_dir = work / "opt-125m-shape"
-    OPTForCausalLM(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     data = zdata.write_long_text(work / "long.jsonl", SEQ, records=64)
     examples, kind = zdata.load_examples(str(data))
     task = zdata.task_of(kind, "{text}", ("a", "b"))
