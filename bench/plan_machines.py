@@ -3,7 +3,10 @@
 1. Uneven machines (a GPU behind a slower PCIe link, two GPU models): the step of the plan
    found, against the best of every placement pinned by hand (every subset of the GPUs as compute
    GPUs, in both parallel shapes that fit it): the plan found must be no slower.
-2. Clusters: a bundled machine repeated over 2 to 64 nodes on a 25 GB/s, 5 us network, each
+2. Uneven shares: dgx-h100 with one GPU's PCIe link at x4, OPT-66B streamed (``--resident 0``)
+   over all eight GPUs as compute GPUs (2x4, every one a mover): the plan's step with shares in
+   proportion to the links, the same layout with equal shares, and the healthy machine's plan.
+3. Clusters: a bundled machine repeated over 2 to 64 nodes on a 25 GB/s, 5 us network, each
    node's step varying by 2%: the plan's wall time and its prediction (one node's step, the
    all-reduce's latency, the wait for the slowest node).
 
@@ -13,6 +16,7 @@ Usage: python -m bench.plan_machines [--out bench/results/plan_machines]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import tempfile
@@ -24,6 +28,7 @@ import yaml
 from zoplan.errors import ZoplanError
 from zoplan.layout import Pins
 from zoplan.planner import plan
+from zoplan.search import evaluate
 from zoplan.topology import load_topology, resolve_topology_path
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "topologies"
@@ -33,6 +38,7 @@ UNEVEN = [
     ("mixed-h100-l40s.yaml", "opt-13b", 16),
     ("mixed-h100-l40s.yaml", "llama-2-70b", 16),
 ]
+SHARES = ("dgx-h100-one-slow-link.yaml", "dgx-h100", "opt-66b", 8, 256)
 CLUSTERS = [("dgx-a100", "llama-2-70b"), ("l40s-8x", "llama-2-70b"), ("rtx4090-4x", "opt-13b")]
 
 
@@ -87,6 +93,23 @@ def main() -> None:
         uneven.append(
             {"topology": name, "model": model, "batch": batch, "found_s": found.step_time_s, "pinned_s": pinned_s}
         )
+    slow, healthy, model, batch, seq = SHARES
+    pins = Pins(perturbation=2, data=4, resident=0)
+    found = plan(model, str(FIXTURES / slow), global_batch=batch, seq_len=seq, pins=pins).search
+    equal = evaluate(found.machine, found.workload, dataclasses.replace(found.best.layout, shares=()))
+    well = plan(model, healthy, global_batch=batch, seq_len=seq, pins=pins).search.best
+    shares = {
+        "shares": list(found.best.layout.shares),
+        "movers": list(found.best.layout.movers),
+        "found_s": found.best.step_time_s,
+        "equal_s": equal.step_time_s,
+        "healthy_s": well.step_time_s,
+    }
+    print(
+        f"uneven shares: {slow} {model} batch {batch} x {seq}, 2x4 streamed: shares "
+        f"{':'.join(map(str, shares['shares']))} over {','.join(shares['movers'])}: {found.best.step_time_s:.4f} s; "
+        f"equal shares {equal.step_time_s:.4f} s; {healthy} {well.step_time_s:.4f} s"
+    )
     print("clusters: 25 GB/s, 5 us network, each node's step varying by 2%")
     with tempfile.TemporaryDirectory() as tmp:
         for (base, model), nodes in itertools.product(CLUSTERS, (2, 8, 64)):
@@ -117,7 +140,7 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         (args.out / "plan_machines.json").write_text(
-            json.dumps({"date": date, "uneven": uneven, "clusters": clusters}, indent=1)
+            json.dumps({"date": date, "uneven": uneven, "shares": shares, "clusters": clusters}, indent=1)
         )
 
 

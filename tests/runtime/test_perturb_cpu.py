@@ -195,7 +195,12 @@ def test_a_blocks_perturbation_and_update_equal_the_engines_torch_path(dtype: to
         one = theta.clone()
         C.perturbed_block_into([one], one, table, seed, [-eps])  # in place, the output aliasing base
         assert _same(one[:n], want[-1][:n])
-    for start, end in ((0, layout.numel), layout.slice_range(1, 4), layout.slice_range(3, 4), (1234, 1300)):
+    for start, end in (
+        (0, layout.numel),
+        (layout.padded // 4, 2 * layout.padded // 4),
+        (3 * layout.padded // 4, layout.padded),
+        (1234, 1300),
+    ):
         for g, lr, wd in ((2.5, 1e-3, 0.1), (-0.37, 3e-5, 0.0), (1e7, 1e-9, 1e-2)):
             want, got = theta.clone(), theta.clone()
             torch_path(update_range, want, layout, start, end, 11, g, lr, wd)
