@@ -13,7 +13,7 @@ median step time of the steps after the first ``--skip`` of a run, then the medi
   transformers 4.51.3, which ZO2 patches); see ../shared/peers/README.md. A step is one
   ``model(input_ids, labels)`` call after ``zo_train()``.
 - ``zoplan``: ``zoplan run`` with a 1x1 plan on cpu-local, every block streamed (``--resident 0``,
-  whole-block uploads, one rank).
+  whole-block uploads, one rank), on one core (``taskset``: a rank alone would take them all).
 With ``--threads 2``: every one on 2 threads, and zoplan's default plan for this machine (its
 2 CPU ranks) instead of the 1x1 one.
 
@@ -127,7 +127,10 @@ def zo2(python: str, path: Path, model_dir: Path, batches: Path, steps: int, thr
 
 
 def zoplan(model_dir: Path, data: Path, out: Path, steps: int, threads: int) -> list[float]:
-    args = [sys.executable, "-m", "zoplan.cli", "run", "--model", str(model_dir), "--data", str(data)]
+    # a rank takes the cores it may use (zoplan.runtime.worker.threads_per_rank): with one thread
+    # for every tool, it may use one core
+    pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if threads == 1 else []
+    args = [*pin, sys.executable, "-m", "zoplan.cli", "run", "--model", str(model_dir), "--data", str(data)]
     args += ["--steps", str(steps), "-o", str(out), "--seq-len", str(SEQ), "--global-batch", str(BATCH)]
     args += ["--lr", str(LR), "--eps", str(EPS), "--eval-every", "0"]
     if threads == 1:  # one rank computing, every block streamed
