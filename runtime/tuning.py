@@ -75,8 +75,12 @@ class Tuned:
         """The step's update, master -= lr * (g * z + wd * master) (no weight decay on an adapter
         tensor that is not a matrix, as for the base model's biases and norms)."""
         z = self._z(seed)
+        decay = {n: len(self.shapes[n]) >= 2 for n in self.names}
+        if len(set(decay.values())) == 1:  # (LoRA: matrices only) one pass, the same bits as one per tensor
+            apply_update(self.master, z, g, lr, wd, decay[self.names[0]])
+            return
         for name in self.names:
-            apply_update(self.view(self.master, name), self.view(z, name), g, lr, wd, len(self.shapes[name]) >= 2)
+            apply_update(self.view(self.master, name), self.view(z, name), g, lr, wd, decay[name])
 
     @torch.no_grad()
     def perturb(self, seed: int, eps: float) -> None:
