@@ -123,37 +123,43 @@ def z_figures(quick: bool) -> tuple[float, float, str]:
     return fixed * 1e6, per_element * 1e9, kernels_label("cpu")
 
 
+BIG = 2**22  # float32 elements each rank gives a large all-gather (16 MiB)
+
+
 def _gloo_rank(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    x = torch.ones(16)
-    out = [torch.empty(16) for _ in range(2)]
-    for _ in range(20):
-        dist.all_gather(out, x)
-    dist.barrier()
-    t0 = time.perf_counter()
-    reps = 300
-    for _ in range(reps):
-        dist.all_gather(out, x)
-    results[rank] = (time.perf_counter() - t0) / reps * 1e6
+    for n, reps, slot in ((16, 300, 0), (BIG, 10, 2)):
+        x = torch.ones(n)
+        out = [torch.empty(n) for _ in range(2)]
+        for _ in range(3 if n == BIG else 20):
+            dist.all_gather(out, x)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            dist.all_gather(out, x)
+        results[slot + rank] = (time.perf_counter() - t0) / reps
     dist.destroy_process_group()
 
 
-def collective_us() -> float:
-    """One small all-gather between two gloo ranks on this machine (both idle otherwise)."""
+def collective_figures() -> tuple[float, float]:
+    """Between two gloo ranks on this machine (both idle otherwise): one small all-gather's
+    microseconds, and the GB/s a large one brings each rank (the other rank's 16 MiB over its time,
+    less the small one's)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    results = ctx.Array("d", 2)
+    results = ctx.Array("d", 4)
     procs = [ctx.Process(target=_gloo_rank, args=(r, port, results)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join()
-    return max(results)
+    small, big = max(results[:2]), max(results[2:])
+    return small * 1e6, BIG * 4 / max(big - small, 1e-9) / 1e9
 
 
 def loop_us() -> float:
@@ -222,8 +228,9 @@ def main() -> None:
     print(f"forward: host time per tensor op:          {op_us:8.1f} us (tiny OPT block, {ops} aten ops)", flush=True)
     call_us, z_ns, kernel = z_figures(opts.quick)
     print(f"z ({kernel}): per call, per element:  {call_us:8.1f} us, {z_ns:.2f} ns", flush=True)
-    coll = collective_us()
+    coll, coll_gbps = collective_figures()
     print(f"gloo all-gather of 16 floats, 2 ranks:     {coll:8.1f} us", flush=True)
+    print(f"gloo all-gather of 16 MiB a rank, 2 ranks: {coll_gbps:8.2f} GB/s received a rank", flush=True)
     loop = loop_us()
     print(f"loop host work per step:                   {loop:8.1f} us", flush=True)
     tflops = {k: round(v / 1e3, 4) for k, v in rates.items()}
@@ -236,6 +243,7 @@ def main() -> None:
         "z_call_us": round(call_us),
         "z_ns": round(z_ns, 2),
         "collective_us": round(coll),
+        "collective_gbps": round(coll_gbps, 2),
         "loop_us": round(loop),
     }
     print("\ngpu_models entry (a CPU rank):")

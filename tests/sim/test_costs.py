@@ -17,7 +17,7 @@ from zoplan.sim import simulate
 from zoplan.topology import load_topology
 
 CPU_LOCAL = Path(__file__).resolve().parents[2] / "topologies" / "cpu-local.yaml"
-RUNTIME_KEYS = ("op_us", "z_ns", "z_call_us", "collective_us", "loop_us")
+RUNTIME_KEYS = ("op_us", "z_ns", "z_call_us", "collective_us", "collective_gbps", "loop_us")
 
 
 def cpu_machine(tmp_path: Path, **figures: float):
@@ -198,3 +198,16 @@ def test_a_cpu_rank_alone_computes_on_every_core_of_its_socket(tmp_path: Path) -
     path = tmp_path / "no-cores.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert StepCosts(load_topology(path), WORK, alone).threads("rank0") == 1
+
+
+def test_cpu_ranks_all_gather_at_their_collective_rate_not_on_the_memory_links(tmp_path: Path) -> None:
+    """gloo over the loopback brings a rank far less than a memory copy: with collective_gbps an
+    all-gather round costs a collective call plus the bytes a rank receives at that rate, and the
+    simulator takes that instead of a ring on the links."""
+    lay = layout(pertp=2)
+    slow = StepCosts(cpu_machine(tmp_path, collective_us=500.0, collective_gbps=0.5), WORK, lay)
+    n = len(lay.movers)
+    assert slow.allgather_round_s() == pytest.approx(500e-6 + slow.round_param_bytes * (n - 1) / n / 0.5e9, rel=1e-12)
+    on_links = StepCosts(cpu_machine(tmp_path, collective_us=500.0), WORK, lay)
+    assert on_links.allgather_round_s() is None
+    assert simulate(slow).step_time_s > simulate(on_links).step_time_s

@@ -251,7 +251,10 @@ def test_presets_match_the_bundled_topologies(topology: str, model: str) -> None
     preset = get_preset(model)
     figures = bundled.spec.gpu_models[model].model_dump()
     # the runtime's own work: none charged on GPUs (zoplan.sim.costs; tests/sim/test_costs.py)
-    runtime = {k: figures.pop(k) for k in ("op_us", "z_ns", "z_call_us", "z_first_ns", "collective_us", "loop_us")}
+    runtime = {
+        k: figures.pop(k)
+        for k in ("op_us", "z_ns", "z_call_us", "z_first_ns", "collective_us", "collective_gbps", "loop_us")
+    }
     assert set(runtime.values()) == {0.0}
     assert figures.pop("threads_efficiency") == 1.0  # a CPU rank's figure
     assert figures == {"kind": "gpu", **preset.gpu_model()}

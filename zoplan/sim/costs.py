@@ -218,14 +218,19 @@ class StepCosts:
         return max((self._gm(g).collective_us for g in gpus), default=0.0) * 1e-6
 
     def allgather_round_s(self) -> float | None:
-        """Measured: one all-gather round of the movers (None: simulate it on the links)."""
+        """One all-gather round of the movers: measured (a profile), or from the devices' own
+        collective rate (CPU ranks: ``collective_gbps``, gloo over the loopback); None: simulate
+        it on the links."""
         p = self.profile
         n = len(self.layout.movers)
-        c = p.collective(n) if p is not None else None
-        if c is None:
-            return None
         nbytes = self.round_param_bytes * (n - 1) / n
-        return (c.latency_us + c.wait_us) * 1e-6 + nbytes / (c.gbps * 1e9)
+        c = p.collective(n) if p is not None else None
+        if c is not None:
+            return (c.latency_us + c.wait_us) * 1e-6 + nbytes / (c.gbps * 1e9)
+        rates = [self._gm(g).collective_gbps for g in self.layout.movers]
+        if n < 2 or not all(rates):
+            return None
+        return self.collective_call_s(self.layout.movers) + nbytes / (min(rates) * 1e9)
 
     # ----- compute -------------------------------------------------------------------------
     def _gm(self, gpu: str) -> GpuModel:

@@ -78,6 +78,13 @@ class GpuModel(Strict):
         description="one collective call among this "
         "machine's ranks (an all-gather round, a barrier, the loss all-reduce)",
     )
+    collective_gbps: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="bytes a collective brings each rank per second, where the ranks' collectives do not "
+        "run on the topology's links (CPU ranks: gloo over the loopback); 0: on the links",
+    )
     loop_us: float = Field(
         0.0, ge=0, le=1e7, description="the training loop's host work per step (next batch, journal line)"
     )
