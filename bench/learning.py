@@ -106,6 +106,7 @@ def mezo_reference(model_dir: Path, train: Path, held: Path, method: str, steps:
     """The plain in-memory MeZO loop (module docstring), 2 threads (the cores zoplan's 2 ranks use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bench.speed_cpu import mezo_step
     from zoplan.runtime import data as zdata
 
     torch.set_num_threads(2)
@@ -132,11 +133,6 @@ def mezo_reference(model_dir: Path, train: Path, held: Path, method: str, steps:
             total, right, count = total + float(loss), right + correct, count + n
         return total / count, right / count, count
 
-    def perturb(seed: int, scale: float) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=gen), alpha=scale)
-
     evals, times = [], []
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -144,15 +140,7 @@ def mezo_reference(model_dir: Path, train: Path, held: Path, method: str, steps:
         for step in range(steps):
             t = time.perf_counter()
             rows = zdata.batches(examples, BATCH, SEED, step, 0, 1)
-            seed = SEED * 100_003 + step
-            eps = EPS[method]
-            perturb(seed, eps)
-            plus = loss_of(rows)[0]
-            perturb(seed, -2 * eps)
-            minus = loss_of(rows)[0]
-            perturb(seed, eps)
-            g = (plus - minus) / (2 * eps)
-            perturb(seed, -LR[method] * g)
+            mezo_step(params, SEED * 100_003 + step, EPS[method], LR[method], lambda: loss_of(rows)[0])
             times.append(time.perf_counter() - t)
             if (step + 1) % every == 0 or step + 1 == steps:
                 evals.append((step + 1, *loss_of(held_out)[:2]))

@@ -86,6 +86,26 @@ def build(work: Path) -> tuple[Path, Path, Path]:
     return model_dir, data, batches
 
 
+def mezo_step(params: list[torch.Tensor], seed: int, eps: float, lr: float, loss) -> float:
+    """One step of the plain MeZO loop (the paper's algorithm, in place): z drawn per parameter
+    from ``torch.randn`` seeded with ``seed``, θ += εz, ``loss()``, θ −= 2εz, ``loss()``, θ += εz,
+    θ −= lr·g·z; returns g. Call it under ``torch.no_grad()``."""
+
+    def perturb(scale: float) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen), alpha=scale)
+
+    perturb(eps)
+    plus = loss()
+    perturb(-2 * eps)
+    minus = loss()
+    perturb(eps)
+    g = (plus - minus) / (2 * eps)
+    perturb(-lr * g)
+    return g
+
+
 def mezo(model_dir: Path, batches: Path, steps: int, threads: int) -> list[float]:
     from transformers import AutoModelForCausalLM
 
@@ -94,22 +114,12 @@ def mezo(model_dir: Path, batches: Path, steps: int, threads: int) -> list[float
     params = list(model.parameters())
     ids_list = json.loads(batches.read_text())
 
-    def perturb(seed: int, scale: float) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        for p in params:
-            p.add_(torch.randn(p.shape, generator=gen), alpha=scale)
-
     times = []
     with torch.no_grad():
         for step in range(steps):
             ids = torch.tensor(ids_list[step % len(ids_list)])
             t = time.perf_counter()
-            perturb(step, EPS)
-            plus = float(model(input_ids=ids, labels=ids).loss)
-            perturb(step, -2 * EPS)
-            minus = float(model(input_ids=ids, labels=ids).loss)
-            perturb(step, EPS)
-            perturb(step, -LR * (plus - minus) / (2 * EPS))
+            mezo_step(params, step, EPS, LR, lambda: float(model(input_ids=ids, labels=ids).loss))
             times.append(time.perf_counter() - t)
     return times
 

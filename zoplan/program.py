@@ -382,22 +382,15 @@ def build(
                 gather(b, r)
 
     def compute(b: int) -> None:
-        landed: Ref | None = None  # frozen: the block's last round on this rank, if uploaded
-        if frozen:  # once the block has landed (resident and not sharded: always there)
-            if sharded:
-                ready: Ref | None = Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers)
-            else:
-                ready = None
-                landed = None if b in resident else Ref(ids(Kind.H2D, b, rounds - 1), ())
-        elif sliced:
-            ready = (
-                Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers)
-                if sharded
-                else Ref(ids(Kind.UPDATE, b, rounds - 1), movers)
-            )
-        else:
-            ready = None  # the update (and barrier) before it on the compute stream
         for g in computes:
+            if sharded:  # its last round gathered on every mover
+                ready: tuple[Ref, ...] = (Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers),)
+            elif frozen:  # read-only: once its last round has landed here (a kept block is here)
+                ready = () if b in resident else (Ref(ids(Kind.H2D, b, rounds - 1), (g,)),)
+            elif sliced:  # the single mover's last round updated
+                ready = (Ref(ids(Kind.UPDATE, b, rounds - 1), movers),)
+            else:
+                ready = ()  # the update (and barrier) before it on the compute stream
             ops.append(
                 Op(
                     op_id(Kind.BLOCK, b),
@@ -406,7 +399,7 @@ def build(
                     (g,),
                     b,
                     flops=block_flops * work,
-                    deps=(ready,) if ready else (landed._replace(ranks=(g,)),) if landed else (),
+                    deps=ready,
                 )
             )
 

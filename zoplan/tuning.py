@@ -75,6 +75,12 @@ class Tuning:
             return 2.0 * 2 * tokens * self.prefix_tokens * shape.hidden
         return 0.0
 
+    def block_ops(self) -> int:
+        """Tensor ops the adapter adds to a block's forward per micro-batch (a CPU rank pays each):
+        LoRA's two products, its scale and the add on each of its two projections; a prefix's key
+        and value concatenations and the mask's."""
+        return {Method.LORA: 4 * len(LORA_TARGETS), Method.PREFIX: 4}.get(self.method, 0)
+
     def describe(self) -> str:
         if self.method == "lora":
             return f"LoRA (rank {self.lora_rank}, alpha {self.lora_alpha:g}, on {' and '.join(LORA_TARGETS)})"

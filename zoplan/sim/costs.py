@@ -50,9 +50,6 @@ HOST_RESERVE_BYTES = 16 * GiB
 # Elementwise passes of an update in torch ops (runtime/zo.py apply_update: z*g, step*lr, x - that,
 # the copy back), as an adapter's is applied
 UPDATE_PASSES = 4
-# Tensor ops an adapter adds to a block's forward per micro-batch: LoRA's two products, its scale
-# and the add, on each of two projections; a prefix's key and value concatenations and the mask's
-ADAPTER_OPS = {"full": 0, "lora": 8, "prefix": 4}
 
 
 @dataclass(frozen=True)
@@ -268,7 +265,7 @@ class StepCosts:
             m.block_flops(tokens, self.work.seq_len),
             self.block_param_bytes + act_bytes,
             L.param_dtype,
-            RUNTIME_OPS[m.family]["block"] + ADAPTER_OPS[self.work.tuning.method],
+            RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(),
             self.threads(gpu),
         )
         return one * self.micro_batches * L.branches_per_gpu
