@@ -377,9 +377,13 @@ class Engine:
                     z = normal(seed, name, 0, master.numel(), device=master.device).view(master.shape)
                     param.copy_(master.float() + (sign * self.eps) * z)
 
-    def _embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """Run the model's forward up to its first block; return that block's inputs."""
+    def _embed(self, inputs: dict, prefixed: bool = True) -> tuple[torch.Tensor, dict]:
+        """Run the model's forward up to its first block; return that block's inputs (with an
+        adapter's additions to them, unless not ``prefixed``)."""
         box: dict = {}
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        if prefixed and self.tuned is not None:
+            inputs = self.tuned.model_inputs(inputs)
 
         def hook(module, args, kwargs):
             box["args"], box["kwargs"] = args, dict(kwargs)
@@ -387,7 +391,7 @@ class Engine:
 
         handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            self.model(**{k: v.to(self.device) for k, v in inputs.items()}, use_cache=False)
+            self.model(**inputs, use_cache=False)
         except _StopAtFirstBlock:
             pass
         finally:
@@ -395,6 +399,19 @@ class Engine:
         kwargs = box["kwargs"]
         hidden = box["args"][0] if box["args"] else kwargs.pop("hidden_states")
         return hidden, kwargs
+
+    @torch.no_grad()
+    def base_forward(self, inputs: dict) -> None:
+        """The base model's forward on ``inputs`` on this rank alone, each block read straight from
+        the host copy (its weights as loaded: only for read-only blocks), outside the step program:
+        the one pass that sets a prefix's initial values (zoplan.runtime.tuning.Prefix)."""
+        assert self.tuned is not None, "the host copy holds the weights as loaded only for read-only blocks"
+        hidden, kwargs = self._embed(inputs, prefixed=False)
+        for i, block in enumerate(self.blocks):
+            self._bind(i, self.host.blocks[i].to(self.device, self.dtype))
+            out = block(hidden, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            self._unbind(i)
 
     # ----- one step ------------------------------------------------------------------------------
     def _bind(self, i: int, flat: torch.Tensor, sign: int | None = None) -> None:

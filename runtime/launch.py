@@ -30,7 +30,6 @@ from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
 from zoplan.recipes import recipe, with_recipe
 from zoplan.tuning import default_eps, default_lr
-from zoplan.vocab import Method
 from zoplan.records import (
     ERROR_FILE,
     EvalRow,
@@ -415,20 +414,9 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
 
         check_workload(None, cfg.global_batch, cfg.seq_len)
         check_pins_range(cfg.pins, cfg.global_batch)
-        check_runnable(cfg.tuning)
     elif cfg.plan is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
-        check_runnable(load_plan(cfg.plan).tuning.method)
+        load_plan(cfg.plan)
     return cfg, ignored
-
-
-def check_runnable(method: str) -> None:
-    """The runtime trains every weight or LoRA; a prefix is planned (zoplan.tuning) but not run."""
-    if method == Method.PREFIX:
-        raise ZoplanError(
-            "zoplan run trains every weight (--tuning full) or LoRA (--tuning lora); prefix tuning can be "
-            "planned (zoplan plan --tuning prefix) but not run yet",
-            fix="use --tuning lora, or plan again without --tuning prefix",
-        )
 
 
 def run(cfg: RunConfig, resume: bool = False) -> RunSummary:

@@ -109,7 +109,7 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
                 fix="replay onto the base weights that run started from",
             )
     if plan is not None and plan.tuning.to_tuning().frozen_base:  # the journal's updates are the adapter's
-        return _replay_adapter(plan, model_dir, journal, out, device)
+        return _replay_adapter(plan, model_dir, journal, journal_path.parent, out, device)
     # as the run kept them: the parameters outside the blocks (embeddings, final norm, head) and the
     # blocks kept on the devices (resident) in the compute dtype; a streamed block, updated in the
     # compute dtype and stored in the host copy's (wire) dtype after every step, in the narrower of
@@ -159,13 +159,14 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
     return len(journal)
 
 
-def _replay_adapter(plan, model_dir: Path, journal: list[dict], out: Path, device: str) -> int:
-    """An adapter run (zoplan.runtime.tuning): its initial adapter (a function of the run's seed)
-    with the journal's updates, written as the run writes it; the base weights are not read."""
+def _replay_adapter(plan, model_dir: Path, journal: list[dict], run_dir: Path, out: Path, device: str) -> int:
+    """An adapter run (zoplan.runtime.tuning): its initial adapter (LoRA's a function of the run's
+    seed, a prefix's saved in ``run_dir``) with the journal's updates, written as the run writes it;
+    the base weights are not read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from zoplan.runtime.adapters import adapter_for
-    from zoplan.runtime.tuning import build
+    from zoplan.runtime.tuning import Prefix, build
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):  # the modules' shapes only
@@ -174,6 +175,8 @@ def _replay_adapter(plan, model_dir: Path, journal: list[dict], out: Path, devic
         model, adapter_for(config.model_type), plan.tuning.to_tuning(), plan.zo.seed, torch.device(device), ()
     )
     assert tuned is not None  # an adapter plan builds an adapter
+    if isinstance(tuned, Prefix):
+        tuned.load_initial(run_dir)
     tuned.replay(journal)
     require_finite(
         tuned.tensors().items(),

@@ -14,14 +14,30 @@ seeded by the run's seed and the tensor's name, B zero: the model starts as the 
 by a forward hook on the projection, so the streamed weights bound into the module stay as they
 are. Saved in PEFT's layout (``adapter_model.safetensors``, ``adapter_config.json``): it loads with
 ``PeftModel.from_pretrained(base, DIR)``, and ``from_pretrained(DIR)`` where peft is installed.
+
+Prefix (``Prefix``): ``tokens`` trained keys and values per block, which every position's attention
+reads before the sequence's own (MeZO's prefix tuning, no reparameterisation; PEFT's
+``PREFIX_TUNING`` with the same numbers). They are taken as the attention's keys and values are
+cached (after the rotary embedding), one tensor ``prompt_embeddings`` of ``tokens x (blocks * 2 *
+kv_heads * head_dim)`` in PEFT's order. The sequence's positions start after the prefix, as with
+PEFT's. They start as the keys and values of ``tokens`` random vocabulary tokens run through the
+base model (MeZO's initialisation from real activations): at step 0 the model reads those tokens
+before every input. A run computes them once on every rank from the host copy, and keeps them in
+the run's directory (``PREFIX_INIT``) for ``--resume`` and ``zoplan replay``. A forward pre-hook
+on every block hands its attention the block's prefix in place of the model's key-value cache;
+the model's own forward makes the masks and positions, told of the prefix by a cache of its
+length (``model_inputs``). Loads with ``PeftModel.from_pretrained(base, DIR)``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import shutil
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +54,8 @@ from zoplan.runtime.zo import apply_update
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT's names: the wrapped model's own, under base_model.model
+PROMPT = "prompt_embeddings"  # PEFT's name for a prefix's keys and values
+PREFIX_INIT = "prefix-init.safetensors"  # a prefix run's initial values, in its output directory
 
 
 class Tuned:
@@ -132,6 +150,13 @@ class Tuned:
     def peft_config(self, model_dir: Path) -> dict:
         raise NotImplementedError
 
+    def model_inputs(self, inputs: dict) -> dict:
+        """The model's forward arguments for a batch (a prefix adds its length to them)."""
+        return inputs
+
+    def initialise(self, run_dir: Path, forward: Callable[[dict], None], is_writer: bool, saved: bool) -> None:
+        """Initial values that depend on the base model (LoRA's do not: they are drawn when made)."""
+
 
 class LoRA(Tuned):
     """LoRA on every block's query and value projections (module docstring)."""
@@ -181,6 +206,183 @@ class LoRA(Tuned):
         }
 
 
+class Prefix(Tuned):
+    """Trained keys and values read before every sequence's own, in every block (module docstring)."""
+
+    def __init__(self, model: nn.Module, family: Adapter, tuning: Tuning, seed: int, device, signs) -> None:
+        config = model.config
+        blocks = family.blocks(model)
+        self.tokens, self.layers = tuning.prefix_tokens, len(blocks)
+        self.heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.vocab, self.seed = config.vocab_size, seed
+        super().__init__([(PROMPT, (self.tokens, self.layers * 2 * self.heads * self.head_dim))], device, signs)
+        # the model's name for its key-value cache argument (``cache`` since transformers 5)
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.captured: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.handles = [b.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+
+    def _split(self, flat: torch.Tensor) -> torch.Tensor:
+        """[tokens, blocks, key or value, heads, head_dim]: PEFT's order of ``prompt_embeddings``."""
+        return flat.view(self.tokens, self.layers, 2, self.heads, self.head_dim)
+
+    def kv(self, i: int, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i's prefix keys and values as its attention caches them: [batch, heads, tokens, head_dim]."""
+        parts = self._split(self.current)[:, i]
+        return tuple(  # type: ignore[return-value]
+            parts[:, kv].transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1).to(dtype) for kv in (0, 1)
+        )
+
+    def _hook(self, i: int):
+        def hand_prefix(module, args, kwargs):
+            from transformers.cache_utils import Cache
+
+            # (the model's cache, or what this hook put in its place on an earlier call with these kwargs)
+            names = [k for k, v in kwargs.items() if isinstance(v, (Cache, _PrefixKV, _Capture))]
+            if not names:
+                import transformers
+
+                raise ZoplanError(
+                    f"prefix tuning needs a model whose attention reads a key-value cache object; block {i} of this "
+                    f"{type(module).__name__} (transformers {transformers.__version__}) was given none",
+                    fix="use --tuning lora, or a newer transformers",
+                )
+            kwargs = dict(kwargs)
+            kwargs[names[0]] = _Capture(self.captured) if self.captured is not None else _PrefixKV(self, i)
+            return args, kwargs
+
+        return hand_prefix
+
+    def model_inputs(self, inputs: dict) -> dict:
+        """A batch's arguments with the prefix counted: its columns in the attention mask, the
+        positions after it, and a cache of its length (zeros: each block is handed its own)."""
+        from transformers.cache_utils import DynamicCache
+
+        ids = inputs["input_ids"]
+        batch, length = ids.shape
+        out = dict(inputs)
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=ids.device)
+        out["attention_mask"] = torch.cat(
+            [torch.ones(batch, self.tokens, dtype=mask.dtype, device=ids.device), mask], 1
+        )
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(length, device=ids.device).unsqueeze(0).expand(batch, -1)
+        out["position_ids"] = positions + self.tokens
+        cache = DynamicCache()
+        zeros = torch.zeros(1, self.heads, self.tokens, self.head_dim, device=ids.device).expand(batch, -1, -1, -1)
+        for i in range(self.layers):
+            cache.update(zeros, zeros, i)
+        out[self.cache_arg] = cache
+        return out
+
+    def init_tokens(self) -> torch.Tensor:
+        """The random vocabulary tokens whose keys and values the prefix starts as: [1, tokens]."""
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(PROMPT.encode())) % 2**63)
+        return torch.randint(self.vocab, (1, self.tokens), generator=gen)
+
+    @contextmanager
+    def capturing(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """While open, each block's attention records its keys and values (in order) instead of
+        reading the prefix: run the base model's forward on ``capture_inputs()`` inside."""
+        self.captured = []
+        try:
+            yield self.captured
+        finally:
+            self.captured = None
+
+    def capture_inputs(self) -> dict:
+        from transformers.cache_utils import DynamicCache
+
+        return {"input_ids": self.init_tokens().to(self.device), self.cache_arg: DynamicCache()}
+
+    @torch.no_grad()
+    def set_from(self, kvs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The master from every block's captured keys and values ([1, heads, tokens, head_dim])."""
+        if len(kvs) != self.layers:
+            raise ZoplanError(f"the prefix's initial pass saw {len(kvs)} blocks, the model has {self.layers}")
+        parts = self._split(self.master)
+        for i, (k, v) in enumerate(kvs):
+            parts[:, i, 0].copy_(k[0].transpose(0, 1))
+            parts[:, i, 1].copy_(v[0].transpose(0, 1))
+
+    def initialise(self, run_dir: Path, forward: Callable[[dict], None], is_writer: bool, saved: bool) -> None:
+        """From the run's saved initial values (``saved``: the writer found them before the run
+        started), else by one pass of the base model over the initial tokens, saved by the writer."""
+        from safetensors.torch import save_file
+
+        if saved:
+            self.load_initial(run_dir)
+            return
+        path = run_dir / PREFIX_INIT
+        with self.capturing() as kvs:
+            forward(self.capture_inputs())
+        self.set_from(kvs)
+        if is_writer:
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({PROMPT: self.view(self.master, PROMPT).to("cpu").clone()}, str(tmp))
+            os.replace(tmp, path)
+
+    def load_initial(self, run_dir: Path) -> None:
+        """The initial values the run saved in its directory."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = run_dir / PREFIX_INIT
+        try:
+            saved = load_file(str(path))[PROMPT]
+        except (OSError, KeyError, SafetensorError) as exc:
+            raise ZoplanError(
+                f"cannot read the prefix's initial values from {path}: {exc}",
+                fix="keep the run's directory whole (its journal, plan.yaml and prefix-init.safetensors)",
+            ) from None
+        if saved.numel() != self.numel:
+            raise ZoplanError(f"{path} holds {saved.numel()} values, this run's prefix has {self.numel}")
+        with torch.no_grad():
+            self.master.copy_(saved.reshape(-1))
+
+    def peft_config(self, model_dir: Path) -> dict:
+        dim = self.heads * self.head_dim
+        return {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(model_dir),
+            "num_virtual_tokens": self.tokens,
+            "token_dim": dim,
+            "num_transformer_submodules": 1,
+            "num_attention_heads": self.heads,
+            "num_layers": self.layers,
+            "encoder_hidden_size": dim,
+            "prefix_projection": False,
+            "inference_mode": True,
+        }
+
+
+class _PrefixKV:
+    """Stands in for the key-value cache of one block's attention: its prefix, then the sequence."""
+
+    def __init__(self, prefix: Prefix, i: int) -> None:
+        self.prefix, self.i = prefix, i
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.prefix.kv(self.i, key.shape[0], key.dtype)
+        return torch.cat([k, key], dim=-2), torch.cat([v, value], dim=-2)
+
+
+class _Capture:
+    """Stands in for a block's key-value cache and records what its attention would cache."""
+
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        self.into.append((key.detach().float().clone(), value.detach().float().clone()))
+        return key, value
+
+
 def _find(block: nn.Module, target: str, i: int) -> tuple[str, nn.Linear]:
     for path, module in block.named_modules():
         if path.rsplit(".", 1)[-1] == target and isinstance(module, nn.Linear):
@@ -199,6 +401,6 @@ def build(model: nn.Module, family: Adapter, tuning: Tuning, seed: int, device, 
     """The adapter a plan trains on ``model``, or None for full-parameter training."""
     if tuning.method == Method.LORA:
         return LoRA(model, family, tuning, seed, device, signs)
-    if tuning.method != Method.FULL:  # zoplan.runtime.launch.check_runnable refuses it first
-        raise ZoplanError(f"the runtime does not train {tuning.describe()}")
+    if tuning.method == Method.PREFIX:
+        return Prefix(model, family, tuning, seed, device, signs)
     return None

@@ -234,9 +234,10 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         torch.set_num_threads(threads_per_rank(len(plan.to_layout().gpus)))
     ctx = zdist.init(plan, cfg.device)
     # where to start: after the last complete journal line, from the newest snapshot before it
-    box = [resume_point(out) if ctx.rank == 0 else None]
+    # (and whether a prefix's initial values were saved by an earlier start: read before anyone writes)
+    box = [(resume_point(out), (out / ztuning.PREFIX_INIT).exists()) if ctx.rank == 0 else None]
     zdist.broadcast_object(box, src=0)
-    rp = box[0]
+    rp, prefix_saved = box[0]
     # weights from the newest snapshot, if any; config and tokenizer files always from the model
     # directory (older snapshots are pruned while the run goes on)
     tuning = plan.tuning.to_tuning()
@@ -245,10 +246,6 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     else:
         model, adapter, host = load_model(rp.base or model_dir, plan, ctx, host_dir, rp.replay)
     tuned = ztuning.build(model, adapter, tuning, plan.zo.seed, ctx.device, ctx.signs)
-    if tuned is not None:
-        if rp.base is not None:
-            tuned.load(rp.base)
-        tuned.replay(rp.replay)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(cfg.data)
     task = zdata.task_of(kind, cfg.prompt, cfg.label_words)
@@ -280,6 +277,12 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=cfg.trace_steps),
         tuned=tuned,
     )
+    if tuned is not None:  # the adapter where the run starts: its initial values, a snapshot's, the journal's updates
+        if rp.base is not None:
+            tuned.load(rp.base)
+        else:
+            tuned.initialise(out, engine.base_forward, ctx.rank == 0, prefix_saved)
+        tuned.replay(rp.replay)
     # the training loop's own host work (next batch, journal line): the program's host op
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
     # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels

@@ -69,3 +69,22 @@ def test_zoplan_plan_tuning_lora_uses_mezos_rates_and_says_what_it_trains(tmp_pa
     assert json.loads(as_json.output)["tuning"] == "prefix"
     bad = runner.invoke(app, ["plan", "--tuning", "lorra"])
     assert bad.exit_code == 2
+
+
+def test_an_opt_prefix_takes_positions_the_sequence_then_cannot_use(tmp_path) -> None:
+    prefix = Tuning("prefix", prefix_tokens=5)
+    assert prefix.positions == 5 and FULL.positions == 0 and Tuning("lora").positions == 0
+    # OPT-125m learned 2048 positions: 2048 tokens fit alone, not after a prefix of 5
+    assert plan("opt-125m", "rtx4090-4x", global_batch=4, seq_len=2048).search.best is not None
+    with pytest.raises(ZoplanError) as refused:
+        plan("opt-125m", "rtx4090-4x", global_batch=4, seq_len=2048, tuning=prefix)
+    assert "2043 positions after the 5 prefix tokens" in str(refused.value)
+    assert "--seq-len 2043 or less" in refused.value.fix
+    report = plan("opt-125m", "rtx4090-4x", global_batch=4, seq_len=2043, tuning=prefix)
+    # a plan file with a longer prefix is refused when read (the runtime would have no position)
+    write_plan(report.plan, tmp_path / "p.yaml")
+    text = (tmp_path / "p.yaml").read_text()
+    assert "prefix_tokens: 5" in text
+    (tmp_path / "longer.yaml").write_text(text.replace("prefix_tokens: 5", "prefix_tokens: 6"))
+    with pytest.raises(ZoplanError, match="after the 6 prefix tokens"):
+        load_plan(tmp_path / "longer.yaml")

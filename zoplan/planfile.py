@@ -304,7 +304,7 @@ def check_ranges(plan: Plan, shape: ModelShape, path: Path | str) -> None:
         raise ZoplanError(f"{path}: field '{field}' ({brief(value)}) {problem}", fix=fix)
 
     b = plan.batch
-    for name, problem, fix in workload_problems(shape, b.global_batch, b.seq_len):
+    for name, problem, fix in workload_problems(shape, b.global_batch, b.seq_len, plan.tuning.to_tuning().positions):
         refuse(f"batch.{name}", getattr(b, name), problem, f"{again} ({fix})")
     if b.micro_batch > b.global_batch:
         refuse("batch.micro_batch", b.micro_batch, f"is more than the global batch ({b.global_batch})")

@@ -175,12 +175,13 @@ def compute_dtype(machine: Machine, dtype: str | None, profile: str | Path | Non
     return dtype
 
 
-def default_seq_len(shape: ModelShape, machine: Machine) -> int:
+def default_seq_len(shape: ModelShape, machine: Machine, before: int = 0) -> int:
     """Tokens per sequence when none is asked for: the profile's (its compute times were measured
-    at that length), else 512, or fewer when the model has fewer positions."""
+    at that length), else 512, or fewer when the model has fewer positions (``before``: taken by
+    a prefix)."""
     if machine.profile is not None:
         return machine.profile.profile.model.seq_len
-    return min(DEFAULT_SEQ_LEN, shape.max_positions)
+    return min(DEFAULT_SEQ_LEN, shape.max_positions - before)
 
 
 def plan(
@@ -205,11 +206,11 @@ def plan(
     layouts weighed so far and the layouts that fit, as the search goes. ``tuning``: what is
     trained (zoplan.tuning): an adapter leaves the blocks read-only."""
     shape = load_model_shape(model)
-    check_workload(shape, global_batch, seq_len)  # before any work that grows with them
+    check_workload(shape, global_batch, seq_len, tuning.positions)  # before any work that grows with them
     loaded = topology if isinstance(topology, Machine) else load_topology(topology)
     machine = with_profile(loaded, profile, shape)
     dtype = compute_dtype(machine, dtype, profile)
-    seq_len = default_seq_len(shape, machine) if seq_len is None else seq_len
+    seq_len = default_seq_len(shape, machine, tuning.positions) if seq_len is None else seq_len
     workload = Workload(shape, global_batch, seq_len, tuning)
     result = search(machine, workload, pins=pins, objective=objective, param_dtype=dtype, top=top, progress=progress)
     best = result.best

@@ -42,10 +42,12 @@ def _whole(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def workload_problems(shape: ModelShape | None, global_batch: object, seq_len: object) -> list[tuple[str, str, str]]:
+def workload_problems(
+    shape: ModelShape | None, global_batch: object, seq_len: object, before: int = 0
+) -> list[tuple[str, str, str]]:
     """What is wrong with a batch shape, as (field, what is wrong with its value, fix); empty when
     it can be planned. ``seq_len`` None is left to its default; ``shape`` None: the model is not
-    known yet (its positions are checked later)."""
+    known yet (its positions are checked later); ``before``: positions a prefix takes first."""
     out = []
     if not _whole(global_batch) or not 1 <= global_batch <= MAX_GLOBAL_BATCH:
         out.append(
@@ -64,13 +66,14 @@ def workload_problems(shape: ModelShape | None, global_batch: object, seq_len: o
                     f"use --seq-len 1 to {min(MAX_SEQ_LEN, shape.max_positions) if shape else MAX_SEQ_LEN}",
                 )
             )
-        elif shape is not None and shape.family == "opt" and seq_len > shape.max_positions:
+        elif shape is not None and shape.family == "opt" and seq_len + before > shape.max_positions:
             # OPT learns one embedding per position: longer sequences have no position to look up
+            after = f" after the {before} prefix tokens" if before else ""
             out.append(
                 (
                     "seq_len",
-                    f"is longer than the {shape.max_positions} positions {shape.name} was trained with",
-                    f"use --seq-len {shape.max_positions} or less",
+                    f"is longer than the {shape.max_positions - before} positions{after} {shape.name} was trained with",
+                    f"use --seq-len {shape.max_positions - before} or less",
                 )
             )
     return out
@@ -93,10 +96,11 @@ def check_pins_range(pins: Pins, global_batch: int) -> None:
         raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
 
 
-def check_workload(shape: ModelShape | None, global_batch: object, seq_len: object) -> None:
-    """Refuse a batch shape out of range, in the command line's words (--global-batch, --seq-len)."""
+def check_workload(shape: ModelShape | None, global_batch: object, seq_len: object, before: int = 0) -> None:
+    """Refuse a batch shape out of range, in the command line's words (--global-batch, --seq-len);
+    ``before``: positions a prefix takes first."""
     values = {"global_batch": global_batch, "seq_len": seq_len}
-    for name, problem, fix in workload_problems(shape, global_batch, seq_len):
+    for name, problem, fix in workload_problems(shape, global_batch, seq_len, before):
         flag = "--" + name.replace("_", "-")
         raise ZoplanError(f"{flag} {brief(values[name])} {problem}", fix=fix)
 
@@ -531,7 +535,7 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
     if not machine.gpus:
         raise ZoplanError(f"topology '{machine.name}' has no GPUs to plan for")
     nodes = machine.spec.nodes
-    check_workload(workload.model, workload.global_batch, workload.seq_len)
+    check_workload(workload.model, workload.global_batch, workload.seq_len, workload.tuning.positions)
     layers, gpus = workload.model.layers, len(machine.gpus)
     for flag, value, least, most, why in (
         (

@@ -54,6 +54,11 @@ class Tuning:
         """The base weights are only read: no update, no write-back."""
         return self.method != "full"
 
+    @property
+    def positions(self) -> int:
+        """Positions taken before every sequence's own (a prefix's tokens)."""
+        return self.prefix_tokens if self.method == "prefix" else 0
+
     def block_params(self, shape: ModelShape) -> int:
         """Trained parameters per block (0 for full-parameter: the block itself is trained)."""
         if self.method == "lora":  # q: hidden -> hidden, v: hidden -> kv_dim

@@ -58,7 +58,7 @@ RUN_BAD = {
     "--snapshot-minutes": ["-1", "nan", "inf", "abc"],
     "--keep-snapshots": ["-1", "abc"],
     "--journal-sync-every": ["0", "-1"],
-    "--tuning": ["lorra", "LoRA ", "", "prefix"],  # (a prefix is planned, not run: refused too)
+    "--tuning": ["lorra", "LoRA ", ""],
     "--lora-rank": ["0", "-1", "4097", "abc"],
     "--lora-alpha": ["0", "-1", "nan", "abc"],
     "--prefix-tokens": ["0", "-1", "abc"],

@@ -1,6 +1,7 @@
-"""Adapters on read-only blocks (zoplan.runtime.tuning): LoRA computes what PEFT's LoRA computes,
-trains the same adapter in every layout, runs its read-only step program op by op, resumes and
-replays bit for bit, and is saved in PEFT's layout."""
+"""Adapters on read-only blocks (zoplan.runtime.tuning): LoRA and prefix compute what PEFT's
+compute, a prefix starts as the tokens it was taken from, each trains the same adapter in every
+layout, runs its read-only step program op by op, resumes and replays bit for bit, and is saved in
+PEFT's layout."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from tests.runtime.test_layouts import assert_ran_its_program, cpu_topology, pla
 
 STEPS = 3
 LORA = Tuning("lora", lora_rank=4, lora_alpha=8.0)
+PREFIX = Tuning("prefix", prefix_tokens=3)
+TUNINGS = {"lora": LORA, "prefix": PREFIX}
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +68,52 @@ def test_lora_computes_what_peft_computes(family: str, tiny_dirs) -> None:
         assert 0.005 < diff_plus.abs().mean() < 0.02
 
 
-def test_lora_trains_the_same_adapter_in_every_layout_on_read_only_blocks(tiny_dirs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama", "tiny-qwen2"])
+def test_a_prefix_computes_what_peft_computes_and_starts_as_its_tokens(family: str, tiny_dirs) -> None:
+    from peft import PrefixTuningConfig, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from zoplan.runtime.adapters import adapter_for
+    from zoplan.runtime.tuning import PROMPT, Prefix
+
+    model_dir = tiny_dirs[family]
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    ours = load()
+    prefix = Prefix(
+        ours, adapter_for(ours.config.model_type), PREFIX, seed=5, device=torch.device("cpu"), signs=(1, -1)
+    )
+    ids = torch.randint(4, 200, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # MeZO's initialisation: the keys and values of random tokens run through the base model
+        with prefix.capturing() as kvs:
+            ours(**prefix.capture_inputs(), use_cache=False)
+        prefix.set_from(kvs)
+        assert prefix.master.abs().max() > 0
+        prefix.select(None)
+        mine = ours(**prefix.model_inputs({"input_ids": ids}), use_cache=False).logits
+        # so at the start the model reads those tokens before every input
+        tokens = prefix.init_tokens()
+        assert tokens.shape == (1, 3)
+        read_first = load()(input_ids=torch.cat([tokens.expand(2, -1), ids], 1)).logits[:, 3:]
+        torch.testing.assert_close(mine, read_first, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mine, load()(input_ids=ids).logits, atol=1e-3)
+        # PEFT's prefix tuning reads our prompt_embeddings as they are, with the same result
+        theirs = get_peft_model(load(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+        set_peft_model_state_dict(theirs, {PROMPT: prefix.view(prefix.master, PROMPT).clone()})
+        assert torch.equal(theirs.prompt_encoder["default"].embedding.weight, prefix.view(prefix.master, PROMPT))
+        torch.testing.assert_close(mine, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        # each branch reads its own copy
+        prefix.perturb(seed=7, eps=1e-1)
+        prefix.select(1)
+        plus = ours(**prefix.model_inputs({"input_ids": ids}), use_cache=False).logits
+        assert not torch.allclose(plus, mine, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_an_adapter_trains_the_same_in_every_layout_on_read_only_blocks(method: str, tiny_dirs, tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -79,10 +127,12 @@ def test_lora_trains_the_same_adapter_in_every_layout_on_read_only_blocks(tiny_d
         "1x2-whole-resident": dict(perturbation=1, data=2, upload="whole", resident=2, prefetch=2),
         "1x1-relay": dict(perturbation=1, data=1, gpus=("rank0",), upload="sliced", movers="all", slices=4, resident=1),
     }
+    if method == "prefix":  # (the layouts' own code paths are LoRA's: a prefix adds its own inputs)
+        del layouts["1x1-relay"]
     trained = {}
     for name, pins in layouts.items():
         topo = cpu_topology(tmp_path, 2) if name == "1x1-relay" else four
-        plan_path = planned(tmp_path, model_dir, topo, name, tuning=LORA, **pins)
+        plan_path = planned(tmp_path, model_dir, topo, name, tuning=TUNINGS[method], **pins)
         trained[name] = train(plan_path, model_dir, tmp_path / name)
         # the blocks are only read: the program has no update, barrier or write-back, and the
         # runtime ran exactly that program
@@ -91,32 +141,43 @@ def test_lora_trains_the_same_adapter_in_every_layout_on_read_only_blocks(tiny_d
         assert '"d2h"' not in spans and '"update ' not in spans, name
         assert not (tmp_path / name / "model" / "model.safetensors").exists()  # the adapter alone
     first = trained["1x1-whole"]
-    assert any(n.endswith("lora_B.weight") and t.abs().max() > 0 for n, t in first.items())  # it trained
+    if method == "lora":  # it trained (B starts at zero)
+        assert any(n.endswith("lora_B.weight") and t.abs().max() > 0 for n, t in first.items())
+    else:  # it trained (from the values of its tokens, kept in the run's directory)
+        start = load_file(str(tmp_path / "1x1-whole" / "prefix-init.safetensors"))
+        assert first.keys() == start.keys() == {"prompt_embeddings"}
+        assert not torch.equal(first["prompt_embeddings"], start["prompt_embeddings"])
     for name, weights in trained.items():
         assert weights.keys() == first.keys()
         for n in first:
             torch.testing.assert_close(weights[n], first[n], rtol=1e-5, atol=1e-7, msg=f"{name}: {n}")
 
-    # PEFT loads it onto the base model, and transformers alone does too (peft installed)
+    # PEFT loads it onto the base model, and (LoRA) transformers alone does too (peft installed)
     out = tmp_path / "1x1-whole" / "model"
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["base_model_name_or_path"] == str(model_dir)
+    assert config["base_model_name_or_path"] == str(model_dir)
+    if method == "lora":
+        assert config["peft_type"] == "LORA" and config["r"] == 4
+    else:
+        assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 3
     ids = torch.randint(4, 200, (1, 10), generator=torch.Generator().manual_seed(2))
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         before = base(input_ids=ids).logits
         via_peft = PeftModel.from_pretrained(base, out).eval()(input_ids=ids).logits
-        direct = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits
+        if method == "lora":
+            direct = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits
+            torch.testing.assert_close(direct, via_peft)
     assert not torch.allclose(via_peft, before, atol=1e-6)
-    torch.testing.assert_close(direct, via_peft)
 
 
-def test_a_lora_run_resumes_and_replays_to_the_same_adapter(tiny_dirs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_an_adapter_run_resumes_and_replays_to_the_same_adapter(method: str, tiny_dirs, tmp_path: Path) -> None:
     from zoplan.runtime.replay import replay_to
 
     model_dir = tiny_dirs["tiny-opt"]
     two = cpu_topology(tmp_path, 2)
-    plan_path = planned(tmp_path, model_dir, two, "2x1", tuning=LORA, perturbation=2, data=1, upload="whole")
+    plan_path = planned(tmp_path, model_dir, two, "2x1", tuning=TUNINGS[method], perturbation=2, data=1, upload="whole")
     whole = train(plan_path, model_dir, tmp_path / "whole", steps=5)
     # 3 steps with a snapshot after 2, then on to 5: the snapshot's adapter + one journal line
     train(plan_path, model_dir, tmp_path / "parts", steps=3, snapshot_every=2, keep_snapshots=0)
@@ -125,7 +186,8 @@ def test_a_lora_run_resumes_and_replays_to_the_same_adapter(tiny_dirs, tmp_path:
     resumed = adapter(tmp_path / "parts")
     for n in whole:
         assert torch.equal(resumed[n], whole[n]), n
-    # `zoplan replay`: the initial adapter (from the run's seed) and the journal alone
+    # `zoplan replay`: the initial adapter (LoRA: from the run's seed; a prefix: saved in the run's
+    # directory) and the journal alone
     assert replay_to(str(model_dir), tmp_path / "whole" / "journal.jsonl", tmp_path / "replayed") == 5
     replayed = load_file(str(tmp_path / "replayed" / "adapter_model.safetensors"))
     for n in whole:
