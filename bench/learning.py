@@ -10,10 +10,13 @@ Each configuration is trained twice with the same data order, batch, lr and eps:
 - by a plain MeZO loop of the kind MeZO's paper describes, in memory, in this process: for each
   step, z drawn per parameter with ``torch.randn`` from the step's seed, θ+εz, loss, θ−2εz, loss,
   θ+εz, then θ ← θ − lr·g·z. The same batches (zoplan's data order and encoding), the same loss.
-Full-parameter and LoRA (rank 8, alpha 16 on q and v: PEFT's model for the reference). Held-out
-loss and accuracy at step 0 (zero-shot) and every ``--eval-every`` steps.
+Full-parameter, LoRA (rank 8, alpha 16 on q and v) and prefix (5 tokens); the reference trains
+PEFT's LoRA and prefix models, the prefix starting from zoplan's initial values (the activations
+of 5 random tokens: OUT/zoplan-prefix/prefix-init.safetensors, so run zoplan-prefix first).
+Held-out loss and accuracy at step 0 (zero-shot) and every ``--eval-every`` steps.
 
-    python -m bench.learning --out OUT [--full-steps 300] [--lora-steps 1000] [--eval-every 100]
+    python -m bench.learning --out OUT [--full-steps 300] [--lora-steps 1000] [--prefix-steps 1000]
+        [--eval-every 100] [--only zoplan-prefix,mezo-prefix]
 
 Writes OUT/learning.json (every evaluation), OUT/learning.png (accuracy and loss curves) and
 prints a Markdown table (docs/results/learning.md).
@@ -48,8 +51,9 @@ EVAL_TEMPLATES = (
 NOUNS = ("movie", "film", "story", "show", "plot", "ending", "cast", "script", "soundtrack", "sequel")
 POSITIVE = ("great", "wonderful", "brilliant", "delightful", "superb", "moving", "charming", "excellent")
 NEGATIVE = ("dull", "boring", "awful", "tedious", "clumsy", "bland", "dreadful", "lifeless")
-LR = {"full": 1e-5, "lora": 1e-4}  # per method; eps 1e-3 full, 1e-2 LoRA (MeZO's)
-EPS = {"full": 1e-3, "lora": 1e-2}
+LR = {"full": 1e-5, "lora": 1e-4, "prefix": 1e-3}  # per method; eps: MeZO's for each
+EPS = {"full": 1e-3, "lora": 1e-2, "prefix": 1e-1}
+PREFIX_TOKENS = 5
 BATCH, SEQ, SEED = 16, 32, 7
 
 
@@ -86,6 +90,7 @@ def zoplan_run(model: Path, train: Path, held: Path, method: str, steps: int, ev
         data=str(train),
         eval_data=str(held),
         tuning=method,
+        prefix_tokens=PREFIX_TOKENS,
         steps=steps,
         eval_every=every,
         lr=LR[method],
@@ -102,7 +107,9 @@ def zoplan_run(model: Path, train: Path, held: Path, method: str, steps: int, ev
     return {"evals": evals, "seconds": time.perf_counter() - t0, "step_s": sorted(times)[len(times) // 2]}
 
 
-def mezo_reference(model_dir: Path, train: Path, held: Path, method: str, steps: int, every: int) -> dict:
+def mezo_reference(
+    model_dir: Path, train: Path, held: Path, method: str, steps: int, every: int, prefix_init: Path
+) -> dict:
     """The plain in-memory MeZO loop (module docstring), 2 threads (the cores zoplan's 2 ranks use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -116,6 +123,14 @@ def mezo_reference(model_dir: Path, train: Path, held: Path, method: str, steps:
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
         model.eval()
+    if method == "prefix":  # PEFT's prefix tuning, from zoplan's initial values (its layout is PEFT's)
+        from peft import PrefixTuningConfig, get_peft_model
+        from safetensors.torch import load_file
+
+        model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_TOKENS))
+        model.eval()
+        with torch.no_grad():
+            model.prompt_encoder["default"].embedding.weight.copy_(load_file(str(prefix_init))["prompt_embeddings"])
     params = [p for p in model.parameters() if p.requires_grad]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(str(train))
@@ -171,8 +186,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--full-steps", type=int, default=300)
     parser.add_argument("--lora-steps", type=int, default=1000)
+    parser.add_argument("--prefix-steps", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--only", default="zoplan-full,mezo-full,zoplan-lora,mezo-lora")
+    parser.add_argument("--only", default="zoplan-full,mezo-full,zoplan-lora,mezo-lora,zoplan-prefix,mezo-prefix")
     opts = parser.parse_args()
     from zoplan.runtime.pretrained import smollm2
 
@@ -183,12 +199,13 @@ def main() -> None:
     results = json.loads(saved.read_text()) if saved.exists() else {}
     for name in opts.only.split(","):
         who, method = name.split("-")
-        steps = opts.full_steps if method == "full" else opts.lora_steps
+        steps = {"full": opts.full_steps, "lora": opts.lora_steps, "prefix": opts.prefix_steps}[method]
         print(f"{time.strftime('%H:%M:%S')} {name}: {steps} steps", flush=True)
         if who == "zoplan":
             r = zoplan_run(model, train, held, method, steps, opts.eval_every, opts.out / name)
         else:
-            r = mezo_reference(model, train, held, method, steps, opts.eval_every)
+            init = opts.out / "zoplan-prefix" / "prefix-init.safetensors"
+            r = mezo_reference(model, train, held, method, steps, opts.eval_every, init)
         results[name] = {"method": method, "lr": LR[method], "eps": EPS[method], **r}
         saved.write_text(json.dumps(results, indent=1))
         print(f"  {r['evals']}  median step {r['step_s']:.2f} s, {r['seconds']:.0f} s in all", flush=True)

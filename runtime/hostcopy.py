@@ -6,12 +6,22 @@ exactly its own ranges. Buffers live in files under /dev/shm mapped by every loc
 (``torch.from_file(shared=True)``): the weights occupy host memory once however many ranks run.
 The resident parts (embeddings, final norm, head) are stored there too, so ranks other than the
 loader never materialise the model.
+
+Read-only blocks (an adapter run: zoplan.runtime.tuning) need no copy at all where the checkpoint
+already holds each block as one range of one safetensors file in the host copy's dtype (what
+``save_pretrained`` and ``save_file`` write: a block's tensors sort together): every rank maps the
+file read-only (``HostCopy.map``) and the operating system's page cache holds the weights once.
+The block's flat order is then the file's, and its padding the bytes that follow it (never read
+as a weight). ``mappable`` says why not where it cannot.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +30,7 @@ import torch
 from torch import nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAFETENSORS_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 
 
 def decays(name: str, tensor: torch.Tensor) -> bool:
@@ -56,11 +67,18 @@ class BlockLayout:
                 yield slot, lo - slot.offset, hi - lo, lo - start
 
 
-def block_layouts(blocks: nn.ModuleList, prefix: str, slices: int) -> list[BlockLayout]:
+def block_layouts(
+    blocks: nn.ModuleList, prefix: str, slices: int, order: dict[int, list[str]] | None = None
+) -> list[BlockLayout]:
+    """Each block's flat layout: its parameters in module order, or in ``order`` (per block, the
+    parameters' local names: a mapped checkpoint's order). z is drawn per parameter name and
+    element, so the order never changes a value."""
     layouts = []
     for i, block in enumerate(blocks):
         slots, offset = [], 0
-        for local, param in block.named_parameters():
+        params = dict(block.named_parameters())
+        for local in order[i] if order is not None else list(params):
+            param = params[local]
             name = f"{prefix}{i}.{local}"
             slots.append(Slot(name, local, offset, param.numel(), tuple(param.shape), decays(name, param)))
             offset += param.numel()
@@ -69,20 +87,105 @@ def block_layouts(blocks: nn.ModuleList, prefix: str, slices: int) -> list[Block
     return layouts
 
 
+@dataclass(frozen=True)
+class Mapping:
+    """Where each block lies in a checkpoint: its file, first byte, and parameters in file order."""
+
+    files: dict[int, Path]
+    starts: dict[int, int]
+    order: dict[int, list[str]]
+    held: dict[str, Path]  # every tensor of the checkpoint: its file
+
+
+def _header(path: Path) -> tuple[dict, int, int]:
+    """A safetensors file's header, where its data starts, and its size in bytes."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        size = f.seek(0, 2)
+    header.pop("__metadata__", None)
+    return header, 8 + length, size
+
+
+def mappable(model_dir: Path, blocks: nn.ModuleList, prefix: str, slices: int, wire_dtype: str) -> Mapping | str:
+    """Where each block lies in ``model_dir``'s safetensors, or why the host copy must copy it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError):
+            return f"{index.name} has no weight_map"
+        names = sorted(set(weight_map.values()))
+    elif (model_dir / "model.safetensors").exists():
+        names, weight_map = ["model.safetensors"], {}
+    else:
+        return "the checkpoint is not in safetensors"
+    where: dict[str, tuple[Path, dict, int]] = {}  # tensor name -> (file, its entry, data start)
+    sizes: dict[Path, int] = {}
+    for name in names:
+        path = model_dir / name
+        try:
+            header, data, sizes[path] = _header(path)
+        except (OSError, ValueError, struct.error) as exc:
+            return f"{path.name} cannot be read as safetensors ({exc})"
+        for tensor, entry in header.items():
+            where[tensor] = (path, entry, data)
+    element = torch.empty((), dtype=DTYPES[wire_dtype]).element_size()
+    files, starts, order = {}, {}, {}
+    for i, block in enumerate(blocks):
+        params = dict(block.named_parameters())
+        found = [(f"{prefix}{i}.{local}", local) for local in params]
+        missing = [n for n, _ in found if n not in where]
+        if missing:
+            return f"the checkpoint has no tensor {missing[0]}"
+        entries = sorted((where[n][1]["data_offsets"], where[n], n, local) for n, local in found)
+        paths = {e[1][0] for e in entries}
+        if len(paths) > 1:
+            return f"block {i} is split over {len(paths)} files"
+        dtypes = {e[1][1]["dtype"] for e in entries}
+        if dtypes != {SAFETENSORS_DTYPES[wire_dtype]}:
+            return f"block {i} is stored as {'/'.join(sorted(dtypes))}, the host copy is {wire_dtype}"
+        for (prev, *_), (cur, *_) in zip(entries, entries[1:]):
+            if prev[1] != cur[0]:
+                return f"block {i}'s tensors are not one range of {paths.pop().name}"
+        path, _, data = entries[0][1]
+        start = data + entries[0][0][0]
+        numel = sum(p.numel() for p in params.values())
+        if entries[-1][0][1] - entries[0][0][0] != numel * element:
+            return f"block {i}'s tensors in {path.name} are not its parameters' sizes"
+        padded = -(-numel // slices) * slices
+        if start % element or start + padded * element > sizes[path]:
+            return f"block {i} cannot be mapped as {slices} slices (it ends its file, or is not aligned)"
+        files[i], starts[i], order[i] = path, start, [local for *_, local in entries]
+    return Mapping(files, starts, order, {tensor: entry[0] for tensor, entry in where.items()})
+
+
 class HostCopy:
-    """Flat block buffers and resident tensors in shared memory, opened by name."""
+    """Flat block buffers and resident tensors in shared memory, opened by name; or the blocks
+    mapped read-only from the checkpoint itself (``map``)."""
 
     def __init__(
-        self, root: Path, layouts: list[BlockLayout], wire_dtype: str, resident: dict[str, tuple[tuple[int, ...], str]]
+        self,
+        root: Path,
+        layouts: list[BlockLayout],
+        wire_dtype: str,
+        resident: dict[str, tuple[tuple[int, ...], str]],
+        blocks: list[torch.Tensor] | None = None,
     ) -> None:
         self.root = root
         self.layouts = layouts
         self.wire = DTYPES[wire_dtype]
-        self.blocks = [
-            torch.from_file(str(root / f"block{l.index}.bin"), shared=True, size=l.padded, dtype=self.wire)
-            for l in layouts
-        ]
+        self.read_only = blocks is not None  # mapped from the checkpoint: never written
+        self.blocks = (
+            blocks
+            if blocks is not None
+            else [
+                torch.from_file(str(root / f"block{l.index}.bin"), shared=True, size=l.padded, dtype=self.wire)
+                for l in layouts
+            ]
+        )
         self.pinned = False  # page-locked for CUDA (pin_for_cuda): once per process
+        self._maps: list[mmap.mmap] = []  # a mapped checkpoint's files
         self.resident = {}
         for name, (shape, dtype) in resident.items():
             numel = 1
@@ -91,14 +194,37 @@ class HostCopy:
             flat = torch.from_file(str(root / f"resident.{name}.bin"), shared=True, size=numel, dtype=DTYPES[dtype])
             self.resident[name] = flat.view(shape)
 
+    @staticmethod
+    def map(mapping: Mapping, blocks: nn.ModuleList, prefix: str, slices: int, wire_dtype: str) -> HostCopy:
+        """The blocks as views of the checkpoint's files mapped read-only (``mappable``); no
+        resident tensors (each rank reads its own from the checkpoint)."""
+        layouts = block_layouts(blocks, prefix, slices, mapping.order)
+        maps = {}
+        for path in set(mapping.files.values()):
+            with open(path, "rb") as f:
+                maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        dtype = DTYPES[wire_dtype]
+        views = []
+        with warnings.catch_warnings():  # read-only memory: nothing writes to a mapped block
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            for layout in layouts:
+                buf = maps[mapping.files[layout.index]]
+                views.append(
+                    torch.frombuffer(buf, dtype=dtype, count=layout.padded, offset=mapping.starts[layout.index])
+                )
+        copy = HostCopy(Path(), layouts, wire_dtype, {}, blocks=views)
+        copy._maps = list(maps.values())  # the mappings live as long as the views
+        return copy
+
     def pin_for_cuda(self) -> bool:
         """Page-lock the block buffers (asynchronous copies at full PCIe speed); False if the
         driver refused, which leaves copies correct but slower."""
         if self.pinned:
             return True
         cudart = torch.cuda.cudart()
+        flags = 8 if self.read_only else 0  # cudaHostRegisterReadOnly: a read-only mapping
         for t in self.blocks:
-            if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)) != 0:
+            if int(cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), flags)) != 0:
                 return False
         self.pinned = True
         return True
@@ -137,4 +263,5 @@ class HostCopy:
         return HostCopy(root, layouts, meta["wire"], resident)
 
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not self.read_only:
+            shutil.rmtree(self.root, ignore_errors=True)

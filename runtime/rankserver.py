@@ -63,7 +63,14 @@ IMPORT_TIME_PREFIXES = (
 )
 # not compared: read by the ranks while they run, or written by torch itself as it runs (its
 # compile cache's folder, once a launcher's own torch has looked it up)
-NOT_COMPARED = {SERVER_ENV, "ZOPLAN_FAULTS", "TORCHINDUCTOR_CACHE_DIR", "TORCH_WARM_POOL", "KMP_DUPLICATE_LIB_OK"}
+NOT_COMPARED = {
+    SERVER_ENV,
+    "ZOPLAN_FAULTS",
+    "ZOPLAN_HOST_COPY",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TORCH_WARM_POOL",
+    "KMP_DUPLICATE_LIB_OK",
+}
 
 
 def import_time_differences(server: Mapping[str, str], run: Mapping[str, str]) -> list[str]:

@@ -33,7 +33,7 @@ from zoplan.program import Kind
 from zoplan.program import build as build_program
 from zoplan.runtime import data as zdata
 from zoplan.runtime import dist as zdist
-from zoplan.runtime import faults
+from zoplan.runtime import faults, hostcopy
 from zoplan.runtime import tuning as ztuning
 from zoplan.runtime.adapters import Adapter, adapter_for
 from zoplan.runtime.checkpoint import companion_files, readable_as_umask
@@ -78,12 +78,20 @@ def _blocks_detached(model: nn.Module, adapter: Adapter):
 def load_model(
     model_dir: Path, plan: Plan, ctx: zdist.RankContext, root: Path, replay_rows: list[dict] | None = None
 ) -> tuple[nn.Module, Adapter, HostCopy]:
+    """The model with its blocks in the host copy (streamed by the engine) and the rest on this
+    rank's device. Read-only blocks are mapped from the checkpoint where it allows
+    (``hostcopy.mappable``; ``ZOPLAN_HOST_COPY=copy`` copies them anyway), else one loader rank
+    per machine copies every block into shared memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     adapter = adapter_for(config.model_type)
     dtype = DTYPES[plan.transfer.param_dtype]
     prefix = adapter.blocks_path + "."
+    if plan.tuning.to_tuning().frozen_base and not replay_rows and os.environ.get("ZOPLAN_HOST_COPY") != "copy":
+        mapped = _load_mapped(model_dir, config, adapter, plan, ctx)
+        if mapped is not None:
+            return mapped
     host = None
     if ctx.is_loader:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **_dtype_kwarg(dtype))
@@ -117,6 +125,55 @@ def load_model(
                     param.copy_(host.resident[name])
         if adapter.buffers_rebuild is not None:
             adapter.buffers_rebuild(model, ctx.device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, adapter, host
+
+
+def _load_mapped(
+    model_dir: Path, config, adapter: Adapter, plan: Plan, ctx: zdist.RankContext
+) -> tuple[nn.Module, Adapter, HostCopy] | None:
+    """Read-only blocks mapped from the checkpoint, and the resident parts read from it by every
+    rank; None (and one line on rank 0 saying why) where the checkpoint's layout does not allow."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[plan.transfer.param_dtype]
+    prefix = adapter.blocks_path + "."
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
+    model.tie_weights()
+    blocks = adapter.blocks(model)
+    mapping = hostcopy.mappable(model_dir, blocks, prefix, plan.transfer.slices_per_block, plan.transfer.wire_dtype)
+    block_names = {f"{prefix}{i}." for i in range(len(blocks))}
+    resident = [n for n, _ in model.named_parameters() if not any(n.startswith(b) for b in block_names)]
+    if not isinstance(mapping, str):
+        missing = [n for n in resident if n not in mapping.held]
+        if missing:
+            mapping = f"the checkpoint has no tensor {missing[0]}"
+    if isinstance(mapping, str):
+        if ctx.rank == 0:
+            print(f"host copy: copying the blocks into shared memory ({mapping})", file=sys.stderr, flush=True)
+        return None
+    host = HostCopy.map(mapping, blocks, prefix, plan.transfer.slices_per_block, plan.transfer.wire_dtype)
+    with _blocks_detached(model, adapter):
+        model.to_empty(device=ctx.device)
+    model.tie_weights()
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for path in sorted(set(mapping.held[n] for n in resident)):
+            with safe_open(str(path), framework="pt") as f:
+                for name in resident:
+                    if mapping.held[name] == path:
+                        params[name].copy_(f.get_tensor(name))
+    if adapter.buffers_rebuild is not None:
+        adapter.buffers_rebuild(model, ctx.device)
+    if ctx.rank == 0:
+        print(
+            f"host copy: the checkpoint's blocks mapped read-only from {model_dir} (no copy)",
+            file=sys.stderr,
+            flush=True,
+        )
     model.eval()
     model.requires_grad_(False)
     return model, adapter, host

@@ -113,7 +113,9 @@ def test_a_prefix_computes_what_peft_computes_and_starts_as_its_tokens(family: s
 
 
 @pytest.mark.parametrize("method", ["lora", "prefix"])
-def test_an_adapter_trains_the_same_in_every_layout_on_read_only_blocks(method: str, tiny_dirs, tmp_path: Path) -> None:
+def test_an_adapter_trains_the_same_in_every_layout_on_read_only_blocks(
+    method: str, tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -140,6 +142,14 @@ def test_an_adapter_trains_the_same_in_every_layout_on_read_only_blocks(method: 
         spans = (tmp_path / name / "spans-rank0.jsonl").read_text()
         assert '"d2h"' not in spans and '"update ' not in spans, name
         assert not (tmp_path / name / "model" / "model.safetensors").exists()  # the adapter alone
+    # the read-only blocks were mapped from the checkpoint, not copied; copying gives the same bits
+    log = (tmp_path / "1x1-whole" / "worker-node0.log").read_text()
+    assert f"blocks mapped read-only from {model_dir}" in log
+    monkeypatch.setenv("ZOPLAN_HOST_COPY", "copy")
+    copied = train(tmp_path / "1x1-whole.yaml", model_dir, tmp_path / "copied")
+    assert "mapped" not in (tmp_path / "copied" / "worker-node0.log").read_text()
+    assert copied.keys() == trained["1x1-whole"].keys()
+    assert all(torch.equal(copied[n], trained["1x1-whole"][n]) for n in copied)
     first = trained["1x1-whole"]
     if method == "lora":  # it trained (B starts at zero)
         assert any(n.endswith("lora_B.weight") and t.abs().max() > 0 for n, t in first.items())
