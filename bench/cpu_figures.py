@@ -6,8 +6,9 @@ One thread per process, as a CPU rank runs:
 - copy bandwidth, one process alone and one per core at once (the memory bus);
 - the runtime's own overheads: host time per tensor op of a block's forward (a tiny OPT block:
   its time over its aten op count), the z generator's fixed cost per call and cost per element
-  (zoplan.runtime.perturb), one collective call between two gloo ranks, and the training loop's
-  host work per step (tokenizing a batch of 4 texts, writing a journal line).
+  (zoplan.runtime.perturb), one collective call between two gloo ranks, two ranks that compute
+  and meet in lockstep (how much slower each computes, and the wait at each meeting), and the
+  training loop's host work per step (tokenizing a batch of 4 texts, writing a journal line).
 
 Usage: python -m bench.cpu_figures [--quick] [--write FILE]   (needs torch and transformers;
 prints one line per figure and the gpu_models entry of a CPU topology; ``--write`` also writes
@@ -79,9 +80,9 @@ class _Count(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def forward_op_us(reps: int) -> tuple[float, int]:
-    """Host time per aten op of a tiny OPT block's forward (micro-batch 2 x 64 tokens, width 64):
-    its arithmetic is negligible, so the time is dispatch and the modules' Python."""
+def tiny_block():
+    """A tiny OPT block (width 64) and its inputs for micro-batch 2 x 64 tokens: (block, hidden,
+    kwargs) as the runtime calls it."""
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(
@@ -98,8 +99,16 @@ def forward_op_us(reps: int) -> tuple[float, int]:
     ids = torch.randint(0, 1000, (2, 64))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
-        kwargs = box["kwargs"]
-        hidden = box["args"][0] if box["args"] else kwargs.pop("hidden_states")
+    kwargs = box["kwargs"]
+    hidden = box["args"][0] if box["args"] else kwargs.pop("hidden_states")
+    return block, hidden, kwargs
+
+
+def forward_op_us(reps: int) -> tuple[float, int]:
+    """Host time per aten op of a tiny OPT block's forward (micro-batch 2 x 64 tokens, width 64):
+    its arithmetic is negligible, so the time is dispatch and the modules' Python."""
+    block, hidden, kwargs = tiny_block()
+    with torch.no_grad():
         count = _Count()
         with count:
             block(hidden, **kwargs)
@@ -160,6 +169,60 @@ def collective_figures() -> tuple[float, float]:
         p.join()
     small, big = max(results[:2]), max(results[2:])
     return small * 1e6, BIG * 4 / max(big - small, 1e-9) / 1e9
+
+
+LOCKSTEP_BLOCKS = (1, 4)  # tiny blocks between two meetings: the figures' two points
+
+
+def _lockstep_rank(rank: int, port: int, results, reps: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    block, hidden, kwargs = tiny_block()
+    flag = torch.zeros(1)
+    with torch.no_grad():
+        for slot, blocks in enumerate(LOCKSTEP_BLOCKS):
+
+            def meet() -> None:
+                for _ in range(blocks):
+                    block(hidden, **kwargs)
+                dist.all_reduce(flag)
+
+            for _ in range(20):
+                meet()
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                meet()
+            results[2 * slot + rank] = (time.perf_counter() - t0) / reps
+    dist.destroy_process_group()
+
+
+def lockstep_figures(call_us: float, quick: bool) -> tuple[float, float]:
+    """Two gloo ranks that compute and then meet, as CPU ranks do before every block: how much
+    slower each computes than one process alone (the ratio of a tiny block's time in lockstep to
+    its time alone), and what each meeting costs beyond an idle collective call (``call_us``),
+    in microseconds: waiting for the other rank's noise. From the time of an iteration with 1
+    and with 4 blocks between meetings: the slope is a block in lockstep, the rest the meeting."""
+    block, hidden, kwargs = tiny_block()
+    with torch.no_grad():
+        alone = statistics.median(timed(lambda: block(hidden, **kwargs), 50) for _ in range(5))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Array("d", 2 * len(LOCKSTEP_BLOCKS))
+    reps = 100 if quick else 400
+    procs = [ctx.Process(target=_lockstep_rank, args=(r, port, results, reps)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    (few, many) = (max(results[2 * i], results[2 * i + 1]) for i in range(len(LOCKSTEP_BLOCKS)))
+    per_block = (many - few) / (LOCKSTEP_BLOCKS[1] - LOCKSTEP_BLOCKS[0])
+    meeting = few - LOCKSTEP_BLOCKS[0] * per_block
+    return max(1.0, per_block / alone), max(0.0, meeting * 1e6 - call_us)
 
 
 def loop_us() -> float:
@@ -231,6 +294,8 @@ def main() -> None:
     coll, coll_gbps = collective_figures()
     print(f"gloo all-gather of 16 floats, 2 ranks:     {coll:8.1f} us", flush=True)
     print(f"gloo all-gather of 16 MiB a rank, 2 ranks: {coll_gbps:8.2f} GB/s received a rank", flush=True)
+    lockstep, wait = lockstep_figures(coll, opts.quick)
+    print(f"2 ranks in lockstep: compute x{lockstep:.2f}, each meeting {wait:8.1f} us beyond the call", flush=True)
     loop = loop_us()
     print(f"loop host work per step:                   {loop:8.1f} us", flush=True)
     tflops = {k: round(v / 1e3, 4) for k, v in rates.items()}
@@ -244,6 +309,8 @@ def main() -> None:
         "z_ns": round(z_ns, 2),
         "collective_us": round(coll),
         "collective_gbps": round(coll_gbps, 2),
+        "lockstep": round(lockstep, 2),
+        "lockstep_wait_us": round(wait),
         "loop_us": round(loop),
     }
     print("\ngpu_models entry (a CPU rank):")

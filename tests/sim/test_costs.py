@@ -211,3 +211,28 @@ def test_cpu_ranks_all_gather_at_their_collective_rate_not_on_the_memory_links(t
     on_links = StepCosts(cpu_machine(tmp_path, collective_us=500.0), WORK, lay)
     assert on_links.allgather_round_s() is None
     assert simulate(slow).step_time_s > simulate(on_links).step_time_s
+
+
+def test_cpu_ranks_that_meet_before_every_block_compute_slower_and_wait(tmp_path: Path) -> None:
+    """Without a profile, two CPU compute ranks of one machine compute each stage ``lockstep``
+    times slower than one rank alone and wait ``lockstep_wait_us`` at each meeting beyond the
+    call; one compute rank (a relay beside it meets nobody to compute with) and a GPU pay neither."""
+    plain = cpu_machine(tmp_path, collective_us=100.0, collective_gbps=0.5, op_us=5.0)
+    locked = cpu_machine(
+        tmp_path, collective_us=100.0, collective_gbps=0.5, op_us=5.0, lockstep=1.5, lockstep_wait_us=400.0
+    )
+    whole = dataclasses.replace(layout(pertp=2), upload="whole", movers=("rank0", "rank1"), slices_per_block=1)
+    a, b = StepCosts(plain, WORK, whole), StepCosts(locked, WORK, whole)
+    for stage in ("block_forward_s", "embed_s", "head_s"):
+        assert getattr(b, stage)("rank0") == pytest.approx(1.5 * getattr(a, stage)("rank0"), rel=1e-12), stage
+    assert b.whole_barrier_s() == pytest.approx(a.whole_barrier_s() + 400e-6)
+    assert b.scalar_allreduce_s() == pytest.approx(a.scalar_allreduce_s() + 400e-6)
+    assert simulate(b).step_time_s > simulate(a).step_time_s
+    sliced = layout(pertp=2)
+    round_a, round_b = StepCosts(plain, WORK, sliced).allgather_round_s(), StepCosts(locked, WORK, sliced)
+    assert round_a is not None and round_b.allgather_round_s() == pytest.approx(round_a + 400e-6)
+    alone = layout(pertp=1)  # one compute rank, the other a relay
+    c, d = StepCosts(plain, WORK, alone), StepCosts(locked, WORK, alone)
+    assert d.block_forward_s("rank0") == c.block_forward_s("rank0") and d.lockstep_wait_s() == 0.0
+    gpu = load_topology("rtx4090-4x")
+    assert all(gpu.gpu_model(g).lockstep == 1.0 and gpu.gpu_model(g).lockstep_wait_us == 0 for g in gpu.gpus)

@@ -190,12 +190,21 @@ class StepCosts:
     def _lockstep(self, gpu: str, stage: Stage) -> float:
         """CPU ranks share the machine's cores: where several compute ranks of a node meet before
         every block (an all-gather of slices, or the whole-block barrier), each computes slower
-        than alone by the ratio the calibration measured in that lockstep. GPUs compute on their
-        own devices: 1."""
+        than alone by the ratio the calibration measured in that lockstep, or without a profile
+        the device's ``lockstep`` figure. GPUs compute on their own devices: 1."""
         if self._gm(gpu).kind != "cpu" or self.layout.compute_ranks_per_node < 2:
             return 1.0
-        assert self.profile is not None  # asked only where a profile's times are used
+        if self.profile is None:
+            return self._gm(gpu).lockstep
         return self.profile.lockstep_factor(stage)
+
+    def lockstep_wait_s(self) -> float:
+        """Without a profile: what each meeting of a node's CPU compute ranks costs beyond the
+        collective call (the devices' ``lockstep_wait_us``; a profile's collectives include it)."""
+        L = self.layout
+        if self.profile is not None or L.compute_ranks_per_node < 2:
+            return 0.0
+        return max((self._gm(g).lockstep_wait_us for g in L.compute_gpus), default=0.0) * 1e-6
 
     def whole_barrier_s(self) -> float:
         """Whole-block uploads with several compute ranks on a machine: every rank reads the block
@@ -205,7 +214,7 @@ class StepCosts:
         if L.compute_ranks_per_node < 2 or self.frozen:
             return 0.0
         if p is None:
-            return self.collective_call_s(L.compute_gpus)
+            return self.collective_call_s(L.compute_gpus) + self.lockstep_wait_s()
         c = p.collective(L.compute_ranks_per_node)
         return (c.latency_us + c.wait_us) * 1e-6 if c is not None else 0.0
 
@@ -227,7 +236,7 @@ class StepCosts:
         rates = [self._gm(g).collective_gbps for g in self.layout.movers]
         if n < 2 or not all(rates):
             return None
-        return self.collective_call_s(self.layout.movers) + nbytes / (min(rates) * 1e9)
+        return self.collective_call_s(self.layout.movers) + self.lockstep_wait_s() + nbytes / (min(rates) * 1e9)
 
     # ----- compute -------------------------------------------------------------------------
     def _gm(self, gpu: str) -> GpuModel:
@@ -285,7 +294,7 @@ class StepCosts:
         passes = self.perturb_passes()
         z = 0.0
         if self.frozen:  # the block as uploaded: the adapter was perturbed at the step's start
-            return self.forward_block_s(gpu)
+            return self.forward_block_s(gpu) * self._lockstep(gpu, "block")
         if self._z_costs(gpu):  # one fused pass: z drawn once, theta read, each branch's buffer written
             passes = self.layout.branches_per_gpu
             z = z_draw_s(self._gm(gpu), (self.block_params,))
@@ -293,7 +302,7 @@ class StepCosts:
             elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes)
             + z
             + self.forward_block_s(gpu)
-        )
+        ) * self._lockstep(gpu, "block")
 
     def _update_s(self, gpu: str, params: int) -> float:
         """The deferred update of ``params`` parameters of a block on this device."""
@@ -332,16 +341,18 @@ class StepCosts:
         m, L = self.model, self.layout
         ops = RUNTIME_OPS[m.family]["embed"] * self.micro_batches * L.branches_per_gpu
         lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops)
+        lockstep = self._lockstep(gpu, "embed")
         if self.frozen:  # the adapter (fp32) updated, then one copy of it per branch perturbed
-            return lookup + self.adapter_s(gpu)
+            return (lookup + self.adapter_s(gpu)) * lockstep
         if not self._z_costs(gpu):
             passes = 1 + self.perturb_passes()
-            return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes) + lookup
+            return (elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes) + lookup) * lockstep
         # the update, then the parameters set to each branch's perturbation: a fused pass per
         # tensor each (runtime/engine.py _update_resident, _set_resident)
         sets = L.branches_per_gpu
         z = z_draw_s(self._gm(gpu), m.resident_tensors())
-        return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, 1 + sets) + (1 + sets) * z + lookup
+        passes_s = elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, 1 + sets)
+        return (passes_s + (1 + sets) * z + lookup) * lockstep
 
     def head_s(self, gpu: str) -> float:
         if self.profile is not None:
@@ -367,7 +378,7 @@ class StepCosts:
             t += elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, resets + 1) + resets * z_draw_s(
                 self._gm(gpu), m.resident_tensors()
             )
-        return t
+        return t * self._lockstep(gpu, "head")
 
     def adapter_s(self, gpu: str) -> float:
         """A step's work on the adapter, every rank its whole copy: the update, and the branches'
@@ -392,6 +403,7 @@ class StepCosts:
         if len(L.compute_gpus) > 1:
             hop_s = max(machine.path_latency_s(machine.peer_path(L.compute_gpus[0], g)) for g in L.compute_gpus[1:])
         total = hops * hop_s + (self.collective_call_s(L.compute_gpus) if len(L.compute_gpus) > 1 else 0.0)
+        total += self.lockstep_wait_s()
         if L.nodes > 1 and machine.spec.network is not None:
             total += 2 * math.ceil(math.log2(L.nodes)) * machine.spec.network.latency_us * 1e-6
         return total

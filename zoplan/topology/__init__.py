@@ -88,6 +88,20 @@ class GpuModel(Strict):
     loop_us: float = Field(
         0.0, ge=0, le=1e7, description="the training loop's host work per step (next batch, journal line)"
     )
+    lockstep: float = Field(
+        1.0,
+        ge=1,
+        le=100,
+        description="CPU ranks of one machine that compute side by side and meet before every block: "
+        "how much slower each computes than one rank alone (shared caches, memory and clocks)",
+    )
+    lockstep_wait_us: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="CPU ranks that meet before every block: what each meeting costs beyond the "
+        "collective call, waiting for the other ranks' noise",
+    )
 
 
 class Socket(Strict):
