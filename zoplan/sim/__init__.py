@@ -330,7 +330,9 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     # bounds the reported step's end by what is left of them (what a link has moved in all
     # counts as done: the bound stays below the truth).
     must: dict[str, float] = defaultdict(float)
-    for (rank, _), ops_ in sequences.items():
+    for (rank, stream), ops_ in sequences.items():
+        if stream is Stream.COMPUTE:  # moves nothing
+            continue
         for op, _, step in ops_:
             if (op.kind is Kind.H2D and step <= REPORTED_STEP) or (op.kind is Kind.D2H and step < REPORTED_STEP):
                 nbytes, route, _ = compiled[index[op.id, op.ranks]][2][1]
