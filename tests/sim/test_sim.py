@@ -59,6 +59,51 @@ def test_rates_are_max_min_fair_across_links() -> None:
     assert ends[0] == pytest.approx(1.0) and ends[1] == pytest.approx(1.0) and ends[2] == pytest.approx(1.0)
 
 
+class _Forgetful(dict):
+    """A cache that keeps nothing: every set of routes is solved afresh."""
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+
+def test_a_set_of_routes_seen_before_gets_the_rates_it_got_then() -> None:
+    """The network keeps the allocation of each set of routes in flight and reuses it: a pipeline
+    that starts the same transfers over and over (three GPUs' uploads through two shared uplinks,
+    and their write-backs, in waves) finishes every one at the very time a network that solves
+    every set afresh gives, and solves far fewer sets than it recomputes."""
+    capacity = {"up0": 25e9, "up1": 25e9, "g0": 25e9, "g1": 25e9, "g2": 25e9, "back": 20e9, "mem": 60e9}
+    routes = [("up0", "g0", "mem"), ("up0", "g1", "mem"), ("up1", "g2", "mem"), ("back", "mem")]
+
+    def run(net_factory) -> tuple[list[float], int, int]:
+        env = simpy.Environment()
+        net = net_factory(env)
+        ends: list[float] = []
+        recomputes = [0]
+        solve = net._recompute
+
+        def counting(event: simpy.Event | None) -> None:
+            recomputes[0] += 1
+            solve(event)
+
+        net._recompute = counting  # type: ignore[method-assign]
+
+        def stream(i: int, route: tuple[str, ...]):
+            for wave in range(30):
+                yield env.timeout(0.001 * ((i + wave) % 3))
+                yield net.transfer(1e8 * (1 + i % 2), route, 1e-6)
+                ends.append(env.now)
+
+        for i, route in enumerate(routes):
+            env.process(stream(i, route))
+        env.run()
+        return ends, recomputes[0], len(net._solved)
+
+    kept, recomputed, solved = run(lambda env: FlowNet(env, capacity))
+    fresh, _, _ = run(lambda env: FlowNet(env, capacity, _solved=_Forgetful()))
+    assert kept == fresh and len(kept) == 30 * len(routes)
+    assert solved < recomputed / 3
+
+
 # ----- whole pipelines --------------------------------------------------------------------------
 def _one_gpu_machine(tmp_path: Path, *, pcie_gbps: float, tflops: float, hbm_gbps: float = 1e6) -> Path:
     spec = {

@@ -330,14 +330,18 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     # bounds the reported step's end by what is left of them (what a link has moved in all
     # counts as done: the bound stays below the truth).
     must: dict[str, float] = defaultdict(float)
-    for (rank, _), ops_ in sequences.items():
-        for op, _, step in ops_:
-            if (op.kind is Kind.H2D and step <= REPORTED_STEP) or (op.kind is Kind.D2H and step < REPORTED_STEP):
-                nbytes, route, _ = compiled[index[op.id, op.ranks]][2][1]
+    h2d, d2h, gather = Kind.H2D, Kind.D2H, Kind.ALLGATHER
+    for (rank, stream), ops_ in sequences.items():
+        if stream is Stream.COMPUTE:  # moves nothing
+            continue
+        for op, kb, step in ops_:
+            kind = op.kind
+            if (kind is h2d and step <= REPORTED_STEP) or (kind is d2h and step < REPORTED_STEP):
+                nbytes, route, _ = compiled[kb][2][1]
                 for r in route:
                     must[r] += nbytes
-            elif op.kind is Kind.ALLGATHER and step <= REPORTED_STEP and rank == op.ranks[0]:
-                act, arg = compiled[index[op.id, op.ranks]][2]
+            elif kind is gather and step <= REPORTED_STEP and rank == op.ranks[0]:
+                act, arg = compiled[kb][2]
                 if act == RING:
                     for path, _ in ring:
                         for r in path:
