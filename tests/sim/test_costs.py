@@ -21,10 +21,11 @@ RUNTIME_KEYS = ("op_us", "z_ns", "z_call_us", "collective_us", "collective_gbps"
 
 
 def cpu_machine(tmp_path: Path, **figures: float):
-    """cpu-local with its rank's runtime figures replaced (the others omitted: 0)."""
+    """cpu-local with its rank's runtime and lockstep figures replaced (the others omitted: 0, and
+    lockstep 1)."""
     spec = yaml.safe_load(CPU_LOCAL.read_text())
     rank = spec["gpu_models"]["cpu-rank"]
-    for key in RUNTIME_KEYS:
+    for key in (*RUNTIME_KEYS, "lockstep", "lockstep_wait_us"):
         rank.pop(key, None)
     rank.update(figures)
     path = tmp_path / f"cpu-{len(list(tmp_path.iterdir()))}.yaml"
@@ -214,17 +215,20 @@ def test_cpu_ranks_all_gather_at_their_collective_rate_not_on_the_memory_links(t
 
 
 def test_cpu_ranks_that_meet_before_every_block_compute_slower_and_wait(tmp_path: Path) -> None:
-    """Without a profile, two CPU compute ranks of one machine compute each stage ``lockstep``
-    times slower than one rank alone and wait ``lockstep_wait_us`` at each meeting beyond the
-    call; one compute rank (a relay beside it meets nobody to compute with) and a GPU pay neither."""
+    """Without a profile, two CPU compute ranks of one machine issue each tensor op ``lockstep``
+    times slower than one rank alone (their arithmetic as fast) and wait ``lockstep_wait_us`` at
+    each meeting beyond the call; one compute rank (a relay beside it meets nobody to compute
+    with) and a GPU pay neither."""
     plain = cpu_machine(tmp_path, collective_us=100.0, collective_gbps=0.5, op_us=5.0)
     locked = cpu_machine(
         tmp_path, collective_us=100.0, collective_gbps=0.5, op_us=5.0, lockstep=1.5, lockstep_wait_us=400.0
     )
     whole = dataclasses.replace(layout(pertp=2), upload="whole", movers=("rank0", "rank1"), slices_per_block=1)
     a, b = StepCosts(plain, WORK, whole), StepCosts(locked, WORK, whole)
-    for stage in ("block_forward_s", "embed_s", "head_s"):
-        assert getattr(b, stage)("rank0") == pytest.approx(1.5 * getattr(a, stage)("rank0"), rel=1e-12), stage
+    passes = a.micro_batches * whole.branches_per_gpu  # every micro-batch of each branch the rank runs
+    for stage, kind in (("block_forward_s", "block"), ("embed_s", "embed"), ("head_s", "head")):
+        extra = RUNTIME_OPS["opt"][kind] * passes * 5e-6 * 0.5
+        assert getattr(b, stage)("rank0") - getattr(a, stage)("rank0") == pytest.approx(extra, rel=1e-9), stage
     assert b.whole_barrier_s() == pytest.approx(a.whole_barrier_s() + 400e-6)
     assert b.scalar_allreduce_s() == pytest.approx(a.scalar_allreduce_s() + 400e-6)
     assert simulate(b).step_time_s > simulate(a).step_time_s

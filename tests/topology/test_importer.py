@@ -256,7 +256,8 @@ def test_presets_match_the_bundled_topologies(topology: str, model: str) -> None
         for k in ("op_us", "z_ns", "z_call_us", "z_first_ns", "collective_us", "collective_gbps", "loop_us")
     }
     assert set(runtime.values()) == {0.0}
-    assert figures.pop("threads_efficiency") == 1.0  # a CPU rank's figure
+    assert figures.pop("threads_efficiency") == 1.0  # a CPU rank's figures
+    assert (figures.pop("lockstep"), figures.pop("lockstep_wait_us")) == (1.0, 0.0)
     assert figures == {"kind": "gpu", **preset.gpu_model()}
     pcie = next(l for l in bundled.spec.links if l.kind == "pcie")
     assert (preset.h2d_gbps, preset.d2h_gbps) == (pcie.gbps, pcie.gbps_back or pcie.gbps)

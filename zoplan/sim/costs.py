@@ -76,13 +76,17 @@ def elementwise_s(gm: GpuModel, params: int, dtype: str, passes: int) -> float:
     return passes * 2 * params * DTYPE_BYTES[dtype] / (gm.hbm_gbps * 1e9)
 
 
-def forward_s(gm: GpuModel, flops: float, bytes_moved: float, dtype: str, ops: int = 0, threads: int = 1) -> float:
+def forward_s(
+    gm: GpuModel, flops: float, bytes_moved: float, dtype: str, ops: int = 0, threads: int = 1, lockstep: bool = False
+) -> float:
     """A forward pass of ``ops`` tensor ops: the longer of its arithmetic and its memory traffic,
     plus (CPU: one thread issues them) or overlapped with (GPU) the host's issue of its ops. A CPU
-    rank with ``threads`` threads computes and streams memory faster by ``thread_speedup``."""
+    rank with ``threads`` threads computes and streams memory faster by ``thread_speedup``; with
+    ``lockstep`` (CPU ranks side by side that meet before every block) it issues each op
+    ``gm.lockstep`` times slower."""
     speed = thread_speedup(gm, threads)
     device = max(flops / _rate(gm, dtype), bytes_moved / (gm.hbm_gbps * 1e9)) / speed
-    issue = ops * gm.op_us * 1e-6
+    issue = ops * gm.op_us * 1e-6 * (gm.lockstep if lockstep else 1.0)
     return device + issue if gm.kind == "cpu" else max(device, issue)
 
 
@@ -187,15 +191,18 @@ class StepCosts:
         p = self.profile.model
         return (self.layout.micro_batch * self.work.seq_len) / (p.micro_batch * p.seq_len)
 
+    def _side_by_side(self, gpu: str) -> bool:
+        """Several CPU compute ranks of a node that meet before every block (an all-gather of
+        slices, or the whole-block barrier): they share the machine's cores."""
+        return self._gm(gpu).kind == "cpu" and self.layout.compute_ranks_per_node >= 2
+
     def _lockstep(self, gpu: str, stage: Stage) -> float:
-        """CPU ranks share the machine's cores: where several compute ranks of a node meet before
-        every block (an all-gather of slices, or the whole-block barrier), each computes slower
-        than alone by the ratio the calibration measured in that lockstep, or without a profile
-        the device's ``lockstep`` figure. GPUs compute on their own devices: 1."""
-        if self._gm(gpu).kind != "cpu" or self.layout.compute_ranks_per_node < 2:
+        """CPU ranks side by side compute slower than alone by the ratio the calibration measured
+        in that lockstep (without a profile, the device's ``lockstep`` slows their ops' issue:
+        ``forward_s``). GPUs compute on their own devices: 1."""
+        if not self._side_by_side(gpu):
             return 1.0
-        if self.profile is None:
-            return self._gm(gpu).lockstep
+        assert self.profile is not None  # asked only where a profile's times are used
         return self.profile.lockstep_factor(stage)
 
     def lockstep_wait_s(self) -> float:
@@ -276,6 +283,7 @@ class StepCosts:
             L.param_dtype,
             RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(),
             self.threads(gpu),
+            self._side_by_side(gpu),
         )
         return one * self.micro_batches * L.branches_per_gpu
 
@@ -294,7 +302,7 @@ class StepCosts:
         passes = self.perturb_passes()
         z = 0.0
         if self.frozen:  # the block as uploaded: the adapter was perturbed at the step's start
-            return self.forward_block_s(gpu) * self._lockstep(gpu, "block")
+            return self.forward_block_s(gpu)
         if self._z_costs(gpu):  # one fused pass: z drawn once, theta read, each branch's buffer written
             passes = self.layout.branches_per_gpu
             z = z_draw_s(self._gm(gpu), (self.block_params,))
@@ -302,7 +310,7 @@ class StepCosts:
             elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes)
             + z
             + self.forward_block_s(gpu)
-        ) * self._lockstep(gpu, "block")
+        )
 
     def _update_s(self, gpu: str, params: int) -> float:
         """The deferred update of ``params`` parameters of a block on this device."""
@@ -340,19 +348,17 @@ class StepCosts:
             ) * self._lockstep(gpu, "embed")
         m, L = self.model, self.layout
         ops = RUNTIME_OPS[m.family]["embed"] * self.micro_batches * L.branches_per_gpu
-        lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops)
-        lockstep = self._lockstep(gpu, "embed")
+        lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops, lockstep=self._side_by_side(gpu))
         if self.frozen:  # the adapter (fp32) updated, then one copy of it per branch perturbed
-            return (lookup + self.adapter_s(gpu)) * lockstep
+            return lookup + self.adapter_s(gpu)
         if not self._z_costs(gpu):
             passes = 1 + self.perturb_passes()
-            return (elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes) + lookup) * lockstep
+            return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes) + lookup
         # the update, then the parameters set to each branch's perturbation: a fused pass per
         # tensor each (runtime/engine.py _update_resident, _set_resident)
         sets = L.branches_per_gpu
         z = z_draw_s(self._gm(gpu), m.resident_tensors())
-        passes_s = elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, 1 + sets)
-        return (passes_s + (1 + sets) * z + lookup) * lockstep
+        return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, 1 + sets) + (1 + sets) * z + lookup
 
     def head_s(self, gpu: str) -> float:
         if self.profile is not None:
@@ -369,6 +375,7 @@ class StepCosts:
             L.param_dtype,
             RUNTIME_OPS[m.family]["head"],
             self.threads(gpu),
+            self._side_by_side(gpu),
         )
         t = one * self.micro_batches * L.branches_per_gpu
         if self._z_costs(gpu) and not self.frozen:
@@ -378,7 +385,7 @@ class StepCosts:
             t += elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, resets + 1) + resets * z_draw_s(
                 self._gm(gpu), m.resident_tensors()
             )
-        return t * self._lockstep(gpu, "head")
+        return t
 
     def adapter_s(self, gpu: str) -> float:
         """A step's work on the adapter, every rank its whole copy: the update, and the branches'

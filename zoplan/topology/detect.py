@@ -76,7 +76,15 @@ CPU_LINK_LATENCY_US = 5.0  # per copy call: Python and dispatcher overhead, as i
 # The runtime's own work on a CPU rank (zoplan.sim.costs): ASSUMED as measured for cpu-local's machine
 # (bench/cpu_figures.py), rounded up
 CPU_THREADS_EFFICIENCY = 0.8
-CPU_RUNTIME = {"op_us": 20, "z_call_us": 100, "z_ns": 6, "collective_us": 1000, "loop_us": 1000}
+CPU_RUNTIME = {
+    "op_us": 20,
+    "z_call_us": 100,
+    "z_ns": 6,
+    "collective_us": 1000,
+    "loop_us": 1000,
+    "lockstep": 1.3,
+    "lockstep_wait_us": 50,
+}
 CPU_FIGURES_SOURCE = (
     "ASSUMED, not measured: conservative defaults, about a third of one core of an earlier "
     "development machine measured by bench/cpu_figures.py (an Intel Xeon: fp32 0.155, bf16 0.083, "
@@ -386,7 +394,8 @@ def cpu_topology(
     out += _comment(
         "ASSUMED, as measured for cpu-local's machine and rounded up: the runtime's own work "
         "on a rank's one thread (tensor ops, z drawn into memory, collective calls, the "
-        "loop's host work per step); `python -m bench.cpu_figures` measures them here.",
+        "loop's host work per step) and what ranks side by side lose in lockstep; "
+        "`python -m bench.cpu_figures` measures them here.",
         indent=4,
     )
     out += [f"    {key}: {value}" for key, value in CPU_RUNTIME.items()]
