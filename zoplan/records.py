@@ -203,8 +203,9 @@ class RunSummary:
         from zoplan.runconfig import CONFIG_FILE
 
         said = [
-            f"trained {self.steps} steps: training loss {self.first_loss:.4f} (first {self.window} steps) -> "
-            f"{self.last_loss:.4f} (last {self.window})"
+            f"trained {self.steps} step{'s' if self.steps != 1 else ''}: training loss {self.first_loss:.4f} "
+            f"({'first step' if self.window == 1 else f'first {self.window} steps'}) -> {self.last_loss:.4f} "
+            f"({'last' if self.window == 1 else f'last {self.window}'})"
         ]
         if self.eval:
             before = self.eval_before

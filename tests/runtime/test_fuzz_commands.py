@@ -315,7 +315,7 @@ def test_the_good_run_and_validate_arguments_above_do_run(tmp_path: Path, tiny_p
     `zoplan validate` measures (so a refusal above came from the bad value)."""
     args, out = run_args(tmp_path, {}, sorted(RUN_GOOD))
     code, output = console(args, limit=300)
-    assert code == 0 and "trained 1 steps" in output, output
+    assert code == 0 and "trained 1 step:" in output, output
     assert (out / "model" / "adapter_config.json").exists()  # (--tuning lora: the adapter)
     code, output = console(validate_args(tmp_path, tiny_plan, {}, VALIDATE_GOOD), limit=300)
     assert code == 0 and '"measured_steps"' in output, output

@@ -72,7 +72,7 @@ def test_a_run_in_another_import_time_environment_is_refused_and_a_stopped_serve
     server = start_server(sock)
     run = zoplan_run(tmp_path / "run", sock, "--steps", "1")
     said, err = run.communicate(timeout=300)
-    assert run.returncode == 0 and "trained 1 steps" in said and "warning" not in err, err
+    assert run.returncode == 0 and "trained 1 step:" in said and "warning" not in err, err
     # a variable torch reads when imported: the server's reading would not be this run's (its
     # launcher then starts its own supervisor)
     env = dict(rank_env(os.environ), TORCH_SHOW_CPP_STACKTRACES="1")
