@@ -80,6 +80,11 @@ def test_an_opt_prefix_takes_positions_the_sequence_then_cannot_use(tmp_path) ->
         plan("opt-125m", "rtx4090-4x", global_batch=4, seq_len=2048, tuning=prefix)
     assert "2043 positions after the 5 prefix tokens" in str(refused.value)
     assert "--seq-len 2043 or less" in refused.value.fix
+    # a prefix of every position leaves no sequence length: said as such, not as a negative length
+    with pytest.raises(ZoplanError) as none_left:
+        plan("opt-125m", "rtx4090-4x", global_batch=4, seq_len=64, tuning=Tuning("prefix", prefix_tokens=1024 * 2))
+    assert "no position left: the 2048 prefix tokens take all 2048 positions" in str(none_left.value)
+    assert "within 2048 (at most 1984 prefix tokens with --seq-len 64)" in none_left.value.fix
     report = plan("opt-125m", "rtx4090-4x", global_batch=4, seq_len=2043, tuning=prefix)
     # a plan file with a longer prefix is refused when read (the runtime would have no position)
     write_plan(report.plan, tmp_path / "p.yaml")

@@ -68,14 +68,27 @@ def workload_problems(
             )
         elif shape is not None and shape.family == "opt" and seq_len + before > shape.max_positions:
             # OPT learns one embedding per position: longer sequences have no position to look up
-            after = f" after the {before} prefix tokens" if before else ""
-            out.append(
-                (
-                    "seq_len",
-                    f"is longer than the {shape.max_positions - before} positions{after} {shape.name} was trained with",
-                    f"use --seq-len {shape.max_positions - before} or less",
+            left = shape.max_positions - before
+            if left < 1:  # a prefix of every position: no sequence length fits
+                room = shape.max_positions - seq_len
+                example = f" (at most {room} prefix tokens with --seq-len {seq_len})" if room > 0 else ""
+                out.append(
+                    (
+                        "seq_len",
+                        f"has no position left: the {before} prefix tokens take all {shape.max_positions} positions "
+                        f"{shape.name} was trained with",
+                        f"keep --prefix-tokens + --seq-len within {shape.max_positions}{example}",
+                    )
                 )
-            )
+            else:
+                after = f" after the {before} prefix tokens" if before else ""
+                out.append(
+                    (
+                        "seq_len",
+                        f"is longer than the {left} positions{after} {shape.name} was trained with",
+                        f"use --seq-len {left} or less",
+                    )
+                )
     return out
 
 
