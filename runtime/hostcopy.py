@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import shutil
 import struct
 import warnings
@@ -160,6 +161,11 @@ def mappable(model_dir: Path, blocks: nn.ModuleList, prefix: str, slices: int, w
     return Mapping(files, starts, order, {tensor: entry[0] for tensor, entry in where.items()})
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """What tells a file apart from a rewritten or replaced one."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class HostCopy:
     """Flat block buffers and resident tensors in shared memory, opened by name; or the blocks
     mapped read-only from the checkpoint itself (``map``)."""
@@ -186,6 +192,7 @@ class HostCopy:
         )
         self.pinned = False  # page-locked for CUDA (pin_for_cuda): once per process
         self._maps: list[mmap.mmap] = []  # a mapped checkpoint's files
+        self._stats: dict[Path, tuple[int, int, int]] = {}  # and what they were when mapped
         self.resident = {}
         for name, (shape, dtype) in resident.items():
             numel = 1
@@ -199,10 +206,11 @@ class HostCopy:
         """The blocks as views of the checkpoint's files mapped read-only (``mappable``); no
         resident tensors (each rank reads its own from the checkpoint)."""
         layouts = block_layouts(blocks, prefix, slices, mapping.order)
-        maps = {}
+        maps, stats = {}, {}
         for path in set(mapping.files.values()):
             with open(path, "rb") as f:
                 maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                stats[path] = _identity(os.fstat(f.fileno()))
         dtype = DTYPES[wire_dtype]
         views = []
         with warnings.catch_warnings():  # read-only memory: nothing writes to a mapped block
@@ -214,7 +222,27 @@ class HostCopy:
                 )
         copy = HostCopy(Path(), layouts, wire_dtype, {}, blocks=views)
         copy._maps = list(maps.values())  # the mappings live as long as the views
+        copy._stats = stats
         return copy
+
+    def check_unchanged(self) -> None:
+        """Refuse to go on (save an adapter, a snapshot) once a mapped checkpoint file was written
+        or replaced: the run read its blocks from a file that is no longer what the adapter names
+        as its base (rewritten in place, it may even have read a mix)."""
+        from zoplan.errors import ZoplanError
+
+        for path, then in self._stats.items():
+            try:
+                now = _identity(os.stat(path))
+            except OSError:
+                now = None
+            if now != then:
+                raise ZoplanError(
+                    f"{path} changed while this run read its blocks from it (mapped read-only, not copied): "
+                    "the adapter would name a base it was not trained on",
+                    fix="keep a checkpoint unchanged while a run uses it and run again (ZOPLAN_HOST_COPY=copy "
+                    "copies the blocks at the start instead)",
+                )
 
     def pin_for_cuda(self) -> bool:
         """Page-lock the block buffers (asynchronous copies at full PCIe speed); False if the

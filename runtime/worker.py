@@ -192,6 +192,7 @@ def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path,
     from safetensors.torch import save_file
 
     if engine.tuned is not None:
+        host.check_unchanged()  # a mapped checkpoint (read-only blocks) is still what the adapter names
         require_finite(
             engine.tuned.tensors().items(),
             "the trained adapter",

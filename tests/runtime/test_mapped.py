@@ -51,6 +51,21 @@ def test_mapped_blocks_hold_the_checkpoints_values(family: str, tiny_dirs) -> No
     assert (model_dir / "model.safetensors").exists()
 
 
+def test_a_checkpoint_written_while_mapped_stops_the_run_from_saving(tiny_dirs, tmp_path: Path) -> None:
+    from zoplan.errors import ZoplanError
+
+    model_dir = copy_dir(tiny_dirs["tiny-llama"], tmp_path / "model")
+    blocks, prefix = meta_model(model_dir)
+    mapping = mappable(model_dir, blocks, prefix, 1, "fp32")
+    assert isinstance(mapping, Mapping)
+    host = HostCopy.map(mapping, blocks, prefix, 1, "fp32")
+    host.check_unchanged()  # as mapped
+    saved = load_file(str(model_dir / "model.safetensors"))
+    save_file({n: t * 2 for n, t in saved.items()}, str(model_dir / "model.safetensors"))  # rewritten in place
+    with pytest.raises(ZoplanError, match="changed while this run read its blocks from it"):
+        host.check_unchanged()
+
+
 def test_a_checkpoint_the_mapping_cannot_serve_says_why(tiny_dirs, tmp_path: Path) -> None:
     source = tiny_dirs["tiny-llama"]
     blocks, prefix = meta_model(source)
