@@ -256,7 +256,8 @@ class Prefix(Tuned):
 
     def model_inputs(self, inputs: dict) -> dict:
         """A batch's arguments with the prefix counted: its columns in the attention mask, the
-        positions after it, and a cache of its length (zeros: each block is handed its own)."""
+        positions after it, and a cache of its length (zeros, for the first block only: the
+        forward reads the length there, and each block is handed its own prefix)."""
         from transformers.cache_utils import DynamicCache
 
         ids = inputs["input_ids"]
@@ -272,10 +273,9 @@ class Prefix(Tuned):
         if positions is None:
             positions = torch.arange(length, device=ids.device).unsqueeze(0).expand(batch, -1)
         out["position_ids"] = positions + self.tokens
-        cache = DynamicCache()
+        cache = DynamicCache()  # (its first block's length is what the model's forward reads)
         zeros = torch.zeros(1, self.heads, self.tokens, self.head_dim, device=ids.device).expand(batch, -1, -1, -1)
-        for i in range(self.layers):
-            cache.update(zeros, zeros, i)
+        cache.update(zeros, zeros, 0)
         out[self.cache_arg] = cache
         return out
 

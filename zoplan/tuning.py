@@ -26,6 +26,7 @@ from zoplan.models import ModelShape
 from zoplan.vocab import Method
 
 LORA_TARGETS = ("q_proj", "v_proj")  # in every block's attention, for every supported family
+PREFIX_BLOCK_OPS = {"opt": 15, "llama": 23, "qwen2": 23}  # Tuning.block_ops
 
 # MeZO's hyper-parameters for the adapters (its README, OPT-13B): the defaults where not given.
 # Full-parameter: the plan's own (zoplan.planfile.ZoSettings).
@@ -80,11 +81,20 @@ class Tuning:
             return 2.0 * 2 * tokens * self.prefix_tokens * shape.hidden
         return 0.0
 
-    def block_ops(self) -> int:
+    def block_ops(self, family: str) -> int:
         """Tensor ops the adapter adds to a block's forward per micro-batch (a CPU rank pays each):
         LoRA's two products, its scale and the add on each of its two projections; a prefix's key
-        and value concatenations and the mask's."""
-        return {Method.LORA: 4 * len(LORA_TARGETS), Method.PREFIX: 4}.get(self.method, 0)
+        and value views and concatenations and the attention's masked path (counted with
+        transformers 5: 15 on an OPT block, 23 on a LLaMA or Qwen2 one)."""
+        if self.method == Method.PREFIX:
+            return PREFIX_BLOCK_OPS.get(family, max(PREFIX_BLOCK_OPS.values()))
+        return {Method.LORA: 4 * len(LORA_TARGETS)}.get(self.method, 0)
+
+    def embed_ops(self) -> int:
+        """Tensor ops the adapter adds to the model's forward up to the first block per micro-batch:
+        a prefix's mask and position columns, its cache of zeros and the masks made with it (30,
+        counted with transformers 5 on OPT, LLaMA and Qwen2)."""
+        return 30 if self.method == Method.PREFIX else 0
 
     def describe(self) -> str:
         if self.method == "lora":

@@ -202,3 +202,67 @@ def test_an_adapter_run_resumes_and_replays_to_the_same_adapter(method: str, tin
     replayed = load_file(str(tmp_path / "replayed" / "adapter_model.safetensors"))
     for n in whole:
         assert torch.equal(replayed[n], whole[n]), n
+
+
+@pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama"])
+def test_the_planner_counts_the_ops_a_prefix_adds(family: str, tiny_dirs) -> None:
+    """zoplan.tuning's op counts for a prefix (a CPU rank pays each) are what the runtime issues,
+    within a factor of 1.5 (counted aten ops change a little with transformers' versions)."""
+    from transformers import AutoModelForCausalLM
+
+    from zoplan.runtime.adapters import adapter_for
+    from zoplan.runtime.tuning import Prefix
+
+    class Count(torch.utils._python_dispatch.TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    class Stop(Exception):
+        pass
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
+    family_of = adapter_for(model.config.model_type)
+    blocks = family_of.blocks(model)
+    box: dict = {}
+
+    def first_block(module, args, kwargs):
+        box["hidden"], box["kwargs"] = args[0], dict(kwargs)
+        raise Stop
+
+    def up_to_first_block(inputs: dict) -> int:
+        handle = blocks[0].register_forward_pre_hook(first_block, with_kwargs=True)
+        count = Count()
+        try:
+            with count:
+                try:
+                    model(**inputs, use_cache=False)
+                except Stop:
+                    pass
+        finally:
+            handle.remove()
+        return count.n
+
+    def one_block() -> int:
+        count = Count()
+        with count:
+            blocks[1](box["hidden"], **box["kwargs"])
+        return count.n
+
+    ids = torch.randint(4, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(16).expand(2, -1)}
+    with torch.no_grad():
+        plain_embed = up_to_first_block(inputs)
+        plain_block = one_block()
+        prefix = Prefix(model, family_of, PREFIX, seed=1, device=torch.device("cpu"), signs=(1,))
+        prefix.select(None)
+        made = Count()
+        with made:
+            prefixed = prefix.model_inputs(inputs)
+        embed_added = made.n + up_to_first_block(prefixed) - plain_embed
+        block_added = one_block() - plain_block
+    shape_family = model.config.model_type
+    assert PREFIX.embed_ops() / 1.5 <= embed_added <= PREFIX.embed_ops() * 1.5, embed_added
+    assert PREFIX.block_ops(shape_family) / 1.5 <= block_added <= PREFIX.block_ops(shape_family) * 1.5, block_added

@@ -281,7 +281,7 @@ class StepCosts:
             m.block_flops(tokens, self.work.seq_len),
             self.block_param_bytes + act_bytes,
             L.param_dtype,
-            RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(),
+            RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(m.family),
             self.threads(gpu),
             self._side_by_side(gpu),
         )
@@ -347,7 +347,7 @@ class StepCosts:
                 self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale
             ) * self._lockstep(gpu, "embed")
         m, L = self.model, self.layout
-        ops = RUNTIME_OPS[m.family]["embed"] * self.micro_batches * L.branches_per_gpu
+        ops = (RUNTIME_OPS[m.family]["embed"] + self.work.tuning.embed_ops()) * self.micro_batches * L.branches_per_gpu
         lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops, lockstep=self._side_by_side(gpu))
         if self.frozen:  # the adapter (fp32) updated, then one copy of it per branch perturbed
             return lookup + self.adapter_s(gpu)
