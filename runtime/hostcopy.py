@@ -118,7 +118,7 @@ def mappable(model_dir: Path, blocks: nn.ModuleList, prefix: str, slices: int, w
             return f"{index.name} has no weight_map"
         names = sorted(set(weight_map.values()))
     elif (model_dir / "model.safetensors").exists():
-        names, weight_map = ["model.safetensors"], {}
+        names = ["model.safetensors"]
     else:
         return "the checkpoint is not in safetensors"
     where: dict[str, tuple[Path, dict, int]] = {}  # tensor name -> (file, its entry, data start)

@@ -166,7 +166,7 @@ def _replay_adapter(plan, model_dir: Path, journal: list[dict], run_dir: Path, o
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from zoplan.runtime.adapters import adapter_for
-    from zoplan.runtime.tuning import Prefix, build
+    from zoplan.runtime.tuning import build
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):  # the modules' shapes only
@@ -175,8 +175,7 @@ def _replay_adapter(plan, model_dir: Path, journal: list[dict], run_dir: Path, o
         model, adapter_for(config.model_type), plan.tuning.to_tuning(), plan.zo.seed, torch.device(device), ()
     )
     assert tuned is not None  # an adapter plan builds an adapter
-    if isinstance(tuned, Prefix):
-        tuned.load_initial(run_dir)
+    tuned.load_initial(run_dir)
     tuned.replay(journal)
     require_finite(
         tuned.tensors().items(),

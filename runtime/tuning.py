@@ -157,6 +157,9 @@ class Tuned:
     def initialise(self, run_dir: Path, forward: Callable[[dict], None], is_writer: bool, saved: bool) -> None:
         """Initial values that depend on the base model (LoRA's do not: they are drawn when made)."""
 
+    def load_initial(self, run_dir: Path) -> None:
+        """The initial values a run kept in its directory, where they depend on the base model."""
+
 
 class LoRA(Tuned):
     """LoRA on every block's query and value projections (module docstring)."""

@@ -91,8 +91,7 @@ def load_model(
     if plan.tuning.to_tuning().frozen_base and not replay_rows and os.environ.get("ZOPLAN_HOST_COPY") != "copy":
         mapped = _load_mapped(model_dir, config, adapter, plan, ctx)
         if mapped is not None:
-            return mapped
-    host = None
+            return _ready(mapped[0], adapter, ctx.device), adapter, mapped[1]
     if ctx.is_loader:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **_dtype_kwarg(dtype))
         if replay_rows:
@@ -113,36 +112,52 @@ def load_model(
             model.to(ctx.device)
     zdist.barrier()
     if not ctx.is_loader:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
-        with _blocks_detached(model, adapter) as blocks:
-            model.to_empty(device=ctx.device)
-        model.tie_weights()
-        host = HostCopy.open(root, blocks, prefix)
+        model = _on_meta(config, dtype)
+        _resident_on(model, adapter, ctx.device)
+        host = HostCopy.open(root, adapter.blocks(model), prefix)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in host.resident:
                     param.copy_(host.resident[name])
-        if adapter.buffers_rebuild is not None:
-            adapter.buffers_rebuild(model, ctx.device)
+        return _ready(model, adapter, ctx.device), adapter, host
+    return _ready(model, adapter, None), adapter, host
+
+
+def _on_meta(config, dtype: torch.dtype) -> nn.Module:
+    """The model's modules with no storage: shapes only."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
+    model.tie_weights()
+    return model
+
+
+def _resident_on(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
+    """Storage on ``device`` for everything but the streamed blocks (left on meta), to be filled."""
+    with _blocks_detached(model, adapter):
+        model.to_empty(device=device)
+    model.tie_weights()
+
+
+def _ready(model: nn.Module, adapter: Adapter, rebuild_on: torch.device | None) -> nn.Module:
+    """For inference only; ``rebuild_on``: a model made on meta gets its computed buffers there."""
+    if rebuild_on is not None and adapter.buffers_rebuild is not None:
+        adapter.buffers_rebuild(model, rebuild_on)
     model.eval()
     model.requires_grad_(False)
-    return model, adapter, host
+    return model
 
 
 def _load_mapped(
     model_dir: Path, config, adapter: Adapter, plan: Plan, ctx: zdist.RankContext
-) -> tuple[nn.Module, Adapter, HostCopy] | None:
+) -> tuple[nn.Module, HostCopy] | None:
     """Read-only blocks mapped from the checkpoint, and the resident parts read from it by every
     rank; None (and one line on rank 0 saying why) where the checkpoint's layout does not allow."""
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
 
-    dtype = DTYPES[plan.transfer.param_dtype]
     prefix = adapter.blocks_path + "."
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
-    model.tie_weights()
+    model = _on_meta(config, DTYPES[plan.transfer.param_dtype])
     blocks = adapter.blocks(model)
     mapping = hostcopy.mappable(model_dir, blocks, prefix, plan.transfer.slices_per_block, plan.transfer.wire_dtype)
     block_names = {f"{prefix}{i}." for i in range(len(blocks))}
@@ -156,9 +171,7 @@ def _load_mapped(
             print(f"host copy: copying the blocks into shared memory ({mapping})", file=sys.stderr, flush=True)
         return None
     host = HostCopy.map(mapping, blocks, prefix, plan.transfer.slices_per_block, plan.transfer.wire_dtype)
-    with _blocks_detached(model, adapter):
-        model.to_empty(device=ctx.device)
-    model.tie_weights()
+    _resident_on(model, adapter, ctx.device)
     with torch.no_grad():
         params = dict(model.named_parameters())
         for path in sorted(set(mapping.held[n] for n in resident)):
@@ -166,17 +179,13 @@ def _load_mapped(
                 for name in resident:
                     if mapping.held[name] == path:
                         params[name].copy_(f.get_tensor(name))
-    if adapter.buffers_rebuild is not None:
-        adapter.buffers_rebuild(model, ctx.device)
     if ctx.rank == 0:
         print(
             f"host copy: the checkpoint's blocks mapped read-only from {model_dir} (no copy)",
             file=sys.stderr,
             flush=True,
         )
-    model.eval()
-    model.requires_grad_(False)
-    return model, adapter, host
+    return model, host
 
 
 def threads_per_rank(local_ranks: int) -> int:
