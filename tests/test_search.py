@@ -17,7 +17,7 @@ from zoplan.sim.costs import GiB, StepCosts, Workload
 from zoplan.errors import ZoplanError
 from zoplan.layout import Layout
 from zoplan.models import ModelShape, load_model_shape
-from zoplan.search import Pins, evaluate, family, search, top_families
+from zoplan.search import Pins, SearchResult, evaluate, family, search, top_families
 from zoplan.planner import PlanReport, plan
 from zoplan.topology import Machine, TopologySpec, load_topology, resolve_topology_path
 
@@ -400,3 +400,91 @@ def test_compare_answers_one_eight_gpu_node_or_four_two_gpu_nodes(tmp_path: Path
     assert len(one.search.best.layout.gpus) * one.search.best.layout.nodes <= 8
     assert many.search.best.layout.nodes == 4 and len(many.machine.gpus) == 2
     assert one.search.best.step_time_s != many.search.best.step_time_s
+
+
+def _signature(result: SearchResult) -> list[tuple[object, ...]]:
+    return [(repr(c.layout), c.step_time_s, c.sim.utilization, c.sim.bottleneck) for c in result.ranked if c.sim]
+
+
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_simulations_on_workers_give_the_answers_of_one_process(
+    monkeypatch: pytest.MonkeyPatch, exhaustive: bool
+) -> None:
+    """Workers simulate ahead of the search with the limits of the moment; the search decides in
+    order, so results, counts and ranking are those of one process, bit for bit, and no worker is
+    left behind."""
+    import multiprocessing
+
+    from zoplan.sim import parallel
+
+    machine = load_topology("rtx4090-4x")
+    work = Workload(load_model_shape("opt-6.7b"), 8, 256)  # 44 simulations, 34 stopped early
+    monkeypatch.setenv("ZOPLAN_PLAN_WORKERS", "1")
+    alone = search(machine, work, top=3, exhaustive=exhaustive)
+    monkeypatch.setenv("ZOPLAN_PLAN_WORKERS", "2")
+    monkeypatch.setattr(parallel, "START_AFTER_S", 0.0)
+    forked: list[int] = []
+    real = parallel.Workers.__init__
+
+    def counting(self: parallel.Workers, candidates: list[StepCosts], count: int) -> None:
+        forked.append(count)
+        real(self, candidates, count)
+
+    monkeypatch.setattr(parallel.Workers, "__init__", counting)
+    shared = search(machine, work, top=3, exhaustive=exhaustive)
+    assert forked == [2]
+    assert _signature(shared) == _signature(alone) and len(alone.ranked) > 3
+    for name in ("evaluated", "pruned", "aborted", "rejected", "considered"):
+        assert getattr(shared, name) == getattr(alone, name), name
+    assert multiprocessing.active_children() == []
+
+
+def test_a_failing_or_interrupted_search_stops_its_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    from zoplan.sim import parallel
+
+    machine = load_topology("rtx4090-4x")
+    work = Workload(load_model_shape("opt-6.7b"), 8, 256)
+    monkeypatch.setenv("ZOPLAN_PLAN_WORKERS", "2")
+    monkeypatch.setattr(parallel, "START_AFTER_S", 0.0)
+
+    def stop(done: int, total: int) -> None:
+        if done == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search(machine, work, progress=stop)
+    assert multiprocessing.active_children() == []
+
+    def broken(costs: StepCosts, record: bool = False, limit_s: float | None = None) -> object:
+        raise ValueError("a bug in the simulator")
+
+    # with no time to wait, every simulation runs on a worker, and there they fail
+    calls = {"n": 0}
+    from zoplan import search as search_module
+
+    real = search_module.simulate
+
+    def here(costs: StepCosts, record: bool = False, limit_s: float | None = None) -> object:
+        calls["n"] += 1
+        return real(costs, record=record, limit_s=limit_s)
+
+    monkeypatch.setattr(search_module, "simulate", here)
+    monkeypatch.setattr(parallel, "simulate", broken)
+    with pytest.raises(RuntimeError, match="ValueError: a bug in the simulator"):
+        search(machine, work)
+    assert calls["n"] == 0
+    assert multiprocessing.active_children() == []
+
+
+def test_the_worker_count_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zoplan.sim.parallel import workers_wanted
+
+    monkeypatch.setenv("ZOPLAN_PLAN_WORKERS", "3")
+    assert workers_wanted() == 3
+    monkeypatch.setenv("ZOPLAN_PLAN_WORKERS", "0")
+    assert workers_wanted() == 1
+    monkeypatch.setenv("ZOPLAN_PLAN_WORKERS", "two")
+    with pytest.raises(ValueError, match="ZOPLAN_PLAN_WORKERS='two'"):
+        workers_wanted()

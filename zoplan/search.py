@@ -15,7 +15,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeGuard
+from typing import Literal, TypeGuard
 
 from zoplan.sim.bound import Bound, machine_bound
 from zoplan.sim.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
@@ -26,6 +26,8 @@ from zoplan.vocab import DTYPE_BYTES
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK
 from zoplan.models import ModelShape
 from zoplan.sim import Exceeded, SimResult, inputs_key, simulate
+from zoplan.sim import parallel
+from zoplan.sim.parallel import AtLeast, Answer, Workers, answers, workers_wanted
 from zoplan.topology import Machine
 
 DTYPES = tuple(DTYPE_BYTES)
@@ -406,40 +408,63 @@ def search(
     # step time it was proven to reach before it stopped. Layouts that differ only in what the
     # simulation does not read (most often the micro-batch) are simulated once.
     known: dict[tuple[object, ...], SimResult | float] = {}
-    for weighed, (layout, bound, costs) in enumerate(fitting):
-        if progress is not None:
-            progress(weighed, len(fitting))
+
+    def limit_of(index: int) -> float | None | Literal["pruned"]:
+        """The step time a candidate must beat as things stand (None: any): ``pruned`` when its
+        bound cannot beat it. Limits only tighten as results come in."""
+        layout, bound, _ = fitting[index]
+        if exhaustive:
+            return None
         lower = _objective(machine, workload, layout, bound.prune_bound_s, objective)
-        fam = family(layout)
         bests = sorted(family_best.values())
         threshold = bests[top - 1] if len(bests) >= top else float("inf")
-        limit = min(threshold, family_best.get(fam, float("inf")))
+        limit = min(threshold, family_best.get(family(layout), float("inf")))
         # the relative 1e-9 absorbs float rounding between the bound and the simulation
-        if not exhaustive and lower >= limit * (1 - 1e-9):
-            pruned += 1
-            continue
-        limit_s = _limit_s(machine, workload, layout, limit, objective) if not exhaustive else None
-        key = inputs_key(costs)
+        if lower >= limit * (1 - 1e-9):
+            return "pruned"
+        return _limit_s(machine, workload, layout, limit, objective)
+
+    def ahead(index: int) -> tuple[tuple[object, ...], float | None] | None:
+        """What a worker should simulate for a candidate the search has not reached (its key and
+        limit as things stand), or None if the search will not need it simulated."""
+        limit_s = limit_of(index)
+        if limit_s == "pruned":
+            return None
+        key = sims.key(index)
         seen = known.get(key)
-        reached = seen.step_time_s if isinstance(seen, SimResult) else seen  # by a twin (None: none yet)
-        if limit_s is not None and reached is not None and reached >= limit_s:
-            aborted += 1  # a twin was proven no better than this limit
-            continue
-        if isinstance(seen, SimResult):
-            result = seen
-        else:
-            try:
-                result = known[key] = simulate(costs, limit_s=limit_s)
-            except Exceeded:
-                assert limit_s is not None  # only a limited simulation stops early
-                known[key] = limit_s
-                aborted += 1  # proven no better than the limit partway through its simulation
+        if isinstance(seen, SimResult) or (seen is not None and limit_s is not None and seen >= limit_s):
+            return None
+        return key, limit_s
+
+    sims = _Simulations(fitting, ahead)
+    try:
+        for weighed, (layout, bound, costs) in enumerate(fitting):
+            if progress is not None:
+                progress(weighed, len(fitting))
+            limit_s = limit_of(weighed)
+            if limit_s == "pruned":
+                pruned += 1
                 continue
-            finally:
-                costs.release_program()
-        simulated.append(Candidate(layout, bound, _peak_memory(costs), costs.host_memory_bytes(), result))
-        obj = _objective(machine, workload, layout, result.step_time_s, objective)
-        family_best[fam] = min(obj, family_best.get(fam, float("inf")))
+            key = sims.key(weighed)
+            seen = known.get(key)
+            reached = seen.step_time_s if isinstance(seen, SimResult) else seen  # by a twin (None: none yet)
+            if limit_s is not None and reached is not None and reached >= limit_s:
+                aborted += 1  # a twin was proven no better than this limit
+                continue
+            if isinstance(seen, SimResult):
+                result = seen
+            else:
+                answer = sims.answer(weighed, limit_s)
+                if isinstance(answer, AtLeast):
+                    known[key] = answer.limit_s
+                    aborted += 1  # proven no better than the limit partway through its simulation
+                    continue
+                result = known[key] = answer
+            simulated.append(Candidate(layout, bound, _peak_memory(costs), costs.host_memory_bytes(), result))
+            obj = _objective(machine, workload, layout, result.step_time_s, objective)
+            family_best[family(layout)] = min(obj, family_best.get(family(layout), float("inf")))
+    finally:
+        sims.close()
     simulated.sort(key=lambda c: rank(c.layout, c.step_time_s, c.gpu_memory_bytes))
     baseline = zo2_baseline(machine, workload, param_dtype)
     return SearchResult(
@@ -455,6 +480,117 @@ def search(
         seconds=time.perf_counter() - t0,
         considered=considered,
     )
+
+
+class _Simulations:
+    """The simulations a search asks for, run in its own process or, once it has run for
+    ``parallel.START_AFTER_S``, on forked workers (zoplan.sim.parallel) that simulate ahead of it the
+    candidates ``ahead`` names. Answers are kept by what the simulation reads, so a twin's
+    answer serves every twin."""
+
+    def __init__(
+        self,
+        fitting: list[tuple[Layout, Bound, StepCosts]],
+        ahead: Callable[[int], tuple[tuple[object, ...], float | None] | None],
+    ) -> None:
+        self.fitting = fitting
+        self.ahead = ahead
+        self.keys: dict[int, tuple[object, ...]] = {}
+        self.found: dict[tuple[object, ...], Answer | Exception] = {}
+        self.flying: dict[tuple[object, ...], int] = {}  # key -> candidates in flight with it
+        self.workers: Workers | None = None
+        self.wanted = workers_wanted()
+        self.spent_s = 0.0  # simulating in this process
+        self.next = 0  # the first candidate not yet looked at for a worker
+
+    def key(self, index: int) -> tuple[object, ...]:
+        key = self.keys.get(index)
+        if key is None:
+            key = self.keys[index] = inputs_key(self.fitting[index][2])
+        return key
+
+    def answer(self, index: int, limit_s: float | None) -> Answer:
+        """What ``simulate`` of candidate ``index`` with ``limit_s`` gives: the result, or
+        ``AtLeast(limit_s)`` where it would raise Exceeded."""
+        key = self.key(index)
+        while True:
+            found = self.found.get(key)
+            if isinstance(found, Exception):
+                raise found
+            told = None if found is None else answers(found, limit_s)
+            if told is not None:
+                return told
+            if self.workers is None and key not in self.flying:
+                if self.wanted > 1 and self.spent_s >= parallel.START_AFTER_S:
+                    self.workers = Workers([c for _, _, c in self.fitting], self.wanted)
+                else:
+                    return self._here(index, key, limit_s)
+            assert self.workers is not None
+            if key not in self.flying and self.workers.idle:
+                self._submit(index, key, limit_s)
+            self._fill(index + 1)
+            self._collect()  # the answer wanted, or a worker free for it
+
+    def _here(self, index: int, key: tuple[object, ...], limit_s: float | None) -> Answer:
+        costs = self.fitting[index][2]
+        t0 = time.perf_counter()
+        answer: Answer
+        try:
+            answer = simulate(costs, limit_s=limit_s)
+        except Exceeded:
+            assert limit_s is not None  # only a limited simulation stops early
+            answer = AtLeast(limit_s)
+        finally:
+            costs.release_program()
+            self.spent_s += time.perf_counter() - t0
+        self._keep(key, answer)
+        return answer
+
+    def _keep(self, key: tuple[object, ...], answer: Answer | Exception) -> None:
+        old = self.found.get(key)
+        if isinstance(old, SimResult) or (
+            isinstance(old, AtLeast) and isinstance(answer, AtLeast) and old.limit_s >= answer.limit_s
+        ):
+            return
+        self.found[key] = answer
+
+    def _submit(self, index: int, key: tuple[object, ...], limit_s: float | None) -> None:
+        assert self.workers is not None
+        self.workers.submit(index, limit_s)
+        self.flying[key] = self.flying.get(key, 0) + 1
+
+    def _fill(self, start: int) -> None:
+        """Give every idle worker a candidate the search will need next. A candidate passed over
+        stays so: its limit only tightens, so what rules it out now still will."""
+        assert self.workers is not None
+        self.next = max(self.next, start)
+        while self.workers.idle and self.next < len(self.fitting):
+            index = self.next
+            self.next += 1
+            wanted = self.ahead(index)
+            if wanted is None:
+                continue
+            key, limit_s = wanted
+            found = self.found.get(key)
+            if key in self.flying or isinstance(found, Exception):
+                continue
+            if found is not None and answers(found, limit_s) is not None:
+                continue
+            self._submit(index, key, limit_s)
+
+    def _collect(self) -> None:
+        assert self.workers is not None
+        for index, reply in self.workers.collect():
+            key = self.key(index)
+            self.flying[key] -= 1
+            if not self.flying[key]:
+                del self.flying[key]
+            self._keep(key, reply)
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
 
 def family(layout: Layout) -> tuple[int, int, str, int]:
