@@ -81,10 +81,12 @@ def test_the_search_says_how_far_it_has_got() -> None:
     assert seen == [(i, total) for i in range(total)]
 
 
-@pytest.mark.parametrize("topology", ["rtx4090-4x", "dgx-a100", "l40s-8x"])
+@pytest.mark.parametrize("topology", ["rtx4090-4x", "dgx-a100", "l40s-8x", "cpu-local"])
 def test_pruning_bound_never_exceeds_the_simulated_step(topology: str) -> None:
+    """Resident blocks included: a resident whole block has no barrier (cpu-local: every block)."""
     machine = load_topology(topology)
-    result = search(machine, Workload(SMALL, 4, 128), exhaustive=True)
+    dtype = "fp32" if topology == "cpu-local" else "bf16"
+    result = search(machine, Workload(SMALL, 4, 128), exhaustive=True, param_dtype=dtype)
     assert result.evaluated > 20
     for cand in result.ranked:
         assert cand.bound.prune_bound_s <= cand.step_time_s * (1 + 1e-9), cand.layout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pytest
@@ -436,3 +437,62 @@ def test_the_bound_names_a_close_runner_up_of_another_kind() -> None:
     assert result.bound_story() == "compute gpu0 (99% busy), then PCIe cpu0->gpu0 (94%)"
     util["PCIe cpu0->gpu0"] = 0.6
     assert result.runner_up() is None and result.bound_story() == "compute gpu0 (99% busy)"
+
+
+@pytest.mark.parametrize(
+    "topology,model,batch,seq,dtype",
+    [
+        ("rtx4090-4x", "opt-6.7b", 8, 256, "bf16"),
+        ("l40s-8x", "llama-2-13b", 8, 256, "bf16"),
+        ("cpu-local", "opt-125m", 4, 64, "fp32"),
+    ],
+)
+def test_a_limited_simulation_stops_exactly_when_the_step_reaches_its_limit(
+    monkeypatch: pytest.MonkeyPatch, topology: str, model: str, batch: int, seq: str, dtype: str
+) -> None:
+    """A limited simulation raises Exceeded if and only if the step it would report reaches the
+    limit, for limits a millionth below and above the step, on every kind of layout the search
+    tries (resident blocks included: their whole-block update has no barrier); most stop once the
+    reported step repeats the one before (sim._Mirror), early in it."""
+    import zoplan.sim as sim_module
+    from zoplan.models import load_model_shape
+    from zoplan.search import enumerate_layouts, fit
+    from zoplan.layout import Pins
+    from zoplan.sim import Exceeded
+
+    machine = load_topology(topology)
+    work = Workload(load_model_shape(model), batch, seq)
+    layouts = [
+        layout
+        for base in enumerate_layouts(machine, work, Pins(), dtype)
+        for layout in fit(machine, work, base, None)[0]
+    ]
+    stops: list[float] = []  # when the mirror stopped one
+    into: list[float] = []  # how far into the reported step
+    real = sim_module._Mirror.repeats
+
+    def watched(self: sim_module._Mirror, now: float) -> float | None:
+        shift = real(self, now)
+        if shift is not None:
+            stops.append(now)
+        return shift
+
+    monkeypatch.setattr(sim_module._Mirror, "repeats", watched)
+    kinds = set()
+    for layout in layouts[:: max(1, len(layouts) // 40)]:
+        costs = StepCosts(machine, work, layout)
+        truth = simulate(costs)
+        kinds.add(
+            (layout.upload, len(layout.movers) > len(layout.compute_gpus), bool(layout.resident), layout.prefetch)
+        )
+        ahead = simulate(costs, limit_s=truth.step_time_s * (1 + 1e-6))
+        assert (ahead.step_time_s, ahead.utilization) == (truth.step_time_s, truth.utilization)
+        before = len(stops)
+        with pytest.raises(Exceeded):
+            simulate(costs, limit_s=truth.step_time_s * (1 - 1e-6))
+        if len(stops) > before:  # stopped by the mirror: how far into the step
+            start, end = truth.window
+            into.append((stops[-1] - start) / (end - start))
+    assert len(kinds) >= 3
+    # most stopped before the middle of the step (small models: a few blocks are a large part)
+    assert into and statistics.median(into) < 0.5, into

@@ -22,6 +22,7 @@ timeline`` shows all three) the simulation stops there.
 
 from __future__ import annotations
 
+import bisect
 import gc
 from collections import defaultdict
 from collections.abc import Callable, Generator
@@ -98,6 +99,64 @@ class _Reported(Exception):
     """The reported step has ended: the rest of the simulation is only for a recorded trace."""
 
 
+class _Mirror:
+    """Whether the reported step has become the step before it, shifted in time.
+
+    Every op runs once a step, so the op starts and ends of step ``s`` pair with those of step
+    ``s - 1``. Once, for a while, every start and end has come exactly ``shift`` after its pair
+    (the start of a step over), every op still running started within that while, and the
+    starts and ends of the step before until ``now - shift`` are as many as this step's until
+    now, the state of the
+    simulation now is the state ``shift`` ago, one step on: the rest repeats, and the reported
+    step lasts ``shift`` (to the float rounding of the times: ~1e-14 of the step). A limited
+    simulation stops there when that is over its limit; its exact result is never needed."""
+
+    __slots__ = ("times", "starts", "ends", "running", "shift", "since", "count", "least")
+
+    def __init__(self, ops: int, lanes: int) -> None:
+        nan = float("nan")
+        self.times: tuple[list[float], ...] = tuple([] for _ in range(STEPS))  # each step's, in order
+        self.starts = [[nan] * STEPS for _ in range(ops)]
+        self.ends = [[nan] * STEPS for _ in range(ops)]
+        self.running: dict[tuple[int, int], float] = {}
+        self.shift, self.since, self.count = nan, 0.0, 0
+        self.least = 2 * lanes  # matched starts and ends in a row before the state is compared
+
+    def start(self, op: int, step: int, now: float) -> None:
+        self._pair(self.starts[op], step, now)
+        self.running[op, step] = now
+
+    def end(self, op: int, step: int, now: float) -> None:
+        self._pair(self.ends[op], step, now)
+        self.running.pop((op, step), None)
+
+    def _pair(self, row: list[float], step: int, now: float) -> None:
+        row[step] = now
+        self.times[step].append(now)
+        if step == 0:
+            return
+        shift = now - row[step - 1]  # nan without a pair
+        if abs(shift - self.shift) <= 1e-12 * now:
+            self.count += 1
+        else:
+            self.shift, self.since, self.count = shift, now, 1
+
+    def repeats(self, now: float) -> float | None:
+        """The shift, if the state now repeats the state that long ago (else None)."""
+        shift = self.shift
+        if self.count < self.least or shift != shift:
+            return None
+        tol = 1e-12 * now
+        if any(step == 0 or t < self.since - tol for (_, step), t in self.running.items()):
+            return None
+        # what happened before this instant (events of this instant may still be on their way)
+        for step in range(1, STEPS):
+            here = bisect.bisect_left(self.times[step], now - tol)
+            if here != bisect.bisect_left(self.times[step - 1], now - shift - tol):
+                return None
+        return shift
+
+
 def simulate(costs: StepCosts, record: bool = False, limit_s: float | None = None) -> SimResult:
     """Simulate ``STEPS`` steps of ``costs.program`` and report the steady-state step.
 
@@ -129,7 +188,6 @@ class _Timing(NamedTuple):
     block_s: tuple[tuple[str, float], ...]  # per compute rank
     head_s: tuple[tuple[str, float], ...]
     embed_s: tuple[tuple[str, float], ...]
-    per_block_s: tuple[tuple[str, float], ...]  # all a compute rank does per block (the early stop)
     barrier_s: float
     scalar_latency: float
     loop_s: float
@@ -150,7 +208,6 @@ def _timing(costs: StepCosts) -> _Timing:
         block_s=tuple((g, costs.block_forward_s(g) * slower_compute) for g in L.compute_gpus),
         head_s=tuple((g, costs.head_s(g) * slower_compute) for g in L.compute_gpus),
         embed_s=tuple((g, costs.embed_s(g) * slower_compute) for g in L.compute_gpus),
-        per_block_s=tuple((g, costs.compute_block_s(g) * slower_compute) for g in L.compute_gpus),
         barrier_s=costs.whole_barrier_s() * slower_compute,
         scalar_latency=costs.scalar_allreduce_s(),
         loop_s=costs.loop_s() * slower_compute,
@@ -209,8 +266,6 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     update_s, block_s = dict(timing.update_s), dict(timing.block_s)
     head_s, embed_s = dict(timing.head_s), dict(timing.embed_s)
     barrier_s, scalar_latency, loop_s = timing.barrier_s, timing.scalar_latency, timing.loop_s
-    # everything a compute GPU does per block (the early stop's bound on the rest of a step)
-    per_block_s = dict(timing.per_block_s)
     measured_round_s = timing.measured_round_s
     routes = {
         (g, d): (
@@ -324,6 +379,19 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         return out
 
     sequences = {key: sequence(*key) for key in lanes}
+    # The early stop's bound on the rest of the reported step, by compute rank: a stream runs its
+    # ops in order, so once an op of the step has ended, the compute stream's ops after it take
+    # at least their own times before the step ends (it ends with the rank's host work).
+    rest_after: dict[str, dict[int, float]] = {}
+    if limit_s is not None:
+        for g in L.compute_gpus:
+            after, total = rest_after.setdefault(g, {}), 0.0
+            for op, kb, step in reversed(sequences.get((g, Stream.COMPUTE), [])):
+                if step == REPORTED_STEP:
+                    after[kb] = total
+                    act, arg = compiled[kb][2]
+                    if act == TIMEOUT:
+                        total += arg
     # The bytes each link and memory bus must carry before the reported step can end: the
     # uploads and all-gathers of that step and every one before it, and the write-backs of the
     # step before (an upload waits for its block's write-back of the step before). The early stop
@@ -354,7 +422,11 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         now, moved = env.now, net.moved_now()
         return any(now + (total - moved[r]) / capacity[r] >= deadline[0] for r, total in must.items())
 
+    # a limited simulation watches for the reported step to repeat the step before (_Mirror)
+    mirror = _Mirror(len(index), len(lanes)) if deadline is not None else None
+
     def lane(rank: str, stream: Stream) -> _Process:
+        nonlocal mirror
         for op, kb, step in sequences.get((rank, stream), ()):
             deps, frees, (act, arg), held, category, block, on_compute = compiled[kb]
             waits = []
@@ -381,12 +453,17 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             if act == NOTHING:  # nothing to time: an unpacking (a copy on the device), or no host work
                 if record and op.kind is Kind.UNPACK:
                     spans.append(Span(rank, stream.value, category, op.id, step, block, env.now, env.now))
+                if mirror is not None:
+                    mirror.start(kb, step, env.now)
+                    mirror.end(kb, step, env.now)
                 finish(kb, step)
                 continue
             reqs = [cores[g].request() for g in held]
             if reqs:
                 yield simpy.AllOf(env, reqs)
             t0 = env.now
+            if mirror is not None:
+                mirror.start(kb, step, t0)
             if act == TIMEOUT:
                 yield env.timeout(arg)
             elif act == TRANSFER:
@@ -400,13 +477,19 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             if record:
                 for g in op.ranks:
                     spans.append(Span(g, stream.value, category, op.id, step, block, t0, env.now))
+            if mirror is not None:
+                mirror.end(kb, step, env.now)
             finish(kb, step)
             if op.kind is Kind.BLOCK and deadline is not None and step == REPORTED_STEP:
                 # the rest of this step's compute alone must still fit before the deadline
-                assert op.block is not None  # zoplan.program gives every block op its block
-                rest_s = (model.layers - 1 - op.block) * per_block_s[rank] + head_s[rank] + scalar_latency
-                if env.now + rest_s >= deadline[0] or hopeless():
+                if env.now + rest_after[rank][kb] >= deadline[0] or hopeless():
                     raise Exceeded()
+                shift = mirror.repeats(env.now) if mirror is not None else None
+                if shift is not None:
+                    # the rest repeats the step before: the reported step lasts ``shift``
+                    if step_ends[REPORTED_STEP - 1] + shift >= deadline[0] + 1e-9 * shift:
+                        raise Exceeded()
+                    mirror = None  # it ends before the limit: simulated to its end, exactly
 
     step_ends: list[float] = []
     snapshots: list[dict[str, float]] = []
@@ -455,6 +538,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             process.close()
         for container in (events, compiled, sequences, lanes, index, arrived, buffers, cores, net.flows):
             container.clear()
+        mirror = None
 
     expected = STEPS if record else REPORTED_STEP + 1
     if len(step_ends) != expected:  # a schedule that cannot finish is a bug in zoplan.program

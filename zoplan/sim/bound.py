@@ -80,7 +80,12 @@ def machine_bound(costs: StepCosts) -> Bound:
         if sliced:
             fill_s = max(0.0, first_ready_s - costs.embed_s(g))
         compute[f"compute {g}"] = (
-            costs.embed_s(g) + fill_s + model.layers * costs.compute_block_s(g) + costs.head_s(g) + scalar_s
+            costs.embed_s(g)
+            + fill_s
+            + streamed * costs.compute_block_s(g)
+            + len(L.resident) * costs.compute_block_s(g, resident=True)
+            + costs.head_s(g)
+            + scalar_s
         )
         if machine.gpu_model(g).kind == "cpu" and sliced and g in L.movers:
             # a CPU rank is one thread: its updates and all-gathers do not overlap its compute

@@ -325,12 +325,13 @@ class StepCosts:
             return self.profile.compute.update_s_per_param * self.block_params
         return self._update_s(gpu, self.block_params)
 
-    def compute_block_s(self, gpu: str) -> float:
+    def compute_block_s(self, gpu: str, resident: bool = False) -> float:
         """Everything a compute GPU does per block: with whole-block uploads, the update and the
-        barrier before the perturbation and forward pass."""
+        barrier before the perturbation and forward pass (a resident block has no barrier: no
+        rank writes it back)."""
         t = self.block_forward_s(gpu)
         if self.layout.upload == "whole":
-            t += self.whole_update_s(gpu) + self.whole_barrier_s()
+            t += self.whole_update_s(gpu) + (0.0 if resident else self.whole_barrier_s())
         return t
 
     def update_slice_s(self, gpu: str) -> float:
