@@ -119,7 +119,26 @@ class Engine:
         # (an adapter is trained: they are only read, as loaded)
         trains_all = self.computes and tuned is None
         self.resident_master = {n: p.detach().clone() for n, p in self.resident_params.items()} if trains_all else {}
-        self._resident_state: object = None  # what the parameters hold: None (the master) or (seed, sign)
+        # what each holds: None (the master), (seed, sign), or _STALE
+        self._resident_state: dict[str, object] = dict.fromkeys(self.resident_params)
+        # the token embedding, when a branch's embedding can read its looked-up rows perturbed
+        # alone instead of the whole table (_embedding_rows): its name among the resident parts
+        embedding = model.get_input_embeddings() if trains_all else None
+        self._table = next(
+            (
+                n
+                for n, p in self.resident_params.items()
+                if type(embedding) is nn.Embedding and embedding.max_norm is None and p is embedding.weight
+            ),
+            None,
+        )
+        # What each stage reads of the largest resident parts: the embedding its table's rows
+        # (_embedding_rows), the heads the output projection (the same tensor when tied), so that
+        # each is perturbed once per branch. The small parts (norms, positions) are set for both.
+        head = model.get_output_embeddings() if self._table is not None else None
+        head_name = next((n for n, p in self.resident_params.items() if head is not None and p is head.weight), None)
+        self._embed_skips = frozenset(n for n in (self._table, head_name) if n is not None)
+        self._head_skips = frozenset(n for n in (self._table,) if n is not None and n != head_name)
         # streamed blocks: where each parameter lives in its module, and the per-branch buffers
         self._places: dict[int, list[tuple[dict, str]]] = {}
         self._views: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -352,21 +371,22 @@ class Engine:
                 continue
             z = normal(p.seed, name, 0, master.numel(), device=master.device).view(master.shape)
             apply_update(master, z, p.g, p.lr, p.wd, decays(name, master))
-        self._resident_state = _STALE  # the parameters no longer follow from the master
+        for name in self._resident_state:  # the parameters no longer follow from the master
+            self._resident_state[name] = _STALE
 
-    def _set_resident(self, seed: int | None, sign: int) -> None:
-        """The model's resident parameters := master (+ sign * eps * z). Relays hold none.
-        Nothing is recomputed when they already hold that (a branch's head follows its embedding
-        with the same values: z of a 100M-parameter embedding is not free). With an adapter they
-        stay as loaded."""
+    def _set_resident(self, seed: int | None, sign: int, skip: frozenset[str] = frozenset()) -> None:
+        """The model's resident parameters (but ``skip``) := master (+ sign * eps * z). Relays
+        hold none. Nothing is recomputed where a parameter already holds that (a branch's head
+        follows its embedding with the same values: z of a 100M-parameter embedding is not
+        free). With an adapter they stay as loaded."""
         if not self.computes or self.tuned is not None:
             return
         state = (seed, sign) if seed is not None else None
-        if state == self._resident_state:
-            return
-        self._resident_state = state
         with torch.no_grad():
             for name, param in self.resident_params.items():
+                if name in skip or self._resident_state[name] == state:
+                    continue
+                self._resident_state[name] = state
                 master = self.resident_master[name]
                 fused = fused_kernels(master)
                 if seed is None:
@@ -376,6 +396,31 @@ class Engine:
                 else:
                     z = normal(seed, name, 0, master.numel(), device=master.device).view(master.shape)
                     param.copy_(master.float() + (sign * self.eps) * z)
+
+    @contextlib.contextmanager
+    def _embedding_rows(self, seed: int, sign: int):
+        """The token embedding looks up master + sign * eps * z of the rows it reads, each
+        computed as ``_set_resident`` computes the whole table (the same z by its flat index, the
+        same arithmetic): the same values, bit for bit, for a few thousand rows instead of the
+        whole vocabulary."""
+        assert self._table is not None
+        name, master = self._table, self.resident_master[self._table]
+        width = master.shape[1]
+        module = self.model.get_input_embeddings()
+
+        def looked_up(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            ids = args[0]
+            rows, where = torch.unique(ids, return_inverse=True)
+            z = torch.empty(rows.numel() * width, dtype=torch.float32, device=master.device)
+            normal_parts_(z, seed, [(name, r * width, width, k * width) for k, r in enumerate(rows.tolist())])
+            values = (master[rows].float() + (sign * self.eps) * z.view(-1, width)).to(output.dtype)
+            return values[where]
+
+        handle = module.register_forward_hook(looked_up)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _embed(self, inputs: dict, prefixed: bool = True) -> tuple[torch.Tensor, dict]:
         """Run the model's forward up to its first block; return that block's inputs (with an
@@ -503,20 +548,24 @@ class Engine:
                     self._update_resident()
                     if self.tuned is not None and seed is not None:
                         self.tuned.perturb(seed, self.eps)
+                    rows = self._table is not None and seed is not None
                     for s in signs:
-                        self._set_resident(seed, s)
-                        for mb in micro_batches:
-                            h, kw = self._embed(mb["inputs"])
-                            hidden[s].append(h)
-                            if len(kwargs) < len(micro_batches):
-                                kwargs.append(kw)
+                        # the token embedding's rows perturbed alone, the output projection left
+                        # to the heads: each perturbed once per branch
+                        self._set_resident(seed, s, skip=self._embed_skips if rows else frozenset())
+                        with self._embedding_rows(seed, s) if rows else contextlib.nullcontext():
+                            for mb in micro_batches:
+                                h, kw = self._embed(mb["inputs"])
+                                hidden[s].append(h)
+                                if len(kwargs) < len(micro_batches):
+                                    kwargs.append(kw)
             elif kind is Kind.BLOCK:
                 if signs:
                     self._block(op.block, seed, signs, hidden, kwargs)
             elif kind is Kind.HEAD:
                 with self.op_span(Kind.HEAD):
-                    for s in reversed(signs):  # the last branch embedded first: its parameters are in place
-                        self._set_resident(seed, s)
+                    for s in reversed(signs):  # the last branch embedded first: its small parts are in place
+                        self._set_resident(seed, s, skip=self._head_skips if seed is not None else frozenset())
                         if self.tuned is not None:
                             self.tuned.select(s if seed is not None else None)
                         sums = [[0.0, 0.0] for _ in metric_fns]

@@ -241,3 +241,61 @@ def test_the_host_copy_holds_the_weights_and_the_loader_releases_each_block(
             assert torch.equal(value, expected[name])
     finally:
         host.remove()
+
+
+@pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama", "tiny-qwen2"])
+def test_the_embedding_reads_its_rows_perturbed_and_the_table_is_perturbed_once_per_branch(
+    family: str, tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each branch's embedding perturbs only the rows it looks up; the output projection is
+    perturbed by the heads, once per branch, and an untied token table never whole. Steps give
+    the same losses and weights, bit for bit, as perturbing every resident part for each
+    embedding."""
+    import zoplan.runtime.engine as engine_module
+
+    model_dir = tiny_dirs[family]
+    batch, task = _batch(model_dir)
+    fn = lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task)  # noqa: E731
+    mbs = [{"inputs": batch.model_inputs(), "batch": batch}] * 2
+    rows, host_a = _single_rank(model_dir, tmp_path)
+    whole, host_b = _single_rank(model_dir, tmp_path)
+    assert rows._table is not None
+    whole._table = None  # every embedding perturbs every resident part
+    whole._embed_skips = whole._head_skips = frozenset()
+    table, head = rows._table, next(iter(rows._embed_skips - {rows._table}), rows._table)
+    writes: list[str] = []
+    real = engine_module.fused_kernels
+
+    def counted(master: torch.Tensor):
+        fused = real(master)
+        if fused is None:
+            return None
+
+        class Counting:
+            def __getattr__(self, attr: str):
+                return getattr(fused, attr)
+
+            def perturbed_into(self, param, master, seed, name, start, scale):
+                writes.append(name)
+                return fused.perturbed_into(param, master, seed, name, start, scale)
+
+        return Counting()
+
+    try:
+        for step, seed in enumerate((11, 12, 13)):
+            monkeypatch.setattr(engine_module, "fused_kernels", counted)
+            writes.clear()
+            a = rows.step(mbs, seed, 1e-2, 0.0, fn)
+            # the output projection once per branch; an untied table never whole
+            assert writes.count(head) == 2 and writes.count(table) == (2 if head == table else 0), writes
+            monkeypatch.setattr(engine_module, "fused_kernels", real)
+            b = whole.step(mbs, seed, 1e-2, 0.0, fn)
+            assert (a.loss_plus, a.loss_minus, a.projected_grad) == (b.loss_plus, b.loss_minus, b.projected_grad)
+        rows.flush()
+        whole.flush()
+        for name, master in rows.resident_master.items():
+            assert torch.equal(master, whole.resident_master[name]), name
+        assert all(torch.equal(x, y) for x, y in zip(host_a.blocks, host_b.blocks))
+    finally:
+        host_a.remove()
+        host_b.remove()

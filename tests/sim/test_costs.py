@@ -89,17 +89,20 @@ def test_a_z_that_costs_time_adds_its_calls_and_elements_to_the_fused_pass(tmp_p
 
 
 def test_resident_parameters_draw_z_tensor_by_tensor(tmp_path: Path) -> None:
-    """The embedding stage updates the resident parameters and sets each branch's perturbation:
-    one z call per tensor each time, so its fixed cost counts once per resident tensor."""
+    """The embedding stage updates the resident parameters (one z call per tensor), then for each
+    branch sets the small ones and draws the looked-up rows of the token table (one call a
+    micro-batch); each branch's head sets the output projection, all but the first the small
+    ones again: the runtime's calls (runtime/engine.py), each call's fixed cost counted once."""
     lay = layout()
     one = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=100.0), WORK, lay)
     two = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=200.0), WORK, lay)
     tensors = len(OPT.resident_tensors())
-    draws = 1 + lay.branches_per_gpu  # the update, then one per branch
-    assert two.embed_s("rank0") - one.embed_s("rank0") == pytest.approx(draws * tensors * 100e-6, rel=1e-6)
-    # the head: every branch but the first sets its perturbation again
+    small = tensors - (1 if OPT.tied_head else 2)  # but the token table and the output projection
+    branches = lay.branches_per_gpu
+    calls = tensors + branches * (small + one.micro_batches)
+    assert two.embed_s("rank0") - one.embed_s("rank0") == pytest.approx(calls * 100e-6, rel=1e-6)
     assert two.head_s("rank0") - one.head_s("rank0") == pytest.approx(
-        (lay.branches_per_gpu - 1) * tensors * 100e-6, rel=1e-6
+        (branches + (branches - 1) * small) * 100e-6, rel=1e-6
     )
     assert sum(OPT.resident_tensors()) == OPT.resident_params()
 

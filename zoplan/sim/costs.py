@@ -355,11 +355,16 @@ class StepCosts:
         if not self._z_costs(gpu):
             passes = 1 + self.perturb_passes()
             return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes) + lookup
-        # the update, then the parameters set to each branch's perturbation: a fused pass per
-        # tensor each (runtime/engine.py _update_resident, _set_resident)
-        sets = L.branches_per_gpu
-        z = z_draw_s(self._gm(gpu), m.resident_tensors())
-        return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, 1 + sets) + (1 + sets) * z + lookup
+        # the update (a fused pass per tensor), then for each branch the small parts set to its
+        # perturbation and the token table's looked-up rows drawn alone (runtime/engine.py
+        # _update_resident, _set_resident, _embedding_rows); the output projection is the heads'
+        gm, sets = self._gm(gpu), L.branches_per_gpu
+        table, _, small = self._resident_split()
+        update = elementwise_s(gm, m.resident_params(), L.param_dtype, 1) + z_draw_s(gm, m.resident_tensors())
+        branch = elementwise_s(gm, sum(small), L.param_dtype, 1) + z_draw_s(gm, small)
+        rows = min(table, L.micro_batch * self.work.seq_len * m.embed_dim)  # at most one row a token
+        looked_up = self.micro_batches * (z_draw_s(gm, (rows,)) + elementwise_s(gm, rows, "fp32", 2))
+        return update + sets * (branch + looked_up) + lookup
 
     def head_s(self, gpu: str) -> float:
         if self.profile is not None:
@@ -380,13 +385,24 @@ class StepCosts:
         )
         t = one * self.micro_batches * L.branches_per_gpu
         if self._z_costs(gpu) and not self.frozen:
-            # the branches' heads run in reverse: all but the first set their perturbation again
-            # (a fused pass per tensor), then every resident parameter gets its master back (a copy)
-            resets = L.branches_per_gpu - 1
-            t += elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, resets + 1) + resets * z_draw_s(
-                self._gm(gpu), m.resident_tensors()
-            )
+            # each branch's head sets the output projection to its perturbation (a fused pass),
+            # all but the first the small parts again; then every resident parameter gets its
+            # master back (a copy)
+            gm, sets = self._gm(gpu), L.branches_per_gpu
+            _, head, small = self._resident_split()
+            t += sets * (elementwise_s(gm, head, L.param_dtype, 1) + z_draw_s(gm, (head,)))
+            t += (sets - 1) * (elementwise_s(gm, sum(small), L.param_dtype, 1) + z_draw_s(gm, small))
+            t += elementwise_s(gm, m.resident_params(), L.param_dtype, 1)
         return t
+
+    def _resident_split(self) -> tuple[int, int, tuple[int, ...]]:
+        """The resident parts as the runtime perturbs them: the token table's and the output
+        projection's sizes (the same tensor when tied) and the small parts' (norms, positions)."""
+        m = self.model
+        sizes = list(m.resident_tensors())
+        table = sizes.pop(0)  # the token table comes first, an untied head last
+        head = sizes.pop() if not m.tied_head else table
+        return table, head, tuple(sizes)
 
     def adapter_s(self, gpu: str) -> float:
         """A step's work on the adapter, every rank its whole copy: the update, and the branches'
