@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from zoplan.models import ROWS_TABLE_MIN
 from zoplan.program import CATEGORY, Kind, Op, Program, op_id, span_block, stream_of
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter
@@ -123,12 +124,17 @@ class Engine:
         self._resident_state: dict[str, object] = dict.fromkeys(self.resident_params)
         # the token embedding, when a branch's embedding can read its looked-up rows perturbed
         # alone instead of the whole table (_embedding_rows): its name among the resident parts
-        embedding = model.get_input_embeddings() if trains_all else None
+        # (on a CPU, where z costs per element; a GPU perturbs a whole table in one fused kernel
+        # for less than the rows' lookups would cost)
+        embedding = model.get_input_embeddings() if trains_all and self.device.type == "cpu" else None
         self._table = next(
             (
                 n
                 for n, p in self.resident_params.items()
-                if type(embedding) is nn.Embedding and embedding.max_norm is None and p is embedding.weight
+                if type(embedding) is nn.Embedding
+                and embedding.max_norm is None
+                and p is embedding.weight
+                and p.numel() >= ROWS_TABLE_MIN
             ),
             None,
         )

@@ -257,6 +257,10 @@ def test_the_embedding_reads_its_rows_perturbed_and_the_table_is_perturbed_once_
     batch, task = _batch(model_dir)
     fn = lambda lg, mb: zdata.loss_terms(lg, mb["batch"], task)  # noqa: E731
     mbs = [{"inputs": batch.model_inputs(), "batch": batch}] * 2
+    small, host_c = _single_rank(model_dir, tmp_path)
+    host_c.remove()
+    assert small._table is None  # a tiny model's table is perturbed whole (ROWS_TABLE_MIN)
+    monkeypatch.setattr(engine_module, "ROWS_TABLE_MIN", 0)
     rows, host_a = _single_rank(model_dir, tmp_path)
     whole, host_b = _single_rank(model_dir, tmp_path)
     assert rows._table is not None

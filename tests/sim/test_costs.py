@@ -12,7 +12,7 @@ import yaml
 
 from zoplan.sim.costs import StepCosts, Workload, elementwise_s, forward_s
 from zoplan.layout import Layout
-from zoplan.models import RUNTIME_OPS, TINY_SHAPES, load_model_shape
+from zoplan.models import ROWS_TABLE_MIN, RUNTIME_OPS, TINY_SHAPES, load_model_shape
 from zoplan.sim import simulate
 from zoplan.topology import load_topology
 
@@ -105,6 +105,14 @@ def test_resident_parameters_draw_z_tensor_by_tensor(tmp_path: Path) -> None:
         (branches + (branches - 1) * small) * 100e-6, rel=1e-6
     )
     assert sum(OPT.resident_tensors()) == OPT.resident_params()
+    # a table under ROWS_TABLE_MIN is set whole with the rest, for each branch; the heads set
+    # every part again for all branches but the one left in place
+    small_vocab = Workload(dataclasses.replace(OPT, vocab=1000), 4, 64)
+    assert 1000 * OPT.embed_dim < ROWS_TABLE_MIN
+    one = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=100.0), small_vocab, lay)
+    two = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=200.0), small_vocab, lay)
+    assert two.embed_s("rank0") - one.embed_s("rank0") == pytest.approx((1 + branches) * tensors * 100e-6, rel=1e-6)
+    assert two.head_s("rank0") - one.head_s("rank0") == pytest.approx((branches - 1) * tensors * 100e-6, rel=1e-6)
 
 
 def test_a_cpu_rank_adds_its_op_issue_to_the_arithmetic_a_gpu_overlaps_it(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, cast
 
 from zoplan.layout import Layout
 from zoplan.vocab import DTYPE_BYTES
-from zoplan.models import RUNTIME_OPS, ModelShape
+from zoplan.models import ROWS_TABLE_MIN, RUNTIME_OPS, ModelShape
 from zoplan.program import Program, build
 from zoplan.topology import GpuModel, Machine
 from zoplan.tuning import FULL, Tuning
@@ -361,6 +361,12 @@ class StepCosts:
         gm, sets = self._gm(gpu), L.branches_per_gpu
         table, _, small = self._resident_split()
         update = elementwise_s(gm, m.resident_params(), L.param_dtype, 1) + z_draw_s(gm, m.resident_tensors())
+        if table < ROWS_TABLE_MIN:  # a small table: every part set whole for each branch
+            return (
+                update
+                + sets * (elementwise_s(gm, m.resident_params(), L.param_dtype, 1) + z_draw_s(gm, m.resident_tensors()))
+                + lookup
+            )
         branch = elementwise_s(gm, sum(small), L.param_dtype, 1) + z_draw_s(gm, small)
         rows = min(table, L.micro_batch * self.work.seq_len * m.embed_dim)  # at most one row a token
         looked_up = self.micro_batches * (z_draw_s(gm, (rows,)) + elementwise_s(gm, rows, "fp32", 2))
@@ -389,9 +395,12 @@ class StepCosts:
             # all but the first the small parts again; then every resident parameter gets its
             # master back (a copy)
             gm, sets = self._gm(gpu), L.branches_per_gpu
-            _, head, small = self._resident_split()
+            table, head, small = self._resident_split()
+            if table < ROWS_TABLE_MIN:  # in place from the last embedding: all but one set again
+                head, small = 0, m.resident_tensors()
+                sets -= 1
             t += sets * (elementwise_s(gm, head, L.param_dtype, 1) + z_draw_s(gm, (head,)))
-            t += (sets - 1) * (elementwise_s(gm, sum(small), L.param_dtype, 1) + z_draw_s(gm, small))
+            t += (L.branches_per_gpu - 1) * (elementwise_s(gm, sum(small), L.param_dtype, 1) + z_draw_s(gm, small))
             t += elementwise_s(gm, m.resident_params(), L.param_dtype, 1)
         return t
 
