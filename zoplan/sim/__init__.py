@@ -116,26 +116,26 @@ class _Mirror:
     def __init__(self, ops: int, lanes: int) -> None:
         nan = float("nan")
         self.times: tuple[list[float], ...] = tuple([] for _ in range(STEPS))  # each step's, in order
-        self.starts = [[nan] * STEPS for _ in range(ops)]
-        self.ends = [[nan] * STEPS for _ in range(ops)]
+        self.starts = [nan] * (ops * STEPS)  # by op * STEPS + step
+        self.ends = [nan] * (ops * STEPS)
         self.running: dict[tuple[int, int], float] = {}
         self.shift, self.since, self.count = nan, 0.0, 0
         self.least = 2 * lanes  # matched starts and ends in a row before the state is compared
 
     def start(self, op: int, step: int, now: float) -> None:
-        self._pair(self.starts[op], step, now)
+        self._pair(self.starts, op * STEPS + step, step, now)
         self.running[op, step] = now
 
     def end(self, op: int, step: int, now: float) -> None:
-        self._pair(self.ends[op], step, now)
+        self._pair(self.ends, op * STEPS + step, step, now)
         self.running.pop((op, step), None)
 
-    def _pair(self, row: list[float], step: int, now: float) -> None:
-        row[step] = now
+    def _pair(self, table: list[float], at: int, step: int, now: float) -> None:
+        table[at] = now
         self.times[step].append(now)
         if step == 0:
             return
-        shift = now - row[step - 1]  # nan without a pair
+        shift = now - table[at - 1]  # nan without a pair
         if abs(shift - self.shift) <= 1e-12 * now:
             self.count += 1
         else:
@@ -309,15 +309,15 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             e.succeed()
 
     def refs(rs: tuple[Ref, ...]) -> tuple[tuple[int, int], ...]:
-        out = []
-        for r in rs:
-            i = index.get((r.op, r.ranks))
-            if i is None:  # a bug in zoplan.program: it cannot finish
-                raise RuntimeError(
-                    f"the step program waits for '{r.op}' on {r.ranks or 'every rank'}, which it does not run ({L})"
-                )
-            out.append((i, r.step))
-        return tuple(out)
+        if not rs:
+            return ()
+        try:
+            return tuple([(index[r.op, r.ranks], r.step) for r in rs])
+        except KeyError:  # a bug in zoplan.program: it cannot finish
+            r = next(r for r in rs if (r.op, r.ranks) not in index)
+            raise RuntimeError(
+                f"the step program waits for '{r.op}' on {r.ranks or 'every rank'}, which it does not run ({L})"
+            ) from None
 
     TRANSFER, TIMEOUT, RING, NOTHING = range(4)
     # the hop latency per ring step, and the collective call's own cost
