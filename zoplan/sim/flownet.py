@@ -1,6 +1,6 @@
-"""Bandwidth shared fairly between concurrent transfers, inside a simpy simulation.
+"""Bandwidth shared fairly between concurrent transfers, inside a simulation (zoplan.sim.events).
 
-A simpy ``Resource`` serves one user at a time in FIFO order: right for a CUDA stream, wrong for
+A FIFO resource (``Slots``) serves one user at a time in FIFO order: right for a CUDA stream, wrong for
 a PCIe uplink that two GPUs copy through at once (each gets half). Here every transfer (a *flow*)
 crosses a set of resources (directed links, a socket's memory bus) and rates are the max-min fair
 allocation (progressive filling), recomputed whenever a flow starts or ends. All changes at one
@@ -15,11 +15,10 @@ capacities, so each set's allocation is kept and reused, to the bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass, field
 
-import simpy
-from simpy.events import NORMAL
+from zoplan.sim.events import Callback, Loop
 
 
 @dataclass(eq=False, slots=True)
@@ -28,7 +27,7 @@ class Flow:
     size: float
     remaining: float
     resources: tuple[str, ...]
-    done: simpy.Event
+    done: Callback  # scheduled when the flow's last byte has arrived
     rate: float = 0.0
     latency_s: float = 0.0
     route: int = 0  # the number the network gives ``resources`` (the key of its allocations)
@@ -36,7 +35,7 @@ class Flow:
 
 @dataclass
 class FlowNet:
-    env: simpy.Environment
+    loop: Loop
     capacity: dict[str, float]  # bytes/s per resource
     record: bool = False
     flows: dict[int, Flow] = field(default_factory=dict)
@@ -56,13 +55,13 @@ class FlowNet:
             if c <= 0:
                 raise ValueError(f"resource {r} has no bandwidth")
 
-    def transfer(self, nbytes: float, resources: tuple[str, ...], latency_s: float = 0.0) -> simpy.Event:
-        """Start moving ``nbytes`` across ``resources``; the event fires ``latency_s`` after the
-        last byte has left (the path's latency, paid once per transfer)."""
-        done = self.env.event()
+    def transfer(self, nbytes: float, resources: tuple[str, ...], latency_s: float, done: Callback) -> None:
+        """Start moving ``nbytes`` across ``resources``; ``done`` is called (as an entry of the
+        loop) ``latency_s`` after the last byte has left (the path's latency, paid once per
+        transfer)."""
         if nbytes <= 0 or not resources:
-            self._fire(done, latency_s)
-            return done
+            self.loop.after(latency_s, done)
+            return
         self._advance()
         route = self._routes.setdefault(resources, len(self._routes))
         self.flows[self._next_id] = Flow(
@@ -70,7 +69,6 @@ class FlowNet:
         )
         self._next_id += 1
         self._request_recompute()
-        return done
 
     def snapshot(self) -> dict[str, float]:
         """Cumulative bytes per resource up to now."""
@@ -81,7 +79,7 @@ class FlowNet:
         """Cumulative bytes per resource up to now, leaving the flows as they are (``snapshot``
         advances them, which splits their arithmetic differently: a simulation that only looks
         must give the same bits as one that does not)."""
-        dt = self.env.now - self._last
+        dt = self.loop.now - self._last
         moved = dict(self.moved)
         if dt > 0:
             for f in self.flows.values():
@@ -91,7 +89,7 @@ class FlowNet:
 
     # ------------------------------------------------------------------------------------
     def _advance(self) -> None:
-        dt = self.env.now - self._last
+        dt = self.loop.now - self._last
         if dt > 0:
             moved = self.moved
             for f in self.flows.values():
@@ -99,34 +97,25 @@ class FlowNet:
                 f.remaining -= step
                 for r in f.resources:
                     moved[r] += step
-        self._last = self.env.now
-
-    def _fire(self, event: simpy.Event, delay_s: float) -> None:
-        event._ok = True
-        event._value = None
-        self.env.schedule(event, NORMAL, delay_s)
+        self._last = self.loop.now
 
     def _request_recompute(self) -> None:
         if self._pending:
             return
         self._pending = True
-        ev = simpy.Event(self.env)
-        ev.callbacks.append(self._recompute)
-        self._fire(ev, 0.0)
+        self.loop.after(0.0, self._recompute)
 
-    def _wake(self, version: int) -> Callable[[simpy.Event], None]:
-        def cb(_: simpy.Event) -> None:
-            if version == self._version:
-                self._recompute(None)
+    def _wake(self, version: int) -> None:
+        """The first flow of an allocation is done, unless a recomputation since has replaced it."""
+        if version == self._version:
+            self._recompute()
 
-        return cb
-
-    def _recompute(self, _: simpy.Event | None) -> None:
+    def _recompute(self) -> None:
         self._pending = False
         self._advance()
         # a flow is done when its bytes are (to rounding), or when what is left would take less
         # than the clock can resolve at this time (now + dt == now would never advance)
-        resolution = max(abs(self.env.now) * 1e-13, 1e-15)
+        resolution = max(abs(self.loop.now) * 1e-13, 1e-15)
         finished = [
             f
             for f in self.flows.values()
@@ -136,7 +125,7 @@ class FlowNet:
             del self.flows[f.fid]
             for r in f.resources:  # account the rounding crumbs so byte totals stay exact
                 self.moved[r] += f.remaining
-            self._fire(f.done, f.latency_s)
+            self.loop.after(f.latency_s, f.done)
         key = tuple(f.route for f in self.flows.values())
         rates = self._solved.get(key)
         if rates is None:
@@ -148,7 +137,7 @@ class FlowNet:
         self._version += 1
         if self.flows:
             dt = min(f.remaining / f.rate for f in self.flows.values() if f.rate > 0)
-            self.env.timeout(max(dt, 0.0)).callbacks.append(self._wake(self._version))
+            self.loop.after(max(dt, 0.0), functools.partial(self._wake, self._version))
         if self.record:
             self._sample()
 
@@ -195,7 +184,7 @@ class FlowNet:
         for f in self.flows.values():
             for r in f.resources:
                 rates[r] = rates.get(r, 0.0) + f.rate
-        now = self.env.now
+        now = self.loop.now
         for r in self.capacity:
             series = self.samples.setdefault(r, [])
             value = rates.get(r, 0.0)
