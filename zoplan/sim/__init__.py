@@ -39,6 +39,8 @@ from zoplan.vocab import Stream
 
 STEPS = 3
 REPORTED_STEP = 1
+# the events of an op, by step: the step before the first, then the simulated ones
+WIDE = STEPS + 1
 
 
 class Span(NamedTuple):
@@ -123,14 +125,15 @@ class _Mirror:
         self.least = 2 * lanes  # matched starts and ends in a row before the state is compared
 
     def start(self, op: int, step: int, now: float) -> None:
-        self._pair(self.starts, op * STEPS + step, step, now)
         self.running[op, step] = now
+        self._pair(self.starts, op * STEPS + step, step, now)
 
     def end(self, op: int, step: int, now: float) -> None:
-        self._pair(self.ends, op * STEPS + step, step, now)
         self.running.pop((op, step), None)
+        self._pair(self.ends, op * STEPS + step, step, now)
 
     def _pair(self, table: list[float], at: int, step: int, now: float) -> None:
+        """An op's start or end (``table``) at ``now``, against its pair of the step before."""
         table[at] = now
         self.times[step].append(now)
         if step == 0:
@@ -233,9 +236,25 @@ def inputs_key(costs: StepCosts) -> tuple[object, ...]:
 # what an op costs, as a lane acts on it: (TRANSFER, (bytes, route, latency)), (TIMEOUT, seconds),
 # (RING, bytes each ring step moves) or (NOTHING, None)
 _Action = tuple[int, Any]
-# an op compiled for the lanes: its deps and frees (by op index and relative step), its action, the
-# cores it holds, its span category and block, whether it is compute-stream work
-_Compiled = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], _Action, tuple[str, ...], str, int, bool]
+# an op compiled for the lanes (which then need not read the op, a named tuple, whose fields cost
+# a lookup each): its deps and frees (where their events are, for step 0), its action, the cores it
+# holds, its span category and block, whether it is compute-stream work, whether it takes a buffer,
+# its ranks, whether the early stop looks after it (a block), whether a trace shows it untimed (an
+# unpacking), its id
+_Compiled = tuple[
+    tuple[int, ...],
+    tuple[int, ...],
+    _Action,
+    tuple[str, ...],
+    str,
+    int,
+    bool,
+    bool,
+    tuple[str, ...],
+    bool,
+    bool,
+    str,
+]
 
 
 def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResult:
@@ -290,28 +309,29 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     # waits leaves ``done`` (most ops: a simulation makes half as many events)
     done = Event()  # also anything of a step before the first: nothing to wait for
     loop.call(done.fire)
-    events: list[list[Event | None]] = [[None] * STEPS for _ in index]
+    # op i's event of step s is at i * WIDE + 1 + s, from the step before the first (s = -1: done)
+    events: list[Event | None] = [done, *[None] * STEPS] * len(index)
 
-    def awaited(i: int, step: int) -> Event:
-        if step < 0:
-            return done
-        e = events[i][step]
+    def awaited(at: int) -> Event:
+        e = events[at]
         if e is None:
-            e = events[i][step] = Event()
+            e = events[at] = Event()
         return e
 
-    def finish(i: int, step: int) -> None:
-        e = events[i][step]
+    def finish(at: int) -> None:
+        e = events[at]
         if e is None:
-            events[i][step] = done
+            events[at] = done
         else:
             loop.call(e.fire)
 
-    def refs(rs: tuple[Ref, ...]) -> tuple[tuple[int, int], ...]:
+    def refs(rs: tuple[Ref, ...]) -> tuple[int, ...]:
+        """Where the events of ``rs`` are for an op of step 0 (add the op's step): a reference is to
+        the op's own step or the one before (``Ref.step`` 0 or -1)."""
         if not rs:
             return ()
         try:
-            return tuple([(index[r.op, r.ranks], r.step) for r in rs])
+            return tuple([index[r.op, r.ranks] * WIDE + 1 + r.step for r in rs])
         except KeyError:  # a bug in zoplan.program: it cannot finish
             r = next(r for r in rs if (r.op, r.ranks) not in index)
             raise RuntimeError(
@@ -360,6 +380,11 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             CATEGORY[op.kind],
             span_block(op.kind, op.block, model.layers),
             on_compute,
+            op.slot,
+            op.ranks,
+            op.kind is Kind.BLOCK,
+            op.kind is Kind.UNPACK,
+            op.id,
         )
     arrived: dict[tuple[int, int], int] = defaultdict(int)
 
@@ -427,36 +452,45 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     def lane(rank: str, stream: Stream) -> Process:
         nonlocal mirror
         wake = yield
-        for op, kb, step in sequences.get((rank, stream), ()):
-            deps, frees, (act, arg), held, category, block, on_compute = compiled[kb]
-            waits = [e for i, d in deps if (e := awaited(i, step + d)).callbacks is not None]  # unprocessed
+        where = stream.value
+        for _, kb, step in sequences.get((rank, stream), ()):
+            (deps, frees, (act, arg), held, category, block, on_compute, slot, ranks, watched, unpack, label) = (
+                compiled[kb]
+            )
+            waits = []
+            for at in deps:
+                e = events[at + step]  # awaited(at + step), inline: the lanes' most frequent call
+                if e is None:
+                    e = events[at + step] = Event()
+                if e.callbacks is not None:  # not yet processed
+                    waits.append(e)
             if waits:
                 if len(waits) == 1:
                     waits[0].then(wake)
                 else:
                     AllOf(loop, waits, wake)
                 yield
-            if op.slot:
+            if slot:
                 slots = buffers[rank]
                 if not slots.take(wake):  # none free: wait for one
                     yield
-                AllOf(loop, [awaited(i, step + d) for i, d in frees], slots.release)
-            if len(op.ranks) > 1:
+                AllOf(loop, [awaited(at + step) for at in frees], slots.release)
+            if len(ranks) > 1:
                 # every member's stream has reached it: the last to arrive runs it for all
                 arrived[kb, step] += 1
-                if arrived[kb, step] < len(op.ranks):
-                    e = awaited(kb, step)
+                if arrived[kb, step] < len(ranks):
+                    e = awaited(kb * WIDE + 1 + step)
                     if e.callbacks is not None:
                         e.then(wake)
                         yield
                     continue
             if act == NOTHING:  # nothing to time: an unpacking (a copy on the device), or no host work
-                if record and op.kind is Kind.UNPACK:
-                    spans.append(Span(rank, stream.value, category, op.id, step, block, loop.now, loop.now))
+                if record and unpack:
+                    spans.append(Span(rank, where, category, label, step, block, loop.now, loop.now))
                 if mirror is not None:
                     mirror.start(kb, step, loop.now)
                     mirror.end(kb, step, loop.now)
-                finish(kb, step)
+                finish(kb * WIDE + 1 + step)
                 continue
             if held:
                 taken = [Event() for _ in held]
@@ -486,12 +520,12 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             if on_compute:
                 busy_spans.append((rank, t0, loop.now))
             if record:
-                for g in op.ranks:
-                    spans.append(Span(g, stream.value, category, op.id, step, block, t0, loop.now))
+                for g in ranks:
+                    spans.append(Span(g, where, category, label, step, block, t0, loop.now))
             if mirror is not None:
                 mirror.end(kb, step, loop.now)
-            finish(kb, step)
-            if op.kind is Kind.BLOCK and deadline is not None and step == REPORTED_STEP:
+            finish(kb * WIDE + 1 + step)
+            if watched and deadline is not None and step == REPORTED_STEP:
                 # the rest of this step's compute alone must still fit before the deadline
                 if loop.now + rest_after[rank][kb] >= deadline[0] or hopeless():
                     loop.fail(Exceeded())
@@ -511,11 +545,11 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     def step_end() -> Process:
         wake = yield
         for step in range(STEPS):
-            AllOf(loop, [awaited(i, step) for i in last], wake)
+            AllOf(loop, [awaited(i * WIDE + 1 + step) for i in last], wake)
             yield
             step_ends.append(loop.now)
             snapshots.append(net.snapshot())
-            finish(index[END, ()], step)
+            finish(index[END, ()] * WIDE + 1 + step)
             if step == REPORTED_STEP and not record:
                 # Nothing after this instant can change what is reported (the window, the links'
                 # bytes at its ends, the compute spans inside it: every compute stream is idle,

@@ -16,6 +16,7 @@ capacities, so each set's allocation is kept and reused, to the bit.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 from zoplan.sim.events import Callback, Loop
@@ -24,7 +25,7 @@ from zoplan.sim.events import Callback, Loop
 @dataclass(eq=False, slots=True)
 class Flow:
     fid: int
-    size: float
+    least: float  # what may be left of it when it counts as done (rounding)
     remaining: float
     resources: tuple[str, ...]
     done: Callback  # scheduled when the flow's last byte has arrived
@@ -62,13 +63,16 @@ class FlowNet:
         if nbytes <= 0 or not resources:
             self.loop.after(latency_s, done)
             return
-        self._advance()
+        if self.loop.now != self._last:
+            self._advance()
         route = self._routes.setdefault(resources, len(self._routes))
-        self.flows[self._next_id] = Flow(
-            self._next_id, float(nbytes), float(nbytes), resources, done, latency_s=latency_s, route=route
-        )
-        self._next_id += 1
-        self._request_recompute()
+        size = float(nbytes)
+        fid = self._next_id
+        self.flows[fid] = Flow(fid, 1e-9 * size + 1e-6, size, resources, done, 0.0, latency_s, route)
+        self._next_id = fid + 1
+        if not self._pending:  # one recomputation for every change of this instant
+            self._pending = True
+            self.loop.after(0.0, self._recompute)
 
     def snapshot(self) -> dict[str, float]:
         """Cumulative bytes per resource up to now."""
@@ -89,7 +93,8 @@ class FlowNet:
 
     # ------------------------------------------------------------------------------------
     def _advance(self) -> None:
-        dt = self.loop.now - self._last
+        now = self.loop.now
+        dt = now - self._last
         if dt > 0:
             moved = self.moved
             for f in self.flows.values():
@@ -97,13 +102,7 @@ class FlowNet:
                 f.remaining -= step
                 for r in f.resources:
                     moved[r] += step
-        self._last = self.loop.now
-
-    def _request_recompute(self) -> None:
-        if self._pending:
-            return
-        self._pending = True
-        self.loop.after(0.0, self._recompute)
+        self._last = now
 
     def _wake(self, version: int) -> None:
         """The first flow of an allocation is done, unless a recomputation since has replaced it."""
@@ -115,29 +114,33 @@ class FlowNet:
         self._advance()
         # a flow is done when its bytes are (to rounding), or when what is left would take less
         # than the clock can resolve at this time (now + dt == now would never advance)
-        resolution = max(abs(self.loop.now) * 1e-13, 1e-15)
-        finished = [
-            f
-            for f in self.flows.values()
-            if f.remaining <= 1e-9 * f.size + 1e-6 or (f.rate > 0 and f.remaining / f.rate <= resolution)
-        ]
+        flows, loop = self.flows, self.loop
+        resolution = max(abs(loop.now) * 1e-13, 1e-15)
+        finished, routes = [], []  # and the routes of the others, in order: the allocation's key
+        for f in flows.values():
+            if f.remaining <= f.least or (f.rate > 0 and f.remaining / f.rate <= resolution):
+                finished.append(f)
+            else:
+                routes.append(f.route)
         for f in finished:
-            del self.flows[f.fid]
+            del flows[f.fid]
             for r in f.resources:  # account the rounding crumbs so byte totals stay exact
                 self.moved[r] += f.remaining
-            self.loop.after(f.latency_s, f.done)
-        key = tuple(f.route for f in self.flows.values())
+            loop.after(f.latency_s, f.done)
+        key = tuple(routes)
         rates = self._solved.get(key)
         if rates is None:
             self._fill()
-            self._solved[key] = tuple(f.rate for f in self.flows.values())
-        else:
-            for f, rate in zip(self.flows.values(), rates):
-                f.rate = rate
+            rates = self._solved[key] = tuple([f.rate for f in flows.values()])
         self._version += 1
-        if self.flows:
-            dt = min(f.remaining / f.rate for f in self.flows.values() if f.rate > 0)
-            self.loop.after(max(dt, 0.0), functools.partial(self._wake, self._version))
+        if flows:
+            # the rates set, and the time to the first flow's end
+            dt = math.inf
+            for f, rate in zip(flows.values(), rates):
+                f.rate = rate
+                if rate > 0 and f.remaining / rate < dt:
+                    dt = f.remaining / rate
+            loop.after(max(dt, 0.0), functools.partial(self._wake, self._version))
         if self.record:
             self._sample()
 
