@@ -118,31 +118,35 @@ class _Mirror:
     def __init__(self, ops: int, lanes: int) -> None:
         nan = float("nan")
         self.times: tuple[list[float], ...] = tuple([] for _ in range(STEPS))  # each step's, in order
-        self.starts = [nan] * (ops * STEPS)  # by op * STEPS + step
-        self.ends = [nan] * (ops * STEPS)
-        self.running: dict[tuple[int, int], float] = {}
+        # by where the op's event of the step is (op * WIDE + 1 + step): its pair is just before
+        self.starts = [nan] * (ops * WIDE)
+        self.ends = [nan] * (ops * WIDE)
+        self.running: dict[int, float] = {}  # the same index -> start
         self.shift, self.since, self.count = nan, 0.0, 0
         self.least = 2 * lanes  # matched starts and ends in a row before the state is compared
 
-    def start(self, op: int, step: int, now: float) -> None:
-        self.running[op, step] = now
-        self._pair(self.starts, op * STEPS + step, step, now)
-
-    def end(self, op: int, step: int, now: float) -> None:
-        self.running.pop((op, step), None)
-        self._pair(self.ends, op * STEPS + step, step, now)
-
-    def _pair(self, table: list[float], at: int, step: int, now: float) -> None:
-        """An op's start or end (``table``) at ``now``, against its pair of the step before."""
-        table[at] = now
+    # start and end: the same, on their own tables (written out: the lanes call them for every op)
+    def start(self, at: int, step: int, now: float) -> None:
+        self.running[at] = now
+        self.starts[at] = now
         self.times[step].append(now)
-        if step == 0:
-            return
-        shift = now - table[at - 1]  # nan without a pair
-        if abs(shift - self.shift) <= 1e-12 * now:
-            self.count += 1
-        else:
-            self.shift, self.since, self.count = shift, now, 1
+        if step:
+            shift = now - self.starts[at - 1]  # nan without a pair
+            if abs(shift - self.shift) <= 1e-12 * now:
+                self.count += 1
+            else:
+                self.shift, self.since, self.count = shift, now, 1
+
+    def end(self, at: int, step: int, now: float) -> None:
+        self.running.pop(at, None)
+        self.ends[at] = now
+        self.times[step].append(now)
+        if step:
+            shift = now - self.ends[at - 1]
+            if abs(shift - self.shift) <= 1e-12 * now:
+                self.count += 1
+            else:
+                self.shift, self.since, self.count = shift, now, 1
 
     def repeats(self, now: float) -> float | None:
         """The shift, if the state now repeats the state that long ago (else None)."""
@@ -150,7 +154,7 @@ class _Mirror:
         if self.count < self.least or shift != shift:
             return None
         tol = 1e-12 * now
-        if any(step == 0 or t < self.since - tol for (_, step), t in self.running.items()):
+        if any(at % WIDE == 1 or t < self.since - tol for at, t in self.running.items()):  # of step 0, or before
             return None
         # what happened before this instant (events of this instant may still be on their way)
         for step in range(1, STEPS):
@@ -386,7 +390,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             op.kind is Kind.UNPACK,
             op.id,
         )
-    arrived: dict[tuple[int, int], int] = defaultdict(int)
+    arrived = [0] * len(events)  # members of a collective that have reached it, by its event's index
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
 
@@ -457,6 +461,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             (deps, frees, (act, arg), held, category, block, on_compute, slot, ranks, watched, unpack, label) = (
                 compiled[kb]
             )
+            here = kb * WIDE + 1 + step  # where its own event is
             waits = []
             for at in deps:
                 e = events[at + step]  # awaited(at + step), inline: the lanes' most frequent call
@@ -477,9 +482,9 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 AllOf(loop, [awaited(at + step) for at in frees], slots.release)
             if len(ranks) > 1:
                 # every member's stream has reached it: the last to arrive runs it for all
-                arrived[kb, step] += 1
-                if arrived[kb, step] < len(ranks):
-                    e = awaited(kb * WIDE + 1 + step)
+                arrived[here] += 1
+                if arrived[here] < len(ranks):
+                    e = awaited(here)
                     if e.callbacks is not None:
                         e.then(wake)
                         yield
@@ -488,9 +493,9 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 if record and unpack:
                     spans.append(Span(rank, where, category, label, step, block, loop.now, loop.now))
                 if mirror is not None:
-                    mirror.start(kb, step, loop.now)
-                    mirror.end(kb, step, loop.now)
-                finish(kb * WIDE + 1 + step)
+                    mirror.start(here, step, loop.now)
+                    mirror.end(here, step, loop.now)
+                finish(here)
                 continue
             if held:
                 taken = [Event() for _ in held]
@@ -501,7 +506,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 yield
             t0 = loop.now
             if mirror is not None:
-                mirror.start(kb, step, t0)
+                mirror.start(here, step, t0)
             if act == TIMEOUT:
                 loop.after(arg, wake)
                 yield
@@ -523,8 +528,8 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 for g in ranks:
                     spans.append(Span(g, where, category, label, step, block, t0, loop.now))
             if mirror is not None:
-                mirror.end(kb, step, loop.now)
-            finish(kb * WIDE + 1 + step)
+                mirror.end(here, step, loop.now)
+            finish(here)
             if watched and deadline is not None and step == REPORTED_STEP:
                 # the rest of this step's compute alone must still fit before the deadline
                 if loop.now + rest_after[rank][kb] >= deadline[0] or hopeless():
@@ -591,7 +596,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         loop.clear()
         for process in processes:  # a simulation stopped early leaves them waiting
             process.close()
-        for container in (events, compiled, sequences, lanes, index, arrived, buffers, cores, net.flows):
+        for container in (events, compiled, sequences, lanes, index, buffers, cores, net.flows):
             container.clear()
         mirror = None
 

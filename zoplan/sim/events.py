@@ -22,10 +22,10 @@ its processes resume themselves, so an entry costs a fraction of a simpy event.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
+from heapq import heappop, heappush
 
 Callback = Callable[[], object]
 # a process: it receives its wake-up at its first yield, and yields nothing else
@@ -50,16 +50,16 @@ class Loop:
     def call(self, entry: Callback) -> None:
         """Call ``entry`` at this instant, after what was scheduled for it before (the clock keeps
         its type: simpy schedules an event triggered now with the integer delay 0)."""
-        heapq.heappush(self._queue, (self.now, next(self._count), entry))
+        heappush(self._queue, (self.now, next(self._count), entry))
 
     def after(self, delay: float, entry: Callback) -> None:
         """Call ``entry`` ``delay`` from now, after what was scheduled for that time before."""
-        heapq.heappush(self._queue, (self.now + delay, next(self._count), entry))
+        heappush(self._queue, (self.now + delay, next(self._count), entry))
 
     def first(self, entry: Callback) -> None:
         """Call ``entry`` at this instant, before every entry of it scheduled otherwise (simpy's
         urgent priority: a process starts so)."""
-        heapq.heappush(self._queue, (self.now, next(self._count) - _URGENT, entry))
+        heappush(self._queue, (self.now, next(self._count) - _URGENT, entry))
 
     def start(self, process: Process) -> None:
         """Start ``process`` as simpy starts one: now, before the instant's other entries."""
@@ -77,9 +77,9 @@ class Loop:
 
     def run(self) -> None:
         """Process entries until none is left (or one raises)."""
-        queue, pop = self._queue, heapq.heappop
+        queue = self._queue
         while queue:
-            self.now, _, entry = pop(queue)
+            self.now, _, entry = heappop(queue)
             try:
                 entry()
             except StopIteration:  # a process's last wake-up: it has ended
