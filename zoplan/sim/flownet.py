@@ -27,11 +27,11 @@ class Flow:
     fid: int
     least: float  # what may be left of it when it counts as done (rounding)
     remaining: float
-    resources: tuple[str, ...]
+    links: tuple[int, ...]  # the resources it crosses, by their number (their order in capacity)
     done: Callback  # scheduled when the flow's last byte has arrived
     rate: float = 0.0
     latency_s: float = 0.0
-    route: int = 0  # the number the network gives ``resources`` (the key of its allocations)
+    route: int = 0  # the number the network gives its resources (the key of its allocations)
 
 
 @dataclass
@@ -40,18 +40,25 @@ class FlowNet:
     capacity: dict[str, float]  # bytes/s per resource
     record: bool = False
     flows: dict[int, Flow] = field(default_factory=dict)
-    moved: dict[str, float] = field(default_factory=dict)  # cumulative bytes per resource
     samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    # by the resources' numbers (lists are quicker than dicts by name in the inner loops):
+    # cumulative bytes, capacities
+    _moved: list[float] = field(init=False)
+    _capacity: list[float] = field(init=False)
+    _number: dict[str, int] = field(init=False)
     _last: float = 0.0
     _next_id: int = 0
     _version: int = 0
     _pending: bool = False
     # allocations already made: the routes in flight, in order -> each one's rate
     _routes: dict[tuple[str, ...], int] = field(default_factory=dict)
+    _links: list[tuple[int, ...]] = field(default_factory=list)  # each route's resources' numbers
     _solved: dict[tuple[int, ...], tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.moved = {r: 0.0 for r in self.capacity}
+        self._moved = [0.0] * len(self.capacity)
+        self._capacity = list(self.capacity.values())
+        self._number = {r: i for i, r in enumerate(self.capacity)}
         for r, c in self.capacity.items():
             if c <= 0:
                 raise ValueError(f"resource {r} has no bandwidth")
@@ -65,10 +72,13 @@ class FlowNet:
             return
         if self.loop.now != self._last:
             self._advance()
-        route = self._routes.setdefault(resources, len(self._routes))
+        route = self._routes.get(resources)
+        if route is None:
+            route = self._routes[resources] = len(self._routes)
+            self._links.append(tuple([self._number[r] for r in resources]))
         size = float(nbytes)
         fid = self._next_id
-        self.flows[fid] = Flow(fid, 1e-9 * size + 1e-6, size, resources, done, 0.0, latency_s, route)
+        self.flows[fid] = Flow(fid, 1e-9 * size + 1e-6, size, self._links[route], done, 0.0, latency_s, route)
         self._next_id = fid + 1
         if not self._pending:  # one recomputation for every change of this instant
             self._pending = True
@@ -77,30 +87,30 @@ class FlowNet:
     def snapshot(self) -> dict[str, float]:
         """Cumulative bytes per resource up to now."""
         self._advance()
-        return dict(self.moved)
+        return dict(zip(self.capacity, self._moved))
 
     def moved_now(self) -> dict[str, float]:
         """Cumulative bytes per resource up to now, leaving the flows as they are (``snapshot``
         advances them, which splits their arithmetic differently: a simulation that only looks
         must give the same bits as one that does not)."""
         dt = self.loop.now - self._last
-        moved = dict(self.moved)
+        moved = list(self._moved)
         if dt > 0:
             for f in self.flows.values():
-                for r in f.resources:
+                for r in f.links:
                     moved[r] += f.rate * dt
-        return moved
+        return dict(zip(self.capacity, moved))
 
     # ------------------------------------------------------------------------------------
     def _advance(self) -> None:
         now = self.loop.now
         dt = now - self._last
         if dt > 0:
-            moved = self.moved
+            moved = self._moved
             for f in self.flows.values():
                 step = f.rate * dt
                 f.remaining -= step
-                for r in f.resources:
+                for r in f.links:
                     moved[r] += step
         self._last = now
 
@@ -124,8 +134,8 @@ class FlowNet:
                 routes.append(f.route)
         for f in finished:
             del flows[f.fid]
-            for r in f.resources:  # account the rounding crumbs so byte totals stay exact
-                self.moved[r] += f.remaining
+            for r in f.links:  # account the rounding crumbs so byte totals stay exact
+                self._moved[r] += f.remaining
             loop.after(f.latency_s, f.done)
         key = tuple(routes)
         rates = self._solved.get(key)
@@ -150,11 +160,11 @@ class FlowNet:
         Each round finds the smallest fair share among the resources still in use and freezes
         every flow crossing a resource at that share (ties together: symmetric layouts, where
         eight GPUs copy at once, then take one round instead of eight)."""
-        spare: dict[str, float] = {}
-        count: dict[str, int] = {}
-        capacity = self.capacity
+        spare: dict[int, float] = {}
+        count: dict[int, int] = {}
+        capacity = self._capacity
         for f in self.flows.values():
-            for r in f.resources:
+            for r in f.links:
                 if r in count:
                     count[r] += 1
                 else:
@@ -173,24 +183,24 @@ class FlowNet:
             rate = best if best > 0 else 0.0
             rest = []
             for f in unfrozen:
-                if tight.isdisjoint(f.resources):
+                if tight.isdisjoint(f.links):
                     rest.append(f)
                     continue
                 f.rate = rate
-                for r in f.resources:
+                for r in f.links:
                     spare[r] -= rate
                     count[r] -= 1
             unfrozen = rest
 
     def _sample(self) -> None:
-        rates: dict[str, float] = {}
+        rates: dict[int, float] = {}
         for f in self.flows.values():
-            for r in f.resources:
+            for r in f.links:
                 rates[r] = rates.get(r, 0.0) + f.rate
         now = self.loop.now
-        for r in self.capacity:
-            series = self.samples.setdefault(r, [])
-            value = rates.get(r, 0.0)
+        for number, name in enumerate(self.capacity):
+            series = self.samples.setdefault(name, [])
+            value = rates.get(number, 0.0)
             if not series or series[-1][1] != value:
                 if series and series[-1][0] == now:
                     series[-1] = (now, value)
