@@ -11,13 +11,13 @@
 # Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: all four,
 # more than one device call allows under the timeouts below, so run `replay fidelity` and
 # `kernels layouts` as two calls; FIDELITY_TIMEOUT (s, default 360) bounds the fidelity run). A
-# machine without simpy, pydantic or pytest and without network access takes wheels from .whl/ and
+# machine without pydantic or pytest and without network access takes wheels from .whl/ and
 # .whl/pytest/ (pip download them elsewhere for its Python version; see gpu_fidelity.sh).
 set -x
 OUT=${OUT:-gpu-checks}  # a fresh folder per call: a second call on a warm machine needs another
 PARTS=${*:-kernels replay layouts fidelity}
 mkdir -p "$OUT"
-if ! python3 -c "import simpy, pydantic" 2>/dev/null; then
+if ! python3 -c "import pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 if ! python3 -c "import pytest" 2>/dev/null; then

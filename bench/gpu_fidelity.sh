@@ -1,6 +1,6 @@
 # GPU fidelity run (docs/results/fidelity.md): one GPU, OPT-1.3B- and 2.7B-shaped models.
 # Run from the repository root on the GPU machine; results under $OUT (default ./gpu-fidelity).
-# A machine without simpy/pydantic and without network access takes wheels from .whl/ (pip download
+# A machine without pydantic and without network access takes wheels from .whl/ (pip download
 # them elsewhere for its Python version).
 set -x
 OUT=${OUT:-gpu-fidelity}
@@ -12,7 +12,7 @@ if [ -e "$OUT/fidelity.txt" ]; then
 fi
 rm -rf /tmp/zoplan-fidelity  # this script's scratch (--work below)
 mkdir -p "$OUT"
-if ! python3 -c "import simpy, pydantic" 2>/dev/null; then
+if ! python3 -c "import pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -2

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 from pathlib import Path
 
 import pytest
-import simpy
 import yaml
 
 from zoplan.sim.costs import StepCosts, Workload
+from zoplan.sim.events import Loop, Process
 from zoplan.sim.flownet import FlowNet
 from zoplan.layout import Layout
 from zoplan.models import ModelShape
@@ -20,17 +21,16 @@ from zoplan.topology import load_topology
 # ----- shared links --------------------------------------------------------------------------------
 def _run_flows(capacity: dict[str, float], flows: list[tuple[float, tuple[str, ...], float]]) -> list[float]:
     """Start every flow at t=0; return each one's completion time."""
-    env = simpy.Environment()
-    net = FlowNet(env, capacity)
+    loop = Loop()
+    net = FlowNet(loop, capacity)
     ends: list[float] = [0.0] * len(flows)
 
-    def watch(i: int, nbytes: float, res: tuple[str, ...], latency: float):
-        yield net.transfer(nbytes, res, latency)
-        ends[i] = env.now
+    def ended(i: int) -> None:
+        ends[i] = loop.now
 
     for i, (nbytes, res, latency) in enumerate(flows):
-        env.process(watch(i, nbytes, res, latency))
-    env.run()
+        net.transfer(nbytes, res, latency, functools.partial(ended, i))
+    loop.run()
     return ends
 
 
@@ -76,31 +76,34 @@ def test_a_set_of_routes_seen_before_gets_the_rates_it_got_then() -> None:
     routes = [("up0", "g0", "mem"), ("up0", "g1", "mem"), ("up1", "g2", "mem"), ("back", "mem")]
 
     def run(net_factory) -> tuple[list[float], int, int]:
-        env = simpy.Environment()
-        net = net_factory(env)
+        loop = Loop()
+        net = net_factory(loop)
         ends: list[float] = []
         recomputes = [0]
         solve = net._recompute
 
-        def counting(event: simpy.Event | None) -> None:
+        def counting() -> None:
             recomputes[0] += 1
-            solve(event)
+            solve()
 
         net._recompute = counting  # type: ignore[method-assign]
 
-        def stream(i: int, route: tuple[str, ...]):
+        def stream(i: int, route: tuple[str, ...]) -> Process:
+            wake = yield
             for wave in range(30):
-                yield env.timeout(0.001 * ((i + wave) % 3))
-                yield net.transfer(1e8 * (1 + i % 2), route, 1e-6)
-                ends.append(env.now)
+                loop.after(0.001 * ((i + wave) % 3), wake)
+                yield
+                net.transfer(1e8 * (1 + i % 2), route, 1e-6, wake)
+                yield
+                ends.append(loop.now)
 
         for i, route in enumerate(routes):
-            env.process(stream(i, route))
-        env.run()
+            loop.start(stream(i, route))
+        loop.run()
         return ends, recomputes[0], len(net._solved)
 
-    kept, recomputed, solved = run(lambda env: FlowNet(env, capacity))
-    fresh, _, _ = run(lambda env: FlowNet(env, capacity, _solved=_Forgetful()))
+    kept, recomputed, solved = run(lambda loop: FlowNet(loop, capacity))
+    fresh, _, _ = run(lambda loop: FlowNet(loop, capacity, _solved=_Forgetful()))
     assert kept == fresh and len(kept) == 30 * len(routes)
     assert solved < recomputed / 3
 

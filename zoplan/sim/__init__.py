@@ -1,9 +1,10 @@
-"""Discrete-event simulation of ZO steps on one node (simpy): the step program, timed.
+"""Discrete-event simulation of ZO steps on one node: the step program, timed.
 
 The order of a step is not written here: zoplan.program builds it, as per-rank lists of
 operations, each on one of the rank's four in-order streams (``upload``, ``exchange``,
 ``compute``, ``offload``, like CUDA streams ordered by events) with the ops it waits for. This
-module walks those lists, one simpy process per stream of each rank, and times each op:
+module walks those lists, one process per stream of each rank (on the event loop of
+zoplan.sim.events), and times each op:
 - transfers (uploads, write-backs, all-gather rounds) cross the machine's links and each
   socket's memory bus, shared max-min fairly between the transfers crossing them (flownet), or
   take the calibrated all-gather time;
@@ -23,15 +24,14 @@ timeline`` shows all three) the simulation stops there.
 from __future__ import annotations
 
 import bisect
+import functools
 import gc
 from collections import defaultdict
-from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
-
-import simpy
+from typing import Any, NamedTuple
 
 from zoplan.sim.costs import StepCosts
+from zoplan.sim.events import AllOf, Event, Loop, Process, Slots
 from zoplan.sim.flownet import FlowNet
 from zoplan.program import CATEGORY, END, Kind, Op, Ref, span_block
 from zoplan.topology import Machine
@@ -39,6 +39,8 @@ from zoplan.vocab import Stream
 
 STEPS = 3
 REPORTED_STEP = 1
+# the events of an op, by step: the step before the first, then the simulated ones
+WIDE = STEPS + 1
 
 
 class Span(NamedTuple):
@@ -116,30 +118,35 @@ class _Mirror:
     def __init__(self, ops: int, lanes: int) -> None:
         nan = float("nan")
         self.times: tuple[list[float], ...] = tuple([] for _ in range(STEPS))  # each step's, in order
-        self.starts = [nan] * (ops * STEPS)  # by op * STEPS + step
-        self.ends = [nan] * (ops * STEPS)
-        self.running: dict[tuple[int, int], float] = {}
+        # by where the op's event of the step is (op * WIDE + 1 + step): its pair is just before
+        self.starts = [nan] * (ops * WIDE)
+        self.ends = [nan] * (ops * WIDE)
+        self.running: dict[int, float] = {}  # the same index -> start
         self.shift, self.since, self.count = nan, 0.0, 0
         self.least = 2 * lanes  # matched starts and ends in a row before the state is compared
 
-    def start(self, op: int, step: int, now: float) -> None:
-        self._pair(self.starts, op * STEPS + step, step, now)
-        self.running[op, step] = now
-
-    def end(self, op: int, step: int, now: float) -> None:
-        self._pair(self.ends, op * STEPS + step, step, now)
-        self.running.pop((op, step), None)
-
-    def _pair(self, table: list[float], at: int, step: int, now: float) -> None:
-        table[at] = now
+    # start and end: the same, on their own tables (written out: the lanes call them for every op)
+    def start(self, at: int, step: int, now: float) -> None:
+        self.running[at] = now
+        self.starts[at] = now
         self.times[step].append(now)
-        if step == 0:
-            return
-        shift = now - table[at - 1]  # nan without a pair
-        if abs(shift - self.shift) <= 1e-12 * now:
-            self.count += 1
-        else:
-            self.shift, self.since, self.count = shift, now, 1
+        if step:
+            shift = now - self.starts[at - 1]  # nan without a pair
+            if abs(shift - self.shift) <= 1e-12 * now:
+                self.count += 1
+            else:
+                self.shift, self.since, self.count = shift, now, 1
+
+    def end(self, at: int, step: int, now: float) -> None:
+        self.running.pop(at, None)
+        self.ends[at] = now
+        self.times[step].append(now)
+        if step:
+            shift = now - self.ends[at - 1]
+            if abs(shift - self.shift) <= 1e-12 * now:
+                self.count += 1
+            else:
+                self.shift, self.since, self.count = shift, now, 1
 
     def repeats(self, now: float) -> float | None:
         """The shift, if the state now repeats the state that long ago (else None)."""
@@ -147,7 +154,7 @@ class _Mirror:
         if self.count < self.least or shift != shift:
             return None
         tol = 1e-12 * now
-        if any(step == 0 or t < self.since - tol for (_, step), t in self.running.items()):
+        if any(at % WIDE == 1 or t < self.since - tol for at, t in self.running.items()):  # of step 0, or before
             return None
         # what happened before this instant (events of this instant may still be on their way)
         for step in range(1, STEPS):
@@ -233,11 +240,25 @@ def inputs_key(costs: StepCosts) -> tuple[object, ...]:
 # what an op costs, as a lane acts on it: (TRANSFER, (bytes, route, latency)), (TIMEOUT, seconds),
 # (RING, bytes each ring step moves) or (NOTHING, None)
 _Action = tuple[int, Any]
-# an op compiled for the lanes: its deps and frees (by op index and relative step), its action, the
-# cores it holds, its span category and block, whether it is compute-stream work
-_Compiled = tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...], _Action, tuple[str, ...], str, int, bool]
-# a simpy process: it yields the events it waits for
-_Process = Generator[simpy.Event, Any, None]
+# an op compiled for the lanes (which then need not read the op, a named tuple, whose fields cost
+# a lookup each): its deps and frees (where their events are, for step 0), its action, the cores it
+# holds, its span category and block, whether it is compute-stream work, whether it takes a buffer,
+# its ranks, whether the early stop looks after it (a block), whether a trace shows it untimed (an
+# unpacking), its id
+_Compiled = tuple[
+    tuple[int, ...],
+    tuple[int, ...],
+    _Action,
+    tuple[str, ...],
+    str,
+    int,
+    bool,
+    bool,
+    tuple[str, ...],
+    bool,
+    bool,
+    str,
+]
 
 
 def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResult:
@@ -245,7 +266,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     # what-if factors (zoplan.planner.sensitivity): every byte moved (the durations hold the rest)
     timing = _timing(costs)
     slower_transfers = timing.transfer_scale
-    env = simpy.Environment()
+    loop = Loop()
     capacity: dict[str, float] = {}
     for g in L.movers:
         for lid in machine.host_path(g, "h2d") + machine.host_path(g, "d2h"):
@@ -260,7 +281,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             for lid in path:
                 capacity[lid] = machine.directed[lid].gbps * 1e9 / slower_transfers
             ring.append((path, machine.path_latency_s(path)))
-    net = FlowNet(env, capacity, record=record)
+    net = FlowNet(loop, capacity, record=record)
 
     # ----- what each op costs (computed once: the lanes ask thousands of times) ----------------
     update_s, block_s = dict(timing.update_s), dict(timing.block_s)
@@ -278,10 +299,10 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
 
     deadline: list[float] | None = [float("inf")] if limit_s is not None else None
     spans: list[Span] = []
-    buffers = {g: simpy.Resource(env, capacity=L.prefetch + 1) for g in L.gpus}
+    buffers = {g: Slots(loop, L.prefetch + 1) for g in L.gpus}
     # A CPU rank is one thread (the runtime on CPU copies, updates, all-gathers and computes one
     # after the other): its four streams share one core.
-    cores = {g: simpy.Resource(env, capacity=1) for g in L.gpus if machine.gpu_model(g).kind == "cpu"}
+    cores = {g: Slots(loop, 1) for g in L.gpus if machine.gpu_model(g).kind == "cpu"}
 
     # ----- the program, compiled: each op's events by index, its cost as an action ---------------
     index: dict[tuple[str, tuple[str, ...]], int] = {}
@@ -290,29 +311,31 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     index[END, ()] = len(index)
     # an op's event is made when something first waits for it; an op that ends before anyone
     # waits leaves ``done`` (most ops: a simulation makes half as many events)
-    done = env.event().succeed()  # also anything of a step before the first: nothing to wait for
-    events: list[list[simpy.Event | None]] = [[None] * STEPS for _ in index]
+    done = Event()  # also anything of a step before the first: nothing to wait for
+    loop.call(done.fire)
+    # op i's event of step s is at i * WIDE + 1 + s, from the step before the first (s = -1: done)
+    events: list[Event | None] = [done, *[None] * STEPS] * len(index)
 
-    def awaited(i: int, step: int) -> simpy.Event:
-        if step < 0:
-            return done
-        e = events[i][step]
+    def awaited(at: int) -> Event:
+        e = events[at]
         if e is None:
-            e = events[i][step] = env.event()
+            e = events[at] = Event()
         return e
 
-    def finish(i: int, step: int) -> None:
-        e = events[i][step]
+    def finish(at: int) -> None:
+        e = events[at]
         if e is None:
-            events[i][step] = done
+            events[at] = done
         else:
-            e.succeed()
+            loop.call(e.fire)
 
-    def refs(rs: tuple[Ref, ...]) -> tuple[tuple[int, int], ...]:
+    def refs(rs: tuple[Ref, ...]) -> tuple[int, ...]:
+        """Where the events of ``rs`` are for an op of step 0 (add the op's step): a reference is to
+        the op's own step or the one before (``Ref.step`` 0 or -1)."""
         if not rs:
             return ()
         try:
-            return tuple([(index[r.op, r.ranks], r.step) for r in rs])
+            return tuple([index[r.op, r.ranks] * WIDE + 1 + r.step for r in rs])
         except KeyError:  # a bug in zoplan.program: it cannot finish
             r = next(r for r in rs if (r.op, r.ranks) not in index)
             raise RuntimeError(
@@ -361,8 +384,13 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             CATEGORY[op.kind],
             span_block(op.kind, op.block, model.layers),
             on_compute,
+            op.slot,
+            op.ranks,
+            op.kind is Kind.BLOCK,
+            op.kind is Kind.UNPACK,
+            op.id,
         )
-    arrived: dict[tuple[int, int], int] = defaultdict(int)
+    arrived = [0] * len(events)  # members of a collective that have reached it, by its event's index
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
 
@@ -419,124 +447,156 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         """The reported step cannot end before the deadline: some link has more left to carry
         before then than it can carry by then."""
         assert deadline is not None
-        now, moved = env.now, net.moved_now()
+        now, moved = loop.now, net.moved_now()
         return any(now + (total - moved[r]) / capacity[r] >= deadline[0] for r, total in must.items())
 
     # a limited simulation watches for the reported step to repeat the step before (_Mirror)
     mirror = _Mirror(len(index), len(lanes)) if deadline is not None else None
 
-    def lane(rank: str, stream: Stream) -> _Process:
+    def lane(rank: str, stream: Stream) -> Process:
         nonlocal mirror
-        for op, kb, step in sequences.get((rank, stream), ()):
-            deps, frees, (act, arg), held, category, block, on_compute = compiled[kb]
+        wake = yield
+        where = stream.value
+        for _, kb, step in sequences.get((rank, stream), ()):
+            (deps, frees, (act, arg), held, category, block, on_compute, slot, ranks, watched, unpack, label) = (
+                compiled[kb]
+            )
+            here = kb * WIDE + 1 + step  # where its own event is
             waits = []
-            for i, d in deps:
-                e = awaited(i, step + d)
+            for at in deps:
+                e = events[at + step]  # awaited(at + step), inline: the lanes' most frequent call
+                if e is None:
+                    e = events[at + step] = Event()
                 if e.callbacks is not None:  # not yet processed
                     waits.append(e)
             if waits:
-                yield waits[0] if len(waits) == 1 else simpy.AllOf(env, waits)
-            if op.slot:
-                req = buffers[rank].request()
-                if not req.triggered:  # a buffer is free: taken at once
-                    yield req
-                # simpy calls a callback with the event and ignores what it returns
-                simpy.AllOf(env, [awaited(i, step + d) for i, d in frees]).callbacks.append(
-                    cast("Callable[[simpy.Event], None]", lambda _, req=req, g=rank: buffers[g].release(req))
-                )
-            if len(op.ranks) > 1:
+                if len(waits) == 1:
+                    waits[0].then(wake)
+                else:
+                    AllOf(loop, waits, wake)
+                yield
+            if slot:
+                slots = buffers[rank]
+                if not slots.take(wake):  # none free: wait for one
+                    yield
+                AllOf(loop, [awaited(at + step) for at in frees], slots.release)
+            if len(ranks) > 1:
                 # every member's stream has reached it: the last to arrive runs it for all
-                arrived[kb, step] += 1
-                if arrived[kb, step] < len(op.ranks):
-                    yield awaited(kb, step)
+                arrived[here] += 1
+                if arrived[here] < len(ranks):
+                    e = awaited(here)
+                    if e.callbacks is not None:
+                        e.then(wake)
+                        yield
                     continue
             if act == NOTHING:  # nothing to time: an unpacking (a copy on the device), or no host work
-                if record and op.kind is Kind.UNPACK:
-                    spans.append(Span(rank, stream.value, category, op.id, step, block, env.now, env.now))
+                if record and unpack:
+                    spans.append(Span(rank, where, category, label, step, block, loop.now, loop.now))
                 if mirror is not None:
-                    mirror.start(kb, step, env.now)
-                    mirror.end(kb, step, env.now)
-                finish(kb, step)
+                    mirror.start(here, step, loop.now)
+                    mirror.end(here, step, loop.now)
+                finish(here)
                 continue
-            reqs = [cores[g].request() for g in held]
-            if reqs:
-                yield simpy.AllOf(env, reqs)
-            t0 = env.now
+            if held:
+                taken = [Event() for _ in held]
+                for g, e in zip(held, taken):
+                    if cores[g].take(e.fire):  # granted at once, processed as an event of its own
+                        loop.call(e.fire)
+                AllOf(loop, taken, wake)
+                yield
+            t0 = loop.now
             if mirror is not None:
-                mirror.start(kb, step, t0)
+                mirror.start(here, step, t0)
             if act == TIMEOUT:
-                yield env.timeout(arg)
+                loop.after(arg, wake)
+                yield
             elif act == TRANSFER:
-                yield net.transfer(*arg)
+                nbytes, route, latency = arg
+                net.transfer(nbytes, route, latency, wake)
+                yield
             elif act == RING and ring:
-                yield simpy.AllOf(env, [net.transfer(arg, tuple(p), ring_s) for p, _ in ring])
-            for req in reqs:
-                req.resource.release(req)
+                parts = [Event() for _ in ring]
+                for (path, _), e in zip(ring, parts):
+                    net.transfer(arg, tuple(path), ring_s, e.fire)
+                AllOf(loop, parts, wake)
+                yield
+            for g in held:
+                cores[g].release()
             if on_compute:
-                busy_spans.append((rank, t0, env.now))
+                busy_spans.append((rank, t0, loop.now))
             if record:
-                for g in op.ranks:
-                    spans.append(Span(g, stream.value, category, op.id, step, block, t0, env.now))
+                for g in ranks:
+                    spans.append(Span(g, where, category, label, step, block, t0, loop.now))
             if mirror is not None:
-                mirror.end(kb, step, env.now)
-            finish(kb, step)
-            if op.kind is Kind.BLOCK and deadline is not None and step == REPORTED_STEP:
+                mirror.end(here, step, loop.now)
+            finish(here)
+            if watched and deadline is not None and step == REPORTED_STEP:
                 # the rest of this step's compute alone must still fit before the deadline
-                if env.now + rest_after[rank][kb] >= deadline[0] or hopeless():
-                    raise Exceeded()
-                shift = mirror.repeats(env.now) if mirror is not None else None
+                if loop.now + rest_after[rank][kb] >= deadline[0] or hopeless():
+                    loop.fail(Exceeded())
+                    return
+                shift = mirror.repeats(loop.now) if mirror is not None else None
                 if shift is not None:
                     # the rest repeats the step before: the reported step lasts ``shift``
                     if step_ends[REPORTED_STEP - 1] + shift >= deadline[0] + 1e-9 * shift:
-                        raise Exceeded()
+                        loop.fail(Exceeded())
+                        return
                     mirror = None  # it ends before the limit: simulated to its end, exactly
 
     step_ends: list[float] = []
     snapshots: list[dict[str, float]] = []
     last = [index[op.id, op.ranks] for op in program.ops if op.kind is Kind.HOST]
 
-    def step_end() -> _Process:
+    def step_end() -> Process:
+        wake = yield
         for step in range(STEPS):
-            yield simpy.AllOf(env, [awaited(i, step) for i in last])
-            step_ends.append(env.now)
+            AllOf(loop, [awaited(i * WIDE + 1 + step) for i in last], wake)
+            yield
+            step_ends.append(loop.now)
             snapshots.append(net.snapshot())
-            finish(index[END, ()], step)
+            finish(index[END, ()] * WIDE + 1 + step)
             if step == REPORTED_STEP and not record:
                 # Nothing after this instant can change what is reported (the window, the links'
                 # bytes at its ends, the compute spans inside it: every compute stream is idle,
                 # waiting for the next step): only a recorded trace shows the step after.
-                raise _Reported()
+                loop.fail(_Reported())
+                return
             if deadline is not None and step == REPORTED_STEP - 1:
                 assert limit_s is not None  # a deadline is kept only with a limit
                 # the limit is on the step, which the wait for the slowest node stretches
-                deadline[0] = env.now + limit_s / (1 + costs.straggler_s(1.0))
+                deadline[0] = loop.now + limit_s / (1 + costs.straggler_s(1.0))
                 if hopeless():
-                    raise Exceeded()
-                env.process(watchdog(deadline[0]))
+                    loop.fail(Exceeded())
+                    return
+                loop.first(functools.partial(watchdog, deadline[0]))
 
-    def watchdog(deadline: float) -> _Process:
-        yield env.timeout(deadline - env.now)
-        if len(step_ends) <= REPORTED_STEP:
-            raise Exceeded()
+    def watchdog(deadline: float) -> None:
+        """Started as a process is (``Loop.first``): at the deadline, the reported step must have ended."""
+
+        def check() -> None:
+            if len(step_ends) <= REPORTED_STEP:
+                loop.fail(Exceeded())
+
+        loop.after(deadline - loop.now, check)
 
     processes = [lane(g, stream) for g in L.movers for stream in (Stream.UPLOAD, Stream.OFFLOAD)]
     processes += [lane(g, Stream.EXCHANGE) for g in L.movers] + [lane(g, Stream.COMPUTE) for g in L.gpus]
     processes.append(step_end())
     for process in processes:
-        env.process(process)
+        loop.start(process)
     try:
-        env.run()
+        loop.run()
     except _Reported:
         pass
     finally:
-        # The events, the processes waiting on them and the environment's queue refer to one
-        # another: what the simulation built would be freed only by the cycle collector, which
-        # then walks it all (a third of a search's time). Emptying the containers the cycles run
-        # through frees nearly all of it at once.
-        env._queue.clear()
+        # The events, the processes waiting on them and the loop's queue refer to one another:
+        # what the simulation built would be freed only by the cycle collector, which then walks
+        # it all (a third of a search's time). Emptying the containers the cycles run through
+        # frees nearly all of it at once.
+        loop.clear()
         for process in processes:  # a simulation stopped early leaves them waiting
             process.close()
-        for container in (events, compiled, sequences, lanes, index, arrived, buffers, cores, net.flows):
+        for container in (events, compiled, sequences, lanes, index, buffers, cores, net.flows):
             container.clear()
         mirror = None
 
