@@ -252,9 +252,15 @@ def build(
     writers = {g: () if frozen else (g,) if sliced else computes for g in movers}
     ops: list[Op] = []
     end_before = Ref(END, (), -1)
+    # what the loops below ask for again and again, made once: the ids of every block's rounds,
+    # each kind's stream, each rank alone
+    per_round = (Kind.H2D, Kind.UPDATE, Kind.D2H, Kind.ALLGATHER)
+    round_ids = {k: [[op_id(k, b, r, rounds) for r in range(rounds)] for b in range(n)] for k in per_round}
+    stream = {k: stream_of(k, L.upload) for k in Kind}
+    alone = {g: (g,) for g in L.gpus}
 
     def ids(kind: Kind, b: int, r: int = 0) -> str:
-        return op_id(kind, b, r, rounds)
+        return round_ids[kind][b][r]
 
     def upload(b: int, step: int) -> None:
         """Issue block b's upload (or, resident and sharded, its unpacking) on every mover."""
@@ -284,33 +290,37 @@ def build(
                     )
                 )
                 continue
+            d2h_ids, h2d_ids = round_ids[Kind.D2H][b], round_ids[Kind.H2D][b]
             if not frozen:
-                frees += [Ref(ids(Kind.D2H, b, r), (g,)) for r in range(rounds)]
+                frees += [Ref(d2h_ids[r], alone[g]) for r in range(rounds)]
+            first = not carry and b < p
             for r in range(rounds):
-                deps = [Ref(ids(Kind.D2H, b, r), (w,), -1) for w in writers[g]]
-                if not carry and b < p:
+                deps = [Ref(d2h_ids[r], alone[w], -1) for w in writers[g]]
+                if first:
                     deps.insert(0, end_before)
+                # (positional: id, kind, stream, ranks, block, round, step, slot, frees, nbytes, flops, deps)
                 ops.append(
                     Op(
-                        ids(Kind.H2D, b, r),
+                        h2d_ids[r],
                         Kind.H2D,
-                        stream_of(Kind.H2D, L.upload),
-                        (g,),
+                        stream[Kind.H2D],
+                        alone[g],
                         b,
                         r,
-                        step=step,
-                        slot=r == 0,
-                        frees=tuple(frees) if r == 0 else (),
-                        nbytes=h2d_bytes[g],
-                        deps=tuple(deps),
+                        step,
+                        r == 0,
+                        tuple(frees) if r == 0 else (),
+                        h2d_bytes[g],
+                        0.0,
+                        tuple(deps),
                     )
                 )
 
     def gather(b: int, r: int, deps: tuple[Ref, ...] = ()) -> None:
         """Round r of block b assembled on every mover (after the op before it on the exchange
         stream, and ``deps``)."""
-        op = Op(ids(Kind.ALLGATHER, b, r), Kind.ALLGATHER, stream_of(Kind.ALLGATHER, L.upload), movers, b, r)
-        ops.append(op._replace(nbytes=gather_bytes, deps=deps))
+        kind = Kind.ALLGATHER
+        ops.append(Op(ids(kind, b, r), kind, stream[kind], movers, b, r, 0, False, (), gather_bytes, 0.0, deps))
 
     def fetch(b: int) -> None:
         """Block b's deferred update, write-back and exchange, on the ranks that hold it."""
@@ -345,38 +355,19 @@ def build(
                         )
                     )
             return
+        h2d_ids, update_ids, d2h_ids = round_ids[Kind.H2D][b], round_ids[Kind.UPDATE][b], round_ids[Kind.D2H][b]
+        unpacked = op_id(Kind.UNPACK, b)
         for r in range(rounds):
             for g in movers:
-                landed = (
-                    Ref(op_id(Kind.UNPACK, b), (g,))
-                    if kept and sharded
-                    else None
-                    if kept
-                    else Ref(ids(Kind.H2D, b, r), (g,))
-                )
-                ops.append(
-                    Op(
-                        ids(Kind.UPDATE, b, r),
-                        Kind.UPDATE,
-                        stream_of(Kind.UPDATE, L.upload),
-                        (g,),
-                        b,
-                        r,
-                        deps=(end_before,) + ((landed,) if landed else ()),
-                    )
-                )
+                rank = alone[g]
+                landed = Ref(unpacked, rank) if kept and sharded else None if kept else Ref(h2d_ids[r], rank)
+                # (positional: id, kind, stream, ranks, block, round, step, slot, frees, nbytes, flops, deps)
+                deps = (end_before, landed) if landed else (end_before,)
+                ops.append(Op(update_ids[r], Kind.UPDATE, stream[Kind.UPDATE], rank, b, r, 0, False, (), 0, 0.0, deps))
                 if not kept:
+                    after = (Ref(update_ids[r], rank),)
                     ops.append(
-                        Op(
-                            ids(Kind.D2H, b, r),
-                            Kind.D2H,
-                            stream_of(Kind.D2H, L.upload),
-                            (g,),
-                            b,
-                            r,
-                            nbytes=d2h_bytes[g],
-                            deps=(Ref(ids(Kind.UPDATE, b, r), (g,)),),
-                        )
+                        Op(d2h_ids[r], Kind.D2H, stream[Kind.D2H], rank, b, r, 0, False, (), d2h_bytes[g], 0.0, after)
                     )
             if sharded:
                 gather(b, r)
