@@ -293,11 +293,17 @@ class Machine:
     def gpus(self) -> list[str]:
         return [g.id for g in self.spec.gpus]
 
+    @cached_property
+    def _model_names(self) -> dict[str, str]:
+        """Each GPU's model name (the search asks a hundred thousand times; ``spec`` is never
+        changed in place: a profile makes a new Machine)."""
+        return {g.id: g.model for g in self.spec.gpus}
+
     def gpu_model(self, gpu: str) -> GpuModel:
-        return self.spec.gpu_models[next(g.model for g in self.spec.gpus if g.id == gpu)]
+        return self.spec.gpu_models[self._model_names[gpu]]
 
     def gpu_model_name(self, gpu: str) -> str:
-        return next(g.model for g in self.spec.gpus if g.id == gpu)
+        return self._model_names[gpu]
 
     @property
     def cpu_ranks_only(self) -> bool:
