@@ -27,6 +27,7 @@ import bisect
 import functools
 import gc
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -399,14 +400,24 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         for g in op.ranks:
             lanes[g, op.stream].append((op, index[op.id, op.ranks]))
 
-    def sequence(rank: str, stream: Stream) -> list[tuple[Op, int, int]]:
-        # a run's first uploads (the program's prologue), then the steps, each op in the step it
-        # is for (a carried upload of step s + 1 is issued during step s)
-        out = [(op, index[op.id, op.ranks], 0) for op in program.prologue(rank) if op.stream is stream]
-        out += [(op, kb, s + op.step) for s in range(STEPS) for op, kb in lanes[rank, stream] if s + op.step < STEPS]
-        return out
+    prologue = {
+        key: [(op, index[op.id, op.ranks]) for op in program.prologue(key[0]) if op.stream is key[1]] for key in lanes
+    }
 
-    sequences = {key: sequence(*key) for key in lanes}
+    def sequence(rank: str, stream: Stream, last: int = STEPS - 1) -> Iterator[tuple[Op, int, int]]:
+        """What a lane issues, in order, as (op, its index, the step it is for): a run's first
+        uploads (the program's prologue), then the steps up to ``last``, each op in the step it
+        is for (a carried upload of step s + 1 is issued during step s). A generator: a stopped
+        simulation walks a third of it."""
+        for op, kb in prologue[rank, stream]:
+            yield op, kb, 0
+        ops = lanes[rank, stream]
+        for s in range(last + 1):
+            for op, kb in ops:
+                step = s + op.step
+                if step <= last:
+                    yield op, kb, step
+
     # The early stop's bound on the rest of the reported step, by compute rank: a stream runs its
     # ops in order, so once an op of the step has ended, the compute stream's ops after it take
     # at least their own times before the step ends (it ends with the rank's host work).
@@ -414,7 +425,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     if limit_s is not None:
         for g in L.compute_gpus:
             after, total = rest_after.setdefault(g, {}), 0.0
-            for op, kb, step in reversed(sequences.get((g, Stream.COMPUTE), [])):
+            for op, kb, step in reversed(list(sequence(g, Stream.COMPUTE, REPORTED_STEP))):
                 if step == REPORTED_STEP:
                     after[kb] = total
                     act, arg = compiled[kb][2]
@@ -427,10 +438,10 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     # counts as done: the bound stays below the truth).
     must: dict[str, float] = defaultdict(float)
     h2d, d2h, gather = Kind.H2D, Kind.D2H, Kind.ALLGATHER
-    for (rank, stream), ops_ in sequences.items():
+    for rank, stream in lanes:
         if stream is Stream.COMPUTE:  # moves nothing
             continue
-        for op, kb, step in ops_:
+        for op, kb, step in sequence(rank, stream, REPORTED_STEP):  # (nothing after it counts)
             kind = op.kind
             if (kind is h2d and step <= REPORTED_STEP) or (kind is d2h and step < REPORTED_STEP):
                 nbytes, route, _ = compiled[kb][2][1]
@@ -457,7 +468,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         nonlocal mirror
         wake = yield
         where = stream.value
-        for _, kb, step in sequences.get((rank, stream), ()):
+        for _, kb, step in sequence(rank, stream) if (rank, stream) in lanes else ():
             (deps, frees, (act, arg), held, category, block, on_compute, slot, ranks, watched, unpack, label) = (
                 compiled[kb]
             )
@@ -596,7 +607,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         loop.clear()
         for process in processes:  # a simulation stopped early leaves them waiting
             process.close()
-        for container in (events, compiled, sequences, lanes, index, buffers, cores, net.flows):
+        for container in (events, compiled, prologue, lanes, index, buffers, cores, net.flows):
             container.clear()
         mirror = None
 
