@@ -448,6 +448,7 @@ def test_the_bound_names_a_close_runner_up_of_another_kind() -> None:
         ("rtx4090-4x", "opt-6.7b", 8, 256, "bf16"),
         ("l40s-8x", "llama-2-13b", 8, 256, "bf16"),
         ("cpu-local", "opt-125m", 4, 64, "fp32"),
+        ("cpu-local", "opt-350m", 16, 512, "fp32"),
     ],
 )
 def test_a_limited_simulation_stops_exactly_when_the_step_reaches_its_limit(
@@ -455,8 +456,8 @@ def test_a_limited_simulation_stops_exactly_when_the_step_reaches_its_limit(
 ) -> None:
     """A limited simulation raises Exceeded if and only if the step it would report reaches the
     limit, for limits a millionth below and above the step, on every kind of layout the search
-    tries (resident blocks included: their whole-block update has no barrier); most stop once the
-    reported step repeats the one before (sim._Mirror), early in it."""
+    tries (resident blocks included: their whole-block update has no barrier); on GPU machines,
+    most stop once the reported step repeats the one before (sim._Mirror), early in it."""
     import zoplan.sim as sim_module
     from zoplan.models import load_model_shape
     from zoplan.search import enumerate_layouts, fit
@@ -497,5 +498,7 @@ def test_a_limited_simulation_stops_exactly_when_the_step_reaches_its_limit(
             start, end = truth.window
             into.append((stops[-1] - start) / (end - start))
     assert len(kinds) >= 3
-    # most stopped before the middle of the step (small models: a few blocks are a large part)
-    assert into and statistics.median(into) < 0.5, into
+    if topology == "cpu-local":  # its ranks' streams queue for one core: no mirror there
+        assert not stops
+    else:  # most stopped before the middle of the step (small models: a few blocks are a large part)
+        assert into and statistics.median(into) < 0.5, into
