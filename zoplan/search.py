@@ -404,10 +404,6 @@ def search(
     simulated: list[Candidate] = []
     family_best: dict[tuple[int, int, str, int], float] = {}
     pruned = aborted = 0
-    # what each simulation found, by what it read (zoplan.sim.inputs_key): its result, or the
-    # step time it was proven to reach before it stopped. Layouts that differ only in what the
-    # simulation does not read (most often the micro-batch) are simulated once.
-    known: dict[tuple[object, ...], SimResult | float] = {}
 
     def limit_of(index: int) -> float | None | Literal["pruned"]:
         """The step time a candidate must beat as things stand (None: any): ``pruned`` when its
@@ -424,19 +420,10 @@ def search(
             return "pruned"
         return _limit_s(machine, workload, layout, limit, objective)
 
-    def ahead(index: int) -> tuple[tuple[object, ...], float | None] | None:
-        """What a worker should simulate for a candidate the search has not reached (its key and
-        limit as things stand), or None if the search will not need it simulated."""
-        limit_s = limit_of(index)
-        if limit_s == "pruned":
-            return None
-        key = sims.key(index)
-        seen = known.get(key)
-        if isinstance(seen, SimResult) or (seen is not None and limit_s is not None and seen >= limit_s):
-            return None
-        return key, limit_s
-
-    sims = _Simulations(fitting, ahead)
+    # what each simulation found is kept by what it read (zoplan.sim.inputs_key): layouts that
+    # differ only in what the simulation does not read (most often the micro-batch) are
+    # simulated once, and a twin proven slower than a limit is not simulated again
+    sims = _Simulations(fitting, limit_of)
     try:
         for weighed, (layout, bound, costs) in enumerate(fitting):
             if progress is not None:
@@ -445,21 +432,10 @@ def search(
             if limit_s == "pruned":
                 pruned += 1
                 continue
-            key = sims.key(weighed)
-            seen = known.get(key)
-            reached = seen.step_time_s if isinstance(seen, SimResult) else seen  # by a twin (None: none yet)
-            if limit_s is not None and reached is not None and reached >= limit_s:
-                aborted += 1  # a twin was proven no better than this limit
+            result = sims.answer(weighed, limit_s)
+            if isinstance(result, AtLeast):
+                aborted += 1  # proven no better than the limit, by its simulation or a twin's
                 continue
-            if isinstance(seen, SimResult):
-                result = seen
-            else:
-                answer = sims.answer(weighed, limit_s)
-                if isinstance(answer, AtLeast):
-                    known[key] = answer.limit_s
-                    aborted += 1  # proven no better than the limit partway through its simulation
-                    continue
-                result = known[key] = answer
             simulated.append(Candidate(layout, bound, _peak_memory(costs), costs.host_memory_bytes(), result))
             obj = _objective(machine, workload, layout, result.step_time_s, objective)
             family_best[family(layout)] = min(obj, family_best.get(family(layout), float("inf")))
@@ -484,17 +460,17 @@ def search(
 
 class _Simulations:
     """The simulations a search asks for, run in its own process or, once it has run for
-    ``parallel.START_AFTER_S``, on forked workers (zoplan.sim.parallel) that simulate ahead of it the
-    candidates ``ahead`` names. Answers are kept by what the simulation reads, so a twin's
-    answer serves every twin."""
+    ``parallel.START_AFTER_S``, on forked workers (zoplan.sim.parallel) that simulate ahead of it
+    the candidates it will reach next, each with the limit ``limit_of`` gives it now. Answers are
+    kept by what the simulation reads, so a twin's answer serves every twin."""
 
     def __init__(
         self,
         fitting: list[tuple[Layout, Bound, StepCosts]],
-        ahead: Callable[[int], tuple[tuple[object, ...], float | None] | None],
+        limit_of: Callable[[int], float | None | Literal["pruned"]],
     ) -> None:
         self.fitting = fitting
-        self.ahead = ahead
+        self.limit_of = limit_of
         self.keys: dict[int, tuple[object, ...]] = {}
         self.found: dict[tuple[object, ...], Answer | Exception] = {}
         self.flying: dict[tuple[object, ...], int] = {}  # key -> candidates in flight with it
@@ -567,10 +543,10 @@ class _Simulations:
         while self.workers.idle and self.next < len(self.fitting):
             index = self.next
             self.next += 1
-            wanted = self.ahead(index)
-            if wanted is None:
+            limit_s = self.limit_of(index)
+            if limit_s == "pruned":
                 continue
-            key, limit_s = wanted
+            key = self.key(index)
             found = self.found.get(key)
             if key in self.flying or isinstance(found, Exception):
                 continue

@@ -448,11 +448,11 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             continue
         for op, kb, step in sequence(rank, stream, REPORTED_STEP):  # (nothing after it counts)
             kind = op.kind
-            if (kind is h2d and step <= REPORTED_STEP) or (kind is d2h and step < REPORTED_STEP):
+            if kind is h2d or (kind is d2h and step < REPORTED_STEP):
                 nbytes, route, _ = compiled[kb][2][1]
                 for r in route:
                     must[r] += nbytes
-            elif kind is gather and step <= REPORTED_STEP and rank == op.ranks[0]:
+            elif kind is gather and rank == op.ranks[0]:
                 act, arg = compiled[kb][2]
                 if act == RING:
                     for path, _ in ring:

@@ -358,16 +358,12 @@ class StepCosts:
         # the update (a fused pass per tensor), then for each branch the small parts set to its
         # perturbation and the token table's looked-up rows drawn alone (runtime/engine.py
         # _update_resident, _set_resident, _embedding_rows); the output projection is the heads'
-        gm, sets = self._gm(gpu), L.branches_per_gpu
+        sets = L.branches_per_gpu
         table, _, small = self._resident_split()
-        update = elementwise_s(gm, m.resident_params(), L.param_dtype, 1) + z_draw_s(gm, m.resident_tensors())
+        update = self._set_s(gpu, m.resident_tensors())  # the same pass as setting them
         if table < ROWS_TABLE_MIN:  # a small table: every part set whole for each branch
-            return (
-                update
-                + sets * (elementwise_s(gm, m.resident_params(), L.param_dtype, 1) + z_draw_s(gm, m.resident_tensors()))
-                + lookup
-            )
-        branch = elementwise_s(gm, sum(small), L.param_dtype, 1) + z_draw_s(gm, small)
+            return update + sets * update + lookup
+        gm, branch = self._gm(gpu), self._set_s(gpu, small)
         rows = min(table, L.micro_batch * self.work.seq_len * m.embed_dim)  # at most one row a token
         looked_up = self.micro_batches * (z_draw_s(gm, (rows,)) + elementwise_s(gm, rows, "fp32", 2))
         return update + sets * (branch + looked_up) + lookup
@@ -394,15 +390,21 @@ class StepCosts:
             # each branch's head sets the output projection to its perturbation (a fused pass),
             # all but the first the small parts again; then every resident parameter gets its
             # master back (a copy)
-            gm, sets = self._gm(gpu), L.branches_per_gpu
+            sets = L.branches_per_gpu
             table, head, small = self._resident_split()
-            if table < ROWS_TABLE_MIN:  # in place from the last embedding: all but one set again
-                head, small = 0, m.resident_tensors()
-                sets -= 1
-            t += sets * (elementwise_s(gm, head, L.param_dtype, 1) + z_draw_s(gm, (head,)))
-            t += (L.branches_per_gpu - 1) * (elementwise_s(gm, sum(small), L.param_dtype, 1) + z_draw_s(gm, small))
-            t += elementwise_s(gm, m.resident_params(), L.param_dtype, 1)
+            if table < ROWS_TABLE_MIN:  # all set at the embedding: all but the last branch's again
+                t += (sets - 1) * self._set_s(gpu, m.resident_tensors())
+            else:
+                t += sets * self._set_s(gpu, (head,))
+                t += (sets - 1) * self._set_s(gpu, small)
+            t += elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, 1)
         return t
+
+    def _set_s(self, gpu: str, tensors: tuple[int, ...]) -> float:
+        """Resident tensors of these sizes set to a perturbation (or updated): a fused pass each,
+        z drawn in it (runtime/engine.py _set_resident)."""
+        gm = self._gm(gpu)
+        return elementwise_s(gm, sum(tensors), self.layout.param_dtype, 1) + z_draw_s(gm, tensors)
 
     def _resident_split(self) -> tuple[int, int, tuple[int, ...]]:
         """The resident parts as the runtime perturbs them: the token table's and the output
