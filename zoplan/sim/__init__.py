@@ -311,9 +311,11 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     cores = {g: Slots(loop, 1) for g in L.gpus if machine.gpu_model(g).kind == "cpu"}
 
     # ----- the program, compiled: each op's events by index, its cost as an action ---------------
-    index: dict[tuple[str, tuple[str, ...]], int] = {}
-    for op in program.ops:
-        index.setdefault((op.id, op.ranks), len(index))
+    # an op's index is its place in the program (an id names one op of the ranks it names)
+    ops = program.ops
+    index = {(op.id, op.ranks): i for i, op in enumerate(ops)}
+    if len(index) != len(ops):  # a bug in zoplan.program
+        raise RuntimeError(f"the step program names an op twice ({L})")
     index[END, ()] = len(index)
     # an op's event is made when something first waits for it; an op that ends before anyone
     # waits leaves ``done`` (most ops: a simulation makes half as many events)
@@ -372,56 +374,59 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             return NOTHING, None  # UNPACK: a copy on the device, free next to the transfers
         return TIMEOUT, seconds
 
-    compiled: dict[int, _Compiled] = {}  # by the op's index
-    for op in program.ops:
+    compiled: list[_Compiled] = []  # by the op's index
+    for op in ops:
+        kind, ranks = op.kind, op.ranks
         # the cores a CPU rank's op holds (an all-reduce of a few bytes is latency: none)
         held = (
-            ()
-            if not cores or op.kind in (Kind.ALLREDUCE, Kind.UNPACK)
-            else tuple(g for g in sorted(op.ranks) if g in cores)
+            () if not cores or kind in (Kind.ALLREDUCE, Kind.UNPACK) else tuple(g for g in sorted(ranks) if g in cores)
         )
         # a compute rank's own compute-stream work (its utilization); the all-reduce is a wait
-        on_compute = op.stream is Stream.COMPUTE and op.kind is not Kind.ALLREDUCE and not op.collective
-        compiled[index[op.id, op.ranks]] = (
-            refs(op.deps),
-            refs(op.frees),
-            action(op),
-            held,
-            CATEGORY[op.kind],
-            span_block(op.kind, op.block, model.layers),
-            on_compute,
-            op.slot,
-            op.ranks,
-            op.kind is Kind.BLOCK,
-            op.kind is Kind.UNPACK,
-            op.id,
+        on_compute = op.stream is Stream.COMPUTE and kind is not Kind.ALLREDUCE and len(ranks) == 1
+        compiled.append(
+            (
+                refs(op.deps) if op.deps else (),
+                refs(op.frees) if op.frees else (),
+                action(op),
+                held,
+                CATEGORY[kind],
+                op.block if op.block is not None else span_block(kind, None, model.layers),
+                on_compute,
+                op.slot,
+                ranks,
+                kind is Kind.BLOCK,
+                kind is Kind.UNPACK,
+                op.id,
+            )
         )
     arrived = [0] * len(events)  # members of a collective that have reached it, by its event's index
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
 
     lanes: dict[tuple[str, Stream], list[tuple[Op, int]]] = defaultdict(list)  # (op, its index)
-    for op in program.ops:
+    for kb, op in enumerate(ops):
         for g in op.ranks:
-            lanes[g, op.stream].append((op, index[op.id, op.ranks]))
+            lanes[g, op.stream].append((op, kb))
 
-    prologue = {
-        key: [(op, index[op.id, op.ranks]) for op in program.prologue(key[0]) if op.stream is key[1]] for key in lanes
-    }
+    # a run's first uploads (Program.prologue): each lane's ops carried into the step before
+    prologue = {key: [(op, kb) for op, kb in issued if op.step == 1] for key, issued in lanes.items()}
 
-    def sequence(rank: str, stream: Stream, last: int = STEPS - 1) -> Iterator[tuple[Op, int, int]]:
-        """What a lane issues, in order, as (op, its index, the step it is for): a run's first
+    # what the lanes walk: each op's index and the step it is issued in (1: the step before)
+    walks = {key: [(kb, op.step) for op, kb in issued] for key, issued in lanes.items()}
+
+    def sequence(rank: str, stream: Stream, last: int = STEPS - 1) -> Iterator[tuple[int, int]]:
+        """What a lane issues, in order, as (an op's index, the step it is for): a run's first
         uploads (the program's prologue), then the steps up to ``last``, each op in the step it
         is for (a carried upload of step s + 1 is issued during step s). A generator: a stopped
         simulation walks a third of it."""
-        for op, kb in prologue[rank, stream]:
-            yield op, kb, 0
-        ops = lanes[rank, stream]
+        for _, kb in prologue[rank, stream]:
+            yield kb, 0
+        walk = walks[rank, stream]
         for s in range(last + 1):
-            for op, kb in ops:
-                step = s + op.step
+            for kb, ahead in walk:
+                step = s + ahead
                 if step <= last:
-                    yield op, kb, step
+                    yield kb, step
 
     # The early stop's bound on the rest of the reported step, by compute rank: a stream runs its
     # ops in order, so once an op of the step has ended, the compute stream's ops after it take
@@ -430,7 +435,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     if limit_s is not None:
         for g in L.compute_gpus:
             after, total = rest_after.setdefault(g, {}), 0.0
-            for op, kb, step in reversed(list(sequence(g, Stream.COMPUTE, REPORTED_STEP))):
+            for kb, step in reversed(list(sequence(g, Stream.COMPUTE, REPORTED_STEP))):
                 if step == REPORTED_STEP:
                     after[kb] = total
                     act, arg = compiled[kb][2]
@@ -441,23 +446,28 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     # step before (an upload waits for its block's write-back of the step before). The early stop
     # bounds the reported step's end by what is left of them (what a link has moved in all
     # counts as done: the bound stays below the truth).
+    # Up to the reported step (1), a lane issues each op of a step twice: for steps 0 and 1 (an op
+    # carried into the step before, for step 0 in the prologue and for step 1 in step 0), and its
+    # write-backs for step 0 once. Every figure is a whole number of bytes (a ring step moves
+    # (n - 1)/n of a round that n movers split evenly), so the sums are exact in any order.
     must: dict[str, float] = defaultdict(float)
     h2d, d2h, gather = Kind.H2D, Kind.D2H, Kind.ALLGATHER
-    for rank, stream in lanes:
+    for (rank, stream), issued in lanes.items():
         if stream is Stream.COMPUTE:  # moves nothing
             continue
-        for op, kb, step in sequence(rank, stream, REPORTED_STEP):  # (nothing after it counts)
+        for op, kb in issued:
             kind = op.kind
-            if kind is h2d or (kind is d2h and step < REPORTED_STEP):
+            if kind is h2d or kind is d2h:
                 nbytes, route, _ = compiled[kb][2][1]
+                times = REPORTED_STEP + 1 if kind is h2d else REPORTED_STEP
                 for r in route:
-                    must[r] += nbytes
+                    must[r] += nbytes * times
             elif kind is gather and rank == op.ranks[0]:
                 act, arg = compiled[kb][2]
                 if act == RING:
                     for path, _ in ring:
                         for r in path:
-                            must[r] += arg
+                            must[r] += arg * (REPORTED_STEP + 1)
 
     def hopeless() -> bool:
         """The reported step cannot end before the deadline: some link has more left to carry
@@ -473,7 +483,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         nonlocal mirror
         wake = yield
         where = stream.value
-        for _, kb, step in sequence(rank, stream) if (rank, stream) in lanes else ():
+        for kb, step in sequence(rank, stream) if (rank, stream) in lanes else ():
             (deps, frees, (act, arg), held, category, block, on_compute, slot, ranks, watched, unpack, label) = (
                 compiled[kb]
             )
@@ -561,7 +571,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
 
     step_ends: list[float] = []
     snapshots: list[dict[str, float]] = []
-    last = [index[op.id, op.ranks] for op in program.ops if op.kind is Kind.HOST]
+    last = [kb for kb, op in enumerate(ops) if op.kind is Kind.HOST]
 
     def step_end() -> Process:
         wake = yield
@@ -612,7 +622,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         loop.clear()
         for process in processes:  # a simulation stopped early leaves them waiting
             process.close()
-        for container in (events, compiled, prologue, lanes, index, buffers, cores, net.flows):
+        for container in (events, compiled, prologue, lanes, walks, index, buffers, cores, net.flows):
             container.clear()
         mirror = None
 
