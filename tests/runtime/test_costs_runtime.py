@@ -81,3 +81,36 @@ def test_resident_tensors_are_the_runtimes_resident_parameters(name: str, tiny_d
     adapter = adapter_for(model.config.model_type)
     sizes = sorted(p.numel() for n, p in model.named_parameters() if not n.startswith(adapter.blocks_path + "."))
     assert sorted(load_model_shape(tiny_dirs[name]).resident_tensors()) == sizes
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_the_loss_copies_the_shifted_logits_only_for_several_sequences(rows: int) -> None:
+    """The cost model charges the next-token loss a copy of the shifted logits (8 bytes a logit)
+    when a micro-batch has several sequences, none for one (StepCosts.loss_s): the runtime's
+    loss_terms hands cross_entropy a view of the logits for one row, a copy for more."""
+    from zoplan.runtime import data as zdata
+
+    vocab, tokens = 11, 6
+    logits = torch.randn(rows, tokens, vocab)
+    labels = torch.randint(0, vocab, (rows, tokens))
+    ones = torch.ones(rows, tokens, dtype=torch.long)
+    batch = zdata.Batch(ones, ones, ones, labels, None, None, rows * (tokens - 1))
+    seen: list[torch.Tensor] = []
+    real = F.cross_entropy
+
+    def spy(input: torch.Tensor, *args, **kwargs):
+        seen.append(input)
+        return real(input, *args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(F, "cross_entropy", spy)
+    try:
+        loss, count = zdata.loss_terms(logits, batch, zdata.Task("lm"))
+    finally:
+        mp.undo()
+    assert count == rows * (tokens - 1)
+    shares = seen[0].untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+    assert shares == (rows == 1)
+    assert float(loss) == pytest.approx(
+        float(real(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), reduction="sum")), rel=1e-6
+    )

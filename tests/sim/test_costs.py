@@ -251,3 +251,35 @@ def test_cpu_ranks_that_meet_before_every_block_compute_slower_and_wait(tmp_path
     assert d.block_forward_s("rank0") == c.block_forward_s("rank0") and d.lockstep_wait_s() == 0.0
     gpu = load_topology("rtx4090-4x")
     assert all(gpu.gpu_model(g).lockstep == 1.0 and gpu.gpu_model(g).lockstep_wait_us == 0 for g in gpu.gpus)
+
+
+def test_the_head_charges_the_loss_passes_over_the_logits(tmp_path: Path) -> None:
+    """After its matrix product, each micro-batch's head computes the next-token loss: passes over
+    its fp32 logits that the product does not overlap. Per logit: the log-softmax and NLL
+    (LOSS_BYTES: 20 on a CPU rank, whose exponentials are slower than memory; 12 on a GPU), an
+    fp32 copy of logits made in a 2-byte dtype (6), and the copy of the shifted logits of several
+    sequences (8)."""
+    from zoplan.sim import costs as costs_module
+
+    machine = cpu_machine(tmp_path)
+    hbm = machine.gpu_model("rank0").hbm_gbps * 1e9
+    for mb, per_logit in ((1, 20), (2, 28)):
+        lay = layout(micro_batch=mb)
+        c = StepCosts(machine, WORK, lay)
+        assert c.loss_s("rank0") == pytest.approx(mb * WORK.seq_len * OPT.vocab * per_logit / hbm, rel=1e-12)
+        free = StepCosts(machine, WORK, lay)
+        mp = pytest.MonkeyPatch()
+        mp.setattr(costs_module.StepCosts, "loss_s", lambda self, gpu: 0.0)
+        try:
+            without = free.head_s("rank0")
+        finally:
+            mp.undo()
+        calls = c.micro_batches * lay.branches_per_gpu
+        assert c.head_s("rank0") - without == pytest.approx(calls * c.loss_s("rank0"), rel=1e-9)
+    dgx = load_topology("dgx-a100")
+    gpu_layout = dataclasses.replace(
+        layout(micro_batch=2), compute_gpus=("gpu0",), movers=("gpu0",), param_dtype="bf16", wire_dtype="bf16"
+    )
+    c = StepCosts(dgx, WORK, gpu_layout)
+    hbm = dgx.gpu_model("gpu0").hbm_gbps * 1e9
+    assert c.loss_s("gpu0") == pytest.approx(2 * WORK.seq_len * OPT.vocab * (12 + 6 + 8) / hbm, rel=1e-12)

@@ -47,6 +47,12 @@ GiB = 2**30
 GPU_RESERVE_BYTES = 2 * GiB
 # Host memory kept free for the OS, the Python processes and the data loader (assumption).
 HOST_RESERVE_BYTES = 16 * GiB
+# Bytes of memory traffic per logit of the next-token loss's log-softmax and NLL (read twice,
+# write once: 12). On a CPU rank the exponentials cost more than that traffic: torch's
+# cross_entropy over fp32 logits took 1.04-1.20 ns a logit on one thread of cpu-local (2 x 64
+# tokens of a 1405-word vocabulary; 1 x 512 of 50272: 1.20 ns), 20 bytes at its 16.6 GB/s
+# (python -m bench.cpu_figures, 2026-12-06).
+LOSS_BYTES = {"gpu": 12, "cpu": 20}
 # Elementwise passes of an update in torch ops (runtime/zo.py apply_update: z*g, step*lr, x - that,
 # the copy back), as an adapter's is applied
 UPDATE_PASSES = 4
@@ -385,7 +391,7 @@ class StepCosts:
             self.threads(gpu),
             self._side_by_side(gpu),
         )
-        t = one * self.micro_batches * L.branches_per_gpu
+        t = (one + self.loss_s(gpu)) * self.micro_batches * L.branches_per_gpu
         if self._z_costs(gpu) and not self.frozen:
             # each branch's head sets the output projection to its perturbation (a fused pass),
             # all but the first the small parts again; then every resident parameter gets its
@@ -399,6 +405,18 @@ class StepCosts:
                 t += (sets - 1) * self._set_s(gpu, small)
             t += elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, 1)
         return t
+
+    def loss_s(self, gpu: str) -> float:
+        """The next-token loss of one micro-batch of one branch, after its logits: memory passes
+        over the logits (runtime/data.py loss_terms), which the head's matrix product does not
+        overlap. Per logit: the log-softmax reads them twice and writes once and the NLL gathers
+        (``LOSS_BYTES``, a CPU rank's exponentials slower than that); logits made in a 2-byte
+        dtype are first made fp32 (read 2, write 4), and with several sequences the shifted
+        logits are copied (read and write 4)."""
+        m, L, gm = self.model, self.layout, self._gm(gpu)
+        per_logit = LOSS_BYTES[gm.kind] + (6 if DTYPE_BYTES[L.param_dtype] < 4 else 0) + (8 if L.micro_batch > 1 else 0)
+        logits = L.micro_batch * self.work.seq_len * m.vocab
+        return logits * per_logit / (gm.hbm_gbps * 1e9) / thread_speedup(gm, self.threads(gpu))
 
     def _set_s(self, gpu: str, tensors: tuple[int, ...]) -> float:
         """Resident tensors of these sizes set to a perturbation (or updated): a fused pass each,
