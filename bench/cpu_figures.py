@@ -5,7 +5,8 @@ One thread per process, as a CPU rank runs:
   768 -> 3072, 3072 -> 768, 768 -> 768), the median; and 2048^3 for reference;
 - copy bandwidth, one process alone and one per core at once (the memory bus);
 - the runtime's own overheads: host time per tensor op of a block's forward (a tiny OPT block:
-  its time over its aten op count), the z generator's fixed cost per call and cost per element
+  its time over its aten op count), what an op of a once-a-step stage costs beyond that (the
+  embedding's forward right after the blocks' and head's, against the same run hot), the z generator's fixed cost per call and cost per element
   (zoplan.runtime.perturb), one collective call between two gloo ranks, two ranks that compute
   and meet in lockstep (how much slower each computes, and the wait at each meeting), and the
   training loop's host work per step (tokenizing a batch of 4 texts, writing a journal line).
@@ -114,6 +115,60 @@ def forward_op_us(reps: int) -> tuple[float, int]:
             block(hidden, **kwargs)
         seconds = statistics.median(timed(lambda: block(hidden, **kwargs), reps) for _ in range(5))
     return seconds / count.n * 1e6, count.n
+
+
+def cold_op_us(reps: int) -> tuple[float, int]:
+    """What a tensor op of a once-a-step stage costs beyond ``op_us``: a tiny OPT model's forward
+    up to its first block (its embedding stage, micro-batch 2 x 64 tokens) run right after a pass
+    of its 4 blocks and its head, as a step runs it, against the same forward run over and over;
+    the difference per aten op of that forward."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=4, vocab_size=1405, word_embed_proj_dim=64
+    )
+    model = OPTForCausalLM(config).eval()
+    blocks = model.model.decoder.layers
+    ids = torch.randint(0, 1000, (2, 64))
+    hidden = torch.randn(2, 64, 64)
+
+    class Stop(Exception):
+        pass
+
+    def stop(module, args, kwargs):
+        raise Stop
+
+    def embed() -> None:
+        handle = blocks[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            model(input_ids=ids, use_cache=False)
+        except Stop:
+            pass
+        finally:
+            handle.remove()
+
+    def rest() -> None:
+        x = hidden
+        for block in blocks:
+            out = block(x)
+            x = out[0] if isinstance(out, tuple) else out
+        model.lm_head(model.model.decoder.final_layer_norm(x))
+
+    with torch.no_grad():
+        count = _Count()
+        with count:
+            embed()
+        hot = statistics.median(timed(embed, reps) for _ in range(5))
+        cold = []
+        for _ in range(5):
+            spent = 0.0
+            for _ in range(reps):
+                rest()
+                t0 = time.perf_counter()
+                embed()
+                spent += time.perf_counter() - t0
+            cold.append(spent / reps)
+    return max(0.0, statistics.median(cold) - hot) / count.n * 1e6, count.n
 
 
 def z_figures(quick: bool) -> tuple[float, float, str]:
@@ -289,6 +344,10 @@ def main() -> None:
     )
     op_us, ops = forward_op_us(20 if opts.quick else 100)
     print(f"forward: host time per tensor op:          {op_us:8.1f} us (tiny OPT block, {ops} aten ops)", flush=True)
+    cold_us, cold_ops = cold_op_us(20 if opts.quick else 100)
+    print(
+        f"a once-a-step stage's op, beyond that:     {cold_us:8.1f} us (embedding after the blocks, {cold_ops} aten ops)"
+    )
     call_us, z_ns, kernel = z_figures(opts.quick)
     print(f"z ({kernel}): per call, per element:  {call_us:8.1f} us, {z_ns:.2f} ns", flush=True)
     coll, coll_gbps = collective_figures()
@@ -305,6 +364,7 @@ def main() -> None:
         "matmul_efficiency": 1.0,
         "threads_efficiency": round(efficiency, 2),
         "op_us": round(op_us, 1),
+        "cold_op_us": round(cold_us, 1),
         "z_call_us": round(call_us),
         "z_ns": round(z_ns, 2),
         "collective_us": round(coll),

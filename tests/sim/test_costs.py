@@ -17,7 +17,7 @@ from zoplan.sim import simulate
 from zoplan.topology import load_topology
 
 CPU_LOCAL = Path(__file__).resolve().parents[2] / "topologies" / "cpu-local.yaml"
-RUNTIME_KEYS = ("op_us", "z_ns", "z_call_us", "collective_us", "collective_gbps", "loop_us")
+RUNTIME_KEYS = ("op_us", "cold_op_us", "z_ns", "z_call_us", "collective_us", "collective_gbps", "loop_us")
 
 
 def cpu_machine(tmp_path: Path, **figures: float):
@@ -283,3 +283,29 @@ def test_the_head_charges_the_loss_passes_over_the_logits(tmp_path: Path) -> Non
     c = StepCosts(dgx, WORK, gpu_layout)
     hbm = dgx.gpu_model("gpu0").hbm_gbps * 1e9
     assert c.loss_s("gpu0") == pytest.approx(2 * WORK.seq_len * OPT.vocab * (12 + 6 + 8) / hbm, rel=1e-12)
+
+
+def test_the_once_a_step_stages_pay_their_cold_ops(tmp_path: Path) -> None:
+    """The embedding and the head, run once a step after the blocks' passes, pay cold_op_us on
+    top of op_us for each tensor op and kernel call the runtime issues there: the model's ops
+    per micro-batch and branch, and the resident tensors' fused calls and copies back
+    (runtime/engine.py _update_resident, _set_resident, _embedding_rows). A block pays none."""
+    lay = layout()
+    branches = lay.branches_per_gpu
+    tensors = len(OPT.resident_tensors())
+    small = tensors - 1  # opt-125m ties its head: the token table is the output projection
+    for work, table_rows in ((WORK, True), (Workload(dataclasses.replace(OPT, vocab=1000), 4, 64), False)):
+        base = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=1.0), work, lay)
+        cold = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=1.0, cold_op_us=10.0), work, lay)
+        mbs = base.micro_batches
+        if table_rows:
+            embed_calls = tensors + branches * (small + mbs)
+            head_calls = branches + (branches - 1) * small + tensors
+        else:
+            embed_calls = (1 + branches) * tensors
+            head_calls = (branches - 1) * tensors + tensors
+        embed_calls += RUNTIME_OPS["opt"]["embed"] * mbs * branches
+        head_calls += RUNTIME_OPS["opt"]["head"] * mbs * branches
+        assert cold.embed_s("rank0") - base.embed_s("rank0") == pytest.approx(embed_calls * 10e-6, rel=1e-9)
+        assert cold.head_s("rank0") - base.head_s("rank0") == pytest.approx(head_calls * 10e-6, rel=1e-9)
+        assert cold.block_forward_s("rank0") == base.block_forward_s("rank0")

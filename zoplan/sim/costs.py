@@ -111,6 +111,11 @@ def z_draw_s(gm: GpuModel, sizes: Iterable[int]) -> float:
     return sum(gm.z_call_us * 1e-6 + n * gm.z_ns * 1e-9 for n in sizes if n)
 
 
+def _calls(sizes: Iterable[int]) -> int:
+    """The kernel calls of a pass over tensors of these sizes (one a tensor that has elements)."""
+    return sum(1 for n in sizes if n)
+
+
 class StepCosts:
     """Per-operation costs of one layout on one machine for one workload."""
 
@@ -357,22 +362,28 @@ class StepCosts:
         ops = (RUNTIME_OPS[m.family]["embed"] + self.work.tuning.embed_ops()) * self.micro_batches * L.branches_per_gpu
         lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops, lockstep=self._side_by_side(gpu))
         if self.frozen:  # the adapter (fp32) updated, then one copy of it per branch perturbed
-            return lookup + self.adapter_s(gpu)
+            return lookup + self.adapter_s(gpu) + self._cold_s(gpu, ops)
         if not self._z_costs(gpu):
             passes = 1 + self.perturb_passes()
-            return elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes) + lookup
+            return (
+                elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, passes)
+                + lookup
+                + self._cold_s(gpu, ops)
+            )
         # the update (a fused pass per tensor), then for each branch the small parts set to its
         # perturbation and the token table's looked-up rows drawn alone (runtime/engine.py
         # _update_resident, _set_resident, _embedding_rows); the output projection is the heads'
         sets = L.branches_per_gpu
         table, _, small = self._resident_split()
         update = self._set_s(gpu, m.resident_tensors())  # the same pass as setting them
+        tensors = _calls(m.resident_tensors())
         if table < ROWS_TABLE_MIN:  # a small table: every part set whole for each branch
-            return update + sets * update + lookup
+            return update + sets * update + lookup + self._cold_s(gpu, ops + (1 + sets) * tensors)
         gm, branch = self._gm(gpu), self._set_s(gpu, small)
         rows = min(table, L.micro_batch * self.work.seq_len * m.embed_dim)  # at most one row a token
         looked_up = self.micro_batches * (z_draw_s(gm, (rows,)) + elementwise_s(gm, rows, "fp32", 2))
-        return update + sets * (branch + looked_up) + lookup
+        calls = ops + tensors + sets * (_calls(small) + self.micro_batches)
+        return update + sets * (branch + looked_up) + lookup + self._cold_s(gpu, calls)
 
     def head_s(self, gpu: str) -> float:
         if self.profile is not None:
@@ -392,19 +403,31 @@ class StepCosts:
             self._side_by_side(gpu),
         )
         t = (one + self.loss_s(gpu)) * self.micro_batches * L.branches_per_gpu
+        calls = RUNTIME_OPS[m.family]["head"] * self.micro_batches * L.branches_per_gpu
         if self._z_costs(gpu) and not self.frozen:
             # each branch's head sets the output projection to its perturbation (a fused pass),
             # all but the first the small parts again; then every resident parameter gets its
             # master back (a copy)
             sets = L.branches_per_gpu
             table, head, small = self._resident_split()
+            tensors = _calls(m.resident_tensors())
             if table < ROWS_TABLE_MIN:  # all set at the embedding: all but the last branch's again
                 t += (sets - 1) * self._set_s(gpu, m.resident_tensors())
+                calls += (sets - 1) * tensors
             else:
                 t += sets * self._set_s(gpu, (head,))
                 t += (sets - 1) * self._set_s(gpu, small)
+                calls += sets + (sets - 1) * _calls(small)
             t += elementwise_s(self._gm(gpu), m.resident_params(), L.param_dtype, 1)
-        return t
+            calls += tensors  # the copies back
+        return t + self._cold_s(gpu, calls)
+
+    def _cold_s(self, gpu: str, calls: int) -> float:
+        """What ``calls`` tensor ops and kernel calls of a once-a-step stage (embedding, head) cost
+        beyond ``op_us``: the device's ``cold_op_us`` each (its code and data come back cold after
+        the blocks' passes), as slow as the rest of its op issue beside other ranks."""
+        gm = self._gm(gpu)
+        return calls * gm.cold_op_us * 1e-6 * (gm.lockstep if self._side_by_side(gpu) else 1.0)
 
     def loss_s(self, gpu: str) -> float:
         """The next-token loss of one micro-batch of one branch, after its logits: memory passes

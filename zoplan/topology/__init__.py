@@ -56,6 +56,14 @@ class GpuModel(Strict):
         le=1e6,
         description="host time per tensor op of a forward pass (dispatch, the modules' Python, a kernel launch)",
     )
+    cold_op_us: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="host time a tensor op or kernel call of a once-a-step stage (the embedding, the "
+        "resident parameters' update and perturbation, head and loss) adds to op_us: its code and data "
+        "come back cold from the caches after the blocks' passes",
+    )
     z_ns: float = Field(
         0.0,
         ge=0,

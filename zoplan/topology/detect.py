@@ -78,6 +78,7 @@ CPU_LINK_LATENCY_US = 5.0  # per copy call: Python and dispatcher overhead, as i
 CPU_THREADS_EFFICIENCY = 0.8
 CPU_RUNTIME = {
     "op_us": 20,
+    "cold_op_us": 30,
     "z_call_us": 100,
     "z_ns": 6,
     "collective_us": 1000,
