@@ -253,7 +253,16 @@ def test_presets_match_the_bundled_topologies(topology: str, model: str) -> None
     # the runtime's own work: none charged on GPUs (zoplan.sim.costs; tests/sim/test_costs.py)
     runtime = {
         k: figures.pop(k)
-        for k in ("op_us", "cold_op_us", "z_ns", "z_call_us", "z_first_ns", "collective_us", "collective_gbps", "loop_us")
+        for k in (
+            "op_us",
+            "cold_op_us",
+            "z_ns",
+            "z_call_us",
+            "z_first_ns",
+            "collective_us",
+            "collective_gbps",
+            "loop_us",
+        )
     }
     assert set(runtime.values()) == {0.0}
     assert figures.pop("threads_efficiency") == 1.0  # a CPU rank's figures
