@@ -85,9 +85,8 @@ def test_resident_tensors_are_the_runtimes_resident_parameters(name: str, tiny_d
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_the_loss_copies_the_shifted_logits_only_for_several_sequences(rows: int) -> None:
-    """The cost model charges the next-token loss a copy of the shifted logits (8 bytes a logit)
-    when a micro-batch has several sequences, none for one (StepCosts.loss_s): the runtime's
-    loss_terms hands cross_entropy a view of the logits for one row, a copy for more."""
+    """What StepCosts.loss_s leaves out, as it says: the runtime's loss_terms hands
+    cross_entropy a view of the logits for one sequence and a copy (8 bytes a logit) for more."""
     from zoplan.runtime import data as zdata
 
     vocab, tokens = 11, 6

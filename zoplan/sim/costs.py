@@ -434,10 +434,12 @@ class StepCosts:
         over the logits (runtime/data.py loss_terms), which the head's matrix product does not
         overlap. Per logit: the log-softmax reads them twice and writes once and the NLL gathers
         (``LOSS_BYTES``, a CPU rank's exponentials slower than that); logits made in a 2-byte
-        dtype are first made fp32 (read 2, write 4), and with several sequences the shifted
-        logits are copied (read and write 4)."""
+        dtype are first made fp32 (read 2, write 4). Left out: with several sequences the shifted
+        logits are copied (read and write 4 more a logit): a cost that depends on the micro-batch
+        would make the micro-batches of a block that costs the same distinct simulations for the
+        search (``zoplan.sim.inputs_key``), for a few percent of a step at most."""
         m, L, gm = self.model, self.layout, self._gm(gpu)
-        per_logit = LOSS_BYTES[gm.kind] + (6 if DTYPE_BYTES[L.param_dtype] < 4 else 0) + (8 if L.micro_batch > 1 else 0)
+        per_logit = LOSS_BYTES[gm.kind] + (6 if DTYPE_BYTES[L.param_dtype] < 4 else 0)
         logits = L.micro_batch * self.work.seq_len * m.vocab
         return logits * per_logit / (gm.hbm_gbps * 1e9) / thread_speedup(gm, self.threads(gpu))
 
