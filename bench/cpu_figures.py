@@ -6,7 +6,8 @@ One thread per process, as a CPU rank runs:
 - copy bandwidth, one process alone and one per core at once (the memory bus);
 - the runtime's own overheads: host time per tensor op of a block's forward (a tiny OPT block:
   its time over its aten op count), what an op of a once-a-step stage costs beyond that (the
-  embedding's forward right after the blocks' and head's, against the same run hot), the z generator's fixed cost per call and cost per element
+  embedding's forward right after the blocks' and head's, against the same run hot), the
+  next-token loss per logit (what the cost model's ``LOSS_BYTES`` stands for on a CPU rank), the z generator's fixed cost per call and cost per element
   (zoplan.runtime.perturb), one collective call between two gloo ranks, two ranks that compute
   and meet in lockstep (how much slower each computes, and the wait at each meeting), and the
   training loop's host work per step (tokenizing a batch of 4 texts, writing a journal line).
@@ -169,6 +170,25 @@ def cold_op_us(reps: int) -> tuple[float, int]:
                 spent += time.perf_counter() - t0
             cold.append(spent / reps)
     return max(0.0, statistics.median(cold) - hot) / count.n * 1e6, count.n
+
+
+def loss_ns(reps: int) -> float:
+    """The next-token loss as the runtime computes it (runtime/data.py loss_terms: the shifted
+    logits, cross_entropy summed) over fp32 logits of one sequence of 128 tokens and OPT's
+    50272-word vocabulary (26 MB: beyond the caches, as a real model's logits are; small enough
+    that the allocator keeps reusing its memory), nanoseconds a logit: what
+    zoplan.sim.costs.LOSS_BYTES stands for on a CPU rank, at its copy rate."""
+    import torch.nn.functional as F
+
+    vocab, tokens = 50272, 128
+    logits = torch.randn(1, tokens, vocab)
+    labels = torch.randint(0, vocab, (1, tokens))
+
+    def loss() -> None:
+        predicted = logits[:, :-1, :].float().reshape(-1, vocab)
+        F.cross_entropy(predicted, labels[:, 1:].reshape(-1), reduction="sum").item()
+
+    return statistics.median(timed(loss, reps) for _ in range(5)) / ((tokens - 1) * vocab) * 1e9
 
 
 def z_figures(quick: bool) -> tuple[float, float, str]:
@@ -347,6 +367,12 @@ def main() -> None:
     cold_us, cold_ops = cold_op_us(20 if opts.quick else 100)
     print(
         f"a once-a-step stage's op, beyond that:     {cold_us:8.1f} us (embedding after the blocks, {cold_ops} aten ops)"
+    )
+    per_logit = loss_ns(3 if opts.quick else 10)
+    print(
+        f"next-token loss, fp32 logits:              {per_logit:8.2f} ns a logit "
+        f"({per_logit * 2 * alone:.1f} bytes at 2 x {alone:.2f} GB/s)",
+        flush=True,
     )
     call_us, z_ns, kernel = z_figures(opts.quick)
     print(f"z ({kernel}): per call, per element:  {call_us:8.1f} us, {z_ns:.2f} ns", flush=True)

@@ -48,10 +48,10 @@ GPU_RESERVE_BYTES = 2 * GiB
 # Host memory kept free for the OS, the Python processes and the data loader (assumption).
 HOST_RESERVE_BYTES = 16 * GiB
 # Bytes of memory traffic per logit of the next-token loss's log-softmax and NLL (read twice,
-# write once: 12). On a CPU rank the exponentials cost more than that traffic: torch's
-# cross_entropy over fp32 logits took 1.04-1.20 ns a logit on one thread of cpu-local (2 x 64
-# tokens of a 1405-word vocabulary; 1 x 512 of 50272: 1.20 ns), 20 bytes at its 16.6 GB/s
-# (python -m bench.cpu_figures, 2026-12-06).
+# write once: 12). A CPU rank's take longer: the runtime's loss over the fp32 logits of 128
+# tokens of OPT's vocabulary took 1.10 ns a logit on one thread of cpu-local (python -m
+# bench.cpu_figures, 2026-12-06 03:46 UTC; 1.18-1.21 ns in three more runs that hour): about 20
+# bytes at its 16.6 GB/s. Logits that fit the caches take less (a tiny model's 64 x 1405: 0.67 ns).
 LOSS_BYTES = {"gpu": 12, "cpu": 20}
 # Elementwise passes of an update in torch ops (runtime/zo.py apply_update: z*g, step*lr, x - that,
 # the copy back), as an adapter's is applied
