@@ -56,14 +56,16 @@ def test_layouts_that_simulate_alike_are_simulated_once(monkeypatch: pytest.Monk
     often the micro-batch) share one simulation; each keeps the result its own would give."""
     from zoplan import search as search_module
     from zoplan.sim import simulate
+    from zoplan.sim.parallel import simulate_answer
 
     calls: list[Layout] = []
 
-    def counting(costs: StepCosts, **kwargs):
+    def counting(costs: StepCosts, limit_s: float | None):
         calls.append(costs.layout)
-        return simulate(costs, **kwargs)
+        return simulate_answer(costs, limit_s)
 
-    monkeypatch.setattr(search_module, "simulate", counting)
+    monkeypatch.setenv("ZOPLAN_PLAN_WORKERS", "1")  # every simulation in this process, counted
+    monkeypatch.setattr(search_module, "simulate_answer", counting)
     machine = load_topology("rtx4090-4x")
     work = Workload(load_model_shape("opt-1.3b"), 8, 256)
     result = search(machine, work, exhaustive=True)
@@ -466,13 +468,13 @@ def test_a_failing_or_interrupted_search_stops_its_workers(monkeypatch: pytest.M
     calls = {"n": 0}
     from zoplan import search as search_module
 
-    real = search_module.simulate
+    real = search_module.simulate_answer
 
-    def here(costs: StepCosts, record: bool = False, limit_s: float | None = None) -> object:
+    def here(costs: StepCosts, limit_s: float | None) -> object:
         calls["n"] += 1
-        return real(costs, record=record, limit_s=limit_s)
+        return real(costs, limit_s)
 
-    monkeypatch.setattr(search_module, "simulate", here)
+    monkeypatch.setattr(search_module, "simulate_answer", here)
     monkeypatch.setattr(parallel, "simulate", broken)
     with pytest.raises(RuntimeError, match="ValueError: a bug in the simulator"):
         search(machine, work)

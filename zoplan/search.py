@@ -25,9 +25,9 @@ from zoplan.layout import Layout, Pins, capacity_shares, divisors
 from zoplan.vocab import DTYPE_BYTES
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK
 from zoplan.models import ModelShape
-from zoplan.sim import Exceeded, SimResult, inputs_key, simulate
+from zoplan.sim import SimResult, inputs_key, simulate
 from zoplan.sim import parallel
-from zoplan.sim.parallel import AtLeast, Answer, Workers, answers, workers_wanted
+from zoplan.sim.parallel import AtLeast, Answer, Workers, answers, simulate_answer, workers_wanted
 from zoplan.topology import Machine
 
 DTYPES = tuple(DTYPE_BYTES)
@@ -508,16 +508,10 @@ class _Simulations:
             self._collect()  # the answer wanted, or a worker free for it
 
     def _here(self, index: int, key: tuple[object, ...], limit_s: float | None) -> Answer:
-        costs = self.fitting[index][2]
         t0 = time.perf_counter()
-        answer: Answer
         try:
-            answer = simulate(costs, limit_s=limit_s)
-        except Exceeded:
-            assert limit_s is not None  # only a limited simulation stops early
-            answer = AtLeast(limit_s)
+            answer = simulate_answer(self.fitting[index][2], limit_s)
         finally:
-            costs.release_program()
             self.spent_s += time.perf_counter() - t0
         self._keep(key, answer)
         return answer

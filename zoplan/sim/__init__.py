@@ -409,7 +409,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
             lanes[g, op.stream].append((op, kb))
 
     # a run's first uploads (Program.prologue): each lane's ops carried into the step before
-    prologue = {key: [(op, kb) for op, kb in issued if op.step == 1] for key, issued in lanes.items()}
+    prologue = {key: [kb for op, kb in issued if op.step == 1] for key, issued in lanes.items()}
 
     # what the lanes walk: each op's index and the step it is issued in (1: the step before)
     walks = {key: [(kb, op.step) for op, kb in issued] for key, issued in lanes.items()}
@@ -419,7 +419,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         uploads (the program's prologue), then the steps up to ``last``, each op in the step it
         is for (a carried upload of step s + 1 is issued during step s). A generator: a stopped
         simulation walks a third of it."""
-        for _, kb in prologue[rank, stream]:
+        for kb in prologue[rank, stream]:
             yield kb, 0
         walk = walks[rank, stream]
         for s in range(last + 1):

@@ -121,22 +121,13 @@ class FlowNet:
 
     def _recompute(self) -> None:
         self._pending = False
-        # every flow advanced to now (``_advance``, in the same loop), then sorted: a flow is done
-        # when its bytes are (to rounding), or when what is left would take less than the clock
-        # can resolve at this time (now + dt == now would never advance)
+        self._advance()
+        # a flow is done when its bytes are (to rounding), or when what is left would take less
+        # than the clock can resolve at this time (now + dt == now would never advance)
         flows, loop = self.flows, self.loop
-        now = loop.now
-        dt = now - self._last
-        self._last = now
-        moved = self._moved
-        resolution = max(abs(now) * 1e-13, 1e-15)
+        resolution = max(abs(loop.now) * 1e-13, 1e-15)
         finished, routes = [], []  # and the routes of the others, in order: the allocation's key
         for f in flows.values():
-            if dt > 0:
-                step = f.rate * dt
-                f.remaining -= step
-                for r in f.links:
-                    moved[r] += step
             if f.remaining <= f.least or (f.rate > 0 and f.remaining / f.rate <= resolution):
                 finished.append(f)
             else:

@@ -71,6 +71,19 @@ def answers(answer: Answer, limit_s: float | None) -> Answer | None:
     return None
 
 
+def simulate_answer(costs: StepCosts, limit_s: float | None) -> Answer:
+    """``simulate(costs, limit_s=limit_s)`` as an answer: the result, or ``AtLeast(limit_s)``
+    where it raises Exceeded. The program is released after (a search keeps every candidate's
+    costs, but needs a program only while it simulates it)."""
+    try:
+        return simulate(costs, limit_s=limit_s)
+    except Exceeded:
+        assert limit_s is not None  # only a limited simulation stops early
+        return AtLeast(limit_s)
+    finally:
+        costs.release_program()
+
+
 def _serve(conn: Connection, candidates: list[StepCosts], inherited: list[Connection]) -> None:
     """A worker: simulate the candidates asked for until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the search handles Ctrl-C and stops its workers
@@ -84,17 +97,11 @@ def _serve(conn: Connection, candidates: list[StepCosts], inherited: list[Connec
         if asked is None:
             return
         index, limit_s = asked
-        costs = candidates[index]
         reply: object
         try:
-            reply = simulate(costs, limit_s=limit_s)
-        except Exceeded:
-            assert limit_s is not None
-            reply = AtLeast(limit_s)
+            reply = simulate_answer(candidates[index], limit_s)
         except Exception as exc:  # a bug in the simulator: the search raises it where it needs it
             reply = RuntimeError(f"{type(exc).__name__}: {exc}")
-        finally:
-            costs.release_program()
         conn.send((index, reply))
 
 
