@@ -80,6 +80,8 @@ CONFIG_FILES = sorted((REPO / "tests" / "fixtures" / "configs").glob("*/config.j
 COUNTS: Counter[str] = Counter()  # inputs tried, per loader
 KNOWN_HITS: Counter[str] = Counter()  # inputs that hit a known product bug, per bug
 RAN: set[str] = set()  # fuzz tests that ran (the count check needs all of them)
+# one worker runs this file's tests, in order, so the last sees what the others tried
+pytestmark = pytest.mark.xdist_group("fuzz_loaders")
 
 N_TOPO_BYTES, N_TOPO_TREE, N_TOPO_NASTY, N_TOPO_PLAN = 300, 250, 150, 80
 N_PLAN_TREE, N_PLAN_BYTES, N_PLAN_NASTY = 250, 250, 100
