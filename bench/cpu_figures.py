@@ -9,7 +9,8 @@ One thread per process, as a CPU rank runs:
   embedding's forward right after the blocks' and head's, against the same run hot), the
   next-token loss per logit (what the cost model's ``LOSS_BYTES`` stands for on a CPU rank), the z generator's fixed cost per call and cost per element
   (zoplan.runtime.perturb), one collective call between two gloo ranks, two ranks that compute
-  and meet in lockstep (how much slower each computes, and the wait at each meeting), and the
+  and meet in lockstep through shared memory as the runtime's do before each whole block (how
+  much slower each computes, and what each meeting costs), and the
   training loop's host work per step (tokenizing a batch of 4 texts, writing a journal line).
 
 Usage: python -m bench.cpu_figures [--quick] [--write FILE]   (needs torch and transformers;
@@ -247,57 +248,69 @@ def collective_figures() -> tuple[float, float]:
 
 
 LOCKSTEP_BLOCKS = (1, 4)  # tiny blocks between two meetings: the figures' two points
+LOCKSTEP_ROUNDS = 3  # the two points timed in turn this many times; each figure the median of its rounds
 
 
-def _lockstep_rank(rank: int, port: int, results, reps: int) -> None:
-    import torch.distributed as dist
+def _lockstep_rank(rank: int, folder: str, results, reps: int) -> None:
+    from zoplan.runtime.dist import NodeBarrier
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    barrier = NodeBarrier(Path(folder) / "barrier", 2, rank)
     block, hidden, kwargs = tiny_block()
-    flag = torch.zeros(1)
     with torch.no_grad():
-        for slot, blocks in enumerate(LOCKSTEP_BLOCKS):
+        for r in range(LOCKSTEP_ROUNDS):
+            for slot, blocks in enumerate(LOCKSTEP_BLOCKS):
+                waited = [0.0]
 
-            def meet() -> None:
-                for _ in range(blocks):
-                    block(hidden, **kwargs)
-                dist.all_reduce(flag)
+                def meet() -> None:
+                    for _ in range(blocks):
+                        block(hidden, **kwargs)
+                    t = time.perf_counter()
+                    barrier.wait()
+                    waited[0] += time.perf_counter() - t
 
-            for _ in range(20):
-                meet()
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                meet()
-            results[2 * slot + rank] = (time.perf_counter() - t0) / reps
-    dist.destroy_process_group()
+                for _ in range(20):
+                    meet()
+                waited[0] = 0.0
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    meet()
+                at = (r * len(LOCKSTEP_BLOCKS) + slot) * 2 + rank
+                results[2 * at] = (time.perf_counter() - t0) / reps
+                results[2 * at + 1] = waited[0] / reps
+    barrier.close()
 
 
-def lockstep_figures(call_us: float, quick: bool) -> tuple[float, float]:
-    """Two gloo ranks that compute and then meet, as CPU ranks do before every block: how much
-    slower each computes than one process alone (the ratio of a tiny block's time in lockstep to
-    its time alone), and what each meeting costs beyond an idle collective call (``call_us``),
-    in microseconds: waiting for the other rank's noise. From the time of an iteration with 1
-    and with 4 blocks between meetings: the slope is a block in lockstep, the rest the meeting."""
+def lockstep_figures(quick: bool) -> tuple[float, float]:
+    """Two CPU ranks that compute and then meet as the runtime's ranks do before every whole block
+    (zoplan.runtime.dist.NodeBarrier, through shared memory): how much slower each computes than
+    one process alone (the ratio of a tiny block's time in lockstep to its time alone: the slope
+    of an iteration's time from 1 to 4 blocks between meetings), and what each meeting costs in
+    microseconds (the time a rank spends in it with a block between meetings, the ranks' mean:
+    waiting for the other rank's noise); each the median of ``LOCKSTEP_ROUNDS`` rounds (one alone
+    swings widely)."""
     block, hidden, kwargs = tiny_block()
     with torch.no_grad():
         alone = statistics.median(timed(lambda: block(hidden, **kwargs), 50) for _ in range(5))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    results = ctx.Array("d", 2 * len(LOCKSTEP_BLOCKS))
+    results = ctx.Array("d", 4 * len(LOCKSTEP_BLOCKS) * LOCKSTEP_ROUNDS)  # (iteration, wait) per rank
     reps = 100 if quick else 400
-    procs = [ctx.Process(target=_lockstep_rank, args=(r, port, results, reps)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    (few, many) = (max(results[2 * i], results[2 * i + 1]) for i in range(len(LOCKSTEP_BLOCKS)))
-    per_block = (many - few) / (LOCKSTEP_BLOCKS[1] - LOCKSTEP_BLOCKS[0])
-    meeting = few - LOCKSTEP_BLOCKS[0] * per_block
-    return max(1.0, per_block / alone), max(0.0, meeting * 1e6 - call_us)
+    with tempfile.TemporaryDirectory() as folder:
+        procs = [ctx.Process(target=_lockstep_rank, args=(r, folder, results, reps)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    factors, waits = [], []
+    for r in range(LOCKSTEP_ROUNDS):
+
+        def cell(slot: int, rank: int, what: int) -> float:
+            return results[2 * ((r * len(LOCKSTEP_BLOCKS) + slot) * 2 + rank) + what]
+
+        few, many = (max(cell(slot, 0, 0), cell(slot, 1, 0)) for slot in range(len(LOCKSTEP_BLOCKS)))
+        factors.append((many - few) / (LOCKSTEP_BLOCKS[1] - LOCKSTEP_BLOCKS[0]) / alone)
+        waits.append((cell(0, 0, 1) + cell(0, 1, 1)) / 2 * 1e6)
+    return max(1.0, statistics.median(factors)), max(0.0, statistics.median(waits))
 
 
 def loop_us() -> float:
@@ -379,8 +392,8 @@ def main() -> None:
     coll, coll_gbps = collective_figures()
     print(f"gloo all-gather of 16 floats, 2 ranks:     {coll:8.1f} us", flush=True)
     print(f"gloo all-gather of 16 MiB a rank, 2 ranks: {coll_gbps:8.2f} GB/s received a rank", flush=True)
-    lockstep, wait = lockstep_figures(coll, opts.quick)
-    print(f"2 ranks in lockstep: compute x{lockstep:.2f}, each meeting {wait:8.1f} us beyond the call", flush=True)
+    lockstep, wait = lockstep_figures(opts.quick)
+    print(f"2 ranks in lockstep: compute x{lockstep:.2f}, each meeting (shared memory) {wait:8.1f} us", flush=True)
     loop = loop_us()
     print(f"loop host work per step:                   {loop:8.1f} us", flush=True)
     tflops = {k: round(v / 1e3, 4) for k, v in rates.items()}

@@ -24,6 +24,7 @@ the compute stream.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +80,12 @@ class Engine:
         eps: float,
         spans: Spans | None = None,
         tuned: Tuned | None = None,
+        barrier: Callable[[], None] | None = None,
     ) -> None:
         """``program``: the plan's step program; ``rank``: this rank's GPU in it; ``tuned``: the
-        adapter trained on read-only blocks (zoplan.runtime.tuning), with a frozen program."""
+        adapter trained on read-only blocks (zoplan.runtime.tuning), with a frozen program;
+        ``barrier``: how this rank meets its exchange group before a whole block
+        (``zdist.exchange_barrier``; by default a barrier of the group)."""
         layout = program.layout
         if program.layers != len(host.layouts):
             raise ValueError(f"the step program has {program.layers} blocks, the model {len(host.layouts)}")
@@ -93,6 +97,8 @@ class Engine:
         self.adapter = adapter
         self.host = host
         self.ctx = ctx
+        group = ctx.exchange_group
+        self._meet = barrier or (lambda: zdist.barrier(group=group))
         self.layout = layout
         self.upload = layout.upload
         self.slices = layout.slices_per_block
@@ -321,7 +327,7 @@ class Engine:
             self.up_stream.synchronize()
             self.off_stream.synchronize()
         with self.op_span(Kind.BARRIER, op.block):
-            zdist.barrier(group=self.ctx.exchange_group)
+            self._meet()
 
     def _d2h(self, op: Op) -> None:
         """This rank's updated range (round r) of block i back to the host copy (only this rank

@@ -567,3 +567,30 @@ def test_a_calibration_with_several_ranks_keeps_the_lockstep_compute_and_older_p
     for figures in dumped["devices"].values():  # nor the duplex samples' range (CUDA only)
         del figures["duplex_range_gbps"]
     assert plain.hash == content_hash(dumped) != locked.hash
+
+
+def test_cpu_ranks_meet_before_a_whole_block_for_the_wait_alone_with_a_profile_or_without(tmp_path: Path) -> None:
+    """CPU ranks meet before each whole block through shared memory (zoplan.runtime.dist
+    NodeBarrier): no collective call, only the wait for the other ranks, the topology's
+    ``lockstep_wait_us``, which a profile (it times gloo collectives, not this meeting) does not
+    replace; GPU ranks pay their collective's latency and in-step wait."""
+    import dataclasses
+
+    from tests.sim.test_costs import layout
+    from zoplan.profile import apply_profile, load_profile
+    from zoplan.sim.costs import StepCosts, Workload
+
+    machine = load_topology("cpu-local")
+    wait = machine.gpu_model("rank0").lockstep_wait_us * 1e-6
+    assert wait > 0
+    whole = dataclasses.replace(layout(pertp=2), upload="whole", movers=("rank0", "rank1"), slices_per_block=1)
+    work = Workload(load_model_shape(str(FIXTURE.parent)), 4, 64)
+    profiled = apply_profile(machine, load_profile(write_profile(tmp_path / "p.yaml")), tmp_path / "p.yaml")
+    for m in (machine, profiled):
+        assert StepCosts(m, work, whole).whole_barrier_s() == pytest.approx(wait, rel=1e-12)
+    spec = yaml.safe_load((Path(__file__).parents[1] / "topologies" / "rtx4090-4x.yaml").read_text())
+    spec["gpu_models"]["rtx4090-24gb"].update(collective_us=30.0, lockstep_wait_us=7.0)
+    (tmp_path / "gpus.yaml").write_text(yaml.safe_dump(spec))
+    gpus = load_topology(str(tmp_path / "gpus.yaml"))
+    on_gpus = dataclasses.replace(whole, compute_gpus=("gpu0", "gpu1"), movers=("gpu0", "gpu1"))
+    assert StepCosts(gpus, work, on_gpus).whole_barrier_s() == pytest.approx(37e-6, rel=1e-12)

@@ -216,21 +216,26 @@ class StepCosts:
         assert self.profile is not None  # asked only where a profile's times are used
         return self.profile.lockstep_factor(stage)
 
-    def lockstep_wait_s(self) -> float:
-        """Without a profile: what each meeting of a node's CPU compute ranks costs beyond the
-        collective call (the devices' ``lockstep_wait_us``; a profile's collectives include it)."""
+    def lockstep_wait_s(self, with_profile: bool = False) -> float:
+        """What each meeting of a node's CPU compute ranks costs beyond the collective call (the
+        devices' ``lockstep_wait_us``): without a profile, or ``with_profile`` where the profile
+        measured no such meeting (a profile's collectives include their wait)."""
         L = self.layout
-        if self.profile is not None or L.compute_ranks_per_node < 2:
+        if (self.profile is not None and not with_profile) or L.compute_ranks_per_node < 2:
             return 0.0
         return max((self._gm(g).lockstep_wait_us for g in L.compute_gpus), default=0.0) * 1e-6
 
     def whole_barrier_s(self) -> float:
         """Whole-block uploads with several compute ranks on a machine: every rank reads the block
-        before anyone writes its share back, a barrier per block (measured: a small collective's
-        latency plus the in-step wait; without a profile, the device's collective call)."""
+        before anyone writes its share back, a barrier per block. GPU ranks: a small collective's
+        latency plus the in-step wait (measured, or the device's collective call). CPU ranks meet
+        through shared memory (zoplan.runtime.dist.NodeBarrier): no call worth counting, only the
+        wait for the other ranks, ``lockstep_wait_us`` (a profile times no such meeting)."""
         p, L = self.profile, self.layout
         if L.compute_ranks_per_node < 2 or self.frozen:
             return 0.0
+        if self._gm(L.compute_gpus[0]).kind == "cpu":
+            return self.lockstep_wait_s(with_profile=True)
         if p is None:
             return self.collective_call_s(L.compute_gpus) + self.lockstep_wait_s()
         c = p.collective(L.compute_ranks_per_node)

@@ -1,0 +1,84 @@
+"""CPU ranks' meetings before each whole block: shared memory (the default) against gloo's barrier
+(``ZOPLAN_MEETINGS=gloo``), in one interleaved run of the same plan (docs/results/runtime-cpu.md).
+
+A 2x1 plan with whole-block uploads and no resident block, so every block has a meeting; the two
+settings take turns for ``--rounds`` rounds of ``zoplan run`` with ``--steps`` steps each. Per
+run: the step (the slower rank's, steps after the first 5), its 10th-90th percentile, and the
+time a rank spends in the meetings per step (span category ``exchange``).
+
+Usage: python -m bench.meetings [--model tiny-opt] [--steps 300] [--rounds 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SETTINGS = {"shared memory": {}, "gloo": {"ZOPLAN_MEETINGS": "gloo"}}
+SKIP = 5  # steps left out at the start: warm-up
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(run: Path) -> dict[str, float]:
+    ranks = sorted(run.glob("spans-rank*.jsonl"))
+    rows = [[json.loads(line) for line in r.read_text().splitlines()][SKIP:] for r in ranks]
+    steps = [max(r[i]["wall_s"] for r in rows) * 1e3 for i in range(min(len(r) for r in rows))]
+    meeting = [statistics.mean(r[i]["totals"].get("exchange", 0.0) for r in rows) * 1e3 for i in range(len(steps))]
+    return {
+        "step_ms": statistics.median(steps),
+        "p10_ms": percentile(steps, 0.1),
+        "p90_ms": percentile(steps, 0.9),
+        "meetings_ms": statistics.median(meeting),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-opt")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = opts.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        plan = out / "plan.yaml"
+        subprocess.run(
+            [sys.executable, "-m", "zoplan.cli", "plan", "-m", opts.model, "-t", "cpu-local", "--global-batch", "4"]
+            + ["--seq-len", "64", "--micro-batch", "2", "--pertp", "2", "--ddp", "1", "--upload", "whole"]
+            + ["--resident", "0", "-o", str(plan)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        print(f"{opts.model}, 2x1 whole blocks, batch 4 x 64, micro-batch 2, {opts.steps} steps a run", flush=True)
+        for r in range(opts.rounds):
+            for name, env in SETTINGS.items():
+                run = out / f"run-{r}-{name.replace(' ', '-')}"
+                subprocess.run(
+                    [sys.executable, "-m", "zoplan.cli", "run", str(plan), "-m", opts.model, "-d", "long-text"]
+                    + ["-n", str(opts.steps), "-o", str(run)],
+                    check=True,
+                    env={**os.environ, **env},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                s = summarize(run)
+                print(
+                    f"round {r + 1} {name:>13}: step {s['step_ms']:6.2f} ms (p10-p90 {s['p10_ms']:.2f}-"
+                    f"{s['p90_ms']:.2f}), in meetings {s['meetings_ms']:5.2f} ms a step",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""CPU ranks of one machine meet before each whole block through shared memory (NodeBarrier):
+nobody passes a meeting before every member has reached it, a member that never comes is an
+error after the timeout, a signal ends a wait, and each start of a run meets in its own file."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoplan.errors import ZoplanError
+from zoplan.runtime import dist as zdist
+
+pytestmark = pytest.mark.skipif(not zdist.SHARED_MEMORY_MEETINGS, reason="shared-memory meetings: x86 only")
+
+ROUNDS = 300
+
+
+def _member(folder: str, members: int, index: int, failures) -> None:
+    """Each round: write the round into this member's cell of a shared table (after a pause that
+    differs by member and round), meet, check every cell holds the round, meet again (so nobody
+    writes the next round before every member has checked this one)."""
+    barrier = zdist.NodeBarrier(Path(folder) / "barrier", members, index)
+    table = torch.from_file(str(Path(folder) / "table"), shared=True, size=members, dtype=torch.int64)
+    bad = 0
+    for r in range(1, ROUNDS + 1):
+        if (r + index) % 7 == 0:
+            time.sleep(0.002 * (1 + index))
+        table[index] = r
+        barrier.wait()
+        bad += int((table != r).any())
+        barrier.wait()
+    failures[index] = bad
+    barrier.close()
+
+
+@pytest.mark.parametrize("members", [2, 3])
+def test_no_member_passes_a_meeting_before_every_member_reached_it(tmp_path: Path, members: int) -> None:
+    torch.zeros(members, dtype=torch.int64).numpy().tofile(tmp_path / "table")
+    ctx = mp.get_context("spawn")
+    failures = ctx.Array("i", [-1] * members)
+    procs = [ctx.Process(target=_member, args=(str(tmp_path), members, k, failures)) for k in range(members)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * members
+    assert list(failures) == [0] * members  # -1: a member did not finish; > 0: a stale cell seen
+
+
+def test_a_member_that_never_comes_is_an_error_after_the_timeout(tmp_path: Path) -> None:
+    barrier = zdist.NodeBarrier(tmp_path / "barrier", 2, 0, timeout_s=0.2)
+    start = time.perf_counter()
+    with pytest.raises(ZoplanError, match="did not reach the barrier"):
+        barrier.wait()
+    assert 0.2 <= time.perf_counter() - start < 5
+    barrier.close()
+
+
+def _wait_forever(folder: str) -> None:
+    zdist.NodeBarrier(Path(folder) / "barrier", 2, 1).wait()
+
+
+def test_a_signal_ends_a_wait(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_wait_forever, args=(str(tmp_path),))
+    p.start()
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "barrier").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # in the wait by now
+    os.kill(p.pid, signal.SIGTERM)
+    p.join(5)
+    assert p.exitcode == -signal.SIGTERM
+
+
+def test_a_barrier_is_refused_more_members_than_its_page_holds(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        zdist.NodeBarrier(tmp_path / "barrier", 2, 2)
+    with pytest.raises(ValueError):
+        zdist.NodeBarrier(tmp_path / "barrier", 10_000, 0)
+
+
+def _context(device: str, ranks: tuple[int, ...], rank: int = 0) -> zdist.RankContext:
+    return zdist.RankContext(
+        rank=rank,
+        world=len(ranks),
+        node=0,
+        local_rank=rank,
+        device=torch.device(device),
+        role="compute",
+        signs=(1,),
+        replica=0,
+        replicas=1,
+        mover_index=None,
+        movers=len(ranks),
+        compute_index=rank,
+        computes=len(ranks),
+        exchange_ranks=ranks,
+    )
+
+
+def test_each_start_of_a_run_meets_in_a_file_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for attempt in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        meet = zdist.exchange_barrier(_context("cpu", (0, 1)), tmp_path)
+        assert isinstance(meet.__self__, zdist.NodeBarrier)
+        meet.__self__.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["barrier-0-0", "barrier-1-0"]
+
+
+def test_gpu_ranks_lone_ranks_and_the_gloo_switch_meet_through_torch_distributed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for ctx in (_context("cuda", (0, 1)), _context("cpu", (0,))):
+        meet = zdist.exchange_barrier(ctx, tmp_path)
+        assert not isinstance(getattr(meet, "__self__", None), zdist.NodeBarrier)
+    monkeypatch.setenv("ZOPLAN_MEETINGS", "gloo")
+    meet = zdist.exchange_barrier(_context("cpu", (0, 1)), tmp_path)
+    assert not isinstance(getattr(meet, "__self__", None), zdist.NodeBarrier)
+    assert list(tmp_path.iterdir()) == []
