@@ -1,10 +1,12 @@
-"""CPU ranks' meetings before each whole block: shared memory (the default) against gloo's barrier
-(``ZOPLAN_MEETINGS=gloo``), in one interleaved run of the same plan (docs/results/runtime-cpu.md).
+"""CPU ranks' meetings: shared memory (the default) against gloo (``ZOPLAN_MEETINGS=gloo``), in one
+interleaved run of the same plan (docs/results/runtime-cpu.md).
 
-A 2x1 plan with whole-block uploads and no resident block, so every block has a meeting; the two
-settings take turns for ``--rounds`` rounds of ``zoplan run`` with ``--steps`` steps each. Per
-run: the step (the slower rank's, steps after the first 5), its 10th-90th percentile, and the
-time a rank spends in the meetings per step (span category ``exchange``).
+A 2x1 plan with whole-block uploads and no resident block, so the two ranks meet before every
+block, and sum the loss scalars at the end of every step; the two settings take turns for
+``--rounds`` rounds of ``zoplan run`` with ``--steps`` steps each. Per run: the step (the slower
+rank's, steps after the first 5), its 10th-90th percentile, and the time a rank spends per step
+in the meetings before blocks (span category ``exchange``) and in the loss sum (``scalar``), the
+median and the 90th percentile.
 
 Usage: python -m bench.meetings [--model tiny-opt] [--steps 300] [--rounds 2] [--out DIR]
 """
@@ -33,12 +35,18 @@ def summarize(run: Path) -> dict[str, float]:
     ranks = sorted(run.glob("spans-rank*.jsonl"))
     rows = [[json.loads(line) for line in r.read_text().splitlines()][SKIP:] for r in ranks]
     steps = [max(r[i]["wall_s"] for r in rows) * 1e3 for i in range(min(len(r) for r in rows))]
-    meeting = [statistics.mean(r[i]["totals"].get("exchange", 0.0) for r in rows) * 1e3 for i in range(len(steps))]
+
+    def per_step(category: str) -> list[float]:
+        return [statistics.mean(r[i]["totals"].get(category, 0.0) for r in rows) * 1e3 for i in range(len(steps))]
+
+    meetings, sums = per_step("exchange"), per_step("scalar")
     return {
         "step_ms": statistics.median(steps),
         "p10_ms": percentile(steps, 0.1),
         "p90_ms": percentile(steps, 0.9),
-        "meetings_ms": statistics.median(meeting),
+        "meetings_ms": statistics.median(meetings),
+        "sum_ms": statistics.median(sums),
+        "sum_p90_ms": percentile(sums, 0.9),
     }
 
 
@@ -75,7 +83,8 @@ def main() -> None:
                 s = summarize(run)
                 print(
                     f"round {r + 1} {name:>13}: step {s['step_ms']:6.2f} ms (p10-p90 {s['p10_ms']:.2f}-"
-                    f"{s['p90_ms']:.2f}), in meetings {s['meetings_ms']:5.2f} ms a step",
+                    f"{s['p90_ms']:.2f}), before blocks {s['meetings_ms']:5.2f} ms a step, loss sum "
+                    f"{s['sum_ms']:.2f} ms (p90 {s['sum_p90_ms']:.2f})",
                     flush=True,
                 )
 

@@ -324,6 +324,25 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
     if world > 1:
         settings.append((1, 2, "exchange"))
     blocks_n = len(host.layouts)
+    # the loss scalars summed as a run's ranks sum them (zdist.world_sum: on CPU, shared memory)
+    scalar_sum = zdist.world_sum(
+        zdist.RankContext(
+            rank=rank,
+            world=world,
+            node=0,
+            local_rank=rank,
+            device=device,
+            role="compute",
+            signs=(1,),
+            replica=0,
+            replicas=1,
+            mover_index=None,
+            movers=world,
+            compute_index=rank,
+            computes=world,
+        ),
+        Path(args.host_root),
+    )
     state = {}
     for branches, micro, key in settings:
         # waiting for the slowest rank is skewed (rare long waits): more steps for the exchange,
@@ -401,7 +420,7 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
                     loop.batch(step, micro)  # timed only: the steps run on the random tokens above
                 engine.forward_losses(st["mbs"], 1000 + step, [_loss])
                 with spans.span("compute", "scalar", "loss all-reduce", 1):
-                    zdist.all_reduce_sum([0.0, 0.0, 0.0, 0.0])
+                    scalar_sum([0.0, 0.0, 0.0, 0.0])
                 with spans.span("compute", "loop", "journal", blocks_n + 2):
                     loop.journal(step)
                 engine.pending = engine.pending or _pending(step)

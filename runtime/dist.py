@@ -5,9 +5,10 @@ plan's rank table, which ``zoplan plan`` derived from the layout. Groups:
 - the world, for the loss scalars (every rank needs the projected gradient, relays included);
 - per machine, the movers of that machine, for the block all-gather.
 
-CPU ranks of one machine meet before each whole block through shared memory instead
-(``NodeBarrier``): a gloo barrier hands off between threads and over the loopback, and cost
-about a millisecond a meeting on a 2-core machine, a tiny model's block and more.
+CPU ranks of one machine meet before each whole block, and sum a step's loss scalars where they
+are all the world, through shared memory instead (``NodeMeeting``): a gloo collective hands off
+between threads and over the loopback, and cost about a millisecond a call on a 2-core machine,
+a tiny model's block and more.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import mmap
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +46,7 @@ class RankContext:
     computes: int
     exchange_group: object | None = field(default=None, repr=False)
     exchange_ranks: tuple[int, ...] = ()  # the global ranks of this rank's exchange group
+    nodes: int = 1
 
     @property
     def is_loader(self) -> bool:
@@ -124,6 +126,7 @@ def init(plan: Plan, device_kind: str) -> RankContext:
         computes=len(compute_local),
         exchange_group=exchange,
         exchange_ranks=exchange_ranks,
+        nodes=plan.layout.nodes,
     )
 
 
@@ -145,27 +148,33 @@ def barrier(group=None) -> None:
         dist.barrier()
 
 
-# a meeting through shared memory is ordered like the gloo barrier it replaces only where a
+# a meeting through shared memory is ordered like the gloo collective it replaces only where a
 # plain store is seen after the stores before it (x86's total store order); elsewhere gloo
 SHARED_MEMORY_MEETINGS = platform.machine().lower() in ("x86_64", "amd64")
-_LINE = 8  # int64 words per member: one cache line each
+SUM_VALUES = 7  # float64 values a meeting can sum
+_LINE = 2 * SUM_VALUES + 2  # 8-byte words per member: its count, then two sets of values (two cache lines)
 _SPIN_S = 50e-6  # spin this long, then yield the core, then (after _YIELD_S) sleep between looks
 _YIELD_S = 2e-3
 
 
-class NodeBarrier:
-    """A barrier among the CPU ranks of one machine through a small file in shared memory: each
-    member counts its meetings in its own cache line and waits until every other member's count
-    has reached its own. Stores before a meeting (a share of the host copy written back) are seen
-    by every member after it, as with the gloo barrier it stands for (x86: ``SHARED_MEMORY_MEETINGS``).
+class NodeMeeting:
+    """Meetings of the CPU ranks of one machine through a page of shared memory (a small file):
+    each member counts its meetings in its own cache lines and waits until every other member's
+    count has reached its own. ``wait`` is a barrier: stores before a meeting (a share of the host
+    copy written back) are seen by every member after it, as with the gloo barrier it stands for
+    (x86: ``SHARED_MEMORY_MEETINGS``). ``sum`` also adds up a few float64 values over the members,
+    in member order (so every member gets the same bits; two members' sum is gloo's all-reduce's):
+    each writes its values before its count, in one of two sets by the meeting's parity (a member
+    writes a meeting's set only once every other has arrived at the meeting before, having read
+    that set two meetings ago).
 
     A member that never comes is waited for up to ``timeout_s``; the supervisor stops the others
     when a rank dies, and a signal interrupts the wait (it runs in Python). Each start of a run
-    (``TORCHELASTIC_RESTART_COUNT``) meets in a file of its own, so counts never carry over."""
+    (``TORCHELASTIC_RESTART_COUNT``) meets in files of its own, so counts never carry over."""
 
     def __init__(self, path: Path, members: int, index: int, timeout_s: float = TIMEOUT.total_seconds()) -> None:
         if not 0 <= index < members or members * _LINE * 8 > mmap.PAGESIZE:
-            raise ValueError(f"member {index} of {members}: a barrier holds 1 to {mmap.PAGESIZE // (_LINE * 8)}")
+            raise ValueError(f"member {index} of {members}: a meeting holds 1 to {mmap.PAGESIZE // (_LINE * 8)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, mmap.PAGESIZE)  # every member may do it: the same size keeps what is there
@@ -173,13 +182,35 @@ class NodeBarrier:
         finally:
             os.close(fd)
         self._words = memoryview(self._map).cast("q")
+        self._floats = memoryview(self._map).cast("d")
         self._mine = index * _LINE
-        self._others = [k * _LINE for k in range(members) if k != index]
+        self._members = [k * _LINE for k in range(members)]
+        self._others = [at for at in self._members if at != self._mine]
         self._count = self._words[self._mine]
         self.timeout_s = timeout_s
 
     def wait(self) -> None:
-        words, count = self._words, self._count + 1
+        self._arrive(self._count + 1)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the members (every member gives as many, at most ``SUM_VALUES``)."""
+        n = len(values)
+        if n > SUM_VALUES:
+            raise ValueError(f"a meeting sums at most {SUM_VALUES} values, not {n}")
+        count = self._count + 1
+        values_at = 1 + (count % 2) * SUM_VALUES
+        floats = self._floats
+        for k, v in enumerate(values):
+            floats[self._mine + values_at + k] = v
+        self._arrive(count)
+        totals = [floats[self._members[0] + values_at + k] for k in range(n)]
+        for at in self._members[1:]:
+            for k in range(n):
+                totals[k] += floats[at + values_at + k]
+        return totals
+
+    def _arrive(self, count: int) -> None:
+        words = self._words
         self._count = count
         words[self._mine] = count
         start = time.perf_counter()
@@ -192,7 +223,7 @@ class NodeBarrier:
                 waited = time.perf_counter() - start
                 if waited > self.timeout_s:
                     raise ZoplanError(
-                        f"a rank of this machine did not reach the barrier in {self.timeout_s:.0f} s",
+                        f"a rank of this machine did not come to a meeting in {self.timeout_s:.0f} s",
                         fix="see the other ranks' errors and logs: one of them stopped or hangs",
                     )
                 if waited > _YIELD_S:
@@ -202,7 +233,19 @@ class NodeBarrier:
 
     def close(self) -> None:
         self._words.release()
+        self._floats.release()
         self._map.close()
+
+
+def _meeting(ctx: RankContext, directory: Path, name: str, ranks: Sequence[int]) -> NodeMeeting | None:
+    """A shared-memory meeting of ``ranks`` (CPU ranks of this machine) in ``directory``, or None
+    where they meet through gloo (one rank, a GPU, not x86, or ``ZOPLAN_MEETINGS=gloo``)."""
+    if ctx.device.type != "cpu" or len(ranks) < 2 or not SHARED_MEMORY_MEETINGS:
+        return None
+    if os.environ.get("ZOPLAN_MEETINGS", "") == "gloo":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return NodeMeeting(directory / f"{name}-{attempt}-{ranks[0]}", len(ranks), list(ranks).index(ctx.rank))
 
 
 def exchange_barrier(ctx: RankContext, directory: Path) -> Callable[[], None]:
@@ -210,13 +253,18 @@ def exchange_barrier(ctx: RankContext, directory: Path) -> Callable[[], None]:
     memory in ``directory`` (a folder of this machine's run that every local rank sees) where the
     group's ranks are CPU ranks of one machine, else a barrier of the group
     (``ZOPLAN_MEETINGS=gloo`` asks for the group's barrier on CPU ranks too)."""
-    shared = SHARED_MEMORY_MEETINGS and os.environ.get("ZOPLAN_MEETINGS", "") != "gloo"
-    if ctx.device.type == "cpu" and shared and len(ctx.exchange_ranks) > 1:
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        path = directory / f"barrier-{attempt}-{ctx.exchange_ranks[0]}"
-        return NodeBarrier(path, len(ctx.exchange_ranks), ctx.exchange_ranks.index(ctx.rank)).wait
+    meeting = _meeting(ctx, directory, "barrier", ctx.exchange_ranks)
+    if meeting is not None:
+        return meeting.wait
     group = ctx.exchange_group
     return lambda: barrier(group=group)
+
+
+def world_sum(ctx: RankContext, directory: Path) -> Callable[[list[float]], list[float]]:
+    """How this rank sums a step's loss scalars over every rank: through shared memory in
+    ``directory`` where every rank is a CPU rank of this one machine, else ``all_reduce_sum``."""
+    meeting = _meeting(ctx, directory, "sum", range(ctx.world)) if ctx.nodes == 1 else None
+    return meeting.sum if meeting is not None else all_reduce_sum
 
 
 def all_gather_into(parts: list[torch.Tensor], mine: torch.Tensor, group) -> None:

@@ -81,11 +81,13 @@ class Engine:
         spans: Spans | None = None,
         tuned: Tuned | None = None,
         barrier: Callable[[], None] | None = None,
+        world_sum: Callable[[list[float]], list[float]] | None = None,
     ) -> None:
         """``program``: the plan's step program; ``rank``: this rank's GPU in it; ``tuned``: the
         adapter trained on read-only blocks (zoplan.runtime.tuning), with a frozen program;
         ``barrier``: how this rank meets its exchange group before a whole block
-        (``zdist.exchange_barrier``; by default a barrier of the group)."""
+        (``zdist.exchange_barrier``; by default a barrier of the group); ``world_sum``: how it sums
+        the loss scalars over every rank (``zdist.world_sum``; by default ``all_reduce_sum``)."""
         layout = program.layout
         if program.layers != len(host.layouts):
             raise ValueError(f"the step program has {program.layers} blocks, the model {len(host.layouts)}")
@@ -99,6 +101,7 @@ class Engine:
         self.ctx = ctx
         group = ctx.exchange_group
         self._meet = barrier or (lambda: zdist.barrier(group=group))
+        self._sum = world_sum or zdist.all_reduce_sum
         self.layout = layout
         self.upload = layout.upload
         self.slices = layout.slices_per_block
@@ -637,7 +640,7 @@ class Engine:
         plus = losses.get(1, [(0.0, 0.0)])[0]
         minus = losses.get(-1, [(0.0, 0.0)])[0]
         with self.op_span(Kind.ALLREDUCE):
-            sp, cp, sm, cm = zdist.all_reduce_sum([plus[0], plus[1], minus[0], minus[1]])
+            sp, cp, sm, cm = self._sum([plus[0], plus[1], minus[0], minus[1]])
         if step is not None:
             self.spans.end()
         loss_plus, loss_minus = sp / max(cp, 1.0), sm / max(cm, 1.0)
@@ -651,7 +654,7 @@ class Engine:
         over replicas."""
         stats = self.forward_losses(micro_batches, None, [loss_fn, accuracy_fn]).get(1, [(0.0, 0.0)] * 2)
         (ls, lc), (as_, ac) = stats
-        ls, lc, as_, ac = zdist.all_reduce_sum([ls, lc, as_, ac])
+        ls, lc, as_, ac = self._sum([ls, lc, as_, ac])
         return ls / max(lc, 1.0), as_ / max(ac, 1.0)
 
     @torch.no_grad()

@@ -344,6 +344,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         spans=Spans(ctx.device, out / f"spans-rank{ctx.rank}.jsonl", keep_steps=cfg.trace_steps),
         tuned=tuned,
         barrier=zdist.exchange_barrier(ctx, host_dir.parent),
+        world_sum=zdist.world_sum(ctx, host_dir.parent),
     )
     if tuned is not None:  # the adapter where the run starts: its initial values, a snapshot's, the journal's updates
         if rp.base is not None:

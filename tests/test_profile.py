@@ -571,7 +571,7 @@ def test_a_calibration_with_several_ranks_keeps_the_lockstep_compute_and_older_p
 
 def test_cpu_ranks_meet_before_a_whole_block_for_the_wait_alone_with_a_profile_or_without(tmp_path: Path) -> None:
     """CPU ranks meet before each whole block through shared memory (zoplan.runtime.dist
-    NodeBarrier): no collective call, only the wait for the other ranks, the topology's
+    NodeMeeting): no collective call, only the wait for the other ranks, the topology's
     ``lockstep_wait_us``, which a profile (it times gloo collectives, not this meeting) does not
     replace; GPU ranks pay their collective's latency and in-step wait."""
     import dataclasses

@@ -1,6 +1,8 @@
-"""CPU ranks of one machine meet before each whole block through shared memory (NodeBarrier):
-nobody passes a meeting before every member has reached it, a member that never comes is an
-error after the timeout, a signal ends a wait, and each start of a run meets in its own file."""
+"""CPU ranks of one machine meet through shared memory (NodeMeeting): before each whole block,
+and to sum a step's loss scalars where they are all the world. Nobody passes a meeting before
+every member has reached it, every member gets the same sums (in member order), a member that
+never comes is an error after the timeout, a signal ends a wait, and each start of a run meets in
+files of its own."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def _member(folder: str, members: int, index: int, failures) -> None:
     """Each round: write the round into this member's cell of a shared table (after a pause that
     differs by member and round), meet, check every cell holds the round, meet again (so nobody
     writes the next round before every member has checked this one)."""
-    barrier = zdist.NodeBarrier(Path(folder) / "barrier", members, index)
+    barrier = zdist.NodeMeeting(Path(folder) / "barrier", members, index)
     table = torch.from_file(str(Path(folder) / "table"), shared=True, size=members, dtype=torch.int64)
     bad = 0
     for r in range(1, ROUNDS + 1):
@@ -39,31 +41,52 @@ def _member(folder: str, members: int, index: int, failures) -> None:
     barrier.close()
 
 
+def _summer(folder: str, members: int, index: int, failures) -> None:
+    """Each round: sum values that differ by member and round (after a pause that differs by
+    member and round), between barriers now and then; every sum must be the member-order sum."""
+    meeting = zdist.NodeMeeting(Path(folder) / "sum", members, index)
+    bad = 0
+    for r in range(1, ROUNDS + 1):
+        if (r + index) % 5 == 0:
+            time.sleep(0.001 * (1 + index))
+        values = [r + 0.1 * index, -r * 1e-17 * (index + 1), float(index)]
+        got = meeting.sum(values)
+        expected = [r + 0.0, -r * 1e-17, 0.0]
+        for k in range(1, members):
+            expected = [e + v for e, v in zip(expected, [r + 0.1 * k, -r * 1e-17 * (k + 1), float(k)])]
+        bad += int(got != expected)
+        if r % 3 == 0:
+            meeting.wait()
+    failures[index] = bad
+    meeting.close()
+
+
+@pytest.mark.parametrize("target", [_member, _summer], ids=["barrier", "sum"])
 @pytest.mark.parametrize("members", [2, 3])
-def test_no_member_passes_a_meeting_before_every_member_reached_it(tmp_path: Path, members: int) -> None:
+def test_no_member_passes_a_meeting_before_every_member_reached_it(tmp_path: Path, members: int, target) -> None:
     torch.zeros(members, dtype=torch.int64).numpy().tofile(tmp_path / "table")
     ctx = mp.get_context("spawn")
     failures = ctx.Array("i", [-1] * members)
-    procs = [ctx.Process(target=_member, args=(str(tmp_path), members, k, failures)) for k in range(members)]
+    procs = [ctx.Process(target=target, args=(str(tmp_path), members, k, failures)) for k in range(members)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0] * members
-    assert list(failures) == [0] * members  # -1: a member did not finish; > 0: a stale cell seen
+    assert list(failures) == [0] * members  # -1: a member did not finish; > 0: a stale cell or a wrong sum seen
 
 
 def test_a_member_that_never_comes_is_an_error_after_the_timeout(tmp_path: Path) -> None:
-    barrier = zdist.NodeBarrier(tmp_path / "barrier", 2, 0, timeout_s=0.2)
+    barrier = zdist.NodeMeeting(tmp_path / "barrier", 2, 0, timeout_s=0.2)
     start = time.perf_counter()
-    with pytest.raises(ZoplanError, match="did not reach the barrier"):
+    with pytest.raises(ZoplanError, match="did not come to a meeting"):
         barrier.wait()
     assert 0.2 <= time.perf_counter() - start < 5
     barrier.close()
 
 
 def _wait_forever(folder: str) -> None:
-    zdist.NodeBarrier(Path(folder) / "barrier", 2, 1).wait()
+    zdist.NodeMeeting(Path(folder) / "barrier", 2, 1).wait()
 
 
 def test_a_signal_ends_a_wait(tmp_path: Path) -> None:
@@ -79,14 +102,19 @@ def test_a_signal_ends_a_wait(tmp_path: Path) -> None:
     assert p.exitcode == -signal.SIGTERM
 
 
-def test_a_barrier_is_refused_more_members_than_its_page_holds(tmp_path: Path) -> None:
+def test_a_meeting_is_refused_more_members_than_its_page_holds_and_more_values_than_it_sums(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        zdist.NodeBarrier(tmp_path / "barrier", 2, 2)
+        zdist.NodeMeeting(tmp_path / "barrier", 2, 2)
     with pytest.raises(ValueError):
-        zdist.NodeBarrier(tmp_path / "barrier", 10_000, 0)
+        zdist.NodeMeeting(tmp_path / "barrier", 10_000, 0)
+    alone = zdist.NodeMeeting(tmp_path / "alone", 1, 0)
+    assert alone.sum([1.5, 2.0]) == [1.5, 2.0]
+    with pytest.raises(ValueError):
+        alone.sum([0.0] * (zdist.SUM_VALUES + 1))
+    alone.close()
 
 
-def _context(device: str, ranks: tuple[int, ...], rank: int = 0) -> zdist.RankContext:
+def _context(device: str, ranks: tuple[int, ...], rank: int = 0, nodes: int = 1) -> zdist.RankContext:
     return zdist.RankContext(
         rank=rank,
         world=len(ranks),
@@ -102,16 +130,20 @@ def _context(device: str, ranks: tuple[int, ...], rank: int = 0) -> zdist.RankCo
         compute_index=rank,
         computes=len(ranks),
         exchange_ranks=ranks,
+        nodes=nodes,
     )
 
 
-def test_each_start_of_a_run_meets_in_a_file_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_start_of_a_run_meets_in_files_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for attempt in ("0", "1"):
         monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
-        meet = zdist.exchange_barrier(_context("cpu", (0, 1)), tmp_path)
-        assert isinstance(meet.__self__, zdist.NodeBarrier)
-        meet.__self__.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["barrier-0-0", "barrier-1-0"]
+        for meet in (
+            zdist.exchange_barrier(_context("cpu", (0, 1)), tmp_path),
+            zdist.world_sum(_context("cpu", (0, 1)), tmp_path),
+        ):
+            assert isinstance(meet.__self__, zdist.NodeMeeting)
+            meet.__self__.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["barrier-0-0", "barrier-1-0", "sum-0-0", "sum-1-0"]
 
 
 def test_gpu_ranks_lone_ranks_and_the_gloo_switch_meet_through_torch_distributed(
@@ -119,8 +151,12 @@ def test_gpu_ranks_lone_ranks_and_the_gloo_switch_meet_through_torch_distributed
 ) -> None:
     for ctx in (_context("cuda", (0, 1)), _context("cpu", (0,))):
         meet = zdist.exchange_barrier(ctx, tmp_path)
-        assert not isinstance(getattr(meet, "__self__", None), zdist.NodeBarrier)
+        assert not isinstance(getattr(meet, "__self__", None), zdist.NodeMeeting)
+    # the loss scalars of several machines' ranks: gloo
+    assert zdist.world_sum(_context("cpu", (0, 1), nodes=2), tmp_path) is zdist.all_reduce_sum
+    assert zdist.world_sum(_context("cuda", (0, 1)), tmp_path) is zdist.all_reduce_sum
     monkeypatch.setenv("ZOPLAN_MEETINGS", "gloo")
     meet = zdist.exchange_barrier(_context("cpu", (0, 1)), tmp_path)
-    assert not isinstance(getattr(meet, "__self__", None), zdist.NodeBarrier)
+    assert not isinstance(getattr(meet, "__self__", None), zdist.NodeMeeting)
+    assert zdist.world_sum(_context("cpu", (0, 1)), tmp_path) is zdist.all_reduce_sum
     assert list(tmp_path.iterdir()) == []

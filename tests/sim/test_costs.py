@@ -160,19 +160,25 @@ def test_a_cpu_rank_adds_its_op_issue_to_the_arithmetic_a_gpu_overlaps_it(tmp_pa
 
 
 def test_collective_calls_and_the_loop_lengthen_a_simulated_step(tmp_path: Path) -> None:
-    """Two movers all-gather each block's slices: every round pays the collective call; two
-    compute ranks pay it again for the loss all-reduce; every step pays the loop's host work."""
+    """Two movers all-gather each block's slices: every round pays the collective call; two CPU
+    compute ranks of one machine sum the loss scalars through shared memory, without a call (on
+    two machines they pay it); every step pays the loop's host work."""
     tiny = Workload(TINY_SHAPES["tiny-opt"], 4, 64)
     lay = layout(pertp=2)
     base = StepCosts(cpu_machine(tmp_path), tiny, lay)
     called = StepCosts(cpu_machine(tmp_path, collective_us=500.0), tiny, lay)
-    assert called.scalar_allreduce_s() - base.scalar_allreduce_s() == pytest.approx(500e-6)
+    assert called.scalar_allreduce_s() == base.scalar_allreduce_s() == 0.0
+    two_nodes = dataclasses.replace(lay, nodes=2)
+    called_twice = StepCosts(cpu_machine(tmp_path, collective_us=500.0), tiny, two_nodes).scalar_allreduce_s()
+    assert called_twice - StepCosts(cpu_machine(tmp_path), tiny, two_nodes).scalar_allreduce_s() == pytest.approx(
+        500e-6
+    )
     looped = StepCosts(cpu_machine(tmp_path, loop_us=700.0), tiny, lay)
     assert looped.loop_s() == pytest.approx(700e-6) and base.loop_s() == 0.0
     step = simulate(base).step_time_s
     rounds = tiny.model.layers * lay.rounds
     # each block's all-gather sits on the critical path of a compute rank that does nothing else
-    assert simulate(called).step_time_s - step == pytest.approx((rounds + 1) * 500e-6, rel=0.05)
+    assert simulate(called).step_time_s - step == pytest.approx(rounds * 500e-6, rel=0.05)
     assert simulate(looped).step_time_s - step == pytest.approx(700e-6, rel=0.05)
     assert math.isclose(StepCosts(cpu_machine(tmp_path), tiny, layout()).scalar_allreduce_s(), 0.0)
 

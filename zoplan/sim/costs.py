@@ -229,7 +229,7 @@ class StepCosts:
         """Whole-block uploads with several compute ranks on a machine: every rank reads the block
         before anyone writes its share back, a barrier per block. GPU ranks: a small collective's
         latency plus the in-step wait (measured, or the device's collective call). CPU ranks meet
-        through shared memory (zoplan.runtime.dist.NodeBarrier): no call worth counting, only the
+        through shared memory (zoplan.runtime.dist.NodeMeeting): no call worth counting, only the
         wait for the other ranks, ``lockstep_wait_us`` (a profile times no such meeting)."""
         p, L = self.profile, self.layout
         if L.compute_ranks_per_node < 2 or self.frozen:
@@ -477,10 +477,13 @@ class StepCosts:
 
     def scalar_allreduce_s(self) -> float:
         """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta), or
-        the calibrated figure."""
+        the calibrated figure. The CPU ranks of one machine sum them through shared memory
+        (zoplan.runtime.dist.NodeMeeting): only the wait for the other ranks."""
         machine, L = self.machine, self.layout
         if self.profile is not None and len(L.compute_gpus) * L.nodes > 1:
             return self.profile.scalar_latency_us * 1e-6
+        if L.nodes == 1 and self._gm(L.compute_gpus[0]).kind == "cpu":
+            return self.lockstep_wait_s()
         hops = 2 * math.ceil(math.log2(max(2, L.compute_ranks_per_node))) if L.compute_ranks_per_node > 1 else 0
         hop_s = 0.0
         if len(L.compute_gpus) > 1:
