@@ -11,7 +11,8 @@ One thread per process, as a CPU rank runs:
   (zoplan.runtime.perturb), one collective call between two gloo ranks, two ranks that compute
   and meet in lockstep through shared memory as the runtime's do before each whole block (how
   much slower each computes, and what each meeting costs), and the
-  training loop's host work per step (tokenizing a batch of 4 texts, writing a journal line).
+  training loop's host work per step (tokenizing a batch of 4 texts, writing a journal line and
+  syncing it to the disk).
 
 Usage: python -m bench.cpu_figures [--quick] [--write FILE]   (needs torch and transformers;
 prints one line per figure and the gpu_models entry of a CPU topology; ``--write`` also writes
@@ -314,7 +315,9 @@ def lockstep_figures(quick: bool) -> tuple[float, float]:
 
 
 def loop_us() -> float:
-    """A training step's host work: tokenize 4 texts to 64 tokens, write and flush a journal line."""
+    """A training step's host work: tokenize 4 texts to 64 tokens, write a journal line and sync it
+    to the disk (``os.fsync``, as rank 0 of a run does every step by default: --journal-sync-every
+    1), in the temporary folder's file system."""
     from zoplan.runtime.tiny import resolve_model
     from transformers import AutoTokenizer
 
@@ -331,6 +334,7 @@ def loop_us() -> float:
                 + "\n"
             )
             journal.flush()
+            os.fsync(journal.fileno())
 
         return statistics.median(timed(step, 50) for _ in range(5)) * 1e6
 
