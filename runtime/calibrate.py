@@ -324,25 +324,8 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
     if world > 1:
         settings.append((1, 2, "exchange"))
     blocks_n = len(host.layouts)
-    # the loss scalars summed as a run's ranks sum them (zdist.world_sum: on CPU, shared memory)
-    scalar_sum = zdist.world_sum(
-        zdist.RankContext(
-            rank=rank,
-            world=world,
-            node=0,
-            local_rank=rank,
-            device=device,
-            role="compute",
-            signs=(1,),
-            replica=0,
-            replicas=1,
-            mover_index=None,
-            movers=world,
-            compute_index=rank,
-            computes=world,
-        ),
-        Path(args.host_root),
-    )
+    # the loss scalars summed as a run's ranks sum them (on CPU, through shared memory)
+    scalar_sum = zdist.node_sum(device, rank, world, Path(args.host_root))
     state = {}
     for branches, micro, key in settings:
         # waiting for the slowest rank is skewed (rare long waits): more steps for the exchange,

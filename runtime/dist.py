@@ -237,15 +237,16 @@ class NodeMeeting:
         self._map.close()
 
 
-def _meeting(ctx: RankContext, directory: Path, name: str, ranks: Sequence[int]) -> NodeMeeting | None:
-    """A shared-memory meeting of ``ranks`` (CPU ranks of this machine) in ``directory``, or None
-    where they meet through gloo (one rank, a GPU, not x86, or ``ZOPLAN_MEETINGS=gloo``)."""
-    if ctx.device.type != "cpu" or len(ranks) < 2 or not SHARED_MEMORY_MEETINGS:
+def _meeting(device: torch.device, rank: int, directory: Path, name: str, ranks: Sequence[int]) -> NodeMeeting | None:
+    """A shared-memory meeting of ``ranks`` (CPU ranks of this machine, ``rank`` one of them) in
+    ``directory``, or None where they meet through gloo (one rank, a GPU, not x86, or
+    ``ZOPLAN_MEETINGS=gloo``)."""
+    if device.type != "cpu" or len(ranks) < 2 or not SHARED_MEMORY_MEETINGS:
         return None
     if os.environ.get("ZOPLAN_MEETINGS", "") == "gloo":
         return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return NodeMeeting(directory / f"{name}-{attempt}-{ranks[0]}", len(ranks), list(ranks).index(ctx.rank))
+    return NodeMeeting(directory / f"{name}-{attempt}-{ranks[0]}", len(ranks), list(ranks).index(rank))
 
 
 def exchange_barrier(ctx: RankContext, directory: Path) -> Callable[[], None]:
@@ -253,7 +254,7 @@ def exchange_barrier(ctx: RankContext, directory: Path) -> Callable[[], None]:
     memory in ``directory`` (a folder of this machine's run that every local rank sees) where the
     group's ranks are CPU ranks of one machine, else a barrier of the group
     (``ZOPLAN_MEETINGS=gloo`` asks for the group's barrier on CPU ranks too)."""
-    meeting = _meeting(ctx, directory, "barrier", ctx.exchange_ranks)
+    meeting = _meeting(ctx.device, ctx.rank, directory, "barrier", ctx.exchange_ranks)
     if meeting is not None:
         return meeting.wait
     group = ctx.exchange_group
@@ -263,7 +264,13 @@ def exchange_barrier(ctx: RankContext, directory: Path) -> Callable[[], None]:
 def world_sum(ctx: RankContext, directory: Path) -> Callable[[list[float]], list[float]]:
     """How this rank sums a step's loss scalars over every rank: through shared memory in
     ``directory`` where every rank is a CPU rank of this one machine, else ``all_reduce_sum``."""
-    meeting = _meeting(ctx, directory, "sum", range(ctx.world)) if ctx.nodes == 1 else None
+    return node_sum(ctx.device, ctx.rank, ctx.world, directory) if ctx.nodes == 1 else all_reduce_sum
+
+
+def node_sum(device: torch.device, rank: int, world: int, directory: Path) -> Callable[[list[float]], list[float]]:
+    """``world_sum`` where the ``world`` ranks all run on this machine (a run on one machine, a
+    calibration)."""
+    meeting = _meeting(device, rank, directory, "sum", range(world))
     return meeting.sum if meeting is not None else all_reduce_sum
 
 
