@@ -249,6 +249,8 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
         scalar_s = insitu["scalar"]
         # the same steps' compute, as a layout whose compute ranks all-gather each block runs it
         lockstep = insitu["lockstep"]
+    # CPU ranks meeting before whole blocks: the wait at a meeting, and the loss sum after them
+    meeting = compute.pop("meeting", None)
     from zoplan.runtime.perturb import kernels_label
 
     kernels = kernels_label(device)
@@ -270,6 +272,7 @@ def _measure_with(args, model, adapter, host, device, rank, world, block_params,
         "block_params": block_params,
         "compute": compute,
         "lockstep": lockstep,
+        "meeting": {"wait_s": meeting["exchange"], "scalar_s": meeting["scalar"]} if meeting else None,
     }
 
 
@@ -286,6 +289,26 @@ def _program(rank: int, world: int, exchange: bool, dtype: str, layers: int) -> 
         upload="sliced",
         movers=movers,
         slices_per_block=world,
+        wire_dtype=dtype,
+        param_dtype=dtype,
+        micro_batch=1,
+        prefetch=1,
+    )
+    return build_program(layout, layers=layers, block_params=1)
+
+
+def _whole_program(world: int, dtype: str, layers: int) -> Program:
+    """The calibration's whole-block setting: every rank a compute rank of one data-parallel
+    layout (both branches on its share of the batch), each uploading whole blocks and meeting the
+    others before every one, as the CPU ranks of a 1xN or 2x1 whole-block run do."""
+    ranks = tuple(f"rank{k}" for k in range(world))
+    layout = Layout(
+        perturbation=1,
+        data=world,
+        compute_gpus=ranks,
+        upload="whole",
+        movers=ranks,
+        slices_per_block=1,
         wire_dtype=dtype,
         param_dtype=dtype,
         micro_batch=1,
@@ -323,9 +346,14 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
     settings = [(b, m, f"{b}x{m}") for b in (1, 2) for m in args.micro_batches]
     if world > 1:
         settings.append((1, 2, "exchange"))
+    if world > 1 and device.type == "cpu":
+        # CPU ranks of whole-block layouts meet through shared memory before every block: the wait
+        settings.append((2, 2, "meeting"))
     blocks_n = len(host.layouts)
-    # the loss scalars summed as a run's ranks sum them (on CPU, through shared memory)
+    # the loss scalars summed, and whole blocks met before, as a run's ranks do (on CPU, through
+    # shared memory)
     scalar_sum = zdist.node_sum(device, rank, world, Path(args.host_root))
+    meet = zdist.node_barrier(device, rank, world, Path(args.host_root))
     state = {}
     for branches, micro, key in settings:
         # waiting for the slowest rank is skewed (rare long waits): more steps for the exchange,
@@ -361,9 +389,10 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
                 rank,
                 f"engine steps: {branches} branch(es), {micro} micro-batch(es)"
                 + (", all ranks all-gathering" if key == "exchange" else "")
+                + (", whole blocks, all ranks meeting before each" if key == "meeting" else "")
                 + f" (round {round_ + 1} of {ROUNDS})",
             )
-            exchange = key == "exchange"
+            exchange, whole = key == "exchange", key == "meeting"
             ctx = zdist.RankContext(
                 rank=0,
                 world=1,
@@ -376,8 +405,8 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
                 replicas=1,
                 mover_index=rank if exchange else 0,
                 movers=world if exchange else 1,
-                compute_index=0,
-                computes=1,
+                compute_index=rank if whole else 0,
+                computes=world if whole else 1,
                 exchange_group=zdist.world_group() if exchange else None,
             )
             engine = None  # the previous engine's buffers go before this one's come
@@ -387,10 +416,13 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
                 adapter,
                 host,
                 ctx,
-                program=_program(rank, world, exchange, args.dtype, blocks_n),
+                program=_whole_program(world, args.dtype, blocks_n)
+                if whole
+                else _program(rank, world, exchange, args.dtype, blocks_n),
                 rank=f"rank{rank}",
                 eps=1e-3,
                 spans=spans,
+                barrier=meet,
             )
             # the first round's warm-up step is kept with the timed ones, the later ones are not timed
             for i in range(st["shares"][round_] + 1):
@@ -436,7 +468,7 @@ def _engine_times(args, model, adapter, host, device, rank, world, between_round
         st = state[key]
         st["spans"].close()
         rows = st["rows"]
-        average = statistics.mean if key == "exchange" else statistics.median
+        average = statistics.mean if key in ("exchange", "meeting") else statistics.median
         out[key] = {
             cat: average(r.get(cat, 0.0) for r in rows) / (blocks_n if cat in PER_BLOCK else 1)
             for cat in (

@@ -267,6 +267,13 @@ def world_sum(ctx: RankContext, directory: Path) -> Callable[[list[float]], list
     return node_sum(ctx.device, ctx.rank, ctx.world, directory) if ctx.nodes == 1 else all_reduce_sum
 
 
+def node_barrier(device: torch.device, rank: int, world: int, directory: Path) -> Callable[[], None]:
+    """A barrier of the ``world`` ranks of this one machine, as ``exchange_barrier`` meets (the
+    calibration's whole-block setting)."""
+    meeting = _meeting(device, rank, directory, "barrier", range(world))
+    return meeting.wait if meeting is not None else barrier
+
+
 def node_sum(device: torch.device, rank: int, world: int, directory: Path) -> Callable[[list[float]], list[float]]:
     """``world_sum`` where the ``world`` ranks all run on this machine (a run on one machine, a
     calibration)."""

@@ -453,6 +453,7 @@ def test_a_sampled_duplex_rate_keeps_its_range_and_an_unsampled_profile_keeps_it
     data["compute"].pop("lockstep_s")
     for figures in data["devices"].values():
         del figures["duplex_range_gbps"]
+    del data["meeting"]
     assert plain.hash == content_hash(data) != sampled.hash
     console = Console(width=200, record=True)
     console.print(profile_table(sampled))
@@ -566,7 +567,9 @@ def test_a_calibration_with_several_ranks_keeps_the_lockstep_compute_and_older_p
     del dumped["compute"]["lockstep_s"]
     for figures in dumped["devices"].values():  # nor the duplex samples' range (CUDA only)
         del figures["duplex_range_gbps"]
+    del dumped["meeting"]  # nor the CPU ranks' meeting (timed with several CPU ranks only)
     assert plain.hash == content_hash(dumped) != locked.hash
+    assert "meeting" not in (tmp_path / "plain.yaml").read_text()
 
 
 def test_cpu_ranks_meet_before_a_whole_block_for_the_wait_alone_with_a_profile_or_without(tmp_path: Path) -> None:
@@ -588,6 +591,16 @@ def test_cpu_ranks_meet_before_a_whole_block_for_the_wait_alone_with_a_profile_o
     profiled = apply_profile(machine, load_profile(write_profile(tmp_path / "p.yaml")), tmp_path / "p.yaml")
     for m in (machine, profiled):
         assert StepCosts(m, work, whole).whole_barrier_s() == pytest.approx(wait, rel=1e-12)
+    # a profile that timed the meeting in step (the calibration's whole-block setting): its wait,
+    # and its loss sum for whole-block layouts (the sliced ones keep the exchange setting's)
+    tree = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    tree["meeting"] = {"wait_us": 150.0, "scalar_us": 260.0}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(tree))
+    met = apply_profile(machine, load_profile(tmp_path / "m.yaml"), tmp_path / "m.yaml")
+    assert StepCosts(met, work, whole).whole_barrier_s() == pytest.approx(150e-6, rel=1e-12)
+    assert StepCosts(met, work, whole).scalar_allreduce_s() == pytest.approx(260e-6, rel=1e-12)
+    assert StepCosts(met, work, layout(pertp=2)).scalar_allreduce_s() == pytest.approx(600e-6, rel=1e-12)
+    assert load_profile(tmp_path / "m.yaml").hash != load_profile(tmp_path / "p.yaml").hash
     spec = yaml.safe_load((Path(__file__).parents[1] / "topologies" / "rtx4090-4x.yaml").read_text())
     spec["gpu_models"]["rtx4090-24gb"].update(collective_us=30.0, lockstep_wait_us=7.0)
     (tmp_path / "gpus.yaml").write_text(yaml.safe_dump(spec))

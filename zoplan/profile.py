@@ -80,6 +80,15 @@ class Collective(Strict):
     wait_us: NonNegativeFloat = 0.0
 
 
+class Meeting(Strict):
+    """CPU ranks of one machine that meet through shared memory before every whole block
+    (zoplan.runtime.dist.NodeMeeting), timed inside real steps: each rank's wait at a meeting
+    (the mean: what the slower rank's noise adds to a step), and the loss sum after them."""
+
+    wait_us: NonNegativeFloat
+    scalar_us: NonNegativeFloat
+
+
 class StageTimes(Strict):
     """Seconds on one device, keyed "<branches>x<micro-batches>" (1x1, 1x2, 2x1, 2x2)."""
 
@@ -115,6 +124,7 @@ class Profile(Strict):
     allgather_groups: list[Collective] = Field(default_factory=list)
     scalar_latency_us: NonNegativeFloat = 0.0
     compute: StageTimes
+    meeting: Meeting | None = None  # several CPU ranks (None in older profiles, and on GPUs)
 
     @property
     def hash(self) -> str:
@@ -228,10 +238,13 @@ def write_profile(profile: Profile, path: Path) -> None:
 
 
 def _drop_unsampled(data: dict[str, Any]) -> None:
-    """Leave out the duplex range where it was not sampled (CPU ranks, older profiles)."""
+    """Leave out the duplex range where it was not sampled (CPU ranks, older profiles), and the
+    meeting where it was not timed (GPUs, one rank, older profiles)."""
     for figures in data["devices"].values():
         if figures.get("duplex_range_gbps") is None:
             figures.pop("duplex_range_gbps", None)
+    if data.get("meeting") is None:
+        data.pop("meeting", None)
 
 
 def _range(samples: list[float] | None) -> tuple[float, float] | None:
@@ -293,6 +306,15 @@ def build_profile(
         if all(r.get("lockstep") for r in rows)
         else {}
     )
+    meetings = [r["meeting"] for r in rows if r.get("meeting")]
+    meeting = (
+        Meeting(
+            wait_us=sum(m["wait_s"] for m in meetings) / len(rows) * 1e6,
+            scalar_us=sum(m["scalar_s"] for m in meetings) / len(rows) * 1e6,
+        )
+        if len(meetings) == len(rows)
+        else None
+    )
     return Profile(
         version=PROFILE_VERSIONS[-1],
         machine=MachineRef(name=machine.name, hash=machine.hash),
@@ -327,6 +349,7 @@ def build_profile(
             lockstep_s=lockstep,
             **({"block_gpu_s": mean("compute_gpu"), "block_host_s": mean("compute_host")} if device_is_cuda else {}),
         ),
+        meeting=meeting,
     )
 
 

@@ -129,7 +129,7 @@ def test_calibration_keeps_the_steps_it_timed_and_the_profile_follows_from_them(
 
     profile = load_profile(calibrated[0])
     kept = calibrated[0].parent / "spans"
-    assert sorted(p.name for p in kept.iterdir()) == ["1x1", "1x2", "2x1", "2x2", "exchange"]
+    assert sorted(p.name for p in kept.iterdir()) == ["1x1", "1x2", "2x1", "2x2", "exchange", "meeting"]
     # each setting's entry follows from that setting's steps (not from another's: the settings'
     # timings differ), so a mislabelled setting fails here; which one is slower is for benchmarks
     for setting in ("1x1", "1x2", "2x1", "2x2"):
@@ -157,6 +157,18 @@ def test_calibration_keeps_the_steps_it_timed_and_the_profile_follows_from_them(
         blocks = len({s[3] for s in rows[0]["spans"] if s[1] == "compute"})
         locked.append(statistics.median(r["totals"]["compute"] for r in rows[1:]) / blocks)
     assert math.isclose(profile.compute.lockstep_s["block"], sum(locked) / 2, rel_tol=1e-6)
+    # the whole-block setting (CPU ranks): the ranks met before every block, and the profile's
+    # meeting figures are the ranks' mean of the mean wait per block and loss sum after the warm-up
+    waits, sums = [], []
+    for rank in (0, 1):
+        rows = [json.loads(line) for line in (kept / "meeting" / f"spans-rank{rank}.jsonl").read_text().splitlines()]
+        blocks = len({s[3] for s in rows[0]["spans"] if s[1] == "compute"})
+        assert all(sum(s[2].startswith("barrier") for s in r["spans"]) == blocks for r in rows[1:])
+        waits.append(statistics.mean(r["totals"].get("exchange", 0.0) for r in rows[1:]) / blocks)
+        sums.append(statistics.mean(r["totals"]["scalar"] for r in rows[1:]))
+    assert profile.meeting is not None
+    assert math.isclose(profile.meeting.wait_us, sum(waits) / 2 * 1e6, rel_tol=1e-6)
+    assert math.isclose(profile.meeting.scalar_us, sum(sums) / 2 * 1e6, rel_tol=1e-6)
 
 
 def test_a_plan_made_with_a_profile_records_it_and_timeline_reproduces_it(calibrated, planned, tmp_path) -> None:

@@ -422,6 +422,9 @@ def profile_table(profile: Profile) -> Table:
             table.add_row(f"all-gather among {g.ranks}", f"{g.latency_us:.0f} µs + {rate}")
         table.add_row("in-step wait per all-gather", f"{profile.allgather.wait_us:.0f} µs")
         table.add_row("loss all-reduce", f"{profile.scalar_latency_us:.0f} µs")
+    if profile.meeting is not None:
+        table.add_row("in-step wait per whole-block meeting (shared memory)", f"{profile.meeting.wait_us:.0f} µs")
+        table.add_row("loss sum after such meetings", f"{profile.meeting.scalar_us:.0f} µs")
     for branches in (1, 2):
         for m, t in timed_counts(profile.compute.block_s, branches):
             key, c = f"{branches}x{m}", profile.compute

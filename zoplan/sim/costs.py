@@ -230,11 +230,14 @@ class StepCosts:
         before anyone writes its share back, a barrier per block. GPU ranks: a small collective's
         latency plus the in-step wait (measured, or the device's collective call). CPU ranks meet
         through shared memory (zoplan.runtime.dist.NodeMeeting): no call worth counting, only the
-        wait for the other ranks, ``lockstep_wait_us`` (a profile times no such meeting)."""
+        wait for the other ranks: measured in step (a profile's ``meeting``), or
+        ``lockstep_wait_us`` (a profile written before it was measured)."""
         p, L = self.profile, self.layout
         if L.compute_ranks_per_node < 2 or self.frozen:
             return 0.0
         if self._gm(L.compute_gpus[0]).kind == "cpu":
+            if p is not None and p.meeting is not None:
+                return p.meeting.wait_us * 1e-6
             return self.lockstep_wait_s(with_profile=True)
         if p is None:
             return self.collective_call_s(L.compute_gpus) + self.lockstep_wait_s()
@@ -477,11 +480,14 @@ class StepCosts:
 
     def scalar_allreduce_s(self) -> float:
         """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta), or
-        the calibrated figure. The CPU ranks of one machine sum them through shared memory
-        (zoplan.runtime.dist.NodeMeeting): only the wait for the other ranks."""
+        the calibrated figure (after whole-block meetings of CPU ranks: the one timed after them).
+        The CPU ranks of one machine sum them through shared memory (zoplan.runtime.dist.NodeMeeting):
+        only the wait for the other ranks."""
         machine, L = self.machine, self.layout
-        if self.profile is not None and len(L.compute_gpus) * L.nodes > 1:
-            return self.profile.scalar_latency_us * 1e-6
+        p = self.profile
+        if p is not None and len(L.compute_gpus) * L.nodes > 1:
+            whole_cpu = L.upload == "whole" and L.nodes == 1 and self._gm(L.compute_gpus[0]).kind == "cpu"
+            return (p.meeting.scalar_us if whole_cpu and p.meeting is not None else p.scalar_latency_us) * 1e-6
         if L.nodes == 1 and self._gm(L.compute_gpus[0]).kind == "cpu":
             return self.lockstep_wait_s()
         hops = 2 * math.ceil(math.log2(max(2, L.compute_ranks_per_node))) if L.compute_ranks_per_node > 1 else 0
