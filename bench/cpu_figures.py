@@ -84,15 +84,26 @@ class _Count(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def tiny_block():
-    """A tiny OPT block (width 64) and its inputs for micro-batch 2 x 64 tokens: (block, hidden,
-    kwargs) as the runtime calls it."""
+def tiny_opt(layers: int):
+    """A random OPT model of the tiny-opt shape (width 64, ffn 128, 4 heads, vocab 1405) with
+    ``layers`` blocks, in eval mode."""
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(
-        hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=1, vocab_size=1405, word_embed_proj_dim=64
+        hidden_size=64,
+        ffn_dim=128,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        vocab_size=1405,
+        word_embed_proj_dim=64,
     )
-    model = OPTForCausalLM(config).eval()
+    return OPTForCausalLM(config).eval()
+
+
+def tiny_block():
+    """A tiny OPT block (width 64) and its inputs for micro-batch 2 x 64 tokens: (block, hidden,
+    kwargs) as the runtime calls it."""
+    model = tiny_opt(1)
     block = model.model.decoder.layers[0]
     box: dict = {}
 
@@ -125,12 +136,7 @@ def cold_op_us(reps: int) -> tuple[float, int]:
     up to its first block (its embedding stage, micro-batch 2 x 64 tokens) run right after a pass
     of its 4 blocks and its head, as a step runs it, against the same forward run over and over;
     the difference per aten op of that forward."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    config = OPTConfig(
-        hidden_size=64, ffn_dim=128, num_attention_heads=4, num_hidden_layers=4, vocab_size=1405, word_embed_proj_dim=64
-    )
-    model = OPTForCausalLM(config).eval()
+    model = tiny_opt(4)
     blocks = model.model.decoder.layers
     ids = torch.randint(0, 1000, (2, 64))
     hidden = torch.randn(2, 64, 64)

@@ -216,14 +216,23 @@ class StepCosts:
         assert self.profile is not None  # asked only where a profile's times are used
         return self.profile.lockstep_factor(stage)
 
-    def lockstep_wait_s(self, with_profile: bool = False) -> float:
-        """What each meeting of a node's CPU compute ranks costs beyond the collective call (the
-        devices' ``lockstep_wait_us``): without a profile, or ``with_profile`` where the profile
-        measured no such meeting (a profile's collectives include their wait)."""
+    def lockstep_wait_s(self) -> float:
+        """Without a profile: what each meeting of a node's CPU compute ranks costs beyond the
+        collective call (a profile's collectives include their wait)."""
+        return 0.0 if self.profile is not None else self._meeting_wait_s()
+
+    def _meeting_wait_s(self) -> float:
+        """The devices' ``lockstep_wait_us`` where a node has several compute ranks: what each of
+        their meetings costs waiting for the others' noise."""
         L = self.layout
-        if (self.profile is not None and not with_profile) or L.compute_ranks_per_node < 2:
+        if L.compute_ranks_per_node < 2:
             return 0.0
         return max((self._gm(g).lockstep_wait_us for g in L.compute_gpus), default=0.0) * 1e-6
+
+    @property
+    def _cpu_ranks(self) -> bool:
+        """The layout computes on CPU ranks (those of one machine meet through shared memory)."""
+        return self._gm(self.layout.compute_gpus[0]).kind == "cpu"
 
     def whole_barrier_s(self) -> float:
         """Whole-block uploads with several compute ranks on a machine: every rank reads the block
@@ -235,10 +244,8 @@ class StepCosts:
         p, L = self.profile, self.layout
         if L.compute_ranks_per_node < 2 or self.frozen:
             return 0.0
-        if self._gm(L.compute_gpus[0]).kind == "cpu":
-            if p is not None and p.meeting is not None:
-                return p.meeting.wait_us * 1e-6
-            return self.lockstep_wait_s(with_profile=True)
+        if self._cpu_ranks:
+            return p.meeting.wait_us * 1e-6 if p is not None and p.meeting is not None else self._meeting_wait_s()
         if p is None:
             return self.collective_call_s(L.compute_gpus) + self.lockstep_wait_s()
         c = p.collective(L.compute_ranks_per_node)
@@ -486,9 +493,9 @@ class StepCosts:
         machine, L = self.machine, self.layout
         p = self.profile
         if p is not None and len(L.compute_gpus) * L.nodes > 1:
-            whole_cpu = L.upload == "whole" and L.nodes == 1 and self._gm(L.compute_gpus[0]).kind == "cpu"
+            whole_cpu = L.upload == "whole" and L.nodes == 1 and self._cpu_ranks
             return (p.meeting.scalar_us if whole_cpu and p.meeting is not None else p.scalar_latency_us) * 1e-6
-        if L.nodes == 1 and self._gm(L.compute_gpus[0]).kind == "cpu":
+        if L.nodes == 1 and self._cpu_ranks:
             return self.lockstep_wait_s()
         hops = 2 * math.ceil(math.log2(max(2, L.compute_ranks_per_node))) if L.compute_ranks_per_node > 1 else 0
         hop_s = 0.0
