@@ -318,3 +318,53 @@ def test_the_once_a_step_stages_pay_their_cold_ops(tmp_path: Path) -> None:
         assert cold.embed_s("rank0") - base.embed_s("rank0") == pytest.approx(embed_calls * 10e-6, rel=1e-9)
         assert cold.head_s("rank0") - base.head_s("rank0") == pytest.approx(head_calls * 10e-6, rel=1e-9)
         assert cold.block_forward_s("rank0") == base.block_forward_s("rank0")
+
+
+def test_per_device_costs_are_kept_by_device_model_and_cpu_rank(tmp_path: Path) -> None:
+    """A StepCosts keeps each per-device figure for a kind of device (a GPU model; a CPU rank by
+    itself): asked in any order, each GPU's figure is the one computed afresh for it, and two
+    models' figures stay apart."""
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "topologies"
+    machine = load_topology(fixtures / "mixed-h100-l40s.yaml")
+    work = Workload(load_model_shape("opt-13b"), 16, 512)
+    figures = ("forward_block_s", "block_forward_s", "whole_update_s", "compute_block_s", "embed_s", "head_s")
+    for upload in ("whole", "sliced"):
+        mixed = Layout(
+            perturbation=2,
+            data=1,
+            compute_gpus=("gpu4", "gpu0"),
+            upload=upload,
+            movers=("gpu4", "gpu0"),
+            slices_per_block=1 if upload == "whole" else 2,
+            shares=() if upload == "whole" else (3, 1),
+            wire_dtype="bf16",
+            param_dtype="bf16",
+            micro_batch=4,
+            prefetch=1,
+        )
+        kept = StepCosts(machine, work, mixed)
+        for g in ("gpu0", "gpu4", "gpu0", "gpu4"):
+            for name in figures:
+                fresh = getattr(StepCosts, name).__wrapped__(StepCosts(machine, work, mixed), g)
+                assert getattr(kept, name)(g) == fresh, (upload, name, g)
+            assert kept.compute_block_s(g, resident=True) == StepCosts.compute_block_s.__wrapped__(
+                StepCosts(machine, work, mixed), g, resident=True
+            )
+        assert kept.block_forward_s("gpu0") != kept.block_forward_s("gpu4")
+        if upload == "sliced":
+            parts = mixed.parts(kept.slice_params * 2)
+            assert [kept.part_params(g) for g in ("gpu4", "gpu0", "gpu1")] == [hi - lo for lo, hi in parts] + [0]
+    # CPU ranks: one alone on its socket has both cores, two on the other one each
+    spec = yaml.safe_load(CPU_LOCAL.read_text())
+    spec["sockets"] = [dict(spec["sockets"][0], id="cpu0"), dict(spec["sockets"][0], id="cpu1")]
+    spec["gpus"] = [dict(spec["gpus"][0], id=f"rank{i}") for i in range(3)]
+    link = spec["links"][0]
+    spec["links"] = [dict(link, a=socket, b=f"rank{i}") for i, socket in enumerate(("cpu0", "cpu1", "cpu1"))]
+    path = tmp_path / "two-sockets.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cpus = load_topology(path)
+    ranks = ("rank0", "rank1", "rank2")
+    three = dataclasses.replace(layout(), data=3, compute_gpus=ranks, upload="whole", movers=ranks, slices_per_block=1)
+    kept = StepCosts(cpus, Workload(OPT, 6, 64), three)
+    assert [kept.threads(g) for g in three.compute_gpus] == [2, 1, 1]
+    assert kept.block_forward_s("rank0") < kept.block_forward_s("rank1") == kept.block_forward_s("rank2")

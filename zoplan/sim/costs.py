@@ -25,10 +25,10 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from zoplan.layout import Layout
 from zoplan.vocab import DTYPE_BYTES
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from zoplan.profile import Profile, Profiled, Stage
 
 GiB = 2**30
+_Cost = TypeVar("_Cost", bound=Callable[..., float])
 # Per-GPU memory the planner does not hand to parameters and activations: CUDA context
 # (~0.5 GiB on Hopper), NCCL buffers and caching-allocator slack. An assumption, stated in
 # docs/architecture.md; calibration measures times, not memory.
@@ -116,6 +117,24 @@ def _calls(sizes: Iterable[int]) -> int:
     return sum(1 for n in sizes if n)
 
 
+def _per_device(method: _Cost) -> _Cost:
+    """A per-device cost kept by the instance for each kind of device: a GPU's depends only on its
+    model (the search asks for the same figure of eight alike GPUs over and over), a CPU rank's on
+    the rank itself (its threads, the ranks beside it)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def kept(self: StepCosts, gpu: str, *args: bool, **kwargs: bool) -> float:
+        key = (name, self._device_class(gpu), args, *kwargs.items())
+        try:
+            return self._kept[key]
+        except KeyError:
+            value = self._kept[key] = method(self, gpu, *args, **kwargs)
+            return value
+
+    return cast(_Cost, kept)
+
+
 class StepCosts:
     """Per-operation costs of one layout on one machine for one workload."""
 
@@ -132,6 +151,7 @@ class StepCosts:
         replicas = layout.data * layout.nodes
         self.batch_per_replica = workload.global_batch // replicas
         self.micro_batches = self.batch_per_replica // layout.micro_batch
+        self._kept: dict[tuple[object, ...], float] = {}  # _per_device's figures
 
     @cached_property
     def program(self) -> Program:
@@ -174,7 +194,13 @@ class StepCosts:
     def part_params(self, gpu: str) -> int:
         """Parameters of each round that ``gpu`` uploads, updates and writes back (sliced uploads:
         a slice, or its share of the round; 0 for a GPU that moves nothing)."""
-        return self.layout.part_of(gpu, self.slice_params * len(self.layout.movers))
+        return self._parts.get(gpu, 0)
+
+    @cached_property
+    def _parts(self) -> dict[str, int]:
+        """Each mover's ``part_params`` (Layout.part_of, for all of them at once)."""
+        movers = self.layout.movers
+        return {g: hi - lo for g, (lo, hi) in zip(movers, self.layout.parts(self.slice_params * len(movers)))}
 
     @property
     def block_wire_bytes(self) -> int:
@@ -272,6 +298,12 @@ class StepCosts:
         return self.collective_call_s(self.layout.movers) + self.lockstep_wait_s() + nbytes / (min(rates) * 1e9)
 
     # ----- compute -------------------------------------------------------------------------
+    def _device_class(self, gpu: str) -> str:
+        """What a per-device cost depends on: a GPU's model, or the CPU rank itself."""
+        if self._gm(gpu).kind == "cpu":
+            return "rank " + gpu
+        return "model " + self.machine.gpu_model_name(gpu)
+
     def _gm(self, gpu: str) -> GpuModel:
         return self.machine.gpu_model(gpu)
 
@@ -297,6 +329,7 @@ class StepCosts:
             passes += 1
         return passes
 
+    @_per_device
     def forward_block_s(self, gpu: str) -> float:
         """All micro-batches of all branches this GPU runs through one block."""
         m, L = self.model, self.layout
@@ -318,6 +351,7 @@ class StepCosts:
         in the fused pass; a GPU hides it behind the pass's memory traffic)."""
         return bool(self._gm(gpu).z_ns)
 
+    @_per_device
     def block_forward_s(self, gpu: str) -> float:
         """A block's perturbation and forward pass (every branch and micro-batch of this GPU):
         the step program's block op."""
@@ -345,12 +379,14 @@ class StepCosts:
         # one fused pass over the range (on a CPU rank, z drawn in it)
         return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, 1) + z_draw_s(self._gm(gpu), (params,))
 
+    @_per_device
     def whole_update_s(self, gpu: str) -> float:
         """Whole-block uploads: a compute GPU applies the deferred update to the whole block."""
         if self.profile is not None:
             return self.profile.compute.update_s_per_param * self.block_params
         return self._update_s(gpu, self.block_params)
 
+    @_per_device
     def compute_block_s(self, gpu: str, resident: bool = False) -> float:
         """Everything a compute GPU does per block: with whole-block uploads, the update and the
         barrier before the perturbation and forward pass (a resident block has no barrier: no
@@ -366,6 +402,7 @@ class StepCosts:
             return self.profile.compute.update_s_per_param * self.part_params(gpu)
         return self._update_s(gpu, self.part_params(gpu))
 
+    @_per_device
     def embed_s(self, gpu: str) -> float:
         """Start of a step: update and perturb the resident parts (embeddings, final norm,
         head); the embedding lookup itself is negligible."""
@@ -400,6 +437,7 @@ class StepCosts:
         calls = ops + tensors + sets * (_calls(small) + self.micro_batches)
         return update + sets * (branch + looked_up) + lookup + self._cold_s(gpu, calls)
 
+    @_per_device
     def head_s(self, gpu: str) -> float:
         if self.profile is not None:
             return self.profile.head_s(
