@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 from pathlib import Path
@@ -14,6 +15,7 @@ from zoplan.sim.events import Loop, Process
 from zoplan.sim.flownet import FlowNet
 from zoplan.layout import Layout
 from zoplan.models import ModelShape
+from zoplan.program import Ref
 from zoplan.sim import REPORTED_STEP, STEPS, simulate
 from zoplan.topology import load_topology
 
@@ -145,6 +147,22 @@ SHAPE = ModelShape(
 )
 
 
+def _pair() -> Layout:
+    """2x1 on gpu0 and gpu2, both uploading slices of every block."""
+    return Layout(
+        perturbation=2,
+        data=1,
+        compute_gpus=("gpu0", "gpu2"),
+        upload="sliced",
+        movers=("gpu0", "gpu2"),
+        slices_per_block=4,
+        wire_dtype="bf16",
+        param_dtype="bf16",
+        micro_batch=2,
+        prefetch=1,
+    )
+
+
 def _zo2(prefetch: int = 1) -> Layout:
     return Layout(
         perturbation=1,
@@ -217,6 +235,19 @@ def test_simulation_is_deterministic() -> None:
     assert len(a.step_ends) == STEPS and a.window == (a.step_ends[REPORTED_STEP - 1], a.step_ends[REPORTED_STEP])
 
 
+def test_a_program_that_waits_for_an_op_it_does_not_run_is_named_as_a_bug() -> None:
+    """The simulator reads each op's dependencies by index: a reference to an op the program does
+    not run (a bug in zoplan.program) is an error that names it, not a KeyError or a hang."""
+    costs = StepCosts(load_topology("dgx-a100"), Workload(SHAPE, 4, 256), _pair())
+    simulate(costs)  # as built, it runs
+    program = costs.program
+    ops = list(program.ops)
+    ops[-1] = ops[-1]._replace(deps=ops[-1].deps + (Ref("h2d b99 r0", ("gpu2",)),))
+    costs.__dict__["program"] = dataclasses.replace(program, ops=tuple(ops))
+    with pytest.raises(RuntimeError, match=r"waits for 'h2d b99 r0' on \('gpu2',\), which it does not run"):
+        simulate(costs)
+
+
 @pytest.mark.parametrize(
     "topology,upload,movers,prefetch",
     [
@@ -265,20 +296,7 @@ def test_a_simulation_leaves_nothing_for_the_cycle_collector() -> None:
 
     from zoplan.sim import Exceeded
 
-    machine = load_topology("l40s-8x")
-    layout = Layout(
-        perturbation=2,
-        data=1,
-        compute_gpus=("gpu0", "gpu2"),
-        upload="sliced",
-        movers=("gpu0", "gpu2"),
-        slices_per_block=4,
-        wire_dtype="bf16",
-        param_dtype="bf16",
-        micro_batch=2,
-        prefetch=1,
-    )
-    costs = StepCosts(machine, Workload(SHAPE, 4, 128), layout)
+    costs = StepCosts(load_topology("l40s-8x"), Workload(SHAPE, 4, 128), _pair())
     result = simulate(costs)
     collecting = gc.isenabled()
     gc.collect()

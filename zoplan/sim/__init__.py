@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 from zoplan.sim.costs import StepCosts
 from zoplan.sim.events import AllOf, Event, Loop, Process, Slots
 from zoplan.sim.flownet import FlowNet
-from zoplan.program import CATEGORY, END, Kind, Op, Ref, span_block
+from zoplan.program import CATEGORY, END, Kind, Op, span_block
 from zoplan.topology import Machine
 from zoplan.vocab import Stream
 
@@ -337,19 +337,6 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         else:
             loop.call(e.fire)
 
-    def refs(rs: tuple[Ref, ...]) -> tuple[int, ...]:
-        """Where the events of ``rs`` are for an op of step 0 (add the op's step): a reference is to
-        the op's own step or the one before (``Ref.step`` 0 or -1)."""
-        if not rs:
-            return ()
-        try:
-            return tuple([index[r.op, r.ranks] * WIDE + 1 + r.step for r in rs])
-        except KeyError:  # a bug in zoplan.program: it cannot finish
-            r = next(r for r in rs if (r.op, r.ranks) not in index)
-            raise RuntimeError(
-                f"the step program waits for '{r.op}' on {r.ranks or 'every rank'}, which it does not run ({L})"
-            ) from None
-
     TRANSFER, TIMEOUT, RING, NOTHING = range(4)
     # the hop latency per ring step, and the collective call's own cost
     ring_s = max((lat for _, lat in ring), default=0.0) * (n_movers - 1) + timing.collective_call_s
@@ -375,44 +362,98 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         return TIMEOUT, seconds
 
     compiled: list[_Compiled] = []  # by the op's index
-    for op in ops:
-        kind, ranks = op.kind, op.ranks
-        # the cores a CPU rank's op holds (an all-reduce of a few bytes is latency: none)
-        held = (
-            () if not cores or kind in (Kind.ALLREDUCE, Kind.UNPACK) else tuple(g for g in sorted(ranks) if g in cores)
+    acts: dict[tuple[Kind, str, float], _Action] = {}  # actions by what they depend on, made once
+    # what the lanes walk, by (rank, stream): each op's index and the step it is issued in (1: the
+    # step before), and the ops a run's first uploads carry into the step before (Program.prologue)
+    walks: dict[tuple[str, Stream], list[tuple[int, int]]] = defaultdict(list)
+    prologue: dict[tuple[str, Stream], list[int]] = defaultdict(list)
+    # The bytes each link and memory bus must carry before the reported step can end: the
+    # uploads and all-gathers of that step and every one before it, and the write-backs of the
+    # step before (an upload waits for its block's write-back of the step before). The early stop
+    # bounds the reported step's end by what is left of them (what a link has moved in all
+    # counts as done: the bound stays below the truth).
+    # Up to the reported step (1), a lane issues each op of a step twice: for steps 0 and 1 (an op
+    # carried into the step before, for step 0 in the prologue and for step 1 in step 0), and its
+    # write-backs for step 0 once. Every figure is a whole number of bytes (a ring step moves
+    # (n - 1)/n of a round that n movers split evenly), so the sums are exact in any order.
+    must: dict[str, float] = defaultdict(float)
+    last: list[int] = []  # the ops that end a step (the host work)
+    # what the loop below asks of an op's kind, once per kind: its span category, whether it is a
+    # block's compute (the early stop looks after it), an unpacking, work that holds no core (an
+    # all-reduce of a few bytes is latency), an upload's or write-back's issues up to the reported
+    # step (else 0), an all-gather, the host work
+    per_kind = {
+        k: (
+            CATEGORY[k],
+            k is Kind.BLOCK,
+            k is Kind.UNPACK,
+            k in (Kind.ALLREDUCE, Kind.UNPACK),
+            REPORTED_STEP + 1 if k is Kind.H2D else REPORTED_STEP if k is Kind.D2H else 0,
+            k is Kind.ALLGATHER,
+            k is Kind.HOST,
         )
-        # a compute rank's own compute-stream work (its utilization); the all-reduce is a wait
-        on_compute = op.stream is Stream.COMPUTE and kind is not Kind.ALLREDUCE and len(ranks) == 1
-        compiled.append(
-            (
-                refs(op.deps) if op.deps else (),
-                refs(op.frees) if op.frees else (),
-                action(op),
-                held,
-                CATEGORY[kind],
-                op.block if op.block is not None else span_block(kind, None, model.layers),
-                on_compute,
-                op.slot,
-                ranks,
-                kind is Kind.BLOCK,
-                kind is Kind.UNPACK,
-                op.id,
+        for k in Kind
+    }
+    lanes_of: dict[tuple[tuple[str, ...], Stream], list[list[tuple[int, int]]]] = {}  # each rank's walk
+    compute_stream, allreduce = Stream.COMPUTE, Kind.ALLREDUCE
+    try:
+        # (an op's fields, unpacked: quicker than by name, and this loop sees every op)
+        for kb, (label, kind, stream, ranks, block, _, step, slot, frees, nbytes, _, deps) in enumerate(ops):
+            category, is_block, unpack, coreless, issues, gather, host = per_kind[kind]
+            what = (kind, ranks[0], nbytes)
+            cost = acts.get(what)
+            if cost is None:
+                cost = acts[what] = action(ops[kb])
+            compiled.append(
+                (
+                    tuple([index[o, k] * WIDE + 1 + s for o, k, s in deps]) if deps else (),
+                    tuple([index[o, k] * WIDE + 1 + s for o, k, s in frees]) if frees else (),
+                    cost,
+                    # the cores a CPU rank's op holds
+                    () if not cores or coreless else tuple(g for g in sorted(ranks) if g in cores),
+                    category,
+                    block if block is not None else span_block(kind, None, model.layers),
+                    # a compute rank's own compute-stream work (its utilization); the all-reduce is a wait
+                    stream is compute_stream and kind is not allreduce and len(ranks) == 1,
+                    slot,
+                    ranks,
+                    is_block,
+                    unpack,
+                    label,
+                )
             )
-        )
+            targets = lanes_of.get((ranks, stream))
+            if targets is None:
+                targets = lanes_of[ranks, stream] = [walks[g, stream] for g in ranks]
+            issued = (kb, step)
+            for walk in targets:
+                walk.append(issued)
+            if step == 1:
+                for g in ranks:
+                    prologue[g, stream].append(kb)
+            if host:
+                last.append(kb)
+            if stream is compute_stream:  # moves nothing
+                continue
+            if issues:  # an upload or a write-back
+                moved, route, _ = cost[1]
+                for r in route:
+                    must[r] += moved * issues * len(ranks)
+            elif gather and cost[0] == RING:
+                for path, _ in ring:
+                    for r in path:
+                        must[r] += cost[1] * (REPORTED_STEP + 1)
+    except KeyError:  # a bug in zoplan.program: it waits for an op it does not run
+        missing = [r for op in ops for r in op.deps + op.frees if (r.op, r.ranks) not in index]
+        if not missing:
+            raise
+        o, k, _ = missing[0]
+        raise RuntimeError(
+            f"the step program waits for '{o}' on {k or 'every rank'}, which it does not run ({L})"
+        ) from None
     arrived = [0] * len(events)  # members of a collective that have reached it, by its event's index
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
-
-    lanes: dict[tuple[str, Stream], list[tuple[Op, int]]] = defaultdict(list)  # (op, its index)
-    for kb, op in enumerate(ops):
-        for g in op.ranks:
-            lanes[g, op.stream].append((op, kb))
-
-    # a run's first uploads (Program.prologue): each lane's ops carried into the step before
-    prologue = {key: [kb for op, kb in issued if op.step == 1] for key, issued in lanes.items()}
-
-    # what the lanes walk: each op's index and the step it is issued in (1: the step before)
-    walks = {key: [(kb, op.step) for op, kb in issued] for key, issued in lanes.items()}
 
     def sequence(rank: str, stream: Stream, last: int = STEPS - 1) -> Iterator[tuple[int, int]]:
         """What a lane issues, in order, as (an op's index, the step it is for): a run's first
@@ -441,33 +482,6 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                     act, arg = compiled[kb][2]
                     if act == TIMEOUT:
                         total += arg
-    # The bytes each link and memory bus must carry before the reported step can end: the
-    # uploads and all-gathers of that step and every one before it, and the write-backs of the
-    # step before (an upload waits for its block's write-back of the step before). The early stop
-    # bounds the reported step's end by what is left of them (what a link has moved in all
-    # counts as done: the bound stays below the truth).
-    # Up to the reported step (1), a lane issues each op of a step twice: for steps 0 and 1 (an op
-    # carried into the step before, for step 0 in the prologue and for step 1 in step 0), and its
-    # write-backs for step 0 once. Every figure is a whole number of bytes (a ring step moves
-    # (n - 1)/n of a round that n movers split evenly), so the sums are exact in any order.
-    must: dict[str, float] = defaultdict(float)
-    h2d, d2h, gather = Kind.H2D, Kind.D2H, Kind.ALLGATHER
-    for (rank, stream), issued in lanes.items():
-        if stream is Stream.COMPUTE:  # moves nothing
-            continue
-        for op, kb in issued:
-            kind = op.kind
-            if kind is h2d or kind is d2h:
-                nbytes, route, _ = compiled[kb][2][1]
-                times = REPORTED_STEP + 1 if kind is h2d else REPORTED_STEP
-                for r in route:
-                    must[r] += nbytes * times
-            elif kind is gather and rank == op.ranks[0]:
-                act, arg = compiled[kb][2]
-                if act == RING:
-                    for path, _ in ring:
-                        for r in path:
-                            must[r] += arg * (REPORTED_STEP + 1)
 
     def hopeless() -> bool:
         """The reported step cannot end before the deadline: some link has more left to carry
@@ -477,13 +491,13 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         return any(now + (total - moved[r]) / capacity[r] >= deadline[0] for r, total in must.items())
 
     # a limited simulation watches for the reported step to repeat the step before (_Mirror)
-    mirror = _Mirror(len(index), len(lanes)) if deadline is not None and not cores else None
+    mirror = _Mirror(len(index), len(walks)) if deadline is not None and not cores else None
 
     def lane(rank: str, stream: Stream) -> Process:
         nonlocal mirror
         wake = yield
         where = stream.value
-        for kb, step in sequence(rank, stream) if (rank, stream) in lanes else ():
+        for kb, step in sequence(rank, stream) if (rank, stream) in walks else ():
             (deps, frees, (act, arg), held, category, block, on_compute, slot, ranks, watched, unpack, label) = (
                 compiled[kb]
             )
@@ -571,7 +585,6 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
 
     step_ends: list[float] = []
     snapshots: list[dict[str, float]] = []
-    last = [kb for kb, op in enumerate(ops) if op.kind is Kind.HOST]
 
     def step_end() -> Process:
         wake = yield
@@ -622,7 +635,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         loop.clear()
         for process in processes:  # a simulation stopped early leaves them waiting
             process.close()
-        for container in (events, compiled, prologue, lanes, walks, index, buffers, cores, net.flows):
+        for container in (events, compiled, prologue, walks, index, buffers, cores, net.flows, acts):
             container.clear()
         mirror = None
 
