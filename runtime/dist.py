@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 from zoplan.errors import ZoplanError
 from zoplan.planfile import Plan
+from zoplan.vocab import Meetings, local_meetings
 
 
 @dataclass
@@ -150,7 +150,7 @@ def barrier(group=None) -> None:
 
 # a meeting through shared memory is ordered like the gloo collective it replaces only where a
 # plain store is seen after the stores before it (x86's total store order); elsewhere gloo
-SHARED_MEMORY_MEETINGS = platform.machine().lower() in ("x86_64", "amd64")
+SHARED_MEMORY_MEETINGS = local_meetings() is Meetings.SHARED_MEMORY
 SUM_VALUES = 7  # float64 values a meeting can sum
 _LINE = 2 * SUM_VALUES + 2  # 8-byte words per member: its count, then two sets of values (two cache lines)
 _SPIN_S = 50e-6  # spin this long, then yield the core, then (after _YIELD_S) sleep between looks

@@ -8,6 +8,7 @@ No imports beyond the standard library: everything may use this module.
 
 from __future__ import annotations
 
+import platform
 import sys
 
 if sys.version_info >= (3, 11):
@@ -76,3 +77,19 @@ class Stream(StrEnum):
     EXCHANGE = "exchange"
     COMPUTE = "compute"
     OFFLOAD = "offload"
+
+
+class Meetings(StrEnum):
+    """How the CPU ranks of one machine meet before a whole block and sum the loss: through a page
+    of shared memory (zoplan.runtime.dist.NodeMeeting), or through collective calls (gloo)."""
+
+    SHARED_MEMORY = "shared-memory"
+    COLLECTIVE = "collective"
+
+
+def local_meetings() -> Meetings:
+    """How this machine's CPU ranks meet: through shared memory where a plain store is seen after
+    the stores before it (x86's total store order, which NodeMeeting's ordering relies on), else
+    through collective calls."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return Meetings.SHARED_MEMORY if x86 else Meetings.COLLECTIVE

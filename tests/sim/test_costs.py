@@ -20,7 +20,7 @@ CPU_LOCAL = Path(__file__).resolve().parents[2] / "topologies" / "cpu-local.yaml
 RUNTIME_KEYS = ("op_us", "cold_op_us", "z_ns", "z_call_us", "collective_us", "collective_gbps", "loop_us")
 
 
-def cpu_machine(tmp_path: Path, **figures: float):
+def cpu_machine(tmp_path: Path, **figures: float | str):
     """cpu-local with its rank's runtime and lockstep figures replaced (the others omitted: 0, and
     lockstep 1)."""
     spec = yaml.safe_load(CPU_LOCAL.read_text())
@@ -257,6 +257,27 @@ def test_cpu_ranks_that_meet_before_every_block_compute_slower_and_wait(tmp_path
     assert d.block_forward_s("rank0") == c.block_forward_s("rank0") and d.lockstep_wait_s() == 0.0
     gpu = load_topology("rtx4090-4x")
     assert all(gpu.gpu_model(g).lockstep == 1.0 and gpu.gpu_model(g).lockstep_wait_us == 0 for g in gpu.gpus)
+
+
+def test_cpu_ranks_that_meet_through_collective_calls_pay_the_call(tmp_path: Path) -> None:
+    """CPU ranks meet through shared memory where the CPU is x86 (only the wait costs); a topology
+    whose ranks meet through collective calls (``meetings: collective``, any other CPU) pays the
+    call at every whole-block meeting and at the loss sum too, and its step is longer. A profile's
+    timed meeting replaces both alike."""
+    figures = {"collective_us": 300.0, "collective_gbps": 0.5, "lockstep_wait_us": 40.0}
+    shared = cpu_machine(tmp_path, **figures)
+    called = cpu_machine(tmp_path, **figures, meetings="collective")
+    assert shared.gpu_model("rank0").meetings == "shared-memory" and shared.spec_hash != called.spec_hash
+    # a file that says what it did not have to keeps the hash of one that does not (plans made before)
+    assert cpu_machine(tmp_path, **figures, meetings="shared-memory").spec_hash == shared.spec_hash
+    whole = dataclasses.replace(layout(pertp=2), upload="whole", movers=("rank0", "rank1"), slices_per_block=1)
+    a, b = StepCosts(shared, WORK, whole), StepCosts(called, WORK, whole)
+    assert a.whole_barrier_s() == pytest.approx(40e-6) and b.whole_barrier_s() == pytest.approx(340e-6)
+    assert a.scalar_allreduce_s() == pytest.approx(40e-6)
+    # two hops of the ranks' memory links (5 us each way) and the call, then the wait
+    assert b.scalar_allreduce_s() == pytest.approx(2 * 10e-6 + 300e-6 + 40e-6)
+    longer = simulate(b).step_time_s - simulate(a).step_time_s
+    assert longer == pytest.approx(OPT.layers * 300e-6 + 320e-6, rel=0.05)
 
 
 def test_the_head_charges_the_loss_passes_over_the_logits(tmp_path: Path) -> None:

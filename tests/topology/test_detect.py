@@ -134,6 +134,17 @@ def test_cpu_two_numa_nodes_from_sys(tmp_path: Path) -> None:
     }
 
 
+def test_cpu_ranks_meet_as_this_machines_cpu_lets_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """x86 ranks meet through shared memory, others through gloo's collective calls: the file says
+    which (``meetings``), so the cost model charges the calls where the runtime makes them."""
+    nodes = {0: frozenset(range(2))}
+    for arch, meetings in (("x86_64", "shared-memory"), ("aarch64", "collective")):
+        monkeypatch.setattr("platform.machine", lambda: arch)
+        result = cpu_topology(MEMINFO, nodes, {0, 1}, ranks=2)
+        assert f"meetings: {meetings}" in result.text and f"this machine: {arch}" in result.text
+        assert Machine(result.spec, "test").gpu_model("rank0").meetings == meetings
+
+
 def test_readers() -> None:
     assert parse_cpulist("0-2,8,10-11\n") == {0, 1, 2, 8, 10, 11}
     assert parse_cpulist("\n") == frozenset()

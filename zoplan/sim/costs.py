@@ -31,7 +31,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from zoplan.layout import Layout
-from zoplan.vocab import DTYPE_BYTES
+from zoplan.vocab import DTYPE_BYTES, Meetings
 from zoplan.models import ROWS_TABLE_MIN, RUNTIME_OPS, ModelShape
 from zoplan.program import Program, build
 from zoplan.topology import GpuModel, Machine
@@ -257,21 +257,31 @@ class StepCosts:
 
     @property
     def _cpu_ranks(self) -> bool:
-        """The layout computes on CPU ranks (those of one machine meet through shared memory)."""
+        """The layout computes on CPU ranks."""
         return self._gm(self.layout.compute_gpus[0]).kind == "cpu"
+
+    @property
+    def _meets_in_memory(self) -> bool:
+        """The layout computes on CPU ranks that meet through shared memory (the device's
+        ``meetings``; x86): a meeting costs only the wait, no call."""
+        gm = self._gm(self.layout.compute_gpus[0])
+        return gm.kind == "cpu" and gm.meetings == Meetings.SHARED_MEMORY
 
     def whole_barrier_s(self) -> float:
         """Whole-block uploads with several compute ranks on a machine: every rank reads the block
         before anyone writes its share back, a barrier per block. GPU ranks: a small collective's
         latency plus the in-step wait (measured, or the device's collective call). CPU ranks meet
-        through shared memory (zoplan.runtime.dist.NodeMeeting): no call worth counting, only the
-        wait for the other ranks: measured in step (a profile's ``meeting``), or
-        ``lockstep_wait_us`` (a profile written before it was measured)."""
+        as the calibration timed them in step (a profile's ``meeting``); else, through shared
+        memory (zoplan.runtime.dist.NodeMeeting), with no call worth counting: only the wait for the
+        other ranks (``lockstep_wait_us``); where they meet through collective calls (a CPU that is
+        not x86), as GPU ranks do."""
         p, L = self.profile, self.layout
         if L.compute_ranks_per_node < 2 or self.frozen:
             return 0.0
-        if self._cpu_ranks:
-            return p.meeting.wait_us * 1e-6 if p is not None and p.meeting is not None else self._meeting_wait_s()
+        if self._cpu_ranks and p is not None and p.meeting is not None:
+            return p.meeting.wait_us * 1e-6
+        if self._meets_in_memory:
+            return self._meeting_wait_s()
         if p is None:
             return self.collective_call_s(L.compute_gpus) + self.lockstep_wait_s()
         c = p.collective(L.compute_ranks_per_node)
@@ -526,14 +536,14 @@ class StepCosts:
     def scalar_allreduce_s(self) -> float:
         """Latency of the all-reduce of the loss scalars: 2 log2(p) hops (a few bytes, no beta), or
         the calibrated figure (after whole-block meetings of CPU ranks: the one timed after them).
-        The CPU ranks of one machine sum them through shared memory (zoplan.runtime.dist.NodeMeeting):
-        only the wait for the other ranks."""
+        The CPU ranks of one machine that meet through shared memory sum them there
+        (zoplan.runtime.dist.NodeMeeting): only the wait for the other ranks."""
         machine, L = self.machine, self.layout
         p = self.profile
         if p is not None and len(L.compute_gpus) * L.nodes > 1:
             whole_cpu = L.upload == "whole" and L.nodes == 1 and self._cpu_ranks
             return (p.meeting.scalar_us if whole_cpu and p.meeting is not None else p.scalar_latency_us) * 1e-6
-        if L.nodes == 1 and self._cpu_ranks:
+        if L.nodes == 1 and self._meets_in_memory:
             return self.lockstep_wait_s()
         hops = 2 * math.ceil(math.log2(max(2, L.compute_ranks_per_node))) if L.compute_ranks_per_node > 1 else 0
         hop_s = 0.0

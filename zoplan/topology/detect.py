@@ -41,6 +41,7 @@ from zoplan.topology.importer import (
     parse_topo_matrix,
 )
 from zoplan.topology import Machine, TopologySpec
+from zoplan.vocab import Meetings, local_meetings
 
 NVIDIA_SMI_TIMEOUT_S = 60  # the first call on a machine without persistence mode can take seconds
 MEMINFO = Path("/proc/meminfo")
@@ -290,10 +291,13 @@ def cpu_topology(
     name: str = "machine",
     host: str = "this machine",
     why: str = "no nvidia-smi on PATH",
+    meetings: Meetings | None = None,
 ) -> DetectedTopology:
     """A CPU-only topology like ``cpu-local``: a socket per NUMA node of ``nodes`` (one if empty),
     ``ranks`` CPU ranks (default one per core of ``cores``, the process's CPU affinity) spread
-    over the cores in order, each copying from the host memory of its core's node."""
+    over the cores in order, each copying from the host memory of its core's node, meeting as
+    this machine's ranks do (``meetings``, default: zoplan.vocab.local_meetings)."""
+    meetings = meetings or local_meetings()
     usable = sorted(cores)
     if not usable:
         raise ZoplanError("this process may run on no CPU core (os.sched_getaffinity is empty)")
@@ -400,6 +404,13 @@ def cpu_topology(
         indent=4,
     )
     out += [f"    {key}: {value}" for key, value in CPU_RUNTIME.items()]
+    out += _comment(
+        f"How the ranks meet before a whole block and sum the loss: through shared memory on x86 "
+        f"(only the wait costs), through gloo's collective calls elsewhere; this machine: "
+        f"{platform.machine() or 'unknown'}.",
+        indent=4,
+    )
+    out.append(f"    meetings: {meetings}")
     out.append("sockets:")
     out += _comment(
         f"One per NUMA node ({'/sys/devices/system/node' if nodes else 'none listed, so one'}). "
