@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from zoplan.errors import ZoplanError
 from zoplan.planfile import Plan
-from zoplan.vocab import Meetings, local_meetings
+from zoplan.vocab import Meetings, local_meetings, run_meetings
 
 
 @dataclass
@@ -241,9 +241,7 @@ def _meeting(device: torch.device, rank: int, directory: Path, name: str, ranks:
     """A shared-memory meeting of ``ranks`` (CPU ranks of this machine, ``rank`` one of them) in
     ``directory``, or None where they meet through gloo (one rank, a GPU, not x86, or
     ``ZOPLAN_MEETINGS=gloo``)."""
-    if device.type != "cpu" or len(ranks) < 2 or not SHARED_MEMORY_MEETINGS:
-        return None
-    if os.environ.get("ZOPLAN_MEETINGS", "") == "gloo":
+    if device.type != "cpu" or len(ranks) < 2 or run_meetings(os.environ) is not Meetings.SHARED_MEMORY:
         return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return NodeMeeting(directory / f"{name}-{attempt}-{ranks[0]}", len(ranks), list(ranks).index(rank))

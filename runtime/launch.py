@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -45,6 +46,7 @@ from zoplan.runtime.checkpoint import check_model_dir
 from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
 from zoplan.runtime.rankserver import SERVER_ENV, ServedProcess, request
 from zoplan.topology import Machine, load_topology
+from zoplan.vocab import Meetings, local_meetings, run_meetings
 
 
 def _free_port() -> int:
@@ -305,9 +307,32 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     return cfg, plan, machine
 
 
+def check_meetings_here(machine: Machine, gpus: Sequence[str], here: Meetings) -> list[str]:
+    """A warning where the plan's CPU ranks meet otherwise than the topology says (its
+    ``meetings``): the run is right, but its prediction charged other meetings. ``here``: how the
+    ranks will meet on this machine (zoplan.vocab.run_meetings)."""
+    said = {machine.gpu_model(g).meetings for g in gpus}
+    if len(gpus) < 2 or said == {here}:
+        return []
+    why = (
+        "ZOPLAN_MEETINGS=gloo"
+        if here is Meetings.COLLECTIVE and local_meetings() is Meetings.SHARED_MEMORY
+        else (f"this CPU ({platform.machine() or 'unknown'})")
+    )
+    words = {Meetings.SHARED_MEMORY: "shared memory", Meetings.COLLECTIVE: "collective calls"}
+    return [
+        f"'{machine.name}' says its CPU ranks meet through {' and '.join(sorted(words[m] for m in said))}, "
+        f"but here ({why}) they meet through {words[here]}: the run is not the one predicted (set "
+        f"`meetings: {here}` in the topology's CPU rank model and plan again)"
+    ]
+
+
 def _device_for(machine: Machine, plan: Plan) -> str:
-    """The ranks' device kind; a GPU plan is checked against the CUDA devices of this machine."""
+    """The ranks' device kind; a GPU plan is checked against the CUDA devices of this machine,
+    a CPU plan's meetings against how its ranks will meet here."""
     if _is_cpu_machine(machine):
+        for warning in check_meetings_here(machine, plan_gpus(plan), run_meetings(os.environ)):
+            print(f"warning: {warning}", file=sys.stderr)
         return "cpu"
     if not _cuda_available():
         raise ZoplanError(

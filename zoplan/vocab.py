@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Mapping
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -93,3 +94,9 @@ def local_meetings() -> Meetings:
     through collective calls."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     return Meetings.SHARED_MEMORY if x86 else Meetings.COLLECTIVE
+
+
+def run_meetings(environ: Mapping[str, str]) -> Meetings:
+    """How a run's CPU ranks meet here: as this machine's CPU lets them (``local_meetings``),
+    unless ``ZOPLAN_MEETINGS=gloo`` asks for collective calls."""
+    return Meetings.COLLECTIVE if environ.get("ZOPLAN_MEETINGS", "") == "gloo" else local_meetings()

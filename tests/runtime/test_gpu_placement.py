@@ -3,6 +3,8 @@ the environment torchrun's ranks get, for plans of the bundled multi-GPU machine
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from zoplan.errors import ZoplanError
@@ -88,3 +90,30 @@ def test_ranks_get_one_thread_and_the_allocator_settings_unless_the_user_set_the
     assert {k: env[k] for k in MALLOC_ENV} == MALLOC_ENV and int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) > 2**17
     mine = rank_env({"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert mine["MALLOC_MMAP_THRESHOLD_"] == "65536"  # a user's own tuning wins
+
+
+def test_cpu_ranks_that_meet_otherwise_than_the_topology_says_are_named(tmp_path, monkeypatch) -> None:
+    """The topology's ``meetings`` is what the prediction charged; the launcher warns where this
+    run's CPU ranks will meet otherwise (ZOPLAN_MEETINGS=gloo, or another CPU), and not for one
+    rank, which meets nobody."""
+    from zoplan.runtime.launch import check_meetings_here
+    from zoplan.vocab import Meetings, local_meetings, run_meetings
+
+    assert run_meetings({"ZOPLAN_MEETINGS": "gloo"}) is Meetings.COLLECTIVE
+    assert run_meetings({}) is local_meetings()
+    cpu = load_topology("cpu-local")
+    ranks = ["rank0", "rank1"]
+    assert check_meetings_here(cpu, ranks, Meetings.SHARED_MEMORY) == []
+    assert check_meetings_here(cpu, ranks[:1], Meetings.COLLECTIVE) == []
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    [gloo] = check_meetings_here(cpu, ranks, Meetings.COLLECTIVE)
+    assert "through shared memory, but here (ZOPLAN_MEETINGS=gloo) they meet through collective calls" in gloo
+    assert "meetings: collective" in gloo
+    path = tmp_path / "arm.yaml"
+    text = (Path(__file__).resolve().parents[2] / "topologies" / "cpu-local.yaml").read_text()
+    path.write_text(text.replace("    kind: cpu\n", "    kind: cpu\n    meetings: collective\n", 1))
+    arm = load_topology(path)
+    assert check_meetings_here(arm, ranks, Meetings.COLLECTIVE) == []
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    [other] = check_meetings_here(cpu, ranks, Meetings.COLLECTIVE)
+    assert "this CPU (aarch64)" in other
