@@ -198,9 +198,9 @@ class StepCosts:
 
     @cached_property
     def _parts(self) -> dict[str, int]:
-        """Each mover's ``part_params`` (Layout.part_of, for all of them at once)."""
-        movers = self.layout.movers
-        return {g: hi - lo for g, (lo, hi) in zip(movers, self.layout.parts(self.slice_params * len(movers)))}
+        """Each mover's ``part_params``, worked out once."""
+        L = self.layout
+        return {g: L.part_of(g, self.slice_params * len(L.movers)) for g in L.movers}
 
     @property
     def block_wire_bytes(self) -> int:
