@@ -230,6 +230,10 @@ def build(
     micro-batch of one branch). ``frozen``: the blocks are only read (an adapter is trained,
     zoplan.tuning): no update, barrier or write-back, and a block is computed once it has landed."""
     L, n, p = layout, layers, layout.prefetch
+    # the kinds as names of their own: reading a member from its enum class costs a lookup each time
+    H2D, UNPACK, UPDATE, BARRIER, D2H = Kind.H2D, Kind.UNPACK, Kind.UPDATE, Kind.BARRIER, Kind.D2H
+    ALLGATHER, EMBED, BLOCK, HEAD, ALLREDUCE = Kind.ALLGATHER, Kind.EMBED, Kind.BLOCK, Kind.HEAD, Kind.ALLREDUCE
+    HOST = Kind.HOST
     sliced = L.upload == "sliced"
     rounds = L.rounds
     resident = set(L.resident)
@@ -254,8 +258,9 @@ def build(
     end_before = Ref(END, (), -1)
     # what the loops below ask for again and again, made once: the ids of every block's rounds,
     # each kind's stream, each rank alone
-    per_round = (Kind.H2D, Kind.UPDATE, Kind.D2H, Kind.ALLGATHER)
+    per_round = (H2D, UPDATE, D2H, ALLGATHER)
     round_ids = {k: [[op_id(k, b, r, rounds) for r in range(rounds)] for b in range(n)] for k in per_round}
+    block_ids = [op_id(BLOCK, b) for b in range(n)]
     stream = {k: stream_of(k, L.upload) for k in Kind}
     alone = {g: (g,) for g in L.gpus}
 
@@ -269,28 +274,28 @@ def build(
         for g in movers:
             frees: list[Ref] = []
             if g in computes:
-                frees.append(Ref(op_id(Kind.BLOCK, b), (g,)))
+                frees.append(Ref(block_ids[b], alone[g]))
             if sharded:
-                frees.append(Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers))
+                frees.append(Ref(ids(ALLGATHER, b, rounds - 1), movers))
             elif sliced and not frozen:
-                frees.append(Ref(ids(Kind.UPDATE, b, rounds - 1), (g,)))
+                frees.append(Ref(ids(UPDATE, b, rounds - 1), (g,)))
             if b in resident:  # the shard holds the slices this step's update packed
                 ops.append(
                     Op(
-                        op_id(Kind.UNPACK, b),
-                        Kind.UNPACK,
-                        stream_of(Kind.UNPACK, L.upload),
+                        op_id(UNPACK, b),
+                        UNPACK,
+                        stream[UNPACK],
                         (g,),
                         b,
                         step=step,
                         slot=True,
                         frees=tuple(frees),
                         # the shard holds what the last step's update packed (frozen: never changes)
-                        deps=() if frozen else (Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers, -1),),
+                        deps=() if frozen else (Ref(ids(ALLGATHER, b, rounds - 1), movers, -1),),
                     )
                 )
                 continue
-            d2h_ids, h2d_ids = round_ids[Kind.D2H][b], round_ids[Kind.H2D][b]
+            d2h_ids, h2d_ids = round_ids[D2H][b], round_ids[H2D][b]
             if not frozen:
                 frees += [Ref(d2h_ids[r], alone[g]) for r in range(rounds)]
             first = not carry and b < p
@@ -302,8 +307,8 @@ def build(
                 ops.append(
                     Op(
                         h2d_ids[r],
-                        Kind.H2D,
-                        stream[Kind.H2D],
+                        H2D,
+                        stream[H2D],
                         alone[g],
                         b,
                         r,
@@ -319,7 +324,7 @@ def build(
     def gather(b: int, r: int, deps: tuple[Ref, ...] = ()) -> None:
         """Round r of block b assembled on every mover (after the op before it on the exchange
         stream, and ``deps``)."""
-        kind = Kind.ALLGATHER
+        kind = ALLGATHER
         ops.append(Op(ids(kind, b, r), kind, stream[kind], movers, b, r, 0, False, (), gather_bytes, 0.0, deps))
 
     def fetch(b: int) -> None:
@@ -327,66 +332,62 @@ def build(
         kept = b in resident
         if frozen:  # only the exchange of the slices, once they have landed
             for r in range(rounds if sharded else 0):
-                gather(b, r, tuple(Ref(op_id(Kind.UNPACK, b) if kept else ids(Kind.H2D, b, r), (g,)) for g in movers))
+                gather(b, r, tuple(Ref(op_id(UNPACK, b) if kept else ids(H2D, b, r), (g,)) for g in movers))
             return
         # what an update waits for: a whole block's, its upload (as deps); a slice's, one op or none
         if not sliced:
             for g in computes:
-                upload = () if kept else (Ref(ids(Kind.H2D, b), (g,)),)
-                ops.append(Op(ids(Kind.UPDATE, b), Kind.UPDATE, stream_of(Kind.UPDATE, L.upload), (g,), b, deps=upload))
+                upload = () if kept else (Ref(ids(H2D, b), (g,)),)
+                ops.append(Op(ids(UPDATE, b), UPDATE, stream[UPDATE], (g,), b, deps=upload))
             if not kept and len(computes) > 1:
-                ops.append(Op(op_id(Kind.BARRIER, b), Kind.BARRIER, stream_of(Kind.BARRIER, L.upload), computes, b))
+                ops.append(Op(op_id(BARRIER, b), BARRIER, stream[BARRIER], computes, b))
             if not kept:
                 for g in computes:
                     ops.append(
                         Op(
-                            ids(Kind.D2H, b),
-                            Kind.D2H,
-                            stream_of(Kind.D2H, L.upload),
+                            ids(D2H, b),
+                            D2H,
+                            stream[D2H],
                             (g,),
                             b,
                             0,
                             nbytes=d2h_bytes[g],
                             deps=(
-                                Ref(op_id(Kind.BARRIER, b), computes)
-                                if len(computes) > 1
-                                else Ref(ids(Kind.UPDATE, b), (g,)),
+                                Ref(op_id(BARRIER, b), computes) if len(computes) > 1 else Ref(ids(UPDATE, b), (g,)),
                             ),
                         )
                     )
             return
-        h2d_ids, update_ids, d2h_ids = round_ids[Kind.H2D][b], round_ids[Kind.UPDATE][b], round_ids[Kind.D2H][b]
-        unpacked = op_id(Kind.UNPACK, b)
+        h2d_ids, update_ids, d2h_ids = round_ids[H2D][b], round_ids[UPDATE][b], round_ids[D2H][b]
+        unpacked = op_id(UNPACK, b)
         for r in range(rounds):
             for g in movers:
                 rank = alone[g]
                 landed = Ref(unpacked, rank) if kept and sharded else None if kept else Ref(h2d_ids[r], rank)
                 # (positional: id, kind, stream, ranks, block, round, step, slot, frees, nbytes, flops, deps)
                 deps = (end_before, landed) if landed else (end_before,)
-                ops.append(Op(update_ids[r], Kind.UPDATE, stream[Kind.UPDATE], rank, b, r, 0, False, (), 0, 0.0, deps))
+                ops.append(Op(update_ids[r], UPDATE, stream[UPDATE], rank, b, r, 0, False, (), 0, 0.0, deps))
                 if not kept:
                     after = (Ref(update_ids[r], rank),)
-                    ops.append(
-                        Op(d2h_ids[r], Kind.D2H, stream[Kind.D2H], rank, b, r, 0, False, (), d2h_bytes[g], 0.0, after)
-                    )
+                    ops.append(Op(d2h_ids[r], D2H, stream[D2H], rank, b, r, 0, False, (), d2h_bytes[g], 0.0, after))
             if sharded:
                 gather(b, r)
 
     def compute(b: int) -> None:
         for g in computes:
             if sharded:  # its last round gathered on every mover
-                ready: tuple[Ref, ...] = (Ref(ids(Kind.ALLGATHER, b, rounds - 1), movers),)
+                ready: tuple[Ref, ...] = (Ref(ids(ALLGATHER, b, rounds - 1), movers),)
             elif frozen:  # read-only: once its last round has landed here (a kept block is here)
-                ready = () if b in resident else (Ref(ids(Kind.H2D, b, rounds - 1), (g,)),)
+                ready = () if b in resident else (Ref(ids(H2D, b, rounds - 1), (g,)),)
             elif sliced:  # the single mover's last round updated
-                ready = (Ref(ids(Kind.UPDATE, b, rounds - 1), movers),)
+                ready = (Ref(ids(UPDATE, b, rounds - 1), movers),)
             else:
                 ready = ()  # the update (and barrier) before it on the compute stream
             ops.append(
                 Op(
-                    op_id(Kind.BLOCK, b),
-                    Kind.BLOCK,
-                    stream_of(Kind.BLOCK, L.upload),
+                    block_ids[b],
+                    BLOCK,
+                    stream[BLOCK],
                     (g,),
                     b,
                     flops=block_flops * work,
@@ -395,7 +396,7 @@ def build(
             )
 
     for g in computes:
-        ops.append(Op(op_id(Kind.EMBED), Kind.EMBED, stream_of(Kind.EMBED, L.upload), (g,), deps=(end_before,)))
+        ops.append(Op(op_id(EMBED), EMBED, stream[EMBED], (g,), deps=(end_before,)))
     if not carry:
         for b in range(min(p, n)):
             upload(b, 0)
@@ -408,8 +409,8 @@ def build(
             upload(j, 1)
         compute(i)
     for g in computes:
-        ops.append(Op(op_id(Kind.HEAD), Kind.HEAD, stream_of(Kind.HEAD, L.upload), (g,), flops=head_flops * work))
-    ops.append(Op(op_id(Kind.ALLREDUCE), Kind.ALLREDUCE, stream_of(Kind.ALLREDUCE, L.upload), tuple(L.gpus)))
+        ops.append(Op(op_id(HEAD), HEAD, stream[HEAD], (g,), flops=head_flops * work))
+    ops.append(Op(op_id(ALLREDUCE), ALLREDUCE, stream[ALLREDUCE], tuple(L.gpus)))
     for g in computes:
-        ops.append(Op(op_id(Kind.HOST), Kind.HOST, stream_of(Kind.HOST, L.upload), (g,)))
+        ops.append(Op(op_id(HOST), HOST, stream[HOST], (g,)))
     return Program(layout=L, layers=n, ops=tuple(ops), frozen=frozen)

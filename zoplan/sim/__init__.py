@@ -29,6 +29,7 @@ import gc
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from zoplan.sim.costs import StepCosts
@@ -39,6 +40,7 @@ from zoplan.topology import Machine
 from zoplan.vocab import Stream
 
 STEPS = 3
+_ID, _RANKS = itemgetter(0), itemgetter(3)  # an op's id and ranks (Op's fields 0 and 3)
 REPORTED_STEP = 1
 # the events of an op, by step: the step before the first, then the simulated ones
 WIDE = STEPS + 1
@@ -313,7 +315,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     # ----- the program, compiled: each op's events by index, its cost as an action ---------------
     # an op's index is its place in the program (an id names one op of the ranks it names)
     ops = program.ops
-    index = {(op.id, op.ranks): i for i, op in enumerate(ops)}
+    index = dict(zip(zip(map(_ID, ops), map(_RANKS, ops)), range(len(ops))))
     if len(index) != len(ops):  # a bug in zoplan.program
         raise RuntimeError(f"the step program names an op twice ({L})")
     index[END, ()] = len(index)
@@ -362,7 +364,8 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         return TIMEOUT, seconds
 
     compiled: list[_Compiled] = []  # by the op's index
-    acts: dict[tuple[Kind, str, float], _Action] = {}  # actions by what they depend on, made once
+    # actions by what they depend on, made once, and how many times a transfer's bytes count in ``must``
+    acts: dict[tuple[Kind, str, float], list[Any]] = {}
     # what the lanes walk, by (rank, stream): each op's index and the step it is issued in (1: the
     # step before), and the ops a run's first uploads carry into the step before (Program.prologue)
     walks: dict[tuple[str, Stream], list[tuple[int, int]]] = defaultdict(list)
@@ -401,9 +404,10 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         for kb, (label, kind, stream, ranks, block, _, step, slot, frees, nbytes, _, deps) in enumerate(ops):
             category, is_block, unpack, coreless, issues, gather, host = per_kind[kind]
             what = (kind, ranks[0], nbytes)
-            cost = acts.get(what)
-            if cost is None:
-                cost = acts[what] = action(ops[kb])
+            made = acts.get(what)
+            if made is None:
+                made = acts[what] = [action(ops[kb]), 0]
+            cost = made[0]
             compiled.append(
                 (
                     tuple([index[o, k] * WIDE + 1 + s for o, k, s in deps]) if deps else (),
@@ -435,14 +439,10 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 last.append(kb)
             if stream is compute_stream:  # moves nothing
                 continue
-            if issues:  # an upload or a write-back
-                moved, route, _ = cost[1]
-                for r in route:
-                    must[r] += moved * issues * len(ranks)
+            if issues:  # an upload or a write-back (of one rank): counted here, summed after the loop
+                made[1] += issues
             elif gather and cost[0] == RING:
-                for path, _ in ring:
-                    for r in path:
-                        must[r] += cost[1] * (REPORTED_STEP + 1)
+                made[1] += REPORTED_STEP + 1
     except KeyError:  # a bug in zoplan.program: it waits for an op it does not run
         missing = [r for op in ops for r in op.deps + op.frees if (r.op, r.ranks) not in index]
         if not missing:
@@ -451,6 +451,17 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         raise RuntimeError(
             f"the step program waits for '{o}' on {k or 'every rank'}, which it does not run ({L})"
         ) from None
+    for (act, arg), times in acts.values():
+        if not times:
+            continue
+        if act == TRANSFER:
+            moved, route, _ = arg
+            for r in route:
+                must[r] += moved * times
+        else:
+            for path, _ in ring:
+                for r in path:
+                    must[r] += arg * times
     arrived = [0] * len(events)  # members of a collective that have reached it, by its event's index
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
