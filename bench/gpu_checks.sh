@@ -8,11 +8,18 @@
 #             train bit-identical weights (whole blocks, 4 rounds, resident blocks with prefetch 2;
 #             peak GPU memory within the plan's), replay on the GPU is bit-identical     ~2.5 min
 #   fidelity  the fidelity run (bench/gpu_fidelity.sh, docs/results/fidelity.md)         ~4.5 min
-# Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: all four,
-# more than one device call allows under the timeouts below, so run `replay fidelity` and
-# `kernels layouts` as two calls; FIDELITY_TIMEOUT (s, default 360) bounds the fidelity run). A
-# machine without pydantic or pytest and without network access takes wheels from .whl/ and
-# .whl/pytest/ (pip download them elsewhere for its Python version; see gpu_fidelity.sh).
+#   speed     the offloaded step of the OPT-1.3B and 2.7B shapes against the transfer bound and
+#             the same model in GPU memory, then ZO2's offloading schedule on the same model,
+#             batch and hyperparameters (bench/runtime_gpu.py, docs/results/runtime-gpu.md; ZO2
+#             only where .peers/zo2 and .whl/zo2 were carried)                 not yet timed: a call of its own
+# Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: the first
+# four, more than one device call allows under the timeouts below, so run `replay fidelity` and
+# `kernels layouts` as two calls, and `speed` as a third; FIDELITY_TIMEOUT (s, default 360) bounds
+# the fidelity run, SPEED_TIMEOUT (default 540) the speed run). A machine without pydantic or
+# pytest and without network access takes wheels from .whl/ and .whl/pytest/ (pip download them
+# elsewhere for its Python version; see gpu_fidelity.sh). For ZO2, before the call, here:
+#   python -m bench.zo2_peer --wheels .whl/zo2 && mkdir -p .peers && cp -r ../shared/peers/zo2 .peers/
+# .whl/ and .peers/ are ignored by git: name them in the device call's carry.
 set -x
 OUT=${OUT:-gpu-checks}  # a fresh folder per call: a second call on a warm machine needs another
 PARTS=${*:-kernels replay layouts fidelity}
@@ -38,6 +45,14 @@ for part in $PARTS; do
       timeout 300 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py 2>&1 | tail -12 | tee "$OUT/layouts.txt" ;;
     fidelity)
       FIDELITY_TIMEOUT=${FIDELITY_TIMEOUT:-360} OUT="$OUT/fidelity" bash bench/gpu_fidelity.sh ;;
-    *) echo "unknown part: $part (kernels, replay, layouts, fidelity)"; exit 2 ;;
+    speed)
+      peer=()
+      if [ -d .peers/zo2 ] && ls .whl/zo2/*.whl >/dev/null 2>&1; then  # ZO2's transformers, beside ours
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site-zo2 .whl/zo2/*.whl &&
+          peer=(--zo2 .peers/zo2 --zo2-site /tmp/site-zo2)
+      fi
+      timeout ${SPEED_TIMEOUT:-540} python3 -m bench.runtime_gpu --out "$OUT/speed" --steps 6 "${peer[@]}" 2>&1 |
+        tail -20 | tee "$OUT/speed.txt" ;;
+    *) echo "unknown part: $part (kernels, replay, layouts, fidelity, speed)"; exit 2 ;;
   esac
 done

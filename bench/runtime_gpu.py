@@ -3,8 +3,15 @@ models with random weights, bf16, offloaded (every block streamed from host memo
 same model kept in GPU memory (plain MeZO: every block resident), with measured host-to-device
 bandwidth and matmul throughput for the bounds.
 
+With ``--zo2 PATH`` (a checkout of ZO2), ZO2's offloading schedule (``zo2`` mode: blocks in host
+memory, streamed through the GPU) runs the same model, batch and hyperparameters after zoplan, for
+tokens/s side by side; ZO2 needs transformers 4.51.3: ``--zo2-site`` (a folder holding it and the
+versions it requires, installed from carried wheels: bench/zo2_peer.py, bench/gpu_checks.sh) or
+``--zo2-python`` (a Python of its own environment).
+
 Usage (on a GPU machine, zoplan installed with the runtime extra):
     python -m bench.runtime_gpu --out results-dir [--steps 5] [--models opt-1.3b,opt-2.7b]
+        [--zo2 .peers/zo2 --zo2-site /tmp/site-zo2]
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from bench import zo2_peer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHAPES = {"opt-125m": (768, 12, 3072, 12), "opt-1.3b": (2048, 24, 8192, 32), "opt-2.7b": (2560, 32, 10240, 32)}
@@ -133,6 +142,24 @@ def long_texts(path: Path, count: int = 128) -> Path:
     return path
 
 
+def token_batches(model: Path, data: Path, path: Path, batch: int, seq: int, count: int = 8) -> Path:
+    """The token ids of the first ``count`` batches zoplan reads from ``data`` (a JSON list of
+    batches), for a peer that takes ids: the same tokens, so the same work."""
+    from transformers import AutoTokenizer
+
+    from zoplan.runtime import data as zdata
+
+    tok = AutoTokenizer.from_pretrained(model)
+    examples, kind = zdata.load_examples(str(data))
+    task = zdata.task_of(kind, "{text}", ("a", "b"))
+    ids = [
+        zdata.encode(zdata.batches(examples, batch, 0, step, 0, 1), tok, task, seq).input_ids.tolist()
+        for step in range(count)
+    ]
+    path.write_text(json.dumps(ids))
+    return path
+
+
 def zoplan_run(model: Path, data: Path, out: Path, steps: int, resident: int, batch: int, seq: int) -> list[float]:
     cmd = [
         sys.executable,
@@ -183,6 +210,9 @@ def main() -> None:
     parser.add_argument("--models", default="opt-1.3b,opt-2.7b")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--zo2", type=Path, help="a checkout of ZO2: its offloading schedule side by side")
+    parser.add_argument("--zo2-site", type=Path, help="transformers 4.51.3 and its needs, for this Python")
+    parser.add_argument("--zo2-python", help="or a Python with ZO2's torch and transformers 4.51.3")
     opts = parser.parse_args()
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +256,26 @@ def main() -> None:
             )
         except Exception:  # keep measuring the other shape; the error is part of the record
             log(out, f"{name}: FAILED\n{traceback.format_exc()[-4000:]}")
+            continue
+        if opts.zo2 is None:
+            continue
+        try:
+            ids = token_batches(model, data, work / f"{name}-ids.json", opts.batch, opts.seq_len)
+            # its offloading schedule on the GPU, in the dtype zoplan ran in
+            settings = dict(device="cuda", offload=True, dtype="bfloat16", python=opts.zo2_python, site=opts.zo2_site)
+            peer = zo2_peer.steps(opts.zo2, model, ids, steps=opts.steps, lr=1e-6, eps=1e-3, **settings)
+            times = [float(t) for t in peer["times"]]  # type: ignore[attr-defined]
+            zo2_s = statistics.median(times[2:])
+            tokens = opts.batch * opts.seq_len
+            log(
+                out,
+                f"{name}-shaped, ZO2 offloading (zo2 mode, transformers {peer['transformers']}, lr 1e-6, eps 1e-3, "
+                f"no weight decay, bf16), batch {opts.batch} x {opts.seq_len}: {zo2_s * 1e3:.1f} ms/step, "
+                f"{tokens / zo2_s:.0f} tok/s; zoplan offloaded {tokens / off_s:.0f} tok/s; zoplan / ZO2 step time "
+                f"{off_s / zo2_s:.2f}; raw ZO2 steps {[round(x, 4) for x in times]}",
+            )
+        except Exception:
+            log(out, f"{name}, ZO2: FAILED\n{traceback.format_exc()[-4000:]}")
 
 
 if __name__ == "__main__":

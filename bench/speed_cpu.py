@@ -8,16 +8,18 @@ median step time of the steps after the first ``--skip`` of a run, then the medi
 - ``mezo``: plain in-memory MeZO in this process, the 30 lines of the paper's algorithm: per step,
   z drawn per parameter with a seeded ``torch.randn``, θ += εz, loss, θ −= 2εz, loss, θ += εz,
   θ −= lr·g·z (z drawn again from the same seed each time).
-- ``zo2``: ZO2's ``zo`` mode (its MeZO-SGD on the CPU), in its own environment: ``--zo2 PATH``
-  (a checkout of github.com/liangyuwang/zo2) and ``--zo2-python`` (a Python with torch and
-  transformers 4.51.3, which ZO2 patches); see ../shared/peers/README.md. A step is one
-  ``model(input_ids, labels)`` call after ``zo_train()``.
+- ``zo2``: ZO2's ``zo`` mode (its MeZO-SGD on the CPU), with the transformers it patches (4.51.3):
+  ``--zo2 PATH`` (a checkout of github.com/liangyuwang/zo2) and either ``--zo2-python`` (a Python
+  with torch and transformers 4.51.3) or ``--zo2-site`` (a folder with transformers 4.51.3 and the
+  versions it requires, for this Python: bench/zo2_peer.py); see ../shared/peers/README.md. A
+  step is one ``model(input_ids, labels)`` call after ``zo_train()``.
 - ``zoplan``: ``zoplan run`` with a 1x1 plan on cpu-local, every block streamed (``--resident 0``,
   whole-block uploads, one rank), on one core (``taskset``: a rank alone would take them all).
 With ``--threads 2``: every one on 2 threads, and zoplan's default plan for this machine (its
 2 CPU ranks) instead of the 1x1 one.
 
     python -m bench.speed_cpu --zo2 ../shared/peers/zo2 --zo2-python /tmp/venv-zo2/bin/python [--rounds 3]
+    python -m bench.speed_cpu --zo2 ../shared/peers/zo2 --zo2-site /tmp/site-zo2 [--rounds 3]
 """
 
 from __future__ import annotations
@@ -35,31 +37,11 @@ from pathlib import Path
 
 import torch
 
+from bench import zo2_peer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SEQ, BATCH, LR, EPS = 128, 4, 1e-6, 1e-3
-
-# Run in ZO2's environment (no zoplan there): argv = zo2 path, model dir, ids file, steps, threads
-ZO2_STEP = r"""
-import json, sys, time
-import torch
-sys.path.insert(0, sys.argv[1])
-from zo2 import ZOConfig
-from zo2.model.huggingface.opt.mezo_sgd import zo
-torch.set_num_threads(int(sys.argv[5]))
-model = zo.OPTForCausalLM.from_pretrained(sys.argv[2], torch_dtype=torch.float32)
-model.zo_init(ZOConfig(method="mezo-sgd", zo2=False, working_device="cpu", offloading_device="cpu",
-                       lr=float(sys.argv[6]), eps=float(sys.argv[7]), weight_decay=0.0))
-model.zo_train()
-batches = json.load(open(sys.argv[3]))
-times = []
-for step in range(int(sys.argv[4])):
-    ids = torch.tensor(batches[step % len(batches)])
-    t = time.perf_counter()
-    model(input_ids=ids, labels=ids)
-    times.append(time.perf_counter() - t)
-print(json.dumps(times))
-"""
 
 
 def build(work: Path) -> tuple[Path, Path, Path]:
@@ -124,16 +106,11 @@ def mezo(model_dir: Path, batches: Path, steps: int, threads: int) -> list[float
     return times
 
 
-def zo2(python: str, path: Path, model_dir: Path, batches: Path, steps: int, threads: int) -> list[float]:
-    proc = subprocess.run(
-        [python, "-c", ZO2_STEP, str(path), str(model_dir), str(batches), str(steps), str(threads), str(LR), str(EPS)],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS=str(threads)),
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"ZO2 failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def zo2(opts: argparse.Namespace, model_dir: Path, batches: Path) -> list[float]:
+    """ZO2's ``zo`` mode on the CPU (bench.zo2_peer), in its environment or with its site folder."""
+    where = dict(python=opts.zo2_python, site=opts.zo2_site)
+    run = zo2_peer.steps(opts.zo2, model_dir, batches, steps=opts.steps, lr=LR, eps=EPS, threads=opts.threads, **where)
+    return [float(t) for t in run["times"]]  # type: ignore[attr-defined]
 
 
 def zoplan(model_dir: Path, data: Path, out: Path, steps: int, threads: int) -> list[float]:
@@ -155,7 +132,9 @@ def zoplan(model_dir: Path, data: Path, out: Path, steps: int, threads: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--zo2", type=Path, required=True, help="a checkout of ZO2")
-    parser.add_argument("--zo2-python", required=True, help="a Python with ZO2's torch and transformers 4.51.3")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--zo2-python", help="a Python with ZO2's torch and transformers 4.51.3")
+    where.add_argument("--zo2-site", type=Path, help="transformers 4.51.3 and its needs, for this Python (zo2_peer)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--skip", type=int, default=1, help="steps left out at the start of each run")
@@ -170,7 +149,7 @@ def main() -> None:
             if name == "mezo":
                 times = mezo(model_dir, batches, opts.steps, opts.threads)
             elif name == "zo2":
-                times = zo2(opts.zo2_python, opts.zo2, model_dir, batches, opts.steps, opts.threads)
+                times = zo2(opts, model_dir, batches)
             else:
                 times = zoplan(model_dir, data, work / f"run{r}", opts.steps, opts.threads)
             median = statistics.median(times[opts.skip :])
