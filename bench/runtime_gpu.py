@@ -263,7 +263,7 @@ def main() -> None:
             ids = token_batches(model, data, work / f"{name}-ids.json", opts.batch, opts.seq_len)
             # its offloading schedule on the GPU, in the dtype zoplan ran in
             settings = dict(device="cuda", offload=True, dtype="bfloat16", python=opts.zo2_python, site=opts.zo2_site)
-            peer = zo2_peer.steps(opts.zo2, model, ids, steps=opts.steps, lr=1e-6, eps=1e-3, **settings)
+            peer = zo2_peer.step_times(opts.zo2, model, ids, steps=opts.steps, lr=1e-6, eps=1e-3, **settings)
             times = [float(t) for t in peer["times"]]  # type: ignore[attr-defined]
             zo2_s = statistics.median(times[2:])
             tokens = opts.batch * opts.seq_len

@@ -109,7 +109,9 @@ def mezo(model_dir: Path, batches: Path, steps: int, threads: int) -> list[float
 def zo2(opts: argparse.Namespace, model_dir: Path, batches: Path) -> list[float]:
     """ZO2's ``zo`` mode on the CPU (bench.zo2_peer), in its environment or with its site folder."""
     where = dict(python=opts.zo2_python, site=opts.zo2_site)
-    run = zo2_peer.steps(opts.zo2, model_dir, batches, steps=opts.steps, lr=LR, eps=EPS, threads=opts.threads, **where)
+    run = zo2_peer.step_times(
+        opts.zo2, model_dir, batches, steps=opts.steps, lr=LR, eps=EPS, threads=opts.threads, **where
+    )
     return [float(t) for t in run["times"]]  # type: ignore[attr-defined]
 
 

@@ -62,7 +62,7 @@ print(json.dumps({"times": times, "torch": torch.__version__, "transformers": tr
 """
 
 
-def steps(
+def step_times(
     zo2: Path,
     model_dir: Path,
     batches: Path,
