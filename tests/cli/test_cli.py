@@ -500,6 +500,24 @@ def test_a_tiny_model_on_a_large_machine_shows_its_step_in_microseconds(monkeypa
     assert " 0.00 " not in row and "<0.01" in row  # a fraction of a cent per million tokens is not free
 
 
+def test_the_search_line_counts_layouts_and_candidates_apart(monkeypatch, capsys) -> None:
+    """Each layout that fits is weighed with and without resident blocks, so the search weighs
+    more candidates than layouts: the summary says which count is which, and its counts add up."""
+    monkeypatch.setattr(cli, "out", Console(width=400, color_system=None, force_terminal=False))
+    code, out, err = run_main(monkeypatch, capsys, "plan", "-m", "opt-13b", "-t", "l40s-8x")
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("search: "))
+    found = re.fullmatch(
+        r"search: (\d+) layouts, (\d+) rejected for memory; (\d+) candidates with their resident-block "
+        r"options: (\d+) simulated \((\d+) stopped early\), (\d+) pruned by the bound; [\d.]+ s",
+        line,
+    )
+    assert found, line
+    layouts, rejected, candidates, simulated, stopped, pruned = map(int, found.groups())
+    assert candidates == simulated + pruned and stopped <= simulated
+    assert layouts - rejected < candidates <= 2 * (layouts - rejected), line
+
+
 @pytest.mark.parametrize("command", ["plan", "compare"])
 def test_the_tables_fit_80_columns_and_wide_shows_every_column(monkeypatch, capsys, command) -> None:
     """The default columns of plan and compare fit an 80-column terminal (nothing cut to "…"), on

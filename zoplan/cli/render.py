@@ -218,8 +218,10 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
         style="dim",
     )
     text.append(
-        f"search: {s.considered} layouts, {s.rejected} rejected for memory, {s.evaluated} simulated "
-        f"({s.aborted} stopped early), {s.pruned} pruned by the bound, {s.seconds:.2f} s",
+        # each layout that fits is weighed with and without resident blocks: candidates, not layouts
+        f"search: {s.considered} layouts, {s.rejected} rejected for memory; "
+        f"{s.evaluated + s.pruned} candidates with their resident-block options: {s.evaluated} simulated "
+        f"({s.aborted} stopped early), {s.pruned} pruned by the bound; {s.seconds:.2f} s",
         style="dim",
     )
     return text
