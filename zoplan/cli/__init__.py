@@ -7,6 +7,7 @@ stderr, exit status 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -53,10 +54,17 @@ def _root(
     """Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs."""
 
 
+def _columns() -> int | None:
+    """The width the user set with COLUMNS (a whole number from 20 up), if any."""
+    given = os.environ.get("COLUMNS", "")
+    return int(given) if given.isdigit() and int(given) >= 20 else None
+
+
 # Tables are wide; when the output is not a terminal (a pipe, a file, CI logs) rich would wrap
-# them at 80 columns, so give them room instead.
-out = Console() if sys.stdout.isatty() else Console(width=160)
-err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
+# them at 80 columns, so give them room instead, unless COLUMNS says how wide to be.
+COLUMNS = _columns()
+out = Console() if sys.stdout.isatty() else Console(width=COLUMNS or 160)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=COLUMNS or 160)
 
 
 def _gpus(value: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -191,7 +199,7 @@ def plan_cmd(
         return
     from zoplan.cli.render import plan_footer, plan_table
 
-    out.print(plan_table(report, wide))
+    out.print(plan_table(report, wide, out.width))
     out.print(plan_footer(report, wide))
     if output is not None:
         out.print(Text(f"wrote {output}  (inspect it with: zoplan timeline {output} --show)"))
@@ -267,7 +275,7 @@ def compare_cmd(
         return
     from zoplan.cli.render import compare_table, compare_verdict
 
-    out.print(compare_table(results, model, wide))
+    out.print(compare_table(results, model, wide, out.width))
     out.print(Text(compare_verdict(results, tokens)))
 
 
@@ -306,7 +314,9 @@ def timeline_cmd(
     if show:
         from zoplan.cli.render import sensitivity_line
 
-        out.print(trace.gantt(sim, tl.machine, width=width, fit=out.width if sys.stdout.isatty() else 120))
+        # a pipe without COLUMNS: a chart of 120 columns (the console's own width is for tables)
+        fit = out.width if sys.stdout.isatty() or COLUMNS else 120
+        out.print(trace.gantt(sim, tl.machine, width=width, fit=fit))
         out.print(Text(sensitivity_line(sim.step_time_s, tl.sensitivity)), highlight=False, soft_wrap=True)
 
 

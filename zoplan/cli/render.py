@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich import box
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -73,6 +75,28 @@ PLAN_COLUMNS: list[tuple[str, str, bool]] = [
 ]
 
 
+# Below 80 columns the default columns leave in this order (the least needed first), so a table
+# never folds a figure onto several lines; --wide keeps every one at any width.
+PLAN_DROPPED = ("$/Mtok", "tok/s", "moved by", "vs ZO2")
+COMPARE_DROPPED = ("$/h", "tok/s", "GPUs", "vs ZO2")
+
+
+def _narrowed(make: Callable[[set[str]], Table], order: tuple[str, ...], width: int | None) -> Table:
+    """``make(hidden)``'s table with the fewest of ``order``'s columns hidden that lets it fit
+    ``width`` (None: as it is)."""
+    hidden: set[str] = set()
+    table = make(hidden)
+    if width is None:
+        return table
+    console = Console(width=10_000)  # room to measure the table's natural width
+    for header in order:
+        if console.measure(table).maximum <= width:
+            break
+        hidden.add(header)
+        table = make(hidden)
+    return table
+
+
 def _table(title: str, columns: list[tuple[str, str]], wide: bool) -> Table:
     """A table of (header, justify) columns: framed with --wide, else without column rules, to fit
     80 columns. A long bottleneck name folds onto a second line rather than losing its end."""
@@ -112,9 +136,16 @@ def _row(summary: CandidateSummary, label: str, speedup: float | None) -> list[s
     ]
 
 
-def plan_table(report: PlanReport, wide: bool = False) -> Table:
+def plan_table(report: PlanReport, wide: bool = False, width: int | None = None) -> Table:
     """The best layouts and the ZO2 baseline; the columns that fit 80 columns, or with ``wide``
-    every one (slices, wire dtype, micro-batch, prefetch, resident blocks, memory, bound)."""
+    every one (slices, wire dtype, micro-batch, prefetch, resident blocks, memory, bound). With a
+    ``width`` under 80, the default columns that do not fit are left out (PLAN_DROPPED)."""
+    if wide or width is None:
+        return _plan_table(report, wide, set())
+    return _narrowed(lambda hidden: _plan_table(report, False, hidden), PLAN_DROPPED, width)
+
+
+def _plan_table(report: PlanReport, wide: bool, hidden: set[str]) -> Table:
     s = report.search
     w = s.workload
     title = (
@@ -122,7 +153,7 @@ def plan_table(report: PlanReport, wide: bool = False) -> Table:
         f"{w.seq_len} tokens, objective {s.objective}"
         + ("" if not w.tuning.frozen_base else f", {w.tuning.describe()} on read-only blocks")
     )
-    shown = [i for i, (_, _, default) in enumerate(PLAN_COLUMNS) if wide or default]
+    shown = [i for i, (name, _, default) in enumerate(PLAN_COLUMNS) if wide or (default and name not in hidden)]
     table = _table(title, [PLAN_COLUMNS[i][:2] for i in shown], wide)
     base = s.baseline
     for n, cand in enumerate(report.shown, 1):
@@ -269,8 +300,19 @@ COMPARE_COLUMNS: list[tuple[str, bool]] = [
 ]
 
 
-def compare_table(results: list[tuple[str, PlanReport | ZoplanError]], model: str, wide: bool = False) -> Table:
-    shown = [i for i, (_, default) in enumerate(COMPARE_COLUMNS) if wide or default]
+def compare_table(
+    results: list[tuple[str, PlanReport | ZoplanError]], model: str, wide: bool = False, width: int | None = None
+) -> Table:
+    """Each machine's best layout, as plan_table's columns are chosen (COMPARE_DROPPED)."""
+    if wide or width is None:
+        return _compare_table(results, model, wide, set())
+    return _narrowed(lambda hidden: _compare_table(results, model, False, hidden), COMPARE_DROPPED, width)
+
+
+def _compare_table(
+    results: list[tuple[str, PlanReport | ZoplanError]], model: str, wide: bool, hidden: set[str]
+) -> Table:
+    shown = [i for i, (name, default) in enumerate(COMPARE_COLUMNS) if wide or (default and name not in hidden)]
     table = _table(f"{model}: best layout per machine", [(COMPARE_COLUMNS[i][0], "left") for i in shown], wide)
     for name, res in results:
         if isinstance(res, ZoplanError):  # the reason, in the columns after the name
