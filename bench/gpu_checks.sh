@@ -9,7 +9,8 @@
 #             peak GPU memory within the plan's), replay on the GPU is bit-identical     ~2.5 min
 #   fidelity  the fidelity run (bench/gpu_fidelity.sh, docs/results/fidelity.md)         ~4.5 min
 #   speed     the offloaded step of the OPT-1.3B and 2.7B shapes against the transfer bound and
-#             the same model in GPU memory, then ZO2's offloading schedule on the same model,
+#             the same model in GPU memory, the offloaded step with CUDA graphs
+#             (ZOPLAN_CUDA_GRAPHS=1), then ZO2's offloading schedule on the same model,
 #             batch and hyperparameters (bench/runtime_gpu.py, docs/results/runtime-gpu.md; ZO2
 #             only where .peers/zo2 and .whl/zo2 were carried)                 not yet timed: a call of its own
 # Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: the first
@@ -51,7 +52,7 @@ for part in $PARTS; do
         python3 -m pip install -q --no-index --no-deps --target /tmp/site-zo2 .whl/zo2/*.whl &&
           peer=(--zo2 .peers/zo2 --zo2-site /tmp/site-zo2)
       fi
-      timeout ${SPEED_TIMEOUT:-540} python3 -m bench.runtime_gpu --out "$OUT/speed" --steps 6 "${peer[@]}" 2>&1 |
+      timeout ${SPEED_TIMEOUT:-540} python3 -m bench.runtime_gpu --out "$OUT/speed" --steps 6 --graphs "${peer[@]}" 2>&1 |
         tail -20 | tee "$OUT/speed.txt" ;;
     *) echo "unknown part: $part (kernels, replay, layouts, fidelity, speed)"; exit 2 ;;
   esac

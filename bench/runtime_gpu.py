@@ -11,7 +11,11 @@ versions it requires, installed from carried wheels: bench/zo2_peer.py, bench/gp
 
 Usage (on a GPU machine, zoplan installed with the runtime extra):
     python -m bench.runtime_gpu --out results-dir [--steps 5] [--models opt-1.3b,opt-2.7b]
-        [--zo2 .peers/zo2 --zo2-site /tmp/site-zo2]
+        [--graphs] [--zo2 .peers/zo2 --zo2-site /tmp/site-zo2]
+
+``--graphs`` runs the offloaded step again with the blocks as CUDA graphs (``ZOPLAN_CUDA_GRAPHS=1``,
+zoplan.runtime.graphs), after a tiny-opt run with them (a capture that fails costs seconds), and
+says whether the losses are the eager run's.
 """
 
 from __future__ import annotations
@@ -160,7 +164,10 @@ def token_batches(model: Path, data: Path, path: Path, batch: int, seq: int, cou
     return path
 
 
-def zoplan_run(model: Path, data: Path, out: Path, steps: int, resident: int, batch: int, seq: int) -> list[float]:
+def zoplan_run(
+    model: Path, data: Path, out: Path, steps: int, resident: int, batch: int, seq: int, graphs: bool = False
+) -> list[float]:
+    """The step times of a 1x1 ``zoplan run`` (with ``graphs``, its blocks as CUDA graphs)."""
     cmd = [
         sys.executable,
         "-m",
@@ -195,12 +202,22 @@ def zoplan_run(model: Path, data: Path, out: Path, steps: int, resident: int, ba
         "--lr",
         "1e-6",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, ZOPLAN_CUDA_GRAPHS="1" if graphs else "0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    worker_log = (out / "worker-node0.log").read_text() if (out / "worker-node0.log").exists() else ""
     if proc.returncode != 0:
-        tail = (out / "worker-node0.log").read_text()[-3000:] if (out / "worker-node0.log").exists() else ""
-        raise RuntimeError(f"zoplan run failed ({proc.returncode}): {proc.stderr[-2000:]}\n{tail}")
+        raise RuntimeError(f"zoplan run failed ({proc.returncode}): {proc.stderr[-2000:]}\n{worker_log[-3000:]}")
+    if graphs and "runs without a CUDA graph" in proc.stderr + worker_log:
+        said = next(l for l in (proc.stderr + worker_log).splitlines() if "runs without a CUDA graph" in l)
+        print(f"{out.name}: {said}", flush=True)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["step_time_s"] for r in rows if "step_time_s" in r]
+
+
+def _losses(run: Path) -> list[float]:
+    """A run's training losses, step by step (metrics.jsonl)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r and "step_time_s" in r]
 
 
 def main() -> None:
@@ -210,6 +227,7 @@ def main() -> None:
     parser.add_argument("--models", default="opt-1.3b,opt-2.7b")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--graphs", action="store_true", help="also run the offloaded step with CUDA graphs")
     parser.add_argument("--zo2", type=Path, help="a checkout of ZO2: its offloading schedule side by side")
     parser.add_argument("--zo2-site", type=Path, help="transformers 4.51.3 and its needs, for this Python")
     parser.add_argument("--zo2-python", help="or a Python with ZO2's torch and transformers 4.51.3")
@@ -234,6 +252,13 @@ def main() -> None:
 
         tiny = zoplan_run(resolve_model("tiny-opt"), data, work / "tiny", 3, 0, 4, 64)
         log(out, f"tiny-opt on the GPU: ok, steps {[round(x, 4) for x in tiny]} s")
+        if opts.graphs:
+            tiny_g = zoplan_run(resolve_model("tiny-opt"), data, work / "tiny-graphs", 4, 0, 4, 64, graphs=True)
+            same = _losses(work / "tiny-graphs")[:3] == _losses(work / "tiny")
+            log(
+                out,
+                f"tiny-opt with CUDA graphs: steps {[round(x, 4) for x in tiny_g]} s; first 3 losses as eager: {same}",
+            )
     except Exception:
         log(out, f"tiny-opt on the GPU: FAILED\n{traceback.format_exc()[-4000:]}")
         return
@@ -257,6 +282,20 @@ def main() -> None:
         except Exception:  # keep measuring the other shape; the error is part of the record
             log(out, f"{name}: FAILED\n{traceback.format_exc()[-4000:]}")
             continue
+        if opts.graphs:
+            try:
+                run = work / f"{name}-off-graphs"
+                graphed = zoplan_run(model, data, run, opts.steps, 0, opts.batch, opts.seq_len, graphs=True)
+                graphed_s = statistics.median(graphed[2:])
+                same = _losses(run) == _losses(work / f"{name}-off")
+                log(
+                    out,
+                    f"{name}-shaped, offloaded with CUDA graphs (ZOPLAN_CUDA_GRAPHS=1): {graphed_s * 1e3:.1f} ms/step, "
+                    f"{graphed_s / transfer_s:.2f}x the transfer bound (eager {off_s / transfer_s:.2f}x); losses as "
+                    f"eager: {same}; raw steps {[round(x, 4) for x in graphed]}",
+                )
+            except Exception:
+                log(out, f"{name}, CUDA graphs: FAILED\n{traceback.format_exc()[-4000:]}")
         if opts.zo2 is None:
             continue
         try:

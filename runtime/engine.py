@@ -34,6 +34,8 @@ from zoplan.models import ROWS_TABLE_MIN
 from zoplan.program import CATEGORY, Kind, Op, Program, op_id, span_block, stream_of
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.adapters import Adapter
+from zoplan.runtime.graphs import BlockGraphs, hidden_of
+from zoplan.runtime.graphs import wanted as graphs_wanted
 from zoplan.runtime.hostcopy import DTYPES, BlockLayout, HostCopy, decays
 from zoplan.runtime.perturb import kernels_label, normal, normal_parts_
 from zoplan.runtime.spans import Spans
@@ -82,12 +84,15 @@ class Engine:
         tuned: Tuned | None = None,
         barrier: Callable[[], None] | None = None,
         world_sum: Callable[[list[float]], list[float]] | None = None,
+        block_graphs: BlockGraphs | None = None,
     ) -> None:
         """``program``: the plan's step program; ``rank``: this rank's GPU in it; ``tuned``: the
         adapter trained on read-only blocks (zoplan.runtime.tuning), with a frozen program;
         ``barrier``: how this rank meets its exchange group before a whole block
         (``zdist.exchange_barrier``; by default a barrier of the group); ``world_sum``: how it sums
-        the loss scalars over every rank (``zdist.world_sum``; by default ``all_reduce_sum``)."""
+        the loss scalars over every rank (``zdist.world_sum``; by default ``all_reduce_sum``);
+        ``block_graphs``: the blocks' forwards as CUDA graphs (zoplan.runtime.graphs; by default
+        with ``ZOPLAN_CUDA_GRAPHS=1`` on CUDA, else none)."""
         layout = program.layout
         if program.layers != len(host.layouts):
             raise ValueError(f"the step program has {program.layers} blocks, the model {len(host.layouts)}")
@@ -160,6 +165,9 @@ class Engine:
         self._originals: dict[int, list] = {}
         self._weights: dict[int, torch.Tensor] = {}
         self.cuda = self.device.type == "cuda"
+        self.graphs = (
+            block_graphs if block_graphs is not None else BlockGraphs() if graphs_wanted(self.device) else None
+        )
         self.kernels = kernels_label(self.device)  # perturb.fused_backend's kernels, in words
         if self.cuda:
             # page-locked host memory: asynchronous copies at full PCIe speed
@@ -614,9 +622,13 @@ class Engine:
                     self.tuned.select(s if seed is not None else None)
                 persistent = weights[s] is self._weights.get(s)
                 self._bind(i, weights[s], s if persistent else None)
+                # a graph reads the weights where it was captured reading them: a branch's own buffer
+                graphs = self.graphs if persistent and seed is not None else None
                 for k in range(len(hidden[s])):
-                    out = block(hidden[s][k], **kwargs[k])
-                    hidden[s][k] = out[0] if isinstance(out, tuple) else out
+                    if graphs is not None:
+                        hidden[s][k] = graphs.forward(block, i, s, k, hidden[s][k], kwargs[k])
+                    else:
+                        hidden[s][k] = hidden_of(block(hidden[s][k], **kwargs[k]))
             self._unbind(i)
 
     def forward_losses(
@@ -626,6 +638,8 @@ class Engine:
         runs the unperturbed model (evaluation, on one rank per replica); the pending update is
         applied on the way."""
         signs = self.ctx.signs if seed is not None else ((1,) if 1 in self.ctx.signs else ())
+        if self.graphs is not None and seed is not None:
+            self.graphs.begin_training_step()
         return self._run(micro_batches, seed, signs, metric_fns, carry=seed is not None)
 
     def step(
