@@ -11,7 +11,6 @@ takes (no traceback, status 2) is covered end to end.
 from __future__ import annotations
 
 import json
-import os
 import re
 import math
 import subprocess
@@ -545,7 +544,7 @@ def test_the_tables_fit_80_columns_and_wide_shows_every_column(monkeypatch, caps
 @pytest.mark.parametrize("command", ["plan", "compare"])
 def test_a_narrower_terminal_leaves_columns_out_instead_of_cutting_figures(monkeypatch, capsys, command, width) -> None:
     """Under 80 columns the least needed default columns leave, in a set order, so that every
-    figure shown is whole ("…" nowhere) and the step stays; COLUMNS sets the width of a pipe."""
+    figure shown is whole ("…" nowhere) and the step stays."""
     from zoplan.cli.render import COMPARE_DROPPED, PLAN_DROPPED
 
     monkeypatch.setattr(cli, "out", Console(width=width, color_system=None, force_terminal=False))
@@ -560,19 +559,6 @@ def test_a_narrower_terminal_leaves_columns_out_instead_of_cutting_figures(monke
     assert gone == list(dropped[: len(gone)]), header  # the first ones in the order, only
     assert gone or width >= 60, header  # at 50 columns neither table fits whole
     assert "s " in out and "×" in out  # steps and speedups, whole
-
-
-def test_columns_sets_the_width_of_a_pipe() -> None:
-    """Piped, the tables get room (160 columns) unless COLUMNS says otherwise."""
-    env = dict(os.environ, COLUMNS="50")
-    proc = subprocess.run(
-        [sys.executable, "-m", "zoplan.cli", "plan", "-m", "opt-125m", "-t", "l40s-8x"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert max(len(line) for line in proc.stdout.splitlines()) <= 50, proc.stdout
 
 
 @pytest.mark.parametrize(

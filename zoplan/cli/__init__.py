@@ -7,7 +7,6 @@ stderr, exit status 2, never a traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -54,17 +53,11 @@ def _root(
     """Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs."""
 
 
-def _columns() -> int | None:
-    """The width the user set with COLUMNS (a whole number from 20 up), if any."""
-    given = os.environ.get("COLUMNS", "")
-    return int(given) if given.isdigit() and int(given) >= 20 else None
-
-
 # Tables are wide; when the output is not a terminal (a pipe, a file, CI logs) rich would wrap
-# them at 80 columns, so give them room instead, unless COLUMNS says how wide to be.
-COLUMNS = _columns()
-out = Console() if sys.stdout.isatty() else Console(width=COLUMNS or 160)
-err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=COLUMNS or 160)
+# them at 80 columns, so give them room instead. (COLUMNS is left alone there: a pipe often
+# inherits a terminal's, or a test runner's 80.)
+out = Console() if sys.stdout.isatty() else Console(width=160)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 
 
 def _gpus(value: Optional[str]) -> Optional[tuple[str, ...]]:
@@ -314,9 +307,7 @@ def timeline_cmd(
     if show:
         from zoplan.cli.render import sensitivity_line
 
-        # a pipe without COLUMNS: a chart of 120 columns (the console's own width is for tables)
-        fit = out.width if sys.stdout.isatty() or COLUMNS else 120
-        out.print(trace.gantt(sim, tl.machine, width=width, fit=fit))
+        out.print(trace.gantt(sim, tl.machine, width=width, fit=out.width if sys.stdout.isatty() else 120))
         out.print(Text(sensitivity_line(sim.step_time_s, tl.sensitivity)), highlight=False, soft_wrap=True)
 
 
