@@ -55,7 +55,9 @@ Capture = Callable[[Callable[..., Any], torch.Tensor, dict, Any], tuple[Any, tor
 
 def cuda_capture(block: Callable[..., Any], x: torch.Tensor, kwargs: dict, pool: Any) -> tuple[Any, torch.Tensor]:
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread-local: what other threads call meanwhile (NCCL's own, on several GPUs) is not the
+    # capture's business
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = hidden_of(block(x, **kwargs))
     return graph, out
 
