@@ -18,7 +18,12 @@
 # `kernels layouts` as two calls, and `speed` as a third; FIDELITY_TIMEOUT (s, default 360) bounds
 # the fidelity run, SPEED_TIMEOUT (default 540) the speed run). A machine without pydantic or
 # pytest and without network access takes wheels from .whl/ and .whl/pytest/ (pip download them
-# elsewhere for its Python version; see gpu_fidelity.sh). For ZO2, before the call, here:
+# elsewhere for its Python version; see gpu_fidelity.sh). A session's device time (15 minutes,
+# the machine's start included) holds about two calls: the open issues' figures are `speed`
+# (issue 23: the offloaded step against the transfer bound, eager and with CUDA graphs, and ZO2;
+# it logs each figure as it comes, so a time limit keeps the first ones) and `fidelity` (issue
+# 18: the uncalibrated prediction against the measured step), before the checks of `kernels
+# layouts replay`. For ZO2, before the call, here:
 #   python -m bench.zo2_peer --wheels .whl/zo2 && mkdir -p .peers && cp -r ../shared/peers/zo2 .peers/
 # .whl/ and .peers/ are ignored by git: name them in the device call's carry.
 set -x
