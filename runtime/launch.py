@@ -333,6 +333,8 @@ def _device_for(machine: Machine, plan: Plan) -> str:
     if _is_cpu_machine(machine):
         for warning in check_meetings_here(machine, plan_gpus(plan), run_meetings(os.environ)):
             print(f"warning: {warning}", file=sys.stderr)
+        if os.environ.get("ZOPLAN_CUDA_GRAPHS") == "1":
+            print("warning: ZOPLAN_CUDA_GRAPHS=1 has no effect on CPU ranks", file=sys.stderr)
         return "cpu"
     if not _cuda_available():
         raise ZoplanError(

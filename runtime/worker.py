@@ -359,7 +359,8 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         f"rank {ctx.rank}: {ctx.role} on {ctx.device} ({torch.get_num_threads()} threads), signs {ctx.signs}, "
         "perturbation kernels: "
         f"{engine.kernels}, prefetch {engine.prefetch}, resident blocks {sorted(engine.kept)} holding "
-        f"{sum(t.numel() for t in engine.kept.values())} elements here",
+        f"{sum(t.numel() for t in engine.kept.values())} elements here"
+        + (", blocks as CUDA graphs from the second step" if engine.graphs is not None else ""),
         file=sys.stderr,
         flush=True,
     )

@@ -130,3 +130,16 @@ def test_graphs_are_asked_for_on_cuda_only(monkeypatch) -> None:
     assert not wanted(torch.device("cuda"))
     monkeypatch.setenv("ZOPLAN_CUDA_GRAPHS", "1")
     assert wanted(torch.device("cuda")) and not wanted(torch.device("cpu"))
+
+
+def test_asking_for_graphs_on_cpu_ranks_says_it_does_nothing(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ZOPLAN_CUDA_GRAPHS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "zoplan.cli", "run", "--steps", "1", "--eval-every", "0", "-o", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stdout + proc.stderr
+    assert said.count("ZOPLAN_CUDA_GRAPHS=1 has no effect on CPU ranks") == 1, said[-2000:]
