@@ -8,7 +8,9 @@ buffer of its own that lives as long as the engine (``Engine._branch_buffer``) a
 parameters to the same views of it every step: a forward captured once reads every later step's
 weights where they are. So there is one graph per block, branch and micro-batch, replayed after
 its inputs are copied into the tensors it was captured reading (none for a hidden state that is
-the previous block's graph output: the graph reads it where it is).
+the previous block's graph output: the graph reads it where it is). The graphs of one branch and
+micro-batch write their outputs into two tensors in turn, so the graphs hold two hidden states
+per branch and micro-batch beyond the eager forward's memory, and one block's workspace.
 
 When: a run's first training step runs eagerly (its forwards also set up the libraries' lazy
 state, which a capture must not see); the second captures each forward as it comes, then replays
@@ -49,17 +51,18 @@ def hidden_of(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-# capture(block, x, kwargs, pool) -> (a graph with .replay(), the output tensor it writes)
-Capture = Callable[[Callable[..., Any], torch.Tensor, dict, Any], tuple[Any, torch.Tensor]]
+# capture(block, x, kwargs, out, pool) -> a graph whose .replay() writes block(x, **kwargs)'s
+# hidden state into ``out``
+Capture = Callable[[Callable[..., Any], torch.Tensor, dict, torch.Tensor, Any], Any]
 
 
-def cuda_capture(block: Callable[..., Any], x: torch.Tensor, kwargs: dict, pool: Any) -> tuple[Any, torch.Tensor]:
+def cuda_capture(block: Callable[..., Any], x: torch.Tensor, kwargs: dict, out: torch.Tensor, pool: Any) -> Any:
     graph = torch.cuda.CUDAGraph()
     # thread-local: what other threads call meanwhile (NCCL's own, on several GPUs) is not the
     # capture's business
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        out = hidden_of(block(x, **kwargs))
-    return graph, out
+        out.copy_(hidden_of(block(x, **kwargs)))
+    return graph
 
 
 class _Captured:
@@ -100,7 +103,9 @@ class BlockGraphs:
         self._pool = pool if pool is not None or capture is not None else torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, _Captured | None] = {}
         self._arguments: dict[tuple, _Arguments] = {}
-        self._outputs: dict[int, torch.Tensor] = {}  # id -> a graph's output (a later graph may read it in place)
+        # where the graphs write: per branch and micro-batch, two tensors that the blocks take in
+        # turn (block i reads the one block i - 1 wrote and writes the other), not one per graph
+        self._outputs: dict[tuple, torch.Tensor] = {}
         self._per_block: dict[int, int] = {}
         self.training_steps = 0  # training forwards begun: the first runs eagerly, the second captures
         self.failed: str | None = None  # the first capture's failure, if any
@@ -145,15 +150,19 @@ class BlockGraphs:
         return entry.out
 
     def _new(self, key: tuple, block: Callable[..., Any], x: torch.Tensor, leaves: list, spec: Any) -> _Captured | None:
-        i, _, k, shape = key
-        arguments = self._arguments.get((k, shape[2], spec))
+        i, sign, k, (x_shape, x_dtype, arg_shapes, _) = key
+        arguments = self._arguments.get((k, arg_shapes, spec))
         if arguments is None:
-            arguments = self._arguments[(k, shape[2], spec)] = _Arguments(spec, leaves)
+            arguments = self._arguments[(k, arg_shapes, spec)] = _Arguments(spec, leaves)
         arguments.refresh(leaves)
+        out = self._outputs.get((sign, k, i % 2, x_shape, x_dtype))
+        if out is None:  # a block's output has its input's shape
+            out = self._outputs[sign, k, i % 2, x_shape, x_dtype] = torch.empty_like(x)
         # the previous block's graph output is read where it is; any other input gets a copy
-        static_x = x if id(x) in self._outputs and self._outputs[id(x)] is x else x.clone()
+        written = any(x is t for t in self._outputs.values())
+        static_x = x if written and x is not out else x.clone()
         try:
-            graph, out = self._capture(block, static_x, arguments.kwargs(), self._pool)
+            graph = self._capture(block, static_x, arguments.kwargs(), out, self._pool)
         except Exception as exc:  # an operation a graph cannot hold: this forward runs eagerly
             self.graphs[key] = None
             if self.failed is None:
@@ -161,7 +170,6 @@ class BlockGraphs:
                 print(f"warning: block {i} runs without a CUDA graph ({self.failed})", file=sys.stderr, flush=True)
             return None
         entry = self.graphs[key] = _Captured(graph, static_x, out)
-        self._outputs[id(out)] = out
         self._per_block[i] = self._per_block.get(i, 0) + 1
         return entry
 

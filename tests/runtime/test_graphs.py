@@ -18,9 +18,8 @@ from .test_engine import _single_rank
 class _Replay:
     """A stand-in graph: replaying runs the captured call on the tensors captured, in place."""
 
-    def __init__(self, block, x, kwargs) -> None:
-        self.block, self.x, self.kwargs = block, x, kwargs
-        self.out = hidden_of(block(x, **kwargs)).clone()
+    def __init__(self, block, x, kwargs, out) -> None:
+        self.block, self.x, self.kwargs, self.out = block, x, kwargs, out
         self.replays = 0
 
     def replay(self) -> None:
@@ -28,9 +27,8 @@ class _Replay:
         self.replays += 1
 
 
-def _stand_in(block, x, kwargs, pool):
-    graph = _Replay(block, x, kwargs)
-    return graph, graph.out
+def _stand_in(block, x, kwargs, out, pool):
+    return _Replay(block, x, kwargs, out)
 
 
 def _micro_batches(model_dir: Path, count: int, steps: int):
@@ -82,6 +80,9 @@ def test_replayed_forwards_train_the_same_bits_as_eager_ones(family: str, tiny_d
         for (i, sign, m), entry in entries.items():
             if i > 0:
                 assert entry.x is entries[i - 1, sign, m].out  # chained: no copy between blocks
+            # two output tensors per branch and micro-batch, taken in turn
+            assert entry.out is entries[i % 2, sign, m].out and entry.out is not entries[1 - i % 2, sign, m].out
+        assert len({id(e.out) for e in entries.values()}) == 2 * 2 * len(per_step[0])
         eager.flush()
         graphed.flush()
         assert all(torch.equal(x, y) for x, y in zip(host_a.blocks, host_b.blocks))
@@ -100,11 +101,11 @@ def test_a_forward_that_cannot_be_captured_or_is_met_late_runs_eagerly(tiny_dirs
     per_step, fn = _micro_batches(model_dir, 3, 3)
     tries: list[int] = []
 
-    def fails_on_block_1(block, x, kwargs, pool):
+    def fails_on_block_1(block, x, kwargs, out, pool):
         tries.append(1)
         if len(tries) in (3, 4):  # block 1's two branches (micro-batch 0 only)
             raise RuntimeError("operation not permitted when stream is capturing")
-        return _stand_in(block, x, kwargs, pool)
+        return _stand_in(block, x, kwargs, out, pool)
 
     graphs = BlockGraphs(capture=fails_on_block_1)
     eager, host_a, graphed, host_b = _pair(model_dir, tmp_path, graphs)
