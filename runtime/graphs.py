@@ -17,8 +17,10 @@ state, which a capture must not see); the second captures each forward as it com
 it for that step's result; later steps replay. The graphs share one memory pool, which is safe
 because every step replays them in the order they were captured; a forward first met after the
 capturing step (another shape, another micro-batch count) therefore runs eagerly, as does one
-whose capture fails or whose arguments are not tensors and plain values (one warning). Same
-kernels, same inputs: a replay computes what the eager forward computes.
+whose capture fails or whose arguments are not tensors and plain values (one warning). A replay
+runs the kernels captured from the forward, on the same inputs; whether the GPU's libraries pick
+the same kernels under capture as eagerly, and so give the same bits, is for the GPU check to say
+(it compares the losses with the eager run's).
 
 Measured on the CPU only, with a stand-in for the capture that replays the forward on the same
 static tensors (tests/runtime/test_graphs.py); the GPU check is ``bench/runtime_gpu.py
