@@ -540,6 +540,28 @@ def test_the_tables_fit_80_columns_and_wide_shows_every_column(monkeypatch, caps
     assert code == 0 and all(h in out for h in headers), out
 
 
+def test_compare_names_a_machine_that_cannot_run_the_model_and_says_why_under_the_table(monkeypatch, capsys) -> None:
+    """The default comparison (OPT-175B on every bundled GPU machine) has machines it does not
+    fit: their rows say so and the reasons follow the table, whole, so that in 80 columns the other
+    machines keep every column and no name or figure is cut."""
+    from zoplan.cli.render import COMPARE_COLUMNS
+
+    monkeypatch.setattr(cli, "out", Console(width=80, color_system=None, force_terminal=False))
+    code, out, err = run_main(monkeypatch, capsys, "compare")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in out, out
+    header = next(line for line in lines if " step " in line)
+    assert all(h in header for h, default in COMPARE_COLUMNS if default), header
+    unfit = [line.split()[0] for line in lines if "cannot run it  –" in line]  # the rows, not the verdict
+    assert unfit, out  # opt-175b's host copy does not fit every bundled machine
+    flat = " ".join(out.split())
+    for name in unfit:
+        assert f"{name}: opt-175b does not fit on '{name}'" in flat, out
+    fits = [line for line in lines if re.match(r"^ \S+\s+\d+/\d+\s+[\d.]+ (s|ms)\b", line)]
+    assert len(fits) + len(unfit) == 6, out
+
+
 @pytest.mark.parametrize("width", [64, 50])
 @pytest.mark.parametrize("command", ["plan", "compare"])
 def test_a_narrower_terminal_leaves_columns_out_instead_of_cutting_figures(monkeypatch, capsys, command, width) -> None:

@@ -266,9 +266,11 @@ def compare_cmd(
             )
         )
         return
-    from zoplan.cli.render import compare_table, compare_verdict
+    from zoplan.cli.render import compare_reasons, compare_table, compare_verdict
 
     out.print(compare_table(results, model, wide, out.width))
+    for reason in compare_reasons(results):
+        out.print(Text(reason, style="red"))
     out.print(Text(compare_verdict(results, tokens)))
 
 

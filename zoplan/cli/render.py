@@ -258,6 +258,11 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
     return text
 
 
+def compare_reasons(results: list[tuple[str, PlanReport | ZoplanError]]) -> list[str]:
+    """Why each machine that cannot run the model cannot (one line each, under the table)."""
+    return [f"{name}: {res.message}" for name, res in results if isinstance(res, ZoplanError)]
+
+
 def compare_verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens: float | None = None) -> str:
     """One line under the comparison: the fastest machine, and the cheapest per token where the
     machines have prices (each machine's best layout); with ``tokens``, what that many tokens
@@ -315,8 +320,9 @@ def _compare_table(
     shown = [i for i, (name, default) in enumerate(COMPARE_COLUMNS) if wide or (default and name not in hidden)]
     table = _table(f"{model}: best layout per machine", [(COMPARE_COLUMNS[i][0], "left") for i in shown], wide)
     for name, res in results:
-        if isinstance(res, ZoplanError):  # the reason, in the columns after the name
-            table.add_row(name, Text(res.message, style="red"), *([""] * (len(shown) - 2)))
+        if isinstance(res, ZoplanError):  # the reason goes under the table (compare_reasons), not in a cell
+            cells = [Text("cannot run it", style="red") if COMPARE_COLUMNS[i][0] == "step" else "–" for i in shown]
+            table.add_row(name, *cells[1:])
             continue
         best = res.search.best
         summ = candidate_summary(best, res.machine, res.search.workload)
