@@ -226,3 +226,31 @@ def test_timeline_ops_lists_each_ranks_program(tmp_path, monkeypatch, capsys) ->
     spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X" and e["cat"] != "step"]
     assert spans and all({"op", "rank", "stream"} <= set(e["args"]) for e in spans)
     assert {e["args"]["op"] for e in spans} >= {"h2d b0", "update b0", "barrier b0", "d2h b0", "block 0", "head"}
+
+
+def test_a_listing_fits_80_columns_with_its_long_lines_under_their_description(tmp_path) -> None:
+    """`zoplan timeline --ops` in 80 columns: an op that waits for one write-back on each of four
+    ranks says so once (`d2h b0@gpu0,gpu2,gpu4,gpu6 (step before)`) and a line still too long
+    goes on under its description, broken between two items, never inside an op id."""
+    from rich.console import Console
+
+    from zoplan import cli
+    from zoplan.cli import _hanging
+
+    plan = tmp_path / "p.yaml"
+    runner = CliRunner()
+    args = ["plan", "-m", "opt-175b", "-t", "l40s-8x", "--pertp", "2", "--ddp", "2", "--upload", "whole"]
+    assert runner.invoke(cli.app, [*args, "-o", str(plan)]).exit_code == 0
+    from zoplan.planner import timeline
+
+    listing = timeline(plan, None).program.describe(["gpu0"])
+    assert "d2h b0@gpu0,gpu2,gpu4,gpu6 (step before)" in listing and "d2h b0@gpu2" not in listing
+    assert max(len(line) for line in listing.splitlines()) > 80  # the case needs the wrapping
+    wrapped = _hanging(listing, 80)
+    assert max(len(line) for line in wrapped.splitlines()) <= 80
+    assert " ".join(wrapped.split()) == " ".join(listing.split())  # the same words, in order
+    continued = [line for line in wrapped.splitlines() if line.startswith(" " * 32)]
+    assert continued and all(not line[32:].startswith(("b", "r")) for line in continued)  # not inside an id
+    console = Console(width=80, record=True, color_system=None)
+    console.print(wrapped, soft_wrap=True, highlight=False)
+    assert "…" not in console.export_text()

@@ -128,7 +128,7 @@ class Op(NamedTuple):
             extra.append("takes a buffer")
         if self.collective:
             extra.append("with " + (",".join(self.ranks) if len(self.ranks) <= 4 else f"{len(self.ranks)} ranks"))
-        deps = [_ref(r) for r in self.deps]
+        deps = _refs(self.deps)
         if deps:
             extra.append("after " + ", ".join(deps))
         return f"{self.stream.value:<8} {self.id:<20} " + "; ".join(extra)
@@ -171,10 +171,11 @@ class Program:
             )
         L = self.layout
         lines = [
-            f"step program of {L.describe()}: {self.layers} blocks, prefetch {L.prefetch}, "
-            f"{L.rounds} round(s) per block, {len(L.resident)} resident"
+            f"step program of {L.describe()}:",
+            f"{self.layers} blocks, prefetch {L.prefetch}, {L.rounds} round(s) per block, {len(L.resident)} resident"
             + (", blocks read-only" if self.frozen else ""),
-            "columns: stream, op id, then its size and what it waits for besides the op before it on its stream",
+            "columns: stream, op id, then its size and what it waits for",
+            "(besides the op before it on its stream)",
         ]
         for rank in ranks or self.layout.gpus:
             ops = self.rank_ops(rank)
@@ -196,6 +197,28 @@ def _ref(r: Ref) -> str:
         return "the step before"
     where = "" if len(r.ranks) != 1 else f"@{r.ranks[0]}"
     return r.op + where + (" (step before)" if r.step == -1 else "")
+
+
+def _refs(refs: tuple[Ref, ...]) -> list[str]:
+    """``refs`` in words, in order, one op's refs on several single ranks said once:
+    ``d2h b0@gpu0,gpu1 (step before)``."""
+    ranks: dict[tuple[str, int], list[str]] = {}
+    said: list[Ref | tuple[str, int]] = []
+    for r in refs:
+        if r.op == END or len(r.ranks) != 1:
+            said.append(r)
+            continue
+        key = (r.op, r.step)
+        if key not in ranks:
+            ranks[key] = []
+            said.append(key)
+        ranks[key].append(r.ranks[0])
+    return [
+        _ref(item)
+        if isinstance(item, Ref)
+        else f"{item[0]}@{','.join(ranks[item])}" + (" (step before)" if item[1] == -1 else "")
+        for item in said
+    ]
 
 
 def _suffix(block: int | None, r: int, rounds: int) -> str:

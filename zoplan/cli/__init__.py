@@ -198,6 +198,29 @@ def plan_cmd(
         out.print(Text(f"wrote {output}  (inspect it with: zoplan timeline {output} --show)"))
 
 
+def _hanging(listing: str, width: int) -> str:
+    """A step program's listing (Program.describe) for ``width`` columns: an op's line too long
+    goes on under its description, not under its stream and id."""
+    import re
+
+    indent = " " * 32  # "  " + the stream (8) + " " + the op id (20) + " "
+    lines = []
+    for line in listing.splitlines():
+        if len(line) <= width or not line.startswith("  ") or width <= len(indent) + 20:
+            lines.append(line)
+            continue
+        # broken after a "," or ";" only: an op id ("d2h b3 r1") stays on one line
+        head, *pieces = re.split(r"(?<=[;,]) ", line)
+        for piece in pieces:
+            if len(head) + 1 + len(piece) <= width:
+                head += " " + piece
+            else:
+                lines.append(head)
+                head = indent + piece
+        lines.append(head)
+    return "\n".join(lines)
+
+
 def _int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -297,7 +320,7 @@ def timeline_cmd(
     sim = tl.candidate.sim
     assert sim is not None and tl.program is not None  # timeline() simulates the plan's program
     if ops:
-        out.print(Text(tl.program.describe(rank or None)), highlight=False, soft_wrap=True)
+        out.print(Text(_hanging(tl.program.describe(rank or None), out.width)), highlight=False, soft_wrap=True)
     if output is None and not show and png is None and not ops:
         show = True
     if output is not None:
