@@ -72,6 +72,18 @@ def test_the_default_run_lowers_the_loss_and_writes_a_loadable_model(tmp_path: P
         load_file(str(tmp_path / "rep" / "model.safetensors")),
     )
     assert all(torch.equal(rebuilt[n], v) for n, v in trained.items())
+    # the run's directory alone: its run.json names the base weights
+    code, said = console(["replay", str(out), "-o", str(tmp_path / "rep-dir")])
+    assert code == 0, said
+    assert load_file(str(tmp_path / "rep-dir" / "model.safetensors")).keys() == trained.keys()
+    assert all(
+        torch.equal(load_file(str(tmp_path / "rep-dir" / "model.safetensors"))[n], v) for n, v in trained.items()
+    )
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "journal.jsonl").write_text((out / "journal.jsonl").read_text())
+    code, said = console(["replay", str(lone / "journal.jsonl"), "-o", str(tmp_path / "rep-lone")])
+    assert code == 2 and "run.json does not exist" in said and "zoplan replay BASE_MODEL" in said, said
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 0}\n' + (out / "journal.jsonl").read_text())
     code, said = console(["replay", "tiny-opt", str(bad), "-o", str(tmp_path / "rep2")])

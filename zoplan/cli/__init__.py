@@ -686,8 +686,12 @@ def _validate(
 
 @app.command("replay")
 def replay_cmd(
-    base_model: str = typer.Argument(..., help="the base weights the run started from (directory, hub id or tiny-*)"),
-    journal: Path = typer.Argument(..., help="the run's journal.jsonl"),
+    base_model: str = typer.Argument(
+        ...,
+        help="the base weights the run started from (directory, hub id or tiny-*); alone, the run's "
+        "journal.jsonl or directory, whose run.json names the base weights",
+    ),
+    journal: Optional[Path] = typer.Argument(None, help="the run's journal.jsonl (or the run's directory)"),
     output: Path = typer.Option(..., "--output", "-o", help="directory for the rebuilt weights"),
     dtype: Optional[Dtype] = typer.Option(
         None,
@@ -699,11 +703,31 @@ def replay_cmd(
     """Rebuild trained weights from the base weights and the journal alone."""
     from zoplan.runtime.journal import read_journal
 
+    given: str | None = base_model
+    if journal is None:  # `zoplan replay RUN`: the run's own record names its base weights
+        journal, given = Path(base_model), None
+    if journal.is_dir():
+        journal = journal / "journal.jsonl"
     read_journal(journal, first=0)  # a damaged journal is refused before torch is imported (seconds)
+    if given is None:
+        given = _base_of(journal)
     from zoplan.runtime.replay import replay_to
 
-    steps = replay_to(base_model, journal, output, dtype=dtype.value if dtype else None, device=device)
+    steps = replay_to(given, journal, output, dtype=dtype.value if dtype else None, device=device)
     out.print(Text(f"replayed {steps} steps into {output} (from_pretrained)"))
+
+
+def _base_of(journal: Path) -> str:
+    """The base weights a run started from, as the run.json beside its journal records them."""
+    from zoplan import runconfig
+
+    record = journal.parent / "run.json"
+    if not record.is_file():
+        raise ZoplanError(
+            f"{record} does not exist: nothing says which base weights {journal} was trained from",
+            fix=f"name them first: zoplan replay BASE_MODEL {journal} -o DIR",
+        )
+    return runconfig.read(record).model
 
 
 @topo_app.command("list")
