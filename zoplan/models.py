@@ -42,6 +42,22 @@ RUNTIME_OPS: dict[str, dict[str, int]] = {
     "qwen2": {"embed": 17, "block": 70, "head": 19},
 }
 
+# Elements a block's elementwise ops read and write per token, per family, as (per hidden unit,
+# per feed-forward unit, per position of the sequence: the mask): norms, residual adds, the
+# activation, scalings, rotary embeddings. Counted on the tiny models (and copies of them with
+# other hidden and feed-forward sizes) with the transformers the tests run; attention's own
+# scores and matrix products are left out (tests/runtime/test_costs_runtime.py checks them). A CPU
+# rank streams them through memory one op after another (zoplan.sim.costs.cpu_block_s).
+RUNTIME_PASSES: dict[str, tuple[float, float, float]] = {
+    "opt": (12.0, 2.0, 2.0),
+    "llama": (40.5, 5.0, 2.0),
+    "qwen2": (40.5, 5.0, 2.0),
+}
+# A CPU's scaled-dot-product attention reads and writes each score twice (its softmax and mask)
+# besides its products: 1.5-1.8 ns a score at head size 16, 3.0-3.7 ns at 64 on one thread
+# (docs/results/program.md), the rest being its 4 * head size FLOPs.
+SCORE_PASSES = 4
+
 # A CPU rank's token table of at least this many elements is not perturbed whole for each
 # branch's embedding: the embedding draws z for the rows it looks up (runtime/engine.py
 # _embedding_rows), and only the heads perturb the output projection. A smaller table costs less
@@ -140,6 +156,13 @@ class ModelShape:
         attention = h * (h + 2 * self.kv_dim + h)  # q, k, v, o
         mlp = (2 if self.family == "opt" else 3) * h * f  # fc1/fc2, or gate/up/down (SwiGLU)
         return attention + mlp
+
+    def block_pass_elements(self, tokens: int, seq_len: int) -> float:
+        """Elements one block's elementwise ops and attention scores read and write for ``tokens``
+        tokens in sequences of ``seq_len`` (RUNTIME_PASSES, SCORE_PASSES)."""
+        per_h, per_f, per_s = RUNTIME_PASSES[self.family]
+        per_token = per_h * self.hidden + per_f * self.ffn + per_s * seq_len + SCORE_PASSES * self.heads * seq_len
+        return per_token * tokens
 
     def block_decay_exempt_params(self) -> int:
         """Biases and norm weights of one block: ZO-SGD applies no weight decay to them."""

@@ -113,3 +113,79 @@ def test_the_loss_copies_the_shifted_logits_only_for_several_sequences(rows: int
     assert float(loss) == pytest.approx(
         float(real(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), reduction="sum")), rel=1e-6
     )
+
+
+class _Traffic(TorchDispatchMode):
+    """Elements read and written by a forward's elementwise ops (matrix products, attention and
+    views left out)."""
+
+    SKIP = {"mm", "addmm", "bmm", "baddbmm", "view", "_unsafe_view", "t", "transpose", "permute", "expand"}
+    SKIP |= {"unsqueeze", "squeeze", "slice", "select", "detach", "alias", "as_strided", "split", "unbind"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if name in self.SKIP or "scaled_dot_product" in name or name.startswith("split"):
+            return out
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        self.elements += sum(t.numel() for t in tensors)
+        return out
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama", "tiny-qwen2"])
+def test_runtime_passes_are_what_a_block_reads_and_writes(name: str, tiny_dirs: dict[str, Path]) -> None:
+    """RUNTIME_PASSES per family, from a block of the tiny model and of copies of it with another
+    hidden and feed-forward size and another sequence length: a transformers release that changes
+    them changes the CPU's predicted step (zoplan.sim.costs.cpu_block_s)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoplan.models import RUNTIME_PASSES
+
+    base = AutoConfig.from_pretrained(tiny_dirs[name])
+    family = load_model_shape(tiny_dirs[name]).family
+
+    def per_token(hidden: int, ffn: int, seq: int) -> float:
+        config = base.__class__.from_dict(base.to_dict())
+        config.hidden_size, config.num_attention_heads = hidden, 4
+        if config.model_type == "opt":
+            config.word_embed_proj_dim, config.ffn_dim = hidden, ffn
+        else:
+            config.intermediate_size, config.num_key_value_heads, config.head_dim = ffn, 4, hidden // 4
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        blocks = adapter_for(config.model_type).blocks(model)
+        ids = torch.randint(0, 1000, (2, seq))
+        mask = torch.ones_like(ids)
+        mask[:, :3] = 0
+        box: dict = {}
+
+        def hook(module, args, kwargs):
+            box["args"], box["kwargs"] = args, dict(kwargs)
+            raise _Stop
+
+        handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        with torch.no_grad():
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+            handle.remove()
+            kwargs = box["kwargs"]
+            hidden_states = box["args"][0] if box["args"] else kwargs.pop("hidden_states")
+            with _Traffic() as traffic:
+                blocks[0](hidden_states, **kwargs)
+        return traffic.elements / ids.numel()
+
+    a = per_token(64, 128, 64)
+    per_f = (per_token(64, 512, 64) - a) / (512 - 128)
+    per_h = (per_token(128, 128, 64) - a) / 64
+    per_s = (per_token(64, 128, 128) - a) / 64
+    expected = RUNTIME_PASSES[family]
+    for got, want in zip((per_h, per_f, per_s), expected):
+        assert abs(got - want) <= max(0.5, 0.1 * want), ((per_h, per_f, per_s), expected)

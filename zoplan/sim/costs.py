@@ -97,6 +97,27 @@ def forward_s(
     return device + issue if gm.kind == "cpu" else max(device, issue)
 
 
+def cpu_block_s(
+    gm: GpuModel,
+    flops: float,
+    weight_bytes: float,
+    pass_bytes: float,
+    dtype: str,
+    ops: int,
+    threads: int = 1,
+    lockstep: bool = False,
+) -> float:
+    """A block's forward on a CPU rank: one thread runs its ops one after another, so its matrix
+    products (their FLOPs, or their weights' bytes where those take longer) and its elementwise
+    passes and attention scores (``pass_bytes``, read and written: zoplan.models.RUNTIME_PASSES)
+    add up, rather than the larger of arithmetic and memory traffic counting (``forward_s``);
+    plus the issue of its ops."""
+    speed = thread_speedup(gm, threads)
+    bandwidth = gm.hbm_gbps * 1e9
+    device = (max(flops / _rate(gm, dtype), weight_bytes / bandwidth) + pass_bytes / bandwidth) / speed
+    return device + ops * gm.op_us * 1e-6 * (gm.lockstep if lockstep else 1.0)
+
+
 def thread_speedup(gm: GpuModel, threads: int) -> float:
     """How much faster a CPU rank's matrix products and memory passes run on ``threads`` threads
     than on one: each extra thread adds ``threads_efficiency`` of one."""
@@ -344,6 +365,19 @@ class StepCosts:
         """All micro-batches of all branches this GPU runs through one block."""
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
+        gm = self._gm(gpu)
+        if gm.kind == "cpu":
+            one = cpu_block_s(
+                gm,
+                m.block_flops(tokens, self.work.seq_len),
+                self.block_param_bytes,
+                m.block_pass_elements(tokens, self.work.seq_len) * DTYPE_BYTES[L.param_dtype],
+                L.param_dtype,
+                RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(m.family),
+                self.threads(gpu),
+                self._side_by_side(gpu),
+            )
+            return one * self.micro_batches * L.branches_per_gpu
         act_bytes = 2 * tokens * (m.hidden + m.ffn) * DTYPE_BYTES[L.param_dtype]
         one = forward_s(
             self._gm(gpu),
