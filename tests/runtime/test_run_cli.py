@@ -113,6 +113,10 @@ def test_a_gpu_plan_on_this_cpu_machine_is_refused(tmp_path: Path, tiny_dirs) ->
     write_plan(report.plan, tmp_path / "plan.yaml")
     proc = zoplan("run", str(tmp_path / "plan.yaml"), "--model", str(tiny_dirs["tiny-opt"]), "-o", str(tmp_path / "o"))
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    # validate says the same, its fix once, with how to keep the logs
+    proc = zoplan("validate", str(tmp_path / "plan.yaml"), "--model", str(tiny_dirs["tiny-opt"]), "--steps", "3")
+    assert proc.returncode == 2 and proc.stderr.count("no CUDA device") == 1, proc.stderr
+    assert proc.stderr.count("fix:") == 1 and "pass --output DIR to keep the run's logs" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -638,7 +638,7 @@ def validate_cmd(
         _validate(scratch / "run", the_plan, plan_file, simulated, model, data, steps, trace, skip, pad, as_json)
     except ZoplanError as exc:
         raise ZoplanError(
-            str(exc),
+            exc.message,
             fix=(exc.fix + "; " if exc.fix else "") + "pass --output DIR to keep the run's logs",
             status=exc.status,
         ) from None
