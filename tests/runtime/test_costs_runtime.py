@@ -3,6 +3,7 @@ what the runtime really issues: tensor ops per stage, resident tensors, the z ge
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,27 @@ class _Stop(Exception):
     pass
 
 
+def _first_block_inputs(model, block, ids, mask, mode=None) -> tuple[torch.Tensor, dict]:
+    """The model's forward up to ``block``, its first (under the dispatch ``mode``, if any): that
+    block's hidden state and keyword arguments, as the engine computes a block's inputs."""
+    box: dict = {}
+
+    def hook(module, args, kwargs):
+        box["args"], box["kwargs"] = args, dict(kwargs)
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), mode or contextlib.nullcontext():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    kwargs = box["kwargs"]
+    return (box["args"][0] if box["args"] else kwargs.pop("hidden_states")), kwargs
+
+
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama", "tiny-qwen2"])
 def test_runtime_op_counts_are_what_a_micro_batch_issues(name: str, tiny_dirs: dict[str, Path]) -> None:
     """Per micro-batch and branch: the model's forward up to its first block (as the engine runs
@@ -38,25 +60,12 @@ def test_runtime_op_counts_are_what_a_micro_batch_issues(name: str, tiny_dirs: d
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], dtype=torch.float32).eval()
     adapter = adapter_for(model.config.model_type)
     blocks = adapter.blocks(model)
-    box: dict = {}
-
-    def hook(module, args, kwargs):
-        box["args"], box["kwargs"] = args, dict(kwargs)
-        raise _Stop
-
     ids = torch.randint(0, 1000, (2, 64))
     counted = {}
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    embed = _Count()
+    hidden, kwargs = _first_block_inputs(model, blocks[0], ids, torch.ones_like(ids), embed)
+    counted["embed"] = embed.n
     with torch.no_grad():
-        with _Count() as c:
-            try:
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-            except _Stop:
-                pass
-        counted["embed"] = c.n
-        handle.remove()
-        kwargs = box["kwargs"]
-        hidden = box["args"][0] if box["args"] else kwargs.pop("hidden_states")
         with _Count() as c:
             out = blocks[0](hidden, **kwargs)
         counted["block"] = c.n
@@ -163,21 +172,8 @@ def test_runtime_passes_are_what_a_block_reads_and_writes(name: str, tiny_dirs: 
         ids = torch.randint(0, 1000, (2, seq))
         mask = torch.ones_like(ids)
         mask[:, :3] = 0
-        box: dict = {}
-
-        def hook(module, args, kwargs):
-            box["args"], box["kwargs"] = args, dict(kwargs)
-            raise _Stop
-
-        handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        hidden_states, kwargs = _first_block_inputs(model, blocks[0], ids, mask)
         with torch.no_grad():
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _Stop:
-                pass
-            handle.remove()
-            kwargs = box["kwargs"]
-            hidden_states = box["args"][0] if box["args"] else kwargs.pop("hidden_states")
             with _Traffic() as traffic:
                 blocks[0](hidden_states, **kwargs)
         return traffic.elements / ids.numel()

@@ -93,8 +93,13 @@ def forward_s(
     ``gm.lockstep`` times slower."""
     speed = thread_speedup(gm, threads)
     device = max(flops / _rate(gm, dtype), bytes_moved / (gm.hbm_gbps * 1e9)) / speed
-    issue = ops * gm.op_us * 1e-6 * (gm.lockstep if lockstep else 1.0)
+    issue = _issue_s(gm, ops, lockstep)
     return device + issue if gm.kind == "cpu" else max(device, issue)
+
+
+def _issue_s(gm: GpuModel, ops: int, lockstep: bool) -> float:
+    """The host's issue of ``ops`` tensor ops (``gm.lockstep`` times slower for CPU ranks side by side)."""
+    return ops * gm.op_us * 1e-6 * (gm.lockstep if lockstep else 1.0)
 
 
 def cpu_block_s(
@@ -115,7 +120,7 @@ def cpu_block_s(
     speed = thread_speedup(gm, threads)
     bandwidth = gm.hbm_gbps * 1e9
     device = (max(flops / _rate(gm, dtype), weight_bytes / bandwidth) + pass_bytes / bandwidth) / speed
-    return device + ops * gm.op_us * 1e-6 * (gm.lockstep if lockstep else 1.0)
+    return device + _issue_s(gm, ops, lockstep)
 
 
 def thread_speedup(gm: GpuModel, threads: int) -> float:
@@ -380,7 +385,7 @@ class StepCosts:
             return one * self.micro_batches * L.branches_per_gpu
         act_bytes = 2 * tokens * (m.hidden + m.ffn) * DTYPE_BYTES[L.param_dtype]
         one = forward_s(
-            self._gm(gpu),
+            gm,
             m.block_flops(tokens, self.work.seq_len),
             self.block_param_bytes + act_bytes,
             L.param_dtype,
