@@ -91,6 +91,11 @@ def span_block(kind: Kind, block: int | None, layers: int) -> int:
 
 END = "end"  # Ref(END, (), -1): the step before has ended on every rank
 
+# Program.describe's columns: an op's line is indented, then its stream and id, padded to these
+# widths, then what it moves and waits for (DESCRIPTION_COLUMN: where that starts)
+OP_INDENT, STREAM_WIDTH, ID_WIDTH = 2, 8, 20
+DESCRIPTION_COLUMN = OP_INDENT + STREAM_WIDTH + 1 + ID_WIDTH + 1
+
 
 class Ref(NamedTuple):
     op: str
@@ -131,7 +136,7 @@ class Op(NamedTuple):
         deps = _refs(self.deps)
         if deps:
             extra.append("after " + ", ".join(deps))
-        return f"{self.stream.value:<8} {self.id:<20} " + "; ".join(extra)
+        return f"{self.stream.value:<{STREAM_WIDTH}} {self.id:<{ID_WIDTH}} " + "; ".join(extra)
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,7 @@ class Program:
             ops = self.rank_ops(rank)
             role = "compute" if rank in self.layout.compute_gpus else "relay"
             lines.append(f"{rank} ({role}, {len(ops)} ops)")
-            lines += ["  " + op.describe() for op in ops]
+            lines += [" " * OP_INDENT + op.describe() for op in ops]
         return "\n".join(lines)
 
 

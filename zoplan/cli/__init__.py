@@ -203,10 +203,12 @@ def _hanging(listing: str, width: int) -> str:
     goes on under its description, not under its stream and id."""
     import re
 
-    indent = " " * 32  # "  " + the stream (8) + " " + the op id (20) + " "
+    from zoplan.program import DESCRIPTION_COLUMN, OP_INDENT
+
+    indent = " " * DESCRIPTION_COLUMN
     lines = []
     for line in listing.splitlines():
-        if len(line) <= width or not line.startswith("  ") or width <= len(indent) + 20:
+        if len(line) <= width or not line.startswith(" " * OP_INDENT) or width <= len(indent) + 20:
             lines.append(line)
             continue
         # broken after a "," or ";" only: an op id ("d2h b3 r1") stays on one line
