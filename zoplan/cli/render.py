@@ -83,7 +83,7 @@ COMPARE_DROPPED = ("$/h", "tok/s", "GPUs", "vs ZO2")
 
 def _narrowed(make: Callable[[set[str]], Table], order: tuple[str, ...], width: int | None) -> Table:
     """``make(hidden)``'s table with the fewest of ``order``'s columns hidden that lets it fit
-    ``width`` (None: as it is)."""
+    ``width`` (None, as with --wide: every column)."""
     hidden: set[str] = set()
     table = make(hidden)
     if width is None:
@@ -140,9 +140,7 @@ def plan_table(report: PlanReport, wide: bool = False, width: int | None = None)
     """The best layouts and the ZO2 baseline; the columns that fit 80 columns, or with ``wide``
     every one (slices, wire dtype, micro-batch, prefetch, resident blocks, memory, bound). With a
     ``width`` under 80, the default columns that do not fit are left out (PLAN_DROPPED)."""
-    if wide or width is None:
-        return _plan_table(report, wide, set())
-    return _narrowed(lambda hidden: _plan_table(report, False, hidden), PLAN_DROPPED, width)
+    return _narrowed(lambda hidden: _plan_table(report, wide, hidden), PLAN_DROPPED, None if wide else width)
 
 
 def _plan_table(report: PlanReport, wide: bool, hidden: set[str]) -> Table:
@@ -309,9 +307,9 @@ def compare_table(
     results: list[tuple[str, PlanReport | ZoplanError]], model: str, wide: bool = False, width: int | None = None
 ) -> Table:
     """Each machine's best layout, as plan_table's columns are chosen (COMPARE_DROPPED)."""
-    if wide or width is None:
-        return _compare_table(results, model, wide, set())
-    return _narrowed(lambda hidden: _compare_table(results, model, False, hidden), COMPARE_DROPPED, width)
+    return _narrowed(
+        lambda hidden: _compare_table(results, model, wide, hidden), COMPARE_DROPPED, None if wide else width
+    )
 
 
 def _compare_table(
