@@ -146,24 +146,6 @@ def long_texts(path: Path, count: int = 128) -> Path:
     return path
 
 
-def token_batches(model: Path, data: Path, path: Path, batch: int, seq: int, count: int = 8) -> Path:
-    """The token ids of the first ``count`` batches zoplan reads from ``data`` (a JSON list of
-    batches), for a peer that takes ids: the same tokens, so the same work."""
-    from transformers import AutoTokenizer
-
-    from zoplan.runtime import data as zdata
-
-    tok = AutoTokenizer.from_pretrained(model)
-    examples, kind = zdata.load_examples(str(data))
-    task = zdata.task_of(kind, "{text}", ("a", "b"))
-    ids = [
-        zdata.encode(zdata.batches(examples, batch, 0, step, 0, 1), tok, task, seq).input_ids.tolist()
-        for step in range(count)
-    ]
-    path.write_text(json.dumps(ids))
-    return path
-
-
 def zoplan_run(
     model: Path, data: Path, out: Path, steps: int, resident: int, batch: int, seq: int, graphs: bool = False
 ) -> list[float]:
@@ -300,7 +282,7 @@ def main() -> None:
                 log(out, f"{name}, CUDA graphs: FAILED\n{traceback.format_exc()[-4000:]}")
         if opts.zo2 is not None:
             try:
-                ids = token_batches(model, data, work / f"{name}-ids.json", opts.batch, opts.seq_len)
+                ids = zo2_peer.token_batches(model, data, work / f"{name}-ids.json", opts.batch, opts.seq_len)
                 # its offloading schedule on the GPU, in the dtype zoplan ran in
                 settings = dict(
                     device="cuda", offload=True, dtype="bfloat16", python=opts.zo2_python, site=opts.zo2_site

@@ -47,25 +47,14 @@ SEQ, BATCH, LR, EPS = 128, 4, 1e-6, 1e-3
 def build(work: Path) -> tuple[Path, Path, Path]:
     """The model directory (the tiny models' tokenizer, OPT-125m's shape), long texts, and the
     token ids of the batches zoplan reads from them (for the two in-memory loops)."""
-    from transformers import AutoTokenizer
-
     from bench.runtime_cpu import build_model
     from zoplan.runtime import data as zdata
 
     model_dir = build_model(
         work / "opt-125m-shape", hidden=768, layers=12, ffn=3072, heads=12, vocab=50272, positions=2048
     )
-    tok = AutoTokenizer.from_pretrained(model_dir)
     data = zdata.write_long_text(work / "long.jsonl", SEQ, records=64)
-    examples, kind = zdata.load_examples(str(data))
-    task = zdata.task_of(kind, "{text}", ("a", "b"))
-    ids = [
-        zdata.encode(zdata.batches(examples, BATCH, 0, step, 0, 1), tok, task, SEQ).input_ids.tolist()
-        for step in range(16)
-    ]
-    batches = work / "batches.json"
-    batches.write_text(json.dumps(ids))
-    return model_dir, data, batches
+    return model_dir, data, zo2_peer.token_batches(model_dir, data, work / "batches.json", BATCH, SEQ, count=16)
 
 
 def mezo_step(params: list[torch.Tensor], seed: int, eps: float, lr: float, loss) -> float:

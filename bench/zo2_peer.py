@@ -103,6 +103,24 @@ def step_times(
     return result
 
 
+def token_batches(model: Path, data: Path, path: Path, batch: int, seq: int, count: int = 8) -> Path:
+    """The token ids of the first ``count`` batches zoplan reads from ``data`` (a JSON list of
+    batches), for a peer that takes ids: the same tokens, so the same work."""
+    from transformers import AutoTokenizer
+
+    from zoplan.runtime import data as zdata
+
+    tok = AutoTokenizer.from_pretrained(model)
+    examples, kind = zdata.load_examples(str(data))
+    task = zdata.task_of(kind, "{text}", ("a", "b"))
+    ids = [
+        zdata.encode(zdata.batches(examples, batch, 0, step, 0, 1), tok, task, seq).input_ids.tolist()
+        for step in range(count)
+    ]
+    path.write_text(json.dumps(ids))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheels", type=Path, required=True, help="download ZO2's transformers and its needs here")
