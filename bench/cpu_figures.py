@@ -2,7 +2,9 @@
 
 One thread per process, as a CPU rank runs:
 - matmul rate per dtype: ``F.linear`` at the shapes of a small model's block (tokens 128 and 512;
-  768 -> 3072, 3072 -> 768, 768 -> 768), the median; and 2048^3 for reference;
+  768 -> 3072, 3072 -> 768, 768 -> 768), the median; fp32 at those shapes over 64 to 2048 tokens,
+  fitted to ``peak * M / (M + half)`` (the topology's ``tflops`` and ``matmul_half_tokens``);
+  and 2048^3 for reference;
 - copy bandwidth, one process alone and one per core at once (the memory bus);
 - the runtime's own overheads: host time per tensor op of a block's forward (a tiny OPT block:
   its time over its aten op count), what an op of a once-a-step stage costs beyond that (the
@@ -57,6 +59,27 @@ def model_shape_gflops(dtype: torch.dtype, quick: bool) -> float:
     return statistics.median(linear_gflops(dtype, *s, reps=2 if quick else 5) for s in shapes)
 
 
+MATMUL_TOKENS = (64, 128, 256, 512, 1024, 2048)
+
+
+def matmul_tokens_fit(quick: bool) -> tuple[float, float, dict[int, float]]:
+    """fp32 matrix products at a small model's block shapes (768 -> 3072, 3072 -> 768, 768 -> 768)
+    over M tokens, M in ``MATMUL_TOKENS``: the median rate at each M, fitted to the cost model's
+    ``rate(M) = peak * M / (M + half)`` (a least-squares line through 1 / rate against 1 / M).
+    Returns (peak GFLOP/s, half in tokens, {M: GFLOP/s})."""
+    shapes = ((768, 3072), (3072, 768), (768, 768))
+    reps = 2 if quick else 5
+    rates = {
+        m: statistics.median(linear_gflops(torch.float32, m, k, n, reps=reps) for k, n in shapes) for m in MATMUL_TOKENS
+    }
+    xs = [1 / m for m in MATMUL_TOKENS]
+    ys = [1 / rates[m] for m in MATMUL_TOKENS]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    intercept = my - slope * mx
+    return 1 / intercept, max(0.0, slope / intercept), rates
+
+
 def copy_gbps(barrier=None, results=None, index: int = 0, nbytes: int = 2**30, reps: int = 10) -> float:
     torch.set_num_threads(1)
     x = torch.empty(nbytes // 4)
@@ -100,9 +123,9 @@ def tiny_opt(layers: int):
     return OPTForCausalLM(config).eval()
 
 
-def tiny_block():
-    """A tiny OPT block (width 64) and its inputs for micro-batch 2 x 64 tokens: (block, hidden,
-    kwargs) as the runtime calls it."""
+def tiny_block(sequences: int = 2, tokens: int = 64):
+    """A tiny OPT block (width 64) and its inputs for a micro-batch of ``sequences`` x ``tokens``
+    (default 2 x 64): (block, hidden, kwargs) as the runtime calls it."""
     model = tiny_opt(1)
     block = model.model.decoder.layers[0]
     box: dict = {}
@@ -111,7 +134,7 @@ def tiny_block():
         box["args"], box["kwargs"] = args, dict(kwargs)
 
     block.register_forward_pre_hook(hook, with_kwargs=True)
-    ids = torch.randint(0, 1000, (2, 64))
+    ids = torch.randint(0, 1000, (sequences, tokens))
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     kwargs = box["kwargs"]
@@ -197,6 +220,69 @@ def loss_ns(reps: int) -> float:
         F.cross_entropy(predicted, labels[:, 1:].reshape(-1), reduction="sum").item()
 
     return statistics.median(timed(loss, reps) for _ in range(5)) / ((tokens - 1) * vocab) * 1e9
+
+
+def in_step_head_ns(reps: int, gflops: float) -> tuple[float, float]:
+    """The LM head and the loss as a step runs them, right after the blocks' forward (a tiny OPT
+    model of 4 blocks, micro-batch 16 x 128 tokens: 2.9 M fp32 logits, 11.5 MB, beyond a core's
+    cache): nanoseconds a logit the head's matrix product takes beyond its FLOPs at ``gflops``
+    (writing the logits), and nanoseconds a logit of the loss over several sequences (the
+    shifted logits copied, then cross_entropy): what zoplan.sim.costs.HEAD_LOGIT_BYTES and
+    SHIFT_BYTES stand for on a CPU rank, at its copy rate."""
+    import torch.nn.functional as F
+
+    model = tiny_opt(4)
+    vocab, width = model.config.vocab_size, model.config.hidden_size
+    ids = torch.randint(0, vocab, (16, 128))
+    logits_n = ids.numel() * vocab
+    head, loss = [], []
+    with torch.no_grad():
+        for r in range(reps + 2):
+            hidden = model.model.decoder(input_ids=ids, use_cache=False).last_hidden_state
+            x = model.model.decoder.final_layer_norm(hidden)
+            t0 = time.perf_counter()
+            logits = model.lm_head(x)
+            t1 = time.perf_counter()
+            predicted = logits[:, :-1, :].float().reshape(-1, vocab)
+            F.cross_entropy(predicted, ids[:, 1:].reshape(-1), reduction="sum").item()
+            t2 = time.perf_counter()
+            if r >= 2:
+                head.append(t1 - t0)
+                loss.append(t2 - t1)
+    flops_s = 2 * ids.numel() * width * vocab / (gflops * 1e9)
+    return (
+        max(0.0, statistics.median(head) - flops_s) / logits_n * 1e9,
+        statistics.median(loss) / (16 * 127 * vocab) * 1e9,
+    )
+
+
+def z_cold_us(reps: int) -> float:
+    """What a call of the z kernel costs more when a step makes it, right after a block's forward
+    (micro-batch 16 x 128 tokens, whose activations and attention scores pass through more than a
+    core's cache), than made over and over: the deferred update of a tiny OPT block
+    (zoplan.runtime.zo update_range: 33 K parameters), as the runtime applies it between blocks."""
+    from zoplan.runtime.hostcopy import block_layouts
+    from zoplan.runtime.zo import update_range
+
+    block, hidden, kwargs = tiny_block(16, 128)
+    (layout,) = block_layouts(torch.nn.ModuleList([block]), "model.decoder.layers.", 1)
+    flat = torch.randn(layout.padded)
+
+    def update() -> None:
+        update_range(flat, layout, 0, layout.numel, 7, 0.1, 1e-9, 0.0)
+
+    with torch.no_grad():
+        hot = statistics.median(timed(update, reps) for _ in range(5))
+        cold = []
+        for _ in range(5):
+            spent = 0.0
+            for _ in range(reps):
+                block(hidden, **kwargs)
+                t0 = time.perf_counter()
+                update()
+                spent += time.perf_counter() - t0
+            cold.append(spent / reps)
+    return max(0.0, statistics.median(cold) - hot) * 1e6
 
 
 def z_figures(quick: bool) -> tuple[float, float, str]:
@@ -357,6 +443,17 @@ def main() -> None:
         print(
             f"matmul {name}, a small model's block shapes (median): {rates[name]:8.1f} GFLOP/s (1 thread)", flush=True
         )
+    peak, half, by_tokens = matmul_tokens_fit(opts.quick)
+    print(
+        "matmul fp32 over M tokens (block shapes):  "
+        + ", ".join(f"{m}: {r:.0f}" for m, r in by_tokens.items())
+        + f" GFLOP/s; fitted peak * M / (M + half): peak {peak:.1f}, half {half:.1f} tokens",
+        flush=True,
+    )
+    # the cost model's tflops are the rates of long products: fp32 the fit's; bf16 and fp16 their
+    # medians at 128 tokens (model_shape_gflops) over the fit's share at 128, as fp32's half
+    peaks = {"fp32": peak}
+    peaks.update({k: v * (128 + half) / 128 for k, v in rates.items() if k != "fp32"})
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)  # one rank alone on the machine runs a thread per core
     together = model_shape_gflops(torch.float32, opts.quick)
@@ -397,8 +494,21 @@ def main() -> None:
         f"({per_logit * 2 * alone:.1f} bytes at 2 x {alone:.2f} GB/s)",
         flush=True,
     )
+    head_ns, loss_seq_ns = in_step_head_ns(5 if opts.quick else 20, rates["fp32"])
+    print(
+        f"LM head in a step, beyond its FLOPs:       {head_ns:8.2f} ns a logit "
+        f"({head_ns * 2 * alone:.1f} bytes at 2 x {alone:.2f} GB/s)",
+        flush=True,
+    )
+    print(
+        f"loss of 16 sequences in a step:            {loss_seq_ns:8.2f} ns a logit "
+        f"(beyond one sequence's: {(loss_seq_ns - per_logit) * 2 * alone:.1f} bytes)",
+        flush=True,
+    )
     call_us, z_ns, kernel = z_figures(opts.quick)
     print(f"z ({kernel}): per call, per element:  {call_us:8.1f} us, {z_ns:.2f} ns", flush=True)
+    z_cold = z_cold_us(20 if opts.quick else 100)
+    print(f"z call right after a block's forward:      {z_cold:8.1f} us more", flush=True)
     coll, coll_gbps = collective_figures()
     print(f"gloo all-gather of 16 floats, 2 ranks:     {coll:8.1f} us", flush=True)
     print(f"gloo all-gather of 16 MiB a rank, 2 ranks: {coll_gbps:8.2f} GB/s received a rank", flush=True)
@@ -406,16 +516,18 @@ def main() -> None:
     print(f"2 ranks in lockstep: compute x{lockstep:.2f}, each meeting (shared memory) {wait:8.1f} us", flush=True)
     loop = loop_us()
     print(f"loop host work per step:                   {loop:8.1f} us", flush=True)
-    tflops = {k: round(v / 1e3, 4) for k, v in rates.items()}
+    tflops = {k: round(v / 1e3, 4) for k, v in peaks.items()}
     figures = {
         "tflops": tflops,
         "hbm_gbps": round(2 * alone, 2),
         "matmul_efficiency": 1.0,
+        "matmul_half_tokens": round(half, 1),
         "threads_efficiency": round(efficiency, 2),
         "op_us": round(op_us, 1),
         "cold_op_us": round(cold_us, 1),
         "z_call_us": round(call_us),
         "z_ns": round(z_ns, 2),
+        "z_cold_us": round(z_cold),
         "collective_us": round(coll),
         "collective_gbps": round(coll_gbps, 2),
         "lockstep": round(lockstep, 2),

@@ -17,7 +17,7 @@ from zoplan.sim import simulate
 from zoplan.topology import load_topology
 
 CPU_LOCAL = Path(__file__).resolve().parents[2] / "topologies" / "cpu-local.yaml"
-RUNTIME_KEYS = ("op_us", "cold_op_us", "z_ns", "z_call_us", "collective_us", "collective_gbps", "loop_us")
+RUNTIME_KEYS = ("op_us", "cold_op_us", "z_ns", "z_call_us", "z_cold_us", "collective_us", "collective_gbps", "loop_us")
 
 
 def cpu_machine(tmp_path: Path, **figures: float | str):
@@ -86,6 +86,72 @@ def test_a_z_that_costs_time_adds_its_calls_and_elements_to_the_fused_pass(tmp_p
     # the mover's update of its slice: one fused call over the slice, one pass as without z
     s = base.slice_params
     assert drawn.update_slice_s("rank0") - base.update_slice_s("rank0") == pytest.approx(300e-6 + s * 20e-9, rel=1e-9)
+
+
+def test_each_operation_that_draws_z_pays_one_cold_call(tmp_path: Path) -> None:
+    """The first z call of an operation of a step comes right after other work (a block's
+    forward): z_cold_us once per block perturbation, per update (a mover's slice, a compute
+    rank's whole block), per embedding stage and per head stage, however many calls follow."""
+    for lay, work in (
+        (layout(), WORK),
+        (dataclasses.replace(layout(), upload="whole", movers=("rank0",), slices_per_block=1), WORK),
+        (layout(), Workload(dataclasses.replace(OPT, vocab=1000), 4, 64)),  # a small table: set whole
+    ):
+        base = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=10.0), work, lay)
+        cold = StepCosts(cpu_machine(tmp_path, z_ns=1e-9, z_call_us=10.0, z_cold_us=70.0), work, lay)
+        methods = ["block_forward_s", "embed_s", "head_s"]
+        methods.append("whole_update_s" if lay.upload == "whole" else "update_slice_s")
+        for method in methods:
+            extra = getattr(cold, method)("rank0") - getattr(base, method)("rank0")
+            assert extra == pytest.approx(70e-6, rel=1e-9), (lay.upload, method)
+    # where z is free next to the pass (a GPU: z_ns 0), nothing is cold
+    free = StepCosts(cpu_machine(tmp_path, z_cold_us=70.0), WORK, layout())
+    assert free.block_forward_s("rank0") == StepCosts(cpu_machine(tmp_path), WORK, layout()).block_forward_s("rank0")
+
+
+def test_a_cpu_head_adds_the_writing_of_its_logits_to_its_product(tmp_path: Path) -> None:
+    """On a CPU rank the LM head's product and the writing of its logits add up (HEAD_LOGIT_BYTES
+    a logit at the copy rate), then the loss (its passes: the test above)."""
+    from zoplan.sim.costs import HEAD_LOGIT_BYTES, cpu_block_s
+
+    machine = cpu_machine(tmp_path)
+    gm = machine.gpu_model("rank0")
+    bandwidth = gm.hbm_gbps * 1e9
+    for micro_batch in (1, 2):
+        lay = layout(micro_batch=micro_batch)
+        c = StepCosts(machine, WORK, lay)
+        logits = micro_batch * WORK.seq_len * OPT.vocab
+        tokens = micro_batch * WORK.seq_len
+        product = cpu_block_s(gm, OPT.head_flops(tokens), OPT.embed_dim * OPT.vocab * 4, 0.0, "fp32", 0, tokens=tokens)
+        head = (product + logits * HEAD_LOGIT_BYTES / bandwidth + c.loss_s("rank0")) * c.micro_batches
+        assert c.head_s("rank0") == pytest.approx(head * lay.branches_per_gpu, rel=1e-9)
+
+
+def test_a_cpu_ranks_products_run_slower_over_few_tokens(tmp_path: Path) -> None:
+    """matmul_half_tokens: over M tokens a CPU rank's matrix products run at M / (M + half) of
+    its rate, in its blocks and its head; 0 (every GPU preset) leaves the rate whatever the rows."""
+    from zoplan.sim.costs import _rate
+
+    gm = load_topology("cpu-local").gpu_model("rank0")
+    assert gm.matmul_half_tokens > 0
+    half = gm.matmul_half_tokens
+    assert _rate(gm, "fp32", 128) == pytest.approx(_rate(gm, "fp32") * 128 / (128 + half), rel=1e-12)
+    plain = StepCosts(cpu_machine(tmp_path, matmul_half_tokens=0.0), WORK, layout())
+    slow = StepCosts(cpu_machine(tmp_path, matmul_half_tokens=3 * 128.0), WORK, layout())
+    tokens = layout().micro_batch * WORK.seq_len
+    assert tokens == 128
+    calls = plain.micro_batches * layout().branches_per_gpu
+    rate = _rate(plain._gm("rank0"), "fp32")
+    # a fourth of the rate: three more times the FLOPs' time (OPT-125m's blocks and head are
+    # bound by their FLOPs at 128 tokens, not by their weights)
+    for method, flops in (
+        ("forward_block_s", OPT.block_flops(tokens, WORK.seq_len)),
+        ("head_s", OPT.head_flops(tokens)),
+    ):
+        extra = getattr(slow, method)("rank0") - getattr(plain, method)("rank0")
+        assert extra == pytest.approx(calls * 3 * flops / rate, rel=1e-9), method
+    dgx = load_topology("dgx-a100").gpu_model("gpu0")
+    assert dgx.matmul_half_tokens == 0 and _rate(dgx, "bf16", 1) == _rate(dgx, "bf16")
 
 
 def test_resident_parameters_draw_z_tensor_by_tensor(tmp_path: Path) -> None:
@@ -284,13 +350,14 @@ def test_the_head_charges_the_loss_passes_over_the_logits(tmp_path: Path) -> Non
     """After its matrix product, each micro-batch's head computes the next-token loss: passes over
     its fp32 logits that the product does not overlap. Per logit: the log-softmax and NLL
     (LOSS_BYTES: 20 on a CPU rank, whose exponentials are slower than memory; 12 on a GPU) and an
-    fp32 copy of logits made in a 2-byte dtype (6), whatever the micro-batch: micro-batches of a
-    block that costs the same stay one simulation for the search."""
+    fp32 copy of logits made in a 2-byte dtype (6). A CPU rank's loss over several sequences first
+    copies the shifted logits (SHIFT_BYTES, 12); a GPU's costs the same whatever the micro-batch:
+    micro-batches of a block that costs the same stay one simulation for the search."""
     from zoplan.sim import costs as costs_module
 
     machine = cpu_machine(tmp_path)
     hbm = machine.gpu_model("rank0").hbm_gbps * 1e9
-    for mb, per_logit in ((1, 20), (2, 20)):
+    for mb, per_logit in ((1, 20), (2, 20 + 12)):
         lay = layout(micro_batch=mb)
         c = StepCosts(machine, WORK, lay)
         assert c.loss_s("rank0") == pytest.approx(mb * WORK.seq_len * OPT.vocab * per_logit / hbm, rel=1e-12)

@@ -54,6 +54,19 @@ HOST_RESERVE_BYTES = 16 * GiB
 # bench.cpu_figures, 2026-12-06 03:46 UTC; 1.18-1.21 ns in three more runs that hour): about 20
 # bytes at its 16.6 GB/s. Logits that fit the caches take less (a tiny model's 64 x 1405: 0.67 ns).
 LOSS_BYTES = {"gpu": 12, "cpu": 20}
+# A CPU rank's loss over several sequences first copies the shifted logits (runtime/data.py
+# loss_terms: read 4 bytes, write 4, the written line read first): 12 bytes a logit. In a step, the
+# loss of 16 sequences of 128 tokens of a tiny OPT model took 1.80 ns a logit on cpu-local, 30
+# bytes at its copy rate, where one sequence's took 20 (python -m bench.cpu_figures, 2026-12-06
+# 11:31 UTC). Left out on a GPU, where it is a few percent of a head.
+SHIFT_BYTES = 12
+# On a CPU rank, the LM head's matrix product takes longer than its FLOPs by about this many bytes a
+# logit at the copy rate: it writes logits far beyond a core's cache, and one thread computes and
+# writes one after the other. In a step (right after the blocks' forward), a tiny OPT model's head
+# over 16 x 128 tokens took 1.48 ns a logit beyond its FLOPs on cpu-local (24.5 bytes; python -m
+# bench.cpu_figures, 2026-12-06 11:31 UTC; 1.45-1.59 ns in three runs of a development script that
+# hour). Logits that fit the cache (a tiny model's 4 x 64 tokens: 1.4 MB) take less, 0.3-0.5 ns.
+HEAD_LOGIT_BYTES = 24
 # Elementwise passes of an update in torch ops (runtime/zo.py apply_update: z*g, step*lr, x - that,
 # the copy back), as an adapter's is applied
 UPDATE_PASSES = 4
@@ -71,11 +84,15 @@ class Workload:
         return self.global_batch * self.seq_len
 
 
-def _rate(gm: GpuModel, dtype: str) -> float:
-    """Achieved matmul FLOP/s for a compute dtype."""
+def _rate(gm: GpuModel, dtype: str, tokens: int = 0) -> float:
+    """Achieved matmul FLOP/s for a compute dtype, over ``tokens`` rows where the device's
+    products run slower on few rows (``matmul_half_tokens``: tokens / (tokens + half) of it)."""
     # a read-only view keyed by any name: a dtype the GPU has no figure for reads as None
     peak = cast("dict[str, float]", gm.tflops).get(dtype) or gm.tflops.get("fp32") or min(gm.tflops.values())
-    return peak * 1e12 * gm.matmul_efficiency
+    rate = peak * 1e12 * gm.matmul_efficiency
+    if tokens and gm.matmul_half_tokens:
+        rate *= tokens / (tokens + gm.matmul_half_tokens)
+    return rate
 
 
 def elementwise_s(gm: GpuModel, params: int, dtype: str, passes: int) -> float:
@@ -84,15 +101,22 @@ def elementwise_s(gm: GpuModel, params: int, dtype: str, passes: int) -> float:
 
 
 def forward_s(
-    gm: GpuModel, flops: float, bytes_moved: float, dtype: str, ops: int = 0, threads: int = 1, lockstep: bool = False
+    gm: GpuModel,
+    flops: float,
+    bytes_moved: float,
+    dtype: str,
+    ops: int = 0,
+    threads: int = 1,
+    lockstep: bool = False,
+    tokens: int = 0,
 ) -> float:
     """A forward pass of ``ops`` tensor ops: the longer of its arithmetic and its memory traffic,
     plus (CPU: one thread issues them) or overlapped with (GPU) the host's issue of its ops. A CPU
     rank with ``threads`` threads computes and streams memory faster by ``thread_speedup``; with
     ``lockstep`` (CPU ranks side by side that meet before every block) it issues each op
-    ``gm.lockstep`` times slower."""
+    ``gm.lockstep`` times slower. ``tokens``: the rows of its matrix products (``_rate``)."""
     speed = thread_speedup(gm, threads)
-    device = max(flops / _rate(gm, dtype), bytes_moved / (gm.hbm_gbps * 1e9)) / speed
+    device = max(flops / _rate(gm, dtype, tokens), bytes_moved / (gm.hbm_gbps * 1e9)) / speed
     issue = _issue_s(gm, ops, lockstep)
     return device + issue if gm.kind == "cpu" else max(device, issue)
 
@@ -111,15 +135,16 @@ def cpu_block_s(
     ops: int,
     threads: int = 1,
     lockstep: bool = False,
+    tokens: int = 0,
 ) -> float:
     """A block's forward on a CPU rank: one thread runs its ops one after another, so its matrix
-    products (their FLOPs, or their weights' bytes where those take longer) and its elementwise
-    passes and attention scores (``pass_bytes``, read and written: zoplan.models.RUNTIME_PASSES)
-    add up, rather than the larger of arithmetic and memory traffic counting (``forward_s``);
-    plus the issue of its ops."""
+    products (their FLOPs over ``tokens`` rows, or their weights' bytes where those take longer)
+    and its elementwise passes and attention scores (``pass_bytes``, read and written:
+    zoplan.models.RUNTIME_PASSES) add up, rather than the larger of arithmetic and memory traffic
+    counting (``forward_s``); plus the issue of its ops."""
     speed = thread_speedup(gm, threads)
     bandwidth = gm.hbm_gbps * 1e9
-    device = (max(flops / _rate(gm, dtype), weight_bytes / bandwidth) + pass_bytes / bandwidth) / speed
+    device = (max(flops / _rate(gm, dtype, tokens), weight_bytes / bandwidth) + pass_bytes / bandwidth) / speed
     return device + _issue_s(gm, ops, lockstep)
 
 
@@ -136,6 +161,13 @@ def z_draw_s(gm: GpuModel, sizes: Iterable[int]) -> float:
     if not gm.z_ns:
         return 0.0
     return sum(gm.z_call_us * 1e-6 + n * gm.z_ns * 1e-9 for n in sizes if n)
+
+
+def z_cold_s(gm: GpuModel) -> float:
+    """What an operation of a step that draws z (an update, a block's perturbation, the embedding's
+    or the head's sets) pays once for its first call coming right after other work: the device's
+    ``z_cold_us`` where drawing z costs time of its own (a CPU rank), else 0."""
+    return gm.z_cold_us * 1e-6 if gm.z_ns else 0.0
 
 
 def _calls(sizes: Iterable[int]) -> int:
@@ -381,6 +413,7 @@ class StepCosts:
                 RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(m.family),
                 self.threads(gpu),
                 self._side_by_side(gpu),
+                tokens,
             )
             return one * self.micro_batches * L.branches_per_gpu
         act_bytes = 2 * tokens * (m.hidden + m.ffn) * DTYPE_BYTES[L.param_dtype]
@@ -392,6 +425,7 @@ class StepCosts:
             RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(m.family),
             self.threads(gpu),
             self._side_by_side(gpu),
+            tokens,
         )
         return one * self.micro_batches * L.branches_per_gpu
 
@@ -414,7 +448,7 @@ class StepCosts:
             return self.forward_block_s(gpu)
         if self._z_costs(gpu):  # one fused pass: z drawn once, theta read, each branch's buffer written
             passes = self.layout.branches_per_gpu
-            z = z_draw_s(self._gm(gpu), (self.block_params,))
+            z = z_draw_s(self._gm(gpu), (self.block_params,)) + z_cold_s(self._gm(gpu))
         return (
             elementwise_s(self._gm(gpu), self.block_params, self.layout.param_dtype, passes)
             + z
@@ -425,8 +459,9 @@ class StepCosts:
         """The deferred update of ``params`` parameters of a block on this device."""
         if self.frozen:
             return 0.0
-        # one fused pass over the range (on a CPU rank, z drawn in it)
-        return elementwise_s(self._gm(gpu), params, self.layout.param_dtype, 1) + z_draw_s(self._gm(gpu), (params,))
+        # one fused pass over the range (on a CPU rank, z drawn in it, its first call cold)
+        gm = self._gm(gpu)
+        return elementwise_s(gm, params, self.layout.param_dtype, 1) + z_draw_s(gm, (params,)) + z_cold_s(gm)
 
     @_per_device
     def whole_update_s(self, gpu: str) -> float:
@@ -463,7 +498,7 @@ class StepCosts:
         ops = (RUNTIME_OPS[m.family]["embed"] + self.work.tuning.embed_ops()) * self.micro_batches * L.branches_per_gpu
         lookup = forward_s(self._gm(gpu), 0.0, 0.0, L.param_dtype, ops, lockstep=self._side_by_side(gpu))
         if self.frozen:  # the adapter (fp32) updated, then one copy of it per branch perturbed
-            return lookup + self.adapter_s(gpu) + self._cold_s(gpu, ops)
+            return lookup + self.adapter_s(gpu) + self._cold_s(gpu, ops) + z_cold_s(self._gm(gpu))
         if not self._z_costs(gpu):
             passes = 1 + self.perturb_passes()
             return (
@@ -478,9 +513,16 @@ class StepCosts:
         table, _, small = self._resident_split()
         update = self._set_s(gpu, m.resident_tensors())  # the same pass as setting them
         tensors = _calls(m.resident_tensors())
+        gm = self._gm(gpu)
+        update += z_cold_s(gm)  # the stage's first z call comes cold
         if table < ROWS_TABLE_MIN:  # a small table: every part set whole for each branch
-            return update + sets * update + lookup + self._cold_s(gpu, ops + (1 + sets) * tensors)
-        gm, branch = self._gm(gpu), self._set_s(gpu, small)
+            return (
+                update
+                + sets * self._set_s(gpu, m.resident_tensors())
+                + lookup
+                + self._cold_s(gpu, ops + (1 + sets) * tensors)
+            )
+        branch = self._set_s(gpu, small)
         rows = min(table, L.micro_batch * self.work.seq_len * m.embed_dim)  # at most one row a token
         looked_up = self.micro_batches * (z_draw_s(gm, (rows,)) + elementwise_s(gm, rows, "fp32", 2))
         calls = ops + tensors + sets * (_calls(small) + self.micro_batches)
@@ -492,18 +534,14 @@ class StepCosts:
             return self.profile.head_s(
                 self.layout.branches_per_gpu, self.micro_batches, self._tokens_scale
             ) * self._lockstep(gpu, "head")
-        m, L = self.model, self.layout
+        m, L, gm = self.model, self.layout, self._gm(gpu)
         tokens = L.micro_batch * self.work.seq_len
-        head_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype] + tokens * m.vocab * 4
-        one = forward_s(
-            self._gm(gpu),
-            m.head_flops(tokens),
-            head_bytes,
-            L.param_dtype,
-            RUNTIME_OPS[m.family]["head"],
-            self.threads(gpu),
-            self._side_by_side(gpu),
-        )
+        weight_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype]
+        args = (L.param_dtype, RUNTIME_OPS[m.family]["head"], self.threads(gpu), self._side_by_side(gpu), tokens)
+        if gm.kind == "cpu":  # one thread: the product, then its logits written (HEAD_LOGIT_BYTES)
+            one = cpu_block_s(gm, m.head_flops(tokens), weight_bytes, tokens * m.vocab * HEAD_LOGIT_BYTES, *args)
+        else:
+            one = forward_s(gm, m.head_flops(tokens), weight_bytes + tokens * m.vocab * 4, *args)
         t = (one + self.loss_s(gpu)) * self.micro_batches * L.branches_per_gpu
         calls = RUNTIME_OPS[m.family]["head"] * self.micro_batches * L.branches_per_gpu
         if self._z_costs(gpu) and not self.frozen:
@@ -513,6 +551,7 @@ class StepCosts:
             sets = L.branches_per_gpu
             table, head, small = self._resident_split()
             tensors = _calls(m.resident_tensors())
+            t += z_cold_s(gm)  # the stage's first z call comes cold
             if table < ROWS_TABLE_MIN:  # all set at the embedding: all but the last branch's again
                 t += (sets - 1) * self._set_s(gpu, m.resident_tensors())
                 calls += (sets - 1) * tensors
@@ -536,12 +575,14 @@ class StepCosts:
         over the logits (runtime/data.py loss_terms), which the head's matrix product does not
         overlap. Per logit: the log-softmax reads them twice and writes once and the NLL gathers
         (``LOSS_BYTES``, a CPU rank's exponentials slower than that); logits made in a 2-byte
-        dtype are first made fp32 (read 2, write 4). Left out: with several sequences the shifted
-        logits are copied (read and write 4 more a logit): a cost that depends on the micro-batch
-        would make the micro-batches of a block that costs the same distinct simulations for the
-        search (``zoplan.sim.inputs_key``), for a few percent of a step at most."""
+        dtype are first made fp32 (read 2, write 4). With several sequences the shifted logits are
+        copied first (``SHIFT_BYTES``): counted on a CPU rank, left out on a GPU (a few percent of
+        its head), where the loss of a step then costs the same however its micro-batches split
+        it."""
         m, L, gm = self.model, self.layout, self._gm(gpu)
         per_logit = LOSS_BYTES[gm.kind] + (6 if DTYPE_BYTES[L.param_dtype] < 4 else 0)
+        if gm.kind == "cpu" and L.micro_batch > 1:
+            per_logit += SHIFT_BYTES
         logits = L.micro_batch * self.work.seq_len * m.vocab
         return logits * per_logit / (gm.hbm_gbps * 1e9) / thread_speedup(gm, self.threads(gpu))
 

@@ -41,6 +41,13 @@ class GpuModel(Strict):
     )
     hbm_gbps: PositiveFloat
     matmul_efficiency: float = Field(0.8, gt=0, le=1, description="achieved fraction of peak for large matrix products")
+    matmul_half_tokens: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="the rows (tokens of a micro-batch) at which the device's matrix products run at half "
+        "their rate: over M tokens they run at M / (M + this) of it (a CPU rank); 0: whatever the rows (a GPU preset)",
+    )
     # The runtime's own work, beyond arithmetic and memory traffic (zoplan.sim.costs). 0 where it is
     # negligible or hidden: a GPU's kernel launches overlap its execution, and its fused kernels
     # draw z in registers. A CPU rank pays each of these on its one thread (bench/cpu_figures.py).
@@ -73,6 +80,14 @@ class GpuModel(Strict):
         "kernel, zoplan.runtime.perturb_cpu); 0: free next to the pass's memory traffic (a GPU)",
     )
     z_call_us: float = Field(0.0, ge=0, le=1e6, description="fixed cost of one call of the z kernel")
+    z_cold_us: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="what the first z call of a step's operation (an update, a block's perturbation, "
+        "the embedding's or the head's sets) adds to z_call_us: it comes right after other work "
+        "(a block's forward), its code and data cold in the caches",
+    )
     z_first_ns: float = Field(
         0.0,
         ge=0,

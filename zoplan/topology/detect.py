@@ -81,6 +81,7 @@ CPU_RUNTIME = {
     "op_us": 20,
     "cold_op_us": 30,
     "z_call_us": 100,
+    "z_cold_us": 150,
     "z_ns": 6,
     "collective_us": 1000,
     "loop_us": 1000,
