@@ -7,7 +7,10 @@ Modelling choices, each worth knowing when reading a prediction:
 - A forward pass over one block on a micro-batch takes the larger of its matrix FLOPs at the
   GPU's achieved matmul rate (peak x matmul_efficiency) and the bytes it must stream through
   HBM (the block's weights once per micro-batch plus its activations): small batches are bound
-  by weight reads, large ones by arithmetic.
+  by weight reads, large ones by arithmetic. A CPU rank's one thread does them one after
+  another: its products (slower over few tokens: ``matmul_half_tokens``), its counted
+  elementwise passes and attention scores, and its ops add up (``cpu_block_s``); so do its LM
+  head's product and the writing of its logits (``HEAD_LOGIT_BYTES``).
 - Elementwise passes (the deferred update, +eps z, -2 eps z, restore) read and write every
   parameter once per pass at HBM bandwidth; z is generated in registers by a counter-based RNG.
 - The runtime's own work: a device's ``op_us`` per tensor op of a forward pass (on a CPU rank it
