@@ -37,6 +37,8 @@ import torch
 import yaml
 import torch.nn.functional as F
 
+from bench.matmul_tokens import tokens_fit
+
 
 def timed(fn, reps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
@@ -57,27 +59,6 @@ def model_shape_gflops(dtype: torch.dtype, quick: bool) -> float:
     if dtype != torch.float32:  # a CPU without bf16/fp16 instructions runs these far slower: fewer
         shapes = shapes[:2]
     return statistics.median(linear_gflops(dtype, *s, reps=2 if quick else 5) for s in shapes)
-
-
-MATMUL_TOKENS = (64, 128, 256, 512, 1024, 2048)
-
-
-def matmul_tokens_fit(quick: bool) -> tuple[float, float, dict[int, float]]:
-    """fp32 matrix products at a small model's block shapes (768 -> 3072, 3072 -> 768, 768 -> 768)
-    over M tokens, M in ``MATMUL_TOKENS``: the median rate at each M, fitted to the cost model's
-    ``rate(M) = peak * M / (M + half)`` (a least-squares line through 1 / rate against 1 / M).
-    Returns (peak GFLOP/s, half in tokens, {M: GFLOP/s})."""
-    shapes = ((768, 3072), (3072, 768), (768, 768))
-    reps = 2 if quick else 5
-    rates = {
-        m: statistics.median(linear_gflops(torch.float32, m, k, n, reps=reps) for k, n in shapes) for m in MATMUL_TOKENS
-    }
-    xs = [1 / m for m in MATMUL_TOKENS]
-    ys = [1 / rates[m] for m in MATMUL_TOKENS]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    intercept = my - slope * mx
-    return 1 / intercept, max(0.0, slope / intercept), rates
 
 
 def copy_gbps(barrier=None, results=None, index: int = 0, nbytes: int = 2**30, reps: int = 10) -> float:
@@ -443,7 +424,7 @@ def main() -> None:
         print(
             f"matmul {name}, a small model's block shapes (median): {rates[name]:8.1f} GFLOP/s (1 thread)", flush=True
         )
-    peak, half, by_tokens = matmul_tokens_fit(opts.quick)
+    peak, half, by_tokens = tokens_fit(quick=opts.quick)  # fp32, OPT-125m's block shapes
     print(
         "matmul fp32 over M tokens (block shapes):  "
         + ", ".join(f"{m}: {r:.0f}" for m, r in by_tokens.items())

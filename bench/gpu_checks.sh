@@ -13,6 +13,10 @@
 #             (ZOPLAN_CUDA_GRAPHS=1), then ZO2's offloading schedule on the same model,
 #             batch and hyperparameters (bench/runtime_gpu.py, docs/results/runtime-gpu.md; ZO2
 #             only where .peers/zo2 and .whl/zo2 were carried)                 not yet timed: a call of its own
+#   matmul    bf16 products over 64 to 8192 tokens at the OPT-1.3B and 2.7B block shapes, fitted to
+#             the cost model's peak * M / (M + half) (bench/matmul_tokens.py): what a GPU
+#             preset's tflops x matmul_efficiency and matmul_half_tokens (0 in every preset so far)
+#             should be, for the uncalibrated prediction at small micro-batches (issue 18) ~20 s
 # Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: the first
 # four, more than one device call allows under the timeouts below, so run `replay fidelity` and
 # `kernels layouts` as two calls, and `speed` as a third; FIDELITY_TIMEOUT (s, default 360) bounds
@@ -21,9 +25,9 @@
 # elsewhere for its Python version; see gpu_fidelity.sh). A session's device time (15 minutes,
 # the machine's start included) holds about two calls: the open issues' figures are `speed`
 # (issue 23: the offloaded step against the transfer bound, eager and with CUDA graphs, and ZO2;
-# it logs each figure as it comes, so a time limit keeps the first ones) and `fidelity` (issue
-# 18: the uncalibrated prediction against the measured step), before the checks of `kernels
-# layouts replay`. For ZO2, before the call, here:
+# it logs each figure as it comes, so a time limit keeps the first ones) and `matmul fidelity`
+# (issue 18: the preset's matmul rate over few tokens, then the uncalibrated prediction against
+# the measured step), before the checks of `kernels layouts replay`. For ZO2, before the call, here:
 #   python -m bench.zo2_peer --wheels .whl/zo2 && mkdir -p .peers && cp -r ../shared/peers/zo2 .peers/
 # .whl/ and .peers/ are ignored by git: name them in the device call's carry.
 set -x
@@ -51,6 +55,10 @@ for part in $PARTS; do
       timeout 300 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_gpu.py 2>&1 | tail -12 | tee "$OUT/layouts.txt" ;;
     fidelity)
       FIDELITY_TIMEOUT=${FIDELITY_TIMEOUT:-360} OUT="$OUT/fidelity" bash bench/gpu_fidelity.sh ;;
+    matmul)
+      for h in 2048 2560; do
+        timeout 60 python3 -m bench.matmul_tokens --device cuda --dtype bf16 --hidden $h 2>&1 | tee -a "$OUT/matmul-tokens.txt"
+      done ;;
     speed)
       peer=()
       if [ -d .peers/zo2 ] && ls .whl/zo2/*.whl >/dev/null 2>&1; then  # ZO2's transformers, beside ours
@@ -59,6 +67,6 @@ for part in $PARTS; do
       fi
       timeout ${SPEED_TIMEOUT:-540} python3 -m bench.runtime_gpu --out "$OUT/speed" --steps 6 --graphs "${peer[@]}" 2>&1 |
         tail -20 | tee "$OUT/speed.txt" ;;
-    *) echo "unknown part: $part (kernels, replay, layouts, fidelity, speed)"; exit 2 ;;
+    *) echo "unknown part: $part (kernels, replay, layouts, fidelity, speed, matmul)"; exit 2 ;;
   esac
 done

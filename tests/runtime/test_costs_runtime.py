@@ -185,3 +185,16 @@ def test_runtime_passes_are_what_a_block_reads_and_writes(name: str, tiny_dirs: 
     expected = RUNTIME_PASSES[family]
     for got, want in zip((per_h, per_f, per_s), expected):
         assert abs(got - want) <= max(0.5, 0.1 * want), ((per_h, per_f, per_s), expected)
+
+
+def test_the_matmul_fit_recovers_peak_and_half() -> None:
+    """bench.matmul_tokens.fit (what bench/cpu_figures.py writes as tflops and
+    matmul_half_tokens): rates made by peak * M / (M + half) give back peak and half; rates that
+    do not fall with fewer rows give half 0."""
+    from bench.matmul_tokens import CPU_TOKENS, GPU_TOKENS, fit
+
+    for tokens, peak, half in ((CPU_TOKENS, 185.0, 21.4), (GPU_TOKENS, 7.5e5, 600.0)):
+        got_peak, got_half = fit({m: peak * m / (m + half) for m in tokens})
+        assert got_peak == pytest.approx(peak, rel=1e-9) and got_half == pytest.approx(half, rel=1e-9)
+    assert fit({m: 170.0 for m in CPU_TOKENS}) == pytest.approx((170.0, 0.0), abs=1e-9)
+    assert fit({m: 170.0 + 1000 / m for m in CPU_TOKENS})[1] == 0.0  # faster over fewer rows: no half
