@@ -475,7 +475,9 @@ def main() -> None:
         f"({per_logit * 2 * alone:.1f} bytes at 2 x {alone:.2f} GB/s)",
         flush=True,
     )
-    head_ns, loss_seq_ns = in_step_head_ns(5 if opts.quick else 20, rates["fp32"])
+    head_ns, loss_seq_ns = in_step_head_ns(
+        5 if opts.quick else 20, peak * 2048 / (2048 + half)
+    )  # the fit at its 2048 tokens
     print(
         f"LM head in a step, beyond its FLOPs:       {head_ns:8.2f} ns a logit "
         f"({head_ns * 2 * alone:.1f} bytes at 2 x {alone:.2f} GB/s)",
