@@ -181,6 +181,22 @@ def test_resident_parameters_draw_z_tensor_by_tensor(tmp_path: Path) -> None:
     assert two.head_s("rank0") - one.head_s("rank0") == pytest.approx((branches - 1) * tensors * 100e-6, rel=1e-6)
 
 
+def test_a_cpu_rank_reads_a_blocks_weights_then_multiplies(tmp_path: Path) -> None:
+    """One thread packs each product's weights out of memory, then multiplies (with its weights hot,
+    as bench/matmul_tokens.py measures the rate), then runs the block's elementwise passes: a CPU
+    rank's block adds the three, where a GPU takes the larger of arithmetic and memory traffic."""
+    from zoplan.sim.costs import _rate
+
+    machine = cpu_machine(tmp_path)
+    gm = machine.gpu_model("rank0")
+    c = StepCosts(machine, WORK, layout())
+    tokens = layout().micro_batch * WORK.seq_len
+    weights, passes = OPT.block_params() * 4, OPT.block_pass_elements(tokens, WORK.seq_len) * 4
+    one = OPT.block_flops(tokens, WORK.seq_len) / _rate(gm, "fp32", tokens) + (weights + passes) / (gm.hbm_gbps * 1e9)
+    assert c.threads("rank0") == 1 and gm.op_us == 0
+    assert c.forward_block_s("rank0") == pytest.approx(one * c.micro_batches * layout().branches_per_gpu, rel=1e-12)
+
+
 def test_a_cpu_rank_adds_its_op_issue_to_the_arithmetic_a_gpu_overlaps_it(tmp_path: Path) -> None:
     lay = layout()
     base = StepCosts(cpu_machine(tmp_path), WORK, lay)

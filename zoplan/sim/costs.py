@@ -8,9 +8,9 @@ Modelling choices, each worth knowing when reading a prediction:
   GPU's achieved matmul rate (peak x matmul_efficiency) and the bytes it must stream through
   HBM (the block's weights once per micro-batch plus its activations): small batches are bound
   by weight reads, large ones by arithmetic. A CPU rank's one thread does them one after
-  another: its products (slower over few tokens: ``matmul_half_tokens``), its counted
-  elementwise passes and attention scores, and its ops add up (``cpu_block_s``); so do its LM
-  head's product and the writing of its logits (``HEAD_LOGIT_BYTES``).
+  another: the reading of its weights, its products (slower over few tokens:
+  ``matmul_half_tokens``), its counted elementwise passes and attention scores, and its ops add
+  up (``cpu_block_s``); so do its LM head's and the writing of its logits (``HEAD_LOGIT_BYTES``).
 - Elementwise passes (the deferred update, +eps z, -2 eps z, restore) read and write every
   parameter once per pass at HBM bandwidth; z is generated in registers by a counter-based RNG.
 - The runtime's own work: a device's ``op_us`` per tensor op of a forward pass (on a CPU rank it
@@ -140,14 +140,15 @@ def cpu_block_s(
     lockstep: bool = False,
     tokens: int = 0,
 ) -> float:
-    """A block's forward on a CPU rank: one thread runs its ops one after another, so its matrix
-    products (their FLOPs over ``tokens`` rows, or their weights' bytes where those take longer)
-    and its elementwise passes and attention scores (``pass_bytes``, read and written:
-    zoplan.models.RUNTIME_PASSES) add up, rather than the larger of arithmetic and memory traffic
-    counting (``forward_s``); plus the issue of its ops."""
+    """A block's forward on a CPU rank: one thread runs its ops one after another, so the reading
+    of its products' weights (each product packs its weights out of memory first), their FLOPs
+    over ``tokens`` rows (at the rate of products whose weights are hot), and its elementwise
+    passes and attention scores (``pass_bytes``, read and written: zoplan.models.RUNTIME_PASSES)
+    add up, rather than the larger of arithmetic and memory traffic counting (``forward_s``);
+    plus the issue of its ops."""
     speed = thread_speedup(gm, threads)
     bandwidth = gm.hbm_gbps * 1e9
-    device = (max(flops / _rate(gm, dtype, tokens), weight_bytes / bandwidth) + pass_bytes / bandwidth) / speed
+    device = (flops / _rate(gm, dtype, tokens) + (weight_bytes + pass_bytes) / bandwidth) / speed
     return device + _issue_s(gm, ops, lockstep)
 
 
