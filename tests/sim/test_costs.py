@@ -127,6 +127,25 @@ def test_a_cpu_head_adds_the_writing_of_its_logits_to_its_product(tmp_path: Path
         assert c.head_s("rank0") == pytest.approx(head * lay.branches_per_gpu, rel=1e-9)
 
 
+def test_logits_that_fit_a_cpu_ranks_cache_are_not_written_out_or_copied(tmp_path: Path) -> None:
+    """cache_mib: a micro-batch's fp32 logits that fit the rank's cache pay neither
+    HEAD_LOGIT_BYTES nor SHIFT_BYTES; one byte more than the cache and they pay both."""
+    from zoplan.sim.costs import HEAD_LOGIT_BYTES, SHIFT_BYTES
+
+    lay = layout()  # micro-batch 2 x 64 tokens
+    logits = lay.micro_batch * WORK.seq_len * OPT.vocab
+    fits = logits * 4 / 2**20  # MiB: the logits just fit
+    calls = StepCosts(cpu_machine(tmp_path), WORK, lay).micro_batches * lay.branches_per_gpu
+    inside = StepCosts(cpu_machine(tmp_path, cache_mib=fits), WORK, lay)
+    outside = StepCosts(cpu_machine(tmp_path, cache_mib=fits - 1e-6), WORK, lay)
+    bandwidth = inside._gm("rank0").hbm_gbps * 1e9
+    extra = outside.head_s("rank0") - inside.head_s("rank0")
+    assert extra == pytest.approx(calls * logits * (HEAD_LOGIT_BYTES + SHIFT_BYTES) / bandwidth, rel=1e-9)
+    assert outside.loss_s("rank0") - inside.loss_s("rank0") == pytest.approx(logits * SHIFT_BYTES / bandwidth)
+    # without a cache figure (0) every head pays them
+    assert StepCosts(cpu_machine(tmp_path, cache_mib=0.0), WORK, lay).head_s("rank0") == outside.head_s("rank0")
+
+
 def test_a_cpu_ranks_products_run_slower_over_few_tokens(tmp_path: Path) -> None:
     """matmul_half_tokens: over M tokens a CPU rank's matrix products run at M / (M + half) of
     its rate, in its blocks and its head; 0 (every GPU preset) leaves the rate whatever the rows."""

@@ -268,6 +268,7 @@ def test_presets_match_the_bundled_topologies(topology: str, model: str) -> None
     assert set(runtime.values()) == {0.0}
     assert figures.pop("threads_efficiency") == 1.0  # a CPU rank's figures
     assert figures.pop("matmul_half_tokens") == 0.0
+    assert figures.pop("cache_mib") == 0.0
     assert (figures.pop("lockstep"), figures.pop("lockstep_wait_us")) == (1.0, 0.0)
     assert figures.pop("meetings") == "shared-memory"  # the default: only CPU ranks read it
     assert figures == {"kind": "gpu", **preset.gpu_model()}

@@ -68,7 +68,8 @@ SHIFT_BYTES = 12
 # writes one after the other. In a step (right after the blocks' forward), a tiny OPT model's head
 # over 16 x 128 tokens took 1.48 ns a logit beyond its FLOPs on cpu-local (24.5 bytes; python -m
 # bench.cpu_figures, 2026-12-06 11:31 UTC; 1.45-1.59 ns in three runs of a development script that
-# hour). Logits that fit the cache (a tiny model's 4 x 64 tokens: 1.4 MB) take less, 0.3-0.5 ns.
+# hour). Logits that fit the cache take far less (a tiny model's 2 x 64 tokens, 720 KB: 0.3-0.5 ns):
+# a rank whose topology gives its cache (``cache_mib``) pays neither this nor SHIFT_BYTES for them.
 HEAD_LOGIT_BYTES = 24
 # Elementwise passes of an update in torch ops (runtime/zo.py apply_update: z*g, step*lr, x - that,
 # the copy back), as an adapter's is applied
@@ -543,7 +544,8 @@ class StepCosts:
         weight_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype]
         args = (L.param_dtype, RUNTIME_OPS[m.family]["head"], self.threads(gpu), self._side_by_side(gpu), tokens)
         if gm.kind == "cpu":  # one thread: the product, then its logits written (HEAD_LOGIT_BYTES)
-            one = cpu_block_s(gm, m.head_flops(tokens), weight_bytes, tokens * m.vocab * HEAD_LOGIT_BYTES, *args)
+            written = tokens * m.vocab * HEAD_LOGIT_BYTES if self._logits_spill(gpu) else 0
+            one = cpu_block_s(gm, m.head_flops(tokens), weight_bytes, written, *args)
         else:
             one = forward_s(gm, m.head_flops(tokens), weight_bytes + tokens * m.vocab * 4, *args)
         t = (one + self.loss_s(gpu)) * self.micro_batches * L.branches_per_gpu
@@ -585,10 +587,17 @@ class StepCosts:
         it."""
         m, L, gm = self.model, self.layout, self._gm(gpu)
         per_logit = LOSS_BYTES[gm.kind] + (6 if DTYPE_BYTES[L.param_dtype] < 4 else 0)
-        if gm.kind == "cpu" and L.micro_batch > 1:
+        if gm.kind == "cpu" and L.micro_batch > 1 and self._logits_spill(gpu):
             per_logit += SHIFT_BYTES
         logits = L.micro_batch * self.work.seq_len * m.vocab
         return logits * per_logit / (gm.hbm_gbps * 1e9) / thread_speedup(gm, self.threads(gpu))
+
+    def _logits_spill(self, gpu: str) -> bool:
+        """Whether a micro-batch's fp32 logits outgrow this CPU rank's cache (``cache_mib``; 0:
+        always): then its head writes them out (HEAD_LOGIT_BYTES) and its loss copies the shifted
+        ones (SHIFT_BYTES); logits that fit are written and read in the cache."""
+        logits_bytes = self.layout.micro_batch * self.work.seq_len * self.model.vocab * 4
+        return logits_bytes > self._gm(gpu).cache_mib * 2**20
 
     def _set_s(self, gpu: str, tensors: tuple[int, ...]) -> float:
         """Resident tensors of these sizes set to a perturbation (or updated): a fused pass each,

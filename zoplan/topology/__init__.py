@@ -80,6 +80,14 @@ class GpuModel(Strict):
         "kernel, zoplan.runtime.perturb_cpu); 0: free next to the pass's memory traffic (a GPU)",
     )
     z_call_us: float = Field(0.0, ge=0, le=1e6, description="fixed cost of one call of the z kernel")
+    cache_mib: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="a CPU rank's core's own cache (its L2): a head's logits that fit it are written and "
+        "read there, so they pay neither the writing of logits beyond the cache nor the copy of shifted "
+        "logits (zoplan.sim.costs HEAD_LOGIT_BYTES, SHIFT_BYTES); 0: every head pays them",
+    )
     z_cold_us: float = Field(
         0.0,
         ge=0,
