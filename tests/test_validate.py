@@ -183,6 +183,10 @@ def test_cpu_runs_have_no_host_column(two_rank_plan, tmp_path: Path) -> None:
         return console.export_text()
 
     assert "host issue" not in text(cpu) and validation_notes(cpu) == []
+    # each stage's miss in time beside its relative error: blocks predicted 120 ms, measured 100
+    line = next(line for line in text(cpu).splitlines() if "block compute" in line)
+    assert "+20.0%" in line and "+20.0 ms" in line
+    assert "off by" in text(cpu)
     write_run(tmp_path / "gpu", [1.0, 0.2], {0: [1.0, 0.1], 1: [1.0, 0.1]})
     add_host_totals(
         tmp_path / "gpu", {0: [{"compute": 1.0}, {"compute": 0.25}], 1: [{"compute": 1.0}, {"compute": 0.25}]}

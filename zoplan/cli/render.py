@@ -354,21 +354,25 @@ def models_table() -> Table:
 
 
 def validation_table(result: Validation, plan_path: str | Path) -> Table:
-    """``zoplan validate``: predicted against measured, per stage, with the relative error."""
+    """``zoplan validate``: predicted against measured, per stage, with the relative error and
+    the difference in time (what a stage's miss weighs against the step's: a large error on a
+    stage of microseconds moves the step by little)."""
     from zoplan.validate import STAGE_NAMES
 
     table = Table(title=f"{plan_path}: predicted vs measured, median of {len(result.measured_steps)} step(s)")
     host = any(row.measured_host_s is not None for row in result.rows)  # CUDA runs only
-    names = ("stage", "predicted", "measured", "error") + (("host issue",) if host else ())
+    names = ("stage", "predicted", "measured", "error", "off by") + (("host issue",) if host else ())
     for name in names:
         table.add_column(name, justify="left" if name == "stage" else "right")
     for row in result.rows:
         error = row.error
+        off = None if row.predicted_s is None or row.measured_s is None else row.predicted_s - row.measured_s
         cells = [
             STAGE_NAMES.get(row.stage, row.stage) if row.stage != "step" else "step time",
             _fmt_time(row.predicted_s) if row.predicted_s is not None else "–",
             _fmt_time(row.measured_s) if row.measured_s is not None else "–",
             f"{error:+.1%}" if error is not None else "–",
+            ("+" if off >= 0 else "-") + _fmt_time(abs(off)) if off is not None else "–",
         ]
         if host:
             cells.append(_fmt_time(row.measured_host_s) if row.measured_host_s is not None else "–")
