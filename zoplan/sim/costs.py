@@ -10,7 +10,8 @@ Modelling choices, each worth knowing when reading a prediction:
   by weight reads, large ones by arithmetic. A CPU rank's one thread does them one after
   another: the reading of its weights, its products (slower over few tokens:
   ``matmul_half_tokens``), its counted elementwise passes and attention scores, and its ops add
-  up (``cpu_block_s``); so do its LM head's and the writing of its logits (``HEAD_LOGIT_BYTES``).
+  up (``cpu_block_s``); so do its LM head's weights, product and the writing of its logits
+  (``HEAD_LOGIT_BYTES``: beyond its cache, ``cache_mib``).
 - Elementwise passes (the deferred update, +eps z, -2 eps z, restore) read and write every
   parameter once per pass at HBM bandwidth; z is generated in registers by a counter-based RNG.
 - The runtime's own work: a device's ``op_us`` per tensor op of a forward pass (on a CPU rank it
