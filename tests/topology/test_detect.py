@@ -31,6 +31,7 @@ from zoplan.topology.detect import (
     gpu_preset_for,
     mem_total_kib,
     parse_cpulist,
+    read_l2_kib,
     read_numa_nodes,
     run_nvidia_smi,
 )
@@ -143,6 +144,28 @@ def test_cpu_ranks_meet_as_this_machines_cpu_lets_them(monkeypatch: pytest.Monke
         result = cpu_topology(MEMINFO, nodes, {0, 1}, ranks=2)
         assert f"meetings: {meetings}" in result.text and f"this machine: {arch}" in result.text
         assert Machine(result.spec, "test").gpu_model("rank0").meetings == meetings
+
+
+def test_a_cores_l2_cache_becomes_the_ranks_cache_mib(tmp_path: Path) -> None:
+    """/sys/devices/system/cpu/cpuN/cache/index*: the level-2 cache (Unified or Data) of the first
+    core the process may run on is written as the ranks' cache_mib; without it the key is left out
+    (0: every head pays for its logits, the conservative side)."""
+    cache = tmp_path / "cpu3" / "cache"
+    for index, (level, kind, size) in enumerate(
+        (("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "1280K"), ("3", "Unified", "105M"))
+    ):
+        d = cache / f"index{index}"
+        d.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (d / name).write_text(value + "\n")
+    assert read_l2_kib(3, tmp_path) == 1280
+    assert read_l2_kib(0, tmp_path) is None  # no such core listed
+    (cache / "index2" / "size").write_text("2M\n")
+    assert read_l2_kib(3, tmp_path) == 2048
+    nodes = {0: frozenset(range(2))}
+    with_cache = cpu_topology(MEMINFO, nodes, {0, 1}, ranks=2, l2_kib=1280)
+    assert Machine(with_cache.spec, "test").gpu_model("rank0").cache_mib == 1.25
+    assert "cache_mib" not in cpu_topology(MEMINFO, nodes, {0, 1}, ranks=2).text
 
 
 def test_readers() -> None:

@@ -46,6 +46,7 @@ from zoplan.vocab import Meetings, local_meetings
 NVIDIA_SMI_TIMEOUT_S = 60  # the first call on a machine without persistence mode can take seconds
 MEMINFO = Path("/proc/meminfo")
 NODE_ROOT = Path("/sys/devices/system/node")
+CPU_ROOT = Path("/sys/devices/system/cpu")
 KIB_PER_GIB = 2**20
 
 # nvidia-smi product names (after dropping the NVIDIA / Tesla / GeForce prefixes, upper case) that
@@ -144,6 +145,22 @@ def read_numa_nodes(root: Path = NODE_ROOT) -> dict[int, frozenset[int]]:
         cpulist = path / "cpulist"
         nodes[int(path.name[4:])] = parse_cpulist(cpulist.read_text()) if cpulist.exists() else frozenset()
     return dict(sorted(nodes.items()))
+
+
+def read_l2_kib(core: int, root: Path = CPU_ROOT) -> int | None:
+    """The size of ``core``'s level-2 cache in KiB, from /sys/devices/system/cpu/cpuN/cache/index*
+    (``level`` 2, ``type`` Unified or Data, ``size`` such as 2048K); None where it is not listed."""
+    for index in sorted((root / f"cpu{core}" / "cache").glob("index[0-9]*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        m = re.fullmatch(r"(\d+)\s*([KMG]?)", size)
+        if level == "2" and kind in ("Unified", "Data") and m:
+            return int(m.group(1)) * {"": 1, "K": 1, "M": 1024, "G": 1024**2}[m.group(2)]
+    return None
 
 
 def parse_gpu_query(text: str) -> list[tuple[str, float | None]]:
@@ -293,11 +310,13 @@ def cpu_topology(
     host: str = "this machine",
     why: str = "no nvidia-smi on PATH",
     meetings: Meetings | None = None,
+    l2_kib: int | None = None,
 ) -> DetectedTopology:
     """A CPU-only topology like ``cpu-local``: a socket per NUMA node of ``nodes`` (one if empty),
     ``ranks`` CPU ranks (default one per core of ``cores``, the process's CPU affinity) spread
     over the cores in order, each copying from the host memory of its core's node, meeting as
-    this machine's ranks do (``meetings``, default: zoplan.vocab.local_meetings)."""
+    this machine's ranks do (``meetings``, default: zoplan.vocab.local_meetings); ``l2_kib``, a
+    core's level-2 cache (``read_l2_kib``), becomes the ranks' ``cache_mib``."""
     meetings = meetings or local_meetings()
     usable = sorted(cores)
     if not usable:
@@ -397,6 +416,13 @@ def cpu_topology(
         indent=4,
     )
     out.append(f"    threads_efficiency: {CPU_THREADS_EFFICIENCY}")
+    if l2_kib:
+        out += _comment(
+            f"A core's own cache, its L2 ({l2_kib} KiB in /sys/devices/system/cpu/cpu*/cache): a "
+            f"head's logits that fit it are written and read there.",
+            indent=4,
+        )
+        out.append(f"    cache_mib: {_fmt(l2_kib / 1024)}")
     out += _comment(
         "ASSUMED, as measured for cpu-local's machine and rounded up: the runtime's own work "
         "on a rank's one thread (tensor ops, z drawn into memory, collective calls, the "
@@ -469,6 +495,7 @@ def detect(
     which: Callable[[str], str | None] | None = None,
     meminfo_path: Path = MEMINFO,
     node_root: Path = NODE_ROOT,
+    cpu_root: Path = CPU_ROOT,
 ) -> DetectedTopology:
     """The topology of this machine: from nvidia-smi when it is on PATH (and not ``cpu_only``),
     CPU ranks otherwise. ``run`` and ``which`` default to the real nvidia-smi and PATH lookup."""
@@ -482,15 +509,17 @@ def detect(
         ) from None
     has_smi = not cpu_only and (which or shutil.which)("nvidia-smi") is not None
     if not has_smi:
+        cores = os.sched_getaffinity(0)
         return cpu_topology(
             meminfo,
             read_numa_nodes(node_root),
-            os.sched_getaffinity(0),
+            cores,
             ranks=ranks,
             host_gbps=host_gbps,
             name=name,
             host=host,
             why="--cpu given" if cpu_only else "no nvidia-smi on PATH",
+            l2_kib=read_l2_kib(min(cores), cpu_root) if cores else None,
         )
     if ranks is not None:
         raise ZoplanError(
