@@ -251,11 +251,15 @@ def plan(
 
 def all_machines(topologies: list[str]) -> list[str]:
     """The machines named, with "all" (or none named) standing for every bundled GPU machine (not
-    cpu-local: this computer's CPU ranks)."""
+    cpu-local: this computer's CPU ranks); a name with commas that is not a file names several
+    (``-t dgx-a100,l40s-8x``)."""
     from zoplan.topology import bundled_names
 
     gpus = [name for name in bundled_names() if name != "cpu-local"]
-    named = [name for topo in (topologies or ["all"]) for name in (gpus if topo == "all" else [topo])]
+    parts = [
+        p.strip() for t in (topologies or ["all"]) for p in ([t] if "," not in t or Path(t).exists() else t.split(","))
+    ]
+    named = [name for topo in parts if topo for name in (gpus if topo == "all" else [topo])]
     return list(dict.fromkeys(named))
 
 

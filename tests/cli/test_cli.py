@@ -335,6 +335,9 @@ def test_compare_all_plans_every_bundled_gpu_machine_and_gives_a_verdict() -> No
     gpu_machines = [name for name in bundled_names() if name != "cpu-local"]
     assert all_machines(["all"]) == all_machines([]) == gpu_machines
     assert all_machines(["l40s-8x", "all"]) == ["l40s-8x", *(m for m in gpu_machines if m != "l40s-8x")]
+    # comma-separated names, as users type lists: the same as repeating -t
+    assert all_machines(["cpu-local,dgx-a100", "l40s-8x,"]) == ["cpu-local", "dgx-a100", "l40s-8x"]
+    assert all_machines(["dgx-a100, all"]) == ["dgx-a100", *(m for m in gpu_machines if m != "dgx-a100")]
     workload = ("-m", "opt-125m", "-b", "4", "-s", "64")
     machines = json.loads(invoke("compare", *workload, "--json").stdout)["machines"]
     assert [m["topology"] for m in machines] == gpu_machines

@@ -239,7 +239,10 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 def compare_cmd(
     model: str = typer.Option("opt-175b", "--model", "-m", help="preset name or path to a config.json"),
     topology: Optional[list[str]] = typer.Option(
-        None, "--topology", "-t", help="a machine to compare (repeat; 'all' or none: every bundled GPU machine)"
+        None,
+        "--topology",
+        "-t",
+        help="a machine to compare (repeat, or commas: -t a,b; 'all' or none: every bundled GPU machine)",
     ),
     global_batch: int = typer.Option(16, "--global-batch", "-b"),
     seq_len: Optional[int] = typer.Option(
