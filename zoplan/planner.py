@@ -257,9 +257,16 @@ def all_machines(topologies: list[str]) -> list[str]:
 
     gpus = [name for name in bundled_names() if name != "cpu-local"]
     parts = [
-        p.strip() for t in (topologies or ["all"]) for p in ([t] if "," not in t or Path(t).exists() else t.split(","))
+        part
+        for t in (topologies or ["all"])
+        for part in ([t] if "," not in t or Path(t).exists() else [p.strip() for p in t.split(",") if p.strip()])
     ]
-    named = [name for topo in parts if topo for name in (gpus if topo == "all" else [topo])]
+    if not parts:
+        raise ZoplanError(
+            f"no machine named in {', '.join(repr(t) for t in topologies)}",
+            fix="name one or more: -t dgx-a100 -t l40s-8x, -t dgx-a100,l40s-8x, or -t all",
+        )
+    named = [name for topo in parts for name in (gpus if topo == "all" else [topo])]
     return list(dict.fromkeys(named))
 
 

@@ -327,6 +327,12 @@ def test_compare_reports_a_machine_that_does_not_fit_beside_one_that_does() -> N
     assert machines["rtx4090-4x"]["step_time_s"] > 0
 
 
+def test_compare_of_commas_alone_is_an_error_not_an_empty_table(monkeypatch, capsys) -> None:
+    code, out, err = run_main(monkeypatch, capsys, "compare", "-m", "opt-125m", "-t", ",")
+    assert_one_error(code, err, "no machine named", "-t dgx-a100,l40s-8x")
+    assert "verdict" not in out
+
+
 def test_compare_all_plans_every_bundled_gpu_machine_and_gives_a_verdict() -> None:
     """`-t all`, or no -t at all: every bundled GPU machine (not cpu-local), once each, then a
     verdict line naming the fastest and the cheapest per token."""
