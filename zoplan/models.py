@@ -449,6 +449,11 @@ def load_model_shape(name_or_path: str | Path) -> ModelShape:
     name is the preset name, or the name of the directory holding the config.
     """
     text = str(name_or_path)
+    if not text.strip():  # Path("") is the current directory: not what was meant
+        raise ZoplanError(
+            "the model name is empty",
+            fix="name a preset (zoplan models list) or give the path to a Hugging Face config.json",
+        )
     if text in PRESETS:
         return PRESETS[text]
     if text in TINY_MODELS:

@@ -327,6 +327,21 @@ def test_compare_reports_a_machine_that_does_not_fit_beside_one_that_does() -> N
     assert machines["rtx4090-4x"]["step_time_s"] > 0
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("plan", "-t", ""), "the topology name is empty"),
+        (("plan", "-m", " "), "the model name is empty"),
+        (("compare", "-m", "opt-125m", "-t", ""), "the topology name is empty"),
+    ],
+)
+def test_an_empty_model_or_topology_name_says_so(monkeypatch, capsys, args, needle) -> None:
+    """Path("") is the current directory: an empty name must not read as "cannot read topology
+    file ." or "directory . has no config.json"."""
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert_one_error(code, err, needle)
+
+
 def test_compare_of_commas_alone_is_an_error_not_an_empty_table(monkeypatch, capsys) -> None:
     code, out, err = run_main(monkeypatch, capsys, "compare", "-m", "opt-125m", "-t", ",")
     assert_one_error(code, err, "no machine named", "-t dgx-a100,l40s-8x")

@@ -452,6 +452,10 @@ def bundled_names() -> list[str]:
 
 
 def resolve_topology_path(name_or_path: str | Path) -> Path:
+    if not str(name_or_path).strip():  # Path("") is the current directory: not what was meant
+        raise ZoplanError(
+            "the topology name is empty", fix="name a bundled topology (zoplan topo list) or a topology file"
+        )
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
         return candidate
