@@ -201,6 +201,11 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
     - anything else: a Hugging Face hub id, fetched with ``snapshot_download`` (config, tokenizer
       and safetensors files only).
     """
+    if not str(name_or_path).strip():  # Path("") is the current directory: not what was meant
+        raise ZoplanError(
+            "the model name is empty",
+            fix=f"pass a local directory with config.json and *.safetensors, or a built-in: {', '.join(TINY)}",
+        )
     if name_or_path in TINY:
         final = tiny_model_dir(name_or_path, cache_dir)
         root = final.parent

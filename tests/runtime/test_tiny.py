@@ -90,6 +90,13 @@ def test_resolve_builtin_builds_once_then_reuses(tmp_path: Path, monkeypatch: py
     assert resolve_model("tiny-opt", cache_dir=tmp_path) == path
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_model_name_says_so(name: str) -> None:
+    """Not "model directory . has no config.json": Path("") is the current directory."""
+    with pytest.raises(ZoplanError, match="the model name is empty"):
+        resolve_model(name)
+
+
 def test_resolve_local_directory_as_is(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     directory = tiny_dirs["tiny-qwen2"]
     assert resolve_model(str(directory)) == directory
