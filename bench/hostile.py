@@ -320,6 +320,11 @@ def main() -> None:
             "zoplan run --steps 10^12",
             lambda d: call("run", "--steps", "1000000000000", "-o", str(d / "out"), cwd=d),
         ),
+        Case(
+            "input",
+            'zoplan run -o "" (an unset shell variable)',
+            lambda d: call("run", "--steps", "2", "-o", "", cwd=d),
+        ),
         Case("input", "a plan edited to 10^8 slices per block", plan_edit("transfer.slices_per_block", 10**8)),
         Case("input", "a plan edited to micro-batch 0", plan_edit("batch.micro_batch", 0)),
         Case("input", "a plan edited to prefetch 10^6", plan_edit("transfer.prefetch", 10**6)),

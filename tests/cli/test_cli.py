@@ -327,19 +327,47 @@ def test_compare_reports_a_machine_that_does_not_fit_beside_one_that_does() -> N
     assert machines["rtx4090-4x"]["step_time_s"] > 0
 
 
+def test_an_empty_model_or_topology_name_says_so() -> None:
+    """From Python as from the command line (where an empty argument is refused first, below):
+    Path("") is the current directory, so an empty name must not read as "cannot read topology
+    file ." or "directory . has no config.json"."""
+    from zoplan.errors import ZoplanError
+    from zoplan.models import load_model_shape
+    from zoplan.planner import plan
+    from zoplan.topology import load_topology
+
+    for call, needle in (
+        (lambda: load_topology(""), "the topology name is empty"),
+        (lambda: load_model_shape(" "), "the model name is empty"),
+        (lambda: plan("opt-125m", " "), "the topology name is empty"),
+    ):
+        with pytest.raises(ZoplanError, match=needle):
+            call()
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (("plan", "-t", ""), "the topology name is empty"),
-        (("plan", "-m", " "), "the model name is empty"),
-        (("compare", "-m", "opt-125m", "-t", ""), "the topology name is empty"),
+        (("run", "--steps", "1", "-o", ""), "-o is empty"),
+        (
+            (
+                "plan",
+                "-m",
+                "tiny-opt",
+                "--output=",
+            ),
+            "--output is empty",
+        ),
+        (("validate", " "), "an argument is empty"),
     ],
 )
-def test_an_empty_model_or_topology_name_says_so(monkeypatch, capsys, args, needle) -> None:
-    """Path("") is the current directory: an empty name must not read as "cannot read topology
-    file ." or "directory . has no config.json"."""
+def test_an_empty_argument_is_an_error_before_anything_runs(monkeypatch, capsys, tmp_path, args, needle) -> None:
+    """An unset shell variable (`-o "$OUT"`) gives an empty argument: as a path it would be the
+    current directory, where `zoplan run` would have written its run. Nothing is written."""
+    monkeypatch.chdir(tmp_path)
     code, _, err = run_main(monkeypatch, capsys, *args)
     assert_one_error(code, err, needle)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_compare_of_commas_alone_is_an_error_not_an_empty_table(monkeypatch, capsys) -> None:

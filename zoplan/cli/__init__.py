@@ -815,8 +815,29 @@ def models_list() -> None:
     out.print(models_table())
 
 
+def _empty_argument(argv: list[str]) -> ZoplanError | None:
+    """An empty argument (``-o ""``, ``--data=``: what an unset shell variable gives) is a mistake
+    whatever it stands for: as a path it would mean the current directory. None if there is none."""
+    for i, arg in enumerate(argv):
+        option, eq, value = arg.partition("=")
+        if arg.startswith("--") and eq and not value.strip():
+            name = option
+        elif not arg.strip():
+            name = argv[i - 1] if i and argv[i - 1].startswith("-") else "an argument"
+        else:
+            continue
+        return ZoplanError(
+            f"{name} is empty",
+            fix="give it a value (a shell variable left unset gives an empty one), or leave the option out",
+        )
+    return None
+
+
 def main() -> None:
     try:
+        empty = _empty_argument(sys.argv[1:])
+        if empty is not None:
+            raise empty
         app()
     except ZoplanError as exc:
         # messages quote user input (names, paths): print them literally, never as markup
