@@ -103,6 +103,11 @@ def test_a_damaged_or_newer_configuration_is_refused_with_its_path(tmp_path: Pat
         ({"eval_every": -1}, "--eval-every must be at least 0"),
         ({"lr": 0.0}, "--lr must be more than 0"),
         ({"master_port": 70000}, "--master-port must be at most 65535"),
+        # fine_tune(output="") from Python: not the current directory
+        ({"output": ""}, "--output: is empty"),
+        ({"data": " "}, "--data: is empty"),
+        ({"model": ""}, "--model: is empty"),
+        ({"topology": ""}, "--topology: is empty"),
     ],
 )
 def test_a_bad_value_is_named_by_its_option(values: dict, words: str) -> None:

@@ -123,6 +123,15 @@ class RunConfig(Strict):
     model_dir: Path | None = None  # where the model's files are
     device: Literal["cpu", "cuda"] | None = None
 
+    @field_validator("plan", "model", "data", "eval_data", "topology", "output", "master_addr", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        # an empty name or path ("" as an unset shell variable gives): as a path it would be the
+        # current directory, where a run would then write
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: give it a value, or leave it out for the default")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, prompt: str) -> str:
