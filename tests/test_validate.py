@@ -285,6 +285,12 @@ def test_the_spread_of_the_measured_steps_is_reported_beside_the_error(two_rank_
     note = validation_notes(inside)[0]
     assert "under 210.0 ms" in note and "over 290.0 ms" in note and "within that spread" in note
     assert "within that spread" not in validation_notes(validated(0.18))[0]
+    # a plan made without a profile and 28% under the step (0.18 against a median 0.25) is told how
+    # to calibrate; one within 15%, or made with a profile, is not
+    hint = [n for n in validation_notes(validated(0.18), profiled=False) if "zoplan calibrate" in n]
+    assert len(hint) == 1 and "28% under" in hint[0]
+    assert not [n for n in validation_notes(validated(0.18), profiled=True) if "zoplan calibrate" in n]
+    assert not [n for n in validation_notes(inside, profiled=False) if "zoplan calibrate" in n]
     # how much they vary, the figure a topology of several such nodes gives as network.step_cv
     steps = times[1:]
     cv = statistics.stdev(steps) / statistics.mean(steps)

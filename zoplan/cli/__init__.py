@@ -681,7 +681,7 @@ def _validate(
     from zoplan.cli.render import validation_notes, validation_table
 
     out.print(validation_table(result, plan_file))
-    for note in validation_notes(result):
+    for note in validation_notes(result, profiled=the_plan.profile is not None):
         out.print(Text(note))
     kept = "" if run_dir.parent.name.startswith("zoplan-validate-") else f"run output: {run_dir}"
     shown = "; ".join(x for x in (kept, f"trace: {trace} (open in ui.perfetto.dev)" if trace else "") if x)

@@ -384,10 +384,21 @@ DRIFT = 0.10  # halves of a validation's steps further apart than this (of the m
 PADDING_NOTE = 0.01  # a validation whose batches held more padding than this (of the positions): say so
 
 
-def validation_notes(result: Validation) -> list[str]:
-    """``zoplan validate``: the spread of the measured steps, and what the table's extra figures
-    mean (CUDA runs)."""
+CALIBRATE_HINT = 0.15  # an uncalibrated prediction further off than this (of the measured step): say how to measure
+
+
+def validation_notes(result: Validation, profiled: bool | None = None) -> list[str]:
+    """``zoplan validate``: the spread of the measured steps, what the table's extra figures mean
+    (CUDA runs), and, for a plan made without a calibration profile (``profiled`` False) whose
+    step is off by more than ``CALIBRATE_HINT``, how to predict from this machine's own stages."""
     notes = []
+    error = result.step.error
+    if profiled is False and error is not None and abs(error) > CALIBRATE_HINT:
+        notes.append(
+            f"the plan predicts from the topology's figures alone (made without --profile), {abs(error):.0%} "
+            f"{'over' if error > 0 else 'under'} this machine's step: `zoplan calibrate` measures its stages, "
+            f"and a plan made with that profile (`zoplan plan --profile`) predicts from them (docs/calibration.md)"
+        )
     if result.step_spread_s is not None:
         lo, hi = result.step_spread_s
         step_s = result.step.predicted_s
