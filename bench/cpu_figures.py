@@ -208,7 +208,7 @@ def in_step_head_ns(reps: int, gflops: float) -> tuple[float, float]:
     model of 4 blocks, micro-batch 16 x 128 tokens: 2.9 M fp32 logits, 11.5 MB, beyond a core's
     cache): nanoseconds a logit the head's matrix product takes beyond its FLOPs at ``gflops``
     (writing the logits), and nanoseconds a logit of the loss over several sequences (the
-    shifted logits copied, then cross_entropy): what zoplan.sim.costs.HEAD_LOGIT_BYTES and
+    shifted logits copied, then cross_entropy): what zoplan.sim.costs.SPILL_BYTES and
     SHIFT_BYTES stand for on a CPU rank, at its copy rate."""
     import torch.nn.functional as F
 

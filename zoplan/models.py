@@ -164,6 +164,13 @@ class ModelShape:
         per_token = per_h * self.hidden + per_f * self.ffn + per_s * seq_len + SCORE_PASSES * self.heads * seq_len
         return per_token * tokens
 
+    def block_product_outputs(self) -> tuple[int, ...]:
+        """Elements each matrix product of one block writes per token, in the order it runs them:
+        q, k, v, o, then fc1 and fc2 (OPT) or gate, up and down (SwiGLU)."""
+        h, f, kv = self.hidden, self.ffn, self.kv_dim
+        mlp = (f, h) if self.family == "opt" else (f, f, h)
+        return (h, kv, kv, h, *mlp)
+
     def block_decay_exempt_params(self) -> int:
         """Biases and norm weights of one block: ZO-SGD applies no weight decay to them."""
         h, f = self.hidden, self.ffn

@@ -110,9 +110,9 @@ def test_each_operation_that_draws_z_pays_one_cold_call(tmp_path: Path) -> None:
 
 
 def test_a_cpu_head_adds_the_writing_of_its_logits_to_its_product(tmp_path: Path) -> None:
-    """On a CPU rank the LM head's product and the writing of its logits add up (HEAD_LOGIT_BYTES
+    """On a CPU rank the LM head's product and the writing of its logits add up (SPILL_BYTES
     a logit at the copy rate), then the loss (its passes: the test above)."""
-    from zoplan.sim.costs import HEAD_LOGIT_BYTES, cpu_block_s
+    from zoplan.sim.costs import SPILL_BYTES, cpu_block_s
 
     machine = cpu_machine(tmp_path)
     gm = machine.gpu_model("rank0")
@@ -123,14 +123,14 @@ def test_a_cpu_head_adds_the_writing_of_its_logits_to_its_product(tmp_path: Path
         logits = micro_batch * WORK.seq_len * OPT.vocab
         tokens = micro_batch * WORK.seq_len
         product = cpu_block_s(gm, OPT.head_flops(tokens), OPT.embed_dim * OPT.vocab * 4, 0.0, "fp32", 0, tokens=tokens)
-        head = (product + logits * HEAD_LOGIT_BYTES / bandwidth + c.loss_s("rank0")) * c.micro_batches
+        head = (product + logits * SPILL_BYTES / bandwidth + c.loss_s("rank0")) * c.micro_batches
         assert c.head_s("rank0") == pytest.approx(head * lay.branches_per_gpu, rel=1e-9)
 
 
 def test_logits_that_fit_a_cpu_ranks_cache_are_not_written_out_or_copied(tmp_path: Path) -> None:
     """cache_mib: a micro-batch's fp32 logits that fit the rank's cache pay neither
-    HEAD_LOGIT_BYTES nor SHIFT_BYTES; one byte more than the cache and they pay both."""
-    from zoplan.sim.costs import HEAD_LOGIT_BYTES, SHIFT_BYTES
+    SPILL_BYTES nor SHIFT_BYTES; one byte more than the cache and they pay both."""
+    from zoplan.sim.costs import SPILL_BYTES, SHIFT_BYTES
 
     lay = layout()  # micro-batch 2 x 64 tokens
     logits = lay.micro_batch * WORK.seq_len * OPT.vocab
@@ -140,10 +140,37 @@ def test_logits_that_fit_a_cpu_ranks_cache_are_not_written_out_or_copied(tmp_pat
     outside = StepCosts(cpu_machine(tmp_path, cache_mib=fits - 1e-6), WORK, lay)
     bandwidth = inside._gm("rank0").hbm_gbps * 1e9
     extra = outside.head_s("rank0") - inside.head_s("rank0")
-    assert extra == pytest.approx(calls * logits * (HEAD_LOGIT_BYTES + SHIFT_BYTES) / bandwidth, rel=1e-9)
+    assert extra == pytest.approx(calls * logits * (SPILL_BYTES + SHIFT_BYTES) / bandwidth, rel=1e-9)
     assert outside.loss_s("rank0") - inside.loss_s("rank0") == pytest.approx(logits * SHIFT_BYTES / bandwidth)
     # without a cache figure (0) every head pays them
     assert StepCosts(cpu_machine(tmp_path, cache_mib=0.0), WORK, lay).head_s("rank0") == outside.head_s("rank0")
+
+
+def test_a_blocks_product_outputs_beyond_the_cache_are_written_out(tmp_path: Path) -> None:
+    """cache_mib for a CPU rank's block: each product whose fp32 output (over the micro-batch's
+    tokens) outgrows the cache pays SPILL_BYTES an element; with a cache between OPT's hidden-wide
+    and ffn-wide outputs only fc1's spills."""
+    from zoplan.sim.costs import SPILL_BYTES
+
+    lay = layout()
+    tokens = lay.micro_batch * WORK.seq_len
+    assert OPT.block_product_outputs() == (OPT.hidden,) * 4 + (OPT.ffn, OPT.hidden)
+    llama = load_model_shape("llama-3-8b")  # grouped-query attention, SwiGLU
+    assert llama.block_product_outputs() == (4096, 1024, 1024, 4096, 14336, 14336, 4096)
+
+    def block(cache_mib: float) -> float:
+        return StepCosts(cpu_machine(tmp_path, cache_mib=cache_mib), WORK, lay).forward_block_s("rank0")
+
+    calls = StepCosts(cpu_machine(tmp_path), WORK, lay).micro_batches * lay.branches_per_gpu
+    bandwidth = cpu_machine(tmp_path).gpu_model("rank0").hbm_gbps * 1e9
+    fits = block(1e6)  # every output fits
+    hidden_mib, ffn_mib = (n * tokens * 4 / 2**20 for n in (OPT.hidden, OPT.ffn))
+    only_fc1 = block((hidden_mib + ffn_mib) / 2)
+    every = block(0.0)
+    assert only_fc1 - fits == pytest.approx(calls * OPT.ffn * tokens * SPILL_BYTES / bandwidth, rel=1e-9)
+    assert every - fits == pytest.approx(
+        calls * sum(OPT.block_product_outputs()) * tokens * SPILL_BYTES / bandwidth, rel=1e-9
+    )
 
 
 def test_a_cpu_ranks_products_run_slower_over_few_tokens(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ Modelling choices, each worth knowing when reading a prediction:
   by weight reads, large ones by arithmetic. A CPU rank's one thread does them one after
   another: the reading of its weights, its products (slower over few tokens:
   ``matmul_half_tokens``), its counted elementwise passes and attention scores, and its ops add
-  up (``cpu_block_s``); so do its LM head's weights, product and the writing of its logits
-  (``HEAD_LOGIT_BYTES``: beyond its cache, ``cache_mib``).
+  up (``cpu_block_s``), with the writing of every product's output that outgrows its cache
+  (``SPILL_BYTES``, ``cache_mib``); so do its LM head's weights, product and logits.
 - Elementwise passes (the deferred update, +eps z, -2 eps z, restore) read and write every
   parameter once per pass at HBM bandwidth; z is generated in registers by a counter-based RNG.
 - The runtime's own work: a device's ``op_us`` per tensor op of a forward pass (on a CPU rank it
@@ -64,14 +64,17 @@ LOSS_BYTES = {"gpu": 12, "cpu": 20}
 # bytes at its copy rate, where one sequence's took 20 (python -m bench.cpu_figures, 2026-12-06
 # 11:31 UTC). Left out on a GPU, where it is a few percent of a head.
 SHIFT_BYTES = 12
-# On a CPU rank, the LM head's matrix product takes longer than its FLOPs by about this many bytes a
-# logit at the copy rate: it writes logits far beyond a core's cache, and one thread computes and
-# writes one after the other. In a step (right after the blocks' forward), a tiny OPT model's head
+# On a CPU rank, a matrix product whose fp32 output outgrows a core's cache takes longer than its
+# FLOPs by about this many bytes an output element at the copy rate: one thread computes and writes
+# it out one after the other. In a step (right after the blocks' forward), a tiny OPT model's LM head
 # over 16 x 128 tokens took 1.48 ns a logit beyond its FLOPs on cpu-local (24.5 bytes; python -m
 # bench.cpu_figures, 2026-12-06 11:31 UTC; 1.45-1.59 ns in three runs of a development script that
-# hour). Logits that fit the cache take far less (a tiny model's 2 x 64 tokens, 720 KB: 0.3-0.5 ns):
-# a rank whose topology gives its cache (``cache_mib``) pays neither this nor SHIFT_BYTES for them.
-HEAD_LOGIT_BYTES = 24
+# hour). Outputs that fit the cache take far less (a tiny model's 2 x 64 tokens of logits, 720 KB:
+# 0.3-0.5 ns): a rank whose topology gives its cache (``cache_mib``) pays neither this nor
+# SHIFT_BYTES for them. The same figure serves a block's products: an OPT-125m block over 2048
+# tokens (6.3 MB of each 768-wide output, 25 MB of fc1's) measured 25.8 ms beyond the model without
+# it, 23 ms at this figure; over 512 tokens (only fc1's 6.3 MB beyond the cache) 2.65 ms, 2.3 ms.
+SPILL_BYTES = 24
 # Elementwise passes of an update in torch ops (runtime/zo.py apply_update: z*g, step*lr, x - that,
 # the copy back), as an adapter's is applied
 UPDATE_PASSES = 4
@@ -410,11 +413,14 @@ class StepCosts:
         tokens = L.micro_batch * self.work.seq_len
         gm = self._gm(gpu)
         if gm.kind == "cpu":
+            # the products' outputs that outgrow the rank's cache are written out (SPILL_BYTES)
+            spilled = sum(n for n in m.block_product_outputs() if n * tokens * 4 > gm.cache_mib * 2**20)
             one = cpu_block_s(
                 gm,
                 m.block_flops(tokens, self.work.seq_len),
                 self.block_param_bytes,
-                m.block_pass_elements(tokens, self.work.seq_len) * DTYPE_BYTES[L.param_dtype],
+                m.block_pass_elements(tokens, self.work.seq_len) * DTYPE_BYTES[L.param_dtype]
+                + spilled * tokens * SPILL_BYTES,
                 L.param_dtype,
                 RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(m.family),
                 self.threads(gpu),
@@ -544,8 +550,8 @@ class StepCosts:
         tokens = L.micro_batch * self.work.seq_len
         weight_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype]
         args = (L.param_dtype, RUNTIME_OPS[m.family]["head"], self.threads(gpu), self._side_by_side(gpu), tokens)
-        if gm.kind == "cpu":  # one thread: the product, then its logits written (HEAD_LOGIT_BYTES)
-            written = tokens * m.vocab * HEAD_LOGIT_BYTES if self._logits_spill(gpu) else 0
+        if gm.kind == "cpu":  # one thread: the product, then its logits written (SPILL_BYTES)
+            written = tokens * m.vocab * SPILL_BYTES if self._logits_spill(gpu) else 0
             one = cpu_block_s(gm, m.head_flops(tokens), weight_bytes, written, *args)
         else:
             one = forward_s(gm, m.head_flops(tokens), weight_bytes + tokens * m.vocab * 4, *args)
@@ -595,7 +601,7 @@ class StepCosts:
 
     def _logits_spill(self, gpu: str) -> bool:
         """Whether a micro-batch's fp32 logits outgrow this CPU rank's cache (``cache_mib``; 0:
-        always): then its head writes them out (HEAD_LOGIT_BYTES) and its loss copies the shifted
+        always): then its head writes them out (SPILL_BYTES) and its loss copies the shifted
         ones (SHIFT_BYTES); logits that fit are written and read in the cache."""
         logits_bytes = self.layout.micro_batch * self.work.seq_len * self.model.vocab * 4
         return logits_bytes > self._gm(gpu).cache_mib * 2**20

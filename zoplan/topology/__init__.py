@@ -84,9 +84,10 @@ class GpuModel(Strict):
         0.0,
         ge=0,
         le=1e6,
-        description="a CPU rank's core's own cache (its L2): a head's logits that fit it are written and "
-        "read there, so they pay neither the writing of logits beyond the cache nor the copy of shifted "
-        "logits (zoplan.sim.costs HEAD_LOGIT_BYTES, SHIFT_BYTES); 0: every head pays them",
+        description="a CPU rank's core's own cache (its L2): a product's output (a block's, or the head's "
+        "logits) that fits it is written and read there, so it pays neither the writing out of outputs beyond "
+        "the cache nor, for logits, the copy of shifted logits (zoplan.sim.costs SPILL_BYTES, SHIFT_BYTES); "
+        "0: every product pays them",
     )
     z_cold_us: float = Field(
         0.0,
