@@ -14,7 +14,7 @@ One thread per process, as a CPU rank runs:
   and meet in lockstep through shared memory as the runtime's do before each whole block (how
   much slower each computes, and what each meeting costs), and the
   training loop's host work per step (tokenizing a batch of 4 texts, writing a journal line and
-  syncing it to the disk).
+  syncing it to the disk); and a core's level-2 cache as /sys lists it (``cache_mib``).
 
 Usage: python -m bench.cpu_figures [--quick] [--write FILE]   (needs torch and transformers;
 prints one line per figure and the gpu_models entry of a CPU topology; ``--write`` also writes
@@ -517,11 +517,18 @@ def main() -> None:
         "lockstep_wait_us": round(wait),
         "loop_us": round(loop),
     }
+    from zoplan.topology.detect import read_l2_kib
+
+    l2_kib = read_l2_kib(min(os.sched_getaffinity(0)))  # a fact of this CPU, where /sys lists it
+    if l2_kib:
+        figures["cache_mib"] = round(l2_kib / 1024, 3)
     print("\ngpu_models entry (a CPU rank):")
     for key, value in figures.items():
         print(f"    {key}: {value}")
     if opts.write is not None:
         spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "topologies" / "cpu-local.yaml").read_text())
+        if "cache_mib" not in figures:  # not listed here: not cpu-local's either
+            spec["gpu_models"]["cpu-rank"].pop("cache_mib", None)
         spec["gpu_models"]["cpu-rank"].update(figures)
         spec["sockets"][0]["memory_gbps"] = round(sum(copies), 2)
         spec["sockets"][0]["cores"] = cores
