@@ -412,33 +412,17 @@ class StepCosts:
         m, L = self.model, self.layout
         tokens = L.micro_batch * self.work.seq_len
         gm = self._gm(gpu)
+        flops = m.block_flops(tokens, self.work.seq_len)
+        ops = RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(m.family)
+        args = (L.param_dtype, ops, self.threads(gpu), self._side_by_side(gpu), tokens)
         if gm.kind == "cpu":
             # the products' outputs that outgrow the rank's cache are written out (SPILL_BYTES)
-            spilled = sum(n for n in m.block_product_outputs() if n * tokens * 4 > gm.cache_mib * 2**20)
-            one = cpu_block_s(
-                gm,
-                m.block_flops(tokens, self.work.seq_len),
-                self.block_param_bytes,
-                m.block_pass_elements(tokens, self.work.seq_len) * DTYPE_BYTES[L.param_dtype]
-                + spilled * tokens * SPILL_BYTES,
-                L.param_dtype,
-                RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(m.family),
-                self.threads(gpu),
-                self._side_by_side(gpu),
-                tokens,
-            )
-            return one * self.micro_batches * L.branches_per_gpu
-        act_bytes = 2 * tokens * (m.hidden + m.ffn) * DTYPE_BYTES[L.param_dtype]
-        one = forward_s(
-            gm,
-            m.block_flops(tokens, self.work.seq_len),
-            self.block_param_bytes + act_bytes,
-            L.param_dtype,
-            RUNTIME_OPS[m.family]["block"] + self.work.tuning.block_ops(m.family),
-            self.threads(gpu),
-            self._side_by_side(gpu),
-            tokens,
-        )
+            spilled = sum(n for n in m.block_product_outputs() if self._spills(gpu, n * tokens))
+            passes = m.block_pass_elements(tokens, self.work.seq_len) * DTYPE_BYTES[L.param_dtype]
+            one = cpu_block_s(gm, flops, self.block_param_bytes, passes + spilled * tokens * SPILL_BYTES, *args)
+        else:
+            act_bytes = 2 * tokens * (m.hidden + m.ffn) * DTYPE_BYTES[L.param_dtype]
+            one = forward_s(gm, flops, self.block_param_bytes + act_bytes, *args)
         return one * self.micro_batches * L.branches_per_gpu
 
     def _z_costs(self, gpu: str) -> bool:
@@ -551,7 +535,7 @@ class StepCosts:
         weight_bytes = m.embed_dim * m.vocab * DTYPE_BYTES[L.param_dtype]
         args = (L.param_dtype, RUNTIME_OPS[m.family]["head"], self.threads(gpu), self._side_by_side(gpu), tokens)
         if gm.kind == "cpu":  # one thread: the product, then its logits written (SPILL_BYTES)
-            written = tokens * m.vocab * SPILL_BYTES if self._logits_spill(gpu) else 0
+            written = tokens * m.vocab * SPILL_BYTES if self._spills(gpu, tokens * m.vocab) else 0
             one = cpu_block_s(gm, m.head_flops(tokens), weight_bytes, written, *args)
         else:
             one = forward_s(gm, m.head_flops(tokens), weight_bytes + tokens * m.vocab * 4, *args)
@@ -594,17 +578,17 @@ class StepCosts:
         it."""
         m, L, gm = self.model, self.layout, self._gm(gpu)
         per_logit = LOSS_BYTES[gm.kind] + (6 if DTYPE_BYTES[L.param_dtype] < 4 else 0)
-        if gm.kind == "cpu" and L.micro_batch > 1 and self._logits_spill(gpu):
-            per_logit += SHIFT_BYTES
         logits = L.micro_batch * self.work.seq_len * m.vocab
+        if gm.kind == "cpu" and L.micro_batch > 1 and self._spills(gpu, logits):
+            per_logit += SHIFT_BYTES
         return logits * per_logit / (gm.hbm_gbps * 1e9) / thread_speedup(gm, self.threads(gpu))
 
-    def _logits_spill(self, gpu: str) -> bool:
-        """Whether a micro-batch's fp32 logits outgrow this CPU rank's cache (``cache_mib``; 0:
-        always): then its head writes them out (SPILL_BYTES) and its loss copies the shifted
-        ones (SHIFT_BYTES); logits that fit are written and read in the cache."""
-        logits_bytes = self.layout.micro_batch * self.work.seq_len * self.model.vocab * 4
-        return logits_bytes > self._gm(gpu).cache_mib * 2**20
+    def _spills(self, gpu: str, elements: int) -> bool:
+        """Whether a product's fp32 output of ``elements`` (a block product's over a micro-batch,
+        or its logits) outgrows this CPU rank's cache (``cache_mib``; 0: always): then it is
+        written out (SPILL_BYTES), and shifted logits are copied (SHIFT_BYTES); an output that
+        fits is written and read in the cache."""
+        return elements * 4 > self._gm(gpu).cache_mib * 2**20
 
     def _set_s(self, gpu: str, tensors: tuple[int, ...]) -> float:
         """Resident tensors of these sizes set to a perturbation (or updated): a fused pass each,
