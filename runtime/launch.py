@@ -194,12 +194,6 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     out = cfg.output
     # topologies number GPUs as nvidia-smi does; CUDA's own default order may differ (cuda_env)
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    if not cfg.topology.strip():
-        raise ZoplanError(
-            "--topology is empty",
-            fix="name a bundled topology (zoplan topo list) or a topology "
-            "file, or leave --topology out to plan for this machine",
-        )
     if resume:
         return _prepare_resume(cfg)
     if out.exists() and any(not p.name.startswith(".lock-node") for p in out.iterdir()):
