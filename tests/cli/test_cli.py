@@ -672,6 +672,52 @@ def test_resident_pin_beyond_the_layers_is_named(monkeypatch, capsys) -> None:
     assert_one_error(code, err, "resident")
 
 
+@pytest.mark.parametrize("missing", [("torch",), ("transformers", "safetensors")])
+@pytest.mark.parametrize("command", ["run", "run PLAN", "calibrate", "validate PLAN", "replay"])
+def test_runtime_commands_name_the_missing_runtime(monkeypatch, capsys, planned, tmp_path, command, missing) -> None:
+    """An install of the planner alone (``pip install -e .``): every command that runs the runtime
+    says which of its packages are missing and how to install them, instead of a traceback."""
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else found(name, *a))
+    args = {
+        "run": ["run"],
+        "run PLAN": ["run", str(planned[1]), "--steps", "2"],
+        "calibrate": ["calibrate", "-t", "cpu-local", "-o", str(tmp_path / "p.yaml")],
+        "validate PLAN": ["validate", str(planned[1])],
+        "replay": ["replay", str(tmp_path / "run"), "-o", str(tmp_path / "out")],
+    }[command]
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    verb = command.split()[0]
+    assert_one_error(code, err, f"zoplan {verb} runs the runtime", " and ".join(missing), "pip install -e '.[runtime]'")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "p.yaml").exists()
+
+
+def test_fine_tune_names_the_missing_runtime(monkeypatch) -> None:
+    """``from zoplan.runtime import fine_tune`` without the runtime's packages: one ImportError
+    that names them and the install, before anything fails deep inside a run."""
+    import importlib.util
+
+    import zoplan.runtime
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else found(name, *a))
+    with pytest.raises(ImportError, match=r"needs torch, not installed here: pip install -e '\.\[runtime\]'"):
+        zoplan.runtime.fine_tune  # noqa: B018 (the attribute's lookup is what is tested)
+
+
+def test_runtime_packages_are_the_runtime_extra() -> None:
+    """The packages ``zoplan run`` checks for are those pyproject.toml's runtime extra installs."""
+    import zoplan.runtime as runtime_packages  # torch-free: it names the packages, imports none
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text(encoding="utf-8")
+    extra = re.search(r"^runtime = \[(.*)\]$", text, re.MULTILINE)
+    assert extra is not None, "no runtime extra in pyproject.toml"
+    names = tuple(re.split(r"[<>=!~\[ ]", item.strip().strip('"'))[0] for item in extra.group(1).split(","))
+    assert names == runtime_packages.PACKAGES
+
+
 @pytest.mark.parametrize("name", ["my[bold]model", "my[/x]model"])
 def test_error_message_prints_names_literally(monkeypatch, capsys, name) -> None:
     code, _, err = run_main(monkeypatch, capsys, "plan", "-m", name, "-t", "rtx4090-4x")

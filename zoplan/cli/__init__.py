@@ -60,6 +60,16 @@ out = Console() if sys.stdout.isatty() else Console(width=160)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 
 
+def _needs_runtime(command: str) -> None:
+    """Refuse ``command`` where the runtime's packages are missing (an install of the planner
+    alone, ``pip install -e .``), naming them, before anything imports one."""
+    from zoplan.runtime import INSTALL, missing_packages
+
+    missing = missing_packages()
+    if missing is not None:
+        raise ZoplanError(f"zoplan {command} runs the runtime, which needs {missing}: not installed here", fix=INSTALL)
+
+
 def _gpus(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(g.strip() for g in value.split(",") if g.strip()) if value is not None else None
 
@@ -487,6 +497,7 @@ def run_cmd(
         given["pins"] = pins
     if label_words is not None:
         given["label_words"] = tuple(label_words.split(","))
+    _needs_runtime("run")
     from zoplan.runtime.launch import configure, run
 
     cfg, ignored = configure(given, resume)
@@ -563,12 +574,9 @@ def calibrate_cmd(
     if dtype is not None:
         given["dtype"] = dtype.value
     cfg = make_calibration(**given)
-    try:
-        from zoplan.runtime.calibrate import calibrate
-    except ImportError:
-        raise ZoplanError(
-            "zoplan calibrate runs the runtime, which needs torch", fix="pip install 'zoplan[runtime]'"
-        ) from None
+    _needs_runtime("calibrate")
+    from zoplan.runtime.calibrate import calibrate
+
     prof = calibrate(cfg)
     from zoplan.cli.render import profile_table
 
@@ -616,12 +624,9 @@ def validate_cmd(
     the_plan = load_plan(plan_file)
     simulated = timeline(plan_file).candidate.sim
     assert simulated is not None  # timeline() simulates the plan
-    try:
-        from zoplan.runtime.tiny import tiny_name
-    except ImportError:
-        raise ZoplanError(
-            "zoplan validate runs the plan, which needs the runtime (torch)", fix="pip install 'zoplan[runtime]'"
-        ) from None
+    _needs_runtime("validate")
+    from zoplan.runtime.tiny import tiny_name
+
     model = model or tiny_name(the_plan.model.name)
     if model is None:
         raise ZoplanError(
@@ -706,6 +711,7 @@ def replay_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (the device type that trained: bit-identical)"),
 ) -> None:
     """Rebuild trained weights from the base weights and the journal alone."""
+    _needs_runtime("replay")
     from zoplan.runtime.journal import read_journal
 
     given: str | None = base_model
