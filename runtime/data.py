@@ -56,7 +56,8 @@ IGNORE_INDEX = -100  # the label value torch's cross_entropy skips
 _LOCAL_FIX = (
     'pass a local .jsonl file ({"text": ..., "label": 0}, {"text": ...}, {"prompt": ..., '
     '"completion": ...} or {"prompt": ..., "choices": [...], "label": 0}) or a .csv file with header '
-    "'text,label', 'text' or 'prompt,completion', or the built-in 'sentiment'"
+    "'text,label', 'text' or 'prompt,completion', a bundled set ('sentiment', 'sentiment-text', "
+    "'long-text') or a datasets name"
 )
 
 

@@ -474,7 +474,8 @@ def run_cmd(
         help="fsync the journal every N steps (slow disks)",
     ),
 ) -> None:
-    """Fine-tune with a plan: torchrun starts the plan's ranks (gloo on CPU, NCCL on GPU).
+    """Fine-tune with a plan: the plan's ranks are forked on this machine (torchrun starts them
+    across machines), gloo on CPU, NCCL on GPU.
 
     The run's settings are written to OUTPUT/run.json before any rank starts (zoplan.runconfig)."""
     # the options given on the command line, by setting (None: not given; the configuration has
