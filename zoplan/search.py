@@ -11,6 +11,7 @@ simulated once.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -318,9 +319,7 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
 
 
 def _with_resident(layout: Layout, count: int, layers: int) -> Layout:
-    d = layout.to_dict()
-    d["resident"] = list(spread_resident(layers, count))
-    return Layout.from_dict(d)
+    return dataclasses.replace(layout, resident=tuple(spread_resident(layers, count)))
 
 
 def fit(machine: Machine, workload: Workload, layout: Layout, resident: int | None) -> tuple[list[Layout], float]:
