@@ -483,7 +483,7 @@ def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
     except ImportError:
         raise ZoplanError(
             "drawing a PNG needs matplotlib, which is not installed",
-            fix="install the plot extra: pip install 'zoplan[plot]'",
+            fix="pip install matplotlib (the plot extra: pip install -e '.[plot]' in the zoplan checkout)",
         ) from None
 
     start, end = result.window
