@@ -409,8 +409,8 @@ def validation_notes(result: Validation, profiled: bool | None = None) -> list[s
         )
     if result.step_cv is not None:
         notes.append(
-            f"the step times vary by {result.step_cv:.1%} (standard deviation / mean): give a topology of "
-            f"several such nodes network.step_cv: {result.step_cv:.3f}, and its plans add the wait for the slowest"
+            f"the step times vary by {result.step_cv:.1%} (standard deviation / mean): in a topology of several "
+            f"such nodes, network.step_cv: {result.step_cv:.3f} lets its plans add the wait for the slowest node"
         )
     if result.step_halves_s is not None and result.step.measured_s:
         first, last = result.step_halves_s
