@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from zoplan.errors import ZoplanError
 from zoplan.runtime.checkpoint import readable_as_umask
@@ -48,10 +49,13 @@ def replay(model: nn.Module, journal: list[dict]) -> nn.Module:
     return model
 
 
-def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = None, device: str = "cpu") -> int:
+def replay_to(
+    base: str, journal_path: Path, out: Path, *, dtype: str | None = None, device: str = "cpu", quiet: bool = False
+) -> int:
     """``zoplan replay``: base weights + journal -> a Hugging Face directory. The dtype defaults to
     the run's host-copy dtype (plan.yaml beside the journal), the dtype the updates were rounded
-    to while training; returns the number of steps replayed."""
+    to while training; returns the number of steps replayed. ``quiet``: without transformers'
+    progress bars for loading and writing the one model (the command line says what it wrote)."""
     if device not in ("cpu", "cuda"):
         raise ZoplanError(f"--device {device!r} is not cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -69,11 +73,17 @@ def replay_to(base: str, journal_path: Path, out: Path, *, dtype: str | None = N
         raise ZoplanError(
             f"cannot create the output directory {out}: {exc.strerror or exc}", fix="choose a writable -o directory"
         ) from None
+    shown = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         return _replay_into(base, journal_path, journal, out, dtype, device)
     except BaseException:
         _clear(out, made)
         raise
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _clear(out: Path, made: bool) -> None:

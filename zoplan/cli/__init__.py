@@ -723,12 +723,9 @@ def replay_cmd(
     read_journal(journal, first=0)  # a damaged journal is refused before torch is imported (seconds)
     if given is None:
         given = _base_of(journal)
-    from transformers.utils import logging as hf_logging
-
     from zoplan.runtime.replay import replay_to
 
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # the line below says what it wrote
-    steps = replay_to(given, journal, output, dtype=dtype.value if dtype else None, device=device)
+    steps = replay_to(given, journal, output, dtype=dtype.value if dtype else None, device=device, quiet=True)
     out.print(Text(f"replayed {steps} steps into {output} (from_pretrained)"))
 
 
