@@ -73,8 +73,8 @@ def replay_to(
         raise ZoplanError(
             f"cannot create the output directory {out}: {exc.strerror or exc}", fix="choose a writable -o directory"
         ) from None
-    shown = hf_logging.is_progress_bar_enabled()
-    if quiet:
+    hide = quiet and hf_logging.is_progress_bar_enabled()
+    if hide:
         hf_logging.disable_progress_bar()
     try:
         return _replay_into(base, journal_path, journal, out, dtype, device)
@@ -82,7 +82,7 @@ def replay_to(
         _clear(out, made)
         raise
     finally:
-        if shown:
+        if hide:  # as it was: replay_to may run inside a user's own program
             hf_logging.enable_progress_bar()
 
 

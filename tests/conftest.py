@@ -3,12 +3,12 @@ runtime's own conftest lives only in its worker): what the summary says about te
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
+from zoplan.runtime import INSTALL, missing_packages  # torch-free: names the packages, imports none
+
 # the runtime's tests need the `runtime` extra (tests/runtime/conftest.py leaves them out without it)
-MISSING = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+MISSING = missing_packages()
 FROM_WORKERS: list[str] = []  # pytest-xdist: the runtime worker's rank-server line
 
 
@@ -25,6 +25,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(f"tests/runtime: {line}")
     if MISSING:
         terminalreporter.write_line(
-            f"tests/runtime: not collected ({' and '.join(MISSING)} not installed: pip install -e '.[runtime]')",
+            f"tests/runtime: not collected ({MISSING} not installed: {INSTALL})",
             yellow=True,
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 # Before anything imports huggingface_hub (it reads this once, at import): an unknown hub id must
@@ -13,10 +12,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-# The runtime needs the `runtime` extra (torch, transformers); the planner's tests run without it.
-# Only a missing package leaves these tests out (and says so in the header): an installed one that
-# fails to import is an error, not a silently shorter suite.
-MISSING = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+from zoplan.runtime import missing_packages  # noqa: E402  (torch-free)
+
+# The runtime needs the `runtime` extra (zoplan.runtime.PACKAGES); the planner's tests run without
+# it. Only a missing package leaves these tests out (and says so in the header): an installed one
+# that fails to import is an error, not a silently shorter suite.
+MISSING = missing_packages()
 if MISSING:
     collect_ignore_glob = ["test_*.py"]
 else:
