@@ -788,3 +788,18 @@ def test_timeline_finds_a_relative_topology_from_another_directory(tmp_path: Pat
     result = runner.invoke(cli.app, ["timeline", str(tmp_path / "plan.yaml"), "-o", "t.json"])
     assert result.exception is None, repr(result.exception)
     assert (tmp_path / "b" / "t.json").exists()
+
+
+def test_into_a_pipe_a_sentence_stays_on_one_line_however_long(tmp_path: Path) -> None:
+    """Output to a pipe or a file (not a terminal) is not wrapped at a width: a long error
+    message (here a long missing path) and compare's reasons under its table are one line each,
+    where a terminal wraps them at its width instead."""
+    deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 8) / "topology.yaml"
+    proc = run_subprocess("plan", "-m", "opt-125m", "-t", str(deep))
+    assert proc.returncode == 2, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert len(str(deep)) > 160 and first.startswith("error:") and str(deep) in first, proc.stderr
+    proc = run_subprocess("compare", "-m", "opt-175b", "-t", "h100-pcie-1x,rtx4090-4x")
+    assert proc.returncode == 0, proc.stderr
+    reasons = [line for line in proc.stdout.splitlines() if "does not fit on" in line]
+    assert len(reasons) == 2 and all(line.endswith("kept for the system)") for line in reasons), proc.stdout

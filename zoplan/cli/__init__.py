@@ -53,11 +53,17 @@ def _root(
     """Plan and run distributed, memory-offloaded zeroth-order fine-tuning of LLMs."""
 
 
-# Tables are wide; when the output is not a terminal (a pipe, a file, CI logs) rich would wrap
-# them at 80 columns, so give them room instead. (COLUMNS is left alone there: a pipe often
-# inherits a terminal's, or a test runner's 80.)
-out = Console() if sys.stdout.isatty() else Console(width=160)
-err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
+def _console(stderr: bool = False) -> Console:
+    """The console for stdout (or stderr). Tables are wide; when the output is not a terminal (a
+    pipe, a file, CI logs) rich would wrap them at 80 columns, so give them room instead, and keep
+    a sentence on one line however long, as a file expects (rich would break it at the width).
+    (COLUMNS is left alone there: a pipe often inherits a terminal's, or a test runner's 80.)"""
+    if (sys.stderr if stderr else sys.stdout).isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=160, soft_wrap=True)
+
+
+out, err = _console(), _console(stderr=True)
 
 
 def _needs_runtime(command: str) -> None:
