@@ -370,8 +370,9 @@ def test_cli_failing_nvidia_smi_exits_2_with_its_stderr(tmp_path: Path) -> None:
     assert "failed with exit status 6: No devices were found" in proc.stderr
 
 
+@pytest.mark.parametrize("gbps", [0, -1.0, float("inf"), float("nan")])
 @pytest.mark.parametrize("cpu_only", [True, False])
-def test_non_positive_host_gbps_is_an_error(tmp_path: Path, cpu_only: bool) -> None:
+def test_a_host_gbps_that_is_not_a_positive_number_is_an_error(tmp_path: Path, cpu_only: bool, gbps: float) -> None:
     with pytest.raises(ZoplanError) as exc:
-        detect_gpu(tmp_path, DGX, A100_QUERY, host_gbps=0, cpu_only=cpu_only)
-    assert exc.value.message == "--host-gbps must be positive, got 0"
+        detect_gpu(tmp_path, DGX, A100_QUERY, host_gbps=gbps, cpu_only=cpu_only)
+    assert exc.value.message == f"--host-gbps must be a positive number, got {gbps}"

@@ -468,3 +468,16 @@ def test_cli_import_bad_input_exits_2_with_the_line(tmp_path: Path, monkeypatch,
 def test_importing_does_not_import_torch() -> None:
     code = "import sys, zoplan.topology.importer, zoplan.topology.presets, zoplan.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("option", ["memory", "gbps"])
+@pytest.mark.parametrize("value", [0.0, -2.0, float("inf"), float("nan")])
+def test_a_host_size_or_rate_that_is_not_a_positive_number_is_refused(option: str, value: float) -> None:
+    """--host-memory-gib and --host-gbps: a positive, finite number, or one message naming the
+    option (an infinite one was taken, then failed writing the file)."""
+    sizes = {"host_memory_gib": 512.0, "host_gbps": 100.0}
+    flag = {"memory": ("host_memory_gib", "--host-memory-gib"), "gbps": ("host_gbps", "--host-gbps")}[option]
+    sizes[flag[0]] = value
+    with pytest.raises(ZoplanError) as exc:
+        import_nvidia_smi(text_of(L40S), gpu="l40s-48gb", **sizes)
+    assert exc.value.message == f"{flag[1]} must be a positive number, got {value}"

@@ -31,6 +31,7 @@ from zoplan.errors import ZoplanError
 from zoplan.fileio import load_yaml_text, validate
 from zoplan.topology.presets import PRESETS, GpuPreset, preset_names
 from zoplan.topology.importer import (
+    check_positive,
     SOCKET_LINK_GBPS,
     SOCKET_LINK_LATENCY_US,
     SOCKET_LINK_SOURCE,
@@ -201,8 +202,7 @@ def gpu_preset_for(name: str, memory_mib: float | None = None) -> GpuPreset:
 
 def _check_host_gbps(host_gbps: float | None) -> None:
     """Checked before anything is built, so the message is about the option, not the matrix."""
-    if host_gbps is not None and not host_gbps > 0:
-        raise ZoplanError(f"--host-gbps must be positive, got {host_gbps}")
+    check_positive("--host-gbps", host_gbps)
 
 
 # ----- nvidia-smi ------------------------------------------------------------------------------------

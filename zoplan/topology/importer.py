@@ -36,6 +36,7 @@ would silently decide what fits), ``host_gbps`` defaults to the bundled DGX A100
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,6 +396,12 @@ def _infer_sockets(m: TopoMatrix) -> tuple[list[int], list[str]]:
     return socket_of, warnings
 
 
+def check_positive(flag: str, value: float | None) -> None:
+    """An option's size or rate (None: not given): a positive, finite number."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ZoplanError(f"{flag} must be a positive number, got {value}")
+
+
 def _fmt(x: float) -> float | int:
     x = round(float(x), 2)
     return int(x) if x == int(x) else x
@@ -511,10 +518,8 @@ def build_topology(
             f"socket{'s' if n_sockets != 1 else ''} ({', '.join(socket_ids)})",
             fix=f"`numactl -H` lists each node's size; or take the total of `free -g` divided by {n_sockets}",
         )
-    if not host_memory_gib > 0:
-        raise ZoplanError(f"--host-memory-gib must be positive, got {host_memory_gib}")
-    if host_gbps is not None and not host_gbps > 0:
-        raise ZoplanError(f"--host-gbps must be positive, got {host_gbps}")
+    check_positive("--host-memory-gib", host_memory_gib)
+    check_positive("--host-gbps", host_gbps)
     if host_gbps is None:
         warnings.append(
             f"--host-gbps not given: ASSUMED {DEFAULT_HOST_GBPS} GB/s of host memory "
