@@ -134,6 +134,8 @@ def test_divisors_take_square_root_time() -> None:
         ({"global_batch": math.inf}, "--global-batch inf is not a whole number"),
         ({"seq_len": 10**12}, "--seq-len 1000000000000 is not a whole number of tokens"),
         ({"seq_len": 0}, "--seq-len 0 is not a whole number of tokens"),
+        # one token: nothing to predict (a run would stop inside its ranks, after writing its output)
+        ({"seq_len": 1}, "--seq-len 1 is not a whole number of tokens from 2 to"),
         ({"seq_len": 4096}, "--seq-len 4096 is longer than the 2048 positions opt-175b was trained with"),
         (
             {"pins": Pins(slices=10**8)},

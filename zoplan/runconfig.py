@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, brief, describe_validation_error, read_text
-from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_SEQ_LEN, MAX_STEPS
+from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_SEQ_LEN, MAX_STEPS, MIN_SEQ_LEN
 from zoplan.layout import Pins
 from zoplan.tuning import FULL, Tuning
 from zoplan.vocab import Dtype, Method
@@ -89,7 +89,7 @@ class RunConfig(Strict):
     # --- planning, when no plan file is given
     topology: str = "cpu-local"  # the bundled CPU ranks of this machine
     global_batch: int = Field(8, ge=1, le=MAX_GLOBAL_BATCH)
-    seq_len: int = Field(64, ge=1, le=MAX_SEQ_LEN)
+    seq_len: int = Field(64, ge=MIN_SEQ_LEN, le=MAX_SEQ_LEN)
     pins: Pins = Pins()
     lr: float | None = Field(
         None, gt=0

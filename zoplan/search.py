@@ -24,7 +24,7 @@ from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
 from zoplan.layout import Layout, Pins, capacity_shares, divisors
 from zoplan.vocab import DTYPE_BYTES
-from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK
+from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK, MIN_SEQ_LEN
 from zoplan.models import ModelShape
 from zoplan.sim import SimResult, inputs_key, simulate
 from zoplan.sim import parallel
@@ -61,12 +61,13 @@ def workload_problems(
             )
         )
     if seq_len is not None:
-        if not _whole(seq_len) or not 1 <= seq_len <= MAX_SEQ_LEN:
+        if not _whole(seq_len) or not MIN_SEQ_LEN <= seq_len <= MAX_SEQ_LEN:
+            # (one token: a language model's loss, each token predicted from those before it, has none)
             out.append(
                 (
                     "seq_len",
-                    f"is not a whole number of tokens from 1 to {MAX_SEQ_LEN}",
-                    f"use --seq-len 1 to {min(MAX_SEQ_LEN, shape.max_positions) if shape else MAX_SEQ_LEN}",
+                    f"is not a whole number of tokens from {MIN_SEQ_LEN} to {MAX_SEQ_LEN}",
+                    f"use --seq-len {MIN_SEQ_LEN} to {min(MAX_SEQ_LEN, shape.max_positions) if shape else MAX_SEQ_LEN}",
                 )
             )
         elif shape is not None and shape.family == "opt" and seq_len + before > shape.max_positions:
