@@ -615,6 +615,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from zoplan.errors import ZoplanError
+    from zoplan.fileio import check_writable
     from zoplan.models import load_model_shape
     from zoplan.profile import build_profile, write_profile
     from zoplan.runconfig import write_calibration
@@ -625,6 +626,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
     machine = load_topology(cfg.topology)
     if machine.spec.nodes > 1:
         raise ZoplanError(f"'{machine.name}' spans {machine.spec.nodes} nodes: calibrate one node's topology")
+    check_writable(cfg.output, "profile")  # before the minutes of measuring, not after them
     cpu = _is_cpu_machine(machine)
     n = len(machine.gpus)
     if not cpu:

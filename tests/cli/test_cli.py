@@ -803,3 +803,16 @@ def test_into_a_pipe_a_sentence_stays_on_one_line_however_long(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     reasons = [line for line in proc.stdout.splitlines() if "does not fit on" in line]
     assert len(reasons) == 2 and all(line.endswith("kept for the system)") for line in reasons), proc.stdout
+
+
+@pytest.mark.parametrize("where", ["a-folder", "a-file/plan.yaml", "missing/plan.yaml"])
+def test_a_plan_output_that_cannot_be_written_is_refused_before_the_search(
+    monkeypatch, capsys, tmp_path: Path, where: str
+) -> None:
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("")
+    searched: list[object] = []
+    monkeypatch.setattr("zoplan.planner.search", lambda *a, **k: searched.append(a))
+    code, _, err = run_main(monkeypatch, capsys, "plan", "-m", "opt-125m", "-o", str(tmp_path / where))
+    assert_one_error(code, err, str(tmp_path / where))
+    assert searched == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]

@@ -476,3 +476,13 @@ def test_duplex_samples_refresh_the_device_copy_and_report_their_median(monkeypa
     assert len(samples.rates) == 2 and all(r > 0 for r in samples.rates)
     samples.rates[:] = [97.8, 87.2, 96.5, 97.1, 98.0]
     assert samples.gbps == 97.1
+
+
+def test_a_profile_path_that_cannot_be_written_is_refused_before_anything_is_measured(tmp_path: Path) -> None:
+    """Calibrating takes minutes on a real model: the profile's path is checked first, not after."""
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for where, says in (("a-folder", "is a directory"), ("a-file/profile.yaml", "cannot write profile")):
+        proc = zoplan("calibrate", "-o", str(tmp_path / where), code=2)
+        assert says in proc.stderr and "calibrating" not in proc.stdout + proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]  # no log, no scratch

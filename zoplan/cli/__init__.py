@@ -181,6 +181,10 @@ def plan_cmd(
         upload=upload.value if upload else None,
         movers=movers.value if movers else None,
     )
+    if output is not None:  # before the search, which may take seconds
+        from zoplan.fileio import check_writable
+
+        check_writable(output, "plan")
     # large models on PCIe machines weigh hundreds of layouts: seconds (on a terminal only)
     with err.status(Text(f"planning {model} on {topology}"), spinner="dots") as status:
 
