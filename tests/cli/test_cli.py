@@ -239,6 +239,24 @@ def test_timeline_without_options_shows_the_chart(planned) -> None:
     assert "gpu0" in result.stdout and "wrote" not in result.stdout
 
 
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--rank", "gpu0"], "--rank chooses the ranks --ops lists"),  # the chart shows them all
+        (["-o", "step.png"], "-o writes a Chrome trace (JSON), not a picture"),  # --png draws one
+        (["-o", "step.SVG"], "-o writes a Chrome trace (JSON), not a picture"),
+    ],
+)
+def test_timeline_refuses_options_that_would_not_do_what_they_say(
+    planned, monkeypatch, capsys, tmp_path: Path, args: list[str], says: str
+) -> None:
+    _, path = planned
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(monkeypatch, capsys, "timeline", str(path), *args)
+    assert_one_error(code, err, says)
+    assert list(tmp_path.iterdir()) == [] and out == ""
+
+
 # ----- 3. pins ------------------------------------------------------------------------------------
 def test_pin_perturbation_and_data() -> None:
     best = plan_json(*SMALL, "--pertp", "2", "--ddp", "2")["best"]

@@ -341,6 +341,14 @@ def timeline_cmd(
     from zoplan.sim import trace
     from zoplan.planner import timeline
 
+    if rank and not ops:  # the chart and the trace show every rank: the option would do nothing
+        raise ZoplanError("--rank chooses the ranks --ops lists", fix=f"add --ops: zoplan timeline {plan_file} --ops")
+    if output is not None and output.suffix.lower() in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise ZoplanError(
+            f"-o writes a Chrome trace (JSON), not a picture: {output} would not open as one",
+            fix=f"draw it with --png {output.with_suffix('.png')} (matplotlib), or name the trace {output.with_suffix('.json')}",
+        )
+
     tl = timeline(plan_file, topology)
     sim = tl.candidate.sim
     assert sim is not None and tl.program is not None  # timeline() simulates the plan's program
