@@ -77,6 +77,27 @@ def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 CHECKED_KEPT = 256  # remembered directories (a few bytes each); the oldest are forgotten first
 
 
+STAMP_SAMPLES, STAMP_READ = 256, 4096  # reads of each weight file, and their size: 1 MiB a file
+
+
+def weights_stamp(model_dir: Path) -> str:
+    """A fingerprint of a checkpoint's weights that a copy of them keeps and other weights do
+    not: each weight file's name and size, and ``STAMP_SAMPLES`` reads spread evenly over it (the
+    first holds a safetensors header: every tensor's name, dtype, shape and place). It reads 1 MiB
+    of a file whatever its size, so a change to a few tensors only may escape it; a checkpoint
+    replaced by another of the same shape does not."""
+    files = weight_files(model_dir) or sorted(model_dir.glob("pytorch_model*.bin"))
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode("utf-8", "surrogatepass"))
+        with path.open("rb") as f:
+            for k in range(STAMP_SAMPLES):
+                f.seek(size * k // STAMP_SAMPLES)
+                digest.update(f.read(STAMP_READ))
+    return digest.hexdigest()[:32]
+
+
 def checked_cache_dir() -> Path:
     return Path.home() / ".cache" / "zoplan" / "checked"
 

@@ -42,7 +42,7 @@ from zoplan.records import (
     read_metrics,
     summarize,
 )
-from zoplan.runtime.checkpoint import check_model_dir
+from zoplan.runtime.checkpoint import check_model_dir, weights_stamp
 from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
 from zoplan.runtime.rankserver import SERVER_ENV, ServedProcess, request
 from zoplan.topology import Machine, load_topology
@@ -90,11 +90,20 @@ def _is_cpu_machine(machine) -> bool:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
+# a user's own OMP_NUM_THREADS, passed on to the ranks under this name (the ranks start with one
+# thread each, then set their count: zoplan.runtime.worker.threads_per_rank)
+USER_THREADS_ENV = "ZOPLAN_USER_THREADS"
+
+
 def rank_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment of the rank processes (a user's own setting of a variable is kept): one
-    thread each to start with (a CPU rank then takes its share of the cores:
-    zoplan.runtime.worker.threads_per_rank), unbuffered output, the allocator settings."""
-    return {**MALLOC_ENV, **environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    thread each to start with (a CPU rank then takes its share of the cores, or the user's own
+    OMP_NUM_THREADS: zoplan.runtime.worker.threads_per_rank), unbuffered output, the allocator
+    settings."""
+    env = {**MALLOC_ENV, **environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if "OMP_NUM_THREADS" in environ:
+        env[USER_THREADS_ENV] = environ["OMP_NUM_THREADS"]
+    return env
 
 
 def cuda_env(machine_gpus: Sequence[str], local_gpus: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
@@ -296,6 +305,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         eval_data=_recorded(cfg.eval_data) if cfg.eval_data is not None else None,
         model_dir=model_dir.resolve(),
         device=device,
+        model_weights=weights_stamp(model_dir),
     )
     runconfig.write(cfg, out)
     return cfg, plan, machine
@@ -384,11 +394,25 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
         raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}")
     machine = load_topology(plan.topology.source)
     device = _device_for(machine, plan)
-    for stale in (ERROR_FILE,):
+    # what the run before left that would speak for this one: its error, and its ranks' marks of
+    # a finished run (with them, this run failing at the same --steps would pass for finished)
+    for stale in (ERROR_FILE, *(m.name for m in out.glob(finished_marker(cfg.node_rank, "*")))):
         (out / stale).unlink(missing_ok=True)
     model_dir = resolve_model(cfg.model)
     check_model_dir(model_dir)
-    snapshots(out, check=True)  # a damaged one is named here, where the user reads (the ranks skip it too)
+    if cfg.model_weights is not None and weights_stamp(model_dir) != cfg.model_weights:
+        raise ZoplanError(
+            f"the weights in {model_dir} are not the ones the run in {out} started from: its journal "
+            "continues those, and would give a model that no run trained",
+            fix=f"put back the checkpoint the run started from, or start a new run (zoplan run -m {cfg.model} ...)",
+        )
+    # a damaged snapshot is named here, where the user reads (the ranks skip it too); one of a
+    # step past the journal's end (the journal was cut back) holds steps the journal no longer
+    # has: the run takes those steps again, and writes their snapshots again
+    for step, path in snapshots(out, check=True):
+        if step > done and cfg.node_rank == 0:
+            print(f"warning: snapshot {path.name} removed: the journal ends at step {done}", file=sys.stderr)
+            shutil.rmtree(path)
     cfg = cfg.given(model_dir=model_dir.resolve(), device=device)
     runconfig.write(cfg, out)
     return cfg, plan, machine
@@ -436,8 +460,27 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
         check_workload(None, cfg.global_batch, cfg.seq_len)
         check_pins_range(cfg.pins, cfg.global_batch)
     elif cfg.plan is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
-        load_plan(cfg.plan)
+        cfg = _as_planned(cfg, load_plan(cfg.plan), steps_given="steps" in given)
     return cfg, ignored
+
+
+def _as_planned(cfg: RunConfig, plan: Plan, steps_given: bool) -> RunConfig:
+    """``cfg`` with what ``plan`` fixes (run.json then records what runs, not the defaults the
+    plan overrides), and the plan's steps as the run's total unless ``--steps`` was given."""
+    zo, tuning = plan.zo, plan.tuning
+    return cfg.given(
+        topology=plan.topology.source,
+        global_batch=plan.batch.global_batch,
+        seq_len=plan.batch.seq_len,
+        lr=zo.lr,
+        eps=zo.eps,
+        seed=zo.seed,
+        tuning=tuning.method,
+        lora_rank=tuning.lora_rank,
+        lora_alpha=tuning.lora_alpha,
+        prefix_tokens=tuning.prefix_tokens,
+        **({} if steps_given else {"steps": zo.steps}),
+    )
 
 
 def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
@@ -649,10 +692,14 @@ def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.P
     )
 
 
+def finished_marker(node: int, local_rank: int | str) -> str:
+    """The file a rank writes in the output directory once the run is complete on every rank
+    (``local_rank`` "*": a glob of the node's)."""
+    return f".finished-node{node}-rank{local_rank}"
+
+
 def _finished(out: Path, node: int, per_node: int, steps: int) -> bool:
     """Every rank of this node wrote its marker for a run of ``steps`` steps."""
-    from zoplan.runtime.worker import finished_marker
-
     for local in range(per_node):
         marker = out / finished_marker(node, local)
         if not marker.exists() or marker.read_text().strip() != str(steps):

@@ -13,6 +13,7 @@ the final name is ignored.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import sys
@@ -112,6 +113,8 @@ def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
         faults.hit("fail-snapshot", 0, step)  # (rank 0 writes snapshots)
         save(tmp)
         (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        if final.exists():  # written before the journal was cut back to an earlier step: redone
+            shutil.rmtree(final)
         tmp.rename(final)
     except ZoplanError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,9 +123,10 @@ def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         last = snapshots(out)
         kept = f"snapshot {last[-1][1].name}" if last else "no earlier snapshot"
+        cause = "free disk space" if exc.errno == errno.ENOSPC else f"make {out} writable"
         raise ZoplanError(
             f"writing the snapshot of step {step} failed: {exc}; the run stopped, {kept} and the journal are intact",
-            fix="free disk space, then continue with `zoplan run --resume`",
+            fix=f"{cause}, then continue with `zoplan run --resume {out}`",
         ) from None
     for _, old in snapshots(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

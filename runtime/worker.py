@@ -40,6 +40,7 @@ from zoplan.runtime.checkpoint import companion_files, readable_as_umask
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.journal import write_line
+from zoplan.runtime.launch import USER_THREADS_ENV, finished_marker
 from zoplan.runtime.perturb import step_seed
 from zoplan.runtime.replay import replay, require_finite
 from zoplan.runtime.spans import Spans
@@ -189,8 +190,12 @@ def _load_mapped(
 
 
 def threads_per_rank(local_ranks: int) -> int:
-    """CPU threads for each of ``local_ranks`` ranks on this machine: the cores this process may run
+    """CPU threads for each of ``local_ranks`` ranks on this machine: the user's own
+    OMP_NUM_THREADS where it was set (a whole number from 1), else the cores this process may run
     on, shared evenly (zoplan.sim.costs.cpu_threads counts the same from the topology)."""
+    given = os.environ.get(USER_THREADS_ENV, "").strip()
+    if given.isdigit() and int(given) >= 1:
+        return int(given)
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
 
 
@@ -355,8 +360,9 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     # the training loop's own host work (next batch, journal line): the program's host op
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
     # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels
+    threads = torch.get_num_threads()
     print(
-        f"rank {ctx.rank}: {ctx.role} on {ctx.device} ({torch.get_num_threads()} threads), signs {ctx.signs}, "
+        f"rank {ctx.rank}: {ctx.role} on {ctx.device} ({threads} thread{'s' if threads != 1 else ''}), signs {ctx.signs}, "
         "perturbation kernels: "
         f"{engine.kernels}, prefetch {engine.prefetch}, resident blocks {sorted(engine.kept)} holding "
         f"{sum(t.numel() for t in engine.kept.values())} elements here"
@@ -495,11 +501,6 @@ def write_error(out: Path, exc: ZoplanError, rank: int, kind: str = "error") -> 
     too: the launcher then names the disk from the log)."""
     if not records.write_error(out, RankError(rank=rank, kind=kind, message=exc.message, fix=exc.fix)):
         print(f"error: {exc.message}", file=sys.stderr, flush=True)
-
-
-def finished_marker(node: int, local_rank: int) -> str:
-    """The file a rank writes in the output directory once the run is complete on every rank."""
-    return f".finished-node{node}-rank{local_rank}"
 
 
 def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: int, plan: Plan, ctx, keep: int) -> None:

@@ -122,6 +122,9 @@ class RunConfig(Strict):
     # --- completed by the launcher before any rank starts
     model_dir: Path | None = None  # where the model's files are
     device: Literal["cpu", "cuda"] | None = None
+    # the weights the run started from (zoplan.runtime.checkpoint.weights_stamp): a resume of
+    # other weights is refused (None: a run.json written before this was recorded)
+    model_weights: str | None = None
 
     @field_validator("plan", "model", "data", "eval_data", "topology", "output", "master_addr", mode="before")
     @classmethod

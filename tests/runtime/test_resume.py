@@ -299,3 +299,55 @@ def test_the_ranks_die_with_a_killed_rank_supervisor(
     )
     time.sleep(0.1)
     assert gone(str(out)), processes_naming(str(out))
+
+
+def test_a_journal_cut_back_past_a_snapshot_is_retrained_and_a_failed_resume_is_not_taken_for_finished(
+    uninterrupted, tmp_path: Path
+) -> None:
+    """A finished run whose journal is cut back (as the refusal of a damaged line advises: keep
+    the good lines) to before its last snapshot: the resume drops that snapshot (the journal no
+    longer holds the steps that made it) and takes the steps again. The first run's marks of a
+    finished run do not speak for the resume: failing at the same --steps, it fails (exit 2), and
+    a resume after that ends bit-identical to an uninterrupted run."""
+    out = tmp_path / "run"
+    finished(zoplan_run(out, "--steps", str(STEPS)))
+    journal = out / "journal.jsonl"
+    journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:4]))
+    resume = ("--resume", str(out), "--steps", str(STEPS))
+    err = finished(zoplan_run(out, *resume, env={"ZOPLAN_FAULTS": "fail-snapshot:0:6"}), code=2)
+    assert "snapshot step-00000006 removed: the journal ends at step 4" in err, err
+    assert "writing the snapshot of step 6 failed" in err and "free disk space" in err, err
+    assert [p.name for p in sorted((out / "snapshots").iterdir())] == ["step-00000003"]
+    finished(zoplan_run(out, *resume))
+    assert [json.loads(line)["step"] for line in journal.read_text().splitlines()] == list(range(STEPS))
+    assert same(weights(out), uninterrupted)
+
+
+def test_a_resume_from_other_weights_than_the_run_started_from_is_refused(tiny_dirs, tmp_path, monkeypatch) -> None:
+    """run.json records a fingerprint of the weights a run starts from: a checkpoint replaced since
+    (same shape, other values) is refused on resume, before any rank starts; the same weights,
+    copied anew, are not."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from zoplan.errors import ZoplanError
+    from zoplan.runtime import launch
+
+    monkeypatch.setattr(launch, "check_model_dir", lambda model_dir: None)  # (the run's own check: seconds)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dirs["tiny-opt"], base)
+    out = tmp_path / "run"
+    cfg, _ = launch.configure({"model": str(base), "output": out, "steps": 2})
+    launch.prepare(cfg)  # what a run writes before its ranks start: run.json among it
+    assert len(json.loads((out / "run.json").read_text())["model_weights"]) == 32
+    weights = base / "model.safetensors"
+    shutil.copyfile(weights, tmp_path / "copy")
+    shutil.copyfile(tmp_path / "copy", weights)  # the same weights written anew: a new file, new times
+    launch.prepare(launch.configure({"steps": 3}, resume=out)[0], resume=True)
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name] + 1.0  # another checkpoint of the same shape
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ZoplanError, match="are not the ones the run in"):
+        launch.prepare(launch.configure({"steps": 3}, resume=out)[0], resume=True)
