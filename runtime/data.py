@@ -879,7 +879,8 @@ def encode(
 
 def split(examples: Sequence[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Deterministic train/eval split: a seeded shuffle picks ``round(n * eval_fraction)`` eval
-    examples; both parts keep the file order."""
+    examples; both parts keep the file order. The held-out part may be empty (a fraction of 0, or
+    one that rounds to no example of ``n``): a run then evaluates nothing, and says so."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ZoplanError(
             f"eval fraction {eval_fraction} is not in [0, 1)", fix="use e.g. 0.1 for 10% held out, or 0 for none"

@@ -3,7 +3,9 @@
 Every line of ``journal.jsonl`` is one step's (seed, projected gradient, lr, weight decay); the
 update it stands for is a pure function of those and the parameter names (zoplan.runtime.zo), so
 applying the lines in order to the base weights reproduces the run. Skipped steps (non-finite
-loss) carry a projected gradient of 0 and change nothing.
+loss) carry a projected gradient of 0 and change nothing. What the updates apply to (every weight,
+or a LoRA or prefix adapter) and the dtypes the run kept each part in are not in the journal but
+in the run's ``plan.yaml``: ``replay_to`` refuses a journal without it beside.
 
 A journal line is about 210 bytes (JSON with full-precision floats; 1055 bytes for the 5 steps of
 `zoplan run --steps 5`), so a 20,000-step run's journal is ~4.2 MB, against 2.6 GB for one bf16
@@ -52,10 +54,13 @@ def replay(model: nn.Module, journal: list[dict]) -> nn.Module:
 def replay_to(
     base: str, journal_path: Path, out: Path, *, dtype: str | None = None, device: str = "cpu", quiet: bool = False
 ) -> int:
-    """``zoplan replay``: base weights + journal -> a Hugging Face directory. The dtype defaults to
-    the run's host-copy dtype (plan.yaml beside the journal), the dtype the updates were rounded
-    to while training; returns the number of steps replayed. ``quiet``: without transformers'
-    progress bars for loading and writing the one model (the command line says what it wrote)."""
+    """``zoplan replay``: base weights + journal -> a Hugging Face directory (an adapter run's
+    adapter, in PEFT's layout), as the run's ``plan.yaml`` beside the journal says: what was trained
+    and, unless ``dtype`` is given, the dtypes each part was kept and updated in. A journal without
+    its plan is refused (its lines do not say either), and so is a base model directory that
+    ``zoplan run`` would refuse (missing, truncated or mismatched weights, no tokenizer). Returns
+    the number of steps replayed. ``quiet``: without transformers' progress bars for loading and
+    writing the one model (the command line says what it wrote)."""
     if device not in ("cpu", "cuda"):
         raise ZoplanError(f"--device {device!r} is not cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -66,6 +71,17 @@ def replay_to(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ZoplanError(f"output {out} is not an empty directory", fix="choose a new -o directory")
     journal = read_journal(journal_path, first=0)
+    plan_path = journal_path.parent / "plan.yaml"
+    if not plan_path.exists():
+        # the journal's lines hold seeds, projected gradients, learning rates and weight decays only:
+        # replayed as a full fp32 run, a LoRA, prefix or bf16 run would give other weights, with exit 0
+        raise ZoplanError(
+            f"{journal_path} has no plan.yaml beside it: the journal does not record what its run trained "
+            "(every weight, or a LoRA or prefix adapter) nor the dtypes it kept the weights in, so replaying "
+            "it without the run's plan could rebuild other weights than the run's",
+            fix=f"put the run's plan.yaml next to the journal ({plan_path}), or replay the run's directory "
+            "(zoplan replay RUN_DIR -o DIR, or zoplan replay BASE_MODEL RUN_DIR/journal.jsonl -o DIR)",
+        )
     made = not out.exists()
     try:  # before hours of replay: a directory that cannot be made is refused now
         out.mkdir(parents=True, exist_ok=True)
@@ -102,23 +118,26 @@ def _clear(out: Path, made: bool) -> None:
 def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, dtype: str | None, device: str) -> int:
     from zoplan.models import load_model_shape
     from zoplan.planfile import load_plan
+    from zoplan.runtime.checkpoint import check_model_dir
     from zoplan.runtime.tiny import resolve_model
 
-    plan_path = journal_path.parent / "plan.yaml"
-    plan = load_plan(plan_path) if plan_path.exists() else None  # before the model: it may need building
+    plan_path = journal_path.parent / "plan.yaml"  # there: replay_to refuses a journal without it
+    plan = load_plan(plan_path)  # before the model: it may need building
     model_dir = resolve_model(base)
-    if plan is not None:
-        # the journal's updates are per parameter name and size: on another model they would
-        # change a different set of weights without a word
-        shape = load_model_shape(str(model_dir / "config.json"))
-        differences = plan.model_shape().differences(shape)
-        if differences:
-            raise ZoplanError(
-                f"{journal_path} was written by a run of model '{plan.model.name}' ({plan_path}), "
-                f"but the base model given is '{shape.name}': {', '.join(differences)}",
-                fix="replay onto the base weights that run started from",
-            )
-    if plan is not None and plan.tuning.to_tuning().frozen_base:  # the journal's updates are the adapter's
+    # the checks `zoplan run` makes of its model: a truncated or mismatched checkpoint is a
+    # message, not transformers' traceback (nor weights missing from it started at random)
+    check_model_dir(model_dir)
+    # the journal's updates are per parameter name and size: on another model they would
+    # change a different set of weights without a word
+    shape = load_model_shape(str(model_dir / "config.json"))
+    differences = plan.model_shape().differences(shape)
+    if differences:
+        raise ZoplanError(
+            f"{journal_path} was written by a run of model '{plan.model.name}' ({plan_path}), "
+            f"but the base model given is '{shape.name}': {', '.join(differences)}",
+            fix="replay onto the base weights that run started from",
+        )
+    if plan.tuning.to_tuning().frozen_base:  # the journal's updates are the adapter's
         return _replay_adapter(plan, model_dir, journal, journal_path.parent, out, device)
     # as the run kept them: the parameters outside the blocks (embeddings, final norm, head) and the
     # blocks kept on the devices (resident) in the compute dtype; a streamed block, updated in the
@@ -126,10 +145,10 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
     # the two. The blocks are written from the host copy (resident ones rounded into it at the end),
     # everything in the compute dtype, as the run writes them. --dtype replays and writes
     # everything in that one dtype instead.
-    wire = dtype or (plan.transfer.wire_dtype if plan is not None else "fp32")
-    param = dtype or (plan.transfer.param_dtype if plan is not None else "fp32")
+    wire = dtype or plan.transfer.wire_dtype
+    param = dtype or plan.transfer.param_dtype
     stored = param if wire == "fp32" else wire
-    resident = set(plan.resident_blocks) if plan is not None else set()
+    resident = set(plan.resident_blocks)
     from transformers import AutoModelForCausalLM, AutoTokenizer  # after the checks: its import takes seconds
 
     from zoplan.runtime.adapters import adapter_for

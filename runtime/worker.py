@@ -329,7 +329,8 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         held_out = f"{cfg.eval_fraction:g} of the data"
     if ctx.rank == 0:
         print(
-            f"rank 0: {len(train_set)} training examples, {len(eval_set)} held out ({held_out})",
+            f"rank 0: {len(train_set)} training examples, {len(eval_set)} held out ({held_out})"
+            + ("" if eval_set else ": nothing is evaluated"),
             file=sys.stderr,
             flush=True,
         )
@@ -402,7 +403,9 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     t_start = time.perf_counter()
     last_snapshot = time.monotonic()
     try:
-        evaluating = cfg.eval_every != 0  # 0: never (None: before and after; N: every N steps too)
+        # 0: never (None: before and after; N: every N steps too); no held-out example: never either
+        # (the run's summary says so), rather than rows of zeros for an evaluation of nothing
+        evaluating = cfg.eval_every != 0 and len(eval_set) > 0
         if rp.next_step == 0 and evaluating:
             # the held-out loss before any update: the baseline the final evaluation is read against
             evaluate(engine, eval_set, batcher, ctx, -1, metrics)
@@ -524,8 +527,12 @@ def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: i
 
 
 def evaluate(engine: Engine, eval_set, batcher: Batcher, ctx, step: int, metrics) -> None:
+    """The held-out loss and accuracy as an ``EvalRow`` (rank 0 writes it). Every rank holds the
+    same held-out set: an empty one is evaluated by none (no row: its loss is not 0)."""
+    if not eval_set:
+        return
     mine: list = []
-    if ctx.replica is not None and eval_set:
+    if ctx.replica is not None:
         per = -(-len(eval_set) // ctx.replicas)
         shard = eval_set[ctx.replica * per : (ctx.replica + 1) * per]
         mine = batcher(shard, every_choice=True) if shard else []

@@ -113,3 +113,45 @@ def test_a_learning_rate_too_small_for_the_model_is_said_once_after_20_steps() -
     assert not [w for r in rows(1e-5) if check.add(r)]
     check = StallCheck()
     assert not [w for r in [train(s, 1.0) for s in range(30)] if check.add(r)]
+
+
+def test_a_step_trained_again_after_a_resume_is_counted_once_and_its_last_row_counts(tmp_path: Path) -> None:
+    """A resume whose journal lost its last line trains that step again: metrics.jsonl holds a row
+    for it from each start. `trained N steps` counts steps, not rows (a 4-step run said 5), and
+    the later row (the step the weights hold) gives its figures."""
+    rows = [
+        train(0, 4.0),
+        train(1, 3.0),
+        train(2, 9.0),  # the first start's step 2, whose journal line was cut
+        ResumedRow(resumed_at=2, snapshot="step-00000002", replayed=0, restart=0),
+        train(2, 2.0),
+        train(3, 1.0),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(r.line() for r in rows))
+    result = summarize(tmp_path)
+    assert (result.steps, result.first_loss, result.last_loss, result.window) == (4, 4.0, 1.0, 1)
+    many = [train(s, 100.0) for s in range(20)] + [train(s, float(s)) for s in range(15, 20)]
+    (tmp_path / "metrics.jsonl").write_text("".join(r.line() for r in many))
+    result = summarize(tmp_path)  # 20 steps, not 25: windows of 2, from the last rows of steps 18 and 19
+    assert (result.steps, result.window, result.first_loss, result.last_loss) == (20, 2, 100.0, 18.5)
+
+
+def test_an_eps_that_moves_no_loss_is_named_instead_of_the_learning_rate() -> None:
+    """eps below the weights' precision: every step's losses at +eps and -eps are equal, g is
+    exactly 0, and nothing is learned at any learning rate. The warning says so (and suggests a
+    larger --eps), instead of calling the learning rate too small; steps with non-finite losses
+    (g 0 as well) do not count either way, and one step that moved the loss keeps the lr warning."""
+    from zoplan.records import StallCheck
+
+    def row(step: int, g: float, loss: float = 1.0) -> TrainRow:
+        return train(step, loss).model_copy(update={"lr": 1e-3, "projected_grad": g})
+
+    check = StallCheck()
+    flat = [row(s, 0.0, float("nan") if s % 7 == 3 else 1.0) for s in range(25)]
+    said = [w for r in flat if (w := check.add(r))]
+    assert len(said) == 1, said
+    assert "no perturbation changed the loss" in said[0] and "below the precision of the compute dtype" in said[0]
+    assert "--eps" in said[0] and "likely too small" not in said[0] and "--lr" not in said[0]
+    check = StallCheck()
+    said = [w for r in [row(0, 0.5)] + [row(s, 0.0) for s in range(1, 25)] if (w := check.add(r))]
+    assert len(said) == 1 and "likely too small" in said[0] and "--lr 0.01" in said[0], said

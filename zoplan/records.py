@@ -61,7 +61,11 @@ class StallCheck:
     is likely too small for it. Measured over the first 20 steps, as a share of the first step's
     loss (docs/runtime.md): SmolLM2-135M on the bundled sentiment set 1.7% at lr 1e-6 (the
     default) and 15.7% at 1e-5; tiny-opt's default run (lr 1e-3) 5.0%. Hence 2.5%: a hint, not a
-    verdict (g is noisy)."""
+    verdict (g is noisy).
+
+    When every step with finite losses had g exactly 0 (its losses at θ+εz and θ−εz equal), no
+    perturbation changed the loss, whatever the learning rate: the warning then says that eps is
+    below the precision of the compute dtype instead."""
 
     def __init__(self, steps: int = 20, share: float = 0.025) -> None:
         self.steps, self.share = steps, share
@@ -69,6 +73,8 @@ class StallCheck:
         self.drop = 0.0
         self.first_loss: float | None = None
         self.lr: float | None = None
+        self.flat = 0  # steps with finite losses whose projected gradient was exactly 0
+        self.moved = False  # a step with finite losses whose projected gradient was not 0
 
     def add(self, row: TrainRow) -> str | None:
         """The warning, once, at the ``steps``-th step of this run seen; else None."""
@@ -79,7 +85,22 @@ class StallCheck:
         self.lr = row.lr
         if math.isfinite(row.projected_grad):
             self.drop += row.lr * row.projected_grad**2
-        if self.seen != self.steps or self.first_loss is None or not math.isfinite(self.first_loss):
+        if math.isfinite(row.loss):  # a skipped step (non-finite losses) carries g = 0 too: not counted
+            if row.projected_grad == 0.0:
+                self.flat += 1
+            else:
+                self.moved = True
+        if self.seen != self.steps:
+            return None
+        if self.flat and not self.moved:  # g = (L+ - L-) / 2eps is exactly 0 only when L+ == L-
+            return (
+                f"warning: in {self.steps} steps no perturbation changed the loss: the projected gradient was "
+                "exactly 0 on every step (the losses at +eps and -eps were equal), so nothing was learned; eps "
+                "is below the precision of the compute dtype (eps * z does not change the weights it is added "
+                "to): try a larger --eps (left out, the default: 1e-3 for full-parameter tuning), or a plan made "
+                "with one"
+            )
+        if self.first_loss is None or not math.isfinite(self.first_loss):
             return None
         if self.drop >= self.share * abs(self.first_loss):
             return None
@@ -202,11 +223,27 @@ class RunSummary:
         from zoplan.planfile import load_plan
         from zoplan.runconfig import CONFIG_FILE
 
+        from zoplan.runconfig import RunConfig, read
+
+        config: RunConfig | None
+        try:
+            config = read(self.output / CONFIG_FILE)
+        except Exception:  # noqa: BLE001  (the summary says what it can)
+            config = None
         said = [
             f"trained {self.steps} step{'s' if self.steps != 1 else ''}: training loss {self.first_loss:.4f} "
             f"({'first step' if self.window == 1 else f'first {self.window} steps'}) -> {self.last_loss:.4f} "
             f"({'last' if self.window == 1 else f'last {self.window}'})"
         ]
+        if self.eval is None and config is not None and config.eval_every != 0 and config.eval_data is None:
+            # no example held out: the run evaluated nothing (not an evaluation of nothing, as zeros)
+            fraction = config.eval_fraction
+            said.append(
+                "not evaluated: --eval-fraction 0 holds out no example"
+                if fraction == 0
+                else f"not evaluated: --eval-fraction {fraction:g} holds out no example (it rounds to none of "
+                "the data); a larger --eval-fraction or --eval-data FILE gives a held-out evaluation"
+            )
         if self.eval:
             before = self.eval_before
             said.append(
@@ -217,12 +254,7 @@ class RunSummary:
             )
         ran = load_plan(self.output / "plan.yaml")
         tuning = ran.tuning.to_tuning()
-        try:
-            from zoplan.runconfig import read
-
-            name = read(self.output / CONFIG_FILE).recipe
-        except Exception:  # noqa: BLE001  (the summary says what it can)
-            name = None
+        name = config.recipe if config is not None else None
         said.append(
             f"with lr {ran.zo.lr:g} ({ran.zo.lr_schedule}), eps {ran.zo.eps:g}, {ran.batch.global_batch} "
             f"sequences x {ran.batch.seq_len} tokens a step, layout {ran.layout.perturbation}x{ran.layout.data} "
@@ -240,7 +272,10 @@ class RunSummary:
 
 def summarize(out: Path) -> RunSummary:
     rows = read_metrics(out / METRICS_FILE)[0]
-    train = [r for r in rows if isinstance(r, TrainRow)]
+    # one row per step: a step trained again after a resume (its journal line was lost) has a row
+    # from each start, and the last one is the step the weights hold
+    by_step = {r.step: r for r in rows if isinstance(r, TrainRow)}
+    train = [by_step[step] for step in sorted(by_step)]
     evals = [r for r in rows if isinstance(r, EvalRow)]
     # single steps are noisy (a few sequences each): compare the means of the first and last tenth
     k = max(1, len(train) // 10)

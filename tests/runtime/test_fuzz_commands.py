@@ -12,6 +12,7 @@ options with good ones (derandomized: the same commands on every run).
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -273,9 +274,24 @@ JOURNAL = "".join(
 REPLAY_ARGS = ["BASE", "JOURNAL", "-o", "--dtype", "--device"]
 
 
+@functools.lru_cache(maxsize=1)
+def replay_plan() -> str:
+    """The plan.yaml of the run that wrote JOURNAL (full-parameter, fp32): replay refuses a journal
+    without its run's plan beside it."""
+    from zoplan.planfile import write_plan
+    from zoplan.planner import plan
+    from zoplan.runtime.tiny import resolve_model
+
+    report = plan(str(resolve_model("tiny-opt") / "config.json"), "cpu-local", global_batch=4, seq_len=16, dtype="fp32")
+    with tempfile.TemporaryDirectory() as scratch:
+        write_plan(report.plan, Path(scratch) / "plan.yaml")
+        return (Path(scratch) / "plan.yaml").read_text()
+
+
 def replay_args(root: Path, bad: dict[str, str]) -> tuple[list[str], Path]:
     good = root / "journal.jsonl"
     good.write_text(JOURNAL)
+    (root / "plan.yaml").write_text(replay_plan())
     out = fresh(root, "out")
     values = {"BASE": "tiny-opt", "JOURNAL": str(good), "-o": str(out), **bad}
     args = ["replay", values.pop("BASE"), values.pop("JOURNAL")]

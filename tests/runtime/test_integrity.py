@@ -49,6 +49,14 @@ def journal(steps: int = 6) -> str:
     return "".join(line(s) for s in range(steps))
 
 
+def with_plan(journal_path: Path, model_dir: Path) -> Path:
+    """A full-parameter fp32 run's plan.yaml beside ``journal_path``: replay refuses a journal
+    without its run's plan (its lines do not say what was trained, nor in which dtypes)."""
+    report = make_plan(str(model_dir / "config.json"), "cpu-local", global_batch=4, seq_len=32, dtype="fp32")
+    write_plan(report.plan, journal_path.parent / "plan.yaml")
+    return journal_path
+
+
 def finished_run(out: Path, model_dir: Path) -> Path:
     """A finished 6-step run's directory, as far as resuming reads it: plan, run.json, journal."""
     out.mkdir()
@@ -161,6 +169,7 @@ def test_replay_refuses_a_journal_without_its_first_steps(tiny_dirs, tmp_path: P
 def test_replay_writes_no_weights_that_are_not_finite(tiny_dirs, tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
     path.write_text(line(0, projected_grad=1e300, lr=1e300))  # finite numbers whose update overflows
+    with_plan(path, tiny_dirs["tiny-opt"])
     with pytest.raises(ZoplanError, match="not finite"):
         replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -272,6 +281,48 @@ def test_a_damaged_model_directory_is_refused_before_any_rank_starts(tiny_dirs, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", sorted(CHECKPOINT_DAMAGE))
+def test_replay_refuses_a_damaged_model_directory_as_run_does(tiny_dirs, tmp_path: Path, name: str) -> None:
+    """`zoplan replay` onto base weights `zoplan run` would refuse: the same message (exit 2, a
+    fix, no traceback: a truncated model.safetensors was safetensors' own error), nothing written."""
+    import shutil
+
+    from fuzzkit import console
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["tiny-opt"], model)
+    (tmp_path / "run").mkdir()
+    path = with_plan(tmp_path / "run" / "journal.jsonl", tiny_dirs["tiny-opt"])
+    path.write_text(journal(2))
+    damage, words = CHECKPOINT_DAMAGE[name]
+    damage(model)
+    code, said = console(["replay", str(model), str(path), "-o", str(tmp_path / "out")], limit=120)
+    assert code == 2 and words in said and "fix:" in said and "Traceback" not in said, said
+    assert not (tmp_path / "out").exists()
+
+
+def test_replay_refuses_a_journal_without_the_plan_of_its_run(tiny_dirs, tmp_path: Path) -> None:
+    """The journal's lines do not say what the run trained (every weight, a LoRA or a prefix
+    adapter) nor its dtypes: without plan.yaml beside it a LoRA, prefix or bf16 run's journal
+    was replayed as a full fp32 run, exit 0. Refused, with the way to replay it; with the plan
+    beside, the same journal replays."""
+    from fuzzkit import console
+
+    path = tmp_path / "lone" / "journal.jsonl"
+    path.parent.mkdir()
+    path.write_text(journal(2))
+    with pytest.raises(ZoplanError) as caught:
+        replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out")
+    assert "has no plan.yaml beside it" in caught.value.message and "LoRA" in caught.value.message
+    assert "put the run's plan.yaml next to the journal" in (caught.value.fix or "")
+    assert not (tmp_path / "out").exists()
+    code, said = console(["replay", str(tiny_dirs["tiny-opt"]), str(path), "-o", str(tmp_path / "out")], limit=120)
+    assert code == 2 and said.startswith("error: ") and "plan.yaml" in said and "Traceback" not in said, said
+    assert not (tmp_path / "out").exists()
+    with_plan(path, tiny_dirs["tiny-opt"])
+    assert replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out") == 2
+
+
 @pytest.fixture(scope="module")
 def resumable(tiny_dirs, tmp_path_factory) -> Path:
     """One run directory (plan, run.json, journal) the fuzz examples copy and mutate."""
@@ -363,7 +414,7 @@ def test_a_full_disk_while_replay_writes_leaves_nothing_half_written(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
-    path = tmp_path / "journal.jsonl"
+    path = with_plan(tmp_path / "journal.jsonl", tiny_dirs["tiny-opt"])
     path.write_text(journal(2))
     out = tmp_path / "out"
     if given_empty:
@@ -440,7 +491,7 @@ def test_written_weights_take_the_umask_and_the_chat_template_travels(tiny_dirs,
     any file the user writes. The files copied beside trained weights include the chat template."""
     from zoplan.runtime.checkpoint import companion_files
 
-    path = tmp_path / "journal.jsonl"
+    path = with_plan(tmp_path / "journal.jsonl", tiny_dirs["tiny-opt"])
     path.write_text(journal(2))
     before = os.umask(0o022)
     try:

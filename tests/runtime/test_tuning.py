@@ -202,6 +202,15 @@ def test_an_adapter_run_resumes_and_replays_to_the_same_adapter(method: str, tin
     replayed = load_file(str(tmp_path / "replayed" / "adapter_model.safetensors"))
     for n in whole:
         assert torch.equal(replayed[n], whole[n]), n
+    # the journal alone does not say that the run trained an adapter: without the run's plan.yaml
+    # beside it, it is refused (it was replayed onto every weight of the model, exit 0)
+    from zoplan.errors import ZoplanError
+
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "journal.jsonl").write_bytes((tmp_path / "whole" / "journal.jsonl").read_bytes())
+    with pytest.raises(ZoplanError, match="has no plan.yaml beside it"):
+        replay_to(str(model_dir), tmp_path / "lone" / "journal.jsonl", tmp_path / "as-full")
+    assert not (tmp_path / "as-full").exists()
 
 
 @pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama"])
