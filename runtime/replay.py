@@ -115,6 +115,25 @@ def _clear(out: Path, made: bool) -> None:
             entry.unlink(missing_ok=True)
 
 
+def _check_weights(model_dir: Path, run_dir: Path) -> None:
+    """The base weights are the ones the run started from, where its run.json beside the journal
+    recorded them (zoplan.runtime.checkpoint.weights_stamp): a journal replayed onto other weights
+    of the same shape gives a model no run trained."""
+    from zoplan import runconfig
+    from zoplan.runtime.checkpoint import weights_stamp
+
+    try:
+        recorded = runconfig.read(run_dir / runconfig.CONFIG_FILE).model_weights
+    except ZoplanError:  # no run.json (a journal and its plan, copied alone), or an older one
+        return
+    if recorded is not None and weights_stamp(model_dir) != recorded:
+        raise ZoplanError(
+            f"the weights in {model_dir} are not the ones the run in {run_dir} started from "
+            f"({run_dir / runconfig.CONFIG_FILE}): replaying its journal onto them gives a model that no run trained",
+            fix="replay onto the checkpoint the run started from",
+        )
+
+
 def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, dtype: str | None, device: str) -> int:
     from zoplan.models import load_model_shape
     from zoplan.planfile import load_plan
@@ -127,6 +146,7 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
     # the checks `zoplan run` makes of its model: a truncated or mismatched checkpoint is a
     # message, not transformers' traceback (nor weights missing from it started at random)
     check_model_dir(model_dir)
+    _check_weights(model_dir, journal_path.parent)
     # the journal's updates are per parameter name and size: on another model they would
     # change a different set of weights without a word
     shape = load_model_shape(str(model_dir / "config.json"))

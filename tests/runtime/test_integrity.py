@@ -512,3 +512,28 @@ def test_written_weights_take_the_umask_and_the_chat_template_travels(tiny_dirs,
     ):
         (base / name).write_text("{}")
     assert [f.name for f in companion_files(base)] == ["chat_template.jinja", "config.json", "tokenizer.json"]
+
+
+def test_replay_refuses_other_base_weights_than_the_run_started_from(tiny_dirs, tmp_path: Path) -> None:
+    """The run's run.json records a fingerprint of its starting weights: a journal replayed onto a
+    checkpoint of the same shape but other values is refused; onto the same weights at another
+    path (a copy), it replays."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["tiny-opt"], model)
+    out = tmp_path / "run"
+    prepare(make(model=str(model), output=out, steps=2))  # plan.yaml and run.json, as a run writes them
+    (out / "journal.jsonl").write_text(journal(2))
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    assert replay_to(str(copy), out / "journal.jsonl", tmp_path / "same") == 2
+    tensors = load_file(str(model / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ZoplanError, match="are not the ones the run in"):
+        replay_to(str(model), out / "journal.jsonl", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
