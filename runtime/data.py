@@ -263,6 +263,8 @@ def load_examples(source: str) -> tuple[list[Example], str]:
         path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".csv"):
+        if path.is_dir():
+            raise ZoplanError(f"data file {path} is a directory", fix="give the file inside it (" + _LOCAL_FIX + ")")
         if not path.is_file():
             raise ZoplanError(f"data file {path} does not exist", fix=_LOCAL_FIX)
         examples = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path)

@@ -186,6 +186,9 @@ def test_malformed_csv_names_file_and_line(tmp_path: Path, content: str, line: i
 def test_missing_file_and_unknown_source(tmp_path: Path) -> None:
     with pytest.raises(ZoplanError, match="does not exist"):
         load_examples(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "folder.jsonl").mkdir()  # a folder of a data file's name: said as it is
+    with pytest.raises(ZoplanError, match="folder.jsonl is a directory"):
+        load_examples(str(tmp_path / "folder.jsonl"))
     with pytest.raises(ZoplanError, match="unsupported type"):
         (tmp_path / "data.txt").write_text("hello\n")
         load_examples(str(tmp_path / "data.txt"))
