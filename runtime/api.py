@@ -11,22 +11,97 @@ options under the same names (RunConfig's: ``plan``, ``data``, ``eval_data``, ``
 ``label_words``, ``lr``, ``eps``, ``global_batch``, ``seq_len``, ``topology``, ``steps``,
 ``output``, ...), the same checks, the same output directory, the same ranks (forked on this
 machine: no torchrun, no shell). A problem is raised as ``ZoplanError`` (its ``message`` and
-``fix``); what ``zoplan run`` prints as a warning is a Python warning.
+``fix``); what ``zoplan run`` prints as a warning is a Python warning. An option it does not have
+is refused with the one meant (``learning_rate``: did you mean ``lr``?), and ``pins`` is checked
+here, pin by pin, in its own words (``pins["perturbation"] must be 1 or 2``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from zoplan.errors import ZoplanError, did_you_mean
+from zoplan.fileio import brief
 from zoplan.layout import Pins
+from zoplan.limits import MAX_SLICES_PER_BLOCK
 from zoplan.records import RunSummary
-from zoplan.runconfig import CONFIG_FILE, RunConfig
+from zoplan.runconfig import CONFIG_FILE, PIN_FLAGS, RunConfig, default
+from zoplan.vocab import Dtype, Upload
 
 # what a caller may not set: the version, and what the launcher completes
-_NOT_OPTIONS = {"version", "model_dir", "device"}
+_NOT_OPTIONS = {"version", "model_dir", "device", "model_weights"}
+# fine_tune's own parameter that is not an option of the run
+_PARAMETERS = {"resume"}
+
+# names a caller may know from elsewhere (Hugging Face's TrainingArguments, MeZO's code,
+# ZOTrainer) -> the option meant
+_ALIASES = {
+    "learning_rate": "lr",
+    "epsilon": "eps",
+    "zo_eps": "eps",
+    "zo_seed": "seed",
+    "max_steps": "steps",
+    "num_steps": "steps",
+    "train_steps": "steps",
+    "num_train_steps": "steps",
+    "batch_size": "global_batch",
+    "global_batch_size": "global_batch",
+    "train_batch_size": "global_batch",
+    "per_device_train_batch_size": "global_batch",
+    "max_length": "seq_len",
+    "max_seq_len": "seq_len",
+    "max_seq_length": "seq_len",
+    "seq_length": "seq_len",
+    "sequence_length": "seq_len",
+    "output_dir": "output",
+    "out_dir": "output",
+    "model_name_or_path": "model",
+    "model_name": "model",
+    "model_path": "model",
+    "dataset": "data",
+    "train_data": "data",
+    "train_file": "data",
+    "train_dataset": "data",
+    "eval_dataset": "eval_data",
+    "eval_file": "eval_data",
+    "validation_data": "eval_data",
+    "eval_steps": "eval_every",
+    "save_steps": "snapshot_every",
+    "save_total_limit": "keep_snapshots",
+    "lora_r": "lora_rank",
+    "num_virtual_tokens": "prefix_tokens",
+    "resume_from_checkpoint": "resume",
+    "zo_max_nonfinite": "max_nonfinite",
+}
+# what a plan file sets and zoplan run does not: the flag of zoplan plan that does
+_PLAN_ONLY = {
+    "weight_decay": "--weight-decay",
+    "lr_schedule": "--lr-schedule",
+    "lr_scheduler_type": "--lr-schedule",
+    "prefetch": "--prefetch",
+    "movers": "--movers",
+}
+
+# zoplan run's pins (runconfig.PIN_FLAGS) and what each must be: whole numbers (least, most),
+# words (the allowed ones), or gpus (device names)
+_PIN_NUMBERS: dict[str, tuple[int, int | None, int]] = {  # least, most, an example
+    "perturbation": (1, 2, 2),
+    "data": (1, None, 2),
+    "slices": (1, MAX_SLICES_PER_BLOCK, 4),
+    "micro_batch": (1, None, 1),
+    "resident": (0, None, 0),
+}
+_PIN_WORDS: dict[str, tuple[str, ...]] = {
+    "wire_dtype": tuple(d.value for d in Dtype),
+    "upload": tuple(u.value for u in Upload),
+}
+# each pin's other names: its command-line flag's (pertp, ddp, ...)
+_PIN_ALIASES = {flag.removeprefix("--").replace("-", "_"): pin for pin, flag in PIN_FLAGS.items()}
 
 
 def fine_tune(
@@ -50,15 +125,15 @@ def fine_tune(
     ranks). ``resume``: the output directory of a run to continue up to ``steps``. ``options``:
     any other option of ``zoplan run`` by its configuration name (``lr=1e-5``,
     ``label_words=("bad", "good")``, ``pins={"perturbation": 2}``; see ``zoplan.runconfig``).
+    ``pins``: a dict of zoplan run's pins (``perturbation`` 1 or 2, ``data``, ``slices``,
+    ``micro_batch``, ``resident``: ints; ``wire_dtype``, ``upload``: their words; ``gpus``: a
+    list of device names, or one comma-separated string as on the command line).
     A progress bar shows unless ``quiet``.
     """
     allowed = set(RunConfig.model_fields) - _NOT_OPTIONS
     for name in options:
         if name not in allowed:
-            raise ZoplanError(
-                f"fine_tune() has no option {name!r}" + did_you_mean(name, sorted(allowed)),
-                fix=f"the options are zoplan run's, by their configuration names: {', '.join(sorted(allowed))}",
-            )
+            raise _unknown_option(name, allowed)
     given = {
         name: value
         for name, value in {
@@ -72,8 +147,10 @@ def fine_tune(
         }.items()
         if value is not None
     }
-    if isinstance(given.get("pins"), dict):
-        given["pins"] = Pins(**given["pins"])
+    if "pins" in given:
+        given["pins"] = _pins(given["pins"])
+        if plan is None and resume is None:
+            _check_micro_batch(given)
     if isinstance(given.get("label_words"), str):  # "bad,good", as on the command line
         given["label_words"] = tuple(given["label_words"].split(","))
     from zoplan.runtime.launch import configure, run
@@ -86,4 +163,121 @@ def fine_tune(
             f"started with ({done / CONFIG_FILE})",
             stacklevel=2,
         )
-    return run(cfg, resume=done is not None)
+    summary: RunSummary = run(cfg, resume=done is not None)
+    return summary
+
+
+def _unknown_option(name: str, allowed: set[str]) -> ZoplanError:
+    """The refusal of an option fine_tune does not have, with the one meant: a name known from
+    elsewhere (``learning_rate``), a pin given on its own (``pertp=2``), a setting only a plan
+    holds (``weight_decay``), or the closest of its own."""
+    said = f"fine_tune() has no option {name!r}"
+    fix = f"the options are zoplan run's, by their configuration names: {', '.join(sorted(allowed))}"
+    key = name.lower().replace("-", "_")
+    if key in _PLAN_ONLY:
+        flag = _PLAN_ONLY[key]
+        return ZoplanError(
+            f"{said}: zoplan run takes it from a plan (zoplan plan {flag})",
+            fix=f'make a plan with it (zoplan plan {flag} ... -o plan.yaml) and run it: fine_tune(plan="plan.yaml", ...)',
+        )
+    pin = key if key in PIN_FLAGS else _PIN_ALIASES.get(key)
+    if pin is not None:
+        return ZoplanError(f'{said}: did you mean pins={{"{pin}": ...}}?', fix=fix)
+    if key in _ALIASES:
+        return ZoplanError(f"{said}: did you mean {_ALIASES[key]!r}?", fix=fix)
+    return ZoplanError(said + did_you_mean(name, sorted(allowed | _PARAMETERS)), fix=fix)
+
+
+def _pins(value: object) -> Pins:
+    """``fine_tune``'s ``pins`` (a dict of pins by name, or a ``layout.Pins``) as a Pins, every
+    pin checked for its name, type and value; a bad one is a ZoplanError naming it as
+    ``pins["name"]``."""
+    if isinstance(value, Pins):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(Pins) if getattr(value, f.name) is not None}
+    if not isinstance(value, Mapping):
+        raise ZoplanError(
+            f"pins must be a dict of zoplan run's pins by name, got {brief(value)} ({type(value).__name__})",
+            fix='e.g. pins={"perturbation": 2, "micro_batch": 2}; the pins are ' + ", ".join(PIN_FLAGS),
+        )
+    checked: dict[str, Any] = {}
+    for key, pin in value.items():
+        where = f'pins["{key}"]' if isinstance(key, str) else f"pins[{brief(key)}]"
+        if key not in PIN_FLAGS:
+            raise _unknown_pin(key, where)
+        if pin is not None:  # None: not pinned
+            checked[key] = _pin(key, pin, where)
+    return Pins(**checked)
+
+
+def _unknown_pin(key: object, where: str) -> ZoplanError:
+    if key in _PLAN_ONLY:
+        flag = _PLAN_ONLY[str(key)]
+        return ZoplanError(
+            f"{where} is not a pin of zoplan run: a plan holds it (zoplan plan {flag})",
+            fix=f'make a plan with it (zoplan plan {flag} ... -o plan.yaml) and run it: fine_tune(plan="plan.yaml", ...)',
+        )
+    name = str(key)
+    alias = _PIN_ALIASES.get(name.lower().replace("-", "_"))
+    hint = f": did you mean {alias!r}?" if alias is not None else did_you_mean(name, PIN_FLAGS)
+    return ZoplanError(f"{where} is not a pin of zoplan run{hint}", fix="the pins are " + ", ".join(PIN_FLAGS))
+
+
+def _pin(key: str, value: object, where: str) -> Any:
+    """One pin's value, checked (and made plain: an int, a str, a tuple of names)."""
+    got = f"got {brief(value)} ({type(value).__name__})"
+    if key in _PIN_NUMBERS:
+        least, most, sample = _PIN_NUMBERS[key]
+        fix = f'e.g. pins={{"{key}": {sample}}}'
+        if most == least + 1:
+            allowed = f"{least} or {most}"
+        else:
+            allowed = f"from {least} to {most}" if most is not None else f"{least} or more"
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ZoplanError(f"{where} must be a whole number (an int), {allowed}, {got}", fix=fix)
+        number = int(value)
+        if number < least or (most is not None and number > most):
+            raise ZoplanError(f"{where} must be {allowed}, got {number}", fix=fix)
+        return number
+    if key in _PIN_WORDS:
+        words = _PIN_WORDS[key]
+        allowed = " or ".join(map(repr, words)) if len(words) == 2 else "one of " + ", ".join(map(repr, words))
+        if not isinstance(value, str):
+            raise ZoplanError(f"{where} must be a str, {allowed}, {got}")
+        if value not in words:
+            raise ZoplanError(f"{where} must be {allowed}, got {brief(value)}" + did_you_mean(value, words))
+        return str(value)
+    # gpus: the compute devices, in rank order
+    example = 'e.g. ["rank0", "rank1"] (this machine\'s CPU ranks; zoplan topo show NAME lists a machine\'s)'
+    if isinstance(value, str):  # "rank0,rank1", as on the command line
+        names = [name.strip() for name in value.split(",") if name.strip()]
+    elif isinstance(value, (list, tuple)):
+        bad = [name for name in value if not isinstance(name, str) or not name.strip()]
+        if bad:
+            raise ZoplanError(
+                f"{where} must list device names (non-empty strs), got {brief(bad[0])} ({type(bad[0]).__name__}) in it",
+                fix=example,
+            )
+        names = [name.strip() for name in value]
+    else:
+        raise ZoplanError(f"{where} must be a list of device names, {got}", fix=example)
+    if not names:
+        raise ZoplanError(f"{where} names no device", fix=example)
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise ZoplanError(f"{where} names {twice!r} twice", fix="name each compute device once, in rank order")
+    return tuple(names)
+
+
+def _check_micro_batch(given: dict[str, Any]) -> None:
+    """A pinned micro-batch larger than the run's global batch (the one given, a recipe's or the
+    default), in fine_tune's words; the rest of the pins' checks against the batch, the model and
+    the machine are the planner's."""
+    from zoplan.recipes import with_recipe
+
+    micro = given["pins"].micro_batch
+    batch = with_recipe(given).get("global_batch", default("global_batch"))
+    if micro is not None and isinstance(batch, int) and not isinstance(batch, bool) and micro > batch:
+        raise ZoplanError(
+            f'pins["micro_batch"] {micro} is more than the global batch ({batch})',
+            fix=f'use pins["micro_batch"] {batch} or less, or a larger global_batch',
+        )

@@ -18,51 +18,154 @@ gradient: freeze the others (or wrap the model with PEFT) to train a part of it.
 
 This is the in-memory MeZO of one process (one CPU or GPU, the weights where the model puts
 them); ``zoplan run`` (or ``fine_tune``) is the one that offloads and spreads a step over GPUs.
-θ is perturbed in place (+ε, −2ε, +ε), as MeZO does: restoring it costs float rounding, not memory.
+θ is perturbed in place (+ε, −2ε, +ε), as MeZO does: putting it back costs float rounding (a
+few ulps of some elements a step), not a copy of the weights; so ``replay`` of ``zo_steps``
+rebuilds the trained weights to within that rounding. A step whose losses are not finite applies
+no update (weight decay included: it is skipped, as ``zoplan run`` skips it; ``zo_max_nonfinite``
+of them in a row stop the training), and a step cut short by an error puts the perturbation back.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import numbers
+from typing import Any, cast
 
 import torch
+from torch.nn import Parameter
+from pydantic import ValidationError
 from transformers import Trainer
 
 from zoplan.errors import ZoplanError
+from zoplan.fileio import brief
+from zoplan.planfile import ZoSettings
+from zoplan.runconfig import RunConfig
 from zoplan.runtime.hostcopy import decays
 from zoplan.runtime.perturb import perturb_, step_seed
 from zoplan.runtime.zo import update_tensor
 
+# What ZOTrainer takes and what of TrainingArguments its step reads, checked with the bounds
+# zoplan checks a plan's ZO settings (planfile.ZoSettings) and a run's options (RunConfig) by,
+# strictly: a string or a bool is not a number here. Name -> (schema, its field, the fix).
+_ARGUMENTS: dict[str, tuple[Any, str, str]] = {
+    "zo_eps": (
+        ZoSettings,
+        "eps",
+        "pass a positive finite float: zo_eps=1e-3 is MeZO's (1e-2 for LoRA, 1e-1 for a prefix)",
+    ),
+    "zo_seed": (
+        ZoSettings,
+        "seed",
+        "pass a whole number from 0 to 2**63 - 1, or leave zo_seed out for TrainingArguments' seed",
+    ),
+    "zo_max_nonfinite": (RunConfig, "max_nonfinite", "pass a whole number, 1 or more (zoplan run's default is 5)"),
+    "learning_rate": (
+        ZoSettings,
+        "lr",
+        "give TrainingArguments a positive finite learning_rate: MeZO's is 1e-6 to 1e-7 for a full model "
+        "(5e-5 for LoRA, 1e-3 for a prefix)",
+    ),
+    "weight_decay": (ZoSettings, "weight_decay", "give TrainingArguments a finite weight_decay, 0 (none) or more"),
+}
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _problem(error: Any) -> str:
+    """What a pydantic error says of a value, as zoplan words it (runconfig's "must be ...")."""
+    ctx = error.get("ctx", {})
+    kind = error["type"]
+    bounds = {
+        "greater_than": ("more than", "gt"),
+        "greater_than_equal": ("at least", "ge"),
+        "less_than": ("less than", "lt"),
+        "less_than_equal": ("at most", "le"),
+    }
+    if kind in bounds:
+        words, key = bounds[kind]
+        return f"must be {words} {_number(ctx[key])}"
+    if kind == "finite_number":
+        return "must be a finite number"
+    if kind.startswith("float"):
+        return "must be a number (an int or a float)"
+    if kind.startswith("int"):
+        return "must be a whole number (an int)"
+    return "is not valid: " + str(error["msg"])
+
+
+def _checked(name: str, value: object) -> Any:
+    """``value`` of the ZOTrainer argument (or TrainingArguments field) ``name``, checked; a bad
+    one is a ZoplanError naming it, what it must be and its fix."""
+    schema, field, fix = _ARGUMENTS[name]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy's ints, too
+    try:
+        return getattr(schema.model_validate({field: value}, strict=True), field)
+    except ValidationError as exc:
+        what = name if name.startswith("zo_") else f"TrainingArguments.{name}"
+        problem = _problem(exc.errors()[0])
+        raise ZoplanError(f"{what} {problem}, got {brief(value)} ({type(value).__name__})", fix=fix) from None
+
+
+def _trainable(model: torch.nn.Module | None) -> list[tuple[str, Parameter]]:
+    """The parameters a ZO step perturbs and updates: those that require a gradient; none is an
+    error (a Trainer's own message would be torch's, about an optimizer)."""
+    params = [] if model is None else [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ZoplanError(
+            "the model has no parameter that requires a gradient: nothing to train",
+            fix="unfreeze what should train (requires_grad_(True)), or wrap the model with PEFT "
+            "(get_peft_model) to train an adapter",
+        )
+    return params
+
 
 class ZOTrainer(Trainer):
     """``transformers.Trainer`` with MeZO's step (module docstring). ``zo_eps``: the perturbation
-    scale ε; ``zo_seed``: the run's seed for z (default: ``args.seed``). The learning rate, its
-    schedule and the weight decay are the TrainingArguments'."""
+    scale ε; ``zo_seed``: the run's seed for z (default: ``args.seed``); ``zo_max_nonfinite``:
+    steps in a row whose losses are not finite (each skipped: no update) after which the
+    training stops with an error, as ``zoplan run --max-nonfinite``. The learning rate, its
+    schedule and the weight decay are the TrainingArguments'. Every one is checked here, as zoplan
+    checks its own: a bad one is a ``ZoplanError`` naming it."""
 
-    def __init__(self, *args: Any, zo_eps: float = 1e-3, zo_seed: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        zo_eps: float = 1e-3,
+        zo_seed: int | None = None,
+        zo_max_nonfinite: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        # before the Trainer sets anything up
+        self.zo_eps = float(_checked("zo_eps", zo_eps))
+        seed = None if zo_seed is None else int(_checked("zo_seed", zo_seed))
+        self.zo_max_nonfinite = int(_checked("zo_max_nonfinite", zo_max_nonfinite))
         super().__init__(*args, **kwargs)
-        if not zo_eps > 0:
-            raise ZoplanError(f"zo_eps {zo_eps} must be positive", fix="MeZO's is 1e-3")
+        _checked("learning_rate", self.args.learning_rate)
+        _checked("weight_decay", self.args.weight_decay)
         if self.args.gradient_accumulation_steps != 1:
             raise ZoplanError(
                 f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}: a ZO step uses its whole "
                 "batch at once",
                 fix="use gradient_accumulation_steps=1 and a larger per-device batch",
             )
-        self.zo_eps = float(zo_eps)
-        self.zo_seed = int(self.args.seed if zo_seed is None else zo_seed)
-        # each step's (seed, projected gradient, lr, weight decay), as zoplan's journal holds them:
-        # zoplan.runtime.replay.replay(base_model, trainer.zo_steps) rebuilds the weights from them
+        self.zo_seed = int(self.args.seed) if seed is None else seed
+        # each step's line as zoplan's journal holds it (seed, the two losses, projected gradient,
+        # lr, eps, weight decay, skipped): zoplan.runtime.replay.replay(base_model, trainer.zo_steps)
+        # rebuilds the weights from them
         self.zo_steps: list[dict[str, Any]] = []
+        self._nonfinite_in_row = 0
 
-    def create_optimizer(self):  # type: ignore[override]
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """An optimizer without state, which the Trainer's learning-rate schedule drives: the
         parameters never hold a gradient, so its step changes nothing; the ZO update is applied in
-        ``training_step`` with the schedule's current rate."""
+        ``training_step`` with the schedule's current rate. A model with nothing to train is
+        refused here, before the first step."""
         if self.optimizer is None:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.SGD(trainable, lr=self.args.learning_rate)
+            params = [p for _, p in _trainable(self.model if model is None else model)]
+            self.optimizer = torch.optim.SGD(params, lr=self.args.learning_rate)
         return self.optimizer
 
     def _zo_lr(self) -> float:
@@ -71,34 +174,68 @@ class ZOTrainer(Trainer):
             return float(scheduler.get_last_lr()[0])
         return float(self.args.learning_rate)
 
+    def _losses(
+        self, model: torch.nn.Module, inputs: dict[str, Any], params: list[tuple[str, Parameter]], seed: int
+    ) -> tuple[float, float]:
+        """The losses at θ + εz and θ − εz, θ perturbed in place (+ε, −2ε, +ε); θ is put back
+        (to float rounding) however the passes end."""
+        eps = self.zo_eps
+        at = [0.0] * len(params)  # where each parameter stands, in units of εz
+
+        def move(to: float) -> None:
+            for i, (name, p) in enumerate(params):
+                if at[i] != to:
+                    perturb_(p.data, seed, name, (to - at[i]) * eps)
+                    at[i] = to
+
+        try:
+            move(1.0)
+            loss_plus = float(cast(torch.Tensor, self.compute_loss(model, inputs)))
+            move(-1.0)
+            loss_minus = float(cast(torch.Tensor, self.compute_loss(model, inputs)))
+        finally:
+            move(0.0)
+        return loss_plus, loss_minus
+
     @torch.no_grad()
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
-    ) -> torch.Tensor:  # type: ignore[override]
+    ) -> torch.Tensor:
         model.eval()  # the same function at both points: no dropout
         inputs = self._prepare_inputs(inputs)
-        params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        if not params:
-            raise ZoplanError("the model has no parameter that requires a gradient: nothing to train")
-        seed = step_seed(self.zo_seed, self.state.global_step)
+        params = _trainable(model)
+        step = self.state.global_step
+        seed = step_seed(self.zo_seed, step)
         eps = self.zo_eps
-
-        def shift(scale: float) -> None:
-            for name, p in params:
-                perturb_(p.data, seed, name, scale)
-
-        shift(eps)
-        loss_plus = float(self.compute_loss(model, inputs))
-        shift(-2 * eps)
-        loss_minus = float(self.compute_loss(model, inputs))
-        shift(eps)
+        loss_plus, loss_minus = self._losses(model, inputs, params, seed)
         g = (loss_plus - loss_minus) / (2 * eps)
-        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-            g = 0.0  # a non-finite loss changes nothing (zoplan run skips such a step too)
+        # as zoplan run's engine: a step whose losses or gradient are not finite is skipped, its
+        # update (weight decay included) not applied: θ keeps every bit
+        finite = all(map(math.isfinite, (loss_plus, loss_minus, g)))
         lr, wd = self._zo_lr(), float(self.args.weight_decay)
         self.zo_steps.append(
-            {"step": self.state.global_step, "seed": seed, "projected_grad": g, "lr": lr, "weight_decay": wd}
+            {
+                "step": step,
+                "seed": seed,
+                "loss_plus": loss_plus,
+                "loss_minus": loss_minus,
+                "projected_grad": g if finite else 0.0,
+                "lr": lr,
+                "eps": eps,
+                "weight_decay": wd,
+                "skipped": not finite,
+            }
         )
-        for name, p in params:
-            update_tensor(p.data, name, seed, g, lr, wd, decays(name, p))
+        if finite:
+            self._nonfinite_in_row = 0
+            for name, p in params:
+                update_tensor(p.data, name, seed, g, lr, wd, decays(name, p))
+        else:
+            self._nonfinite_in_row += 1
+            if self._nonfinite_in_row >= self.zo_max_nonfinite:
+                raise ZoplanError(
+                    f"the loss was not finite for {self._nonfinite_in_row} steps in a row (up to step {step}); "
+                    "the updates of those steps were skipped",
+                    fix="lower learning_rate or zo_eps, or check the data (zo_max_nonfinite allows more in a row)",
+                )
         return torch.tensor((loss_plus + loss_minus) / 2, device=self.args.device)

@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from zoplan.errors import ZoplanError
+from zoplan.layout import Pins
 from zoplan.runtime import fine_tune
 
 README = Path(__file__).parents[2] / "README.md"
@@ -85,3 +86,99 @@ def test_the_readme_python_example_runs(tiny_dirs, tmp_path: Path, monkeypatch: 
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["result"].steps == 2 and (tmp_path / "run1" / "model" / "config.json").exists()
     assert type(scope["model"]).__name__ == "OPTForCausalLM"
+
+
+@pytest.mark.parametrize(
+    "pins, said",
+    [
+        ({"pertp": 2}, r"pins\[\"pertp\"\] is not a pin of zoplan run: did you mean 'perturbation'\?"),
+        ({"perturbaton": 2}, r"pins\[\"perturbaton\"\] is not a pin of zoplan run: did you mean 'perturbation'\?"),
+        ({"perturbation": "2"}, r"pins\[\"perturbation\"\] must be a whole number \(an int\), 1 or 2, got '2' \(str\)"),
+        ({"perturbation": 3}, r"pins\[\"perturbation\"\] must be 1 or 2, got 3"),
+        ({"data": True}, r"pins\[\"data\"\] must be a whole number \(an int\), 1 or more, got True \(bool\)"),
+        ({"slices": 129}, r"pins\[\"slices\"\] must be from 1 to 128, got 129"),
+        ({"resident": -1}, r"pins\[\"resident\"\] must be 0 or more, got -1"),
+        ({"micro_batch": 2.0}, r"pins\[\"micro_batch\"\] must be a whole number \(an int\), 1 or more, got 2.0"),
+        ({"micro_batch": 16}, r"pins\[\"micro_batch\"\] 16 is more than the global batch \(8\)"),
+        ({"upload": "foo"}, r"pins\[\"upload\"\] must be 'whole' or 'sliced', got 'foo'"),
+        (
+            {"wire_dtype": "FP16"},
+            r"pins\[\"wire_dtype\"\] must be one of 'fp32', 'bf16', 'fp16', got 'FP16': did you mean 'fp16'\?",
+        ),
+        ({"wire_dtype": 16}, r"pins\[\"wire_dtype\"\] must be a str, one of 'fp32', 'bf16', 'fp16', got 16 \(int\)"),
+        ({"gpus": "rank0,rank0"}, r"pins\[\"gpus\"\] names 'rank0' twice"),
+        ({"gpus": ["rank0", 1]}, r"pins\[\"gpus\"\] must list device names \(non-empty strs\), got 1 \(int\)"),
+        ({"gpus": 2}, r"pins\[\"gpus\"\] must be a list of device names, got 2 \(int\)"),
+        ({"gpus": []}, r"pins\[\"gpus\"\] names no device"),
+        (
+            {"prefetch": 2},
+            r"pins\[\"prefetch\"\] is not a pin of zoplan run: a plan holds it \(zoplan plan --prefetch\)",
+        ),
+        ("perturbation=2", r"pins must be a dict of zoplan run's pins by name, got 'perturbation=2' \(str\)"),
+        (Pins(perturbation="2"), r"pins\[\"perturbation\"\] must be a whole number \(an int\), 1 or 2, got '2'"),
+    ],
+    ids=repr,
+)
+def test_pins_are_checked_here_in_pythons_words(tmp_path: Path, pins: object, said: str) -> None:
+    """Each pin by its name in the call (pins["perturbation"], not --pertp): an unknown one with the
+    one meant, a wrong type with the type expected, a bad value with the values allowed; before
+    anything starts or is written (not a TypeError from Pins(**pins), a string of GPU names taken
+    letter by letter, or "no layout matches")."""
+    with pytest.raises(ZoplanError, match=said) as caught:
+        fine_tune(steps=1, pins=pins, output=tmp_path / "o", quiet=True)
+    assert caught.value.message.startswith("pins")  # the argument as the call wrote it
+    assert not (tmp_path / "o").exists()
+
+
+def test_pins_reach_the_run_as_zoplan_run_takes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Good pins become the layout.Pins of the run: device names as a list or comma-separated (as
+    --gpus takes them), numpy ints, the vocabulary's words; every pin of zoplan run is checked."""
+    import numpy as np
+
+    from zoplan.runconfig import PIN_FLAGS
+    from zoplan.runtime import api
+    from zoplan.vocab import Upload
+
+    assert set(api._PIN_NUMBERS) | set(api._PIN_WORDS) | {"gpus"} == set(PIN_FLAGS)
+    seen = []
+
+    def configure(given, resume):
+        seen.append(given["pins"])
+        raise ZoplanError("stop here")
+
+    monkeypatch.setattr("zoplan.runtime.launch.configure", configure)
+    for gpus in ("rank0, rank1", ["rank0", "rank1"]):
+        with pytest.raises(ZoplanError, match="stop here"):
+            fine_tune(
+                pins={
+                    "gpus": gpus,
+                    "perturbation": np.int64(2),
+                    "upload": Upload.SLICED,
+                    "wire_dtype": "bf16",
+                    "data": None,
+                }
+            )
+    want = Pins(perturbation=2, gpus=("rank0", "rank1"), upload="sliced", wire_dtype="bf16")
+    assert seen == [want, want] and type(seen[0].perturbation) is int and type(seen[0].upload) is str
+
+
+@pytest.mark.parametrize(
+    "option, said",
+    [
+        ("learning_rate", "did you mean 'lr'"),
+        ("epsilon", "did you mean 'eps'"),
+        ("zo_eps", "did you mean 'eps'"),
+        ("batch_size", "did you mean 'global_batch'"),
+        ("max_steps", "did you mean 'steps'"),
+        ("output_dir", "did you mean 'output'"),
+        ("resum", "did you mean 'resume'"),
+        ("pertp", r"did you mean pins=\{\"perturbation\": \.\.\.\}"),
+        ("micro_batch", r"did you mean pins=\{\"micro_batch\": \.\.\.\}"),
+        ("weight_decay", r"zoplan run takes it from a plan \(zoplan plan --weight-decay\)"),
+    ],
+)
+def test_an_unknown_option_gets_the_one_meant(option: str, said: str) -> None:
+    """Names known from Hugging Face's TrainingArguments, MeZO or the command line's flags lead to
+    fine_tune's own, not only its closest spelling."""
+    with pytest.raises(ZoplanError, match=f"fine_tune\\(\\) has no option '{option}': {said}"):
+        fine_tune(**{option: 1})

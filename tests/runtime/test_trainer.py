@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,14 @@ def lm_dataset(tokenizer, n: int = 32) -> list[dict]:
     return rows
 
 
-def trainer_for(model, tokenizer, out: Path, **args):
+def trainer_for(model, tokenizer, out: Path, *, dataset: list[dict] | None = None, trainer=None, **args):
+    """A ZOTrainer of ``model`` (``trainer``: a subclass of it) on ``dataset`` (default: the
+    sentiment texts); ``zo_*`` arguments go to it, the rest to its TrainingArguments."""
     from transformers import TrainingArguments, default_data_collator
 
     from zoplan.runtime.trainer import ZOTrainer
 
-    zo_eps = args.pop("zo_eps", 1e-3)
+    zo = {"zo_eps": 1e-3, **{name: args.pop(name) for name in list(args) if name.startswith("zo_")}}
     arguments = TrainingArguments(
         str(out),
         per_device_train_batch_size=8,
@@ -39,12 +42,12 @@ def trainer_for(model, tokenizer, out: Path, **args):
         disable_tqdm=True,
         **args,
     )
-    return ZOTrainer(
+    return (trainer or ZOTrainer)(
         model=model,
         args=arguments,
-        train_dataset=lm_dataset(tokenizer),
+        train_dataset=lm_dataset(tokenizer) if dataset is None else dataset,
         data_collator=default_data_collator,
-        zo_eps=zo_eps,
+        **zo,
     )
 
 
@@ -76,6 +79,37 @@ def test_the_trainer_learns_without_gradients_and_its_steps_replay(tiny_dirs, tm
         torch.testing.assert_close(p, replayed[name], rtol=0, atol=2e-5, msg=name)
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (-0.0 is not 0.0, a NaN is itself)."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+def bits_of(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def changed(model, before: dict[str, torch.Tensor]) -> list[str]:
+    """The parameters of ``model`` whose bits differ from ``before``'s."""
+    return [name for name, p in model.named_parameters() if not same_bits(p.detach(), before[name])]
+
+
+def perturbed_and_back(weights: dict[str, torch.Tensor], seeds: list[int], eps: float) -> dict[str, torch.Tensor]:
+    """``weights`` after the in-place perturbations of steps of ``seeds`` (+eps, -2 eps, +eps),
+    with no update: what a skipped step leaves, to the bit (their float rounding only)."""
+    from zoplan.runtime.perturb import perturb_
+
+    out = {name: w.clone() for name, w in weights.items()}
+    for seed in seeds:
+        for scale in (eps, -2 * eps, eps):
+            for name, w in out.items():
+                perturb_(w, seed, name, scale)
+    return out
+
+
 def replay_trainable(model, rows, replay):
     """``replay`` over the trainable parameters only (the frozen ones were never updated)."""
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -96,8 +130,151 @@ def test_accumulated_gradients_and_a_bad_eps_are_refused(tiny_dirs, tmp_path: Pa
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"])
     with pytest.raises(ZoplanError, match="gradient_accumulation_steps=2"):
         trainer_for(model, tokenizer, tmp_path, gradient_accumulation_steps=2, max_steps=1)
-    with pytest.raises(ZoplanError, match="zo_eps 0 must be positive"):
+    with pytest.raises(ZoplanError, match="zo_eps must be more than 0, got 0"):
         trainer_for(model, tokenizer, tmp_path, max_steps=1, zo_eps=0)
+
+
+@pytest.mark.parametrize(
+    "given, said",
+    [
+        ({"zo_eps": float("inf")}, "zo_eps must be a finite number, got inf"),
+        ({"zo_eps": float("nan")}, "zo_eps must be a finite number, got nan"),
+        ({"zo_eps": "1e-3"}, r"zo_eps must be a number \(an int or a float\), got '1e-3' \(str\)"),
+        ({"zo_eps": True}, r"zo_eps must be a number .*, got True \(bool\)"),
+        ({"zo_eps": None}, r"zo_eps must be a number .*, got None"),
+        ({"zo_eps": -1e-3}, "zo_eps must be more than 0, got -0.001"),
+        ({"zo_seed": -1}, "zo_seed must be at least 0, got -1"),
+        ({"zo_seed": 2**63}, "zo_seed must be less than 9223372036854775808"),
+        ({"zo_seed": "7"}, r"zo_seed must be a whole number \(an int\), got '7' \(str\)"),
+        ({"zo_seed": 1.5}, r"zo_seed must be a whole number \(an int\), got 1.5"),
+        ({"zo_max_nonfinite": 0}, "zo_max_nonfinite must be at least 1, got 0"),
+        ({"zo_max_nonfinite": 2.0}, r"zo_max_nonfinite must be a whole number"),
+        # the settings of TrainingArguments the ZO step reads (TrainingArguments takes them as given)
+        ({"learning_rate": float("inf")}, "TrainingArguments.learning_rate must be a finite number, got inf"),
+        ({"learning_rate": -1e-3}, "TrainingArguments.learning_rate must be more than 0"),
+        ({"learning_rate": "1e-3"}, r"TrainingArguments.learning_rate must be a number .*, got '1e-3' \(str\)"),
+        ({"weight_decay": float("nan")}, "TrainingArguments.weight_decay must be a finite number, got nan"),
+        ({"weight_decay": -0.1}, "TrainingArguments.weight_decay must be at least 0, got -0.1"),
+    ],
+    ids=lambda case: ",".join(f"{k}={v!r}" for k, v in case.items()) if isinstance(case, dict) else "",
+)
+def test_every_zo_setting_is_checked_up_front(tiny_dirs, tmp_path: Path, given: dict, said: str) -> None:
+    """ZOTrainer's own arguments and what of TrainingArguments its step reads, checked when it is
+    made with zoplan's bounds (those of a plan's ZO settings and of zoplan run's options): a bad
+    one is a ZoplanError naming it and how to fix it, never NaN weights (zo_eps=inf) or a raw
+    TypeError (zo_eps="1e-3")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.errors import ZoplanError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"])
+    with pytest.raises(ZoplanError, match=said) as caught:
+        trainer_for(model, tokenizer, tmp_path, max_steps=1, **given)
+    assert caught.value.fix
+
+
+def test_numbers_of_numpy_are_numbers(tiny_dirs, tmp_path: Path) -> None:
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"])
+    trainer = trainer_for(
+        model,
+        tokenizer,
+        tmp_path,
+        max_steps=1,
+        zo_eps=np.float64(1e-2),
+        zo_seed=np.int64(7),
+        zo_max_nonfinite=np.int32(3),
+    )
+    assert (trainer.zo_eps, trainer.zo_seed, trainer.zo_max_nonfinite) == (1e-2, 7, 3)
+    assert type(trainer.zo_eps) is float and type(trainer.zo_seed) is int
+
+
+def test_a_model_with_nothing_to_train_is_refused_before_the_first_step(tiny_dirs, tmp_path: Path) -> None:
+    """The ZoplanError, not torch's "optimizer got an empty parameter list" from the optimizer the
+    Trainer makes first."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.errors import ZoplanError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"]).requires_grad_(False)
+    trainer = trainer_for(model, tokenizer, tmp_path, max_steps=1)
+    with pytest.raises(ZoplanError, match="no parameter that requires a gradient: nothing to train") as caught:
+        trainer.train()
+    assert "get_peft_model" in (caught.value.fix or "")
+
+
+def unlabelled(tokenizer, n: int = 16) -> list[dict]:
+    """Sequences with no token to predict (every label -100): their loss is 0 / 0, NaN."""
+    return [{**row, "labels": [-100] * len(row["labels"])} for row in lm_dataset(tokenizer, n)]
+
+
+def test_a_step_whose_loss_is_not_finite_applies_no_update(tiny_dirs, tmp_path: Path) -> None:
+    """As zoplan run skips it: no update (its weight decay neither: 0.5 here moved weights by
+    4.6e-4 before), the weights as the perturbation's round trip leaves them, a journal row with
+    skipped: true and g 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    before = bits_of(model)
+    trainer = trainer_for(
+        model, tokenizer, tmp_path, dataset=unlabelled(tokenizer), learning_rate=1e-2, weight_decay=0.5, max_steps=1
+    )
+    trainer.train()
+    (row,) = trainer.zo_steps
+    assert changed(model, perturbed_and_back(before, [row["seed"]], 1e-3)) == []
+    assert row["skipped"] is True and row["projected_grad"] == 0.0 and math.isnan(row["loss_plus"])
+
+
+def test_nonfinite_losses_in_a_row_stop_the_training(tiny_dirs, tmp_path: Path) -> None:
+    """zoplan run's --max-nonfinite: so many skipped steps in a row are an error, not a run that
+    ends normally having learnt nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.errors import ZoplanError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    before = bits_of(model)
+    trainer = trainer_for(
+        model, tokenizer, tmp_path, dataset=unlabelled(tokenizer, 32), max_steps=4, zo_max_nonfinite=2
+    )
+    with pytest.raises(ZoplanError, match="the loss was not finite for 2 steps in a row \\(up to step 1\\)"):
+        trainer.train()
+    assert [r["skipped"] for r in trainer.zo_steps] == [True, True]
+    assert changed(model, perturbed_and_back(before, [r["seed"] for r in trainer.zo_steps], 1e-3)) == []
+
+
+def test_a_step_cut_short_leaves_the_weights_as_they_were(tiny_dirs, tmp_path: Path) -> None:
+    """An error in the second forward pass (out of memory, Ctrl-C) does not leave θ perturbed:
+    the perturbation is taken back, as at the end of a step (to its float rounding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.runtime.perturb import step_seed
+    from zoplan.runtime.trainer import ZOTrainer
+
+    class Failing(ZOTrainer):
+        calls = 0
+
+        def compute_loss(self, *args, **kwargs):
+            Failing.calls += 1
+            if Failing.calls == 2:
+                raise KeyboardInterrupt
+            return super().compute_loss(*args, **kwargs)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    before = bits_of(model)
+    trainer = trainer_for(model, tokenizer, tmp_path, trainer=Failing, max_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    seed = step_seed(trainer.zo_seed, 0)
+    assert Failing.calls == 2 and changed(model, perturbed_and_back(before, [seed], 1e-3)) == []
 
 
 def test_the_readme_trainer_example_runs(tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
