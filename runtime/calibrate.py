@@ -626,7 +626,6 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
     machine = load_topology(cfg.topology)
     if machine.spec.nodes > 1:
         raise ZoplanError(f"'{machine.name}' spans {machine.spec.nodes} nodes: calibrate one node's topology")
-    check_writable(cfg.output, "profile")  # before the minutes of measuring, not after them
     cpu = _is_cpu_machine(machine)
     n = len(machine.gpus)
     if not cpu:
@@ -640,6 +639,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
                 f"'{machine.name}' has {n} GPUs but torch sees {torch.cuda.device_count()} here",
                 fix="calibrate on the machine the topology describes (zoplan topo detect)",
             )
+    check_writable(cfg.output, "profile")  # before the minutes of measuring, not after them
     dtype = cfg.dtype or ("fp32" if cpu else "bf16")
     model_dir = resolve_model(cfg.model)
     shape = load_model_shape(str(model_dir / "config.json"))

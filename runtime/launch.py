@@ -90,19 +90,20 @@ def _is_cpu_machine(machine) -> bool:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 
-# a user's own OMP_NUM_THREADS, passed on to the ranks under this name (the ranks start with one
-# thread each, then set their count: zoplan.runtime.worker.threads_per_rank)
-USER_THREADS_ENV = "ZOPLAN_USER_THREADS"
+# set beside the OMP_NUM_THREADS=1 the ranks start with where the user set none: the rank then
+# takes its share of the cores (zoplan.runtime.worker.threads_per_rank); without it, the user's
+# OMP_NUM_THREADS is the rank's thread count
+SHARE_THREADS_ENV = "ZOPLAN_SHARE_THREADS"
 
 
 def rank_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment of the rank processes (a user's own setting of a variable is kept): one
-    thread each to start with (a CPU rank then takes its share of the cores, or the user's own
-    OMP_NUM_THREADS: zoplan.runtime.worker.threads_per_rank), unbuffered output, the allocator
-    settings."""
-    env = {**MALLOC_ENV, **environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if "OMP_NUM_THREADS" in environ:
-        env[USER_THREADS_ENV] = environ["OMP_NUM_THREADS"]
+    thread each to start with where the user set no OMP_NUM_THREADS (a CPU rank then takes its
+    share of the cores: zoplan.runtime.worker.threads_per_rank), unbuffered output, the allocator
+    settings. Applied to its own result, it gives it again (the rank server compares them)."""
+    env = {**MALLOC_ENV, **environ, "PYTHONUNBUFFERED": "1"}
+    if "OMP_NUM_THREADS" not in environ:
+        env.update({"OMP_NUM_THREADS": "1", SHARE_THREADS_ENV: "1"})
     return env
 
 

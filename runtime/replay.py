@@ -146,7 +146,6 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
     # the checks `zoplan run` makes of its model: a truncated or mismatched checkpoint is a
     # message, not transformers' traceback (nor weights missing from it started at random)
     check_model_dir(model_dir)
-    _check_weights(model_dir, journal_path.parent)
     # the journal's updates are per parameter name and size: on another model they would
     # change a different set of weights without a word
     shape = load_model_shape(str(model_dir / "config.json"))
@@ -157,6 +156,7 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
             f"but the base model given is '{shape.name}': {', '.join(differences)}",
             fix="replay onto the base weights that run started from",
         )
+    _check_weights(model_dir, journal_path.parent)  # the same shape: the same weights?
     if plan.tuning.to_tuning().frozen_base:  # the journal's updates are the adapter's
         return _replay_adapter(plan, model_dir, journal, journal_path.parent, out, device)
     # as the run kept them: the parameters outside the blocks (embeddings, final norm, head) and the

@@ -40,7 +40,7 @@ from zoplan.runtime.checkpoint import companion_files, readable_as_umask
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.journal import write_line
-from zoplan.runtime.launch import USER_THREADS_ENV, finished_marker
+from zoplan.runtime.launch import SHARE_THREADS_ENV, finished_marker
 from zoplan.runtime.perturb import step_seed
 from zoplan.runtime.replay import replay, require_finite
 from zoplan.runtime.spans import Spans
@@ -193,8 +193,8 @@ def threads_per_rank(local_ranks: int) -> int:
     """CPU threads for each of ``local_ranks`` ranks on this machine: the user's own
     OMP_NUM_THREADS where it was set (a whole number from 1), else the cores this process may run
     on, shared evenly (zoplan.sim.costs.cpu_threads counts the same from the topology)."""
-    given = os.environ.get(USER_THREADS_ENV, "").strip()
-    if given.isdigit() and int(given) >= 1:
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if os.environ.get(SHARE_THREADS_ENV) != "1" and given.isdigit() and int(given) >= 1:
         return int(given)
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
 

@@ -83,14 +83,15 @@ def test_a_gpu_model_the_topology_defines_itself_is_not_compared(tmp_path) -> No
 
 
 def test_ranks_get_one_thread_and_the_allocator_settings_unless_the_user_set_them() -> None:
-    from zoplan.runtime.launch import MALLOC_ENV, USER_THREADS_ENV, rank_env
+    from zoplan.runtime.launch import MALLOC_ENV, SHARE_THREADS_ENV, rank_env
 
     env = rank_env({"PATH": "/bin"})
     assert env["OMP_NUM_THREADS"] == "1" and env["PYTHONUNBUFFERED"] == "1" and env["PATH"] == "/bin"
-    assert USER_THREADS_ENV not in env
-    # a user's own thread count: the ranks start with one, then take the user's (threads_per_rank)
+    assert env[SHARE_THREADS_ENV] == "1"  # one thread to start with, then a share of the cores
+    assert rank_env(env) == env  # the rank server re-executes itself in it and compares
+    # a user's own thread count is the ranks' (threads_per_rank)
     env = rank_env({"PATH": "/bin", "OMP_NUM_THREADS": "8"})
-    assert env["OMP_NUM_THREADS"] == "1" and env[USER_THREADS_ENV] == "8"
+    assert env["OMP_NUM_THREADS"] == "8" and SHARE_THREADS_ENV not in env and rank_env(env) == env
     assert {k: env[k] for k in MALLOC_ENV} == MALLOC_ENV and int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) > 2**17
     mine = rank_env({"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert mine["MALLOC_MMAP_THRESHOLD_"] == "65536"  # a user's own tuning wins
@@ -99,16 +100,20 @@ def test_ranks_get_one_thread_and_the_allocator_settings_unless_the_user_set_the
 def test_a_cpu_rank_takes_the_users_own_thread_count_else_its_share_of_the_cores(monkeypatch) -> None:
     import os
 
-    from zoplan.runtime.launch import USER_THREADS_ENV
+    from zoplan.runtime.launch import SHARE_THREADS_ENV, rank_env
     from zoplan.runtime.worker import threads_per_rank
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.delenv(USER_THREADS_ENV, raising=False)
+    for name in ("OMP_NUM_THREADS", SHARE_THREADS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in rank_env({}).items():  # what the launcher gives a rank where the user set none
+        monkeypatch.setenv(name, value)
     assert threads_per_rank(1) == cores and threads_per_rank(2 * cores) == 1
-    monkeypatch.setenv(USER_THREADS_ENV, "3")
+    monkeypatch.delenv(SHARE_THREADS_ENV)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's
     assert threads_per_rank(1) == 3 and threads_per_rank(2 * cores) == 3
     for odd in ("0", "abc", ""):  # not a thread count: the share of the cores, as without one
-        monkeypatch.setenv(USER_THREADS_ENV, odd)
+        monkeypatch.setenv("OMP_NUM_THREADS", odd)
         assert threads_per_rank(1) == cores
 
 
