@@ -453,6 +453,14 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
         )
     if cfg.nnodes > 1 and cfg.master_port is None:
         raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
+    loopback = cfg.master_addr in ("localhost", "::1") or cfg.master_addr.startswith("127.")
+    if cfg.nnodes == 1 and not loopback:
+        # the ranks of one machine meet on it: another address is waited on until the collectives' timeout
+        raise ZoplanError(
+            f"--master-addr {cfg.master_addr} is node 0's address for a run of several machines, but this run "
+            "has one (--nnodes 1): its ranks meet on this machine",
+            fix="leave --master-addr out, or give --nnodes and --node-rank for a run over several machines",
+        )
     if cfg.node_rank >= cfg.nnodes:
         raise ZoplanError(f"--node-rank {cfg.node_rank} is not one of the {cfg.nnodes} node(s): 0 .. {cfg.nnodes - 1}")
     if cfg.plan is None and resume is None:  # before the runtime (torch) is even imported
