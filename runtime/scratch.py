@@ -110,6 +110,7 @@ def lock_name(node: int) -> str:
 def run_lock(out: Path, node: int) -> Iterator[None]:
     """Hold ``out`` for this run (per node: several machines may share one output directory)."""
     path = out / lock_name(node)
+    created = not path.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -127,7 +128,12 @@ def run_lock(out: Path, node: int) -> Iterator[None]:
             )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        except ZoplanError:
+            if created:  # a refused run leaves no file of its own in the user's directory
+                path.unlink(missing_ok=True)
+            raise
     finally:
         os.close(fd)
 

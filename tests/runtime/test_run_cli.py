@@ -209,6 +209,7 @@ def test_a_previous_runs_output_is_not_overwritten(tmp_path: Path) -> None:
     proc = zoplan("run", "-o", str(out))
     assert proc.returncode == 2 and "not empty" in proc.stderr
     assert (out / "journal.jsonl").read_text() == "precious\n"
+    assert [p.name for p in out.iterdir()] == ["journal.jsonl"]  # refused: not even its lock file left
 
 
 def test_non_finite_losses_skip_updates_then_stop_the_run(tmp_path: Path) -> None:
