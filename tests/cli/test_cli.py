@@ -423,6 +423,14 @@ def test_the_verdict_gives_the_time_and_price_of_the_tokens_asked_for() -> None:
     price = fastest["usd_per_mtok"] * 1e3
     assert verdict.startswith(f"verdict: fastest {fastest['topology']} (")
     assert f"1e+09 tokens in {hours:,.1f} h, ${price:,.0f})" in verdict, verdict
+    # --json says the same, with --tokens (it was left out: only the machines were printed)
+    said = json.loads(invoke("compare", *workload, "--tokens", "1e9", "--json").stdout)["verdict"]
+    assert said["tokens"] == 1e9 and said["cannot_run"] == 0
+    assert said["fastest"]["topology"] == fastest["topology"]
+    assert said["fastest"]["hours"] == pytest.approx(hours) and said["fastest"]["usd"] == pytest.approx(price)
+    cheapest = min(machines.values(), key=lambda m: m["usd_per_mtok"])
+    assert said["cheapest"]["topology"] == cheapest["topology"]
+    assert said["cheapest"]["usd"] == pytest.approx(cheapest["usd_per_mtok"] * 1e3)
 
 
 def test_version_is_the_package_version() -> None:

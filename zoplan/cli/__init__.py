@@ -293,6 +293,8 @@ def compare_cmd(
             dtype=dtype.value if dtype else None,
             progress=planning,
         )
+    from zoplan.cli.render import verdict
+
     if as_json:
         print(
             json.dumps(
@@ -309,6 +311,7 @@ def compare_cmd(
                         }
                         for name, res in results
                     ],
+                    "verdict": verdict(results, tokens),
                 },
                 indent=2,
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
@@ -261,28 +261,48 @@ def compare_reasons(results: list[tuple[str, PlanReport | ZoplanError]]) -> list
     return [f"{name}: {res.message}" for name, res in results if isinstance(res, ZoplanError)]
 
 
-def compare_verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens: float | None = None) -> str:
-    """One line under the comparison: the fastest machine, and the cheapest per token where the
-    machines have prices (each machine's best layout); with ``tokens``, what that many tokens
-    take on each: hours, and dollars."""
+def verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens: float | None = None) -> dict[str, Any]:
+    """The comparison's answer as data (``compare --json``'s ``verdict``): the fastest machine and
+    the cheapest per token where the machines have prices (each machine's best layout), each with
+    its step, $/Mtok and, with ``tokens``, the hours and dollars of that many tokens; how many
+    machines cannot run the model."""
     fits = [(name, res) for name, res in results if not isinstance(res, ZoplanError)]
-    if not fits:
-        return "verdict: the model fits none of these machines"
     summaries = {name: candidate_summary(res.search.best, res.machine, res.search.workload) for name, res in fits}
 
-    def cost_of(name: str) -> str:
-        hours = tokens / summaries[name]["tokens_per_s"] / 3600 if tokens else 0.0
-        usd = summaries[name]["usd_per_mtok"]
-        price = f", ${usd * tokens / 1e6:,.0f}" if usd is not None and tokens else ""
-        return f"; {tokens:.3g} tokens in {hours:,.1f} h{price}" if tokens else ""
+    def machine(name: str) -> dict[str, Any]:
+        s = summaries[name]
+        said: dict[str, Any] = {"topology": name, "step_time_s": s["step_time_s"], "usd_per_mtok": s["usd_per_mtok"]}
+        if tokens:
+            said["hours"] = tokens / s["tokens_per_s"] / 3600
+            said["usd"] = s["usd_per_mtok"] * tokens / 1e6 if s["usd_per_mtok"] is not None else None
+        return said
 
-    fastest = min(summaries, key=lambda name: summaries[name]["step_time_s"])
-    said = f"verdict: fastest {fastest} ({_fmt_time(summaries[fastest]['step_time_s'])} a step{cost_of(fastest)})"
-    priced = [(s["usd_per_mtok"], name) for name, s in summaries.items() if s["usd_per_mtok"] is not None]
-    if priced:
-        usd, cheapest = min(priced)
-        said += f"; cheapest per token {cheapest} ({_fmt_usd(usd)} $/Mtok{cost_of(cheapest)})"
-    left = len(results) - len(fits)
+    out: dict[str, Any] = {"tokens": tokens, "cannot_run": len(results) - len(fits), "fastest": None, "cheapest": None}
+    if summaries:
+        out["fastest"] = machine(min(summaries, key=lambda name: summaries[name]["step_time_s"]))
+        priced = [(s["usd_per_mtok"], name) for name, s in summaries.items() if s["usd_per_mtok"] is not None]
+        if priced:
+            out["cheapest"] = machine(min(priced)[1])
+    return out
+
+
+def compare_verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens: float | None = None) -> str:
+    """One line under the comparison: ``verdict`` in words."""
+    v = verdict(results, tokens)
+    if v["fastest"] is None:
+        return "verdict: the model fits none of these machines"
+
+    def cost_of(m: dict[str, Any]) -> str:
+        if not tokens:
+            return ""
+        price = f", ${m['usd']:,.0f}" if m["usd"] is not None else ""
+        return f"; {tokens:.3g} tokens in {m['hours']:,.1f} h{price}"
+
+    fastest, cheapest = v["fastest"], v["cheapest"]
+    said = f"verdict: fastest {fastest['topology']} ({_fmt_time(fastest['step_time_s'])} a step{cost_of(fastest)})"
+    if cheapest is not None:
+        said += f"; cheapest per token {cheapest['topology']} ({_fmt_usd(cheapest['usd_per_mtok'])} $/Mtok{cost_of(cheapest)})"
+    left = v["cannot_run"]
     return said + (f"; {left} machine(s) cannot run it" if left else "")
 
 
