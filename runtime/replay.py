@@ -158,6 +158,12 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
         )
     _check_weights(model_dir, journal_path.parent)  # the same shape: the same weights?
     if plan.tuning.to_tuning().frozen_base:  # the journal's updates are the adapter's
+        if dtype is not None:  # an adapter trains and is written in fp32, whatever the weights' dtype
+            raise ZoplanError(
+                f"--dtype {dtype} sets the dtype a full run's weights are replayed in, but {journal_path} is of a "
+                f"{plan.tuning.method} run: its adapter is replayed and written as it trained, in fp32",
+                fix="leave --dtype out",
+            )
         return _replay_adapter(plan, model_dir, journal, journal_path.parent, out, device)
     # as the run kept them: the parameters outside the blocks (embeddings, final norm, head) and the
     # blocks kept on the devices (resident) in the compute dtype; a streamed block, updated in the

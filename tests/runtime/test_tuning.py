@@ -211,6 +211,15 @@ def test_an_adapter_run_resumes_and_replays_to_the_same_adapter(method: str, tin
     with pytest.raises(ZoplanError, match="has no plan.yaml beside it"):
         replay_to(str(model_dir), tmp_path / "lone" / "journal.jsonl", tmp_path / "as-full")
     assert not (tmp_path / "as-full").exists()
+    # an adapter is replayed as it trained (fp32): --dtype, a full run's, is refused, not ignored
+    with pytest.raises(ZoplanError, match=f"--dtype bf16 sets the dtype .* of a {method} run"):
+        replay_to(str(model_dir), tmp_path / "whole" / "journal.jsonl", tmp_path / "bf16", dtype="bf16")
+    assert not (tmp_path / "bf16").exists()
+    # the command line says how the adapter loads (it said from_pretrained)
+    from fuzzkit import console
+
+    code, said = console(["replay", str(tmp_path / "whole"), "-o", str(tmp_path / "cli")], limit=120)
+    assert code == 0 and "(PeftModel.from_pretrained: an adapter)" in said, said
 
 
 @pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama"])

@@ -728,7 +728,8 @@ def replay_cmd(
     dtype: Optional[Dtype] = typer.Option(
         None,
         "--dtype",
-        help="replay and write everything in this dtype (default: each part as the run kept it, from plan.yaml)",
+        help="replay and write a full run's weights in this dtype (default: each part as the run kept it, "
+        "from plan.yaml; an adapter is replayed as it trained)",
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (the device type that trained: bit-identical)"),
 ) -> None:
@@ -747,7 +748,11 @@ def replay_cmd(
     from zoplan.runtime.replay import replay_to
 
     steps = replay_to(given, journal, output, dtype=dtype.value if dtype else None, device=device, quiet=True)
-    out.print(Text(f"replayed {steps} steps into {output} (from_pretrained)"))
+    from zoplan.planfile import load_plan
+
+    adapter = load_plan(journal.parent / "plan.yaml").tuning.to_tuning().frozen_base  # (replay_to read it)
+    loads = "PeftModel.from_pretrained: an adapter" if adapter else "from_pretrained"
+    out.print(Text(f"replayed {steps} steps into {output} ({loads})"))
 
 
 def _base_of(journal: Path) -> str:
