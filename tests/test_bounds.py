@@ -147,6 +147,14 @@ def test_divisors_take_square_root_time() -> None:
         ({"pins": Pins(data=10**12)}, "--ddp 1000000000000 is more than the GPUs per node of 'dgx-a100' \\(8\\)"),
         ({"pins": Pins(perturbation=10**12)}, "--pertp must be 1 or 2"),
         ({"pins": Pins(slices=0)}, "--slices must be at least 1, got 0"),
+        # pins that contradict one another are named (one was dropped, or "no layout matches")
+        ({"pins": Pins(upload="whole", slices=4)}, "--upload whole moves each block whole, but --slices 4"),
+        ({"pins": Pins(upload="whole", movers="all")}, "--movers all shares a block's slices among every GPU"),
+        (
+            {"pins": Pins(slices=3, perturbation=2, data=2, movers="compute")},
+            "--slices 3 does not divide among the 4 compute GPUs",
+        ),
+        ({"pins": Pins(slices=3, perturbation=2, data=2)}, "--slices 3 divides evenly among none of the sets"),
     ],
 )
 def test_absurd_numbers_are_refused_before_the_search(kwargs: dict, message: str) -> None:

@@ -718,6 +718,27 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
         raise ZoplanError(f"unknown wire dtype '{pins.wire_dtype}'", fix=f"use one of {', '.join(DTYPES)}")
     if pins.micro_batch is not None and workload.global_batch % pins.micro_batch:
         raise ZoplanError(f"micro-batch {pins.micro_batch} does not divide the global batch {workload.global_batch}")
+    # pins that contradict one another: named, rather than "no layout matches" (or one dropped)
+    if pins.upload == "whole" and pins.slices is not None and pins.slices > 1:
+        raise ZoplanError(
+            f"--upload whole moves each block whole, but --slices {pins.slices} cuts it into slices",
+            fix="leave one of them out (--slices implies --upload sliced)",
+        )
+    if pins.upload == "whole" and pins.movers == "all":
+        raise ZoplanError(
+            "--movers all shares a block's slices among every GPU, but --upload whole has each compute GPU "
+            "move its own blocks whole",
+            fix="leave one of them out (--movers applies to sliced uploads)",
+        )
+    if pins.slices is not None and pins.perturbation is not None and pins.data is not None:
+        computes = pins.perturbation * pins.data
+        # sliced: each mover (the compute GPUs, and relays with --movers all) carries as many slices
+        if pins.slices > 1 and pins.movers == "compute" and pins.slices % computes:
+            raise ZoplanError(
+                f"--slices {pins.slices} does not divide among the {computes} compute GPUs of --pertp "
+                f"{pins.perturbation} x --ddp {pins.data} that move them (--movers compute)",
+                fix=f"use a multiple of {computes} for --slices",
+            )
 
 
 def _nothing_fits(
@@ -729,8 +750,12 @@ def _nothing_fits(
     pins: Pins | None = None,
 ) -> ZoplanError:
     if considered == 0:
+        why = ""
+        if pins is not None and pins.slices is not None and pins.slices > 1:
+            # every mover carries as many slices of a block: the count must divide among them
+            why = f": --slices {pins.slices} divides evenly among none of the sets of GPUs that could move them"
         return ZoplanError(
-            f"no layout of '{machine.name}' matches the pinned options",
+            f"no layout of '{machine.name}' matches the pinned options{why}",
             fix="pin fewer decisions, or check that --gpus has --pertp x --ddp entries",
         )
     parts = []
