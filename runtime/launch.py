@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from zoplan import runconfig
 from zoplan.errors import ZoplanError
-from zoplan.models import TINY_LR, load_model_shape
+from zoplan.models import TINY_LR, load_model_shape, tiny_name
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
 from zoplan.recipes import recipe, with_recipe
@@ -469,15 +469,26 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
         check_workload(None, cfg.global_batch, cfg.seq_len)
         check_pins_range(cfg.pins, cfg.global_batch)
     elif cfg.plan is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
-        cfg = _as_planned(cfg, load_plan(cfg.plan), steps_given="steps" in given)
+        cfg = _as_planned(cfg, load_plan(cfg.plan), steps_given="steps" in given, model_given="model" in given)
     return cfg, ignored
 
 
-def _as_planned(cfg: RunConfig, plan: Plan, steps_given: bool) -> RunConfig:
+def _as_planned(cfg: RunConfig, plan: Plan, steps_given: bool, model_given: bool) -> RunConfig:
     """``cfg`` with what ``plan`` fixes (run.json then records what runs, not the defaults the
-    plan overrides), and the plan's steps as the run's total unless ``--steps`` was given."""
+    plan overrides), the plan's steps as the run's total unless ``--steps`` was given, and the
+    plan's model where it is a built-in one and ``--model`` was not given (else it must be)."""
     zo, tuning = plan.zo, plan.tuning
+    model = {}
+    if not model_given:
+        tiny = tiny_name(plan.model.name)
+        if tiny is None:
+            raise ZoplanError(
+                f"{cfg.plan} is for model '{plan.model.name}': say where its weights are",
+                fix="pass --model DIRECTORY (or hub id) of that model",
+            )
+        model = {"model": tiny}
     return cfg.given(
+        **model,
         topology=plan.topology.source,
         global_batch=plan.batch.global_batch,
         seq_len=plan.batch.seq_len,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from zoplan.errors import ZoplanError
-from zoplan.models import TINY_MODELS, TINY_VERSION, tiny_model_dir
+from zoplan.models import TINY_MODELS, tiny_model_dir
 from zoplan.runtime.data import vocabulary_words
 
 if TYPE_CHECKING:
@@ -248,11 +248,3 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
             fix=_BUILTIN_FIX,
         )
     return snapshot
-
-
-def tiny_name(model_name: str) -> str | None:
-    """The built-in model a plan's model name refers to (plans name it ``<name>-v<version>``)."""
-    for name in TINY:
-        if model_name == f"{name}-v{TINY_VERSION}":
-            return name
-    return None

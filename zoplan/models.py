@@ -76,6 +76,14 @@ TINY_VERSION = 1  # bump when the tokenizer, the configs or the initialisation c
 TINY_LR = 1e-3
 
 
+def tiny_name(model_name: str) -> str | None:
+    """The built-in model a plan's model name refers to (plans name it ``<name>-v<version>``)."""
+    for name in TINY_MODELS:
+        if model_name == f"{name}-v{TINY_VERSION}":
+            return name
+    return None
+
+
 def tiny_cache_dir() -> Path:
     return Path.home() / ".cache" / "zoplan" / "tiny"
 

@@ -176,22 +176,23 @@ def test_options_the_plan_fixes_are_refused_with_a_plan(tmp_path: Path, tiny_dir
     assert not (tmp_path / "o").exists()
 
 
-def test_a_plan_runs_its_own_steps_and_run_json_records_what_the_plan_fixed(tmp_path: Path, tiny_dirs) -> None:
+def test_a_plan_runs_its_own_steps_and_run_json_records_what_the_plan_fixed(tmp_path: Path) -> None:
     """`zoplan run plan.yaml` trains the steps the plan records (`zoplan plan --steps`), its
-    learning-rate schedule over them, unless --steps is given; run.json records the batch, the
-    machine and the hyper-parameters the plan fixed, not the defaults it overrode."""
-    model = str(tiny_dirs["tiny-opt"])
+    learning-rate schedule over them, unless --steps is given, on the plan's model where it is a
+    built-in one (it was tiny-opt whatever the plan); run.json records the batch, the machine and
+    the hyper-parameters the plan fixed, not the defaults it overrode."""
     made = zoplan(
-        *("plan", "-m", model, "-t", "cpu-local", "-b", "4", "-s", "32", "--steps", "3", "--lr", "0.01"),
+        *("plan", "-m", "tiny-llama", "-t", "cpu-local", "-b", "4", "-s", "32", "--steps", "3", "--lr", "0.01"),
         *("--lr-schedule", "linear", "-o", str(tmp_path / "plan.yaml")),
     )
     assert made.returncode == 0, made.stderr
     out = tmp_path / "o"
-    proc = zoplan("run", str(tmp_path / "plan.yaml"), "--model", model, "--eval-every", "0", "-o", str(out))
+    proc = zoplan("run", str(tmp_path / "plan.yaml"), "--eval-every", "0", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     journal = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
     assert [j["lr"] for j in journal] == pytest.approx([0.01, 0.005, 0.0]), journal
     recorded = json.loads((out / "run.json").read_text())
+    assert recorded["model"] == "tiny-llama"
     assert {k: recorded[k] for k in ("steps", "global_batch", "seq_len", "lr", "eps", "seed")} == {
         "steps": 3,
         "global_batch": 4,
@@ -200,6 +201,13 @@ def test_a_plan_runs_its_own_steps_and_run_json_records_what_the_plan_fixed(tmp_
         "eps": 1e-3,
         "seed": 0,
     }
+
+
+def test_a_plan_of_a_model_that_is_not_built_in_needs_its_weights(tmp_path: Path) -> None:
+    write_plan(plan("opt-125m", "cpu-local", global_batch=4, seq_len=32, dtype="fp32").plan, tmp_path / "p.yaml")
+    proc = zoplan("run", str(tmp_path / "p.yaml"), "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "is for model 'opt-125m': say where its weights are" in proc.stderr, proc.stderr
+    assert "--model" in proc.stderr and not (tmp_path / "o").exists()
 
 
 def test_a_previous_runs_output_is_not_overwritten(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from zoplan.errors import ZoplanError
+from zoplan.models import TINY_VERSION, tiny_name
 from zoplan.runtime import tiny
 from zoplan.runtime.data import make_sentiment
 from zoplan.runtime.tiny import TINY, build_tiny, resolve_model
@@ -79,7 +80,7 @@ def test_build_unknown_name_is_refused(tmp_path: Path) -> None:
 
 def test_resolve_builtin_builds_once_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = resolve_model("tiny-opt", cache_dir=tmp_path)
-    assert path == tmp_path / f"tiny-opt-v{tiny.TINY_VERSION}"
+    assert path == tmp_path / f"tiny-opt-v{TINY_VERSION}"
     assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
     assert [entry.name for entry in tmp_path.iterdir()] == [path.name], "no temporary left behind"
 
@@ -137,7 +138,7 @@ def test_the_planner_knows_the_builtins_and_plans_them_by_name(tmp_path: Path, t
     assert sorted(TINY_MODELS) == NAMES
     for name in NAMES:  # the planner's shape of each is exactly the one a built model reads back as
         built = load_model_shape(tiny_dirs[name])
-        assert load_model_shape(name) == dataclasses.replace(built, name=f"{name}-v{tiny.TINY_VERSION}")
+        assert load_model_shape(name) == dataclasses.replace(built, name=f"{name}-v{TINY_VERSION}")
         model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name])
         assert load_model_shape(name).total_params() == sum(p.numel() for p in model.parameters())
     home = tmp_path / "home"
@@ -167,9 +168,9 @@ def test_the_planner_knows_the_builtins_and_plans_them_by_name(tmp_path: Path, t
     assert not (home / ".cache" / "zoplan" / "tiny").exists()  # planning built nothing
     shape = load_model_shape("tiny-opt")
     written = load_plan(tmp_path / "plan.yaml")
-    assert written.model.name == f"tiny-opt-v{tiny.TINY_VERSION}"
+    assert written.model.name == f"tiny-opt-v{TINY_VERSION}"
     # the defaults of `zoplan run` for a tiny model on CPU ranks: a step a random model learns
     # from, and fp32 compute
     assert written.zo.lr == 1e-3 and written.transfer.param_dtype == "fp32"
     # validate and run find the model from the plan's model name
-    assert tiny.tiny_name(shape.name) == "tiny-opt"
+    assert tiny_name(shape.name) == "tiny-opt"

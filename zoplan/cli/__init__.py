@@ -647,7 +647,7 @@ def validate_cmd(
     simulated = timeline(plan_file).candidate.sim
     assert simulated is not None  # timeline() simulates the plan
     _needs_runtime("validate")
-    from zoplan.runtime.tiny import tiny_name
+    from zoplan.models import tiny_name
 
     model = model or tiny_name(the_plan.model.name)
     if model is None:
