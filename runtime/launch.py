@@ -253,8 +253,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             tuning=tuning,
         ).plan
     device = _device_for(machine, plan)
-    if plan.layout.nodes != cfg.nnodes:
-        raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}")
+    _check_nodes(plan, cfg)
     data = cfg.data
     if data == zdata.LONG_TEXT:  # written for this plan's sequence length, kept with the run
         out.mkdir(parents=True, exist_ok=True)
@@ -391,8 +390,7 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             fix=f"--steps is the run's total: give {done} or more (the model of step {done} "
             f"is {out / 'model'} when the run finished)",
         )
-    if plan.layout.nodes != cfg.nnodes:
-        raise ZoplanError(f"the plan spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}")
+    _check_nodes(plan, cfg)
     machine = load_topology(plan.topology.source)
     device = _device_for(machine, plan)
     # what the run before left that would speak for this one: its error, and its ranks' marks of
@@ -462,7 +460,10 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
             fix="leave --master-addr out, or give --nnodes and --node-rank for a run over several machines",
         )
     if cfg.node_rank >= cfg.nnodes:
-        raise ZoplanError(f"--node-rank {cfg.node_rank} is not one of the {cfg.nnodes} node(s): 0 .. {cfg.nnodes - 1}")
+        raise ZoplanError(
+            f"--node-rank {cfg.node_rank} is not one of the {cfg.nnodes} node(s): 0 .. {cfg.nnodes - 1}",
+            fix=f"give each machine its own --node-rank from 0 to {cfg.nnodes - 1}",
+        )
     if cfg.plan is None and resume is None:  # before the runtime (torch) is even imported
         from zoplan.search import check_pins_range, check_workload
 
@@ -471,6 +472,21 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
     elif cfg.plan is not None and resume is None:  # a bad plan file, too, is refused before torch is imported
         cfg = _as_planned(cfg, load_plan(cfg.plan), steps_given="steps" in given, model_given="model" in given)
     return cfg, ignored
+
+
+def _check_nodes(plan: Plan, cfg: RunConfig) -> None:
+    """The plan's node count is the run's --nnodes."""
+    if plan.layout.nodes == cfg.nnodes:
+        return
+    if cfg.plan is None:  # planned here, for --topology: its node count is the topology's
+        raise ZoplanError(
+            f"--nnodes {cfg.nnodes}, but the topology '{plan.topology.name}' is of {plan.layout.nodes} node(s)",
+            fix=f"give --topology a topology file of nodes: {cfg.nnodes} (docs/topologies.md), or leave --nnodes out",
+        )
+    raise ZoplanError(
+        f"the plan {cfg.plan} spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}",
+        fix=f"run it with --nnodes {plan.layout.nodes} (one command on each machine), or plan for {cfg.nnodes} nodes",
+    )
 
 
 def _as_planned(cfg: RunConfig, plan: Plan, steps_given: bool, model_given: bool) -> RunConfig:

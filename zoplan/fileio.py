@@ -38,6 +38,14 @@ MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 100_000
 
 
+# how a file of each kind is made, for the message of a missing one
+_MAKE = {
+    "profile": "make one on the machine with `zoplan calibrate -o PROFILE.yaml`, or check the path",
+    "plan": "make one with `zoplan plan ... -o PLAN.yaml`, or check the path",
+    "topology": "`zoplan topo list` names the bundled ones; `zoplan topo detect -o FILE.yaml` writes this machine's",
+}
+
+
 def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
     """A user's file as text; a missing, unreadable or oversized file is a message naming it.
     At most ``limit`` + 1 bytes are read, whatever the file (/dev/zero, a FIFO, a huge log)."""
@@ -45,7 +53,7 @@ def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
         with open(path, "rb") as f:
             raw = f.read(limit + 1)
     except FileNotFoundError:
-        raise ZoplanError(f"{what} file {path} does not exist") from None
+        raise ZoplanError(f"{what} file {path} does not exist", fix=_MAKE.get(what, "check the path")) from None
     except OSError as exc:
         raise ZoplanError(f"cannot read {what} file {path}: {exc}") from None
     if len(raw) > limit:

@@ -259,6 +259,7 @@ class RunSummary:
             f"with lr {ran.zo.lr:g} ({ran.zo.lr_schedule}), eps {ran.zo.eps:g}, {ran.batch.global_batch} "
             f"sequences x {ran.batch.seq_len} tokens a step, layout {ran.layout.perturbation}x{ran.layout.data} "
             f"(perturbation x data) on {ran.topology.name}"
+            + (f", {ran.layout.nodes} nodes" if ran.layout.nodes > 1 else "")
             + (f", MeZO's {name} recipe" if name else "")
             + (f", {tuning.describe()} on read-only blocks" if tuning.frozen_base else "")
         )

@@ -106,7 +106,7 @@ def check_pins_range(pins: Pins, global_batch: int) -> None:
         ("--ddp", pins.data, 1, None),
     ):
         if value is not None and (not _whole(value) or value < least):
-            raise ZoplanError(f"{flag} must be at least {least}, got {brief(value)}")
+            raise ZoplanError(f"{flag} must be at least {least}, got {brief(value)}", fix=f"use {flag} {least} or more")
         if value is not None and most is not None and value > most:
             raise ZoplanError(f"{flag} {value} is more than {most}", fix=f"use {flag} {most} or less")
     if pins.perturbation is not None and pins.perturbation not in (1, 2):
@@ -672,7 +672,7 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
         if value is None:
             continue
         if not _whole(value) or value < least:
-            raise ZoplanError(f"{flag} must be at least {least}, got {brief(value)}")
+            raise ZoplanError(f"{flag} must be at least {least}, got {brief(value)}", fix=f"use {flag} {least} or more")
         if value > most:
             raise ZoplanError(f"{flag} {value} is more than {why} ({most})", fix=f"use {flag} {most} or less")
     if pins.gpus is not None:

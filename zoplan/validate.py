@@ -265,10 +265,11 @@ def combined_trace(validation: Validation, simulated: SimResult, machine: Machin
     return merge_traces(*traces)
 
 
-def to_json(validation: Validation, plan_path: Path, out: Path, trace: Path | None) -> dict[str, Any]:
+def to_json(validation: Validation, plan_path: Path, out: Path | None, trace: Path | None) -> dict[str, Any]:
+    """``zoplan validate --json``; ``out``: the run's directory where it is kept (--output), else None."""
     return {
         "plan": str(plan_path),
-        "output": str(out),
+        "output": str(out) if out is not None else None,
         "measured_steps": validation.measured_steps,
         "trace": str(trace) if trace else None,
         "trace_step": validation.trace_step,

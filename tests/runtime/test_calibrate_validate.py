@@ -366,7 +366,9 @@ def test_a_warning_during_validation_goes_to_stderr_so_the_json_report_stays_par
     # 21 steps at the plan's learning rate (1e-6) move the tiny model's loss by nothing: the run
     # warns after 20 steps, and the warning must not land in the report on stdout
     proc = zoplan("validate", str(planned), "--model", str(calibrated[1]), "--steps", "21", "--json")
-    assert json.loads(proc.stdout)["measured_steps"] == list(range(1, 21))
+    report = json.loads(proc.stdout)
+    assert report["measured_steps"] == list(range(1, 21))
+    assert report["output"] is None  # without --output the run's directory is gone: not named
     assert "likely too small" in proc.stderr and "likely too small" not in proc.stdout
 
 

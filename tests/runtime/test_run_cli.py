@@ -248,6 +248,7 @@ def test_a_node_count_that_differs_from_the_plan_is_reported(tmp_path: Path, tin
         str(tmp_path / "o"),
     )
     assert proc.returncode == 2 and "spans 1 node(s) but --nnodes is 2" in proc.stderr
+    assert "fix: run it with --nnodes 1" in proc.stderr
 
 
 def test_a_master_port_in_use_is_named_before_anything_is_written(tmp_path: Path) -> None:

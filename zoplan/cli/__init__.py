@@ -702,16 +702,17 @@ def _validate(
         from zoplan.sim.trace import write_trace
 
         write_trace(zv.combined_trace(result, simulated, timeline(plan_file).machine), trace)
+    kept = not run_dir.parent.name.startswith("zoplan-validate-")  # without --output, it goes when validate ends
     if as_json:
-        print(json.dumps(zv.to_json(result, plan_file, run_dir, trace), indent=2))
+        print(json.dumps(zv.to_json(result, plan_file, run_dir if kept else None, trace), indent=2))
         return
     from zoplan.cli.render import validation_notes, validation_table
 
     out.print(validation_table(result, plan_file))
     for note in validation_notes(result, profiled=the_plan.profile is not None):
         out.print(Text(note))
-    kept = "" if run_dir.parent.name.startswith("zoplan-validate-") else f"run output: {run_dir}"
-    shown = "; ".join(x for x in (kept, f"trace: {trace} (open in ui.perfetto.dev)" if trace else "") if x)
+    kept_at = f"run output: {run_dir}" if kept else ""
+    shown = "; ".join(x for x in (kept_at, f"trace: {trace} (open in ui.perfetto.dev)" if trace else "") if x)
     if shown:
         out.print(Text(shown))
 
