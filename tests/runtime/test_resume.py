@@ -81,11 +81,17 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+def straight(tmp_path_factory) -> Path:
+    """The output of an uninterrupted run of STEPS steps (copy it to change it)."""
     out = tmp_path_factory.mktemp("straight") / "run"
     finished(zoplan_run(out, "--steps", str(STEPS)))
     assert [p.name for p in sorted((out / "snapshots").iterdir())] == ["step-00000003", "step-00000006"]
-    return weights(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(straight: Path) -> dict[str, torch.Tensor]:
+    return weights(straight)
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -302,15 +308,17 @@ def test_the_ranks_die_with_a_killed_rank_supervisor(
 
 
 def test_a_journal_cut_back_past_a_snapshot_is_retrained_and_a_failed_resume_is_not_taken_for_finished(
-    uninterrupted, tmp_path: Path
+    straight: Path, uninterrupted, tmp_path: Path
 ) -> None:
     """A finished run whose journal is cut back (as the refusal of a damaged line advises: keep
     the good lines) to before its last snapshot: the resume drops that snapshot (the journal no
     longer holds the steps that made it) and takes the steps again. The first run's marks of a
     finished run do not speak for the resume: failing at the same --steps, it fails (exit 2), and
     a resume after that ends bit-identical to an uninterrupted run."""
+    import shutil
+
     out = tmp_path / "run"
-    finished(zoplan_run(out, "--steps", str(STEPS)))
+    shutil.copytree(straight, out)  # a finished run (its marks of one included)
     journal = out / "journal.jsonl"
     journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:4]))
     resume = ("--resume", str(out), "--steps", str(STEPS))
