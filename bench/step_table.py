@@ -20,6 +20,9 @@ COLUMNS = ("h2d", "d2h", "compute", "update", "embed", "head", "loop")
 
 def main() -> None:
     args = sys.argv[1:]
+    if "-h" in args or "--help" in args:
+        print(__doc__)
+        return
     blocks = "--blocks" in args
     args = [a for a in args if a != "--blocks"]
     if len(args) != 1:

@@ -241,10 +241,11 @@ def _pin(key: str, value: object, where: str) -> Any:
     if key in _PIN_WORDS:
         words = _PIN_WORDS[key]
         allowed = " or ".join(map(repr, words)) if len(words) == 2 else "one of " + ", ".join(map(repr, words))
+        fix = f"give {where} = {words[0]!r} (or leave the pin out: the planner chooses)"
         if not isinstance(value, str):
-            raise ZoplanError(f"{where} must be a str, {allowed}, {got}")
+            raise ZoplanError(f"{where} must be a str, {allowed}, {got}", fix=fix)
         if value not in words:
-            raise ZoplanError(f"{where} must be {allowed}, got {brief(value)}" + did_you_mean(value, words))
+            raise ZoplanError(f"{where} must be {allowed}, got {brief(value)}" + did_you_mean(value, words), fix=fix)
         return str(value)
     # gpus: the compute devices, in rank order
     example = 'e.g. ["rank0", "rank1"] (this machine\'s CPU ranks; zoplan topo show NAME lists a machine\'s)'

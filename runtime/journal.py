@@ -20,10 +20,11 @@ from zoplan.errors import ZoplanError
 FIELDS = ("step", "seed", "projected_grad", "lr", "weight_decay")
 
 
-def read_journal(path: Path, *, first: int | None = None) -> list[dict]:
+def read_journal(path: str | Path, *, first: int | None = None) -> list[dict]:
     """The journal's steps in order (from step ``first`` when given: 0 for a journal that starts
     from the base weights). A last line cut short (a power loss mid-write) is dropped with a
     warning; a bad line anywhere else is an error naming it."""
+    path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:

@@ -303,6 +303,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         model=_recorded(cfg.model),
         data=_recorded(data),
         eval_data=_recorded(cfg.eval_data) if cfg.eval_data is not None else None,
+        plan=Path(_recorded(str(cfg.plan))) if cfg.plan is not None else None,
         model_dir=model_dir.resolve(),
         device=device,
         model_weights=weights_stamp(model_dir),

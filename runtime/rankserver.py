@@ -76,8 +76,11 @@ NOT_COMPARED = {
 def import_time_differences(server: Mapping[str, str], run: Mapping[str, str]) -> list[str]:
     """The variables read at import whose values differ between the server's and a run's
     environment (set in one, unset in the other included)."""
+    from zoplan.runtime.launch import SHARE_THREADS_ENV
+
     names = {n for n in (*server, *run) if n.startswith(IMPORT_TIME_PREFIXES) and n not in NOT_COMPARED}
-    return sorted(n for n in names if server.get(n) != run.get(n))
+    # zoplan's mark of a thread count it chose: the user's side of it is OMP_NUM_THREADS, set or not
+    return sorted({"OMP_NUM_THREADS" if n == SHARE_THREADS_ENV else n for n in names if server.get(n) != run.get(n)})
 
 
 def _send_line(sock: socket.socket, payload: dict) -> None:

@@ -50,6 +50,18 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
+def abandoned(folder: Path) -> bool:
+    """Whether no live launch holds ``folder`` (its owner file's lock is free, or it has none)."""
+    try:
+        fd = os.open(folder / OWNER, os.O_RDWR)
+    except OSError:
+        return True
+    try:
+        return _try_lock(fd)  # (released again when closed)
+    finally:
+        os.close(fd)
+
+
 def sweep(base: Path) -> list[Path]:
     """Remove this user's ``zoplan-*`` folders in ``base`` whose owner is gone; return them."""
     removed: list[Path] = []

@@ -101,6 +101,10 @@ def resume_point(out: Path) -> ResumePoint:
     return ResumePoint(done, None, journal)
 
 
+class DiskFull(ZoplanError):
+    """A snapshot that could not be written for a full or read-only disk (error.json's kind "disk")."""
+
+
 def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
     """``save(directory)`` writes the weights; the snapshot becomes visible only when complete.
     Older snapshots beyond ``keep`` are removed afterwards."""
@@ -123,8 +127,9 @@ def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         last = snapshots(out)
         kept = f"snapshot {last[-1][1].name}" if last else "no earlier snapshot"
-        cause = "free disk space" if exc.errno == errno.ENOSPC else f"make {out} writable"
-        raise ZoplanError(
+        disk = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+        cause = "free disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"make {out} writable"
+        raise (DiskFull if disk else ZoplanError)(
             f"writing the snapshot of step {step} failed: {exc}; the run stopped, {kept} and the journal are intact",
             fix=f"{cause}, then continue with `zoplan run --resume {out}`",
         ) from None

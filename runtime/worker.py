@@ -44,7 +44,7 @@ from zoplan.runtime.launch import SHARE_THREADS_ENV, finished_marker
 from zoplan.runtime.perturb import step_seed
 from zoplan.runtime.replay import replay, require_finite
 from zoplan.runtime.spans import Spans
-from zoplan.runtime.snapshots import cut_torn_tail, resume_point, write_snapshot
+from zoplan.runtime.snapshots import DiskFull, cut_torn_tail, resume_point, write_snapshot
 from zoplan.runtime.zo import learning_rate
 
 
@@ -521,7 +521,7 @@ def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: i
             error = exc
             # on disk before any rank learns of it: the first rank to exit makes torchrun stop
             # the others, possibly before this one reaches its own error handler
-            write_error(out, exc, ctx.rank)
+            write_error(out, exc, ctx.rank, kind="disk" if isinstance(exc, DiskFull) else "error")
     if zdist.all_reduce_sum([1.0 if error else 0.0])[0] > 0:
         raise error or ZoplanError(f"writing the snapshot of step {step} failed on rank 0 (see error.json)")
 
@@ -568,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(runconfig.read(args.config), out, args.host_dir)
     except (ZoplanError, OSError) as exc:
-        kind = "error"
+        kind = "disk" if isinstance(exc, DiskFull) else "error"
         if isinstance(exc, OSError):
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise

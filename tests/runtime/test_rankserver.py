@@ -81,7 +81,15 @@ def test_a_run_in_another_import_time_environment_is_refused_and_a_stopped_serve
         pytest.raises(OSError, match="differs from the server's in TORCH_SHOW_CPP_STACKTRACES"),
     ):
         rankserver.request(str(sock), ["--nproc", "1"], log.fileno(), env)
+    # a thread count of the user's where the server's ranks take a share of the cores: named as
+    # the user set it (OMP_NUM_THREADS), not by zoplan's own mark of its choice
+    env = rank_env({**os.environ, "OMP_NUM_THREADS": "1"})
+    with (
+        open(os.devnull, "w") as log,
+        pytest.raises(OSError, match="differs from the server's in OMP_NUM_THREADS, read"),
+    ):
+        rankserver.request(str(sock), ["--nproc", "1"], log.fileno(), env)
     server.send_signal(signal.SIGTERM)
     log, _ = server.communicate(timeout=60)
     assert server.returncode == 0 and not sock.exists()
-    assert "stopped after starting 1 run(s) and refusing 1" in log, log
+    assert "stopped after starting 1 run(s) and refusing 2" in log, log

@@ -125,6 +125,7 @@ def test_a_failed_snapshot_stops_the_run_and_keeps_the_last_good_one(tmp_path: P
     assert [p.name for p in (out / "snapshots").iterdir()] == ["step-00000003"]
     assert len((out / "journal.jsonl").read_text().splitlines()) == 6
     load_file(str(out / "snapshots" / "step-00000003" / "model.safetensors"))  # intact and loadable
+    assert json.loads((out / "error.json").read_text())["kind"] == "disk"  # a full disk, as docs/runtime.md says
 
 
 def test_a_rank_killed_mid_step_is_restarted_and_no_step_is_lost(uninterrupted, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from zoplan.errors import ZoplanError
-from zoplan.runtime.scratch import MIN_AGE_S, OWNER, owned, run_lock, sweep
+from zoplan.runtime.scratch import MIN_AGE_S, OWNER, abandoned, owned, run_lock, sweep
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and /proc: Linux")
 
@@ -37,6 +37,7 @@ def test_a_live_owners_folder_is_kept_and_a_dead_owners_swept(tmp_path: Path) ->
     with owned(tmp_path, "live") as live:
         age(live)
         assert sweep(tmp_path) == [] and live.exists()  # locked: in use
+        assert not abandoned(live)
     # a launch killed with SIGKILL: its folder stays, its lock goes with the process
     code = (
         "import os, sys, time; from pathlib import Path; from zoplan.runtime.scratch import owned\n"
@@ -46,7 +47,7 @@ def test_a_live_owners_folder_is_kept_and_a_dead_owners_swept(tmp_path: Path) ->
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == -9
     dead = Path(proc.stdout.strip())
-    assert dead.is_dir()
+    assert dead.is_dir() and abandoned(dead)  # its lock went with its process
     assert sweep(tmp_path) == []  # too young to judge: its owner may not hold the lock yet
     age(dead)
     assert sweep(tmp_path) == [dead] and not dead.exists()
