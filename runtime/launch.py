@@ -614,10 +614,14 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
                     proc.wait()
     except KeyboardInterrupt:
         signum = stopped[0] if stopped else signal.SIGINT
-        done = _journaled_steps(out / "journal.jsonl")
+        after = (
+            f" after {_journaled_steps(out / 'journal.jsonl')} completed step(s) of {cfg.steps}"
+            if cfg.node_rank == 0
+            else ""  # node 0 writes the journal
+        )
         raise ZoplanError(
-            f"stopped by {signal.Signals(signum).name} after {done} completed step(s) of "
-            f"{cfg.steps}; the ranks have stopped and the journal holds every completed step",
+            f"stopped by {signal.Signals(signum).name}{after}; the ranks have stopped and "
+            f"{_the_journal(cfg)} holds every completed step",
             fix=f"continue with `zoplan run --resume {out} --steps {cfg.steps}`",
             status=128 + signum,
         ) from None
@@ -625,8 +629,8 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
         log.close()
     if proc.returncode != 0 and _finished(out, cfg.node_rank, per_node, cfg.steps):
         print(
-            f"warning: a rank exited with status {proc.returncode} while shutting down, after the run "
-            f"had finished on every rank (see {out / f'worker-node{cfg.node_rank}.log'})",
+            f"warning: the run's processes exited with status {proc.returncode} while shutting down, after "
+            f"the run had finished on every rank (see {out / f'worker-node{cfg.node_rank}.log'})",
             file=sys.stderr,
         )
     elif proc.returncode != 0:
@@ -634,12 +638,14 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
         if error is not None:
             raise ZoplanError(error.message, fix=error.fix)
         done = _journaled_steps(out / "journal.jsonl")
+        held = (
+            f"the journal holds {done} completed step(s)" if cfg.node_rank == 0 else f"{_the_journal(cfg)} holds them"
+        ) + ", none is lost"
         log_path = out / f"worker-node{cfg.node_rank}.log"
         resume = f"continue with `zoplan run --resume {out} --steps {cfg.steps}`"
         if "No space left on device" in _log_tail(log_path):
             raise ZoplanError(
-                f"training stopped: the disk holding {out} is full (see {log_path}); the journal "
-                f"holds {done} completed step(s), none is lost",
+                f"training stopped: the disk holding {out} is full (see {log_path}); {held}",
                 fix=f"free disk space, then {resume}",
             )
         starter = "torchrun" if cfg.nnodes > 1 else "the rank supervisor (zoplan.runtime.ranks)"
@@ -660,8 +666,7 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
                 else ""
             )
             raise ZoplanError(
-                f"training stopped: {who} was killed by {name}{oom} (see {log_path}); the journal "
-                f"holds {done} completed step(s), none is lost",
+                f"training stopped: {who} was killed by {name}{oom} (see {log_path}); {held}",
                 fix=(
                     f"free host memory (fewer ranks per machine, a smaller micro-batch, other jobs "
                     f"stopped), then {resume}"
@@ -671,8 +676,7 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
             )
         raise ZoplanError(
             f"training stopped: a rank exited without a message (torchrun exit status "
-            f"{proc.returncode}; see {log_path}); "
-            f"the journal holds {done} completed step(s), none is lost",
+            f"{proc.returncode}; see {log_path}); {held}",
             fix=f"{resume}; --max-restarts N restarts crashed ranks automatically",
         )
     return summarize(out)
@@ -763,6 +767,11 @@ def _killed(log: Path, status: Path) -> bool:
         return -signal.SIGKILL in attempts[-1].get("exits", {}).values()
     tail = _log_tail(log)
     return "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail
+
+
+def _the_journal(cfg: RunConfig) -> str:
+    """Whose journal a node's messages speak of: rank 0 writes it, in node 0's output directory."""
+    return "the journal" if cfg.node_rank == 0 else "node 0's journal (its output directory)"
 
 
 def _journaled_steps(journal: Path) -> int:

@@ -360,3 +360,13 @@ def test_a_resume_from_other_weights_than_the_run_started_from_is_refused(tiny_d
     save_file(tensors, str(weights), metadata={"format": "pt"})
     with pytest.raises(ZoplanError, match="are not the ones the run in"):
         launch.prepare(launch.configure({"steps": 3}, resume=out)[0], resume=True)
+
+
+def test_a_node_other_than_0_points_to_node_0s_journal() -> None:
+    """Rank 0 writes the journal, in node 0's output directory: another node's messages about a
+    stopped run say so instead of counting the steps of a journal it does not have (0)."""
+    from zoplan.runconfig import make
+    from zoplan.runtime.launch import _the_journal
+
+    assert _the_journal(make()) == "the journal"
+    assert _the_journal(make(nnodes=2, node_rank=1, master_port=29500)).startswith("node 0's journal")
