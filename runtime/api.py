@@ -151,6 +151,7 @@ def fine_tune(
         given["pins"] = _pins(given["pins"])
         if plan is None and resume is None:
             _check_micro_batch(given)
+            _check_devices(given)
     if isinstance(given.get("label_words"), str):  # "bad,good", as on the command line
         given["label_words"] = tuple(given["label_words"].split(","))
     from zoplan.runtime.launch import configure, run
@@ -207,6 +208,24 @@ def _pins(value: object) -> Pins:
         if pin is not None:  # None: not pinned
             checked[key] = _pin(key, pin, where)
     return Pins(**checked)
+
+
+def _check_devices(given: dict[str, Any]) -> None:
+    """``pins["gpus"]`` names devices of the topology the run plans for (the search would say it
+    in the command line's words, ``--gpus``)."""
+    gpus = given["pins"].gpus
+    if not gpus:
+        return
+    from zoplan.topology import load_topology
+
+    topology = given.get("topology", default("topology"))
+    machine = load_topology(topology)
+    unknown = [g for g in gpus if g not in machine.gpus]
+    if unknown:
+        raise ZoplanError(
+            f'pins["gpus"] names {", ".join(map(repr, unknown))}, not a device of topology {topology!r}',
+            fix=f"name devices among {', '.join(machine.gpus)} (or give topology=... for another machine)",
+        )
 
 
 def _unknown_pin(key: object, where: str) -> ZoplanError:

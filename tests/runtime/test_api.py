@@ -101,6 +101,8 @@ def test_the_readme_python_example_runs(tiny_dirs, tmp_path: Path, monkeypatch: 
         ({"micro_batch": 2.0}, r"pins\[\"micro_batch\"\] must be a whole number \(an int\), 1 or more, got 2.0"),
         ({"micro_batch": 16}, r"pins\[\"micro_batch\"\] 16 is more than the global batch \(8\)"),
         ({"upload": "foo"}, r"pins\[\"upload\"\] must be 'whole' or 'sliced', got 'foo'"),
+        # a device of another machine: said in the call's words (it was --gpus's)
+        ({"gpus": "rank0,rank9"}, r"pins\[\"gpus\"\] names 'rank9', not a device of topology 'cpu-local'"),
         (
             {"wire_dtype": "FP16"},
             r"pins\[\"wire_dtype\"\] must be one of 'fp32', 'bf16', 'fp16', got 'FP16': did you mean 'fp16'\?",
