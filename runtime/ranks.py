@@ -39,6 +39,9 @@ import traceback
 from pathlib import Path
 
 GRACE_S = 30.0  # a stopped rank's time to exit on SIGTERM before SIGKILL (torchrun waits as long)
+# a rank's exit status when it stopped the run itself, its message written (worker.main: a
+# non-finite loss too many times, a full disk, a refused input): the run ends, never restarted
+STOPPED = 2
 
 
 WORKER = "zoplan.runtime.worker"
@@ -208,6 +211,8 @@ def run(
             file=sys.stderr,
             flush=True,
         )
+        if STOPPED in bad.values():  # a rank's own stop, not a crash: a restart would only hide it
+            return 1
     return 1
 
 

@@ -42,6 +42,7 @@ from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.journal import write_line
 from zoplan.runtime.launch import SHARE_THREADS_ENV, finished_marker
 from zoplan.runtime.perturb import step_seed
+from zoplan.runtime.ranks import STOPPED
 from zoplan.runtime.replay import replay, require_finite
 from zoplan.runtime.spans import Spans
 from zoplan.runtime.snapshots import DiskFull, cut_torn_tail, resume_point, write_snapshot
@@ -580,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0 or records.read_error(out) is None:  # rank 0's account first, else the first one's
             write_error(out, exc, rank, kind)
-        raise SystemExit(2) from None
+        raise SystemExit(STOPPED) from None  # the supervisor does not restart it
     finally:
         zdist.shutdown()
 

@@ -230,6 +230,14 @@ def test_non_finite_losses_skip_updates_then_stop_the_run(tmp_path: Path) -> Non
     journal = [json.loads(line) for line in (tmp_path / "o" / "journal.jsonl").read_text().splitlines()]
     skipped = [j for j in journal if j["skipped"]]
     assert len(skipped) == 3 and all(j["projected_grad"] == 0.0 for j in skipped)
+    # a rank's own stop is not a crash: --max-restarts does not restart it (each restart had reset
+    # the count, and a run of nothing but skipped steps ended with exit 0 and the base weights)
+    proc = zoplan(
+        *("run", "--lr", "1e30", "--steps", "12", "--max-nonfinite", "3", "--max-restarts", "2"),
+        *("--eval-every", "0", "-o", str(tmp_path / "r")),
+    )
+    assert proc.returncode == 2 and "not finite for 3 steps in a row" in proc.stderr, proc.stderr
+    assert "restarted" not in proc.stdout + proc.stderr
 
 
 def test_a_node_count_that_differs_from_the_plan_is_reported(tmp_path: Path, tiny_dirs) -> None:
