@@ -532,10 +532,18 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
         check_port_free(cfg.master_port)
     try:
         with run_lock(out, cfg.node_rank):
-            return _run(cfg, resume)
+            try:
+                return _run(cfg, resume)
+            except BaseException:
+                # removed while this run holds it: a launcher refused because another run holds
+                # the directory never removes it (nor that run's lock) under that run
+                if made and out.is_dir() and all(p.name.startswith(".lock-node") for p in out.iterdir()):
+                    shutil.rmtree(out, ignore_errors=True)
+                raise
     except BaseException:
-        if made and out.is_dir() and all(p.name.startswith(".lock-node") for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)
+        if made:  # the lock was not taken: the directory goes only if nothing at all is in it
+            with contextlib.suppress(OSError):
+                out.rmdir()
         raise
 
 

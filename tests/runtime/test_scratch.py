@@ -101,3 +101,27 @@ def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path: Path) -
     blocker.write_text("not a directory")
     with pytest.raises(ZoplanError, match="cannot write into the output directory"), run_lock(blocker / "run", 0):
         pass
+
+
+def test_a_launcher_refused_by_the_lock_leaves_the_holders_directory(tmp_path: Path, monkeypatch) -> None:
+    """Two launches of the same new -o at once: both see no directory, one takes the lock; the
+    other, refused, removed the directory it thought it had made, and the winner's lock with it
+    (a third launch could then train in it beside the winner)."""
+    import contextlib
+
+    from zoplan.runconfig import make
+    from zoplan.runtime import launch
+
+    out = tmp_path / "run"
+    held = contextlib.ExitStack()
+
+    def another_launch_takes_it(base: Path) -> list[Path]:  # between this launch's look and its lock
+        if not out.exists():
+            held.enter_context(run_lock(out, 0))
+        return []
+
+    monkeypatch.setattr(launch, "sweep", another_launch_takes_it)
+    with held:
+        with pytest.raises(ZoplanError, match="in use by another zoplan run"):
+            launch.run(make(output=out, steps=1))
+        assert (out / ".lock-node0").exists()
