@@ -481,6 +481,11 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             if due and step + 1 < steps:
                 snapshot(engine, host, model_dir, out, step + 1, plan, ctx, cfg.keep_snapshots)
                 last_snapshot = time.monotonic()
+        if evaluating and rp.next_step >= steps > 0:
+            # nothing left to train (a restart after the last step's journal line): the final
+            # evaluation, which the step's end may not have reached, is made here
+            engine.flush()
+            evaluate(engine, eval_set, batcher, ctx, steps - 1, metrics)
         engine.flush()
         engine.sync_resident_blocks_to_host()
         zdist.barrier()

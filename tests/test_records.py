@@ -155,3 +155,24 @@ def test_an_eps_that_moves_no_loss_is_named_instead_of_the_learning_rate() -> No
     check = StallCheck()
     said = [w for r in [row(0, 0.5)] + [row(s, 0.0) for s in range(1, 25)] if (w := check.add(r))]
     assert len(said) == 1 and "likely too small" in said[0] and "--lr 0.01" in said[0], said
+
+
+def test_the_held_out_line_reports_only_the_evaluations_before_the_first_and_after_the_last_step(
+    tmp_path: Path,
+) -> None:
+    """A start that ended without evaluating its last step (an earlier start's evaluation after
+    step 3, a run resumed with --eval-every 0): that evaluation is not the run's result. It was
+    reported as "held-out: loss before -> after"."""
+    rows = [
+        EvalRow(step=-1, eval_loss=0.9, eval_accuracy=0.5),
+        *(train(s, 2.0 - 0.1 * s) for s in range(4)),
+        EvalRow(step=3, eval_loss=0.8, eval_accuracy=0.6),
+        *(train(s, 1.5) for s in range(4, 6)),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(r.line() for r in rows))
+    result = summarize(tmp_path)
+    assert result.steps == 6 and result.eval is None and result.eval_before == rows[0]
+    rows.append(EvalRow(step=5, eval_loss=0.7, eval_accuracy=0.7))  # the last step's, at last
+    (tmp_path / "metrics.jsonl").write_text("".join(r.line() for r in rows))
+    result = summarize(tmp_path)
+    assert (result.eval_before, result.eval) == (rows[0], rows[-1])

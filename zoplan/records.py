@@ -235,7 +235,8 @@ class RunSummary:
             f"({'first step' if self.window == 1 else f'first {self.window} steps'}) -> {self.last_loss:.4f} "
             f"({'last' if self.window == 1 else f'last {self.window}'})"
         ]
-        if self.eval is None and config is not None and config.eval_every != 0 and config.eval_data is None:
+        evaluated = self.eval is not None or self.eval_before is not None
+        if not evaluated and config is not None and config.eval_every != 0 and config.eval_data is None:
             # no example held out: the run evaluated nothing (not an evaluation of nothing, as zeros)
             fraction = config.eval_fraction
             said.append(
@@ -277,11 +278,13 @@ def summarize(out: Path) -> RunSummary:
     # from each start, and the last one is the step the weights hold
     by_step = {r.step: r for r in rows if isinstance(r, TrainRow)}
     train = [by_step[step] for step in sorted(by_step)]
-    evals = [r for r in rows if isinstance(r, EvalRow)]
+    # the evaluations before the first step (step -1) and after the last one trained, the last row
+    # of each: an evaluation of another step (every N steps, or the end of an earlier start) is
+    # neither, and is not reported as one
+    evals = {r.step: r for r in rows if isinstance(r, EvalRow)}
+    final = evals.get(train[-1].step) if train else None
     # single steps are noisy (a few sequences each): compare the means of the first and last tenth
     k = max(1, len(train) // 10)
     first = sum(r.loss for r in train[:k]) / k if train else None
     last = sum(r.loss for r in train[-k:]) / k if train else None
-    return RunSummary(
-        out, len(train), first, last, evals[-1] if evals else None, evals[0] if len(evals) > 1 else None, k
-    )
+    return RunSummary(out, len(train), first, last, final, evals.get(-1), k)

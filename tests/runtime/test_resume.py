@@ -370,3 +370,15 @@ def test_a_node_other_than_0_points_to_node_0s_journal() -> None:
 
     assert _the_journal(make()) == "the journal"
     assert _the_journal(make(nnodes=2, node_rank=1, master_port=29500)).startswith("node 0's journal")
+
+
+def test_a_start_with_no_step_left_still_evaluates_the_final_weights(tmp_path: Path) -> None:
+    """A restart or resume after the last step's journal line trains nothing: the evaluation after
+    the last step, which the earlier start did not make (here: --eval-every 0), is made then, and
+    the closing line reports it (it reported an earlier evaluation, or none)."""
+    out = tmp_path / "run"
+    finished(zoplan_run(out, "--steps", "2", "--eval-every", "0"))
+    assert "eval_loss" not in (out / "metrics.jsonl").read_text()
+    said = finished(zoplan_run(out, "--resume", str(out), "--steps", "2", "--eval-every", "5"))
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert [e["step"] for e in evals] == [1] and f"held-out: loss {evals[0]['eval_loss']:.4f}" in said, said
