@@ -382,14 +382,16 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         cut_torn_tail(out / "metrics.jsonl")
     journal = open(out / "journal.jsonl", "a", buffering=1) if writer else None
     metrics = open(out / "metrics.jsonl", "a", buffering=1) if writer else None
-    if writer and rp.next_step > 0:
-        # where this start picks up (after --resume, or after torchrun restarted crashed ranks):
-        # the progress display says so, and metrics.jsonl keeps it
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if writer and (rp.next_step > 0 or restart > 0):
+        # where this start picks up (after --resume, or after torchrun restarted crashed ranks,
+        # before the first step's journal line too): the progress display says so, and
+        # metrics.jsonl keeps it
         resumed = ResumedRow(
             resumed_at=rp.next_step,
             snapshot=rp.base.name if rp.base is not None else None,
             replayed=len(rp.replay),
-            restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            restart=restart,
         )
         metrics.write(resumed.line())
         print(

@@ -382,3 +382,15 @@ def test_a_start_with_no_step_left_still_evaluates_the_final_weights(tmp_path: P
     said = finished(zoplan_run(out, "--resume", str(out), "--steps", "2", "--eval-every", "5"))
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     assert [e["step"] for e in evals] == [1] and f"held-out: loss {evals[0]['eval_loss']:.4f}" in said, said
+
+
+def test_a_restart_before_the_first_step_is_said_and_recorded(tmp_path: Path) -> None:
+    """Rank 0 killed in step 0 and every rank restarted: the display and metrics.jsonl say so
+    (a start that picked up at step 0 wrote no resumed_at row, as if nothing had happened)."""
+    out = tmp_path / "run"
+    said = finished(
+        zoplan_run(out, "--steps", "1", "--max-restarts", "1", "--eval-every", "0", env={"ZOPLAN_FAULTS": "kill:0:0"})
+    )
+    assert "every rank was restarted (restart 1 of 1), resuming with 0 step(s) done" in said, said
+    resumed = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "resumed_at" in l]
+    assert resumed == [{"resumed_at": 0, "replayed": 0, "restart": 1}]
