@@ -285,7 +285,10 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             f"{data} has {len(examples)} examples, fewer than one global batch of {plan.batch.global_batch}"
         )
     if cfg.eval_data is not None:  # held out in a set of its own: it must be of the task trained
-        held, held_kind = zdata.load_examples(cfg.eval_data)
+        try:
+            held, held_kind = zdata.load_examples(cfg.eval_data)
+        except ZoplanError as exc:  # said as --eval-data's, not --data's
+            raise ZoplanError(f"--eval-data: {exc.message}", fix=exc.fix) from None
         if held_kind != kind:
             raise ZoplanError(
                 f"--eval-data {cfg.eval_data} is a {held_kind} set (records of {zdata.SHAPES[held_kind]}), but "

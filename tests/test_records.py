@@ -176,3 +176,17 @@ def test_the_held_out_line_reports_only_the_evaluations_before_the_first_and_aft
     (tmp_path / "metrics.jsonl").write_text("".join(r.line() for r in rows))
     result = summarize(tmp_path)
     assert (result.eval_before, result.eval) == (rows[0], rows[-1])
+
+
+def test_skipped_steps_are_counted_and_left_out_of_the_loss_means(tmp_path: Path) -> None:
+    """A step whose loss was not finite (its update skipped) says nothing of the training loss:
+    the first and last means are of the finite ones, the closing line counts the skipped (the
+    mean was NaN, and a run of nothing but skipped steps read as 'trained')."""
+    rows = [train(0, float("nan")), *(train(s, 2.0 - 0.1 * s) for s in range(1, 19)), train(19, float("inf"))]
+    (tmp_path / "metrics.jsonl").write_text("".join(r.line() for r in rows))
+    result = summarize(tmp_path)
+    assert (result.steps, result.window, result.skipped) == (20, 2, 2)
+    assert result.first_loss == pytest.approx(1.9) and result.last_loss == pytest.approx(0.2)
+    (tmp_path / "metrics.jsonl").write_text("".join(train(s, float("nan")).line() for s in range(3)))
+    result = summarize(tmp_path)
+    assert (result.first_loss, result.last_loss, result.skipped) == (None, None, 3)

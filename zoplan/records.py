@@ -206,11 +206,12 @@ class RunSummary:
 
     output: Path
     steps: int
-    first_loss: float | None  # mean over the first ``window`` steps
-    last_loss: float | None  # mean over the last ``window`` steps
-    eval: EvalRow | None  # the last evaluation
+    first_loss: float | None  # mean over the first ``window`` steps (their finite losses; None: none)
+    last_loss: float | None  # mean over the last ``window`` steps (likewise)
+    eval: EvalRow | None  # the evaluation after the last step
     eval_before: EvalRow | None = None  # the evaluation before the first step
     window: int = 1
+    skipped: int = 0  # steps whose loss was not finite: their updates were not applied
 
     @property
     def model(self) -> Path:
@@ -230,10 +231,15 @@ class RunSummary:
             config = read(self.output / CONFIG_FILE)
         except Exception:  # noqa: BLE001  (the summary says what it can)
             config = None
+
+        def loss(x: float | None) -> str:
+            return f"{x:.4f}" if x is not None else "not finite"
+
         said = [
-            f"trained {self.steps} step{'s' if self.steps != 1 else ''}: training loss {self.first_loss:.4f} "
-            f"({'first step' if self.window == 1 else f'first {self.window} steps'}) -> {self.last_loss:.4f} "
+            f"trained {self.steps} step{'s' if self.steps != 1 else ''}: training loss {loss(self.first_loss)} "
+            f"({'first step' if self.window == 1 else f'first {self.window} steps'}) -> {loss(self.last_loss)} "
             f"({'last' if self.window == 1 else f'last {self.window}'})"
+            + (f"; {self.skipped} step(s) skipped, their loss not finite (no update applied)" if self.skipped else "")
         ]
         evaluated = self.eval is not None or self.eval_before is not None
         if not evaluated and config is not None and config.eval_every != 0 and config.eval_data is None:
@@ -285,6 +291,10 @@ def summarize(out: Path) -> RunSummary:
     final = evals.get(train[-1].step) if train else None
     # single steps are noisy (a few sequences each): compare the means of the first and last tenth
     k = max(1, len(train) // 10)
-    first = sum(r.loss for r in train[:k]) / k if train else None
-    last = sum(r.loss for r in train[-k:]) / k if train else None
-    return RunSummary(out, len(train), first, last, final, evals.get(-1), k)
+
+    def mean(rows: list[TrainRow]) -> float | None:  # a skipped step's loss (not finite) says nothing
+        finite = [r.loss for r in rows if math.isfinite(r.loss)]
+        return sum(finite) / len(finite) if finite else None
+
+    skipped = sum(not math.isfinite(r.loss) for r in train)
+    return RunSummary(out, len(train), mean(train[:k]), mean(train[-k:]), final, evals.get(-1), k, skipped)

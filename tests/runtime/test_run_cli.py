@@ -295,6 +295,7 @@ def test_held_out_examples_of_their_own(tmp_path: Path) -> None:
         (["--eval-data", str(text)], "is a lm set (records of a text and no label), but --data"),
         (["--eval-data", str(empty)], "holds no examples"),
         (["--eval-data", str(bad)], "label 5, but the task has 2 label words"),
+        (["--eval-data", str(tmp_path / "gone.jsonl")], "--eval-data: data file"),  # the option named
         (["--eval-data", str(held), "--eval-fraction", "0.2"], "both say what is held out"),
     ):
         proc = zoplan("run", "--data", str(train), *extra, "-b", "4", "-o", str(tmp_path / "refused"))
