@@ -176,17 +176,23 @@ def _unknown_option(name: str, allowed: set[str]) -> ZoplanError:
     fix = f"the options are zoplan run's, by their configuration names: {', '.join(sorted(allowed))}"
     key = name.lower().replace("-", "_")
     if key in _PLAN_ONLY:
-        flag = _PLAN_ONLY[key]
-        return ZoplanError(
-            f"{said}: zoplan run takes it from a plan (zoplan plan {flag})",
-            fix=f'make a plan with it (zoplan plan {flag} ... -o plan.yaml) and run it: fine_tune(plan="plan.yaml", ...)',
-        )
+        return _plan_only(f"{said}: zoplan run takes it from a plan", key)
     pin = key if key in PIN_FLAGS else _PIN_ALIASES.get(key)
     if pin is not None:
         return ZoplanError(f'{said}: did you mean pins={{"{pin}": ...}}?', fix=fix)
     if key in _ALIASES:
         return ZoplanError(f"{said}: did you mean {_ALIASES[key]!r}?", fix=fix)
     return ZoplanError(said + did_you_mean(name, sorted(allowed | _PARAMETERS)), fix=fix)
+
+
+def _plan_only(said: str, key: str) -> ZoplanError:
+    """The refusal of a setting only a plan holds: ``said``, the zoplan plan flag that sets it, and
+    how to run such a plan."""
+    flag = _PLAN_ONLY[key]
+    return ZoplanError(
+        f"{said} (zoplan plan {flag})",
+        fix=f'make a plan with it (zoplan plan {flag} ... -o plan.yaml) and run it: fine_tune(plan="plan.yaml", ...)',
+    )
 
 
 def _pins(value: object) -> Pins:
@@ -230,11 +236,7 @@ def _check_devices(given: dict[str, Any]) -> None:
 
 def _unknown_pin(key: object, where: str) -> ZoplanError:
     if key in _PLAN_ONLY:
-        flag = _PLAN_ONLY[str(key)]
-        return ZoplanError(
-            f"{where} is not a pin of zoplan run: a plan holds it (zoplan plan {flag})",
-            fix=f'make a plan with it (zoplan plan {flag} ... -o plan.yaml) and run it: fine_tune(plan="plan.yaml", ...)',
-        )
+        return _plan_only(f"{where} is not a pin of zoplan run: a plan holds it", str(key))
     name = str(key)
     alias = _PIN_ALIASES.get(name.lower().replace("-", "_"))
     hint = f": did you mean {alias!r}?" if alias is not None else did_you_mean(name, PIN_FLAGS)

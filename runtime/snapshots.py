@@ -101,6 +101,10 @@ def resume_point(out: Path) -> ResumePoint:
     return ResumePoint(done, None, journal)
 
 
+# a write that failed for its disk (full, over quota, read-only): error.json's kind "disk"
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 class DiskFull(ZoplanError):
     """A snapshot that could not be written for a full or read-only disk (error.json's kind "disk")."""
 
@@ -127,7 +131,7 @@ def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         last = snapshots(out)
         kept = f"snapshot {last[-1][1].name}" if last else "no earlier snapshot"
-        disk = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+        disk = exc.errno in DISK_ERRNOS
         cause = "free disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"make {out} writable"
         raise (DiskFull if disk else ZoplanError)(
             f"writing the snapshot of step {step} failed: {exc}; the run stopped, {kept} and the journal are intact",

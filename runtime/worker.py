@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import inspect
 import os
 import shutil
@@ -45,7 +44,7 @@ from zoplan.runtime.perturb import step_seed
 from zoplan.runtime.ranks import STOPPED
 from zoplan.runtime.replay import replay, require_finite
 from zoplan.runtime.spans import Spans
-from zoplan.runtime.snapshots import DiskFull, cut_torn_tail, resume_point, write_snapshot
+from zoplan.runtime.snapshots import DISK_ERRNOS, DiskFull, cut_torn_tail, resume_point, write_snapshot
 from zoplan.runtime.zo import learning_rate
 
 
@@ -535,10 +534,8 @@ def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: i
 
 
 def evaluate(engine: Engine, eval_set, batcher: Batcher, ctx, step: int, metrics) -> None:
-    """The held-out loss and accuracy as an ``EvalRow`` (rank 0 writes it). Every rank holds the
-    same held-out set: an empty one is evaluated by none (no row: its loss is not 0)."""
-    if not eval_set:
-        return
+    """The held-out loss and accuracy as an ``EvalRow`` (rank 0 writes it); called only with
+    held-out examples (``evaluating`` in ``train``: an empty set's loss is not 0)."""
     mine: list = []
     if ctx.replica is not None:
         per = -(-len(eval_set) // ctx.replicas)
@@ -578,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ZoplanError, OSError) as exc:
         kind = "disk" if isinstance(exc, DiskFull) else "error"
         if isinstance(exc, OSError):
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            if exc.errno not in DISK_ERRNOS:
                 raise
             kind = "disk"
             exc = ZoplanError(
