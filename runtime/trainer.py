@@ -39,7 +39,7 @@ from transformers import Trainer
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
 from zoplan.planfile import ZoSettings
-from zoplan.runconfig import RunConfig
+from zoplan.runconfig import RunConfig, bound_said
 from zoplan.runtime.hostcopy import decays
 from zoplan.runtime.perturb import perturb_, step_seed
 from zoplan.runtime.zo import update_tensor
@@ -69,25 +69,12 @@ _ARGUMENTS: dict[str, tuple[Any, str, str]] = {
 }
 
 
-def _number(value: object) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def _problem(error: Any) -> str:
     """What a pydantic error says of a value, as zoplan words it (runconfig's "must be ...")."""
-    ctx = error.get("ctx", {})
+    bound = bound_said(error, lambda value: f"{value:g}" if isinstance(value, float) else str(value))
+    if bound is not None:
+        return bound
     kind = error["type"]
-    bounds = {
-        "greater_than": ("more than", "gt"),
-        "greater_than_equal": ("at least", "ge"),
-        "less_than": ("less than", "lt"),
-        "less_than_equal": ("at most", "le"),
-    }
-    if kind in bounds:
-        words, key = bounds[kind]
-        return f"must be {words} {_number(ctx[key])}"
-    if kind == "finite_number":
-        return "must be a finite number"
     if kind.startswith("float"):
         return "must be a number (an int or a float)"
     if kind.startswith("int"):

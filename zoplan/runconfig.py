@@ -20,7 +20,7 @@ import re
 
 import json
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Callable, Final, Literal, Mapping, TypeVar
 
 import annotated_types
 from pydantic import Field, ValidationError, field_validator
@@ -300,17 +300,20 @@ _BOUNDS = {
 }
 
 
+def bound_said(err: Mapping[str, Any], number: Callable[[Any], str] = str) -> str | None:
+    """A pydantic error of a bound (or a non-finite number) as zoplan says it: "must be at least
+    1", "must be a finite number", the bound written by ``number``; None for another kind of error."""
+    bound = _BOUNDS.get(err["type"])
+    return f"must be {bound.format(**{k: number(v) for k, v in err.get('ctx', {}).items()})}" if bound else None
+
+
 def _named(exc: ValidationError) -> str:
     """The validation error with options spelled as the command line does (--eval-every)."""
     parts = []
     for err in exc.errors()[:3]:
         name = flag(str(err["loc"][0])) if err["loc"] else "(top level)"
-        bound = _BOUNDS.get(err["type"])
-        said = (
-            f" must be {bound.format(**err.get('ctx', {}))}"
-            if bound
-            else ": " + err["msg"].removeprefix("Value error, ")
-        )
+        bound = bound_said(err)
+        said = f" {bound}" if bound else ": " + err["msg"].removeprefix("Value error, ")
         parts.append(f"{name}{said}, got {brief(err.get('input'))}")
     return "; ".join(parts)
 
