@@ -42,6 +42,9 @@ from pathlib import Path
 
 import torch
 
+from zoplan import records
+from zoplan.errors import ZoplanError
+from zoplan.records import RankError
 from zoplan.runconfig import CalibrateConfig
 
 from zoplan.layout import Layout
@@ -585,7 +588,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = read_calibration(args.config)
     assert cfg.figures is not None, "the launcher completes the configuration"
     try:
-        figures = measure(cfg)
+        try:
+            figures = measure(cfg)
+        except ZoplanError as exc:  # said as it is by the launcher (shared memory too small, ...)
+            rank = int(os.environ.get("RANK", "0"))
+            error = RankError(rank=rank, kind="error", message=exc.message, fix=exc.fix)
+            if rank == 0 or records.read_error(cfg.figures.parent) is None:
+                records.write_error(cfg.figures.parent, error)
+            raise SystemExit(1) from None
         rows = zdist.gather_objects(figures)
         if figures["rank"] == 0:
             cfg.figures.write_text(json.dumps(rows, indent=1))
@@ -614,7 +624,6 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from zoplan.errors import ZoplanError
     from zoplan.fileio import check_writable
     from zoplan.models import load_model_shape
     from zoplan.profile import build_profile, write_profile
@@ -719,13 +728,16 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
                 file=sys.stderr,
             )
         elif proc.returncode != 0 or not raw.exists():
+            kept = Path(f"{cfg.output}.log")  # the scratch folder goes: the log is kept beside the profile's path
+            shutil.copyfile(log, kept)
+            said = records.read_error(work)
+            if said is not None:  # a rank's own account
+                raise ZoplanError(said.message, fix=f"{said.fix} (log: {kept})" if said.fix else f"see {kept}")
             causes = [
                 l.strip()
                 for l in log.read_text(errors="replace").splitlines()
                 if "Error" in l and "ChildFailedError" not in l and not l.startswith("  File")
             ]
-            kept = Path(f"{cfg.output}.log")  # the scratch folder goes: the log is kept beside the profile's path
-            shutil.copyfile(log, kept)
             raise ZoplanError(
                 f"calibration failed (exit status {proc.returncode})" + (f": {causes[-1][:500]}" if causes else ""),
                 fix=f"see {kept}",

@@ -17,7 +17,9 @@ as a weight). ``mappable`` says why not where it cannot.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import mmap
 import os
 import shutil
@@ -29,6 +31,9 @@ from typing import Iterator
 
 import torch
 from torch import nn
+
+from zoplan.errors import ZoplanError
+from zoplan.runtime.scratch import SHARED_MEMORY_ENV
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
@@ -166,6 +171,61 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _mib(nbytes: int) -> str:
+    """Binary units, as ``df -h`` and ``docker run --shm-size`` count them."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _mount_point(path: Path) -> Path:
+    """The folder ``path``'s file system is mounted at (what ``df`` names)."""
+    path = path.resolve()
+    device = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == device:
+        path = path.parent
+    return path
+
+
+def reserve(root: Path, files: list[tuple[str, int]]) -> None:
+    """Create the host copy's files in ``root`` with their bytes claimed (``posix_fallocate``)
+    before any is written. In shared memory (a tmpfs) a file's pages are taken only as they are
+    written, and a write that finds the tmpfs full kills the writer with SIGBUS: without the
+    claim, a /dev/shm smaller than the model (a container's is 64 MiB unless started with more)
+    killed the loading rank without a word."""
+    need = sum(size for _, size in files)
+    free = shutil.disk_usage(root).free
+
+    def too_small(free: int) -> ZoplanError:
+        where = _mount_point(root)
+        container = (
+            " (a container's /dev/shm holds 64 MiB unless it is started with more)"
+            if Path("/dev/shm") in (where, *where.parents)
+            else ""
+        )
+        room = -(-(need + (64 << 20)) // (1 << 30))  # whole GiB, with room for another launch's pages
+        return ZoplanError(
+            f"the host copy of the weights needs {_mib(need)} of shared memory in {where}, which has "
+            f"{_mib(free)} free{container}",
+            fix=f"give it more (docker run --shm-size={room}g ...; Kubernetes: an emptyDir with medium "
+            f"Memory mounted at /dev/shm), or set {SHARED_MEMORY_ENV} to a folder on a larger tmpfs; then run again",
+        )
+
+    if need > free:
+        raise too_small(free)
+    for name, size in files:
+        fd = os.open(root / name, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            if size:
+                os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            for other, _ in files:  # nothing half-claimed is left for the others to wait on
+                (root / other).unlink(missing_ok=True)
+            raise too_small(shutil.disk_usage(root).free) from None
+        finally:
+            os.close(fd)
+
+
 class HostCopy:
     """Flat block buffers and resident tensors in shared memory, opened by name; or the blocks
     mapped read-only from the checkpoint itself (``map``)."""
@@ -229,8 +289,6 @@ class HostCopy:
         """Refuse to go on (save an adapter, a snapshot) once a mapped checkpoint file was written
         or replaced: the run read its blocks from a file that is no longer what the adapter names
         as its base (rewritten in place, it may even have read a mix)."""
-        from zoplan.errors import ZoplanError
-
         for path, then in self._stats.items():
             try:
                 now = _identity(os.stat(path))
@@ -268,6 +326,15 @@ class HostCopy:
         layouts = block_layouts(blocks, prefix, slices)
         block_names = {s.name for l in layouts for s in l.slots}
         resident = {n: (tuple(p.shape), param_dtype) for n, p in model.named_parameters() if n not in block_names}
+        wire = DTYPES[wire_dtype].itemsize
+        reserve(
+            root,
+            [(f"block{l.index}.bin", l.padded * wire) for l in layouts]
+            + [
+                (f"resident.{n}.bin", math.prod(shape) * DTYPES[dtype].itemsize)
+                for n, (shape, dtype) in resident.items()
+            ],
+        )
         (root / "layout.json").write_text(json.dumps({"wire": wire_dtype, "resident": resident, "slices": slices}))
         copy = HostCopy(root, layouts, wire_dtype, resident)
         for layout, flat in zip(layouts, copy.blocks):

@@ -61,12 +61,20 @@ IMPORT_TIME_PREFIXES = (
     "LD_",
     "ZOPLAN_",
 )
-# not compared: read by the ranks while they run, or written by torch itself as it runs (its
-# compile cache's folder, once a launcher's own torch has looked it up)
+# not compared: read by the launcher or the ranks while they run (zoplan's own switches: no
+# zoplan module reads one when imported), or written by torch itself as it runs (its compile
+# cache's folder, once a launcher's own torch has looked it up)
 NOT_COMPARED = {
     SERVER_ENV,
     "ZOPLAN_FAULTS",
     "ZOPLAN_HOST_COPY",
+    "ZOPLAN_SHARED_MEMORY",
+    "ZOPLAN_Z_KERNEL",
+    "ZOPLAN_PERTURB_TRITON",
+    "ZOPLAN_CC",
+    "ZOPLAN_CUDA_GRAPHS",
+    "ZOPLAN_MEETINGS",
+    "ZOPLAN_PLAN_WORKERS",
     "TORCHINDUCTOR_CACHE_DIR",
     "TORCH_WARM_POOL",
     "KMP_DUPLICATE_LIB_OK",

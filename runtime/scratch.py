@@ -34,8 +34,23 @@ OWNER = ".owner"
 MIN_AGE_S = 10.0
 
 
+# the folder host copies live in, when /dev/shm is not the place (a container's small one)
+SHARED_MEMORY_ENV = "ZOPLAN_SHARED_MEMORY"
+
+
 def shared_memory() -> Path:
-    """Where host copies live: /dev/shm when it is writable, else the temporary directory."""
+    """Where host copies live: the folder ``ZOPLAN_SHARED_MEMORY`` names, else /dev/shm when it is
+    writable, else the temporary directory."""
+    chosen = os.environ.get(SHARED_MEMORY_ENV, "")
+    if chosen:
+        path = Path(chosen).absolute()  # the ranks are handed folders under it
+        if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+            raise ZoplanError(
+                f"{SHARED_MEMORY_ENV}={chosen} is not a folder this user can write in: it is where the "
+                "host copy of the weights would go",
+                fix=f"create it, or unset {SHARED_MEMORY_ENV} to use /dev/shm",
+            )
+        return path
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 

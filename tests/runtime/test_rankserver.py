@@ -93,3 +93,26 @@ def test_a_run_in_another_import_time_environment_is_refused_and_a_stopped_serve
     log, _ = server.communicate(timeout=60)
     assert server.returncode == 0 and not sock.exists()
     assert "stopped after starting 1 run(s) and refusing 2" in log, log
+
+
+def test_zoplans_own_switches_are_read_as_a_run_runs_so_a_served_run_may_set_them() -> None:
+    """Every ZOPLAN_* variable zoplan reads is read by the launcher or the ranks while a run runs,
+    never when a module is imported (the server has imported them): a run that sets one is served
+    (a run with ZOPLAN_CUDA_GRAPHS=1 is, test_graphs.py). A new variable read at import must be
+    compared instead: take it out of this test's list and out of rankserver.NOT_COMPARED."""
+    import re
+
+    from zoplan.runtime.launch import SHARE_THREADS_ENV
+
+    root = Path(__file__).parents[2]
+    names = {
+        name
+        for folder in ("runtime", "zoplan")
+        for source in (root / folder).rglob("*.py")
+        for name in re.findall(r"ZOPLAN_[A-Z][A-Z_]*", source.read_text())
+    }
+    assert {"ZOPLAN_Z_KERNEL", "ZOPLAN_SHARED_MEMORY", "ZOPLAN_CUDA_GRAPHS"} <= names  # the pattern finds them
+    # zoplan's mark of a thread count it chose stands for the user's OMP_NUM_THREADS (compared)
+    names -= {SHARE_THREADS_ENV}
+    assert rankserver.import_time_differences({}, {name: "1" for name in names}) == []
+    assert rankserver.import_time_differences({}, {"TORCH_SHOW_CPP_STACKTRACES": "1"}) == ["TORCH_SHOW_CPP_STACKTRACES"]

@@ -125,3 +125,91 @@ def test_a_launcher_refused_by_the_lock_leaves_the_holders_directory(tmp_path: P
         with pytest.raises(ZoplanError, match="in use by another zoplan run"):
             launch.run(make(output=out, steps=1))
         assert (out / ".lock-node0").exists()
+
+
+def test_host_copies_go_where_zoplan_shared_memory_says_and_a_bad_folder_is_refused(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from zoplan.runtime.scratch import SHARED_MEMORY_ENV, shared_memory
+
+    monkeypatch.delenv(SHARED_MEMORY_ENV, raising=False)
+    default = shared_memory()
+    monkeypatch.setenv(SHARED_MEMORY_ENV, str(tmp_path))
+    assert shared_memory() == tmp_path != default
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    monkeypatch.setenv(SHARED_MEMORY_ENV, "here")
+    assert shared_memory() == tmp_path / "here"  # absolute: the ranks are handed folders under it
+    for bad in ("missing", "a-file"):
+        (tmp_path / "a-file").write_text("x")
+        monkeypatch.setenv(SHARED_MEMORY_ENV, bad)
+        with pytest.raises(ZoplanError, match=f"{SHARED_MEMORY_ENV}={bad} is not a folder this user can write in"):
+            shared_memory()
+
+
+def test_a_host_copy_that_does_not_fit_is_refused_before_a_page_is_written(tmp_path: Path, monkeypatch) -> None:
+    """A tmpfs that fills while pages are written kills the writer with SIGBUS: the files' bytes
+    are claimed first, and a shortfall (seen in the free space, or only when claiming: another
+    launch took the room meanwhile) is a message that says how much is needed and where."""
+    import errno
+    import shutil
+
+    from zoplan.runtime import hostcopy
+
+    files = [("block0.bin", 3 << 20), ("block1.bin", 3 << 20), ("resident.wte.bin", 1 << 20)]
+    hostcopy.reserve(tmp_path, files)
+    assert {p.name: p.stat().st_size for p in tmp_path.iterdir()} == dict(files)
+    assert all(p.stat().st_blocks * 512 >= size for p, (_, size) in zip(sorted(tmp_path.iterdir()), sorted(files)))
+
+    room = tmp_path / "small"
+    room.mkdir()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(hostcopy.shutil, "disk_usage", lambda path: usage._replace(free=5 << 20))
+    with pytest.raises(ZoplanError, match=r"needs 7\.0 MiB of shared memory in .*, which has 5\.0 MiB free") as said:
+        hostcopy.reserve(room, files)
+    assert "--shm-size=1g" in said.value.fix and "ZOPLAN_SHARED_MEMORY" in said.value.fix
+    assert list(room.iterdir()) == []
+
+    monkeypatch.setattr(hostcopy.shutil, "disk_usage", lambda path: usage._replace(free=64 << 20))
+    claimed: list[str] = []
+
+    def claim(fd: int, offset: int, size: int) -> None:
+        claimed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        if len(claimed) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hostcopy.os, "posix_fallocate", claim)
+    with pytest.raises(ZoplanError, match=r"needs 7\.0 MiB of shared memory"):
+        hostcopy.reserve(room, files)
+    assert len(claimed) == 2 and list(room.iterdir()) == []  # none half-claimed left
+
+
+def test_a_run_with_too_little_shared_memory_says_so_instead_of_dying_of_sigbus(tmp_path: Path) -> None:
+    """The real thing: a 64 KiB tmpfs as the run's shared memory (root, in a mount namespace of
+    its own that goes with the run; skipped where that cannot be made)."""
+    from zoplan.runtime.rankserver import SERVER_ENV
+    from zoplan.runtime.scratch import SHARED_MEMORY_ENV
+
+    small = tmp_path / "small"
+    small.mkdir()
+    probe = subprocess.run(
+        ["unshare", "-m", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)], capture_output=True
+    )
+    if probe.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and unshare)")
+    env = {k: v for k, v in os.environ.items() if k != SERVER_ENV}  # the ranks must see this mount
+    env[SHARED_MEMORY_ENV] = str(small)
+    out = tmp_path / "run"
+    script = f'mount -t tmpfs -o size=64k tmpfs "$1" && exec {sys.executable} -m zoplan.cli run --steps 1 -o "$2"'
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(small), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 2, said[-3000:]
+    assert f"of shared memory in {small}, which has 0.1 MiB free" in said, said[-3000:]
+    assert "SIGBUS" not in said and "container" not in said  # not /dev/shm: no word of containers
+    assert list(small.iterdir()) == []  # (this namespace's view: the mount went with the run)
