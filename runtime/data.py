@@ -43,12 +43,38 @@ SENTIMENT_SIZE = 400
 SENTIMENT_SEED = 0
 
 KINDS = ("classification", "lm", "completion", "choice")
-PLACEHOLDER = re.compile(r"\{(\w+)\}")  # a classification prompt's {field}
+FIELD_NAME = re.compile(r"\w+")  # what a classification prompt's {field} may name
+
+
+@lru_cache(maxsize=64)
+def prompt_pieces(prompt: str) -> tuple[tuple[str, str | None], ...]:
+    """A classification prompt as (literal text, the field that follows it or None) pieces.
+
+    A prompt is written as a Python format string whose fields are the records' fields: ``{text}``,
+    ``{premise}``, and ``{{`` and ``}}`` for literal braces; a field takes no format spec or
+    conversion, and a lone brace is refused (each used to leave its text in the model's input
+    unfilled, or to fill a field meant as literal text)."""
+    import string
+
+    fix = "a placeholder is a record field's name in braces, such as {text} or {premise}; write a literal brace as {{ or }}"
+    try:
+        parsed = list(string.Formatter().parse(prompt))
+    except ValueError as exc:  # a lone brace
+        raise ZoplanError(f"prompt {prompt!r}: {str(exc).lower()}", fix=fix) from None
+    pieces = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None and (not FIELD_NAME.fullmatch(name) or spec or conversion):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ZoplanError(
+                f"prompt {prompt!r}: {shown} is not a field zoplan can fill (no format, no index)", fix=fix
+            )
+        pieces.append((literal, name))
+    return tuple(pieces)
 
 
 def placeholders(prompt: str) -> list[str]:
     """The record fields a prompt names, in order of first use."""
-    return list(dict.fromkeys(PLACEHOLDER.findall(prompt)))
+    return list(dict.fromkeys(name for _, name in prompt_pieces(prompt) if name is not None))
 
 
 IGNORE_INDEX = -100  # the label value torch's cross_entropy skips
@@ -298,8 +324,10 @@ def check_labels(examples: list[Example], task: Task, source: str) -> None:
         if missing:
             where = f"{source}:{example.line}" if example.line is not None else f"{source}, a record"
             raise ZoplanError(
-                f"{where}: the prompt {task.prompt!r} names {{{missing[0]}}}, which this record does not have",
-                fix=f'give every record a "{missing[0]}" string, or a prompt with the fields the records have',
+                f"{where}: the prompt {task.prompt!r} names {{{missing[0]}}}, which this record does not have "
+                "as a string",
+                fix=f'give every record a "{missing[0]}" string (a number too: "3", not 3), or a prompt with the '
+                "fields the records have",
             )
     for example in examples:
         if example.label is not None and example.label >= len(task.label_words):
@@ -481,8 +509,8 @@ def _read_csv(path: Path) -> list[Example]:
             for row in reader:
                 # A quoted field may span lines: a record starts after the previous one ended.
                 start, line_no = line_no, reader.line_num + 1
-                if not row:
-                    continue  # a blank line
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # a blank line, or one of spaces only (as in a .jsonl file)
                 if len(row) != len(columns):
                     raise ZoplanError(
                         f"{path}:{start}: {len(row)} fields, the header has {len(columns)}",
@@ -614,7 +642,10 @@ class Task:
         if self.kind != "classification":
             return example.text
         values = {"text": example.text, **dict(example.fields)}
-        return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.prompt)
+        return "".join(
+            literal + ("" if name is None else values.get(name, "{" + name + "}"))
+            for literal, name in prompt_pieces(self.prompt)
+        )
 
     def label_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """The vocabulary id of each label word; each must be exactly one token, all different.

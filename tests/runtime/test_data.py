@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,11 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
     )
     plain = tmp_path / "plain.csv"
     plain.write_text("text\nsome words\n")
+    assert load_examples(str(plain)) == ([Example("some words")], "lm")
+    # a line of spaces (an editor's last line) is a blank line, as in a .jsonl file
+    labelled.write_text('text,label\n"a dull, boring film",0\n  \nthe movie was wonderful,1\n \t \n')
+    plain.write_text("text\nsome words\n   \n")
+    assert load_examples(str(labelled))[0] == [Example("a dull, boring film", 0), Example("the movie was wonderful", 1)]
     assert load_examples(str(plain)) == ([Example("some words")], "lm")
 
     pairs = [Example(" Paris", prompt="The capital of France is"), Example(" 4", prompt="2 + 2 =")]
@@ -350,6 +356,33 @@ def test_a_prompt_reads_the_fields_it_names(tmp_path: Path) -> None:
         check_labels(examples, task, str(path))
     with pytest.raises(ZoplanError, match="no placeholder"):
         Task("classification", prompt="It was")
+    # a number where the prompt wants text: said as such (the record does have the field)
+    path.write_text('{"premise": 3, "hypothesis": "The road is wet.", "label": 0}\n')
+    with pytest.raises(ZoplanError, match=r"names \{premise\}, which this record does not have as a string") as said:
+        check_labels(load_examples(str(path))[0], task, str(path))
+    assert '"3", not 3' in said.value.fix
+
+
+def test_a_prompt_is_a_format_string_of_the_records_fields_and_nothing_else() -> None:
+    """{{ and }} are literal braces, as in Python; a format spec, a conversion, an index or a lone
+    brace is refused when the task is made (each used to leave its text in the model's input, or to
+    fill a field meant as literal text, and the run went on)."""
+    example = Example("", 0, fields=(("hypothesis", "wet"), ("premise", "rain")))
+    task = Task("classification", prompt='{{"premise": {premise}}} so {hypothesis}?', label_words=(" Yes", " No"))
+    assert task.render(example) == '{"premise": rain} so wet?'
+    assert data.placeholders("{premise} {{text}} {premise} {hypothesis}") == ["premise", "hypothesis"]
+    for prompt, said in (
+        ("{premise:>5} so {hypothesis}", "{premise:>5} is not a field"),
+        ("{premise!r} so {hypothesis}", "{premise!r} is not a field"),
+        ("{premise[0]} so {hypothesis}", "{premise[0]} is not a field"),
+        ("{} so {hypothesis}", "{} is not a field"),
+        ("{premise} so {hypothesis} }", "single '}' encountered"),
+        ("{premise so {hypothesis}", "unexpected '{' in field name"),
+        ("{premise} so {hypothesis", "expected '}'"),
+    ):
+        with pytest.raises(ZoplanError, match=re.escape(said)) as refused:
+            Task("classification", prompt=prompt, label_words=(" Yes", " No"))
+        assert "write a literal brace as {{ or }}" in refused.value.fix
 
 
 def test_label_out_of_range_is_refused(tokenizer) -> None:
