@@ -3,7 +3,16 @@ runtime's own conftest lives only in its worker): what the summary says about te
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Before anything loads OpenMP (torch, in the workers and in every run they start): the suite's two
+# workers run their runs side by side, more ranks than the machine has cores, and OpenMP's threads
+# spinning while they wait then burn the cores the other runs need (the whole suite, 2026-12-06:
+# 566 CPU-s and 303 s, 496 CPU-s and 272 s with this). It changes when a waiting thread sleeps, not
+# what any run computes. A value already set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from zoplan.runtime import INSTALL, missing_packages  # torch-free: names the packages, imports none
 

@@ -29,15 +29,54 @@ SERVED: list[str] = []  # the session's rank server's last line: how many runs i
 HERE = Path(__file__).resolve().parent
 
 
+# With pytest-xdist (`-n 2 --dist loadgroup`, the README's command) the runtime's tests run in two
+# halves of about the same time, one per worker, each half's files one after another on it; the
+# planner's tests fill whichever worker is free. A worker gives its half's runs a temporary
+# directory and a shared-memory folder of their own (``own_scratch``), so a check that a run leaves
+# nothing behind sees only its own half's runs. The first half (seconds in one process, 2026-12-06):
+FIRST_HALF = {
+    "test_resume.py",  # 47
+    "test_fused_interpreter.py",  # 29
+    "test_layouts.py",  # 20
+    "test_meetings.py",  # 14
+    "test_rankserver.py",  # 11
+    "test_graphs.py",  # 6
+    "test_trainer.py",  # 5
+}
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
-    """With pytest-xdist (`-n 2 --dist loadgroup`, the README's command) every runtime test runs
-    on one worker, one after another as without it, while the planner's tests run on the other:
-    the runtime's checks that a run leaves nothing in shared memory or the temporary directory
-    see only their own runs."""
     for item in items:
         if HERE in item.path.resolve().parents:
-            item.add_marker(pytest.mark.xdist_group("runtime"))
+            half = "runtime-1" if item.path.name in FIRST_HALF else "runtime-2"
+            item.add_marker(pytest.mark.xdist_group(half))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_scratch(tmp_path_factory: pytest.TempPathFactory):
+    """In a pytest-xdist worker: this worker's runs keep their scratch (TMPDIR) and host copies
+    (ZOPLAN_SHARED_MEMORY) in folders of their own, removed at the end (the other worker's runs
+    run at the same time). Without workers, the machine's own."""
+    import shutil
+    import tempfile
+
+    from zoplan.runtime.scratch import SHARED_MEMORY_ENV, shared_memory
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or os.environ.get(SHARED_MEMORY_ENV):  # (a session inside a session: its parent's)
+        yield
+        return
+    tmp = tmp_path_factory.mktemp("tmp")
+    shm = Path(tempfile.mkdtemp(prefix=f"pytest-{worker}-", dir=shared_memory()))  # not zoplan-*: no sweep takes it
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TMPDIR", str(tmp))
+            mp.setattr(tempfile, "tempdir", str(tmp))
+            mp.setenv(SHARED_MEMORY_ENV, str(shm))
+            yield
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -57,7 +96,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def rank_server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config):
+def rank_server(own_scratch, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config):
     """One rank server for the session (runtime/rankserver.py): each run's supervisor is forked
     from it instead of a new interpreter importing torch and transformers, seconds a run. The
     tests that need a run to start its own supervisor remove ZOPLAN_RANK_SERVER from their

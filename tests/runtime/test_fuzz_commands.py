@@ -91,11 +91,13 @@ RUN_GOOD = {
 
 
 def leftovers(private_tmp: Path) -> set[str]:
-    """What this process's launches hold outside an output directory: host-copy folders in /dev/shm
-    whose owner file names this process (other jobs on the machine have their own), and what the
-    command left in the private temporary directory it ran with."""
+    """What this process's launches hold outside an output directory: host-copy folders in shared
+    memory whose owner file names this process (other jobs on the machine have their own), and what
+    the command left in the private temporary directory it ran with."""
+    from zoplan.runtime.scratch import shared_memory
+
     mine = set()
-    for folder in glob.glob("/dev/shm/zoplan-*"):
+    for folder in glob.glob(str(shared_memory() / "zoplan-*")):
         try:
             if (Path(folder) / ".owner").read_text().split()[:1] == [str(os.getpid())]:
                 mine.add(folder)
