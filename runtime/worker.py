@@ -560,6 +560,13 @@ def main(argv: list[str] | None = None) -> None:
         "--host-dir", type=Path, required=True, help="this launch's host copy on this machine (zoplan run removes it)"
     )
     args = parser.parse_args(argv)
+    out = args.config.parent
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and records.read_error(out) is not None:
+        # An earlier attempt of this launch stopped itself (error.json, which the launcher removes
+        # when it starts, says why). The rank supervisor never restarts such a stop; torchrun (runs
+        # of several machines) restarts any failed attempt, and a restart would only hide it: the
+        # counts start again, and a run of nothing but skipped steps would end with exit 0.
+        raise SystemExit(STOPPED)
     # a rank whose torchrun is gone (killed) stops at once instead of training on, orphaned: the
     # journal holds every completed step
     from zoplan.runtime.launch import die_with_parent
@@ -569,7 +576,6 @@ def main(argv: list[str] | None = None) -> None:
         from zoplan.runtime.scratch import RANK_NAME, name_process
 
         name_process(f"{RANK_NAME}{os.environ['RANK']}")
-    out = args.config.parent
     try:
         train(runconfig.read(args.config), out, args.host_dir)
     except (ZoplanError, OSError) as exc:

@@ -394,3 +394,39 @@ def test_a_restart_before_the_first_step_is_said_and_recorded(tmp_path: Path) ->
     assert "every rank was restarted (restart 1 of 1), resuming with 0 step(s) done" in said, said
     resumed = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "resumed_at" in l]
     assert resumed == [{"resumed_at": 0, "replayed": 0, "restart": 1}]
+
+
+def test_a_restarted_attempt_of_a_run_that_stopped_itself_stops_at_once(tmp_path: Path, monkeypatch) -> None:
+    """torchrun (runs of several machines) restarts any failed attempt: a rank's own stop (losses
+    not finite --max-nonfinite steps in a row, a full disk), which the rank supervisor of one
+    machine never restarts, was trained again from its count of 0, and a run of nothing but
+    skipped steps ended with exit 0 and the base weights (two torchrun 'machines', lr 1e30,
+    --max-restarts 1: exit 0 on both, 2026-12-06). A restart whose launch has a rank's error on
+    record now stops at once, before it loads anything, and torchrun's restarts run out."""
+    from zoplan import records
+    from zoplan.records import RankError
+    from zoplan.runtime import worker
+    from zoplan.runtime.ranks import STOPPED
+
+    monkeypatch.setattr("zoplan.runtime.launch.die_with_parent", lambda signum: None)  # (not this test's process)
+    monkeypatch.setattr(worker.runconfig, "read", lambda path: path)
+
+    def train(cfg, out, host_dir):
+        raise RuntimeError(f"trains {cfg}")
+
+    monkeypatch.setattr(worker, "train", train)
+    args = [str(tmp_path / "run.json"), "--host-dir", str(tmp_path / "host")]
+    records.write_error(tmp_path, RankError(rank=0, kind="error", message="losses not finite", fix=None))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(SystemExit) as stopped:
+        worker.main(args)
+    assert stopped.value.code == STOPPED
+    # the first attempt (the launcher removes the error of the launch before), or a restart after
+    # a crash (no rank's error on record), trains
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(RuntimeError, match="trains .*run.json"):
+        worker.main(args)
+    (tmp_path / records.ERROR_FILE).unlink()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(RuntimeError, match="trains .*run.json"):
+        worker.main(args)
