@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from zoplan.errors import ZoplanError
+from zoplan.runconfig import PROMPT_FIX, prompt_fields
 from zoplan.runconfig import default as run_default
 
 if TYPE_CHECKING:
@@ -43,33 +44,16 @@ SENTIMENT_SIZE = 400
 SENTIMENT_SEED = 0
 
 KINDS = ("classification", "lm", "completion", "choice")
-FIELD_NAME = re.compile(r"\w+")  # what a classification prompt's {field} may name
 
 
 @lru_cache(maxsize=64)
 def prompt_pieces(prompt: str) -> tuple[tuple[str, str | None], ...]:
-    """A classification prompt as (literal text, the field that follows it or None) pieces.
-
-    A prompt is written as a Python format string whose fields are the records' fields: ``{text}``,
-    ``{premise}``, and ``{{`` and ``}}`` for literal braces; a field takes no format spec or
-    conversion, and a lone brace is refused (each used to leave its text in the model's input
-    unfilled, or to fill a field meant as literal text)."""
-    import string
-
-    fix = "a placeholder is a record field's name in braces, such as {text} or {premise}; write a literal brace as {{ or }}"
+    """A classification prompt as (literal text, the field that follows it or None) pieces
+    (``zoplan.runconfig.prompt_fields``: {field}, {{ and }} for braces, nothing else)."""
     try:
-        parsed = list(string.Formatter().parse(prompt))
-    except ValueError as exc:  # a lone brace
-        raise ZoplanError(f"prompt {prompt!r}: {str(exc).lower()}", fix=fix) from None
-    pieces = []
-    for literal, name, spec, conversion in parsed:
-        if name is not None and (not FIELD_NAME.fullmatch(name) or spec or conversion):
-            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-            raise ZoplanError(
-                f"prompt {prompt!r}: {shown} is not a field zoplan can fill (no format, no index)", fix=fix
-            )
-        pieces.append((literal, name))
-    return tuple(pieces)
+        return prompt_fields(prompt)
+    except ValueError as exc:
+        raise ZoplanError(f"prompt {prompt!r}: {exc}", fix=PROMPT_FIX) from None
 
 
 def placeholders(prompt: str) -> list[str]:

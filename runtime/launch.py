@@ -523,6 +523,10 @@ def _as_planned(cfg: RunConfig, plan: Plan, steps_given: bool, model_given: bool
     )
 
 
+class RanksRefused(ZoplanError):
+    """The ranks stopped the run with a message of their own (a ZoplanError in a rank)."""
+
+
 def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
     """Run a plan (``resume``: continue the run in ``cfg.output``; see ``resume_config``): the
     output directory is locked while the run uses it; a directory this call made is removed again
@@ -537,11 +541,26 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
         with run_lock(out, cfg.node_rank):
             try:
                 return _run(cfg, resume)
-            except BaseException:
+            except BaseException as exc:
                 # removed while this run holds it: a launcher refused because another run holds
                 # the directory never removes it (nor that run's lock) under that run
-                if made and out.is_dir() and all(p.name.startswith(".lock-node") for p in out.iterdir()):
+                locks = [p for p in out.iterdir() if p.name.startswith(".lock-node")] if out.is_dir() else []
+                if made and out.is_dir() and len(locks) == len(list(out.iterdir())):
                     shutil.rmtree(out, ignore_errors=True)
+                elif (
+                    isinstance(exc, RanksRefused)
+                    and not resume
+                    and cfg.nnodes == 1  # (on several machines, node 0's journal holds the steps)
+                    and not _journaled_steps(out / "journal.jsonl")
+                ):
+                    # the ranks refused a new run before its first step (label words the
+                    # tokenizer splits, shared memory too small, ...): nothing of it is worth
+                    # keeping, and the same command, fixed, runs again in the same directory
+                    if made:
+                        shutil.rmtree(out, ignore_errors=True)
+                    else:
+                        for p in set(out.iterdir()) - set(locks):
+                            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                 raise
     except BaseException:
         if made:  # the lock was not taken: the directory goes only if nothing at all is in it
@@ -647,7 +666,7 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
     elif proc.returncode != 0:
         error = read_error(out)  # a rank's own account (records.RankError), as it wrote it
         if error is not None:
-            raise ZoplanError(error.message, fix=error.fix)
+            raise (RanksRefused if error.kind == "error" else ZoplanError)(error.message, fix=error.fix)
         done = _journaled_steps(out / "journal.jsonl")
         held = (
             f"the journal holds {done} completed step(s)" if cfg.node_rank == 0 else f"{_the_journal(cfg)} holds them"

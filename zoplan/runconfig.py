@@ -65,6 +65,34 @@ FIXED_ON_RESUME = (
 )
 
 
+FIELD_NAME = re.compile(r"\w+")  # what a classification prompt's {field} may name
+PROMPT_FIX = (
+    "a placeholder is a record field's name in braces, such as {text} or {premise}; write a literal brace as {{ or }}"
+)
+
+
+def prompt_fields(prompt: str) -> tuple[tuple[str, str | None], ...]:
+    """A classification prompt as (literal text, the field that follows it or None) pieces.
+
+    A prompt is written as a Python format string whose fields are the records' fields: ``{text}``,
+    ``{premise}``, and ``{{`` and ``}}`` for literal braces; a field takes no format spec,
+    conversion or index, and a lone brace is a ValueError (each used to leave its text in the
+    model's input unfilled, or to fill a field meant as literal text)."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(prompt))
+    except ValueError as exc:  # a lone brace
+        raise ValueError(str(exc).lower()) from None
+    pieces = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None and (not FIELD_NAME.fullmatch(name) or spec or conversion):
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"{shown} is not a field zoplan can fill (no format, no index)")
+        pieces.append((literal, name))
+    return tuple(pieces)
+
+
 class RunConfig(Strict):
     """A ``zoplan run``, as written to ``OUTPUT/run.json``."""
 
@@ -138,7 +166,11 @@ class RunConfig(Strict):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, prompt: str) -> str:
-        if not re.search(r"\{\w+\}", prompt):
+        try:
+            pieces = prompt_fields(prompt)
+        except ValueError as exc:
+            raise ValueError(f"{exc}: {PROMPT_FIX}") from None
+        if not any(name is not None for _, name in pieces):
             raise ValueError(
                 "the prompt needs a {text} placeholder, where each example's text goes (e.g. '{text} It was'), "
                 "or the record fields it reads ('{premise} ... {hypothesis}')"

@@ -327,6 +327,9 @@ def test_classification_with_three_classes_a_prompt_and_label_words(tmp_path: Pa
         "run", *args[:4], "--label-words", "dull,movie,okay", "-b", "4", "--steps", "1", "-o", str(tmp_path / "r3")
     )
     assert proc.returncode == 2 and "label word ' okay' is 3 tokens" in proc.stderr, proc.stderr
+    # found by the ranks, before the first step: the output directory the run made goes again, so
+    # the same command with other words runs (it was left for the user to remove)
+    assert not (tmp_path / "r3").exists()
 
 
 def sentiment_records(shape) -> list[dict]:
