@@ -108,6 +108,11 @@ def test_a_damaged_or_newer_configuration_is_refused_with_its_path(tmp_path: Pat
         ({"data": " "}, "--data: is empty"),
         ({"model": ""}, "--model: is empty"),
         ({"topology": ""}, "--topology: is empty"),
+        # the prompt is a format string of the records' fields, and nothing else (runconfig.prompt_fields)
+        ({"prompt": "{text:>5} It was"}, r"--prompt: \{text:>5\} is not a field zoplan can fill"),
+        ({"prompt": "{text!r} It was"}, r"--prompt: \{text!r\} is not a field"),
+        ({"prompt": "{text} It was }"}, r"--prompt: single '\}' encountered in format string: a placeholder is"),
+        ({"prompt": "{{text}} It was"}, r"--prompt: the prompt needs a \{text\} placeholder"),
     ],
 )
 def test_a_bad_value_is_named_by_its_option(values: dict, words: str) -> None:
