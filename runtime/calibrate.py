@@ -53,7 +53,7 @@ from zoplan.program import build as build_program
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
-from zoplan.runtime.scratch import owned, shared_memory
+from zoplan.runtime.scratch import owned, shared_memory, shared_memory_is_short, short_of_shared_memory
 from zoplan.runtime.spans import Spans
 
 REPEAT_S = 0.3  # each copy measurement runs at least this long
@@ -181,7 +181,7 @@ def measure(args: CalibrateConfig) -> dict:
     block_params = sum(p.numel() for p in blocks[0].parameters())
     root = Path(args.host_root) / f"rank{rank}"  # in the launch's own folder (runtime/scratch.py)
     # sliced into one slice per rank: the in-situ all-gather below exchanges them
-    host = HostCopy.create(root, model, blocks, adapter.blocks_path + ".", world, args.dtype, args.dtype)
+    host = HostCopy.create(root, model, blocks, adapter.blocks_path + ".", world, args.dtype, args.dtype, copies=world)
     try:
         figures = _measure_with(args, model, adapter, host, device, rank, world, block_params, config)
     finally:
@@ -589,7 +589,12 @@ def main(argv: list[str] | None = None) -> None:
     assert cfg.figures is not None, "the launcher completes the configuration"
     try:
         try:
-            figures = measure(cfg)
+            try:
+                figures = measure(cfg)
+            except OSError:  # the small files after the host copies, in a full shared memory
+                if cfg.host_root is None or not shared_memory_is_short(cfg.host_root, cfg.figures.parent):
+                    raise
+                raise short_of_shared_memory(cfg.host_root) from None
         except ZoplanError as exc:  # said as it is by the launcher (shared memory too small, ...)
             rank = int(os.environ.get("RANK", "0"))
             error = RankError(rank=rank, kind="error", message=exc.message, fix=exc.fix)

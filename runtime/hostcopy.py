@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from zoplan.errors import ZoplanError
-from zoplan.runtime.scratch import SHARED_MEMORY_ENV
+from zoplan.runtime.scratch import SHARED_MEMORY_ROOM, short_of_shared_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAFETENSORS_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
@@ -171,46 +171,16 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _mib(nbytes: int) -> str:
-    """Binary units, as ``df -h`` and ``docker run --shm-size`` count them."""
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-
-
-def _mount_point(path: Path) -> Path:
-    """The folder ``path``'s file system is mounted at (what ``df`` names)."""
-    path = path.resolve()
-    device = path.stat().st_dev
-    while path.parent != path and path.parent.stat().st_dev == device:
-        path = path.parent
-    return path
-
-
-def reserve(root: Path, files: list[tuple[str, int]]) -> None:
+def reserve(root: Path, files: list[tuple[str, int]], copies: int = 1) -> None:
     """Create the host copy's files in ``root`` with their bytes claimed (``posix_fallocate``)
     before any is written. In shared memory (a tmpfs) a file's pages are taken only as they are
     written, and a write that finds the tmpfs full kills the writer with SIGBUS: without the
     claim, a /dev/shm smaller than the model (a container's is 64 MiB unless started with more)
-    killed the loading rank without a word."""
+    killed the loading rank without a word. ``copies``: how many ranks each make such a copy at
+    once (calibration), for the message; room is kept for the launch's small files too."""
     need = sum(size for _, size in files)
-    free = shutil.disk_usage(root).free
-
-    def too_small(free: int) -> ZoplanError:
-        where = _mount_point(root)
-        container = (
-            " (a container's /dev/shm holds 64 MiB unless it is started with more)"
-            if Path("/dev/shm") in (where, *where.parents)
-            else ""
-        )
-        room = -(-(need + (64 << 20)) // (1 << 30))  # whole GiB, with room for another launch's pages
-        return ZoplanError(
-            f"the host copy of the weights needs {_mib(need)} of shared memory in {where}, which has "
-            f"{_mib(free)} free{container}",
-            fix=f"give it more (docker run --shm-size={room}g ...; Kubernetes: an emptyDir with medium "
-            f"Memory mounted at /dev/shm), or set {SHARED_MEMORY_ENV} to a folder on a larger tmpfs; then run again",
-        )
-
-    if need > free:
-        raise too_small(free)
+    if need + SHARED_MEMORY_ROOM > shutil.disk_usage(root).free:
+        raise short_of_shared_memory(root, need, copies)
     for name, size in files:
         fd = os.open(root / name, os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -221,7 +191,7 @@ def reserve(root: Path, files: list[tuple[str, int]]) -> None:
                 raise
             for other, _ in files:  # nothing half-claimed is left for the others to wait on
                 (root / other).unlink(missing_ok=True)
-            raise too_small(shutil.disk_usage(root).free) from None
+            raise short_of_shared_memory(root, need, copies) from None
         finally:
             os.close(fd)
 
@@ -317,11 +287,19 @@ class HostCopy:
 
     @staticmethod
     def create(
-        root: Path, model: nn.Module, blocks: nn.ModuleList, prefix: str, slices: int, wire_dtype: str, param_dtype: str
+        root: Path,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        prefix: str,
+        slices: int,
+        wire_dtype: str,
+        param_dtype: str,
+        copies: int = 1,
     ) -> HostCopy:
-        """Write a loaded model's parameters into shared memory (the loader rank of a machine).
-        Each block is released (moved to meta) as soon as it is copied, so the loader holds the
-        weights about once, plus one block, instead of the model and its host copy side by side."""
+        """Write a loaded model's parameters into shared memory (the loader rank of a machine;
+        ``copies``: how many ranks make one at once). Each block is released (moved to meta) as soon
+        as it is copied, so the loader holds the weights about once, plus one block, instead of the
+        model and its host copy side by side."""
         root.mkdir(parents=True, exist_ok=True)
         layouts = block_layouts(blocks, prefix, slices)
         block_names = {s.name for l in layouts for s in l.slots}
@@ -334,6 +312,7 @@ class HostCopy:
                 (f"resident.{n}.bin", math.prod(shape) * DTYPES[dtype].itemsize)
                 for n, (shape, dtype) in resident.items()
             ],
+            copies,
         )
         (root / "layout.json").write_text(json.dumps({"wire": wire_dtype, "resident": resident, "slices": slices}))
         copy = HostCopy(root, layouts, wire_dtype, resident)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from zoplan import runconfig
-from zoplan.errors import ZoplanError
+from zoplan.errors import Refused, ZoplanError
 from zoplan.models import TINY_LR, load_model_shape, tiny_name
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
@@ -266,7 +266,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     if cfg.recipe is not None and recipe(cfg.recipe).kind != kind:
         expected = recipe(cfg.recipe)
         raise ZoplanError(
-            f"recipe {cfg.recipe} reads {expected.kind} records {expected.records}, but {data} is a {kind} set "
+            f"recipe {cfg.recipe} reads {expected.kind} records {expected.records}, but {data} is {zdata.a_set(kind)} "
             f"(records of {zdata.SHAPES[kind]})",
             fix="give data of the recipe's shape (docs/runtime.md), or leave --recipe out",
         )
@@ -274,7 +274,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     for name in ("prompt", "label_words"):  # a classification's: refused rather than ignored elsewhere
         if kind != "classification" and getattr(cfg, name) != fields[name].default:
             raise ZoplanError(
-                f"--{name.replace('_', '-')} applies to classification (labelled) data, but {data} is a {kind} set "
+                f"--{name.replace('_', '-')} applies to classification (labelled) data, but {data} is {zdata.a_set(kind)} "
                 f"(records of {zdata.SHAPES[kind]})",
                 fix=f"leave out --{name.replace('_', '-')}, or give labelled data",
             )
@@ -291,8 +291,8 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             raise ZoplanError(f"--eval-data: {exc.message}", fix=exc.fix) from None
         if held_kind != kind:
             raise ZoplanError(
-                f"--eval-data {cfg.eval_data} is a {held_kind} set (records of {zdata.SHAPES[held_kind]}), but "
-                f"--data {data} is a {kind} set (records of {zdata.SHAPES[kind]}): the evaluation measures the "
+                f"--eval-data {cfg.eval_data} is {zdata.a_set(held_kind)} (records of {zdata.SHAPES[held_kind]}), but "
+                f"--data {data} is {zdata.a_set(kind)} (records of {zdata.SHAPES[kind]}): the evaluation measures the "
                 "task that is trained",
                 fix="give held-out examples of the same shape as the training data",
             )
@@ -523,10 +523,6 @@ def _as_planned(cfg: RunConfig, plan: Plan, steps_given: bool, model_given: bool
     )
 
 
-class RanksRefused(ZoplanError):
-    """The ranks stopped the run with a message of their own (a ZoplanError in a rank)."""
-
-
 def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
     """Run a plan (``resume``: continue the run in ``cfg.output``; see ``resume_config``): the
     output directory is locked while the run uses it; a directory this call made is removed again
@@ -548,14 +544,14 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
                 if made and out.is_dir() and len(locks) == len(list(out.iterdir())):
                     shutil.rmtree(out, ignore_errors=True)
                 elif (
-                    isinstance(exc, RanksRefused)
+                    isinstance(exc, Refused)
                     and not resume
                     and cfg.nnodes == 1  # (on several machines, node 0's journal holds the steps)
                     and not _journaled_steps(out / "journal.jsonl")
                 ):
-                    # the ranks refused a new run before its first step (label words the
-                    # tokenizer splits, shared memory too small, ...): nothing of it is worth
-                    # keeping, and the same command, fixed, runs again in the same directory
+                    # a new run refused before its first step, by its ranks (label words the
+                    # tokenizer splits, ...) or for shared memory: nothing of it is worth keeping,
+                    # and the same command, corrected, runs again in the same directory
                     if made:
                         shutil.rmtree(out, ignore_errors=True)
                     else:
@@ -666,7 +662,7 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
     elif proc.returncode != 0:
         error = read_error(out)  # a rank's own account (records.RankError), as it wrote it
         if error is not None:
-            raise (RanksRefused if error.kind == "error" else ZoplanError)(error.message, fix=error.fix)
+            raise (Refused if error.kind == "error" else ZoplanError)(error.message, fix=error.fix)
         done = _journaled_steps(out / "journal.jsonl")
         held = (
             f"the journal holds {done} completed step(s)" if cfg.node_rank == 0 else f"{_the_journal(cfg)} holds them"

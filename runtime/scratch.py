@@ -14,6 +14,7 @@ second ``zoplan run --resume`` of the same directory is refused instead of train
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from zoplan.errors import ZoplanError
+from zoplan.errors import Refused, ZoplanError
 
 try:
     import fcntl
@@ -36,6 +37,9 @@ MIN_AGE_S = 10.0
 
 # the folder host copies live in, when /dev/shm is not the place (a container's small one)
 SHARED_MEMORY_ENV = "ZOPLAN_SHARED_MEMORY"
+# what a launch writes in shared memory besides the host copies: its owner file, the copy's layout,
+# the ranks' meeting pages (each a page, mapped: a write to a full tmpfs is a SIGBUS)
+SHARED_MEMORY_ROOM = 1 << 20
 
 
 def shared_memory() -> Path:
@@ -53,6 +57,87 @@ def shared_memory() -> Path:
         return path
     shm = Path("/dev/shm")
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def mount_point(path: Path) -> Path:
+    """The folder that ``path``'s file system is mounted at (what ``df`` names); ``path`` or the
+    nearest folder above it that exists."""
+    path = path.absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    path = path.resolve()
+    device = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == device:
+        path = path.parent
+    return path
+
+
+def sizes(*counts: int) -> list[str]:
+    """Byte counts in binary units (as ``df -h`` and ``docker run --shm-size`` count), with as many
+    decimals as it takes to tell them apart."""
+    for decimals in (1, 2, 3):
+        said = [
+            f"{n / 2**30:.{decimals}f} GiB"
+            if n >= 2**30
+            else f"{n / 2**20:.{decimals}f} MiB"
+            if n >= 2**20
+            else f"{n / 2**10:.{decimals - 1}f} KiB"
+            for n in counts
+        ]
+        if len(set(said)) == len(set(counts)):
+            break
+    return said
+
+
+def short_of_shared_memory(folder: Path, need: int | None = None, copies: int = 1) -> Refused:
+    """The refusal of a launch whose shared memory (``folder``'s file system) has too little room
+    for ``need`` bytes (each of ``copies`` host copies; None: for its small files)."""
+    where = mount_point(folder)
+    free = shutil.disk_usage(where).free
+    if need is None:
+        files = os.statvfs(where).f_favail
+        wanted = f"has too little room left for this launch ({sizes(free)[0]} free" + (
+            ", and no file more)" if files == 0 else ")"
+        )
+        room_gib = 1
+    else:
+        total = need * copies + SHARED_MEMORY_ROOM
+        each = f" ({sizes(need)[0]} for each of {copies} ranks' copies)" if copies > 1 else ""
+        said_total, said_free = sizes(total, free)
+        wanted = f"is too small for the host copy of the weights: it needs {said_total}{each}, and {said_free} is free"
+        room_gib = -(-(total + (64 << 20)) // (1 << 30))  # whole GiB, and room for another launch's pages
+    if os.environ.get(SHARED_MEMORY_ENV):
+        fix = f"make {where} larger, or point {SHARED_MEMORY_ENV} at a folder on a larger tmpfs; then run again"
+    else:
+        fix = (
+            f"give it more (docker run --shm-size={room_gib}g ...; Kubernetes: an emptyDir with medium Memory "
+            f"mounted at /dev/shm), or set {SHARED_MEMORY_ENV} to a folder on a larger tmpfs; then run again"
+        )
+    container = " (a container's /dev/shm holds 64 MiB unless it is started with more)"
+    return Refused(
+        f"shared memory in {where} {wanted}" + (container if Path("/dev/shm") in (where, *where.parents) else ""),
+        fix=fix,
+    )
+
+
+def shared_memory_is_short(folder: Path, other: Path) -> bool:
+    """Whether ``folder``'s file system (a launch's shared memory) is the full one, not ``other``'s
+    (its output): what a rank's "no space left" was about."""
+    room = os.statvfs(mount_point(folder))
+    short = room.f_bavail * room.f_frsize < SHARED_MEMORY_ROOM or room.f_favail == 0  # bytes, or files
+    return short and mount_point(folder) != mount_point(other)
+
+
+def _no_room(base: Path, exc: OSError) -> Exception:
+    """What an OSError of making a launch's folder in ``base`` means to the user."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    if base == shared_memory():
+        return short_of_shared_memory(base)
+    return ZoplanError(
+        f"{mount_point(base)} has no room left for this launch's scratch folder ({exc.strerror})",
+        fix=f"free space in {mount_point(base)}, or set TMPDIR to a folder with room; then run again",
+    )
 
 
 def _try_lock(fd: int) -> bool:
@@ -119,10 +204,19 @@ def owned(base: Path, name: str) -> Iterator[Path]:
             fix=f"wait for that launch to end; one that was killed leaves it for at most "
             f"{MIN_AGE_S:.0f} s, then the next launch removes it",
         ) from None
-    fd = os.open(folder / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as exc:  # a full file system (or one out of inodes)
+        raise _no_room(base, exc) from None
+    try:
+        fd = os.open(folder / OWNER, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)  # no owner file: no later launch would sweep it
+        raise _no_room(base, exc) from None
     try:
         _try_lock(fd)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            raise _no_room(base, exc) from None
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)

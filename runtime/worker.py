@@ -40,6 +40,7 @@ from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.journal import write_line
 from zoplan.runtime.launch import SHARE_THREADS_ENV, finished_marker
+from zoplan.runtime.scratch import shared_memory_is_short, short_of_shared_memory
 from zoplan.runtime.perturb import step_seed
 from zoplan.runtime.ranks import STOPPED
 from zoplan.runtime.replay import replay, require_finite
@@ -583,11 +584,15 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, OSError):
             if exc.errno not in DISK_ERRNOS:
                 raise
-            kind = "disk"
-            exc = ZoplanError(
-                f"the disk holding {out} is full or read-only ({exc.strerror}); the journal holds every completed step",
-                fix=f"free disk space, then `zoplan run --resume {out}`",
-            )
+            if shared_memory_is_short(args.host_dir, out):  # the ranks' small files after the host copy
+                kind, exc = "error", short_of_shared_memory(args.host_dir)
+            else:
+                kind = "disk"
+                exc = ZoplanError(
+                    f"the disk holding {out} is full or read-only ({exc.strerror}); the journal holds every "
+                    "completed step",
+                    fix=f"free disk space, then `zoplan run --resume {out}`",
+                )
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0 or records.read_error(out) is None:  # rank 0's account first, else the first one's
             write_error(out, exc, rank, kind)

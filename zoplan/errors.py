@@ -20,6 +20,11 @@ class ZoplanError(Exception):
         super().__init__(message if fix is None else f"{message}\n  fix: {fix}")
 
 
+class Refused(ZoplanError):
+    """A command refused before it did anything worth keeping (a run before its first step): what
+    it wrote for that may go, so that the same command, corrected, runs again."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """``": did you mean 'opt-66b'?"`` for the choice closest to a mistyped ``name`` (case, ``_``
     for ``-`` and small typos forgiven), else ``""``: appended to an "unknown ..." message."""

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from zoplan.errors import ZoplanError
-from zoplan.runtime.scratch import MIN_AGE_S, OWNER, abandoned, owned, run_lock, sweep
+from zoplan.errors import Refused, ZoplanError
+from zoplan.runtime.scratch import MIN_AGE_S, OWNER, abandoned, owned, run_lock, sizes, sweep
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and /proc: Linux")
 
@@ -164,13 +164,29 @@ def test_a_host_copy_that_does_not_fit_is_refused_before_a_page_is_written(tmp_p
     room = tmp_path / "small"
     room.mkdir()
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(hostcopy.shutil, "disk_usage", lambda path: usage._replace(free=5 << 20))
-    with pytest.raises(ZoplanError, match=r"needs 7\.0 MiB of shared memory in .*, which has 5\.0 MiB free") as said:
+    monkeypatch.delenv("ZOPLAN_SHARED_MEMORY", raising=False)
+    # (room for the launch's small files too: 1 MiB; scratch.py reads the free space as hostcopy.py does)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=5 << 20))
+    with pytest.raises(
+        Refused, match=r"too small for the host copy of the weights: it needs 8\.0 MiB, and 5\.0 MiB is free"
+    ) as said:
         hostcopy.reserve(room, files)
     assert "--shm-size=1g" in said.value.fix and "ZOPLAN_SHARED_MEMORY" in said.value.fix
     assert list(room.iterdir()) == []
+    with pytest.raises(Refused, match=r"it needs 15\.0 MiB \(7\.0 MiB for each of 2 ranks' copies\)"):
+        hostcopy.reserve(room, files, copies=2)
+    monkeypatch.setenv("ZOPLAN_SHARED_MEMORY", str(room))  # the user's own folder: no word of containers
+    with pytest.raises(Refused) as said:
+        hostcopy.reserve(room, files)
+    assert (
+        "docker" not in said.value.fix and "point ZOPLAN_SHARED_MEMORY at a folder on a larger tmpfs" in said.value.fix
+    )
+    assert sizes(932 << 10, 928 << 10) == ["932 KiB", "928 KiB"] and sizes(2**20 + 10**4, 2**20) == [
+        "1.01 MiB",
+        "1.00 MiB",
+    ]
 
-    monkeypatch.setattr(hostcopy.shutil, "disk_usage", lambda path: usage._replace(free=64 << 20))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=64 << 20))
     claimed: list[str] = []
 
     def claim(fd: int, offset: int, size: int) -> None:
@@ -179,7 +195,7 @@ def test_a_host_copy_that_does_not_fit_is_refused_before_a_page_is_written(tmp_p
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hostcopy.os, "posix_fallocate", claim)
-    with pytest.raises(ZoplanError, match=r"needs 7\.0 MiB of shared memory"):
+    with pytest.raises(Refused, match=r"it needs 8\.0 MiB"):
         hostcopy.reserve(room, files)
     assert len(claimed) == 2 and list(room.iterdir()) == []  # none half-claimed left
 
@@ -210,6 +226,37 @@ def test_a_run_with_too_little_shared_memory_says_so_instead_of_dying_of_sigbus(
     )
     said = proc.stdout + proc.stderr
     assert proc.returncode == 2, said[-3000:]
-    assert f"of shared memory in {small}, which has 0.1 MiB free" in said, said[-3000:]
+    assert f"shared memory in {small} is too small for the host copy of the weights: it needs" in said, said[-3000:]
+    assert not out.exists()  # refused before the first step: the same command, corrected, runs again
     assert "SIGBUS" not in said and "container" not in said  # not /dev/shm: no word of containers
     assert list(small.iterdir()) == []  # (this namespace's view: the mount went with the run)
+
+
+def test_a_full_shared_memory_or_one_out_of_files_is_said_when_a_launch_makes_its_folder(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """No traceback, and nothing left that no later launch would sweep (a folder without its owner file)."""
+    import errno
+
+    from zoplan.runtime import scratch
+
+    monkeypatch.setenv(scratch.SHARED_MEMORY_ENV, str(tmp_path))
+    real_open = os.open
+
+    def full(path, *args, **kwargs):
+        if str(path).endswith(OWNER):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(scratch.os, "open", full)
+    with pytest.raises(Refused, match=r"shared memory in .* has too little room left for this launch"):
+        with owned(tmp_path, "run"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+    # elsewhere (the temporary directory), the same in its own words
+    other = tmp_path / "tmp"
+    other.mkdir()
+    with pytest.raises(ZoplanError, match="has no room left for this launch's scratch folder") as said:
+        with owned(other, "run"):
+            pass
+    assert not isinstance(said.value, Refused) and "TMPDIR" in said.value.fix and list(other.iterdir()) == []
