@@ -56,6 +56,11 @@ def prompt_pieces(prompt: str) -> tuple[tuple[str, str | None], ...]:
         raise ZoplanError(f"prompt {prompt!r}: {exc}", fix=PROMPT_FIX) from None
 
 
+def a_set(kind: str) -> str:
+    """``a classification set``, ``an lm set``: a data set's kind in a sentence."""
+    return f"{'an' if kind == 'lm' else 'a'} {kind} set"  # (el-em)
+
+
 def placeholders(prompt: str) -> list[str]:
     """The record fields a prompt names, in order of first use."""
     return list(dict.fromkeys(name for _, name in prompt_pieces(prompt) if name is not None))
@@ -477,6 +482,8 @@ def _read_csv(path: Path) -> list[Example]:
     examples: list[Example] = []
     try:
         # utf-8-sig: spreadsheet exports often start with a byte order mark.
+        # a text field may be a whole document: the csv module refuses fields over 128 KiB by default
+        csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
@@ -653,6 +660,23 @@ class Task:
                 f"label words {list(self.label_words)} map to the same token", fix="choose distinct label words"
             )
         return ids
+
+
+def _check_prompt_tail(task: Task, tokenizer: PreTrainedTokenizerBase, room: int) -> None:
+    """A long classification input keeps its end (the prompt's last words next to the prediction
+    point): refuse a prompt whose text after its last field alone fills the ``room`` kept, which
+    would cut every record's own words off and train every example on the same tokens."""
+    pieces = prompt_pieces(task.prompt)
+    last = max(i for i, (_, name) in enumerate(pieces) if name is not None)
+    tail = "".join(literal for literal, _ in pieces[last + 1 :])
+    name = pieces[last][1]
+    count = len(tokenizer(tail, add_special_tokens=False)["input_ids"]) if tail else 0
+    if count >= room:
+        raise ZoplanError(
+            f"the prompt's text after its last field {{{name}}} is {count} tokens, and an input keeps its last "
+            f"{room}: every record's own words would be cut off, and every example read as the same tokens",
+            fix="shorten the prompt after its fields, or give a longer sequence length (--seq-len)",
+        )
 
 
 @dataclass
@@ -832,6 +856,7 @@ def encode(
             if len(ids) > max_len:
                 if task.kind == "classification":
                     keep = min(_leading_specials(ids, special), max_len - 1)
+                    _check_prompt_tail(task, tokenizer, max_len - keep)
                     ids = ids[:keep] + ids[len(ids) - (max_len - keep) :]
                 else:
                     ids = ids[:max_len]

@@ -116,6 +116,9 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
     plain.write_text("text\nsome words\n   \n")
     assert load_examples(str(labelled))[0] == [Example("a dull, boring film", 0), Example("the movie was wonderful", 1)]
     assert load_examples(str(plain)) == ([Example("some words")], "lm")
+    document = "word " * 40_000  # a field over the csv module's default limit of 128 KiB
+    plain.write_text(f'text\n"{document}"\n')
+    assert load_examples(str(plain)) == ([Example(document)], "lm")
 
     pairs = [Example(" Paris", prompt="The capital of France is"), Example(" 4", prompt="2 + 2 =")]
     completion = tmp_path / "sft.jsonl"
@@ -267,6 +270,14 @@ def test_encode_truncation_keeps_prompt_end_or_text_start(tokenizer) -> None:
     lm = encode([Example(long.text)], tokenizer, LM, max_len=16)
     assert lm.input_ids.shape == (1, 16)
     assert tokenizer.decode(lm.input_ids[0], skip_special_tokens=True).startswith("the movie was wonderful")
+    # a prompt whose words after its field alone fill what is kept: every example would read the
+    # same tokens (it trained on them, exit 0); a record's words cut short is what truncation is for
+    words = Task("classification", prompt="{text}" + " and so on" * 8 + " It was", label_words=CLS.label_words)
+    with pytest.raises(
+        ZoplanError, match=r"after its last field \{text\} is \d+ tokens, and an input keeps its last 15"
+    ):
+        encode([long], tokenizer, words, max_len=16)
+    assert encode([long], tokenizer, words, max_len=64).input_ids.shape == (1, 64)
 
 
 def test_encode_completion_learns_only_the_completion_and_its_end(tokenizer) -> None:

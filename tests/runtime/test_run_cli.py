@@ -292,7 +292,7 @@ def test_held_out_examples_of_their_own(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "odd", "label": 5}) + "\n")
     for extra, words in (
-        (["--eval-data", str(text)], "is a lm set (records of a text and no label), but --data"),
+        (["--eval-data", str(text)], "is an lm set (records of a text and no label), but --data"),
         (["--eval-data", str(empty)], "holds no examples"),
         (["--eval-data", str(bad)], "label 5, but the task has 2 label words"),
         (["--eval-data", str(tmp_path / "gone.jsonl")], "--eval-data: data file"),  # the option named
