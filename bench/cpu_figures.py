@@ -326,7 +326,7 @@ LOCKSTEP_ROUNDS = 3  # the two points timed in turn this many times; each figure
 
 
 def _lockstep_rank(rank: int, folder: str, results, reps: int) -> None:
-    from zoplan.runtime.dist import NodeMeeting
+    from zoplan.runtime.meeting import NodeMeeting
 
     torch.set_num_threads(1)
     barrier = NodeMeeting(Path(folder) / "barrier", 2, rank)
@@ -357,7 +357,7 @@ def _lockstep_rank(rank: int, folder: str, results, reps: int) -> None:
 
 def lockstep_figures(quick: bool) -> tuple[float, float]:
     """Two CPU ranks that compute and then meet as the runtime's ranks do before every whole block
-    (zoplan.runtime.dist.NodeMeeting, through shared memory): how much slower each computes than
+    (zoplan.runtime.meeting.NodeMeeting, through shared memory): how much slower each computes than
     one process alone (the ratio of a tiny block's time in lockstep to its time alone: the slope
     of an iteration's time from 1 to 4 blocks between meetings), and what each meeting costs in
     microseconds (the time a rank spends in it with a block between meetings, the ranks' mean:

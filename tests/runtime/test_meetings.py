@@ -17,54 +17,17 @@ import torch
 
 from zoplan.errors import ZoplanError
 from zoplan.runtime import dist as zdist
+from zoplan.runtime.meeting import SHARED_MEMORY_MEETINGS, SUM_VALUES, NodeMeeting
 
-pytestmark = pytest.mark.skipif(not zdist.SHARED_MEMORY_MEETINGS, reason="shared-memory meetings: x86 only")
+from . import meeting_members
 
-ROUNDS = 300
-
-
-def _member(folder: str, members: int, index: int, failures) -> None:
-    """Each round: write the round into this member's cell of a shared table (after a pause that
-    differs by member and round), meet, check every cell holds the round, meet again (so nobody
-    writes the next round before every member has checked this one)."""
-    barrier = zdist.NodeMeeting(Path(folder) / "barrier", members, index)
-    table = torch.from_file(str(Path(folder) / "table"), shared=True, size=members, dtype=torch.int64)
-    bad = 0
-    for r in range(1, ROUNDS + 1):
-        if (r + index) % 7 == 0:
-            time.sleep(0.002 * (1 + index))
-        table[index] = r
-        barrier.wait()
-        bad += int((table != r).any())
-        barrier.wait()
-    failures[index] = bad
-    barrier.close()
+pytestmark = pytest.mark.skipif(not SHARED_MEMORY_MEETINGS, reason="shared-memory meetings: x86 only")
 
 
-def _summer(folder: str, members: int, index: int, failures) -> None:
-    """Each round: sum values that differ by member and round (after a pause that differs by
-    member and round), between barriers now and then; every sum must be the member-order sum."""
-    meeting = zdist.NodeMeeting(Path(folder) / "sum", members, index)
-    bad = 0
-    for r in range(1, ROUNDS + 1):
-        if (r + index) % 5 == 0:
-            time.sleep(0.001 * (1 + index))
-        values = [r + 0.1 * index, -r * 1e-17 * (index + 1), float(index)]
-        got = meeting.sum(values)
-        expected = [r + 0.0, -r * 1e-17, 0.0]
-        for k in range(1, members):
-            expected = [e + v for e, v in zip(expected, [r + 0.1 * k, -r * 1e-17 * (k + 1), float(k)])]
-        bad += int(got != expected)
-        if r % 3 == 0:
-            meeting.wait()
-    failures[index] = bad
-    meeting.close()
-
-
-@pytest.mark.parametrize("target", [_member, _summer], ids=["barrier", "sum"])
+@pytest.mark.parametrize("target", [meeting_members.member, meeting_members.summer], ids=["barrier", "sum"])
 @pytest.mark.parametrize("members", [2, 3])
 def test_no_member_passes_a_meeting_before_every_member_reached_it(tmp_path: Path, members: int, target) -> None:
-    torch.zeros(members, dtype=torch.int64).numpy().tofile(tmp_path / "table")
+    (tmp_path / "table").write_bytes(bytes(8 * members))
     ctx = mp.get_context("spawn")
     failures = ctx.Array("i", [-1] * members)
     procs = [ctx.Process(target=target, args=(str(tmp_path), members, k, failures)) for k in range(members)]
@@ -77,7 +40,7 @@ def test_no_member_passes_a_meeting_before_every_member_reached_it(tmp_path: Pat
 
 
 def test_a_member_that_never_comes_is_an_error_after_the_timeout(tmp_path: Path) -> None:
-    barrier = zdist.NodeMeeting(tmp_path / "barrier", 2, 0, timeout_s=0.2)
+    barrier = NodeMeeting(tmp_path / "barrier", 2, 0, timeout_s=0.2)
     start = time.perf_counter()
     with pytest.raises(ZoplanError, match="did not come to a meeting"):
         barrier.wait()
@@ -85,13 +48,9 @@ def test_a_member_that_never_comes_is_an_error_after_the_timeout(tmp_path: Path)
     barrier.close()
 
 
-def _wait_forever(folder: str) -> None:
-    zdist.NodeMeeting(Path(folder) / "barrier", 2, 1).wait()
-
-
 def test_a_signal_ends_a_wait(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
-    p = ctx.Process(target=_wait_forever, args=(str(tmp_path),))
+    p = ctx.Process(target=meeting_members.wait_forever, args=(str(tmp_path),))
     p.start()
     deadline = time.monotonic() + 60
     while not (tmp_path / "barrier").exists() and time.monotonic() < deadline:
@@ -104,13 +63,13 @@ def test_a_signal_ends_a_wait(tmp_path: Path) -> None:
 
 def test_a_meeting_is_refused_more_members_than_its_page_holds_and_more_values_than_it_sums(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        zdist.NodeMeeting(tmp_path / "barrier", 2, 2)
+        NodeMeeting(tmp_path / "barrier", 2, 2)
     with pytest.raises(ValueError):
-        zdist.NodeMeeting(tmp_path / "barrier", 10_000, 0)
-    alone = zdist.NodeMeeting(tmp_path / "alone", 1, 0)
+        NodeMeeting(tmp_path / "barrier", 10_000, 0)
+    alone = NodeMeeting(tmp_path / "alone", 1, 0)
     assert alone.sum([1.5, 2.0]) == [1.5, 2.0]
     with pytest.raises(ValueError):
-        alone.sum([0.0] * (zdist.SUM_VALUES + 1))
+        alone.sum([0.0] * (SUM_VALUES + 1))
     alone.close()
 
 
@@ -141,7 +100,7 @@ def test_each_start_of_a_run_meets_in_files_of_its_own(tmp_path: Path, monkeypat
             zdist.exchange_barrier(_context("cpu", (0, 1)), tmp_path),
             zdist.world_sum(_context("cpu", (0, 1)), tmp_path),
         ):
-            assert isinstance(meet.__self__, zdist.NodeMeeting)
+            assert isinstance(meet.__self__, NodeMeeting)
             meet.__self__.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["barrier-0-0", "barrier-1-0", "sum-0-0", "sum-1-0"]
 
@@ -151,12 +110,12 @@ def test_gpu_ranks_lone_ranks_and_the_gloo_switch_meet_through_torch_distributed
 ) -> None:
     for ctx in (_context("cuda", (0, 1)), _context("cpu", (0,))):
         meet = zdist.exchange_barrier(ctx, tmp_path)
-        assert not isinstance(getattr(meet, "__self__", None), zdist.NodeMeeting)
+        assert not isinstance(getattr(meet, "__self__", None), NodeMeeting)
     # the loss scalars of several machines' ranks: gloo
     assert zdist.world_sum(_context("cpu", (0, 1), nodes=2), tmp_path) is zdist.all_reduce_sum
     assert zdist.world_sum(_context("cuda", (0, 1)), tmp_path) is zdist.all_reduce_sum
     monkeypatch.setenv("ZOPLAN_MEETINGS", "gloo")
     meet = zdist.exchange_barrier(_context("cpu", (0, 1)), tmp_path)
-    assert not isinstance(getattr(meet, "__self__", None), zdist.NodeMeeting)
+    assert not isinstance(getattr(meet, "__self__", None), NodeMeeting)
     assert zdist.world_sum(_context("cpu", (0, 1)), tmp_path) is zdist.all_reduce_sum
     assert list(tmp_path.iterdir()) == []
