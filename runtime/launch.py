@@ -409,6 +409,15 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             "continues those, and would give a model that no run trained",
             fix=f"put back the checkpoint the run started from, or start a new run (zoplan run -m {cfg.model} ...)",
         )
+    for option, recorded in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        # a local file the run recorded (absolute) that is gone: said here, before the ranks start
+        # (they would say "does not exist" with the fix of a new run's --data, which a resume ignores)
+        if recorded is not None and Path(recorded).is_absolute() and not Path(recorded).exists():
+            raise ZoplanError(
+                f"{recorded}, the {option} the run in {out} trained with, is gone: a resume reads the same "
+                "examples in the same order",
+                fix=f"put the file back at {recorded}, unchanged, and resume again; or start a new run",
+            )
     # a damaged snapshot is named here, where the user reads (the ranks skip it too); one of a
     # step past the journal's end (the journal was cut back) holds steps the journal no longer
     # has: the run takes those steps again, and writes their snapshots again

@@ -62,14 +62,19 @@ def replay_to(
     the number of steps replayed. ``quiet``: without transformers' progress bars for loading and
     writing the one model (the command line says what it wrote)."""
     if device not in ("cpu", "cuda"):
-        raise ZoplanError(f"--device {device!r} is not cpu or cuda")
+        raise ZoplanError(
+            f"--device {device!r} is not cpu or cuda", fix="--device cpu, or --device cuda on a machine with a GPU"
+        )
     if device == "cuda" and not torch.cuda.is_available():
         raise ZoplanError(
             "replay cannot reach a GPU: torch sees no CUDA device here",
             fix="replay on the CPU (--device cpu): the same updates, in the same dtype",
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ZoplanError(f"output {out} is not an empty directory", fix="choose a new -o directory")
+        what = "is a file" if not out.is_dir() else "is not empty"
+        raise ZoplanError(
+            f"output {out} {what}: replay writes a model directory there", fix="choose a new -o directory"
+        )
     journal = read_journal(journal_path, first=0)
     plan_path = journal_path.parent / "plan.yaml"
     if not plan_path.exists():

@@ -279,7 +279,8 @@ def option(name: str, config: type[Strict] = RunConfig) -> dict[str, Any]:
 
 
 def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """A setting as the command line gives it (the plan file is zoplan run's argument, not a flag)."""
+    return "the plan file" if name == "plan" else "--" + name.replace("_", "-")
 
 
 # each pin of ``zoplan run``'s plan (layout.Pins field) and its command-line flag

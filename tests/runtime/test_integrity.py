@@ -76,6 +76,17 @@ def resume(out: Path, steps: int) -> None:
     prepare(resume_config(out, {"steps": steps})[0], resume=True)
 
 
+def test_a_resume_whose_recorded_data_file_is_gone_says_so_before_the_ranks_start(run_dir: Path) -> None:
+    """The ranks said "data file ... does not exist" with the fix of a new run's --data, which a
+    resume ignores, and left error.json behind."""
+    gone = run_dir.parent / "data.jsonl"  # (--eval-data's recorded file is checked the same way)
+    recorded = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**recorded, "data": str(gone)}))
+    with pytest.raises(ZoplanError, match=rf"{gone}, the --data the run in .* trained with, is gone") as said:
+        resume(run_dir, 6)
+    assert f"put the file back at {gone}" in said.value.fix and not (run_dir / "error.json").exists()
+
+
 def test_an_intact_journal_resumes_and_a_torn_last_line_is_cut(run_dir: Path) -> None:
     resume(run_dir, 6)  # nothing to train, but nothing wrong either
     resume(run_dir, 9)
