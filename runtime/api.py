@@ -18,6 +18,7 @@ here, pin by pin, in its own words (``pins["perturbation"] must be 1 or 2``).
 
 from __future__ import annotations
 
+import os
 import dataclasses
 import numbers
 import warnings
@@ -134,6 +135,21 @@ def fine_tune(
     for name in options:
         if name not in allowed:
             raise _unknown_option(name, allowed)
+    for name, value in (("model", model), ("data", data), ("plan", plan), ("output", output), ("resume", resume)):
+        # str() of anything else (a list of files, say) would be read as a path or a name
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ZoplanError(
+                f"fine_tune({name}=...) takes a path or a name (str or pathlib.Path), not {type(value).__name__} {value!r:.60}",
+                fix="pass one data set: a file, or a bundled set's name"
+                if name == "data"
+                else f"pass {name} as one path or name",
+            )
+    for name, value in (("steps", steps), *options.items()):
+        default = RunConfig.model_fields[name].default if name in RunConfig.model_fields else None
+        if isinstance(value, bool) and not isinstance(default, bool):  # True would count as 1
+            raise ZoplanError(
+                f"fine_tune({name}={value}) takes a number, not True or False", fix=f"give {name} a number"
+            )
     given = {
         name: value
         for name, value in {

@@ -68,6 +68,16 @@ def test_fine_tune_refuses_what_zoplan_run_refuses(tmp_path: Path) -> None:
         fine_tune(plan=plan, pins={"perturbation": 2}, output=tmp_path / "o")
     with pytest.raises(ZoplanError, match="both say what is held out"):
         fine_tune(eval_data="sentiment", eval_fraction=0.2, data="sentiment", output=tmp_path / "o")
+    # a list where one path or name goes was read as its str() ("['sentiment']" is no data set);
+    # True where a number goes was 1
+    with pytest.raises(ZoplanError, match=r"fine_tune\(data=\.\.\.\) takes a path or a name .*not list"):
+        fine_tune(data=["sentiment"], output=tmp_path / "o")
+    with pytest.raises(ZoplanError, match=r"fine_tune\(model=\.\.\.\) takes a path or a name"):
+        fine_tune(model=("tiny-opt",), output=tmp_path / "o")
+    with pytest.raises(ZoplanError, match=r"fine_tune\(steps=True\) takes a number"):
+        fine_tune(steps=True, output=tmp_path / "o")
+    with pytest.raises(ZoplanError, match=r"fine_tune\(global_batch=False\) takes a number"):
+        fine_tune(global_batch=False, output=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
