@@ -18,9 +18,9 @@ here, pin by pin, in its own words (``pins["perturbation"] must be 1 or 2``).
 
 from __future__ import annotations
 
-import os
 import dataclasses
 import numbers
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path

@@ -597,9 +597,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise short_of_shared_memory(cfg.host_root) from None
         except ZoplanError as exc:  # said as it is by the launcher (shared memory too small, ...)
             rank = int(os.environ.get("RANK", "0"))
-            error = RankError(rank=rank, kind="error", message=exc.message, fix=exc.fix)
-            if rank == 0 or records.read_error(cfg.figures.parent) is None:
-                records.write_error(cfg.figures.parent, error)
+            records.write_rank_error(
+                cfg.figures.parent, RankError(rank=rank, kind="error", message=exc.message, fix=exc.fix)
+            )
             raise SystemExit(1) from None
         rows = zdist.gather_objects(figures)
         if figures["rank"] == 0:

@@ -510,7 +510,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
 def write_error(out: Path, exc: ZoplanError, rank: int, kind: str = "error") -> None:
     """error.json: the message the launcher shows when the ranks stop (a full disk may refuse it
     too: the launcher then names the disk from the log)."""
-    if not records.write_error(out, RankError(rank=rank, kind=kind, message=exc.message, fix=exc.fix)):
+    if not records.write_rank_error(out, RankError(rank=rank, kind=kind, message=exc.message, fix=exc.fix)):
         print(f"error: {exc.message}", file=sys.stderr, flush=True)
 
 
@@ -593,9 +593,7 @@ def main(argv: list[str] | None = None) -> None:
                     "completed step",
                     fix=f"free disk space, then `zoplan run --resume {out}`",
                 )
-        rank = int(os.environ.get("RANK", "0"))
-        if rank == 0 or records.read_error(out) is None:  # rank 0's account first, else the first one's
-            write_error(out, exc, rank, kind)
+        write_error(out, exc, int(os.environ.get("RANK", "0")), kind)  # rank 0's account first, else the first one's
         raise SystemExit(STOPPED) from None  # the supervisor does not restart it
     finally:
         zdist.shutdown()

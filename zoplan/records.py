@@ -191,6 +191,14 @@ def write_error(out: Path, error: RankError) -> bool:
         return False
 
 
+def write_rank_error(out: Path, error: RankError) -> bool:
+    """``error.json`` for a rank that stops the run: rank 0's account first, else the first rank's
+    to write one (``write_error``'s answer; True where another rank's account is kept)."""
+    if error.rank != 0 and read_error(out) is not None:
+        return True
+    return write_error(out, error)
+
+
 def read_error(out: Path) -> RankError | None:
     """The rank's error record, if one was written and reads whole (at most 64 KiB are read)."""
     try:
