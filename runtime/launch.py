@@ -241,6 +241,12 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         # the host copy keeps the compute dtype unless pinned otherwise: resuming and replaying are
         # then bit-identical, and no update is lost to rounding the master weights
         pins = cfg.pins if cfg.pins.wire_dtype else dataclasses.replace(cfg.pins, wire_dtype=dtype)
+        if cfg.nnodes > machine.spec.nodes:
+            raise ZoplanError(
+                f"--nnodes {cfg.nnodes}, but the topology '{machine.name}' is of {machine.spec.nodes} node(s)",
+                fix=f"give --topology a topology file of nodes: {cfg.nnodes} (docs/topologies.md), or leave --nnodes out",
+            )
+        pins = dataclasses.replace(pins, nodes=cfg.nnodes)  # the run's machines, of the topology's nodes
         plan = make_plan(
             str(config),
             machine,
@@ -488,14 +494,9 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
 
 
 def _check_nodes(plan: Plan, cfg: RunConfig) -> None:
-    """The plan's node count is the run's --nnodes."""
+    """The plan's node count is the run's --nnodes (a run planned here is planned for --nnodes)."""
     if plan.layout.nodes == cfg.nnodes:
         return
-    if cfg.plan is None:  # planned here, for --topology: its node count is the topology's
-        raise ZoplanError(
-            f"--nnodes {cfg.nnodes}, but the topology '{plan.topology.name}' is of {plan.layout.nodes} node(s)",
-            fix=f"give --topology a topology file of nodes: {cfg.nnodes} (docs/topologies.md), or leave --nnodes out",
-        )
     raise ZoplanError(
         f"the plan {cfg.plan} spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}",
         fix=f"run it with --nnodes {plan.layout.nodes} (one command on each machine), or plan for {cfg.nnodes} nodes",

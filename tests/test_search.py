@@ -368,8 +368,9 @@ def test_a_step_over_several_nodes_waits_for_the_slowest(tmp_path: Path) -> None
     from zoplan.cli.render import plan_footer
     from zoplan.sim.costs import expected_max_normal
 
-    same = plan("opt-13b", str(_cluster(tmp_path, "l40s-8x", 4, 0.0)), global_batch=64)
-    varied = plan("opt-13b", str(_cluster(tmp_path, "l40s-8x", 4, 0.02)), global_batch=64)
+    every = Pins(nodes=4)
+    same = plan("opt-13b", str(_cluster(tmp_path, "l40s-8x", 4, 0.0)), global_batch=64, pins=every)
+    varied = plan("opt-13b", str(_cluster(tmp_path, "l40s-8x", 4, 0.02)), global_batch=64, pins=every)
     assert varied.search.best.layout == same.search.best.layout and same.search.best.layout.nodes == 4
     assert same.search.best.sim is not None and varied.search.best.sim is not None
     assert same.search.best.sim.straggler_s == 0
@@ -392,6 +393,50 @@ def test_the_pruned_search_is_exact_on_several_varying_nodes(tmp_path: Path) -> 
         assert cand.bound.prune_bound_s <= cand.step_time_s * (1 + 1e-9), cand.layout
     same = search(load_topology(_cluster(tmp_path, "rtx4090-4x", 2, 0.0)), work, top=3)
     assert fast.evaluated == same.evaluated and fast.pruned == same.pruned
+
+
+def test_node_counts_tried_are_the_powers_of_two_below_and_all() -> None:
+    from zoplan.search import node_counts
+
+    assert node_counts(1) == [1] and node_counts(2) == [1, 2] and node_counts(6) == [1, 2, 4, 6]
+    assert node_counts(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+@pytest.mark.parametrize("objective", ["time", "cost"])
+def test_a_cluster_is_used_only_as_far_as_more_nodes_help(tmp_path: Path, objective: str) -> None:
+    """Each node streams the whole model every step; only the batch is shared. Where the
+    transfers bound a node's step (a small batch), more nodes make the step no shorter and cost
+    more: the plan runs on fewer of the nodes, and says so. A large batch (compute) uses them all."""
+    from zoplan.cli.render import plan_footer
+    from zoplan.search import usd_per_mtok
+
+    path = _cluster(tmp_path, "rtx4090-4x", 4, 0.02)
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "price_per_hour_usd": 4 * 2.0}))
+    machine = load_topology(path)
+    short = plan("opt-1.3b", str(path), global_batch=4, objective=objective)
+    every = plan("opt-1.3b", str(path), global_batch=4, objective=objective, pins=Pins(nodes=4))
+    best, all_nodes = short.search.best, every.search.best
+    assert all_nodes.layout.nodes == 4 and best.layout.nodes < 4
+    if objective == "time":
+        assert best.step_time_s < all_nodes.step_time_s
+    cost = usd_per_mtok(machine, short.search.workload, best.layout, best.step_time_s)
+    assert cost is not None and cost < usd_per_mtok(
+        machine, every.search.workload, all_nodes.layout, all_nodes.step_time_s
+    )
+    assert f"{best.layout.nodes} of the 4 nodes" in plan_footer(short).plain and "--nodes 4" in plan_footer(short).plain
+    assert "of the 4 nodes" not in plan_footer(every).plain
+    # a batch that keeps every node's compute busy: all of them for the shortest step (the
+    # cheapest still uses one, whose transfers are then hidden behind more compute)
+    big = plan("opt-1.3b", str(path), global_batch=256, objective=objective).search.best.layout.nodes
+    assert big == (4 if objective == "time" else 1)
+
+
+def test_a_node_count_is_pinned_within_the_topology(tmp_path: Path) -> None:
+    path = _cluster(tmp_path, "rtx4090-4x", 2, 0.0)
+    with pytest.raises(ZoplanError, match="--nodes 3 is more than the nodes of 'rtx4090-4x-2n' \\(2\\)"):
+        plan("opt-1.3b", str(path), global_batch=8, pins=Pins(nodes=3))
+    assert plan("opt-1.3b", str(path), global_batch=8, pins=Pins(nodes=2)).search.best.layout.nodes == 2
 
 
 def test_compare_answers_one_eight_gpu_node_or_four_two_gpu_nodes(tmp_path: Path) -> None:

@@ -214,3 +214,4 @@ class Pins:
     resident: int | None = None  # number of resident blocks
     upload: str | None = None  # "whole" or "sliced"
     movers: str | None = None  # "compute" or "all"
+    nodes: int | None = None  # how many of the topology's nodes the layout runs on

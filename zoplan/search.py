@@ -233,13 +233,23 @@ def placements(machine: Machine, count: int, dtype: str = "bf16") -> dict[str, t
     return options
 
 
+def node_counts(nodes: int) -> list[int]:
+    """How many of a topology's ``nodes`` a layout may run on: every power of two below it, and
+    all of them. Only loss scalars cross between nodes, so each node streams the whole model every
+    step whatever its share of the batch: where the transfers bound the step, more nodes make it
+    no shorter (the wait for the slowest node makes it longer) and cost more."""
+    return sorted({1 << k for k in range(nodes.bit_length()) if 1 << k < nodes} | {nodes})
+
+
 def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dtype: str) -> Iterator[Layout]:
     """Every layout the search considers, before memory checks (generator, deterministic)."""
     ordered = capacity_order(machine, param_dtype)  # relays: the most capable first
-    nodes = machine.spec.nodes
     n_gpus = len(machine.gpus)
     batch = workload.global_batch
-    for p in [pins.perturbation] if pins.perturbation is not None else [1, 2]:
+    for nodes, p in itertools.product(
+        [pins.nodes] if pins.nodes is not None else node_counts(machine.spec.nodes),
+        [pins.perturbation] if pins.perturbation is not None else [1, 2],
+    ):
         for d in [pins.data] if pins.data is not None else range(1, n_gpus // p + 1):
             if batch % (d * nodes):
                 continue
@@ -402,7 +412,7 @@ def search(
     # only if its bound beats both its family's best and the top-th best family, so every
     # family shown is exact and the overall best is never pruned.
     simulated: list[Candidate] = []
-    family_best: dict[tuple[int, int, str, int], float] = {}
+    family_best: dict[tuple[int, int, int, str, int], float] = {}
     pruned = aborted = 0
 
     def limit_of(index: int) -> float | None | Literal["pruned"]:
@@ -563,14 +573,14 @@ class _Simulations:
             self.workers = None
 
 
-def family(layout: Layout) -> tuple[int, int, str, int]:
+def family(layout: Layout) -> tuple[int, int, int, str, int]:
     """The parallel shape of a layout: what the results table shows one row of."""
-    return (layout.perturbation, layout.data, layout.upload, len(layout.movers))
+    return (layout.perturbation, layout.data, layout.nodes, layout.upload, len(layout.movers))
 
 
 def top_families(ranked: list[Candidate], top: int) -> list[Candidate]:
     """The best candidate of each of the ``top`` best families, best first."""
-    seen: set[tuple[int, int, str, int]] = set()
+    seen: set[tuple[int, int, int, str, int]] = set()
     out: list[Candidate] = []
     for cand in ranked:
         fam = family(cand.layout)
@@ -653,7 +663,6 @@ def evaluate(machine: Machine, workload: Workload, layout: Layout, record: bool 
 def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
     if not machine.gpus:
         raise ZoplanError(f"topology '{machine.name}' has no GPUs to plan for")
-    nodes = machine.spec.nodes
     check_workload(workload.model, workload.global_batch, workload.seq_len, workload.tuning.positions)
     layers, gpus = workload.model.layers, len(machine.gpus)
     for flag, value, least, most, why in (
@@ -668,6 +677,7 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
         ("--prefetch", pins.prefetch, 1, layers, f"the blocks of {workload.model.name}"),
         ("--resident", pins.resident, 0, layers, f"the blocks of {workload.model.name}"),
         ("--ddp", pins.data, 1, gpus, f"the GPUs per node of '{machine.name}'"),
+        ("--nodes", pins.nodes, 1, machine.spec.nodes, f"the nodes of '{machine.name}'"),
     ):
         if value is None:
             continue
@@ -697,6 +707,7 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
     if pins.data is not None:
         if pins.data < 1:
             raise ZoplanError(f"--ddp must be at least 1, got {pins.data}")
+        nodes = pins.nodes or 1  # (unpinned, the search tries one node too)
         replicas = pins.data * nodes
         if workload.global_batch % replicas:
             raise ZoplanError(

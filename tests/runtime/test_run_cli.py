@@ -257,6 +257,19 @@ def test_a_node_count_that_differs_from_the_plan_is_reported(tmp_path: Path, tin
     )
     assert proc.returncode == 2 and "spans 1 node(s) but --nnodes is 2" in proc.stderr
     assert "fix: run it with --nnodes 1" in proc.stderr
+    # without a plan file, the run plans for --nnodes of the topology's nodes: not more than it has
+    import yaml
+
+    from zoplan.topology import resolve_topology_path
+
+    spec = yaml.safe_load(resolve_topology_path("cpu-local").read_text())
+    spec.update(nodes=2, network={"gbps": 25, "latency_us": 5}, name="two-cpu-nodes")
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(spec))
+    proc = zoplan(
+        *("run", "--model", str(tiny_dirs["tiny-opt"]), "--topology", str(tmp_path / "two.yaml")),
+        *("--nnodes", "3", "--master-port", "29777", "-o", str(tmp_path / "o2")),
+    )
+    assert proc.returncode == 2 and "--nnodes 3, but the topology 'two-cpu-nodes' is of 2 node(s)" in proc.stderr
 
 
 def test_a_master_port_in_use_is_named_before_anything_is_written(tmp_path: Path) -> None:

@@ -125,6 +125,9 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
     pertp: Optional[int] = typer.Option(None, "--pertp", help="pin the perturbation degree (1 or 2)"),
     ddp: Optional[int] = typer.Option(None, "--ddp", help="pin the data-parallel degree per node"),
+    nodes: Optional[int] = typer.Option(
+        None, "--nodes", help="pin how many of the topology's nodes to use (default: the best number)"
+    ),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="pin the compute GPUs, comma separated, in rank order"),
     slices: Optional[int] = typer.Option(None, "--slices", help="pin slices per block (sliced uploads)"),
     wire_dtype: Optional[Dtype] = typer.Option(None, "--wire-dtype", help="pin the host-copy / PCIe dtype"),
@@ -180,6 +183,7 @@ def plan_cmd(
         resident=resident,
         upload=upload.value if upload else None,
         movers=movers.value if movers else None,
+        nodes=nodes,
     )
     if output is not None:  # before the search, which may take seconds
         from zoplan.fileio import check_writable

@@ -204,6 +204,13 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
                 "(zoplan validate measures it) to add the wait for the slowest\n"
             )
         )
+    every = report.machine.spec.nodes
+    if nodes < every:
+        text.append(
+            f"{nodes} of the {every} nodes: over more of them no layout is "
+            f"{'cheaper per token' if s.objective == 'cost' else 'faster'} (each node streams the whole "
+            f"model every step, more nodes share only the batch); --nodes {every} uses them all\n"
+        )
     device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"
     if s.baseline:
         assert s.baseline.sim is not None  # zo2_baseline simulates the baseline it returns
