@@ -426,6 +426,16 @@ def test_a_cluster_is_used_only_as_far_as_more_nodes_help(tmp_path: Path, object
     )
     assert f"{best.layout.nodes} of the 4 nodes" in plan_footer(short).plain and "--nodes 4" in plan_footer(short).plain
     assert "of the 4 nodes" not in plan_footer(every).plain
+    # what is rented an hour, in compare's table too: the nodes the layout runs on
+    from rich.console import Console
+
+    from zoplan.cli.render import compare_table
+    from zoplan.search import rented_per_hour
+
+    assert rented_per_hour(machine, best.layout) == pytest.approx(8.0 * best.layout.nodes / 4, rel=1e-12)
+    console = Console(width=200, record=True)
+    console.print(compare_table([(machine.name, short)], "opt-1.3b", True, 200))
+    assert f" {8.0 * best.layout.nodes / 4:.2f} " in console.export_text()
     # a batch that keeps every node's compute busy: all of them for the shortest step (the
     # cheapest still uses one, whose transfers are then hidden behind more compute)
     big = plan("opt-1.3b", str(path), global_batch=256, objective=objective).search.best.layout.nodes

@@ -160,15 +160,22 @@ def gpus_used(layout: Layout) -> int:
     return len(layout.gpus) * layout.nodes
 
 
-def usd_per_mtok(machine: Machine, workload: Workload, layout: Layout, step_time_s: float) -> float | None:
-    """$ per million tokens, charging the whole machines rented for the step: the price of the
-    nodes the layout runs on, every GPU of them, whether the layout uses it or not (a GPU left
-    idle is paid for all the same)."""
+def rented_per_hour(machine: Machine, layout: Layout) -> float | None:
+    """$ an hour for the whole machines the layout runs on: the price of its nodes (the
+    topology's price is for all of them), every GPU of them, whether the layout uses it or not (a
+    GPU left idle is paid for all the same)."""
     price = machine.spec.price_per_hour_usd
     if price is None or not machine.gpus:
         return None
-    share = layout.nodes / machine.spec.nodes  # the price is for all nodes
-    return price * share / 3600 * step_time_s / workload.tokens_per_step * 1e6
+    return price * layout.nodes / machine.spec.nodes
+
+
+def usd_per_mtok(machine: Machine, workload: Workload, layout: Layout, step_time_s: float) -> float | None:
+    """$ per million tokens, charging the whole machines rented for the step (rented_per_hour)."""
+    price = rented_per_hour(machine, layout)
+    if price is None:
+        return None
+    return price / 3600 * step_time_s / workload.tokens_per_step * 1e6
 
 
 def _objective(machine: Machine, workload: Workload, layout: Layout, step_s: float, objective: str) -> float:

@@ -298,6 +298,7 @@ def compare_cmd(
             progress=planning,
         )
     from zoplan.cli.render import verdict
+    from zoplan.search import rented_per_hour
 
     if as_json:
         print(
@@ -310,6 +311,7 @@ def compare_cmd(
                         else {
                             "topology": name,
                             "price_per_hour_usd": res.machine.spec.price_per_hour_usd,
+                            "rented_per_hour_usd": rented_per_hour(res.machine, res.search.best.layout),
                             "speedup_vs_baseline": res.speedup_vs_baseline,
                             **res.summary(res.search.best),
                         }

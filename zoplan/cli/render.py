@@ -14,6 +14,7 @@ from rich.text import Text
 from zoplan.errors import ZoplanError
 from zoplan.models import preset_table_rows
 from zoplan.planner import CandidateSummary, PlanReport, candidate_summary
+from zoplan.search import rented_per_hour
 
 if TYPE_CHECKING:
     from zoplan.profile import Profile
@@ -351,7 +352,7 @@ def _compare_table(
             continue
         best = res.search.best
         summ = candidate_summary(best, res.machine, res.search.workload)
-        price = res.machine.spec.price_per_hour_usd
+        price = rented_per_hour(res.machine, best.layout)  # the nodes it runs on
         row = [
             res.machine.name,
             # on several nodes, every node's GPUs: what is rented
