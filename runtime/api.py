@@ -35,7 +35,7 @@ from zoplan.runconfig import CONFIG_FILE, PIN_FLAGS, RunConfig, default
 from zoplan.vocab import Dtype, Upload
 
 # what a caller may not set: the version, and what the launcher completes
-_NOT_OPTIONS = {"version", "model_dir", "device", "model_weights"}
+_NOT_OPTIONS = {"version", "model_dir", "device", "model_weights", "data_stamp", "eval_data_stamp"}
 # fine_tune's own parameter that is not an option of the run
 _PARAMETERS = {"resume"}
 

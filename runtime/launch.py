@@ -316,6 +316,8 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         model_dir=model_dir.resolve(),
         device=device,
         model_weights=weights_stamp(model_dir),
+        data_stamp=zdata.examples_stamp(examples),
+        eval_data_stamp=zdata.examples_stamp(held) if cfg.eval_data is not None else None,
     )
     runconfig.write(cfg, out)
     return cfg, plan, machine
@@ -423,6 +425,25 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
                 f"{recorded}, the {option} the run in {out} trained with, is gone: a resume reads the same "
                 "examples in the same order",
                 fix=f"put the file back at {recorded}, unchanged, and resume again; or start a new run",
+            )
+    from zoplan.runtime import data as zdata
+
+    for option, recorded, stamp in (
+        ("--data", cfg.data, cfg.data_stamp),
+        ("--eval-data", cfg.eval_data, cfg.eval_data_stamp),
+    ):
+        if recorded is None or stamp is None:
+            continue
+        try:
+            examples, _ = zdata.load_examples(recorded)
+        except ZoplanError as exc:
+            raise ZoplanError(f"{option} of the run in {out}: {exc.message}", fix=exc.fix) from None
+        if zdata.examples_stamp(examples) != stamp:
+            raise ZoplanError(
+                f"{recorded}, the {option} the run in {out} trained with, holds other examples than it did "
+                f"({len(examples)} now): the journal's steps were taken on the examples it held, and a resume "
+                "draws its batches from them in the same order",
+                fix="put the file back as it was when the run started, and resume again; or start a new run",
             )
     # a damaged snapshot is named here, where the user reads (the ranks skip it too); one of a
     # step past the journal's end (the journal was cut back) holds steps the journal no longer

@@ -153,6 +153,10 @@ class RunConfig(Strict):
     # the weights the run started from (zoplan.runtime.checkpoint.weights_stamp): a resume of
     # other weights is refused (None: a run.json written before this was recorded)
     model_weights: str | None = None
+    # the examples of --data and --eval-data (zoplan.runtime.data.examples_stamp): a resume on
+    # other examples is refused (None: not recorded)
+    data_stamp: str | None = None
+    eval_data_stamp: str | None = None
 
     @field_validator("plan", "model", "data", "eval_data", "topology", "output", "master_addr", mode="before")
     @classmethod

@@ -87,6 +87,43 @@ def test_a_resume_whose_recorded_data_file_is_gone_says_so_before_the_ranks_star
     assert f"put the file back at {gone}" in said.value.fix and not (run_dir / "error.json").exists()
 
 
+def test_a_resume_on_other_examples_than_the_run_trained_with_is_refused(run_dir: Path) -> None:
+    """run.json records a fingerprint of the examples of --data and --eval-data: a file edited
+    since (a record changed, added or moved) is refused, as other weights are; blank lines are not
+    examples and may come and go."""
+    from zoplan.runtime.data import examples_stamp, load_examples
+
+    records = [{"text": f"review {i}", "label": i % 2} for i in range(8)]
+    data, held = run_dir.parent / "data.jsonl", run_dir.parent / "held.jsonl"
+
+    def write(path: Path, rows: list[dict[str, object]], blank: bool = False) -> None:
+        path.write_text("".join(json.dumps(r) + "\n" + ("\n" if blank else "") for r in rows))
+
+    write(data, records)
+    write(held, records[:4])
+    recorded = json.loads((run_dir / "run.json").read_text())
+    stamps = {"data_stamp": examples_stamp(load_examples(str(data))[0])}
+    stamps["eval_data_stamp"] = examples_stamp(load_examples(str(held))[0])
+    new = {**recorded, "version": 1, "data": str(data), "eval_data": str(held), **stamps}
+    (run_dir / "run.json").write_text(json.dumps(new))
+    resume(run_dir, 6)
+    write(data, records, blank=True)
+    resume(run_dir, 6)
+    for changed in (
+        [*records[:3], {"text": "review 3!", "label": 1}, *records[4:]],
+        [*records, {"text": "one more", "label": 0}],
+        [records[1], records[0], *records[2:]],
+    ):
+        write(data, changed)
+        with pytest.raises(ZoplanError, match=rf"{data}, the --data the run in .* holds other examples") as said:
+            resume(run_dir, 6)
+        assert "put the file back as it was" in said.value.fix
+    write(data, records)
+    write(held, records[1:5])
+    with pytest.raises(ZoplanError, match=rf"{held}, the --eval-data the run in .* holds other examples"):
+        resume(run_dir, 6)
+
+
 def test_an_intact_journal_resumes_and_a_torn_last_line_is_cut(run_dir: Path) -> None:
     resume(run_dir, 6)  # nothing to train, but nothing wrong either
     resume(run_dir, 9)
