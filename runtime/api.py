@@ -11,7 +11,8 @@ options under the same names (RunConfig's: ``plan``, ``data``, ``eval_data``, ``
 ``label_words``, ``lr``, ``eps``, ``global_batch``, ``seq_len``, ``topology``, ``steps``,
 ``output``, ...), the same checks, the same output directory, the same ranks (forked on this
 machine: no torchrun, no shell). A problem is raised as ``ZoplanError`` (its ``message`` and
-``fix``); what ``zoplan run`` prints as a warning is a Python warning. An option it does not have
+``fix``), naming the options as fine_tune takes them (``in_its_words``: ``steps``, not
+``--steps``); what ``zoplan run`` prints as a warning is a Python warning. An option it does not have
 is refused with the one meant (``learning_rate``: did you mean ``lr``?), and ``pins`` is checked
 here, pin by pin, in its own words (``pins["perturbation"] must be 1 or 2``).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -173,15 +175,47 @@ def fine_tune(
     from zoplan.runtime.launch import configure, run
 
     done = None if resume is None else Path(resume)
-    cfg, ignored = configure(given, done)
-    if ignored and done is not None:
-        warnings.warn(
-            f"{', '.join(ignored)} ignored: the run in {done} continues with the plan, model and data it "
-            f"started with ({done / CONFIG_FILE})",
-            stacklevel=2,
-        )
-    summary: RunSummary = run(cfg, resume=done is not None)
+    try:
+        cfg, ignored = configure(given, done)
+        if ignored and done is not None:
+            warnings.warn(
+                in_its_words(
+                    f"{', '.join(ignored)} ignored: the run in {done} continues with the plan, model and data it "
+                    f"started with ({done / CONFIG_FILE})"
+                ),
+                stacklevel=2,
+            )
+        summary: RunSummary = run(cfg, resume=done is not None)
+    except ZoplanError as exc:  # said in zoplan run's words: said again in the caller's
+        raise type(exc)(
+            in_its_words(exc.message), fix=None if exc.fix is None else in_its_words(exc.fix), status=exc.status
+        ) from None
     return summary
+
+
+# a flag of zoplan run, and a number given to it ("--steps 3")
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)(?: (-?\d[\w.+-]*))?")
+# a command to type, which keeps its flags: in backquotes, or from "zoplan ..." or "torchrun ..."
+# to the end of its clause
+_COMMAND = re.compile(r"(`[^`]*`|\b(?:zoplan|torchrun) [^,;()]*)")
+
+
+def in_its_words(text: str) -> str:
+    """A message of zoplan run's in fine_tune's words: ``steps`` for ``--steps``, ``steps=3`` for
+    ``--steps 3``, ``pins["perturbation"]`` for ``--pertp``; the flags of a command it gives to
+    type stay as they are."""
+    pins = {flag: f'pins["{pin}"]' for pin, flag in PIN_FLAGS.items()}
+    names = (set(RunConfig.model_fields) - _NOT_OPTIONS) | _PARAMETERS
+
+    def keyword(match: re.Match[str]) -> str:
+        flag, value = "--" + match.group(1), match.group(2)
+        name = pins.get(flag) or match.group(1).replace("-", "_")
+        if flag not in pins and name not in names:
+            return match.group(0)
+        return name if value is None else f"{name}={value}"
+
+    parts = _COMMAND.split(text)
+    return "".join(part if i % 2 else _FLAG.sub(keyword, part) for i, part in enumerate(parts))
 
 
 def _unknown_option(name: str, allowed: set[str]) -> ZoplanError:

@@ -54,7 +54,7 @@ def test_fine_tune_is_zoplan_run(tiny_dirs, tmp_path: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         more = fine_tune(resume=tmp_path / "api", steps=4, lr=1e-2, quiet=True)
-    assert more.steps == 4 and any("--lr ignored: the run in" in str(w.message) for w in caught)
+    assert more.steps == 4 and any("lr ignored: the run in" in str(w.message) for w in caught)
 
 
 def test_fine_tune_refuses_what_zoplan_run_refuses(tmp_path: Path) -> None:
@@ -64,8 +64,12 @@ def test_fine_tune_refuses_what_zoplan_run_refuses(tmp_path: Path) -> None:
         fine_tune(lr=-1.0, output=tmp_path / "o")
     plan = tmp_path / "plan.yaml"
     plan.write_text("not a plan")
-    with pytest.raises(ZoplanError, match="--pertp set what the plan"):
+    # in fine_tune's words, not the command line's (--pertp, --steps)
+    with pytest.raises(ZoplanError, match=r'pins\["perturbation"\] set what the plan'):
         fine_tune(plan=plan, pins={"perturbation": 2}, output=tmp_path / "o")
+    with pytest.raises(ZoplanError, match="^steps must be at least 1, got 0") as said:
+        fine_tune(steps=0, output=tmp_path / "o")
+    assert "--" not in str(said.value)
     with pytest.raises(ZoplanError, match="both say what is held out"):
         fine_tune(eval_data="sentiment", eval_fraction=0.2, data="sentiment", output=tmp_path / "o")
     # a list where one path or name goes was read as its str() ("['sentiment']" is no data set);
@@ -194,3 +198,19 @@ def test_an_unknown_option_gets_the_one_meant(option: str, said: str) -> None:
     fine_tune's own, not only its closest spelling."""
     with pytest.raises(ZoplanError, match=f"fine_tune\\(\\) has no option '{option}': {said}"):
         fine_tune(**{option: 1})
+
+
+def test_run_messages_are_said_in_fine_tunes_words() -> None:
+    """zoplan run's flags become fine_tune's names; a command to type keeps its own."""
+    from zoplan.runtime.api import in_its_words
+
+    said = (
+        "--steps 3 is fewer than the 6 step(s) done; give --steps 6, or continue it with --resume; "
+        "--pertp 3 and --ddp; --wide stays (no such option); plan with `zoplan plan --prefetch 2`, "
+        "or zoplan plan --topology x.yaml -o plan.yaml"
+    )
+    assert in_its_words(said) == (
+        "steps=3 is fewer than the 6 step(s) done; give steps=6, or continue it with resume; "
+        'pins["perturbation"]=3 and pins["data"]; --wide stays (no such option); plan with '
+        "`zoplan plan --prefetch 2`, or zoplan plan --topology x.yaml -o plan.yaml"
+    )
