@@ -33,7 +33,7 @@ from zoplan.fileio import brief
 from zoplan.layout import Pins
 from zoplan.limits import MAX_SLICES_PER_BLOCK
 from zoplan.records import RunSummary
-from zoplan.runconfig import CONFIG_FILE, PIN_FLAGS, RunConfig, default
+from zoplan.runconfig import PIN_FLAGS, RunConfig, default
 from zoplan.vocab import Dtype, Upload
 
 # what a caller may not set: the version, and what the launcher completes
@@ -172,19 +172,13 @@ def fine_tune(
             _check_devices(given)
     if isinstance(given.get("label_words"), str):  # "bad,good", as on the command line
         given["label_words"] = tuple(given["label_words"].split(","))
-    from zoplan.runtime.launch import configure, run
+    from zoplan.runtime.launch import configure, ignored_note, run
 
     done = None if resume is None else Path(resume)
     try:
         cfg, ignored = configure(given, done)
         if ignored and done is not None:
-            warnings.warn(
-                in_its_words(
-                    f"{', '.join(ignored)} ignored: the run in {done} continues with the plan, model and data it "
-                    f"started with ({done / CONFIG_FILE})"
-                ),
-                stacklevel=2,
-            )
+            warnings.warn(in_its_words(ignored_note(ignored, done)), stacklevel=2)
         summary: RunSummary = run(cfg, resume=done is not None)
     except ZoplanError as exc:  # said in zoplan run's words: said again in the caller's
         raise type(exc)(

@@ -457,6 +457,14 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     return cfg, plan, machine
 
 
+def ignored_note(ignored: list[str], resume: Path) -> str:
+    """What a resume says of the options it was given again and does not take (configure's ``ignored``)."""
+    return (
+        f"{', '.join(ignored)} ignored: the run in {resume} continues with the plan, model and data it "
+        f"started with ({resume / runconfig.CONFIG_FILE})"
+    )
+
+
 def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunConfig, list[str]]:
     """A run's configuration from the options a user gave (RunConfig's names; the pins as a
     ``layout.Pins``), checked as far as it can be before anything starts, and the command-line

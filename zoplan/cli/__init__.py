@@ -526,17 +526,12 @@ def run_cmd(
     if label_words is not None:
         given["label_words"] = tuple(label_words.split(","))
     _needs_runtime("run")
-    from zoplan.runtime.launch import configure, run
+    from zoplan.runtime.launch import configure, ignored_note, run
 
     cfg, ignored = configure(given, resume)
     if ignored and resume is not None:
         # the same command line again is the natural way to continue: a warning, not an error
-        err.print(
-            Text(
-                f"warning: {', '.join(ignored)} ignored: the run in {resume} continues with the plan, "
-                f"model and data it started with ({resume / runconfig.CONFIG_FILE})"
-            )
-        )
+        err.print(Text(f"warning: {ignored_note(ignored, resume)}"))
     result = run(cfg, resume=resume is not None)
     if cfg.node_rank == 0:
         for line in result.lines():
