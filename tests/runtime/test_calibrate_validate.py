@@ -394,6 +394,12 @@ def test_a_validation_refused_before_it_starts_leaves_no_run_directory(calibrate
     )
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp.iterdir()) == []  # no empty zoplan-validate-* directory
+    # a kept run directory that is not empty: refused with validate's own fix (it has no --resume)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    proc = zoplan("validate", str(planned), "--model", str(calibrated[1]), "-o", str(tmp_path / "kept"), code=2)
+    assert "is not empty" in proc.stderr and "--resume" not in proc.stderr, proc.stderr
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
 
 
 def test_validate_pads_batches_to_the_planned_sequence_length(tiny_dirs) -> None:

@@ -663,6 +663,11 @@ def validate_cmd(
 
         check_writable(trace, "trace file")
     if output is not None:
+        if output.is_dir() and any(output.iterdir()):  # (zoplan run's refusal would offer a resume)
+            raise ZoplanError(
+                f"output directory {output} is not empty: a previous run's output is not overwritten",
+                fix="choose a new --output directory, or remove the old one",
+            )
         _validate(output, the_plan, plan_file, simulated, model, data, steps, trace, skip, pad, as_json)
         return
     # a temporary run directory goes when validate ends, however it ends (--output keeps one)
