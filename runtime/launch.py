@@ -218,7 +218,9 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     check_model_dir(model_dir)  # weights present, whole, of the config's shape; a tokenizer
     if plan is not None:
         check_plan_matches(plan, shape=shape, plan_path=cfg.plan)
-        machine = load_topology(plan.topology.source)
+        from zoplan.planner import planned_machine
+
+        machine = planned_machine(plan, cfg.plan)
         check_plan_matches(plan, machine=machine, plan_path=cfg.plan)
         from zoplan.sim.costs import Workload
         from zoplan.planner import check_fits
@@ -403,7 +405,9 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             f"is {out / 'model'} when the run finished)",
         )
     _check_nodes(plan, cfg)
-    machine = load_topology(plan.topology.source)
+    from zoplan.planner import planned_machine
+
+    machine = planned_machine(plan, out / "plan.yaml")
     device = _device_for(machine, plan)
     # what the run before left that would speak for this one: its error, and its ranks' marks of
     # a finished run (with them, this run failing at the same --steps would pass for finished)

@@ -343,15 +343,35 @@ def check_fits(machine: Machine, workload: Workload, layout: Layout, plan_path: 
         )
 
 
+def planned_machine(the_plan: Plan, plan_path: str | Path, moved: bool = False) -> Machine:
+    """The machine a plan was made for, from the topology it names (a bundled one, or the file
+    it was planned with); ``moved``: the command takes ``--topology`` for a file that moved."""
+    source = the_plan.topology.source
+    if source.endswith((".yaml", ".yml")) and not Path(source).exists():
+        raise ZoplanError(
+            f"{plan_path} was planned for the topology file {source}, which is not there any more",
+            fix=("pass the file with --topology if it moved" if moved else f"put the file back at {source}")
+            + ", or plan again",
+        )
+    return load_topology(source)
+
+
 def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
     """Simulate a plan again with every span recorded, on the machine it was planned for."""
     the_plan = load_plan(plan_path)
-    machine = load_topology(topology or the_plan.topology.source)
+    source = the_plan.topology.source
+    machine = load_topology(topology) if topology is not None else planned_machine(the_plan, plan_path, moved=True)
     if machine.hash != the_plan.topology.hash:
+        planned = f"{plan_path} was planned for topology '{the_plan.topology.name}' ({the_plan.topology.hash})"
+        if topology is not None and machine.name != the_plan.topology.name:
+            raise ZoplanError(
+                f"{planned}, but --topology {topology} is '{machine.name}' ({machine.hash}), another machine",
+                fix=f"leave --topology out for the file it was planned with ({source}), or plan again for "
+                f"'{machine.name}' (zoplan plan --topology {topology} ...)",
+            )
         raise ZoplanError(
-            f"{plan_path} was planned for topology '{the_plan.topology.name}' "
-            f"({the_plan.topology.hash}), but '{topology or the_plan.topology.source}' is now "
-            f"{machine.hash}: the machine description changed since planning",
+            f"{planned}, but '{topology or source}' is now {machine.hash}: the machine description changed "
+            "since planning",
             fix="plan again, or pass the original file with --topology",
         )
     check_plan_gpus(the_plan, machine, plan_path)

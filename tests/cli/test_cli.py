@@ -802,6 +802,13 @@ def test_timeline_refuses_a_plan_whose_topology_file_changed(tmp_path: Path, mon
     out = tmp_path / "t.json"
     invoke("timeline", str(plan_path), "--topology", "rtx4090-4x", "-o", str(out))
     assert "traceEvents" in json.loads(out.read_text(encoding="utf-8"))
+    # another machine named is not a change to this one; a file gone is not a machine unknown
+    code, _, err = run_main(monkeypatch, capsys, "timeline", str(plan_path), "--topology", "dgx-a100")
+    assert_one_error(code, err, "--topology dgx-a100 is 'dgx-a100'", "another machine", "leave --topology out")
+    assert "changed since" not in err
+    topo.unlink()
+    code, _, err = run_main(monkeypatch, capsys, "timeline", str(plan_path))
+    assert_one_error(code, err, f"planned for the topology file {topo}, which is not there", "--topology if it moved")
 
 
 def test_timeline_finds_a_relative_topology_from_another_directory(tmp_path: Path, monkeypatch) -> None:
