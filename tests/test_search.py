@@ -379,6 +379,18 @@ def test_a_step_over_several_nodes_waits_for_the_slowest(tmp_path: Path) -> None
     )
     assert "waiting for the slowest node adds" in plan_footer(varied).plain
     assert "nodes taken as identical" in plan_footer(same).plain
+    # the timeline's chart is one node's step, and says what the wait makes of it
+    from rich.console import Console
+
+    from zoplan.planfile import write_plan
+    from zoplan.planner import timeline
+    from zoplan.sim.trace import gantt
+
+    write_plan(varied.plan, tmp_path / "varied.yaml")
+    console = Console(width=200, record=True)
+    console.print(gantt(timeline(tmp_path / "varied.yaml").candidate.sim, varied.machine, width=40))
+    step_ms = varied.search.best.step_time_s * 1e3
+    assert f"on each node, {step_ms:.0f} ms with the wait for the slowest" in console.export_text()
 
 
 def test_the_pruned_search_is_exact_on_several_varying_nodes(tmp_path: Path) -> None:
@@ -395,11 +407,11 @@ def test_the_pruned_search_is_exact_on_several_varying_nodes(tmp_path: Path) -> 
     assert fast.evaluated == same.evaluated and fast.pruned == same.pruned
 
 
-def test_node_counts_tried_are_the_powers_of_two_below_and_all() -> None:
+def test_node_counts_tried_are_those_the_batch_splits_over() -> None:
     from zoplan.search import node_counts
 
-    assert node_counts(1) == [1] and node_counts(2) == [1, 2] and node_counts(6) == [1, 2, 4, 6]
-    assert node_counts(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert node_counts(1, 16) == [1] and node_counts(4, 24) == [1, 2, 3, 4] and node_counts(6, 16) == [1, 2, 4]
+    assert node_counts(64, 512) == [1, 2, 4, 8, 16, 32, 64] and node_counts(64, 7) == [1, 7]
 
 
 @pytest.mark.parametrize("objective", ["time", "cost"])
@@ -424,8 +436,17 @@ def test_a_cluster_is_used_only_as_far_as_more_nodes_help(tmp_path: Path, object
     assert cost is not None and cost < usd_per_mtok(
         machine, every.search.workload, all_nodes.layout, all_nodes.step_time_s
     )
-    assert f"{best.layout.nodes} of the 4 nodes" in plan_footer(short).plain and "--nodes 4" in plan_footer(short).plain
+    assert f"{best.layout.nodes} of the 4 nodes: no layout over more of them is" in plan_footer(short).plain
+    assert "--nodes 4 pins the most the global batch of 4 splits over" in plan_footer(short).plain
     assert "of the 4 nodes" not in plan_footer(every).plain
+    # a count pinned is not a finding; a batch of 3 splits over 3 of the 4 nodes at most, and the
+    # search tries 3 (not only 1, 2, 4)
+    pinned = plan("opt-1.3b", str(path), global_batch=4, objective=objective, pins=Pins(nodes=2))
+    assert "2 of the 4 nodes (--nodes 2)" in plan_footer(pinned).plain
+    three = plan("opt-1.3b", str(path), global_batch=3, objective=objective)
+    assert three.search.best.layout.nodes == (3 if objective == "time" else 1)
+    if objective == "time":
+        assert "the global batch of 3 splits evenly over no more of them" in plan_footer(three).plain
     # what is rented an hour, in compare's table too: the nodes the layout runs on
     from rich.console import Console
 

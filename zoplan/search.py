@@ -150,6 +150,7 @@ class SearchResult:
     seconds: float
     considered: int = 0
     notes: list[str] = field(default_factory=list)
+    pins: Pins = Pins()  # what the user fixed
 
     @property
     def best(self) -> Candidate:
@@ -240,12 +241,13 @@ def placements(machine: Machine, count: int, dtype: str = "bf16") -> dict[str, t
     return options
 
 
-def node_counts(nodes: int) -> list[int]:
-    """How many of a topology's ``nodes`` a layout may run on: every power of two below it, and
-    all of them. Only loss scalars cross between nodes, so each node streams the whole model every
-    step whatever its share of the batch: where the transfers bound the step, more nodes make it
-    no shorter (the wait for the slowest node makes it longer) and cost more."""
-    return sorted({1 << k for k in range(nodes.bit_length()) if 1 << k < nodes} | {nodes})
+def node_counts(nodes: int, global_batch: int) -> list[int]:
+    """How many of a topology's ``nodes`` a layout may run on: every count the global batch
+    splits evenly over (each node's replicas take equal shares), up to all of them. Only loss
+    scalars cross between nodes, so each node streams the whole model every step whatever its
+    share of the batch: where the transfers bound the step, more nodes make it no shorter (the
+    wait for the slowest node makes it longer) and cost more."""
+    return [n for n in divisors(global_batch) if n <= nodes]
 
 
 def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dtype: str) -> Iterator[Layout]:
@@ -254,7 +256,7 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
     n_gpus = len(machine.gpus)
     batch = workload.global_batch
     for nodes, p in itertools.product(
-        [pins.nodes] if pins.nodes is not None else node_counts(machine.spec.nodes),
+        [pins.nodes] if pins.nodes is not None else node_counts(machine.spec.nodes, batch),
         [pins.perturbation] if pins.perturbation is not None else [1, 2],
     ):
         for d in [pins.data] if pins.data is not None else range(1, n_gpus // p + 1):
@@ -472,6 +474,7 @@ def search(
         rejected=rejected,
         seconds=time.perf_counter() - t0,
         considered=considered,
+        pins=pins,
     )
 
 

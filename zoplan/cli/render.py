@@ -14,7 +14,7 @@ from rich.text import Text
 from zoplan.errors import ZoplanError
 from zoplan.models import preset_table_rows
 from zoplan.planner import CandidateSummary, PlanReport, candidate_summary
-from zoplan.search import rented_per_hour
+from zoplan.search import node_counts, rented_per_hour
 
 if TYPE_CHECKING:
     from zoplan.profile import Profile
@@ -205,13 +205,21 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
                 "(zoplan validate measures it) to add the wait for the slowest\n"
             )
         )
-    every = report.machine.spec.nodes
-    if nodes < every:
+    every, batch = report.machine.spec.nodes, s.workload.global_batch
+    if nodes < every and s.pins.nodes is None:
+        more = [n for n in node_counts(every, batch) if n > nodes]
         text.append(
-            f"{nodes} of the {every} nodes: over more of them no layout is "
-            f"{'cheaper per token' if s.objective == 'cost' else 'faster'} (each node streams the whole "
-            f"model every step, more nodes share only the batch); --nodes {every} uses them all\n"
+            f"{nodes} of the {every} nodes: "
+            + (
+                f"no layout over more of them is {'cheaper per token' if s.objective == 'cost' else 'faster'}; "
+                f"--nodes {more[-1]} pins the most the global batch of {batch} splits over\n"
+                if more
+                else f"the global batch of {batch} splits evenly over no more of them (over all {every}: a "
+                f"batch that {every} divides)\n"
+            )
         )
+    elif nodes < every:
+        text.append(f"{nodes} of the {every} nodes (--nodes {nodes})\n")
     device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"
     if s.baseline:
         assert s.baseline.sim is not None  # zo2_baseline simulates the baseline it returns

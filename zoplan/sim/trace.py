@@ -463,7 +463,13 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
     legend.append(" busy < half the cell")
     heading = Text.assemble(
         (f"{machine.name}", "bold"),
-        f": reported step {REPORTED_STEP}, {_fmt_duration(span_s)}, bound by ",
+        f": reported step {REPORTED_STEP}, {_fmt_duration(span_s)}"
+        + (
+            f" on each node, {_fmt_duration(result.step_time_s)} with the wait for the slowest"
+            if result.straggler_s > 0
+            else ""
+        )
+        + ", bound by ",
         (result.bound_story(), "bold red"),
         f" · one column = {_fmt_duration(span_s / width)}",
     )
