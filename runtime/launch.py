@@ -532,7 +532,8 @@ def _check_nodes(plan: Plan, cfg: RunConfig) -> None:
         return
     raise ZoplanError(
         f"the plan {cfg.plan} spans {plan.layout.nodes} node(s) but --nnodes is {cfg.nnodes}",
-        fix=f"run it with --nnodes {plan.layout.nodes} (one command on each machine), or plan for {cfg.nnodes} nodes",
+        fix=f"run it with --nnodes {plan.layout.nodes} (one command on each machine), or plan for "
+        f"{cfg.nnodes} node{'s' if cfg.nnodes > 1 else ''} (zoplan plan --nodes {cfg.nnodes} ...)",
     )
 
 

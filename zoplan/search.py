@@ -714,6 +714,11 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
             )
     if pins.perturbation is not None and pins.perturbation not in (1, 2):
         raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
+    if pins.nodes is not None and workload.global_batch % pins.nodes:
+        raise ZoplanError(
+            f"global batch {workload.global_batch} does not divide among {pins.nodes} nodes (--nodes {pins.nodes})",
+            fix=f"use a global batch that is a multiple of {pins.nodes}, or another --nodes",
+        )
     if pins.data is not None:
         if pins.data < 1:
             raise ZoplanError(f"--ddp must be at least 1, got {pins.data}")

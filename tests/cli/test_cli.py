@@ -849,3 +849,22 @@ def test_a_plan_output_that_cannot_be_written_is_refused_before_the_search(
     code, _, err = run_main(monkeypatch, capsys, "plan", "-m", "opt-125m", "-o", str(tmp_path / where))
     assert_one_error(code, err, str(tmp_path / where))
     assert searched == [] and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder"]
+
+
+def test_node_counts_and_prices_are_said_in_the_plans_words(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A pinned node count the batch does not split over, a plan over several nodes given to
+    validate (which runs on this one machine, and has no --nnodes), and --objective cost on a
+    machine with no price: each said as what it is."""
+    topo = topology_copy(tmp_path, lambda d: d.update(nodes=4, network={"gbps": 25, "latency_us": 5}))
+    code, _, err = run_main(monkeypatch, capsys, "plan", *TINY[:2], "-t", str(topo), "-b", "8", "--nodes", "3")
+    assert_one_error(code, err, "global batch 8 does not divide among 3 nodes (--nodes 3)")
+    plan_path = tmp_path / "four.yaml"
+    invoke("plan", *TINY[:2], "-t", str(topo), "-b", "8", "-s", "128", "--nodes", "4", "-o", str(plan_path))
+    code, _, err = run_main(monkeypatch, capsys, "validate", str(plan_path))
+    assert_one_error(code, err, "spans 4 nodes, and validate runs a plan on this one machine", "--nodes 1")
+    assert "--nnodes" not in err
+    said = invoke("plan", *TINY, "--objective", "cost").output
+    assert (
+        "no price: topology 'rtx4090-4x' gives no price_per_hour_usd, so --objective cost ranked by step time" in said
+    )
+    assert "no price" not in invoke("plan", *TINY).output

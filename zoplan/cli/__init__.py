@@ -645,6 +645,12 @@ def validate_cmd(
     from zoplan.planner import timeline
 
     the_plan = load_plan(plan_file)
+    if the_plan.layout.nodes > 1:  # (zoplan run would ask for --nnodes, which validate does not take)
+        raise ZoplanError(
+            f"{plan_file} spans {the_plan.layout.nodes} nodes, and validate runs a plan on this one machine",
+            fix="validate one node's step: plan it with --nodes 1 (zoplan plan --topology ... --nodes 1 -o plan.yaml); "
+            "the nodes add only the loss all-reduce and the wait for the slowest",
+        )
     simulated = timeline(plan_file).candidate.sim
     assert simulated is not None  # timeline() simulates the plan
     _needs_runtime("validate")

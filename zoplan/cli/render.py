@@ -180,6 +180,12 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
     s = report.search
     text = Text()
     best = report.summary(s.best)
+    if s.objective == "cost" and best["usd_per_mtok"] is None:
+        text.append(
+            f"no price: topology '{report.machine.name}' gives no price_per_hour_usd, so --objective cost "
+            "ranked by step time\n",
+            style="yellow",
+        )
     text.append(f"best: {best['perturbation']}×{best['data']} on {','.join(best['compute_gpus'])}", style="bold")
     relays = [g for g in best["movers"] if g not in best["compute_gpus"]]
     if best["upload"] == "sliced":
