@@ -868,3 +868,25 @@ def test_node_counts_and_prices_are_said_in_the_plans_words(tmp_path: Path, monk
         "no price: topology 'rtx4090-4x' gives no price_per_hour_usd, so --objective cost ranked by step time" in said
     )
     assert "no price" not in invoke("plan", *TINY).output
+
+
+def test_the_verdict_on_several_nodes_names_the_cheapest_layout_not_the_fastest_ones_price(tmp_path: Path) -> None:
+    """On a priced cluster the fastest layout uses every node and the cheapest per token fewer:
+    compare's verdict names each (the cheapest was the fastest layout's price, all nodes charged)."""
+    cluster = topology_copy(
+        tmp_path,
+        lambda d: d.update(name="four", nodes=4, network={"gbps": 25, "latency_us": 5}, price_per_hour_usd=4 * 3.0),
+        name="four.yaml",
+        base="h100-pcie-1x",
+    )
+    single = topology_copy(
+        tmp_path, lambda d: d.update(name="one", price_per_hour_usd=3.5), name="one.yaml", base="h100-pcie-1x"
+    )
+    workload = ("-m", "opt-1.3b", "-b", "64", "-s", "128", "-t", str(cluster), "-t", str(single))
+    said = json.loads(invoke("compare", *workload, "--json").stdout)
+    rows = {m["topology"]: m for m in said["machines"]}
+    fastest, cheapest = said["verdict"]["fastest"], said["verdict"]["cheapest"]
+    assert fastest["topology"] == cheapest["topology"] == "four" and fastest["nodes"] == 4
+    assert cheapest["nodes"] < 4 and cheapest["usd_per_mtok"] < min(m["usd_per_mtok"] for m in rows.values())
+    line = invoke("compare", *workload).stdout.strip().splitlines()[-1]
+    assert f"cheapest per token four on {cheapest['nodes']} of its 4 nodes" in line, line

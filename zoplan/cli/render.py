@@ -289,22 +289,36 @@ def verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens: float |
     its step, $/Mtok and, with ``tokens``, the hours and dollars of that many tokens; how many
     machines cannot run the model."""
     fits = [(name, res) for name, res in results if not isinstance(res, ZoplanError)]
-    summaries = {name: candidate_summary(res.search.best, res.machine, res.search.workload) for name, res in fits}
+    # each machine's fastest layout and its cheapest (on several nodes they may differ)
+    by = {
+        objective: {
+            name: candidate_summary(res.best_by(objective), res.machine, res.search.workload) for name, res in fits
+        }
+        for objective in ("time", "cost")
+    }
+    nodes = {name: res.machine.spec.nodes for name, res in fits}
 
-    def machine(name: str) -> dict[str, Any]:
-        s = summaries[name]
-        said: dict[str, Any] = {"topology": name, "step_time_s": s["step_time_s"], "usd_per_mtok": s["usd_per_mtok"]}
+    def machine(name: str, s: CandidateSummary) -> dict[str, Any]:
+        said: dict[str, Any] = {
+            "topology": name,
+            "step_time_s": s["step_time_s"],
+            "usd_per_mtok": s["usd_per_mtok"],
+            "nodes": s["nodes"],
+            "of_nodes": nodes[name],
+        }
         if tokens:
             said["hours"] = tokens / s["tokens_per_s"] / 3600
             said["usd"] = s["usd_per_mtok"] * tokens / 1e6 if s["usd_per_mtok"] is not None else None
         return said
 
     out: dict[str, Any] = {"tokens": tokens, "cannot_run": len(results) - len(fits), "fastest": None, "cheapest": None}
-    if summaries:
-        out["fastest"] = machine(min(summaries, key=lambda name: summaries[name]["step_time_s"]))
-        priced = [(s["usd_per_mtok"], name) for name, s in summaries.items() if s["usd_per_mtok"] is not None]
+    if fits:
+        fastest = min(by["time"], key=lambda name: by["time"][name]["step_time_s"])
+        out["fastest"] = machine(fastest, by["time"][fastest])
+        priced = [(s["usd_per_mtok"], name) for name, s in by["cost"].items() if s["usd_per_mtok"] is not None]
         if priced:
-            out["cheapest"] = machine(min(priced)[1])
+            cheapest = min(priced)[1]
+            out["cheapest"] = machine(cheapest, by["cost"][cheapest])
     return out
 
 
@@ -320,10 +334,16 @@ def compare_verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens:
         price = f", ${m['usd']:,.0f}" if m["usd"] is not None else ""
         return f"; {tokens:.3g} tokens in {m['hours']:,.1f} h{price}"
 
+    def where(m: dict[str, Any]) -> str:
+        name: str = m["topology"]
+        return name + (f" on {m['nodes']} of its {m['of_nodes']} nodes" if m["nodes"] < m["of_nodes"] else "")
+
     fastest, cheapest = v["fastest"], v["cheapest"]
-    said = f"verdict: fastest {fastest['topology']} ({_fmt_time(fastest['step_time_s'])} a step{cost_of(fastest)})"
+    said = f"verdict: fastest {where(fastest)} ({_fmt_time(fastest['step_time_s'])} a step{cost_of(fastest)})"
     if cheapest is not None:
-        said += f"; cheapest per token {cheapest['topology']} ({_fmt_usd(cheapest['usd_per_mtok'])} $/Mtok{cost_of(cheapest)})"
+        said += (
+            f"; cheapest per token {where(cheapest)} ({_fmt_usd(cheapest['usd_per_mtok'])} $/Mtok{cost_of(cheapest)})"
+        )
     left = v["cannot_run"]
     return said + (f"; {left} machine(s) cannot run it" if left else "")
 
