@@ -470,6 +470,33 @@ def test_a_node_count_is_pinned_within_the_topology(tmp_path: Path) -> None:
     assert plan("opt-1.3b", str(path), global_batch=8, pins=Pins(nodes=2)).search.best.layout.nodes == 2
 
 
+def test_the_largest_cluster_a_plan_spans_round_trips_and_more_is_refused(tmp_path: Path) -> None:
+    """A plan spans at most MAX_RANKS GPUs (its rank table stays within a plan file's bounds, and
+    timeline reads it back); a topology of more nodes is planned on as many as that, a pinned count
+    over it and a node count over MAX_NODES (or YAML's ``true``) are refused."""
+    from zoplan.cli.render import plan_footer
+    from zoplan.limits import MAX_NODES, MAX_RANKS
+    from zoplan.planfile import write_plan
+    from zoplan.planner import timeline
+
+    data = yaml.safe_load(resolve_topology_path("l40s-8x").read_text())
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump({**data, "nodes": MAX_NODES, "network": {"gbps": 25, "latency_us": 5}}))
+    most = MAX_RANKS // len(data["gpus"])
+    pins = Pins(perturbation=2, data=4, upload="whole", micro_batch=1, prefetch=1, resident=0, wire_dtype="bf16")
+    report = plan("opt-125m", str(path), global_batch=8 * most, seq_len=128, pins=pins)
+    assert report.search.best.layout.nodes == most
+    assert f"{most} of the {MAX_NODES} nodes: a plan spans at most {MAX_RANKS} GPUs" in plan_footer(report).plain
+    write_plan(report.plan, tmp_path / "plan.yaml")
+    assert timeline(tmp_path / "plan.yaml").candidate.layout.nodes == most
+    with pytest.raises(ZoplanError, match=f"--nodes {2 * most} of 8 GPUs each is {2 * MAX_RANKS} GPUs"):
+        plan("opt-125m", str(path), global_batch=8 * most, pins=dataclasses.replace(pins, nodes=2 * most))
+    for nodes in (MAX_NODES + 1, True):
+        path.write_text(yaml.safe_dump({**data, "nodes": nodes, "network": {"gbps": 25, "latency_us": 5}}))
+        with pytest.raises(ZoplanError, match="field 'nodes'"):
+            load_topology(path)
+
+
 def test_compare_answers_one_eight_gpu_node_or_four_two_gpu_nodes(tmp_path: Path) -> None:
     from zoplan.planner import compare
 

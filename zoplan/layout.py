@@ -150,9 +150,12 @@ class Layout:
         replicas), and the per-node block-exchange groups (the movers)."""
         ranks = self.ranks()
         compute = [r for r in ranks if r["role"] == "compute"]
-        pairs = [[r["rank"] for r in compute if r["replica"] == rep] for rep in range(self.data * self.nodes)]
-        branches = sorted({r["branch"] for r in compute})
-        across = [[r["rank"] for r in compute if r["branch"] == b] for b in branches]
+        pairs: list[list[int]] = [[] for _ in range(self.data * self.nodes)]
+        by_branch: dict[str, list[int]] = {}
+        for r in compute:  # (in rank order: each group's ranks ascend)
+            pairs[r["replica"]].append(r["rank"])
+            by_branch.setdefault(r["branch"], []).append(r["rank"])
+        across = [by_branch[b] for b in sorted(by_branch)]
         per_node = len(self.gpus)
         movers_local = [self.gpus.index(g) for g in self.movers]
         exchange = [[node * per_node + i for i in movers_local] for node in range(self.nodes)]

@@ -11,3 +11,5 @@ MAX_SEQ_LEN = 1 << 20  # tokens per sequence (a model's own positions bound it f
 MAX_SLICES_PER_BLOCK = 128  # one upload op per slice
 MAX_STEPS = 10**9  # a run's steps: a billion tiny steps take years
 MAX_MEASURED_STEPS = 10_000  # steps timed by calibrate and validate: their figures settle within dozens
+MAX_NODES = 4096  # machines in a topology and a run (--nnodes)
+MAX_RANKS = 4096  # processes a plan spans, every node's together: its rank table fits a plan file's bounds

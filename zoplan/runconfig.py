@@ -27,7 +27,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, brief, describe_validation_error, read_text
-from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_SEQ_LEN, MAX_STEPS, MIN_SEQ_LEN
+from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_NODES, MAX_SEQ_LEN, MAX_STEPS, MIN_SEQ_LEN
 from zoplan.layout import Pins
 from zoplan.tuning import FULL, Tuning
 from zoplan.vocab import Dtype, Method
@@ -142,7 +142,7 @@ class RunConfig(Strict):
     trace_steps: int = Field(8, ge=0)  # steps whose every span is kept
     quiet: bool = False
     # --- the machines
-    nnodes: int = Field(1, ge=1, le=4096)
+    nnodes: int = Field(1, ge=1, le=MAX_NODES)
     node_rank: int = Field(0, ge=0)
     master_addr: str = "127.0.0.1"
     master_port: int | None = Field(None, ge=1, le=65535)  # None: a free one (one machine)

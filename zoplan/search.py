@@ -24,7 +24,7 @@ from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
 from zoplan.layout import Layout, Pins, capacity_shares, divisors
 from zoplan.vocab import DTYPE_BYTES
-from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK, MIN_SEQ_LEN
+from zoplan.limits import MAX_GLOBAL_BATCH, MAX_RANKS, MAX_SEQ_LEN, MAX_SLICES_PER_BLOCK, MIN_SEQ_LEN
 from zoplan.models import ModelShape
 from zoplan.sim import SimResult, inputs_key, simulate
 from zoplan.sim import parallel
@@ -241,13 +241,14 @@ def placements(machine: Machine, count: int, dtype: str = "bf16") -> dict[str, t
     return options
 
 
-def node_counts(nodes: int, global_batch: int) -> list[int]:
-    """How many of a topology's ``nodes`` a layout may run on: every count the global batch
-    splits evenly over (each node's replicas take equal shares), up to all of them. Only loss
+def node_counts(nodes: int, global_batch: int, gpus: int = 1) -> list[int]:
+    """How many of a topology's ``nodes`` (of ``gpus`` each) a layout may run on: every count the
+    global batch splits evenly over (each node's replicas take equal shares), up to all of them,
+    and at most ``MAX_RANKS`` GPUs in all (a plan file's rank table holds them). Only loss
     scalars cross between nodes, so each node streams the whole model every step whatever its
     share of the batch: where the transfers bound the step, more nodes make it no shorter (the
     wait for the slowest node makes it longer) and cost more."""
-    return [n for n in divisors(global_batch) if n <= nodes]
+    return [n for n in divisors(global_batch) if n <= nodes and n * gpus <= MAX_RANKS]
 
 
 def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dtype: str) -> Iterator[Layout]:
@@ -256,7 +257,7 @@ def enumerate_layouts(machine: Machine, workload: Workload, pins: Pins, param_dt
     n_gpus = len(machine.gpus)
     batch = workload.global_batch
     for nodes, p in itertools.product(
-        [pins.nodes] if pins.nodes is not None else node_counts(machine.spec.nodes, batch),
+        [pins.nodes] if pins.nodes is not None else node_counts(machine.spec.nodes, batch, n_gpus),
         [pins.perturbation] if pins.perturbation is not None else [1, 2],
     ):
         for d in [pins.data] if pins.data is not None else range(1, n_gpus // p + 1):
@@ -714,6 +715,13 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
             )
     if pins.perturbation is not None and pins.perturbation not in (1, 2):
         raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
+    if pins.nodes is not None and pins.nodes * len(machine.gpus) > MAX_RANKS:
+        most = MAX_RANKS // len(machine.gpus)
+        raise ZoplanError(
+            f"--nodes {pins.nodes} of {len(machine.gpus)} GPUs each is {pins.nodes * len(machine.gpus)} GPUs, more "
+            f"than a plan spans ({MAX_RANKS})",
+            fix=f"use --nodes {most} or less",
+        )
     if pins.nodes is not None and workload.global_batch % pins.nodes:
         raise ZoplanError(
             f"global batch {workload.global_batch} does not divide among {pins.nodes} nodes (--nodes {pins.nodes})",

@@ -14,6 +14,7 @@ from rich.text import Text
 from zoplan.errors import ZoplanError
 from zoplan.models import preset_table_rows
 from zoplan.planner import CandidateSummary, PlanReport, candidate_summary
+from zoplan.limits import MAX_RANKS
 from zoplan.search import node_counts, rented_per_hour
 
 if TYPE_CHECKING:
@@ -213,17 +214,18 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
         )
     every, batch = report.machine.spec.nodes, s.workload.global_batch
     if nodes < every and s.pins.nodes is None:
-        more = [n for n in node_counts(every, batch) if n > nodes]
-        text.append(
-            f"{nodes} of the {every} nodes: "
-            + (
+        gpus = len(report.machine.gpus)
+        more = [n for n in node_counts(every, batch, gpus) if n > nodes]
+        if more:
+            why = (
                 f"no layout over more of them is {'cheaper per token' if s.objective == 'cost' else 'faster'}; "
-                f"--nodes {more[-1]} pins the most the global batch of {batch} splits over\n"
-                if more
-                else f"the global batch of {batch} splits evenly over no more of them (over all {every}: a "
-                f"batch that {every} divides)\n"
+                f"--nodes {more[-1]} pins the most the global batch of {batch} splits over"
             )
-        )
+        elif any(nodes < n <= every for n in node_counts(every, batch)):
+            why = f"a plan spans at most {MAX_RANKS} GPUs, {MAX_RANKS // gpus} nodes of {gpus}"
+        else:
+            why = f"the global batch of {batch} splits evenly over no more of them (over all {every}: a batch that {every} divides)"
+        text.append(f"{nodes} of the {every} nodes: {why}\n")
     elif nodes < every:
         text.append(f"{nodes} of the {every} nodes (--nodes {nodes})\n")
     device = "CPU rank" if report.machine.cpu_ranks_only else "GPU"

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 import networkx as nx
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
+from zoplan.limits import MAX_NODES
+
 from zoplan.errors import ZoplanError, did_you_mean
 from zoplan.fileio import Strict, check_version, content_hash, read_yaml, validate
 from zoplan.vocab import Meetings
@@ -190,7 +192,7 @@ class TopologySpec(Strict):
     name: str
     description: str = ""
     price_per_hour_usd: PositiveFloat | None = Field(None, description="price of all nodes together")
-    nodes: PositiveInt = 1
+    nodes: int = Field(1, ge=1, le=MAX_NODES, strict=True)  # (strict: YAML's true is no count)
     network: Network | None = None
     gpu_models: dict[str, GpuModel]
     sockets: list[Socket] = Field(min_length=1)
