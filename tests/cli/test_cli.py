@@ -863,6 +863,10 @@ def test_node_counts_and_prices_are_said_in_the_plans_words(tmp_path: Path, monk
     code, _, err = run_main(monkeypatch, capsys, "validate", str(plan_path))
     assert_one_error(code, err, "spans 4 nodes, and validate runs a plan on this one machine", "--nodes 1")
     assert "--nnodes" not in err
+    shown = invoke("topo", "show", str(topo)).output
+    assert "4 nodes · network 25 GB/s, 5 µs ·" in shown  # no step_cv given: no variation said
+    cv = topology_copy(tmp_path, lambda d: d.update(nodes=2, network={"gbps": 25, "step_cv": 0.02}), name="cv.yaml")
+    assert "network 25 GB/s, 5 µs, a node's step varying by 2.0%" in invoke("topo", "show", str(cv)).output
     said = invoke("plan", *TINY, "--objective", "cost").output
     assert (
         "no price: topology 'rtx4090-4x' gives no price_per_hour_usd, so --objective cost ranked by step time" in said

@@ -260,7 +260,9 @@ class TopologySpec(Strict):
                     f"'socket' between sockets"
                 )
         if self.nodes > 1 and self.network is None:
-            raise ValueError("nodes > 1 needs a 'network' (gbps, latency_us) between the nodes")
+            raise ValueError(
+                "nodes > 1 needs a 'network' between the nodes: {gbps: ..., latency_us: ...} (5 µs when left out)"
+            )
         return self
 
 

@@ -96,6 +96,7 @@ def render_topology(machine: Machine) -> Tree:
     nodes = f"{spec.nodes} node" + ("s" if spec.nodes > 1 else "")
     if spec.nodes > 1 and spec.network is not None:
         nodes += f" · network {_num(spec.network.gbps)} GB/s, {_num(spec.network.latency_us)} µs"
+        nodes += f", a node's step varying by {spec.network.step_cv:.1%}" if spec.network.step_cv else ""
     root.add(
         f"{nodes} · price {_price(spec.price_per_hour_usd)} · "
         f"host memory {_gib(sum(s.memory_gib for s in spec.sockets))} per node"
