@@ -718,6 +718,12 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
                 f"training stopped: the disk holding {out} is full (see {log_path}); {held}",
                 fix=f"free disk space, then {resume}",
             )
+        if getattr(proc, "server_gone", False):
+            raise ZoplanError(
+                f"training stopped: the rank server {os.environ.get(SERVER_ENV)} that started this run's ranks "
+                f"stopped, and they with it (see {log_path}); {held}",
+                fix=f"{resume}, with the server running again (or without {SERVER_ENV}: the ranks start here)",
+            )
         starter = "torchrun" if cfg.nnodes > 1 else "the rank supervisor (zoplan.runtime.ranks)"
         who = (
             f"{starter} (which stopped the ranks)"
@@ -745,7 +751,7 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
                 else resume,
             )
         raise ZoplanError(
-            f"training stopped: a rank exited without a message (torchrun exit status "
+            f"training stopped: a rank exited without a message ({starter.split(' (')[0]}'s exit status "
             f"{proc.returncode}; see {log_path}); {held}",
             fix=f"{resume}; --max-restarts N restarts crashed ranks automatically",
         )

@@ -118,6 +118,7 @@ class ServedProcess:
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock, self.pid = sock, pid
         self.returncode: int | None = None
+        self.server_gone = False  # the server went away before the supervisor's exit (it stops them)
 
     def _collect(self, timeout: float | None) -> None:
         if self.returncode is not None:
@@ -130,8 +131,9 @@ class ServedProcess:
         except (OSError, ValueError):
             reply = None
         # a server gone mid-run: its supervisor has been told to stop (PR_SET_PDEATHSIG) and its
-        # exit is unknown here; the run is reported as failed
-        self.returncode = int(reply["exit"]) if reply and "exit" in reply else 1
+        # exit is unknown here; the run is reported as failed, by the server's going
+        self.server_gone = not (reply and "exit" in reply)
+        self.returncode = 1 if self.server_gone else int(reply["exit"])
         self.sock.close()
 
     def poll(self) -> int | None:

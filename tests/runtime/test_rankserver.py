@@ -57,6 +57,8 @@ def test_a_server_that_goes_away_stops_its_runs(tmp_path: Path) -> None:
     server.communicate()
     _, err = run.communicate(timeout=120)
     assert run.returncode == 2 and "--resume" in err, err
+    # said as what happened: the server went, not a rank, not torchrun
+    assert f"the rank server {sock} that started this run's ranks stopped" in err and "torchrun" not in err, err
     assert gone(str(out)), processes_naming(str(out))
     # its socket is left (a SIGKILLed server cannot remove it): a launcher that finds nobody there
     # warns and starts its own supervisor (test_resume.py's killed-supervisor test runs one)
