@@ -475,6 +475,7 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
     flags among them that ``resume`` (the run to continue) ignores. ``zoplan run`` and
     ``zoplan.runtime.fine_tune`` both start here."""
     if resume is None:  # a recipe's prompt, label words and hyper-parameters, where not given
+        runconfig.check_adapter_settings(given)
         given = with_recipe(given)
     planned = runconfig.planned_flags(given)
     if given.get("plan") is not None and resume is None and planned:

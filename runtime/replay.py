@@ -39,12 +39,23 @@ def require_finite(tensors, what: str, fix: str) -> None:
 
 @torch.no_grad()
 def replay(model: nn.Module, journal: list[dict]) -> nn.Module:
-    """Apply every journal line's update to ``model`` in place, in step order."""
+    """Apply every journal line's update to ``model`` in place, in step order: to every
+    parameter, or to those a line names (``params``: ZOTrainer's lines, where frozen parameters
+    were not trained)."""
     params = dict(model.named_parameters())
     for row in journal:
         if row.get("skipped", row["projected_grad"] == 0.0):
             continue
-        for name, param in params.items():
+        trained = params.items()
+        if row.get("params") is not None:
+            missing = [name for name in row["params"] if name not in params]
+            if missing:
+                raise ZoplanError(
+                    f"step {row.get('step')} of the journal trained '{missing[0]}', which the model does not have",
+                    fix="replay onto the model that was trained, wrapped as it was (e.g. with the same PEFT adapter)",
+                )
+            trained = [(name, params[name]) for name in row["params"]]
+        for name, param in trained:
             update_tensor(
                 param, name, row["seed"], row["projected_grad"], row["lr"], row["weight_decay"], decays(name, param)
             )

@@ -20,7 +20,10 @@ This is the in-memory MeZO of one process (one CPU or GPU, the weights where the
 them); ``zoplan run`` (or ``fine_tune``) is the one that offloads and spreads a step over GPUs.
 θ is perturbed in place (+ε, −2ε, +ε), as MeZO does: putting it back costs float rounding (a
 few ulps of some elements a step), not a copy of the weights; so ``replay`` of ``zo_steps``
-rebuilds the trained weights to within that rounding. A step whose losses are not finite applies
+rebuilds the trained weights to within that rounding (each line names the parameters it
+trained: the frozen ones stay as they are). ``zo_steps`` holds the steps of this trainer's
+``train()`` in memory, not in its checkpoints: after ``train(resume_from_checkpoint=...)`` it
+holds the steps taken since, to replay onto the checkpoint's weights. A step whose losses are not finite applies
 no update (weight decay included: it is skipped, as ``zoplan run`` skips it; ``zo_max_nonfinite``
 of them in a row stop the training), and a step cut short by an error puts the perturbation back.
 """
@@ -143,6 +146,7 @@ class ZOTrainer(Trainer):
         # lr, eps, weight decay, skipped): zoplan.runtime.replay.replay(base_model, trainer.zo_steps)
         # rebuilds the weights from them
         self.zo_steps: list[dict[str, Any]] = []
+        self._zo_names: tuple[str, ...] = ()  # the parameters trained, one tuple shared by the lines
         self._nonfinite_in_row = 0
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -200,10 +204,14 @@ class ZOTrainer(Trainer):
         # update (weight decay included) not applied: θ keeps every bit
         finite = all(map(math.isfinite, (loss_plus, loss_minus, g)))
         lr, wd = self._zo_lr(), float(self.args.weight_decay)
+        names = tuple(name for name, _ in params)
+        if names != self._zo_names:
+            self._zo_names = names
         self.zo_steps.append(
             {
                 "step": step,
                 "seed": seed,
+                "params": self._zo_names,  # replay updates these only (a frozen parameter stays)
                 "loss_plus": loss_plus,
                 "loss_minus": loss_minus,
                 "projected_grad": g if finite else 0.0,

@@ -282,6 +282,24 @@ def option(name: str, config: type[Strict] = RunConfig) -> dict[str, Any]:
     return keywords
 
 
+# the settings of one kind of adapter: given for another kind of training, they would be ignored
+ADAPTER_SETTINGS = {"lora_rank": "lora", "lora_alpha": "lora", "prefix_tokens": "prefix"}
+
+
+def check_adapter_settings(given: Mapping[str, Any]) -> None:
+    """Refuse an adapter's setting given for another kind of training (``--lora-rank`` without
+    ``--tuning lora``): it would be ignored, and the run would train what the user did not ask for."""
+    method = given.get("tuning") or "full"
+    method = getattr(method, "value", method)  # (the command line's enum)
+    for name, kind in ADAPTER_SETTINGS.items():
+        if given.get(name) is not None and method != kind:
+            trains = "every weight" if method == "full" else f"a {method} adapter"
+            raise ZoplanError(
+                f"{flag(name)} applies to --tuning {kind}, but the run trains {trains} (--tuning {method})",
+                fix=f"add --tuning {kind}, or leave {flag(name)} out",
+            )
+
+
 def flag(name: str) -> str:
     """A setting as the command line gives it (the plan file is zoplan run's argument, not a flag)."""
     return "the plan file" if name == "plan" else "--" + name.replace("_", "-")

@@ -894,3 +894,20 @@ def test_the_verdict_on_several_nodes_names_the_cheapest_layout_not_the_fastest_
     assert cheapest["nodes"] < 4 and cheapest["usd_per_mtok"] < min(m["usd_per_mtok"] for m in rows.values())
     line = invoke("compare", *workload).stdout.strip().splitlines()[-1]
     assert f"cheapest per token four on {cheapest['nodes']} of its 4 nodes" in line, line
+
+
+@pytest.mark.parametrize(
+    "flags,said",
+    [
+        (["--lora-rank", "4"], "--lora-rank applies to --tuning lora, but the run trains every weight (--tuning full)"),
+        (
+            ["--tuning", "prefix", "--lora-alpha", "32"],
+            "--lora-alpha applies to --tuning lora, but the run trains a prefix",
+        ),
+        (["--tuning", "lora", "--prefix-tokens", "3"], "--prefix-tokens applies to --tuning prefix"),
+    ],
+)
+def test_an_adapters_setting_for_another_kind_of_training_is_refused(flags, said, monkeypatch, capsys) -> None:
+    """It was ignored: the plan (and the run) trained what the user did not ask for."""
+    code, _, err = run_main(monkeypatch, capsys, "plan", *TINY, *flags)
+    assert_one_error(code, err, said)

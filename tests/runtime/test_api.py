@@ -70,6 +70,13 @@ def test_fine_tune_refuses_what_zoplan_run_refuses(tmp_path: Path) -> None:
     with pytest.raises(ZoplanError, match="^steps must be at least 1, got 0") as said:
         fine_tune(steps=0, output=tmp_path / "o")
     assert "--" not in str(said.value)
+    # an adapter's setting for another kind of training was ignored: the run trained every weight
+    with pytest.raises(ZoplanError, match=r"^lora_rank applies to tuning lora, but the run trains every weight"):
+        fine_tune(lora_rank=4, output=tmp_path / "o")
+    with pytest.raises(
+        ZoplanError, match=r"^prefix_tokens applies to tuning prefix, but the run trains a lora adapter"
+    ):
+        fine_tune(tuning="lora", prefix_tokens=3, output=tmp_path / "o")
     with pytest.raises(ZoplanError, match="both say what is held out"):
         fine_tune(eval_data="sentiment", eval_fraction=0.2, data="sentiment", output=tmp_path / "o")
     # a list where one path or name goes was read as its str() ("['sentiment']" is no data set);

@@ -54,6 +54,7 @@ def trainer_for(model, tokenizer, out: Path, *, dataset: list[dict] | None = Non
 def test_the_trainer_learns_without_gradients_and_its_steps_replay(tiny_dirs, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from zoplan.errors import ZoplanError
     from zoplan.runtime.replay import replay
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
@@ -71,12 +72,17 @@ def test_the_trainer_learns_without_gradients_and_its_steps_replay(tiny_dirs, tm
     assert rows[0]["lr"] == pytest.approx(1e-3) and rows[-1]["lr"] < rows[0]["lr"]  # the schedule drives the rate
     # the updates are the ones zoplan replay applies: base weights + these rows give the trained
     # weights, up to the rounding of the in-place perturbation (+eps, -2 eps, +eps: a few ulps of
-    # float32 a step, ~1e-7 each near 1.0), far below one update (lr * g * z, ~1e-3)
+    # float32 a step, ~1e-7 each near 1.0), far below one update (lr * g * z, ~1e-3); the rows
+    # name the parameters trained, so a base loaded afresh (nothing frozen) keeps the frozen one
     base = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
-    base.model.decoder.embed_positions.weight.requires_grad_(False)
-    replayed = dict(replay_trainable(base, rows, replay).named_parameters())
+    assert all(r["params"] is rows[0]["params"] for r in rows)  # one tuple, not a list a step
+    replayed = dict(replay(base, rows).named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, replayed[name], rtol=0, atol=2e-5, msg=name)
+    assert torch.equal(replayed["model.decoder.embed_positions.weight"], frozen)
+    # onto a model without a parameter the rows trained: refused, not skipped
+    with pytest.raises(ZoplanError, match="of the journal trained 'model.decoder.embed_tokens.weight'"):
+        replay(torch.nn.Linear(2, 2), rows)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -108,17 +114,6 @@ def perturbed_and_back(weights: dict[str, torch.Tensor], seeds: list[int], eps: 
             for name, w in out.items():
                 perturb_(w, seed, name, scale)
     return out
-
-
-def replay_trainable(model, rows, replay):
-    """``replay`` over the trainable parameters only (the frozen ones were never updated)."""
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    replay(model, rows)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in frozen:
-                p.copy_(frozen[name])
-    return model
 
 
 def test_accumulated_gradients_and_a_bad_eps_are_refused(tiny_dirs, tmp_path: Path) -> None:

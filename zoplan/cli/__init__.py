@@ -164,9 +164,10 @@ def plan_cmd(
 
     from zoplan.tuning import default_eps, default_lr
 
-    from zoplan.runconfig import make
+    from zoplan.runconfig import check_adapter_settings, make
 
     given = {"tuning": tuning, "lora_rank": lora_rank, "lora_alpha": lora_alpha, "prefix_tokens": prefix_tokens}
+    check_adapter_settings(given)
     trained = make(**{k: v for k, v in given.items() if v is not None}).to_tuning()
     if lr is None:
         lr = TINY_LR if model in TINY_MODELS else default_lr(trained)
