@@ -23,6 +23,7 @@ import dataclasses
 import numbers
 import os
 import re
+import traceback
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -172,14 +173,20 @@ def fine_tune(
             _check_devices(given)
     if isinstance(given.get("label_words"), str):  # "bad,good", as on the command line
         given["label_words"] = tuple(given["label_words"].split(","))
-    from zoplan.runtime.launch import configure, ignored_note, run
+    from zoplan.runtime.launch import configure, ignored_note, run, warnings_to
 
     done = None if resume is None else Path(resume)
+
+    def warn(text: str) -> None:  # the launcher's warnings, as Python's, from the caller's line
+        warnings.warn(in_its_words(text), stacklevel=2 + len(traceback.extract_stack()) - depth)
+
+    depth = len(traceback.extract_stack())
     try:
         cfg, ignored = configure(given, done)
         if ignored and done is not None:
             warnings.warn(in_its_words(ignored_note(ignored, done)), stacklevel=2)
-        summary: RunSummary = run(cfg, resume=done is not None)
+        with warnings_to(warn):
+            summary: RunSummary = run(cfg, resume=done is not None)
     except ZoplanError as exc:  # said in zoplan run's words: said again in the caller's
         raise type(exc)(
             in_its_words(exc.message), fix=None if exc.fix is None else in_its_words(exc.fix), status=exc.status

@@ -8,6 +8,7 @@ model and the machine, the data, the batch shape, the output directory. The rank
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from zoplan import runconfig
 from zoplan.errors import Refused, ZoplanError
@@ -345,14 +346,37 @@ def check_meetings_here(machine: Machine, gpus: Sequence[str], here: Meetings) -
     ]
 
 
+# where the launcher's warnings go: stderr (zoplan run), or the caller's (fine_tune: Python warnings)
+_WARN: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar("zoplan_warn", default=None)
+
+
+def warn(text: str) -> None:
+    """A warning of the launcher's: ``warning: TEXT`` on stderr, or the hook ``warnings_to`` set."""
+    hook = _WARN.get()
+    if hook is None:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+    else:
+        hook(text)
+
+
+@contextlib.contextmanager
+def warnings_to(hook: Callable[[str], None]) -> Iterator[None]:
+    """Within it, the launcher's warnings go to ``hook`` (without the ``warning: `` prefix)."""
+    token = _WARN.set(hook)
+    try:
+        yield
+    finally:
+        _WARN.reset(token)
+
+
 def _device_for(machine: Machine, plan: Plan) -> str:
     """The ranks' device kind; a GPU plan is checked against the CUDA devices of this machine,
     a CPU plan's meetings against how its ranks will meet here."""
     if _is_cpu_machine(machine):
         for warning in check_meetings_here(machine, plan_gpus(plan), run_meetings(os.environ)):
-            print(f"warning: {warning}", file=sys.stderr)
+            warn(warning)
         if os.environ.get("ZOPLAN_CUDA_GRAPHS") == "1":
-            print("warning: ZOPLAN_CUDA_GRAPHS=1 has no effect on CPU ranks", file=sys.stderr)
+            warn("ZOPLAN_CUDA_GRAPHS=1 has no effect on CPU ranks")
         return "cpu"
     if not _cuda_available():
         raise ZoplanError(
@@ -360,7 +384,7 @@ def _device_for(machine: Machine, plan: Plan) -> str:
             fix="plan for this machine (omit the plan, or --topology cpu-local)",
         )
     for warning in check_gpus_here(machine, plan_gpus(plan), _device_names()):
-        print(f"warning: {warning}", file=sys.stderr)
+        warn(warning)
     return "cuda"
 
 
@@ -454,7 +478,7 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # has: the run takes those steps again, and writes their snapshots again
     for step, path in snapshots(out, check=True):
         if step > done and cfg.node_rank == 0:
-            print(f"warning: snapshot {path.name} removed: the journal ends at step {done}", file=sys.stderr)
+            warn(f"snapshot {path.name} removed: the journal ends at step {done}")
             shutil.rmtree(path)
     cfg = cfg.given(model_dir=model_dir.resolve(), device=device)
     runconfig.write(cfg, out)
@@ -699,10 +723,9 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
     finally:
         log.close()
     if proc.returncode != 0 and _finished(out, cfg.node_rank, per_node, cfg.steps):
-        print(
-            f"warning: the run's processes exited with status {proc.returncode} while shutting down, after "
-            f"the run had finished on every rank (see {out / f'worker-node{cfg.node_rank}.log'})",
-            file=sys.stderr,
+        warn(
+            f"the run's processes exited with status {proc.returncode} while shutting down, after "
+            f"the run had finished on every rank (see {out / f'worker-node{cfg.node_rank}.log'})"
         )
     elif proc.returncode != 0:
         error = read_error(out)  # a rank's own account (records.RankError), as it wrote it
@@ -800,7 +823,7 @@ def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.P
         try:
             return request(server, cmd[3:], log.fileno(), env)
         except OSError as exc:
-            print(f"warning: {SERVER_ENV}={server}: {exc}; starting the ranks without it", file=sys.stderr)
+            warn(f"{SERVER_ENV}={server}: {exc}; starting the ranks without it")
     return subprocess.Popen(
         list(cmd),
         stdout=log,
@@ -901,7 +924,10 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
                     )
                     warning = stall.add(row)
                     if warning is not None and cfg.node_rank == 0:  # stderr: stdout may be --json
-                        warnings.print(warning, soft_wrap=True, style="yellow")
+                        if _WARN.get() is not None:  # fine_tune's: a Python warning
+                            warn(warning.removeprefix("warning: "))
+                        else:
+                            warnings.print(warning, soft_wrap=True, style="yellow")
                 elif isinstance(row, ResumedRow) and not cfg.quiet:
                     progress.update(task, completed=row.resumed_at)
                     progress.console.print(_resumed_line(row, cfg.max_restarts), soft_wrap=True)

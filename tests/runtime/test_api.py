@@ -221,3 +221,17 @@ def test_run_messages_are_said_in_fine_tunes_words() -> None:
         'pins["perturbation"]=3 and pins["data"]; --wide stays (no such option); plan with '
         "`zoplan plan --prefetch 2`, or zoplan plan --topology x.yaml -o plan.yaml"
     )
+
+
+def test_the_runs_warnings_are_python_warnings_in_fine_tunes_words(tmp_path: Path, monkeypatch, capsys) -> None:
+    """What zoplan run prints as a warning (here: a learning rate too small to learn, said after
+    2 steps instead of 20), fine_tune raises as a Python warning, from the caller's line, quiet or
+    not; nothing of it goes to stderr."""
+    from zoplan.records import StallCheck
+    from zoplan.runtime import launch
+
+    monkeypatch.setattr(launch, "StallCheck", lambda: StallCheck(steps=2))
+    with pytest.warns(UserWarning, match=r"likely too small .*try 10x \(lr=1e-08") as caught:
+        fine_tune(steps=2, lr=1e-9, eval_every=0, quiet=True, output=tmp_path / "o")
+    assert [w.filename for w in caught if "likely too small" in str(w.message)] == [__file__]
+    assert "likely too small" not in capsys.readouterr().err
