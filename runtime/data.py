@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from zoplan.errors import ZoplanError
-from zoplan.runconfig import PROMPT_FIX, prompt_fields
+from zoplan.runconfig import FIELD_NAME, PROMPT_FIX, prompt_fields
 from zoplan.runconfig import default as run_default
 
 if TYPE_CHECKING:
@@ -501,14 +501,25 @@ def _read_csv(path: Path) -> list[Example]:
             reader = csv.reader(handle)
             header = next(reader, None)
             columns = [name.strip() for name in header] if header is not None else []
-            if columns not in (["text", "label"], ["text"], ["prompt", "completion"]):
+            # labelled records: 'text,label', or named fields for a prompt that names them
+            # ('sentence,label', 'premise,hypothesis,label'), as in a .jsonl file
+            named = (
+                "label" in columns
+                and len(columns) > 1
+                and len(set(columns)) == len(columns)
+                and all(FIELD_NAME.fullmatch(c) for c in columns)
+            )
+            if not named and columns not in (["text"], ["prompt", "completion"]):
                 raise ZoplanError(
                     f"{path}:1: header must be 'text,label', 'text' or 'prompt,completion', found {','.join(columns)!r}",
-                    fix="make the first line of the file 'text,label' (classification), 'text' (language "
-                    "modelling) or 'prompt,completion'",
+                    fix="make the first line of the file 'text,label' (classification; or the fields the prompt "
+                    "names and 'label', e.g. 'premise,hypothesis,label'), 'text' (language modelling) or "
+                    "'prompt,completion'",
                 )
             # the header decides the kind for every row
-            labelled, completion = columns == ["text", "label"], columns == ["prompt", "completion"]
+            labelled, completion = named, columns == ["prompt", "completion"]
+            at_label = columns.index("label") if labelled else -1
+            others = sorted((c, i) for i, c in enumerate(columns) if c not in ("text", "label"))
             line_no = reader.line_num + 1
             for row in reader:
                 # A quoted field may span lines: a record starts after the previous one ended.
@@ -526,12 +537,12 @@ def _read_csv(path: Path) -> list[Example]:
                             raise ZoplanError(f"{path}:{start}: {name} is empty", fix="remove the row or fill it")
                     examples.append(Example(row[1], None, start, prompt=row[0]))
                     continue
-                text = row[0]
-                if not text.strip():
+                text = row[columns.index("text")] if "text" in columns else ""
+                if "text" in columns and not text.strip():
                     raise ZoplanError(f"{path}:{start}: text is empty", fix="remove the row or give it text")
                 label: int | None = None
                 if labelled:
-                    cell = row[1].strip()
+                    cell = row[at_label].strip()
                     if not cell:
                         raise ZoplanError(
                             f"{path}:{start}: this row has no label but the header has 'label'",
@@ -546,7 +557,7 @@ def _read_csv(path: Path) -> list[Example]:
                             fix="labels are integer indices into the label words: 0, 1, ...",
                         ) from None
                     label = _check_label(path, start, value)
-                examples.append(Example(text, label, start))
+                examples.append(Example(text, label, start, fields=tuple((c, row[i]) for c, i in others)))
     except UnicodeDecodeError as exc:
         raise ZoplanError(f"{path}: not valid UTF-8 ({exc.reason})", fix="save the file as UTF-8") from None
     except csv.Error as exc:

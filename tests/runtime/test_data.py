@@ -175,7 +175,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], l
 @pytest.mark.parametrize(
     ("content", "line", "words"),
     [
-        ("sentence,label\nhi,1\n", 1, "header must be"),
+        ("sentence,sentence,label\nhi,ho,1\n", 1, "header must be"),
+        ("label\n1\n", 1, "header must be"),
+        ("my field,label\nhi,1\n", 1, "header must be"),
         ("text,label\nfine,1\nbad,one\n", 3, "not an integer"),
         ('text,label\n"spans\ntwo lines",1\nno label,\n', 4, "no label"),
         ("text,label\nfine,1\ntoo,many,fields\n", 3, "3 fields"),
@@ -372,6 +374,14 @@ def test_a_prompt_reads_the_fields_it_names(tmp_path: Path) -> None:
     with pytest.raises(ZoplanError, match=r"names \{premise\}, which this record does not have as a string") as said:
         check_labels(load_examples(str(path))[0], task, str(path))
     assert '"3", not 3' in said.value.fix
+    # the same records as CSV: a header of the fields and 'label' (a recipe's own data: SST-2's
+    # 'sentence,label', RTE's 'premise,hypothesis,label'), the label column anywhere
+    as_csv = tmp_path / "rte.csv"
+    as_csv.write_text('label,premise,hypothesis\n0,It rained.,The road is wet.\n1,"It was dry, and cold.",\n')
+    rows, kind = load_examples(str(as_csv))
+    assert kind == "classification" and rows[0].fields == examples[0].fields and rows[0].label == 0
+    assert task.render(rows[0]) == task.render(examples[0])
+    assert rows[1].fields == (("hypothesis", ""), ("premise", "It was dry, and cold.")) and rows[1].label == 1
 
 
 def test_a_prompt_is_a_format_string_of_the_records_fields_and_nothing_else() -> None:
