@@ -24,6 +24,7 @@ import numbers
 import os
 import re
 import traceback
+import typing
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -153,6 +154,10 @@ def fine_tune(
             raise ZoplanError(
                 f"fine_tune({name}={value}) takes a number, not True or False", fix=f"give {name} a number"
             )
+        if isinstance(value, str) and _numeric(name):  # "3" is the command line's; Python gives 3
+            raise ZoplanError(
+                f"fine_tune({name}={value!r}) takes a number, not a string", fix=f"give {name} a number, unquoted"
+            )
     given = {
         name: value
         for name, value in {
@@ -192,6 +197,15 @@ def fine_tune(
             in_its_words(exc.message), fix=None if exc.fix is None else in_its_words(exc.fix), status=exc.status
         ) from None
     return summary
+
+
+def _numeric(name: str) -> bool:
+    """Whether fine_tune's option ``name`` takes a number (int or float, or None)."""
+    field = RunConfig.model_fields.get(name)
+    return field is not None and set(typing.get_args(field.annotation) or (field.annotation,)) - {type(None)} <= {
+        int,
+        float,
+    }
 
 
 # a flag of zoplan run, and a number given to it ("--steps 3")

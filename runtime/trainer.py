@@ -112,6 +112,16 @@ def _trainable(model: torch.nn.Module | None) -> list[tuple[str, Parameter]]:
     return params
 
 
+# the names a caller may know for ZOTrainer's own settings (zoplan run's, MeZO's)
+_ZO_NAMES = {
+    "eps": "zo_eps",
+    "epsilon": "zo_eps",
+    "zo_epsilon": "zo_eps",
+    "seed": "zo_seed",
+    "max_nonfinite": "zo_max_nonfinite",
+}
+
+
 class ZOTrainer(Trainer):
     """``transformers.Trainer`` with MeZO's step (module docstring). ``zo_eps``: the perturbation
     scale ε; ``zo_seed``: the run's seed for z (default: ``args.seed``); ``zo_max_nonfinite``:
@@ -128,7 +138,12 @@ class ZOTrainer(Trainer):
         zo_max_nonfinite: int = 5,
         **kwargs: Any,
     ) -> None:
-        # before the Trainer sets anything up
+        # before the Trainer sets anything up (whose own refusal of a name is a bare TypeError)
+        for given, meant in _ZO_NAMES.items():
+            if given in kwargs:
+                raise ZoplanError(
+                    f"ZOTrainer has no argument '{given}': did you mean {meant}?", fix=f"pass {meant}=..."
+                )
         self.zo_eps = float(_checked("zo_eps", zo_eps))
         seed = None if zo_seed is None else int(_checked("zo_seed", zo_seed))
         self.zo_max_nonfinite = int(_checked("zo_max_nonfinite", zo_max_nonfinite))

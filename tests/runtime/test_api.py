@@ -89,6 +89,11 @@ def test_fine_tune_refuses_what_zoplan_run_refuses(tmp_path: Path) -> None:
         fine_tune(steps=True, output=tmp_path / "o")
     with pytest.raises(ZoplanError, match=r"fine_tune\(global_batch=False\) takes a number"):
         fine_tune(global_batch=False, output=tmp_path / "o")
+    # "3" is the command line's way to write 3: a string where a number goes is refused, as pins'
+    with pytest.raises(ZoplanError, match=r"fine_tune\(steps='3'\) takes a number, not a string"):
+        fine_tune(steps="3", output=tmp_path / "o")
+    with pytest.raises(ZoplanError, match=r"fine_tune\(lr='1e-3'\) takes a number, not a string"):
+        fine_tune(lr="1e-3", output=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 

@@ -169,6 +169,19 @@ def test_every_zo_setting_is_checked_up_front(tiny_dirs, tmp_path: Path, given: 
     assert caught.value.fix
 
 
+@pytest.mark.parametrize("given,meant", [("eps", "zo_eps"), ("seed", "zo_seed"), ("max_nonfinite", "zo_max_nonfinite")])
+def test_a_zo_setting_under_another_name_gets_the_one_meant(tiny_dirs, tmp_path: Path, given: str, meant: str) -> None:
+    """Transformers' Trainer would refuse it with a bare TypeError."""
+    from transformers import TrainingArguments
+
+    from zoplan.errors import ZoplanError
+    from zoplan.runtime.trainer import ZOTrainer
+
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ZoplanError, match=f"ZOTrainer has no argument '{given}': did you mean {meant}"):
+        ZOTrainer(model=torch.nn.Linear(2, 2), args=args, **{given: 1})
+
+
 def test_numbers_of_numpy_are_numbers(tiny_dirs, tmp_path: Path) -> None:
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
