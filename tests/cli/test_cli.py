@@ -911,3 +911,15 @@ def test_an_adapters_setting_for_another_kind_of_training_is_refused(flags, said
     """It was ignored: the plan (and the run) trained what the user did not ask for."""
     code, _, err = run_main(monkeypatch, capsys, "plan", *TINY, *flags)
     assert_one_error(code, err, said)
+
+
+def test_compare_where_the_model_fits_no_machine_exits_2(monkeypatch, capsys) -> None:
+    """Each machine's reason and the verdict are said, and the exit status is bad input's, as
+    zoplan plan's for a model that fits nowhere (a script checking it saw success)."""
+    machines = ("-t", "rtx4090-4x", "-t", "h100-pcie-1x")
+    code, out, _ = run_main(monkeypatch, capsys, "compare", "-m", "opt-175b", *machines)
+    assert code == 2 and "verdict: the model fits none of these machines" in out
+    code, out, _ = run_main(monkeypatch, capsys, "compare", "-m", "opt-175b", *machines, "--json")
+    assert code == 2 and json.loads(out)["verdict"]["fastest"] is None
+    code, _, _ = run_main(monkeypatch, capsys, "compare", "-m", "opt-125m", *machines)
+    assert code in (0, None)

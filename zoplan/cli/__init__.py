@@ -323,13 +323,15 @@ def compare_cmd(
                 indent=2,
             )
         )
-        return
-    from zoplan.cli.render import compare_reasons, compare_table, compare_verdict
+    else:
+        from zoplan.cli.render import compare_reasons, compare_table, compare_verdict
 
-    out.print(compare_table(results, model, wide, out.width))
-    for reason in compare_reasons(results):
-        out.print(Text(reason, style="red"))
-    out.print(Text(compare_verdict(results, tokens)))
+        out.print(compare_table(results, model, wide, out.width))
+        for reason in compare_reasons(results):
+            out.print(Text(reason, style="red"))
+        out.print(Text(compare_verdict(results, tokens)))
+    if all(isinstance(res, ZoplanError) for _, res in results):  # the model fits none: bad input, as plan's
+        raise typer.Exit(code=2)
 
 
 @app.command("timeline")
