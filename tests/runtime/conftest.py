@@ -47,6 +47,11 @@ FIRST_HALF = {
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
+    gone = FIRST_HALF - {p.name for p in HERE.glob("test_*.py")}
+    if gone:  # a file renamed or removed: its half would silently lose it
+        raise pytest.UsageError(
+            f"tests/runtime/conftest.py: FIRST_HALF names {', '.join(sorted(gone))}, not a test file"
+        )
     for item in items:
         if HERE in item.path.resolve().parents:
             half = "runtime-1" if item.path.name in FIRST_HALF else "runtime-2"
