@@ -57,8 +57,19 @@ def test_a_profile_of_a_checkpoint_serves_the_preset_of_its_shape(tmp_path: Path
     config = json.loads(FIXTURE.read_text())
     config["num_hidden_layers"] = 13
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ZoplanError, match="holds compute times for model 'my-base'.*not for 'deeper'"):
+    with pytest.raises(ZoplanError, match="holds compute times for model 'my-base'.*not for 'deeper'") as said:
         plan(str(other), "cpu-local", global_batch=4, seq_len=64, dtype="fp32", profile=profile)
+    # the fix measures into a file of its own, not over the other model's profile
+    assert f"-o {tmp_path / 'deeper-profile.yaml'}" in said.value.fix and f"-o {profile} " not in said.value.fix
+    # a plan whose profile is gone says so, and that a new one would not be it
+    from zoplan.planfile import write_plan
+    from zoplan.planner import timeline
+
+    write_plan(report.plan, tmp_path / "plan.yaml")
+    profile.unlink()
+    with pytest.raises(ZoplanError, match=f"planned with the profile {profile}, which is not there any more") as said:
+        timeline(tmp_path / "plan.yaml")
+    assert "plan again" in said.value.fix
 
 
 def test_a_profile_without_a_shape_hash_matches_by_name_and_shape(tmp_path: Path) -> None:
@@ -268,6 +279,19 @@ def test_a_setting_key_that_is_not_branches_x_micro_batches_is_refused(tmp_path:
     tree["compute"]["head_s"]["1xfour"] = 0.3
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tree))
     with pytest.raises(ZoplanError, match="compute.head_s has the key '1xfour'"):
+        load_profile(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("stage,value", [("block_s", 0.0), ("embed_s", 0.0), ("head_s", 1e300), ("block_s", 3601.0)])
+def test_a_stage_time_no_forward_takes_is_refused(tmp_path: Path, stage: str, value: float) -> None:
+    """0 s for a block (a hand edit) planned a step half as long as the machine's; 1e300 s a table
+    of 130-digit figures."""
+    from zoplan.profile import load_profile
+
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    tree["compute"][stage]["1x1"] = value
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(ZoplanError, match=f"compute.{stage}.1x1"):
         load_profile(tmp_path / "bad.yaml")
 
 

@@ -102,14 +102,32 @@ def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple
     return rows, end
 
 
+# what a file zoplan writes holds near its start, by kind: an existing file without it is the
+# user's own (notes, a checkpoint), which a mistyped -o would replace
+_MARKS = {"plan": ("layout:",), "profile": ("compute:",), "trace file": ('"traceEvents"',)}
+
+
 def check_writable(path: Path, what: str) -> None:
     """Refuse a file that cannot be written before the work whose result it is (a validation run,
-    say): its folder must exist and take the file. Probed by opening it for appending, so an
+    say): its folder must exist and take the file, and an existing file must be one of ``what``'s
+    (a plan written again: yes; someone's notes: no). Probed by opening it for appending, so an
     existing file is untouched and a new one is removed again."""
     path = Path(path)
     if path.is_dir():
         raise ZoplanError(f"{what} {path} is a directory", fix="give a file's path")
     existed = path.exists()
+    marks = _MARKS.get(what)
+    if existed and marks is not None and path.is_file() and path.stat().st_size > 0:
+        try:
+            with path.open("rb") as f:
+                head = f.read(1 << 16).decode("utf-8", "replace")
+        except OSError:
+            head = ""
+        if not any(mark in head for mark in marks):
+            raise ZoplanError(
+                f"{path} exists and is not a {what} zoplan wrote: it is not overwritten",
+                fix="choose another path, or remove the file first",
+            )
     try:
         with path.open("ab"):
             pass

@@ -382,6 +382,11 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
     check_plan_gpus(the_plan, machine, plan_path)
     shape = the_plan.model_shape()
     if the_plan.profile is not None:
+        if not Path(the_plan.profile.source).exists():  # (a new one would not be the one it was planned with)
+            raise ZoplanError(
+                f"{plan_path} was planned with the profile {the_plan.profile.source}, which is not there any more",
+                fix="put the file back, or plan again (zoplan plan ... --profile FILE -o plan.yaml)",
+            )
         machine = with_profile(machine, the_plan.profile.source, shape)
         assert machine.profile is not None  # with_profile applied the plan's profile
         if machine.profile.profile.hash != the_plan.profile.hash:

@@ -26,7 +26,7 @@ import datetime
 import platform
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 from pathlib import Path
 
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
@@ -39,6 +39,9 @@ from zoplan.topology import Link, Machine, Socket
 PROFILE_VERSIONS = (1,)
 # a compute stage with a lockstep figure (StageTimes.lockstep_s, Profile.lockstep_factor)
 Stage = Literal["block", "embed", "head"]
+
+
+StageSeconds = Annotated[float, Field(gt=0, le=3600)]  # one stage of one step, measured
 
 
 class MachineRef(Strict):
@@ -92,9 +95,10 @@ class Meeting(Strict):
 class StageTimes(Strict):
     """Seconds on one device, keyed "<branches>x<micro-batches>" (1x1, 1x2, 2x1, 2x2)."""
 
-    block_s: dict[str, NonNegativeFloat]
-    embed_s: dict[str, NonNegativeFloat]
-    head_s: dict[str, NonNegativeFloat]
+    # a forward takes some time, and less than an hour (0 or 1e300, hand-written, made absurd plans)
+    block_s: dict[str, StageSeconds]
+    embed_s: dict[str, StageSeconds]
+    head_s: dict[str, StageSeconds]
     update_s_per_param: NonNegativeFloat
     perturb_s_per_param: NonNegativeFloat = 0.0  # theta + eps z of one block, for the record
     # the training loop's host work between two steps: assembling the next batch, writing and
@@ -384,7 +388,9 @@ def check_profile(profile: Profile, machine: Machine, shape: ModelShape | None, 
         raise ZoplanError(
             f"{path} holds compute times for model '{profile.model.name}' ({profile.model.hash}), "
             f"not for '{shape.name}' ({shape.hash})",
-            fix=f"calibrate for this model: zoplan calibrate --model ... -o {path}",
+            fix=f"give a profile of '{shape.name}', or measure one: zoplan calibrate --model ... -o "
+            f"{Path(path).with_name(shape.name + '-profile.yaml')} (a file of its own: {path} is "
+            f"{profile.model.name}'s)",
         )
 
 

@@ -923,3 +923,20 @@ def test_compare_where_the_model_fits_no_machine_exits_2(monkeypatch, capsys) ->
     assert code == 2 and json.loads(out)["verdict"]["fastest"] is None
     code, _, _ = run_main(monkeypatch, capsys, "compare", "-m", "opt-125m", *machines)
     assert code in (0, None)
+
+
+def test_an_output_file_that_zoplan_did_not_write_is_not_overwritten(tmp_path: Path, monkeypatch, capsys) -> None:
+    """plan -o and timeline -o write over their own kind of file (a plan again, a trace again),
+    not over a user's file that a mistyped path names."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    code, _, err = run_main(monkeypatch, capsys, "plan", *TINY, "-o", str(notes))
+    assert_one_error(code, err, f"{notes} exists and is not a plan zoplan wrote")
+    plan_path = tmp_path / "plan.yaml"
+    invoke("plan", *TINY, "-o", str(plan_path))
+    invoke("plan", *TINY, "-o", str(plan_path))  # a plan written again
+    code, _, err = run_main(monkeypatch, capsys, "timeline", str(plan_path), "-o", str(notes))
+    assert_one_error(code, err, f"{notes} exists and is not a trace file zoplan wrote")
+    invoke("timeline", str(plan_path), "-o", str(tmp_path / "t.json"))
+    invoke("timeline", str(plan_path), "-o", str(tmp_path / "t.json"))
+    assert notes.read_text() == "precious"

@@ -492,3 +492,8 @@ def test_a_profile_path_that_cannot_be_written_is_refused_before_anything_is_mea
     proc = zoplan("calibrate", "-o", str(tmp_path / "a-folder"), code=2)
     assert "is a directory" in proc.stderr and "calibrating" not in proc.stdout + proc.stderr, proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["a-folder"]  # no log, no scratch
+    # a file of the user's own under the name (a mistyped -o): not replaced by a profile
+    (tmp_path / "notes.txt").write_text("precious")
+    proc = zoplan("calibrate", "-o", str(tmp_path / "notes.txt"), code=2)
+    assert "exists and is not a profile zoplan wrote: it is not overwritten" in proc.stderr, proc.stderr
+    assert (tmp_path / "notes.txt").read_text() == "precious"

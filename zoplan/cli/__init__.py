@@ -361,6 +361,10 @@ def timeline_cmd(
             fix=f"draw it with --png {output.with_suffix('.png')} (matplotlib), or name the trace {output.with_suffix('.json')}",
         )
 
+    if output is not None:
+        from zoplan.fileio import check_writable
+
+        check_writable(output, "trace file")
     tl = timeline(plan_file, topology)
     sim = tl.candidate.sim
     assert sim is not None and tl.program is not None  # timeline() simulates the plan's program
