@@ -112,7 +112,53 @@ def journal_row(row: object) -> dict:
     if not isinstance(skipped, bool):
         raise TypeError("'skipped' must be true or false")
     out["skipped"] = skipped
+    # what the line's projected gradient was computed from (zoplan run's lines; for the check of
+    # check_lines): kept where present and numbers
+    for key in ("loss_plus", "loss_minus", "eps"):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
     return out
+
+
+def check_lines(rows: list[dict], run_seed: int, eps: float, weight_decay: float, path: Path) -> None:
+    """Each line holds together with itself and its run's plan: its seed is the step's
+    (``step_seed``), its eps and weight decay the plan's, its projected gradient (L+ − L−) / 2ε of
+    its own losses (0 where they are not finite), and it is marked skipped exactly then. A line
+    edited by hand (a number changed, ``skipped`` flipped) would replay to weights no run
+    trained; it is refused, named. Lines without their losses (ZOTrainer's, older runs') are
+    checked as far as they go."""
+    import math
+
+    from zoplan.runtime.perturb import step_seed
+
+    for number, row in enumerate(rows, 1):
+        step = row["step"]
+        problems = []
+        if row["seed"] != step_seed(run_seed, step):
+            problems.append(f"its seed {row['seed']} is not step {step}'s of the run's seed {run_seed}")
+        if row.get("eps", eps) != eps:
+            problems.append(f"its eps {row['eps']!r} is not the plan's {eps!r}")
+        if row["weight_decay"] != weight_decay:
+            problems.append(f"its weight decay {row['weight_decay']!r} is not the plan's {weight_decay!r}")
+        if "loss_plus" in row and "loss_minus" in row:
+            lp, lm = row["loss_plus"], row["loss_minus"]
+            g = (lp - lm) / (2 * row.get("eps", eps)) if math.isfinite(lp - lm) else math.nan
+            finite = all(map(math.isfinite, (lp, lm, g)))
+            if row["projected_grad"] != (g if finite else 0.0):
+                problems.append(
+                    f"its projected gradient {row['projected_grad']!r} is not (loss_plus - loss_minus) / 2 eps = "
+                    f"{g if finite else 0.0!r}"
+                )
+            if row["skipped"] == finite:
+                problems.append(
+                    f"it says skipped: {str(row['skipped']).lower()}, but its losses are{' not' * (not finite)} finite"
+                )
+        if problems:
+            raise ZoplanError(
+                f"{path}: the line of step {step} does not hold together: {'; '.join(problems)} (edited by hand?)",
+                fix=cut_fix(path, number),
+            )
 
 
 def write_line(journal: IO[str], record: dict, sync: bool) -> None:

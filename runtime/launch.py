@@ -411,17 +411,15 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
 
     out = cfg.output
     plan = load_plan(out / "plan.yaml")
-    from zoplan.runtime.journal import parse_journal
+    from zoplan.runtime.journal import check_lines, parse_journal
     from zoplan.runtime.snapshots import snapshots
 
     # the journal is what the ranks will trust: checked here, before any rank starts (consecutive
     # steps from 0, finite numbers; only a torn last line may be left out)
     journal = out / "journal.jsonl"
-    done = (
-        len(parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0])
-        if journal.exists()
-        else 0
-    )
+    rows = parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0] if journal.exists() else []
+    check_lines(rows, plan.zo.seed, plan.zo.eps, plan.zo.weight_decay, journal)  # (what the ranks replay)
+    done = len(rows)
     if cfg.steps < done:
         raise ZoplanError(
             f"--steps {cfg.steps} is fewer than the {done} step(s) {out} has done already",

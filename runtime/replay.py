@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 from zoplan.errors import ZoplanError
 from zoplan.runtime.checkpoint import readable_as_umask
 from zoplan.runtime.hostcopy import DTYPES, decays
-from zoplan.runtime.journal import read_journal
+from zoplan.runtime.journal import check_lines, read_journal
 from zoplan.runtime.zo import update_tensor
 
 
@@ -158,6 +158,7 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
 
     plan_path = journal_path.parent / "plan.yaml"  # there: replay_to refuses a journal without it
     plan = load_plan(plan_path)  # before the model: it may need building
+    check_lines(journal, plan.zo.seed, plan.zo.eps, plan.zo.weight_decay, journal_path)
     model_dir = resolve_model(base)
     # the checks `zoplan run` makes of its model: a truncated or mismatched checkpoint is a
     # message, not transformers' traceback (nor weights missing from it started at random)

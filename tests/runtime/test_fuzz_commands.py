@@ -25,6 +25,8 @@ from fuzzkit import console, fresh, fuzz_settings
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zoplan.runtime.perturb import step_seed
+
 INTS = ["0", "-1", "1000000000000", str(2**63), "abc", "", "nan", "1e3"]
 FLOATS = ["nan", "inf", "-inf", "-1", "abc", ""]
 # option -> values that must be refused on their own, whatever else is given
@@ -256,14 +258,14 @@ def replay_bad(root: Path) -> dict[str, list[str]]:
     }
 
 
-JOURNAL = "".join(
+JOURNAL = "".join(  # lines that hold together with replay_plan's ZO settings (journal.check_lines)
     json.dumps(
         {
             "step": s,
-            "seed": 1000 + s,
+            "seed": step_seed(0, s),
             "loss_plus": 0.7,
             "loss_minus": 0.71,
-            "projected_grad": 0.25,
+            "projected_grad": (0.7 - 0.71) / (2 * 1e-3),
             "lr": 1e-3,
             "eps": 1e-3,
             "weight_decay": 0.0,

@@ -30,18 +30,27 @@ from zoplan.runtime.snapshots import read_valid_journal
 
 
 def line(step: int, **fields) -> str:
-    row = {
+    """A journal line that holds together (journal.check_lines) with a plan of the default ZO
+    settings (seed 0, eps 1e-3, no weight decay); a ``projected_grad`` given comes from losses that
+    give it (a string: as given, for the checks of the line's types)."""
+    from zoplan.runtime.perturb import step_seed
+
+    row: dict = {
         "step": step,
-        "seed": 1000 + step,
+        "seed": step_seed(0, step),
         "loss_plus": 7.0,
         "loss_minus": 7.1,
-        "projected_grad": 0.25,
         "lr": 1e-3,
         "eps": 1e-3,
         "weight_decay": 0.0,
         "skipped": False,
     }
+    wanted = fields.pop("projected_grad", None)
+    if isinstance(wanted, float):
+        row["loss_plus"], row["loss_minus"] = wanted * 2 * row["eps"], 0.0
     row.update(fields)
+    g = (row["loss_plus"] - row["loss_minus"]) / (2 * row["eps"])
+    row["projected_grad"] = wanted if isinstance(wanted, str) else g
     return json.dumps(row) + "\n"
 
 
@@ -134,10 +143,38 @@ def test_an_intact_journal_resumes_and_a_torn_last_line_is_cut(run_dir: Path) ->
     assert path.read_text() == journal()  # cut, so that the next append starts a clean line
 
 
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        ({"projected_grad": 1.5 * -50.00000000000036}, "its projected gradient"),
+        ({"skipped": True}, "it says skipped: true, but its losses are finite"),
+        ({"seed": 12345}, "its seed 12345 is not step 3's of the run's seed 0"),
+        ({"eps": 2e-3}, "its eps 0.002 is not the plan's 0.001"),
+        ({"weight_decay": 0.1}, "its weight decay 0.1 is not the plan's 0.0"),
+    ],
+)
+def test_a_journal_line_edited_by_hand_is_refused_on_resume_and_replay(
+    run_dir: Path, tiny_dirs, tmp_path: Path, edit: dict, words: str
+) -> None:
+    """A line's projected gradient is its own losses' (L+ - L-) / 2 eps, its seed the step's, its
+    eps and weight decay the plan's: a number changed or `skipped` flipped by hand replayed (exit 0)
+    to weights no run trained."""
+    path = run_dir / "journal.jsonl"
+    rows = [json.loads(text) for text in journal().splitlines()]
+    rows[3].update(edit)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ZoplanError, match=f"the line of step 3 does not hold together: {words}") as said:
+        resume(run_dir, 6)
+    assert "head -n 3" in said.value.fix
+    with pytest.raises(ZoplanError, match=words):
+        replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 DAMAGE = {
     # name: (journal text, the refusal's words)
     "non-finite gradient": (
-        journal(5) + line(5).replace("0.25", "NaN"),
+        journal(5) + line(5, projected_grad=float("nan")),
         "journal.jsonl:6: not a journal line ('projected_grad' must be a finite number)",
     ),
     "infinite lr": (journal(3) + line(3, lr=float("inf")) + line(4), "journal.jsonl:4: not a journal line ('lr'"),
