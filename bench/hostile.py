@@ -309,6 +309,11 @@ def main() -> None:
         Case("journal", "a missing line", edit_journal(lambda L: L[:3] + L[4:])),
         Case("journal", "a missing first line", edit_journal(lambda L: L[1:])),
         Case("journal", "a repeated line", edit_journal(lambda L: L[:4] + [L[3]] + L[4:])),
+        Case(
+            "journal",
+            "a projected gradient edited by hand (x1.5)",
+            edit_journal(lambda L: set_field(L, 3, projected_grad=json.loads(L[3])["projected_grad"] * 1.5)),
+        ),
         Case("resume", "--steps -5", resume_with("--steps", "-5")),
         Case("resume", "--steps 4 after 6 steps", resume_with("--steps", "4")),
         Case(
@@ -339,6 +344,7 @@ def main() -> None:
             cut_back("reference", 3, env=dict(ENV, ZOPLAN_FAULTS="fail-snapshot:0:4")),
         ),
         Case("replay", "a journal without its first line", replay_with(lambda L: L[1:])),
+        Case("replay", "a finite step marked skipped by hand", replay_with(lambda L: set_field(L, 2, skipped=True))),
         Case("replay", "a journal copied without its run's plan.yaml", lone_journal),
         Case(
             "replay",
