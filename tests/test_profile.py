@@ -295,6 +295,17 @@ def test_a_stage_time_no_forward_takes_is_refused(tmp_path: Path, stage: str, va
         load_profile(tmp_path / "bad.yaml")
 
 
+def test_a_profile_without_one_of_the_machines_devices_is_refused(tmp_path: Path) -> None:
+    """Calibrate measures every device: one deleted (or renamed) planned on the topology's figures
+    for it, without a word."""
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    (gone, _), *_ = tree["devices"].items()
+    del tree["devices"][gone]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(ZoplanError, match=f"has no figures for {gone}, a device of 'cpu-local'"):
+        plan(str(tmp_path / "my-base"), "cpu-local", global_batch=4, seq_len=64, profile=tmp_path / "bad.yaml")
+
+
 def test_the_plan_says_when_it_extrapolates_past_the_timed_micro_batch_counts(tmp_path: Path) -> None:
     from zoplan.cli.render import plan_footer
 

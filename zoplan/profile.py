@@ -372,6 +372,17 @@ def check_profile(profile: Profile, machine: Machine, shape: ModelShape | None, 
             f"not on '{machine.name}' ({machine.hash})",
             fix="calibrate this machine with `zoplan calibrate --topology ...`",
         )
+    # calibrate measures every device of the machine: one missing (or one of no such device) is a
+    # damaged or hand-edited profile, whose missing figures would be silently the topology's
+    missing = [g for g in machine.gpus if g not in profile.devices]
+    unknown = [g for g in profile.devices if g not in machine.gpus]
+    if missing or unknown:
+        said = f"no figures for {', '.join(missing)}" if missing else f"figures for {', '.join(unknown)}"
+        raise ZoplanError(
+            f"{path} has {said}, {'a device' if len(missing + unknown) == 1 else 'devices'} "
+            f"{'of' if missing else 'not of'} '{machine.name}' ({', '.join(machine.gpus)}): calibrate measures every one",
+            fix="calibrate again: zoplan calibrate --topology ... -o PROFILE.yaml",
+        )
     # by shape when the profile records it: a checkpoint directory and the preset of its shape
     # share their figures, whatever their names
     same = (
