@@ -940,3 +940,14 @@ def test_an_output_file_that_zoplan_did_not_write_is_not_overwritten(tmp_path: P
     invoke("timeline", str(plan_path), "-o", str(tmp_path / "t.json"))
     invoke("timeline", str(plan_path), "-o", str(tmp_path / "t.json"))
     assert notes.read_text() == "precious"
+
+
+def test_recipes_list_names_every_recipe_with_what_it_sets() -> None:
+    from zoplan.recipes import RECIPES
+
+    said = invoke("recipes", "list").output
+    for recipe in RECIPES.values():
+        assert f" {recipe.name} " in said
+        if recipe.label_words:
+            assert ", ".join(recipe.label_words) in said
+    assert "'{sentence} It was'" in said and "1e-06, 0.001, 16" in said

@@ -32,8 +32,10 @@ app = typer.Typer(
 )
 topo_app = typer.Typer(help="Bundled and custom machine topologies.", no_args_is_help=True)
 models_app = typer.Typer(help="Model shape presets.", no_args_is_help=True)
+recipes_app = typer.Typer(help="MeZO's task recipes (prompts, label words, hyper-parameters).", no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
 app.add_typer(models_app, name="models")
+app.add_typer(recipes_app, name="recipes")
 
 
 def _version(value: bool) -> None:
@@ -866,6 +868,15 @@ def models_list() -> None:
     from zoplan.cli.render import models_table
 
     out.print(models_table())
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """MeZO's task recipes: the records each reads, its prompt and label words, its lr, eps and batch
+    (with --tuning lora or prefix, MeZO's rates for that adapter instead)."""
+    from zoplan.cli.render import recipes_table
+
+    out.print(recipes_table())
 
 
 def _empty_argument(argv: list[str]) -> ZoplanError | None:

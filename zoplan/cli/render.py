@@ -417,6 +417,24 @@ def models_table() -> Table:
     return table
 
 
+def recipes_table() -> Table:
+    """``zoplan recipes list``: each of MeZO's task recipes, what its records hold and what it sets."""
+    from zoplan.recipes import RECIPES
+
+    table = Table(title="MeZO's task recipes (zoplan run --recipe NAME)", title_justify="left")
+    for col in ("name", "records", "prompt", "label words", "lr, eps, batch"):
+        table.add_column(col, overflow="fold")
+    for r in RECIPES.values():
+        table.add_row(
+            r.name,
+            f"{r.kind}: {r.records}",
+            repr(r.prompt) if r.prompt else "the records' own",
+            ", ".join(r.label_words) if r.label_words else "–",
+            f"{r.lr:g}, {r.eps:g}, {r.global_batch}",
+        )
+    return table
+
+
 def validation_table(result: Validation, plan_path: str | Path) -> Table:
     """``zoplan validate``: predicted against measured, per stage, with the relative error and
     the difference in time (what a stage's miss weighs against the step's: a large error on a
