@@ -20,20 +20,21 @@ from zoplan.errors import ZoplanError
 FIELDS = ("step", "seed", "projected_grad", "lr", "weight_decay")
 
 
-def read_journal(path: str | Path, *, first: int | None = None) -> list[dict]:
+def read_journal(path: str | Path, *, first: int | None = None, warn: bool = True) -> list[dict]:
     """The journal's steps in order (from step ``first`` when given: 0 for a journal that starts
     from the base weights). A last line cut short (a power loss mid-write) is dropped with a
-    warning; a bad line anywhere else is an error naming it."""
+    warning (``warn`` False: silently, for a check the reading after it repeats); a bad line
+    anywhere else is an error naming it."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ZoplanError(f"cannot read journal {path}: {exc}") from None
-    return parse_journal(raw, path, first=first)[0]
+    return parse_journal(raw, path, first=first, warn=warn)[0]
 
 
 def parse_journal(
-    raw: bytes, path: Path, *, first: int | None = None, keep_unterminated: bool = True
+    raw: bytes, path: Path, *, first: int | None = None, keep_unterminated: bool = True, warn: bool = True
 ) -> tuple[list[dict], int]:
     """(the journal's rows, the length in bytes of the part they come from). Every line is checked
     for what it means (types, finite numbers, step numbers consecutive from ``first``); only the
@@ -53,7 +54,8 @@ def parse_journal(
                 row = json.loads(line.decode("utf-8"))
             except (ValueError, UnicodeDecodeError):
                 if unterminated:  # a write cut short: only the last line, and only without its newline
-                    print(f"warning: {path}:{number}: dropped a torn last line", file=sys.stderr)
+                    if warn:
+                        print(f"warning: {path}:{number}: dropped a torn last line", file=sys.stderr)
                     break
                 raise
             row = journal_row(row)

@@ -133,6 +133,16 @@ def test_a_resume_on_other_examples_than_the_run_trained_with_is_refused(run_dir
         resume(run_dir, 6)
 
 
+def test_a_torn_last_line_is_said_once(tmp_path: Path, capsys) -> None:
+    """zoplan replay reads the journal twice (a check before torch is imported, then the replay):
+    the first reading is silent, so the warning comes once."""
+    path = tmp_path / "journal.jsonl"
+    path.write_text(journal(3) + line(3)[:25])
+    assert len(read_journal(path, first=0, warn=False)) == 3 and capsys.readouterr().err == ""
+    assert len(read_journal(path, first=0)) == 3
+    assert capsys.readouterr().err.count("dropped a torn last line") == 1
+
+
 def test_an_intact_journal_resumes_and_a_torn_last_line_is_cut(run_dir: Path) -> None:
     resume(run_dir, 6)  # nothing to train, but nothing wrong either
     resume(run_dir, 9)

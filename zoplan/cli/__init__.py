@@ -764,7 +764,9 @@ def replay_cmd(
         journal, given = Path(base_model), None
     if journal.is_dir():
         journal = journal / "journal.jsonl"
-    read_journal(journal, first=0)  # a damaged journal is refused before torch is imported (seconds)
+    # a damaged journal is refused before torch is imported (seconds); the replay reads it again
+    # and says what it drops
+    read_journal(journal, first=0, warn=False)
     if given is None:
         given = _base_of(journal)
     from zoplan.runtime.replay import replay_to
