@@ -215,9 +215,10 @@ def companion_files(model_dir: Path) -> list[Path]:
 
 def readable_as_umask(directory: Path) -> None:
     """safetensors writes its files mode 0600 whatever the umask: give the weights the mode any
-    other file written here gets, so a model directory is as shareable as the user's files."""
+    other file written here gets, so a model directory is as shareable as the user's files
+    (``directory`` a file: that file)."""
     mask = os.umask(0)
     os.umask(mask)
-    for f in directory.iterdir():
+    for f in [directory] if directory.is_file() else directory.iterdir():
         if f.is_file() and not f.is_symlink():
             os.chmod(f, 0o666 & ~mask)

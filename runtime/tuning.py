@@ -327,6 +327,9 @@ class Prefix(Tuned):
         if is_writer:
             tmp = path.with_name(path.name + ".tmp")
             save_file({PROMPT: self.view(self.master, PROMPT).to("cpu").clone()}, str(tmp))
+            from zoplan.runtime.checkpoint import readable_as_umask
+
+            readable_as_umask(tmp)  # (safetensors writes 0600)
             os.replace(tmp, path)
 
     def load_initial(self, run_dir: Path) -> None:

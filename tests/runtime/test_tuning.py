@@ -6,6 +6,7 @@ PEFT's layout."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,9 @@ def test_an_adapter_trains_the_same_in_every_layout_on_read_only_blocks(
     else:  # it trained (from the values of its tokens, kept in the run's directory)
         start = load_file(str(tmp_path / "1x1-whole" / "prefix-init.safetensors"))
         assert first.keys() == start.keys() == {"prompt_embeddings"}
+        mask = os.umask(0)
+        os.umask(mask)  # (safetensors writes 0600: the file takes the umask, as the run's others)
+        assert (tmp_path / "1x1-whole" / "prefix-init.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
         assert not torch.equal(first["prompt_embeddings"], start["prompt_embeddings"])
     for name, weights in trained.items():
         assert weights.keys() == first.keys()
