@@ -140,7 +140,10 @@ def check_writable(path: Path, what: str) -> None:
 
 
 class _Refused(Exception):
-    """A YAML document beyond the bounds: raised while composing, before anything is built."""
+    """A YAML document beyond the bounds: raised while composing, before anything is built
+    (``fix``: what to do, where it is not the default of writing the values out plainly)."""
+
+    fix: str | None = None
 
 
 class BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no type stubs here: its classes are Any
@@ -198,15 +201,43 @@ def _expanded(node: yaml.Node) -> int:
     return measure(node, 0)[0]
 
 
+def _no_repeated_keys(node: yaml.Node) -> None:
+    """Refuse a mapping that gives a key twice: YAML keeps the later value without a word (a second
+    ``gpus:`` block replaced the first). Merge keys (``<<``) may be overridden, as YAML means."""
+    seen: set[int] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in n.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in keys:
+                        refused = _Refused(
+                            f"at line {key.start_mark.line + 1}: the key '{key.value}' is given twice in one "
+                            "mapping (the later would replace the earlier without a word)"
+                        )
+                        refused.fix = f"give '{key.value}' once (merge the two into one)"
+                        raise refused
+                    keys.add(key.value)
+                todo += [key, value]
+        elif isinstance(n, yaml.SequenceNode):
+            todo += n.value
+
+
 def parse_yaml(text: str) -> Any:
-    """One YAML document, built with the safe constructors only once it is known to be bounded.
-    Raises what yaml.safe_load raises, or ``_Refused``."""
+    """One YAML document, built with the safe constructors only once it is known to be bounded
+    and to give no key twice. Raises what yaml.safe_load raises, or ``_Refused``."""
     loader = BoundedLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
         _expanded(node)
+        _no_repeated_keys(node)
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -219,7 +250,8 @@ def load_yaml_text(text: str, where: Path | str) -> Any:
     except _Refused as exc:
         raise ZoplanError(
             f"{where}: refused YAML: {exc}",
-            fix="write the values out plainly (zoplan's files need no deep nesting and no alias trees)",
+            fix=getattr(exc, "fix", None)
+            or "write the values out plainly (zoplan's files need no deep nesting and no alias trees)",
         ) from None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
         # safe_load's constructors raise these for values such as 2001-02-30, '!!int abc' or

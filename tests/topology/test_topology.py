@@ -242,6 +242,40 @@ def test_gpu_without_pcie_path_to_host(tmp_path: Path) -> None:
     assert "gpus.1" in message and "'gpu1'" in message and "no PCIe path" in message
 
 
+def test_a_gpu_reached_only_through_another_gpu_has_no_host_path(tmp_path: Path) -> None:
+    """A device is an end of PCIe, not a switch: a GPU whose only PCIe link goes to another GPU
+    was planned as if fed through it."""
+    data = _valid()
+    data["links"][2] = {"a": "gpu1", "b": "gpu0", "kind": "pcie", "gbps": 25}
+    message = _error(_write(tmp_path, data))
+    assert "gpus.1" in message and "'gpu1'" in message and "no PCIe path" in message
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
+    """YAML keeps the later of two equal keys without a word: a second `gpus:` block dropped the
+    first one's GPUs. Every file zoplan reads (topologies, plans, profiles) goes through this."""
+    text = yaml.safe_dump(_valid(), sort_keys=False)
+    text = text.replace("gpus:", "gpus:\n- {id: gpuZ, model: h100}\ngpus:", 1)
+    message = _error(_write(tmp_path, text))
+    assert "the key 'gpus' is given twice in one mapping" in message and "at line" in message
+    # a merge key's values may be overridden: that is what it is for
+    merged = "base: &b {gbps: 25, kind: pcie}\n" + yaml.safe_dump(_valid(), sort_keys=False)
+    merged = merged.replace(
+        "- a: cpu0\n  b: sw0\n  kind: pcie\n  gbps: 25", "- <<: *b\n  a: cpu0\n  b: sw0\n  gbps: 25"
+    )
+    from zoplan.fileio import parse_yaml
+
+    assert parse_yaml(merged)["links"][0] == {"a": "cpu0", "b": "sw0", "kind": "pcie", "gbps": 25}
+
+
+def test_a_link_latency_over_a_second_is_refused(tmp_path: Path) -> None:
+    """A billion microseconds on one link made the search keep a layout thousands of times slower
+    than the ZO2 baseline it printed beside it."""
+    data = _valid()
+    data["links"][1]["latency_us"] = 1e9
+    assert "links.1.latency_us" in _error(_write(tmp_path, data))
+
+
 def test_invalid_yaml_reports_line(tmp_path: Path) -> None:
     text = "version: 1\nname: broken\nsockets: [\n  {id: cpu0\n"
     message = _error(_write(tmp_path, text))

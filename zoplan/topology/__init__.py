@@ -172,12 +172,12 @@ class Link(Strict):
     kind: Literal["pcie", "nvlink", "socket", "memory"]
     gbps: PositiveFloat
     gbps_back: PositiveFloat | None = None
-    latency_us: float = Field(1.0, ge=0)
+    latency_us: float = Field(1.0, ge=0, le=1e6)  # (a second: far above any link's)
 
 
 class Network(Strict):
     gbps: PositiveFloat
-    latency_us: float = Field(5.0, ge=0)
+    latency_us: float = Field(5.0, ge=0, le=1e6)
     step_cv: float = Field(
         0.0,
         ge=0,
@@ -383,12 +383,15 @@ class Machine:
 
     @cached_property
     def _host_routes(self) -> dict[str, list[str]]:
-        """For each GPU, the node path from its nearest socket (fewest hops, then file order)."""
-        pcie = self._pcie_graph()
+        """For each GPU, the node path from its nearest socket (fewest hops, then file order),
+        never through another GPU (a device is an end of PCIe, not a switch)."""
+        whole = self._pcie_graph()
+        others = set(self.gpus)
         routes: dict[str, list[str]] = {}
         for gpu in self.gpus:
-            if gpu not in pcie:
+            if gpu not in whole:
                 continue
+            pcie = whole.subgraph([n for n in whole if n == gpu or n not in others])
             best: list[str] | None = None
             for socket in (s.id for s in self.spec.sockets):
                 if socket in pcie and nx.has_path(pcie, socket, gpu):
