@@ -951,3 +951,12 @@ def test_recipes_list_names_every_recipe_with_what_it_sets() -> None:
         if recipe.label_words:
             assert ", ".join(recipe.label_words) in said
     assert "'{sentence} It was'" in said and "1e-06, 0.001, 16" in said
+
+
+def test_a_gpu_model_without_a_rate_for_the_dtype_says_which_it_planned_with(tmp_path: Path) -> None:
+    """The planner falls back to the model's fp32 rate (half the step's speed on a GPU whose bf16
+    is twice as fast): said under the table, as topo show says it."""
+    topo = topology_copy(tmp_path, lambda d: [m["tflops"].pop("bf16") for m in d["gpu_models"].values()])
+    said = invoke("plan", *TINY[:2], "-t", str(topo), "-b", "4", "-s", "128", "--dtype", "bf16").output
+    assert "no bf16 rate: gpu model 'rtx4090-24gb' gives none (tflops), so its fp32 rate was planned with" in said
+    assert "no bf16 rate" not in invoke("plan", *TINY).output

@@ -181,6 +181,15 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
     s = report.search
     text = Text()
     best = report.summary(s.best)
+    dtype = s.best.layout.param_dtype
+    for name in sorted({report.machine.gpu_model_name(g) for g in s.best.layout.compute_gpus}):
+        rates = report.machine.spec.gpu_models[name].tflops
+        if dtype not in rates:  # (sim.costs._rate falls back)
+            other = "fp32" if "fp32" in rates else min(rates, key=lambda k: rates[k])
+            text.append(
+                f"no {dtype} rate: gpu model '{name}' gives none (tflops), so its {other} rate was planned with\n",
+                style="yellow",
+            )
     if s.objective == "cost" and best["usd_per_mtok"] is None:
         text.append(
             f"no price: topology '{report.machine.name}' gives no price_per_hour_usd, so --objective cost "
