@@ -143,7 +143,9 @@ class _Refused(Exception):
     """A YAML document beyond the bounds: raised while composing, before anything is built
     (``fix``: what to do, where it is not the default of writing the values out plainly)."""
 
-    fix: str | None = None
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class BoundedLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no type stubs here: its classes are Any
@@ -216,12 +218,11 @@ def _no_repeated_keys(node: yaml.Node) -> None:
             for key, value in n.value:
                 if isinstance(key, yaml.ScalarNode) and key.value != "<<":
                     if key.value in keys:
-                        refused = _Refused(
+                        raise _Refused(
                             f"at line {key.start_mark.line + 1}: the key '{key.value}' is given twice in one "
-                            "mapping (the later would replace the earlier without a word)"
+                            "mapping (the later would replace the earlier without a word)",
+                            fix=f"give '{key.value}' once (merge the two into one)",
                         )
-                        refused.fix = f"give '{key.value}' once (merge the two into one)"
-                        raise refused
                     keys.add(key.value)
                 todo += [key, value]
         elif isinstance(n, yaml.SequenceNode):
@@ -250,8 +251,7 @@ def load_yaml_text(text: str, where: Path | str) -> Any:
     except _Refused as exc:
         raise ZoplanError(
             f"{where}: refused YAML: {exc}",
-            fix=getattr(exc, "fix", None)
-            or "write the values out plainly (zoplan's files need no deep nesting and no alias trees)",
+            fix=exc.fix or "write the values out plainly (zoplan's files need no deep nesting and no alias trees)",
         ) from None
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
         # safe_load's constructors raise these for values such as 2001-02-30, '!!int abc' or

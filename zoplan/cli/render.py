@@ -15,6 +15,7 @@ from zoplan.errors import ZoplanError
 from zoplan.models import preset_table_rows
 from zoplan.planner import CandidateSummary, PlanReport, candidate_summary
 from zoplan.limits import MAX_RANKS
+from zoplan.sim.costs import rated_dtype
 from zoplan.search import node_counts, rented_per_hour
 
 if TYPE_CHECKING:
@@ -183,9 +184,8 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
     best = report.summary(s.best)
     dtype = s.best.layout.param_dtype
     for name in sorted({report.machine.gpu_model_name(g) for g in s.best.layout.compute_gpus}):
-        rates = report.machine.spec.gpu_models[name].tflops
-        if dtype not in rates:  # (sim.costs._rate falls back)
-            other = "fp32" if "fp32" in rates else min(rates, key=lambda k: rates[k])
+        other = rated_dtype(report.machine.spec.gpu_models[name], dtype)
+        if other != dtype:
             text.append(
                 f"no {dtype} rate: gpu model '{name}' gives none (tflops), so its {other} rate was planned with\n",
                 style="yellow",

@@ -92,11 +92,19 @@ class Workload:
         return self.global_batch * self.seq_len
 
 
+def rated_dtype(gm: GpuModel, dtype: str) -> str:
+    """The dtype whose ``tflops`` figure a compute dtype is planned at: its own, else fp32's, else
+    the slowest given (``zoplan plan`` says so under its table)."""
+    rates = cast("dict[str, float]", gm.tflops)
+    if dtype in rates:
+        return dtype
+    return "fp32" if "fp32" in rates else min(rates, key=lambda k: rates[k])
+
+
 def _rate(gm: GpuModel, dtype: str, tokens: int = 0) -> float:
     """Achieved matmul FLOP/s for a compute dtype, over ``tokens`` rows where the device's
     products run slower on few rows (``matmul_half_tokens``: tokens / (tokens + half) of it)."""
-    # a read-only view keyed by any name: a dtype the GPU has no figure for reads as None
-    peak = cast("dict[str, float]", gm.tflops).get(dtype) or gm.tflops.get("fp32") or min(gm.tflops.values())
+    peak = cast("dict[str, float]", gm.tflops)[rated_dtype(gm, dtype)]
     rate = peak * 1e12 * gm.matmul_efficiency
     if tokens and gm.matmul_half_tokens:
         rate *= tokens / (tokens + gm.matmul_half_tokens)
