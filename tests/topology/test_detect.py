@@ -258,12 +258,32 @@ def test_mixed_models_and_count_mismatch_are_errors(tmp_path: Path) -> None:
         detect_gpu(tmp_path, DGX, "\n")
 
 
-def test_memory_unlike_the_preset_warns(tmp_path: Path) -> None:
+def test_less_memory_than_the_preset_is_what_the_file_plans_with(tmp_path: Path) -> None:
+    """A plan made for the preset's 80 GiB would not fit GPUs that have 40: the file says 40."""
     result = detect_gpu(tmp_path, DGX, "NVIDIA A100-SXM4-80GB, 40960 MiB\n" * 8, host_gbps=100)
     assert result.warnings == [
-        "nvidia-smi reports 40960 MiB per GPU but preset a100-sxm4-80gb has 80 GiB: "
-        "check the GPU model (MIG or a variant?)"
+        "nvidia-smi reports 40960 MiB per GPU but preset a100-sxm4-80gb has 80 GiB: the file gives the GPUs "
+        "the 40 GiB reported, and the preset's compute and copy figures; check the GPU model (MIG or a variant?)"
     ]
+    assert result.spec.gpu_models["a100-sxm4-80gb"].memory_gib == 40
+    assert "nvidia-smi reports 40960 MiB per GPU, less than the 80 GiB of preset a100-sxm4-80gb" in comments(
+        result.text
+    )
+    written = tmp_path / "m.yaml"
+    written.write_text(result.text)
+    assert load_topology(written).gpu_model("gpu0").memory_gib == 40
+    # within the tolerance (ECC, the driver's reserve), the preset's figure stays
+    close = detect_gpu(tmp_path, DGX, "NVIDIA A100-SXM4-80GB, 79000 MiB\n" * 8, host_gbps=100)
+    assert close.warnings == [] and close.spec.gpu_models["a100-sxm4-80gb"].memory_gib == 80
+
+
+def test_more_memory_than_the_preset_keeps_the_preset_and_warns(tmp_path: Path) -> None:
+    result = detect_gpu(tmp_path, DGX, "NVIDIA A100-SXM4-40GB, 81920 MiB\n" * 8, host_gbps=100)
+    assert result.warnings == [
+        "nvidia-smi reports 81920 MiB per GPU but preset a100-sxm4-40gb has 40 GiB: planned with the "
+        "preset's; check the GPU model (a variant?)"
+    ]
+    assert result.spec.gpu_models["a100-sxm4-40gb"].memory_gib == 40
 
 
 def test_ranks_with_gpus_is_an_error(tmp_path: Path) -> None:

@@ -16,12 +16,13 @@ without a GPU; :func:`detect` gathers the real inputs.
 
 from __future__ import annotations
 
+
 import os
 import platform
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -251,6 +252,21 @@ def gpu_topology(
         )
     gpu_name, gpu_mib = gpus[0]
     preset = gpu_preset_for(gpu_name, gpu_mib)
+    named = preset
+    smaller = gpu_mib is not None and preset.memory_gib - gpu_mib / 1024 > MEMORY_TOLERANCE * preset.memory_gib
+    if smaller:
+        # plan with the memory the GPUs have: a plan made for the preset's would not fit them
+        assert gpu_mib is not None  # (smaller says so)
+        reported_gib = float(_fmt(gpu_mib / 1024))
+        preset = replace(
+            preset,
+            memory_gib=reported_gib,
+            sources={
+                **preset.sources,
+                "memory_gib": f"nvidia-smi reports {gpu_mib:.0f} MiB per GPU, less than the "
+                f"{_fmt(named.memory_gib)} GiB of preset {named.name}: planned with what it reports",
+            },
+        )
     kib = mem_total_kib(meminfo)
     total_gib = kib / KIB_PER_GIB
     source = f"the output of nvidia-smi on {host}"
@@ -274,10 +290,16 @@ def gpu_topology(
             "topo.txt`, or describe the CPU only: zoplan topo detect --cpu",
         ) from None
     warnings = list(imported.warnings)
-    if gpu_mib is not None and abs(gpu_mib / 1024 - preset.memory_gib) > MEMORY_TOLERANCE * preset.memory_gib:
+    if smaller:
+        warnings.append(
+            f"nvidia-smi reports {gpu_mib:.0f} MiB per GPU but preset {named.name} has "
+            f"{_fmt(named.memory_gib)} GiB: the file gives the GPUs the {_fmt(preset.memory_gib)} GiB "
+            "reported, and the preset's compute and copy figures; check the GPU model (MIG or a variant?)"
+        )
+    elif gpu_mib is not None and gpu_mib / 1024 - preset.memory_gib > MEMORY_TOLERANCE * preset.memory_gib:
         warnings.append(
             f"nvidia-smi reports {gpu_mib:.0f} MiB per GPU but preset {preset.name} has "
-            f"{_fmt(preset.memory_gib)} GiB: check the GPU model (MIG or a variant?)"
+            f"{_fmt(preset.memory_gib)} GiB: planned with the preset's; check the GPU model (a variant?)"
         )
     header = _comment(
         f"Written by `zoplan topo detect` on {host}. GPU model: nvidia-smi --query-gpu reports "
