@@ -1,6 +1,7 @@
 """The planner on machines that are not one uniform box (issue 22; docs/results/planner.md).
 
-1. Uneven machines (a GPU behind a slower PCIe link, two GPU models): the step of the plan
+1. Uneven machines (a GPU behind a slower PCIe link, two GPU models, NVLink among some GPUs
+   only): the step of the plan
    found, against the best of every placement pinned by hand (every subset of the GPUs as compute
    GPUs, in both parallel shapes that fit it): the plan found must be no slower.
 2. Uneven shares: dgx-h100 with one GPU's PCIe link at x4, OPT-66B streamed (``--resident 0``)
@@ -37,6 +38,9 @@ UNEVEN = [
     ("rtx4090-one-slow-first.yaml", "opt-13b", 16),
     ("mixed-h100-l40s.yaml", "opt-13b", 16),
     ("mixed-h100-l40s.yaml", "llama-2-70b", 16),
+    ("a100-half-nvlink.yaml", "llama-2-70b", 2),
+    ("mixed-l40s-a100.yaml", "llama-2-70b", 2),
+    ("mixed-l40s-a100.yaml", "llama-2-70b", 16),
 ]
 SHARES = ("dgx-h100-one-slow-link.yaml", "dgx-h100", "opt-66b", 8, 256)
 CLUSTERS = [("dgx-a100", "llama-2-70b"), ("l40s-8x", "llama-2-70b"), ("rtx4090-4x", "opt-13b")]

@@ -317,14 +317,41 @@ def test_a_mover_behind_a_slower_link_carries_a_smaller_share_of_every_block() -
         dataclasses.replace(report.search.baseline.layout, shares=(1,))
 
 
+def test_gpus_that_tie_but_for_nvlink_are_chosen_for_their_nvlink() -> None:
+    """Eight A100s on equal PCIe links, NVLink among gpu4-7 only, which are listed last: the
+    search takes the NVLink group, as it does with the file reversed."""
+    path = FIXTURES / "a100-half-nvlink.yaml"
+    report = plan("llama-2-70b", str(path), global_batch=2)
+    best = report.search.best
+    assert set(best.layout.gpus) <= {"gpu4", "gpu5", "gpu6", "gpu7"}
+    assert best.layout.upload == "sliced" and len(best.layout.movers) > 1
+    without = plan("llama-2-70b", str(path), global_batch=2, pins=Pins(gpus=("gpu0", "gpu1")))
+    assert best.step_time_s < 0.5 * without.search.best.step_time_s
+
+
+def test_a_machine_that_mixes_gpu_models_tries_each_model_on_its_own() -> None:
+    """Four L40S (more TFLOP/s, listed first) and four A100s joined by NVLink: llama-2-70b runs
+    fastest on the A100s alone, which a placement taking the fastest compute or host links first
+    never tries; no set of them pinned by hand does better."""
+    path = FIXTURES / "mixed-l40s-a100.yaml"
+    report = plan("llama-2-70b", str(path), global_batch=2)
+    best = report.search.best
+    assert set(best.layout.gpus) <= {"a0", "a1", "a2", "a3"}
+    for gpus in (("a0", "a1"), ("a0", "a1", "a2", "a3"), ("l0", "l2", "a0", "a1")):
+        pinned = plan("llama-2-70b", str(path), global_batch=2, pins=Pins(gpus=gpus))
+        assert best.step_time_s <= pinned.search.best.step_time_s * (1 + 1e-9), gpus
+
+
 @pytest.mark.parametrize(
     "path,model,batch",
     [
         (FIXTURES / "rtx4090-one-slow-first.yaml", "llama-2-13b", 2),
         (FIXTURES / "mixed-h100-l40s.yaml", "llama-2-13b", 2),
+        (FIXTURES / "a100-half-nvlink.yaml", "llama-2-70b", 2),
+        (FIXTURES / "mixed-l40s-a100.yaml", "llama-2-70b", 2),
         (resolve_topology_path("dgx-a100"), "llama-2-7b", 4),
     ],
-    ids=["one-slow", "mixed", "dgx-a100"],
+    ids=["one-slow", "mixed", "half-nvlink", "mixed-nvlink", "dgx-a100"],
 )
 @settings(max_examples=4, deadline=None, derandomize=True)
 @given(data=st.data())

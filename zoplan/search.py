@@ -203,7 +203,8 @@ def _host_gbps(machine: Machine, gpu: str) -> float:
 def capacity_order(machine: Machine, dtype: str, *, compute_first: bool = False) -> list[str]:
     """The machine's GPUs, the most capable first: by the bandwidth of their host path (the slower
     direction), then their compute at ``dtype``, then their memory (``compute_first``: compute,
-    then bandwidth). Equals keep the topology file's order, so a uniform machine keeps it."""
+    then bandwidth), then how many GPUs they reach over NVLink and with what bandwidth. Equals
+    keep the topology file's order, so a uniform machine keeps it."""
 
     def key(item: tuple[int, str]) -> tuple[float, ...]:
         i, g = item
@@ -211,7 +212,8 @@ def capacity_order(machine: Machine, dtype: str, *, compute_first: bool = False)
         model = machine.gpu_model(g)
         flops = next((v for k, v in model.tflops.items() if k == dtype), max(model.tflops.values()))
         first, second = (flops, host) if compute_first else (host, flops)
-        return (-first, -second, -model.memory_gib, i)
+        peers = (-len(machine.nvlink_island(g)), -machine.nvlink_gbps(g))
+        return (-first, -second, -model.memory_gib, *peers, i)
 
     return [g for _, g in sorted(enumerate(machine.gpus), key=key)]
 
@@ -221,20 +223,35 @@ def placements(machine: Machine, count: int, dtype: str = "bf16") -> dict[str, t
     the topology file. ``spread`` takes one GPU per PCIe uplink before reusing an uplink, so
     replicas and pair members do not share host bandwidth; ``packed`` fills the best uplinks
     first; ``compute`` (on machines that mix GPU models) takes the fastest compute first. Each
-    takes the most capable GPUs of an uplink first (``capacity_order``)."""
+    takes the most capable GPUs of an uplink first (``capacity_order``). Where GPUs differ in
+    model or NVLink, the GPUs of one model (named after it) and those of one NVLink island
+    (``nvlink`` and its first GPU) are tried on their own too, spread and packed: four A100s
+    joined by NVLink can beat any set that mixes in faster-computing L40S without it."""
     if count > len(machine.gpus):
         return {}
+    order = capacity_order(machine, dtype)
+    groups_of: list[tuple[str, list[str]]] = [("spread", order)]
+    groups_of.append(("compute", capacity_order(machine, dtype, compute_first=True)))
+    models = sorted({machine.gpu_model_name(g) for g in order})
+    if len(models) > 1:
+        groups_of += [(m, [g for g in order if machine.gpu_model_name(g) == m]) for m in models]
+    islands = {machine.nvlink_island(g) for g in order}
+    if len(islands) > 1:
+        firsts = {island: next(g for g in order if g in island) for island in islands}
+        for island in sorted(islands, key=lambda i: order.index(firsts[i])):
+            if len(island) > 1:
+                groups_of.append((f"nvlink {firsts[island]}", [g for g in order if g in island]))
     options: dict[str, tuple[str, ...]] = {}
-    for name, order in (
-        ("spread", capacity_order(machine, dtype)),
-        ("compute", capacity_order(machine, dtype, compute_first=True)),
-    ):
-        groups: dict[str, list[str]] = {}  # by uplink, the uplink of the most capable GPU first
-        for g in order:
-            groups.setdefault(machine.uplink_group(g), []).append(g)
-        spread = [g for layer in itertools.zip_longest(*groups.values()) for g in layer if g is not None]
-        packed = [g for members in groups.values() for g in members]
-        for option, gpus in ((name, spread), ("packed", packed)):
+    for name, members in groups_of:
+        if len(members) < count:
+            continue
+        by_uplink: dict[str, list[str]] = {}  # the uplink of the most capable GPU first
+        for g in members:
+            by_uplink.setdefault(machine.uplink_group(g), []).append(g)
+        spread = [g for layer in itertools.zip_longest(*by_uplink.values()) for g in layer if g is not None]
+        packed = [g for group in by_uplink.values() for g in group]
+        packed_name = "packed" if name in ("spread", "compute") else f"{name} packed"
+        for option, gpus in ((name, spread), (packed_name, packed)):
             chosen = tuple(gpus[:count])
             if option not in options and all(set(chosen) != set(seen) for seen in options.values()):
                 options[option] = chosen

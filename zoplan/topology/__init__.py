@@ -441,6 +441,24 @@ class Machine:
         nv = self.graph.edge_subgraph([(u, v) for u, v, k in self.graph.edges(data="kind") if k == "nvlink"])
         return all(g in nv for g in gpus) and all(nx.has_path(nv, gpus[0], g) for g in gpus[1:])
 
+    @cached_property
+    def _nvlink_islands(self) -> dict[str, tuple[str, ...]]:
+        nv = self.graph.edge_subgraph([(u, v) for u, v, k in self.graph.edges(data="kind") if k == "nvlink"])
+        islands: dict[str, tuple[str, ...]] = {}
+        for g in self.gpus:
+            reach = nx.node_connected_component(nv, g) if g in nv else {g}
+            islands[g] = tuple(x for x in self.gpus if x in reach)
+        return islands
+
+    def nvlink_island(self, gpu: str) -> tuple[str, ...]:
+        """The GPUs ``gpu`` reaches over NVLink alone (through NVSwitches too), itself included,
+        in file order: just itself without NVLink."""
+        return self._nvlink_islands[gpu]
+
+    def nvlink_gbps(self, gpu: str) -> float:
+        """The NVLink bandwidth ``gpu`` has to others, all its links together (0 without NVLink)."""
+        return float(sum(d["gbps"] for _, _, d in self.graph.edges(gpu, data=True) if d["kind"] == "nvlink"))
+
     def path_latency_s(self, path: list[str]) -> float:
         return sum(self.directed[l].latency_s for l in path)
 
