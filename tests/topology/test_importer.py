@@ -465,6 +465,28 @@ def test_cli_import_bad_input_exits_2_with_the_line(tmp_path: Path, monkeypatch,
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "name,said",
+    [
+        ("a100-sxm4-80", ": did you mean 'a100-sxm4-80gb'?"),
+        ("A100_SXM4_80GB", ": did you mean 'a100-sxm4-80gb'?"),
+        ("h100_sxm5", ": did you mean 'h100-sxm5-80gb'?"),
+        # another card of a chip zoplan knows: said as such, never a preset of another chip
+        (
+            "NVIDIA A100-PCIE-40GB",
+            " (zoplan has no preset for this A100: its A100 presets, a100-sxm4-40gb, a100-sxm4-80gb, are other variants)",
+        ),
+        ("NVIDIA L40", ""),  # not the L40S
+        ("l40-48gb", ""),
+        ("Tesla V100-SXM2-32GB", ""),
+    ],
+)
+def test_a_gpu_name_is_suggested_only_as_a_typo_of_the_same_chip(name: str, said: str) -> None:
+    with pytest.raises(ZoplanError) as exc:
+        get_preset(name)
+    assert exc.value.message == f"unknown GPU model '{name}'{said}"
+
+
 def test_importing_does_not_import_torch() -> None:
     code = "import sys, zoplan.topology.importer, zoplan.topology.presets, zoplan.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

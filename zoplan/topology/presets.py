@@ -12,6 +12,9 @@ Units: GB/s = 1e9 bytes/s per direction; TFLOP/s dense (without sparsity).
 
 from __future__ import annotations
 
+import difflib
+import re
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,7 +296,33 @@ def get_preset(name: str | None) -> GpuPreset:
         if matched is not None:
             return PRESETS[matched]
         raise ZoplanError(
-            f"unknown GPU model '{name}'" + did_you_mean(name, preset_names()),
+            f"unknown GPU model '{name}'" + _gpu_did_you_mean(name),
             fix=f"pass --gpu with one of: {', '.join(preset_names())}, or the name nvidia-smi prints for one of them",
         )
     return preset
+
+
+def _gpu_did_you_mean(name: str) -> str:
+    """A suggestion for a GPU name no preset matches, only among the presets of the same chip
+    (``a100``, ``l40s``, ``rtx4090``: the first word of a preset's name), and only for what reads as a
+    typo of one: an A100 PCIe is not the A100 SXM4 nor the H100 PCIe its name is close to, and an L40
+    is not an L40S. Another variant of a chip zoplan has presets for is said as such."""
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    said = set(words) | {a + b for a, b in zip(words, words[1:])}
+    family = [p for p in preset_names() if p.split("-")[0] in said]
+    if not family:
+        return ""
+    # a typo: close in spelling, or every word the start of one of the preset's ("h100 sxm5")
+    vendor = {"nvidia", "tesla", "geforce"}
+
+    def reads_as(preset: str) -> bool:
+        own = preset.split("-")
+        if all(any(o.startswith(w) for o in own) for w in words if w not in vendor):
+            return True
+        return difflib.SequenceMatcher(None, "-".join(words), preset).ratio() >= 0.85
+
+    typo = [p for p in family if reads_as(p)]
+    if typo:
+        return did_you_mean(name, typo) or f": did you mean {typo[0]!r}?"
+    chip = family[0].split("-")[0].upper()
+    return f" (zoplan has no preset for this {chip}: its {chip} presets, {', '.join(family)}, are other variants)"
