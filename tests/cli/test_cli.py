@@ -640,6 +640,28 @@ def test_compare_names_a_machine_that_cannot_run_the_model_and_says_why_under_th
     assert len(fits) + len(unfit) == 6, out
 
 
+def test_at_80_columns_the_price_stays_and_a_machine_without_one_shows_no_price_columns(monkeypatch, capsys) -> None:
+    """tok/s (the step again) leaves before $/Mtok, which a renter reads; on a machine without a
+    price the price columns, all dashes, are not shown (--wide still shows every column)."""
+    monkeypatch.setattr(cli, "out", Console(width=80, color_system=None, force_terminal=False))
+
+    def header(*args: str) -> str:
+        code, out, err = run_main(monkeypatch, capsys, *args)
+        assert code == 0, err
+        return next(line for line in out.splitlines() if " step " in f" {line} ")
+
+    priced = header("plan", "-m", "opt-66b", "-t", "l40s-8x")
+    assert "$/Mtok" in priced and "tok/s" not in priced, priced
+    unpriced = header("plan", "-m", "opt-13b", "-t", "rtx4090-4x")
+    assert "$/Mtok" not in unpriced and "tok/s" in unpriced, unpriced
+    alone = header("compare", "-m", "opt-13b", "-t", "rtx4090-4x")
+    assert "$/h" not in alone and "$/Mtok" not in alone, alone
+    mixed = header("compare", "-m", "opt-13b", "-t", "rtx4090-4x", "-t", "l40s-8x")
+    assert "$/h" in mixed and "$/Mtok" in mixed, mixed
+    monkeypatch.setattr(cli, "out", Console(width=250, color_system=None, force_terminal=False))
+    assert "$/Mtok" in header("plan", "-m", "opt-13b", "-t", "rtx4090-4x", "--wide")
+
+
 @pytest.mark.parametrize("width", [64, 50])
 @pytest.mark.parametrize("command", ["plan", "compare"])
 def test_a_narrower_terminal_leaves_columns_out_instead_of_cutting_figures(monkeypatch, capsys, command, width) -> None:

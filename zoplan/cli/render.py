@@ -78,10 +78,12 @@ PLAN_COLUMNS: list[tuple[str, str, bool]] = [
 ]
 
 
-# Below 80 columns the default columns leave in this order (the least needed first), so a table
-# never folds a figure onto several lines; --wide keeps every one at any width.
-PLAN_DROPPED = ("$/Mtok", "tok/s", "moved by", "vs ZO2")
-COMPARE_DROPPED = ("$/h", "tok/s", "GPUs", "vs ZO2")
+# Below 80 columns the default columns leave in this order (the least needed first: tokens per
+# second say again what the step says, for the price a renter looks), so a table never folds a
+# figure onto several lines; --wide keeps every one at any width. Price columns with no price in
+# them (no machine priced) are left out at any width but with --wide.
+PLAN_DROPPED = ("tok/s", "$/Mtok", "moved by", "vs ZO2")
+COMPARE_DROPPED = ("tok/s", "$/h", "GPUs", "vs ZO2")
 
 
 def _narrowed(make: Callable[[set[str]], Table], order: tuple[str, ...], width: int | None) -> Table:
@@ -154,9 +156,11 @@ def _plan_table(report: PlanReport, wide: bool, hidden: set[str]) -> Table:
         f"{w.seq_len} tokens, objective {s.objective}"
         + ("" if not w.tuning.frozen_base else f", {w.tuning.describe()} on read-only blocks")
     )
+    base = s.baseline
+    if all(report.summary(c)["usd_per_mtok"] is None for c in [*report.shown, *([base] if base else [])]):
+        hidden = hidden | {"$/Mtok"}  # no price: a column of dashes
     shown = [i for i, (name, _, default) in enumerate(PLAN_COLUMNS) if wide or (default and name not in hidden)]
     table = _table(title, [PLAN_COLUMNS[i][:2] for i in shown], wide)
-    base = s.baseline
     for n, cand in enumerate(report.shown, 1):
         speed = base.step_time_s / cand.step_time_s if base else None
         row = _row(report.summary(cand), str(n), speed)
@@ -388,6 +392,8 @@ def compare_table(
 def _compare_table(
     results: list[tuple[str, PlanReport | ZoplanError]], model: str, wide: bool, hidden: set[str]
 ) -> Table:
+    if not any(not isinstance(res, ZoplanError) and res.machine.spec.price_per_hour_usd for _, res in results):
+        hidden = hidden | {"$/h", "$/Mtok"}  # no machine priced: columns of dashes
     shown = [i for i, (name, default) in enumerate(COMPARE_COLUMNS) if wide or (default and name not in hidden)]
     table = _table(f"{model}: best layout per machine", [(COMPARE_COLUMNS[i][0], "left") for i in shown], wide)
     for name, res in results:
