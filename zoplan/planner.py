@@ -49,6 +49,7 @@ class CandidateSummary(TypedDict):
     gpu_memory_bytes: int
     host_memory_bytes: int
     bottleneck: str | None  # None: not simulated
+    runner_up: str | None  # nearly as busy, of another kind (SimResult.runner_up); None: none
     bound_s: float
     bound_fraction: float
     usd_per_mtok: float | None
@@ -151,6 +152,7 @@ def candidate_summary(cand: Candidate, machine: Machine, workload: Workload) -> 
         "gpu_memory_bytes": cand.gpu_memory_bytes,
         "host_memory_bytes": cand.host_memory_bytes,
         "bottleneck": cand.sim.bottleneck if cand.sim else None,
+        "runner_up": cand.sim.runner_up() if cand.sim else None,
         "bound_s": cand.bound.machine_bound_s,
         "bound_fraction": cand.bound.machine_bound_s / step,
         "usd_per_mtok": usd_per_mtok(machine, workload, L, step),

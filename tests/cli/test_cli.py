@@ -233,6 +233,21 @@ def test_timeline_show_draws_every_gpu(planned) -> None:
     ) in result.stdout
 
 
+def test_timeline_show_on_a_terminal_wraps_its_sensitivity_line_at_words(planned, monkeypatch, capsys) -> None:
+    """On an 80-column terminal the chart fits and so does the line under it, broken between
+    words (the terminal would cut it mid-word); into a pipe it stays one line (above)."""
+    _, path = planned
+    monkeypatch.setattr(cli, "out", Console(width=80, color_system=None, force_terminal=False))
+    monkeypatch.setattr(cli.sys.stdout, "isatty", lambda: True)
+    code, out, err = run_main(monkeypatch, capsys, "timeline", str(path), "--show")
+    assert code == 0, err
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    flat = " ".join(out.split())
+    assert "sensitivity: compute 25% slower (host work included) → step" in flat
+    at = out.index("sensitivity:")
+    assert "\n" in out[at:].rstrip() and not out[at:].split("\n")[1][:1].isspace(), out[at:]
+
+
 def test_timeline_without_options_shows_the_chart(planned) -> None:
     _, path = planned
     result = invoke("timeline", str(path))
@@ -916,6 +931,14 @@ def test_the_verdict_on_several_nodes_names_the_cheapest_layout_not_the_fastest_
     assert cheapest["nodes"] < 4 and cheapest["usd_per_mtok"] < min(m["usd_per_mtok"] for m in rows.values())
     line = invoke("compare", *workload).stdout.strip().splitlines()[-1]
     assert f"cheapest per token four on {cheapest['nodes']} of its 4 nodes" in line, line
+    # the table shows the fastest layout: the verdict gives the cheapest one's step, not in it
+    assert cheapest["in_table"] is False and fastest.get("in_table") is None
+    from zoplan.cli.render import _fmt_time
+
+    assert f"$/Mtok, {_fmt_time(cheapest['step_time_s'])} a step)" in line, line
+    alone = json.loads(invoke("compare", "-m", "opt-1.3b", "-b", "64", "-s", "128", "-t", str(single), "--json").stdout)
+    assert alone["verdict"]["cheapest"]["in_table"] is True
+    assert "$/Mtok, " not in invoke("compare", "-m", "opt-1.3b", "-b", "64", "-s", "128", "-t", str(single)).stdout
 
 
 @pytest.mark.parametrize(
@@ -982,3 +1005,15 @@ def test_a_gpu_model_without_a_rate_for_the_dtype_says_which_it_planned_with(tmp
     said = invoke("plan", *TINY[:2], "-t", str(topo), "-b", "4", "-s", "128", "--dtype", "bf16").output
     assert "no bf16 rate: gpu model 'rtx4090-24gb' gives none (tflops), so its fp32 rate was planned with" in said
     assert "no bf16 rate" not in invoke("plan", *TINY).output
+
+
+def test_the_sensitivity_line_says_a_change_under_half_a_percent_as_plus_zero() -> None:
+    """Fair sharing can make a step a hair shorter with slower figures: that is no change, not
+    "-0%"; real changes keep their sign."""
+    from zoplan.cli.render import sensitivity_line
+
+    line = sensitivity_line(2.0, {"compute": 1.996, "transfers": 2.48})
+    assert line.endswith("→ step +0%; transfers 25% slower → step +24%"), line
+    assert "-0%" not in line
+    assert "step -2%" in sensitivity_line(1.0, {"compute": 0.98, "transfers": 1.1})
+    assert "step -10%" in sensitivity_line(1.0, {"compute": 0.9, "transfers": 1.1})

@@ -458,6 +458,28 @@ def test_the_bound_names_a_close_runner_up_of_another_kind() -> None:
     assert result.bound_story() == "compute gpu0 (99% busy), then PCIe cpu0->gpu0 (94%)"
     util["PCIe cpu0->gpu0"] = 0.6
     assert result.runner_up() is None and result.bound_story() == "compute gpu0 (99% busy)"
+    # beside compute, an exchange stream as busy (updates and all-gathers by turns) is named;
+    # beside a link it is that link's traffic again
+    result.streams = {"exchange gpu1": 0.97, "exchange gpu0": 0.97}
+    assert result.bound_story() == "compute gpu0 (99% busy), then exchange gpu0 (97%)"
+    on_link = SimResult(1.0, (0.0, 1.0), [], {"NVLink gpu0->gpu1": 0.99}, "NVLink gpu0->gpu1", streams=result.streams)
+    assert on_link.runner_up() is None
+
+
+def test_an_exchange_stream_as_busy_as_compute_is_the_runner_up_of_a_real_plan(tmp_path) -> None:
+    """llama-2-70b on two NVLinked A100s, every block resident and sharded: no PCIe traffic, the
+    NVLink all-gathers under 90% busy, but the exchange stream updating and gathering by turns is
+    nearly as busy as compute, and transfers 25% slower lengthen the step by more than 10%."""
+    from zoplan.layout import Pins
+    from zoplan.planner import plan as make_plan, sensitivity
+
+    report = make_plan("llama-2-70b", "dgx-a100", global_batch=1, pins=Pins(gpus=("gpu0", "gpu1"), perturbation=2))
+    best = report.search.best
+    assert best.sim is not None and best.layout.upload == "sliced"
+    assert max(u for k, u in best.sim.utilization.items() if k.startswith("NVLink")) < 0.9 * 0.99
+    assert best.sim.runner_up() == "exchange gpu0", best.sim.bound_story()
+    slower = sensitivity(report.machine, report.search.workload, best.layout)
+    assert slower["transfers"] > 1.1 * best.step_time_s, slower
 
 
 @pytest.mark.parametrize(

@@ -384,7 +384,9 @@ def timeline_cmd(
         from zoplan.cli.render import sensitivity_line
 
         out.print(trace.gantt(sim, tl.machine, width=width, fit=out.width if sys.stdout.isatty() else 120))
-        out.print(Text(sensitivity_line(sim.step_time_s, tl.sensitivity)), highlight=False, soft_wrap=True)
+        # wrapped at the terminal's width, as the chart fits it; one line into a file or a pipe
+        tty = sys.stdout.isatty()
+        out.print(Text(sensitivity_line(sim.step_time_s, tl.sensitivity)), highlight=False, soft_wrap=not tty)
 
 
 @app.command("run")

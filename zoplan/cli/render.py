@@ -175,10 +175,12 @@ def sensitivity_line(step_s: float, slower: dict[str, float]) -> str:
     """zoplan.planner.sensitivity's step times, as the step's change."""
     from zoplan.planner import SLOWER
 
-    moved = {k: v / step_s - 1 for k, v in slower.items()}
+    # a change under half a percent reads +0% (a step a hair shorter with slower figures, as
+    # fair sharing can make it, read "-0%")
+    moved = {k: f"{v / step_s - 1:+.0%}".replace("-0%", "+0%") for k, v in slower.items()}
     return (
-        f"sensitivity: compute {SLOWER - 1:.0%} slower (host work included) → step {moved['compute']:+.0%}; "
-        f"transfers {SLOWER - 1:.0%} slower → step {moved['transfers']:+.0%}"
+        f"sensitivity: compute {SLOWER - 1:.0%} slower (host work included) → step {moved['compute']}; "
+        f"transfers {SLOWER - 1:.0%} slower → step {moved['transfers']}"
     )
 
 
@@ -334,6 +336,8 @@ def verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens: float |
         if priced:
             cheapest = min(priced)[1]
             out["cheapest"] = machine(cheapest, by["cost"][cheapest])
+            # the table shows each machine's fastest layout; on a cluster the cheapest may be another
+            out["cheapest"]["in_table"] = by["cost"][cheapest] == by["time"][cheapest]
     return out
 
 
@@ -356,8 +360,11 @@ def compare_verdict(results: list[tuple[str, PlanReport | ZoplanError]], tokens:
     fastest, cheapest = v["fastest"], v["cheapest"]
     said = f"verdict: fastest {where(fastest)} ({_fmt_time(fastest['step_time_s'])} a step{cost_of(fastest)})"
     if cheapest is not None:
+        # a layout the table does not show (the fastest is): its step too
+        step = "" if cheapest["in_table"] else f", {_fmt_time(cheapest['step_time_s'])} a step"
         said += (
-            f"; cheapest per token {where(cheapest)} ({_fmt_usd(cheapest['usd_per_mtok'])} $/Mtok{cost_of(cheapest)})"
+            f"; cheapest per token {where(cheapest)} "
+            f"({_fmt_usd(cheapest['usd_per_mtok'])} $/Mtok{step}{cost_of(cheapest)})"
         )
     left = v["cannot_run"]
     return said + (f"; {left} machine(s) cannot run it" if left else "")

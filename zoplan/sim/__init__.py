@@ -70,22 +70,32 @@ class SimResult:
     link_samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     capacity: dict[str, float] = field(default_factory=dict)
     straggler_s: float = 0.0  # nodes > 1: the expected wait for the slowest node (StepCosts.straggler_s)
+    # busy fraction of each sliced layout's exchange stream (its updates and all-gathers, one after
+    # the other) in the reported step: a stream, not a resource, so never the bottleneck
+    streams: dict[str, float] = field(default_factory=dict)
 
     def runner_up(self, within: float = 0.9) -> str | None:
         """The busiest resource of another kind than the bottleneck (PCIe when it is compute, and
         so on) when it is busy at least ``within`` of the bottleneck's share of the step: the
-        step then leans on both, and making either faster alone gains less than it seems."""
+        step then leans on both, and making either faster alone gains less than it seems. Beside
+        a compute bottleneck, an exchange stream counts too: its all-gathers may keep the links
+        below the mark while the stream, updating and gathering by turns, is as busy as compute."""
         top = self.utilization.get(self.bottleneck, 0.0)
         kind = self.bottleneck.split(" ")[0]
-        others = sorted(((u, name) for name, u in self.utilization.items() if name.split(" ")[0] != kind), reverse=True)
-        return others[0][1] if others and top > 0 and others[0][0] >= within * top else None
+        busy = dict(self.utilization)
+        if kind == "compute":
+            busy.update(self.streams)
+        # the busiest; among equals (symmetric layouts) the first by name, as for the bottleneck
+        others = sorted((-round(u, 6), name) for name, u in busy.items() if name.split(" ")[0] != kind)
+        return others[0][1] if others and top > 0 and -others[0][0] >= within * top else None
 
     def bound_story(self) -> str:
         """``compute gpu0 (99% busy)``, and the runner-up when there is one: what the step is bound by."""
         said = f"{self.bottleneck} ({self.utilization.get(self.bottleneck, 0.0):.0%} busy)"
         second = self.runner_up()
         if second is not None:
-            said += f", then {second} ({self.utilization[second]:.0%})"
+            busy = self.utilization.get(second, self.streams.get(second, 0.0))
+            said += f", then {second} ({busy:.0%})"
         return said
 
 
@@ -465,6 +475,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     arrived = [0] * len(events)  # members of a collective that have reached it, by its event's index
 
     busy_spans: list[tuple[str, float, float]] = []  # compute-stream work: the utilization
+    exchange_spans: list[tuple[tuple[str, ...], float, float]] = []  # the exchange streams' work
 
     def sequence(rank: str, stream: Stream, last: int = STEPS - 1) -> Iterator[tuple[int, int]]:
         """What a lane issues, in order, as (an op's index, the step it is for): a run's first
@@ -508,6 +519,7 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         nonlocal mirror
         wake = yield
         where = stream.value
+        exchange = stream is Stream.EXCHANGE
         for kb, step in sequence(rank, stream) if (rank, stream) in walks else ():
             (deps, frees, (act, arg), held, category, block, on_compute, slot, ranks, watched, unpack, label) = (
                 compiled[kb]
@@ -575,6 +587,8 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
                 cores[g].release()
             if on_compute:
                 busy_spans.append((rank, t0, loop.now))
+            elif exchange:
+                exchange_spans.append((ranks, t0, loop.now))
             if record:
                 for g in ranks:
                     spans.append(Span(g, where, category, label, step, block, t0, loop.now))
@@ -638,6 +652,10 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         loop.run()
     except _Reported:
         pass
+    except BaseException:  # stopped early (Exceeded): what the spans would have told is not needed
+        busy_spans.clear()
+        exchange_spans.clear()
+        raise
     finally:
         # The events, the processes waiting on them and the loop's queue refer to one another:
         # what the simulation built would be freed only by the cycle collector, which then walks
@@ -668,6 +686,13 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
     busy_spans.clear()  # (see the run's end)
     for key, t in sorted(busy.items()):
         util[key] = t / window
+    streams: dict[str, float] = defaultdict(float)
+    for ranks, t0, t1 in exchange_spans:  # updates and all-gathers, one after the other
+        lo, hi = max(t0, start), min(t1, end)
+        if hi > lo:
+            for g in ranks:
+                streams[f"exchange {g}"] += (hi - lo) / window
+    exchange_spans.clear()
     # the busiest resource; among equals (symmetric layouts) the first by name
     bottleneck = max(sorted(util.items()), key=lambda kv: round(kv[1], 6))[0] if util else "none"
     wait = costs.straggler_s(window)  # several nodes: for the slowest
@@ -681,4 +706,5 @@ def _simulate(costs: StepCosts, record: bool, limit_s: float | None) -> SimResul
         link_samples=net.samples if record else {},
         capacity=capacity,
         straggler_s=wait,
+        streams=dict(sorted(streams.items())),
     )
