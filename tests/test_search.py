@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
+import random
 from pathlib import Path
 
 import pytest
@@ -365,6 +367,71 @@ def test_reordering_the_gpus_of_a_topology_file_never_changes_the_best_step(
     assert again.search.best.step_time_s == pytest.approx(first.search.best.step_time_s, rel=1e-9), order
     assert again.search.baseline is not None and first.search.baseline is not None
     assert again.search.baseline.step_time_s == pytest.approx(first.search.baseline.step_time_s, rel=1e-9), order
+
+
+_RANDOM_MODELS = {
+    "a100": {"memory_gib": 80, "tflops": {"fp32": 19.5, "bf16": 312}, "hbm_gbps": 2039, "matmul_efficiency": 0.8},
+    "l40s": {"memory_gib": 48, "tflops": {"fp32": 91.6, "bf16": 362.05}, "hbm_gbps": 864, "matmul_efficiency": 0.8},
+}
+
+
+def _random_machine(rng: random.Random) -> dict:
+    """2-6 GPUs of one or two models on one or two sockets, each on its own PCIe link or behind
+    a switch (links of two speeds), with an NVSwitch among some of them, NVLinks between some
+    pairs, or no NVLink."""
+    n, sockets, switches = rng.randint(2, 6), rng.choice([1, 2]), rng.randint(0, 2)
+    spec: dict = {"version": 1, "name": "random", "gpu_models": {}, "sockets": [], "switches": [], "gpus": []}
+    spec["sockets"] = [{"id": f"cpu{s}", "memory_gib": 512, "memory_gbps": 200} for s in range(sockets)]
+    links = []
+    for w in range(switches):
+        spec["switches"].append({"id": f"sw{w}", "kind": "pcie"})
+        links.append(
+            {"a": f"cpu{rng.randrange(sockets)}", "b": f"sw{w}", "kind": "pcie", "gbps": rng.choice([12.5, 25])}
+        )
+    mixed = rng.random() < 0.4
+    for g in range(n):
+        model = rng.choice(sorted(_RANDOM_MODELS)) if mixed else "a100"
+        spec["gpu_models"][model] = _RANDOM_MODELS[model]
+        spec["gpus"].append({"id": f"g{g}", "model": model})
+        above = rng.choice([f"cpu{rng.randrange(sockets)}"] + [f"sw{w}" for w in range(switches)])
+        links.append({"a": above, "b": f"g{g}", "kind": "pcie", "gbps": rng.choice([12.5, 25])})
+    nvlink = rng.random()
+    if nvlink < 0.3:
+        spec["switches"].append({"id": "nvs", "kind": "nvswitch"})
+        links += [
+            {"a": f"g{g}", "b": "nvs", "kind": "nvlink", "gbps": 200} for g in rng.sample(range(n), rng.randint(2, n))
+        ]
+    elif nvlink < 0.6:
+        links += [
+            {"a": f"g{a}", "b": f"g{b}", "kind": "nvlink", "gbps": rng.choice([50, 100])}
+            for a, b in itertools.combinations(range(n), 2)
+            if rng.random() < 0.3
+        ]
+    if sockets == 2:
+        links.append({"a": "cpu0", "b": "cpu1", "kind": "socket", "gbps": 64, "latency_us": 0.05})
+    spec["links"] = [{"latency_us": 0.2 if link["kind"] == "nvlink" else 0.5, **link} for link in links]
+    return spec
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**32 - 1), model=st.sampled_from([("llama-2-13b", 2), ("opt-13b", 16)]))
+def test_reordering_the_gpus_and_links_of_any_machine_never_changes_the_best_step(seed: int, model) -> None:
+    """Placement decided by the machine alone: GPUs that tie on every capacity (host link,
+    compute, memory, NVLink, sharing) are told apart by how they sit among the others, never by
+    the file's order. Random machines, their GPUs and links shuffled."""
+    rng = random.Random(seed)
+    spec = _random_machine(rng)
+    name, batch = model
+    first = plan(name, Machine(TopologySpec.model_validate(spec), "random"), global_batch=batch)
+    shuffled = {
+        **spec,
+        "gpus": rng.sample(spec["gpus"], len(spec["gpus"])),
+        "links": rng.sample(spec["links"], len(spec["links"])),
+    }
+    again = plan(name, Machine(TopologySpec.model_validate(shuffled), "random"), global_batch=batch)
+    assert again.search.best.step_time_s == pytest.approx(first.search.best.step_time_s, rel=1e-9), spec
+    assert first.search.baseline is not None and again.search.baseline is not None
+    assert again.search.baseline.step_time_s == pytest.approx(first.search.baseline.step_time_s, rel=1e-9), spec
 
 
 @functools.cache

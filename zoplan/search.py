@@ -11,6 +11,7 @@ simulated once.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import time
@@ -200,11 +201,20 @@ def _host_gbps(machine: Machine, gpu: str) -> float:
     return min(machine.path_gbps(machine.host_path(gpu, d)) for d in ("h2d", "d2h"))
 
 
+def _peer_gbps(machine: Machine, a: str, b: str) -> float:
+    """What the fastest route between two GPUs carries (its slowest link)."""
+    return machine.path_gbps(machine.peer_path(a, b))
+
+
 def capacity_order(machine: Machine, dtype: str, *, compute_first: bool = False) -> list[str]:
     """The machine's GPUs, the most capable first: by the bandwidth of their host path (the slower
     direction), then their compute at ``dtype``, then their memory (``compute_first``: compute,
-    then bandwidth), then how many GPUs they reach over NVLink and with what bandwidth. Equals
-    keep the topology file's order, so a uniform machine keeps it."""
+    then bandwidth), then how many GPUs they reach over NVLink and with what bandwidth, then how
+    few share their host path's first link and their socket, then its latency, then the
+    machine's own order of its GPUs (``Machine.standing``: what tells apart GPUs equal in all of
+    these, never the file's order). GPUs equal in that too are interchangeable (the same to the
+    last link) and keep the file's order: a uniform machine keeps it (tests/test_search.py
+    reorders random machines)."""
 
     def key(item: tuple[int, str]) -> tuple[float, ...]:
         i, g = item
@@ -213,7 +223,13 @@ def capacity_order(machine: Machine, dtype: str, *, compute_first: bool = False)
         flops = next((v for k, v in model.tflops.items() if k == dtype), max(model.tflops.values()))
         first, second = (flops, host) if compute_first else (host, flops)
         peers = (-len(machine.nvlink_island(g)), -machine.nvlink_gbps(g))
-        return (-first, -second, -model.memory_gib, *peers, i)
+        latency = machine.path_latency_s(machine.host_path(g, "h2d"))  # a switch more is a hop more
+        # GPUs whose host path starts on the same link, then that copy from the same socket's memory
+        sharing = (uplinks[machine.uplink_group(g)], sockets[machine.host_socket(g)])
+        return (-first, -second, -model.memory_gib, *peers, *sharing, latency, machine.standing(g), i)
+
+    uplinks = collections.Counter(machine.uplink_group(g) for g in machine.gpus)
+    sockets = collections.Counter(machine.host_socket(g) for g in machine.gpus)
 
     return [g for _, g in sorted(enumerate(machine.gpus), key=key)]
 
@@ -226,7 +242,9 @@ def placements(machine: Machine, count: int, dtype: str = "bf16") -> dict[str, t
     takes the most capable GPUs of an uplink first (``capacity_order``). Where GPUs differ in
     model or NVLink, the GPUs of one model (named after it) and those of one NVLink island
     (``nvlink`` and its first GPU) are tried on their own too, spread and packed: four A100s
-    joined by NVLink can beat any set that mixes in faster-computing L40S without it."""
+    joined by NVLink can beat any set that mixes in faster-computing L40S without it. ``peers``
+    takes, from the most capable, the GPU best joined to those taken (the slowest route to any
+    of them): a pair on one NVLink, not two GPUs a hop of NVLink apart."""
     if count > len(machine.gpus):
         return {}
     order = capacity_order(machine, dtype)
@@ -255,6 +273,24 @@ def placements(machine: Machine, count: int, dtype: str = "bf16") -> dict[str, t
             chosen = tuple(gpus[:count])
             if option not in options and all(set(chosen) != set(seen) for seen in options.values()):
                 options[option] = chosen
+    if count > 1:
+        # the GPUs best joined to those already taken (the slowest route to any of them), from
+        # the most capable: a pair on one NVLink, not two GPUs a hop of NVLink apart
+        rank = {g: i for i, g in enumerate(order)}
+        joined = [order[0]]
+        while len(joined) < count:
+            joined.append(
+                min(
+                    (g for g in order if g not in joined),
+                    key=lambda g: (
+                        -min(_peer_gbps(machine, g, c) for c in joined),
+                        max(machine.path_latency_s(machine.peer_path(g, c)) for c in joined),
+                        rank[g],
+                    ),
+                )
+            )
+        if all(set(joined) != set(seen) for seen in options.values()):
+            options["peers"] = tuple(joined)
     return options
 
 

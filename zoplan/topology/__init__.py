@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import networkx as nx
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
@@ -395,7 +395,8 @@ class Machine:
             best: list[str] | None = None
             for socket in (s.id for s in self.spec.sockets):
                 if socket in pcie and nx.has_path(pcie, socket, gpu):
-                    path = nx.shortest_path(pcie, socket, gpu)
+                    # the fewest hops; among those, by the names it goes through (not the file's order)
+                    path = min(nx.all_shortest_paths(pcie, socket, gpu), key=lambda route: (len(route), route))
                     if best is None or len(path) < len(best):
                         best = path
             if best is not None:
@@ -426,11 +427,19 @@ class Machine:
                 return 1.0 / d["gbps"]
 
             try:
-                nodes = nx.shortest_path(self.graph, src, dst, weight=weight)
+                # among equally fast routes, the one of least latency, then fewest hops, then by the
+                # names it goes through: never the file's order of links
+                nodes = min(
+                    nx.all_shortest_paths(self.graph, src, dst, weight=weight),
+                    key=lambda route: (self._route_latency(route), len(route), route),
+                )
             except nx.NetworkXNoPath:
                 raise ZoplanError(f"{self.source}: no path between {src} and {dst}") from None
             self._peer_cache[key] = [f"{u}->{v}" for u, v in zip(nodes, nodes[1:])]
         return self._peer_cache[key]
+
+    def _route_latency(self, nodes: list[str]) -> float:
+        return float(sum(self.graph.edges[u, v]["latency_s"] for u, v in zip(nodes, nodes[1:])))
 
     @cached_property
     def _peer_cache(self) -> dict[tuple[str, str], list[str]]:
@@ -449,6 +458,56 @@ class Machine:
             reach = nx.node_connected_component(nv, g) if g in nv else {g}
             islands[g] = tuple(x for x in self.gpus if x in reach)
         return islands
+
+    @cached_property
+    def _standing(self) -> dict[str, int]:
+        """Each GPU's place in an order that only the machine decides, never its file's order of
+        GPUs or links: GPUs the same to the last link (interchangeable) share one. Colour
+        refinement: a node's colour is what it is, then, round after round, that with the
+        colours of its neighbours and the links to them, until no round tells more apart."""
+        g = self.graph
+        sockets = {s.id: (s.memory_gib, s.memory_gbps) for s in self.spec.sockets}
+
+        def own(n: str) -> tuple[object, ...]:
+            role = g.nodes[n]["role"]
+            if role == "gpu":
+                return (role, self.gpu_model_name(n))
+            return (role, *sockets.get(n, ()))
+
+        def ranked(sig: dict[str, Any]) -> dict[str, int]:
+            order = {v: i for i, v in enumerate(sorted(set(sig.values())))}
+            return {n: order[v] for n, v in sig.items()}
+
+        colour = ranked({n: own(n) for n in g.nodes})
+        for _ in range(len(colour)):
+            seen = {
+                n: (
+                    colour[n],
+                    tuple(
+                        sorted(
+                            (
+                                g.edges[n, m]["kind"],
+                                self.directed[f"{n}->{m}"].gbps,
+                                self.directed[f"{m}->{n}"].gbps,
+                                g.edges[n, m]["latency_s"],
+                                colour[m],
+                            )
+                            for m in g.neighbors(n)
+                        )
+                    ),
+                )
+                for n in g.nodes
+            }
+            finer = ranked(seen)
+            if len(set(finer.values())) == len(set(colour.values())):
+                break
+            colour = finer
+        return {gpu: colour[gpu] for gpu in self.gpus}
+
+    def standing(self, gpu: str) -> int:
+        """``gpu``'s place in the machine's own order (``_standing``): a tie-break that does not
+        depend on how the file lists its GPUs and links."""
+        return self._standing[gpu]
 
     def nvlink_island(self, gpu: str) -> tuple[str, ...]:
         """The GPUs ``gpu`` reaches over NVLink alone (through NVSwitches too), itself included,
