@@ -474,6 +474,9 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # a damaged snapshot is named here, where the user reads (the ranks skip it too); one of a
     # step past the journal's end (the journal was cut back) holds steps the journal no longer
     # has: the run takes those steps again, and writes their snapshots again
+    if cfg.node_rank == 0:  # a snapshot whose writing was interrupted (no run writes one now)
+        for torn in sorted((out / "snapshots").glob("step-*.tmp")):
+            shutil.rmtree(torn, ignore_errors=True)
     for step, path in snapshots(out, check=True):
         if step > done and cfg.node_rank == 0:
             warn(f"snapshot {path.name} removed: the journal ends at step {done}")

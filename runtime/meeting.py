@@ -91,7 +91,8 @@ class NodeMeeting:
                 if waited > self.timeout_s:
                     raise ZoplanError(
                         f"a rank of this machine did not come to a meeting in {self.timeout_s:.0f} s",
-                        fix="see the other ranks' errors and logs: one of them stopped or hangs",
+                        fix="see the other ranks' errors and logs: one of them stopped or hangs; the "
+                        "journal holds every completed step: `zoplan run --resume` on the run's folder continues",
                     )
                 if waited > _YIELD_S:
                     time.sleep(50e-6)

@@ -112,6 +112,14 @@ def load_model(
         adapter.blocks(model).to("meta")  # the host copy holds the blocks now
         with _blocks_detached(model, adapter):
             model.to(ctx.device)
+            if ctx.device.type == "cpu":
+                # on the CPU the rest are still the checkpoint's pages (safetensors maps the
+                # file): a file replaced in place during the run would change them, or end the
+                # rank with SIGBUS. Their own memory instead (tied weights stay tied).
+                with torch.no_grad():
+                    for tensor in [*model.parameters(), *model.buffers()]:
+                        if tensor.device.type == "cpu":
+                            tensor.data = tensor.data.clone()
     zdist.barrier()
     if not ctx.is_loader:
         model = _on_meta(config, dtype)
@@ -296,6 +304,33 @@ def padding_share(micro_batches: list[dict]) -> float:
     return 1.0 - sum(mb["batch"].token_count for mb in micro_batches) / positions
 
 
+def check_inputs(cfg: RunConfig, out: Path, examples: list, held: list | None, model_dir: Path | None) -> None:
+    """What the ranks read is what the launcher recorded in run.json: the examples of --data and
+    --eval-data (read again here, seconds later, and again by a restart after a rank failed) and,
+    where the weights come from the model directory (no snapshot, or a read-only base), its
+    weights. A file changed meanwhile would train, exit 0, on other examples or weights than the
+    run records; a resume would refuse it, and so does a start or a restart."""
+    from zoplan.runtime.checkpoint import weights_stamp
+
+    again = f"`zoplan run --resume {out}` once it is back as it was"
+    for option, path, stamp, now in (
+        ("--data", cfg.data, cfg.data_stamp, examples),
+        ("--eval-data", cfg.eval_data, cfg.eval_data_stamp, held),
+    ):
+        if stamp is not None and now is not None and zdata.examples_stamp(now) != stamp:
+            raise ZoplanError(
+                f"{path}, the {option} of the run in {out}, changed while the run started or went on "
+                f"({len(now)} examples now): its steps are taken on the examples run.json records",
+                fix=f"leave the file alone while a run uses it; continue with {again}, or start a new run",
+            )
+    if model_dir is not None and cfg.model_weights is not None and weights_stamp(model_dir) != cfg.model_weights:
+        raise ZoplanError(
+            f"the weights in {model_dir} changed while the run in {out} started or went on: its journal "
+            "continues the weights it started from, and would give a model that no run trained",
+            fix=f"put back the checkpoint the run started from and continue with {again}, or start a new run",
+        )
+
+
 def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     """Train the run whose configuration is ``out/run.json`` (the launcher completed it)."""
     from transformers import AutoTokenizer
@@ -321,9 +356,11 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     tuned = ztuning.build(model, adapter, tuning, plan.zo.seed, ctx.device, ctx.signs)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(cfg.data)
+    held = zdata.load_examples(cfg.eval_data)[0] if cfg.eval_data is not None else None
+    check_inputs(cfg, out, examples, held, model_dir if tuning.frozen_base or rp.base is None else None)
     task = zdata.task_of(kind, cfg.prompt, cfg.label_words)
-    if cfg.eval_data is not None:  # every example of --data trains; the held-out set is its own
-        train_set, eval_set = examples, zdata.load_examples(cfg.eval_data)[0]
+    if held is not None:  # every example of --data trains; the held-out set is its own
+        train_set, eval_set = examples, held
         held_out = f"from {cfg.eval_data}"
     else:
         train_set, eval_set = zdata.split(examples, cfg.eval_fraction, plan.zo.seed)

@@ -303,3 +303,20 @@ def test_the_embedding_reads_its_rows_perturbed_and_the_table_is_perturbed_once_
     finally:
         host_a.remove()
         host_b.remove()
+
+
+def test_a_cpu_rank_keeps_none_of_the_checkpoint_mapped_after_loading(tiny_dirs, tmp_path: Path) -> None:
+    """safetensors maps the checkpoint: on a CPU rank the embeddings, norms and head stayed the
+    file's pages for the whole run, so a checkpoint replaced in place mid-run changed the weights
+    (exit 0) or ended the rank with SIGBUS. After loading, no page of the file is mapped."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dirs["tiny-opt"], model_dir)
+    engine, host = _single_rank(model_dir, tmp_path)
+    weights = str((model_dir / "model.safetensors").resolve())
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps on this platform")
+    assert weights not in maps.read_text(), "the checkpoint is still mapped"
+    del engine, host

@@ -133,6 +133,51 @@ def test_a_resume_on_other_examples_than_the_run_trained_with_is_refused(run_dir
         resume(run_dir, 6)
 
 
+def test_the_ranks_refuse_examples_or_weights_changed_since_the_launcher_recorded_them(tiny_dirs, tmp_path) -> None:
+    """The ranks read --data again seconds after the launcher recorded it, and again at a restart
+    after a rank failed, and the weights from the model directory where no snapshot holds them:
+    anything changed meanwhile would train, exit 0, on other examples or weights than run.json
+    records. The check passes on what was recorded, and names what changed."""
+    import shutil
+
+    from zoplan.runconfig import RunConfig
+    from zoplan.runtime.checkpoint import weights_stamp
+    from zoplan.runtime.data import examples_stamp, load_examples
+    from zoplan.runtime.worker import check_inputs
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["tiny-opt"], model)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review {i}", "label": i % 2}) + "\n" for i in range(8)))
+    examples = load_examples(str(data))[0]
+    cfg = RunConfig(
+        model=str(model), data=str(data), model_weights=weights_stamp(model), data_stamp=examples_stamp(examples)
+    )
+    out = tmp_path / "run"
+    check_inputs(cfg, out, examples, None, model)  # as recorded
+    grown = load_examples(str(data))[0] + [examples[0]]
+    with pytest.raises(ZoplanError, match=rf"{data}, the --data of the run in .* changed while the run") as said:
+        check_inputs(cfg, out, grown, None, model)
+    assert "(9 examples now)" in said.value.message and f"zoplan run --resume {out}" in said.value.fix
+    weights = model / "model.safetensors"
+    other = bytearray(weights.read_bytes())
+    other[-64:] = bytes(64)
+    weights.write_bytes(bytes(other))
+    with pytest.raises(ZoplanError, match=rf"the weights in {model} changed while the run"):
+        check_inputs(cfg, out, examples, None, model)
+    check_inputs(cfg, out, examples, None, None)  # weights from a snapshot: the directory's are not read
+
+
+def test_a_resume_removes_a_snapshot_whose_writing_was_interrupted(run_dir: Path) -> None:
+    """Ctrl-C while rank 0 wrote a snapshot left snapshots/step-N.tmp, and it stayed there after
+    every later resume."""
+    torn = run_dir / "snapshots" / "step-00000004.tmp"
+    torn.mkdir(parents=True)
+    (torn / "model.safetensors").write_bytes(b"half")
+    resume(run_dir, 6)
+    assert not torn.exists() and (run_dir / "snapshots").is_dir()
+
+
 def test_a_torn_last_line_is_said_once(tmp_path: Path, capsys) -> None:
     """zoplan replay reads the journal twice (a check before torch is imported, then the replay):
     the first reading is silent, so the warning comes once."""
