@@ -191,6 +191,22 @@ def build_tiny(name: str, directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+STALE_BUILD_S = 600.0  # a build takes seconds: a temporary this old was left by a build killed midway
+
+
+def _sweep_stale_builds(root: Path, name: str) -> None:
+    """Remove the temporaries of builds of ``name`` that were killed midway (older than
+    ``STALE_BUILD_S``): one that is younger may be another rank's build under way."""
+    import time
+
+    for left in root.glob(f".{name}-*"):
+        try:
+            if left.is_dir() and time.time() - left.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(left, ignore_errors=True)
+        except OSError:  # gone meanwhile (another rank swept it)
+            pass
+
+
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
     """A directory that ``from_pretrained`` can load for ``name_or_path``.
 
@@ -211,8 +227,16 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
         root = final.parent
         if final.is_dir():
             return final
-        root.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{name_or_path}-", dir=root))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _sweep_stale_builds(root, name_or_path)
+            temporary = Path(tempfile.mkdtemp(prefix=f".{name_or_path}-", dir=root))
+        except OSError as exc:
+            raise ZoplanError(
+                f"cannot build the built-in model {name_or_path} under {root}: {exc.strerror or exc}",
+                fix="make that folder writable, or set HOME to a writable folder (the model is built once, "
+                "under HOME/.cache/zoplan/tiny)",
+            ) from None
         try:
             build_tiny(name_or_path, temporary)
             try:

@@ -91,6 +91,28 @@ def test_resolve_builtin_builds_once_then_reuses(tmp_path: Path, monkeypatch: py
     assert resolve_model("tiny-opt", cache_dir=tmp_path) == path
 
 
+def test_a_build_killed_midway_is_swept_by_the_next_and_an_unwritable_cache_is_said(tmp_path: Path) -> None:
+    """A build killed midway (SIGKILL) left .tiny-opt-XXXX in the cache for good; a younger one
+    may be another rank's build under way and stays. A cache that cannot be written was a
+    traceback."""
+    import os
+    import time
+
+    old, young = tmp_path / ".tiny-opt-killed", tmp_path / ".tiny-opt-building"
+    for left in (old, young):
+        left.mkdir()
+        (left / "config.json").write_text("{")
+    stale = time.time() - tiny.STALE_BUILD_S - 60
+    os.utime(old, (stale, stale))
+    path = resolve_model("tiny-opt", cache_dir=tmp_path)
+    assert not old.exists() and young.exists() and path.is_dir()
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(ZoplanError, match=r"cannot build the built-in model tiny-opt under .*file") as said:
+        resolve_model("tiny-opt", cache_dir=blocked / "cache")
+    assert "HOME" in said.value.fix
+
+
 @pytest.mark.parametrize("name", ["", "  "])
 def test_an_empty_model_name_says_so(name: str) -> None:
     """Not "model directory . has no config.json": Path("") is the current directory."""
