@@ -294,6 +294,12 @@ def load_examples(source: str) -> tuple[list[Example], str]:
         if path.is_dir():
             raise ZoplanError(f"data file {path} is a directory", fix="give the file inside it (" + _LOCAL_FIX + ")")
         if not path.is_file():
+            if path.exists():  # a FIFO, a device, a socket: not a file to read twice the same
+                raise ZoplanError(
+                    f"data file {path} is not a regular file: a run reads its examples more than once "
+                    "(and a resume checks they are the same)",
+                    fix="save the examples into a file and pass that",
+                )
             raise ZoplanError(f"data file {path} does not exist", fix=_LOCAL_FIX)
         examples = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path)
         where = str(path)

@@ -236,6 +236,10 @@ def run_lock(out: Path, node: int) -> Iterator[None]:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as exc:
+        if out.exists() and not out.is_dir():  # a file, /dev/null, a link to one
+            raise ZoplanError(
+                f"the output directory {out} is a file, not a folder", fix="choose another --output, a folder"
+            ) from None
         raise ZoplanError(
             f"cannot write into the output directory {out}: {exc.strerror or exc}",
             fix="choose an --output directory this user can write to (and a disk with room)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import importlib.util
 import math
 import re
@@ -200,6 +201,9 @@ def test_missing_file_and_unknown_source(tmp_path: Path) -> None:
     (tmp_path / "folder.jsonl").mkdir()  # a folder of a data file's name: said as it is
     with pytest.raises(ZoplanError, match="folder.jsonl is a directory"):
         load_examples(str(tmp_path / "folder.jsonl"))
+    os.mkfifo(tmp_path / "pipe.jsonl")  # a FIFO exists: "does not exist" was wrong
+    with pytest.raises(ZoplanError, match="pipe.jsonl is not a regular file"):
+        load_examples(str(tmp_path / "pipe.jsonl"))
     with pytest.raises(ZoplanError, match="unsupported type"):
         (tmp_path / "data.txt").write_text("hello\n")
         load_examples(str(tmp_path / "data.txt"))

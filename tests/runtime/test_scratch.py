@@ -101,6 +101,9 @@ def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path: Path) -
     blocker.write_text("not a directory")
     with pytest.raises(ZoplanError, match="cannot write into the output directory"), run_lock(blocker / "run", 0):
         pass
+    # the output named as a file itself: said so ("File exists" was all it said)
+    with pytest.raises(ZoplanError, match=r"the output directory .*file is a file, not a folder"), run_lock(blocker, 0):
+        pass
 
 
 def test_a_launcher_refused_by_the_lock_leaves_the_holders_directory(tmp_path: Path, monkeypatch) -> None:
