@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import importlib.util
 import math
+import os
 import re
 from pathlib import Path
 
