@@ -706,8 +706,7 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
                 _follow(proc, out / "metrics.jsonl", cfg)
             finally:
                 if proc.poll() is None:  # interrupted: the ranks stop with the launcher
-                    proc.terminate()
-                    proc.wait()
+                    stop_ranks(proc)
     except KeyboardInterrupt:
         signum = stopped[0] if stopped else signal.SIGINT
         after = (
@@ -814,6 +813,22 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+# how long the rank supervisor (or torchrun) may take to stop its ranks on SIGTERM (it gives
+# them GRACE_S itself) before it is killed: a supervisor stopped by SIGSTOP never takes it
+STOP_WAIT_S = 45.0
+
+
+def stop_ranks(proc: subprocess.Popen | ServedProcess, wait_s: float = STOP_WAIT_S) -> None:
+    """SIGTERM to the rank supervisor, and SIGKILL if it has not exited ``wait_s`` later (its
+    ranks die with it): a launcher interrupted once must not wait for ever."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.Popen | ServedProcess:

@@ -260,3 +260,30 @@ def test_a_full_shared_memory_or_one_out_of_files_is_said_when_a_launch_makes_it
         with owned(other, "run"):
             pass
     assert not isinstance(said.value, Refused) and "TMPDIR" in said.value.fix and list(other.iterdir()) == []
+
+
+def test_an_interrupted_launcher_kills_a_rank_supervisor_that_does_not_stop(tmp_path: Path) -> None:
+    """A supervisor stopped by SIGSTOP never takes the SIGTERM a Ctrl-C or SIGTERM of the
+    launcher sends it: the launcher waited for ever. It kills it after the wait."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from zoplan.runtime.launch import stop_ranks
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        stop_ranks(proc, wait_s=1.0)
+        # (killed, it takes the SIGTERM still pending first: either ends it)
+        assert proc.returncode in (-signal.SIGKILL, -signal.SIGTERM) and time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stop_ranks(quick, wait_s=30.0)  # one that stops on SIGTERM is not killed
+    assert quick.returncode == -signal.SIGTERM
