@@ -215,6 +215,49 @@ def main() -> None:
         proc.send_signal(signal.SIGTERM)
         return proc.returncode if proc.wait(timeout=LIMIT_S) is not None else -1, proc.communicate()[0]
 
+    def replaced_before_a_restart(what: str) -> Callable[[Path], tuple[int, str]]:
+        """A rank killed at step 40 and restarted (--max-restarts 1), the run's --data (or its
+        model's weights) replaced by others after its first step: the restart read them, and
+        trained on, exit 0. It must stop and say which changed."""
+
+        def go(d: Path) -> tuple[int, str]:
+            data, model, run = d / "data.jsonl", d / "model", d / "run"
+            data.write_text("".join(json.dumps({"text": f"the film was good {i}"}) + "\n" for i in range(40)))
+            shutil.copytree(work / "base" / "model", model)
+            proc = subprocess.Popen(
+                zoplan_cmd(
+                    "run",
+                    "--model",
+                    str(model),
+                    "--data",
+                    str(data),
+                    "--steps",
+                    "400",
+                    "--max-restarts",
+                    "1",
+                    "-o",
+                    str(run),
+                ),
+                cwd=d,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=dict(ENV, ZOPLAN_FAULTS="kill:1:40"),
+            )
+            wait_steps(run, 1, proc)
+            if what == "data":
+                data.write_text("".join(json.dumps({"text": f"the film was bad {i}"}) + "\n" for i in range(40)))
+            else:
+                shutil.copy(work / "reference" / "model" / "model.safetensors", model / "model.safetensors")
+            try:
+                out = proc.communicate(timeout=LIMIT_S)[0]
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return -1, f"HANG after {LIMIT_S} s\n{proc.communicate()[0]}"
+            return proc.returncode, out
+
+        return go
+
     def damaged_snapshot(d: Path) -> tuple[int, str]:
         run = copy(d)
         newest = sorted((run / "snapshots").iterdir())[-1] / "model.safetensors"
@@ -442,6 +485,8 @@ def main() -> None:
         Case("output", "a read-only output directory", read_only_output),
         Case("fault", "a second --resume while the run trains", second_resume),
         Case("fault", "SIGTERM of zoplan run", sigterm),
+        Case("fault", "--data replaced before an automatic restart", replaced_before_a_restart("data")),
+        Case("fault", "the checkpoint replaced before an automatic restart", replaced_before_a_restart("model")),
         Case(
             "fault",
             "a weight update that overflows (--lr 1e38)",
