@@ -749,20 +749,24 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
                 fix=f"{resume}, with the server running again (or without {SERVER_ENV}: the ranks start here)",
             )
         starter = "torchrun" if cfg.nnodes > 1 else "the rank supervisor (zoplan.runtime.ranks)"
+        ended_by = _rank_signal(log_path, status)
         who = (
             f"{starter} (which stopped the ranks)"
             if proc.returncode < 0
             else "a rank"
-            if _killed(log_path, status)
+            if ended_by is not None
             else None
         )
         if who is not None:
-            signum = -proc.returncode if proc.returncode < 0 else signal.SIGKILL
+            signum = -proc.returncode if proc.returncode < 0 else ended_by or signal.SIGKILL
             name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
             oom = (
                 ", most often by the kernel's out-of-memory killer when the machine runs out of host memory "
                 "(`dmesg | grep -i oom` shows it)"
                 if signum == signal.SIGKILL
+                else " (a file it had mapped changed or shrank under it: the model's checkpoint, replaced "
+                "during the run, or shared memory)"
+                if signum == signal.SIGBUS
                 else ""
             )
             raise ZoplanError(
@@ -873,16 +877,20 @@ def _log_tail(log: Path, size: int = 64 * 1024) -> str:
         return ""
 
 
-def _killed(log: Path, status: Path) -> bool:
-    """A rank ended by SIGKILL: in the rank supervisor's record of the last attempt (one machine),
-    or in torchrun's failure summary at the end of the log (several)."""
+def _rank_signal(log: Path, status: Path) -> int | None:
+    """The signal that ended a rank (SIGKILL first, of several; not SIGTERM): in the rank supervisor's record of
+    the last attempt (one machine), or SIGKILL in torchrun's failure summary at the end of the log
+    (several); None when no rank was ended by a signal."""
     from zoplan.runtime.ranks import read_status
 
     attempts = read_status(status)
     if attempts:
-        return -signal.SIGKILL in attempts[-1].get("exits", {}).values()
+        # (not SIGTERM: the supervisor's own, that stops the other ranks when one has ended)
+        exits = attempts[-1].get("exits", {}).values()
+        signals = sorted({-code for code in exits if isinstance(code, int) and code < 0} - {signal.SIGTERM})
+        return signal.SIGKILL if signal.SIGKILL in signals else signals[0] if signals else None
     tail = _log_tail(log)
-    return "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail
+    return signal.SIGKILL if "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail else None
 
 
 def _the_journal(cfg: RunConfig) -> str:

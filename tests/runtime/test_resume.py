@@ -430,3 +430,27 @@ def test_a_restarted_attempt_of_a_run_that_stopped_itself_stops_at_once(tmp_path
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     with pytest.raises(RuntimeError, match="trains .*run.json"):
         worker.main(args)
+
+
+def test_the_signal_that_ended_a_rank_is_named_not_the_supervisors_sigterm(tmp_path: Path) -> None:
+    """A rank ended by SIGBUS (its checkpoint's pages replaced under it) read "a rank exited
+    without a message": the supervisor's record names the signal. The SIGTERM with which the
+    supervisor stops the other ranks is not what ended the run."""
+    import json
+    import signal
+
+    from zoplan.runtime.launch import _rank_signal
+
+    status, log = tmp_path / "ranks.json", tmp_path / "worker.log"
+    log.write_text("")
+    for exits, ended in (
+        ({"0": -signal.SIGBUS, "1": -signal.SIGTERM}, signal.SIGBUS),
+        ({"0": -signal.SIGBUS, "1": -signal.SIGKILL}, signal.SIGKILL),
+        ({"0": 1, "1": -signal.SIGTERM}, None),  # an error exit, the other stopped
+        ({"0": 0, "1": 0}, None),
+    ):
+        status.write_text(json.dumps({"attempts": [{"exits": exits}]}))
+        assert _rank_signal(log, status) == ended, exits
+    status.unlink()
+    log.write_text("... exitcode  : -9 (pid: 12)\n")  # torchrun's summary, several machines
+    assert _rank_signal(log, status) == signal.SIGKILL
