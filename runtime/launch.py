@@ -722,6 +722,12 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
         ) from None
     finally:
         log.close()
+    if not (out / runconfig.CONFIG_FILE).is_file():  # rm -rf OUT while the ranks trained on
+        raise ZoplanError(
+            f"the output directory {out} was removed or emptied while the run went on (its "
+            f"{runconfig.CONFIG_FILE} and journal are gone): what the ranks wrote after is no run to resume",
+            fix=f"remove {out} and start the run again",
+        )
     if proc.returncode != 0 and _finished(out, cfg.node_rank, per_node, cfg.steps):
         warn(
             f"the run's processes exited with status {proc.returncode} while shutting down, after "

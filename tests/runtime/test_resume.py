@@ -454,3 +454,18 @@ def test_the_signal_that_ended_a_rank_is_named_not_the_supervisors_sigterm(tmp_p
     status.unlink()
     log.write_text("... exitcode  : -9 (pid: 12)\n")  # torchrun's summary, several machines
     assert _rank_signal(log, status) == signal.SIGKILL
+
+
+def test_an_output_directory_removed_mid_run_is_said_so(tmp_path: Path) -> None:
+    """`rm -rf OUT` while the ranks train: they write on into a folder they recreate, and the
+    launcher then said "plan file OUT/plan.yaml does not exist; fix: make one with zoplan plan".
+    It says the folder went, and to start again."""
+    import shutil
+
+    out = tmp_path / "run"
+    proc = zoplan_run(out, "--steps", "150")
+    wait_for_a_step(out, proc)
+    shutil.rmtree(out, ignore_errors=True)
+    said = finished(proc, code=2)
+    assert f"the output directory {out} was removed or emptied while the run went on" in said, said
+    assert f"remove {out} and start the run again" in said and "zoplan plan" not in said
