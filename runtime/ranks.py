@@ -80,7 +80,8 @@ def _start(module: str, rank: int, nproc: int, addr: str, port: int, attempt: in
     code = 1
     try:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # (ignored by the launcher: by the rank too)
+                signal.signal(signum, signal.SIG_DFL)
         from zoplan.runtime.launch import die_with_parent
         from zoplan.runtime.scratch import RANK_NAME, name_process
 
@@ -176,7 +177,10 @@ def run(
         os._exit(128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, stop_and_exit)
+        # a signal the launcher ignores (SIGINT in a script's background job, SIGHUP under nohup)
+        # the whole run ignores: the ranks stopped while the launcher went on and read it as a crash
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, stop_and_exit)
     for attempt in range(max_restarts + 1):
         if attempt:
             port = _free_port(addr)  # the killed attempt's store may still hold its port

@@ -469,3 +469,30 @@ def test_an_output_directory_removed_mid_run_is_said_so(tmp_path: Path) -> None:
     said = finished(proc, code=2)
     assert f"the output directory {out} was removed or emptied while the run went on" in said, said
     assert f"remove {out} and start the run again" in said and "zoplan plan" not in said
+
+
+def test_a_run_whose_launcher_ignores_sigint_is_not_stopped_by_it(tmp_path: Path) -> None:
+    """A script's background job ignores Ctrl-C (bash sets SIGINT to SIG_IGN), and so did zoplan
+    run; its rank supervisor and ranks did not, so Ctrl-C to the script's group stopped the ranks
+    and the launcher read it as a crash ("a rank exited without a message"). An ignored signal is
+    ignored by the whole run: it goes on and finishes."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zoplan.cli", "run", "--model", "tiny-opt", "--steps", "60", "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # its own supervisor (not the session's rank server's), in the group the signal reaches
+        env={k: v for k, v in dict(os.environ, HF_HUB_OFFLINE="1").items() if k != "ZOPLAN_RANK_SERVER"},
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    wait_for_a_step(out, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C to the whole group
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    said = finished(proc)
+    assert (out / "journal.jsonl").read_text().count("\n") == 60, said
