@@ -304,7 +304,13 @@ def padding_share(micro_batches: list[dict]) -> float:
     return 1.0 - sum(mb["batch"].token_count for mb in micro_batches) / positions
 
 
-def check_inputs(cfg: RunConfig, out: Path, examples: list, held: list | None, model_dir: Path | None) -> None:
+def check_inputs(
+    cfg: RunConfig,
+    out: Path,
+    examples: list[zdata.Example],
+    held: list[zdata.Example] | None,
+    model_dir: Path | None,
+) -> None:
     """What the ranks read is what the launcher recorded in run.json: the examples of --data and
     --eval-data (read again here, seconds later, and again by a restart after a rank failed) and,
     where the weights come from the model directory (no snapshot, or a read-only base), its
