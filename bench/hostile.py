@@ -159,9 +159,9 @@ def main() -> None:
 
         return go
 
-    def start(d: Path, *args: str) -> subprocess.Popen:
+    def start(d: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
         return subprocess.Popen(
-            zoplan_cmd("run", *args), cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+            zoplan_cmd("run", *args), cwd=d, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or ENV
         )
 
     def wait_steps(run: Path, n: int, proc: subprocess.Popen) -> None:
@@ -224,26 +224,8 @@ def main() -> None:
             data, model, run = d / "data.jsonl", d / "model", d / "run"
             data.write_text("".join(json.dumps({"text": f"the film was good {i}"}) + "\n" for i in range(40)))
             shutil.copytree(work / "base" / "model", model)
-            proc = subprocess.Popen(
-                zoplan_cmd(
-                    "run",
-                    "--model",
-                    str(model),
-                    "--data",
-                    str(data),
-                    "--steps",
-                    "400",
-                    "--max-restarts",
-                    "1",
-                    "-o",
-                    str(run),
-                ),
-                cwd=d,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=dict(ENV, ZOPLAN_FAULTS="kill:1:40"),
-            )
+            args = ("--model", str(model), "--data", str(data), "--steps", "400", "--max-restarts", "1")
+            proc = start(d, *args, "-o", str(run), env=dict(ENV, ZOPLAN_FAULTS="kill:1:40"))
             wait_steps(run, 1, proc)
             if what == "data":
                 data.write_text("".join(json.dumps({"text": f"the film was bad {i}"}) + "\n" for i in range(40)))
