@@ -396,7 +396,7 @@ class Machine:
             for socket in (s.id for s in self.spec.sockets):
                 if socket in pcie and nx.has_path(pcie, socket, gpu):
                     # the fewest hops; among those, by the names it goes through (not the file's order)
-                    path = min(nx.all_shortest_paths(pcie, socket, gpu), key=lambda route: (len(route), route))
+                    path = min(nx.all_shortest_paths(pcie, socket, gpu))
                     if best is None or len(path) < len(best):
                         best = path
             if best is not None:
@@ -439,20 +439,24 @@ class Machine:
         return self._peer_cache[key]
 
     def _route_latency(self, nodes: list[str]) -> float:
-        return float(sum(self.graph.edges[u, v]["latency_s"] for u, v in zip(nodes, nodes[1:])))
+        return self.path_latency_s([f"{u}->{v}" for u, v in zip(nodes, nodes[1:])])
 
     @cached_property
     def _peer_cache(self) -> dict[tuple[str, str], list[str]]:
         return {}
 
+    @cached_property
+    def _nvlink_graph(self) -> nx.Graph:
+        return self.graph.edge_subgraph([(u, v) for u, v, k in self.graph.edges(data="kind") if k == "nvlink"])
+
     def has_nvlink(self, gpus: list[str] | tuple[str, ...]) -> bool:
         """True when every pair among ``gpus`` is joined by NVLink-only routes."""
-        nv = self.graph.edge_subgraph([(u, v) for u, v, k in self.graph.edges(data="kind") if k == "nvlink"])
+        nv = self._nvlink_graph
         return all(g in nv for g in gpus) and all(nx.has_path(nv, gpus[0], g) for g in gpus[1:])
 
     @cached_property
     def _nvlink_islands(self) -> dict[str, tuple[str, ...]]:
-        nv = self.graph.edge_subgraph([(u, v) for u, v, k in self.graph.edges(data="kind") if k == "nvlink"])
+        nv = self._nvlink_graph
         islands: dict[str, tuple[str, ...]] = {}
         for g in self.gpus:
             reach = nx.node_connected_component(nv, g) if g in nv else {g}
