@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import machine
 from zoplan.errors import ZoplanError
 from zoplan.layout import Pins
 from zoplan.planner import plan
@@ -142,9 +143,9 @@ def main() -> None:
             )
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        info = {**machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         (args.out / "plan_machines.json").write_text(
-            json.dumps({"date": date, "uneven": uneven, "shares": shares, "clusters": clusters}, indent=1)
+            json.dumps({**info, "uneven": uneven, "shares": shares, "clusters": clusters}, indent=1)
         )
 
 

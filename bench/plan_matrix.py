@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+from bench import describe, machine
 from zoplan.errors import ZoplanError
 from zoplan.models import PRESETS
 from zoplan.planner import plan
@@ -36,6 +35,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write plan_matrix.json here")
     args = parser.parse_args()
     models, topologies = args.models.split(","), args.topologies.split(",")
+    info = machine()  # before the cases: an idle machine's figure
+    print(describe(info))
     walls: dict[tuple[str, str], list[float]] = {(m, t): [] for m in models for t in topologies}
     answers: dict[tuple[str, str], str] = {}
     for _ in range(args.runs):
@@ -65,9 +66,8 @@ def main() -> None:
         (args.out / "plan_matrix.json").write_text(
             json.dumps(
                 {
+                    **info,
                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                    "python": platform.python_version(),
-                    "cpus": os.cpu_count(),
                     "runs": args.runs,
                     "cases": [
                         {

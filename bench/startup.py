@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import machine
 
 
 def timed(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[float, int]:
@@ -92,9 +93,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
         print(f"{name}: median {statistics.median(w):.2f} s over {args.repeat} ({', '.join(f'{x:.2f}' for x in w)})")
     return {
         "zoplan": where,
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        **machine(),
         "cases": rows,
     }
 
