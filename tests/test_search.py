@@ -19,7 +19,7 @@ from zoplan.sim.costs import GiB, StepCosts, Workload
 from zoplan.errors import ZoplanError
 from zoplan.layout import Layout
 from zoplan.models import ModelShape, load_model_shape
-from zoplan.search import Pins, SearchResult, evaluate, family, search, top_families
+from zoplan.search import Pins, SearchResult, capacity_order, evaluate, family, search, top_families
 from zoplan.planner import PlanReport, plan
 from zoplan.topology import Machine, TopologySpec, load_topology, resolve_topology_path
 
@@ -295,6 +295,30 @@ def test_a_machine_that_mixes_gpu_models_computes_on_the_faster_ones() -> None:
     best, base = report.search.best, report.search.baseline
     assert set(best.layout.compute_gpus) == {"gpu4", "gpu5"}
     assert base is not None and base.layout.compute_gpus in (("gpu4",), ("gpu5",))
+
+
+@pytest.mark.parametrize(
+    "listed,planned",
+    [
+        # listed first, without a bf16 figure: planned at its fp32 10 TFLOP/s, not its fp16 1000
+        ({"tflops": {"fp32": 10, "fp16": 1000}, "matmul_efficiency": 0.8}, {"tflops": {"bf16": 100}}),
+        # the same peak, a third of its matmuls achieved
+        ({"tflops": {"bf16": 100}, "matmul_efficiency": 0.3}, {"tflops": {"bf16": 90}, "matmul_efficiency": 0.9}),
+    ],
+    ids=["no-bf16-figure", "efficiency"],
+)
+def test_gpus_are_ranked_by_the_compute_the_plan_is_costed_at(listed: dict, planned: dict) -> None:
+    """capacity_order ranks compute by what the cost model plans each GPU at (its rate at the
+    compute dtype or the figure that stands in for it, times its matmul efficiency), not by the
+    best figure its file gives: the GPUs listed first here compute slower at bf16."""
+    data = yaml.safe_load((FIXTURES / "mixed-h100-l40s.yaml").read_text())
+    models = data["gpu_models"]
+    models["l40s-48gb"] = {**models["l40s-48gb"], "matmul_efficiency": 0.8, **listed}
+    models["h100-pcie-80gb"] = {**models["l40s-48gb"], **planned}
+    data["links"] = [{**link, "gbps": 25, "gbps_back": 25} for link in data["links"]]  # compute alone tells them apart
+    machine = Machine(TopologySpec.model_validate(data), "test")
+    assert capacity_order(machine, "bf16", compute_first=True)[:2] == ["gpu4", "gpu5"]
+    assert capacity_order(machine, "bf16")[:2] == ["gpu4", "gpu5"]
 
 
 def test_a_mover_behind_a_slower_link_carries_a_smaller_share_of_every_block() -> None:

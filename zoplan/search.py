@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeGuard
 
 from zoplan.sim.bound import Bound, machine_bound
-from zoplan.sim.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, spread_resident
+from zoplan.sim.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, matmul_rate, spread_resident
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
 from zoplan.layout import Layout, Pins, capacity_shares, divisors
@@ -208,7 +208,8 @@ def _peer_gbps(machine: Machine, a: str, b: str) -> float:
 
 def capacity_order(machine: Machine, dtype: str, *, compute_first: bool = False) -> list[str]:
     """The machine's GPUs, the most capable first: by the bandwidth of their host path (the slower
-    direction), then their compute at ``dtype``, then their memory (``compute_first``: compute,
+    direction), then their compute at ``dtype`` (as the cost model plans it: the rate of that dtype
+    or of the figure standing in for it, times the matmul efficiency), then their memory (``compute_first``: compute,
     then bandwidth), then how many GPUs they reach over NVLink and with what bandwidth, then how
     few share their host path's first link and their socket, then its latency, then the
     machine's own order of its GPUs (``Machine.standing``: what tells apart GPUs equal in all of
@@ -220,7 +221,7 @@ def capacity_order(machine: Machine, dtype: str, *, compute_first: bool = False)
         i, g = item
         host = _host_gbps(machine, g)
         model = machine.gpu_model(g)
-        flops = next((v for k, v in model.tflops.items() if k == dtype), max(model.tflops.values()))
+        flops = matmul_rate(model, dtype)  # what the cost model plans it at
         first, second = (flops, host) if compute_first else (host, flops)
         peers = (-len(machine.nvlink_island(g)), -machine.nvlink_gbps(g))
         latency = machine.path_latency_s(machine.host_path(g, "h2d"))  # a switch more is a hop more

@@ -176,18 +176,18 @@ def test_a_blocks_product_outputs_beyond_the_cache_are_written_out(tmp_path: Pat
 def test_a_cpu_ranks_products_run_slower_over_few_tokens(tmp_path: Path) -> None:
     """matmul_half_tokens: over M tokens a CPU rank's matrix products run at M / (M + half) of
     its rate, in its blocks and its head; 0 (every GPU preset) leaves the rate whatever the rows."""
-    from zoplan.sim.costs import _rate
+    from zoplan.sim.costs import matmul_rate
 
     gm = load_topology("cpu-local").gpu_model("rank0")
     assert gm.matmul_half_tokens > 0
     half = gm.matmul_half_tokens
-    assert _rate(gm, "fp32", 128) == pytest.approx(_rate(gm, "fp32") * 128 / (128 + half), rel=1e-12)
+    assert matmul_rate(gm, "fp32", 128) == pytest.approx(matmul_rate(gm, "fp32") * 128 / (128 + half), rel=1e-12)
     plain = StepCosts(cpu_machine(tmp_path, matmul_half_tokens=0.0), WORK, layout())
     slow = StepCosts(cpu_machine(tmp_path, matmul_half_tokens=3 * 128.0), WORK, layout())
     tokens = layout().micro_batch * WORK.seq_len
     assert tokens == 128
     calls = plain.micro_batches * layout().branches_per_gpu
-    rate = _rate(plain._gm("rank0"), "fp32")
+    rate = matmul_rate(plain._gm("rank0"), "fp32")
     # a fourth of the rate: three more times the FLOPs' time (OPT-125m's blocks and head are
     # bound by their FLOPs at 128 tokens, not by their weights)
     for method, flops in (
@@ -197,7 +197,7 @@ def test_a_cpu_ranks_products_run_slower_over_few_tokens(tmp_path: Path) -> None
         extra = getattr(slow, method)("rank0") - getattr(plain, method)("rank0")
         assert extra == pytest.approx(calls * 3 * flops / rate, rel=1e-9), method
     dgx = load_topology("dgx-a100").gpu_model("gpu0")
-    assert dgx.matmul_half_tokens == 0 and _rate(dgx, "bf16", 1) == _rate(dgx, "bf16")
+    assert dgx.matmul_half_tokens == 0 and matmul_rate(dgx, "bf16", 1) == matmul_rate(dgx, "bf16")
 
 
 def test_resident_parameters_draw_z_tensor_by_tensor(tmp_path: Path) -> None:
@@ -231,14 +231,16 @@ def test_a_cpu_rank_reads_a_blocks_weights_then_multiplies(tmp_path: Path) -> No
     """One thread packs each product's weights out of memory, then multiplies (with its weights hot,
     as bench/matmul_tokens.py measures the rate), then runs the block's elementwise passes: a CPU
     rank's block adds the three, where a GPU takes the larger of arithmetic and memory traffic."""
-    from zoplan.sim.costs import _rate
+    from zoplan.sim.costs import matmul_rate
 
     machine = cpu_machine(tmp_path)
     gm = machine.gpu_model("rank0")
     c = StepCosts(machine, WORK, layout())
     tokens = layout().micro_batch * WORK.seq_len
     weights, passes = OPT.block_params() * 4, OPT.block_pass_elements(tokens, WORK.seq_len) * 4
-    one = OPT.block_flops(tokens, WORK.seq_len) / _rate(gm, "fp32", tokens) + (weights + passes) / (gm.hbm_gbps * 1e9)
+    one = OPT.block_flops(tokens, WORK.seq_len) / matmul_rate(gm, "fp32", tokens) + (weights + passes) / (
+        gm.hbm_gbps * 1e9
+    )
     assert c.threads("rank0") == 1 and gm.op_us == 0
     assert c.forward_block_s("rank0") == pytest.approx(one * c.micro_batches * layout().branches_per_gpu, rel=1e-12)
 

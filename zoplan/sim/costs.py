@@ -101,7 +101,7 @@ def rated_dtype(gm: GpuModel, dtype: str) -> str:
     return "fp32" if "fp32" in rates else min(rates, key=lambda k: rates[k])
 
 
-def _rate(gm: GpuModel, dtype: str, tokens: int = 0) -> float:
+def matmul_rate(gm: GpuModel, dtype: str, tokens: int = 0) -> float:
     """Achieved matmul FLOP/s for a compute dtype, over ``tokens`` rows where the device's
     products run slower on few rows (``matmul_half_tokens``: tokens / (tokens + half) of it)."""
     peak = cast("dict[str, float]", gm.tflops)[rated_dtype(gm, dtype)]
@@ -132,7 +132,7 @@ def forward_s(
     ``lockstep`` (CPU ranks side by side that meet before every block) it issues each op
     ``gm.lockstep`` times slower. ``tokens``: the rows of its matrix products (``_rate``)."""
     speed = thread_speedup(gm, threads)
-    device = max(flops / _rate(gm, dtype, tokens), bytes_moved / (gm.hbm_gbps * 1e9)) / speed
+    device = max(flops / matmul_rate(gm, dtype, tokens), bytes_moved / (gm.hbm_gbps * 1e9)) / speed
     issue = _issue_s(gm, ops, lockstep)
     return device + issue if gm.kind == "cpu" else max(device, issue)
 
@@ -161,7 +161,7 @@ def cpu_block_s(
     plus the issue of its ops."""
     speed = thread_speedup(gm, threads)
     bandwidth = gm.hbm_gbps * 1e9
-    device = (flops / _rate(gm, dtype, tokens) + (weight_bytes + pass_bytes) / bandwidth) / speed
+    device = (flops / matmul_rate(gm, dtype, tokens) + (weight_bytes + pass_bytes) / bandwidth) / speed
     return device + _issue_s(gm, ops, lockstep)
 
 
