@@ -509,6 +509,12 @@ def test_a_step_over_several_nodes_waits_for_the_slowest(tmp_path: Path) -> None
     console.print(gantt(timeline(tmp_path / "varied.yaml").candidate.sim, varied.machine, width=40))
     step_ms = varied.search.best.step_time_s * 1e3
     assert f"on each node, {step_ms:.0f} ms with the wait for the slowest" in console.export_text()
+    # and so does the PNG's title
+    from zoplan.sim.trace import png_title
+
+    assert f"on each node, {step_ms:.0f} ms with the wait for the slowest" in png_title(
+        timeline(tmp_path / "varied.yaml").candidate.sim, varied.machine
+    )
 
 
 def test_the_pruned_search_is_exact_on_several_varying_nodes(tmp_path: Path) -> None:

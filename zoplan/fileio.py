@@ -104,7 +104,12 @@ def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple
 
 # what a file zoplan writes holds near its start, by kind: an existing file without it is the
 # user's own (notes, a checkpoint), which a mistyped -o would replace
-_MARKS = {"plan": ("layout:",), "profile": ("compute:",), "trace file": ('"traceEvents"',)}
+_MARKS = {
+    "plan": ("layout:",),
+    "profile": ("compute:",),
+    "trace file": ('"traceEvents"',),
+    "PNG": ("Software\x00zoplan timeline",),  # the text chunk zoplan.sim.trace.plot_png writes
+}
 
 
 def check_writable(path: Path, what: str) -> None:

@@ -10,6 +10,7 @@ takes (no traceback, status 2) is covered end to end.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import math
@@ -260,6 +261,11 @@ def test_timeline_without_options_shows_the_chart(planned) -> None:
         (["--rank", "gpu0"], "--rank chooses the ranks --ops lists"),  # the chart shows them all
         (["-o", "step.png"], "-o writes a Chrome trace (JSON), not a picture"),  # --png draws one
         (["-o", "step.SVG"], "-o writes a Chrome trace (JSON), not a picture"),
+        (["--png", "step.svg"], "--png draws a PNG: step.svg would not open as what its name says"),
+        # everything is checked before the trace is written
+        (["-o", "t.json", "--width", "50"], "--width sets the terminal chart's time columns, and no chart is drawn"),
+        (["-o", "t.json", "--show", "--width", "0"], "gantt width must be from 10 to 1000 columns, got 0"),
+        (["-o", "t.json", "--png", "missing/step.png"], "cannot write PNG missing/step.png"),
     ],
 )
 def test_timeline_refuses_options_that_would_not_do_what_they_say(
@@ -270,6 +276,34 @@ def test_timeline_refuses_options_that_would_not_do_what_they_say(
     code, out, err = run_main(monkeypatch, capsys, "timeline", str(path), *args)
     assert_one_error(code, err, says)
     assert list(tmp_path.iterdir()) == [] and out == ""
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="matplotlib (the 'plot' extra) is not installed"
+)
+def test_timeline_png_draws_over_its_own_pictures_only(planned, monkeypatch, capsys, tmp_path: Path) -> None:
+    """--png never writes over a file zoplan did not draw (the plan itself, someone's picture)."""
+    _, path = planned
+    monkeypatch.chdir(tmp_path)
+    plan_copy, photo = tmp_path / "plan.png", tmp_path / "photo.png"
+    plan_copy.write_bytes(path.read_bytes())
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n a picture of someone's")
+    for theirs in (plan_copy, photo):
+        before = theirs.read_bytes()
+        code, _, err = run_main(monkeypatch, capsys, "timeline", str(path), "--png", theirs.name)
+        assert_one_error(code, err, f"{theirs.name} exists and is not a PNG zoplan wrote: it is not overwritten")
+        assert theirs.read_bytes() == before
+    for _ in range(2):  # drawn, then drawn over
+        code, out, _ = run_main(monkeypatch, capsys, "timeline", str(path), "--png", "step.png")
+        assert code == 0 and "wrote step.png" in out
+    assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeline_lists_a_rank_named_twice_once(planned) -> None:
+    _, path = planned
+    once = invoke("timeline", str(path), "--ops", "--rank", "gpu0")
+    twice = invoke("timeline", str(path), "--ops", "--rank", "gpu0", "--rank", "gpu0")
+    assert once.stdout.count("gpu0") > 0 and twice.stdout == once.stdout
 
 
 # ----- 3. pins ------------------------------------------------------------------------------------

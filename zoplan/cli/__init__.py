@@ -363,15 +363,32 @@ def timeline_cmd(
             fix=f"draw it with --png {output.with_suffix('.png')} (matplotlib), or name the trace {output.with_suffix('.json')}",
         )
 
-    if output is not None:
-        from zoplan.fileio import check_writable
+    if width is not None:
+        if not show and (output is not None or png is not None or ops):
+            raise ZoplanError(
+                "--width sets the terminal chart's time columns, and no chart is drawn",
+                fix=f"add --show: zoplan timeline {plan_file} --show --width {width}",
+            )
+        trace.check_gantt_width(width)
+    if png is not None and png.suffix.lower() != ".png":
+        raise ZoplanError(
+            f"--png draws a PNG: {png} would not open as what its name says",
+            fix=f"name it {png.with_suffix('.png')}",
+        )
+    # everything asked for is checked before anything is written
+    from zoplan.fileio import check_writable
 
+    if output is not None:
         check_writable(output, "trace file")
+    if png is not None:
+        trace.require_matplotlib()
+        check_writable(png, "PNG")
     tl = timeline(plan_file, topology)
     sim = tl.candidate.sim
     assert sim is not None and tl.program is not None  # timeline() simulates the plan's program
     if ops:
-        out.print(Text(_hanging(tl.program.describe(rank or None), out.width)), highlight=False, soft_wrap=True)
+        ranks = list(dict.fromkeys(rank)) if rank else None  # a rank named twice is listed once
+        out.print(Text(_hanging(tl.program.describe(ranks), out.width)), highlight=False, soft_wrap=True)
     if output is None and not show and png is None and not ops:
         show = True
     if output is not None:

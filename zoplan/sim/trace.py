@@ -413,6 +413,15 @@ def _axis(span_s: float, width: int) -> Text:
 MAX_GANTT_WIDTH = 1000
 
 
+def check_gantt_width(width: int) -> None:
+    """Refuse a terminal chart's width that cannot be drawn (each row is a string of ``width`` cells)."""
+    if not 10 <= width <= MAX_GANTT_WIDTH:
+        raise ZoplanError(
+            f"gantt width must be from 10 to {MAX_GANTT_WIDTH} columns, got {width}",
+            fix="--width 100 fits most terminals",
+        )
+
+
 def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int = 100) -> RenderableType:
     """Terminal Gantt chart of the reported step: one row per (GPU, stream) busy in it, time in
     ``width`` columns, each cell coloured by the category that fills most of it ('█' busy at
@@ -423,11 +432,7 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
     if width is None:  # GPU and stream names, the busy column, a space after each column
         labels = max((len(g) for g in machine.gpus), default=4) + 1 + len("exchange") + 1 + 1 + len("100%")
         width = max(10, min(MAX_GANTT_WIDTH, fit - labels))
-    if not 10 <= width <= MAX_GANTT_WIDTH:  # each row is a string of ``width`` cells
-        raise ZoplanError(
-            f"gantt width must be from 10 to {MAX_GANTT_WIDTH} columns, got {width}",
-            fix="--width 100 fits most terminals",
-        )
+    check_gantt_width(width)
     start, end = result.window
     span_s = end - start
     rows = _rows(result, machine)
@@ -477,20 +482,42 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
 
 
 # ----- PNG ---------------------------------------------------------------------------------------
-def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
-    """The reported step as a Gantt chart in a PNG (needs matplotlib: the ``plot`` extra)."""
-    _require_spans(result)
+# what a PNG zoplan drew carries (its Software text chunk): such a file may be drawn over again
+PNG_SOFTWARE = "zoplan timeline"
+
+
+def require_matplotlib() -> None:
+    """Refuse a PNG before any work when matplotlib (the ``plot`` extra) is not installed."""
     try:
-        # Figure + the Agg canvas directly, not pyplot: no global backend switch, no GUI window,
-        # and nothing left open in the caller's process.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
+        import matplotlib  # noqa: F401
     except ImportError:
         raise ZoplanError(
             "drawing a PNG needs matplotlib, which is not installed",
             fix="pip install matplotlib (the plot extra: pip install -e '.[plot]' in the zoplan checkout)",
         ) from None
+
+
+def png_title(result: SimResult, machine: Machine) -> str:
+    """The PNG's title: the step as the terminal chart's heading gives it (on several nodes, one
+    node's step and then the step with the wait for the slowest)."""
+    start, end = result.window
+    nodes = (
+        f" on each node, {_fmt_duration(result.step_time_s)} with the wait for the slowest"
+        if result.straggler_s > 0
+        else ""
+    )
+    return f"{machine.name}: step {_fmt_duration(end - start)}{nodes}, bottleneck {result.bottleneck}"
+
+
+def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
+    """The reported step as a Gantt chart in a PNG (needs matplotlib: the ``plot`` extra)."""
+    _require_spans(result)
+    require_matplotlib()
+    # Figure + the Agg canvas directly, not pyplot: no global backend switch, no GUI window,
+    # and nothing left open in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     start, end = result.window
     rows = _rows(result, machine)
@@ -521,10 +548,10 @@ def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
         fontsize=8,
         frameon=False,
     )
-    ax.set_title(f"{machine.name}: step {_fmt_duration(end - start)}, bottleneck {result.bottleneck}")
+    ax.set_title(png_title(result, machine))
     fig.tight_layout()
     try:
-        fig.savefig(Path(path), format="png")
+        fig.savefig(Path(path), format="png", metadata={"Software": PNG_SOFTWARE})
     except OSError as e:
         raise ZoplanError(
             f"cannot write PNG {path}: {e.strerror or e}", fix="choose a writable path (the folder must exist)"
