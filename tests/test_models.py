@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from zoplan.errors import ZoplanError
+from zoplan.limits import MAX_LAYERS
+from zoplan.planner import plan
 from zoplan.models import (
     DTYPE_BYTES,
     PRESETS,
@@ -395,6 +397,41 @@ def test_missing_key_names_file_and_key(tmp_path: Path, key: str) -> None:
     with pytest.raises(ZoplanError, match=f"missing key '{key}'") as info:
         load_model_shape(str(path))
     assert "config.json" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change,says",
+    [
+        # a step program of 100000 blocks: minutes and gigabytes before any answer
+        ({"num_hidden_layers": MAX_LAYERS + 1}, f"{MAX_LAYERS + 1} layers is more than zoplan plans ({MAX_LAYERS}"),
+        # it read "--seq-len 1 is not a whole number of tokens from 2 to 1048576", an option never given
+        (
+            {"max_position_embeddings": 1},
+            "max_positions 1 (max_position_embeddings in a config.json): a sequence needs",
+        ),
+    ],
+)
+def test_a_config_no_model_could_have_is_refused_at_once(tmp_path: Path, change: dict, says: str) -> None:
+    config = (
+        hf_config(PRESETS["llama-2-7b"])
+        | {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4}
+        | change
+    )
+    path = write_config(tmp_path / "odd", config)
+    with pytest.raises(ZoplanError) as info:
+        plan(str(path), "dgx-a100")
+    assert says in str(info.value) and "config.json" in str(info.value)
+
+
+def test_the_deepest_model_allowed_is_planned(tmp_path: Path) -> None:
+    config = hf_config(PRESETS["llama-2-7b"]) | {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": MAX_LAYERS,
+    }
+    assert load_model_shape(str(write_config(tmp_path / "deep", config))).layers == MAX_LAYERS
 
 
 def test_missing_intermediate_size_for_llama(tmp_path: Path) -> None:

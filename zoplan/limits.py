@@ -8,6 +8,7 @@ No imports: the command line reads these before it loads anything else.
 MAX_GLOBAL_BATCH = 65536  # sequences per step
 MIN_SEQ_LEN = 2  # tokens per sequence: a language model's loss predicts each token after the first
 MAX_SEQ_LEN = 1 << 20  # tokens per sequence (a model's own positions bound it further)
+MAX_LAYERS = 512  # a model's blocks: the deepest models have ~130 (a step program grows with them)
 MAX_SLICES_PER_BLOCK = 128  # one upload op per slice
 MAX_STEPS = 10**9  # a run's steps: a billion tiny steps take years
 MAX_MEASURED_STEPS = 10_000  # steps timed by calibrate and validate: their figures settle within dozens

@@ -20,6 +20,7 @@ from typing import Any
 
 from zoplan.errors import ZoplanError, did_you_mean
 from zoplan.fileio import brief, content_hash, read_text
+from zoplan.limits import MAX_LAYERS, MIN_SEQ_LEN
 from zoplan.vocab import DTYPE_BYTES
 
 
@@ -130,6 +131,15 @@ class ModelShape:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ZoplanError(f"{where}: '{key}' must be a positive integer, got {brief(value)}")
+        if self.layers > MAX_LAYERS:
+            raise ZoplanError(
+                f"{where}: {self.layers} layers is more than zoplan plans ({MAX_LAYERS}; the deepest models have ~130)"
+            )
+        if self.max_positions < MIN_SEQ_LEN:
+            raise ZoplanError(
+                f"{where}: max_positions {self.max_positions} (max_position_embeddings in a config.json): "
+                f"a sequence needs at least {MIN_SEQ_LEN} positions"
+            )
         if not isinstance(self.tied_head, bool):
             raise ZoplanError(f"{where}: 'tied_head' must be true or false, got {brief(self.tied_head)}")
         if self.hidden % self.heads:
