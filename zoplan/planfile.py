@@ -263,6 +263,11 @@ def load_plan(path: str | Path) -> Plan:
             f"{path}: field 'model.hash' ({plan.model.hash}) does not match 'model.shape' ({shape.hash})",
             fix="the model shape was edited: write the plan again with `zoplan plan`",
         )
+    if plan.model.name != shape.name:
+        raise ZoplanError(
+            f"{path}: field 'model.name' ({brief(plan.model.name)}) does not match 'model.shape' ({brief(shape.name)})",
+            fix="the model's name was edited: write the plan again with `zoplan plan`",
+        )
     check_ranges(plan, shape, path)
     try:
         layout = plan.to_layout()

@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 
 from zoplan.sim.costs import StepCosts, Workload
 from zoplan.errors import ZoplanError
+from zoplan.fileio import brief
 from zoplan.models import ModelShape, load_model_shape
 from zoplan.program import Program
 from zoplan.planfile import Plan, Prediction, ZoSettings, build_plan, check_plan_gpus, load_plan
@@ -376,10 +377,22 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
                 fix=f"leave --topology out for the file it was planned with ({source}), or plan again for "
                 f"'{machine.name}' (zoplan plan --topology {topology} ...)",
             )
+        if machine.name != the_plan.topology.name:  # the plan's topology.source was edited to name another
+            raise ZoplanError(
+                f"{planned}, but its topology.source '{source}' is '{machine.name}' ({machine.hash}), another machine",
+                fix=f"put back the source it was planned with, or plan again for '{machine.name}' "
+                f"(zoplan plan --topology {source} ...)",
+            )
         raise ZoplanError(
             f"{planned}, but '{topology or source}' is now {machine.hash}: the machine description changed "
             "since planning",
             fix="plan again, or pass the original file with --topology",
+        )
+    if machine.name != the_plan.topology.name:  # the same machine: the plan's topology.name was edited
+        raise ZoplanError(
+            f"{plan_path}: field 'topology.name' ({brief(the_plan.topology.name)}) does not match the machine it "
+            f"was planned for, '{machine.name}' ({machine.hash})",
+            fix="the topology's name was edited: write the plan again with `zoplan plan`",
         )
     check_plan_gpus(the_plan, machine, plan_path)
     shape = the_plan.model_shape()

@@ -845,6 +845,22 @@ def _swap_rank_gpus(d: dict) -> None:
         ),
         pytest.param(lambda d: d["model"]["shape"].update(layers=12), ["model.hash", "model.shape"], id="model-shape"),
         pytest.param(lambda d: d.update(version=7), ["version 7", "not supported"], id="version"),
+        # names are what every message says a plan is for: an edited one is refused, not believed
+        pytest.param(
+            lambda d: d["model"].update(name="llama-2-70b"),
+            ["field 'model.name' ('llama-2-70b') does not match 'model.shape' ('opt-1.3b')"],
+            id="model-name",
+        ),
+        pytest.param(
+            lambda d: d["topology"].update(name="dgx-h100"),
+            ["field 'topology.name' ('dgx-h100') does not match the machine it was planned for, 'dgx-a100'"],
+            id="topology-name",
+        ),
+        pytest.param(
+            lambda d: d["topology"].update(source="dgx-h100"),
+            ["planned for topology 'dgx-a100'", "its topology.source 'dgx-h100' is 'dgx-h100'", "another machine"],
+            id="topology-source",
+        ),
     ],
 )
 def test_bad_plan_file(planned, tmp_path: Path, monkeypatch, capsys, change, needles) -> None:
