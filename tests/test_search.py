@@ -168,6 +168,12 @@ def test_impossible_pins_explain_themselves(pins: Pins, message: str) -> None:
         search(load_topology("dgx-a100"), Workload(SMALL, 8, 128), pins=pins)
 
 
+def test_a_perturbation_pair_on_a_one_gpu_machine_says_so() -> None:
+    """It read "no layout of 'h100-pcie-1x' matches the pinned options"."""
+    with pytest.raises(ZoplanError, match=r"--pertp 2 needs 2 GPUs, and 'h100-pcie-1x' has 1"):
+        search(load_topology("h100-pcie-1x"), Workload(SMALL, 8, 128), pins=Pins(perturbation=2))
+
+
 def test_baseline_is_zo2_on_one_gpu_and_the_best_is_no_slower() -> None:
     result = search(load_topology("dgx-a100"), Workload(load_model_shape("opt-13b"), 8, 256))
     base = result.baseline

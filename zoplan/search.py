@@ -769,6 +769,11 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
             )
     if pins.perturbation is not None and pins.perturbation not in (1, 2):
         raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
+    if pins.perturbation is not None and pins.perturbation > len(machine.gpus):
+        raise ZoplanError(
+            f"--pertp {pins.perturbation} needs {pins.perturbation} GPUs, and '{machine.name}' has {len(machine.gpus)}",
+            fix="leave --pertp out (or --pertp 1: both branches on one GPU, one after the other)",
+        )
     if pins.nodes is not None and pins.nodes * len(machine.gpus) > MAX_RANKS:
         most = MAX_RANKS // len(machine.gpus)
         raise ZoplanError(
