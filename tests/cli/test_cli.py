@@ -624,7 +624,23 @@ def test_a_tiny_model_on_a_large_machine_shows_its_step_in_microseconds(monkeypa
     assert code == 0 and " µs" in out and " 0.0 ms" not in out
     row = next(line for line in out.splitlines() if line.lstrip().startswith("1 "))
     assert re.search(r"\d\.\dM\b", row), row  # millions of tokens per second, not thousands of thousands
-    assert " 0.00 " not in row and "<0.01" in row  # a fraction of a cent per million tokens is not free
+    assert " 0.00 " not in row  # a fraction of a cent per million tokens is not free
+    assert re.search(r" (<0\.0001|0\.000\d+|0\.00\d\d?) ", row), row  # two significant digits, or under 0.0001
+
+
+def test_cheap_layouts_rank_apart_by_their_price() -> None:
+    """Below a dime per million tokens the price keeps two significant digits: a cost-ranked table
+    of a small model read <0.01 on every row."""
+    from zoplan.cli.render import _fmt_usd
+
+    assert [_fmt_usd(x) for x in (2.345, 0.1, 0.0123, 0.0041, 0.00012, 0.00004)] == [
+        "2.35",
+        "0.10",
+        "0.012",
+        "0.0041",
+        "0.00012",
+        "<0.0001",
+    ]
 
 
 def test_the_search_line_counts_layouts_and_candidates_apart(monkeypatch, capsys) -> None:

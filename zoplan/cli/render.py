@@ -40,7 +40,10 @@ def _fmt_rate(tokens_per_s: float) -> str:
 def _fmt_usd(usd: float | None) -> str:
     if usd is None:
         return "–"
-    return f"{usd:.2f}" if usd >= 0.005 else "<0.01"  # not 0.00: it is not free
+    if usd >= 0.095:
+        return f"{usd:.2f}"
+    # two significant digits below a dime, so that cheap layouts still rank apart; not 0.00: not free
+    return f"{usd:.2g}" if usd >= 0.0001 else "<0.0001"
 
 
 def _fmt_gib(nbytes: float) -> str:
