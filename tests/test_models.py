@@ -381,6 +381,18 @@ def test_invalid_json_names_file_and_line(tmp_path: Path) -> None:
     assert "line 3" in str(info.value)
 
 
+def test_a_yaml_file_given_as_the_model_is_told_what_a_model_is(tmp_path: Path) -> None:
+    path = tmp_path / "shape.yaml"
+    path.write_text("layers: 2\nhidden: 64\n", encoding="utf-8")
+    with pytest.raises(ZoplanError, match="invalid JSON") as info:
+        load_model_shape(str(path))
+    assert info.value.fix is not None
+    assert (
+        "a preset's name (zoplan models list) or a Hugging Face config.json (a YAML shape is not read)"
+        in info.value.fix
+    )
+
+
 def test_top_level_not_object(tmp_path: Path) -> None:
     path = write_config(tmp_path / "list", {})
     path.write_text("[1, 2]", encoding="utf-8")

@@ -517,7 +517,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (RecursionError, ValueError) as exc:
         if not isinstance(exc, json.JSONDecodeError):  # deep nesting, 4300+ digit numbers
             raise ZoplanError(f"{path}: invalid JSON: {type(exc).__name__}") from None
-        raise ZoplanError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        raise ZoplanError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}",
+            fix="a model is a preset's name (zoplan models list) or a Hugging Face config.json"
+            + (" (a YAML shape is not read)" if path.suffix.lower() in (".yaml", ".yml") else ""),
+        ) from None
     if not isinstance(data, dict):
         raise ZoplanError(f"{path}: expected a JSON object at the top of the model config, found {type(data).__name__}")
     return data
