@@ -628,6 +628,38 @@ def test_a_tiny_model_on_a_large_machine_shows_its_step_in_microseconds(monkeypa
     assert re.search(r" (<0\.0001|0\.000\d+|0\.00\d\d?) ", row), row  # two significant digits, or under 0.0001
 
 
+def test_a_step_shorter_than_its_launches_says_the_gpu_charges_none(monkeypatch, capsys, tmp_path: Path) -> None:
+    """The GPU presets charge no host time per tensor op (op_us 0, not yet measured on a GPU): a
+    tiny model's step of microseconds says that its launches alone would take longer; a large
+    model's step, or a GPU model that charges them, says nothing."""
+    code, out, _ = run_main(
+        monkeypatch,
+        capsys,
+        "plan",
+        "--model",
+        "tiny-opt",
+        "--topology",
+        "h100-pcie-1x",
+        "-o",
+        str(tmp_path / "tiny.yaml"),
+    )
+    plan = load_plan(tmp_path / "tiny.yaml")
+    # one GPU, both branches, the batch in micro-batches: tiny-opt's 4 blocks of 38 ops, 14 before and after
+    micro_batches = plan.batch.global_batch // plan.batch.micro_batch
+    ops = (14 + 4 * 38 + 14) * micro_batches * 2
+    says = f"no launch cost: gpu model 'h100-pcie-80gb' gives no op_us, so the {ops} tensor ops a GPU issues"
+    assert code == 0 and says in out.replace("\n", " "), out
+    code, out, _ = run_main(monkeypatch, capsys, "timeline", str(tmp_path / "tiny.yaml"))  # and its chart
+    assert code == 0 and says in out.replace("\n", " "), out
+    code, out, _ = run_main(monkeypatch, capsys, "plan", "--model", "opt-13b", "--topology", "h100-pcie-1x")
+    assert code == 0 and "no launch cost" not in out
+    charged = topology_copy(
+        tmp_path, lambda d: d["gpu_models"]["h100-pcie-80gb"].update(op_us=5.0), base="h100-pcie-1x"
+    )
+    code, out, _ = run_main(monkeypatch, capsys, "plan", "--model", "tiny-opt", "--topology", str(charged))
+    assert code == 0 and "no launch cost" not in out
+
+
 def test_cheap_layouts_rank_apart_by_their_price() -> None:
     """Below a dime per million tokens the price keeps two significant digits: a cost-ranked table
     of a small model read <0.01 on every row."""

@@ -15,8 +15,9 @@ from zoplan.errors import ZoplanError
 from zoplan.models import preset_table_rows
 from zoplan.planner import CandidateSummary, PlanReport, candidate_summary
 from zoplan.limits import MAX_RANKS
-from zoplan.sim.costs import rated_dtype
-from zoplan.search import node_counts, rented_per_hour
+from zoplan.sim.costs import StepCosts, Workload, rated_dtype
+from zoplan.search import Candidate, node_counts, rented_per_hour
+from zoplan.topology import Machine
 
 if TYPE_CHECKING:
     from zoplan.profile import Profile
@@ -187,6 +188,36 @@ def sensitivity_line(step_s: float, slower: dict[str, float]) -> str:
     )
 
 
+# a kernel launch (and the framework's dispatch before it) takes microseconds on any GPU: at least this
+LAUNCH_FLOOR_S = 1e-6
+
+
+def launch_note(machine: Machine, workload: Workload, best: Candidate) -> Text:
+    """A warning where a step is so short that issuing its tensor ops would matter while the GPU
+    model charges nothing for it (``op_us`` 0: every GPU preset, until measured on one)."""
+    free = sorted(
+        {
+            machine.gpu_model_name(g)
+            for g in best.layout.compute_gpus
+            if machine.gpu_model(g).kind != "cpu" and machine.gpu_model(g).op_us == 0
+        }
+    )
+    if not free or machine.profile is not None:  # a profile's measured stages include the launches
+        return Text()
+    ops = StepCosts(machine, workload, best.layout).tensor_ops_per_step()
+    floor = ops * LAUNCH_FLOOR_S
+    if floor < 0.1 * best.step_time_s:
+        return Text()
+    ratio = floor / best.step_time_s
+    share = f"{ratio:.0%} of the step" if ratio < 1 else f"{ratio:.1f}x the step"
+    return Text(
+        f"no launch cost: gpu model '{free[0]}' gives no op_us, so the {ops} tensor ops a GPU issues in this "
+        f"step cost nothing in it; at {LAUNCH_FLOOR_S * 1e6:g} µs each (a launch takes microseconds) they alone "
+        f"take {_fmt_time(floor)}, {share}: a profile from `zoplan calibrate` on the machine times them\n",
+        style="yellow",
+    )
+
+
 def plan_footer(report: PlanReport, wide: bool = False) -> Text:
     s = report.search
     text = Text()
@@ -199,6 +230,7 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
                 f"no {dtype} rate: gpu model '{name}' gives none (tflops), so its {other} rate was planned with\n",
                 style="yellow",
             )
+    text.append(launch_note(report.machine, s.workload, s.best))
     if s.objective == "cost" and best["usd_per_mtok"] is None:
         text.append(
             f"no price: topology '{report.machine.name}' gives no price_per_hour_usd, so --objective cost "

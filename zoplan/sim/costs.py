@@ -414,6 +414,14 @@ class StepCosts:
             passes += 1
         return passes
 
+    def tensor_ops_per_step(self) -> int:
+        """The tensor ops a compute rank's forward passes issue in a step (RUNTIME_OPS): embedding,
+        every block and the head, for each of its micro-batches and branches."""
+        m, tuning = self.model, self.work.tuning
+        ops = RUNTIME_OPS[m.family]
+        one = ops["embed"] + tuning.embed_ops() + m.layers * (ops["block"] + tuning.block_ops(m.family)) + ops["head"]
+        return one * self.micro_batches * self.layout.branches_per_gpu
+
     @_per_device
     def forward_block_s(self, gpu: str) -> float:
         """All micro-batches of all branches this GPU runs through one block."""
