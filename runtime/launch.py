@@ -423,8 +423,18 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     if cfg.steps < done:
         raise ZoplanError(
             f"--steps {cfg.steps} is fewer than the {done} step(s) {out} has done already",
-            fix=f"--steps is the run's total: give {done} or more (the model of step {done} "
-            f"is {out / 'model'} when the run finished)",
+            fix=f"--steps is the run's total: give {done} or more (`zoplan replay {out} -o DIR` rebuilds "
+            f"the weights of step {done})",
+        )
+    started = runconfig.read(out / runconfig.CONFIG_FILE).steps  # the total the run took its steps for
+    if plan.zo.lr_schedule != "constant" and cfg.steps != started:
+        # the schedule's rate at a step depends on the total: another one bends it mid-run
+        raise ZoplanError(
+            f"--steps {cfg.steps}: the run in {out} follows a {plan.zo.lr_schedule} learning-rate schedule over "
+            f"{started} steps, and its {done} step(s) so far took their rates from it; another total would "
+            "restart the schedule mid-run",
+            fix=f"resume with --steps {started} (or leave --steps out); to train on, start a new run from its "
+            f"weights once it has finished (zoplan run -m {out / 'model'} ...)",
         )
     _check_nodes(plan, cfg)
     from zoplan.planner import planned_machine
@@ -443,6 +453,15 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             "continues those, and would give a model that no run trained",
             fix=f"put back the checkpoint the run started from, or start a new run (zoplan run -m {cfg.model} ...)",
         )
+    for field in ("data", "eval_data"):
+        # a file the run keeps in its own directory (long-text's, written for its plan) is found
+        # there when the directory has moved (the examples' fingerprint, checked below, says it is
+        # the same)
+        recorded = getattr(cfg, field)
+        if recorded is not None and Path(recorded).is_absolute() and not Path(recorded).exists():
+            kept = out / Path(recorded).name
+            if kept.is_file():
+                cfg = cfg.given(**{field: str(kept.resolve())})
     for option, recorded in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         # a local file the run recorded (absolute) that is gone: said here, before the ranks start
         # (they would say "does not exist" with the fix of a new run's --data, which a resume ignores)
@@ -481,6 +500,19 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
         if step > done and cfg.node_rank == 0:
             warn(f"snapshot {path.name} removed: the journal ends at step {done}")
             shutil.rmtree(path)
+    final = out / "model"
+    if cfg.node_rank == 0 and cfg.steps > done and final.is_dir():
+        # the finished run's weights, which the run written on from here makes out of date: kept
+        # under the step they hold, never left as the weights of a run that went on
+        kept = out / f"model-step{done}"
+        if kept.exists():  # the same step's weights, moved aside before
+            shutil.rmtree(final)
+        else:
+            final.rename(kept)
+        warn(
+            f"{final} held the weights of step {done}: moved to {kept}; the run goes on to step {cfg.steps} "
+            f"and writes {final} when it finishes"
+        )
     cfg = cfg.given(model_dir=model_dir.resolve(), device=device)
     runconfig.write(cfg, out)
     return cfg, plan, machine

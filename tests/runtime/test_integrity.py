@@ -96,6 +96,26 @@ def test_a_resume_whose_recorded_data_file_is_gone_says_so_before_the_ranks_star
     assert f"put the file back at {gone}" in said.value.fix and not (run_dir / "error.json").exists()
 
 
+def test_a_run_that_keeps_its_data_in_its_directory_resumes_after_the_directory_moved(run_dir: Path) -> None:
+    """--data long-text is written into the run's directory and recorded by its absolute path: a
+    moved directory was refused ("put the file back at OLD/long-text.jsonl", the file beside it)."""
+    from zoplan.runtime import data as zdata
+
+    kept = zdata.write_long_text(run_dir / "long-text.jsonl", 32, records=8)
+    stamp = zdata.examples_stamp(zdata.load_examples(str(kept))[0])
+    before = run_dir.parent / "before-the-move" / "long-text.jsonl"  # where it was recorded
+    recorded = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**recorded, "version": 1, "data": str(before), "data_stamp": stamp}))
+    resume(run_dir, 6)
+    assert json.loads((run_dir / "run.json").read_text())["data"] == str(kept.resolve())
+    # a file of that name that holds other examples is not taken for it
+    (run_dir / "run.json").write_text(
+        json.dumps({**recorded, "version": 1, "data": str(before), "data_stamp": "sha256:0"})
+    )
+    with pytest.raises(ZoplanError, match="holds other examples than it did"):
+        resume(run_dir, 6)
+
+
 def test_a_resume_on_other_examples_than_the_run_trained_with_is_refused(run_dir: Path) -> None:
     """run.json records a fingerprint of the examples of --data and --eval-data: a file edited
     since (a record changed, added or moved) is refused, as other weights are; blank lines are not
@@ -289,6 +309,43 @@ def test_resume_steps_must_be_the_total_and_at_least_what_is_done(run_dir: Path,
         resume(run_dir, steps)
     message = str(caught.value)
     assert ("fewer than the 6 step(s)" in message) if steps > 0 else ("at least 1" in message)
+
+
+def test_a_resume_keeps_the_total_a_learning_rate_schedule_was_taken_over(tiny_dirs, tmp_path: Path) -> None:
+    """A cosine schedule's rate at a step depends on the run's total: a resume with another
+    --steps restarted the schedule mid-run (lr 0.0 at step 19 of 20, then 4.8e-4), exit 0."""
+    from zoplan.planfile import zo_settings
+
+    out = finished_run(tmp_path / "run", tiny_dirs["tiny-opt"])
+    report = make_plan(
+        str(tiny_dirs["tiny-opt"] / "config.json"),
+        "cpu-local",
+        global_batch=4,
+        seq_len=32,
+        dtype="fp32",
+        zo=zo_settings(steps=6, lr_schedule="cosine"),
+    )
+    write_plan(report.plan, out / "plan.yaml")
+    (out / "run.json").write_text(json.dumps({**json.loads((out / "run.json").read_text()), "version": 1, "steps": 6}))
+    with pytest.raises(ZoplanError) as said:
+        resume(out, 12)
+    assert "--steps 12: the run in" in said.value.message
+    assert "follows a cosine learning-rate schedule over 6 steps, and its 6 step(s) so far" in said.value.message
+    assert "resume with --steps 6" in said.value.fix
+    resume(out, 6)  # the same total: resumed
+
+
+def test_a_resume_that_trains_on_moves_the_finished_weights_aside(run_dir: Path, capsys) -> None:
+    """model/ held the weights of the step the run had finished at while the resumed run went on
+    (interrupted, its journal and model/ told two stories); it is kept under its step."""
+    (run_dir / "model").mkdir()
+    (run_dir / "model" / "model.safetensors").write_bytes(b"the weights of step 6")
+    resume(run_dir, 9)  # a constant schedule: any total
+    assert not (run_dir / "model").exists()
+    assert (run_dir / "model-step6" / "model.safetensors").read_bytes() == b"the weights of step 6"
+    assert (
+        f"{run_dir / 'model'} held the weights of step 6: moved to {run_dir / 'model-step6'}" in capsys.readouterr().err
+    )
 
 
 def test_a_damaged_run_record_is_refused(run_dir: Path) -> None:
