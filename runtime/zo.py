@@ -18,10 +18,12 @@ from zoplan.vocab import Schedule
 
 
 def learning_rate(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
-    """The learning rate of ``step`` (0-based) in a run of ``total_steps``."""
-    if schedule == Schedule.CONSTANT or total_steps <= 1:
+    """The learning rate of ``step`` (0-based) in a run of ``total_steps``: Hugging Face's linear and
+    cosine schedules without warm-up (what ZOTrainer takes), so the last step still trains
+    (linear: base_lr / total_steps)."""
+    if schedule == Schedule.CONSTANT:
         return base_lr
-    frac = min(step / (total_steps - 1), 1.0)
+    frac = min(step / total_steps, 1.0)
     if schedule == Schedule.LINEAR:
         return base_lr * (1.0 - frac)
     if schedule == Schedule.COSINE:

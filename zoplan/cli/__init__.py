@@ -153,7 +153,12 @@ def plan_cmd(
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     seed: int = typer.Option(0, "--seed"),
     steps: int = typer.Option(1000, "--steps", min=1, max=MAX_STEPS, help="training steps recorded in the plan"),
-    lr_schedule: Schedule = typer.Option(Schedule.CONSTANT, "--lr-schedule"),
+    lr_schedule: Schedule = typer.Option(
+        Schedule.CONSTANT,
+        "--lr-schedule",
+        help="the learning rate over --steps: Hugging Face's linear or cosine decay without warm-up "
+        "(step s of N at lr × (1 - s/N), or lr × (1 + cos(π s/N)) / 2)",
+    ),
     profile: Optional[Path] = typer.Option(None, "--profile", help="plan with the figures `zoplan calibrate` measured"),
     wide: bool = typer.Option(False, "--wide", help="every column of the table (the default ones fit 80 columns)"),
 ) -> None:
