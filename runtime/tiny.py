@@ -171,6 +171,19 @@ TINY: Mapping[str, PretrainedConfig] = _TinyConfigs()
 _BUILTIN_FIX = "pass a local directory with config.json and *.safetensors, or a built-in: " + ", ".join(TINY)
 
 
+def _model_dir_fix(local: Path) -> str:
+    """What to give instead of a directory without config.json: a zoplan run's own weights, the
+    base model of an adapter, or a model directory."""
+    if (local / "model" / "config.json").is_file() and (local / "run.json").is_file():
+        return f"{local} is a zoplan run's directory: its trained weights are {local / 'model'}"
+    if (local / "adapter_config.json").is_file():
+        return (
+            f"{local} holds an adapter (PEFT), not a model: give the base model it was trained on "
+            "(its adapter_config.json names it), and the adapter to PEFT"
+        )
+    return _BUILTIN_FIX
+
+
 def build_tiny(name: str, directory: Path, seed: int = 0) -> Path:
     """Write tiny model ``name`` (random weights from ``seed``) and its tokenizer to ``directory``.
 
@@ -252,7 +265,7 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
-            raise ZoplanError(f"model directory {local} has no config.json", fix=_BUILTIN_FIX)
+            raise ZoplanError(f"model directory {local} has no config.json", fix=_model_dir_fix(local))
         return local
 
     try:

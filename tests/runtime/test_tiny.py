@@ -120,6 +120,23 @@ def test_an_empty_model_name_says_so(name: str) -> None:
         resolve_model(name)
 
 
+def test_a_run_directory_or_an_adapter_given_as_the_model_is_told_apart(tmp_path: Path) -> None:
+    """Both read "has no config.json" with the fix of the built-in tiny models."""
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "run.json").write_text("{}")
+    with pytest.raises(ZoplanError, match="has no config.json") as said:
+        resolve_model(str(run))
+    assert said.value.fix == f"{run} is a zoplan run's directory: its trained weights are {run / 'model'}"
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ZoplanError, match="has no config.json") as said:
+        resolve_model(str(adapter))
+    assert said.value.fix is not None and "holds an adapter (PEFT), not a model" in said.value.fix
+
+
 def test_resolve_local_directory_as_is(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     directory = tiny_dirs["tiny-qwen2"]
     assert resolve_model(str(directory)) == directory
