@@ -8,7 +8,11 @@ step time, window, utilization and bottleneck (floats by their exact bits), the 
 its message. Writes one hash per case; with ``--against`` a file written before (at another
 commit), prints the cases whose hash differs and exits 1 if any does.
 
-Usage: python -m bench.plan_identity --out FILE [--against FILE] [--models ...] [--topologies ...]
+With ``--table``, only what the plan's table shows is hashed (the best of each of the top 5 parallel
+shapes, each with its step, window, utilization and bottleneck, and the ZO2 baseline): a change
+to the bounds prunes more or fewer candidates, and must answer the same.
+
+Usage: python -m bench.plan_identity --out FILE [--against FILE] [--table] [--models ...] [--topologies ...]
 (about a minute and a half on the 2-core development machine).
 """
 
@@ -27,23 +31,27 @@ os.environ["ZOPLAN_PLAN_WORKERS"] = "1"  # before the search reads it: one proce
 from zoplan.errors import ZoplanError  # noqa: E402
 from zoplan.models import PRESETS  # noqa: E402
 from zoplan.planner import plan  # noqa: E402
+from zoplan.search import top_families  # noqa: E402
 from zoplan.topology import bundled_names  # noqa: E402
 
 
-def answer_hash(model: str, topology: str) -> str:
-    """The hash of what the search finds for one case (or its refusal's message)."""
+def answer_hash(model: str, topology: str, table: bool = False) -> str:
+    """The hash of what the search finds for one case (or its refusal's message); ``table``: of
+    what the plan shows alone (the best of each of the top 5 parallel shapes, the ZO2 baseline),
+    for a change that prunes more or less but must find the same answer."""
     try:
         search = plan(model, topology).search
     except ZoplanError as exc:
         return f"refused: {exc.message}"
-    h = hashlib.sha256()
-    for c in search.ranked:
+    h = hashlib.sha256(b"table" if table else b"")
+    for c in top_families(search.ranked, 5) if table else search.ranked:
         assert c.sim is not None
         utilization = sorted((k, v.hex()) for k, v in c.sim.utilization.items())
         window = tuple(t.hex() for t in c.sim.window)
         h.update(repr((repr(c.layout), c.sim.step_time_s.hex(), window, utilization, c.sim.bottleneck)).encode())
     baseline = search.baseline.step_time_s.hex() if search.baseline is not None else None
-    h.update(repr((search.evaluated, search.pruned, search.aborted, search.rejected, baseline)).encode())
+    counts = () if table else (search.evaluated, search.pruned, search.aborted, search.rejected)
+    h.update(repr((*counts, baseline)).encode())
     return h.hexdigest()[:16]
 
 
@@ -53,10 +61,15 @@ def main() -> int:
     parser.add_argument("--against", type=Path, default=None, help="hashes written before: report the differences")
     parser.add_argument("--models", default=",".join(PRESETS))
     parser.add_argument("--topologies", default=",".join(bundled_names()))
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="hash only what the plan's table shows (not every candidate, nor the counts)",
+    )
     args = parser.parse_args()
     t0 = time.perf_counter()
     hashes = {
-        f"{model}/{topology}": answer_hash(model, topology)
+        f"{model}/{topology}": answer_hash(model, topology, args.table)
         for topology in args.topologies.split(",")
         for model in args.models.split(",")
     }

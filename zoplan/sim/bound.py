@@ -74,7 +74,11 @@ def machine_bound(costs: StepCosts) -> Bound:
                 machine.path_latency_s(p) for p in hops
             ) * (n - 1)
         round_s = max(costs.update_slice_s(g) for g in L.movers) + ex_round_s
-        compute["exchange stream"] = model.layers * L.rounds * round_s
+        # every exchange of the step follows the step before's end, and every compute rank computes
+        # the last block once its last round is in, then the head and the step's end
+        last = model.layers - 1
+        tail_s = max(costs.compute_block_s(g, resident=last in L.resident) + costs.head_s(g) for g in L.compute_gpus)
+        compute["exchange stream"] = model.layers * L.rounds * round_s + tail_s + scalar_s
         first_ready_s = L.rounds * round_s  # the first block is computed after its last round
     for g in L.compute_gpus:
         if sliced:
