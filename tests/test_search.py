@@ -671,7 +671,7 @@ def test_simulations_on_workers_give_the_answers_of_one_process(
     from zoplan.sim import parallel
 
     machine = load_topology("rtx4090-4x")
-    work = Workload(load_model_shape("opt-6.7b"), 8, 256)  # 44 simulations, 34 stopped early
+    work = Workload(load_model_shape("opt-30b"), 8, 256)  # 66 simulations, 52 stopped early
     monkeypatch.setenv("ZOPLAN_PLAN_WORKERS", "1")
     alone = search(machine, work, top=3, exhaustive=exhaustive)
     monkeypatch.setenv("ZOPLAN_PLAN_WORKERS", "2")
