@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
+import json
 import os
 import shutil
 import signal
@@ -337,6 +339,46 @@ def check_inputs(
         )
 
 
+# what every node of a run must have been started with alike (run.json's names; the plan holds the
+# model's shape, the layout and the ZO hyper-parameters, seed included)
+AGREED = ("steps", "model_weights", "data_stamp", "eval_data_stamp", "eval_fraction", "prompt", "label_words")
+
+
+def check_nodes_agree(cfg: RunConfig, out: Path) -> None:
+    """Every rank's settings against rank 0's, before any step: nodes started with another plan,
+    model, data or --steps trained on, exit 0, as if they agreed (a seed apart: other weights), or
+    waited at a collective the others never reach. Every rank sees every rank's, so all refuse."""
+    planned = load_plan(out / "plan.yaml").model_dump(mode="json")
+    for ref in ("topology", "profile"):  # where each node keeps its files is its own
+        if isinstance(planned.get(ref), dict):
+            planned[ref].pop("source", None)
+    what = json.dumps(planned, sort_keys=True).encode()
+    mine = {"plan": hashlib.sha256(what).hexdigest(), **{k: getattr(cfg, k) for k in AGREED}}
+    rows = zdist.gather_objects((cfg.node_rank, mine))
+    node0, first = rows[0]
+    for node, theirs in rows:
+        differ = [k for k in mine if theirs[k] != first[k]]
+        if differ:
+            said = ", ".join(
+                "the plan" if k == "plan" else f"{runconfig_flag(k)} {theirs[k]!r} (node {node0}: {first[k]!r})"
+                for k in differ
+            )
+            raise ZoplanError(
+                f"node {node} was started otherwise than node {node0}: {said}",
+                fix="start every node with the same plan, model, data and options (only --node-rank differs)",
+            )
+
+
+def runconfig_flag(name: str) -> str:
+    """The option a run.json setting comes from (``data_stamp``: the examples of --data)."""
+    names = {
+        "model_weights": "the weights of --model",
+        "data_stamp": "the examples of --data",
+        "eval_data_stamp": "the examples of --eval-data",
+    }
+    return names.get(name, "--" + name.replace("_", "-"))
+
+
 def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     """Train the run whose configuration is ``out/run.json`` (the launcher completed it)."""
     from transformers import AutoTokenizer
@@ -347,6 +389,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     if cfg.device == "cpu":  # the cores this machine's ranks share: a rank alone takes them all
         torch.set_num_threads(threads_per_rank(len(plan.to_layout().gpus)))
     ctx = zdist.init(plan, cfg.device)
+    check_nodes_agree(cfg, out)
     # where to start: after the last complete journal line, from the newest snapshot before it
     # (and whether a prefix's initial values were saved by an earlier start: read before anyone writes)
     box = [(resume_point(out), (out / ztuning.PREFIX_INIT).exists()) if ctx.rank == 0 else None]

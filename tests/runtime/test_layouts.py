@@ -268,6 +268,39 @@ def test_two_machines_match_one(tiny_dirs, tmp_path: Path) -> None:
     assert_same_weights(one, load_file(str(outs[0] / "model" / "model.safetensors")))
 
 
+def test_nodes_started_otherwise_refuse_together_before_a_step(tiny_dirs, tmp_path: Path) -> None:
+    """Nodes given another --steps waited at a collective the other never reached (10 minutes),
+    and nodes given another seed, data or model trained on, exit 0: every node now says which
+    setting differs, and none takes a step."""
+    model_dir = tiny_dirs["tiny-opt"]
+    two_nodes = planned(
+        tmp_path, model_dir, cpu_topology(tmp_path, 1, nodes=2), "1x1x2", perturbation=1, data=1, upload="whole"
+    )
+    port = 29733
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "zoplan.cli", "run", str(two_nodes), "--model", str(model_dir)]
+            + ["--steps", str(steps), "--output", str(outs[k]), "--nnodes", "2", "--node-rank", str(k)]
+            + ["--master-port", str(port), "--max-restarts", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k, steps in ((0, STEPS), (1, STEPS + 2))
+    ]
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:  # (they waited at a collective for 10 minutes: nothing is left waiting after the test)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # its ranks die with it (test_resume.py)
+    assert [p.returncode for p in procs] == [2, 2], logs
+    said = f"node 1 was started otherwise than node 0: --steps {STEPS + 2} (node 0: {STEPS})"
+    assert all(said in log for log in logs), logs
+    assert not any((out / "journal.jsonl").exists() and (out / "journal.jsonl").read_text() for out in outs)
+
+
 def test_replay_is_bit_identical_when_the_host_copy_is_narrower_than_the_compute_dtype(
     tiny_dirs, tmp_path: Path
 ) -> None:
