@@ -223,6 +223,26 @@ def test_replay_applies_a_zero_gradient_steps_weight_decay_but_not_a_skipped_ste
     assert journal_row(row)["skipped"] is True and journal_row({**row, "projected_grad": 1.0})["skipped"] is False
 
 
+def start_two_nodes(
+    tmp_path: Path, model_dir: Path, outs: list[Path], port: int, steps: tuple[int, int], *extra: str
+) -> list[subprocess.Popen]:
+    """`zoplan run` of a one-rank-per-node plan as two 'machines' on 127.0.0.1, node k with steps[k]."""
+    two_nodes = planned(
+        tmp_path, model_dir, cpu_topology(tmp_path, 1, nodes=2), "1x1x2", perturbation=1, data=1, upload="whole"
+    )
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "zoplan.cli", "run", str(two_nodes), "--model", str(model_dir)]
+            + ["--steps", str(steps[k]), "--output", str(outs[k]), "--nnodes", "2", "--node-rank", str(k)]
+            + ["--master-port", str(port), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k in (0, 1)
+    ]
+
+
 def test_two_machines_match_one(tiny_dirs, tmp_path: Path) -> None:
     """Two torchrun 'machines' on 127.0.0.1, each with its own host copy, one replica each."""
     model_dir = tiny_dirs["tiny-opt"]
@@ -231,38 +251,8 @@ def test_two_machines_match_one(tiny_dirs, tmp_path: Path) -> None:
         model_dir,
         tmp_path / "one",
     )
-    two_nodes = planned(
-        tmp_path, model_dir, cpu_topology(tmp_path, 1, nodes=2), "1x1x2", perturbation=1, data=1, upload="whole"
-    )
-    port = 29731
     outs = [tmp_path / "node0", tmp_path / "node1"]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "zoplan.cli",
-                "run",
-                str(two_nodes),
-                "--model",
-                str(model_dir),
-                "--steps",
-                str(STEPS),
-                "--output",
-                str(outs[k]),
-                "--nnodes",
-                "2",
-                "--node-rank",
-                str(k),
-                "--master-port",
-                str(port),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for k in (0, 1)
-    ]
+    procs = start_two_nodes(tmp_path, model_dir, outs, 29731, (STEPS, STEPS))
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert_same_weights(one, load_file(str(outs[0] / "model" / "model.safetensors")))
@@ -273,22 +263,8 @@ def test_nodes_started_otherwise_refuse_together_before_a_step(tiny_dirs, tmp_pa
     and nodes given another seed, data or model trained on, exit 0: every node now says which
     setting differs, and none takes a step."""
     model_dir = tiny_dirs["tiny-opt"]
-    two_nodes = planned(
-        tmp_path, model_dir, cpu_topology(tmp_path, 1, nodes=2), "1x1x2", perturbation=1, data=1, upload="whole"
-    )
-    port = 29733
     outs = [tmp_path / "node0", tmp_path / "node1"]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "zoplan.cli", "run", str(two_nodes), "--model", str(model_dir)]
-            + ["--steps", str(steps), "--output", str(outs[k]), "--nnodes", "2", "--node-rank", str(k)]
-            + ["--master-port", str(port), "--max-restarts", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for k, steps in ((0, STEPS), (1, STEPS + 2))
-    ]
+    procs = start_two_nodes(tmp_path, model_dir, outs, 29733, (STEPS, STEPS + 2), "--max-restarts", "0")
     try:
         logs = [p.communicate(timeout=180)[0] for p in procs]
     finally:  # (they waited at a collective for 10 minutes: nothing is left waiting after the test)
