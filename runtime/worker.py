@@ -376,7 +376,7 @@ def runconfig_flag(name: str) -> str:
         "data_stamp": "the examples of --data",
         "eval_data_stamp": "the examples of --eval-data",
     }
-    return names.get(name, "--" + name.replace("_", "-"))
+    return names.get(name) or runconfig.flag(name)
 
 
 def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:

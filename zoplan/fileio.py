@@ -104,11 +104,13 @@ def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple
 
 # what a file zoplan writes holds near its start, by kind: an existing file without it is the
 # user's own (notes, a checkpoint), which a mistyped -o would replace
+# the Software text chunk of a PNG zoplan.sim.trace.plot_png draws: such a file may be drawn over again
+PNG_SOFTWARE = "zoplan timeline"
 _MARKS = {
     "plan": ("layout:",),
     "profile": ("compute:",),
     "trace file": ('"traceEvents"',),
-    "PNG": ("Software\x00zoplan timeline",),  # the text chunk zoplan.sim.trace.plot_png writes
+    "PNG": (f"Software\x00{PNG_SOFTWARE}",),
 }
 
 

@@ -324,6 +324,7 @@ class Timeline:
     plan: Plan
     machine: Machine
     candidate: Candidate
+    workload: Workload
     sensitivity: dict[str, float] = field(default_factory=dict)
     program: Program | None = None  # the step program the simulation timed
 
@@ -417,6 +418,7 @@ def timeline(plan_path: str | Path, topology: str | None = None) -> Timeline:
         plan=the_plan,
         machine=machine,
         candidate=cand,
+        workload=workload,
         sensitivity=sensitivity(machine, workload, cand.layout),
         program=StepCosts(machine, workload, cand.layout).program,
     )

@@ -403,15 +403,10 @@ def timeline_cmd(
         trace.plot_png(sim, tl.machine, png)
         out.print(Text(f"wrote {png}"))
     if show:
-        from zoplan.cli.render import sensitivity_line
-
-        from zoplan.cli.render import launch_note
-        from zoplan.sim.costs import Workload
+        from zoplan.cli.render import launch_note, sensitivity_line
 
         out.print(trace.gantt(sim, tl.machine, width=width, fit=out.width if sys.stdout.isatty() else 120))
-        b = tl.plan.batch
-        workload = Workload(tl.plan.model_shape(), b.global_batch, b.seq_len, tl.plan.tuning.to_tuning())
-        out.print(launch_note(tl.machine, workload, tl.candidate), end="")
+        out.print(launch_note(tl.machine, tl.workload, tl.candidate), end="")
         # wrapped at the terminal's width, as the chart fits it; one line into a file or a pipe
         tty = sys.stdout.isatty()
         out.print(Text(sensitivity_line(sim.step_time_s, tl.sensitivity)), highlight=False, soft_wrap=not tty)

@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from zoplan.errors import ZoplanError
+from zoplan.fileio import PNG_SOFTWARE
 from zoplan.sim import REPORTED_STEP, SimResult, Span, link_label
 from zoplan.topology import Machine
 
@@ -468,13 +469,7 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
     legend.append(" busy < half the cell")
     heading = Text.assemble(
         (f"{machine.name}", "bold"),
-        f": reported step {REPORTED_STEP}, {_fmt_duration(span_s)}"
-        + (
-            f" on each node, {_fmt_duration(result.step_time_s)} with the wait for the slowest"
-            if result.straggler_s > 0
-            else ""
-        )
-        + ", bound by ",
+        f": reported step {REPORTED_STEP}, {_fmt_duration(span_s)}{_on_each_node(result)}, bound by ",
         (result.bound_story(), "bold red"),
         f" · one column = {_fmt_duration(span_s / width)}",
     )
@@ -482,10 +477,6 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
 
 
 # ----- PNG ---------------------------------------------------------------------------------------
-# what a PNG zoplan drew carries (its Software text chunk): such a file may be drawn over again
-PNG_SOFTWARE = "zoplan timeline"
-
-
 def require_matplotlib() -> None:
     """Refuse a PNG before any work when matplotlib (the ``plot`` extra) is not installed."""
     try:
@@ -501,12 +492,14 @@ def png_title(result: SimResult, machine: Machine) -> str:
     """The PNG's title: the step as the terminal chart's heading gives it (on several nodes, one
     node's step and then the step with the wait for the slowest)."""
     start, end = result.window
-    nodes = (
-        f" on each node, {_fmt_duration(result.step_time_s)} with the wait for the slowest"
-        if result.straggler_s > 0
-        else ""
-    )
-    return f"{machine.name}: step {_fmt_duration(end - start)}{nodes}, bottleneck {result.bottleneck}"
+    return f"{machine.name}: step {_fmt_duration(end - start)}{_on_each_node(result)}, bottleneck {result.bottleneck}"
+
+
+def _on_each_node(result: SimResult) -> str:
+    """After one node's step, on several whose steps vary: the step with the wait for the slowest."""
+    if result.straggler_s <= 0:
+        return ""
+    return f" on each node, {_fmt_duration(result.step_time_s)} with the wait for the slowest"
 
 
 def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
