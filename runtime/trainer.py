@@ -163,6 +163,20 @@ class ZOTrainer(Trainer):
         self.zo_steps: list[dict[str, Any]] = []
         self._zo_names: tuple[str, ...] = ()  # the parameters trained, one tuple shared by the lines
         self._nonfinite_in_row = 0
+        self._logged = 0  # the zo_steps already summed into a logged line
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """A training line tells the ZO step's figure, not the Trainer's: parameters never hold a
+        gradient, so its ``grad_norm`` is always 0. ``projected_grad_abs`` is the mean |g| of the
+        steps since the last line (g, the projected gradient: the step moves θ by lr·g·z)."""
+        if "loss" in logs:
+            logs = dict(logs)
+            logs.pop("grad_norm", None)
+            new = [abs(r["projected_grad"]) for r in self.zo_steps[self._logged :] if not r["skipped"]]
+            self._logged = len(self.zo_steps)
+            if new:
+                logs["projected_grad_abs"] = sum(new) / len(new)
+        super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """An optimizer without state, which the Trainer's learning-rate schedule drives: the

@@ -65,6 +65,10 @@ def test_the_trainer_learns_without_gradients_and_its_steps_replay(tiny_dirs, tm
     trainer.train()
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses) == 24 and sum(losses[-6:]) < sum(losses[:6])  # it learns
+    # each line tells the step's projected gradient, not the Trainer's grad_norm (always 0 here)
+    lines = [row for row in trainer.state.log_history if "loss" in row]
+    assert all("grad_norm" not in row for row in lines), lines[0]
+    assert [row["projected_grad_abs"] for row in lines] == [abs(r["projected_grad"]) for r in trainer.zo_steps]
     assert all(p.grad is None for p in model.parameters())  # no backward pass ever ran
     assert torch.equal(model.model.decoder.embed_positions.weight, frozen)
     rows = trainer.zo_steps
