@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from zoplan.errors import install_hint
+
 __all__ = ["fine_tune"]
 
 # The packages of the runtime extra (pyproject.toml, [project.optional-dependencies] runtime; a
 # test keeps the two the same): each installs a module of its own name.
 PACKAGES = ("torch", "transformers", "safetensors")
 INSTALL = (
-    "pip install -e '.[runtime]' in the zoplan checkout (on a machine without a GPU, "
-    "pip install torch==2.13.0 first: the CPU build)"
+    install_hint("runtime", " ".join(PACKAGES))
+    + " (on a machine without a GPU, pip install torch==2.13.0 first: the CPU build)"
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from collections.abc import Iterable
 
 
@@ -38,3 +39,14 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
         return f": did you mean {by_norm[norm(name)]!r}?"
     close = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.6)
     return f": did you mean {by_norm[close[0]]!r}?" if close else ""
+
+
+def install_hint(extra: str, packages: str, root: Path | None = None) -> str:
+    """How to install an extra of zoplan's: from the checkout zoplan runs from (an editable
+    install: ``root``, the folder above the package, holds pyproject.toml), or, installed from a
+    wheel, its packages by name."""
+    if root is None:
+        root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():
+        return f"pip install -e '.[{extra}]' in the zoplan checkout"
+    return f"pip install {packages} (zoplan's {extra} extra)"

@@ -26,7 +26,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from zoplan.errors import ZoplanError
+from zoplan.errors import ZoplanError, install_hint
 from zoplan.fileio import PNG_SOFTWARE
 from zoplan.sim import REPORTED_STEP, SimResult, Span, link_label
 from zoplan.topology import Machine
@@ -484,7 +484,7 @@ def require_matplotlib() -> None:
     except ImportError:
         raise ZoplanError(
             "drawing a PNG needs matplotlib, which is not installed",
-            fix="pip install matplotlib (the plot extra: pip install -e '.[plot]' in the zoplan checkout)",
+            fix=install_hint("plot", "matplotlib"),
         ) from None
 
 

@@ -449,7 +449,8 @@ def cpu_topology(
         "ASSUMED, as measured for cpu-local's machine and rounded up: the runtime's own work "
         "on a rank's one thread (tensor ops, z drawn into memory, collective calls, the "
         "loop's host work per step) and what ranks side by side lose in lockstep; "
-        "`python -m bench.cpu_figures` measures them here.",
+        "`zoplan calibrate` measures what a run costs on this machine, and "
+        "`python -m bench.cpu_figures` (in a zoplan checkout) these figures.",
         indent=4,
     )
     out += [f"    {key}: {value}" for key, value in CPU_RUNTIME.items()]
