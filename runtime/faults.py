@@ -8,8 +8,8 @@ this rank and this step. A fault is ``POINT:RANK[:STEP]``, several separated by 
   journaled; in the first attempt only (a restarted run then goes on);
 - ``abort-at-exit:R``: rank R aborts (SIGABRT) after the run is complete on every rank, as a
   rare teardown abort of a collective library does;
-- ``fail-snapshot:0:S``: writing the snapshot of step S fails as a full disk does (rank 0
-  writes snapshots).
+- ``fail-snapshot:R:S``: writing the snapshot of step S fails as a full disk does (R: the first
+  rank of a node, which writes that node's snapshots; 0 on one machine).
 
 For example ``ZOPLAN_FAULTS=kill:0:4`` (tests/runtime/test_resume.py). The variable is read once
 per process.

@@ -95,6 +95,26 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": st
 # takes its share of the cores (zoplan.runtime.worker.threads_per_rank); without it, the user's
 # OMP_NUM_THREADS is the rank's thread count
 SHARE_THREADS_ENV = "ZOPLAN_SHARE_THREADS"
+# on several machines: the file each node's first rank makes once every node has met and agreed
+# (zoplan.runtime.worker.check_nodes_agree), and how long a launcher waits for it before saying so
+NODES_MET_ENV = "ZOPLAN_NODES_MET"
+NODES_NOTE_AFTER_S = 15.0  # (ZOPLAN_NODES_NOTE_AFTER_S, read as a run starts, for tests)
+
+
+# what a rank's collective says when a peer on another machine has gone (gloo's TCP pairs, NCCL)
+PEER_LOST = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+    "NCCL communicator was aborted",
+    "remote process exited or there was a network error",
+)
+
+
+class StoppedBeforeStart(Refused):
+    """A new run stopped (a signal, Ctrl-C) before anything worth keeping: before its first step,
+    or on several machines before they met. What it wrote goes, so the same command runs again."""
 
 
 def rank_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -493,9 +513,8 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # a damaged snapshot is named here, where the user reads (the ranks skip it too); one of a
     # step past the journal's end (the journal was cut back) holds steps the journal no longer
     # has: the run takes those steps again, and writes their snapshots again
-    if cfg.node_rank == 0:  # a snapshot whose writing was interrupted (no run writes one now)
-        for torn in sorted((out / "snapshots").glob("step-*.tmp")):
-            shutil.rmtree(torn, ignore_errors=True)
+    for torn in sorted((out / "snapshots").glob("step-*.tmp")):  # a snapshot whose writing was interrupted
+        shutil.rmtree(torn, ignore_errors=True)
     for step, path in snapshots(out, check=True):
         if step > done and cfg.node_rank == 0:
             warn(f"snapshot {path.name} removed: the journal ends at step {done}")
@@ -636,7 +655,7 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
     if cfg.master_port is not None and cfg.node_rank == 0:
         check_port_free(cfg.master_port)
     try:
-        with run_lock(out, cfg.node_rank):
+        with run_lock(out, cfg.node_rank, cfg.nnodes):
             try:
                 return _run(cfg, resume)
             except BaseException as exc:
@@ -645,11 +664,13 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
                 locks = [p for p in out.iterdir() if p.name.startswith(".lock-node")] if out.is_dir() else []
                 if made and out.is_dir() and len(locks) == len(list(out.iterdir())):
                     shutil.rmtree(out, ignore_errors=True)
-                elif (
-                    isinstance(exc, Refused)
-                    and not resume
-                    and cfg.nnodes == 1  # (on several machines, node 0's journal holds the steps)
-                    and not _journaled_steps(out / "journal.jsonl")
+                elif not resume and (
+                    isinstance(exc, StoppedBeforeStart)
+                    or (
+                        isinstance(exc, Refused)
+                        and cfg.nnodes == 1  # (on several machines, node 0's journal holds the steps)
+                        and not _journaled_steps(out / "journal.jsonl")
+                    )
                 ):
                     # a new run refused before its first step, by its ranks (label words the
                     # tokenizer splits, ...) or for shared memory: nothing of it is worth keeping,
@@ -676,10 +697,12 @@ def _run(cfg: RunConfig, resume: bool) -> RunSummary:
         # removed when the launch ends; a killed launch's are swept by the next (runtime/scratch.py)
         host_dir = owned_here.enter_context(owned(shared_memory(), f"{run_id}-node{cfg.node_rank}")) / "host"
         private_tmp = owned_here.enter_context(owned(Path(tempfile.gettempdir()), f"tmp-{run_id}-node{cfg.node_rank}"))
-        return _launch(cfg, plan, machine, port, host_dir, private_tmp)
+        return _launch(cfg, plan, machine, port, host_dir, private_tmp, resume)
 
 
-def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: Path, private_tmp: Path) -> RunSummary:
+def _launch(
+    cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: Path, private_tmp: Path, resume: bool
+) -> RunSummary:
     out = cfg.output
     per_node = plan.layout.world_size // plan.layout.nodes
     # the ranks read the run's configuration (run.json) and nothing else; the host copy's folder
@@ -727,20 +750,33 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
         ]
     env = rank_env(os.environ)
     env["TMPDIR"] = str(private_tmp)
+    met = private_tmp / "nodes-met" if cfg.nnodes > 1 else None
+    if met is not None:
+        env[NODES_MET_ENV] = str(met)
     if cfg.device == "cuda":
         env.update(cuda_env(machine.gpus, plan_gpus(plan), os.environ))
     log = open(out / f"worker-node{cfg.node_rank}.log", "a")
+    since = log.tell()  # what earlier launches wrote is not this launch's story
     stopped: list[int] = []
     try:
         with stop_signals(stopped):
             proc = start_ranks(cmd, log, env)
             try:
-                _follow(proc, out / "metrics.jsonl", cfg)
+                _follow(proc, out / "metrics.jsonl", cfg, met, port)
             finally:
                 if proc.poll() is None:  # interrupted: the ranks stop with the launcher
                     stop_ranks(proc)
     except KeyboardInterrupt:
         signum = stopped[0] if stopped else signal.SIGINT
+        never_met = met is not None and not met.exists()
+        if not resume and (never_met if met is not None else not _journaled_steps(out / "journal.jsonl")):
+            raise StoppedBeforeStart(
+                f"stopped by {signal.Signals(signum).name} "
+                + ("while waiting for the other node(s): they never all met" if never_met else "before the first step")
+                + f"; nothing was trained, and what the run had written in {out} is removed",
+                fix="run the same command again",
+                status=128 + signum,
+            ) from None
         after = (
             f" after {_journaled_steps(out / 'journal.jsonl')} completed step(s) of {cfg.steps}"
             if cfg.node_rank == 0
@@ -749,7 +785,8 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
         raise ZoplanError(
             f"stopped by {signal.Signals(signum).name}{after}; the ranks have stopped and "
             f"{_the_journal(cfg)} holds every completed step",
-            fix=f"continue with `zoplan run --resume {out} --steps {cfg.steps}`",
+            fix=f"continue with `zoplan run --resume {out} --steps {cfg.steps}`"
+            + (" here, and the same on every other node with its own directory" if cfg.nnodes > 1 else ""),
             status=128 + signum,
         ) from None
     finally:
@@ -774,8 +811,10 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
             f"the journal holds {done} completed step(s)" if cfg.node_rank == 0 else f"{_the_journal(cfg)} holds them"
         ) + ", none is lost"
         log_path = out / f"worker-node{cfg.node_rank}.log"
-        resume = f"continue with `zoplan run --resume {out} --steps {cfg.steps}`"
-        if "No space left on device" in _log_tail(log_path):
+        resume = f"continue with `zoplan run --resume {out} --steps {cfg.steps}`" + (
+            " here, and the same on every other node with its own directory" if cfg.nnodes > 1 else ""
+        )
+        if "No space left on device" in _log_tail(log_path, since):
             raise ZoplanError(
                 f"training stopped: the disk holding {out} is full (see {log_path}); {held}",
                 fix=f"free disk space, then {resume}",
@@ -787,7 +826,7 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
                 fix=f"{resume}, with the server running again (or without {SERVER_ENV}: the ranks start here)",
             )
         starter = "torchrun" if cfg.nnodes > 1 else "the rank supervisor (zoplan.runtime.ranks)"
-        ended_by = _rank_signal(log_path, status)
+        ended_by = _rank_signal(log_path, status, since)
         who = (
             f"{starter} (which stopped the ranks)"
             if proc.returncode < 0
@@ -816,10 +855,17 @@ def _launch(cfg: RunConfig, plan: Plan, machine: Machine, port: int, host_dir: P
                 if oom
                 else resume,
             )
+        tail = _log_tail(log_path, since)
+        if cfg.nnodes > 1 and any(sign in tail for sign in PEER_LOST):
+            raise ZoplanError(
+                f"training stopped: this node lost its connection to another node of the run (it stopped, "
+                f"or the network between them failed; see its output, and {log_path}); {held}",
+                fix=f"find out why the other node stopped, then {resume}",
+            )
         raise ZoplanError(
             f"training stopped: a rank exited without a message ({starter.split(' (')[0]}'s exit status "
             f"{proc.returncode}; see {log_path}); {held}",
-            fix=f"{resume}; --max-restarts N restarts crashed ranks automatically",
+            fix=f"{resume}; --max-restarts N restarts crashed ranks automatically" if cfg.nnodes == 1 else resume,
         )
     return summarize(out)
 
@@ -906,16 +952,18 @@ def _finished(out: Path, node: int, per_node: int, steps: int) -> bool:
     return True
 
 
-def _log_tail(log: Path, size: int = 64 * 1024) -> str:
+def _log_tail(log: Path, since: int = 0, size: int = 64 * 1024) -> str:
+    """The end of ``log`` after byte ``since`` (where this launch began writing: a log appended
+    to by earlier launches tells of their failures, not this one's)."""
     try:
         with log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            f.seek(max(since, f.seek(0, os.SEEK_END) - size))
             return f.read().decode(errors="replace")
     except OSError:
         return ""
 
 
-def _rank_signal(log: Path, status: Path) -> int | None:
+def _rank_signal(log: Path, status: Path, since: int = 0) -> int | None:
     """The signal that ended a rank (SIGKILL first, of several; not SIGTERM): in the rank supervisor's record of
     the last attempt (one machine), or SIGKILL in torchrun's failure summary at the end of the log
     (several); None when no rank was ended by a signal."""
@@ -927,7 +975,7 @@ def _rank_signal(log: Path, status: Path) -> int | None:
         exits = attempts[-1].get("exits", {}).values()
         signals = sorted({-code for code in exits if isinstance(code, int) and code < 0} - {signal.SIGTERM})
         return signal.SIGKILL if signal.SIGKILL in signals else signals[0] if signals else None
-    tail = _log_tail(log)
+    tail = _log_tail(log, since)
     return signal.SIGKILL if "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail else None
 
 
@@ -954,8 +1002,29 @@ def _resumed_line(row: ResumedRow, max_restarts: int) -> str:
     return f"resuming with {where}"
 
 
-def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
-    """Draw step, loss, projected gradient, tokens/s and ETA while the ranks train."""
+def _waiting_note(cfg: RunConfig, port: int) -> str:
+    """What a node says while the others have not all come (several machines)."""
+    n, k = cfg.nnodes, cfg.node_rank
+    if k == 0:
+        addr = (
+            "this machine's address"
+            if cfg.master_addr.startswith("127.") or cfg.master_addr == "localhost"
+            else cfg.master_addr
+        )
+        return (
+            f"node 0 of {n}: waiting for the other node(s); start the same command on each with --nnodes {n} "
+            f"--node-rank {1 if n == 2 else f'K (1 .. {n - 1})'} --master-addr {addr} --master-port {port}"
+        )
+    return (
+        f"node {k} of {n}: waiting for node 0 at {cfg.master_addr}:{port} and the other node(s); "
+        f"start the same command there with --node-rank 0"
+    )
+
+
+def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | None = None, port: int = 0) -> None:
+    """Draw step, loss, projected gradient, tokens/s and ETA while the ranks train; on several
+    machines, say so when the nodes have not met within ``NODES_NOTE_AFTER_S`` (``met``: the
+    file their first ranks make once they have), and when they then meet."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -970,10 +1039,20 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig) -> None:
     offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run's earlier lines are not news
     stall = StallCheck()  # a learning rate too small for the model, said early
     warnings = Console(stderr=True)
+    note_at = time.monotonic() + float(os.environ.get("ZOPLAN_NODES_NOTE_AFTER_S", NODES_NOTE_AFTER_S))
+    noted = False
     with Progress(*columns, disable=cfg.quiet or cfg.node_rank != 0, transient=False) as progress:
         task = progress.add_task("train", total=cfg.steps, loss="–", g="–", tps="–")
         while True:
             done = proc.poll() is not None
+            if met is not None:
+                if met.exists():
+                    if noted:
+                        warnings.print(f"node {cfg.node_rank} of {cfg.nnodes}: every node has come", soft_wrap=True)
+                    met = None
+                elif not noted and time.monotonic() >= note_at:
+                    noted = True
+                    warnings.print(_waiting_note(cfg, port), soft_wrap=True)
             rows, offset = read_metrics(metrics, start=offset)  # the complete rows written since the last look
             for row in rows:
                 if isinstance(row, TrainRow):

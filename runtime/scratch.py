@@ -227,9 +227,26 @@ def lock_name(node: int) -> str:
     return f".lock-node{node}"
 
 
+def held_by(path: Path) -> str | None:
+    """The pid written in the lock file ``path`` while a run holds it (None: free, or no such file)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd):
+            return None  # (released when closed)
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def run_lock(out: Path, node: int) -> Iterator[None]:
-    """Hold ``out`` for this run (per node: several machines may share one output directory)."""
+def run_lock(out: Path, node: int, nodes: int = 1) -> Iterator[None]:
+    """Hold ``out`` for this run. The lock is named by the node (``.lock-nodeN``), so that a node
+    of a run over ``nodes`` machines started in another node's directory (one disk they share)
+    finds that node's lock held and is refused: every node writes its own run.json, snapshots and
+    log, and needs its own output directory."""
     path = out / lock_name(node)
     created = not path.exists()
     try:
@@ -251,6 +268,14 @@ def run_lock(out: Path, node: int) -> Iterator[None]:
                 f"{out} is in use by another zoplan run (pid {owner})",
                 fix="wait for that run to end (or stop it), or choose another --output",
             )
+        for other in range(nodes):
+            owner = held_by(out / lock_name(other)) if other != node else None
+            if owner is not None:
+                raise ZoplanError(
+                    f"{out} is the output directory of node {other} of this run (pid {owner} holds it): "
+                    "every node writes its own run.json, snapshots and log",
+                    fix=f"give each machine its own --output (on a disk they share, say {out.name}-node{node})",
+                )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:

@@ -91,8 +91,11 @@ def cut_torn_tail(path: Path) -> None:
             f.truncate(keep)
 
 
-def resume_point(out: Path) -> ResumePoint:
-    journal = read_valid_journal(out / "journal.jsonl")
+def resume_point(out: Path, journal: list[dict] | None = None) -> ResumePoint:
+    """Where a run in ``out`` starts: after the journal's last step (``journal``: node 0's, on the
+    other machines of a run; else ``out``'s own), from ``out``'s newest snapshot of no later step."""
+    if journal is None:
+        journal = read_valid_journal(out / "journal.jsonl")
     done = len(journal)
     usable = [(s, d) for s, d in snapshots(out, check=True) if s <= done]
     if usable:
@@ -109,7 +112,7 @@ class DiskFull(ZoplanError):
     """A snapshot that could not be written for a full or read-only disk (error.json's kind "disk")."""
 
 
-def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
+def write_snapshot(out: Path, step: int, save, keep: int, rank: int = 0) -> Path:
     """``save(directory)`` writes the weights; the snapshot becomes visible only when complete.
     Older snapshots beyond ``keep`` are removed afterwards."""
     final = snapshot_dir(out, step)
@@ -118,7 +121,7 @@ def write_snapshot(out: Path, step: int, save, keep: int) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        faults.hit("fail-snapshot", 0, step)  # (rank 0 writes snapshots)
+        faults.hit("fail-snapshot", rank, step)  # (each node's first rank writes its snapshots)
         save(tmp)
         (tmp / "meta.json").write_text(json.dumps({"step": step}))
         if final.exists():  # written before the journal was cut back to an earlier step: redone

@@ -41,13 +41,20 @@ from zoplan.runtime.checkpoint import companion_files, readable_as_umask
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.journal import write_line
-from zoplan.runtime.launch import SHARE_THREADS_ENV, finished_marker
+from zoplan.runtime.launch import NODES_MET_ENV, SHARE_THREADS_ENV, finished_marker
 from zoplan.runtime.scratch import shared_memory_is_short, short_of_shared_memory
 from zoplan.runtime.perturb import step_seed
 from zoplan.runtime.ranks import STOPPED
 from zoplan.runtime.replay import replay, require_finite
 from zoplan.runtime.spans import Spans
-from zoplan.runtime.snapshots import DISK_ERRNOS, DiskFull, cut_torn_tail, resume_point, write_snapshot
+from zoplan.runtime.snapshots import (
+    DISK_ERRNOS,
+    DiskFull,
+    cut_torn_tail,
+    read_valid_journal,
+    resume_point,
+    write_snapshot,
+)
 from zoplan.runtime.zo import learning_rate
 
 
@@ -390,11 +397,21 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         torch.set_num_threads(threads_per_rank(len(plan.to_layout().gpus)))
     ctx = zdist.init(plan, cfg.device)
     check_nodes_agree(cfg, out)
-    # where to start: after the last complete journal line, from the newest snapshot before it
-    # (and whether a prefix's initial values were saved by an earlier start: read before anyone writes)
-    box = [(resume_point(out), (out / ztuning.PREFIX_INIT).exists()) if ctx.rank == 0 else None]
-    zdist.broadcast_object(box, src=0)
-    rp, prefix_saved = box[0]
+    if ctx.local_rank == 0 and os.environ.get(NODES_MET_ENV):  # for the launcher (several machines)
+        Path(os.environ[NODES_MET_ENV]).touch()
+    # where to start: after the last complete journal line, from the newest snapshot before it.
+    # Rank 0 keeps the journal; every node's first rank writes the snapshots and a prefix's initial
+    # values into its own output directory (the machines need not share a disk), so each node
+    # starts from its own (whether an earlier start saved those values: read before anyone writes)
+    prefix_saved = (out / ztuning.PREFIX_INIT).exists()
+    if ctx.nodes == 1:
+        box: list[Any] = [resume_point(out) if ctx.rank == 0 else None]
+        zdist.broadcast_object(box, src=0)
+        rp = box[0]
+    else:
+        box = [read_valid_journal(out / "journal.jsonl") if ctx.rank == 0 else None]
+        zdist.broadcast_object(box, src=0)
+        rp = resume_point(out, box[0])
     # weights from the newest snapshot, if any; config and tokenizer files always from the model
     # directory (older snapshots are pruned while the run goes on)
     tuning = plan.tuning.to_tuning()
@@ -443,7 +460,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         if rp.base is not None:
             tuned.load(rp.base)
         else:
-            tuned.initialise(out, engine.base_forward, ctx.rank == 0, prefix_saved)
+            tuned.initialise(out, engine.base_forward, ctx.local_rank == 0, prefix_saved)
         tuned.replay(rp.replay)
     # the training loop's own host work (next batch, journal line): the program's host op
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
@@ -601,15 +618,21 @@ def write_error(out: Path, exc: ZoplanError, rank: int, kind: str = "error") -> 
 
 
 def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: int, plan: Plan, ctx, keep: int) -> None:
-    """Every rank flushes; rank 0 writes; a failure stops every rank with rank 0's message."""
+    """Every rank flushes; every node's first rank writes its node's host copy into its own output
+    directory (the nodes' copies are the same to the bit); a failure stops every rank, with the
+    writer's message on its node and a pointer to it on the others."""
     engine.flush()
     engine.sync_resident_blocks_to_host()
     zdist.barrier()
     error: ZoplanError | None = None
-    if ctx.rank == 0:
+    if ctx.local_rank == 0:
         try:
             write_snapshot(
-                out, step, lambda d: write_weights(host, engine, model_dir, d, plan.transfer.param_dtype), keep
+                out,
+                step,
+                lambda d: write_weights(host, engine, model_dir, d, plan.transfer.param_dtype),
+                keep,
+                ctx.rank,
             )
         except ZoplanError as exc:
             error = exc
@@ -617,7 +640,14 @@ def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: i
             # the others, possibly before this one reaches its own error handler
             write_error(out, exc, ctx.rank, kind="disk" if isinstance(exc, DiskFull) else "error")
     if zdist.all_reduce_sum([1.0 if error else 0.0])[0] > 0:
-        raise error or ZoplanError(f"writing the snapshot of step {step} failed on rank 0 (see error.json)")
+        raise error or ZoplanError(
+            f"writing the snapshot of step {step} failed on "
+            + (
+                "rank 0 (see error.json)"
+                if ctx.nodes == 1
+                else "another node (see the error.json of its output directory)"
+            )
+        )
 
 
 def evaluate(engine: Engine, eval_set, batcher: Batcher, ctx, step: int, metrics) -> None:

@@ -488,6 +488,9 @@ def test_version_is_the_package_version() -> None:
     pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     version = re.search(r'^version = "([^"]+)"', pyproject, re.M)
     assert version is not None and invoke("--version").stdout.strip() == f"zoplan {version.group(1)}"
+    # `python -m zoplan` is the command too
+    module = subprocess.run([sys.executable, "-m", "zoplan", "--version"], capture_output=True, text=True)
+    assert module.returncode == 0 and module.stdout.strip() == f"zoplan {version.group(1)}", module.stderr
 
 
 @pytest.mark.parametrize(
@@ -1115,3 +1118,28 @@ def test_the_sensitivity_line_says_a_change_under_half_a_percent_as_plus_zero() 
     assert "-0%" not in line
     assert "step -2%" in sensitivity_line(1.0, {"compute": 0.98, "transfers": 1.1})
     assert "step -10%" in sensitivity_line(1.0, {"compute": 0.9, "transfers": 1.1})
+
+
+def test_replay_of_another_nodes_directory_points_to_node_0(monkeypatch, capsys, tmp_path) -> None:
+    """`zoplan replay` of node 1's output directory said only that journal.jsonl does not exist:
+    node 0 keeps a run's journal, and the message now says so."""
+    from zoplan import runconfig
+
+    node1 = tmp_path / "node1"
+    node1.mkdir()
+    cfg = runconfig.make(nnodes=2, node_rank=1, master_port=29000, master_addr="10.0.0.1", output=node1)
+    runconfig.write(cfg, node1)
+    for args in (["replay", str(node1)], ["replay", "tiny-opt", str(node1)]):
+        code, _, err = run_main(monkeypatch, capsys, *args, "-o", str(tmp_path / "out"))
+        assert_one_error(code, err, "node 1's output directory of a run over 2 machines", "replay node 0's")
+    assert not (tmp_path / "out").exists()
+
+
+def test_install_hints_fit_how_zoplan_was_installed(tmp_path) -> None:
+    """From a wheel there is no checkout to `pip install -e` in: the hint names the packages."""
+    from zoplan.errors import install_hint
+
+    assert install_hint("plot", "matplotlib", root=tmp_path) == "pip install matplotlib (zoplan's plot extra)"
+    (tmp_path / "pyproject.toml").write_text("")
+    assert install_hint("plot", "matplotlib", root=tmp_path) == "pip install -e '.[plot]' in the zoplan checkout"
+    assert install_hint("plot", "matplotlib").startswith("pip install -e")  # (these tests run from the checkout)

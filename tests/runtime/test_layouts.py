@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -224,9 +227,18 @@ def test_replay_applies_a_zero_gradient_steps_weight_decay_but_not_a_skipped_ste
 
 
 def start_two_nodes(
-    tmp_path: Path, model_dir: Path, outs: list[Path], port: int, steps: tuple[int, int], *extra: str
+    tmp_path: Path,
+    model_dir: Path,
+    outs: list[Path],
+    port: int,
+    steps: tuple[int, int],
+    *extra: str,
+    nodes: tuple[int, ...] = (0, 1),
+    env: dict[str, str] | None = None,
+    cwds: list[Path] | None = None,
 ) -> list[subprocess.Popen]:
-    """`zoplan run` of a one-rank-per-node plan as two 'machines' on 127.0.0.1, node k with steps[k]."""
+    """`zoplan run` of a one-rank-per-node plan as two 'machines' on 127.0.0.1, node k with steps[k]
+    (``nodes``: the ones started)."""
     two_nodes = planned(
         tmp_path, model_dir, cpu_topology(tmp_path, 1, nodes=2), "1x1x2", perturbation=1, data=1, upload="whole"
     )
@@ -238,24 +250,94 @@ def start_two_nodes(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env=None if env is None else {**os.environ, **env},
+            cwd=None if cwds is None else cwds[k],
         )
-        for k in (0, 1)
+        for k in nodes
     ]
 
 
+def test_a_node_alone_says_it_waits_and_stopped_before_the_nodes_meet_keeps_nothing(tiny_dirs, tmp_path: Path) -> None:
+    """A node whose peers never came waited in silence, and once stopped left a directory the same
+    command then refused ("not empty") with a fix that resumed a run of no step."""
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    (proc,) = start_two_nodes(
+        tmp_path, tiny_dirs["tiny-opt"], outs, 29741, (2, 2), nodes=(0,), env={"ZOPLAN_NODES_NOTE_AFTER_S": "1"}
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("waiting for the other node" in line for line in lines) and time.monotonic() < deadline:
+        assert proc.poll() is None, lines
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    text = "".join(lines)
+    assert "node 0 of 2: waiting for the other node(s)" in text and "--node-rank 1" in text, text
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "stopped by SIGTERM while waiting for the other node(s)" in text and "run the same command again" in text
+    assert not outs[0].exists()  # the same command starts it again
+
+
 def test_two_machines_match_one(tiny_dirs, tmp_path: Path) -> None:
-    """Two torchrun 'machines' on 127.0.0.1, each with its own host copy, one replica each."""
+    """Two torchrun 'machines' on 127.0.0.1, each with its own host copy, one replica each; stopped
+    after a snapshot and resumed, as machines that share no disk: each node works in its own
+    folder (``-o out`` relative to it), and a resumed node read the snapshot path node 0 had sent,
+    which on another machine is not there."""
     model_dir = tiny_dirs["tiny-opt"]
     one = train(
         planned(tmp_path, model_dir, cpu_topology(tmp_path, 2), "1x2", perturbation=1, data=2, upload="whole"),
         model_dir,
         tmp_path / "one",
     )
-    outs = [tmp_path / "node0", tmp_path / "node1"]
-    procs = start_two_nodes(tmp_path, model_dir, outs, 29731, (STEPS, STEPS))
+    machines = [tmp_path / "machine0", tmp_path / "machine1"]
+    for m in machines:
+        m.mkdir()
+    outs = [Path("out"), Path("out")]
+    procs = start_two_nodes(
+        tmp_path, model_dir, outs, 29731, (STEPS - 1, STEPS - 1), "--snapshot-every", "1", cwds=machines
+    )
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
-    assert_same_weights(one, load_file(str(outs[0] / "model" / "model.safetensors")))
+    # every node keeps its own snapshots
+    assert all((m / "out" / "snapshots" / f"step-{STEPS - 2:08d}").is_dir() for m in machines), logs
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "zoplan.cli", "run", "--resume", "out", "--steps", str(STEPS)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=m,
+        )
+        for m in machines
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert f"snapshot step-{STEPS - 2:08d} + 1 journal step(s) replayed" in logs[0], logs[0]
+    assert_same_weights(one, load_file(str(machines[0] / "out" / "model" / "model.safetensors")))
+    # node 1 has no journal or model of its own: it says it is done and where they are
+    assert f"node 1 of 2: done ({STEPS} steps)" in logs[1] and "node 0's output directory" in logs[1], logs[1]
+
+
+def test_a_node_whose_peer_went_away_says_so(tiny_dirs, tmp_path: Path) -> None:
+    """Node 1 killed mid-run: node 0 said "a rank exited without a message" and offered
+    --max-restarts (which covers one machine); it now says it lost another node, and that every
+    node resumes."""
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    procs = start_two_nodes(tmp_path, tiny_dirs["tiny-opt"], outs, 29751, (400, 400))
+    journal = outs[0] / "journal.jsonl"
+    deadline = time.monotonic() + 180
+    while not (journal.exists() and journal.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        assert procs[0].poll() is None, procs[0].communicate()[0]
+        time.sleep(0.2)
+    procs[1].kill()  # the machine went away: its torchrun and ranks stop with its launcher
+    said = procs[0].communicate(timeout=180)[0]
+    procs[1].communicate(timeout=60)
+    assert procs[0].returncode == 2, said
+    assert "this node lost its connection to another node of the run" in said, said
+    assert "the same on every other node with its own directory" in said and "--max-restarts" not in said, said
 
 
 def test_nodes_started_otherwise_refuse_together_before_a_step(tiny_dirs, tmp_path: Path) -> None:

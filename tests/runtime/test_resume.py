@@ -454,6 +454,11 @@ def test_the_signal_that_ended_a_rank_is_named_not_the_supervisors_sigterm(tmp_p
     status.unlink()
     log.write_text("... exitcode  : -9 (pid: 12)\n")  # torchrun's summary, several machines
     assert _rank_signal(log, status) == signal.SIGKILL
+    # the log is appended to by every launch of the run: an earlier launch's kill is not this one's
+    since = log.stat().st_size
+    with log.open("a") as f:
+        f.write("... exitcode  : 1 (pid: 13)\n")
+    assert _rank_signal(log, status, since) is None
 
 
 def test_an_output_directory_removed_mid_run_is_said_so(tmp_path: Path) -> None:

@@ -74,9 +74,15 @@ def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path: Path) -> None:
         with pytest.raises(ZoplanError) as caught, run_lock(out, 0):
             pass
         assert f"in use by another zoplan run (pid {os.getpid()})" in str(caught.value)
-        with run_lock(out, 1):  # another machine's launcher of the same run
+        # another node of the same run, in node 0's directory (a disk the machines share): refused,
+        # as every node writes its own run.json and snapshots there
+        with pytest.raises(ZoplanError) as caught, run_lock(out, 1, nodes=2):
             pass
+        assert f"{out} is the output directory of node 0 of this run (pid {os.getpid()}" in str(caught.value)
+        assert "give each machine its own --output" in str(caught.value)
     with run_lock(out, 0):  # released
+        pass
+    with run_lock(out, 1, nodes=2):  # node 0's lock left behind by a run that has ended
         pass
 
 

@@ -570,6 +570,13 @@ def run_cmd(
     if cfg.node_rank == 0:
         for line in result.lines():
             out.print(Text(line))
+    else:  # rank 0 keeps the journal, metrics and trained model: node 0 has the run's story
+        out.print(
+            Text(
+                f"node {cfg.node_rank} of {cfg.nnodes}: done ({cfg.steps} steps); the journal, metrics "
+                f"and trained model are in node 0's output directory, {cfg.output} holds this node's log"
+            )
+        )
 
 
 @app.command("calibrate")
@@ -789,6 +796,7 @@ def replay_cmd(
         journal, given = Path(base_model), None
     if journal.is_dir():
         journal = journal / "journal.jsonl"
+    _check_node_zero(journal)
     # a damaged journal is refused before torch is imported (seconds); the replay reads it again
     # and says what it drops
     read_journal(journal, first=0, warn=False)
@@ -802,6 +810,25 @@ def replay_cmd(
     adapter = load_plan(journal.parent / "plan.yaml").tuning.to_tuning().frozen_base  # (replay_to read it)
     loads = "PeftModel.from_pretrained: an adapter" if adapter else "from_pretrained"
     out.print(Text(f"replayed {steps} steps into {output} ({loads})"))
+
+
+def _check_node_zero(journal: Path) -> None:
+    """A run over several machines keeps its journal on node 0: another node's directory has none."""
+    from zoplan import runconfig
+
+    record = journal.parent / runconfig.CONFIG_FILE
+    if journal.exists() or not record.is_file():
+        return
+    try:
+        cfg = runconfig.read(record)
+    except ZoplanError:
+        return
+    if cfg.nnodes > 1 and cfg.node_rank != 0:
+        raise ZoplanError(
+            f"{journal.parent} is node {cfg.node_rank}'s output directory of a run over {cfg.nnodes} machines: "
+            "node 0's holds the run's journal (and its trained model)",
+            fix="replay node 0's output directory (or its journal.jsonl)",
+        )
 
 
 def _base_of(journal: Path) -> str:
@@ -900,7 +927,7 @@ def models_list() -> None:
 @recipes_app.command("list")
 def recipes_list() -> None:
     """MeZO's task recipes: the records each reads, its prompt and label words, its lr, eps and batch
-    (with --tuning lora or prefix, MeZO's rates for that adapter instead)."""
+    (a run with `zoplan run --recipe NAME --tuning lora` or `prefix` takes MeZO's rates for that adapter)."""
     from zoplan.cli.render import recipes_table
 
     out.print(recipes_table())
