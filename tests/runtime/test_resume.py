@@ -249,6 +249,28 @@ def test_sigterm_stops_the_ranks_and_says_how_to_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_new_run_stopped_before_its_first_step_keeps_nothing(tmp_path: Path) -> None:
+    """SIGTERM while the ranks load: the directory held run.json and plan.yaml, the same command
+    was refused ("not empty") and the fix resumed a run of no step. Nothing is kept now, and the
+    same command starts the run."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    before = scratch_folders()
+    proc = zoplan_run(out, "--steps", "500")
+    deadline = time.monotonic() + 120
+    while not (out / "run.json").exists() and time.monotonic() < deadline:  # written before any rank starts
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = finished(proc, code=128 + signal.SIGTERM)
+    assert "stopped by SIGTERM before the first step; nothing was trained" in err and "--resume" not in err, err
+    assert not out.exists() and gone(str(out)), processes_naming(str(out))
+    assert scratch_folders() <= before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("served", [True, False], ids=["rank-server", "own-supervisor"])
 def test_the_ranks_die_with_a_killed_launcher(tmp_path: Path, served: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL of zoplan run (no handler runs): the kernel stops the rank supervisor, which stops the ranks; the
