@@ -112,9 +112,10 @@ PEER_LOST = (
 )
 
 
-class StoppedBeforeStart(Refused):
-    """A new run stopped (a signal, Ctrl-C) before anything worth keeping: before its first step,
-    or on several machines before they met. What it wrote goes, so the same command runs again."""
+class NothingDone(Refused):
+    """A new run stopped (a signal, Ctrl-C) or refused before anything worth keeping: before its
+    first step, or on several machines before they met. What it wrote goes, so the same command
+    runs again."""
 
 
 def rank_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -446,7 +447,17 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             fix=f"--steps is the run's total: give {done} or more (`zoplan replay {out} -o DIR` rebuilds "
             f"the weights of step {done})",
         )
-    started = runconfig.read(out / runconfig.CONFIG_FILE).steps  # the total the run took its steps for
+    recorded = runconfig.read(out / runconfig.CONFIG_FILE)
+    if recorded.nnodes > 1 and cfg.node_rank != recorded.node_rank:
+        # node 1's directory resumed as node 0 would train every step again from the base weights,
+        # and node 0's (its journal) resumed as node 1 would leave its journal unread
+        raise ZoplanError(
+            f"{out} is node {recorded.node_rank}'s output directory of its run (its {runconfig.CONFIG_FILE}), "
+            f"but --node-rank {cfg.node_rank} was given",
+            fix=f"resume it on the machine that ran node {recorded.node_rank}, with --node-rank "
+            f"{recorded.node_rank} (or without --node-rank)",
+        )
+    started = recorded.steps  # the total the run took its steps for
     if plan.zo.lr_schedule != "constant" and cfg.steps != started:
         # the schedule's rate at a step depends on the total: another one bends it mid-run
         raise ZoplanError(
@@ -591,7 +602,10 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
     if cfg.node_rank >= cfg.nnodes:
         raise ZoplanError(
             f"--node-rank {cfg.node_rank} is not one of the {cfg.nnodes} node(s): 0 .. {cfg.nnodes - 1}",
-            fix=f"give each machine its own --node-rank from 0 to {cfg.nnodes - 1}",
+            fix=f"give each machine its own --node-rank from 0 to {cfg.nnodes - 1}"
+            if cfg.nnodes > 1
+            else "a run over several machines needs --nnodes N (the machines it spans, as many as its plan's "
+            "nodes) and --master-port on each, with its own --node-rank from 0 to N - 1",
         )
     if cfg.plan is None and resume is None:  # before the runtime (torch) is even imported
         from zoplan.search import check_pins_range, check_workload
@@ -654,18 +668,24 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
         sweep(base)  # what launches killed earlier left behind (runtime/scratch.py)
     if cfg.master_port is not None and cfg.node_rank == 0:
         check_port_free(cfg.master_port)
+    # a resume refused by its ranks leaves the run's record as it found it (the options given this
+    # time were written for the ranks to read)
+    record = out / runconfig.CONFIG_FILE
+    recorded = record.read_bytes() if resume and record.is_file() else None
     try:
         with run_lock(out, cfg.node_rank, cfg.nnodes):
             try:
                 return _run(cfg, resume)
             except BaseException as exc:
+                if recorded is not None and isinstance(exc, Refused) and out.is_dir():
+                    record.write_bytes(recorded)
                 # removed while this run holds it: a launcher refused because another run holds
                 # the directory never removes it (nor that run's lock) under that run
                 locks = [p for p in out.iterdir() if p.name.startswith(".lock-node")] if out.is_dir() else []
                 if made and out.is_dir() and len(locks) == len(list(out.iterdir())):
                     shutil.rmtree(out, ignore_errors=True)
                 elif not resume and (
-                    isinstance(exc, StoppedBeforeStart)
+                    isinstance(exc, NothingDone)
                     or (
                         isinstance(exc, Refused)
                         and cfg.nnodes == 1  # (on several machines, node 0's journal holds the steps)
@@ -695,8 +715,13 @@ def _run(cfg: RunConfig, resume: bool) -> RunSummary:
     with contextlib.ExitStack() as owned_here:
         # this launch's host copy (shared memory) and torchrun's and the ranks' temporary files:
         # removed when the launch ends; a killed launch's are swept by the next (runtime/scratch.py)
-        host_dir = owned_here.enter_context(owned(shared_memory(), f"{run_id}-node{cfg.node_rank}")) / "host"
-        private_tmp = owned_here.enter_context(owned(Path(tempfile.gettempdir()), f"tmp-{run_id}-node{cfg.node_rank}"))
+        try:
+            host_dir = owned_here.enter_context(owned(shared_memory(), f"{run_id}-node{cfg.node_rank}")) / "host"
+            private_tmp = owned_here.enter_context(
+                owned(Path(tempfile.gettempdir()), f"tmp-{run_id}-node{cfg.node_rank}")
+            )
+        except ZoplanError as exc:  # (another launch of this node on the same port): no rank has started
+            raise NothingDone(exc.message, fix=exc.fix, status=exc.status) from None
         return _launch(cfg, plan, machine, port, host_dir, private_tmp, resume)
 
 
@@ -770,7 +795,7 @@ def _launch(
         signum = stopped[0] if stopped else signal.SIGINT
         never_met = met is not None and not met.exists()
         if not resume and (never_met if met is not None else not _journaled_steps(out / "journal.jsonl")):
-            raise StoppedBeforeStart(
+            raise NothingDone(
                 f"stopped by {signal.Signals(signum).name} "
                 + ("while waiting for the other node(s): they never all met" if never_met else "before the first step")
                 + f"; nothing was trained, and what the run had written in {out} is removed",

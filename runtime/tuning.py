@@ -154,8 +154,16 @@ class Tuned:
         """The model's forward arguments for a batch (a prefix adds its length to them)."""
         return inputs
 
-    def initialise(self, run_dir: Path, forward: Callable[[dict], None], is_writer: bool, saved: bool) -> None:
-        """Initial values that depend on the base model (LoRA's do not: they are drawn when made)."""
+    def initialise(
+        self,
+        run_dir: Path,
+        forward: Callable[[dict], None],
+        is_writer: bool,
+        saved: bool,
+        agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """Initial values that depend on the base model (LoRA's do not: they are drawn when made);
+        ``agree`` gives every rank rank 0's values of what this rank computed."""
 
     def load_initial(self, run_dir: Path) -> None:
         """The initial values a run kept in its directory, where they depend on the base model."""
@@ -312,18 +320,36 @@ class Prefix(Tuned):
             parts[:, i, 0].copy_(k[0].transpose(0, 1))
             parts[:, i, 1].copy_(v[0].transpose(0, 1))
 
-    def initialise(self, run_dir: Path, forward: Callable[[dict], None], is_writer: bool, saved: bool) -> None:
+    def initialise(
+        self,
+        run_dir: Path,
+        forward: Callable[[dict], None],
+        is_writer: bool,
+        saved: bool,
+        agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         """From the run's saved initial values (``saved``: the writer found them before the run
-        started), else by one pass of the base model over the initial tokens, saved by the writer."""
+        started), else by one pass of the base model over the initial tokens (one thread on a CPU:
+        the sums of a pass depend on how many share it), then rank 0's values on every rank
+        (``agree``: machines of other makes sum otherwise), saved by the writer."""
         from safetensors.torch import save_file
 
         if saved:
             self.load_initial(run_dir)
             return
         path = run_dir / PREFIX_INIT
-        with self.capturing() as kvs:
-            forward(self.capture_inputs())
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with self.capturing() as kvs:
+                forward(self.capture_inputs())
+        finally:
+            torch.set_num_threads(threads)
         self.set_from(kvs)
+        if agree is not None:
+            values = self.view(self.master, PROMPT)
+            with torch.no_grad():
+                values.copy_(agree(values.to("cpu").clone()))
         if is_writer:
             tmp = path.with_name(path.name + ".tmp")
             save_file({PROMPT: self.view(self.master, PROMPT).to("cpu").clone()}, str(tmp))

@@ -348,7 +348,23 @@ def check_inputs(
 
 # what every node of a run must have been started with alike (run.json's names; the plan holds the
 # model's shape, the layout and the ZO hyper-parameters, seed included)
-AGREED = ("steps", "model_weights", "data_stamp", "eval_data_stamp", "eval_fraction", "prompt", "label_words")
+# the settings every node must share: what it trains on, and when the ranks meet for something
+# other than a step (an evaluation, a snapshot, a stop for losses that are not finite): a node
+# that meets at another step than the others waits at a collective they never reach
+AGREED = (
+    "steps",
+    "model_weights",
+    "data_stamp",
+    "eval_data_stamp",
+    "eval_fraction",
+    "prompt",
+    "label_words",
+    "pad_to_seq_len",
+    "eval_every",
+    "snapshot_every",
+    "snapshot_minutes",
+    "max_nonfinite",
+)
 
 
 def check_nodes_agree(cfg: RunConfig, out: Path) -> None:
@@ -403,7 +419,8 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     # Rank 0 keeps the journal; every node's first rank writes the snapshots and a prefix's initial
     # values into its own output directory (the machines need not share a disk), so each node
     # starts from its own (whether an earlier start saved those values: read before anyone writes)
-    prefix_saved = (out / ztuning.PREFIX_INIT).exists()
+    # (saved on every node, or made again on all: making them is a collective)
+    prefix_saved = zdist.all_reduce_sum([0.0 if (out / ztuning.PREFIX_INIT).exists() else 1.0])[0] == 0
     if ctx.nodes == 1:
         box: list[Any] = [resume_point(out) if ctx.rank == 0 else None]
         zdist.broadcast_object(box, src=0)
@@ -460,7 +477,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         if rp.base is not None:
             tuned.load(rp.base)
         else:
-            tuned.initialise(out, engine.base_forward, ctx.local_rank == 0, prefix_saved)
+            tuned.initialise(out, engine.base_forward, ctx.local_rank == 0, prefix_saved, agree=rank0s)
         tuned.replay(rp.replay)
     # the training loop's own host work (next batch, journal line): the program's host op
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
@@ -608,6 +625,13 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             metrics.close()
         if ctx.is_loader:
             host.remove()
+
+
+def rank0s(values: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``values`` on every rank."""
+    box = [values]
+    zdist.broadcast_object(box, src=0)
+    return box[0]
 
 
 def write_error(out: Path, exc: ZoplanError, rank: int, kind: str = "error") -> None:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from zoplan.planfile import load_plan, write_plan
 from zoplan.planner import plan
 from zoplan.program import Stream, build
+from zoplan import runconfig
 from zoplan.runconfig import make
 from zoplan.runtime.launch import run
 from zoplan.search import Pins
@@ -236,6 +237,7 @@ def start_two_nodes(
     nodes: tuple[int, ...] = (0, 1),
     env: dict[str, str] | None = None,
     cwds: list[Path] | None = None,
+    node1_extra: tuple[str, ...] = (),
 ) -> list[subprocess.Popen]:
     """`zoplan run` of a one-rank-per-node plan as two 'machines' on 127.0.0.1, node k with steps[k]
     (``nodes``: the ones started)."""
@@ -246,7 +248,7 @@ def start_two_nodes(
         subprocess.Popen(
             [sys.executable, "-m", "zoplan.cli", "run", str(two_nodes), "--model", str(model_dir)]
             + ["--steps", str(steps[k]), "--output", str(outs[k]), "--nnodes", "2", "--node-rank", str(k)]
-            + ["--master-port", str(port), *extra],
+            + ["--master-port", str(port), *extra, *(node1_extra if k == 1 else ())],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -346,7 +348,18 @@ def test_nodes_started_otherwise_refuse_together_before_a_step(tiny_dirs, tmp_pa
     setting differs, and none takes a step."""
     model_dir = tiny_dirs["tiny-opt"]
     outs = [tmp_path / "node0", tmp_path / "node1"]
-    procs = start_two_nodes(tmp_path, model_dir, outs, 29733, (STEPS, STEPS + 2), "--max-restarts", "0")
+    # (node 1 also evaluates every step: a node that evaluates or snapshots at other steps waited
+    # at a collective too)
+    procs = start_two_nodes(
+        tmp_path,
+        model_dir,
+        outs,
+        29733,
+        (STEPS, STEPS + 2),
+        "--max-restarts",
+        "0",
+        node1_extra=("--eval-every", "1"),
+    )
     try:
         logs = [p.communicate(timeout=180)[0] for p in procs]
     finally:  # (they waited at a collective for 10 minutes: nothing is left waiting after the test)
@@ -354,7 +367,7 @@ def test_nodes_started_otherwise_refuse_together_before_a_step(tiny_dirs, tmp_pa
             if p.poll() is None:
                 p.kill()  # its ranks die with it (test_resume.py)
     assert [p.returncode for p in procs] == [2, 2], logs
-    said = f"node 1 was started otherwise than node 0: --steps {STEPS + 2} (node 0: {STEPS})"
+    said = f"node 1 was started otherwise than node 0: --steps {STEPS + 2} (node 0: {STEPS}), --eval-every 1 (node 0: "
     assert all(said in log for log in logs), logs
     assert not any((out / "journal.jsonl").exists() and (out / "journal.jsonl").read_text() for out in outs)
 
@@ -424,3 +437,68 @@ def test_uneven_shares_move_each_movers_part_and_train_the_same_weights(tiny_dir
         )
     ]
     assert sorted(held) == sorted([rounds * (size * 3 // 4), rounds * (size - size * 3 // 4)])
+
+
+def test_a_nodes_directory_resumed_as_another_node_is_refused(tiny_dirs, tmp_path: Path) -> None:
+    """Node 1's directory resumed with --node-rank 0 trained every step again from the base weights
+    (its directory holds no journal), warning that its snapshots were removed; node 0's resumed as
+    node 1 left its journal unread."""
+    model_dir = tiny_dirs["tiny-opt"]
+    two_nodes = planned(
+        tmp_path, model_dir, cpu_topology(tmp_path, 1, nodes=2), "1x1x2", perturbation=1, data=1, upload="whole"
+    )
+    node1 = tmp_path / "node1"
+    node1.mkdir()
+    (node1 / "plan.yaml").write_text(two_nodes.read_text())
+    cfg = make(plan=two_nodes, model=str(model_dir), steps=4, output=node1, nnodes=2, node_rank=1, master_port=29761)
+    runconfig.write(cfg, node1)
+    before = (node1 / runconfig.CONFIG_FILE).read_bytes()
+    said = subprocess.run(
+        [sys.executable, "-m", "zoplan.cli", "run", "--resume", str(node1), "--node-rank", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert said.returncode == 2, said.stdout + said.stderr
+    assert f"{node1} is node 1's output directory of its run" in said.stderr and "--node-rank 1" in said.stderr
+    assert (node1 / runconfig.CONFIG_FILE).read_bytes() == before  # its record as it was
+
+
+def test_a_resume_its_ranks_refuse_leaves_the_runs_record_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    """The options a resume is given are written into run.json for its ranks to read; ranks that
+    refused them (another node's --steps) left them there, and the next resume without them was
+    refused for values the user had not typed that time."""
+    from zoplan.errors import Refused
+    from zoplan.runtime import launch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = make(model="tiny-opt", steps=4, output=out)
+    runconfig.write(cfg, out)
+    before = (out / runconfig.CONFIG_FILE).read_bytes()
+
+    def refused(cfg, resume):
+        runconfig.write(cfg.given(steps=9), out)  # what a resume writes before its ranks start
+        raise Refused("node 1 was started otherwise than node 0: --steps 9 (node 0: 4)")
+
+    monkeypatch.setattr(launch, "_run", refused)
+    with pytest.raises(Refused):
+        launch.run(cfg, resume=True)
+    assert (out / runconfig.CONFIG_FILE).read_bytes() == before
+
+
+def test_a_new_run_refused_for_its_scratch_folder_keeps_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A second launch of a node on a port in use was refused ("... exists: another zoplan launch
+    is using it") after writing plan.yaml and run.json: the same command, once the port was free,
+    was refused again ("not empty")."""
+    from zoplan.errors import Refused, ZoplanError
+    from zoplan.runtime import launch
+
+    def busy(base, name):
+        raise ZoplanError(f"{base / name} exists: another zoplan launch is using it")
+
+    monkeypatch.setattr(launch, "owned", busy)
+    out = tmp_path / "run"
+    with pytest.raises(Refused, match="another zoplan launch is using it"):
+        launch.run(make(model="tiny-opt", steps=2, output=out))
+    assert not out.exists()

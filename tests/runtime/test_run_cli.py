@@ -131,7 +131,10 @@ def test_a_gpu_plan_on_this_cpu_machine_is_refused(tmp_path: Path, tiny_dirs) ->
         (["--lr", "-1"], "--lr must be more than 0"),
         (["--eps", "1e400"], "--eps must be a finite number"),
         (["--master-port", "99999999"], "Invalid value for '--master-port'"),
-        (["--node-rank", "3"], "--node-rank 3 is not one of the 1 node(s)"),
+        (
+            ["--node-rank", "3"],
+            "--node-rank 3 is not one of the 1 node(s): 0 .. 0\n  fix: a run over several machines needs --nnodes N",
+        ),
         # one machine's ranks meet on it: another address was waited on for the collectives' 10 minutes
         (["--master-addr", "10.1.2.3"], "--master-addr 10.1.2.3 is node 0's address for a run of several machines"),
         (["--max-restarts", "-1"], "--max-restarts"),

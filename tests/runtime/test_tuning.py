@@ -288,3 +288,34 @@ def test_the_planner_counts_the_ops_a_prefix_adds(family: str, tiny_dirs) -> Non
     shape_family = model.config.model_type
     assert PREFIX.embed_ops() / 1.5 <= embed_added <= PREFIX.embed_ops() * 1.5, embed_added
     assert PREFIX.block_ops(shape_family) / 1.5 <= block_added <= PREFIX.block_ops(shape_family) * 1.5, block_added
+
+
+def test_a_prefix_starts_the_same_whatever_the_threads_and_takes_rank_0s_values(tiny_dirs, tmp_path: Path) -> None:
+    """Nodes of one run (or layouts with other ranks per machine) made the prefix's starting
+    values with other thread counts, which sum the pass otherwise: the runs then trained other
+    prefixes. The pass runs on one thread, and every rank takes rank 0's values."""
+    from transformers import AutoModelForCausalLM
+
+    from zoplan.runtime.adapters import adapter_for
+    from zoplan.runtime.tuning import PREFIX_INIT, PROMPT, Prefix
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-llama"], dtype=torch.float32).eval()
+
+    def started(threads: int, agree=None) -> torch.Tensor:
+        prefix = Prefix(
+            model, adapter_for(model.config.model_type), PREFIX, seed=5, device=torch.device("cpu"), signs=(1, -1)
+        )
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                prefix.initialise(tmp_path, lambda inputs: model(**inputs, use_cache=False), True, False, agree=agree)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.get_num_threads() == before or threads == before  # (the pass gives the threads back)
+        return prefix.view(prefix.master, PROMPT).clone()
+
+    one = started(1)
+    assert torch.equal(started(2), one)
+    assert (tmp_path / PREFIX_INIT).exists()
+    assert torch.equal(started(2, agree=lambda values: torch.ones_like(values)), torch.ones_like(one))
