@@ -33,11 +33,9 @@ HERE = Path(__file__).resolve().parent
 # halves of about the same time, one per worker, each half's files one after another on it; the
 # planner's tests fill whichever worker is free. A worker gives its half's runs a temporary
 # directory and a shared-memory folder of their own (``own_scratch``), so a check that a run leaves
-# nothing behind sees only its own half's runs. The first half (seconds in one process, 2026-12-06;
-# test_layouts.py's runs over two machines have since added ~110 s to it, and test_resume.py
-# went to the second half for them: 2026-12-07's fresh clone had the first half's slowest tests
-# at 282 s against the second's 67):
+# nothing behind sees only its own half's runs. The first half (seconds in one process, 2026-12-06):
 FIRST_HALF = {
+    "test_resume.py",  # 47
     "test_fused_interpreter.py",  # 29
     "test_layouts.py",  # 20
     "test_meetings.py",  # 14
