@@ -59,7 +59,8 @@ def snapshots(out: Path, *, check: bool = False) -> list[tuple[int, Path]]:
                         weight_shapes([full if full.exists() else d / ADAPTER_WEIGHTS])
                 except (ValueError, RecursionError, ZoplanError) as exc:
                     if check:
-                        reason = str(exc) if isinstance(exc, ZoplanError) else "its meta.json is damaged"
+                        # (what a damaged checkpoint's message would fix, a resume does: it leaves it out)
+                        reason = exc.message if isinstance(exc, ZoplanError) else "its meta.json is damaged"
                         print(f"warning: snapshot {d.name} left out: {reason}", file=sys.stderr, flush=True)
                     continue
                 found.append((step, d))
