@@ -810,8 +810,7 @@ def _launch(
         raise ZoplanError(
             f"stopped by {signal.Signals(signum).name}{after}; the ranks have stopped and "
             f"{_the_journal(cfg)} holds every completed step",
-            fix=f"continue with `zoplan run --resume {out} --steps {cfg.steps}`"
-            + (" here, and the same on every other node with its own directory" if cfg.nnodes > 1 else ""),
+            fix=_resume_fix(cfg),
             status=128 + signum,
         ) from None
     finally:
@@ -836,9 +835,7 @@ def _launch(
             f"the journal holds {done} completed step(s)" if cfg.node_rank == 0 else f"{_the_journal(cfg)} holds them"
         ) + ", none is lost"
         log_path = out / f"worker-node{cfg.node_rank}.log"
-        resume = f"continue with `zoplan run --resume {out} --steps {cfg.steps}`" + (
-            " here, and the same on every other node with its own directory" if cfg.nnodes > 1 else ""
-        )
+        resume = _resume_fix(cfg)
         if "No space left on device" in _log_tail(log_path, since):
             raise ZoplanError(
                 f"training stopped: the disk holding {out} is full (see {log_path}); {held}",
@@ -1002,6 +999,12 @@ def _rank_signal(log: Path, status: Path, since: int = 0) -> int | None:
         return signal.SIGKILL if signal.SIGKILL in signals else signals[0] if signals else None
     tail = _log_tail(log, since)
     return signal.SIGKILL if "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail else None
+
+
+def _resume_fix(cfg: RunConfig) -> str:
+    """The command that continues a stopped run (on several machines: on every one of them)."""
+    here = f"continue with `zoplan run --resume {cfg.output} --steps {cfg.steps}`"
+    return here + (" here, and the same on every other node with its own directory" if cfg.nnodes > 1 else "")
 
 
 def _the_journal(cfg: RunConfig) -> str:

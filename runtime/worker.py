@@ -347,10 +347,10 @@ def check_inputs(
 
 
 # what every node of a run must have been started with alike (run.json's names; the plan holds the
-# model's shape, the layout and the ZO hyper-parameters, seed included)
-# the settings every node must share: what it trains on, and when the ranks meet for something
-# other than a step (an evaluation, a snapshot, a stop for losses that are not finite): a node
-# that meets at another step than the others waits at a collective they never reach
+# model's shape, the layout and the ZO hyper-parameters, seed included): what it trains on, and
+# when the ranks meet for something other than a step (an evaluation, a snapshot, a stop for
+# losses that are not finite): a node that meets at another step waits at a collective the
+# others never reach
 AGREED = (
     "steps",
     "model_weights",
