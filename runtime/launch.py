@@ -433,7 +433,7 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     out = cfg.output
     plan = load_plan(out / "plan.yaml")
     from zoplan.runtime.journal import check_lines, parse_journal
-    from zoplan.runtime.snapshots import snapshots
+    from zoplan.runtime.snapshots import changed_since_written, snapshots
 
     # the journal is what the ranks will trust: checked here, before any rank starts (consecutive
     # steps from 0, finite numbers; only a torn last line may be left out)
@@ -526,10 +526,30 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # has: the run takes those steps again, and writes their snapshots again
     for torn in sorted((out / "snapshots").glob("step-*.tmp")):  # a snapshot whose writing was interrupted
         shutil.rmtree(torn, ignore_errors=True)
-    for step, path in snapshots(out, check=True):
+    found = snapshots(out, check=True)
+    for step, path in found:
         if step > done and cfg.node_rank == 0:
             warn(f"snapshot {path.name} removed: the journal ends at step {done}")
             shutil.rmtree(path)
+    # the snapshot the ranks will load, checked against what was written (damage that keeps a
+    # file's size and header, a flipped bit, loads without a word): a changed one is moved aside
+    # (kept for a look at the disk), and the run resumes from the one before it (or the base
+    # weights) and replays more of the journal, to the same bits. On another node than 0 (whose
+    # journal says how far the run went), its newest.
+    for step, path in reversed(found):
+        if step > done and cfg.node_rank == 0:
+            continue  # removed above
+        wrong = changed_since_written(path)
+        if wrong is None:
+            break
+        aside = path.with_name("damaged-" + path.name)  # (not a snapshot's name: never loaded)
+        if aside.exists():
+            shutil.rmtree(aside)
+        path.rename(aside)
+        warn(
+            f"snapshot {path.name} left out and moved to {aside}: {wrong}; the run resumes from an earlier "
+            "one, or the base weights, and replays the journal's steps after it (to the same bits)"
+        )
     final = out / "model"
     if cfg.node_rank == 0 and cfg.steps > done and final.is_dir():
         # the finished run's weights, which the run written on from here makes out of date: kept

@@ -7,8 +7,10 @@ continues with the same seeds and data order (both pure functions of the step), 
 after step T equal those of an uninterrupted run.
 
 A snapshot is written into ``snapshots/step-NNNNNNNN.tmp`` and renamed when complete (rename is
-atomic), with ``meta.json`` giving the journal position it corresponds to. A directory without
-the final name is ignored.
+atomic), with ``meta.json`` giving the journal position it corresponds to and the CRC-32 of its
+weights file as written. A directory without the final name is ignored; one whose weights no
+longer match their CRC-32 (damage that keeps the file's size and header: a flipped bit) is
+removed by the launcher before a resume loads it (``changed_since_written``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import errno
 import json
 import shutil
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +34,10 @@ class ResumePoint:
     next_step: int  # the first step to run
     base: Path | None  # snapshot directory to load instead of the base model (None: base model)
     replay: list[dict]  # journal lines after the snapshot, to apply to it
+
+
+# a snapshot's weights: a model's, or an adapter's (zoplan.runtime.tuning.ADAPTER_WEIGHTS)
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
 
 
 def snapshot_dir(out: Path, step: int) -> Path:
@@ -54,6 +61,8 @@ def snapshots(out: Path, *, check: bool = False) -> list[tuple[int, Path]]:
                     step = meta.get("step") if isinstance(meta, dict) else None
                     if type(step) is not int or d.name != f"step-{step:08d}":
                         raise ZoplanError(f"its meta.json does not name step {d.name[5:]}")
+                    if _recorded_crcs(meta) is None:
+                        raise ZoplanError("its meta.json is damaged")
                     if check:  # the model's weights, or an adapter's (zoplan.runtime.tuning)
                         full = d / "model.safetensors"
                         weight_shapes([full if full.exists() else d / ADAPTER_WEIGHTS])
@@ -65,6 +74,45 @@ def snapshots(out: Path, *, check: bool = False) -> list[tuple[int, Path]]:
                     continue
                 found.append((step, d))
     return sorted(found)
+
+
+def _recorded_crcs(meta: dict) -> dict[str, int] | None:
+    """The CRC-32 of each weights file as meta.json recorded it ({} for a snapshot written before
+    they were recorded; None: not a record of that form)."""
+    crcs = meta.get("crc32", {})
+    if not isinstance(crcs, dict) or any(
+        name not in WEIGHT_FILES or type(crc) is not int or not 0 <= crc < 1 << 32 for name, crc in crcs.items()
+    ):
+        return None
+    return crcs
+
+
+def file_crc32(path: Path) -> int:
+    """The CRC-32 of a file's bytes (zlib's: ~2 GB/s on one core, read in 16 MiB pieces)."""
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def weight_crcs(folder: Path) -> dict[str, int]:
+    """The CRC-32 of each weights file in ``folder``, for its meta.json."""
+    return {name: file_crc32(folder / name) for name in WEIGHT_FILES if (folder / name).is_file()}
+
+
+def changed_since_written(folder: Path) -> str | None:
+    """Why the weights of snapshot ``folder`` (one ``snapshots`` found) are not what was written:
+    a file whose CRC-32 differs from meta.json's, or that is gone; None when they are (or the
+    snapshot was written before CRCs were recorded)."""
+    meta = json.loads(read_text(folder / "meta.json", "snapshot meta", 1 << 16))
+    for name, crc in sorted((_recorded_crcs(meta) or {}).items()):
+        path = folder / name
+        if not path.is_file():
+            return f"its {name} is gone"
+        if file_crc32(path) != crc:
+            return f"its {name} is not what was written (its CRC-32 differs from the one its meta.json recorded)"
+    return None
 
 
 def read_valid_journal(path: Path) -> list[dict]:
@@ -124,7 +172,7 @@ def write_snapshot(out: Path, step: int, save, keep: int, rank: int = 0) -> Path
         tmp.mkdir(parents=True)
         faults.hit("fail-snapshot", rank, step)  # (each node's first rank writes its snapshots)
         save(tmp)
-        (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "crc32": weight_crcs(tmp)}))
         if final.exists():  # written before the journal was cut back to an earlier step: redone
             shutil.rmtree(final)
         tmp.rename(final)

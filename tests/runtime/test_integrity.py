@@ -436,6 +436,58 @@ def test_a_damaged_snapshot_is_left_out_and_named(run_dir: Path, capsys, name: s
     assert "step-00000005 left out" in capsys.readouterr().err
 
 
+def _flip_a_bit(path: Path) -> None:
+    """One bit of a tensor's data flipped in place: the size and the header stay as they were."""
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "adapter_model.safetensors"])
+def test_a_snapshot_whose_weights_changed_since_written_is_moved_aside_and_the_run_resumes_before_it(
+    run_dir: Path, capsys, weights: str
+) -> None:
+    """A flipped bit keeps a safetensors file's size and header: the snapshot loaded without a
+    word, and the run went on from other weights than it had (exit 0). meta.json holds the
+    CRC-32 of the weights as written; the launcher checks the one a resume would load."""
+    from safetensors.torch import save_file
+
+    from zoplan.runtime.snapshots import resume_point, snapshot_dir, write_snapshot
+
+    for step in (3, 5):
+        write_snapshot(run_dir, step, lambda d: save_file({"w": torch.arange(64.0)}, str(d / weights)), keep=0)
+    meta = json.loads((snapshot_dir(run_dir, 5) / "meta.json").read_text())
+    assert meta["step"] == 5 and set(meta["crc32"]) == {weights}, meta
+    resume(run_dir, 9)  # intact: nothing said, nothing moved
+    assert "left out" not in capsys.readouterr().err and snapshot_dir(run_dir, 5).is_dir()
+    _flip_a_bit(snapshot_dir(run_dir, 5) / weights)
+    resume(run_dir, 9)
+    said = capsys.readouterr().err
+    aside = run_dir / "snapshots" / "damaged-step-00000005"
+    assert f"snapshot step-00000005 left out and moved to {aside}: its {weights} is not what was written" in said, said
+    assert aside.is_dir() and not snapshot_dir(run_dir, 5).exists()
+    point = resume_point(run_dir)  # what the ranks then load: the snapshot before it, and the journal after
+    assert point.base == snapshot_dir(run_dir, 3) and [r["step"] for r in point.replay] == [3, 4, 5]
+    _flip_a_bit(snapshot_dir(run_dir, 3) / weights)  # and when every one changed: the base weights
+    resume(run_dir, 9)
+    assert "step-00000003 left out" in capsys.readouterr().err
+    assert resume_point(run_dir).base is None
+
+
+def test_a_snapshot_meta_json_with_a_damaged_crc_record_is_left_out(run_dir: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from zoplan.runtime.snapshots import snapshots, snapshot_dir
+
+    for crcs in ({"model.safetensors": "12"}, {"other.bin": 1}, {"model.safetensors": -1}, [1]):
+        folder = snapshot_dir(run_dir, 4)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.ones(4)}, str(folder / "model.safetensors"))
+        (folder / "meta.json").write_text(json.dumps({"step": 4, "crc32": crcs}))
+        assert snapshots(run_dir, check=True) == [], crcs
+        assert "step-00000004 left out: its meta.json is damaged" in capsys.readouterr().err
+
+
 CHECKPOINT_DAMAGE = {
     "no weights": (lambda d: (d / "model.safetensors").unlink(), "holds no weights"),
     "truncated weights": (
