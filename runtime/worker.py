@@ -474,10 +474,13 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         world_sum=zdist.world_sum(ctx, host_dir.parent),
     )
     if tuned is not None:  # the adapter where the run starts: its initial values, a snapshot's, the journal's updates
+        if rp.base is None or not prefix_saved:
+            # a prefix's initial values gone from a node's directory (`zoplan replay` starts from
+            # them) are made again, the same, before its snapshot is loaded: on every rank alike
+            # (making them is a collective), whichever snapshot each node resumes from
+            tuned.initialise(out, engine.base_forward, ctx.local_rank == 0, prefix_saved, agree=rank0s)
         if rp.base is not None:
             tuned.load(rp.base)
-        else:
-            tuned.initialise(out, engine.base_forward, ctx.local_rank == 0, prefix_saved, agree=rank0s)
         tuned.replay(rp.replay)
     # the training loop's own host work (next batch, journal line): the program's host op
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())

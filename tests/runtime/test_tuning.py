@@ -196,10 +196,19 @@ def test_an_adapter_run_resumes_and_replays_to_the_same_adapter(method: str, tin
     # 3 steps with a snapshot after 2, then on to 5: the snapshot's adapter + one journal line
     train(plan_path, model_dir, tmp_path / "parts", steps=3, snapshot_every=2, keep_snapshots=0)
     assert (tmp_path / "parts" / "snapshots" / "step-00000002" / "adapter_model.safetensors").exists()
+    init = tmp_path / "parts" / "prefix-init.safetensors"
+    if method == "prefix":  # gone before the resume (the snapshot holds the adapter): made again, the same
+        kept = init.read_bytes()
+        init.unlink()
     run(make(model=str(model_dir), steps=5, output=tmp_path / "parts", quiet=True), resume=True)
     resumed = adapter(tmp_path / "parts")
     for n in whole:
         assert torch.equal(resumed[n], whole[n]), n
+    if method == "prefix":  # and the resumed run's journal replays (it said it could not read them)
+        assert init.read_bytes() == kept
+        assert replay_to(str(model_dir), tmp_path / "parts" / "journal.jsonl", tmp_path / "parts-replayed") == 5
+        replayed = load_file(str(tmp_path / "parts-replayed" / "adapter_model.safetensors"))
+        assert all(torch.equal(replayed[n], whole[n]) for n in whole)
     # `zoplan replay`: the initial adapter (LoRA: from the run's seed; a prefix: saved in the run's
     # directory) and the journal alone
     assert replay_to(str(model_dir), tmp_path / "whole" / "journal.jsonl", tmp_path / "replayed") == 5
