@@ -155,11 +155,19 @@ def test_timeline_answers_any_edited_plan_file(tmp_path_factory, a_plan: dict, d
     assert_answered(*console(args), args)
 
 
-def test_the_fuzzed_commands_are_the_console_scripts_and_tried_both_outcomes() -> None:
-    """The tests above drive ``zoplan.cli.main``, the entry point pyproject installs as `zoplan`,
-    and (run in this file's order) saw valid mixes as well as refusals of both commands."""
+def test_the_fuzzed_commands_are_the_console_scripts_and_tried_both_outcomes(monkeypatch) -> None:
+    """The tests above drive ``zoplan.cli.main``, which the entry point pyproject installs as
+    `zoplan` runs, and (run in this file's order) saw valid mixes as well as refusals of both
+    commands."""
+    import zoplan.cli
+    from zoplan import start
+
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert 'zoplan = "zoplan.cli:main"' in text
+    assert 'zoplan = "zoplan.start:main"' in text
+    called = []
+    monkeypatch.setattr(zoplan.cli, "main", lambda: called.append(True))
+    start.main()
+    assert called == [True]
     ran = {command for command, _ in SEEN}
     if ran != {"plan", "timeline"}:
         pytest.skip(f"run with the fuzz tests above to check what they tried (ran here: {sorted(ran)})")

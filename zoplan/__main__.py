@@ -1,5 +1,5 @@
 """``python -m zoplan``: the ``zoplan`` command (as ``python -m zoplan.cli``)."""
 
-from zoplan.cli import main
+from zoplan.start import main
 
 main()

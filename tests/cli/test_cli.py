@@ -1143,3 +1143,42 @@ def test_install_hints_fit_how_zoplan_was_installed(tmp_path) -> None:
     (tmp_path / "pyproject.toml").write_text("")
     assert install_hint("plot", "matplotlib", root=tmp_path) == "pip install -e '.[plot]' in the zoplan checkout"
     assert install_hint("plot", "matplotlib").startswith("pip install -e")  # (these tests run from the checkout)
+
+
+def test_a_ctrl_c_while_the_command_line_loads_says_interrupted_without_a_traceback(monkeypatch, capsys) -> None:
+    """The console script imported the whole command line before its handler of Ctrl-C was in
+    place: a Ctrl-C in its first tenths of a second printed a traceback through pydantic's imports."""
+    import importlib.abc
+
+    from zoplan import start
+
+    class Interrupted(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "zoplan.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "zoplan.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupted(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stopped:
+        start.main()
+    assert stopped.value.code == 130
+    said = capsys.readouterr()
+    assert said.err == "interrupted\n" and "Traceback" not in said.out + said.err
+
+
+def test_a_ctrl_c_during_a_command_says_interrupted(monkeypatch) -> None:
+    """typer ends a command stopped by Ctrl-C with status 130 and no word: the shell showed
+    nothing but its prompt."""
+    from fuzzkit import console
+    from zoplan import planner
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(planner, "plan", stopped)
+    code, said = console(["plan", "-m", "opt-125m", "-t", "cpu-local"])
+    assert code == 130 and said.strip().endswith("interrupted") and "Traceback" not in said, said
+    monkeypatch.undo()
+    code, said = console(["plan", "-m", "opt-125m", "-t", "cpu-local", "--top", "0"])  # another exit: no such word
+    assert code == 2 and "interrupted" not in said, said

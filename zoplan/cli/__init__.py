@@ -966,3 +966,17 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except SystemExit as exc:  # typer ends a command stopped by Ctrl-C so, without a word
+        if exc.code == 130 and _by_ctrl_c(exc):
+            err.print("interrupted")
+        raise
+
+
+def _by_ctrl_c(exc: BaseException | None) -> bool:
+    """Whether ``exc`` was raised while a Ctrl-C (KeyboardInterrupt) was handled, or for one."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
