@@ -1090,7 +1090,10 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
     note_at = time.monotonic() + float(os.environ.get("ZOPLAN_NODES_NOTE_AFTER_S", NODES_NOTE_AFTER_S))
     noted = False
     with Progress(*columns, disable=cfg.quiet or cfg.node_rank != 0, transient=False) as progress:
-        task = progress.add_task("train", total=cfg.steps, loss="–", g="–", tps="–")
+        # a resume starts at the steps its journal holds (it showed 0 until the ranks had loaded)
+        journal = metrics.with_name("journal.jsonl")
+        already = journal.read_bytes().count(b"\n") if journal.exists() else 0
+        task = progress.add_task("train", total=cfg.steps, completed=already, loss="–", g="–", tps="–")
         while True:
             done = proc.poll() is not None
             if met is not None:

@@ -434,3 +434,26 @@ def test_a_damaged_journal_is_refused_before_torch_is_imported(tmp_path: Path) -
     )
     assert proc.stdout.strip() == "exit 2 False", proc.stdout + proc.stderr
     assert f"{bad}:1" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_progress_of_a_resume_starts_at_the_steps_its_journal_holds(tmp_path: Path, capsys, monkeypatch) -> None:
+    """It showed step 0/N until the ranks had loaded and said where they resumed (seconds, or
+    minutes for a large model)."""
+    import rich.progress
+    from rich.console import Console
+
+    from zoplan.runconfig import make
+    from zoplan.runtime import launch
+
+    class Ended:  # the ranks' process, already ended: the display draws once and stops
+        def poll(self) -> int:
+            return 0
+
+    cfg = make(model="tiny-opt", steps=200, output=tmp_path)
+    (tmp_path / "journal.jsonl").write_text("{}\n" * 4)
+    (tmp_path / "metrics.jsonl").write_text("")
+    console, made = Console(file=sys.stdout, force_terminal=False, width=100), rich.progress.Progress
+    monkeypatch.setattr(rich.progress, "Progress", lambda *columns, **kw: made(*columns, console=console, **kw))
+    launch._follow(Ended(), tmp_path / "metrics.jsonl", cfg)
+    shown = capsys.readouterr().out
+    assert "step 4/200" in shown and "step 0/200" not in shown, shown
