@@ -241,17 +241,11 @@ def held_by(path: Path) -> str | None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def run_lock(out: Path, node: int, nodes: int = 1) -> Iterator[None]:
-    """Hold ``out`` for this run. The lock is named by the node (``.lock-nodeN``), so that a node
-    of a run over ``nodes`` machines started in another node's directory (one disk they share)
-    finds that node's lock held and is refused: every node writes its own run.json, snapshots and
-    log, and needs its own output directory."""
-    path = out / lock_name(node)
-    created = not path.exists()
+def _open_lock(out: Path, path: Path) -> int:
+    """The lock file ``path`` in ``out``, opened (made, with ``out``, where there is none)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        return os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as exc:
         if out.exists() and not out.is_dir():  # a file, /dev/null, a link to one
             raise ZoplanError(
@@ -261,8 +255,35 @@ def run_lock(out: Path, node: int, nodes: int = 1) -> Iterator[None]:
             f"cannot write into the output directory {out}: {exc.strerror or exc}",
             fix="choose an --output directory this user can write to (and a disk with room)",
         ) from None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed, nor replaced)."""
     try:
-        if not _try_lock(fd):
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, node: int, nodes: int = 1) -> Iterator[None]:
+    """Hold ``out`` for this run. The lock is named by the node (``.lock-nodeN``), so that a node
+    of a run over ``nodes`` machines started in another node's directory (one disk they share)
+    finds that node's lock held and is refused: every node writes its own run.json, snapshots and
+    log, and needs its own output directory."""
+    path = out / lock_name(node)
+    while True:
+        created = not path.exists()
+        fd = _open_lock(out, path)
+        held = _try_lock(fd)
+        if not held or _same_file(fd, path):
+            break
+        # a run refused meanwhile removed the lock file it had made (below) after this one had
+        # opened it: a lock on it is no one's now (a run that opens the path makes a new file).
+        # Lock the file the path names.
+        os.close(fd)
+    try:
+        if not held:
             owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise ZoplanError(
                 f"{out} is in use by another zoplan run (pid {owner})",

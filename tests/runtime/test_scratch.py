@@ -86,6 +86,34 @@ def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path: Path) -> None:
         pass
 
 
+def test_a_lock_file_removed_between_its_opening_and_its_locking_is_not_held(tmp_path: Path, monkeypatch) -> None:
+    """A refused new run removes the lock file it made (it leaves nothing of its own in the
+    user's directory). A run that had opened that file just before then locked a file no path
+    names, and a third run, making a new one, got in beside it: the lock must be on the file
+    the path names."""
+    from zoplan.runtime import scratch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / scratch.lock_name(0)
+    lock.touch()
+    real = scratch._try_lock
+    tries = []
+
+    def refused_run_removes_it_first(fd: int) -> bool:
+        if not tries:  # the refused run's unlink, between this run's open and its lock
+            lock.unlink()
+        tries.append(fd)
+        return real(fd)
+
+    monkeypatch.setattr(scratch, "_try_lock", refused_run_removes_it_first)
+    with run_lock(out, 0):
+        assert lock.exists() and len(tries) == 2  # the file the path names, locked on a second try
+        monkeypatch.setattr(scratch, "_try_lock", real)
+        with pytest.raises(ZoplanError, match="in use by another zoplan run"), run_lock(out, 0):
+            pass
+
+
 def test_processes_naming_finds_a_live_process_by_its_command_line(tmp_path: Path) -> None:
     from zoplan.runtime.scratch import processes_naming
 
