@@ -268,7 +268,8 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         if cfg.nnodes > machine.spec.nodes:
             raise ZoplanError(
                 f"--nnodes {cfg.nnodes}, but the topology '{machine.name}' is of {machine.spec.nodes} node(s)",
-                fix=f"give --topology a topology file of nodes: {cfg.nnodes} (docs/topologies.md), or leave --nnodes out",
+                fix=f"give --topology a topology file with the line `nodes: {cfg.nnodes}` (and a `network:` between them), "
+                "or leave --nnodes out",
             )
         pins = dataclasses.replace(pins, nodes=cfg.nnodes)  # the run's machines, of the topology's nodes
         plan = make_plan(
@@ -298,7 +299,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         raise ZoplanError(
             f"recipe {cfg.recipe} reads {expected.kind} records {expected.records}, but {data} is {zdata.a_set(kind)} "
             f"(records of {zdata.SHAPES[kind]})",
-            fix="give data of the recipe's shape (docs/runtime.md), or leave --recipe out",
+            fix="give data of the recipe's shape (`zoplan recipes list` shows the records each reads), or leave --recipe out",
         )
     fields = RunConfig.model_fields
     for name in ("prompt", "label_words"):  # a classification's: refused rather than ignored elsewhere

@@ -81,7 +81,7 @@ def recipe(name: str) -> Recipe:
     except KeyError:
         raise ZoplanError(
             f"no recipe {name!r}" + did_you_mean(name, RECIPES),
-            fix=f"the recipes are {', '.join(RECIPES)} (docs/runtime.md)",
+            fix=f"the recipes are {', '.join(RECIPES)} (`zoplan recipes list` shows what each reads and trains with)",
         ) from None
 
 
