@@ -1066,7 +1066,8 @@ def _waiting_note(cfg: RunConfig, port: int) -> str:
         )
     return (
         f"node {k} of {n}: waiting for node 0 at {cfg.master_addr}:{port} and the other node(s); "
-        f"start the same command there with --node-rank 0"
+        f"start the same command there with --node-rank 0 (if a run there already has its node {k}, this "
+        "one is one too many: it only waits, and the run goes on without it; stop it with Ctrl-C)"
     )
 
 

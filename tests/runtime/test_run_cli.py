@@ -457,3 +457,16 @@ def test_the_progress_of_a_resume_starts_at_the_steps_its_journal_holds(tmp_path
     launch._follow(Ended(), tmp_path / "metrics.jsonl", cfg)
     shown = capsys.readouterr().out
     assert "step 4/200" in shown and "step 0/200" not in shown, shown
+
+
+def test_a_node_waiting_for_node_0_says_it_may_be_one_too_many() -> None:
+    """A node started again for a run whose nodes have all met waits at node 0's address (the run
+    goes on without it): its note said only to start node 0 there, which runs already."""
+    from zoplan.runconfig import make
+    from zoplan.runtime.launch import _waiting_note
+
+    said = _waiting_note(make(model="m", nnodes=3, node_rank=2, master_addr="10.0.0.1"), 29500)
+    assert said.startswith("node 2 of 3: waiting for node 0 at 10.0.0.1:29500") and "--node-rank 0" in said
+    assert "if a run there already has its node 2, this one is one too many" in said
+    first = _waiting_note(make(model="m", nnodes=3, node_rank=0, master_addr="10.0.0.1"), 29500)
+    assert "--node-rank K (1 .. 2) --master-addr 10.0.0.1 --master-port 29500" in first and "too many" not in first
