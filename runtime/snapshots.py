@@ -10,7 +10,7 @@ A snapshot is written into ``snapshots/step-NNNNNNNN.tmp`` and renamed when comp
 atomic), with ``meta.json`` giving the journal position it corresponds to and the CRC-32 of its
 weights file as written. A directory without the final name is ignored; one whose weights no
 longer match their CRC-32 (damage that keeps the file's size and header: a flipped bit) is
-removed by the launcher before a resume loads it (``changed_since_written``).
+moved aside by the launcher before a resume loads it (``changed_since_written``).
 """
 
 from __future__ import annotations
