@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from zoplan.errors import ZoplanError
-from zoplan.runconfig import FIELD_NAME, PROMPT_FIX, prompt_fields
+from zoplan.runconfig import FIELD_NAME, PROMPT_FIX, blank, prompt_fields, unreadable
 from zoplan.runconfig import default as run_default
 
 if TYPE_CHECKING:
@@ -310,6 +310,17 @@ def load_examples(source: str) -> tuple[list[Example], str]:
         where = f"dataset '{source}'"
     if not examples:
         raise ZoplanError(f"{where} holds no examples", fix=_LOCAL_FIX)
+    for i, example in enumerate(examples):
+        named = [("text", example.text), ("prompt", example.prompt or "")]
+        named += [("a choice", c) for c in example.choices or ()] + list(example.fields)
+        for name, value in named:
+            wrong = unreadable(value)
+            if wrong is not None:
+                at = f"{where}:{example.line}" if example.line is not None else f"{where}, record {i + 1}"
+                raise ZoplanError(
+                    f'{at}: "{name}" {wrong}' if name != "a choice" else f"{at}: a choice {wrong}",
+                    fix="write the character itself, or both halves of its escape pair; save the file as UTF-8",
+                )
     return examples, examples[0].shape
 
 
@@ -327,15 +338,22 @@ def check_labels(examples: list[Example], task: Task, source: str) -> None:
         return
     names = placeholders(task.prompt)
     for example in examples:
-        have = {"text"} if example.text else set()
-        missing = [n for n in names if n not in have and n not in dict(example.fields)]
+        have = {"text": example.text} if example.text else {}
+        have.update(example.fields)
+        missing = [n for n in names if n not in have]
+        where = f"{source}:{example.line}" if example.line is not None else f"{source}, a record"
         if missing:
-            where = f"{source}:{example.line}" if example.line is not None else f"{source}, a record"
             raise ZoplanError(
                 f"{where}: the prompt {task.prompt!r} names {{{missing[0]}}}, which this record does not have "
                 "as a string",
                 fix=f'give every record a "{missing[0]}" string (a number too: "3", not 3), or a prompt with the '
                 "fields the records have",
+            )
+        empty = [n for n in names if blank(have[n])]
+        if empty:  # the model would read the prompt's own words alone (an empty "text" is refused so too)
+            raise ZoplanError(
+                f'{where}: "{empty[0]}", which the prompt {task.prompt!r} reads, is empty',
+                fix="remove the record or fill it",
             )
     for example in examples:
         if example.label is not None and example.label >= len(task.label_words):
@@ -423,7 +441,7 @@ def _read_jsonl(path: Path) -> list[Example]:
                     f"{path}:{line_no}: record {problem}",
                     fix='give every record a "text" string (labelled records: or the fields the prompt names)',
                 )
-            elif not text.strip():
+            elif blank(text):
                 raise ZoplanError(f'{path}:{line_no}: "text" is empty', fix="remove the record or give it text")
             if label is not None:
                 label = _check_label(path, line_no, label)
@@ -441,7 +459,7 @@ def _completion_record(path: Path, line_no: int, record: dict[str, Any]) -> Exam
         if not isinstance(value, str):
             problem = f'has no "{key}"' if key not in record else f'"{key}" is not a string'
             raise ZoplanError(f"{path}:{line_no}: record {problem}", fix=fix)
-        if not value.strip():
+        if blank(value):
             raise ZoplanError(f'{path}:{line_no}: "{key}" is empty', fix=fix)
     extra = sorted({"text", "label"} & record.keys())
     if extra:
@@ -539,12 +557,12 @@ def _read_csv(path: Path) -> list[Example]:
                     )
                 if completion:
                     for name, cell in zip(columns, row):
-                        if not cell.strip():
+                        if blank(cell):
                             raise ZoplanError(f"{path}:{start}: {name} is empty", fix="remove the row or fill it")
                     examples.append(Example(row[1], None, start, prompt=row[0]))
                     continue
                 text = row[columns.index("text")] if "text" in columns else ""
-                if "text" in columns and not text.strip():
+                if "text" in columns and blank(text):
                     raise ZoplanError(f"{path}:{start}: text is empty", fix="remove the row or give it text")
                 label: int | None = None
                 if labelled:

@@ -313,7 +313,8 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     zdata.check_labels(examples, task, data)
     if len(examples) < plan.batch.global_batch:
         raise ZoplanError(
-            f"{data} has {len(examples)} examples, fewer than one global batch of {plan.batch.global_batch}"
+            f"{data} has {len(examples)} example{'s' if len(examples) != 1 else ''}, fewer than one global batch of "
+            f"{plan.batch.global_batch}"
         )
     if cfg.eval_data is not None:  # held out in a set of its own: it must be of the task trained
         try:
@@ -330,6 +331,30 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         if not held:
             raise ZoplanError(f"--eval-data {cfg.eval_data} holds no examples")
         zdata.check_labels(held, task, cfg.eval_data)
+        train = examples
+    else:  # the ranks split --data so (the same seed): what is left to train must fill a batch
+        train, held = zdata.split(examples, cfg.eval_fraction, plan.zo.seed)
+        if len(train) < plan.batch.global_batch:
+            keeps = (len(examples) - plan.batch.global_batch) / len(examples)
+            raise ZoplanError(
+                f"--eval-fraction {cfg.eval_fraction:g} holds out {len(held)} of the {len(examples)} examples of "
+                f"{data}, which leaves {len(train)} to train on, fewer than one global batch of "
+                f"{plan.batch.global_batch}: every batch would repeat them",
+                fix=f"give more examples, a smaller --eval-fraction (at most {keeps:.3g} keeps a batch), "
+                "or the held-out examples in a file of their own (--eval-data)",
+            )
+    seen = set(train)
+    both = sum(1 for example in held if example in seen)
+    if both:
+        warn(
+            f"{both} of the {len(held)} held-out example(s) are also training examples (the same record "
+            + (
+                f"in --data and --eval-data {cfg.eval_data}"
+                if cfg.eval_data is not None
+                else f"more than once in {data}"
+            )
+            + "): the held-out loss and accuracy are not measured on unseen examples alone"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_plan(plan, out / "plan.yaml")
     # local paths absolute: `--resume` may be run from any directory

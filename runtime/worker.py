@@ -319,6 +319,7 @@ def check_inputs(
     examples: list[zdata.Example],
     held: list[zdata.Example] | None,
     model_dir: Path | None,
+    done: int | None = None,
 ) -> None:
     """What the ranks read is what the launcher recorded in run.json: the examples of --data and
     --eval-data (read again here, seconds later, and again by a restart after a rank failed) and,
@@ -327,7 +328,13 @@ def check_inputs(
     run records; a resume would refuse it, and so does a start or a restart."""
     from zoplan.runtime.checkpoint import weights_stamp
 
-    again = f"`zoplan run --resume {out}` once it is back as it was"
+    # ``done``: the steps the journal holds (None: not known); with none, on one machine, the
+    # launcher removes what a new run had written (nothing is lost): the same command runs it again
+    again = (
+        "the same command once it is back as it was"
+        if done == 0 and cfg.nnodes == 1
+        else f"`zoplan run --resume {out}` once it is back as it was"
+    )
     for option, path, stamp, now in (
         ("--data", cfg.data, cfg.data_stamp, examples),
         ("--eval-data", cfg.eval_data, cfg.eval_data_stamp, held),
@@ -440,7 +447,9 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, kind = zdata.load_examples(cfg.data)
     held = zdata.load_examples(cfg.eval_data)[0] if cfg.eval_data is not None else None
-    check_inputs(cfg, out, examples, held, model_dir if tuning.frozen_base or rp.base is None else None)
+    check_inputs(
+        cfg, out, examples, held, model_dir if tuning.frozen_base or rp.base is None else None, done=rp.next_step
+    )
     task = zdata.task_of(kind, cfg.prompt, cfg.label_words)
     if held is not None:  # every example of --data trains; the held-out set is its own
         train_set, eval_set = examples, held

@@ -113,6 +113,11 @@ def test_a_damaged_or_newer_configuration_is_refused_with_its_path(tmp_path: Pat
         ({"prompt": "{text!r} It was"}, r"--prompt: \{text!r\} is not a field"),
         ({"prompt": "{text} It was }"}, r"--prompt: single '\}' encountered in format string: a placeholder is"),
         ({"prompt": "{{text}} It was"}, r"--prompt: the prompt needs a \{text\} placeholder"),
+        # the label is what the model predicts: the fix said to give every record a "label" string
+        ({"prompt": "{label} {text} It was"}, r"--prompt: \{label\} is the answer the model is to predict"),
+        # a byte the command line could not decode (\xff), as Python passes it: the ranks' tokenizer crashed
+        ({"prompt": "{text} It was \udcff"}, r"--prompt: it holds '\\udcff' at character 15, which is no character"),
+        ({"label_words": ("bad", "go\udcffod")}, r"--label-words: 'go\\udcffod' holds '\\udcff' at character 3"),
     ],
 )
 def test_a_bad_value_is_named_by_its_option(values: dict, words: str) -> None:

@@ -71,6 +71,25 @@ PROMPT_FIX = (
 )
 
 
+def blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: spaces only, or characters that print as nothing (a
+    zero-width space): a record's empty text, which a model would read as nothing."""
+    return not any(c.isprintable() and not c.isspace() for c in text)
+
+
+def unreadable(text: str) -> str | None:
+    """Why ``text`` is no text a tokenizer can read, or None: it holds a lone surrogate (half of a
+    JSON ``\\ud83d\\ude00`` pair, or a byte the command line's encoding could not decode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"holds {text[exc.start]!r} at character {exc.start + 1}, which is no character (half of a "
+            "\\ud83d\\ude00-style escape pair, or a byte that is not UTF-8)"
+        )
+    return None
+
+
 def prompt_fields(prompt: str) -> tuple[tuple[str, str | None], ...]:
     """A classification prompt as (literal text, the field that follows it or None) pieces.
 
@@ -179,6 +198,14 @@ class RunConfig(Strict):
                 "the prompt needs a {text} placeholder, where each example's text goes (e.g. '{text} It was'), "
                 "or the record fields it reads ('{premise} ... {hypothesis}')"
             )
+        if any(name == "label" for _, name in pieces):
+            raise ValueError(
+                "{label} is the answer the model is to predict (its label word follows the prompt): a prompt "
+                "reads the record's text or its other fields"
+            )
+        wrong = unreadable(prompt)
+        if wrong is not None:
+            raise ValueError(f"it {wrong}: give it in UTF-8")
         return prompt
 
     @field_validator("recipe")
@@ -200,6 +227,10 @@ class RunConfig(Strict):
         words = tuple(w.strip() for w in words)
         if len(words) < 2 or not all(words) or len(set(words)) != len(words):
             raise ValueError("give two or more different label words, one per class (label 0 is the first)")
+        for word in words:
+            wrong = unreadable(word)
+            if wrong is not None:
+                raise ValueError(f"{word!r} {wrong}: give it in UTF-8")
         return words
 
     def to_tuning(self) -> Tuning:

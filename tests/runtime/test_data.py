@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import importlib.util
 import math
 import os
@@ -161,6 +163,14 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
         (['{"prompt": "So", "choices": [" a", " b"]}'], 1, 'has no "label"'),
         (['{"choices": [" a", " b"], "label": 0}'], 1, 'has no "prompt"'),
         (['{"prompt": "So", "choices": [" a", " b"], "label": 0, "text": "x"}'], 1, 'has "text" too'),
+        # a zero-width space shows nothing: as empty as spaces
+        (['{"text": "ok", "label": 0}', '{"text": "\\u200b", "label": 1}'], 2, '"text" is empty'),
+        (['{"prompt": "\\u200b\\u2060", "completion": " 4"}'], 1, '"prompt" is empty'),
+        # half of an escape pair (valid JSON in a valid UTF-8 file): the tokenizer crashed every rank
+        (['{"text": "ok", "label": 0}', '{"text": "bad \\ud800 half", "label": 1}'], 2, "'\\ud800' at character 5"),
+        (['{"prompt": "2 + 2 =\\udc00", "completion": " 4"}'], 1, '"prompt" holds'),
+        (['{"prompt": "So", "choices": [" a", " b\\ud83d"], "label": 0}'], 1, "a choice holds"),
+        (['{"premise": "x\\udfff", "label": 0}'], 1, '"premise" holds'),
     ],
 )
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], line: int, words: str) -> None:
@@ -184,6 +194,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path, lines: list[str], l
         ("text,label\nfine,1\ntoo,many,fields\n", 3, "3 fields"),
         ("text,label\nfine,-1\n", 2, "negative"),
         ("prompt,completion\n2 + 2 =, 4\n3 + 3 =,\n", 3, "completion is empty"),
+        ("text,label\nfine,1\n\u200b,0\n", 3, "text is empty"),
     ],
 )
 def test_malformed_csv_names_file_and_line(tmp_path: Path, content: str, line: int, words: str) -> None:
@@ -378,6 +389,16 @@ def test_a_prompt_reads_the_fields_it_names(tmp_path: Path) -> None:
     with pytest.raises(ZoplanError, match=r"names \{premise\}, which this record does not have as a string") as said:
         check_labels(load_examples(str(path))[0], task, str(path))
     assert '"3", not 3' in said.value.fix
+    # a field the prompt reads, empty (spaces, or a zero-width space): the model would read the
+    # prompt's own words alone, as it would for an empty "text" (refused so), in JSONL and CSV
+    for blank in ("", "   ", "\u200b"):
+        path.write_text(json.dumps({"premise": "It rained.", "hypothesis": blank, "label": 0}) + "\n")
+        with pytest.raises(ZoplanError, match=r'rte.jsonl:1: "hypothesis", which the prompt .* reads, is empty'):
+            check_labels(load_examples(str(path))[0], task, str(path))
+    sst2 = tmp_path / "sst2.csv"
+    sst2.write_text("sentence,label\nfine,1\n   ,0\n")
+    with pytest.raises(ZoplanError, match=r'sst2.csv:3: "sentence", which the prompt .* reads, is empty'):
+        check_labels(load_examples(str(sst2))[0], Task("classification", prompt="{sentence} It was"), str(sst2))
     # the same records as CSV: a header of the fields and 'label' (a recipe's own data: SST-2's
     # 'sentence,label', RTE's 'premise,hypothesis,label'), the label column anywhere
     as_csv = tmp_path / "rte.csv"

@@ -179,6 +179,11 @@ def test_the_ranks_refuse_examples_or_weights_changed_since_the_launcher_recorde
     with pytest.raises(ZoplanError, match=rf"{data}, the --data of the run in .* changed while the run") as said:
         check_inputs(cfg, out, grown, None, model)
     assert "(9 examples now)" in said.value.message and f"zoplan run --resume {out}" in said.value.fix
+    # a new run before its first step: the launcher removes what it wrote, so no resume is offered
+    with pytest.raises(ZoplanError, match="changed while the run") as said:
+        check_inputs(cfg, out, grown, None, model, done=0)
+    assert "continue with the same command once it is back as it was" in said.value.fix
+    assert "--resume" not in said.value.fix
     weights = model / "model.safetensors"
     other = bytearray(weights.read_bytes())
     other[-64:] = bytes(64)
@@ -787,3 +792,40 @@ def test_replay_refuses_other_base_weights_than_the_run_started_from(tiny_dirs, 
     with pytest.raises(ZoplanError, match="are not the ones the run in"):
         replay_to(str(model), out / "journal.jsonl", tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_held_out_part_that_leaves_less_than_a_batch_is_refused_and_an_overlap_is_said(
+    tiny_dirs, tmp_path: Path
+) -> None:
+    """--eval-fraction 0.95 of 40 examples left 2 to train on: every batch of 4 repeated them, exit
+    0 (the same 2 examples as --data were refused). --eval-data equal to --data, or records
+    repeated in --data, evaluated on training examples and called it held out, without a word."""
+    from zoplan.runtime.launch import warnings_to
+
+    data = tmp_path / "train.jsonl"
+    records = [json.dumps({"text": f"text {i}", "label": i % 2}) for i in range(40)]
+    data.write_text("\n".join(records) + "\n")
+    model = str(tiny_dirs["tiny-opt"])
+
+    def start(name: str, **given) -> list[str]:
+        said: list[str] = []
+        with warnings_to(said.append):
+            prepare(make(model=model, data=str(data), output=tmp_path / name, steps=2, global_batch=4, **given))
+        return said
+
+    with pytest.raises(ZoplanError) as refused:
+        start("most-held-out", eval_fraction=0.95)
+    assert "--eval-fraction 0.95 holds out 38 of the 40 examples" in refused.value.message
+    assert "leaves 2 to train on, fewer than one global batch of 4" in refused.value.message
+    assert "at most 0.9 keeps a batch" in refused.value.fix
+    assert not (tmp_path / "most-held-out").exists()
+    assert start("fine", eval_fraction=0.9) == []  # 4 left: one batch
+    said = start("same", eval_data=str(data))
+    assert said == [
+        f"40 of the 40 held-out example(s) are also training examples (the same record in --data and --eval-data "
+        f"{data}): the held-out loss and accuracy are not measured on unseen examples alone"
+    ]
+    data.write_text("\n".join(records * 3) + "\n")  # each record three times: the split holds out copies
+    said = start("repeated")
+    assert len(said) == 1 and said[0].startswith("12 of the 12 held-out example(s) are also training examples")
+    assert f"more than once in {data}" in said[0]
