@@ -396,6 +396,8 @@ def _read_jsonl(path: Path) -> list[Example]:
     # Read bytes and decode line by line so an encoding error can name its line too.
     with path.open("rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte order mark, as editors on Windows write (a .csv file may start so too)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -415,9 +417,23 @@ def _read_jsonl(path: Path) -> list[Example]:
                 raise ZoplanError(f"{path}:{line_no}: invalid JSON ({type(exc).__name__})") from None
             if not isinstance(record, dict):
                 raise ZoplanError(
-                    f"{path}:{line_no}: expected a JSON object, found {type(record).__name__}",
+                    f"{path}:{line_no}: expected a JSON object, found {_json_kind(record)}",
                     fix='write one JSON object per line, e.g. {"text": "the film was fun.", "label": 1}',
                 )
+            for key, shape in (("choices", "a multiple choice"), ("prompt", "a prompt and its completion")):
+                if "text" in record and key in record and "completion" not in record:
+                    # (a field a classification prompt names, say): which shape was meant is not clear
+                    raise ZoplanError(
+                        f'{path}:{line_no}: a record with "{key}" is {shape}, which has no "text"; this one has '
+                        '"text" too',
+                        fix=f'give a text record\'s field another name than "{key}" (a --prompt may name any '
+                        f"other field), or write the record as {shape}"
+                        + (
+                            ' ({"prompt": ..., "choices": [...], "label": k})'
+                            if key == "choices"
+                            else ' ({"prompt": ..., "completion": ...})'
+                        ),
+                    )
             if "choices" in record:
                 example = _choice_record(path, line_no, record)
                 first = _check_consistent(path, line_no, example.shape, first)
@@ -476,13 +492,13 @@ def _choice_record(path: Path, line_no: int, record: dict[str, Any]) -> Example:
         'write {"prompt": "The man broke his toe because", "choices": [" he dropped a hammer", " he ran"], "label": 0}'
     )
     prompt, choices = record.get("prompt"), record.get("choices")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str) or blank(prompt):
         problem = 'has no "prompt"' if "prompt" not in record else '"prompt" is not a non-empty string'
         raise ZoplanError(f"{path}:{line_no}: a multiple-choice record {problem}", fix=fix)
     if (
         not isinstance(choices, list)
         or len(choices) < 2
-        or not all(isinstance(c, str) and c.strip() for c in choices)
+        or not all(isinstance(c, str) and not blank(c) for c in choices)
         or len(set(choices)) != len(choices)
     ):
         raise ZoplanError(f'{path}:{line_no}: "choices" must be two or more different non-empty strings', fix=fix)
@@ -500,11 +516,30 @@ def _choice_record(path: Path, line_no: int, record: dict[str, Any]) -> Example:
     return Example(choices[label], label, line_no, prompt=prompt, choices=tuple(choices))
 
 
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words (an array, a string, null ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    kinds = ((list, "an array"), (str, "a string"), ((int, float), "a number"), (dict, "an object"))
+    return next(word for kind, word in kinds if isinstance(value, kind))
+
+
+def _json_brief(value: Any) -> str:
+    """A JSON value as the file writes it, cut to 40 characters."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except ValueError:  # an integer past Python's 4300 digits for str()
+        text = "a number of more than 4300 digits"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _check_label(path: Path, line_no: int, label: Any) -> int:
     # bool is an int subclass in Python; true/false in a file is almost surely a mistake.
     if isinstance(label, bool) or not isinstance(label, int):
         raise ZoplanError(
-            f"{path}:{line_no}: label {label!r} is not an integer",
+            f"{path}:{line_no}: label {_json_brief(label)} is not an integer",
             fix="labels are integer indices into the label words: 0, 1, ...",
         )
     if label < 0:

@@ -163,6 +163,10 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
         (['{"prompt": "So", "choices": [" a", " b"]}'], 1, 'has no "label"'),
         (['{"choices": [" a", " b"], "label": 0}'], 1, 'has no "prompt"'),
         (['{"prompt": "So", "choices": [" a", " b"], "label": 0, "text": "x"}'], 1, 'has "text" too'),
+        # "prompt" or "choices" beside "text" and "label" (a field for --prompt): which shape was meant
+        (['{"text": "ok", "label": 1, "prompt": "v1"}'], 1, 'a record with "prompt" is a prompt and its completion'),
+        (['{"text": "ok", "label": 1, "choices": [" a", " b"]}'], 1, 'a record with "choices" is a multiple choice'),
+        (['{"prompt": "So", "choices": [" a", "\\u200b"], "label": 0}'], 1, "two or more different non-empty"),
         # a zero-width space shows nothing: as empty as spaces
         (['{"text": "ok", "label": 0}', '{"text": "\\u200b", "label": 1}'], 2, '"text" is empty'),
         (['{"prompt": "\\u200b\\u2060", "completion": " 4"}'], 1, '"prompt" is empty'),
@@ -562,3 +566,21 @@ def test_lm_accuracy_counts_only_targets(tokenizer) -> None:
     logits = torch.full((*batch.input_ids.shape, len(tokenizer)), -5.0)
     logits[:, :-1].scatter_(2, batch.input_ids[:, 1:, None], 5.0)
     assert accuracy(logits, batch, LM) == (batch.target_count, batch.target_count)
+
+
+def test_a_jsonl_file_may_start_with_a_byte_order_mark_and_messages_use_json_words(tmp_path: Path) -> None:
+    """A BOM (as editors on Windows write it) was refused in a .jsonl file while a .csv file took
+    one; messages named Python's types (NoneType, True) for what the file writes as null, true."""
+    path = tmp_path / "bom.jsonl"
+    lines = [json.dumps({"text": f"text {i}", "label": i % 2}) for i in range(3)]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("\n".join(lines) + "\n")
+    assert load_examples(str(path)) == load_examples(str(plain))
+    for line, words in (
+        ("null", "expected a JSON object, found null"),
+        ('{"text": "a", "label": true}', "label true is"),
+    ):
+        path.write_text(line + "\n")
+        with pytest.raises(ZoplanError, match=words):
+            load_examples(str(path))
