@@ -72,9 +72,11 @@ PROMPT_FIX = (
 
 
 def blank(text: str) -> bool:
-    """Whether ``text`` shows nothing: spaces only, or characters that print as nothing (a
-    zero-width space): a record's empty text, which a model would read as nothing."""
-    return not any(c.isprintable() and not c.isspace() for c in text)
+    """Whether ``text`` shows nothing: spaces, control and format characters only (a zero-width
+    space, a byte order mark): a record's empty text, which a model would read as nothing."""
+    import unicodedata
+
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text)
 
 
 def unreadable(text: str) -> str | None:
