@@ -246,6 +246,27 @@ def main() -> None:
         newest.write_bytes(newest.read_bytes()[:1000])
         return call("run", "--resume", str(run), "--steps", "8", cwd=d)
 
+    def flipped_snapshot(d: Path) -> tuple[int, str]:
+        """One bit of the newest snapshot's weights flipped: size and header as written."""
+        run = copy(d)
+        newest = sorted((run / "snapshots").iterdir())[-1] / "model.safetensors"
+        data = bytearray(newest.read_bytes())
+        data[-100] ^= 1
+        newest.write_bytes(bytes(data))
+        return call("run", "--resume", str(run), "--steps", "8", cwd=d)
+
+    def data_file(lines: list[str], *args: str, more: bool = True) -> Callable[[Path], tuple[int, str]]:
+        """A new run of ``lines`` as its --data file (with ``more``, 40 bundled sentiment records after them)."""
+
+        def go(d: Path) -> tuple[int, str]:
+            from zoplan.runtime.data import SENTIMENT_FILE
+
+            records = SENTIMENT_FILE.read_text().splitlines()[:40] if more else []
+            (d / "data.jsonl").write_text("\n".join(lines + records) + "\n")
+            return call("run", "--steps", "2", "--data", "data.jsonl", *args, "-o", "run", cwd=d)
+
+        return go
+
     def read_only_output(d: Path) -> tuple[int, str]:
         """An output directory the run cannot write into (immutable: also for root, who ignores modes)."""
         (d / "ro").mkdir()
@@ -355,6 +376,31 @@ def main() -> None:
             damaged_snapshot,
             refused=False,
             check=matches_reference,
+        ),
+        Case(
+            "resume",
+            "a bit of the newest snapshot's weights flipped (must finish, bit-identical)",
+            flipped_snapshot,
+            refused=False,
+            check=matches_reference,
+        ),
+        Case(
+            "input",
+            "a record whose text holds half of a JSON escape pair (\\ud800)",
+            data_file(['{"text": "bad \\ud800 half", "label": 1}']),
+        ),
+        Case(
+            "input", "--eval-fraction 0.95 of 40 examples (2 left to train)", data_file([], "--eval-fraction", "0.95")
+        ),
+        Case(
+            "input",
+            "an empty field the recipe's prompt reads",
+            data_file(
+                ['{"sentence": " ", "label": 0}'] + ['{"sentence": "fine", "label": 1}'] * 40,
+                "--recipe",
+                "sst2",
+                more=False,
+            ),
         ),
         Case(
             "resume",
