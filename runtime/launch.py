@@ -959,6 +959,33 @@ def stop_signals(stopped: list[int]):
             signal.signal(signum, old)
 
 
+# the signals that stop a run (a job scheduler, Ctrl-C, a closed terminal)
+STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_held(signums: Sequence[int] = STOPPING) -> Iterator[None]:
+    """Hold ``signums`` back while a process forks a child and records it. One that arrives
+    meanwhile is handled when the hold ends: by the parent once it knows its child (a supervisor
+    stopping its ranks), and in the child only after ``after_fork`` (the Python handler a child
+    inherits would act for its parent: a rank server's child, its run's supervisor, noted a
+    SIGTERM for the server and trained on)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def after_fork(signums: Sequence[int] = STOPPING, keep_ignored: bool = False) -> None:
+    """In a child forked within ``signals_held``: ``signums`` back to their default action (one
+    the parent ignores stays ignored with ``keep_ignored``), then let through."""
+    for signum in signums:
+        if not (keep_ignored and signal.getsignal(signum) is signal.SIG_IGN):
+            signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+
+
 def die_with_parent(signum: int = signal.SIGTERM) -> None:
     """Have the kernel send this process ``signum`` when its parent dies, however it dies (SIGKILL
     included): torchrun then stops its ranks, and a rank whose torchrun is gone stops, rather than

@@ -79,10 +79,9 @@ def _start(module: str, rank: int, nproc: int, addr: str, port: int, attempt: in
         return pid
     code = 1
     try:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            if signal.getsignal(signum) is not signal.SIG_IGN:  # (ignored by the launcher: by the rank too)
-                signal.signal(signum, signal.SIG_DFL)
-        from zoplan.runtime.launch import die_with_parent
+        from zoplan.runtime.launch import after_fork, die_with_parent
+
+        after_fork(keep_ignored=True)  # (a signal ignored by the launcher is by the rank too)
         from zoplan.runtime.scratch import RANK_NAME, name_process
 
         die_with_parent(signal.SIGKILL)  # a rank whose supervisor is gone stops at once
@@ -169,6 +168,8 @@ class Ranks:
 def run(
     module: str, nproc: int, addr: str, port: int, max_restarts: int, worker_args: list[str], status: Path | None
 ) -> int:
+    from zoplan.runtime.launch import signals_held
+
     record: list[dict] = []
     ranks = Ranks()
 
@@ -190,7 +191,9 @@ def run(
                 flush=True,
             )
         for rank in range(nproc):
-            ranks.pids[_start(module, rank, nproc, addr, port, attempt, worker_args)] = rank
+            # a stop that comes while a rank is forked waits until the rank is known (and stopped)
+            with signals_held():
+                ranks.pids[_start(module, rank, nproc, addr, port, attempt, worker_args)] = rank
         exits: dict[int, int] = {}
         while ranks.pids:
             ranks.reap(exits)

@@ -216,11 +216,15 @@ def _child(sel: selectors.BaseSelector, sockets: list[socket.socket], req: dict,
     """The forked child: become the run's rank supervisor (never returns)."""
     code = 1
     try:
+        from zoplan.runtime.launch import after_fork
+
+        # forked with the stopping signals held (the server's handler only notes them): the
+        # supervisor's own, from here (a SIGTERM sent meanwhile now stops it)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        after_fork()
         sel.close()
         for sock in sockets:  # the server's: neither this supervisor nor its ranks keep them
             sock.close()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update(req["env"])
@@ -261,7 +265,7 @@ def _preload(model_types: Sequence[str]) -> None:
 
 def serve(path: Path, model_types: Sequence[str] = ()) -> int:
     """Serve requests on the Unix socket ``path`` until SIGTERM or SIGINT."""
-    from zoplan.runtime.launch import die_with_parent
+    from zoplan.runtime.launch import die_with_parent, signals_held
     from zoplan.runtime.scratch import name_process
 
     die_with_parent(signal.SIGTERM)  # a server whose parent (a test session, a shell) is gone stops
@@ -315,9 +319,10 @@ def serve(path: Path, model_types: Sequence[str] = ()) -> int:
                             pass
                         conn.close()
                         continue
-                    pid = os.fork()
-                    if pid == 0:
-                        _child(sel, [listener, conn, *served], req, fds[0])
+                    with signals_held():
+                        pid = os.fork()
+                        if pid == 0:
+                            _child(sel, [listener, conn, *served], req, fds[0])
                     os.close(fds[0])
                     started += 1
                     try:

@@ -321,3 +321,33 @@ def test_an_interrupted_launcher_kills_a_rank_supervisor_that_does_not_stop(tmp_
     quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     stop_ranks(quick, wait_s=30.0)  # one that stops on SIGTERM is not killed
     assert quick.returncode == -signal.SIGTERM
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+def test_a_stop_sent_while_a_child_is_forked_waits_for_the_child_s_own_handlers_and_the_parent_s_record() -> None:
+    """A rank server's child inherited the server's SIGTERM handler (which only notes the signal)
+    until it set its own: a SIGTERM in that moment was lost, and the run's supervisor trained
+    every step while its launcher waited to stop it. A supervisor stopped between forking a rank
+    and recording it left that rank running. Held while a child is forked and recorded, a stop
+    reaches the child once it has its own handlers, and the parent once it knows the child."""
+    import signal
+
+    from zoplan.runtime.launch import after_fork, signals_held
+
+    noted: list[object] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(known))  # as the server's
+    known = None
+    try:
+        with signals_held():
+            pid = os.fork()
+            if pid == 0:  # the child: a SIGTERM comes before its own handlers
+                os.kill(os.getpid(), signal.SIGTERM)
+                after_fork()  # the default action, now: it ends here
+                os._exit(0)  # only if the signal went to the inherited handler
+            os.kill(os.getpid(), signal.SIGTERM)  # the parent: handled once the child is recorded
+            known = pid
+        _, status = os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
+    assert noted == [pid]
