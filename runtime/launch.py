@@ -467,6 +467,33 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     rows = parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0] if journal.exists() else []
     check_lines(rows, plan.zo.seed, plan.zo.eps, plan.zo.weight_decay, journal)  # (what the ranks replay)
     done = len(rows)
+    # the steps a finished run's ranks marked (read before they are cleared below): what model/ holds
+    marked = [m.read_text().strip() for m in out.glob(finished_marker(cfg.node_rank, "*"))]
+    finished_at = max((int(t) for t in marked if t.isdigit()), default=None)
+    gone = [
+        f"{what}"
+        for what, there in (
+            ("a model/ of its final weights", (out / "model").is_dir()),
+            ("snapshots", any((out / "snapshots").glob("step-*"))),
+            (f"its ranks' marks of {finished_at} finished steps", finished_at is not None),
+        )
+        if there
+    ]
+    if cfg.node_rank == 0 and not journal.exists() and gone:
+        # a resume would take it for a run of no step: train from the base weights again, remove
+        # the snapshots as past the journal's end, and put its model aside as the weights of step 0
+        raise ZoplanError(
+            f"{journal} is gone, but {out} holds {' and '.join(gone)}: the journal is the run's record of "
+            "its steps, and without it the run would start again from the base weights",
+            fix=f"put the journal back and resume again; to train {out}'s run from its start again on purpose, "
+            f"make it an empty file first (`: > {journal}`)",
+        )
+    dropped = _cut_metrics(out / "metrics.jsonl", done) if cfg.node_rank == 0 else 0
+    if dropped:
+        warn(
+            f"{dropped} row(s) of {out / 'metrics.jsonl'} after the journal's end (step {done}) removed: the "
+            "steps they describe are taken again"
+        )
     if cfg.steps < done:
         raise ZoplanError(
             f"--steps {cfg.steps} is fewer than the {done} step(s) {out} has done already",
@@ -579,15 +606,18 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     final = out / "model"
     if cfg.node_rank == 0 and cfg.steps > done and final.is_dir():
         # the finished run's weights, which the run written on from here makes out of date: kept
-        # under the step they hold, never left as the weights of a run that went on
-        kept = out / f"model-step{done}"
+        # under the step they hold (its ranks' marks say which: past the journal's end where it
+        # was cut back), never left as the weights of a run that went on
+        held = finished_at if finished_at is not None else done
+        kept = out / f"model-step{held}"
         if kept.exists():  # the same step's weights, moved aside before
             shutil.rmtree(final)
         else:
             final.rename(kept)
         warn(
-            f"{final} held the weights of step {done}: moved to {kept}; the run goes on to step {cfg.steps} "
-            f"and writes {final} when it finishes"
+            f"{final} held the weights of step {held}"
+            + (f" (the journal now ends at step {done})" if held != done else "")
+            + f": moved to {kept}; the run goes on to step {cfg.steps} and writes {final} when it finishes"
         )
     cfg = cfg.given(model_dir=model_dir.resolve(), device=device)
     runconfig.write(cfg, out)
@@ -1083,6 +1113,33 @@ def _resume_fix(cfg: RunConfig) -> str:
 def _the_journal(cfg: RunConfig) -> str:
     """Whose journal a node's messages speak of: rank 0 writes it, in node 0's output directory."""
     return "the journal" if cfg.node_rank == 0 else "node 0's journal (its output directory)"
+
+
+def _cut_metrics(path: Path, done: int) -> int:
+    """Remove the rows of ``path`` (metrics.jsonl) about steps past a journal of ``done`` steps
+    (cut back, or torn): the run takes those steps again, and its summary reads these rows.
+    Returns how many were removed; the file is rewritten only if any was."""
+    if not path.exists():
+        return 0
+    kept: list[bytes] = []
+    dropped = 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:  # (a torn last line: cut where the run appends)
+            kept.append(line)
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        at = row.get("resumed_at") if isinstance(row, dict) else None
+        if (type(step) is int and step >= done) or (type(at) is int and at > done):
+            dropped += 1  # a step's row (0-based), an evaluation after it, a start past the end
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(kept))
+        tmp.replace(path)
+    return dropped
 
 
 def _journaled_steps(journal: Path) -> int:

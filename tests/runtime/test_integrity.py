@@ -353,6 +353,45 @@ def test_a_resume_that_trains_on_moves_the_finished_weights_aside(run_dir: Path,
     )
 
 
+def test_a_resume_after_the_journal_was_cut_back_or_lost_says_what_the_run_holds(run_dir: Path, capsys) -> None:
+    """A journal cut back (as a damaged line's fix advises) left model/ of the finished step moved
+    to model-step<the journal's end>, and metrics.jsonl's rows of the cut steps gave the summary
+    the old run's figures; a journal removed made a finished run one of no step: retrained from
+    the base weights, its snapshots removed as past the journal's end, exit 0."""
+    from zoplan.records import EvalRow, TrainRow
+
+    (run_dir / "model").mkdir()
+    (run_dir / "model" / "model.safetensors").write_bytes(b"the weights of step 6")
+    (run_dir / ".finished-node0-rank0").write_text("6")  # what a finished run's ranks leave
+    rows = [EvalRow(step=-1, eval_loss=7.0, eval_accuracy=0.5).line()]
+    rows += [
+        TrainRow(
+            step=s, loss=7.0, projected_grad=1.0, step_time_s=0.1, tokens_per_s=1.0, elapsed_s=s, nonfinite_total=0
+        ).line()
+        for s in range(6)
+    ]
+    rows += [EvalRow(step=5, eval_loss=6.5, eval_accuracy=0.5).line()]
+    (run_dir / "metrics.jsonl").write_text("".join(rows))
+    journal = run_dir / "journal.jsonl"
+    journal.unlink()
+    with pytest.raises(ZoplanError) as refused:
+        resume(run_dir, 9)
+    assert f"{journal} is gone, but {run_dir} holds a model/ of its final weights and its ranks' marks of 6" in str(
+        refused.value
+    )
+    assert f": > {journal}" in refused.value.fix and (run_dir / "model").is_dir()
+    journal.write_text("".join(line(s) for s in range(4)))  # cut back to 4 steps
+    resume(run_dir, 9)
+    said = capsys.readouterr().err
+    assert f"held the weights of step 6 (the journal now ends at step 4): moved to {run_dir / 'model-step6'}" in said
+    assert (run_dir / "model-step6" / "model.safetensors").read_bytes() == b"the weights of step 6"
+    assert "3 row(s) of" in said and "after the journal's end (step 4) removed" in said
+    kept = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in kept] == [-1, 0, 1, 2, 3]
+    journal.write_text("")  # emptied on purpose (the fix above): a run of no step, resumed
+    resume(run_dir, 9)
+
+
 def test_a_damaged_run_record_is_refused(run_dir: Path) -> None:
     (run_dir / "run.json").write_text('{"model": 3')
     with pytest.raises(ZoplanError, match="run.json is damaged"):
