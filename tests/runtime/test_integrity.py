@@ -392,6 +392,15 @@ def test_a_resume_after_the_journal_was_cut_back_or_lost_says_what_the_run_holds
     resume(run_dir, 9)
 
 
+def test_a_new_run_inside_another_run_s_directory_is_refused(run_dir: Path, tiny_dirs) -> None:
+    """A run started with -o RUN/model finished with exit 0, and RUN's own finish then replaced
+    its model/ with RUN's weights: the second run's journal, model and logs were gone."""
+    for inside in (run_dir / "model", run_dir / "snapshots" / "mine"):
+        with pytest.raises(ZoplanError, match=f"{inside} is inside {run_dir}, the output directory of another run"):
+            prepare(make(model=str(tiny_dirs["tiny-opt"]), output=inside, steps=2))
+        assert not inside.exists()
+
+
 def test_a_damaged_run_record_is_refused(run_dir: Path) -> None:
     (run_dir / "run.json").write_text('{"model": 3')
     with pytest.raises(ZoplanError, match="run.json is damaged"):
