@@ -1182,3 +1182,16 @@ def test_a_ctrl_c_during_a_command_says_interrupted(monkeypatch) -> None:
     monkeypatch.undo()
     code, said = console(["plan", "-m", "opt-125m", "-t", "cpu-local", "--top", "0"])  # another exit: no such word
     assert code == 2 and "interrupted" not in said, said
+
+
+def test_a_path_too_long_for_the_file_system_is_an_error_not_a_traceback(tmp_path) -> None:
+    """`zoplan run -o <300 characters>` (and replay's paths) ended in OSError: [Errno 36] File name
+    too long, with a traceback."""
+    from fuzzkit import console
+
+    long = str(tmp_path / ("x" * 300))
+    runs = (["run", "--steps", "1", "-o", long], ["run", "--resume", long], ["replay", long, "-o", str(tmp_path / "o")])
+    for args in runs:
+        code, said = console(args)
+        assert code == 2 and "the name is too long" in said and "Traceback" not in said, said
+    assert list(tmp_path.iterdir()) == []

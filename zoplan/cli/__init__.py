@@ -966,6 +966,19 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except OSError as exc:
+        import errno
+
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        # a path given is longer than the file system takes (wherever it is first used)
+        name = str(exc.filename or "a path given")
+        shown = name if len(name) <= 80 else f"{name[:40]}...{name[-30:]} ({len(name)} characters)"
+        err.print(Text.assemble(("error:", "bold red"), " ", f"{shown}: the name is too long"), highlight=False)
+        err.print(
+            Text("  fix: use a shorter path (on Linux at most 255 bytes a name, 4096 a whole path)"), highlight=False
+        )
+        sys.exit(2)
     except SystemExit as exc:  # typer ends a command stopped by Ctrl-C so, without a word
         if exc.code == 130 and _by_ctrl_c(exc):
             err.print("interrupted")
