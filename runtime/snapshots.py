@@ -55,7 +55,11 @@ def snapshots(out: Path, *, check: bool = False) -> list[tuple[int, Path]]:
     found = []
     if root.is_dir():
         for d in sorted(root.iterdir()):
-            if d.name.startswith("step-") and not d.name.endswith(".tmp") and (d / "meta.json").exists():
+            if d.name.startswith("step-") and not d.name.endswith(".tmp"):
+                if not (d / "meta.json").exists():  # (one is written last, before the snapshot's rename)
+                    if check:
+                        print(f"warning: snapshot {d.name} left out: it has no meta.json", file=sys.stderr, flush=True)
+                    continue
                 try:
                     meta = json.loads(read_text(d / "meta.json", "snapshot meta", 1 << 16))
                     step = meta.get("step") if isinstance(meta, dict) else None

@@ -465,6 +465,7 @@ def _cut_weights(folder: Path) -> None:  # a disk that filled up while it was co
 # how the newest snapshot is damaged: its weights cut short, or its meta.json (META_DAMAGE)
 SNAPSHOT_DAMAGE = {
     "truncated weights": _cut_weights,
+    "no meta.json": lambda f: (f / "meta.json").unlink(),  # (it was left out without a word)
     **{f"meta.json {k}": (lambda f, t=t: (f / "meta.json").write_text(t)) for k, t in META_DAMAGE.items()},
 }
 
