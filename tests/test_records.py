@@ -113,6 +113,10 @@ def test_a_learning_rate_too_small_for_the_model_is_said_once_after_20_steps() -
     assert not [w for r in rows(1e-5) if check.add(r)]
     check = StallCheck()
     assert not [w for r in [train(s, 1.0) for s in range(30)] if check.add(r)]
+    # a resume after step 900 (its loss long past the start's): it warned on every resume
+    check = StallCheck()
+    later = [r.model_copy(update={"step": 900 + r.step}) for r in rows(1e-6)]
+    assert not [w for r in later if check.add(r)]
 
 
 def test_a_step_trained_again_after_a_resume_is_counted_once_and_its_last_row_counts(tmp_path: Path) -> None:

@@ -77,8 +77,9 @@ class StallCheck:
         self.moved = False  # a step with finite losses whose projected gradient was not 0
 
     def add(self, row: TrainRow) -> str | None:
-        """The warning, once, at the ``steps``-th step of this run seen; else None."""
-        if row.lr is None:
+        """The warning, once, at the ``steps``-th step of the run; else None. Only the run's first
+        ``steps`` steps count: a resume's later steps (a loss long past its start) say nothing."""
+        if row.lr is None or row.step >= self.steps:
             return None
         self.seen += 1
         self.first_loss = row.loss if self.first_loss is None else self.first_loss
