@@ -251,6 +251,12 @@ def _open_lock(out: Path, path: Path) -> int:
             raise ZoplanError(
                 f"the output directory {out} is a file, not a folder", fix="choose another --output, a folder"
             ) from None
+        if out.is_symlink() and not out.exists():  # (mkdir says "File exists")
+            target = os.readlink(out)
+            raise ZoplanError(
+                f"the output directory {out} is a link to {target}, which does not exist",
+                fix=f"make the folder {target} first, or choose another --output",
+            ) from None
         raise ZoplanError(
             f"cannot write into the output directory {out}: {exc.strerror or exc}",
             fix="choose an --output directory this user can write to (and a disk with room)",

@@ -138,6 +138,13 @@ def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path: Path) -
     # the output named as a file itself: said so ("File exists" was all it said)
     with pytest.raises(ZoplanError, match=r"the output directory .*file is a file, not a folder"), run_lock(blocker, 0):
         pass
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")  # it said "File exists", with a fix about permissions
+    with pytest.raises(
+        ZoplanError, match=r"the output directory .*dangling is a link to .*nowhere, which does not exist"
+    ):
+        with run_lock(dangling, 0):
+            pass
 
 
 def test_a_launcher_refused_by_the_lock_leaves_the_holders_directory(tmp_path: Path, monkeypatch) -> None:
