@@ -478,8 +478,8 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # the steps a finished run's ranks marked (read before they are cleared below): what model/ holds
     marked = [m.read_text().strip() for m in out.glob(finished_marker(cfg.node_rank, "*"))]
     finished_at = max((int(t) for t in marked if t.isdigit()), default=None)
-    gone = [
-        f"{what}"
+    remains = [
+        what
         for what, there in (
             ("a model/ of its final weights", (out / "model").is_dir()),
             ("snapshots", any((out / "snapshots").glob("step-*"))),
@@ -487,20 +487,14 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
         )
         if there
     ]
-    if cfg.node_rank == 0 and not journal.exists() and gone:
+    if cfg.node_rank == 0 and not journal.exists() and remains:
         # a resume would take it for a run of no step: train from the base weights again, remove
         # the snapshots as past the journal's end, and put its model aside as the weights of step 0
         raise ZoplanError(
-            f"{journal} is gone, but {out} holds {' and '.join(gone)}: the journal is the run's record of "
+            f"{journal} is gone, but {out} holds {' and '.join(remains)}: the journal is the run's record of "
             "its steps, and without it the run would start again from the base weights",
             fix=f"put the journal back and resume again; to train {out}'s run from its start again on purpose, "
             f"make it an empty file first (`: > {journal}`)",
-        )
-    dropped = _cut_metrics(out / "metrics.jsonl", done) if cfg.node_rank == 0 else 0
-    if dropped:
-        warn(
-            f"{dropped} row(s) of {out / 'metrics.jsonl'} after the journal's end (step {done}) removed: the "
-            "steps they describe are taken again"
         )
     if cfg.steps < done:
         raise ZoplanError(
@@ -587,6 +581,12 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # has: the run takes those steps again, and writes their snapshots again
     for torn in sorted((out / "snapshots").glob("step-*.tmp")):  # a snapshot whose writing was interrupted
         shutil.rmtree(torn, ignore_errors=True)
+    dropped = _cut_metrics(out / "metrics.jsonl", done) if cfg.node_rank == 0 else 0
+    if dropped:
+        warn(
+            f"{dropped} row(s) of {out / 'metrics.jsonl'} after the journal's end (step {done}) removed: the "
+            "steps they describe are taken again"
+        )
     found = snapshots(out, check=True)
     for step, path in found:
         if step > done and cfg.node_rank == 0:
