@@ -756,10 +756,29 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
     # time were written for the ranks to read)
     record = out / runconfig.CONFIG_FILE
     recorded = record.read_bytes() if resume and record.is_file() else None
+    stopped: list[int] = []  # SIGTERM and SIGHUP stop the run from here as Ctrl-C does
     try:
-        with run_lock(out, cfg.node_rank, cfg.nnodes):
+        with stop_signals(stopped), run_lock(out, cfg.node_rank, cfg.nnodes):
             try:
-                return _run(cfg, resume)
+                try:
+                    return _run(cfg, resume)
+                except KeyboardInterrupt:
+                    # before the ranks started (the launch says what became of a started run): a
+                    # SIGTERM there killed the launcher and left run.json and plan.yaml behind
+                    signum = stopped[-1] if stopped else signal.SIGINT
+                    name = signal.Signals(signum).name
+                    if resume:
+                        raise Refused(
+                            f"stopped by {name} before the ranks started; the run in {out} is as it was",
+                            fix=_resume_fix(cfg),
+                            status=128 + signum,
+                        ) from None
+                    raise NothingDone(
+                        f"stopped by {name} before the first step; nothing was trained, and what the run had "
+                        f"written in {out} is removed",
+                        fix="run the same command again",
+                        status=128 + signum,
+                    ) from None
             except BaseException as exc:
                 if recorded is not None and isinstance(exc, Refused) and out.is_dir():
                     record.write_bytes(recorded)

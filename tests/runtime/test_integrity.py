@@ -878,3 +878,36 @@ def test_a_held_out_part_that_leaves_less_than_a_batch_is_refused_and_an_overlap
     said = start("repeated")
     assert len(said) == 1 and said[0].startswith("12 of the 12 held-out example(s) are also training examples")
     assert f"more than once in {data}" in said[0]
+
+
+def test_a_stop_before_the_ranks_start_keeps_nothing_of_a_new_run_and_leaves_a_resume_as_it_was(
+    tiny_dirs, run_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """SIGTERM after the launcher had written run.json and plan.yaml, before its handler of stop
+    signals was in place, killed it (status -15) and left them: the same command was then refused
+    as "not empty". The handler is in place from the start of a run."""
+    import os
+    import signal
+
+    from zoplan.errors import Refused
+    from zoplan.runtime import launch
+
+    real = launch.prepare
+
+    def stopped_there(cfg, resume=False):
+        made = real(cfg, resume)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a job scheduler's, once run.json is written
+        return made
+
+    monkeypatch.setattr(launch, "prepare", stopped_there)
+    out = tmp_path / "new"
+    with pytest.raises(launch.NothingDone) as stopped:
+        launch.run(make(model=str(tiny_dirs["tiny-opt"]), output=out, steps=2))
+    assert stopped.value.status == 128 + signal.SIGTERM and not out.exists()
+    assert "stopped by SIGTERM before the first step; nothing was trained" in stopped.value.message
+    record = (run_dir / "run.json").read_bytes()
+    with pytest.raises(Refused) as stopped:
+        launch.run(resume_config(run_dir, {"steps": 9})[0], resume=True)
+    assert stopped.value.status == 128 + signal.SIGTERM and "the run in" in stopped.value.message
+    assert f"zoplan run --resume {run_dir} --steps 9" in stopped.value.fix
+    assert (run_dir / "run.json").read_bytes() == record  # (the resume had written its options there)
