@@ -896,6 +896,15 @@ def _launch(
                     stop_ranks(proc)
     except KeyboardInterrupt:
         signum = stopped[0] if stopped else signal.SIGINT
+        if _finished(out, cfg.node_rank, per_node, cfg.steps):
+            # the ranks finished before they could be stopped (a supervisor that could not stop
+            # them in time, a stop at the very end): the run is whole, nothing is left to resume
+            log.close()
+            warn(
+                f"{signal.Signals(signum).name} came when the run had finished on every rank: its weights and "
+                f"journal are complete"
+            )
+            return summarize(out)
         never_met = met is not None and not met.exists()
         if not resume and (never_met if met is not None else not _journaled_steps(out / "journal.jsonl")):
             raise NothingDone(

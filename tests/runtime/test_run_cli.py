@@ -470,3 +470,25 @@ def test_a_node_waiting_for_node_0_says_it_may_be_one_too_many() -> None:
     assert "if a run there already has its node 2, this one is one too many" in said
     first = _waiting_note(make(model="m", nnodes=3, node_rank=0, master_addr="10.0.0.1"), 29500)
     assert "--node-rank K (1 .. 2) --master-addr 10.0.0.1 --master-port 29500" in first and "too many" not in first
+
+
+def test_a_stop_that_comes_when_the_run_has_finished_says_so(tmp_path: Path, monkeypatch) -> None:
+    """A launcher stopped while its supervisor could not stop the ranks in time (stopped itself,
+    say) waited, the ranks finished, and it said "stopped by SIGTERM after 3 completed step(s) of
+    3" with a resume of a finished run, status 143. A stop that finds the run finished says so
+    and gives the run's summary."""
+    from zoplan.runconfig import make
+    from zoplan.runtime import launch
+
+    real = launch._follow
+
+    def then_stopped(proc, *args, **kwargs):
+        real(proc, *args, **kwargs)  # until the ranks have finished
+        raise KeyboardInterrupt  # Ctrl-C, or SIGTERM through the launcher's handler
+
+    monkeypatch.setattr(launch, "_follow", then_stopped)
+    said: list[str] = []
+    with launch.warnings_to(said.append):
+        summary = launch.run(make(model="tiny-opt", steps=3, output=tmp_path / "run", quiet=True))
+    assert summary.steps == 3 and (tmp_path / "run" / "model").is_dir()
+    assert said == ["SIGINT came when the run had finished on every rank: its weights and journal are complete"]
