@@ -119,6 +119,24 @@ def test_a_learning_rate_too_small_for_the_model_is_said_once_after_20_steps() -
     assert not [w for r in later if check.add(r)]
 
 
+def test_a_summary_whose_first_rows_are_gone_counts_every_step_and_says_where_its_rows_start(
+    tmp_path: Path,
+) -> None:
+    """metrics.jsonl removed before a resume at step 3000: the summary said "trained 100 steps" of
+    a run of 3100, its first loss "of the first 10 steps"."""
+    rows = [ResumedRow(resumed_at=3000, snapshot=None, replayed=3000, restart=0)]
+    rows += [train(s, 5.0) for s in range(3000, 3100)]
+    (tmp_path / "metrics.jsonl").write_text("".join(r.line() for r in rows))
+    result = summarize(tmp_path)
+    assert (result.steps, result.first_step, result.window) == (3100, 3000, 10)
+    from zoplan.planfile import write_plan
+    from zoplan.planner import plan
+
+    write_plan(plan("opt-125m", "cpu-local").plan, tmp_path / "plan.yaml")  # (the closing lines name the layout)
+    said = result.lines()[0]
+    assert said.startswith("trained 3100 steps: training loss 5.0000 (step 3001-3010, the first metrics.jsonl holds)")
+
+
 def test_a_step_trained_again_after_a_resume_is_counted_once_and_its_last_row_counts(tmp_path: Path) -> None:
     """A resume whose journal lost its last line trains that step again: metrics.jsonl holds a row
     for it from each start. `trained N steps` counts steps, not rows (a 4-step run said 5), and

@@ -221,6 +221,7 @@ class RunSummary:
     eval_before: EvalRow | None = None  # the evaluation before the first step
     window: int = 1
     skipped: int = 0  # steps whose loss was not finite: their updates were not applied
+    first_step: int = 0  # the first step metrics.jsonl holds (0-based; later where its rows were lost)
 
     @property
     def model(self) -> Path:
@@ -244,9 +245,16 @@ class RunSummary:
         def loss(x: float | None) -> str:
             return f"{x:.4f}" if x is not None else "not finite"
 
+        first = (
+            ("first step" if self.window == 1 else f"first {self.window} steps")
+            if self.first_step == 0
+            else f"step {self.first_step + 1}"
+            + ("" if self.window == 1 else f"-{self.first_step + self.window}")
+            + ", the first metrics.jsonl holds"
+        )
         said = [
             f"trained {self.steps} step{'s' if self.steps != 1 else ''}: training loss {loss(self.first_loss)} "
-            f"({'first step' if self.window == 1 else f'first {self.window} steps'}) -> {loss(self.last_loss)} "
+            f"({first}) -> {loss(self.last_loss)} "
             f"({'last' if self.window == 1 else f'last {self.window}'})"
             + (f"; {self.skipped} step(s) skipped, their loss not finite (no update applied)" if self.skipped else "")
         ]
@@ -306,4 +314,8 @@ def summarize(out: Path) -> RunSummary:
         return sum(finite) / len(finite) if finite else None
 
     skipped = sum(not math.isfinite(r.loss) for r in train)
-    return RunSummary(out, len(train), mean(train[:k]), mean(train[-k:]), final, evals.get(-1), k, skipped)
+    # the steps done: the last one's number (rows of earlier steps may be gone: a metrics.jsonl
+    # removed before a resume, whose rows then start where it picked up)
+    steps = train[-1].step + 1 if train else 0
+    first = train[0].step if train else 0
+    return RunSummary(out, steps, mean(train[:k]), mean(train[-k:]), final, evals.get(-1), k, skipped, first)
