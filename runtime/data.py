@@ -656,10 +656,17 @@ def _load_hub(name: str) -> list[Example]:
         label = record["label"] if has_label else None
         if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
             raise ZoplanError(
-                f"dataset '{name}' record {index}: label {label!r} is not a class index",
+                f"dataset '{name}' record {index}: label {_json_brief(label)} is not a class index",
                 fix="export it to .jsonl with integer labels and pass the file",
             )
-        examples.append(Example(str(record[text_column]), label))
+        text = record[text_column]
+        if not isinstance(text, str) or blank(text):  # (a missing text read as the word "None")
+            raise ZoplanError(
+                f"dataset '{name}' record {index}: its {text_column!r} is "
+                + ("empty" if isinstance(text, str) else f"{_json_kind(text)}, not a text"),
+                fix="export it to .jsonl without such records and pass the file",
+            )
+        examples.append(Example(text, label))
     return examples
 
 

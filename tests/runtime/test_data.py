@@ -584,3 +584,28 @@ def test_a_jsonl_file_may_start_with_a_byte_order_mark_and_messages_use_json_wor
         path.write_text(line + "\n")
         with pytest.raises(ZoplanError, match=words):
             load_examples(str(path))
+
+
+def test_a_hub_dataset_s_missing_or_empty_text_is_refused_not_read_as_a_word(monkeypatch) -> None:
+    """A record of a Hugging Face dataset whose text was null trained on the word "None" (str()),
+    and an empty one on nothing; its label was named in Python's words."""
+    import sys
+    import types
+
+    records = [{"sentence": "fine", "label": 1}]
+    fake = types.ModuleType("datasets")
+
+    class Loaded(list):
+        column_names = ["sentence", "label"]
+
+    fake.load_dataset = lambda name, config=None, split=None: Loaded(records)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert load_examples("someone/sst2") == ([Example("fine", 1)], "classification")
+    for bad, words in (
+        ({"sentence": None, "label": 0}, "its 'sentence' is null, not a text"),
+        ({"sentence": " \u200b", "label": 0}, "its 'sentence' is empty"),
+        ({"sentence": "ok", "label": True}, "label true is not a class index"),
+    ):
+        records[:] = [{"sentence": "fine", "label": 1}, bad]
+        with pytest.raises(ZoplanError, match=f"dataset 'someone/sst2' record 1: {words}"):
+            load_examples("someone/sst2")
