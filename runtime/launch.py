@@ -773,12 +773,7 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
                             fix=_resume_fix(cfg),
                             status=128 + signum,
                         ) from None
-                    raise NothingDone(
-                        f"stopped by {name} before the first step; nothing was trained, and what the run had "
-                        f"written in {out} is removed",
-                        fix="run the same command again",
-                        status=128 + signum,
-                    ) from None
+                    raise _nothing_done(out, signum, "before the first step") from None
             except BaseException as exc:
                 if recorded is not None and isinstance(exc, Refused) and out.is_dir():
                     record.write_bytes(recorded)
@@ -907,12 +902,10 @@ def _launch(
             return summarize(out)
         never_met = met is not None and not met.exists()
         if not resume and (never_met if met is not None else not _journaled_steps(out / "journal.jsonl")):
-            raise NothingDone(
-                f"stopped by {signal.Signals(signum).name} "
-                + ("while waiting for the other node(s): they never all met" if never_met else "before the first step")
-                + f"; nothing was trained, and what the run had written in {out} is removed",
-                fix="run the same command again",
-                status=128 + signum,
+            raise _nothing_done(
+                out,
+                signum,
+                "while waiting for the other node(s): they never all met" if never_met else "before the first step",
             ) from None
         after = (
             f" after {_journaled_steps(out / 'journal.jsonl')} completed step(s) of {cfg.steps}"
@@ -1138,6 +1131,16 @@ def _rank_signal(log: Path, status: Path, since: int = 0) -> int | None:
         return signal.SIGKILL if signal.SIGKILL in signals else signals[0] if signals else None
     tail = _log_tail(log, since)
     return signal.SIGKILL if "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail else None
+
+
+def _nothing_done(out: Path, signum: int, when: str) -> NothingDone:
+    """A new run stopped by ``signum`` ``when`` (before its first step): what it wrote goes."""
+    return NothingDone(
+        f"stopped by {signal.Signals(signum).name} {when}; nothing was trained, and what the run had written in "
+        f"{out} is removed",
+        fix="run the same command again",
+        status=128 + signum,
+    )
 
 
 def _resume_fix(cfg: RunConfig) -> str:

@@ -168,7 +168,7 @@ class Ranks:
 def run(
     module: str, nproc: int, addr: str, port: int, max_restarts: int, worker_args: list[str], status: Path | None
 ) -> int:
-    from zoplan.runtime.launch import signals_held
+    from zoplan.runtime.launch import STOPPING, signals_held
 
     record: list[dict] = []
     ranks = Ranks()
@@ -177,7 +177,7 @@ def run(
         ranks.stop_all({}, signum)
         os._exit(128 + signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in STOPPING:
         # a signal the launcher ignores (SIGINT in a script's background job, SIGHUP under nohup)
         # the whole run ignores: the ranks stopped while the launcher went on and read it as a crash
         if signal.getsignal(signum) is not signal.SIG_IGN:

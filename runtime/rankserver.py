@@ -265,7 +265,7 @@ def _preload(model_types: Sequence[str]) -> None:
 
 def serve(path: Path, model_types: Sequence[str] = ()) -> int:
     """Serve requests on the Unix socket ``path`` until SIGTERM or SIGINT."""
-    from zoplan.runtime.launch import die_with_parent, signals_held
+    from zoplan.runtime.launch import STOPPING, die_with_parent, signals_held
     from zoplan.runtime.scratch import name_process
 
     die_with_parent(signal.SIGTERM)  # a server whose parent (a test session, a shell) is gone stops
@@ -277,7 +277,7 @@ def serve(path: Path, model_types: Sequence[str] = ()) -> int:
     def stop(signum, frame):
         stopping.append(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in STOPPING:
         signal.signal(signum, stop)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
