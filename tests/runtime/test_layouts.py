@@ -338,11 +338,16 @@ def test_a_node_whose_peer_went_away_says_so(tiny_dirs, tmp_path: Path) -> None:
     procs[1].kill()  # the machine went away: its torchrun and ranks stop with its launcher
     said = procs[0].communicate(timeout=180)[0]
     procs[1].communicate(timeout=60)
-    # the killed launcher's host copy, which the next launch would sweep: the tests leave none
+    # the killed launcher's host copy and temporary folder, which the next launch would sweep:
+    # the tests leave none
+    import tempfile
+
     from zoplan.runtime.scratch import abandoned, shared_memory
 
     deadline = time.monotonic() + 30
-    for left in shared_memory().glob("zoplan-29751-*-node1"):
+    for left in [
+        p for base in (shared_memory(), Path(tempfile.gettempdir())) for p in base.glob("zoplan-*29751-*-node1")
+    ]:
         while not abandoned(left) and time.monotonic() < deadline:  # (its ranks still stopping)
             time.sleep(0.2)
         shutil.rmtree(left, ignore_errors=True)
