@@ -835,15 +835,67 @@ def _leading_specials(ids: list[int], special: set[int]) -> int:
 
 Tokens = dict[tuple[str, bool], list[int]]  # (text, with the tokenizer's special tokens) -> ids
 
+# A text far longer than a row can hold is cut before it is tokenised: a row reads at most max_len
+# of its tokens, from its start or its end, and tokenising a 10 MB line whole took seconds. The cut
+# keeps REACH_MARGIN tokens more than a row reads, and so many characters that even tokens of the
+# vocabulary's longest length, from a text a normalizer shortens fourfold, would fill them; a
+# text whose cut part gives fewer tokens than that (long runs of spaces some tokenizers drop) is
+# tokenised whole. The tokens a row keeps are then the whole text's: only the pre-token (a word)
+# the cut falls in is split differently, REACH_MARGIN tokens past what the row reads (a word of more
+# tokens than that, a long run without spaces, could reach back into them).
+REACH_MARGIN = 64
 
-def _token_rows(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, specials: bool, cache: Tokens | None):
-    """Token ids of each text, each distinct text tokenised once (``cache``: over a whole run)."""
+
+@lru_cache(maxsize=8)
+def _longest_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The length of the vocabulary's longest token as written there (at least the characters of
+    text any one token stands for: a byte-level token writes a character per byte)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def reach(tokenizer: PreTrainedTokenizerBase, max_len: int) -> int:
+    """The characters of a text read to tokenise the part a row of ``max_len`` keeps."""
+    return 4 * _longest_token(tokenizer) * (max_len + REACH_MARGIN)
+
+
+def _token_rows(
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    specials: bool,
+    cache: Tokens | None,
+    keep: tuple[str, int] | None = None,
+):
+    """Token ids of each text, each distinct text tokenised once (``cache``: over a whole run).
+    ``keep``: ("start" or "end", max_len): only that end of the text is read by a row, and a text
+    far longer is cut first (``reach``)."""
+    new = (
+        list(dict.fromkeys(texts)) if cache is None else [t for t in dict.fromkeys(texts) if (t, specials) not in cache]
+    )
+    made = dict(zip(new, _tokenised(new, tokenizer, specials, keep))) if new else {}
     if cache is None:
-        return tokenizer(list(texts), add_special_tokens=specials)["input_ids"]
-    new = [t for t in dict.fromkeys(texts) if (t, specials) not in cache]
-    if new:
-        cache.update(zip(((t, specials) for t in new), tokenizer(new, add_special_tokens=specials)["input_ids"]))
+        return [made[t] for t in texts]
+    cache.update(((t, specials), ids) for t, ids in made.items())
     return [cache[(t, specials)] for t in texts]
+
+
+def _tokenised(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, specials: bool, keep: tuple[str, int] | None
+) -> list[list[int]]:
+    """The ids of ``texts``, each cut first when far longer than ``keep`` needs (``_token_rows``)."""
+    longest = max(map(len, texts))
+    if keep is None or longest <= 4 * (keep[1] + REACH_MARGIN):  # none long enough to be cut (see reach)
+        return tokenizer(texts, add_special_tokens=specials)["input_ids"]
+    side, max_len = keep
+    most = reach(tokenizer, max_len)
+    cut = [t if len(t) <= most else t[:most] if side == "start" else t[len(t) - most :] for t in texts]
+    rows = tokenizer(cut, add_special_tokens=specials)["input_ids"]
+    short = [
+        i for i, (t, c, ids) in enumerate(zip(texts, cut, rows)) if c is not t and len(ids) < max_len + REACH_MARGIN
+    ]
+    if short:  # its cut part gives too few tokens: read whole
+        for i, ids in zip(short, tokenizer([texts[i] for i in short], add_special_tokens=specials)["input_ids"]):
+            rows[i] = ids
+    return rows
 
 
 def pretokenize(
@@ -851,16 +903,23 @@ def pretokenize(
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     cache: Tokens,
+    max_len: int,
     limit: int = 200_000,
 ) -> None:
-    """Fill ``encode``'s cache for up to ``limit`` examples in one batched tokenizer call, before
-    training starts, so that steps only assemble tensors."""
+    """Fill ``encode``'s cache (for rows of ``max_len``) for up to ``limit`` examples in one
+    batched tokenizer call, before training starts, so that steps only assemble tensors."""
     head = examples[:limit]
     if task.kind in ("completion", "choice"):
-        _token_rows([e.prompt or "" for e in head], tokenizer, True, cache)
-        _token_rows([c for e in head for c in (e.choices or (e.text,))], tokenizer, False, cache)
+        _token_rows([e.prompt or "" for e in head], tokenizer, True, cache, ("end", max_len))
+        _token_rows([c for e in head for c in (e.choices or (e.text,))], tokenizer, False, cache, ("start", max_len))
     else:
-        _token_rows([task.render(e) for e in head], tokenizer, True, cache)
+        _token_rows([task.render(e) for e in head], tokenizer, True, cache, (_kept_side(task), max_len))
+
+
+def _kept_side(task: Task) -> str:
+    """The end of a rendered text a too-long row keeps: classification its end (the prompt's "It
+    was" stays next to the prediction), lm its start."""
+    return "end" if task.kind == "classification" else "start"
 
 
 def _completion_rows(
@@ -872,8 +931,8 @@ def _completion_rows(
 
     Too long a pair loses the prompt's beginning (after its leading special tokens: what is next
     to the completion stays), then, when the completion alone does not fit, the completion's end."""
-    prompts = _token_rows([e.prompt or "" for e in examples], tokenizer, True, cache)
-    completions = _token_rows([e.text for e in examples], tokenizer, False, cache)
+    prompts = _token_rows([e.prompt or "" for e in examples], tokenizer, True, cache, ("end", max_len))
+    completions = _token_rows([e.text for e in examples], tokenizer, False, cache, ("start", max_len))
     eos = [tokenizer.eos_token_id] if end and tokenizer.eos_token_id is not None else []
     special = set(tokenizer.all_special_ids)
     rows, targets = [], []
@@ -939,7 +998,7 @@ def encode(
         candidates = [Example(examples[i].choices[k], prompt=examples[i].prompt) for i, k in rows_of]  # type: ignore[index]
         truncated, completion_targets = _completion_rows(candidates, tokenizer, max_len, cache, end=False)
     else:
-        rows = _token_rows([task.render(example) for example in examples], tokenizer, True, cache)
+        rows = _token_rows([task.render(e) for e in examples], tokenizer, True, cache, (_kept_side(task), max_len))
         special = set(tokenizer.all_special_ids)
         truncated = []
         for ids in rows:

@@ -286,7 +286,7 @@ class Batcher:
     tokens: zdata.Tokens = field(default_factory=dict)  # zdata.encode's cache
 
     def pretokenize(self, examples) -> None:
-        zdata.pretokenize(examples, self.tokenizer, self.task, self.tokens)
+        zdata.pretokenize(examples, self.tokenizer, self.task, self.tokens, self.seq_len)
 
     def __call__(self, examples, every_choice: bool = False) -> list[dict]:
         """``every_choice``: a multiple choice's rows are all its choices (an evaluation scores

@@ -301,6 +301,60 @@ def test_encode_truncation_keeps_prompt_end_or_text_start(tokenizer) -> None:
     assert encode([long], tokenizer, words, max_len=64).input_ids.shape == (1, 64)
 
 
+def _very_long(words: int, seed: int) -> str:
+    """A text of ``words`` words of mixed shapes (capitals, digits, punctuation, accents, emoji)."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = ["the", "Movie", "was", "wonderful", "1984", "naïve", "well-made", "(sic)", "émigré", "🎬", "x" * 9, "it's"]
+    return " ".join(rng.choice(vocab) for _ in range(words)) + "."
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_a_text_far_longer_than_a_row_is_cut_before_it_is_tokenised_to_the_same_tokens(
+    name: str, tiny_dirs: dict[str, Path], monkeypatch
+) -> None:
+    """Tokenising a 10 MB line whole took 8 s for the 64 tokens a row kept: the tokenizer now reads
+    only the end a row keeps (``reach``), and the rows are the same as from the whole text."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[name])
+    max_len = 24
+    most = data.reach(tokenizer, max_len)
+    long = _very_long(most // 3, seed=1)  # several times what is read
+    assert len(long) > 2 * most
+    records = {
+        CLS: [Example(long, 1), Example("short.", 0)],
+        LM: [Example(long), Example("short.")],
+        COMP: [Example(long, prompt=long[::-1]), Example(" great", prompt="It was")],
+        CHOICE: [Example(long, 0, prompt=long[::-1], choices=(long, " great"))],
+    }
+    read: list[int] = []
+    original = type(tokenizer).__call__
+
+    def spy(self, text, *args, **kwargs):
+        read.extend(len(t) for t in (text if isinstance(text, list) else [text]))
+        return original(self, text, *args, **kwargs)
+
+    cut = {}
+    with monkeypatch.context() as patch:
+        patch.setattr(type(tokenizer), "__call__", spy)
+        for task, examples in records.items():
+            cache: data.Tokens = {}
+            data.pretokenize(examples, tokenizer, task, cache, max_len)
+            cut[task] = encode(examples, tokenizer, task, max_len, cache=cache, every_choice=True)
+    assert read and max(read) <= most  # the long texts were cut first
+    monkeypatch.setattr(data, "reach", lambda tokenizer, max_len: 10**12)  # read whole
+    for task, examples in records.items():
+        whole = encode(examples, tokenizer, task, max_len, every_choice=True)
+        assert torch.equal(cut[task].input_ids, whole.input_ids), task.kind
+        assert cut[task].labels is None or torch.equal(cut[task].labels, whole.labels)
+    # a cut part that gives too few tokens (as if each token stood for one character, while a
+    # word takes several) is tokenised whole: the same rows again
+    monkeypatch.setattr(data, "reach", lambda tokenizer, max_len: 4 * (max_len + data.REACH_MARGIN))
+    for task, examples in records.items():
+        again = encode(examples, tokenizer, task, max_len, every_choice=True)
+        assert torch.equal(cut[task].input_ids, again.input_ids), task.kind
+
+
 def test_encode_completion_learns_only_the_completion_and_its_end(tokenizer) -> None:
     examples = [Example(" great", prompt="the film was fun. It was"), Example(" wonderful music", prompt="hi")]
     batch = encode(examples, tokenizer, COMP, max_len=64)
