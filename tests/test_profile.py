@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,45 @@ def test_a_stage_time_no_forward_takes_is_refused(tmp_path: Path, stage: str, va
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(tree))
     with pytest.raises(ZoplanError, match=f"compute.{stage}.1x1"):
         load_profile(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize(
+    "where,value",
+    [
+        ("allgather.wait_us", 1e308),
+        ("allgather.latency_us", 4e9),
+        ("allgather.gbps", 1e-300),
+        ("scalar_latency_us", 1e300),
+        ("devices.rank0.h2d_gbps", 1e-9),
+        ("devices.rank0.d2h_gbps_together", 1e300),
+        ("compute.update_s_per_param", 1e-3),
+        ("compute.loop_s.1x1", 1e300),
+        ("compute.lockstep_s.block", 1e300),
+        ("meeting.wait_us", 1e308),
+    ],
+)
+def test_a_figure_no_measurement_gives_is_refused(tmp_path: Path, where: str, value: float) -> None:
+    """A wait of 1e308 us, edited by hand into a calibrated profile, planned exit 0 a step of 300
+    digits, "0% busy" and "0.00x": every measured figure is bounded, as the stage times are."""
+    from zoplan.profile import load_profile
+
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    tree["meeting"] = {"wait_us": 50.0, "scalar_us": 20.0}
+    tree["compute"]["loop_s"] = {"1x1": 0.001}
+    tree["compute"]["lockstep_s"] = {"block": 0.2}
+    assert load_profile(write_yaml(tmp_path / "good.yaml", tree)) is not None  # as it was
+    *path, last = where.split(".")
+    node = tree
+    for key in path:
+        node = node[key]
+    node[last] = value
+    with pytest.raises(ZoplanError, match=re.escape(where)):
+        load_profile(write_yaml(tmp_path / "bad.yaml", tree))
+
+
+def write_yaml(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
 
 
 def test_a_profile_without_one_of_the_machines_devices_is_refused(tmp_path: Path) -> None:

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 from pathlib import Path
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, PositiveInt
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, check_version, content_hash, read_yaml, validate, write_yaml
 from zoplan.models import ModelShape
-from zoplan.topology import Link, Machine, Socket
+from zoplan.topology import Link, Machine, Rate, Socket
 
 PROFILE_VERSIONS = (1,)
 # a compute stage with a lockstep figure (StageTimes.lockstep_s, Profile.lockstep_factor)
@@ -42,6 +42,12 @@ Stage = Literal["block", "embed", "head"]
 
 
 StageSeconds = Annotated[float, Field(gt=0, le=3600)]  # one stage of one step, measured
+# Every other measured figure is bounded too: a hand edit (a wait of 1e308 us) planned exit 0 a
+# step of 300 digits. Bounds far outside any measurement: a time under an hour, a rate between
+# 1 MB/s and 1 PB/s, a per-parameter time under 10 us (CPUs update a parameter in nanoseconds).
+Seconds = Annotated[float, Field(ge=0, le=3600)]
+Microseconds = Annotated[float, Field(ge=0, le=3.6e9)]
+PerParameter = Annotated[float, Field(ge=0, le=1e-5)]  # seconds a parameter
 
 
 class MachineRef(Strict):
@@ -59,18 +65,18 @@ class ShapeRef(Strict):
 
 
 class DeviceFigures(Strict):
-    h2d_gbps: PositiveFloat
-    d2h_gbps: PositiveFloat
-    h2d_gbps_together: PositiveFloat
-    d2h_gbps_together: PositiveFloat
+    h2d_gbps: Rate
+    d2h_gbps: Rate
+    h2d_gbps_together: Rate
+    d2h_gbps_together: Rate
     # GPUs: a block uploaded and one written back at once (two streams), all devices together,
     # both directions' bytes per second summed; a PCIe link may not carry both directions at
     # full rate together. None on CPU ranks (a rank's copies run one after the other) and in
     # profiles written before it was measured.
-    duplex_gbps: PositiveFloat | None = None
+    duplex_gbps: Rate | None = None
     # the lowest and highest of the samples whose median duplex_gbps is (one before the engine
     # steps, one after each of their rounds): how steady the link was. None where not sampled.
-    duplex_range_gbps: tuple[PositiveFloat, PositiveFloat] | None = None
+    duplex_range_gbps: tuple[Rate, Rate] | None = None
 
 
 class Collective(Strict):
@@ -78,9 +84,9 @@ class Collective(Strict):
     inside real steps, where each all-gather waits for the slowest rank's work before it."""
 
     ranks: PositiveInt
-    latency_us: NonNegativeFloat
-    gbps: PositiveFloat
-    wait_us: NonNegativeFloat = 0.0
+    latency_us: Microseconds
+    gbps: Rate
+    wait_us: Microseconds = 0.0
 
 
 class Meeting(Strict):
@@ -88,8 +94,8 @@ class Meeting(Strict):
     (zoplan.runtime.dist.NodeMeeting), timed inside real steps: each rank's wait at a meeting
     (the mean: what the slower rank's noise adds to a step), and the loss sum after them."""
 
-    wait_us: NonNegativeFloat
-    scalar_us: NonNegativeFloat
+    wait_us: Microseconds
+    scalar_us: Microseconds
 
 
 class StageTimes(Strict):
@@ -99,21 +105,21 @@ class StageTimes(Strict):
     block_s: dict[str, StageSeconds]
     embed_s: dict[str, StageSeconds]
     head_s: dict[str, StageSeconds]
-    update_s_per_param: NonNegativeFloat
-    perturb_s_per_param: NonNegativeFloat = 0.0  # theta + eps z of one block, for the record
+    update_s_per_param: PerParameter
+    perturb_s_per_param: PerParameter = 0.0  # theta + eps z of one block, for the record
     # the training loop's host work between two steps: assembling the next batch, writing and
     # syncing the journal line (empty in profiles written before it was measured: none)
-    loop_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    loop_s: dict[str, Seconds] = Field(default_factory=dict)
     # for the record (CUDA): block_s is the longer of the two per setting; where the host's is,
     # the block is issue-bound in calibration (empty on the CPU and in older profiles)
-    block_gpu_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
-    block_host_s: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    block_gpu_s: dict[str, Seconds] = Field(default_factory=dict)
+    block_host_s: dict[str, Seconds] = Field(default_factory=dict)
     # the 1-branch, 2-micro-batch setting again, with every rank moving slices and all-gathering
     # them before each block as PertP and data-parallel layouts do: "block", "embed" and "head"
     # seconds (several ranks only; empty in older profiles). CPU ranks share cores and compute
     # slower in that lockstep than each on its own; the costs scale a CPU layout with several
     # compute ranks by the ratio to 1x2 (Profile.lockstep_factor)
-    lockstep_s: dict[Literal["block", "embed", "head"], NonNegativeFloat] = Field(default_factory=dict)
+    lockstep_s: dict[Literal["block", "embed", "head"], Seconds] = Field(default_factory=dict)
 
 
 class Profile(Strict):
@@ -126,7 +132,7 @@ class Profile(Strict):
     # among the first k ranks, for each k from 2 to all but one (the groups a plan's movers can
     # form); their wait_us is the one measured among all ranks
     allgather_groups: list[Collective] = Field(default_factory=list)
-    scalar_latency_us: NonNegativeFloat = 0.0
+    scalar_latency_us: Microseconds = 0.0
     compute: StageTimes
     meeting: Meeting | None = None  # several CPU ranks (None in older profiles, and on GPUs)
 

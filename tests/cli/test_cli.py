@@ -566,9 +566,13 @@ def test_subprocess_batch_not_divisible_by_pinned_ddp() -> None:
     [
         pytest.param(lambda d: d["gpus"][0].update(color="red"), ["gpus.0.color", "unknown key"], id="unknown-key"),
         pytest.param(lambda d: d.update(vendor="acme"), ["'vendor'", "unknown key"], id="unknown-top-key"),
-        pytest.param(lambda d: d["links"][0].update(gbps=0), ["links.0.gbps", "greater than 0"], id="zero-gbps"),
         pytest.param(
-            lambda d: d["links"][1].update(gbps_back=-5), ["links.1.gbps_back", "greater than 0"], id="negative-gbps"
+            lambda d: d["links"][0].update(gbps=0), ["links.0.gbps", "greater than or equal to 0.001"], id="zero-gbps"
+        ),
+        pytest.param(
+            lambda d: d["links"][1].update(gbps_back=-5),
+            ["links.1.gbps_back", "greater than or equal to 0.001"],
+            id="negative-gbps",
         ),
         pytest.param(
             lambda d: d.update(links=[l for l in d["links"] if l["b"] != "gpu2"]),

@@ -216,7 +216,33 @@ def test_non_positive_bandwidth(tmp_path: Path, gbps: float) -> None:
     data = _valid()
     data["links"][1]["gbps"] = gbps
     message = _error(_write(tmp_path, data))
-    assert "links.1.gbps" in message and "greater than 0" in message
+    assert "links.1.gbps" in message and "greater than or equal to 0.001" in message
+
+
+@pytest.mark.parametrize(
+    "where,value",
+    [
+        ("gpu_models.h100.hbm_gbps", 1e-300),
+        ("gpu_models.h100.tflops.bf16", 1e-300),
+        ("gpu_models.h100.tflops.bf16", 1e300),
+        ("sockets.0.memory_gbps", 1e-300),
+        ("links.1.gbps", 1e300),
+        ("links.1.gbps_back", 1e-9),
+        ("network.gbps", 1e-300),
+        ("price_per_hour_usd", 1e300),
+    ],
+)
+def test_a_rate_no_machine_has_is_refused(tmp_path: Path, where: str, value: float) -> None:
+    """1e-300 GB/s of memory bandwidth, written by hand, planned exit 0 a step of 300 digits."""
+    data = _valid()
+    data["network"] = {"gbps": 12.5}
+    load_topology(_write(tmp_path, data, "good.yaml"))  # as it was
+    *path, last = where.split(".")
+    node: Any = data
+    for key in path:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+    assert where in _error(_write(tmp_path, data))
 
 
 def test_non_positive_socket_bandwidth(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict
 
 import networkx as nx
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
@@ -32,16 +32,21 @@ TOPOLOGY_VERSIONS = (1,)
 DTYPES = ("fp32", "tf32", "bf16", "fp16")
 
 
+# Bandwidths and peaks are bounded far outside any machine: a hand-written 1e-300 GB/s of memory
+# bandwidth planned, exit 0, a step of 300 digits. A rate between 1 MB/s and 1 PB/s (GB/s), a peak
+# between 1 MFLOP/s and 1 EFLOP/s (TFLOP/s).
+Rate = Annotated[float, Field(ge=1e-3, le=1e6)]
+Peak = Annotated[float, Field(ge=1e-6, le=1e6)]
+
+
 class GpuModel(Strict):
     """A compute device model. On a CPU-only machine the devices are CPU worker ranks
     (``kind: cpu``): their memory is a share of host memory, their figures are measured ones."""
 
     kind: Literal["gpu", "cpu"] = "gpu"
     memory_gib: PositiveFloat = Field(le=1e7)  # bounded: GiB * 2**30 must stay a finite float
-    tflops: dict[Literal["fp32", "tf32", "bf16", "fp16"], PositiveFloat] = Field(
-        description="dense peak TFLOP/s per dtype"
-    )
-    hbm_gbps: PositiveFloat
+    tflops: dict[Literal["fp32", "tf32", "bf16", "fp16"], Peak] = Field(description="dense peak TFLOP/s per dtype")
+    hbm_gbps: Rate
     matmul_efficiency: float = Field(0.8, gt=0, le=1, description="achieved fraction of peak for large matrix products")
     matmul_half_tokens: float = Field(
         0.0,
@@ -148,7 +153,7 @@ class GpuModel(Strict):
 class Socket(Strict):
     id: str
     memory_gib: PositiveFloat = Field(le=1e9)
-    memory_gbps: PositiveFloat = Field(description="host memory bandwidth of this socket")
+    memory_gbps: Rate = Field(description="host memory bandwidth of this socket")
     cores: PositiveInt | None = Field(
         None,
         le=100_000,
@@ -170,13 +175,13 @@ class Link(Strict):
     a: str
     b: str
     kind: Literal["pcie", "nvlink", "socket", "memory"]
-    gbps: PositiveFloat
-    gbps_back: PositiveFloat | None = None
+    gbps: Rate
+    gbps_back: Rate | None = None
     latency_us: float = Field(1.0, ge=0, le=1e6)  # (a second: far above any link's)
 
 
 class Network(Strict):
-    gbps: PositiveFloat
+    gbps: Rate
     latency_us: float = Field(5.0, ge=0, le=1e6)
     step_cv: float = Field(
         0.0,
@@ -191,7 +196,7 @@ class TopologySpec(Strict):
     version: int
     name: str
     description: str = ""
-    price_per_hour_usd: PositiveFloat | None = Field(None, description="price of all nodes together")
+    price_per_hour_usd: PositiveFloat | None = Field(None, le=1e7, description="price of all nodes together")
     nodes: int = Field(1, ge=1, le=MAX_NODES, strict=True)  # (strict: YAML's true is no count)
     network: Network | None = None
     gpu_models: dict[str, GpuModel]
