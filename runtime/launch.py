@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -581,11 +582,16 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # has: the run takes those steps again, and writes their snapshots again
     for torn in sorted((out / "snapshots").glob("step-*.tmp")):  # a snapshot whose writing was interrupted
         shutil.rmtree(torn, ignore_errors=True)
-    dropped = _cut_metrics(out / "metrics.jsonl", done) if cfg.node_rank == 0 else 0
+    dropped, lost = _cut_metrics(out / "metrics.jsonl", done) if cfg.node_rank == 0 else (0, None)
     if dropped:
         warn(
             f"{dropped} row(s) of {out / 'metrics.jsonl'} after the journal's end (step {done}) removed: the "
             "steps they describe are taken again"
+        )
+    if lost is not None:
+        warn(
+            f"the last row of {out / 'metrics.jsonl'}, about step {lost + 1}, was cut short when the run stopped "
+            "and is removed: the file has no such row for that step (journal.jsonl holds the step itself)"
         )
     found = snapshots(out, check=True)
     for step, path in found:
@@ -1154,18 +1160,24 @@ def _the_journal(cfg: RunConfig) -> str:
     return "the journal" if cfg.node_rank == 0 else "node 0's journal (its output directory)"
 
 
-def _cut_metrics(path: Path, done: int) -> int:
+def _cut_metrics(path: Path, done: int) -> tuple[int, int | None]:
     """Remove the rows of ``path`` (metrics.jsonl) about steps past a journal of ``done`` steps
-    (cut back, or torn): the run takes those steps again, and its summary reads these rows.
-    Returns how many were removed; the file is rewritten only if any was."""
+    (cut back, or torn): the run takes those steps again, and its summary reads these rows; and
+    an unterminated last line (the run was stopped as it wrote it: the next row would be joined to
+    it, the progress would miss it). Returns how many rows were removed, and the step (0-based)
+    of a cut-short row the journal holds (None without one: the file then lacks that step's row);
+    the file is rewritten only if it changes."""
     if not path.exists():
-        return 0
+        return 0, None
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    torn, raw = raw[end:], raw[:end]
     kept: list[bytes] = []
     dropped = 0
-    for line in path.read_bytes().splitlines(keepends=True):
+    for line in raw.splitlines(keepends=True):
         try:
             row = json.loads(line)
-        except ValueError:  # (a torn last line: cut where the run appends)
+        except ValueError:
             kept.append(line)
             continue
         step = row.get("step") if isinstance(row, dict) else None
@@ -1174,11 +1186,13 @@ def _cut_metrics(path: Path, done: int) -> int:
             dropped += 1  # a step's row (0-based), an evaluation after it, a start past the end
         else:
             kept.append(line)
-    if dropped:
+    if dropped or torn:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(b"".join(kept))
         tmp.replace(path)
-    return dropped
+    begun = re.match(rb'\{"step": ?(\d+)', torn)  # a step's row, or an evaluation's after it
+    lost = int(begun.group(1)) if begun else None
+    return dropped, lost if lost is not None and lost < done else None
 
 
 def _journaled_steps(journal: Path) -> int:
@@ -1234,7 +1248,9 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
         TextColumn("{task.fields[tps]} tok/s"),
         TimeRemainingColumn(),
     ]
-    offset = metrics.stat().st_size if metrics.exists() else 0  # a resumed run's earlier lines are not news
+    # a resumed run's earlier lines are not news (up to the last whole one: a cut-short last line
+    # is removed before the ranks append)
+    offset = metrics.read_bytes().rfind(b"\n") + 1 if metrics.exists() else 0
     stall = StallCheck()  # a learning rate too small for the model, said early
     warnings = Console(stderr=True)
     note_at = time.monotonic() + float(os.environ.get("ZOPLAN_NODES_NOTE_AFTER_S", NODES_NOTE_AFTER_S))

@@ -118,6 +118,25 @@ def test_resume_after_a_torn_journal_line_is_bit_identical(uninterrupted, tmp_pa
     assert same(weights(out), uninterrupted)
 
 
+def test_a_metrics_row_cut_short_is_removed_and_said_and_the_resume_shows_its_line(tmp_path: Path) -> None:
+    """A run stopped (a full disk) while it wrote step 5's row of metrics.jsonl: the resume's
+    "resuming with ..." line was missing from its display (its first bytes were counted as the
+    old file's), and the next row was joined to the cut one. Now the cut row is removed, and said."""
+    out = tmp_path / "run"
+    finished(zoplan_run(out, "--steps", "5", "--eval-every", "0"))
+    metrics = out / "metrics.jsonl"
+    raw = metrics.read_bytes()
+    assert raw.endswith(b"\n") and b'{"step": 4, "loss"' in raw
+    metrics.write_bytes(raw[: raw.rindex(b'{"step": 4, "loss"') + 25])  # step 5's row, cut
+    said = finished(zoplan_run(out, "--resume", str(out), "--steps", "7"))
+    assert "resuming with 5 step(s) done" in said, said
+    assert "the last row of" in said and "about step 5, was cut short" in said, said
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [0, 1, 2, 3, 5, 6], steps
+    assert [r["resumed_at"] for r in rows if "resumed_at" in r] == [5]
+
+
 def test_a_failed_snapshot_stops_the_run_and_keeps_the_last_good_one(tmp_path: Path) -> None:
     out = tmp_path / "run"
     err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_FAULTS": "fail-snapshot:0:6"}), code=2)
