@@ -6,6 +6,8 @@ this rank and this step. A fault is ``POINT:RANK[:STEP]``, several separated by 
 
 - ``kill:R:S``: rank R SIGKILLs itself in step S, after its forward passes and before the step is
   journaled; in the first attempt only (a restarted run then goes on);
+- ``exit:R:S``: rank R exits (status 1) in step S, at the same point, without a word: as a rank
+  does that cannot write its error (a full disk); in the first attempt only;
 - ``abort-at-exit:R``: rank R aborts (SIGABRT) after the run is complete on every rank, as a
   rare teardown abort of a collective library does;
 - ``fail-snapshot:R:S``: writing the snapshot of step S fails as a full disk does (R: the first
@@ -22,7 +24,7 @@ import functools
 import os
 import signal
 
-POINTS = ("kill", "abort-at-exit", "fail-snapshot")
+POINTS = ("kill", "exit", "abort-at-exit", "fail-snapshot")
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,8 +49,11 @@ def hit(point: str, rank: int, step: int | None = None) -> None:
     """Fail here if a test asked for it (see the module's description)."""
     if not planned(point, rank, step):
         return
-    if point == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if point == "kill" and first:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif point == "exit" and first:
+        os._exit(1)
     elif point == "abort-at-exit":
         os.abort()
     elif point == "fail-snapshot":

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from zoplan import runconfig
 from zoplan.errors import Refused, ZoplanError
+from zoplan.fileio import write_fix
 from zoplan.models import TINY_LR, load_model_shape, tiny_name
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
@@ -296,12 +297,13 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     _check_nodes(plan, cfg)
     data = cfg.data
     if data == zdata.LONG_TEXT:  # written for this plan's sequence length, kept with the run
-        out.mkdir(parents=True, exist_ok=True)
-        data = str(
-            zdata.write_long_text(
-                out / f"{zdata.LONG_TEXT}.jsonl", plan.batch.seq_len, records=max(64, 2 * plan.batch.global_batch)
+        with _new_run_writes(out):
+            out.mkdir(parents=True, exist_ok=True)
+            data = str(
+                zdata.write_long_text(
+                    out / f"{zdata.LONG_TEXT}.jsonl", plan.batch.seq_len, records=max(64, 2 * plan.batch.global_batch)
+                )
             )
-        )
     examples, kind = zdata.load_examples(data)
     if cfg.recipe is not None and recipe(cfg.recipe).kind != kind:
         expected = recipe(cfg.recipe)
@@ -364,22 +366,70 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             )
             + "): the held-out loss and accuracy are not measured on unseen examples alone"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    write_plan(plan, out / "plan.yaml")
-    # local paths absolute: `--resume` may be run from any directory
-    cfg = cfg.given(
-        model=_recorded(cfg.model),
-        data=_recorded(data),
-        eval_data=_recorded(cfg.eval_data) if cfg.eval_data is not None else None,
-        plan=Path(_recorded(str(cfg.plan))) if cfg.plan is not None else None,
-        model_dir=model_dir.resolve(),
-        device=device,
-        model_weights=weights_stamp(model_dir),
-        data_stamp=zdata.examples_stamp(examples),
-        eval_data_stamp=zdata.examples_stamp(held) if cfg.eval_data is not None else None,
-    )
-    runconfig.write(cfg, out)
+    with _new_run_writes(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_plan(plan, out / "plan.yaml")
+        # local paths absolute: `--resume` may be run from any directory
+        cfg = cfg.given(
+            model=_recorded(cfg.model),
+            data=_recorded(data),
+            eval_data=_recorded(cfg.eval_data) if cfg.eval_data is not None else None,
+            plan=Path(_recorded(str(cfg.plan))) if cfg.plan is not None else None,
+            model_dir=model_dir.resolve(),
+            device=device,
+            model_weights=weights_stamp(model_dir),
+            data_stamp=zdata.examples_stamp(examples),
+            eval_data_stamp=zdata.examples_stamp(held) if cfg.eval_data is not None else None,
+        )
+        runconfig.write(cfg, out)
     return cfg, plan, machine
+
+
+# a disk with less room than this after a rank's crash is taken as its cause
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return NEARLY_FULL_BYTES  # (unknown: not taken as full)
+
+
+def _unwritable(out: Path, node: int) -> list[Path]:
+    """What a resume of the run in ``out`` writes into, appends to or removes that this user
+    cannot (the run started by another user; a file made read-only; a read-only file system): a
+    rank failing on it said only "a rank exited without a message", after the resume had moved the
+    run's model/ aside and rewritten its run.json."""
+    folders = [out, out / "snapshots"]
+    files = [out / name for name in ("journal.jsonl", "metrics.jsonl", f"worker-node{node}.log")]
+    files += sorted(out.glob("spans-rank*.jsonl"))
+    bad = [p for p in folders if p.is_dir() and not os.access(p, os.W_OK | os.X_OK)]
+    return bad + [p for p in files if p.is_file() and not os.access(p, os.W_OK)]
+
+
+def _owner(path: Path) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (OSError, KeyError, ImportError):
+        return "another user"
+
+
+@contextlib.contextmanager
+def _new_run_writes(out: Path) -> Iterator[None]:
+    """A new run's first files (plan.yaml, run.json): one that cannot be written (a full disk)
+    refuses the run, and what it wrote goes (``run``), so that the same command runs again once
+    the disk has room; a half-written directory refused both that command and a resume."""
+    try:
+        yield
+    except NothingDone:
+        raise
+    except ZoplanError as exc:
+        raise NothingDone(exc.message, fix=exc.fix, status=exc.status) from None
+    except OSError as exc:
+        raise NothingDone(f"cannot write into {out}: {exc.strerror or exc}", fix=write_fix(exc, out)) from None
 
 
 def check_meetings_here(machine: Machine, gpus: Sequence[str], here: Meetings) -> list[str]:
@@ -467,6 +517,16 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
 
     out = cfg.output
     plan = load_plan(out / "plan.yaml")
+    bad = _unwritable(out, cfg.node_rank)
+    if bad:  # checked before the resume changes anything
+        import getpass
+
+        names = ", ".join(f"{p.name if p != out else p} ({_owner(p)}'s)" for p in bad[:4])
+        raise ZoplanError(
+            f"cannot resume the run in {out}: this user ({getpass.getuser()}) cannot write "
+            f"{names}{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}, which the run writes into",
+            fix="resume as the user who started the run, or make them writable (chmod u+w, or chown)",
+        )
     from zoplan.runtime.journal import check_lines, parse_journal
     from zoplan.runtime.snapshots import changed_since_written, snapshots
 
@@ -819,11 +879,14 @@ def _run(cfg: RunConfig, resume: bool) -> RunSummary:
     with contextlib.ExitStack() as owned_here:
         # this launch's host copy (shared memory) and torchrun's and the ranks' temporary files:
         # removed when the launch ends; a killed launch's are swept by the next (runtime/scratch.py)
+        # A stop (SIGTERM, Ctrl-C) is held back until both are this launch's to remove: one that came
+        # between a folder's making and its owning left the folder behind.
         try:
-            host_dir = owned_here.enter_context(owned(shared_memory(), f"{run_id}-node{cfg.node_rank}")) / "host"
-            private_tmp = owned_here.enter_context(
-                owned(Path(tempfile.gettempdir()), f"tmp-{run_id}-node{cfg.node_rank}")
-            )
+            with signals_held():
+                host_dir = owned_here.enter_context(owned(shared_memory(), f"{run_id}-node{cfg.node_rank}")) / "host"
+                private_tmp = owned_here.enter_context(
+                    owned(Path(tempfile.gettempdir()), f"tmp-{run_id}-node{cfg.node_rank}")
+                )
         except ZoplanError as exc:  # (another launch of this node on the same port): no rank has started
             raise NothingDone(exc.message, fix=exc.fix, status=exc.status) from None
         return _launch(cfg, plan, machine, port, host_dir, private_tmp, resume)
@@ -884,7 +947,12 @@ def _launch(
         env[NODES_MET_ENV] = str(met)
     if cfg.device == "cuda":
         env.update(cuda_env(machine.gpus, plan_gpus(plan), os.environ))
-    log = open(out / f"worker-node{cfg.node_rank}.log", "a")
+    try:
+        log = open(out / f"worker-node{cfg.node_rank}.log", "a")
+    except OSError as exc:  # (a resume checked it first: a new run's directory, changed meanwhile)
+        raise NothingDone(
+            f"cannot write {out / f'worker-node{cfg.node_rank}.log'}: {exc.strerror or exc}", fix=write_fix(exc, out)
+        ) from None
     since = log.tell()  # what earlier launches wrote is not this launch's story
     stopped: list[int] = []
     try:
@@ -995,6 +1063,13 @@ def _launch(
                 f"or the network between them failed; see its output, and {log_path}); {held}",
                 fix=f"find out why the other node stopped, then {resume}",
             )
+        free = _free_bytes(out)
+        if free < NEARLY_FULL_BYTES:  # too full for the ranks to write their error, or even their log
+            raise ZoplanError(
+                f"training stopped: the disk holding {out} is full ({free // 1024} KiB free: the ranks could "
+                f"not write why they stopped; see {log_path}); {held}",
+                fix=f"free disk space, then {resume}",
+            )
         raise ZoplanError(
             f"training stopped: a rank exited without a message ({starter.split(' (')[0]}'s exit status "
             f"{proc.returncode}; see {log_path}); {held}",
@@ -1034,7 +1109,9 @@ def signals_held(signums: Sequence[int] = STOPPING) -> Iterator[None]:
     meanwhile is handled when the hold ends: by the parent once it knows its child (a supervisor
     stopping its ranks), and in the child only after ``after_fork`` (the Python handler a child
     inherits would act for its parent: a rank server's child, its run's supervisor, noted a
-    SIGTERM for the server and trained on)."""
+    SIGTERM for the server and trained on). Held back in the calling thread: the processes that
+    fork so (the rank server, a supervisor) are of one thread, or a signal sent to the process
+    would go to another."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     try:
         yield

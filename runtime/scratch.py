@@ -257,6 +257,17 @@ def _open_lock(out: Path, path: Path) -> int:
                 f"the output directory {out} is a link to {target}, which does not exist",
                 fix=f"make the folder {target} first, or choose another --output",
             ) from None
+        if path.is_file() and out.is_dir() and os.access(out, os.W_OK | os.X_OK):  # the folder is not the cause
+            try:
+                import pwd
+
+                owner = pwd.getpwuid(path.stat().st_uid).pw_name
+            except (OSError, KeyError, ImportError):
+                owner = "another user"
+            raise ZoplanError(
+                f"cannot open the output directory's lock file {path}: {exc.strerror or exc} (it is {owner}'s)",
+                fix=f"run as {owner} (whose run this is), or, if no run uses {out}, remove {path}",
+            ) from None
         raise ZoplanError(
             f"cannot write into the output directory {out}: {exc.strerror or exc}",
             fix="choose an --output directory this user can write to (and a disk with room)",

@@ -560,6 +560,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             lr = learning_rate(plan.zo.lr, plan.zo.lr_schedule, step, steps)
             result = engine.step(mine, seed, lr, plan.zo.weight_decay, loss_fn)
             faults.hit("kill", ctx.rank, step)
+            faults.hit("exit", ctx.rank, step)
             if result.finite:
                 nonfinite_in_row = 0
             else:

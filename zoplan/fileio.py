@@ -9,8 +9,10 @@ values once its aliases are expanded (a "billion laughs" of a few hundred bytes)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import reprlib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -354,8 +356,26 @@ def content_hash(data: Any) -> str:
 
 
 def write_yaml(path: Path, data: dict[str, Any], header: str = "") -> None:
-    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    write_whole(path, header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100))
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: through a temporary file beside it, so that a full disk
+    leaves neither an empty or cut file nor a damaged earlier one (a profile calibrated again onto
+    a full disk was left empty). A failure is a message that names the disk's state."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.write_text(header + text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
     except OSError as exc:
-        raise ZoplanError(f"cannot write {path}: {exc}") from None
+        tmp.unlink(missing_ok=True)
+        raise ZoplanError(f"cannot write {path}: {exc.strerror or exc}", fix=write_fix(exc, path.parent)) from None
+
+
+def write_fix(exc: OSError, folder: Path) -> str:
+    """What to do about a write into ``folder`` that failed with ``exc``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space on the disk that holds {folder} (or choose a folder on another), then run the same command again"
+    if exc.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system: choose a folder on another"
+    return f"choose a folder you can write to, or make {folder} writable"

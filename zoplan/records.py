@@ -26,6 +26,7 @@ from typing import Annotated, Any, Final, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Strict, ValidationError
 
+from zoplan.errors import ZoplanError
 from zoplan.fileio import read_jsonl
 
 RECORDS_VERSION: Final = 1
@@ -142,7 +143,12 @@ def read_metrics(path: Path, start: int = 0) -> tuple[list[MetricsRow], int]:
     offset after the last complete line: called again with it, only the new rows come back."""
     if not path.exists():
         return [], start
-    dicts, offset = read_jsonl(path, start=start)
+    try:
+        dicts, offset = read_jsonl(path, start=start)
+    except ZoplanError:
+        if path.exists():
+            raise
+        return [], start  # removed since the look above (the run's directory, under a run that follows it)
     return [row for d in dicts if (row := _metrics_row(d)) is not None], offset
 
 

@@ -26,7 +26,7 @@ import annotated_types
 from pydantic import Field, ValidationError, field_validator
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import Strict, brief, describe_validation_error, read_text
+from zoplan.fileio import Strict, brief, describe_validation_error, read_text, write_whole
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_NODES, MAX_SEQ_LEN, MAX_STEPS, MIN_SEQ_LEN
 from zoplan.layout import Pins
 from zoplan.tuning import FULL, Tuning
@@ -413,9 +413,7 @@ def write(config: RunConfig, out: Path) -> Path:
 
 def _write(config: Strict, path: Path) -> Path:
     """A configuration as JSON, written whole or not at all (a crash leaves the previous one)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
-    tmp.replace(path)
+    write_whole(path, json.dumps(config.model_dump(mode="json"), indent=1) + "\n")
     return path
 
 

@@ -911,3 +911,61 @@ def test_a_stop_before_the_ranks_start_keeps_nothing_of_a_new_run_and_leaves_a_r
     assert stopped.value.status == 128 + signal.SIGTERM and "the run in" in stopped.value.message
     assert f"zoplan run --resume {run_dir} --steps 9" in stopped.value.fix
     assert (run_dir / "run.json").read_bytes() == record  # (the resume had written its options there)
+
+
+@pytest.mark.parametrize("fails", ["plan.yaml", "run.json"])
+def test_a_new_run_whose_first_files_do_not_fit_on_the_disk_leaves_nothing_and_says_so(
+    tmp_path: Path, tiny_dirs, monkeypatch, fails: str
+) -> None:
+    """A full disk while a new run wrote run.json ended in an OSError traceback (exit 1), and a
+    disk full at plan.yaml left an empty plan.yaml: either way the directory refused the same
+    command ("not empty") and a resume ("holds no run"). Now the run is refused with the disk's
+    state, and what it wrote goes."""
+    import errno
+
+    from zoplan import fileio
+    from zoplan.runtime import launch
+
+    real = fileio.Path.replace
+
+    def full(self, target):
+        if Path(target).name == fails:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, target)
+
+    monkeypatch.setattr(fileio.Path, "replace", full)
+    given = tmp_path / "given"
+    given.mkdir()
+    for out in (tmp_path / "new", given):
+        with pytest.raises(launch.NothingDone) as refused:
+            launch.run(make(model=str(tiny_dirs["tiny-opt"]), output=out, steps=2))
+        assert f"cannot write {out / fails}: No space left on device" in refused.value.message
+        assert "free space on the disk" in refused.value.fix and "run the same command again" in refused.value.fix
+        left = [p.name for p in out.iterdir()] if out.exists() else []
+        assert all(name.startswith(".lock-node") for name in left), left
+    assert not (tmp_path / "new").exists() and given.is_dir()  # a folder given stays, empty
+    monkeypatch.undo()
+    launch.prepare(make(model=str(tiny_dirs["tiny-opt"]), output=given, steps=2))  # the same command again
+    assert (given / "run.json").is_file() and (given / "plan.yaml").is_file()
+
+
+def test_a_file_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """A profile calibrated again onto a full disk was written in place: the good one before it
+    was lost. Now it is written beside and moved over: a failure keeps the earlier file."""
+    import errno
+
+    from zoplan import fileio
+
+    path = tmp_path / "profile.yaml"
+    fileio.write_yaml(path, {"a": 1})
+    real = fileio.Path.write_text
+
+    def full(self, text, **kw):
+        real(self, text[:3], **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.Path, "write_text", full)
+    with pytest.raises(ZoplanError, match="No space left on device") as refused:
+        fileio.write_yaml(path, {"a": 2})
+    assert "free space on the disk" in refused.value.fix
+    assert path.read_text() == "{a: 1}\n" and [p.name for p in tmp_path.iterdir()] == ["profile.yaml"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,53 @@ def test_a_metrics_row_cut_short_is_removed_and_said_and_the_resume_shows_its_li
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == [0, 1, 2, 3, 5, 6], steps
     assert [r["resumed_at"] for r in rows if "resumed_at" in r] == [5]
+
+
+@pytest.mark.parametrize("locked", ["metrics.jsonl", "worker-node0.log", "snapshots"])
+def test_a_resume_this_user_cannot_write_is_refused_before_it_changes_anything(
+    straight: Path, tmp_path: Path, monkeypatch, locked: str
+) -> None:
+    """Another user resuming a run (or one whose file was made read-only) failed in its ranks
+    with "a rank exited without a message", after the resume had moved the finished model/ aside
+    and rewritten run.json. Now it is refused first, with what it cannot write. (As root every file
+    is writable: the permission is what os.access says here.)"""
+    import shutil
+
+    from zoplan.errors import ZoplanError
+    from zoplan.runtime import launch
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    files = lambda: {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".lock")}  # noqa: E731
+    before = files()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path).name != locked and real(path, mode, **kw))
+    cfg, _ = launch.resume_config(out, {"steps": STEPS + 2})
+    with pytest.raises(ZoplanError, match=f"cannot resume the run in .*cannot write {locked} "):
+        launch.run(cfg, resume=True)
+    assert files() == before  # model/ where it was, run.json as it was
+    monkeypatch.undo()
+    assert launch._unwritable(out, 0) == []
+
+
+def test_a_rank_that_stops_without_a_word_on_a_full_disk_is_said_to_be_the_disk(tmp_path: Path, monkeypatch) -> None:
+    """A disk too full for a rank to write its error (or the supervisor its log) said "a rank
+    exited without a message", with an empty log and a fix about --max-restarts."""
+    from zoplan.errors import ZoplanError
+    from zoplan.runconfig import make
+    from zoplan.runtime import launch
+
+    monkeypatch.setenv("ZOPLAN_FAULTS", "exit:1:1")  # rank 1 exits in step 1, without a word
+    for free, said in ((10 << 30, "a rank exited without a message"), (200 << 10, "is full (200 KiB free")):
+        monkeypatch.setattr(launch, "_free_bytes", lambda path: free)
+        out = tmp_path / f"free-{free}"
+        with pytest.raises(ZoplanError) as stopped:
+            launch.run(make(model="tiny-opt", output=out, steps=3, quiet=True))
+        assert said in stopped.value.message, stopped.value.message
+        assert re.search(
+            r"the journal holds [12] completed step\(s\)", stopped.value.message
+        )  # (rank 0's step 1 may end)
+        assert ("free disk space, then continue" in stopped.value.fix) == (free < launch.NEARLY_FULL_BYTES)
 
 
 def test_a_failed_snapshot_stops_the_run_and_keeps_the_last_good_one(tmp_path: Path) -> None:
