@@ -34,6 +34,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -714,17 +715,26 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
         ):
             task = bar.add_task("(starting ranks)")
             stopped: list[int] = []
-            with stop_signals(stopped):  # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
-                proc = start_ranks(cmd, f, env)
-                try:
-                    while proc.poll() is None:
-                        if progress_file.exists():
-                            bar.update(task, description=progress_file.read_text())
-                        time.sleep(0.2)
-                finally:
-                    if proc.poll() is None:
-                        proc.terminate()
-                        proc.wait()
+            try:
+                with stop_signals(stopped):  # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
+                    proc = start_ranks(cmd, f, env)
+                    try:
+                        while proc.poll() is None:
+                            if progress_file.exists():
+                                bar.update(task, description=progress_file.read_text())
+                            time.sleep(0.2)
+                    finally:
+                        if proc.poll() is None:
+                            proc.terminate()
+                            proc.wait()
+            except KeyboardInterrupt:  # said with the signal's own status, as zoplan run does (143 for SIGTERM)
+                signum = stopped[-1] if stopped else signal.SIGINT
+                raise ZoplanError(
+                    f"calibration stopped by {signal.Signals(signum).name}: the ranks have stopped, and no profile "
+                    "was written",
+                    fix="run the same command again",
+                    status=128 + signum,
+                ) from None
         done = all(Path(f"{raw}.done-rank{r}").exists() for r in range(n))
         if proc.returncode != 0 and done and raw.exists():
             print(

@@ -1199,3 +1199,29 @@ def test_a_path_too_long_for_the_file_system_is_an_error_not_a_traceback(tmp_pat
         code, said = console(args)
         assert code == 2 and "the name is too long" in said and "Traceback" not in said, said
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stopped_validate_without_output_offers_no_resume_of_the_folder_it_removed(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A validate run stopped by SIGTERM said "continue with `zoplan run --resume
+    /tmp/zoplan-validate-.../run`", a folder validate had just removed."""
+    from zoplan.errors import Refused
+
+    plan_path = tmp_path / "plan.yaml"
+    invoke("plan", "-m", "tiny-opt", "-t", "cpu-local", "-o", str(plan_path))
+    seen: list[Path] = []
+
+    def stopped(run_dir: Path, *args) -> None:
+        seen.append(run_dir)
+        raise Refused(
+            f"stopped by SIGTERM after 3 completed step(s) of 20; the run in {run_dir} has stopped",
+            fix=f"continue with `zoplan run --resume {run_dir} --steps 20`",
+            status=143,
+        )
+
+    monkeypatch.setattr(cli, "_validate", stopped)
+    code, _, err = run_main(monkeypatch, capsys, "validate", str(plan_path))
+    assert code == 143 and seen and not seen[0].parent.exists()
+    assert str(seen[0]) not in err and "--resume" not in err, err
+    assert "fix: run the same command again; pass --output DIR to keep the run" in err, err

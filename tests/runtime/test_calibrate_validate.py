@@ -497,3 +497,29 @@ def test_a_profile_path_that_cannot_be_written_is_refused_before_anything_is_mea
     proc = zoplan("calibrate", "-o", str(tmp_path / "notes.txt"), code=2)
     assert "exists and is not a profile zoplan wrote: it is not overwritten" in proc.stderr, proc.stderr
     assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_a_calibration_stopped_by_sigterm_says_so_with_its_status_and_writes_nothing(tiny_dirs, tmp_path) -> None:
+    """SIGTERM (or SIGHUP) stopped calibrate's ranks but it said "interrupted" with exit status
+    130, as for Ctrl-C; zoplan run and validate exit 143 (129)."""
+    import signal
+    import tempfile
+    import time
+
+    profile = tmp_path / "profile.yaml"
+    cmd = [sys.executable, "-m", "zoplan.cli", "calibrate", "--model", str(tiny_dirs["tiny-opt"]), "-o", str(profile)]
+    before = set(Path(tempfile.gettempdir()).glob("zoplan-calibrate-tmp-*"))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
+    deadline = time.monotonic() + 120
+    while not set(Path(tempfile.gettempdir()).glob("zoplan-calibrate-tmp-*")) - before:  # its ranks are starting
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "calibration stopped by SIGTERM: the ranks have stopped, and no profile was written" in err, err
+    assert "interrupted" not in err and not profile.exists()
+    assert set(Path(tempfile.gettempdir()).glob("zoplan-calibrate-tmp-*")) <= before

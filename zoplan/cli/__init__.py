@@ -722,9 +722,11 @@ def validate_cmd(
     try:
         _validate(scratch / "run", the_plan, plan_file, simulated, model, data, steps, trace, skip, pad, as_json)
     except ZoplanError as exc:
-        raise ZoplanError(
-            exc.message,
-            fix=(exc.fix + "; " if exc.fix else "") + "pass --output DIR to keep the run's logs",
+        # the run's directory goes now: a fix that continues it there (a stopped run's resume) is none
+        said = exc.fix if exc.fix and str(scratch) not in exc.fix else "run the same command again"
+        raise type(exc)(
+            exc.message.replace(f" in {scratch / 'run'}", ""),
+            fix=f"{said}; pass --output DIR to keep the run (its logs, and a stopped run to resume)",
             status=exc.status,
         ) from None
     finally:
