@@ -602,6 +602,9 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.figures.parent, RankError(rank=rank, kind="error", message=exc.message, fix=exc.fix)
             )
             raise SystemExit(1) from None
+        from zoplan.runtime import faults
+
+        faults.hit("kill", figures["rank"], 0)  # (as the kernel's out-of-memory killer does, once measured)
         rows = zdist.gather_objects(figures)
         if figures["rank"] == 0:
             cfg.figures.write_text(json.dumps(rows, indent=1))
@@ -609,8 +612,6 @@ def main(argv: list[str] | None = None) -> None:
         # every rank is past the barrier, so the figures file is complete: a rank that then dies
         # while shutting down (a rare gloo teardown abort) no longer spoils the calibration
         Path(f"{cfg.figures}.done-rank{figures['rank']}").write_text("ok")
-        from zoplan.runtime import faults
-
         faults.hit("abort-at-exit", figures["rank"])
     finally:
         zdist.shutdown()
@@ -621,6 +622,23 @@ if __name__ == "__main__":
 
 
 # ----- the launcher (``zoplan calibrate``) ---------------------------------------------------------
+
+
+def _check_spans_folder(folder: Path) -> None:
+    """--spans names a folder the ranks write into (made if missing): one this user cannot make or
+    write, or a file, failed in the ranks after seconds of measuring."""
+    if folder.exists() and not folder.is_dir():
+        raise ZoplanError(f"--spans {folder} is a file, not a folder", fix="name a folder (it is made if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ZoplanError(
+            f"cannot make the --spans folder {folder}: {exc.strerror or exc}", fix="name a folder you can write"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ZoplanError(f"cannot write into the --spans folder {folder}", fix="name a folder you can write")
+
+
 def calibrate(cfg: CalibrateConfig, quiet: bool = False):
     """Measure this machine (one process per device of ``cfg.topology``) and write a profile to
     ``cfg.output``: the micro-batch counts ``cfg.micro_batches`` timed (1 and 2 at least; more
@@ -636,6 +654,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
     from zoplan.runconfig import write_calibration
     from zoplan.runtime.launch import _free_port, _is_cpu_machine, cuda_env, rank_env, start_ranks, stop_signals
     from zoplan.runtime.tiny import resolve_model
+    from zoplan.search import check_workload
     from zoplan.topology import load_topology
 
     machine = load_topology(cfg.topology)
@@ -656,8 +675,11 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
             )
     check_writable(cfg.output, "profile")  # before the minutes of measuring, not after them
     dtype = cfg.dtype or ("fp32" if cpu else "bf16")
+    if cfg.spans is not None:  # the ranks write there: refused now, not after they have measured
+        _check_spans_folder(Path(cfg.spans))
     model_dir = resolve_model(cfg.model)
     shape = load_model_shape(str(model_dir / "config.json"))
+    check_workload(shape, 1, cfg.seq_len)  # (an OPT has no position past its last: the ranks failed with IndexError)
     # the ranks' host copies (shared memory) and every temporary file of torchrun and the ranks:
     # removed when calibrate ends; a killed calibrate's are swept by the next launch
     tag = uuid.uuid4().hex[:12]
@@ -748,9 +770,16 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
             said = records.read_error(work)
             if said is not None:  # a rank's own account
                 raise ZoplanError(said.message, fix=f"{said.fix} (log: {kept})" if said.fix else f"see {kept}")
+            text = log.read_text(errors="replace")
+            if "exitcode: -9 (SIGKILL)" in text:  # (the rank supervisor's record of a rank's end)
+                raise ZoplanError(
+                    "calibration failed: a rank was killed by SIGKILL, most often by the kernel's out-of-memory "
+                    "killer when the machine runs out of host memory (`dmesg | grep -i oom` shows it)",
+                    fix=f"calibrate a smaller --micro-batch or --seq-len, with other jobs stopped (log: {kept})",
+                )
             causes = [
                 l.strip()
-                for l in log.read_text(errors="replace").splitlines()
+                for l in text.splitlines()
                 if "Error" in l and "ChildFailedError" not in l and not l.startswith("  File")
             ]
             raise ZoplanError(

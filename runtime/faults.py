@@ -5,7 +5,8 @@ does nothing unless the environment variable ``ZOPLAN_FAULTS`` names a fault for
 this rank and this step. A fault is ``POINT:RANK[:STEP]``, several separated by commas:
 
 - ``kill:R:S``: rank R SIGKILLs itself in step S, after its forward passes and before the step is
-  journaled; in the first attempt only (a restarted run then goes on);
+  journaled; in the first attempt only (a restarted run then goes on); in a calibration (S: 0),
+  once it has measured;
 - ``exit:R:S``: rank R exits (status 1) in step S, at the same point, without a word: as a rank
   does that cannot write its error (a full disk); in the first attempt only;
 - ``abort-at-exit:R``: rank R aborts (SIGABRT) after the run is complete on every rank, as a

@@ -253,7 +253,7 @@ class CalibrateConfig(Strict):
     model: str = "tiny-opt"  # its shape is timed (random weights)
     topology: str = "cpu-local"  # this machine
     micro_batch: int = Field(1, ge=1, le=MAX_GLOBAL_BATCH)  # sequences per micro-batch
-    seq_len: int = Field(64, ge=1, le=MAX_SEQ_LEN)
+    seq_len: int = Field(64, ge=MIN_SEQ_LEN, le=MAX_SEQ_LEN)
     dtype: Dtype | None = None  # None: fp32 on CPU ranks, bf16 on GPUs
     output: Path = Path("profile.yaml")
     steps: int = Field(20, ge=2, le=MAX_MEASURED_STEPS)  # engine steps timed per setting

@@ -523,3 +523,35 @@ def test_a_calibration_stopped_by_sigterm_says_so_with_its_status_and_writes_not
     assert "calibration stopped by SIGTERM: the ranks have stopped, and no profile was written" in err, err
     assert "interrupted" not in err and not profile.exists()
     assert set(Path(tempfile.gettempdir()).glob("zoplan-calibrate-tmp-*")) <= before
+
+
+def test_calibrate_refuses_options_its_ranks_would_fail_on_and_names_a_killed_rank(tiny_dirs, tmp_path) -> None:
+    """--spans naming a file or a folder that cannot be made, and a --seq-len past an OPT's
+    positions, started the ranks, which failed with a FileNotFoundError, a NotADirectoryError or
+    an IndexError; a rank killed by the out-of-memory killer (a micro-batch too large) was
+    "calibration failed (exit status 1)"."""
+    import signal
+
+    def calibrate(*args: str, **env: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "zoplan.cli", "calibrate", "--model", str(tiny_dirs["tiny-opt"]), *args]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1", **env)
+        )
+
+    (tmp_path / "notes.txt").write_text("mine")
+    profile = str(tmp_path / "profile.yaml")
+    for args, said in (
+        (("--spans", str(tmp_path / "notes.txt")), "is a file, not a folder"),
+        (("--spans", "/proc/no-such/spans"), "cannot make the --spans folder /proc/no-such/spans"),
+        (("--seq-len", "100000"), "--seq-len 100000 is longer than the 128 positions"),
+    ):
+        done = calibrate(*args, "-o", profile)
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert calibrate("--seq-len", "1", "-o", profile).returncode == 2
+    killed = calibrate("-o", profile, ZOPLAN_FAULTS="kill:1:0")
+    assert killed.returncode == 2 and not Path(profile).exists()
+    assert (
+        f"a rank was killed by {signal.SIGKILL.name}, most often by the kernel's out-of-memory killer" in killed.stderr
+    )
+    assert "--micro-batch" in killed.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
