@@ -57,6 +57,9 @@ def _edit(report, tmp_path: Path, change) -> Path:
         (lambda d: d["zo"].update(eps=-1.0), "zo.eps"),
         (lambda d: d.update(resident_blocks=[999]), "resident_blocks"),
         (lambda d: d["layout"].pop("perturbation"), "missing field 'layout.perturbation'"),
+        # a GPU renamed in one list: "'layout.ranks' ('8 entries') is not one per GPU (9)"
+        (lambda d: d["layout"]["compute_gpus"].__setitem__(0, "gpu9"), "'layout.compute_gpus' (['gpu9']) names what"),
+        (lambda d: d["transfer"].update(movers=["gpu7x"]), "'transfer.movers' (['gpu7x']) names what no entry"),
     ],
 )
 def test_edited_plans_are_refused_with_the_field(report, tmp_path: Path, change, message: str) -> None:
@@ -108,3 +111,24 @@ def test_a_plan_edited_beyond_the_machines_memory_is_refused(tmp_path: Path) -> 
     assert len(load_plan(path).resident_blocks) == 64
     with pytest.raises(ZoplanError, match=r"needs 133\.\d GiB on gpu0, which has 80\.0 GiB"):
         timeline(path)
+
+
+def test_a_file_of_another_kind_is_named_as_what_it_is(report, tmp_path: Path) -> None:
+    """A profile given as a plan (or a plan as a profile or a topology) listed every field missing
+    or unknown: "missing field 'zoplan'; ... and 16 more"."""
+    from zoplan.profile import load_profile
+
+    plan_path = tmp_path / "plan.yaml"
+    write_plan(report.plan, plan_path)
+    topology = Path(__file__).parents[1] / "topologies" / "dgx-a100.yaml"
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump({"version": 1, "machine": {}, "model": {}, "devices": {}, "compute": {}}))
+    for load, path, said in (
+        (load_plan, profile, "is a profile file, not a plan"),
+        (load_plan, topology, "is a topology file, not a plan"),
+        (load_profile, plan_path, "is a plan file, not a profile"),
+        (load_topology, plan_path, "is a plan file, not a topology"),
+    ):
+        with pytest.raises(ZoplanError) as err:
+            load(path)
+        assert f"{path} {said}" == err.value.message and "writes one" in err.value.fix

@@ -171,7 +171,7 @@ def test_calibrate_options_are_defaulted_in_its_configuration_only() -> None:
         ({"micro_batches": (1, 4)}, "--micro-batches: the counts timed must include 1 and 2"),
         ({"micro_batches": (1, 2, 1000)}, "each from 1 to 999"),
         ({"steps": 1}, "--steps must be at least 2"),
-        ({"seq_len": 0}, "--seq-len must be at least 1"),
+        ({"seq_len": 0}, "--seq-len must be at least 2"),
     ],
 )
 def test_a_bad_calibration_setting_is_named_by_its_option(values: dict, words: str) -> None:

@@ -308,11 +308,29 @@ def check_version(data: dict[str, Any], path: Path | str, what: str, supported: 
         )
 
 
+# the top-level keys that tell the files zoplan reads apart, and where each comes from
+_KEYS = {
+    "plan": ("layout", "transfer", "batch"),
+    "profile": ("devices", "compute", "machine"),
+    "topology": ("gpu_models", "sockets"),
+}
+_WRITTEN_BY = {
+    "plan": "give a plan file here (`zoplan plan ... -o PLAN.yaml` writes one)",
+    "profile": "give a calibration profile here (`zoplan calibrate -o PROFILE.yaml` writes one)",
+    "topology": "give a topology here: a bundled name (`zoplan topo list`) or a file (`zoplan topo detect` writes one)",
+}
+
+
 def validate(model: type[M], data: dict[str, Any], path: Path | str, what: str) -> M:
     """Validate ``data`` against a schema; the first error names its field path."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
+        other = [
+            k for k, keys in _KEYS.items() if k != what and isinstance(data, dict) and all(x in data for x in keys)
+        ]
+        if other and what in _KEYS:  # (every field "missing" or "unknown" would say it less plainly)
+            raise ZoplanError(f"{path} is a {other[0]} file, not a {what}", fix=_WRITTEN_BY[what]) from None
         raise ZoplanError(f"{path}: invalid {what}: {short(describe_validation_error(exc), 2000)}") from None
     except (UnicodeError, RecursionError) as exc:  # a message quoting an unencodable value
         raise ZoplanError(f"{path}: invalid {what}: {type(exc).__name__} in a value") from None

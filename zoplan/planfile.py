@@ -331,6 +331,14 @@ def check_ranges(plan: Plan, shape: ModelShape, path: Path | str) -> None:
         refuse("resident_blocks", plan.resident_blocks, "names a block twice")
     lay = plan.layout
     gpus = set(lay.compute_gpus) | set(plan.transfer.movers)
+    tabled = list(dict.fromkeys(r.gpu for r in lay.ranks))
+    lists = {"layout.compute_gpus": lay.compute_gpus, "transfer.movers": plan.transfer.movers}
+    for field, names in lists.items():
+        # a name edited in this list alone (one in both lists and not in the rank table: the table was edited)
+        others = {g for other, more in lists.items() if other != field for g in more}
+        stray = [g for g in names if g not in tabled and g not in others]
+        if stray and tabled:
+            refuse(field, stray, f"names what no entry of 'layout.ranks' runs on (they run on {', '.join(tabled)})")
     if lay.nodes * len(gpus) != len(lay.ranks):
         # the rank table is rebuilt from the layout below: never build one of another size
         if lay.nodes > len(lay.ranks):
