@@ -314,6 +314,47 @@ def main() -> None:
         finally:
             subprocess.run(["umount", str(d / "small")], capture_output=True)
 
+    def small_disk(size: str, empty: bool) -> Callable[[Path], tuple[int, str]]:
+        """The output on a tmpfs of ``size``: too small for a new run's first files (8k: nothing
+        may be left, ``empty``), or for the ranks to write their error or log (12k) (root only: it
+        mounts one)."""
+
+        def go(d: Path) -> tuple[int, str]:
+            (d / "small").mkdir()
+            mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d / "small")]
+            if subprocess.run(mount, capture_output=True).returncode != 0:
+                return 2, "error: skipped: cannot mount a tmpfs here"
+            try:
+                code, out = call("run", "--steps", "4", "-o", str(d / "small" / "run"), cwd=d)
+                run = d / "small" / "run"
+                if code == 2 and empty and run.exists() and any(run.iterdir()):
+                    out += f"\nleft {sorted(p.name for p in run.iterdir())} (exit-0-wrong for the bench)"
+                    code = 0
+                return code, out
+            finally:
+                subprocess.run(["umount", str(d / "small")], capture_output=True)
+
+        return go
+
+    def cut_metrics_row(d: Path) -> tuple[int, str]:
+        """The base run's last metrics row cut short (a disk full as it was written), resumed."""
+        run = copy(d)
+        raw = (run / "metrics.jsonl").read_bytes()
+        (run / "metrics.jsonl").write_bytes(raw[: raw.rindex(b'{"step": 5') + 20])
+        code, out = call("run", "--resume", str(run), "--steps", "8", cwd=d)
+        if code == 0 and "resuming with 6 step(s) done" not in out:
+            out += "\n(the resume's own line is missing)"
+            code = 1
+        return code, out
+
+    def slow_topology(d: Path) -> tuple[int, str]:
+        import yaml
+
+        spec = yaml.safe_load((Path(__file__).parents[1] / "topologies" / "cpu-local.yaml").read_text())
+        spec["sockets"][0]["memory_gbps"] = 1e-300
+        (d / "slow.yaml").write_text(yaml.safe_dump(spec))
+        return call("plan", "-m", "tiny-opt", "-t", str(d / "slow.yaml"), cwd=d)
+
     def matches_reference(d: Path) -> bool:
         return same_weights(d / "run", work / "reference")
 
@@ -536,6 +577,26 @@ def main() -> None:
             ),
         ),
         Case("output", "a disk that fills up at the final write", full_disk),
+        Case("output", "a disk too small for a new run's run.json", small_disk("8k", empty=True)),
+        Case("output", "a disk too full for the ranks to write their error", small_disk("12k", empty=False)),
+        Case(
+            "fault",
+            "a metrics row cut short, then --resume (must finish, bit-identical)",
+            cut_metrics_row,
+            refused=False,
+            check=matches_reference,
+        ),
+        Case(
+            "input",
+            "a plan edited to name a GPU its ranks do not run on",
+            plan_edit("layout.compute_gpus", ["rank0", "rank5"]),
+        ),
+        Case("input", "a topology with 1e-300 GB/s of memory bandwidth", slow_topology),
+        Case(
+            "input",
+            "a plan given as a calibration profile",
+            lambda d: call("plan", "-m", "tiny-opt", "--profile", str(work / "base" / "plan.yaml"), cwd=d),
+        ),
         Case("output", "shared memory smaller than the host copy (a container's /dev/shm)", small_shared_memory("64k")),
         Case("output", "shared memory with room for the weights only", small_shared_memory("940k")),
         Case(
