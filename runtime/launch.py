@@ -899,7 +899,8 @@ def _launch(
     per_node = plan.layout.world_size // plan.layout.nodes
     # the ranks read the run's configuration (run.json) and nothing else; the host copy's folder
     # is this launch's, not a setting of the run
-    worker_args = [str(out / runconfig.CONFIG_FILE), "--host-dir", str(host_dir)]
+    # absolute: a relative -o of "./-run" reached the ranks as "-run/run.json", an option to their parser
+    worker_args = [str((out / runconfig.CONFIG_FILE).absolute()), "--host-dir", str(host_dir.absolute())]
     status = private_tmp / "ranks.json"  # each rank's exit (runtime/ranks.py), read on failure
     if cfg.nnodes == 1:  # forked from one process that has imported what a rank needs (runtime/ranks.py)
         cmd = [
@@ -1330,7 +1331,11 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
     offset = metrics.read_bytes().rfind(b"\n") + 1 if metrics.exists() else 0
     stall = StallCheck()  # a learning rate too small for the model, said early
     warnings = Console(stderr=True)
-    note_at = time.monotonic() + float(os.environ.get("ZOPLAN_NODES_NOTE_AFTER_S", NODES_NOTE_AFTER_S))
+    try:  # (a test's setting: one that is no number is left out)
+        after = float(os.environ.get("ZOPLAN_NODES_NOTE_AFTER_S", NODES_NOTE_AFTER_S))
+    except ValueError:
+        after = NODES_NOTE_AFTER_S
+    note_at = time.monotonic() + after
     noted = False
     with Progress(*columns, disable=cfg.quiet or cfg.node_rank != 0, transient=False) as progress:
         # a resume starts at the steps its journal holds (it showed 0 until the ranks had loaded)

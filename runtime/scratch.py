@@ -131,7 +131,18 @@ def shared_memory_is_short(folder: Path, other: Path) -> bool:
 def _no_room(base: Path, exc: OSError) -> Exception:
     """What an OSError of making a launch's folder in ``base`` means to the user."""
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return exc
+        # a folder that takes no files (/proc, /sys), or one root's access check let through
+        where = (
+            f"{SHARED_MEMORY_ENV}={base}"
+            if os.environ.get(SHARED_MEMORY_ENV) and base == shared_memory()
+            else str(base)
+        )
+        return ZoplanError(
+            f"cannot make this launch's scratch folder in {where}: {exc.strerror or exc}",
+            fix=f"unset {SHARED_MEMORY_ENV} to use /dev/shm"
+            if where.startswith(SHARED_MEMORY_ENV)
+            else "set TMPDIR to a folder this user can write in",
+        )
     if base == shared_memory():
         return short_of_shared_memory(base)
     return ZoplanError(

@@ -9,11 +9,13 @@ values once its aliases are expanded (a "billion laughs" of a few hundred bytes)
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import reprlib
+import secrets
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -381,12 +383,14 @@ def write_whole(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all: through a temporary file beside it, so that a full disk
     leaves neither an empty or cut file nor a damaged earlier one (a profile calibrated again onto
     a full disk was left empty). A failure is a message that names the disk's state."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # (a name of its own length: one derived from the target's made a 250-byte name too long)
+    tmp = path.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise ZoplanError(f"cannot write {path}: {exc.strerror or exc}", fix=write_fix(exc, path.parent)) from None
 
 

@@ -969,3 +969,7 @@ def test_a_file_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None
         fileio.write_yaml(path, {"a": 2})
     assert "free space on the disk" in refused.value.fix
     assert path.read_text() == "{a: 1}\n" and [p.name for p in tmp_path.iterdir()] == ["profile.yaml"]
+    monkeypatch.undo()
+    longest = tmp_path / ("p" * 250 + ".yaml")  # (a temporary name made from it was too long)
+    fileio.write_yaml(longest, {"a": 3})
+    assert longest.read_text() == "{a: 3}\n" and len(list(tmp_path.iterdir())) == 2

@@ -492,3 +492,15 @@ def test_a_stop_that_comes_when_the_run_has_finished_says_so(tmp_path: Path, mon
         summary = launch.run(make(model="tiny-opt", steps=3, output=tmp_path / "run", quiet=True))
     assert summary.steps == 3 and (tmp_path / "run" / "model").is_dir()
     assert said == ["SIGINT came when the run had finished on every rank: its weights and journal are complete"]
+
+
+def test_a_relative_output_that_starts_with_a_dash_trains_and_resumes(tmp_path: Path) -> None:
+    """`-o ./-run` reached the ranks as "-run/run.json", an option to their parser: every start and
+    every resume failed ("a rank exited without a message"), and a resume of a finished run left its
+    model/ moved aside."""
+    done = zoplan("run", "--steps", "2", "-o", "./-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = zoplan("run", "--resume", "./-run", "--steps", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len((tmp_path / "-run" / "journal.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "-run" / "model" / "model.safetensors").is_file()

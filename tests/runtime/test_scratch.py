@@ -362,3 +362,15 @@ def test_a_stop_sent_while_a_child_is_forked_waits_for_the_child_s_own_handlers_
         signal.signal(signal.SIGTERM, previous)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, status
     assert noted == [pid]
+
+
+def test_shared_memory_that_takes_no_folder_is_a_message(monkeypatch) -> None:
+    """ZOPLAN_SHARED_MEMORY=/proc (writable to root's access check, yet it takes no folder) ended
+    in a FileNotFoundError traceback, leaving a half-made output directory."""
+    from zoplan.errors import ZoplanError
+    from zoplan.runtime.scratch import SHARED_MEMORY_ENV, shared_memory
+
+    monkeypatch.setenv(SHARED_MEMORY_ENV, "/proc")
+    with pytest.raises(ZoplanError, match="ZOPLAN_SHARED_MEMORY=/proc"):
+        with owned(shared_memory(), "run"):
+            pass

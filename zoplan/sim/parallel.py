@@ -23,10 +23,12 @@ import sys
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+from zoplan.errors import ZoplanError
 from zoplan.sim import Exceeded, SimResult, simulate
 from zoplan.sim.costs import StepCosts
 
 MAX_WORKERS = 8
+MAX_GIVEN_WORKERS = 256  # (each a process and a pipe: thousands ran out of file descriptors)
 # a search this much into its simulations forks its workers (forking two from a search of a
 # thousand candidates takes ~3 ms, closing them ~2 ms; most searches end well before)
 START_AFTER_S = 0.05
@@ -36,12 +38,17 @@ def workers_wanted() -> int:
     """How many worker processes a search may use: ``ZOPLAN_PLAN_WORKERS`` if set, else the cores
     this process may run on (at most MAX_WORKERS); 1 runs every simulation in the search's own
     process."""
-    given = os.environ.get("ZOPLAN_PLAN_WORKERS")
-    if given is not None:
+    given = os.environ.get("ZOPLAN_PLAN_WORKERS", "").strip()
+    if given:  # (empty: unset)
         try:
             count = int(given)
         except ValueError:
-            raise ValueError(f"ZOPLAN_PLAN_WORKERS={given!r} is not a whole number") from None
+            count = -1
+        if not 0 <= count <= MAX_GIVEN_WORKERS:
+            raise ZoplanError(
+                f"ZOPLAN_PLAN_WORKERS={given!r} is not a number of worker processes from 0 to {MAX_GIVEN_WORKERS}",
+                fix="set it to the cores the planner may use (0 or 1: none besides its own), or unset it",
+            )
         return max(1, count)
     if not sys.platform.startswith("linux"):
         return 1
