@@ -652,11 +652,20 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
     from zoplan.models import load_model_shape
     from zoplan.profile import build_profile, write_profile
     from zoplan.runconfig import write_calibration
-    from zoplan.runtime.launch import _free_port, _is_cpu_machine, cuda_env, rank_env, start_ranks, stop_signals
+    from zoplan.runtime.launch import (
+        _free_port,
+        _is_cpu_machine,
+        check_switches,
+        cuda_env,
+        rank_env,
+        start_ranks,
+        stop_signals,
+    )
     from zoplan.runtime.tiny import resolve_model
     from zoplan.search import check_workload
     from zoplan.topology import load_topology
 
+    check_switches(os.environ)
     machine = load_topology(cfg.topology)
     if machine.spec.nodes > 1:
         raise ZoplanError(f"'{machine.name}' spans {machine.spec.nodes} nodes: calibrate one node's topology")

@@ -40,6 +40,11 @@ def _faults(spec: str) -> frozenset[tuple[str, int, int | None]]:
     return frozenset(faults)
 
 
+def check(spec: str) -> None:
+    """ValueError where ``spec`` (a ``ZOPLAN_FAULTS`` value) names no fault as the ranks read them."""
+    _faults(spec)
+
+
 def planned(point: str, rank: int, step: int | None = None) -> bool:
     """Whether ``ZOPLAN_FAULTS`` names this fault (always False without it)."""
     spec = os.environ.get("ZOPLAN_FAULTS")

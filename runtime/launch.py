@@ -808,12 +808,41 @@ def _as_planned(cfg: RunConfig, plan: Plan, steps_given: bool, model_given: bool
     )
 
 
+# the switches a user may set (docs/runtime.md), and the values each takes: another value was
+# ignored without a word (ZOPLAN_MEETINGS=GLOO ran shared-memory meetings)
+SWITCHES = {
+    "ZOPLAN_MEETINGS": ("gloo",),
+    "ZOPLAN_Z_KERNEL": ("torch",),
+    "ZOPLAN_PERTURB_TRITON": ("0", "1", "cpu"),
+    "ZOPLAN_CUDA_GRAPHS": ("0", "1"),
+    "ZOPLAN_HOST_COPY": ("copy",),
+}
+
+
+def check_switches(environ: Mapping[str, str]) -> None:
+    """Warn of a switch set to a value it does not take (it is ignored), and refuse a
+    ``ZOPLAN_FAULTS`` the ranks could not read (they failed "without a message")."""
+    for name, values in SWITCHES.items():
+        given = environ.get(name, "")
+        if given and given not in values:
+            warn(f"{name}={given!r} is not a value zoplan knows ({', '.join(values)}, or unset): it is ignored")
+    faults_given = environ.get("ZOPLAN_FAULTS", "")
+    if faults_given:
+        from zoplan.runtime import faults
+
+        try:
+            faults.check(faults_given)
+        except ValueError as exc:
+            raise ZoplanError(str(exc), fix="unset ZOPLAN_FAULTS (it injects faults for tests)") from None
+
+
 def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
     """Run a plan (``resume``: continue the run in ``cfg.output``; see ``resume_config``): the
     output directory is locked while the run uses it; a directory this call made is removed again
     when the run is refused before anything is written into it."""
     out = cfg.output
     made = not out.exists()
+    check_switches(os.environ)
     for base in (shared_memory(), Path(tempfile.gettempdir())):
         sweep(base)  # what launches killed earlier left behind (runtime/scratch.py)
     if cfg.master_port is not None and cfg.node_rank == 0:

@@ -504,3 +504,19 @@ def test_a_relative_output_that_starts_with_a_dash_trains_and_resumes(tmp_path: 
     assert done.returncode == 0, done.stdout + done.stderr
     assert len((tmp_path / "-run" / "journal.jsonl").read_text().splitlines()) == 3
     assert (tmp_path / "-run" / "model" / "model.safetensors").is_file()
+
+
+def test_a_switch_set_to_a_value_it_does_not_take_is_said(monkeypatch, capsys) -> None:
+    """ZOPLAN_MEETINGS=GLOO (or ZOPLAN_Z_KERNEL=Torch) was ignored without a word; a
+    ZOPLAN_FAULTS the ranks cannot read failed them "without a message"."""
+    from zoplan.errors import ZoplanError
+    from zoplan.runtime.launch import check_switches
+
+    check_switches({"ZOPLAN_MEETINGS": "gloo", "ZOPLAN_Z_KERNEL": "torch", "ZOPLAN_CUDA_GRAPHS": "0"})
+    assert capsys.readouterr().err == ""
+    check_switches({"ZOPLAN_MEETINGS": "GLOO", "ZOPLAN_Z_KERNEL": "Torch"})
+    said = capsys.readouterr().err
+    assert "ZOPLAN_MEETINGS='GLOO' is not a value zoplan knows (gloo, or unset): it is ignored" in said
+    assert "ZOPLAN_Z_KERNEL='Torch'" in said
+    with pytest.raises(ZoplanError, match="ZOPLAN_FAULTS: 'garbage' is not POINT:RANK"):
+        check_switches({"ZOPLAN_FAULTS": "garbage"})
