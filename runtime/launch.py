@@ -842,6 +842,13 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
     when the run is refused before anything is written into it."""
     out = cfg.output
     made = not out.exists()
+    # the folders above it this call makes (-o a/b/c): a refused run removes them too, if empty
+    above = [p for p in out.absolute().parents if not p.exists()] if made else []
+    if made and out.parts and out.parts[0].startswith("~"):  # quoted: the shell did not expand it
+        warn(
+            f"-o {out} makes a folder named '{out.parts[0]}' in {Path.cwd()}, not in a home folder (a shell expands "
+            "~ only outside quotes)"
+        )
     check_switches(os.environ)
     for base in (shared_memory(), Path(tempfile.gettempdir())):
         sweep(base)  # what launches killed earlier left behind (runtime/scratch.py)
@@ -898,6 +905,9 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
         if made:  # the lock was not taken: the directory goes only if nothing at all is in it
             with contextlib.suppress(OSError):
                 out.rmdir()
+            for parent in above if not out.exists() else ():  # (nearest first; only an empty one goes)
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
         raise
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Final, Literal, Mapping, TypeVar
 
@@ -68,6 +69,15 @@ FIXED_ON_RESUME = (
 FIELD_NAME = re.compile(r"\w+")  # what a classification prompt's {field} may name
 PROMPT_FIX = (
     "a placeholder is a record field's name in braces, such as {text} or {premise}; write a literal brace as {{ or }}"
+)
+
+
+# where the terminal's locale is not UTF-8 (LC_ALL=C), Python reads a UTF-8 argument as bytes it
+# cannot decode: the text was right, the locale was not
+_LOCALE_HINT = (
+    ""
+    if sys.getfilesystemencoding().lower().replace("-", "") == "utf8"
+    else " (this shell's locale is not UTF-8: run with PYTHONUTF8=1, or a UTF-8 LANG such as C.UTF-8)"
 )
 
 
@@ -207,7 +217,7 @@ class RunConfig(Strict):
             )
         wrong = unreadable(prompt)
         if wrong is not None:
-            raise ValueError(f"it {wrong}: give it in UTF-8")
+            raise ValueError(f"it {wrong}: give it in UTF-8{_LOCALE_HINT}")
         return prompt
 
     @field_validator("recipe")
@@ -232,7 +242,7 @@ class RunConfig(Strict):
         for word in words:
             wrong = unreadable(word)
             if wrong is not None:
-                raise ValueError(f"{word!r} {wrong}: give it in UTF-8")
+                raise ValueError(f"{word!r} {wrong}: give it in UTF-8{_LOCALE_HINT}")
         return words
 
     def to_tuning(self) -> Tuning:

@@ -520,3 +520,34 @@ def test_a_switch_set_to_a_value_it_does_not_take_is_said(monkeypatch, capsys) -
     assert "ZOPLAN_Z_KERNEL='Torch'" in said
     with pytest.raises(ZoplanError, match="ZOPLAN_FAULTS: 'garbage' is not POINT:RANK"):
         check_switches({"ZOPLAN_FAULTS": "garbage"})
+
+
+def test_a_prompt_read_under_an_ascii_locale_says_the_locale_is_the_cause(tmp_path: Path) -> None:
+    """Under LC_ALL=C a UTF-8 --prompt reaches Python as bytes it cannot decode: the refusal said
+    "give it in UTF-8", which it was; it now names the locale and what to set."""
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "zoplan.cli", "run", "--prompt", "{text} C'était", "--steps", "1", "-o", "run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "this shell's locale is not UTF-8: run with PYTHONUTF8=1" in done.stderr, (
+        done.stderr
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_run_removes_the_folders_it_made_and_a_quoted_tilde_is_said(tmp_path: Path) -> None:
+    """-o s1/s2/s3 with a missing --data left s1 and s1/s2 behind; -o '~/x' (quoted) made a folder
+    named '~' here and said "wrote ~/x/model", which reads as the home folder."""
+    done = zoplan("run", "--data", "missing.jsonl", "--steps", "1", "-o", "s1/s2/s3", cwd=tmp_path)
+    assert done.returncode == 2 and not (tmp_path / "s1").exists(), done.stderr
+    (tmp_path / "kept").mkdir()
+    done = zoplan("run", "--data", "missing.jsonl", "--steps", "1", "-o", "kept/s2/s3", cwd=tmp_path)
+    assert done.returncode == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert list((tmp_path / "kept").iterdir()) == []
+    done = zoplan("run", "--data", "missing.jsonl", "--steps", "1", "-o", "~/x", cwd=tmp_path)
+    assert "makes a folder named '~' in" in done.stderr and "not in a home folder" in done.stderr, done.stderr
