@@ -593,6 +593,20 @@ def main() -> None:
         ),
         Case("input", "a topology with 1e-300 GB/s of memory bandwidth", slow_topology),
         Case(
+            "output",
+            "a relative output directory whose name starts with a dash (must finish)",
+            lambda d: call("run", "--steps", "2", "-o", "./-run", cwd=d),
+            refused=False,
+            check=lambda d: (d / "-run" / "model" / "model.safetensors").is_file(),
+        ),
+        Case(
+            "input",
+            "ZOPLAN_PLAN_WORKERS=abc",
+            lambda d: call(
+                "plan", "-m", "tiny-opt", "-t", "cpu-local", cwd=d, env=dict(ENV, ZOPLAN_PLAN_WORKERS="abc")
+            ),
+        ),
+        Case(
             "input",
             "a plan given as a calibration profile",
             lambda d: call("plan", "-m", "tiny-opt", "--profile", str(work / "base" / "plan.yaml"), cwd=d),
