@@ -74,6 +74,27 @@ def call(*args: str, cwd: Path, env: dict | None = None) -> tuple[int, str]:
         return -1, f"HANG after {LIMIT_S} s\n{exc.stdout or ''}{exc.stderr or ''}"
 
 
+def on_tmpfs(folder: Path, size: str, go: Callable[[], tuple[int, str]]) -> tuple[int, str]:
+    """``go()`` with ``folder`` a tmpfs of ``size``, unmounted after (root only: a case that cannot
+    mount one is skipped)."""
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        return 2, "error: skipped: cannot mount a tmpfs here"
+    try:
+        return go()
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def nothing_left(code: int, out: str, run: Path) -> tuple[int, str]:
+    """A new run refused before its first step leaves no ``run`` (a folder it made): one left makes
+    the case an exit-0-wrong result for the bench."""
+    if code == 2 and run.exists():
+        return 0, out + f"\nleft {sorted(p.name for p in run.iterdir())} (exit-0-wrong for the bench)"
+    return code, out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=None)
@@ -282,37 +303,20 @@ def main() -> None:
     def small_shared_memory(size: str) -> Callable[[Path], tuple[int, str]]:
         def go(d: Path) -> tuple[int, str]:
             """The host copy's shared memory (ZOPLAN_SHARED_MEMORY) on a tmpfs of ``size`` (root only)."""
-            (d / "shm").mkdir()
-            mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d / "shm")]
-            if subprocess.run(mount, capture_output=True).returncode != 0:
-                return 2, "error: skipped: cannot mount a tmpfs here"
-            try:
-                code, out = call(
-                    "run", "--steps", "2", "-o", "run", cwd=d, env=dict(ENV, ZOPLAN_SHARED_MEMORY=str(d / "shm"))
-                )
-                if code == 2 and (d / "run").exists():  # refused before the first step: nothing may be left
-                    out += f"\nleft {sorted(p.name for p in (d / 'run').iterdir())} (exit-0-wrong for the bench)"
-                    code = 0
-                return code, out
-            finally:
-                subprocess.run(["umount", str(d / "shm")], capture_output=True)
+            env = dict(ENV, ZOPLAN_SHARED_MEMORY=str(d / "shm"))
+            return on_tmpfs(
+                d / "shm",
+                size,
+                lambda: nothing_left(*call("run", "--steps", "2", "-o", "run", cwd=d, env=env), d / "run"),
+            )
 
         return go
 
     def full_disk(d: Path) -> tuple[int, str]:
         """The output on a 300 KiB tmpfs: the final weights do not fit (root only: it mounts one)."""
-        (d / "small").mkdir()
-        if (
-            subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(d / "small")], capture_output=True
-            ).returncode
-            != 0
-        ):
-            return 2, "error: skipped: cannot mount a tmpfs here"
-        try:
-            return call("run", "--steps", "20", "-o", str(d / "small" / "run"), cwd=d)
-        finally:
-            subprocess.run(["umount", str(d / "small")], capture_output=True)
+        return on_tmpfs(
+            d / "small", "300k", lambda: call("run", "--steps", "20", "-o", str(d / "small" / "run"), cwd=d)
+        )
 
     def small_disk(size: str, empty: bool) -> Callable[[Path], tuple[int, str]]:
         """The output on a tmpfs of ``size``: too small for a new run's first files (8k: nothing
@@ -320,19 +324,11 @@ def main() -> None:
         mounts one)."""
 
         def go(d: Path) -> tuple[int, str]:
-            (d / "small").mkdir()
-            mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d / "small")]
-            if subprocess.run(mount, capture_output=True).returncode != 0:
-                return 2, "error: skipped: cannot mount a tmpfs here"
-            try:
-                code, out = call("run", "--steps", "4", "-o", str(d / "small" / "run"), cwd=d)
-                run = d / "small" / "run"
-                if code == 2 and empty and run.exists() and any(run.iterdir()):
-                    out += f"\nleft {sorted(p.name for p in run.iterdir())} (exit-0-wrong for the bench)"
-                    code = 0
-                return code, out
-            finally:
-                subprocess.run(["umount", str(d / "small")], capture_output=True)
+            def attempt() -> tuple[int, str]:
+                done = call("run", "--steps", "4", "-o", str(d / "small" / "run"), cwd=d)
+                return nothing_left(*done, d / "small" / "run") if empty else done
+
+            return on_tmpfs(d / "small", size, attempt)
 
         return go
 
