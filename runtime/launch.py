@@ -46,7 +46,7 @@ from zoplan.records import (
     summarize,
 )
 from zoplan.runtime.checkpoint import check_model_dir, weights_stamp
-from zoplan.runtime.scratch import owned, run_lock, shared_memory, sweep
+from zoplan.runtime.scratch import owned, owner_of, run_lock, shared_memory, sweep
 from zoplan.runtime.rankserver import SERVER_ENV, ServedProcess, request
 from zoplan.topology import Machine, load_topology
 from zoplan.vocab import Meetings, local_meetings, run_meetings
@@ -408,15 +408,6 @@ def _unwritable(out: Path, node: int) -> list[Path]:
     return bad + [p for p in files if p.is_file() and not os.access(p, os.W_OK)]
 
 
-def _owner(path: Path) -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(path.stat().st_uid).pw_name
-    except (OSError, KeyError, ImportError):
-        return "another user"
-
-
 @contextlib.contextmanager
 def _new_run_writes(out: Path) -> Iterator[None]:
     """A new run's first files (plan.yaml, run.json): one that cannot be written (a full disk)
@@ -521,7 +512,7 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     if bad:  # checked before the resume changes anything
         import getpass
 
-        names = ", ".join(f"{p.name if p != out else p} ({_owner(p)}'s)" for p in bad[:4])
+        names = ", ".join(f"{p.name if p != out else p} ({owner_of(p)}'s)" for p in bad[:4])
         raise ZoplanError(
             f"cannot resume the run in {out}: this user ({getpass.getuser()}) cannot write "
             f"{names}{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}, which the run writes into",

@@ -269,12 +269,7 @@ def _open_lock(out: Path, path: Path) -> int:
                 fix=f"make the folder {target} first, or choose another --output",
             ) from None
         if path.is_file() and out.is_dir() and os.access(out, os.W_OK | os.X_OK):  # the folder is not the cause
-            try:
-                import pwd
-
-                owner = pwd.getpwuid(path.stat().st_uid).pw_name
-            except (OSError, KeyError, ImportError):
-                owner = "another user"
+            owner = owner_of(path)
             raise ZoplanError(
                 f"cannot open the output directory's lock file {path}: {exc.strerror or exc} (it is {owner}'s)",
                 fix=f"run as {owner} (whose run this is), or, if no run uses {out}, remove {path}",
@@ -283,6 +278,16 @@ def _open_lock(out: Path, path: Path) -> int:
             f"cannot write into the output directory {out}: {exc.strerror or exc}",
             fix="choose an --output directory this user can write to (and a disk with room)",
         ) from None
+
+
+def owner_of(path: Path) -> str:
+    """The name of the user who owns ``path`` ("another user" where it cannot be told)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (OSError, KeyError, ImportError):
+        return "another user"
 
 
 def _same_file(fd: int, path: Path) -> bool:

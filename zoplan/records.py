@@ -27,7 +27,7 @@ from typing import Annotated, Any, Final, Literal, Union
 from pydantic import BaseModel, ConfigDict, Strict, ValidationError
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import read_jsonl
+from zoplan.fileio import read_jsonl, write_whole
 
 RECORDS_VERSION: Final = 1
 METRICS_FILE = "metrics.jsonl"
@@ -188,13 +188,10 @@ class RankError(Row):
 def write_error(out: Path, error: RankError) -> bool:
     """``error.json`` in the output directory, whole or not at all; False when it could not be
     written (a full disk: the launcher then names the disk from the log)."""
-    tmp = out / (ERROR_FILE + f".tmp-{error.rank}")
     try:
-        tmp.write_text(error.line())
-        tmp.replace(out / ERROR_FILE)
+        write_whole(out / ERROR_FILE, error.line())
         return True
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    except ZoplanError:
         return False
 
 
