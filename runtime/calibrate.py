@@ -54,7 +54,15 @@ from zoplan.program import build as build_program
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
-from zoplan.runtime.scratch import owned, shared_memory, shared_memory_is_short, short_of_shared_memory
+from zoplan.runtime.scratch import (
+    before_measuring,
+    live_launches,
+    measured_beside,
+    owned,
+    shared_memory,
+    shared_memory_is_short,
+    short_of_shared_memory,
+)
 from zoplan.runtime.spans import Spans
 
 REPEAT_S = 0.3  # each copy measurement runs at least this long
@@ -734,6 +742,10 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
         env["TMPDIR"] = str(work)
         if not cpu:  # rank k measures the topology's GPU k
             env.update(cuda_env(machine.gpus, machine.gpus, os.environ))
+        # a calibration measures the machine: what runs beside it takes part of it
+        beside, warning = before_measuring("calibrate", cpu, own=(shm, work))
+        if warning:
+            print(warning, file=sys.stderr)
         with (
             open(log, "w") as f,
             Progress(
@@ -750,10 +762,14 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
                 with stop_signals(stopped):  # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
                     proc = start_ranks(cmd, f, env)
                     try:
+                        polls = 0
                         while proc.poll() is None:
                             if progress_file.exists():
                                 bar.update(task, description=progress_file.read_text())
                             time.sleep(0.2)
+                            polls += 1
+                            if polls % 5 == 0:  # a launch started meanwhile measures beside it too
+                                beside.update(live_launches(own=(shm, work)))
                     finally:
                         if proc.poll() is None:
                             proc.terminate()
@@ -806,4 +822,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
             device=rows[0]["device"] if cpu else torch.cuda.get_device_name(0),
         )
         write_profile(profile, cfg.output)
+        warning = measured_beside(beside, "calibrate", own=(shm, work))
+        if warning:
+            print(warning, file=sys.stderr)
         return profile

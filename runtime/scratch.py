@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from zoplan.errors import Refused, ZoplanError
 
@@ -232,6 +232,117 @@ def owned(base: Path, name: str) -> Iterator[Path]:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         os.close(fd)
+
+
+# what a launch's folders are named after (owned's ``name``): a calibration's, else a run's
+_CALIBRATION_FOLDERS = ("calibrate-",)
+
+
+def live_launches(own: Iterable[Path] = ()) -> dict[int, str]:
+    """The zoplan launches alive now on this machine besides the one holding ``own`` (its
+    folders), by pid: "zoplan calibrate" or "zoplan run" (a validation runs one). Found by
+    their folders in the temporary directory and in shared memory whose owner lock is held;
+    another user's folders cannot be opened, and are not seen."""
+    if fcntl is None:
+        return {}
+    skip = {Path(p).absolute() for p in own}
+    found: dict[int, str] = {}
+    bases = {Path(tempfile.gettempdir()).absolute()}
+    with contextlib.suppress(ZoplanError):  # ZOPLAN_SHARED_MEMORY unusable: the launch will say so
+        bases.add(shared_memory().absolute())
+    for base in bases:
+        try:
+            entries = list(base.glob(PREFIX + "*"))
+        except OSError:
+            continue
+        for folder in entries:
+            if folder in skip:
+                continue
+            try:
+                fd = os.open(folder / OWNER, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                if _try_lock(fd):  # free: its launch has ended (released when closed)
+                    continue
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if pid.isdigit() and int(pid) != os.getpid():
+                name = folder.name[len(PREFIX) :].removeprefix("tmp-")
+                found[int(pid)] = "zoplan calibrate" if name.startswith(_CALIBRATION_FOLDERS) else "zoplan run"
+    return found
+
+
+def _launches_said(launches: dict[int, str]) -> str:
+    """``live_launches``'s answer in words: "zoplan run (pid 12) and zoplan calibrate (pid 34)"."""
+    said = [f"{what} (pid {pid})" for pid, what in sorted(launches.items())]
+    return said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+
+
+# a measurement on a CPU machine warns when other processes keep this many cores busy
+BUSY_CORES_WARNING = 0.5
+
+
+def before_measuring(verb: str, cpu: bool, own: Iterable[Path] = ()) -> tuple[dict[int, str], str | None]:
+    """What runs beside a measurement (``verb``: "calibrate", "validate") about to start: the
+    other zoplan launches (``live_launches``), and the warning to give, if any. Either takes part
+    of the machine it measures (on a CPU machine, so does any busy process), and its figures would
+    be slower than the machine's own."""
+    beside = live_launches(own)
+    if beside:
+        return beside, (
+            f"warning: another zoplan launch is running on this machine ({_launches_said(beside)}): what is "
+            f"measured beside it is a shared machine's, slower than its own; {verb} when it has ended"
+        )
+    busy = others_busy_cores() if cpu else None
+    if busy is not None and busy >= BUSY_CORES_WARNING:
+        return beside, (
+            f"warning: other processes keep {busy:.1f} of this machine's {os.cpu_count()} cores busy: a CPU "
+            f"measurement measures what they leave, slower than the machine's own; {verb} when it is idle "
+            "(`top` shows what runs)"
+        )
+    return beside, None
+
+
+def measured_beside(beside: dict[int, str], verb: str, own: Iterable[Path] = ()) -> str | None:
+    """The warning after a measurement that ``before_measuring`` started (``beside``, updated
+    with the launches alive now): None when no other launch was seen."""
+    beside.update(live_launches(own))
+    if not beside:
+        return None
+    return (
+        f"warning: this was measured while {_launches_said(beside)} ran on this machine: its figures are a "
+        f"shared machine's, slower than its own; {verb} again when nothing else runs"
+    )
+
+
+def others_busy_cores(seconds: float = 0.5) -> float | None:
+    """How many cores the machine's other processes kept busy over ``seconds`` (this process
+    sleeps meanwhile), from /proc/stat; a virtual machine's stolen time is not counted (no process
+    here can free it). None where it cannot be read."""
+
+    def ticks() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        if len(fields) < 5:
+            return None
+        # user nice system idle iowait irq softirq steal ...
+        idle = fields[3] + fields[4] + (fields[7] if len(fields) > 7 else 0)
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    first = ticks()
+    time.sleep(seconds)
+    second = ticks()
+    if first is None or second is None or second[1] <= first[1]:
+        return None
+    cores = os.cpu_count() or 1
+    return (second[0] - first[0]) / (second[1] - first[1]) * cores
 
 
 def lock_name(node: int) -> str:

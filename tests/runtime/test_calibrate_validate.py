@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .test_scratch import another_launch
+
 from zoplan.models import load_model_shape
 from zoplan.planfile import load_plan
 from zoplan.planner import timeline
@@ -41,25 +43,38 @@ def calibrated(tiny_dirs, tmp_path_factory) -> tuple[Path, Path]:
     tmp = work / "tmp"
     tmp.mkdir()
     shm = shared_memory_folders()
-    zoplan(
-        "calibrate",
-        "--model",
-        str(tiny_dirs["tiny-opt"]),
-        "--micro-batch",
-        "2",
-        "--seq-len",
-        "32",
-        "-o",
-        str(profile),
-        "--steps",
-        "8",
-        "--spans",
-        str(work / "spans"),
-        tmp=tmp,
-    )
+    # another launch is running meanwhile (as far as its folders tell: it holds one, and sleeps)
+    with another_launch(tmp, "tmp-beside-node0") as other:
+        proc = zoplan(
+            "calibrate",
+            "--model",
+            str(tiny_dirs["tiny-opt"]),
+            "--micro-batch",
+            "2",
+            "--seq-len",
+            "32",
+            "-o",
+            str(profile),
+            "--steps",
+            "8",
+            "--spans",
+            str(work / "spans"),
+            tmp=tmp,
+        )
+    # the figures are a shared machine's: said when it starts, and again when it ends
+    said_beside(proc.stderr, f"zoplan run (pid {other})", "calibrate")
     # calibrate leaves nothing behind: no temporary folder (its own, torchrun's), no host copy
     assert list(tmp.iterdir()) == [] and shared_memory_folders() <= shm
     return profile, tiny_dirs["tiny-opt"]
+
+
+def said_beside(stderr: str, other: str, verb: str) -> None:
+    """``stderr`` warns before and after a measurement that ``other`` ran beside it (other
+    launches of this machine may be named too)."""
+    before = [l for l in stderr.splitlines() if l.startswith("warning: another zoplan launch is running")]
+    after = [l for l in stderr.splitlines() if l.startswith("warning: this was measured while")]
+    assert len(before) == 1 and other in before[0] and f"{verb} when it has ended" in before[0], stderr
+    assert len(after) == 1 and other in after[0] and f"{verb} again when nothing else runs" in after[0], stderr
 
 
 def shared_memory_folders() -> set[Path]:
@@ -357,8 +372,11 @@ def test_a_validation_without_an_output_leaves_nothing_behind(calibrated, planne
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     shm = shared_memory_folders()
-    proc = zoplan("validate", str(planned), "--model", str(calibrated[1]), "--steps", "2", tmp=tmp)
+    with another_launch(tmp, "calibrate-tmp-beside") as other:  # (its folder goes when it ends)
+        proc = zoplan("validate", str(planned), "--model", str(calibrated[1]), "--steps", "2", tmp=tmp)
     assert "step" in proc.stdout and "run output" not in proc.stdout  # nothing kept to point at
+    # the step was measured beside another launch: said before and after
+    said_beside(proc.stderr, f"zoplan calibrate (pid {other})", "validate")
     assert list(tmp.iterdir()) == [] and shared_memory_folders() <= shm
 
 

@@ -3,6 +3,7 @@ locked while a run uses it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,7 +13,19 @@ from pathlib import Path
 import pytest
 
 from zoplan.errors import Refused, ZoplanError
-from zoplan.runtime.scratch import MIN_AGE_S, OWNER, abandoned, owned, run_lock, sizes, sweep
+from zoplan.runtime.scratch import (
+    MIN_AGE_S,
+    OWNER,
+    abandoned,
+    before_measuring,
+    live_launches,
+    measured_beside,
+    others_busy_cores,
+    owned,
+    run_lock,
+    sizes,
+    sweep,
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and /proc: Linux")
 
@@ -21,6 +34,29 @@ def age(folder: Path, seconds: float = MIN_AGE_S + 5) -> None:
     """As if the folder had been made ``seconds`` ago."""
     then = time.time() - seconds
     os.utime(folder / OWNER, (then, then))
+
+
+# another launch, as far as its folders tell: it holds ``base/zoplan-<name>`` until its stdin closes
+HOLD = (
+    "import sys; from pathlib import Path; from zoplan.runtime.scratch import owned\n"
+    "with owned(Path(sys.argv[1]), sys.argv[2]):\n"
+    "    print('held', flush=True); sys.stdin.read()\n"
+)
+
+
+@contextlib.contextmanager
+def another_launch(base: Path, name: str):
+    """A process holding a launch's folder ``zoplan-<name>`` in ``base`` while the block runs; its pid."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(base), name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=60)
 
 
 def test_an_owned_folder_is_removed_when_its_block_ends_however_it_ends(tmp_path: Path) -> None:
@@ -374,3 +410,63 @@ def test_shared_memory_that_takes_no_folder_is_a_message(monkeypatch) -> None:
     with pytest.raises(ZoplanError, match="ZOPLAN_SHARED_MEMORY=/proc"):
         with owned(shared_memory(), "run"):
             pass
+
+
+def test_the_launches_running_beside_a_measurement_are_found_and_named(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setenv("ZOPLAN_SHARED_MEMORY", str(tmp_path / "shm"))
+    for folder in ("tmp", "shm"):
+        (tmp_path / folder).mkdir()
+    assert live_launches() == {} and before_measuring("calibrate", cpu=False) == ({}, None)
+    with (
+        another_launch(tmp_path / "tmp", "calibrate-tmp-0a1b") as calibration,
+        another_launch(tmp_path / "shm", "5c6d-node0") as run,  # a run's host copy
+        owned(tmp_path / "tmp", "tmp-mine-node0") as mine,
+    ):
+        # this process's own folders are not another launch; nor are those ``own`` names
+        assert live_launches() == {calibration: "zoplan calibrate", run: "zoplan run"}
+        assert live_launches(own=[tmp_path / "shm" / "zoplan-5c6d-node0"]) == {calibration: "zoplan calibrate"}
+        assert mine.is_dir()
+        beside, warning = before_measuring("validate", cpu=True)
+        assert beside == {calibration: "zoplan calibrate", run: "zoplan run"}
+        said = sorted([(calibration, "zoplan calibrate"), (run, "zoplan run")])
+        assert warning == (
+            f"warning: another zoplan launch is running on this machine ({said[0][1]} (pid {said[0][0]}) and "
+            f"{said[1][1]} (pid {said[1][0]})): what is measured beside it is a shared machine's, slower than its "
+            "own; validate when it has ended"
+        )
+    # both have ended: the measurement was still made beside them, and says so after
+    assert live_launches() == {}
+    after = measured_beside(beside, "validate")
+    assert after is not None and f"zoplan run (pid {run})" in after and "validate again" in after
+    assert measured_beside({}, "validate") is None
+    # a launch that was killed holds its folder no more
+    code = (
+        "import os, sys; from pathlib import Path; from zoplan.runtime.scratch import owned\n"
+        "with owned(Path(sys.argv[1]), 'tmp-killed-node0'):\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tmp")], timeout=60)
+    assert proc.returncode == -9 and (tmp_path / "tmp" / "zoplan-tmp-killed-node0").is_dir()
+    assert live_launches() == {}
+
+
+def test_a_busy_cpu_machine_is_said_before_a_cpu_measurement(tmp_path: Path, monkeypatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("ZOPLAN_SHARED_MEMORY", str(tmp_path))
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 60\nwhile time.time() < t: pass"])
+    try:
+        time.sleep(0.3)
+        busy = others_busy_cores(0.5)
+        assert busy is not None and 0.5 <= busy <= (os.cpu_count() or 1) + 0.01  # the spinner: about a core
+        beside, warning = before_measuring("calibrate", cpu=True)
+        assert beside == {} and warning is not None
+        assert "cores busy" in warning and "calibrate when it is idle" in warning
+        assert before_measuring("calibrate", cpu=False) == ({}, None)  # a GPU's figures: not the cores'
+    finally:
+        spin.kill()
+        spin.wait()

@@ -692,7 +692,8 @@ def validate_cmd(
             fix="validate one node's step: plan it with --nodes 1 (zoplan plan --topology ... --nodes 1 -o plan.yaml); "
             "the nodes add only the loss all-reduce and the wait for the slowest",
         )
-    simulated = timeline(plan_file).candidate.sim
+    predicted = timeline(plan_file)
+    simulated = predicted.candidate.sim
     assert simulated is not None  # timeline() simulates the plan
     _needs_runtime("validate")
     from zoplan.models import tiny_name
@@ -715,12 +716,28 @@ def validate_cmd(
                 f"output directory {output} is not empty: a previous run's output is not overwritten",
                 fix="choose a new --output directory, or remove the old one",
             )
+    from zoplan.runtime.launch import _is_cpu_machine
+    from zoplan.runtime.scratch import before_measuring, measured_beside
+
+    # what the run measures is the machine's: what runs beside it takes part of it
+    beside, warning = before_measuring("validate", _is_cpu_machine(predicted.machine))
+    if warning:
+        print(warning, file=sys.stderr)
+
+    def said_after() -> None:  # after the report: a launch may have started meanwhile
+        warning = measured_beside(beside, "validate")
+        if warning:
+            print(warning, file=sys.stderr)
+
+    if output is not None:
         _validate(output, the_plan, plan_file, simulated, model, data, steps, trace, skip, pad, as_json)
+        said_after()
         return
     # a temporary run directory goes when validate ends, however it ends (--output keeps one)
     scratch = Path(tempfile.mkdtemp(prefix="zoplan-validate-"))
     try:
         _validate(scratch / "run", the_plan, plan_file, simulated, model, data, steps, trace, skip, pad, as_json)
+        said_after()
     except ZoplanError as exc:
         # the run's directory goes now: a fix that continues it there (a stopped run's resume) is none
         said = exc.fix if exc.fix and str(scratch) not in exc.fix else "run the same command again"
