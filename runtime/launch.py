@@ -230,14 +230,13 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if resume:
         return _prepare_resume(cfg)
-    for parent in out.resolve().parents:
-        if (parent / runconfig.CONFIG_FILE).is_file() and (parent / "plan.yaml").is_file():
-            # (a finished run there replaces its model/, which held this run whole)
-            raise ZoplanError(
-                f"{out} is inside {parent}, the output directory of another run: that run writes its model/, "
-                "snapshots/ and logs there, and removes what stands in their way",
-                fix="choose an --output directory outside it",
-            )
+    parent = runconfig.enclosing_run(out)
+    if parent is not None:  # (a finished run there replaces its model/, which held this run whole)
+        raise ZoplanError(
+            f"{out} is inside {parent}, the output directory of another run: that run writes its model/, "
+            "snapshots/ and logs there, and removes what stands in their way",
+            fix="choose an --output directory outside it",
+        )
     if out.exists() and any(not p.name.startswith(".lock-node") for p in out.iterdir()):
         raise ZoplanError(
             f"output directory {out} is not empty: a previous run's output is not overwritten",

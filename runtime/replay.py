@@ -22,9 +22,11 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from zoplan.errors import ZoplanError
+from zoplan.runconfig import enclosing_run
 from zoplan.runtime.checkpoint import readable_as_umask
 from zoplan.runtime.hostcopy import DTYPES, decays
 from zoplan.runtime.journal import check_lines, read_journal
+from zoplan.runtime.scratch import live_run_in
 from zoplan.runtime.zo import update_tensor
 
 
@@ -81,6 +83,7 @@ def replay_to(
             "replay cannot reach a GPU: torch sees no CUDA device here",
             fix="replay on the CPU (--device cpu): the same updates, in the same dtype",
         )
+    _check_not_a_runs(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is a file" if not out.is_dir() else "is not empty"
         raise ZoplanError(
@@ -116,6 +119,33 @@ def replay_to(
     finally:
         if hide:  # as it was: replay_to may run inside a user's own program
             hf_logging.enable_progress_bar()
+
+
+# what a run writes in its output directory, and removes or moves aside when it finds it there
+# (a finished run's model/ moved aside on resume, an old model.tmp removed, damaged snapshots)
+_RUNS_OWN = ("model", "snapshots", "damaged-")
+
+
+def _check_not_a_runs(out: Path) -> None:
+    """Refuse a replay into a place a run writes: anywhere in a run's output directory while it
+    trains (it removes what stands in its way when it writes model/), or where a finished run
+    keeps its own model/, model-stepN/ or snapshots/."""
+    run = enclosing_run(out)
+    if run is None:
+        return
+    pid = live_run_in(run)
+    if pid is not None:
+        raise ZoplanError(
+            f"{out} is inside {run}, the output directory of a run that is training now (pid {pid}): it writes "
+            "its model/ there when it ends, and removes what stands in its way",
+            fix=f"replay into a directory outside it (zoplan replay {run} -o DIR replays the steps journaled so far)",
+        )
+    first = out.resolve().relative_to(run).parts[0]
+    if first.startswith(_RUNS_OWN):
+        raise ZoplanError(
+            f"{out} is inside {run}/{first}, which the run in {run} writes: a resume moves it aside or replaces it",
+            fix=f"replay into a directory outside it, e.g. -o {run}-replayed",
+        )
 
 
 def _clear(out: Path, made: bool) -> None:

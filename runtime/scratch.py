@@ -363,6 +363,19 @@ def held_by(path: Path) -> str | None:
         os.close(fd)
 
 
+def live_run_in(out: Path) -> str | None:
+    """The pid of a live run whose output directory ``out`` is (any of its nodes' locks held), else None."""
+    try:
+        locks = sorted(out.glob(".lock-node*"))
+    except OSError:
+        return None
+    for lock in locks:
+        owner = held_by(lock)
+        if owner is not None:
+            return owner
+    return None
+
+
 def _open_lock(out: Path, path: Path) -> int:
     """The lock file ``path`` in ``out``, opened (made, with ``out``, where there is none)."""
     try:

@@ -81,6 +81,15 @@ _LOCALE_HINT = (
 )
 
 
+def enclosing_run(path: Path) -> Path | None:
+    """The output directory of a run that ``path`` lies inside (a folder above it holding a run's
+    run.json and plan.yaml), else None."""
+    for parent in path.resolve().parents:
+        if (parent / CONFIG_FILE).is_file() and (parent / "plan.yaml").is_file():
+            return parent
+    return None
+
+
 def blank(text: str) -> bool:
     """Whether ``text`` shows nothing: spaces, control and format characters only (a zero-width
     space, a byte order mark): a record's empty text, which a model would read as nothing."""

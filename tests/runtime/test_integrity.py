@@ -401,6 +401,30 @@ def test_a_new_run_inside_another_run_s_directory_is_refused(run_dir: Path, tiny
         assert not inside.exists()
 
 
+def test_replay_into_a_run_s_directory_is_refused_where_the_run_writes_or_while_it_trains(
+    run_dir: Path, tiny_dirs
+) -> None:
+    """`zoplan replay RUN -o RUN/model` wrote the replayed weights where RUN's own finish (or a
+    resume) removes or moves what it finds, exit 0; and into a run that is training, anywhere."""
+    from zoplan.runtime.scratch import run_lock
+
+    base, journal_path = str(tiny_dirs["tiny-opt"]), run_dir / "journal.jsonl"
+    for inside in (run_dir / "model", run_dir / "model-step3", run_dir / "snapshots" / "mine"):
+        with pytest.raises(
+            ZoplanError, match=f"{inside} is inside {run_dir}/{inside.relative_to(run_dir).parts[0]}, which the run"
+        ):
+            replay_to(base, journal_path, inside)
+        assert not inside.exists()
+    with run_lock(run_dir, 0):  # the run trains
+        with pytest.raises(
+            ZoplanError, match=f"the output directory of a run that is training now \\(pid {os.getpid()}\\)"
+        ):
+            replay_to(base, journal_path, run_dir / "replayed")
+        assert not (run_dir / "replayed").exists()
+    # a finished run's directory holds a replay beside the run's own files
+    assert replay_to(base, journal_path, run_dir / "replayed") == 6
+
+
 def test_a_damaged_run_record_is_refused(run_dir: Path) -> None:
     (run_dir / "run.json").write_text('{"model": 3')
     with pytest.raises(ZoplanError, match="run.json is damaged"):
