@@ -667,6 +667,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
         cuda_env,
         rank_env,
         start_ranks,
+        stop_ranks,
         stop_signals,
     )
     from zoplan.runtime.tiny import resolve_model
@@ -772,8 +773,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
                                 beside.update(live_launches(own=(shm, work)))
                     finally:
                         if proc.poll() is None:
-                            proc.terminate()
-                            proc.wait()
+                            stop_ranks(proc)
             except KeyboardInterrupt:  # said with the signal's own status, as zoplan run does (143 for SIGTERM)
                 signum = stopped[-1] if stopped else signal.SIGINT
                 raise ZoplanError(

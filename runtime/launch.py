@@ -1108,25 +1108,43 @@ def _launch(
     return summarize(out)
 
 
+# the stop signals seen while a stop_signals block runs (the outermost one clears it): the first
+# stops the launch, the later ones only hurry it (stop_ranks)
+_STOPPING: list[int] = []
+_STOP_BLOCKS = [0]
+
+
 @contextlib.contextmanager
 def stop_signals(stopped: list[int]):
     """SIGTERM and SIGHUP (a job scheduler, a closed terminal, ``kill PID``) stop a run as Ctrl-C
     does: the ranks are stopped and the user told how to resume, instead of the launcher vanishing
-    and leaving torchrun and the ranks training. The signal's number is appended to ``stopped``."""
+    and leaving torchrun and the ranks training. The signal's number is appended to ``stopped``.
+    Only the first stop signal interrupts (KeyboardInterrupt): a second Ctrl-C while the launcher
+    stops its ranks and removes what it owns would cut that short, leaving ranks training on in a
+    directory no lock holds any more; it makes ``stop_ranks`` kill them at once instead."""
 
     def handler(signum, frame):
         stopped.append(signum)
-        raise KeyboardInterrupt
+        _STOPPING.append(signum)
+        if len(_STOPPING) == 1:
+            raise KeyboardInterrupt
 
     previous = {}
-    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            previous[signum] = signal.signal(signum, handler)
+    main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+    if main:
+        _STOP_BLOCKS[0] += 1
+        for signum in STOPPING:
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP, a background job's SIGINT
+                previous[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+        if main:
+            _STOP_BLOCKS[0] -= 1
+            if not _STOP_BLOCKS[0]:
+                _STOPPING.clear()
 
 
 # the signals that stop a run (a job scheduler, Ctrl-C, a closed terminal)
@@ -1176,14 +1194,28 @@ STOP_WAIT_S = 45.0
 
 
 def stop_ranks(proc: subprocess.Popen | ServedProcess, wait_s: float = STOP_WAIT_S) -> None:
-    """SIGTERM to the rank supervisor, and SIGKILL if it has not exited ``wait_s`` later (its
-    ranks die with it): a launcher interrupted once must not wait for ever."""
+    """SIGTERM to the rank supervisor, and SIGKILL if it has not exited ``wait_s`` later, or at
+    once on a second stop signal (``stop_signals``): its ranks die with it. Returns only once it
+    has exited: a launcher interrupted once must not wait for ever, nor leave ranks behind."""
+    seen = len(_STOPPING)
+    interrupted: KeyboardInterrupt | None = None
     proc.terminate()
-    try:
-        proc.wait(timeout=wait_s)
-    except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            proc.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+            return
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline or len(_STOPPING) > max(seen, 1):
+                break
+        except KeyboardInterrupt as exc:  # the first stop signal came now: it hurries this stop too
+            interrupted = exc
+            break
+    with signals_held():  # (outside stop_signals a Ctrl-C still raises: not before the supervisor is gone)
         proc.kill()
         proc.wait()
+    if interrupted is not None:
+        raise interrupted
 
 
 def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.Popen | ServedProcess:

@@ -366,6 +366,62 @@ def test_an_interrupted_launcher_kills_a_rank_supervisor_that_does_not_stop(tmp_
     assert quick.returncode == -signal.SIGTERM
 
 
+def test_a_second_stop_signal_kills_a_slow_supervisor_at_once_and_never_cuts_the_stop_short() -> None:
+    """A second Ctrl-C while the launcher waited for a supervisor slow to stop (a big model's
+    ranks, one stopped by SIGSTOP) broke out of the wait: the launcher said "the ranks have
+    stopped", removed their host copy and released the run's lock while they trained on (a resume
+    then trained beside them). Now the later signals only hurry the stop: SIGKILL at once, and
+    the wait goes on until the supervisor is gone; the first signal alone interrupts."""
+    import signal
+    import threading
+
+    from zoplan.runtime.launch import stop_ranks, stop_signals
+
+    slow = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    main, stopped = threading.get_ident(), []
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt), stop_signals(stopped):
+            try:
+                signal.pthread_kill(main, signal.SIGINT)  # the first: stops the run
+                time.sleep(30)  # (interrupted)
+            finally:
+                # a second, and a third, while the launcher stops the ranks
+                for delay in (0.3, 0.6):
+                    threading.Timer(delay, signal.pthread_kill, (main, signal.SIGINT)).start()
+                stop_ranks(proc, wait_s=30.0)
+                time.sleep(0.8)  # (the third comes after: it interrupts nothing either)
+        assert proc.returncode == -signal.SIGKILL and time.monotonic() - t0 < 10
+        assert stopped == [signal.SIGINT] * 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # outside a launch, Ctrl-C is Python's again
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_signal_the_caller_ignores_stays_ignored() -> None:
+    """`nohup zoplan run ... &` ignores SIGHUP so that the run outlives its terminal: the launch
+    made SIGHUP stop the run all the same when the terminal closed."""
+    import signal
+
+    from zoplan.runtime.launch import stop_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals([]):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)  # stops the run
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
 def test_a_stop_sent_while_a_child_is_forked_waits_for_the_child_s_own_handlers_and_the_parent_s_record() -> None:
     """A rank server's child inherited the server's SIGTERM handler (which only notes the signal)
