@@ -30,8 +30,12 @@ of them in a row stop the training), and a step cut short by an error puts the p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -70,6 +74,33 @@ _ARGUMENTS: dict[str, tuple[Any, str, str]] = {
     ),
     "weight_decay": (ZoSettings, "weight_decay", "give TrainingArguments a finite weight_decay, 0 (none) or more"),
 }
+
+
+# the signals that stop a program (Ctrl-C, a job scheduler's SIGTERM, a closed terminal)
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _whole() -> Iterator[None]:
+    """Run the block whole: a stop signal that comes meanwhile (Ctrl-C) takes effect when it ends.
+    A parameter loop cut short (an update, a perturbation taken back) leaves some parameters
+    moved and others not: weights that neither the step before nor ``zo_steps`` describe. Signals
+    reach the main thread only; elsewhere nothing needs holding."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {}
+    for signum in _STOPS:
+        if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # (None: set outside Python)
+            previous[signum] = signal.signal(signum, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        for signum in dict.fromkeys(came):  # now, to the handlers they were meant for
+            signal.raise_signal(signum)
 
 
 def _problem(error: Any) -> str:
@@ -209,12 +240,15 @@ class ZOTrainer(Trainer):
                     at[i] = to
 
         try:
-            move(1.0)
+            with _whole():
+                move(1.0)
             loss_plus = float(cast(torch.Tensor, self.compute_loss(model, inputs)))
-            move(-1.0)
+            with _whole():
+                move(-1.0)
             loss_minus = float(cast(torch.Tensor, self.compute_loss(model, inputs)))
         finally:
-            move(0.0)
+            with _whole():
+                move(0.0)
         return loss_plus, loss_minus
 
     @torch.no_grad()
@@ -232,6 +266,25 @@ class ZOTrainer(Trainer):
         # as zoplan run's engine: a step whose losses or gradient are not finite is skipped, its
         # update (weight decay included) not applied: θ keeps every bit
         finite = all(map(math.isfinite, (loss_plus, loss_minus, g)))
+        # the step's line and its update go together: a Ctrl-C waits for both (replay of
+        # zo_steps gives the weights)
+        with _whole():
+            self._apply(step, seed, params, loss_plus, loss_minus, g, finite)
+        return torch.tensor((loss_plus + loss_minus) / 2, device=self.args.device)
+
+    def _apply(
+        self,
+        step: int,
+        seed: int,
+        params: list[tuple[str, Parameter]],
+        loss_plus: float,
+        loss_minus: float,
+        g: float,
+        finite: bool,
+    ) -> None:
+        """Record step ``step`` in ``zo_steps`` and update ``params`` with it (a step whose
+        losses are not finite: recorded as skipped, no update)."""
+        eps = self.zo_eps
         lr, wd = self._zo_lr(), float(self.args.weight_decay)
         names = tuple(name for name, _ in params)
         if names != self._zo_names:
@@ -262,4 +315,3 @@ class ZOTrainer(Trainer):
                     "the updates of those steps were skipped",
                     fix="lower learning_rate or zo_eps, or check the data (zo_max_nonfinite allows more in a row)",
                 )
-        return torch.tensor((loss_plus + loss_minus) / 2, device=self.args.device)

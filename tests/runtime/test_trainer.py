@@ -289,6 +289,55 @@ def test_a_step_cut_short_leaves_the_weights_as_they_were(tiny_dirs, tmp_path: P
     assert Failing.calls == 2 and changed(model, perturbed_and_back(before, [seed], 1e-3)) == []
 
 
+@pytest.mark.parametrize("where", ["update", "restore"])
+def test_ctrl_c_in_a_parameter_loop_waits_for_its_end(
+    where: str, tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C that came while the update ran over the parameters left some updated and others not
+    (56 of 69 differed from the replay of zo_steps, which had the step); one while a perturbation
+    was taken back left a parameter perturbed. Now the loop ends first: the weights are the
+    replay of zo_steps (update), or the step before's (restore), to their float rounding."""
+    import signal
+    import threading
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.runtime import trainer as zt
+    from zoplan.runtime.perturb import step_seed
+    from zoplan.runtime.replay import replay
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    before = bits_of(model)
+    n = len(list(model.parameters()))
+    # the call at which Ctrl-C comes: in step 2's update, or in step 0's perturbation taken back
+    # (the third of its three moves over the parameters)
+    name, at = ("update_tensor", 2 * n + n // 2) if where == "update" else ("perturb_", 2 * n + n // 2)
+    real, calls = getattr(zt, name), [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at:
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zt, name, interrupted)
+    trainer = trainer_for(model, tokenizer, tmp_path, learning_rate=1e-3, max_steps=5)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert calls[0] == 3 * n, calls  # the loop ran to its end
+    if where == "update":
+        assert [r["step"] for r in trainer.zo_steps] == [0, 1, 2]
+        base = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+        replayed = dict(replay(base, trainer.zo_steps).named_parameters())
+        for pname, p in model.named_parameters():
+            torch.testing.assert_close(p, replayed[pname], rtol=0, atol=2e-5, msg=pname)
+    else:
+        assert trainer.zo_steps == []
+        assert changed(model, perturbed_and_back(before, [step_seed(trainer.zo_seed, 0)], 1e-3)) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_the_readme_trainer_example_runs(tiny_dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """README's Trainer block, given a tiny model, its dataset and collator, for 2 steps."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
