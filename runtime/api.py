@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from zoplan.errors import ZoplanError, did_you_mean
+from zoplan.errors import Stopped, ZoplanError, did_you_mean
 from zoplan.fileio import brief
 from zoplan.layout import Pins
 from zoplan.limits import MAX_SLICES_PER_BLOCK
@@ -192,8 +192,12 @@ def fine_tune(
             warnings.warn(in_its_words(ignored_note(ignored, done)), stacklevel=2)
         with warnings_to(warn):
             summary: RunSummary = run(cfg, resume=done is not None)
+        # where it is, whatever the working directory becomes (a notebook's os.chdir)
+        summary = dataclasses.replace(summary, output=summary.output.absolute())
     except ZoplanError as exc:  # said in zoplan run's words: said again in the caller's
-        raise type(exc)(
+        # stopped by a signal (status 128 + its number): Python's Ctrl-C, a KeyboardInterrupt
+        said = Stopped if exc.status > 128 else type(exc)
+        raise said(
             in_its_words(exc.message), fix=None if exc.fix is None else in_its_words(exc.fix), status=exc.status
         ) from None
     return summary
@@ -209,7 +213,9 @@ def _numeric(name: str) -> bool:
 
 
 # a flag of zoplan run, and a number given to it ("--steps 3")
-_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)(?: (-?\d[\w.+-]*))?")
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)(?: (-?\d[\w.+-]*|[A-Z]\b))?")
+# the command that continues a stopped run, and the call that does
+_RESUME = re.compile(r"`zoplan run --resume (\S+) --steps (\d+)`")
 # a command to type, which keeps its flags: in backquotes, or from "zoplan ..." or "torchrun ..."
 # to the end of its clause
 _COMMAND = re.compile(r"(`[^`]*`|\b(?:zoplan|torchrun) [^,;()]*)")
@@ -229,6 +235,7 @@ def in_its_words(text: str) -> str:
             return match.group(0)
         return name if value is None else f"{name}={value}"
 
+    text = _RESUME.sub(lambda m: f"`fine_tune(resume={m.group(1)!r}, steps={m.group(2)})`", text)
     parts = _COMMAND.split(text)
     return "".join(part if i % 2 else _FLAG.sub(keyword, part) for i, part in enumerate(parts))
 

@@ -202,7 +202,10 @@ def _device_names() -> list[str]:
         "import json, torch; print(json.dumps([torch.cuda.get_device_name(i) "
         "for i in range(torch.cuda.device_count())]))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    # numbered as nvidia-smi and the topologies number them (cuda_env), in the child only: this
+    # process may be a user's own (fine_tune), whose later CUDA devices keep their numbers
+    env = {**os.environ, "CUDA_DEVICE_ORDER": os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise ZoplanError(
             f"could not list the CUDA devices: {proc.stderr.strip()[-300:]}", fix="check the driver with nvidia-smi"
@@ -226,8 +229,6 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     from zoplan.runtime.tiny import resolve_model
 
     out = cfg.output
-    # topologies number GPUs as nvidia-smi does; CUDA's own default order may differ (cuda_env)
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if resume:
         return _prepare_resume(cfg)
     parent = runconfig.enclosing_run(out)

@@ -21,6 +21,19 @@ class ZoplanError(Exception):
         super().__init__(message if fix is None else f"{message}\n  fix: {fix}")
 
 
+class Stopped(KeyboardInterrupt):
+    """A run of the Python API (``fine_tune``) stopped by a signal: Ctrl-C, SIGTERM, SIGHUP. A
+    KeyboardInterrupt, as Python's own Ctrl-C is, so that ``except Exception`` around a call (a
+    sweep that goes on to its next setting when one fails) does not swallow it; with zoplan's
+    account of it: what was done, and the call that continues (``fix``)."""
+
+    def __init__(self, message: str, *, fix: str | None = None, status: int = 130) -> None:
+        self.message = message
+        self.fix = fix
+        self.status = status  # 128 + the signal's number, as zoplan run exits
+        super().__init__(message if fix is None else f"{message}\n  fix: {fix}")
+
+
 class Refused(ZoplanError):
     """A command refused before it did anything worth keeping (a run before its first step): what
     it wrote for that may go, so that the same command, corrected, runs again."""

@@ -240,3 +240,46 @@ def test_the_runs_warnings_are_python_warnings_in_fine_tunes_words(tmp_path: Pat
         fine_tune(steps=2, lr=1e-9, eval_every=0, quiet=True, output=tmp_path / "o")
     assert [w.filename for w in caught if "likely too small" in str(w.message)] == [__file__]
     assert "likely too small" not in capsys.readouterr().err
+
+
+def test_a_call_leaves_the_callers_process_as_it_was_and_says_where_its_output_is(tmp_path: Path, monkeypatch) -> None:
+    """fine_tune set CUDA_DEVICE_ORDER in the caller's environment for good (renumbering a
+    notebook's own later CUDA devices), and its summary kept a relative output: after an
+    os.chdir, ``summary.model`` was taken for a hub id and ``print(summary)`` failed."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    before = dict(os.environ)
+    summary = fine_tune(steps=2, output="rel", quiet=True, eval_every=0)
+    assert dict(os.environ) == before
+    assert summary.output == tmp_path / "rel" and summary.model == tmp_path / "rel" / "model"
+    monkeypatch.chdir("/")
+    assert summary.model.is_dir() and f"wrote {tmp_path / 'rel'}/model" in str(summary)
+
+
+def test_a_call_stopped_by_ctrl_c_raises_a_keyboard_interrupt_with_the_call_that_continues(tmp_path: Path) -> None:
+    """A Ctrl-C came out of fine_tune as a ZoplanError, an Exception: ``except Exception`` around
+    a call (a sweep going on to its next setting) took it, and the Ctrl-C never stopped the sweep."""
+    import signal
+    import threading
+    import time
+
+    from zoplan.errors import Stopped
+
+    out, main = tmp_path / "run", threading.get_ident()
+
+    def ctrl_c_after_a_step() -> None:
+        for _ in range(600):
+            journal = out / "journal.jsonl"
+            if journal.is_file() and journal.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.1)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_after_a_step, daemon=True).start()
+    with pytest.raises(Stopped) as stopped:
+        fine_tune(steps=10_000, output=out, quiet=True, eval_every=0)
+    assert isinstance(stopped.value, KeyboardInterrupt) and not isinstance(stopped.value, Exception)
+    assert stopped.value.status == 130 and "stopped by SIGINT after" in stopped.value.message
+    assert stopped.value.fix is not None and f"fine_tune(resume='{out}', steps=10000)" in stopped.value.fix
