@@ -303,6 +303,13 @@ def load_examples(source: str) -> tuple[list[Example], str]:
             raise ZoplanError(f"data file {path} does not exist", fix=_LOCAL_FIX)
         examples = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path)
         where = str(path)
+    elif path.is_dir():  # ("." or a data set's folder)
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".jsonl", ".csv"))[:3]
+        found = f" (it holds {', '.join(inside)})" if inside else ""
+        raise ZoplanError(
+            f"data {path} is a directory{found}: a run reads one data file",
+            fix="give the file inside it (" + _LOCAL_FIX + ")",
+        )
     elif path.exists():
         raise ZoplanError(f"data file {path}: unsupported type '{suffix or path.name}'", fix=_LOCAL_FIX)
     else:

@@ -142,8 +142,9 @@ def _check_not_a_runs(out: Path) -> None:
         )
     first = out.resolve().relative_to(run).parts[0]
     if first.startswith(_RUNS_OWN):
+        where = f"is {run}'s own {first}/" if out.resolve() == run / first else f"is inside {run}/{first}/"
         raise ZoplanError(
-            f"{out} is inside {run}/{first}, which the run in {run} writes: a resume moves it aside or replaces it",
+            f"{out} {where}, which the run in {run} writes: a resume moves it aside or replaces it",
             fix=f"replay into a directory outside it, e.g. -o {run}-replayed",
         )
 

@@ -216,6 +216,10 @@ def test_missing_file_and_unknown_source(tmp_path: Path) -> None:
     (tmp_path / "folder.jsonl").mkdir()  # a folder of a data file's name: said as it is
     with pytest.raises(ZoplanError, match="folder.jsonl is a directory"):
         load_examples(str(tmp_path / "folder.jsonl"))
+    (tmp_path / "set").mkdir()  # a data set's folder (or "."): "unsupported type ''" was all it said
+    (tmp_path / "set" / "train.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(ZoplanError, match=r"data .*set is a directory \(it holds train.jsonl\): a run reads one"):
+        load_examples(str(tmp_path / "set"))
     os.mkfifo(tmp_path / "pipe.jsonl")  # a FIFO exists: "does not exist" was wrong
     with pytest.raises(ZoplanError, match="pipe.jsonl is not a regular file"):
         load_examples(str(tmp_path / "pipe.jsonl"))

@@ -406,13 +406,15 @@ def test_replay_into_a_run_s_directory_is_refused_where_the_run_writes_or_while_
 ) -> None:
     """`zoplan replay RUN -o RUN/model` wrote the replayed weights where RUN's own finish (or a
     resume) removes or moves what it finds, exit 0; and into a run that is training, anywhere."""
+    from fuzzkit import console
+
     from zoplan.runtime.scratch import run_lock
 
     base, journal_path = str(tiny_dirs["tiny-opt"]), run_dir / "journal.jsonl"
     for inside in (run_dir / "model", run_dir / "model-step3", run_dir / "snapshots" / "mine"):
-        with pytest.raises(
-            ZoplanError, match=f"{inside} is inside {run_dir}/{inside.relative_to(run_dir).parts[0]}, which the run"
-        ):
+        top = inside.relative_to(run_dir).parts[0]
+        where = f"is {run_dir}'s own {top}/" if inside.name == top else f"is inside {run_dir}/{top}/"
+        with pytest.raises(ZoplanError, match=f"{inside} {where}, which the run in"):
             replay_to(base, journal_path, inside)
         assert not inside.exists()
     with run_lock(run_dir, 0):  # the run trains
@@ -421,6 +423,10 @@ def test_replay_into_a_run_s_directory_is_refused_where_the_run_writes_or_while_
         ):
             replay_to(base, journal_path, run_dir / "replayed")
         assert not (run_dir / "replayed").exists()
+        # outside it, the steps journaled so far, said as such
+        code, said = console(["replay", base, str(journal_path), "-o", str(run_dir.parent / "now")], limit=120)
+        assert code == 0 and f"the run in {run_dir} is training (pid {os.getpid()})" in said, said
+        assert "its weights after the 6 steps its journal held" in said
     # a finished run's directory holds a replay beside the run's own files
     assert replay_to(base, journal_path, run_dir / "replayed") == 6
 

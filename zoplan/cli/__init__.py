@@ -829,6 +829,18 @@ def replay_cmd(
     adapter = load_plan(journal.parent / "plan.yaml").tuning.to_tuning().frozen_base  # (replay_to read it)
     loads = "PeftModel.from_pretrained: an adapter" if adapter else "from_pretrained"
     out.print(Text(f"replayed {steps} steps into {output} ({loads})"))
+    from zoplan.runtime.scratch import live_run_in
+
+    pid = live_run_in(journal.parent)
+    if pid is not None:  # the weights of a moment, not the run's
+        err.print(
+            Text(
+                f"note: the run in {journal.parent} is training (pid {pid}): these are its weights after the {steps} "
+                "steps its journal held when the replay read it"
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _check_node_zero(journal: Path) -> None:
