@@ -47,6 +47,7 @@ from zoplan.records import (
 )
 from zoplan.runtime.checkpoint import check_model_dir, weights_stamp
 from zoplan.runtime.scratch import owned, owner_of, run_lock, shared_memory, sweep
+from zoplan.runtime.watch import ProgressWatch
 from zoplan.runtime.rankserver import SERVER_ENV, ServedProcess, request
 from zoplan.topology import Machine, load_topology
 from zoplan.vocab import Meetings, local_meetings, run_meetings
@@ -1399,6 +1400,14 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
         after = NODES_NOTE_AFTER_S
     note_at = time.monotonic() + after
     noted = False
+    still = ProgressWatch(metrics.parent, cfg.nnodes)  # a rank stopped or blocked: said, not waited on in silence
+
+    def warned(text: str) -> None:  # on stderr (stdout may be --json); fine_tune's: a Python warning
+        if _WARN.get() is not None:
+            warn(text.removeprefix("warning: "))
+        else:
+            warnings.print(text, soft_wrap=True, style="yellow")
+
     with Progress(*columns, disable=cfg.quiet or cfg.node_rank != 0, transient=False) as progress:
         # a resume starts at the steps its journal holds (it showed 0 until the ranks had loaded)
         journal = metrics.with_name("journal.jsonl")
@@ -1416,6 +1425,9 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
                     warnings.print(_waiting_note(cfg, port), soft_wrap=True)
             rows, offset = read_metrics(metrics, start=offset)  # the complete rows written since the last look
             for row in rows:
+                moved = still.progressed(row.step_time_s if isinstance(row, TrainRow) else None)
+                if moved is not None and cfg.node_rank == 0:
+                    warned(moved)
                 if isinstance(row, TrainRow):
                     progress.update(
                         task,
@@ -1425,11 +1437,8 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
                         tps=f"{row.tokens_per_s:.0f}",
                     )
                     warning = stall.add(row)
-                    if warning is not None and cfg.node_rank == 0:  # stderr: stdout may be --json
-                        if _WARN.get() is not None:  # fine_tune's: a Python warning
-                            warn(warning.removeprefix("warning: "))
-                        else:
-                            warnings.print(warning, soft_wrap=True, style="yellow")
+                    if warning is not None and cfg.node_rank == 0:
+                        warned(warning)
                 elif isinstance(row, ResumedRow) and not cfg.quiet:
                     progress.update(task, completed=row.resumed_at)
                     progress.console.print(_resumed_line(row, cfg.max_restarts), soft_wrap=True)
@@ -1439,4 +1448,7 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
                     )
             if done:
                 break
+            standing = still.check() if cfg.node_rank == 0 else None
+            if standing is not None:
+                warned(standing)
             time.sleep(0.2)

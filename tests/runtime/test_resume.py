@@ -7,6 +7,7 @@ step depends on (seeds and data order are functions of the step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -395,6 +396,46 @@ def test_the_ranks_die_with_a_killed_rank_supervisor(
     )
     time.sleep(0.1)
     assert gone(str(out)), processes_naming(str(out))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_run_that_stands_still_says_which_rank_holds_it_up_and_when_it_goes_on(tmp_path: Path) -> None:
+    """A rank stopped by SIGSTOP (a debugger, a paused container) or blocked on a file system
+    held every rank up, and the run stood still without a word (gloo waits half an hour, the CPU
+    ranks' meetings for ever). The launcher says which rank, and how to let it go on."""
+    import signal
+    import time
+
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "zoplan.cli", "run", "--model", "tiny-opt", "--steps", "100000", "-o", str(out)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ZOPLAN_STALL_NOTE_AFTER_S="2")
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+    ranks: dict[int, int] = {}
+    try:
+        wait_for_a_step(out, proc)
+        ranks = rank_processes(str(out))
+        os.kill(ranks[1], signal.SIGSTOP)
+
+        def said(words: str) -> str:
+            deadline = time.monotonic() + 60
+            while words not in log.read_text():
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.2)
+            return log.read_text()
+
+        text = said("no step has finished for")
+        assert f"rank 1 (pid {ranks[1]}) is stopped" in text and f"`kill -CONT {ranks[1]}` lets it go on" in text
+        assert f"rank 0 (pid {ranks[0]}) is" in text and "(a step waits for every rank)" in text
+        assert text.count("no step has finished") == 1  # once a stillness
+        os.kill(ranks[1], signal.SIGCONT)
+        assert "the run goes on again, after" in said("goes on again")
+    finally:
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.kill(ranks[1], signal.SIGCONT)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    assert proc.returncode == 130 and gone(str(out))
 
 
 def test_a_journal_cut_back_past_a_snapshot_is_retrained_and_a_failed_resume_is_not_taken_for_finished(
