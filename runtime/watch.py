@@ -2,8 +2,8 @@
 
 A rank stopped by SIGSTOP (a debugger, a shell's Ctrl-Z sent to it, a container paused), blocked
 on a file system that no longer answers, or waiting in a collective for a rank that is, stops
-every rank of a ZO step: the others wait for its loss. Nothing fails, so nothing times out for
-half an hour or more, and the progress display just stands still. The launcher watches the
+every rank of a ZO step: the others wait for its loss. Nothing fails for the 10 minutes a rank
+waits at a collective (runtime/meeting.py), and the progress display just stands still. The launcher watches the
 metrics: when no step has finished for ``quiet_s`` (at least ``STALL_NOTE_AFTER_S``, and 20 times
 the slowest step so far: an evaluation or a snapshot takes several steps' time), it says what
 each of this machine's ranks is doing, from /proc (Linux; elsewhere it says only the time), and
