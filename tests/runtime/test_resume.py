@@ -402,7 +402,7 @@ def test_the_ranks_die_with_a_killed_rank_supervisor(
 def test_a_run_that_stands_still_says_which_rank_holds_it_up_and_when_it_goes_on(tmp_path: Path) -> None:
     """A rank stopped by SIGSTOP (a debugger, a paused container) or blocked on a file system
     held every rank up, and the run stood still without a word (for the 10 minutes a rank waits
-    at a collective, for ever under SIGSTOP). The launcher says which rank, and how to let it go on."""
+    at a collective). The launcher says which rank, and how to let it go on."""
     import signal
     import time
 
