@@ -689,6 +689,18 @@ class Engine:
     def resident_state(self) -> dict[str, torch.Tensor]:
         return {n: m for n, m in self.resident_master.items()}
 
+    def resident_as_saved(self) -> None:
+        """The resident blocks as the run writes them: rounded to the host copy's dtype where it is
+        narrower than the compute dtype (they are written from the host copy, rounded into it).
+        Before the final evaluation, so that its figures are those of the saved weights; the run
+        trains no more after it."""
+        if self.tuned is not None:  # read-only: as loaded
+            return
+        for i, buf in self.kept.items():
+            wire = self.host.blocks[i].dtype
+            if wire != buf.dtype:
+                buf.copy_(buf.to(wire))  # (what the copy into the host copy rounds, element by element)
+
     def sync_resident_blocks_to_host(self) -> None:
         """Resident blocks are never offloaded while training; write them back for saving."""
         if self.tuned is not None:  # read-only: the host copy holds them as they are

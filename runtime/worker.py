@@ -607,6 +607,8 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
                 )
             if evaluating and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == steps):
                 engine.flush()
+                if step + 1 == steps:  # the last: of the weights as written (resident blocks rounded)
+                    engine.resident_as_saved()
                 evaluate(engine, eval_set, batcher, ctx, step, metrics)
             due = bool(cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0)
             if cfg.snapshot_minutes:
@@ -620,6 +622,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             # nothing left to train (a restart after the last step's journal line): the final
             # evaluation, which the step's end may not have reached, is made here
             engine.flush()
+            engine.resident_as_saved()
             evaluate(engine, eval_set, batcher, ctx, steps - 1, metrics)
         engine.flush()
         engine.sync_resident_blocks_to_host()

@@ -422,6 +422,31 @@ def test_replay_is_bit_identical_when_the_host_copy_is_narrower_than_the_compute
         assert any("layers" not in key for key in trained)  # the parameters outside the blocks too
 
 
+def test_the_final_evaluation_is_of_the_weights_written_when_resident_blocks_are_rounded(
+    tiny_dirs, tmp_path: Path
+) -> None:
+    """A bf16 host copy and resident blocks kept in fp32: the final evaluation ran on the fp32
+    blocks, then they were rounded into the host copy and written: the closing "held-out" figures
+    (exit 0) were not those of the saved model. A run started from the saved model evaluates, before
+    its first step, exactly what the first run said last."""
+    model_dir = tiny_dirs["tiny-llama"]
+    two = cpu_topology(tmp_path, 2)
+    pins = dict(perturbation=2, data=1, upload="whole", wire_dtype="bf16", resident=2)
+    plan_path = planned(tmp_path, model_dir, two, "rounded", **pins)
+    assert len(load_plan(plan_path).resident_blocks) == 2
+    train(plan_path, model_dir, tmp_path / "first")
+
+    def evaluations(out: Path) -> list[tuple[int, float, float]]:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in rows if "eval_loss" in r]
+
+    first = evaluations(tmp_path / "first")
+    assert first[0][0] == -1 and first[-1][0] == STEPS - 1
+    train(plan_path, tmp_path / "first" / "model", tmp_path / "again", steps=1)
+    again = evaluations(tmp_path / "again")
+    assert again[0][0] == -1 and again[0][1:] == first[-1][1:], (first, again)
+
+
 def test_uneven_shares_move_each_movers_part_and_train_the_same_weights(tiny_dirs, tmp_path: Path) -> None:
     """Each mover uploads (and keeps of a resident block) its share of every round; the block it
     assembles, hence the weights, are bit for bit those of the even split."""
