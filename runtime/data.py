@@ -923,6 +923,39 @@ def pretokenize(
         _token_rows([task.render(e) for e in head], tokenizer, True, cache, (_kept_side(task), max_len))
 
 
+def cut_examples(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, task: Task, cache: Tokens, max_len: int
+) -> int:
+    """How many of ``examples`` a row of ``max_len`` tokens cuts (``cache``: ``pretokenize``'s, so
+    nothing is tokenised again): a classification's rendered text, or a completion's or choice's
+    prompt with its continuation, longer than a row. A language-modelling text is read from its
+    start, as far as a row goes, by design: never counted."""
+    if task.kind == "lm":
+        return 0
+    if task.kind in ("completion", "choice"):
+        # as training reads them: the prompt, then the completion (and the end-of-sequence token
+        # it learns) or the right choice
+        prompts = _token_rows([e.prompt or "" for e in examples], tokenizer, True, cache, ("end", max_len))
+        after = _token_rows([e.text for e in examples], tokenizer, False, cache, ("start", max_len))
+        ends = 1 if task.kind == "completion" else 0
+        return sum(len(p) + len(a) + ends > max_len for p, a in zip(prompts, after))
+    rows = _token_rows([task.render(e) for e in examples], tokenizer, True, cache, (_kept_side(task), max_len))
+    return sum(len(ids) > max_len for ids in rows)
+
+
+def cut_note(cut: int, examples: int, task: Task, seq_len: int) -> str:
+    """``cut_examples``'s count in words, for the run's output."""
+    kept = (
+        "its end is kept (the prompt's words next to the answer)"
+        if task.kind == "classification"
+        else "its continuation and the end of its prompt are kept"
+    )
+    return (
+        f"warning: {cut} of the {examples} training examples are longer than a sequence ({seq_len} tokens): "
+        f"the start of each is cut off, {kept}; a longer --seq-len keeps them whole"
+    )
+
+
 def _kept_side(task: Task) -> str:
     """The end of a rendered text a too-long row keeps: classification its end (the prompt's "It
     was" stays next to the prediction), lm its start."""

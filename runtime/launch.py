@@ -37,6 +37,7 @@ from zoplan.tuning import default_eps, default_lr
 from zoplan.records import (
     ERROR_FILE,
     EvalRow,
+    NoteRow,
     ResumedRow,
     RunSummary,
     StallCheck,
@@ -1442,6 +1443,8 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
                 elif isinstance(row, ResumedRow) and not cfg.quiet:
                     progress.update(task, completed=row.resumed_at)
                     progress.console.print(_resumed_line(row, cfg.max_restarts), soft_wrap=True)
+                elif isinstance(row, NoteRow) and cfg.node_rank == 0:
+                    warned(row.note)
                 elif isinstance(row, EvalRow) and not cfg.quiet:
                     progress.console.print(
                         f"step {row.step + 1}: eval loss {row.eval_loss:.4f}, accuracy {row.eval_accuracy:.3f}"

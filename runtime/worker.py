@@ -28,7 +28,7 @@ from torch import nn
 from zoplan import records, runconfig
 from zoplan.errors import ZoplanError
 from zoplan.planfile import Plan, load_plan
-from zoplan.records import EvalRow, RankError, ResumedRow, TrainRow
+from zoplan.records import EvalRow, NoteRow, RankError, ResumedRow, TrainRow
 from zoplan.runconfig import RunConfig
 from zoplan.program import Kind
 from zoplan.program import build as build_program
@@ -515,6 +515,10 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     journal = open(out / "journal.jsonl", "a", buffering=1) if writer else None
     metrics = open(out / "metrics.jsonl", "a", buffering=1) if writer else None
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if writer and rp.next_step == 0 and restart == 0:  # a new run: what a row of the plan's length cuts
+        cut = zdata.cut_examples(train_set, tokenizer, task, batcher.tokens, plan.batch.seq_len)
+        if cut:
+            metrics.write(NoteRow(note=zdata.cut_note(cut, len(train_set), task, plan.batch.seq_len)).line())
     if writer and (rp.next_step > 0 or restart > 0):
         # where this start picks up (after --resume, or after torchrun restarted crashed ranks,
         # before the first step's journal line too): the progress display says so, and

@@ -127,11 +127,26 @@ class ResumedRow(Row):
     restart: int  # 0: a --resume; N: the N-th automatic restart after a crashed rank
 
 
-MetricsRow = Union[TrainRow, EvalRow, ResumedRow]
+class NoteRow(Row):
+    """What the ranks found that the user should know and that changes no number: said by the
+    launcher as a warning when it reads the row (examples cut to the sequence length)."""
+
+    note: str
+
+
+MetricsRow = Union[TrainRow, EvalRow, ResumedRow, NoteRow]
 
 
 def _metrics_row(data: dict[str, Any]) -> MetricsRow | None:
-    kind = ResumedRow if "resumed_at" in data else EvalRow if "eval_loss" in data else TrainRow
+    kind: type[MetricsRow] = (
+        ResumedRow
+        if "resumed_at" in data
+        else EvalRow
+        if "eval_loss" in data
+        else NoteRow
+        if "note" in data
+        else TrainRow
+    )
     try:
         return kind.model_validate(data)
     except ValidationError:

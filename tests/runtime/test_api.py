@@ -283,3 +283,20 @@ def test_a_call_stopped_by_ctrl_c_raises_a_keyboard_interrupt_with_the_call_that
     assert isinstance(stopped.value, KeyboardInterrupt) and not isinstance(stopped.value, Exception)
     assert stopped.value.status == 130 and "stopped by SIGINT after" in stopped.value.message
     assert stopped.value.fix is not None and f"fine_tune(resume='{out}', steps=10000)" in stopped.value.fix
+
+
+def test_examples_longer_than_a_sequence_are_said(tmp_path: Path) -> None:
+    """Prompts cut to --seq-len lost their start without a word; the run says how many (here as
+    a Python warning), once, and metrics.jsonl keeps the note."""
+    import json
+
+    data = tmp_path / "long.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": "a long review of a film " * (1 + i % 4), "label": i % 2}) + "\n" for i in range(40)
+        )
+    )
+    with pytest.warns(UserWarning, match=r"of the 36 training examples are longer than a sequence \(16 tokens\)"):
+        fine_tune(data=data, seq_len=16, steps=1, quiet=True, eval_every=0, output=tmp_path / "o")
+    notes = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("note" in row for row in notes) == 1

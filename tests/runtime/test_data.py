@@ -667,3 +667,28 @@ def test_a_hub_dataset_s_missing_or_empty_text_is_refused_not_read_as_a_word(mon
         records[:] = [{"sentence": "fine", "label": 1}, bad]
         with pytest.raises(ZoplanError, match=f"dataset 'someone/sst2' record 1: {words}"):
             load_examples("someone/sst2")
+
+
+@TASKS
+def test_the_examples_a_sequence_cuts_are_counted_as_encoding_cuts_them(task: Task, tokenizer) -> None:
+    """A prompt longer than --seq-len lost its start without a word (an RTE premise at -s 16):
+    the run now counts them and says so. The count is of the examples whose row differs from
+    their whole one."""
+    from zoplan.runtime.data import cut_examples, pretokenize
+
+    examples = _task_examples(24, task)
+    lengths = [int(encode([e], tokenizer, task, 10_000).attention_mask.sum()) for e in examples]
+    max_len = sorted(lengths)[len(lengths) // 2]  # about half are longer
+    cut = 0
+    for e in examples:
+        short, whole = encode([e], tokenizer, task, max_len), encode([e], tokenizer, task, 10_000)
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(short.input_ids, short.attention_mask)]
+        wholes = [ids[mask.bool()].tolist() for ids, mask in zip(whole.input_ids, whole.attention_mask)]
+        cut += rows != wholes
+    cache: dict = {}
+    pretokenize(examples, tokenizer, task, cache, max_len)
+    counted = cut_examples(examples, tokenizer, task, cache, max_len)
+    if task.kind == "lm":  # read as far as a row goes, by design: not said
+        assert counted == 0 and cut > 0
+    else:
+        assert counted == cut and 0 < cut < len(examples), (counted, cut)
