@@ -905,17 +905,21 @@ def _tokenised(
     return rows
 
 
+# the examples a run tokenises before its first step (the rest as their batches come)
+PRETOKENIZED = 200_000
+
+
 def pretokenize(
     examples: Sequence[Example],
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
     cache: Tokens,
     max_len: int,
-    limit: int = 200_000,
+    limit: int | None = None,
 ) -> None:
     """Fill ``encode``'s cache (for rows of ``max_len``) for up to ``limit`` examples in one
     batched tokenizer call, before training starts, so that steps only assemble tensors."""
-    head = examples[:limit]
+    head = examples[: PRETOKENIZED if limit is None else limit]
     if task.kind in ("completion", "choice"):
         _token_rows([e.prompt or "" for e in head], tokenizer, True, cache, ("end", max_len))
         _token_rows([c for e in head for c in (e.choices or (e.text,))], tokenizer, False, cache, ("start", max_len))
@@ -943,15 +947,16 @@ def cut_examples(
     return sum(len(ids) > max_len for ids in rows)
 
 
-def cut_note(cut: int, examples: int, task: Task, seq_len: int) -> str:
-    """``cut_examples``'s count in words, for the run's output."""
+def cut_note(cut: int, examples: int, task: Task, seq_len: int, first: bool = False) -> str:
+    """``cut_examples``'s count in words, for the run's output (``first``: of the first
+    ``examples`` of more)."""
     kept = (
         "its end is kept (the prompt's words next to the answer)"
         if task.kind == "classification"
         else "its continuation and the end of its prompt are kept"
     )
     return (
-        f"warning: {cut} of the {examples} training examples are longer than a sequence ({seq_len} tokens): "
+        f"warning: {cut} of the {'first ' if first else ''}{examples} training examples are longer than a sequence ({seq_len} tokens): "
         f"the start of each is cut off, {kept}; a longer --seq-len keeps them whole"
     )
 

@@ -516,9 +516,11 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     metrics = open(out / "metrics.jsonl", "a", buffering=1) if writer else None
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if writer and rp.next_step == 0 and restart == 0:  # a new run: what a row of the plan's length cuts
-        cut = zdata.cut_examples(train_set, tokenizer, task, batcher.tokens, plan.batch.seq_len)
+        head = train_set[: zdata.PRETOKENIZED]  # (those tokenised already)
+        cut = zdata.cut_examples(head, tokenizer, task, batcher.tokens, plan.batch.seq_len)
         if cut:
-            metrics.write(NoteRow(note=zdata.cut_note(cut, len(train_set), task, plan.batch.seq_len)).line())
+            said = zdata.cut_note(cut, len(head), task, plan.batch.seq_len, first=len(head) < len(train_set))
+            metrics.write(NoteRow(note=said).line())
     if writer and (rp.next_step > 0 or restart > 0):
         # where this start picks up (after --resume, or after torchrun restarted crashed ranks,
         # before the first step's journal line too): the progress display says so, and
