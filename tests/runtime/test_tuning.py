@@ -328,3 +328,18 @@ def test_a_prefix_starts_the_same_whatever_the_threads_and_takes_rank_0s_values(
     assert torch.equal(started(2), one)
     assert (tmp_path / PREFIX_INIT).exists()
     assert torch.equal(started(2, agree=lambda values: torch.ones_like(values)), torch.ones_like(one))
+
+
+def test_an_adapter_trained_on_a_narrower_host_copy_says_its_base_was_rounded(tiny_dirs, tmp_path: Path) -> None:
+    """--tuning lora --wire-dtype bf16 on an fp32 checkpoint: the adapter learnt, and its held-out
+    figures were measured, on the base rounded to bf16, but the closing lines did not say so and
+    the adapter's config names the fp32 checkpoint (loaded there, it gives other figures)."""
+    model_dir = tiny_dirs["tiny-opt"]
+    two = cpu_topology(tmp_path, 2)
+    lora = LORA
+    for wire, said in (("bf16", True), ("fp32", False)):
+        plan_path = planned(
+            tmp_path, model_dir, two, f"lora-{wire}", tuning=lora, perturbation=2, data=1, wire_dtype=wire
+        )
+        summary = run(make(plan=plan_path, model=str(model_dir), steps=1, output=tmp_path / wire, quiet=True))
+        assert ("the base model's blocks rounded to bf16" in str(summary)) == said, str(summary)
