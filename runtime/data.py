@@ -350,11 +350,22 @@ def check_labels(examples: list[Example], task: Task, source: str) -> None:
         missing = [n for n in names if n not in have]
         where = f"{source}:{example.line}" if example.line is not None else f"{source}, a record"
         if missing:
+            # the prompt with the record's own field in place of the one it lacks (one of each: the
+            # likely case of a recipe's prompt on records of another field name)
+            other = [n for n in have if n not in names]
+            instead = (
+                f" (these have {', '.join(repr(n) for n in have)}: --prompt "
+                f"{task.prompt.replace('{' + missing[0] + '}', '{' + other[0] + '}')!r})"
+                if len(names) == 1 and len(other) == 1
+                else f" (these have {', '.join(repr(n) for n in have)})"
+                if have
+                else ""
+            )
             raise ZoplanError(
                 f"{where}: the prompt {task.prompt!r} names {{{missing[0]}}}, which this record does not have "
                 "as a string",
                 fix=f'give every record a "{missing[0]}" string (a number too: "3", not 3), or a prompt with the '
-                "fields the records have",
+                f"fields the records have{instead}",
             )
         empty = [n for n in names if blank(have[n])]
         if empty:  # the model would read the prompt's own words alone (an empty "text" is refused so too)
@@ -375,7 +386,7 @@ def check_labels(examples: list[Example], task: Task, source: str) -> None:
 
 
 SHAPES = {
-    "classification": "a text and a label",
+    "classification": "a text (or fields a prompt names) and a label",
     "lm": "a text and no label",
     "completion": "a prompt and a completion",
     "choice": "a prompt, choices and a label",

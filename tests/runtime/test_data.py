@@ -148,14 +148,22 @@ def test_load_jsonl_and_csv_kinds(tmp_path: Path) -> None:
         (['{"text": "ok", "label": 1.5}'], 1, "not an integer"),
         (['{"text": "ok", "label": true}'], 1, "not an integer"),
         (['{"text": "ok", "label": 1}', "", '{"text": "no label"}'], 3, "has a text and no label but"),
-        (['{"text": "no label"}', '{"text": "ok", "label": 0}'], 2, "has a text and a label but"),
+        (
+            ['{"text": "no label"}', '{"text": "ok", "label": 0}'],
+            2,
+            "has a text (or fields a prompt names) and a label but",
+        ),
         (['["text", 1]'], 1, "expected a JSON object"),
         (['{"prompt": "2 + 2 =", "completion": " 4"}', '{"prompt": "3 + 3 ="}'], 2, 'no "completion"'),
         (['{"prompt": "2 + 2 =", "completion": 4}'], 1, '"completion" is not a string'),
         (['{"prompt": " ", "completion": " 4"}'], 1, '"prompt" is empty'),
         (['{"prompt": "2 + 2 =", "completion": " 4", "label": 1}'], 1, 'has "label" too'),
         (['{"prompt": "2 + 2 =", "completion": " 4"}', '{"text": "ok"}'], 2, "has a prompt and a completion"),
-        (['{"text": "ok", "label": 0}', '{"prompt": "2 + 2 =", "completion": " 4"}'], 2, "a text and a label"),
+        (
+            ['{"text": "ok", "label": 0}', '{"prompt": "2 + 2 =", "completion": " 4"}'],
+            2,
+            "a text (or fields a prompt names) and a label",
+        ),
         (['{"prompt": "So", "choices": [" a", " b"], "label": 2}'], 1, "label 2, but the record has 2 choices"),
         (['{"prompt": "So", "choices": [" a"], "label": 0}'], 1, "two or more different non-empty strings"),
         (['{"prompt": "So", "choices": [" a", " a"], "label": 0}'], 1, "two or more different non-empty strings"),
@@ -446,6 +454,11 @@ def test_a_prompt_reads_the_fields_it_names(tmp_path: Path) -> None:
         check_labels(examples, task, str(path))
     with pytest.raises(ZoplanError, match="no placeholder"):
         Task("classification", prompt="It was")
+    # a recipe's prompt on records of another field name: the fix gives the prompt with theirs
+    path.write_text('{"text": "a fine film", "label": 1}\n')
+    with pytest.raises(ZoplanError, match=r"names \{sentence\}") as said:
+        check_labels(load_examples(str(path))[0], Task("classification", prompt="{sentence} It was"), str(path))
+    assert said.value.fix is not None and "(these have 'text': --prompt '{text} It was')" in said.value.fix
     # a number where the prompt wants text: said as such (the record does have the field)
     path.write_text('{"premise": 3, "hypothesis": "The road is wet.", "label": 0}\n')
     with pytest.raises(ZoplanError, match=r"names \{premise\}, which this record does not have as a string") as said:

@@ -393,7 +393,11 @@ def test_a_multiple_choice_run_trains_on_the_right_choices_and_scores_all(tmp_pa
     held = round(200 * 0.1)
     assert all(e["eval_accuracy"] * held == pytest.approx(round(e["eval_accuracy"] * held)) for e in evals)  # examples
     proc = zoplan("run", "--data", str(data), "--eval-data", "sentiment", "-o", str(tmp_path / "refused"))
-    assert proc.returncode == 2 and "is a classification set (records of a text and a label), but --data" in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "is a classification set (records of a text (or fields a prompt names) and a label), but --data"
+        in proc.stderr
+    )
 
 
 def test_a_recipe_gives_its_prompt_words_and_hyper_parameters_unless_given(tmp_path: Path) -> None:
