@@ -1027,6 +1027,10 @@ def _launch(
         ) from None
     finally:
         log.close()
+    # The ranks have exited: a stop signal from here on has nothing to stop. Raised after this
+    # point, its KeyboardInterrupt would reach run() as a stop "before the first step", which
+    # removes what the run wrote: a finished run's model and journal.
+    _nothing_to_stop()
     if not (out / runconfig.CONFIG_FILE).is_file():  # rm -rf OUT while the ranks trained on
         raise ZoplanError(
             f"the output directory {out} was removed or emptied while the run went on (its "
@@ -1124,7 +1128,9 @@ def stop_signals(stopped: list[int]):
     and leaving torchrun and the ranks training. The signal's number is appended to ``stopped``.
     Only the first stop signal interrupts (KeyboardInterrupt): a second Ctrl-C while the launcher
     stops its ranks and removes what it owns would cut that short, leaving ranks training on in a
-    directory no lock holds any more; it makes ``stop_ranks`` kill them at once instead."""
+    directory no lock holds any more; it makes ``stop_ranks`` kill them at once instead. A signal
+    the caller ignores (nohup's SIGHUP) stays ignored; handlers are restored with the signals held,
+    so that none runs half-restored."""
 
     def handler(signum, frame):
         stopped.append(signum)
@@ -1137,17 +1143,28 @@ def stop_signals(stopped: list[int]):
     if main:
         _STOP_BLOCKS[0] += 1
         for signum in STOPPING:
-            if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP, a background job's SIGINT
+            # (None: a handler set outside Python, which cannot be set back from here)
+            if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # nohup's SIGHUP, a background job's SIGINT
                 previous[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-        if main:
-            _STOP_BLOCKS[0] -= 1
-            if not _STOP_BLOCKS[0]:
-                _STOPPING.clear()
+        with signals_held():
+            try:
+                for signum, old in previous.items():
+                    signal.signal(signum, old)
+            finally:
+                if main:
+                    _STOP_BLOCKS[0] -= 1
+                    if not _STOP_BLOCKS[0]:
+                        _STOPPING.clear()
+
+
+def _nothing_to_stop() -> None:
+    """Within ``stop_signals``: the ranks have exited, so later stop signals stop nothing (they are
+    counted, and the launch ends as it would have)."""
+    if threading.current_thread() is threading.main_thread() and _STOP_BLOCKS[0] and not _STOPPING:
+        _STOPPING.append(0)  # (no signal's number: a stop is under way as far as the handler goes)
 
 
 # the signals that stop a run (a job scheduler, Ctrl-C, a closed terminal)
@@ -1200,8 +1217,9 @@ def stop_ranks(proc: subprocess.Popen | ServedProcess, wait_s: float = STOP_WAIT
     """SIGTERM to the rank supervisor, and SIGKILL if it has not exited ``wait_s`` later, or at
     once on a second stop signal (``stop_signals``): its ranks die with it. Returns only once it
     has exited: a launcher interrupted once must not wait for ever, nor leave ranks behind."""
+    # (the stop signals are the main thread's: a launch in another thread is hurried by none)
+    main = threading.current_thread() is threading.main_thread()
     seen = len(_STOPPING)
-    interrupted: KeyboardInterrupt | None = None
     proc.terminate()
     deadline = time.monotonic() + wait_s
     while True:
@@ -1209,16 +1227,18 @@ def stop_ranks(proc: subprocess.Popen | ServedProcess, wait_s: float = STOP_WAIT
             proc.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
             return
         except subprocess.TimeoutExpired:
-            if time.monotonic() >= deadline or len(_STOPPING) > max(seen, 1):
+            if time.monotonic() >= deadline or (main and len(_STOPPING) > max(seen, 1)):
                 break
-        except KeyboardInterrupt as exc:  # the first stop signal came now: it hurries this stop too
-            interrupted = exc
+        except KeyboardInterrupt:
+            # a stop signal while stopping for another cause (an error, which goes on being
+            # raised: this stop is called from a ``finally``): it hurries the stop
             break
     with signals_held():  # (outside stop_signals a Ctrl-C still raises: not before the supervisor is gone)
         proc.kill()
-        proc.wait()
-    if interrupted is not None:
-        raise interrupted
+        try:
+            proc.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:  # a process that SIGKILL does not end (a hung device, a server gone deaf)
+            warn(f"the rank supervisor (pid {proc.pid}) did not exit after SIGKILL; it may be left behind")
 
 
 def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.Popen | ServedProcess:

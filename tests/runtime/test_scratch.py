@@ -405,6 +405,31 @@ def test_a_second_stop_signal_kills_a_slow_supervisor_at_once_and_never_cuts_the
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_stop_signal_after_the_ranks_have_finished_removes_nothing(tiny_dirs, tmp_path: Path, monkeypatch) -> None:
+    """A Ctrl-C as the launcher read the finished run's metrics (the progress bar full) reached
+    run() as a stop "before the first step", which removed what the run wrote: its model and
+    journal, "nothing was trained". Once the ranks have exited a stop signal stops nothing."""
+    import signal
+    import threading
+
+    from zoplan.runconfig import make
+    from zoplan.runtime import launch
+
+    real, main = launch.summarize, threading.get_ident()
+
+    def ctrl_c_then(out: Path):
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.2)  # (where the handler runs)
+        return real(out)
+
+    monkeypatch.setattr(launch, "summarize", ctrl_c_then)
+    out = tmp_path / "run"
+    summary = launch.run(make(model=str(tiny_dirs["tiny-opt"]), steps=2, output=out, quiet=True, eval_every=0))
+    assert summary.steps == 2 and (out / "model" / "model.safetensors").is_file()
+    assert (out / "journal.jsonl").read_text().count("\n") == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_stop_signal_the_caller_ignores_stays_ignored() -> None:
     """`nohup zoplan run ... &` ignores SIGHUP so that the run outlives its terminal: the launch
     made SIGHUP stop the run all the same when the terminal closed."""
