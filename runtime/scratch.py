@@ -151,14 +151,23 @@ def _no_room(base: Path, exc: OSError) -> Exception:
     )
 
 
-def _try_lock(fd: int) -> bool:
+# how long a lock taken for good waits out a probe of it (``held_by``, ``live_launches``: they
+# hold it an instant) before the holder counts as another launch
+PROBE_PATIENCE_S = 0.5
+
+
+def _try_lock(fd: int, patience_s: float = 0.0) -> bool:
     if fcntl is None:
         return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
 
 def abandoned(folder: Path) -> bool:
@@ -223,7 +232,11 @@ def owned(base: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)  # no owner file: no later launch would sweep it
         raise _no_room(base, exc) from None
     try:
-        _try_lock(fd)
+        # Blocking: a probe of another launch (sweep, live_launches) may hold the new folder's
+        # lock for an instant, and a launch that went on without it would be taken for a dead one
+        # and swept under it.
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as exc:
@@ -432,7 +445,7 @@ def run_lock(out: Path, node: int, nodes: int = 1) -> Iterator[None]:
     while True:
         created = not path.exists()
         fd = _open_lock(out, path)
-        held = _try_lock(fd)
+        held = _try_lock(fd, patience_s=PROBE_PATIENCE_S)
         if not held or _same_file(fd, path):
             break
         # a run refused meanwhile removed the lock file it had made (below) after this one had

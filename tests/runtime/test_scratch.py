@@ -122,6 +122,30 @@ def test_a_run_directory_is_held_by_one_run_at_a_time(tmp_path: Path) -> None:
         pass
 
 
+def test_a_probe_holding_a_run_s_lock_for_an_instant_does_not_refuse_the_run(tmp_path: Path) -> None:
+    """A probe of the lock (``held_by``: replay's check of a live run, a node's check of the
+    others) holds it for an instant; a run starting at that instant was refused as "in use by
+    another zoplan run". It waits the probe out."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "run"
+    out.mkdir()
+    probe = os.open(out / ".lock-node0", os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.1, os.close, (probe,)).start()  # (the probe's end: closing releases it)
+    with run_lock(out, 0):
+        pass  # (held by this run)
+    # a lock held for good is still refused (after the probe's patience)
+    holder = os.open(out / ".lock-node0", os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with pytest.raises(ZoplanError, match="is in use by another zoplan run"), run_lock(out, 0):
+            pass
+    finally:
+        os.close(holder)
+
+
 def test_a_lock_file_removed_between_its_opening_and_its_locking_is_not_held(tmp_path: Path, monkeypatch) -> None:
     """A refused new run removes the lock file it made (it leaves nothing of its own in the
     user's directory). A run that had opened that file just before then locked a file no path
@@ -136,11 +160,11 @@ def test_a_lock_file_removed_between_its_opening_and_its_locking_is_not_held(tmp
     real = scratch._try_lock
     tries = []
 
-    def refused_run_removes_it_first(fd: int) -> bool:
+    def refused_run_removes_it_first(fd: int, patience_s: float = 0.0) -> bool:
         if not tries:  # the refused run's unlink, between this run's open and its lock
             lock.unlink()
         tries.append(fd)
-        return real(fd)
+        return real(fd, patience_s)
 
     monkeypatch.setattr(scratch, "_try_lock", refused_run_removes_it_first)
     with run_lock(out, 0):
