@@ -1421,7 +1421,9 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
         after = NODES_NOTE_AFTER_S
     note_at = time.monotonic() + after
     noted = False
-    still = ProgressWatch(metrics.parent, cfg.nnodes)  # a rank stopped or blocked: said, not waited on in silence
+    still = ProgressWatch(
+        metrics.parent, cfg.steps, cfg.nnodes
+    )  # a rank stopped or blocked: said, not waited on in silence
 
     def warned(text: str) -> None:  # on stderr (stdout may be --json); fine_tune's: a Python warning
         if _WARN.get() is not None:
@@ -1446,7 +1448,13 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
                     warnings.print(_waiting_note(cfg, port), soft_wrap=True)
             rows, offset = read_metrics(metrics, start=offset)  # the complete rows written since the last look
             for row in rows:
-                moved = still.progressed(row.step_time_s if isinstance(row, TrainRow) else None)
+                moved = (
+                    still.progressed(row.step, row.step_time_s)
+                    if isinstance(row, TrainRow)
+                    else still.progressed()
+                    if isinstance(row, EvalRow)
+                    else None
+                )
                 if moved is not None and cfg.node_rank == 0:
                     warned(moved)
                 if isinstance(row, TrainRow):

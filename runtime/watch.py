@@ -60,8 +60,10 @@ class ProgressWatch:
     """Follows a run's progress (``progressed`` on each row the ranks write) and says when it
     stands still (``check``)."""
 
-    def __init__(self, out: Path, nodes: int = 1) -> None:
-        self.out, self.nodes = out, nodes
+    def __init__(self, out: Path, steps: int, nodes: int = 1) -> None:
+        # the ranks are found by the run's directory in their command lines and log: whole, with
+        # its separator ("run" alone is in every rank's module name, "/x/run1" in "/x/run10")
+        self.out, self.steps, self.nodes = str(out.resolve()) + os.sep, steps, nodes
         try:
             self.floor = float(os.environ.get("ZOPLAN_STALL_NOTE_AFTER_S", STALL_NOTE_AFTER_S))
         except ValueError:  # (a test's setting: one that is no number is left out)
@@ -72,17 +74,23 @@ class ProgressWatch:
         self.ticks: dict[int, int] = {}  # the ranks' CPU ticks halfway through a stillness
         self.ticks_of: float | None = None  # the stillness they were taken in (its start)
 
-    def progressed(self, step_time_s: float | None = None) -> str | None:
-        """A row came (a step's, with its time; an evaluation's); after a stillness that was
-        said, the words that it has ended."""
+    def progressed(self, step: int | None = None, step_time_s: float | None = None) -> str | None:
+        """A row came: a step's (its number, 0-based, and time), or an evaluation's; after a
+        stillness that was said, the words that it has ended. The watch starts with the first
+        step (loading and the first evaluation take what they take) and ends with the last (the
+        final evaluation and the writing of the model follow it)."""
         now = time.monotonic()
-        if step_time_s is not None:
-            self.slowest = max(self.slowest, step_time_s)
         said = None
         if self.noted_at is not None and self.last is not None:
             said = f"the run goes on again, after {now - self.last:.0f} s without a step"
             self.noted_at = None
-        self.last = now
+        if step is None:
+            if self.last is not None:
+                self.last = now
+            return said
+        assert step_time_s is not None
+        self.slowest = max(self.slowest, step_time_s)
+        self.last = now if step + 1 < self.steps else None
         return said
 
     def check(self) -> str | None:
@@ -96,11 +104,11 @@ class ProgressWatch:
             return None
         if self.ticks_of != self.last:  # halfway: the ranks' CPU ticks, to tell who computes by the end
             self.ticks_of = self.last
-            self.ticks = {pid: t for pid in rank_processes(str(self.out)).values() if (t := self._ticks(pid))}
+            self.ticks = {pid: t for pid in rank_processes(self.out).values() if (t := self._ticks(pid))}
         if now - self.last < quiet_s:
             return None
         self.noted_at = now
-        states = rank_states(rank_processes(str(self.out)), self.ticks)
+        states = rank_states(rank_processes(self.out), self.ticks)
         here = (
             (" on this node" if self.nodes > 1 else "")
             + (": " + "; ".join(text for text, _ in states) if states else "")

@@ -575,3 +575,33 @@ def test_a_busy_cpu_machine_is_said_before_a_cpu_measurement(tmp_path: Path, mon
     finally:
         spin.kill()
         spin.wait()
+
+
+def test_the_stillness_watch_starts_with_the_first_step_ends_with_the_last_and_speaks_once(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """It said "no step has finished" while the first evaluation ran before step 0, and while the
+    model was written after the last step; a run's ranks are found by its whole directory."""
+    from zoplan.runtime import watch
+
+    now = [1000.0]
+    monkeypatch.setattr(watch.time, "monotonic", lambda: now[0])
+    looked: list[str] = []
+    monkeypatch.setattr(watch, "rank_processes", lambda text: looked.append(text) or {})
+    monkeypatch.delenv("ZOPLAN_STALL_NOTE_AFTER_S", raising=False)
+    still = watch.ProgressWatch(tmp_path / "run", steps=3)
+    assert still.progressed() is None  # the evaluation before the first step
+    now[0] += 10_000
+    assert still.check() is None  # not watched before the first step
+    assert still.progressed(0, 10.0) is None  # the slowest step: 10 s, so 200 s of stillness
+    now[0] += 199
+    assert still.check() is None
+    now[0] += 2
+    said = still.check()
+    assert said is not None and said.startswith("warning: no step has finished for 201 s (the slowest took 10 s)")
+    assert still.check() is None  # once a stillness
+    assert looked and all(t == str((tmp_path / "run").resolve()) + os.sep for t in looked)
+    assert still.progressed(1, 1.0) == "the run goes on again, after 201 s without a step"
+    assert still.progressed(2, 1.0) is None  # the last step: the final evaluation and the model follow
+    now[0] += 10_000
+    assert still.check() is None
