@@ -165,7 +165,9 @@ def fine_tune(
             "data": None if data is None else str(data),
             "plan": plan,
             "steps": steps,
-            "output": output,
+            # absolute: a fix the run gives (the call that continues it) holds whatever the
+            # working directory becomes
+            "output": None if output is None else Path(output).absolute(),
             "quiet": quiet,
             **options,
         }.items()
@@ -180,7 +182,7 @@ def fine_tune(
         given["label_words"] = tuple(given["label_words"].split(","))
     from zoplan.runtime.launch import configure, ignored_note, run, warnings_to
 
-    done = None if resume is None else Path(resume)
+    done = None if resume is None else Path(resume).absolute()
 
     def warn(text: str) -> None:  # the launcher's warnings, as Python's, from the caller's line
         warnings.warn(in_its_words(text), stacklevel=2 + len(traceback.extract_stack()) - depth)

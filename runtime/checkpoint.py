@@ -143,6 +143,14 @@ def check_model_dir(model_dir: Path) -> None:
                 old.unlink(missing_ok=True)
 
 
+def _unbuildable(model_dir: Path, exc: Exception) -> ZoplanError:
+    return ZoplanError(
+        f"{model_dir / 'config.json'} does not describe a model transformers can build "
+        f"({str(exc).splitlines()[0][:200]})",
+        fix="use the config.json saved with the weights",
+    )
+
+
 def _check_model_dir(model_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -151,14 +159,8 @@ def _check_model_dir(model_dir: Path) -> None:
     shapes = weight_shapes(files)
     try:
         config = AutoConfig.from_pretrained(model_dir)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ZoplanError(
-            f"{model_dir / 'config.json'} does not describe a model transformers can build "
-            f"({str(exc).splitlines()[0][:200]})",
-            fix="use the config.json saved with the weights",
-        ) from None
+        raise _unbuildable(model_dir, exc) from None
     quantized = getattr(config, "quantization_config", None)
     if quantized:
         method = (
@@ -172,6 +174,11 @@ def _check_model_dir(model_dir: Path) -> None:
             fix="dequantize the weights first; if they already are (float32 or bf16 safetensors, as a GGUF file "
             'converted by transformers writes them), remove "quantization_config" from config.json',
         )
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _unbuildable(model_dir, exc) from None
     if files:
         _compare(model_dir, config, model, shapes)
     fix = (

@@ -952,7 +952,7 @@ def cut_examples(
         # it learns) or the right choice
         prompts = _token_rows([e.prompt or "" for e in examples], tokenizer, True, cache, ("end", max_len))
         after = _token_rows([e.text for e in examples], tokenizer, False, cache, ("start", max_len))
-        ends = 1 if task.kind == "completion" else 0
+        ends = 1 if task.kind == "completion" and tokenizer.eos_token_id is not None else 0  # (as _completion_rows)
         return sum(len(p) + len(a) + ends > max_len for p, a in zip(prompts, after))
     rows = _token_rows([task.render(e) for e in examples], tokenizer, True, cache, (_kept_side(task), max_len))
     return sum(len(ids) > max_len for ids in rows)

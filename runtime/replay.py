@@ -14,6 +14,7 @@ snapshot of a 1.3B-parameter model.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def replay_to(
 
 # what a run writes in its output directory, and removes or moves aside when it finds it there
 # (a finished run's model/ moved aside on resume, an old model.tmp removed, damaged snapshots)
-_RUNS_OWN = ("model", "snapshots", "damaged-")
+_RUNS_OWN = re.compile(r"model|model\.tmp|model-step\d+|snapshots|damaged-.*")
 
 
 def _check_not_a_runs(out: Path) -> None:
@@ -141,7 +142,7 @@ def _check_not_a_runs(out: Path) -> None:
             fix=f"replay into a directory outside it (zoplan replay {run} -o DIR replays the steps journaled so far)",
         )
     first = out.resolve().relative_to(run).parts[0]
-    if first.startswith(_RUNS_OWN):
+    if _RUNS_OWN.fullmatch(first):
         where = f"is {run}'s own {first}/" if out.resolve() == run / first else f"is inside {run}/{first}/"
         raise ZoplanError(
             f"{out} {where}, which the run in {run} writes: a resume moves it aside or replaces it",

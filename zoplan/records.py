@@ -310,9 +310,9 @@ class RunSummary:
         if tuning.frozen_base and wire != param and DTYPE_BYTES[wire] < DTYPE_BYTES[param]:
             # the adapter learnt, and was evaluated, on the base as the run held it
             said.append(
-                f"the adapter was trained and evaluated on the base model's blocks rounded to {wire} (the host "
-                f"copy's dtype, --wire-dtype {wire}): loaded onto a {param} checkpoint its figures differ "
-                "slightly; load it onto the base rounded the same way to reproduce them"
+                f"the adapter was trained and evaluated on the base model's blocks as the host copy held them, in "
+                f"{wire} (--wire-dtype {wire}): loaded onto a checkpoint that holds them wider ({param}), its "
+                f"figures differ slightly; load it onto the base rounded to {wire} to reproduce them"
             )
         loads = "PeftModel.from_pretrained: an adapter" if tuning.frozen_base else "from_pretrained"
         said.append(f"wrote {self.output}/model ({loads}), journal.jsonl, metrics.jsonl, plan.yaml, {CONFIG_FILE}")

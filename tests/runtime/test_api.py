@@ -285,6 +285,23 @@ def test_a_call_stopped_by_ctrl_c_raises_a_keyboard_interrupt_with_the_call_that
     assert stopped.value.fix is not None and f"fine_tune(resume='{out}', steps=10000)" in stopped.value.fix
 
 
+def test_the_call_that_continues_a_stopped_run_names_it_by_its_absolute_path(tmp_path: Path, monkeypatch) -> None:
+    """fine_tune(output="rel") stopped: its fix said fine_tune(resume='rel', ...), which an os.chdir
+    since breaks (the summary's paths are absolute; the fix's too now)."""
+    from zoplan.errors import Stopped
+    from zoplan.runtime import launch
+
+    monkeypatch.chdir(tmp_path)
+
+    def stopped_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "_follow", stopped_at_once)  # a Ctrl-C as the ranks start
+    with pytest.raises(Stopped) as stopped:
+        fine_tune(steps=3, output="rel", quiet=True, eval_every=0)
+    assert str(tmp_path / "rel") in stopped.value.message or str(tmp_path / "rel") in (stopped.value.fix or "")
+
+
 def test_examples_longer_than_a_sequence_are_said(tmp_path: Path) -> None:
     """Prompts cut to --seq-len lost their start without a word; the run says how many (here as
     a Python warning), once, and metrics.jsonl keeps the note."""

@@ -427,7 +427,8 @@ def test_replay_into_a_run_s_directory_is_refused_where_the_run_writes_or_while_
         code, said = console(["replay", base, str(journal_path), "-o", str(run_dir.parent / "now")], limit=120)
         assert code == 0 and f"the run in {run_dir} is training (pid {os.getpid()})" in said, said
         assert "its weights after the 6 steps its journal held" in said
-    # a finished run's directory holds a replay beside the run's own files
+    # a finished run's directory holds a replay beside the run's own files, under any other name
+    assert replay_to(base, journal_path, run_dir / "models") == 6
     assert replay_to(base, journal_path, run_dir / "replayed") == 6
 
 
