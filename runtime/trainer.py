@@ -35,6 +35,7 @@ import math
 import numbers
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -130,15 +131,36 @@ def _checked(name: str, value: object) -> Any:
         raise ZoplanError(f"{what} {problem}, got {brief(value)} ({type(value).__name__})", fix=fix) from None
 
 
+# the prefix torch.compile puts before every parameter's name: z is drawn by name, so it is left
+# out (a compiled model trains, and replays, as the same model uncompiled)
+_COMPILED = "_orig_mod."
+
+
 def _trainable(model: torch.nn.Module | None) -> list[tuple[str, Parameter]]:
-    """The parameters a ZO step perturbs and updates: those that require a gradient; none is an
-    error (a Trainer's own message would be torch's, about an optimizer)."""
-    params = [] if model is None else [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    """The parameters a ZO step perturbs and updates: those that require a gradient, by the names
+    of the model uncompiled; none is an error (a Trainer's own message would be torch's, about an
+    optimizer), and so is one in half precision."""
+    params = (
+        []
+        if model is None
+        else [(name.replace(_COMPILED, ""), p) for name, p in model.named_parameters() if p.requires_grad]
+    )
     if not params:
         raise ZoplanError(
             "the model has no parameter that requires a gradient: nothing to train",
             fix="unfreeze what should train (requires_grad_(True)), or wrap the model with PEFT "
             "(get_peft_model) to train an adapter",
+        )
+    half = next(((name, p.dtype) for name, p in params if p.dtype in (torch.bfloat16, torch.float16)), None)
+    if half is not None:
+        # measured: tiny-opt in bf16 over 20 steps, 87% of the elements moved by up to 0.023 at lr
+        # 1e-9 and at 1e-6 alike, while the updates moved them by at most 7.6e-5
+        raise ZoplanError(
+            f"the trainable parameter {half[0]} is {str(half[1]).removeprefix('torch.')}: ZOTrainer perturbs the "
+            "weights in place (+eps, -2 eps, +eps a step), and in half precision that round trip moves them by "
+            "about a unit in the last place each step, hundreds of times what an update moves them",
+            fix="load the model in float32 (from_pretrained(..., dtype=torch.float32)); TrainingArguments("
+            "bf16=True) still computes in bf16",
         )
     return params
 
@@ -242,10 +264,12 @@ class ZOTrainer(Trainer):
         try:
             with _whole():
                 move(1.0)
-            loss_plus = float(cast(torch.Tensor, self.compute_loss(model, inputs)))
+            # each pass its own dict: the Trainer's compute_loss takes "labels" out of the one it is
+            # given (label smoothing, compute_loss_func)
+            loss_plus = float(cast(torch.Tensor, self.compute_loss(model, dict(inputs))))
             with _whole():
                 move(-1.0)
-            loss_minus = float(cast(torch.Tensor, self.compute_loss(model, inputs)))
+            loss_minus = float(cast(torch.Tensor, self.compute_loss(model, dict(inputs))))
         finally:
             with _whole():
                 move(0.0)
@@ -256,9 +280,17 @@ class ZOTrainer(Trainer):
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         model.eval()  # the same function at both points: no dropout
+        try:
+            return self._zo_step(model, inputs)
+        finally:
+            model.train()  # as the Trainer's own step leaves it
+
+    def _zo_step(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         inputs = self._prepare_inputs(inputs)
         params = _trainable(model)
         step = self.state.global_step
+        if not self.zo_steps or step <= self.zo_steps[-1]["step"]:
+            self._starting(step)
         seed = step_seed(self.zo_seed, step)
         eps = self.zo_eps
         loss_plus, loss_minus = self._losses(model, inputs, params, seed)
@@ -271,6 +303,32 @@ class ZOTrainer(Trainer):
         with _whole():
             self._apply(step, seed, params, loss_plus, loss_minus, g, finite)
         return torch.tensor((loss_plus + loss_minus) / 2, device=self.args.device)
+
+    def _starting(self, step: int) -> None:
+        """The first ZO step of a ``train()``: what ``zo_steps`` can replay from here, said where it
+        is not the whole training from the base weights."""
+        if self.zo_steps and step <= self.zo_steps[-1]["step"]:
+            warnings.warn(
+                f"train() starts again at step {step}, which zo_steps holds already: its steps draw the same "
+                "perturbations as before (z depends on zo_seed and the step); pass resume_from_checkpoint to go on, "
+                "or another zo_seed; zo_steps no longer replays from the base weights alone",
+                stacklevel=4,
+            )
+        elif step > 0:
+            warnings.warn(
+                f"zo_steps starts at step {step} (training resumed from a checkpoint): replay(weights, zo_steps) "
+                f"rebuilds the weights from the checkpoint's (step {step}), not from the base model's",
+                stacklevel=4,
+            )
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the weights go back to the best checkpoint's, and so does
+        ``zo_steps`` (its later steps are not in the weights any more)."""
+        super()._load_best_model()
+        best = self.state.best_model_checkpoint
+        if best is not None and best.rstrip("/").rsplit("-", 1)[-1].isdigit():
+            at = int(best.rstrip("/").rsplit("-", 1)[-1])
+            self.zo_steps = [row for row in self.zo_steps if row["step"] < at]
 
     def _apply(
         self,

@@ -70,6 +70,7 @@ def test_the_trainer_learns_without_gradients_and_its_steps_replay(tiny_dirs, tm
     assert all("grad_norm" not in row for row in lines), lines[0]
     assert [row["projected_grad_abs"] for row in lines] == [abs(r["projected_grad"]) for r in trainer.zo_steps]
     assert all(p.grad is None for p in model.parameters())  # no backward pass ever ran
+    assert model.training  # as the Trainer leaves it (each step evaluates in eval mode)
     assert torch.equal(model.model.decoder.embed_positions.weight, frozen)
     rows = trainer.zo_steps
     assert [r["step"] for r in rows] == list(range(24)) and len({r["seed"] for r in rows}) == 24
@@ -384,3 +385,85 @@ def test_zo_lora_and_prefix_train_only_the_adapter_and_load_with_peft(tiny_dirs,
     again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"]), tmp_path / "adapter")
     mine, loaded = model.state_dict(), again.state_dict()
     assert mine.keys() == loaded.keys() and all(torch.equal(mine[k], loaded[k]) for k in mine)
+
+
+def test_half_precision_weights_are_refused_since_the_in_place_perturbation_would_move_them(
+    tiny_dirs, tmp_path: Path
+) -> None:
+    """A bf16 model: the +eps, -2 eps, +eps round trip moved 87% of the weights by up to 0.023 in
+    20 steps, at lr 1e-9 as at 1e-6 (hundreds of times the updates), without a word."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.errors import ZoplanError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.bfloat16)
+    before = bits_of(model)
+    trainer = trainer_for(model, tokenizer, tmp_path, max_steps=2)
+    with pytest.raises(ZoplanError, match=r"is bfloat16: ZOTrainer perturbs the weights in place") as said:
+        trainer.train()
+    assert "dtype=torch.float32" in (said.value.fix or "") and changed(model, before) == []
+
+
+def test_the_trainer_s_habits_keep_zo_steps_true(tiny_dirs, tmp_path: Path) -> None:
+    """What a Trainer user does: label smoothing (its compute_loss took "labels" out of the
+    inputs, so the second pass had none: a ValueError), load_best_model_at_end (the weights went
+    back to a checkpoint while zo_steps kept every step: replay gave other weights), a second
+    train() (the same perturbations again, without a word), a compiled model (z drawn under
+    other names: other steps, and a replay onto the base refused)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.runtime.replay import replay
+    from zoplan.runtime.trainer import _trainable
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    data = lm_dataset(tokenizer)
+    from transformers import TrainingArguments, default_data_collator
+
+    from zoplan.runtime.trainer import ZOTrainer
+
+    arguments = TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=8,
+        report_to=[],
+        logging_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=1e-3,
+        max_steps=6,
+        label_smoothing_factor=0.1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,  # the worst: an early checkpoint, so that steps come after it
+    )
+    trainer = ZOTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=data,
+        eval_dataset=data[:8],
+        data_collator=default_data_collator,
+        zo_eps=1e-3,
+    )
+    trainer.train()
+    best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
+    assert best < 6 and [r["step"] for r in trainer.zo_steps] == list(range(best))
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    replayed = dict(replay(base, trainer.zo_steps).named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, replayed[name], rtol=0, atol=2e-5, msg=name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.args.load_best_model_at_end = False
+        trainer.train()
+    assert any("train() starts again at step 0" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    # a compiled model's parameters, by their uncompiled names
+    wrapper = torch.nn.Module()
+    wrapper._orig_mod = base
+    assert [n for n, _ in _trainable(wrapper)] == [n for n, _ in _trainable(base)]
