@@ -209,6 +209,21 @@ class ZOTrainer(Trainer):
                 "batch at once",
                 fix="use gradient_accumulation_steps=1 and a larger per-device batch",
             )
+        # settings a ZO step has no use for, said rather than left to look as if they worked
+        fields = type(self.args).__dataclass_fields__
+        optim = getattr(self.args.optim, "value", self.args.optim)
+        if "optim" in fields and optim != fields["optim"].default:
+            warnings.warn(
+                f"optim={optim!r} is not used: a ZO step updates the weights by -lr (g z + weight_decay theta), "
+                "with no optimizer state",
+                stacklevel=2,
+            )
+        if getattr(self.args, "neftune_noise_alpha", None):
+            warnings.warn(
+                "neftune_noise_alpha adds no noise here: both forward passes of a ZO step run in eval mode (the "
+                "same function at both points)",
+                stacklevel=2,
+            )
         self.zo_seed = int(self.args.seed) if seed is None else seed
         # each step's line as zoplan's journal holds it (seed, the two losses, projected gradient,
         # lr, eps, weight decay, skipped): zoplan.runtime.replay.replay(base_model, trainer.zo_steps)

@@ -467,3 +467,17 @@ def test_the_trainer_s_habits_keep_zo_steps_true(tiny_dirs, tmp_path: Path) -> N
     wrapper = torch.nn.Module()
     wrapper._orig_mod = base
     assert [n for n, _ in _trainable(wrapper)] == [n for n, _ in _trainable(base)]
+
+
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [({"optim": "adafactor"}, "optim='adafactor' is not used"), ({"neftune_noise_alpha": 5.0}, "neftune")],
+)
+def test_settings_a_zo_step_has_no_use_for_are_said(tiny_dirs, tmp_path: Path, given: dict, said: str) -> None:
+    """An optimizer choice or NEFTune noise was silently without effect."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    with pytest.warns(UserWarning, match=said):
+        trainer_for(model, tokenizer, tmp_path, max_steps=1, **given)
