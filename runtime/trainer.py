@@ -21,9 +21,10 @@ them); ``zoplan run`` (or ``fine_tune``) is the one that offloads and spreads a 
 θ is perturbed in place (+ε, −2ε, +ε), as MeZO does: putting it back costs float rounding (a
 few ulps of some elements a step), not a copy of the weights; so ``replay`` of ``zo_steps``
 rebuilds the trained weights to within that rounding (each line names the parameters it
-trained: the frozen ones stay as they are). ``zo_steps`` holds the steps of this trainer's
-``train()`` in memory, not in its checkpoints: after ``train(resume_from_checkpoint=...)`` it
-holds the steps taken since, to replay onto the checkpoint's weights. A step whose losses are not finite applies
+trained: the frozen ones stay as they are). Every checkpoint keeps ``zo_steps`` up to its step
+(``zo_steps.jsonl``) and the settings z depends on (``zo_settings.json``): a resume takes them up,
+so ``replay`` from the base weights still holds, and refuses another ``zo_seed`` or ``zo_eps``. A
+step whose losses are not finite applies
 no update (weight decay included: it is skipped, as ``zoplan run`` skips it; ``zo_max_nonfinite``
 of them in a row stop the training), and a step cut short by an error puts the perturbation back.
 """
@@ -31,18 +32,21 @@ of them in a row stop the training), and a step cut short by an error puts the p
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import numbers
+import os
 import signal
 import threading
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch.nn import Parameter
 from pydantic import ValidationError
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
@@ -165,6 +169,28 @@ def _trainable(model: torch.nn.Module | None) -> list[tuple[str, Parameter]]:
     return params
 
 
+# what a checkpoint keeps of the ZO run besides the Trainer's own files: the settings z depends
+# on, and zo_steps up to the checkpoint (a resume goes on with them: replay from the base still holds)
+ZO_SETTINGS = "zo_settings.json"
+ZO_STEPS = "zo_steps.jsonl"
+
+
+class _KeepZoSteps(TrainerCallback):
+    """Writes ``ZO_SETTINGS`` and ``ZO_STEPS`` into every checkpoint the Trainer saves."""
+
+    def __init__(self, trainer: ZOTrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not state.is_world_process_zero or not folder.is_dir():
+            return
+        t = self.trainer
+        (folder / ZO_SETTINGS).write_text(json.dumps({"zo_seed": t.zo_seed, "zo_eps": t.zo_eps}) + "\n")
+        rows = [{**row, "params": list(row["params"])} for row in t.zo_steps if row["step"] < state.global_step]
+        (folder / ZO_STEPS).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 # the names a caller may know for ZOTrainer's own settings (zoplan run's, MeZO's)
 _ZO_NAMES = {
     "eps": "zo_eps",
@@ -232,6 +258,45 @@ class ZOTrainer(Trainer):
         self._zo_names: tuple[str, ...] = ()  # the parameters trained, one tuple shared by the lines
         self._nonfinite_in_row = 0
         self._logged = 0  # the zo_steps already summed into a logged line
+        self.add_callback(_KeepZoSteps(self))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's, with ``zo_steps`` taken up from a checkpoint it resumes (``ZO_STEPS``), and
+        a resume with another zo_seed or zo_eps than the checkpoint's run refused."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)  # (None: the Trainer says so)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self._resume_zo(Path(checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _resume_zo(self, checkpoint: Path) -> None:
+        settings, rows = checkpoint / ZO_SETTINGS, checkpoint / ZO_STEPS
+        if not settings.is_file() or not rows.is_file():
+            return  # a checkpoint without them (a plain Trainer's): zo_steps starts there (said at its first step)
+        try:
+            kept = json.loads(settings.read_text())
+            lines = [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as exc:
+            raise ZoplanError(
+                f"{checkpoint}: {ZO_SETTINGS} or {ZO_STEPS} cannot be read ({exc})",
+                fix=f"resume from another checkpoint, or remove both files to resume with zo_steps from {checkpoint.name}",
+            ) from None
+        for name in ("zo_seed", "zo_eps"):
+            if kept.get(name) != getattr(self, name):
+                raise ZoplanError(
+                    f"{checkpoint} was trained with {name}={kept.get(name)!r}, and this trainer has "
+                    f"{name}={getattr(self, name)!r}: its steps would not go on with that run's perturbations",
+                    fix=f"pass {name}={kept.get(name)!r}, as the run that saved the checkpoint",
+                )
+        names: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple shared by the lines, as when trained
+        for row in lines:
+            row["params"] = names.setdefault(tuple(row["params"]), tuple(row["params"]))
+        self.zo_steps = lines
+        if lines:
+            self._zo_names = lines[-1]["params"]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """A training line tells the ZO step's figure, not the Trainer's: parameters never hold a

@@ -32,16 +32,15 @@ def trainer_for(model, tokenizer, out: Path, *, dataset: list[dict] | None = Non
     from zoplan.runtime.trainer import ZOTrainer
 
     zo = {"zo_eps": 1e-3, **{name: args.pop(name) for name in list(args) if name.startswith("zo_")}}
-    arguments = TrainingArguments(
-        str(out),
+    defaults = dict(
         per_device_train_batch_size=8,
         report_to=[],
         save_strategy="no",
         logging_steps=1,
         use_cpu=True,
         disable_tqdm=True,
-        **args,
     )
+    arguments = TrainingArguments(str(out), **{**defaults, **args})
     return (trainer or ZOTrainer)(
         model=model,
         args=arguments,
@@ -481,3 +480,38 @@ def test_settings_a_zo_step_has_no_use_for_are_said(tiny_dirs, tmp_path: Path, g
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
     with pytest.warns(UserWarning, match=said):
         trainer_for(model, tokenizer, tmp_path, max_steps=1, **given)
+
+
+def test_a_resumed_training_takes_up_zo_steps_from_its_checkpoint(tiny_dirs, tmp_path: Path) -> None:
+    """After resume_from_checkpoint, zo_steps held the resumed process's steps only:
+    replay(base, zo_steps) gave other weights, and a resume with another zo_seed went on with
+    other perturbations, without a word. A checkpoint now keeps them (zo_steps.jsonl, and the
+    settings z depends on)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.errors import ZoplanError
+    from zoplan.runtime.replay import replay
+    from zoplan.runtime.trainer import ZO_STEPS
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+
+    args = dict(learning_rate=1e-3, max_steps=4, save_strategy="steps", save_steps=2)
+    whole = trainer_for(fresh(), tokenizer, tmp_path / "whole", **args)
+    whole.train()
+    assert (tmp_path / "whole" / "checkpoint-2" / ZO_STEPS).read_text().count("\n") == 2
+    with pytest.raises(ZoplanError, match="was trained with zo_seed=42, and this trainer has zo_seed=7"):
+        trainer_for(fresh(), tokenizer, tmp_path / "whole", zo_seed=7, **args).train(
+            resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2")
+        )
+    resumed = trainer_for(fresh(), tokenizer, tmp_path / "whole", **args)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert [r["step"] for r in resumed.zo_steps] == [0, 1, 2, 3]
+    assert [r["seed"] for r in resumed.zo_steps] == [r["seed"] for r in whole.zo_steps]
+    for (name, p), q in zip(resumed.model.named_parameters(), whole.model.parameters()):
+        assert torch.equal(p, q), name  # (the Trainer's own resume: bit for bit)
+    replayed = dict(replay(fresh(), resumed.zo_steps).named_parameters())
+    for name, p in resumed.model.named_parameters():
+        torch.testing.assert_close(p, replayed[name], rtol=0, atol=2e-5, msg=name)
