@@ -667,6 +667,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
         cuda_env,
         rank_env,
         start_ranks,
+        _stops_after,
         stop_ranks,
         stop_signals,
     )
@@ -761,8 +762,10 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
             stopped: list[int] = []
             try:
                 with stop_signals(stopped):  # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
-                    proc = start_ranks(cmd, f, env)
+                    proc = None
                     try:
+                        with _stops_after():  # (a signal in the fork's callbacks is raised once it has returned)
+                            proc = start_ranks(cmd, f, env)
                         polls = 0
                         while proc.poll() is None:
                             if progress_file.exists():
@@ -772,7 +775,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
                             if polls % 5 == 0:  # a launch started meanwhile measures beside it too
                                 beside.update(live_launches(own=(shm, work)))
                     finally:
-                        if proc.poll() is None:
+                        if proc is not None and proc.poll() is None:
                             stop_ranks(proc)
             except KeyboardInterrupt:  # said with the signal's own status, as zoplan run does (143 for SIGTERM)
                 signum = stopped[-1] if stopped else signal.SIGINT

@@ -858,6 +858,7 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
                 try:
                     return _run(cfg, resume)
                 except KeyboardInterrupt:
+                    _stop_taken()
                     # before the ranks started (the launch says what became of a started run): a
                     # SIGTERM there killed the launcher and left run.json and plan.yaml behind
                     signum = stopped[-1] if stopped else signal.SIGINT
@@ -990,13 +991,16 @@ def _launch(
     stopped: list[int] = []
     try:
         with stop_signals(stopped):
-            proc = start_ranks(cmd, log, env)
+            proc: subprocess.Popen | ServedProcess | None = None
             try:
+                with _stops_after():  # (a signal in the fork's callbacks is raised once it has returned)
+                    proc = start_ranks(cmd, log, env)
                 _follow(proc, out / "metrics.jsonl", cfg, met, port)
             finally:
-                if proc.poll() is None:  # interrupted: the ranks stop with the launcher
+                if proc is not None and proc.poll() is None:  # interrupted: the ranks stop with the launcher
                     stop_ranks(proc)
     except KeyboardInterrupt:
+        _stop_taken()
         signum = stopped[0] if stopped else signal.SIGINT
         if _finished(out, cfg.node_rank, per_node, cfg.steps):
             # the ranks finished before they could be stopped (a supervisor that could not stop
@@ -1115,10 +1119,20 @@ def _launch(
     return summarize(out)
 
 
-# the stop signals seen while a stop_signals block runs (the outermost one clears it): the first
-# stops the launch, the later ones only hurry it (stop_ranks)
+# The stop signals seen while a stop_signals block runs (the outermost one clears it), and whether
+# the launch has taken its stop up (a KeyboardInterrupt caught by its own code, or the ranks gone):
+# until then each stop signal raises KeyboardInterrupt, after it none does (they hurry stop_ranks).
+# A raise can be lost: a handler that runs inside a fork's callbacks or a __del__ has its exception
+# "ignored" by Python, so a first signal alone cannot be trusted to have stopped anything.
 _STOPPING: list[int] = []
 _STOP_BLOCKS = [0]
+_STOP = {"taken": False, "deferred": False}
+
+
+def _stop_taken() -> None:
+    """The launch is stopping (or has nothing left to stop): later stop signals do not raise."""
+    if threading.current_thread() is threading.main_thread() and _STOP_BLOCKS[0]:
+        _STOP["taken"] = True
 
 
 @contextlib.contextmanager
@@ -1126,16 +1140,15 @@ def stop_signals(stopped: list[int]):
     """SIGTERM and SIGHUP (a job scheduler, a closed terminal, ``kill PID``) stop a run as Ctrl-C
     does: the ranks are stopped and the user told how to resume, instead of the launcher vanishing
     and leaving torchrun and the ranks training. The signal's number is appended to ``stopped``.
-    Only the first stop signal interrupts (KeyboardInterrupt): a second Ctrl-C while the launcher
-    stops its ranks and removes what it owns would cut that short, leaving ranks training on in a
-    directory no lock holds any more; it makes ``stop_ranks`` kill them at once instead. A signal
-    the caller ignores (nohup's SIGHUP) stays ignored; handlers are restored with the signals held,
-    so that none runs half-restored."""
+    A stop signal interrupts (KeyboardInterrupt) until the launch has taken the stop up: a second
+    Ctrl-C while the launcher stops its ranks and removes what it owns would cut that short,
+    leaving ranks training on in a directory no lock holds any more; it makes ``stop_ranks`` kill
+    them at once instead. A signal the caller ignores (nohup's SIGHUP) stays ignored."""
 
     def handler(signum, frame):
         stopped.append(signum)
         _STOPPING.append(signum)
-        if len(_STOPPING) == 1:
+        if not (_STOP["taken"] or _STOP["deferred"]):
             raise KeyboardInterrupt
 
     previous = {}
@@ -1149,22 +1162,39 @@ def stop_signals(stopped: list[int]):
     try:
         yield
     finally:
-        with signals_held():
-            try:
-                for signum, old in previous.items():
-                    signal.signal(signum, old)
-            finally:
-                if main:
-                    _STOP_BLOCKS[0] -= 1
-                    if not _STOP_BLOCKS[0]:
-                        _STOPPING.clear()
+        deferred, _STOP["deferred"] = _STOP["deferred"], True  # (none raises half-restored)
+        try:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+        finally:
+            _STOP["deferred"] = deferred
+            if main:
+                _STOP_BLOCKS[0] -= 1
+                if not _STOP_BLOCKS[0]:
+                    _STOPPING.clear()
+                    _STOP["taken"] = False
+
+
+@contextlib.contextmanager
+def _stops_after() -> Iterator[None]:
+    """A stop signal that comes inside the block (a fork, whose callbacks would swallow the
+    handler's KeyboardInterrupt) is raised when it ends."""
+    if threading.current_thread() is not threading.main_thread() or not _STOP_BLOCKS[0]:
+        yield
+        return
+    before, _STOP["deferred"] = len(_STOPPING), True
+    try:
+        yield
+    finally:
+        _STOP["deferred"] = False
+    if len(_STOPPING) > before and not _STOP["taken"]:
+        raise KeyboardInterrupt
 
 
 def _nothing_to_stop() -> None:
     """Within ``stop_signals``: the ranks have exited, so later stop signals stop nothing (they are
     counted, and the launch ends as it would have)."""
-    if threading.current_thread() is threading.main_thread() and _STOP_BLOCKS[0] and not _STOPPING:
-        _STOPPING.append(0)  # (no signal's number: a stop is under way as far as the handler goes)
+    _stop_taken()
 
 
 # the signals that stop a run (a job scheduler, Ctrl-C, a closed terminal)
@@ -1220,6 +1250,7 @@ def stop_ranks(proc: subprocess.Popen | ServedProcess, wait_s: float = STOP_WAIT
     # (the stop signals are the main thread's: a launch in another thread is hurried by none)
     main = threading.current_thread() is threading.main_thread()
     seen = len(_STOPPING)
+    _stop_taken()  # (called as a stop propagates: a signal from here hurries it)
     proc.terminate()
     deadline = time.monotonic() + wait_s
     while True:
@@ -1227,7 +1258,7 @@ def stop_ranks(proc: subprocess.Popen | ServedProcess, wait_s: float = STOP_WAIT
             proc.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
             return
         except subprocess.TimeoutExpired:
-            if time.monotonic() >= deadline or (main and len(_STOPPING) > max(seen, 1)):
+            if time.monotonic() >= deadline or (main and len(_STOPPING) > seen):
                 break
         except KeyboardInterrupt:
             # a stop signal while stopping for another cause (an error, which goes on being

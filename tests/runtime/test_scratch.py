@@ -454,6 +454,26 @@ def test_a_stop_signal_after_the_ranks_have_finished_removes_nothing(tiny_dirs, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_stop_signal_that_comes_while_the_ranks_are_forked_is_not_lost() -> None:
+    """A SIGTERM as the launcher forked its rank supervisor ran the handler inside the fork's
+    callbacks, where Python ignores an exception ("Exception ignored in: _releaseLock"): the stop
+    was lost and the run trained to its end, exit 0. It is raised once the fork has returned."""
+    import signal
+    import threading
+
+    from zoplan.runtime.launch import _stops_after, stop_signals
+
+    stopped: list[int] = []
+    with pytest.raises(KeyboardInterrupt), stop_signals(stopped):
+        with _stops_after():
+            try:  # as a fork's callbacks run the handler: what it raises there is dropped
+                signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+                time.sleep(0.1)
+            except KeyboardInterrupt:
+                pass
+    assert stopped == [signal.SIGTERM]
+
+
 def test_a_stop_signal_the_caller_ignores_stays_ignored() -> None:
     """`nohup zoplan run ... &` ignores SIGHUP so that the run outlives its terminal: the launch
     made SIGHUP stop the run all the same when the terminal closed."""

@@ -990,9 +990,12 @@ def main() -> None:
         app()
     except ZoplanError as exc:
         # messages quote user input (names, paths): print them literally, never as markup
-        err.print(Text.assemble(("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True)
-        if exc.fix:
-            err.print(Text(f"  fix: {exc.fix}"), highlight=False, soft_wrap=True)
+        try:
+            err.print(Text.assemble(("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True)
+            if exc.fix:
+                err.print(Text(f"  fix: {exc.fix}"), highlight=False, soft_wrap=True)
+        except KeyboardInterrupt:  # (a late stop signal: the status says what ended the command)
+            pass
         sys.exit(exc.status)
     except KeyboardInterrupt:
         err.print("interrupted")
