@@ -666,9 +666,7 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
         check_switches,
         cuda_env,
         rank_env,
-        start_ranks,
-        _stops_after,
-        stop_ranks,
+        ranks_running,
         stop_signals,
     )
     from zoplan.runtime.tiny import resolve_model
@@ -761,22 +759,16 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
             task = bar.add_task("(starting ranks)")
             stopped: list[int] = []
             try:
-                with stop_signals(stopped):  # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
-                    proc = None
-                    try:
-                        with _stops_after():  # (a signal in the fork's callbacks is raised once it has returned)
-                            proc = start_ranks(cmd, f, env)
-                        polls = 0
-                        while proc.poll() is None:
-                            if progress_file.exists():
-                                bar.update(task, description=progress_file.read_text())
-                            time.sleep(0.2)
-                            polls += 1
-                            if polls % 5 == 0:  # a launch started meanwhile measures beside it too
-                                beside.update(live_launches(own=(shm, work)))
-                    finally:
-                        if proc is not None and proc.poll() is None:
-                            stop_ranks(proc)
+                # SIGTERM and SIGHUP stop the ranks as Ctrl-C does
+                with stop_signals(stopped), ranks_running(cmd, f, env) as proc:
+                    polls = 0
+                    while proc.poll() is None:
+                        if progress_file.exists():
+                            bar.update(task, description=progress_file.read_text())
+                        time.sleep(0.2)
+                        polls += 1
+                        if polls % 5 == 0:  # a launch started meanwhile measures beside it too
+                            beside.update(live_launches(own=(shm, work)))
             except KeyboardInterrupt:  # said with the signal's own status, as zoplan run does (143 for SIGTERM)
                 signum = stopped[-1] if stopped else signal.SIGINT
                 raise ZoplanError(

@@ -990,15 +990,8 @@ def _launch(
     since = log.tell()  # what earlier launches wrote is not this launch's story
     stopped: list[int] = []
     try:
-        with stop_signals(stopped):
-            proc: subprocess.Popen | ServedProcess | None = None
-            try:
-                with _stops_after():  # (a signal in the fork's callbacks is raised once it has returned)
-                    proc = start_ranks(cmd, log, env)
-                _follow(proc, out / "metrics.jsonl", cfg, met, port)
-            finally:
-                if proc is not None and proc.poll() is None:  # interrupted: the ranks stop with the launcher
-                    stop_ranks(proc)
+        with stop_signals(stopped), ranks_running(cmd, log, env) as proc:
+            _follow(proc, out / "metrics.jsonl", cfg, met, port)
     except KeyboardInterrupt:
         _stop_taken()
         signum = stopped[0] if stopped else signal.SIGINT
@@ -1034,7 +1027,7 @@ def _launch(
     # The ranks have exited: a stop signal from here on has nothing to stop. Raised after this
     # point, its KeyboardInterrupt would reach run() as a stop "before the first step", which
     # removes what the run wrote: a finished run's model and journal.
-    _nothing_to_stop()
+    _stop_taken()
     if not (out / runconfig.CONFIG_FILE).is_file():  # rm -rf OUT while the ranks trained on
         raise ZoplanError(
             f"the output directory {out} was removed or emptied while the run went on (its "
@@ -1191,12 +1184,6 @@ def _stops_after() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _nothing_to_stop() -> None:
-    """Within ``stop_signals``: the ranks have exited, so later stop signals stop nothing (they are
-    counted, and the launch ends as it would have)."""
-    _stop_taken()
-
-
 # the signals that stop a run (a job scheduler, Ctrl-C, a closed terminal)
 STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -1270,6 +1257,20 @@ def stop_ranks(proc: subprocess.Popen | ServedProcess, wait_s: float = STOP_WAIT
             proc.wait(timeout=STOP_WAIT_S)
         except subprocess.TimeoutExpired:  # a process that SIGKILL does not end (a hung device, a server gone deaf)
             warn(f"the rank supervisor (pid {proc.pid}) did not exit after SIGKILL; it may be left behind")
+
+
+@contextlib.contextmanager
+def ranks_running(cmd: Sequence[str], log, env: Mapping[str, str]) -> Iterator[subprocess.Popen | ServedProcess]:
+    """The ranks started (``start_ranks``) for the block, and stopped (``stop_ranks``) if it ends
+    while they run: interrupted, or failed."""
+    proc: subprocess.Popen | ServedProcess | None = None
+    try:
+        with _stops_after():  # (a signal in the fork's callbacks is raised once it has returned)
+            proc = start_ranks(cmd, log, env)
+        yield proc
+    finally:
+        if proc is not None and proc.poll() is None:
+            stop_ranks(proc)
 
 
 def start_ranks(cmd: Sequence[str], log, env: Mapping[str, str]) -> subprocess.Popen | ServedProcess:

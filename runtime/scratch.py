@@ -269,21 +269,8 @@ def live_launches(own: Iterable[Path] = ()) -> dict[int, str]:
         except OSError:
             continue
         for folder in entries:
-            if folder in skip:
-                continue
-            try:
-                fd = os.open(folder / OWNER, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                if _try_lock(fd):  # free: its launch has ended (released when closed)
-                    continue
-                pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            except OSError:
-                continue
-            finally:
-                os.close(fd)
-            if pid.isdigit() and int(pid) != os.getpid():
+            pid = None if folder in skip else held_by(folder / OWNER)  # (None: its launch has ended)
+            if pid is not None and pid.isdigit() and int(pid) != os.getpid():
                 name = folder.name[len(PREFIX) :].removeprefix("tmp-")
                 found[int(pid)] = "zoplan calibrate" if name.startswith(_CALIBRATION_FOLDERS) else "zoplan run"
     return found

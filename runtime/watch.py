@@ -104,7 +104,7 @@ class ProgressWatch:
             return None
         if self.ticks_of != self.last:  # halfway: the ranks' CPU ticks, to tell who computes by the end
             self.ticks_of = self.last
-            self.ticks = {pid: t for pid in rank_processes(self.out).values() if (t := self._ticks(pid))}
+            self.ticks = {pid: stat[1] for pid in rank_processes(self.out).values() if (stat := _stat(pid))}
         if now - self.last < quiet_s:
             return None
         self.noted_at = now
@@ -118,8 +118,3 @@ class ProgressWatch:
             f"warning: no step has finished for {now - self.last:.0f} s (the slowest took {self.slowest:.3g} s)"
             f"{here}. Ctrl-C stops the run; the journal keeps every completed step"
         )
-
-    @staticmethod
-    def _ticks(pid: int) -> int | None:
-        stat = _stat(pid)
-        return None if stat is None else stat[1]
