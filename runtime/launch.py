@@ -47,6 +47,7 @@ from zoplan.records import (
     summarize,
 )
 from zoplan.runtime.checkpoint import check_model_dir, weights_stamp
+from zoplan.runtime.signals import STOPPING, deferred, die_with_parent, signals_held
 from zoplan.runtime.scratch import owned, owner_of, run_lock, shared_memory, sweep
 from zoplan.runtime.watch import ProgressWatch
 from zoplan.runtime.rankserver import SERVER_ENV, ServedProcess, request
@@ -1116,7 +1117,8 @@ def _launch(
 # the launch has taken its stop up (a KeyboardInterrupt caught by its own code, or the ranks gone):
 # until then each stop signal raises KeyboardInterrupt, after it none does (they hurry stop_ranks).
 # A raise can be lost: a handler that runs inside a fork's callbacks or a __del__ has its exception
-# "ignored" by Python, so a first signal alone cannot be trusted to have stopped anything.
+# "ignored" by Python, so a first signal alone cannot be trusted to have stopped anything (the
+# launcher forks within signals.deferred). "deferred": the handlers are being set back.
 _STOPPING: list[int] = []
 _STOP_BLOCKS = [0]
 _STOP = {"taken": False, "deferred": False}
@@ -1155,74 +1157,17 @@ def stop_signals(stopped: list[int]):
     try:
         yield
     finally:
-        deferred, _STOP["deferred"] = _STOP["deferred"], True  # (none raises half-restored)
+        was, _STOP["deferred"] = _STOP["deferred"], True  # (none raises half-restored)
         try:
             for signum, old in previous.items():
                 signal.signal(signum, old)
         finally:
-            _STOP["deferred"] = deferred
+            _STOP["deferred"] = was
             if main:
                 _STOP_BLOCKS[0] -= 1
                 if not _STOP_BLOCKS[0]:
                     _STOPPING.clear()
                     _STOP["taken"] = False
-
-
-@contextlib.contextmanager
-def _stops_after() -> Iterator[None]:
-    """A stop signal that comes inside the block (a fork, whose callbacks would swallow the
-    handler's KeyboardInterrupt) is raised when it ends."""
-    if threading.current_thread() is not threading.main_thread() or not _STOP_BLOCKS[0]:
-        yield
-        return
-    before, _STOP["deferred"] = len(_STOPPING), True
-    try:
-        yield
-    finally:
-        _STOP["deferred"] = False
-    if len(_STOPPING) > before and not _STOP["taken"]:
-        raise KeyboardInterrupt
-
-
-# the signals that stop a run (a job scheduler, Ctrl-C, a closed terminal)
-STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def signals_held(signums: Sequence[int] = STOPPING) -> Iterator[None]:
-    """Hold ``signums`` back while a process forks a child and records it. One that arrives
-    meanwhile is handled when the hold ends: by the parent once it knows its child (a supervisor
-    stopping its ranks), and in the child only after ``after_fork`` (the Python handler a child
-    inherits would act for its parent: a rank server's child, its run's supervisor, noted a
-    SIGTERM for the server and trained on). Held back in the calling thread: the processes that
-    fork so (the rank server, a supervisor) are of one thread, or a signal sent to the process
-    would go to another."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def after_fork(signums: Sequence[int] = STOPPING, keep_ignored: bool = False) -> None:
-    """In a child forked within ``signals_held``: ``signums`` back to their default action (one
-    the parent ignores stays ignored with ``keep_ignored``), then let through."""
-    for signum in signums:
-        if not (keep_ignored and signal.getsignal(signum) is signal.SIG_IGN):
-            signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
-
-
-def die_with_parent(signum: int = signal.SIGTERM) -> None:
-    """Have the kernel send this process ``signum`` when its parent dies, however it dies (SIGKILL
-    included): torchrun then stops its ranks, and a rank whose torchrun is gone stops, rather than
-    training on, orphaned. Linux only (elsewhere nothing happens)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signum))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 # how long the rank supervisor (or torchrun) may take to stop its ranks on SIGTERM (it gives
@@ -1265,7 +1210,7 @@ def ranks_running(cmd: Sequence[str], log, env: Mapping[str, str]) -> Iterator[s
     while they run: interrupted, or failed."""
     proc: subprocess.Popen | ServedProcess | None = None
     try:
-        with _stops_after():  # (a signal in the fork's callbacks is raised once it has returned)
+        with deferred():  # (a signal in the fork's callbacks is raised once it has returned)
             proc = start_ranks(cmd, log, env)
         yield proc
     finally:

@@ -79,7 +79,7 @@ def _start(module: str, rank: int, nproc: int, addr: str, port: int, attempt: in
         return pid
     code = 1
     try:
-        from zoplan.runtime.launch import after_fork, die_with_parent
+        from zoplan.runtime.signals import after_fork, die_with_parent
 
         after_fork(keep_ignored=True)  # (a signal ignored by the launcher is by the rank too)
         from zoplan.runtime.scratch import RANK_NAME, name_process
@@ -168,7 +168,7 @@ class Ranks:
 def run(
     module: str, nproc: int, addr: str, port: int, max_restarts: int, worker_args: list[str], status: Path | None
 ) -> int:
-    from zoplan.runtime.launch import STOPPING, signals_held
+    from zoplan.runtime.signals import STOPPING, signals_held
 
     record: list[dict] = []
     ranks = Ranks()
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("worker_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     worker_args = args.worker_args[1:] if args.worker_args[:1] == ["--"] else args.worker_args
-    from zoplan.runtime.launch import die_with_parent
+    from zoplan.runtime.signals import die_with_parent
 
     die_with_parent(signal.SIGTERM)  # a launcher that dies, however, stops this process and so the ranks
     from zoplan.runtime.scratch import SUPERVISOR_NAME, name_process

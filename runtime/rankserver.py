@@ -217,7 +217,7 @@ def _child(sel: selectors.BaseSelector, sockets: list[socket.socket], req: dict,
     """The forked child: become the run's rank supervisor (never returns)."""
     code = 1
     try:
-        from zoplan.runtime.launch import after_fork
+        from zoplan.runtime.signals import after_fork
 
         # forked with the stopping signals held (the server's handler only notes them): the
         # supervisor's own, from here (a SIGTERM sent meanwhile now stops it)
@@ -266,7 +266,7 @@ def _preload(model_types: Sequence[str]) -> None:
 
 def serve(path: Path, model_types: Sequence[str] = ()) -> int:
     """Serve requests on the Unix socket ``path`` until SIGTERM or SIGINT."""
-    from zoplan.runtime.launch import STOPPING, die_with_parent, signals_held
+    from zoplan.runtime.signals import STOPPING, die_with_parent, signals_held
     from zoplan.runtime.scratch import name_process
 
     die_with_parent(signal.SIGTERM)  # a server whose parent (a test session, a shell) is gone stops

@@ -31,15 +31,11 @@ of them in a row stop the training), and a step cut short by an error puts the p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
 import os
-import signal
-import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,6 +50,7 @@ from zoplan.planfile import ZoSettings
 from zoplan.runconfig import RunConfig, bound_said
 from zoplan.runtime.hostcopy import decays
 from zoplan.runtime.perturb import perturb_, step_seed
+from zoplan.runtime.signals import deferred
 from zoplan.runtime.zo import update_tensor
 
 # What ZOTrainer takes and what of TrainingArguments its step reads, checked with the bounds
@@ -79,33 +76,6 @@ _ARGUMENTS: dict[str, tuple[Any, str, str]] = {
     ),
     "weight_decay": (ZoSettings, "weight_decay", "give TrainingArguments a finite weight_decay, 0 (none) or more"),
 }
-
-
-# the signals that stop a program (Ctrl-C, a job scheduler's SIGTERM, a closed terminal)
-_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def _whole() -> Iterator[None]:
-    """Run the block whole: a stop signal that comes meanwhile (Ctrl-C) takes effect when it ends.
-    A parameter loop cut short (an update, a perturbation taken back) leaves some parameters
-    moved and others not: weights that neither the step before nor ``zo_steps`` describe. Signals
-    reach the main thread only; elsewhere nothing needs holding."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    came: list[int] = []
-    previous = {}
-    for signum in _STOPS:
-        if signal.getsignal(signum) not in (signal.SIG_IGN, None):  # (None: set outside Python)
-            previous[signum] = signal.signal(signum, lambda signum, frame: came.append(signum))
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-        for signum in dict.fromkeys(came):  # now, to the handlers they were meant for
-            signal.raise_signal(signum)
 
 
 def _problem(error: Any) -> str:
@@ -342,16 +312,16 @@ class ZOTrainer(Trainer):
                     at[i] = to
 
         try:
-            with _whole():
+            with deferred():
                 move(1.0)
             # each pass its own dict: the Trainer's compute_loss takes "labels" out of the one it is
             # given (label smoothing, compute_loss_func)
             loss_plus = float(cast(torch.Tensor, self.compute_loss(model, dict(inputs))))
-            with _whole():
+            with deferred():
                 move(-1.0)
             loss_minus = float(cast(torch.Tensor, self.compute_loss(model, dict(inputs))))
         finally:
-            with _whole():
+            with deferred():
                 move(0.0)
         return loss_plus, loss_minus
 
@@ -380,7 +350,7 @@ class ZOTrainer(Trainer):
         finite = all(map(math.isfinite, (loss_plus, loss_minus, g)))
         # the step's line and its update go together: a Ctrl-C waits for both (replay of
         # zo_steps gives the weights)
-        with _whole():
+        with deferred():
             self._apply(step, seed, params, loss_plus, loss_minus, g, finite)
         return torch.tensor((loss_plus + loss_minus) / 2, device=self.args.device)
 

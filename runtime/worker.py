@@ -732,7 +732,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(STOPPED)
     # a rank whose torchrun is gone (killed) stops at once instead of training on, orphaned: the
     # journal holds every completed step
-    from zoplan.runtime.launch import die_with_parent
+    from zoplan.runtime.signals import die_with_parent
 
     die_with_parent(signal.SIGKILL)
     if "RANK" in os.environ:  # zoplan-rank<N> in ps and top (the rank supervisor names its ranks itself)

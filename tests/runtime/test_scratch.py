@@ -461,11 +461,12 @@ def test_a_stop_signal_that_comes_while_the_ranks_are_forked_is_not_lost() -> No
     import signal
     import threading
 
-    from zoplan.runtime.launch import _stops_after, stop_signals
+    from zoplan.runtime.launch import stop_signals
+    from zoplan.runtime.signals import deferred
 
     stopped: list[int] = []
     with pytest.raises(KeyboardInterrupt), stop_signals(stopped):
-        with _stops_after():
+        with deferred():
             try:  # as a fork's callbacks run the handler: what it raises there is dropped
                 signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
                 time.sleep(0.1)
@@ -501,7 +502,7 @@ def test_a_stop_sent_while_a_child_is_forked_waits_for_the_child_s_own_handlers_
     import signal
     import threading
 
-    from zoplan.runtime.launch import after_fork, signals_held
+    from zoplan.runtime.signals import after_fork, signals_held
 
     noted: list[object] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: noted.append(known))  # as the server's
