@@ -221,6 +221,9 @@ class HostCopy:
             ]
         )
         self.pinned = False  # page-locked for CUDA (pin_for_cuda): once per process
+        # some block value changed as the host copy's dtype stored it (a copy narrower than the
+        # loaded model's values: an fp32 checkpoint in bf16); never for a mapped checkpoint
+        self.rounded = False
         self._maps: list[mmap.mmap] = []  # a mapped checkpoint's files
         self._stats: dict[Path, tuple[int, int, int]] = {}  # and what they were when mapped
         self.resident = {}
@@ -319,13 +322,20 @@ class HostCopy:
         for layout, flat in zip(layouts, copy.blocks):
             params = dict(blocks[layout.index].named_parameters())
             for slot in layout.slots:
-                flat[slot.offset : slot.offset + slot.numel].copy_(params[slot.local].detach().reshape(-1))
+                value = params[slot.local].detach().reshape(-1)
+                stored = flat[slot.offset : slot.offset + slot.numel]
+                stored.copy_(value)
+                if not copy.rounded and stored.dtype != value.dtype:
+                    copy.rounded = not torch.equal(stored.to(value.dtype), value)
             flat[layout.numel :].zero_()
             del params
             blocks[layout.index].to("meta")
         for name, param in model.named_parameters():
             if name in copy.resident:
                 copy.resident[name].copy_(param.detach())
+        if copy.rounded:
+            meta = json.loads((root / "layout.json").read_text())
+            (root / "layout.json").write_text(json.dumps({**meta, "rounded": True}))
         (root / "ready").write_text("ok")
         return copy
 
@@ -334,7 +344,9 @@ class HostCopy:
         meta = json.loads((root / "layout.json").read_text())
         layouts = block_layouts(blocks, prefix, meta["slices"])
         resident = {n: (tuple(shape), dtype) for n, (shape, dtype) in meta["resident"].items()}
-        return HostCopy(root, layouts, meta["wire"], resident)
+        copy = HostCopy(root, layouts, meta["wire"], resident)
+        copy.rounded = bool(meta.get("rounded", False))
+        return copy
 
     def remove(self) -> None:
         if not self.read_only:

@@ -521,6 +521,16 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         if cut:
             said = zdata.cut_note(cut, len(head), task, plan.batch.seq_len, first=len(head) < len(train_set))
             metrics.write(NoteRow(note=said).line())
+        if tuning.frozen_base and host.rounded:  # the adapter learns on the base as the run holds it
+            wire = plan.transfer.wire_dtype
+            metrics.write(
+                NoteRow(
+                    note=f"the adapter is trained and evaluated on the base model's blocks rounded to {wire} (the "
+                    f"host copy's dtype, --wire-dtype {wire}; the checkpoint holds wider values): loaded onto "
+                    f"{model_dir} its figures differ slightly; load it onto the base rounded the same way to "
+                    f"reproduce them, or plan with --wire-dtype {plan.transfer.param_dtype}"
+                ).line()
+            )
     if writer and (rp.next_step > 0 or restart > 0):
         # where this start picks up (after --resume, or after torchrun restarted crashed ranks,
         # before the first step's journal line too): the progress display says so, and

@@ -28,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Strict, ValidationError
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import read_jsonl, write_whole
-from zoplan.vocab import DTYPE_BYTES
 
 RECORDS_VERSION: Final = 1
 METRICS_FILE = "metrics.jsonl"
@@ -306,14 +305,6 @@ class RunSummary:
             + (f", MeZO's {name} recipe" if name else "")
             + (f", {tuning.describe()} on read-only blocks" if tuning.frozen_base else "")
         )
-        wire, param = ran.transfer.wire_dtype, ran.transfer.param_dtype
-        if tuning.frozen_base and wire != param and DTYPE_BYTES[wire] < DTYPE_BYTES[param]:
-            # the adapter learnt, and was evaluated, on the base as the run held it
-            said.append(
-                f"the adapter was trained and evaluated on the base model's blocks as the host copy held them, in "
-                f"{wire} (--wire-dtype {wire}): loaded onto a checkpoint that holds them wider ({param}), its "
-                f"figures differ slightly; load it onto the base rounded to {wire} to reproduce them"
-            )
         loads = "PeftModel.from_pretrained: an adapter" if tuning.frozen_base else "from_pretrained"
         said.append(f"wrote {self.output}/model ({loads}), journal.jsonl, metrics.jsonl, plan.yaml, {CONFIG_FILE}")
         return said

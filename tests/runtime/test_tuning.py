@@ -330,16 +330,33 @@ def test_a_prefix_starts_the_same_whatever_the_threads_and_takes_rank_0s_values(
     assert torch.equal(started(2, agree=lambda values: torch.ones_like(values)), torch.ones_like(one))
 
 
-def test_an_adapter_trained_on_a_narrower_host_copy_says_its_base_was_rounded(tiny_dirs, tmp_path: Path) -> None:
+def test_an_adapter_trained_on_a_narrower_host_copy_says_its_base_was_rounded_only_where_it_was(
+    tiny_dirs, tmp_path: Path, monkeypatch
+) -> None:
     """--tuning lora --wire-dtype bf16 on an fp32 checkpoint: the adapter learnt, and its held-out
-    figures were measured, on the base rounded to bf16, but the closing lines did not say so and
-    the adapter's config names the fp32 checkpoint (loaded there, it gives other figures)."""
-    model_dir = tiny_dirs["tiny-opt"]
+    figures were measured, on the base rounded to bf16, but nothing said so and the adapter's
+    config names the fp32 checkpoint (loaded there, it gives other figures). The note read the
+    plan: on a checkpoint stored in bf16 (most published ones) nothing is rounded, yet it said so."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from zoplan.records import METRICS_FILE, NoteRow, read_metrics
+
+    fp32 = tiny_dirs["tiny-opt"]
+    bf16 = tmp_path / "tiny-opt-bf16"
+    shutil.copytree(fp32, bf16)
+    weights = load_file(str(fp32 / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, str(bf16 / "model.safetensors"), {"format": "pt"})
+    monkeypatch.setenv("ZOPLAN_HOST_COPY", "copy")  # the bf16 checkpoint copied, not mapped
     two = cpu_topology(tmp_path, 2)
-    lora = LORA
-    for wire, said in (("bf16", True), ("fp32", False)):
-        plan_path = planned(
-            tmp_path, model_dir, two, f"lora-{wire}", tuning=lora, perturbation=2, data=1, wire_dtype=wire
-        )
-        summary = run(make(plan=plan_path, model=str(model_dir), steps=1, output=tmp_path / wire, quiet=True))
-        assert ("the base model's blocks as the host copy held them, in bf16" in str(summary)) == said, str(summary)
+    for name, model_dir, wire, said in (
+        ("fp32-bf16", fp32, "bf16", True),
+        ("fp32-fp32", fp32, "fp32", False),
+        ("bf16-bf16", bf16, "bf16", False),
+    ):
+        plan_path = planned(tmp_path, model_dir, two, name, tuning=LORA, perturbation=2, data=1, wire_dtype=wire)
+        run(make(plan=plan_path, model=str(model_dir), steps=1, output=tmp_path / name, quiet=True))
+        rows, _ = read_metrics(tmp_path / name / METRICS_FILE)
+        notes = [row.note for row in rows if isinstance(row, NoteRow)]
+        assert any("blocks rounded to bf16" in note for note in notes) == said, (name, notes)
