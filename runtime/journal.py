@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from zoplan.errors import ZoplanError
+from zoplan.planfile import ZoSettings
 
 FIELDS = ("step", "seed", "projected_grad", "lr", "weight_decay")
 
@@ -123,22 +124,31 @@ def journal_row(row: object) -> dict:
     return out
 
 
-def check_lines(rows: list[dict], run_seed: int, eps: float, weight_decay: float, path: Path) -> None:
-    """Each line holds together with itself and its run's plan: its seed is the step's
-    (``step_seed``), its eps and weight decay the plan's, its projected gradient (L+ − L−) / 2ε of
-    its own losses (0 where they are not finite), and it is marked skipped exactly then. A line
-    edited by hand (a number changed, ``skipped`` flipped) would replay to weights no run
-    trained; it is refused, named. Lines without their losses (ZOTrainer's, older runs') are
+def check_lines(rows: list[dict], zo: ZoSettings, total_steps: int, path: Path) -> None:
+    """Each line holds together with itself and its run's plan (``zo``, the run's ZO settings,
+    over ``total_steps``): its seed is the step's (``step_seed``), its learning rate the schedule's
+    at its step, its eps and weight decay the plan's, its projected gradient (L+ − L−) / 2ε of its
+    own losses (0 where they are not finite), and it is marked skipped exactly then. A line edited
+    by hand (a number changed, a field taken out, ``skipped`` flipped) would replay to weights no
+    run trained; it is refused, named. Lines without their losses (ZOTrainer's, older runs') are
     checked as far as they go."""
     import math
 
     from zoplan.runtime.perturb import step_seed
+    from zoplan.runtime.zo import learning_rate
 
+    run_seed, eps, weight_decay = zo.seed, zo.eps, zo.weight_decay
     for number, row in enumerate(rows, 1):
         step = row["step"]
         problems = []
         if row["seed"] != step_seed(run_seed, step):
             problems.append(f"its seed {row['seed']} is not step {step}'s of the run's seed {run_seed}")
+        lr = learning_rate(zo.lr, zo.lr_schedule, step, total_steps)
+        if row["lr"] != lr:
+            schedule = "" if zo.lr_schedule == "constant" else f" ({zo.lr_schedule} over {total_steps} steps)"
+            problems.append(f"its learning rate {row['lr']!r} is not the plan's {lr!r} at step {step}{schedule}")
+        if "loss_plus" in row and "loss_minus" in row and "eps" not in row:
+            problems.append("it has its losses but not the eps their projected gradient was taken with")
         if row.get("eps", eps) != eps:
             problems.append(f"its eps {row['eps']!r} is not the plan's {eps!r}")
         if row["weight_decay"] != weight_decay:

@@ -528,7 +528,8 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # steps from 0, finite numbers; only a torn last line may be left out)
     journal = out / "journal.jsonl"
     rows = parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0] if journal.exists() else []
-    check_lines(rows, plan.zo.seed, plan.zo.eps, plan.zo.weight_decay, journal)  # (what the ranks replay)
+    recorded = runconfig.read(out / runconfig.CONFIG_FILE)
+    check_lines(rows, plan.zo, recorded.steps, journal)  # (what the ranks replay)
     done = len(rows)
     # the steps a finished run's ranks marked (read before they are cleared below): what model/ holds
     marked = [m.read_text().strip() for m in out.glob(finished_marker(cfg.node_rank, "*"))]
@@ -557,7 +558,6 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             fix=f"--steps is the run's total: give {done} or more (`zoplan replay {out} -o DIR` rebuilds "
             f"the weights of step {done})",
         )
-    recorded = runconfig.read(out / runconfig.CONFIG_FILE)
     if recorded.nnodes > 1 and cfg.node_rank != recorded.node_rank:
         # node 1's directory resumed as node 0 would train every step again from the base weights,
         # and node 0's (its journal) resumed as node 1 would leave its journal unread

@@ -182,6 +182,15 @@ def _check_weights(model_dir: Path, run_dir: Path) -> None:
         )
 
 
+def _total_steps(run_dir: Path, plan) -> int:
+    """The total the run took its steps for (its learning-rate schedule's): its run.json's, else
+    the plan's (a journal replayed from a folder that holds only the plan beside it)."""
+    from zoplan import runconfig
+
+    recorded = run_dir / runconfig.CONFIG_FILE
+    return runconfig.read(recorded).steps if recorded.is_file() else plan.zo.steps
+
+
 def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, dtype: str | None, device: str) -> int:
     from zoplan.models import load_model_shape
     from zoplan.planfile import load_plan
@@ -190,7 +199,7 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
 
     plan_path = journal_path.parent / "plan.yaml"  # there: replay_to refuses a journal without it
     plan = load_plan(plan_path)  # before the model: it may need building
-    check_lines(journal, plan.zo.seed, plan.zo.eps, plan.zo.weight_decay, journal_path)
+    check_lines(journal, plan.zo, _total_steps(journal_path.parent, plan), journal_path)
     model_dir = resolve_model(base)
     # the checks `zoplan run` makes of its model: a truncated or mismatched checkpoint is a
     # message, not transformers' traceback (nor weights missing from it started at random)

@@ -31,7 +31,7 @@ from zoplan.runtime.snapshots import read_valid_journal
 
 def line(step: int, **fields) -> str:
     """A journal line that holds together (journal.check_lines) with a plan of the default ZO
-    settings (seed 0, eps 1e-3, no weight decay); a ``projected_grad`` given comes from losses that
+    settings (seed 0, lr 1e-6, eps 1e-3, no weight decay); a ``projected_grad`` given comes from losses that
     give it (a string: as given, for the checks of the line's types)."""
     from zoplan.runtime.perturb import step_seed
 
@@ -40,7 +40,7 @@ def line(step: int, **fields) -> str:
         "seed": step_seed(0, step),
         "loss_plus": 7.0,
         "loss_minus": 7.1,
-        "lr": 1e-3,
+        "lr": 1e-6,
         "eps": 1e-3,
         "weight_decay": 0.0,
         "skipped": False,
@@ -231,17 +231,22 @@ def test_an_intact_journal_resumes_and_a_torn_last_line_is_cut(run_dir: Path) ->
         ({"seed": 12345}, "its seed 12345 is not step 3's of the run's seed 0"),
         ({"eps": 2e-3}, "its eps 0.002 is not the plan's 0.001"),
         ({"weight_decay": 0.1}, "its weight decay 0.1 is not the plan's 0.0"),
+        ({"lr": -1000.0}, "its learning rate -1000.0 is not the plan's 1e-06 at step 3"),
+        ({"lr": 0.0}, "its learning rate 0.0 is not the plan's 1e-06 at step 3"),
+        ({"eps": None}, "it has its losses but not the eps"),
     ],
 )
 def test_a_journal_line_edited_by_hand_is_refused_on_resume_and_replay(
     run_dir: Path, tiny_dirs, tmp_path: Path, edit: dict, words: str
 ) -> None:
     """A line's projected gradient is its own losses' (L+ - L-) / 2 eps, its seed the step's, its
-    eps and weight decay the plan's: a number changed or `skipped` flipped by hand replayed (exit 0)
-    to weights no run trained."""
+    learning rate, eps and weight decay the plan's: a number changed (a learning rate of -1000
+    blew the loss up to 1e9, exit 0), a field taken out or `skipped` flipped by hand replayed
+    (exit 0) to weights no run trained."""
     path = run_dir / "journal.jsonl"
     rows = [json.loads(text) for text in journal().splitlines()]
     rows[3].update(edit)
+    rows[3] = {k: v for k, v in rows[3].items() if v is not None}  # (None: the field taken out)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ZoplanError, match=f"the line of step 3 does not hold together: {words}") as said:
         resume(run_dir, 6)
@@ -332,6 +337,9 @@ def test_a_resume_keeps_the_total_a_learning_rate_schedule_was_taken_over(tiny_d
     )
     write_plan(report.plan, out / "plan.yaml")
     (out / "run.json").write_text(json.dumps({**json.loads((out / "run.json").read_text()), "version": 1, "steps": 6}))
+    from zoplan.runtime.zo import learning_rate
+
+    (out / "journal.jsonl").write_text("".join(line(s, lr=learning_rate(1e-6, "cosine", s, 6)) for s in range(6)))
     with pytest.raises(ZoplanError) as said:
         resume(out, 12)
     assert "--steps 12: the run in" in said.value.message
@@ -449,7 +457,7 @@ def test_replay_refuses_a_journal_without_its_first_steps(tiny_dirs, tmp_path: P
 
 def test_replay_writes_no_weights_that_are_not_finite(tiny_dirs, tmp_path: Path) -> None:
     path = tmp_path / "journal.jsonl"
-    path.write_text(line(0, projected_grad=1e300, lr=1e300))  # finite numbers whose update overflows
+    path.write_text(line(0, projected_grad=1e300))  # a finite number whose update overflows fp32
     with_plan(path, tiny_dirs["tiny-opt"])
     with pytest.raises(ZoplanError, match="not finite"):
         replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out")
@@ -1004,3 +1012,23 @@ def test_a_file_written_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None
     longest = tmp_path / ("p" * 250 + ".yaml")  # (a temporary name made from it was too long)
     fileio.write_yaml(longest, {"a": 3})
     assert longest.read_text() == "{a: 3}\n" and len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_replay_of_an_empty_journal_says_the_model_is_the_base(
+    tiny_dirs, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """An emptied journal (or a run stopped before its first step) replayed 0 steps, exit 0, and
+    nothing said that the model written is the base, unchanged."""
+    from zoplan.cli import main
+
+    path = with_plan(tmp_path / "journal.jsonl", tiny_dirs["tiny-opt"])
+    path.write_text("")
+    monkeypatch.setattr(
+        "sys.argv", ["zoplan", "replay", str(tiny_dirs["tiny-opt"]), str(path), "-o", str(tmp_path / "out")]
+    )
+    try:
+        main()
+    except SystemExit as ended:
+        assert ended.code in (0, None)
+    err = capsys.readouterr().err
+    assert "holds no step" in err and "unchanged" in err, err

@@ -829,6 +829,12 @@ def replay_cmd(
     adapter = load_plan(journal.parent / "plan.yaml").tuning.to_tuning().frozen_base  # (replay_to read it)
     loads = "PeftModel.from_pretrained: an adapter" if adapter else "from_pretrained"
     out.print(Text(f"replayed {steps} steps into {output} ({loads})"))
+    if steps == 0:  # (a run stopped before its first step, or a journal emptied)
+        err.print(
+            Text(f"warning: {journal} holds no step: {output} holds the base model, {given}, unchanged"),
+            highlight=False,
+            soft_wrap=True,
+        )
     from zoplan.runtime.scratch import live_run_in
 
     pid = live_run_in(journal.parent)
