@@ -383,6 +383,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             model_weights=weights_stamp(model_dir),
             data_stamp=zdata.examples_stamp(examples),
             eval_data_stamp=zdata.examples_stamp(held) if cfg.eval_data is not None else None,
+            plan_stamp=runconfig.plan_stamp(out),
         )
         runconfig.write(cfg, out)
     return cfg, plan, machine
@@ -510,6 +511,8 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     from zoplan.runtime.tiny import resolve_model
 
     out = cfg.output
+    recorded = runconfig.read(out / runconfig.CONFIG_FILE)
+    runconfig.check_plan_unchanged(out, recorded)  # (before its settings are read)
     plan = load_plan(out / "plan.yaml")
     bad = _unwritable(out, cfg.node_rank)
     if bad:  # checked before the resume changes anything
@@ -528,7 +531,6 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     # steps from 0, finite numbers; only a torn last line may be left out)
     journal = out / "journal.jsonl"
     rows = parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0] if journal.exists() else []
-    recorded = runconfig.read(out / runconfig.CONFIG_FILE)
     check_lines(rows, plan.zo, recorded.steps, journal)  # (what the ranks replay)
     done = len(rows)
     # the steps a finished run's ranks marked (read before they are cleared below): what model/ holds

@@ -92,6 +92,10 @@ def replay_to(
         )
     journal = read_journal(journal_path, first=0)
     plan_path = journal_path.parent / "plan.yaml"
+    from zoplan import runconfig
+
+    if (journal_path.parent / runconfig.CONFIG_FILE).is_file():  # a run's directory: its plan as it wrote it
+        runconfig.check_plan_unchanged(journal_path.parent, runconfig.read(journal_path.parent / runconfig.CONFIG_FILE))
     if not plan_path.exists():
         # the journal's lines hold seeds, projected gradients, learning rates and weight decays only:
         # replayed as a full fp32 run, a LoRA, prefix or bf16 run would give other weights, with exit 0

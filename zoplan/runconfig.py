@@ -197,6 +197,9 @@ class RunConfig(Strict):
     # other examples is refused (None: not recorded)
     data_stamp: str | None = None
     eval_data_stamp: str | None = None
+    # the plan.yaml the run wrote into its directory (plan_stamp): resumed or replayed, the run
+    # reads its settings there, so one edited since is refused (None: not recorded)
+    plan_stamp: str | None = None
 
     @field_validator("plan", "model", "data", "eval_data", "topology", "output", "master_addr", mode="before")
     @classmethod
@@ -423,6 +426,38 @@ def _named(exc: ValidationError) -> str:
         said = f" {bound}" if bound else ": " + err["msg"].removeprefix("Value error, ")
         parts.append(f"{name}{said}, got {brief(err.get('input'))}")
     return "; ".join(parts)
+
+
+PLAN_FILE = "plan.yaml"  # in the run's output directory: the plan it runs
+
+
+def plan_stamp(run_dir: Path) -> str:
+    """The digest of a run directory's plan.yaml, as its bytes are."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256((run_dir / PLAN_FILE).read_bytes()).hexdigest()
+
+
+def check_plan_unchanged(run_dir: Path, recorded: RunConfig) -> None:
+    """Refuse a run directory whose plan.yaml is not the one its run wrote: ``--resume`` and
+    ``zoplan replay`` take the run's settings from it (what is trained, the dtypes, lr, eps, the
+    batch), and an edited copy went on as another run (a full run resumed as LoRA, its journal
+    replayed in bf16), exit 0."""
+    if recorded.plan_stamp is None or not (run_dir / PLAN_FILE).is_file():
+        return  # (not recorded; a missing plan is refused where it is read)
+    try:
+        now = plan_stamp(run_dir)
+    except OSError:
+        return  # (refused where it is read, with the reason)
+    if now != recorded.plan_stamp:
+        raise ZoplanError(
+            f"{run_dir / PLAN_FILE} is not the plan the run in {run_dir} started with: it was changed since "
+            f"(its {CONFIG_FILE} records the plan it wrote), and the run's journal holds steps taken with "
+            "the plan's settings (what is trained, its dtypes, learning rate, eps, batch)",
+            fix=f"put back the plan the run wrote (`zoplan plan` again with the same options gives it); to "
+            f"train with other settings, start a new run from the run's weights (zoplan run -m "
+            f"{run_dir / 'model'} --plan NEW.yaml ...)",
+        )
 
 
 def write(config: RunConfig, out: Path) -> Path:

@@ -1032,3 +1032,35 @@ def test_a_replay_of_an_empty_journal_says_the_model_is_the_base(
         assert ended.code in (0, None)
     err = capsys.readouterr().err
     assert "holds no step" in err and "unchanged" in err, err
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda text: text.replace("lr: 0.001", "lr: 0.1"),  # a setting changed mid-run
+        lambda text: text.replace("wire_dtype: fp32", "wire_dtype: bf16").replace(
+            "param_dtype: fp32", "param_dtype: bf16"
+        ),
+        lambda text: text + "\n",  # any edit, however small
+    ],
+)
+def test_a_run_s_plan_edited_since_it_started_is_refused_on_resume_and_replay(tmp_path: Path, edit) -> None:
+    """--resume and replay take the run's settings from the plan.yaml in its directory: an edited
+    copy (a full run's plan swapped for a LoRA one, another lr, bf16 for fp32) went on as another
+    run, or replayed the journal into other weights, exit 0."""
+    from zoplan.runtime.launch import run
+
+    out = tmp_path / "run"
+    run(make(steps=2, lr=1e-3, global_batch=4, seq_len=16, output=out, quiet=True))
+    assert json.loads((out / "run.json").read_text())["plan_stamp"].startswith("sha256:")
+    original = (out / "plan.yaml").read_text()
+    (out / "plan.yaml").write_text(edit(original))
+    assert (out / "plan.yaml").read_text() != original
+    with pytest.raises(ZoplanError, match="is not the plan the run in .* started with") as said:
+        resume(out, 3)
+    assert "put back the plan" in said.value.fix
+    with pytest.raises(ZoplanError, match="is not the plan the run in"):
+        replay_to("tiny-opt", out / "journal.jsonl", tmp_path / "replayed")
+    assert not (tmp_path / "replayed").exists()
+    (out / "plan.yaml").write_text(original)  # put back: resumed
+    resume(out, 3)
