@@ -682,3 +682,51 @@ def test_cpu_ranks_meet_before_a_whole_block_for_the_wait_alone_with_a_profile_o
     gpus = load_topology(str(tmp_path / "gpus.yaml"))
     on_gpus = dataclasses.replace(whole, compute_gpus=("gpu0", "gpu1"), movers=("gpu0", "gpu1"))
     assert StepCosts(gpus, work, on_gpus).whole_barrier_s() == pytest.approx(37e-6, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kind,where",
+    [
+        ("plan", "zo.steps"),
+        ("plan", "zo.eps"),
+        ("plan", "zo.seed"),
+        ("plan", "batch.micro_batch"),
+        ("plan", "resident_blocks"),
+        ("profile", "compute.block_s.1x1"),
+        ("profile", "devices.rank0.h2d_gbps"),
+        ("topology", "gpu_models.cpu-rank.tflops.fp32"),
+        ("run.json", "lr"),
+    ],
+)
+def test_true_or_false_where_a_number_is_meant_is_refused(tmp_path: Path, kind: str, where: str) -> None:
+    """YAML reads `yes` and `true` as booleans, which pydantic took for 1: `steps: true` trained one
+    step (exit 0), `resident_blocks: [true]` kept block 1, a profile's `block_s: true` read as one
+    second, a topology's `tflops: true` as one TFLOP/s."""
+    from zoplan import runconfig
+    from zoplan.planfile import load_plan, write_plan
+    from zoplan.profile import load_profile
+
+    if kind == "plan":
+        write_plan(
+            plan("tiny-opt", "cpu-local", global_batch=4, seq_len=32, pins=Pins(resident=1)).plan, tmp_path / "p.yaml"
+        )
+        tree = yaml.safe_load((tmp_path / "p.yaml").read_text())
+        load = load_plan
+    elif kind == "profile":
+        tree = yaml.safe_load(write_profile(tmp_path / "p.yaml").read_text())
+        load = load_profile
+    elif kind == "topology":
+        tree = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("topologies", "cpu-local.yaml").read_text())
+        load = load_topology
+    else:
+        tree = {"version": 1, "model": "tiny-opt", "data": "sentiment", "lr": 1e-3}
+        load = runconfig.read
+    *path, last = where.split(".")
+    node = tree
+    for key in path:
+        node = node[key]
+    node[last] = [True] if isinstance(node[last], list) else True
+    bad = tmp_path / ("run.json" if kind == "run.json" else "bad.yaml")
+    bad.write_text(json.dumps(tree) if kind == "run.json" else yaml.safe_dump(tree))
+    with pytest.raises(ZoplanError, match="not true or false"):
+        load(bad)

@@ -16,11 +16,13 @@ import json
 import os
 import reprlib
 import secrets
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from zoplan.errors import ZoplanError
 
@@ -30,9 +32,45 @@ M = TypeVar("M", bound=BaseModel)
 class Strict(BaseModel):
     """Base of every on-disk schema: unknown keys are errors, objects are immutable, and numbers
     are finite (an infinite memory or bandwidth breaks every computation downstream). A field of
-    one of zoplan.vocab's kinds holds its plain string (a default must be one too)."""
+    one of zoplan.vocab's kinds holds its plain string (a default must be one too). true and false
+    are no numbers: YAML's ``yes`` where a count is meant (``steps: true`` trained one step,
+    ``block_s: true`` read as a second) is refused, in a list or mapping of numbers too."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_enum_values=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name is not None and _misplaced_bool(value, cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number (or a list or mapping of them), not true or false")
+        return value
+
+
+def _misplaced_bool(value: Any, annotation: Any) -> bool:
+    """``value`` is, or holds in a list or a mapping's values, true or false where ``annotation``
+    takes none (a nested schema checks its own fields)."""
+    while typing.get_origin(annotation) is typing.Annotated:  # PositiveFloat and the like
+        annotation = typing.get_args(annotation)[0]
+    if annotation is bool or annotation is Any or isinstance(annotation, typing.TypeVar):
+        return False
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        options = [a for a in args if a is not type(None)]
+        if isinstance(value, bool):
+            return all(_misplaced_bool(value, a) for a in options)
+        return any(_misplaced_bool(value, a) for a in options if typing.get_origin(a) in (list, tuple, dict))
+    if origin is typing.Literal:
+        return isinstance(value, bool) and value not in [a for a in args if isinstance(a, bool)]
+    if isinstance(value, bool):  # (where a string, a path or a name is meant, pydantic says so itself)
+        return isinstance(annotation, type) and issubclass(annotation, (int, float))
+    if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
+        items = args[:1] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
+        return any(_misplaced_bool(v, items[min(i, len(items) - 1)]) for i, v in enumerate(value))
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return any(_misplaced_bool(v, args[1]) for v in value.values())
+    return False
 
 
 # Every file zoplan reads is a few kilobytes, a few hundred values, six levels deep (a topology,
