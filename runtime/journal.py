@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 from zoplan.errors import ZoplanError
+from zoplan.fileio import read_bytes
 from zoplan.planfile import ZoSettings
 
 FIELDS = ("step", "seed", "projected_grad", "lr", "weight_decay")
@@ -27,8 +28,10 @@ def read_journal(path: str | Path, *, first: int | None = None, warn: bool = Tru
     warning (``warn`` False: silently, for a check the reading after it repeats); a bad line
     anywhere else is an error naming it."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a named pipe: a run's appends to it would wait for a reader
+        raise ZoplanError(f"journal {path} is not a regular file (a named pipe, a device)", fix=cut_fix(path, 1))
     try:
-        raw = path.read_bytes()
+        raw = read_bytes(path)
     except OSError as exc:
         raise ZoplanError(f"cannot read journal {path}: {exc}") from None
     return parse_journal(raw, path, first=first, warn=warn)[0]

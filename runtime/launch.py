@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from zoplan import runconfig
 from zoplan.errors import Refused, ZoplanError
-from zoplan.fileio import write_fix
+from zoplan.fileio import read_bytes, write_fix
 from zoplan.models import TINY_LR, load_model_shape, tiny_name
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
@@ -524,13 +524,15 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             f"{names}{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}, which the run writes into",
             fix="resume as the user who started the run, or make them writable (chmod u+w, or chown)",
         )
-    from zoplan.runtime.journal import check_lines, parse_journal
+    from zoplan.runtime.journal import check_lines, cut_fix, parse_journal
     from zoplan.runtime.snapshots import changed_since_written, snapshots
 
     # the journal is what the ranks will trust: checked here, before any rank starts (consecutive
     # steps from 0, finite numbers; only a torn last line may be left out)
     journal = out / "journal.jsonl"
-    rows = parse_journal(journal.read_bytes(), journal, first=0, keep_unterminated=False)[0] if journal.exists() else []
+    if journal.exists() and not journal.is_file():  # a named pipe: the ranks' appends would wait for a reader
+        raise ZoplanError(f"journal {journal} is not a regular file (a named pipe, a device)", fix=cut_fix(journal, 1))
+    rows = parse_journal(read_bytes(journal), journal, first=0, keep_unterminated=False)[0] if journal.exists() else []
     check_lines(rows, plan.zo, recorded.steps, journal)  # (what the ranks replay)
     done = len(rows)
     # the steps a finished run's ranks marked (read before they are cleared below): what model/ holds

@@ -88,12 +88,30 @@ _MAKE = {
 }
 
 
+def read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """A file's bytes (at most ``limit``, when given). A named pipe nobody writes to reads as
+    empty instead of waiting for ever (opening one blocks until a writer comes: ``mkfifo f.yaml``
+    given as a plan hung every command); one being written (``<(cat plan.yaml)``) reads whole."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, flags)
+    try:
+        if flags != os.O_RDONLY:  # back to blocking reads: a pipe without a writer then reads as its end
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return f.read() if limit is None else f.read(limit)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
     """A user's file as text; a missing, unreadable or oversized file is a message naming it.
     At most ``limit`` + 1 bytes are read, whatever the file (/dev/zero, a FIFO, a huge log)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
+        raw = read_bytes(path, limit + 1)
     except FileNotFoundError:
         raise ZoplanError(f"{what} file {path} does not exist", fix=_MAKE.get(what, "check the path")) from None
     except OSError as exc:
@@ -164,6 +182,8 @@ def check_writable(path: Path, what: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise ZoplanError(f"{what} {path} is a directory", fix="give a file's path")
+    if path.exists() and not path.is_file():  # a named pipe would wait for a reader for ever
+        raise ZoplanError(f"{what} {path} is not a regular file (a named pipe, a device)", fix="give a file's path")
     existed = path.exists()
     marks = _MARKS.get(what)
     if existed and marks is not None and path.is_file() and path.stat().st_size > 0:

@@ -27,7 +27,7 @@ import annotated_types
 from pydantic import Field, ValidationError, field_validator
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import Strict, brief, describe_validation_error, read_text, write_whole
+from zoplan.fileio import Strict, brief, describe_validation_error, read_bytes, read_text, write_whole
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_NODES, MAX_SEQ_LEN, MAX_STEPS, MIN_SEQ_LEN
 from zoplan.layout import Pins
 from zoplan.tuning import FULL, Tuning
@@ -435,7 +435,7 @@ def plan_stamp(run_dir: Path) -> str:
     """The digest of a run directory's plan.yaml, as its bytes are."""
     import hashlib
 
-    return "sha256:" + hashlib.sha256((run_dir / PLAN_FILE).read_bytes()).hexdigest()
+    return "sha256:" + hashlib.sha256(read_bytes(run_dir / PLAN_FILE)).hexdigest()
 
 
 def check_plan_unchanged(run_dir: Path, recorded: RunConfig) -> None:

@@ -1225,3 +1225,34 @@ def test_a_stopped_validate_without_output_offers_no_resume_of_the_folder_it_rem
     assert code == 143 and seen and not seen[0].parent.exists()
     assert str(seen[0]) not in err and "--resume" not in err, err
     assert "fix: run the same command again; pass --output DIR to keep the run" in err, err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes")
+def test_a_named_pipe_given_as_a_file_is_read_or_refused_not_waited_on(tmp_path: Path) -> None:
+    """`mkfifo f.yaml` given as a plan, topology, profile or model hung every command (opening a
+    pipe waits for a writer); as -o, a plan or trace waited for a reader. A pipe being written
+    (`<(cat plan.yaml)`) is read as the file it carries."""
+    import os
+
+    fifo = tmp_path / "f.yaml"
+    os.mkfifo(fifo)
+    good = tmp_path / "good.yaml"
+    assert invoke("plan", "-m", "tiny-opt", "-t", "cpu-local", "-b", "4", "-s", "32", "-o", str(good)).exit_code == 0
+    for args, words in (
+        (["timeline", str(fifo)], "the plan file is empty"),
+        (["plan", "-t", str(fifo)], "the topology file is empty"),
+        (["plan", "-m", "tiny-opt", "-t", "cpu-local", "--profile", str(fifo)], "the profile file is empty"),
+        (["topo", "show", str(fifo)], "the topology file is empty"),
+        (["timeline", str(good), "-o", str(fifo)], "is not a regular file"),
+        (
+            ["plan", "-m", "tiny-opt", "-t", "cpu-local", "-b", "4", "-s", "32", "-o", str(fifo)],
+            "is not a regular file",
+        ),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "zoplan.cli", *args], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert proc.returncode == 2 and words in proc.stderr, (args, proc.stderr)
+    shell = f"{sys.executable} -m zoplan.cli topo show <(cat {resolve_topology_path('cpu-local')})"
+    proc = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "cpu-local" in proc.stdout, proc.stderr

@@ -1064,3 +1064,17 @@ def test_a_run_s_plan_edited_since_it_started_is_refused_on_resume_and_replay(tm
     assert not (tmp_path / "replayed").exists()
     (out / "plan.yaml").write_text(original)  # put back: resumed
     resume(out, 3)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_journal_that_is_a_named_pipe_is_refused_not_waited_on(run_dir: Path, tiny_dirs, tmp_path: Path) -> None:
+    """A run directory whose journal is a named pipe: --resume hung for ever (its appends wait for
+    a reader; SIGTERM did not end it), replay read it as empty and wrote the base model, exit 0."""
+    path = run_dir / "journal.jsonl"
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(ZoplanError, match="is not a regular file"):
+        resume(run_dir, 6)
+    with pytest.raises(ZoplanError, match="is not a regular file"):
+        replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
