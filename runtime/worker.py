@@ -621,6 +621,14 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
                     f"the updates of those steps were skipped",
                     fix="lower --lr or --eps, or check the data",
                 )
+            if step + 1 == steps and nonfinite_in_row == steps - rp.next_step:
+                # fewer steps than --max-nonfinite, every one skipped: nothing was trained (exit 0 said
+                # "3 step(s) skipped" over the weights it started from)
+                raise ZoplanError(
+                    f"the loss was not finite in any of the {nonfinite_in_row} step(s) this run took (steps "
+                    f"{rp.next_step} to {step}): every update was skipped, nothing was trained",
+                    fix="lower --lr or --eps (MeZO's eps is 1e-3), or check the data",
+                )
             if evaluating and (cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == steps):
                 engine.flush()
                 if step + 1 == steps:  # the last: of the weights as written (resident blocks rounded)

@@ -245,6 +245,16 @@ def test_non_finite_losses_skip_updates_then_stop_the_run(tmp_path: Path) -> Non
     assert "restarted" not in proc.stdout + proc.stderr
 
 
+def test_a_run_whose_every_step_was_skipped_fails(tmp_path: Path) -> None:
+    """Fewer steps than --max-nonfinite, each with a loss that is not finite (an eps of 1e308 edited
+    into a plan, a LoRA alpha of 1e308): the run ended with exit 0, "3 step(s) skipped", and wrote
+    the weights it started from."""
+    proc = zoplan("run", "--eps", "1e308", "--steps", "3", "--eval-every", "0", "-o", str(tmp_path / "o"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "not finite in any of the 3 step(s)" in proc.stderr and "nothing was trained" in proc.stderr
+    assert not (tmp_path / "o" / "model").exists()
+
+
 def test_a_node_count_that_differs_from_the_plan_is_reported(tmp_path: Path, tiny_dirs) -> None:
     report = plan(str(tiny_dirs["tiny-opt"] / "config.json"), "cpu-local", global_batch=8, seq_len=32, dtype="fp32")
     write_plan(report.plan, tmp_path / "plan.yaml")
