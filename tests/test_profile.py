@@ -283,10 +283,13 @@ def test_a_setting_key_that_is_not_branches_x_micro_batches_is_refused(tmp_path:
         load_profile(tmp_path / "bad.yaml")
 
 
-@pytest.mark.parametrize("stage,value", [("block_s", 0.0), ("embed_s", 0.0), ("head_s", 1e300), ("block_s", 3601.0)])
+@pytest.mark.parametrize(
+    "stage,value", [("block_s", 0.0), ("embed_s", 0.0), ("head_s", 1e300), ("block_s", 3601.0), ("block_s", 1e-300)]
+)
 def test_a_stage_time_no_forward_takes_is_refused(tmp_path: Path, stage: str, value: float) -> None:
     """0 s for a block (a hand edit) planned a step half as long as the machine's; 1e300 s a table
-    of 130-digit figures."""
+    of 130-digit figures; 1e-300 s (above 0) a step of 6.5e294 s, through a CPU layout's lockstep
+    factor (lockstep_s over the 1x2 time)."""
     from zoplan.profile import load_profile
 
     tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
@@ -730,3 +733,37 @@ def test_true_or_false_where_a_number_is_meant_is_refused(tmp_path: Path, kind: 
     bad.write_text(json.dumps(tree) if kind == "run.json" else yaml.safe_dump(tree))
     with pytest.raises(ZoplanError, match="not true or false"):
         load(bad)
+
+
+def test_a_lockstep_time_no_measurement_gives_is_refused(tmp_path: Path) -> None:
+    """The costs scale a CPU layout's stage by lockstep_s over the 1x2 time: a hand edit of either
+    scaled the plan's step a millionfold, exit 0."""
+    from zoplan.profile import load_profile
+
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    tree["compute"]["lockstep_s"] = {"block": 0.4}  # twice 1x2's 0.19 s: as measured
+    assert load_profile(write_yaml(tmp_path / "good.yaml", tree)).lockstep_factor("block") == pytest.approx(0.4 / 0.19)
+    for locked in (1e3, 1e-4):
+        tree["compute"]["lockstep_s"] = {"block": locked}
+        with pytest.raises(ZoplanError, match="lockstep_s.block"):
+            load_profile(write_yaml(tmp_path / "bad.yaml", tree))
+
+
+def test_a_topology_without_a_peak_rate_is_refused_as_it_loads(tmp_path: Path) -> None:
+    """`tflops: {}` under a GPU model loaded, then every plan ended in a ValueError traceback
+    (min() of an empty sequence)."""
+    tree = yaml.safe_load(Path(__file__).resolve().parents[1].joinpath("topologies", "cpu-local.yaml").read_text())
+    tree["gpu_models"]["cpu-rank"]["tflops"] = {}
+    with pytest.raises(ZoplanError, match="gpu_models.cpu-rank.tflops"):
+        load_topology(write_yaml(tmp_path / "t.yaml", tree))
+
+
+def test_copy_rates_each_in_bounds_plan_though_their_sum_is_not(tmp_path: Path) -> None:
+    """Each rank's rates within 1 PB/s, their sum over the socket beyond it: a pydantic
+    ValidationError traceback ("memory_gbps <= 1000000")."""
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    for figures in tree["devices"].values():
+        figures.update(h2d_gbps_together=600000.0, d2h_gbps_together=600000.0, h2d_gbps=600000.0, d2h_gbps=600000.0)
+    profile = str(write_yaml(tmp_path / "p.yaml", tree))
+    report = plan(str(tmp_path / "my-base"), "cpu-local", global_batch=4, seq_len=64, dtype="fp32", profile=profile)
+    assert math.isfinite(report.search.best.step_time_s) and report.search.best.step_time_s > 0

@@ -29,19 +29,21 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 from pathlib import Path
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, check_version, content_hash, read_yaml, validate, write_yaml
 from zoplan.models import ModelShape
-from zoplan.topology import Link, Machine, Rate, Socket
+from zoplan.topology import MAX_RATE_GBPS, Link, Machine, Rate, Socket
 
 PROFILE_VERSIONS = (1,)
 # a compute stage with a lockstep figure (StageTimes.lockstep_s, Profile.lockstep_factor)
 Stage = Literal["block", "embed", "head"]
 
 
-StageSeconds = Annotated[float, Field(gt=0, le=3600)]  # one stage of one step, measured
+# one stage of one step, measured: no forward of a block, an embedding or a head takes under a
+# microsecond (a single kernel launch takes several; 1e-300 s planned a step of 6.5e294 s)
+StageSeconds = Annotated[float, Field(ge=1e-6, le=3600)]
 # Every other measured figure is bounded too: a hand edit (a wait of 1e308 us) planned exit 0 a
 # step of 300 digits. Bounds far outside any measurement: a time under an hour, a rate between
 # 1 MB/s and 1 PB/s, a per-parameter time under 10 us (CPUs update a parameter in nanoseconds).
@@ -120,6 +122,19 @@ class StageTimes(Strict):
     # slower in that lockstep than each on its own; the costs scale a CPU layout with several
     # compute ranks by the ratio to 1x2 (Profile.lockstep_factor)
     lockstep_s: dict[Literal["block", "embed", "head"], Seconds] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _lockstep_measured(self) -> StageTimes:
+        # the costs scale a stage by lockstep / 1x2: ranks side by side slow each other a few-fold,
+        # not a hundredfold, and never make each other ten times faster (a hand edit does)
+        for stage, locked in self.lockstep_s.items():
+            alone = {"block": self.block_s, "embed": self.embed_s, "head": self.head_s}[stage].get("1x2")
+            if alone and not 0.1 <= locked / alone <= 100:
+                raise ValueError(
+                    f"lockstep_s.{stage} ({locked:g} s) is {locked / alone:.3g} times {stage}_s.1x2 ({alone:g} s): "
+                    "ranks in lockstep compute between 0.1 and 100 times as long as one alone"
+                )
+        return self
 
 
 class Profile(Strict):
@@ -435,6 +450,9 @@ def apply_profile(machine: Machine, profile: Profile, source: str | Path) -> Mac
             if all(devices[g].duplex_gbps is not None for g in mine):
                 # not None: every one was just checked
                 together = min(together, sum(cast(float, devices[g].duplex_gbps) for g in mine))
+            # (each rank's rates are bounded, their sum is not: a memory bus carries at most a topology's
+            # largest rate, 1 PB/s, far beyond any machine's)
+            together = min(together, MAX_RATE_GBPS)
             sock = Socket(**{**sock.model_dump(), "memory_gbps": together})
         sockets.append(sock)
     measured = Machine(spec.model_copy(update={"links": links, "sockets": sockets}), machine.source)

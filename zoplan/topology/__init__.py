@@ -35,7 +35,8 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16")
 # Bandwidths and peaks are bounded far outside any machine: a hand-written 1e-300 GB/s of memory
 # bandwidth planned, exit 0, a step of 300 digits. A rate between 1 MB/s and 1 PB/s (GB/s), a peak
 # between 1 MFLOP/s and 1 EFLOP/s (TFLOP/s).
-Rate = Annotated[float, Field(ge=1e-3, le=1e6)]
+MAX_RATE_GBPS = 1e6  # 1 PB/s: far beyond any link or memory bus
+Rate = Annotated[float, Field(ge=1e-3, le=MAX_RATE_GBPS)]
 Peak = Annotated[float, Field(ge=1e-6, le=1e6)]
 
 
@@ -45,7 +46,9 @@ class GpuModel(Strict):
 
     kind: Literal["gpu", "cpu"] = "gpu"
     memory_gib: PositiveFloat = Field(le=1e7)  # bounded: GiB * 2**30 must stay a finite float
-    tflops: dict[Literal["fp32", "tf32", "bf16", "fp16"], Peak] = Field(description="dense peak TFLOP/s per dtype")
+    tflops: dict[Literal["fp32", "tf32", "bf16", "fp16"], Peak] = Field(
+        description="dense peak TFLOP/s per dtype", min_length=1
+    )
     hbm_gbps: Rate
     matmul_efficiency: float = Field(0.8, gt=0, le=1, description="achieved fraction of peak for large matrix products")
     matmul_half_tokens: float = Field(
