@@ -511,3 +511,22 @@ def test_a_tiny_model_is_planned_without_the_runtime_and_without_building_it(tmp
     assert proc.returncode == 0, proc.stderr
     assert "tiny-llama-v1" in proc.stdout and "Traceback" not in proc.stderr
     assert not (tmp_path / ".cache" / "zoplan" / "tiny").exists()
+
+
+def test_a_key_given_twice_in_a_json_file_is_refused(tmp_path: Path) -> None:
+    """json keeps the later of two values without a word: a config.json's tie_word_embeddings
+    given twice planned the later one; a run.json's "steps": 4, "steps": 2 resumed as if --steps 2
+    had been given. Every YAML file zoplan reads refuses a repeated key already."""
+    from zoplan import runconfig
+    from zoplan.errors import ZoplanError
+
+    config = (Path(__file__).parent / "fixtures" / "configs" / "opt-125m" / "config.json").read_text().rstrip()
+    assert config.endswith("}")
+    (tmp_path / "config.json").write_text(config[:-1] + ', "tie_word_embeddings": false, "tie_word_embeddings": true}')
+    with pytest.raises(ZoplanError, match="the key 'tie_word_embeddings' is given twice"):
+        load_model_shape(str(tmp_path / "config.json"))
+    (tmp_path / "run.json").write_text(
+        '{"version": 1, "model": "tiny-opt", "data": "sentiment", "steps": 4, "steps": 2}'
+    )
+    with pytest.raises(ZoplanError, match="the key 'steps' is given twice"):
+        runconfig.read(tmp_path / "run.json")

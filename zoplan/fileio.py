@@ -107,6 +107,26 @@ def read_bytes(path: Path, limit: int | None = None) -> bytes:
             os.close(fd)
 
 
+class RepeatedKey(ValueError):
+    """A JSON object that gives a key twice (``loads_json``)."""
+
+
+def _no_repeated_json_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise RepeatedKey(f"the key '{short(key, 80)}' is given twice")
+        seen[key] = value
+    return seen
+
+
+def loads_json(text: str) -> Any:
+    """JSON as ``json.loads`` reads it, but an object that gives a key twice is refused
+    (:class:`RepeatedKey`), as in every YAML file zoplan reads: json keeps the later value without
+    a word (a config.json's tie_word_embeddings given twice, a run.json's steps)."""
+    return json.loads(text, object_pairs_hook=_no_repeated_json_keys)
+
+
 def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
     """A user's file as text; a missing, unreadable or oversized file is a message naming it.
     At most ``limit`` + 1 bytes are read, whatever the file (/dev/zero, a FIFO, a huge log)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from zoplan.errors import ZoplanError, did_you_mean
-from zoplan.fileio import brief, content_hash, read_text
+from zoplan.fileio import RepeatedKey, brief, content_hash, loads_json, read_text
 from zoplan.limits import MAX_LAYERS, MIN_SEQ_LEN
 from zoplan.vocab import DTYPE_BYTES
 
@@ -513,7 +513,9 @@ def _looks_like_path(text: str) -> bool:
 def _read_config(path: Path) -> dict[str, Any]:
     text = read_text(path, "model config")
     try:
-        data = json.loads(text)
+        data = loads_json(text)
+    except RepeatedKey as exc:
+        raise ZoplanError(f"{path}: {exc}", fix="keep one of them: a config.json names each setting once") from None
     except (RecursionError, ValueError) as exc:
         if not isinstance(exc, json.JSONDecodeError):  # deep nesting, 4300+ digit numbers
             raise ZoplanError(f"{path}: invalid JSON: {type(exc).__name__}") from None

@@ -27,7 +27,16 @@ import annotated_types
 from pydantic import Field, ValidationError, field_validator
 
 from zoplan.errors import ZoplanError
-from zoplan.fileio import Strict, brief, describe_validation_error, read_bytes, read_text, write_whole
+from zoplan.fileio import (
+    RepeatedKey,
+    Strict,
+    brief,
+    describe_validation_error,
+    loads_json,
+    read_bytes,
+    read_text,
+    write_whole,
+)
 from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_NODES, MAX_SEQ_LEN, MAX_STEPS, MIN_SEQ_LEN
 from zoplan.layout import Pins
 from zoplan.tuning import FULL, Tuning
@@ -478,7 +487,9 @@ def read(path: Path) -> RunConfig:
         '{"model": "...", "data": "..."} is enough (the other settings take their defaults)'
     )
     try:
-        data = json.loads(read_text(path, CONFIG_FILE, limit=64 * 1024))
+        data = loads_json(read_text(path, CONFIG_FILE, limit=64 * 1024))
+    except RepeatedKey as exc:
+        raise ZoplanError(f"{path} is damaged: {exc}", fix=fix) from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ZoplanError(f"{path} is damaged: it is not a JSON object", fix=fix) from None
     if not isinstance(data, dict):
