@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import reprlib
 import secrets
 import types
@@ -43,7 +44,26 @@ class Strict(BaseModel):
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         if info.field_name is not None and _misplaced_bool(value, cls.model_fields[info.field_name].annotation):
             raise ValueError("must be a number (or a list or mapping of them), not true or false")
+        bad = _control_character(value)
+        if bad is not None:  # (a name is printed: an escape sequence in it would drive the terminal)
+            raise ValueError(f"holds the control character {bad!r}: names and texts are printed to terminals")
         return value
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _control_character(value: Any) -> str | None:
+    """The first control character (other than a tab or a line break) in ``value``'s strings, or
+    in a list's or mapping's keys and values."""
+    if isinstance(value, str):
+        found = _CONTROL.search(value)
+        return found.group() if found else None
+    if isinstance(value, (list, tuple)):
+        return next((c for c in map(_control_character, value) if c is not None), None)
+    if isinstance(value, dict):
+        return next((c for c in map(_control_character, [*value, *value.values()]) if c is not None), None)
+    return None
 
 
 def _misplaced_bool(value: Any, annotation: Any) -> bool:

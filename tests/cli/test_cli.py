@@ -1256,3 +1256,17 @@ def test_a_named_pipe_given_as_a_file_is_read_or_refused_not_waited_on(tmp_path:
     shell = f"{sys.executable} -m zoplan.cli topo show <(cat {resolve_topology_path('cpu-local')})"
     proc = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "cpu-local" in proc.stdout, proc.stderr
+
+
+def test_names_from_users_files_reach_the_terminal_as_written(tmp_path: Path) -> None:
+    """A topology named "[link=http://evil.example]click[/link]" printed as a clickable "click" in
+    the plan's header (rich markup); an escape sequence in a name drove the terminal."""
+    tree = yaml.safe_load(resolve_topology_path("cpu-local").read_text())
+    tree["name"] = "[link=http://evil.example]click[/link]"
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(tree))
+    result = runner.invoke(cli.app, ["plan", "-m", "tiny-opt", "-t", str(tmp_path / "t.yaml"), "-b", "4", "-s", "32"])
+    assert result.exit_code == 0 and "on [link=http://evil.example]click[/link]:" in result.output, result.output
+    tree["name"] = "red\x1b[31mtext"
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(tree))
+    result = runner.invoke(cli.app, ["topo", "show", str(tmp_path / "t.yaml")])
+    assert result.exit_code == 2 and "holds the control character '\\x1b'" in result.output, result.output

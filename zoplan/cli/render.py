@@ -106,10 +106,22 @@ def _narrowed(make: Callable[[set[str]], Table], order: tuple[str, ...], width: 
     return table
 
 
+class _Plain(Table):
+    """A table whose title and text cells are shown as written: names come from users' files
+    (a topology named "[link=http://...]click[/link]" became a link in the plan's header), so no
+    string of it is read as rich markup."""
+
+    def __init__(self, *args: Any, title: str | Text | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, title=Text(title) if isinstance(title, str) else title, **kwargs)
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> None:
+        super().add_row(*(Text(c) if isinstance(c, str) else c for c in cells), **kwargs)
+
+
 def _table(title: str, columns: list[tuple[str, str]], wide: bool) -> Table:
     """A table of (header, justify) columns: framed with --wide, else without column rules, to fit
     80 columns. A long bottleneck name folds onto a second line rather than losing its end."""
-    table = Table(
+    table = _Plain(
         title=title,
         title_justify="left",
         header_style="bold",
@@ -466,7 +478,7 @@ def _compare_table(
 
 
 def models_table() -> Table:
-    table = Table(title="model presets (or pass a path to a Hugging Face config.json)", title_justify="left")
+    table = _Plain(title="model presets (or pass a path to a Hugging Face config.json)", title_justify="left")
     for col in ("name", "family", "layers", "hidden", "params", "block (16-bit)"):
         table.add_column(col)
     for row in preset_table_rows():
@@ -478,7 +490,7 @@ def recipes_table() -> Table:
     """``zoplan recipes list``: each of MeZO's task recipes, what its records hold and what it sets."""
     from zoplan.recipes import RECIPES
 
-    table = Table(title="MeZO's task recipes (zoplan run --recipe NAME)", title_justify="left")
+    table = _Plain(title="MeZO's task recipes (zoplan run --recipe NAME)", title_justify="left")
     for col in ("name", "records", "prompt", "label words", "lr, eps, batch"):
         table.add_column(col, overflow="fold")
     for r in RECIPES.values():
@@ -498,7 +510,7 @@ def validation_table(result: Validation, plan_path: str | Path) -> Table:
     stage of microseconds moves the step by little)."""
     from zoplan.validate import STAGE_NAMES
 
-    table = Table(title=f"{plan_path}: predicted vs measured, median of {len(result.measured_steps)} step(s)")
+    table = _Plain(title=f"{plan_path}: predicted vs measured, median of {len(result.measured_steps)} step(s)")
     host = any(row.measured_host_s is not None for row in result.rows)  # CUDA runs only
     names = ("stage", "predicted", "measured", "error", "off by") + (("host issue",) if host else ())
     for name in names:
@@ -598,7 +610,7 @@ def profile_table(profile: Profile) -> Table:
     """``zoplan calibrate``: what was measured, per device and for the model shape."""
     from zoplan.profile import timed_counts
 
-    table = Table(
+    table = _Plain(
         title=f"calibration of {profile.machine.name} for {profile.model.name} "
         f"(micro-batch {profile.model.micro_batch} x {profile.model.seq_len} tokens, {profile.model.dtype})"
     )
