@@ -60,6 +60,9 @@ def _edit(report, tmp_path: Path, change) -> Path:
         # a GPU renamed in one list: "'layout.ranks' ('8 entries') is not one per GPU (9)"
         (lambda d: d["layout"]["compute_gpus"].__setitem__(0, "gpu9"), "'layout.compute_gpus' (['gpu9']) names what"),
         (lambda d: d["transfer"].update(movers=["gpu7x"]), "'transfer.movers' (['gpu7x']) names what no entry"),
+        # as zoplan run bounds --lora-rank and --prefix-tokens (timeline predicted a rank of 100000)
+        (lambda d: d["tuning"].update(lora_rank=100000), "tuning.lora_rank"),
+        (lambda d: d["tuning"].update(prefix_tokens=5000), "tuning.prefix_tokens"),
     ],
 )
 def test_edited_plans_are_refused_with_the_field(report, tmp_path: Path, change, message: str) -> None:

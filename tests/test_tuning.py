@@ -81,10 +81,25 @@ def test_an_opt_prefix_takes_positions_the_sequence_then_cannot_use(tmp_path) ->
     assert "2043 positions after the 5 prefix tokens" in str(refused.value)
     assert "--seq-len 2043 or less" in refused.value.fix
     # a prefix of every position leaves no sequence length: said as such, not as a negative length
+    # (an OPT of 1024 positions: a prefix is at most 1024 tokens)
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parent / "fixtures" / "configs" / "opt-125m" / "config.json").read_text())
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
     with pytest.raises(ZoplanError) as none_left:
-        plan("opt-125m", "rtx4090-4x", global_batch=4, seq_len=64, tuning=Tuning("prefix", prefix_tokens=1024 * 2))
-    assert "no position left: the 2048 prefix tokens take all 2048 positions" in str(none_left.value)
-    assert "within 2048 (at most 1984 prefix tokens with --seq-len 64)" in none_left.value.fix
+        plan(
+            str(tmp_path / "short"),
+            "rtx4090-4x",
+            global_batch=4,
+            seq_len=64,
+            tuning=Tuning("prefix", prefix_tokens=1024),
+        )
+    assert "no position left: the 1024 prefix tokens take all 1024 positions" in str(none_left.value)
+    assert "within 1024 (at most 960 prefix tokens with --seq-len 64)" in none_left.value.fix
+    with pytest.raises(ZoplanError, match="--prefix-tokens 2048 is more than 1024"):
+        Tuning("prefix", prefix_tokens=2048)
     report = plan("opt-125m", "rtx4090-4x", global_batch=4, seq_len=2043, tuning=prefix)
     # a plan file with a longer prefix is refused when read (the runtime would have no position)
     write_plan(report.plan, tmp_path / "p.yaml")

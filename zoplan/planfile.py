@@ -19,7 +19,7 @@ from zoplan import __version__
 from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, brief, check_version, read_yaml, short, validate, write_yaml
 from zoplan.layout import Layout
-from zoplan.limits import MAX_SLICES_PER_BLOCK, MAX_STEPS
+from zoplan.limits import MAX_LORA_RANK, MAX_PREFIX_TOKENS, MAX_SLICES_PER_BLOCK, MAX_STEPS
 from zoplan.models import ModelShape
 from zoplan.topology import Machine
 from zoplan.tuning import FULL, Tuning
@@ -127,9 +127,9 @@ class TuningSpec(Strict):
     adapter on read-only blocks)."""
 
     method: Method = FULL.method
-    lora_rank: PositiveInt = FULL.lora_rank
+    lora_rank: int = Field(FULL.lora_rank, ge=1, le=MAX_LORA_RANK)
     lora_alpha: PositiveFloat = FULL.lora_alpha
-    prefix_tokens: PositiveInt = FULL.prefix_tokens
+    prefix_tokens: int = Field(FULL.prefix_tokens, ge=1, le=MAX_PREFIX_TOKENS)
 
     @classmethod
     def of(cls, tuning: Tuning) -> TuningSpec:

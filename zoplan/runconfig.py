@@ -37,7 +37,16 @@ from zoplan.fileio import (
     read_text,
     write_whole,
 )
-from zoplan.limits import MAX_GLOBAL_BATCH, MAX_MEASURED_STEPS, MAX_NODES, MAX_SEQ_LEN, MAX_STEPS, MIN_SEQ_LEN
+from zoplan.limits import (
+    MAX_GLOBAL_BATCH,
+    MAX_LORA_RANK,
+    MAX_MEASURED_STEPS,
+    MAX_NODES,
+    MAX_PREFIX_TOKENS,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    MIN_SEQ_LEN,
+)
 from zoplan.layout import Pins
 from zoplan.tuning import FULL, Tuning
 from zoplan.vocab import Dtype, Method
@@ -174,9 +183,9 @@ class RunConfig(Strict):
     eps: float | None = Field(None, gt=0)  # None: 1e-3, or MeZO's for an adapter (zoplan.tuning)
     # what is trained (zoplan.tuning): every weight, or LoRA / a prefix on read-only blocks
     tuning: Method = Method.FULL
-    lora_rank: int = Field(FULL.lora_rank, ge=1, le=4096)
+    lora_rank: int = Field(FULL.lora_rank, ge=1, le=MAX_LORA_RANK)
     lora_alpha: float = Field(FULL.lora_alpha, gt=0)
-    prefix_tokens: int = Field(FULL.prefix_tokens, ge=1, le=1024)
+    prefix_tokens: int = Field(FULL.prefix_tokens, ge=1, le=MAX_PREFIX_TOKENS)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     # --- how the run goes
     steps: int = Field(100, ge=1, le=MAX_STEPS)  # the run's total, resumed or not

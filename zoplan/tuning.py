@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zoplan.errors import ZoplanError
+from zoplan.limits import MAX_LORA_RANK, MAX_PREFIX_TOKENS
 from zoplan.models import ModelShape
 from zoplan.vocab import Method
 
@@ -49,6 +50,12 @@ class Tuning:
         object.__setattr__(self, "method", Method(self.method))
         if self.lora_rank < 1 or self.prefix_tokens < 1 or not self.lora_alpha > 0:
             raise ZoplanError("LoRA rank, LoRA alpha and prefix tokens must be positive")
+        for flag, value, most in (
+            ("--lora-rank", self.lora_rank, MAX_LORA_RANK),
+            ("--prefix-tokens", self.prefix_tokens, MAX_PREFIX_TOKENS),
+        ):
+            if value > most:  # (as zoplan run checks it: a plan made past it would be refused there)
+                raise ZoplanError(f"{flag} {value} is more than {most}", fix=f"use {flag} {most} or less")
 
     @property
     def frozen_base(self) -> bool:
