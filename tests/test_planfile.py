@@ -60,6 +60,8 @@ def _edit(report, tmp_path: Path, change) -> Path:
         # a GPU renamed in one list: "'layout.ranks' ('8 entries') is not one per GPU (9)"
         (lambda d: d["layout"]["compute_gpus"].__setitem__(0, "gpu9"), "'layout.compute_gpus' (['gpu9']) names what"),
         (lambda d: d["transfer"].update(movers=["gpu7x"]), "'transfer.movers' (['gpu7x']) names what no entry"),
+        # a mover named twice: "4 slices per block do not divide among 3 movers", and its fix misled
+        (lambda d: d["transfer"].update(movers=[*d["transfer"]["movers"], d["transfer"]["movers"][0]]), "twice"),
         # as zoplan run bounds --lora-rank and --prefix-tokens (timeline predicted a rank of 100000)
         (lambda d: d["tuning"].update(lora_rank=100000), "tuning.lora_rank"),
         (lambda d: d["tuning"].update(prefix_tokens=5000), "tuning.prefix_tokens"),
@@ -135,3 +137,15 @@ def test_a_file_of_another_kind_is_named_as_what_it_is(report, tmp_path: Path) -
         with pytest.raises(ZoplanError) as err:
             load(path)
         assert f"{path} {said}" == err.value.message and "writes one" in err.value.fix
+
+
+def test_a_directory_or_a_binary_file_given_as_a_plan_is_named_with_a_fix(tmp_path: Path) -> None:
+    """Both were raw: "[Errno 21] Is a directory", "'utf-8' codec can't decode byte 0x89 ...",
+    with no fix."""
+    with pytest.raises(ZoplanError, match="is a directory") as said:
+        load_plan(tmp_path)
+    assert said.value.fix
+    (tmp_path / "plan.yaml").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ZoplanError, match="is not text") as said:
+        load_plan(tmp_path / "plan.yaml")
+    assert "the plan file meant" in said.value.fix

@@ -154,8 +154,10 @@ def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
         raw = read_bytes(path, limit + 1)
     except FileNotFoundError:
         raise ZoplanError(f"{what} file {path} does not exist", fix=_MAKE.get(what, "check the path")) from None
+    except IsADirectoryError:
+        raise ZoplanError(f"{what} file {path} is a directory", fix=f"give the {what} file's path") from None
     except OSError as exc:
-        raise ZoplanError(f"cannot read {what} file {path}: {exc}") from None
+        raise ZoplanError(f"cannot read {what} file {path}: {exc.strerror or exc}", fix="check the path") from None
     if len(raw) > limit:
         raise ZoplanError(
             f"{path}: the {what} file is larger than {limit // 1024} KiB, far more than any {what} file holds",
@@ -164,7 +166,10 @@ def read_text(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ZoplanError(f"cannot read {what} file {path}: {exc}") from None
+        raise ZoplanError(
+            f"{path} is not text (not UTF-8 at byte {exc.start}): not a {what} file",
+            fix=f"check that {path} is the {what} file meant",
+        ) from None
 
 
 MAX_RECORD_LINE_BYTES = 1 << 20  # one line of a record zoplan writes (metrics, spans) is a few KiB

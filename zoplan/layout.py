@@ -65,6 +65,12 @@ class Layout:
             if self.slices_per_block != 1:
                 raise ZoplanError("whole-block uploads use 1 slice per block")
         else:
+            twice = sorted({g for g in self.movers if list(self.movers).count(g) > 1})
+            if twice:
+                raise ZoplanError(
+                    f"a GPU appears twice among the movers: {', '.join(twice)} ({', '.join(self.movers)})",
+                    fix="name each mover once",
+                )
             missing = [g for g in self.compute_gpus if g not in self.movers]
             if missing:
                 raise ZoplanError(

@@ -417,9 +417,15 @@ def check_profile(profile: Profile, machine: Machine, shape: ModelShape | None, 
     )
     if not same:
         assert shape is not None  # without a shape, any profile's model is the same
+        # the digests compared: the shapes' (the name left out), or, in older profiles, with the name
+        theirs, ours = (
+            (profile.model.shape_hash, shape.shape_hash)
+            if profile.model.shape_hash is not None
+            else (profile.model.hash, shape.hash)
+        )
         raise ZoplanError(
-            f"{path} holds compute times for model '{profile.model.name}' ({profile.model.hash}), "
-            f"not for '{shape.name}' ({shape.hash})",
+            f"{path} holds compute times for model '{profile.model.name}' ({theirs}), not for '{shape.name}' "
+            f"({ours})" + (" (its shape digest was edited?)" if profile.model.name == shape.name else ""),
             fix=f"give a profile of '{shape.name}', or measure one: zoplan calibrate --model ... -o "
             f"{Path(path).with_name(shape.name + '-profile.yaml')} (a file of its own: {path} is "
             f"{profile.model.name}'s)",
