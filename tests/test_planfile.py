@@ -149,3 +149,21 @@ def test_a_directory_or_a_binary_file_given_as_a_plan_is_named_with_a_fix(tmp_pa
     with pytest.raises(ZoplanError, match="is not text") as said:
         load_plan(tmp_path / "plan.yaml")
     assert "the plan file meant" in said.value.fix
+
+
+def test_a_plan_may_be_larger_than_other_files_and_ids_are_bounded(report, tmp_path: Path) -> None:
+    """A 4096-GPU plan whose GPU ids were ~140 characters was 1.06 MB: zoplan plan wrote it and
+    every reader refused it (other files are read up to 1 MiB). Plans are read up to 16 MiB, and a
+    topology's ids are at most 128 characters."""
+    from zoplan.limits import MAX_ID_CHARS
+
+    write_plan(report.plan, tmp_path / "p.yaml")
+    with open(tmp_path / "p.yaml", "a") as f:
+        f.write(("# " + "x" * 1000 + "\n") * 1500)  # 1.5 MB
+    assert (tmp_path / "p.yaml").stat().st_size > 1 << 20
+    assert load_plan(tmp_path / "p.yaml").layout.world_size == report.plan.layout.world_size
+    tree = yaml.safe_load((Path(__file__).resolve().parents[1] / "topologies" / "cpu-local.yaml").read_text())
+    text = yaml.safe_dump(tree).replace("rank0", "r" * (MAX_ID_CHARS + 1))
+    (tmp_path / "t.yaml").write_text(text)
+    with pytest.raises(ZoplanError, match="at most 128 characters"):
+        load_topology(tmp_path / "t.yaml")

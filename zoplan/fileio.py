@@ -378,9 +378,10 @@ def load_yaml_text(text: str, where: Path | str) -> Any:
         raise ZoplanError(f"{where}: invalid YAML{at}: {problem}") from None
 
 
-def read_yaml(path: Path, what: str) -> dict[str, Any]:
-    """Parse a YAML mapping, turning every failure into a message that names the file."""
-    data = load_yaml_text(read_text(path, what), path)
+def read_yaml(path: Path, what: str, limit: int = MAX_FILE_BYTES) -> dict[str, Any]:
+    """Parse a YAML mapping (of at most ``limit`` bytes), turning every failure into a message that
+    names the file."""
+    data = load_yaml_text(read_text(path, what, limit), path)
     if data is None:
         raise ZoplanError(f"{path}: the {what} file is empty")
     try:  # a YAML escape can produce a lone surrogate: no output stream can print it later

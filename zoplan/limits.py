@@ -14,5 +14,6 @@ MAX_STEPS = 10**9  # a run's steps: a billion tiny steps take years
 MAX_MEASURED_STEPS = 10_000  # steps timed by calibrate and validate: their figures settle within dozens
 MAX_NODES = 4096  # machines in a topology and a run (--nnodes)
 MAX_RANKS = 4096  # processes a plan spans, every node's together: its rank table fits a plan file's bounds
+MAX_ID_CHARS = 128  # a GPU's, socket's or switch's id in a topology (a plan's rank table repeats them)
 MAX_LORA_RANK = 4096  # LoRA's rank (MeZO's: 8 to 16)
 MAX_PREFIX_TOKENS = 1024  # a prefix's trained tokens per block (MeZO's: 5)

@@ -28,6 +28,11 @@ from zoplan.vocab import Dtype, Method, Schedule, Upload
 PLAN_VERSIONS = (1,)
 
 
+# A plan holds a rank table: MAX_RANKS entries of GPU ids up to MAX_ID_CHARS (a 4096-GPU plan of
+# 140-character ids is 1.06 MB, more than other files' 1 MiB: zoplan plan wrote it, every reader refused it)
+MAX_PLAN_BYTES = 16 << 20
+
+
 class ModelRef(Strict):
     name: str
     hash: str
@@ -251,7 +256,7 @@ def write_plan(plan: Plan, path: Path) -> None:
 def load_plan(path: str | Path) -> Plan:
     """Read a plan strictly and check that it is consistent with itself."""
     path = Path(path)
-    data = read_yaml(path, "plan")
+    data = read_yaml(path, "plan", limit=MAX_PLAN_BYTES)
     check_version(data, path, "plan", PLAN_VERSIONS)
     plan = validate(Plan, data, path, "plan")
     try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypedDict
 import networkx as nx
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from zoplan.limits import MAX_NODES
+from zoplan.limits import MAX_ID_CHARS, MAX_NODES
 
 from zoplan.errors import ZoplanError, did_you_mean
 from zoplan.fileio import Strict, check_version, content_hash, read_yaml, validate
@@ -36,6 +36,7 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16")
 # bandwidth planned, exit 0, a step of 300 digits. A rate between 1 MB/s and 1 PB/s (GB/s), a peak
 # between 1 MFLOP/s and 1 EFLOP/s (TFLOP/s).
 MAX_RATE_GBPS = 1e6  # 1 PB/s: far beyond any link or memory bus
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 Rate = Annotated[float, Field(ge=1e-3, le=MAX_RATE_GBPS)]
 Peak = Annotated[float, Field(ge=1e-6, le=1e6)]
 
@@ -154,7 +155,7 @@ class GpuModel(Strict):
 
 
 class Socket(Strict):
-    id: str
+    id: Id
     memory_gib: PositiveFloat = Field(le=1e9)
     memory_gbps: Rate = Field(description="host memory bandwidth of this socket")
     cores: PositiveInt | None = Field(
@@ -165,12 +166,12 @@ class Socket(Strict):
 
 
 class Switch(Strict):
-    id: str
+    id: Id
     kind: Literal["pcie", "nvswitch"]
 
 
 class Gpu(Strict):
-    id: str
+    id: Id
     model: str
 
 
