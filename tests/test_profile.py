@@ -406,6 +406,7 @@ def test_a_measured_duplex_rate_caps_the_sockets_bus_and_shows_in_the_table(tmp_
 def test_a_duplex_cap_lengthens_a_step_whose_uploads_and_write_backs_overlap(tmp_path: Path) -> None:
     tree = yaml.safe_load(write_profile(tmp_path / "base.yaml", topology="h100-pcie-1x").read_text())
     tree["model"]["dtype"] = "bf16"
+    del tree["allgather"]  # (one GPU: no all-gather to measure)
     for table in ("block_s", "embed_s", "head_s"):  # fast compute: the copies bound the step
         tree["compute"][table] = {k: 1e-4 for k in tree["compute"][table]}
     tree["compute"]["update_s_per_param"] = 1e-12
@@ -767,3 +768,27 @@ def test_copy_rates_each_in_bounds_plan_though_their_sum_is_not(tmp_path: Path) 
     profile = str(write_yaml(tmp_path / "p.yaml", tree))
     report = plan(str(tmp_path / "my-base"), "cpu-local", global_batch=4, seq_len=64, dtype="fp32", profile=profile)
     assert math.isfinite(report.search.best.step_time_s) and report.search.best.step_time_s > 0
+
+
+@pytest.mark.parametrize(
+    "where,value,words",
+    [
+        ("model.seq_len", 100000, "longer than the 2048 positions"),  # stages scaled ~200-fold down
+        ("model.micro_batch", 1000000, "model.micro_batch"),
+        ("model.dtype", "fp8", "model.dtype"),
+        ("allgather.ranks", 3, "an all-gather among 3 ranks"),
+    ],
+)
+def test_what_a_profile_was_measured_at_is_bounded(tmp_path: Path, where: str, value: object, words: str) -> None:
+    """The costs scale a profile's times by the tokens of a plan's micro-batch over the profile's
+    own: a seq_len of 100000 on a model of 2048 positions, edited by hand, planned every stage
+    about 200 times faster, exit 0; an all-gather among 3 ranks on a 2-rank machine was read."""
+    tree = yaml.safe_load(write_profile(tmp_path / "base.yaml").read_text())
+    *path, last = where.split(".")
+    node = tree
+    for key in path:
+        node = node[key]
+    node[last] = value
+    profile = str(write_yaml(tmp_path / "bad.yaml", tree))
+    with pytest.raises(ZoplanError, match=re.escape(words)):
+        plan(str(tmp_path / "my-base"), "cpu-local", global_batch=4, seq_len=64, dtype="fp32", profile=profile)

@@ -35,6 +35,8 @@ from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, check_version, content_hash, read_yaml, validate, write_yaml
 from zoplan.models import ModelShape
 from zoplan.topology import MAX_RATE_GBPS, Link, Machine, Rate, Socket
+from zoplan.limits import MAX_GLOBAL_BATCH, MAX_SEQ_LEN, MIN_SEQ_LEN
+from zoplan.vocab import Dtype
 
 PROFILE_VERSIONS = (1,)
 # a compute stage with a lockstep figure (StageTimes.lockstep_s, Profile.lockstep_factor)
@@ -61,9 +63,11 @@ class ShapeRef(Strict):
     name: str
     hash: str
     shape_hash: str | None = None  # without the name (ModelShape.shape_hash); older profiles lack it
-    micro_batch: PositiveInt
-    seq_len: PositiveInt
-    dtype: str
+    # what the compute times were measured at: the costs scale them by the tokens a plan's micro-batch
+    # holds over these (a seq_len of 100000 edited in scaled every stage a thousandfold down)
+    micro_batch: int = Field(ge=1, le=MAX_GLOBAL_BATCH)
+    seq_len: int = Field(ge=MIN_SEQ_LEN, le=MAX_SEQ_LEN)
+    dtype: Dtype
 
 
 class DeviceFigures(Strict):
@@ -415,6 +419,19 @@ def check_profile(profile: Profile, machine: Machine, shape: ModelShape | None, 
         if shape is not None
         else True
     )
+    if same and shape is not None and profile.model.seq_len > shape.max_positions:
+        raise ZoplanError(
+            f"{path}: model.seq_len {profile.model.seq_len} is longer than the {shape.max_positions} positions of "
+            f"'{shape.name}': no calibration measured that (a hand edit?)",
+            fix="calibrate again: zoplan calibrate --model ... -o PROFILE.yaml",
+        )
+    groups = [c.ranks for c in ([profile.allgather] if profile.allgather else []) + profile.allgather_groups]
+    if any(r > len(machine.gpus) for r in groups):
+        raise ZoplanError(
+            f"{path}: an all-gather among {max(groups)} ranks, on '{machine.name}' of {len(machine.gpus)} "
+            "(a hand edit?)",
+            fix="calibrate again: zoplan calibrate --topology ... -o PROFILE.yaml",
+        )
     if not same:
         assert shape is not None  # without a shape, any profile's model is the same
         # the digests compared: the shapes' (the name left out), or, in older profiles, with the name
