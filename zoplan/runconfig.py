@@ -489,6 +489,32 @@ def _write(config: Strict, path: Path) -> Path:
     return path
 
 
+def _planned_settings(run_dir: Path) -> dict[str, Any]:
+    """What the plan in ``run_dir`` fixed (batch, ZO settings, tuning, the total steps), for a
+    run.json that names only the model and data: its defaults would otherwise be recorded as what
+    ran (a global batch of 8 for a run of 4). Nothing where the plan cannot be read (the resume
+    reads it again, and says why)."""
+    from zoplan.planfile import load_plan
+
+    try:
+        plan = load_plan(run_dir / PLAN_FILE)
+    except ZoplanError:
+        return {}
+    zo, tuning = plan.zo, plan.tuning
+    return {
+        "global_batch": plan.batch.global_batch,
+        "seq_len": plan.batch.seq_len,
+        "lr": zo.lr,
+        "eps": zo.eps,
+        "seed": zo.seed,
+        "steps": zo.steps,
+        "tuning": tuning.method,
+        "lora_rank": tuning.lora_rank,
+        "lora_alpha": tuning.lora_alpha,
+        "prefix_tokens": tuning.prefix_tokens,
+    }
+
+
 def read(path: Path) -> RunConfig:
     """A run's configuration, migrated from an earlier version; a damaged one is a message."""
     fix = (
@@ -509,7 +535,13 @@ def read(path: Path) -> RunConfig:
             raise ZoplanError(
                 f"{path} is damaged: it has no version and does not name just the run's model and data", fix=fix
             )
-        data = {"version": RUN_CONFIG_VERSION, "model": data["model"], "data": data["data"], "output": str(path.parent)}
+        data = {
+            "version": RUN_CONFIG_VERSION,
+            "model": data["model"],
+            "data": data["data"],
+            "output": str(path.parent),
+            **_planned_settings(path.parent),
+        }
     elif isinstance(version, bool) or not isinstance(version, int) or version > RUN_CONFIG_VERSION:
         raise ZoplanError(
             f"{path}: run configuration version {brief(version)} is not one this zoplan reads (1 and earlier)",

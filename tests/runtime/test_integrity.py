@@ -1078,3 +1078,20 @@ def test_a_journal_that_is_a_named_pipe_is_refused_not_waited_on(run_dir: Path, 
     with pytest.raises(ZoplanError, match="is not a regular file"):
         replay_to(str(tiny_dirs["tiny-opt"]), path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_json_that_names_only_the_model_and_data_takes_the_plan_s_settings(run_dir: Path) -> None:
+    """The fix for a damaged run.json is {"model": ..., "data": ...}: the resumed run trained as its
+    plan.yaml says (4 sequences of 32 tokens), but its run.json recorded the defaults (8 of 64)."""
+    from zoplan import runconfig
+    from zoplan.planfile import load_plan
+
+    plan = load_plan(run_dir / "plan.yaml")
+    recorded = runconfig.read(run_dir / "run.json")
+    assert (recorded.global_batch, recorded.seq_len) == (plan.batch.global_batch, plan.batch.seq_len) == (4, 32)
+    assert (recorded.lr, recorded.eps, recorded.seed, recorded.steps) == (
+        plan.zo.lr,
+        plan.zo.eps,
+        plan.zo.seed,
+        plan.zo.steps,
+    )
