@@ -84,6 +84,8 @@ def _problem(error: Any) -> str:
     if bound is not None:
         return bound
     kind = error["type"]
+    if kind == "value_error":  # zoplan's own checks (fileio.Strict): their words
+        return str(error["msg"]).removeprefix("Value error, ")
     if kind.startswith("float"):
         return "must be a number (an int or a float)"
     if kind.startswith("int"):

@@ -43,7 +43,8 @@ class Strict(BaseModel):
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         if info.field_name is not None and _misplaced_bool(value, cls.model_fields[info.field_name].annotation):
-            raise ValueError("must be a number (or a list or mapping of them), not true or false")
+            where = "" if isinstance(value, bool) else " (each value of it)"
+            raise ValueError(f"must be a number{where}, not true or false")
         bad = _control_character(value)
         if bad is not None:  # (a name is printed: an escape sequence in it would drive the terminal)
             raise ValueError(f"holds the control character {bad!r}: names and texts are printed to terminals")

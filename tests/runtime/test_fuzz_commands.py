@@ -266,7 +266,7 @@ JOURNAL = "".join(  # lines that hold together with replay_plan's ZO settings (j
             "loss_plus": 0.7,
             "loss_minus": 0.71,
             "projected_grad": (0.7 - 0.71) / (2 * 1e-3),
-            "lr": 1e-3,
+            "lr": 1e-6,  # the plan's (the planner's default)
             "eps": 1e-3,
             "weight_decay": 0.0,
             "skipped": False,

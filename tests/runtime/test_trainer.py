@@ -139,7 +139,7 @@ def test_accumulated_gradients_and_a_bad_eps_are_refused(tiny_dirs, tmp_path: Pa
         ({"zo_eps": float("inf")}, "zo_eps must be a finite number, got inf"),
         ({"zo_eps": float("nan")}, "zo_eps must be a finite number, got nan"),
         ({"zo_eps": "1e-3"}, r"zo_eps must be a number \(an int or a float\), got '1e-3' \(str\)"),
-        ({"zo_eps": True}, r"zo_eps must be a number .*, got True \(bool\)"),
+        ({"zo_eps": True}, r"zo_eps must be a number.*, got True \(bool\)"),
         ({"zo_eps": None}, r"zo_eps must be a number .*, got None"),
         ({"zo_eps": -1e-3}, "zo_eps must be more than 0, got -0.001"),
         ({"zo_seed": -1}, "zo_seed must be at least 0, got -1"),
