@@ -132,9 +132,9 @@ class TuningSpec(Strict):
     adapter on read-only blocks)."""
 
     method: Method = FULL.method
-    lora_rank: int = Field(FULL.lora_rank, ge=1, le=MAX_LORA_RANK)
+    lora_rank: int = Field(default=FULL.lora_rank, ge=1, le=MAX_LORA_RANK)
     lora_alpha: PositiveFloat = FULL.lora_alpha
-    prefix_tokens: int = Field(FULL.prefix_tokens, ge=1, le=MAX_PREFIX_TOKENS)
+    prefix_tokens: int = Field(default=FULL.prefix_tokens, ge=1, le=MAX_PREFIX_TOKENS)
 
     @classmethod
     def of(cls, tuning: Tuning) -> TuningSpec:

@@ -353,7 +353,7 @@ def build_profile(
             shape_hash=shape.shape_hash,
             micro_batch=micro_batch,
             seq_len=seq_len,
-            dtype=dtype,
+            dtype=Dtype(dtype),
         ),
         measured_on={
             "host": platform.node(),
