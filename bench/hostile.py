@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -130,6 +131,41 @@ def main() -> None:
 
     def resume_with(*args: str) -> Callable[[Path], tuple[int, str]]:
         return lambda d: call("run", "--resume", str(copy(d)), *args, cwd=d)
+
+    def plan_edited(then: str) -> Callable[[Path], tuple[int, str]]:
+        def go(d: Path) -> tuple[int, str]:
+            run = copy(d)
+            text = (run / "plan.yaml").read_text()
+            edited = text.replace("lr: 0.001", "lr: 0.1") if then == "resume" else text.replace("fp32", "bf16")
+            assert edited != text
+            (run / "plan.yaml").write_text(edited)
+            if then == "resume":
+                return call("run", "--resume", str(run), "--steps", "8", cwd=d)
+            return call("replay", str(run), "-o", str(d / "replayed"), cwd=d)
+
+        return go
+
+    def plan_with(edit) -> Callable[[Path], tuple[int, str]]:
+        def go(d: Path) -> tuple[int, str]:
+            code, out = call("plan", "-m", "tiny-opt", "-t", "cpu-local", "-b", "4", "-s", "32", "-o", "p.yaml", cwd=d)
+            assert code == 0, out
+            (d / "p.yaml").write_text(edit((d / "p.yaml").read_text()))
+            return call("run", "p.yaml", "-o", "run", cwd=d)
+
+        return go
+
+    def huge_eps(text: str) -> str:
+        text = re.sub(r"(?m)^  eps: .*$", "  eps: 1.0e+308", text)
+        return re.sub(r"(?m)^  steps: .*$", "  steps: 3", text)
+
+    def fifo_as(command: str) -> Callable[[Path], tuple[int, str]]:
+        def go(d: Path) -> tuple[int, str]:
+            os.mkfifo(d / "f.yaml")
+            if command == "run":
+                return call("run", "f.yaml", "-o", "run", cwd=d)
+            return call("plan", "-m", "tiny-opt", "-t", "cpu-local", "-o", "f.yaml", cwd=d)
+
+        return go
 
     def replay_with(fn) -> Callable[[Path], tuple[int, str]]:
         def go(d: Path) -> tuple[int, str]:
@@ -700,6 +736,14 @@ def main() -> None:
             refused=False,
             check=matches_reference,
         ),
+        Case("journal", "a line's learning rate edited (-1000)", edit_journal(lambda l: set_field(l, 2, lr=-1000.0))),
+        Case("journal", "a line's learning rate edited, replayed", replay_with(lambda l: set_field(l, 2, lr=0.0))),
+        Case("output", "the run's plan.yaml edited (another lr), then --resume", plan_edited("resume")),
+        Case("output", "the run's plan.yaml edited (bf16), then replay", plan_edited("replay")),
+        Case("input", "a plan whose steps is true", plan_with(lambda t: t.replace("steps: ", "steps: true #", 1))),
+        Case("input", "a named pipe given as the plan", fifo_as("run")),
+        Case("input", "a named pipe given as plan -o", fifo_as("plan")),
+        Case("input", "eps 1e308 in a plan of 3 steps (every step skipped)", plan_with(huge_eps)),
     ]
     rows = []
     before = scratch()
