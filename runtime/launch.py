@@ -107,6 +107,16 @@ NODES_NOTE_AFTER_S = 15.0  # (ZOPLAN_NODES_NOTE_AFTER_S, read as a run starts, f
 
 
 # what a rank's collective says when a peer on another machine has gone (gloo's TCP pairs, NCCL)
+# ... and that a peer has not answered for torch.distributed's timeout (10 minutes: a rank of
+# another node stopped by SIGSTOP, hung, or its machine gone quiet)
+# how long a node waits for the others to come (torchrun's rendezvous: 900 s), in minutes
+RENDEZVOUS_WAIT_MIN = 15
+PEER_SILENT = (
+    "Timed out waiting",
+    "wait timeout after",
+    "DistStoreError",
+    "Timed out after",
+)
 PEER_LOST = (
     "Connection reset by peer",
     "Connection closed by peer",
@@ -1053,7 +1063,7 @@ def _launch(
             f"the journal holds {done} completed step(s)" if cfg.node_rank == 0 else f"{_the_journal(cfg)} holds them"
         ) + ", none is lost"
         log_path = out / f"worker-node{cfg.node_rank}.log"
-        resume = _resume_fix(cfg)
+        new_run, resume = not resume, _resume_fix(cfg)  # (from here, what continues the run)
         if "No space left on device" in _log_tail(log_path, since):
             raise ZoplanError(
                 f"training stopped: the disk holding {out} is full (see {log_path}); {held}",
@@ -1096,12 +1106,9 @@ def _launch(
                 else resume,
             )
         tail = _log_tail(log_path, since)
-        if cfg.nnodes > 1 and any(sign in tail for sign in PEER_LOST):
-            raise ZoplanError(
-                f"training stopped: this node lost its connection to another node of the run (it stopped, "
-                f"or the network between them failed; see its output, and {log_path}); {held}",
-                fix=f"find out why the other node stopped, then {resume}",
-            )
+        trouble = _nodes_trouble(cfg, log_path, tail, met is not None and not met.exists() and new_run, held, resume)
+        if trouble is not None:
+            raise trouble
         free = _free_bytes(out)
         if free < NEARLY_FULL_BYTES:  # too full for the ranks to write their error, or even their log
             raise ZoplanError(
@@ -1282,6 +1289,40 @@ def _rank_signal(log: Path, status: Path, since: int = 0) -> int | None:
     return signal.SIGKILL if "Signal 9 (SIGKILL)" in tail or "exitcode  : -9 " in tail else None
 
 
+def _nodes_trouble(
+    cfg: RunConfig, log_path: Path, tail: str, never_met: bool, held: str, resume: str
+) -> ZoplanError | None:
+    """Why a run over several machines ended without a rank's own word, from what its log says
+    (``tail``): the nodes never all met (``never_met``: a new run; torchrun's rendezvous gives up
+    after 900 s, the first meeting's store after 600 s), another node went quiet (a collective's
+    10-minute timeout), or the connection to it was lost. None: on one machine, or none of these.
+    Each was "a rank exited without a message" with a --resume fix, the cause only in the log."""
+    if cfg.nnodes == 1:
+        return None
+    out = cfg.output
+    if never_met:
+        return NothingDone(
+            f"the other node(s) of the run never all met (torchrun gave up waiting for them; see {log_path}): "
+            f"nothing was trained, and what the run had written in {out} is removed",
+            fix=f"start the same command on every node (--nnodes {cfg.nnodes}, each its own --node-rank, the "
+            f"same --master-addr {cfg.master_addr} and --master-port), within a few minutes of one another",
+        )
+    if any(sign in tail for sign in PEER_SILENT):
+        return ZoplanError(
+            f"training stopped: another node of the run stopped answering for 10 minutes (a collective timed "
+            f"out: one of its ranks stopped or hung, or its machine or the network went away; see "
+            f"{log_path}); {held}",
+            fix=f"find out what stopped the other node (its output, `ps` there), stop it, then {resume}",
+        )
+    if any(sign in tail for sign in PEER_LOST):
+        return ZoplanError(
+            f"training stopped: this node lost its connection to another node of the run (it stopped, "
+            f"or the network between them failed; see its output, and {log_path}); {held}",
+            fix=f"find out why the other node stopped, then {resume}",
+        )
+    return None
+
+
 def _nothing_done(out: Path, signum: int, when: str) -> NothingDone:
     """A new run stopped by ``signum`` ``when`` (before its first step): what it wrote goes."""
     return NothingDone(
@@ -1367,12 +1408,14 @@ def _waiting_note(cfg: RunConfig, port: int) -> str:
         )
         return (
             f"node 0 of {n}: waiting for the other node(s); start the same command on each with --nnodes {n} "
-            f"--node-rank {1 if n == 2 else f'K (1 .. {n - 1})'} --master-addr {addr} --master-port {port}"
+            f"--node-rank {1 if n == 2 else f'K (1 .. {n - 1})'} --master-addr {addr} --master-port {port} "
+            f"(it waits up to {RENDEZVOUS_WAIT_MIN} minutes)"
         )
     return (
         f"node {k} of {n}: waiting for node 0 at {cfg.master_addr}:{port} and the other node(s); "
         f"start the same command there with --node-rank 0 (if a run there already has its node {k}, this "
-        "one is one too many: it only waits, and the run goes on without it; stop it with Ctrl-C)"
+        f"one is one too many: it only waits, and the run goes on without it; stop it with Ctrl-C; it waits "
+        f"up to {RENDEZVOUS_WAIT_MIN} minutes)"
     )
 
 

@@ -565,3 +565,26 @@ def test_a_refused_run_removes_the_folders_it_made_and_a_quoted_tilde_is_said(tm
     assert list((tmp_path / "kept").iterdir()) == []
     done = zoplan("run", "--data", "missing.jsonl", "--steps", "1", "-o", "~/x", cwd=tmp_path)
     assert "makes a folder named '~' in" in done.stderr and "not in a home folder" in done.stderr, done.stderr
+
+
+def test_a_run_over_nodes_that_ends_without_a_word_says_why_from_its_log(tmp_path: Path) -> None:
+    """A node whose peers never came (torchrun's rendezvous gives up after 900 s), or whose peer
+    stopped before they met (the store's 600 s), or went quiet mid-run (a rank of it stopped: the
+    collective's 10-minute timeout), ended with "a rank exited without a message" and a --resume
+    fix (for a run that never met, whose other directory was gone); the cause was in the log only."""
+    from zoplan.errors import ZoplanError
+    from zoplan.runconfig import make
+    from zoplan.runtime.launch import NothingDone, _nodes_trouble
+
+    cfg = make(output=tmp_path / "n0", nnodes=2, node_rank=0, master_port=29700)
+    log, held, resume = tmp_path / "worker-node0.log", "the journal holds 0 completed step(s)", "continue with X"
+    never = _nodes_trouble(cfg, log, "DistStoreError: wait timeout after 600000ms", True, held, resume)
+    assert isinstance(never, NothingDone) and "never all met" in never.message and "is removed" in never.message
+    assert "start the same command on every node" in never.fix and "--resume" not in never.fix
+    quiet = _nodes_trouble(cfg, log, "RuntimeError: [..] Timed out waiting 600000ms for recv", False, held, resume)
+    assert isinstance(quiet, ZoplanError) and "stopped answering for 10 minutes" in quiet.message
+    assert quiet.fix.endswith(resume)
+    lost = _nodes_trouble(cfg, log, "Connection reset by peer", False, held, resume)
+    assert lost is not None and "lost its connection" in lost.message
+    assert _nodes_trouble(cfg, log, "something else", False, held, resume) is None
+    assert _nodes_trouble(make(output=tmp_path / "one"), log, "DistStoreError", True, held, resume) is None
