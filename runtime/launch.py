@@ -1503,7 +1503,7 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
                     )
             if done:
                 break
-            standing = still.check() if cfg.node_rank == 0 else None
+            standing = still.check() if cfg.node_rank == 0 else still.stuck_here()
             if standing is not None:
                 warned(standing)
             time.sleep(0.2)

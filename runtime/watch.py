@@ -22,6 +22,8 @@ from zoplan.runtime.scratch import rank_processes
 STALL_NOTE_AFTER_S = 120.0
 # a still run is said after this many times its slowest step so far
 SLOWEST_STEPS = 20
+# how often a node other than node 0 looks at its ranks (stuck_here), in seconds
+LOOK_EVERY_S = 5.0
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
@@ -73,6 +75,9 @@ class ProgressWatch:
         self.noted_at: float | None = None  # when the stillness was said
         self.ticks: dict[int, int] = {}  # the ranks' CPU ticks halfway through a stillness
         self.ticks_of: float | None = None  # the stillness they were taken in (its start)
+        self.next_look = 0.0  # stuck_here: when to look at this node's ranks again
+        self.stuck_since: float | None = None  # since when a rank of this node is stopped or blocked
+        self.stuck_said = False
 
     def progressed(self, step: int | None = None, step_time_s: float | None = None) -> str | None:
         """A row came: a step's (its number, 0-based, and time), or an evaluation's; after a
@@ -93,6 +98,29 @@ class ProgressWatch:
         self.last = now if step + 1 < self.steps else None
         return said
 
+    def stuck_here(self) -> str | None:
+        """On a node other than node 0 (which alone has the metrics): the words for a rank of this
+        node stopped or blocked for the shortest stillness worth a word, once a time. Every node's
+        step waits for it, and this node's launcher said nothing while node 0 named its own ranks
+        as running. Looked at every few seconds."""
+        now = time.monotonic()
+        if now < self.next_look:
+            return None
+        self.next_look = now + LOOK_EVERY_S
+        stuck = [text for text, held in rank_states(rank_processes(self.out), {}) if held]
+        if not stuck:
+            self.stuck_since, self.stuck_said = None, False
+            return None
+        if self.stuck_since is None:
+            self.stuck_since = now
+        if self.stuck_said or now - self.stuck_since < self.floor:
+            return None
+        self.stuck_said = True
+        return (
+            f"warning: on this node {'; '.join(stuck)}, for {now - self.stuck_since:.0f} s: every node's step waits "
+            "for it. Ctrl-C stops the run; node 0's journal keeps every completed step"
+        )
+
     def check(self) -> str | None:
         """The words for a run that has stood still for too long, once per stillness (None: it
         moves, or was said)."""
@@ -109,10 +137,17 @@ class ProgressWatch:
             return None
         self.noted_at = now
         states = rank_states(rank_processes(self.out), self.ticks)
+        stuck_here = any(stuck for _, stuck in states)
         here = (
             (" on this node" if self.nodes > 1 else "")
             + (": " + "; ".join(text for text, _ in states) if states else "")
-            + (" (a step waits for every rank)" if any(stuck for _, stuck in states) else "")
+            + (" (a step waits for every rank)" if stuck_here else "")
+            # (the ranks here wait at a collective for one of another node's: say where to look)
+            + (
+                ", none stuck here: a rank of another node may be (its launcher's output, `ps` there)"
+                if self.nodes > 1 and not stuck_here
+                else ""
+            )
         )
         return (
             f"warning: no step has finished for {now - self.last:.0f} s (the slowest took {self.slowest:.3g} s)"

@@ -626,3 +626,64 @@ def test_the_stillness_watch_starts_with_the_first_step_ends_with_the_last_and_s
     assert still.progressed(2, 1.0) is None  # the last step: the final evaluation and the model follow
     now[0] += 10_000
     assert still.check() is None
+
+
+def test_the_stillness_of_a_run_over_nodes_points_at_the_other_nodes_when_none_is_stuck_here(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A rank of node 1 stopped by SIGSTOP: node 0 said only that its own ranks were running."""
+    import subprocess
+
+    from zoplan.runtime import watch
+
+    now = [1000.0]
+    monkeypatch.setattr(watch.time, "monotonic", lambda: now[0])
+    monkeypatch.delenv("ZOPLAN_STALL_NOTE_AFTER_S", raising=False)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        monkeypatch.setattr(watch, "rank_processes", lambda text: {0: busy.pid})
+        for nodes, said in ((2, True), (1, False)):
+            still = watch.ProgressWatch(tmp_path / "run", steps=3, nodes=nodes)
+            still.progressed(0, 1.0)
+            now[0] += 70
+            assert still.check() is None  # (halfway: the ranks' CPU ticks)
+            now[0] += 60
+            text = still.check()
+            assert text is not None and ("a rank of another node may be" in text) == said, text
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_a_node_other_than_node_0_says_when_a_rank_of_its_own_is_stopped(tmp_path: Path, monkeypatch) -> None:
+    """Node 1's rank stopped by SIGSTOP: every step waited for it, and node 1's launcher said
+    nothing (the stillness watch read node 0's metrics only) until the 10-minute timeout."""
+    import signal
+    import subprocess
+
+    from zoplan.runtime import watch
+
+    now = [1000.0]
+    monkeypatch.setattr(watch.time, "monotonic", lambda: now[0])
+    monkeypatch.delenv("ZOPLAN_STALL_NOTE_AFTER_S", raising=False)
+    rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        monkeypatch.setattr(watch, "rank_processes", lambda text: {1: rank.pid})
+        still = watch.ProgressWatch(tmp_path / "run", steps=3, nodes=2)
+        assert still.stuck_here() is None  # sleeping: waiting, not stuck
+        os.kill(rank.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        now[0] += 10
+        assert still.stuck_here() is None  # stopped since now: said after 120 s
+        now[0] += 121
+        said = still.stuck_here()
+        assert said is not None and "rank 1" in said and "is stopped" in said and "on this node" in said, said
+        now[0] += 10
+        assert still.stuck_here() is None  # once
+        os.kill(rank.pid, signal.SIGCONT)
+        time.sleep(0.2)
+        now[0] += 10
+        assert still.stuck_here() is None and not still.stuck_said  # it goes on: said again next time
+    finally:
+        rank.kill()
+        rank.wait()
