@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from zoplan.runtime.scratch import abandoned, processes_naming, rank_processes, shared_memory, supervisor_process
@@ -154,9 +154,13 @@ def main() -> None:
 
         return go
 
-    def huge_eps(text: str) -> str:
-        text = re.sub(r"(?m)^  eps: .*$", "  eps: 1.0e+308", text)
-        return re.sub(r"(?m)^  steps: .*$", "  steps: 3", text)
+    def zo_set(**values) -> Callable[[str], str]:
+        def edit(text: str) -> str:
+            tree = yaml.safe_load(text)
+            tree["zo"].update(values)
+            return yaml.safe_dump(tree)
+
+        return edit
 
     def fifo_as(command: str) -> Callable[[Path], tuple[int, str]]:
         def go(d: Path) -> tuple[int, str]:
@@ -740,10 +744,10 @@ def main() -> None:
         Case("journal", "a line's learning rate edited, replayed", replay_with(lambda l: set_field(l, 2, lr=0.0))),
         Case("output", "the run's plan.yaml edited (another lr), then --resume", plan_edited("resume")),
         Case("output", "the run's plan.yaml edited (bf16), then replay", plan_edited("replay")),
-        Case("input", "a plan whose steps is true", plan_with(lambda t: t.replace("steps: ", "steps: true #", 1))),
+        Case("input", "a plan whose steps is true", plan_with(zo_set(steps=True))),
         Case("input", "a named pipe given as the plan", fifo_as("run")),
         Case("input", "a named pipe given as plan -o", fifo_as("plan")),
-        Case("input", "eps 1e308 in a plan of 3 steps (every step skipped)", plan_with(huge_eps)),
+        Case("input", "eps 1e308 in a plan of 3 steps (every step skipped)", plan_with(zo_set(eps=1e308, steps=3))),
     ]
     rows = []
     before = scratch()
