@@ -383,14 +383,26 @@ def check_nodes_agree(cfg: RunConfig, out: Path) -> None:
         if isinstance(planned.get(ref), dict):
             planned[ref].pop("source", None)
     what = json.dumps(planned, sort_keys=True).encode()
+    # the plan's small sections whole (a node planned with another --seed or --lr is named by it,
+    # not as "the plan"), the rest (a rank table of up to 4096 entries) by its digest
+    sections = {k: planned.get(k) for k in ("zo", "batch", "tuning", "transfer")}
     mine = {"plan": hashlib.sha256(what).hexdigest(), **{k: getattr(cfg, k) for k in AGREED}}
-    rows = zdist.gather_objects((cfg.node_rank, mine))
-    node0, first = rows[0]
-    for node, theirs in rows:
+    rows = zdist.gather_objects((cfg.node_rank, (mine, sections)))
+    node0, (first, first_sections) = rows[0]
+    for node, (theirs, their_sections) in rows:
         differ = [k for k in mine if theirs[k] != first[k]]
         if differ:
+            named = [
+                f"the plan's {section}.{key} {value!r} (node {node0}: {first_sections[section].get(key)!r})"
+                for section, part in their_sections.items()
+                if isinstance(part, dict) and isinstance(first_sections.get(section), dict)
+                for key, value in sorted(part.items())
+                if first_sections[section].get(key) != value
+            ]
             said = ", ".join(
-                "the plan" if k == "plan" else f"{runconfig_flag(k)} {theirs[k]!r} (node {node0}: {first[k]!r})"
+                (", ".join(named) if named else "the plan")
+                if k == "plan"
+                else f"{runconfig_flag(k)} {theirs[k]!r} (node {node0}: {first[k]!r})"
                 for k in differ
             )
             raise ZoplanError(

@@ -541,3 +541,29 @@ def test_a_new_run_refused_for_its_scratch_folder_keeps_nothing(tmp_path: Path, 
     with pytest.raises(Refused, match="another zoplan launch is using it"):
         launch.run(make(model="tiny-opt", steps=2, output=out))
     assert not out.exists()
+
+
+def test_nodes_planned_with_another_seed_or_lr_are_named_by_it(tiny_dirs, tmp_path: Path, monkeypatch) -> None:
+    """Without a plan file each node plans from its options: a node given --seed 2 (node 0: 1) was
+    said to differ in "the plan", the setting unnamed."""
+    from zoplan.errors import ZoplanError
+    from zoplan.runtime import worker
+
+    plan_path = planned(tmp_path, tiny_dirs["tiny-opt"], cpu_topology(tmp_path, 2), "p")
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(plan_path, out / "plan.yaml")
+    cfg = make(plan=plan_path, model=str(tiny_dirs["tiny-opt"]), output=out)
+
+    def gather(mine):  # node 1 planned with another seed and lr
+        node, (agreed, sections) = mine
+        other = {k: dict(v) if isinstance(v, dict) else v for k, v in sections.items()}
+        other["zo"].update(seed=2, lr=0.5)
+        return [mine, (1, ({**agreed, "plan": "another"}, other))]
+
+    monkeypatch.setattr(worker.zdist, "gather_objects", gather)
+    with pytest.raises(ZoplanError) as said:
+        worker.check_nodes_agree(cfg, out)
+    seed = worker.load_plan(out / "plan.yaml").zo.seed
+    assert "the plan's zo.lr 0.5 (node 0: " in said.value.message, said.value.message
+    assert f"the plan's zo.seed 2 (node 0: {seed})" in said.value.message, said.value.message
