@@ -543,7 +543,12 @@ def main() -> None:
         Case(
             "replay",
             "updates that overflow the weights",
-            replay_with(lambda L: set_field(L, 0, projected_grad=1e300, lr=1e300)),
+            # losses whose projected gradient (L+ - L-) / 2 eps, 1e303, times the lr overflows fp32
+            replay_with(
+                lambda L: set_field(
+                    L, 0, loss_plus=1e300, loss_minus=-1e300, projected_grad=(1e300 + 1e300) / (2 * 1e-3)
+                )
+            ),
         ),
         Case("model", "no weights", damaged_model(lambda m: (m / "model.safetensors").unlink())),
         Case(
