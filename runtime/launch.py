@@ -1057,6 +1057,10 @@ def _launch(
     elif proc.returncode != 0:
         error = read_error(out)  # a rank's own account (records.RankError), as it wrote it
         if error is not None:
+            if error.kind == "error" and not resume and met is not None and not met.exists():
+                # several machines, refused before they met (nodes started otherwise): nothing was
+                # trained, so the same command, corrected, runs again (it found the directory not empty)
+                raise NothingDone(error.message, fix=error.fix)
             raise (Refused if error.kind == "error" else ZoplanError)(error.message, fix=error.fix)
         done = _journaled_steps(out / "journal.jsonl")
         held = (

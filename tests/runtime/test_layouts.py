@@ -359,7 +359,8 @@ def test_a_node_whose_peer_went_away_says_so(tiny_dirs, tmp_path: Path) -> None:
 def test_nodes_started_otherwise_refuse_together_before_a_step(tiny_dirs, tmp_path: Path) -> None:
     """Nodes given another --steps waited at a collective the other never reached (10 minutes),
     and nodes given another seed, data or model trained on, exit 0: every node now says which
-    setting differs, and none takes a step."""
+    setting differs, none takes a step, and each removes what it wrote (the corrected commands were
+    refused: "output directory ... is not empty")."""
     model_dir = tiny_dirs["tiny-opt"]
     outs = [tmp_path / "node0", tmp_path / "node1"]
     # (node 1 also evaluates every step: a node that evaluates or snapshots at other steps waited
@@ -384,6 +385,11 @@ def test_nodes_started_otherwise_refuse_together_before_a_step(tiny_dirs, tmp_pa
     said = f"node 1 was started otherwise than node 0: --steps {STEPS + 2} (node 0: {STEPS}), --eval-every 1 (node 0: "
     assert all(said in log for log in logs), logs
     assert not any((out / "journal.jsonl").exists() and (out / "journal.jsonl").read_text() for out in outs)
+    # refused before the nodes met: what each wrote is removed, so the same commands, corrected, run
+    # again (they were refused as "not empty")
+    assert not any((out / "run.json").exists() or (out / "plan.yaml").exists() for out in outs), [
+        sorted(p.name for p in out.iterdir()) for out in outs if out.exists()
+    ]
 
 
 def test_replay_is_bit_identical_when_the_host_copy_is_narrower_than_the_compute_dtype(
