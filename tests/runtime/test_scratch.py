@@ -628,17 +628,21 @@ def test_the_stillness_watch_starts_with_the_first_step_ends_with_the_last_and_s
     assert still.check() is None
 
 
-def test_the_stillness_of_a_run_over_nodes_points_at_the_other_nodes_when_none_is_stuck_here(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """A rank of node 1 stopped by SIGSTOP: node 0 said only that its own ranks were running."""
-    import subprocess
-
+def _watch_on_a_clock(monkeypatch):
+    """runtime.watch with a clock the test moves (``now[0]``), and the note's default time."""
     from zoplan.runtime import watch
 
     now = [1000.0]
     monkeypatch.setattr(watch.time, "monotonic", lambda: now[0])
     monkeypatch.delenv("ZOPLAN_STALL_NOTE_AFTER_S", raising=False)
+    return watch, now
+
+
+def test_the_stillness_of_a_run_over_nodes_points_at_the_other_nodes_when_none_is_stuck_here(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A rank of node 1 stopped by SIGSTOP: node 0 said only that its own ranks were running."""
+    watch, now = _watch_on_a_clock(monkeypatch)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         monkeypatch.setattr(watch, "rank_processes", lambda text: {0: busy.pid})
@@ -659,13 +663,8 @@ def test_a_node_other_than_node_0_says_when_a_rank_of_its_own_is_stopped(tmp_pat
     """Node 1's rank stopped by SIGSTOP: every step waited for it, and node 1's launcher said
     nothing (the stillness watch read node 0's metrics only) until the 10-minute timeout."""
     import signal
-    import subprocess
 
-    from zoplan.runtime import watch
-
-    now = [1000.0]
-    monkeypatch.setattr(watch.time, "monotonic", lambda: now[0])
-    monkeypatch.delenv("ZOPLAN_STALL_NOTE_AFTER_S", raising=False)
+    watch, now = _watch_on_a_clock(monkeypatch)
     rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         monkeypatch.setattr(watch, "rank_processes", lambda text: {1: rank.pid})
