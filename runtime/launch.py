@@ -523,6 +523,17 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
     out = cfg.output
     recorded = runconfig.read(out / runconfig.CONFIG_FILE)
     runconfig.check_plan_unchanged(out, recorded)  # (before its settings are read)
+    if recorded.nnodes > 1 and cfg.node_rank != recorded.node_rank:
+        # node 1's directory resumed as node 0 would train every step again from the base weights,
+        # and node 0's (its journal) resumed as node 1 would leave its journal unread (first: the
+        # checks below read the directory as this node's, and node 1's, with snapshots and no
+        # journal, was said to have lost its journal)
+        raise ZoplanError(
+            f"{out} is node {recorded.node_rank}'s output directory of its run (its {runconfig.CONFIG_FILE}), "
+            f"but --node-rank {cfg.node_rank} was given",
+            fix=f"resume it on the machine that ran node {recorded.node_rank}, with --node-rank "
+            f"{recorded.node_rank} (or without --node-rank)",
+        )
     plan = load_plan(out / "plan.yaml")
     bad = _unwritable(out, cfg.node_rank)
     if bad:  # checked before the resume changes anything
@@ -571,15 +582,6 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             f"--steps {cfg.steps} is fewer than the {done} step(s) {out} has done already",
             fix=f"--steps is the run's total: give {done} or more (`zoplan replay {out} -o DIR` rebuilds "
             f"the weights of step {done})",
-        )
-    if recorded.nnodes > 1 and cfg.node_rank != recorded.node_rank:
-        # node 1's directory resumed as node 0 would train every step again from the base weights,
-        # and node 0's (its journal) resumed as node 1 would leave its journal unread
-        raise ZoplanError(
-            f"{out} is node {recorded.node_rank}'s output directory of its run (its {runconfig.CONFIG_FILE}), "
-            f"but --node-rank {cfg.node_rank} was given",
-            fix=f"resume it on the machine that ran node {recorded.node_rank}, with --node-rank "
-            f"{recorded.node_rank} (or without --node-rank)",
         )
     started = recorded.steps  # the total the run took its steps for
     if plan.zo.lr_schedule != "constant" and cfg.steps != started:

@@ -497,6 +497,9 @@ def test_a_nodes_directory_resumed_as_another_node_is_refused(tiny_dirs, tmp_pat
     (node1 / "plan.yaml").write_text(two_nodes.read_text())
     cfg = make(plan=two_nodes, model=str(model_dir), steps=4, output=node1, nnodes=2, node_rank=1, master_port=29761)
     runconfig.write(cfg, node1)
+    # with a snapshot and no journal (node 0 keeps it): it said node 1's journal was gone, and
+    # offered to make an empty one, before it named the swap
+    (node1 / "snapshots" / "step-2").mkdir(parents=True)
     before = (node1 / runconfig.CONFIG_FILE).read_bytes()
     said = subprocess.run(
         [sys.executable, "-m", "zoplan.cli", "run", "--resume", str(node1), "--node-rank", "0"],
