@@ -28,13 +28,19 @@ def read_journal(path: str | Path, *, first: int | None = None, warn: bool = Tru
     warning (``warn`` False: silently, for a check the reading after it repeats); a bad line
     anywhere else is an error naming it."""
     path = Path(path)
-    if path.exists() and not path.is_file():  # a named pipe: a run's appends to it would wait for a reader
-        raise ZoplanError(f"journal {path} is not a regular file (a named pipe, a device)", fix=cut_fix(path, 1))
     try:
-        raw = read_bytes(path)
+        raw = journal_bytes(path)
     except OSError as exc:
         raise ZoplanError(f"cannot read journal {path}: {exc}") from None
     return parse_journal(raw, path, first=first, warn=warn)[0]
+
+
+def journal_bytes(path: Path) -> bytes:
+    """A journal's bytes; one that is a named pipe is refused (a run's appends to it, and a
+    resume's reading, would wait for the other end)."""
+    if path.exists() and not path.is_file():
+        raise ZoplanError(f"journal {path} is not a regular file (a named pipe, a device)", fix=cut_fix(path, 1))
+    return read_bytes(path)
 
 
 def parse_journal(

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from zoplan import runconfig
 from zoplan.errors import Refused, ZoplanError
-from zoplan.fileio import read_bytes, write_fix
+from zoplan.fileio import write_fix
 from zoplan.models import TINY_LR, load_model_shape, tiny_name
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
@@ -106,17 +106,17 @@ NODES_MET_ENV = "ZOPLAN_NODES_MET"
 NODES_NOTE_AFTER_S = 15.0  # (ZOPLAN_NODES_NOTE_AFTER_S, read as a run starts, for tests)
 
 
-# what a rank's collective says when a peer on another machine has gone (gloo's TCP pairs, NCCL)
-# ... and that a peer has not answered for torch.distributed's timeout (10 minutes: a rank of
-# another node stopped by SIGSTOP, hung, or its machine gone quiet)
 # how long a node waits for the others to come (torchrun's rendezvous: 900 s), in minutes
 RENDEZVOUS_WAIT_MIN = 15
+# what a rank's log says when a peer on another machine has not answered for torch.distributed's
+# timeout (10 minutes: a rank of another node stopped by SIGSTOP, hung, or its machine gone quiet)
 PEER_SILENT = (
     "Timed out waiting",
     "wait timeout after",
     "DistStoreError",
     "Timed out after",
 )
+# what a rank's collective says when a peer on another machine has gone (gloo's TCP pairs, NCCL)
 PEER_LOST = (
     "Connection reset by peer",
     "Connection closed by peer",
@@ -545,15 +545,15 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             f"{names}{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}, which the run writes into",
             fix="resume as the user who started the run, or make them writable (chmod u+w, or chown)",
         )
-    from zoplan.runtime.journal import check_lines, cut_fix, parse_journal
+    from zoplan.runtime.journal import check_lines, journal_bytes, parse_journal
     from zoplan.runtime.snapshots import changed_since_written, snapshots
 
     # the journal is what the ranks will trust: checked here, before any rank starts (consecutive
     # steps from 0, finite numbers; only a torn last line may be left out)
     journal = out / "journal.jsonl"
-    if journal.exists() and not journal.is_file():  # a named pipe: the ranks' appends would wait for a reader
-        raise ZoplanError(f"journal {journal} is not a regular file (a named pipe, a device)", fix=cut_fix(journal, 1))
-    rows = parse_journal(read_bytes(journal), journal, first=0, keep_unterminated=False)[0] if journal.exists() else []
+    rows = (
+        parse_journal(journal_bytes(journal), journal, first=0, keep_unterminated=False)[0] if journal.exists() else []
+    )
     check_lines(rows, plan.zo, recorded.steps, journal)  # (what the ranks replay)
     done = len(rows)
     # the steps a finished run's ranks marked (read before they are cleared below): what model/ holds
@@ -792,7 +792,6 @@ def _as_planned(cfg: RunConfig, plan: Plan, steps_given: bool, model_given: bool
     """``cfg`` with what ``plan`` fixes (run.json then records what runs, not the defaults the
     plan overrides), the plan's steps as the run's total unless ``--steps`` was given, and the
     plan's model where it is a built-in one and ``--model`` was not given (else it must be)."""
-    zo, tuning = plan.zo, plan.tuning
     model = {}
     if not model_given:
         tiny = tiny_name(plan.model.name)
@@ -805,16 +804,8 @@ def _as_planned(cfg: RunConfig, plan: Plan, steps_given: bool, model_given: bool
     return cfg.given(
         **model,
         topology=plan.topology.source,
-        global_batch=plan.batch.global_batch,
-        seq_len=plan.batch.seq_len,
-        lr=zo.lr,
-        eps=zo.eps,
-        seed=zo.seed,
-        tuning=tuning.method,
-        lora_rank=tuning.lora_rank,
-        lora_alpha=tuning.lora_alpha,
-        prefix_tokens=tuning.prefix_tokens,
-        **({} if steps_given else {"steps": zo.steps}),
+        **runconfig.planned_settings(plan),
+        **({} if steps_given else {"steps": plan.zo.steps}),
     )
 
 
@@ -1057,11 +1048,12 @@ def _launch(
             f"the run had finished on every rank (see {out / f'worker-node{cfg.node_rank}.log'})"
         )
     elif proc.returncode != 0:
+        # a new run over several machines whose nodes never all met: nothing was trained, so what it
+        # wrote goes and the same command (corrected) runs again (it found the directory not empty)
+        never_met = not resume and met is not None and not met.exists()
         error = read_error(out)  # a rank's own account (records.RankError), as it wrote it
         if error is not None:
-            if error.kind == "error" and not resume and met is not None and not met.exists():
-                # several machines, refused before they met (nodes started otherwise): nothing was
-                # trained, so the same command, corrected, runs again (it found the directory not empty)
+            if error.kind == "error" and never_met:  # (refused before they met: nodes started otherwise)
                 raise NothingDone(error.message, fix=error.fix)
             raise (Refused if error.kind == "error" else ZoplanError)(error.message, fix=error.fix)
         done = _journaled_steps(out / "journal.jsonl")
@@ -1069,7 +1061,7 @@ def _launch(
             f"the journal holds {done} completed step(s)" if cfg.node_rank == 0 else f"{_the_journal(cfg)} holds them"
         ) + ", none is lost"
         log_path = out / f"worker-node{cfg.node_rank}.log"
-        new_run, resume = not resume, _resume_fix(cfg)  # (from here, what continues the run)
+        resume = _resume_fix(cfg)  # (from here, what continues the run)
         if "No space left on device" in _log_tail(log_path, since):
             raise ZoplanError(
                 f"training stopped: the disk holding {out} is full (see {log_path}); {held}",
@@ -1112,7 +1104,7 @@ def _launch(
                 else resume,
             )
         tail = _log_tail(log_path, since)
-        trouble = _nodes_trouble(cfg, log_path, tail, met is not None and not met.exists() and new_run, held, resume)
+        trouble = _nodes_trouble(cfg, log_path, tail, never_met, held, resume)
         if trouble is not None:
             raise trouble
         free = _free_bytes(out)
@@ -1451,9 +1443,8 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
         after = NODES_NOTE_AFTER_S
     note_at = time.monotonic() + after
     noted = False
-    still = ProgressWatch(
-        metrics.parent, cfg.steps, cfg.nnodes
-    )  # a rank stopped or blocked: said, not waited on in silence
+    # a rank stopped or blocked: said, not waited on in silence
+    still = ProgressWatch(metrics.parent, cfg.steps, cfg.nnodes)
 
     def warned(text: str) -> None:  # on stderr (stdout may be --json); fine_tune's: a Python warning
         if _WARN.get() is not None:

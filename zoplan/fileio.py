@@ -35,13 +35,14 @@ class Strict(BaseModel):
     are finite (an infinite memory or bandwidth breaks every computation downstream). A field of
     one of zoplan.vocab's kinds holds its plain string (a default must be one too). true and false
     are no numbers: YAML's ``yes`` where a count is meant (``steps: true`` trained one step,
-    ``block_s: true`` read as a second) is refused, in a list or mapping of numbers too."""
+    ``block_s: true`` read as a second) is refused, in a list or mapping of numbers too; and so is
+    a control character in any text (names are printed to terminals)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_enum_values=True)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+    def _fit_for_a_file(cls, value: Any, info: ValidationInfo) -> Any:
         if info.field_name is not None and _misplaced_bool(value, cls.model_fields[info.field_name].annotation):
             where = "" if isinstance(value, bool) else " (each value of it)"
             raise ValueError(f"must be a number{where}, not true or false")

@@ -21,7 +21,7 @@ import re
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Final, Literal, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Final, Literal, Mapping, TypeVar
 
 import annotated_types
 from pydantic import Field, ValidationError, field_validator
@@ -50,6 +50,9 @@ from zoplan.limits import (
 from zoplan.layout import Pins
 from zoplan.tuning import FULL, Tuning
 from zoplan.vocab import Dtype, Method
+
+if TYPE_CHECKING:  # (for the annotation only; the plan file's module is imported where a plan is read)
+    from zoplan.planfile import Plan
 
 RUN_CONFIG_VERSION: Final = 1
 CONFIG_FILE = "run.json"  # in the run's output directory
@@ -472,9 +475,8 @@ def check_plan_unchanged(run_dir: Path, recorded: RunConfig) -> None:
             f"{run_dir / PLAN_FILE} is not the plan the run in {run_dir} started with: it was changed since "
             f"(its {CONFIG_FILE} records the plan it wrote), and the run's journal holds steps taken with "
             "the plan's settings (what is trained, its dtypes, learning rate, eps, batch)",
-            fix=f"put back the plan the run wrote (`zoplan plan` again with the same options gives it); to "
-            f"train with other settings, start a new run from the run's weights (zoplan run -m "
-            f"{run_dir / 'model'} --plan NEW.yaml ...)",
+            fix=f"put back the plan the run wrote; to train with other settings, start a new run from the "
+            f"run's weights once it has finished (zoplan run -m {run_dir / 'model'} --plan NEW.yaml ...)",
         )
 
 
@@ -489,17 +491,9 @@ def _write(config: Strict, path: Path) -> Path:
     return path
 
 
-def _planned_settings(run_dir: Path) -> dict[str, Any]:
-    """What the plan in ``run_dir`` fixed (batch, ZO settings, tuning, the total steps), for a
-    run.json that names only the model and data: its defaults would otherwise be recorded as what
-    ran (a global batch of 8 for a run of 4). Nothing where the plan cannot be read (the resume
-    reads it again, and says why)."""
-    from zoplan.planfile import load_plan
-
-    try:
-        plan = load_plan(run_dir / PLAN_FILE)
-    except ZoplanError:
-        return {}
+def planned_settings(plan: Plan) -> dict[str, Any]:
+    """The settings a plan fixes (its batch, ZO settings and what is trained), as run.json names
+    them: run.json then records what runs, not the defaults the plan overrides."""
     zo, tuning = plan.zo, plan.tuning
     return {
         "global_batch": plan.batch.global_batch,
@@ -507,12 +501,24 @@ def _planned_settings(run_dir: Path) -> dict[str, Any]:
         "lr": zo.lr,
         "eps": zo.eps,
         "seed": zo.seed,
-        "steps": zo.steps,
         "tuning": tuning.method,
         "lora_rank": tuning.lora_rank,
         "lora_alpha": tuning.lora_alpha,
         "prefix_tokens": tuning.prefix_tokens,
     }
+
+
+def _planned_settings(run_dir: Path) -> dict[str, Any]:
+    """What the plan in ``run_dir`` fixed, and its total steps, for a run.json that names only the
+    model and data: its defaults would otherwise be recorded as what ran (a global batch of 8 for a
+    run of 4). Nothing where the plan cannot be read (the resume reads it again, and says why)."""
+    from zoplan.planfile import load_plan
+
+    try:
+        plan = load_plan(run_dir / PLAN_FILE)
+    except ZoplanError:
+        return {}
+    return {**planned_settings(plan), "steps": plan.zo.steps}
 
 
 def read(path: Path) -> RunConfig:
