@@ -317,7 +317,6 @@ class HostCopy:
             ],
             copies,
         )
-        (root / "layout.json").write_text(json.dumps({"wire": wire_dtype, "resident": resident, "slices": slices}))
         copy = HostCopy(root, layouts, wire_dtype, resident)
         for layout, flat in zip(layouts, copy.blocks):
             params = dict(blocks[layout.index].named_parameters())
@@ -333,9 +332,9 @@ class HostCopy:
         for name, param in model.named_parameters():
             if name in copy.resident:
                 copy.resident[name].copy_(param.detach())
-        if copy.rounded:
-            meta = json.loads((root / "layout.json").read_text())
-            (root / "layout.json").write_text(json.dumps({**meta, "rounded": True}))
+        # what the ranks that open the copy read, written once it is whole (they wait for "ready")
+        meta = {"wire": wire_dtype, "resident": resident, "slices": slices, "rounded": copy.rounded}
+        (root / "layout.json").write_text(json.dumps(meta))
         (root / "ready").write_text("ok")
         return copy
 

@@ -94,8 +94,11 @@ def replay_to(
     plan_path = journal_path.parent / "plan.yaml"
     from zoplan import runconfig
 
-    if (journal_path.parent / runconfig.CONFIG_FILE).is_file():  # a run's directory: its plan as it wrote it
-        runconfig.check_plan_unchanged(journal_path.parent, runconfig.read(journal_path.parent / runconfig.CONFIG_FILE))
+    # a run's directory: its record (read once), and its plan as it wrote it
+    record = journal_path.parent / runconfig.CONFIG_FILE
+    config = runconfig.read(record) if record.is_file() else None
+    if config is not None:
+        runconfig.check_plan_unchanged(journal_path.parent, config)
     if not plan_path.exists():
         # the journal's lines hold seeds, projected gradients, learning rates and weight decays only:
         # replayed as a full fp32 run, a LoRA, prefix or bf16 run would give other weights, with exit 0
@@ -117,7 +120,7 @@ def replay_to(
     if hide:
         hf_logging.disable_progress_bar()
     try:
-        return _replay_into(base, journal_path, journal, out, dtype, device)
+        return _replay_into(base, journal_path, journal, config, out, dtype, device)
     except BaseException:
         _clear(out, made)
         raise
@@ -167,17 +170,15 @@ def _clear(out: Path, made: bool) -> None:
             entry.unlink(missing_ok=True)
 
 
-def _check_weights(model_dir: Path, run_dir: Path) -> None:
+def _check_weights(model_dir: Path, run_dir: Path, config) -> None:
     """The base weights are the ones the run started from, where its run.json beside the journal
-    recorded them (zoplan.runtime.checkpoint.weights_stamp): a journal replayed onto other weights
-    of the same shape gives a model no run trained."""
+    (``config``; None: a journal and its plan, copied alone) recorded them
+    (zoplan.runtime.checkpoint.weights_stamp): a journal replayed onto other weights of the same
+    shape gives a model no run trained."""
     from zoplan import runconfig
     from zoplan.runtime.checkpoint import weights_stamp
 
-    try:
-        recorded = runconfig.read(run_dir / runconfig.CONFIG_FILE).model_weights
-    except ZoplanError:  # no run.json (a journal and its plan, copied alone), or an older one
-        return
+    recorded = config.model_weights if config is not None else None  # (None too in an older run.json)
     if recorded is not None and weights_stamp(model_dir) != recorded:
         raise ZoplanError(
             f"the weights in {model_dir} are not the ones the run in {run_dir} started from "
@@ -186,16 +187,15 @@ def _check_weights(model_dir: Path, run_dir: Path) -> None:
         )
 
 
-def _total_steps(run_dir: Path, plan) -> int:
+def _total_steps(config, plan) -> int:
     """The total the run took its steps for (its learning-rate schedule's): its run.json's, else
     the plan's (a journal replayed from a folder that holds only the plan beside it)."""
-    from zoplan import runconfig
-
-    recorded = run_dir / runconfig.CONFIG_FILE
-    return runconfig.read(recorded).steps if recorded.is_file() else plan.zo.steps
+    return config.steps if config is not None else plan.zo.steps
 
 
-def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, dtype: str | None, device: str) -> int:
+def _replay_into(
+    base: str, journal_path: Path, journal: list[dict], config, out: Path, dtype: str | None, device: str
+) -> int:
     from zoplan.models import load_model_shape
     from zoplan.planfile import load_plan
     from zoplan.runtime.checkpoint import check_model_dir
@@ -203,7 +203,7 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
 
     plan_path = journal_path.parent / "plan.yaml"  # there: replay_to refuses a journal without it
     plan = load_plan(plan_path)  # before the model: it may need building
-    check_lines(journal, plan.zo, _total_steps(journal_path.parent, plan), journal_path)
+    check_lines(journal, plan.zo, _total_steps(config, plan), journal_path)
     model_dir = resolve_model(base)
     # the checks `zoplan run` makes of its model: a truncated or mismatched checkpoint is a
     # message, not transformers' traceback (nor weights missing from it started at random)
@@ -218,7 +218,7 @@ def _replay_into(base: str, journal_path: Path, journal: list[dict], out: Path, 
             f"but the base model given is '{shape.name}': {', '.join(differences)}",
             fix="replay onto the base weights that run started from",
         )
-    _check_weights(model_dir, journal_path.parent)  # the same shape: the same weights?
+    _check_weights(model_dir, journal_path.parent, config)  # the same shape: the same weights?
     if plan.tuning.to_tuning().frozen_base:  # the journal's updates are the adapter's
         if dtype is not None:  # an adapter trains and is written in fp32, whatever the weights' dtype
             raise ZoplanError(
