@@ -676,7 +676,11 @@ def calibrate(cfg: CalibrateConfig, quiet: bool = False):
     check_switches(os.environ)
     machine = load_topology(cfg.topology)
     if machine.spec.nodes > 1:
-        raise ZoplanError(f"'{machine.name}' spans {machine.spec.nodes} nodes: calibrate one node's topology")
+        raise ZoplanError(
+            f"'{machine.name}' spans {machine.spec.nodes} nodes: calibrate one node's topology",
+            fix="calibrate with the topology of one of its nodes (this file without its nodes:, network: and "
+            "price_per_hour_usd: settings): that profile serves this file's plans too",
+        )
     cpu = _is_cpu_machine(machine)
     n = len(machine.gpus)
     if not cpu:

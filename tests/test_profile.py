@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from importlib import resources
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from zoplan.topology import load_topology
 FIXTURE = Path(__file__).parent / "fixtures" / "configs" / "opt-125m" / "config.json"
 
 
-def write_profile(path: Path, *, legacy: bool = False, topology: str = "cpu-local") -> Path:
+def write_profile(path: Path, *, legacy: bool = False, topology: str = "cpu-local", node: bool = False) -> Path:
     """A profile of ``topology`` measured on a checkpoint directory named 'my-base' of opt-125m's shape."""
     machine = load_topology(topology)
     base = path.parent / "my-base"
@@ -33,7 +34,7 @@ def write_profile(path: Path, *, legacy: bool = False, topology: str = "cpu-loca
     times = {"1x1": 0.17, "1x2": 0.19, "2x1": 0.22, "2x2": 0.25}
     tree = {
         "version": PROFILE_VERSIONS[-1],
-        "machine": {"name": machine.name, "hash": machine.hash},
+        "machine": {"name": machine.name, "hash": machine.hash, **({"node_hash": machine.node_hash} if node else {})},
         "model": model,
         "measured_on": {"host": "test", "device": "cpu"},
         "devices": {
@@ -71,6 +72,47 @@ def test_a_profile_of_a_checkpoint_serves_the_preset_of_its_shape(tmp_path: Path
     with pytest.raises(ZoplanError, match=f"planned with the profile {profile}, which is not there any more") as said:
         timeline(tmp_path / "plan.yaml")
     assert "plan again" in said.value.fix
+
+
+def test_one_nodes_profile_serves_a_cluster_of_such_nodes(tmp_path: Path) -> None:
+    """Calibrate measures one node and refuses a topology of several: the profile of one node's
+    file serves the cluster's file (its name, node count, network and price aside), and no other
+    machine; the same name described otherwise is said to be so."""
+    one = tmp_path / "node.yaml"
+    one.write_text((resources.files("zoplan.topologies") / "cpu-local.yaml").read_text())
+    profile = write_profile(tmp_path / "profile.yaml", topology=str(one), node=True)
+    cluster = tmp_path / "cluster.yaml"
+    text = one.read_text().replace("name: cpu-local", "name: my-cluster")
+    cluster.write_text(text + "nodes: 4\nnetwork: {gbps: 25, latency_us: 5}\nprice_per_hour_usd: 8.0\n")
+    assert load_topology(str(cluster)).hash != load_topology(str(one)).hash
+    report = plan("opt-125m", str(cluster), global_batch=8, seq_len=64, dtype="fp32", profile=profile)
+    assert report.plan.profile is not None and report.plan.profile.hash == load_profile_hash(profile)
+    # a node of other devices is another machine, and a profile from before node_hash matches its own file only
+    for changed, node in ((text.replace("cores: 2}", "cores: 1}"), True), (text, False)):
+        other = tmp_path / "other.yaml"
+        other.write_text(changed + "nodes: 4\nnetwork: {gbps: 25, latency_us: 5}\n")
+        with pytest.raises(ZoplanError, match="was measured on 'cpu-local'") as said:
+            plan(
+                "opt-125m",
+                str(other),
+                global_batch=8,
+                seq_len=64,
+                dtype="fp32",
+                profile=write_profile(tmp_path / "p.yaml", topology=str(one), node=node),
+            )
+        # the fix: one node's file
+        assert "calibrate one of its nodes" in said.value.fix
+        assert ("older zoplan" in said.value.message) is (not node)
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(one.read_text().replace("cores: 2}", "cores: 1}"))
+    with pytest.raises(ZoplanError, match="a machine of that name, described otherwise since"):
+        plan("opt-125m", str(edited), global_batch=8, seq_len=64, dtype="fp32", profile=profile)
+
+
+def load_profile_hash(path: Path) -> str:
+    from zoplan.profile import load_profile
+
+    return load_profile(path).hash
 
 
 def test_a_profile_without_a_shape_hash_matches_by_name_and_shape(tmp_path: Path) -> None:

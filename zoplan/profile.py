@@ -57,6 +57,9 @@ PerParameter = Annotated[float, Field(ge=0, le=1e-5)]  # seconds a parameter
 class MachineRef(Strict):
     name: str
     hash: str
+    # one of its nodes' (Machine.node_hash): the profile serves a machine of other node counts
+    # (older profiles lack it)
+    node_hash: str | None = None
 
 
 class ShapeRef(Strict):
@@ -160,6 +163,8 @@ class Profile(Strict):
         data = self.model_dump(mode="json")
         if not data["compute"]["lockstep_s"]:  # profiles written before it was measured keep their hash
             del data["compute"]["lockstep_s"]
+        if data["machine"]["node_hash"] is None:  # profiles written before it was recorded keep their hash
+            del data["machine"]["node_hash"]
         _drop_unsampled(data)
         return content_hash(data)
 
@@ -346,7 +351,7 @@ def build_profile(
     )
     return Profile(
         version=PROFILE_VERSIONS[-1],
-        machine=MachineRef(name=machine.name, hash=machine.hash),
+        machine=MachineRef(name=machine.name, hash=machine.hash, node_hash=machine.node_hash),
         model=ShapeRef(
             name=shape.name,
             hash=shape.hash,
@@ -391,11 +396,23 @@ class Profiled:
 
 
 def check_profile(profile: Profile, machine: Machine, shape: ModelShape | None, path: str | Path) -> None:
-    if profile.machine.hash != machine.hash:
+    same_node = profile.machine.node_hash is not None and profile.machine.node_hash == machine.node_hash
+    if profile.machine.hash != machine.hash and not same_node:
+        if machine.spec.nodes > 1 and profile.machine.node_hash is None:
+            since = ": the profile does not record its node's digest (written by an older zoplan), so it serves its own file only"
+        elif profile.machine.name == machine.name:
+            since = (
+                ": a machine of that name, described otherwise since (a device, a link or a figure of its file changed)"
+            )
+        else:
+            since = ""
         raise ZoplanError(
             f"{path} was measured on '{profile.machine.name}' ({profile.machine.hash}), "
-            f"not on '{machine.name}' ({machine.hash})",
-            fix="calibrate this machine with `zoplan calibrate --topology ...`",
+            f"not on '{machine.name}' ({machine.hash}){since}",
+            fix="calibrate one of its nodes, with its file without nodes:, network: and price_per_hour_usd: "
+            "(zoplan calibrate --topology NODE.yaml -o PROFILE.yaml): that profile serves this file too"
+            if machine.spec.nodes > 1
+            else "calibrate this machine with `zoplan calibrate --topology ...`",
         )
     # calibrate measures every device of the machine: one missing (or one of no such device) is a
     # damaged or hand-edited profile, whose missing figures would be silently the topology's
@@ -480,5 +497,6 @@ def apply_profile(machine: Machine, profile: Profile, source: str | Path) -> Mac
         sockets.append(sock)
     measured = Machine(spec.model_copy(update={"links": links, "sockets": sockets}), machine.source)
     measured.identity = machine.hash  # plans and profiles still name the described machine
+    measured.node_identity = machine.node_hash
     measured.profile = Profiled(profile, str(source))
     return measured

@@ -225,6 +225,8 @@ def test_a_profile_for_another_machine_or_model_is_refused(calibrated, tmp_path)
     other = tmp_path / "other-machine.yaml"
     data = yaml.safe_load(profile.read_text())
     data["machine"]["hash"] = "sha256:0000000000000000"
+    assert data["machine"]["node_hash"]  # (calibrate records its node's: another machine's is another node's too)
+    data["machine"]["node_hash"] = "sha256:0000000000000000"
     other.write_text(yaml.safe_dump(data))
     err = zoplan(
         "plan",

@@ -304,6 +304,7 @@ class Machine:
         # replace nominal ones in ``spec``, ``identity`` keeps the described machine's hash
         self.profile: Profiled | None = None
         self.identity: str | None = None
+        self.node_identity: str | None = None
         self.graph = nx.Graph()
         for s in spec.sockets:
             self.graph.add_node(s.id, role="socket")
@@ -333,17 +334,34 @@ class Machine:
     def name(self) -> str:
         return self.spec.name
 
-    @cached_property
-    def spec_hash(self) -> str:
+    def _dumped(self) -> dict[str, Any]:
         spec = self.spec.model_dump(mode="json")
         for model in spec["gpu_models"].values():  # a file that does not say keeps its hash of before
             if model["meetings"] == Meetings.SHARED_MEMORY:
                 del model["meetings"]
-        return content_hash(spec)
+        return spec
+
+    @cached_property
+    def spec_hash(self) -> str:
+        return content_hash(self._dumped())
 
     @property
     def hash(self) -> str:
         return self.identity or self.spec_hash
+
+    @cached_property
+    def node_spec_hash(self) -> str:
+        """The digest of one of its nodes: the description without its name, the node count, the
+        network between the nodes and the price of them all. A calibration measures one node: its
+        profile serves every machine of such nodes (a cluster's file and one node's alike)."""
+        spec = self._dumped()
+        for key in ("name", "nodes", "network", "price_per_hour_usd"):
+            spec.pop(key, None)
+        return content_hash(spec)
+
+    @property
+    def node_hash(self) -> str:
+        return self.node_identity or self.node_spec_hash
 
     @property
     def gpus(self) -> list[str]:
