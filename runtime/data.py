@@ -432,7 +432,10 @@ def _read_jsonl(path: Path) -> list[Example]:
                     fix='write one JSON object per line, e.g. {"text": "the film was fun.", "label": 1}',
                 ) from None
             except (RecursionError, ValueError) as exc:  # deep nesting, 4300+ digit numbers
-                raise ZoplanError(f"{path}:{line_no}: invalid JSON ({type(exc).__name__})") from None
+                raise ZoplanError(
+                    f"{path}:{line_no}: invalid JSON ({type(exc).__name__})",
+                    fix="write one flat JSON object per line (no deep nesting, numbers of at most 4300 digits)",
+                ) from None
             if not isinstance(record, dict):
                 raise ZoplanError(
                     f"{path}:{line_no}: expected a JSON object, found {_json_kind(record)}",

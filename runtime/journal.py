@@ -31,7 +31,10 @@ def read_journal(path: str | Path, *, first: int | None = None, warn: bool = Tru
     try:
         raw = journal_bytes(path)
     except OSError as exc:
-        raise ZoplanError(f"cannot read journal {path}: {exc}") from None
+        raise ZoplanError(
+            f"cannot read journal {path}: {exc.strerror or exc}",
+            fix="check that the file is there and readable (ls -l), or give the run's directory",
+        ) from None
     return parse_journal(raw, path, first=first, warn=warn)[0]
 
 

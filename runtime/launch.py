@@ -338,7 +338,8 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
     if len(examples) < plan.batch.global_batch:
         raise ZoplanError(
             f"{data} has {len(examples)} example{'s' if len(examples) != 1 else ''}, fewer than one global batch of "
-            f"{plan.batch.global_batch}"
+            f"{plan.batch.global_batch}",
+            fix=f"give at least {plan.batch.global_batch} examples, or plan a smaller --global-batch",
         )
     if cfg.eval_data is not None:  # held out in a set of its own: it must be of the task trained
         try:
@@ -353,7 +354,10 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
                 fix="give held-out examples of the same shape as the training data",
             )
         if not held:
-            raise ZoplanError(f"--eval-data {cfg.eval_data} holds no examples")
+            raise ZoplanError(
+                f"--eval-data {cfg.eval_data} holds no examples",
+                fix="give a file of held-out examples, or leave --eval-data out (--eval-fraction holds some of --data out)",
+            )
         zdata.check_labels(held, task, cfg.eval_data)
         train = examples
     else:  # the ranks split --data so (the same seed): what is left to train must fill a batch
@@ -750,7 +754,10 @@ def configure(given: dict[str, Any], resume: Path | None = None) -> tuple[RunCon
             fix="--eval-data FILE evaluates on FILE (all of --data trains); --eval-fraction F holds out F of --data",
         )
     if cfg.nnodes > 1 and cfg.master_port is None:
-        raise ZoplanError("--nnodes > 1 needs --master-port (the same on every machine)")
+        raise ZoplanError(
+            "--nnodes > 1 needs --master-port (the same on every machine)",
+            fix="add --master-port PORT, a port free on node 0's machine (--master-addr), on every node's command",
+        )
     loopback = cfg.master_addr in ("localhost", "::1") or cfg.master_addr.startswith("127.")
     if cfg.nnodes == 1 and not loopback:
         # the ranks of one machine meet on it: another address is waited on until the collectives' timeout

@@ -285,6 +285,9 @@ def test_the_spread_of_the_measured_steps_is_reported_beside_the_error(two_rank_
     note = validation_notes(inside)[0]
     assert "under 210.0 ms" in note and "over 290.0 ms" in note and "within that spread" in note
     assert "within that spread" not in validation_notes(validated(0.18))[0]
+    # and one outside says so, and on which side (it said nothing)
+    assert "the prediction (180.0 ms) lies below that spread" in validation_notes(validated(0.18))[0]
+    assert "the prediction (400.0 ms) lies above that spread" in validation_notes(validated(0.40))[0]
     # a plan made without a profile and 28% under the step (0.18 against a median 0.25) is told how
     # to calibrate; one within 15%, or made with a profile, is not
     hint = [n for n in validation_notes(validated(0.18), profiled=False) if "zoplan calibrate" in n]

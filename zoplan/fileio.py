@@ -20,12 +20,14 @@ import secrets
 import types
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from zoplan.errors import ZoplanError
+from zoplan.limits import MAX_PLAN_BYTES
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -213,12 +215,63 @@ def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple
 # user's own (notes, a checkpoint), which a mistyped -o would replace
 # the Software text chunk of a PNG zoplan.sim.trace.plot_png draws: such a file may be drawn over again
 PNG_SOFTWARE = "zoplan timeline"
-_MARKS = {
-    "plan": ("layout:",),
-    "profile": ("compute:",),
-    "trace file": ('"traceEvents"',),
-    "PNG": (f"Software\x00{PNG_SOFTWARE}",),
+
+
+def _yaml_keys(raw: bytes) -> set[str]:
+    """The top-level keys of a YAML mapping (none when it is not one, or not YAML)."""
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=BoundedLoader)  # (a safe loader, bounded)
+    except Exception:  # (any text that is not a mapping zoplan could have written: not one of its files)
+        return set()
+    return {str(k) for k in data} if isinstance(data, dict) else set()
+
+
+def _our_trace(raw: bytes) -> bool:
+    """A Chrome trace zoplan wrote (zoplan.sim.trace: its ``otherData`` names the step's time, a
+    merged trace's each group's), not another tool's (a torch profiler's trace has traceEvents too)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    other = data.get("otherData") if isinstance(data, dict) else None
+    return (
+        isinstance(data.get("traceEvents"), list)
+        and isinstance(other, dict)
+        and any(k == "step_time_ms" or k.endswith(".step_time_ms") for k in other)
+    )
+
+
+# What makes an existing file one of zoplan's, which -o may write over; anything else may be a
+# user's own (notes, a topology, another tool's trace), which a mistyped -o would replace. Read
+# whole (a plan is at most MAX_PLAN_BYTES): a word in its first lines is not enough (a topology's
+# comment "# PCIe layout: ..." passed for a plan's ``layout:``).
+_OURS: dict[str, tuple[int, Callable[[bytes], bool]]] = {  # what: (bytes read at most, the test)
+    "plan": (MAX_PLAN_BYTES + 1, lambda raw: {"version", "model", "topology", "layout", "batch"} <= _yaml_keys(raw)),
+    "profile": (
+        MAX_PLAN_BYTES + 1,
+        lambda raw: {"version", "machine", "model", "devices", "compute"} <= _yaml_keys(raw),
+    ),
+    "trace file": (1 << 30, _our_trace),  # (a big model's trace: megabytes)
+    # the Software text chunk of a PNG zoplan.sim.trace.plot_png draws: such a file may be drawn over again
+    "PNG": (1 << 16, lambda raw: f"Software\x00{PNG_SOFTWARE}".encode() in raw),
 }
+
+
+def _stream_file(path: Path) -> str | None:
+    """'stdout' or 'stderr' when ``path`` is the file this process prints to (-o /dev/stdout with
+    the output redirected to a file: the messages would be written into the same file)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        try:
+            out = os.fstat(fd)
+        except OSError:
+            continue
+        if (out.st_dev, out.st_ino) == (st.st_dev, st.st_ino):
+            return name
+    return None
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -226,20 +279,32 @@ def check_writable(path: Path, what: str) -> None:
     say): its folder must exist and take the file, and an existing file must be one of ``what``'s
     (a plan written again: yes; someone's notes: no). Probed by opening it for appending, so an
     existing file is untouched and a new one is removed again."""
+    if str(path) == "-":  # (it made a file named '-')
+        raise ZoplanError(
+            f"-o - would write the {what} into a file named '-', not to standard output", fix="give a file's path"
+        )
     path = Path(path)
     if path.is_dir():
         raise ZoplanError(f"{what} {path} is a directory", fix="give a file's path")
     if path.exists() and not path.is_file():  # a named pipe would wait for a reader for ever
         raise ZoplanError(f"{what} {path} is not a regular file (a named pipe, a device)", fix="give a file's path")
+    stream = _stream_file(path)
+    if stream is not None:
+        raise ZoplanError(
+            f"{what} {path} is this command's {stream}: the {what} would be written over by the command's own messages",
+            fix="write it to a file of its own (-o FILE), then read that file",
+        )
+    if path.is_symlink():  # the file it names is the one written (write_whole): checked, and probed
+        path = path.resolve()
     existed = path.exists()
-    marks = _MARKS.get(what)
-    if existed and marks is not None and path.is_file() and path.stat().st_size > 0:
+    recognised = _OURS.get(what)
+    if existed and recognised is not None and path.is_file() and path.stat().st_size > 0:
+        limit, ours = recognised
         try:
-            with path.open("rb") as f:
-                head = f.read(1 << 16).decode("utf-8", "replace")
-        except OSError:
-            head = ""
-        if not any(mark in head for mark in marks):
+            raw = read_bytes(path, limit)
+        except (OSError, ZoplanError):
+            raw = b""
+        if not ours(raw):
             raise ZoplanError(
                 f"{path} exists and is not a {what} zoplan wrote: it is not overwritten",
                 fix="choose another path, or remove the file first",
@@ -249,7 +314,7 @@ def check_writable(path: Path, what: str) -> None:
             pass
     except OSError as exc:
         raise ZoplanError(
-            f"cannot write {what} {path}: {exc.strerror or exc}", fix="choose a writable path (the folder must exist)"
+            f"cannot write {what} {path}: {exc.strerror or exc}", fix=write_fix(exc, path.parent)
         ) from None
     if not existed:
         path.unlink(missing_ok=True)
@@ -489,11 +554,14 @@ def write_whole(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all: through a temporary file beside it, so that a full disk
     leaves neither an empty or cut file nor a damaged earlier one (a profile calibrated again onto
     a full disk was left empty). A failure is a message that names the disk's state."""
+    # Through a symbolic link, the file it names is written, beside it: replacing the link would
+    # leave it a file of its own (as root, -o /dev/stdout replaced the system's link to fd 1)
+    target = path.resolve() if path.is_symlink() else path
     # (a name of its own length: one derived from the target's made a 250-byte name too long)
-    tmp = path.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = target.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        tmp.replace(target)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

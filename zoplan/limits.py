@@ -17,3 +17,7 @@ MAX_RANKS = 4096  # processes a plan spans, every node's together: its rank tabl
 MAX_ID_CHARS = 128  # a GPU's, socket's or switch's id in a topology (a plan's rank table repeats them)
 MAX_LORA_RANK = 4096  # LoRA's rank (MeZO's: 8 to 16)
 MAX_PREFIX_TOKENS = 1024  # a prefix's trained tokens per block (MeZO's: 5)
+MAX_TOKENS = 1e18  # compare's --tokens: the largest pretraining runs see ~1e14 (and inf prices nothing)
+# A plan holds a rank table: MAX_RANKS entries of GPU ids up to MAX_ID_CHARS (a 4096-GPU plan of
+# 140-character ids is 1.06 MB, more than other files' 1 MiB: zoplan plan wrote it, every reader refused it)
+MAX_PLAN_BYTES = 16 << 20

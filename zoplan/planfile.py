@@ -19,18 +19,13 @@ from zoplan import __version__
 from zoplan.errors import ZoplanError
 from zoplan.fileio import Strict, brief, check_version, read_yaml, short, validate, write_yaml
 from zoplan.layout import Layout
-from zoplan.limits import MAX_LORA_RANK, MAX_PREFIX_TOKENS, MAX_SLICES_PER_BLOCK, MAX_STEPS
+from zoplan.limits import MAX_LORA_RANK, MAX_PLAN_BYTES, MAX_PREFIX_TOKENS, MAX_SLICES_PER_BLOCK, MAX_STEPS
 from zoplan.models import ModelShape
 from zoplan.topology import Machine
 from zoplan.tuning import FULL, Tuning
 from zoplan.vocab import Dtype, Method, Schedule, Upload
 
 PLAN_VERSIONS = (1,)
-
-
-# A plan holds a rank table: MAX_RANKS entries of GPU ids up to MAX_ID_CHARS (a 4096-GPU plan of
-# 140-character ids is 1.06 MB, more than other files' 1 MiB: zoplan plan wrote it, every reader refused it)
-MAX_PLAN_BYTES = 16 << 20
 
 
 class ModelRef(Strict):

@@ -306,7 +306,10 @@ class RunSummary:
             + (f", {tuning.describe()} on read-only blocks" if tuning.frozen_base else "")
         )
         loads = "PeftModel.from_pretrained: an adapter" if tuning.frozen_base else "from_pretrained"
-        said.append(f"wrote {self.output}/model ({loads}), journal.jsonl, metrics.jsonl, plan.yaml, {CONFIG_FILE}")
+        said.append(
+            f"wrote {self.output}/model ({loads}), journal.jsonl, metrics.jsonl, spans-rank*.jsonl "
+            f"(zoplan validate reads them), plan.yaml, {CONFIG_FILE}"
+        )
         return said
 
     def __str__(self) -> str:

@@ -33,6 +33,7 @@ from zoplan.sim.parallel import AtLeast, Answer, Workers, answers, simulate_answ
 from zoplan.topology import Machine
 
 DTYPES = tuple(DTYPE_BYTES)
+PERTP_FIX = "--pertp 1 (both branches on each compute GPU) or 2 (each branch on its own GPUs), or leave it out"
 OBJECTIVES = ("time", "cost")
 
 # Range limits (zoplan.limits), checked before any search: the search tries every divisor of a
@@ -111,7 +112,7 @@ def check_pins_range(pins: Pins, global_batch: int) -> None:
         if value is not None and most is not None and value > most:
             raise ZoplanError(f"{flag} {value} is more than {most}", fix=f"use {flag} {most} or less")
     if pins.perturbation is not None and pins.perturbation not in (1, 2):
-        raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
+        raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}", fix=PERTP_FIX)
 
 
 def check_workload(shape: ModelShape | None, global_batch: object, seq_len: object, before: int = 0) -> None:
@@ -434,7 +435,7 @@ def search(
     ``exhaustive`` simulates every fitting candidate (for tests of the pruning). ``progress`` is
     called with the candidates weighed so far (simulated or pruned) and the candidates that fit."""
     if top < 1:
-        raise ZoplanError(f"--top must be at least 1, got {top}")
+        raise ZoplanError(f"--top must be at least 1, got {top}", fix="use --top 1 or more (the families shown)")
     if objective not in OBJECTIVES:
         raise ZoplanError(f"unknown objective '{objective}'", fix="use 'time' or 'cost'")
     if param_dtype not in DTYPES:
@@ -725,9 +726,20 @@ def evaluate(machine: Machine, workload: Workload, layout: Layout, record: bool 
     )
 
 
+def _listed(values: list[int], most: int = 12) -> str:
+    """Whole numbers for a message: all of them, or the first and last few of many."""
+    shown = [str(v) for v in values]
+    if len(shown) > most:
+        shown = shown[: most - 3] + ["...", *shown[-2:]]
+    return ", ".join(shown)
+
+
 def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
     if not machine.gpus:
-        raise ZoplanError(f"topology '{machine.name}' has no GPUs to plan for")
+        raise ZoplanError(
+            f"topology '{machine.name}' has no GPUs to plan for",
+            fix="describe its devices in the topology file (zoplan topo detect writes one), or plan on a bundled one: zoplan topo list",
+        )
     check_workload(workload.model, workload.global_batch, workload.seq_len, workload.tuning.positions)
     layers, gpus = workload.model.layers, len(machine.gpus)
     for flag, value, least, most, why in (
@@ -754,12 +766,16 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
         if not pins.gpus:
             raise ZoplanError("--gpus names no GPU", fix=f"list compute GPUs, e.g. {','.join(machine.gpus[:2])}")
         if len(set(pins.gpus)) != len(pins.gpus):
-            raise ZoplanError(f"--gpus names a GPU twice: {','.join(pins.gpus)}")
+            raise ZoplanError(
+                f"--gpus names a GPU twice: {','.join(pins.gpus)}",
+                fix=f"name each once: --gpus {','.join(dict.fromkeys(pins.gpus))}",
+            )
         want = (pins.perturbation or 1) * (pins.data or 1)
         if pins.perturbation is not None and pins.data is not None and len(pins.gpus) != want:
             raise ZoplanError(
                 f"--gpus lists {len(pins.gpus)} GPUs, but --pertp {pins.perturbation} x "
-                f"--ddp {pins.data} = {want} compute GPUs"
+                f"--ddp {pins.data} = {want} compute GPUs",
+                fix=f"list {want} GPUs, or leave --pertp or --ddp out",
             )
         unknown = [g for g in pins.gpus if g not in machine.gpus]
         if unknown:
@@ -768,7 +784,7 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
                 fix=f"choose among {', '.join(machine.gpus)}",
             )
     if pins.perturbation is not None and pins.perturbation not in (1, 2):
-        raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}")
+        raise ZoplanError(f"--pertp must be 1 or 2, got {pins.perturbation}", fix=PERTP_FIX)
     if pins.perturbation is not None and pins.perturbation > len(machine.gpus):
         raise ZoplanError(
             f"--pertp {pins.perturbation} needs {pins.perturbation} GPUs, and '{machine.name}' has {len(machine.gpus)}",
@@ -788,7 +804,7 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
         )
     if pins.data is not None:
         if pins.data < 1:
-            raise ZoplanError(f"--ddp must be at least 1, got {pins.data}")
+            raise ZoplanError(f"--ddp must be at least 1, got {pins.data}", fix="use --ddp 1 or more")
         nodes = pins.nodes or 1  # (unpinned, the search tries one node too)
         replicas = pins.data * nodes
         if workload.global_batch % replicas:
@@ -800,17 +816,23 @@ def _check_pins(machine: Machine, workload: Workload, pins: Pins) -> None:
         if pins.micro_batch is not None and (workload.global_batch // replicas) % pins.micro_batch:
             raise ZoplanError(
                 f"micro-batch {pins.micro_batch} does not divide the per-replica batch "
-                f"{workload.global_batch // replicas}"
+                f"{workload.global_batch // replicas}",
+                fix=f"use a micro-batch among {_listed(divisors(workload.global_batch // replicas))}, "
+                "or leave --micro-batch out",
             )
         if pins.data * (pins.perturbation or 1) > len(machine.gpus):
             raise ZoplanError(
                 f"--ddp {pins.data} x --pertp {pins.perturbation or 1} needs more GPUs "
-                f"than the {len(machine.gpus)} of '{machine.name}'"
+                f"than the {len(machine.gpus)} of '{machine.name}'",
+                fix=f"use --ddp {max(1, len(machine.gpus) // (pins.perturbation or 1))} or less",
             )
     if pins.wire_dtype is not None and pins.wire_dtype not in DTYPES:
         raise ZoplanError(f"unknown wire dtype '{pins.wire_dtype}'", fix=f"use one of {', '.join(DTYPES)}")
     if pins.micro_batch is not None and workload.global_batch % pins.micro_batch:
-        raise ZoplanError(f"micro-batch {pins.micro_batch} does not divide the global batch {workload.global_batch}")
+        raise ZoplanError(
+            f"micro-batch {pins.micro_batch} does not divide the global batch {workload.global_batch}",
+            fix=f"use a micro-batch among {_listed(divisors(workload.global_batch))}, or leave --micro-batch out",
+        )
     # pins that contradict one another: named, rather than "no layout matches" (or one dropped)
     if pins.upload == "whole" and pins.slices is not None and pins.slices > 1:
         raise ZoplanError(

@@ -179,6 +179,21 @@ def test_plan_json_stdout_is_only_json() -> None:
     json.loads(result.stdout)
 
 
+def test_plan_json_keeps_the_footers_warnings() -> None:
+    """The table's footer warns what a plan's figures rest on (no price for --objective cost, a
+    GPU that charges nothing for launches): --json dropped them, exit 0 and nothing on stderr.
+    They are the JSON's "warnings" now, and said on stderr too."""
+    args = ("-m", "opt-1.3b", "-t", "rtx4090-4x", "--objective", "cost")
+    footer = invoke("plan", *args).stdout
+    result = invoke("plan", *args, "--json")
+    said = json.loads(result.stdout)["warnings"]
+    assert any(line.startswith("no price: topology 'rtx4090-4x'") for line in said), said
+    for line in said:
+        assert " ".join(line.split()) in " ".join(footer.split()), line  # the footer's words
+        assert line.split(":")[0] in result.stderr
+    assert json.loads(invoke("plan", "--json", "-m", "opt-13b", "-t", "dgx-a100").stdout)["warnings"] == []
+
+
 # ----- 2. plan -o, timeline -----------------------------------------------------------------------
 def test_plan_output_file_reads_back_and_matches_the_report(planned) -> None:
     report, path = planned
@@ -480,6 +495,12 @@ def test_the_verdict_gives_the_time_and_price_of_the_tokens_asked_for() -> None:
     cheapest = min(machines.values(), key=lambda m: m["usd_per_mtok"])
     assert said["cheapest"]["topology"] == cheapest["topology"]
     assert said["cheapest"]["usd"] == pytest.approx(cheapest["usd_per_mtok"] * 1e3)
+    # a count no training sees (inf gave "Infinity" in the JSON, which strict parsers refuse, with exit 0)
+    for count in ("inf", "1e400", "1e19"):
+        refused = runner.invoke(cli.app, ["compare", *workload, "--tokens", count, "--json"])
+        assert refused.exit_code == 2 and not refused.stdout.strip(), refused.output
+    most = invoke("compare", *workload, "--tokens", "1e18", "--json").stdout
+    assert json.loads(most, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["verdict"]["tokens"] == 1e18
 
 
 def test_version_is_the_package_version() -> None:
@@ -1090,6 +1111,69 @@ def test_an_output_file_that_zoplan_did_not_write_is_not_overwritten(tmp_path: P
     invoke("timeline", str(plan_path), "-o", str(tmp_path / "t.json"))
     invoke("timeline", str(plan_path), "-o", str(tmp_path / "t.json"))
     assert notes.read_text() == "precious"
+    # a file that merely holds zoplan's words is not one of its files: a topology whose comment
+    # says "layout:", another tool's trace (a torch profiler's has traceEvents too) were replaced
+    topology = tmp_path / "my-machine.yaml"
+    topology.write_text("# PCIe layout: as the vendor documents it\n" + resolve_topology_path("l40s-8x").read_text())
+    profiler = tmp_path / "torchprof.json"
+    profiler.write_text(
+        json.dumps({"traceEvents": [{"name": "aten::mm", "ph": "X", "ts": 1, "dur": 2}], "schemaVersion": 1})
+    )
+    for command in (("plan", *TINY, "-o", str(topology)), ("timeline", str(plan_path), "-o", str(profiler))):
+        code, _, err = run_main(monkeypatch, capsys, *command)
+        assert_one_error(code, err, "exists and is not a")
+    assert topology.read_text().startswith("# PCIe layout") and "aten::mm" in profiler.read_text()
+    # a merged trace (zoplan validate --trace) is one of zoplan's
+    merged = tmp_path / "merged.json"
+    merged.write_text(json.dumps({"traceEvents": [], "otherData": {"measured.step_time_ms": 1.0}}))
+    invoke("timeline", str(plan_path), "-o", str(merged))
+    # "-" is no standard output here (it made a file named '-')
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(monkeypatch, capsys, "timeline", str(plan_path), "-o", "-")
+    assert_one_error(code, err, "-o - would write the trace file into a file named '-'")
+    assert not (tmp_path / "-").exists()
+
+
+def test_an_output_through_a_symbolic_link_writes_the_file_it_names(tmp_path: Path) -> None:
+    """A plan, a trace or a PNG written through a link goes into the file the link names, and the
+    link stays (each was written beside the link and put in its place: as root, `-o /dev/stdout`
+    replaced the system's link to file descriptor 1 with a file of its own)."""
+    real = tmp_path / "kept"
+    real.mkdir()
+    plan_path = tmp_path / "plan.yaml"
+    invoke("plan", *TINY, "-o", str(plan_path))
+    outputs = [("plan", real / "plan.yaml"), ("timeline", real / "trace.json")]
+    if importlib.util.find_spec("matplotlib") is not None:
+        outputs.append(("png", real / "step.png"))
+    for kind, target in outputs:
+        link = tmp_path / f"link-{target.name}"
+        link.symlink_to(target)
+        if kind == "plan":
+            invoke("plan", *TINY, "-o", str(link))
+        elif kind == "timeline":
+            invoke("timeline", str(plan_path), "-o", str(link))
+        else:
+            invoke("timeline", str(plan_path), "--png", str(link))
+        assert link.is_symlink() and link.resolve() == target and target.stat().st_size > 0, kind
+    assert sorted(p.name for p in real.iterdir()) == sorted(t.name for _, t in outputs)  # no temporary file left
+
+
+def test_an_output_that_is_the_commands_own_stdout_is_refused(tmp_path: Path) -> None:
+    """-o /dev/stdout with the output redirected to a file: the trace and the command's own
+    "wrote ..." line went into the same file, the JSON broken, with exit 0."""
+    plan_path = tmp_path / "plan.yaml"
+    invoke("plan", *TINY, "-o", str(plan_path))
+    out = tmp_path / "out.json"
+    with out.open("w") as stdout:
+        proc = subprocess.run(
+            [sys.executable, "-m", "zoplan.cli", "timeline", str(plan_path), "-o", "/dev/stdout"],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2 and "is this command's stdout" in proc.stderr, proc.stderr
+    assert out.read_text() == ""
 
 
 def test_recipes_list_names_every_recipe_with_what_it_sets() -> None:

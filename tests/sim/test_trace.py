@@ -133,6 +133,25 @@ def test_every_span_is_on_a_declared_thread_with_nonnegative_times(fixture, mach
         assert event["pid"] in processes, event
 
 
+@pytest.mark.parametrize("window_only", [False, True])
+@pytest.mark.parametrize("fixture", ["sliced", "whole"])
+def test_spans_of_one_thread_never_overlap(fixture, window_only, machine, request) -> None:
+    """A stream runs its ops one after the other, and the trace-event format wants the slices of
+    one thread nested or apart: a span's rounded end is never after the next one's start (it
+    was, by a nanosecond, when start and duration were rounded each on its own)."""
+    _, result = request.getfixturevalue(fixture)
+    trace = chrome_trace(result, machine, window_only=window_only)
+    by_thread: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for event in _events(trace, "X"):
+        start = round(event["ts"] * 1000)  # whole nanoseconds: the trace's resolution
+        by_thread.setdefault((event["pid"], event["tid"]), []).append((start, start + round(event["dur"] * 1000)))
+    assert len(by_thread) > 2
+    for thread, spans in by_thread.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert end <= start, (thread, end, start)
+
+
 def test_each_gpu_of_the_layout_gets_a_process_and_streams_in_pipeline_order(sliced, machine) -> None:
     layout, result = sliced
     trace = chrome_trace(result, machine)
@@ -276,8 +295,47 @@ def test_no_recorded_spans_is_a_clear_error(machine, workload) -> None:
 
 def test_write_trace_reports_an_unwritable_path(sliced, machine, tmp_path) -> None:
     _, result = sliced
-    with pytest.raises(ZoplanError, match="cannot write trace"):
+    with pytest.raises(ZoplanError, match="cannot write .*trace.json"):
         write_trace(chrome_trace(result, machine), tmp_path / "missing" / "trace.json")
+
+
+def test_a_trace_or_png_that_cannot_be_written_whole_leaves_the_earlier_one(
+    sliced, machine, tmp_path, monkeypatch
+) -> None:
+    """A full disk left a cut trace over a good one written before, and an empty PNG: both are
+    written beside their place and put there whole, or not at all."""
+    import errno
+
+    _, result = sliced
+    trace = chrome_trace(result, machine)
+    path = tmp_path / "trace.json"
+    write_trace(trace, path)
+    before = path.read_bytes()
+    real_write = Path.write_text
+
+    def full(self: Path, text: str, **kwargs) -> int:  # the disk fills after a few kilobytes
+        real_write(self, text[:4096], **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(ZoplanError, match="No space left") as said:
+        write_trace(trace, path)
+    monkeypatch.undo()
+    assert "free space" in said.value.fix
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["trace.json"]
+    if not HAS_MATPLOTLIB:
+        return
+    png = tmp_path / "step.png"
+    from matplotlib.figure import Figure
+
+    def cut(self, fname, **kwargs) -> None:
+        Path(fname).write_bytes(b"\x89PNG")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", cut)
+    with pytest.raises(ZoplanError, match="No space left"):
+        plot_png(result, machine, png)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.json"]
 
 
 # ----- merging ----------------------------------------------------------------------------------

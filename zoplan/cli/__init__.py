@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from zoplan.errors import ZoplanError
-from zoplan.limits import MAX_MEASURED_STEPS, MAX_STEPS
+from zoplan.limits import MAX_MEASURED_STEPS, MAX_STEPS, MAX_TOKENS
 from zoplan.runconfig import CalibrateConfig, RunConfig, option
 from zoplan.vocab import Dtype, Method, Movers, Objective, Schedule, Upload
 
@@ -220,7 +220,12 @@ def plan_cmd(
     if output is not None:
         write_plan(report.plan, output)
     if as_json:
-        print(json.dumps(report.to_json(), indent=2))
+        from zoplan.cli.render import plan_warnings
+
+        said = [line for lines in plan_warnings(report) for line in lines]
+        print(json.dumps({**report.to_json(), "warnings": said}, indent=2, allow_nan=False))
+        for line in said:  # (and for whoever reads the terminal: what the table's footer would say)
+            err.print(Text(line if line.startswith("note:") else f"warning: {line}"), highlight=False, soft_wrap=True)
         return
     from zoplan.cli.render import plan_footer, plan_table
 
@@ -284,7 +289,11 @@ def compare_cmd(
     objective: Objective = typer.Option(Objective.TIME, "--objective"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table"),
     tokens: Optional[float] = typer.Option(
-        None, "--tokens", min=1, help="the verdict also gives the time and price of this many tokens (e.g. 1e9)"
+        None,
+        "--tokens",
+        min=1,
+        max=MAX_TOKENS,
+        help="the verdict also gives the time and price of this many tokens (e.g. 1e9)",
     ),
     wide: bool = typer.Option(False, "--wide", help="every column of the table (the default ones fit 80 columns)"),
 ) -> None:
@@ -328,6 +337,7 @@ def compare_cmd(
                     "verdict": verdict(results, tokens),
                 },
                 indent=2,
+                allow_nan=False,  # (strict JSON: every figure is finite)
             )
         )
     else:
@@ -705,7 +715,10 @@ def validate_cmd(
             fix="pass --model DIRECTORY (or hub id) of that model",
         )
     if steps <= skip:
-        raise ZoplanError(f"--steps {steps} leaves nothing to measure after --skip {skip}")
+        raise ZoplanError(
+            f"--steps {steps} leaves nothing to measure after --skip {skip}",
+            fix=f"use --steps more than --skip (e.g. --steps {skip + 10}), or a smaller --skip",
+        )
     if trace is not None:  # refused now, not after the run it would describe
         from zoplan.fileio import check_writable
 
@@ -776,7 +789,7 @@ def _validate(
         write_trace(zv.combined_trace(result, simulated, timeline(plan_file).machine), trace)
     kept = not run_dir.parent.name.startswith("zoplan-validate-")  # without --output, it goes when validate ends
     if as_json:
-        print(json.dumps(zv.to_json(result, plan_file, run_dir if kept else None, trace), indent=2))
+        print(json.dumps(zv.to_json(result, plan_file, run_dir if kept else None, trace), indent=2, allow_nan=False))
         return
     from zoplan.cli.render import validation_notes, validation_table
 

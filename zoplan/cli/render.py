@@ -230,25 +230,61 @@ def launch_note(machine: Machine, workload: Workload, best: Candidate) -> Text:
     )
 
 
-def plan_footer(report: PlanReport, wide: bool = False) -> Text:
+def plan_warnings(report: PlanReport) -> tuple[list[str], list[str]]:
+    """What a plan's figures rest on that the user should know (a rate of another dtype, launches
+    charged nothing, no price for --objective cost), then what its profile did not time: one line
+    each, for the table's footer and ``plan --json``'s ``warnings``."""
     s = report.search
-    text = Text()
-    best = report.summary(s.best)
+    warnings: list[str] = []
     dtype = s.best.layout.param_dtype
     for name in sorted({report.machine.gpu_model_name(g) for g in s.best.layout.compute_gpus}):
         other = rated_dtype(report.machine.spec.gpu_models[name], dtype)
         if other != dtype:
-            text.append(
-                f"no {dtype} rate: gpu model '{name}' gives none (tflops), so its {other} rate was planned with\n",
-                style="yellow",
+            warnings.append(
+                f"no {dtype} rate: gpu model '{name}' gives none (tflops), so its {other} rate was planned with"
             )
-    text.append(launch_note(report.machine, s.workload, s.best))
-    if s.objective == "cost" and best["usd_per_mtok"] is None:
-        text.append(
+    launch = launch_note(report.machine, s.workload, s.best).plain.strip()
+    if launch:
+        warnings.append(launch)
+    if s.objective == "cost" and report.summary(s.best)["usd_per_mtok"] is None:
+        warnings.append(
             f"no price: topology '{report.machine.name}' gives no price_per_hour_usd, so --objective cost "
-            "ranked by step time\n",
-            style="yellow",
+            "ranked by step time"
         )
+    notes: list[str] = []
+    profiled = report.machine.profile
+    if profiled is not None:
+        measured = profiled.profile.model
+        mb, seq = report.plan.batch.micro_batch, report.plan.batch.seq_len
+        if (mb, seq) != (measured.micro_batch, measured.seq_len):
+            notes.append(
+                f"note: the profile timed micro-batches of {measured.micro_batch} × {measured.seq_len} tokens; "
+                f"this plan's are {mb} × {seq}, so its compute times are scaled by the token count "
+                f"(attention grows faster than that): calibrate with --micro-batch {mb} --seq-len {seq} "
+                f"for the closest prediction"
+            )
+        from zoplan.profile import timed_counts
+
+        spec = report.plan.layout
+        count = report.plan.batch.global_batch // (spec.data * spec.nodes) // mb
+        branches = 2 if spec.perturbation == 1 else 1
+        timed = [m for m, _ in timed_counts(profiled.profile.compute.block_s, branches)]
+        if count > timed[-1]:
+            notes.append(
+                f"note: each rank runs {count} micro-batches a step, more than the profile timed "
+                f"({', '.join(map(str, timed))}): its compute times are extrapolated; calibrate with "
+                f"--micro-batches {','.join(map(str, timed))},{count} to time it"
+            )
+    return warnings, notes
+
+
+def plan_footer(report: PlanReport, wide: bool = False) -> Text:
+    s = report.search
+    text = Text()
+    best = report.summary(s.best)
+    warnings, notes = plan_warnings(report)
+    for line in warnings:
+        text.append(line + "\n", style="yellow")
     text.append(f"best: {best['perturbation']}×{best['data']} on {','.join(best['compute_gpus'])}", style="bold")
     relays = [g for g in best["movers"] if g not in best["compute_gpus"]]
     if best["upload"] == "sliced":
@@ -299,31 +335,8 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
         )
     else:
         text.append(f"ZO2 baseline: does not fit one {device} of this machine\n")
-    profiled = report.machine.profile
-    if profiled is not None:
-        measured = profiled.profile.model
-        mb, seq = report.plan.batch.micro_batch, report.plan.batch.seq_len
-        if (mb, seq) != (measured.micro_batch, measured.seq_len):
-            text.append(
-                f"note: the profile timed micro-batches of {measured.micro_batch} × {measured.seq_len} tokens; "
-                f"this plan's are {mb} × {seq}, so its compute times are scaled by the token count "
-                f"(attention grows faster than that): calibrate with --micro-batch {mb} --seq-len {seq} "
-                f"for the closest prediction\n",
-                style="yellow",
-            )
-        from zoplan.profile import timed_counts
-
-        spec = report.plan.layout
-        count = report.plan.batch.global_batch // (spec.data * spec.nodes) // mb
-        branches = 2 if spec.perturbation == 1 else 1
-        timed = [m for m, _ in timed_counts(profiled.profile.compute.block_s, branches)]
-        if count > timed[-1]:
-            text.append(
-                f"note: each rank runs {count} micro-batches a step, more than the profile timed "
-                f"({', '.join(map(str, timed))}): its compute times are extrapolated; calibrate with "
-                f"--micro-batches {','.join(map(str, timed))},{count} to time it\n",
-                style="yellow",
-            )
+    for line in notes:
+        text.append(line + "\n", style="yellow")
     text.append(
         "p×d: perturbation × data-parallel degree; µb: micro-batch; pf: blocks prefetched; "
         "res: blocks resident on the GPUs; bound: machine bound / step time\n"
@@ -556,7 +569,13 @@ def validation_notes(result: Validation, profiled: bool | None = None) -> list[s
         inside = step_s is not None and lo <= step_s <= hi
         notes.append(
             f"measured step times: 10% of the steps took under {_fmt_time(lo)}, 10% over {_fmt_time(hi)}"
-            + ("; the prediction lies within that spread" if inside else "")
+            + (
+                "; the prediction lies within that spread"
+                if inside
+                else f"; the prediction ({_fmt_time(step_s)}) lies {'below' if step_s < lo else 'above'} that spread"
+                if step_s is not None
+                else ""
+            )
         )
     if result.step_cv is not None:
         notes.append(

@@ -16,8 +16,11 @@ rounded to the nanosecond, so the same result gives byte-identical JSON (diffabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from zoplan.errors import ZoplanError, install_hint
-from zoplan.fileio import PNG_SOFTWARE
+from zoplan.fileio import PNG_SOFTWARE, write_fix, write_whole
 from zoplan.sim import REPORTED_STEP, SimResult, Span, link_label
 from zoplan.topology import Machine
 
@@ -82,6 +85,12 @@ def _us(seconds: float) -> float:
     """Seconds to microseconds, rounded to the nanosecond: float noise below that would make two
     equal runs differ in the last digit of the JSON for no information."""
     return round(seconds * _US, 3)
+
+
+def _dur(start_us: float, end_us: float) -> float:
+    """A span's duration from its start and end, each already rounded (``_us``): rounded on its
+    own, a span could end a nanosecond after the next one on its stream starts."""
+    return round(end_us - start_us, 3)
 
 
 def _gpu_order(result: SimResult, machine: Machine) -> list[str]:
@@ -180,7 +189,7 @@ def chrome_trace(
                 "cat": "step",
                 "ph": "X",
                 "ts": ts(lo),
-                "dur": _us(hi - lo),
+                "dur": _dur(ts(lo), ts(hi)),
                 "pid": links_pid,
                 "tid": _STEPS_TID,
                 "args": {"step": step, "reported": reported, "step_time_ms": round((hi - lo) * 1e3, 6)},
@@ -227,7 +236,7 @@ def chrome_trace(
                 "cat": cat,
                 "ph": "X",
                 "ts": ts(t0),
-                "dur": _us(t1 - t0),
+                "dur": _dur(ts(t0), ts(t1)),
                 "pid": pid,
                 "tid": tid,
                 "args": args,
@@ -324,12 +333,8 @@ def write_trace(trace: dict[str, Any], path: Path) -> None:
         text = json.dumps(trace, separators=(",", ":"), allow_nan=False)
     except ValueError as e:  # NaN/inf: Perfetto rejects the file, so fail here instead
         raise ZoplanError(f"trace for {path} holds a non-finite number: {e}") from None
-    try:
-        Path(path).write_text(text + "\n", encoding="utf-8")
-    except OSError as e:
-        raise ZoplanError(
-            f"cannot write trace file {path}: {e.strerror or e}", fix="choose a writable path (the folder must exist)"
-        ) from None
+    # whole or not at all: a full disk left a cut trace, over a good one written before
+    write_whole(Path(path), text + "\n")
 
 
 # ----- terminal Gantt ---------------------------------------------------------------------------
@@ -543,9 +548,13 @@ def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
     )
     ax.set_title(png_title(result, machine))
     fig.tight_layout()
+    # drawn beside it, then put in its place: a full disk left an empty or cut PNG
+    target = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # (write_whole's reason)
+    tmp = target.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.png")
     try:
-        fig.savefig(Path(path), format="png", metadata={"Software": PNG_SOFTWARE})
+        fig.savefig(tmp, format="png", metadata={"Software": PNG_SOFTWARE})
+        tmp.replace(target)
     except OSError as e:
-        raise ZoplanError(
-            f"cannot write PNG {path}: {e.strerror or e}", fix="choose a writable path (the folder must exist)"
-        ) from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ZoplanError(f"cannot write PNG {path}: {e.strerror or e}", fix=write_fix(e, target.parent)) from None
