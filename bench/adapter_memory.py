@@ -9,7 +9,7 @@ the processes that map them) summed over the run's processes (launcher, supervis
 what the run holds in /dev/shm. Reported: the peaks, and the median step time from metrics.jsonl
 (the first step excluded). ROUNDS rounds, the configurations interleaved.
 
-Usage: python -m bench.adapter_memory [--steps 12] [--rounds 2] [--out DIR]
+Usage: python -m bench.adapter_memory [--steps 12] [--rounds 2] [--only full,lora,...] [--out DIR]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ reporting the host time to issue the launches and the GPU time, and checks that 
 the same bits.
 
 Usage (on a GPU machine with triton, zoplan installed with the runtime extra):
-    python -m bench.block_kernels [--out DIR] [--reps 50]
+    python -m bench.block_kernels [--out DIR] [--reps 50] [--shapes opt-1.3b,opt-2.7b,opt-6.7b]
 """
 
 from __future__ import annotations

@@ -525,6 +525,13 @@ def main() -> None:
     print("\ngpu_models entry (a CPU rank):")
     for key, value in figures.items():
         print(f"    {key}: {value}")
+    if opts.write is not None and round(efficiency, 2) <= 0:
+        # a second thread that added nothing: other work held the other core while it was timed (a
+        # topology needs a share above 0, and a figure from a busy minute would mislead a plan)
+        raise SystemExit(
+            f"not written: {opts.write}: a second thread added nothing to the matmul rate (other work on "
+            "the machine?); measure again when it is idle"
+        )
     if opts.write is not None:
         spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "topologies" / "cpu-local.yaml").read_text())
         if "cache_mib" not in figures:  # not listed here: not cpu-local's either

@@ -155,7 +155,11 @@ def main() -> None:
         say(
             f"{name} {layout}: uncalibrated (topology and presets only): step {step['predicted_s'] * 1e3:.2f}/"
             f"{step['measured_s'] * 1e3:.2f} ms ({step['error']:+.1%}); measured 10th-90th percentile "
-            f"{spread.get('p10_s', float('nan')) * 1e3:.2f}-{spread.get('p90_s', float('nan')) * 1e3:.2f} ms"
+            + (
+                f"{spread['p10_s'] * 1e3:.2f}-{spread['p90_s'] * 1e3:.2f} ms"
+                if spread
+                else "not given (fewer than 5 measured steps)"
+            )
         )
         say(
             f"{name} {layout}: "

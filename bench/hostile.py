@@ -16,6 +16,7 @@ Usage: python -m bench.hostile [--work DIR] [--only SUBSTRING]   (about 5 minute
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--only", default="")
     opts = parser.parse_args()
     work = opts.work or Path(tempfile.mkdtemp(prefix="hostile-"))
+    if opts.work is None:  # a folder of its own: removed at the end (--work keeps its base runs for the next)
+        atexit.register(shutil.rmtree, work, True)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # the runs every case starts from: 6 steps with snapshots, and an uninterrupted 8-step run

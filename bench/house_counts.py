@@ -1,5 +1,5 @@
 """How many places declare each `zoplan run` option's default, and how many times one `zoplan run`
-reads its topology file (issue 19's figures; docs/results/suite.md).
+reads its topology file (issue 19's figures; docs/results/house.md).
 
 1. Declarations: every default given to a `zoplan run` option on its way from the command line
    to the ranks, found by walking the code (ast): a field of the run's configuration
@@ -15,6 +15,7 @@ Usage: python -m bench.house_counts
 
 from __future__ import annotations
 
+import argparse
 import ast
 import tempfile
 from collections import Counter
@@ -99,6 +100,8 @@ def topology_reads() -> int:
 
 def main() -> None:
     from zoplan.runconfig import RunConfig
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # (no options: --help says so)
 
     found = declarations()
     counts = Counter(found.get(name, 0) for name in RunConfig.model_fields)

@@ -8,8 +8,11 @@ Usage: python -m bench.journal_overhead
 
 from __future__ import annotations
 
+import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -19,9 +22,11 @@ from pathlib import Path
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # (no options: --help says so)
     from zoplan.runtime.journal import write_line  # the worker's own code
 
     work = Path(tempfile.mkdtemp(prefix="zoplan-journal-"))
+    atexit.register(shutil.rmtree, work, True)  # the journal and the run: nothing left behind
     record = {
         "step": 12345,
         "seed": 4611686018427387903,

@@ -90,7 +90,7 @@ def zoplan_run(model: Path, train: Path, held: Path, method: str, steps: int, ev
         data=str(train),
         eval_data=str(held),
         tuning=method,
-        prefix_tokens=PREFIX_TOKENS,
+        prefix_tokens=PREFIX_TOKENS if method == "prefix" else None,  # (refused for another method)
         steps=steps,
         eval_every=every,
         lr=LR[method],

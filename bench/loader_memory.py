@@ -5,7 +5,7 @@ the shared host copy. This measures its peak resident set (VmHWM: private memory
 host copy's pages it wrote) against the size of the weights, for an OPT-shaped model with random
 weights saved in bf16 (``--saved fp32``: in the compute dtype) and trained in fp32.
 
-Usage: python -m bench.loader_memory [--hidden 1024 --layers 24]
+Usage: python -m bench.loader_memory [--hidden 1024 --layers 24] [--saved bf16|fp32]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from zoplan.planner import plan
 from zoplan.runtime import dist as zdist
 from zoplan.runtime.worker import load_model
+from zoplan.runtime.scratch import shared_memory
 from zoplan.search import Pins
 
 import threading, time
@@ -57,7 +58,9 @@ ctx = zdist.RankContext(rank=0, world=1, node=0, local_rank=0, device=torch.devi
 before = kib("RssAnon", "RssShmem")
 sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
-model, adapter, host = load_model(model_dir, report.plan, ctx, f"bench-{uuid.uuid4().hex[:8]}")
+# the host copy in shared memory, as a run's loader writes it (host.remove() takes it away)
+root = shared_memory() / f"zoplan-bench-{uuid.uuid4().hex[:8]}"
+model, adapter, host = load_model(model_dir, report.plan, ctx, root)
 stop.set()
 sampler.join()
 try:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from profile_statistic import measured_steps, replan
+from bench.profile_statistic import measured_steps, replan
 
 
 def main() -> None:

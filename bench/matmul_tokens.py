@@ -8,7 +8,7 @@ against 1 / M gives 1 / peak (its intercept) and half / peak (its slope). On a G
 synchronised and the rows go up to 8192 tokens (a GPU needs many more rows than a CPU core to
 fill).
 
-Usage: python -m bench.matmul_tokens [--device cuda] [--dtype bf16] [--hidden 2048 --ffn 8192]
+Usage: python -m bench.matmul_tokens [--device cuda] [--dtype bf16] [--hidden 2048 --ffn 8192] [--threads N] [--quick]
 [--quick]   (bench/cpu_figures.py runs the CPU's fp32 fit at OPT-125m's shapes; bench/gpu_checks.sh
 ``matmul`` the GPU's at the OPT-1.3B and 2.7B shapes)
 """

@@ -58,7 +58,11 @@ def main() -> None:
         )
         print(f"{m:<{width}} {cells}")
     over = sorted(((v, k) for k, v in median.items() if v > 2.0), reverse=True)
-    print(f"(* refused: the model does not fit) {len(over)} of {len(median)} cases over 2 s; slowest:")
+    refused = any(a.startswith("refused") for a in answers.values())
+    print(
+        ("(* refused: the model does not fit) " if refused else "")
+        + f"{len(over)} of {len(median)} cases over 2 s; slowest:"
+    )
     for v, (m, t) in over[:10]:
         print(f"  {m} on {t}: {v:.2f} s ({answers[m, t]})")
     if args.out is not None:

@@ -13,8 +13,10 @@ Usage: python -m bench.runtime_cpu [--steps 8] [--only offload,pertp,memory]
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -173,6 +175,7 @@ def main() -> None:
     opts = parser.parse_args()
     which = set(opts.only.split(","))
     work = Path(tempfile.mkdtemp(prefix="zoplan-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # the models and the runs (hundreds of MB): nothing left behind
     data = long_texts(work / "long.jsonl")
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
 

@@ -10,7 +10,8 @@ versions it requires, installed from carried wheels: bench/zo2_peer.py, bench/gp
 ``--zo2-python`` (a Python of its own environment).
 
 Usage (on a GPU machine, zoplan installed with the runtime extra):
-    python -m bench.runtime_gpu --out results-dir [--steps 5] [--models opt-1.3b,opt-2.7b]
+    python -m bench.runtime_gpu --out results-dir [--steps 5] [--models opt-1.3b,opt-2.7b] [--batch B --seq-len S]
+        [--graphs] [--zo2 PATH (--zo2-site DIR | --zo2-python PYTHON)]
         [--graphs] [--zo2 .peers/zo2 --zo2-site /tmp/site-zo2]
 
 ``--graphs`` runs the offloaded step again with the blocks as CUDA graphs (``ZOPLAN_CUDA_GRAPHS=1``,
@@ -21,11 +22,14 @@ says whether the losses are the eager run's.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -225,8 +229,8 @@ def main() -> None:
     )
     h2d, d2h, mm = copy_gbps("h2d"), copy_gbps("d2h"), matmul_tflops()
     log(out, f"pinned copy 1 GiB: H2D {h2d:.1f} GB/s, D2H {d2h:.1f} GB/s; bf16 matmul 8192^3 {mm:.0f} TFLOP/s")
-    work = Path("/tmp/zoplan-gpu-bench")
-    work.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="zoplan-gpu-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # models and runs: nothing left behind
     data = long_texts(work / "long.jsonl")
     # a quick end-to-end run first: a broken GPU path should cost seconds, not the whole budget
     try:

@@ -73,7 +73,9 @@ def measure(model: str, topology: str) -> dict[str, object]:
             digest.update(b"stopped")
             stopped = 1
         costs.release_program()
-        row = families.setdefault("{}x{} {} {}".format(*family(costs.layout)), [0, 0, 0.0])
+        p, d, nodes, upload, movers = family(costs.layout)
+        name = f"{p}x{d}" + (f"x{nodes}n" if nodes > 1 else "") + f" {upload} {movers}"
+        row = families.setdefault(name, [0, 0, 0.0])
         row[0], row[1], row[2] = row[0] + 1, row[1] + stopped, row[2] + time.perf_counter() - t
     return {
         "seconds": time.perf_counter() - t0,
@@ -127,7 +129,7 @@ def main() -> None:
     print(
         f"this checkout, last round: the search in one process {last['plan_s']:.2f} s, of which "
         f"{last['before_s']:.2f} s before its first simulation; of the simulations' time, {last['build_s']:.2f} s "
-        "built their step programs; by family (p x d, upload, movers):"
+        "built their step programs; by family (p x d[ x nodes], upload, movers):"
     )
     for name, (count, stopped, seconds) in sorted(last["families"].items(), key=lambda kv: -kv[1][2]):
         print(f"  {name:<16} {count:>4} simulations, {stopped:>4} stopped early, {seconds:.2f} s")

@@ -20,11 +20,13 @@ With ``--threads 2``: every one on 2 threads, and zoplan's default plan for this
 
     python -m bench.speed_cpu --zo2 ../shared/peers/zo2 --zo2-python /tmp/venv-zo2/bin/python [--rounds 3]
     python -m bench.speed_cpu --zo2 ../shared/peers/zo2 --zo2-site /tmp/site-zo2 [--rounds 3]
+        [--steps 6] [--skip 1] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -131,7 +133,15 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=1, help="steps left out at the start of each run")
     parser.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args()
+    # ZO2's arguments checked before minutes of building and measuring, not after
+    if not (opts.zo2 / "zo2").is_dir():
+        parser.error(f"--zo2 {opts.zo2}: not a checkout of ZO2 (no zo2/ package folder in it)")
+    if opts.zo2_python is not None and not Path(opts.zo2_python).is_file():
+        parser.error(f"--zo2-python {opts.zo2_python}: no such Python (bench.zo2_peer makes one)")
+    if opts.zo2_site is not None and not opts.zo2_site.is_dir():
+        parser.error(f"--zo2-site {opts.zo2_site}: no such folder (bench.zo2_peer --wheels makes one)")
     work = Path(tempfile.mkdtemp(prefix="zoplan-speed-"))
+    atexit.register(shutil.rmtree, work, True)  # the model, the runs (hundreds of MB): nothing left behind
     model_dir, data, batches = build(work)
     print(f"{time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__}, {opts.threads} thread(s), {work}", flush=True)
     results: dict[str, list[float]] = {"mezo": [], "zo2": [], "zoplan": []}
@@ -152,7 +162,6 @@ def main() -> None:
         f"zoplan / MeZO {final['zoplan'] / final['mezo']:.2f}, zoplan / ZO2 {final['zoplan'] / final['zo2']:.2f}"
     )
     print(json.dumps({"rounds": results, "medians": final}))
-    shutil.rmtree(work)  # the model, the runs: nothing left behind
 
 
 if __name__ == "__main__":

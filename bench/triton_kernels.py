@@ -109,4 +109,11 @@ def run(log2n: int = 26) -> None:
 
 
 if __name__ == "__main__":
-    run(int(sys.argv[1]) if len(sys.argv) > 1 else 26)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("log2_count", type=int, nargs="?", default=26, help="elements: 2 to this power (default 26)")
+    count = parser.parse_args().log2_count
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.triton_kernels needs a CUDA GPU (torch sees none here)")
+    run(count)

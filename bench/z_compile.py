@@ -14,6 +14,10 @@ Usage: python -m bench.z_compile [--elements 4194304] [--repeat 5]
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -52,6 +56,10 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=1 << 22)
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    # torch.compile's cache (some 150 MB) in a folder of its own, not /tmp/torchinductor_USER for good
+    cache = tempfile.mkdtemp(prefix="zoplan-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    atexit.register(shutil.rmtree, cache, True)
     torch.set_num_threads(1)
     n, seed, name = args.elements, 1234, "model.decoder.layers.0.fc1.weight"
     keys = P._round_keys(P.name_key(seed, name), 0)
