@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -254,3 +255,10 @@ def test_a_listing_fits_80_columns_with_its_long_lines_under_their_description(t
     console = Console(width=80, record=True, color_system=None)
     console.print(wrapped, soft_wrap=True, highlight=False)
     assert "…" not in console.export_text()
+    # a narrow terminal still wraps, under the op's id (lines of 100 columns at 40: none wrapped)
+    for narrow in (40, 52):
+        wrapped = _hanging(listing, narrow)
+        # an op's line longer than that holds no break between items (its stream, id and first item)
+        long = [line for line in wrapped.splitlines() if line.startswith("  ") and len(line) > narrow]
+        assert all(len(re.split(r"(?<=[;,]) ", line.strip())) == 1 for line in long), long
+        assert " ".join(wrapped.split()) == " ".join(listing.split())

@@ -8,6 +8,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -434,6 +435,24 @@ def test_gantt_fits_the_terminal_with_its_labels(sliced, machine, columns: int) 
     assert {line.split()[0] for line in rows if line[0] != " "} == set(layout.gpus)  # each GPU named
     streams = [line.split()[1] if line[0] != " " else line.split()[0] for line in rows]
     assert all(stream in STREAMS for stream in streams), streams  # each row's stream, whole
+
+
+@pytest.mark.parametrize("columns", [20, 24, 27])
+def test_gantt_in_a_very_narrow_terminal_crops_the_names_never_the_busy_share(sliced, whole, machine, columns) -> None:
+    """Below ~30 columns the names give way (docs/timeline.md): the busy % stayed cut ("4" for
+    42%, "10" for 100%) when the table shrank every column alike."""
+    for _, result in (sliced, whole):
+        text = _render(gantt(result, machine, width=None, fit=columns), width=columns)
+        lines = text.splitlines()
+        header = next(i for i, line in enumerate(lines) if "┬" in line)  # the axis, then a row per stream
+        rows = lines[header + 1 : next(i for i, line in enumerate(lines) if line.startswith("legend"))]
+        shares = [round(100 * v) for k, v in result.utilization.items() if k.startswith("compute")]
+        assert rows and all(len(line.rstrip()) <= columns for line in rows)
+        assert all(re.search(r" \d{1,3}%$", line.rstrip()) for line in rows), rows
+        assert any(line.rstrip().endswith(f" {shares[0]}%") for line in rows), (shares, rows)
+        # the legend wraps by whole items: never a colour block at a line's end, its name on the next
+        legend = lines[next(i for i, line in enumerate(lines) if line.startswith("legend")) :]
+        assert len(legend) > 1 and not [line for line in legend if re.search(r"[█▄·]\s*$", line)], legend
 
 
 def test_gantt_rejects_a_useless_width(sliced, machine) -> None:

@@ -242,10 +242,11 @@ def _hanging(listing: str, width: int) -> str:
 
     from zoplan.program import DESCRIPTION_COLUMN, OP_INDENT
 
-    indent = " " * DESCRIPTION_COLUMN
+    # in a narrow terminal (52 columns or fewer) under the id's start instead: it still wraps
+    indent = " " * (DESCRIPTION_COLUMN if width > DESCRIPTION_COLUMN + 20 else OP_INDENT + 4)
     lines = []
     for line in listing.splitlines():
-        if len(line) <= width or not line.startswith(" " * OP_INDENT) or width <= len(indent) + 20:
+        if len(line) <= width or not line.startswith(" " * OP_INDENT) or width <= len(indent) + 10:
             lines.append(line)
             continue
         # broken after a "," or ";" only: an op id ("d2h b3 r1") stays on one line

@@ -435,9 +435,16 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
     ``width`` None: as many time columns as leave the labels and busy % whole in ``fit``
     columns (a terminal's width)."""
     _require_spans(result)
+    names: tuple[int | None, int | None] = (None, None)  # the GPU and stream columns' widths: their own
     if width is None:  # GPU and stream names, the busy column, a space after each column
-        labels = max((len(g) for g in machine.gpus), default=4) + 1 + len("exchange") + 1 + 1 + len("100%")
+        gpu_chars = max((len(g) for g in machine.gpus), default=4)
+        labels = gpu_chars + 1 + len("exchange") + 1 + 1 + len("100%")
         width = max(10, min(MAX_GANTT_WIDTH, fit - labels))
+        room = fit - width - len("100%") - 3  # (a space after each of the first three columns)
+        if room < gpu_chars + len("exchange"):
+            # a terminal too narrow for them: the names are cropped, never the busy %
+            gpu_w = max(1, min(gpu_chars, room // 2))
+            names = (gpu_w, max(1, room - gpu_w))
     check_gantt_width(width)
     start, end = result.window
     span_s = end - start
@@ -446,8 +453,8 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
     table = Table(
         box=None, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), show_header=True, header_style="bold"
     )
-    table.add_column("rank" if machine.cpu_ranks_only else "GPU", no_wrap=True)
-    table.add_column("stream", no_wrap=True)
+    table.add_column("rank" if machine.cpu_ranks_only else "GPU", no_wrap=True, max_width=names[0])
+    table.add_column("stream", no_wrap=True, max_width=names[1])
     table.add_column(_axis(span_s, width), no_wrap=True, min_width=width, max_width=width, overflow="crop")
     table.add_column("busy", justify="right", no_wrap=True, min_width=4)  # "100%" never truncated
     previous = None
@@ -464,14 +471,22 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
 
     used = {cat for _g, _s, intervals in rows for cat, _lo, _hi in intervals}
     present = [c for c in CATEGORIES if c in used] + sorted(used - set(CATEGORIES))
-    legend = Text("legend: ", style="bold")
-    for cat in present:
-        legend.append(FULL, style=CATEGORY_STYLE.get(cat, "white"))
-        legend.append(f" {cat}  ", style="")
-    legend.append(IDLE, style="dim")
-    legend.append(" idle  ")
-    legend.append(PARTIAL)
-    legend.append(" busy < half the cell")
+    # packed into lines of ``fit`` columns by whole items: wrapped by the terminal, a colour block
+    # was left at a line's end and its name on the next
+    items = [
+        *(Text.assemble((FULL, CATEGORY_STYLE.get(cat, "white")), f" {cat}") for cat in present),
+        Text.assemble((IDLE, "dim"), " idle"),
+        Text(f"{PARTIAL} busy < half the cell"),
+    ]
+    legend = Text("legend:", style="bold")
+    line = len(legend)
+    for item in items:
+        if line + 2 + len(item) > fit and line > len("legend:"):
+            legend.append("\n" + " " * len("legend:"))
+            line = len("legend:")
+        legend.append("  ")
+        legend.append_text(item)
+        line += 2 + len(item)
     heading = Text.assemble(
         (f"{machine.name}", "bold"),
         f": reported step {REPORTED_STEP}, {_fmt_duration(span_s)}{_on_each_node(result)}, bound by ",
