@@ -66,7 +66,7 @@ def test_zoplan_plan_tuning_lora_uses_mezos_rates_and_says_what_it_trains(tmp_pa
     written = load_plan(tmp_path / "p.yaml")
     assert (written.zo.lr, written.zo.eps) == (5e-5, 1e-2)  # MeZO's LoRA rates
     as_json = runner.invoke(app, ["plan", "-m", "opt-1.3b", "-t", "rtx4090-4x", "--tuning", "prefix", "--json"])
-    assert json.loads(as_json.output)["tuning"] == "prefix"
+    assert json.loads(as_json.stdout)["tuning"] == "prefix"  # (its warnings go to stderr)
     bad = runner.invoke(app, ["plan", "--tuning", "lorra"])
     assert bad.exit_code == 2
 

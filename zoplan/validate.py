@@ -261,7 +261,17 @@ def combined_trace(validation: Validation, simulated: SimResult, machine: Machin
     """One Chrome trace: the simulated step ("simulated" processes) above the measured one."""
     traces = [chrome_trace(simulated, machine, title="simulated", window_only=True)]
     if validation.measured is not None:
-        traces.append(chrome_trace(validation.measured, machine, title="measured", pid_base=1000, window_only=True))
+        measured = chrome_trace(validation.measured, machine, title="measured", pid_base=1000, window_only=True)
+        # laid out as the simulator's reported step (its index, 1), it is this step of the run
+        # (validate --json's trace_step): every span says so, and the step's own span by its name
+        run_step = validation.trace_step
+        measured["otherData"]["run_step"] = run_step
+        for event in measured["traceEvents"]:
+            if event["ph"] == "X":
+                event["args"] = {**event.get("args", {}), "run_step": run_step}
+                if event.get("cat") == "step":
+                    event["name"] = f"step {run_step} of the run (measured)"
+        traces.append(measured)
     return merge_traces(*traces)
 
 

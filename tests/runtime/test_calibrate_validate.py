@@ -355,6 +355,12 @@ def test_validate_runs_the_plan_and_compares_every_stage(calibrated, planned, tm
     assert ("rank0", "compute", "block 0") in measured_ops and measured_ops <= simulated_ops | {
         (r, "compute", "host") for r in ("rank0", "rank1")
     }  # host work: a profile's, simulated here too
+    # the measured step is the run's trace_step, said by every measured span and its step's name
+    # (each said "step 1", the simulator's index of the reported step)
+    measured_x = [e for e in events if e.get("ph") == "X" and e["pid"] in measured_pids]
+    assert {e["args"]["run_step"] for e in measured_x} == {report["trace_step"]}
+    assert f"step {report['trace_step']} of the run (measured)" in {e["name"] for e in events if e.get("cat") == "step"}
+    assert json.loads(trace.read_text())["otherData"]["measured.run_step"] == report["trace_step"]
     # the default data: long texts written for the plan's sequence length, kept with the run
     assert json.loads((tmp_path / "run" / "run.json").read_text())["data"] == str(tmp_path / "run" / "long-text.jsonl")
     assert report["padding_fraction"] == 0.0  # they fill every sequence
