@@ -103,7 +103,7 @@ def checked_cache_dir() -> Path:
 
 
 # what the check looks at, by version: a directory passed by an older check is checked again
-CHECKS = "2"  # 2: a config that says its weights are quantized is refused
+CHECKS = "3"  # 2: a config that says its weights are quantized is refused; 3: a tied head the weights untie
 
 
 def _stamp(model_dir: Path) -> str:
@@ -181,6 +181,7 @@ def _check_model_dir(model_dir: Path) -> None:
         raise _unbuildable(model_dir, exc) from None
     if files:
         _compare(model_dir, config, model, shapes)
+        _check_tied_head(model_dir, config, model, files, shapes)
     fix = (
         "copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) saved with the model into the directory"
     )
@@ -220,6 +221,37 @@ def _compare(model_dir: Path, config, model, shapes: dict[str, tuple[int, ...]])
             f"(first: {', '.join(missing[:_SHOWN])}); they would start from random values",
             fix="copy the whole checkpoint, or use the config.json saved with these weights",
         )
+
+
+def _check_tied_head(model_dir: Path, config, model, files: list[Path], shapes: dict[str, tuple[int, ...]]) -> None:
+    """A config that ties the head to the embedding, over weights that hold a head of their own
+    with other values: transformers keeps the two apart as it loads such a checkpoint (the loader
+    rank), while the ranks that build the model on their own tie them: the two branches of a step
+    would be two different models (the loss and every update wrong, with exit 0)."""
+    import torch
+    from safetensors import safe_open
+
+    if not getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in shapes:
+        return
+    embedding = model.get_input_embeddings().weight
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is embedding and n != "lm_head.weight"]
+    if not names or names[0] not in shapes or shapes[names[0]] != shapes["lm_head.weight"]:
+        return
+    values = {}
+    for path in files:
+        with safe_open(str(path), "pt") as f:
+            for name in {names[0], "lm_head.weight"} & set(f.keys()):
+                values[name] = f.get_tensor(name)
+    if torch.equal(values[names[0]], values["lm_head.weight"]):
+        return  # a tied checkpoint that saved the head too: the same values
+    raise ZoplanError(
+        f"{model_dir}: config.json ties the head to the embedding (tie_word_embeddings: true), but the weights "
+        f"hold their own lm_head.weight, with other values than {names[0]}: transformers keeps them apart as it "
+        "loads them, the ranks that build the model themselves tie them, so the branches of a step would run "
+        "two different models",
+        fix='if the head is its own (as the weights say), set "tie_word_embeddings": false in config.json; '
+        "if it is the embedding, save the checkpoint again without lm_head.weight",
+    )
 
 
 # what a model directory holds beside its weights, copied with trained weights: config,

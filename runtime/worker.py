@@ -249,7 +249,24 @@ def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path,
     save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
     for f in companion_files(model_dir):
         shutil.copy2(f, target / f.name)
+    _config_says_dtype(target / "config.json", dtype)
     readable_as_umask(target)
+
+
+def _config_says_dtype(config: Path, dtype: torch.dtype) -> None:
+    """The trained weights' dtype in their config.json (the base's, copied): a bf16 checkpoint
+    trained and written in fp32 kept "bfloat16", so from_pretrained without a dtype loaded it in
+    bf16 and rounded the run's updates away."""
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    name = str(dtype).removeprefix("torch.")
+    keys = [k for k in ("torch_dtype", "dtype") if k in data]
+    if all(data[k] == name for k in keys):
+        return
+    for key in keys:
+        data[key] = name
+    config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param_dtype: str, steps: int) -> None:

@@ -319,6 +319,49 @@ def test_config_name_is_directory_name(tmp_path: Path) -> None:
     assert load_model_shape(str(path.parent)).name == "my-finetune"
 
 
+def test_a_config_file_of_its_own_name_is_named_for_it(tmp_path: Path) -> None:
+    """configs/llama-2-7b.json was named 'configs', the folder of every config, in the table and the plan."""
+    path = tmp_path / "configs" / "llama-2-7b.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(hf_config(PRESETS["llama-2-7b"])))
+    assert load_model_shape(str(path)).name == "llama-2-7b"
+
+
+QWEN2_7B = {
+    "model_type": "qwen2",
+    "num_hidden_layers": 28,
+    "hidden_size": 3584,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "intermediate_size": 18944,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+}
+
+
+@pytest.mark.parametrize(
+    "extra, refused",
+    [
+        ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 14}, True),
+        ({"layer_types": ["full_attention"] * 27 + ["sliding_attention"]}, True),
+        ({"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28}, False),  # as shipped
+        ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 0}, False),  # every layer alike
+        ({"layer_types": ["full_attention"] * 28}, False),
+    ],
+)
+def test_a_config_whose_layers_attend_differently_is_refused(tmp_path: Path, extra: dict, refused: bool) -> None:
+    """The runtime runs every block with its first block's attention mask: a Qwen2 config with
+    sliding-window layers after full ones trained with full attention throughout, with exit 0."""
+    path = write_config(tmp_path / "qwen2-swa", {**QWEN2_7B, **extra})
+    if not refused:
+        assert load_model_shape(str(path)).layers == 28
+        return
+    with pytest.raises(ZoplanError, match="its layers attend differently") as said:
+        load_model_shape(str(path))
+    assert "sliding_attention" in said.value.message and said.value.fix
+
+
 def test_mistral_is_llama_shaped(tmp_path: Path) -> None:
     config = {
         "model_type": "mistral",

@@ -154,6 +154,10 @@ def test_gpu_memory_shortfall_is_reported() -> None:
     # a huge sequence makes the head's logits alone exceed 24 GiB on every layout
     with pytest.raises(ZoplanError, match="GPU memory is short by"):
         search(machine, Workload(load_model_shape("llama-3-8b"), 1, 65536))
+    # CPU ranks have no GPU: their own memory is what is short (it said "GPU memory ... per GPU")
+    with pytest.raises(ZoplanError, match="CPU rank memory is short by .* per CPU rank") as said:
+        plan("llama-3-8b", "cpu-local")
+    assert "GPU" not in said.value.message
 
 
 def test_pins_are_honoured() -> None:

@@ -503,7 +503,10 @@ def load_model_shape(name_or_path: str | Path) -> ModelShape:
             )
     else:
         directory, config_path = path.resolve().parent, path
-    return _shape_from_config(_read_config(config_path), config_path, directory.resolve().name)
+    # named for its directory (a checkpoint's), or for the file when it is not a config.json (a
+    # llama-2-7b.json among others was named for the folder that holds them all)
+    name = directory.resolve().name if config_path.name == "config.json" else config_path.stem
+    return _shape_from_config(_read_config(config_path), config_path, name)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -566,6 +569,7 @@ def _shape_from_config(config: dict[str, Any], path: Path, name: str) -> ModelSh
                 f"{path}: head_dim {head_dim} × num_attention_heads {heads} != "
                 f"hidden_size {hidden}: decoupled head_dim is not supported"
             )
+    _check_alike_layers(config, path, model_type, layers)
     try:
         return ModelShape(
             name=name,
@@ -582,6 +586,29 @@ def _shape_from_config(config: dict[str, Any], path: Path, name: str) -> ModelSh
         )
     except ZoplanError as exc:
         raise ZoplanError(f"{path}: {exc.message}", fix=exc.fix) from None
+
+
+def _check_alike_layers(config: dict[str, Any], path: Path, model_type: str, layers: int) -> None:
+    """Refuse a config whose layers attend differently (some through a sliding window, the others
+    over the whole sequence: Qwen2 with use_sliding_window and max_window_layers, or a config's
+    own layer_types). The runtime runs every block with the arguments transformers gives its
+    first (its attention mask among them): such a model would be trained as another, with exit 0."""
+    kinds = config.get("layer_types")
+    if not isinstance(kinds, list):
+        window, first = config.get("sliding_window"), config.get("max_window_layers", layers)
+        if model_type == "qwen2" and config.get("use_sliding_window") is True and window and isinstance(first, int):
+            kinds = ["full_attention" if i < first else "sliding_attention" for i in range(layers)]
+        else:
+            return
+    counts = {str(k): kinds.count(k) for k in dict.fromkeys(kinds)}
+    if len(counts) > 1:
+        said = ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        raise ZoplanError(
+            f"{path}: its layers attend differently ({said}): zoplan runs every block with the attention of "
+            "the first, so it would train another model than this config describes",
+            fix='use a config whose layers all attend alike (Qwen2: "use_sliding_window": false, as its '
+            "checkpoints ship)",
+        )
 
 
 _MISSING = object()

@@ -875,7 +875,8 @@ def _nothing_fits(
         )
     parts = []
     if gpu_short is not None and gpu_short > 0:
-        parts.append(f"GPU memory is short by {gpu_short / GiB:.1f} GiB per GPU even in the smallest layout")
+        device = "CPU rank" if machine.cpu_ranks_only else "GPU"  # (a CPU rank's memory_gib: its share of RAM)
+        parts.append(f"{device} memory is short by {gpu_short / GiB:.1f} GiB per {device} even in the smallest layout")
     if host_short is not None and host_short > 0:
         parts.append(
             f"host memory is short by {host_short / GiB:.1f} GiB for one copy of the "

@@ -596,7 +596,33 @@ CHECKPOINT_DAMAGE = {
         lambda d: _edit_config(d, hidden_size=128, word_embed_proj_dim=128),
         "tensor shape(s) differ (model.decoder.embed_tokens.weight is [1405, 64] in the weights",
     ),
+    # (the loader rank kept the head apart, the others tied it: two models, every step wrong, exit 0)
+    "a tied config over weights with a head of their own": (
+        lambda d: _add_head(d, shift=1.0),
+        "config.json ties the head to the embedding (tie_word_embeddings: true), but the weights hold their own",
+    ),
 }
+
+
+def _add_head(model_dir: Path, shift: float) -> None:
+    """The checkpoint's head saved beside its embedding: ``shift`` added to its values."""
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["lm_head.weight"] = tensors["model.decoder.embed_tokens.weight"].clone() + shift
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_a_tied_checkpoint_that_saved_its_head_too_passes(tiny_dirs, tmp_path: Path) -> None:
+    import shutil
+
+    from zoplan.runtime.checkpoint import check_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["tiny-opt"], model)
+    _add_head(model, shift=0.0)  # the same values as the embedding: tied
+    check_model_dir(model)
 
 
 def _edit_config(model_dir: Path, **fields) -> None:
@@ -1095,3 +1121,36 @@ def test_a_run_json_that_names_only_the_model_and_data_takes_the_plan_s_settings
         plan.zo.seed,
         plan.zo.steps,
     )
+
+
+def test_a_model_trained_from_a_bf16_checkpoint_says_the_dtype_its_weights_are_in(tiny_dirs, tmp_path: Path) -> None:
+    """The trained weights are written in the run's dtype (fp32 on CPU ranks) with the base's
+    config.json beside them: it still said "bfloat16", so from_pretrained without a dtype loaded
+    the trained model in bf16 and rounded the run's updates away."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from zoplan.runtime import fine_tune
+
+    base = tmp_path / "bf16"
+    shutil.copytree(tiny_dirs["tiny-llama"], base)
+    state = load_file(str(base / "model.safetensors"))
+    save_file({n: t.to(torch.bfloat16) for n, t in state.items()}, str(base / "model.safetensors"), {"format": "pt"})
+    config = json.loads((base / "config.json").read_text())
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]
+    (base / "config.json").write_text(json.dumps({**config, **{k: "bfloat16" for k in keys}}))
+    run = fine_tune(model=str(base), steps=2, output=str(tmp_path / "run"), quiet=True, lr=1e-3)
+    saved = json.loads((run.model / "config.json").read_text())
+    assert all(saved[k] == "float32" for k in keys), saved
+    weights = load_file(str(run.model / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    model = AutoModelForCausalLM.from_pretrained(run.model)  # no dtype: what its config says
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    loaded = dict(model.named_parameters())
+    assert any(
+        torch.equal(loaded[n], weights[n]) and not torch.equal(weights[n], weights[n].bfloat16().float())
+        for n in weights
+        if n in loaded
+    )  # an update bf16 would round away, kept
