@@ -183,16 +183,68 @@ def main() -> None:
 
         return go
 
-    def damaged_model(fn) -> Callable[[Path], tuple[int, str]]:
+    def damaged_model(fn, base: str = "tiny-opt") -> Callable[[Path], tuple[int, str]]:
         def go(d: Path) -> tuple[int, str]:
             from zoplan.runtime.tiny import resolve_model
 
             model = d / "model"
-            shutil.copytree(resolve_model("tiny-opt"), model)
+            shutil.copytree(resolve_model(base), model)
             fn(model)
             return call("run", "--model", str(model), "--steps", "2", "-o", str(d / "out"), cwd=d)
 
         return go
+
+    def sliding_after_full(model: Path) -> None:
+        """A Qwen2 config as older transformers write it (no layer_types): layer 0 full, layer 1 sliding."""
+        path = model / "config.json"
+        config = {k: v for k, v in json.loads(path.read_text()).items() if k != "layer_types"}
+        path.write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}))
+
+    def own_head(model: Path) -> None:
+        """tiny-opt ties its head: the weights given a head of their own, with other values."""
+        from safetensors.torch import load_file, save_file
+
+        path = model / "model.safetensors"
+        tensors = load_file(str(path))
+        tensors["lm_head.weight"] = tensors["model.decoder.embed_tokens.weight"] + 1.0
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+    def in_bf16(model: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        path = model / "model.safetensors"
+        save_file({n: t.bfloat16() for n, t in load_file(str(path)).items()}, str(path), metadata={"format": "pt"})
+        edit_config(model, torch_dtype="bfloat16")
+
+    def trained_in_float32(d: Path) -> bool:
+        return json.loads((d / "out" / "model" / "config.json").read_text()).get("torch_dtype") == "float32"
+
+    def plan_through_a_link(d: Path) -> tuple[int, str]:
+        (d / "kept").mkdir()
+        (d / "p.yaml").symlink_to(d / "kept" / "p.yaml")
+        return call("plan", "-m", "tiny-opt", "-t", "cpu-local", "-o", "p.yaml", cwd=d)
+
+    def over_a_topology(d: Path) -> tuple[int, str]:
+        from zoplan.topology import resolve_topology_path
+
+        (d / "mine.yaml").write_text(
+            "# PCIe layout: as the vendor says\n" + resolve_topology_path("cpu-local").read_text()
+        )
+        code, out = call("plan", "-m", "tiny-opt", "-t", "mine.yaml", "-o", "mine.yaml", cwd=d)
+        return code, out + ("" if (d / "mine.yaml").read_text().startswith("# PCIe layout") else "\nTOPOLOGY REPLACED")
+
+    def trace_into_own_stdout(d: Path) -> tuple[int, str]:
+        with open(d / "out.json", "w") as stdout:
+            proc = subprocess.run(
+                zoplan_cmd("timeline", str(work / "base" / "plan.yaml"), "-o", "/dev/stdout"),
+                cwd=d,
+                stdout=stdout,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=LIMIT_S,
+                env=ENV,
+            )
+        return proc.returncode, proc.stderr
 
     def edit_config(model: Path, **fields) -> None:
         path = model / "config.json"
@@ -756,6 +808,33 @@ def main() -> None:
         Case("input", "a named pipe given as the plan", fifo_as("run")),
         Case("input", "a named pipe given as plan -o", fifo_as("plan")),
         Case("input", "eps 1e308 in a plan of 3 steps (every step skipped)", plan_with(zo_set(eps=1e308, steps=3))),
+        Case(
+            "input",
+            "a Qwen2 config with sliding-window layers after full ones",
+            damaged_model(sliding_after_full, "tiny-qwen2"),
+        ),
+        Case("input", "a tied config over weights with a head of their own", damaged_model(own_head)),
+        Case(
+            "output",
+            "a bf16 checkpoint trained (its model's config must say float32)",
+            damaged_model(in_bf16),
+            refused=False,
+            check=trained_in_float32,
+        ),
+        Case(
+            "output",
+            "plan -o through a symbolic link (must finish, the link kept)",
+            plan_through_a_link,
+            refused=False,
+            check=lambda d: (d / "p.yaml").is_symlink() and (d / "kept" / "p.yaml").is_file(),
+        ),
+        Case("output", "plan -o over a topology whose comment says layout:", over_a_topology),
+        Case("output", "timeline -o /dev/stdout into the command's own output", trace_into_own_stdout),
+        Case(
+            "input",
+            "compare --tokens inf --json",
+            lambda d: call("compare", "-m", "opt-125m", "-t", "dgx-a100", "--tokens", "inf", "--json", cwd=d),
+        ),
     ]
     rows = []
     before = scratch()
