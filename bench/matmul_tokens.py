@@ -88,6 +88,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (a CPU rank's one)")
     parser.add_argument("--quick", action="store_true")
     opts = parser.parse_args()
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "bench.matmul_tokens --device cuda needs a CUDA GPU (torch sees none here); --device cpu times the CPU"
+        )
     torch.set_num_threads(opts.threads)
     dtype = opts.dtype or ("fp32" if opts.device == "cpu" else "bf16")
     ffn = opts.ffn or 4 * opts.hidden

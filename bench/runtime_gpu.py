@@ -218,6 +218,8 @@ def main() -> None:
     parser.add_argument("--zo2-site", type=Path, help="transformers 4.51.3 and its needs, for this Python")
     parser.add_argument("--zo2-python", help="or a Python with ZO2's torch and transformers 4.51.3")
     opts = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.runtime_gpu needs a CUDA GPU (torch sees none here)")
     out = opts.out
     out.mkdir(parents=True, exist_ok=True)
     import transformers

@@ -192,6 +192,12 @@ def test_plan_json_keeps_the_footers_warnings() -> None:
         assert " ".join(line.split()) in " ".join(footer.split()), line  # the footer's words
         assert line.split(":")[0] in result.stderr
     assert json.loads(invoke("plan", "--json", "-m", "opt-13b", "-t", "dgx-a100").stdout)["warnings"] == []
+    # a rotary model run past the positions it was trained for (OPT's learned ones are refused)
+    said = json.loads(invoke("plan", "--json", "-m", "llama-2-7b", "-t", "dgx-a100", "-s", "8192").stdout)["warnings"]
+    assert any("8192 positions a sequence, more than the 4096 of llama-2-7b" in line for line in said), said
+    assert not json.loads(invoke("plan", "--json", "-m", "llama-2-7b", "-t", "dgx-a100", "-s", "4096").stdout)[
+        "warnings"
+    ]
 
 
 # ----- 2. plan -o, timeline -----------------------------------------------------------------------
@@ -693,13 +699,15 @@ def test_cheap_layouts_rank_apart_by_their_price() -> None:
     of a small model read <0.01 on every row."""
     from zoplan.cli.render import _fmt_usd
 
-    assert [_fmt_usd(x) for x in (2.345, 0.1, 0.0123, 0.0041, 0.00012, 0.00004)] == [
+    assert [_fmt_usd(x) for x in (2.345, 0.1, 0.0123, 0.0041, 0.00012, 0.00004, 0.0102, 0.09)] == [
         "2.35",
         "0.10",
         "0.012",
         "0.0041",
         "0.00012",
         "<0.0001",
+        "0.010",  # (its second digit kept: "0.01" read as less precise than its neighbours)
+        "0.090",
     ]
 
 

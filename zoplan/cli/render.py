@@ -43,8 +43,9 @@ def _fmt_usd(usd: float | None) -> str:
         return "–"
     if usd >= 0.095:
         return f"{usd:.2f}"
-    # two significant digits below a dime, so that cheap layouts still rank apart; not 0.00: not free
-    return f"{usd:.2g}" if usd >= 0.0001 else "<0.0001"
+    # two significant digits below a dime, so that cheap layouts still rank apart; not 0.00: not
+    # free; kept when the second is a 0 (0.0102 read "0.01" beside "0.024")
+    return f"{usd:#.2g}" if usd >= 0.0001 else "<0.0001"
 
 
 def _fmt_gib(nbytes: float) -> str:
@@ -246,6 +247,12 @@ def plan_warnings(report: PlanReport) -> tuple[list[str], list[str]]:
     launch = launch_note(report.machine, s.workload, s.best).plain.strip()
     if launch:
         warnings.append(launch)
+    shape, used = s.workload.model, s.workload.seq_len + s.workload.tuning.positions
+    if used > shape.max_positions:  # (OPT's learned positions refuse it: only a rotary model gets here)
+        warnings.append(
+            f"{used} positions a sequence, more than the {shape.max_positions} of {shape.name} "
+            "(max_position_embeddings): rotary positions run past them, but the model has seen no such lengths"
+        )
     if s.objective == "cost" and report.summary(s.best)["usd_per_mtok"] is None:
         warnings.append(
             f"no price: topology '{report.machine.name}' gives no price_per_hour_usd, so --objective cost "
