@@ -136,7 +136,7 @@ def main() -> None:
     # ZO2's arguments checked before minutes of building and measuring, not after
     if not (opts.zo2 / "zo2").is_dir():
         parser.error(f"--zo2 {opts.zo2}: not a checkout of ZO2 (no zo2/ package folder in it)")
-    if opts.zo2_python is not None and not Path(opts.zo2_python).is_file():
+    if opts.zo2_python is not None and shutil.which(opts.zo2_python) is None:  # (a path, or a name on PATH)
         parser.error(f"--zo2-python {opts.zo2_python}: no such Python (bench.zo2_peer makes one)")
     if opts.zo2_site is not None and not opts.zo2_site.is_dir():
         parser.error(f"--zo2-site {opts.zo2_site}: no such folder (bench.zo2_peer --wheels makes one)")

@@ -345,6 +345,7 @@ QWEN2_7B = {
     [
         ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 14}, True),
         ({"layer_types": ["full_attention"] * 27 + ["sliding_attention"]}, True),
+        ({"layer_types": [[1]] + ["full_attention"] * 27}, True),  # (unhashable entries: a TypeError before)
         ({"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28}, False),  # as shipped
         ({"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 0}, False),  # every layer alike
         ({"layer_types": ["full_attention"] * 28}, False),
@@ -359,7 +360,7 @@ def test_a_config_whose_layers_attend_differently_is_refused(tmp_path: Path, ext
         return
     with pytest.raises(ZoplanError, match="its layers attend differently") as said:
         load_model_shape(str(path))
-    assert "sliding_attention" in said.value.message and said.value.fix
+    assert "attention" in said.value.message and said.value.fix
 
 
 def test_mistral_is_llama_shaped(tmp_path: Path) -> None:

@@ -83,7 +83,11 @@ def test_one_nodes_profile_serves_a_cluster_of_such_nodes(tmp_path: Path) -> Non
     profile = write_profile(tmp_path / "profile.yaml", topology=str(one), node=True)
     cluster = tmp_path / "cluster.yaml"
     text = one.read_text().replace("name: cpu-local", "name: my-cluster")
-    cluster.write_text(text + "nodes: 4\nnetwork: {gbps: 25, latency_us: 5}\nprice_per_hour_usd: 8.0\n")
+    cluster.write_text(
+        re.sub(r"(?m)^description: .*$", 'description: "four of these over 25 Gb/s"', text)
+        + "nodes: 4\nnetwork: {gbps: 25, latency_us: 5}\nprice_per_hour_usd: 8.0\n"
+    )
+    assert "four of these" in load_topology(str(cluster)).spec.description  # (free text: no part of the node)
     assert load_topology(str(cluster)).hash != load_topology(str(one)).hash
     report = plan("opt-125m", str(cluster), global_batch=8, seq_len=64, dtype="fp32", profile=profile)
     assert report.plan.profile is not None and report.plan.profile.hash == load_profile_hash(profile)

@@ -229,15 +229,19 @@ def _yaml_keys(raw: bytes) -> set[str]:
 def _our_trace(raw: bytes) -> bool:
     """A Chrome trace zoplan wrote (zoplan.sim.trace: its ``otherData`` names the step's time, a
     merged trace's each group's), not another tool's (a torch profiler's trace has traceEvents too)."""
+    if b'"otherData"' not in raw or b"step_time_ms" not in raw:  # (before parsing: a profiler's trace is big)
+        return False
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
         return False
-    other = data.get("otherData") if isinstance(data, dict) else None
+    if not isinstance(data, dict):  # (Chrome's array format: another tool's)
+        return False
+    other = data.get("otherData")
     return (
         isinstance(data.get("traceEvents"), list)
         and isinstance(other, dict)
-        and any(k == "step_time_ms" or k.endswith(".step_time_ms") for k in other)
+        and any(isinstance(k, str) and (k == "step_time_ms" or k.endswith(".step_time_ms")) for k in other)
     )
 
 
@@ -245,13 +249,16 @@ def _our_trace(raw: bytes) -> bool:
 # user's own (notes, a topology, another tool's trace), which a mistyped -o would replace. Read
 # whole (a plan is at most MAX_PLAN_BYTES): a word in its first lines is not enough (a topology's
 # comment "# PCIe layout: ..." passed for a plan's ``layout:``).
+def _has_keys(raw: bytes, keys: set[str]) -> bool:
+    """A YAML mapping with ``keys`` at its top (each word looked for first: parsing a big file
+    that lacks one would take seconds to refuse it)."""
+    return all(f"{k}:".encode() in raw for k in keys) and keys <= _yaml_keys(raw)
+
+
 _OURS: dict[str, tuple[int, Callable[[bytes], bool]]] = {  # what: (bytes read at most, the test)
-    "plan": (MAX_PLAN_BYTES + 1, lambda raw: {"version", "model", "topology", "layout", "batch"} <= _yaml_keys(raw)),
-    "profile": (
-        MAX_PLAN_BYTES + 1,
-        lambda raw: {"version", "machine", "model", "devices", "compute"} <= _yaml_keys(raw),
-    ),
-    "trace file": (1 << 30, _our_trace),  # (a big model's trace: megabytes)
+    "plan": (MAX_PLAN_BYTES + 1, lambda raw: _has_keys(raw, {"version", "model", "topology", "layout", "batch"})),
+    "profile": (MAX_PLAN_BYTES + 1, lambda raw: _has_keys(raw, {"version", "machine", "model", "devices", "compute"})),
+    "trace file": (1 << 28, _our_trace),  # (a big model's trace: a few megabytes; a bigger file is another's)
     # the Software text chunk of a PNG zoplan.sim.trace.plot_png draws: such a file may be drawn over again
     "PNG": (1 << 16, lambda raw: f"Software\x00{PNG_SOFTWARE}".encode() in raw),
 }
@@ -295,7 +302,7 @@ def check_writable(path: Path, what: str) -> None:
             fix="write it to a file of its own (-o FILE), then read that file",
         )
     if path.is_symlink():  # the file it names is the one written (write_whole): checked, and probed
-        path = path.resolve()
+        path = Path(os.path.realpath(path))  # (a loop stays a path: opening it says so)
     existed = path.exists()
     recognised = _OURS.get(what)
     if existed and recognised is not None and path.is_file() and path.stat().st_size > 0:
@@ -309,15 +316,23 @@ def check_writable(path: Path, what: str) -> None:
                 f"{path} exists and is not a {what} zoplan wrote: it is not overwritten",
                 fix="choose another path, or remove the file first",
             )
+    # the file, and a file beside it: write_whole writes one there and puts it in the file's place
+    # (a folder that took no new file failed only after the work, a validation run's minutes)
+    probe = path.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with path.open("ab"):
+            pass
+        with probe.open("xb"):
             pass
     except OSError as exc:
         raise ZoplanError(
             f"cannot write {what} {path}: {exc.strerror or exc}", fix=write_fix(exc, path.parent)
         ) from None
-    if not existed:
-        path.unlink(missing_ok=True)
+    finally:
+        with contextlib.suppress(OSError):  # (a folder that is no folder: said above)
+            probe.unlink(missing_ok=True)
+            if not existed:
+                path.unlink(missing_ok=True)
 
 
 class _Refused(Exception):
@@ -556,7 +571,7 @@ def write_whole(path: Path, text: str) -> None:
     a full disk was left empty). A failure is a message that names the disk's state."""
     # Through a symbolic link, the file it names is written, beside it: replacing the link would
     # leave it a file of its own (as root, -o /dev/stdout replaced the system's link to fd 1)
-    target = path.resolve() if path.is_symlink() else path
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # (a loop stays a path)
     # (a name of its own length: one derived from the target's made a 250-byte name too long)
     tmp = target.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
@@ -574,4 +589,10 @@ def write_fix(exc: OSError, folder: Path) -> str:
         return f"free space on the disk that holds {folder} (or choose a folder on another), then run the same command again"
     if exc.errno == errno.EROFS:
         return f"{folder} is on a read-only file system: choose a folder on another"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR) and folder.is_file():
+        return f"{folder} is a file, not a folder: choose a path in a folder"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not folder.is_dir():
+        return f"the folder {folder} does not exist: make it (mkdir -p {folder}) or choose another"
+    if exc.errno == errno.ELOOP:
+        return "the path's symbolic links form a loop: give the file's own path"
     return f"choose a folder you can write to, or make {folder} writable"

@@ -600,7 +600,8 @@ def _check_alike_layers(config: dict[str, Any], path: Path, model_type: str, lay
             kinds = ["full_attention" if i < first else "sliding_attention" for i in range(layers)]
         else:
             return
-    counts = {str(k): kinds.count(k) for k in dict.fromkeys(kinds)}
+    kinds = [str(k) for k in kinds]  # (whatever a hand-written list holds)
+    counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
     if len(counts) > 1:
         said = ", ".join(f"{n} {kind}" for kind, n in counts.items())
         raise ZoplanError(

@@ -25,6 +25,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from zoplan import cli
+from zoplan.errors import ZoplanError
 from zoplan.planfile import load_plan
 from zoplan.topology import bundled_names, resolve_topology_path
 
@@ -1131,6 +1132,16 @@ def test_an_output_file_that_zoplan_did_not_write_is_not_overwritten(tmp_path: P
         code, _, err = run_main(monkeypatch, capsys, *command)
         assert_one_error(code, err, "exists and is not a")
     assert topology.read_text().startswith("# PCIe layout") and "aten::mm" in profiler.read_text()
+    # Chrome's array format, and JSON that is no object: another tool's (a traceback before)
+    for text in ("[1, 2]", "null", '"x"'):
+        other = tmp_path / "array.json"
+        other.write_text(text)
+        code, _, err = run_main(monkeypatch, capsys, "timeline", str(plan_path), "-o", str(other))
+        assert_one_error(code, err, "exists and is not a trace file zoplan wrote")
+    # a missing folder is named as such (the fix said to make it writable)
+    code, _, err = run_main(monkeypatch, capsys, "plan", *TINY, "-o", str(tmp_path / "nodir" / "p.yaml"))
+    assert_one_error(code, err, "cannot write plan")
+    assert f"the folder {tmp_path / 'nodir'} does not exist" in err
     # a merged trace (zoplan validate --trace) is one of zoplan's
     merged = tmp_path / "merged.json"
     merged.write_text(json.dumps({"traceEvents": [], "otherData": {"measured.step_time_ms": 1.0}}))
@@ -1164,6 +1175,35 @@ def test_an_output_through_a_symbolic_link_writes_the_file_it_names(tmp_path: Pa
             invoke("timeline", str(plan_path), "--png", str(link))
         assert link.is_symlink() and link.resolve() == target and target.stat().st_size > 0, kind
     assert sorted(p.name for p in real.iterdir()) == sorted(t.name for _, t in outputs)  # no temporary file left
+    # links that form a loop: a message, not a traceback (Path.resolve raised RuntimeError)
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    result = runner.invoke(cli.app, ["plan", *TINY, "-o", str(tmp_path / "loop-a")])
+    assert isinstance(result.exception, ZoplanError), result.exception
+    assert "symbolic links form a loop" in str(result.exception.fix)
+
+
+def test_an_output_whose_folder_takes_no_new_file_is_refused_before_the_work(tmp_path: Path, monkeypatch) -> None:
+    """A trace, a plan or a profile is written beside its place and moved there: a folder that
+    takes no new file (its file writable, itself not) passed the check, and `validate --trace`
+    failed after its whole run. The check now makes a file there too."""
+    from zoplan.fileio import check_writable
+
+    target = tmp_path / "t.json"
+    target.write_text(json.dumps({"traceEvents": [], "otherData": {"step_time_ms": 1.0}}))
+    real_open = Path.open
+
+    def no_new_files(self: Path, mode: str = "r", *args, **kwargs):
+        if "x" in mode:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", no_new_files)
+    with pytest.raises(ZoplanError, match="cannot write trace file .*Permission denied"):
+        check_writable(target, "trace file")
+    monkeypatch.undo()
+    check_writable(target, "trace file")  # (a folder that takes one: fine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # the probe gone
 
 
 def test_an_output_that_is_the_commands_own_stdout_is_refused(tmp_path: Path) -> None:

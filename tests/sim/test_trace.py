@@ -453,6 +453,8 @@ def test_gantt_in_a_very_narrow_terminal_crops_the_names_never_the_busy_share(sl
         # the legend wraps by whole items: never a colour block at a line's end, its name on the next
         legend = lines[next(i for i, line in enumerate(lines) if line.startswith("legend")) :]
         assert len(legend) > 1 and not [line for line in legend if re.search(r"[█▄·]\s*$", line)], legend
+        if columns >= 24:  # (the longest item: 22 columns)
+            assert any("▄ busy < half the cell" in line for line in legend), legend  # (its last word was wrapped)
 
 
 def test_gantt_rejects_a_useless_width(sliced, machine) -> None:

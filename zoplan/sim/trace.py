@@ -479,11 +479,15 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
         Text(f"{PARTIAL} busy < half the cell"),
     ]
     legend = Text("legend:", style="bold")
-    line = len(legend)
+    line, indent = len(legend), len("legend:") + 2
     for item in items:
         if line + 2 + len(item) > fit and line > len("legend:"):
-            legend.append("\n" + " " * len("legend:"))
-            line = len("legend:")
+            # the next line under the first item, or from the margin where it would not fit so
+            lead = indent if indent + len(item) <= fit else 0
+            legend.append("\n" + " " * lead)
+            legend.append_text(item)
+            line = lead + len(item)
+            continue
         legend.append("  ")
         legend.append_text(item)
         line += 2 + len(item)
@@ -564,7 +568,7 @@ def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
     ax.set_title(png_title(result, machine))
     fig.tight_layout()
     # drawn beside it, then put in its place: a full disk left an empty or cut PNG
-    target = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # (write_whole's reason)
+    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # (write_whole's reason)
     tmp = target.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.png")
     try:
         fig.savefig(tmp, format="png", metadata={"Software": PNG_SOFTWARE})

@@ -351,11 +351,12 @@ class Machine:
 
     @cached_property
     def node_spec_hash(self) -> str:
-        """The digest of one of its nodes: the description without its name, the node count, the
-        network between the nodes and the price of them all. A calibration measures one node: its
-        profile serves every machine of such nodes (a cluster's file and one node's alike)."""
+        """The digest of one of its nodes: its devices, links and figures, without its name and
+        free-text description, the node count, the network between the nodes and the price of them
+        all. A calibration measures one node: its profile serves every machine of such nodes (a
+        cluster's file and one node's alike)."""
         spec = self._dumped()
-        for key in ("name", "nodes", "network", "price_per_hour_usd"):
+        for key in ("name", "description", "nodes", "network", "price_per_hour_usd"):
             spec.pop(key, None)
         return content_hash(spec)
 
