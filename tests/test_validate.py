@@ -278,6 +278,7 @@ def test_the_spread_of_the_measured_steps_is_reported_beside_the_error(two_rank_
 
     inside = validated(0.23)
     assert inside.step_spread_s == pytest.approx((0.21, 0.29))  # deciles of 0.20 .. 0.30, step 0 left out
+    assert to_json(inside, Path("p.yaml"), tmp_path, None)["gpu_memory"] is None  # no GPU measured (CPU ranks)
     assert to_json(inside, Path("p.yaml"), tmp_path, None)["step_spread"] == {
         "p10_s": pytest.approx(0.21),
         "p90_s": pytest.approx(0.29),

@@ -296,8 +296,10 @@ def to_json(validation: Validation, plan_path: Path, out: Path | None, trace: Pa
         ),
         "step_cv": validation.step_cv,
         "padding_fraction": validation.padding_fraction,
-        "gpu_memory": {
-            "predicted_bytes": validation.predicted_gpu_bytes,
-            "measured_peak_bytes": validation.peak_gpu_bytes,
-        },
+        # on CUDA only (a CPU plan's prediction holds the CUDA context's reserve, measured by nothing)
+        "gpu_memory": (
+            {"predicted_bytes": validation.predicted_gpu_bytes, "measured_peak_bytes": validation.peak_gpu_bytes}
+            if validation.peak_gpu_bytes is not None
+            else None
+        ),
     }
