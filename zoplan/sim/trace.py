@@ -81,6 +81,11 @@ def _require_spans(result: SimResult) -> None:
         )
 
 
+# span categories of ops that belong to no block (the embedding, the head, the loss's all-reduce,
+# the loop's host work): their spans carry no args.block
+_PER_STEP = frozenset({"embed", "head", "scalar", "loop"})
+
+
 def _us(seconds: float) -> float:
     """Seconds to microseconds, rounded to the nanosecond: float noise below that would make two
     equal runs differ in the last digit of the JSON for no information."""
@@ -227,7 +232,9 @@ def chrome_trace(
     for pid, tid, t0, (g, stream, cat, label, step, block, s0, s1) in spans:
         t1 = min(s1, end) if window_only else s1
         # the op's id in the step program (zoplan.program), and where it ran
-        args: dict[str, Any] = {"op": label, "rank": g, "stream": stream, "step": step, "block": block}
+        args: dict[str, Any] = {"op": label, "rank": g, "stream": stream, "step": step}
+        if cat not in _PER_STEP:  # (a per-step op's "block" is only where it sits among them: -1, layers, ...)
+            args["block"] = block
         if window_only and (s0 < start or s1 > end):
             args["clipped"] = True  # the span crosses the step boundary (prefetch of the next step)
         events.append(
