@@ -72,6 +72,8 @@ def test_layouts_that_simulate_alike_are_simulated_once(monkeypatch: pytest.Monk
     work = Workload(load_model_shape("opt-1.3b"), 8, 256)
     result = search(machine, work, exhaustive=True)
     assert len(calls) < len(result.ranked) / 2  # the shared ones were not simulated again
+    # the footer's "N simulations, twins sharing one": the simulations run, not the candidates
+    assert result.distinct == len(calls) < result.evaluated
     assert {c.layout.micro_batch for c in result.ranked} == {1, 2, 4, 8}
     for cand in result.ranked[::5]:
         own = simulate(StepCosts(machine, work, cand.layout))
@@ -691,7 +693,7 @@ def test_simulations_on_workers_give_the_answers_of_one_process(
     shared = search(machine, work, top=3, exhaustive=exhaustive)
     assert forked == [2]
     assert _signature(shared) == _signature(alone) and len(alone.ranked) > 3
-    for name in ("evaluated", "pruned", "aborted", "rejected", "considered"):
+    for name in ("evaluated", "pruned", "aborted", "rejected", "considered", "distinct"):
         assert getattr(shared, name) == getattr(alone, name), name
     assert multiprocessing.active_children() == []
 

@@ -106,6 +106,7 @@ class PlanReport:
                 "considered": s.considered,
                 "rejected_memory": s.rejected,
                 "evaluated": s.evaluated,
+                "distinct": s.distinct,
                 "aborted": s.aborted,
                 "pruned": s.pruned,
                 "seconds": round(s.seconds, 4),

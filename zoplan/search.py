@@ -153,6 +153,10 @@ class SearchResult:
     considered: int = 0
     notes: list[str] = field(default_factory=list)
     pins: Pins = Pins()  # what the user fixed
+    # of the ``evaluated``, how many the simulator can tell apart (zoplan.sim.inputs_key): the
+    # simulations the search needed; the others took a twin's answer (without a profile, most
+    # often the micro-batches whose blocks cost the same)
+    distinct: int = 0
 
     @property
     def best(self) -> Candidate:
@@ -499,6 +503,7 @@ def search(
     # differ only in what the simulation does not read (most often the micro-batch) are
     # simulated once, and a twin proven slower than a limit is not simulated again
     sims = _Simulations(fitting, limit_of)
+    asked: set[tuple[object, ...]] = set()  # what the simulations the search asked for read
     try:
         for weighed, (layout, bound, costs) in enumerate(fitting):
             if progress is not None:
@@ -507,6 +512,7 @@ def search(
             if limit_s == "pruned":
                 pruned += 1
                 continue
+            asked.add(sims.key(weighed))
             result = sims.answer(weighed, limit_s)
             if isinstance(result, AtLeast):
                 aborted += 1  # proven no better than the limit, by its simulation or a twin's
@@ -531,6 +537,7 @@ def search(
         seconds=time.perf_counter() - t0,
         considered=considered,
         pins=pins,
+        distinct=len(asked),
     )
 
 

@@ -356,7 +356,9 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
         # each layout that fits is weighed with and without resident blocks: candidates, not layouts
         f"search: {s.considered} layouts, {s.rejected} rejected for memory; "
         f"{s.evaluated + s.pruned} candidates with their resident-block options: {s.evaluated} simulated "
-        f"({s.aborted} stopped early), {s.pruned} pruned by the bound; {s.seconds:.2f} s",
+        f"({s.aborted} stopped early"
+        + (f"; {s.distinct} simulations, twins sharing one" if s.distinct < s.evaluated else "")
+        + f"), {s.pruned} pruned by the bound; {s.seconds:.2f} s",
         style="dim",
     )
     return text
