@@ -11,7 +11,7 @@
    node's step varying by 2%: the plan's wall time and its prediction (one node's step, the
    all-reduce's latency, the wait for the slowest node).
 
-Usage: python -m bench.plan_machines [--out bench/results/plan_machines]
+Usage: python -m bench.plan_machines [--out bench/results/plan_machines] [--only uneven,shares,clusters]
 """
 
 from __future__ import annotations
@@ -79,11 +79,19 @@ def cluster_file(base: str, nodes: int, folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="write plan_machines.json here")
+    parser.add_argument(
+        "--only", default="uneven,shares,clusters", help="the parts to run (a comma list: uneven, shares, clusters)"
+    )
     args = parser.parse_args()
+    parts = set(args.only.split(","))
+    if not parts or parts - {"uneven", "shares", "clusters"}:
+        parser.error(f"--only {args.only}: the parts are uneven, shares and clusters")
     uneven: list[dict[str, object]] = []
     clusters: list[dict[str, object]] = []
-    print("uneven machines: the plan found against the best placement pinned by hand")
-    for name, model, batch in UNEVEN:
+    shares: dict[str, object] | None = None
+    if "uneven" in parts:
+        print("uneven machines: the plan found against the best placement pinned by hand")
+    for name, model, batch in UNEVEN if "uneven" in parts else []:
         path = FIXTURES / name
         t0 = time.perf_counter()
         report = plan(model, str(path), global_batch=batch)
@@ -98,26 +106,28 @@ def main() -> None:
         uneven.append(
             {"topology": name, "model": model, "batch": batch, "found_s": found.step_time_s, "pinned_s": pinned_s}
         )
-    slow, healthy, model, batch, seq = SHARES
-    pins = Pins(perturbation=2, data=4, resident=0)
-    found = plan(model, str(FIXTURES / slow), global_batch=batch, seq_len=seq, pins=pins).search
-    equal = evaluate(found.machine, found.workload, dataclasses.replace(found.best.layout, shares=()))
-    well = plan(model, healthy, global_batch=batch, seq_len=seq, pins=pins).search.best
-    shares = {
-        "shares": list(found.best.layout.shares),
-        "movers": list(found.best.layout.movers),
-        "found_s": found.best.step_time_s,
-        "equal_s": equal.step_time_s,
-        "healthy_s": well.step_time_s,
-    }
-    print(
-        f"uneven shares: {slow} {model} batch {batch} x {seq}, 2x4 streamed: shares "
-        f"{':'.join(map(str, shares['shares']))} over {','.join(shares['movers'])}: {found.best.step_time_s:.4f} s; "
-        f"equal shares {equal.step_time_s:.4f} s; {healthy} {well.step_time_s:.4f} s"
-    )
-    print("clusters: 25 GB/s, 5 us network, each node's step varying by 2%")
+    if "shares" in parts:
+        slow, healthy, model, batch, seq = SHARES
+        pins = Pins(perturbation=2, data=4, resident=0)
+        found = plan(model, str(FIXTURES / slow), global_batch=batch, seq_len=seq, pins=pins).search
+        equal = evaluate(found.machine, found.workload, dataclasses.replace(found.best.layout, shares=()))
+        well = plan(model, healthy, global_batch=batch, seq_len=seq, pins=pins).search.best
+        shares = {
+            "shares": list(found.best.layout.shares),
+            "movers": list(found.best.layout.movers),
+            "found_s": found.best.step_time_s,
+            "equal_s": equal.step_time_s,
+            "healthy_s": well.step_time_s,
+        }
+        print(
+            f"uneven shares: {slow} {model} batch {batch} x {seq}, 2x4 streamed: shares "
+            f"{':'.join(map(str, found.best.layout.shares))} over {','.join(found.best.layout.movers)}: "
+            f"{found.best.step_time_s:.4f} s; equal shares {equal.step_time_s:.4f} s; {healthy} {well.step_time_s:.4f} s"
+        )
+    if "clusters" in parts:
+        print("clusters: 25 GB/s, 5 us network, each node's step varying by 2%")
     with tempfile.TemporaryDirectory() as tmp:
-        for (base, model), nodes in itertools.product(CLUSTERS, (2, 8, 64)):
+        for (base, model), nodes in itertools.product(CLUSTERS, (2, 8, 64)) if "clusters" in parts else []:
             batch = 8 * nodes
             path = cluster_file(base, nodes, Path(tmp))
             t0 = time.perf_counter()
