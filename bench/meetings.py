@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     opts = parser.parse_args()
+    if opts.steps <= SKIP:
+        parser.error(f"--steps {opts.steps}: the first {SKIP} steps are left out (warm-up): give more")
     with tempfile.TemporaryDirectory() as tmp:
         out = opts.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from zoplan.runconfig import PIN_FLAGS, RunConfig, default
 from zoplan.vocab import Dtype, Upload
 
 # what a caller may not set: the version, and what the launcher completes
-_NOT_OPTIONS = {"version", "model_dir", "device", "model_weights", "data_stamp", "eval_data_stamp"}
+_NOT_OPTIONS = {"version", "model_dir", "device", "model_weights", "data_stamp", "eval_data_stamp", "plan_stamp"}
 # fine_tune's own parameter that is not an option of the run
 _PARAMETERS = {"resume"}
 
@@ -247,7 +247,7 @@ def _unknown_option(name: str, allowed: set[str]) -> ZoplanError:
     elsewhere (``learning_rate``), a pin given on its own (``pertp=2``), a setting only a plan
     holds (``weight_decay``), or the closest of its own."""
     said = f"fine_tune() has no option {name!r}"
-    fix = f"the options are zoplan run's, by their configuration names: {', '.join(sorted(allowed))}"
+    fix = f"the options are zoplan run's, by their configuration names: {', '.join(sorted(allowed | _PARAMETERS))}"
     key = name.lower().replace("-", "_")
     if key in _PLAN_ONLY:
         return _plan_only(f"{said}: zoplan run takes it from a plan", key)

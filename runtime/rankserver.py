@@ -360,7 +360,7 @@ def serve(path: Path, model_types: Sequence[str] = ()) -> int:
         listener.close()
         path.unlink(missing_ok=True)
         print(
-            f"[zoplan server] stopped after starting {started} run(s) and refusing {refused}",
+            f"[zoplan server] stopped after starting {started} run(s) and refusing {refused} request(s)",
             file=sys.stderr,
             flush=True,
         )

@@ -456,10 +456,16 @@ def run_lock(out: Path, node: int, nodes: int = 1) -> Iterator[None]:
                 )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        journal = out / "journal.jsonl"
+        journaled = journal.stat().st_size if journal.is_file() else 0
         try:
             yield
         except ZoplanError:
-            if created:  # a refused run leaves no file of its own in the user's directory
+            # a run refused before its first step leaves no file of its own in the user's
+            # directory; one that has trained keeps its lock (a failed snapshot, a stop signal:
+            # docs/runtime.md, "it stays once a run has started")
+            trained = journal.is_file() and journal.stat().st_size > journaled
+            if created and not trained:
                 path.unlink(missing_ok=True)
             raise
     finally:

@@ -187,7 +187,7 @@ def _load_mapped(
             mapping = f"the checkpoint has no tensor {missing[0]}"
     if isinstance(mapping, str):
         if ctx.rank == 0:
-            print(f"host copy: copying the blocks into shared memory ({mapping})", file=sys.stderr, flush=True)
+            _log(f"host copy: copying the blocks into shared memory ({mapping})")
         return None
     host = HostCopy.map(mapping, blocks, prefix, plan.transfer.slices_per_block, plan.transfer.wire_dtype)
     _resident_on(model, adapter, ctx.device)
@@ -199,11 +199,7 @@ def _load_mapped(
                     if mapping.held[name] == path:
                         params[name].copy_(f.get_tensor(name))
     if ctx.rank == 0:
-        print(
-            f"host copy: the checkpoint's blocks mapped read-only from {model_dir} (no copy)",
-            file=sys.stderr,
-            flush=True,
-        )
+        _log(f"host copy: the checkpoint's blocks mapped read-only from {model_dir} (no copy)")
     return model, host
 
 
@@ -267,6 +263,13 @@ def _config_says_dtype(config: Path, dtype: torch.dtype) -> None:
     for key in keys:
         data[key] = name
     config.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _log(line: str) -> None:
+    """One line into the node's log (the ranks' stderr, one file): written by one call, so that
+    ranks writing at once do not join their lines (two start lines were found run together)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def save_final(host: HostCopy, engine: Engine, model_dir: Path, out: Path, param_dtype: str, steps: int) -> None:
@@ -487,11 +490,9 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         train_set, eval_set = zdata.split(examples, cfg.eval_fraction, plan.zo.seed)
         held_out = f"{cfg.eval_fraction:g} of the data"
     if ctx.rank == 0:
-        print(
+        _log(
             f"rank 0: {len(train_set)} training examples, {len(eval_set)} held out ({held_out})"
-            + ("" if eval_set else ": nothing is evaluated"),
-            file=sys.stderr,
-            flush=True,
+            + ("" if eval_set else ": nothing is evaluated")
         )
     batcher = Batcher(tokenizer, task, plan.batch.seq_len, plan.batch.micro_batch, cfg.pad_to_seq_len)
     batcher.pretokenize(train_set)
@@ -524,14 +525,12 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
     host_op = engine.op_span if ctx.signs else (lambda kind: contextlib.nullcontext())
     # one line per rank in worker-node<N>.log: what ran where, with which perturbation kernels
     threads = torch.get_num_threads()
-    print(
+    _log(
         f"rank {ctx.rank}: {ctx.role} on {ctx.device} ({threads} thread{'s' if threads != 1 else ''}), signs {ctx.signs}, "
         "perturbation kernels: "
         f"{engine.kernels}, prefetch {engine.prefetch}, resident blocks {sorted(engine.kept)} holding "
         f"{sum(t.numel() for t in engine.kept.values())} elements here"
-        + (", blocks as CUDA graphs from the second step" if engine.graphs is not None else ""),
-        file=sys.stderr,
-        flush=True,
+        + (", blocks as CUDA graphs from the second step" if engine.graphs is not None else "")
     )
 
     def loss_fn(logits, mb):
@@ -571,12 +570,10 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             restart=restart,
         )
         metrics.write(resumed.line())
-        print(
+        _log(
             f"rank 0: resuming after step {rp.next_step}: "
             f"{'snapshot ' + resumed.snapshot if resumed.snapshot else 'the base model'} + {resumed.replayed} "
-            f"journal step(s) replayed (restart {resumed.restart})",
-            file=sys.stderr,
-            flush=True,
+            f"journal step(s) replayed (restart {resumed.restart})"
         )
     nonfinite_in_row = nonfinite_total = 0
     tokens_per_step = plan.batch.global_batch * plan.batch.seq_len
@@ -707,7 +704,7 @@ def write_error(out: Path, exc: ZoplanError, rank: int, kind: str = "error") -> 
     """error.json: the message the launcher shows when the ranks stop (a full disk may refuse it
     too: the launcher then names the disk from the log)."""
     if not records.write_rank_error(out, RankError(rank=rank, kind=kind, message=exc.message, fix=exc.fix)):
-        print(f"error: {exc.message}", file=sys.stderr, flush=True)
+        _log(f"error: {exc.message}")
 
 
 def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: int, plan: Plan, ctx, keep: int) -> None:

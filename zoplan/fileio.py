@@ -258,6 +258,7 @@ def _has_keys(raw: bytes, keys: set[str]) -> bool:
 _OURS: dict[str, tuple[int, Callable[[bytes], bool]]] = {  # what: (bytes read at most, the test)
     "plan": (MAX_PLAN_BYTES + 1, lambda raw: _has_keys(raw, {"version", "model", "topology", "layout", "batch"})),
     "profile": (MAX_PLAN_BYTES + 1, lambda raw: _has_keys(raw, {"version", "machine", "model", "devices", "compute"})),
+    "topology": (MAX_PLAN_BYTES + 1, lambda raw: _has_keys(raw, {"gpu_models", "sockets", "gpus", "links"})),
     "trace file": (1 << 28, _our_trace),  # (a big model's trace: a few megabytes; a bigger file is another's)
     # the Software text chunk of a PNG zoplan.sim.trace.plot_png draws: such a file may be drawn over again
     "PNG": (1 << 16, lambda raw: f"Software\x00{PNG_SOFTWARE}".encode() in raw),

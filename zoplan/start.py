@@ -15,4 +15,4 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    command()
+    command(as_program=True)

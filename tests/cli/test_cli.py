@@ -1146,6 +1146,18 @@ def test_an_output_file_that_zoplan_did_not_write_is_not_overwritten(tmp_path: P
     merged = tmp_path / "merged.json"
     merged.write_text(json.dumps({"traceEvents": [], "otherData": {"measured.step_time_ms": 1.0}}))
     invoke("timeline", str(plan_path), "-o", str(merged))
+    # topo import and topo detect wrote over anything (a plan, notes) without a word; over a
+    # topology they write again
+    smi = Path(__file__).resolve().parents[1] / "fixtures" / "nvidia-smi" / "dgx-a100-like.txt"
+    imported = ("topo", "import", str(smi), "--gpu", "a100-sxm4-80gb", "--host-memory-gib", "1024", "-o")
+    for command in ((*imported, str(notes)), ("topo", "detect", "--cpu", "-o", str(plan_path))):
+        code, _, err = run_main(monkeypatch, capsys, *command)
+        assert_one_error(code, err, "exists and is not a topology zoplan wrote")
+    assert notes.read_text() == "precious" and load_plan(plan_path)
+    machine_file = tmp_path / "machine.yaml"
+    for _ in range(2):
+        invoke(*imported, str(machine_file))
+    invoke("topo", "detect", "--cpu", "-o", str(machine_file))
     # "-" is no standard output here (it made a file named '-')
     monkeypatch.chdir(tmp_path)
     code, _, err = run_main(monkeypatch, capsys, "timeline", str(plan_path), "-o", "-")

@@ -212,6 +212,16 @@ def test_an_unknown_option_gets_the_one_meant(option: str, said: str) -> None:
         fine_tune(**{option: 1})
 
 
+def test_the_options_listed_are_the_callers_and_none_the_run_records_itself() -> None:
+    """The fix listed the run's own record (plan_stamp, which a caller setting it would forge) and
+    not resume; the record is refused as an option."""
+    with pytest.raises(ZoplanError) as said:
+        fine_tune(plan_stamp="x")
+    assert said.value.message == "fine_tune() has no option 'plan_stamp'"
+    listed = said.value.fix.split(": ", 1)[1].split(", ")
+    assert "resume" in listed and "steps" in listed and "plan_stamp" not in listed
+
+
 def test_run_messages_are_said_in_fine_tunes_words() -> None:
     """zoplan run's flags become fine_tune's names; a command to type keeps its own."""
     from zoplan.runtime.api import in_its_words

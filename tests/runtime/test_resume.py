@@ -194,6 +194,9 @@ def test_a_failed_snapshot_stops_the_run_and_keeps_the_last_good_one(tmp_path: P
     assert len((out / "journal.jsonl").read_text().splitlines()) == 6
     load_file(str(out / "snapshots" / "step-00000003" / "model.safetensors"))  # intact and loadable
     assert json.loads((out / "error.json").read_text())["kind"] == "disk"  # a full disk, as docs/runtime.md says
+    # a run that has trained keeps its lock (docs/runtime.md: it stays once a run has started; a
+    # run stopped so removed it, as a run refused before its first step does)
+    assert (out / ".lock-node0").is_file()
 
 
 def test_a_rank_killed_mid_step_is_restarted_and_no_step_is_lost(uninterrupted, tmp_path: Path) -> None:

@@ -588,3 +588,27 @@ def test_a_run_over_nodes_that_ends_without_a_word_says_why_from_its_log(tmp_pat
     assert lost is not None and "lost its connection" in lost.message
     assert _nodes_trouble(cfg, log, "something else", False, held, resume) is None
     assert _nodes_trouble(make(output=tmp_path / "one"), log, "DistStoreError", True, held, resume) is None
+
+
+def test_a_rank_writes_each_log_line_in_one_call(monkeypatch) -> None:
+    """The ranks share one log (their stderr): print wrote a line and its newline apart, so two
+    ranks starting at once left their start lines joined ("... elements hererank 1: ...")."""
+    import sys
+
+    from zoplan.runtime import worker
+
+    class Recording:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    recording = Recording()
+    monkeypatch.setattr(sys, "stderr", recording)
+    worker._log("rank 1: compute on cpu")
+    assert recording.calls == ["rank 1: compute on cpu\n"]

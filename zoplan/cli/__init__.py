@@ -932,8 +932,10 @@ def topo_import_cmd(
     ),
 ) -> None:
     """Write a topology file from the text of `nvidia-smi topo -m` (then: zoplan plan -t FILE)."""
+    from zoplan.fileio import check_writable
     from zoplan.topology.importer import import_topology_file
 
+    check_writable(output, "topology")  # (another file, a plan, was replaced without a word)
     result = import_topology_file(
         source, gpu=gpu, host_memory_gib=host_memory_gib, host_gbps=host_gbps, name=name or output.stem
     )
@@ -956,8 +958,10 @@ def topo_detect_cmd(
     cpu: bool = typer.Option(False, "--cpu", help="describe the CPU only, even where nvidia-smi is present"),
 ) -> None:
     """Write a topology file for this machine: from nvidia-smi, or CPU ranks without a GPU."""
+    from zoplan.fileio import check_writable
     from zoplan.topology.detect import detect
 
+    check_writable(output, "topology")  # (another file, a plan, was replaced without a word)
     result = detect(ranks=ranks, host_gbps=host_gbps, name=name or output.stem, cpu_only=cpu)
     result.write(output)
     for warning in result.warnings:
@@ -1002,13 +1006,17 @@ def _empty_argument(argv: list[str]) -> ZoplanError | None:
     return None
 
 
-def main() -> None:
+def main(as_program: bool = False) -> None:
+    """The ``zoplan`` command; ``as_program``: this process is the command (its entry points), which
+    ends once the command has (called in-process, by a test, it leaves the signals as they were)."""
     try:
         empty = _empty_argument(sys.argv[1:])
         if empty is not None:
             raise empty
         app()
     except ZoplanError as exc:
+        if as_program:
+            _exiting()
         # messages quote user input (names, paths): print them literally, never as markup
         try:
             err.print(Text.assemble(("error:", "bold red"), " ", exc.message), highlight=False, soft_wrap=True)
@@ -1018,6 +1026,8 @@ def main() -> None:
             pass
         sys.exit(exc.status)
     except KeyboardInterrupt:
+        if as_program:
+            _exiting()
         err.print("interrupted")
         sys.exit(130)
     except OSError as exc:
@@ -1037,6 +1047,19 @@ def main() -> None:
         if exc.code == 130 and _by_ctrl_c(exc):
             err.print("interrupted")
         raise
+
+
+def _exiting() -> None:
+    """The command is ending with its status decided: a stop signal from now on changes nothing.
+    One still pending from the stop being ended (a run stopped by SIGTERM before its first step)
+    raised KeyboardInterrupt between the message and sys.exit, and the process died of SIGINT
+    (status -2) instead of exiting 143 as it had said."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _by_ctrl_c(exc: BaseException | None) -> bool:

@@ -2,4 +2,4 @@
 
 from zoplan.cli import main
 
-main()
+main(as_program=True)

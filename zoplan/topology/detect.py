@@ -112,10 +112,9 @@ class DetectedTopology:
     warnings: list[str] = field(default_factory=list)
 
     def write(self, path: Path | str) -> None:
-        try:
-            Path(path).write_text(self.text, encoding="utf-8")
-        except OSError as exc:
-            raise ZoplanError(f"cannot write {path}: {exc}") from None
+        from zoplan.fileio import write_whole
+
+        write_whole(Path(path), self.text)  # whole or not at all, through a link into the file it names
 
 
 # ----- readers ---------------------------------------------------------------------------------------
