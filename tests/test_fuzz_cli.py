@@ -165,7 +165,7 @@ def test_the_fuzzed_commands_are_the_console_scripts_and_tried_both_outcomes(mon
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert 'zoplan = "zoplan.start:main"' in text
     called = []
-    monkeypatch.setattr(zoplan.cli, "main", lambda: called.append(True))
+    monkeypatch.setattr(zoplan.cli, "main", lambda as_program=False: called.append(as_program))
     start.main()
     assert called == [True]
     ran = {command for command, _ in SEEN}
