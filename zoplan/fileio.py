@@ -211,8 +211,6 @@ def read_jsonl(path: Path, *, max_bytes: int = 1 << 30, start: int = 0) -> tuple
     return rows, end
 
 
-# what a file zoplan writes holds near its start, by kind: an existing file without it is the
-# user's own (notes, a checkpoint), which a mistyped -o would replace
 # the Software text chunk of a PNG zoplan.sim.trace.plot_png draws: such a file may be drawn over again
 PNG_SOFTWARE = "zoplan timeline"
 
@@ -245,16 +243,16 @@ def _our_trace(raw: bytes) -> bool:
     )
 
 
-# What makes an existing file one of zoplan's, which -o may write over; anything else may be a
-# user's own (notes, a topology, another tool's trace), which a mistyped -o would replace. Read
-# whole (a plan is at most MAX_PLAN_BYTES): a word in its first lines is not enough (a topology's
-# comment "# PCIe layout: ..." passed for a plan's ``layout:``).
 def _has_keys(raw: bytes, keys: set[str]) -> bool:
     """A YAML mapping with ``keys`` at its top (each word looked for first: parsing a big file
     that lacks one would take seconds to refuse it)."""
     return all(f"{k}:".encode() in raw for k in keys) and keys <= _yaml_keys(raw)
 
 
+# What makes an existing file one of zoplan's, which -o may write over; anything else may be a
+# user's own (notes, a topology, another tool's trace), which a mistyped -o would replace. Read
+# whole (a plan is at most MAX_PLAN_BYTES): a word in its first lines is not enough (a topology's
+# comment "# PCIe layout: ..." passed for a plan's ``layout:``).
 _OURS: dict[str, tuple[int, Callable[[bytes], bool]]] = {  # what: (bytes read at most, the test)
     "plan": (MAX_PLAN_BYTES + 1, lambda raw: _has_keys(raw, {"version", "model", "topology", "layout", "batch"})),
     "profile": (MAX_PLAN_BYTES + 1, lambda raw: _has_keys(raw, {"version", "machine", "model", "devices", "compute"})),
@@ -302,8 +300,7 @@ def check_writable(path: Path, what: str) -> None:
             f"{what} {path} is this command's {stream}: the {what} would be written over by the command's own messages",
             fix="write it to a file of its own (-o FILE), then read that file",
         )
-    if path.is_symlink():  # the file it names is the one written (write_whole): checked, and probed
-        path = Path(os.path.realpath(path))  # (a loop stays a path: opening it says so)
+    path = _written(path)  # through a link, the file it names: checked, and probed
     existed = path.exists()
     recognised = _OURS.get(what)
     if existed and recognised is not None and path.is_file() and path.stat().st_size > 0:
@@ -319,7 +316,7 @@ def check_writable(path: Path, what: str) -> None:
             )
     # the file, and a file beside it: write_whole writes one there and puts it in the file's place
     # (a folder that took no new file failed only after the work, a validation run's minutes)
-    probe = path.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    probe = _beside(path)
     try:
         with path.open("ab"):
             pass
@@ -566,22 +563,39 @@ def write_yaml(path: Path, data: dict[str, Any], header: str = "") -> None:
     write_whole(path, header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100))
 
 
-def write_whole(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: through a temporary file beside it, so that a full disk
-    leaves neither an empty or cut file nor a damaged earlier one (a profile calibrated again onto
-    a full disk was left empty). A failure is a message that names the disk's state."""
-    # Through a symbolic link, the file it names is written, beside it: replacing the link would
-    # leave it a file of its own (as root, -o /dev/stdout replaced the system's link to fd 1)
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # (a loop stays a path)
-    # (a name of its own length: one derived from the target's made a 250-byte name too long)
-    tmp = target.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+def _written(path: Path) -> Path:
+    """The file a write of ``path`` goes into: through a symbolic link, the file it names
+    (replacing the link would leave it a file of its own: as root, -o /dev/stdout replaced the
+    system's link to fd 1). A loop of links stays a path: opening it says so."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _beside(target: Path) -> Path:
+    """A temporary file's path next to ``target`` (a name of its own length: one derived from the
+    target's made a 250-byte name too long)."""
+    return target.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def write_whole_with(path: Path, write: Callable[[Path], object], what: str = "") -> None:
+    """Write ``path`` whole or not at all: ``write`` writes a temporary file beside it, which then
+    takes its place, so that a full disk leaves neither an empty or cut file nor a damaged earlier
+    one (a profile calibrated again onto a full disk was left empty). A failure is a message that
+    names the disk's state (``what``: the kind of file, for it)."""
+    target = _written(path)
+    tmp = _beside(target)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         tmp.replace(target)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise ZoplanError(f"cannot write {path}: {exc.strerror or exc}", fix=write_fix(exc, path.parent)) from None
+        named = f"{what} {path}" if what else str(path)
+        raise ZoplanError(f"cannot write {named}: {exc.strerror or exc}", fix=write_fix(exc, target.parent)) from None
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path``, whole or not at all (write_whole_with)."""
+    write_whole_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_fix(exc: OSError, folder: Path) -> str:

@@ -16,11 +16,8 @@ rounded to the nanosecond, so the same result gives byte-identical JSON (diffabl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from zoplan.errors import ZoplanError, install_hint
-from zoplan.fileio import PNG_SOFTWARE, write_fix, write_whole
+from zoplan.fileio import PNG_SOFTWARE, write_whole, write_whole_with
 from zoplan.sim import REPORTED_STEP, SimResult, Span, link_label
 from zoplan.topology import Machine
 
@@ -575,12 +572,4 @@ def plot_png(result: SimResult, machine: Machine, path: Path) -> None:
     ax.set_title(png_title(result, machine))
     fig.tight_layout()
     # drawn beside it, then put in its place: a full disk left an empty or cut PNG
-    target = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)  # (write_whole's reason)
-    tmp = target.with_name(f".zoplan-{os.getpid()}-{secrets.token_hex(4)}.png")
-    try:
-        fig.savefig(tmp, format="png", metadata={"Software": PNG_SOFTWARE})
-        tmp.replace(target)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise ZoplanError(f"cannot write PNG {path}: {e.strerror or e}", fix=write_fix(e, target.parent)) from None
+    write_whole_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": PNG_SOFTWARE}), "PNG")
