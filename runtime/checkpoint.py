@@ -3,9 +3,10 @@
 ``zoplan run`` would otherwise learn of a missing, truncated or mismatched checkpoint from a rank's
 traceback (or not at all: Hugging Face initialises missing weights at random and ignores extra
 ones, so a config with fewer layers than the weights trains a truncated model). The checks read
-only the safetensors headers and build the model on the meta device: seconds, whatever its size,
-and once per unchanged directory (a directory that passed is remembered by its files' sizes and
-modification times, under ~/.cache/zoplan/checked).
+only the weights' headers (safetensors) or their tensors' shapes (pytorch_model.bin: its pickle,
+not its data) and build the model on the meta device: seconds, whatever its size, and once per
+unchanged directory (a directory that passed is remembered by its files' sizes and modification
+times, under ~/.cache/zoplan/checked).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -26,16 +28,40 @@ _SHOWN = 3
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The checkpoint's safetensors files (one, or the shards its index names); [] when it has
-    only other formats (their tensors are not read here)."""
+    only torch's pickled format (``bin_files``)."""
     single = model_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    index = model_dir / "model.safetensors.index.json"
+    found = _sharded(model_dir, "model.safetensors.index.json", ".safetensors", "model-*.safetensors")
+    if found is not None:
+        return found
+    if any(model_dir.glob("pytorch_model*.bin")):
+        return []
+    raise ZoplanError(
+        f"{model_dir} holds no weights (no model.safetensors, no shard index, no pytorch_model.bin)",
+        fix="point --model at a checkpoint directory with its weights, or save them there (model.save_pretrained(DIR))",
+    )
+
+
+def bin_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's files in torch's pickled format (pytorch_model.bin, or the shards its
+    index names), for a directory without safetensors weights; [] when it has none."""
+    single = model_dir / "pytorch_model.bin"
+    if single.is_file():
+        return [single]
+    found = _sharded(model_dir, "pytorch_model.bin.index.json", ".bin", "pytorch_model-*.bin")
+    return found if found is not None else sorted(model_dir.glob("pytorch_model*.bin"))
+
+
+def _sharded(model_dir: Path, index_name: str, suffix: str, pattern: str) -> list[Path] | None:
+    """The shards a checkpoint's index names (None without an index); a damaged index, or a
+    shard it names that is not there, is refused."""
+    index = model_dir / index_name
     if index.is_file():
         try:
             weight_map = json.loads(index.read_bytes()[: 64 << 20])["weight_map"]
             names = sorted(set(weight_map.values()))
-            if not all(isinstance(n, str) and "/" not in n and n.endswith(".safetensors") for n in names):
+            if not all(isinstance(n, str) and "/" not in n and n.endswith(suffix) for n in names):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise ZoplanError(
@@ -45,33 +71,49 @@ def weight_files(model_dir: Path) -> list[Path]:
         if missing:
             raise ZoplanError(
                 f"{model_dir} lacks {len(missing)} weight shard(s) its index names (first: {missing[0]})",
-                fix="copy the whole checkpoint (every model-*.safetensors file)",
+                fix=f"copy the whole checkpoint (every {pattern} file)",
             )
         return [model_dir / n for n in names]
-    if any(model_dir.glob("pytorch_model*.bin")):
-        return []
-    raise ZoplanError(
-        f"{model_dir} holds no weights (no model.safetensors, no shard index, no pytorch_model.bin)",
-        fix="point --model at a checkpoint directory with its weights, or save them there (model.save_pretrained(DIR))",
-    )
+    return None
 
 
 def weight_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape, from the headers alone; a truncated or damaged file is refused."""
+    """Every tensor's shape, from the headers alone (a pickled ``.bin`` file: its tensors made on
+    the meta device, its data not read); a truncated or damaged file is refused."""
     from safetensors import SafetensorError, safe_open
 
     shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
         try:
+            if path.suffix == ".bin":
+                shapes.update((name, tuple(t.shape)) for name, t in _load_bin(path, "meta").items())
+                continue
             with safe_open(str(path), "pt") as f:
                 for name in f.keys():
                     shapes[name] = tuple(f.get_slice(name).get_shape())
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise ZoplanError(
-                f"{path} is truncated or damaged ({str(exc).splitlines()[0][:200]})",
+                f"{path} is truncated or damaged ({(str(exc).splitlines() or [type(exc).__name__])[0][:200]})",
                 fix="copy the checkpoint again: its size must match the original",
             ) from None
     return shapes
+
+
+def _load_bin(path: Path, device: str) -> dict:
+    """A pickled checkpoint's tensors, as transformers loads them (weights only): on ``device``
+    ("meta": shapes only), or mapped from the file where its format allows."""
+    import torch
+
+    if device == "meta":
+        loaded = torch.load(str(path), map_location="meta", weights_only=True)
+    else:
+        try:
+            loaded = torch.load(str(path), map_location=device, weights_only=True, mmap=True)
+        except RuntimeError:  # a file of torch's legacy format cannot be mapped: read whole
+            loaded = torch.load(str(path), map_location=device, weights_only=True)
+    if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+        raise ValueError("it holds no table of tensors")
+    return loaded
 
 
 CHECKED_KEPT = 256  # remembered directories (a few bytes each); the oldest are forgotten first
@@ -103,7 +145,8 @@ def checked_cache_dir() -> Path:
 
 
 # what the check looks at, by version: a directory passed by an older check is checked again
-CHECKS = "3"  # 2: a config that says its weights are quantized is refused; 3: a tied head the weights untie
+CHECKS = "4"  # 2: a config that says its weights are quantized is refused; 3: a tied head the weights untie;
+# 4: pytorch_model.bin weights compared with the config too
 
 
 def _stamp(model_dir: Path) -> str:
@@ -155,7 +198,7 @@ def _check_model_dir(model_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    files = weight_files(model_dir)
+    files = weight_files(model_dir) or bin_files(model_dir)
     shapes = weight_shapes(files)
     try:
         config = AutoConfig.from_pretrained(model_dir)
@@ -239,6 +282,10 @@ def _check_tied_head(model_dir: Path, config, model, files: list[Path], shapes: 
         return
     values = {}
     for path in files:
+        if path.suffix == ".bin":
+            tensors = _load_bin(path, "cpu")
+            values.update((name, tensors[name]) for name in {names[0], "lm_head.weight"} & set(tensors))
+            continue
         with safe_open(str(path), "pt") as f:
             for name in {names[0], "lm_head.weight"} & set(f.keys()):
                 values[name] = f.get_tensor(name)

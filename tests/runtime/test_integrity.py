@@ -650,6 +650,79 @@ def test_a_damaged_model_directory_is_refused_before_any_rank_starts(tiny_dirs, 
     assert not out.exists()
 
 
+def _as_bin(model_dir: Path, shards: int = 1) -> Path:
+    """The checkpoint saved again in torch's pickled format (pytorch_model.bin, or ``shards``
+    files and their index, as older checkpoints are), its safetensors file removed."""
+    from safetensors.torch import load_file
+
+    path = model_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    path.unlink()
+    if shards == 1:
+        torch.save(tensors, model_dir / "pytorch_model.bin")
+        return model_dir / "pytorch_model.bin"
+    names = sorted(tensors)
+    weight_map = {}
+    for k in range(shards):
+        shard = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        torch.save({n: tensors[n] for n in names[k::shards]}, model_dir / shard)
+        weight_map.update((n, shard) for n in names[k::shards])
+    (model_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return model_dir / f"pytorch_model-00001-of-{shards:05d}.bin"
+
+
+def _add_bin_head(path: Path, shift: float) -> None:
+    tensors = torch.load(path, weights_only=True)
+    tensors["lm_head.weight"] = tensors["model.decoder.embed_tokens.weight"].clone() + shift
+    torch.save(tensors, path)
+
+
+BIN_DAMAGE = {
+    "truncated weights": (lambda d, f: f.write_bytes(f.read_bytes()[:5000]), "is truncated or damaged"),
+    "fewer layers in the config": (
+        lambda d, f: _edit_config(d, num_hidden_layers=1),
+        "config.json says 1 layer(s), the weights hold 4",
+    ),
+    "a wider config": (
+        lambda d, f: _edit_config(d, hidden_size=128, word_embed_proj_dim=128),
+        "tensor shape(s) differ (model.decoder.embed_tokens.weight is [1405, 64] in the weights",
+    ),
+    "a tied config over weights with a head of their own": (
+        lambda d, f: _add_bin_head(d / "pytorch_model.bin", shift=1.0),
+        "config.json ties the head to the embedding (tie_word_embeddings: true), but the weights hold their own",
+    ),
+    "a shard its index names is missing": (
+        lambda d, f: f.unlink(),
+        "lacks 1 weight shard(s) its index names (first: pytorch_model-00001-of-00002.bin)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BIN_DAMAGE))
+def test_a_pytorch_model_bin_checkpoint_is_checked_as_a_safetensors_one(tiny_dirs, tmp_path: Path, name: str) -> None:
+    """Weights in torch's pickled format (pytorch_model.bin, sharded or not) were not compared
+    with config.json: a config of fewer layers trained a truncated model, a wider one started
+    from random weights, a head of its own under a tied config ran two models, exit 0. Their
+    shapes are read from the pickle on the meta device (the data not read) and checked alike."""
+    import shutil
+
+    from zoplan.runtime.checkpoint import check_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dirs["tiny-opt"], model)
+    shards = 2 if "shard" in name else 1
+    first = _as_bin(model, shards)
+    check_model_dir(model)  # whole, it passes
+    if "head" in name:
+        _add_bin_head(first, shift=0.0)  # a head with the embedding's values: tied, it passes
+        check_model_dir(model)
+    damage, words = BIN_DAMAGE[name]
+    damage(model, first)
+    with pytest.raises(ZoplanError) as caught:
+        check_model_dir(model)
+    assert words in str(caught.value) and caught.value.fix, str(caught.value)
+
+
 @pytest.mark.parametrize("name", sorted(CHECKPOINT_DAMAGE))
 def test_replay_refuses_a_damaged_model_directory_as_run_does(tiny_dirs, tmp_path: Path, name: str) -> None:
     """`zoplan replay` onto base weights `zoplan run` would refuse: the same message (exit 2, a
