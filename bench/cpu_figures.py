@@ -207,14 +207,16 @@ def in_step_head_ns(reps: int, gflops: float) -> tuple[float, float]:
     """The LM head and the loss as a step runs them, right after the blocks' forward (a tiny OPT
     model of 4 blocks, micro-batch 16 x 128 tokens: 2.9 M fp32 logits, 11.5 MB, beyond a core's
     cache): nanoseconds a logit the head's matrix product takes beyond its FLOPs at ``gflops``
-    (writing the logits), and nanoseconds a logit of the loss over several sequences (the
-    shifted logits copied, then cross_entropy): what zoplan.sim.costs.SPILL_BYTES and
-    SHIFT_BYTES stand for on a CPU rank, at its copy rate."""
-    import torch.nn.functional as F
+    (writing the logits: what zoplan.sim.costs.SPILL_BYTES stands for on a CPU rank, at its copy
+    rate), and nanoseconds a logit of the loss over several sequences, as the runtime computes it
+    (zoplan.runtime.data.loss_terms)."""
+    from zoplan.runtime import data as zdata
 
     model = tiny_opt(4)
     vocab, width = model.config.vocab_size, model.config.hidden_size
     ids = torch.randint(0, vocab, (16, 128))
+    ones = torch.ones_like(ids)
+    batch, task = zdata.Batch(ids, ones, ones, ids, None, None, 16 * 127), zdata.Task("lm")
     logits_n = ids.numel() * vocab
     head, loss = [], []
     with torch.no_grad():
@@ -224,8 +226,7 @@ def in_step_head_ns(reps: int, gflops: float) -> tuple[float, float]:
             t0 = time.perf_counter()
             logits = model.lm_head(x)
             t1 = time.perf_counter()
-            predicted = logits[:, :-1, :].float().reshape(-1, vocab)
-            F.cross_entropy(predicted, ids[:, 1:].reshape(-1), reduction="sum").item()
+            zdata.loss_terms(logits, batch, task)[0].item()
             t2 = time.perf_counter()
             if r >= 2:
                 head.append(t1 - t0)

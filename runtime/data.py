@@ -1232,6 +1232,7 @@ def loss_terms(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[torch.Te
     whatever the number of replicas and however the real tokens fall among them. Computed in
     float32 whatever the model dtype (the ZO difference L+ - L- is small; keep its precision).
     """
+    import torch
     import torch.nn.functional as F
 
     _check_kind(batch, task)
@@ -1241,14 +1242,39 @@ def loss_terms(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[torch.Te
         loss = F.cross_entropy(scores, batch.label_ids.to(scores.device), reduction="sum")
         return loss, batch.target_count
     assert batch.labels is not None
-    vocab = logits.shape[-1]
-    predicted = logits[:, :-1, :].float().reshape(-1, vocab)
     labels = batch.labels
     if batch.choice_right is not None:  # the right choice's tokens only
         labels = labels.masked_fill(~batch.choice_right.to(labels.device)[:, None], IGNORE_INDEX)
     targets = labels[:, 1:].to(logits.device).reshape(-1)
-    loss = F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    # cross_entropy over the shifted logits, to the bit (it is log_softmax, then nll_loss): each
+    # target's log-probability taken first, then nll_loss sums the same values in the same order
+    picked = _target_logprobs(logits, labels).reshape(-1, 1)
+    classes = torch.where(targets == IGNORE_INDEX, IGNORE_INDEX, 0)
+    loss = F.nll_loss(picked, classes, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, batch.target_count
+
+
+def _target_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T - 1] float32: the log-probability each position gives the next token (any value
+    where that token is ``IGNORE_INDEX``). The log-softmax is taken over a few whole sequences at
+    a time (zoplan.models.LOSS_CHUNK_ELEMENTS logits; at least one sequence), in place of the
+    logits: of a whole micro-batch's shifted logits it needs a shifted copy and a second tensor of
+    their size (three times the logits at the peak, the largest tensors of a step with a big
+    vocabulary). Each row's values are the same either way; a sequence's last position, which
+    predicts nothing, costs 1/T more work."""
+    import torch
+
+    from zoplan import models
+
+    rows, tokens, vocab = logits.shape
+    targets = labels[:, 1:].to(logits.device).clamp(min=0).unsqueeze(-1)
+    picked = torch.empty(targets.shape[:2], dtype=torch.float32, device=logits.device)
+    chunk = max(1, models.LOSS_CHUNK_ELEMENTS // (tokens * vocab))
+    for b in range(0, rows, chunk):
+        logp = torch.log_softmax(logits[b : b + chunk].float(), dim=-1)
+        picked[b : b + chunk] = logp[:, :-1].gather(-1, targets[b : b + chunk]).squeeze(-1)
+        del logp
+    return picked
 
 
 def accuracy(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[int, int]:
@@ -1277,13 +1303,11 @@ def accuracy(logits: torch.Tensor, batch: Batch, task: Task) -> tuple[int, int]:
 def _choice_accuracy(logits: torch.Tensor, batch: Batch) -> tuple[int, int]:
     """(right answers, examples): each example's answer is its choice of the highest mean
     log-probability per token (a long choice is not penalised for its length)."""
-    import torch
 
     assert batch.labels is not None and batch.choice_example is not None and batch.choice_right is not None
     targets = batch.labels[:, 1:].to(logits.device)
     mask = targets != IGNORE_INDEX
-    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    picked = _target_logprobs(logits, batch.labels) * mask
     score = picked.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     example, right = batch.choice_example.to(score.device), batch.choice_right.to(score.device)
     count = int(right.sum())

@@ -196,10 +196,28 @@ def test_block_activation_rejects_bad_branches() -> None:
         PRESETS["opt-125m"].block_activation_bytes(1, 128, "fp16", 3)
 
 
-def test_head_activation_is_fp32_logits_plus_copy() -> None:
+def test_head_activation_is_fp32_logits_plus_their_cast_or_one_sequences_log_softmax() -> None:
+    """What the runtime holds at once for one branch's loss (runtime/data.py loss_terms): the
+    micro-batch's fp32 logits, with the 2-byte ones they were cast from, or the fp32 log-softmax
+    of the sequences taken at once (LOSS_CHUNK_ELEMENTS logits, at least one sequence), whichever
+    is more (one sequence of fp32 logits took 6 bytes a logit, not 8)."""
+    from zoplan.models import LOSS_CHUNK_ELEMENTS
+
     s = PRESETS["qwen2.5-0.5b"]
-    assert s.head_activation_bytes(2, 128) == 2 * 128 * 151936 * (4 + 2)
-    assert s.head_activation_bytes(4, 128) == 2 * s.head_activation_bytes(2, 128)
+    logits = 128 * 151936  # one sequence's: more than LOSS_CHUNK_ELEMENTS, so taken alone
+    assert logits > LOSS_CHUNK_ELEMENTS
+    assert s.head_activation_bytes(2, 128, "bf16") == 2 * logits * (4 + 2)
+    assert s.head_activation_bytes(4, 128, "bf16") == 2 * s.head_activation_bytes(2, 128, "bf16")
+    assert s.head_activation_bytes(1, 128, "bf16") == logits * (4 + 4)  # a sequence's log-softmax > its cast
+    assert s.head_activation_bytes(1, 128, "fp32") == logits * (4 + 4)
+    assert s.head_activation_bytes(8, 128, "fp32") == 8 * logits * 4 + logits * 4
+    small = PRESETS["opt-125m"]  # 16 tokens of 50272: 20 sequences at once
+    sequence = 16 * small.vocab
+    assert LOSS_CHUNK_ELEMENTS // sequence == 20
+    assert small.head_activation_bytes(8, 16, "fp32") == 8 * sequence * (4 + 4)
+    assert small.head_activation_bytes(64, 16, "fp32") == 64 * sequence * 4 + 20 * sequence * 4
+    with pytest.raises(ZoplanError, match="unknown dtype"):
+        s.head_activation_bytes(1, 128, "fp8")
 
 
 def test_preset_table_rows() -> None:

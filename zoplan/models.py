@@ -65,9 +65,13 @@ SCORE_PASSES = 4
 # whole than its rows' calls do (a tiny model's 90k elements: ~0.3 ms a pass against ~1 ms).
 ROWS_TABLE_MIN = 1 << 20
 
-# The fp32 loss needs the logits in fp32; the model produces them in the compute dtype first.
+# The fp32 loss needs the logits in fp32; the model produces them in the compute dtype first
+# (a 2-byte one: both at once, for a moment). The loss then takes the log-softmax of as many whole
+# sequences at a time as make at most this many logits (at least one sequence), fp32 too, beside
+# them (runtime/data.py loss_terms): 64 MiB, few calls for a small vocabulary, one sequence of a
+# big one.
 LOGITS_LOSS_BYTES = 4
-LOGITS_COPY_BYTES = 2
+LOSS_CHUNK_ELEMENTS = 1 << 24
 
 # The runtime's built-in tiny models (runtime/tiny.py builds them, with torch, the first time a
 # command names one). The planner reads a built one's config.json like any checkpoint's.
@@ -306,12 +310,20 @@ class ModelShape:
         per_token_elements = h + max(attention_phase, mlp_phase)
         return branches * micro_batch * seq_len * per_token_elements * _dtype_bytes(dtype)
 
-    def head_activation_bytes(self, micro_batch: int, seq_len: int) -> int:
-        """Logits for the loss of ONE branch: fp32 (b·s·vocab·4) plus the 2-byte copy they are
-        cast from. This is usually the largest single tensor of a ZO step with a big vocabulary.
+    def head_activation_bytes(self, micro_batch: int, seq_len: int, dtype: str) -> int:
+        """Peak memory of ONE branch's logits and loss: the fp32 logits of the micro-batch, with
+        the ``dtype`` ones they are cast from (a 2-byte dtype; fp32 needs no cast) or the fp32
+        log-softmax of the sequences the loss takes at once (``LOSS_CHUNK_ELEMENTS``; runtime/data.py
+        loss_terms), whichever is more. This is usually the largest single tensor of a ZO step
+        with a big vocabulary.
         """
         _check_positive(micro_batch=micro_batch, seq_len=seq_len)
-        return micro_batch * seq_len * self.vocab * (LOGITS_LOSS_BYTES + LOGITS_COPY_BYTES)
+        width = _dtype_bytes(dtype)
+        logits = micro_batch * seq_len * self.vocab
+        cast = logits * width if width < LOGITS_LOSS_BYTES else 0
+        sequence = seq_len * self.vocab
+        at_once = min(micro_batch, max(1, LOSS_CHUNK_ELEMENTS // sequence)) * sequence
+        return logits * LOGITS_LOSS_BYTES + max(cast, at_once * LOGITS_LOSS_BYTES)
 
     # ----------------------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:

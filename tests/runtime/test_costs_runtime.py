@@ -92,36 +92,48 @@ def test_resident_tensors_are_the_runtimes_resident_parameters(name: str, tiny_d
     assert sorted(load_model_shape(tiny_dirs[name]).resident_tensors()) == sizes
 
 
-@pytest.mark.parametrize("rows", [1, 2, 4])
-def test_the_loss_copies_the_shifted_logits_only_for_several_sequences(rows: int) -> None:
-    """What StepCosts.loss_s leaves out, as it says: the runtime's loss_terms hands
-    cross_entropy a view of the logits for one sequence and a copy (8 bytes a logit) for more."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,at_once", [(1, 1), (2, 1), (4, 1), (5, 2), (4, 4)])
+def test_the_loss_takes_a_few_sequences_log_softmax_at_a_time_and_gives_cross_entropys_bits(
+    rows: int, at_once: int, dtype: torch.dtype
+) -> None:
+    """What ModelShape.head_activation_bytes counts beside the logits: the loss's log-softmax of
+    ``at_once`` whole sequences at a time (LOSS_CHUNK_ELEMENTS), over the logits in place (no
+    shifted copy of a micro-batch's, which with cross_entropy's log-softmax held three times the
+    logits at once, where the plan counted 1.5). The loss is cross_entropy's over the shifted
+    logits, to the bit, ignored tokens too."""
+    from zoplan import models
     from zoplan.runtime import data as zdata
 
-    vocab, tokens = 11, 6
-    logits = torch.randn(rows, tokens, vocab)
-    labels = torch.randint(0, vocab, (rows, tokens))
+    vocab, tokens = 1405, 9
+    generator = torch.Generator().manual_seed(rows)
+    logits = (torch.randn(rows, tokens, vocab, generator=generator) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (rows, tokens), generator=generator)
+    labels[0, 2] = labels[-1, -1] = zdata.IGNORE_INDEX
     ones = torch.ones(rows, tokens, dtype=torch.long)
-    batch = zdata.Batch(ones, ones, ones, labels, None, None, rows * (tokens - 1))
-    seen: list[torch.Tensor] = []
-    real = F.cross_entropy
+    batch = zdata.Batch(ones, ones, ones, labels, None, None, rows * (tokens - 1) - 2)
+    seen: list[tuple[int, bool]] = []  # each log-softmax's elements, and whether it read the logits in place
+    real = torch.log_softmax
 
     def spy(input: torch.Tensor, *args, **kwargs):
-        seen.append(input)
+        seen.append((input.numel(), input.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()))
         return real(input, *args, **kwargs)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(F, "cross_entropy", spy)
+    mp.setattr(torch, "log_softmax", spy)
+    mp.setattr(models, "LOSS_CHUNK_ELEMENTS", at_once * tokens * vocab + tokens * vocab - 1)
     try:
         loss, count = zdata.loss_terms(logits, batch, zdata.Task("lm"))
     finally:
         mp.undo()
-    assert count == rows * (tokens - 1)
-    shares = seen[0].untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
-    assert shares == (rows == 1)
-    assert float(loss) == pytest.approx(
-        float(real(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), reduction="sum")), rel=1e-6
+    assert count == rows * (tokens - 1) - 2
+    sizes = [at_once] * (rows // at_once) + ([rows % at_once] if rows % at_once else [])
+    assert [n for n, _ in seen] == [k * tokens * vocab for k in sizes], seen
+    assert all(in_place for _, in_place in seen) == (dtype == torch.float32)  # bf16: cast a few at a time
+    whole = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
     )
+    assert torch.equal(loss, whole), (float(loss), float(whole))
 
 
 class _Traffic(TorchDispatchMode):

@@ -127,10 +127,10 @@ def test_a_cpu_head_adds_the_writing_of_its_logits_to_its_product(tmp_path: Path
         assert c.head_s("rank0") == pytest.approx(head * lay.branches_per_gpu, rel=1e-9)
 
 
-def test_logits_that_fit_a_cpu_ranks_cache_are_not_written_out_or_copied(tmp_path: Path) -> None:
-    """cache_mib: a micro-batch's fp32 logits that fit the rank's cache pay neither
-    SPILL_BYTES nor SHIFT_BYTES; one byte more than the cache and they pay both."""
-    from zoplan.sim.costs import SPILL_BYTES, SHIFT_BYTES
+def test_logits_that_fit_a_cpu_ranks_cache_are_not_written_out(tmp_path: Path) -> None:
+    """cache_mib: a micro-batch's fp32 logits that fit the rank's cache do not pay SPILL_BYTES;
+    one byte more than the cache and they do (the loss after them costs the same either way)."""
+    from zoplan.sim.costs import SPILL_BYTES
 
     lay = layout()  # micro-batch 2 x 64 tokens
     logits = lay.micro_batch * WORK.seq_len * OPT.vocab
@@ -140,8 +140,8 @@ def test_logits_that_fit_a_cpu_ranks_cache_are_not_written_out_or_copied(tmp_pat
     outside = StepCosts(cpu_machine(tmp_path, cache_mib=fits - 1e-6), WORK, lay)
     bandwidth = inside._gm("rank0").hbm_gbps * 1e9
     extra = outside.head_s("rank0") - inside.head_s("rank0")
-    assert extra == pytest.approx(calls * logits * (SPILL_BYTES + SHIFT_BYTES) / bandwidth, rel=1e-9)
-    assert outside.loss_s("rank0") - inside.loss_s("rank0") == pytest.approx(logits * SHIFT_BYTES / bandwidth)
+    assert extra == pytest.approx(calls * logits * SPILL_BYTES / bandwidth, rel=1e-9)
+    assert outside.loss_s("rank0") == inside.loss_s("rank0")
     # without a cache figure (0) every head pays them
     assert StepCosts(cpu_machine(tmp_path, cache_mib=0.0), WORK, lay).head_s("rank0") == outside.head_s("rank0")
 
@@ -414,14 +414,14 @@ def test_the_head_charges_the_loss_passes_over_the_logits(tmp_path: Path) -> Non
     """After its matrix product, each micro-batch's head computes the next-token loss: passes over
     its fp32 logits that the product does not overlap. Per logit: the log-softmax and NLL
     (LOSS_BYTES: 20 on a CPU rank, whose exponentials are slower than memory; 12 on a GPU) and an
-    fp32 copy of logits made in a 2-byte dtype (6). A CPU rank's loss over several sequences first
-    copies the shifted logits (SHIFT_BYTES, 12); a GPU's costs the same whatever the micro-batch:
-    micro-batches of a block that costs the same stay one simulation for the search."""
+    fp32 copy of logits made in a 2-byte dtype (6). The loss takes one sequence at a time: it
+    costs the same a step whatever the micro-batch, so micro-batches of a block that costs the same
+    stay one simulation for the search."""
     from zoplan.sim import costs as costs_module
 
     machine = cpu_machine(tmp_path)
     hbm = machine.gpu_model("rank0").hbm_gbps * 1e9
-    for mb, per_logit in ((1, 20), (2, 20 + 12)):
+    for mb, per_logit in ((1, 20), (2, 20)):
         lay = layout(micro_batch=mb)
         c = StepCosts(machine, WORK, lay)
         assert c.loss_s("rank0") == pytest.approx(mb * WORK.seq_len * OPT.vocab * per_logit / hbm, rel=1e-12)

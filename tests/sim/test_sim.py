@@ -443,7 +443,7 @@ def test_gpu_memory_counts_what_the_runtime_allocates(tmp_path: Path) -> None:
     costs = StepCosts(machine, Workload(SHAPE, 1, 16), _zo2(prefetch=2))
     block = SHAPE.block_params() * 2  # bf16
     parts = SHAPE.resident_params() * 2
-    activations = SHAPE.block_activation_bytes(1, 16, "bf16", 2) + SHAPE.head_activation_bytes(1, 16)
+    activations = SHAPE.block_activation_bytes(1, 16, "bf16", 2) + SHAPE.head_activation_bytes(1, 16, "bf16")
     assert costs.gpu_memory_bytes("gpu0") == GPU_RESERVE_BYTES + 3 * block + 2 * block + 2 * parts + activations
 
 

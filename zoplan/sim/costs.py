@@ -58,20 +58,13 @@ HOST_RESERVE_BYTES = 16 * GiB
 # bench.cpu_figures, 2026-12-06 03:46 UTC; 1.18-1.21 ns in three more runs that hour): about 20
 # bytes at its 16.6 GB/s. Logits that fit the caches take less (a tiny model's 64 x 1405: 0.67 ns).
 LOSS_BYTES = {"gpu": 12, "cpu": 20}
-# A CPU rank's loss over several sequences first copies the shifted logits (runtime/data.py
-# loss_terms: read 4 bytes, write 4, the written line read first): 12 bytes a logit. In a step, the
-# loss of 16 sequences of 128 tokens of a tiny OPT model took 1.80 ns a logit on cpu-local, 30
-# bytes at its copy rate, where one sequence's took 20 (python -m bench.cpu_figures, 2026-12-06
-# 11:31 UTC). Left out on a GPU, where it is a few percent of a head.
-SHIFT_BYTES = 12
 # On a CPU rank, a matrix product whose fp32 output outgrows a core's cache takes longer than its
 # FLOPs by about this many bytes an output element at the copy rate: one thread computes and writes
 # it out one after the other. In a step (right after the blocks' forward), a tiny OPT model's LM head
 # over 16 x 128 tokens took 1.48 ns a logit beyond its FLOPs on cpu-local (24.5 bytes; python -m
 # bench.cpu_figures, 2026-12-06 11:31 UTC; 1.45-1.59 ns in three runs of a development script that
 # hour). Outputs that fit the cache take far less (a tiny model's 2 x 64 tokens of logits, 720 KB:
-# 0.3-0.5 ns): a rank whose topology gives its cache (``cache_mib``) pays neither this nor
-# SHIFT_BYTES for them. The same figure serves a block's products: an OPT-125m block over 2048
+# 0.3-0.5 ns): a rank whose topology gives its cache (``cache_mib``) does not pay it for them. The same figure serves a block's products: an OPT-125m block over 2048
 # tokens (6.3 MB of each 768-wide output, 25 MB of fc1's) measured 25.8 ms beyond the model without
 # it, 23 ms at this figure; over 512 tokens (only fc1's 6.3 MB beyond the cache) 2.65 ms, 2.3 ms.
 SPILL_BYTES = 24
@@ -588,22 +581,17 @@ class StepCosts:
         over the logits (runtime/data.py loss_terms), which the head's matrix product does not
         overlap. Per logit: the log-softmax reads them twice and writes once and the NLL gathers
         (``LOSS_BYTES``, a CPU rank's exponentials slower than that); logits made in a 2-byte
-        dtype are first made fp32 (read 2, write 4). With several sequences the shifted logits are
-        copied first (``SHIFT_BYTES``): counted on a CPU rank, left out on a GPU (a few percent of
-        its head), where the loss of a step then costs the same however its micro-batches split
-        it."""
+        dtype are first made fp32 (read 2, write 4). The loss takes one sequence at a time, so the
+        loss of a step costs the same however its micro-batches split it."""
         m, L, gm = self.model, self.layout, self._gm(gpu)
         per_logit = LOSS_BYTES[gm.kind] + (6 if DTYPE_BYTES[L.param_dtype] < 4 else 0)
         logits = L.micro_batch * self.work.seq_len * m.vocab
-        if gm.kind == "cpu" and L.micro_batch > 1 and self._spills(gpu, logits):
-            per_logit += SHIFT_BYTES
         return logits * per_logit / (gm.hbm_gbps * 1e9) / thread_speedup(gm, self.threads(gpu))
 
     def _spills(self, gpu: str, elements: int) -> bool:
         """Whether a product's fp32 output of ``elements`` (a block product's over a micro-batch,
         or its logits) outgrows this CPU rank's cache (``cache_mib``; 0: always): then it is
-        written out (SPILL_BYTES), and shifted logits are copied (SHIFT_BYTES); an output that
-        fits is written and read in the cache."""
+        written out (SPILL_BYTES); an output that fits is written and read in the cache."""
         return elements * 4 > self._gm(gpu).cache_mib * 2**20
 
     def _set_s(self, gpu: str, tensors: tuple[int, ...]) -> float:
@@ -701,7 +689,7 @@ class StepCosts:
             total += L.branches_per_gpu * self.block_param_bytes
         if gpu in L.compute_gpus:
             total += m.block_activation_bytes(L.micro_batch, self.work.seq_len, L.param_dtype, L.branches_per_gpu)
-            total += m.head_activation_bytes(L.micro_batch, self.work.seq_len)
+            total += m.head_activation_bytes(L.micro_batch, self.work.seq_len, L.param_dtype)
         return int(total)
 
     def host_memory_bytes(self) -> int:

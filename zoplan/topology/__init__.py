@@ -96,9 +96,8 @@ class GpuModel(Strict):
         ge=0,
         le=1e6,
         description="a CPU rank's core's own cache (its L2): a product's output (a block's, or the head's "
-        "logits) that fits it is written and read there, so it pays neither the writing out of outputs beyond "
-        "the cache nor, for logits, the copy of shifted logits (zoplan.sim.costs SPILL_BYTES, SHIFT_BYTES); "
-        "0: every product pays them",
+        "logits) that fits it is written and read there, so it does not pay the writing out of outputs beyond "
+        "the cache (zoplan.sim.costs SPILL_BYTES); 0: every product pays it",
     )
     z_cold_us: float = Field(
         0.0,
