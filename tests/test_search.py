@@ -144,6 +144,48 @@ def test_every_simulated_candidate_fits_memory() -> None:
         assert cand.host_memory_bytes <= machine.host_memory_bytes
 
 
+@pytest.mark.parametrize("model", ["qwen2.5-1.5b", "opt-2.7b"])
+def test_on_a_machine_of_cpu_ranks_the_ranks_and_the_host_copy_share_its_memory(model: str) -> None:
+    """A CPU rank's working set is host memory: each one's, and the host copy of the weights,
+    must fit the machine's memory together (less its reserve). Each was checked alone: on
+    cpu-local (23.5 GiB) qwen2.5-1.5b was planned with every block resident on both ranks, 2 x
+    10.1 + 5.75 = 26 GiB, and run would have run the machine out of memory."""
+    from zoplan.sim.costs import host_reserve_bytes
+
+    machine = load_topology("cpu-local")
+    room = machine.host_memory_bytes - host_reserve_bytes(machine)
+    assert host_reserve_bytes(machine) == machine.host_memory_bytes // 8  # a small machine keeps an eighth
+    result = search(machine, Workload(load_model_shape(model), 8, 128), top=3, param_dtype="fp32")
+    assert result.ranked
+    for cand in result.ranked:
+        costs = StepCosts(machine, result.workload, cand.layout)
+        ranks = sum(costs.gpu_memory_bytes(g) for g in cand.layout.gpus)
+        assert ranks + cand.host_memory_bytes <= room, (cand.layout, ranks, cand.host_memory_bytes, room)
+        assert costs.ram_need_bytes() == ranks + cand.host_memory_bytes
+
+
+def test_the_host_copy_holds_the_blocks_in_the_wire_dtype_and_the_rest_in_the_compute_dtype() -> None:
+    """runtime/hostcopy.py keeps the embeddings, final norm and head as the model computes with
+    them: an fp32 model with a bf16 host copy of its blocks holds those in fp32 (the plan counted
+    them in bf16: 0.104 GiB planned for a small LLaMA's 0.165 GiB of shared memory)."""
+    machine = load_topology("cpu-local")
+    shape = load_model_shape("opt-125m")
+    layout = Layout(
+        perturbation=1,
+        data=1,
+        compute_gpus=("rank0",),
+        upload="whole",
+        movers=("rank0",),
+        slices_per_block=1,
+        wire_dtype="bf16",
+        param_dtype="fp32",
+        micro_batch=1,
+        prefetch=1,
+    )
+    costs = StepCosts(machine, Workload(shape, 1, 32), layout)
+    assert costs.host_memory_bytes() == shape.layers * shape.block_params() * 2 + shape.resident_params() * 4
+
+
 def test_a_model_that_fits_nowhere_says_which_memory_and_by_how_much() -> None:
     machine = load_topology("rtx4090-4x")
     with pytest.raises(ZoplanError) as err:

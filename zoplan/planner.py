@@ -333,22 +333,23 @@ class Timeline:
 def check_fits(machine: Machine, workload: Workload, layout: Layout, plan_path: str | Path) -> None:
     """A plan file edited by hand (a larger micro-batch, more resident blocks, deeper prefetch) may
     no longer fit the machine's memory: refused here, as the planner would not have made it."""
-    from zoplan.sim.costs import GiB, HOST_RESERVE_BYTES
+    from zoplan.sim.costs import GiB, gib, host_reserve_bytes, host_room_bytes
 
     costs = StepCosts(machine, workload, layout)
     for g in layout.gpus:
         need, has = costs.gpu_memory_bytes(g), machine.gpu_model(g).memory_gib * GiB
         if need > has:
             raise ZoplanError(
-                f"{plan_path}: the plan needs {need / GiB:.1f} GiB on {g}, which has {has / GiB:.1f} GiB "
+                f"{plan_path}: the plan needs {gib(need)} on {g}, which has {gib(has)} "
                 "(the micro-batch, the resident blocks and the prefetch depth set it)",
                 fix="plan again (zoplan plan ... -o plan.yaml) instead of editing those fields",
             )
-    need, has = costs.host_memory_bytes(), machine.host_memory_bytes - HOST_RESERVE_BYTES
+    need, has = costs.ram_need_bytes(), host_room_bytes(machine)
     if need > has:
+        ranks = ", its CPU ranks' working sets included," if costs.cpu_ranks() else ""
         raise ZoplanError(
-            f"{plan_path}: the plan needs {need / GiB:.1f} GiB of host memory, the machine has "
-            f"{has / GiB:.1f} GiB to give ({HOST_RESERVE_BYTES / GiB:.0f} GiB kept for the system)",
+            f"{plan_path}: the plan needs {gib(need)} of host memory{ranks} the machine has "
+            f"{gib(has)} to give ({gib(host_reserve_bytes(machine))} kept for the system)",
             fix="plan again (zoplan plan ... -o plan.yaml) instead of editing the plan",
         )
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeGuard
 
 from zoplan.sim.bound import Bound, machine_bound
-from zoplan.sim.costs import GiB, HOST_RESERVE_BYTES, StepCosts, Workload, matmul_rate, spread_resident
+from zoplan.sim.costs import GiB, StepCosts, Workload, gib, host_reserve_bytes, matmul_rate, spread_resident
 from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
 from zoplan.layout import Layout, Pins, capacity_shares, divisors
@@ -411,8 +411,7 @@ def fit(machine: Machine, workload: Workload, layout: Layout, resident: int | No
     for g in layout.gpus:
         cap = machine.gpu_model(g).memory_gib * GiB
         short = max(short, costs.gpu_memory_bytes(g) - cap)
-    host_cap = machine.host_memory_bytes - HOST_RESERVE_BYTES
-    host_short = costs.host_memory_bytes() - host_cap
+    host_short = costs.ram_short_bytes()
     if short > 0 or host_short > 0:
         return [], max(short, host_short)
     most = costs.max_resident_blocks()
@@ -456,7 +455,7 @@ def search(
             rejected += 1
             costs = StepCosts(machine, workload, base)
             gshort = max(costs.gpu_memory_bytes(g) - machine.gpu_model(g).memory_gib * GiB for g in base.gpus)
-            hshort = costs.host_memory_bytes() - (machine.host_memory_bytes - HOST_RESERVE_BYTES)
+            hshort = costs.ram_short_bytes()
             worst_gpu_short = gshort if worst_gpu_short is None else min(worst_gpu_short, gshort)
             worst_host_short = hshort if worst_host_short is None else min(worst_host_short, hshort)
             continue
@@ -713,7 +712,7 @@ def _zo2_on(machine: Machine, workload: Workload, param_dtype: str, gpu: str) ->
         costs = StepCosts(machine, workload, layout)
         if costs.gpu_memory_bytes(gpu) > machine.gpu_model(gpu).memory_gib * GiB:
             continue
-        if costs.host_memory_bytes() > machine.host_memory_bytes - HOST_RESERVE_BYTES:
+        if costs.ram_short_bytes() > 0:
             return None
         return Candidate(
             layout, machine_bound(costs), costs.gpu_memory_bytes(gpu), costs.host_memory_bytes(), simulate(costs)
@@ -883,16 +882,16 @@ def _nothing_fits(
     parts = []
     if gpu_short is not None and gpu_short > 0:
         device = "CPU rank" if machine.cpu_ranks_only else "GPU"  # (a CPU rank's memory_gib: its share of RAM)
-        parts.append(f"{device} memory is short by {gpu_short / GiB:.1f} GiB per {device} even in the smallest layout")
+        parts.append(f"{device} memory is short by {gib(gpu_short)} per {device} even in the smallest layout")
     if host_short is not None and host_short > 0:
+        ranks = " and the CPU ranks' working sets" if machine.cpu_ranks_only else ""
         parts.append(
-            f"host memory is short by {host_short / GiB:.1f} GiB for one copy of the "
-            f"parameters ({machine.host_memory_bytes / GiB:.0f} GiB installed, "
-            f"{HOST_RESERVE_BYTES / GiB:.0f} GiB kept for the system)"
+            f"host memory is short by {gib(host_short)} for one copy of the parameters{ranks} "
+            f"({gib(machine.host_memory_bytes)} installed, {gib(host_reserve_bytes(machine))} kept for the system)"
         )
     what = "; ".join(parts) or "no candidate fits memory"
     gpu_is_short = gpu_short is not None and gpu_short > 0
-    if host_short is not None and host_short > 0 and not gpu_is_short:
+    if host_short is not None and host_short > 0 and not gpu_is_short and not machine.cpu_ranks_only:
         # the host holds the parameters once, whatever the batch: the batch cannot help, and the
         # search already tried the narrowest host-copy dtype it was allowed
         fix = "a machine with more host memory (zoplan compare --model ... -t ... -t ...)"

@@ -409,7 +409,7 @@ def test_compare_json_lists_both_machines() -> None:
 
 
 def test_compare_reports_a_machine_that_does_not_fit_beside_one_that_does() -> None:
-    result = invoke("compare", "-m", "opt-6.7b", "-t", "cpu-local", "-t", "rtx4090-4x", "--json", "-b", "8")
+    result = invoke("compare", "-m", "opt-13b", "-t", "cpu-local", "-t", "rtx4090-4x", "--json", "-b", "8")
     machines = {m["topology"]: m for m in json.loads(result.stdout)["machines"]}
     assert set(machines) == {"cpu-local", "rtx4090-4x"}
     assert "short by" in machines["cpu-local"]["error"]

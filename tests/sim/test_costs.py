@@ -520,3 +520,11 @@ def test_per_device_costs_are_kept_by_device_model_and_cpu_rank(tmp_path: Path) 
     kept = StepCosts(cpus, Workload(OPT, 6, 64), three)
     assert [kept.threads(g) for g in three.compute_gpus] == [2, 1, 1]
     assert kept.block_forward_s("rank0") < kept.block_forward_s("rank1") == kept.block_forward_s("rank2")
+
+
+def test_a_memory_figure_in_a_message_is_never_rounded_to_nothing() -> None:
+    """'host memory is short by 0.0 GiB' told nothing: small figures keep their digits."""
+    from zoplan.sim.costs import GiB, gib
+
+    assert gib(133.44 * GiB) == "133.4 GiB" and gib(2.94 * GiB) == "2.9 GiB" and gib(16 * GiB) == "16 GiB"
+    assert gib(0.467 * GiB) == "0.47 GiB" and gib(4 * 2**20) == "4 MiB" and gib(100) == "1 MiB"

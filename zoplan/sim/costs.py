@@ -45,13 +45,40 @@ if TYPE_CHECKING:
     from zoplan.profile import Profile, Profiled, Stage
 
 GiB = 2**30
+
+
+def gib(nbytes: float) -> str:
+    """A memory figure for a message, never rounded to nothing: ``2.9 GiB``, ``0.47 GiB``,
+    ``3 MiB``."""
+    n = nbytes / GiB
+    if abs(n) >= 1:
+        return f"{n:.0f} GiB" if n == round(n) else f"{n:.1f} GiB"
+    if abs(n) >= 0.01:
+        return f"{n:.2f} GiB"
+    return f"{max(nbytes / 2**20, 1):.0f} MiB" if nbytes > 0 else "0 MiB"
+
+
 _Cost = TypeVar("_Cost", bound=Callable[..., float])
 # Per-GPU memory the planner does not hand to parameters and activations: CUDA context
 # (~0.5 GiB on Hopper), NCCL buffers and caching-allocator slack. An assumption, stated in
 # docs/architecture.md; calibration measures times, not memory.
 GPU_RESERVE_BYTES = 2 * GiB
-# Host memory kept free for the OS, the Python processes and the data loader (assumption).
+# Host memory kept free for the OS, the Python processes and the data loader (assumption): 16 GiB,
+# or an eighth of a smaller machine's memory (2 GiB of 16), which could otherwise plan nothing.
 HOST_RESERVE_BYTES = 16 * GiB
+HOST_RESERVE_SHARE = 8
+
+
+def host_reserve_bytes(machine: Machine) -> int:
+    """The host memory kept for the system on one node of ``machine`` (``HOST_RESERVE_BYTES``)."""
+    return int(min(HOST_RESERVE_BYTES, machine.host_memory_bytes / HOST_RESERVE_SHARE))
+
+
+def host_room_bytes(machine: Machine) -> int:
+    """The host memory a plan may use on one node of ``machine``: all of it but the reserve."""
+    return int(machine.host_memory_bytes) - host_reserve_bytes(machine)
+
+
 # Bytes of memory traffic per logit of the next-token loss's log-softmax and NLL (read twice,
 # write once: 12). A CPU rank's take longer: the runtime's loss over the fp32 logits of 128
 # tokens of OPT's vocabulary took 1.10 ns a logit on one thread of cpu-local (python -m
@@ -693,15 +720,37 @@ class StepCosts:
         return int(total)
 
     def host_memory_bytes(self) -> int:
-        """One host copy of every parameter in the wire dtype, per node."""
-        return int(self.model.total_params() * DTYPE_BYTES[self.layout.wire_dtype])
+        """One host copy of every parameter, per node: the blocks in the wire dtype, the rest
+        (embeddings, final norm, head) in the compute dtype (runtime/hostcopy.py)."""
+        m, L = self.model, self.layout
+        return int(
+            m.layers * m.block_params() * DTYPE_BYTES[L.wire_dtype] + m.resident_params() * DTYPE_BYTES[L.param_dtype]
+        )
+
+    def cpu_ranks(self) -> tuple[str, ...]:
+        """The layout's CPU ranks: their working sets live in host memory, beside the host copy."""
+        return tuple(g for g in self.layout.gpus if self.machine.gpu_model(g).kind == "cpu")
+
+    def ram_need_bytes(self) -> int:
+        """What one node's host memory holds: the host copy, and each CPU rank's working set
+        (``gpu_memory_bytes``), which lives there too. Compared with ``host_room_bytes``."""
+        return self.host_memory_bytes() + sum(self.gpu_memory_bytes(g) for g in self.cpu_ranks())
+
+    def ram_short_bytes(self) -> int:
+        """How much more host memory the layout needs than a node gives (<= 0: it fits)."""
+        return self.ram_need_bytes() - host_room_bytes(self.machine)
 
     def max_resident_blocks(self) -> int:
         """How many blocks could stay on the GPUs given everything else this layout needs."""
         L = self.layout
         free = min(self.machine.gpu_model(g).memory_gib * GiB - self._without_resident(g) for g in L.gpus)
         per_block = self.block_param_bytes if L.upload == "whole" else math.ceil(self.block_param_bytes / len(L.movers))
-        return max(0, min(self.model.layers, int(free // per_block)))
+        most = int(free // per_block)
+        cpu = self.cpu_ranks()
+        if cpu:  # each CPU rank's resident blocks are host memory too
+            spare = host_room_bytes(self.machine) - (self.ram_need_bytes() - len(L.resident) * per_block * len(cpu))
+            most = min(most, int(spare // (per_block * len(cpu))))
+        return max(0, min(self.model.layers, most))
 
     def _without_resident(self, gpu: str) -> int:
         n_res = len(self.layout.resident)
