@@ -59,6 +59,8 @@ def machine_bound(costs: StepCosts) -> Bound:
             for r in path:
                 per_block = ring_bytes / (machine.directed[r].gbps * 1e9)
                 work[r] += model.layers * per_block
+                if costs.frozen:  # read-only blocks: the early ones' rounds may fall in the step before
+                    slack[r] += min(L.prefetch + 1, model.layers) * per_block
     # the loss all-reduce and then the training loop's host work end every step on every compute rank
     scalar_s = costs.scalar_allreduce_s() + costs.loop_s()
     fill_s = 0.0
@@ -75,11 +77,16 @@ def machine_bound(costs: StepCosts) -> Bound:
             ) * (n - 1)
         round_s = max(costs.update_slice_s(g) for g in L.movers) + ex_round_s
         # every exchange of the step follows the step before's end, and every compute rank computes
-        # the last block once its last round is in, then the head and the step's end
+        # the last block once its last round is in, then the head and the step's end. Read-only
+        # blocks (costs.frozen) wait for no update: the rounds of the next step's first blocks may
+        # be gathered as soon as they have landed, before the step ends, as many blocks as have a
+        # buffer (prefetch + 1: a buffer is freed by its block's compute, in the next step); nor
+        # does the first block wait for its rounds inside the step.
+        early = min(L.prefetch + 1, model.layers) if costs.frozen else 0
         last = model.layers - 1
         tail_s = max(costs.compute_block_s(g, resident=last in L.resident) + costs.head_s(g) for g in L.compute_gpus)
-        compute["exchange stream"] = model.layers * L.rounds * round_s + tail_s + scalar_s
-        first_ready_s = L.rounds * round_s  # the first block is computed after its last round
+        compute["exchange stream"] = (model.layers - early) * L.rounds * round_s + tail_s + scalar_s
+        first_ready_s = 0.0 if costs.frozen else L.rounds * round_s  # the first block after its last round
     for g in L.compute_gpus:
         if sliced:
             fill_s = max(0.0, first_ready_s - costs.embed_s(g))
@@ -93,7 +100,10 @@ def machine_bound(costs: StepCosts) -> Bound:
         )
         if machine.gpu_model(g).kind == "cpu" and sliced and g in L.movers:
             # a CPU rank is one thread: its updates and all-gathers do not overlap its compute
-            compute[f"core {g}"] = compute[f"compute {g}"] - fill_s + model.layers * L.rounds * round_s
+            # (but for the early blocks' rounds of read-only blocks, which may fall in the step before)
+            # (its own updates: another mover's may take longer, which the exchange stream waits for)
+            own_round_s = costs.update_slice_s(g) + ex_round_s
+            compute[f"core {g}"] = compute[f"compute {g}"] - fill_s + (model.layers - early) * L.rounds * own_round_s
         # Block buffers are a resource too: each of the prefetch + 1 buffers holds a block from
         # the start of its upload to the end of its compute, and those stages run one after the
         # other for one block, so buffers x step >= sum over blocks of that chain (Little's law).
@@ -109,7 +119,10 @@ def machine_bound(costs: StepCosts) -> Bound:
         n_buf = L.prefetch + 1
         occupancy = streamed * chain_streamed + len(L.resident) * chain_resident
         compute[f"buffers {g}"] = occupancy / n_buf
-        slack[f"buffers {g}"] = min(n_buf, streamed) * L.rounds * h2d_round_s / n_buf
+        if costs.frozen:  # read-only blocks: their rounds may be gathered before the step too
+            slack[f"buffers {g}"] = min(n_buf, model.layers) * (chain_streamed - comp_s) / n_buf
+        else:
+            slack[f"buffers {g}"] = min(n_buf, streamed) * L.rounds * h2d_round_s / n_buf
 
     best_name, best = "none", 0.0
     prune = 0.0
