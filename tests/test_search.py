@@ -273,6 +273,22 @@ def test_a_model_that_fits_nowhere_says_which_memory_and_by_how_much() -> None:
     assert "host memory is short by" in err.value.message and "GiB" in err.value.message
 
 
+def test_too_many_pinned_resident_blocks_say_how_many_fit() -> None:
+    """Every layout fits, but none with --resident 64: it said "no candidate fits memory", with a
+    smaller micro-batch as the fix. It says how many blocks fit, and that number plans."""
+    machine = load_topology("h100-pcie-1x")
+    work = Workload(load_model_shape("opt-66b"), 8, 512)
+    with pytest.raises(ZoplanError) as err:
+        search(machine, work, pins=Pins(resident=64))
+    said = err.value.message
+    assert said.startswith("--resident 64 does not fit on 'h100-pcie-1x': at most "), said
+    most = int(said.split("at most ")[1].split()[0])
+    assert 0 < most < 64 and f"--resident {most} or fewer" in (err.value.fix or "")
+    assert search(machine, work, pins=Pins(resident=most), top=1).best.layout.resident
+    with pytest.raises(ZoplanError, match=f"--resident {most + 1} does not fit"):
+        search(machine, work, pins=Pins(resident=most + 1), top=1)
+
+
 def test_gpu_memory_shortfall_is_reported() -> None:
     machine = load_topology("rtx4090-4x")
     # a huge sequence makes the head's logits alone exceed 24 GiB on every layout

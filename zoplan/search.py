@@ -448,6 +448,7 @@ def search(
     fitting: list[tuple[Layout, Bound, StepCosts]] = []
     considered = rejected = 0
     worst_gpu_short = worst_host_short = None
+    most_resident = -1  # with --resident: the most blocks any layout could keep (-1: none fits at all)
     for base in enumerate_layouts(machine, workload, pins, param_dtype):
         considered += 1
         layouts, _ = fit(machine, workload, base, pins.resident)
@@ -458,11 +459,19 @@ def search(
             hshort = costs.ram_short_bytes()
             worst_gpu_short = gshort if worst_gpu_short is None else min(worst_gpu_short, gshort)
             worst_host_short = hshort if worst_host_short is None else min(worst_host_short, hshort)
+            if pins.resident is not None and gshort <= 0 and hshort <= 0:
+                most_resident = max(most_resident, costs.max_resident_blocks())
             continue
         for layout in layouts:
             costs = StepCosts(machine, workload, layout)
             fitting.append((layout, machine_bound(costs), costs))
     if not fitting:
+        if most_resident >= 0:  # the layouts fit, but not with that many resident blocks
+            raise ZoplanError(
+                f"--resident {pins.resident} does not fit on '{machine.name}': at most {most_resident} of "
+                f"{workload.model.name}'s blocks fit beside the rest of a layout's memory",
+                fix=f"use --resident {most_resident} or fewer, or leave it out (the search then tries them)",
+            )
         raise _nothing_fits(machine, workload, considered, worst_gpu_short, worst_host_short, pins)
 
     def rank(layout: Layout, step_s: float, memory: int) -> tuple[float, int, int, str]:
