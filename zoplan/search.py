@@ -475,9 +475,11 @@ def search(
         raise _nothing_fits(machine, workload, considered, worst_gpu_short, worst_host_short, pins)
 
     def rank(layout: Layout, step_s: float, memory: int) -> tuple[float, int, int, str]:
-        # equal objectives (to rounding) prefer fewer GPUs, then less GPU memory
+        # equal objectives (to rounding: 10 significant digits) prefer fewer GPUs, then less GPU
+        # memory. To 9 decimals, a step of 100 us tied with any within 5e-10 s, 5e-6 of itself: far
+        # coarser than the pruning's 1e-9, which then dropped a family the exhaustive order showed
         return (
-            round(_objective(machine, workload, layout, step_s, objective), 9),
+            float(f"{_objective(machine, workload, layout, step_s, objective):.9e}"),
             gpus_used(layout),
             memory,
             repr(layout),
