@@ -91,9 +91,10 @@ LOSS_BYTES = {"gpu": 12, "cpu": 20}
 # over 16 x 128 tokens took 1.48 ns a logit beyond its FLOPs on cpu-local (24.5 bytes; python -m
 # bench.cpu_figures, 2026-12-06 11:31 UTC; 1.45-1.59 ns in three runs of a development script that
 # hour). Outputs that fit the cache take far less (a tiny model's 2 x 64 tokens of logits, 720 KB:
-# 0.3-0.5 ns): a rank whose topology gives its cache (``cache_mib``) does not pay it for them. The same figure serves a block's products: an OPT-125m block over 2048
-# tokens (6.3 MB of each 768-wide output, 25 MB of fc1's) measured 25.8 ms beyond the model without
-# it, 23 ms at this figure; over 512 tokens (only fc1's 6.3 MB beyond the cache) 2.65 ms, 2.3 ms.
+# 0.3-0.5 ns): a rank whose topology gives its cache (``cache_mib``) does not pay it for them.
+# The same figure serves a block's products: an OPT-125m block over 2048 tokens (6.3 MB of each
+# 768-wide output, 25 MB of fc1's) measured 25.8 ms beyond the model without it, 23 ms at this
+# figure; over 512 tokens (only fc1's 6.3 MB beyond the cache) 2.65 ms, 2.3 ms.
 SPILL_BYTES = 24
 # Elementwise passes of an update in torch ops (runtime/zo.py apply_update: z*g, step*lr, x - that,
 # the copy back), as an adapter's is applied
@@ -608,8 +609,8 @@ class StepCosts:
         over the logits (runtime/data.py loss_terms), which the head's matrix product does not
         overlap. Per logit: the log-softmax reads them twice and writes once and the NLL gathers
         (``LOSS_BYTES``, a CPU rank's exponentials slower than that); logits made in a 2-byte
-        dtype are first made fp32 (read 2, write 4). The loss takes one sequence at a time, so the
-        loss of a step costs the same however its micro-batches split it."""
+        dtype are first made fp32 (read 2, write 4). The loss takes a few whole sequences at a
+        time, in place, so the loss of a step costs the same however its micro-batches split it."""
         m, L, gm = self.model, self.layout, self._gm(gpu)
         per_logit = LOSS_BYTES[gm.kind] + (6 if DTYPE_BYTES[L.param_dtype] < 4 else 0)
         logits = L.micro_batch * self.work.seq_len * m.vocab
