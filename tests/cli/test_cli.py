@@ -796,6 +796,23 @@ def test_at_80_columns_the_price_stays_and_a_machine_without_one_shows_no_price_
     assert "$/Mtok" in header("plan", "-m", "opt-13b", "-t", "rtx4090-4x", "--wide")
 
 
+def test_a_machine_of_cpu_ranks_names_its_ranks_memory_and_a_small_host_copy_keeps_its_digits(
+    monkeypatch, capsys
+) -> None:
+    """cpu-local has no GPU: the wide table said "GPU GiB" and "resident on the GPUs", and a host
+    copy under 0.05 GiB read 0.0."""
+    monkeypatch.setattr(cli, "out", Console(width=250, color_system=None, force_terminal=False))
+    code, out, err = run_main(monkeypatch, capsys, "plan", "-m", "opt-125m", "-t", "cpu-local", "--wide")
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if " step " in f" {line} ")
+    assert "rank GiB" in header and "GPU GiB" not in header, header
+    assert "resident on the CPU ranks" in out and "resident on the GPUs" not in out
+    row = next(line for line in out.splitlines() if line.strip(" │|").startswith("1 "))
+    assert " 0.47 " in row, row  # opt-125m's host copy, 0.47 GiB
+    code, out, err = run_main(monkeypatch, capsys, "plan", "-m", "opt-13b", "-t", "rtx4090-4x", "--wide")
+    assert code == 0 and "GPU GiB" in out and "resident on the GPUs" in out, err
+
+
 @pytest.mark.parametrize("width", [64, 50])
 @pytest.mark.parametrize("command", ["plan", "compare"])
 def test_a_narrower_terminal_leaves_columns_out_instead_of_cutting_figures(monkeypatch, capsys, command, width) -> None:

@@ -50,7 +50,13 @@ def _fmt_usd(usd: float | None) -> str:
 
 def _fmt_gib(nbytes: float) -> str:
     gib = nbytes / GiB
-    return f"{gib:.1f}" if gib < 100 else f"{gib:.0f}"
+    # (a small model's host copy, 0.047 GiB, read 0.0)
+    return f"{gib:.2f}" if gib < 1 else f"{gib:.1f}" if gib < 100 else f"{gib:.0f}"
+
+
+def _device_header(header: str, machine: Machine) -> str:
+    """A column's header as this machine's devices are called (CPU ranks: no GPU)."""
+    return header.replace("GPU GiB", "rank GiB") if machine.cpu_ranks_only else header
 
 
 def _movers(summary: CandidateSummary) -> str:
@@ -177,7 +183,9 @@ def _plan_table(report: PlanReport, wide: bool, hidden: set[str]) -> Table:
     if all(report.summary(c)["usd_per_mtok"] is None for c in [*report.shown, *([base] if base else [])]):
         hidden = hidden | {"$/Mtok"}  # no price: a column of dashes
     shown = [i for i, (name, _, default) in enumerate(PLAN_COLUMNS) if wide or (default and name not in hidden)]
-    table = _table(title, [PLAN_COLUMNS[i][:2] for i in shown], wide)
+    # a machine of CPU ranks has no GPU: its ranks' memory, which is host memory too
+    headers = [_device_header(PLAN_COLUMNS[i][0], report.machine) for i in shown]
+    table = _table(title, [(h, PLAN_COLUMNS[i][1]) for h, i in zip(headers, shown)], wide)
     for n, cand in enumerate(report.shown, 1):
         speed = base.step_time_s / cand.step_time_s if base else None
         row = _row(report.summary(cand), str(n), speed)
@@ -346,7 +354,8 @@ def plan_footer(report: PlanReport, wide: bool = False) -> Text:
         text.append(line + "\n", style="yellow")
     text.append(
         "p×d: perturbation × data-parallel degree; µb: micro-batch; pf: blocks prefetched; "
-        "res: blocks resident on the GPUs; bound: machine bound / step time\n"
+        f"res: blocks resident on the {'CPU ranks' if report.machine.cpu_ranks_only else 'GPUs'}; "
+        "bound: machine bound / step time\n"
         if wide
         else "p×d: perturbation × data-parallel degree; --wide: slices, wire dtype, micro-batch, prefetch, "
         "resident blocks, memory, bound\n",
