@@ -17,6 +17,9 @@
 #             the cost model's peak * M / (M + half) (bench/matmul_tokens.py): what a GPU
 #             preset's tflops x matmul_efficiency and matmul_half_tokens (0 in every preset so far)
 #             should be, for the uncalibrated prediction at small micro-batches (issue 18) ~20 s
+#   loss      what the next-token loss holds at its peak (max_memory_allocated) beside the plan's
+#             figure for it, bf16 and fp32, vocabularies of 32000 and 128256 (bench/loss_memory.py,
+#             docs/results/runtime-cpu.md)                                          ~20 s
 # Run from the repository root: OUT=dir bash bench/gpu_checks.sh [PART ...] (default: the first
 # four, more than one device call allows under the timeouts below, so run `replay fidelity` and
 # `kernels layouts` as two calls, and `speed` as a third; FIDELITY_TIMEOUT (s, default 360) bounds
@@ -25,9 +28,9 @@
 # elsewhere for its Python version; see gpu_fidelity.sh). A session's device time (15 minutes,
 # the machine's start included) holds about two calls: the open issues' figures are `speed`
 # (issue 23: the offloaded step against the transfer bound, eager and with CUDA graphs, and ZO2;
-# it logs each figure as it comes, so a time limit keeps the first ones) and `matmul fidelity`
-# (issue 18: the preset's matmul rate over few tokens, then the uncalibrated prediction against
-# the measured step), before the checks of `kernels layouts replay`. For ZO2, before the call, here:
+# it logs each figure as it comes, so a time limit keeps the first ones) and `matmul loss fidelity`
+# (issue 18: the preset's matmul rate over few tokens, the loss's memory against the plan's, then
+# the uncalibrated prediction against the measured step), before the checks of `kernels layouts replay`. For ZO2, before the call, here:
 #   python -m bench.zo2_peer --wheels .whl/zo2 && mkdir -p .peers && cp -r ../shared/peers/zo2 .peers/
 # .whl/ and .peers/ are ignored by git: name them in the device call's carry.
 set -x
@@ -67,6 +70,10 @@ for part in $PARTS; do
       fi
       timeout ${SPEED_TIMEOUT:-540} python3 -m bench.runtime_gpu --out "$OUT/speed" --steps 6 --graphs "${peer[@]}" 2>&1 |
         tail -20 | tee "$OUT/speed.txt" ;;
-    *) echo "unknown part: $part (kernels, replay, layouts, fidelity, speed, matmul)"; exit 2 ;;
+    loss)
+      for v in 32000 128256; do
+        timeout 60 python3 -m bench.loss_memory --device cuda --vocab $v --micro-batch 1 4 8 2>&1 | tee -a "$OUT/loss-memory.txt"
+      done ;;
+    *) echo "unknown part: $part (kernels, replay, layouts, fidelity, speed, matmul, loss)"; exit 2 ;;
   esac
 done
