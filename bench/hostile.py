@@ -250,6 +250,28 @@ def main() -> None:
         path = model / "config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
+    def as_bin(model: Path) -> None:
+        """The weights saved again in torch's pickled format (pytorch_model.bin), as older checkpoints are."""
+        path = model / "model.safetensors"
+        torch.save(load_file(str(path)), model / "pytorch_model.bin")
+        path.unlink()
+
+    def bin_fewer_layers(model: Path) -> None:
+        as_bin(model)
+        edit_config(model, num_hidden_layers=1)
+
+    def cpu_plan(d: Path) -> tuple[int, str]:
+        """A model the CPU ranks of cpu-local and the host copy could hold only together: its plan."""
+        code, out = call("plan", "-m", "qwen2.5-1.5b", "-t", "cpu-local", "-b", "8", "-s", "128", "--json", cwd=d)
+        (d / "plan.json").write_text(out if code == 0 else "{}")
+        return code, out
+
+    def fits_cpu_local(d: Path) -> bool:
+        """Every rank's working set and the host copy within cpu-local's memory, less an eighth."""
+        best = json.loads((d / "plan.json").read_text())["best"]
+        ranks = best["gpu_memory_bytes"] * len(best["gpus"])
+        return ranks + best["host_memory_bytes"] <= 23.5 * 2**30 * 7 / 8
+
     def bomb(d: Path) -> tuple[int, str]:
         text = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
             f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}" if i > 1 else "*a"] * 9) + "]\n" for i in range(1, 12)
@@ -830,6 +852,19 @@ def main() -> None:
         ),
         Case("output", "plan -o over a topology whose comment says layout:", over_a_topology),
         Case("output", "timeline -o /dev/stdout into the command's own output", trace_into_own_stdout),
+        Case("model", "a pytorch_model.bin checkpoint with a config of fewer layers", damaged_model(bin_fewer_layers)),
+        Case(
+            "input",
+            "plan a model on cpu-local that its ranks and host copy fill together",
+            cpu_plan,
+            refused=False,
+            check=fits_cpu_local,
+        ),
+        Case(
+            "input",
+            "plan --resident 64 of opt-66b on one H100",
+            lambda d: call("plan", "-m", "opt-66b", "-t", "h100-pcie-1x", "--resident", "64", cwd=d),
+        ),
         Case(
             "input",
             "compare --tokens inf --json",
