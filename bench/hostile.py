@@ -267,10 +267,13 @@ def main() -> None:
         return code, out
 
     def fits_cpu_local(d: Path) -> bool:
-        """Every rank's working set and the host copy within cpu-local's memory, less an eighth."""
+        """Every rank's working set and the host copy within cpu-local's memory, less its reserve."""
+        from zoplan.sim.costs import host_room_bytes
+        from zoplan.topology import load_topology
+
         best = json.loads((d / "plan.json").read_text())["best"]
         ranks = best["gpu_memory_bytes"] * len(best["gpus"])
-        return ranks + best["host_memory_bytes"] <= 23.5 * 2**30 * 7 / 8
+        return ranks + best["host_memory_bytes"] <= host_room_bytes(load_topology("cpu-local"))
 
     def bomb(d: Path) -> tuple[int, str]:
         text = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(

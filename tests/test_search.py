@@ -207,20 +207,25 @@ def test_a_sliced_step_is_bounded_by_its_exchanges_then_the_last_block_and_the_h
     ]
 
 
-def test_machine_bound_names_the_busiest_resource() -> None:
-    machine = load_topology("dgx-a100")
-    layout = Layout(
+def one_device(device: str, wire_dtype: str = "bf16", param_dtype: str = "bf16") -> Layout:
+    """1x1 on ``device``, whole blocks, micro-batch 1, prefetch 1."""
+    return Layout(
         perturbation=1,
         data=1,
-        compute_gpus=("gpu0",),
+        compute_gpus=(device,),
         upload="whole",
-        movers=("gpu0",),
+        movers=(device,),
         slices_per_block=1,
-        wire_dtype="bf16",
-        param_dtype="bf16",
+        wire_dtype=wire_dtype,
+        param_dtype=param_dtype,
         micro_batch=1,
         prefetch=1,
     )
+
+
+def test_machine_bound_names_the_busiest_resource() -> None:
+    machine = load_topology("dgx-a100")
+    layout = one_device("gpu0")
     bound = machine_bound(StepCosts(machine, Workload(load_model_shape("opt-66b"), 1, 32), layout))
     # one sequence of 32 tokens: every block crosses PCIe at 25 GB/s, compute is negligible
     assert bound.binding.startswith("PCIe")
@@ -262,18 +267,7 @@ def test_the_host_copy_holds_the_blocks_in_the_wire_dtype_and_the_rest_in_the_co
     them in bf16: 0.104 GiB planned for a small LLaMA's 0.165 GiB of shared memory)."""
     machine = load_topology("cpu-local")
     shape = load_model_shape("opt-125m")
-    layout = Layout(
-        perturbation=1,
-        data=1,
-        compute_gpus=("rank0",),
-        upload="whole",
-        movers=("rank0",),
-        slices_per_block=1,
-        wire_dtype="bf16",
-        param_dtype="fp32",
-        micro_batch=1,
-        prefetch=1,
-    )
+    layout = one_device("rank0", wire_dtype="bf16", param_dtype="fp32")
     costs = StepCosts(machine, Workload(shape, 1, 32), layout)
     assert costs.host_memory_bytes() == shape.layers * shape.block_params() * 2 + shape.resident_params() * 4
 
@@ -412,18 +406,7 @@ def test_cost_charges_the_whole_nodes_the_layout_runs_on(tmp_path) -> None:
     path.write_text(yaml.safe_dump(spec))
     machine = load_topology(path)
     work = Workload(SMALL, 16, 128)
-    one = Layout(
-        perturbation=1,
-        data=1,
-        compute_gpus=("gpu0",),
-        upload="whole",
-        movers=("gpu0",),
-        slices_per_block=1,
-        wire_dtype="bf16",
-        param_dtype="bf16",
-        micro_batch=1,
-        prefetch=1,
-    )
+    one = one_device("gpu0")
     # one GPU on one of two nodes, for one hour's worth of steps: the whole node, half the price
     # (its other seven GPUs are rented all the same); the same layout on both nodes: all of it
     tokens_per_hour = work.tokens_per_step * 3600
