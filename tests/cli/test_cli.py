@@ -813,6 +813,23 @@ def test_a_machine_of_cpu_ranks_names_its_ranks_memory_and_a_small_host_copy_kee
     assert code == 0 and "GPU GiB" in out and "resident on the GPUs" in out, err
 
 
+def test_compare_names_the_devices_of_the_machines_it_shows(monkeypatch, capsys) -> None:
+    """compare's table said "GPUs" and "GPU GiB" over a machine of CPU ranks: its rank count and
+    memory are a rank's; beside a GPU machine, both are a device's."""
+    monkeypatch.setattr(cli, "out", Console(width=250, color_system=None, force_terminal=False))
+
+    def header(*topologies: str) -> list[str]:
+        args = [a for t in topologies for a in ("-t", t)]
+        code, out, err = run_main(monkeypatch, capsys, "compare", "-m", "tiny-opt", *args, "--wide")
+        assert code == 0, err
+        return next(line for line in out.splitlines() if " step " in line).replace("┃", " ").split()
+
+    cpu, gpu, both = header("cpu-local"), header("dgx-a100"), header("cpu-local", "dgx-a100")
+    assert "ranks" in cpu and "rank" in cpu and "GPUs" not in cpu and "GPU" not in cpu, cpu
+    assert "GPUs" in gpu and "GPU" in gpu, gpu
+    assert "devices" in both and "device" in both and "GPU" not in both and "rank" not in both, both
+
+
 @pytest.mark.parametrize("width", [64, 50])
 @pytest.mark.parametrize("command", ["plan", "compare"])
 def test_a_narrower_terminal_leaves_columns_out_instead_of_cutting_figures(monkeypatch, capsys, command, width) -> None:

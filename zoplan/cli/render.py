@@ -59,6 +59,16 @@ def _device_header(header: str, machine: Machine) -> str:
     return header.replace("GPU GiB", "rank GiB") if machine.cpu_ranks_only else header
 
 
+def _compare_header(header: str, machines: list[Machine]) -> str:
+    """A compare column's header as the machines' devices are called: GPUs, CPU ranks (a machine
+    of CPU ranks has no GPU), or devices where the table holds both."""
+    if header not in ("GPUs", "GPU GiB") or not machines:
+        return header
+    cpu = {m.cpu_ranks_only for m in machines}
+    word = "GPU" if cpu == {False} else "rank" if cpu == {True} else "device"
+    return f"{word}s" if header == "GPUs" else f"{word} GiB"
+
+
 def _movers(summary: CandidateSummary) -> str:
     if summary["upload"] == "whole":
         return "each its own"
@@ -480,7 +490,9 @@ def _compare_table(
     if not any(not isinstance(res, ZoplanError) and res.machine.spec.price_per_hour_usd for _, res in results):
         hidden = hidden | {"$/h", "$/Mtok"}  # no machine priced: columns of dashes
     shown = [i for i, (name, default) in enumerate(COMPARE_COLUMNS) if wide or (default and name not in hidden)]
-    table = _table(f"{model}: best layout per machine", [(COMPARE_COLUMNS[i][0], "left") for i in shown], wide)
+    machines = [res.machine for _, res in results if not isinstance(res, ZoplanError)]
+    headers = [_compare_header(COMPARE_COLUMNS[i][0], machines) for i in shown]
+    table = _table(f"{model}: best layout per machine", [(h, "left") for h in headers], wide)
     for name, res in results:
         if isinstance(res, ZoplanError):  # the reason goes under the table (compare_reasons), not in a cell
             cells = [Text("cannot run it", style="red") if COMPARE_COLUMNS[i][0] == "step" else "–" for i in shown]
