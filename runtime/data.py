@@ -239,6 +239,8 @@ def vocabulary_words() -> list[str]:
 
 
 LONG_TEXT = "long-text"
+# the data sets zoplan bundles, named by --data and --eval-data (load_examples)
+BUNDLED_DATA = ("sentiment", "sentiment-text")
 
 
 def write_long_text(path: Path, seq_len: int, records: int) -> Path:

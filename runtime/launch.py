@@ -24,12 +24,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 from zoplan import runconfig
 from zoplan.errors import Refused, ZoplanError
 from zoplan.fileio import write_fix
-from zoplan.models import TINY_LR, load_model_shape, tiny_name
+from zoplan.models import TINY_LR, TINY_MODELS, load_model_shape, tiny_name
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
 from zoplan.recipes import recipe, with_recipe
@@ -257,6 +257,11 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             fix="choose a new --output directory, remove the old one, or continue it with --resume",
         )
     plan = load_plan(cfg.plan) if cfg.plan is not None else None  # first: it needs no model
+    if cfg.model in TINY_MODELS and Path(cfg.model).exists():
+        warn(
+            f"--model {cfg.model} is zoplan's built-in model of that name: {Path(cfg.model).resolve()} is not "
+            f"read (--model ./{cfg.model} trains it)"
+        )
     model_dir = resolve_model(cfg.model)
     config = model_dir / "config.json"
     shape = load_model_shape(str(config))
@@ -388,9 +393,9 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         write_plan(plan, out / "plan.yaml")
         # local paths absolute: `--resume` may be run from any directory
         cfg = cfg.given(
-            model=_recorded(cfg.model),
-            data=_recorded(data),
-            eval_data=_recorded(cfg.eval_data) if cfg.eval_data is not None else None,
+            model=_recorded(cfg.model, TINY_MODELS),
+            data=_recorded(data, zdata.BUNDLED_DATA),
+            eval_data=_recorded(cfg.eval_data, zdata.BUNDLED_DATA) if cfg.eval_data is not None else None,
             plan=Path(_recorded(str(cfg.plan))) if cfg.plan is not None else None,
             model_dir=model_dir.resolve(),
             device=device,
@@ -503,10 +508,13 @@ def _device_for(machine: Machine, plan: Plan) -> str:
     return "cuda"
 
 
-def _recorded(value: str) -> str:
-    """A local file or directory as its absolute path; a name (hub id, built-in model or data) as given."""
+def _recorded(value: str, builtin: Collection[str] = ()) -> str:
+    """A local file or directory as its absolute path; a name (hub id, built-in model or data) as
+    given, ``builtin``'s names too where a file or folder of that name stands in the current
+    directory: the run read the built-in (resolve_model and load_examples take a name first), which
+    a resume must read again."""
     path = Path(value).expanduser()
-    return str(path.resolve()) if value and path.exists() else value
+    return str(path.resolve()) if value and value not in builtin and path.exists() else value
 
 
 def resume_config(out: Path, given: dict) -> tuple[RunConfig, list[str]]:

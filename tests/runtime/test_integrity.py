@@ -920,6 +920,31 @@ def test_the_run_record_holds_absolute_paths_so_resume_works_from_anywhere(
     assert (recorded["model"], recorded["data"]) == ("tiny-opt", "sentiment")
 
 
+def test_a_built_in_name_is_recorded_as_a_name_where_a_folder_of_that_name_stands(
+    tiny_dirs, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``--model tiny-opt`` trains the built-in model even where ./tiny-opt is a checkpoint of its
+    own; run.json named the folder, so the finished run could never be resumed or replayed (its
+    weights were not the ones the run started from). Said, and recorded as the name."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_dirs["tiny-opt"], tmp_path / "tiny-opt")
+    (tmp_path / "sentiment").mkdir()  # (a folder named like the bundled data)
+    prepare(make(model="tiny-opt", data="sentiment", eval_data="sentiment", output=Path("run"), steps=2))
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (recorded["model"], recorded["data"], recorded["eval_data"]) == ("tiny-opt", "sentiment", "sentiment")
+    said = capsys.readouterr().err
+    assert f"--model tiny-opt is zoplan's built-in model of that name: {tmp_path / 'tiny-opt'} is not read" in said
+    assert "--model ./tiny-opt trains it" in said
+    cfg = prepare(resume_config(tmp_path / "run", {"steps": 4})[0], resume=True)[0]
+    assert (cfg.model, cfg.data) == ("tiny-opt", "sentiment")
+    # the folder, named as a path, is the folder (and no word about the built-in)
+    prepare(make(model="./tiny-opt", data="sentiment", output=Path("run2"), steps=2))
+    assert json.loads((tmp_path / "run2" / "run.json").read_text())["model"] == str(tmp_path / "tiny-opt")
+    assert "built-in" not in capsys.readouterr().err
+
+
 def test_a_model_or_data_given_with_resume_is_named_as_ignored(run_dir: Path) -> None:
     from fuzzkit import console
 
