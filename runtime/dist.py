@@ -82,10 +82,21 @@ def init(plan: Plan, device_kind: str) -> RankContext:
     backend = "nccl" if device_kind == "cuda" else "gloo"
     if not dist.is_initialized():
         store = _attempt_store(world)
-        if store is None:
-            dist.init_process_group(backend=backend, timeout=TIMEOUT)
-        else:
-            dist.init_process_group(backend=backend, timeout=TIMEOUT, store=store, rank=rank, world_size=world)
+        try:
+            if store is None:
+                dist.init_process_group(backend=backend, timeout=TIMEOUT)
+            else:
+                dist.init_process_group(backend=backend, timeout=TIMEOUT, store=store, rank=rank, world_size=world)
+        except RuntimeError as exc:  # (torch's DistNetworkError is one)
+            if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc).lower():
+                raise
+            port = os.environ.get("MASTER_PORT", "?")
+            raise ZoplanError(
+                f"rank {rank} could not listen on port {port} (--master-port): another program took it after "
+                "the launch had found it free",
+                fix="run again with another --master-port (the same on every machine), or leave it out on a "
+                "single machine: a free one is picked",
+            ) from None
     entry = plan.layout.ranks[rank]
     if device_kind == "cuda":
         device = torch.device("cuda", local_rank)

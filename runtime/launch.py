@@ -48,7 +48,7 @@ from zoplan.records import (
 )
 from zoplan.runtime.checkpoint import check_model_dir, weights_stamp
 from zoplan.runtime.signals import STOPPING, deferred, die_with_parent, signals_held
-from zoplan.runtime.scratch import owned, owner_of, run_lock, shared_memory, sweep
+from zoplan.runtime.scratch import owned, owner_of, port_claimed, run_lock, shared_memory, sweep
 from zoplan.runtime.watch import ProgressWatch
 from zoplan.runtime.rankserver import SERVER_ENV, ServedProcess, request
 from zoplan.topology import Machine, load_topology
@@ -868,17 +868,21 @@ def run(cfg: RunConfig, resume: bool = False) -> RunSummary:
     check_switches(os.environ)
     for base in (shared_memory(), Path(tempfile.gettempdir())):
         sweep(base)  # what launches killed earlier left behind (runtime/scratch.py)
-    if cfg.master_port is not None and cfg.node_rank == 0:
-        check_port_free(cfg.master_port)
+    # node 0 listens on --master-port: held by this launch before it is found free (two launches
+    # at once each found it free)
+    port = cfg.master_port if cfg.node_rank == 0 else None
+    claimed = port_claimed(port) if port is not None else None
     # a resume refused by its ranks leaves the run's record as it found it (the options given this
     # time were written for the ranks to read)
     record = out / runconfig.CONFIG_FILE
     recorded = record.read_bytes() if resume and record.is_file() else None
     stopped: list[int] = []  # SIGTERM and SIGHUP stop the run from here as Ctrl-C does
     try:
-        with stop_signals(stopped), run_lock(out, cfg.node_rank, cfg.nnodes):
+        with stop_signals(stopped), run_lock(out, cfg.node_rank, cfg.nnodes), claimed or contextlib.nullcontext():
             try:
                 try:
+                    if port is not None:
+                        check_port_free(port)
                     return _run(cfg, resume)
                 except KeyboardInterrupt:
                     _stop_taken()

@@ -247,6 +247,30 @@ def owned(base: Path, name: str) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def port_claimed(port: int) -> Iterator[None]:
+    """Hold ``port`` for this launch (a folder ``zoplan-port-<port>`` in the temporary directory,
+    owned while the block runs): two launches given the same --master-port at once each found it
+    free, then one's ranks met the other's at it (a rank of one run joined the other's, and both
+    failed, each blaming a rank that said nothing)."""
+    base, name = Path(tempfile.gettempdir()), f"port-{port}"
+    claim = contextlib.ExitStack()
+    try:
+        claim.enter_context(owned(base, name))
+    except ZoplanError as exc:
+        folder = base / f"{PREFIX}{name}"
+        if not exc.message.startswith(f"{folder} exists"):  # (no room to make it: said as it is)
+            raise
+        owner = held_by(folder / OWNER)
+        raise ZoplanError(
+            f"--master-port {port} is taken by another zoplan launch on this machine"
+            + (f" (pid {owner})" if owner else " (or by one stopped in the last few seconds)"),
+            fix="give each run its own --master-port, or leave it out on a single machine: a free one is picked",
+        ) from None
+    with claim:
+        yield
+
+
 # what a launch's folders are named after (owned's ``name``): a calibration's, else a run's
 _CALIBRATION_FOLDERS = ("calibrate-",)
 

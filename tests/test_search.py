@@ -870,6 +870,22 @@ def test_a_failing_or_interrupted_search_stops_its_workers(monkeypatch: pytest.M
     assert multiprocessing.active_children() == []
 
 
+def test_a_worker_whose_search_is_gone_ends_without_a_word(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A search killed (SIGTERM, SIGKILL) while its workers simulated: each printed a BrokenPipeError
+    traceback after the shell's prompt when it came to answer."""
+    import multiprocessing
+
+    from zoplan.sim import parallel
+
+    monkeypatch.setattr(parallel, "simulate_answer", lambda costs, limit_s: parallel.AtLeast(1.0))
+    monkeypatch.setattr(parallel.signal, "signal", lambda *args: None)  # (a worker ignores Ctrl-C: not this process)
+    search_end, worker_end = multiprocessing.get_context("fork").Pipe()
+    search_end.send((0, None))
+    search_end.close()  # gone before the answer
+    parallel._serve(worker_end, [object()], [])  # type: ignore[list-item]  # returns, raises nothing
+    assert capsys.readouterr().err == ""
+
+
 def test_the_worker_count_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from zoplan.sim.parallel import workers_wanted
 

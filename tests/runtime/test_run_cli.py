@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from zoplan.planfile import load_plan, write_plan
 from zoplan.planner import plan
+from zoplan.search import Pins
 
 
 def zoplan(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -297,6 +299,53 @@ def test_a_master_port_in_use_is_named_before_anything_is_written(tmp_path: Path
         proc = zoplan("run", "--master-port", str(port), "--steps", "1", "-o", str(tmp_path / "o"))
     assert proc.returncode == 2 and f"--master-port {port} is in use on this machine" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_a_master_port_another_launch_holds_is_named_with_its_pid(tmp_path: Path) -> None:
+    """Two runs started at once with one --master-port each found it free; then one's ranks met
+    the other's at it, and one or both failed with "a rank exited without a message" (or a node
+    "started otherwise than node 0" on one machine). A launch holds its port from the start."""
+    import socket
+
+    from zoplan.runtime.scratch import port_claimed
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with port_claimed(port):  # (as a launch started a moment before holds it, its ranks not yet listening)
+        proc = zoplan("run", "--master-port", str(port), "--steps", "1", "-o", str(tmp_path / "o"))
+        again = zoplan("run", "--master-port", str(port), "--steps", "1", "-o", str(tmp_path / "o"))
+    said = f"--master-port {port} is taken by another zoplan launch on this machine (pid {os.getpid()})"
+    for p in (proc, again):
+        assert p.returncode == 2 and said in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()
+    assert not list(Path(tempfile.gettempdir()).glob(f"zoplan-port-{port}"))  # (released with the launch)
+
+
+def test_a_port_taken_between_the_launch_s_check_and_rank_0_s_listening_is_named(tmp_path: Path) -> None:
+    """A program that took the port after the launch found it free made rank 0 fail in
+    init_process_group (EADDRINUSE): the run said only that a rank exited without a message."""
+    import socket
+
+    from zoplan.errors import ZoplanError
+    from zoplan.runtime import dist as zdist
+
+    made = plan("tiny-opt", "cpu-local", global_batch=2, seq_len=16, pins=Pins(perturbation=1, data=1)).plan
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            mp.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+            try:
+                with pytest.raises(ZoplanError, match=f"rank 0 could not listen on port {port} \\(--master-port\\)"):
+                    zdist.init(made, "cpu")
+            finally:
+                if torch.distributed.is_initialized():
+                    torch.distributed.destroy_process_group()
 
 
 def test_held_out_examples_of_their_own(tmp_path: Path) -> None:

@@ -109,7 +109,10 @@ def _serve(conn: Connection, candidates: list[StepCosts], inherited: list[Connec
             reply = simulate_answer(candidates[index], limit_s)
         except Exception as exc:  # a bug in the simulator: the search raises it where it needs it
             reply = RuntimeError(f"{type(exc).__name__}: {exc}")
-        conn.send((index, reply))
+        try:
+            conn.send((index, reply))
+        except OSError:  # the search is gone (killed): nobody to answer, nothing to say
+            return
 
 
 class Workers:
