@@ -340,6 +340,12 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
             )
     task = zdata.task_of(kind, cfg.prompt, cfg.label_words)  # the task the worker builds
     zdata.check_labels(examples, task, data)
+    bare = cfg.prompt.rstrip(" \t")
+    if kind == "classification" and bare != cfg.prompt:  # (a recipe's prompt may end in a newline)
+        warn(
+            f"--prompt {cfg.prompt!r} ends in a space, and each label word is read after a space of its own "
+            f"({task.label_words[0]!r}): the model reads both (--prompt {bare!r} reads one)"
+        )
     if len(examples) < plan.batch.global_batch:
         raise ZoplanError(
             f"{data} has {len(examples)} example{'s' if len(examples) != 1 else ''}, fewer than one global batch of "

@@ -945,6 +945,18 @@ def test_a_built_in_name_is_recorded_as_a_name_where_a_folder_of_that_name_stand
     assert "built-in" not in capsys.readouterr().err
 
 
+def test_a_prompt_that_ends_in_a_space_is_said(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Each label word is read after a space of its own: "{text} It was " made the model read two
+    spaces before " great", exit 0 and not a word (a recipe's prompt ending in a newline is no such case)."""
+    monkeypatch.chdir(tmp_path)
+    prepare(make(model="tiny-opt", data="sentiment", prompt="{text} It was ", output=Path("run"), steps=2))
+    said = capsys.readouterr().err
+    assert "--prompt '{text} It was ' ends in a space" in said and "(--prompt '{text} It was' reads one)" in said
+    prepare(make(model="tiny-opt", data="sentiment", prompt="{text} It was", output=Path("run2"), steps=2))
+    prepare(make(model="tiny-opt", data="sentiment", prompt="{text}\nAnswer:\n", output=Path("run3"), steps=2))
+    assert "ends in a space" not in capsys.readouterr().err
+
+
 def test_a_model_or_data_given_with_resume_is_named_as_ignored(run_dir: Path) -> None:
     from fuzzkit import console
 
