@@ -547,6 +547,46 @@ def main() -> None:
     def evaluated_nothing(d: Path) -> bool:
         return "eval_loss" not in (d / "run" / "metrics.jsonl").read_text()
 
+    def shadowed_built_in(d: Path) -> tuple[int, str]:
+        """``--model tiny-opt`` beside a folder ./tiny-opt of other weights (the built-in trains),
+        6 steps, then --resume to 8: run.json named the folder, and every resume was refused."""
+        shutil.copytree(work / "reference" / "model", d / "tiny-opt")
+        code, out = call("run", "--model", "tiny-opt", "--steps", "6", "-o", "run", cwd=d)
+        if code:
+            return code, out
+        code, more = call("run", "--resume", "run", "--steps", "8", cwd=d)
+        return code, f"{out}\n--- resume ---\n{more}"
+
+    def one_port_twice(d: Path) -> tuple[int, str]:
+        """Two runs started at once with one --master-port: one trains, the other is refused with
+        the port (each found it free, then one's ranks met the other's: one or both failed with
+        the generic message). The refused one's status and output are the case's."""
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+        procs = [start(d, "--steps", "20", "--master-port", port, "-o", str(d / f"run{i}")) for i in (1, 2)]
+        try:
+            done = [(p.wait(timeout=LIMIT_S), p.communicate()[0]) for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            return -1, f"HANG after {LIMIT_S} s"
+        said = "\n".join(out for _, out in done)
+        codes = sorted(code for code, _ in done)
+        if codes == [0, 0] or codes[0] != 0:  # both trained (no port met twice), or neither did
+            return (0 if codes == [0, 0] else 1), said + f"\n(statuses {codes})"
+        return codes[1], said
+
+    def prompt_with_a_space(d: Path) -> tuple[int, str]:
+        """A classification prompt that ends in a space: the model reads two before each label
+        word. It trains, and says so."""
+        code, out = call("run", "--steps", "2", "--data", "sentiment", "--prompt", "{text} It was ", "-o", "run", cwd=d)
+        if code == 0 and "ends in a space" not in out:
+            return 1, out + "\n(not said)"
+        return code, out
+
     cases = [
         Case(
             "journal",
@@ -873,6 +913,15 @@ def main() -> None:
             "compare --tokens inf --json",
             lambda d: call("compare", "-m", "opt-125m", "-t", "dgx-a100", "--tokens", "inf", "--json", cwd=d),
         ),
+        Case(
+            "resume",
+            "a built-in model's name beside a folder of that name, then --resume (must finish, bit-identical)",
+            shadowed_built_in,
+            refused=False,
+            check=matches_reference,
+        ),
+        Case("fault", "two runs started at once with one --master-port", one_port_twice),
+        Case("input", "a prompt that ends in a space (must finish, said)", prompt_with_a_space, refused=False),
     ]
     rows = []
     before = scratch()
