@@ -92,10 +92,10 @@ def init(plan: Plan, device_kind: str) -> RankContext:
                 raise
             port = os.environ.get("MASTER_PORT", "?")
             raise ZoplanError(
-                f"rank {rank} could not listen on port {port} (--master-port): another program took it after "
-                "the launch had found it free",
-                fix="run again with another --master-port (the same on every machine), or leave it out on a "
-                "single machine: a free one is picked",
+                f"rank {rank} could not listen on port {port}, the run's master port: another program took it "
+                "after the launch had found it free",
+                fix="run again: with --master-port, another one (the same on every machine); on a single "
+                "machine without it, a free one is picked again",
             ) from None
     entry = plan.layout.ranks[rank]
     if device_kind == "cuda":
