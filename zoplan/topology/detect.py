@@ -43,6 +43,7 @@ from zoplan.topology.importer import (
     parse_topo_matrix,
 )
 from zoplan.topology import Machine, TopologySpec
+from zoplan.topology.container import Limits, read_limits
 from zoplan.vocab import Meetings, local_meetings
 
 NVIDIA_SMI_TIMEOUT_S = 60  # the first call on a machine without persistence mode can take seconds
@@ -237,9 +238,11 @@ def gpu_topology(
     host_gbps: float | None = None,
     name: str = "machine",
     host: str = "this machine",
+    limits: Limits = Limits(),
 ) -> DetectedTopology:
     """The topology ``zoplan topo import`` builds from ``topo_text`` (``nvidia-smi topo -m``), with
-    the preset picked from ``query_text`` and the host memory from ``meminfo``."""
+    the preset picked from ``query_text`` and the host memory from ``meminfo`` (or a container's
+    lower memory limit, ``limits``)."""
     _check_host_gbps(host_gbps)
     gpus = parse_gpu_query(query_text)
     models = sorted({g for g, _ in gpus})
@@ -267,7 +270,7 @@ def gpu_topology(
             },
         )
     kib = mem_total_kib(meminfo)
-    total_gib = kib / KIB_PER_GIB
+    total_gib, memory_said = _host_memory(kib, limits)
     source = f"the output of nvidia-smi on {host}"
     try:
         matrix = parse_topo_matrix(topo_text)
@@ -304,8 +307,7 @@ def gpu_topology(
         f"Written by `zoplan topo detect` on {host}. GPU model: nvidia-smi --query-gpu reports "
         f"{len(gpus)}x '{gpu_name}'"
         + (f" ({gpu_mib:.0f} MiB)" if gpu_mib is not None else "")
-        + f", which is the preset {preset.name}. Host memory: MemTotal {kib} kB in /proc/meminfo = "
-        f"{_fmt(total_gib)} GiB, "
+        + f", which is the preset {preset.name}. Host memory: {memory_said}, "
         + (f"divided evenly among the {sockets} sockets" if sockets > 1 else "all on the one socket")
         + " below."
         " Everything else was read from `nvidia-smi topo -m` as `zoplan topo import` reads it "
@@ -317,6 +319,24 @@ def gpu_topology(
         summary=imported.summary(),
         warnings=warnings,
     )
+
+
+def _cores(count: float | None) -> str:
+    return f"{count:g} core{'s' if count != 1 else ''}"
+
+
+def _host_memory(kib: int, limits: Limits) -> tuple[float, str]:
+    """The host memory a topology gives, in GiB (MemTotal's ``kib``, or a container's lower
+    limit), and where it comes from, for its comment."""
+    total_gib = kib / KIB_PER_GIB
+    said = f"MemTotal {kib} kB in /proc/meminfo = {_fmt(total_gib)} GiB"
+    if limits.memory_bytes is not None and limits.memory_bytes < kib * 1024:
+        limit_gib = limits.memory_bytes / 2**30
+        return limit_gib, (
+            f"{_fmt(limit_gib)} GiB, the memory limit of this process's container ({limits.memory_bytes} "
+            f"bytes in {limits.memory_file}), below {said}"
+        )
+    return total_gib, said
 
 
 # ----- CPU only --------------------------------------------------------------------------------------
@@ -332,20 +352,25 @@ def cpu_topology(
     why: str = "no nvidia-smi on PATH",
     meetings: Meetings | None = None,
     l2_kib: int | None = None,
+    limits: Limits = Limits(),
 ) -> DetectedTopology:
     """A CPU-only topology like ``cpu-local``: a socket per NUMA node of ``nodes`` (one if empty),
     ``ranks`` CPU ranks (default one per core of ``cores``, the process's CPU affinity) spread
     over the cores in order, each copying from the host memory of its core's node, meeting as
     this machine's ranks do (``meetings``, default: zoplan.vocab.local_meetings); ``l2_kib``, a
-    core's level-2 cache (``read_l2_kib``), becomes the ranks' ``cache_mib``."""
+    core's level-2 cache (``read_l2_kib``), becomes the ranks' ``cache_mib``. A container's
+    ``limits`` (zoplan.topology.container) lower the memory and, under a CPU quota, the cores
+    (and so the default ranks) below the machine's."""
     meetings = meetings or local_meetings()
     usable = sorted(cores)
     if not usable:
         raise ZoplanError("this process may run on no CPU core (os.sched_getaffinity is empty)")
-    n_ranks = len(usable) if ranks is None else ranks
-    if not 1 <= n_ranks <= len(usable):
+    busy = limits.cores(len(usable))  # the cores' worth a CPU quota lets it keep busy
+    n_ranks = busy if ranks is None else ranks
+    if not 1 <= n_ranks <= busy:
+        quota = f" (a CPU quota of {_cores(limits.cpus)} in {limits.cpu_file})" if busy < len(usable) else ""
         raise ZoplanError(
-            f"--ranks must be between 1 and the {len(usable)} cores this process may use, got {n_ranks}",
+            f"--ranks must be between 1 and the {busy} cores this process may use{quota}, got {n_ranks}",
             fix="one rank per core at most: each rank is one process",
         )
     _check_host_gbps(host_gbps)
@@ -353,7 +378,7 @@ def cpu_topology(
     node_of = {cpu: node for node, cpus in nodes.items() for cpu in cpus}
     rank_node = [node_of.get(usable[r * len(usable) // n_ranks], node_ids[0]) for r in range(n_ranks)]
     kib = mem_total_kib(meminfo)
-    total_gib = kib / KIB_PER_GIB
+    total_gib, memory_said = _host_memory(kib, limits)
     per_node = total_gib / len(node_ids)
     per_rank = total_gib / n_ranks
 
@@ -369,7 +394,8 @@ def cpu_topology(
             "id": f"cpu{n}",
             "memory_gib": _fmt(per_node),
             "memory_gbps": _fmt(bus(n)),
-            "cores": max(1, sum(1 for c in usable if node_of.get(c, node_ids[0]) == n)),
+            # (under a CPU quota, each node's share of the cores it lets be busy)
+            "cores": max(1, sum(1 for c in usable if node_of.get(c, node_ids[0]) == n) * busy // len(usable)),
         }
         for n in node_ids
     ]
@@ -406,7 +432,12 @@ def cpu_topology(
         f'device whose "upload" is a copy out of the shared host copy of the weights (as the bundled '
         f"cpu-local). Ranks: {n_ranks} ("
         + ("--ranks" if ranks is not None else "one per core")
-        + f") over the {len(usable)} cores os.sched_getaffinity allows this process."
+        + f") over the {len(usable)} cores os.sched_getaffinity allows this process"
+        + (
+            f", of which a CPU quota of {_cores(limits.cpus)} ({limits.cpu_file}) keeps {busy} busy."
+            if busy < len(usable)
+            else "."
+        )
     )
     out.append("#")
     out += _comment(
@@ -463,9 +494,11 @@ def cpu_topology(
     out.append("sockets:")
     out += _comment(
         f"One per NUMA node ({'/sys/devices/system/node' if nodes else 'none listed, so one'}). "
-        f"memory_gib: MemTotal {kib} kB in /proc/meminfo = {_fmt(total_gib)} GiB"
+        f"memory_gib: {memory_said}"
         + (f", divided evenly among {len(node_ids)} nodes" if len(node_ids) > 1 else "")
-        + ". cores: those of os.sched_getaffinity on the node. memory_gbps: "
+        + ". cores: those of os.sched_getaffinity on the node"
+        + (f", scaled by the CPU quota ({busy} of {len(usable)})" if busy < len(usable) else "")
+        + ". memory_gbps: "
         + (
             "--host-gbps."
             if host_gbps is not None
@@ -498,10 +531,16 @@ def cpu_topology(
         "detected topology",
     )
     Machine(spec, name)  # every rank reaches a socket
+    limited = [
+        f"{_fmt(total_gib)} GiB of memory" if limits.memory_bytes is not None and total_gib < kib / KIB_PER_GIB else "",
+        f"{busy} busy core{'s' if busy != 1 else ''}" if busy < len(usable) else "",
+    ]
+    said_limits = " and ".join(x for x in limited if x)
     summary = (
-        f"{why}: {n_ranks} CPU rank{'s' if n_ranks != 1 else ''} on {len(usable)} cores, {len(node_ids)} "
-        f"socket{plural} ({_fmt(total_gib)} GiB host memory in all); compute and copy figures are "
-        f"ASSUMED conservative defaults: `zoplan calibrate` measures them"
+        f"{why}: {n_ranks} CPU rank{'s' if n_ranks != 1 else ''} on {len(usable)} core{'s' if len(usable) != 1 else ''}, "
+        f"{len(node_ids)} socket{plural} ({_fmt(total_gib)} GiB host memory in all"
+        + (f"; this container allows {said_limits}" if said_limits else "")
+        + "); compute and copy figures are ASSUMED conservative defaults: `zoplan calibrate` measures them"
     )
     return DetectedTopology(spec=spec, text=text, summary=summary)
 
@@ -518,9 +557,12 @@ def detect(
     meminfo_path: Path = MEMINFO,
     node_root: Path = NODE_ROOT,
     cpu_root: Path = CPU_ROOT,
+    limits: Limits | None = None,
 ) -> DetectedTopology:
     """The topology of this machine: from nvidia-smi when it is on PATH (and not ``cpu_only``),
-    CPU ranks otherwise. ``run`` and ``which`` default to the real nvidia-smi and PATH lookup."""
+    CPU ranks otherwise. ``run`` and ``which`` default to the real nvidia-smi and PATH lookup,
+    ``limits`` to this process's container's (zoplan.topology.container)."""
+    limits = read_limits() if limits is None else limits
     host = platform.node() or "this machine"
     try:
         meminfo = meminfo_path.read_text()
@@ -542,6 +584,7 @@ def detect(
             host=host,
             why="--cpu given" if cpu_only else "no nvidia-smi on PATH",
             l2_kib=read_l2_kib(min(cores), cpu_root) if cores else None,
+            limits=limits,
         )
     if ranks is not None:
         raise ZoplanError(
@@ -550,4 +593,4 @@ def detect(
         )
     run = run or run_nvidia_smi
     query = run(["--query-gpu=name,memory.total", "--format=csv,noheader"])
-    return gpu_topology(run(["topo", "-m"]), query, meminfo, host_gbps=host_gbps, name=name, host=host)
+    return gpu_topology(run(["topo", "-m"]), query, meminfo, host_gbps=host_gbps, name=name, host=host, limits=limits)
