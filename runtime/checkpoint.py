@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -325,3 +326,55 @@ def readable_as_umask(directory: Path) -> None:
     for f in [directory] if directory.is_file() else directory.iterdir():
         if f.is_file() and not f.is_symlink():
             os.chmod(f, 0o666 & ~mask)
+
+
+# safetensors' names of the dtypes a model's weights are written in
+_SAFETENSORS_DTYPES = {
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.float64": "F64",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (name -> (dtype, shape, a callable making that CPU tensor)) as one
+    safetensors file, each tensor made and written in turn: ``safetensors.torch.save_file`` holds
+    the bytes of every tensor at once, on top of the copies given it, so writing a model's weights
+    out of the host copy took twice the model's size again in host memory (a run sized to its
+    machine was killed by the out-of-memory killer at its end, or at its first snapshot). Here one
+    tensor is held at a time (none where a view of the host copy in its own dtype is given). The
+    file is the format's: an 8-byte little-endian header length, the JSON header (padded with
+    spaces to 8 bytes, as safetensors pads it), the tensors' bytes in the header's order."""
+    import torch
+
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, (dtype, shape, _) in tensors.items():
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[str(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name, (dtype, shape, make) in tensors.items():
+            tensor = make()
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):  # a bug in the caller
+                raise RuntimeError(
+                    f"{name}: made {tensor.dtype} {tuple(tensor.shape)}, announced {dtype} {tuple(shape)}"
+                )
+            if tensor.numel():
+                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del tensor

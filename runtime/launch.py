@@ -29,7 +29,7 @@ from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 from zoplan import runconfig
 from zoplan.errors import Refused, ZoplanError
 from zoplan.fileio import write_fix
-from zoplan.models import TINY_LR, TINY_MODELS, load_model_shape, tiny_name
+from zoplan.models import TINY_LR, TINY_MODELS, ModelShape, load_model_shape, tiny_name
 from zoplan.planfile import Plan, check_plan_matches, load_plan, write_plan
 from zoplan.runconfig import RunConfig
 from zoplan.recipes import recipe, with_recipe
@@ -52,6 +52,8 @@ from zoplan.runtime.scratch import owned, owner_of, port_claimed, run_lock, shar
 from zoplan.runtime.watch import ProgressWatch
 from zoplan.runtime.rankserver import SERVER_ENV, ServedProcess, request
 from zoplan.topology import Machine, load_topology
+from zoplan.topology.container import Limits, oom_kills, read_limits
+from zoplan.sim.costs import gib
 from zoplan.vocab import Meetings, local_meetings, run_meetings
 
 
@@ -313,6 +315,7 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, Plan, Mach
         ).plan
     device = _device_for(machine, plan)
     _check_nodes(plan, cfg)
+    check_container_memory(plan, machine, shape)
     data = cfg.data
     if data == zdata.LONG_TEXT:  # written for this plan's sequence length, kept with the run
         with _new_run_writes(out):
@@ -514,6 +517,80 @@ def _device_for(machine: Machine, plan: Plan) -> str:
     return "cuda"
 
 
+def check_container_memory(plan: Plan, machine: Machine, shape: ModelShape, limits: Limits | None = None) -> None:
+    """The host memory the plan needs on this machine against the memory limit of this process's
+    container (zoplan.topology.container), which MemTotal and the topology file do not show: a plan
+    that needs more was killed by the container's out-of-memory killer once the ranks had loaded.
+    What must be held (the host copy of the weights, and each CPU rank's working set) beyond the
+    limit is refused; what the plan also counts for each CPU rank's process and allocator
+    (GPU_RESERVE_BYTES, generous for a small model) beyond it is said as a warning."""
+    from zoplan.sim.costs import GPU_RESERVE_BYTES, StepCosts, Workload
+
+    limits = read_limits() if limits is None else limits
+    if limits.memory_bytes is None:
+        return
+    workload = Workload(shape, plan.batch.global_batch, plan.batch.seq_len, plan.tuning.to_tuning())
+    costs = StepCosts(machine, workload, plan.to_layout())
+    need = costs.ram_need_bytes()
+    ranks = costs.cpu_ranks()
+    held = need - GPU_RESERVE_BYTES * len(ranks)
+    what = "the host copy of the weights" + (f" and its {len(ranks)} CPU rank(s)' working sets" if ranks else "")
+    limit = f"this process's container allows {gib(limits.memory_bytes)} ({limits.memory_file})"
+    advice = (
+        "plan for what the container allows: `zoplan topo detect -o machine.yaml` reads its limit, then "
+        "`zoplan plan -t machine.yaml -o plan.yaml` (fewer resident blocks, fewer ranks); or give the "
+        "container more memory"
+    )
+    if held > limits.memory_bytes:
+        raise ZoplanError(
+            f"the plan needs {gib(held)} of host memory on this machine for {what}, but {limit}: its "
+            "out-of-memory killer would stop the run once the ranks had loaded",
+            fix=advice,
+        )
+    if need > limits.memory_bytes:
+        warn(
+            f"the plan counts {gib(need)} of host memory on this machine ({what}, {gib(held)}, and each CPU "
+            f"rank's process), and {limit}: the ranks may be killed by its out-of-memory killer; {advice}"
+        )
+
+
+def _killed(
+    who: str, signum: int, limits: Limits, killed_before: int | None, log_path: Path, held: str, resume: str
+) -> ZoplanError:
+    """Why ``who`` was killed by ``signum``, as far as it can be told: by the out-of-memory killer
+    of this process's container when its count of kills (``limits``, read before the ranks started:
+    ``killed_before``) has risen; else what a SIGKILL or SIGBUS most often means."""
+    name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
+    killed_now = oom_kills(limits)
+    if signum == signal.SIGKILL and killed_now is not None and killed_now > (killed_before or 0):
+        # the container's own killer, at its limit (the machine may have plenty)
+        return ZoplanError(
+            f"training stopped: {who} was killed by {name}, by the out-of-memory killer of this process's "
+            f"container at its memory limit of {gib(limits.memory_bytes or 0)} ({limits.memory_file}; see "
+            f"{log_path}); {held}",
+            fix="plan for what the container allows (`zoplan topo detect -o machine.yaml` reads its limit, then "
+            "`zoplan plan -t machine.yaml -o plan.yaml`: fewer resident blocks or ranks), or give the container "
+            f"more memory; then {resume}",
+        )
+    cause = (
+        ", most often by the kernel's out-of-memory killer when the machine runs out of host memory "
+        "(`dmesg | grep -i oom` shows it)"
+        if signum == signal.SIGKILL
+        else " (a file it had mapped changed or shrank under it: the model's checkpoint, replaced "
+        "during the run, or shared memory)"
+        if signum == signal.SIGBUS
+        else ""
+    )
+    return ZoplanError(
+        f"training stopped: {who} was killed by {name}{cause} (see {log_path}); {held}",
+        fix=(
+            f"free host memory (fewer ranks per machine, a smaller micro-batch, other jobs stopped), then {resume}"
+            if signum == signal.SIGKILL
+            else resume
+        ),
+    )
+
+
 def _recorded(value: str, builtin: Collection[str] = ()) -> str:
     """A local file or directory as its absolute path; a name (hub id, built-in model or data) as
     given, ``builtin``'s names too where a file or folder of that name stands in the current
@@ -622,6 +699,7 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
         (out / stale).unlink(missing_ok=True)
     model_dir = resolve_model(cfg.model)
     check_model_dir(model_dir)
+    check_container_memory(plan, machine, load_model_shape(str(model_dir / "config.json")))
     if cfg.model_weights is not None and weights_stamp(model_dir) != cfg.model_weights:
         raise ZoplanError(
             f"the weights in {model_dir} are not the ones the run in {out} started from: its journal "
@@ -1021,6 +1099,8 @@ def _launch(
             f"cannot write {out / f'worker-node{cfg.node_rank}.log'}: {exc.strerror or exc}", fix=write_fix(exc, out)
         ) from None
     since = log.tell()  # what earlier launches wrote is not this launch's story
+    limits = read_limits()  # a container's: its out-of-memory kills, counted from here
+    killed_before = oom_kills(limits)
     stopped: list[int] = []
     try:
         with stop_signals(stopped), ranks_running(cmd, log, env) as proc:
@@ -1109,25 +1189,7 @@ def _launch(
         )
         if who is not None:
             signum = -proc.returncode if proc.returncode < 0 else ended_by or signal.SIGKILL
-            name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
-            oom = (
-                ", most often by the kernel's out-of-memory killer when the machine runs out of host memory "
-                "(`dmesg | grep -i oom` shows it)"
-                if signum == signal.SIGKILL
-                else " (a file it had mapped changed or shrank under it: the model's checkpoint, replaced "
-                "during the run, or shared memory)"
-                if signum == signal.SIGBUS
-                else ""
-            )
-            raise ZoplanError(
-                f"training stopped: {who} was killed by {name}{oom} (see {log_path}); {held}",
-                fix=(
-                    f"free host memory (fewer ranks per machine, a smaller micro-batch, other jobs "
-                    f"stopped), then {resume}"
-                )
-                if oom
-                else resume,
-            )
+            raise _killed(who, signum, limits, killed_before, log_path, held, resume)
         tail = _log_tail(log_path, since)
         trouble = _nodes_trouble(cfg, log_path, tail, never_met, held, resume)
         if trouble is not None:

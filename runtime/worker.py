@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from zoplan.runtime import dist as zdist
 from zoplan.runtime import faults, hostcopy
 from zoplan.runtime import tuning as ztuning
 from zoplan.runtime.adapters import Adapter, adapter_for
-from zoplan.runtime.checkpoint import companion_files, readable_as_umask
+from zoplan.runtime.checkpoint import companion_files, readable_as_umask, write_safetensors
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.journal import write_line
@@ -221,8 +221,6 @@ def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path,
     """Hugging Face layout in ``target``: config, tokenizer files and model.safetensors (loadable
     with ``from_pretrained``); an adapter run's adapter in PEFT's layout with the tokenizer files
     (zoplan.runtime.tuning). Call after ``engine.flush()``."""
-    from safetensors.torch import save_file
-
     if engine.tuned is not None:
         host.check_unchanged()  # a mapped checkpoint (read-only blocks) is still what the adapter names
         require_finite(
@@ -234,19 +232,24 @@ def write_weights(host: HostCopy, engine: Engine, model_dir: Path, target: Path,
         return
 
     dtype = DTYPES[param_dtype]
-    state: dict[str, torch.Tensor] = {}
+    # each tensor made as it is written (zoplan.runtime.checkpoint.write_safetensors): a block's
+    # slots are views of the host copy (converted one at a time where the host copy is narrower);
+    # a copy of every weight at once took the model's size again in host memory, which the plan
+    # does not count
+    state: dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]] = {}
     for layout, flat in zip(host.layouts, host.blocks):
         for slot in layout.slots:
-            state[slot.name] = flat[slot.offset : slot.offset + slot.numel].view(slot.shape).to(dtype).clone()
+            view = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
+            state[slot.name] = (dtype, tuple(slot.shape), lambda view=view: view.to(dtype))
     for name, value in engine.resident_state().items():
-        state[name] = value.detach().to("cpu", dtype).clone()
+        state[name] = (dtype, tuple(value.shape), lambda value=value: value.detach().to("cpu", dtype))
     require_finite(
-        state.items(),
+        ((name, make()) for name, (_, _, make) in state.items()),
         "the trained weights",
         "lower --lr (an update overflowed the weights); the journal and the snapshots written before are intact",
     )
     target.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(target / "model.safetensors", state, metadata={"format": "pt"})
     for f in companion_files(model_dir):
         shutil.copy2(f, target / f.name)
     _config_says_dtype(target / "config.json", dtype)

@@ -1264,3 +1264,105 @@ def test_a_model_trained_from_a_bf16_checkpoint_says_the_dtype_its_weights_are_i
         for n in weights
         if n in loaded
     )  # an update bf16 would round away, kept
+
+
+def test_weights_are_written_one_tensor_at_a_time_in_safetensors_own_format(tmp_path: Path) -> None:
+    """write_safetensors makes each tensor as it writes it (save_file held the bytes of every
+    tensor at once, on top of a copy of every weight: the model's size twice more in host memory
+    at every snapshot and at the end). Its file reads back as save_file's does, to the bit, with
+    the same metadata; each tensor is made once, in the header's order."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from zoplan.runtime.checkpoint import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(3, 5, generator=g),
+        "h": torch.randn(7, generator=g, dtype=torch.float64).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, generator=g).half(),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+        "ids": torch.arange(6, dtype=torch.int64).view(2, 3).t(),  # (not contiguous)
+    }
+    made: list[str] = []
+
+    def maker(name: str):
+        def make() -> torch.Tensor:
+            made.append(name)
+            return tensors[name]
+
+        return make
+
+    write_safetensors(
+        tmp_path / "mine.safetensors",
+        {n: (t.dtype, tuple(t.shape), maker(n)) for n, t in tensors.items()},
+        metadata={"format": "pt"},
+    )
+    assert made == list(tensors)
+    save_file(
+        {n: t.contiguous() for n, t in tensors.items()}, str(tmp_path / "theirs.safetensors"), metadata={"format": "pt"}
+    )
+    mine, theirs = load_file(str(tmp_path / "mine.safetensors")), load_file(str(tmp_path / "theirs.safetensors"))
+    assert mine.keys() == theirs.keys() == tensors.keys()
+    for name, value in theirs.items():
+        assert mine[name].dtype == value.dtype and mine[name].shape == value.shape and torch.equal(mine[name], value)
+    with safe_open(str(tmp_path / "mine.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with pytest.raises(RuntimeError, match="announced"):  # a tensor other than its header says
+        write_safetensors(tmp_path / "bad.safetensors", {"w": (torch.float32, (3, 4), lambda: tensors["w"])})
+
+
+def test_a_plan_is_held_against_the_container_s_memory_limit(tiny_dirs, tmp_path: Path, capsys) -> None:
+    """MemTotal and the topology file do not show a container's memory limit: a plan that needed
+    more was killed by the container's out-of-memory killer once the ranks had loaded (after the
+    model check and the data, minutes into a large run). What must be held beyond the limit is
+    refused before any rank starts; what the plan also counts for each CPU rank's process, said."""
+    from zoplan.errors import ZoplanError
+    from zoplan.models import load_model_shape
+    from zoplan.planner import plan as make_plan
+    from zoplan.runtime.launch import check_container_memory
+    from zoplan.sim.costs import GPU_RESERVE_BYTES, StepCosts, Workload
+    from zoplan.topology import load_topology
+    from zoplan.topology.container import Limits
+
+    shape = load_model_shape(str(tiny_dirs["tiny-opt"] / "config.json"))
+    report = make_plan(str(tiny_dirs["tiny-opt"] / "config.json"), "cpu-local", global_batch=4, seq_len=32)
+    machine = load_topology("cpu-local")
+    costs = StepCosts(machine, Workload(shape, 4, 32), report.plan.to_layout())
+    need, ranks = costs.ram_need_bytes(), len(costs.cpu_ranks())
+    held = need - GPU_RESERVE_BYTES * ranks
+    assert ranks == 2 and 0 < held < need
+    file = Path("/sys/fs/cgroup/memory.max")
+    check_container_memory(report.plan, machine, shape, Limits())  # no limit: nothing to say
+    check_container_memory(report.plan, machine, shape, Limits(memory_bytes=need, memory_file=file))
+    assert capsys.readouterr().err == ""
+    check_container_memory(report.plan, machine, shape, Limits(memory_bytes=need - 1, memory_file=file))
+    said = capsys.readouterr().err
+    assert "the ranks may be killed by its out-of-memory killer" in said and str(file) in said
+    with pytest.raises(ZoplanError, match="its out-of-memory killer would stop the run") as refused:
+        check_container_memory(report.plan, machine, shape, Limits(memory_bytes=held - 1, memory_file=file))
+    assert "zoplan topo detect" in (refused.value.fix or "")
+
+
+def test_a_rank_killed_by_the_container_s_out_of_memory_killer_is_said_so(tmp_path: Path) -> None:
+    """The container's own killer (its count of kills rose while the ranks ran), not "the machine
+    runs out of host memory" and `dmesg` (most often forbidden in a container), whose advice
+    (fewer ranks, a smaller micro-batch) then resumed into the same kill."""
+    import signal as signals
+
+    from zoplan.runtime.launch import _killed
+    from zoplan.topology.container import Limits
+
+    events = tmp_path / "memory.events"
+    events.write_text("low 0\noom 1\noom_kill 1\n")
+    limits = Limits(memory_bytes=3 << 30, memory_file=tmp_path / "memory.max", oom_file=events)
+    args = (tmp_path / "worker-node0.log", "the journal holds 6 completed step(s)", "continue with --resume")
+    contained = _killed("a rank", signals.SIGKILL, limits, 0, *args)
+    assert "by the out-of-memory killer of this process's container at its memory limit of 3 GiB" in contained.message
+    assert "dmesg" not in contained.message and "zoplan topo detect" in (contained.fix or "")
+    for before, limit in ((1, limits), (None, Limits())):  # no kill since, or no limit: the machine's
+        said = _killed("a rank", signals.SIGKILL, limit, before, *args)
+        assert "most often by the kernel's out-of-memory killer" in said.message and "container" not in said.message
+    bus = _killed("a rank", signals.SIGBUS, limits, 0, *args)
+    assert "mapped changed" in bus.message and bus.fix == "continue with --resume"  # (not "free host memory")
