@@ -8,7 +8,9 @@ default plan: 2 CPU ranks) and is judged on what a user would see:
 - a traceback in the output, a hang (the case's limit, 120 s, reached), the generic "a rank exited
   without a message" where the cause is known;
 - leaks: folders named zoplan-* or torchelastic_* left in shared memory or the temporary
-  directory, and processes still naming the case's directory, once the case is over.
+  directory, and processes still naming the case's directory, once the case is over;
+- for a case given what it ``says``: its output must say that (the cause, where a misleading one
+  was given).
 
 Usage: python -m bench.hostile [--work DIR] [--only SUBSTRING]   (about 5 minutes on 2 cores)
 """
@@ -64,6 +66,7 @@ class Case:
     run: Callable[[Path], tuple[int, str]]  # the case's directory -> (exit status, output)
     refused: bool = True  # must end with status 2 (or 128 + a signal) and a message
     check: Callable[[Path], bool] | None = None  # for a case that must finish: its result is right
+    says: str | None = None  # what the output must say (the cause, where a misleading one was given)
 
 
 def call(*args: str, cwd: Path, env: dict | None = None) -> tuple[int, str]:
@@ -587,6 +590,68 @@ def main() -> None:
             return 1, out + "\n(not said)"
         return code, out
 
+    def in_memory_cgroup(d: Path, limit: str, args: list[str]) -> tuple[int, str]:
+        """``zoplan args`` in a child memory cgroup of ``limit`` (cgroup v1 and root only: a case
+        that cannot make one is skipped), the cgroup removed after."""
+        own = next(
+            (
+                line.split(":", 2)[2]
+                for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if line.split(":")[1] == "memory"
+            ),
+            None,
+        )
+        group = Path("/sys/fs/cgroup/memory") / (own or "/").lstrip("/") / f"zoplan-hostile-{os.getpid()}"
+        try:
+            group.mkdir()
+            (group / "memory.limit_in_bytes").write_text(limit)
+        except OSError:
+            return 2, "error: skipped: cannot make a memory cgroup here"
+        procs = group / "cgroup.procs"
+        try:
+            proc = subprocess.run(
+                zoplan_cmd(*args),
+                cwd=d,
+                capture_output=True,
+                text=True,
+                timeout=LIMIT_S,
+                env=ENV,
+                preexec_fn=lambda: procs.write_text(str(os.getpid())),
+            )
+            return proc.returncode, proc.stdout + proc.stderr
+        finally:
+            for _ in range(50):  # (its processes gone, it can be removed)
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+    def over_the_container_limit(d: Path) -> tuple[int, str]:
+        """An OPT-125m-shaped model (random weights, 0.47 GiB) planned on cpu-local, run in a
+        container of 1.2 GiB: the plan's host copy and working sets exceed it. It was killed by
+        the container's out-of-memory killer once loaded (status 2, `dmesg`); it must be refused
+        before any rank starts, with the limit."""
+        from transformers import AutoModelForCausalLM, OPTConfig
+
+        from zoplan.runtime.tiny import resolve_model
+
+        config = OPTConfig(
+            vocab_size=50272,
+            hidden_size=768,
+            num_hidden_layers=12,
+            ffn_dim=3072,
+            num_attention_heads=12,
+            word_embed_proj_dim=768,
+        )
+        AutoModelForCausalLM.from_config(config).save_pretrained(d / "m")
+        for f in resolve_model("tiny-opt").glob("tokenizer*"):
+            shutil.copy(f, d / "m" / f.name)
+        code, out = in_memory_cgroup(
+            d, "1200M", ["run", "--model", "m", "--steps", "2", "-b", "4", "-s", "128", "-o", "run"]
+        )
+        return nothing_left(code, out, d / "run")
+
     cases = [
         Case(
             "journal",
@@ -922,6 +987,12 @@ def main() -> None:
         ),
         Case("fault", "two runs started at once with one --master-port", one_port_twice),
         Case("input", "a prompt that ends in a space (must finish, said)", prompt_with_a_space, refused=False),
+        Case(
+            "input",
+            "a model whose plan exceeds the container's memory limit",
+            over_the_container_limit,
+            says="container allows",
+        ),
     ]
     rows = []
     before = scratch()
@@ -950,7 +1021,8 @@ def main() -> None:
         else:
             wrong = code == 0 and case.check is not None and not case.check(d)
         message = next((line.strip() for line in reversed(out.splitlines()) if line.strip().startswith("error:")), "")
-        ok = not (traceback or generic or hang or wrong or leaks or procs) and (
+        unsaid = case.says is not None and case.says not in out and "skipped" not in out
+        ok = not (traceback or generic or hang or wrong or leaks or procs or unsaid) and (
             code != 0 if case.refused else code == 0
         )
         rows.append(
@@ -964,6 +1036,7 @@ def main() -> None:
                 "generic": generic,
                 "exit0_wrong": wrong,
                 "leaked": leaks + [f"pid {p}" for p in procs],
+                "unsaid": case.says if unsaid else None,
                 "ok": ok,
                 "message": message[:160],
             }
@@ -974,11 +1047,15 @@ def main() -> None:
             + ("" if ok else f" | {rows[-1]}"),
             flush=True,
         )
-    totals = {key: sum(bool(r[key]) for r in rows) for key in ("traceback", "hang", "generic", "exit0_wrong", "leaked")}
+    totals = {
+        key: sum(bool(r[key]) for r in rows)
+        for key in ("traceback", "hang", "generic", "exit0_wrong", "leaked", "unsaid")
+    }
     print(
         f"\n{len(rows)} cases, {sum(r['ok'] for r in rows)} as they must be; tracebacks {totals['traceback']}, "
         f"hangs {totals['hang']}, generic messages {totals['generic']}, exit-0-wrong results "
-        f"{totals['exit0_wrong']}, cases leaking {totals['leaked']}; {time.perf_counter() - t0:.0f} s in all"
+        f"{totals['exit0_wrong']}, cases leaking {totals['leaked']}, causes unsaid {totals['unsaid']}; "
+        f"{time.perf_counter() - t0:.0f} s in all"
     )
     (work / "hostile.json").write_text(json.dumps(rows, indent=1))
 
