@@ -1206,7 +1206,11 @@ def _launch(
             f"{proc.returncode}; see {log_path}); {held}",
             fix=f"{resume}; --max-restarts N restarts crashed ranks automatically" if cfg.nnodes == 1 else resume,
         )
-    return summarize(out)
+    summary = summarize(out)
+    if cfg.node_rank == 0:  # (node 0 keeps the metrics)
+        for text in summary.warnings():
+            warn(text)
+    return summary
 
 
 # The stop signals seen while a stop_signals block runs (the outermost one clears it), and whether
@@ -1522,7 +1526,7 @@ def _follow(proc: subprocess.Popen, metrics: Path, cfg: RunConfig, met: Path | N
     # a resumed run's earlier lines are not news (up to the last whole one: a cut-short last line
     # is removed before the ranks append)
     offset = metrics.read_bytes().rfind(b"\n") + 1 if metrics.exists() else 0
-    stall = StallCheck()  # a learning rate too small for the model, said early
+    stall = StallCheck(total=cfg.steps)  # a learning rate too small for the model, said early
     warnings = Console(stderr=True)
     try:  # (a test's setting: one that is no number is left out)
         after = float(os.environ.get("ZOPLAN_NODES_NOTE_AFTER_S", NODES_NOTE_AFTER_S))

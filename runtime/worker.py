@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 import signal
@@ -583,6 +584,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             f"journal step(s) replayed (restart {resumed.restart})"
         )
     nonfinite_in_row = nonfinite_total = 0
+    held_out = (0.0, 0.0)  # the last held-out loss and accuracy (none measured: finite)
     tokens_per_step = plan.batch.global_batch * plan.batch.seq_len
     t_start = time.perf_counter()
     last_snapshot = time.monotonic()
@@ -666,7 +668,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
                 engine.flush()
                 if step + 1 == steps:  # the last: of the weights as written (resident blocks rounded)
                     engine.resident_as_saved()
-                evaluate(engine, eval_set, batcher, ctx, step, metrics)
+                held_out = evaluate(engine, eval_set, batcher, ctx, step, metrics)
             due = bool(cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0)
             if cfg.snapshot_minutes:
                 # the clock is rank 0's: every rank must take the same decision
@@ -680,7 +682,19 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             # evaluation, which the step's end may not have reached, is made here
             engine.flush()
             engine.resident_as_saved()
-            evaluate(engine, eval_set, batcher, ctx, steps - 1, metrics)
+            held_out = evaluate(engine, eval_set, batcher, ctx, steps - 1, metrics)
+        if nonfinite_in_row or not math.isfinite(held_out[0]):
+            # a run that ends on steps skipped for losses not finite, or whose weights give a held-out
+            # loss that is not: weights no one can use (fp16 activations overflowing), which exit 0
+            # wrote as the run's model
+            last = f"its last {nonfinite_in_row} step(s) had losses that are not finite (their updates skipped)"
+            raise ZoplanError(
+                "the run ended on weights whose loss is not finite: "
+                + (last if nonfinite_in_row else f"the held-out loss after step {steps - 1} is {held_out[0]}")
+                + "; no model/ is written",
+                fix="start again with a lower --lr or --eps (MeZO's eps is 1e-3), or a wider dtype (bf16 or fp32 "
+                "instead of fp16)",
+            )
         engine.flush()
         engine.sync_resident_blocks_to_host()
         zdist.barrier()
@@ -747,9 +761,10 @@ def snapshot(engine: Engine, host: HostCopy, model_dir: Path, out: Path, step: i
         )
 
 
-def evaluate(engine: Engine, eval_set, batcher: Batcher, ctx, step: int, metrics) -> None:
-    """The held-out loss and accuracy as an ``EvalRow`` (rank 0 writes it); called only with
-    held-out examples (``evaluating`` in ``train``: an empty set's loss is not 0)."""
+def evaluate(engine: Engine, eval_set, batcher: Batcher, ctx, step: int, metrics) -> tuple[float, float]:
+    """The held-out loss and accuracy (the same on every rank) as an ``EvalRow`` (rank 0 writes
+    it); called only with held-out examples (``evaluating`` in ``train``: an empty set's loss is
+    not 0)."""
     mine: list = []
     if ctx.replica is not None:
         per = -(-len(eval_set) // ctx.replicas)
@@ -763,6 +778,7 @@ def evaluate(engine: Engine, eval_set, batcher: Batcher, ctx, step: int, metrics
     )
     if metrics is not None:
         metrics.write(EvalRow(step=step, eval_loss=stats[0], eval_accuracy=stats[1]).line())
+    return stats
 
 
 def main(argv: list[str] | None = None) -> None:

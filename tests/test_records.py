@@ -119,6 +119,42 @@ def test_a_learning_rate_too_small_for_the_model_is_said_once_after_20_steps() -
     assert not [w for r in later if check.add(r)]
 
 
+def test_a_summary_says_when_the_loss_rose(tmp_path: Path) -> None:
+    from zoplan.records import EvalRow, RunSummary
+
+    def summary(first: float | None, last: float | None, before: float | None, after: float | None) -> list[str]:
+        evals = [
+            None if x is None else EvalRow(step=s, eval_loss=x, eval_accuracy=0.0)
+            for s, x in ((-1, before), (9, after))
+        ]
+        return RunSummary(tmp_path, 10, first, last, evals[1], evals[0]).warnings()
+
+    assert summary(7.6, 4.2e5, 7.2, 5.0e5)[0].startswith("the held-out loss rose from 7.2000 to 500000.0000")
+    assert summary(7.6, 16.0, None, None)[0].startswith("the training loss rose from 7.6000 to 16.0000")
+    assert summary(7.6, 7.0, 7.2, 7.1) == [] and summary(7.6, 7.7, 7.2, 7.5) == []  # (a little up: noise)
+    assert summary(None, None, 7.2, float("nan")) == []  # (not finite: said as an error where it matters)
+
+
+def test_a_run_shorter_than_the_check_is_told_when_no_perturbation_changed_its_loss() -> None:
+    """Every g of a 10-step run exactly 0 (eps below the compute dtype's precision): nothing was
+    learned, and the summary's "training loss a -> b" (other batches) read as a change; the check
+    waited for a 20th step that never came. Judged after the last step; the learning rate's hint,
+    which needs 20 steps of a noisy g, is not given early."""
+    from zoplan.records import StallCheck
+
+    flat = [train(s, 7.2).model_copy(update={"lr": 1e-3, "projected_grad": 0.0}) for s in range(10)]
+    check = StallCheck(total=10)
+    said = [(r.step, w) for r in flat if (w := check.add(r))]
+    assert len(said) == 1 and said[0][0] == 9 and "in 10 steps no perturbation changed the loss" in said[0][1]
+    small = [r.model_copy(update={"projected_grad": 1e-3 * (-1) ** r.step}) for r in flat]  # (lr * g**2 tiny)
+    check = StallCheck(total=10)
+    assert not [w for r in small if check.add(r)]
+    check = StallCheck(total=100)  # a longer run: after its 20th step, as before
+    assert [r.step for r in [*flat, *[f.model_copy(update={"step": 10 + f.step}) for f in flat]] if check.add(r)] == [
+        19
+    ]
+
+
 def test_a_summary_whose_first_rows_are_gone_counts_every_step_and_says_where_its_rows_start(
     tmp_path: Path,
 ) -> None:

@@ -68,8 +68,11 @@ class StallCheck:
     perturbation changed the loss, whatever the learning rate: the warning then says that eps is
     below the precision of the compute dtype instead."""
 
-    def __init__(self, steps: int = 20, share: float = 0.025) -> None:
-        self.steps, self.share = steps, share
+    def __init__(self, steps: int = 20, share: float = 0.025, total: int | None = None) -> None:
+        # a run of fewer steps (``total``) is judged after its last: only whether any perturbation
+        # changed the loss (a certainty; the learning rate's hint needs its 20 steps of a noisy g)
+        self.steps, self.share, self.total = steps, share, total
+        self.short = total is not None and total < steps
         self.seen = 0
         self.drop = 0.0
         self.first_loss: float | None = None
@@ -92,17 +95,17 @@ class StallCheck:
                 self.flat += 1
             else:
                 self.moved = True
-        if self.seen != self.steps:
+        if self.seen != (self.total if self.short else self.steps):
             return None
         if self.flat and not self.moved:  # g = (L+ - L-) / 2eps is exactly 0 only when L+ == L-
             return (
-                f"warning: in {self.steps} steps no perturbation changed the loss: the projected gradient was "
+                f"warning: in {self.seen} steps no perturbation changed the loss: the projected gradient was "
                 "exactly 0 on every step (the losses at +eps and -eps were equal), so nothing was learned; eps "
                 "is below the precision of the compute dtype (eps * z does not change the weights it is added "
                 "to): try a larger --eps (left out, the default: 1e-3 for full-parameter tuning), or a plan made "
                 "with one"
             )
-        if self.first_loss is None or not math.isfinite(self.first_loss):
+        if self.short or self.first_loss is None or not math.isfinite(self.first_loss):
             return None
         if self.drop >= self.share * abs(self.first_loss):
             return None
@@ -311,6 +314,34 @@ class RunSummary:
             f"(zoplan validate reads them), plan.yaml, {CONFIG_FILE}"
         )
         return said
+
+    # the held-out loss this much above its start, or the training loss twice its start: the run
+    # went the wrong way (MeZO's loss falls slowly; a rise this large is a learning rate too large)
+    ROSE_HELD_OUT, ROSE_TRAINING = 1.10, 2.0
+
+    def warnings(self) -> list[str]:
+        """What the losses say went wrong: a run whose loss rose (lr 0.03 on tiny-opt: 7.6 ->
+        419728, exit 0 and not a word; a script or ``fine_tune`` caller saw success)."""
+        before, after = (
+            (self.eval_before.eval_loss if self.eval_before else None),
+            (self.eval.eval_loss if self.eval else None),
+        )
+        held = before is not None and after is not None and math.isfinite(before) and math.isfinite(after)
+        rose_held = held and after > before * self.ROSE_HELD_OUT and after - before > 1e-3  # type: ignore[operator]
+        first, last = self.first_loss, self.last_loss
+        rose_train = first is not None and last is not None and first > 0 and last > first * self.ROSE_TRAINING
+        if not (rose_held or rose_train):
+            return []
+        which = (
+            f"the held-out loss rose from {before:.4f} to {after:.4f}"
+            if rose_held
+            else f"the training loss rose from {first:.4f} to {last:.4f}"
+        )
+        return [
+            f"{which}: the run diverged, most often from a learning rate too large for the model (or an eps "
+            "too large for its weights); the weights written are worse than those it started from: try a "
+            "tenth of the learning rate"
+        ]
 
     def __str__(self) -> str:
         return "\n".join(self.lines())

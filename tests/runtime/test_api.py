@@ -245,7 +245,7 @@ def test_the_runs_warnings_are_python_warnings_in_fine_tunes_words(tmp_path: Pat
     from zoplan.records import StallCheck
     from zoplan.runtime import launch
 
-    monkeypatch.setattr(launch, "StallCheck", lambda: StallCheck(steps=2))
+    monkeypatch.setattr(launch, "StallCheck", lambda **given: StallCheck(steps=2))
     with pytest.warns(UserWarning, match=r"likely too small .*try 10x \(lr=1e-08") as caught:
         fine_tune(steps=2, lr=1e-9, eval_every=0, quiet=True, output=tmp_path / "o")
     assert [w.filename for w in caught if "likely too small" in str(w.message)] == [__file__]

@@ -348,6 +348,23 @@ def test_a_port_taken_between_the_launch_s_check_and_rank_0_s_listening_is_named
                     torch.distributed.destroy_process_group()
 
 
+def test_a_run_that_ends_on_losses_that_are_not_finite_fails_and_one_that_diverged_says_so(tmp_path: Path) -> None:
+    """Exit 0 with a NaN model: a run whose last steps (fewer than --max-nonfinite) had losses that
+    are not finite wrote the weights that gave them ("held-out: loss 7.23 -> nan"). And a run whose
+    loss rose 5 orders of magnitude (lr 0.03) closed without a word: a script saw success."""
+    proc = zoplan("run", "--lr", "1", "--steps", "14", "--max-nonfinite", "1000", "-o", str(tmp_path / "nan"))
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        "the run ended on weights whose loss is not finite: its last" in proc.stderr and "Traceback" not in proc.stderr
+    )
+    assert not (tmp_path / "nan" / "model").exists()
+    proc = zoplan("run", "--lr", "0.03", "--steps", "30", "-o", str(tmp_path / "up"))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: the held-out loss rose from 7." in proc.stderr and "the run diverged" in proc.stderr
+    proc = zoplan("run", "--steps", "4", "-o", str(tmp_path / "fine"))  # (a run that learns: nothing said)
+    assert proc.returncode == 0 and "diverged" not in proc.stderr, proc.stderr
+
+
 def test_held_out_examples_of_their_own(tmp_path: Path) -> None:
     """--eval-data: all of --data trains and the evaluation reads the file given, which must be of
     the same task; --eval-fraction says how much of --data is held out instead, not both."""
