@@ -32,6 +32,7 @@ from zoplan.planfile import Plan, load_plan
 from zoplan.records import EvalRow, NoteRow, RankError, ResumedRow, TrainRow
 from zoplan.runconfig import RunConfig
 from zoplan.topology.container import read_limits
+from zoplan.vocab import DTYPE_BYTES
 from zoplan.program import Kind
 from zoplan.program import build as build_program
 from zoplan.runtime import data as zdata
@@ -248,6 +249,34 @@ def eps_note(block: torch.Tensor, param_dtype: str, eps: float) -> str | None:
         + (f"use --eps {larger:g} or more" if larger is not None else "use a larger --eps")
         + (", or a wider compute dtype (fp32)" if param_dtype != "fp32" else "")
         + " (in a plan made with it)"
+    )
+
+
+# the host copy's weights sampled to tell whether a run's updates changed them (of the first block)
+WATCHED = 1 << 20
+# a run of at least this many steps whose updates changed less than this share of them is told why
+STALL_STEPS, UPDATES_CHANGED = 20, 0.05
+
+
+def updates_note(before: torch.Tensor, after: torch.Tensor, plan: Plan, steps: int) -> str | None:
+    """What to say where a whole run changed next to none of the host copy's weights: each update
+    (lr * g * z) is below the spacing of the host copy's dtype around them and rounds away. With a
+    bf16 host copy and lr 1e-8, 98% of the weights never moved; the learning rate's warning said
+    "try 10x", which left 98% unmoved again: a host copy as wide as the compute dtype is the fix."""
+    changed = float((before != after).float().mean()) if before.numel() else 1.0
+    if changed >= UPDATES_CHANGED:
+        return None
+    wire, param = plan.transfer.wire_dtype, plan.transfer.param_dtype
+    narrower = DTYPE_BYTES[wire] < DTYPE_BYTES[param]
+    return (
+        f"in {steps} steps the updates changed {changed:.1%} of the first block's weights in the host copy "
+        f"({wire}): each update (lr * g * z, lr {plan.zo.lr:g}) is below the spacing of {wire} around those weights "
+        "and rounds away, so the model written is nearly the one the run started from; "
+        + (
+            f"a host copy in {param} keeps them (--wire-dtype {param}, in a plan made with it)"
+            if narrower
+            else "a larger learning rate moves them (--lr, in a plan made with it)"
+        )
     )
 
 
@@ -604,6 +633,13 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
                     f"reproduce them, or plan with --wire-dtype {plan.transfer.param_dtype}"
                 ).line()
             )
+    # a sample of the first block's host copy as a new run starts: how much of it the run's updates
+    # changed is said at its end where it is next to nothing (updates under the host copy's spacing)
+    watched = (
+        host.blocks[0][:WATCHED].clone()
+        if writer and rp.next_step == 0 and restart == 0 and not tuning.frozen_base and host.blocks
+        else None
+    )
     if writer and (rp.next_step > 0 or restart > 0):
         # where this start picks up (after --resume, or after torchrun restarted crashed ranks,
         # before the first step's journal line too): the progress display says so, and
@@ -735,6 +771,10 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
         engine.flush()
         engine.sync_resident_blocks_to_host()
         zdist.barrier()
+        if watched is not None and steps >= STALL_STEPS:
+            said = updates_note(watched, host.blocks[0][: watched.numel()], plan, steps)
+            if said:
+                metrics.write(NoteRow(note=said).line())
         if writer:
             save_final(host, engine, model_dir, out, plan.transfer.param_dtype, steps)
         zdist.barrier()

@@ -386,6 +386,17 @@ def test_an_eps_below_the_compute_dtype_s_resolution_is_said_at_the_start(tmp_pa
     assert proc.returncode == 0 and "eps 1e-05 is below the resolution of bf16" in proc.stderr, proc.stderr
 
 
+def test_updates_that_round_away_in_a_narrower_host_copy_are_said_with_the_wire_dtype(tmp_path: Path) -> None:
+    """A bf16 host copy at lr 1e-8: 98% of the weights never moved in 20 steps; the learning rate's
+    warning said "try 10x", which left 98% unmoved again. Said at the end, with the fix that works."""
+    proc = zoplan("run", "--wire-dtype", "bf16", "--lr", "1e-8", "--steps", "20", "-o", str(tmp_path / "bf16"))
+    assert proc.returncode == 0, proc.stderr
+    said = next(line for line in proc.stderr.splitlines() if "of the first block's weights in the host copy" in line)
+    assert "(bf16)" in said and "--wire-dtype fp32" in said, said
+    proc = zoplan("run", "--steps", "20", "-o", str(tmp_path / "fp32"))  # (a run that learns: nothing said)
+    assert proc.returncode == 0 and "host copy (" not in proc.stderr, proc.stderr
+
+
 def test_held_out_examples_of_their_own(tmp_path: Path) -> None:
     """--eval-data: all of --data trains and the evaluation reads the file given, which must be of
     the same task; --eval-fraction says how much of --data is held out instead, not both."""
