@@ -51,7 +51,11 @@ from zoplan.runconfig import RunConfig, bound_said
 from zoplan.runtime.hostcopy import decays
 from zoplan.runtime.perturb import perturb_, step_seed
 from zoplan.runtime.signals import deferred
-from zoplan.runtime.zo import update_tensor
+from zoplan.runtime.zo import eps_note, update_tensor
+from zoplan.records import diverged
+
+# a parameter's dtype as zoplan names it (the eps check's compute dtype)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # What ZOTrainer takes and what of TrainingArguments its step reads, checked with the bounds
 # zoplan checks a plan's ZO settings (planfile.ZoSettings) and a run's options (RunConfig) by,
@@ -242,7 +246,51 @@ class ZOTrainer(Trainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)  # (None: the Trainer says so)
         if isinstance(checkpoint, (str, os.PathLike)):
             self._resume_zo(Path(checkpoint))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        before = len(self.zo_steps)
+        self._eps_checked = False
+        result = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._judge(self.zo_steps[before:])
+        return result
+
+    def _judge(self, rows: list[dict[str, Any]]) -> None:
+        """What ``zoplan run`` says of a run's end, said of this ``train()``'s steps (``rows``): an
+        error where it ends on steps whose losses were not finite (fewer in a row than
+        zo_max_nonfinite) or on a held-out loss that is not (it returned as a success, and
+        save_model wrote weights that give NaN); a warning where the loss rose (it diverged), or
+        where no perturbation changed it (every g exactly 0)."""
+        if not rows:
+            return
+        last = next((i for i, row in enumerate(reversed(rows)) if not row["skipped"]), len(rows))
+        evals = [e["eval_loss"] for e in self.state.log_history if "eval_loss" in e]
+        if last or (evals and not math.isfinite(evals[-1])):
+            said = (
+                f"the loss was not finite in any of the {len(rows)} step(s) this train() took: every update was "
+                "skipped, nothing was trained"
+                if last == len(rows)
+                else f"its last {last} step(s) had losses that are not finite (their updates skipped)"
+                if last
+                else f"the last held-out loss is {evals[-1]}"
+            )
+            raise ZoplanError(
+                f"training ended on weights whose loss is not finite: {said}; the trainer's model gives losses "
+                "that are not finite (do not save it)",
+                fix="train again with a lower learning_rate or zo_eps (MeZO's eps is 1e-3), or in a wider dtype "
+                "(bf16 or fp32 instead of fp16); check the data's labels (every one -100: no loss)",
+            )
+        losses = [(r["loss_plus"] + r["loss_minus"]) / 2 for r in rows if not r["skipped"]]
+        k = max(1, len(losses) // 10)
+        rose = diverged(
+            sum(losses[:k]) / k, sum(losses[-k:]) / k, *(evals[0], evals[-1]) if len(evals) > 1 else (None, None)
+        )
+        if rose:
+            warnings.warn(rose.replace("the weights written", "the trainer's weights"), stacklevel=3)
+        if all(r["projected_grad"] == 0.0 for r in rows if not r["skipped"]):
+            warnings.warn(
+                f"in {len(rows)} steps no perturbation changed the loss: the projected gradient was exactly 0 on "
+                "every step (the losses at +eps and -eps were equal), so nothing was learned; zo_eps is below the "
+                "precision of the compute dtype: try a larger zo_eps (MeZO's: 1e-3)",
+                stacklevel=3,
+            )
 
     def _resume_zo(self, checkpoint: Path) -> None:
         settings, rows = checkpoint / ZO_SETTINGS, checkpoint / ZO_STEPS
@@ -273,14 +321,23 @@ class ZOTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """A training line tells the ZO step's figure, not the Trainer's: parameters never hold a
         gradient, so its ``grad_norm`` is always 0. ``projected_grad_abs`` is the mean |g| of the
-        steps since the last line (g, the projected gradient: the step moves θ by lr·g·z)."""
+        steps since the last line (g, the projected gradient: the step moves θ by lr·g·z);
+        ``skipped_steps`` those of them whose losses were not finite. A line of skipped steps only
+        says a loss of nan (the Trainer's filter of losses that are not finite logged 0.0 for
+        them, which read as perfect training)."""
         if "loss" in logs:
             logs = dict(logs)
             logs.pop("grad_norm", None)
-            new = [abs(r["projected_grad"]) for r in self.zo_steps[self._logged :] if not r["skipped"]]
+            since = self.zo_steps[self._logged :]
+            new = [abs(r["projected_grad"]) for r in since if not r["skipped"]]
             self._logged = len(self.zo_steps)
             if new:
                 logs["projected_grad_abs"] = sum(new) / len(new)
+            skipped = sum(1 for r in since if r["skipped"])
+            if skipped:
+                logs["skipped_steps"] = skipped
+                if skipped == len(since):
+                    logs["loss"] = float("nan")
         super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -345,6 +402,13 @@ class ZOTrainer(Trainer):
             self._starting(step)
         seed = step_seed(self.zo_seed, step)
         eps = self.zo_eps
+        if not getattr(self, "_eps_checked", True) and params:
+            self._eps_checked = True  # (once a train(): on its first step's first trainable tensor)
+            # the dtype the forward computes in: the weights', or autocast's (bf16=True, fp16=True)
+            dtype = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else _DTYPE_NAMES.get(params[0][1].dtype)
+            said = eps_note(params[0][1].data.flatten(), dtype, eps) if dtype else None
+            if said:
+                warnings.warn(said.replace("--eps", "zo_eps").replace(" (in a plan made with it)", ""), stacklevel=4)
         loss_plus, loss_minus = self._losses(model, inputs, params, seed)
         g = (loss_plus - loss_minus) / (2 * eps)
         # as zoplan run's engine: a step whose losses or gradient are not finite is skipped, its

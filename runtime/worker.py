@@ -58,7 +58,7 @@ from zoplan.runtime.snapshots import (
     resume_point,
     write_snapshot,
 )
-from zoplan.runtime.zo import learning_rate
+from zoplan.runtime.zo import eps_note, learning_rate
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
@@ -217,39 +217,6 @@ def threads_per_rank(local_ranks: int) -> int:
         return int(given)
     cores = read_limits().cores(len(os.sched_getaffinity(0)))
     return max(1, cores // max(1, local_ranks))
-
-
-# a share of a block's weights that eps * z leaves as they were (in the compute dtype) past which
-# the projected gradient measures the forward's rounding noise, not the loss's slope
-EPS_UNRESOLVED = 0.5
-
-
-def unresolved(block: torch.Tensor, param_dtype: str, eps: float, sample: int = 1 << 20) -> float:
-    """The share of ``block``'s weights (a sample of them) that adding ``eps`` times a standard
-    normal z leaves unchanged in the compute dtype ``param_dtype``."""
-    dtype = DTYPES[param_dtype]
-    theta = block[: min(sample, block.numel())].to(dtype)
-    z = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0))
-    return float(((theta.float() + eps * z).to(dtype) == theta).float().mean())
-
-
-def eps_note(block: torch.Tensor, param_dtype: str, eps: float) -> str | None:
-    """What to say where eps is below the compute dtype's resolution for most of a block's weights:
-    their perturbed values round back to them, the two losses then differ by rounding noise alone,
-    and g = (L+ - L-) / 2 eps is that noise over a tiny eps (bf16 with eps 1e-5 on tiny-opt: 87% of
-    the weights unchanged, the held-out loss 7.2 -> 14.1, exit 0 and not a word)."""
-    share = unresolved(block, param_dtype, eps)
-    if share <= EPS_UNRESOLVED:
-        return None
-    larger = next((eps * 10**k for k in range(1, 7) if unresolved(block, param_dtype, eps * 10**k) < 0.1), None)
-    return (
-        f"eps {eps:g} is below the resolution of {param_dtype} for {share:.0%} of the first block's weights "
-        "(adding eps * z leaves them as they were): the projected gradient then measures rounding noise, not "
-        "the loss's slope, and the run drifts instead of learning; "
-        + (f"use --eps {larger:g} or more" if larger is not None else "use a larger --eps")
-        + (", or a wider compute dtype (fp32)" if param_dtype != "fp32" else "")
-        + " (in a plan made with it)"
-    )
 
 
 # the host copy's weights sampled to tell whether a run's updates changed them (of the first block)

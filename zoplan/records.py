@@ -230,6 +230,32 @@ def read_error(out: Path) -> RankError | None:
         return None
 
 
+# the held-out loss this much above its start, or the training loss twice its start: the run
+# went the wrong way (MeZO's loss falls slowly; a rise this large is a learning rate too large)
+ROSE_HELD_OUT, ROSE_TRAINING = 1.10, 2.0
+
+
+def diverged(first: float | None, last: float | None, before: float | None, after: float | None) -> str | None:
+    """The warning for a run whose loss rose: the training loss from ``first`` to ``last`` (means
+    of its first and last steps), the held-out loss from ``before`` to ``after`` (lr 0.03 on
+    tiny-opt: 7.6 -> 419728, exit 0 and not a word; a script or ``fine_tune`` caller saw success)."""
+    finite = [x is not None and math.isfinite(x) for x in (first, last, before, after)]
+    rose_held = finite[2] and finite[3] and after > before * ROSE_HELD_OUT and after - before > 1e-3  # type: ignore[operator]
+    rose_train = finite[0] and finite[1] and first > 0 and last > first * ROSE_TRAINING  # type: ignore[operator]
+    if not (rose_held or rose_train):
+        return None
+    which = (
+        f"the held-out loss rose from {before:.4f} to {after:.4f}"
+        if rose_held
+        else f"the training loss rose from {first:.4f} to {last:.4f}"
+    )
+    return (
+        f"{which}: the run diverged, most often from a learning rate too large for the model (or an eps "
+        "too large for its weights); the weights written are worse than those it started from: try a "
+        "tenth of the learning rate"
+    )
+
+
 @dataclass
 class RunSummary:
     """What a finished run did, from its metrics: ``zoplan run``'s closing lines."""
@@ -315,33 +341,15 @@ class RunSummary:
         )
         return said
 
-    # the held-out loss this much above its start, or the training loss twice its start: the run
-    # went the wrong way (MeZO's loss falls slowly; a rise this large is a learning rate too large)
-    ROSE_HELD_OUT, ROSE_TRAINING = 1.10, 2.0
-
     def warnings(self) -> list[str]:
-        """What the losses say went wrong: a run whose loss rose (lr 0.03 on tiny-opt: 7.6 ->
-        419728, exit 0 and not a word; a script or ``fine_tune`` caller saw success)."""
-        before, after = (
-            (self.eval_before.eval_loss if self.eval_before else None),
-            (self.eval.eval_loss if self.eval else None),
+        """What the losses say went wrong (``diverged``)."""
+        said = diverged(
+            self.first_loss,
+            self.last_loss,
+            self.eval_before.eval_loss if self.eval_before else None,
+            self.eval.eval_loss if self.eval else None,
         )
-        held = before is not None and after is not None and math.isfinite(before) and math.isfinite(after)
-        rose_held = held and after > before * self.ROSE_HELD_OUT and after - before > 1e-3  # type: ignore[operator]
-        first, last = self.first_loss, self.last_loss
-        rose_train = first is not None and last is not None and first > 0 and last > first * self.ROSE_TRAINING
-        if not (rose_held or rose_train):
-            return []
-        which = (
-            f"the held-out loss rose from {before:.4f} to {after:.4f}"
-            if rose_held
-            else f"the training loss rose from {first:.4f} to {last:.4f}"
-        )
-        return [
-            f"{which}: the run diverged, most often from a learning rate too large for the model (or an eps "
-            "too large for its weights); the weights written are worse than those it started from: try a "
-            "tenth of the learning rate"
-        ]
+        return [said] if said else []
 
     def __str__(self) -> str:
         return "\n".join(self.lines())

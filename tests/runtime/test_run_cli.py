@@ -369,7 +369,7 @@ def test_an_eps_below_the_compute_dtype_s_resolution_is_said_at_the_start(tmp_pa
     """bf16 with eps 1e-5: 87% of tiny-opt's block weights unchanged by +eps*z, g the forward's
     rounding noise over 2e-5 (-247 to +131), the held-out loss 7.2 -> 14.1 in 25 steps, exit 0 and
     not a word (no g was exactly 0, which the 20-step check looks for)."""
-    from zoplan.runtime.worker import eps_note, unresolved
+    from zoplan.runtime.zo import eps_note, unresolved
 
     block = torch.randn(100_000, generator=torch.Generator().manual_seed(1)) * 0.02
     assert unresolved(block, "bf16", 1e-5) > 0.5 and unresolved(block, "fp32", 1e-5) < 0.001

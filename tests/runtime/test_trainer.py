@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -237,7 +238,10 @@ def test_a_step_whose_loss_is_not_finite_applies_no_update(tiny_dirs, tmp_path: 
     trainer = trainer_for(
         model, tokenizer, tmp_path, dataset=unlabelled(tokenizer), learning_rate=1e-2, weight_decay=0.5, max_steps=1
     )
-    trainer.train()
+    from zoplan.errors import ZoplanError
+
+    with pytest.raises(ZoplanError, match="not finite in any of the 1 step"):  # (nothing trained: said)
+        trainer.train()
     (row,) = trainer.zo_steps
     assert changed(model, perturbed_and_back(before, [row["seed"]], 1e-3)) == []
     assert row["skipped"] is True and row["projected_grad"] == 0.0 and math.isnan(row["loss_plus"])
@@ -515,3 +519,37 @@ def test_a_resumed_training_takes_up_zo_steps_from_its_checkpoint(tiny_dirs, tmp
     replayed = dict(replay(fresh(), resumed.zo_steps).named_parameters())
     for name, p in resumed.model.named_parameters():
         torch.testing.assert_close(p, replayed[name], rtol=0, atol=2e-5, msg=name)
+
+
+def test_a_training_that_ends_badly_is_said_as_zoplan_run_says_it(tiny_dirs, tmp_path: Path) -> None:
+    """ZOTrainer had none of zoplan run's checks of a run's end: a training ending on steps whose
+    losses were not finite (fewer in a row than zo_max_nonfinite) returned as a success, its
+    skipped steps logged as loss 0.0, and save_model wrote weights that give NaN; one that diverged
+    (lr 0.03: 7.2 -> 181652), or whose eps moved nothing, said nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zoplan.errors import ZoplanError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+
+    trainer = trainer_for(fresh(), tokenizer, tmp_path / "nan", learning_rate=1.0, max_steps=14, zo_max_nonfinite=1000)
+    with pytest.raises(ZoplanError, match="training ended on weights whose loss is not finite: its last"):
+        trainer.train()
+    skipped = [e for e in trainer.state.log_history if e.get("skipped_steps")]
+    assert skipped and all(math.isnan(e["loss"]) for e in skipped if e["skipped_steps"] == 1)  # (never 0.0)
+    trainer = trainer_for(fresh(), tokenizer, tmp_path / "up", learning_rate=0.03, max_steps=30)
+    with pytest.warns(UserWarning, match="the run diverged"):
+        trainer.train()
+    trainer = trainer_for(fresh(), tokenizer, tmp_path / "flat", learning_rate=1e-3, max_steps=4, zo_eps=1e-12)
+    with pytest.warns(UserWarning) as said:
+        trainer.train()
+    text = [str(w.message) for w in said]
+    assert any("below the resolution of fp32" in t and "zo_eps" in t for t in text), text
+    assert any("in 4 steps no perturbation changed the loss" in t for t in text), text
+    trainer = trainer_for(fresh(), tokenizer, tmp_path / "fine", learning_rate=1e-3, max_steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a training that learns: nothing said
+        trainer.train()
