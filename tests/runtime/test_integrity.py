@@ -481,7 +481,10 @@ def test_a_run_whose_weights_overflow_writes_no_model(tmp_path: Path) -> None:
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "not finite" in proc.stderr and "nothing was written" in proc.stderr
+    # (the second step's losses, at the overflowed weights, are not finite either: the run's end
+    # says so before the weights' own check would)
+    said = proc.stderr
+    assert "not finite" in said and ("nothing was written" in said or "no model/ is written" in said), said
     assert not (out / "model").exists() and not (out / "model.tmp").exists()
 
 
