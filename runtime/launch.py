@@ -534,6 +534,8 @@ def check_container_memory(plan: Plan, machine: Machine, shape: ModelShape, limi
     need = costs.ram_need_bytes()
     ranks = costs.cpu_ranks()
     held = need - GPU_RESERVE_BYTES * len(ranks)
+    if costs.frozen:  # read-only blocks: often the checkpoint mapped, whose pages the kernel may evict
+        held -= costs.host_memory_bytes()
     what = "the host copy of the weights" + (f" and its {len(ranks)} CPU rank(s)' working sets" if ranks else "")
     limit = f"this process's container allows {gib(limits.memory_bytes)} ({limits.memory_file})"
     advice = (
@@ -565,9 +567,9 @@ def _killed(
     if signum == signal.SIGKILL and killed_now is not None and killed_now > (killed_before or 0):
         # the container's own killer, at its limit (the machine may have plenty)
         return ZoplanError(
-            f"training stopped: {who} was killed by {name}, by the out-of-memory killer of this process's "
-            f"container at its memory limit of {gib(limits.memory_bytes or 0)} ({limits.memory_file}; see "
-            f"{log_path}); {held}",
+            f"training stopped: {who} was killed by {name}, most likely by the out-of-memory killer of this "
+            f"process's container at its memory limit of {gib(limits.memory_bytes or 0)} ({limits.memory_file}: "
+            f"its count of such kills rose while the ranks ran; see {log_path}); {held}",
             fix="plan for what the container allows (`zoplan topo detect -o machine.yaml` reads its limit, then "
             "`zoplan plan -t machine.yaml -o plan.yaml`: fewer resident blocks or ranks), or give the container "
             f"more memory; then {resume}",
@@ -671,6 +673,14 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             "its steps, and without it the run would start again from the base weights",
             fix=f"put the journal back and resume again; to train {out}'s run from its start again on purpose, "
             f"make it an empty file first (`: > {journal}`)",
+        )
+    if cfg.node_rank == 0 and cfg.steps == done and _skipped_at_end(journal):
+        # (the ranks would find nothing to train and write the weights the run refused to write)
+        raise ZoplanError(
+            f"the run in {out} ended on {_skipped_at_end(journal)} step(s) whose losses were not finite (their "
+            "updates skipped): its weights give losses that are not finite, and no model/ is written of them",
+            fix="start a new run with a lower --lr or --eps (MeZO's eps is 1e-3), or a wider dtype (bf16 or fp32 "
+            "instead of fp16)",
         )
     if cfg.steps < done:
         raise ZoplanError(
@@ -1466,6 +1476,24 @@ def _cut_metrics(path: Path, done: int) -> tuple[int, int | None]:
     begun = re.match(rb'\{"step": ?(\d+)', torn)  # a step's row, or an evaluation's after it
     lost = int(begun.group(1)) if begun else None
     return dropped, lost if lost is not None and lost < done else None
+
+
+def _skipped_at_end(journal: Path) -> int:
+    """How many of the journal's last lines are of steps skipped (losses not finite)."""
+    try:
+        lines = journal.read_bytes().splitlines()
+    except OSError:
+        return 0
+    count = 0
+    for line in reversed(lines):
+        try:
+            skipped = json.loads(line).get("skipped") is True
+        except (ValueError, AttributeError):
+            break
+        if not skipped:
+            break
+        count += 1
+    return count
 
 
 def _journaled_steps(journal: Path) -> int:

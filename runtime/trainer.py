@@ -280,7 +280,10 @@ class ZOTrainer(Trainer):
         losses = [(r["loss_plus"] + r["loss_minus"]) / 2 for r in rows if not r["skipped"]]
         k = max(1, len(losses) // 10)
         rose = diverged(
-            sum(losses[:k]) / k, sum(losses[-k:]) / k, *(evals[0], evals[-1]) if len(evals) > 1 else (None, None)
+            sum(losses[:k]) / k if losses else None,
+            sum(losses[-k:]) / k if losses else None,
+            *(evals[0], evals[-1]) if len(evals) > 1 else (None, None),
+            window=k,
         )
         if rose:
             warnings.warn(rose.replace("the weights written", "the trainer's weights"), stacklevel=3)
@@ -408,7 +411,10 @@ class ZOTrainer(Trainer):
             dtype = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else _DTYPE_NAMES.get(params[0][1].dtype)
             said = eps_note(params[0][1].data.flatten(), dtype, eps) if dtype else None
             if said:
-                warnings.warn(said.replace("--eps", "zo_eps").replace(" (in a plan made with it)", ""), stacklevel=4)
+                said = said.replace("--eps", "zo_eps").replace(" (in a plan made with it)", "")
+                warnings.warn(
+                    said.replace("the first block's weights", "the first trained tensor's weights"), stacklevel=4
+                )
         loss_plus, loss_minus = self._losses(model, inputs, params, seed)
         g = (loss_plus - loss_minus) / (2 * eps)
         # as zoplan run's engine: a step whose losses or gradient are not finite is skipped, its

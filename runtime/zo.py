@@ -109,7 +109,7 @@ def unresolved(block: torch.Tensor, param_dtype: str, eps: float, sample: int = 
     """The share of ``block``'s weights (a sample of them) that adding ``eps`` times a standard
     normal z leaves unchanged in the compute dtype ``param_dtype``."""
     dtype = DTYPES[param_dtype]
-    theta = block[: min(sample, block.numel())].to(dtype)
+    theta = block[: min(sample, block.numel())].detach().to("cpu", dtype)  # (a trainer's may be on a GPU)
     z = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0))
     return float(((theta.float() + eps * z).to(dtype) == theta).float().mean())
 

@@ -122,17 +122,21 @@ def test_a_learning_rate_too_small_for_the_model_is_said_once_after_20_steps() -
 def test_a_summary_says_when_the_loss_rose(tmp_path: Path) -> None:
     from zoplan.records import EvalRow, RunSummary
 
-    def summary(first: float | None, last: float | None, before: float | None, after: float | None) -> list[str]:
+    def summary(
+        first: float | None, last: float | None, before: float | None, after: float | None, window: int = 3
+    ) -> list[str]:
         evals = [
             None if x is None else EvalRow(step=s, eval_loss=x, eval_accuracy=0.0)
-            for s, x in ((-1, before), (9, after))
+            for s, x in ((-1, before), (29, after))
         ]
-        return RunSummary(tmp_path, 10, first, last, evals[1], evals[0]).warnings()
+        return RunSummary(tmp_path, 30, first, last, evals[1], evals[0], window).warnings()
 
     assert summary(7.6, 4.2e5, 7.2, 5.0e5)[0].startswith("the held-out loss rose from 7.2000 to 500000.0000")
     assert summary(7.6, 16.0, None, None)[0].startswith("the training loss rose from 7.6000 to 16.0000")
     assert summary(7.6, 7.0, 7.2, 7.1) == [] and summary(7.6, 7.7, 7.2, 7.5) == []  # (a little up: noise)
     assert summary(None, None, 7.2, float("nan")) == []  # (not finite: said as an error where it matters)
+    # the held-out loss, where there is one, speaks for the run; a single step's training loss is noise
+    assert summary(0.40, 0.85, 7.2, 7.1) == [] and summary(0.40, 0.85, None, None, window=1) == []
 
 
 def test_a_run_shorter_than_the_check_is_told_when_no_perturbation_changed_its_loss() -> None:

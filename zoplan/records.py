@@ -235,13 +235,19 @@ def read_error(out: Path) -> RankError | None:
 ROSE_HELD_OUT, ROSE_TRAINING = 1.10, 2.0
 
 
-def diverged(first: float | None, last: float | None, before: float | None, after: float | None) -> str | None:
-    """The warning for a run whose loss rose: the training loss from ``first`` to ``last`` (means
-    of its first and last steps), the held-out loss from ``before`` to ``after`` (lr 0.03 on
-    tiny-opt: 7.6 -> 419728, exit 0 and not a word; a script or ``fine_tune`` caller saw success)."""
+def diverged(
+    first: float | None, last: float | None, before: float | None, after: float | None, window: int = 2
+) -> str | None:
+    """The warning for a run whose loss rose: the held-out loss from ``before`` to ``after``, or,
+    without both of those, the training loss from ``first`` to ``last`` (means of its first and
+    last ``window`` steps; single batches are too noisy to judge by) (lr 0.03 on tiny-opt: 7.6 ->
+    419728, exit 0 and not a word; a script or ``fine_tune`` caller saw success)."""
     finite = [x is not None and math.isfinite(x) for x in (first, last, before, after)]
-    rose_held = finite[2] and finite[3] and after > before * ROSE_HELD_OUT and after - before > 1e-3  # type: ignore[operator]
-    rose_train = finite[0] and finite[1] and first > 0 and last > first * ROSE_TRAINING  # type: ignore[operator]
+    held = finite[2] and finite[3]
+    rose_held = held and after > before * ROSE_HELD_OUT and after - before > 1e-3  # type: ignore[operator]
+    rose_train = (
+        not held and window >= 2 and finite[0] and finite[1] and first > 0 and last > first * ROSE_TRAINING  # type: ignore[operator]
+    )
     if not (rose_held or rose_train):
         return None
     which = (
@@ -348,6 +354,7 @@ class RunSummary:
             self.last_loss,
             self.eval_before.eval_loss if self.eval_before else None,
             self.eval.eval_loss if self.eval else None,
+            self.window,
         )
         return [said] if said else []
 

@@ -358,6 +358,9 @@ def test_a_run_that_ends_on_losses_that_are_not_finite_fails_and_one_that_diverg
         "the run ended on weights whose loss is not finite: its last" in proc.stderr and "Traceback" not in proc.stderr
     )
     assert not (tmp_path / "nan" / "model").exists()
+    again = zoplan("run", "--resume", str(tmp_path / "nan"))  # (nothing left to train: it wrote those weights)
+    assert again.returncode == 2 and "ended on 5 step(s) whose losses were not finite" in again.stderr, again.stderr
+    assert not (tmp_path / "nan" / "model").exists()
     proc = zoplan("run", "--lr", "0.03", "--steps", "30", "-o", str(tmp_path / "up"))
     assert proc.returncode == 0, proc.stderr
     assert "warning: the held-out loss rose from 7." in proc.stderr and "the run diverged" in proc.stderr

@@ -9,8 +9,8 @@ Each is read on this process's cgroup (``/proc/self/cgroup``) and every cgroup a
 root of the mount, and the lowest limit holds (a limit may sit on a parent: a Kubernetes pod's
 around its container's). Inside a container the mount's root is often the container's own cgroup
 while /proc/self/cgroup names it from the host's root: the folders that do not exist are skipped,
-and the root's files are read. Torch-free, like the rest of the planner; ``zoplan topo detect``,
-the planner's reserve and the runtime's thread count and out-of-memory message read it.
+and the root's files are read. Torch-free, like the rest of the planner; ``zoplan topo detect``
+and the runtime (its threads, the launcher's memory check and out-of-memory message) read it.
 """
 
 from __future__ import annotations
