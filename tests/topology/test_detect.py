@@ -276,6 +276,12 @@ def test_detect_plans_within_the_container_s_limits(tmp_path: Path) -> None:
     with pytest.raises(ZoplanError, match="between 1 and the 1 cores this process may use \\(a CPU quota of 1 core"):
         cpu_topology(MEMINFO, {}, {0, 1, 2, 3}, ranks=2, limits=limits)
     assert Machine(cpu_topology(MEMINFO, {}, {0, 1, 2, 3}).spec, "t").gpus == [f"rank{r}" for r in range(4)]
+    # two NUMA nodes of 8 cores under a 3-core quota: the sockets' cores add up to the 3 ranks (2 + 1,
+    # as the ranks are placed; rounded down per node they gave 1 + 1)
+    two = cpu_topology(
+        MEMINFO, {0: frozenset(range(8)), 1: frozenset(range(8, 16))}, set(range(16)), limits=Limits(cpus=3.0)
+    )
+    assert [s.cores for s in two.spec.sockets] == [2, 1] and len(two.spec.gpus) == 3
     # a GPU machine's host memory too (the host copy of the weights lives in it)
     gpus = detect(
         run=fake_smi(DGX, A100_QUERY),

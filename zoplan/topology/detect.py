@@ -389,13 +389,20 @@ def cpu_topology(
             else min(max(1, rank_node.count(node)) * CPU_COPY_GBPS, CPU_MEMORY_BUS_GBPS)
         )
 
+    # each node's cores; under a CPU quota, its share of the cores the quota lets be busy (largest
+    # remainders: the shares add up to them, at least one a node)
+    counts = {n: sum(1 for c in usable if node_of.get(c, node_ids[0]) == n) for n in node_ids}
+    exact = {n: counts[n] * busy / len(usable) for n in node_ids}
+    share = {n: int(exact[n]) for n in node_ids}
+    for n in sorted(node_ids, key=lambda n: (int(exact[n]) - exact[n], n))[: busy - sum(share.values())]:
+        share[n] += 1
+    share = {n: max(1, share[n]) for n in node_ids}
     sockets = [
         {
             "id": f"cpu{n}",
             "memory_gib": _fmt(per_node),
             "memory_gbps": _fmt(bus(n)),
-            # (under a CPU quota, each node's share of the cores it lets be busy)
-            "cores": max(1, sum(1 for c in usable if node_of.get(c, node_ids[0]) == n) * busy // len(usable)),
+            "cores": share[n],
         }
         for n in node_ids
     ]
