@@ -674,10 +674,12 @@ def _prepare_resume(cfg: RunConfig) -> tuple[RunConfig, Plan, Machine]:
             fix=f"put the journal back and resume again; to train {out}'s run from its start again on purpose, "
             f"make it an empty file first (`: > {journal}`)",
         )
-    if cfg.node_rank == 0 and cfg.steps == done and _skipped_at_end(journal):
+    # the steps the journal ends on that were skipped (losses not finite)
+    skipped_at_end = next((i for i, row in enumerate(reversed(rows)) if not row["skipped"]), len(rows))
+    if cfg.node_rank == 0 and cfg.steps == done and skipped_at_end:
         # (the ranks would find nothing to train and write the weights the run refused to write)
         raise ZoplanError(
-            f"the run in {out} ended on {_skipped_at_end(journal)} step(s) whose losses were not finite (their "
+            f"the run in {out} ended on {skipped_at_end} step(s) whose losses were not finite (their "
             "updates skipped): its weights give losses that are not finite, and no model/ is written of them",
             fix="start a new run with a lower --lr or --eps (MeZO's eps is 1e-3), or a wider dtype (bf16 or fp32 "
             "instead of fp16)",
@@ -1476,24 +1478,6 @@ def _cut_metrics(path: Path, done: int) -> tuple[int, int | None]:
     begun = re.match(rb'\{"step": ?(\d+)', torn)  # a step's row, or an evaluation's after it
     lost = int(begun.group(1)) if begun else None
     return dropped, lost if lost is not None and lost < done else None
-
-
-def _skipped_at_end(journal: Path) -> int:
-    """How many of the journal's last lines are of steps skipped (losses not finite)."""
-    try:
-        lines = journal.read_bytes().splitlines()
-    except OSError:
-        return 0
-    count = 0
-    for line in reversed(lines):
-        try:
-            skipped = json.loads(line).get("skipped") is True
-        except (ValueError, AttributeError):
-            break
-        if not skipped:
-            break
-        count += 1
-    return count
 
 
 def _journaled_steps(journal: Path) -> int:

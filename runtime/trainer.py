@@ -48,14 +48,14 @@ from zoplan.errors import ZoplanError
 from zoplan.fileio import brief
 from zoplan.planfile import ZoSettings
 from zoplan.runconfig import RunConfig, bound_said
-from zoplan.runtime.hostcopy import decays
+from zoplan.runtime.hostcopy import DTYPES, decays
 from zoplan.runtime.perturb import perturb_, step_seed
 from zoplan.runtime.signals import deferred
 from zoplan.runtime.zo import eps_note, update_tensor
-from zoplan.records import diverged
+from zoplan.records import diverged, unmoved
 
 # a parameter's dtype as zoplan names it (the eps check's compute dtype)
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 # What ZOTrainer takes and what of TrainingArguments its step reads, checked with the bounds
 # zoplan checks a plan's ZO settings (planfile.ZoSettings) and a run's options (RunConfig) by,
@@ -284,16 +284,12 @@ class ZOTrainer(Trainer):
             sum(losses[-k:]) / k if losses else None,
             *(evals[0], evals[-1]) if len(evals) > 1 else (None, None),
             window=k,
+            weights="the trainer's weights",
         )
         if rose:
-            warnings.warn(rose.replace("the weights written", "the trainer's weights"), stacklevel=3)
+            warnings.warn(rose, stacklevel=3)
         if all(r["projected_grad"] == 0.0 for r in rows if not r["skipped"]):
-            warnings.warn(
-                f"in {len(rows)} steps no perturbation changed the loss: the projected gradient was exactly 0 on "
-                "every step (the losses at +eps and -eps were equal), so nothing was learned; zo_eps is below the "
-                "precision of the compute dtype: try a larger zo_eps (MeZO's: 1e-3)",
-                stacklevel=3,
-            )
+            warnings.warn(unmoved(len(rows), "zo_eps (MeZO's: 1e-3)"), stacklevel=3)
 
     def _resume_zo(self, checkpoint: Path) -> None:
         settings, rows = checkpoint / ZO_SETTINGS, checkpoint / ZO_STEPS
@@ -409,12 +405,20 @@ class ZOTrainer(Trainer):
             self._eps_checked = True  # (once a train(): on its first step's first trainable tensor)
             # the dtype the forward computes in: the weights', or autocast's (bf16=True, fp16=True)
             dtype = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else _DTYPE_NAMES.get(params[0][1].dtype)
-            said = eps_note(params[0][1].data.flatten(), dtype, eps) if dtype else None
-            if said:
-                said = said.replace("--eps", "zo_eps").replace(" (in a plan made with it)", "")
-                warnings.warn(
-                    said.replace("the first block's weights", "the first trained tensor's weights"), stacklevel=4
+            said = (
+                eps_note(
+                    params[0][1].data.flatten(),
+                    dtype,
+                    eps,
+                    of="the first trained tensor's weights",
+                    option="zo_eps",
+                    where="",
                 )
+                if dtype
+                else None
+            )
+            if said:
+                warnings.warn(said, stacklevel=4)
         loss_plus, loss_minus = self._losses(model, inputs, params, seed)
         g = (loss_plus - loss_minus) / (2 * eps)
         # as zoplan run's engine: a step whose losses or gradient are not finite is skipped, its

@@ -114,20 +114,29 @@ def unresolved(block: torch.Tensor, param_dtype: str, eps: float, sample: int = 
     return float(((theta.float() + eps * z).to(dtype) == theta).float().mean())
 
 
-def eps_note(block: torch.Tensor, param_dtype: str, eps: float) -> str | None:
-    """What to say where eps is below the compute dtype's resolution for most of a block's weights:
-    their perturbed values round back to them, the two losses then differ by rounding noise alone,
-    and g = (L+ - L-) / 2 eps is that noise over a tiny eps (bf16 with eps 1e-5 on tiny-opt: 87% of
-    the weights unchanged, the held-out loss 7.2 -> 14.1, exit 0 and not a word)."""
+def eps_note(
+    block: torch.Tensor,
+    param_dtype: str,
+    eps: float,
+    *,
+    of: str = "the first block's weights",
+    option: str = "--eps",
+    where: str = " (in a plan made with it)",
+) -> str | None:
+    """What to say where eps is below the compute dtype's resolution for most of a block's weights
+    (``of``: which): their perturbed values round back to them, the two losses then differ by
+    rounding noise alone, and g = (L+ - L-) / 2 eps is that noise over a tiny eps (bf16 with eps 1e-5
+    on tiny-opt: 87% of the weights unchanged, the held-out loss 7.2 -> 14.1, exit 0 and not a
+    word). ``option`` and ``where``: how a larger eps is given."""
     share = unresolved(block, param_dtype, eps)
     if share <= EPS_UNRESOLVED:
         return None
     larger = next((eps * 10**k for k in range(1, 7) if unresolved(block, param_dtype, eps * 10**k) < 0.1), None)
     return (
-        f"eps {eps:g} is below the resolution of {param_dtype} for {share:.0%} of the first block's weights "
+        f"eps {eps:g} is below the resolution of {param_dtype} for {share:.0%} of {of} "
         "(adding eps * z leaves them as they were): the projected gradient then measures rounding noise, not "
         "the loss's slope, and the run drifts instead of learning; "
-        + (f"use --eps {larger:g} or more" if larger is not None else "use a larger --eps")
+        + (f"use {option} {larger:g} or more" if larger is not None else f"use a larger {option}")
         + (", or a wider compute dtype (fp32)" if param_dtype != "fp32" else "")
-        + " (in a plan made with it)"
+        + where
     )

@@ -98,12 +98,8 @@ class StallCheck:
         if self.seen != (self.total if self.short else self.steps):
             return None
         if self.flat and not self.moved:  # g = (L+ - L-) / 2eps is exactly 0 only when L+ == L-
-            return (
-                f"warning: in {self.seen} steps no perturbation changed the loss: the projected gradient was "
-                "exactly 0 on every step (the losses at +eps and -eps were equal), so nothing was learned; eps "
-                "is below the precision of the compute dtype (eps * z does not change the weights it is added "
-                "to): try a larger --eps (left out, the default: 1e-3 for full-parameter tuning), or a plan made "
-                "with one"
+            return "warning: " + unmoved(
+                self.seen, "--eps (left out, the default: 1e-3 for full-parameter tuning), or a plan made with one"
             )
         if self.short or self.first_loss is None or not math.isfinite(self.first_loss):
             return None
@@ -230,13 +226,28 @@ def read_error(out: Path) -> RankError | None:
         return None
 
 
+def unmoved(steps: int, larger: str) -> str:
+    """What to say where no perturbation of ``steps`` steps changed the loss (every g exactly 0);
+    ``larger``: how to give a larger eps."""
+    return (
+        f"in {steps} steps no perturbation changed the loss: the projected gradient was exactly 0 on every "
+        "step (the losses at +eps and -eps were equal), so nothing was learned; eps is below the precision "
+        f"of the compute dtype (eps * z does not change the weights it is added to): try a larger {larger}"
+    )
+
+
 # the held-out loss this much above its start, or the training loss twice its start: the run
 # went the wrong way (MeZO's loss falls slowly; a rise this large is a learning rate too large)
 ROSE_HELD_OUT, ROSE_TRAINING = 1.10, 2.0
 
 
 def diverged(
-    first: float | None, last: float | None, before: float | None, after: float | None, window: int = 2
+    first: float | None,
+    last: float | None,
+    before: float | None,
+    after: float | None,
+    window: int = 2,
+    weights: str = "the weights written",
 ) -> str | None:
     """The warning for a run whose loss rose: the held-out loss from ``before`` to ``after``, or,
     without both of those, the training loss from ``first`` to ``last`` (means of its first and
@@ -257,7 +268,7 @@ def diverged(
     )
     return (
         f"{which}: the run diverged, most often from a learning rate too large for the model (or an eps "
-        "too large for its weights); the weights written are worse than those it started from: try a "
+        f"too large for its weights); {weights} are worse than those it started from: try a "
         "tenth of the learning rate"
     )
 
