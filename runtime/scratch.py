@@ -210,6 +210,10 @@ def sweep(base: Path) -> list[Path]:
     return removed
 
 
+class InUse(ZoplanError):
+    """A folder ``owned`` would make exists: another launch holds it (or held it moments ago)."""
+
+
 @contextlib.contextmanager
 def owned(base: Path, name: str) -> Iterator[Path]:
     """A new folder ``base/zoplan-<name>``, locked by this process while the block runs and removed
@@ -219,7 +223,7 @@ def owned(base: Path, name: str) -> Iterator[Path]:
     try:
         folder.mkdir(mode=0o700)
     except FileExistsError:
-        raise ZoplanError(
+        raise InUse(
             f"{folder} exists: another zoplan launch is using it",
             fix=f"wait for that launch to end; one that was killed leaves it for at most "
             f"{MIN_AGE_S:.0f} s, then the next launch removes it",
@@ -257,11 +261,8 @@ def port_claimed(port: int) -> Iterator[None]:
     claim = contextlib.ExitStack()
     try:
         claim.enter_context(owned(base, name))
-    except ZoplanError as exc:
-        folder = base / f"{PREFIX}{name}"
-        if not exc.message.startswith(f"{folder} exists"):  # (no room to make it: said as it is)
-            raise
-        owner = held_by(folder / OWNER)
+    except InUse:  # (no room to make it: said as owned says it)
+        owner = held_by(base / f"{PREFIX}{name}" / OWNER)
         raise ZoplanError(
             f"--master-port {port} is taken by another zoplan launch on this machine"
             + (f" (pid {owner})" if owner else " (or by one stopped in the last few seconds)"),
