@@ -17,6 +17,7 @@ import os
 import re
 import reprlib
 import secrets
+import sys
 import types
 import typing
 from pathlib import Path
@@ -40,7 +41,11 @@ class Strict(BaseModel):
     ``block_s: true`` read as a second) is refused, in a list or mapping of numbers too; and so is
     a control character in any text (names are printed to terminals)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_enum_values=True)
+    # protected_namespaces: fields such as model_dir are ours (pydantic before 2.10 warned of them
+    # on every command, as if they shadowed its own model_* methods)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, use_enum_values=True, protected_namespaces=()
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -70,6 +75,12 @@ def _control_character(value: Any) -> str | None:
     return None
 
 
+def _is_class(annotation: Any) -> bool:
+    """``annotation`` is a class, not a parametrised generic (on Python 3.10 ``list[int]`` passes
+    ``isinstance(..., type)``, and ``issubclass`` then raises)."""
+    return isinstance(annotation, type) and typing.get_origin(annotation) is None
+
+
 def _misplaced_bool(value: Any, annotation: Any) -> bool:
     """``value`` is, or holds in a list or a mapping's values, true or false where ``annotation``
     takes none (a nested schema checks its own fields)."""
@@ -77,7 +88,7 @@ def _misplaced_bool(value: Any, annotation: Any) -> bool:
         annotation = typing.get_args(annotation)[0]
     if annotation is bool or annotation is Any or isinstance(annotation, typing.TypeVar):
         return False
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if _is_class(annotation) and issubclass(annotation, BaseModel):
         return False
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Union or origin is types.UnionType:
@@ -88,7 +99,7 @@ def _misplaced_bool(value: Any, annotation: Any) -> bool:
     if origin is typing.Literal:
         return isinstance(value, bool) and value not in [a for a in args if isinstance(a, bool)]
     if isinstance(value, bool):  # (where a string, a path or a name is meant, pydantic says so itself)
-        return isinstance(annotation, type) and issubclass(annotation, (int, float))
+        return _is_class(annotation) and issubclass(annotation, (int, float))
     if origin in (list, tuple) and isinstance(value, (list, tuple)) and args:
         items = args[:1] if origin is list or (len(args) == 2 and args[1] is Ellipsis) else args
         return any(_misplaced_bool(v, items[min(i, len(items) - 1)]) for i, v in enumerate(value))
@@ -450,7 +461,11 @@ def load_yaml_text(text: str, where: Path | str) -> Any:
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
         # safe_load's constructors raise these for values such as 2001-02-30, '!!int abc' or
         # thousands of digits; deep nesting exhausts the recursion limit
-        raise ZoplanError(f"{where}: invalid YAML: {short(str(exc) or type(exc).__name__)}") from None
+        said = str(exc) or type(exc).__name__
+        if "integer string conversion" in said:  # (Python's words, which differ by version, name sys calls)
+            digits = sys.get_int_max_str_digits() if hasattr(sys, "get_int_max_str_digits") else 4300
+            said = f"a whole number of more than {digits} digits"
+        raise ZoplanError(f"{where}: invalid YAML: {short(said)}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
