@@ -157,12 +157,12 @@ def _calibration_model(model_dir: Path, dtype: torch.dtype, layers: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from zoplan.runtime.adapters import adapter_for
-    from zoplan.runtime.worker import _dtype_kwarg
+    from zoplan.runtime.checkpoint import dtype_kwarg
 
     config = AutoConfig.from_pretrained(model_dir)
     config.num_hidden_layers = max(1, min(layers, config.num_hidden_layers))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
+    model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(dtype))
     return model, adapter_for(config.model_type), config
 
 

@@ -27,6 +27,15 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 _SHOWN = 3
 
 
+def dtype_kwarg(dtype) -> dict:
+    """``from_pretrained`` and ``from_config``'s dtype argument: ``dtype`` since transformers 4.56,
+    ``torch_dtype`` before (where ``dtype`` went on to the model's constructor, which refused it)."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("transformers").split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The checkpoint's safetensors files (one, or the shards its index names); [] when it has
     only torch's pickled format (``bin_files``)."""
@@ -231,7 +240,9 @@ def _check_model_dir(model_dir: Path) -> None:
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
+    # (ImportError: older transformers, finding no tokenizer.json, reach for a library to read other
+    # files with, such as protobuf, and say it is missing)
+    except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
         raise ZoplanError(
             f"{model_dir} has no tokenizer transformers can load ({str(exc).splitlines()[0][:200]})", fix=fix
         ) from None

@@ -38,6 +38,17 @@ import torch
 from torch.utils import _pytree as pytree
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _hashable(spec: object) -> object:
+    """A pytree spec as a key: itself, or its text where it cannot be hashed (torch before 2.2)."""
+    try:
+        hash(spec)
+    except TypeError:
+        return repr(spec)
+    return spec
+
+
 # a graph per (block, branch, micro-batch): a run with more than this many per block (many
 # micro-batches) runs the rest eagerly rather than hold a graph's tensors for each
 MAX_PER_BLOCK = 16
@@ -134,7 +145,7 @@ class BlockGraphs:
                 (tuple(leaf.shape), leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor) else leaf
                 for leaf in leaves
             ),
-            spec,
+            _hashable(spec),
         )
         key = (i, sign, k, shape)
         entry = self.graphs.get(key)
@@ -144,7 +155,7 @@ class BlockGraphs:
             entry = self._new(key, block, x, leaves, spec)
             if entry is None:
                 return hidden_of(block(x, **kwargs))
-        args = self._arguments[(k, shape[2], spec)]
+        args = self._arguments[(k, shape[2], shape[3])]
         args.refresh(leaves)
         if entry.x is not x:
             entry.x.copy_(x)
@@ -152,10 +163,10 @@ class BlockGraphs:
         return entry.out
 
     def _new(self, key: tuple, block: Callable[..., Any], x: torch.Tensor, leaves: list, spec: Any) -> _Captured | None:
-        i, sign, k, (x_shape, x_dtype, arg_shapes, _) = key
-        arguments = self._arguments.get((k, arg_shapes, spec))
+        i, sign, k, (x_shape, x_dtype, arg_shapes, spec_key) = key
+        arguments = self._arguments.get((k, arg_shapes, spec_key))
         if arguments is None:
-            arguments = self._arguments[(k, arg_shapes, spec)] = _Arguments(spec, leaves)
+            arguments = self._arguments[(k, arg_shapes, spec_key)] = _Arguments(spec, leaves)
         arguments.refresh(leaves)
         out = self._outputs.get((sign, k, i % 2, x_shape, x_dtype))
         if out is None:  # a block's output has its input's shape

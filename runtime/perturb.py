@@ -478,9 +478,14 @@ def normal(
 
 @functools.cache
 def _load_triton():
-    """The perturb_triton module, imported once; None when triton is missing or broken (the torch
-    path gives the same z, slower)."""
+    """The perturb_triton module, imported once; None when triton is missing, broken or older than
+    3 (the torch path gives the same z, slower): triton 2.1, torch 2.1's, cannot build the launcher
+    of these kernels ("sig_key = ," a SyntaxError at their first call, which no import catches)."""
     try:
+        import triton
+
+        if int(triton.__version__.split(".")[0]) < 3:
+            return None
         from zoplan.runtime import perturb_triton
 
         return perturb_triton

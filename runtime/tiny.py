@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from zoplan.errors import ZoplanError
-from zoplan.models import TINY_MODELS, tiny_model_dir
+from zoplan.models import TINY_MODELS, tiny_cache_dir, tiny_model_dir
 from zoplan.runtime.data import vocabulary_words
 
 if TYPE_CHECKING:
@@ -204,6 +204,21 @@ def build_tiny(name: str, directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def libraries() -> str:
+    """The versions of the libraries that wrote a model's files: ``transformers-4.40.0-tokenizers-0.19.1``.
+    Files one version saves need not load in another (a tokenizer.json of tokenizers 0.22 fails in
+    0.19's reader, a tokenizer_config.json of transformers 5 names a class 4.x lacks), and one home
+    folder may serve several environments."""
+    from importlib.metadata import version
+
+    return f"transformers-{version('transformers')}-tokenizers-{version('tokenizers')}"
+
+
+def default_cache() -> Path:
+    """Where the built-in models are built: ``~/.cache/zoplan/tiny/<libraries()>``."""
+    return tiny_cache_dir() / libraries()
+
+
 STALE_BUILD_S = 600.0  # a build takes seconds: a temporary this old was left by a build killed midway
 
 
@@ -223,7 +238,8 @@ def _sweep_stale_builds(root: Path, name: str) -> None:
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
     """A directory that ``from_pretrained`` can load for ``name_or_path``.
 
-    - a built-in name: built once under ``cache_dir`` (default ``~/.cache/zoplan/tiny``) as
+    - a built-in name: built once under ``cache_dir`` (default: ``default_cache()``, by the
+      versions of transformers and tokenizers) as
       ``<name>-v<TINY_VERSION>`` and reused; the build goes to a temporary directory renamed
       into place, so a crashed or concurrent build (several ranks) never leaves a half model;
     - an existing local directory: returned as is (it must hold a config.json);
@@ -236,7 +252,7 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> Path:
             fix=f"pass a local directory with config.json and *.safetensors, or a built-in: {', '.join(TINY)}",
         )
     if name_or_path in TINY:
-        final = tiny_model_dir(name_or_path, cache_dir)
+        final = tiny_model_dir(name_or_path, cache_dir if cache_dir is not None else default_cache())
         root = final.parent
         if final.is_dir():
             return final

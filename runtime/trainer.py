@@ -139,7 +139,8 @@ def _trainable(model: torch.nn.Module | None) -> list[tuple[str, Parameter]]:
             f"the trainable parameter {half[0]} is {str(half[1]).removeprefix('torch.')}: ZOTrainer perturbs the "
             "weights in place (+eps, -2 eps, +eps a step), and in half precision that round trip moves them by "
             "about a unit in the last place each step, hundreds of times what an update moves them",
-            fix="load the model in float32 (from_pretrained(..., dtype=torch.float32)); TrainingArguments("
+            fix="load the model in float32 (from_pretrained(..., dtype=torch.float32), torch_dtype= before "
+            "transformers 4.56); TrainingArguments("
             "bf16=True) still computes in bf16",
         )
     return params

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from zoplan.runtime import dist as zdist
 from zoplan.runtime import faults, hostcopy
 from zoplan.runtime import tuning as ztuning
 from zoplan.runtime.adapters import Adapter, adapter_for
-from zoplan.runtime.checkpoint import companion_files, readable_as_umask, write_safetensors
+from zoplan.runtime.checkpoint import companion_files, dtype_kwarg, readable_as_umask, write_safetensors
 from zoplan.runtime.engine import Engine
 from zoplan.runtime.hostcopy import DTYPES, HostCopy
 from zoplan.runtime.journal import write_line
@@ -59,21 +58,6 @@ from zoplan.runtime.snapshots import (
     write_snapshot,
 )
 from zoplan.runtime.zo import eps_note, learning_rate
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    """transformers renamed torch_dtype to dtype (4.56); accept either version."""
-    from transformers import AutoModelForCausalLM
-
-    params = inspect.signature(AutoModelForCausalLM.from_config).parameters
-    return {"dtype": dtype} if "dtype" in params or _new_transformers() else {"torch_dtype": dtype}
-
-
-def _new_transformers() -> bool:
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return (major, minor) >= (4, 56)
 
 
 @contextlib.contextmanager
@@ -107,7 +91,7 @@ def load_model(
         if mapped is not None:
             return _ready(mapped[0], adapter, ctx.device), adapter, mapped[1]
     if ctx.is_loader:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **_dtype_kwarg(dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(dtype))
         if replay_rows:
             # journal lines after the snapshot: the steps completed but not in the weights yet
             # (bit-identical to training when the host copy has the compute dtype, the default)
@@ -150,7 +134,7 @@ def _on_meta(config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, **_dtype_kwarg(dtype))
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(dtype))
     model.tie_weights()
     return model
 
@@ -652,6 +636,7 @@ def train(cfg: RunConfig, out: Path, host_dir: Path) -> None:
             result = engine.step(mine, seed, lr, plan.zo.weight_decay, loss_fn)
             faults.hit("kill", ctx.rank, step)
             faults.hit("exit", ctx.rank, step)
+            faults.hit("raise", ctx.rank, step)
             if result.finite:
                 nonfinite_in_row = 0
             else:

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from zoplan.models import RUNTIME_OPS, load_model_shape
 from zoplan.runtime.adapters import adapter_for
+from zoplan.runtime.checkpoint import dtype_kwarg
 
 
 class _Count(TorchDispatchMode):
@@ -57,7 +58,7 @@ def test_runtime_op_counts_are_what_a_micro_batch_issues(name: str, tiny_dirs: d
     these by more than a few ops changes the CPU's predicted step: update RUNTIME_OPS."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], **dtype_kwarg(torch.float32)).eval()
     adapter = adapter_for(model.config.model_type)
     blocks = adapter.blocks(model)
     ids = torch.randint(0, 1000, (2, 64))
@@ -86,7 +87,7 @@ def test_runtime_op_counts_are_what_a_micro_batch_issues(name: str, tiny_dirs: d
 def test_resident_tensors_are_the_runtimes_resident_parameters(name: str, tiny_dirs: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[name], **dtype_kwarg(torch.float32))
     adapter = adapter_for(model.config.model_type)
     sizes = sorted(p.numel() for n, p in model.named_parameters() if not n.startswith(adapter.blocks_path + "."))
     assert sorted(load_model_shape(tiny_dirs[name]).resident_tensors()) == sizes

@@ -18,6 +18,7 @@ from zoplan.runtime.engine import Engine
 from zoplan.runtime.perturb import normal
 from zoplan.runtime.worker import load_model
 from zoplan.search import Pins
+from zoplan.runtime.checkpoint import dtype_kwarg
 
 EPS = 1e-3
 
@@ -68,7 +69,7 @@ def _batch(model_dir: Path):
 def _reference_loss(model_dir: Path, batch, task, seed: int, sign: int) -> float:
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32)).eval()
     with torch.no_grad():
         for name, param in ref.named_parameters():
             param.add_(normal(seed, name, 0, param.numel()).view(param.shape), alpha=sign * EPS)
@@ -209,7 +210,7 @@ def test_the_host_copy_holds_the_weights_and_the_loader_releases_each_block(
     from zoplan.runtime.hostcopy import HostCopy
 
     model_dir = tiny_dirs["tiny-qwen2"]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32))
     adapter = adapter_for(model.config.model_type)
     blocks = list(adapter.blocks(model))
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -34,6 +34,7 @@ from zoplan.runtime.launch import run
 from zoplan.search import Pins
 from zoplan.topology import resolve_topology_path
 from zoplan.tuning import FULL, Tuning
+from zoplan.runtime.checkpoint import dtype_kwarg
 
 STEPS = 3
 LR = 1e-3
@@ -183,7 +184,7 @@ def test_replaying_the_journal_gives_the_trained_weights(tiny_dirs, tmp_path: Pa
     )  # one micro-batch per rank
     trained = train(plan_path, model_dir, tmp_path / "run")
     assert_ran_its_program(plan_path, tmp_path / "run")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32))
     replay(model, read_journal(tmp_path / "run" / "journal.jsonl"))
     replayed = {n: p.detach() for n, p in model.named_parameters()}
     for name, value in trained.items():

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from zoplan.runtime.adapters import adapter_for
 from zoplan.runtime.hostcopy import HostCopy, Mapping, mappable
+from zoplan.runtime.checkpoint import dtype_kwarg
 
 
 def meta_model(model_dir: Path):
@@ -20,7 +21,7 @@ def meta_model(model_dir: Path):
 
     config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, **dtype_kwarg(torch.float32))
     adapter = adapter_for(config.model_type)
     return adapter.blocks(model), adapter.blocks_path + "."
 

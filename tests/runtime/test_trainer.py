@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from zoplan.runtime.checkpoint import dtype_kwarg
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("accelerate") is None, reason="transformers' Trainer needs accelerate"
@@ -58,7 +59,7 @@ def test_the_trainer_learns_without_gradients_and_its_steps_replay(tiny_dirs, tm
     from zoplan.runtime.replay import replay
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
     model.model.decoder.embed_positions.weight.requires_grad_(False)  # frozen: never perturbed or updated
     frozen = model.model.decoder.embed_positions.weight.clone()
     trainer = trainer_for(model, tokenizer, tmp_path, learning_rate=1e-3, max_steps=24, lr_scheduler_type="linear")
@@ -79,7 +80,7 @@ def test_the_trainer_learns_without_gradients_and_its_steps_replay(tiny_dirs, tm
     # weights, up to the rounding of the in-place perturbation (+eps, -2 eps, +eps: a few ulps of
     # float32 a step, ~1e-7 each near 1.0), far below one update (lr * g * z, ~1e-3); the rows
     # name the parameters trained, so a base loaded afresh (nothing frozen) keeps the frozen one
-    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
     assert all(r["params"] is rows[0]["params"] for r in rows)  # one tuple, not a list a step
     replayed = dict(replay(base, rows).named_parameters())
     for name, p in model.named_parameters():
@@ -233,7 +234,7 @@ def test_a_step_whose_loss_is_not_finite_applies_no_update(tiny_dirs, tmp_path: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
     before = bits_of(model)
     trainer = trainer_for(
         model, tokenizer, tmp_path, dataset=unlabelled(tokenizer), learning_rate=1e-2, weight_decay=0.5, max_steps=1
@@ -255,7 +256,7 @@ def test_nonfinite_losses_in_a_row_stop_the_training(tiny_dirs, tmp_path: Path) 
     from zoplan.errors import ZoplanError
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
     before = bits_of(model)
     trainer = trainer_for(
         model, tokenizer, tmp_path, dataset=unlabelled(tokenizer, 32), max_steps=4, zo_max_nonfinite=2
@@ -284,7 +285,7 @@ def test_a_step_cut_short_leaves_the_weights_as_they_were(tiny_dirs, tmp_path: P
             return super().compute_loss(*args, **kwargs)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
     before = bits_of(model)
     trainer = trainer_for(model, tokenizer, tmp_path, trainer=Failing, max_steps=1)
     with pytest.raises(KeyboardInterrupt):
@@ -311,7 +312,7 @@ def test_ctrl_c_in_a_parameter_loop_waits_for_its_end(
     from zoplan.runtime.replay import replay
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
     before = bits_of(model)
     n = len(list(model.parameters()))
     # the call at which Ctrl-C comes: in step 2's update, or in step 0's perturbation taken back
@@ -332,7 +333,7 @@ def test_ctrl_c_in_a_parameter_loop_waits_for_its_end(
     assert calls[0] == 3 * n, calls  # the loop ran to its end
     if where == "update":
         assert [r["step"] for r in trainer.zo_steps] == [0, 1, 2]
-        base = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
         replayed = dict(replay(base, trainer.zo_steps).named_parameters())
         for pname, p in model.named_parameters():
             torch.testing.assert_close(p, replayed[pname], rtol=0, atol=2e-5, msg=pname)
@@ -400,7 +401,7 @@ def test_half_precision_weights_are_refused_since_the_in_place_perturbation_woul
     from zoplan.errors import ZoplanError
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.bfloat16))
     before = bits_of(model)
     trainer = trainer_for(model, tokenizer, tmp_path, max_steps=2)
     with pytest.raises(ZoplanError, match=r"is bfloat16: ZOTrainer perturbs the weights in place") as said:
@@ -422,7 +423,7 @@ def test_the_trainer_s_habits_keep_zo_steps_true(tiny_dirs, tmp_path: Path) -> N
     from zoplan.runtime.trainer import _trainable
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
     data = lm_dataset(tokenizer)
     from transformers import TrainingArguments, default_data_collator
 
@@ -457,7 +458,7 @@ def test_the_trainer_s_habits_keep_zo_steps_true(tiny_dirs, tmp_path: Path) -> N
     trainer.train()
     best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[-1])
     assert best < 6 and [r["step"] for r in trainer.zo_steps] == list(range(best))
-    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
     replayed = dict(replay(base, trainer.zo_steps).named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, replayed[name], rtol=0, atol=2e-5, msg=name)
@@ -481,7 +482,7 @@ def test_settings_a_zo_step_has_no_use_for_are_said(tiny_dirs, tmp_path: Path, g
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
     with pytest.warns(UserWarning, match=said):
         trainer_for(model, tokenizer, tmp_path, max_steps=1, **given)
 
@@ -500,7 +501,7 @@ def test_a_resumed_training_takes_up_zo_steps_from_its_checkpoint(tiny_dirs, tmp
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
 
     def fresh():
-        return AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
 
     args = dict(learning_rate=1e-3, max_steps=4, save_strategy="steps", save_steps=2)
     whole = trainer_for(fresh(), tokenizer, tmp_path / "whole", **args)
@@ -533,7 +534,7 @@ def test_a_training_that_ends_badly_is_said_as_zoplan_run_says_it(tiny_dirs, tmp
     tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["tiny-opt"])
 
     def fresh():
-        return AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-opt"], **dtype_kwarg(torch.float32))
 
     trainer = trainer_for(fresh(), tokenizer, tmp_path / "nan", learning_rate=1.0, max_steps=14, zo_max_nonfinite=1000)
     with pytest.raises(ZoplanError, match="training ended on weights whose loss is not finite: its last"):

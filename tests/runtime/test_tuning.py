@@ -18,6 +18,7 @@ from zoplan.runconfig import make
 from zoplan.tuning import Tuning
 
 from tests.runtime.test_layouts import assert_ran_its_program, cpu_topology, planned
+from zoplan.runtime.checkpoint import dtype_kwarg
 
 STEPS = 3
 LORA = Tuning("lora", lora_rank=4, lora_alpha=8.0)
@@ -43,12 +44,12 @@ def test_lora_computes_what_peft_computes(family: str, tiny_dirs) -> None:
     from zoplan.runtime.tuning import LoRA
 
     model_dir = tiny_dirs[family]
-    ours = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32)).eval()
     lora = LoRA(ours, adapter_for(ours.config.model_type), LORA, seed=5, device=torch.device("cpu"), signs=(1, -1))
     with torch.no_grad():  # B is zero at the start: give it values, so that LoRA changes the output
         lora.master.add_(torch.randn(lora.numel, generator=torch.Generator().manual_seed(0)) * 0.05)
     theirs = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32)),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     ).eval()
     # our names are PEFT's saved ones: its own loader takes the tensors as they are
@@ -56,7 +57,9 @@ def test_lora_computes_what_peft_computes(family: str, tiny_dirs) -> None:
     assert not result.unexpected_keys
     ids = torch.randint(4, 200, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        base = (
+            AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32)).eval()(input_ids=ids).logits
+        )
         lora.select(None)
         mine = ours(input_ids=ids).logits
         peft = theirs(input_ids=ids).logits
@@ -80,7 +83,7 @@ def test_a_prefix_computes_what_peft_computes_and_starts_as_its_tokens(family: s
     model_dir = tiny_dirs[family]
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32)).eval()
 
     ours = load()
     prefix = Prefix(
@@ -175,12 +178,14 @@ def test_an_adapter_trains_the_same_in_every_layout_on_read_only_blocks(
     else:
         assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 3
     ids = torch.randint(4, 200, (1, 10), generator=torch.Generator().manual_seed(2))
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, **dtype_kwarg(torch.float32)).eval()
     with torch.no_grad():
         before = base(input_ids=ids).logits
         via_peft = PeftModel.from_pretrained(base, out).eval()(input_ids=ids).logits
         if method == "lora":
-            direct = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits
+            direct = (
+                AutoModelForCausalLM.from_pretrained(out, **dtype_kwarg(torch.float32)).eval()(input_ids=ids).logits
+            )
             torch.testing.assert_close(direct, via_peft)
     assert not torch.allclose(via_peft, before, atol=1e-6)
 
@@ -254,7 +259,7 @@ def test_the_planner_counts_the_ops_a_prefix_adds(family: str, tiny_dirs) -> Non
     class Stop(Exception):
         pass
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], **dtype_kwarg(torch.float32)).eval()
     family_of = adapter_for(model.config.model_type)
     blocks = family_of.blocks(model)
     box: dict = {}
@@ -308,7 +313,7 @@ def test_a_prefix_starts_the_same_whatever_the_threads_and_takes_rank_0s_values(
     from zoplan.runtime.adapters import adapter_for
     from zoplan.runtime.tuning import PREFIX_INIT, PROMPT, Prefix
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-llama"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["tiny-llama"], **dtype_kwarg(torch.float32)).eval()
 
     def started(threads: int, agree=None) -> torch.Tensor:
         prefix = Prefix(
