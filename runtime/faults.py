@@ -9,6 +9,9 @@ this rank and this step. A fault is ``POINT:RANK[:STEP]``, several separated by 
   once it has measured;
 - ``exit:R:S``: rank R exits (status 1) in step S, at the same point, without a word: as a rank
   does that cannot write its error (a full disk); in the first attempt only;
+- ``raise:R:S``: rank R raises an exception of no kind zoplan expects (a RuntimeError) in step S,
+  at the same point, as a bug or a library version zoplan does not support would; in the first
+  attempt only;
 - ``abort-at-exit:R``: rank R aborts (SIGABRT) after the run is complete on every rank, as a
   rare teardown abort of a collective library does;
 - ``fail-snapshot:R:S``: writing the snapshot of step S fails as a full disk does (R: the first
@@ -25,7 +28,7 @@ import functools
 import os
 import signal
 
-POINTS = ("kill", "exit", "abort-at-exit", "fail-snapshot")
+POINTS = ("kill", "exit", "raise", "abort-at-exit", "fail-snapshot")
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,6 +63,8 @@ def hit(point: str, rank: int, step: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif point == "exit" and first:
         os._exit(1)
+    elif point == "raise" and first:
+        raise RuntimeError(f"an injected failure of rank {rank} (ZOPLAN_FAULTS)")
     elif point == "abort-at-exit":
         os.abort()
     elif point == "fail-snapshot":

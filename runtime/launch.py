@@ -1213,10 +1213,19 @@ def _launch(
                 f"not write why they stopped; see {log_path}); {held}",
                 fix=f"free disk space, then {resume}",
             )
+        restarts = f"{resume}; --max-restarts N restarts crashed ranks automatically" if cfg.nnodes == 1 else resume
+        failure = _raised(tail)
+        if failure is not None:  # a traceback in the log: an exception zoplan does not expect
+            raise ZoplanError(
+                f"training stopped: a rank failed with {failure} ({starter.split(' (')[0]}'s exit status "
+                f"{proc.returncode}; the traceback is in {log_path}); {held}",
+                fix=f"{restarts}. The same failure again is a bug in zoplan or a library version it does not "
+                f"support ({_libraries()}): report it with that log",
+            )
         raise ZoplanError(
             f"training stopped: a rank exited without a message ({starter.split(' (')[0]}'s exit status "
             f"{proc.returncode}; see {log_path}); {held}",
-            fix=f"{resume}; --max-restarts N restarts crashed ranks automatically" if cfg.nnodes == 1 else resume,
+            fix=restarts,
         )
     summary = summarize(out)
     if cfg.node_rank == 0:  # (node 0 keeps the metrics)
@@ -1372,6 +1381,38 @@ def _log_tail(log: Path, since: int = 0, size: int = 64 * 1024) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+# the last line of a Python traceback: the exception's (dotted) name and its message, after the
+# prefix torchrun may give each line of a rank's output ("[rank1]:", "[default0]:")
+_EXCEPTION_LINE = re.compile(r"^(?:\[[\w.-]+\]:\s?)?([A-Za-z_][\w.]*(?:Error|Exception|Failure)): (.+)$", re.M)
+
+
+def _raised(tail: str) -> str | None:
+    """``TypeError: the message`` of the first traceback in a log's ``tail``, if there is one (cut
+    to 300 characters): the rank that failed first (the others then fail in their collectives,
+    "Connection closed by peer", after it)."""
+    if "Traceback (most recent call last)" not in tail:
+        return None
+    found = _EXCEPTION_LINE.search(tail, tail.index("Traceback (most recent call last)"))
+    if found is None:
+        return None
+    name, message = found.groups()
+    said = f"{name}: {message.strip()}"
+    return said if len(said) <= 300 else said[:299] + "…"
+
+
+def _libraries() -> str:
+    """The versions a failure report needs: python, torch and transformers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    said = [f"python {platform.python_version()}"]
+    for name in ("torch", "transformers"):
+        try:
+            said.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(said)
 
 
 def _rank_signal(log: Path, status: Path, since: int = 0) -> int | None:

@@ -186,6 +186,42 @@ def test_a_rank_that_stops_without_a_word_on_a_full_disk_is_said_to_be_the_disk(
         assert ("free disk space, then continue" in stopped.value.fix) == (free < launch.NEARLY_FULL_BYTES)
 
 
+def test_a_rank_that_raises_is_said_with_its_exception_and_a_restart_goes_on(tmp_path: Path) -> None:
+    """A rank that raised what zoplan does not expect (a bug, or a library version it does not
+    support: transformers 4.40's OPT refused position_ids) was "a rank exited without a message",
+    the exception only in the log. The message names it now, and the versions to report; such a
+    failure is still restarted with --max-restarts."""
+    out = tmp_path / "run"
+    err = finished(zoplan_run(out, "--steps", "3", env={"ZOPLAN_FAULTS": "raise:1:1"}), code=2)
+    assert "a rank failed with RuntimeError: an injected failure of rank 1 (ZOPLAN_FAULTS)" in err, err
+    assert "without a message" not in err and "Traceback" not in err, err
+    assert re.search(r"not support \(python [\d.]+, torch [^,]+, transformers [^)]+\)", err), err
+    assert "--max-restarts N restarts crashed ranks" in err, err
+
+    again = tmp_path / "again"
+    said = finished(zoplan_run(again, "--steps", "3", "--max-restarts", "1", env={"ZOPLAN_FAULTS": "raise:1:1"}))
+    assert "every rank was restarted (restart 1 of 1)" in said, said
+    assert len((again / "journal.jsonl").read_text().splitlines()) == 3
+
+
+def test_the_failure_said_is_the_first_rank_s_not_its_peers_that_lost_it() -> None:
+    """The rank that raised first is named: the others then fail in their collectives, later in
+    the log (with Python 3.10 and torch 2.1 the message named rank 0's "Connection closed by peer"
+    instead of rank 1's own exception). torchrun's line prefixes are read through."""
+    from zoplan.runtime.launch import _raised
+
+    log = (
+        'rank 1: compute on cpu\nTraceback (most recent call last):\n  File "w.py", line 1, in <module>\n'
+        'RuntimeError: the first failure\nTraceback (most recent call last):\n  File "w.py", line 2\n'
+        "RuntimeError: [gloo] Connection closed by peer\n"
+    )
+    assert _raised(log) == "RuntimeError: the first failure"
+    assert _raised(
+        "[rank0]: Traceback (most recent call last):\n[rank0]: torch.distributed.DistBackendError: boom"
+    ) == ("torch.distributed.DistBackendError: boom")
+    assert _raised("rank 0: no traceback here\nValueError: said, but not raised") is None
+
+
 def test_a_failed_snapshot_stops_the_run_and_keeps_the_last_good_one(tmp_path: Path) -> None:
     out = tmp_path / "run"
     err = finished(zoplan_run(out, "--steps", str(STEPS), env={"ZOPLAN_FAULTS": "fail-snapshot:0:6"}), code=2)
