@@ -454,8 +454,10 @@ def gantt(result: SimResult, machine: Machine, width: int | None = 100, fit: int
     span_s = end - start
     rows = _rows(result, machine)
 
+    # a space before each column but the first (a space after each, rich before 15 gave the last
+    # column too, past the terminal's width: the busy % was cropped)
     table = Table(
-        box=None, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), show_header=True, header_style="bold"
+        box=None, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1), show_header=True, header_style="bold"
     )
     table.add_column("rank" if machine.cpu_ranks_only else "GPU", no_wrap=True, max_width=names[0])
     table.add_column("stream", no_wrap=True, max_width=names[1])
