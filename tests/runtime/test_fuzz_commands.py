@@ -249,9 +249,13 @@ def replay_bad(root: Path) -> dict[str, list[str]]:
     torn.write_text(JOURNAL.splitlines(keepends=True)[0][:30] + "\n" + JOURNAL.splitlines(keepends=True)[1])
     late = root / "late.jsonl"
     late.write_text(JOURNAL.splitlines(keepends=True)[1])
+    # a folder without a journal (root itself is none: replay_args writes journal.jsonl into it,
+    # and replay reads a run's folder as its journal)
+    empty = root / "no-journal"
+    empty.mkdir(exist_ok=True)
     return {
         "BASE": ["nobody/nothing-here", "/nonexistent-model", "/dev/null", ""],
-        "JOURNAL": ["/nonexistent.jsonl", str(root), str(torn), str(late)],
+        "JOURNAL": ["/nonexistent.jsonl", str(empty), str(torn), str(late)],
         "-o": [str(full), "/proc/zoplan-replay", ""],
         "--dtype": ["fp8", "", "FP32x"],
         "--device": ["tpu", ""] + ([] if torch.cuda.is_available() else ["cuda"]),

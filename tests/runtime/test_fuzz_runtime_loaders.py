@@ -55,7 +55,7 @@ import pytest
 import torch
 import fuzzkit
 from fuzzkit import EXPLICIT_ONLY, REFUSED, fresh, fuzz_settings, max_message_chars, product_frame, time_limit, write
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -642,6 +642,8 @@ def jsonl_text(texts: list[str], labels: list[int] | None, ensure_ascii: bool = 
 
 
 def csv_text(texts: list[str], labels: list[int] | None) -> str:
+    # Python 3.10's csv module neither writes nor reads a NUL (the loader then says "line contains NUL")
+    assume(sys.version_info >= (3, 11) or not any("\x00" in t for t in texts))
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["text"] if labels is None else ["text", "label"])
@@ -738,6 +740,7 @@ def test_csv_mutations(workdir: Path, dataset: tuple, data: st.DataObject, how: 
             rows[r].append(data.draw(st.text(max_size=5)))
         else:
             rows.insert(r, [])
+        assume(sys.version_info >= (3, 11) or not any("\x00" in cell for row in rows for cell in row))  # (csv_text)
         out = io.StringIO()
         csv.writer(out).writerows(rows)
         raw = out.getvalue().encode("utf-8", "surrogatepass")
