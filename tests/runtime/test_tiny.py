@@ -91,6 +91,26 @@ def test_resolve_builtin_builds_once_then_reuses(tmp_path: Path, monkeypatch: py
     assert resolve_model("tiny-opt", cache_dir=tmp_path) == path
 
 
+def test_the_built_ins_are_cached_apart_for_each_pair_of_library_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One folder served every environment of a home: a tokenizer transformers 5 wrote failed every
+    run of a transformers 4.x environment beside it ("Tokenizer class TokenizersBackend does not
+    exist")."""
+    from importlib.metadata import version
+
+    from zoplan.models import tiny_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = resolve_model("tiny-opt")
+    assert (
+        path.parent == tiny_cache_dir() / f"transformers-{version('transformers')}-tokenizers-{version('tokenizers')}"
+    )
+    assert path.parent.parent == tmp_path / ".cache" / "zoplan" / "tiny" and (path / "tokenizer.json").is_file()
+    monkeypatch.setattr(tiny, "libraries", lambda: "transformers-4.49.0-tokenizers-0.21.4")
+    assert resolve_model("tiny-opt").parent.name == "transformers-4.49.0-tokenizers-0.21.4"  # built apart
+
+
 def test_a_build_killed_midway_is_swept_by_the_next_and_an_unwritable_cache_is_said(tmp_path: Path) -> None:
     """A build killed midway (SIGKILL) left .tiny-opt-XXXX in the cache for good; a younger one
     may be another rank's build under way and stays. A cache that cannot be written was a
