@@ -32,7 +32,7 @@ def test_readme_main_command_is_plan() -> None:
 
 def _lower_bounds() -> dict[str, str]:
     """pyproject.toml's lower bound of every library it asks for (its >=), by lower-case name."""
-    import tomllib  # (Python 3.11; the planner's tests run on 3.10 too: read below without it there)
+    import tomllib  # (Python 3.11: on 3.10, which bench/oldest.sh runs, the test below skips)
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = list(project["dependencies"]) + [d for extra in project["optional-dependencies"].values() for d in extra]

@@ -93,9 +93,10 @@ def tiny_cache_dir() -> Path:
     return Path.home() / ".cache" / "zoplan" / "tiny"
 
 
-def tiny_model_dir(name: str, cache_dir: Path | None = None) -> Path:
-    """Where the built-in model ``name`` is built: ``<cache>/<name>-v<TINY_VERSION>``."""
-    return (Path(cache_dir) if cache_dir is not None else tiny_cache_dir()) / f"{name}-v{TINY_VERSION}"
+def tiny_model_dir(name: str, cache_dir: Path) -> Path:
+    """Where the built-in model ``name`` is built in ``cache_dir``: ``<cache_dir>/<name>-v<TINY_VERSION>``
+    (the runtime's cache is per library versions: zoplan.runtime.tiny.default_cache)."""
+    return Path(cache_dir) / f"{name}-v{TINY_VERSION}"
 
 
 def _dtype_bytes(dtype: str) -> int:
